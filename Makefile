@@ -1,0 +1,37 @@
+# Two set-up commands: `make demo` and `make test`. Each creates .venv if missing and
+# installs the project into it (re-installing only when pyproject.toml changed).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[test,lint]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/actorgrad demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[bench]" || echo "torch not installable: benchmarks run without the PyTorch side"
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(BIN)/python -m benchmarks
+
+lint: $(STAMP)
+	$(BIN)/ruff check actorgrad tests examples benchmarks
+	$(BIN)/ruff format --check actorgrad tests examples benchmarks
+	$(BIN)/mypy actorgrad
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,31 @@
+"""actorgrad: a distributed autograd runtime for Python.
+
+Layout (each layer imports only from the ones before it; see docs/design.md):
+
+- ``errors``            the error tree
+- ``autograd``, ``tensor``, ``nn``, ``optim``   numpy tensors and the local engine (no asyncio)
+- ``wire``              msgpack codec (no sockets)
+- ``runtime``           workers as asyncio actors, transports, RPC, RRefs, clusters
+- ``dist``              distributed autograd: contexts, send/recv, backward, optimizer
+- ``cli``               the ``actorgrad`` command
+
+Public names are re-exported here; ``import actorgrad as ag``.
+"""
+
+from __future__ import annotations
+
+from actorgrad.errors import (
+    ActorgradError,
+    AuthError,
+    ContextError,
+    ProtocolError,
+    RemoteError,
+    RpcTimeout,
+    WorkerLost,
+)
+
+# --- tensors and local autograd (section 1) ---
+# --- runtime (section 2) ---
+# --- distributed autograd (section 3) ---
+
+__version__ = "0.1.0"

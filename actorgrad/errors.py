@@ -1,0 +1,94 @@
+"""The errors of actorgrad, in one place.
+
+The tree::
+
+    Exception
+    +-- ActorgradError                 base of the runtime's own errors
+    |   +-- RemoteError                user code raised on another worker
+    |   +-- WorkerLost                 the peer died / the connection broke
+    |   +-- RpcTimeout (TimeoutError)  a call did not answer in time
+    |   +-- AuthError                  handshake failed (wrong token, not an actorgrad peer)
+    |   +-- ProtocolError              malformed, oversized or unknown message
+    |   +-- ContextError               distributed autograd context misuse
+
+Low-level errors (OSError, msgpack exceptions, asyncio.IncompleteReadError) are mapped
+to these once, at the transport edge, with ``raise Mapped(...) from exc``.
+
+This module imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActorgradError",
+    "AuthError",
+    "ContextError",
+    "ProtocolError",
+    "RemoteError",
+    "RpcTimeout",
+    "WorkerLost",
+]
+
+
+class ActorgradError(Exception):
+    """Base class of every error raised by the actorgrad runtime itself."""
+
+
+class RemoteError(ActorgradError):
+    """User code raised an exception on another worker.
+
+    Attributes:
+        worker: name of the worker where the exception was raised.
+        remote_type: the qualified name of the original exception type, e.g. ``"ValueError"``.
+        remote_message: ``str()`` of the original exception.
+        remote_traceback: the formatted traceback from the remote worker.
+
+    Example::
+
+        try:
+            await ag.rpc("w1", int, ("x",))
+        except ag.RemoteError as e:
+            assert e.worker == "w1" and e.remote_type == "ValueError"
+    """
+
+    def __init__(
+        self,
+        worker: str,
+        remote_type: str,
+        remote_message: str,
+        remote_traceback: str = "",
+    ) -> None:
+        self.worker = worker
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+        super().__init__(worker, remote_type, remote_message, remote_traceback)
+
+    def __str__(self) -> str:
+        return f"{self.remote_type} on worker {self.worker!r}: {self.remote_message}"
+
+    def __reduce__(self):  # pragma: no cover - never pickled on the wire, but keep copy() working
+        return (
+            type(self),
+            (self.worker, self.remote_type, self.remote_message, self.remote_traceback),
+        )
+
+
+class WorkerLost(ActorgradError):
+    """The peer died, or the connection to it broke, while something depended on it."""
+
+
+class RpcTimeout(ActorgradError, TimeoutError):
+    """A call did not complete within its timeout."""
+
+
+class AuthError(ActorgradError):
+    """The connection handshake failed: wrong token, or the peer is not an actorgrad worker."""
+
+
+class ProtocolError(ActorgradError):
+    """A malformed, oversized or unknown message was received."""
+
+
+class ContextError(ActorgradError):
+    """Misuse of a distributed autograd context: unknown/released id, or nesting."""
