@@ -1,0 +1,1034 @@
+"""The wire codec: values <-> frames. msgpack only, never pickle; no sockets, no asyncio.
+
+NOTE: this module may import only ``actorgrad.errors``, ``actorgrad.tensor`` (the
+``Tensor`` class, lazily), numpy and msgpack. It never imports asyncio or pickle.
+
+Frame layout
+============
+
+A frame is what the transport carries after its own 8-byte length prefix. All integers
+are big-endian::
+
+    offset  size          field
+    0       2             magic b"AG"
+    2       1             version (1)
+    3       1             flags (0, reserved)
+    4       4   u32       header_len   (<= MAX_HEADER_BYTES)
+    8       4   u32       nbufs        (<= MAX_BUFFERS)
+    12      8   u64       body_len
+    20      header_len    header: msgpack, a list of plain values (no ext types)
+    ...     8 * nbufs     u64 length of each out-of-band buffer
+    ...     body_len      body: msgpack with the ext types below
+    then, for each buffer i: zero padding up to the next multiple of ALIGN (64)
+    counted from the frame start, then buffer i's raw bytes.
+
+The frame ends exactly after the last buffer (no trailing bytes). Without buffers
+the frame ends right after the body.
+
+Ext types of the body (each payload is itself msgpack)::
+
+    1  ndarray       [dtype.str, shape, data]  data: bin (inline) or int (buffer index)
+    2  numpy scalar  [dtype.str, raw bytes]
+    3  tuple         [items...]
+    4  Tensor        [ndarray, requires_grad, link]
+    5  RRef          payload returned by hooks.ref_out(ref)
+    6  exception     [worker, type_name, message, traceback]  -> RemoteError
+
+Arrays of at least ``OOB_THRESHOLD`` bytes travel out of band: the encoder hands the
+transport a ``memoryview`` of the (C-contiguous) array itself, and the decoder returns
+``np.frombuffer`` views into the frame buffer (zero copy). Such an array is writable
+when the frame buffer is writable (a ``bytearray``), read-only when it is ``bytes``,
+and keeps the whole frame buffer alive. Smaller arrays are inlined and always decode
+to fresh, writable memory.
+
+Errors
+======
+
+* Encoding a value that cannot travel raises ``TypeError`` naming its type and where
+  it sits (``"cannot send value of type 'set' (at body[0][1])"``); values nested too
+  deeply (or containing a reference cycle) raise ``ValueError``.
+* Decoding malformed input raises ``actorgrad.errors.ProtocolError`` only; never
+  another exception type (except what a hook raises, which propagates unchanged).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgpack
+import numpy as np
+
+from actorgrad.errors import ProtocolError, RemoteError
+
+__all__ = [
+    "ALIGN",
+    "MAX_BUFFERS",
+    "MAX_DEPTH",
+    "MAX_HEADER_BYTES",
+    "OOB_THRESHOLD",
+    "Frame",
+    "WireHooks",
+    "WireRef",
+    "decode_frame",
+    "encode_frame",
+    "frame_nbytes",
+    "join_chunks",
+]
+
+#: Arrays with at least this many bytes travel out of band (zero copy).
+OOB_THRESHOLD = 64 * 1024
+#: Alignment of out-of-band buffers, relative to the frame start.
+ALIGN = 64
+#: Largest header accepted (encode and decode).
+MAX_HEADER_BYTES = 64 * 1024
+#: Most out-of-band buffers in one frame.
+MAX_BUFFERS = 1 << 16
+#: Deepest nesting of ext values (tuples, arrays, tensors, ...) inside one another.
+#: Plain lists and dicts are bounded by msgpack itself (511 levels to encode).
+MAX_DEPTH = 100
+#: Most dimensions of a travelling array.
+MAX_NDIM = 32
+
+EXT_NDARRAY = 1
+EXT_SCALAR = 2
+EXT_TUPLE = 3
+EXT_TENSOR = 4
+EXT_REF = 5
+EXT_EXCEPTION = 6
+
+_MAGIC = b"AG"
+_VERSION = 1
+_TAG = _MAGIC + bytes([_VERSION, 0])  # magic, version, flags
+_FIXED = struct.Struct(">4sIIQ")
+PREFIX_SIZE = _FIXED.size  # 20
+_ZEROS = bytes(ALIGN)
+_JOIN_BODY_BELOW = 16 * 1024  # bodies smaller than this are copied into the first chunk
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+
+# Every dtype that may travel, by its ``dtype.str`` (explicit byte order). longdouble is
+# left out on purpose: its layout differs between platforms.
+_DTYPES: dict[str, np.dtype] = {}
+for _t in (
+    np.bool_,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.uint16,
+    np.uint32,
+    np.uint64,
+    np.float16,
+    np.float32,
+    np.float64,
+    np.complex64,
+    np.complex128,
+):
+    for _dt in (np.dtype(_t).newbyteorder("<"), np.dtype(_t).newbyteorder(">")):
+        _DTYPES[_dt.str] = _dt
+del _t, _dt
+
+# msgpack encodes its own timestamp ext (code -1) without calling ext_hook; these are
+# the byte patterns that can start one. A hit triggers a check of the decoded value.
+_TIMESTAMP_RE = re.compile(rb"[\xd6\xd7]\xff|\xc7\x0c\xff")
+_FF_RE = re.compile(rb"\xff")  # cheap pre-filter: no 0xff byte, no timestamp
+
+
+def _may_hold_timestamp(buf: memoryview) -> bool:
+    return _FF_RE.search(buf) is not None and _TIMESTAMP_RE.search(buf) is not None
+
+
+class WireHooks(Protocol):
+    """What the codec calls back into; every method is optional (the codec uses what exists).
+
+    Exceptions raised by a hook propagate out of ``encode_frame``/``Frame.body`` unchanged.
+    An optional ``worker_name: str`` attribute names the worker in encoded exceptions.
+    """
+
+    def tensor_out(self, t: Any) -> Any:
+        """Link info (msgpack-able) for a tensor that requires grad, or None."""
+
+    def tensor_in(self, array: np.ndarray, requires_grad: bool, link: Any) -> Any:
+        """Build the Tensor for a received array."""
+
+    def ref_out(self, ref: WireRef) -> list:
+        """Payload (msgpack-able) for an RRef."""
+
+    def ref_in(self, payload: list) -> Any:
+        """Rebuild an RRef from its payload."""
+
+
+class WireRef:
+    """Marker base class for remote references; ``runtime.RRef`` subclasses it.
+
+    The codec sends a ``WireRef`` as ``hooks.ref_out(ref)`` and rebuilds it with
+    ``hooks.ref_in(payload)``.
+    """
+
+    __slots__ = ()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+_tensor_cls: type | None = None
+_tensor_checked = False
+
+
+def _tensor_class() -> type | None:
+    """``actorgrad.tensor.Tensor``, imported on first use (None while it does not exist)."""
+    global _tensor_cls, _tensor_checked
+    if not _tensor_checked:
+        try:
+            from actorgrad.tensor import Tensor
+        except ModuleNotFoundError as exc:  # the tensor layer is not there (yet)
+            if exc.name != "actorgrad.tensor":
+                raise
+            _tensor_cls = None
+        else:
+            _tensor_cls = Tensor
+        _tensor_checked = True
+    return _tensor_cls
+
+
+def _type_name(t: type) -> str:
+    if t.__module__ == "builtins":
+        return t.__qualname__
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _short_repr(x: Any, limit: int = 40) -> str:
+    try:
+        r = repr(x)
+    except Exception:
+        r = f"<{_type_name(type(x))}>"
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _clean_str(s: Any) -> str:
+    """A str that msgpack can encode (lone surrogates escaped)."""
+    if type(s) is not str:
+        try:
+            s = str(s)
+        except Exception:
+            return "<unprintable>"
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return s
+
+
+class _HookError(Exception):
+    """Carries an exception raised by a hook through msgpack, to re-raise it unchanged."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__()
+        self.exc = exc
+
+
+class _Unsendable(TypeError):
+    """Raised inside msgpack's ``default`` for a value that cannot travel."""
+
+    def __init__(self, obj: Any, reason: str) -> None:
+        super().__init__(reason)
+        self.obj = obj
+        self.reason = reason
+
+
+class _TooDeep(ValueError):
+    pass
+
+
+def _locate(root: Any, root_name: str, pred: Callable[[Any], bool]) -> str | None:
+    """Path (like ``body[0]['x']``) of the first value in ``root`` matching ``pred``.
+
+    Only used on the error path, to say where an unsendable value sits.
+    """
+    tensor_cls = _tensor_class()
+    seen: set[int] = set()
+
+    def walk(x: Any, path: str, depth: int) -> str | None:
+        if pred(x):
+            return path
+        if depth > 600:
+            return None
+        if isinstance(x, (list, tuple)):
+            if id(x) in seen:
+                return None
+            seen.add(id(x))
+            for i, item in enumerate(x):
+                found = walk(item, f"{path}[{i}]", depth + 1)
+                if found is not None:
+                    return found
+        elif isinstance(x, dict):
+            if id(x) in seen:
+                return None
+            seen.add(id(x))
+            for k, v in x.items():
+                found = walk(k, f"{path}<key {_short_repr(k)}>", depth + 1)
+                if found is None:
+                    found = walk(v, f"{path}[{_short_repr(k)}]", depth + 1)
+                if found is not None:
+                    return found
+        elif tensor_cls is not None and isinstance(x, tensor_cls):
+            return walk(getattr(x, "data", None), f"{path}.data", depth + 1)
+        return None
+
+    return walk(root, root_name, 0)
+
+
+def _int_out_of_range(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and not (_INT_MIN <= x <= _INT_MAX)
+
+
+def _at(path: str | None) -> str:
+    return f" (at {path})" if path else ""
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _check_dtype(dtype: np.dtype) -> str:
+    s = dtype.str
+    if s not in _DTYPES:
+        raise TypeError(
+            f"cannot send numpy data of dtype {str(dtype)!r}: only bool and numeric "
+            "dtypes (int8..int64, uint8..uint64, float16/32/64, complex64/128) travel"
+        )
+    return s
+
+
+class _Encoder:
+    """Per-thread encoding state: one msgpack Packer per ext nesting level."""
+
+    __slots__ = ("packers", "header_packer", "buffers", "hooks", "depth", "busy", "_dispatch")
+
+    def __init__(self) -> None:
+        self.packers: list[msgpack.Packer] = []
+        self.header_packer = msgpack.Packer(use_bin_type=True, default=_header_default)
+        self.buffers: list[memoryview] = []
+        self.hooks: Any = None
+        self.depth = 0
+        self.busy = False
+        self._dispatch: dict[type, Callable[[_Encoder, Any], Any]] = _DISPATCH
+
+    def packer(self, depth: int) -> msgpack.Packer:
+        packers = self.packers
+        while len(packers) <= depth:
+            packers.append(
+                msgpack.Packer(use_bin_type=True, strict_types=True, default=self.default)
+            )
+        return packers[depth]
+
+    def encode(self, header: list, body: Any, hooks: Any) -> list[bytes | memoryview]:
+        if type(header) is not list and not isinstance(header, (list, tuple)):
+            raise TypeError(f"frame header must be a list, not {_type_name(type(header))}")
+        self.busy = True
+        self.hooks = hooks
+        self.buffers = []
+        self.depth = 0
+        hook_exc: BaseException | None = None
+        try:
+            try:
+                hbytes = self.header_packer.pack(header)
+            except (TypeError, OverflowError, ValueError) as exc:
+                raise _packing_error(exc, header, "header") from None
+            if len(hbytes) > MAX_HEADER_BYTES:
+                raise ValueError(
+                    f"frame header is {len(hbytes)} bytes, more than MAX_HEADER_BYTES "
+                    f"({MAX_HEADER_BYTES})"
+                )
+            try:
+                bbytes = self.packer(0).pack(body)
+            except _HookError as h:
+                hook_exc = h.exc
+            except (TypeError, OverflowError, ValueError) as exc:
+                raise _packing_error(exc, body, "body") from None
+            buffers = self.buffers
+        finally:
+            self.busy = False
+            self.hooks = None
+            self.buffers = []
+        if hook_exc is not None:
+            raise hook_exc
+        return _assemble(hbytes, bbytes, buffers)
+
+    # msgpack calls this for every value it does not handle natively.
+    def default(self, obj: Any) -> Any:
+        t = type(obj)
+        if t is tuple:  # the hot path (call arguments): inlined
+            depth = self.depth + 1
+            if depth > MAX_DEPTH:
+                raise _TooDeep(f"value nested more than {MAX_DEPTH} levels deep")
+            self.depth = depth
+            packers = self.packers
+            data = (packers[depth] if depth < len(packers) else self.packer(depth)).pack(list(obj))
+            self.depth = depth - 1  # (after an exception, encode() resets the depth)
+            return _new_ext(EXT_TUPLE, data)
+        handler = self._dispatch.get(t)
+        if handler is None:
+            handler = _resolve(t)
+        return handler(self, obj)
+
+    def nested(self, code: int, value: Any) -> msgpack.ExtType:
+        depth = self.depth + 1
+        if depth > MAX_DEPTH:
+            raise _TooDeep(f"value nested more than {MAX_DEPTH} levels deep")
+        self.depth = depth
+        data = self.packer(depth).pack(value)
+        self.depth = depth - 1  # (after an exception, encode() resets the depth)
+        return _new_ext(code, data)
+
+
+def _new_ext(code: int, data: bytes) -> msgpack.ExtType:
+    """``msgpack.ExtType(code, data)`` without its Python-level argument checks."""
+    return tuple.__new__(msgpack.ExtType, (code, data))
+
+
+def _packing_error(exc: BaseException, root: Any, name: str) -> Exception:
+    """Turn an exception from msgpack's pack into the codec's TypeError/ValueError."""
+    if isinstance(exc, _Unsendable):
+        bad = exc.obj
+        path = _locate(root, name, lambda x: x is bad)
+        return TypeError(f"{exc.reason}{_at(path)}")
+    if isinstance(exc, OverflowError):
+        path = _locate(root, name, _int_out_of_range)
+        return TypeError(f"cannot send int: value does not fit in 64 bits{_at(path)}")
+    if isinstance(exc, _TooDeep):
+        return ValueError(f"cannot send {name}: {exc}")
+    if isinstance(exc, ValueError) and "recursion limit" in str(exc):
+        return ValueError(
+            f"cannot send {name}: nested too deeply (more than 511 levels) "
+            "or contains a reference cycle"
+        )
+    if isinstance(exc, UnicodeEncodeError):
+        path = _locate(root, name, lambda x: isinstance(x, str) and not _utf8_ok(x))
+        return ValueError(f"cannot send str that is not valid UTF-8{_at(path)}")
+    if isinstance(exc, TypeError) and name == "header":
+        # msgpack's own "can not serialize 'X' object"
+        return TypeError(f"cannot send header value: {exc}")
+    if isinstance(exc, TypeError):
+        return TypeError(f"cannot send {name}: {exc}")
+    return ValueError(f"cannot send {name}: {exc}")
+
+
+def _utf8_ok(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _header_default(obj: Any) -> Any:
+    raise _Unsendable(obj, f"cannot send header value of type {_type_name(type(obj))!r}")
+
+
+def _enc_tuple(enc: _Encoder, obj: tuple) -> msgpack.ExtType:
+    return enc.nested(EXT_TUPLE, list(obj))
+
+
+def _array_payload(enc: _Encoder, arr: np.ndarray) -> list:
+    dstr = _check_dtype(arr.dtype)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)  # one copy: unavoidable for a strided layout
+    raw = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    if arr.nbytes >= OOB_THRESHOLD:
+        bufs = enc.buffers
+        if len(bufs) >= MAX_BUFFERS:
+            raise ValueError(f"more than MAX_BUFFERS ({MAX_BUFFERS}) large arrays in one frame")
+        bufs.append(raw)
+        return [dstr, list(arr.shape), len(bufs) - 1]
+    return [dstr, list(arr.shape), raw]
+
+
+def _enc_array(enc: _Encoder, arr: np.ndarray) -> msgpack.ExtType:
+    return enc.nested(EXT_NDARRAY, _array_payload(enc, arr))
+
+
+def _enc_array_subclass(enc: _Encoder, arr: np.ndarray) -> msgpack.ExtType:
+    return _enc_array(enc, np.asarray(arr))
+
+
+def _enc_scalar(enc: _Encoder, obj: np.generic) -> msgpack.ExtType:
+    return enc.nested(EXT_SCALAR, [_check_dtype(obj.dtype), obj.tobytes()])
+
+
+def _enc_tensor(enc: _Encoder, t: Any) -> msgpack.ExtType:
+    data = t.data
+    if not isinstance(data, np.ndarray):
+        raise _Unsendable(t, f"cannot send Tensor whose .data is {_type_name(type(data))!r}")
+    requires_grad = bool(t.requires_grad)
+    link = None
+    hooks = enc.hooks
+    if requires_grad and hooks is not None:
+        tensor_out = getattr(hooks, "tensor_out", None)
+        if tensor_out is not None:
+            try:
+                link = tensor_out(t)
+            except Exception as exc:
+                raise _HookError(exc) from exc
+    return enc.nested(EXT_TENSOR, [data, requires_grad, link])
+
+
+def _enc_ref(enc: _Encoder, ref: WireRef) -> msgpack.ExtType:
+    ref_out = getattr(enc.hooks, "ref_out", None) if enc.hooks is not None else None
+    if ref_out is None:
+        raise _Unsendable(
+            ref,
+            f"cannot send value of type {_type_name(type(ref))!r} without a runtime "
+            "(no ref_out hook)",
+        )
+    try:
+        payload = ref_out(ref)
+    except Exception as exc:
+        raise _HookError(exc) from exc
+    return enc.nested(EXT_REF, payload)
+
+
+def _enc_exception(enc: _Encoder, e: BaseException) -> msgpack.ExtType:
+    if isinstance(e, RemoteError):
+        record = [e.worker, e.remote_type, e.remote_message, e.remote_traceback]
+    else:
+        worker = getattr(enc.hooks, "worker_name", "") if enc.hooks is not None else ""
+        type_name = _type_name(type(e))
+        try:
+            message = str(e)
+        except Exception:
+            message = f"<unprintable {type_name}>"
+        try:
+            tb = "".join(traceback.format_exception(e))
+        except Exception:
+            tb = ""
+        record = [worker or "", type_name, message, tb]
+    return enc.nested(EXT_EXCEPTION, [_clean_str(s) for s in record])
+
+
+def _convert(conv: type) -> Callable[[_Encoder, Any], Any]:
+    def handler(enc: _Encoder, obj: Any) -> Any:
+        return conv(obj)
+
+    return handler
+
+
+def _unsendable(enc: _Encoder, obj: Any) -> Any:
+    raise _Unsendable(obj, f"cannot send value of type {_type_name(type(obj))!r}")
+
+
+def _unsendable_control(enc: _Encoder, obj: Any) -> Any:
+    raise _Unsendable(
+        obj,
+        f"cannot send value of type {_type_name(type(obj))!r}: "
+        "cancellation and KeyboardInterrupt do not travel",
+    )
+
+
+def _unsendable_dtype(enc: _Encoder, obj: Any) -> Any:
+    dtype = getattr(obj, "dtype", None)
+    raise _Unsendable(
+        obj,
+        f"cannot send value of type {_type_name(type(obj))!r} (dtype {str(dtype)!r}): "
+        "only bool and numeric numpy data travel",
+    )
+
+
+_DISPATCH: dict[type, Callable[[_Encoder, Any], Any]] = {
+    tuple: _enc_tuple,
+    np.ndarray: _enc_array,
+}
+
+
+def _resolve(t: type) -> Callable[[_Encoder, Any], Any]:
+    """Pick (and cache, per type) the encoder for a type msgpack does not handle."""
+    handler: Callable[[_Encoder, Any], Any]
+    cache = True
+    tensor_cls = _tensor_class()
+    aio = sys.modules.get("asyncio")
+    if issubclass(t, np.ma.MaskedArray):
+        handler = _unsendable
+    elif issubclass(t, np.ndarray):
+        handler = _enc_array_subclass
+    elif issubclass(t, np.generic) and np.dtype(t).str in _DTYPES:
+        handler = _enc_scalar
+    elif tensor_cls is not None and issubclass(t, tensor_cls):
+        handler = _enc_tensor
+    elif issubclass(t, WireRef):
+        handler = _enc_ref
+    elif issubclass(t, KeyboardInterrupt) or (
+        aio is not None and issubclass(t, aio.CancelledError)
+    ):
+        handler = _unsendable_control
+    elif issubclass(t, BaseException):
+        handler = _enc_exception
+    elif issubclass(t, tuple):
+        handler = _enc_tuple  # namedtuple & co travel as plain tuples
+    elif issubclass(t, np.generic) and issubclass(t, (str, bytes)):
+        handler = _convert(str if issubclass(t, str) else bytes)
+    elif issubclass(t, np.generic):
+        handler = _unsendable_dtype
+    elif issubclass(t, bool):
+        handler = _convert(bool)
+    elif issubclass(t, int):
+        handler = _convert(int)
+    elif issubclass(t, float):
+        handler = _convert(float)
+    elif issubclass(t, str):
+        handler = _convert(str)
+    elif issubclass(t, (bytes, bytearray)):
+        handler = _convert(bytes)
+    elif issubclass(t, list):
+        handler = _convert(list)
+    elif issubclass(t, dict):
+        handler = _convert(dict)
+    else:
+        handler = _unsendable
+        cache = False
+    if cache:
+        _DISPATCH[t] = handler
+    return handler
+
+
+def _assemble(hbytes: bytes, bbytes: bytes, buffers: list[memoryview]) -> list[bytes | memoryview]:
+    nbufs = len(buffers)
+    fixed = _FIXED.pack(_TAG, len(hbytes), nbufs, len(bbytes))
+    if not nbufs:
+        return [b"".join((fixed, hbytes, bbytes))]
+    sizes = [b.nbytes for b in buffers]
+    lengths = struct.pack(f">{nbufs}Q", *sizes)
+    pos = PREFIX_SIZE + len(hbytes) + len(lengths) + len(bbytes)
+    pad = -pos % ALIGN
+    chunks: list[bytes | memoryview]
+    if len(bbytes) < _JOIN_BODY_BELOW:
+        chunks = [b"".join((fixed, hbytes, lengths, bbytes, _ZEROS[:pad]))]
+    else:
+        chunks = [b"".join((fixed, hbytes, lengths)), bbytes]
+        if pad:
+            chunks.append(_ZEROS[:pad])
+    pos += pad
+    for buf, size in zip(buffers, sizes, strict=True):
+        pad = -pos % ALIGN
+        if pad:
+            chunks.append(_ZEROS[:pad])
+            pos += pad
+        chunks.append(buf)
+        pos += size
+    return chunks
+
+
+_local = threading.local()
+
+
+def encode_frame(header: list, body: Any, hooks: object | None = None) -> list[bytes | memoryview]:
+    """Encode one frame; returns chunks whose concatenation is the frame.
+
+    ``header`` is a small list of plain values (ints, strs, None, lists, dicts; tuples
+    become lists); ``body`` is any travelling value. Large arrays are not copied: their
+    memory is referenced by ``memoryview`` chunks, so write the chunks (e.g. with
+    ``transport.writelines``) before mutating those arrays.
+
+    ``hooks`` is an object with any of the ``WireHooks`` methods (and optionally a
+    ``worker_name`` attribute); see the module docstring.
+
+    Raises:
+        TypeError: a value cannot travel (names its type and where it sits), an int
+            does not fit in 64 bits, an array dtype is not bool/numeric, or an RRef is
+            sent without a ``ref_out`` hook.
+        ValueError: the value is nested too deeply, contains a reference cycle, or the
+            header is larger than ``MAX_HEADER_BYTES``.
+
+    Example::
+
+        >>> chunks = encode_frame([0, 17, "mod:fn", None], ((1, 2), {}))
+        >>> frame = decode_frame(b"".join(chunks))
+        >>> frame.header, frame.body()
+        ([0, 17, 'mod:fn', None], ((1, 2), {}))
+    """
+    enc: _Encoder | None = getattr(_local, "encoder", None)
+    if enc is None:
+        enc = _local.encoder = _Encoder()
+    elif enc.busy:  # re-entered from a hook: use a fresh encoder
+        enc = _Encoder()
+    return enc.encode(header, body, hooks)
+
+
+def frame_nbytes(chunks: list[bytes | memoryview]) -> int:
+    """Total size of the frame made of ``chunks`` (what the length prefix holds)."""
+    return sum(len(c) if isinstance(c, bytes) else c.nbytes for c in chunks)
+
+
+def join_chunks(chunks: list[bytes | memoryview]) -> bytearray:
+    """The frame as one writable ``bytearray`` (one copy).
+
+    Useful for in-process transports: arrays decoded from a ``bytearray`` frame are
+    writable, as if the frame had come from a socket.
+
+    Example::
+
+        >>> decode_frame(join_chunks(encode_frame([1], None))).header
+        [1]
+    """
+    out = bytearray(frame_nbytes(chunks))
+    pos = 0
+    for c in chunks:
+        n = len(c) if isinstance(c, bytes) else c.nbytes
+        out[pos : pos + n] = c
+        pos += n
+    return out
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"ext type {code} is not allowed in a frame header")
+
+
+class Frame:
+    """A decoded frame: the header is parsed and validated, the body is decoded on demand.
+
+    Attributes:
+        header: the header list.
+        nbytes: size of the frame in bytes.
+        nbufs: number of out-of-band buffers.
+        writable: whether out-of-band arrays decoded from this frame are writable.
+    """
+
+    __slots__ = ("header", "nbytes", "nbufs", "_mv", "_body", "_buffers")
+
+    def __init__(
+        self,
+        header: list,
+        mv: memoryview,
+        body: memoryview,
+        buffers: list[memoryview],
+    ) -> None:
+        self.header = header
+        self.nbytes = mv.nbytes
+        self.nbufs = len(buffers)
+        self._mv = mv
+        self._body = body
+        self._buffers = buffers
+
+    @property
+    def writable(self) -> bool:
+        return not self._mv.readonly
+
+    def __repr__(self) -> str:
+        return f"Frame(header={self.header!r}, nbytes={self.nbytes}, nbufs={self.nbufs})"
+
+    def body(self, hooks: object | None = None) -> Any:
+        """Decode the body (each call decodes it again).
+
+        Tensors are built with ``hooks.tensor_in(array, requires_grad, link)`` when the
+        hook exists, else ``Tensor(array, requires_grad=requires_grad)``; RRefs with
+        ``hooks.ref_in(payload)``; exceptions come back as ``RemoteError``.
+
+        Raises:
+            ProtocolError: the body is malformed (exceptions raised by hooks propagate
+                unchanged).
+
+        Example::
+
+            >>> import numpy as np
+            >>> f = decode_frame(join_chunks(encode_frame([0], {"x": np.zeros(3)})))
+            >>> f.body()["x"]
+            array([0., 0., 0.])
+        """
+        dec = _Decoder(hooks, self._buffers)
+        body = self._body
+        hook_exc: BaseException | None = None
+        try:
+            value = msgpack.unpackb(
+                body,
+                raw=False,
+                strict_map_key=False,
+                use_list=True,
+                ext_hook=dec.hook,
+            )
+            if dec.used != len(self._buffers):
+                raise ProtocolError(
+                    f"frame has {len(self._buffers)} out-of-band buffers but the body "
+                    f"uses {dec.used}"
+                )
+            if _may_hold_timestamp(body):
+                _reject_timestamps(value, 0)
+        except _HookError as h:
+            hook_exc = h.exc
+        except ProtocolError:
+            raise
+        except RecursionError:
+            raise ProtocolError("malformed frame body: nested too deeply") from None
+        except Exception as exc:
+            raise ProtocolError(f"malformed frame body: {_describe(exc)}") from exc
+        if hook_exc is not None:
+            raise hook_exc
+        return value
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, msgpack.ExtraData):
+        return "extra bytes after the msgpack value"
+    if isinstance(exc, msgpack.exceptions.StackError):
+        return "nested too deeply"
+    msg = str(exc)
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _reject_timestamps(x: Any, depth: int) -> None:
+    if isinstance(x, msgpack.Timestamp):
+        raise ProtocolError(f"unknown ext type -1 (msgpack timestamp) in frame body: {x!r}")
+    if depth > 2000:
+        return
+    if isinstance(x, (list, tuple)):
+        for item in x:
+            _reject_timestamps(item, depth + 1)
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            _reject_timestamps(k, depth + 1)
+            _reject_timestamps(v, depth + 1)
+
+
+def _unpack_payload(data: bytes, what: str, length: int, ext_hook: Any = None) -> list:
+    if ext_hook is None:
+        value = msgpack.unpackb(data, raw=False, use_list=True)
+    else:
+        value = msgpack.unpackb(
+            data, raw=False, use_list=True, strict_map_key=False, ext_hook=ext_hook
+        )
+    if type(value) is not list or (length >= 0 and len(value) != length):
+        raise ProtocolError(f"malformed {what} payload: expected a list of {length} items")
+    return value
+
+
+def _dtype_from(s: Any) -> np.dtype:
+    if type(s) is not str:
+        raise ProtocolError(f"array dtype must be a str, not {_type_name(type(s))}")
+    dt = _DTYPES.get(s)
+    if dt is None:
+        raise ProtocolError(f"dtype {_short_repr(s)} is not a bool or numeric dtype")
+    return dt
+
+
+class _Decoder:
+    __slots__ = ("hooks", "buffers", "used", "taken", "depth", "hook")
+
+    def __init__(self, hooks: Any, buffers: list[memoryview]) -> None:
+        self.hook = self.ext_hook
+        self.hooks = hooks
+        self.buffers = buffers
+        self.used = 0
+        self.taken: bytearray | None = None
+        self.depth = 0
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        depth = self.depth + 1
+        if depth > MAX_DEPTH:
+            raise ProtocolError(f"frame body nested more than {MAX_DEPTH} ext levels deep")
+        self.depth = depth
+        # (after an exception the whole decode fails, so the depth needs no finally)
+        if code == EXT_TUPLE:  # the hot path: inlined
+            items = msgpack.unpackb(
+                data, raw=False, use_list=True, strict_map_key=False, ext_hook=self.hook
+            )
+            if type(items) is not list:
+                raise ProtocolError("malformed tuple payload: expected a list")
+            self.depth = depth - 1
+            return tuple(items)
+        handler = _DECODERS.get(code)
+        if handler is None:
+            raise ProtocolError(f"unknown ext type {code} in frame body")
+        value = handler(self, data)
+        self.depth = depth - 1
+        return value
+
+    def take_buffer(self, index: Any) -> memoryview:
+        bufs = self.buffers
+        if type(index) is not int or not 0 <= index < len(bufs):
+            raise ProtocolError(
+                f"array refers to buffer {_short_repr(index)}, the frame has {len(bufs)}"
+            )
+        if self.taken is None:
+            self.taken = bytearray(len(bufs))
+        if self.taken[index]:
+            raise ProtocolError(f"buffer {index} is used twice")
+        self.taken[index] = 1
+        self.used += 1
+        return bufs[index]
+
+
+def _dec_array(dec: _Decoder, data: bytes) -> np.ndarray:
+    dstr, shape, raw = _unpack_payload(data, "ndarray", 3)
+    dtype = _dtype_from(dstr)
+    if type(shape) is not list or len(shape) > MAX_NDIM:
+        raise ProtocolError(f"array shape must be a list of at most {MAX_NDIM} ints")
+    for d in shape:
+        if type(d) is not int or not 0 <= d < 2**62:
+            raise ProtocolError(f"bad array dimension {_short_repr(d)} in shape {shape}")
+    if type(raw) is int:
+        buf: Any = dec.take_buffer(raw)
+    elif type(raw) is bytes:
+        buf = bytearray(raw)  # inline arrays get their own, writable memory
+    else:
+        raise ProtocolError("array data must be bin or a buffer index")
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != len(buf):
+        raise ProtocolError(
+            f"array of shape {tuple(shape)} and dtype {dstr} needs {expected} bytes, got {len(buf)}"
+        )
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _dec_scalar(dec: _Decoder, data: bytes) -> np.generic:
+    dstr, raw = _unpack_payload(data, "numpy scalar", 2)
+    dtype = _dtype_from(dstr)
+    if type(raw) is not bytes or len(raw) != dtype.itemsize:
+        raise ProtocolError(f"numpy scalar of dtype {dstr} needs {dtype.itemsize} raw bytes")
+    return np.frombuffer(raw, dtype=dtype)[0]
+
+
+def _dec_tuple(dec: _Decoder, data: bytes) -> tuple:
+    return tuple(_unpack_payload(data, "tuple", -1, dec.hook))
+
+
+def _dec_tensor(dec: _Decoder, data: bytes) -> Any:
+    arr, requires_grad, link = _unpack_payload(data, "Tensor", 3, dec.hook)
+    if not isinstance(arr, np.ndarray) or type(requires_grad) is not bool:
+        raise ProtocolError("malformed Tensor payload: expected [ndarray, bool, link]")
+    tensor_in = getattr(dec.hooks, "tensor_in", None) if dec.hooks is not None else None
+    if tensor_in is not None:
+        try:
+            return tensor_in(arr, requires_grad, link)
+        except Exception as exc:
+            raise _HookError(exc) from exc
+    tensor_cls = _tensor_class()
+    if tensor_cls is None:
+        raise ProtocolError("Tensor received but actorgrad.tensor is not available")
+    if requires_grad and arr.dtype.kind != "f":
+        raise ProtocolError(f"Tensor of dtype {arr.dtype} cannot require grad")
+    return tensor_cls(arr, requires_grad=requires_grad)
+
+
+def _dec_ref(dec: _Decoder, data: bytes) -> Any:
+    ref_in = getattr(dec.hooks, "ref_in", None) if dec.hooks is not None else None
+    if ref_in is None:
+        raise ProtocolError("RRef received without a runtime")
+    payload = _unpack_payload(data, "RRef", -1, dec.hook)
+    try:
+        return ref_in(payload)
+    except Exception as exc:
+        raise _HookError(exc) from exc
+
+
+def _dec_exception(dec: _Decoder, data: bytes) -> RemoteError:
+    record = _unpack_payload(data, "exception", 4)
+    if not all(type(s) is str for s in record):
+        raise ProtocolError("malformed exception payload: expected 4 strs")
+    return RemoteError(*record)
+
+
+_DECODERS: dict[int, Callable[[_Decoder, bytes], Any]] = {
+    EXT_NDARRAY: _dec_array,
+    EXT_SCALAR: _dec_scalar,
+    EXT_TUPLE: _dec_tuple,
+    EXT_TENSOR: _dec_tensor,
+    EXT_REF: _dec_ref,
+    EXT_EXCEPTION: _dec_exception,
+}
+
+
+def decode_frame(frame: bytes | bytearray | memoryview) -> Frame:
+    """Parse a frame's layout and header; the body is decoded later by ``Frame.body``.
+
+    Nothing is copied: the ``Frame`` (and arrays decoded from it) refer to ``frame``.
+    Out-of-band arrays are writable exactly when ``frame`` is writable (``bytearray``).
+
+    Raises:
+        ProtocolError: the frame is malformed (too short, bad magic/version, sizes that
+            do not match the frame length, header too large or not a list, ...).
+
+    Example::
+
+        >>> f = decode_frame(b"".join(encode_frame([0, 17, "mod:fn", None], ((1, 2), {}))))
+        >>> f.header[2], f.body()
+        ('mod:fn', ((1, 2), {}))
+    """
+    if type(frame) is bytes or type(frame) is bytearray:
+        mv = memoryview(frame)
+    else:
+        try:
+            mv = memoryview(frame)
+        except TypeError:
+            raise ProtocolError(
+                f"a frame must be bytes-like, not {_type_name(type(frame))}"
+            ) from None
+        if mv.ndim != 1 or mv.format not in ("B", "b", "c"):
+            try:
+                mv = mv.cast("B")
+            except (TypeError, ValueError) as exc:
+                raise ProtocolError(f"a frame must be a contiguous byte buffer: {exc}") from None
+    size = mv.nbytes
+    if size < PREFIX_SIZE:
+        raise ProtocolError(f"frame too short: {size} bytes, the fixed prefix is {PREFIX_SIZE}")
+    tag, hlen, nbufs, blen = _FIXED.unpack_from(mv, 0)
+    if tag != _TAG:
+        if tag[:2] != _MAGIC:
+            raise ProtocolError(f"not an actorgrad frame (magic {tag[:2]!r})")
+        raise ProtocolError(f"unsupported frame version {tag[2]} (flags {tag[3]})")
+    if hlen > MAX_HEADER_BYTES:
+        raise ProtocolError(f"frame header of {hlen} bytes exceeds {MAX_HEADER_BYTES}")
+    if nbufs > MAX_BUFFERS:
+        raise ProtocolError(f"frame declares {nbufs} buffers, more than {MAX_BUFFERS}")
+    pos = PREFIX_SIZE + hlen
+    lengths_end = pos + 8 * nbufs
+    if lengths_end > size:
+        raise ProtocolError(
+            f"frame of {size} bytes too short for its header ({hlen} bytes) and "
+            f"{nbufs} buffer lengths"
+        )
+    header_mv = mv[PREFIX_SIZE:pos]
+    lengths_start = pos
+    body_end = lengths_end + blen
+    if body_end > size:
+        raise ProtocolError(f"frame body of {blen} bytes exceeds the frame ({size} bytes)")
+    buffers: list[memoryview] = []
+    if nbufs:
+        pos = body_end
+        for i, n in enumerate(struct.unpack_from(f">{nbufs}Q", mv, lengths_start)):
+            pos += -pos % ALIGN
+            end = pos + n
+            if end > size:
+                raise ProtocolError(
+                    f"buffer {i} ({n} bytes at offset {pos}) exceeds the frame ({size} bytes)"
+                )
+            buffers.append(mv[pos:end])
+            pos = end
+        end_of_frame = pos
+    else:
+        end_of_frame = body_end
+    if end_of_frame != size:
+        raise ProtocolError(
+            f"frame is {size} bytes but its layout accounts for {end_of_frame} "
+            "(trailing bytes or wrong lengths)"
+        )
+    try:
+        header = msgpack.unpackb(
+            header_mv, raw=False, strict_map_key=False, use_list=True, ext_hook=_reject_ext
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"malformed frame header: {_describe(exc)}") from exc
+    if type(header) is not list:
+        raise ProtocolError(f"frame header must be a list, not {_type_name(type(header))}")
+    if _may_hold_timestamp(header_mv):
+        _reject_timestamps(header, 0)
+    return Frame(header, mv, mv[lengths_end:body_end], buffers)

@@ -1,0 +1,879 @@
+"""Tests of the wire codec (actorgrad/wire.py): round trips, zero copy, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import math
+import struct
+import threading
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from actorgrad import wire
+from actorgrad.errors import ProtocolError, RemoteError
+from actorgrad.wire import (
+    ALIGN,
+    MAX_DEPTH,
+    MAX_HEADER_BYTES,
+    OOB_THRESHOLD,
+    WireRef,
+    decode_frame,
+    encode_frame,
+    frame_nbytes,
+    join_chunks,
+)
+
+Tensor = pytest.importorskip("actorgrad.tensor").Tensor
+
+TINY_HEADER = [0, 17, "mod:fn", None]
+
+
+def roundtrip(body: Any, hooks: Any = None, header: list | None = None, dec_hooks: Any = None):
+    header = [1, 2, "x", None] if header is None else header
+    frame = decode_frame(join_chunks(encode_frame(header, body, hooks)))
+    assert frame.header == header
+    return frame.body(dec_hooks)
+
+
+def deep_equal(a: Any, b: Any) -> bool:
+    """Exact equality including types (tuple vs list, numpy scalar types, dtypes)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        return (
+            a.dtype.str == b.dtype.str
+            and a.shape == b.shape
+            and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+        )
+    if isinstance(a, np.generic):
+        return a.dtype.str == b.dtype.str and a.tobytes() == b.tobytes()
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or a == b
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(deep_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        if len(a) != len(b):
+            return False
+        keys_b = list(b)
+        for ka, kb in zip(a, keys_b, strict=True):  # msgpack keeps insertion order
+            if not deep_equal(ka, kb) or not deep_equal(a[ka], b[kb]):
+                return False
+        return True
+    return a == b
+
+
+def build_frame(header: bytes, body: bytes, buffers: list[bytes] = (), *, lengths=None) -> bytes:
+    """A frame laid out by hand (for malformed-input tests)."""
+    lengths = [len(b) for b in buffers] if lengths is None else lengths
+    out = bytearray(wire._FIXED.pack(wire._TAG, len(header), len(lengths), len(body)))
+    out += header
+    out += struct.pack(f">{len(lengths)}Q", *lengths)
+    out += body
+    for b in buffers:
+        out += bytes(-len(out) % ALIGN)
+        out += b
+    return bytes(out)
+
+
+H = msgpack.packb([0])
+
+
+def body_frame(body_obj: Any, buffers: list[bytes] = ()) -> bytes:
+    return build_frame(H, msgpack.packb(body_obj, use_bin_type=True), buffers)
+
+
+def ext(code: int, payload: Any) -> msgpack.ExtType:
+    return msgpack.ExtType(code, msgpack.packb(payload, use_bin_type=True))
+
+
+# --------------------------------------------------------------------------- plain values
+
+
+def test_tiny_call_frame_round_trips():
+    chunks = encode_frame(TINY_HEADER, ((1, 2), {}))
+    assert len(chunks) == 1 and isinstance(chunks[0], bytes)
+    frame = decode_frame(chunks[0])
+    assert frame.header == TINY_HEADER
+    assert frame.nbytes == len(chunks[0]) == frame_nbytes(chunks)
+    assert frame.nbufs == 0
+    body = frame.body()
+    assert deep_equal(body, ((1, 2), {}))
+
+
+PLAIN_VALUES = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    2**63,
+    2**64 - 1,
+    -(2**63),
+    1.5,
+    float("inf"),
+    float("nan"),
+    -0.0,
+    "",
+    "héllo ∂ 🎉",
+    b"",
+    b"\x00\xff" * 10,
+    [],
+    (),
+    (1,),
+    [1, [2, [3]]],
+    ((1, 2), {}),
+    {"a": 1, "b": [1.0, None]},
+    {1: "int key", (1, "t"): "tuple key", None: 0, 2.5: "float", b"k": "bytes key"},
+    {((1, 2), 3): [(4,), [5]]},
+    [(), [()], ((),)],
+]
+
+
+@pytest.mark.parametrize("value", PLAIN_VALUES, ids=repr)
+def test_plain_values_round_trip_with_their_types(value):
+    assert deep_equal(roundtrip(value), value)
+
+
+def test_tuples_stay_tuples_and_lists_stay_lists_also_as_dict_keys():
+    value = {(1, (2, 3)): [(4, [5, (6,)])]}
+    out = roundtrip(value)
+    key = next(iter(out))
+    assert type(key) is tuple and type(key[1]) is tuple
+    assert type(out[key]) is list and type(out[key][0]) is tuple
+    assert type(out[key][0][1]) is list and type(out[key][0][1][1]) is tuple
+
+
+def test_bytearray_and_memoryview_travel_as_bytes():
+    assert roundtrip(bytearray(b"abc")) == b"abc"
+    assert type(roundtrip(bytearray(b"abc"))) is bytes
+    assert roundtrip(memoryview(b"xyz")) == b"xyz"
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+def test_subclasses_of_plain_types_travel_as_the_plain_type():
+    Point = collections.namedtuple("Point", "x y")
+    value = [collections.OrderedDict(a=1), Color.RED, Point(1, 2), np.str_("s"), np.float64(2.0)]
+    out = roundtrip(value)
+    assert out[0] == {"a": 1} and type(out[0]) is dict
+    assert out[1] == 1 and type(out[1]) is int
+    assert out[2] == (1, 2) and type(out[2]) is tuple
+    assert out[3] == "s" and type(out[3]) is str
+    assert type(out[4]) is np.float64  # a numpy scalar, even though it subclasses float
+
+
+def test_header_may_hold_plain_meta_and_tuples_become_lists():
+    header = [3, 9, "m:f", {"ctx": 5, "path": (1, 2)}]
+    frame = decode_frame(b"".join(encode_frame(header, None)))
+    assert frame.header == [3, 9, "m:f", {"ctx": 5, "path": [1, 2]}]
+
+
+def test_header_tuple_is_accepted():
+    assert decode_frame(b"".join(encode_frame((1, "a"), 0))).header == [1, "a"]
+
+
+def test_body_can_be_decoded_twice():
+    frame = decode_frame(join_chunks(encode_frame([0], ((1,), np.arange(3)))))
+    assert deep_equal(frame.body(), frame.body())
+
+
+# --------------------------------------------------------------------------- numpy arrays
+
+DTYPES = [
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+    ">i4",
+    ">f8",
+    ">c16",
+    ">u2",
+]
+
+
+def make_array(dtype: str, n: int) -> np.ndarray:
+    rng = np.random.default_rng(n)
+    dt = np.dtype(dtype)
+    if dt.kind == "b":
+        return rng.integers(0, 2, n).astype(dt)
+    if dt.kind == "c":
+        return (rng.standard_normal(n) + 1j * rng.standard_normal(n)).astype(dt)
+    if dt.kind == "f":
+        return rng.standard_normal(n).astype(dt)
+    info = np.iinfo(dt)
+    return rng.integers(
+        info.min, info.max, n, dtype=np.dtype(dt.kind + str(dt.itemsize)), endpoint=True
+    ).astype(dt)
+
+
+LAYOUTS = ["contiguous", "transposed", "strided", "fortran", "zero-d", "empty", "3d-slice"]
+
+
+def make_layout(dtype: str, layout: str, big: bool) -> np.ndarray:
+    n = 96 * 1024 if big else 24
+    base = make_array(dtype, n * 2)
+    if layout == "contiguous":
+        return base[:n].reshape(-1, 4)
+    if layout == "transposed":
+        return base[:n].reshape(-1, 4).T
+    if layout == "strided":
+        return base[::2]
+    if layout == "fortran":
+        return np.asfortranarray(base[:n].reshape(-1, 6))
+    if layout == "zero-d":
+        return base[:1].reshape(())  # 0-d array, not a scalar
+    if layout == "empty":
+        return base[:0].reshape(0, 3)
+    if layout == "3d-slice":
+        return base[: n - n % 24].reshape(-1, 4, 6)[::2, 1:3, ::-1]
+    raise AssertionError(layout)
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["inline", "out-of-band"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_arrays_round_trip_exactly(dtype, layout, big):
+    arr = make_layout(dtype, layout, big)
+    out = roundtrip({"a": arr})["a"]
+    assert type(out) is np.ndarray
+    assert out.dtype.str == arr.dtype.str
+    assert out.shape == arr.shape
+    assert out.tobytes() == arr.tobytes()
+    assert out.flags.writeable
+
+
+def test_large_arrays_travel_out_of_band_and_small_ones_inline():
+    small = np.zeros(OOB_THRESHOLD // 8 - 1)
+    large = np.zeros(OOB_THRESHOLD // 8)
+    assert decode_frame(join_chunks(encode_frame([0], small))).nbufs == 0
+    assert decode_frame(join_chunks(encode_frame([0], large))).nbufs == 1
+
+
+def test_encode_passes_a_view_of_a_contiguous_array_without_copying():
+    arr = np.arange(100_000, dtype=np.float64)
+    chunks = encode_frame([0], [arr, "after"])
+    views = [c for c in chunks if isinstance(c, memoryview)]
+    assert len(views) == 1
+    assert np.shares_memory(np.frombuffer(views[0], np.uint8), arr)
+    assert all(isinstance(c, (bytes, memoryview)) for c in chunks)
+
+
+def test_decoded_large_array_shares_memory_with_a_writable_frame():
+    arr = np.arange(50_000, dtype=np.int64).reshape(100, 500)
+    frame_buf = join_chunks(encode_frame([0], (arr,)))
+    frame = decode_frame(frame_buf)
+    assert frame.writable
+    (out,) = frame.body()
+    assert np.shares_memory(out, np.frombuffer(frame_buf, np.uint8))
+    assert out.flags.writeable
+    out[0, 0] = 42  # writes into the frame buffer
+    assert decode_frame(frame_buf).body()[0][0, 0] == 42
+
+
+def test_decoded_large_array_from_bytes_is_a_read_only_view():
+    arr = np.ones(20_000, dtype=np.float32)
+    frame_bytes = b"".join(encode_frame([0], arr))
+    frame = decode_frame(frame_bytes)
+    assert not frame.writable
+    out = frame.body()
+    assert np.shares_memory(out, np.frombuffer(frame_bytes, np.uint8))
+    assert not out.flags.writeable
+    assert np.array_equal(out, arr)
+
+
+def test_decode_from_a_memoryview_slice_is_zero_copy():
+    arr = np.arange(30_000, dtype=np.float64)
+    buf = bytearray(8) + join_chunks(encode_frame([0], arr))
+    out = decode_frame(memoryview(buf)[8:]).body()
+    assert np.shares_memory(out, np.frombuffer(buf, np.uint8))
+    assert np.array_equal(out, arr)
+
+
+def test_out_of_band_buffers_are_64_byte_aligned_relative_to_the_frame_start():
+    arrays = [np.arange(n, dtype=np.uint8) for n in (OOB_THRESHOLD + 1, OOB_THRESHOLD + 13)]
+    arrays.append(np.arange(10_000, dtype=np.float64))
+    for prefix in ("", "x" * 37):
+        buf = join_chunks(encode_frame([prefix], [prefix, *arrays]))
+        base = np.frombuffer(buf, np.uint8).__array_interface__["data"][0]
+        frame = decode_frame(buf)
+        assert frame.nbufs == 3
+        out = frame.body()
+        for a, o in zip(arrays, out[1:], strict=True):
+            assert np.array_equal(a, o)
+            assert (o.__array_interface__["data"][0] - base) % ALIGN == 0
+
+
+def test_small_inline_arrays_own_writable_memory_even_from_read_only_frames():
+    arr = np.arange(10, dtype=np.int32)
+    frame_bytes = b"".join(encode_frame([0], arr))
+    out = decode_frame(frame_bytes).body()
+    assert out.flags.writeable and not np.shares_memory(out, np.frombuffer(frame_bytes, np.uint8))
+
+
+def test_same_array_twice_travels_as_two_buffers():
+    arr = np.zeros(20_000)
+    out = roundtrip([arr, arr])
+    assert np.array_equal(out[0], out[1]) and not np.shares_memory(out[0], out[1])
+
+
+def test_ndarray_subclass_travels_as_ndarray():
+    class Sub(np.ndarray):
+        pass
+
+    m = np.eye(2).view(Sub)
+    out = roundtrip(m)
+    assert type(out) is np.ndarray and np.array_equal(out, np.eye(2))
+
+
+SCALARS = [
+    np.bool_(True),
+    np.int8(-3),
+    np.int16(300),
+    np.int32(-70000),
+    np.int64(2**40),
+    np.uint8(255),
+    np.uint16(65535),
+    np.uint32(2**32 - 1),
+    np.uint64(2**64 - 1),
+    np.float16(1.5),
+    np.float32(1),
+    np.float64(-2.25),
+    np.complex64(1 + 2j),
+    np.complex128(3 - 4j),
+]
+
+
+@pytest.mark.parametrize("scalar", SCALARS, ids=lambda s: type(s).__name__)
+def test_numpy_scalars_come_back_as_the_same_numpy_type(scalar):
+    out = roundtrip([scalar])[0]
+    assert type(out) is type(scalar)
+    assert out == scalar
+
+
+@pytest.mark.parametrize(
+    "value, dtype_name",
+    [
+        (np.array([object()], dtype=object), "object"),
+        (np.zeros(2, dtype=[("a", "<i4")]), "('a', '<i4')"),
+        (np.array(["ab"]), "<U2"),
+        (np.array([b"ab"]), "|S2"),
+        (np.array(["2020-01-01"], dtype="datetime64[D]"), "datetime64[D]"),
+        (np.zeros(3, dtype=np.longdouble), "float128"),
+        (np.datetime64("2020-01-01"), "datetime64[D]"),
+    ],
+    ids=["object", "structured", "unicode", "bytes", "datetime", "longdouble", "dt-scalar"],
+)
+def test_non_numeric_dtypes_are_refused_with_a_type_error_naming_the_dtype(value, dtype_name):
+    if value.dtype == np.longdouble and np.dtype(np.longdouble) == np.float64:
+        pytest.skip("longdouble is float64 on this platform")
+    with pytest.raises(TypeError) as info:
+        encode_frame([0], {"x": [value]})
+    msg = str(info.value)
+    assert dtype_name in msg
+    assert "body['x'][0]" in msg or "dtype" in msg
+
+
+def test_masked_arrays_are_refused():
+    with pytest.raises(TypeError, match="MaskedArray"):
+        encode_frame([0], np.ma.masked_array([1, 2], mask=[0, 1]))
+
+
+# --------------------------------------------------------------------------- unsendables
+
+
+def gen():
+    yield 1
+
+
+@pytest.mark.parametrize(
+    "body, type_name, path",
+    [
+        ((1, {2}), "set", "body[1]"),
+        ([[1, frozenset()]], "frozenset", "body[0][1]"),
+        ({"k": object()}, "object", "body['k']"),
+        ([lambda: 0], "function", "body[0]"),
+        ((gen(),), "generator", "body[0]"),
+        ([1j], "complex", "body[0]"),
+        ([range(3)], "range", "body[0]"),
+        ({(1, 2): [None, 2, ({1},)]}, "set", "body[(1, 2)][2][0]"),
+        ([Color], "enum.EnumType", "body[0]"),
+    ],
+)
+def test_unsendable_values_raise_type_error_naming_type_and_place(body, type_name, path):
+    with pytest.raises(TypeError) as info:
+        encode_frame([0], body)
+    assert str(info.value) == f"cannot send value of type {type_name!r} (at {path})"
+
+
+def test_unsendable_dict_key_is_located():
+    with pytest.raises(TypeError, match=r"'frozenset' \(at body<key frozenset\(\)>\)"):
+        encode_frame([0], {frozenset(): 1})
+
+
+def test_user_class_is_named_with_its_module():
+    class Thing:
+        pass
+
+    with pytest.raises(TypeError, match=rf"'{__name__}\.test_user_class.*<locals>\.Thing'"):
+        encode_frame([0], [Thing()])
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1, 10**400])
+def test_int_beyond_64_bits_is_a_type_error_saying_it_is_too_large(value):
+    with pytest.raises(TypeError, match=r"does not fit in 64 bits \(at body\[1\]\[0\]\)"):
+        encode_frame([0], [1, (value,)])
+
+
+def test_unsendable_header_value_is_a_type_error():
+    with pytest.raises(TypeError, match=r"'set' \(at header\[3\]\)"):
+        encode_frame([0, 1, "f", {1}], None)
+    with pytest.raises(TypeError, match="header must be a list"):
+        encode_frame("not a list", None)  # type: ignore[arg-type]
+
+
+def test_oversized_header_is_a_value_error():
+    with pytest.raises(ValueError, match="MAX_HEADER_BYTES"):
+        encode_frame([0, "x" * MAX_HEADER_BYTES], None)
+
+
+def test_nesting_too_deep_and_cycles_are_value_errors():
+    t: Any = ()
+    for _ in range(MAX_DEPTH + 1):
+        t = (t,)
+    with pytest.raises(ValueError, match="nested"):
+        encode_frame([0], t)
+    lst: list = []
+    lst.append(lst)
+    with pytest.raises(ValueError, match="cycle"):
+        encode_frame([0], lst)
+    # and the thread's encoder still works afterwards
+    assert roundtrip((1, (2,))) == (1, (2,))
+
+
+def test_deep_but_allowed_tuple_nesting_round_trips():
+    t: Any = ()
+    for _ in range(MAX_DEPTH - 1):
+        t = (t,)
+    assert roundtrip(t) == t
+
+
+def test_surrogate_str_is_a_value_error():
+    with pytest.raises(ValueError, match="UTF-8"):
+        encode_frame([0], ["\udc80"])
+
+
+def test_encoder_recovers_after_errors():
+    for bad in ([{1}], [2**70], [lambda: 0]):
+        with pytest.raises(TypeError):
+            encode_frame([0], [(1, (2, bad))])
+    assert roundtrip([(1, (2, 3))]) == [(1, (2, 3))]
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+class Hooks:
+    """Records what the codec calls."""
+
+    def __init__(self, worker_name: str = "w1"):
+        self.worker_name = worker_name
+        self.calls: list[tuple] = []
+
+    def tensor_out(self, t):
+        self.calls.append(("tensor_out", t))
+        return ["link", id(t) % 1000, (1, 2)]
+
+    def tensor_in(self, array, requires_grad, link):
+        self.calls.append(("tensor_in", array, requires_grad, link))
+        return ("T", array, requires_grad, link)
+
+    def ref_out(self, ref):
+        self.calls.append(("ref_out", ref))
+        return [ref.owner, ref.key, (1,)]
+
+    def ref_in(self, payload):
+        self.calls.append(("ref_in", payload))
+        return FakeRef(payload[0], payload[1])
+
+
+class FakeRef(WireRef):
+    def __init__(self, owner: str, key: int):
+        self.owner = owner
+        self.key = key
+
+
+def test_tensor_without_hooks_comes_back_as_a_tensor():
+    t = Tensor(np.arange(6, dtype=np.float32).reshape(2, 3), requires_grad=True)
+    u = Tensor(np.arange(3, dtype=np.int64))
+    out = roundtrip({"t": t, "u": [u]})
+    assert type(out["t"]) is Tensor and out["t"].requires_grad
+    assert np.array_equal(out["t"].data, t.data) and out["t"].data.dtype == np.float32
+    assert type(out["u"][0]) is Tensor and not out["u"][0].requires_grad
+
+
+def test_large_tensor_data_travels_out_of_band():
+    t = Tensor(np.ones((300, 300), dtype=np.float32))
+    frame_buf = join_chunks(encode_frame([0], t))
+    out = decode_frame(frame_buf).body()
+    assert np.shares_memory(out.data, np.frombuffer(frame_buf, np.uint8))
+
+
+def test_tensor_hooks_are_called_with_the_right_arguments():
+    hooks = Hooks()
+    t = Tensor(np.ones(3, dtype=np.float64), requires_grad=True)
+    plain = Tensor(np.ones(2, dtype=np.float64))
+    frame = decode_frame(join_chunks(encode_frame([0], (t, plain), hooks)))
+    assert hooks.calls == [("tensor_out", t)]  # only for tensors that require grad
+    hooks.calls.clear()
+    out = frame.body(hooks)
+    link = ["link", id(t) % 1000, (1, 2)]
+    assert [c[0] for c in hooks.calls] == ["tensor_in", "tensor_in"]
+    _, arr, rg, got_link = hooks.calls[0]
+    assert np.array_equal(arr, t.data) and rg is True and got_link == link
+    assert type(got_link[2]) is tuple
+    _, arr2, rg2, link2 = hooks.calls[1]
+    assert np.array_equal(arr2, plain.data) and rg2 is False and link2 is None
+    assert out[0][0] == "T"
+
+
+def test_hooks_without_tensor_methods_fall_back_to_tensor():
+    class OnlyName:
+        worker_name = "w2"
+
+    t = Tensor(np.ones(2, dtype=np.float32), requires_grad=True)
+    out = roundtrip(t, OnlyName(), dec_hooks=OnlyName())
+    assert type(out) is Tensor and out.requires_grad
+
+
+# --------------------------------------------------------------------------- rrefs
+
+
+def test_rref_travels_through_hooks():
+    hooks = Hooks()
+    ref = FakeRef("w3", 77)
+    frame = decode_frame(join_chunks(encode_frame([0], {"r": [ref]}, hooks)))
+    assert hooks.calls == [("ref_out", ref)]
+    out = frame.body(hooks)["r"][0]
+    assert isinstance(out, FakeRef) and (out.owner, out.key) == ("w3", 77)
+    assert hooks.calls[-1] == ("ref_in", ["w3", 77, (1,)])
+
+
+def test_rref_without_ref_out_hook_is_a_type_error():
+    with pytest.raises(TypeError, match=r"FakeRef.*without a runtime.*\(at body\[0\]\)"):
+        encode_frame([0], [FakeRef("w", 1)])
+
+
+def test_rref_received_without_a_runtime_is_a_protocol_error():
+    frame = decode_frame(join_chunks(encode_frame([0], FakeRef("w", 1), Hooks())))
+    with pytest.raises(ProtocolError, match="RRef received without a runtime"):
+        frame.body()
+
+
+# --------------------------------------------------------------------------- exceptions
+
+
+class MyError(Exception):
+    pass
+
+
+def raise_and_catch(exc: BaseException) -> BaseException:
+    try:
+        raise exc
+    except BaseException as e:
+        return e
+
+
+def test_exceptions_travel_as_remote_errors():
+    err = raise_and_catch(ValueError("bad value"))
+    out = roundtrip({"e": err}, Hooks("w7"))["e"]
+    assert type(out) is RemoteError
+    assert out.worker == "w7"
+    assert out.remote_type == "ValueError"
+    assert out.remote_message == "bad value"
+    assert "raise_and_catch" in out.remote_traceback and "bad value" in out.remote_traceback
+    assert "w7" in str(out) and "bad value" in str(out)
+
+
+def test_non_builtin_exception_type_is_module_qualified_and_worker_defaults_to_empty():
+    out = roundtrip(MyError("x"))
+    assert out.remote_type == f"{__name__}.MyError"
+    assert out.worker == ""
+
+
+def test_remote_error_keeps_its_original_fields_across_hops():
+    first = roundtrip(raise_and_catch(KeyError("k")), Hooks("w1"))
+    second = roundtrip(first, Hooks("w2"))
+    assert (second.worker, second.remote_type, second.remote_message) == ("w1", "KeyError", "'k'")
+    assert second.remote_traceback == first.remote_traceback
+
+
+def test_unprintable_exception_still_travels():
+    class Weird(Exception):
+        def __str__(self):
+            raise RuntimeError("no")
+
+    out = roundtrip(Weird())
+    assert "unprintable" in out.remote_message
+
+
+@pytest.mark.parametrize("exc", [asyncio.CancelledError(), KeyboardInterrupt()])
+def test_cancellation_and_keyboard_interrupt_do_not_travel(exc):
+    with pytest.raises(TypeError, match=type(exc).__name__):
+        encode_frame([0], [exc])
+
+
+# --------------------------------------------------------------------------- hook errors
+
+
+class Boom(Exception):
+    pass
+
+
+def test_exceptions_raised_by_hooks_propagate_unchanged():
+    class BadHooks:
+        def tensor_out(self, t):
+            raise Boom("out")
+
+        def ref_out(self, ref):
+            raise Boom("ref out")
+
+        def ref_in(self, payload):
+            raise Boom("ref in")
+
+        def tensor_in(self, a, rg, link):
+            raise ValueError("tensor in")
+
+    t = Tensor(np.ones(2, dtype=np.float32), requires_grad=True)
+    with pytest.raises(Boom, match="out"):
+        encode_frame([0], [(t,)], BadHooks())
+    with pytest.raises(Boom, match="ref out"):
+        encode_frame([0], [FakeRef("a", 1)], BadHooks())
+    frame = decode_frame(join_chunks(encode_frame([0], [FakeRef("a", 1)], Hooks())))
+    with pytest.raises(Boom, match="ref in"):
+        frame.body(BadHooks())
+    frame = decode_frame(join_chunks(encode_frame([0], ((t,),), Hooks())))
+    with pytest.raises(ValueError, match="tensor in"):
+        frame.body(BadHooks())
+
+
+def test_a_hook_may_encode_frames_itself():
+    class Reentrant(Hooks):
+        def tensor_out(self, t):
+            inner = encode_frame([9], (1, (2, 3)))
+            return decode_frame(b"".join(inner)).body()
+
+    t = Tensor(np.ones(2, dtype=np.float32), requires_grad=True)
+    out = roundtrip([(t, (4,))], Reentrant(), dec_hooks=Hooks())
+    assert out[0][0][3] == (1, (2, 3))
+    assert out[0][1] == (4,)
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_encoding_from_many_threads_at_once_is_safe():
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for j in range(300):
+                value = (i, [j, (i, j)], {"a": np.full(3, i)})
+                out = decode_frame(join_chunks(encode_frame([i, j], value))).body()
+                assert out[0] == i and out[1] == [j, (i, j)] and (out[2]["a"] == i).all()
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+
+
+# --------------------------------------------------------------------------- malformed
+
+
+def valid_frame() -> bytes:
+    return b"".join(encode_frame([0, 1, "m:f", None], ((1, np.arange(20_000)), {"k": (2,)})))
+
+
+def test_every_truncation_of_a_valid_frame_is_a_protocol_error():
+    frame = b"".join(encode_frame([0, 1, "m:f", None], ((1, "two", [3.0]), {"k": (2,)})))
+    for n in range(len(frame)):
+        with pytest.raises(ProtocolError):
+            decode_frame(frame[:n]).body()
+
+
+def test_truncated_out_of_band_frame_is_a_protocol_error():
+    frame = valid_frame()
+    for n in (len(frame) - 1, len(frame) - 100_000, 200):
+        with pytest.raises(ProtocolError):
+            decode_frame(frame[:n]).body()
+
+
+def test_trailing_bytes_are_a_protocol_error():
+    with pytest.raises(ProtocolError, match="trailing"):
+        decode_frame(valid_frame() + b"\x00")
+
+
+def test_not_bytes_like_is_a_protocol_error():
+    with pytest.raises(ProtocolError, match="bytes-like"):
+        decode_frame("text")  # type: ignore[arg-type]
+
+
+def test_non_byte_memoryview_is_accepted_when_contiguous():
+    frame = b"".join(encode_frame([5], (1,)))
+    padded = frame + bytes(-len(frame) % 8)
+    # not a whole number of u64 items, so build a 2-d byte view instead
+    mv = memoryview(frame).cast("B", shape=[1, len(frame)])
+    assert decode_frame(mv).header == [5]
+    del padded
+
+
+@pytest.mark.parametrize(
+    "frame, match",
+    [
+        (b"", "too short"),
+        (b"AG\x01", "too short"),
+        (b"XX\x01\x00" + bytes(16), "not an actorgrad frame"),
+        (b"AG\x02\x00" + bytes(16), "version"),
+        (b"AG\x01\x07" + bytes(16), "flags"),
+        (wire._FIXED.pack(wire._TAG, MAX_HEADER_BYTES + 1, 0, 0), "header of"),
+        (wire._FIXED.pack(wire._TAG, 5, 0, 0), "too short for its header"),
+        (wire._FIXED.pack(wire._TAG, 0, 2**32 - 1, 0), "buffers"),
+        (wire._FIXED.pack(wire._TAG, 0, 1000, 0), "too short"),
+        (wire._FIXED.pack(wire._TAG, 1, 0, 2**64 - 1) + b"\x90", "body of"),
+        (build_frame(H, b"\xc0", lengths=[2**64 - 1]), "exceeds the frame"),
+        (build_frame(H, b"\xc0", lengths=[10]), "exceeds the frame"),
+        (build_frame(b"\xc1", b"\xc0"), "malformed frame header"),
+        (build_frame(b"", b"\xc0"), "malformed frame header"),
+        (build_frame(b"\x01", b"\xc0"), "header must be a list"),
+        (build_frame(b"\x91\x01\x02", b"\xc0"), "extra bytes"),
+        (build_frame(msgpack.packb([ext(3, [])]), b"\xc0"), "not allowed in a frame header"),
+        (build_frame(msgpack.packb([msgpack.Timestamp(1)]), b"\xc0"), "timestamp"),
+        (build_frame(b"\xdd\xff\xff\xff\xff", b"\xc0"), "malformed frame header"),
+        (build_frame(b"\x91\xa2\xff\xfe", b"\xc0"), "malformed frame header"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_malformed_layout_or_header_is_a_protocol_error(frame, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode_frame(frame)
+
+
+def arr_ext(dtype: Any, shape: Any, data: Any) -> msgpack.ExtType:
+    return ext(wire.EXT_NDARRAY, [dtype, shape, data])
+
+
+@pytest.mark.parametrize(
+    "frame, match",
+    [
+        (build_frame(H, b""), "malformed frame body"),
+        (build_frame(H, b"\xc1"), "malformed frame body"),
+        (build_frame(H, b"\x01\x02"), "extra bytes"),
+        (build_frame(H, b"\x92\x01"), "malformed frame body"),
+        (build_frame(H, b"\xdd\xff\xff\xff\xff"), "exceeds max_array_len"),
+        (build_frame(H, b"\xc6\xff\xff\xff\xff"), "malformed frame body"),
+        (build_frame(H, b"\xdf\x7f\xff\xff\xff"), "malformed frame body"),
+        (build_frame(H, b"\x91" * 3000 + b"\xc0"), "nested too deeply"),
+        (build_frame(H, b"\xa2\xff\xfe"), "malformed frame body"),
+        (build_frame(H, b"\x81\x91\x01\x02"), "unhashable"),
+        (body_frame(msgpack.ExtType(42, b"")), "unknown ext type 42"),
+        (build_frame(H, b"\xd4\xfb\x00"), "unknown ext type -5"),
+        (body_frame([msgpack.Timestamp(1, 2)]), "timestamp"),
+        (body_frame({"k": msgpack.Timestamp(2**40, 5)}), "timestamp"),
+        (body_frame(ext(wire.EXT_TUPLE, 5)), "tuple payload"),
+        (body_frame(msgpack.ExtType(wire.EXT_TUPLE, b"\xc1")), "malformed frame body"),
+        (body_frame(arr_ext("O", [1], b"12345678")), "not a bool or numeric dtype"),
+        (body_frame(arr_ext("<U1", [1], b"1234")), "not a bool or numeric dtype"),
+        (body_frame(arr_ext("V8", [1], b"12345678")), "not a bool or numeric dtype"),
+        (body_frame(arr_ext("<f8,<i4", [1], b"123456781234")), "not a bool or numeric dtype"),
+        (body_frame(arr_ext("(1000000000,)f8", [1], b"")), "not a bool or numeric dtype"),
+        (body_frame(arr_ext("M8[ns]", [1], b"12345678")), "not a bool or numeric dtype"),
+        (body_frame(arr_ext(5, [1], b"12345678")), "dtype must be a str"),
+        (body_frame(arr_ext("<f8", [2], b"12345678")), "needs 16 bytes, got 8"),
+        (body_frame(arr_ext("<f8", [-1], b"12345678")), "bad array dimension"),
+        (body_frame(arr_ext("<f8", [2**62, 0], b"")), "bad array dimension"),
+        (body_frame(arr_ext("<f8", [2**40, 2**40], b"")), "needs"),
+        (body_frame(arr_ext("<f8", [1.0], b"12345678")), "bad array dimension"),
+        (body_frame(arr_ext("<f8", 1, b"12345678")), "shape must be a list"),
+        (body_frame(arr_ext("<f8", [1] * 40, b"12345678")), "shape must be a list"),
+        (body_frame(arr_ext("<f8", [1], "12345678")), "bin or a buffer index"),
+        (body_frame(arr_ext("<f8", [1], 0)), "buffer 0, the frame has 0"),
+        (body_frame(arr_ext("<f8", [1], -1)), "buffer -1"),
+        (body_frame(arr_ext("<f8", [1], 1), [bytes(8)]), "buffer 1, the frame has 1"),
+        (body_frame([arr_ext("<f8", [1], 0)] * 2, [bytes(8)]), "used twice"),
+        (body_frame([arr_ext("<f8", [2], 0)], [bytes(8)]), "needs 16 bytes"),
+        (body_frame(None, [bytes(8)]), "uses 0"),
+        (body_frame(ext(wire.EXT_NDARRAY, ["<f8", [1]])), "expected a list of 3"),
+        (body_frame(ext(wire.EXT_NDARRAY, {"a": 1})), "ndarray payload"),
+        (body_frame(ext(wire.EXT_SCALAR, ["<f4", b"123"])), "needs 4 raw bytes"),
+        (body_frame(ext(wire.EXT_SCALAR, ["O", b"12345678"])), "not a bool or numeric"),
+        (body_frame(ext(wire.EXT_TENSOR, [1, True, None])), "Tensor payload"),
+        (
+            body_frame(ext(wire.EXT_TENSOR, [arr_ext("<i8", [1], bytes(8)), True, None])),
+            "cannot require grad",
+        ),
+        (body_frame(ext(wire.EXT_EXCEPTION, ["w", "T", "m"])), "exception payload"),
+        (body_frame(ext(wire.EXT_EXCEPTION, ["w", "T", "m", 5])), "4 strs"),
+        (body_frame(ext(wire.EXT_REF, [])), "RRef received without a runtime"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_malformed_body_is_a_protocol_error(frame, match):
+    f = decode_frame(frame)
+    if match is None:
+        f.body()
+        return
+    with pytest.raises(ProtocolError, match=match):
+        f.body()
+
+
+def test_ext_nesting_too_deep_is_a_protocol_error():
+    payload = msgpack.packb([])
+    for _ in range(MAX_DEPTH + 5):
+        payload = msgpack.packb([msgpack.ExtType(wire.EXT_TUPLE, payload)])
+    f = decode_frame(build_frame(H, payload))
+    with pytest.raises(ProtocolError, match="nested more than"):
+        f.body()
+
+
+def test_huge_declared_sizes_do_not_allocate():
+    # a 32-bit array header claiming 4 billion elements, a bin claiming 4 GiB
+    for body in (b"\xdd\xff\xff\xff\xf0", b"\xc6\xff\xff\xff\xf0", b"\xdb\xff\xff\xff\xf0"):
+        with pytest.raises(ProtocolError):
+            decode_frame(build_frame(H, body)).body()
+
+
+def test_payload_with_ext_inside_an_array_payload_is_rejected():
+    bad = arr_ext(arr_ext("<f8", [1], bytes(8)), [1], bytes(8))
+    with pytest.raises(ProtocolError):
+        decode_frame(body_frame(bad)).body()
+
+
+def test_ref_hook_receives_only_a_list_payload():
+    with pytest.raises(ProtocolError, match="RRef payload"):
+        decode_frame(body_frame(ext(wire.EXT_REF, 5))).body(Hooks())
+
+
+def test_frame_repr_mentions_header_and_size():
+    f = decode_frame(b"".join(encode_frame([1, "x"], None)))
+    assert "[1, 'x']" in repr(f) and str(f.nbytes) in repr(f)
