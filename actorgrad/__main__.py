@@ -1,0 +1,8 @@
+"""``python -m actorgrad``: the ``actorgrad`` command (see ``actorgrad.cli``)."""
+
+from __future__ import annotations
+
+from actorgrad.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

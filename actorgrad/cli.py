@@ -1,0 +1,508 @@
+"""The ``actorgrad`` command (also ``python -m actorgrad``).
+
+A thin layer: each sub-command parses its options and calls one function of the
+runtime with the same options (``actorgrad.runtime.cluster``), the way uvicorn's CLI
+calls ``uvicorn.run``::
+
+    actorgrad cluster -n N [--host H] [--port P] [--token-file F]   serve_cluster(...)
+    actorgrad worker --join ADDRESS --name NAME [--token-file F]    serve_worker(...)
+    actorgrad run -n N SCRIPT [ARGS...]                             serve_cluster + the script
+    actorgrad status [--address A] [--token-file F]                 cluster_status(...)
+    actorgrad demo                                                  actorgrad.demo.main()
+
+Tokens: ``--token-file F`` (read if it exists; ``cluster`` creates it with mode 0600
+otherwise), else ``ACTORGRAD_TOKEN``; ``cluster`` generates one when neither is given
+and writes it to a 0600 file in a private temporary directory. A token is never
+printed, only the path of the file that holds it.
+
+Signals: the first Ctrl-C / SIGTERM drains (graceful shutdown of every process this
+command started), the second forces it. ``run`` forwards them to the script instead.
+
+Exit codes: 0 success, 1 an expected failure (one line on stderr, no traceback: wrong
+token, unreachable address, ...), 2 usage errors, ``run``: the script's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import inspect
+import os
+import secrets
+import signal
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from actorgrad.errors import ActorgradError, AuthError
+
+__all__ = ["main"]
+
+PROG = "actorgrad"
+ENV_ADDRESS = "ACTORGRAD_ADDRESS"
+ENV_TOKEN = "ACTORGRAD_TOKEN"
+
+
+class CliError(Exception):
+    """An expected failure: reported as one line on stderr, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------------------
+# tokens
+# --------------------------------------------------------------------------------------
+
+
+def new_token() -> str:
+    """A fresh random cluster token (256 bits, URL-safe text)."""
+    return secrets.token_urlsafe(32)
+
+
+def write_token_file(path: Path, token: str) -> None:
+    """Create ``path`` with mode 0600 holding ``token``; an existing file is an error."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+
+
+def read_token_file(path: Path) -> str:
+    """The token stored in ``path`` (surrounding whitespace stripped)."""
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        raise CliError(f"token file {path} does not exist") from None
+    except OSError as exc:
+        raise CliError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise CliError(f"token file {path} is empty")
+    return token
+
+
+def cluster_token(token_file: str | None) -> tuple[str, str]:
+    """The token of a new cluster and a description of where it is kept.
+
+    With ``token_file``: read it if it exists, else generate a token and create the file
+    (0600). Without: ``ACTORGRAD_TOKEN`` if set, else generate one and write it to a 0600
+    file in a fresh private (0700) temporary directory.
+    """
+    if token_file:
+        path = Path(token_file)
+        if path.exists():
+            return read_token_file(path), f"read from {path}"
+        token = new_token()
+        try:
+            write_token_file(path, token)
+        except FileExistsError:  # created concurrently: use theirs
+            return read_token_file(path), f"read from {path}"
+        except OSError as exc:
+            raise CliError(f"cannot create token file {path}: {exc.strerror or exc}") from None
+        return token, f"written to {path} (mode 0600)"
+    env = os.environ.get(ENV_TOKEN)
+    if env:
+        return env, f"from ${ENV_TOKEN}"
+    token = new_token()
+    path = Path(tempfile.mkdtemp(prefix="actorgrad-")) / "token"
+    write_token_file(path, token)
+    return token, f"written to {path} (mode 0600)"
+
+
+def client_token(token_file: str | None) -> str:
+    """The token of a command that joins or queries an existing cluster."""
+    if token_file:
+        return read_token_file(Path(token_file))
+    env = os.environ.get(ENV_TOKEN)
+    if env:
+        return env
+    raise CliError(f"no token: pass --token-file F or set {ENV_TOKEN}", code=2)
+
+
+# --------------------------------------------------------------------------------------
+# event loop and signals
+# --------------------------------------------------------------------------------------
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run ``coro`` on a fresh event loop (uvloop when installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+@contextlib.contextmanager
+def _signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to ``handler`` on the running loop while inside."""
+    loop = asyncio.get_running_loop()
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    for sig in sigs:
+        loop.add_signal_handler(sig, handler, sig)
+    try:
+        yield
+    finally:
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _note(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+
+async def _serve_until_signalled(
+    serve: Callable[[asyncio.Event], Awaitable[None]], what: str
+) -> int:
+    """Run ``serve(stop)``; the first signal sets ``stop``, the second cancels it."""
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(stop))
+    signals = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            _note(f"{sig.name}: stopping the {what} (again to force)")
+            stop.set()
+        else:
+            _note(f"{sig.name}: forcing the {what} down")
+            task.cancel()
+
+    with _signals(on_signal):
+        try:
+            await task
+        except asyncio.CancelledError:
+            if signals < 2:
+                raise
+            return 130
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------
+
+
+def _runtime() -> Any:
+    """``actorgrad.runtime.cluster``, or a clear error when this build lacks it."""
+    try:
+        return importlib.import_module("actorgrad.runtime.cluster")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("actorgrad"):
+            raise CliError(f"the actorgrad runtime is not available ({exc.name})") from None
+        raise
+
+
+async def cmd_cluster(args: argparse.Namespace) -> int:
+    """``actorgrad cluster``: the head and N workers in the foreground."""
+    rt = _runtime()
+    token, where = cluster_token(args.token_file)
+    n = args.n
+
+    def on_ready(address: str) -> None:
+        names = ", ".join(f"w{i}" for i in range(1, n + 1))
+        _say(f"actorgrad cluster ready: {n} workers ({names})")
+        _say(f"address: {address}")
+        _say(f"token: {where}")
+        _say(f"  export {ENV_ADDRESS}={address}")
+        if args.token_file or where.startswith("written to"):
+            path = args.token_file or where.split()[2]
+            _say(f"  export {ENV_TOKEN}=$(cat {path})")
+        _say("Ctrl-C to stop")
+
+    async def serve(stop: asyncio.Event) -> None:
+        await rt.serve_cluster(
+            n, host=args.host, port=args.port, token=token, on_ready=on_ready, stop=stop
+        )
+
+    code = await _serve_until_signalled(serve, "cluster")
+    _say("cluster stopped")
+    return code
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    """``actorgrad worker``: one worker joining an existing cluster."""
+    rt = _runtime()
+    token = client_token(args.token_file)
+
+    async def serve(stop: asyncio.Event) -> None:
+        await rt.serve_worker(args.join, args.name, token, stop=stop)
+
+    return await _serve_until_signalled(serve, f"worker {args.name}")
+
+
+def _exit_status(returncode: int) -> int:
+    """A child's return code as a shell exit status (killed by signal N: 128 + N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _terminal_delivers_sigint() -> bool:
+    """True when a Ctrl-C on our terminal also reaches our children directly.
+
+    That is the case when we run in the terminal's foreground process group (children
+    share it); forwarding SIGINT as well would interrupt the script twice.
+    """
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+            if os.isatty(fd):
+                return os.tcgetpgrp(fd) == os.getpgrp()
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    """``actorgrad run``: a local cluster, SCRIPT as its driver, the script's status."""
+    rt = _runtime()
+    script = Path(args.script)
+    token = os.environ.get(ENV_TOKEN) or new_token()
+    stop = asyncio.Event()
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def on_ready(address: str) -> None:
+        if not ready.done():
+            ready.set_result(address)
+
+    cluster = asyncio.ensure_future(
+        rt.serve_cluster(args.n, token=token, on_ready=on_ready, stop=stop)
+    )
+    proc: asyncio.subprocess.Process | None = None
+    signals = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        if proc is None:  # still starting: give up
+            cluster.cancel()
+            return
+        if sig == signal.SIGINT and _terminal_delivers_sigint():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig if signals < 3 else signal.SIGKILL)
+
+    with _signals(on_signal):
+        try:
+            done, _ = await asyncio.wait({cluster, ready}, return_when=asyncio.FIRST_COMPLETED)
+            if ready not in done:
+                await cluster  # raises what made it stop
+                raise CliError("the local cluster stopped before it was ready")
+            env = dict(os.environ, **{ENV_ADDRESS: ready.result(), ENV_TOKEN: token})
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(script), *args.args, env=env
+            )
+            returncode = await proc.wait()
+        except asyncio.CancelledError:
+            if signals == 0:
+                raise
+            return 130
+        finally:
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            stop.set()
+            if not cluster.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(cluster), 30)
+                except TimeoutError:
+                    cluster.cancel()
+            if cluster.done() and not cluster.cancelled():
+                exc = cluster.exception()
+                if exc is not None and proc is not None:
+                    _note(f"cluster shutdown: {type(exc).__name__}: {exc}")
+            with contextlib.suppress(asyncio.CancelledError):
+                await cluster
+    return _exit_status(returncode)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A readable table of ``cluster_status()``'s result."""
+    workers = list(status.get("workers", []))
+    lines = [f"cluster {status.get('address', '?')}: {len(workers)} workers"]
+    head = ["name", "id", "address", "mailbox", "in_flight", "contexts"]
+    rows = []
+    for w in sorted(workers, key=lambda w: str(w.get("name", ""))):
+        dist = w.get("dist") if isinstance(w.get("dist"), dict) else {}
+        rows.append(
+            [
+                _cell(w.get("name")),
+                _cell(w.get("id")),
+                _cell(w.get("address")),
+                _cell(w.get("mailbox")),
+                _cell(w.get("in_flight")),
+                _cell(dist.get("num_contexts")),
+            ]
+        )
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for row in [head, *rows]:
+        lines.append("  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    """``actorgrad status``: the workers of a running cluster."""
+    rt = _runtime()
+    address = args.address or os.environ.get(ENV_ADDRESS)
+    if not address:
+        raise CliError(f"no address: pass --address A or set {ENV_ADDRESS}", code=2)
+    token = client_token(args.token_file)
+    status = await rt.cluster_status(address, token, timeout=args.timeout)
+    _say(format_status(status))
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    """``actorgrad demo [ARGS...]``: ``actorgrad.demo.main(ARGS)`` (it parses its own)."""
+    try:
+        demo = importlib.import_module("actorgrad.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name == "actorgrad.demo":
+            raise CliError(
+                "the demo is not part of this build (actorgrad.demo is missing)"
+            ) from None
+        raise
+    result = demo.main(argv) if argv else demo.main()
+    if inspect.isawaitable(result):
+        result = _run(_awaited(result))
+    return result if isinstance(result, int) else 0
+
+
+async def _awaited(aw: Awaitable[Any]) -> Any:
+    return await aw
+
+
+# --------------------------------------------------------------------------------------
+# argument parsing
+# --------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``actorgrad`` argument parser."""
+    from actorgrad import __version__
+
+    p = _Parser(prog=PROG, description="actorgrad: distributed autograd on asyncio actors.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    tok = f"file holding the cluster token (default: ${ENV_TOKEN})"
+
+    c = sub.add_parser("cluster", help="run a registry head and N workers in the foreground")
+    c.add_argument("-n", type=_positive, required=True, metavar="N", help="workers w1..wN")
+    c.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    c.add_argument("--port", type=_port, default=0, help="registry port (default: any free)")
+    c.add_argument(
+        "--token-file",
+        metavar="F",
+        help="read the token from F, or create F (mode 0600) with a new one",
+    )
+
+    w = sub.add_parser("worker", help="run one worker that joins a cluster")
+    w.add_argument("--join", required=True, metavar="ADDRESS", help="the cluster's address")
+    w.add_argument("--name", required=True, help="this worker's name")
+    w.add_argument("--token-file", metavar="F", help=tok)
+
+    r = sub.add_parser("run", help="run SCRIPT as the driver of a local cluster of N workers")
+    r.add_argument("-n", type=_positive, required=True, metavar="N", help="workers w1..wN")
+    r.add_argument("script", metavar="SCRIPT", help="the Python script to run")
+    r.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="its arguments")
+
+    s = sub.add_parser("status", help="show the workers of a running cluster")
+    s.add_argument("--address", metavar="A", help=f"cluster address (default: ${ENV_ADDRESS})")
+    s.add_argument("--token-file", metavar="F", help=tok)
+    s.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+
+    sub.add_parser(
+        "demo",
+        help="train a model split across a local cluster (demo --help: its options)",
+        add_help=False,
+    )
+    return p
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
+    "cluster": cmd_cluster,
+    "worker": cmd_worker,
+    "run": cmd_run,
+    "status": cmd_status,
+}
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an expected runtime/OS error."""
+    if isinstance(exc, AuthError):
+        return f"authentication failed: {exc} (wrong token?)"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"cannot connect: {exc.strerror or exc}"
+    if isinstance(exc, TimeoutError):
+        return f"timed out: {exc}" if str(exc) else "timed out"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``actorgrad`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["demo"]:  # the demo parses its own options
+        args = argparse.Namespace(command="demo")
+    else:
+        args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            return cmd_demo(argv[1:])
+        if args.command == "run" and not os.path.isfile(args.script):
+            raise CliError(f"no such script: {args.script}", code=2)
+        return _run(_COMMANDS[args.command](args))
+    except CliError as exc:
+        _note(f"error: {exc}")
+        return exc.code
+    except (ActorgradError, OSError, TimeoutError) as exc:
+        _note(f"error: {_describe(exc)}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
