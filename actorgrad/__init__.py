@@ -25,6 +25,10 @@ from actorgrad.errors import (
 )
 
 # --- tensors and local autograd (section 1) ---
+from actorgrad import nn, optim
+from actorgrad.autograd import no_grad
+from actorgrad.tensor import Tensor, cat, matmul, ones, randn, split, stack, tensor, where, zeros
+
 # --- runtime (section 2) ---
 # --- distributed autograd (section 3) ---
 

@@ -1,0 +1,422 @@
+"""The local autograd engine: graph nodes, leaf accumulation, and one backward pass.
+
+NOTE: this module is the lowest autograd layer. It imports only the standard library
+(no asyncio, no sockets, no actorgrad module other than what is below it) and must stay
+that way: the distributed engine runs the same ``GraphTask`` from inside its actors.
+
+Contract (docs/design.md section 1):
+
+* every op output that requires grad has one ``Node`` (``tensor.grad_fn``); a leaf
+  that requires grad has one cached ``AccumulateGrad`` (``grad_node(tensor)``);
+* ``Node.next`` holds one entry per differentiable input (``None``: needs no grad);
+* ``GraphTask`` counts dependencies once, then runs a ready queue: every node runs
+  exactly once with the sum of what reached it. No recursion anywhere, so graphs of
+  any depth work.
+
+Example::
+
+    >>> import actorgrad as ag
+    >>> x = ag.tensor([1.0, 2.0], requires_grad=True)
+    >>> y = (x * x).sum()
+    >>> GraphTask([(grad_node(y), np.ones((), np.float32))]).run()  # what y.backward() does
+    >>> x.grad
+    array([2., 4.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from actorgrad.tensor import Tensor
+
+__all__ = [
+    "AccumulateGrad",
+    "Function",
+    "GraphTask",
+    "Node",
+    "enable_grad",
+    "grad_node",
+    "is_grad_enabled",
+    "no_grad",
+]
+
+Hook = Callable[[np.ndarray], "np.ndarray | None"]
+
+# ---------------------------------------------------------------------------------------
+# grad mode
+# ---------------------------------------------------------------------------------------
+
+# A ContextVar, not a global flag: asyncio tasks and threads of the runtime each see
+# their own setting, so one task's `no_grad` never leaks into another's forward pass.
+_GRAD_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "actorgrad_grad_enabled", default=True
+)
+grad_enabled = _GRAD_ENABLED.get  # bound method: the cheapest possible check per op
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def is_grad_enabled() -> bool:
+    """Whether ops record the graph in the current context (``False`` under no_grad)."""
+    return _GRAD_ENABLED.get()
+
+
+class _GradMode:
+    """Sets grad mode for a ``with`` block, or for every call of a decorated function."""
+
+    _value = True
+
+    def __init__(self) -> None:
+        self._tokens: list[contextvars.Token[bool]] = []
+
+    def __enter__(self) -> None:
+        self._tokens.append(_GRAD_ENABLED.set(self._value))
+
+    def __exit__(self, *exc: object) -> None:
+        _GRAD_ENABLED.reset(self._tokens.pop())
+
+    def __call__(self, fn: F) -> F:
+        cls = type(self)
+        # A fresh instance per call, so concurrent calls never share token stacks.
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with cls():
+                    return await fn(*args, **kwargs)
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with cls():
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+
+class no_grad(_GradMode):
+    """Disable graph recording, as a context manager or a decorator.
+
+    Thread- and task-safe (contextvars): only the current thread / asyncio task is
+    affected.
+
+    Example::
+
+        >>> with ag.no_grad():
+        ...     y = w * 2          # y.requires_grad is False
+        >>> @ag.no_grad()
+        ... def evaluate(model, x): return model(x)
+    """
+
+    _value = False
+
+
+class enable_grad(_GradMode):
+    """Re-enable graph recording inside a ``no_grad`` region (context manager/decorator)."""
+
+    _value = True
+
+
+# ---------------------------------------------------------------------------------------
+# nodes
+# ---------------------------------------------------------------------------------------
+
+
+class Node:
+    """One backward function with a single output.
+
+    ``next`` has one entry per differentiable input (``None``: that input needs no
+    grad); ``apply(grad)`` returns one gradient (or ``None``) per entry of ``next``.
+    ``pre_hooks`` run on the summed incoming gradient before ``apply``.
+    """
+
+    __slots__ = ("next", "pre_hooks", "__weakref__")
+    boundary = False  # True for nodes whose grad leaves the process (dist RecvNode)
+
+    def __init__(self, next: Sequence[Node | None] = ()) -> None:
+        self.next: tuple[Node | None, ...] = tuple(next)
+        self.pre_hooks: list[Hook] = []
+
+    def apply(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        raise NotImplementedError(f"{type(self).__name__}.apply")
+
+    def release(self) -> None:
+        """Drop saved buffers; nothing to drop in the base class."""
+
+    def name(self) -> str:
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"<{self.name()} node>"
+
+
+_FREED: Any = object()  # `Function.saved` after release()
+
+
+class Function(Node):
+    """Base of the op nodes: ``forward`` on numpy arrays and ``backward`` side by side.
+
+    Subclasses keep what backward needs in ``self.saved`` (set in ``forward``);
+    ``release()`` drops it, so a second backward raises a clear error.
+    """
+
+    __slots__ = ("saved",)
+
+    def __init__(self, next: Sequence[Node | None] = ()) -> None:
+        super().__init__(next)
+        self.saved: Any = ()
+
+    def apply(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        if self.saved is _FREED:
+            raise RuntimeError(
+                f"{self.name()}: trying to backward through the graph a second time; its "
+                "saved buffers were freed after the first backward. Pass "
+                "retain_graph=True to the first backward() if you need to run it again."
+            )
+        return self.backward(grad)
+
+    def backward(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        raise NotImplementedError(f"{type(self).__name__}.backward")
+
+    def release(self) -> None:
+        self.saved = _FREED
+
+
+class AccumulateGrad(Node):
+    """The node of a leaf tensor that requires grad: adds incoming grads into ``.grad``."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.next = ()
+        # The leaf's hook list is shared with the tensor, so hooks survive when this
+        # (weakly cached) node is collected and later recreated.
+        hooks = tensor._hooks
+        if hooks is None:
+            hooks = tensor._hooks = []
+        self.pre_hooks = hooks
+        self.tensor = tensor
+
+    def apply(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        return ()
+
+    def name(self) -> str:
+        return f"AccumulateGrad{tuple(self.tensor.shape)}"
+
+
+def grad_node(t: Tensor) -> Node | None:
+    """The node a gradient for ``t`` flows into: ``t.grad_fn``, the leaf's cached
+    ``AccumulateGrad``, or ``None`` if ``t`` does not require grad."""
+    fn = t.grad_fn
+    if fn is not None:
+        return fn
+    if not t.requires_grad:
+        return None
+    # Cached through a weak reference: the graph holds the node strongly, the leaf
+    # does not, so leaf <-> node never form a cycle that only the GC could free.
+    ref = t._accum
+    if ref is not None:
+        node = ref()
+        if node is not None:
+            return node
+    node = AccumulateGrad(t)
+    t._accum = weakref.ref(node)
+    return node
+
+
+# ---------------------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------------------
+
+
+class GraphTask:
+    """One backward pass over a graph. Synchronous, no asyncio.
+
+    ``roots``: ``(node, grad)`` pairs; their grads are added before anything runs.
+    ``sources``: nodes that become ready only once ``deliver(node, grad)`` was called
+    (the distributed engine's send nodes). ``leaf_sink(tensor, grad)`` replaces writing
+    ``.grad``; ``on_boundary(node, grad)`` is called for ``boundary`` nodes instead of
+    applying them. Without ``retain_graph`` every node is released after it ran.
+
+    Example::
+
+        >>> task = GraphTask([(grad_node(loss), np.ones((), np.float32))])
+        >>> task.run(); task.finished
+        True
+    """
+
+    __slots__ = (
+        "_deps",
+        "_grads",
+        "_ready",
+        "_sources",
+        "_delivered",
+        "_given",
+        "_ran",
+        "_total",
+        "retain_graph",
+        "leaf_sink",
+        "on_boundary",
+    )
+
+    def __init__(
+        self,
+        roots: Sequence[tuple[Node, np.ndarray]],
+        *,
+        sources: Iterable[Node] = (),
+        retain_graph: bool = False,
+        leaf_sink: Callable[[Tensor, np.ndarray | None], None] | None = None,
+        on_boundary: Callable[[Node, np.ndarray | None], None] | None = None,
+    ) -> None:
+        self.retain_graph = retain_graph
+        self.leaf_sink = leaf_sink
+        self.on_boundary = on_boundary
+        self._sources: set[Node] = set(sources)
+        self._delivered: set[Node] = set()
+        self._given: set[int] = set()
+        self._ran = 0
+
+        # Count consumer edges of every node reachable from roots and sources: one
+        # iterative pass, so a 100k-deep chain needs no recursion.
+        deps: dict[Node, int] = {}
+        starts = [node for node, _ in roots]
+        starts.extend(self._sources)
+        seen = set(starts)
+        stack = list(seen)
+        while stack:
+            node = stack.pop()
+            for nxt in node.next:
+                if nxt is None:
+                    continue
+                deps[nxt] = deps.get(nxt, 0) + 1
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        for node in seen:
+            deps.setdefault(node, 0)
+        self._deps = deps
+        self._total = len(deps)
+
+        grads: dict[Node, np.ndarray] = {}
+        for node, grad in roots:
+            if grad is None:
+                continue
+            prev = grads.get(node)
+            grads[node] = grad if prev is None else prev + grad
+        self._grads = grads
+        ready: list[Node] = []
+        for node, _ in roots:
+            if deps[node] == 0 and node not in self._sources and node not in ready:
+                ready.append(node)
+        self._ready = ready
+
+    @property
+    def finished(self) -> bool:
+        """Every node of the task ran (so every source was delivered)."""
+        return self._ran == self._total
+
+    def deliver(self, node: Node, grad: np.ndarray | None) -> None:
+        """A source's gradient arrived (``None``: nothing flows from it). Several
+        deliveries to one source before it runs add up."""
+        if node not in self._sources:
+            raise ValueError(f"deliver: {node!r} is not a source of this GraphTask")
+        if node in self._delivered and self._deps[node] < 0:
+            raise RuntimeError(f"deliver: {node!r} already ran in this GraphTask")
+        if grad is not None:
+            prev = self._grads.get(node)
+            self._grads[node] = grad if prev is None else prev + grad
+        if node not in self._delivered:
+            self._delivered.add(node)
+            if self._deps[node] == 0:
+                self._ready.append(node)
+
+    def run(self) -> None:
+        """Process ready nodes until none is ready (call again after more deliveries)."""
+        ready = self._ready
+        grads = self._grads
+        deps = self._deps
+        sources = self._sources
+        delivered = self._delivered
+        release = not self.retain_graph
+        while ready:
+            node = ready.pop()
+            grad = grads.pop(node, None)
+            deps[node] = -1  # ran: marks it for `deliver`'s check
+            try:
+                if grad is not None and node.pre_hooks:
+                    for hook in node.pre_hooks:
+                        out = hook(grad)
+                        if out is not None:
+                            grad = out
+                if node.boundary:
+                    if self.on_boundary is not None:
+                        self.on_boundary(node, grad)
+                    outs: Sequence[np.ndarray | None] = ()
+                elif type(node) is AccumulateGrad or isinstance(node, AccumulateGrad):
+                    self._accumulate(node, grad)  # type: ignore[arg-type]
+                    outs = ()
+                elif grad is None:
+                    outs = ()
+                else:
+                    outs = node.apply(grad)
+            except Exception as exc:
+                exc.add_note(f"(while running backward of {node.name()})")
+                raise
+            nexts = node.next
+            if outs and len(outs) != len(nexts):
+                raise RuntimeError(
+                    f"{node.name()}.apply returned {len(outs)} gradients for {len(nexts)} inputs"
+                )
+            for i, nxt in enumerate(nexts):
+                if nxt is None:
+                    continue
+                g = outs[i] if outs else None
+                if g is not None:
+                    prev = grads.get(nxt)
+                    # Never in place: the same array may have been handed to several
+                    # consumers (e.g. both inputs of an addition).
+                    grads[nxt] = g if prev is None else prev + g
+                left = deps[nxt] - 1
+                deps[nxt] = left
+                if left == 0 and (nxt not in sources or nxt in delivered):
+                    ready.append(nxt)
+            if release:
+                node.release()
+            self._ran += 1
+
+    def _accumulate(self, node: AccumulateGrad, grad: np.ndarray | None) -> None:
+        t = node.tensor
+        if grad is not None and grad.shape != t.data.shape:
+            raise RuntimeError(
+                f"gradient of shape {grad.shape} reached a leaf of shape {t.data.shape}"
+            )
+        if self.leaf_sink is not None:
+            self.leaf_sink(t, grad)
+            return
+        if grad is None:
+            return
+        if t.grad is None:
+            # Store an array the leaf owns: views, read-only broadcasts, and arrays
+            # already handed to another leaf (a + b gives both the same array) are copied.
+            if (
+                type(grad) is not np.ndarray
+                or grad.base is not None
+                or not grad.flags.writeable
+                or id(grad) in self._given
+                or grad.dtype != t.data.dtype
+            ):
+                self._given.add(id(grad))
+                grad = np.array(grad, dtype=t.data.dtype)
+            self._given.add(id(grad))
+            t.grad = grad
+        else:
+            t.grad = t.grad + grad

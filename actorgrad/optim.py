@@ -1,0 +1,146 @@
+"""Optimizers that update parameter arrays in place (no asyncio here).
+
+The update formulas are torch's (``torch.optim.SGD`` without nesterov/dampening,
+``torch.optim.Adam`` without amsgrad). ``step(grads)`` takes an explicit
+``{Tensor: ndarray}`` mapping (what ``ag.dist.get_gradients`` returns); without it,
+each parameter's ``.grad`` is used. Parameters without a gradient are skipped.
+
+Example::
+
+    >>> import actorgrad as ag
+    >>> w = ag.tensor([1.0, -1.0], requires_grad=True)
+    >>> opt = ag.optim.SGD([w], lr=0.1, momentum=0.9)
+    >>> (w * w).sum().backward(); opt.step(); opt.zero_grad()
+    >>> w.data
+    array([ 0.8, -0.8], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from actorgrad.tensor import Tensor
+
+__all__ = ["SGD", "Adam", "Optimizer"]
+
+
+class Optimizer:
+    """Base class: holds the parameter list and per-parameter state (keyed by tensor
+    identity)."""
+
+    def __init__(self, params: Iterable[Tensor], lr: float) -> None:
+        self.params: list[Tensor] = list(params)
+        if not self.params:
+            raise ValueError("optimizer got an empty parameter list")
+        for p in self.params:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"optimizer parameters must be Tensors, got {type(p).__name__}")
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        self.lr = lr
+        self.state: dict[Tensor, dict[str, Any]] = {}
+
+    def _grads(self, grads: Mapping[Tensor, np.ndarray] | None) -> list[tuple[Tensor, Any]]:
+        if grads is None:
+            return [(p, p.grad) for p in self.params if p.grad is not None]
+        return [(p, np.asarray(grads[p])) for p in self.params if p in grads]
+
+    def step(self, grads: Mapping[Tensor, np.ndarray] | None = None) -> None:
+        """Apply one update to every parameter that has a gradient."""
+        for p, g in self._grads(grads):
+            if g.shape != p.data.shape:
+                raise ValueError(
+                    f"gradient of shape {g.shape} for a parameter of shape {p.data.shape}"
+                )
+            self._update(p, g)
+
+    def _update(self, p: Tensor, g: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def zero_grad(self) -> None:
+        """Forget every parameter's ``.grad`` (set to None)."""
+        for p in self.params:
+            p.grad = None
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional momentum and weight decay.
+
+    ``g += weight_decay * p``; ``buf = g`` (first step) else ``buf = momentum*buf + g``;
+    ``p -= lr * buf``.
+
+    Example::
+
+        >>> opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    """
+
+    def __init__(
+        self, params: Iterable[Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+    ) -> None:
+        super().__init__(params, lr)
+        if momentum < 0 or weight_decay < 0:
+            raise ValueError(f"invalid momentum {momentum} or weight_decay {weight_decay}")
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+
+    def _update(self, p: Tensor, g: np.ndarray) -> None:
+        if self.weight_decay:
+            g = g + self.weight_decay * p.data
+        if self.momentum:
+            state = self.state.get(p)
+            if state is None:
+                buf = np.array(g, dtype=p.data.dtype)  # torch: clone of the first grad
+                self.state[p] = {"momentum_buffer": buf}
+            else:
+                buf = state["momentum_buffer"]
+                buf *= self.momentum
+                buf += g
+            g = buf
+        p.data -= self.lr * g
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba) with torch's bias correction.
+
+    Example::
+
+        >>> opt = Adam(model.parameters(), lr=1e-3)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(params, lr)
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or eps < 0:
+            raise ValueError(f"invalid betas {betas} or eps {eps}")
+        self.betas = betas
+        self.eps = eps
+
+    def _update(self, p: Tensor, g: np.ndarray) -> None:
+        b1, b2 = self.betas
+        state = self.state.get(p)
+        if state is None:
+            state = self.state[p] = {
+                "step": 0,
+                "exp_avg": np.zeros_like(p.data),
+                "exp_avg_sq": np.zeros_like(p.data),
+            }
+        state["step"] += 1
+        t = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * (g * g)
+        bias1 = 1 - b1**t
+        bias2 = 1 - b2**t
+        denom = np.sqrt(v) / math.sqrt(bias2) + self.eps
+        p.data -= (self.lr / bias1) * (m / denom)

@@ -1,0 +1,1063 @@
+"""Tensor: a numpy array plus the autograd graph, and every differentiable op.
+
+NOTE: no asyncio, sockets or runtime imports here (see docs/design.md): this layer is
+plain numpy + ``actorgrad.autograd``. The wire codec imports only the ``Tensor`` class.
+
+Each op is a small ``Function`` subclass whose ``forward`` (numpy in, numpy out) and
+``backward`` (gradient rule) sit next to each other. Ops record a node only when an
+input requires grad and grad mode is on; otherwise they cost one numpy call and one
+tensor allocation. Broadcasting is undone in backward by ``_fit`` (a no-op when the
+shapes already match).
+
+Example::
+
+    >>> import actorgrad as ag
+    >>> x = ag.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    >>> loss = (x @ x.T).relu().mean()
+    >>> loss.backward()
+    >>> x.grad.shape
+    (2, 2)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from actorgrad.autograd import Function, Node, grad_enabled, grad_node, no_grad
+from actorgrad.autograd import GraphTask as _GraphTask
+
+__all__ = [
+    "Tensor",
+    "cat",
+    "matmul",
+    "no_grad",
+    "ones",
+    "randn",
+    "split",
+    "stack",
+    "tensor",
+    "where",
+    "zeros",
+]
+
+_new = object.__new__
+_SCALARS = (int, float, bool, np.generic)
+
+
+# ---------------------------------------------------------------------------------------
+# Tensor
+# ---------------------------------------------------------------------------------------
+
+
+class Tensor:
+    """A numpy array that can record the operations applied to it.
+
+    Users create tensors with ``ag.tensor``/``zeros``/``ones``/``randn``;
+    ``Tensor(array, requires_grad=False)`` wraps ``array`` without copying (the wire
+    codec uses it). Hashing is by identity, so tensors work as dict keys even though
+    ``==`` is elementwise.
+
+    Example::
+
+        >>> w = ag.randn(3, requires_grad=True, seed=0)
+        >>> (w * w).sum().backward()
+        >>> np.allclose(w.grad, 2 * w.data)
+        True
+    """
+
+    __slots__ = ("data", "grad", "_rg", "grad_fn", "_accum", "_hooks", "__weakref__")
+    # Make numpy hand binary ops with a Tensor on the right to our reflected methods
+    # (np_array * tensor -> Tensor.__rmul__) instead of converting the tensor.
+    __array_ufunc__ = None
+
+    def __init__(self, data: np.ndarray, requires_grad: bool = False) -> None:
+        if type(data) is not np.ndarray:
+            data = np.asarray(data)
+        if requires_grad and data.dtype.kind != "f":
+            raise TypeError(_needs_float(data.dtype))
+        self.data: np.ndarray = data
+        self.grad: np.ndarray | None = None
+        self._rg = bool(requires_grad)
+        self.grad_fn: Node | None = None
+        self._accum: Any = None  # weakref to the cached AccumulateGrad (autograd.grad_node)
+        self._hooks: list[Callable[[np.ndarray], np.ndarray | None]] | None = None
+
+    __hash__ = object.__hash__
+
+    # --- attributes ---------------------------------------------------------------
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._rg
+
+    @requires_grad.setter
+    def requires_grad(self, flag: bool) -> None:
+        if self.grad_fn is not None:
+            raise RuntimeError(
+                "requires_grad can only be changed on leaf tensors; use .detach() first"
+            )
+        if flag and self.data.dtype.kind != "f":
+            raise TypeError(_needs_float(self.data.dtype))
+        self._rg = bool(flag)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.grad_fn is None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    def numel(self) -> int:
+        return self.data.size
+
+    def numpy(self) -> np.ndarray:
+        """The underlying array (shared, not copied)."""
+        return self.data
+
+    def item(self) -> Any:
+        """The value of a one-element tensor as a Python number."""
+        if self.data.size != 1:
+            raise ValueError(f"item() needs a one-element tensor, got shape {self.shape}")
+        return self.data.item()
+
+    def detach(self) -> Tensor:
+        """A new leaf sharing this tensor's data, outside the graph."""
+        return Tensor(self.data)
+
+    def __repr__(self) -> str:
+        body = np.array2string(self.data, separator=", ", prefix="tensor(")
+        extra = ""
+        if self.grad_fn is not None:
+            extra = f", grad_fn=<{self.grad_fn.name()}>"
+        elif self._rg:
+            extra = ", requires_grad=True"
+        if self.data.dtype != np.float32:
+            extra = f", dtype={self.data.dtype}" + extra
+        return f"tensor({body}{extra})"
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        if self.data.ndim == 0:
+            raise TypeError("iteration over a 0-d tensor")
+        return (self[i] for i in range(len(self.data)))
+
+    def __bool__(self) -> bool:
+        return bool(self.data)
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        if dtype is not None and dtype != self.data.dtype:
+            return self.data.astype(dtype)
+        return self.data.copy() if copy else self.data
+
+    # --- autograd -----------------------------------------------------------------
+
+    def backward(self, gradient: Any = None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into ``.grad`` of every leaf that requires grad.
+
+        ``gradient`` may be omitted only for a one-element tensor. Without
+        ``retain_graph`` the graph's saved buffers are freed afterwards.
+
+        Example::
+
+            >>> y = (x * 3).sum(); y.backward(); x.grad
+        """
+        if not self._rg:
+            raise RuntimeError(
+                "backward() on a tensor that does not require grad (and has no grad_fn)"
+            )
+        if gradient is None:
+            if self.data.size != 1:
+                raise RuntimeError(
+                    "backward() without a gradient works only for a one-element tensor, "
+                    f"got shape {self.shape}; pass gradient= explicitly"
+                )
+            grad = np.ones(self.data.shape, dtype=self.data.dtype)
+        else:
+            if isinstance(gradient, Tensor):
+                gradient = gradient.data
+            grad = np.array(gradient, dtype=self.data.dtype)  # a copy the engine may keep
+            if grad.shape != self.data.shape:
+                raise ValueError(
+                    f"backward(): gradient of shape {grad.shape} does not fit a tensor "
+                    f"of shape {self.shape}"
+                )
+        node = grad_node(self)
+        assert node is not None
+        _GraphTask([(node, grad)], retain_graph=retain_graph).run()
+
+    def register_hook(self, fn: Callable[[np.ndarray], np.ndarray | None]) -> _HookHandle:
+        """Call ``fn(grad)`` with this tensor's gradient during backward; a non-None
+        return value replaces the gradient. Returns a handle with ``.remove()``.
+
+        Example::
+
+            >>> h = x.register_hook(lambda g: g * 2)
+        """
+        if not self._rg:
+            raise RuntimeError("register_hook on a tensor that does not require grad")
+        node = grad_node(self)
+        assert node is not None
+        node.pre_hooks.append(fn)
+        if self.grad_fn is None:
+            self._hooks = node.pre_hooks  # keep the leaf's hooks beyond the node's life
+        return _HookHandle(node.pre_hooks, fn)
+
+    # --- operators ----------------------------------------------------------------
+
+    def __add__(self, other: Any) -> Tensor:
+        return _binary(Add, self, other)
+
+    def __radd__(self, other: Any) -> Tensor:
+        return _binary(Add, other, self)
+
+    def __sub__(self, other: Any) -> Tensor:
+        return _binary(Sub, self, other)
+
+    def __rsub__(self, other: Any) -> Tensor:
+        return _binary(Sub, other, self)
+
+    def __mul__(self, other: Any) -> Tensor:
+        return _binary(Mul, self, other)
+
+    def __rmul__(self, other: Any) -> Tensor:
+        return _binary(Mul, other, self)
+
+    def __truediv__(self, other: Any) -> Tensor:
+        return _binary(Div, self, other)
+
+    def __rtruediv__(self, other: Any) -> Tensor:
+        return _binary(Div, other, self)
+
+    def __pow__(self, other: Any) -> Tensor:
+        return _binary(Pow, self, other)
+
+    def __rpow__(self, other: Any) -> Tensor:
+        return _binary(Pow, other, self)
+
+    def __matmul__(self, other: Any) -> Tensor:
+        return _binary(MatMul, self, other)
+
+    def __rmatmul__(self, other: Any) -> Tensor:
+        return _binary(MatMul, other, self)
+
+    def __neg__(self) -> Tensor:
+        return _unary(Neg, self)
+
+    def __pos__(self) -> Tensor:
+        return self
+
+    def __getitem__(self, index: Any) -> Tensor:
+        return _unary(GetItem, self, _index(index))
+
+    # Comparisons: plain boolean tensors, never part of the graph.
+    def __lt__(self, other: Any) -> Tensor:  # type: ignore[override]
+        return Tensor(np.asarray(np.less(self.data, _data(other))))
+
+    def __le__(self, other: Any) -> Tensor:
+        return Tensor(np.asarray(np.less_equal(self.data, _data(other))))
+
+    def __gt__(self, other: Any) -> Tensor:
+        return Tensor(np.asarray(np.greater(self.data, _data(other))))
+
+    def __ge__(self, other: Any) -> Tensor:
+        return Tensor(np.asarray(np.greater_equal(self.data, _data(other))))
+
+    def __eq__(self, other: Any) -> Tensor:  # type: ignore[override]
+        return Tensor(np.asarray(np.equal(self.data, _data(other))))
+
+    def __ne__(self, other: Any) -> Tensor:  # type: ignore[override]
+        return Tensor(np.asarray(np.not_equal(self.data, _data(other))))
+
+    # --- methods ------------------------------------------------------------------
+
+    def sum(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
+        """Sum over ``axis`` (all axes by default)."""
+        return _unary(Sum, self, _axes(axis, self.data.ndim), keepdims)
+
+    def mean(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
+        """Mean over ``axis`` (all axes by default)."""
+        return _unary(Mean, self, _axes(axis, self.data.ndim), keepdims)
+
+    def max(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
+        """Maximum over ``axis``; ties share the gradient equally."""
+        return _unary(Max, self, _axes(axis, self.data.ndim), keepdims)
+
+    def reshape(self, *shape: Any) -> Tensor:
+        """``t.reshape(2, 3)`` or ``t.reshape((2, 3))``; one dimension may be -1."""
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return _unary(Reshape, self, shape)
+
+    def transpose(self, *axes: Any) -> Tensor:
+        """Permute axes (reverse them when none are given)."""
+        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+            axes = tuple(axes[0])
+        return _unary(Transpose, self, axes or None)
+
+    @property
+    def T(self) -> Tensor:
+        return _unary(Transpose, self, None)
+
+    def astype(self, dtype: Any) -> Tensor:
+        """Cast to ``dtype``; the gradient is cast back."""
+        return _unary(Cast, self, np.dtype(dtype))
+
+    def exp(self) -> Tensor:
+        return _unary(Exp, self)
+
+    def log(self) -> Tensor:
+        return _unary(Log, self)
+
+    def sqrt(self) -> Tensor:
+        return _unary(Sqrt, self)
+
+    def abs(self) -> Tensor:
+        return _unary(Abs, self)
+
+    def relu(self) -> Tensor:
+        return _unary(ReLU, self)
+
+    def tanh(self) -> Tensor:
+        return _unary(Tanh, self)
+
+    def sigmoid(self) -> Tensor:
+        return _unary(Sigmoid, self)
+
+    def softmax(self, axis: int = -1) -> Tensor:
+        return _unary(Softmax, self, axis)
+
+    def log_softmax(self, axis: int = -1) -> Tensor:
+        return _unary(LogSoftmax, self, axis)
+
+
+class _HookHandle:
+    __slots__ = ("_hooks", "_fn")
+
+    def __init__(self, hooks: list, fn: Callable) -> None:
+        self._hooks = hooks
+        self._fn = fn
+
+    def remove(self) -> None:
+        if self._fn in self._hooks:
+            self._hooks.remove(self._fn)
+
+
+def _needs_float(dtype: Any) -> str:
+    return f"requires_grad=True needs a floating point dtype, got {np.dtype(dtype)}"
+
+
+# ---------------------------------------------------------------------------------------
+# recording helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _result(out: Any, node: Node | None) -> Tensor:
+    """Wrap an op's output (numpy may hand back a scalar for 0-d results)."""
+    t = _new(Tensor)
+    t.data = out if type(out) is np.ndarray else np.asarray(out)
+    t.grad = None
+    t._rg = node is not None
+    t.grad_fn = node
+    t._accum = None
+    t._hooks = None
+    return t
+
+
+def _data(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.data
+    if isinstance(x, (list, tuple)):
+        return np.asarray(x)
+    return x  # numpy arrays and Python scalars (kept weak for numpy's promotion)
+
+
+def _unary(cls: type[Function], x: Tensor, *params: Any) -> Tensor:
+    node = _new(cls)
+    out = node.forward(x.data, *params)
+    if x._rg and grad_enabled():
+        node.next = (grad_node(x),)
+        node.pre_hooks = []
+        return _result(out, node)
+    return _result(out, None)
+
+
+def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
+    if isinstance(a, Tensor):
+        ad, ar = a.data, a._rg
+    else:
+        ad, ar = _data(a), False
+    if isinstance(b, Tensor):
+        bd, br = b.data, b._rg
+    else:
+        bd, br = _data(b), False
+    node = _new(cls)
+    out = node.forward(ad, bd)
+    if (ar or br) and grad_enabled():
+        node.next = (grad_node(a) if ar else None, grad_node(b) if br else None)
+        node.pre_hooks = []
+        return _result(out, node)
+    return _result(out, None)
+
+
+def _nary(cls: type[Function], xs: Sequence[Any], *params: Any) -> Tensor:
+    datas = [_data(x) for x in xs]
+    node = _new(cls)
+    out = node.forward(datas, *params)
+    flags = [isinstance(x, Tensor) and x._rg for x in xs]
+    if any(flags) and grad_enabled():
+        node.next = tuple(grad_node(x) if f else None for x, f in zip(xs, flags, strict=True))
+        node.pre_hooks = []
+        return _result(out, node)
+    return _result(out, None)
+
+
+def _fit(g: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    """Reduce a broadcast gradient back to ``shape`` and cast it to ``dtype``."""
+    if g.shape != shape:
+        lead = g.ndim - len(shape)
+        if lead:
+            g = g.sum(axis=tuple(range(lead)))
+        ones = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+        if ones:
+            g = g.sum(axis=ones, keepdims=True)
+    if g.dtype != dtype:
+        g = g.astype(dtype)
+    return g
+
+
+def _meta(x: Any) -> tuple[tuple[int, ...], np.dtype] | None:
+    return (x.shape, x.dtype) if isinstance(x, np.ndarray) else None
+
+
+def _axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
+    """Normalize an axis argument to a sorted tuple of non-negative axes (None: all)."""
+    if axis is None:
+        return None
+    if isinstance(axis, (int, np.integer)):
+        axis = (axis,)
+    out = []
+    for ax in axis:
+        if not -ndim <= ax < max(ndim, 1) or (ndim == 0 and ax not in (0, -1)):
+            raise ValueError(f"axis {ax} is out of range for a tensor with {ndim} dimensions")
+        out.append(int(ax) % max(ndim, 1))
+    return tuple(sorted(set(out)))
+
+
+def _expand(g: Any, axes: tuple[int, ...] | None, keepdims: bool, ndim: int) -> Any:
+    """Put back the reduced axes of a reduction's gradient as size-1 dimensions."""
+    if keepdims:
+        return g
+    if axes is None:
+        return np.reshape(g, (1,) * ndim)
+    return np.expand_dims(g, axes)
+
+
+def _index(index: Any) -> Any:
+    """Turn tensors/lists in an index into numpy arrays, and boolean masks into integer
+    arrays (so backward can always use ``np.add.at``)."""
+    if isinstance(index, tuple):
+        parts: list[Any] = []
+        for part in index:
+            conv = _index_part(part)
+            if isinstance(conv, tuple):  # a boolean mask spans several axes
+                parts.extend(conv)
+            else:
+                parts.append(conv)
+        return tuple(parts)
+    conv = _index_part(index)
+    return conv
+
+
+def _index_part(part: Any) -> Any:
+    if isinstance(part, Tensor):
+        part = part.data
+    elif isinstance(part, list):
+        part = np.asarray(part)
+        if part.size == 0:
+            part = part.astype(np.intp)
+    if isinstance(part, np.ndarray) and part.dtype == np.bool_:
+        return np.nonzero(part)
+    return part
+
+
+def _is_basic(index: Any) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    for p in parts:
+        if not (p is None or p is Ellipsis or isinstance(p, (int, np.integer, slice))):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# ops: forward and gradient rule side by side
+# ---------------------------------------------------------------------------------------
+
+
+class Add(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, b: Any) -> Any:
+        self.saved = (_meta(a), _meta(b))
+        return a + b
+
+    def backward(self, g: Any) -> tuple:
+        (ma, mb), (na, nb) = self.saved, self.next
+        return (_fit(g, *ma) if na else None, _fit(g, *mb) if nb else None)
+
+
+class Sub(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, b: Any) -> Any:
+        self.saved = (_meta(a), _meta(b))
+        return a - b
+
+    def backward(self, g: Any) -> tuple:
+        (ma, mb), (na, nb) = self.saved, self.next
+        return (_fit(g, *ma) if na else None, _fit(-g, *mb) if nb else None)
+
+
+class Mul(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, b: Any) -> Any:
+        self.saved = (a, b)
+        return a * b
+
+    def backward(self, g: Any) -> tuple:
+        (a, b), (na, nb) = self.saved, self.next
+        return (
+            _fit(g * b, a.shape, a.dtype) if na else None,
+            _fit(g * a, b.shape, b.dtype) if nb else None,
+        )
+
+
+class Div(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, b: Any) -> Any:
+        out = a / b
+        self.saved = (a, b, out)
+        return out
+
+    def backward(self, g: Any) -> tuple:
+        (a, b, out), (na, nb) = self.saved, self.next
+        ga = g / b
+        return (
+            _fit(ga, a.shape, a.dtype) if na else None,
+            _fit(-ga * out, b.shape, b.dtype) if nb else None,
+        )
+
+
+class Pow(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, b: Any) -> Any:
+        out = a**b
+        self.saved = (a, b, out)
+        return out
+
+    def backward(self, g: Any) -> tuple:
+        (a, b, out), (na, nb) = self.saved, self.next
+        ga = gb = None
+        if na:
+            d = 2 * a if type(b) is int and b == 2 else b * a ** (b - 1)
+            ga = _fit(g * d, a.shape, a.dtype)
+        if nb:
+            # d(a**b)/db = a**b * log(a); defined as 0 where a == 0 (as torch does).
+            with np.errstate(divide="ignore", invalid="ignore"):
+                gb = np.where(a == 0, 0, g * out * np.log(a))
+            gb = _fit(gb, b.shape, b.dtype)
+        return ga, gb
+
+
+class MatMul(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, b: Any) -> Any:
+        self.saved = (a, b)
+        try:
+            return np.matmul(a, b)
+        except ValueError:
+            raise ValueError(
+                f"matmul: shapes {np.shape(a)} and {np.shape(b)} do not fit "
+                "(need a.shape[-1] == b.shape[-2], both at least 1-d, batch dims "
+                "broadcastable)"
+            ) from None
+
+    def backward(self, g: Any) -> tuple:
+        (a, b), (na, nb) = self.saved, self.next
+        if a.ndim == 2 and b.ndim == 2:  # the common case, no reshaping needed
+            return (
+                _fit(g @ b.T, a.shape, a.dtype) if na else None,
+                _fit(a.T @ g, b.shape, b.dtype) if nb else None,
+            )
+        # Treat 1-d operands as matrices (as matmul does), then undo it.
+        a2 = a[None, :] if a.ndim == 1 else a
+        b2 = b[:, None] if b.ndim == 1 else b
+        if b.ndim == 1:
+            g = np.expand_dims(g, -1)
+        if a.ndim == 1:
+            g = np.expand_dims(g, -2)
+        ga = gb = None
+        if na:
+            ga = _fit(g @ np.swapaxes(b2, -1, -2), a2.shape, a.dtype).reshape(a.shape)
+        if nb:
+            gb = _fit(np.swapaxes(a2, -1, -2) @ g, b2.shape, b.dtype).reshape(b.shape)
+        return ga, gb
+
+
+class Neg(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any) -> Any:
+        self.saved = ()  # nothing to keep, but release()/apply() look at it
+        return -a
+
+    def backward(self, g: Any) -> tuple:
+        return (-g,)
+
+
+class Exp(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any) -> Any:
+        out = np.exp(a)
+        self.saved = out
+        return out
+
+    def backward(self, g: Any) -> tuple:
+        return (g * self.saved,)
+
+
+class Log(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any) -> Any:
+        self.saved = a
+        return np.log(a)
+
+    def backward(self, g: Any) -> tuple:
+        return (g / self.saved,)
+
+
+class Sqrt(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any) -> Any:
+        out = np.sqrt(a)
+        self.saved = out
+        return out
+
+    def backward(self, g: Any) -> tuple:
+        return (g / (2 * self.saved),)
+
+
+class Abs(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any) -> Any:
+        self.saved = a
+        return np.abs(a)
+
+    def backward(self, g: Any) -> tuple:
+        return (g * np.sign(self.saved),)
+
+
+class ReLU(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any) -> Any:
+        out = np.maximum(a, 0)
+        self.saved = out
+        return out
+
+    def backward(self, g: Any) -> tuple:
+        return (g * (self.saved > 0),)
+
+
+class Tanh(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any) -> Any:
+        out = np.tanh(a)
+        self.saved = out
+        return out
+
+    def backward(self, g: Any) -> tuple:
+        out = self.saved
+        return (g * (1 - out * out),)
+
+
+class Sigmoid(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any) -> Any:
+        out = 0.5 * (np.tanh(0.5 * a) + 1)  # no overflow for large |a|, unlike 1/(1+exp(-a))
+        self.saved = out
+        return out
+
+    def backward(self, g: Any) -> tuple:
+        out = self.saved
+        return (g * out * (1 - out),)
+
+
+class Softmax(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, axis: int) -> Any:
+        e = np.exp(a - a.max(axis=axis, keepdims=True))  # shift: stable for huge logits
+        out = e / e.sum(axis=axis, keepdims=True)
+        self.saved = (out, axis)
+        return out
+
+    def backward(self, g: Any) -> tuple:
+        out, axis = self.saved
+        return (out * (g - (g * out).sum(axis=axis, keepdims=True)),)
+
+
+class LogSoftmax(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, axis: int) -> Any:
+        shifted = a - a.max(axis=axis, keepdims=True)
+        out = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+        self.saved = (out, axis)
+        return out
+
+    def backward(self, g: Any) -> tuple:
+        out, axis = self.saved
+        return (g - np.exp(out) * g.sum(axis=axis, keepdims=True),)
+
+
+class Sum(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, axes: tuple[int, ...] | None, keepdims: bool) -> Any:
+        self.saved = (a.shape, axes, keepdims)
+        return a.sum(axis=axes, keepdims=keepdims)
+
+    def backward(self, g: Any) -> tuple:
+        shape, axes, keepdims = self.saved
+        return (np.broadcast_to(_expand(g, axes, keepdims, len(shape)), shape),)
+
+
+class Mean(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, axes: tuple[int, ...] | None, keepdims: bool) -> Any:
+        n = math.prod(a.shape if axes is None else [a.shape[i] for i in axes])
+        self.saved = (a.shape, axes, keepdims, n)
+        if n == 0:  # numpy would warn; the mean of nothing is nan
+            return np.full(np.sum(a, axis=axes, keepdims=keepdims).shape, np.nan, a.dtype)
+        return a.mean(axis=axes, keepdims=keepdims)
+
+    def backward(self, g: Any) -> tuple:
+        shape, axes, keepdims, n = self.saved
+        g = _expand(g, axes, keepdims, len(shape))
+        return (np.broadcast_to(g / max(n, 1), shape),)
+
+
+class Max(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, axes: tuple[int, ...] | None, keepdims: bool) -> Any:
+        try:
+            m = a.max(axis=axes, keepdims=True)
+        except ValueError:
+            raise ValueError(f"max() of an empty tensor of shape {a.shape}") from None
+        self.saved = (a == m, axes, keepdims)
+        if keepdims:
+            return m
+        return m.reshape(()) if axes is None else np.squeeze(m, axes)
+
+    def backward(self, g: Any) -> tuple:
+        mask, axes, keepdims = self.saved
+        g = _expand(g, axes, keepdims, mask.ndim)
+        count = mask.sum(axis=axes, keepdims=True).astype(g.dtype)
+        return (mask * (g / count),)  # ties share the gradient
+
+
+class Reshape(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, shape: tuple[int, ...]) -> Any:
+        self.saved = a.shape
+        try:
+            return a.reshape(shape)
+        except ValueError:
+            raise ValueError(
+                f"reshape: cannot reshape a tensor of shape {a.shape} ({a.size} elements) "
+                f"into shape {tuple(shape)}"
+            ) from None
+
+    def backward(self, g: Any) -> tuple:
+        return (np.reshape(g, self.saved),)
+
+
+class Transpose(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, axes: tuple[int, ...] | None) -> Any:
+        self.saved = axes
+        return a.transpose(axes)
+
+    def backward(self, g: Any) -> tuple:
+        axes = self.saved
+        return (np.transpose(g) if axes is None else np.transpose(g, np.argsort(axes)),)
+
+
+class Cast(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, dtype: np.dtype) -> Any:
+        self.saved = a.dtype
+        return a.astype(dtype)
+
+    def backward(self, g: Any) -> tuple:
+        return (g.astype(self.saved),)
+
+
+class GetItem(Function):
+    __slots__ = ()
+
+    def forward(self, a: Any, index: Any) -> Any:
+        self.saved = (a.shape, a.dtype, index)
+        return a[index]
+
+    def backward(self, g: Any) -> tuple:
+        shape, dtype, index = self.saved
+        out = np.zeros(shape, dtype)
+        if _is_basic(index):
+            out[index] = g
+        else:
+            np.add.at(out, index, g)  # repeated indices accumulate
+        return (out,)
+
+
+class Cat(Function):
+    __slots__ = ()
+
+    def forward(self, xs: list[Any], axis: int) -> Any:
+        arrays = [np.asarray(x) for x in xs]
+        self.saved = ([(x.shape, x.dtype) for x in arrays], axis)
+        try:
+            return np.concatenate(arrays, axis=axis)
+        except ValueError as exc:
+            shapes = [x.shape for x in arrays]
+            raise ValueError(f"cat: shapes {shapes} do not fit along axis {axis}: {exc}") from None
+
+    def backward(self, g: Any) -> tuple:
+        metas, axis = self.saved
+        offsets = np.cumsum([shape[axis] for shape, _ in metas])[:-1]
+        parts = np.split(g, offsets, axis=axis)
+        return tuple(
+            _fit(p, *m) if n is not None else None
+            for p, m, n in zip(parts, metas, self.next, strict=True)
+        )
+
+
+class Stack(Function):
+    __slots__ = ()
+
+    def forward(self, xs: list[Any], axis: int) -> Any:
+        arrays = [np.asarray(x) for x in xs]
+        self.saved = ([x.dtype for x in arrays], axis)
+        try:
+            return np.stack(arrays, axis=axis)
+        except ValueError as exc:
+            shapes = [x.shape for x in arrays]
+            raise ValueError(f"stack: shapes {shapes} do not fit: {exc}") from None
+
+    def backward(self, g: Any) -> tuple:
+        dtypes, axis = self.saved
+        ax = axis % g.ndim
+        lead = (slice(None),) * ax
+        return tuple(
+            g[(*lead, i)].astype(dt, copy=False) if n is not None else None
+            for i, (dt, n) in enumerate(zip(dtypes, self.next, strict=True))
+        )
+
+
+class Where(Function):
+    __slots__ = ()
+
+    def forward(self, xs: list[Any], cond: Any) -> Any:
+        a, b = xs
+        self.saved = (cond, _meta(a), _meta(b))
+        return np.where(cond, a, b)
+
+    def backward(self, g: Any) -> tuple:
+        (cond, ma, mb), (na, nb) = self.saved, self.next
+        zero = np.zeros((), g.dtype)
+        return (
+            _fit(np.where(cond, g, zero), *ma) if na else None,
+            _fit(np.where(cond, zero, g), *mb) if nb else None,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# functions and factories
+# ---------------------------------------------------------------------------------------
+
+
+def matmul(a: Any, b: Any) -> Tensor:
+    """Matrix product with numpy's ``@`` rules (1-d operands, broadcast batch dims).
+
+    Example::
+
+        >>> ag.matmul(ag.ones(2, 3), ag.ones(3)).shape
+        (2,)
+    """
+    return _binary(MatMul, a, b)
+
+
+def cat(tensors: Sequence[Any], axis: int = 0) -> Tensor:
+    """Concatenate along an existing axis.
+
+    Example::
+
+        >>> ag.cat([ag.ones(2, 3), ag.zeros(1, 3)]).shape
+        (3, 3)
+    """
+    if len(tensors) == 0:
+        raise ValueError("cat: expected a non-empty sequence of tensors")
+    return _nary(Cat, list(tensors), axis)
+
+
+def stack(tensors: Sequence[Any], axis: int = 0) -> Tensor:
+    """Stack equally shaped tensors along a new axis.
+
+    Example::
+
+        >>> ag.stack([ag.ones(3), ag.zeros(3)], axis=1).shape
+        (3, 2)
+    """
+    if len(tensors) == 0:
+        raise ValueError("stack: expected a non-empty sequence of tensors")
+    return _nary(Stack, list(tensors), axis)
+
+
+def split(t: Tensor, split_size_or_sizes: int | Sequence[int], axis: int = 0) -> list[Tensor]:
+    """Split into chunks along ``axis``: an int is each chunk's size (the last may be
+    smaller), a list gives every chunk's size (as ``torch.split``).
+
+    Example::
+
+        >>> [c.shape for c in ag.split(ag.ones(5, 2), 2)]
+        [(2, 2), (2, 2), (1, 2)]
+    """
+    ax = _axes(axis, t.ndim)[0]  # type: ignore[index]
+    n = t.shape[ax]
+    if isinstance(split_size_or_sizes, (int, np.integer)):
+        size = int(split_size_or_sizes)
+        if size <= 0:
+            raise ValueError(f"split: chunk size must be positive, got {size}")
+        sizes = [min(size, n - start) for start in range(0, n, size)] or [0]
+    else:
+        sizes = [int(s) for s in split_size_or_sizes]
+        if sum(sizes) != n or any(s < 0 for s in sizes):
+            raise ValueError(f"split: sizes {sizes} do not add up to {n} (axis {ax} of {t.shape})")
+    lead = (slice(None),) * ax
+    out = []
+    start = 0
+    for s in sizes:
+        out.append(_unary(GetItem, t, (*lead, slice(start, start + s))))
+        start += s
+    return out
+
+
+def where(cond: Any, a: Any, b: Any) -> Tensor:
+    """Elementwise ``a if cond else b`` with broadcasting; ``cond`` is boolean.
+
+    Example::
+
+        >>> x = ag.tensor([-1.0, 2.0])
+        >>> ag.where(x > 0, x, 0.0).numpy()
+        array([0., 2.], dtype=float32)
+    """
+    c = _data(cond)
+    c = np.asarray(c)
+    if c.dtype != np.bool_:
+        raise TypeError(f"where: cond must be boolean, got dtype {c.dtype}")
+    return _nary(Where, [a, b], c)
+
+
+def tensor(data: Any, *, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    """Make a leaf tensor (always a copy). Python floats become float32; numpy arrays
+    keep their dtype; ``requires_grad=True`` needs a floating point dtype.
+
+    Example::
+
+        >>> ag.tensor([1.0, 2.0], requires_grad=True).dtype
+        dtype('float32')
+    """
+    if isinstance(data, Tensor):
+        arr = np.array(data.data, dtype=dtype)
+    elif isinstance(data, (np.ndarray, np.generic)):
+        arr = np.array(data, dtype=dtype)
+    else:
+        arr = np.array(data, dtype=dtype)
+        if dtype is None and arr.dtype == np.float64:
+            arr = arr.astype(np.float32)  # Python floats -> float32 (as torch)
+    if requires_grad and arr.dtype.kind != "f":
+        raise TypeError(_needs_float(arr.dtype))
+    return Tensor(arr, requires_grad=requires_grad)
+
+
+def _shape(shape: tuple[Any, ...]) -> tuple[int, ...]:
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        return tuple(shape[0])
+    return tuple(shape)
+
+
+def zeros(*shape: Any, dtype: Any = "float32", requires_grad: bool = False) -> Tensor:
+    """A tensor of zeros: ``ag.zeros(2, 3)`` or ``ag.zeros((2, 3))``."""
+    return tensor(np.zeros(_shape(shape), dtype=dtype), requires_grad=requires_grad)
+
+
+def ones(*shape: Any, dtype: Any = "float32", requires_grad: bool = False) -> Tensor:
+    """A tensor of ones: ``ag.ones(2, 3)`` or ``ag.ones((2, 3))``."""
+    return tensor(np.ones(_shape(shape), dtype=dtype), requires_grad=requires_grad)
+
+
+def randn(
+    *shape: Any, dtype: Any = "float32", requires_grad: bool = False, seed: int | None = None
+) -> Tensor:
+    """Standard normal samples; ``seed`` makes them reproducible.
+
+    Example::
+
+        >>> ag.randn(2, 3, seed=0).shape
+        (2, 3)
+    """
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(seed)
+    if dt in (np.float32, np.float64):
+        arr = rng.standard_normal(_shape(shape), dtype=dt)
+    else:
+        arr = rng.standard_normal(_shape(shape)).astype(dt)
+    if requires_grad and dt.kind != "f":
+        raise TypeError(_needs_float(dt))
+    return Tensor(arr, requires_grad=requires_grad)

@@ -1,0 +1,407 @@
+"""The engine seam (docs/design.md section 1) and backward semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import actorgrad as ag
+from actorgrad.autograd import AccumulateGrad, Function, GraphTask, Node, grad_node, is_grad_enabled
+
+
+class Counting(Function):
+    """Identity op that counts its backward calls and records the grads it saw."""
+
+    __slots__ = ("calls",)
+
+    def forward(self, a):
+        self.saved = ()
+        self.calls = []
+        return a
+
+    def backward(self, g):
+        self.calls.append(np.array(g))
+        return (g,)
+
+
+def counted(x: ag.Tensor) -> ag.Tensor:
+    from actorgrad.tensor import _unary
+
+    return _unary(Counting, x)
+
+
+class Boundary(Node):
+    __slots__ = ("tag",)
+    boundary = True
+
+    def __init__(self, tag):
+        super().__init__(())
+        self.tag = tag
+
+
+class Source(Node):
+    """A send-node stand-in: forwards its grad to the local graph below it."""
+
+    __slots__ = ()
+
+    def apply(self, grad):
+        return (grad,)
+
+
+# --- grad_node / leaves -----------------------------------------------------------
+
+
+def test_grad_node_of_leaf_is_cached_accumulate_grad():
+    x = ag.tensor([1.0], requires_grad=True)
+    n = grad_node(x)
+    assert isinstance(n, AccumulateGrad) and n.tensor is x and n.next == ()
+    assert grad_node(x) is n
+    assert x.grad_fn is None and x.is_leaf
+    assert grad_node(ag.tensor([1.0])) is None
+    y = x * 2
+    assert grad_node(y) is y.grad_fn and not y.is_leaf
+
+
+def test_leaf_hooks_survive_when_the_cached_node_is_collected():
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    x.register_hook(lambda g: g * 10)
+    gc.collect()
+    (x * 1).sum().backward()
+    np.testing.assert_array_equal(x.grad, [10.0, 10.0])
+
+
+# --- the ready queue ------------------------------------------------------------
+
+
+def test_diamond_runs_each_node_once_with_the_summed_grad():
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    mid = counted(x)
+    out = (mid * 2 + mid * 3 + mid).sum()
+    out.backward()
+    calls = mid.grad_fn.calls
+    assert len(calls) == 1
+    np.testing.assert_array_equal(calls[0], [6.0, 6.0])
+    np.testing.assert_array_equal(x.grad, [6.0, 6.0])
+
+
+def test_node_feeding_many_consumers_runs_once():
+    x = ag.tensor(np.ones(3), requires_grad=True)
+    mid = counted(x)
+    total = mid
+    for _ in range(50):
+        total = total + mid
+    total.sum().backward()
+    assert len(mid.grad_fn.calls) == 1
+    np.testing.assert_array_equal(x.grad, np.full(3, 51.0))
+
+
+def test_chain_of_100k_ops_backward_and_free_without_recursion():
+    limit = sys.getrecursionlimit()
+    x = ag.tensor(np.float32(1.0), requires_grad=True)
+    y = x
+    for _ in range(100_000):
+        y = y * 1.0
+    y.backward()
+    assert x.grad == 1.0
+    # Deleting the head of the chain frees 100k nodes; must not overflow the C stack
+    # or raise RecursionError from deallocation.
+    del y
+    gc.collect()
+    assert sys.getrecursionlimit() == limit
+
+
+def test_chain_of_100k_ops_freed_without_backward():
+    x = ag.tensor(np.zeros(2), requires_grad=True)
+    y = x
+    for _ in range(100_000):
+        y = y + 1.0
+    assert y.data[0] == 100_000
+    del y
+    gc.collect()
+
+
+def test_graphtask_finished_and_none_propagation():
+    a = ag.tensor([1.0], requires_grad=True)
+    b = ag.tensor([2.0], requires_grad=True)
+    out = a * b
+    task = GraphTask([(grad_node(out), None)])
+    assert not task.finished
+    task.run()
+    assert task.finished
+    assert a.grad is None and b.grad is None  # None propagated, nothing accumulated
+
+
+def test_none_from_one_branch_still_lets_the_join_run():
+    x = ag.tensor([1.0], requires_grad=True)
+    mid = counted(x)
+    src = Source([grad_node(mid)])
+    task = GraphTask([(grad_node(mid), np.array([2.0]))], sources=[src])
+    task.run()
+    # mid waits for the source edge as well
+    assert mid.grad_fn.calls == [] and not task.finished
+    task.deliver(src, None)
+    task.run()
+    assert task.finished
+    np.testing.assert_array_equal(mid.grad_fn.calls[0], [2.0])
+    np.testing.assert_array_equal(x.grad, [2.0])
+
+
+def test_sources_wait_for_deliver_and_sum_with_local_roots():
+    x = ag.tensor([1.0, 1.0], requires_grad=True)
+    y = x * 3
+    src = Source([grad_node(y)])
+    loss = y.sum()
+    task = GraphTask([(grad_node(loss), np.float64(1.0))], sources=[src])
+    task.run()
+    assert x.grad is None and not task.finished
+    task.deliver(src, np.array([10.0, 20.0]))
+    task.run()
+    assert task.finished
+    np.testing.assert_array_equal(x.grad, [33.0, 63.0])
+    with pytest.raises(RuntimeError, match="already ran"):
+        task.deliver(src, np.array([1.0, 1.0]))
+    with pytest.raises(ValueError, match="not a source"):
+        task.deliver(grad_node(y), np.array([1.0, 1.0]))
+
+
+def test_source_only_task():
+    x = ag.tensor([1.0], requires_grad=True)
+    src = Source([grad_node(x)])
+    task = GraphTask([], sources=[src])
+    task.run()
+    assert not task.finished
+    task.deliver(src, np.array([5.0]))
+    task.run()
+    assert task.finished and x.grad[0] == 5.0
+
+
+def test_leaf_sink_replaces_grad_accumulation():
+    a = ag.tensor([1.0, 2.0], requires_grad=True)
+    b = ag.tensor([3.0], requires_grad=True)
+    c = ag.tensor([4.0], requires_grad=True)
+    out = (a * b).sum()
+    got = {}
+    task = GraphTask(
+        [(grad_node(out), np.float32(1.0)), (grad_node(c), None)],
+        leaf_sink=lambda t, g: got.__setitem__(t, g),
+    )
+    task.run()
+    assert set(got) == {a, b, c}
+    np.testing.assert_array_equal(got[a], [3.0, 3.0])
+    np.testing.assert_array_equal(got[b], [3.0])
+    assert got[c] is None
+    assert a.grad is None and b.grad is None
+
+
+def test_on_boundary_gets_the_summed_grad_instead_of_apply():
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    bnode = Boundary("recv")
+    from actorgrad.tensor import _result
+
+    recv = _result(np.array([5.0, 6.0]), bnode)  # a tensor received from elsewhere
+    out = (recv * x + recv).sum()
+    seen = []
+    task = GraphTask(
+        [(grad_node(out), np.float64(1.0))], on_boundary=lambda n, g: seen.append((n, g))
+    )
+    task.run()
+    assert task.finished
+    assert len(seen) == 1 and seen[0][0] is bnode
+    np.testing.assert_array_equal(seen[0][1], [2.0, 3.0])  # x + 1, summed over both uses
+    np.testing.assert_array_equal(x.grad, [5.0, 6.0])
+
+
+def test_on_boundary_called_with_none():
+    bnode = Boundary("recv")
+    from actorgrad.tensor import _result
+
+    recv = _result(np.array([5.0]), bnode)
+    out = recv * 2
+    seen = []
+    GraphTask([(grad_node(out), None)], on_boundary=lambda n, g: seen.append(g)).run()
+    assert seen == [None]
+
+
+def test_exception_in_apply_propagates_with_the_node_name():
+    class Broken(Counting):
+        __slots__ = ()
+
+        def backward(self, g):
+            raise ZeroDivisionError("boom")
+
+    from actorgrad.tensor import _unary
+
+    x = ag.tensor([1.0], requires_grad=True)
+    y = _unary(Broken, x)
+    with pytest.raises(ZeroDivisionError, match="boom") as info:
+        y.sum().backward()
+    assert any("Broken" in n for n in info.value.__notes__)
+
+
+# --- hooks ------------------------------------------------------------------------
+
+
+def test_hooks_on_leaf_and_non_leaf_see_and_replace_the_grad():
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    y = x * 2
+    seen = []
+    y.register_hook(lambda g: seen.append(g.copy()))  # returns None: grad unchanged
+    y.register_hook(lambda g: g * 10)
+    h = x.register_hook(lambda g: g + 1)
+    (y * y).sum().backward()
+    np.testing.assert_array_equal(seen[0], [4.0, 8.0])  # d(y^2)/dy = 2y
+    np.testing.assert_array_equal(x.grad, [81.0, 161.0])  # 10 * 2y * 2 + 1
+    h.remove()
+    x.grad = None
+    (x * 1).sum().backward()
+    np.testing.assert_array_equal(x.grad, [1.0, 1.0])
+
+
+def test_hook_runs_once_on_summed_grad():
+    x = ag.tensor([1.0], requires_grad=True)
+    y = x * 1
+    calls = []
+    y.register_hook(lambda g: calls.append(float(g[0])))
+    (y + y + y).sum().backward()
+    assert calls == [3.0]
+
+
+def test_register_hook_needs_grad():
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        ag.tensor([1.0]).register_hook(lambda g: g)
+
+
+# --- accumulation, retain_graph, release --------------------------------------------
+
+
+def test_grads_accumulate_over_backward_calls():
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    (x * 3).sum().backward()
+    (x * x).sum().backward()
+    np.testing.assert_array_equal(x.grad, [5.0, 7.0])
+
+
+def test_second_backward_through_freed_graph_names_retain_graph():
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    loss = (x * x).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+def test_retain_graph_allows_a_second_backward_that_adds_up():
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    loss = (x.exp() * x).sum()
+    loss.backward(retain_graph=True)
+    first = x.grad.copy()
+    loss.backward()
+    np.testing.assert_allclose(x.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+def test_saved_buffers_are_released_after_backward():
+    x = ag.tensor(np.ones(4), requires_grad=True)
+    y = x.exp()
+    z = y * x
+    loss = z.sum()
+    nodes = [y.grad_fn, z.grad_fn, loss.grad_fn]
+    assert isinstance(y.grad_fn.saved, np.ndarray) and len(z.grad_fn.saved) == 2
+    loss.backward()
+    from actorgrad.autograd import _FREED
+
+    assert all(n.saved is _FREED for n in nodes)
+
+
+def test_leaf_grad_is_not_aliased_between_leaves():
+    a = ag.tensor([1.0, 2.0], requires_grad=True)
+    b = ag.tensor([1.0, 2.0], requires_grad=True)
+    (a + b).sum().backward()
+    assert a.grad is not b.grad
+    a.grad *= 5
+    np.testing.assert_array_equal(b.grad, [1.0, 1.0])
+    assert a.grad.flags.writeable and b.grad.flags.writeable
+
+
+def test_backward_with_explicit_gradient_and_error_cases():
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    y = x * 2
+    g = np.array([1.0, -1.0], np.float32)
+    y.backward(g)
+    np.testing.assert_array_equal(x.grad, [2.0, -2.0])
+    with pytest.raises(RuntimeError, match="one-element"):
+        (x * 2).backward()
+    with pytest.raises(ValueError, match=r"\(3,\).*\(2,\)"):
+        (x * 2).backward(np.ones(3))
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        ag.tensor([1.0]).backward()
+
+
+def test_backward_on_a_leaf():
+    x = ag.tensor(3.0, requires_grad=True)
+    x.backward()
+    assert x.grad == 1.0
+
+
+# --- no_grad ------------------------------------------------------------------------
+
+
+def test_no_grad_context_and_decorator():
+    x = ag.tensor([1.0], requires_grad=True)
+    with ag.no_grad():
+        assert not is_grad_enabled()
+        y = x * 2
+    assert is_grad_enabled()
+    assert not y.requires_grad and y.grad_fn is None
+
+    @ag.no_grad()
+    def f(t):
+        return t * 3
+
+    assert not f(x).requires_grad
+    assert (x * 3).requires_grad
+
+
+def test_no_grad_is_per_thread():
+    x = ag.tensor([1.0], requires_grad=True)
+    inside = threading.Event()
+    release = threading.Event()
+    results = {}
+
+    def worker():
+        with ag.no_grad():
+            inside.set()
+            release.wait(5)
+            results["worker"] = (x * 2).requires_grad
+
+    t = threading.Thread(target=worker)
+    t.start()
+    inside.wait(5)
+    results["main"] = (x * 2).requires_grad
+    release.set()
+    t.join()
+    assert results == {"main": True, "worker": False}
+
+
+async def test_no_grad_is_per_asyncio_task_and_decorates_coroutines():
+    x = ag.tensor([1.0], requires_grad=True)
+    entered = asyncio.Event()
+    go = asyncio.Event()
+
+    @ag.no_grad()
+    async def inside():
+        entered.set()
+        await go.wait()
+        return (x * 2).requires_grad
+
+    task = asyncio.create_task(inside())
+    await entered.wait()
+    outside = (x * 2).requires_grad
+    go.set()
+    assert await task is False
+    assert outside is True

@@ -1,0 +1,216 @@
+"""Every differentiable op against central finite differences (float64), one line each."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gradcheck import gradcheck
+
+import actorgrad as ag
+
+
+def r(*shape: int, lo: float = -1.0, hi: float = 1.0, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed + sum(shape) * 7 + len(shape)).uniform(lo, hi, shape)
+
+
+def pos(*shape: int) -> np.ndarray:
+    return r(*shape, lo=0.5, hi=2.0)
+
+
+def away(*shape: int) -> np.ndarray:
+    """Values well away from 0 (for abs/relu kinks)."""
+    x = r(*shape)
+    return np.where(x >= 0, x + 0.2, x - 0.2)
+
+
+IDX = np.array([0, 2, 2, 1, 2])  # repeated indices must accumulate
+
+CASES = [
+    # name, fn, inputs
+    ("add", lambda a, b: a + b, [r(3, 4), r(3, 4)]),
+    ("add_bcast_row", lambda a, b: a + b, [r(3, 4), r(4)]),
+    ("add_bcast_col", lambda a, b: a + b, [r(3, 1), r(1, 4)]),
+    ("add_0d", lambda a, b: a + b, [r(), r(2, 3)]),
+    ("add_empty", lambda a, b: a + b, [r(0, 3), r(3)]),
+    ("add_scalar", lambda a: 2.5 + a, [r(2, 3)]),
+    ("sub", lambda a, b: a - b, [r(2, 3), r(2, 3)]),
+    ("sub_bcast", lambda a, b: a - b, [r(2, 1, 3), r(4, 1)]),
+    ("rsub_scalar", lambda a: 1.0 - a, [r(3)]),
+    ("mul", lambda a, b: a * b, [r(3, 4), r(3, 4)]),
+    ("mul_bcast", lambda a, b: a * b, [r(2, 3, 4), r(3, 1)]),
+    ("mul_0d", lambda a, b: a * b, [r(), r()]),
+    ("mul_self", lambda a: a * a, [r(5)]),
+    ("div", lambda a, b: a / b, [r(3, 4), pos(3, 4)]),
+    ("div_bcast", lambda a, b: a / b, [r(3, 4), pos(4)]),
+    ("rdiv_scalar", lambda a: 2.0 / a, [pos(3)]),
+    ("pow_scalar", lambda a: a**3, [r(2, 3)]),
+    ("pow_square", lambda a: a**2, [r(2, 3)]),
+    ("pow_frac", lambda a: a**0.5, [pos(4)]),
+    ("pow_tensor", lambda a, b: a**b, [pos(2, 3), r(2, 3)]),
+    ("pow_tensor_bcast", lambda a, b: a**b, [pos(2, 3), r(3)]),
+    ("rpow_scalar", lambda a: 2.0**a, [r(4)]),
+    ("neg", lambda a: -a, [r(2, 3)]),
+    ("matmul_2d", lambda a, b: a @ b, [r(3, 4), r(4, 5)]),
+    ("matmul_vec_mat", lambda a, b: a @ b, [r(4), r(4, 5)]),
+    ("matmul_mat_vec", lambda a, b: a @ b, [r(3, 4), r(4)]),
+    ("matmul_vec_vec", lambda a, b: a @ b, [r(4), r(4)]),
+    ("matmul_batch", lambda a, b: a @ b, [r(2, 3, 4), r(2, 4, 5)]),
+    ("matmul_batch_bcast", lambda a, b: a @ b, [r(2, 3, 4), r(4, 5)]),
+    ("matmul_batch_bcast_left", lambda a, b: a @ b, [r(3, 4), r(2, 1, 4, 5)]),
+    ("matmul_batch_vec", lambda a, b: a @ b, [r(2, 3, 4), r(4)]),
+    ("matmul_empty", lambda a, b: a @ b, [r(0, 4), r(4, 3)]),
+    ("matmul_fn", lambda a, b: ag.matmul(a, b), [r(2, 3), r(3, 2)]),
+    ("getitem_int", lambda a: a[1], [r(3, 4)]),
+    ("getitem_slice", lambda a: a[1:, ::2], [r(3, 4)]),
+    ("getitem_neg_step", lambda a: a[::-1, 1], [r(3, 4)]),
+    ("getitem_ellipsis_none", lambda a: a[..., None, 0], [r(2, 3, 4)]),
+    ("getitem_intarray_repeat", lambda a: a[IDX], [r(3, 4)]),
+    ("getitem_intarray_2d", lambda a: a[IDX, IDX[::-1] % 4], [r(3, 4)]),
+    ("getitem_list", lambda a: a[[0, 0, 1]], [r(2, 3)]),
+    ("getitem_mixed", lambda a: a[1:, [2, 2, 0]], [r(3, 4)]),
+    ("getitem_bool_mask", lambda a: a[np.array([True, False, True])], [r(3, 2)]),
+    ("getitem_tensor_idx", lambda a: a[ag.tensor(IDX)], [r(3)]),
+    ("getitem_empty", lambda a: a[np.array([], dtype=np.int64)], [r(3, 2)]),
+    ("sum_all", lambda a: a.sum(), [r(3, 4)]),
+    ("sum_axis0", lambda a: a.sum(axis=0), [r(3, 4)]),
+    ("sum_axis_neg_keep", lambda a: a.sum(axis=-1, keepdims=True), [r(3, 4)]),
+    ("sum_axes_tuple", lambda a: a.sum(axis=(0, 2)), [r(2, 3, 4)]),
+    ("sum_0d", lambda a: a.sum(), [r()]),
+    ("sum_empty", lambda a: a.sum(axis=0), [r(0, 3)]),
+    ("mean_all", lambda a: a.mean(), [r(3, 4)]),
+    ("mean_axis", lambda a: a.mean(axis=1), [r(3, 4)]),
+    ("mean_keep", lambda a: a.mean(axis=(0, 1), keepdims=True), [r(2, 3, 4)]),
+    ("max_all", lambda a: a.max(), [r(3, 4)]),
+    ("max_axis", lambda a: a.max(axis=0), [r(3, 4)]),
+    ("max_axis_keep", lambda a: a.max(axis=-1, keepdims=True), [r(2, 3, 4)]),
+    ("max_0d", lambda a: a.max(), [r()]),
+    ("reshape", lambda a: a.reshape(4, 3), [r(3, 4)]),
+    ("reshape_tuple_neg", lambda a: a.reshape((2, -1)), [r(3, 4)]),
+    ("reshape_0d", lambda a: a.reshape(1, 1), [r()]),
+    ("transpose", lambda a: a.transpose(), [r(3, 4)]),
+    ("transpose_axes", lambda a: a.transpose(1, 2, 0), [r(2, 3, 4)]),
+    ("T", lambda a: a.T, [r(3, 4)]),
+    ("exp", lambda a: a.exp(), [r(3, 4)]),
+    ("log", lambda a: a.log(), [pos(3, 4)]),
+    ("sqrt", lambda a: a.sqrt(), [pos(3, 4)]),
+    ("abs", lambda a: a.abs(), [away(3, 4)]),
+    ("relu", lambda a: a.relu(), [away(3, 4)]),
+    ("tanh", lambda a: a.tanh(), [r(3, 4)]),
+    ("sigmoid", lambda a: a.sigmoid(), [r(3, 4, lo=-4, hi=4)]),
+    ("softmax", lambda a: a.softmax(), [r(3, 4)]),
+    ("softmax_axis0", lambda a: a.softmax(axis=0), [r(3, 4)]),
+    ("log_softmax", lambda a: a.log_softmax(), [r(3, 4)]),
+    ("log_softmax_axis1_3d", lambda a: a.log_softmax(axis=1), [r(2, 3, 4)]),
+    ("cat", lambda a, b: ag.cat([a, b]), [r(2, 3), r(1, 3)]),
+    ("cat_axis1", lambda a, b, c: ag.cat([a, b, c], axis=1), [r(2, 1), r(2, 3), r(2, 0)]),
+    ("cat_neg_axis", lambda a, b: ag.cat([a, b], axis=-1), [r(2, 2, 1), r(2, 2, 2)]),
+    ("stack", lambda a, b: ag.stack([a, b]), [r(2, 3), r(2, 3)]),
+    ("stack_axis_last", lambda a, b: ag.stack([a, b], axis=-1), [r(2, 3), r(2, 3)]),
+    ("stack_0d", lambda a, b: ag.stack([a, b]), [r(), r()]),
+    ("split_int", lambda a: ag.split(a, 2), [r(5, 2)]),
+    ("split_sizes_axis1", lambda a: ag.split(a, [1, 0, 3], axis=1), [r(2, 4)]),
+    ("where", lambda a, b: ag.where(a > 0, a, b), [r(3, 4), r(3, 4)]),
+    ("where_bcast", lambda a, b: ag.where(np.array([True, False, True]), a, b), [r(2, 3), r(1)]),
+    ("where_scalar", lambda a: ag.where(a > 0, a, 0.0), [away(4)]),
+    ("cross_entropy", lambda a: ag.nn.functional.cross_entropy(a, [0, 2, 1, 2]), [r(4, 3)]),
+    ("mse_loss", lambda a, b: ag.nn.functional.mse_loss(a, b), [r(3, 2), r(3, 2)]),
+    ("embedding", lambda w: ag.nn.functional.embedding([[0, 3], [3, 3]], w), [r(4, 2)]),
+    ("linear", lambda x, w, b: x @ w.T + b, [r(5, 3), r(2, 3), r(2)]),
+    ("chain_mixed", lambda a, b: ((a @ b).tanh() * a.sum()).softmax(axis=0), [r(3, 3), r(3, 3)]),
+    ("diamond", lambda a: (a.exp() + a.exp() * a).log(), [r(4)]),
+]
+
+
+@pytest.mark.parametrize("name,fn,inputs", CASES, ids=[c[0] for c in CASES])
+def test_gradient_matches_finite_differences(name, fn, inputs):
+    assert gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("name,fn,inputs", CASES, ids=[c[0] for c in CASES])
+def test_float32_inputs_give_float32_outputs_and_grads(name, fn, inputs):
+    leaves = [ag.tensor(x.astype(np.float32), requires_grad=True) for x in inputs]
+    out = fn(*leaves)
+    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+    for o in outs:
+        assert o.dtype == np.float32, f"{name}: output dtype {o.dtype}"
+        if o.requires_grad:
+            o.backward(np.ones(o.shape, np.float32))
+    for leaf in leaves:
+        if leaf.grad is not None:
+            assert leaf.grad.dtype == np.float32
+            assert leaf.grad.shape == leaf.shape
+
+
+def test_gradcheck_catches_a_wrong_gradient():
+    from actorgrad.tensor import Exp, _unary
+
+    class WrongExp(Exp):
+        __slots__ = ()
+
+        def backward(self, g):
+            return (g * self.saved * 1.01,)
+
+    with pytest.raises(AssertionError, match="differ"):
+        gradcheck(lambda a: _unary(WrongExp, a), [r(3)])
+
+
+def test_repeated_integer_indices_accumulate():
+    x = ag.tensor(np.zeros(3), requires_grad=True)
+    x[np.array([0, 0, 2, 0])].sum().backward()
+    np.testing.assert_array_equal(x.grad, [3.0, 0.0, 1.0])
+
+
+def test_mixed_precision_follows_numpy_promotion_and_grads_keep_leaf_dtype():
+    a = ag.tensor(np.ones(3, np.float32), requires_grad=True)
+    b = ag.tensor(np.ones(3, np.float64), requires_grad=True)
+    out = a * b
+    assert out.dtype == np.float64
+    out.sum().backward()
+    assert a.grad.dtype == np.float32 and b.grad.dtype == np.float64
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_family_is_stable_for_huge_logits(scale, dtype):
+    logits = np.array([[1.0, -2.0, 0.5], [3.0, 3.0, -1.0]]) * scale
+    x = ag.tensor(logits.astype(dtype), requires_grad=True)
+    sm = x.softmax()
+    lsm = x.log_softmax()
+    ce = ag.nn.functional.cross_entropy(x, [0, 2])
+    ce.backward()
+    for t in (sm, lsm, ce):
+        assert t.dtype == dtype
+        assert np.all(np.isfinite(t.data)), t
+    assert np.all(np.isfinite(x.grad))
+    np.testing.assert_allclose(sm.data.sum(axis=-1), 1.0, rtol=1e-6)
+    # Reference in float64 via the log-sum-exp identity.
+    ref = logits - logits.max(-1, keepdims=True)
+    ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    np.testing.assert_allclose(lsm.data, ref, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(ce.item(), -(ref[0, 0] + ref[1, 2]) / 2, rtol=1e-5)
+
+
+def test_max_splits_gradient_between_ties():
+    x = ag.tensor([1.0, 3.0, 3.0], requires_grad=True)
+    x.max().backward()
+    np.testing.assert_array_equal(x.grad, [0.0, 0.5, 0.5])
+
+
+def test_split_chunks_like_torch():
+    t = ag.tensor(np.arange(10.0).reshape(5, 2))
+    assert [c.shape for c in ag.split(t, 2)] == [(2, 2), (2, 2), (1, 2)]
+    assert [c.shape for c in ag.split(t, [1, 4])] == [(1, 2), (4, 2)]
+    with pytest.raises(ValueError, match="do not add up to 5"):
+        ag.split(t, [1, 2])
+
+
+def test_astype_casts_the_gradient_back():
+    # float32 rounding makes eps=1e-6 differences meaningless: use a coarse eps.
+    assert gradcheck(
+        lambda a: a.astype("float32").astype("float64") * 2, [r(3)], eps=1e-2, atol=1e-4
+    )
+    x = ag.tensor(np.ones(2, np.float32), requires_grad=True)
+    y = x.astype(np.float64)
+    assert y.dtype == np.float64
+    y.sum().backward()
+    assert x.grad.dtype == np.float32
