@@ -1,0 +1,83 @@
+"""Helpers shared by bench_rpc and bench_dist: an async timing loop and the ratio table."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple
+
+
+class Metric(NamedTuple):
+    """One row of a comparison table."""
+
+    key: str  # key in the result dicts
+    label: str
+    unit: str
+    higher_is_better: bool
+    target: float | None  # wanted speedup of actorgrad over the reference, if any
+
+
+async def timed(step: Callable[[], Awaitable[Any]], *, warmup: int, seconds: float) -> float:
+    """Seconds per ``await step()`` after ``warmup`` calls, over about ``seconds``."""
+    for _ in range(warmup):
+        await step()
+    n = 0
+    start = time.perf_counter()
+    while True:
+        await step()
+        n += 1
+        now = time.perf_counter()
+        if now - start >= seconds:
+            return (now - start) / n
+
+
+def speedup(ours: float, theirs: float, higher_is_better: bool) -> float:
+    """How many times better ``ours`` is than ``theirs`` (> 1: ours is better)."""
+    return ours / theirs if higher_is_better else theirs / ours
+
+
+def render(
+    metrics: Sequence[Metric],
+    ours: dict[str, float],
+    columns: Sequence[tuple[str, dict[str, float] | None]],
+    *,
+    target_column: str,
+) -> str:
+    """A table: each metric, actorgrad's value, each reference column, then speedups.
+
+    ``columns`` are (name, results or None when not measured); the speedup against
+    ``target_column`` is checked against each metric's target ("ok" / "MISSED").
+    """
+    head = ["", "unit", "actorgrad"]
+    head += [name for name, _ in columns]
+    head += [f"vs {name}" for name, _ in columns]
+    head.append("target")
+    rows = [head]
+    for m in metrics:
+        a = ours.get(m.key)
+        row = [m.label, m.unit, "-" if a is None else f"{a:,.1f}"]
+        for _, res in columns:
+            v = res.get(m.key) if res else None
+            row.append("-" if v is None else f"{v:,.1f}")
+        for name, res in columns:
+            v = res.get(m.key) if res else None
+            if a is None or v is None:
+                row.append("-")
+                continue
+            s = speedup(a, v, m.higher_is_better)
+            verdict = ""
+            if name == target_column and m.target is not None:
+                verdict = " ok" if s >= m.target else " MISSED"
+            row.append(f"{s:.2f}x{verdict}")
+        row.append(f">= {m.target:g}x vs {target_column}" if m.target else "-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = []
+    for r in rows:
+        cells = [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        lines.append("  ".join(cells))
+    lines.append("speedup > 1: actorgrad is better (for times: theirs / ours)")
+    return "\n".join(lines)
