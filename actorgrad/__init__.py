@@ -30,6 +30,16 @@ from actorgrad.autograd import no_grad
 from actorgrad.tensor import Tensor, cat, matmul, ones, randn, split, stack, tensor, where, zeros
 
 # --- runtime (section 2) ---
+from actorgrad.runtime import (
+    RRef,
+    init,
+    local_cluster,
+    remote,
+    rpc,
+    shutdown,
+    worker_name,
+    workers,
+)
 # --- distributed autograd (section 3) ---
 
 __version__ = "0.1.0"

@@ -1,0 +1,157 @@
+"""The public runtime API (API.md section 2): init, rpc, remote, local_cluster,
+worker_name, workers, shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from actorgrad.runtime import worker as _w
+from actorgrad.runtime.cluster import HEAD_NAME, check_bind, finish, new_token
+from actorgrad.runtime.procs import WorkerProcesses
+from actorgrad.runtime.rref import RRef
+from actorgrad.runtime.worker import MODE_REMOTE, MODE_RPC, Worker, current_worker
+
+__all__ = ["init", "rpc", "remote", "local_cluster", "worker_name", "workers", "shutdown", "RRef"]
+
+
+async def init(
+    name: str,
+    *,
+    address: str | None = None,
+    token: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> Worker:
+    """Join this process to a cluster as worker ``name`` (a new cluster, hosting its
+    registry, when there is no address argument nor ``ACTORGRAD_ADDRESS``)."""
+    existing = _w._process_worker
+    if existing is not None and not existing.closed:
+        raise RuntimeError(f"actorgrad is already initialized as worker {existing.name!r}")
+    address = address or os.environ.get("ACTORGRAD_ADDRESS") or None
+    token = token or os.environ.get("ACTORGRAD_TOKEN") or None
+    if token is None:
+        if address is not None:
+            raise ValueError("joining a cluster needs its token: pass token=... or set ACTORGRAD_TOKEN")
+        check_bind(host, token)
+        token = new_token()
+    check_bind(host, token)
+    w = Worker(name, token=token, host=host, port=port)
+    try:
+        await w.start()
+        if address is None:
+            w.host_registry()
+        else:
+            await w.join(address)
+    except BaseException:
+        await finish(w.shutdown(graceful=False))
+        raise
+    _w.set_process_worker(w)
+    return w
+
+
+async def rpc(
+    to: str, fn: Any, args: Any = (), kwargs: dict | None = None, *, timeout: float | None = None
+) -> Any:
+    """Run ``fn(*args, **kwargs)`` on worker ``to`` and return its result."""
+    return await current_worker().call(to, fn, args, kwargs, timeout=timeout, mode=MODE_RPC)
+
+
+async def remote(
+    to: str, fn: Any, args: Any = (), kwargs: dict | None = None, *, timeout: float | None = None
+) -> RRef:
+    """Run ``fn(*args, **kwargs)`` on worker ``to``; the result stays there: an RRef."""
+    return await current_worker().call(to, fn, args, kwargs, timeout=timeout, mode=MODE_REMOTE)
+
+
+def worker_name() -> str:
+    return current_worker().name
+
+
+def workers() -> list[str]:
+    """Names of the cluster's workers (this one included), in joining order."""
+    return current_worker().worker_names()
+
+
+async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:
+    """Shut down this process's worker (from ``init``); idempotent."""
+    w = _w._process_worker
+    if w is None:
+        return
+    await w.shutdown(graceful=graceful, timeout=timeout)
+    if _w._process_worker is w:
+        _w.set_process_worker(None)
+
+
+class LocalCluster:
+    def __init__(self, names: list[str], address: str, driver: Worker) -> None:
+        self.names = names
+        self.address = address
+        self.driver = driver
+        self.workers: list[Worker] = []
+        self.procs: WorkerProcesses | None = None
+
+    def __repr__(self) -> str:
+        return f"<LocalCluster {self.names} at {self.address}>"
+
+    @property
+    def pids(self) -> list[int]:
+        return self.procs.pids if self.procs is not None else []
+
+
+@contextlib.asynccontextmanager
+async def local_cluster(
+    workers: int | list[str] = 2,
+    *,
+    processes: bool = False,
+    driver: str = "driver",
+    token: str | None = None,
+    transport: str = "inproc",
+) -> AsyncIterator[LocalCluster]:
+    """A cluster for this process: the caller becomes worker ``driver`` (hosting the
+    registry) and ``workers`` (a count -> ``w1..wN``, or names) are started as actors on
+    this loop (``transport`` "inproc" or "tcp") or, with ``processes=True``, as OS
+    processes over TCP. Leaving shuts everything down, also on error/cancellation."""
+    if isinstance(workers, int):
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, not {workers}")
+        names = [f"w{i}" for i in range(1, workers + 1)]
+    else:
+        names = [str(n) for n in workers]
+    if len(set(names) | {driver}) != len(names) + 1:
+        raise ValueError(f"worker names must be unique and differ from the driver's: {names}, {driver!r}")
+    existing = _w._process_worker
+    if existing is not None and not existing.closed:
+        raise RuntimeError(f"actorgrad is already initialized as worker {existing.name!r}")
+    token = token or new_token()
+    kind = "tcp" if processes else transport
+    head = Worker(driver if driver else HEAD_NAME, token=token, transport_kind=kind)
+    await head.start()
+    head.host_registry()
+    cluster = LocalCluster(names, head.address, head)
+    old = _w.set_process_worker(head)
+    try:
+        if processes:
+            cluster.procs = WorkerProcesses()
+            cluster.procs.start(head.address, names, token)
+            await cluster.procs.wait_registered(head.registry)
+        else:
+            for n in names:
+                w = Worker(n, token=token, transport_kind=kind)
+                cluster.workers.append(w)
+                await w.start()
+                await w.join(head.address)
+        yield cluster
+    finally:
+        await finish(_close_cluster(cluster))
+        _w.set_process_worker(old)
+
+
+async def _close_cluster(c: LocalCluster) -> None:
+    for w in c.workers:
+        await w.shutdown(timeout=5.0)
+    await c.driver.shutdown(timeout=5.0)
+    if c.procs is not None:
+        await c.procs.stop()

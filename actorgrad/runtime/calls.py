@@ -1,0 +1,139 @@
+"""Naming functions across workers: caller-side specs and callee-side resolution.
+
+A function travels as ``"module:qualname"``. Functions of the driver's ``__main__``
+script travel as ``["__main__:qualname", "/path/to/script.py"]``: a worker whose own
+``__main__`` is another file imports that script once under the module name
+``__mp_main__`` (as multiprocessing does), so its ``if __name__ == "__main__":`` block
+does not run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from typing import Any
+
+MAIN_ALIAS = "__mp_main__"
+
+_spec_cache: dict[Any, Any] = {}
+_resolve_cache: dict[Any, Any] = {}
+
+
+def _main_path() -> str | None:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return os.path.realpath(path) if path else None
+
+
+def fn_spec(fn: Any) -> str | list:
+    """The wire name of ``fn``. Raises TypeError for anything that cannot be imported by
+    name on another worker (lambdas, closures, nested functions, bound methods...)."""
+    if isinstance(fn, str):
+        mod, sep, qual = fn.partition(":")
+        if not sep or not mod or not qual:
+            raise ValueError(f"function name {fn!r} must look like 'module:qualname'")
+        return fn
+    try:
+        cached = _spec_cache.get(fn)
+    except TypeError:  # unhashable callable
+        cached = None
+    if cached is not None:
+        return cached
+    if not callable(fn):
+        raise TypeError(f"cannot call {fn!r} remotely: not callable")
+    if isinstance(fn, types.MethodType):
+        raise TypeError(
+            f"cannot call bound method {fn.__qualname__!r} remotely: pass a module-level "
+            "function, or hold the object in an RRef and use rref.rpc().method(...)"
+        )
+    mod = getattr(fn, "__module__", None)
+    qual = getattr(fn, "__qualname__", None)
+    if not isinstance(mod, str) or not isinstance(qual, str) or "<" in qual:
+        what = getattr(fn, "__qualname__", None) or repr(fn)
+        raise TypeError(
+            f"cannot call {what!r} remotely: lambdas, closures and nested functions cannot be "
+            "found by name on another worker; use a module-level function or class"
+        )
+    spec: str | list
+    if mod in ("__main__", MAIN_ALIAS):
+        m = sys.modules.get(mod)
+        path = getattr(m, "__file__", None)
+        if not path:
+            raise TypeError(
+                f"cannot call {qual!r} remotely: it lives in an interactive __main__ without a file"
+            )
+        spec = [f"__main__:{qual}", os.path.realpath(path)]
+    else:
+        spec = f"{mod}:{qual}"
+    try:
+        _spec_cache[fn] = spec
+    except TypeError:
+        pass
+    return spec
+
+
+def _main_module(path: str) -> types.ModuleType:
+    if _main_path() == path:
+        return sys.modules["__main__"]
+    alias = sys.modules.get(MAIN_ALIAS)
+    if alias is not None and getattr(alias, "__file__", None) and os.path.realpath(alias.__file__) == path:
+        return alias
+    spec = importlib.util.spec_from_file_location(MAIN_ALIAS, path)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"cannot import the driver script {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[MAIN_ALIAS] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(MAIN_ALIAS, None)
+        raise
+    return module
+
+
+def resolve(spec: Any) -> Any:
+    """The callable named by ``spec`` (callee side). Raises ModuleNotFoundError,
+    AttributeError or ValueError with a message naming the function."""
+    key = spec if isinstance(spec, str) else tuple(spec) if isinstance(spec, list) else None
+    if key is None:
+        raise ValueError(f"malformed function name {spec!r}")
+    fn = _resolve_cache.get(key)
+    if fn is not None:
+        return fn
+    if isinstance(spec, str):
+        name, path = spec, None
+    else:
+        if len(spec) != 2 or not all(isinstance(s, str) for s in spec):
+            raise ValueError(f"malformed function name {spec!r}")
+        name, path = spec
+    mod, sep, qual = name.partition(":")
+    if not sep or not mod or not qual:
+        raise ValueError(f"malformed function name {name!r}")
+    if path is not None and mod == "__main__":
+        module = _main_module(path)
+    else:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError(
+                f"cannot call {name!r}: no module named {exc.name!r}", name=exc.name
+            ) from None
+    obj: Any = module
+    for part in qual.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AttributeError(f"cannot call {name!r}: {mod!r} has no attribute {qual!r}") from None
+    if not callable(obj):
+        raise TypeError(f"cannot call {name!r}: it is not callable")
+    _resolve_cache[key] = obj
+    return obj
+
+
+def describe(spec: Any) -> str:
+    if isinstance(spec, list) and spec:
+        return str(spec[0])
+    return str(spec)

@@ -1,0 +1,155 @@
+"""Clusters: the functions behind ``actorgrad cluster/worker/status`` and
+``local_cluster``.
+
+* :func:`serve_cluster` — registry head + N worker processes ``w1..wN``.
+* :func:`serve_worker` — one worker joining a cluster, until stopped or the head leaves.
+* :func:`cluster_status` — ask a cluster's head for every worker's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from actorgrad.runtime import worker as _w
+from actorgrad.runtime.procs import WorkerProcesses
+from actorgrad.runtime.worker import Worker
+
+HEAD_NAME = "_head"
+
+
+def install_uvloop() -> bool:
+    """Use uvloop for event loops created from now on (call before asyncio.run)."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    import asyncio as _a
+
+    _a.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    if not is_loopback(host) and not token:
+        raise ValueError(
+            f"refusing to bind {host!r} (not a loopback address) without a cluster token: "
+            "pass token=... or set ACTORGRAD_TOKEN"
+        )
+
+
+def new_token() -> str:
+    return secrets.token_hex(16)
+
+
+async def finish(coro: Awaitable[Any]) -> Any:
+    """Run ``coro`` to completion even if we are cancelled meanwhile; the cancellation
+    is re-raised afterwards (cleanup paths must not be cut short)."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+async def serve_cluster(
+    n: int,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str,
+    on_ready: Callable[[str], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Registry head + ``n`` worker processes ``w1..wn``; ``on_ready(address)`` once all
+    joined; runs until ``stop`` is set (or cancelled), then shuts everything down."""
+    if n < 0:
+        raise ValueError(f"number of workers must be >= 0, not {n}")
+    check_bind(host, token)
+    head = Worker(HEAD_NAME, token=token, host=host, port=port)
+    procs = WorkerProcesses()
+    try:
+        await head.start()
+        head.host_registry()
+        procs.start(head.address, [f"w{i}" for i in range(1, n + 1)], token, host=host)
+        await procs.wait_registered(head.registry)
+        if on_ready is not None:
+            on_ready(head.address)
+        if stop is None:
+            stop = asyncio.Event()
+        await stop.wait()
+    finally:
+        await finish(_stop_all(head, procs, []))
+
+
+async def _stop_all(head: Worker, procs: WorkerProcesses, workers: list[Worker]) -> None:
+    for w in workers:
+        await w.shutdown(timeout=5.0)
+    await head.shutdown(timeout=5.0)
+    await procs.stop()
+
+
+async def serve_worker(
+    address: str,
+    name: str,
+    token: str,
+    *,
+    stop: asyncio.Event | None = None,
+    host: str | None = None,
+) -> None:
+    """One worker joining the cluster at ``address``; runs until ``stop`` is set or the
+    cluster's head goes away."""
+    if host is None:
+        h = address.rpartition(":")[0].strip("[]")
+        host = "127.0.0.1" if is_loopback(h) else "0.0.0.0"
+    check_bind(host, token)
+    w = Worker(name, token=token, host=host)
+    old = _w.set_process_worker(w)
+    try:
+        await w.start()
+        await w.join(address)
+        waits = [asyncio.ensure_future(w.registry_lost.wait())]
+        if stop is not None:
+            waits.append(asyncio.ensure_future(stop.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in waits:
+                t.cancel()
+            await asyncio.wait(waits)
+    finally:
+        await finish(w.shutdown(timeout=5.0))
+        _w.set_process_worker(old)
+
+
+async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict:
+    """``{"address": ..., "workers": [{"name", "id", "address", "mailbox", "in_flight",
+    **status providers}, ...]}`` from the cluster's head."""
+    client = Worker(f"_status-{os.getpid()}-{secrets.token_hex(3)}", token=token)
+    try:
+        async with asyncio.timeout(timeout):
+            conn = await client.open_connection(address)
+            return await client.call_on(conn, "actorgrad.runtime.registry:_status", (timeout,))
+    finally:
+        await client.shutdown()

@@ -1,0 +1,100 @@
+"""Worker child processes, used by ``local_cluster(processes=True)`` and ``serve_cluster``.
+
+Each worker is ``python -m actorgrad.runtime.worker_main --join ADDR --name NAME`` in
+its own process group; the token travels in the environment (``ACTORGRAD_TOKEN``),
+never in argv, and ``PYTHONPATH`` carries this process's ``sys.path`` (as
+multiprocessing's spawn does) so the children import what the driver imports.
+Stopping: wait for a graceful exit (they leave when the head closes), then SIGTERM,
+then SIGKILL — always joined, so no orphans and no zombies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+class WorkerProcesses:
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def __repr__(self) -> str:
+        return f"<WorkerProcesses {[(n, p.pid, p.poll()) for n, p in self.procs.items()]}>"
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values()]
+
+    def start(self, address: str, names: list[str], token: str, *, host: str = "127.0.0.1") -> None:
+        env = dict(os.environ)
+        env["ACTORGRAD_TOKEN"] = token
+        env.pop("ACTORGRAD_ADDRESS", None)
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        cwd = os.getcwd()
+        env["PYTHONPATH"] = os.pathsep.join([cwd, *paths])
+        for name in names:
+            argv = [sys.executable, "-m", "actorgrad.runtime.worker_main", "--join", address, "--name", name]
+            if host != "127.0.0.1":
+                argv += ["--host", host]
+            self.procs[name] = subprocess.Popen(
+                argv, env=env, stdin=subprocess.DEVNULL, process_group=0, close_fds=True
+            )
+
+    def check(self) -> None:
+        """Raise RuntimeError if a worker process has exited."""
+        for name, p in self.procs.items():
+            rc = p.poll()
+            if rc is not None:
+                raise RuntimeError(f"worker process {name!r} (pid {p.pid}) exited with status {rc}")
+
+    async def wait_registered(self, registry: Any, timeout: float = 60.0) -> None:
+        try:
+            await registry.wait_for(list(self.procs), timeout=timeout, check=self.check)
+        except TimeoutError:
+            missing = [n for n in self.procs if n not in registry.members]
+            raise RuntimeError(f"worker processes {missing} did not join within {timeout} s") from None
+
+    async def stop(self, grace: float = 3.0, term_grace: float = 2.0) -> None:
+        """Wait up to ``grace`` s for the workers to exit, then SIGTERM, then SIGKILL."""
+        if not self.procs:
+            return
+        await self._wait_all(grace)
+        self._signal(signal.SIGTERM)
+        await self._wait_all(term_grace)
+        self._signal(signal.SIGKILL)
+        for p in self.procs.values():
+            p.wait()
+        # the group may still hold grandchildren: kill them too
+        for p in self.procs.values():
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def kill_now(self) -> None:
+        self._signal(signal.SIGKILL)
+        for p in self.procs.values():
+            p.wait()
+
+    def _signal(self, sig: int) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    try:
+                        p.send_signal(sig)
+                    except ProcessLookupError:
+                        pass
+
+    async def _wait_all(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in self.procs.values()):
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(0.02)

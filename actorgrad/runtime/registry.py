@@ -1,0 +1,169 @@
+"""The cluster registry, hosted by the first worker (the head).
+
+It gives each worker a unique id in [1, 2**16) and the addresses of the others. Workers
+join over a connection to the head (``_join``); the head pushes every membership
+change to all members as a versioned snapshot (``_update``, one-way, on the join
+connections). A member whose join connection closes has left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from actorgrad import wire
+
+if TYPE_CHECKING:
+    from actorgrad.runtime.transport import Connection
+    from actorgrad.runtime.worker import Worker
+
+MAX_ID = 2**16
+
+
+class Registry:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.members: dict[str, tuple[int, str]] = {worker.name: (1, worker.address)}
+        worker.id = 1
+        self.version = 0
+        self.conns: dict[Connection, str] = {}
+        self._next_id = 2
+        self._changed = asyncio.Event()
+        self.closed = False
+        worker._apply_members(*self.snapshot())
+
+    def snapshot(self) -> tuple[int, dict[str, list]]:
+        return self.version, {n: [i, a] for n, (i, a) in self.members.items()}
+
+    def _alloc_id(self) -> int:
+        used = {i for i, _ in self.members.values()}
+        for _ in range(MAX_ID):
+            i = self._next_id
+            self._next_id = i + 1 if i + 1 < MAX_ID else 1
+            if i not in used:
+                return i
+        raise RuntimeError("the cluster is full (65535 workers)")
+
+    def join(self, name: str, address: str, conn: Connection) -> list:
+        if self.closed:
+            raise RuntimeError("the cluster is shutting down")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"invalid worker name {name!r}")
+        if name in self.members:
+            raise ValueError(f"a worker named {name!r} is already in the cluster")
+        wid = self._alloc_id()
+        self.members[name] = (wid, address)
+        self.conns[conn] = name
+        self._changed_now()
+        return [wid, *self.snapshot()]
+
+    def leave(self, name: str) -> None:
+        if name in self.members and name != self.worker.name:
+            del self.members[name]
+            for c, n in list(self.conns.items()):
+                if n == name:
+                    del self.conns[c]
+            self._changed_now()
+
+    def conn_lost(self, conn: Connection) -> None:
+        name = self.conns.pop(conn, None)
+        if name is not None and not self.closed:
+            self.leave(name)
+
+    def _changed_now(self) -> None:
+        from actorgrad.runtime.worker import K_REQ, MODE_RPC
+
+        self.version += 1
+        snap = self.snapshot()
+        self.worker._apply_members(*snap)
+        chunks = wire.encode_frame(
+            [K_REQ, 0, "actorgrad.runtime.registry:_update", MODE_RPC, None], (snap, None)
+        )
+        data = b"".join(bytes(c) for c in chunks)
+        for c in list(self.conns):
+            if not c.closed:
+                c.send_nowait([data])
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, names: list[str], timeout: float | None = None, check: Any = None) -> None:
+        """Wait until every name in ``names`` has joined; ``check()`` is called on each
+        change (it may raise, e.g. when a worker process died)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                if check is not None:
+                    check()
+                if all(n in self.members for n in names):
+                    return
+                ev = self._changed
+                try:
+                    async with asyncio.timeout(0.1):
+                        await ev.wait()
+                except TimeoutError:
+                    pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+# ---- internal RPC targets --------------------------------------------------------------
+
+
+def _registry() -> Registry:
+    from actorgrad.runtime.worker import current_worker
+
+    reg = current_worker().registry
+    if reg is None:
+        raise RuntimeError(f"worker {current_worker().name!r} does not host the registry")
+    return reg
+
+
+def _join(name: str, address: str) -> list:
+    from actorgrad.runtime.worker import _current_conn
+
+    return _registry().join(name, address, _current_conn.get())
+
+
+def _leave(name: str) -> None:
+    from actorgrad.runtime.worker import _current_conn
+
+    reg = _registry()
+    conn = _current_conn.get()
+    if reg.conns.get(conn) == name:
+        reg.leave(name)
+
+
+def _snapshot() -> tuple:
+    return _registry().snapshot()
+
+
+def _update(version: int, members: dict) -> None:
+    from actorgrad.runtime.worker import current_worker
+
+    current_worker()._apply_members(version, members)
+
+
+def _worker_status() -> dict:
+    from actorgrad.runtime.worker import current_worker
+
+    return current_worker().status()
+
+
+async def _status(timeout: float = 5.0) -> dict:
+    from actorgrad.errors import ActorgradError
+    from actorgrad.runtime.worker import current_worker
+
+    w = current_worker()
+    reg = _registry()
+
+    async def one(name: str, wid: int, address: str) -> dict:
+        try:
+            if name == w.name:
+                return w.status()
+            return await w.call(name, _worker_status, timeout=timeout)
+        except (ActorgradError, OSError, ValueError) as exc:
+            return {"name": name, "id": wid, "address": address, "error": str(exc)}
+
+    entries = sorted(reg.members.items(), key=lambda kv: kv[1][0])
+    rows = await asyncio.gather(*(one(n, i, a) for n, (i, a) in entries))
+    return {"address": w.address, "workers": list(rows)}

@@ -1,0 +1,271 @@
+"""Remote references with distributed reference counting.
+
+Every ``RRef`` object, on any worker (the owner included), stands for one count at
+the owner, kept per holder name: ``Owned.holders[worker_name]``. The owner frees the
+value when the last count goes.
+
+* Encoding an RRef into a message for worker ``dest`` adds one count for ``dest``
+  before the message leaves: the owner adds it directly; any other worker (a "fork")
+  registers it with the owner and awaits the ack first (``register_forks``), so the
+  receiver's later decref can never overtake the increment. The forking worker's own
+  RRef is kept alive until the ack.
+* Decoding an RRef creates a new ``RRef`` object that takes over that count.
+* When an ``RRef`` object is collected, a ``weakref.finalize`` callback (any thread)
+  schedules the decref on its worker's loop thread-safely: a local decrement on the
+  owner, a one-way ``_decref`` message otherwise.
+* A holder that is lost (dead / left) loses all its counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from actorgrad.wire import WireRef
+
+if TYPE_CHECKING:
+    from actorgrad.runtime.worker import Worker
+
+
+class Owned:
+    __slots__ = ("value", "holders")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.holders: dict[str, int] = {}
+
+
+def _add(worker: Worker, rid: int, holder: str, n: int = 1) -> None:
+    o = worker.owned.get(rid)
+    if o is None:
+        raise LookupError(f"RRef #{rid} is no longer alive on worker {worker.name!r}")
+    o.holders[holder] = o.holders.get(holder, 0) + n
+
+
+def _sub(worker: Worker, rid: int, holder: str) -> None:
+    o = worker.owned.get(rid)
+    if o is None:
+        return
+    c = o.holders.get(holder, 0) - 1
+    if c > 0:
+        o.holders[holder] = c
+    else:
+        o.holders.pop(holder, None)
+        if not o.holders:
+            del worker.owned[rid]
+
+
+def peer_lost(worker: Worker, name: str) -> None:
+    for rid, o in list(worker.owned.items()):
+        if o.holders.pop(name, None) is not None and not o.holders:
+            del worker.owned[rid]
+
+
+def owned_value(worker: Worker, rid: Any) -> Any:
+    o = worker.owned.get(rid)
+    if o is None:
+        raise LookupError(f"RRef #{rid} is no longer alive on worker {worker.name!r}")
+    return o.value
+
+
+def _release(worker: Worker, owner: str, rid: int) -> None:
+    """Finalizer of an RRef object: may run in any thread, even after the loop closed."""
+    if worker.closed:
+        return
+    try:
+        worker.loop.call_soon_threadsafe(_release_on_loop, worker, owner, rid)
+    except RuntimeError:  # loop closed
+        pass
+
+
+def _release_on_loop(worker: Worker, owner: str, rid: int) -> None:
+    if worker.closed:
+        return
+    if owner == worker.name:
+        _sub(worker, rid, worker.name)
+    else:
+        worker.notify(owner, "actorgrad.runtime.rref:_decref", (rid, worker.name))
+
+
+class RRef(WireRef):
+    """A reference to a value owned by one worker (see API.md section 2)."""
+
+    __slots__ = ("_worker", "owner", "_rid", "__weakref__")
+
+    def __init__(self, worker: Worker, owner: str, rid: int) -> None:
+        self._worker = worker
+        self.owner = owner
+        self._rid = rid
+        f = weakref.finalize(self, _release, worker, owner, rid)
+        f.atexit = False
+
+    def __repr__(self) -> str:
+        return f"RRef(owner={self.owner!r}, id={self._rid}, held_by={self._worker.name!r})"
+
+    def is_owner(self) -> bool:
+        return self.owner == self._worker.name
+
+    def local_value(self) -> Any:
+        """The value itself; only on the owner (else RuntimeError)."""
+        if not self.is_owner():
+            raise RuntimeError(
+                f"local_value() on worker {self._worker.name!r}, but this RRef is owned by "
+                f"{self.owner!r}: use `await rref.to_here()`"
+            )
+        return owned_value(self._worker, self._rid)
+
+    async def to_here(self, timeout: float | None = None) -> Any:
+        """Fetch a copy of the value from the owner (the value itself on the owner)."""
+        if self.is_owner():
+            return owned_value(self._worker, self._rid)
+        return await self._worker.call(
+            self.owner, "actorgrad.runtime.rref:_fetch", (self._rid,), timeout=timeout
+        )
+
+    def rpc(self, timeout: float | None = None) -> _Proxy:
+        """``await rref.rpc().method(*args, **kwargs)`` runs the method on the owner."""
+        from actorgrad.runtime.worker import MODE_RREF_RPC
+
+        return _Proxy(self, MODE_RREF_RPC, timeout)
+
+    def remote(self, timeout: float | None = None) -> _Proxy:
+        """``await rref.remote().method(...)`` -> an RRef to the method's result."""
+        from actorgrad.runtime.worker import MODE_RREF_REMOTE
+
+        return _Proxy(self, MODE_RREF_REMOTE, timeout)
+
+
+class _Proxy:
+    __slots__ = ("_rref", "_mode", "_timeout")
+
+    def __init__(self, r: RRef, mode: int, timeout: float | None) -> None:
+        self._rref = r
+        self._mode = mode
+        self._timeout = timeout
+
+    def __getattr__(self, method: str) -> Any:
+        if method.startswith("__"):
+            raise AttributeError(method)
+        r, mode, timeout = self._rref, self._mode, self._timeout
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await r._worker.call(
+                r.owner, [r._rid, method], args, kwargs or None, timeout=timeout, mode=mode
+            )
+
+        return call
+
+
+def new_owned(worker: Worker, value: Any) -> RRef:
+    """Store ``value`` on ``worker`` (its owner) and return a local RRef to it."""
+    rid = next(worker._rref_ids)
+    o = worker.owned[rid] = Owned(value)
+    o.holders[worker.name] = 1
+    return RRef(worker, worker.name, rid)
+
+
+class Hooks:
+    """Codec hooks of one message between ``worker`` and ``peer`` (RRefs only)."""
+
+    __slots__ = ("worker", "peer", "forks", "added")
+
+    def __init__(self, worker: Worker, peer: str) -> None:
+        self.worker = worker
+        self.peer = peer
+        self.forks: list[RRef] | None = None
+        self.added: list[int] | None = None
+
+    @property
+    def worker_name(self) -> str:
+        return self.worker.name
+
+    def ref_out(self, ref: Any) -> list:
+        if not isinstance(ref, RRef):
+            raise TypeError(f"cannot send {type(ref).__name__}")
+        w = self.worker
+        if ref.owner == w.name:
+            _add(w, ref._rid, self.peer)
+            if self.added is None:
+                self.added = []
+            self.added.append(ref._rid)
+        else:
+            if self.forks is None:
+                self.forks = []
+            self.forks.append(ref)
+        return [ref.owner, ref._rid]
+
+    def ref_in(self, payload: list) -> RRef:
+        owner, rid = payload
+        return RRef(self.worker, owner, rid)
+
+    def undo(self) -> None:
+        """The message was not sent: take back the counts added for it."""
+        if self.added:
+            for rid in self.added:
+                _sub(self.worker, rid, self.peer)
+            self.added = None
+        self.forks = None
+
+
+class TensorHooks(Hooks):
+    """RRef hooks merged with the interceptor's tensor hooks."""
+
+    __slots__ = ("th",)
+
+    def __init__(self, worker: Worker, peer: str, th: Any) -> None:
+        super().__init__(worker, peer)
+        self.th = th
+
+    def tensor_out(self, t: Any) -> Any:
+        f = getattr(self.th, "tensor_out", None)
+        return f(t) if f is not None else None
+
+    def tensor_in(self, array: Any, requires_grad: bool, link: Any) -> Any:
+        return self.th.tensor_in(array, requires_grad, link)
+
+
+async def register_forks(worker: Worker, hooks: Hooks) -> None:
+    """Register the forks of a message with their owners (and wait for the acks)."""
+    forks = hooks.forks or []
+    by_owner: dict[str, list[list]] = {}
+    for r in forks:
+        by_owner.setdefault(r.owner, []).append([r._rid, hooks.peer])
+    await asyncio.gather(
+        *(
+            worker.call(owner, "actorgrad.runtime.rref:_add_holders", (entries,))
+            for owner, entries in by_owner.items()
+        )
+    )
+    hooks.forks = None
+    del forks
+
+
+# ---- internal RPC targets (run on the owner) -------------------------------------------
+
+
+def _fetch(rid: int) -> Any:
+    from actorgrad.runtime.worker import current_worker
+
+    return owned_value(current_worker(), rid)
+
+
+def _add_holders(entries: list) -> None:
+    from actorgrad.runtime.worker import current_worker
+
+    w = current_worker()
+    for rid, holder in entries:
+        _add(w, rid, holder)
+
+
+def _decref(rid: int, holder: str) -> None:
+    from actorgrad.runtime.worker import current_worker
+
+    _sub(current_worker(), rid, holder)
+
+
+def owned_count() -> int:
+    """Number of live values owned by the calling worker (``ag.rpc(w, owned_count)``)."""
+    from actorgrad.runtime.worker import current_worker
+
+    return current_worker().owned_count

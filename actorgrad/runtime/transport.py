@@ -1,0 +1,526 @@
+"""Byte transports for the runtime: TCP (asyncio Protocols) and in-process.
+
+A :class:`Connection` is an ``asyncio.Protocol``. It first runs the handshake on raw,
+fixed-size bytes, then carries frames: an 8-byte big-endian length prefix followed by
+a codec frame (``actorgrad.wire``). Nothing is msgpack-decoded before the handshake
+succeeds.
+
+Handshake (both sides, :func:`handshake`)::
+
+    each side -> MAGIC (8) | version u16 | nonce (32)         the hello, sent at once
+    each side -> HMAC-SHA256(token, role | nonce_c | nonce_s)  role b"C" (client) / b"S" (server)
+    server    -> b"\\x01"                                      accepted
+
+The client checks the server's MAC (a wrong token gives ``AuthError`` on the connecting
+side); the server checks the client's and closes the connection on a mismatch (it logs
+and keeps serving others). The whole exchange has a deadline.
+
+Receiving: small frames are sliced out of a reassembly buffer; a large frame is
+assembled in a preallocated ``bytearray`` of its declared length, so the arrays the
+codec decodes with ``np.frombuffer`` are writable and not copied again. A declared
+length above ``max_frame_size`` is a ``ProtocolError`` and closes that connection only.
+
+Sending: small messages of one loop tick are coalesced into one write (flushed with
+``loop.call_soon``); large messages are written chunk by chunk, without concatenation,
+and :meth:`Connection.send` waits until the transport's buffer has drained
+(backpressure, and the caller's arrays are not referenced after it returns).
+
+The in-process transport (:func:`open_inproc`) is a pair of fake ``asyncio.Transport``
+objects feeding the same protocol; bytes are copied at ``write`` time, so no object is
+shared between workers and every message goes through the codec.
+
+NOTE: this module never imports autograd/tensor code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import logging
+import secrets
+import struct
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from actorgrad.errors import AuthError, ProtocolError, WorkerLost
+
+log = logging.getLogger("actorgrad.runtime")
+
+MAGIC = b"ACTGRAD\x00"
+PROTOCOL_VERSION = 1
+_HELLO = struct.Struct(">8sH32s")
+_MAC_LEN = 32
+HANDSHAKE_TIMEOUT = 5.0
+#: Largest frame accepted (declared length); bigger is a ProtocolError.
+MAX_FRAME_SIZE = 2 * 1024**3
+#: Frames at least this big are assembled in a preallocated buffer / sent unjoined.
+BIG_FRAME = 256 * 1024
+_LEN = struct.Struct(">Q")
+_MAX_HANDSHAKE_BUFFER = 4096
+
+
+def _nbytes(chunk: Any) -> int:
+    return chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
+
+
+class Connection(asyncio.Protocol):
+    """One end of a connection: handshake, then length-prefixed frames.
+
+    ``on_frame(conn, frame_bytes)`` is called for every complete frame, ``on_lost(conn,
+    exc)`` once when the connection is gone. ``ext`` is free for the owner (the worker
+    stores the peer's name, pending calls...).
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        on_frame: Callable[[Connection, bytearray], None] | None = None,
+        on_lost: Callable[[Connection, BaseException | None], None] | None = None,
+        max_frame_size: int = MAX_FRAME_SIZE,
+    ) -> None:
+        self.id = next(self._ids)
+        self.kind = kind  # "tcp" / "inproc"
+        self.on_frame = on_frame
+        self.on_lost = on_lost
+        self.max_frame_size = max_frame_size
+        self.transport: asyncio.BaseTransport | None = None
+        self.loop = asyncio.get_running_loop()
+        self.peer_name: str | None = None
+        self.peer_addr: Any = None
+        self.outgoing = False
+        self.closed = False
+        self.close_reason: BaseException | None = None
+        self.goodbye = False
+        self.last_recv = self.last_sent = time.monotonic()
+        self.paused_reading = False
+        # handshake phase
+        self._handshaking = True
+        self._hs_buf = bytearray()
+        self._hs_waiter: asyncio.Future[None] | None = None
+        self.made = self.loop.create_future()
+        # frame phase
+        self._rbuf = bytearray()
+        self._big: bytearray | None = None
+        self._big_pos = 0
+        self._wbuf = bytearray()
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        # owner data
+        self.pending: dict[int, Any] = {}
+        self._call_ids = itertools.count(1)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("handshake" if self._handshaking else "open")
+        direction = "->" if self.outgoing else "<-"
+        return (
+            f"<Connection #{self.id} {self.kind} {direction} {self.peer_name or '?'}"
+            f" {self.peer_addr} {state} pending={len(self.pending)}"
+            f"{' paused' if self.paused_reading else ''}>"
+        )
+
+    # -- asyncio.Protocol --------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.peer_addr = transport.get_extra_info("peername")
+        if isinstance(transport, asyncio.WriteTransport):
+            # high=0: paused as soon as anything is buffered; send() of a big frame
+            # waits for a full drain.
+            try:
+                transport.set_write_buffer_limits(high=256 * 1024)
+            except (NotImplementedError, AttributeError):
+                pass
+        if not self.made.done():
+            self.made.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._mark_closed(exc if exc is not None else None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drainers()
+
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+        self.last_recv = time.monotonic()
+        if self._handshaking:
+            self._hs_buf += data
+            if len(self._hs_buf) > _MAX_HANDSHAKE_BUFFER:
+                self.abort(ProtocolError("too much data during the handshake"))
+                return
+            w = self._hs_waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+            return
+        try:
+            self._feed(data)
+        except ProtocolError as exc:
+            log.warning("closing %r: %s", self, exc)
+            self.abort(exc)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    # -- frames in ----------------------------------------------------------------
+    def _feed(self, data: bytes | bytearray) -> None:
+        if self._big is not None:
+            big = self._big
+            need = len(big) - self._big_pos
+            n = min(need, len(data))
+            big[self._big_pos : self._big_pos + n] = data[:n] if n < len(data) else data
+            self._big_pos += n
+            if self._big_pos < len(big):
+                return
+            self._big = None
+            self._deliver(big)
+            if n == len(data):
+                return
+            data = data[n:]
+        buf = self._rbuf
+        buf += data
+        pos = 0
+        end = len(buf)
+        while end - pos >= 8:
+            (n,) = _LEN.unpack_from(buf, pos)
+            if n > self.max_frame_size:
+                raise ProtocolError(
+                    f"declared frame length {n} exceeds the maximum of {self.max_frame_size} bytes"
+                )
+            start = pos + 8
+            if end - start >= n:
+                frame = buf[start : start + n]
+                pos = start + n
+                self._deliver(frame)
+                if self.closed or self._big is not None:
+                    break
+            elif n >= BIG_FRAME:
+                big = bytearray(n)
+                have = end - start
+                big[:have] = memoryview(buf)[start:end]
+                self._big = big
+                self._big_pos = have
+                pos = end
+                break
+            else:
+                break
+        if pos:
+            del buf[:pos]
+
+    def _deliver(self, frame: bytearray) -> None:
+        if self.on_frame is not None and not self.closed:
+            self.on_frame(self, frame)
+
+    # -- frames out -----------------------------------------------------------------
+    def send_nowait(self, chunks: Iterable[Any]) -> int:
+        """Queue one frame (the codec's chunks); returns its size. Small frames are
+        coalesced and flushed on the next loop iteration."""
+        if self.closed or self.transport is None:
+            raise WorkerLost(f"connection to {self.peer_name or self.peer_addr!r} is closed")
+        chunks = list(chunks)
+        size = sum(_nbytes(c) for c in chunks)
+        if size >= BIG_FRAME:
+            self._flush()
+            t = self.transport
+            t.write(_LEN.pack(size))  # type: ignore[attr-defined]
+            for c in chunks:
+                t.write(c)  # type: ignore[attr-defined]
+        else:
+            w = self._wbuf
+            w += _LEN.pack(size)
+            for c in chunks:
+                w += c
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush)
+        self.last_sent = time.monotonic()
+        return size
+
+    async def send(self, chunks: Iterable[Any]) -> None:
+        """Send one frame; waits while the transport is over its write-buffer limit
+        and, for a big frame, until it is written out."""
+        size = self.send_nowait(chunks)
+        if size >= BIG_FRAME or self._write_paused:
+            await self.drain(full=size >= BIG_FRAME)
+
+    async def drain(self, full: bool = False) -> None:
+        while not self.closed:
+            t = self.transport
+            if full:
+                if t is None or t.get_write_buffer_size() == 0:  # type: ignore[attr-defined]
+                    return
+            elif not self._write_paused:
+                return
+            fut = self.loop.create_future()
+            self._drain_waiters.append(fut)
+            if full:
+                # no callback when the buffer empties below the low mark: poll softly
+                self.loop.call_later(0.001, self._wake_drainers)
+            await fut
+        raise WorkerLost(f"connection to {self.peer_name or self.peer_addr!r} closed while sending")
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._wbuf and not self.closed and self.transport is not None:
+            data, self._wbuf = self._wbuf, bytearray()
+            self.transport.write(data)  # type: ignore[attr-defined]
+
+    # -- flow control --------------------------------------------------------------
+    def pause_reading(self) -> None:
+        if not self.paused_reading and not self.closed and self.transport is not None:
+            self.paused_reading = True
+            self.transport.pause_reading()  # type: ignore[attr-defined]
+
+    def resume_reading(self) -> None:
+        if self.paused_reading and not self.closed and self.transport is not None:
+            self.paused_reading = False
+            self.transport.resume_reading()  # type: ignore[attr-defined]
+
+    # -- handshake helpers -----------------------------------------------------------
+    def _write_raw(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)  # type: ignore[attr-defined]
+
+    async def _read_exact(self, n: int) -> bytes:
+        while len(self._hs_buf) < n:
+            if self.closed:
+                raise ConnectionResetError("connection closed during the handshake")
+            self._hs_waiter = self.loop.create_future()
+            await self._hs_waiter
+        data = bytes(self._hs_buf[:n])
+        del self._hs_buf[:n]
+        return data
+
+    def start_frames(self) -> None:
+        """Leave the handshake phase; bytes already received are parsed as frames."""
+        self._handshaking = False
+        rest, self._hs_buf = self._hs_buf, bytearray()
+        if rest:
+            try:
+                self._feed(rest)
+            except ProtocolError as exc:
+                self.abort(exc)
+
+    # -- closing ------------------------------------------------------------------------
+    def _mark_closed(self, exc: BaseException | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.close_reason is None:
+            self.close_reason = exc
+        self._wake_drainers()
+        w = self._hs_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        if not self.made.done():
+            self.made.set_exception(ConnectionResetError("connection closed"))
+        if self.on_lost is not None:
+            cb, self.on_lost = self.on_lost, None
+            cb(self, self.close_reason)
+
+    def close(self, reason: BaseException | None = None) -> None:
+        """Flush what is queued and close; idempotent."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        if self.transport is not None and not self.transport.is_closing():
+            self._flush()
+            self.transport.close()
+        self._mark_closed(reason)
+
+    def abort(self, reason: BaseException | None = None) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+        if self.transport is not None:
+            t = self.transport
+            if hasattr(t, "abort"):
+                t.abort()  # type: ignore[attr-defined]
+            else:
+                t.close()
+        self._mark_closed(reason)
+
+
+# ---------------------------------------------------------------------------------------
+# Handshake
+# ---------------------------------------------------------------------------------------
+
+
+def _mac(token: str, role: bytes, nonce_c: bytes, nonce_s: bytes) -> bytes:
+    return hmac.new(token.encode(), role + nonce_c + nonce_s, hashlib.sha256).digest()
+
+
+async def handshake(conn: Connection, token: str, *, server: bool, timeout: float | None = None) -> None:
+    """Run the handshake on ``conn`` (raw bytes). Raises AuthError (wrong token, not an
+    actorgrad peer, version mismatch, deadline) — the connection is aborted then."""
+    where = conn.peer_addr
+    try:
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT if timeout is None else timeout):
+            await conn.made
+            nonce = secrets.token_bytes(32)
+            conn._write_raw(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
+            magic, version, peer_nonce = _HELLO.unpack(await conn._read_exact(_HELLO.size))
+            if magic != MAGIC:
+                raise AuthError(f"{where}: not an actorgrad peer (bad handshake magic)")
+            if version != PROTOCOL_VERSION:
+                raise AuthError(
+                    f"{where}: protocol version mismatch (ours {PROTOCOL_VERSION}, theirs {version})"
+                )
+            nc, ns = (peer_nonce, nonce) if server else (nonce, peer_nonce)
+            conn._write_raw(_mac(token, b"S" if server else b"C", nc, ns))
+            peer_mac = await conn._read_exact(_MAC_LEN)
+            expected = _mac(token, b"C" if server else b"S", nc, ns)
+            if not hmac.compare_digest(peer_mac, expected):
+                raise AuthError(
+                    f"handshake with {where} failed: wrong cluster token"
+                    + ("" if server else " (the server did not prove knowledge of our token)")
+                )
+            if server:
+                conn._write_raw(b"\x01")
+            else:
+                ok = await conn._read_exact(1)
+                if ok != b"\x01":
+                    raise AuthError(f"handshake with {where} refused")
+    except TimeoutError:
+        conn.abort(AuthError("handshake deadline"))
+        raise AuthError(f"handshake with {where} did not complete in time") from None
+    except (ConnectionError, OSError) as exc:
+        conn.abort(exc)
+        raise AuthError(
+            f"handshake with {where} refused: connection closed by the peer (wrong cluster token?)"
+        ) from exc
+    except AuthError as exc:
+        conn.abort(exc)
+        raise
+    conn.start_frames()
+
+
+# ---------------------------------------------------------------------------------------
+# In-process transport
+# ---------------------------------------------------------------------------------------
+
+
+class _InprocTransport(asyncio.Transport):
+    """One end of an in-process byte pipe (copies on write, delivers on the loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, protocol: Connection, name: str) -> None:
+        super().__init__()
+        self._loop = loop
+        self._protocol = protocol
+        self._name = name
+        self.peer: _InprocTransport | None = None
+        self._closing = False
+        self._paused = False
+        self._inbox: list[bytes] = []
+        self._scheduled = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return ("inproc", self._name)
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def write(self, data: Any) -> None:
+        if self._closing or self.peer is None:
+            return
+        self.peer._receive(bytes(data))
+
+    def writelines(self, list_of_data: Iterable[Any]) -> None:
+        self.write(b"".join(list_of_data))
+
+    def _receive(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._inbox.append(data)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._paused:
+            self._scheduled = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._scheduled = False
+        while self._inbox and not self._paused and not self._closing:
+            data = self._inbox[0] if len(self._inbox) == 1 else b"".join(self._inbox)
+            self._inbox.clear()
+            self._protocol.data_received(data)
+
+    def pause_reading(self) -> None:
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._schedule()
+
+    def is_reading(self) -> bool:
+        return not self._paused
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._inbox.clear()
+        self._loop.call_soon(self._protocol.connection_lost, None)
+        peer, self.peer = self.peer, None
+        if peer is not None:
+            # deliver what is already on its way, then close the other end
+            peer.peer = None
+            self._loop.call_soon(peer._close_after_pump)
+
+    def _close_after_pump(self) -> None:
+        if not self._paused:
+            self._pump()
+        self.close()
+
+    def abort(self) -> None:
+        self.close()
+
+
+_inproc_listeners: dict[str, Callable[[], Connection]] = {}
+_inproc_ids = itertools.count(1)
+
+
+def inproc_listen(factory: Callable[[], Connection]) -> str:
+    """Register an in-process listener; returns its address ``inproc://N``."""
+    address = f"inproc://{next(_inproc_ids)}"
+    _inproc_listeners[address] = factory
+    return address
+
+
+def inproc_unlisten(address: str) -> None:
+    _inproc_listeners.pop(address, None)
+
+
+def open_inproc(address: str, client: Connection) -> None:
+    """Connect ``client`` to the in-process listener at ``address``."""
+    factory = _inproc_listeners.get(address)
+    if factory is None:
+        raise ConnectionRefusedError(f"no in-process worker listens at {address}")
+    loop = asyncio.get_running_loop()
+    server = factory()
+    ct = _InprocTransport(loop, client, address)
+    st = _InprocTransport(loop, server, "client")
+    ct.peer, st.peer = st, ct
+    server.connection_made(st)
+    client.connection_made(ct)

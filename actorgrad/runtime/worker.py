@@ -1,0 +1,854 @@
+"""The worker actor: mailbox, call dispatch, connections, heartbeats, peers.
+
+Execution model (how a CPU-heavy user function cannot starve a worker):
+
+* Requests arrive on connections and go into one bounded mailbox per worker. When it is
+  full the worker stops reading from the connection that filled it (``pause_reading``)
+  and resumes once the mailbox is half empty, so memory stays bounded and the sender
+  feels backpressure through TCP.
+* Replies never go through the mailbox: they resolve the caller's future directly from
+  the connection's ``data_received``, so a full mailbox can never block a reply
+  (no deadlock on re-entrant calls: A -> B -> A is just two independent requests).
+* The dispatcher task (the actor's "running" phase) starts each request:
+  - ``async def`` functions run as tasks on the loop;
+  - plain functions run in a thread pool (in a copy of the call's contextvars) until
+    they have proven fast (observed under ``FAST_CALL`` seconds ``INLINE_AFTER`` times in
+    a row); after that they run inline on the loop (the tiny-call round trip stays
+    fast). An inline call that takes longer than ``FAST_CALL`` sends that function back
+    to the pool, so a heavy function can block the loop at most once.
+  Every task is owned by the worker (``_tasks``) and cancelled/awaited at teardown.
+* Heartbeats: every ``HEARTBEAT_INTERVAL`` an idle connection gets a ping; a
+  connection that has received nothing for ``HEARTBEAT_TIMEOUT`` is closed, which fails
+  every call waiting on it with ``WorkerLost`` and reports the peer lost. A closed
+  connection does the same immediately.
+
+Phases: setup (:meth:`Worker.start`: listener, pool, dispatcher, heartbeat), running
+(the dispatcher), teardown (:meth:`Worker.shutdown`, one path, idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import functools
+import inspect
+import itertools
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from actorgrad import wire
+from actorgrad.errors import (
+    ActorgradError,
+    AuthError,
+    ProtocolError,
+    RemoteError,
+    RpcTimeout,
+    WorkerLost,
+)
+from actorgrad.runtime import calls, rref, transport
+from actorgrad.runtime.transport import Connection
+
+log = logging.getLogger("actorgrad.runtime")
+
+# message kinds (first header entry)
+K_REQ, K_OK, K_ERR, K_PING, K_HELLO, K_BYE = range(6)
+# request modes
+MODE_RPC, MODE_REMOTE, MODE_RREF_RPC, MODE_RREF_REMOTE = range(4)
+
+HEARTBEAT_INTERVAL = 0.5
+HEARTBEAT_TIMEOUT = 3.0
+MAILBOX_SIZE = 1024
+FAST_CALL = 0.001
+INLINE_AFTER = 3
+SHUTDOWN_TIMEOUT = 10.0
+POOL_THREADS = 8
+
+_current: contextvars.ContextVar[Worker] = contextvars.ContextVar("actorgrad_worker")
+_current_conn: contextvars.ContextVar[Connection] = contextvars.ContextVar("actorgrad_conn")
+_process_worker: Worker | None = None
+_interceptor: Any = None
+
+_NOT_INIT = "actorgrad is not initialized: call `await ag.init(...)` or use `ag.local_cluster()`"
+
+
+def current_worker() -> Worker:
+    """The worker whose code is running (set while a worker handles a call), else the
+    process's own worker. RuntimeError when there is none."""
+    w = _current.get(None)
+    if w is not None and not w.closed:
+        return w
+    if _process_worker is not None:
+        return _process_worker
+    if w is not None:
+        return w
+    raise RuntimeError(_NOT_INIT)
+
+
+def set_process_worker(w: Worker | None) -> Worker | None:
+    global _process_worker
+    old, _process_worker = _process_worker, w
+    return old
+
+
+def set_interceptor(i: Any) -> None:
+    """Install the process-wide call interceptor (design.md section 3); None removes it."""
+    global _interceptor
+    _interceptor = i
+
+
+def get_interceptor() -> Any:
+    return _interceptor
+
+
+class _FnStats:
+    __slots__ = ("fast", "is_async")
+
+    def __init__(self, is_async: bool) -> None:
+        self.fast = 0
+        self.is_async = is_async
+
+
+def _error_for(worker: str, exc: BaseException) -> RemoteError:
+    if isinstance(exc, RemoteError):
+        return exc
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return RemoteError(worker, type(exc).__qualname__, str(exc), tb)
+
+
+class Worker:
+    """One worker (an actor). Created and started by ``init``/``local_cluster``."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        token: str,
+        transport_kind: str = "tcp",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        mailbox_size: int = MAILBOX_SIZE,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"worker name must be a non-empty string, not {name!r}")
+        if transport_kind not in ("tcp", "inproc"):
+            raise ValueError(f"unknown transport {transport_kind!r}")
+        self.name = name
+        self.id = 0
+        self.ext: dict[str, Any] = {}
+        self.token = token
+        self.transport_kind = transport_kind
+        self.host = host
+        self.port = port
+        self.address = ""
+        self.loop = asyncio.get_running_loop()
+        self.closed = False
+        self.started = False
+        self._stopping = False
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[Connection] = set()
+        self._out: dict[str, Connection] = {}
+        self._connecting: dict[str, asyncio.Task[Connection]] = {}
+        self._mailbox: collections.deque[tuple[Connection, Any]] = collections.deque()
+        self._mailbox_size = mailbox_size
+        self._mb_waiter: asyncio.Future[None] | None = None
+        self._paused: set[Connection] = set()
+        self._inflight = 0
+        self._idle: asyncio.Event = asyncio.Event()
+        self._idle.set()
+        self._stats: dict[Any, _FnStats] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._peer_lost_cbs: list[Callable[[str], None]] = []
+        self._status_providers: dict[str, Callable[[], dict]] = {}
+        self._lost: set[str] = set()
+        # membership (from the registry)
+        self.members: dict[str, tuple[int, str]] = {}
+        self._members_version = -1
+        self._members_changed = asyncio.Event()
+        self.registry: Any = None  # registry.Registry on the head
+        self.registry_conn: Connection | None = None
+        self.registry_lost = asyncio.Event()
+        # rrefs owned here
+        self.owned: dict[int, rref.Owned] = {}
+        self._rref_ids = itertools.count(1)
+        self._ping = wire.encode_frame([K_PING], None)
+
+    # ------------------------------------------------------------------ public bits
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("stopping" if self._stopping else "running")
+        out = sum(len(c.pending) for c in self._conns)
+        return (
+            f"<Worker {self.name!r} id={self.id} {state} {self.address}"
+            f" mailbox={len(self._mailbox)}/{self._mailbox_size} in_flight={self._inflight}"
+            f" waiting={out} peers={sorted({c.peer_name or '?' for c in self._conns})}"
+            f" rrefs={len(self.owned)}>"
+        )
+
+    def add_peer_lost_callback(self, fn: Callable[[str], None]) -> None:
+        """``fn(peer_name)`` is called once when a peer is known dead/disconnected/left."""
+        self._peer_lost_cbs.append(fn)
+
+    def add_status_provider(self, name: str, fn: Callable[[], dict]) -> None:
+        """``fn()`` is merged into :meth:`status` (shown by ``actorgrad status``)."""
+        self._status_providers[name] = fn
+
+    def status(self) -> dict:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "id": self.id,
+            "address": self.address,
+            "mailbox": len(self._mailbox),
+            "in_flight": self._inflight,
+            "rrefs": len(self.owned),
+            "peers": sorted({c.peer_name for c in self._conns if c.peer_name}),
+        }
+        for pname, fn in list(self._status_providers.items()):
+            try:
+                extra = fn()
+            except Exception as exc:  # a provider must not break status
+                extra = {pname: f"<error: {exc!r}>"}
+            if isinstance(extra, dict):
+                d.update(extra)
+        return d
+
+    @property
+    def owned_count(self) -> int:
+        """Number of values owned here that some RRef still refers to."""
+        return len(self.owned)
+
+    def worker_names(self) -> list[str]:
+        names = [n for n in self.members if not n.startswith("_")]
+        if self.name not in self.members and not self.name.startswith("_"):
+            names.append(self.name)
+        return sorted(names, key=lambda n: (self.members.get(n, (0, ""))[0], n))
+
+    # ------------------------------------------------------------------ setup
+    async def start(self) -> None:
+        """Setup phase: listener, thread pool, dispatcher and heartbeat tasks."""
+        if self.started:
+            return
+        self.started = True
+        self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix=f"actorgrad-{self.name}")
+        if self.transport_kind == "inproc":
+            self.address = transport.inproc_listen(self._accept)
+        else:
+            self._server = await self.loop.create_server(self._accept, self.host, self.port)
+            sock = self._server.sockets[0]
+            host, port = sock.getsockname()[:2]
+            self.address = f"{host}:{port}"
+        self._spawn(self._running(), name=f"actorgrad-dispatch-{self.name}")
+        self._spawn(self._heartbeat(), name=f"actorgrad-heartbeat-{self.name}")
+
+    def _spawn(self, coro: Any, *, name: str | None = None, context: Any = None) -> asyncio.Task[Any]:
+        t = self.loop.create_task(coro, name=name, context=context)
+        self._tasks.add(t)
+        t.add_done_callback(self._task_done)
+        return t
+
+    def _task_done(self, t: asyncio.Task[Any]) -> None:
+        self._tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.error("worker %s: task %s failed", self.name, t.get_name(), exc_info=t.exception())
+
+    # ------------------------------------------------------------------ cluster
+    def host_registry(self) -> None:
+        """Make this (started) worker the head: it hosts the registry, id 1."""
+        from actorgrad.runtime.registry import Registry
+
+        self.registry = Registry(self)
+
+    async def join(self, address: str, timeout: float = 30.0) -> None:
+        """Join the cluster whose registry is at ``address``. ValueError when the name is
+        taken; AuthError on a wrong token; WorkerLost when nobody answers."""
+        conn = await self.open_connection(address)
+        if self.transport_kind == "tcp" and self.host in ("0.0.0.0", "::", ""):
+            sock = conn.transport.get_extra_info("sockname") if conn.transport else None
+            if sock:
+                self.address = f"{sock[0]}:{self.address.rpartition(':')[2]}"
+        try:
+            wid, version, members = await self.call_on(
+                conn, "actorgrad.runtime.registry:_join", (self.name, self.address), timeout=timeout
+            )
+        except RemoteError as exc:
+            conn.close()
+            if exc.remote_type == "ValueError":
+                raise ValueError(exc.remote_message) from None
+            raise
+        self.id = int(wid)
+        self.registry_conn = conn
+        self._apply_members(version, members)
+
+    # ------------------------------------------------------------------ connections
+    def _new_conn(self) -> Connection:
+        return Connection(kind=self.transport_kind, on_frame=self._on_frame, on_lost=self._on_lost)
+
+    def _accept(self) -> Connection:
+        conn = self._new_conn()
+        self._conns.add(conn)
+        if self._stopping:
+            self.loop.call_soon(conn.abort, None)
+        else:
+            self._spawn(self._accept_handshake(conn))
+        return conn
+
+    async def _accept_handshake(self, conn: Connection) -> None:
+        try:
+            await transport.handshake(conn, self.token, server=True)
+        except AuthError as exc:
+            log.warning("worker %s rejected a connection: %s", self.name, exc)
+            self._conns.discard(conn)
+
+    async def open_connection(self, address: str) -> Connection:
+        """Connect, handshake and exchange hellos. AuthError on a wrong token,
+        WorkerLost when nobody listens there."""
+        conn = self._new_conn()
+        conn.outgoing = True
+        try:
+            if address.startswith("inproc://"):
+                transport.open_inproc(address, conn)
+            else:
+                host, _, port = address.rpartition(":")
+                await self.loop.create_connection(lambda: conn, host.strip("[]"), int(port))
+        except (OSError, ValueError) as exc:
+            raise WorkerLost(f"cannot connect to {address}: {exc}") from exc
+        self._conns.add(conn)
+        conn.hello = self.loop.create_future()  # type: ignore[attr-defined]
+        try:
+            await transport.handshake(conn, self.token, server=False)
+            conn.send_nowait(wire.encode_frame([K_HELLO, self.name, self.id, self.address], None))
+            async with asyncio.timeout(transport.HANDSHAKE_TIMEOUT):
+                await conn.hello  # type: ignore[attr-defined]
+        except TimeoutError:
+            conn.abort(None)
+            raise WorkerLost(f"no hello from {address}") from None
+        except BaseException:
+            conn.abort(None)
+            self._conns.discard(conn)
+            raise
+        return conn
+
+    async def _conn_to(self, dest: str) -> Connection:
+        conn = self._out.get(dest)
+        if conn is not None and not conn.closed:
+            return conn
+        if self._stopping:
+            raise WorkerLost(f"worker {self.name!r} is shutting down")
+        task = self._connecting.get(dest)
+        if task is None:
+            task = self._spawn(self._connect_peer(dest), name=f"actorgrad-connect-{dest}")
+            self._connecting[dest] = task
+            task.add_done_callback(lambda t: self._connecting.pop(dest, None))
+        return await asyncio.shield(task)
+
+    async def _connect_peer(self, dest: str) -> Connection:
+        entry = self.members.get(dest)
+        if entry is None:
+            await self._refresh_members()
+            entry = self.members.get(dest)
+        if entry is None:
+            if dest in self._lost:
+                raise WorkerLost(f"worker {dest!r} has left the cluster")
+            raise ValueError(f"unknown worker {dest!r}; known workers: {self.worker_names()}")
+        conn = await self.open_connection(entry[1])
+        if conn.peer_name != dest:
+            conn.close()
+            raise WorkerLost(f"{entry[1]} is now worker {conn.peer_name!r}, not {dest!r}")
+        self._out[dest] = conn
+        return conn
+
+    async def _refresh_members(self) -> None:
+        if self.registry is not None:
+            self._apply_members(*self.registry.snapshot())
+        elif self.registry_conn is not None and not self.registry_conn.closed:
+            try:
+                snap = await self.call_on(self.registry_conn, "actorgrad.runtime.registry:_snapshot", timeout=10)
+                self._apply_members(*snap)
+            except ActorgradError:
+                pass
+
+    def _apply_members(self, version: int, members: dict[str, Any]) -> None:
+        if version <= self._members_version:
+            return
+        self._members_version = version
+        old = self.members
+        self.members = {n: (int(v[0]), str(v[1])) for n, v in members.items()}
+        for n in self.members:
+            self._lost.discard(n)
+        for n in old:
+            if n not in self.members:
+                self._peer_lost(n)
+        self._members_changed.set()
+        self._members_changed = asyncio.Event()
+
+    def _on_lost(self, conn: Connection, exc: BaseException | None) -> None:
+        self._conns.discard(conn)
+        self._paused.discard(conn)
+        name = conn.peer_name
+        if name is not None and self._out.get(name) is conn:
+            del self._out[name]
+        if conn.pending:
+            if isinstance(exc, WorkerLost):
+                err = exc
+            elif conn.goodbye:
+                err = WorkerLost(f"worker {name!r} left the cluster")
+            else:
+                why = f": {exc}" if exc else ""
+                err = WorkerLost(f"connection to worker {name!r} lost{why}")
+            pending, conn.pending = conn.pending, {}
+            for call in pending.values():
+                if not call.fut.done():
+                    call.fut.set_exception(err)
+        if conn is self.registry_conn:
+            self.registry_lost.set()
+        if self.registry is not None:
+            self.registry.conn_lost(conn)
+        if name is not None and name != self.name and not self._stopping:
+            self._peer_lost(name)
+
+    def _peer_lost(self, name: str) -> None:
+        if name in self._lost or name == self.name or self.closed:
+            return
+        self._lost.add(name)
+        rref.peer_lost(self, name)
+        for cb in list(self._peer_lost_cbs):
+            try:
+                cb(name)
+            except Exception:
+                log.exception("peer-lost callback %r failed", cb)
+
+    # ------------------------------------------------------------------ frames in
+    def _on_frame(self, conn: Connection, buf: bytearray) -> None:
+        try:
+            frame = wire.decode_frame(buf)
+            header = frame.header
+            kind = header[0] if isinstance(header, list) and header else None
+            if kind == K_REQ:
+                if conn.peer_name is None:
+                    raise ProtocolError("request before hello")
+                mb = self._mailbox
+                mb.append((conn, frame))
+                if len(mb) >= self._mailbox_size:
+                    conn.pause_reading()
+                    self._paused.add(conn)
+                w = self._mb_waiter
+                if w is not None and not w.done():
+                    w.set_result(None)
+            elif kind == K_OK or kind == K_ERR:
+                call = conn.pending.pop(header[1], None)
+                if call is None or call.fut.done():
+                    return  # late reply of a timed-out/cancelled call: dropped quietly
+                try:
+                    value = frame.body(call.hooks)
+                except ProtocolError as exc:
+                    call.fut.set_exception(exc)
+                    return
+                if kind == K_OK:
+                    call.fut.set_result(value)
+                elif isinstance(value, BaseException):
+                    call.fut.set_exception(value)
+                else:
+                    call.fut.set_exception(ProtocolError(f"malformed error reply {value!r}"))
+            elif kind == K_PING:
+                pass
+            elif kind == K_HELLO:
+                _, name, wid, address = header
+                if not isinstance(name, str):
+                    raise ProtocolError("malformed hello")
+                first = conn.peer_name is None
+                conn.peer_name = name
+                conn.peer_id = wid  # type: ignore[attr-defined]
+                conn.peer_address = address  # type: ignore[attr-defined]
+                if conn.outgoing:
+                    h = getattr(conn, "hello", None)
+                    if h is not None and not h.done():
+                        h.set_result(None)
+                elif first:
+                    conn.send_nowait(wire.encode_frame([K_HELLO, self.name, self.id, self.address], None))
+            elif kind == K_BYE:
+                conn.goodbye = True
+            else:
+                raise ProtocolError(f"unknown message kind {kind!r}")
+        except (ProtocolError, ValueError, TypeError, IndexError, KeyError) as exc:
+            err = exc if isinstance(exc, ProtocolError) else ProtocolError(f"malformed message: {exc!r}")
+            log.warning("worker %s: closing %r: %s", self.name, conn, err)
+            conn.abort(err)
+
+    # ------------------------------------------------------------------ running
+    async def _running(self) -> None:
+        """The actor loop: start the requests of the mailbox, one at a time."""
+        _current.set(self)
+        mb = self._mailbox
+        while True:
+            if not mb:
+                self._mb_waiter = self.loop.create_future()
+                await self._mb_waiter
+                self._mb_waiter = None
+            n = 0
+            while mb and n < 256:
+                conn, frame = mb.popleft()
+                n += 1
+                try:
+                    self._start(conn, frame)
+                except Exception:
+                    log.exception("worker %s: failed to start a request", self.name)
+            if self._paused and len(mb) <= self._mailbox_size // 2:
+                paused, self._paused = self._paused, set()
+                for c in paused:
+                    c.resume_reading()
+            if mb:
+                await asyncio.sleep(0)
+
+    def _hooks(self, peer: str, meta: Any) -> rref.Hooks:
+        ic = _interceptor
+        if meta is not None and ic is not None:
+            th = ic.wire_hooks(self, meta, peer)
+            if th is not None:
+                return rref.TensorHooks(self, peer, th)
+        return rref.Hooks(self, peer)
+
+    def _start(self, conn: Connection, frame: Any) -> None:
+        header = frame.header
+        if len(header) != 5:
+            raise ProtocolError(f"malformed request header {header!r}")
+        _, cid, target, mode, meta = header
+        if not isinstance(cid, int):
+            raise ProtocolError(f"malformed request header {header!r}")
+        peer = conn.peer_name or "?"
+        if self._stopping:
+            self._reply_exc(conn, cid, WorkerLost(f"worker {self.name!r} is shutting down"), None)
+            return
+        hooks = self._hooks(peer, meta)
+        try:
+            body = frame.body(hooks)
+            if not (isinstance(body, (list, tuple)) and len(body) == 2):
+                raise ProtocolError("malformed request body")
+            args, kwargs = body
+            if not isinstance(args, (list, tuple)) or not (kwargs is None or isinstance(kwargs, dict)):
+                raise ProtocolError("malformed request arguments")
+            if mode == MODE_RPC or mode == MODE_REMOTE:
+                fn = calls.resolve(target)
+                key = target if isinstance(target, str) else tuple(target)
+            elif mode == MODE_RREF_RPC or mode == MODE_RREF_REMOTE:
+                rid, method = target
+                value = rref.owned_value(self, rid)
+                fn = getattr(value, method)
+                key = (type(value), method)
+            else:
+                raise ProtocolError(f"unknown request mode {mode!r}")
+        except Exception as exc:
+            self._reply_exc(conn, cid, exc, hooks)
+            return
+        stats = self._stats.get(key)
+        if stats is None:
+            stats = self._stats[key] = _FnStats(inspect.iscoroutinefunction(fn))
+        ctx = contextvars.copy_context()
+        ctx.run(_current.set, self)
+        ctx.run(_current_conn.set, conn)
+        self._inflight += 1
+        self._idle.clear()
+        if stats.is_async or stats.fast < INLINE_AFTER:
+            self._spawn(self._run_task(conn, cid, mode, fn, args, kwargs, meta, hooks, stats), context=ctx)
+            return
+        # proven fast: run inline on the loop
+        t0 = time.perf_counter()
+        try:
+            result = ctx.run(self._invoke, fn, args, kwargs, meta)
+        except Exception as exc:
+            self._done()
+            self._reply_exc(conn, cid, exc, hooks)
+            return
+        finally:
+            if time.perf_counter() - t0 > FAST_CALL:
+                stats.fast = 0
+        if inspect.isawaitable(result):
+            self._spawn(self._finish_awaitable(conn, cid, mode, result, hooks), context=ctx)
+            return
+        self._done()
+        self._reply(conn, cid, mode, result, hooks)
+
+    def _invoke(self, fn: Any, args: Any, kwargs: Any, meta: Any) -> Any:
+        ic = _interceptor
+        if meta is not None and ic is not None:
+            with ic.enter(self, meta):
+                return fn(*args, **(kwargs or {}))
+        return fn(*args, **(kwargs or {}))
+
+    def _invoke_timed(self, fn: Any, args: Any, kwargs: Any, meta: Any) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        r = self._invoke(fn, args, kwargs, meta)
+        return r, time.perf_counter() - t0
+
+    async def _run_task(self, conn, cid, mode, fn, args, kwargs, meta, hooks, stats) -> None:  # type: ignore[no-untyped-def]
+        try:
+            if stats.is_async:
+                ic = _interceptor
+                if meta is not None and ic is not None:
+                    with ic.enter(self, meta):
+                        result = await fn(*args, **(kwargs or {}))
+                else:
+                    result = await fn(*args, **(kwargs or {}))
+            else:
+                ctx = contextvars.copy_context()
+                call = functools.partial(ctx.run, self._invoke_timed, fn, args, kwargs, meta)
+                result, took = await self.loop.run_in_executor(self._pool, call)
+                stats.fast = stats.fast + 1 if took < FAST_CALL else 0
+                if inspect.isawaitable(result):
+                    result = await result
+        except Exception as exc:
+            self._reply_exc(conn, cid, exc, hooks)
+        else:
+            await self._reply_async(conn, cid, mode, result, hooks)
+        finally:
+            self._done()
+
+    async def _finish_awaitable(self, conn, cid, mode, aw, hooks) -> None:  # type: ignore[no-untyped-def]
+        try:
+            result = await aw
+        except Exception as exc:
+            self._reply_exc(conn, cid, exc, hooks)
+        else:
+            await self._reply_async(conn, cid, mode, result, hooks)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    # ------------------------------------------------------------------ replies
+    def _encode_reply(self, cid: int, mode: int, result: Any, hooks: rref.Hooks) -> list:
+        if mode == MODE_REMOTE or mode == MODE_RREF_REMOTE:
+            result = rref.new_owned(self, result)
+        try:
+            return wire.encode_frame([K_OK, cid], result, hooks)
+        except Exception as exc:
+            hooks.undo()
+            log.debug("reply of call %s cannot be encoded: %r", cid, exc)
+            return wire.encode_frame([K_ERR, cid], _error_for(self.name, exc), None)
+
+    def _reply(self, conn: Connection, cid: int, mode: int, result: Any, hooks: rref.Hooks) -> None:
+        if cid == 0 or conn.closed:
+            return
+        chunks = self._encode_reply(cid, mode, result, hooks)
+        if hooks.forks:
+            self._spawn(self._send_after_forks(conn, chunks, hooks))
+        else:
+            conn.send_nowait(chunks)
+
+    async def _reply_async(self, conn: Connection, cid: int, mode: int, result: Any, hooks: rref.Hooks) -> None:
+        if cid == 0 or conn.closed:
+            return
+        chunks = self._encode_reply(cid, mode, result, hooks)
+        await self._send_after_forks(conn, chunks, hooks)
+
+    async def _send_after_forks(self, conn: Connection, chunks: list, hooks: rref.Hooks) -> None:
+        try:
+            if hooks.forks:
+                await rref.register_forks(self, hooks)
+            if not conn.closed:
+                await conn.send(chunks)
+        except ActorgradError as exc:
+            log.debug("reply to %r not sent: %s", conn, exc)
+
+    def _reply_exc(self, conn: Connection, cid: int, exc: BaseException, hooks: rref.Hooks | None) -> None:
+        if hooks is not None:
+            hooks.undo()
+        if cid == 0:
+            log.warning("worker %s: one-way call failed: %r", self.name, exc)
+            return
+        if conn.closed:
+            return
+        err = _error_for(self.name, exc)
+        try:
+            chunks = wire.encode_frame([K_ERR, cid], err, None)
+        except Exception as exc2:  # pragma: no cover - RemoteError always encodes
+            chunks = wire.encode_frame([K_ERR, cid], _error_for(self.name, exc2), None)
+        conn.send_nowait(chunks)
+
+    # ------------------------------------------------------------------ calls out
+    async def call(
+        self,
+        dest: str,
+        fn: Any,
+        args: Any = (),
+        kwargs: dict | None = None,
+        *,
+        timeout: float | None = None,
+        mode: int = MODE_RPC,
+    ) -> Any:
+        """Call ``fn(*args, **kwargs)`` on worker ``dest`` and return the result
+        (``mode`` MODE_REMOTE: an RRef to it). ``fn`` may be a callable, a
+        "module:qualname" string, or ``[rref_id, method]`` for the RRef modes."""
+        target = fn if mode >= MODE_RREF_RPC else calls.fn_spec(fn)
+        if not isinstance(dest, str):
+            raise TypeError(f"worker name must be a str, not {type(dest).__name__}")
+        if not isinstance(args, (tuple, list)):
+            raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+        conn = self._out.get(dest)
+        if conn is None or conn.closed:
+            conn = await self._conn_to(dest)
+        return await self.call_on(conn, target, args, kwargs, timeout=timeout, mode=mode, dest=dest)
+
+    async def call_on(
+        self,
+        conn: Connection,
+        target: Any,
+        args: Any = (),
+        kwargs: dict | None = None,
+        *,
+        timeout: float | None = None,
+        mode: int = MODE_RPC,
+        dest: str | None = None,
+    ) -> Any:
+        dest = dest or conn.peer_name or "?"
+        ic = _interceptor
+        meta = ic.outgoing(self, dest) if ic is not None else None
+        hooks = self._hooks(dest, meta)
+        cid = next(conn._call_ids)
+        try:
+            chunks = wire.encode_frame([K_REQ, cid, target, mode, meta], (tuple(args), kwargs or None), hooks)
+        except BaseException:
+            hooks.undo()
+            raise
+        if hooks.forks:
+            await rref.register_forks(self, hooks)
+        fut = self.loop.create_future()
+        conn.pending[cid] = _Pending(fut, hooks)
+        try:
+            if conn.closed:
+                raise WorkerLost(f"connection to worker {dest!r} is closed")
+            await conn.send(chunks)
+            del chunks
+            if timeout is None:
+                return await fut
+            try:
+                async with asyncio.timeout(timeout):
+                    return await fut
+            except TimeoutError:
+                if fut.done() and not fut.cancelled() and fut.exception() is not None:
+                    raise
+                raise RpcTimeout(
+                    f"call of {calls.describe(target)} on worker {dest!r} timed out after {timeout} s"
+                ) from None
+        finally:
+            conn.pending.pop(cid, None)
+
+    def notify(self, dest: str, fn: str, args: tuple = ()) -> None:
+        """A one-way call (no reply), best effort; usable from any loop callback."""
+        if self.closed:
+            return
+        conn = self._out.get(dest)
+        if conn is not None and not conn.closed:
+            try:
+                conn.send_nowait(wire.encode_frame([K_REQ, 0, fn, MODE_RPC, None], (args, None), None))
+            except ActorgradError:
+                pass
+            return
+        self._spawn(self._notify_async(dest, fn, args))
+
+    async def _notify_async(self, dest: str, fn: str, args: tuple) -> None:
+        try:
+            conn = await self._conn_to(dest)
+            conn.send_nowait(wire.encode_frame([K_REQ, 0, fn, MODE_RPC, None], (args, None), None))
+        except (ActorgradError, ValueError) as exc:
+            log.debug("one-way %s to %s dropped: %s", fn, dest, exc)
+
+    # ------------------------------------------------------------------ heartbeats
+    async def _heartbeat(self) -> None:
+        interval = HEARTBEAT_INTERVAL
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            lagged = now - last > interval + 1.0  # our own loop was blocked: be lenient
+            last = now
+            for conn in list(self._conns):
+                if conn.closed or conn._handshaking or conn.peer_name is None:
+                    continue
+                if lagged:
+                    conn.last_recv = max(conn.last_recv, now - interval)
+                elif now - conn.last_recv > HEARTBEAT_TIMEOUT:
+                    conn.abort(
+                        WorkerLost(
+                            f"worker {conn.peer_name!r} sent nothing for {HEARTBEAT_TIMEOUT} s (heartbeat lost)"
+                        )
+                    )
+                    continue
+                if now - conn.last_sent >= interval * 0.9:
+                    try:
+                        conn.send_nowait(self._ping)
+                    except ActorgradError:
+                        pass
+
+    # ------------------------------------------------------------------ teardown
+    async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:
+        """Teardown phase; idempotent. Graceful: stop taking new calls, let the ones in
+        flight finish (at most ``timeout`` s), then leave the cluster and close."""
+        if self._shutdown_task is None:
+            self._shutdown_task = self.loop.create_task(self._teardown(graceful, timeout))
+        await asyncio.shield(self._shutdown_task)
+
+    async def _teardown(self, graceful: bool, timeout: float | None) -> None:
+        self._stopping = True
+        if timeout is None:
+            timeout = SHUTDOWN_TIMEOUT
+        if graceful and self._inflight:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning("worker %s: %d calls still running at shutdown", self.name, self._inflight)
+        # leave the registry
+        if self.registry is None and self.registry_conn is not None and not self.registry_conn.closed:
+            try:
+                self.registry_conn.send_nowait(
+                    wire.encode_frame([K_REQ, 0, "actorgrad.runtime.registry:_leave", MODE_RPC, None], ((self.name,), None))
+                )
+            except ActorgradError:
+                pass
+        if self.registry is not None:
+            self.registry.close()
+        bye = wire.encode_frame([K_BYE], None)
+        for conn in list(self._conns):
+            if not conn._handshaking and not conn.closed:
+                try:
+                    conn.send_nowait(bye)
+                except ActorgradError:
+                    pass
+            conn.close(WorkerLost(f"worker {self.name!r} shut down"))
+        if self._server is not None:
+            self._server.close()
+        if self.transport_kind == "inproc" and self.address:
+            transport.inproc_unlisten(self.address)
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        if self._server is not None:
+            await self._server.wait_closed()
+        # let in-proc transports deliver their connection_lost callbacks
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        self._mailbox.clear()
+        self.owned.clear()
+        self.closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Pending:
+    __slots__ = ("fut", "hooks")
+
+    def __init__(self, fut: asyncio.Future[Any], hooks: Any) -> None:
+        self.fut = fut
+        self.hooks = hooks

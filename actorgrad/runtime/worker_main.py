@@ -1,0 +1,43 @@
+"""Entry point of a worker process: ``python -m actorgrad.runtime.worker_main --join
+ADDR --name NAME [--host H]`` (token in ``ACTORGRAD_TOKEN``). Runs until SIGTERM/SIGINT
+or until the cluster's head goes away."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="actorgrad-worker")
+    ap.add_argument("--join", required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--host", default=None)
+    args = ap.parse_args(argv)
+    token = os.environ.get("ACTORGRAD_TOKEN")
+    if not token:
+        print("actorgrad worker: ACTORGRAD_TOKEN is not set", file=sys.stderr)
+        return 2
+    from actorgrad.runtime.cluster import install_uvloop, serve_worker
+
+    install_uvloop()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_worker(args.join, args.name, token, stop=stop, host=args.host)
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
