@@ -1,0 +1,168 @@
+"""Modules, state dicts, functional losses, and training a small MLP end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import actorgrad as ag
+from actorgrad import nn
+from actorgrad.nn import functional as F
+
+
+def two_spirals(n_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t = np.sqrt(rng.uniform(0, 1, n_per_class)) * 4 * np.pi  # two full turns
+    xs, ys = [], []
+    for label, sign in ((0, 1.0), (1, -1.0)):
+        pts = sign * np.stack([t * np.cos(t), t * np.sin(t)], axis=1) / (4 * np.pi)
+        xs.append(pts + rng.normal(0, 0.02, pts.shape))
+        ys.append(np.full(n_per_class, label))
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
+
+
+def test_mlp_learns_two_spirals():
+    x, y = two_spirals(300)
+    xt, yt = two_spirals(200, seed=1)
+    model = nn.Sequential(
+        nn.Linear(2, 64, seed=0),
+        nn.Tanh(),
+        nn.Linear(64, 64, seed=1),
+        nn.Tanh(),
+        nn.Linear(64, 2, seed=2),
+    )
+    opt = ag.optim.Adam(model.parameters(), lr=0.02)
+    xb = ag.tensor(x)
+    for _ in range(600):
+        loss = F.cross_entropy(model(xb), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with ag.no_grad():
+        train_acc = (model(xb).data.argmax(1) == y).mean()
+        test_acc = (model(ag.tensor(xt)).data.argmax(1) == yt).mean()
+    assert train_acc >= 0.97, (train_acc, loss.item())
+    assert test_acc >= 0.97, test_acc
+
+
+def test_linear_matches_numpy_and_torch_init_bounds():
+    lin = nn.Linear(4, 3, seed=0)
+    assert lin.weight.shape == (3, 4) and lin.bias.shape == (3,)
+    assert lin.weight.dtype == np.float32
+    assert np.all(np.abs(lin.weight.data) <= 0.5) and np.all(np.abs(lin.bias.data) <= 0.5)
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    np.testing.assert_allclose(
+        lin(ag.tensor(x)).data, x @ lin.weight.data.T + lin.bias.data, rtol=1e-6
+    )
+    assert nn.Linear(4, 3, bias=False).bias is None
+    assert len(nn.Linear(4, 3, bias=False).parameters()) == 1
+    np.testing.assert_array_equal(
+        nn.Linear(4, 3, seed=5).weight.data, nn.Linear(4, 3, seed=5).weight.data
+    )
+
+
+def test_module_registers_parameters_and_submodules_by_attribute():
+    class Block(nn.Module):
+        def __init__(self):
+            self.scale = ag.ones(2, requires_grad=True)
+            self.inner = nn.Linear(2, 2, seed=0)
+            self.heads = [nn.Linear(2, 1, seed=1), nn.Linear(2, 1, seed=2)]
+            self.shared = self.scale  # listed once
+
+        def forward(self, x):
+            h = self.inner(x * self.scale)
+            return self.heads[0](h) + self.heads[1](h)
+
+    b = Block()
+    names = [n for n, _ in b.named_parameters()]
+    assert names == [
+        "scale",
+        "inner.weight",
+        "inner.bias",
+        "heads.0.weight",
+        "heads.0.bias",
+        "heads.1.weight",
+        "heads.1.bias",
+    ]
+    assert b.parameters()[0] is b.scale
+    out = b(ag.ones(3, 2))
+    out.sum().backward()
+    assert all(p.grad is not None for p in b.parameters())
+    b.zero_grad()
+    assert all(p.grad is None for p in b.parameters())
+
+
+def test_state_dict_round_trips_and_keeps_identity():
+    m1 = nn.Sequential(nn.Linear(3, 4, seed=0), nn.ReLU(), nn.Linear(4, 2, seed=1))
+    m2 = nn.Sequential(nn.Linear(3, 4, seed=9), nn.ReLU(), nn.Linear(4, 2, seed=8))
+    sd = m1.state_dict()
+    assert set(sd) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert all(type(v) is np.ndarray for v in sd.values())
+    params_before = m2.parameters()
+    m2.load_state_dict(sd)
+    assert all(a is b for a, b in zip(params_before, m2.parameters(), strict=True))
+    x = ag.randn(5, 3, seed=3)
+    np.testing.assert_array_equal(m1(x).data, m2(x).data)
+    sd["0.weight"][:] = 0  # a copy: changing it leaves the model alone
+    assert np.any(m1[0].weight.data != 0)
+
+
+def test_state_dict_survives_msgpack():
+    msgpack = pytest.importorskip("msgpack")
+    m = nn.Linear(3, 2, seed=0)
+    packed = msgpack.packb(
+        {k: [v.dtype.str, list(v.shape), v.tobytes()] for k, v in m.state_dict().items()}
+    )
+    restored = {
+        k: np.frombuffer(b, dtype=d).reshape(s) for k, (d, s, b) in msgpack.unpackb(packed).items()
+    }
+    m2 = nn.Linear(3, 2, seed=1)
+    m2.load_state_dict(restored)
+    np.testing.assert_array_equal(m2.weight.data, m.weight.data)
+
+
+def test_load_state_dict_errors_name_the_problem():
+    m = nn.Linear(3, 2)
+    with pytest.raises(KeyError, match=r"missing keys \['bias'\]"):
+        m.load_state_dict({"weight": np.zeros((2, 3))})
+    with pytest.raises(KeyError, match=r"unexpected keys \['extra'\]"):
+        m.load_state_dict({**m.state_dict(), "extra": np.zeros(1)})
+    with pytest.raises(ValueError, match=r"weight has shape \(3, 2\)"):
+        m.load_state_dict({"weight": np.zeros((3, 2)), "bias": np.zeros(2)})
+
+
+def test_embedding_accumulates_repeated_ids():
+    emb = nn.Embedding(5, 3, seed=0)
+    out = emb(np.array([[1, 1], [4, 1]]))
+    assert out.shape == (2, 2, 3)
+    np.testing.assert_array_equal(out.data[0, 0], emb.weight.data[1])
+    out.sum().backward()
+    np.testing.assert_array_equal(emb.weight.grad[:, 0], [0, 3, 0, 0, 1])
+    with pytest.raises(TypeError, match="integers"):
+        F.embedding(np.array([0.5]), emb.weight)
+
+
+def test_cross_entropy_value_and_errors():
+    logits = ag.tensor([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]], requires_grad=True)
+    loss = F.cross_entropy(logits, ag.tensor([0, 1]))
+    x = logits.data.astype(np.float64)
+    lsm = x - np.log(np.exp(x).sum(1, keepdims=True))
+    assert loss.item() == pytest.approx(-(lsm[0, 0] + lsm[1, 1]) / 2, rel=1e-6)
+    loss.backward()
+    sm = np.exp(lsm)
+    sm[[0, 1], [0, 1]] -= 1
+    np.testing.assert_allclose(logits.grad, sm / 2, rtol=1e-5)
+    with pytest.raises(TypeError, match="integer class ids"):
+        F.cross_entropy(logits, np.array([0.0, 1.0]))
+    with pytest.raises(IndexError, match=r"\[0, 3\)"):
+        F.cross_entropy(logits, [0, 3])
+    with pytest.raises(ValueError, match=r"\(3,\).*\(2, 3\)"):
+        F.cross_entropy(logits, [0, 1, 2])
+
+
+def test_mse_loss():
+    pred = ag.tensor([1.0, 2.0, 4.0], requires_grad=True)
+    loss = F.mse_loss(pred, ag.tensor([1.0, 1.0, 1.0]))
+    assert loss.item() == pytest.approx(10 / 3)
+    loss.backward()
+    np.testing.assert_allclose(pred.grad, [0.0, 2 / 3, 2.0], rtol=1e-6)

@@ -1,0 +1,108 @@
+"""Optimizers against hand-computed updates (and torch when it is installed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import actorgrad as ag
+
+P0 = np.array([1.0, -2.0, 0.5])
+GRADS = [np.array([0.1, 0.2, -0.3]), np.array([-0.5, 0.0, 0.4]), np.array([0.3, -0.1, 0.2])]
+
+
+def run(opt_cls, use_mapping, **opts):
+    p = ag.tensor(P0.copy(), requires_grad=True)
+    data_id = id(p.data)
+    opt = opt_cls([p], **opts)
+    for g in GRADS:
+        if use_mapping:
+            opt.step({p: g})
+        else:
+            p.grad = g.copy()
+            opt.step()
+            opt.zero_grad()
+            assert p.grad is None
+    assert id(p.data) == data_id  # updated in place, identity kept
+    return p.data
+
+
+@pytest.mark.parametrize("use_mapping", [True, False])
+def test_sgd_momentum_weight_decay_matches_hand_computed(use_mapping):
+    lr, mom, wd = 0.1, 0.9, 0.01
+    # step 1: buf = g1 + wd p0; p1 = p0 - lr buf
+    b1 = GRADS[0] + wd * P0
+    p1 = P0 - lr * b1
+    b2 = mom * b1 + GRADS[1] + wd * p1
+    p2 = p1 - lr * b2
+    b3 = mom * b2 + GRADS[2] + wd * p2
+    p3 = p2 - lr * b3
+    got = run(ag.optim.SGD, use_mapping, lr=lr, momentum=mom, weight_decay=wd)
+    np.testing.assert_allclose(got, p3, rtol=1e-12)
+
+
+def test_plain_sgd():
+    got = run(ag.optim.SGD, True, lr=0.5)
+    np.testing.assert_allclose(got, P0 - 0.5 * sum(GRADS), rtol=1e-12)
+
+
+@pytest.mark.parametrize("use_mapping", [True, False])
+def test_adam_matches_hand_computed(use_mapping):
+    lr, (b1, b2), eps = 0.01, (0.8, 0.95), 1e-6
+    p, m, v = P0.copy(), np.zeros(3), np.zeros(3)
+    for t, g in enumerate(GRADS, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    got = run(ag.optim.Adam, use_mapping, lr=lr, betas=(b1, b2), eps=eps)
+    # torch puts eps after dividing sqrt(v) by sqrt(bias2), as the textbook does here.
+    np.testing.assert_allclose(got, p, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_matches_torch_when_available(kind):
+    torch = pytest.importorskip("torch")
+    p = ag.tensor(P0.copy(), requires_grad=True)
+    tp = torch.tensor(P0.copy(), requires_grad=True)
+    if kind == "sgd":
+        opt, topt = (
+            ag.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.1),
+            torch.optim.SGD([tp], lr=0.1, momentum=0.9, weight_decay=0.1),
+        )
+    else:
+        opt, topt = ag.optim.Adam([p], lr=0.05), torch.optim.Adam([tp], lr=0.05)
+    for g in GRADS:
+        opt.step({p: g})
+        tp.grad = torch.tensor(g)
+        topt.step()
+    np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-10)
+
+
+def test_float32_params_stay_float32():
+    p = ag.tensor([1.0, 2.0], requires_grad=True)
+    for cls in (ag.optim.SGD, ag.optim.Adam):
+        opt = cls([p], lr=0.1)
+        opt.step({p: np.array([1.0, 1.0])})  # float64 grads
+        assert p.data.dtype == np.float32
+
+
+def test_params_without_grad_are_skipped_and_mapping_may_be_partial():
+    a = ag.tensor([1.0], requires_grad=True)
+    b = ag.tensor([1.0], requires_grad=True)
+    opt = ag.optim.SGD([a, b], lr=1.0)
+    opt.step({a: np.array([0.5])})
+    assert a.data[0] == 0.5 and b.data[0] == 1.0
+    opt.step()  # no .grad anywhere: nothing happens
+    assert a.data[0] == 0.5
+
+
+def test_optimizer_errors():
+    p = ag.tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        ag.optim.SGD([], lr=0.1)
+    with pytest.raises(ValueError, match="learning rate"):
+        ag.optim.SGD([p], lr=-1)
+    with pytest.raises(ValueError, match=r"shape \(3,\).*shape \(2,\)"):
+        ag.optim.Adam([p]).step({p: np.ones(3)})

@@ -1,0 +1,159 @@
+"""Tensor creation, dtypes, attributes, comparisons and error messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import actorgrad as ag
+from actorgrad.tensor import Tensor
+
+
+def test_python_floats_become_float32_and_numpy_arrays_keep_dtype():
+    assert ag.tensor(1.5).dtype == np.float32
+    assert ag.tensor([[1.0, 2], [3, 4]]).dtype == np.float32
+    assert ag.tensor([1, 2]).dtype == np.int64
+    assert ag.tensor([True]).dtype == np.bool_
+    assert ag.tensor(np.ones(2, np.float64)).dtype == np.float64
+    assert ag.tensor(np.ones(2, np.float16)).dtype == np.float16
+    assert ag.tensor([1, 2], dtype="float64").dtype == np.float64
+
+
+def test_tensor_copies_but_the_internal_constructor_does_not():
+    a = np.zeros(3, np.float32)
+    t = ag.tensor(a)
+    a[0] = 1
+    assert t.data[0] == 0
+    u = Tensor(a, requires_grad=True)
+    assert u.data is a and u.requires_grad and u.is_leaf and u.grad is None
+
+
+def test_factories():
+    assert ag.zeros(2, 3).shape == (2, 3) and ag.zeros((2, 3)).dtype == np.float32
+    assert ag.ones(4, dtype="float64").dtype == np.float64
+    np.testing.assert_array_equal(ag.ones(2).data, [1.0, 1.0])
+    a, b = ag.randn(3, 2, seed=7), ag.randn(3, 2, seed=7)
+    np.testing.assert_array_equal(a.data, b.data)
+    assert a.dtype == np.float32 and ag.randn(2, dtype="float64").dtype == np.float64
+    assert ag.zeros(2, requires_grad=True).requires_grad
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32", "bool", "uint8"])
+def test_requires_grad_on_non_float_raises_type_error_naming_the_dtype(dtype):
+    with pytest.raises(TypeError, match=f"floating point dtype, got {dtype}"):
+        ag.tensor(np.zeros(2, dtype), requires_grad=True)
+    with pytest.raises(TypeError, match=dtype):
+        Tensor(np.zeros(2, dtype), requires_grad=True)
+    with pytest.raises(TypeError, match=dtype):
+        ag.zeros(2, dtype=dtype, requires_grad=True)
+    t = ag.tensor(np.zeros(2, dtype))
+    with pytest.raises(TypeError, match=dtype):
+        t.requires_grad = True
+
+
+def test_requires_grad_on_python_ints_raises():
+    with pytest.raises(TypeError, match="int64"):
+        ag.tensor([1, 2], requires_grad=True)
+
+
+def test_attributes_and_conversions():
+    t = ag.tensor([[1.0, 2.0]], requires_grad=True)
+    assert t.shape == (1, 2) and t.ndim == 2 and t.numel() == 2
+    assert t.numpy() is t.data
+    d = t.detach()
+    assert d.data is t.data and not d.requires_grad
+    assert ag.tensor([3.0]).item() == 3.0
+    assert float(ag.tensor(2.0)) == 2.0
+    with pytest.raises(ValueError, match="one-element"):
+        t.item()
+    assert np.asarray(t).dtype == np.float32
+    assert "requires_grad=True" in repr(t)
+    assert "grad_fn=<Mul>" in repr(t * 2)
+    assert [x.item() for x in ag.tensor([1.0, 2.0])] == [1.0, 2.0]
+    with pytest.raises(TypeError, match="0-d"):
+        list(ag.tensor(1.0))
+
+
+def test_comparisons_return_boolean_tensors_without_grad():
+    x = ag.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    for res, expected in [
+        (x < 2, [True, False, False]),
+        (x <= 2, [True, True, False]),
+        (x > 2, [False, False, True]),
+        (x >= 2, [False, True, True]),
+        (x == 2, [False, True, False]),
+        (x != 2, [True, False, True]),
+        (x == ag.tensor([1.0, 0.0, 3.0]), [True, False, True]),
+    ]:
+        assert isinstance(res, Tensor) and res.dtype == np.bool_
+        assert not res.requires_grad and res.grad_fn is None
+        np.testing.assert_array_equal(res.data, expected)
+
+
+def test_tensors_hash_by_identity():
+    a = ag.tensor([1.0])
+    b = ag.tensor([1.0])
+    d = {a: 1, b: 2}
+    assert d[a] == 1 and d[b] == 2 and len({a, b, a}) == 2
+
+
+def test_numpy_array_on_the_left_defers_to_the_tensor():
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    y = np.array([3.0, 4.0], np.float32) * x
+    assert isinstance(y, Tensor) and y.requires_grad
+    z = np.ones((2, 2), np.float32) @ x
+    assert isinstance(z, Tensor)
+    (y.sum() + z.sum()).backward()
+    np.testing.assert_array_equal(x.grad, [5.0, 6.0])
+
+
+def test_ops_without_grad_record_nothing():
+    x = ag.tensor([1.0, 2.0])
+    y = (x * 2).exp().sum()
+    assert y.grad_fn is None and not y.requires_grad
+    w = ag.tensor([1.0], requires_grad=True)
+    with ag.no_grad():
+        assert (w * 2).grad_fn is None
+
+
+def test_op_results_are_always_ndarrays_even_for_0d():
+    x = ag.tensor(2.0, requires_grad=True)
+    y = x * x
+    assert type(y.data) is np.ndarray and y.shape == ()
+    assert type(ag.tensor([1.0, 2.0]).sum().data) is np.ndarray
+
+
+# --- errors -----------------------------------------------------------------------
+
+
+def test_matmul_shape_mismatch_names_the_shapes():
+    a, b = ag.ones(2, 3), ag.ones(4, 5)
+    with pytest.raises(ValueError, match=r"matmul: shapes \(2, 3\) and \(4, 5\) do not fit"):
+        a @ b
+    with pytest.raises(ValueError, match=r"shapes \(\) and \(3,\)"):
+        ag.matmul(ag.tensor(1.0), ag.ones(3))
+
+
+def test_broadcast_mismatch_names_the_shapes():
+    with pytest.raises(ValueError, match=r"\(2,3\).*\(4,\)"):
+        ag.ones(2, 3) + ag.ones(4)
+
+
+def test_reshape_mismatch_names_the_shapes():
+    with pytest.raises(ValueError, match=r"shape \(2, 3\).*into shape \(4,\)"):
+        ag.ones(2, 3).reshape(4)
+
+
+def test_cat_mismatch_names_the_shapes():
+    with pytest.raises(ValueError, match=r"cat: shapes \[\(2, 3\), \(2, 4\)\]"):
+        ag.cat([ag.ones(2, 3), ag.ones(2, 4)])
+
+
+def test_reduction_axis_out_of_range():
+    with pytest.raises(ValueError, match="axis 2 is out of range"):
+        ag.ones(2, 3).sum(axis=2)
+
+
+def test_where_needs_a_boolean_condition():
+    with pytest.raises(TypeError, match="boolean"):
+        ag.where(np.array([1, 0]), ag.ones(2), ag.zeros(2))
