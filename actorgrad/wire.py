@@ -110,6 +110,8 @@ _FIXED = struct.Struct(">4sIIQ")
 PREFIX_SIZE = _FIXED.size  # 20
 _ZEROS = bytes(ALIGN)
 _JOIN_BODY_BELOW = 16 * 1024  # bodies smaller than this are copied into the first chunk
+_PACKER_BUF_SIZE = 16 * 1024  # initial buffer of each msgpack Packer
+_PACKER_KEEP_BYTES = 1 << 20  # a thread's packers are replaced after a larger body
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 
@@ -314,7 +316,7 @@ class _Encoder:
 
     def __init__(self) -> None:
         self.packers: list[msgpack.Packer] = []
-        self.header_packer = msgpack.Packer(use_bin_type=True, default=_header_default)
+        self.header_packer = _new_header_packer()
         self.buffers: list[memoryview] = []
         self.hooks: Any = None
         self.depth = 0
@@ -325,7 +327,12 @@ class _Encoder:
         packers = self.packers
         while len(packers) <= depth:
             packers.append(
-                msgpack.Packer(use_bin_type=True, strict_types=True, default=self.default)
+                msgpack.Packer(
+                    use_bin_type=True,
+                    strict_types=True,
+                    default=self.default,
+                    buf_size=_PACKER_BUF_SIZE,
+                )
             )
         return packers[depth]
 
@@ -337,12 +344,14 @@ class _Encoder:
         self.buffers = []
         self.depth = 0
         hook_exc: BaseException | None = None
+        ok = False
         try:
             try:
                 hbytes = self.header_packer.pack(header)
             except (TypeError, OverflowError, ValueError) as exc:
                 raise _packing_error(exc, header, "header") from None
             if len(hbytes) > MAX_HEADER_BYTES:
+                self.header_packer = _new_header_packer()  # drop its grown buffer
                 raise ValueError(
                     f"frame header is {len(hbytes)} bytes, more than MAX_HEADER_BYTES "
                     f"({MAX_HEADER_BYTES})"
@@ -354,10 +363,16 @@ class _Encoder:
             except (TypeError, OverflowError, ValueError) as exc:
                 raise _packing_error(exc, body, "body") from None
             buffers = self.buffers
+            ok = hook_exc is None and len(bbytes) <= _PACKER_KEEP_BYTES
         finally:
             self.busy = False
             self.hooks = None
             self.buffers = []
+            if not ok:
+                # msgpack packers never shrink their buffer: after a large body or an
+                # error (whose partial output may have been large), start afresh.
+                self.packers = []
+                self.header_packer = _new_header_packer()
         if hook_exc is not None:
             raise hook_exc
         return _assemble(hbytes, bbytes, buffers)
@@ -392,6 +407,10 @@ class _Encoder:
 def _new_ext(code: int, data: bytes) -> msgpack.ExtType:
     """``msgpack.ExtType(code, data)`` without its Python-level argument checks."""
     return tuple.__new__(msgpack.ExtType, (code, data))
+
+
+def _new_header_packer() -> msgpack.Packer:
+    return msgpack.Packer(use_bin_type=True, default=_header_default, buf_size=_PACKER_BUF_SIZE)
 
 
 def _packing_error(exc: BaseException, root: Any, name: str) -> Exception:

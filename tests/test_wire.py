@@ -877,3 +877,29 @@ def test_ref_hook_receives_only_a_list_payload():
 def test_frame_repr_mentions_header_and_size():
     f = decode_frame(b"".join(encode_frame([1, "x"], None)))
     assert "[1, 'x']" in repr(f) and str(f.nbytes) in repr(f)
+
+
+def test_a_thread_does_not_keep_the_buffer_of_a_large_body_alive():
+    import tracemalloc
+
+    encode_frame([0], (1, 2))  # make sure this thread's encoder exists
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        chunks = encode_frame([0], (b"x" * 20_000_000,))
+        del chunks
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert retained < 1_000_000
+    assert roundtrip((1, (2,))) == (1, (2,))
+
+
+def test_join_chunks_and_frame_nbytes_cover_every_chunk():
+    arrays = [np.arange(20_000, dtype=np.float64), np.arange(9_000, dtype=np.int64)]
+    chunks = encode_frame([0], arrays)
+    assert any(isinstance(c, memoryview) for c in chunks)
+    buf = join_chunks(chunks)
+    assert isinstance(buf, bytearray)
+    assert len(buf) == frame_nbytes(chunks) == len(b"".join(chunks))
+    assert buf == b"".join(chunks)

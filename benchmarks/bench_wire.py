@@ -1,0 +1,61 @@
+"""Wire codec speed: encode/decode of a tiny call frame and of 1 MiB / 16 MiB array frames.
+
+The yardstick is ``pickle.dumps``/``pickle.loads`` of the same (header, body) measured in
+the same run (pickle appears only here, as a baseline; actorgrad never uses it).
+
+Encode is ``encode_frame`` (chunks, no join: the transport writes them with
+``writelines``). Decode is ``decode_frame(frame).body()`` over a ``bytearray`` frame, as a
+transport receives it. Times are the best of several repeats.
+
+Run: ``python -m benchmarks bench_wire`` or ``python -m benchmarks.bench_wire``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import timeit
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from actorgrad.wire import decode_frame, encode_frame, join_chunks
+
+
+def best_us(fn: Callable[[], Any], min_time: float = 0.2, repeat: int = 5) -> float:
+    """Best time per call in microseconds."""
+    timer = timeit.Timer(fn)
+    number, _ = timer.autorange()
+    number = max(1, int(number * min_time / 0.2))
+    return min(timer.repeat(repeat=repeat, number=number)) / number * 1e6
+
+
+def bench_case(name: str, header: list, body: Any) -> dict[str, float]:
+    frame = join_chunks(encode_frame(header, body))
+    enc = best_us(lambda: encode_frame(header, body))
+    dec = best_us(lambda: decode_frame(frame).body())
+    pickled = pickle.dumps((header, body), protocol=pickle.HIGHEST_PROTOCOL)
+    p_enc = best_us(lambda: pickle.dumps((header, body), protocol=pickle.HIGHEST_PROTOCOL))
+    p_dec = best_us(lambda: pickle.loads(pickled))
+    print(
+        f"{name:<22} {len(frame):>10} B | encode {enc:9.2f} us  decode {dec:9.2f} us"
+        f"  total {enc + dec:9.2f} us | pickle {p_enc + p_dec:9.2f} us"
+        f"  (wire/pickle {(enc + dec) / (p_enc + p_dec):5.2f}x)"
+    )
+    return {"encode_us": enc, "decode_us": dec, "pickle_us": p_enc + p_dec}
+
+
+def main() -> dict[str, dict[str, float]]:
+    header = [0, 17, "mod:fn", None]
+    mib = np.random.default_rng(0).standard_normal(1 << 18).astype(np.float32)  # 1 MiB
+    mib16 = np.random.default_rng(1).standard_normal(1 << 22).astype(np.float32)  # 16 MiB
+    results = {
+        "tiny": bench_case("tiny call ((1,2),{})", header, ((1, 2), {})),
+        "1MiB": bench_case("1 MiB float32 array", header, ((mib,), {})),
+        "16MiB": bench_case("16 MiB float32 array", header, ((mib16,), {})),
+    }
+    return results
+
+
+if __name__ == "__main__":
+    main()
