@@ -238,6 +238,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     async def serve(stop: asyncio.Event) -> None:
         await rt.serve_worker(args.join, args.name, token, stop=stop)
 
+    _say(f"worker {args.name} joining {args.join}")
+
     return await _serve_until_signalled(serve, f"worker {args.name}")
 
 
@@ -260,6 +262,18 @@ def _terminal_delivers_sigint() -> bool:
         except (OSError, ValueError, AttributeError):
             continue
     return False
+
+
+def _driver_env(address: str, token: str) -> dict[str, str]:
+    """The script's environment: ours, the cluster's address and token, and a
+    ``PYTHONPATH`` that finds this very ``actorgrad`` first (also from a source tree)."""
+    env = dict(os.environ)
+    env[ENV_ADDRESS] = address
+    env[ENV_TOKEN] = token
+    here = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    env["PYTHONPATH"] = os.pathsep.join([here, *paths])
+    return env
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
@@ -297,7 +311,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
             if ready not in done:
                 await cluster  # raises what made it stop
                 raise CliError("the local cluster stopped before it was ready")
-            env = dict(os.environ, **{ENV_ADDRESS: ready.result(), ENV_TOKEN: token})
+            env = _driver_env(ready.result(), token)
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, str(script), *args.args, env=env
             )

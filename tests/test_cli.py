@@ -1,0 +1,346 @@
+"""The ``actorgrad`` command, run as real subprocesses (``python -m actorgrad ...``).
+
+One cluster (``cluster -n 2 --token-file F``) is shared by the read-only tests; the
+signal tests start their own. Output is read line by line with a deadline; process
+exits are awaited with pidfds (no sleeps).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from actorgrad import cli
+
+CLI = [sys.executable, "-m", "actorgrad"]
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP = 30.0
+
+
+def _has_runtime() -> bool:
+    try:
+        import actorgrad.runtime.cluster  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_runtime = pytest.mark.skipif(not _has_runtime(), reason="actorgrad.runtime.cluster missing")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACTORGRAD_")}
+    env.update(extra)
+    return env
+
+
+class Running:
+    """A CLI subprocess whose stdout lines are collected by a reader thread."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [*CLI, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env if env is not None else _env(),
+            start_new_session=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, prefix: str, timeout: float = STARTUP) -> str:
+        """The rest of the first stdout line starting with ``prefix`` (deadline)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no line {prefix!r} within {timeout} s; saw {self.seen}")
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise AssertionError(f"exited before {prefix!r}; saw {self.seen}; stderr {err}")
+            self.seen.append(line)
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+
+    def wait(self, timeout: float = 20.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """Kill whatever is left of the process and its group; close the pipes."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        self._reader.join(5)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0):
+    """Run a CLI command to completion; returns the CompletedProcess."""
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env if env is not None else _env(),
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def descendants(pid: int) -> set[int]:
+    """All live descendants of ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def wait_gone(pids: set[int], timeout: float) -> set[int]:
+    """Wait (pidfd, no polling) until each pid has exited; returns those still alive."""
+    deadline = time.monotonic() + timeout
+    alive = set()
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready and _is_running(pid):
+                alive.add(pid)
+        finally:
+            os.close(fd)
+    return alive
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A running ``actorgrad cluster -n 2``: (address, token file)."""
+    if not _has_runtime():
+        pytest.skip("actorgrad.runtime.cluster missing")
+    token_file = tmp_path_factory.mktemp("cli") / "token"
+    c = Running("cluster", "-n", "2", "--token-file", str(token_file))
+    try:
+        address = c.expect("address:")
+        yield address, token_file
+    finally:
+        if c.proc.poll() is None:
+            c.proc.send_signal(signal.SIGTERM)
+            try:
+                c.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        c.stop()
+
+
+# --- no runtime needed ---
+
+
+def test_usage_errors_exit_2() -> None:
+    assert run_cli("cluster").returncode == 2
+    assert run_cli("cluster", "-n", "0").returncode == 2
+    assert run_cli("bogus").returncode == 2
+    r = run_cli("status", env=_env(ACTORGRAD_TOKEN="t"))
+    assert r.returncode == 2
+    assert "ACTORGRAD_ADDRESS" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_of_a_missing_script_is_a_usage_error(tmp_path: Path) -> None:
+    r = run_cli("run", "-n", "1", str(tmp_path / "nope.py"))
+    assert r.returncode == 2 and "no such script" in r.stderr
+
+
+def test_a_new_token_file_is_created_with_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "tok"
+    token, where = cli.cluster_token(str(path))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().strip() == token and str(path) in where
+    assert cli.cluster_token(str(path))[0] == token  # an existing file is read
+
+
+def test_without_token_file_the_token_is_not_printed_but_stored_privately(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ACTORGRAD_TOKEN", raising=False)
+    token, where = cli.cluster_token(None)
+    path = Path(where.split()[2])
+    assert token not in where
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    path.unlink()
+    path.parent.rmdir()
+
+
+def test_status_table_lists_workers_mailboxes_and_contexts() -> None:
+    text = cli.format_status(
+        {
+            "address": "127.0.0.1:1",
+            "workers": [
+                {"name": "w2", "id": 2, "address": "a", "mailbox": 0, "in_flight": 1},
+                {"name": "w1", "id": 1, "address": "b", "mailbox": 3, "dist": {"num_contexts": 4}},
+            ],
+        }
+    )
+    lines = text.splitlines()
+    assert "2 workers" in lines[0]
+    assert lines[1].split() == ["name", "id", "address", "mailbox", "in_flight", "contexts"]
+    assert lines[2].split() == ["w1", "1", "b", "3", "-", "4"]
+    assert lines[3].split() == ["w2", "2", "a", "0", "1", "-"]
+
+
+# --- against a running cluster ---
+
+
+@needs_runtime
+def test_cluster_token_file_is_created_with_mode_0600(cluster: tuple[str, Path]) -> None:
+    _, token_file = cluster
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+
+
+@needs_runtime
+def test_status_names_the_workers(cluster: tuple[str, Path]) -> None:
+    address, token_file = cluster
+    r = run_cli("status", "--address", address, "--token-file", str(token_file))
+    assert r.returncode == 0, r.stderr
+    names = {line.split()[0] for line in r.stdout.splitlines()[2:]}
+    assert {"w1", "w2"} <= names
+    # the address and the token may also come from the environment
+    env = _env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
+    r = run_cli("status", env=env)
+    assert r.returncode == 0 and "w1" in r.stdout
+
+
+@needs_runtime
+def test_wrong_token_exits_1_with_a_one_line_message(cluster: tuple[str, Path]) -> None:
+    address, _ = cluster
+    r = run_cli("status", "--address", address, env=_env(ACTORGRAD_TOKEN="wrong"))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr
+
+
+@needs_runtime
+def test_unreachable_address_exits_1_with_a_one_line_message() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    r = run_cli("status", "--address", address, env=_env(ACTORGRAD_TOKEN="t"))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@needs_runtime
+def test_a_worker_joins_from_another_process(cluster: tuple[str, Path]) -> None:
+    address, token_file = cluster
+    w = Running("worker", "--join", address, "--name", "extra", "--token-file", str(token_file))
+    try:
+        w.expect("worker extra joining")
+        # the worker prints nothing once joined: ask the head until it lists it
+        deadline = time.monotonic() + STARTUP
+        names: set[str] = set()
+        while "extra" not in names and time.monotonic() < deadline:
+            r = run_cli("status", "--address", address, "--token-file", str(token_file))
+            assert r.returncode == 0, r.stderr
+            names = {line.split()[0] for line in r.stdout.splitlines()[2:]}
+        assert "extra" in names
+        w.proc.send_signal(signal.SIGTERM)
+        assert w.wait() == 0
+    finally:
+        w.stop()
+
+
+RUN_SCRIPT = """
+import asyncio, sys
+import actorgrad as ag
+
+async def main():
+    await ag.init("driver")
+    assert sorted(n for n in ag.workers() if n != "driver") == ["w1", "w2"], ag.workers()
+    print("product", await ag.rpc("w2", "operator:mul", (6, 7)), sys.argv[1:], flush=True)
+    await ag.shutdown()
+
+asyncio.run(main())
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@needs_runtime
+def test_run_gives_the_script_a_cluster_and_returns_its_status(tmp_path: Path) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(RUN_SCRIPT)
+    r = run_cli("run", "-n", "2", str(script), "3", "--flag")
+    assert r.returncode == 3, r.stderr
+    assert "product 42 ['3', '--flag']" in r.stdout
+
+
+@needs_runtime
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_cluster_and_leaves_no_process_behind(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
+    c = Running("cluster", "-n", "2", env=_env(ACTORGRAD_TOKEN="secret"))
+    try:
+        c.expect("address:")
+        assert "secret" not in "\n".join(c.seen)
+        pids = descendants(c.proc.pid)
+        assert len(pids) >= 2, pids
+        c.proc.send_signal(sig)
+        assert c.wait(20) == 0
+        assert wait_gone(pids, 10) == set()
+    finally:
+        c.stop()
