@@ -1,0 +1,18 @@
+"""Shared fixtures.
+
+``cluster``: a local cluster (driver + w1, w2, w3) whose workers are actors on the
+test's loop, parametrized over the in-process and the TCP transport, so the same
+runtime tests run over both.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import actorgrad as ag
+
+
+@pytest.fixture(params=["inproc", "tcp"])
+async def cluster(request):
+    async with ag.local_cluster(3, transport=request.param) as c:
+        yield c

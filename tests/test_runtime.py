@@ -1,0 +1,439 @@
+"""Runtime tests: rpc, remote, RRefs, errors, re-entrancy, concurrency, shutdown.
+
+Every test using the ``cluster`` fixture runs over both transports (in-process, TCP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+
+import numpy as np
+import pytest
+
+import actorgrad as ag
+from actorgrad.runtime import Worker, current_worker
+
+# ---- functions called remotely (module level, so they travel by name) -------------------
+
+
+def add(a, b=0):
+    return a + b
+
+
+async def async_add(a, b=0):
+    await asyncio.sleep(0)
+    return a + b
+
+
+def whoami():
+    return ag.worker_name()
+
+
+async def async_whoami():
+    return ag.worker_name()
+
+
+def boom(msg):
+    raise ValueError(msg)
+
+
+async def aboom(msg):
+    await asyncio.sleep(0)
+    raise KeyError(msg)
+
+
+def echo(x):
+    return x
+
+
+async def nap(seconds, value=None):
+    await asyncio.sleep(seconds)
+    return value
+
+
+async def relay(path, value):
+    """Call the next worker of ``path`` (re-entrant chains), then add our name."""
+    if not path:
+        return [*value, ag.worker_name()]
+    return await ag.rpc(path[0], relay, (path[1:], [*value, ag.worker_name()]))
+
+
+def spin(seconds):
+    """CPU-heavy: pure-Python busy loop (holds the GIL most of the time)."""
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n
+
+
+def unencodable_result():
+    return {1, 2}
+
+
+def double_array(a):
+    return a * 2
+
+
+class Counter:
+    def __init__(self, start=0):
+        self.value = start
+
+    def incr(self, by=1):
+        self.value += by
+        return self.value
+
+    async def aget(self):
+        return self.value
+
+    def as_list(self):
+        return [self.value]
+
+
+def make_counter(start):
+    return Counter(start)
+
+
+def rref_value_on_owner(r):
+    return r.local_value().value
+
+
+async def fetch(r):
+    return await r.to_here()
+
+
+def keep(r):
+    current_worker().ext.setdefault("kept", []).append(r)
+    return len(current_worker().ext["kept"])
+
+
+def drop_kept():
+    current_worker().ext.pop("kept", None)
+    gc.collect()
+
+
+async def remote_then_return(owner, start):
+    """A non-owner (this worker) forks an RRef it got to the caller."""
+    return await ag.remote(owner, make_counter, (start,))
+
+
+def owned():
+    gc.collect()
+    return current_worker().owned_count
+
+
+# ---- basics --------------------------------------------------------------------------------
+
+
+async def test_rpc_returns_result_of_sync_and_async_functions(cluster):
+    assert await ag.rpc("w1", add, (1, 2)) == 3
+    assert await ag.rpc("w2", async_add, (1, 2)) == 3
+    assert await ag.rpc("w1", whoami) == "w1"
+    assert await ag.rpc("w3", async_whoami) == "w3"
+    assert ag.worker_name() == "driver"
+    assert ag.workers() == ["driver", "w1", "w2", "w3"]
+    assert cluster.names == ["w1", "w2", "w3"]
+
+
+async def test_kwargs_and_string_function_names(cluster):
+    assert await ag.rpc("w1", add, (1,), {"b": 5}) == 6
+    assert await ag.rpc("w1", f"{__name__}:async_add", kwargs={"a": 2, "b": 3}) == 5
+    assert await ag.rpc("w2", "operator:mul", (6, 7)) == 42
+
+
+async def test_values_keep_their_types_and_arrays_travel(cluster):
+    value = {"t": (1, 2.5, "x", b"y", None, True), "l": [1, [2]]}
+    assert await ag.rpc("w1", echo, (value,)) == value
+    a = np.arange(100_000, dtype=np.float32).reshape(100, 1000)
+    b = await ag.rpc("w1", double_array, (a,))
+    assert b.dtype == np.float32 and b.shape == (100, 1000)
+    np.testing.assert_array_equal(b, a * 2)
+    small = await ag.rpc("w2", double_array, (np.array([1, 2], dtype=np.int16),))
+    assert small.dtype == np.int16 and small.tolist() == [2, 4]
+
+
+async def test_call_to_self_goes_through_the_runtime(cluster):
+    assert await ag.rpc("driver", whoami) == "driver"
+
+
+async def test_many_small_sync_calls_become_inline_and_stay_correct(cluster):
+    for i in range(50):
+        assert await ag.rpc("w1", add, (i, 1)) == i + 1
+
+
+# ---- re-entrancy and concurrency -----------------------------------------------------------
+
+
+async def test_reentrant_calls_a_b_a_do_not_deadlock(cluster):
+    got = await asyncio.wait_for(ag.rpc("w1", relay, (["driver"], [])), 10)
+    assert got == ["w1", "driver"]
+
+
+async def test_reentrant_chain_a_b_c_a_and_deeper(cluster):
+    got = await asyncio.wait_for(ag.rpc("w1", relay, (["w2", "driver", "w1", "w3"], [])), 10)
+    assert got == ["w1", "w2", "driver", "w1", "w3"]
+
+
+async def test_300_concurrent_calls_to_one_worker(cluster):
+    async_results = asyncio.gather(*(ag.rpc("w1", nap, (0.05, i)) for i in range(300)))
+    sync_results = asyncio.gather(*(ag.rpc("w1", add, (i, 1)) for i in range(300)))
+    a, s = await asyncio.wait_for(asyncio.gather(async_results, sync_results), 20)
+    assert a == list(range(300))
+    assert s == [i + 1 for i in range(300)]
+
+
+async def test_cpu_heavy_sync_function_does_not_block_other_calls(cluster):
+    heavy = asyncio.ensure_future(ag.rpc("w1", spin, (1.0,)))
+    await asyncio.sleep(0.05)
+    worst = 0.0
+    for i in range(10):
+        t0 = time.perf_counter()
+        assert await asyncio.wait_for(ag.rpc("w1", add, (i, 1)), 5) == i + 1
+        assert await asyncio.wait_for(ag.rpc("w1", async_add, (i, 1)), 5) == i + 1
+        worst = max(worst, time.perf_counter() - t0)
+    assert not heavy.done()
+    assert worst < 0.5
+    assert await asyncio.wait_for(heavy, 10) > 0
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+async def test_remote_exception_becomes_remote_error_with_fields(cluster):
+    with pytest.raises(ag.RemoteError) as ei:
+        await ag.rpc("w2", boom, ("kaput",))
+    e = ei.value
+    assert e.worker == "w2"
+    assert e.remote_type == "ValueError"
+    assert "kaput" in e.remote_traceback and "boom" in e.remote_traceback
+    assert "w2" in str(e) and "kaput" in str(e)
+    # the worker keeps serving
+    assert await ag.rpc("w2", add, (1, 1)) == 2
+
+
+async def test_async_remote_exception(cluster):
+    with pytest.raises(ag.RemoteError, match="nope") as ei:
+        await ag.rpc("w1", aboom, ("nope",))
+    assert ei.value.remote_type == "KeyError"
+
+
+async def test_timeout_raises_rpc_timeout_and_late_reply_is_dropped(cluster):
+    t0 = time.perf_counter()
+    with pytest.raises(ag.RpcTimeout) as ei:
+        await ag.rpc("w1", nap, (0.5, "late"), timeout=0.1)
+    assert isinstance(ei.value, TimeoutError)
+    assert "w1" in str(ei.value)
+    assert time.perf_counter() - t0 < 0.45
+    await asyncio.sleep(0.5)  # let the late reply arrive: it must be ignored quietly
+    assert await ag.rpc("w1", add, (2, 2), timeout=5) == 4
+
+
+async def test_unknown_module_or_function_gives_remote_error_naming_it(cluster):
+    with pytest.raises(ag.RemoteError) as ei:
+        await ag.rpc("w1", "no_such_module_xyz:fn")
+    assert ei.value.remote_type == "ModuleNotFoundError"
+    assert "no_such_module_xyz" in str(ei.value)
+    with pytest.raises(ag.RemoteError) as ei:
+        await ag.rpc("w1", f"{__name__}:no_such_function")
+    assert ei.value.remote_type == "AttributeError"
+    assert "no_such_function" in str(ei.value)
+
+
+async def test_lambda_closure_and_nested_function_fail_at_the_caller(cluster):
+    def nested():
+        return 1
+
+    with pytest.raises(TypeError, match="lambda"):
+        await ag.rpc("w1", lambda: 1)
+    with pytest.raises(TypeError, match="nested"):
+        await ag.rpc("w1", nested)
+    with pytest.raises(TypeError, match="bound method"):
+        await ag.rpc("w1", Counter().incr)
+
+
+async def test_unencodable_argument_is_a_type_error_at_the_sender(cluster):
+    with pytest.raises(TypeError, match="set"):
+        await ag.rpc("w1", add, ({1, 2},))
+    with pytest.raises(TypeError, match="object"):
+        await ag.rpc("w1", add, (), {"a": object()})
+    assert await ag.rpc("w1", add, (1, 2)) == 3
+
+
+async def test_unencodable_result_is_a_remote_type_error(cluster):
+    with pytest.raises(ag.RemoteError) as ei:
+        await ag.rpc("w1", unencodable_result)
+    assert ei.value.remote_type == "TypeError" and "set" in str(ei.value)
+
+
+async def test_unknown_worker_is_a_clear_error(cluster):
+    with pytest.raises(ValueError, match="nobody"):
+        await ag.rpc("nobody", add, (1, 2))
+
+
+# ---- RRefs -----------------------------------------------------------------------------------
+
+
+async def _owned_count(worker, deadline=5.0):
+    async def wait_zero():
+        while (n := await ag.rpc(worker, owned)) != 0:
+            gc.collect()
+            await asyncio.sleep(0.02)
+        return n
+
+    return await asyncio.wait_for(wait_zero(), deadline)
+
+
+async def test_remote_returns_rref_and_methods_run_on_the_owner(cluster):
+    r = await ag.remote("w1", make_counter, (5,))
+    assert isinstance(r, ag.RRef)
+    assert r.owner == "w1" and not r.is_owner()
+    with pytest.raises(RuntimeError, match="w1"):
+        r.local_value()
+    assert await r.rpc().incr(2) == 7
+    assert await r.rpc().incr(by=3) == 10
+    assert await r.rpc().aget() == 10
+    lst = await r.remote().as_list()
+    assert lst.owner == "w1" and await lst.to_here() == [10]
+    with pytest.raises(ag.RemoteError, match="Counter"):
+        await r.to_here(timeout=5)  # a Counter cannot travel
+    assert await ag.rpc("w1", owned) == 2
+    del r, lst
+    gc.collect()
+    await _owned_count("w1")
+
+
+async def test_rref_passed_to_owner_gives_local_value(cluster):
+    r = await ag.remote("w2", make_counter, (3,))
+    assert await ag.rpc("w2", rref_value_on_owner, (r,)) == 3
+
+
+async def test_rref_passed_to_a_third_worker_and_freed_when_all_drop_it(cluster):
+    r = await ag.remote("w1", make_counter, (1,))
+    assert await ag.rpc("w2", fetch, (await r.remote().as_list(),)) == [1]
+    assert await ag.rpc("w2", keep, (r,)) == 1
+    assert await ag.rpc("w3", keep, (r,)) == 1
+    del r
+    gc.collect()
+    await asyncio.sleep(0.05)
+    assert await ag.rpc("w1", owned) == 1  # still held by w2 and w3
+    await ag.rpc("w2", drop_kept)
+    assert await ag.rpc("w1", owned) == 1
+    await ag.rpc("w3", drop_kept)
+    await _owned_count("w1")
+
+
+async def test_rref_forked_by_a_non_owner_in_a_reply(cluster):
+    r = await ag.rpc("w2", remote_then_return, ("w1", 9))
+    assert r.owner == "w1"
+    assert await r.rpc().incr() == 10
+    del r
+    gc.collect()
+    await _owned_count("w1")
+
+
+async def test_rref_of_owner_to_itself(cluster):
+    r = await ag.remote("driver", make_counter, (4,))
+    assert r.is_owner()
+    assert r.local_value().value == 4
+    assert (await r.to_here()).value == 4  # the owner gets the value itself
+    assert current_worker().owned_count == 1
+    del r
+    gc.collect()
+    await _owned_count("driver")
+
+
+# ---- cluster lifecycle ---------------------------------------------------------------------------
+
+
+async def test_wrong_token_is_an_auth_error_and_the_listener_keeps_serving(cluster):
+    bad = Worker("intruder", token="wrong", transport_kind=cluster.driver.transport_kind)
+    await bad.start()
+    try:
+        with pytest.raises(ag.AuthError):
+            await bad.join(cluster.address)
+    finally:
+        await bad.shutdown()
+    assert await ag.rpc("w1", add, (1, 2)) == 3
+    assert "intruder" not in ag.workers()
+
+
+async def test_duplicate_name_is_refused_naming_it(cluster):
+    dup = Worker("w2", token=cluster.driver.token, transport_kind=cluster.driver.transport_kind)
+    await dup.start()
+    try:
+        with pytest.raises(ValueError, match="'w2'"):
+            await dup.join(cluster.address)
+    finally:
+        await dup.shutdown()
+    assert await ag.rpc("w2", whoami) == "w2"
+
+
+async def test_worker_joining_and_leaving_at_run_time(cluster):
+    lost = []
+    cluster.driver.add_peer_lost_callback(lost.append)
+    late = Worker("late", token=cluster.driver.token, transport_kind=cluster.driver.transport_kind)
+    await late.start()
+    await late.join(cluster.address)
+    assert 1 <= late.id < 2**16 and late.id not in {cluster.driver.id}
+    assert "late" in ag.workers()
+    assert await ag.rpc("late", whoami) == "late"
+    assert await ag.rpc("w1", relay, (["late"], [])) == ["w1", "late"]
+    await late.shutdown()
+    await late.shutdown()  # idempotent
+    assert "late" not in ag.workers()
+    assert lost == ["late"]
+    with pytest.raises((ag.WorkerLost, ValueError)):
+        await ag.rpc("late", whoami)
+
+
+async def test_pending_calls_fail_with_worker_lost_when_the_worker_shuts_down(cluster):
+    w3 = cluster.workers[2]
+    call = asyncio.ensure_future(ag.rpc("w3", nap, (30,)))
+    await asyncio.sleep(0.1)
+    await w3.shutdown(graceful=False)
+    with pytest.raises(ag.WorkerLost):
+        await asyncio.wait_for(call, 5)
+
+
+async def test_worker_repr_and_status(cluster):
+    w = cluster.driver
+    assert "driver" in repr(w) and "mailbox" in repr(w)
+    w.add_status_provider("test", lambda: {"answer": 42})
+    st = w.status()
+    assert st["name"] == "driver" and st["answer"] == 42 and "in_flight" in st
+
+
+async def test_init_single_worker_and_shutdown_is_idempotent():
+    w = await ag.init("solo")
+    try:
+        assert ag.worker_name() == "solo" and ag.workers() == ["solo"] and w.id == 1
+        assert await ag.rpc("solo", add, (1, 2)) == 3
+    finally:
+        await ag.shutdown()
+        await ag.shutdown()
+    with pytest.raises(RuntimeError, match="not initialized"):
+        ag.worker_name()
+
+
+async def test_init_refuses_non_loopback_without_token(monkeypatch):
+    monkeypatch.delenv("ACTORGRAD_TOKEN", raising=False)
+    monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)
+    with pytest.raises(ValueError, match="token"):
+        await ag.init("x", host="0.0.0.0")
+
+
+async def test_not_initialized_is_a_runtime_error():
+    with pytest.raises(RuntimeError, match="not initialized"):
+        await ag.rpc("w1", add, (1, 2))
+
+
+async def test_leaving_local_cluster_on_error_shuts_everything_down():
+    with pytest.raises(KeyError):
+        async with ag.local_cluster(2) as c:
+            driver = c.driver
+            raise KeyError("x")
+    assert driver.closed
+    with pytest.raises(RuntimeError):
+        ag.worker_name()
