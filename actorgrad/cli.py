@@ -377,6 +377,10 @@ async def cmd_status(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get(ENV_ADDRESS)
     if not address:
         raise CliError(f"no address: pass --address A or set {ENV_ADDRESS}", code=2)
+    try:
+        _address(address)
+    except argparse.ArgumentTypeError as exc:
+        raise CliError(f"{ENV_ADDRESS}: {exc}", code=2) from None
     token = client_token(args.token_file)
     status = await rt.cluster_status(address, token, timeout=args.timeout)
     _say(format_status(status))
@@ -412,6 +416,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}")
+    return text
 
 
 def _positive(text: str) -> int:
@@ -455,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     w = sub.add_parser("worker", help="run one worker that joins a cluster")
-    w.add_argument("--join", required=True, metavar="ADDRESS", help="the cluster's address")
+    w.add_argument(
+        "--join", required=True, type=_address, metavar="ADDRESS", help="HOST:PORT of the cluster"
+    )
     w.add_argument("--name", required=True, help="this worker's name")
     w.add_argument("--token-file", metavar="F", help=tok)
 
@@ -465,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="its arguments")
 
     s = sub.add_parser("status", help="show the workers of a running cluster")
-    s.add_argument("--address", metavar="A", help=f"cluster address (default: ${ENV_ADDRESS})")
+    s.add_argument(
+        "--address", type=_address, metavar="A", help=f"HOST:PORT (default: ${ENV_ADDRESS})"
+    )
     s.add_argument("--token-file", metavar="F", help=tok)
     s.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
 
@@ -488,7 +503,9 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] =
 def _describe(exc: BaseException) -> str:
     """One line for an expected runtime/OS error."""
     if isinstance(exc, AuthError):
-        return f"authentication failed: {exc} (wrong token?)"
+        return f"authentication failed: {exc}"
+    if isinstance(exc, ActorgradError) and str(exc):
+        return str(exc)
     if isinstance(exc, ConnectionRefusedError):
         return f"cannot connect: {exc.strerror or exc}"
     if isinstance(exc, TimeoutError):

@@ -344,3 +344,53 @@ def test_a_signal_stops_the_cluster_and_leaves_no_process_behind(
         assert wait_gone(pids, 10) == set()
     finally:
         c.stop()
+
+
+WAIT_SCRIPT = """
+import asyncio, sys
+import actorgrad as ag
+
+async def main():
+    await ag.init("driver")
+    print("ready", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await ag.shutdown()
+
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(7)
+"""
+
+
+@needs_runtime
+def test_run_forwards_ctrl_c_to_the_script_then_stops_the_cluster(tmp_path: Path) -> None:
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT_SCRIPT)
+    r = Running("run", "-n", "1", str(script))
+    try:
+        r.expect("ready")
+        pids = descendants(r.proc.pid)
+        r.proc.send_signal(signal.SIGINT)
+        r.expect("interrupted")
+        assert r.wait() == 7
+        assert wait_gone(pids, 10) == set()
+    finally:
+        r.stop()
+
+
+@needs_runtime
+def test_a_second_signal_forces_the_cluster_down(tmp_path: Path) -> None:
+    c = Running("cluster", "-n", "1", "--token-file", str(tmp_path / "t"))
+    try:
+        c.expect("address:")
+        pids = descendants(c.proc.pid)
+        c.proc.send_signal(signal.SIGINT)
+        c.proc.send_signal(signal.SIGINT)
+        assert c.wait() in (0, 130)
+        assert wait_gone(pids, 10) == set()
+    finally:
+        c.stop()
