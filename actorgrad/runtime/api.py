@@ -71,7 +71,7 @@ def worker_name() -> str:
 
 
 def workers() -> list[str]:
-    """Names of the cluster's workers (this one included), in joining order."""
+    """Names of the cluster's workers (this one included), sorted ("w2" before "w10")."""
     return current_worker().worker_names()
 
 

@@ -125,7 +125,9 @@ async def serve_worker(
         host = "127.0.0.1" if is_loopback(h) else "0.0.0.0"
     check_bind(host, token)
     w = Worker(name, token=token, host=host)
-    old = _w.set_process_worker(w)
+    own = _w._process_worker is None or _w._process_worker.closed
+    if own:
+        _w.set_process_worker(w)
     try:
         await w.start()
         await w.join(address)
@@ -140,7 +142,8 @@ async def serve_worker(
             await asyncio.wait(waits)
     finally:
         await finish(w.shutdown(timeout=5.0))
-        _w.set_process_worker(old)
+        if own and _w._process_worker is w:
+            _w.set_process_worker(None)
 
 
 async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict:

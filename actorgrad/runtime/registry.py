@@ -164,6 +164,8 @@ async def _status(timeout: float = 5.0) -> dict:
         except (ActorgradError, OSError, ValueError) as exc:
             return {"name": name, "id": wid, "address": address, "error": str(exc)}
 
-    entries = sorted(reg.members.items(), key=lambda kv: kv[1][0])
+    from actorgrad.runtime.worker import natural_key
+
+    entries = sorted(reg.members.items(), key=lambda kv: natural_key(kv[0]))
     rows = await asyncio.gather(*(one(n, i, a) for n, (i, a) in entries))
     return {"address": w.address, "workers": list(rows)}

@@ -35,6 +35,7 @@ import functools
 import inspect
 import itertools
 import logging
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -103,6 +104,11 @@ def set_interceptor(i: Any) -> None:
 
 def get_interceptor() -> Any:
     return _interceptor
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting "w2" before "w10"."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
 class _FnStats:
@@ -226,7 +232,7 @@ class Worker:
         names = [n for n in self.members if not n.startswith("_")]
         if self.name not in self.members and not self.name.startswith("_"):
             names.append(self.name)
-        return sorted(names, key=lambda n: (self.members.get(n, (0, ""))[0], n))
+        return sorted(names, key=natural_key)
 
     # ------------------------------------------------------------------ setup
     async def start(self) -> None:
@@ -253,7 +259,7 @@ class Worker:
 
     def _task_done(self, t: asyncio.Task[Any]) -> None:
         self._tasks.discard(t)
-        if not t.cancelled() and t.exception() is not None:
+        if not t.cancelled() and t.exception() is not None and not t.get_name().startswith("actorgrad-connect"):
             log.error("worker %s: task %s failed", self.name, t.get_name(), exc_info=t.exception())
 
     # ------------------------------------------------------------------ cluster

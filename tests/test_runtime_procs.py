@@ -1,0 +1,198 @@
+"""Runtime tests with worker processes (TCP between OS processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import actorgrad as ag
+from actorgrad.runtime import cluster as rcluster
+from actorgrad.runtime import worker as rworker
+
+REPO = str(Path(ag.__file__).resolve().parent.parent)
+
+
+def add(a, b=0):
+    return a + b
+
+
+def pid():
+    return os.getpid()
+
+
+async def nap(seconds, value=None):
+    await asyncio.sleep(seconds)
+    return value
+
+
+def spin(seconds):
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n
+
+
+async def relay(path, value):
+    if not path:
+        return [*value, ag.worker_name()]
+    return await ag.rpc(path[0], relay, (path[1:], [*value, ag.worker_name()]))
+
+
+def _gone(p: int) -> bool:
+    try:
+        os.kill(p, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_process_workers_rpc_reentrancy_and_no_orphans():
+    async with ag.local_cluster(2, processes=True) as c:
+        pids = c.pids
+        assert len(pids) == 2
+        assert await ag.rpc("w1", pid) == pids[0]
+        assert await ag.rpc("w2", add, (1,), {"b": 2}) == 3
+        assert await ag.rpc("w1", relay, (["w2", "driver", "w2"], [])) == ["w1", "w2", "driver", "w2"]
+        results = await asyncio.gather(*(ag.rpc("w2", nap, (0.05, i)) for i in range(300)))
+        assert results == list(range(300))
+        r = await ag.remote("w1", "builtins:list", ([1, 2, 3],))
+        assert await r.to_here() == [1, 2, 3]
+        assert ag.workers() == ["driver", "w1", "w2"]
+    assert all(_gone(p) for p in pids)
+
+
+async def test_heavy_function_on_a_process_worker_keeps_heartbeats_and_calls_going():
+    async with ag.local_cluster(1, processes=True):
+        heavy = asyncio.ensure_future(ag.rpc("w1", spin, (rworker.HEARTBEAT_TIMEOUT + 0.7,)))
+        await asyncio.sleep(0.1)
+        for i in range(5):
+            t0 = time.perf_counter()
+            assert await asyncio.wait_for(ag.rpc("w1", add, (i, 1)), 5) == i + 1
+            assert time.perf_counter() - t0 < 0.5
+            await asyncio.sleep(0.3)
+        assert await asyncio.wait_for(heavy, 15) > 0  # no WorkerLost: heartbeats were answered
+
+
+async def test_killed_process_worker_fails_waiting_calls_with_worker_lost():
+    async with ag.local_cluster(2, processes=True) as c:
+        lost = asyncio.get_running_loop().create_future()
+        c.driver.add_peer_lost_callback(lambda name: lost.done() or lost.set_result(name))
+        call = asyncio.ensure_future(ag.rpc("w1", nap, (60,)))
+        await asyncio.sleep(0.1)
+        t0 = time.perf_counter()
+        os.kill(c.pids[0], signal.SIGKILL)
+        with pytest.raises(ag.WorkerLost):
+            await asyncio.wait_for(call, 5)
+        assert time.perf_counter() - t0 < 5
+        assert await asyncio.wait_for(lost, 5) == "w1"
+        assert await ag.rpc("w2", add, (1, 1)) == 2  # the others keep working
+
+
+async def test_stopped_process_worker_is_detected_by_heartbeat():
+    async with ag.local_cluster(1, processes=True) as c:
+        call = asyncio.ensure_future(ag.rpc("w1", nap, (60,)))
+        await asyncio.sleep(0.1)
+        os.kill(c.pids[0], signal.SIGSTOP)
+        try:
+            t0 = time.perf_counter()
+            with pytest.raises(ag.WorkerLost, match="heartbeat"):
+                await asyncio.wait_for(call, rworker.HEARTBEAT_TIMEOUT + 3)
+            assert time.perf_counter() - t0 < rworker.HEARTBEAT_TIMEOUT + 2
+        finally:
+            os.kill(c.pids[0], signal.SIGKILL)
+            os.kill(c.pids[0], signal.SIGCONT)
+
+
+def test_functions_of_a_main_script_run_on_process_workers(tmp_path):
+    script = tmp_path / "driver_script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+            import actorgrad as ag
+
+            print("top level of", __name__, flush=True)
+
+            def square(x):
+                return x * x
+
+            class Box:
+                def __init__(self, v):
+                    self.v = v
+                def get(self):
+                    return self.v
+
+            async def main():
+                async with ag.local_cluster(1, processes=True):
+                    print("square", await ag.rpc("w1", square, (7,)), flush=True)
+                    box = await ag.remote("w1", Box, (5,))
+                    print("box", await box.rpc().get(), flush=True)
+
+            if __name__ == "__main__":
+                asyncio.run(main())
+                print("done", flush=True)
+            """
+        )
+    )
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("ACTORGRAD_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=45, env=env, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "square 49" in lines and "box 5" in lines and lines[-1] == "done"
+    # the worker imported the script as __mp_main__, without running its main block
+    assert "top level of __mp_main__" in lines
+    assert lines.count("done") == 1
+
+
+async def test_serve_cluster_and_cluster_status():
+    stop = asyncio.Event()
+    ready = asyncio.get_running_loop().create_future()
+    task = asyncio.ensure_future(
+        rcluster.serve_cluster(2, token="t0k", on_ready=ready.set_result, stop=stop)
+    )
+    try:
+        address = await asyncio.wait_for(asyncio.shield(ready), 30)
+        st = await rcluster.cluster_status(address, "t0k")
+        names = [w["name"] for w in st["workers"]]
+        assert names == ["_head", "w1", "w2"]
+        for w in st["workers"]:
+            assert {"name", "id", "address", "mailbox", "in_flight"} <= set(w)
+        with pytest.raises(ag.AuthError):
+            await rcluster.cluster_status(address, "wrong")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def test_serve_worker_joins_a_cluster_and_stops():
+    async with ag.local_cluster(0) as c:
+        pass
+    w = await ag.init("head")
+    try:
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(rcluster.serve_worker(w.address, "extra", w.token, stop=stop))
+
+        async def joined():
+            while "extra" not in ag.workers():
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(joined(), 10)
+        assert await ag.rpc("extra", add, (2, 3)) == 5
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        assert "extra" not in ag.workers()
+    finally:
+        await ag.shutdown()
+    assert c.names == []
