@@ -16,12 +16,12 @@ import asyncio
 import contextlib
 import struct
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
 import numpy as np
+
+from benchmarks._report import timed
 
 _LEN = struct.Struct(">Q")
 _HLEN = struct.Struct(">I")
@@ -145,20 +145,6 @@ async def _serve() -> None:
     # run until the parent closes our stdin (or kills us)
     await loop.run_in_executor(None, sys.stdin.read)
     server.close()
-
-
-async def timed(step: Callable[[], Awaitable[Any]], *, warmup: int, seconds: float) -> float:
-    """Seconds per ``await step()`` after ``warmup`` calls, over about ``seconds``."""
-    for _ in range(warmup):
-        await step()
-    n = 0
-    start = time.perf_counter()
-    while True:
-        await step()
-        n += 1
-        now = time.perf_counter()
-        if now - start >= seconds:
-            return (now - start) / n
 
 
 async def measure(
