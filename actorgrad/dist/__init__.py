@@ -1,0 +1,19 @@
+"""Distributed autograd (``ag.dist``): contexts, send/recv recording, the
+message-passing backward with its completion protocol, and ``DistributedOptimizer``.
+
+Modules: ``context`` (contexts, send/recv nodes, the runtime interceptor), ``backward``
+(the pass protocol), ``api`` (context manager, gradients, debug info, release),
+``optimizer``. See docs/distributed.md for the design.
+"""
+
+from __future__ import annotations
+
+from actorgrad.dist.api import context, debug_info, get_gradients
+from actorgrad.dist.backward import backward
+from actorgrad.dist.context import DistInterceptor
+from actorgrad.dist.optimizer import DistributedOptimizer
+from actorgrad.runtime import set_interceptor
+
+__all__ = ["DistributedOptimizer", "backward", "context", "debug_info", "get_gradients"]
+
+set_interceptor(DistInterceptor())

@@ -1,0 +1,139 @@
+"""Public entry points of distributed autograd: ``context``, ``get_gradients``,
+``debug_info`` and the release protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+
+from actorgrad.dist.context import DistState, _current, state_of
+from actorgrad.errors import ContextError
+from actorgrad.runtime import current_worker, rpc
+from actorgrad.tensor import Tensor
+
+__all__ = ["context", "debug_info", "get_gradients"]
+
+log = logging.getLogger("actorgrad.dist")
+
+
+@asynccontextmanager
+async def context() -> AsyncIterator[int]:
+    """Open a distributed autograd context; yields its id (an int unique in the cluster).
+
+    The context follows the asyncio task (contextvars): tasks started inside inherit
+    it, concurrent tasks each open their own. Leaving it releases the context on every
+    worker it reached (second hops too) and waits for their acknowledgement.
+
+    Raises:
+        ContextError: a context is already open in this task (nesting).
+
+    Example::
+
+        async with ag.dist.context() as ctx:
+            loss = (await ag.rpc("w1", model_part, (x,))).sum()
+            await ag.dist.backward(ctx, [loss])
+            print(ag.dist.get_gradients(ctx))
+    """
+    worker = current_worker()
+    cur = _current.get()
+    if cur is not None and cur[0] is worker:
+        raise ContextError(
+            f"a distributed autograd context ({cur[1]:#x}) is already open in this task; "
+            "contexts do not nest"
+        )
+    st = state_of(worker)
+    ctx_id = st.new_context_id()
+    st.get_or_create(ctx_id, worker.name)
+    token = _current.set((worker, ctx_id))
+    try:
+        yield ctx_id
+    finally:
+        _current.reset(token)
+        await _release_everywhere(st, ctx_id)
+
+
+async def _release_everywhere(st: DistState, ctx_id: int) -> None:
+    # Release locally first, so a forwarded release coming back finds nothing to do.
+    peers = _release_local(st, ctx_id)
+    if not peers:
+        return
+    me = st.worker.name
+    fut = asyncio.ensure_future(_release_peers(me, peers, ctx_id))
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        # Cancelled while waiting for acknowledgements: the releases still complete,
+        # owned by this worker's dist state, and the cancellation goes on.
+        st.background.add(fut)
+        fut.add_done_callback(st.background.discard)
+        raise
+
+
+def _release_local(st: DistState, ctx_id: int) -> set[str]:
+    ctx = st.contexts.pop(ctx_id, None)
+    if ctx is None:
+        return set()
+    ctx.released = True
+    if ctx.active_pass is not None:
+        ctx.active_pass.abort()
+        ctx.active_pass = None
+    ctx.free_graph()
+    ctx.grads.clear()
+    peers = set(ctx.peers)
+    peers.discard(st.worker.name)
+    return peers
+
+
+async def _release_peers(me: str, peers: set[str], ctx_id: int) -> None:
+    results = await asyncio.gather(
+        *(rpc(p, _release, (ctx_id, me)) for p in peers), return_exceptions=True
+    )
+    for peer, r in zip(peers, results, strict=True):
+        if isinstance(r, Exception):
+            # A peer that died has nothing left to release; others log.
+            log.debug("release of context %#x on %s failed: %r", ctx_id, peer, r)
+        elif isinstance(r, BaseException):
+            raise r
+
+
+async def _release(ctx_id: int, sender: str) -> None:
+    """Handler: release the context here, then on our own peers (second hops)."""
+    st = state_of(current_worker())
+    peers = _release_local(st, ctx_id)
+    peers.discard(sender)
+    if peers:
+        await _release_peers(st.worker.name, peers, ctx_id)
+
+
+def get_gradients(context_id: int) -> dict[Tensor, np.ndarray]:
+    """The leaf gradients this worker accumulated in ``context_id``.
+
+    Keys are this worker's leaf tensors that were reached by a backward pass of the
+    context (an input reached but unused gets zeros); values add up over repeated
+    backward calls. ``.grad`` is never written by a distributed backward.
+
+    Raises:
+        ContextError: unknown or released context id.
+
+    Example::
+
+        grads = ag.dist.get_gradients(ctx)
+        g_w = grads[w]
+    """
+    st = state_of(current_worker())
+    return dict(st.get(context_id).grads)
+
+
+def debug_info() -> dict[str, int]:
+    """Counters of this worker: ``num_contexts``, ``num_backward_passes``,
+    ``num_active_passes``, ``num_send_nodes``, ``num_recv_nodes``.
+
+    Example::
+
+        assert ag.dist.debug_info()["num_contexts"] == 0
+    """
+    return state_of(current_worker()).stats()

@@ -1,0 +1,308 @@
+"""The distributed backward pass: the local engine with remote edges.
+
+Design (see docs/distributed.md for the long form):
+
+* Every worker holding part of a context's graph runs one ``GraphTask`` of the local
+  engine per pass. Its sources are the context's send nodes (their gradients arrive as
+  messages); its roots are the loss tensors (initiator) and the context's recv nodes
+  (with no gradient of their own: a recv whose tensor the loss never used is ready at
+  once and fires ``None``). Dependency counts cover the whole fragment, so every node
+  runs exactly once per pass, with the sum of everything that reaches it, also when
+  the parts come from different workers: a node waits until each consumer edge has
+  delivered a gradient or a ``None``.
+* A recv node that fires produces a message to the worker holding its send node. Each
+  send node therefore receives exactly one message per pass, ``None`` included: no
+  send waits forever (PyTorch's FAST mode hangs on an unused send).
+* A worker that starts a pass also starts the workers holding the recv nodes of its
+  send nodes (an empty message, or piggy-backed on a gradient message), so every part
+  of the graph gets going even where no gradient flows to it.
+* Completion is a diffusing computation (Dijkstra-Scholten): every message is an RPC
+  whose reply is sent only after the receiver ran what the message made ready and the
+  messages that produced were themselves acknowledged. The initiator's ``backward``
+  returns when its own messages are acknowledged: then every message of the pass has
+  been handled, every send node delivered, every task finished, every leaf gradient
+  accumulated on its worker.
+* A failure anywhere travels back up the acknowledgement tree as the original error
+  (``RemoteError`` naming the worker where it happened, or ``WorkerLost``); the
+  initiator then floods an abort so every worker drops the pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from actorgrad.autograd import GraphTask, grad_node
+from actorgrad.dist.context import DistContext, DistState, RecvNode, state_of
+from actorgrad.errors import ContextError, ProtocolError
+from actorgrad.runtime import current_worker, rpc
+from actorgrad.tensor import Tensor
+
+__all__ = ["PassState", "backward"]
+
+_Outgoing = dict[str, list[Any]]  # dest worker -> [send_id, grad, send_id, grad, ...]
+
+
+class PassState:
+    """One backward pass of one context on one worker."""
+
+    __slots__ = ("ctx", "pass_id", "task", "contrib", "out", "started_peers", "dead")
+
+    def __init__(
+        self,
+        st: DistState,
+        ctx: DistContext,
+        pass_id: int,
+        roots: Sequence[tuple[Any, np.ndarray]],
+        retain_graph: bool,
+    ) -> None:
+        self.ctx = ctx
+        self.pass_id = pass_id
+        self.contrib: dict[Tensor, np.ndarray] = {}
+        self.out: _Outgoing = {}
+        self.dead = False
+        all_roots = list(roots)
+        all_roots.extend((r, None) for r in ctx.recvs)
+        self.task = GraphTask(
+            all_roots,
+            sources=ctx.sends.values(),
+            retain_graph=retain_graph,
+            leaf_sink=self._leaf,
+            on_boundary=self._boundary,
+        )
+        # Workers holding the recv nodes of our sends must run their part too.
+        self.started_peers = {s.dest for s in ctx.sends.values()}
+
+    def __repr__(self) -> str:
+        return (
+            f"PassState(ctx={self.ctx.id:#x}, pass={self.pass_id:#x}, "
+            f"finished={self.task.finished}, leaves={len(self.contrib)})"
+        )
+
+    def _leaf(self, t: Tensor, grad: np.ndarray | None) -> None:
+        prev = self.contrib.get(t)
+        if grad is None:
+            if prev is None:
+                # Reached but got no gradient: reported as zeros (an unused input).
+                self.contrib[t] = np.zeros_like(t.data)
+            return
+        if prev is not None:
+            self.contrib[t] = prev + grad
+        elif grad.dtype != t.data.dtype or grad.base is not None or not grad.flags.writeable:
+            # The user gets this array: make it one the context owns, in the leaf's dtype.
+            self.contrib[t] = np.array(grad, dtype=t.data.dtype)
+        else:
+            self.contrib[t] = grad
+
+    def _boundary(self, node: Any, grad: np.ndarray | None) -> None:
+        if not isinstance(node, RecvNode) or node.ctx_id != self.ctx.id:
+            # A tensor received in another context: its gradient stops here.
+            return
+        self.out.setdefault(node.src, []).extend((node.send_id, grad))
+
+    def deliver(self, items: list[Any]) -> None:
+        if len(items) % 2:
+            raise ProtocolError("gradient message must hold (send id, gradient) pairs")
+        sends = self.ctx.sends
+        for i in range(0, len(items), 2):
+            send_id, grad = items[i], items[i + 1]
+            node = sends.get(send_id)
+            if node is None:
+                raise ContextError(
+                    f"context {self.ctx.id:#x} has no send node {send_id!r} here "
+                    "(graph already freed, or a gradient arrived twice)"
+                )
+            if grad is not None and not isinstance(grad, np.ndarray):
+                raise ProtocolError(f"gradient must be an array or None, got {type(grad).__name__}")
+            self.task.deliver(node, grad)
+
+    def run(self) -> _Outgoing:
+        """Run what is ready; return the messages to send (start messages included)."""
+        self.task.run()
+        out, self.out = self.out, {}
+        for peer in self.started_peers:
+            out.setdefault(peer, [])
+        self.started_peers = set()
+        return out
+
+    def finish(self, st: DistState, retain_graph: bool) -> None:
+        ctx = self.ctx
+        for t, g in self.contrib.items():
+            prev = ctx.grads.get(t)
+            ctx.grads[t] = g if prev is None else prev + g
+        ctx.active_pass = None
+        ctx.done_passes.add(self.pass_id)
+        if not retain_graph:
+            ctx.free_graph()
+        st.num_backward_passes += 1
+
+    def abort(self) -> None:
+        self.dead = True
+
+
+async def _send_all(
+    st: DistState, ctx: DistContext, pass_id: int, retain: bool, out: _Outgoing
+) -> None:
+    if not out:
+        return
+    me = st.worker.name
+    calls = [
+        rpc(dest, _deliver, (ctx.id, ctx.initiator, pass_id, retain, items, me))
+        for dest, items in out.items()
+    ]
+    if len(calls) == 1:
+        await calls[0]
+    else:
+        await asyncio.gather(*calls)
+
+
+def _step(st: DistState, ctx: DistContext, ps: PassState, retain: bool) -> _Outgoing:
+    out = ps.run()
+    if ps.task.finished:
+        ps.finish(st, retain)
+    return out
+
+
+async def _deliver(
+    ctx_id: int, initiator: str, pass_id: int, retain: bool, items: list[Any], sender: str
+) -> None:
+    """Message handler: gradients for some of this worker's send nodes (maybe none:
+    then it only starts this worker's part of the pass). Replies once what it made
+    ready has run and the messages that produced were acknowledged."""
+    st = state_of(current_worker())
+    ctx = st.contexts.get(ctx_id)
+    if ctx is None or pass_id in ctx.aborted_passes:
+        raise ContextError(
+            f"distributed autograd context {ctx_id:#x} is unknown or released on "
+            f"worker {st.worker.name!r}"
+        )
+    ps = ctx.active_pass
+    if ps is None or ps.pass_id != pass_id:
+        if pass_id in ctx.done_passes:
+            if items:
+                raise ProtocolError(
+                    f"gradient for pass {pass_id:#x} of context {ctx_id:#x} arrived "
+                    "after that pass finished here"
+                )
+            return  # a start message for a part already done
+        if ps is not None:
+            raise ContextError(
+                f"another backward pass is running in context {ctx_id:#x}; "
+                "concurrent backward calls in one context are not supported"
+            )
+        ps = ctx.active_pass = PassState(st, ctx, pass_id, (), retain)
+    try:
+        ps.deliver(items)
+        out = _step(st, ctx, ps, retain)
+    except BaseException:
+        ps.abort()
+        if ctx.active_pass is ps:
+            ctx.active_pass = None
+        raise
+    await _send_all(st, ctx, pass_id, retain, out)
+
+
+async def _abort(ctx_id: int, pass_id: int) -> None:
+    """Drop a failed pass here and on every peer of the context (a flood, deduplicated)."""
+    st = state_of(current_worker())
+    ctx = st.contexts.get(ctx_id)
+    if ctx is None or pass_id in ctx.aborted_passes:
+        return
+    ctx.aborted_passes.add(pass_id)
+    if ctx.active_pass is not None and ctx.active_pass.pass_id == pass_id:
+        ctx.active_pass.abort()
+        ctx.active_pass = None
+    await _flood(st, ctx.peers, _abort, (ctx_id, pass_id))
+
+
+async def _flood(st: DistState, peers: set[str], fn: Any, args: tuple[Any, ...]) -> None:
+    """Call fn on every live peer; a peer that is gone has nothing left to clean."""
+    me = st.worker.name
+    targets = [p for p in peers if p != me]
+    if not targets:
+        return
+    results = await asyncio.gather(*(rpc(p, fn, args) for p in targets), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, Exception):
+            raise r  # cancellation and friends are never swallowed
+
+
+def _check_roots(roots: Any) -> list[tuple[Any, np.ndarray]]:
+    if isinstance(roots, Tensor):
+        roots = [roots]
+    try:
+        roots = list(roots)
+    except TypeError:
+        raise ValueError(f"roots must be a list of tensors, got {type(roots).__name__}") from None
+    if not roots:
+        raise ValueError("backward needs at least one root tensor; roots is empty")
+    out = []
+    for i, r in enumerate(roots):
+        if not isinstance(r, Tensor):
+            raise ValueError(f"roots[{i}] is a {type(r).__name__}, not an actorgrad Tensor")
+        if not r.requires_grad:
+            raise ValueError(f"roots[{i}] does not require grad (no graph to differentiate)")
+        if r.data.size != 1:
+            raise ValueError(
+                f"roots[{i}] has shape {tuple(r.shape)}; distributed backward roots must be "
+                "one-element (scalar) tensors"
+            )
+        node = grad_node(r)
+        out.append((node, np.ones_like(r.data)))
+    return out
+
+
+async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool = False) -> None:
+    """Run the backward pass of the distributed graph from ``roots``.
+
+    Returns once every gradient of the whole distributed graph has been accumulated on
+    its worker (read them with ``get_gradients`` there). ``.grad`` is never written.
+
+    Raises:
+        ValueError: empty roots, a root that does not require grad or has more than
+            one element.
+        ContextError: unknown or released context id.
+        RemoteError: an error in any worker's part of the pass (names that worker).
+        WorkerLost: a worker holding part of the graph died during the pass.
+        RuntimeError: a second backward through a freed graph (see ``retain_graph``).
+
+    Example::
+
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", torch_like_fn, (x,))
+            await ag.dist.backward(ctx, [y.sum()])
+            grads = ag.dist.get_gradients(ctx)
+    """
+    checked = _check_roots(roots)
+    worker = current_worker()
+    st = state_of(worker)
+    ctx = st.get(context_id)
+    if ctx.lock is None:
+        ctx.lock = asyncio.Lock()
+    async with ctx.lock:  # two backward calls in one context run one after the other
+        if ctx.active_pass is not None:
+            raise ContextError(
+                f"another backward pass is running in context {context_id:#x} "
+                "(started from another worker)"
+            )
+        pass_id = st.new_pass_id()
+        ps = ctx.active_pass = PassState(st, ctx, pass_id, checked, retain_graph)
+        try:
+            out = _step(st, ctx, ps, retain_graph)
+            await _send_all(st, ctx, pass_id, retain_graph, out)
+        except BaseException as exc:
+            if ctx.active_pass is ps:
+                ctx.active_pass = None
+            ps.abort()
+            if isinstance(exc, Exception) and ctx.peers:
+                ctx.aborted_passes.add(pass_id)
+                await _flood(st, ctx.peers, _abort, (context_id, pass_id))
+            raise
+        if ctx.active_pass is ps:  # pragma: no cover - the completion argument forbids it
+            ctx.active_pass = None
+            raise AssertionError(
+                f"distributed backward completed but {ps!r} did not finish on the initiator"
+            )

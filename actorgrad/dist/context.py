@@ -1,0 +1,309 @@
+"""Distributed autograd contexts and the send/recv recording of the forward pass.
+
+A context is a record, on every worker it reached, of the tensors that crossed worker
+boundaries while it was current:
+
+* sending a tensor that requires grad creates a ``SendNode`` on the sender: a node
+  whose only input is the sent tensor's grad node. It is a *source* of the backward
+  pass there: its gradient arrives later, as a message.
+* receiving it creates a ``RecvNode`` on the receiver: the ``grad_fn`` of the received
+  tensor, a *boundary* node: the gradient that reaches it is sent, as a message, to the
+  worker holding the matching send node.
+
+The pair is keyed by (context id, sender worker, send id). Context ids carry the
+creating worker's id in the high 16 bits, so they are unique across the cluster
+without coordination (as in PyTorch).
+
+The runtime knows nothing of this: ``DistInterceptor`` plugs into its call path
+(``runtime.set_interceptor``) and the codec's tensor hooks.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from actorgrad.autograd import Node, grad_node
+from actorgrad.errors import ContextError
+from actorgrad.tensor import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from actorgrad.dist.backward import PassState
+    from actorgrad.runtime import Worker
+
+__all__ = ["DistContext", "DistState", "RecvNode", "SendNode", "current_context", "state_of"]
+
+# (worker, context id) of the context current in this task. The worker is kept so that
+# an in-process worker running a call does not mistake its caller's context for its own.
+_current: contextvars.ContextVar[tuple[Any, int] | None] = contextvars.ContextVar(
+    "actorgrad_dist_context", default=None
+)
+
+CONTEXT_ID_BITS = 48
+
+
+class SendNode(Node):
+    """Where a tensor left this worker. Identity in backward: the gradient the peer
+    sends back flows into the sent tensor's graph."""
+
+    __slots__ = ("send_id", "dest")
+
+    def __init__(self, send_id: int, dest: str, inp: Node | None) -> None:
+        super().__init__((inp,))
+        self.send_id = send_id
+        self.dest = dest
+
+    def apply(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        return (grad,)
+
+    def __repr__(self) -> str:
+        return f"SendNode(id={self.send_id}, to={self.dest!r})"
+
+
+class RecvNode(Node):
+    """Where a tensor arrived on this worker. A boundary: its gradient is sent back to
+    the worker holding send node ``send_id``."""
+
+    __slots__ = ("ctx_id", "src", "send_id")
+    boundary = True
+
+    def __init__(self, ctx_id: int, src: str, send_id: int) -> None:
+        super().__init__()
+        self.ctx_id = ctx_id
+        self.src = src
+        self.send_id = send_id
+
+    def apply(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:  # pragma: no cover
+        raise AssertionError("RecvNode is a boundary node; the engine never applies it")
+
+    def __repr__(self) -> str:
+        return f"RecvNode(ctx={self.ctx_id:#x}, from={self.src!r}, send={self.send_id})"
+
+
+class DistContext:
+    """One distributed autograd context, as seen by one worker."""
+
+    __slots__ = (
+        "id",
+        "initiator",
+        "sends",
+        "recvs",
+        "peers",
+        "grads",
+        "active_pass",
+        "done_passes",
+        "aborted_passes",
+        "lock",
+        "released",
+        "__weakref__",
+    )
+
+    def __init__(self, ctx_id: int, initiator: str) -> None:
+        self.id = ctx_id
+        self.initiator = initiator
+        self.sends: dict[int, SendNode] = {}
+        self.recvs: list[RecvNode] = []
+        # Workers this context exchanged calls with: where a release must go.
+        self.peers: set[str] = set()
+        # Leaf gradients accumulated on this worker, over every finished pass.
+        self.grads: dict[Tensor, np.ndarray] = {}
+        self.active_pass: PassState | None = None
+        self.done_passes: set[int] = set()
+        self.aborted_passes: set[int] = set()
+        self.lock: Any = None  # asyncio.Lock, created by the initiator's backward
+        self.released = False
+
+    def __repr__(self) -> str:
+        return (
+            f"DistContext(id={self.id:#x}, initiator={self.initiator!r}, "
+            f"sends={len(self.sends)}, recvs={len(self.recvs)}, peers={sorted(self.peers)}, "
+            f"grads={len(self.grads)}, active_pass={self.active_pass is not None}, "
+            f"released={self.released})"
+        )
+
+    def free_graph(self) -> None:
+        """Forget the send/recv nodes (after a backward that did not retain the graph)."""
+        self.sends.clear()
+        self.recvs.clear()
+
+
+class DistState:
+    """Per-worker state of distributed autograd (lives in ``worker.ext["dist"]``)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.contexts: dict[int, DistContext] = {}
+        self._ids = itertools.count(1)
+        self._send_ids = itertools.count(1)
+        self._pass_ids = itertools.count(1)
+        self._lock = threading.Lock()  # sync user code may send tensors from a thread
+        self.num_backward_passes = 0
+        self.background: set[Any] = set()  # owned tasks (releases finishing after cancel)
+
+    def __repr__(self) -> str:
+        return (
+            f"DistState(worker={self.worker.name!r}, contexts={len(self.contexts)}, "
+            f"backward_passes={self.num_backward_passes})"
+        )
+
+    def new_context_id(self) -> int:
+        wid = int(self.worker.id)
+        if not 0 <= wid < 2**16:  # pragma: no cover - the registry guarantees it
+            raise ContextError(f"worker id {wid} does not fit in 16 bits")
+        return (wid << CONTEXT_ID_BITS) | next(self._ids)
+
+    def new_pass_id(self) -> int:
+        return (int(self.worker.id) << 32) | next(self._pass_ids)
+
+    def get(self, ctx_id: int) -> DistContext:
+        ctx = self.contexts.get(ctx_id)
+        if ctx is None:
+            raise ContextError(
+                f"unknown or released distributed autograd context {ctx_id:#x} "
+                f"on worker {self.worker.name!r}"
+            )
+        return ctx
+
+    def get_or_create(self, ctx_id: int, initiator: str) -> DistContext:
+        ctx = self.contexts.get(ctx_id)
+        if ctx is None:
+            ctx = self.contexts[ctx_id] = DistContext(ctx_id, initiator)
+        return ctx
+
+    def record_send(self, ctx: DistContext, t: Tensor, dest: str) -> int:
+        with self._lock:
+            send_id = next(self._send_ids)
+        ctx.sends[send_id] = SendNode(send_id, dest, grad_node(t))
+        return send_id
+
+    def record_recv(self, ctx: DistContext, array: np.ndarray, src: str, send_id: int) -> Tensor:
+        node = RecvNode(ctx.id, src, send_id)
+        ctx.recvs.append(node)
+        t = Tensor(array, requires_grad=True)
+        t.grad_fn = node
+        return t
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "num_contexts": len(self.contexts),
+            "num_backward_passes": self.num_backward_passes,
+            "num_active_passes": sum(c.active_pass is not None for c in self.contexts.values()),
+            "num_send_nodes": sum(len(c.sends) for c in self.contexts.values()),
+            "num_recv_nodes": sum(len(c.recvs) for c in self.contexts.values()),
+        }
+
+
+def state_of(worker: Worker) -> DistState:
+    """The distributed autograd state of ``worker``, created on first use."""
+    st = worker.ext.get("dist")
+    if st is None:
+        st = worker.ext["dist"] = DistState(worker)
+        worker.add_status_provider("dist", st.stats)
+        worker.add_peer_lost_callback(lambda name, st=st: _on_peer_lost(st, name))
+    return st
+
+
+def _on_peer_lost(st: DistState, name: str) -> None:
+    # The lease: a context whose initiator died can never be released by it, so the
+    # survivors reclaim it now. Passes that depended on the dead worker are dropped.
+    for ctx_id, ctx in list(st.contexts.items()):
+        if ctx.initiator == name:
+            ctx.released = True
+            ctx.active_pass = None
+            del st.contexts[ctx_id]
+        elif name in ctx.peers and ctx.active_pass is not None:
+            ctx.active_pass.abort()
+            ctx.active_pass = None
+
+
+def current_context(worker: Worker) -> DistContext | None:
+    """The context current in this task for ``worker`` (None outside any)."""
+    cur = _current.get()
+    if cur is None or cur[0] is not worker:
+        return None
+    return state_of(worker).contexts.get(cur[1])
+
+
+def current_context_id() -> int | None:
+    cur = _current.get()
+    return None if cur is None else cur[1]
+
+
+@contextmanager
+def activate(worker: Worker, ctx_id: int) -> Iterator[None]:
+    token = _current.set((worker, ctx_id))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+class _Hooks:
+    """Codec hooks for one message of one context with one peer."""
+
+    __slots__ = ("state", "ctx", "peer")
+
+    def __init__(self, state: DistState, ctx: DistContext, peer: str) -> None:
+        self.state = state
+        self.ctx = ctx
+        self.peer = peer
+
+    def tensor_out(self, t: Tensor) -> int | None:
+        if not t.requires_grad:
+            return None
+        return self.state.record_send(self.ctx, t, self.peer)
+
+    def tensor_in(self, array: np.ndarray, requires_grad: bool, link: Any) -> Tensor:
+        if link is None:
+            return Tensor(array, requires_grad=requires_grad)
+        if not isinstance(link, int):
+            from actorgrad.errors import ProtocolError
+
+            raise ProtocolError(f"tensor link must be an int, got {type(link).__name__}")
+        return self.state.record_recv(self.ctx, array, self.peer, link)
+
+
+class DistInterceptor:
+    """Joins the runtime's call path to distributed autograd (``runtime.set_interceptor``).
+
+    The metadata of a call made inside a context is ``[context_id, initiator]``.
+    """
+
+    def outgoing(self, worker: Worker, dest: str) -> list[Any] | None:
+        ctx = current_context(worker)
+        if ctx is None:
+            return None
+        if dest != worker.name:
+            ctx.peers.add(dest)
+        return [ctx.id, ctx.initiator]
+
+    def wire_hooks(self, worker: Worker, meta: Any, peer: str) -> _Hooks:
+        ctx_id, initiator = _parse_meta(meta)
+        st = state_of(worker)
+        ctx = st.get_or_create(ctx_id, initiator)
+        if peer != worker.name:
+            ctx.peers.add(peer)
+        return _Hooks(st, ctx, peer)
+
+    def enter(self, worker: Worker, meta: Any) -> Any:
+        ctx_id, _ = _parse_meta(meta)
+        return activate(worker, ctx_id)
+
+
+def _parse_meta(meta: Any) -> tuple[int, str]:
+    if (
+        isinstance(meta, list | tuple)
+        and len(meta) == 2
+        and isinstance(meta[0], int)
+        and isinstance(meta[1], str)
+    ):
+        return meta[0], meta[1]
+    from actorgrad.errors import ProtocolError
+
+    raise ProtocolError(f"malformed distributed autograd call metadata: {meta!r}")

@@ -1,0 +1,119 @@
+"""``DistributedOptimizer``: one local optimizer per parameter owner, stepped with the
+gradients of a distributed autograd context."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from actorgrad.dist.api import get_gradients
+from actorgrad.runtime import RRef, remote
+from actorgrad.tensor import Tensor
+
+__all__ = ["DistributedOptimizer"]
+
+
+def _class_path(cls: Any) -> str:
+    mod = getattr(cls, "__module__", None)
+    qual = getattr(cls, "__qualname__", None)
+    if not isinstance(cls, type) or not mod or not qual or "<locals>" in qual:
+        raise TypeError(
+            f"optimizer_class must be a module-level class (e.g. ag.optim.SGD), got {cls!r}"
+        )
+    return f"{mod}:{qual}"
+
+
+def _resolve(path: str) -> type:
+    mod, _, qual = path.partition(":")
+    obj: Any = importlib.import_module(mod)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _LocalOptimizer:
+    """Lives on a parameter owner; steps its local optimizer with a context's gradients."""
+
+    def __init__(self, class_path: str, params: list[RRef], options: dict[str, Any]) -> None:
+        cls = _resolve(class_path)
+        self.params: list[Tensor] = [p.local_value() for p in params]
+        for i, p in enumerate(self.params):
+            if not isinstance(p, Tensor):
+                raise TypeError(
+                    f"params[{i}] refers to a {type(p).__name__}, not an actorgrad Tensor"
+                )
+        self.optim = cls(self.params, **options)
+
+    def step(self, context_id: int) -> int:
+        grads = get_gradients(context_id)
+        mine: dict[Tensor, np.ndarray] = {p: grads[p] for p in self.params if p in grads}
+        if mine:
+            self.optim.step(grads=mine)
+        return len(mine)
+
+
+class DistributedOptimizer:
+    """Applies a distributed autograd context's gradients on each parameter's owner.
+
+    Parameters are grouped by owner; each owner gets one ``optimizer_class`` instance
+    (created on the first ``step``) holding its parameters. ``step(ctx)`` runs every
+    owner's local step concurrently, with the gradients that owner accumulated in
+    ``ctx``; parameters without a gradient in ``ctx`` are left as they are.
+
+    Raises:
+        TypeError: ``params`` holds something other than ``RRef``s, or
+            ``optimizer_class`` is not a module-level class, or the options do not fit it.
+        RemoteError: constructing or stepping failed on an owner (names the owner).
+
+    Example::
+
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [w1_ref, w2_ref], lr=0.05)
+        async with ag.dist.context() as ctx:
+            loss = await forward(ctx)
+            await ag.dist.backward(ctx, [loss])
+            await opt.step(ctx)
+    """
+
+    def __init__(self, optimizer_class: type, params: Sequence[RRef], **options: Any) -> None:
+        self._class_path = _class_path(optimizer_class)
+        params = list(params)
+        if not params:
+            raise ValueError("DistributedOptimizer needs at least one parameter RRef")
+        self._by_owner: dict[str, list[RRef]] = {}
+        for i, p in enumerate(params):
+            if not isinstance(p, RRef):
+                raise TypeError(f"params[{i}] is a {type(p).__name__}, not an ag.RRef")
+            self._by_owner.setdefault(p.owner, []).append(p)
+        # Surface option mistakes here, not on the first remote step.
+        optimizer_class([Tensor(np.zeros(1, dtype=np.float32), requires_grad=True)], **options)
+        self._options = options
+        self._remote: dict[str, RRef] | None = None
+        self._setup_lock: asyncio.Lock | None = None
+
+    def __repr__(self) -> str:
+        owners = {o: len(ps) for o, ps in self._by_owner.items()}
+        return f"DistributedOptimizer({self._class_path}, params_per_owner={owners})"
+
+    async def _setup(self) -> dict[str, RRef]:
+        if self._setup_lock is None:
+            self._setup_lock = asyncio.Lock()
+        async with self._setup_lock:
+            if self._remote is None:
+                owners = list(self._by_owner)
+                refs = await asyncio.gather(
+                    *(
+                        remote(o, _LocalOptimizer, (self._class_path, ps, self._options))
+                        for o, ps in self._by_owner.items()
+                    )
+                )
+                self._remote = dict(zip(owners, refs, strict=True))
+        return self._remote
+
+    async def step(self, context_id: int) -> None:
+        """Step every owner's optimizer with the gradients of ``context_id``."""
+        refs = await self._setup()
+        await asyncio.gather(*(r.rpc().step(context_id) for r in refs.values()))

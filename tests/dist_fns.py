@@ -1,0 +1,138 @@
+"""Module-level functions that tests run on workers (in-process or process workers).
+
+Values live in a store keyed by (worker name, key), since in-process workers share
+this module.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+import actorgrad as ag
+
+_store: dict[tuple[str, str], Any] = {}
+_hook_calls: dict[tuple[str, str], list[np.ndarray]] = {}
+
+
+def _k(key: str) -> tuple[str, str]:
+    return (ag.worker_name(), key)
+
+
+def put(key: str, data: Any, requires_grad: bool = True) -> None:
+    _store[_k(key)] = ag.tensor(np.asarray(data), requires_grad=requires_grad)
+
+
+def make_param(data: Any) -> ag.Tensor:
+    """For ag.remote: the owner keeps a leaf tensor."""
+    return ag.tensor(np.asarray(data), requires_grad=True)
+
+
+def get(key: str) -> Any:
+    return _store[_k(key)]
+
+
+def grad_of(ctx_id: int, key: str) -> np.ndarray | None:
+    return ag.dist.get_gradients(ctx_id).get(_store[_k(key)])
+
+
+def grad_of_rref(ctx_id: int, ref: ag.RRef) -> np.ndarray | None:
+    return ag.dist.get_gradients(ctx_id).get(ref.local_value())
+
+
+def num_grads(ctx_id: int) -> int:
+    return len(ag.dist.get_gradients(ctx_id))
+
+
+def debug_info() -> dict[str, int]:
+    return ag.dist.debug_info()
+
+
+def mul(key: str, x: ag.Tensor) -> ag.Tensor:
+    return x * _store[_k(key)]
+
+
+def mul_ignore_second(key: str, x: ag.Tensor, unused: ag.Tensor) -> ag.Tensor:
+    return x * _store[_k(key)]
+
+
+def tanh_matmul(key: str, x: ag.Tensor) -> ag.Tensor:
+    return (x @ _store[_k(key)]).tanh()
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def two_outputs(key: str, x: ag.Tensor) -> tuple[ag.Tensor, ag.Tensor]:
+    w = _store[_k(key)]
+    return x * w, (x + w).exp()
+
+
+def in_dict(key: str, d: dict[str, Any]) -> dict[str, Any]:
+    w = _store[_k(key)]
+    return {"out": [d["a"] * w, d["b"][0] + w], "note": "ok"}
+
+
+async def mul_then_forward(key: str, dest: str, dest_key: str, x: ag.Tensor) -> ag.Tensor:
+    """Nested: multiply here, then on ``dest``; return the product squared."""
+    y = x * _store[_k(key)]
+    z = await ag.rpc(dest, mul, (dest_key, y))
+    return z * z
+
+
+async def use_rref(ref: ag.RRef, x: ag.Tensor) -> ag.Tensor:
+    w = await ref.to_here()
+    return (x * w).tanh()
+
+
+async def chain(dests: list[str], key: str, x: ag.Tensor) -> ag.Tensor:
+    """x through mul on each of dests in turn, from here."""
+    for d in dests:
+        x = await ag.rpc(d, mul, (key, x))
+    return x
+
+
+def add_hook(key: str, scale: float) -> None:
+    t = _store[_k(key)]
+    calls = _hook_calls.setdefault(_k(key), [])
+
+    def hook(g: np.ndarray) -> np.ndarray:
+        calls.append(np.array(g))
+        return g * scale
+
+    t.register_hook(hook)
+
+
+def hook_calls(key: str) -> list[np.ndarray]:
+    return _hook_calls.get(_k(key), [])
+
+
+def add_failing_hook(key: str, times: int) -> None:
+    """The next ``times`` backward passes through ``key`` raise ValueError here."""
+    t = _store[_k(key)]
+    left = [times]
+
+    def hook(g: np.ndarray) -> None:
+        if left[0] > 0:
+            left[0] -= 1
+            raise ValueError(f"hook refused gradient on {ag.worker_name()}")
+        return None
+
+    t.register_hook(hook)
+
+
+def add_dying_hook(key: str) -> None:
+    """The worker dies as soon as a gradient reaches ``key``."""
+    t = _store[_k(key)]
+
+    def hook(g: np.ndarray) -> None:
+        os._exit(3)
+
+    t.register_hook(hook)
+
+
+def pid() -> int:
+    return os.getpid()

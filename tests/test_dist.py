@@ -1,0 +1,502 @@
+"""Distributed autograd: multi-worker backward passes checked against the same
+computation run in one process with the local engine."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import pathlib
+
+import dist_fns as F
+import numpy as np
+import pytest
+
+import actorgrad as ag
+
+TESTS = str(pathlib.Path(__file__).parent)
+RNG = np.random.default_rng(0)
+
+
+def arr(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape)
+
+
+@pytest.fixture(params=["inproc", "processes"])
+def mode(request, monkeypatch):
+    if request.param == "processes":
+        # Process workers import this directory's helper module.
+        path = os.environ.get("PYTHONPATH", "")
+        monkeypatch.setenv("PYTHONPATH", TESTS + (os.pathsep + path if path else ""))
+    return request.param
+
+
+def cluster(mode: str = "inproc", n: int = 3):
+    return ag.local_cluster(n, processes=(mode == "processes"))
+
+
+def local_grads(fn, *arrays):
+    """Run fn on fresh local leaves; return (loss value, [grad of each leaf])."""
+    leaves = [ag.tensor(a, requires_grad=True) for a in arrays]
+    loss = fn(*leaves)
+    loss.backward()
+    return loss.item(), [leaf.grad for leaf in leaves]
+
+
+async def assert_clean(names):
+    """Every worker has released every context (the release waits for acks)."""
+    for name in names:
+        info = await ag.rpc(name, F.debug_info)
+        assert info["num_contexts"] == 0, (name, info)
+    assert ag.dist.debug_info()["num_contexts"] == 0
+
+
+# --- scenarios, each on in-process and process workers -------------------------------
+
+
+async def test_one_hop(mode):
+    xv, wv = arr(4, 3), arr(4, 3)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            loss = y.sum()
+            await ag.dist.backward(ctx, [loss])
+            gx = ag.dist.get_gradients(ctx)[x]
+            gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+        assert x.grad is None  # .grad is never written by a distributed backward
+        await assert_clean(c.names)
+    _, (rx, rw) = local_grads(lambda x, w: (x * w).sum(), xv, wv)
+    np.testing.assert_allclose(gx, rx, rtol=1e-12)
+    np.testing.assert_allclose(gw, rw, rtol=1e-12)
+
+
+async def test_two_hops_through_driver(mode):
+    xv, av, bv = arr(5), arr(5), arr(5)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("a", av))
+        await ag.rpc("w2", F.put, ("b", bv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("a", x))
+            z = await ag.rpc("w2", F.mul, ("b", y.tanh()))
+            await ag.dist.backward(ctx, [(z * z).sum()])
+            gx = ag.dist.get_gradients(ctx)[x]
+            ga = await ag.rpc("w1", F.grad_of, (ctx, "a"))
+            gb = await ag.rpc("w2", F.grad_of, (ctx, "b"))
+        await assert_clean(c.names)
+    _, ref = local_grads(lambda x, a, b: (((x * a).tanh() * b) ** 2).sum(), xv, av, bv)
+    for got, want in zip((gx, ga, gb), ref, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+async def test_nested_calls_second_hop(mode):
+    """driver -> w1 -> w2: the context travels on, the release reaches w2 too."""
+    xv, av, bv = arr(3, 2), arr(3, 2), arr(3, 2)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("a", av))
+        await ag.rpc("w2", F.put, ("b", bv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            out = await ag.rpc("w1", F.mul_then_forward, ("a", "w2", "b", x))
+            await ag.dist.backward(ctx, [out.mean()])
+            gx = ag.dist.get_gradients(ctx)[x]
+            ga = await ag.rpc("w1", F.grad_of, (ctx, "a"))
+            gb = await ag.rpc("w2", F.grad_of, (ctx, "b"))
+            assert (await ag.rpc("w2", F.debug_info))["num_contexts"] == 1
+        await assert_clean(c.names)
+    _, ref = local_grads(lambda x, a, b: ((x * a * b) ** 2).mean(), xv, av, bv)
+    for got, want in zip((gx, ga, gb), ref, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+async def test_a_to_b_to_a(mode):
+    """driver -> w1 -> driver: the callee's nested call returns to the initiator."""
+    xv, av, dv = arr(6), arr(6), arr(6)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("a", av))
+        F.put("d", dv)  # on the driver
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            out = await ag.rpc("w1", F.mul_then_forward, ("a", "driver", "d", x))
+            await ag.dist.backward(ctx, [out.sum()])
+            grads = ag.dist.get_gradients(ctx)
+            gx, gd = grads[x], grads[F.get("d")]
+            ga = await ag.rpc("w1", F.grad_of, (ctx, "a"))
+        await assert_clean(c.names)
+    _, ref = local_grads(lambda x, a, d: ((x * a * d) ** 2).sum(), xv, av, dv)
+    for got, want in zip((gx, ga, gd), ref, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+async def test_calling_oneself():
+    xv, wv = arr(4), arr(4)
+    async with cluster() as c:
+        F.put("w", wv)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("driver", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [(y * x).sum()])
+            grads = ag.dist.get_gradients(ctx)
+            gw = grads[F.get("w")]
+        await assert_clean(c.names)
+    _, (rx, rw) = local_grads(lambda x, w: (x * w * x).sum(), xv, wv)
+    np.testing.assert_allclose(grads[x], rx, rtol=1e-12)
+    np.testing.assert_allclose(gw, rw, rtol=1e-12)
+
+
+async def test_tensor_behind_rref_on_third_worker(mode):
+    xv, pv = arr(3), arr(3)
+    async with cluster(mode) as c:
+        pref = await ag.remote("w2", F.make_param, (pv,))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.use_rref, (pref, x))
+            await ag.dist.backward(ctx, [y.sum()])
+            gx = ag.dist.get_gradients(ctx)[x]
+            gp = await ag.rpc("w2", F.grad_of_rref, (ctx, pref))
+        await assert_clean(c.names)
+    _, (rx, rp) = local_grads(lambda x, p: (x * p).tanh().sum(), xv, pv)
+    np.testing.assert_allclose(gx, rx, rtol=1e-10)
+    np.testing.assert_allclose(gp, rp, rtol=1e-10)
+
+
+async def test_multiple_roots_and_multiple_outputs():
+    xv, wv = arr(2, 3), arr(2, 3)
+    async with cluster():
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y1, y2 = await ag.rpc("w1", F.two_outputs, ("w", x))
+            await ag.dist.backward(ctx, [y1.sum(), (y2 * 0.5).mean()])
+            gx = ag.dist.get_gradients(ctx)[x]
+            gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+    _, (rx, rw) = local_grads(lambda x, w: (x * w).sum() + ((x + w).exp() * 0.5).mean(), xv, wv)
+    np.testing.assert_allclose(gx, rx, rtol=1e-10)
+    np.testing.assert_allclose(gw, rw, rtol=1e-10)
+
+
+async def test_tensors_nested_in_containers():
+    av, bv, wv = arr(3), arr(3), arr(3)
+    async with cluster():
+        await ag.rpc("w1", F.put, ("w", wv))
+        a = ag.tensor(av, requires_grad=True)
+        b = ag.tensor(bv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            res = await ag.rpc("w1", F.in_dict, ("w", {"a": a, "b": (b, 1)}))
+            assert res["note"] == "ok"
+            p, q = res["out"]
+            await ag.dist.backward(ctx, [(p * q).sum()])
+            grads = ag.dist.get_gradients(ctx)
+            gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+    _, (ra, rb, rw) = local_grads(lambda a, b, w: (a * w * (b + w)).sum(), av, bv, wv)
+    np.testing.assert_allclose(grads[a], ra, rtol=1e-10)
+    np.testing.assert_allclose(grads[b], rb, rtol=1e-10)
+    np.testing.assert_allclose(gw, rw, rtol=1e-10)
+
+
+async def test_unused_input_gets_zero_gradient_and_is_reported():
+    xv, zv, wv = arr(3), arr(3), arr(3)
+    async with cluster():
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        z = ag.tensor(zv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul_ignore_second, ("w", x, z))
+            await ag.dist.backward(ctx, [y.sum()])
+            grads = ag.dist.get_gradients(ctx)
+    np.testing.assert_allclose(grads[x], wv)
+    np.testing.assert_array_equal(grads[z], np.zeros(3))
+
+
+async def test_unused_rpc_result_does_not_hang():
+    """PyTorch's FAST mode hangs here: a send whose gradient never comes."""
+    xv, wv = arr(4), arr(4)
+    async with cluster():
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w2", F.put, ("w", wv * 2))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.rpc("w2", F.mul, ("w", x))  # result dropped
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            gx = ag.dist.get_gradients(ctx)[x]
+            gw2 = await ag.rpc("w2", F.grad_of, (ctx, "w"))
+    np.testing.assert_allclose(gx, wv)
+    np.testing.assert_array_equal(gw2, np.zeros(4))
+
+
+async def test_mixed_requires_grad_and_dtypes():
+    xv = arr(4).astype(np.float32)
+    cv = arr(4)  # float64, no grad
+    wv = arr(4)  # float64 param
+    async with cluster():
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        c = ag.tensor(cv)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))  # float32 * float64 -> float64
+            u = await ag.rpc("w1", F.identity, (c,))  # no grad: no nodes
+            assert not u.requires_grad
+            await ag.dist.backward(ctx, [(y * u).sum()])
+            grads = ag.dist.get_gradients(ctx)
+            gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+    assert grads[x].dtype == np.float32
+    assert gw.dtype == np.float64
+    assert c not in grads
+    np.testing.assert_allclose(grads[x], (wv * cv).astype(np.float32), rtol=1e-6)
+    np.testing.assert_allclose(gw, xv.astype(np.float64) * cv, rtol=1e-6)
+
+
+async def test_each_node_runs_once_with_the_sum_from_several_workers():
+    """x goes to w1 and w2; its hook must see one call with the summed gradient."""
+    xv, av, bv = arr(3), arr(3), arr(3)
+    async with cluster():
+        await ag.rpc("w1", F.put, ("w", av))
+        await ag.rpc("w2", F.put, ("w", bv))
+        F.put("x", xv)
+        F.add_hook("x", 1.0)
+        x = F.get("x")
+        async with ag.dist.context() as ctx:
+            y1 = await ag.rpc("w1", F.mul, ("w", x))
+            y2 = await ag.rpc("w2", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [(y1 + y2 * x).sum()])
+            gx = ag.dist.get_gradients(ctx)[x]
+        calls = F.hook_calls("x")
+    assert len(calls) == 1
+    np.testing.assert_allclose(calls[0], av + 2 * bv * xv)
+    np.testing.assert_allclose(gx, av + 2 * bv * xv)
+
+
+async def test_hooks_apply_on_remote_workers():
+    xv, wv = arr(3), arr(3)
+    async with cluster():
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.add_hook, ("w", 3.0))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [y.sum()])
+            gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+    np.testing.assert_allclose(gw, 3.0 * xv)
+
+
+async def test_retain_graph_twice_adds_up_and_third_without_fails():
+    xv, wv = arr(3), arr(3)
+    async with cluster():
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            loss = (y * y).sum()
+            await ag.dist.backward(ctx, [loss], retain_graph=True)
+            await ag.dist.backward(ctx, [loss])
+            gx = ag.dist.get_gradients(ctx)[x]
+            gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+            with pytest.raises(RuntimeError, match="retain_graph"):
+                await ag.dist.backward(ctx, [loss])
+    np.testing.assert_allclose(gx, 2 * 2 * wv * wv * xv)
+    np.testing.assert_allclose(gw, 2 * 2 * xv * xv * wv)
+
+
+async def test_hundred_chained_remote_ops():
+    xv = arr(4)
+    async with cluster() as c:
+        for name in c.names:
+            await ag.rpc(name, F.put, ("k", np.full(4, 1.01)))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = x
+            for i in range(100):
+                y = await ag.rpc(c.names[i % len(c.names)], F.mul, ("k", y))
+            await ag.dist.backward(ctx, [y.sum()])
+            gx = ag.dist.get_gradients(ctx)[x]
+            gk = [await ag.rpc(n, F.grad_of, (ctx, "k")) for n in c.names]
+        await assert_clean(c.names)
+    np.testing.assert_allclose(gx, np.full(4, 1.01**100), rtol=1e-10)
+    counts = [len(range(i, 100, len(c.names))) for i in range(len(c.names))]
+    for g, n in zip(gk, counts, strict=True):
+        np.testing.assert_allclose(g, n * 1.01**99 * xv, rtol=1e-10)
+
+
+async def test_parameter_server_with_concurrent_trainers(mode):
+    """Several trainers, each with many tasks, against one parameter server: each
+    context keeps its own gradients."""
+    wv = arr(4)
+    async with cluster(mode, n=1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+
+        async def trainer(seed: int):
+            xv = np.random.default_rng(seed).standard_normal(4)
+            x = ag.tensor(xv, requires_grad=True)
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                await ag.dist.backward(ctx, [(y * y).sum()])
+                gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+                gx = ag.dist.get_gradients(ctx)[x]
+            np.testing.assert_allclose(gw, 2 * xv * xv * wv, rtol=1e-12)
+            np.testing.assert_allclose(gx, 2 * wv * wv * xv, rtol=1e-12)
+
+        await asyncio.gather(*(trainer(s) for s in range(24)))
+        await assert_clean(c.names)
+
+
+async def test_two_backward_calls_in_one_context_are_serialized():
+    xv, wv = arr(3), arr(3)
+    async with cluster():
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            loss = y.sum()
+            await asyncio.gather(
+                ag.dist.backward(ctx, [loss], retain_graph=True),
+                ag.dist.backward(ctx, [loss], retain_graph=True),
+            )
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * wv)
+
+
+# --- failures ---------------------------------------------------------------------------
+
+
+async def test_remote_error_in_backward_reaches_initiator_and_context_stays_usable(mode):
+    xv, wv = arr(3), arr(3)
+    async with cluster(mode) as c:
+        await ag.rpc("w2", F.put, ("w", wv))
+        await ag.rpc("w2", F.add_failing_hook, ("w", 1))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.chain, (["w2"], "w", x))
+            loss = y.sum()
+            with pytest.raises(ag.RemoteError) as info:
+                await asyncio.wait_for(ag.dist.backward(ctx, [loss], retain_graph=True), 10)
+            assert info.value.worker == "w2"
+            assert info.value.remote_type == "ValueError"
+            assert "hook refused gradient on w2" in str(info.value)
+            for name in c.names:
+                assert (await ag.rpc(name, F.debug_info))["num_active_passes"] == 0
+            # The hook fails only once: the same graph can be differentiated again.
+            await ag.dist.backward(ctx, [loss])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv)
+        await assert_clean(c.names)
+
+
+@pytest.mark.timeout(60)
+async def test_worker_dying_mid_backward_raises_worker_lost():
+    xv, wv = arr(3), arr(3)
+    path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = TESTS + (os.pathsep + path if path else "")
+    try:
+        async with cluster("processes") as c:
+            await ag.rpc("w2", F.put, ("w", wv))
+            await ag.rpc("w2", F.add_dying_hook, ("w",))
+            await ag.rpc("w1", F.put, ("w", wv))
+            x = ag.tensor(xv, requires_grad=True)
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                y = await ag.rpc("w2", F.mul, ("w", y))
+                with pytest.raises(ag.WorkerLost):
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+            # No state left behind on the survivors.
+            for name in ("w1",):
+                info = await ag.rpc(name, F.debug_info)
+                assert info["num_contexts"] == 0 and info["num_active_passes"] == 0
+            assert ag.dist.debug_info()["num_contexts"] == 0
+    finally:
+        os.environ["PYTHONPATH"] = path
+
+
+async def test_misuse_errors():
+    async with cluster():
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            with pytest.raises(ValueError, match="empty"):
+                await ag.dist.backward(ctx, [])
+            with pytest.raises(ValueError, match="does not require grad"):
+                await ag.dist.backward(ctx, [ag.tensor(1.0)])
+            with pytest.raises(ValueError, match="one-element"):
+                await ag.dist.backward(ctx, [x * 2])
+            with pytest.raises(ag.ContextError, match="nest"):
+                async with ag.dist.context():
+                    pass
+        with pytest.raises(ag.ContextError, match="unknown or released"):
+            await ag.dist.backward(ctx, [x.sum()])
+        with pytest.raises(ag.ContextError, match="unknown or released"):
+            ag.dist.get_gradients(ctx)
+
+
+async def test_concurrent_tasks_have_their_own_contexts():
+    async with cluster():
+        ids = []
+
+        async def task():
+            async with ag.dist.context() as ctx:
+                ids.append(ctx)
+                await asyncio.sleep(0)  # let the other tasks open theirs meanwhile
+
+        await asyncio.gather(*(task() for _ in range(10)))
+        assert len(set(ids)) == 10
+        assert all(i >> 48 == ids[0] >> 48 for i in ids)  # the worker id in the high bits
+
+
+async def test_ten_thousand_contexts_do_not_grow_memory():
+    wv = arr(8)
+    async with cluster(n=1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(arr(8), requires_grad=True)
+
+        async def one():
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                await ag.dist.backward(ctx, [y.sum()])
+
+        def live_objects() -> int:
+            gc.collect()
+            return len(gc.get_objects())
+
+        for _ in range(500):  # warm up caches and free lists
+            await one()
+        before = live_objects()
+        for _ in range(10_000):
+            await one()
+        grown = live_objects() - before
+        # Anything kept per context would leave >= 10,000 objects behind.
+        assert grown < 1_000, f"{grown} more live objects after 10,000 contexts"
+        await assert_clean(c.names)
+
+
+# --- DistributedOptimizer ---------------------------------------------------------------
+
+
+async def test_distributed_optimizer_steps_on_owners(mode):
+    av, bv, xv = arr(3), arr(3), arr(3)
+    async with cluster(mode):
+        ra = await ag.remote("w1", F.make_param, (av,))
+        rb = await ag.remote("w2", F.make_param, (bv,))
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [ra, rb], lr=0.1)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            a = await ra.to_here()
+            b = await rb.to_here()
+            await ag.dist.backward(ctx, [(a * b * x).sum()])
+            await opt.step(ctx)
+        new_a = (await ra.to_here()).numpy()
+        new_b = (await rb.to_here()).numpy()
+    np.testing.assert_allclose(new_a, av - 0.1 * bv * xv)
+    np.testing.assert_allclose(new_b, bv - 0.1 * av * xv)
+
+
+async def test_distributed_optimizer_errors():
+    async with cluster():
+        with pytest.raises(TypeError, match="RRef"):
+            ag.dist.DistributedOptimizer(ag.optim.SGD, [ag.tensor([1.0])], lr=0.1)
+        ref = await ag.remote("w1", F.make_param, (arr(2),))
+        with pytest.raises(TypeError):
+            ag.dist.DistributedOptimizer(ag.optim.SGD, [ref], lr=0.1, bogus=1)
+        notparam = await ag.remote("w1", F.identity, ("not a tensor",))
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [notparam], lr=0.1)
+        async with ag.dist.context() as ctx:
+            with pytest.raises(ag.RemoteError, match="not an actorgrad Tensor") as info:
+                await opt.step(ctx)
+            assert info.value.worker == "w1"
