@@ -41,5 +41,6 @@ from actorgrad.runtime import (
     workers,
 )
 # --- distributed autograd (section 3) ---
+from actorgrad import dist
 
 __version__ = "0.1.0"
