@@ -30,7 +30,7 @@ Ext types of the body (each payload is itself msgpack)::
     1  ndarray       [dtype.str, shape, data]  data: bin (inline) or int (buffer index)
     2  numpy scalar  [dtype.str, raw bytes]
     3  tuple         [items...]
-    4  Tensor        [ndarray, requires_grad, link]
+    4  Tensor        [dtype.str, shape, data, requires_grad, link]  (data as for ndarray)
     5  RRef          payload returned by hooks.ref_out(ref)
     6  exception     [worker, type_name, message, traceback]  -> RemoteError
 
@@ -137,6 +137,8 @@ for _t in (
     for _dt in (np.dtype(_t).newbyteorder("<"), np.dtype(_t).newbyteorder(">")):
         _DTYPES[_dt.str] = _dt
 del _t, _dt
+# dtype -> dtype.str for the encoder (a dict lookup is cheaper than computing .str)
+_DTYPE_STR: dict[np.dtype, str] = {dt: s for s, dt in _DTYPES.items()}
 
 # msgpack encodes its own timestamp ext (code -1) without calling ext_hook; these are
 # the byte patterns that can start one. A hit triggers a check of the decoded value.
@@ -299,14 +301,15 @@ def _at(path: str | None) -> str:
 # --------------------------------------------------------------------------- encoding
 
 
-def _check_dtype(dtype: np.dtype) -> str:
-    s = dtype.str
-    if s not in _DTYPES:
-        raise TypeError(
-            f"cannot send numpy data of dtype {str(dtype)!r}: only bool and numeric "
-            "dtypes (int8..int64, uint8..uint64, float16/32/64, complex64/128) travel"
+def _dtype_str(obj: Any, dtype: np.dtype) -> str:
+    dstr = _DTYPE_STR.get(dtype)
+    if dstr is None:
+        raise _Unsendable(
+            obj,
+            f"cannot send numpy data of dtype {str(dtype)!r}: only bool and numeric dtypes "
+            "(int8..int64, uint8..uint64, float16/32/64, complex64/128) travel",
         )
-    return s
+    return dstr
 
 
 class _Encoder:
@@ -457,17 +460,19 @@ def _enc_tuple(enc: _Encoder, obj: tuple) -> msgpack.ExtType:
 
 
 def _array_payload(enc: _Encoder, arr: np.ndarray) -> list:
-    dstr = _check_dtype(arr.dtype)
+    """``[dtype.str, shape, data]``: data is the raw bytes (inline) or a buffer index."""
+    dstr = _dtype_str(arr, arr.dtype)
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)  # one copy: unavoidable for a strided layout
-    raw = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-    if arr.nbytes >= OOB_THRESHOLD:
-        bufs = enc.buffers
-        if len(bufs) >= MAX_BUFFERS:
-            raise ValueError(f"more than MAX_BUFFERS ({MAX_BUFFERS}) large arrays in one frame")
-        bufs.append(raw)
-        return [dstr, list(arr.shape), len(bufs) - 1]
-    return [dstr, list(arr.shape), raw]
+    if arr.nbytes < OOB_THRESHOLD:
+        # msgpack copies it in as bin
+        return [dstr, list(arr.shape), memoryview(arr)]  # type: ignore[arg-type]
+    bufs = enc.buffers
+    if len(bufs) >= MAX_BUFFERS:
+        raise ValueError(f"more than MAX_BUFFERS ({MAX_BUFFERS}) large arrays in one frame")
+    # a flat byte view (format "B", len == nbytes) of the array's own memory: no copy
+    bufs.append(memoryview(arr.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
+    return [dstr, list(arr.shape), len(bufs) - 1]
 
 
 def _enc_array(enc: _Encoder, arr: np.ndarray) -> msgpack.ExtType:
@@ -479,7 +484,7 @@ def _enc_array_subclass(enc: _Encoder, arr: np.ndarray) -> msgpack.ExtType:
 
 
 def _enc_scalar(enc: _Encoder, obj: np.generic) -> msgpack.ExtType:
-    return enc.nested(EXT_SCALAR, [_check_dtype(obj.dtype), obj.tobytes()])
+    return enc.nested(EXT_SCALAR, [_dtype_str(obj, obj.dtype), obj.tobytes()])
 
 
 def _enc_tensor(enc: _Encoder, t: Any) -> msgpack.ExtType:
@@ -496,7 +501,10 @@ def _enc_tensor(enc: _Encoder, t: Any) -> msgpack.ExtType:
                 link = tensor_out(t)
             except Exception as exc:
                 raise _HookError(exc) from exc
-    return enc.nested(EXT_TENSOR, [data, requires_grad, link])
+    payload = _array_payload(enc, data)
+    payload.append(requires_grad)
+    payload.append(link)
+    return enc.nested(EXT_TENSOR, payload)
 
 
 def _enc_ref(enc: _Encoder, ref: WireRef) -> msgpack.ExtType:
@@ -884,8 +892,7 @@ class _Decoder:
         return bufs[index]
 
 
-def _dec_array(dec: _Decoder, data: bytes) -> np.ndarray:
-    dstr, shape, raw = _unpack_payload(data, "ndarray", 3)
+def _array_from(dec: _Decoder, dstr: Any, shape: Any, raw: Any) -> np.ndarray:
     dtype = _dtype_from(dstr)
     if type(shape) is not list or len(shape) > MAX_NDIM:
         raise ProtocolError(f"array shape must be a list of at most {MAX_NDIM} ints")
@@ -903,7 +910,13 @@ def _dec_array(dec: _Decoder, data: bytes) -> np.ndarray:
         raise ProtocolError(
             f"array of shape {tuple(shape)} and dtype {dstr} needs {expected} bytes, got {len(buf)}"
         )
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    arr = np.frombuffer(buf, dtype=dtype)
+    return arr if len(shape) == 1 else arr.reshape(shape)
+
+
+def _dec_array(dec: _Decoder, data: bytes) -> np.ndarray:
+    dstr, shape, raw = _unpack_payload(data, "ndarray", 3)
+    return _array_from(dec, dstr, shape, raw)
 
 
 def _dec_scalar(dec: _Decoder, data: bytes) -> np.generic:
@@ -919,9 +932,10 @@ def _dec_tuple(dec: _Decoder, data: bytes) -> tuple:
 
 
 def _dec_tensor(dec: _Decoder, data: bytes) -> Any:
-    arr, requires_grad, link = _unpack_payload(data, "Tensor", 3, dec.hook)
-    if not isinstance(arr, np.ndarray) or type(requires_grad) is not bool:
-        raise ProtocolError("malformed Tensor payload: expected [ndarray, bool, link]")
+    dstr, shape, raw, requires_grad, link = _unpack_payload(data, "Tensor", 5, dec.hook)
+    if type(requires_grad) is not bool:
+        raise ProtocolError("malformed Tensor payload: requires_grad must be a bool")
+    arr = _array_from(dec, dstr, shape, raw)
     tensor_in = getattr(dec.hooks, "tensor_in", None) if dec.hooks is not None else None
     if tensor_in is not None:
         try:
