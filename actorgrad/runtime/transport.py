@@ -368,6 +368,7 @@ async def handshake(conn: Connection, token: str, *, server: bool, timeout: floa
     try:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT if timeout is None else timeout):
             await conn.made
+            where = conn.peer_addr
             nonce = secrets.token_bytes(32)
             conn._write_raw(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
             magic, version, peer_nonce = _HELLO.unpack(await conn._read_exact(_HELLO.size))

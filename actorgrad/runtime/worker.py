@@ -446,6 +446,8 @@ class Worker:
                 if w is not None and not w.done():
                     w.set_result(None)
             elif kind == K_OK or kind == K_ERR:
+                if len(header) != 2 or type(header[1]) is not int:
+                    raise ProtocolError(f"malformed reply header {header!r}")
                 call = conn.pending.pop(header[1], None)
                 if call is None or call.fut.done():
                     return  # late reply of a timed-out/cancelled call: dropped quietly
@@ -501,6 +503,9 @@ class Worker:
                 n += 1
                 try:
                     self._start(conn, frame)
+                except (ProtocolError, ValueError, TypeError) as exc:
+                    log.warning("worker %s: closing %r: malformed request: %s", self.name, conn, exc)
+                    conn.abort(exc)
                 except Exception:
                     log.exception("worker %s: failed to start a request", self.name)
             if self._paused and len(mb) <= self._mailbox_size // 2:
@@ -716,6 +721,8 @@ class Worker:
         dest: str | None = None,
     ) -> Any:
         dest = dest or conn.peer_name or "?"
+        if mode < MODE_RREF_RPC and not isinstance(target, (str, list)):
+            target = calls.fn_spec(target)
         ic = _interceptor
         meta = ic.outgoing(self, dest) if ic is not None else None
         hooks = self._hooks(dest, meta)

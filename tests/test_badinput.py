@@ -1,0 +1,235 @@
+"""Bad input against a real TCP listener: each bad client gets a clear error or a
+closed connection, and the worker keeps serving the next valid client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import struct
+
+import msgpack
+import pytest
+
+import actorgrad as ag
+from actorgrad import wire
+from actorgrad.runtime import Worker, transport
+from actorgrad.runtime.transport import _HELLO, MAGIC, PROTOCOL_VERSION, _mac
+from actorgrad.runtime.worker import K_REQ, MODE_RPC
+
+LEN = struct.Struct(">Q")
+
+
+def add(a, b=0):
+    return a + b
+
+
+@pytest.fixture
+async def tcp_cluster():
+    async with ag.local_cluster(1, transport="tcp") as c:
+        yield c
+
+
+def _target(c):
+    return c.workers[0]  # w1, listening on TCP
+
+
+async def _valid_client_works(c):
+    """A fresh connection to w1 handshakes and gets an answer; the old ones still work."""
+    client = Worker(f"probe-{secrets.token_hex(3)}", token=c.driver.token)
+    try:
+        conn = await asyncio.wait_for(client.open_connection(_target(c).address), 5)
+        assert await asyncio.wait_for(client.call_on(conn, add, (20, 22)), 5) == 42
+    finally:
+        await client.shutdown()
+    assert await asyncio.wait_for(ag.rpc("w1", add, (1, 2)), 5) == 3
+
+
+async def _raw(c):
+    host, _, port = _target(c).address.rpartition(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def _handshaken(c, token=None):
+    """A raw stream client that completed the handshake (and sent its hello)."""
+    reader, writer = await _raw(c)
+    nonce = os.urandom(32)
+    writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
+    magic, version, snonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
+    assert magic == MAGIC and version == PROTOCOL_VERSION
+    writer.write(_mac(token or c.driver.token, b"C", nonce, snonce))
+    assert await reader.readexactly(32) == _mac(token or c.driver.token, b"S", nonce, snonce)
+    assert await reader.readexactly(1) == b"\x01"
+    frame = wire.join_chunks(wire.encode_frame([4, "raw-client", 0, ""], None))
+    writer.write(LEN.pack(len(frame)) + frame)
+    await writer.drain()
+    return reader, writer
+
+
+async def _closed_by_peer(reader, writer, deadline=5.0):
+    """Read until EOF (the worker closed the connection) within ``deadline``."""
+    try:
+        async with asyncio.timeout(deadline):
+            while await reader.read(65536):
+                pass
+    except ConnectionResetError:
+        pass
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+
+
+async def _send_frame(writer, frame: bytes):
+    writer.write(LEN.pack(len(frame)) + frame)
+    await writer.drain()
+
+
+async def test_random_bytes_instead_of_a_handshake_close_the_connection(tcp_cluster, caplog):
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    reader, writer = await _raw(tcp_cluster)
+    writer.write(os.urandom(200))
+    await _closed_by_peer(reader, writer)
+    assert "not an actorgrad peer" in caplog.text
+    await _valid_client_works(tcp_cluster)
+
+
+async def test_flood_during_handshake_closes_the_connection(tcp_cluster):
+    reader, writer = await _raw(tcp_cluster)
+    writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, os.urandom(32)) + os.urandom(100_000))
+    await _closed_by_peer(reader, writer)
+    await _valid_client_works(tcp_cluster)
+
+
+async def test_wrong_protocol_version_closes_the_connection(tcp_cluster, caplog):
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    reader, writer = await _raw(tcp_cluster)
+    writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION + 7, os.urandom(32)))
+    await _closed_by_peer(reader, writer)
+    assert "version" in caplog.text
+    await _valid_client_works(tcp_cluster)
+
+
+async def test_wrong_token_raw_client_is_rejected(tcp_cluster, caplog):
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    reader, writer = await _raw(tcp_cluster)
+    nonce = os.urandom(32)
+    writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
+    _, _, snonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
+    writer.write(_mac("not the token", b"C", nonce, snonce))
+    await reader.readexactly(32)  # the server's MAC
+    await _closed_by_peer(reader, writer)  # ... and no accept byte
+    assert "wrong cluster token" in caplog.text
+    await _valid_client_works(tcp_cluster)
+
+
+async def test_client_that_never_finishes_its_handshake_is_dropped(tcp_cluster, monkeypatch):
+    monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT", 0.3)
+    reader, writer = await _raw(tcp_cluster)
+    writer.write(MAGIC[:3])  # and then nothing
+    await _closed_by_peer(reader, writer, deadline=5)
+    await _valid_client_works(tcp_cluster)
+
+
+async def test_length_prefix_of_2_to_the_40_closes_the_connection(tcp_cluster, caplog):
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    reader, writer = await _handshaken(tcp_cluster)
+    writer.write(LEN.pack(2**40) + b"xxxx")
+    await _closed_by_peer(reader, writer)
+    assert "exceeds the maximum" in caplog.text
+    await _valid_client_works(tcp_cluster)
+
+
+async def test_garbage_frame_closes_the_connection(tcp_cluster):
+    reader, writer = await _handshaken(tcp_cluster)
+    await _send_frame(writer, os.urandom(300))
+    await _closed_by_peer(reader, writer)
+    await _valid_client_works(tcp_cluster)
+
+
+async def test_valid_msgpack_of_the_wrong_shape_closes_the_connection(tcp_cluster):
+    reader, writer = await _handshaken(tcp_cluster)
+    await _send_frame(writer, msgpack.packb({"kind": "call", "fn": "os:system"}))
+    await _closed_by_peer(reader, writer)
+    await _valid_client_works(tcp_cluster)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [[99], ["REQ"], [], [K_REQ], [K_REQ, "x", "m:f", 0, None], [1, [1, 2]], [4, 5, 6, 7]],
+)
+async def test_unknown_or_malformed_messages_close_the_connection(tcp_cluster, header):
+    reader, writer = await _handshaken(tcp_cluster)
+    await _send_frame(writer, wire.join_chunks(wire.encode_frame(header, None)))
+    await _closed_by_peer(reader, writer)
+    await _valid_client_works(tcp_cluster)
+
+
+async def test_malformed_request_body_gets_an_error_reply(tcp_cluster):
+    reader, writer = await _handshaken(tcp_cluster)
+    (n,) = LEN.unpack(await reader.readexactly(8))
+    hello = wire.decode_frame(await reader.readexactly(n))
+    assert hello.header[1] == "w1"
+    await _send_frame(writer, wire.join_chunks(wire.encode_frame([K_REQ, 7, "m:f", MODE_RPC, None], 5)))
+    await _send_frame(
+        writer, wire.join_chunks(wire.encode_frame([K_REQ, 8, "nope_mod:fn", MODE_RPC, None], ((), None)))
+    )
+    await _send_frame(
+        writer, wire.join_chunks(wire.encode_frame([K_REQ, 9, f"{__name__}:add", 42, None], ((), None)))
+    )
+    replies = {}
+    async with asyncio.timeout(5):
+        while len(replies) < 3:
+            (n,) = LEN.unpack(await reader.readexactly(8))
+            f = wire.decode_frame(await reader.readexactly(n))
+            if f.header[0] == 2:
+                replies[f.header[1]] = f.body()
+    assert isinstance(replies[7], ag.RemoteError) and replies[7].remote_type == "ProtocolError"
+    assert replies[8].remote_type == "ModuleNotFoundError" and "nope_mod" in str(replies[8])
+    assert replies[9].remote_type == "ProtocolError" and "mode" in str(replies[9])
+    writer.close()
+    await writer.wait_closed()
+    await _valid_client_works(tcp_cluster)
+
+
+async def test_connection_closed_mid_frame(tcp_cluster):
+    reader, writer = await _handshaken(tcp_cluster)
+    frame = wire.join_chunks(wire.encode_frame([K_REQ, 1, f"{__name__}:add", MODE_RPC, None], ((1, 2), None)))
+    writer.write(LEN.pack(len(frame)) + frame[: len(frame) // 2])
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    # and a big frame cut in the middle (preallocated-buffer path)
+    reader, writer = await _handshaken(tcp_cluster)
+    writer.write(LEN.pack(10_000_000) + os.urandom(1_000_000))
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    await _valid_client_works(tcp_cluster)
+
+
+async def test_request_before_hello_closes_the_connection(tcp_cluster):
+    reader, writer = await _raw(tcp_cluster)
+    nonce = os.urandom(32)
+    tok = tcp_cluster.driver.token
+    writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
+    _, _, snonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
+    writer.write(_mac(tok, b"C", nonce, snonce))
+    await reader.readexactly(33)
+    await _send_frame(
+        writer, wire.join_chunks(wire.encode_frame([K_REQ, 1, "os:getpid", MODE_RPC, None], ((), None)))
+    )
+    await _closed_by_peer(reader, writer)
+    await _valid_client_works(tcp_cluster)
+
+
+async def test_unencodable_argument_is_a_type_error_naming_the_type(tcp_cluster):
+    class Thing:
+        pass
+
+    with pytest.raises(TypeError, match="Thing"):
+        await ag.rpc("w1", add, (Thing(),))
+    await _valid_client_works(tcp_cluster)
