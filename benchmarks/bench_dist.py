@@ -26,6 +26,11 @@ from benchmarks import _echo_baseline, torch_ref
 from benchmarks._report import Metric, render, timed
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2.0"))
+# math threads per process on both sides (torch.set_num_threads / BLAS env of the
+# actorgrad workers): 4 processes share the machine, and spinning BLAS threads of
+# oversubscribed processes cost more than they bring at these sizes.
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+_BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 MIB = 1024 * 1024
 
 METRICS = [
@@ -95,28 +100,43 @@ async def measure_actorgrad(seconds: float = SECONDS) -> dict[str, float]:
     import actorgrad as ag
 
     out: dict[str, float] = {}
-    async with ag.local_cluster(torch_ref.CHAIN_STAGES, processes=True):
-        await ag.rpc("w1", setup_hop, (torch_ref.HOP_N,))
-        rng = np.random.default_rng(0)
-        x = ag.tensor(rng.random(torch_ref.HOP_N, dtype=np.float32), requires_grad=True)
-        g = await _hop_step(x)
-        np.testing.assert_allclose(g, np.full(torch_ref.HOP_N, 0.5, dtype=np.float32))
-        per = await timed(lambda: _hop_step(x), warmup=20, seconds=seconds)
-        out["hop_it_s"] = 1 / per
-
-        await ag.rpc("w1", setup_hop, (torch_ref.BW_N,))
-        xb = ag.tensor(rng.random(torch_ref.BW_N, dtype=np.float32), requires_grad=True)
-        per = await timed(lambda: _hop_step(xb), warmup=2, seconds=seconds)
-        out["bw_it_s"] = 1 / per
-        out["bw_mib_s"] = torch_ref.BW_TRANSFERS * torch_ref.BW_N * 4 / per / MIB
-
-        for i in range(torch_ref.CHAIN_STAGES):
-            await ag.rpc(f"w{i + 1}", setup_chain, (torch_ref.CHAIN_DIM, i))
-        shape = (torch_ref.CHAIN_BATCH, torch_ref.CHAIN_DIM)
-        xc = ag.tensor(rng.standard_normal(shape, dtype=np.float32), requires_grad=True)
-        per = await timed(lambda: _chain_step(xc), warmup=5, seconds=seconds)
-        out["chain_it_s"] = 1 / per
+    saved = {k: os.environ.get(k) for k in _BLAS_ENV}
+    os.environ.update({k: str(THREADS) for k in _BLAS_ENV})  # inherited by the workers
+    try:
+        async with ag.local_cluster(torch_ref.CHAIN_STAGES, processes=True):
+            await _measure(out, seconds)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return out
+
+
+async def _measure(out: dict[str, float], seconds: float) -> None:
+    import actorgrad as ag
+
+    await ag.rpc("w1", setup_hop, (torch_ref.HOP_N,))
+    rng = np.random.default_rng(0)
+    x = ag.tensor(rng.random(torch_ref.HOP_N, dtype=np.float32), requires_grad=True)
+    g = await _hop_step(x)
+    np.testing.assert_allclose(g, np.full(torch_ref.HOP_N, 0.5, dtype=np.float32))
+    per = await timed(lambda: _hop_step(x), warmup=20, seconds=seconds)
+    out["hop_it_s"] = 1 / per
+
+    await ag.rpc("w1", setup_hop, (torch_ref.BW_N,))
+    xb = ag.tensor(rng.random(torch_ref.BW_N, dtype=np.float32), requires_grad=True)
+    per = await timed(lambda: _hop_step(xb), warmup=2, seconds=seconds)
+    out["bw_it_s"] = 1 / per
+    out["bw_mib_s"] = torch_ref.BW_TRANSFERS * torch_ref.BW_N * 4 / per / MIB
+
+    for i in range(torch_ref.CHAIN_STAGES):
+        await ag.rpc(f"w{i + 1}", setup_chain, (torch_ref.CHAIN_DIM, i))
+    shape = (torch_ref.CHAIN_BATCH, torch_ref.CHAIN_DIM)
+    xc = ag.tensor(rng.standard_normal(shape, dtype=np.float32), requires_grad=True)
+    per = await timed(lambda: _chain_step(xc), warmup=5, seconds=seconds)
+    out["chain_it_s"] = 1 / per
 
 
 def main() -> None:
@@ -125,7 +145,7 @@ def main() -> None:
         ours = runner.run(measure_actorgrad(SECONDS))
     torch: dict[str, float] | None = None
     if torch_ref.available():
-        torch = torch_ref.measure_dist(SECONDS)
+        torch = torch_ref.measure_dist(SECONDS, threads=THREADS)
     else:
         print("(torch not installed: PyTorch column skipped)")
     print(render(METRICS, ours, [("torch", torch)], target_column="torch"), flush=True)

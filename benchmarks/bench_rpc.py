@@ -74,7 +74,7 @@ def main() -> None:
         ours = runner.run(measure_actorgrad(SECONDS))
     torch: dict[str, float] | None = None
     if torch_ref.available():
-        torch = torch_ref.measure_rpc(SECONDS)
+        torch = torch_ref.measure_rpc(SECONDS, threads=1)
     else:
         print("(torch not installed: PyTorch column skipped)")
     columns = [("bare echo", bare), ("torch", torch)]
