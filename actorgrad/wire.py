@@ -41,12 +41,22 @@ when the frame buffer is writable (a ``bytearray``), read-only when it is ``byte
 and keeps the whole frame buffer alive. Smaller arrays are inlined and always decode
 to fresh, writable memory.
 
+Threads
+=======
+
+``encode_frame`` and ``decode_frame`` may be called from any thread: each thread
+encodes with its own msgpack packers (a ``threading.local``), and decoding keeps no
+shared state.
+
 Errors
 ======
 
 * Encoding a value that cannot travel raises ``TypeError`` naming its type and where
   it sits (``"cannot send value of type 'set' (at body[0][1])"``); values nested too
-  deeply (or containing a reference cycle) raise ``ValueError``.
+  deeply (more than ``MAX_DEPTH`` ext levels, 511 list/dict levels, or a reference
+  cycle) raise ``ValueError``. So does a body whose ext payloads add up to more than
+  16x its size plus 1 MiB: msgpack copies each ext payload once per nesting level, and
+  the decoder refuses the same amplification.
 * Decoding malformed input raises ``actorgrad.errors.ProtocolError`` only; never
   another exception type (except what a hook raises, which propagates unchanged).
 """
@@ -112,6 +122,10 @@ _ZEROS = bytes(ALIGN)
 _JOIN_BODY_BELOW = 16 * 1024  # bodies smaller than this are copied into the first chunk
 _PACKER_BUF_SIZE = 16 * 1024  # initial buffer of each msgpack Packer
 _PACKER_KEEP_BYTES = 1 << 20  # a thread's packers are replaced after a larger body
+# msgpack hands each ext payload to ext_hook as a copy, so data nested n ext levels
+# deep is copied n times. Both sides cap the total size of all ext payloads of a body.
+_EXT_FACTOR = 16
+_EXT_SLACK = 1 << 20
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 
@@ -315,7 +329,16 @@ def _dtype_str(obj: Any, dtype: np.dtype) -> str:
 class _Encoder:
     """Per-thread encoding state: one msgpack Packer per ext nesting level."""
 
-    __slots__ = ("packers", "header_packer", "buffers", "hooks", "depth", "busy", "_dispatch")
+    __slots__ = (
+        "packers",
+        "header_packer",
+        "buffers",
+        "hooks",
+        "depth",
+        "ext_bytes",
+        "busy",
+        "_dispatch",
+    )
 
     def __init__(self) -> None:
         self.packers: list[msgpack.Packer] = []
@@ -323,6 +346,7 @@ class _Encoder:
         self.buffers: list[memoryview] = []
         self.hooks: Any = None
         self.depth = 0
+        self.ext_bytes = 0
         self.busy = False
         self._dispatch: dict[type, Callable[[_Encoder, Any], Any]] = _DISPATCH
 
@@ -346,6 +370,7 @@ class _Encoder:
         self.hooks = hooks
         self.buffers = []
         self.depth = 0
+        self.ext_bytes = 0
         hook_exc: BaseException | None = None
         ok = False
         try:
@@ -366,6 +391,12 @@ class _Encoder:
             except (TypeError, OverflowError, ValueError) as exc:
                 raise _packing_error(exc, body, "body") from None
             buffers = self.buffers
+            if hook_exc is None and self.ext_bytes > _ext_budget(len(bbytes)):
+                raise ValueError(
+                    f"cannot send body: its nested tuples/arrays/tensors hold "
+                    f"{self.ext_bytes} bytes of payload for a {len(bbytes)}-byte body "
+                    f"(more than {_EXT_FACTOR}x); nest large data less deeply"
+                )
             ok = hook_exc is None and len(bbytes) <= _PACKER_KEEP_BYTES
         finally:
             self.busy = False
@@ -390,6 +421,7 @@ class _Encoder:
             self.depth = depth
             packers = self.packers
             data = (packers[depth] if depth < len(packers) else self.packer(depth)).pack(list(obj))
+            self.ext_bytes += len(data)
             self.depth = depth - 1  # (after an exception, encode() resets the depth)
             return _new_ext(EXT_TUPLE, data)
         handler = self._dispatch.get(t)
@@ -403,8 +435,14 @@ class _Encoder:
             raise _TooDeep(f"value nested more than {MAX_DEPTH} levels deep")
         self.depth = depth
         data = self.packer(depth).pack(value)
+        self.ext_bytes += len(data)
         self.depth = depth - 1  # (after an exception, encode() resets the depth)
         return _new_ext(code, data)
+
+
+def _ext_budget(body_len: int) -> int:
+    """Most bytes all ext payloads of a body of ``body_len`` bytes may add up to."""
+    return _EXT_FACTOR * body_len + _EXT_SLACK
 
 
 def _new_ext(code: int, data: bytes) -> msgpack.ExtType:
@@ -770,7 +808,7 @@ class Frame:
             >>> f.body()["x"]
             array([0., 0., 0.])
         """
-        dec = _Decoder(hooks, self._buffers)
+        dec = _Decoder(hooks, self._buffers, self._body.nbytes)
         body = self._body
         hook_exc: BaseException | None = None
         try:
@@ -846,10 +884,11 @@ def _dtype_from(s: Any) -> np.dtype:
 
 
 class _Decoder:
-    __slots__ = ("hooks", "buffers", "used", "taken", "depth", "hook")
+    __slots__ = ("hooks", "buffers", "used", "taken", "depth", "hook", "budget")
 
-    def __init__(self, hooks: Any, buffers: list[memoryview]) -> None:
+    def __init__(self, hooks: Any, buffers: list[memoryview], body_len: int) -> None:
         self.hook = self.ext_hook
+        self.budget = _ext_budget(body_len)
         self.hooks = hooks
         self.buffers = buffers
         self.used = 0
@@ -862,6 +901,13 @@ class _Decoder:
             raise ProtocolError(f"frame body nested more than {MAX_DEPTH} ext levels deep")
         self.depth = depth
         # (after an exception the whole decode fails, so the depth needs no finally)
+        budget = self.budget - len(data)
+        if budget < 0:
+            raise ProtocolError(
+                f"nested ext payloads of the body exceed {_EXT_FACTOR}x its size "
+                "(each nesting level copies its payload)"
+            )
+        self.budget = budget
         if code == EXT_TUPLE:  # the hot path: inlined
             items = msgpack.unpackb(
                 data, raw=False, use_list=True, strict_map_key=False, ext_hook=self.hook

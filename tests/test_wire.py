@@ -902,3 +902,23 @@ def test_join_chunks_and_frame_nbytes_cover_every_chunk():
     assert isinstance(buf, bytearray)
     assert len(buf) == frame_nbytes(chunks) == len(b"".join(chunks))
     assert buf == b"".join(chunks)
+
+
+def _deep(value: Any, levels: int) -> Any:
+    for _ in range(levels):
+        value = (value,)
+    return value
+
+
+def test_large_data_nested_many_ext_levels_deep_is_refused_by_the_sender():
+    assert roundtrip(_deep(b"x" * 200_000, 10)) == _deep(b"x" * 200_000, 10)
+    with pytest.raises(ValueError, match="nest large data less deeply"):
+        encode_frame([0], _deep(b"x" * 200_000, 40))
+
+
+def test_ext_payload_amplification_is_a_protocol_error():
+    payload = msgpack.packb(b"x" * 200_000)
+    for _ in range(40):  # each level's payload is copied again by the decoder
+        payload = msgpack.packb([msgpack.ExtType(wire.EXT_TUPLE, payload)])
+    with pytest.raises(ProtocolError, match="exceed"):
+        decode_frame(build_frame(H, payload)).body()
