@@ -24,6 +24,7 @@ import numpy as np
 import actorgrad as ag
 from actorgrad import nn
 from actorgrad.nn import functional as F
+from actorgrad.runtime.cluster import install_uvloop
 
 __all__ = ["Stage", "TrainResult", "main", "make_spirals", "train_pipeline"]
 
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--in-process", action="store_true", help="workers as in-process actors")
-    args = p.parse_args(argv)
-    result = ag.runtime.run(_run(args)) if hasattr(ag, "runtime") else asyncio.run(_run(args))
+    args = p.parse_args([] if argv is None else argv)
+    install_uvloop()
+    result = asyncio.run(_run(args))
     return report(result, args.target)

@@ -388,7 +388,7 @@ async def test_worker_dying_mid_backward_raises_worker_lost():
     path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = TESTS + (os.pathsep + path if path else "")
     try:
-        async with cluster("processes") as c:
+        async with cluster("processes"):
             await ag.rpc("w2", F.put, ("w", wv))
             await ag.rpc("w2", F.add_dying_hook, ("w",))
             await ag.rpc("w1", F.put, ("w", wv))

@@ -1,0 +1,66 @@
+"""Each example runs briefly, as a user would run it, and reaches what it promises."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def run(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACTORGRAD_")}
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def test_quickstart_prints_the_right_gradients():
+    p = run(str(EXAMPLES / "quickstart.py"))
+    assert p.returncode == 0, p.stderr
+    x, w = np.array([1.0, 2.0, 3.0]), np.array([0.5, -0.5, 0.25])
+    d = 1 - np.tanh(x * w) ** 2
+    found = {m[0]: m[1] for m in re.findall(r"dloss/d(\w) +\[([^\]]*)\]", p.stdout)}
+    np.testing.assert_allclose(np.array(found["x"].split(), float), (d * w).round(4), atol=1e-4)
+    np.testing.assert_allclose(np.array(found["w"].split(), float), (d * x).round(4), atol=1e-4)
+
+
+def test_parameter_server_trains_to_accuracy():
+    p = run(str(EXAMPLES / "parameter_server.py"), "--steps", "40")
+    assert p.returncode == 0, p.stdout + p.stderr
+    acc = float(re.search(r"test accuracy ([0-9.]+)", p.stdout).group(1))
+    assert acc >= 0.9
+
+
+def test_pipeline_parallel_under_actorgrad_run():
+    p = run(
+        "-m",
+        "actorgrad",
+        "run",
+        "-n",
+        "3",
+        str(EXAMPLES / "pipeline_parallel.py"),
+        "--steps",
+        "300",
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "target test accuracy 0.95: reached" in p.stdout
+    assert re.search(r"[0-9.]+ steps/s", p.stdout)
+
+
+def test_demo_in_process():
+    p = run("-m", "actorgrad", "demo", "--in-process", "--steps", "300")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "reached" in p.stdout
