@@ -130,10 +130,11 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         self.peer_addr = transport.get_extra_info("peername")
         if isinstance(transport, asyncio.WriteTransport):
-            # high=0: paused as soon as anything is buffered; send() of a big frame
-            # waits for a full drain.
+            # high=0: "paused" as soon as anything stays buffered in user space, and
+            # resumed when the buffer is empty, so send() returns only once the bytes
+            # (and the caller's arrays) have reached the kernel.
             try:
-                transport.set_write_buffer_limits(high=256 * 1024)
+                transport.set_write_buffer_limits(high=0)
             except (NotImplementedError, AttributeError):
                 pass
         if not self.made.done():
@@ -181,7 +182,7 @@ class Connection(asyncio.Protocol):
             big = self._big
             need = len(big) - self._big_pos
             n = min(need, len(data))
-            big[self._big_pos : self._big_pos + n] = data[:n] if n < len(data) else data
+            big[self._big_pos : self._big_pos + n] = memoryview(data)[:n] if n < len(data) else data
             self._big_pos += n
             if self._big_pos < len(big):
                 return
@@ -250,27 +251,20 @@ class Connection(asyncio.Protocol):
         return size
 
     async def send(self, chunks: Iterable[Any]) -> None:
-        """Send one frame; waits while the transport is over its write-buffer limit
-        and, for a big frame, until it is written out."""
-        size = self.send_nowait(chunks)
-        if size >= BIG_FRAME or self._write_paused:
-            await self.drain(full=size >= BIG_FRAME)
+        """Send one frame; if the transport could not write everything at once, wait
+        until its buffer has drained (backpressure; the caller's arrays are no longer
+        referenced when this returns)."""
+        self.send_nowait(chunks)
+        if self._write_paused:
+            await self.drain()
 
-    async def drain(self, full: bool = False) -> None:
-        while not self.closed:
-            t = self.transport
-            if full:
-                if t is None or t.get_write_buffer_size() == 0:  # type: ignore[attr-defined]
-                    return
-            elif not self._write_paused:
-                return
+    async def drain(self) -> None:
+        while self._write_paused and not self.closed:
             fut = self.loop.create_future()
             self._drain_waiters.append(fut)
-            if full:
-                # no callback when the buffer empties below the low mark: poll softly
-                self.loop.call_later(0.001, self._wake_drainers)
             await fut
-        raise WorkerLost(f"connection to {self.peer_name or self.peer_addr!r} closed while sending")
+        if self.closed:
+            raise WorkerLost(f"connection to {self.peer_name or self.peer_addr!r} closed while sending")
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -461,10 +455,9 @@ class _InprocTransport(asyncio.Transport):
 
     def _pump(self) -> None:
         self._scheduled = False
-        while self._inbox and not self._paused and not self._closing:
-            data = self._inbox[0] if len(self._inbox) == 1 else b"".join(self._inbox)
-            self._inbox.clear()
-            self._protocol.data_received(data)
+        inbox = self._inbox
+        while inbox and not self._paused and not self._closing:
+            self._protocol.data_received(inbox.pop(0))
 
     def pause_reading(self) -> None:
         self._paused = True
