@@ -193,6 +193,16 @@ async def _serve_until_signalled(
 # --------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _expected() -> Iterator[None]:
+    """Around a runtime call: its ValueError / RuntimeError (a name already taken,
+    workers that did not join, ...) are reported as one line, not a traceback."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as exc:
+        raise CliError(str(exc) or type(exc).__name__) from exc
+
+
 def _runtime() -> Any:
     """``actorgrad.runtime.cluster``, or a clear error when this build lacks it."""
     try:
@@ -221,9 +231,10 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
         _say("Ctrl-C to stop")
 
     async def serve(stop: asyncio.Event) -> None:
-        await rt.serve_cluster(
-            n, host=args.host, port=args.port, token=token, on_ready=on_ready, stop=stop
-        )
+        with _expected():
+            await rt.serve_cluster(
+                n, host=args.host, port=args.port, token=token, on_ready=on_ready, stop=stop
+            )
 
     code = await _serve_until_signalled(serve, "cluster")
     _say("cluster stopped")
@@ -236,7 +247,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     token = client_token(args.token_file)
 
     async def serve(stop: asyncio.Event) -> None:
-        await rt.serve_worker(args.join, args.name, token, stop=stop)
+        with _expected():
+            await rt.serve_worker(args.join, args.name, token, stop=stop)
 
     _say(f"worker {args.name} joining {args.join}")
 
@@ -288,9 +300,11 @@ async def cmd_run(args: argparse.Namespace) -> int:
         if not ready.done():
             ready.set_result(address)
 
-    cluster = asyncio.ensure_future(
-        rt.serve_cluster(args.n, token=token, on_ready=on_ready, stop=stop)
-    )
+    async def serve() -> None:
+        with _expected():
+            await rt.serve_cluster(args.n, token=token, on_ready=on_ready, stop=stop)
+
+    cluster = asyncio.ensure_future(serve())
     proc: asyncio.subprocess.Process | None = None
     signals = 0
 
@@ -347,27 +361,33 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _contexts(w: dict[str, Any]) -> Any:
+    """Live dist contexts of a worker's status (flat or under "dist"); none: 0."""
+    if "num_contexts" in w:
+        return w["num_contexts"]
+    dist = w.get("dist")
+    if isinstance(dist, dict) and "num_contexts" in dist:
+        return dist["num_contexts"]
+    return 0  # distributed autograd never ran there
+
+
 def format_status(status: dict[str, Any]) -> str:
-    """A readable table of ``cluster_status()``'s result."""
+    """A readable table of ``cluster_status()``'s result (unreachable workers: their error)."""
     workers = list(status.get("workers", []))
     lines = [f"cluster {status.get('address', '?')}: {len(workers)} workers"]
-    head = ["name", "id", "address", "mailbox", "in_flight", "contexts"]
+    head = ["name", "id", "address", "mailbox", "in_flight", "contexts", "rrefs"]
     rows = []
-    for w in sorted(workers, key=lambda w: str(w.get("name", ""))):
-        dist = w.get("dist") if isinstance(w.get("dist"), dict) else {}
-        rows.append(
-            [
-                _cell(w.get("name")),
-                _cell(w.get("id")),
-                _cell(w.get("address")),
-                _cell(w.get("mailbox")),
-                _cell(w.get("in_flight")),
-                _cell(dist.get("num_contexts")),
-            ]
-        )
+    for w in workers:
+        row = [_cell(w.get(k)) for k in ("name", "id", "address", "mailbox", "in_flight")]
+        row += [_cell(_contexts(w)), _cell(w.get("rrefs"))]
+        if "error" in w:
+            row[3:] = ["-"] * (len(head) - 3)
+            row.append(f"unreachable: {w['error']}")
+        rows.append(row)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
-        lines.append("  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip())
+        cells = [c.ljust(wd) for c, wd in zip(row, widths, strict=False)] + row[len(head) :]
+        lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
 
@@ -382,7 +402,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as exc:
         raise CliError(f"{ENV_ADDRESS}: {exc}", code=2) from None
     token = client_token(args.token_file)
-    status = await rt.cluster_status(address, token, timeout=args.timeout)
+    with _expected():
+        status = await rt.cluster_status(address, token, timeout=args.timeout)
     _say(format_status(status))
     return 0
 

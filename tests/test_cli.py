@@ -233,16 +233,26 @@ def test_status_table_lists_workers_mailboxes_and_contexts() -> None:
         {
             "address": "127.0.0.1:1",
             "workers": [
+                {"name": "w1", "id": 1, "address": "b", "mailbox": 3, "num_contexts": 4},
                 {"name": "w2", "id": 2, "address": "a", "mailbox": 0, "in_flight": 1},
-                {"name": "w1", "id": 1, "address": "b", "mailbox": 3, "dist": {"num_contexts": 4}},
+                {"name": "w3", "id": 3, "address": "c", "error": "connection refused"},
             ],
         }
     )
     lines = text.splitlines()
-    assert "2 workers" in lines[0]
-    assert lines[1].split() == ["name", "id", "address", "mailbox", "in_flight", "contexts"]
-    assert lines[2].split() == ["w1", "1", "b", "3", "-", "4"]
-    assert lines[3].split() == ["w2", "2", "a", "0", "1", "-"]
+    assert "3 workers" in lines[0]
+    assert lines[1].split() == [
+        "name",
+        "id",
+        "address",
+        "mailbox",
+        "in_flight",
+        "contexts",
+        "rrefs",
+    ]
+    assert lines[2].split() == ["w1", "1", "b", "3", "-", "4", "-"]
+    assert lines[3].split() == ["w2", "2", "a", "0", "1", "0", "-"]
+    assert lines[4].split()[:3] == ["w3", "3", "c"] and "unreachable: connection" in lines[4]
 
 
 # --- against a running cluster ---
@@ -302,6 +312,16 @@ def test_a_worker_joins_from_another_process(cluster: tuple[str, Path]) -> None:
         assert w.wait() == 0
     finally:
         w.stop()
+
+
+@needs_runtime
+def test_a_worker_name_already_taken_exits_1_with_a_one_line_message(
+    cluster: tuple[str, Path],
+) -> None:
+    address, token_file = cluster
+    r = run_cli("worker", "--join", address, "--name", "w1", "--token-file", str(token_file))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and "w1" in r.stderr
 
 
 RUN_SCRIPT = """
@@ -394,3 +414,41 @@ def test_a_second_signal_forces_the_cluster_down(tmp_path: Path) -> None:
         assert wait_gone(pids, 10) == set()
     finally:
         c.stop()
+
+
+STATUS_SCRIPT = """
+import asyncio, sys
+import actorgrad as ag
+
+def scale(x):
+    return x * 2.0
+
+async def main():
+    await ag.init("driver")
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    async with ag.dist.context():
+        await ag.rpc("w1", scale, (x,))
+        # ACTORGRAD_ADDRESS / ACTORGRAD_TOKEN come from `actorgrad run`
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "actorgrad", "status", stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc.communicate()
+    print(out.decode(), flush=True)
+    await ag.shutdown()
+    return proc.returncode
+
+if __name__ == "__main__":  # the workers import this module to find scale()
+    sys.exit(asyncio.run(main()))
+"""
+
+
+@needs_runtime
+def test_status_shows_the_live_contexts_of_each_worker(tmp_path: Path) -> None:
+    script = tmp_path / "ctx.py"
+    script.write_text(STATUS_SCRIPT)
+    r = run_cli("run", "-n", "2", str(script))
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:] if line.strip()}
+    contexts = {name: row[5] for name, row in rows.items()}
+    assert contexts["w1"] == "1" and contexts["w2"] == "0", r.stdout
+    assert contexts["driver"] == "1", r.stdout
