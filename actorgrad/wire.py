@@ -58,7 +58,8 @@ Errors
   16x its size plus 1 MiB: msgpack copies each ext payload once per nesting level, and
   the decoder refuses the same amplification.
 * Decoding malformed input raises ``actorgrad.errors.ProtocolError`` only; never
-  another exception type (except what a hook raises, which propagates unchanged).
+  another exception type (except an ``ActorgradError`` raised by a decode hook).
+* Exceptions raised by encode hooks propagate unchanged; see ``WireHooks``.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ from typing import Any, Protocol
 import msgpack
 import numpy as np
 
-from actorgrad.errors import ProtocolError, RemoteError
+from actorgrad.errors import ActorgradError, ProtocolError, RemoteError
 
 __all__ = [
     "ALIGN",
@@ -167,7 +168,10 @@ def _may_hold_timestamp(buf: memoryview) -> bool:
 class WireHooks(Protocol):
     """What the codec calls back into; every method is optional (the codec uses what exists).
 
-    Exceptions raised by a hook propagate out of ``encode_frame``/``Frame.body`` unchanged.
+    Exceptions raised by ``tensor_out``/``ref_out`` propagate out of ``encode_frame``
+    unchanged. In ``Frame.body``, an ``ActorgradError`` raised by ``tensor_in``/``ref_in``
+    propagates unchanged; any other exception becomes a ``ProtocolError`` (the peer sent
+    something the hook cannot use) with the original as ``__cause__``.
     An optional ``worker_name: str`` attribute names the worker in encoded exceptions.
     """
 
@@ -798,8 +802,10 @@ class Frame:
         ``hooks.ref_in(payload)``; exceptions come back as ``RemoteError``.
 
         Raises:
-            ProtocolError: the body is malformed (exceptions raised by hooks propagate
-                unchanged).
+            ProtocolError: the body is malformed, or a hook raised something other
+                than an ``ActorgradError`` (chained as ``__cause__``).
+            ActorgradError: raised by a hook (``ContextError``, ``WorkerLost``, ...),
+                propagated unchanged.
 
         Example::
 
@@ -977,6 +983,14 @@ def _dec_tuple(dec: _Decoder, data: bytes) -> tuple:
     return tuple(_unpack_payload(data, "tuple", -1, dec.hook))
 
 
+def _decode_hook_error(name: str, what: Any, exc: Exception) -> Exception:
+    """A decode hook failed: actorgrad's own errors pass through unchanged; anything
+    else means the peer sent something the hook cannot use: ProtocolError."""
+    if isinstance(exc, ActorgradError):
+        return _HookError(exc)
+    return ProtocolError(f"{name} hook rejected {_short_repr(what)}: {type(exc).__name__}: {exc}")
+
+
 def _dec_tensor(dec: _Decoder, data: bytes) -> Any:
     dstr, shape, raw, requires_grad, link = _unpack_payload(data, "Tensor", 5, dec.hook)
     if type(requires_grad) is not bool:
@@ -987,7 +1001,7 @@ def _dec_tensor(dec: _Decoder, data: bytes) -> Any:
         try:
             return tensor_in(arr, requires_grad, link)
         except Exception as exc:
-            raise _HookError(exc) from exc
+            raise _decode_hook_error("tensor_in", link, exc) from exc
     tensor_cls = _tensor_class()
     if tensor_cls is None:
         raise ProtocolError("Tensor received but actorgrad.tensor is not available")
@@ -1004,7 +1018,7 @@ def _dec_ref(dec: _Decoder, data: bytes) -> Any:
     try:
         return ref_in(payload)
     except Exception as exc:
-        raise _HookError(exc) from exc
+        raise _decode_hook_error("ref_in", payload, exc) from exc
 
 
 def _dec_exception(dec: _Decoder, data: bytes) -> RemoteError:

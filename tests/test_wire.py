@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from actorgrad import wire
-from actorgrad.errors import ProtocolError, RemoteError
+from actorgrad.errors import ContextError, ProtocolError, RemoteError
 from actorgrad.wire import (
     ALIGN,
     MAX_DEPTH,
@@ -646,7 +646,7 @@ class Boom(Exception):
     pass
 
 
-def test_exceptions_raised_by_hooks_propagate_unchanged():
+def test_encode_hook_errors_propagate_and_decode_hook_errors_become_protocol_errors():
     class BadHooks:
         def tensor_out(self, t):
             raise Boom("out")
@@ -666,11 +666,29 @@ def test_exceptions_raised_by_hooks_propagate_unchanged():
     with pytest.raises(Boom, match="ref out"):
         encode_frame([0], [FakeRef("a", 1)], BadHooks())
     frame = decode_frame(join_chunks(encode_frame([0], [FakeRef("a", 1)], Hooks())))
-    with pytest.raises(Boom, match="ref in"):
+    with pytest.raises(ProtocolError, match="ref in") as info:
         frame.body(BadHooks())
+    assert isinstance(info.value.__cause__, Boom)
     frame = decode_frame(join_chunks(encode_frame([0], ((t,),), Hooks())))
-    with pytest.raises(ValueError, match="tensor in"):
+    with pytest.raises(ProtocolError, match="tensor_in hook rejected") as info:
         frame.body(BadHooks())
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_decode_hooks_raising_actorgrad_errors_propagate_unchanged_others_are_protocol_errors():
+    class StrictRefs(Hooks):
+        def ref_in(self, payload):
+            owner, key = payload  # ValueError on a payload of another shape
+            if owner == "gone":
+                raise ContextError("context 5 was released")
+            return FakeRef(owner, key)
+
+    frame = decode_frame(body_frame(ext(wire.EXT_REF, ["gone", 1])))
+    with pytest.raises(ContextError, match="released"):
+        frame.body(StrictRefs())
+    frame = decode_frame(body_frame(ext(wire.EXT_REF, ["w", 1, 2])))
+    with pytest.raises(ProtocolError, match=r"ref_in hook rejected \['w', 1, 2\]: ValueError"):
+        frame.body(StrictRefs())
 
 
 def test_a_hook_may_encode_frames_itself():
