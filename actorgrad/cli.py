@@ -321,7 +321,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
     with _signals(on_signal):
         try:
-            done, _ = await asyncio.wait({cluster, ready}, return_when=asyncio.FIRST_COMPLETED)
+            waits: set[asyncio.Future[Any]] = {cluster, ready}
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if ready not in done:
                 await cluster  # raises what made it stop
                 raise CliError("the local cluster stopped before it was ready")

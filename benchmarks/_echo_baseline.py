@@ -184,7 +184,7 @@ async def measure(
 
             async def echo() -> None:
                 meta = [arr.dtype.str, list(arr.shape)]
-                (dtype, shape), raw = await client.call(meta, memoryview(arr).cast("B"))
+                (dtype, shape), raw = await client.call(meta, memoryview(arr.data).cast("B"))
                 np.frombuffer(raw, dtype=dtype).reshape(shape)
 
             per = await timed(echo, warmup=2, seconds=seconds)
