@@ -1,0 +1,204 @@
+"""Transport-level tests: framing, coalescing, big frames, limits, handshake, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import numpy as np
+import pytest
+
+import actorgrad as ag
+from actorgrad import wire
+from actorgrad.errors import AuthError
+from actorgrad.runtime import transport
+from actorgrad.runtime.transport import Connection, handshake
+
+LEN = struct.Struct(">Q")
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self):
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+        self.paused = False
+
+    def write(self, data):
+        self.writes.append(bytes(data))
+
+    def close(self):
+        self.closed = True
+
+    def abort(self):
+        self.closed = True
+
+    def is_closing(self):
+        return self.closed
+
+    def get_write_buffer_size(self):
+        return 0
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+
+    def get_extra_info(self, name, default=None):
+        return ("fake", 0) if name == "peername" else default
+
+
+def _conn(frames):
+    c = Connection(kind="fake", on_frame=lambda conn, f: frames.append(f))
+    t = FakeTransport()
+    c.connection_made(t)
+    c.start_frames()
+    return c, t
+
+
+def _framed(header, body=None):
+    chunks = wire.encode_frame(header, body)
+    data = bytes(wire.join_chunks(chunks))
+    return LEN.pack(len(data)) + data
+
+
+async def test_frames_split_and_merged_arbitrarily_are_reassembled():
+    frames = []
+    c, _ = _conn(frames)
+    stream = b"".join(_framed([i], {"x": list(range(i))}) for i in range(20))
+    for i in range(0, len(stream), 7):
+        c.data_received(stream[i : i + 7])
+    assert [wire.decode_frame(f).header for f in frames] == [[i] for i in range(20)]
+    frames.clear()
+    c.data_received(stream)
+    assert len(frames) == 20
+
+
+async def test_big_frame_is_assembled_in_place_and_arrays_are_writable():
+    frames = []
+    c, _ = _conn(frames)
+    a = np.arange(1_000_000, dtype=np.float64)
+    data = _framed([1], a)
+    for i in range(0, len(data), 65536):
+        c.data_received(data[i : i + 65536])
+    assert len(frames) == 1 and isinstance(frames[0], bytearray)
+    b = wire.decode_frame(frames[0]).body()
+    np.testing.assert_array_equal(a, b)
+    b[0] = 42.0  # writable, zero copy
+
+
+async def test_oversized_length_prefix_is_a_protocol_error_and_closes():
+    frames = []
+    c, t = _conn(frames)
+    c.max_frame_size = 1000
+    c.data_received(LEN.pack(1001) + b"x" * 10)
+    assert c.closed and t.closed and isinstance(c.close_reason, ag.ProtocolError)
+    assert frames == []
+
+
+async def test_small_messages_of_one_tick_are_coalesced_into_one_write():
+    c, t = _conn([])
+    c.peer_name = "p"
+    for i in range(10):
+        c.send_nowait(wire.encode_frame([i], None))
+    assert t.writes == []
+    await asyncio.sleep(0)
+    assert len(t.writes) == 1
+    got = []
+    r, _ = _conn(got)
+    r.data_received(t.writes[0])
+    assert [wire.decode_frame(f).header for f in got] == [[i] for i in range(10)]
+
+
+async def test_big_messages_are_written_without_joining():
+    c, t = _conn([])
+    a = np.zeros(1_000_000, dtype=np.uint8)
+    c.send_nowait(wire.encode_frame([0], a))
+    assert len(t.writes) >= 2  # prefix and chunks, no concatenated copy
+    assert sum(len(w) for w in t.writes) > 1_000_000
+
+
+async def _inproc_pair(server_token, client_token):
+    server_side = []
+
+    def factory():
+        s = Connection(kind="inproc")
+        server_side.append(asyncio.ensure_future(handshake(s, server_token, server=True)))
+        return s
+
+    address = transport.inproc_listen(factory)
+    try:
+        client = Connection(kind="inproc")
+        transport.open_inproc(address, client)
+        try:
+            await handshake(client, client_token, server=False)
+        finally:
+            results = await asyncio.gather(*server_side, return_exceptions=True)
+    finally:
+        transport.inproc_unlisten(address)
+    return client, results
+
+
+async def test_inproc_handshake_succeeds_with_the_same_token():
+    client, results = await _inproc_pair("tok", "tok")
+    assert results == [None] and not client.closed
+    client.close()
+    await asyncio.sleep(0)
+
+
+async def test_inproc_handshake_with_a_wrong_token_is_an_auth_error_on_both_sides():
+    with pytest.raises(AuthError, match="token"):
+        await _inproc_pair("tok", "other")
+
+
+async def test_tcp_worker_refuses_wrong_token_via_open_connection():
+    async with ag.local_cluster(1, transport="tcp") as c:
+        from actorgrad.runtime import Worker
+
+        w = Worker("x", token="bad")
+        try:
+            with pytest.raises(AuthError):
+                await w.open_connection(c.address)
+        finally:
+            await w.shutdown()
+        assert await ag.rpc("w1", "operator:add", (1, 2)) == 3
+
+
+async def test_nobody_listening_is_worker_lost():
+    from actorgrad.runtime import Worker
+
+    w = Worker("x", token="t")
+    try:
+        with pytest.raises(ag.WorkerLost):
+            await w.open_connection("127.0.0.1:1")
+        with pytest.raises(ag.WorkerLost):
+            await w.open_connection("inproc://999999")
+    finally:
+        await w.shutdown()
+
+
+def _slow_add(a, b):
+    return a + b
+
+
+async def test_full_mailbox_pauses_reading_and_every_call_completes(cluster):
+    w1 = cluster.workers[0]
+    w1._mailbox_size = 4
+    paused = []
+    orig = transport.Connection.pause_reading
+
+    def spy(self):
+        paused.append(self)
+        orig(self)
+
+    transport.Connection.pause_reading = spy  # type: ignore[method-assign]
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(ag.rpc("w1", _slow_add, (i, 1)) for i in range(500))), 20
+        )
+    finally:
+        transport.Connection.pause_reading = orig  # type: ignore[method-assign]
+    assert results == [i + 1 for i in range(500)]
+    assert paused, "the mailbox never filled up"
+    assert not any(c.paused_reading for c in w1._conns)
