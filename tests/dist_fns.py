@@ -136,3 +136,35 @@ def add_dying_hook(key: str) -> None:
 
 def pid() -> int:
     return os.getpid()
+
+
+async def open_context_and_die(dest: str, key: str) -> None:
+    """Open a context, leave a recorded send/recv pair on ``dest``, die without release."""
+    x = ag.tensor(np.ones(3), requires_grad=True)
+    async with ag.dist.context():
+        await ag.rpc(dest, mul, (key, x))
+        os._exit(3)
+
+
+async def wait_no_contexts(deadline: float) -> dict[str, int]:
+    """Wait until this worker holds no context, at most ``deadline`` seconds."""
+    import asyncio
+
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    try:
+        await asyncio.wait_for(state_of(current_worker()).wait_empty(), deadline)
+    except TimeoutError:
+        pass
+    return ag.dist.debug_info()
+
+
+async def fan_out(key: str, dest: str, dest_key: str, x: ag.Tensor) -> tuple[ag.Tensor, ag.Tensor]:
+    """h = x * store[key] goes both back to the caller and on to ``dest``; a hook on h
+    (a non-leaf) records each gradient it sees."""
+    h = x * _store[_k(key)]
+    calls = _hook_calls.setdefault(_k("h"), [])
+    h.register_hook(lambda g: calls.append(np.array(g)))
+    z = await ag.rpc(dest, mul, (dest_key, h))
+    return h, z

@@ -22,12 +22,17 @@ def arr(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape)
 
 
+@pytest.fixture
+def worker_path(monkeypatch):
+    """Process workers import this directory's helper module (dist_fns)."""
+    path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", TESTS + (os.pathsep + path if path else ""))
+
+
 @pytest.fixture(params=["inproc", "processes"])
-def mode(request, monkeypatch):
+def mode(request):
     if request.param == "processes":
-        # Process workers import this directory's helper module.
-        path = os.environ.get("PYTHONPATH", "")
-        monkeypatch.setenv("PYTHONPATH", TESTS + (os.pathsep + path if path else ""))
+        request.getfixturevalue("worker_path")
     return request.param
 
 
@@ -269,6 +274,25 @@ async def test_each_node_runs_once_with_the_sum_from_several_workers():
     np.testing.assert_allclose(gx, av + 2 * bv * xv)
 
 
+async def test_remote_non_leaf_fed_from_two_workers_runs_once(mode):
+    """h lives on w1 and feeds both the driver and w2: its node on w1 must run once,
+    with the sum of the two gradients, which arrive from different workers."""
+    xv, av, bv = arr(4), arr(4), arr(4)
+    async with cluster(mode):
+        await ag.rpc("w1", F.put, ("a", av))
+        await ag.rpc("w2", F.put, ("b", bv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            h, z = await ag.rpc("w1", F.fan_out, ("a", "w2", "b", x))
+            await ag.dist.backward(ctx, [(h * z).sum()])
+            gx = ag.dist.get_gradients(ctx)[x]
+            calls = await ag.rpc("w1", F.hook_calls, ("h",))
+    h_val = xv * av
+    assert len(calls) == 1
+    np.testing.assert_allclose(calls[0], 2 * h_val * bv, rtol=1e-12)
+    np.testing.assert_allclose(gx, 2 * h_val * bv * av, rtol=1e-12)
+
+
 async def test_hooks_apply_on_remote_workers():
     xv, wv = arr(3), arr(3)
     async with cluster():
@@ -383,28 +407,32 @@ async def test_remote_error_in_backward_reaches_initiator_and_context_stays_usab
 
 
 @pytest.mark.timeout(60)
-async def test_worker_dying_mid_backward_raises_worker_lost():
+async def test_worker_dying_mid_backward_raises_worker_lost(worker_path):
     xv, wv = arr(3), arr(3)
-    path = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = TESTS + (os.pathsep + path if path else "")
-    try:
-        async with cluster("processes"):
-            await ag.rpc("w2", F.put, ("w", wv))
-            await ag.rpc("w2", F.add_dying_hook, ("w",))
-            await ag.rpc("w1", F.put, ("w", wv))
-            x = ag.tensor(xv, requires_grad=True)
-            async with ag.dist.context() as ctx:
-                y = await ag.rpc("w1", F.mul, ("w", x))
-                y = await ag.rpc("w2", F.mul, ("w", y))
-                with pytest.raises(ag.WorkerLost):
-                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
-            # No state left behind on the survivors.
-            for name in ("w1",):
-                info = await ag.rpc(name, F.debug_info)
-                assert info["num_contexts"] == 0 and info["num_active_passes"] == 0
-            assert ag.dist.debug_info()["num_contexts"] == 0
-    finally:
-        os.environ["PYTHONPATH"] = path
+    async with cluster("processes"):
+        await ag.rpc("w2", F.put, ("w", wv))
+        await ag.rpc("w2", F.add_dying_hook, ("w",))
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            y = await ag.rpc("w2", F.mul, ("w", y))
+            with pytest.raises(ag.WorkerLost):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+        # No state left behind on the survivors.
+        for name in ("w1",):
+            info = await ag.rpc(name, F.debug_info)
+            assert info["num_contexts"] == 0 and info["num_active_passes"] == 0
+        assert ag.dist.debug_info()["num_contexts"] == 0
+
+
+async def test_context_of_a_dead_initiator_is_reclaimed(worker_path):
+    async with cluster("processes"):
+        await ag.rpc("w2", F.put, ("w", arr(3)))
+        with pytest.raises(ag.WorkerLost):
+            await ag.rpc("w1", F.open_context_and_die, ("w2", "w"), timeout=20)
+        info = await ag.rpc("w2", F.wait_no_contexts, (10.0,))
+        assert info["num_contexts"] == 0 and info["num_recv_nodes"] == 0
 
 
 async def test_misuse_errors():

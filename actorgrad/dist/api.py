@@ -74,13 +74,9 @@ async def _release_everywhere(st: DistState, ctx_id: int) -> None:
 
 
 def _release_local(st: DistState, ctx_id: int) -> set[str]:
-    ctx = st.contexts.pop(ctx_id, None)
+    ctx = st.forget(ctx_id)
     if ctx is None:
         return set()
-    ctx.released = True
-    if ctx.active_pass is not None:
-        ctx.active_pass.abort()
-        ctx.active_pass = None
     ctx.free_graph()
     ctx.grads.clear()
     peers = set(ctx.peers)

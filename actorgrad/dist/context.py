@@ -145,6 +145,7 @@ class DistState:
         self._lock = threading.Lock()  # sync user code may send tensors from a thread
         self.num_backward_passes = 0
         self.background: set[Any] = set()  # owned tasks (releases finishing after cancel)
+        self._empty_waiters: list[Any] = []  # futures resolved when no context is left
 
     def __repr__(self) -> str:
         return (
@@ -189,6 +190,30 @@ class DistState:
         t.grad_fn = node
         return t
 
+    def forget(self, ctx_id: int) -> DistContext | None:
+        """Drop a context from this worker (released, or reclaimed by the lease)."""
+        ctx = self.contexts.pop(ctx_id, None)
+        if ctx is not None:
+            ctx.released = True
+            if ctx.active_pass is not None:
+                ctx.active_pass.abort()
+                ctx.active_pass = None
+        if not self.contexts and self._empty_waiters:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        return ctx
+
+    async def wait_empty(self) -> None:
+        """Return once this worker holds no context (for tests and tools)."""
+        if self.contexts:
+            import asyncio
+
+            fut = asyncio.get_running_loop().create_future()
+            self._empty_waiters.append(fut)
+            await fut
+
     def stats(self) -> dict[str, int]:
         return {
             "num_contexts": len(self.contexts),
@@ -214,9 +239,7 @@ def _on_peer_lost(st: DistState, name: str) -> None:
     # survivors reclaim it now. Passes that depended on the dead worker are dropped.
     for ctx_id, ctx in list(st.contexts.items()):
         if ctx.initiator == name:
-            ctx.released = True
-            ctx.active_pass = None
-            del st.contexts[ctx_id]
+            st.forget(ctx_id)
         elif name in ctx.peers and ctx.active_pass is not None:
             ctx.active_pass.abort()
             ctx.active_pass = None
