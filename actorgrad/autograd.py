@@ -343,55 +343,59 @@ class GraphTask:
         """Process ready nodes until none is ready (call again after more deliveries)."""
         ready = self._ready
         grads = self._grads
+        get = grads.get
         deps = self._deps
         sources = self._sources
         delivered = self._delivered
         release = not self.retain_graph
-        while ready:
-            node = ready.pop()
-            grad = grads.pop(node, None)
-            deps[node] = -1  # ran: marks it for `deliver`'s check
-            try:
-                if grad is not None and node.pre_hooks:
-                    for hook in node.pre_hooks:
-                        out = hook(grad)
-                        if out is not None:
-                            grad = out
-                if node.boundary:
-                    if self.on_boundary is not None:
-                        self.on_boundary(node, grad)
-                    outs: Sequence[np.ndarray | None] = ()
-                elif type(node) is AccumulateGrad or isinstance(node, AccumulateGrad):
-                    self._accumulate(node, grad)  # type: ignore[arg-type]
-                    outs = ()
-                elif grad is None:
-                    outs = ()
-                else:
-                    outs = node.apply(grad)
-            except Exception as exc:
-                exc.add_note(f"(while running backward of {node.name()})")
-                raise
-            nexts = node.next
-            if outs and len(outs) != len(nexts):
-                raise RuntimeError(
-                    f"{node.name()}.apply returned {len(outs)} gradients for {len(nexts)} inputs"
-                )
-            for i, nxt in enumerate(nexts):
-                if nxt is None:
-                    continue
-                g = outs[i] if outs else None
-                if g is not None:
-                    prev = grads.get(nxt)
-                    # Never in place: the same array may have been handed to several
-                    # consumers (e.g. both inputs of an addition).
-                    grads[nxt] = g if prev is None else prev + g
-                left = deps[nxt] - 1
-                deps[nxt] = left
-                if left == 0 and (nxt not in sources or nxt in delivered):
-                    ready.append(nxt)
-            if release:
-                node.release()
-            self._ran += 1
+        ran = 0
+        try:
+            while ready:
+                node = ready.pop()
+                grad = grads.pop(node, None)
+                deps[node] = -1  # ran: marks it for `deliver`'s check
+                ran += 1
+                outs: Sequence[np.ndarray | None] | None = None
+                try:
+                    if grad is not None and node.pre_hooks:
+                        for hook in node.pre_hooks:
+                            out = hook(grad)
+                            if out is not None:
+                                grad = out
+                    if node.boundary:
+                        if self.on_boundary is not None:
+                            self.on_boundary(node, grad)
+                    elif isinstance(node, AccumulateGrad):
+                        self._accumulate(node, grad)
+                    elif grad is not None:
+                        outs = node.apply(grad)
+                except Exception as exc:
+                    exc.add_note(f"(while running backward of {node.name()})")
+                    raise
+                nexts = node.next
+                if outs is None:  # nothing flows on: still count the edges as delivered
+                    outs = (None,) * len(nexts)
+                elif len(outs) != len(nexts):
+                    raise RuntimeError(
+                        f"{node.name()}.apply returned {len(outs)} gradients for "
+                        f"{len(nexts)} inputs"
+                    )
+                for nxt, g in zip(nexts, outs):  # noqa: B905 (lengths checked above)
+                    if nxt is None:
+                        continue
+                    if g is not None:
+                        prev = get(nxt)
+                        # Never in place: the same array may have been handed to several
+                        # consumers (e.g. both inputs of an addition).
+                        grads[nxt] = g if prev is None else prev + g
+                    left = deps[nxt] - 1
+                    deps[nxt] = left
+                    if left == 0 and (not sources or nxt not in sources or nxt in delivered):
+                        ready.append(nxt)
+                if release:
+                    node.release()
+        finally:
+            self._ran += ran
 
     def _accumulate(self, node: AccumulateGrad, grad: np.ndarray | None) -> None:
         t = node.tensor

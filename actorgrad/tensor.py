@@ -396,25 +396,30 @@ def _unary(cls: type[Function], x: Tensor, *params: Any) -> Tensor:
     node = _new(cls)
     out = node.forward(x.data, *params)
     if x._rg and grad_enabled():
-        node.next = (grad_node(x),)
+        node.next = (x.grad_fn or grad_node(x),)
         node.pre_hooks = []
         return _result(out, node)
     return _result(out, None)
 
 
 def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
+    # The hot path of every arithmetic op: inlined checks, no helper calls for the
+    # common Tensor / Python-number operands.
     if isinstance(a, Tensor):
         ad, ar = a.data, a._rg
     else:
-        ad, ar = _data(a), False
+        ad, ar = (a if type(a) is float or type(a) is int else _data(a)), False
     if isinstance(b, Tensor):
         bd, br = b.data, b._rg
     else:
-        bd, br = _data(b), False
+        bd, br = (b if type(b) is float or type(b) is int else _data(b)), False
     node = _new(cls)
     out = node.forward(ad, bd)
     if (ar or br) and grad_enabled():
-        node.next = (grad_node(a) if ar else None, grad_node(b) if br else None)
+        node.next = (
+            (a.grad_fn or grad_node(a)) if ar else None,
+            (b.grad_fn or grad_node(b)) if br else None,
+        )
         node.pre_hooks = []
         return _result(out, node)
     return _result(out, None)
