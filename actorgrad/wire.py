@@ -731,7 +731,7 @@ def encode_frame(header: list, body: Any, hooks: object | None = None) -> list[b
 
 def frame_nbytes(chunks: list[bytes | memoryview]) -> int:
     """Total size of the frame made of ``chunks`` (what the length prefix holds)."""
-    return sum(len(c) if isinstance(c, bytes) else c.nbytes for c in chunks)
+    return sum(c.nbytes if isinstance(c, memoryview) else len(c) for c in chunks)
 
 
 def join_chunks(chunks: list[bytes | memoryview]) -> bytearray:
@@ -748,7 +748,7 @@ def join_chunks(chunks: list[bytes | memoryview]) -> bytearray:
     out = bytearray(frame_nbytes(chunks))
     pos = 0
     for c in chunks:
-        n = len(c) if isinstance(c, bytes) else c.nbytes
+        n = c.nbytes if isinstance(c, memoryview) else len(c)
         out[pos : pos + n] = c
         pos += n
     return out
@@ -831,7 +831,7 @@ class Frame:
                     f"uses {dec.used}"
                 )
             if _may_hold_timestamp(body):
-                _reject_timestamps(value, 0)
+                _reject_timestamps(value)
         except _HookError as h:
             hook_exc = h.exc
         except ProtocolError:
@@ -854,18 +854,18 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
-def _reject_timestamps(x: Any, depth: int) -> None:
-    if isinstance(x, msgpack.Timestamp):
-        raise ProtocolError(f"unknown ext type -1 (msgpack timestamp) in frame body: {x!r}")
-    if depth > 2000:
-        return
-    if isinstance(x, (list, tuple)):
-        for item in x:
-            _reject_timestamps(item, depth + 1)
-    elif isinstance(x, dict):
-        for k, v in x.items():
-            _reject_timestamps(k, depth + 1)
-            _reject_timestamps(v, depth + 1)
+def _reject_timestamps(value: Any) -> None:
+    """Raise ProtocolError if a msgpack Timestamp (ext -1) hides anywhere in ``value``."""
+    stack = [value]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, msgpack.Timestamp):
+            raise ProtocolError(f"unknown ext type -1 (msgpack timestamp) in frame: {x!r}")
+        if isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
 
 
 def _unpack_payload(data: bytes, what: str, length: int, ext_hook: Any = None) -> list:
@@ -1123,5 +1123,5 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> Frame:
     if type(header) is not list:
         raise ProtocolError(f"frame header must be a list, not {_type_name(type(header))}")
     if _may_hold_timestamp(header_mv):
-        _reject_timestamps(header, 0)
+        _reject_timestamps(header)
     return Frame(header, mv, mv[lengths_end:body_end], buffers)

@@ -940,3 +940,18 @@ def test_ext_payload_amplification_is_a_protocol_error():
         payload = msgpack.packb([msgpack.ExtType(wire.EXT_TUPLE, payload)])
     with pytest.raises(ProtocolError, match="exceed"):
         decode_frame(build_frame(H, payload)).body()
+
+
+def test_timestamp_like_bytes_in_honest_data_are_fine_even_deeply_nested():
+    value: Any = [b"\xd7\xff\xd6\xff\xc7\x0c\xff", "x"]
+    for _ in range(480):
+        value = [value]
+    assert roundtrip((value,)) == (value,)
+
+
+def test_timestamp_hidden_deep_in_the_body_is_found():
+    value: Any = [msgpack.Timestamp(5)]
+    for _ in range(900):
+        value = [value]
+    with pytest.raises(ProtocolError, match="timestamp"):
+        decode_frame(body_frame(value)).body()
