@@ -53,7 +53,7 @@ Errors
 
 * Encoding a value that cannot travel raises ``TypeError`` naming its type and where
   it sits (``"cannot send value of type 'set' (at body[0][1])"``); values nested too
-  deeply (more than ``MAX_DEPTH`` ext levels, 511 list/dict levels, or a reference
+  deeply (more than ``MAX_DEPTH`` ext levels, about 1000 list/dict levels, or a reference
   cycle) raise ``ValueError``. So does a body whose ext payloads add up to more than
   16x its size plus 1 MiB: msgpack copies each ext payload once per nesting level, and
   the decoder refuses the same amplification.
@@ -102,7 +102,7 @@ MAX_HEADER_BYTES = 64 * 1024
 #: Most out-of-band buffers in one frame.
 MAX_BUFFERS = 1 << 16
 #: Deepest nesting of ext values (tuples, arrays, tensors, ...) inside one another.
-#: Plain lists and dicts are bounded by msgpack itself (511 levels to encode).
+#: Plain lists and dicts are bounded by msgpack itself (about 1000 levels).
 MAX_DEPTH = 100
 #: Most dimensions of a travelling array.
 MAX_NDIM = 32
@@ -471,7 +471,7 @@ def _packing_error(exc: BaseException, root: Any, name: str) -> Exception:
         return ValueError(f"cannot send {name}: {exc}")
     if isinstance(exc, ValueError) and "recursion limit" in str(exc):
         return ValueError(
-            f"cannot send {name}: nested too deeply (more than 511 levels) "
+            f"cannot send {name}: nested too deeply (about 1000 list/dict levels) "
             "or contains a reference cycle"
         )
     if isinstance(exc, UnicodeEncodeError):
