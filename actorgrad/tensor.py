@@ -397,7 +397,7 @@ def _unary(cls: type[Function], x: Tensor, *params: Any) -> Tensor:
     out = node.forward(x.data, *params)
     if x._rg and grad_enabled():
         node.next = (x.grad_fn or grad_node(x),)
-        node.pre_hooks = []
+        node._hooks = None
         return _result(out, node)
     return _result(out, None)
 
@@ -420,7 +420,7 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
             (a.grad_fn or grad_node(a)) if ar else None,
             (b.grad_fn or grad_node(b)) if br else None,
         )
-        node.pre_hooks = []
+        node._hooks = None
         return _result(out, node)
     return _result(out, None)
 
@@ -432,7 +432,7 @@ def _nary(cls: type[Function], xs: Sequence[Any], *params: Any) -> Tensor:
     flags = [isinstance(x, Tensor) and x._rg for x in xs]
     if any(flags) and grad_enabled():
         node.next = tuple(grad_node(x) if f else None for x, f in zip(xs, flags, strict=True))
-        node.pre_hooks = []
+        node._hooks = None
         return _result(out, node)
     return _result(out, None)
 
@@ -519,28 +519,50 @@ def _is_basic(index: Any) -> bool:
 # ---------------------------------------------------------------------------------------
 
 
+def _fit_meta(a: Any, out: Any) -> tuple[tuple[int, ...], np.dtype] | None:
+    """What ``_fit`` needs to undo broadcasting/promotion of input ``a``; None when
+    nothing is to undo (the common case: no allocation, no reduction)."""
+    if type(a) is np.ndarray and (a.shape != out.shape or a.dtype != out.dtype):
+        return (a.shape, a.dtype)
+    return None
+
+
 class Add(Function):
     __slots__ = ()
 
     def forward(self, a: Any, b: Any) -> Any:
-        self.saved = (_meta(a), _meta(b))
-        return a + b
+        out = a + b
+        ma, mb = _fit_meta(a, out), _fit_meta(b, out)
+        self.saved = (ma, mb) if ma or mb else None
+        return out
 
     def backward(self, g: Any) -> tuple:
-        (ma, mb), (na, nb) = self.saved, self.next
-        return (_fit(g, *ma) if na else None, _fit(g, *mb) if nb else None)
+        saved, (na, nb) = self.saved, self.next
+        if saved is None:
+            return (g if na else None, g if nb else None)
+        ma, mb = saved
+        return (
+            (g if ma is None else _fit(g, *ma)) if na else None,
+            (g if mb is None else _fit(g, *mb)) if nb else None,
+        )
 
 
 class Sub(Function):
     __slots__ = ()
 
     def forward(self, a: Any, b: Any) -> Any:
-        self.saved = (_meta(a), _meta(b))
-        return a - b
+        out = a - b
+        ma, mb = _fit_meta(a, out), _fit_meta(b, out)
+        self.saved = (ma, mb) if ma or mb else None
+        return out
 
     def backward(self, g: Any) -> tuple:
-        (ma, mb), (na, nb) = self.saved, self.next
-        return (_fit(g, *ma) if na else None, _fit(-g, *mb) if nb else None)
+        saved, (na, nb) = self.saved, self.next
+        ma, mb = saved if saved is not None else (None, None)
+        return (
+            (g if ma is None else _fit(g, *ma)) if na else None,
+            (-g if mb is None else _fit(-g, *mb)) if nb else None,
+        )
 
 
 class Mul(Function):
