@@ -173,12 +173,16 @@ async def test_malformed_request_body_gets_an_error_reply(tcp_cluster):
     (n,) = LEN.unpack(await reader.readexactly(8))
     hello = wire.decode_frame(await reader.readexactly(n))
     assert hello.header[1] == "w1"
-    await _send_frame(writer, wire.join_chunks(wire.encode_frame([K_REQ, 7, "m:f", MODE_RPC, None], 5)))
     await _send_frame(
-        writer, wire.join_chunks(wire.encode_frame([K_REQ, 8, "nope_mod:fn", MODE_RPC, None], ((), None)))
+        writer, wire.join_chunks(wire.encode_frame([K_REQ, 7, "m:f", MODE_RPC, None], 5))
     )
     await _send_frame(
-        writer, wire.join_chunks(wire.encode_frame([K_REQ, 9, f"{__name__}:add", 42, None], ((), None)))
+        writer,
+        wire.join_chunks(wire.encode_frame([K_REQ, 8, "nope_mod:fn", MODE_RPC, None], ((), None))),
+    )
+    await _send_frame(
+        writer,
+        wire.join_chunks(wire.encode_frame([K_REQ, 9, f"{__name__}:add", 42, None], ((), None))),
     )
     replies = {}
     async with asyncio.timeout(5):
@@ -197,7 +201,9 @@ async def test_malformed_request_body_gets_an_error_reply(tcp_cluster):
 
 async def test_connection_closed_mid_frame(tcp_cluster):
     reader, writer = await _handshaken(tcp_cluster)
-    frame = wire.join_chunks(wire.encode_frame([K_REQ, 1, f"{__name__}:add", MODE_RPC, None], ((1, 2), None)))
+    frame = wire.join_chunks(
+        wire.encode_frame([K_REQ, 1, f"{__name__}:add", MODE_RPC, None], ((1, 2), None))
+    )
     writer.write(LEN.pack(len(frame)) + frame[: len(frame) // 2])
     await writer.drain()
     writer.close()
@@ -220,7 +226,8 @@ async def test_request_before_hello_closes_the_connection(tcp_cluster):
     writer.write(_mac(tok, b"C", nonce, snonce))
     await reader.readexactly(33)
     await _send_frame(
-        writer, wire.join_chunks(wire.encode_frame([K_REQ, 1, "os:getpid", MODE_RPC, None], ((), None)))
+        writer,
+        wire.join_chunks(wire.encode_frame([K_REQ, 1, "os:getpid", MODE_RPC, None], ((), None))),
     )
     await _closed_by_peer(reader, writer)
     await _valid_client_works(tcp_cluster)

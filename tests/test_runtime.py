@@ -437,3 +437,24 @@ async def test_leaving_local_cluster_on_error_shuts_everything_down():
     assert driver.closed
     with pytest.raises(RuntimeError):
         ag.worker_name()
+
+
+async def test_cancelled_inside_local_cluster_still_shuts_everything_down():
+    inside = asyncio.Event()
+    holder = {}
+
+    async def body():
+        async with ag.local_cluster(2, transport="tcp") as c:
+            holder["c"] = c
+            inside.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.ensure_future(body())
+    await asyncio.wait_for(inside.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    c = holder["c"]
+    assert c.driver.closed and all(w.closed for w in c.workers)
+    with pytest.raises(RuntimeError):
+        ag.worker_name()

@@ -61,7 +61,12 @@ async def test_process_workers_rpc_reentrancy_and_no_orphans():
         assert len(pids) == 2
         assert await ag.rpc("w1", pid) == pids[0]
         assert await ag.rpc("w2", add, (1,), {"b": 2}) == 3
-        assert await ag.rpc("w1", relay, (["w2", "driver", "w2"], [])) == ["w1", "w2", "driver", "w2"]
+        assert await ag.rpc("w1", relay, (["w2", "driver", "w2"], [])) == [
+            "w1",
+            "w2",
+            "driver",
+            "w2",
+        ]
         results = await asyncio.gather(*(ag.rpc("w2", nap, (0.05, i)) for i in range(300)))
         assert results == list(range(300))
         r = await ag.remote("w1", "builtins:list", ([1, 2, 3],))
@@ -146,7 +151,12 @@ def test_functions_of_a_main_script_run_on_process_workers(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop("ACTORGRAD_ADDRESS", None)
     out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=45, env=env, cwd=tmp_path
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=45,
+        env=env,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -186,7 +196,7 @@ async def test_serve_worker_joins_a_cluster_and_stops():
 
         async def joined():
             while "extra" not in ag.workers():
-                await asyncio.sleep(0.01)
+                await w._members_changed.wait()
 
         await asyncio.wait_for(joined(), 10)
         assert await ag.rpc("extra", add, (2, 3)) == 5
@@ -196,3 +206,21 @@ async def test_serve_worker_joins_a_cluster_and_stops():
     finally:
         await ag.shutdown()
     assert c.names == []
+
+
+async def test_cancelled_process_cluster_leaves_no_child_processes():
+    inside = asyncio.Event()
+    holder = {}
+
+    async def body():
+        async with ag.local_cluster(2, processes=True) as c:
+            holder["pids"] = c.pids
+            inside.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.ensure_future(body())
+    await asyncio.wait_for(inside.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert all(_gone(p) for p in holder["pids"])

@@ -34,7 +34,9 @@ async def init(
     token = token or os.environ.get("ACTORGRAD_TOKEN") or None
     if token is None:
         if address is not None:
-            raise ValueError("joining a cluster needs its token: pass token=... or set ACTORGRAD_TOKEN")
+            raise ValueError(
+                "joining a cluster needs its token: pass token=... or set ACTORGRAD_TOKEN"
+            )
         check_bind(host, token)
         token = new_token()
     check_bind(host, token)
@@ -53,14 +55,24 @@ async def init(
 
 
 async def rpc(
-    to: str, fn: Any, args: Any = (), kwargs: dict | None = None, *, timeout: float | None = None
+    to: str,
+    fn: Any,
+    args: Any = (),
+    kwargs: dict | None = None,
+    *,
+    timeout: float | None = None,  # noqa: ASYNC109 (timeout is API)
 ) -> Any:
     """Run ``fn(*args, **kwargs)`` on worker ``to`` and return its result."""
     return await current_worker().call(to, fn, args, kwargs, timeout=timeout, mode=MODE_RPC)
 
 
 async def remote(
-    to: str, fn: Any, args: Any = (), kwargs: dict | None = None, *, timeout: float | None = None
+    to: str,
+    fn: Any,
+    args: Any = (),
+    kwargs: dict | None = None,
+    *,
+    timeout: float | None = None,  # noqa: ASYNC109 (timeout is API)
 ) -> RRef:
     """Run ``fn(*args, **kwargs)`` on worker ``to``; the result stays there: an RRef."""
     return await current_worker().call(to, fn, args, kwargs, timeout=timeout, mode=MODE_REMOTE)
@@ -75,7 +87,7 @@ def workers() -> list[str]:
     return current_worker().worker_names()
 
 
-async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:
+async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:  # noqa: ASYNC109 (timeout is API)
     """Shut down this process's worker (from ``init``); idempotent."""
     w = _w._process_worker
     if w is None:
@@ -121,7 +133,9 @@ async def local_cluster(
     else:
         names = [str(n) for n in workers]
     if len(set(names) | {driver}) != len(names) + 1:
-        raise ValueError(f"worker names must be unique and differ from the driver's: {names}, {driver!r}")
+        raise ValueError(
+            f"worker names must be unique and differ from the driver's: {names}, {driver!r}"
+        )
     existing = _w._process_worker
     if existing is not None and not existing.closed:
         raise RuntimeError(f"actorgrad is already initialized as worker {existing.name!r}")

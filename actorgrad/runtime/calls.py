@@ -32,8 +32,8 @@ def fn_spec(fn: Any) -> str | list:
     """The wire name of ``fn``. Raises TypeError for anything that cannot be imported by
     name on another worker (lambdas, closures, nested functions, bound methods...)."""
     if isinstance(fn, str):
-        mod, sep, qual = fn.partition(":")
-        if not sep or not mod or not qual:
+        m, sep, q = fn.partition(":")
+        if not sep or not m or not q:
             raise ValueError(f"function name {fn!r} must look like 'module:qualname'")
         return fn
     try:
@@ -49,8 +49,8 @@ def fn_spec(fn: Any) -> str | list:
             f"cannot call bound method {fn.__qualname__!r} remotely: pass a module-level "
             "function, or hold the object in an RRef and use rref.rpc().method(...)"
         )
-    mod = getattr(fn, "__module__", None)
-    qual = getattr(fn, "__qualname__", None)
+    mod: Any = getattr(fn, "__module__", None)
+    qual: Any = getattr(fn, "__qualname__", None)
     if not isinstance(mod, str) or not isinstance(qual, str) or "<" in qual:
         what = getattr(fn, "__qualname__", None) or repr(fn)
         raise TypeError(
@@ -59,8 +59,8 @@ def fn_spec(fn: Any) -> str | list:
         )
     spec: str | list
     if mod in ("__main__", MAIN_ALIAS):
-        m = sys.modules.get(mod)
-        path = getattr(m, "__file__", None)
+        main_mod = sys.modules.get(mod)
+        path = getattr(main_mod, "__file__", None)
         if not path:
             raise TypeError(
                 f"cannot call {qual!r} remotely: it lives in an interactive __main__ without a file"
@@ -79,7 +79,11 @@ def _main_module(path: str) -> types.ModuleType:
     if _main_path() == path:
         return sys.modules["__main__"]
     alias = sys.modules.get(MAIN_ALIAS)
-    if alias is not None and getattr(alias, "__file__", None) and os.path.realpath(alias.__file__) == path:
+    if (
+        alias is not None
+        and isinstance(alias.__file__, str)
+        and os.path.realpath(alias.__file__) == path
+    ):
         return alias
     spec = importlib.util.spec_from_file_location(MAIN_ALIAS, path)
     if spec is None or spec.loader is None:
@@ -126,7 +130,9 @@ def resolve(spec: Any) -> Any:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise AttributeError(f"cannot call {name!r}: {mod!r} has no attribute {qual!r}") from None
+            raise AttributeError(
+                f"cannot call {name!r}: {mod!r} has no attribute {qual!r}"
+            ) from None
     if not callable(obj):
         raise TypeError(f"cannot call {name!r}: it is not callable")
     _resolve_cache[key] = obj

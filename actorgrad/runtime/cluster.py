@@ -146,7 +146,7 @@ async def serve_worker(
             _w.set_process_worker(None)
 
 
-async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict:
+async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict:  # noqa: ASYNC109 (timeout is API)
     """``{"address": ..., "workers": [{"name", "id", "address", "mailbox", "in_flight",
     **status providers}, ...]}`` from the cluster's head."""
     client = Worker(f"_status-{os.getpid()}-{secrets.token_hex(3)}", token=token)

@@ -38,7 +38,15 @@ class WorkerProcesses:
         cwd = os.getcwd()
         env["PYTHONPATH"] = os.pathsep.join([cwd, *paths])
         for name in names:
-            argv = [sys.executable, "-m", "actorgrad.runtime.worker_main", "--join", address, "--name", name]
+            argv = [
+                sys.executable,
+                "-m",
+                "actorgrad.runtime.worker_main",
+                "--join",
+                address,
+                "--name",
+                name,
+            ]
             if host != "127.0.0.1":
                 argv += ["--host", host]
             self.procs[name] = subprocess.Popen(
@@ -52,12 +60,14 @@ class WorkerProcesses:
             if rc is not None:
                 raise RuntimeError(f"worker process {name!r} (pid {p.pid}) exited with status {rc}")
 
-    async def wait_registered(self, registry: Any, timeout: float = 60.0) -> None:
+    async def wait_registered(self, registry: Any, timeout: float = 60.0) -> None:  # noqa: ASYNC109 (timeout is API)
         try:
             await registry.wait_for(list(self.procs), timeout=timeout, check=self.check)
         except TimeoutError:
             missing = [n for n in self.procs if n not in registry.members]
-            raise RuntimeError(f"worker processes {missing} did not join within {timeout} s") from None
+            raise RuntimeError(
+                f"worker processes {missing} did not join within {timeout} s"
+            ) from None
 
     async def stop(self, grace: float = 3.0, term_grace: float = 2.0) -> None:
         """Wait up to ``grace`` s for the workers to exit, then SIGTERM, then SIGKILL."""
@@ -92,7 +102,7 @@ class WorkerProcesses:
                     except ProcessLookupError:
                         pass
 
-    async def _wait_all(self, timeout: float) -> None:
+    async def _wait_all(self, timeout: float) -> None:  # noqa: ASYNC109 (timeout is API)
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in self.procs.values()):
             if time.monotonic() >= deadline:

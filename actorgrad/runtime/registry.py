@@ -86,7 +86,12 @@ class Registry:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait_for(self, names: list[str], timeout: float | None = None, check: Any = None) -> None:
+    async def wait_for(
+        self,
+        names: list[str],
+        timeout: float | None = None,  # noqa: ASYNC109 (a deadline for the whole wait)
+        check: Any = None,
+    ) -> None:
         """Wait until every name in ``names`` has joined; ``check()`` is called on each
         change (it may raise, e.g. when a worker process died)."""
         async with asyncio.timeout(timeout):
@@ -149,7 +154,7 @@ def _worker_status() -> dict:
     return current_worker().status()
 
 
-async def _status(timeout: float = 5.0) -> dict:
+async def _status(timeout: float = 5.0) -> dict:  # noqa: ASYNC109 (timeout is API)
     from actorgrad.errors import ActorgradError
     from actorgrad.runtime.worker import current_worker
 

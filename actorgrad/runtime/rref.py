@@ -115,7 +115,7 @@ class RRef(WireRef):
             )
         return owned_value(self._worker, self._rid)
 
-    async def to_here(self, timeout: float | None = None) -> Any:
+    async def to_here(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 (timeout is API)
         """Fetch a copy of the value from the owner (the value itself on the owner)."""
         if self.is_owner():
             return owned_value(self._worker, self._rid)

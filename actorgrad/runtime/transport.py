@@ -156,7 +156,7 @@ class Connection(asyncio.Protocol):
             if not w.done():
                 w.set_result(None)
 
-    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+    def data_received(self, data: bytes) -> None:
         self.last_recv = time.monotonic()
         if self._handshaking:
             self._hs_buf += data
@@ -264,7 +264,9 @@ class Connection(asyncio.Protocol):
             self._drain_waiters.append(fut)
             await fut
         if self.closed:
-            raise WorkerLost(f"connection to {self.peer_name or self.peer_addr!r} closed while sending")
+            raise WorkerLost(
+                f"connection to {self.peer_name or self.peer_addr!r} closed while sending"
+            )
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -340,7 +342,7 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             t = self.transport
             if hasattr(t, "abort"):
-                t.abort()  # type: ignore[attr-defined]
+                t.abort()
             else:
                 t.close()
         self._mark_closed(reason)
@@ -355,7 +357,13 @@ def _mac(token: str, role: bytes, nonce_c: bytes, nonce_s: bytes) -> bytes:
     return hmac.new(token.encode(), role + nonce_c + nonce_s, hashlib.sha256).digest()
 
 
-async def handshake(conn: Connection, token: str, *, server: bool, timeout: float | None = None) -> None:
+async def handshake(
+    conn: Connection,
+    token: str,
+    *,
+    server: bool,
+    timeout: float | None = None,  # noqa: ASYNC109 (the handshake deadline)
+) -> None:
     """Run the handshake on ``conn`` (raw bytes). Raises AuthError (wrong token, not an
     actorgrad peer, version mismatch, deadline) — the connection is aborted then."""
     where = conn.peer_addr

@@ -251,7 +251,9 @@ class Worker:
         self._spawn(self._running(), name=f"actorgrad-dispatch-{self.name}")
         self._spawn(self._heartbeat(), name=f"actorgrad-heartbeat-{self.name}")
 
-    def _spawn(self, coro: Any, *, name: str | None = None, context: Any = None) -> asyncio.Task[Any]:
+    def _spawn(
+        self, coro: Any, *, name: str | None = None, context: Any = None
+    ) -> asyncio.Task[Any]:
         t = self.loop.create_task(coro, name=name, context=context)
         self._tasks.add(t)
         t.add_done_callback(self._task_done)
@@ -259,7 +261,11 @@ class Worker:
 
     def _task_done(self, t: asyncio.Task[Any]) -> None:
         self._tasks.discard(t)
-        if not t.cancelled() and t.exception() is not None and not t.get_name().startswith("actorgrad-connect"):
+        if (
+            not t.cancelled()
+            and t.exception() is not None
+            and not t.get_name().startswith("actorgrad-connect")
+        ):
             log.error("worker %s: task %s failed", self.name, t.get_name(), exc_info=t.exception())
 
     # ------------------------------------------------------------------ cluster
@@ -269,7 +275,7 @@ class Worker:
 
         self.registry = Registry(self)
 
-    async def join(self, address: str, timeout: float = 30.0) -> None:
+    async def join(self, address: str, timeout: float = 30.0) -> None:  # noqa: ASYNC109 (timeout is API)
         """Join the cluster whose registry is at ``address``. ValueError when the name is
         taken; AuthError on a wrong token; WorkerLost when nobody answers."""
         conn = await self.open_connection(address)
@@ -373,7 +379,9 @@ class Worker:
             self._apply_members(*self.registry.snapshot())
         elif self.registry_conn is not None and not self.registry_conn.closed:
             try:
-                snap = await self.call_on(self.registry_conn, "actorgrad.runtime.registry:_snapshot", timeout=10)
+                snap = await self.call_on(
+                    self.registry_conn, "actorgrad.runtime.registry:_snapshot", timeout=10
+                )
                 self._apply_members(*snap)
             except ActorgradError:
                 pass
@@ -414,7 +422,7 @@ class Worker:
             self.registry_lost.set()
         if self.registry is not None:
             self.registry.conn_lost(conn)
-        if name is not None and name != self.name and not self._stopping:
+        if name is not None and name in self.members and not self._stopping:
             self._peer_lost(name)
 
     def _peer_lost(self, name: str) -> None:
@@ -477,13 +485,19 @@ class Worker:
                     if h is not None and not h.done():
                         h.set_result(None)
                 elif first:
-                    conn.send_nowait(wire.encode_frame([K_HELLO, self.name, self.id, self.address], None))
+                    conn.send_nowait(
+                        wire.encode_frame([K_HELLO, self.name, self.id, self.address], None)
+                    )
             elif kind == K_BYE:
                 conn.goodbye = True
             else:
                 raise ProtocolError(f"unknown message kind {kind!r}")
         except (ProtocolError, ValueError, TypeError, IndexError, KeyError) as exc:
-            err = exc if isinstance(exc, ProtocolError) else ProtocolError(f"malformed message: {exc!r}")
+            err = (
+                exc
+                if isinstance(exc, ProtocolError)
+                else ProtocolError(f"malformed message: {exc!r}")
+            )
             log.warning("worker %s: closing %r: %s", self.name, conn, err)
             conn.abort(err)
 
@@ -504,7 +518,9 @@ class Worker:
                 try:
                     self._start(conn, frame)
                 except (ProtocolError, ValueError, TypeError) as exc:
-                    log.warning("worker %s: closing %r: malformed request: %s", self.name, conn, exc)
+                    log.warning(
+                        "worker %s: closing %r: malformed request: %s", self.name, conn, exc
+                    )
                     conn.abort(exc)
                 except Exception:
                     log.exception("worker %s: failed to start a request", self.name)
@@ -540,7 +556,9 @@ class Worker:
             if not (isinstance(body, (list, tuple)) and len(body) == 2):
                 raise ProtocolError("malformed request body")
             args, kwargs = body
-            if not isinstance(args, (list, tuple)) or not (kwargs is None or isinstance(kwargs, dict)):
+            if not isinstance(args, (list, tuple)) or not (
+                kwargs is None or isinstance(kwargs, dict)
+            ):
                 raise ProtocolError("malformed request arguments")
             if mode == MODE_RPC or mode == MODE_REMOTE:
                 fn = calls.resolve(target)
@@ -564,7 +582,9 @@ class Worker:
         self._inflight += 1
         self._idle.clear()
         if stats.is_async or stats.fast < INLINE_AFTER:
-            self._spawn(self._run_task(conn, cid, mode, fn, args, kwargs, meta, hooks, stats), context=ctx)
+            self._spawn(
+                self._run_task(conn, cid, mode, fn, args, kwargs, meta, hooks, stats), context=ctx
+            )
             return
         # proven fast: run inline on the loop
         t0 = time.perf_counter()
@@ -595,7 +615,7 @@ class Worker:
         r = self._invoke(fn, args, kwargs, meta)
         return r, time.perf_counter() - t0
 
-    async def _run_task(self, conn, cid, mode, fn, args, kwargs, meta, hooks, stats) -> None:  # type: ignore[no-untyped-def]
+    async def _run_task(self, conn, cid, mode, fn, args, kwargs, meta, hooks, stats) -> None:
         try:
             if stats.is_async:
                 ic = _interceptor
@@ -618,7 +638,7 @@ class Worker:
         finally:
             self._done()
 
-    async def _finish_awaitable(self, conn, cid, mode, aw, hooks) -> None:  # type: ignore[no-untyped-def]
+    async def _finish_awaitable(self, conn, cid, mode, aw, hooks) -> None:
         try:
             result = await aw
         except Exception as exc:
@@ -653,7 +673,9 @@ class Worker:
         else:
             conn.send_nowait(chunks)
 
-    async def _reply_async(self, conn: Connection, cid: int, mode: int, result: Any, hooks: rref.Hooks) -> None:
+    async def _reply_async(
+        self, conn: Connection, cid: int, mode: int, result: Any, hooks: rref.Hooks
+    ) -> None:
         if cid == 0 or conn.closed:
             return
         chunks = self._encode_reply(cid, mode, result, hooks)
@@ -668,7 +690,9 @@ class Worker:
         except ActorgradError as exc:
             log.debug("reply to %r not sent: %s", conn, exc)
 
-    def _reply_exc(self, conn: Connection, cid: int, exc: BaseException, hooks: rref.Hooks | None) -> None:
+    def _reply_exc(
+        self, conn: Connection, cid: int, exc: BaseException, hooks: rref.Hooks | None
+    ) -> None:
         if hooks is not None:
             hooks.undo()
         if cid == 0:
@@ -691,7 +715,7 @@ class Worker:
         args: Any = (),
         kwargs: dict | None = None,
         *,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (timeout is API)
         mode: int = MODE_RPC,
     ) -> Any:
         """Call ``fn(*args, **kwargs)`` on worker ``dest`` and return the result
@@ -716,7 +740,7 @@ class Worker:
         args: Any = (),
         kwargs: dict | None = None,
         *,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (timeout is API)
         mode: int = MODE_RPC,
         dest: str | None = None,
     ) -> Any:
@@ -728,7 +752,9 @@ class Worker:
         hooks = self._hooks(dest, meta)
         cid = next(conn._call_ids)
         try:
-            chunks = wire.encode_frame([K_REQ, cid, target, mode, meta], (tuple(args), kwargs or None), hooks)
+            chunks = wire.encode_frame(
+                [K_REQ, cid, target, mode, meta], (tuple(args), kwargs or None), hooks
+            )
         except BaseException:
             hooks.undo()
             raise
@@ -762,7 +788,9 @@ class Worker:
         conn = self._out.get(dest)
         if conn is not None and not conn.closed:
             try:
-                conn.send_nowait(wire.encode_frame([K_REQ, 0, fn, MODE_RPC, None], (args, None), None))
+                conn.send_nowait(
+                    wire.encode_frame([K_REQ, 0, fn, MODE_RPC, None], (args, None), None)
+                )
             except ActorgradError:
                 pass
             return
@@ -803,14 +831,14 @@ class Worker:
                         pass
 
     # ------------------------------------------------------------------ teardown
-    async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:
+    async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:  # noqa: ASYNC109 (timeout is API)
         """Teardown phase; idempotent. Graceful: stop taking new calls, let the ones in
         flight finish (at most ``timeout`` s), then leave the cluster and close."""
         if self._shutdown_task is None:
             self._shutdown_task = self.loop.create_task(self._teardown(graceful, timeout))
         await asyncio.shield(self._shutdown_task)
 
-    async def _teardown(self, graceful: bool, timeout: float | None) -> None:
+    async def _teardown(self, graceful: bool, timeout: float | None) -> None:  # noqa: ASYNC109 (timeout is API)
         self._stopping = True
         if timeout is None:
             timeout = SHUTDOWN_TIMEOUT
@@ -819,12 +847,21 @@ class Worker:
                 async with asyncio.timeout(timeout):
                     await self._idle.wait()
             except TimeoutError:
-                log.warning("worker %s: %d calls still running at shutdown", self.name, self._inflight)
+                log.warning(
+                    "worker %s: %d calls still running at shutdown", self.name, self._inflight
+                )
         # leave the registry
-        if self.registry is None and self.registry_conn is not None and not self.registry_conn.closed:
+        if (
+            self.registry is None
+            and self.registry_conn is not None
+            and not self.registry_conn.closed
+        ):
             try:
                 self.registry_conn.send_nowait(
-                    wire.encode_frame([K_REQ, 0, "actorgrad.runtime.registry:_leave", MODE_RPC, None], ((self.name,), None))
+                    wire.encode_frame(
+                        [K_REQ, 0, "actorgrad.runtime.registry:_leave", MODE_RPC, None],
+                        ((self.name,), None),
+                    )
                 )
             except ActorgradError:
                 pass
