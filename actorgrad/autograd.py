@@ -197,7 +197,12 @@ class Function(Node):
             )
         return self.backward(grad)
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Compute the op on numpy arrays; keep what backward needs in ``self.saved``."""
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
     def backward(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        """One gradient per entry of ``self.next`` (None where ``next`` is None)."""
         raise NotImplementedError(f"{type(self).__name__}.backward")
 
     def release(self) -> None:
@@ -254,7 +259,8 @@ def grad_node(t: Tensor) -> Node | None:
 class GraphTask:
     """One backward pass over a graph. Synchronous, no asyncio.
 
-    ``roots``: ``(node, grad)`` pairs; their grads are added before anything runs.
+    ``roots``: ``(node, grad)`` pairs; their grads are added before anything runs
+    (``None``: the root contributes nothing but still runs).
     ``sources``: nodes that become ready only once ``deliver(node, grad)`` was called
     (the distributed engine's send nodes). ``leaf_sink(tensor, grad)`` replaces writing
     ``.grad``; ``on_boundary(node, grad)`` is called for ``boundary`` nodes instead of
@@ -283,7 +289,7 @@ class GraphTask:
 
     def __init__(
         self,
-        roots: Sequence[tuple[Node, np.ndarray]],
+        roots: Sequence[tuple[Node, np.ndarray | None]],
         *,
         sources: Iterable[Node] = (),
         retain_graph: bool = False,

@@ -271,7 +271,7 @@ class Tensor:
         return _unary(GetItem, self, _index(index))
 
     # Comparisons: plain boolean tensors, never part of the graph.
-    def __lt__(self, other: Any) -> Tensor:  # type: ignore[override]
+    def __lt__(self, other: Any) -> Tensor:
         return Tensor(np.asarray(np.less(self.data, _data(other))))
 
     def __le__(self, other: Any) -> Tensor:
@@ -405,6 +405,8 @@ def _unary(cls: type[Function], x: Tensor, *params: Any) -> Tensor:
 def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
     # The hot path of every arithmetic op: inlined checks, no helper calls for the
     # common Tensor / Python-number operands.
+    ad: Any
+    bd: Any
     if isinstance(a, Tensor):
         ad, ar = a.data, a._rg
     else:
