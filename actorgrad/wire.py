@@ -745,13 +745,7 @@ def join_chunks(chunks: list[bytes | memoryview]) -> bytearray:
         >>> decode_frame(join_chunks(encode_frame([1], None))).header
         [1]
     """
-    out = bytearray(frame_nbytes(chunks))
-    pos = 0
-    for c in chunks:
-        n = c.nbytes if isinstance(c, memoryview) else len(c)
-        out[pos : pos + n] = c
-        pos += n
-    return out
+    return bytearray().join(chunks)
 
 
 # --------------------------------------------------------------------------- decoding

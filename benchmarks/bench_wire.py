@@ -4,7 +4,9 @@ The yardstick is ``pickle.dumps``/``pickle.loads`` of the same (header, body) me
 the same run (pickle appears only here, as a baseline; actorgrad never uses it).
 
 Encode is ``encode_frame`` (chunks, no join: the transport writes them with
-``writelines``). Decode is ``decode_frame(frame).body()`` over a ``bytearray`` frame, as a
+``writelines``); "+join" adds ``join_chunks`` (one copy of the whole frame, what an
+in-process transport or a socket write costs at least), the fair comparison with
+pickle, which copies the data into its output. Decode is ``decode_frame(frame).body()`` over a ``bytearray`` frame, as a
 transport receives it. Times are the best of several repeats.
 
 Run: ``python -m benchmarks bench_wire`` or ``python -m benchmarks.bench_wire``.
@@ -33,16 +35,24 @@ def best_us(fn: Callable[[], Any], min_time: float = 0.2, repeat: int = 5) -> fl
 def bench_case(name: str, header: list, body: Any) -> dict[str, float]:
     frame = join_chunks(encode_frame(header, body))
     enc = best_us(lambda: encode_frame(header, body))
+    enc_join = best_us(lambda: join_chunks(encode_frame(header, body)))
     dec = best_us(lambda: decode_frame(frame).body())
     pickled = pickle.dumps((header, body), protocol=pickle.HIGHEST_PROTOCOL)
     p_enc = best_us(lambda: pickle.dumps((header, body), protocol=pickle.HIGHEST_PROTOCOL))
     p_dec = best_us(lambda: pickle.loads(pickled))
     print(
-        f"{name:<22} {len(frame):>10} B | encode {enc:9.2f} us  decode {dec:9.2f} us"
-        f"  total {enc + dec:9.2f} us | pickle {p_enc + p_dec:9.2f} us"
-        f"  (wire/pickle {(enc + dec) / (p_enc + p_dec):5.2f}x)"
+        f"{name:<22} {len(frame):>9} B | encode {enc:8.2f} us (+join {enc_join:8.2f})"
+        f"  decode {dec:8.2f} us | pickle dumps {p_enc:8.2f} loads {p_dec:8.2f} us"
+        f" | wire/pickle {(enc + dec) / (p_enc + p_dec):5.2f}x"
+        f" (with join {(enc_join + dec) / (p_enc + p_dec):5.2f}x)"
     )
-    return {"encode_us": enc, "decode_us": dec, "pickle_us": p_enc + p_dec}
+    return {
+        "encode_us": enc,
+        "encode_join_us": enc_join,
+        "decode_us": dec,
+        "pickle_dumps_us": p_enc,
+        "pickle_loads_us": p_dec,
+    }
 
 
 def main() -> dict[str, dict[str, float]]:
