@@ -955,3 +955,14 @@ def test_timestamp_hidden_deep_in_the_body_is_found():
         value = [value]
     with pytest.raises(ProtocolError, match="timestamp"):
         decode_frame(body_frame(value)).body()
+
+
+@pytest.mark.parametrize("n", [10, 100_000])
+def test_read_only_and_broadcast_arrays_can_be_sent(n):
+    frozen = np.arange(n, dtype=np.float64)
+    frozen.flags.writeable = False
+    decoded_ro = decode_frame(b"".join(encode_frame([0], frozen))).body()
+    broadcast = np.broadcast_to(np.arange(3, dtype=np.int32), (n, 3))
+    out = roundtrip([frozen, decoded_ro, broadcast])
+    assert np.array_equal(out[0], frozen) and np.array_equal(out[1], frozen)
+    assert np.array_equal(out[2], broadcast) and out[2].flags.writeable
