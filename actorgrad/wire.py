@@ -711,8 +711,12 @@ def encode_frame(header: list, body: Any, hooks: object | None = None) -> list[b
         TypeError: a value cannot travel (names its type and where it sits), an int
             does not fit in 64 bits, an array dtype is not bool/numeric, or an RRef is
             sent without a ``ref_out`` hook.
-        ValueError: the value is nested too deeply, contains a reference cycle, or the
-            header is larger than ``MAX_HEADER_BYTES``.
+        ValueError: the value is nested too deeply, contains a reference cycle, holds
+            a str that is not valid UTF-8, nests large data so deeply that its ext
+            payloads exceed 16x the body size, has more than ``MAX_BUFFERS`` large
+            arrays, or the header is larger than ``MAX_HEADER_BYTES``.
+
+    Exceptions raised by the hooks propagate unchanged.
 
     Example::
 
