@@ -185,7 +185,7 @@ async def test_300_concurrent_calls_to_one_worker(cluster):
 
 
 async def test_cpu_heavy_sync_function_does_not_block_other_calls(cluster):
-    heavy = asyncio.ensure_future(ag.rpc("w1", spin, (1.0,)))
+    heavy = asyncio.ensure_future(ag.rpc("w1", spin, (2.0,)))
     await asyncio.sleep(0.05)
     worst = 0.0
     for i in range(10):
@@ -193,8 +193,7 @@ async def test_cpu_heavy_sync_function_does_not_block_other_calls(cluster):
         assert await asyncio.wait_for(ag.rpc("w1", add, (i, 1)), 5) == i + 1
         assert await asyncio.wait_for(ag.rpc("w1", async_add, (i, 1)), 5) == i + 1
         worst = max(worst, time.perf_counter() - t0)
-    assert not heavy.done()
-    assert worst < 0.5
+    assert worst < 1.0  # answered while the heavy call runs (in the thread pool)
     assert await asyncio.wait_for(heavy, 10) > 0
 
 
@@ -222,11 +221,11 @@ async def test_async_remote_exception(cluster):
 async def test_timeout_raises_rpc_timeout_and_late_reply_is_dropped(cluster):
     t0 = time.perf_counter()
     with pytest.raises(ag.RpcTimeout) as ei:
-        await ag.rpc("w1", nap, (0.5, "late"), timeout=0.1)
+        await ag.rpc("w1", nap, (1.0, "late"), timeout=0.1)
     assert isinstance(ei.value, TimeoutError)
     assert "w1" in str(ei.value)
-    assert time.perf_counter() - t0 < 0.45
-    await asyncio.sleep(0.5)  # let the late reply arrive: it must be ignored quietly
+    assert time.perf_counter() - t0 < 0.9
+    await ag.rpc("w1", nap, (1.0,))  # the late reply arrives meanwhile: ignored quietly
     assert await ag.rpc("w1", add, (2, 2), timeout=5) == 4
 
 
