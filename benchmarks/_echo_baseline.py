@@ -16,11 +16,13 @@ import asyncio
 import contextlib
 import struct
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
 import numpy as np
 
+from benchmarks import torch_ref
 from benchmarks._report import timed
 
 _LEN = struct.Struct(">Q")
@@ -147,54 +149,52 @@ async def _serve() -> None:
     server.close()
 
 
-async def measure(
-    seconds: float = 1.5, *, depth: int = 64, echo_bytes: int = 16 * MIB
-) -> dict[str, float]:
-    """``rtt_us``, ``pipelined_calls_s`` and ``echo_mib_s`` of the bare echo server.
+class EchoBaseline:
+    """The echo server subprocess and a connected client.
 
-    Starts the server as a subprocess and always stops it.
+    ``async with EchoBaseline() as eb: await eb.window("rtt_us", 0.5)`` returns seconds
+    per step of one measuring window (``benchmarks.torch_ref`` names the metrics and
+    converts). Leaving closes the connection and stops the server (kill if needed).
     """
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "benchmarks._echo_baseline",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        loop = asyncio.get_running_loop()
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        if not line.strip():
-            raise RuntimeError(f"echo server did not start (exit code {proc.returncode})")
-        port = int(line)
-        transport, client = await loop.create_connection(_Client, "127.0.0.1", port)
+
+    def __init__(self) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+        self._transport: Any = None
+        self._client: _Client | None = None
+        self._steps: dict[str, Callable[[], Awaitable[Any]]] = {}
+
+    async def __aenter__(self) -> EchoBaseline:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "benchmarks._echo_baseline",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
         try:
-            out: dict[str, float] = {}
-            per = await timed(lambda: client.call(1), warmup=200, seconds=seconds)
-            out["rtt_us"] = per * 1e6
+            assert self._proc.stdout is not None
+            line = await asyncio.wait_for(self._proc.stdout.readline(), 30)
+            if not line.strip():
+                raise RuntimeError(f"echo server did not start (exit {self._proc.returncode})")
+            loop = asyncio.get_running_loop()
+            self._transport, self._client = await loop.create_connection(
+                _Client, "127.0.0.1", int(line)
+            )
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
 
-            async def batch() -> None:
-                await asyncio.gather(*(client.call(i) for i in range(depth)))
-
-            per = await timed(batch, warmup=5, seconds=seconds)
-            out["pipelined_calls_s"] = depth / per
-
-            arr = np.ones(echo_bytes // 4, dtype=np.float32)
-
-            async def echo() -> None:
-                meta = [arr.dtype.str, list(arr.shape)]
-                (dtype, shape), raw = await client.call(meta, memoryview(arr.data).cast("B"))
-                np.frombuffer(raw, dtype=dtype).reshape(shape)
-
-            per = await timed(echo, warmup=2, seconds=seconds)
-            out["echo_mib_s"] = 2 * echo_bytes / per / MIB
-            return out
-        finally:
-            transport.close()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(client.lost, 5)
-    finally:
+    async def __aexit__(self, *exc: object) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            assert self._client is not None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._client.lost, 5)
+            self._transport = None
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
         if proc.stdin is not None:
             proc.stdin.close()
         try:
@@ -202,6 +202,47 @@ async def measure(
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+    def _make(self, name: str) -> Callable[[], Awaitable[Any]]:
+        client = self._client
+        assert client is not None
+        if name == "rtt_us":
+            return lambda: client.call(1)
+        if name == "pipelined_calls_s":
+
+            async def batch() -> None:
+                await asyncio.gather(*(client.call(i) for i in range(torch_ref.PIPELINE_DEPTH)))
+
+            return batch
+        if name == "echo_mib_s":
+            arr = np.ones(torch_ref.ECHO_BYTES // 4, dtype=np.float32)
+
+            async def echo() -> None:
+                meta = [arr.dtype.str, list(arr.shape)]
+                (dtype, shape), raw = await client.call(meta, memoryview(arr.data).cast("B"))
+                np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+            return echo
+        raise ValueError(f"unknown metric {name!r}")
+
+    async def window(self, name: str, seconds: float) -> float:
+        """Seconds per step of metric ``name`` over one window (warm-up on first use)."""
+        step = self._steps.get(name)
+        if step is None:
+            step = self._steps[name] = self._make(name)
+            for _ in range(torch_ref.WARMUP[name]):
+                await step()
+        return await timed(step, warmup=0, seconds=seconds, windows=1)
+
+
+async def measure(seconds: float = 1.5) -> dict[str, float]:
+    """``rtt_us``, ``pipelined_calls_s`` and ``echo_mib_s`` of the bare echo (best of 3)."""
+    async with EchoBaseline() as eb:
+        out = {}
+        for name in torch_ref.RPC_METRICS:
+            per = min([await eb.window(name, seconds / 3) for _ in range(3)])
+            out[name] = torch_ref.to_metric(name, per)
+        return out
 
 
 def new_loop() -> asyncio.AbstractEventLoop:

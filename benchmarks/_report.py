@@ -1,4 +1,4 @@
-"""Helpers shared by bench_rpc and bench_dist: an async timing loop and the ratio table."""
+"""Helpers shared by bench_rpc and bench_dist: timing windows, interleaving, the table."""
 
 from __future__ import annotations
 
@@ -38,6 +38,28 @@ async def timed(
             if now - start >= seconds / windows:
                 break
         best = min(best, (now - start) / n)
+    return best
+
+
+Window = Callable[[str, float], Awaitable[float]]
+"""``window(metric, seconds)`` -> seconds per step of that metric's workload."""
+
+
+async def interleave(
+    sides: dict[str, Window], metrics: Sequence[str], seconds: float, *, rounds: int = 3
+) -> dict[str, dict[str, float]]:
+    """Best seconds per step of each side and metric, windows interleaved.
+
+    Each metric gets ``rounds`` windows of ``seconds / rounds`` per side, alternating
+    between the sides (a, b, a, b, ...), so a burst of load from the other users of a
+    shared machine hits both sides alike; the best window of each side is kept.
+    """
+    best: dict[str, dict[str, float]] = {side: {} for side in sides}
+    for metric in metrics:
+        for _ in range(rounds):
+            for side, window in sides.items():
+                per = await window(metric, seconds / rounds)
+                best[side][metric] = min(best[side].get(metric, float("inf")), per)
     return best
 
 

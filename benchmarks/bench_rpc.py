@@ -8,57 +8,28 @@ Shapes (the same on every side):
 
 actorgrad: the driver (this process) and one worker process (``ag.local_cluster(1,
 processes=True)``). The bare echo (``benchmarks._echo_baseline``) and, when torch is
-installed, PyTorch's TensorPipe RPC (``benchmarks.torch_ref``) are measured in the same
-run; the table prints ratios because the machines are shared and noisy. Targets: round
-trip at most 1/4 of PyTorch's, pipelined at least 8x PyTorch's.
+installed, PyTorch's TensorPipe RPC (``benchmarks.torch_ref``) run at the same time;
+their measuring windows are interleaved with actorgrad's (best of 3 windows each), and
+the table prints ratios, because the machines are shared and noisy. Targets: round trip
+at most 1/4 of PyTorch's, pipelined at least 8x PyTorch's.
+
+``BENCH_SECONDS`` (default 2): measuring time per metric and side.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 
 from benchmarks import _echo_baseline, torch_ref
-from benchmarks._report import Metric, render, timed
+from benchmarks._report import Metric, Window, interleave, render, timed
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2.0"))
-MIB = 1024 * 1024
-
-
-def echo(x: Any) -> Any:
-    """Runs on the worker: returns its argument."""
-    return x
-
-
-async def measure_actorgrad(seconds: float = SECONDS) -> dict[str, float]:
-    """``rtt_us``, ``pipelined_calls_s``, ``echo_mib_s`` of actorgrad (driver + w1)."""
-    import actorgrad as ag
-
-    out: dict[str, float] = {}
-    async with ag.local_cluster(1, processes=True):
-        per = await timed(lambda: ag.rpc("w1", echo, (1,)), warmup=200, seconds=seconds)
-        out["rtt_us"] = per * 1e6
-
-        async def batch() -> None:
-            calls = (ag.rpc("w1", echo, (i,)) for i in range(torch_ref.PIPELINE_DEPTH))
-            await asyncio.gather(*calls)
-
-        per = await timed(batch, warmup=5, seconds=seconds)
-        out["pipelined_calls_s"] = torch_ref.PIPELINE_DEPTH / per
-
-        arr = np.ones(torch_ref.ECHO_BYTES // 4, dtype=np.float32)
-
-        async def big() -> None:
-            back = await ag.rpc("w1", echo, (arr,))
-            assert back.shape == arr.shape
-
-        per = await timed(big, warmup=2, seconds=seconds)
-        out["echo_mib_s"] = 2 * torch_ref.ECHO_BYTES / per / MIB
-    return out
-
 
 METRICS = [
     Metric("rtt_us", "round trip", "us/call", False, 4.0),
@@ -67,17 +38,92 @@ METRICS = [
 ]
 
 
+def echo(x: Any) -> Any:
+    """Runs on the worker: returns its argument."""
+    return x
+
+
+class ActorgradRpc:
+    """actorgrad's side: step functions against worker ``w1`` of a running cluster."""
+
+    def __init__(self) -> None:
+        self._steps: dict[str, Callable[[], Awaitable[Any]]] = {}
+
+    def _make(self, name: str) -> Callable[[], Awaitable[Any]]:
+        import actorgrad as ag
+
+        if name == "rtt_us":
+            return lambda: ag.rpc("w1", echo, (1,))
+        if name == "pipelined_calls_s":
+
+            async def batch() -> None:
+                calls = (ag.rpc("w1", echo, (i,)) for i in range(torch_ref.PIPELINE_DEPTH))
+                await asyncio.gather(*calls)
+
+            return batch
+        if name == "echo_mib_s":
+            arr = np.ones(torch_ref.ECHO_BYTES // 4, dtype=np.float32)
+
+            async def big() -> None:
+                back = await ag.rpc("w1", echo, (arr,))
+                assert back.shape == arr.shape
+
+            return big
+        raise ValueError(f"unknown metric {name!r}")
+
+    async def window(self, name: str, seconds: float) -> float:
+        """Seconds per step of metric ``name`` over one window (warm-up on first use)."""
+        step = self._steps.get(name)
+        if step is None:
+            step = self._steps[name] = self._make(name)
+            for _ in range(torch_ref.WARMUP[name]):
+                await step()
+        return await timed(step, warmup=0, seconds=seconds, windows=1)
+
+
+def torch_window(world: torch_ref.TorchWorld) -> Window:
+    """An awaitable window of the torch world (its driver blocks: run it in a thread)."""
+
+    async def window(name: str, seconds: float) -> float:
+        return await asyncio.to_thread(world.window, name, seconds)
+
+    return window
+
+
+async def run(seconds: float = SECONDS) -> dict[str, dict[str, float] | None]:
+    """Metrics of every side: {"actorgrad": ..., "bare echo": ..., "torch": ... or None}."""
+    import actorgrad as ag
+
+    with contextlib.ExitStack() as stack:
+        world = None
+        if torch_ref.available():
+            world = stack.enter_context(torch_ref.TorchWorld(1, threads=1))
+        else:
+            print("(torch not installed: PyTorch column skipped)")
+        async with _echo_baseline.EchoBaseline() as bare, ag.local_cluster(1, processes=True):
+            sides: dict[str, Window] = {
+                "actorgrad": ActorgradRpc().window,
+                "bare echo": bare.window,
+            }
+            if world is not None:
+                sides["torch"] = torch_window(world)
+            names = [m.key for m in METRICS]
+            best = await interleave(sides, names, seconds)
+    out: dict[str, dict[str, float] | None] = {
+        side: {n: torch_ref.to_metric(n, per) for n, per in res.items()}
+        for side, res in best.items()
+    }
+    out.setdefault("torch", None)
+    return out
+
+
 def main() -> None:
-    """Measure all three sides and print the table."""
+    """Measure all sides and print the table."""
     with asyncio.Runner(loop_factory=_echo_baseline.new_loop) as runner:
-        bare = runner.run(_echo_baseline.measure(SECONDS))
-        ours = runner.run(measure_actorgrad(SECONDS))
-    torch: dict[str, float] | None = None
-    if torch_ref.available():
-        torch = torch_ref.measure_rpc(SECONDS, threads=1)
-    else:
-        print("(torch not installed: PyTorch column skipped)")
-    columns = [("bare echo", bare), ("torch", torch)]
+        res = runner.run(run(SECONDS))
+    ours = res["actorgrad"]
+    assert ours is not None
+    columns = [("bare echo", res["bare echo"]), ("torch", res["torch"])]
     print(render(METRICS, ours, columns, target_column="torch"), flush=True)
 
 

@@ -119,29 +119,36 @@ def _chain_stage(x: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------
-# driver-side workloads (rank 0)
+# workloads: one step function per metric, and what one step is worth
 # --------------------------------------------------------------------------------------
 
+RPC_METRICS = ("rtt_us", "pipelined_calls_s", "echo_mib_s")
+DIST_METRICS = ("hop_it_s", "bw_mib_s", "chain_it_s")
+# warm-up steps before the first window of each metric
+WARMUP = {
+    "rtt_us": 200,
+    "pipelined_calls_s": 5,
+    "echo_mib_s": 2,
+    "hop_it_s": 20,
+    "bw_mib_s": 2,
+    "chain_it_s": 5,
+}
 
-def _driver_rpc(seconds: float) -> dict[str, float]:
-    import torch
-    import torch.distributed.rpc as rpc
 
-    out: dict[str, float] = {}
-    per = timed_loop(lambda: rpc.rpc_sync("w1", _echo, args=(1,)), warmup=200, seconds=seconds)
-    out["rtt_us"] = per * 1e6
-
-    def batch() -> None:
-        futs = [rpc.rpc_async("w1", _echo, args=(i,)) for i in range(PIPELINE_DEPTH)]
-        torch.futures.wait_all(futs)
-
-    per = timed_loop(batch, warmup=5, seconds=seconds)
-    out["pipelined_calls_s"] = PIPELINE_DEPTH / per
-
-    arr = torch.ones(ECHO_BYTES // 4, dtype=torch.float32)
-    per = timed_loop(lambda: rpc.rpc_sync("w1", _echo, args=(arr,)), warmup=2, seconds=seconds)
-    out["echo_mib_s"] = 2 * ECHO_BYTES / per / MIB
-    return out
+def to_metric(name: str, seconds_per_step: float) -> float:
+    """Convert seconds per step of workload ``name`` into the metric's unit."""
+    per = seconds_per_step
+    if name == "rtt_us":
+        return per * 1e6
+    if name == "pipelined_calls_s":
+        return PIPELINE_DEPTH / per
+    if name == "echo_mib_s":
+        return 2 * ECHO_BYTES / per / MIB
+    if name == "bw_mib_s":
+        return BW_TRANSFERS * BW_N * 4 / per / MIB
+    if name in ("hop_it_s", "chain_it_s"):
+        return 1 / per
+    raise ValueError(f"unknown metric {name!r}")
 
 
 def _hop_step(x: Any) -> Any:
@@ -168,37 +175,64 @@ def _chain_step(x: Any) -> Any:
         return dist_autograd.get_gradients(cid)[x]
 
 
-def _driver_dist(seconds: float) -> dict[str, float]:
-    import torch
-    import torch.distributed.rpc as rpc
+class _Workloads:
+    """The driver's step functions, set up (and warmed up) on first use."""
 
-    out: dict[str, float] = {}
-    rpc.rpc_sync("w1", _setup_hop, args=(HOP_N,))
-    x = torch.rand(HOP_N, requires_grad=True)
-    g = _hop_step(x)
-    assert torch.allclose(g, torch.full((HOP_N,), 0.5)), g
-    per = timed_loop(lambda: _hop_step(x), warmup=20, seconds=seconds)
-    out["hop_it_s"] = 1 / per
+    def __init__(self) -> None:
+        self._steps: dict[str, Callable[[], Any]] = {}
+        self._hop_n = 0  # size of w1's hop weight right now
 
-    rpc.rpc_sync("w1", _setup_hop, args=(BW_N,))
-    xb = torch.rand(BW_N, requires_grad=True)
-    per = timed_loop(lambda: _hop_step(xb), warmup=2, seconds=seconds)
-    out["bw_it_s"] = 1 / per
-    out["bw_mib_s"] = BW_TRANSFERS * BW_N * 4 / per / MIB
+    def _hop_weight(self, n: int) -> None:
+        import torch.distributed.rpc as rpc
 
-    for i in range(CHAIN_STAGES):
-        rpc.rpc_sync(f"w{i + 1}", _setup_chain, args=(CHAIN_DIM, i))
-    xc = torch.randn(CHAIN_BATCH, CHAIN_DIM, generator=torch.Generator().manual_seed(7))
-    xc.requires_grad_(True)
-    per = timed_loop(lambda: _chain_step(xc), warmup=5, seconds=seconds)
-    out["chain_it_s"] = 1 / per
-    return out
+        if self._hop_n != n:
+            rpc.rpc_sync("w1", _setup_hop, args=(n,))
+            self._hop_n = n
 
+    def _make(self, name: str) -> Callable[[], Any]:
+        import torch
+        import torch.distributed.rpc as rpc
 
-_DRIVERS: dict[str, Callable[[float], dict[str, float]]] = {
-    "rpc": _driver_rpc,
-    "dist": _driver_dist,
-}
+        if name == "rtt_us":
+            return lambda: rpc.rpc_sync("w1", _echo, args=(1,))
+        if name == "pipelined_calls_s":
+
+            def batch() -> None:
+                futs = [rpc.rpc_async("w1", _echo, args=(i,)) for i in range(PIPELINE_DEPTH)]
+                torch.futures.wait_all(futs)
+
+            return batch
+        if name == "echo_mib_s":
+            arr = torch.ones(ECHO_BYTES // 4, dtype=torch.float32)
+            return lambda: rpc.rpc_sync("w1", _echo, args=(arr,))
+        if name in ("hop_it_s", "bw_mib_s"):
+            n = HOP_N if name == "hop_it_s" else BW_N
+            x = torch.rand(n, requires_grad=True)
+
+            def hop() -> None:
+                self._hop_weight(n)
+                _hop_step(x)
+
+            self._hop_weight(n)
+            g = _hop_step(x)
+            assert torch.allclose(g, torch.full((n,), 0.5)), "wrong hop gradient"
+            return hop
+        if name == "chain_it_s":
+            for i in range(CHAIN_STAGES):
+                rpc.rpc_sync(f"w{i + 1}", _setup_chain, args=(CHAIN_DIM, i))
+            gen = torch.Generator().manual_seed(7)
+            xc = torch.randn(CHAIN_BATCH, CHAIN_DIM, generator=gen).requires_grad_(True)
+            return lambda: _chain_step(xc)
+        raise ValueError(f"unknown metric {name!r}")
+
+    def window(self, name: str, seconds: float) -> float:
+        """Seconds per step of ``name`` over one window of about ``seconds``."""
+        step = self._steps.get(name)
+        if step is None:
+            step = self._steps[name] = self._make(name)
+            for _ in range(WARMUP[name]):
+                step()
+        return timed_loop(step, warmup=0, seconds=seconds, windows=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -212,9 +246,21 @@ def _env_list(name: str) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] or None
 
 
-def _proc_main(
-    rank: int, world: int, port: int, task: str, seconds: float, threads: int, conn: Any
-) -> None:
+def _driver_loop(conn: Any) -> None:
+    """Rank 0: answer ("window", name, seconds) commands until ("stop",)."""
+    work = _Workloads()
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            return
+        _, name, seconds = msg
+        try:
+            conn.send(("ok", work.window(name, seconds)))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+
+
+def _proc_main(rank: int, world: int, port: int, threads: int, conn: Any) -> None:
     """Entry point of every spawned process: rank 0 is the driver, others are workers."""
     for k, v in _ENV.items():
         os.environ.setdefault(k, v)
@@ -233,15 +279,10 @@ def _proc_main(
         )
         name = "driver" if rank == 0 else f"w{rank}"
         rpc.init_rpc(name, rank=rank, world_size=world, rpc_backend_options=opts)
-        result: tuple[str, Any] = ("ok", None)
         if rank == 0:
-            try:
-                result = ("ok", _DRIVERS[task](seconds))
-            except Exception:
-                result = ("error", traceback.format_exc())
+            conn.send(("ok", "ready"))
+            _driver_loop(conn)
         rpc.shutdown()
-        if conn is not None:
-            conn.send(result)
     except Exception:
         if conn is not None:
             conn.send(("error", traceback.format_exc()))
@@ -251,52 +292,74 @@ def _proc_main(
             conn.close()
 
 
-def run_world(
-    task: str,
-    workers: int,
-    *,
-    seconds: float = 2.0,
-    threads: int = 1,
-    timeout: float = 120.0,
-) -> dict[str, float]:
-    """Spawn the driver and ``workers`` worker processes, run ``task``, return its dict.
+class TorchWorld:
+    """A running torch RPC world: this process commands its driver (rank 0) by pipe.
 
-    Raises ``TimeoutError`` when the driver has not answered within ``timeout`` seconds
-    and ``RuntimeError`` (with the remote traceback) when it failed. Every process
-    started here is joined, then terminated, then killed, in all cases.
+    ``with TorchWorld(workers) as world: world.window("hop_it_s", 0.5)`` returns the
+    seconds per step of one measuring window; windows of different metrics, and of
+    actorgrad, can be interleaved so both sides see the same load. Leaving stops the
+    driver and the workers (join, then terminate, then kill).
     """
-    if task not in _DRIVERS:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(_DRIVERS)}")
-    ctx = mp.get_context("spawn")
-    world = workers + 1
-    port = free_port()
-    recv, send = ctx.Pipe(duplex=False)
-    procs = []
-    try:
-        for rank in range(world):
-            p = ctx.Process(
-                target=_proc_main,
-                args=(rank, world, port, task, seconds, threads, send if rank == 0 else None),
-                name=f"torch_ref-{task}-{rank}",
-                daemon=True,
-            )
-            p.start()
-            procs.append(p)
-        send.close()
-        if not recv.poll(timeout):
-            raise TimeoutError(f"torch reference {task!r} gave no result in {timeout:.0f} s")
+
+    def __init__(self, workers: int, *, threads: int = 1, timeout: float = 120.0) -> None:
+        self.workers = workers
+        self.threads = threads
+        self.timeout = timeout
+        self._procs: list[Any] = []
+        self._conn: Any = None
+
+    def __enter__(self) -> TorchWorld:
+        ctx = mp.get_context("spawn")
+        world = self.workers + 1
+        port = free_port()
+        self._conn, child = ctx.Pipe(duplex=True)
         try:
-            status, value = recv.recv()
+            for rank in range(world):
+                p = ctx.Process(
+                    target=_proc_main,
+                    args=(rank, world, port, self.threads, child if rank == 0 else None),
+                    name=f"torch_ref-{rank}",
+                    daemon=True,
+                )
+                p.start()
+                self._procs.append(p)
+            child.close()
+            self._answer("start")
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _answer(self, what: str) -> Any:
+        if not self._conn.poll(self.timeout):
+            raise TimeoutError(f"torch reference: no answer to {what} in {self.timeout:.0f} s")
+        try:
+            status, value = self._conn.recv()
         except EOFError:
-            raise RuntimeError(
-                f"torch reference {task!r}: driver exited (code {procs[0].exitcode})"
-            ) from None
+            code = self._procs[0].exitcode if self._procs else None
+            raise RuntimeError(f"torch reference: driver exited (code {code})") from None
         if status != "ok":
-            raise RuntimeError(f"torch reference {task!r} failed:\n{value}")
-        return dict(value)
-    finally:
-        recv.close()
-        _stop_all(procs)
+            raise RuntimeError(f"torch reference: {what} failed:\n{value}")
+        return value
+
+    def window(self, name: str, seconds: float) -> float:
+        """Seconds per step of metric ``name``'s workload over one window (warm-up first)."""
+        self._conn.send(("window", name, seconds))
+        return float(self._answer(name))
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.send(("stop",))
+            except OSError:
+                pass
+            self._conn.close()
+            self._conn = None
+        _stop_all(self._procs)
+        self._procs = []
 
 
 def _stop_all(procs: list[Any], grace: float = 10.0) -> None:
@@ -313,14 +376,23 @@ def _stop_all(procs: list[Any], grace: float = 10.0) -> None:
             p.join(2.0)
 
 
+def measure(
+    names: tuple[str, ...], workers: int, seconds: float = 2.0, *, threads: int = 1
+) -> dict[str, float]:
+    """Each metric in ``names``: the best of 3 windows of ``seconds/3``."""
+    with TorchWorld(workers, threads=threads) as world:
+        best = {n: min(world.window(n, seconds / 3) for _ in range(3)) for n in names}
+    return {n: to_metric(n, per) for n, per in best.items()}
+
+
 def measure_rpc(seconds: float = 2.0, *, threads: int = 1) -> dict[str, float]:
     """RPC numbers of torch (driver + one worker): rtt_us, pipelined_calls_s, echo_mib_s."""
-    return run_world("rpc", 1, seconds=seconds, threads=threads)
+    return measure(RPC_METRICS, 1, seconds, threads=threads)
 
 
 def measure_dist(seconds: float = 2.0, *, threads: int = 1) -> dict[str, float]:
     """Dist-autograd numbers of torch (driver + w1..w3): hop_it_s, bw_mib_s, chain_it_s."""
-    return run_world("dist", CHAIN_STAGES, seconds=seconds, threads=threads)
+    return measure(DIST_METRICS, CHAIN_STAGES, seconds, threads=threads)
 
 
 def main() -> None:
