@@ -231,8 +231,12 @@ class Connection(asyncio.Protocol):
         coalesced and flushed on the next loop iteration."""
         if self.closed or self.transport is None:
             raise WorkerLost(f"connection to {self.peer_name or self.peer_addr!r} is closed")
-        chunks = list(chunks)
-        size = sum(_nbytes(c) for c in chunks)
+        if not isinstance(chunks, list):
+            chunks = list(chunks)
+        if len(chunks) == 1 and type(chunks[0]) is bytes:
+            size = len(chunks[0])
+        else:
+            size = sum(_nbytes(c) for c in chunks)
         if size >= BIG_FRAME:
             self._flush()
             t = self.transport
@@ -267,6 +271,12 @@ class Connection(asyncio.Protocol):
             raise WorkerLost(
                 f"connection to {self.peer_name or self.peer_addr!r} closed while sending"
             )
+
+    def flush(self) -> None:
+        """Write the coalesced small frames now."""
+        if self._wbuf and not self.closed and self.transport is not None:
+            data, self._wbuf = self._wbuf, bytearray()
+            self.transport.write(data)  # type: ignore[attr-defined]
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -458,7 +458,14 @@ class Worker:
                     raise ProtocolError(f"malformed reply header {header!r}")
                 call = conn.pending.pop(header[1], None)
                 if call is None or call.fut.done():
-                    return  # late reply of a timed-out/cancelled call: dropped quietly
+                    # late reply of a timed-out/cancelled call: dropped quietly (decoded
+                    # only so that RRefs in it are released again)
+                    if kind == K_OK:
+                        try:
+                            frame.body(rref.Hooks(self, conn.peer_name or "?"))
+                        except Exception:
+                            pass
+                    return
                 try:
                     value = frame.body(call.hooks)
                 except ProtocolError as exc:
@@ -512,8 +519,10 @@ class Worker:
                 await self._mb_waiter
                 self._mb_waiter = None
             n = 0
+            touched: set[Connection] = set()
             while mb and n < 256:
                 conn, frame = mb.popleft()
+                touched.add(conn)
                 n += 1
                 try:
                     self._start(conn, frame)
@@ -524,6 +533,8 @@ class Worker:
                     conn.abort(exc)
                 except Exception:
                     log.exception("worker %s: failed to start a request", self.name)
+            for c in touched:  # send the replies of inline calls now, not a tick later
+                c.flush()
             if self._paused and len(mb) <= self._mailbox_size // 2:
                 paused, self._paused = self._paused, set()
                 for c in paused:
