@@ -11,19 +11,25 @@ Workloads (the same shapes on both sides; driver and workers are separate proces
   its worker, every hop returning to the driver; loss = mean(out^2). it/s.
 
 Targets (ratio actorgrad / PyTorch): hop >= 5x, chain >= 3x, bw >= 1x. The PyTorch side
-(``benchmarks.torch_ref``) runs in the same invocation when torch is installed.
+(``benchmarks.torch_ref``) runs at the same time when torch is installed; the measuring
+windows of the two sides alternate (best of 3 each), because the machines are shared and
+noisy. ``BENCH_SECONDS`` (default 2): measuring time per metric and side;
+``BENCH_THREADS`` (default 1): math threads per process on both sides.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from benchmarks import _echo_baseline, torch_ref
-from benchmarks._report import Metric, render, timed
+from benchmarks._report import Metric, Window, interleave, render, timed
+from benchmarks.bench_rpc import torch_window
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2.0"))
 # math threads per process on both sides (torch.set_num_threads / BLAS env of the
@@ -95,60 +101,104 @@ async def _chain_step(x: Any) -> np.ndarray:
         return ag.dist.get_gradients(cid)[x]
 
 
-async def measure_actorgrad(seconds: float = SECONDS) -> dict[str, float]:
-    """``hop_it_s``, ``bw_mib_s`` (and ``bw_it_s``), ``chain_it_s`` of actorgrad."""
-    import actorgrad as ag
+class ActorgradDist:
+    """actorgrad's side: step functions against workers w1..w3 of a running cluster."""
 
-    out: dict[str, float] = {}
+    def __init__(self) -> None:
+        self._steps: dict[str, Callable[[], Awaitable[Any]]] = {}
+        self._hop_n = 0  # size of w1's hop weight right now
+        self._rng = np.random.default_rng(0)
+
+    async def _hop_weight(self, n: int) -> None:
+        import actorgrad as ag
+
+        if self._hop_n != n:
+            await ag.rpc("w1", setup_hop, (n,))
+            self._hop_n = n
+
+    async def _make(self, name: str) -> Callable[[], Awaitable[Any]]:
+        import actorgrad as ag
+
+        if name in ("hop_it_s", "bw_mib_s"):
+            n = torch_ref.HOP_N if name == "hop_it_s" else torch_ref.BW_N
+            x = ag.tensor(self._rng.random(n, dtype=np.float32), requires_grad=True)
+
+            async def hop() -> None:
+                await self._hop_weight(n)
+                await _hop_step(x)
+
+            await self._hop_weight(n)
+            g = await _hop_step(x)
+            np.testing.assert_allclose(g, np.full(n, 0.5, dtype=np.float32))
+            return hop
+        if name == "chain_it_s":
+            for i in range(torch_ref.CHAIN_STAGES):
+                await ag.rpc(f"w{i + 1}", setup_chain, (torch_ref.CHAIN_DIM, i))
+            shape = (torch_ref.CHAIN_BATCH, torch_ref.CHAIN_DIM)
+            xc = ag.tensor(self._rng.standard_normal(shape, dtype=np.float32), requires_grad=True)
+            return lambda: _chain_step(xc)
+        raise ValueError(f"unknown metric {name!r}")
+
+    async def window(self, name: str, seconds: float) -> float:
+        """Seconds per step of metric ``name`` over one window (warm-up on first use)."""
+        step = self._steps.get(name)
+        if step is None:
+            step = self._steps[name] = await self._make(name)
+            for _ in range(torch_ref.WARMUP[name]):
+                await step()
+        return await timed(step, warmup=0, seconds=seconds, windows=1)
+
+
+@contextlib.contextmanager
+def _math_threads(n: int) -> Iterator[None]:
+    """BLAS/OpenMP thread counts for processes started inside (the workers)."""
     saved = {k: os.environ.get(k) for k in _BLAS_ENV}
-    os.environ.update({k: str(THREADS) for k in _BLAS_ENV})  # inherited by the workers
+    os.environ.update({k: str(n) for k in _BLAS_ENV})
     try:
-        async with ag.local_cluster(torch_ref.CHAIN_STAGES, processes=True):
-            await _measure(out, seconds)
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return out
 
 
-async def _measure(out: dict[str, float], seconds: float) -> None:
+async def run(seconds: float = SECONDS) -> dict[str, dict[str, float] | None]:
+    """Metrics of both sides: {"actorgrad": ..., "torch": ... or None}."""
     import actorgrad as ag
 
-    await ag.rpc("w1", setup_hop, (torch_ref.HOP_N,))
-    rng = np.random.default_rng(0)
-    x = ag.tensor(rng.random(torch_ref.HOP_N, dtype=np.float32), requires_grad=True)
-    g = await _hop_step(x)
-    np.testing.assert_allclose(g, np.full(torch_ref.HOP_N, 0.5, dtype=np.float32))
-    per = await timed(lambda: _hop_step(x), warmup=20, seconds=seconds)
-    out["hop_it_s"] = 1 / per
-
-    await ag.rpc("w1", setup_hop, (torch_ref.BW_N,))
-    xb = ag.tensor(rng.random(torch_ref.BW_N, dtype=np.float32), requires_grad=True)
-    per = await timed(lambda: _hop_step(xb), warmup=2, seconds=seconds)
-    out["bw_it_s"] = 1 / per
-    out["bw_mib_s"] = torch_ref.BW_TRANSFERS * torch_ref.BW_N * 4 / per / MIB
-
-    for i in range(torch_ref.CHAIN_STAGES):
-        await ag.rpc(f"w{i + 1}", setup_chain, (torch_ref.CHAIN_DIM, i))
-    shape = (torch_ref.CHAIN_BATCH, torch_ref.CHAIN_DIM)
-    xc = ag.tensor(rng.standard_normal(shape, dtype=np.float32), requires_grad=True)
-    per = await timed(lambda: _chain_step(xc), warmup=5, seconds=seconds)
-    out["chain_it_s"] = 1 / per
+    async with contextlib.AsyncExitStack() as stack:
+        world = None
+        if torch_ref.available():
+            world = stack.enter_context(
+                torch_ref.TorchWorld(torch_ref.CHAIN_STAGES, threads=THREADS)
+            )
+        else:
+            print("(torch not installed: PyTorch column skipped)")
+        with _math_threads(THREADS):  # the worker processes inherit it
+            await stack.enter_async_context(
+                ag.local_cluster(torch_ref.CHAIN_STAGES, processes=True)
+            )
+        sides: dict[str, Window] = {"actorgrad": ActorgradDist().window}
+        if world is not None:
+            sides["torch"] = torch_window(world)
+        best = await interleave(sides, [m.key for m in METRICS], seconds)
+    out: dict[str, dict[str, float] | None] = {
+        side: {n: torch_ref.to_metric(n, per) for n, per in res.items()}
+        for side, res in best.items()
+    }
+    out.setdefault("torch", None)
+    return out
 
 
 def main() -> None:
     """Measure actorgrad and (when installed) PyTorch; print the table with ratios."""
     with asyncio.Runner(loop_factory=_echo_baseline.new_loop) as runner:
-        ours = runner.run(measure_actorgrad(SECONDS))
-    torch: dict[str, float] | None = None
-    if torch_ref.available():
-        torch = torch_ref.measure_dist(SECONDS, threads=THREADS)
-    else:
-        print("(torch not installed: PyTorch column skipped)")
-    print(render(METRICS, ours, [("torch", torch)], target_column="torch"), flush=True)
+        res = runner.run(run(SECONDS))
+    ours = res["actorgrad"]
+    assert ours is not None
+    print(render(METRICS, ours, [("torch", res["torch"])], target_column="torch"), flush=True)
 
 
 if __name__ == "__main__":
