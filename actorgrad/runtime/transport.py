@@ -358,6 +358,42 @@ class Connection(asyncio.Protocol):
         self._mark_closed(reason)
 
 
+class TcpConnection(Connection, asyncio.BufferedProtocol):
+    """A :class:`Connection` that lets the event loop read straight into its buffers:
+    into the preallocated buffer of a big frame being assembled (no intermediate copy),
+    else into a reused scratch buffer that is parsed like ``data_received`` input."""
+
+    SCRATCH = 256 * 1024
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._scratch = bytearray(self.SCRATCH)
+        self._scratch_mv = memoryview(self._scratch)
+        self._into_big = False
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        big = self._big
+        if big is not None and not self._handshaking:
+            self._into_big = True
+            return memoryview(big)[self._big_pos :]
+        self._into_big = False
+        return self._scratch_mv
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._into_big:
+            self._into_big = False
+            self.last_recv = time.monotonic()
+            big = self._big
+            if big is None:  # pragma: no cover - the loop calls get_buffer first
+                return
+            self._big_pos += nbytes
+            if self._big_pos >= len(big):
+                self._big = None
+                self._deliver(big)
+            return
+        self.data_received(self._scratch_mv[:nbytes])  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------------------------
 # Handshake
 # ---------------------------------------------------------------------------------------

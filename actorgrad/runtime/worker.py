@@ -298,7 +298,8 @@ class Worker:
 
     # ------------------------------------------------------------------ connections
     def _new_conn(self) -> Connection:
-        return Connection(kind=self.transport_kind, on_frame=self._on_frame, on_lost=self._on_lost)
+        cls = transport.TcpConnection if self.transport_kind == "tcp" else Connection
+        return cls(kind=self.transport_kind, on_frame=self._on_frame, on_lost=self._on_lost)
 
     def _accept(self) -> Connection:
         conn = self._new_conn()
