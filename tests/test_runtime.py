@@ -457,3 +457,33 @@ async def test_cancelled_inside_local_cluster_still_shuts_everything_down():
     assert c.driver.closed and all(w.closed for w in c.workers)
     with pytest.raises(RuntimeError):
         ag.worker_name()
+
+
+async def test_graceful_shutdown_lets_calls_in_flight_finish(cluster):
+    w2 = cluster.workers[1]
+    call = asyncio.ensure_future(ag.rpc("w2", nap, (0.3, "finished")))
+    await asyncio.sleep(0.05)
+    await w2.shutdown()
+    assert await asyncio.wait_for(call, 5) == "finished"
+    with pytest.raises((ag.WorkerLost, ValueError)):
+        await ag.rpc("w2", whoami)
+
+
+async def test_graceful_shutdown_is_bounded_in_time(cluster):
+    w2 = cluster.workers[1]
+    call = asyncio.ensure_future(ag.rpc("w2", nap, (30,)))
+    await asyncio.sleep(0.05)
+    t0 = time.perf_counter()
+    await w2.shutdown(timeout=0.2)
+    assert time.perf_counter() - t0 < 2
+    with pytest.raises(ag.WorkerLost):
+        await asyncio.wait_for(call, 5)
+
+
+async def test_wildcard_bind_with_token_advertises_a_reachable_address():
+    w = await ag.init("open", host="0.0.0.0", token="secret-token")
+    try:
+        assert not w.address.startswith("0.0.0.0")
+        assert await ag.rpc("open", add, (1, 2)) == 3
+    finally:
+        await ag.shutdown()

@@ -36,6 +36,7 @@ import inspect
 import itertools
 import logging
 import re
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -104,6 +105,16 @@ def set_interceptor(i: Any) -> None:
 
 def get_interceptor() -> Any:
     return _interceptor
+
+
+def _advertised_ip() -> str:
+    """The address others can reach a wildcard-bound listener at (best effort)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a route
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
 
 
 def natural_key(name: str) -> list:
@@ -247,6 +258,10 @@ class Worker:
             self._server = await self.loop.create_server(self._accept, self.host, self.port)
             sock = self._server.sockets[0]
             host, port = sock.getsockname()[:2]
+            if host in ("0.0.0.0", "::"):
+                host = _advertised_ip()
+            if ":" in host:
+                host = f"[{host}]"
             self.address = f"{host}:{port}"
         self._spawn(self._running(), name=f"actorgrad-dispatch-{self.name}")
         self._spawn(self._heartbeat(), name=f"actorgrad-heartbeat-{self.name}")
@@ -282,7 +297,8 @@ class Worker:
         if self.transport_kind == "tcp" and self.host in ("0.0.0.0", "::", ""):
             sock = conn.transport.get_extra_info("sockname") if conn.transport else None
             if sock:
-                self.address = f"{sock[0]}:{self.address.rpartition(':')[2]}"
+                ip = f"[{sock[0]}]" if ":" in sock[0] else sock[0]
+                self.address = f"{ip}:{self.address.rpartition(':')[2]}"
         try:
             wid, version, members = await self.call_on(
                 conn, "actorgrad.runtime.registry:_join", (self.name, self.address), timeout=timeout
