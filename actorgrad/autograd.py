@@ -438,7 +438,11 @@ class GraphTask:
                 or grad.dtype != t.data.dtype
             ):
                 self._given.add(id(grad))
-                grad = np.array(grad, dtype=t.data.dtype)
+                # empty_like: the copy gets the parameter's own memory layout, so the
+                # optimizer's elementwise updates stream instead of striding.
+                owned = np.empty_like(t.data)
+                owned[...] = grad
+                grad = owned
             self._given.add(id(grad))
             t.grad = grad
         else:

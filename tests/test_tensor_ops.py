@@ -115,7 +115,16 @@ CASES = [
     ("cross_entropy", lambda a: ag.nn.functional.cross_entropy(a, [0, 2, 1, 2]), [r(4, 3)]),
     ("mse_loss", lambda a, b: ag.nn.functional.mse_loss(a, b), [r(3, 2), r(3, 2)]),
     ("embedding", lambda w: ag.nn.functional.embedding([[0, 3], [3, 3]], w), [r(4, 2)]),
-    ("linear", lambda x, w, b: x @ w.T + b, [r(5, 3), r(2, 3), r(2)]),
+    ("linear_composed", lambda x, w, b: x @ w.T + b, [r(5, 3), r(2, 3), r(2)]),
+    ("linear", lambda x, w, b: ag.nn.functional.linear(x, w, b), [r(5, 3), r(2, 3), r(2)]),
+    ("linear_nobias", lambda x, w: ag.nn.functional.linear(x, w), [r(5, 3), r(2, 3)]),
+    ("linear_1d", lambda x, w, b: ag.nn.functional.linear(x, w, b), [r(3), r(2, 3), r(2)]),
+    ("linear_3d", lambda x, w, b: ag.nn.functional.linear(x, w, b), [r(2, 4, 3), r(2, 3), r(2)]),
+    (
+        "linear_bias_bcast",
+        lambda x, w, b: ag.nn.functional.linear(x, w, b),
+        [r(4, 3), r(2, 3), r(1)],
+    ),
     ("chain_mixed", lambda a, b: ((a @ b).tanh() * a.sum()).softmax(axis=0), [r(3, 3), r(3, 3)]),
     ("diamond", lambda a: (a.exp() + a.exp() * a).log(), [r(4)]),
 ]

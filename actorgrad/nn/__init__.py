@@ -145,8 +145,7 @@ class Linear(Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        y = x @ self.weight.T
-        return y if self.bias is None else y + self.bias
+        return functional.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_f={self.in_f}, out_f={self.out_f}, bias={self.bias is not None}"

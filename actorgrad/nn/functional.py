@@ -17,9 +17,59 @@ from typing import Any
 import numpy as np
 
 from actorgrad.autograd import Function
-from actorgrad.tensor import Tensor, _data, _unary
+from actorgrad.tensor import Tensor, _data, _fit, _nary, _unary
 
-__all__ = ["cross_entropy", "embedding", "mse_loss"]
+__all__ = ["cross_entropy", "embedding", "linear", "mse_loss"]
+
+
+class Linear(Function):
+    """Fused ``x @ weight.T + bias``: one node instead of three (transpose, matmul,
+    add), the bias added in place, and a weight gradient that comes out contiguous
+    in the weight's own (out_f, in_f) layout, so the optimizer streams over it."""
+
+    __slots__ = ()
+
+    def forward(self, xs: list[Any]) -> Any:
+        x, w = xs[0], xs[1]
+        b = xs[2] if len(xs) == 3 else None
+        self.saved = (x, w, None if b is None else (b.shape, b.dtype))
+        try:
+            out = np.matmul(x, w.T)
+        except ValueError:
+            raise ValueError(
+                f"linear: input of shape {np.shape(x)} does not fit weight of shape "
+                f"{np.shape(w)} (need input.shape[-1] == weight.shape[1])"
+            ) from None
+        if b is None:
+            return out
+        if type(out) is np.ndarray and np.result_type(out, b) == out.dtype:
+            out += b  # a fresh array: add the bias without another allocation
+            return out
+        return out + b
+
+    def backward(self, g: Any) -> tuple:
+        x, w, bmeta = self.saved
+        nx, nw = self.next[0], self.next[1]
+        # Fold leading dims so every product is one 2-d GEMM.
+        g2 = g.reshape(-1, w.shape[0])
+        x2 = x.reshape(-1, w.shape[1])
+        gx = _fit(g @ w, x.shape, x.dtype) if nx is not None else None
+        gw = _fit(g2.T @ x2, w.shape, w.dtype) if nw is not None else None
+        if bmeta is None:
+            return gx, gw
+        gb = _fit(g2.sum(axis=0), *bmeta) if self.next[2] is not None else None
+        return gx, gw, gb
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` with ``weight`` of shape (out_f, in_f), as one node.
+
+    Example::
+
+        >>> linear(ag.ones(4, 3), ag.ones(2, 3), ag.zeros(2)).shape
+        (4, 2)
+    """
+    return _nary(Linear, [x, weight] if bias is None else [x, weight, bias])
 
 
 class CrossEntropy(Function):
