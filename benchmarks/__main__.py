@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ["bench_local", "bench_rpc", "bench_dist"]
+MODULES = ["bench_local", "bench_wire", "bench_rpc", "bench_dist"]
 
 
 def main(argv: list[str]) -> int:
