@@ -249,10 +249,13 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     async def serve(stop: asyncio.Event) -> None:
         with _expected():
             await rt.serve_worker(args.join, args.name, token, stop=stop)
+        if not stop.is_set():
+            _say(f"worker {args.name}: the cluster's head went away")
 
     _say(f"worker {args.name} joining {args.join}")
-
-    return await _serve_until_signalled(serve, f"worker {args.name}")
+    code = await _serve_until_signalled(serve, f"worker {args.name}")
+    _say(f"worker {args.name} stopped")
+    return code
 
 
 def _exit_status(returncode: int) -> int:

@@ -452,3 +452,28 @@ def test_status_shows_the_live_contexts_of_each_worker(tmp_path: Path) -> None:
     contexts = {name: row[5] for name, row in rows.items()}
     assert contexts["w1"] == "1" and contexts["w2"] == "0", r.stdout
     assert contexts["driver"] == "1", r.stdout
+
+
+@needs_runtime
+def test_a_joined_worker_exits_when_its_cluster_stops(tmp_path: Path) -> None:
+    token_file = tmp_path / "t"
+    c = Running("cluster", "-n", "1", "--token-file", str(token_file))
+    w: Running | None = None
+    try:
+        address = c.expect("address:")
+        w = Running("worker", "--join", address, "--name", "late", "--token-file", str(token_file))
+        w.expect("worker late joining")
+        # wait until the head lists it, then stop the cluster under it
+        deadline = time.monotonic() + STARTUP
+        while time.monotonic() < deadline:
+            r = run_cli("status", "--address", address, "--token-file", str(token_file))
+            if "late" in r.stdout:
+                break
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.wait() == 0
+        w.expect("worker late: the cluster's head went away")
+        assert w.wait() == 0
+    finally:
+        c.stop()
+        if w is not None:
+            w.stop()
