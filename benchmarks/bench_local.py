@@ -8,6 +8,8 @@ workload in torch eager on CPU in the same process with the ratio.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -105,8 +107,10 @@ def torch_chain(torch) -> Callable[[], object]:  # type: ignore[no-untyped-def]
     return run
 
 
-def main() -> None:
-    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OMP_NUM_THREADS") if k in os.environ}
+def table(single_thread: bool) -> None:
+    """Time every workload in this process and print one table."""
+    env_keys = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+    env = {k: os.environ[k] for k in env_keys if k in os.environ}
     print(f"numpy {np.__version__}, cpus {os.cpu_count()}, env {env or '{}'}")
     try:
         import torch
@@ -114,6 +118,8 @@ def main() -> None:
         torch = None
         print("torch not importable: actorgrad numbers only")
     else:
+        if single_thread:
+            torch.set_num_threads(1)
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
 
     rows = [
@@ -127,17 +133,32 @@ def main() -> None:
     ]
     print(f"{'workload':<48} {'actorgrad':>12} {'torch':>12} {'ratio':>7}")
     for name, make_ag, make_torch, number in rows:
+        t_ag = timeit(make_ag(), number)
         if torch is not None:
-            t_ag = timeit(make_ag(), number)
             t_torch = timeit(make_torch(torch), number)
             print(
                 f"{name:<48} {t_ag * 1e3:>9.3f} ms {t_torch * 1e3:>9.3f} ms {t_ag / t_torch:>6.2f}x"
             )
         else:
-            t_ag = timeit(make_ag(), number)
             print(f"{name:<48} {t_ag * 1e3:>9.3f} ms {'-':>12} {'-':>7}")
     per_op = timeit(make_ag_ops(), 2000)
     print(f"{'per recorded op (a * b, 0-d, with grad)':<48} {per_op * 1e6:>9.2f} us")
+
+
+def main() -> None:
+    """Default threading in this process, then both libraries on one thread in a child
+    process (BLAS thread counts are fixed at import time). On a shared, loaded machine
+    the multi-threaded numbers swing by 10x as BLAS workers wait for each other; the
+    single-thread table is the steadier comparison of the engines themselves."""
+    print("-- default threads --")
+    table(single_thread=False)
+    print("-- one thread (OPENBLAS_NUM_THREADS=1, torch.set_num_threads(1)) --", flush=True)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_local", "--single-thread"], env=env, check=True
+    )
 
 
 def make_ag_ops() -> Callable[[], object]:
@@ -147,4 +168,7 @@ def make_ag_ops() -> Callable[[], object]:
 
 
 if __name__ == "__main__":
-    main()
+    if "--single-thread" in sys.argv[1:]:
+        table(single_thread=True)
+    else:
+        main()
