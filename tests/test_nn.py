@@ -107,18 +107,18 @@ def test_state_dict_round_trips_and_keeps_identity():
     assert np.any(m1[0].weight.data != 0)
 
 
-def test_state_dict_survives_msgpack():
-    msgpack = pytest.importorskip("msgpack")
-    m = nn.Linear(3, 2, seed=0)
-    packed = msgpack.packb(
-        {k: [v.dtype.str, list(v.shape), v.tobytes()] for k, v in m.state_dict().items()}
-    )
-    restored = {
-        k: np.frombuffer(b, dtype=d).reshape(s) for k, (d, s, b) in msgpack.unpackb(packed).items()
-    }
-    m2 = nn.Linear(3, 2, seed=1)
+def test_state_dict_survives_the_wire_codec():
+    from actorgrad.wire import decode_frame, encode_frame
+
+    m = nn.Sequential(nn.Linear(3, 4, seed=0), nn.Tanh(), nn.Linear(4, 2, seed=1))
+    sd = m.state_dict()
+    restored = decode_frame(bytearray(b"".join(encode_frame([0], sd)))).body()
+    assert set(restored) == set(sd)
+    m2 = nn.Sequential(nn.Linear(3, 4, seed=5), nn.Tanh(), nn.Linear(4, 2, seed=6))
     m2.load_state_dict(restored)
-    np.testing.assert_array_equal(m2.weight.data, m.weight.data)
+    for k, v in m2.state_dict().items():
+        np.testing.assert_array_equal(v, sd[k])
+        assert v.dtype == np.float32
 
 
 def test_load_state_dict_errors_name_the_problem():
