@@ -324,30 +324,45 @@ class Tensor:
         return _unary(Cast, self, np.dtype(dtype))
 
     def exp(self) -> Tensor:
+        """Elementwise ``e**x``."""
         return _unary(Exp, self)
 
     def log(self) -> Tensor:
+        """Elementwise natural logarithm."""
         return _unary(Log, self)
 
     def sqrt(self) -> Tensor:
+        """Elementwise square root."""
         return _unary(Sqrt, self)
 
     def abs(self) -> Tensor:
+        """Elementwise absolute value (gradient ``sign(x)``, 0 at 0)."""
         return _unary(Abs, self)
 
     def relu(self) -> Tensor:
+        """Elementwise ``max(x, 0)`` (gradient 0 at 0)."""
         return _unary(ReLU, self)
 
     def tanh(self) -> Tensor:
+        """Elementwise hyperbolic tangent."""
         return _unary(Tanh, self)
 
     def sigmoid(self) -> Tensor:
+        """Elementwise ``1 / (1 + e**-x)``, without overflow for large ``|x|``."""
         return _unary(Sigmoid, self)
 
     def softmax(self, axis: int = -1) -> Tensor:
+        """Softmax along ``axis``, shifted by the max: stable for logits of any size.
+
+        Example::
+
+            >>> ag.tensor([1e4, 0.0]).softmax().numpy()
+            array([1., 0.], dtype=float32)
+        """
         return _unary(Softmax, self, axis)
 
     def log_softmax(self, axis: int = -1) -> Tensor:
+        """``log(softmax(x))`` computed as ``x - max - log(sum(exp(x - max)))``."""
         return _unary(LogSoftmax, self, axis)
 
 
