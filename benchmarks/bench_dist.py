@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -149,6 +150,40 @@ class ActorgradDist:
         return await timed(step, warmup=0, seconds=seconds, windows=1)
 
 
+async def hop_phases(seconds: float = 0.5) -> dict[str, float]:
+    """Mean µs of each phase of the small hop (diagnostics for actorgrad's own code)."""
+    import actorgrad as ag
+
+    await ag.rpc("w1", setup_hop, (torch_ref.HOP_N,))
+    x = ag.tensor(np.ones(torch_ref.HOP_N, dtype=np.float32), requires_grad=True)
+    names = ["enter", "rpc", "loss", "backward", "get_gradients", "exit"]
+    total = np.zeros(len(names))
+    n = 0
+    clock = time.perf_counter
+    end = clock() + seconds
+    while clock() < end:
+        t = [clock()]
+        async with ag.dist.context() as cid:
+            t.append(clock())
+            y = await ag.rpc("w1", hop_mul, (x,))
+            t.append(clock())
+            loss = y.sum()
+            t.append(clock())
+            await ag.dist.backward(cid, [loss])
+            t.append(clock())
+            ag.dist.get_gradients(cid)
+            t.append(clock())
+        t.append(clock())
+        total += np.diff(t)
+        n += 1
+    out = dict(zip(names, (total / n * 1e6).tolist(), strict=True))
+    t0 = clock()
+    for _ in range(200):
+        await ag.rpc("w1", hop_mul, (x.detach(),))
+    out["plain rpc"] = (clock() - t0) / 200 * 1e6
+    return out
+
+
 @contextlib.contextmanager
 def _math_threads(n: int) -> Iterator[None]:
     """BLAS/OpenMP thread counts for processes started inside (the workers)."""
@@ -164,8 +199,11 @@ def _math_threads(n: int) -> Iterator[None]:
                 os.environ[k] = v
 
 
-async def run(seconds: float = SECONDS) -> dict[str, dict[str, float] | None]:
-    """Metrics of both sides: {"actorgrad": ..., "torch": ... or None}."""
+async def run(
+    seconds: float = SECONDS,
+) -> tuple[dict[str, dict[str, float] | None], dict[str, float]]:
+    """Metrics of both sides ({"actorgrad": ..., "torch": ... or None}) and actorgrad's
+    hop phases (µs)."""
     import actorgrad as ag
 
     async with contextlib.AsyncExitStack() as stack:
@@ -184,21 +222,23 @@ async def run(seconds: float = SECONDS) -> dict[str, dict[str, float] | None]:
         if world is not None:
             sides["torch"] = torch_window(world)
         best = await interleave(sides, [m.key for m in METRICS], seconds)
+        phases = await hop_phases()
     out: dict[str, dict[str, float] | None] = {
         side: {n: torch_ref.to_metric(n, per) for n, per in res.items()}
         for side, res in best.items()
     }
     out.setdefault("torch", None)
-    return out
+    return out, phases
 
 
 def main() -> None:
     """Measure actorgrad and (when installed) PyTorch; print the table with ratios."""
     with asyncio.Runner(loop_factory=_echo_baseline.new_loop) as runner:
-        res = runner.run(run(SECONDS))
+        res, phases = runner.run(run(SECONDS))
     ours = res["actorgrad"]
     assert ours is not None
-    print(render(METRICS, ours, [("torch", res["torch"])], target_column="torch"), flush=True)
+    print(render(METRICS, ours, [("torch", res["torch"])], target_column="torch"))
+    print("actorgrad hop phases, us:", ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
 
 
 if __name__ == "__main__":
