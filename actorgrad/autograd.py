@@ -333,8 +333,10 @@ class GraphTask:
             grads[node] = grad if prev is None else prev + grad
         self._grads = grads
         ready: list[Node] = []
+        queued: set[Node] = set()  # a set, not `in ready`: roots may be thousands of recvs
         for node, _ in roots:
-            if deps[node] == 0 and node not in self._sources and node not in ready:
+            if deps[node] == 0 and node not in self._sources and node not in queued:
+                queued.add(node)
                 ready.append(node)
         self._ready = ready
 

@@ -405,3 +405,22 @@ async def test_no_grad_is_per_asyncio_task_and_decorates_coroutines():
     go.set()
     assert await task is False
     assert outside is True
+
+
+def test_a_root_given_twice_runs_once_with_the_summed_grad():
+    x = ag.tensor([1.0], requires_grad=True)
+    y = counted(x)
+    task = GraphTask([(grad_node(y), np.array([1.0])), (grad_node(y), np.array([2.0]))])
+    task.run()
+    assert task.finished and len(y.grad_fn.calls) == 1
+    np.testing.assert_array_equal(x.grad, [3.0])
+
+
+def test_root_reachable_from_another_root_waits_for_it():
+    x = ag.tensor([1.0], requires_grad=True)
+    mid = counted(x)
+    out = mid * 4
+    task = GraphTask([(grad_node(mid), np.array([1.0])), (grad_node(out), np.array([1.0]))])
+    task.run()
+    assert len(mid.grad_fn.calls) == 1
+    np.testing.assert_array_equal(mid.grad_fn.calls[0], [5.0])
