@@ -320,8 +320,12 @@ class Tensor:
         return _unary(Transpose, self, None)
 
     def astype(self, dtype: Any) -> Tensor:
-        """Cast to ``dtype``; the gradient is cast back."""
-        return _unary(Cast, self, np.dtype(dtype))
+        """Cast to ``dtype``; the gradient is cast back. A non-float target gives a
+        tensor outside the graph (integers carry no gradient)."""
+        dt = np.dtype(dtype)
+        if dt.kind != "f":
+            return Tensor(self.data.astype(dt))
+        return _unary(Cast, self, dt)
 
     def exp(self) -> Tensor:
         """Elementwise ``e**x``."""

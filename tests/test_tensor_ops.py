@@ -231,3 +231,5 @@ def test_astype_casts_the_gradient_back():
     assert y.dtype == np.float64
     y.sum().backward()
     assert x.grad.dtype == np.float32
+    ints = x.astype("int64")
+    assert ints.dtype == np.int64 and not ints.requires_grad
