@@ -424,3 +424,26 @@ def test_root_reachable_from_another_root_waits_for_it():
     task.run()
     assert len(mid.grad_fn.calls) == 1
     np.testing.assert_array_equal(mid.grad_fn.calls[0], [5.0])
+
+
+def test_intermediate_arrays_are_freed_by_backward_while_the_graph_object_lives():
+    import weakref
+
+    x = ag.tensor(np.ones(1000), requires_grad=True)
+    loss = (x.exp() * 2.0).sum()
+    exp_node = loss.grad_fn.next[0].next[0]
+    assert type(exp_node).__name__ == "Exp"
+    buf = weakref.ref(exp_node.saved)  # exp(x): held only by the Exp and Mul nodes
+    loss.backward()
+    assert buf() is None
+    np.testing.assert_allclose(x.grad, 2 * np.e)
+
+
+def test_retain_graph_keeps_intermediate_arrays():
+    import weakref
+
+    x = ag.tensor(np.ones(10), requires_grad=True)
+    loss = (x.exp() * 2.0).sum()
+    buf = weakref.ref(loss.grad_fn.next[0].next[0].saved)
+    loss.backward(retain_graph=True)
+    assert buf() is not None
