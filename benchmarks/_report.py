@@ -46,19 +46,34 @@ Window = Callable[[str, float], Awaitable[float]]
 
 
 async def interleave(
-    sides: dict[str, Window], metrics: Sequence[str], seconds: float, *, rounds: int = 3
+    sides: dict[str, Window],
+    metrics: Sequence[str],
+    seconds: float,
+    *,
+    rounds: int = 3,
+    required: str = "actorgrad",
 ) -> dict[str, dict[str, float]]:
     """Best seconds per step of each side and metric, windows interleaved.
 
     Each metric gets ``rounds`` windows of ``seconds / rounds`` per side, alternating
     between the sides (a, b, a, b, ...), so a burst of load from the other users of a
-    shared machine hits both sides alike; the best window of each side is kept.
+    shared machine hits both sides alike; the best window of each side is kept. A
+    reference side that fails is reported and dropped (its column shows "-"); a failure
+    of the ``required`` side propagates.
     """
+    live = dict(sides)
     best: dict[str, dict[str, float]] = {side: {} for side in sides}
     for metric in metrics:
         for _ in range(rounds):
-            for side, window in sides.items():
-                per = await window(metric, seconds / rounds)
+            for side, window in list(live.items()):
+                try:
+                    per = await window(metric, seconds / rounds)
+                except Exception as exc:
+                    if side == required:
+                        raise
+                    print(f"({side} failed on {metric}, dropped: {type(exc).__name__}: {exc})")
+                    del live[side]
+                    continue
                 best[side][metric] = min(best[side].get(metric, float("inf")), per)
     return best
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks import _echo_baseline, torch_ref
 from benchmarks._report import Metric, Window, interleave, render, timed
-from benchmarks.bench_rpc import torch_window
+from benchmarks.bench_rpc import start_torch, torch_window
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2.0"))
 # math threads per process on both sides (torch.set_num_threads / BLAS env of the
@@ -207,13 +207,7 @@ async def run(
     import actorgrad as ag
 
     async with contextlib.AsyncExitStack() as stack:
-        world = None
-        if torch_ref.available():
-            world = stack.enter_context(
-                torch_ref.TorchWorld(torch_ref.CHAIN_STAGES, threads=THREADS)
-            )
-        else:
-            print("(torch not installed: PyTorch column skipped)")
+        world = start_torch(stack, torch_ref.CHAIN_STAGES, threads=THREADS)
         with _math_threads(THREADS):  # the worker processes inherit it
             await stack.enter_async_context(
                 ag.local_cluster(torch_ref.CHAIN_STAGES, processes=True)

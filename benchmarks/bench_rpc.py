@@ -81,6 +81,20 @@ class ActorgradRpc:
         return await timed(step, warmup=0, seconds=seconds, windows=1)
 
 
+def start_torch(
+    stack: contextlib.ExitStack | contextlib.AsyncExitStack, workers: int, *, threads: int
+) -> torch_ref.TorchWorld | None:
+    """A torch world entered on ``stack``, or None (said why) when torch is unusable."""
+    if not torch_ref.available():
+        print("(torch not installed: PyTorch column skipped)")
+        return None
+    try:
+        return stack.enter_context(torch_ref.TorchWorld(workers, threads=threads))
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"(torch reference did not start, column skipped: {exc})")
+        return None
+
+
 def torch_window(world: torch_ref.TorchWorld) -> Window:
     """An awaitable window of the torch world (its driver blocks: run it in a thread)."""
 
@@ -95,11 +109,7 @@ async def run(seconds: float = SECONDS) -> dict[str, dict[str, float] | None]:
     import actorgrad as ag
 
     with contextlib.ExitStack() as stack:
-        world = None
-        if torch_ref.available():
-            world = stack.enter_context(torch_ref.TorchWorld(1, threads=1))
-        else:
-            print("(torch not installed: PyTorch column skipped)")
+        world = start_torch(stack, 1, threads=1)
         async with _echo_baseline.EchoBaseline() as bare, ag.local_cluster(1, processes=True):
             sides: dict[str, Window] = {
                 "actorgrad": ActorgradRpc().window,
