@@ -74,8 +74,15 @@ class _GradMode:
 
     _value = True
 
-    def __init__(self) -> None:
-        self._tokens: list[contextvars.Token[bool]] = []
+    def __new__(cls, fn: Callable[..., Any] | None = None) -> Any:
+        self = super().__new__(cls)
+        self._tokens = []
+        if fn is not None:  # used bare, as `@no_grad` (without parentheses)
+            return self(fn)
+        return self
+
+    def __init__(self, fn: Callable[..., Any] | None = None) -> None:
+        self._tokens: list[contextvars.Token[bool]]
 
     def __enter__(self) -> None:
         self._tokens.append(_GRAD_ENABLED.set(self._value))
@@ -113,7 +120,7 @@ class no_grad(_GradMode):
 
         >>> with ag.no_grad():
         ...     y = w * 2          # y.requires_grad is False
-        >>> @ag.no_grad()
+        >>> @ag.no_grad()                 # or bare: @ag.no_grad
         ... def evaluate(model, x): return model(x)
     """
 

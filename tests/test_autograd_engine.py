@@ -366,6 +366,16 @@ def test_no_grad_context_and_decorator():
     assert not f(x).requires_grad
     assert (x * 3).requires_grad
 
+    @ag.no_grad
+    def g(t):
+        return t * 3
+
+    assert not g(x).requires_grad and g.__name__ == "g"
+    with ag.no_grad():
+        with ag.autograd.enable_grad():
+            assert (x * 3).requires_grad
+        assert not (x * 3).requires_grad
+
 
 def test_no_grad_is_per_thread():
     x = ag.tensor([1.0], requires_grad=True)
