@@ -85,32 +85,32 @@ def read_token_file(path: Path) -> str:
     return token
 
 
-def cluster_token(token_file: str | None) -> tuple[str, str]:
-    """The token of a new cluster and a description of where it is kept.
+def cluster_token(token_file: str | None) -> tuple[str, str, Path | None]:
+    """The token of a new cluster, where it comes from, and the file holding it.
 
     With ``token_file``: read it if it exists, else generate a token and create the file
-    (0600). Without: ``ACTORGRAD_TOKEN`` if set, else generate one and write it to a 0600
-    file in a fresh private (0700) temporary directory.
+    (0600). Without: ``ACTORGRAD_TOKEN`` if set (no file), else generate one and write it
+    to a 0600 file in a fresh private (0700) temporary directory.
     """
     if token_file:
         path = Path(token_file)
         if path.exists():
-            return read_token_file(path), f"read from {path}"
+            return read_token_file(path), f"read from {path}", path
         token = new_token()
         try:
             write_token_file(path, token)
         except FileExistsError:  # created concurrently: use theirs
-            return read_token_file(path), f"read from {path}"
+            return read_token_file(path), f"read from {path}", path
         except OSError as exc:
             raise CliError(f"cannot create token file {path}: {exc.strerror or exc}") from None
-        return token, f"written to {path} (mode 0600)"
+        return token, f"written to {path} (mode 0600)", path
     env = os.environ.get(ENV_TOKEN)
     if env:
-        return env, f"from ${ENV_TOKEN}"
+        return env, f"from ${ENV_TOKEN}", None
     token = new_token()
     path = Path(tempfile.mkdtemp(prefix="actorgrad-")) / "token"
     write_token_file(path, token)
-    return token, f"written to {path} (mode 0600)"
+    return token, f"written to {path} (mode 0600)", path
 
 
 def client_token(token_file: str | None) -> str:
@@ -216,7 +216,7 @@ def _runtime() -> Any:
 async def cmd_cluster(args: argparse.Namespace) -> int:
     """``actorgrad cluster``: the head and N workers in the foreground."""
     rt = _runtime()
-    token, where = cluster_token(args.token_file)
+    token, where, path = cluster_token(args.token_file)
     n = args.n
 
     def on_ready(address: str) -> None:
@@ -225,9 +225,9 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
         _say(f"address: {address}")
         _say(f"token: {where}")
         _say(f"  export {ENV_ADDRESS}={address}")
-        if args.token_file or where.startswith("written to"):
-            path = args.token_file or where.split()[2]
+        if path is not None:
             _say(f"  export {ENV_TOKEN}=$(cat {path})")
+            _say(f"  more workers: {PROG} worker --join {address} --name NAME --token-file {path}")
         _say("Ctrl-C to stop")
 
     async def serve(stop: asyncio.Event) -> None:

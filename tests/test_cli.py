@@ -209,8 +209,8 @@ def test_run_of_a_missing_script_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_a_new_token_file_is_created_with_mode_0600(tmp_path: Path) -> None:
     path = tmp_path / "tok"
-    token, where = cli.cluster_token(str(path))
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    token, where, held = cli.cluster_token(str(path))
+    assert held == path and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text().strip() == token and str(path) in where
     assert cli.cluster_token(str(path))[0] == token  # an existing file is read
 
@@ -219,9 +219,8 @@ def test_without_token_file_the_token_is_not_printed_but_stored_privately(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("ACTORGRAD_TOKEN", raising=False)
-    token, where = cli.cluster_token(None)
-    path = Path(where.split()[2])
-    assert token not in where
+    token, where, path = cli.cluster_token(None)
+    assert path is not None and str(path) in where and token not in where
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     path.unlink()
