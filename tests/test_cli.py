@@ -476,3 +476,85 @@ def test_a_joined_worker_exits_when_its_cluster_stops(tmp_path: Path) -> None:
         c.stop()
         if w is not None:
             w.stop()
+
+
+TTY_SCRIPT = """
+import asyncio, signal, sys
+import actorgrad as ag
+
+async def main():
+    await ag.init("driver")
+    loop = asyncio.get_running_loop()
+    got = asyncio.Event()
+    count = 0
+
+    def on_sigint():
+        nonlocal count
+        count += 1
+        got.set()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    print("ready", flush=True)
+    await got.wait()
+    for _ in range(20):  # time for a duplicate SIGINT to arrive, if one was sent
+        await ag.rpc("w1", "operator:add", (1, 2))
+    print("sigints", count, flush=True)
+    await ag.shutdown()
+    return 10 + count
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
+"""
+
+
+def _make_controlling_tty() -> None:
+    import fcntl
+    import termios
+
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@needs_runtime
+def test_ctrl_c_on_a_terminal_reaches_the_script_of_run_once(tmp_path: Path) -> None:
+    import pty
+
+    script = tmp_path / "tty.py"
+    script.write_text(TTY_SCRIPT)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*CLI, "run", "-n", "1", str(script)],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd=ROOT,
+        env=_env(),
+        start_new_session=True,
+        preexec_fn=_make_controlling_tty,
+    )
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"no {marker!r} within {timeout} s; saw {seen!r}")
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the other side closed
+                raise AssertionError(f"closed before {marker!r}; saw {seen!r}") from None
+            seen += chunk
+
+    try:
+        read_until(b"ready", STARTUP)
+        os.write(master, b"\x03")  # Ctrl-C: the terminal signals the foreground group
+        read_until(b"sigints", 20)
+        assert proc.wait(20) == 11, seen
+        assert b"sigints 1" in seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
