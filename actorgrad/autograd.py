@@ -432,6 +432,11 @@ class GraphTask:
                 f"gradient of shape {grad.shape} reached a leaf of shape {t.data.shape}"
             )
         if self.leaf_sink is not None:
+            if grad is not None:
+                # Never hand one array to two leaves (a + b gives both the same one).
+                if id(grad) in self._given:
+                    grad = grad.copy()
+                self._given.add(id(grad))
             self.leaf_sink(t, grad)
             return
         if grad is None:

@@ -457,3 +457,13 @@ def test_retain_graph_keeps_intermediate_arrays():
     buf = weakref.ref(loss.grad_fn.next[0].next[0].saved)
     loss.backward(retain_graph=True)
     assert buf() is not None
+
+
+def test_leaf_sink_never_gets_one_array_for_two_leaves():
+    a = ag.tensor([1.0, 2.0], requires_grad=True)
+    b = ag.tensor([1.0, 2.0], requires_grad=True)
+    got = {}
+    out = a + b
+    GraphTask([(grad_node(out), np.ones(2, np.float32))], leaf_sink=got.__setitem__).run()
+    assert got[a] is not got[b]
+    np.testing.assert_array_equal(got[b], [1.0, 1.0])
