@@ -33,7 +33,7 @@ def test_mlp_learns_two_spirals():
     )
     opt = ag.optim.Adam(model.parameters(), lr=0.02)
     xb = ag.tensor(x)
-    for _ in range(600):
+    for _ in range(400):
         loss = F.cross_entropy(model(xb), y)
         opt.zero_grad()
         loss.backward()
