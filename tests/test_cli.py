@@ -2,7 +2,7 @@
 
 One cluster (``cluster -n 2 --token-file F``) is shared by the read-only tests; the
 signal tests start their own. Output is read line by line with a deadline; process
-exits are awaited with pidfds (no sleeps).
+exits are awaited with pidfds (no sleeps); Ctrl-C on a terminal is typed into a pty.
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ class Running:
         self._reader.join(5)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0):
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
     """Run a CLI command to completion; returns the CompletedProcess."""
     return subprocess.run(
         [*CLI, *args],
