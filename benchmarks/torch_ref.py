@@ -1,23 +1,30 @@
 """PyTorch reference numbers: ``torch.distributed.rpc`` + ``torch.distributed.autograd``.
 
 The same shapes as ``bench_rpc`` and ``bench_dist`` measure with actorgrad, run with the
-TensorPipe backend between real processes on 127.0.0.1: a driver (rank 0, named
-``driver``) and workers ``w1``..``wN``, each a process spawned here. The calling process
-never initializes torch RPC itself; it only starts the world, waits for the driver's
-result with a deadline, and always stops every process it started.
+TensorPipe backend (its defaults; ``TORCH_REF_TRANSPORTS`` / ``TORCH_REF_CHANNELS``
+override, e.g. ``uv`` / ``basic`` for plain TCP) between real processes on 127.0.0.1:
+a driver (rank 0, named ``driver``) and workers ``w1``..``wN``, each a process spawned
+here, each with ``torch.set_num_threads(threads)`` (default 1). The calling process
+never initializes torch RPC itself: ``TorchWorld`` starts the world and commands the
+driver over a pipe, one measuring window at a time (every answer awaited with a
+deadline), and always stops every process it started.
 
 torch is optional: every torch import is inside a function, so this module imports
 without it (``available()`` says whether the measurements can run).
 
-Public functions, each returning a dict of numbers:
+Metrics (names shared with the actorgrad side; ``to_metric`` converts seconds per step):
 
-- ``measure_rpc()``: ``rtt_us`` (sequential ``rpc_sync`` of a function returning its
-  argument, µs/call), ``pipelined_calls_s`` (64 ``rpc_async`` in flight, calls/s),
-  ``echo_mib_s`` (16 MiB float32 echo, MiB/s counting both directions).
-- ``measure_dist()``: ``hop_it_s``, ``bw_mib_s`` (and ``bw_it_s``), ``chain_it_s``; see
-  the shape helpers below for the exact workloads.
+- ``rtt_us``: sequential ``rpc_sync`` of a function returning its small argument, µs/call;
+- ``pipelined_calls_s``: batches of 64 ``rpc_async`` in flight, calls/s;
+- ``echo_mib_s``: a 16 MiB float32 tensor echoed, MiB/s counting both directions;
+- ``hop_it_s``: x (16 float32) -> w1 returns x * w (w on w1 requires grad), loss = sum,
+  ``dist_autograd.backward``, ``get_gradients``; it/s;
+- ``bw_mib_s``: the hop with 4M float32, MiB/s of x, y, dL/dy and dL/dx moved (4 x 16 MiB);
+- ``chain_it_s``: x (64x256) through tanh(x @ W) on w1, w2, w3 (W 256x256 on each, every
+  hop back to the driver), loss = mean(out^2); it/s.
 
-Run ``python -m benchmarks.torch_ref`` to print both.
+``measure_rpc()`` / ``measure_dist()`` return dicts of these (best of 3 windows); run
+``python -m benchmarks.torch_ref`` to print both.
 """
 
 from __future__ import annotations
