@@ -347,6 +347,13 @@ class GraphTask:
                 ready.append(node)
         self._ready = ready
 
+    def __repr__(self) -> str:
+        waiting = len(self._sources - self._delivered)
+        return (
+            f"<GraphTask ran {self._ran}/{self._total} nodes, {len(self._ready)} ready, "
+            f"{waiting} sources undelivered, retain_graph={self.retain_graph}>"
+        )
+
     @property
     def finished(self) -> bool:
         """Every node of the task ran (so every source was delivered)."""

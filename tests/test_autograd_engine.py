@@ -175,6 +175,7 @@ def test_source_only_task():
     task = GraphTask([], sources=[src])
     task.run()
     assert not task.finished
+    assert "ran 0/2 nodes" in repr(task) and "1 sources undelivered" in repr(task)
     task.deliver(src, np.array([5.0]))
     task.run()
     assert task.finished and x.grad[0] == 5.0
