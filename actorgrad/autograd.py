@@ -1,7 +1,7 @@
 """The local autograd engine: graph nodes, leaf accumulation, and one backward pass.
 
 NOTE: this module is the lowest autograd layer. It imports only the standard library
-(no asyncio, no sockets, no actorgrad module other than what is below it) and must stay
+and numpy (no asyncio, no sockets, no other actorgrad module) and must stay
 that way: the distributed engine runs the same ``GraphTask`` from inside its actors.
 
 Contract (docs/design.md section 1):
