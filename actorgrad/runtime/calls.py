@@ -36,6 +36,8 @@ def fn_spec(fn: Any) -> str | list:
         if not sep or not m or not q:
             raise ValueError(f"function name {fn!r} must look like 'module:qualname'")
         return fn
+    if type(fn) is list and len(fn) == 2 and all(isinstance(x, str) for x in fn):
+        return fn  # already a wire name (a __main__ function)
     try:
         cached = _spec_cache.get(fn)
     except TypeError:  # unhashable callable

@@ -77,7 +77,7 @@ class Registry:
         snap = self.snapshot()
         self.worker._apply_members(*snap)
         chunks = wire.encode_frame(
-            [K_REQ, 0, "actorgrad.runtime.registry:_update", MODE_RPC, None], (snap, None)
+            [K_REQ, 0, "actorgrad.runtime.registry:_update", MODE_RPC, None], [list(snap), None]
         )
         data = b"".join(bytes(c) for c in chunks)
         for c in list(self.conns):

@@ -172,6 +172,9 @@ class Connection(asyncio.Protocol):
         except ProtocolError as exc:
             log.warning("closing %r: %s", self, exc)
             self.abort(exc)
+            return
+        if self._wbuf:  # replies produced while handling this input: one write
+            self.flush()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport

@@ -9,6 +9,11 @@ Execution model (how a CPU-heavy user function cannot starve a worker):
 * Replies never go through the mailbox: they resolve the caller's future directly from
   the connection's ``data_received``, so a full mailbox can never block a reply
   (no deadlock on re-entrant calls: A -> B -> A is just two independent requests).
+* At most ``MAX_IN_FLIGHT`` calls run at once per worker; further requests wait in
+  the mailbox (so a flood of calls ends up as TCP backpressure, not unbounded tasks).
+  Only more than that many *simultaneously blocked re-entrant* calls into one worker
+  could deadlock. When the actor is idle and nothing waits, a request is started
+  straight from the connection's read callback (same order, one loop iteration less).
 * The dispatcher task (the actor's "running" phase) starts each request:
   - ``async def`` functions run as tasks on the loop;
   - plain functions run in a thread pool (in a copy of the call's contextvars) until
@@ -65,6 +70,7 @@ MODE_RPC, MODE_REMOTE, MODE_RREF_RPC, MODE_RREF_REMOTE = range(4)
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 3.0
 MAILBOX_SIZE = 1024
+MAX_IN_FLIGHT = 10_000
 FAST_CALL = 0.001
 INLINE_AFTER = 3
 SHUTDOWN_TIMEOUT = 10.0
@@ -122,6 +128,9 @@ def natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, tuple, dict})
+
+
 class _FnStats:
     __slots__ = ("fast", "is_async")
 
@@ -149,6 +158,7 @@ class Worker:
         host: str = "127.0.0.1",
         port: int = 0,
         mailbox_size: int = MAILBOX_SIZE,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"worker name must be a non-empty string, not {name!r}")
@@ -174,6 +184,7 @@ class Worker:
         self._connecting: dict[str, asyncio.Task[Connection]] = {}
         self._mailbox: collections.deque[tuple[Connection, Any]] = collections.deque()
         self._mailbox_size = mailbox_size
+        self._max_in_flight = max_in_flight
         self._mb_waiter: asyncio.Future[None] | None = None
         self._paused: set[Connection] = set()
         self._inflight = 0
@@ -263,6 +274,8 @@ class Worker:
             if ":" in host:
                 host = f"[{host}]"
             self.address = f"{host}:{port}"
+        self._dctx = contextvars.copy_context()  # the actor's context: _current = self
+        self._dctx.run(_current.set, self)
         self._spawn(self._running(), name=f"actorgrad-dispatch-{self.name}")
         self._spawn(self._heartbeat(), name=f"actorgrad-heartbeat-{self.name}")
 
@@ -432,9 +445,9 @@ class Worker:
                 why = f": {exc}" if exc else ""
                 err = WorkerLost(f"connection to worker {name!r} lost{why}")
             pending, conn.pending = conn.pending, {}
-            for call in pending.values():
-                if not call.fut.done():
-                    call.fut.set_exception(err)
+            for fut, _hooks in pending.values():
+                if not fut.done():
+                    fut.set_exception(err)
         if conn is self.registry_conn:
             self.registry_lost.set()
         if self.registry is not None:
@@ -463,6 +476,18 @@ class Worker:
                 if conn.peer_name is None:
                     raise ProtocolError("request before hello")
                 mb = self._mailbox
+                w = self._mb_waiter
+                if (
+                    not mb
+                    and w is not None
+                    and not w.done()
+                    and self._inflight < self._max_in_flight
+                ):
+                    # the actor is idle and nothing is queued: start the request right
+                    # here (same order, one loop iteration less); its reply is flushed
+                    # when this read has been processed
+                    self._dctx.run(self._start_guarded, conn, frame)
+                    return
                 mb.append((conn, frame))
                 if len(mb) >= self._mailbox_size:
                     conn.pause_reading()
@@ -474,7 +499,7 @@ class Worker:
                 if len(header) != 2 or type(header[1]) is not int:
                     raise ProtocolError(f"malformed reply header {header!r}")
                 call = conn.pending.pop(header[1], None)
-                if call is None or call.fut.done():
+                if call is None or call[0].done():
                     # late reply of a timed-out/cancelled call: dropped quietly (decoded
                     # only so that RRefs in it are released again)
                     if kind == K_OK:
@@ -483,17 +508,18 @@ class Worker:
                         except Exception:
                             pass
                     return
+                fut, hooks = call
                 try:
-                    value = frame.body(call.hooks)
+                    value = frame.body(hooks)
                 except ProtocolError as exc:
-                    call.fut.set_exception(exc)
+                    fut.set_exception(exc)
                     return
                 if kind == K_OK:
-                    call.fut.set_result(value)
+                    fut.set_result(value)
                 elif isinstance(value, BaseException):
-                    call.fut.set_exception(value)
+                    fut.set_exception(value)
                 else:
-                    call.fut.set_exception(ProtocolError(f"malformed error reply {value!r}"))
+                    fut.set_exception(ProtocolError(f"malformed error reply {value!r}"))
             elif kind == K_PING:
                 pass
             elif kind == K_HELLO:
@@ -531,25 +557,17 @@ class Worker:
         _current.set(self)
         mb = self._mailbox
         while True:
-            if not mb:
+            while not mb or self._inflight >= self._max_in_flight:
                 self._mb_waiter = self.loop.create_future()
                 await self._mb_waiter
                 self._mb_waiter = None
             n = 0
             touched: set[Connection] = set()
-            while mb and n < 256:
+            while mb and n < 256 and self._inflight < self._max_in_flight:
                 conn, frame = mb.popleft()
                 touched.add(conn)
                 n += 1
-                try:
-                    self._start(conn, frame)
-                except (ProtocolError, ValueError, TypeError) as exc:
-                    log.warning(
-                        "worker %s: closing %r: malformed request: %s", self.name, conn, exc
-                    )
-                    conn.abort(exc)
-                except Exception:
-                    log.exception("worker %s: failed to start a request", self.name)
+                self._start_guarded(conn, frame)
             for c in touched:  # send the replies of inline calls now, not a tick later
                 c.flush()
             if self._paused and len(mb) <= self._mailbox_size // 2:
@@ -558,6 +576,15 @@ class Worker:
                     c.resume_reading()
             if mb:
                 await asyncio.sleep(0)
+
+    def _start_guarded(self, conn: Connection, frame: Any) -> None:
+        try:
+            self._start(conn, frame)
+        except (ProtocolError, ValueError, TypeError) as exc:
+            log.warning("worker %s: closing %r: malformed request: %s", self.name, conn, exc)
+            conn.abort(exc)
+        except Exception:
+            log.exception("worker %s: failed to start a request", self.name)
 
     def _hooks(self, peer: str, meta: Any) -> rref.Hooks:
         ic = _interceptor
@@ -604,9 +631,9 @@ class Worker:
         stats = self._stats.get(key)
         if stats is None:
             stats = self._stats[key] = _FnStats(inspect.iscoroutinefunction(fn))
+        # the dispatcher's context already has _current = self; the copy isolates the
+        # call's contextvars (the connection is set inside it)
         ctx = contextvars.copy_context()
-        ctx.run(_current.set, self)
-        ctx.run(_current_conn.set, conn)
         self._inflight += 1
         self._idle.clear()
         if stats.is_async or stats.fast < INLINE_AFTER:
@@ -617,7 +644,7 @@ class Worker:
         # proven fast: run inline on the loop
         t0 = time.perf_counter()
         try:
-            result = ctx.run(self._invoke, fn, args, kwargs, meta)
+            result = ctx.run(self._invoke, fn, args, kwargs, meta, conn)
         except Exception as exc:
             self._done()
             self._reply_exc(conn, cid, exc, hooks)
@@ -625,13 +652,15 @@ class Worker:
         finally:
             if time.perf_counter() - t0 > FAST_CALL:
                 stats.fast = 0
-        if inspect.isawaitable(result):
+        if type(result) not in _PLAIN and inspect.isawaitable(result):
             self._spawn(self._finish_awaitable(conn, cid, mode, result, hooks), context=ctx)
             return
         self._done()
         self._reply(conn, cid, mode, result, hooks)
 
-    def _invoke(self, fn: Any, args: Any, kwargs: Any, meta: Any) -> Any:
+    def _invoke(self, fn: Any, args: Any, kwargs: Any, meta: Any, conn: Any = None) -> Any:
+        if conn is not None:
+            _current_conn.set(conn)
         ic = _interceptor
         if meta is not None and ic is not None:
             with ic.enter(self, meta):
@@ -644,6 +673,7 @@ class Worker:
         return r, time.perf_counter() - t0
 
     async def _run_task(self, conn, cid, mode, fn, args, kwargs, meta, hooks, stats) -> None:
+        _current_conn.set(conn)
         try:
             if stats.is_async:
                 ic = _interceptor
@@ -680,6 +710,10 @@ class Worker:
         self._inflight -= 1
         if self._inflight == 0:
             self._idle.set()
+        if self._mailbox:  # a slot is free: let the dispatcher start what waits
+            w = self._mb_waiter
+            if w is not None and not w.done():
+                w.set_result(None)
 
     # ------------------------------------------------------------------ replies
     def _encode_reply(self, cid: int, mode: int, result: Any, hooks: rref.Hooks) -> list:
@@ -745,43 +779,34 @@ class Worker:
         *,
         timeout: float | None = None,  # noqa: ASYNC109 (timeout is API)
         mode: int = MODE_RPC,
+        _conn: Connection | None = None,
     ) -> Any:
         """Call ``fn(*args, **kwargs)`` on worker ``dest`` and return the result
         (``mode`` MODE_REMOTE: an RRef to it). ``fn`` may be a callable, a
-        "module:qualname" string, or ``[rref_id, method]`` for the RRef modes."""
-        target = fn if mode >= MODE_RREF_RPC else calls.fn_spec(fn)
-        if not isinstance(dest, str):
-            raise TypeError(f"worker name must be a str, not {type(dest).__name__}")
-        if not isinstance(args, (tuple, list)):
+        "module:qualname" string, or ``[rref_id, method]`` for the RRef modes.
+
+        Raises RemoteError (the function raised), RpcTimeout, WorkerLost (the peer died,
+        left or the connection broke), TypeError (``fn`` or an argument cannot travel),
+        ValueError (unknown worker)."""
+        target = fn if mode >= MODE_RREF_RPC or type(fn) is str else calls.fn_spec(fn)
+        if type(args) is not tuple and not isinstance(args, (tuple, list)):
             raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
-        conn = self._out.get(dest)
-        if conn is None or conn.closed:
-            conn = await self._conn_to(dest)
-        return await self.call_on(conn, target, args, kwargs, timeout=timeout, mode=mode, dest=dest)
-
-    async def call_on(
-        self,
-        conn: Connection,
-        target: Any,
-        args: Any = (),
-        kwargs: dict | None = None,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 (timeout is API)
-        mode: int = MODE_RPC,
-        dest: str | None = None,
-    ) -> Any:
-        dest = dest or conn.peer_name or "?"
-        if mode < MODE_RREF_RPC and not isinstance(target, (str, list)):
-            target = calls.fn_spec(target)
+        conn = _conn
+        if conn is None:
+            if type(dest) is not str:
+                raise TypeError(f"worker name must be a str, not {type(dest).__name__}")
+            conn = self._out.get(dest)
+            if conn is None or conn.closed:
+                conn = await self._conn_to(dest)
         ic = _interceptor
         meta = ic.outgoing(self, dest) if ic is not None else None
         hooks = self._hooks(dest, meta)
         cid = next(conn._call_ids)
         try:
             chunks = wire.encode_frame(
-                [K_REQ, cid, target, mode, meta], (tuple(args), kwargs or None), hooks
+                [K_REQ, cid, target, mode, meta], [list(args), kwargs or None], hooks
             )
         except BaseException:
             hooks.undo()
@@ -789,12 +814,15 @@ class Worker:
         if hooks.forks:
             await rref.register_forks(self, hooks)
         fut = self.loop.create_future()
-        conn.pending[cid] = _Pending(fut, hooks)
+        pending = conn.pending
+        pending[cid] = (fut, hooks)
         try:
             if conn.closed:
                 raise WorkerLost(f"connection to worker {dest!r} is closed")
-            await conn.send(chunks)
+            conn.send_nowait(chunks)
             del chunks
+            if conn._write_paused:
+                await conn.drain()
             if timeout is None:
                 return await fut
             try:
@@ -807,7 +835,21 @@ class Worker:
                     f"call of {calls.describe(target)} on worker {dest!r} timed out after {timeout} s"
                 ) from None
         finally:
-            conn.pending.pop(cid, None)
+            pending.pop(cid, None)
+
+    async def call_on(
+        self,
+        conn: Connection,
+        target: Any,
+        args: Any = (),
+        kwargs: dict | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (timeout is API)
+        mode: int = MODE_RPC,
+    ) -> Any:
+        """Like :meth:`call`, on a given connection (e.g. to a registry before joining)."""
+        dest = conn.peer_name or "?"
+        return await self.call(dest, target, args, kwargs, timeout=timeout, mode=mode, _conn=conn)
 
     def notify(self, dest: str, fn: str, args: tuple = ()) -> None:
         """A one-way call (no reply), best effort; usable from any loop callback."""
@@ -817,7 +859,7 @@ class Worker:
         if conn is not None and not conn.closed:
             try:
                 conn.send_nowait(
-                    wire.encode_frame([K_REQ, 0, fn, MODE_RPC, None], (args, None), None)
+                    wire.encode_frame([K_REQ, 0, fn, MODE_RPC, None], [list(args), None], None)
                 )
             except ActorgradError:
                 pass
@@ -827,7 +869,9 @@ class Worker:
     async def _notify_async(self, dest: str, fn: str, args: tuple) -> None:
         try:
             conn = await self._conn_to(dest)
-            conn.send_nowait(wire.encode_frame([K_REQ, 0, fn, MODE_RPC, None], (args, None), None))
+            conn.send_nowait(
+                wire.encode_frame([K_REQ, 0, fn, MODE_RPC, None], [list(args), None], None)
+            )
         except (ActorgradError, ValueError) as exc:
             log.debug("one-way %s to %s dropped: %s", fn, dest, exc)
 
@@ -888,7 +932,7 @@ class Worker:
                 self.registry_conn.send_nowait(
                     wire.encode_frame(
                         [K_REQ, 0, "actorgrad.runtime.registry:_leave", MODE_RPC, None],
-                        ((self.name,), None),
+                        [[self.name], None],
                     )
                 )
             except ActorgradError:
@@ -922,11 +966,3 @@ class Worker:
         self.closed = True
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _Pending:
-    __slots__ = ("fut", "hooks")
-
-    def __init__(self, fut: asyncio.Future[Any], hooks: Any) -> None:
-        self.fut = fut
-        self.hooks = hooks
