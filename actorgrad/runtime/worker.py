@@ -29,6 +29,22 @@ Execution model (how a CPU-heavy user function cannot starve a worker):
 
 Phases: setup (:meth:`Worker.start`: listener, pool, dispatcher, heartbeat), running
 (the dispatcher), teardown (:meth:`Worker.shutdown`, one path, idempotent).
+
+Messages (frame headers; bodies are codec values):
+
+* ``[K_REQ, call_id, target, mode, meta]`` body ``[args, kwargs]`` — ``call_id`` 0 is a
+  one-way call; ``target`` is ``"module:qualname"``, ``["__main__:qualname", path]`` or
+  ``[rref_id, method]`` (RRef modes); ``meta`` is the interceptor's.
+* ``[K_OK, call_id]`` body: the result; ``[K_ERR, call_id]`` body: a RemoteError.
+* ``[K_PING]``, ``[K_HELLO, name, id, address]`` (first frame each way after the
+  handshake), ``[K_BYE]`` (graceful close).
+
+Outgoing calls use the connections this worker opened (one per peer, lazily);
+requests arriving on incoming connections are answered on them.
+
+Contracts for higher layers (docs/design.md section 3): :func:`current_worker`,
+:func:`set_interceptor`, ``Worker.name/id/ext``, :meth:`Worker.add_peer_lost_callback`,
+:meth:`Worker.add_status_provider`, :meth:`Worker.call`.
 """
 
 from __future__ import annotations
