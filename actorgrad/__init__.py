@@ -14,6 +14,10 @@ Public names are re-exported here; ``import actorgrad as ag``.
 
 from __future__ import annotations
 
+# --- tensors and local autograd (section 1) ---
+# --- distributed autograd (section 3) ---
+from actorgrad import dist, nn, optim
+from actorgrad.autograd import no_grad
 from actorgrad.errors import (
     ActorgradError,
     AuthError,
@@ -23,11 +27,6 @@ from actorgrad.errors import (
     RpcTimeout,
     WorkerLost,
 )
-
-# --- tensors and local autograd (section 1) ---
-from actorgrad import nn, optim
-from actorgrad.autograd import no_grad
-from actorgrad.tensor import Tensor, cat, matmul, ones, randn, split, stack, tensor, where, zeros
 
 # --- runtime (section 2) ---
 from actorgrad.runtime import (
@@ -40,7 +39,38 @@ from actorgrad.runtime import (
     worker_name,
     workers,
 )
-# --- distributed autograd (section 3) ---
-from actorgrad import dist
+from actorgrad.tensor import Tensor, cat, matmul, ones, randn, split, stack, tensor, where, zeros
+
+__all__ = [
+    "ActorgradError",
+    "AuthError",
+    "ContextError",
+    "ProtocolError",
+    "RRef",
+    "RemoteError",
+    "RpcTimeout",
+    "Tensor",
+    "WorkerLost",
+    "cat",
+    "dist",
+    "init",
+    "local_cluster",
+    "matmul",
+    "nn",
+    "no_grad",
+    "ones",
+    "optim",
+    "randn",
+    "remote",
+    "rpc",
+    "shutdown",
+    "split",
+    "stack",
+    "tensor",
+    "where",
+    "worker_name",
+    "workers",
+    "zeros",
+]
 
 __version__ = "0.1.0"

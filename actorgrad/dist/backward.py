@@ -56,7 +56,7 @@ class PassState:
         st: DistState,
         ctx: DistContext,
         pass_id: int,
-        roots: Sequence[tuple[Any, np.ndarray]],
+        roots: Sequence[tuple[Any, np.ndarray | None]],
         retain_graph: bool,
     ) -> None:
         self.ctx = ctx
@@ -64,7 +64,7 @@ class PassState:
         self.contrib: dict[Tensor, np.ndarray] = {}
         self.out: _Outgoing = {}
         self.dead = False
-        all_roots = list(roots)
+        all_roots: list[tuple[Any, np.ndarray | None]] = list(roots)
         all_roots.extend((r, None) for r in ctx.recvs)
         self.task = GraphTask(
             all_roots,

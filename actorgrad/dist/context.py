@@ -21,6 +21,7 @@ The runtime knows nothing of this: ``DistInterceptor`` plugs into its call path
 from __future__ import annotations
 
 import contextvars
+import functools
 import itertools
 import threading
 from collections.abc import Iterator
@@ -230,7 +231,7 @@ def state_of(worker: Worker) -> DistState:
     if st is None:
         st = worker.ext["dist"] = DistState(worker)
         worker.add_status_provider("dist", st.stats)
-        worker.add_peer_lost_callback(lambda name, st=st: _on_peer_lost(st, name))
+        worker.add_peer_lost_callback(functools.partial(_on_peer_lost, st))
     return st
 
 
