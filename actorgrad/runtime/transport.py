@@ -66,8 +66,12 @@ def _nbytes(chunk: Any) -> int:
     return chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BaseProtocol):
     """One end of a connection: handshake, then length-prefixed frames.
+
+    A streaming protocol (``data_received``), used as is by the in-process transport;
+    TCP uses :class:`TcpConnection`. (Deliberately not an ``asyncio.Protocol``
+    subclass: uvloop only uses a protocol's ``get_buffer`` when it is not one.)
 
     ``on_frame(conn, frame_bytes)`` is called for every complete frame, ``on_lost(conn,
     exc)`` once when the connection is gone. ``ext`` is free for the owner (the worker
