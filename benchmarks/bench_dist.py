@@ -232,6 +232,8 @@ def main() -> None:
     ours = res["actorgrad"]
     assert ours is not None
     print(render(METRICS, ours, [("torch", res["torch"])], target_column="torch"))
+    if res["torch"] is not None:
+        print(torch_ref.describe(THREADS))
     print("actorgrad hop phases, us:", ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
 
 

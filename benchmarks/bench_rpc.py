@@ -134,7 +134,9 @@ def main() -> None:
     ours = res["actorgrad"]
     assert ours is not None
     columns = [("bare echo", res["bare echo"]), ("torch", res["torch"])]
-    print(render(METRICS, ours, columns, target_column="torch"), flush=True)
+    print(render(METRICS, ours, columns, target_column="torch"))
+    if res["torch"] is not None:
+        print(torch_ref.describe(1), flush=True)
 
 
 if __name__ == "__main__":

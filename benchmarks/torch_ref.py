@@ -247,6 +247,24 @@ class _Workloads:
 # --------------------------------------------------------------------------------------
 
 
+def describe(threads: int) -> str:
+    """How the torch side is configured (printed under the tables)."""
+    transports = os.environ.get("TORCH_REF_TRANSPORTS") or "default"
+    channels = os.environ.get("TORCH_REF_CHANNELS") or "default"
+    return (
+        f"torch {_torch_version()}: TensorPipe transports={transports} "
+        f"channels={channels}, {threads} thread(s) per process"
+    )
+
+
+def _torch_version() -> str:
+    try:
+        import torch
+    except Exception:
+        return "?"
+    return str(torch.__version__)
+
+
 def _env_list(name: str) -> list[str] | None:
     """TensorPipe transports/channels override from a comma-separated env var."""
     value = os.environ.get(name, "").strip()
