@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from actorgrad.autograd import GraphTask, grad_node
-from actorgrad.dist.context import DistContext, DistState, RecvNode, state_of
+from actorgrad.dist.context import DistContext, DistState, RecvNode, _current, state_of
 from actorgrad.errors import ContextError, ProtocolError
 from actorgrad.runtime import current_worker, rpc
 from actorgrad.tensor import Tensor
@@ -149,14 +149,20 @@ async def _send_all(
     if not out:
         return
     me = st.worker.name
-    calls = [
-        rpc(dest, _deliver, (ctx.id, ctx.initiator, pass_id, retain, items, me))
-        for dest, items in out.items()
-    ]
-    if len(calls) == 1:
-        await calls[0]
-    else:
-        await asyncio.gather(*calls)
+    # Protocol messages are not part of the user's computation: sent outside any
+    # context, so they record nothing and carry no context metadata.
+    token = _current.set(None)
+    try:
+        calls = [
+            rpc(dest, _deliver, (ctx.id, ctx.initiator, pass_id, retain, items, me))
+            for dest, items in out.items()
+        ]
+        if len(calls) == 1:
+            await calls[0]
+        else:
+            await asyncio.gather(*calls)
+    finally:
+        _current.reset(token)
 
 
 def _step(st: DistState, ctx: DistContext, ps: PassState, retain: bool) -> _Outgoing:
@@ -224,7 +230,11 @@ async def _flood(st: DistState, peers: set[str], fn: Any, args: tuple[Any, ...])
     targets = [p for p in peers if p != me]
     if not targets:
         return
-    results = await asyncio.gather(*(rpc(p, fn, args) for p in targets), return_exceptions=True)
+    token = _current.set(None)  # a protocol message: outside any context
+    try:
+        results = await asyncio.gather(*(rpc(p, fn, args) for p in targets), return_exceptions=True)
+    finally:
+        _current.reset(token)
     for r in results:
         if isinstance(r, BaseException) and not isinstance(r, Exception):
             raise r  # cancellation and friends are never swallowed
