@@ -487,3 +487,25 @@ async def test_wildcard_bind_with_token_advertises_a_reachable_address():
         assert await ag.rpc("open", add, (1, 2)) == 3
     finally:
         await ag.shutdown()
+
+
+async def forward_all(to, refs):
+    """Forward a list of RRefs (owned elsewhere) to another worker and return them."""
+    return await ag.rpc(to, fetch_all, (refs,))
+
+
+async def fetch_all(refs):
+    values = await asyncio.gather(*(r.to_here() for r in refs))
+    return [refs, values]
+
+
+async def test_many_rrefs_forked_through_several_workers_are_all_freed(cluster):
+    refs = await asyncio.gather(*(ag.remote("w1", "builtins:list", ([i],)) for i in range(20)))
+    assert await ag.rpc("w1", owned) == 20
+    back, values = await ag.rpc("w2", forward_all, ("w3", refs))
+    assert values == [[i] for i in range(20)]
+    assert [r.owner for r in back] == ["w1"] * 20
+    assert await asyncio.gather(*(r.to_here() for r in back[:3])) == [[0], [1], [2]]
+    del refs, back
+    gc.collect()
+    await _owned_count("w1")

@@ -286,3 +286,12 @@ async def test_init_joins_a_cluster_from_the_environment(tmp_path):
         out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()
         assert out.decode().splitlines() == ["['driver', 'joiner', 'w1']", "42"]
+
+
+async def test_a_driver_blocked_for_longer_than_the_heartbeat_timeout_is_not_dropped():
+    async with ag.local_cluster(1, processes=True):
+        call = asyncio.ensure_future(ag.rpc("w1", nap, (0.2, "ok")))
+        await asyncio.sleep(0.05)
+        time.sleep(rworker.HEARTBEAT_TIMEOUT + 0.5)  # a long local computation, loop blocked
+        assert await asyncio.wait_for(call, 5) == "ok"
+        assert await ag.rpc("w1", add, (1, 2)) == 3

@@ -23,9 +23,12 @@ Execution model (how a CPU-heavy user function cannot starve a worker):
     to the pool, so a heavy function can block the loop at most once.
   Every task is owned by the worker (``_tasks``) and cancelled/awaited at teardown.
 * Heartbeats: every ``HEARTBEAT_INTERVAL`` an idle connection gets a ping; a
-  connection that has received nothing for ``HEARTBEAT_TIMEOUT`` is closed, which fails
-  every call waiting on it with ``WorkerLost`` and reports the peer lost. A closed
-  connection does the same immediately.
+  connection with calls waiting on it that has received nothing for
+  ``HEARTBEAT_TIMEOUT`` is closed, which fails those calls with ``WorkerLost`` and
+  reports the peer lost (a silent connection without waiting calls is kept until
+  ``IDLE_TIMEOUT``, so a driver busy computing is not dropped by its workers). A closed
+  connection (a dead process) does the same immediately. A worker whose own loop was
+  blocked does not blame its peers for the silence it caused.
 
 Phases: setup (:meth:`Worker.start`: listener, pool, dispatcher, heartbeat), running
 (the dispatcher), teardown (:meth:`Worker.shutdown`, one path, idempotent).
@@ -85,6 +88,9 @@ MODE_RPC, MODE_REMOTE, MODE_RREF_RPC, MODE_RREF_REMOTE = range(4)
 
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 3.0
+#: A connection without pending calls is dropped only after this long in silence
+#: (half-open connections, a hung head); a dead process closes its sockets at once.
+IDLE_TIMEOUT = 60.0
 MAILBOX_SIZE = 1024
 MAX_IN_FLIGHT = 10_000
 FAST_CALL = 0.001
@@ -905,10 +911,17 @@ class Worker:
                     continue
                 if lagged:
                     conn.last_recv = max(conn.last_recv, now - interval)
-                elif now - conn.last_recv > HEARTBEAT_TIMEOUT:
+                    continue
+                silent = now - conn.last_recv
+                # Only a side that waits on the peer declares it dead: a caller with
+                # calls pending on the connection (HEARTBEAT_TIMEOUT), or a member about
+                # its registry (IDLE_TIMEOUT). A quiet caller (e.g. a driver busy with a
+                # long local computation) is not dropped by the workers it called.
+                limit = HEARTBEAT_TIMEOUT if conn.pending else IDLE_TIMEOUT
+                if silent > limit:
                     conn.abort(
                         WorkerLost(
-                            f"worker {conn.peer_name!r} sent nothing for {HEARTBEAT_TIMEOUT} s (heartbeat lost)"
+                            f"worker {conn.peer_name!r} sent nothing for {limit} s (heartbeat lost)"
                         )
                     )
                     continue
