@@ -292,6 +292,6 @@ async def test_a_driver_blocked_for_longer_than_the_heartbeat_timeout_is_not_dro
     async with ag.local_cluster(1, processes=True):
         call = asyncio.ensure_future(ag.rpc("w1", nap, (0.2, "ok")))
         await asyncio.sleep(0.05)
-        time.sleep(rworker.HEARTBEAT_TIMEOUT + 0.5)  # a long local computation, loop blocked
+        time.sleep(rworker.HEARTBEAT_TIMEOUT + 0.5)  # a long local computation, loop blocked  # noqa: ASYNC251 (blocking on purpose)
         assert await asyncio.wait_for(call, 5) == "ok"
         assert await ag.rpc("w1", add, (1, 2)) == 3
