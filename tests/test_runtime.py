@@ -509,3 +509,14 @@ async def test_many_rrefs_forked_through_several_workers_are_all_freed(cluster):
     del refs, back
     gc.collect()
     await _owned_count("w1")
+
+
+async def test_rref_counts_of_a_worker_that_left_are_dropped(cluster):
+    r = await ag.remote("w1", make_counter, (1,))
+    assert await ag.rpc("w3", keep, (r,)) == 1
+    del r
+    gc.collect()
+    await asyncio.sleep(0.05)
+    assert await ag.rpc("w1", owned) == 1  # held by w3
+    await cluster.workers[2].shutdown()  # w3 leaves without releasing
+    await _owned_count("w1")

@@ -209,3 +209,19 @@ async def test_full_mailbox_pauses_reading_and_every_call_completes(cluster):
     assert most <= 8
     assert not any(c.paused_reading for c in w1._conns)
     assert not w1._mailbox and w1._inflight == 0
+
+
+async def test_max_frame_size_is_configurable_per_worker():
+    from actorgrad.runtime import Worker
+
+    async with ag.local_cluster(0, transport="tcp") as c:
+        small = Worker("small", token=c.driver.token, transport_kind="tcp", max_frame_size=4096)
+        await small.start()
+        try:
+            await small.join(c.address)
+            assert await ag.rpc("small", "operator:add", (1, 2)) == 3
+            with pytest.raises(ag.WorkerLost):  # the receiver drops the connection
+                await asyncio.wait_for(ag.rpc("small", "operator:add", (b"x" * 10_000, b"")), 5)
+            assert await ag.rpc("small", "operator:add", (2, 2)) == 4  # a new connection
+        finally:
+            await small.shutdown()

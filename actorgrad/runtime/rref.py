@@ -13,7 +13,9 @@ value when the last count goes.
 * When an ``RRef`` object is collected, a ``weakref.finalize`` callback (any thread)
   schedules the decref on its worker's loop thread-safely: a local decrement on the
   owner, a one-way ``_decref`` message otherwise.
-* A holder that is lost (dead / left) loses all its counts.
+* A holder that leaves the cluster (gracefully, or dead: the registry sees its join
+  connection close) loses all its counts. A mere broken connection does not free
+  anything: the holder may still be alive.
 """
 
 from __future__ import annotations

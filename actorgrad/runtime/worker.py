@@ -181,6 +181,7 @@ class Worker:
         port: int = 0,
         mailbox_size: int = MAILBOX_SIZE,
         max_in_flight: int = MAX_IN_FLIGHT,
+        max_frame_size: int | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"worker name must be a non-empty string, not {name!r}")
@@ -207,6 +208,7 @@ class Worker:
         self._mailbox: collections.deque[tuple[Connection, Any]] = collections.deque()
         self._mailbox_size = mailbox_size
         self._max_in_flight = max_in_flight
+        self.max_frame_size = transport.MAX_FRAME_SIZE if max_frame_size is None else max_frame_size
         self._mb_waiter: asyncio.Future[None] | None = None
         self._paused: set[Connection] = set()
         self._inflight = 0
@@ -350,7 +352,12 @@ class Worker:
     # ------------------------------------------------------------------ connections
     def _new_conn(self) -> Connection:
         cls = transport.TcpConnection if self.transport_kind == "tcp" else Connection
-        return cls(kind=self.transport_kind, on_frame=self._on_frame, on_lost=self._on_lost)
+        return cls(
+            kind=self.transport_kind,
+            on_frame=self._on_frame,
+            on_lost=self._on_lost,
+            max_frame_size=self.max_frame_size,
+        )
 
     def _accept(self) -> Connection:
         conn = self._new_conn()
@@ -448,6 +455,8 @@ class Worker:
             self._lost.discard(n)
         for n in old:
             if n not in self.members:
+                # it left the cluster (the registry saw it go): its RRef counts go too
+                rref.peer_lost(self, n)
                 self._peer_lost(n)
         self._members_changed.set()
         self._members_changed = asyncio.Event()
@@ -481,7 +490,6 @@ class Worker:
         if name in self._lost or name == self.name or self.closed:
             return
         self._lost.add(name)
-        rref.peer_lost(self, name)
         for cb in list(self._peer_lost_cbs):
             try:
                 cb(name)
