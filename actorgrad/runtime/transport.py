@@ -256,8 +256,12 @@ class Connection(asyncio.BaseProtocol):
             for c in chunks:
                 w += c
             if not self._flush_scheduled:
+                # the first frame of a loop tick goes out at once (latency); the ones
+                # after it in the same tick are coalesced into one write (throughput)
                 self._flush_scheduled = True
                 self.loop.call_soon(self._flush)
+                if not self._write_paused:
+                    self.flush()
         self.last_sent = time.monotonic()
         return size
 
