@@ -20,10 +20,13 @@ assembled in a preallocated ``bytearray`` of its declared length, so the arrays 
 codec decodes with ``np.frombuffer`` are writable and not copied again. A declared
 length above ``max_frame_size`` is a ``ProtocolError`` and closes that connection only.
 
-Sending: small messages of one loop tick are coalesced into one write (flushed with
-``loop.call_soon``); large messages are written chunk by chunk, without concatenation,
-and :meth:`Connection.send` waits until the transport's buffer has drained
-(backpressure, and the caller's arrays are not referenced after it returns).
+Sending: the first small message of a loop tick is written at once (latency), the
+following ones of the same tick are coalesced into one write (flushed with
+``loop.call_soon``), and replies produced while handling one read go out in one write;
+large messages are written chunk by chunk, without concatenation. The write-buffer
+high mark is 0, so :meth:`Connection.send` returns only once the transport has handed
+everything to the kernel (backpressure; the caller's arrays are no longer referenced).
+Arrays travel zero-copy: do not mutate an array in place while it is being sent.
 
 The in-process transport (:func:`open_inproc`) is a pair of fake ``asyncio.Transport``
 objects feeding the same protocol; bytes are copied at ``write`` time, so no object is
