@@ -16,34 +16,62 @@ Design (see docs/distributed.md for the long form):
 * A worker that starts a pass also starts the workers holding the recv nodes of its
   send nodes (an empty message, or piggy-backed on a gradient message), so every part
   of the graph gets going even where no gradient flows to it.
-* Completion is a diffusing computation (Dijkstra-Scholten): every message is an RPC
-  whose reply is sent only after the receiver ran what the message made ready and the
-  messages that produced were themselves acknowledged. The initiator's ``backward``
-  returns when its own messages are acknowledged: then every message of the pass has
-  been handled, every send node delivered, every task finished, every leaf gradient
-  accumulated on its worker.
-* A failure anywhere travels back up the acknowledgement tree as the original error
-  (``RemoteError`` naming the worker where it happened, or ``WorkerLost``); the
-  initiator then floods an abort so every worker drops the pass.
+* Completion is credit recovery: the initiator starts with credit 1, every message
+  carries a share of its sender's credit, and a worker that handled a message and sent
+  nothing further returns its share to the initiator. ``backward`` returns when the
+  initiator holds 1 again: then every message has been handled, every send node
+  delivered, every task finished, every leaf gradient accumulated on its worker.
+* Each message is an RPC whose reply is awaited in a background task owned by the
+  sending worker; a failure (the receiver's error, or ``WorkerLost``) is reported to
+  the initiator as the original error (``RemoteError`` naming the worker where it
+  happened), and the initiator then floods an abort so every worker drops the pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import traceback
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
 from actorgrad.autograd import GraphTask, grad_node
 from actorgrad.dist.context import DistContext, DistState, RecvNode, _current, state_of
-from actorgrad.errors import ContextError, ProtocolError
+from actorgrad.errors import ContextError, ProtocolError, RemoteError, WorkerLost
 from actorgrad.runtime import current_worker, rpc
 from actorgrad.tensor import Tensor
 
 __all__ = ["PassState", "backward"]
 
 _Outgoing = dict[str, list[Any]]  # dest worker -> [send_id, grad, send_id, grad, ...]
+
+
+def _pack_grad(g: np.ndarray | None) -> Any:
+    """A gradient for the wire. A broadcast view (``sum``'s backward gives one the size
+    of its input, with zero strides) travels as its compact base and the full shape."""
+    if g is None or g.size <= 1 or 0 not in g.strides:
+        return g
+    compact = g[tuple(slice(0, 1) if st == 0 else slice(None) for st in g.strides)]
+    return [np.ascontiguousarray(compact), list(g.shape)]
+
+
+def _unpack_grad(v: Any) -> np.ndarray | None:
+    if v is None or isinstance(v, np.ndarray):
+        return v
+    if (
+        isinstance(v, list)
+        and len(v) == 2
+        and isinstance(v[0], np.ndarray)
+        and isinstance(v[1], list)
+        and all(isinstance(d, int) for d in v[1])
+    ):
+        try:
+            return np.broadcast_to(v[0], tuple(v[1]))
+        except ValueError as exc:
+            raise ProtocolError(f"broadcast gradient does not fit its shape: {exc}") from None
+    raise ProtocolError(f"gradient must be an array or None, got {type(v).__name__}")
 
 
 class PassState:
@@ -91,8 +119,14 @@ class PassState:
             return
         if prev is not None:
             self.contrib[t] = prev + grad
-        elif grad.dtype != t.data.dtype or grad.base is not None or not grad.flags.writeable:
+        elif (
+            grad.dtype != t.data.dtype
+            or not grad.flags.writeable
+            or isinstance(grad.base, np.ndarray)
+        ):
             # The user gets this array: make it one the context owns, in the leaf's dtype.
+            # (A gradient decoded from a frame is a writable view of that frame alone:
+            # no other array shares it, so it is kept without a copy.)
             self.contrib[t] = np.array(grad, dtype=t.data.dtype)
         else:
             self.contrib[t] = grad
@@ -101,7 +135,7 @@ class PassState:
         if not isinstance(node, RecvNode) or node.ctx_id != self.ctx.id:
             # A tensor received in another context: its gradient stops here.
             return
-        self.out.setdefault(node.src, []).extend((node.send_id, grad))
+        self.out.setdefault(node.src, []).extend((node.send_id, _pack_grad(grad)))
 
     def deliver(self, items: list[Any]) -> None:
         if len(items) % 2:
@@ -115,9 +149,7 @@ class PassState:
                     f"context {self.ctx.id:#x} has no send node {send_id!r} here "
                     "(graph already freed, or a gradient arrived twice)"
                 )
-            if grad is not None and not isinstance(grad, np.ndarray):
-                raise ProtocolError(f"gradient must be an array or None, got {type(grad).__name__}")
-            self.task.deliver(node, grad)
+            self.task.deliver(node, _unpack_grad(grad))
 
     def run(self) -> _Outgoing:
         """Run what is ready; return the messages to send (start messages included)."""
@@ -143,26 +175,139 @@ class PassState:
         self.dead = True
 
 
-async def _send_all(
-    st: DistState, ctx: DistContext, pass_id: int, retain: bool, out: _Outgoing
+# --- credit-based completion ----------------------------------------------------------
+#
+# The initiator starts a pass holding credit 1. Every message carries part of its
+# sender's credit; a worker that handled a message and sent nothing further returns
+# the credit it got to the initiator. The pass is complete when the initiator holds 1
+# again: every message has then been handled (a message's credit can only come back
+# after it was handled, and after the messages it caused were sent with their share).
+# Credits are exact dyadic fractions ``num / 2**exp``; msgpack carries the two ints.
+
+Credit = tuple[int, int]  # (num, exp): num / 2**exp
+
+
+def _norm(num: int, exp: int) -> Credit:
+    while exp and not num & 1:
+        num >>= 1
+        exp -= 1
+    return num, exp
+
+
+def split_credit(credit: Credit, k: int) -> list[Credit]:
+    """``k`` credits adding up to ``credit`` exactly (none of them zero)."""
+    num, exp = credit
+    if k == 1:
+        return [credit]
+    j = (k - 1).bit_length()  # 2**j >= k
+    part = _norm(num, exp + j)
+    first = _norm(num * ((1 << j) - k + 1), exp + j)
+    return [first] + [part] * (k - 1)
+
+
+class InitiatorRun:
+    """The initiator's view of one pass: the credit back so far and the outcome."""
+
+    __slots__ = ("credit", "done", "ctx_id", "pass_id")
+
+    def __init__(self, ctx_id: int, pass_id: int) -> None:
+        self.ctx_id = ctx_id
+        self.pass_id = pass_id
+        self.credit = Fraction(0)
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def __repr__(self) -> str:
+        return f"InitiatorRun(ctx={self.ctx_id:#x}, pass={self.pass_id:#x}, credit={self.credit})"
+
+    def add_credit(self, credit: Credit) -> None:
+        self.credit += Fraction(credit[0], 1 << credit[1])
+        if self.credit >= 1 and not self.done.done():
+            self.done.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
+def _failure_record(exc: BaseException, me: str) -> list[Any]:
+    """What a failure becomes on the wire: [kind, worker, type, message, traceback]."""
+    if isinstance(exc, WorkerLost):
+        return ["lost", me, "WorkerLost", str(exc), ""]
+    if isinstance(exc, RemoteError):  # keep the worker where it happened
+        return ["error", exc.worker, exc.remote_type, exc.remote_message, exc.remote_traceback]
+    tb = "".join(traceback.format_exception(exc))
+    t = type(exc)
+    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    return ["error", me, name, str(exc), tb]
+
+
+def _failure_from(record: list[Any]) -> BaseException:
+    kind, worker, type_name, message, tb = record
+    if kind == "lost":
+        return WorkerLost(message)
+    return RemoteError(worker, type_name, message, tb)
+
+
+def _report(st: DistState, ctx_id: int, initiator: str, pass_id: int, exc: BaseException) -> None:
+    """Tell the initiator that its pass failed (here, or at a worker we sent to)."""
+    record = _failure_record(exc, st.worker.name)
+    if initiator == st.worker.name:
+        _fail_local(st, pass_id, record)
+    else:
+        st.worker._spawn(_call_quietly(initiator, _fail, (ctx_id, pass_id, record)))
+
+
+def _return_credit(
+    st: DistState, ctx_id: int, initiator: str, pass_id: int, credit: Credit
 ) -> None:
-    if not out:
-        return
-    me = st.worker.name
-    # Protocol messages are not part of the user's computation: sent outside any
-    # context, so they record nothing and carry no context metadata.
-    token = _current.set(None)
+    if initiator == st.worker.name:
+        run = st.runs.get(pass_id)
+        if run is not None:
+            run.add_credit(credit)
+    else:
+        st.worker._spawn(_call_quietly(initiator, _credit, (ctx_id, pass_id, *credit)))
+
+
+async def _call_quietly(dest: str, fn: Any, args: tuple[Any, ...]) -> None:
+    token = _current.set(None)  # a protocol message: outside any context
     try:
-        calls = [
-            rpc(dest, _deliver, (ctx.id, ctx.initiator, pass_id, retain, items, me))
-            for dest, items in out.items()
-        ]
-        if len(calls) == 1:
-            await calls[0]
-        else:
-            await asyncio.gather(*calls)
+        await rpc(dest, fn, args)
+    except Exception:  # the initiator is gone: nobody is waiting for this any more
+        pass
     finally:
         _current.reset(token)
+
+
+async def _send_one(
+    st: DistState,
+    ctx: DistContext,
+    pass_id: int,
+    retain: bool,
+    dest: str,
+    items: list[Any],
+    credit: Credit,
+) -> None:
+    token = _current.set(None)  # a protocol message: outside any context
+    try:
+        await rpc(dest, _deliver, (ctx.id, ctx.initiator, pass_id, retain, items, *credit))
+    except Exception as exc:
+        # The receiver failed to handle it, or died: the pass cannot complete.
+        _report(st, ctx.id, ctx.initiator, pass_id, exc)
+    finally:
+        _current.reset(token)
+
+
+def _forward(
+    st: DistState, ctx: DistContext, pass_id: int, retain: bool, out: _Outgoing, credit: Credit
+) -> None:
+    """Send ``out`` (each message acknowledged in an owned background task), splitting
+    ``credit`` among the messages; with nothing to send, return the credit."""
+    if not out:
+        _return_credit(st, ctx.id, ctx.initiator, pass_id, credit)
+        return
+    parts = split_credit(credit, len(out))
+    for (dest, items), part in zip(out.items(), parts, strict=True):
+        st.worker._spawn(_send_one(st, ctx, pass_id, retain, dest, items, part))
 
 
 def _step(st: DistState, ctx: DistContext, ps: PassState, retain: bool) -> _Outgoing:
@@ -173,11 +318,12 @@ def _step(st: DistState, ctx: DistContext, ps: PassState, retain: bool) -> _Outg
 
 
 async def _deliver(
-    ctx_id: int, initiator: str, pass_id: int, retain: bool, items: list[Any], sender: str
+    ctx_id: int, initiator: str, pass_id: int, retain: bool, items: list[Any], num: int, exp: int
 ) -> None:
     """Message handler: gradients for some of this worker's send nodes (maybe none:
-    then it only starts this worker's part of the pass). Replies once what it made
-    ready has run and the messages that produced were acknowledged."""
+    then it only starts this worker's part of the pass). Runs what they made ready,
+    sends the resulting messages on with this message's credit, and replies (the
+    acknowledgement that lets the sender detect a failure here)."""
     st = state_of(current_worker())
     ctx = st.contexts.get(ctx_id)
     if ctx is None or pass_id in ctx.aborted_passes:
@@ -193,7 +339,9 @@ async def _deliver(
                     f"gradient for pass {pass_id:#x} of context {ctx_id:#x} arrived "
                     "after that pass finished here"
                 )
-            return  # a start message for a part already done
+            # A start message for a part already done.
+            _return_credit(st, ctx_id, initiator, pass_id, (num, exp))
+            return
         if ps is not None:
             raise ContextError(
                 f"another backward pass is running in context {ctx_id:#x}; "
@@ -208,7 +356,25 @@ async def _deliver(
         if ctx.active_pass is ps:
             ctx.active_pass = None
         raise
-    await _send_all(st, ctx, pass_id, retain, out)
+    _forward(st, ctx, pass_id, retain, out, (num, exp))
+
+
+async def _credit(ctx_id: int, pass_id: int, num: int, exp: int) -> None:
+    """Handler on the initiator: credit of a finished branch of the pass."""
+    run = state_of(current_worker()).runs.get(pass_id)
+    if run is not None:
+        run.add_credit((num, exp))
+
+
+def _fail_local(st: DistState, pass_id: int, record: list[Any]) -> None:
+    run = st.runs.get(pass_id)
+    if run is not None:
+        run.fail(_failure_from(record))
+
+
+async def _fail(ctx_id: int, pass_id: int, record: list[Any]) -> None:
+    """Handler on the initiator: the pass failed somewhere."""
+    _fail_local(state_of(current_worker()), pass_id, record)
 
 
 async def _abort(ctx_id: int, pass_id: int) -> None:
@@ -299,10 +465,12 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
                 "(started from another worker)"
             )
         pass_id = st.new_pass_id()
+        run = st.runs[pass_id] = InitiatorRun(context_id, pass_id)
         ps = ctx.active_pass = PassState(st, ctx, pass_id, checked, retain_graph)
         try:
             out = _step(st, ctx, ps, retain_graph)
-            await _send_all(st, ctx, pass_id, retain_graph, out)
+            _forward(st, ctx, pass_id, retain_graph, out, (1, 0))
+            await run.done
         except BaseException as exc:
             if ctx.active_pass is ps:
                 ctx.active_pass = None
@@ -311,6 +479,8 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
                 ctx.aborted_passes.add(pass_id)
                 await _flood(st, ctx.peers, _abort, (context_id, pass_id))
             raise
+        finally:
+            del st.runs[pass_id]
         if ctx.active_pass is ps:  # pragma: no cover - the completion argument forbids it
             ctx.active_pass = None
             raise AssertionError(

@@ -147,6 +147,7 @@ class DistState:
         self.num_backward_passes = 0
         self.background: set[Any] = set()  # owned tasks (releases finishing after cancel)
         self._empty_waiters: list[Any] = []  # futures resolved when no context is left
+        self.runs: dict[int, Any] = {}  # pass id -> InitiatorRun, for passes started here
 
     def __repr__(self) -> str:
         return (
@@ -237,13 +238,22 @@ def state_of(worker: Worker) -> DistState:
 
 def _on_peer_lost(st: DistState, name: str) -> None:
     # The lease: a context whose initiator died can never be released by it, so the
-    # survivors reclaim it now. Passes that depended on the dead worker are dropped.
+    # survivors reclaim it now. Passes that depended on the dead worker are dropped,
+    # and a pass this worker initiated fails at once with WorkerLost.
+    from actorgrad.errors import WorkerLost
+
     for ctx_id, ctx in list(st.contexts.items()):
         if ctx.initiator == name:
             st.forget(ctx_id)
-        elif name in ctx.peers and ctx.active_pass is not None:
+            continue
+        if name not in ctx.peers:
+            continue
+        if ctx.active_pass is not None:
             ctx.active_pass.abort()
             ctx.active_pass = None
+        for run in st.runs.values():
+            if run.ctx_id == ctx_id:
+                run.fail(WorkerLost(f"worker {name!r} was lost during the backward pass"))
 
 
 def current_context(worker: Worker) -> DistContext | None:

@@ -1,0 +1,34 @@
+"""The credit arithmetic of the completion protocol: shares always add up exactly."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actorgrad.dist.backward import split_credit
+
+
+def value(c: tuple[int, int]) -> Fraction:
+    return Fraction(c[0], 1 << c[1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=12))
+def test_repeated_splits_add_up_to_one_and_no_share_is_zero(fanouts):
+    """Split the credit along a random path of fan-outs; the total stays exactly 1."""
+    shares = [(1, 0)]
+    for k in fanouts:
+        first, *rest = shares
+        parts = split_credit(first, k)
+        assert len(parts) == k
+        assert all(num > 0 for num, _ in parts)
+        assert sum(map(value, parts)) == value(first)
+        shares = parts + rest
+    assert sum(map(value, shares)) == 1
+
+
+def test_a_single_message_keeps_the_whole_credit():
+    assert split_credit((3, 5), 1) == [(3, 5)]
+    assert split_credit((1, 0), 2) == [(1, 1), (1, 1)]
