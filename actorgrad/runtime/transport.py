@@ -377,12 +377,11 @@ class TcpConnection(Connection, asyncio.BufferedProtocol):
     into the preallocated buffer of a big frame being assembled (no intermediate copy),
     else into a reused scratch buffer that is parsed like ``data_received`` input."""
 
-    SCRATCH = 256 * 1024
+    SCRATCH = 64 * 1024
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        self._scratch = bytearray(self.SCRATCH)
-        self._scratch_mv = memoryview(self._scratch)
+        self._scratch_mv: memoryview | None = None
         self._into_big = False
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -391,6 +390,8 @@ class TcpConnection(Connection, asyncio.BufferedProtocol):
             self._into_big = True
             return memoryview(big)[self._big_pos :]
         self._into_big = False
+        if self._scratch_mv is None:
+            self._scratch_mv = memoryview(bytearray(self.SCRATCH))
         return self._scratch_mv
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -405,6 +406,7 @@ class TcpConnection(Connection, asyncio.BufferedProtocol):
                 self._big = None
                 self._deliver(big)
             return
+        assert self._scratch_mv is not None
         self.data_received(self._scratch_mv[:nbytes])  # type: ignore[arg-type]
 
 
