@@ -385,7 +385,10 @@ class Worker:
                 transport.open_inproc(address, conn)
             else:
                 host, _, port = address.rpartition(":")
-                await self.loop.create_connection(lambda: conn, host.strip("[]"), int(port))
+                async with asyncio.timeout(transport.HANDSHAKE_TIMEOUT):
+                    await self.loop.create_connection(lambda: conn, host.strip("[]"), int(port))
+        except TimeoutError:
+            raise WorkerLost(f"cannot connect to {address}: timed out") from None
         except (OSError, ValueError) as exc:
             raise WorkerLost(f"cannot connect to {address}: {exc}") from exc
         self._conns.add(conn)
@@ -452,7 +455,8 @@ class Worker:
         old = self.members
         self.members = {n: (int(v[0]), str(v[1])) for n, v in members.items()}
         for n in self.members:
-            self._lost.discard(n)
+            if n not in old:  # (re)joined: a later loss is reported again
+                self._lost.discard(n)
         for n in old:
             if n not in self.members:
                 # it left the cluster (the registry saw it go): its RRef counts go too
