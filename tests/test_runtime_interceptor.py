@@ -1,0 +1,109 @@
+"""The call interceptor contract (docs/design.md section 3), with a fake interceptor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+
+import numpy as np
+import pytest
+
+import actorgrad as ag
+from actorgrad.runtime import get_interceptor, set_interceptor
+
+_meta: contextvars.ContextVar = contextvars.ContextVar("test_meta", default=None)
+LINKS: list = []
+
+
+class FakeHooks:
+    def __init__(self, worker, meta, peer):
+        self.worker, self.meta, self.peer = worker.name, meta, peer
+
+    def tensor_out(self, t):
+        return ["link", self.worker, self.peer]
+
+    def tensor_in(self, array, requires_grad, link):
+        LINKS.append((self.worker, link))
+        return ag.tensor(array, requires_grad=requires_grad)
+
+
+class FakeInterceptor:
+    def __init__(self):
+        self.outgoing_calls = []
+
+    def outgoing(self, worker, dest):
+        self.outgoing_calls.append((worker.name, dest))
+        if worker.name == "driver":
+            return ["ctx", 7]
+        return _meta.get()  # forward the caller's context to nested calls
+
+    def wire_hooks(self, worker, meta, peer):
+        return FakeHooks(worker, meta, peer)
+
+    @contextlib.contextmanager
+    def enter(self, worker, meta):
+        token = _meta.set(meta)
+        try:
+            yield
+        finally:
+            _meta.reset(token)
+
+
+def seen():
+    return _meta.get()
+
+
+async def aseen():
+    await asyncio.sleep(0)
+    return _meta.get()
+
+
+async def nested(to):
+    return [_meta.get(), await ag.rpc(to, seen)]
+
+
+def grad_tensor_back(t):
+    return t
+
+
+@pytest.fixture
+def interceptor():
+    old = get_interceptor()
+    fake = FakeInterceptor()
+    set_interceptor(fake)
+    LINKS.clear()
+    try:
+        yield fake
+    finally:
+        set_interceptor(old)
+
+
+async def test_meta_travels_and_enter_wraps_sync_async_and_inline_calls(cluster, interceptor):
+    for _ in range(6):  # the first calls of a sync fn run in the pool, later ones inline
+        assert await ag.rpc("w1", seen) == ["ctx", 7]
+        assert await ag.rpc("w1", aseen) == ["ctx", 7]
+    assert ("driver", "w1") in interceptor.outgoing_calls
+    assert _meta.get() is None  # nothing leaked into the caller's context
+
+
+async def test_nested_calls_see_the_context_entered_by_the_callee(cluster, interceptor):
+    assert await ag.rpc("w1", nested, ("w2",)) == [["ctx", 7], ["ctx", 7]]
+    assert ("w1", "w2") in interceptor.outgoing_calls
+
+
+async def test_tensor_hooks_are_used_both_ways(cluster, interceptor):
+    t = ag.tensor(np.array([1.0, 2.0], dtype=np.float32), requires_grad=True)
+    back = await ag.rpc("w1", grad_tensor_back, (t,))
+    np.testing.assert_array_equal(back.data, [1.0, 2.0])
+    # request decoded on w1 with the driver's link; reply decoded on the driver
+    assert ("w1", ["link", "driver", "w1"]) in LINKS
+    assert ("driver", ["link", "w1", "driver"]) in LINKS
+
+
+async def test_rref_calls_and_to_here_go_through_the_interceptor(cluster, interceptor):
+    r = await ag.remote("w1", "builtins:list", ([1, 2],))
+    assert await r.to_here() == [1, 2]
+    n = len(interceptor.outgoing_calls)
+    assert await r.rpc().count(1) == 1
+    assert len(interceptor.outgoing_calls) > n
