@@ -520,3 +520,19 @@ async def test_rref_counts_of_a_worker_that_left_are_dropped(cluster):
     assert await ag.rpc("w1", owned) == 1  # held by w3
     await cluster.workers[2].shutdown()  # w3 leaves without releasing
     await _owned_count("w1")
+
+
+def stash_array(a):
+    current_worker().ext["stash"] = a
+    return a.flags.writeable
+
+
+def stash_sum():
+    return float(current_worker().ext.pop("stash").sum())
+
+
+async def test_arrays_are_not_shared_between_workers(cluster):
+    a = np.ones(200_000, dtype=np.float64)  # big enough to travel out of band
+    assert await ag.rpc("w1", stash_array, (a,)) is True  # writable on arrival
+    a[:] = 5.0
+    assert await ag.rpc("w1", stash_sum) == 200_000.0

@@ -477,7 +477,14 @@ async def handshake(
 
 
 class _InprocTransport(asyncio.Transport):
-    """One end of an in-process byte pipe (copies on write, delivers on the loop)."""
+    """One end of an in-process byte pipe, delivering on the loop.
+
+    Small writes (bytes, or the connection's handed-over coalescing buffer) are queued
+    as they are. Large out-of-band buffers (memoryviews of the sender's arrays) are
+    queued without a copy: the receiver copies them once, into its frame buffer; until
+    then the sender's protocol is paused for writing, so ``Connection.send`` returns
+    only after delivery (the caller's arrays are not referenced afterwards).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, protocol: Connection, name: str) -> None:
         super().__init__()
@@ -487,8 +494,10 @@ class _InprocTransport(asyncio.Transport):
         self.peer: _InprocTransport | None = None
         self._closing = False
         self._paused = False
-        self._inbox: list[bytes] = []
+        self._inbox: list[tuple[Any, _InprocTransport | None, int]] = []
         self._scheduled = False
+        self._unsent = 0  # zero-copy bytes written by us, not yet delivered
+        self._writing_paused = False
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "peername":
@@ -499,7 +508,7 @@ class _InprocTransport(asyncio.Transport):
         return self._closing
 
     def get_write_buffer_size(self) -> int:
-        return 0
+        return self._unsent
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
@@ -507,15 +516,39 @@ class _InprocTransport(asyncio.Transport):
     def write(self, data: Any) -> None:
         if self._closing or self.peer is None:
             return
-        self.peer._receive(bytes(data))
+        if isinstance(data, memoryview):
+            mv = data if data.format == "B" and data.ndim == 1 else data.cast("B")
+            n = mv.nbytes
+            if n == 0:
+                return
+            self._unsent += n
+            self.peer._receive(mv, self, n)
+            if not self._writing_paused:
+                self._writing_paused = True
+                self._protocol.pause_writing()
+        elif type(data) is bytes or type(data) is bytearray:
+            self.peer._receive(data, None, 0)  # immutable, or handed over by its writer
+        else:
+            self.peer._receive(bytes(data), None, 0)
 
     def writelines(self, list_of_data: Iterable[Any]) -> None:
-        self.write(b"".join(list_of_data))
+        for data in list_of_data:
+            self.write(data)
 
-    def _receive(self, data: bytes) -> None:
+    def _delivered(self, n: int) -> None:
+        self._unsent -= n
+        if self._unsent <= 0 and self._writing_paused:
+            self._unsent = 0
+            self._writing_paused = False
+            if not self._closing:
+                self._protocol.resume_writing()
+
+    def _receive(self, data: Any, sender: _InprocTransport | None, n: int) -> None:
         if self._closing:
+            if sender is not None:
+                sender._delivered(n)
             return
-        self._inbox.append(data)
+        self._inbox.append((data, sender, n))
         self._schedule()
 
     def _schedule(self) -> None:
@@ -527,7 +560,12 @@ class _InprocTransport(asyncio.Transport):
         self._scheduled = False
         inbox = self._inbox
         while inbox and not self._paused and not self._closing:
-            self._protocol.data_received(inbox.pop(0))
+            data, sender, n = inbox.pop(0)
+            try:
+                self._protocol.data_received(data)
+            finally:
+                if sender is not None:
+                    sender._delivered(n)
 
     def pause_reading(self) -> None:
         self._paused = True
@@ -544,7 +582,10 @@ class _InprocTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        self._inbox.clear()
+        inbox, self._inbox = self._inbox, []
+        for _, sender, n in inbox:
+            if sender is not None:
+                sender._delivered(n)
         self._loop.call_soon(self._protocol.connection_lost, None)
         peer, self.peer = self.peer, None
         if peer is not None:
