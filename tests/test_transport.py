@@ -225,3 +225,21 @@ async def test_max_frame_size_is_configurable_per_worker():
             assert await ag.rpc("small", "operator:add", (2, 2)) == 4  # a new connection
         finally:
             await small.shutdown()
+
+
+async def _uvloop_workload():
+    async with ag.local_cluster(2, transport="tcp"):
+        a = np.arange(1_000_000, dtype=np.float32)
+        b = await ag.rpc("w1", "numpy:negative", (a,))
+        np.testing.assert_array_equal(b, -a)
+        results = await asyncio.gather(*(ag.rpc("w2", "operator:add", (i, 1)) for i in range(200)))
+        assert results == [i + 1 for i in range(200)]
+        r = await ag.remote("w1", "builtins:list", ([1],))
+        assert await ag.rpc("w2", "operator:getitem", ([r], 0)) is not None
+        return True
+
+
+def test_everything_also_works_on_uvloop():
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(_uvloop_workload())
