@@ -639,7 +639,7 @@ class Worker:
         if self._stopping:
             self._reply_exc(conn, cid, WorkerLost(f"worker {self.name!r} is shutting down"), None)
             return
-        hooks = self._hooks(peer, meta)
+        hooks = rref.Hooks(self, peer) if meta is None else self._hooks(peer, meta)
         try:
             body = frame.body(hooks)
             if not (isinstance(body, (list, tuple)) and len(body) == 2):
@@ -650,8 +650,12 @@ class Worker:
             ):
                 raise ProtocolError("malformed request arguments")
             if mode == MODE_RPC or mode == MODE_REMOTE:
-                fn = calls.resolve(target)
-                key = target if isinstance(target, str) else tuple(target)
+                if type(target) is str:
+                    fn = calls._resolve_cache.get(target) or calls.resolve(target)
+                    key = target
+                else:
+                    fn = calls.resolve(target)
+                    key = tuple(target)
             elif mode == MODE_RREF_RPC or mode == MODE_RREF_REMOTE:
                 rid, method = target
                 value = rref.owned_value(self, rid)
@@ -836,7 +840,7 @@ class Worker:
                 conn = await self._conn_to(dest)
         ic = _interceptor
         meta = ic.outgoing(self, dest) if ic is not None else None
-        hooks = self._hooks(dest, meta)
+        hooks = rref.Hooks(self, dest) if meta is None else self._hooks(dest, meta)
         cid = next(conn._call_ids)
         try:
             chunks = wire.encode_frame(
