@@ -649,6 +649,7 @@ class Worker:
                 kwargs is None or isinstance(kwargs, dict)
             ):
                 raise ProtocolError("malformed request arguments")
+            key: Any
             if mode == MODE_RPC or mode == MODE_REMOTE:
                 if type(target) is str:
                     fn = calls._resolve_cache.get(target) or calls.resolve(target)
