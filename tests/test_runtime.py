@@ -69,6 +69,26 @@ def spin(seconds):
     return n
 
 
+STARTED: dict[str, asyncio.Event] = {}  # in-process workers signal the test's loop
+
+
+def started(name: str) -> asyncio.Event:
+    ev = STARTED[name] = asyncio.Event()
+    return ev
+
+
+async def signalled_nap(seconds, value=None):
+    STARTED[ag.worker_name()].set()
+    await asyncio.sleep(seconds)
+    return value
+
+
+def signalled_spin(seconds):
+    w = current_worker()
+    w.loop.call_soon_threadsafe(STARTED[w.name].set)
+    return spin(seconds)
+
+
 def unencodable_result():
     return {1, 2}
 
@@ -185,8 +205,9 @@ async def test_300_concurrent_calls_to_one_worker(cluster):
 
 
 async def test_cpu_heavy_sync_function_does_not_block_other_calls(cluster):
-    heavy = asyncio.ensure_future(ag.rpc("w1", spin, (2.0,)))
-    await asyncio.sleep(0.05)
+    ev = started("w1")
+    heavy = asyncio.ensure_future(ag.rpc("w1", signalled_spin, (2.0,)))
+    await asyncio.wait_for(ev.wait(), 5)
     worst = 0.0
     for i in range(10):
         t0 = time.perf_counter()
@@ -389,8 +410,9 @@ async def test_worker_joining_and_leaving_at_run_time(cluster):
 
 async def test_pending_calls_fail_with_worker_lost_when_the_worker_shuts_down(cluster):
     w3 = cluster.workers[2]
-    call = asyncio.ensure_future(ag.rpc("w3", nap, (30,)))
-    await asyncio.sleep(0.1)
+    ev = started("w3")
+    call = asyncio.ensure_future(ag.rpc("w3", signalled_nap, (30,)))
+    await asyncio.wait_for(ev.wait(), 5)
     await w3.shutdown(graceful=False)
     with pytest.raises(ag.WorkerLost):
         await asyncio.wait_for(call, 5)
@@ -461,8 +483,9 @@ async def test_cancelled_inside_local_cluster_still_shuts_everything_down():
 
 async def test_graceful_shutdown_lets_calls_in_flight_finish(cluster):
     w2 = cluster.workers[1]
-    call = asyncio.ensure_future(ag.rpc("w2", nap, (0.3, "finished")))
-    await asyncio.sleep(0.05)
+    ev = started("w2")
+    call = asyncio.ensure_future(ag.rpc("w2", signalled_nap, (0.3, "finished")))
+    await asyncio.wait_for(ev.wait(), 5)
     await w2.shutdown()
     assert await asyncio.wait_for(call, 5) == "finished"
     with pytest.raises((ag.WorkerLost, ValueError)):
@@ -471,8 +494,9 @@ async def test_graceful_shutdown_lets_calls_in_flight_finish(cluster):
 
 async def test_graceful_shutdown_is_bounded_in_time(cluster):
     w2 = cluster.workers[1]
-    call = asyncio.ensure_future(ag.rpc("w2", nap, (30,)))
-    await asyncio.sleep(0.05)
+    ev = started("w2")
+    call = asyncio.ensure_future(ag.rpc("w2", signalled_nap, (30,)))
+    await asyncio.wait_for(ev.wait(), 5)
     t0 = time.perf_counter()
     await w2.shutdown(timeout=0.2)
     assert time.perf_counter() - t0 < 2
