@@ -903,7 +903,8 @@ class Worker:
             except ActorgradError:
                 pass
             return
-        self._spawn(self._notify_async(dest, fn, args))
+        if not self._stopping:
+            self._spawn(self._notify_async(dest, fn, args))
 
     async def _notify_async(self, dest: str, fn: str, args: tuple) -> None:
         try:
@@ -997,10 +998,10 @@ class Worker:
             self._server.close()
         if self.transport_kind == "inproc" and self.address:
             transport.inproc_unlisten(self.address)
-        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
-        for t in tasks:
-            t.cancel()
-        if tasks:
+        # cancel and await every task we own (again, if cancelling spawned new ones)
+        while tasks := [t for t in self._tasks if t is not asyncio.current_task()]:
+            for t in tasks:
+                t.cancel()
             await asyncio.wait(tasks)
         if self._server is not None:
             await self._server.wait_closed()
