@@ -97,7 +97,7 @@ async def chain(dests: list[str], key: str, x: ag.Tensor) -> ag.Tensor:
 
 def add_hook(key: str, scale: float) -> None:
     t = _store[_k(key)]
-    calls = _hook_calls.setdefault(_k(key), [])
+    calls = _hook_calls[_k(key)] = []
 
     def hook(g: np.ndarray) -> np.ndarray:
         calls.append(np.array(g))
@@ -164,7 +164,7 @@ async def fan_out(key: str, dest: str, dest_key: str, x: ag.Tensor) -> tuple[ag.
     """h = x * store[key] goes both back to the caller and on to ``dest``; a hook on h
     (a non-leaf) records each gradient it sees."""
     h = x * _store[_k(key)]
-    calls = _hook_calls.setdefault(_k("h"), [])
+    calls = _hook_calls[_k("h")] = []
     h.register_hook(lambda g: calls.append(np.array(g)))
     z = await ag.rpc(dest, mul, (dest_key, h))
     return h, z

@@ -29,15 +29,18 @@ def worker_path(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", TESTS + (os.pathsep + path if path else ""))
 
 
-@pytest.fixture(params=["inproc", "processes"])
+@pytest.fixture(params=["inproc", "tcp", "processes"])
 def mode(request):
+    """In-process actors over the in-process transport, over TCP, or OS processes."""
     if request.param == "processes":
         request.getfixturevalue("worker_path")
     return request.param
 
 
 def cluster(mode: str = "inproc", n: int = 3):
-    return ag.local_cluster(n, processes=(mode == "processes"))
+    if mode == "processes":
+        return ag.local_cluster(n, processes=True)
+    return ag.local_cluster(n, transport=mode)
 
 
 def local_grads(fn, *arrays):
