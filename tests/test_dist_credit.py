@@ -7,7 +7,7 @@ from fractions import Fraction
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actorgrad.dist.backward import split_credit
+from actorgrad.dist.backward import InitiatorRun, split_credit
 
 
 def value(c: tuple[int, int]) -> Fraction:
@@ -32,3 +32,14 @@ def test_repeated_splits_add_up_to_one_and_no_share_is_zero(fanouts):
 def test_a_single_message_keeps_the_whole_credit():
     assert split_credit((3, 5), 1) == [(3, 5)]
     assert split_credit((1, 0), 2) == [(1, 1), (1, 1)]
+
+
+async def test_initiator_completes_exactly_when_every_share_is_back():
+    run = InitiatorRun(1, 1)
+    shares = split_credit((1, 0), 3)
+    shares = split_credit(shares[0], 5) + shares[1:]
+    for share in shares[:-1]:
+        run.add_credit(share)
+        assert not run.done.done()
+    run.add_credit(shares[-1])
+    assert run.done.done()

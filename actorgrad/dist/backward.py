@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import traceback
 from collections.abc import Sequence
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -58,7 +57,7 @@ def _pack_grad(g: np.ndarray | None) -> Any:
 
 
 def _unpack_grad(v: Any) -> np.ndarray | None:
-    if v is None or isinstance(v, np.ndarray):
+    if v is None or type(v) is np.ndarray:
         return v
     if (
         isinstance(v, list)
@@ -208,20 +207,29 @@ def split_credit(credit: Credit, k: int) -> list[Credit]:
 class InitiatorRun:
     """The initiator's view of one pass: the credit back so far and the outcome."""
 
-    __slots__ = ("credit", "done", "ctx_id", "pass_id")
+    __slots__ = ("num", "exp", "done", "ctx_id", "pass_id")
 
     def __init__(self, ctx_id: int, pass_id: int) -> None:
         self.ctx_id = ctx_id
         self.pass_id = pass_id
-        self.credit = Fraction(0)
+        self.num, self.exp = 0, 0  # credit back so far: num / 2**exp
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def __repr__(self) -> str:
-        return f"InitiatorRun(ctx={self.ctx_id:#x}, pass={self.pass_id:#x}, credit={self.credit})"
+        return (
+            f"InitiatorRun(ctx={self.ctx_id:#x}, pass={self.pass_id:#x}, "
+            f"credit={self.num}/2**{self.exp})"
+        )
 
     def add_credit(self, credit: Credit) -> None:
-        self.credit += Fraction(credit[0], 1 << credit[1])
-        if self.credit >= 1 and not self.done.done():
+        num, exp = credit
+        # Exact dyadic sum on integers (Fraction is ~10x slower on this hot path).
+        if exp > self.exp:
+            self.num = (self.num << (exp - self.exp)) + num
+            self.exp = exp
+        else:
+            self.num += num << (self.exp - exp)
+        if self.num >= 1 << self.exp and not self.done.done():
             self.done.set_result(None)
 
     def fail(self, exc: BaseException) -> None:
