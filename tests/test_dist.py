@@ -438,6 +438,27 @@ async def test_context_of_a_dead_initiator_is_reclaimed(worker_path):
         assert info["num_contexts"] == 0 and info["num_recv_nodes"] == 0
 
 
+async def test_cancelled_task_still_releases_its_context_everywhere(mode):
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        entered = asyncio.Event()
+
+        async def user():
+            async with ag.dist.context():
+                await ag.rpc("w1", F.mul, ("w", ag.tensor(arr(3), requires_grad=True)))
+                entered.set()
+                await asyncio.Event().wait()  # until cancelled
+
+        task = asyncio.ensure_future(user())
+        await asyncio.wait_for(entered.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        info = await ag.rpc("w1", F.wait_no_contexts, (10.0,))
+        assert info["num_contexts"] == 0
+        await assert_clean(c.names)
+
+
 async def test_misuse_errors():
     async with cluster():
         x = ag.tensor(arr(3), requires_grad=True)

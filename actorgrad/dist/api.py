@@ -61,16 +61,10 @@ async def _release_everywhere(st: DistState, ctx_id: int) -> None:
     peers = _release_local(st, ctx_id)
     if not peers:
         return
-    me = st.worker.name
-    fut = asyncio.ensure_future(_release_peers(me, peers, ctx_id))
-    try:
-        await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        # Cancelled while waiting for acknowledgements: the releases still complete,
-        # owned by this worker's dist state, and the cancellation goes on.
-        st.background.add(fut)
-        fut.add_done_callback(st.background.discard)
-        raise
+    # Owned by the worker: if we are cancelled while waiting for the acknowledgements,
+    # the releases still complete (and are cancelled cleanly at worker shutdown).
+    task = st.worker._spawn(_release_peers(st.worker.name, peers, ctx_id))
+    await asyncio.shield(task)
 
 
 def _release_local(st: DistState, ctx_id: int) -> set[str]:

@@ -145,7 +145,6 @@ class DistState:
         self._pass_ids = itertools.count(1)
         self._lock = threading.Lock()  # sync user code may send tensors from a thread
         self.num_backward_passes = 0
-        self.background: set[Any] = set()  # owned tasks (releases finishing after cancel)
         self._empty_waiters: list[Any] = []  # futures resolved when no context is left
         self.runs: dict[int, Any] = {}  # pass id -> InitiatorRun, for passes started here
 
