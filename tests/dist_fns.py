@@ -168,3 +168,9 @@ async def fan_out(key: str, dest: str, dest_key: str, x: ag.Tensor) -> tuple[ag.
     h.register_hook(lambda g: calls.append(np.array(g)))
     z = await ag.rpc(dest, mul, (dest_key, h))
     return h, z
+
+
+async def backward_here(ctx_id: int, key: str, x: ag.Tensor) -> None:
+    """Start a backward pass on this worker, in the caller's context."""
+    y = x * _store[_k(key)]
+    await ag.dist.backward(ctx_id, [y.sum()])

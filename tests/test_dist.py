@@ -296,6 +296,22 @@ async def test_remote_non_leaf_fed_from_two_workers_runs_once(mode):
     np.testing.assert_allclose(gx, 2 * h_val * bv * av, rtol=1e-12)
 
 
+async def test_backward_started_on_another_worker_of_the_context(mode):
+    """w1 runs backward inside the driver's context: the credit and the gradient of
+    the driver's x come back correctly."""
+    xv, wv = arr(4), arr(4)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            await asyncio.wait_for(ag.rpc("w1", F.backward_here, (ctx, "w", x)), 10)
+            gx = ag.dist.get_gradients(ctx)[x]
+            gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+        await assert_clean(c.names)
+    np.testing.assert_allclose(gx, wv, rtol=1e-12)
+    np.testing.assert_allclose(gw, xv, rtol=1e-12)
+
+
 async def test_hooks_apply_on_remote_workers():
     xv, wv = arr(3), arr(3)
     async with cluster():

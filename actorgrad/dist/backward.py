@@ -76,18 +76,22 @@ def _unpack_grad(v: Any) -> np.ndarray | None:
 class PassState:
     """One backward pass of one context on one worker."""
 
-    __slots__ = ("ctx", "pass_id", "task", "contrib", "out", "started_peers", "dead")
+    __slots__ = ("ctx", "pass_id", "origin", "task", "contrib", "out", "started_peers", "dead")
 
     def __init__(
         self,
         st: DistState,
         ctx: DistContext,
         pass_id: int,
+        origin: str,
         roots: Sequence[tuple[Any, np.ndarray | None]],
         retain_graph: bool,
     ) -> None:
         self.ctx = ctx
         self.pass_id = pass_id
+        # The worker that called backward: it collects the credit and the failures
+        # (usually the context's initiator, but any worker in the context may start one).
+        self.origin = origin
         self.contrib: dict[Tensor, np.ndarray] = {}
         self.out: _Outgoing = {}
         self.dead = False
@@ -287,35 +291,28 @@ async def _call_quietly(dest: str, fn: Any, args: tuple[Any, ...]) -> None:
 
 
 async def _send_one(
-    st: DistState,
-    ctx: DistContext,
-    pass_id: int,
-    retain: bool,
-    dest: str,
-    items: list[Any],
-    credit: Credit,
+    st: DistState, ps: PassState, retain: bool, dest: str, items: list[Any], credit: Credit
 ) -> None:
+    ctx_id, origin, pass_id = ps.ctx.id, ps.origin, ps.pass_id
     token = _current.set(None)  # a protocol message: outside any context
     try:
-        await rpc(dest, _deliver, (ctx.id, ctx.initiator, pass_id, retain, items, *credit))
+        await rpc(dest, _deliver, (ctx_id, origin, pass_id, retain, items, *credit))
     except Exception as exc:
         # The receiver failed to handle it, or died: the pass cannot complete.
-        _report(st, ctx.id, ctx.initiator, pass_id, exc)
+        _report(st, ctx_id, origin, pass_id, exc)
     finally:
         _current.reset(token)
 
 
-def _forward(
-    st: DistState, ctx: DistContext, pass_id: int, retain: bool, out: _Outgoing, credit: Credit
-) -> None:
+def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing, credit: Credit) -> None:
     """Send ``out`` (each message acknowledged in an owned background task), splitting
     ``credit`` among the messages; with nothing to send, return the credit."""
     if not out:
-        _return_credit(st, ctx.id, ctx.initiator, pass_id, credit)
+        _return_credit(st, ps.ctx.id, ps.origin, ps.pass_id, credit)
         return
     parts = split_credit(credit, len(out))
     for (dest, items), part in zip(out.items(), parts, strict=True):
-        st.worker._spawn(_send_one(st, ctx, pass_id, retain, dest, items, part))
+        st.worker._spawn(_send_one(st, ps, retain, dest, items, part))
 
 
 def _step(st: DistState, ctx: DistContext, ps: PassState, retain: bool) -> _Outgoing:
@@ -355,7 +352,7 @@ async def _deliver(
                 f"another backward pass is running in context {ctx_id:#x}; "
                 "concurrent backward calls in one context are not supported"
             )
-        ps = ctx.active_pass = PassState(st, ctx, pass_id, (), retain)
+        ps = ctx.active_pass = PassState(st, ctx, pass_id, initiator, (), retain)
     try:
         ps.deliver(items)
         out = _step(st, ctx, ps, retain)
@@ -364,7 +361,7 @@ async def _deliver(
         if ctx.active_pass is ps:
             ctx.active_pass = None
         raise
-    _forward(st, ctx, pass_id, retain, out, (num, exp))
+    _forward(st, ps, retain, out, (num, exp))
 
 
 async def _credit(ctx_id: int, pass_id: int, num: int, exp: int) -> None:
@@ -474,10 +471,10 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             )
         pass_id = st.new_pass_id()
         run = st.runs[pass_id] = InitiatorRun(context_id, pass_id)
-        ps = ctx.active_pass = PassState(st, ctx, pass_id, checked, retain_graph)
+        ps = ctx.active_pass = PassState(st, ctx, pass_id, worker.name, checked, retain_graph)
         try:
             out = _step(st, ctx, ps, retain_graph)
-            _forward(st, ctx, pass_id, retain_graph, out, (1, 0))
+            _forward(st, ps, retain_graph, out, (1, 0))
             await run.done
         except BaseException as exc:
             if ctx.active_pass is ps:
