@@ -47,6 +47,12 @@ async def relay(path, value):
     return await ag.rpc(path[0], relay, (path[1:], [*value, ag.worker_name()]))
 
 
+def blas_env():
+    return [
+        os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    ]
+
+
 def _gone(p: int) -> bool:
     try:
         os.kill(p, 0)
@@ -73,6 +79,16 @@ async def test_process_workers_rpc_reentrancy_and_no_orphans():
         assert await r.to_here() == [1, 2, 3]
         assert ag.workers() == ["driver", "w1", "w2"]
     assert all(_gone(p) for p in pids)
+
+
+async def test_process_workers_get_blas_threads_unless_the_user_set_them(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    share = str(max(1, (os.cpu_count() or 1) // 3))  # 2 workers + the driver
+    async with ag.local_cluster(2, processes=True):
+        for w in ("w1", "w2"):
+            assert await ag.rpc(w, blas_env) == [share, "7", share]
 
 
 async def test_heavy_function_on_a_process_worker_keeps_heartbeats_and_calls_going():

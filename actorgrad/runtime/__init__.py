@@ -32,6 +32,7 @@ from actorgrad.runtime.worker import (
     Worker,
     current_worker,
     get_interceptor,
+    inline,
     set_interceptor,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "current_worker",
     "get_interceptor",
     "init",
+    "inline",
     "local_cluster",
     "remote",
     "rpc",

@@ -12,8 +12,8 @@ import asyncio
 import ipaddress
 import os
 import secrets
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.procs import WorkerProcesses
@@ -21,9 +21,25 @@ from actorgrad.runtime.worker import Worker
 
 HEAD_NAME = "_head"
 
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion on a fresh event loop: a uvloop loop when uvloop is
+    installed, else asyncio's default. Unlike :func:`install_uvloop` this touches no
+    process-global event-loop policy."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
 
 def install_uvloop() -> bool:
-    """Use uvloop for event loops created from now on (call before asyncio.run)."""
+    """Use uvloop for event loops created from now on (call before asyncio.run).
+
+    Sets the process-global event-loop policy; prefer :func:`run`."""
     try:
         import uvloop
     except ImportError:
@@ -52,7 +68,8 @@ def check_bind(host: str, token: str | None) -> None:
 
 
 def new_token() -> str:
-    return secrets.token_hex(16)
+    """A new cluster token: 256 random bits, URL-safe text."""
+    return secrets.token_urlsafe(32)
 
 
 async def finish(coro: Awaitable[Any]) -> Any:

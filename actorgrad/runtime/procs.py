@@ -6,6 +6,12 @@ never in argv, and ``PYTHONPATH`` carries this process's ``sys.path`` (as
 multiprocessing's spawn does) so the children import what the driver imports.
 Stopping: wait for a graceful exit (they leave when the head closes), then SIGTERM,
 then SIGKILL — always joined, so no orphans and no zombies.
+
+BLAS threads: N worker processes plus the driver share this machine's cores, and each
+BLAS library would by default start one thread per core (a 3-worker matmul pipeline
+on 2 cores ran 40x slower oversubscribed). So each child gets
+``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` set to
+``max(1, os.cpu_count() // (N + 1))``, except for a variable the user already set.
 """
 
 from __future__ import annotations
@@ -17,6 +23,14 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+#: Thread-count variables of the BLAS libraries numpy may use (see the module docstring).
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def blas_threads(n_workers: int) -> int:
+    """BLAS threads per process when ``n_workers`` workers and a driver share the cores."""
+    return max(1, (os.cpu_count() or 1) // (n_workers + 1))
 
 
 class WorkerProcesses:
@@ -37,6 +51,10 @@ class WorkerProcesses:
         paths = [p for p in sys.path if p and os.path.isdir(p)]
         cwd = os.getcwd()
         env["PYTHONPATH"] = os.pathsep.join([cwd, *paths])
+        threads = str(blas_threads(len(names)))
+        for var in BLAS_THREAD_VARS:
+            if not os.environ.get(var):
+                env[var] = threads
         for name in names:
             argv = [
                 sys.executable,

@@ -21,6 +21,8 @@ Execution model (how a CPU-heavy user function cannot starve a worker):
     a row); after that they run inline on the loop (the tiny-call round trip stays
     fast). An inline call that takes longer than ``FAST_CALL`` sends that function back
     to the pool, so a heavy function can block the loop at most once.
+  - plain functions marked ``__actorgrad_inline__ = True`` (:func:`inline`, for short
+    non-blocking protocol handlers) always run inline, never in the pool nor timed.
   Every task is owned by the worker (``_tasks``) and cancelled/awaited at teardown.
 * Heartbeats: every ``HEARTBEAT_INTERVAL`` an idle connection gets a ping; a
   connection with calls waiting on it that has received nothing for
@@ -47,7 +49,8 @@ requests arriving on incoming connections are answered on them.
 
 Contracts for higher layers (docs/design.md section 3): :func:`current_worker`,
 :func:`set_interceptor`, ``Worker.name/id/ext``, :meth:`Worker.add_peer_lost_callback`,
-:meth:`Worker.add_status_provider`, :meth:`Worker.call`.
+:meth:`Worker.add_status_provider`, :meth:`Worker.call`, :meth:`Worker.call_nowait`,
+:func:`inline`.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from actorgrad import wire
 from actorgrad.errors import (
@@ -102,6 +105,8 @@ _current: contextvars.ContextVar[Worker] = contextvars.ContextVar("actorgrad_wor
 _current_conn: contextvars.ContextVar[Connection] = contextvars.ContextVar("actorgrad_conn")
 _process_worker: Worker | None = None
 _interceptor: Any = None
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _NOT_INIT = "actorgrad is not initialized: call `await ag.init(...)` or use `ag.local_cluster()`"
 
@@ -153,12 +158,24 @@ def natural_key(name: str) -> list:
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, tuple, dict})
 
 
-class _FnStats:
-    __slots__ = ("fast", "is_async")
+def inline(fn: F) -> F:
+    """Mark ``fn`` (a plain, non-blocking function) to always run inline on the worker's
+    loop: called synchronously where the request is read, never in the thread pool nor
+    as a task, its result replied at once. Meant for short protocol handlers (e.g. the
+    distributed backward's); a blocking or slow one stalls the whole worker. Sets
+    ``fn.__actorgrad_inline__ = True``, which is what the worker checks; on an
+    ``async def`` function the marker has no effect."""
+    fn.__actorgrad_inline__ = True  # type: ignore[attr-defined]
+    return fn
 
-    def __init__(self, is_async: bool) -> None:
+
+class _FnStats:
+    __slots__ = ("fast", "is_async", "inline")
+
+    def __init__(self, fn: Any) -> None:
         self.fast = 0
-        self.is_async = is_async
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.inline = not self.is_async and getattr(fn, "__actorgrad_inline__", False) is True
 
 
 def _error_for(worker: str, exc: BaseException) -> RemoteError:
@@ -483,6 +500,10 @@ class Worker:
             for fut, _hooks in pending.values():
                 if not fut.done():
                     fut.set_exception(err)
+                    if self._stopping:
+                        # failed by our own shutdown: a call_nowait future nobody
+                        # reads any more must not log "exception was never retrieved"
+                        fut.exception()
         if conn is self.registry_conn:
             self.registry_lost.set()
         if self.registry is not None:
@@ -669,18 +690,18 @@ class Worker:
             return
         stats = self._stats.get(key)
         if stats is None:
-            stats = self._stats[key] = _FnStats(inspect.iscoroutinefunction(fn))
+            stats = self._stats[key] = _FnStats(fn)
         # the dispatcher's context already has _current = self; the copy isolates the
         # call's contextvars (the connection is set inside it)
         ctx = contextvars.copy_context()
         self._inflight += 1
         self._idle.clear()
-        if stats.is_async or stats.fast < INLINE_AFTER:
+        if not stats.inline and (stats.is_async or stats.fast < INLINE_AFTER):
             self._spawn(
                 self._run_task(conn, cid, mode, fn, args, kwargs, meta, hooks, stats), context=ctx
             )
             return
-        # proven fast: run inline on the loop
+        # marked inline, or proven fast: run inline on the loop
         t0 = time.perf_counter()
         try:
             result = ctx.run(self._invoke, fn, args, kwargs, meta, conn)
@@ -689,7 +710,7 @@ class Worker:
             self._reply_exc(conn, cid, exc, hooks)
             return
         finally:
-            if time.perf_counter() - t0 > FAST_CALL:
+            if not stats.inline and time.perf_counter() - t0 > FAST_CALL:
                 stats.fast = 0
         if type(result) not in _PLAIN and inspect.isawaitable(result):
             self._spawn(self._finish_awaitable(conn, cid, mode, result, hooks), context=ctx)
@@ -889,6 +910,86 @@ class Worker:
         """Like :meth:`call`, on a given connection (e.g. to a registry before joining)."""
         dest = conn.peer_name or "?"
         return await self.call(dest, target, args, kwargs, timeout=timeout, mode=mode, _conn=conn)
+
+    def call_nowait(
+        self, dest: str, fn: Any, args: Any = (), kwargs: dict | None = None
+    ) -> asyncio.Future[Any]:
+        """Start ``fn(*args, **kwargs)`` on worker ``dest`` and return the future of its
+        result, without a coroutine or task per call (for protocol code, usable from
+        any loop callback). The request is encoded and queued at once when a connection
+        to ``dest`` exists; else an owned task connects first.
+
+        Every failure arrives through the future, with :meth:`call`'s semantics
+        (RemoteError, WorkerLost, TypeError for an argument that cannot travel,
+        ValueError for an unknown worker); only malformed ``args``/``kwargs`` raise here.
+        Unlike :meth:`call` it bypasses the interceptor: the request carries no meta.
+        Reading a failed future's exception is the caller's job (e.g. in a done
+        callback), except for calls failed by this worker's shutdown, which never
+        warn. Cancelling the future does not cancel the remote call."""
+        target = fn if type(fn) is str else calls.fn_spec(fn)
+        if not isinstance(args, (tuple, list)):
+            raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        conn = self._out.get(dest) if type(dest) is str else None
+        if conn is not None and not conn.closed:
+            self._request_nowait(conn, dest, target, args, kwargs, fut)
+        elif self._stopping:
+            fut.set_exception(WorkerLost(f"worker {self.name!r} is shutting down"))
+            fut.exception()  # failed by our shutdown: never "exception was never retrieved"
+        else:
+            self._spawn(self._connect_and_request(dest, target, args, kwargs, fut))
+        return fut
+
+    def _request_nowait(
+        self,
+        conn: Connection,
+        dest: str,
+        target: Any,
+        args: Any,
+        kwargs: dict | None,
+        fut: asyncio.Future[Any],
+    ) -> None:
+        """Encode and queue a request whose reply resolves ``fut`` (see call_nowait)."""
+        hooks = rref.Hooks(self, dest)
+        cid = next(conn._call_ids)
+        try:
+            chunks = wire.encode_frame(
+                [K_REQ, cid, target, MODE_RPC, None], [list(args), kwargs or None], hooks
+            )
+        except Exception as exc:
+            hooks.undo()
+            fut.set_exception(exc)
+            return
+        conn.pending[cid] = (fut, hooks)
+        if hooks.forks:  # RRefs among the arguments: registered before the request goes
+            self._spawn(self._send_after_forks(conn, chunks, hooks))
+            return
+        try:
+            conn.send_nowait(chunks)
+        except ActorgradError as exc:
+            conn.pending.pop(cid, None)
+            fut.set_exception(exc)
+
+    async def _connect_and_request(
+        self, dest: Any, target: Any, args: Any, kwargs: dict | None, fut: asyncio.Future[Any]
+    ) -> None:
+        try:
+            if type(dest) is not str:
+                raise TypeError(f"worker name must be a str, not {type(dest).__name__}")
+            conn = await self._conn_to(dest)
+        except asyncio.CancelledError:  # our teardown
+            if not fut.done():
+                fut.set_exception(WorkerLost(f"worker {self.name!r} shut down"))
+                fut.exception()  # failed by our shutdown: no "never retrieved" warning
+            raise
+        except Exception as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        if not fut.done():
+            self._request_nowait(conn, dest, target, args, kwargs, fut)
 
     def notify(self, dest: str, fn: str, args: tuple = ()) -> None:
         """A one-way call (no reply), best effort; usable from any loop callback."""

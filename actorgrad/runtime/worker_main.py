@@ -1,6 +1,9 @@
 """Entry point of a worker process: ``python -m actorgrad.runtime.worker_main --join
 ADDR --name NAME [--host H]`` (token in ``ACTORGRAD_TOKEN``). Runs until SIGTERM/SIGINT
-or until the cluster's head goes away."""
+or until the cluster's head goes away.
+
+``ACTORGRAD_PROFILE=PATH`` (a developer aid) runs the worker under cProfile and writes
+the stats to ``PATH.NAME`` when it exits."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import asyncio
 import os
 import signal
 import sys
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,21 +25,30 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         print("actorgrad worker: ACTORGRAD_TOKEN is not set", file=sys.stderr)
         return 2
-    from actorgrad.runtime.cluster import install_uvloop, serve_worker
+    from actorgrad.runtime.cluster import run, serve_worker
 
-    install_uvloop()
-
-    async def run() -> None:
+    async def serve() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await serve_worker(args.join, args.name, token, stop=stop, host=args.host)
 
+    profile = os.environ.get("ACTORGRAD_PROFILE")
+    prof: Any = None
+    if profile:  # a developer aid: cProfile the worker, stats dumped to this path at exit
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     try:
-        asyncio.run(run())
+        run(serve())
     except KeyboardInterrupt:
         return 130
+    finally:
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(f"{profile}.{args.name}")
     return 0
 
 

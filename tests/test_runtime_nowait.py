@@ -1,0 +1,197 @@
+"""Runtime features for protocol code: ``Worker.call_nowait`` and inline handlers.
+
+Tests using the ``cluster`` fixture run over both transports (in-process, TCP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import actorgrad as ag
+from actorgrad.runtime import current_worker, inline
+from actorgrad.runtime import worker as rworker
+
+# ---- functions called remotely ---------------------------------------------------------
+
+
+def add(a, b=0):
+    return a + b
+
+
+def boom(msg):
+    raise ValueError(msg)
+
+
+async def nap(seconds, value=None):
+    await asyncio.sleep(seconds)
+    return value
+
+
+@inline
+def where_inline():
+    """Runs on the worker's loop thread, in no task."""
+    return [threading.current_thread() is threading.main_thread(), _in_task()]
+
+
+def where_plain():
+    return [threading.current_thread() is threading.main_thread(), _in_task()]
+
+
+@inline
+def inline_boom(msg):
+    raise KeyError(msg)
+
+
+@inline
+async def inline_async(x):  # the marker has no effect on async functions
+    await asyncio.sleep(0)
+    return x + 1
+
+
+@inline
+def slow_inline():
+    time.sleep(rworker.FAST_CALL * 2)
+    return where_inline()
+
+
+def _in_task() -> bool:
+    try:
+        return asyncio.current_task() is not None
+    except RuntimeError:  # no running loop: a pool thread
+        return False
+
+
+@inline
+def nowait_from_worker(dest: str, x: int) -> Any:
+    """Protocol style: call_nowait from a handler, chained by a done callback."""
+    w = current_worker()
+    out = asyncio.get_running_loop().create_future()
+
+    def done(f: asyncio.Future) -> None:
+        if f.exception() is not None:
+            out.set_exception(f.exception())
+        else:
+            out.set_result(f.result() * 10)
+
+    w.call_nowait(dest, add, (x, 1)).add_done_callback(done)
+    return out
+
+
+@pytest.fixture
+async def loop_errors():
+    """Contexts the loop's exception handler receives ("exception was never retrieved"...)."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    old = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    yield errors
+    gc.collect()
+    loop.set_exception_handler(old)
+
+
+# ---- inline handlers -------------------------------------------------------------------------
+
+
+def test_inline_decorator_sets_the_marker():
+    def f():
+        pass
+
+    assert inline(f) is f
+    assert f.__actorgrad_inline__ is True
+
+
+async def test_inline_functions_run_on_the_loop_at_once_and_never_in_the_pool(cluster):
+    # the first calls of a plain function go to the thread pool; an inline one never does
+    assert await ag.rpc("w1", where_plain) == [False, False]
+    for _ in range(rworker.INLINE_AFTER + 2):
+        assert await ag.rpc("w1", where_inline) == [True, False]
+
+
+async def test_inline_function_errors_and_async_functions_with_the_marker(cluster):
+    with pytest.raises(ag.RemoteError) as ei:
+        await ag.rpc("w2", inline_boom, ("k",))
+    assert ei.value.remote_type == "KeyError"
+    assert await ag.rpc("w2", inline_async, (1,)) == 2
+
+
+async def test_a_slow_inline_function_stays_inline(cluster):
+    # slower than FAST_CALL: a plain function would be sent back to the pool
+    for _ in range(3):
+        assert await ag.rpc("w1", slow_inline) == [True, False]
+
+
+# ---- call_nowait -----------------------------------------------------------------------------
+
+
+async def test_call_nowait_returns_a_future_of_the_result(cluster):
+    w = cluster.driver
+    futs = [w.call_nowait("w1", add, (i,), {"b": 1}) for i in range(50)]
+    assert all(isinstance(f, asyncio.Future) for f in futs)
+    assert await asyncio.gather(*futs) == [i + 1 for i in range(50)]
+    # a first call to a worker without a connection yet connects in a task
+    assert await w.call_nowait("w3", f"{__name__}:add", (2, 3)) == 5
+    assert await w.call_nowait("driver", add, (4,)) == 4
+
+
+async def test_call_nowait_failures_arrive_through_the_future(cluster, loop_errors):
+    w = cluster.driver
+    with pytest.raises(ag.RemoteError) as ei:
+        await w.call_nowait("w1", boom, ("bad",))
+    assert ei.value.remote_type == "ValueError" and "bad" in str(ei.value)
+    with pytest.raises(ValueError, match="unknown worker"):
+        await w.call_nowait("nobody", add, (1,))
+    with pytest.raises(TypeError, match="set"):
+        await w.call_nowait("w1", add, ({1, 2},))
+    with pytest.raises(TypeError):
+        w.call_nowait("w1", add, 5)
+    with pytest.raises(TypeError):
+        w.call_nowait("w1", lambda: 1)
+
+
+async def test_call_nowait_from_a_handler_with_done_callbacks(cluster):
+    assert await ag.rpc("w1", nowait_from_worker, ("w2", 4)) == 50
+    assert await ag.rpc("w2", nowait_from_worker, ("driver", 1)) == 20
+
+
+async def test_call_nowait_fails_with_worker_lost_when_the_peer_goes(cluster, loop_errors):
+    w = cluster.driver
+    assert await w.call_nowait("w3", add, (1,)) == 1
+    fut = w.call_nowait("w3", nap, (30,))
+    seen: list[BaseException | None] = []
+    fut.add_done_callback(lambda f: seen.append(f.exception()))
+    await asyncio.sleep(0.05)
+    await cluster.workers[2].shutdown(graceful=False)
+    with pytest.raises(ag.WorkerLost):
+        await asyncio.wait_for(fut, 5)
+    assert len(seen) == 1 and isinstance(seen[0], ag.WorkerLost)
+    del fut
+    gc.collect()
+    assert loop_errors == []
+
+
+async def test_call_nowait_futures_pending_at_shutdown_fail_without_warnings(loop_errors):
+    async with ag.local_cluster(2, transport="tcp") as c:
+        w = c.driver
+        await w.call_nowait("w1", add, (1,))
+        pending = [w.call_nowait("w1", nap, (0.3,)) for _ in range(3)]
+        connecting = w.call_nowait("w2", nap, (0.3,))  # no connection yet: a task connects
+        await asyncio.sleep(0)
+        await w.shutdown()  # (before the workers: the calls are still pending)
+    for f in [*pending, connecting]:  # (repr does not mark the exception as read)
+        assert f.done() and "exception=WorkerLost" in repr(f)
+    del pending, connecting, f
+    gc.collect()
+    assert loop_errors == []
+
+
+async def test_call_nowait_after_shutdown_fails_at_once(loop_errors):
+    async with ag.local_cluster(1) as c:
+        w = c.driver
+    fut = w.call_nowait("w1", add, (1,))
+    assert fut.done() and isinstance(fut.exception(), ag.WorkerLost)
