@@ -155,14 +155,17 @@ del _t, _dt
 # dtype -> dtype.str for the encoder (a dict lookup is cheaper than computing .str)
 _DTYPE_STR: dict[np.dtype, str] = {dt: s for s, dt in _DTYPES.items()}
 
-# msgpack encodes its own timestamp ext (code -1) without calling ext_hook; these are
-# the byte patterns that can start one. A hit triggers a check of the decoded value.
-_TIMESTAMP_RE = re.compile(rb"[\xd6\xd7]\xff|\xc7\x0c\xff")
-_FF_RE = re.compile(rb"\xff")  # cheap pre-filter: no 0xff byte, no timestamp
+# msgpack decodes its own timestamp ext (code -1) without calling ext_hook, so decoded
+# values are checked for timestamps (a walk over their containers: never a byte-pattern
+# search, which was slow on inline array data). The walk is skipped for small input
+# without any 0xff byte (a timestamp's type byte); large input is always walked, as
+# scanning its bytes (mostly array data) would cost more than walking its few objects.
+_FF_RE = re.compile(rb"\xff")
+_SCAN_BELOW = 2048
 
 
 def _may_hold_timestamp(buf: memoryview) -> bool:
-    return _FF_RE.search(buf) is not None and _TIMESTAMP_RE.search(buf) is not None
+    return buf.nbytes >= _SCAN_BELOW or _FF_RE.search(buf) is not None
 
 
 class WireHooks(Protocol):
@@ -812,8 +815,9 @@ class Frame:
             >>> f.body()["x"]
             array([0., 0., 0.])
         """
-        dec = _Decoder(hooks, self._buffers, self._body.nbytes)
         body = self._body
+        check_ts = _may_hold_timestamp(body)
+        dec = _Decoder(hooks, self._buffers, body.nbytes, check_ts)
         hook_exc: BaseException | None = None
         try:
             value = msgpack.unpackb(
@@ -828,7 +832,7 @@ class Frame:
                     f"frame has {len(self._buffers)} out-of-band buffers but the body "
                     f"uses {dec.used}"
                 )
-            if _may_hold_timestamp(body):
+            if check_ts:
                 _reject_timestamps(value)
         except _HookError as h:
             hook_exc = h.exc
@@ -852,18 +856,38 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
+_CONTAINERS = frozenset({list, tuple, dict})
+
+
 def _reject_timestamps(value: Any) -> None:
-    """Raise ProtocolError if a msgpack Timestamp (ext -1) hides anywhere in ``value``."""
+    """Raise ProtocolError if a msgpack Timestamp (ext -1) hides anywhere in ``value``
+    (decoded values: containers are exactly list, tuple or dict)."""
+    ts = msgpack.Timestamp
+    containers = _CONTAINERS
     stack = [value]
     while stack:
         x = stack.pop()
-        if isinstance(x, msgpack.Timestamp):
-            raise ProtocolError(f"unknown ext type -1 (msgpack timestamp) in frame: {x!r}")
-        if isinstance(x, (list, tuple)):
-            stack.extend(x)
-        elif isinstance(x, dict):
-            stack.extend(x.keys())
-            stack.extend(x.values())
+        t = type(x)
+        if t is dict:
+            items: Any = (*x.keys(), *x.values()) if len(x) > 8 else [*x.keys(), *x.values()]
+        elif t is list or t is tuple:
+            items = x
+        elif t is ts:
+            items = (x,)
+        else:
+            continue
+        if len(items) > 16:
+            types = set(map(type, items))  # one C-level pass; Python only for containers
+            if ts not in types:
+                if not types.isdisjoint(containers):
+                    stack.extend(i for i in items if type(i) in containers)
+                continue
+        for item in items:
+            ti = type(item)
+            if ti is ts:
+                raise ProtocolError(f"unknown ext type -1 (msgpack timestamp) in frame: {item!r}")
+            if ti in containers:
+                stack.append(item)
 
 
 def _unpack_payload(data: bytes, what: str, length: int, ext_hook: Any = None) -> list:
@@ -888,9 +912,11 @@ def _dtype_from(s: Any) -> np.dtype:
 
 
 class _Decoder:
-    __slots__ = ("hooks", "buffers", "used", "taken", "depth", "hook", "budget")
+    __slots__ = ("hooks", "buffers", "used", "taken", "depth", "hook", "budget", "check_ts")
 
-    def __init__(self, hooks: Any, buffers: list[memoryview], body_len: int) -> None:
+    def __init__(
+        self, hooks: Any, buffers: list[memoryview], body_len: int, check_ts: bool
+    ) -> None:
         self.hook = self.ext_hook
         self.budget = _ext_budget(body_len)
         self.hooks = hooks
@@ -898,6 +924,9 @@ class _Decoder:
         self.used = 0
         self.taken: bytearray | None = None
         self.depth = 0
+        # the body may hold a msgpack timestamp: values given to hooks are checked too
+        # (the rest of the body is checked once decoded)
+        self.check_ts = check_ts
 
     def ext_hook(self, code: int, data: bytes) -> Any:
         depth = self.depth + 1
@@ -993,6 +1022,8 @@ def _dec_tensor(dec: _Decoder, data: bytes) -> Any:
     dstr, shape, raw, requires_grad, link = _unpack_payload(data, "Tensor", 5, dec.hook)
     if type(requires_grad) is not bool:
         raise ProtocolError("malformed Tensor payload: requires_grad must be a bool")
+    if dec.check_ts:
+        _reject_timestamps(link)
     arr = _array_from(dec, dstr, shape, raw)
     tensor_in = getattr(dec.hooks, "tensor_in", None) if dec.hooks is not None else None
     if tensor_in is not None:
@@ -1013,6 +1044,8 @@ def _dec_ref(dec: _Decoder, data: bytes) -> Any:
     if ref_in is None:
         raise ProtocolError("RRef received without a runtime")
     payload = _unpack_payload(data, "RRef", -1, dec.hook)
+    if dec.check_ts:
+        _reject_timestamps(payload)
     try:
         return ref_in(payload)
     except Exception as exc:
