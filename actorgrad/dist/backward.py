@@ -30,6 +30,7 @@ Design (see docs/distributed.md for the long form):
 from __future__ import annotations
 
 import asyncio
+import functools
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -39,7 +40,7 @@ import numpy as np
 from actorgrad.autograd import GraphTask, grad_node
 from actorgrad.dist.context import DistContext, DistState, RecvNode, _current, state_of
 from actorgrad.errors import ContextError, ProtocolError, RemoteError, WorkerLost
-from actorgrad.runtime import current_worker, rpc
+from actorgrad.runtime import current_worker, inline, rpc
 from actorgrad.tensor import Tensor
 
 __all__ = ["PassState", "backward"]
@@ -260,59 +261,57 @@ def _failure_from(record: list[Any]) -> BaseException:
     return RemoteError(worker, type_name, message, tb)
 
 
-def _report(st: DistState, ctx_id: int, initiator: str, pass_id: int, exc: BaseException) -> None:
-    """Tell the initiator that its pass failed (here, or at a worker we sent to)."""
+def _report(st: DistState, ctx_id: int, origin: str, pass_id: int, exc: BaseException) -> None:
+    """Tell the pass's origin that the pass failed (here, or at a worker we sent to)."""
     record = _failure_record(exc, st.worker.name)
-    if initiator == st.worker.name:
+    if origin == st.worker.name:
         _fail_local(st, pass_id, record)
     else:
-        st.worker._spawn(_call_quietly(initiator, _fail, (ctx_id, pass_id, record)))
+        st.worker.call_nowait(origin, _fail, (ctx_id, pass_id, record)).add_done_callback(
+            _ignore_failure
+        )
 
 
-def _return_credit(
-    st: DistState, ctx_id: int, initiator: str, pass_id: int, credit: Credit
-) -> None:
-    if initiator == st.worker.name:
+def _return_credit(st: DistState, ctx_id: int, origin: str, pass_id: int, credit: Credit) -> None:
+    if origin == st.worker.name:
         run = st.runs.get(pass_id)
         if run is not None:
             run.add_credit(credit)
     else:
-        st.worker._spawn(_call_quietly(initiator, _credit, (ctx_id, pass_id, *credit)))
+        st.worker.call_nowait(origin, _credit, (ctx_id, pass_id, *credit)).add_done_callback(
+            _ignore_failure
+        )
 
 
-async def _call_quietly(dest: str, fn: Any, args: tuple[Any, ...]) -> None:
-    token = _current.set(None)  # a protocol message: outside any context
-    try:
-        await rpc(dest, fn, args)
-    except Exception:  # the initiator is gone: nobody is waiting for this any more
-        pass
-    finally:
-        _current.reset(token)
-
-
-async def _send_one(
-    st: DistState, ps: PassState, retain: bool, dest: str, items: list[Any], credit: Credit
-) -> None:
-    ctx_id, origin, pass_id = ps.ctx.id, ps.origin, ps.pass_id
-    token = _current.set(None)  # a protocol message: outside any context
-    try:
-        await rpc(dest, _deliver, (ctx_id, origin, pass_id, retain, items, *credit))
-    except Exception as exc:
-        # The receiver failed to handle it, or died: the pass cannot complete.
-        _report(st, ctx_id, origin, pass_id, exc)
-    finally:
-        _current.reset(token)
+def _ignore_failure(fut: asyncio.Future[Any]) -> None:
+    # The origin is gone: nobody waits for this pass any more.
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing, credit: Credit) -> None:
-    """Send ``out`` (each message acknowledged in an owned background task), splitting
-    ``credit`` among the messages; with nothing to send, return the credit."""
+    """Send ``out``, splitting ``credit`` among the messages; with nothing to send,
+    return the credit. Messages are requests without a task each (``call_nowait``):
+    their replies only matter when they carry a failure, which goes to the origin."""
+    ctx_id, origin, pass_id = ps.ctx.id, ps.origin, ps.pass_id
     if not out:
-        _return_credit(st, ps.ctx.id, ps.origin, ps.pass_id, credit)
+        _return_credit(st, ctx_id, origin, pass_id, credit)
         return
     parts = split_credit(credit, len(out))
     for (dest, items), part in zip(out.items(), parts, strict=True):
-        st.worker._spawn(_send_one(st, ps, retain, dest, items, part))
+        fut = st.worker.call_nowait(dest, _deliver, (ctx_id, origin, pass_id, retain, items, *part))
+        fut.add_done_callback(functools.partial(_on_reply, st, ctx_id, origin, pass_id))
+
+
+def _on_reply(
+    st: DistState, ctx_id: int, origin: str, pass_id: int, fut: asyncio.Future[Any]
+) -> None:
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is not None:
+        # The receiver failed to handle the message, or died: the pass cannot complete.
+        _report(st, ctx_id, origin, pass_id, exc)
 
 
 def _step(st: DistState, ctx: DistContext, ps: PassState, retain: bool) -> _Outgoing:
@@ -322,8 +321,9 @@ def _step(st: DistState, ctx: DistContext, ps: PassState, retain: bool) -> _Outg
     return out
 
 
-async def _deliver(
-    ctx_id: int, initiator: str, pass_id: int, retain: bool, items: list[Any], num: int, exp: int
+@inline
+def _deliver(
+    ctx_id: int, origin: str, pass_id: int, retain: bool, items: list[Any], num: int, exp: int
 ) -> None:
     """Message handler: gradients for some of this worker's send nodes (maybe none:
     then it only starts this worker's part of the pass). Runs what they made ready,
@@ -345,14 +345,14 @@ async def _deliver(
                     "after that pass finished here"
                 )
             # A start message for a part already done.
-            _return_credit(st, ctx_id, initiator, pass_id, (num, exp))
+            _return_credit(st, ctx_id, origin, pass_id, (num, exp))
             return
         if ps is not None:
             raise ContextError(
                 f"another backward pass is running in context {ctx_id:#x}; "
                 "concurrent backward calls in one context are not supported"
             )
-        ps = ctx.active_pass = PassState(st, ctx, pass_id, initiator, (), retain)
+        ps = ctx.active_pass = PassState(st, ctx, pass_id, origin, (), retain)
     try:
         ps.deliver(items)
         out = _step(st, ctx, ps, retain)
@@ -364,7 +364,8 @@ async def _deliver(
     _forward(st, ps, retain, out, (num, exp))
 
 
-async def _credit(ctx_id: int, pass_id: int, num: int, exp: int) -> None:
+@inline
+def _credit(ctx_id: int, pass_id: int, num: int, exp: int) -> None:
     """Handler on the initiator: credit of a finished branch of the pass."""
     run = state_of(current_worker()).runs.get(pass_id)
     if run is not None:
@@ -377,7 +378,8 @@ def _fail_local(st: DistState, pass_id: int, record: list[Any]) -> None:
         run.fail(_failure_from(record))
 
 
-async def _fail(ctx_id: int, pass_id: int, record: list[Any]) -> None:
+@inline
+def _fail(ctx_id: int, pass_id: int, record: list[Any]) -> None:
     """Handler on the initiator: the pass failed somewhere."""
     _fail_local(state_of(current_worker()), pass_id, record)
 
