@@ -21,9 +21,9 @@ Design (see docs/distributed.md for the long form):
   nothing further returns its share to the initiator. ``backward`` returns when the
   initiator holds 1 again: then every message has been handled, every send node
   delivered, every task finished, every leaf gradient accumulated on its worker.
-* Each message is an RPC whose reply is awaited in a background task owned by the
-  sending worker; a failure (the receiver's error, or ``WorkerLost``) is reported to
-  the initiator as the original error (``RemoteError`` naming the worker where it
+* Each message is an RPC handled inline on the receiver's loop and sent with
+  ``call_nowait`` (no task per message); a failure in its reply (the receiver's error,
+  or ``WorkerLost``) is reported to the pass's origin as the original error (``RemoteError`` naming the worker where it
   happened), and the initiator then floods an abort so every worker drops the pass.
 """
 
