@@ -842,6 +842,10 @@ class Frame:
             raise ProtocolError("malformed frame body: nested too deeply") from None
         except Exception as exc:
             raise ProtocolError(f"malformed frame body: {_describe(exc)}") from exc
+        finally:
+            # break the cycle decoder -> bound ext_hook -> decoder, which kept the
+            # decoder (and through it the frame's buffers) alive until a gc run
+            dec.hook = None
         if hook_exc is not None:
             raise hook_exc
         return value
@@ -917,7 +921,7 @@ class _Decoder:
     def __init__(
         self, hooks: Any, buffers: list[memoryview], body_len: int, check_ts: bool
     ) -> None:
-        self.hook = self.ext_hook
+        self.hook: Callable[[int, bytes], Any] | None = self.ext_hook
         self.budget = _ext_budget(body_len)
         self.hooks = hooks
         self.buffers = buffers

@@ -82,7 +82,7 @@ async def test_big_frame_is_assembled_in_place_and_arrays_are_writable():
     data = _framed([1], a)
     for i in range(0, len(data), 65536):
         c.data_received(data[i : i + 65536])
-    assert len(frames) == 1 and isinstance(frames[0], bytearray)
+    assert len(frames) == 1 and not memoryview(frames[0]).readonly
     b = wire.decode_frame(frames[0]).body()
     np.testing.assert_array_equal(a, b)
     b[0] = 42.0  # writable, zero copy
@@ -117,6 +117,51 @@ async def test_big_messages_are_written_without_joining():
     c.send_nowait(wire.encode_frame([0], a))
     assert len(t.writes) >= 2  # prefix and chunks, no concatenated copy
     assert sum(len(w) for w in t.writes) > 1_000_000
+
+
+class WritevTransport(FakeTransport):
+    """A transport whose writelines does not join (like uvloop's)."""
+
+    def writelines(self, list_of_data):
+        self.writes.append([memoryview(d) for d in list_of_data])
+
+
+async def test_medium_frames_with_arrays_go_out_in_one_writelines_without_copies():
+    c = Connection(kind="fake")
+    t = WritevTransport()
+    c.connection_made(t)
+    c.start_frames()
+    c.send_nowait(wire.encode_frame([0], None))  # small: written at once
+    c.send_nowait(wire.encode_frame([1], None))  # coalesced...
+    a = np.ones(wire.OOB_THRESHOLD, dtype=np.uint8)  # out of band, < the old 256 KiB limit
+    c.send_nowait(wire.encode_frame([2], a))  # ...and written along with the big one
+    assert len(t.writes) == 2 and isinstance(t.writes[1], list)
+    assert any(np.shares_memory(np.asarray(m), a) for m in t.writes[1])  # a itself, no copy
+    got = []
+    r, _ = _conn(got)
+    r.data_received(t.writes[0] + b"".join(bytes(m) for m in t.writes[1]))
+    assert [wire.decode_frame(f).header for f in got] == [[0], [1], [2]]
+
+
+async def test_big_frame_buffers_are_recycled_once_nothing_refers_to_them():
+    frames = []
+    c, _ = _conn(frames)
+    data = _framed([1], np.arange(100_000, dtype=np.float64))  # > _BufferPool.MIN_SIZE
+
+    def receive():
+        for i in range(0, len(data), 65536):
+            c.data_received(data[i : i + 65536])
+        return wire.decode_frame(frames.pop()).body()
+
+    kept = receive()
+    again = receive()
+    assert not np.shares_memory(kept, again)  # the first one is still referenced
+    addr = again.__array_interface__["data"][0]
+    del again
+    third = receive()
+    assert third.__array_interface__["data"][0] == addr  # recycled
+    np.testing.assert_array_equal(third, np.arange(100_000, dtype=np.float64))
+    np.testing.assert_array_equal(kept, np.arange(100_000, dtype=np.float64))
 
 
 async def _inproc_pair(server_token, client_token):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import gc
 import math
 import struct
+import sys
 import threading
 from typing import Any
 
@@ -966,3 +968,17 @@ def test_read_only_and_broadcast_arrays_can_be_sent(n):
     out = roundtrip([frozen, decoded_ro, broadcast])
     assert np.array_equal(out[0], frozen) and np.array_equal(out[1], frozen)
     assert np.array_equal(out[2], broadcast) and out[2].flags.writeable
+
+
+def test_a_decoded_frame_buffer_is_freed_without_the_cyclic_gc():
+    # (the transport recycles big frame buffers once nothing refers to them)
+    buf = join_chunks(encode_frame([0], ((np.ones(100_000), np.ones(3)), [1])))
+    base = sys.getrefcount(buf)
+    gc.disable()
+    try:
+        body = decode_frame(buf).body()
+        assert sys.getrefcount(buf) > base
+        del body
+        assert sys.getrefcount(buf) == base
+    finally:
+        gc.enable()

@@ -15,15 +15,17 @@ The client checks the server's MAC (a wrong token gives ``AuthError`` on the con
 side); the server checks the client's and closes the connection on a mismatch (it logs
 and keeps serving others). The whole exchange has a deadline.
 
-Receiving: small frames are sliced out of a reassembly buffer; a large frame is
-assembled in a preallocated ``bytearray`` of its declared length, so the arrays the
+Receiving: small frames are sliced out of a reassembly buffer (``bytearray``); a frame
+of ``BIG_FRAME`` bytes or more is read straight into a preallocated writable buffer
+of its declared length (a ``memoryview``; see :class:`_BufferPool`), so the arrays the
 codec decodes with ``np.frombuffer`` are writable and not copied again. A declared
 length above ``max_frame_size`` is a ``ProtocolError`` and closes that connection only.
 
 Sending: the first small message of a loop tick is written at once (latency), the
 following ones of the same tick are coalesced into one write (flushed with
 ``loop.call_soon``), and replies produced while handling one read go out in one write;
-large messages are written chunk by chunk, without concatenation. The write-buffer
+frames of ``BIG_FRAME`` bytes or more are written without concatenation (with one
+``writelines``, i.e. one ``writev``, when the transport does not join its arguments). The write-buffer
 high mark is 0, so :meth:`Connection.send` returns only once the transport has handed
 everything to the kernel (backpressure; the caller's arrays are no longer referenced).
 Arrays travel zero-copy: do not mutate an array in place while it is being sent.
@@ -44,6 +46,7 @@ import itertools
 import logging
 import secrets
 import struct
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -59,10 +62,53 @@ _MAC_LEN = 32
 HANDSHAKE_TIMEOUT = 5.0
 #: Largest frame accepted (declared length); bigger is a ProtocolError.
 MAX_FRAME_SIZE = 2 * 1024**3
-#: Frames at least this big are assembled in a preallocated buffer / sent unjoined.
-BIG_FRAME = 256 * 1024
+#: Frames at least this big are assembled in a preallocated buffer (read straight into
+#: it) and written without being copied into the coalescing buffer.
+BIG_FRAME = 16 * 1024
 _LEN = struct.Struct(">Q")
 _MAX_HANDSHAKE_BUFFER = 4096
+
+
+class _BufferPool:
+    """Recycles the buffers of big incoming frames, once nothing refers to them.
+
+    A frame's buffer is owned by whatever was decoded from it (arrays are views into
+    it), so it cannot simply be reused; but once those are gone, only the pool holds it
+    (its reference count says so) and the next big frame of about its size takes it.
+    Without this every big frame got fresh pages from the kernel (glibc hands blocks of
+    this size back when they are freed): 4096 page faults and a zeroing for 16 MiB,
+    more than the copy from the socket. At most ``MAX_BUFFERS`` buffers and
+    ``MAX_BYTES`` bytes are kept; frames under ``MIN_SIZE`` use fresh ``bytearray`` s.
+    """
+
+    MIN_SIZE = 256 * 1024
+    MAX_BUFFERS = 4
+    MAX_BYTES = 64 * 1024 * 1024
+    _ROUND = 64 * 1024
+
+    def __init__(self) -> None:
+        self._bufs: list[bytearray] = []
+
+    def get(self, n: int) -> memoryview:
+        """A writable buffer of exactly ``n`` bytes (contents undefined)."""
+        if n < self.MIN_SIZE:
+            return memoryview(bytearray(n))
+        bufs = self._bufs
+        for buf in bufs:
+            # 3 references: the pool's list, this loop's variable, getrefcount's argument
+            if n <= len(buf) <= n + (n >> 2) and sys.getrefcount(buf) == 3:
+                return memoryview(buf)[:n]
+        buf = bytearray(-(-n // self._ROUND) * self._ROUND)
+        if len(buf) <= self.MAX_BYTES:
+            # forget free buffers first, then the oldest, to stay within the limits
+            while bufs and (
+                len(bufs) >= self.MAX_BUFFERS or sum(map(len, bufs)) + len(buf) > self.MAX_BYTES
+            ):
+                free = [b for b in bufs if sys.getrefcount(b) == 3]
+                bufs.remove(free[0] if free else bufs[0])
+                del free
+            bufs.append(buf)
+        return memoryview(buf)[:n]
 
 
 def _nbytes(chunk: Any) -> int:
@@ -87,7 +133,7 @@ class Connection(asyncio.BaseProtocol):
         self,
         *,
         kind: str,
-        on_frame: Callable[[Connection, bytearray], None] | None = None,
+        on_frame: Callable[[Connection, bytearray | memoryview], None] | None = None,
         on_lost: Callable[[Connection, BaseException | None], None] | None = None,
         max_frame_size: int = MAX_FRAME_SIZE,
     ) -> None:
@@ -113,11 +159,13 @@ class Connection(asyncio.BaseProtocol):
         self.made = self.loop.create_future()
         # frame phase
         self._rbuf = bytearray()
-        self._big: bytearray | None = None
+        self._big: memoryview | None = None
+        self._buffers = _BufferPool()
         self._big_pos = 0
         self._wbuf = bytearray()
         self._flush_scheduled = False
         self._write_paused = False
+        self._writev = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         # owner data
         self.pending: dict[int, Any] = {}
@@ -135,6 +183,10 @@ class Connection(asyncio.BaseProtocol):
     # -- asyncio.Protocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        # asyncio's default writelines joins its arguments (a copy of the whole frame);
+        # uvloop's and the in-process one's write the pieces as they are
+        writelines = getattr(type(transport), "writelines", None)
+        self._writev = writelines not in (None, asyncio.WriteTransport.writelines)
         self.peer_addr = transport.get_extra_info("peername")
         if isinstance(transport, asyncio.WriteTransport):
             # high=0: "paused" as soon as anything stays buffered in user space, and
@@ -219,7 +271,7 @@ class Connection(asyncio.BaseProtocol):
                 if self.closed or self._big is not None:
                     break
             elif n >= BIG_FRAME:
-                big = bytearray(n)
+                big = self._buffers.get(n)
                 have = end - start
                 big[:have] = memoryview(buf)[start:end]
                 self._big = big
@@ -231,7 +283,7 @@ class Connection(asyncio.BaseProtocol):
         if pos:
             del buf[:pos]
 
-    def _deliver(self, frame: bytearray) -> None:
+    def _deliver(self, frame: bytearray | memoryview) -> None:
         if self.on_frame is not None and not self.closed:
             self.on_frame(self, frame)
 
@@ -248,11 +300,19 @@ class Connection(asyncio.BaseProtocol):
         else:
             size = sum(_nbytes(c) for c in chunks)
         if size >= BIG_FRAME:
-            self._flush()
-            t = self.transport
-            t.write(_LEN.pack(size))  # type: ignore[attr-defined]
-            for c in chunks:
-                t.write(c)  # type: ignore[attr-defined]
+            # one writelines (one writev) with what is coalesced so far: no copy of the
+            # frame's chunks (arrays travel from their own memory)
+            head: bytes | bytearray = _LEN.pack(size)
+            if self._wbuf:
+                head = self._wbuf + head
+                self._wbuf = bytearray()
+            t: Any = self.transport
+            if self._writev:
+                t.writelines([head, *chunks])
+            else:
+                t.write(head)
+                for c in chunks:
+                    t.write(c)
         else:
             w = self._wbuf
             w += _LEN.pack(size)
@@ -388,7 +448,7 @@ class TcpConnection(Connection, asyncio.BufferedProtocol):
         big = self._big
         if big is not None and not self._handshaking:
             self._into_big = True
-            return memoryview(big)[self._big_pos :]
+            return big[self._big_pos :]
         self._into_big = False
         if self._scratch_mv is None:
             self._scratch_mv = memoryview(bytearray(self.SCRATCH))

@@ -522,7 +522,7 @@ class Worker:
                 log.exception("peer-lost callback %r failed", cb)
 
     # ------------------------------------------------------------------ frames in
-    def _on_frame(self, conn: Connection, buf: bytearray) -> None:
+    def _on_frame(self, conn: Connection, buf: bytearray | memoryview) -> None:
         try:
             frame = wire.decode_frame(buf)
             header = frame.header
