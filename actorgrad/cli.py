@@ -27,10 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
-import inspect
 import os
-import secrets
 import signal
 import sys
 import tempfile
@@ -39,6 +36,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from actorgrad.errors import ActorgradError, AuthError
+from actorgrad.runtime import cluster
+from actorgrad.runtime.cluster import new_token, run
 
 __all__ = ["main"]
 
@@ -58,11 +57,6 @@ class CliError(Exception):
 # --------------------------------------------------------------------------------------
 # tokens
 # --------------------------------------------------------------------------------------
-
-
-def new_token() -> str:
-    """A fresh random cluster token (256 bits, URL-safe text)."""
-    return secrets.token_urlsafe(32)
 
 
 def write_token_file(path: Path, token: str) -> None:
@@ -126,16 +120,6 @@ def client_token(token_file: str | None) -> str:
 # --------------------------------------------------------------------------------------
 # event loop and signals
 # --------------------------------------------------------------------------------------
-
-
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    """Run ``coro`` on a fresh event loop (uvloop when installed)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
 
 
 @contextlib.contextmanager
@@ -203,19 +187,8 @@ def _expected() -> Iterator[None]:
         raise CliError(str(exc) or type(exc).__name__) from exc
 
 
-def _runtime() -> Any:
-    """``actorgrad.runtime.cluster``, or a clear error when this build lacks it."""
-    try:
-        return importlib.import_module("actorgrad.runtime.cluster")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("actorgrad"):
-            raise CliError(f"the actorgrad runtime is not available ({exc.name})") from None
-        raise
-
-
 async def cmd_cluster(args: argparse.Namespace) -> int:
     """``actorgrad cluster``: the head and N workers in the foreground."""
-    rt = _runtime()
     token, where, path = cluster_token(args.token_file)
     n = args.n
 
@@ -232,7 +205,7 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
 
     async def serve(stop: asyncio.Event) -> None:
         with _expected():
-            await rt.serve_cluster(
+            await cluster.serve_cluster(
                 n, host=args.host, port=args.port, token=token, on_ready=on_ready, stop=stop
             )
 
@@ -243,12 +216,11 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
 
 async def cmd_worker(args: argparse.Namespace) -> int:
     """``actorgrad worker``: one worker joining an existing cluster."""
-    rt = _runtime()
     token = client_token(args.token_file)
 
     async def serve(stop: asyncio.Event) -> None:
         with _expected():
-            await rt.serve_worker(args.join, args.name, token, stop=stop)
+            await cluster.serve_worker(args.join, args.name, token, stop=stop)
         if not stop.is_set():
             _say(f"worker {args.name}: the cluster's head went away")
 
@@ -293,7 +265,6 @@ def _driver_env(address: str, token: str) -> dict[str, str]:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     """``actorgrad run``: a local cluster, SCRIPT as its driver, the script's status."""
-    rt = _runtime()
     script = Path(args.script)
     token = os.environ.get(ENV_TOKEN) or new_token()
     stop = asyncio.Event()
@@ -305,9 +276,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         with _expected():
-            await rt.serve_cluster(args.n, token=token, on_ready=on_ready, stop=stop)
+            await cluster.serve_cluster(args.n, token=token, on_ready=on_ready, stop=stop)
 
-    cluster = asyncio.ensure_future(serve())
+    serving = asyncio.ensure_future(serve())
     proc: asyncio.subprocess.Process | None = None
     signals = 0
 
@@ -315,7 +286,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         nonlocal signals
         signals += 1
         if proc is None:  # still starting: give up
-            cluster.cancel()
+            serving.cancel()
             return
         if sig == signal.SIGINT and _terminal_delivers_sigint():
             return
@@ -324,10 +295,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
     with _signals(on_signal):
         try:
-            waits: set[asyncio.Future[Any]] = {cluster, ready}
+            waits: set[asyncio.Future[Any]] = {serving, ready}
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if ready not in done:
-                await cluster  # raises what made it stop
+                await serving  # raises what made it stop
                 raise CliError("the local cluster stopped before it was ready")
             env = _driver_env(ready.result(), token)
             proc = await asyncio.create_subprocess_exec(
@@ -343,17 +314,17 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 proc.kill()
                 await proc.wait()
             stop.set()
-            if not cluster.done():
+            if not serving.done():
                 try:
-                    await asyncio.wait_for(asyncio.shield(cluster), 30)
+                    await asyncio.wait_for(asyncio.shield(serving), 30)
                 except TimeoutError:
-                    cluster.cancel()
-            if cluster.done() and not cluster.cancelled():
-                exc = cluster.exception()
+                    serving.cancel()
+            if serving.done() and not serving.cancelled():
+                exc = serving.exception()
                 if exc is not None and proc is not None:
                     _note(f"cluster shutdown: {type(exc).__name__}: {exc}")
             with contextlib.suppress(asyncio.CancelledError):
-                await cluster
+                await serving
     return _exit_status(returncode)
 
 
@@ -397,7 +368,6 @@ def format_status(status: dict[str, Any]) -> str:
 
 async def cmd_status(args: argparse.Namespace) -> int:
     """``actorgrad status``: the workers of a running cluster."""
-    rt = _runtime()
     address = args.address or os.environ.get(ENV_ADDRESS)
     if not address:
         raise CliError(f"no address: pass --address A or set {ENV_ADDRESS}", code=2)
@@ -407,29 +377,16 @@ async def cmd_status(args: argparse.Namespace) -> int:
         raise CliError(f"{ENV_ADDRESS}: {exc}", code=2) from None
     token = client_token(args.token_file)
     with _expected():
-        status = await rt.cluster_status(address, token, timeout=args.timeout)
+        status = await cluster.cluster_status(address, token, timeout=args.timeout)
     _say(format_status(status))
     return 0
 
 
 def cmd_demo(argv: list[str]) -> int:
     """``actorgrad demo [ARGS...]``: ``actorgrad.demo.main(ARGS)`` (it parses its own)."""
-    try:
-        demo = importlib.import_module("actorgrad.demo")
-    except ModuleNotFoundError as exc:
-        if exc.name == "actorgrad.demo":
-            raise CliError(
-                "the demo is not part of this build (actorgrad.demo is missing)"
-            ) from None
-        raise
-    result = demo.main(argv) if argv else demo.main()
-    if inspect.isawaitable(result):
-        result = _run(_awaited(result))
-    return result if isinstance(result, int) else 0
+    from actorgrad import demo
 
-
-async def _awaited(aw: Awaitable[Any]) -> Any:
-    return await aw
+    return demo.main(argv)
 
 
 # --------------------------------------------------------------------------------------
@@ -553,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_demo(argv[1:])
         if args.command == "run" and not os.path.isfile(args.script):
             raise CliError(f"no such script: {args.script}", code=2)
-        return _run(_COMMANDS[args.command](args))
+        return run(_COMMANDS[args.command](args))
     except CliError as exc:
         _note(f"error: {exc}")
         return exc.code

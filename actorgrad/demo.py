@@ -24,7 +24,7 @@ import numpy as np
 import actorgrad as ag
 from actorgrad import nn
 from actorgrad.nn import functional as F
-from actorgrad.runtime.cluster import install_uvloop
+from actorgrad.runtime.cluster import run
 
 __all__ = ["Stage", "TrainResult", "main", "make_spirals", "train_pipeline"]
 
@@ -167,7 +167,7 @@ async def train_pipeline(
     return TrainResult(step, seconds, train_acc, test_acc, loss_value)
 
 
-async def _run(args: argparse.Namespace) -> TrainResult:
+async def _run_demo(args: argparse.Namespace) -> TrainResult:
     async with ag.local_cluster(3, processes=not args.in_process) as cluster:
         kind = "in-process actors" if args.in_process else "worker processes"
         print(f"local cluster at {cluster.address}: {', '.join(cluster.names)} ({kind})")
@@ -195,6 +195,5 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--in-process", action="store_true", help="workers as in-process actors")
     args = p.parse_args([] if argv is None else argv)
-    install_uvloop()
-    result = asyncio.run(_run(args))
+    result = run(_run_demo(args))
     return report(result, args.target)

@@ -229,15 +229,6 @@ def test_without_token_file_the_token_is_not_printed_but_stored_privately(
     path.parent.rmdir()
 
 
-def test_demo_without_the_demo_module_says_so_and_exits_1(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setitem(sys.modules, "actorgrad.demo", None)  # makes the import fail
-    assert cli.main(["demo"]) == 1
-    err = capsys.readouterr().err
-    assert "actorgrad.demo is missing" in err and len(err.strip().splitlines()) == 1
-
-
 def test_status_table_lists_workers_mailboxes_and_contexts() -> None:
     text = cli.format_status(
         {
