@@ -772,7 +772,7 @@ class Frame:
         writable: whether out-of-band arrays decoded from this frame are writable.
     """
 
-    __slots__ = ("header", "nbytes", "nbufs", "_mv", "_body", "_buffers")
+    __slots__ = ("header", "nbytes", "nbufs", "_mv", "_body", "_buffers", "_maybe_ts")
 
     def __init__(
         self,
@@ -780,6 +780,7 @@ class Frame:
         mv: memoryview,
         body: memoryview,
         buffers: list[memoryview],
+        maybe_ts: bool = True,
     ) -> None:
         self.header = header
         self.nbytes = mv.nbytes
@@ -787,6 +788,7 @@ class Frame:
         self._mv = mv
         self._body = body
         self._buffers = buffers
+        self._maybe_ts = maybe_ts  # False: the body holds no msgpack timestamp
 
     @property
     def writable(self) -> bool:
@@ -816,7 +818,7 @@ class Frame:
             array([0., 0., 0.])
         """
         body = self._body
-        check_ts = _may_hold_timestamp(body)
+        check_ts = self._maybe_ts and _may_hold_timestamp(body)
         dec = _Decoder(hooks, self._buffers, body.nbytes, check_ts)
         hook_exc: BaseException | None = None
         try:
@@ -1089,8 +1091,11 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> Frame:
         >>> f.header[2], f.body()
         ('mod:fn', ((1, 2), {}))
     """
-    if type(frame) is bytes or type(frame) is bytearray:
+    t = type(frame)
+    if t is bytearray or t is bytes:
         mv = memoryview(frame)
+    elif t is memoryview and frame.format == "B" and frame.ndim == 1 and frame.contiguous:  # type: ignore[union-attr]
+        mv = frame  # type: ignore[assignment]
     else:
         try:
             mv = memoryview(frame)
@@ -1157,6 +1162,8 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> Frame:
         raise ProtocolError(f"malformed frame header: {_describe(exc)}") from exc
     if type(header) is not list:
         raise ProtocolError(f"frame header must be a list, not {_type_name(type(header))}")
-    if _may_hold_timestamp(header_mv):
+    # one scan of header and body (see _may_hold_timestamp), the walks only if needed
+    maybe_ts = _may_hold_timestamp(mv[PREFIX_SIZE:body_end])
+    if maybe_ts:
         _reject_timestamps(header)
-    return Frame(header, mv, mv[lengths_end:body_end], buffers)
+    return Frame(header, mv, mv[lengths_end:body_end], buffers, maybe_ts)

@@ -695,7 +695,8 @@ class Worker:
         # call's contextvars (the connection is set inside it)
         ctx = contextvars.copy_context()
         self._inflight += 1
-        self._idle.clear()
+        if self._inflight == 1:
+            self._idle.clear()
         if not stats.inline and (stats.is_async or stats.fast < INLINE_AFTER):
             self._spawn(
                 self._run_task(conn, cid, mode, fn, args, kwargs, meta, hooks, stats), context=ctx
