@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 import subprocess
@@ -311,3 +312,19 @@ async def test_a_driver_blocked_for_longer_than_the_heartbeat_timeout_is_not_dro
         time.sleep(rworker.HEARTBEAT_TIMEOUT + 0.5)  # a long local computation, loop blocked  # noqa: ASYNC251 (blocking on purpose)
         assert await asyncio.wait_for(call, 5) == "ok"
         assert await ag.rpc("w1", add, (1, 2)) == 3
+
+
+def test_cluster_run_uses_uvloop_without_a_global_policy():
+    policy = asyncio.get_event_loop_policy()
+
+    async def loop_module():
+        return type(asyncio.get_running_loop()).__module__
+
+    assert rcluster.run(loop_module()).startswith("uvloop")
+    assert asyncio.get_event_loop_policy() is policy
+
+
+def test_new_token_has_256_random_bits():
+    token = rcluster.new_token()
+    assert len(base64.urlsafe_b64decode(token + "=")) == 32
+    assert token != rcluster.new_token()

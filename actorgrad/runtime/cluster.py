@@ -26,28 +26,13 @@ T = TypeVar("T")
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion on a fresh event loop: a uvloop loop when uvloop is
-    installed, else asyncio's default. Unlike :func:`install_uvloop` this touches no
-    process-global event-loop policy."""
+    installed, else asyncio's default. No process-global event-loop policy is set."""
     try:
         import uvloop
     except ImportError:
         return asyncio.run(coro)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
-
-
-def install_uvloop() -> bool:
-    """Use uvloop for event loops created from now on (call before asyncio.run).
-
-    Sets the process-global event-loop policy; prefer :func:`run`."""
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    import asyncio as _a
-
-    _a.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
 
 
 def is_loopback(host: str) -> bool:
