@@ -33,6 +33,10 @@ async def nap(seconds, value=None):
     return value
 
 
+async def fetch(r):
+    return await r.to_here()
+
+
 @inline
 def where_inline():
     """Runs on the worker's loop thread, in no task."""
@@ -137,6 +141,11 @@ async def test_call_nowait_returns_a_future_of_the_result(cluster):
     # a first call to a worker without a connection yet connects in a task
     assert await w.call_nowait("w3", f"{__name__}:add", (2, 3)) == 5
     assert await w.call_nowait("driver", add, (4,)) == 4
+
+
+async def test_call_nowait_with_an_rref_of_a_third_worker_registers_the_fork_first(cluster):
+    r = await ag.remote("w1", "builtins:list", ([1, 2, 3],))
+    assert await cluster.driver.call_nowait("w2", fetch, (r,)) == [1, 2, 3]
 
 
 async def test_call_nowait_failures_arrive_through_the_future(cluster, loop_errors):

@@ -965,13 +965,24 @@ class Worker:
             return
         conn.pending[cid] = (fut, hooks)
         if hooks.forks:  # RRefs among the arguments: registered before the request goes
-            self._spawn(self._send_after_forks(conn, chunks, hooks))
+            self._spawn(self._request_after_forks(conn, cid, chunks, hooks, fut))
             return
         try:
             conn.send_nowait(chunks)
         except ActorgradError as exc:
             conn.pending.pop(cid, None)
             fut.set_exception(exc)
+
+    async def _request_after_forks(
+        self, conn: Connection, cid: int, chunks: list, hooks: rref.Hooks, fut: asyncio.Future[Any]
+    ) -> None:
+        try:
+            await rref.register_forks(self, hooks)
+            await conn.send(chunks)
+        except Exception as exc:
+            conn.pending.pop(cid, None)
+            if not fut.done():
+                fut.set_exception(exc)
 
     async def _connect_and_request(
         self, dest: Any, target: Any, args: Any, kwargs: dict | None, fut: asyncio.Future[Any]
