@@ -25,9 +25,10 @@ Sending: the first small message of a loop tick is written at once (latency), th
 following ones of the same tick are coalesced into one write (flushed with
 ``loop.call_soon``), and replies produced while handling one read go out in one write;
 frames of ``BIG_FRAME`` bytes or more are written without concatenation (with one
-``writelines``, i.e. one ``writev``, when the transport does not join its arguments). The write-buffer
-high mark is 0, so :meth:`Connection.send` returns only once the transport has handed
-everything to the kernel (backpressure; the caller's arrays are no longer referenced).
+``writelines``, i.e. one ``writev``, when the transport does not join its arguments).
+The write-buffer high mark is 0, so :meth:`Connection.send` returns only once the
+transport has handed everything to the kernel (backpressure; the caller's arrays are
+no longer referenced).
 Arrays travel zero-copy: do not mutate an array in place while it is being sent.
 
 The in-process transport (:func:`open_inproc`) is a pair of fake ``asyncio.Transport``
