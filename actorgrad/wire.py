@@ -398,7 +398,7 @@ class _Encoder:
             except (TypeError, OverflowError, ValueError) as exc:
                 raise _packing_error(exc, body, "body") from None
             buffers = self.buffers
-            if hook_exc is None and self.ext_bytes > _ext_budget(len(bbytes)):
+            if hook_exc is None and self.ext_bytes and self.ext_bytes > _ext_budget(len(bbytes)):
                 raise ValueError(
                     f"cannot send body: its nested tuples/arrays/tensors hold "
                     f"{self.ext_bytes} bytes of payload for a {len(bbytes)}-byte body "

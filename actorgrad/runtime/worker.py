@@ -229,8 +229,8 @@ class Worker:
         self._mb_waiter: asyncio.Future[None] | None = None
         self._paused: set[Connection] = set()
         self._inflight = 0
-        self._idle: asyncio.Event = asyncio.Event()
-        self._idle.set()
+        # set when _inflight drops to 0 while a graceful shutdown waits for it
+        self._idle_waiter: asyncio.Future[None] | None = None
         self._stats: dict[Any, _FnStats] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._peer_lost_cbs: list[Callable[[str], None]] = []
@@ -695,8 +695,6 @@ class Worker:
         # call's contextvars (the connection is set inside it)
         ctx = contextvars.copy_context()
         self._inflight += 1
-        if self._inflight == 1:
-            self._idle.clear()
         if not stats.inline and (stats.is_async or stats.fast < INLINE_AFTER):
             self._spawn(
                 self._run_task(conn, cid, mode, fn, args, kwargs, meta, hooks, stats), context=ctx
@@ -725,8 +723,8 @@ class Worker:
         ic = _interceptor
         if meta is not None and ic is not None:
             with ic.enter(self, meta):
-                return fn(*args, **(kwargs or {}))
-        return fn(*args, **(kwargs or {}))
+                return fn(*args, **kwargs) if kwargs else fn(*args)
+        return fn(*args, **kwargs) if kwargs else fn(*args)
 
     def _invoke_timed(self, fn: Any, args: Any, kwargs: Any, meta: Any) -> tuple[Any, float]:
         t0 = time.perf_counter()
@@ -770,7 +768,9 @@ class Worker:
     def _done(self) -> None:
         self._inflight -= 1
         if self._inflight == 0:
-            self._idle.set()
+            w = self._idle_waiter
+            if w is not None and not w.done():
+                w.set_result(None)
         if self._mailbox:  # a slot is free: let the dispatcher start what waits
             w = self._mb_waiter
             if w is not None and not w.done():
@@ -1077,7 +1077,8 @@ class Worker:
         if graceful and self._inflight:
             try:
                 async with asyncio.timeout(timeout):
-                    await self._idle.wait()
+                    self._idle_waiter = self.loop.create_future()
+                    await self._idle_waiter
             except TimeoutError:
                 log.warning(
                     "worker %s: %d calls still running at shutdown", self.name, self._inflight
