@@ -111,6 +111,22 @@ async def test_small_messages_of_one_tick_are_coalesced():
     assert [wire.decode_frame(f).header for f in got] == [[i] for i in range(10)]
 
 
+async def test_coalesced_writes_are_bounded_so_the_peer_can_start_early():
+    c, t = _conn([])
+    c.peer_name = "p"
+    frames = [wire.encode_frame([i], "x" * 20) for i in range(200)]
+    for f in frames:
+        c.send_nowait(f)
+    await asyncio.sleep(0)
+    frame_size = 8 + len(frames[0][0])
+    assert len(t.writes) > 5
+    assert all(len(w) < transport.COALESCE_MAX + frame_size for w in t.writes)
+    got = []
+    r, _ = _conn(got)
+    r.data_received(b"".join(t.writes))
+    assert [wire.decode_frame(f).header for f in got] == [[i] for i in range(200)]
+
+
 async def test_big_messages_are_written_without_joining():
     c, t = _conn([])
     a = np.zeros(1_000_000, dtype=np.uint8)
