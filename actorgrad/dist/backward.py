@@ -22,9 +22,10 @@ Design (see docs/distributed.md for the long form):
   initiator holds 1 again: then every message has been handled, every send node
   delivered, every task finished, every leaf gradient accumulated on its worker.
 * Each message is an RPC handled inline on the receiver's loop and sent with
-  ``call_nowait`` (no task per message); a failure in its reply (the receiver's error,
-  or ``WorkerLost``) is reported to the pass's origin as the original error (``RemoteError`` naming the worker where it
-  happened), and the initiator then floods an abort so every worker drops the pass.
+  ``call_nowait`` (no task per message); a failure in its reply (the receiver's
+  error, or ``WorkerLost``) is reported to the pass's origin as the original error
+  (``RemoteError`` naming the worker where it happened), and the origin then floods
+  an abort so every worker drops the pass.
 """
 
 from __future__ import annotations
