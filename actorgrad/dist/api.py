@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 import numpy as np
 
 from actorgrad.dist.context import DistState, _current, state_of
 from actorgrad.errors import ContextError
-from actorgrad.runtime import current_worker, rpc
+from actorgrad.runtime import Worker, current_worker, inline
 from actorgrad.tensor import Tensor
 
 __all__ = ["context", "debug_info", "get_gradients"]
@@ -63,7 +63,7 @@ async def _release_everywhere(st: DistState, ctx_id: int) -> None:
         return
     # Owned by the worker: if we are cancelled while waiting for the acknowledgements,
     # the releases still complete (and are cancelled cleanly at worker shutdown).
-    task = st.worker._spawn(_release_peers(st.worker.name, peers, ctx_id))
+    task = st.worker._spawn(_release_peers(st.worker, peers, ctx_id))
     await asyncio.shield(task)
 
 
@@ -78,10 +78,10 @@ def _release_local(st: DistState, ctx_id: int) -> set[str]:
     return peers
 
 
-async def _release_peers(me: str, peers: set[str], ctx_id: int) -> None:
-    results = await asyncio.gather(
-        *(rpc(p, _release, (ctx_id, me)) for p in peers), return_exceptions=True
-    )
+async def _release_peers(worker: Worker, peers: set[str], ctx_id: int) -> None:
+    # Futures, not tasks: one request per peer, all in flight together.
+    futs = [worker.call_nowait(p, _release, (ctx_id, worker.name)) for p in peers]
+    results = await asyncio.gather(*futs, return_exceptions=True)
     for peer, r in zip(peers, results, strict=True):
         if isinstance(r, Exception):
             # A peer that died has nothing left to release; others log.
@@ -90,13 +90,16 @@ async def _release_peers(me: str, peers: set[str], ctx_id: int) -> None:
             raise r
 
 
-async def _release(ctx_id: int, sender: str) -> None:
-    """Handler: release the context here, then on our own peers (second hops)."""
-    st = state_of(current_worker())
-    peers = _release_local(st, ctx_id)
+@inline
+def _release(ctx_id: int, sender: str) -> Awaitable[None] | None:
+    """Handler: release the context here, then on our own peers (second hops); the
+    reply waits for theirs. Inline: without second hops it answers at once."""
+    worker = current_worker()
+    peers = _release_local(state_of(worker), ctx_id)
     peers.discard(sender)
     if peers:
-        await _release_peers(st.worker.name, peers, ctx_id)
+        return _release_peers(worker, peers, ctx_id)
+    return None
 
 
 def get_gradients(context_id: int) -> dict[Tensor, np.ndarray]:
