@@ -875,7 +875,7 @@ def _reject_timestamps(value: Any) -> None:
         x = stack.pop()
         t = type(x)
         if t is dict:
-            items: Any = (*x.keys(), *x.values()) if len(x) > 8 else [*x.keys(), *x.values()]
+            items: Any = (*x.keys(), *x.values())
         elif t is list or t is tuple:
             items = x
         elif t is ts:
