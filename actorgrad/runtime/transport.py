@@ -88,7 +88,7 @@ class _BufferPool:
     """
 
     MIN_SIZE = 256 * 1024
-    MAX_BUFFERS = 4
+    MAX_BUFFERS = 2
     MAX_BYTES = 64 * 1024 * 1024
     _ROUND = 64 * 1024
 
