@@ -83,8 +83,8 @@ class _BufferPool:
     (its reference count says so) and the next big frame of about its size takes it.
     Without this every big frame got fresh pages from the kernel (glibc hands blocks of
     this size back when they are freed): 4096 page faults and a zeroing for 16 MiB,
-    more than the copy from the socket. At most ``MAX_BUFFERS`` buffers and
-    ``MAX_BYTES`` bytes are kept; frames under ``MIN_SIZE`` use fresh ``bytearray`` s.
+    more than the copy from the socket. Each connection keeps at most ``MAX_BUFFERS``
+    buffers and ``MAX_BYTES`` bytes; frames under ``MIN_SIZE`` use fresh ``bytearray`` s.
     """
 
     MIN_SIZE = 256 * 1024
