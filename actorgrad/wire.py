@@ -162,6 +162,7 @@ _DTYPE_STR: dict[np.dtype, str] = {dt: s for s, dt in _DTYPES.items()}
 # scanning its bytes (mostly array data) would cost more than walking its few objects.
 _FF_RE = re.compile(rb"\xff")
 _SCAN_BELOW = 2048
+_NO_BUFFERS: list[memoryview] = []  # (never modified)
 
 
 def _may_hold_timestamp(buf: memoryview) -> bool:
@@ -1112,6 +1113,33 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> Frame:
     if size < PREFIX_SIZE:
         raise ProtocolError(f"frame too short: {size} bytes, the fixed prefix is {PREFIX_SIZE}")
     tag, hlen, nbufs, blen = _FIXED.unpack_from(mv, 0)
+    if (
+        nbufs == 0
+        and tag == _TAG
+        and hlen <= MAX_HEADER_BYTES
+        and PREFIX_SIZE + hlen + blen == size
+        and size < _SCAN_BELOW
+    ):
+        # the common small frame: the checks below, in short
+        pos = PREFIX_SIZE + hlen
+        try:
+            header = msgpack.unpackb(
+                mv[PREFIX_SIZE:pos],
+                raw=False,
+                strict_map_key=False,
+                use_list=True,
+                ext_hook=_reject_ext,
+            )
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(f"malformed frame header: {_describe(exc)}") from exc
+        if type(header) is not list:
+            raise ProtocolError(f"frame header must be a list, not {_type_name(type(header))}")
+        maybe_ts = _FF_RE.search(mv, PREFIX_SIZE) is not None
+        if maybe_ts:
+            _reject_timestamps(header)
+        return Frame(header, mv, mv[pos:], _NO_BUFFERS, maybe_ts)
     if tag != _TAG:
         if tag[:2] != _MAGIC:
             raise ProtocolError(f"not an actorgrad frame (magic {tag[:2]!r})")
