@@ -46,6 +46,7 @@ import hashlib
 import hmac
 import itertools
 import logging
+import os
 import secrets
 import struct
 import sys
@@ -72,7 +73,57 @@ BIG_FRAME = 16 * 1024
 #: 55-70k calls/s on 2 cores), and a write still carries a dozen tiny frames.
 COALESCE_MAX = 512
 _LEN = struct.Struct(">Q")
+# After a frame goes out or comes in, the loop busy-polls its sockets for this long
+# before it may sleep in epoll (see _Spinner). 0 disables it.
+SPIN_SECONDS = float(os.environ.get("ACTORGRAD_SPIN_US", "200")) / 1e6
 _MAX_HANDSHAKE_BUFFER = 4096
+
+
+class _Spinner:
+    """Keeps an event loop polling (not sleeping) for a short while after traffic.
+
+    A round trip between processes costs two wake-ups of a sleeping process; on a
+    virtual machine each is tens of microseconds (an inter-processor interrupt and a
+    hypervisor exit), more than the Python work of the call. Right after a frame goes
+    out a reply is likely soon, and right after one comes in more are likely: for
+    ``SPIN_SECONDS`` after the last frame the loop keeps a callback ready, so its
+    selector polls with a zero timeout instead of sleeping. The cost is that much CPU
+    after a burst of traffic; an idle worker sleeps as before. (PyTorch's TensorPipe
+    busy-polls the same way, for as long as it runs.)
+    """
+
+    __slots__ = ("loop", "until", "active")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.until = 0.0
+        self.active = False
+
+    def poke(self) -> None:
+        self.until = time.perf_counter() + SPIN_SECONDS
+        if not self.active:
+            self.active = True
+            self.loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        if time.perf_counter() < self.until and not self.loop.is_closed():
+            self.loop.call_soon(self._tick)
+        else:
+            self.active = False
+
+
+_spinners: dict[asyncio.AbstractEventLoop, _Spinner] = {}
+
+
+def _spinner(loop: asyncio.AbstractEventLoop) -> _Spinner | None:
+    if SPIN_SECONDS <= 0:
+        return None
+    sp = _spinners.get(loop)
+    if sp is None:
+        for old in [lp for lp in _spinners if lp.is_closed()]:
+            del _spinners[old]
+        sp = _spinners[loop] = _Spinner(loop)
+    return sp
 
 
 class _BufferPool:
@@ -150,6 +201,8 @@ class Connection(asyncio.BaseProtocol):
         self.max_frame_size = max_frame_size
         self.transport: asyncio.BaseTransport | None = None
         self.loop = asyncio.get_running_loop()
+        # busy-poll briefly after traffic (TCP only: in-process peers share our loop)
+        self._spin = _spinner(self.loop) if kind == "tcp" else None
         self.peer_name: str | None = None
         self.peer_addr: Any = None
         self.outgoing = False
@@ -294,6 +347,8 @@ class Connection(asyncio.BaseProtocol):
             del buf[:pos]
 
     def _deliver(self, frame: bytearray | memoryview) -> None:
+        if self._spin is not None:
+            self._spin.poke()
         if self.on_frame is not None and not self.closed:
             self.on_frame(self, frame)
 
@@ -303,6 +358,8 @@ class Connection(asyncio.BaseProtocol):
         coalesced and flushed on the next loop iteration."""
         if self.closed or self.transport is None:
             raise WorkerLost(f"connection to {self.peer_name or self.peer_addr!r} is closed")
+        if self._spin is not None:
+            self._spin.poke()
         if not isinstance(chunks, list):
             chunks = list(chunks)
         if len(chunks) == 1 and type(chunks[0]) is bytes:
