@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks import _echo_baseline, torch_ref
-from benchmarks._report import Metric, Window, interleave, render, timed
-from benchmarks.bench_rpc import start_torch, torch_window
+from benchmarks._report import Metric, interleave, render, timed
+from benchmarks.bench_rpc import measure_torch
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2.0"))
 # math threads per process on both sides (torch.set_num_threads / BLAS env of the
@@ -206,22 +206,20 @@ async def run(
     hop phases (µs)."""
     import actorgrad as ag
 
+    names = [m.key for m in METRICS]
+    theirs = await measure_torch(torch_ref.CHAIN_STAGES, names, seconds, threads=THREADS)
     async with contextlib.AsyncExitStack() as stack:
-        world = start_torch(stack, torch_ref.CHAIN_STAGES, threads=THREADS)
         with _math_threads(THREADS):  # the worker processes inherit it
             await stack.enter_async_context(
                 ag.local_cluster(torch_ref.CHAIN_STAGES, processes=True)
             )
-        sides: dict[str, Window] = {"actorgrad": ActorgradDist().window}
-        if world is not None:
-            sides["torch"] = torch_window(world)
-        best = await interleave(sides, [m.key for m in METRICS], seconds)
+        best = await interleave({"actorgrad": ActorgradDist().window}, names, seconds)
         phases = await hop_phases()
-    out: dict[str, dict[str, float] | None] = {
-        side: {n: torch_ref.to_metric(n, per) for n, per in res.items()}
-        for side, res in best.items()
+    results: dict[str, dict[str, float] | None] = {"actorgrad": best["actorgrad"], "torch": theirs}
+    out = {
+        side: None if res is None else {n: torch_ref.to_metric(n, per) for n, per in res.items()}
+        for side, res in results.items()
     }
-    out.setdefault("torch", None)
     return out, phases
 
 

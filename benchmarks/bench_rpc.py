@@ -95,6 +95,23 @@ def start_torch(
         return None
 
 
+async def measure_torch(
+    workers: int, metrics: list[str], seconds: float, *, threads: int
+) -> dict[str, float] | None:
+    """Best seconds per step of the PyTorch side, or None when torch is unusable.
+
+    Measured in a phase of its own: TensorPipe's processes busy-poll (about 65% of a
+    core each, measured), so keeping them alive during our windows would take CPU from
+    our side on a 2-core machine.
+    """
+    with contextlib.ExitStack() as stack:
+        world = start_torch(stack, workers, threads=threads)
+        if world is None:
+            return None
+        best = await interleave({"torch": torch_window(world)}, metrics, seconds, required="")
+    return best["torch"] or None
+
+
 def torch_window(world: torch_ref.TorchWorld) -> Window:
     """An awaitable window of the torch world (its driver blocks: run it in a thread)."""
 
@@ -108,23 +125,19 @@ async def run(seconds: float = SECONDS) -> dict[str, dict[str, float] | None]:
     """Metrics of every side: {"actorgrad": ..., "bare echo": ..., "torch": ... or None}."""
     import actorgrad as ag
 
-    with contextlib.ExitStack() as stack:
-        world = start_torch(stack, 1, threads=1)
-        async with _echo_baseline.EchoBaseline() as bare, ag.local_cluster(1, processes=True):
-            sides: dict[str, Window] = {
-                "actorgrad": ActorgradRpc().window,
-                "bare echo": bare.window,
-            }
-            if world is not None:
-                sides["torch"] = torch_window(world)
-            names = [m.key for m in METRICS]
-            best = await interleave(sides, names, seconds)
-    out: dict[str, dict[str, float] | None] = {
-        side: {n: torch_ref.to_metric(n, per) for n, per in res.items()}
+    names = [m.key for m in METRICS]
+    theirs = await measure_torch(1, names, seconds, threads=1)
+    async with _echo_baseline.EchoBaseline() as bare, ag.local_cluster(1, processes=True):
+        sides: dict[str, Window] = {
+            "actorgrad": ActorgradRpc().window,
+            "bare echo": bare.window,
+        }
+        best: dict[str, dict[str, float] | None] = dict(await interleave(sides, names, seconds))
+    best["torch"] = theirs
+    return {
+        side: None if res is None else {n: torch_ref.to_metric(n, per) for n, per in res.items()}
         for side, res in best.items()
     }
-    out.setdefault("torch", None)
-    return out
 
 
 def main() -> None:
