@@ -14,7 +14,7 @@ async def test_spinner_keeps_the_loop_polling_for_its_window_then_lets_it_sleep(
     sp = transport._spinner(loop)
     assert sp is not None and transport._spinner(loop) is sp  # one per loop
     start = time.perf_counter()
-    sp.poke()
+    sp.poke(False)
     assert sp.active
     ticks = 0
     while sp.active:  # each yield runs one loop iteration: the spinner's tick among them
@@ -28,3 +28,20 @@ async def test_spinner_keeps_the_loop_polling_for_its_window_then_lets_it_sleep(
 async def test_spinning_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(transport, "SPIN_SECONDS", 0.0)
     assert transport._spinner(asyncio.get_running_loop()) is None
+
+
+async def test_spinner_stops_spinning_when_frames_come_farther_apart_than_its_window(
+    monkeypatch,
+):
+    monkeypatch.setattr(transport, "SPIN_SECONDS", 0.001)
+    sp = transport._Spinner(asyncio.get_running_loop())
+    for _ in range(20):  # frames 2 ms apart: spinning would never catch one
+        sp.last = time.perf_counter() - 0.002
+        sp.poke(True)
+    assert sp.score < transport.SPIN_HIT_RATE
+    sp.active = False
+    sp.poke(False)
+    assert not sp.active
+    for _ in range(20):  # back-to-back frames: it spins again
+        sp.poke(True)
+    assert sp.score > transport.SPIN_HIT_RATE and sp.active
