@@ -23,7 +23,7 @@ import msgpack
 import numpy as np
 
 from benchmarks import torch_ref
-from benchmarks._report import timed
+from benchmarks._report import Workloads
 
 _LEN = struct.Struct(">Q")
 _HLEN = struct.Struct(">I")
@@ -149,7 +149,7 @@ async def _serve() -> None:
     server.close()
 
 
-class EchoBaseline:
+class EchoBaseline(Workloads):
     """The echo server subprocess and a connected client.
 
     ``async with EchoBaseline() as eb: await eb.window("rtt_us", 0.5)`` returns seconds
@@ -161,7 +161,7 @@ class EchoBaseline:
         self._proc: asyncio.subprocess.Process | None = None
         self._transport: Any = None
         self._client: _Client | None = None
-        self._steps: dict[str, Callable[[], Awaitable[Any]]] = {}
+        super().__init__(torch_ref.WARMUP)
 
     async def __aenter__(self) -> EchoBaseline:
         self._proc = await asyncio.create_subprocess_exec(
@@ -203,7 +203,7 @@ class EchoBaseline:
             proc.kill()
             await proc.wait()
 
-    def _make(self, name: str) -> Callable[[], Awaitable[Any]]:
+    async def make(self, name: str) -> Callable[[], Awaitable[Any]]:
         client = self._client
         assert client is not None
         if name == "rtt_us":
@@ -224,15 +224,6 @@ class EchoBaseline:
 
             return echo
         raise ValueError(f"unknown metric {name!r}")
-
-    async def window(self, name: str, seconds: float) -> float:
-        """Seconds per step of metric ``name`` over one window (warm-up on first use)."""
-        step = self._steps.get(name)
-        if step is None:
-            step = self._steps[name] = self._make(name)
-            for _ in range(torch_ref.WARMUP[name]):
-                await step()
-        return await timed(step, warmup=0, seconds=seconds, windows=1)
 
 
 async def measure(seconds: float = 1.5) -> dict[str, float]:

@@ -41,6 +41,27 @@ async def timed(
     return best
 
 
+class Workloads:
+    """One side of a benchmark: a step function per metric, made on first use (``make``)
+    and warmed up, then timed one window at a time (``window``, see ``interleave``)."""
+
+    def __init__(self, warmup: dict[str, int]) -> None:
+        self._warmup = warmup
+        self._steps: dict[str, Callable[[], Awaitable[Any]]] = {}
+
+    async def make(self, name: str) -> Callable[[], Awaitable[Any]]:
+        raise NotImplementedError
+
+    async def window(self, name: str, seconds: float) -> float:
+        """Seconds per step of metric ``name`` over one window (warm-up on first use)."""
+        step = self._steps.get(name)
+        if step is None:
+            step = self._steps[name] = await self.make(name)
+            for _ in range(self._warmup.get(name, 0)):
+                await step()
+        return await timed(step, warmup=0, seconds=seconds, windows=1)
+
+
 Window = Callable[[str, float], Awaitable[float]]
 """``window(metric, seconds)`` -> seconds per step of that metric's workload."""
 

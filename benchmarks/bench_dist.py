@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import _echo_baseline, torch_ref
-from benchmarks._report import Metric, interleave, render, timed
+from benchmarks._report import Metric, Workloads, interleave, render
 from benchmarks.bench_rpc import measure_torch
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2.0"))
@@ -102,11 +102,11 @@ async def _chain_step(x: Any) -> np.ndarray:
         return ag.dist.get_gradients(cid)[x]
 
 
-class ActorgradDist:
+class ActorgradDist(Workloads):
     """actorgrad's side: step functions against workers w1..w3 of a running cluster."""
 
     def __init__(self) -> None:
-        self._steps: dict[str, Callable[[], Awaitable[Any]]] = {}
+        super().__init__(torch_ref.WARMUP)
         self._hop_n = 0  # size of w1's hop weight right now
         self._rng = np.random.default_rng(0)
 
@@ -117,7 +117,7 @@ class ActorgradDist:
             await ag.rpc("w1", setup_hop, (n,))
             self._hop_n = n
 
-    async def _make(self, name: str) -> Callable[[], Awaitable[Any]]:
+    async def make(self, name: str) -> Callable[[], Awaitable[Any]]:
         import actorgrad as ag
 
         if name in ("hop_it_s", "bw_mib_s"):
@@ -139,15 +139,6 @@ class ActorgradDist:
             xc = ag.tensor(self._rng.standard_normal(shape, dtype=np.float32), requires_grad=True)
             return lambda: _chain_step(xc)
         raise ValueError(f"unknown metric {name!r}")
-
-    async def window(self, name: str, seconds: float) -> float:
-        """Seconds per step of metric ``name`` over one window (warm-up on first use)."""
-        step = self._steps.get(name)
-        if step is None:
-            step = self._steps[name] = await self._make(name)
-            for _ in range(torch_ref.WARMUP[name]):
-                await step()
-        return await timed(step, warmup=0, seconds=seconds, windows=1)
 
 
 async def hop_phases(seconds: float = 0.5) -> dict[str, float]:

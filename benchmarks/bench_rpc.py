@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import _echo_baseline, torch_ref
-from benchmarks._report import Metric, Window, interleave, render, timed
+from benchmarks._report import Metric, Window, Workloads, interleave, render
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2.0"))
 
@@ -43,13 +43,13 @@ def echo(x: Any) -> Any:
     return x
 
 
-class ActorgradRpc:
+class ActorgradRpc(Workloads):
     """actorgrad's side: step functions against worker ``w1`` of a running cluster."""
 
     def __init__(self) -> None:
-        self._steps: dict[str, Callable[[], Awaitable[Any]]] = {}
+        super().__init__(torch_ref.WARMUP)
 
-    def _make(self, name: str) -> Callable[[], Awaitable[Any]]:
+    async def make(self, name: str) -> Callable[[], Awaitable[Any]]:
         import actorgrad as ag
 
         if name == "rtt_us":
@@ -70,15 +70,6 @@ class ActorgradRpc:
 
             return big
         raise ValueError(f"unknown metric {name!r}")
-
-    async def window(self, name: str, seconds: float) -> float:
-        """Seconds per step of metric ``name`` over one window (warm-up on first use)."""
-        step = self._steps.get(name)
-        if step is None:
-            step = self._steps[name] = self._make(name)
-            for _ in range(torch_ref.WARMUP[name]):
-                await step()
-        return await timed(step, warmup=0, seconds=seconds, windows=1)
 
 
 def start_torch(
