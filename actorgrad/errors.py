@@ -64,6 +64,17 @@ class RemoteError(ActorgradError):
         self.remote_traceback = remote_traceback
         super().__init__(worker, remote_type, remote_message, remote_traceback)
 
+    @classmethod
+    def from_exception(cls, worker: str, exc: BaseException) -> RemoteError:
+        """``exc`` raised on ``worker``, as the caller will see it (a RemoteError is
+        returned as it is, so the worker where it first happened is kept)."""
+        if isinstance(exc, RemoteError):
+            return exc
+        import traceback  # only on the error path
+
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(worker, type(exc).__qualname__, str(exc), tb)
+
     def __str__(self) -> str:
         return f"{self.remote_type} on worker {self.worker!r}: {self.remote_message}"
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -244,22 +243,20 @@ class InitiatorRun:
 
 
 def _failure_record(exc: BaseException, me: str) -> list[Any]:
-    """What a failure becomes on the wire: [kind, worker, type, message, traceback]."""
+    """What a failure becomes on the wire: ["lost", message] or ["error", RemoteError]
+    (the codec keeps a RemoteError's fields, so the worker where it happened stays)."""
     if isinstance(exc, WorkerLost):
-        return ["lost", me, "WorkerLost", str(exc), ""]
-    if isinstance(exc, RemoteError):  # keep the worker where it happened
-        return ["error", exc.worker, exc.remote_type, exc.remote_message, exc.remote_traceback]
-    tb = "".join(traceback.format_exception(exc))
-    t = type(exc)
-    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-    return ["error", me, name, str(exc), tb]
+        return ["lost", str(exc)]
+    return ["error", RemoteError.from_exception(me, exc)]
 
 
 def _failure_from(record: list[Any]) -> BaseException:
-    kind, worker, type_name, message, tb = record
+    kind, payload = record
     if kind == "lost":
-        return WorkerLost(message)
-    return RemoteError(worker, type_name, message, tb)
+        return WorkerLost(str(payload))
+    if isinstance(payload, RemoteError):
+        return payload
+    raise ProtocolError(f"malformed failure record {record!r}")
 
 
 def _report(st: DistState, ctx_id: int, origin: str, pass_id: int, exc: BaseException) -> None:

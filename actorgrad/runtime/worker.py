@@ -65,7 +65,6 @@ import logging
 import re
 import socket
 import time
-import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -176,13 +175,6 @@ class _FnStats:
         self.fast = 0
         self.is_async = inspect.iscoroutinefunction(fn)
         self.inline = not self.is_async and getattr(fn, "__actorgrad_inline__", False) is True
-
-
-def _error_for(worker: str, exc: BaseException) -> RemoteError:
-    if isinstance(exc, RemoteError):
-        return exc
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return RemoteError(worker, type(exc).__qualname__, str(exc), tb)
 
 
 class Worker:
@@ -785,7 +777,7 @@ class Worker:
         except Exception as exc:
             hooks.undo()
             log.debug("reply of call %s cannot be encoded: %r", cid, exc)
-            return wire.encode_frame([K_ERR, cid], _error_for(self.name, exc), None)
+            return wire.encode_frame([K_ERR, cid], RemoteError.from_exception(self.name, exc), None)
 
     def _reply(self, conn: Connection, cid: int, mode: int, result: Any, hooks: rref.Hooks) -> None:
         if cid == 0 or conn.closed:
@@ -823,11 +815,13 @@ class Worker:
             return
         if conn.closed:
             return
-        err = _error_for(self.name, exc)
+        err = RemoteError.from_exception(self.name, exc)
         try:
             chunks = wire.encode_frame([K_ERR, cid], err, None)
         except Exception as exc2:  # pragma: no cover - RemoteError always encodes
-            chunks = wire.encode_frame([K_ERR, cid], _error_for(self.name, exc2), None)
+            chunks = wire.encode_frame(
+                [K_ERR, cid], RemoteError.from_exception(self.name, exc2), None
+            )
         conn.send_nowait(chunks)
 
     # ------------------------------------------------------------------ calls out
