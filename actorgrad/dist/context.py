@@ -20,6 +20,7 @@ The runtime knows nothing of this: ``DistInterceptor`` plugs into its call path
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import itertools
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from actorgrad.autograd import Node, grad_node
-from actorgrad.errors import ContextError
+from actorgrad.errors import ContextError, ProtocolError, WorkerLost
 from actorgrad.tensor import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,8 +210,6 @@ class DistState:
     async def wait_empty(self) -> None:
         """Return once this worker holds no context (for tests and tools)."""
         if self.contexts:
-            import asyncio
-
             fut = asyncio.get_running_loop().create_future()
             self._empty_waiters.append(fut)
             await fut
@@ -239,8 +238,6 @@ def _on_peer_lost(st: DistState, name: str) -> None:
     # The lease: a context whose initiator died can never be released by it, so the
     # survivors reclaim it now. Passes that depended on the dead worker are dropped,
     # and a pass this worker initiated fails at once with WorkerLost.
-    from actorgrad.errors import WorkerLost
-
     for ctx_id, ctx in list(st.contexts.items()):
         if ctx.initiator == name:
             st.forget(ctx_id)
@@ -296,8 +293,6 @@ class _Hooks:
         if link is None:
             return Tensor(array, requires_grad=requires_grad)
         if not isinstance(link, int):
-            from actorgrad.errors import ProtocolError
-
             raise ProtocolError(f"tensor link must be an int, got {type(link).__name__}")
         return self.state.record_recv(self.ctx, array, self.peer, link)
 
@@ -337,6 +332,4 @@ def _parse_meta(meta: Any) -> tuple[int, str]:
         and isinstance(meta[1], str)
     ):
         return meta[0], meta[1]
-    from actorgrad.errors import ProtocolError
-
     raise ProtocolError(f"malformed distributed autograd call metadata: {meta!r}")
