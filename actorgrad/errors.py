@@ -72,8 +72,16 @@ class RemoteError(ActorgradError):
             return exc
         import traceback  # only on the error path
 
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return cls(worker, type(exc).__qualname__, str(exc), tb)
+        name = type(exc).__qualname__
+        try:
+            message = str(exc)
+        except Exception:  # a broken __str__ must not hide the error itself
+            message = f"<unprintable {name}>"
+        try:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        except Exception:
+            tb = ""
+        return cls(worker, name, message, tb)
 
     def __str__(self) -> str:
         return f"{self.remote_type} on worker {self.worker!r}: {self.remote_message}"

@@ -560,3 +560,13 @@ async def test_arrays_are_not_shared_between_workers(cluster):
     assert await ag.rpc("w1", stash_array, (a,)) is True  # writable on arrival
     a[:] = 5.0
     assert await ag.rpc("w1", stash_sum) == 200_000.0
+
+
+def test_remote_error_from_an_exception_whose_str_fails_still_names_it():
+    class Broken(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    err = ag.RemoteError.from_exception("w1", Broken())
+    assert (err.worker, err.remote_message) == ("w1", f"<unprintable {Broken.__qualname__}>")
+    assert ag.RemoteError.from_exception("w2", err) is err  # keeps the original worker
