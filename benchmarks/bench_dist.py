@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks import _echo_baseline, torch_ref
 from benchmarks._report import Metric, Workloads, interleave, render
-from benchmarks.bench_rpc import measure_torch
+from benchmarks.bench_rpc import TORCH_TCP, measure_torch
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2.0"))
 # math threads per process on both sides (torch.set_num_threads / BLAS env of the
@@ -199,6 +199,9 @@ async def run(
 
     names = [m.key for m in METRICS]
     theirs = await measure_torch(torch_ref.CHAIN_STAGES, names, seconds, threads=THREADS)
+    theirs_tcp = await measure_torch(
+        torch_ref.CHAIN_STAGES, names, seconds, threads=THREADS, env=TORCH_TCP
+    )
     async with contextlib.AsyncExitStack() as stack:
         with _math_threads(THREADS):  # the worker processes inherit it
             await stack.enter_async_context(
@@ -206,7 +209,11 @@ async def run(
             )
         best = await interleave({"actorgrad": ActorgradDist().window}, names, seconds)
         phases = await hop_phases()
-    results: dict[str, dict[str, float] | None] = {"actorgrad": best["actorgrad"], "torch": theirs}
+    results: dict[str, dict[str, float] | None] = {
+        "actorgrad": best["actorgrad"],
+        "torch": theirs,
+        "torch tcp": theirs_tcp,
+    }
     out = {
         side: None if res is None else {n: torch_ref.to_metric(n, per) for n, per in res.items()}
         for side, res in results.items()
@@ -220,7 +227,8 @@ def main() -> None:
         res, phases = runner.run(run(SECONDS))
     ours = res["actorgrad"]
     assert ours is not None
-    print(render(METRICS, ours, [("torch", res["torch"])], target_column="torch"))
+    columns = [("torch", res["torch"]), ("torch tcp", res["torch tcp"])]
+    print(render(METRICS, ours, columns, target_column="torch"))
     if res["torch"] is not None:
         print(torch_ref.describe(THREADS))
     print("actorgrad hop phases, us:", ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -86,21 +86,46 @@ def start_torch(
         return None
 
 
+# TensorPipe over plain TCP (its defaults pick shared memory between local processes;
+# actorgrad always uses TCP): the second PyTorch column.
+TORCH_TCP = {"TORCH_REF_TRANSPORTS": "uv", "TORCH_REF_CHANNELS": "basic"}
+
+
 async def measure_torch(
-    workers: int, metrics: list[str], seconds: float, *, threads: int
+    workers: int,
+    metrics: list[str],
+    seconds: float,
+    *,
+    threads: int,
+    env: dict[str, str] | None = None,
 ) -> dict[str, float] | None:
     """Best seconds per step of the PyTorch side, or None when torch is unusable.
 
     Measured in a phase of its own: TensorPipe's processes busy-poll (about 65% of a
     core each, measured), so keeping them alive during our windows would take CPU from
-    our side on a 2-core machine.
+    our side on a 2-core machine. ``env`` is set while its processes start.
     """
     with contextlib.ExitStack() as stack:
+        for key, value in (env or {}).items():
+            stack.enter_context(_env(key, value))
         world = start_torch(stack, workers, threads=threads)
         if world is None:
             return None
         best = await interleave({"torch": torch_window(world)}, metrics, seconds, required="")
     return best["torch"] or None
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str) -> Iterator[None]:
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def torch_window(world: torch_ref.TorchWorld) -> Window:
@@ -118,6 +143,7 @@ async def run(seconds: float = SECONDS) -> dict[str, dict[str, float] | None]:
 
     names = [m.key for m in METRICS]
     theirs = await measure_torch(1, names, seconds, threads=1)
+    theirs_tcp = await measure_torch(1, names, seconds, threads=1, env=TORCH_TCP)
     async with _echo_baseline.EchoBaseline() as bare, ag.local_cluster(1, processes=True):
         sides: dict[str, Window] = {
             "actorgrad": ActorgradRpc().window,
@@ -125,6 +151,7 @@ async def run(seconds: float = SECONDS) -> dict[str, dict[str, float] | None]:
         }
         best: dict[str, dict[str, float] | None] = dict(await interleave(sides, names, seconds))
     best["torch"] = theirs
+    best["torch tcp"] = theirs_tcp
     return {
         side: None if res is None else {n: torch_ref.to_metric(n, per) for n, per in res.items()}
         for side, res in best.items()
@@ -137,7 +164,11 @@ def main() -> None:
         res = runner.run(run(SECONDS))
     ours = res["actorgrad"]
     assert ours is not None
-    columns = [("bare echo", res["bare echo"]), ("torch", res["torch"])]
+    columns = [
+        ("bare echo", res["bare echo"]),
+        ("torch", res["torch"]),
+        ("torch tcp", res["torch tcp"]),
+    ]
     print(render(METRICS, ours, columns, target_column="torch"))
     if res["torch"] is not None:
         print(torch_ref.describe(1), flush=True)
