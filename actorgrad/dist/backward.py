@@ -77,11 +77,10 @@ def _unpack_grad(v: Any) -> np.ndarray | None:
 class PassState:
     """One backward pass of one context on one worker."""
 
-    __slots__ = ("ctx", "pass_id", "origin", "task", "contrib", "out", "started_peers", "dead")
+    __slots__ = ("ctx", "pass_id", "origin", "task", "contrib", "out", "started_peers")
 
     def __init__(
         self,
-        st: DistState,
         ctx: DistContext,
         pass_id: int,
         origin: str,
@@ -95,7 +94,6 @@ class PassState:
         self.origin = origin
         self.contrib: dict[Tensor, np.ndarray] = {}
         self.out: _Outgoing = {}
-        self.dead = False
         all_roots: list[tuple[Any, np.ndarray | None]] = list(roots)
         all_roots.extend((r, None) for r in ctx.recvs)
         self.task = GraphTask(
@@ -174,9 +172,6 @@ class PassState:
         if not retain_graph:
             ctx.free_graph()
         st.num_backward_passes += 1
-
-    def abort(self) -> None:
-        self.dead = True
 
 
 # --- credit-based completion ----------------------------------------------------------
@@ -312,7 +307,7 @@ def _on_reply(
         _report(st, ctx_id, origin, pass_id, exc)
 
 
-def _step(st: DistState, ctx: DistContext, ps: PassState, retain: bool) -> _Outgoing:
+def _step(st: DistState, ps: PassState, retain: bool) -> _Outgoing:
     out = ps.run()
     if ps.task.finished:
         ps.finish(st, retain)
@@ -350,14 +345,12 @@ def _deliver(
                 f"another backward pass is running in context {ctx_id:#x}; "
                 "concurrent backward calls in one context are not supported"
             )
-        ps = ctx.active_pass = PassState(st, ctx, pass_id, origin, (), retain)
+        ps = ctx.active_pass = PassState(ctx, pass_id, origin, (), retain)
     try:
         ps.deliver(items)
-        out = _step(st, ctx, ps, retain)
+        out = _step(st, ps, retain)
     except BaseException:
-        ps.abort()
-        if ctx.active_pass is ps:
-            ctx.active_pass = None
+        ctx.drop_pass(pass_id)
         raise
     _forward(st, ps, retain, out, (num, exp))
 
@@ -389,9 +382,7 @@ async def _abort(ctx_id: int, pass_id: int) -> None:
     if ctx is None or pass_id in ctx.aborted_passes:
         return
     ctx.aborted_passes.add(pass_id)
-    if ctx.active_pass is not None and ctx.active_pass.pass_id == pass_id:
-        ctx.active_pass.abort()
-        ctx.active_pass = None
+    ctx.drop_pass(pass_id)
     await _flood(st, ctx.peers, _abort, (ctx_id, pass_id))
 
 
@@ -471,15 +462,13 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             )
         pass_id = st.new_pass_id()
         run = st.runs[pass_id] = InitiatorRun(context_id, pass_id)
-        ps = ctx.active_pass = PassState(st, ctx, pass_id, worker.name, checked, retain_graph)
+        ps = ctx.active_pass = PassState(ctx, pass_id, worker.name, checked, retain_graph)
         try:
-            out = _step(st, ctx, ps, retain_graph)
+            out = _step(st, ps, retain_graph)
             _forward(st, ps, retain_graph, out, (1, 0))
             await run.done
         except BaseException as exc:
-            if ctx.active_pass is ps:
-                ctx.active_pass = None
-            ps.abort()
+            ctx.drop_pass(pass_id)
             if isinstance(exc, Exception) and ctx.peers:
                 ctx.aborted_passes.add(pass_id)
                 await _flood(st, ctx.peers, _abort, (context_id, pass_id))

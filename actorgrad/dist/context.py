@@ -129,6 +129,14 @@ class DistContext:
             f"released={self.released})"
         )
 
+    def drop_pass(self, pass_id: int | None = None) -> None:
+        """Forget the pass running here (only if it is ``pass_id``, when given): its
+        pending gradients go with its task. (The origin's abort flood then marks the
+        pass aborted, so late messages for it are refused.)"""
+        ps = self.active_pass
+        if ps is not None and (pass_id is None or ps.pass_id == pass_id):
+            self.active_pass = None
+
     def free_graph(self) -> None:
         """Forget the send/recv nodes (after a backward that did not retain the graph)."""
         self.sends.clear()
@@ -197,9 +205,7 @@ class DistState:
         ctx = self.contexts.pop(ctx_id, None)
         if ctx is not None:
             ctx.released = True
-            if ctx.active_pass is not None:
-                ctx.active_pass.abort()
-                ctx.active_pass = None
+            ctx.drop_pass()
         if not self.contexts and self._empty_waiters:
             waiters, self._empty_waiters = self._empty_waiters, []
             for fut in waiters:
@@ -244,9 +250,7 @@ def _on_peer_lost(st: DistState, name: str) -> None:
             continue
         if name not in ctx.peers:
             continue
-        if ctx.active_pass is not None:
-            ctx.active_pass.abort()
-            ctx.active_pass = None
+        ctx.drop_pass()
         for run in st.runs.values():
             if run.ctx_id == ctx_id:
                 run.fail(WorkerLost(f"worker {name!r} was lost during the backward pass"))
