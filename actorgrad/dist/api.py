@@ -4,20 +4,17 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 import numpy as np
 
-from actorgrad.dist.context import DistState, _current, state_of
+from actorgrad.dist.context import DistState, _current, call_peers, current_context, state_of
 from actorgrad.errors import ContextError
-from actorgrad.runtime import Worker, current_worker, inline
+from actorgrad.runtime import current_worker, inline
 from actorgrad.tensor import Tensor
 
 __all__ = ["context", "debug_info", "get_gradients"]
-
-log = logging.getLogger("actorgrad.dist")
 
 
 @asynccontextmanager
@@ -39,11 +36,11 @@ async def context() -> AsyncIterator[int]:
             print(ag.dist.get_gradients(ctx))
     """
     worker = current_worker()
-    cur = _current.get()
-    if cur is not None and cur[0] is worker:
+    open_ctx = current_context(worker)
+    if open_ctx is not None:
         raise ContextError(
-            f"a distributed autograd context ({cur[1]:#x}) is already open in this task; "
-            "contexts do not nest"
+            f"a distributed autograd context ({open_ctx.id:#x}) is already open in this "
+            "task; contexts do not nest"
         )
     st = state_of(worker)
     ctx_id = st.new_context_id()
@@ -63,7 +60,7 @@ async def _release_everywhere(st: DistState, ctx_id: int) -> None:
         return
     # Owned by the worker: if we are cancelled while waiting for the acknowledgements,
     # the releases still complete (and are cancelled cleanly at worker shutdown).
-    task = st.worker._spawn(_release_peers(st.worker, peers, ctx_id))
+    task = st.worker._spawn(call_peers(st.worker, peers, _release, (ctx_id, st.worker.name)))
     await asyncio.shield(task)
 
 
@@ -78,18 +75,6 @@ def _release_local(st: DistState, ctx_id: int) -> set[str]:
     return peers
 
 
-async def _release_peers(worker: Worker, peers: set[str], ctx_id: int) -> None:
-    # Futures, not tasks: one request per peer, all in flight together.
-    futs = [worker.call_nowait(p, _release, (ctx_id, worker.name)) for p in peers]
-    results = await asyncio.gather(*futs, return_exceptions=True)
-    for peer, r in zip(peers, results, strict=True):
-        if isinstance(r, Exception):
-            # A peer that died has nothing left to release; others log.
-            log.debug("release of context %#x on %s failed: %r", ctx_id, peer, r)
-        elif isinstance(r, BaseException):
-            raise r
-
-
 @inline
 def _release(ctx_id: int, sender: str) -> Awaitable[None] | None:
     """Handler: release the context here, then on our own peers (second hops); the
@@ -98,7 +83,7 @@ def _release(ctx_id: int, sender: str) -> Awaitable[None] | None:
     peers = _release_local(state_of(worker), ctx_id)
     peers.discard(sender)
     if peers:
-        return _release_peers(worker, peers, ctx_id)
+        return call_peers(worker, peers, _release, (ctx_id, worker.name))
     return None
 
 

@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 
 from actorgrad.autograd import GraphTask, grad_node
-from actorgrad.dist.context import DistContext, DistState, RecvNode, _current, state_of
+from actorgrad.dist.context import DistContext, DistState, RecvNode, call_peers, state_of
 from actorgrad.errors import ContextError, ProtocolError, RemoteError, WorkerLost
-from actorgrad.runtime import current_worker, inline, rpc
+from actorgrad.runtime import current_worker, inline
 from actorgrad.tensor import Tensor
 
 __all__ = ["PassState", "backward"]
@@ -383,23 +383,7 @@ async def _abort(ctx_id: int, pass_id: int) -> None:
         return
     ctx.aborted_passes.add(pass_id)
     ctx.drop_pass(pass_id)
-    await _flood(st, ctx.peers, _abort, (ctx_id, pass_id))
-
-
-async def _flood(st: DistState, peers: set[str], fn: Any, args: tuple[Any, ...]) -> None:
-    """Call fn on every live peer; a peer that is gone has nothing left to clean."""
-    me = st.worker.name
-    targets = [p for p in peers if p != me]
-    if not targets:
-        return
-    token = _current.set(None)  # a protocol message: outside any context
-    try:
-        results = await asyncio.gather(*(rpc(p, fn, args) for p in targets), return_exceptions=True)
-    finally:
-        _current.reset(token)
-    for r in results:
-        if isinstance(r, BaseException) and not isinstance(r, Exception):
-            raise r  # cancellation and friends are never swallowed
+    await call_peers(st.worker, ctx.peers, _abort, (ctx_id, pass_id))
 
 
 def _check_roots(roots: Any) -> list[tuple[Any, np.ndarray]]:
@@ -471,7 +455,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             ctx.drop_pass(pass_id)
             if isinstance(exc, Exception) and ctx.peers:
                 ctx.aborted_passes.add(pass_id)
-                await _flood(st, ctx.peers, _abort, (context_id, pass_id))
+                await call_peers(st.worker, ctx.peers, _abort, (context_id, pass_id))
             raise
         finally:
             del st.runs[pass_id]

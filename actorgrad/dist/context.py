@@ -24,8 +24,9 @@ import asyncio
 import contextvars
 import functools
 import itertools
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,8 @@ _current: contextvars.ContextVar[tuple[Any, int] | None] = contextvars.ContextVa
 )
 
 CONTEXT_ID_BITS = 48
+
+log = logging.getLogger("actorgrad.dist")
 
 
 class SendNode(Node):
@@ -264,9 +267,21 @@ def current_context(worker: Worker) -> DistContext | None:
     return state_of(worker).contexts.get(cur[1])
 
 
-def current_context_id() -> int | None:
-    cur = _current.get()
-    return None if cur is None else cur[1]
+async def call_peers(worker: Worker, peers: Iterable[str], fn: Any, args: tuple[Any, ...]) -> None:
+    """Run protocol handler ``fn(*args)`` on every peer but this worker, all in flight
+    together, and wait for all of them. A peer that fails or is gone has nothing left
+    to clean: logged, not raised. (Requests without a task each, and outside any
+    context: ``call_nowait`` carries no context metadata.)"""
+    targets = [p for p in peers if p != worker.name]
+    if not targets:
+        return
+    futs = [worker.call_nowait(p, fn, args) for p in targets]
+    results = await asyncio.gather(*futs, return_exceptions=True)
+    for peer, r in zip(targets, results, strict=True):
+        if isinstance(r, Exception):
+            log.debug("%s on %s failed: %r", getattr(fn, "__name__", fn), peer, r)
+        elif isinstance(r, BaseException):
+            raise r  # cancellation and friends are never swallowed
 
 
 @contextmanager
