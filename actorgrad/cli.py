@@ -38,12 +38,11 @@ from typing import Any, NoReturn
 from actorgrad.errors import ActorgradError, AuthError
 from actorgrad.runtime import cluster
 from actorgrad.runtime.cluster import new_token, run
+from actorgrad.runtime.procs import ENV_ADDRESS, ENV_TOKEN
 
 __all__ = ["main"]
 
 PROG = "actorgrad"
-ENV_ADDRESS = "ACTORGRAD_ADDRESS"
-ENV_TOKEN = "ACTORGRAD_TOKEN"
 
 
 class CliError(Exception):

@@ -10,7 +10,7 @@ from typing import Any
 
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.cluster import HEAD_NAME, check_bind, finish, new_token
-from actorgrad.runtime.procs import WorkerProcesses
+from actorgrad.runtime.procs import ENV_ADDRESS, ENV_TOKEN, WorkerProcesses
 from actorgrad.runtime.rref import RRef
 from actorgrad.runtime.worker import MODE_REMOTE, MODE_RPC, Worker, current_worker
 
@@ -30,8 +30,8 @@ async def init(
     existing = _w._process_worker
     if existing is not None and not existing.closed:
         raise RuntimeError(f"actorgrad is already initialized as worker {existing.name!r}")
-    address = address or os.environ.get("ACTORGRAD_ADDRESS") or None
-    token = token or os.environ.get("ACTORGRAD_TOKEN") or None
+    address = address or os.environ.get(ENV_ADDRESS) or None
+    token = token or os.environ.get(ENV_TOKEN) or None
     if token is None:
         if address is not None:
             raise ValueError(

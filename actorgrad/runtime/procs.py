@@ -24,6 +24,10 @@ import sys
 import time
 from typing import Any
 
+# The environment of a driver or worker process: where the cluster is, and its token.
+ENV_ADDRESS = "ACTORGRAD_ADDRESS"
+ENV_TOKEN = "ACTORGRAD_TOKEN"
+
 #: Thread-count variables of the BLAS libraries numpy may use (see the module docstring).
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -46,8 +50,8 @@ class WorkerProcesses:
 
     def start(self, address: str, names: list[str], token: str, *, host: str = "127.0.0.1") -> None:
         env = dict(os.environ)
-        env["ACTORGRAD_TOKEN"] = token
-        env.pop("ACTORGRAD_ADDRESS", None)
+        env[ENV_TOKEN] = token
+        env.pop(ENV_ADDRESS, None)
         paths = [p for p in sys.path if p and os.path.isdir(p)]
         cwd = os.getcwd()
         env["PYTHONPATH"] = os.pathsep.join([cwd, *paths])

@@ -21,9 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", required=True)
     ap.add_argument("--host", default=None)
     args = ap.parse_args(argv)
-    token = os.environ.get("ACTORGRAD_TOKEN")
+    from actorgrad.runtime.procs import ENV_TOKEN
+
+    token = os.environ.get(ENV_TOKEN)
     if not token:
-        print("actorgrad worker: ACTORGRAD_TOKEN is not set", file=sys.stderr)
+        print(f"actorgrad worker: {ENV_TOKEN} is not set", file=sys.stderr)
         return 2
     from actorgrad.runtime.cluster import run, serve_worker
 
