@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from actorgrad.runtime import worker as _w
-from actorgrad.runtime.cluster import HEAD_NAME, check_bind, finish, new_token
+from actorgrad.runtime.cluster import HEAD_NAME, check_bind, finish, new_token, stop_all
 from actorgrad.runtime.procs import ENV_ADDRESS, ENV_TOKEN, WorkerProcesses
 from actorgrad.runtime.rref import RRef
 from actorgrad.runtime.worker import MODE_REMOTE, MODE_RPC, Worker, current_worker
@@ -159,13 +159,5 @@ async def local_cluster(
                 await w.join(head.address)
         yield cluster
     finally:
-        await finish(_close_cluster(cluster))
+        await finish(stop_all(cluster.driver, cluster.workers, cluster.procs))
         _w.set_process_worker(old)
-
-
-async def _close_cluster(c: LocalCluster) -> None:
-    for w in c.workers:
-        await w.shutdown(timeout=5.0)
-    await c.driver.shutdown(timeout=5.0)
-    if c.procs is not None:
-        await c.procs.stop()

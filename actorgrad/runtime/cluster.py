@@ -102,14 +102,17 @@ async def serve_cluster(
             stop = asyncio.Event()
         await stop.wait()
     finally:
-        await finish(_stop_all(head, procs, []))
+        await finish(stop_all(head, [], procs))
 
 
-async def _stop_all(head: Worker, procs: WorkerProcesses, workers: list[Worker]) -> None:
+async def stop_all(head: Worker, workers: list[Worker], procs: WorkerProcesses | None) -> None:
+    """Shut a local cluster down: its in-process workers, then the head, then its
+    worker processes (terminated, joined, killed)."""
     for w in workers:
         await w.shutdown(timeout=5.0)
     await head.shutdown(timeout=5.0)
-    await procs.stop()
+    if procs is not None:
+        await procs.stop()
 
 
 async def serve_worker(
