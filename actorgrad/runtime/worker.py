@@ -168,6 +168,13 @@ def inline(fn: F) -> F:
     return fn
 
 
+def _check_call_args(args: Any, kwargs: Any) -> None:
+    if type(args) is not tuple and not isinstance(args, (tuple, list)):
+        raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+
+
 class _FnStats:
     __slots__ = ("fast", "is_async", "inline")
 
@@ -844,10 +851,7 @@ class Worker:
         left or the connection broke), TypeError (``fn`` or an argument cannot travel),
         ValueError (unknown worker)."""
         target = fn if mode >= MODE_RREF_RPC or type(fn) is str else calls.fn_spec(fn)
-        if type(args) is not tuple and not isinstance(args, (tuple, list)):
-            raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+        _check_call_args(args, kwargs)
         conn = _conn
         if conn is None:
             if type(dest) is not str:
@@ -922,10 +926,7 @@ class Worker:
         callback), except for calls failed by this worker's shutdown, which never
         warn. Cancelling the future does not cancel the remote call."""
         target = fn if type(fn) is str else calls.fn_spec(fn)
-        if not isinstance(args, (tuple, list)):
-            raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+        _check_call_args(args, kwargs)
         fut: asyncio.Future[Any] = self.loop.create_future()
         conn = self._out.get(dest) if type(dest) is str else None
         if conn is not None and not conn.closed:
