@@ -108,11 +108,6 @@ class WorkerProcesses:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def kill_now(self) -> None:
-        self._signal(signal.SIGKILL)
-        for p in self.procs.values():
-            p.wait()
-
     def _signal(self, sig: int) -> None:
         for p in self.procs.values():
             if p.poll() is None:
