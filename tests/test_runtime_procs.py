@@ -140,12 +140,20 @@ def test_functions_of_a_main_script_run_on_process_workers(tmp_path):
         textwrap.dedent(
             """
             import asyncio
+            import multiprocessing  # its import rebinds sys.modules["__mp_main__"]
             import actorgrad as ag
 
             print("top level of", __name__, flush=True)
+            _STATE = {}
 
             def square(x):
                 return x * x
+
+            def remember(v):
+                _STATE["v"] = v
+
+            def recall():
+                return _STATE["v"]
 
             class Box:
                 def __init__(self, v):
@@ -158,6 +166,8 @@ def test_functions_of_a_main_script_run_on_process_workers(tmp_path):
                     print("square", await ag.rpc("w1", square, (7,)), flush=True)
                     box = await ag.remote("w1", Box, (5,))
                     print("box", await box.rpc().get(), flush=True)
+                    await ag.rpc("w1", remember, (11,))
+                    print("recall", await ag.rpc("w1", recall), flush=True)
 
             if __name__ == "__main__":
                 asyncio.run(main())
@@ -178,8 +188,10 @@ def test_functions_of_a_main_script_run_on_process_workers(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "square 49" in lines and "box 5" in lines and lines[-1] == "done"
-    # the worker imported the script as __mp_main__, without running its main block
-    assert "top level of __mp_main__" in lines
+    # one module on the worker: state set by one call is seen by the next
+    assert "recall 11" in lines
+    # the worker imported the script as __mp_main__ once, without running its main block
+    assert lines.count("top level of __mp_main__") == 1
     assert lines.count("done") == 1
 
 

@@ -77,26 +77,34 @@ def fn_spec(fn: Any) -> str | list:
     return spec
 
 
+# driver scripts imported on this worker, by real path. Not looked up in sys.modules:
+# the first ``import multiprocessing`` anywhere rebinds sys.modules["__mp_main__"] to this
+# process's own __main__, and a second import of the script would split its globals.
+_main_modules: dict[str, types.ModuleType] = {}
+
+
 def _main_module(path: str) -> types.ModuleType:
     if _main_path() == path:
         return sys.modules["__main__"]
-    alias = sys.modules.get(MAIN_ALIAS)
-    if (
-        alias is not None
-        and isinstance(alias.__file__, str)
-        and os.path.realpath(alias.__file__) == path
-    ):
-        return alias
+    module = _main_modules.get(path)
+    if module is not None:
+        return module
     spec = importlib.util.spec_from_file_location(MAIN_ALIAS, path)
     if spec is None or spec.loader is None:
         raise ModuleNotFoundError(f"cannot import the driver script {path!r}")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[MAIN_ALIAS] = module
+    saved = sys.modules.get(MAIN_ALIAS)
+    sys.modules[MAIN_ALIAS] = module  # its classes and dataclasses look themselves up here
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        sys.modules.pop(MAIN_ALIAS, None)
+        if saved is None:
+            sys.modules.pop(MAIN_ALIAS, None)
+        else:
+            sys.modules[MAIN_ALIAS] = saved
         raise
+    sys.modules[MAIN_ALIAS] = module  # again: the script may have imported multiprocessing
+    _main_modules[path] = module
     return module
 
 
