@@ -1,5 +1,6 @@
-"""Bad input against a real TCP listener: each bad client gets a clear error or a
-closed connection, and the worker keeps serving the next valid client."""
+"""Bad input against a real listener (TCP, and the local Unix socket): each bad client
+gets a clear error or a closed connection, and the worker keeps serving the next valid
+client."""
 
 from __future__ import annotations
 
@@ -25,21 +26,24 @@ def add(a, b=0):
     return a + b
 
 
-@pytest.fixture
-async def tcp_cluster():
-    async with ag.local_cluster(1, transport="tcp") as c:
+@pytest.fixture(params=["tcp", "unix"])
+async def sock_cluster(request):
+    async with ag.local_cluster(1, transport=request.param) as c:
+        c.listener = request.param
         yield c
 
 
 def _target(c):
-    return c.workers[0]  # w1, listening on TCP
+    return c.workers[0]  # w1, listening on TCP and on a local Unix socket
 
 
 async def _valid_client_works(c):
     """A fresh connection to w1 handshakes and gets an answer; the old ones still work."""
     client = Worker(f"probe-{secrets.token_hex(3)}", token=c.driver.token)
     try:
-        conn = await asyncio.wait_for(client.open_connection(_target(c).address), 5)
+        local = _target(c).local_address if c.listener == "unix" else ""
+        conn = await asyncio.wait_for(client.open_connection(_target(c).address, local), 5)
+        assert conn.kind == c.listener
         assert await asyncio.wait_for(client.call_on(conn, add, (20, 22)), 5) == 42
     finally:
         await client.shutdown()
@@ -47,7 +51,11 @@ async def _valid_client_works(c):
 
 
 async def _raw(c):
-    host, _, port = _target(c).address.rpartition(":")
+    w = _target(c)
+    if c.listener == "unix":
+        assert w.local_address, "w1 has no local socket"
+        return await asyncio.open_unix_connection("\0" + w.local_address)
+    host, _, port = w.address.rpartition(":")
     return await asyncio.open_connection(host, int(port))
 
 
@@ -88,34 +96,34 @@ async def _send_frame(writer, frame: bytes):
     await writer.drain()
 
 
-async def test_random_bytes_instead_of_a_handshake_close_the_connection(tcp_cluster, caplog):
+async def test_random_bytes_instead_of_a_handshake_close_the_connection(sock_cluster, caplog):
     caplog.set_level(logging.WARNING, "actorgrad.runtime")
-    reader, writer = await _raw(tcp_cluster)
+    reader, writer = await _raw(sock_cluster)
     writer.write(os.urandom(200))
     await _closed_by_peer(reader, writer)
     assert "not an actorgrad peer" in caplog.text
-    await _valid_client_works(tcp_cluster)
+    await _valid_client_works(sock_cluster)
 
 
-async def test_flood_during_handshake_closes_the_connection(tcp_cluster):
-    reader, writer = await _raw(tcp_cluster)
+async def test_flood_during_handshake_closes_the_connection(sock_cluster):
+    reader, writer = await _raw(sock_cluster)
     writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, os.urandom(32)) + os.urandom(100_000))
     await _closed_by_peer(reader, writer)
-    await _valid_client_works(tcp_cluster)
+    await _valid_client_works(sock_cluster)
 
 
-async def test_wrong_protocol_version_closes_the_connection(tcp_cluster, caplog):
+async def test_wrong_protocol_version_closes_the_connection(sock_cluster, caplog):
     caplog.set_level(logging.WARNING, "actorgrad.runtime")
-    reader, writer = await _raw(tcp_cluster)
+    reader, writer = await _raw(sock_cluster)
     writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION + 7, os.urandom(32)))
     await _closed_by_peer(reader, writer)
     assert "version" in caplog.text
-    await _valid_client_works(tcp_cluster)
+    await _valid_client_works(sock_cluster)
 
 
-async def test_wrong_token_raw_client_is_rejected(tcp_cluster, caplog):
+async def test_wrong_token_raw_client_is_rejected(sock_cluster, caplog):
     caplog.set_level(logging.WARNING, "actorgrad.runtime")
-    reader, writer = await _raw(tcp_cluster)
+    reader, writer = await _raw(sock_cluster)
     nonce = os.urandom(32)
     writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
     _, _, snonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
@@ -123,53 +131,53 @@ async def test_wrong_token_raw_client_is_rejected(tcp_cluster, caplog):
     await reader.readexactly(32)  # the server's MAC
     await _closed_by_peer(reader, writer)  # ... and no accept byte
     assert "wrong cluster token" in caplog.text
-    await _valid_client_works(tcp_cluster)
+    await _valid_client_works(sock_cluster)
 
 
-async def test_client_that_never_finishes_its_handshake_is_dropped(tcp_cluster, monkeypatch):
+async def test_client_that_never_finishes_its_handshake_is_dropped(sock_cluster, monkeypatch):
     monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT", 0.3)
-    reader, writer = await _raw(tcp_cluster)
+    reader, writer = await _raw(sock_cluster)
     writer.write(MAGIC[:3])  # and then nothing
     await _closed_by_peer(reader, writer, deadline=5)
-    await _valid_client_works(tcp_cluster)
+    await _valid_client_works(sock_cluster)
 
 
-async def test_length_prefix_of_2_to_the_40_closes_the_connection(tcp_cluster, caplog):
+async def test_length_prefix_of_2_to_the_40_closes_the_connection(sock_cluster, caplog):
     caplog.set_level(logging.WARNING, "actorgrad.runtime")
-    reader, writer = await _handshaken(tcp_cluster)
+    reader, writer = await _handshaken(sock_cluster)
     writer.write(LEN.pack(2**40) + b"xxxx")
     await _closed_by_peer(reader, writer)
     assert "exceeds the maximum" in caplog.text
-    await _valid_client_works(tcp_cluster)
+    await _valid_client_works(sock_cluster)
 
 
-async def test_garbage_frame_closes_the_connection(tcp_cluster):
-    reader, writer = await _handshaken(tcp_cluster)
+async def test_garbage_frame_closes_the_connection(sock_cluster):
+    reader, writer = await _handshaken(sock_cluster)
     await _send_frame(writer, os.urandom(300))
     await _closed_by_peer(reader, writer)
-    await _valid_client_works(tcp_cluster)
+    await _valid_client_works(sock_cluster)
 
 
-async def test_valid_msgpack_of_the_wrong_shape_closes_the_connection(tcp_cluster):
-    reader, writer = await _handshaken(tcp_cluster)
+async def test_valid_msgpack_of_the_wrong_shape_closes_the_connection(sock_cluster):
+    reader, writer = await _handshaken(sock_cluster)
     await _send_frame(writer, msgpack.packb({"kind": "call", "fn": "os:system"}))
     await _closed_by_peer(reader, writer)
-    await _valid_client_works(tcp_cluster)
+    await _valid_client_works(sock_cluster)
 
 
 @pytest.mark.parametrize(
     "header",
     [[99], ["REQ"], [], [K_REQ], [K_REQ, "x", "m:f", 0, None], [1, [1, 2]], [4, 5, 6, 7]],
 )
-async def test_unknown_or_malformed_messages_close_the_connection(tcp_cluster, header):
-    reader, writer = await _handshaken(tcp_cluster)
+async def test_unknown_or_malformed_messages_close_the_connection(sock_cluster, header):
+    reader, writer = await _handshaken(sock_cluster)
     await _send_frame(writer, wire.join_chunks(wire.encode_frame(header, None)))
     await _closed_by_peer(reader, writer)
-    await _valid_client_works(tcp_cluster)
+    await _valid_client_works(sock_cluster)
 
 
-async def test_malformed_request_body_gets_an_error_reply(tcp_cluster):
-    reader, writer = await _handshaken(tcp_cluster)
+async def test_malformed_request_body_gets_an_error_reply(sock_cluster):
+    reader, writer = await _handshaken(sock_cluster)
     (n,) = LEN.unpack(await reader.readexactly(8))
     hello = wire.decode_frame(await reader.readexactly(n))
     assert hello.header[1] == "w1"
@@ -196,11 +204,11 @@ async def test_malformed_request_body_gets_an_error_reply(tcp_cluster):
     assert replies[9].remote_type == "ProtocolError" and "mode" in str(replies[9])
     writer.close()
     await writer.wait_closed()
-    await _valid_client_works(tcp_cluster)
+    await _valid_client_works(sock_cluster)
 
 
-async def test_connection_closed_mid_frame(tcp_cluster):
-    reader, writer = await _handshaken(tcp_cluster)
+async def test_connection_closed_mid_frame(sock_cluster):
+    reader, writer = await _handshaken(sock_cluster)
     frame = wire.join_chunks(
         wire.encode_frame([K_REQ, 1, f"{__name__}:add", MODE_RPC, None], ((1, 2), None))
     )
@@ -209,18 +217,18 @@ async def test_connection_closed_mid_frame(tcp_cluster):
     writer.close()
     await writer.wait_closed()
     # and a big frame cut in the middle (preallocated-buffer path)
-    reader, writer = await _handshaken(tcp_cluster)
+    reader, writer = await _handshaken(sock_cluster)
     writer.write(LEN.pack(10_000_000) + os.urandom(1_000_000))
     await writer.drain()
     writer.close()
     await writer.wait_closed()
-    await _valid_client_works(tcp_cluster)
+    await _valid_client_works(sock_cluster)
 
 
-async def test_request_before_hello_closes_the_connection(tcp_cluster):
-    reader, writer = await _raw(tcp_cluster)
+async def test_request_before_hello_closes_the_connection(sock_cluster):
+    reader, writer = await _raw(sock_cluster)
     nonce = os.urandom(32)
-    tok = tcp_cluster.driver.token
+    tok = sock_cluster.driver.token
     writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
     _, _, snonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
     writer.write(_mac(tok, b"C", nonce, snonce))
@@ -230,13 +238,13 @@ async def test_request_before_hello_closes_the_connection(tcp_cluster):
         wire.join_chunks(wire.encode_frame([K_REQ, 1, "os:getpid", MODE_RPC, None], ((), None))),
     )
     await _closed_by_peer(reader, writer)
-    await _valid_client_works(tcp_cluster)
+    await _valid_client_works(sock_cluster)
 
 
-async def test_unencodable_argument_is_a_type_error_naming_the_type(tcp_cluster):
+async def test_unencodable_argument_is_a_type_error_naming_the_type(sock_cluster):
     class Thing:
         pass
 
     with pytest.raises(TypeError, match="Thing"):
         await ag.rpc("w1", add, (Thing(),))
-    await _valid_client_works(tcp_cluster)
+    await _valid_client_works(sock_cluster)

@@ -124,8 +124,12 @@ async def local_cluster(
 ) -> AsyncIterator[LocalCluster]:
     """A cluster for this process: the caller becomes worker ``driver`` (hosting the
     registry) and ``workers`` (a count -> ``w1..wN``, or names) are started as actors on
-    this loop (``transport`` "inproc" or "tcp") or, with ``processes=True``, as OS
-    processes over TCP. Leaving shuts everything down, also on error/cancellation."""
+    this loop (``transport`` "inproc", "tcp", or "unix": TCP listeners, peers connected
+    over local Unix sockets) or, with ``processes=True``, as OS processes (TCP, local
+    Unix sockets between them unless ``ACTORGRAD_LOCAL_SOCKETS=0``). Leaving shuts
+    everything down, also on error/cancellation."""
+    if transport not in ("inproc", "tcp", "unix"):
+        raise ValueError(f"unknown transport {transport!r}; use 'inproc', 'tcp' or 'unix'")
     if isinstance(workers, int):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, not {workers}")
@@ -140,8 +144,11 @@ async def local_cluster(
     if existing is not None and not existing.closed:
         raise RuntimeError(f"actorgrad is already initialized as worker {existing.name!r}")
     token = token or new_token()
-    kind = "tcp" if processes else transport
-    head = Worker(driver if driver else HEAD_NAME, token=token, transport_kind=kind)
+    kind = "tcp" if processes or transport == "unix" else transport
+    local = None if processes else transport == "unix"
+    head = Worker(
+        driver if driver else HEAD_NAME, token=token, transport_kind=kind, local_sockets=local
+    )
     await head.start()
     head.host_registry()
     cluster = LocalCluster(names, head.address, head)
@@ -153,7 +160,7 @@ async def local_cluster(
             await cluster.procs.wait_registered(head.registry)
         else:
             for n in names:
-                w = Worker(n, token=token, transport_kind=kind)
+                w = Worker(n, token=token, transport_kind=kind, local_sockets=local)
                 cluster.workers.append(w)
                 await w.start()
                 await w.join(head.address)

@@ -23,7 +23,10 @@ MAX_ID = 2**16
 class Registry:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
-        self.members: dict[str, tuple[int, str]] = {worker.name: (1, worker.address)}
+        # name -> (id, address, local socket name or "")
+        self.members: dict[str, tuple[int, str, str]] = {
+            worker.name: (1, worker.address, worker.local_address)
+        }
         worker.id = 1
         self.version = 0
         self.conns: dict[Connection, str] = {}
@@ -33,10 +36,10 @@ class Registry:
         worker._apply_members(*self.snapshot())
 
     def snapshot(self) -> tuple[int, dict[str, list]]:
-        return self.version, {n: [i, a] for n, (i, a) in self.members.items()}
+        return self.version, {n: list(entry) for n, entry in self.members.items()}
 
     def _alloc_id(self) -> int:
-        used = {i for i, _ in self.members.values()}
+        used = {entry[0] for entry in self.members.values()}
         for _ in range(MAX_ID):
             i = self._next_id
             self._next_id = i + 1 if i + 1 < MAX_ID else 1
@@ -44,7 +47,7 @@ class Registry:
                 return i
         raise RuntimeError("the cluster is full (65535 workers)")
 
-    def join(self, name: str, address: str, conn: Connection) -> list:
+    def join(self, name: str, address: str, local: str, conn: Connection) -> list:
         if self.closed:
             raise RuntimeError("the cluster is shutting down")
         if not isinstance(name, str) or not name:
@@ -52,7 +55,9 @@ class Registry:
         if name in self.members:
             raise ValueError(f"a worker named {name!r} is already in the cluster")
         wid = self._alloc_id()
-        self.members[name] = (wid, address)
+        if not isinstance(address, str) or not isinstance(local, str):
+            raise ValueError(f"invalid address {address!r} / {local!r} of worker {name!r}")
+        self.members[name] = (wid, address, local)
         self.conns[conn] = name
         self._changed_now()
         return [wid, *self.snapshot()]
@@ -123,10 +128,10 @@ def _registry() -> Registry:
     return reg
 
 
-def _join(name: str, address: str) -> list:
+def _join(name: str, address: str, local: str = "") -> list:
     from actorgrad.runtime.worker import _current_conn
 
-    return _registry().join(name, address, _current_conn.get())
+    return _registry().join(name, address, local, _current_conn.get())
 
 
 def _leave(name: str) -> None:
@@ -172,5 +177,5 @@ async def _status(timeout: float = 5.0) -> dict:  # noqa: ASYNC109 (timeout is A
     from actorgrad.runtime.worker import natural_key
 
     entries = sorted(reg.members.items(), key=lambda kv: natural_key(kv[0]))
-    rows = await asyncio.gather(*(one(n, i, a) for n, (i, a) in entries))
+    rows = await asyncio.gather(*(one(n, e[0], e[1]) for n, e in entries))
     return {"address": w.address, "workers": list(rows)}

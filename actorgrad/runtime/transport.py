@@ -32,6 +32,13 @@ transport has handed everything to the kernel (backpressure; the caller's arrays
 no longer referenced).
 Arrays travel zero-copy: do not mutate an array in place while it is being sent.
 
+Local sockets: on Linux a TCP worker also listens on an abstract Unix socket (no file,
+gone with the process) and advertises its name through the registry; a peer in the same
+network namespace of the same boot connects there instead (:func:`open_local`, falling
+back to TCP on any failure). Same handshake, same frames; loopback TCP runs the whole
+TCP stack per write — a 64 KiB echo between two processes took 194 µs over TCP and
+72 µs over a Unix socket on the 2-core VM. ``ACTORGRAD_LOCAL_SOCKETS=0`` turns it off.
+
 The in-process transport (:func:`open_inproc`) is a pair of fake ``asyncio.Transport``
 objects feeding the same protocol; bytes are copied at ``write`` time, so no object is
 shared between workers and every message goes through the codec.
@@ -48,6 +55,7 @@ import itertools
 import logging
 import os
 import secrets
+import socket
 import struct
 import sys
 import time
@@ -79,6 +87,8 @@ SPIN_SECONDS = float(os.environ.get("ACTORGRAD_SPIN_US", "200")) / 1e6
 # ...but only while at least this share of recent frames arrived within the window.
 SPIN_HIT_RATE = 0.75
 _MAX_HANDSHAKE_BUFFER = 4096
+#: Co-located TCP workers talk over abstract Unix sockets (Linux only).
+LOCAL_SOCKETS = sys.platform == "linux" and os.environ.get("ACTORGRAD_LOCAL_SOCKETS", "1") != "0"
 
 
 class _Spinner:
@@ -211,14 +221,14 @@ class Connection(asyncio.BaseProtocol):
         max_frame_size: int = MAX_FRAME_SIZE,
     ) -> None:
         self.id = next(self._ids)
-        self.kind = kind  # "tcp" / "inproc"
+        self.kind = kind  # "tcp" / "unix" / "inproc"
         self.on_frame = on_frame
         self.on_lost = on_lost
         self.max_frame_size = max_frame_size
         self.transport: asyncio.BaseTransport | None = None
         self.loop = asyncio.get_running_loop()
-        # busy-poll briefly after traffic (TCP only: in-process peers share our loop)
-        self._spin = _spinner(self.loop) if kind == "tcp" else None
+        # busy-poll briefly after traffic (sockets only: in-process peers share our loop)
+        self._spin = _spinner(self.loop) if kind != "inproc" else None
         self.peer_name: str | None = None
         self.peer_addr: Any = None
         self.outgoing = False
@@ -523,17 +533,37 @@ class Connection(asyncio.BaseProtocol):
         self._mark_closed(reason)
 
 
-class TcpConnection(Connection, asyncio.BufferedProtocol):
+class StreamConnection(Connection, asyncio.BufferedProtocol):
     """A :class:`Connection` that lets the event loop read straight into its buffers:
     into the preallocated buffer of a big frame being assembled (no intermediate copy),
     else into a reused scratch buffer that is parsed like ``data_received`` input."""
 
     SCRATCH = 64 * 1024
+    #: socket buffers of local (Unix) connections: a frame up to this size is handed to
+    #: the kernel in one write (the default, 208 KiB, made a 1 MiB echo 50% slower)
+    LOCAL_SOCKET_BUFFER = 4 * 1024 * 1024
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
         self._scratch_mv: memoryview | None = None
         self._into_big = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            self.kind = "unix"  # accepted on the local listener
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, self.LOCAL_SOCKET_BUFFER)
+                except OSError:  # pragma: no cover - capped or refused: keep the default
+                    pass
+        super().connection_made(transport)
+        if self.kind == "unix":  # abstract names come back as bytes with a leading NUL
+            name = self.peer_addr
+            if isinstance(name, bytes):
+                name = name.decode(errors="replace")
+            name = name.lstrip("\0") if isinstance(name, str) else ""
+            self.peer_addr = f"unix:@{name}" if name else "unix:(local process)"
 
     def get_buffer(self, sizehint: int) -> memoryview:
         big = self._big
@@ -560,6 +590,68 @@ class TcpConnection(Connection, asyncio.BufferedProtocol):
             return
         assert self._scratch_mv is not None
         self.data_received(self._scratch_mv[:nbytes])  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------
+# Local (Unix) sockets
+# ---------------------------------------------------------------------------------------
+
+_machine_key_cache: list[str] = []
+
+
+def machine_key() -> str:
+    """Who can reach our abstract Unix sockets: this boot of this machine, this network
+    namespace (abstract names are scoped to it)."""
+    if not _machine_key_cache:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                boot = f.read().strip()
+            netns = os.stat("/proc/self/ns/net").st_ino
+            _machine_key_cache.append(f"{boot}-{netns}")
+        except OSError:
+            _machine_key_cache.append("")
+    return _machine_key_cache[0]
+
+
+async def listen_local(
+    loop: asyncio.AbstractEventLoop, factory: Callable[[], Connection]
+) -> tuple[asyncio.AbstractServer, str] | None:
+    """Listen on a fresh abstract Unix socket; (server, name to advertise), or None
+    where there are none."""
+    key = machine_key()
+    if not LOCAL_SOCKETS or not key:
+        return None
+    name = f"actorgrad/{key}/{secrets.token_hex(8)}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind("\0" + name)
+        sock.listen(128)
+        sock.setblocking(False)
+        server = await loop.create_unix_server(factory, sock=sock)
+    except OSError:
+        sock.close()
+        return None
+    return server, name
+
+
+def local_reachable(name: str) -> bool:
+    """Whether ``name`` (advertised by :func:`listen_local`) is reachable from here."""
+    parts = name.split("/")
+    return (
+        LOCAL_SOCKETS and len(parts) == 3 and parts[0] == "actorgrad" and parts[1] == machine_key()
+    )
+
+
+async def open_local(loop: asyncio.AbstractEventLoop, name: str, conn: Connection) -> None:
+    """Connect ``conn`` to the abstract Unix socket ``name``. OSError when nobody listens."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, "\0" + name)
+        await loop.create_unix_connection(lambda: conn, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 # ---------------------------------------------------------------------------------------

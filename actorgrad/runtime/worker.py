@@ -198,6 +198,7 @@ class Worker:
         mailbox_size: int = MAILBOX_SIZE,
         max_in_flight: int = MAX_IN_FLIGHT,
         max_frame_size: int | None = None,
+        local_sockets: bool | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"worker name must be a non-empty string, not {name!r}")
@@ -208,6 +209,10 @@ class Worker:
         self.ext: dict[str, Any] = {}
         self.token = token
         self.transport_kind = transport_kind
+        # TCP workers also listen on, and prefer, local Unix sockets (transport.py)
+        self.local_sockets = (
+            transport.LOCAL_SOCKETS if local_sockets is None else local_sockets
+        ) and transport_kind == "tcp"
         self.host = host
         self.port = port
         self.address = ""
@@ -218,6 +223,9 @@ class Worker:
         self._shutdown_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
+        # the abstract Unix socket co-located peers connect to (transport.listen_local)
+        self._local_server: asyncio.AbstractServer | None = None
+        self.local_address = ""
         self._conns: set[Connection] = set()
         self._out: dict[str, Connection] = {}
         self._connecting: dict[str, asyncio.Task[Connection]] = {}
@@ -236,7 +244,7 @@ class Worker:
         self._status_providers: dict[str, Callable[[], dict]] = {}
         self._lost: set[str] = set()
         # membership (from the registry)
-        self.members: dict[str, tuple[int, str]] = {}
+        self.members: dict[str, tuple[int, str, str]] = {}  # name -> (id, address, local)
         self._members_version = -1
         self._members_changed = asyncio.Event()
         self.registry: Any = None  # registry.Registry on the head
@@ -314,6 +322,13 @@ class Worker:
             if ":" in host:
                 host = f"[{host}]"
             self.address = f"{host}:{port}"
+            local = (
+                await transport.listen_local(self.loop, self._accept)
+                if self.local_sockets
+                else None
+            )
+            if local is not None:
+                self._local_server, self.local_address = local
         self._dctx = contextvars.copy_context()  # the actor's context: _current = self
         self._dctx.run(_current.set, self)
         self._spawn(self._running(), name=f"actorgrad-dispatch-{self.name}")
@@ -354,7 +369,10 @@ class Worker:
                 self.address = f"{ip}:{self.address.rpartition(':')[2]}"
         try:
             wid, version, members = await self.call_on(
-                conn, "actorgrad.runtime.registry:_join", (self.name, self.address), timeout=timeout
+                conn,
+                "actorgrad.runtime.registry:_join",
+                (self.name, self.address, self.local_address),
+                timeout=timeout,
             )
         except RemoteError as exc:
             conn.close()
@@ -366,10 +384,11 @@ class Worker:
         self._apply_members(version, members)
 
     # ------------------------------------------------------------------ connections
-    def _new_conn(self) -> Connection:
-        cls = transport.TcpConnection if self.transport_kind == "tcp" else Connection
+    def _new_conn(self, kind: str | None = None) -> Connection:
+        kind = kind or self.transport_kind
+        cls = transport.StreamConnection if kind != "inproc" else Connection
         return cls(
-            kind=self.transport_kind,
+            kind=kind,
             on_frame=self._on_frame,
             on_lost=self._on_lost,
             max_frame_size=self.max_frame_size,
@@ -391,13 +410,29 @@ class Worker:
             log.warning("worker %s rejected a connection: %s", self.name, exc)
             self._conns.discard(conn)
 
-    async def open_connection(self, address: str) -> Connection:
+    async def open_connection(self, address: str, local: str = "") -> Connection:
         """Connect, handshake and exchange hellos. AuthError on a wrong token,
-        WorkerLost when nobody listens there."""
-        conn = self._new_conn()
+        WorkerLost when nobody listens there. With ``local`` (the peer's advertised Unix
+        socket) reachable from here, that is tried first, and TCP if it fails."""
+        if local and self.local_sockets and transport.local_reachable(local):
+            try:
+                return await self._open(address, local)
+            except (ActorgradError, OSError) as exc:
+                # nobody there (it died or went elsewhere), or an impostor failing the
+                # handshake: TCP reaches the real worker
+                log.warning(
+                    "worker %s: local socket of %s failed (%s); using TCP", self.name, address, exc
+                )
+        return await self._open(address, "")
+
+    async def _open(self, address: str, local: str) -> Connection:
+        conn = self._new_conn("unix" if local else None)
         conn.outgoing = True
         try:
-            if address.startswith("inproc://"):
+            if local:
+                async with asyncio.timeout(transport.HANDSHAKE_TIMEOUT):
+                    await transport.open_local(self.loop, local, conn)
+            elif address.startswith("inproc://"):
                 transport.open_inproc(address, conn)
             else:
                 host, _, port = address.rpartition(":")
@@ -445,7 +480,7 @@ class Worker:
             if dest in self._lost:
                 raise WorkerLost(f"worker {dest!r} has left the cluster")
             raise ValueError(f"unknown worker {dest!r}; known workers: {self.worker_names()}")
-        conn = await self.open_connection(entry[1])
+        conn = await self.open_connection(entry[1], entry[2])
         if conn.peer_name != dest:
             conn.close()
             raise WorkerLost(f"{entry[1]} is now worker {conn.peer_name!r}, not {dest!r}")
@@ -469,7 +504,9 @@ class Worker:
             return
         self._members_version = version
         old = self.members
-        self.members = {n: (int(v[0]), str(v[1])) for n, v in members.items()}
+        self.members = {
+            n: (int(v[0]), str(v[1]), str(v[2]) if len(v) > 2 else "") for n, v in members.items()
+        }
         for n in self.members:
             if n not in old:  # (re)joined: a later loss is reported again
                 self._lost.discard(n)
@@ -1103,8 +1140,9 @@ class Worker:
                 except ActorgradError:
                     pass
             conn.close(WorkerLost(f"worker {self.name!r} shut down"))
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._local_server):
+            if server is not None:
+                server.close()
         if self.transport_kind == "inproc" and self.address:
             transport.inproc_unlisten(self.address)
         # cancel and await every task we own (again, if cancelling spawned new ones)
@@ -1112,8 +1150,9 @@ class Worker:
             for t in tasks:
                 t.cancel()
             await asyncio.wait(tasks)
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in (self._server, self._local_server):
+            if server is not None:
+                await server.wait_closed()
         # let in-proc transports deliver their connection_lost callbacks
         await asyncio.sleep(0)
         await asyncio.sleep(0)
