@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import actorgrad as ag
@@ -340,3 +341,59 @@ def test_new_token_has_256_random_bits():
     token = rcluster.new_token()
     assert len(base64.urlsafe_b64decode(token + "=")) == 32
     assert token != rcluster.new_token()
+
+
+def page_faults_of_fresh_arrays(n: int) -> int:
+    """Minor page faults of n steps that each allocate, touch and free ten 100 KiB
+    arrays (like the activations and gradients of one step of a model)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        arrays = [np.ones(25 * 1024, dtype=np.float32) for _ in range(10)]
+        del arrays
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+async def faults_on_the_loop(n: int) -> int:
+    """page_faults_of_fresh_arrays on the worker's loop thread (the main malloc arena;
+    a plain function could run in the worker's thread pool)."""
+    return page_faults_of_fresh_arrays(n)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+async def test_worker_processes_reuse_freed_array_memory_instead_of_faulting_it_in():
+    # with glibc's defaults the freed 1 MiB is trimmed off the heap after every step and
+    # faulted in again by the next (250 faults per step)
+    async with ag.local_cluster(1, processes=True):
+        await ag.rpc("w1", faults_on_the_loop, (5,))  # the heap's first growth
+        faults = await ag.rpc("w1", faults_on_the_loop, (200,))
+    assert faults < 200, f"{faults} page faults in 200 steps"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_malloc_tuning_can_be_turned_off(tmp_path):
+    code = (
+        "from actorgrad.runtime import procs\n"
+        "from tests.test_runtime_procs import page_faults_of_fresh_arrays as f\n"
+        "applied = procs.tune_malloc()\n"
+        "f(5)\n"  # the heap's first growth
+        "print(applied, f(200))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO)
+    out = {}
+    for flag in ("0", "1"):
+        env["ACTORGRAD_MALLOC_TUNING"] = flag
+        res = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            cwd=REPO,
+        )
+        assert res.returncode == 0, res.stderr
+        applied, faults = res.stdout.split()
+        out[flag] = (applied, int(faults))
+    assert out["1"][0] == "True" and out["1"][1] < 200
+    assert out["0"][0] == "False" and out["0"][1] > 200 * 100  # glibc's defaults: ~250 each

@@ -10,7 +10,7 @@ from typing import Any
 
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.cluster import HEAD_NAME, check_bind, finish, new_token, stop_all
-from actorgrad.runtime.procs import ENV_ADDRESS, ENV_TOKEN, WorkerProcesses
+from actorgrad.runtime.procs import ENV_ADDRESS, ENV_TOKEN, WorkerProcesses, tune_malloc
 from actorgrad.runtime.rref import RRef
 from actorgrad.runtime.worker import MODE_REMOTE, MODE_RPC, Worker, current_worker
 
@@ -40,6 +40,7 @@ async def init(
         check_bind(host, token)
         token = new_token()
     check_bind(host, token)
+    tune_malloc()
     w = Worker(name, token=token, host=host, port=port)
     try:
         await w.start()
@@ -144,6 +145,7 @@ async def local_cluster(
     if existing is not None and not existing.closed:
         raise RuntimeError(f"actorgrad is already initialized as worker {existing.name!r}")
     token = token or new_token()
+    tune_malloc()
     kind = "tcp" if processes or transport == "unix" else transport
     local = None if processes else transport == "unix"
     head = Worker(

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"actorgrad worker: {ENV_TOKEN} is not set", file=sys.stderr)
         return 2
     from actorgrad.runtime.cluster import run, serve_worker
+    from actorgrad.runtime.procs import tune_malloc
+
+    tune_malloc()
 
     async def serve() -> None:
         stop = asyncio.Event()
