@@ -445,6 +445,52 @@ async def test_worker_dying_mid_backward_raises_worker_lost(worker_path):
         assert ag.dist.debug_info()["num_contexts"] == 0
 
 
+@pytest.mark.timeout(60)
+async def test_second_hop_dying_mid_backward_is_reported_by_the_worker_that_sent_to_it(
+    worker_path,
+):
+    # driver -> w1 -> w2: the driver never talks to w2; w1 sent it the gradient and
+    # is the one that sees it go (backward messages have no replies).
+    xv, wv = arr(3), arr(3)
+    async with cluster("processes"):
+        await ag.rpc("w2", F.put, ("w", wv))
+        await ag.rpc("w2", F.add_dying_hook, ("w",))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.chain, (["w2"], "w", x))
+            with pytest.raises(ag.WorkerLost, match="'w2'"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+        info = await ag.rpc("w1", F.debug_info)
+        assert info["num_contexts"] == 0 and info["num_active_passes"] == 0
+
+
+@pytest.mark.timeout(60)
+async def test_a_hung_second_hop_fails_the_backward_within_the_heartbeat_bound(worker_path):
+    import signal
+
+    from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
+
+    xv, wv = arr(3), arr(3)
+    async with cluster("processes"):
+        await ag.rpc("w2", F.put, ("w", wv))
+        pid = await ag.rpc("w2", F.pid)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.chain, (["w2"], "w", x))
+            os.kill(pid, signal.SIGSTOP)  # alive but silent: no reply would ever come
+            try:
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                with pytest.raises(ag.WorkerLost, match="'w2'"):
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+                took = loop.time() - t0
+            finally:
+                os.kill(pid, signal.SIGKILL)
+        assert took < HEARTBEAT_TIMEOUT + 2.0, took
+        info = await ag.rpc("w1", F.debug_info)
+        assert info["num_contexts"] == 0 and info["num_active_passes"] == 0
+
+
 async def test_context_of_a_dead_initiator_is_reclaimed(worker_path):
     async with cluster("processes"):
         await ag.rpc("w2", F.put, ("w", arr(3)))

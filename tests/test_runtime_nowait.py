@@ -1,4 +1,5 @@
-"""Runtime features for protocol code: ``Worker.call_nowait`` and inline handlers.
+"""Runtime features for protocol code: ``Worker.call_nowait``, one-way ``notify``,
+``watch`` and inline handlers.
 
 Tests using the ``cluster`` fixture run over both transports (in-process, TCP).
 """
@@ -204,3 +205,85 @@ async def test_call_nowait_after_shutdown_fails_at_once(loop_errors):
         w = c.driver
     fut = w.call_nowait("w1", add, (1,))
     assert fut.done() and isinstance(fut.exception(), ag.WorkerLost)
+
+
+# ---- one-way calls (notify) and watching ------------------------------------------------
+
+_received: list[Any] = []
+
+
+@inline
+def record(*args):
+    """Handler of one-way calls: remembers what came; wakes the test waiting for it."""
+    _received.append(list(args))
+    ev = _arrived.get(len(_received))
+    if ev is not None:
+        ev.set()
+
+
+_arrived: dict[int, asyncio.Event] = {}
+
+
+async def _wait_received(n: int) -> None:
+    if len(_received) < n:
+        ev = _arrived[n] = asyncio.Event()
+        await asyncio.wait_for(ev.wait(), 5)
+
+
+async def test_notify_delivers_one_way_calls_in_order(cluster):
+    _received.clear()
+    for i in range(50):
+        cluster.driver.notify("w1", record, (i, "x" * i))
+    await _wait_received(50)
+    assert _received == [[i, "x" * i] for i in range(50)]
+
+
+async def test_notify_failures_reach_on_error(cluster):
+    w = cluster.driver
+    errors: list[BaseException] = []
+    all_in = asyncio.Event()
+
+    def on_error(exc: BaseException) -> None:
+        errors.append(exc)
+        if len(errors) == 3:
+            all_in.set()
+
+    w.notify("nobody", record, (1,), on_error=on_error)  # looked up by a task
+    w.notify("w1", record, ({1, 2},), on_error=on_error)  # a set cannot travel
+    w.notify("w1", lambda: None, (), on_error=on_error)  # nor can a lambda
+    await asyncio.wait_for(all_in.wait(), 5)
+    kinds = sorted(type(e).__name__ for e in errors)
+    assert kinds == ["TypeError", "TypeError", "ValueError"], errors
+    assert any("unknown worker 'nobody'" in str(e) for e in errors)
+
+
+async def test_a_one_way_call_that_cannot_start_closes_the_connection(cluster):
+    w = cluster.driver
+    await w.call("w1", add, (1, 2))
+    conn = w._out["w1"]
+    lost = asyncio.Event()
+    w.add_peer_lost_callback(lambda name: name == "w1" and lost.set())
+    w.notify("w1", "no_such_module_xyz:f", (1,))
+    await asyncio.wait_for(lost.wait(), 5)  # the sender learns it as the peer's loss
+    assert conn.closed
+    assert await ag.rpc("w1", add, (2, 3)) == 5  # the worker itself is fine
+
+
+async def test_a_watched_silent_peer_is_reported_lost_within_the_heartbeat_timeout(monkeypatch):
+    monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.05)
+    monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 0.3)
+    async with ag.local_cluster(1, transport="tcp") as c:
+        w = c.driver
+        await w.call("w1", add, (1, 2))
+        lost = asyncio.Event()
+        w.add_peer_lost_callback(lambda name: name == "w1" and lost.set())
+        w1 = c.workers[0]
+        for t in list(w1._tasks):  # silence w1: no more pings from it
+            if t.get_name().startswith("actorgrad-heartbeat"):
+                t.cancel()
+        await asyncio.sleep(0.6)  # silent, but not watched: kept (IDLE_TIMEOUT)
+        assert not lost.is_set() and not w.is_lost("w1")
+        w.watch("w1")
+        await asyncio.wait_for(lost.wait(), 3)
+        assert w.is_lost("w1")
+        w.unwatch("w1")

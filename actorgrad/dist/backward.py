@@ -21,11 +21,16 @@ Design (see docs/distributed.md for the long form):
   nothing further returns its share to the initiator. ``backward`` returns when the
   initiator holds 1 again: then every message has been handled, every send node
   delivered, every task finished, every leaf gradient accumulated on its worker.
-* Each message is an RPC handled inline on the receiver's loop and sent with
-  ``call_nowait`` (no task per message); a failure in its reply (the receiver's
-  error, or ``WorkerLost``) is reported to the pass's origin as the original error
-  (``RemoteError`` naming the worker where it happened), and the origin then floods
-  an abort so every worker drops the pass.
+  A worker whose part is not finished keeps the credit of a message that gave it
+  nothing to send (e.g. a start) and passes it on with its next message, so starts
+  cost no credit messages.
+* Each message is a one-way call (``Worker.notify``) handled inline on the receiver's
+  loop: no reply, no task. A failure in a worker's part is reported by that worker to
+  the pass's origin as the original error (``RemoteError`` naming it); a message that
+  cannot be sent, or a peer lost after it was sent a message of the pass (its process
+  died, or it went silent and its heartbeats stopped: the sender watches every peer
+  it sends to), is reported by the sender as ``WorkerLost``. The origin then floods an
+  abort so every worker drops the pass.
 """
 
 from __future__ import annotations
@@ -77,7 +82,7 @@ def _unpack_grad(v: Any) -> np.ndarray | None:
 class PassState:
     """One backward pass of one context on one worker."""
 
-    __slots__ = ("ctx", "pass_id", "origin", "task", "contrib", "out", "started_peers")
+    __slots__ = ("ctx", "pass_id", "origin", "task", "contrib", "out", "started_peers", "credit")
 
     def __init__(
         self,
@@ -105,6 +110,9 @@ class PassState:
         )
         # Workers holding the recv nodes of our sends must run their part too.
         self.started_peers = {s.dest for s in ctx.sends.values()}
+        # Credit held here: received, not yet passed on (see _forward).
+        self.credit: Credit = NO_CREDIT
+        ctx.last_pass = (pass_id, origin)
 
     def __repr__(self) -> str:
         return (
@@ -184,6 +192,15 @@ class PassState:
 # Credits are exact dyadic fractions ``num / 2**exp``; msgpack carries the two ints.
 
 Credit = tuple[int, int]  # (num, exp): num / 2**exp
+NO_CREDIT: Credit = (0, 0)
+
+
+def add_credit(a: Credit, b: Credit) -> Credit:
+    """``a + b``, exactly, on integers (Fraction is ~10x slower on this hot path)."""
+    (na, ea), (nb, eb) = a, b
+    if ea < eb:
+        (na, ea), (nb, eb) = (nb, eb), (na, ea)
+    return na + (nb << (ea - eb)), ea
 
 
 def _norm(num: int, exp: int) -> Credit:
@@ -222,13 +239,7 @@ class InitiatorRun:
         )
 
     def add_credit(self, credit: Credit) -> None:
-        num, exp = credit
-        # Exact dyadic sum on integers (Fraction is ~10x slower on this hot path).
-        if exp > self.exp:
-            self.num = (self.num << (exp - self.exp)) + num
-            self.exp = exp
-        else:
-            self.num += num << (self.exp - exp)
+        self.num, self.exp = add_credit((self.num, self.exp), credit)
         if self.num >= 1 << self.exp and not self.done.done():
             self.done.set_result(None)
 
@@ -260,9 +271,8 @@ def _report(st: DistState, ctx_id: int, origin: str, pass_id: int, exc: BaseExce
     if origin == st.worker.name:
         _fail_local(st, pass_id, record)
     else:
-        st.worker.call_nowait(origin, _fail, (ctx_id, pass_id, record)).add_done_callback(
-            _ignore_failure
-        )
+        # the origin gone: nobody waits for this pass any more
+        st.worker.notify(origin, _fail, (ctx_id, pass_id, record), on_error=_ignore)
 
 
 def _return_credit(st: DistState, ctx_id: int, origin: str, pass_id: int, credit: Credit) -> None:
@@ -271,40 +281,47 @@ def _return_credit(st: DistState, ctx_id: int, origin: str, pass_id: int, credit
         if run is not None:
             run.add_credit(credit)
     else:
-        st.worker.call_nowait(origin, _credit, (ctx_id, pass_id, *credit)).add_done_callback(
-            _ignore_failure
+        st.worker.notify(origin, _credit, (ctx_id, pass_id, *credit), on_error=_ignore)
+
+
+def _ignore(exc: BaseException) -> None:
+    pass
+
+
+def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None:
+    """Send ``out``, splitting the credit held among the messages. With nothing to
+    send, a finished part returns its credit to the origin; an unfinished one keeps it
+    for its next message (its part is not done, so the origin must not be either)."""
+    ctx, origin, pass_id = ps.ctx, ps.origin, ps.pass_id
+    credit, ps.credit = ps.credit, NO_CREDIT
+    if not out:
+        if ps.task.finished:
+            _return_credit(st, ctx.id, origin, pass_id, credit)
+        else:
+            ps.credit = credit
+        return
+    parts = split_credit(credit, len(out))
+    worker = st.worker
+    for (dest, items), part in zip(out.items(), parts, strict=True):
+        if dest not in ctx.watched and dest != worker.name:
+            # From now on its loss fails this pass (see context._on_peer_lost).
+            ctx.watched.add(dest)
+            worker.watch(dest)
+        worker.notify(
+            dest,
+            _deliver,
+            (ctx.id, origin, pass_id, retain, items, *part),
+            on_error=functools.partial(_send_failed, st, ctx, pass_id, origin),
         )
 
 
-def _ignore_failure(fut: asyncio.Future[Any]) -> None:
-    # The origin is gone: nobody waits for this pass any more.
-    if not fut.cancelled():
-        fut.exception()
-
-
-def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing, credit: Credit) -> None:
-    """Send ``out``, splitting ``credit`` among the messages; with nothing to send,
-    return the credit. Messages are requests without a task each (``call_nowait``):
-    their replies only matter when they carry a failure, which goes to the origin."""
-    ctx_id, origin, pass_id = ps.ctx.id, ps.origin, ps.pass_id
-    if not out:
-        _return_credit(st, ctx_id, origin, pass_id, credit)
-        return
-    parts = split_credit(credit, len(out))
-    for (dest, items), part in zip(out.items(), parts, strict=True):
-        fut = st.worker.call_nowait(dest, _deliver, (ctx_id, origin, pass_id, retain, items, *part))
-        fut.add_done_callback(functools.partial(_on_reply, st, ctx_id, origin, pass_id))
-
-
-def _on_reply(
-    st: DistState, ctx_id: int, origin: str, pass_id: int, fut: asyncio.Future[Any]
+def _send_failed(
+    st: DistState, ctx: DistContext, pass_id: int, origin: str, exc: BaseException
 ) -> None:
-    if fut.cancelled():
-        return
-    exc = fut.exception()
-    if exc is not None:
-        # The receiver failed to handle the message, or died: the pass cannot complete.
-        _report(st, ctx_id, origin, pass_id, exc)
+    # The message could not leave (the receiver is gone, or an argument cannot travel):
+    # the pass cannot complete.
+    ctx.drop_pass(pass_id)
+    _report(st, ctx.id, origin, pass_id, exc)
 
 
 def _step(st: DistState, ps: PassState, retain: bool) -> _Outgoing:
@@ -319,40 +336,45 @@ def _deliver(
     ctx_id: int, origin: str, pass_id: int, retain: bool, items: list[Any], num: int, exp: int
 ) -> None:
     """Message handler: gradients for some of this worker's send nodes (maybe none:
-    then it only starts this worker's part of the pass). Runs what they made ready,
-    sends the resulting messages on with this message's credit, and replies (the
-    acknowledgement that lets the sender detect a failure here)."""
+    then it only starts this worker's part of the pass). Runs what they made ready and
+    sends the resulting messages on with this message's credit. A failure here is
+    reported to the pass's origin (there is no reply)."""
     st = state_of(current_worker())
     ctx = st.contexts.get(ctx_id)
-    if ctx is None or pass_id in ctx.aborted_passes:
-        raise ContextError(
-            f"distributed autograd context {ctx_id:#x} is unknown or released on "
-            f"worker {st.worker.name!r}"
-        )
-    ps = ctx.active_pass
-    if ps is None or ps.pass_id != pass_id:
-        if pass_id in ctx.done_passes:
-            if items:
-                raise ProtocolError(
-                    f"gradient for pass {pass_id:#x} of context {ctx_id:#x} arrived "
-                    "after that pass finished here"
-                )
-            # A start message for a part already done.
-            _return_credit(st, ctx_id, origin, pass_id, (num, exp))
-            return
-        if ps is not None:
-            raise ContextError(
-                f"another backward pass is running in context {ctx_id:#x}; "
-                "concurrent backward calls in one context are not supported"
-            )
-        ps = ctx.active_pass = PassState(ctx, pass_id, origin, (), retain)
     try:
+        if ctx is None or pass_id in ctx.aborted_passes:
+            raise ContextError(
+                f"distributed autograd context {ctx_id:#x} is unknown or released on "
+                f"worker {st.worker.name!r}"
+            )
+        if type(num) is not int or type(exp) is not int or num <= 0 or exp < 0:
+            raise ProtocolError(f"malformed credit {num!r}/2**{exp!r}")
+        ps = ctx.active_pass
+        if ps is None or ps.pass_id != pass_id:
+            if pass_id in ctx.done_passes:
+                if items:
+                    raise ProtocolError(
+                        f"gradient for pass {pass_id:#x} of context {ctx_id:#x} arrived "
+                        "after that pass finished here"
+                    )
+                # A start message for a part already done.
+                _return_credit(st, ctx_id, origin, pass_id, (num, exp))
+                return
+            if ps is not None:
+                raise ContextError(
+                    f"another backward pass is running in context {ctx_id:#x}; "
+                    "concurrent backward calls in one context are not supported"
+                )
+            ps = ctx.active_pass = PassState(ctx, pass_id, origin, (), retain)
+        ps.credit = add_credit(ps.credit, (num, exp))
         ps.deliver(items)
         out = _step(st, ps, retain)
-    except BaseException:
-        ctx.drop_pass(pass_id)
-        raise
-    _forward(st, ps, retain, out, (num, exp))
+    except Exception as exc:
+        if ctx is not None:
+            ctx.drop_pass(pass_id)
+        _report(st, ctx_id, origin, pass_id, exc)
+        return
+    _forward(st, ps, retain, out)
 
 
 @inline
@@ -375,15 +397,24 @@ def _fail(ctx_id: int, pass_id: int, record: list[Any]) -> None:
     _fail_local(state_of(current_worker()), pass_id, record)
 
 
-async def _abort(ctx_id: int, pass_id: int) -> None:
-    """Drop a failed pass here and on every peer of the context (a flood, deduplicated)."""
+@inline
+def _abort(ctx_id: int, pass_id: int) -> None:
+    """Drop a failed pass here and on every peer of the context (a flood, deduplicated).
+
+    The flood goes on one-way and the reply does not wait for it: the origin waits only
+    for its direct peers. That is enough for the next pass: every worker forwards the
+    abort before anything else, on the connection its later messages take, so a peer
+    always sees the abort before that worker's messages of a later pass."""
     st = state_of(current_worker())
     ctx = st.contexts.get(ctx_id)
     if ctx is None or pass_id in ctx.aborted_passes:
         return
     ctx.aborted_passes.add(pass_id)
     ctx.drop_pass(pass_id)
-    await call_peers(st.worker, ctx.peers, _abort, (ctx_id, pass_id))
+    worker = st.worker
+    for peer in ctx.peers:
+        if peer != worker.name and not worker.is_lost(peer):
+            worker.notify(peer, _abort, (ctx_id, pass_id), on_error=_ignore)
 
 
 def _check_roots(roots: Any) -> list[tuple[Any, np.ndarray]]:
@@ -448,8 +479,9 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
         run = st.runs[pass_id] = InitiatorRun(context_id, pass_id)
         ps = ctx.active_pass = PassState(ctx, pass_id, worker.name, checked, retain_graph)
         try:
+            ps.credit = (1, 0)
             out = _step(st, ps, retain_graph)
-            _forward(st, ps, retain_graph, out, (1, 0))
+            _forward(st, ps, retain_graph, out)
             await run.done
         except BaseException as exc:
             ctx.drop_pass(pass_id)

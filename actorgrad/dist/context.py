@@ -106,6 +106,8 @@ class DistContext:
         "aborted_passes",
         "lock",
         "released",
+        "watched",
+        "last_pass",
         "__weakref__",
     )
 
@@ -123,6 +125,11 @@ class DistContext:
         self.aborted_passes: set[int] = set()
         self.lock: Any = None  # asyncio.Lock, created by the initiator's backward
         self.released = False
+        # Peers this worker sent backward messages to (watched by the runtime until the
+        # context goes: their loss fails the pass), and the (pass id, origin) of the
+        # latest pass here.
+        self.watched: set[str] = set()
+        self.last_pass: tuple[int, str] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -209,6 +216,9 @@ class DistState:
         if ctx is not None:
             ctx.released = True
             ctx.drop_pass()
+            for peer in ctx.watched:
+                self.worker.unwatch(peer)
+            ctx.watched.clear()
         if not self.contexts and self._empty_waiters:
             waiters, self._empty_waiters = self._empty_waiters, []
             for fut in waiters:
@@ -246,7 +256,11 @@ def state_of(worker: Worker) -> DistState:
 def _on_peer_lost(st: DistState, name: str) -> None:
     # The lease: a context whose initiator died can never be released by it, so the
     # survivors reclaim it now. Passes that depended on the dead worker are dropped,
-    # and a pass this worker initiated fails at once with WorkerLost.
+    # a pass this worker initiated fails at once with WorkerLost, and the origin of a
+    # pass that sent the dead worker a message from here is told (backward messages
+    # have no replies: this is how a loss further down reaches the origin).
+    from actorgrad.dist.backward import _report
+
     for ctx_id, ctx in list(st.contexts.items()):
         if ctx.initiator == name:
             st.forget(ctx_id)
@@ -254,9 +268,14 @@ def _on_peer_lost(st: DistState, name: str) -> None:
         if name not in ctx.peers:
             continue
         ctx.drop_pass()
+        lost = WorkerLost(f"worker {name!r} was lost during the backward pass")
         for run in st.runs.values():
             if run.ctx_id == ctx_id:
-                run.fail(WorkerLost(f"worker {name!r} was lost during the backward pass"))
+                run.fail(lost)
+        if name in ctx.watched and ctx.last_pass is not None:
+            pass_id, origin = ctx.last_pass
+            if origin not in (name, st.worker.name):
+                _report(st, ctx_id, origin, pass_id, lost)
 
 
 def current_context(worker: Worker) -> DistContext | None:
@@ -270,9 +289,10 @@ def current_context(worker: Worker) -> DistContext | None:
 async def call_peers(worker: Worker, peers: Iterable[str], fn: Any, args: tuple[Any, ...]) -> None:
     """Run protocol handler ``fn(*args)`` on every peer but this worker, all in flight
     together, and wait for all of them. A peer that fails or is gone has nothing left
-    to clean: logged, not raised. (Requests without a task each, and outside any
-    context: ``call_nowait`` carries no context metadata.)"""
-    targets = [p for p in peers if p != worker.name]
+    to clean: logged, not raised; a peer already reported lost is skipped (a hung one
+    would hold us for the connection deadlines). (Requests without a task each, and
+    outside any context: ``call_nowait`` carries no context metadata.)"""
+    targets = [p for p in peers if p != worker.name and not worker.is_lost(p)]
     if not targets:
         return
     futs = [worker.call_nowait(p, fn, args) for p in targets]

@@ -243,6 +243,7 @@ class Worker:
         self._peer_lost_cbs: list[Callable[[str], None]] = []
         self._status_providers: dict[str, Callable[[], dict]] = {}
         self._lost: set[str] = set()
+        self._watched: dict[str, int] = {}  # peer -> watch count (see watch)
         # membership (from the registry)
         self.members: dict[str, tuple[int, str, str]] = {}  # name -> (id, address, local)
         self._members_version = -1
@@ -722,6 +723,14 @@ class Worker:
             else:
                 raise ProtocolError(f"unknown request mode {mode!r}")
         except Exception as exc:
+            if cid == 0:
+                # a one-way call that cannot even start: its sender has no reply to learn
+                # it from, only the connection's loss (and it may be waiting on it)
+                hooks.undo()
+                conn.abort(
+                    ProtocolError(f"one-way call {calls.describe(target)} cannot start: {exc}")
+                )
+                return
             self._reply_exc(conn, cid, exc, hooks)
             return
         stats = self._stats.get(key)
@@ -1035,30 +1044,86 @@ class Worker:
         if not fut.done():
             self._request_nowait(conn, dest, target, args, kwargs, fut)
 
-    def notify(self, dest: str, fn: str, args: tuple = ()) -> None:
-        """A one-way call (no reply), best effort; usable from any loop callback."""
-        if self.closed:
-            return
-        conn = self._out.get(dest)
-        if conn is not None and not conn.closed:
-            try:
-                conn.send_nowait(
-                    wire.encode_frame([K_REQ, 0, fn, MODE_RPC, None], [list(args), None], None)
-                )
-            except ActorgradError:
-                pass
-            return
-        if not self._stopping:
-            self._spawn(self._notify_async(dest, fn, args))
+    def notify(
+        self,
+        dest: str,
+        fn: Any,
+        args: tuple = (),
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        """A one-way call of ``fn(*args)`` on ``dest``: no reply, no task, no interceptor
+        meta; usable from any loop callback. Messages to one peer go out in order.
 
-    async def _notify_async(self, dest: str, fn: str, args: tuple) -> None:
+        When it cannot be handed to a connection (unknown or lost worker, an argument
+        that cannot travel, this worker shutting down), ``on_error(exc)`` is called, at
+        once or from a later loop callback; without ``on_error`` it is dropped (logged
+        at debug level). On the receiver, a one-way call that cannot start (undecodable,
+        unknown function) closes the connection, so a sender watching that peer
+        (:meth:`watch`) learns it as a loss; an exception raised by ``fn`` is only
+        logged there."""
+        try:
+            target = fn if type(fn) is str else calls.fn_spec(fn)
+            if self._stopping:
+                raise WorkerLost(f"worker {self.name!r} is shutting down")
+            conn = self._out.get(dest)
+            if conn is None or conn.closed:
+                self._spawn(self._notify_async(dest, target, args, on_error))
+                return
+            conn.send_nowait(
+                wire.encode_frame([K_REQ, 0, target, MODE_RPC, None], [list(args), None], None)
+            )
+        except Exception as exc:
+            self._notify_failed(dest, fn, exc, on_error)
+
+    async def _notify_async(
+        self, dest: str, target: Any, args: tuple, on_error: Callable[[BaseException], None] | None
+    ) -> None:
         try:
             conn = await self._conn_to(dest)
             conn.send_nowait(
-                wire.encode_frame([K_REQ, 0, fn, MODE_RPC, None], [list(args), None], None)
+                wire.encode_frame([K_REQ, 0, target, MODE_RPC, None], [list(args), None], None)
             )
-        except (ActorgradError, ValueError) as exc:
-            log.debug("one-way %s to %s dropped: %s", fn, dest, exc)
+        except asyncio.CancelledError:  # our teardown
+            self._notify_failed(
+                dest, target, WorkerLost(f"worker {self.name!r} shut down"), on_error
+            )
+            raise
+        except Exception as exc:
+            self._notify_failed(dest, target, exc, on_error)
+
+    def _notify_failed(
+        self,
+        dest: str,
+        fn: Any,
+        exc: BaseException,
+        on_error: Callable[[BaseException], None] | None,
+    ) -> None:
+        if on_error is None:
+            log.debug("one-way %s to %s dropped: %r", calls.describe(fn), dest, exc)
+            return
+        try:
+            on_error(exc)
+        except Exception:
+            log.exception("on_error callback of a one-way call to %s failed", dest)
+
+    def is_lost(self, peer: str) -> bool:
+        """Whether ``peer`` was reported lost (its connection died, or it went silent
+        while watched) and has not rejoined since."""
+        return peer in self._lost
+
+    def watch(self, peer: str) -> None:
+        """Expect ``peer`` to stay alive (as if a call to it were pending): its
+        connections are closed, and the peer reported lost, once it has been silent
+        for ``HEARTBEAT_TIMEOUT`` (instead of ``IDLE_TIMEOUT``). Counted: one
+        :meth:`unwatch` per ``watch``. For protocols of one-way messages."""
+        self._watched[peer] = self._watched.get(peer, 0) + 1
+
+    def unwatch(self, peer: str) -> None:
+        n = self._watched.get(peer, 0) - 1
+        if n > 0:
+            self._watched[peer] = n
+        else:
+            self._watched.pop(peer, None)
 
     # ------------------------------------------------------------------ heartbeats
     async def _heartbeat(self) -> None:
@@ -1077,10 +1142,12 @@ class Worker:
                     continue
                 silent = now - conn.last_recv
                 # Only a side that waits on the peer declares it dead: a caller with
-                # calls pending on the connection (HEARTBEAT_TIMEOUT), or a member about
+                # calls pending on the connection or watching the peer
+                # (HEARTBEAT_TIMEOUT), or a member about
                 # its registry (IDLE_TIMEOUT). A quiet caller (e.g. a driver busy with a
                 # long local computation) is not dropped by the workers it called.
-                limit = HEARTBEAT_TIMEOUT if conn.pending else IDLE_TIMEOUT
+                watched = conn.pending or conn.peer_name in self._watched
+                limit = HEARTBEAT_TIMEOUT if watched else IDLE_TIMEOUT
                 if silent > limit:
                     conn.abort(
                         WorkerLost(
