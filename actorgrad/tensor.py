@@ -490,6 +490,25 @@ def _axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
     return tuple(sorted(set(out)))
 
 
+def broadcast_view(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``np.broadcast_to(g, shape)`` (read-only, stride 0 along broadcast dimensions)
+    for a C-contiguous ``g`` of ``len(shape)`` dimensions that fit ``shape``, without
+    broadcast_to's ~10 us of Python (a reduction's backward runs it every step)."""
+    if g.ndim != len(shape) or not g.flags.c_contiguous:
+        return np.broadcast_to(g, shape)
+    strides = []
+    for b, d, st in zip(g.shape, shape, g.strides, strict=True):
+        if b == d:
+            strides.append(st)
+        elif b == 1:
+            strides.append(0)
+        else:
+            return np.broadcast_to(g, shape)  # raises the usual ValueError
+    view = np.ndarray(shape, g.dtype, buffer=g, strides=tuple(strides))
+    view.flags.writeable = False
+    return view
+
+
 def _expand(g: Any, axes: tuple[int, ...] | None, keepdims: bool, ndim: int) -> Any:
     """Put back the reduced axes of a reduction's gradient as size-1 dimensions."""
     if keepdims:
@@ -808,7 +827,7 @@ class Sum(Function):
 
     def backward(self, g: Any) -> tuple:
         shape, axes, keepdims = self.saved
-        return (np.broadcast_to(_expand(g, axes, keepdims, len(shape)), shape),)
+        return (broadcast_view(np.asarray(_expand(g, axes, keepdims, len(shape))), shape),)
 
 
 class Mean(Function):
@@ -824,7 +843,7 @@ class Mean(Function):
     def backward(self, g: Any) -> tuple:
         shape, axes, keepdims, n = self.saved
         g = _expand(g, axes, keepdims, len(shape))
-        return (np.broadcast_to(g / max(n, 1), shape),)
+        return (broadcast_view(np.asarray(g / max(n, 1)), shape),)
 
 
 class Max(Function):

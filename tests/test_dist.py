@@ -614,3 +614,35 @@ async def test_distributed_optimizer_errors():
             with pytest.raises(ag.RemoteError, match="not an actorgrad Tensor") as info:
                 await opt.step(ctx)
             assert info.value.worker == "w1"
+
+
+# --- wire form of gradients -------------------------------------------------------------
+
+
+def test_big_broadcast_gradients_travel_compact_and_come_back_as_the_same_view():
+    from actorgrad import wire
+    from actorgrad.dist.backward import COMPACT_MIN_BYTES, _pack_grad, _unpack_grad
+    from actorgrad.errors import ProtocolError
+
+    g = np.broadcast_to(np.float32(0.5), (1024, 8))  # the gradient of y.sum(): 32 KiB
+    packed = _pack_grad(g)
+    assert isinstance(packed, list) and packed[0].nbytes == 4 and packed[1] == [1024, 8]
+    frame = wire.join_chunks(wire.encode_frame(["t"], packed))
+    back = _unpack_grad(wire.decode_frame(bytearray(frame)).body(None))
+    assert back.shape == (1024, 8) and back.strides == (0, 0) and not back.flags.writeable
+    np.testing.assert_array_equal(back, g)
+    # broadcast along one axis only: a row repeated
+    row = np.arange(8.0)
+    g2 = np.broadcast_to(row, (512, 8))
+    b2 = _unpack_grad(_pack_grad(g2))
+    assert b2.strides == (0, 8)
+    np.testing.assert_array_equal(b2, g2)
+    # small ones travel as they are
+    small = np.broadcast_to(np.float32(1), (16,))
+    assert small.nbytes < COMPACT_MIN_BYTES and _pack_grad(small) is small
+    with pytest.raises(ProtocolError, match="does not fit"):
+        _unpack_grad([np.zeros((2, 1)), [3, 4]])
+    with pytest.raises(ProtocolError, match="does not fit"):
+        _unpack_grad([np.zeros((2,)), [2, 2]])
+    with pytest.raises(ProtocolError, match="must be an array or None"):
+        _unpack_grad([np.zeros(1), [-1]])

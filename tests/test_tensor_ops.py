@@ -233,3 +233,35 @@ def test_astype_casts_the_gradient_back():
     assert x.grad.dtype == np.float32
     ints = x.astype("int64")
     assert ints.dtype == np.int64 and not ints.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("src", "shape"),
+    [
+        ((1,), (5,)),
+        ((1, 1), (3, 4)),
+        ((3, 1), (3, 4)),
+        ((1, 4), (3, 4)),
+        ((2, 3), (2, 3)),
+        ((), ()),
+    ],
+)
+def test_broadcast_view_is_broadcast_to(src, shape):
+    from actorgrad.tensor import broadcast_view
+
+    g = np.arange(float(np.prod(src) or 1)).reshape(src)
+    v = broadcast_view(g, shape)
+    ref = np.broadcast_to(g, shape)
+    assert v.shape == ref.shape and v.strides == ref.strides and not v.flags.writeable
+    np.testing.assert_array_equal(v, ref)
+
+
+def test_broadcast_view_of_misfits_raises_like_broadcast_to():
+    from actorgrad.tensor import broadcast_view
+
+    with pytest.raises(ValueError):
+        broadcast_view(np.zeros((2, 3)), (4, 3))
+    # non-contiguous or fewer dimensions: numpy's own path
+    np.testing.assert_array_equal(broadcast_view(np.arange(3.0), (2, 3)), [[0, 1, 2]] * 2)
+    t = np.arange(6.0).reshape(2, 3).T[:, :1]
+    np.testing.assert_array_equal(broadcast_view(t, (3, 2)), np.broadcast_to(t, (3, 2)))

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable
 
 import numpy as np
 
@@ -17,8 +15,7 @@ from actorgrad.tensor import Tensor
 __all__ = ["context", "debug_info", "get_gradients"]
 
 
-@asynccontextmanager
-async def context() -> AsyncIterator[int]:
+def context() -> _Context:
     """Open a distributed autograd context; yields its id (an int unique in the cluster).
 
     The context follows the asyncio task (contextvars): tasks started inside inherit
@@ -35,33 +32,43 @@ async def context() -> AsyncIterator[int]:
             await ag.dist.backward(ctx, [loss])
             print(ag.dist.get_gradients(ctx))
     """
-    worker = current_worker()
-    open_ctx = current_context(worker)
-    if open_ctx is not None:
-        raise ContextError(
-            f"a distributed autograd context ({open_ctx.id:#x}) is already open in this "
-            "task; contexts do not nest"
-        )
-    st = state_of(worker)
-    ctx_id = st.new_context_id()
-    st.get_or_create(ctx_id, worker.name)
-    token = _current.set((worker, ctx_id))
-    try:
-        yield ctx_id
-    finally:
-        _current.reset(token)
-        await _release_everywhere(st, ctx_id)
+    return _Context()
+
+
+class _Context:
+    """``async with`` object of :func:`context` (a class, not a generator-based context
+    manager: it is entered and left once per training step)."""
+
+    __slots__ = ("_st", "_id", "_token")
+
+    def __repr__(self) -> str:
+        cid = getattr(self, "_id", None)
+        return f"<dist context {'not entered' if cid is None else hex(cid)}>"
+
+    async def __aenter__(self) -> int:
+        worker = current_worker()
+        open_ctx = current_context(worker)
+        if open_ctx is not None:
+            raise ContextError(
+                f"a distributed autograd context ({open_ctx.id:#x}) is already open in this "
+                "task; contexts do not nest"
+            )
+        st = self._st = state_of(worker)
+        ctx_id = self._id = st.new_context_id()
+        st.get_or_create(ctx_id, worker.name)
+        self._token = _current.set((worker, ctx_id))
+        return ctx_id
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        _current.reset(self._token)
+        await _release_everywhere(self._st, self._id)
 
 
 async def _release_everywhere(st: DistState, ctx_id: int) -> None:
     # Release locally first, so a forwarded release coming back finds nothing to do.
     peers = _release_local(st, ctx_id)
-    if not peers:
-        return
-    # Owned by the worker: if we are cancelled while waiting for the acknowledgements,
-    # the releases still complete (and are cancelled cleanly at worker shutdown).
-    task = st.worker._spawn(call_peers(st.worker, peers, _release, (ctx_id, st.worker.name)))
-    await asyncio.shield(task)
+    if peers:
+        await call_peers(st.worker, peers, _release, (ctx_id, st.worker.name))
 
 
 def _release_local(st: DistState, ctx_id: int) -> set[str]:

@@ -46,17 +46,23 @@ from actorgrad.autograd import GraphTask, grad_node
 from actorgrad.dist.context import DistContext, DistState, RecvNode, call_peers, state_of
 from actorgrad.errors import ContextError, ProtocolError, RemoteError, WorkerLost
 from actorgrad.runtime import current_worker, inline
-from actorgrad.tensor import Tensor
+from actorgrad.tensor import Tensor, broadcast_view
 
 __all__ = ["PassState", "backward"]
 
 _Outgoing = dict[str, list[Any]]  # dest worker -> [send_id, grad, send_id, grad, ...]
 
 
+#: Broadcast gradients at least this big travel compact (smaller ones as they are: the
+#: view costs more to rebuild than the bytes it saves).
+COMPACT_MIN_BYTES = 4096
+
+
 def _pack_grad(g: np.ndarray | None) -> Any:
-    """A gradient for the wire. A broadcast view (``sum``'s backward gives one the size
-    of its input, with zero strides) travels as its compact base and the full shape."""
-    if g is None or g.size <= 1 or 0 not in g.strides:
+    """A gradient for the wire. A big broadcast view (``sum``'s backward gives one the
+    size of its input, with zero strides) travels as its compact base and the full
+    shape."""
+    if g is None or g.nbytes < COMPACT_MIN_BYTES or 0 not in g.strides:
         return g
     compact = g[tuple(slice(0, 1) if st == 0 else slice(None) for st in g.strides)]
     return [np.ascontiguousarray(compact), list(g.shape)]
@@ -70,12 +76,16 @@ def _unpack_grad(v: Any) -> np.ndarray | None:
         and len(v) == 2
         and isinstance(v[0], np.ndarray)
         and isinstance(v[1], list)
-        and all(isinstance(d, int) for d in v[1])
+        and all(type(d) is int and d >= 0 for d in v[1])
     ):
-        try:
-            return np.broadcast_to(v[0], tuple(v[1]))
-        except ValueError as exc:
-            raise ProtocolError(f"broadcast gradient does not fit its shape: {exc}") from None
+        base, shape = v
+        if base.ndim != len(shape) or any(
+            b != d and b != 1 for b, d in zip(base.shape, shape, strict=True)
+        ):
+            raise ProtocolError(
+                f"broadcast gradient of shape {base.shape} does not fit shape {tuple(shape)}"
+            )
+        return broadcast_view(base, tuple(shape))
     raise ProtocolError(f"gradient must be an array or None, got {type(v).__name__}")
 
 

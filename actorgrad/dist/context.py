@@ -295,13 +295,25 @@ async def call_peers(worker: Worker, peers: Iterable[str], fn: Any, args: tuple[
     targets = [p for p in peers if p != worker.name and not worker.is_lost(p)]
     if not targets:
         return
-    futs = [worker.call_nowait(p, fn, args) for p in targets]
-    results = await asyncio.gather(*futs, return_exceptions=True)
-    for peer, r in zip(targets, results, strict=True):
-        if isinstance(r, Exception):
-            log.debug("%s on %s failed: %r", getattr(fn, "__name__", fn), peer, r)
-        elif isinstance(r, BaseException):
-            raise r  # cancellation and friends are never swallowed
+    # The requests leave at once (call_nowait: cancelling one's future does not cancel
+    # the remote call), and each outcome is read by a callback (no "exception was never
+    # retrieved"), so being cancelled while waiting loses nothing.
+    futs = []
+    for p in targets:
+        fut = worker.call_nowait(p, fn, args)
+        fut.add_done_callback(functools.partial(_log_failure, fn, p))
+        futs.append(fut)
+    for fut in futs:
+        try:
+            await fut
+        except Exception:  # logged by _log_failure; cancellation does propagate
+            pass
+
+
+def _log_failure(fn: Any, peer: str, fut: asyncio.Future[Any]) -> None:
+    exc = None if fut.cancelled() else fut.exception()
+    if exc is not None:
+        log.debug("%s on %s failed: %r", getattr(fn, "__name__", fn), peer, exc)
 
 
 @contextmanager
