@@ -26,8 +26,7 @@ import functools
 import itertools
 import logging
 import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -316,13 +315,20 @@ def _log_failure(fn: Any, peer: str, fut: asyncio.Future[Any]) -> None:
         log.debug("%s on %s failed: %r", getattr(fn, "__name__", fn), peer, exc)
 
 
-@contextmanager
-def activate(worker: Worker, ctx_id: int) -> Iterator[None]:
-    token = _current.set((worker, ctx_id))
-    try:
-        yield
-    finally:
-        _current.reset(token)
+class activate:
+    """Makes context ``ctx_id`` of ``worker`` current in a ``with`` block (a class, not a
+    generator-based context manager: it wraps every call made inside a context)."""
+
+    __slots__ = ("_value", "_token")
+
+    def __init__(self, worker: Worker, ctx_id: int) -> None:
+        self._value = (worker, ctx_id)
+
+    def __enter__(self) -> None:
+        self._token = _current.set(self._value)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.reset(self._token)
 
 
 class _Hooks:
