@@ -244,6 +244,8 @@ class Worker:
         self._status_providers: dict[str, Callable[[], dict]] = {}
         self._lost: set[str] = set()
         self._watched: dict[str, int] = {}  # peer -> watch count (see watch)
+        # one-way calls waiting for a connection, per peer, in order (see notify)
+        self._notify_queues: dict[str, list[tuple[Any, Any, Any]]] = {}
         # membership (from the registry)
         self.members: dict[str, tuple[int, str, str]] = {}  # name -> (id, address, local)
         self._members_version = -1
@@ -1052,7 +1054,8 @@ class Worker:
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         """A one-way call of ``fn(*args)`` on ``dest``: no reply, no task, no interceptor
-        meta; usable from any loop callback. Messages to one peer go out in order.
+        meta; usable from any loop callback. Messages to one peer go out in order (also
+        those queued while the connection is being made).
 
         When it cannot be handed to a connection (unknown or lost worker, an argument
         that cannot travel, this worker shutting down), ``on_error(exc)`` is called, at
@@ -1065,31 +1068,42 @@ class Worker:
             target = fn if type(fn) is str else calls.fn_spec(fn)
             if self._stopping:
                 raise WorkerLost(f"worker {self.name!r} is shutting down")
+            chunks = wire.encode_frame([K_REQ, 0, target, MODE_RPC, None], [list(args), None], None)
+            queue = self._notify_queues.get(dest)
+            if queue is not None:  # connecting: behind the ones waiting (order)
+                queue.append((chunks, target, on_error))
+                return
             conn = self._out.get(dest)
             if conn is None or conn.closed:
-                self._spawn(self._notify_async(dest, target, args, on_error))
+                self._notify_queues[dest] = [(chunks, target, on_error)]
+                self._spawn(self._notify_connect(dest))
                 return
-            conn.send_nowait(
-                wire.encode_frame([K_REQ, 0, target, MODE_RPC, None], [list(args), None], None)
-            )
+            conn.send_nowait(chunks)
         except Exception as exc:
             self._notify_failed(dest, fn, exc, on_error)
 
-    async def _notify_async(
-        self, dest: str, target: Any, args: tuple, on_error: Callable[[BaseException], None] | None
-    ) -> None:
+    async def _notify_connect(self, dest: str) -> None:
+        """Connect to ``dest``, then send the one-way calls queued meanwhile, in order."""
+        err: BaseException | None = None
+        conn: Connection | None = None
         try:
             conn = await self._conn_to(dest)
-            conn.send_nowait(
-                wire.encode_frame([K_REQ, 0, target, MODE_RPC, None], [list(args), None], None)
-            )
         except asyncio.CancelledError:  # our teardown
-            self._notify_failed(
-                dest, target, WorkerLost(f"worker {self.name!r} shut down"), on_error
-            )
+            err = WorkerLost(f"worker {self.name!r} shut down")
             raise
         except Exception as exc:
-            self._notify_failed(dest, target, exc, on_error)
+            err = exc
+        finally:
+            for chunks, target, on_error in self._notify_queues.pop(dest, []):
+                if err is None and conn is not None:
+                    try:
+                        conn.send_nowait(chunks)
+                        continue
+                    except Exception as exc:
+                        err = exc
+                self._notify_failed(
+                    dest, target, err or WorkerLost(f"no connection to {dest!r}"), on_error
+                )
 
     def _notify_failed(
         self,
