@@ -118,8 +118,10 @@ class PassState:
             leaf_sink=self._leaf,
             on_boundary=self._boundary,
         )
-        # Workers holding the recv nodes of our sends must run their part too.
+        # Workers holding the recv nodes of our sends must run their part too (the
+        # origin runs its part anyway: no start message to it).
         self.started_peers = {s.dest for s in ctx.sends.values()}
+        self.started_peers.discard(origin)
         # Credit held here: received, not yet passed on (see _forward).
         self.credit: Credit = NO_CREDIT
         ctx.last_pass = (pass_id, origin)
