@@ -34,12 +34,22 @@ class ActorgradError(Exception):
     """Base class of every error raised by the actorgrad runtime itself."""
 
 
+def type_name(t: type) -> str:
+    """How a type is named in errors and on the wire: ``"ValueError"`` for builtins,
+    ``"module.QualName"`` otherwise (unambiguous across workers)."""
+    if t.__module__ == "builtins":
+        return t.__qualname__
+    return f"{t.__module__}.{t.__qualname__}"
+
+
 class RemoteError(ActorgradError):
     """User code raised an exception on another worker.
 
     Attributes:
         worker: name of the worker where the exception was raised.
-        remote_type: the qualified name of the original exception type, e.g. ``"ValueError"``.
+        remote_type: the original exception type: its name for a builtin
+            (``"ValueError"``), else module-qualified (``"mypkg.errors.QuotaError"``,
+            ``"actorgrad.errors.ProtocolError"``); see :func:`type_name`.
         remote_message: ``str()`` of the original exception.
         remote_traceback: the formatted traceback from the remote worker.
 
@@ -72,7 +82,7 @@ class RemoteError(ActorgradError):
             return exc
         import traceback  # only on the error path
 
-        name = type(exc).__qualname__
+        name = type_name(type(exc))
         try:
             message = str(exc)
         except Exception:  # a broken __str__ must not hide the error itself

@@ -69,14 +69,13 @@ import re
 import struct
 import sys
 import threading
-import traceback
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgpack
 import numpy as np
 
-from actorgrad.errors import ActorgradError, ProtocolError, RemoteError
+from actorgrad.errors import ActorgradError, ProtocolError, RemoteError, type_name
 
 __all__ = [
     "ALIGN",
@@ -225,10 +224,7 @@ def _tensor_class() -> type | None:
     return _tensor_cls
 
 
-def _type_name(t: type) -> str:
-    if t.__module__ == "builtins":
-        return t.__qualname__
-    return f"{t.__module__}.{t.__qualname__}"
+_type_name = type_name  # (short local name, used in many messages)
 
 
 def _short_repr(x: Any, limit: int = 40) -> str:
@@ -573,16 +569,8 @@ def _enc_exception(enc: _Encoder, e: BaseException) -> msgpack.ExtType:
         record = [e.worker, e.remote_type, e.remote_message, e.remote_traceback]
     else:
         worker = getattr(enc.hooks, "worker_name", "") if enc.hooks is not None else ""
-        type_name = _type_name(type(e))
-        try:
-            message = str(e)
-        except Exception:
-            message = f"<unprintable {type_name}>"
-        try:
-            tb = "".join(traceback.format_exception(e))
-        except Exception:
-            tb = ""
-        record = [worker or "", type_name, message, tb]
+        r = RemoteError.from_exception(worker or "", e)
+        record = [r.worker, r.remote_type, r.remote_message, r.remote_traceback]
     return enc.nested(EXT_EXCEPTION, [_clean_str(s) for s in record])
 
 

@@ -199,9 +199,12 @@ async def test_malformed_request_body_gets_an_error_reply(sock_cluster):
             f = wire.decode_frame(await reader.readexactly(n))
             if f.header[0] == 2:
                 replies[f.header[1]] = f.body()
-    assert isinstance(replies[7], ag.RemoteError) and replies[7].remote_type == "ProtocolError"
+    assert (
+        isinstance(replies[7], ag.RemoteError)
+        and replies[7].remote_type == "actorgrad.errors.ProtocolError"
+    )
     assert replies[8].remote_type == "ModuleNotFoundError" and "nope_mod" in str(replies[8])
-    assert replies[9].remote_type == "ProtocolError" and "mode" in str(replies[9])
+    assert replies[9].remote_type == "actorgrad.errors.ProtocolError" and "mode" in str(replies[9])
     writer.close()
     await writer.wait_closed()
     await _valid_client_works(sock_cluster)

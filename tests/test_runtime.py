@@ -233,6 +233,28 @@ async def test_remote_exception_becomes_remote_error_with_fields(cluster):
     assert await ag.rpc("w2", add, (1, 1)) == 2
 
 
+class QuotaError(Exception):
+    pass
+
+
+def over_quota():
+    raise QuotaError("over quota")
+
+
+def quota_error_as_value():
+    return QuotaError("as a value")
+
+
+async def test_user_exception_types_are_module_qualified_raised_or_returned(cluster):
+    # one naming rule for remote_type: builtins bare, everything else module.qualname
+    with pytest.raises(ag.RemoteError) as ei:
+        await ag.rpc("w1", over_quota)
+    assert ei.value.remote_type == f"{__name__}.QuotaError"
+    returned = await ag.rpc("w1", quota_error_as_value)
+    assert isinstance(returned, ag.RemoteError)
+    assert returned.remote_type == f"{__name__}.QuotaError" and returned.worker == "w1"
+
+
 async def test_async_remote_exception(cluster):
     with pytest.raises(ag.RemoteError, match="nope") as ei:
         await ag.rpc("w1", aboom, ("nope",))
@@ -568,5 +590,7 @@ def test_remote_error_from_an_exception_whose_str_fails_still_names_it():
             raise RuntimeError("no")
 
     err = ag.RemoteError.from_exception("w1", Broken())
-    assert (err.worker, err.remote_message) == ("w1", f"<unprintable {Broken.__qualname__}>")
+    name = f"{__name__}.{Broken.__qualname__}"
+    assert (err.worker, err.remote_type) == ("w1", name)
+    assert err.remote_message == f"<unprintable {name}>"
     assert ag.RemoteError.from_exception("w2", err) is err  # keeps the original worker
