@@ -10,6 +10,8 @@ from actorgrad.runtime import transport
 
 async def test_spinner_keeps_the_loop_polling_for_its_window_then_lets_it_sleep(monkeypatch):
     monkeypatch.setattr(transport, "SPIN_SECONDS", 0.005)
+    yields = []
+    monkeypatch.setattr(transport, "_sched_yield", lambda: yields.append(time.perf_counter()))
     loop = asyncio.get_running_loop()
     sp = transport._spinner(loop)
     assert sp is not None and transport._spinner(loop) is sp  # one per loop
@@ -23,6 +25,7 @@ async def test_spinner_keeps_the_loop_polling_for_its_window_then_lets_it_sleep(
         assert time.perf_counter() - start < 5, "the spinner never stopped"
     assert time.perf_counter() - start >= 0.005
     assert ticks > 1
+    assert abs(len(yields) - ticks) <= 2  # it yields the CPU at every poll
 
 
 async def test_spinning_can_be_turned_off(monkeypatch):
