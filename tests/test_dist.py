@@ -616,6 +616,39 @@ async def test_distributed_optimizer_errors():
             assert info.value.worker == "w1"
 
 
+def _sq_mean(h):
+    return (h * h).mean()
+
+
+async def test_a_chain_through_the_driver_costs_one_message_per_edge_and_one_start(mode):
+    # driver -> w1 -> driver -> w2 -> driver, loss on the driver. The backward sends
+    # one gradient per edge (4) and one start (w1 is started while w2 works): no
+    # credit messages (w1 keeps the start's credit), no start back to the driver.
+    xv, w1v, w2v = arr(4, 3), arr(3, 3), arr(3, 3)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", w1v))
+        await ag.rpc("w2", F.put, ("w", w2v))
+        x = ag.tensor(xv, requires_grad=True)
+        before = {n: (await ag.rpc(n, F.debug_info))["num_backward_messages"] for n in c.names}
+        before["driver"] = ag.dist.debug_info()["num_backward_messages"]
+        async with ag.dist.context() as ctx:
+            h = await ag.rpc("w1", F.tanh_matmul, ("w", x))
+            h = await ag.rpc("w2", F.tanh_matmul, ("w", h))
+            await ag.dist.backward(ctx, [(h * h).mean()])
+            gx = ag.dist.get_gradients(ctx)[x]
+            sent = {
+                n: (await ag.rpc(n, F.debug_info))["num_backward_messages"] - before[n]
+                for n in c.names
+            }
+            sent["driver"] = ag.dist.debug_info()["num_backward_messages"] - before["driver"]
+        _, (ref,) = local_grads(
+            lambda t: _sq_mean(((t @ ag.tensor(w1v)).tanh() @ ag.tensor(w2v)).tanh()), xv
+        )
+        np.testing.assert_allclose(gx, ref, rtol=1e-10)
+        assert sent == {"driver": 3, "w1": 1, "w2": 1, "w3": 0}, sent
+        await assert_clean(c.names)
+
+
 # --- wire form of gradients -------------------------------------------------------------
 
 

@@ -115,6 +115,7 @@ def get_gradients(context_id: int) -> dict[Tensor, np.ndarray]:
 
 def debug_info() -> dict[str, int]:
     """Counters of this worker: ``num_contexts``, ``num_backward_passes``,
+    ``num_backward_messages`` (sent: gradients, starts, returned credits),
     ``num_active_passes``, ``num_send_nodes``, ``num_recv_nodes``.
 
     Example::

@@ -293,6 +293,7 @@ def _return_credit(st: DistState, ctx_id: int, origin: str, pass_id: int, credit
         if run is not None:
             run.add_credit(credit)
     else:
+        st.num_backward_messages += 1
         st.worker.notify(origin, _credit, (ctx_id, pass_id, *credit), on_error=_ignore)
 
 
@@ -314,6 +315,7 @@ def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None
         return
     parts = split_credit(credit, len(out))
     worker = st.worker
+    st.num_backward_messages += len(out)
     for (dest, items), part in zip(out.items(), parts, strict=True):
         if dest not in ctx.watched and dest != worker.name:
             # From now on its loss fails this pass (see context._on_peer_lost).

@@ -163,6 +163,7 @@ class DistState:
         self._pass_ids = itertools.count(1)
         self._lock = threading.Lock()  # sync user code may send tensors from a thread
         self.num_backward_passes = 0
+        self.num_backward_messages = 0  # sent by this worker: gradients, starts, credits
         self._empty_waiters: list[Any] = []  # futures resolved when no context is left
         self.runs: dict[int, Any] = {}  # pass id -> InitiatorRun, for passes started here
 
@@ -236,6 +237,7 @@ class DistState:
         return {
             "num_contexts": len(self.contexts),
             "num_backward_passes": self.num_backward_passes,
+            "num_backward_messages": self.num_backward_messages,
             "num_active_passes": sum(c.active_pass is not None for c in self.contexts.values()),
             "num_send_nodes": sum(len(c.sends) for c in self.contexts.values()),
             "num_recv_nodes": sum(len(c.recvs) for c in self.contexts.values()),
