@@ -174,3 +174,10 @@ async def backward_here(ctx_id: int, key: str, x: ag.Tensor) -> None:
     """Start a backward pass on this worker, in the caller's context."""
     y = x * _store[_k(key)]
     await ag.dist.backward(ctx_id, [y.sum()])
+
+
+def watching() -> list[str]:
+    """The peers this worker's runtime watches (see Worker.watch)."""
+    from actorgrad.runtime import current_worker
+
+    return current_worker().status()["watching"]

@@ -491,6 +491,29 @@ async def test_a_hung_second_hop_fails_the_backward_within_the_heartbeat_bound(w
         assert info["num_contexts"] == 0 and info["num_active_passes"] == 0
 
 
+@pytest.mark.timeout(60)
+async def test_a_driver_busy_after_backward_keeps_its_context_on_the_workers(worker_path):
+    # The workers sent the driver backward messages; once the pass is done nobody waits
+    # on the driver, so a loop blocked for longer than the heartbeat timeout must not
+    # get it declared lost (which would reclaim the context before the optimizer step).
+    import time
+
+    from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
+
+    xv, wv = arr(3), arr(3)
+    async with cluster("processes"):
+        await ag.rpc("w2", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.chain, (["w2"], "w", x))  # driver -> w1 -> w2
+            await ag.dist.backward(ctx, [y.sum()])
+            time.sleep(HEARTBEAT_TIMEOUT + 1.0)  # noqa: ASYNC251 (a long local computation)
+            np.testing.assert_allclose(await ag.rpc("w2", F.grad_of, (ctx, "w")), xv)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv)
+        info = await ag.rpc("w1", F.debug_info)
+        assert info["num_contexts"] == 0
+
+
 async def test_context_of_a_dead_initiator_is_reclaimed(worker_path):
     async with cluster("processes"):
         await ag.rpc("w2", F.put, ("w", arr(3)))
@@ -641,11 +664,17 @@ async def test_a_chain_through_the_driver_costs_one_message_per_edge_and_one_sta
                 for n in c.names
             }
             sent["driver"] = ag.dist.debug_info()["num_backward_messages"] - before["driver"]
+            # Nothing stays watched once the pass is done (the context still open): a
+            # peer busy for longer than the heartbeat timeout afterwards (a driver
+            # computing) is not declared lost.
+            watched = {n: await ag.rpc(n, F.watching) for n in c.names}
+            watched["driver"] = c.driver.status()["watching"]
         _, (ref,) = local_grads(
             lambda t: _sq_mean(((t @ ag.tensor(w1v)).tanh() @ ag.tensor(w2v)).tanh()), xv
         )
         np.testing.assert_allclose(gx, ref, rtol=1e-10)
         assert sent == {"driver": 3, "w1": 1, "w2": 1, "w3": 0}, sent
+        assert all(v == [] for v in watched.values()), watched
         await assert_clean(c.names)
 
 

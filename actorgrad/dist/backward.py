@@ -28,9 +28,9 @@ Design (see docs/distributed.md for the long form):
   loop: no reply, no task. A failure in a worker's part is reported by that worker to
   the pass's origin as the original error (``RemoteError`` naming it); a message that
   cannot be sent, or a peer lost after it was sent a message of the pass (its process
-  died, or it went silent and its heartbeats stopped: the sender watches every peer
-  it sends to), is reported by the sender as ``WorkerLost``. The origin then floods an
-  abort so every worker drops the pass.
+  died; or it went silent while the sender's part ran: the sender watches the peers
+  it sends to until its part is done), is reported by the sender as ``WorkerLost``.
+  The origin then floods an abort so every worker drops the pass.
 """
 
 from __future__ import annotations
@@ -92,16 +92,29 @@ def _unpack_grad(v: Any) -> np.ndarray | None:
 class PassState:
     """One backward pass of one context on one worker."""
 
-    __slots__ = ("ctx", "pass_id", "origin", "task", "contrib", "out", "started_peers", "credit")
+    __slots__ = (
+        "ctx",
+        "pass_id",
+        "origin",
+        "task",
+        "contrib",
+        "out",
+        "started_peers",
+        "credit",
+        "watching",
+        "worker",
+    )
 
     def __init__(
         self,
+        worker: Any,
         ctx: DistContext,
         pass_id: int,
         origin: str,
         roots: Sequence[tuple[Any, np.ndarray | None]],
         retain_graph: bool,
     ) -> None:
+        self.worker = worker
         self.ctx = ctx
         self.pass_id = pass_id
         # The worker that called backward: it collects the credit and the failures
@@ -125,6 +138,26 @@ class PassState:
         # Credit held here: received, not yet passed on (see _forward).
         self.credit: Credit = NO_CREDIT
         ctx.last_pass = (pass_id, origin)
+        ctx.sent_to.clear()
+        # Peers sent to while this part runs, watched by the runtime until it is done
+        # here (a hung one is then reported lost after the heartbeat timeout). Not the
+        # origin: it is the one waiting, nobody needs to hear that it hung.
+        self.watching: list[str] = []
+
+    def watch(self, dest: str) -> None:
+        """A message of this part goes to ``dest`` (the last ones of a finished part
+        are not watched: nothing here waits on them any more)."""
+        if dest not in self.ctx.sent_to:
+            self.ctx.sent_to.add(dest)
+            if dest != self.origin and dest != self.worker.name and not self.task.finished:
+                self.worker.watch(dest)
+                self.watching.append(dest)
+
+    def unwatch(self) -> None:
+        """This part is done or dropped here: stop watching (idempotent)."""
+        watching, self.watching = self.watching, []
+        for dest in watching:
+            self.worker.unwatch(dest)
 
     def __repr__(self) -> str:
         return (
@@ -188,6 +221,7 @@ class PassState:
             prev = ctx.grads.get(t)
             ctx.grads[t] = g if prev is None else prev + g
         ctx.active_pass = None
+        self.unwatch()
         ctx.done_passes.add(self.pass_id)
         if not retain_graph:
             ctx.free_graph()
@@ -317,10 +351,8 @@ def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None
     worker = st.worker
     st.num_backward_messages += len(out)
     for (dest, items), part in zip(out.items(), parts, strict=True):
-        if dest not in ctx.watched and dest != worker.name:
-            # From now on its loss fails this pass (see context._on_peer_lost).
-            ctx.watched.add(dest)
-            worker.watch(dest)
+        # From now on its loss fails this pass (see context._on_peer_lost).
+        ps.watch(dest)
         worker.notify(
             dest,
             _deliver,
@@ -379,7 +411,7 @@ def _deliver(
                     f"another backward pass is running in context {ctx_id:#x}; "
                     "concurrent backward calls in one context are not supported"
                 )
-            ps = ctx.active_pass = PassState(ctx, pass_id, origin, (), retain)
+            ps = ctx.active_pass = PassState(st.worker, ctx, pass_id, origin, (), retain)
         ps.credit = add_credit(ps.credit, (num, exp))
         ps.deliver(items)
         out = _step(st, ps, retain)
@@ -491,7 +523,9 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             )
         pass_id = st.new_pass_id()
         run = st.runs[pass_id] = InitiatorRun(context_id, pass_id)
-        ps = ctx.active_pass = PassState(ctx, pass_id, worker.name, checked, retain_graph)
+        ps = ctx.active_pass = PassState(
+            worker, ctx, pass_id, worker.name, checked, retain_graph
+        )
         try:
             ps.credit = (1, 0)
             out = _step(st, ps, retain_graph)

@@ -105,7 +105,7 @@ class DistContext:
         "aborted_passes",
         "lock",
         "released",
-        "watched",
+        "sent_to",
         "last_pass",
         "__weakref__",
     )
@@ -124,10 +124,9 @@ class DistContext:
         self.aborted_passes: set[int] = set()
         self.lock: Any = None  # asyncio.Lock, created by the initiator's backward
         self.released = False
-        # Peers this worker sent backward messages to (watched by the runtime until the
-        # context goes: their loss fails the pass), and the (pass id, origin) of the
-        # latest pass here.
-        self.watched: set[str] = set()
+        # Peers this worker sent backward messages to (their loss is reported to the
+        # origin of the latest pass), and the (pass id, origin) of that pass.
+        self.sent_to: set[str] = set()
         self.last_pass: tuple[int, str] | None = None
 
     def __repr__(self) -> str:
@@ -145,6 +144,7 @@ class DistContext:
         ps = self.active_pass
         if ps is not None and (pass_id is None or ps.pass_id == pass_id):
             self.active_pass = None
+            ps.unwatch()
 
     def free_graph(self) -> None:
         """Forget the send/recv nodes (after a backward that did not retain the graph)."""
@@ -216,9 +216,6 @@ class DistState:
         if ctx is not None:
             ctx.released = True
             ctx.drop_pass()
-            for peer in ctx.watched:
-                self.worker.unwatch(peer)
-            ctx.watched.clear()
         if not self.contexts and self._empty_waiters:
             waiters, self._empty_waiters = self._empty_waiters, []
             for fut in waiters:
@@ -273,7 +270,7 @@ def _on_peer_lost(st: DistState, name: str) -> None:
         for run in st.runs.values():
             if run.ctx_id == ctx_id:
                 run.fail(lost)
-        if name in ctx.watched and ctx.last_pass is not None:
+        if name in ctx.sent_to and ctx.last_pass is not None:
             pass_id, origin = ctx.last_pass
             if origin not in (name, st.worker.name):
                 _report(st, ctx_id, origin, pass_id, lost)

@@ -286,6 +286,7 @@ class Worker:
             "in_flight": self._inflight,
             "rrefs": len(self.owned),
             "peers": sorted({c.peer_name for c in self._conns if c.peer_name}),
+            "watching": sorted(self._watched),
         }
         for pname, fn in list(self._status_providers.items()):
             try:
