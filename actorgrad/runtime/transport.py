@@ -363,18 +363,28 @@ class Connection(asyncio.BaseProtocol):
                 return
             data = data[n:]
         buf = self._rbuf
-        buf += data
+        # Parse straight from the input when nothing is left over from the last read
+        # (the usual case): each frame is copied once, into memory of its own, instead
+        # of into the reassembly buffer first (a 64 KiB frame was copied twice).
+        src: Any
+        if buf:
+            buf += data
+            src = buf
+        else:
+            src = memoryview(data)
         pos = 0
-        end = len(buf)
+        end = len(src)
         while end - pos >= 8:
-            (n,) = _LEN.unpack_from(buf, pos)
+            (n,) = _LEN.unpack_from(src, pos)
             if n > self.max_frame_size:
                 raise ProtocolError(
                     f"declared frame length {n} exceeds the maximum of {self.max_frame_size} bytes"
                 )
             start = pos + 8
             if end - start >= n:
-                frame = buf[start : start + n]
+                frame = (
+                    bytearray(src[start : start + n]) if src is not buf else buf[start : start + n]
+                )
                 pos = start + n
                 self._deliver(frame)
                 if self.closed or self._big is not None:
@@ -382,15 +392,18 @@ class Connection(asyncio.BaseProtocol):
             elif n >= BIG_FRAME:
                 big = self._buffers.get(n)
                 have = end - start
-                big[:have] = memoryview(buf)[start:end]
+                big[:have] = src[start:end] if src is not buf else memoryview(buf)[start:end]
                 self._big = big
                 self._big_pos = have
                 pos = end
                 break
             else:
                 break
-        if pos:
-            del buf[:pos]
+        if src is buf:
+            if pos:
+                del buf[:pos]
+        elif pos < end:
+            buf += src[pos:end]
 
     def _deliver(self, frame: bytearray | memoryview) -> None:
         if self._spin is not None:
