@@ -513,9 +513,13 @@ def _expand(g: Any, axes: tuple[int, ...] | None, keepdims: bool, ndim: int) -> 
     """Put back the reduced axes of a reduction's gradient as size-1 dimensions."""
     if keepdims:
         return g
+    g = np.asarray(g)  # (methods, not np.reshape/np.expand_dims: ~10x less overhead)
     if axes is None:
-        return np.reshape(g, (1,) * ndim)
-    return np.expand_dims(g, axes)
+        return g.reshape((1,) * ndim)
+    shape = list(g.shape)
+    for ax in sorted(axes):
+        shape.insert(ax, 1)
+    return g.reshape(shape)
 
 
 def _index(index: Any) -> Any:
@@ -827,7 +831,7 @@ class Sum(Function):
 
     def backward(self, g: Any) -> tuple:
         shape, axes, keepdims = self.saved
-        return (broadcast_view(np.asarray(_expand(g, axes, keepdims, len(shape))), shape),)
+        return (broadcast_view(_expand(g, axes, keepdims, len(shape)), shape),)
 
 
 class Mean(Function):

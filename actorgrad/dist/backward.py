@@ -484,7 +484,7 @@ def _check_roots(roots: Any) -> list[tuple[Any, np.ndarray]]:
                 "one-element (scalar) tensors"
             )
         node = grad_node(r)
-        out.append((node, np.ones_like(r.data)))
+        out.append((node, np.ones(r.data.shape, r.data.dtype)))
     return out
 
 
