@@ -459,7 +459,7 @@ def _abort(ctx_id: int, pass_id: int) -> None:
     ctx.drop_pass(pass_id)
     worker = st.worker
     for peer in ctx.peers:
-        if peer != worker.name and not worker.is_lost(peer):
+        if peer != worker.name:
             worker.notify(peer, _abort, (ctx_id, pass_id), on_error=_ignore)
 
 
