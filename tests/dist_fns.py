@@ -7,6 +7,7 @@ this module.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,19 @@ def add_dying_hook(key: str) -> None:
 
     def hook(g: np.ndarray) -> None:
         os._exit(3)
+
+    t.register_hook(hook)
+
+
+def add_slow_hook(key: str, seconds: float) -> None:
+    """The next backward pass through ``key`` blocks this worker for ``seconds``."""
+    t = _store[_k(key)]
+    left = [1]
+
+    def hook(g: np.ndarray) -> None:
+        if left[0] > 0:
+            left[0] -= 1
+            time.sleep(seconds)
 
     t.register_hook(hook)
 

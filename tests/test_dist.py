@@ -425,6 +425,65 @@ async def test_remote_error_in_backward_reaches_initiator_and_context_stays_usab
         await assert_clean(c.names)
 
 
+async def test_a_failed_pass_takes_back_what_finished_workers_committed(mode):
+    # w1's part finishes (it commits dL/dw1) before w2's fails; the abort takes w1's
+    # share back, so the retry's gradients are exactly one pass's, not one and a half.
+    xv, w1v, w2v = arr(3), arr(3), arr(3)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", w1v))
+        await ag.rpc("w2", F.put, ("w", w2v))
+        await ag.rpc("w2", F.add_failing_hook, ("w", 1))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y1 = await ag.rpc("w1", F.mul, ("w", x))
+            y2 = await ag.rpc("w2", F.mul, ("w", x))
+            loss = y1.sum() + y2.sum()
+            with pytest.raises(ag.RemoteError, match="hook refused gradient on w2"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [loss], retain_graph=True), 10)
+            for name in c.names:
+                assert await ag.rpc(name, F.num_grads, (ctx,)) == 0, name
+            assert ag.dist.get_gradients(ctx) == {}
+            await ag.dist.backward(ctx, [loss], retain_graph=True)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
+            np.testing.assert_allclose(await ag.rpc("w2", F.grad_of, (ctx, "w")), xv)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], w1v + w2v)
+            # a pass that succeeded is kept when a later one fails before it gets here
+            await ag.rpc("w2", F.add_failing_hook, ("w", 1))
+            with pytest.raises(ag.RemoteError):
+                await asyncio.wait_for(ag.dist.backward(ctx, [loss], retain_graph=True), 10)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], w1v + w2v)
+        await assert_clean(c.names)
+
+
+async def test_a_cancelled_backward_is_aborted_everywhere(worker_path):
+    # w1's part finishes, w2's is stuck in a slow hook when the initiator gives up:
+    # the one-way abort takes back what both committed; the retry is exact.
+    xv, w1v, w2v = arr(3), arr(3), arr(3)
+    async with cluster("processes") as c:
+        await ag.rpc("w1", F.put, ("w", w1v))
+        await ag.rpc("w2", F.put, ("w", w2v))
+        await ag.rpc("w2", F.add_slow_hook, ("w", 1.0))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y1 = await ag.rpc("w1", F.mul, ("w", x))
+            y2 = await ag.rpc("w2", F.mul, ("w", x))
+            loss = y1.sum() + y2.sum()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ag.dist.backward(ctx, [loss], retain_graph=True), 0.3)
+            # (an RPC travels behind the abort on the same connection: its answer
+            # comes after the abort was handled, also on w2 once its hook returned)
+            for name in c.names:
+                assert await ag.rpc(name, F.num_grads, (ctx,)) == 0, name
+                assert (await ag.rpc(name, F.debug_info))["num_active_passes"] == 0, name
+            assert ag.dist.get_gradients(ctx) == {}
+            await asyncio.wait_for(ag.dist.backward(ctx, [loss], retain_graph=True), 10)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
+            np.testing.assert_allclose(await ag.rpc("w2", F.grad_of, (ctx, "w")), xv)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], w1v + w2v)
+        await assert_clean(c.names)
+
+
 @pytest.mark.timeout(60)
 async def test_worker_dying_mid_backward_raises_worker_lost(worker_path):
     xv, wv = arr(3), arr(3)

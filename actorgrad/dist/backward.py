@@ -138,6 +138,7 @@ class PassState:
         # Credit held here: received, not yet passed on (see _forward).
         self.credit: Credit = NO_CREDIT
         ctx.last_pass = (pass_id, origin)
+        ctx.undo = None  # the previous pass is settled: its abort comes before our messages
         ctx.sent_to.clear()
         # Peers sent to while this part runs, watched by the runtime until it is done
         # here (a hung one is then reported lost after the heartbeat timeout). Not the
@@ -217,9 +218,13 @@ class PassState:
 
     def finish(self, st: DistState, retain_graph: bool) -> None:
         ctx = self.ctx
+        grads = ctx.grads
+        before: dict[Tensor, np.ndarray | None] = {}
         for t, g in self.contrib.items():
-            prev = ctx.grads.get(t)
-            ctx.grads[t] = g if prev is None else prev + g
+            prev = before[t] = grads.get(t)
+            grads[t] = g if prev is None else prev + g
+        # (sums are new arrays: the ones before stay intact for an undo)
+        ctx.undo = (self.pass_id, before) if before else None
         ctx.active_pass = None
         self.unwatch()
         ctx.done_passes.add(self.pass_id)
@@ -457,6 +462,7 @@ def _abort(ctx_id: int, pass_id: int) -> None:
         return
     ctx.aborted_passes.add(pass_id)
     ctx.drop_pass(pass_id)
+    ctx.undo_pass(pass_id)
     worker = st.worker
     for peer in ctx.peers:
         if peer != worker.name:
@@ -532,10 +538,16 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             _forward(st, ps, retain_graph, out)
             await run.done
         except BaseException as exc:
+            # The pass failed or was cancelled: nothing of it stays, here or on the peers.
             ctx.drop_pass(pass_id)
-            if isinstance(exc, Exception) and ctx.peers:
-                ctx.aborted_passes.add(pass_id)
+            ctx.undo_pass(pass_id)
+            ctx.aborted_passes.add(pass_id)  # its late messages are refused here
+            if isinstance(exc, Exception):
                 await call_peers(st.worker, ctx.peers, _abort, (context_id, pass_id))
+            else:  # cancelled: no waiting now, the abort goes out one-way
+                for peer in ctx.peers:
+                    if peer != worker.name:
+                        worker.notify(peer, _abort, (context_id, pass_id), on_error=_ignore)
             raise
         finally:
             del st.runs[pass_id]

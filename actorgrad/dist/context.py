@@ -107,6 +107,7 @@ class DistContext:
         "released",
         "sent_to",
         "last_pass",
+        "undo",
         "__weakref__",
     )
 
@@ -128,6 +129,10 @@ class DistContext:
         # origin of the latest pass), and the (pass id, origin) of that pass.
         self.sent_to: set[str] = set()
         self.last_pass: tuple[int, str] | None = None
+        # (pass id, each leaf's gradient before it) of the last pass that finished
+        # here: until the next pass starts, an abort of that pass (it failed on another
+        # worker) takes back what it added, so a failed pass leaves no gradient behind.
+        self.undo: tuple[int, dict[Tensor, np.ndarray | None]] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -145,6 +150,20 @@ class DistContext:
         if ps is not None and (pass_id is None or ps.pass_id == pass_id):
             self.active_pass = None
             ps.unwatch()
+
+    def undo_pass(self, pass_id: int) -> None:
+        """Take back the leaf gradients that pass ``pass_id`` committed here, if it is
+        the last pass that finished here (it failed elsewhere afterwards)."""
+        undo = self.undo
+        if undo is None or undo[0] != pass_id:
+            return
+        self.undo = None
+        grads = self.grads
+        for t, before in undo[1].items():
+            if before is None:
+                grads.pop(t, None)
+            else:
+                grads[t] = before
 
     def free_graph(self) -> None:
         """Forget the send/recv nodes (after a backward that did not retain the graph)."""
