@@ -393,10 +393,15 @@ def _deliver(
     st = state_of(current_worker())
     ctx = st.contexts.get(ctx_id)
     try:
-        if ctx is None or pass_id in ctx.aborted_passes:
+        if ctx is None:
             raise ContextError(
                 f"distributed autograd context {ctx_id:#x} is unknown or released on "
                 f"worker {st.worker.name!r}"
+            )
+        if pass_id in ctx.aborted_passes:
+            raise ContextError(
+                f"backward pass {pass_id:#x} of context {ctx_id:#x} was aborted on worker "
+                f"{st.worker.name!r} (it failed or was cancelled); late message dropped"
             )
         if type(num) is not int or type(exp) is not int or num <= 0 or exp < 0:
             raise ProtocolError(f"malformed credit {num!r}/2**{exp!r}")
