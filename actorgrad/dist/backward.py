@@ -138,7 +138,9 @@ class PassState:
         # Credit held here: received, not yet passed on (see _forward).
         self.credit: Credit = NO_CREDIT
         ctx.last_pass = (pass_id, origin)
-        ctx.undo = None  # the previous pass is settled: its abort comes before our messages
+        # The previous pass here is settled: had it failed, its abort (from the same
+        # origin) would have come before this pass's messages.
+        ctx.undo = None
         ctx.sent_to.clear()
         # Peers sent to while this part runs, watched by the runtime until it is done
         # here (a hung one is then reported lost after the heartbeat timeout). Not the
