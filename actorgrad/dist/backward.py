@@ -467,13 +467,23 @@ def _abort(ctx_id: int, pass_id: int) -> None:
     ctx = st.contexts.get(ctx_id)
     if ctx is None or pass_id in ctx.aborted_passes:
         return
+    _abort_here(ctx, pass_id)
+    _flood_abort(st.worker, ctx, pass_id)
+
+
+def _abort_here(ctx: DistContext, pass_id: int) -> None:
+    """Drop pass ``pass_id`` on this worker: its running part, what it committed here,
+    and (refused from now on) its late messages."""
     ctx.aborted_passes.add(pass_id)
     ctx.drop_pass(pass_id)
     ctx.undo_pass(pass_id)
-    worker = st.worker
+
+
+def _flood_abort(worker: Any, ctx: DistContext, pass_id: int) -> None:
+    """Send the abort of ``pass_id`` one-way to every peer of the context."""
     for peer in ctx.peers:
         if peer != worker.name:
-            worker.notify(peer, _abort, (ctx_id, pass_id), on_error=_ignore)
+            worker.notify(peer, _abort, (ctx.id, pass_id), on_error=_ignore)
 
 
 def _check_roots(roots: Any) -> list[tuple[Any, np.ndarray]]:
@@ -546,15 +556,11 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             await run.done
         except BaseException as exc:
             # The pass failed or was cancelled: nothing of it stays, here or on the peers.
-            ctx.drop_pass(pass_id)
-            ctx.undo_pass(pass_id)
-            ctx.aborted_passes.add(pass_id)  # its late messages are refused here
+            _abort_here(ctx, pass_id)
             if isinstance(exc, Exception):
                 await call_peers(st.worker, ctx.peers, _abort, (context_id, pass_id))
             else:  # cancelled: no waiting now, the abort goes out one-way
-                for peer in ctx.peers:
-                    if peer != worker.name:
-                        worker.notify(peer, _abort, (context_id, pass_id), on_error=_ignore)
+                _flood_abort(worker, ctx, pass_id)
             raise
         finally:
             del st.runs[pass_id]
