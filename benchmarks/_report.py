@@ -72,13 +72,32 @@ Window = Callable[[str, float], Awaitable[float]]
 PHASES = 2
 
 
-def merge_best(
+def _merge_best(
     into: dict[str, float] | None, new: dict[str, float] | None
 ) -> dict[str, float] | None:
     """Per metric, the smaller of two sets of seconds per step (``None``: no such side)."""
     if into is None or new is None:
         return new if into is None else into
     return {k: min(into.get(k, float("inf")), new.get(k, float("inf"))) for k in into | new}
+
+
+async def take_turns(
+    reference: Callable[[float], Awaitable[dict[str, float] | None]],
+    sides: dict[str, Window],
+    metrics: Sequence[str],
+    seconds: float,
+) -> tuple[dict[str, float] | None, dict[str, dict[str, float] | None]]:
+    """Best seconds per step of a reference measured in turns of its own
+    (``reference(seconds)``, None when unusable) and of ``sides`` (interleaved with one
+    another), in ``PHASES`` alternating turns sharing ``seconds``: (reference, sides)."""
+    ref: dict[str, float] | None = None
+    best: dict[str, dict[str, float] | None] = {side: None for side in sides}
+    for _ in range(PHASES):
+        ref = _merge_best(ref, await reference(seconds / PHASES))
+        turn = await interleave(sides, metrics, seconds / PHASES)
+        for side in sides:
+            best[side] = _merge_best(best[side], turn[side])
+    return ref, best
 
 
 async def interleave(

@@ -11,7 +11,7 @@ Workloads (the same shapes on both sides; driver and workers are separate proces
   its worker, every hop returning to the driver; loss = mean(out^2). it/s.
 
 Targets (ratio actorgrad / PyTorch): hop >= 5x, chain >= 3x, bw >= 1x. The PyTorch side
-(``benchmarks.torch_ref``, when torch is installed) and ours take turns (``PHASES`` each,
+(``benchmarks.torch_ref``, when torch is installed) and ours take turns (``take_turns``,
 never at the same time: TensorPipe busy-polls), and the best window of each side counts,
 because the machines are shared and noisy. ``BENCH_SECONDS`` (default 2): measuring
 time per metric and side; ``BENCH_THREADS`` (default 1): math threads per process on
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import _echo_baseline, torch_ref
-from benchmarks._report import PHASES, Metric, Workloads, interleave, merge_best, render
+from benchmarks._report import Metric, Workloads, render, take_turns
 from benchmarks.bench_rpc import TORCH_TCP, measure_torch
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2.0"))
@@ -200,22 +200,21 @@ async def run(
 
     names = [m.key for m in METRICS]
     stages = torch_ref.CHAIN_STAGES
-    ours: dict[str, float] | None = None
-    theirs: dict[str, float] | None = None
     # (over TCP: one turn, a column for information)
     theirs_tcp = await measure_torch(stages, names, seconds, threads=THREADS, env=TORCH_TCP)
     async with contextlib.AsyncExitStack() as stack:
         with _math_threads(THREADS):  # the worker processes inherit it
             await stack.enter_async_context(ag.local_cluster(stages, processes=True))
-        side = ActorgradDist()
-        for _ in range(PHASES):  # our idle cluster costs nothing during torch's turns
-            turn = await measure_torch(stages, names, seconds / PHASES, threads=THREADS)
-            theirs = merge_best(theirs, turn)
-            best = await interleave({"actorgrad": side.window}, names, seconds / PHASES)
-            ours = merge_best(ours, best["actorgrad"])
+        # (our idle cluster costs nothing during torch's turns)
+        theirs, best = await take_turns(
+            lambda s: measure_torch(stages, names, s, threads=THREADS),
+            {"actorgrad": ActorgradDist().window},
+            names,
+            seconds,
+        )
         phases = await hop_phases()
     results: dict[str, dict[str, float] | None] = {
-        "actorgrad": ours,
+        "actorgrad": best["actorgrad"],
         "torch": theirs,
         "torch tcp": theirs_tcp,
     }

@@ -10,7 +10,7 @@ actorgrad: the driver (this process) and one worker process (``ag.local_cluster(
 processes=True)``). The bare echo (``benchmarks._echo_baseline``) and, when torch is
 installed, PyTorch's TensorPipe RPC (``benchmarks.torch_ref``) are measured in the same
 run: the bare echo's windows interleaved with actorgrad's, PyTorch in turns of its own
-(``PHASES``, between ours: TensorPipe busy-polls); the best window of each side counts
+(``take_turns``, between ours: TensorPipe busy-polls); the best window of each side counts
 and the table prints ratios, because the machines are shared and noisy. Targets: round trip
 at most 1/4 of PyTorch's, pipelined at least 8x PyTorch's.
 
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import _echo_baseline, torch_ref
-from benchmarks._report import PHASES, Metric, Window, Workloads, interleave, merge_best, render
+from benchmarks._report import Metric, Window, Workloads, interleave, render, take_turns
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2.0"))
 
@@ -99,42 +99,27 @@ async def measure_torch(
     *,
     threads: int,
     env: dict[str, str] | None = None,
-    rounds: int = 3,
 ) -> dict[str, float] | None:
     """Best seconds per step of the PyTorch side, or None when torch is unusable.
 
     Measured in a turn of its own: TensorPipe's processes busy-poll (about 65% of a
     core each, measured), so keeping them alive during our windows would take CPU from
-    our side on a 2-core machine. Runs in a thread (starting and stopping torch's
-    processes blocks for seconds), so a cluster of ours stays alive meanwhile. ``env``
-    is set while its processes start. A failure is reported and ends the turn.
+    our side on a 2-core machine. Starting and stopping torch's processes blocks for
+    seconds: done in a thread, so a cluster of ours stays alive meanwhile (its
+    heartbeats stopped otherwise). ``env`` is set while its processes start.
     """
-    return await asyncio.to_thread(_measure_torch, workers, metrics, seconds, threads, env, rounds)
-
-
-def _measure_torch(
-    workers: int,
-    metrics: list[str],
-    seconds: float,
-    threads: int,
-    env: dict[str, str] | None,
-    rounds: int,
-) -> dict[str, float] | None:
-    best: dict[str, float] = {}
-    with contextlib.ExitStack() as stack:
+    stack = contextlib.ExitStack()
+    with contextlib.ExitStack() as envs:
         for key, value in (env or {}).items():
-            stack.enter_context(_env(key, value))
-        world = start_torch(stack, workers, threads=threads)
+            envs.enter_context(_env(key, value))
+        world = await asyncio.to_thread(start_torch, stack, workers, threads=threads)
+    try:
         if world is None:
             return None
-        try:
-            for metric in metrics:
-                for _ in range(rounds):
-                    per = world.window(metric, seconds / rounds)
-                    best[metric] = min(best.get(metric, float("inf")), per)
-        except Exception as exc:
-            print(f"(torch failed, its column is partial: {type(exc).__name__}: {exc})")
-    return best or None
+        best = await interleave({"torch": torch_window(world)}, metrics, seconds, required="")
+    finally:
+        await asyncio.to_thread(stack.close)
+    return best["torch"] or None
 
 
 @contextlib.contextmanager
@@ -150,24 +135,29 @@ def _env(key: str, value: str) -> Iterator[None]:
             os.environ[key] = old
 
 
+def torch_window(world: torch_ref.TorchWorld) -> Window:
+    """An awaitable window of the torch world (its driver blocks: run it in a thread)."""
+
+    async def window(name: str, seconds: float) -> float:
+        return await asyncio.to_thread(world.window, name, seconds)
+
+    return window
+
+
 async def run(seconds: float = SECONDS) -> dict[str, dict[str, float] | None]:
     """Metrics of every side: {"actorgrad": ..., "bare echo": ..., "torch": ... or None}."""
     import actorgrad as ag
 
     names = [m.key for m in METRICS]
     theirs_tcp = await measure_torch(1, names, seconds, threads=1, env=TORCH_TCP)
-    best: dict[str, dict[str, float] | None] = {"actorgrad": None, "bare echo": None}
-    theirs: dict[str, float] | None = None
     async with _echo_baseline.EchoBaseline() as bare, ag.local_cluster(1, processes=True):
         sides: dict[str, Window] = {
             "actorgrad": ActorgradRpc().window,
             "bare echo": bare.window,
         }
-        for _ in range(PHASES):
-            theirs = merge_best(theirs, await measure_torch(1, names, seconds / PHASES, threads=1))
-            turn = await interleave(sides, names, seconds / PHASES)
-            for side in sides:
-                best[side] = merge_best(best[side], turn[side])
+        theirs, best = await take_turns(
+            lambda s: measure_torch(1, names, s, threads=1), sides, names, seconds
+        )
     best["torch"] = theirs
     best["torch tcp"] = theirs_tcp
     return {
