@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 import actorgrad as ag
@@ -32,6 +33,16 @@ def boom(msg):
 async def nap(seconds, value=None):
     await asyncio.sleep(seconds)
     return value
+
+
+_gate: dict[str, asyncio.Event] = {}
+
+
+async def hold():
+    """Runs until the test sets _gate["release"] (in-process workers share its loop)."""
+    _gate["started"].set()
+    await _gate["release"].wait()
+    return "released"
 
 
 async def fetch(r):
@@ -267,6 +278,93 @@ async def test_a_one_way_call_that_cannot_start_closes_the_connection(cluster):
     await asyncio.wait_for(lost.wait(), 5)  # the sender learns it as the peer's loss
     assert conn.closed
     assert await ag.rpc("w1", add, (2, 3)) == 5  # the worker itself is fine
+
+
+# ---- casts: one-way protocol messages ---------------------------------------------------
+
+
+@rworker.on_cast("tests.record")
+def _record_cast(worker: Any, n: int, payload: Any) -> None:
+    record(worker.name, n, payload)
+
+
+@rworker.on_cast("tests.boom")
+def _boom_cast(worker: Any, msg: str) -> None:
+    raise RuntimeError(msg)
+
+
+async def test_casts_reach_their_handler_in_order_with_arrays(cluster):
+    _received.clear()
+    for i in range(50):
+        cluster.driver.cast("w1", "tests.record", (i, np.arange(i, dtype=np.float64)))
+    await _wait_received(50)
+    assert [r[:2] for r in _received] == [["w1", i] for i in range(50)]
+    for i, r in enumerate(_received):
+        np.testing.assert_array_equal(r[2], np.arange(i, dtype=np.float64))
+
+
+async def test_a_cast_waits_behind_the_requests_queued_before_it(cluster):
+    _received.clear()
+    w1 = cluster.workers[0]
+    w1._max_in_flight = 1  # one call at a time: what comes meanwhile waits in the mailbox
+    _gate.update(started=asyncio.Event(), release=asyncio.Event())
+    busy = asyncio.ensure_future(ag.rpc("w1", hold))
+    await asyncio.wait_for(_gate["started"].wait(), 5)
+    cluster.driver.notify("w1", record, ("request",))
+    cluster.driver.cast("w1", "tests.record", (1, "cast"))
+    _gate["release"].set()
+    await _wait_received(2)
+    assert _received == [["request"], ["w1", 1, "cast"]]
+    assert await busy == "released"
+
+
+async def test_a_cast_that_cannot_run_closes_the_connection_not_the_worker(cluster, caplog):
+    w = cluster.driver
+    for bad in [("tests.no_such_topic", (1,)), ("tests.record", (1,))]:  # unknown; 1 arg of 2
+        await w.call("w1", add, (1, 2))
+        conn = w._out["w1"]
+        waiting = w.call_nowait("w1", nap, (30,))  # fails when its connection closes
+        w.cast("w1", *bad)
+        with pytest.raises(ag.WorkerLost):
+            await asyncio.wait_for(waiting, 5)
+        assert conn.closed
+    assert "unknown topic 'tests.no_such_topic'" in caplog.text
+    assert "'tests.record' needs a list of 2 arguments, got 1" in caplog.text
+    # an exception in the handler is only logged: the connection stays
+    _received.clear()
+    await w.call("w1", add, (1, 2))
+    conn = w._out["w1"]
+    w.cast("w1", "tests.boom", ("kaput",))
+    w.cast("w1", "tests.record", (7, None))
+    await _wait_received(1)
+    assert _received == [["w1", 7, None]] and not conn.closed
+    assert "handler of one-way 'tests.boom' failed" in caplog.text and "kaput" in caplog.text
+
+
+async def test_cast_failures_reach_on_error(cluster):
+    errors: list[BaseException] = []
+    done = asyncio.Event()
+
+    def on_error(exc: BaseException) -> None:
+        errors.append(exc)
+        if len(errors) == 2:
+            done.set()
+
+    cluster.driver.cast("nobody", "tests.record", (1, 2), on_error=on_error)
+    cluster.driver.cast("w1", "tests.record", (1, {1, 2}), on_error=on_error)
+    await asyncio.wait_for(done.wait(), 5)
+    assert sorted(type(e).__name__ for e in errors) == ["TypeError", "ValueError"], errors
+
+
+def test_on_cast_refuses_a_second_handler_and_keyword_arguments():
+    with pytest.raises(ValueError, match="'tests.record' already has a handler"):
+        rworker.on_cast("tests.record")(lambda worker, n, payload: None)
+
+    def kw(worker: Any, *, n: int) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="must take plain positional arguments"):
+        rworker.on_cast("tests.kw")(kw)
 
 
 async def test_a_watched_silent_peer_is_reported_lost_within_the_heartbeat_timeout(monkeypatch):

@@ -24,8 +24,8 @@ Design (see docs/distributed.md for the long form):
   A worker whose part is not finished keeps the credit of a message that gave it
   nothing to send (e.g. a start) and passes it on with its next message, so starts
   cost no credit messages.
-* Each message is a one-way call (``Worker.notify``) handled inline on the receiver's
-  loop: no reply, no task. A failure in a worker's part is reported by that worker to
+* Each message is a one-way protocol message (``Worker.cast``) handled inline on the
+  receiver's loop: no reply, no task, no function lookup. A failure in a worker's part is reported by that worker to
   the pass's origin as the original error (``RemoteError`` naming it); a message that
   cannot be sent, or a peer lost after it was sent a message of the pass (its process
   died; or it went silent while the sender's part ran: the sender watches the peers
@@ -45,12 +45,18 @@ import numpy as np
 from actorgrad.autograd import GraphTask, grad_node
 from actorgrad.dist.context import DistContext, DistState, RecvNode, call_peers, state_of
 from actorgrad.errors import ContextError, ProtocolError, RemoteError, WorkerLost
-from actorgrad.runtime import current_worker, inline
+from actorgrad.runtime import current_worker, inline, on_cast
 from actorgrad.tensor import Tensor, broadcast_view
 
 __all__ = ["PassState", "backward"]
 
 _Outgoing = dict[str, list[Any]]  # dest worker -> [send_id, grad, send_id, grad, ...]
+
+# topics of the pass's one-way messages (Worker.cast)
+T_DELIVER = "dist.deliver"
+T_CREDIT = "dist.credit"
+T_FAIL = "dist.fail"
+T_ABORT = "dist.abort"
 
 
 #: Broadcast gradients at least this big travel compact (smaller ones as they are: the
@@ -325,7 +331,7 @@ def _report(st: DistState, ctx_id: int, origin: str, pass_id: int, exc: BaseExce
         _fail_local(st, pass_id, record)
     else:
         # the origin gone: nobody waits for this pass any more
-        st.worker.notify(origin, _fail, (ctx_id, pass_id, record), on_error=_ignore)
+        st.worker.cast(origin, T_FAIL, (ctx_id, pass_id, record), on_error=_ignore)
 
 
 def _return_credit(st: DistState, ctx_id: int, origin: str, pass_id: int, credit: Credit) -> None:
@@ -335,7 +341,7 @@ def _return_credit(st: DistState, ctx_id: int, origin: str, pass_id: int, credit
             run.add_credit(credit)
     else:
         st.num_backward_messages += 1
-        st.worker.notify(origin, _credit, (ctx_id, pass_id, *credit), on_error=_ignore)
+        st.worker.cast(origin, T_CREDIT, (ctx_id, pass_id, *credit), on_error=_ignore)
 
 
 def _ignore(exc: BaseException) -> None:
@@ -360,9 +366,9 @@ def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None
     for (dest, items), part in zip(out.items(), parts, strict=True):
         # From now on its loss fails this pass (see context._on_peer_lost).
         ps.watch(dest)
-        worker.notify(
+        worker.cast(
             dest,
-            _deliver,
+            T_DELIVER,
             (ctx.id, origin, pass_id, retain, items, *part),
             on_error=functools.partial(_send_failed, st, ctx, pass_id, origin),
         )
@@ -384,15 +390,22 @@ def _step(st: DistState, ps: PassState, retain: bool) -> _Outgoing:
     return out
 
 
-@inline
+@on_cast(T_DELIVER)
 def _deliver(
-    ctx_id: int, origin: str, pass_id: int, retain: bool, items: list[Any], num: int, exp: int
+    worker: Any,
+    ctx_id: int,
+    origin: str,
+    pass_id: int,
+    retain: bool,
+    items: list[Any],
+    num: int,
+    exp: int,
 ) -> None:
     """Message handler: gradients for some of this worker's send nodes (maybe none:
     then it only starts this worker's part of the pass). Runs what they made ready and
     sends the resulting messages on with this message's credit. A failure here is
     reported to the pass's origin (there is no reply)."""
-    st = state_of(current_worker())
+    st = state_of(worker)
     ctx = st.contexts.get(ctx_id)
     try:
         if ctx is None:
@@ -435,10 +448,10 @@ def _deliver(
     _forward(st, ps, retain, out)
 
 
-@inline
-def _credit(ctx_id: int, pass_id: int, num: int, exp: int) -> None:
+@on_cast(T_CREDIT)
+def _credit(worker: Any, ctx_id: int, pass_id: int, num: int, exp: int) -> None:
     """Handler on the initiator: credit of a finished branch of the pass."""
-    run = state_of(current_worker()).runs.get(pass_id)
+    run = state_of(worker).runs.get(pass_id)
     if run is not None:
         run.add_credit((num, exp))
 
@@ -449,10 +462,10 @@ def _fail_local(st: DistState, pass_id: int, record: list[Any]) -> None:
         run.fail(_failure_from(record))
 
 
-@inline
-def _fail(ctx_id: int, pass_id: int, record: list[Any]) -> None:
+@on_cast(T_FAIL)
+def _fail(worker: Any, ctx_id: int, pass_id: int, record: list[Any]) -> None:
     """Handler on the initiator: the pass failed somewhere."""
-    _fail_local(state_of(current_worker()), pass_id, record)
+    _fail_local(state_of(worker), pass_id, record)
 
 
 @inline
@@ -462,8 +475,16 @@ def _abort(ctx_id: int, pass_id: int) -> None:
     The flood goes on one-way and the reply does not wait for it: the origin waits only
     for its direct peers. That is enough for the next pass: every worker forwards the
     abort before anything else, on the connection its later messages take, so a peer
-    always sees the abort before that worker's messages of a later pass."""
-    st = state_of(current_worker())
+    always sees the abort before that worker's messages of a later pass. (This call and
+    the casts of the protocol keep one order per connection: a cast waits behind the
+    requests queued before it.)"""
+    _abort_cast(current_worker(), ctx_id, pass_id)
+
+
+@on_cast(T_ABORT)
+def _abort_cast(worker: Any, ctx_id: int, pass_id: int) -> None:
+    """The one-way form of :func:`_abort` (the flood)."""
+    st = state_of(worker)
     ctx = st.contexts.get(ctx_id)
     if ctx is None or pass_id in ctx.aborted_passes:
         return
@@ -483,7 +504,7 @@ def _flood_abort(worker: Any, ctx: DistContext, pass_id: int) -> None:
     """Send the abort of ``pass_id`` one-way to every peer of the context."""
     for peer in ctx.peers:
         if peer != worker.name:
-            worker.notify(peer, _abort, (ctx.id, pass_id), on_error=_ignore)
+            worker.cast(peer, T_ABORT, (ctx.id, pass_id), on_error=_ignore)
 
 
 def _check_roots(roots: Any) -> list[tuple[Any, np.ndarray]]:

@@ -33,6 +33,7 @@ from actorgrad.runtime.worker import (
     current_worker,
     get_interceptor,
     inline,
+    on_cast,
     set_interceptor,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "init",
     "inline",
     "local_cluster",
+    "on_cast",
     "remote",
     "rpc",
     "set_interceptor",
