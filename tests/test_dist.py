@@ -456,6 +456,31 @@ async def test_a_failed_pass_takes_back_what_finished_workers_committed(mode):
         await assert_clean(c.names)
 
 
+def test_an_abort_takes_back_only_its_own_pass_when_another_origin_committed_since():
+    # Worker C committed pass 11 (origin A), then pass 21 of origin B overtook the abort
+    # of pass 11: the abort must leave B's share (B's own abort takes back the rest).
+    from actorgrad.dist.context import DistContext
+
+    a = ag.tensor(np.zeros(2), requires_grad=True)
+    b = ag.tensor(np.zeros(2), requires_grad=True)
+    ctx = DistContext(1, "A")
+    ctx.commit(11, "A", {a: np.array([1.0, 2.0])})
+    ctx.settle("B")  # B's pass starts: A's pass 11 can still be aborted
+    ctx.commit(21, "B", {a: np.array([10.0, 20.0]), b: np.array([5.0, 5.0])})
+    ctx.undo_pass(11)
+    np.testing.assert_array_equal(ctx.grads[a], [10.0, 20.0])
+    np.testing.assert_array_equal(ctx.grads[b], [5.0, 5.0])
+    ctx.undo_pass(21)
+    np.testing.assert_array_equal(ctx.grads[a], [0.0, 0.0])  # subtracted: B came after A
+    assert b not in ctx.grads  # exact: nothing came after B there
+    # A's next pass settles A's previous one: an abort of it changes nothing any more
+    ctx.commit(12, "A", {a: np.array([1.0, 1.0])})
+    ctx.settle("A")
+    ctx.undo_pass(12)
+    np.testing.assert_array_equal(ctx.grads[a], [1.0, 1.0])
+    assert ctx.undo == {}
+
+
 async def test_a_cancelled_backward_is_aborted_everywhere(worker_path):
     # w1's part finishes, w2's is stuck in a slow hook when the initiator gives up:
     # the one-way abort takes back what both committed; the retry is exact.

@@ -144,9 +144,7 @@ class PassState:
         # Credit held here: received, not yet passed on (see _forward).
         self.credit: Credit = NO_CREDIT
         ctx.last_pass = (pass_id, origin)
-        # The previous pass here is settled: had it failed, its abort (from the same
-        # origin) would have come before this pass's messages.
-        ctx.undo = None
+        ctx.settle(origin)
         ctx.sent_to.clear()
         # Peers sent to while this part runs, watched by the runtime until it is done
         # here (a hung one is then reported lost after the heartbeat timeout). Not the
@@ -226,13 +224,7 @@ class PassState:
 
     def finish(self, st: DistState, retain_graph: bool) -> None:
         ctx = self.ctx
-        grads = ctx.grads
-        before: dict[Tensor, np.ndarray | None] = {}
-        for t, g in self.contrib.items():
-            prev = before[t] = grads.get(t)
-            grads[t] = g if prev is None else prev + g
-        # (sums are new arrays: the ones before stay intact for an undo)
-        ctx.undo = (self.pass_id, before) if before else None
+        ctx.commit(self.pass_id, self.origin, self.contrib)
         ctx.active_pass = None
         self.unwatch()
         ctx.done_passes.add(self.pass_id)

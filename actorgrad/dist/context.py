@@ -27,7 +27,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -90,6 +90,15 @@ class RecvNode(Node):
         return f"RecvNode(ctx={self.ctx_id:#x}, from={self.src!r}, send={self.send_id})"
 
 
+class _Commit(NamedTuple):
+    """What a finished pass added to a context's leaf gradients on one worker."""
+
+    pass_id: int
+    contrib: dict[Tensor, np.ndarray]  # its gradient of each leaf
+    before: dict[Tensor, np.ndarray | None]  # the context's gradient before it
+    after: dict[Tensor, np.ndarray]  # the context's gradient it left
+
+
 class DistContext:
     """One distributed autograd context, as seen by one worker."""
 
@@ -129,10 +138,10 @@ class DistContext:
         # origin of the latest pass), and the (pass id, origin) of that pass.
         self.sent_to: set[str] = set()
         self.last_pass: tuple[int, str] | None = None
-        # (pass id, each leaf's gradient before it) of the last pass that finished
-        # here: until the next pass starts, an abort of that pass (it failed on another
-        # worker) takes back what it added, so a failed pass leaves no gradient behind.
-        self.undo: tuple[int, dict[Tensor, np.ndarray | None]] | None = None
+        # Per origin, what its last pass that finished here committed (see commit):
+        # until that origin's next pass starts here, an abort of it (it failed on
+        # another worker) takes it back, so a failed pass leaves no gradient behind.
+        self.undo: dict[str, _Commit] = {}
 
     def __repr__(self) -> str:
         return (
@@ -151,19 +160,49 @@ class DistContext:
             self.active_pass = None
             ps.unwatch()
 
-    def undo_pass(self, pass_id: int) -> None:
-        """Take back the leaf gradients that pass ``pass_id`` committed here, if it is
-        the last pass that finished here (it failed elsewhere afterwards)."""
-        undo = self.undo
-        if undo is None or undo[0] != pass_id:
-            return
-        self.undo = None
+    def commit(self, pass_id: int, origin: str, contrib: dict[Tensor, np.ndarray]) -> None:
+        """Add the leaf gradients of pass ``pass_id`` (started by ``origin``), whose part
+        finished here, and keep what an abort of it needs to take them back."""
         grads = self.grads
-        for t, before in undo[1].items():
-            if before is None:
-                grads.pop(t, None)
-            else:
-                grads[t] = before
+        before: dict[Tensor, np.ndarray | None] = {}
+        after: dict[Tensor, np.ndarray] = {}
+        for t, g in contrib.items():
+            prev = before[t] = grads.get(t)
+            # a new array (never in place): the one before stays intact for an undo
+            after[t] = grads[t] = g if prev is None else prev + g
+        if contrib:
+            self.undo[origin] = _Commit(pass_id, contrib, before, after)
+        else:
+            self.undo.pop(origin, None)
+
+    def settle(self, origin: str) -> None:
+        """A new pass of ``origin`` starts here: its previous one can no longer be
+        aborted (its abort would have come first: the abort of a pass reaches every
+        worker before any message of a later pass of the same origin)."""
+        if self.undo:
+            self.undo.pop(origin, None)
+
+    def undo_pass(self, pass_id: int) -> None:
+        """Take back the leaf gradients that pass ``pass_id`` committed here (it failed
+        elsewhere after its part here finished). Exact when no other pass committed to
+        a leaf since (the array before it is put back); otherwise its contribution is
+        subtracted, keeping what the other pass added (a pass of another origin can
+        overtake the abort)."""
+        origin = next((o for o, c in self.undo.items() if c.pass_id == pass_id), None)
+        if origin is None:
+            return
+        commit = self.undo.pop(origin)
+        grads = self.grads
+        for t, g in commit.contrib.items():
+            now = grads.get(t)
+            if now is commit.after[t]:
+                before = commit.before[t]
+                if before is None:
+                    del grads[t]
+                else:
+                    grads[t] = before
+            elif now is not None:
+                grads[t] = now - g
 
     def free_graph(self) -> None:
         """Forget the send/recv nodes (after a backward that did not retain the graph)."""
