@@ -17,7 +17,7 @@ import actorgrad as ag
 from actorgrad import wire
 from actorgrad.runtime import Worker, transport
 from actorgrad.runtime.transport import _HELLO, MAGIC, PROTOCOL_VERSION, _mac
-from actorgrad.runtime.worker import K_REQ, MODE_RPC
+from actorgrad.runtime.worker import K_CAST, K_REQ, MODE_RPC
 
 LEN = struct.Struct(">Q")
 
@@ -167,7 +167,19 @@ async def test_valid_msgpack_of_the_wrong_shape_closes_the_connection(sock_clust
 
 @pytest.mark.parametrize(
     "header",
-    [[99], ["REQ"], [], [K_REQ], [K_REQ, "x", "m:f", 0, None], [1, [1, 2]], [4, 5, 6, 7]],
+    [
+        [99],
+        ["REQ"],
+        [],
+        [K_REQ],
+        [K_REQ, "x", "m:f", 0, None],
+        [1, [1, 2]],
+        [4, 5, 6, 7],
+        [K_CAST],
+        [K_CAST, 5],
+        [K_CAST, "dist.credit", 1],
+        [K_CAST, "dist.credit"],  # (its body, None, is not the list of 4 arguments)
+    ],
 )
 async def test_unknown_or_malformed_messages_close_the_connection(sock_cluster, header):
     reader, writer = await _handshaken(sock_cluster)
