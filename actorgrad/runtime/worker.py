@@ -1163,7 +1163,7 @@ class Worker:
         """Send the one-way protocol message ``topic`` with ``args`` (plain values and
         arrays: no tensors, no RRefs) to ``dest``, whose handler registered with
         :func:`on_cast` runs it. Ordering and failure reporting as :meth:`notify`,
-        at about half its cost per message.
+        with less work per message on both sides.
 
         Example::
 
