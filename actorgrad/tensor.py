@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from actorgrad.autograd import Function, Node, grad_enabled, grad_node, no_grad
+from actorgrad.autograd import Function, Node, grad_enabled, grad_node, no_grad, seed_grad
 from actorgrad.autograd import GraphTask as _GraphTask
 
 __all__ = [
@@ -192,7 +192,7 @@ class Tensor:
                     "backward() without a gradient works only for a one-element tensor, "
                     f"got shape {self.shape}; pass gradient= explicitly"
                 )
-            grad = np.ones(self.data.shape, dtype=self.data.dtype)
+            grad = seed_grad(self.data)
         else:
             if isinstance(gradient, Tensor):
                 gradient = gradient.data

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from actorgrad.autograd import GraphTask, grad_node
+from actorgrad.autograd import GraphTask, grad_node, seed_grad
 from actorgrad.dist.context import DistContext, DistState, RecvNode, call_peers, state_of
 from actorgrad.errors import ContextError, ProtocolError, RemoteError, WorkerLost
 from actorgrad.runtime import current_worker, inline, on_cast
@@ -520,7 +520,7 @@ def _check_roots(roots: Any) -> list[tuple[Any, np.ndarray]]:
                 "one-element (scalar) tensors"
             )
         node = grad_node(r)
-        out.append((node, np.ones(r.data.shape, r.data.dtype)))
+        out.append((node, seed_grad(r.data)))
     return out
 
 
