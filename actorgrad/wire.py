@@ -428,6 +428,18 @@ class _Encoder:
             self.ext_bytes += len(data)
             self.depth = depth - 1  # (after an exception, encode() resets the depth)
             return _new_ext(EXT_TUPLE, data)
+        if t is np.ndarray:  # the next hot path (gradients, small arrays): inlined
+            dstr = _DTYPE_STR.get(obj.dtype)
+            if dstr is not None and obj.nbytes < OOB_THRESHOLD:
+                if not obj.flags.c_contiguous:
+                    obj = obj.copy()  # (C order) e.g. a broadcast gradient
+                # (its payload holds no ext values: no nesting, one packer level down)
+                depth = self.depth + 1
+                packers = self.packers
+                packer = packers[depth] if depth < len(packers) else self.packer(depth)
+                data = packer.pack([dstr, list(obj.shape), memoryview(obj)])
+                self.ext_bytes += len(data)
+                return _new_ext(EXT_NDARRAY, data)
         handler = self._dispatch.get(t)
         if handler is None:
             handler = _resolve(t)
@@ -944,6 +956,13 @@ class _Decoder:
                 raise ProtocolError("malformed tuple payload: expected a list")
             self.depth = depth - 1
             return tuple(items)
+        if code == EXT_NDARRAY:  # the next hot path: a small vector, inlined
+            value = msgpack.unpackb(data, raw=False, use_list=True)
+            if type(value) is list and len(value) == 3:
+                vec = _vector_from(*value)
+                if vec is not None:
+                    self.depth = depth - 1
+                    return vec
         handler = _DECODERS.get(code)
         if handler is None:
             raise ProtocolError(f"unknown ext type {code} in frame body")
@@ -966,7 +985,26 @@ class _Decoder:
         return bufs[index]
 
 
+def _vector_from(dstr: Any, shape: Any, raw: Any) -> np.ndarray | None:
+    """The common case of an array payload, checked in short: a 1-d array with its data
+    inline (None: anything else, for ``_array_from``)."""
+    dt = _DTYPES.get(dstr) if type(dstr) is str else None
+    if (
+        dt is not None
+        and type(raw) is bytes
+        and type(shape) is list
+        and len(shape) == 1
+        and type(shape[0]) is int
+        and shape[0] * dt.itemsize == len(raw)
+    ):
+        return np.frombuffer(bytearray(raw), dt)  # its own, writable memory
+    return None
+
+
 def _array_from(dec: _Decoder, dstr: Any, shape: Any, raw: Any) -> np.ndarray:
+    vec = _vector_from(dstr, shape, raw)
+    if vec is not None:
+        return vec
     dtype = _dtype_from(dstr)
     if type(shape) is not list or len(shape) > MAX_NDIM:
         raise ProtocolError(f"array shape must be a list of at most {MAX_NDIM} ints")
