@@ -244,16 +244,23 @@ def test_astype_casts_the_gradient_back():
         ((1, 4), (3, 4)),
         ((2, 3), (2, 3)),
         ((), ()),
+        ((1,), (1024,)),
+        ((1, 1), (40, 40)),
+        ((40, 1), (40, 40)),
     ],
 )
 def test_broadcast_view_is_broadcast_to(src, shape):
-    from actorgrad.tensor import broadcast_view
+    from actorgrad.tensor import SMALL_BROADCAST_BYTES, broadcast_view
 
     g = np.arange(float(np.prod(src) or 1)).reshape(src)
     v = broadcast_view(g, shape)
     ref = np.broadcast_to(g, shape)
-    assert v.shape == ref.shape and v.strides == ref.strides and not v.flags.writeable
     np.testing.assert_array_equal(v, ref)
+    assert v.shape == ref.shape and v.dtype == g.dtype
+    if ref.nbytes < SMALL_BROADCAST_BYTES:  # materialized: its own contiguous memory
+        assert v.flags.c_contiguous and not np.shares_memory(v, g)
+    else:  # a read-only view with the broadcast's strides
+        assert v.strides == ref.strides and not v.flags.writeable and np.shares_memory(v, g)
 
 
 def test_broadcast_view_of_misfits_raises_like_broadcast_to():
