@@ -481,6 +481,39 @@ def test_an_abort_takes_back_only_its_own_pass_when_another_origin_committed_sin
     assert ctx.undo == {}
 
 
+async def test_a_step_leaves_no_reference_cycles_behind():
+    # A step's graph, context and pass state are freed by reference counting as soon as
+    # the step is over, on the driver and on the workers (in-process here, so one heap
+    # holds both): a cycle would keep all of it alive until a garbage collection.
+    import gc
+
+    async with cluster("inproc") as c:
+        await ag.rpc("w1", F.put, ("w", arr(4)))
+        await ag.rpc("w2", F.put, ("w", arr(4)))
+        x = ag.tensor(arr(4), requires_grad=True)
+
+        async def step() -> None:
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                z = await ag.rpc("w2", F.mul, ("w", y))
+                await ag.dist.backward(ctx, [(z * y).sum()])
+                ag.dist.get_gradients(ctx)
+
+        await step()
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(5):
+                await step()
+            assert gc.collect() == 0, sorted({type(o).__name__ for o in gc.garbage})
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        await assert_clean(c.names)
+
+
 async def test_a_cancelled_backward_is_aborted_everywhere(worker_path):
     # w1's part finishes, w2's is stuck in a slow hook when the initiator gives up:
     # the one-way abort takes back what both committed; the retry is exact.

@@ -96,6 +96,37 @@ def _unpack_grad(v: Any) -> np.ndarray | None:
     raise ProtocolError(f"gradient must be an array or None, got {type(v).__name__}")
 
 
+def _leaf(contrib: dict[Tensor, np.ndarray], t: Tensor, grad: np.ndarray | None) -> None:
+    """The task's leaf sink: a leaf's gradient of this pass, kept in ``contrib``."""
+    prev = contrib.get(t)
+    if grad is None:
+        if prev is None:
+            # Reached but got no gradient: reported as zeros (an unused input).
+            contrib[t] = np.zeros_like(t.data)
+        return
+    if prev is not None:
+        contrib[t] = prev + grad
+    elif (
+        grad.dtype != t.data.dtype
+        or not grad.flags.writeable
+        or isinstance(grad.base, np.ndarray)
+    ):
+        # The user gets this array: make it one the context owns, in the leaf's dtype.
+        # (A gradient decoded from a frame is a writable view of that frame alone:
+        # no other array shares it, so it is kept without a copy.)
+        contrib[t] = np.array(grad, dtype=t.data.dtype)
+    else:
+        contrib[t] = grad
+
+
+def _boundary(ctx_id: int, out: _Outgoing, node: Any, grad: np.ndarray | None) -> None:
+    """The task's boundary handler: a recv node's gradient becomes part of a message."""
+    if not isinstance(node, RecvNode) or node.ctx_id != ctx_id:
+        # A tensor received in another context: its gradient stops here.
+        return
+    out.setdefault(node.src, []).extend((node.send_id, _pack_grad(grad)))
+
+
 class PassState:
     """One backward pass of one context on one worker."""
 
@@ -131,12 +162,15 @@ class PassState:
         self.out: _Outgoing = {}
         all_roots: list[tuple[Any, np.ndarray | None]] = list(roots)
         all_roots.extend((r, None) for r in ctx.recvs)
+        # (The callbacks hold the two dicts, not this object: bound methods would make
+        # pass and task a reference cycle that only the garbage collector frees, and
+        # the step's whole graph and context with it.)
         self.task = GraphTask(
             all_roots,
             sources=ctx.sends.values(),
             retain_graph=retain_graph,
-            leaf_sink=self._leaf,
-            on_boundary=self._boundary,
+            leaf_sink=functools.partial(_leaf, self.contrib),
+            on_boundary=functools.partial(_boundary, ctx.id, self.out),
         )
         # Workers holding the recv nodes of our sends must run their part too (the
         # origin runs its part anyway: no start message to it).
@@ -173,33 +207,6 @@ class PassState:
             f"finished={self.task.finished}, leaves={len(self.contrib)})"
         )
 
-    def _leaf(self, t: Tensor, grad: np.ndarray | None) -> None:
-        prev = self.contrib.get(t)
-        if grad is None:
-            if prev is None:
-                # Reached but got no gradient: reported as zeros (an unused input).
-                self.contrib[t] = np.zeros_like(t.data)
-            return
-        if prev is not None:
-            self.contrib[t] = prev + grad
-        elif (
-            grad.dtype != t.data.dtype
-            or not grad.flags.writeable
-            or isinstance(grad.base, np.ndarray)
-        ):
-            # The user gets this array: make it one the context owns, in the leaf's dtype.
-            # (A gradient decoded from a frame is a writable view of that frame alone:
-            # no other array shares it, so it is kept without a copy.)
-            self.contrib[t] = np.array(grad, dtype=t.data.dtype)
-        else:
-            self.contrib[t] = grad
-
-    def _boundary(self, node: Any, grad: np.ndarray | None) -> None:
-        if not isinstance(node, RecvNode) or node.ctx_id != self.ctx.id:
-            # A tensor received in another context: its gradient stops here.
-            return
-        self.out.setdefault(node.src, []).extend((node.send_id, _pack_grad(grad)))
-
     def deliver(self, items: list[Any]) -> None:
         if len(items) % 2:
             raise ProtocolError("gradient message must hold (send id, gradient) pairs")
@@ -217,7 +224,8 @@ class PassState:
     def run(self) -> _Outgoing:
         """Run what is ready; return the messages to send (start messages included)."""
         self.task.run()
-        out, self.out = self.out, {}
+        out = dict(self.out)  # (the dict itself stays: the task's callback fills it)
+        self.out.clear()
         for peer in self.started_peers:
             out.setdefault(peer, [])
         self.started_peers = set()
