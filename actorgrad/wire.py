@@ -435,6 +435,8 @@ class _Encoder:
                     obj = obj.copy()  # (C order) e.g. a broadcast gradient
                 # (its payload holds no ext values: no nesting, one packer level down)
                 depth = self.depth + 1
+                if depth > MAX_DEPTH:  # (the decoder refuses it, so never send it)
+                    raise _TooDeep(f"value nested more than {MAX_DEPTH} levels deep")
                 packers = self.packers
                 packer = packers[depth] if depth < len(packers) else self.packer(depth)
                 data = packer.pack([dstr, list(obj.shape), memoryview(obj)])

@@ -476,6 +476,18 @@ def test_deep_but_allowed_tuple_nesting_round_trips():
     assert roundtrip(t) == t
 
 
+def test_an_array_at_the_nesting_limit_round_trips_and_one_deeper_is_refused():
+    t: Any = np.arange(3.0)  # (a small array: the encoder's inlined path)
+    for _ in range(MAX_DEPTH - 1):
+        t = (t,)
+    out = roundtrip(t)
+    for _ in range(MAX_DEPTH - 1):
+        out = out[0]
+    np.testing.assert_array_equal(out, np.arange(3.0))
+    with pytest.raises(ValueError, match="nested"):  # refused by the sender, not the peer
+        encode_frame([0], (t,))
+
+
 def test_surrogate_str_is_a_value_error():
     with pytest.raises(ValueError, match="UTF-8"):
         encode_frame([0], ["\udc80"])
