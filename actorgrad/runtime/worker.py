@@ -1149,9 +1149,9 @@ class Worker:
                 raise WorkerLost(f"worker {self.name!r} is shutting down")
             chunks = wire.encode_frame([K_REQ, 0, target, MODE_RPC, None], [list(args), None], None)
         except Exception as exc:
-            self._notify_failed(dest, calls.describe(fn), exc, on_error)
+            self._notify_failed(dest, fn, exc, on_error)
             return
-        self._send_oneway(dest, chunks, calls.describe(target), on_error)
+        self._send_oneway(dest, chunks, target, on_error)
 
     def cast(
         self,
@@ -1182,11 +1182,12 @@ class Worker:
         self,
         dest: str,
         chunks: list,
-        what: str,
+        what: Any,
         on_error: Callable[[BaseException], None] | None,
     ) -> None:
         """Hand an encoded one-way message to the connection to ``dest``, or queue it
-        while that connection is being made (messages to one peer keep their order)."""
+        while that connection is being made (messages to one peer keep their order).
+        ``what`` (a function, its wire name or a cast topic) names it in failures."""
         try:
             queue = self._notify_queues.get(dest)
             if queue is not None:  # connecting: behind the ones waiting (order)
@@ -1227,12 +1228,12 @@ class Worker:
     def _notify_failed(
         self,
         dest: str,
-        what: str,
+        what: Any,
         exc: BaseException,
         on_error: Callable[[BaseException], None] | None,
     ) -> None:
         if on_error is None:
-            log.debug("one-way %s to %s dropped: %r", what, dest, exc)
+            log.debug("one-way %s to %s dropped: %r", calls.describe(what), dest, exc)
             return
         try:
             on_error(exc)
