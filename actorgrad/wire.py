@@ -433,15 +433,7 @@ class _Encoder:
             if dstr is not None and obj.nbytes < OOB_THRESHOLD:
                 if not obj.flags.c_contiguous:
                     obj = obj.copy()  # (C order) e.g. a broadcast gradient
-                # (its payload holds no ext values: no nesting, one packer level down)
-                depth = self.depth + 1
-                if depth > MAX_DEPTH:  # (the decoder refuses it, so never send it)
-                    raise _TooDeep(f"value nested more than {MAX_DEPTH} levels deep")
-                packers = self.packers
-                packer = packers[depth] if depth < len(packers) else self.packer(depth)
-                data = packer.pack([dstr, list(obj.shape), memoryview(obj)])
-                self.ext_bytes += len(data)
-                return _new_ext(EXT_NDARRAY, data)
+                return self.nested(EXT_NDARRAY, [dstr, list(obj.shape), memoryview(obj)])
         handler = self._dispatch.get(t)
         if handler is None:
             handler = _resolve(t)
@@ -958,13 +950,6 @@ class _Decoder:
                 raise ProtocolError("malformed tuple payload: expected a list")
             self.depth = depth - 1
             return tuple(items)
-        if code == EXT_NDARRAY:  # the next hot path: a small vector, inlined
-            value = msgpack.unpackb(data, raw=False, use_list=True)
-            if type(value) is list and len(value) == 3:
-                vec = _vector_from(*value)
-                if vec is not None:
-                    self.depth = depth - 1
-                    return vec
         handler = _DECODERS.get(code)
         if handler is None:
             raise ProtocolError(f"unknown ext type {code} in frame body")
