@@ -170,10 +170,8 @@ class DistContext:
             prev = before[t] = grads.get(t)
             # a new array (never in place): the one before stays intact for an undo
             after[t] = grads[t] = g if prev is None else prev + g
-        if contrib:
+        if contrib:  # (the origin's older record went when this pass started: settle)
             self.undo[origin] = _Commit(pass_id, contrib, before, after)
-        else:
-            self.undo.pop(origin, None)
 
     def settle(self, origin: str) -> None:
         """A new pass of ``origin`` starts here: its previous one can no longer be
