@@ -7,6 +7,7 @@ import asyncio
 import gc
 import os
 import pathlib
+from typing import Any
 
 import dist_fns as F
 import numpy as np
@@ -481,12 +482,26 @@ def test_an_abort_takes_back_only_its_own_pass_when_another_origin_committed_sin
     assert ctx.undo == {}
 
 
+async def _assert_no_cycles(step: Any, times: int = 5) -> None:
+    """Run ``step`` ``times`` times with the GC off; nothing may be left in cycles."""
+    await step()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(times):
+            await step()
+        assert gc.collect() == 0, sorted({type(o).__name__ for o in gc.garbage})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
 async def test_a_step_leaves_no_reference_cycles_behind():
     # A step's graph, context and pass state are freed by reference counting as soon as
     # the step is over, on the driver and on the workers (in-process here, so one heap
     # holds both): a cycle would keep all of it alive until a garbage collection.
-    import gc
-
     async with cluster("inproc") as c:
         await ag.rpc("w1", F.put, ("w", arr(4)))
         await ag.rpc("w2", F.put, ("w", arr(4)))
@@ -499,18 +514,31 @@ async def test_a_step_leaves_no_reference_cycles_behind():
                 await ag.dist.backward(ctx, [(z * y).sum()])
                 ag.dist.get_gradients(ctx)
 
-        await step()
-        gc.collect()
-        gc.disable()
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
-            for _ in range(5):
-                await step()
-            assert gc.collect() == 0, sorted({type(o).__name__ for o in gc.garbage})
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
-            gc.enable()
+        await _assert_no_cycles(step)
+        await assert_clean(c.names)
+
+
+async def test_failed_calls_and_passes_leave_no_reference_cycles_behind():
+    # An error's traceback holds the frames it went through; a frame that also held the
+    # future carrying that error made a cycle per failure, which kept a failed pass's
+    # graph and context (and their arrays) alive until a garbage collection.
+    async with cluster("inproc") as c:
+        await ag.rpc("w1", F.put, ("w", arr(4)))
+        await ag.rpc("w1", F.add_failing_hook, ("w", 1_000_000))
+        x = ag.tensor(arr(4), requires_grad=True)
+
+        async def failed_rpc() -> None:
+            with pytest.raises(ag.RemoteError, match="KeyError"):
+                await ag.rpc("w1", F.get, ("no such key",))
+
+        async def failed_backward() -> None:
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                with pytest.raises(ag.RemoteError, match="hook refused gradient"):
+                    await ag.dist.backward(ctx, [y.sum()])
+
+        await _assert_no_cycles(failed_rpc)
+        await _assert_no_cycles(failed_backward)
         await assert_clean(c.names)
 
 

@@ -578,6 +578,8 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             await run.done
         except BaseException as exc:
             # The pass failed or was cancelled: nothing of it stays, here or on the peers.
+            # (The error's traceback holds this frame; the run's future holds the error.)
+            run = None  # type: ignore[assignment]
             _abort_here(ctx, pass_id)
             if isinstance(exc, Exception):
                 await call_peers(st.worker, ctx.peers, _abort, (context_id, pass_id))

@@ -1022,6 +1022,9 @@ class Worker:
                 ) from None
         finally:
             pending.pop(cid, None)
+            # a failed call's error holds this frame (its traceback) and the future
+            # holds the error: without this, each failure leaves a reference cycle
+            fut = None  # type: ignore[assignment]
 
     async def call_on(
         self,
