@@ -59,16 +59,21 @@ class _Context:
         self._token = _current.set((worker, ctx_id))
         return ctx_id
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         _current.reset(self._token)
-        await _release_everywhere(self._st, self._id)
+        # Left because the task is cancelled (or the process is stopping): the releases
+        # go out but nobody waits for their acknowledgements, as a cancelled backward's
+        # abort: a cancelled task must end now, not after a hung peer's heartbeat
+        # timeout (a lost release is what the lease is for).
+        wait = exc_type is None or issubclass(exc_type, Exception)
+        await _release_everywhere(self._st, self._id, wait=wait)
 
 
-async def _release_everywhere(st: DistState, ctx_id: int) -> None:
+async def _release_everywhere(st: DistState, ctx_id: int, wait: bool = True) -> None:
     # Release locally first, so a forwarded release coming back finds nothing to do.
     peers = _release_local(st, ctx_id)
     if peers:
-        await call_peers(st.worker, peers, _release, (ctx_id, st.worker.name))
+        await call_peers(st.worker, peers, _release, (ctx_id, st.worker.name), wait=wait)
 
 
 def _release_local(st: DistState, ctx_id: int) -> set[str]:

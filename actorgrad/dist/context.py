@@ -340,13 +340,16 @@ def current_context(worker: Worker) -> DistContext | None:
     return state_of(worker).contexts.get(cur[1])
 
 
-async def call_peers(worker: Worker, peers: Iterable[str], fn: Any, args: tuple[Any, ...]) -> None:
+async def call_peers(
+    worker: Worker, peers: Iterable[str], fn: Any, args: tuple[Any, ...], wait: bool = True
+) -> None:
     """Run protocol handler ``fn(*args)`` on every peer but this worker, all in flight
-    together, and wait for all of them — except peers already reported lost: they get
-    the request too (alive after all, they handle it once reconnected) but nobody waits
-    for them (a hung one would hold us for the connection deadlines). A peer that fails
-    or is gone has nothing left to clean: logged, not raised. (Requests without a task
-    each, and outside any context: ``call_nowait`` carries no context metadata.)"""
+    together, and wait for all of them (``wait``) — except peers already reported lost:
+    they get the request too (alive after all, they handle it once reconnected) but
+    nobody waits for them (a hung one would hold us for the connection deadlines). A
+    peer that fails or is gone has nothing left to clean: logged, not raised. (Requests
+    without a task each, and outside any context: ``call_nowait`` carries no context
+    metadata.)"""
     # The requests leave at once (call_nowait: cancelling one's future does not cancel
     # the remote call), and each outcome is read by a callback (no "exception was never
     # retrieved"), so being cancelled while waiting loses nothing.
@@ -356,7 +359,7 @@ async def call_peers(worker: Worker, peers: Iterable[str], fn: Any, args: tuple[
             continue
         fut = worker.call_nowait(p, fn, args)
         fut.add_done_callback(functools.partial(_log_failure, fn, p))
-        if not worker.is_lost(p):
+        if wait and not worker.is_lost(p):
             futs.append(fut)
     for fut in futs:
         try:
