@@ -195,3 +195,46 @@ def watching() -> list[str]:
     from actorgrad.runtime import current_worker
 
     return current_worker().status()["watching"]
+
+
+# --- random programs (test_dist_random.py) ---------------------------------------------
+
+
+async def interp(ops: list, outs: list, args: list, me: str, param: Any, call: Any) -> list:
+    """Run a small program on ``args``: the same interpreter computes the reference (in
+    one process, ``call`` a plain function call) and the distributed version (``call``
+    an RPC to the named worker, which runs its part with :func:`run_prog`)."""
+    vals = list(args)
+    for op in ops:
+        kind = op[0]
+        if kind == "param":
+            vals.append(param(me, op[1]))
+        elif kind == "mul":
+            vals.append(vals[op[1]] * vals[op[2]])
+        elif kind == "add":
+            vals.append(vals[op[1]] + vals[op[2]])
+        elif kind == "tanh":
+            vals.append(vals[op[1]].tanh())
+        elif kind == "scale":
+            vals.append(vals[op[1]] * 0.5)
+        elif kind == "detach":
+            vals.append(vals[op[1]].detach())
+        elif kind == "call":
+            _, dest, sub_ops, sub_outs, idx = op
+            vals.extend(await call(dest, sub_ops, sub_outs, [vals[i] for i in idx]))
+        else:  # pragma: no cover - the generator makes only these
+            raise ValueError(f"unknown op {kind!r}")
+    return [vals[i] for i in outs]
+
+
+def _stored_param(me: str, key: str) -> ag.Tensor:
+    return _store[(me, key)]
+
+
+async def rpc_call(dest: str, ops: list, outs: list, args: list) -> list:
+    return list(await ag.rpc(dest, run_prog, (ops, outs, args)))
+
+
+async def run_prog(ops: list, outs: list, args: list) -> list:
+    """This worker's part of a random program (its params live in the store)."""
+    return await interp(ops, outs, args, ag.worker_name(), _stored_param, rpc_call)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import pathlib
 from typing import Any
 
 import dist_fns as F
@@ -15,19 +14,11 @@ import pytest
 
 import actorgrad as ag
 
-TESTS = str(pathlib.Path(__file__).parent)
 RNG = np.random.default_rng(0)
 
 
 def arr(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape)
-
-
-@pytest.fixture
-def worker_path(monkeypatch):
-    """Process workers import this directory's helper module (dist_fns)."""
-    path = os.environ.get("PYTHONPATH", "")
-    monkeypatch.setenv("PYTHONPATH", TESTS + (os.pathsep + path if path else ""))
 
 
 @pytest.fixture(params=["inproc", "tcp", "processes"])
@@ -638,6 +629,45 @@ async def test_a_hung_second_hop_fails_the_backward_within_the_heartbeat_bound(w
         assert left < 2.0, left
         info = await ag.rpc("w1", F.debug_info)
         assert info["num_contexts"] == 0 and info["num_active_passes"] == 0
+
+
+@pytest.mark.timeout(60)
+async def test_a_task_cancelled_in_a_context_ends_without_waiting_for_a_hung_peer(worker_path):
+    # Leaving a context normally waits for every peer's release acknowledgement (a hung
+    # peer: until the heartbeat timeout); a cancelled task must end at once instead,
+    # and the release still reaches the peer once it runs again.
+    import signal
+
+    from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
+
+    async with cluster("processes"):
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        pid = await ag.rpc("w1", F.pid)
+        x = ag.tensor(arr(3), requires_grad=True)
+        holding = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        async def step() -> None:
+            async with ag.dist.context():
+                await ag.rpc("w1", F.mul, ("w", x))
+                holding.set()
+                await asyncio.Event().wait()  # until cancelled
+
+        task = asyncio.ensure_future(step())
+        await asyncio.wait_for(holding.wait(), 10)
+        os.kill(pid, signal.SIGSTOP)  # alive but silent: no acknowledgement would come
+        try:
+            t0 = loop.time()
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=HEARTBEAT_TIMEOUT + 5)
+            took = loop.time() - t0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert done and task.cancelled()
+        assert took < HEARTBEAT_TIMEOUT / 2, took
+        assert ag.dist.debug_info()["num_contexts"] == 0
+        info = await ag.rpc("w1", F.wait_no_contexts, (10.0,))  # the release got there
+        assert info["num_contexts"] == 0, info
 
 
 @pytest.mark.timeout(60)

@@ -1,0 +1,143 @@
+"""Random distributed programs against the same programs run in one process.
+
+Each program is a small tree of calls: values on the driver flow through ops (mul, add,
+tanh, scaling, detach) and calls to random workers, which run sub-programs on their own
+parameters and may call on (another worker, the driver, themselves), returning some of
+their values. Some results go unused, some inputs do not require grad, parameters are
+float64 and float32, every other program runs backward twice (retain_graph). Every leaf
+gradient (the driver's inputs, every worker's parameters) must equal the local
+engine's, and every context must be released.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dist_fns as F
+import numpy as np
+import pytest
+
+import actorgrad as ag
+
+WORKERS = ["w1", "w2", "w3", "driver"]
+KEYS = ["p0", "p1"]  # p0 float64, p1 float32 on every worker
+SHAPE = (3,)
+
+
+def gen(rng: np.random.Generator, n_in: int, depth: int) -> tuple[list, list]:
+    """A program on ``n_in`` inputs: (ops, indices of the values it returns)."""
+    ops: list[Any] = []
+    n = n_in
+    for _ in range(int(rng.integers(1, 6))):
+        kinds = ["param", "mul", "add", "tanh", "scale", "detach"]
+        kinds += ["call"] * 3 if depth < 3 else []
+        kind = kinds[int(rng.integers(len(kinds)))]
+        if kind == "param":
+            ops.append(["param", KEYS[int(rng.integers(2))]])
+            n += 1
+        elif kind in ("mul", "add"):
+            ops.append([kind, int(rng.integers(n)), int(rng.integers(n))])
+            n += 1
+        elif kind == "call":
+            idx = [int(i) for i in rng.integers(n, size=int(rng.integers(1, 3)))]
+            sub_ops, sub_outs = gen(rng, len(idx), depth + 1)
+            ops.append(["call", WORKERS[int(rng.integers(len(WORKERS)))], sub_ops, sub_outs, idx])
+            n += len(sub_outs)
+        else:
+            ops.append([kind, int(rng.integers(n))])
+            n += 1
+    outs = [int(i) for i in rng.choice(n, size=min(n, int(rng.integers(1, 3))), replace=False)]
+    return ops, outs
+
+
+def params(rng: np.random.Generator) -> dict[tuple[str, str], np.ndarray]:
+    out = {}
+    for w in WORKERS:
+        out[(w, "p0")] = rng.standard_normal(SHAPE)
+        out[(w, "p1")] = rng.standard_normal(SHAPE).astype(np.float32)
+    return out
+
+
+def loss_of(values: list) -> Any:
+    terms = [v.sum() for v in values if v.requires_grad]
+    if not terms:
+        return None
+    loss = terms[0]
+    for t in terms[1:]:
+        loss = loss + t
+    return loss
+
+
+async def reference(ops, outs, inputs, pvals):
+    """The program in this process: (loss value, {leaf name: gradient})."""
+    leaves = {k: ag.tensor(v, requires_grad=True) for k, v in pvals.items()}
+    xs = [ag.tensor(a, requires_grad=rg) for a, rg in inputs]
+
+    async def call(dest, sub_ops, sub_outs, args):
+        return await F.interp(sub_ops, sub_outs, args, dest, lambda me, k: leaves[(me, k)], call)
+
+    loss = loss_of(await F.interp(ops, outs, xs, "driver", lambda me, k: leaves[(me, k)], call))
+    if loss is None:
+        return None
+    loss.backward()
+    grads = {("x", i): x.grad for i, x in enumerate(xs) if x.requires_grad}
+    grads.update({k: t.grad for k, t in leaves.items()})
+    return loss.item(), grads
+
+
+def programs(n: int, seed: int):
+    """n (ops, outs, inputs, params) whose loss requires grad."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        ops, outs = gen(rng, 3, 0)
+        inputs = [(rng.standard_normal(SHAPE), True), (rng.standard_normal(SHAPE), True)]
+        inputs.append((rng.standard_normal(SHAPE), False))
+        out.append((ops, outs, inputs, params(rng)))
+    return out
+
+
+async def check(progs, names) -> int:
+    """Run each program distributed and locally; returns how many had a loss."""
+    checked = 0
+    for ops, outs, inputs, pvals in progs:
+        ref = await reference(ops, outs, inputs, pvals)
+        if ref is None:  # nothing of the result requires grad
+            continue
+        for (w, k), v in pvals.items():
+            await ag.rpc(w, F.put, (k, v))
+        xs = [ag.tensor(a, requires_grad=rg) for a, rg in inputs]
+        # every other program runs backward twice (retain_graph): gradients add up
+        times = 2 if checked % 2 else 1
+        async with ag.dist.context() as ctx:
+            values = await F.run_prog(ops, outs, xs)
+            loss = loss_of(values)
+            for i in range(times):
+                await ag.dist.backward(ctx, [loss], retain_graph=i < times - 1)
+            got = {("x", i): ag.dist.get_gradients(ctx).get(x) for i, x in enumerate(xs)}
+            for w, k in pvals:
+                got[(w, k)] = await ag.rpc(w, F.grad_of, (ctx, k))
+        want_loss, want = ref
+        np.testing.assert_allclose(loss.item(), want_loss, rtol=1e-5)
+        for key, g in want.items():
+            expect = np.zeros(SHAPE) if g is None else g * times
+            have = got.get(key)
+            have = np.zeros(SHAPE) if have is None else have
+            np.testing.assert_allclose(have, expect, rtol=1e-5, atol=1e-6, err_msg=f"{key} {ops}")
+        checked += 1
+    for name in names:
+        info = await ag.rpc(name, F.debug_info)
+        assert info["num_contexts"] == 0, (name, info)
+    assert ag.dist.debug_info()["num_contexts"] == 0
+    return checked
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_random_programs_in_process(seed):
+    async with ag.local_cluster(3, transport="inproc") as c:
+        assert await check(programs(25, seed), c.names) >= 18
+
+
+async def test_random_programs_on_worker_processes(worker_path):
+    async with ag.local_cluster(3, processes=True) as c:
+        assert await check(programs(16, 8), c.names) == 13
