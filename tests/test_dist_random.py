@@ -11,6 +11,7 @@ engine's, and every context must be released.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import dist_fns as F
@@ -85,50 +86,75 @@ async def reference(ops, outs, inputs, pvals):
     return loss.item(), grads
 
 
-def programs(n: int, seed: int):
-    """n (ops, outs, inputs, params) whose loss requires grad."""
+def _tag(ops: list, tag: str) -> list:
+    """The program with its parameter keys suffixed (programs running at once)."""
+    out = []
+    for op in ops:
+        if op[0] == "param":
+            op = ["param", op[1] + tag]
+        elif op[0] == "call":
+            op = [*op[:2], _tag(op[2], tag), *op[3:]]
+        out.append(op)
+    return out
+
+
+def programs(n: int, seed: int, tag: bool = False):
+    """n (ops, outs, inputs, params) (parameter keys unique to each with ``tag``)."""
     rng = np.random.default_rng(seed)
     out = []
     while len(out) < n:
         ops, outs = gen(rng, 3, 0)
         inputs = [(rng.standard_normal(SHAPE), True), (rng.standard_normal(SHAPE), True)]
         inputs.append((rng.standard_normal(SHAPE), False))
-        out.append((ops, outs, inputs, params(rng)))
+        pvals = params(rng)
+        if tag:
+            t = f"_{len(out)}"
+            ops = _tag(ops, t)
+            pvals = {(w, k + t): v for (w, k), v in pvals.items()}
+        out.append((ops, outs, inputs, pvals))
     return out
 
 
-async def check(progs, names) -> int:
-    """Run each program distributed and locally; returns how many had a loss."""
-    checked = 0
-    for ops, outs, inputs, pvals in progs:
-        ref = await reference(ops, outs, inputs, pvals)
-        if ref is None:  # nothing of the result requires grad
-            continue
-        for (w, k), v in pvals.items():
-            await ag.rpc(w, F.put, (k, v))
-        xs = [ag.tensor(a, requires_grad=rg) for a, rg in inputs]
-        # every other program runs backward twice (retain_graph): gradients add up
-        times = 2 if checked % 2 else 1
-        async with ag.dist.context() as ctx:
-            values = await F.run_prog(ops, outs, xs)
-            loss = loss_of(values)
-            for i in range(times):
-                await ag.dist.backward(ctx, [loss], retain_graph=i < times - 1)
-            got = {("x", i): ag.dist.get_gradients(ctx).get(x) for i, x in enumerate(xs)}
-            for w, k in pvals:
-                got[(w, k)] = await ag.rpc(w, F.grad_of, (ctx, k))
-        want_loss, want = ref
-        np.testing.assert_allclose(loss.item(), want_loss, rtol=1e-5)
-        for key, g in want.items():
-            expect = np.zeros(SHAPE) if g is None else g * times
-            have = got.get(key)
-            have = np.zeros(SHAPE) if have is None else have
-            np.testing.assert_allclose(have, expect, rtol=1e-5, atol=1e-6, err_msg=f"{key} {ops}")
-        checked += 1
+async def check_one(ops, outs, inputs, pvals, times: int) -> bool:
+    """Run one program distributed and locally; False if its loss needs no grad."""
+    ref = await reference(ops, outs, inputs, pvals)
+    if ref is None:  # nothing of the result requires grad
+        return False
+    for (w, k), v in pvals.items():
+        await ag.rpc(w, F.put, (k, v))
+    xs = [ag.tensor(a, requires_grad=rg) for a, rg in inputs]
+    async with ag.dist.context() as ctx:
+        values = await F.run_prog(ops, outs, xs)
+        loss = loss_of(values)
+        for i in range(times):
+            await ag.dist.backward(ctx, [loss], retain_graph=i < times - 1)
+        got = {("x", i): ag.dist.get_gradients(ctx).get(x) for i, x in enumerate(xs)}
+        for w, k in pvals:
+            got[(w, k)] = await ag.rpc(w, F.grad_of, (ctx, k))
+    want_loss, want = ref
+    np.testing.assert_allclose(loss.item(), want_loss, rtol=1e-5)
+    for key, g in want.items():
+        expect = np.zeros(SHAPE) if g is None else g * times
+        have = got.get(key)
+        have = np.zeros(SHAPE) if have is None else have
+        np.testing.assert_allclose(have, expect, rtol=1e-5, atol=1e-6, err_msg=f"{key} {ops}")
+    return True
+
+
+async def assert_released(names) -> None:
     for name in names:
         info = await ag.rpc(name, F.debug_info)
         assert info["num_contexts"] == 0, (name, info)
     assert ag.dist.debug_info()["num_contexts"] == 0
+
+
+async def check(progs, names) -> int:
+    """Run the programs one after the other; returns how many had a loss. Every other
+    one runs backward twice (retain_graph): its gradients add up."""
+    checked = 0
+    for prog in progs:
+        checked += await check_one(*prog, times=2 if checked % 2 else 1)
+    await assert_released(names)
     return checked
 
 
@@ -141,3 +167,13 @@ async def test_random_programs_in_process(seed):
 async def test_random_programs_on_worker_processes(worker_path):
     async with ag.local_cluster(3, processes=True) as c:
         assert await check(programs(16, 8), c.names) == 13
+
+
+async def test_random_programs_at_once_keep_their_gradients_apart():
+    # 20 programs in 20 contexts at the same time on the same workers (each with its
+    # own parameters): passes of different contexts interleave on every worker
+    async with ag.local_cluster(3, transport="inproc") as c:
+        progs = programs(20, 5, tag=True)
+        done = await asyncio.gather(*(check_one(*p, times=1 + i % 2) for i, p in enumerate(progs)))
+        assert sum(done) >= 12
+        await assert_released(c.names)
