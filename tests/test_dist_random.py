@@ -26,28 +26,33 @@ SHAPE = (3,)
 
 
 def gen(rng: np.random.Generator, n_in: int, depth: int) -> tuple[list, list]:
-    """A program on ``n_in`` inputs: (ops, indices of the values it returns)."""
+    """A program on ``n_in`` inputs: (ops, indices of the values it returns). Operands
+    are the newest value half of the time, so values tend to chain into the result."""
+
+    def pick(n: int) -> int:
+        return n - 1 if rng.random() < 0.5 else int(rng.integers(n))
+
     ops: list[Any] = []
     n = n_in
     for _ in range(int(rng.integers(1, 6))):
-        kinds = ["param", "mul", "add", "tanh", "scale", "detach"]
+        kinds = ["param", "param", "mul", "add", "tanh", "scale", "detach"]
         kinds += ["call"] * 3 if depth < 3 else []
         kind = kinds[int(rng.integers(len(kinds)))]
         if kind == "param":
             ops.append(["param", KEYS[int(rng.integers(2))]])
             n += 1
         elif kind in ("mul", "add"):
-            ops.append([kind, int(rng.integers(n)), int(rng.integers(n))])
+            ops.append([kind, pick(n), pick(n)])
             n += 1
         elif kind == "call":
-            idx = [int(i) for i in rng.integers(n, size=int(rng.integers(1, 3)))]
+            idx = [pick(n) for _ in range(int(rng.integers(1, 3)))]
             sub_ops, sub_outs = gen(rng, len(idx), depth + 1)
             ops.append(["call", WORKERS[int(rng.integers(len(WORKERS)))], sub_ops, sub_outs, idx])
             n += len(sub_outs)
         else:
-            ops.append([kind, int(rng.integers(n))])
+            ops.append([kind, pick(n)])
             n += 1
-    outs = [int(i) for i in rng.choice(n, size=min(n, int(rng.integers(1, 3))), replace=False)]
+    outs = sorted({pick(n) for _ in range(int(rng.integers(1, 3)))})
     return ops, outs
 
 
@@ -161,12 +166,12 @@ async def check(progs, names) -> int:
 @pytest.mark.parametrize("seed", range(4))
 async def test_random_programs_in_process(seed):
     async with ag.local_cluster(3, transport="inproc") as c:
-        assert await check(programs(25, seed), c.names) >= 18
+        assert await check(programs(25, seed), c.names) >= 15
 
 
 async def test_random_programs_on_worker_processes(worker_path):
     async with ag.local_cluster(3, processes=True) as c:
-        assert await check(programs(16, 8), c.names) == 13
+        assert await check(programs(16, 8), c.names) == 12
 
 
 async def test_random_programs_at_once_keep_their_gradients_apart():
@@ -176,4 +181,56 @@ async def test_random_programs_at_once_keep_their_gradients_apart():
         progs = programs(20, 5, tag=True)
         done = await asyncio.gather(*(check_one(*p, times=1 + i % 2) for i, p in enumerate(progs)))
         assert sum(done) >= 12
+        await assert_released(c.names)
+
+
+async def fail_then_retry(ops, outs, inputs, pvals, rng: np.random.Generator) -> bool:
+    """A hook on one parameter that gets a gradient fails the first pass: the error
+    names its worker, nothing of the pass stays anywhere, and a second pass in the same
+    context gives the reference gradients."""
+    ref = await reference(ops, outs, inputs, pvals)
+    if ref is None:
+        return False
+    want_loss, want = ref
+    hit = [k for k, g in want.items() if k[0] != "x" and g is not None]
+    if not hit:
+        return False
+    w, key = hit[int(rng.integers(len(hit)))]
+    for (pw, k), v in pvals.items():
+        await ag.rpc(pw, F.put, (k, v))
+    await ag.rpc(w, F.add_failing_hook, (key, 1))
+    xs = [ag.tensor(a, requires_grad=rg) for a, rg in inputs]
+    names = sorted({pw for pw, _ in pvals} - {"driver"})
+    async with ag.dist.context() as ctx:
+        loss = loss_of(await F.run_prog(ops, outs, xs))
+        # (an error in the initiator's own part is raised as it is)
+        expected = ValueError if w == "driver" else ag.RemoteError
+        with pytest.raises(expected, match=f"hook refused gradient on {w}") as info:
+            await asyncio.wait_for(ag.dist.backward(ctx, [loss], retain_graph=True), 20)
+        if w != "driver":
+            assert info.value.worker == w, (info.value, w, key)
+        assert ag.dist.get_gradients(ctx) == {}
+        for name in names:
+            assert await ag.rpc(name, F.num_grads, (ctx,)) == 0, name
+            assert (await ag.rpc(name, F.debug_info))["num_active_passes"] == 0, name
+        await ag.dist.backward(ctx, [loss])
+        got = {("x", i): ag.dist.get_gradients(ctx).get(x) for i, x in enumerate(xs)}
+        for pw, k in pvals:
+            got[(pw, k)] = await ag.rpc(pw, F.grad_of, (ctx, k))
+    for k, g in want.items():
+        expect = np.zeros(SHAPE) if g is None else g
+        have = got.get(k)
+        have = np.zeros(SHAPE) if have is None else have
+        np.testing.assert_allclose(have, expect, rtol=1e-5, atol=1e-6, err_msg=f"{k} {ops}")
+    return True
+
+
+@pytest.mark.parametrize("seed", range(2))
+async def test_random_programs_with_a_failing_hook_fail_cleanly_then_succeed(seed):
+    rng = np.random.default_rng(1000 + seed)
+    async with ag.local_cluster(3, transport="inproc") as c:
+        n = 0
+        for prog in programs(40, 50 + seed):
+            n += await fail_then_retry(*prog, rng)
+        assert n >= 12
         await assert_released(c.names)

@@ -327,11 +327,13 @@ def _failure_from(record: list[Any]) -> BaseException:
 
 def _report(st: DistState, ctx_id: int, origin: str, pass_id: int, exc: BaseException) -> None:
     """Tell the pass's origin that the pass failed (here, or at a worker we sent to)."""
-    record = _failure_record(exc, st.worker.name)
     if origin == st.worker.name:
-        _fail_local(st, pass_id, record)
+        # The origin's own part, run by a message handler (A -> B -> A): its error is
+        # raised as it is, as when that part runs inside backward() itself.
+        _fail_run(st, pass_id, exc)
     else:
         # the origin gone: nobody waits for this pass any more
+        record = _failure_record(exc, st.worker.name)
         st.worker.cast(origin, T_FAIL, (ctx_id, pass_id, record), on_error=_ignore)
 
 
@@ -457,16 +459,16 @@ def _credit(worker: Any, ctx_id: int, pass_id: int, num: int, exp: int) -> None:
         run.add_credit((num, exp))
 
 
-def _fail_local(st: DistState, pass_id: int, record: list[Any]) -> None:
+def _fail_run(st: DistState, pass_id: int, exc: BaseException) -> None:
     run = st.runs.get(pass_id)
     if run is not None:
-        run.fail(_failure_from(record))
+        run.fail(exc)
 
 
 @on_cast(T_FAIL)
 def _fail(worker: Any, ctx_id: int, pass_id: int, record: list[Any]) -> None:
     """Handler on the initiator: the pass failed somewhere."""
-    _fail_local(state_of(worker), pass_id, record)
+    _fail_run(state_of(worker), pass_id, _failure_from(record))
 
 
 @inline
@@ -543,7 +545,8 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
         ValueError: empty roots, a root that does not require grad or has more than
             one element.
         ContextError: unknown or released context id.
-        RemoteError: an error in any worker's part of the pass (names that worker).
+        RemoteError: an error in another worker's part of the pass (names that
+            worker); an error in this worker's own part is raised as it is.
         WorkerLost: a worker holding part of the graph died during the pass.
         RuntimeError: a second backward through a freed graph (see ``retain_graph``).
 
