@@ -215,8 +215,8 @@ class _BufferPool:
         self._bufs: list[bytearray] = []
         self._addr: dict[int, int] = {}  # id of a pooled buffer -> its address
 
-    @classmethod
-    def _place(cls, buf: bytearray, base: int | None, n: int, near: int | None) -> memoryview:
+    @staticmethod
+    def _place(buf: bytearray, base: int | None, n: int, near: int | None) -> memoryview:
         if base is None:  # pragma: no cover - a bytearray is always writable
             return memoryview(buf)[:n]
         off = -base % 64
