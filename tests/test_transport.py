@@ -195,14 +195,15 @@ def test_big_frame_buffers_are_64_byte_aligned_and_never_just_past_their_source(
         assert not 0 < (addr - near) % 4096 < 64, (back, (addr - near) % 4096)
 
 
-async def test_frames_arriving_at_every_offset_of_a_read_decode_the_same():
-    arr = np.arange(20_000, dtype=np.float32)  # an 80 KiB frame: the placed copy path
+async def test_big_frames_assembled_across_reads_at_every_offset_decode_aligned():
+    arr = np.arange(20_000, dtype=np.float32)  # an 80 KiB frame, in two reads: placed
     data = _framed([7], arr)
     for lead in (0, 1, 8, 13, 64):
         frames = []
         c, _ = _conn(frames)
-        filler = _framed([0], np.zeros(lead, np.uint8))
-        c.data_received(memoryview(bytearray(filler + data)))
+        first = _framed([0], np.zeros(lead, np.uint8)) + data[:30_000]
+        c.data_received(memoryview(bytearray(first)))
+        c.data_received(memoryview(bytearray(data[30_000:])))
         out = wire.decode_frame(frames[-1])
         assert out.header == [7]
         body = out.body()
