@@ -22,7 +22,7 @@ import actorgrad as ag
 
 WORKERS = ["w1", "w2", "w3", "driver"]
 KEYS = ["p0", "p1"]  # p0 float64, p1 float32 on every worker
-SHAPE = (3,)
+SHAPE = (3,)  # (a test below uses arrays of a few 100 KiB: frames over several reads)
 
 
 def gen(rng: np.random.Generator, n_in: int, depth: int) -> tuple[list, list]:
@@ -56,11 +56,11 @@ def gen(rng: np.random.Generator, n_in: int, depth: int) -> tuple[list, list]:
     return ops, outs
 
 
-def params(rng: np.random.Generator) -> dict[tuple[str, str], np.ndarray]:
+def params(rng: np.random.Generator, shape: tuple[int, ...]) -> dict[tuple[str, str], np.ndarray]:
     out = {}
     for w in WORKERS:
-        out[(w, "p0")] = rng.standard_normal(SHAPE)
-        out[(w, "p1")] = rng.standard_normal(SHAPE).astype(np.float32)
+        out[(w, "p0")] = rng.standard_normal(shape)
+        out[(w, "p1")] = rng.standard_normal(shape).astype(np.float32)
     return out
 
 
@@ -103,15 +103,15 @@ def _tag(ops: list, tag: str) -> list:
     return out
 
 
-def programs(n: int, seed: int, tag: bool = False):
+def programs(n: int, seed: int, tag: bool = False, shape: tuple[int, ...] = SHAPE):
     """n (ops, outs, inputs, params) (parameter keys unique to each with ``tag``)."""
     rng = np.random.default_rng(seed)
     out = []
     while len(out) < n:
         ops, outs = gen(rng, 3, 0)
-        inputs = [(rng.standard_normal(SHAPE), True), (rng.standard_normal(SHAPE), True)]
-        inputs.append((rng.standard_normal(SHAPE), False))
-        pvals = params(rng)
+        inputs = [(rng.standard_normal(shape), True), (rng.standard_normal(shape), True)]
+        inputs.append((rng.standard_normal(shape), False))
+        pvals = params(rng, shape)
         if tag:
             t = f"_{len(out)}"
             ops = _tag(ops, t)
@@ -139,9 +139,9 @@ async def check_one(ops, outs, inputs, pvals, times: int) -> bool:
     want_loss, want = ref
     np.testing.assert_allclose(loss.item(), want_loss, rtol=1e-5)
     for key, g in want.items():
-        expect = np.zeros(SHAPE) if g is None else g * times
+        expect = np.zeros_like(inputs[0][0]) if g is None else g * times
         have = got.get(key)
-        have = np.zeros(SHAPE) if have is None else have
+        have = np.zeros_like(inputs[0][0]) if have is None else have
         np.testing.assert_allclose(have, expect, rtol=1e-5, atol=1e-6, err_msg=f"{key} {ops}")
     return True
 
@@ -218,9 +218,9 @@ async def fail_then_retry(ops, outs, inputs, pvals, rng: np.random.Generator) ->
         for pw, k in pvals:
             got[(pw, k)] = await ag.rpc(pw, F.grad_of, (ctx, k))
     for k, g in want.items():
-        expect = np.zeros(SHAPE) if g is None else g
+        expect = np.zeros_like(inputs[0][0]) if g is None else g
         have = got.get(k)
-        have = np.zeros(SHAPE) if have is None else have
+        have = np.zeros_like(inputs[0][0]) if have is None else have
         np.testing.assert_allclose(have, expect, rtol=1e-5, atol=1e-6, err_msg=f"{k} {ops}")
     return True
 
@@ -234,3 +234,10 @@ async def test_random_programs_with_a_failing_hook_fail_cleanly_then_succeed(see
             n += await fail_then_retry(*prog, rng)
         assert n >= 12
         await assert_released(c.names)
+
+
+async def test_random_programs_with_big_arrays_over_tcp():
+    # 40,000 float64 (312 KiB) per value: frames larger than a read, assembled in the
+    # connection's pooled buffers, over real sockets
+    async with ag.local_cluster(3, transport="tcp") as c:
+        assert await check(programs(6, 9, shape=(40_000,)), c.names) >= 3
