@@ -378,7 +378,7 @@ class GraphTask:
         deliveries to one source before it runs add up."""
         if node not in self._sources:
             raise ValueError(f"deliver: {node!r} is not a source of this GraphTask")
-        if node in self._delivered and self._deps[node] < 0:
+        if self._deps[node] < 0:  # (a source runs only once delivered, or was skipped)
             raise RuntimeError(f"deliver: {node!r} already ran in this GraphTask")
         if grad is not None:
             prev = self._grads.get(node)
@@ -387,6 +387,38 @@ class GraphTask:
             self._delivered.add(node)
             if self._deps[node] == 0:
                 self._ready.append(node)
+
+    def consumers(self, node: Node) -> int:
+        """How many consumer edges of ``node`` this task counts (0 for a node it does
+        not reach); -1 once the node ran (or was skipped)."""
+        return self._deps.get(node, 0)
+
+    def skip(self, nodes: Iterable[Node]) -> None:
+        """Take ``nodes`` out of this task: each counts as run without running (no
+        hooks, no ``apply``, no boundary call) and gives ``None`` to the nodes it feeds.
+        For a caller that has their work done elsewhere, e.g. a source and the only node
+        it feeds (the distributed backward relays such a pair's gradient straight from
+        one worker to another)."""
+        nodes = list(nodes)
+        deps = self._deps
+        for node in nodes:
+            if deps.get(node, -1) < 0:
+                raise ValueError(f"skip: {node!r} is not waiting in this GraphTask")
+            deps[node] = -1
+            self._ran += 1
+            self._grads.pop(node, None)
+            if node in self._ready:
+                self._ready.remove(node)
+        for node in nodes:  # (after marking them all: no edge between them counts)
+            for nxt in node.next:
+                if nxt is None:
+                    continue
+                left = deps.get(nxt)
+                if left is None or left <= 0:
+                    continue
+                deps[nxt] = left - 1
+                if left == 1 and (nxt not in self._sources or nxt in self._delivered):
+                    self._ready.append(nxt)
 
     def run(self) -> None:
         """Process ready nodes until none is ready (call again after more deliveries)."""

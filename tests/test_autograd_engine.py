@@ -169,6 +169,25 @@ def test_sources_wait_for_deliver_and_sum_with_local_roots():
         task.deliver(grad_node(y), np.array([1.0, 1.0]))
 
 
+def test_skipped_nodes_count_as_run_and_refuse_deliveries():
+    # a source and the only node it feeds, taken out (their work is done elsewhere):
+    # they do not run, and x's accumulation gets None from them
+    x = ag.tensor([1.0], requires_grad=True)
+    mid = counted(x)
+    src = Source([grad_node(mid)])
+    task = GraphTask([(grad_node(mid), None)], sources=[src])
+    assert task.consumers(grad_node(mid)) == 1 and task.consumers(src) == 0
+    task.skip([src, grad_node(mid)])
+    assert task.consumers(src) == -1
+    task.run()
+    assert task.finished
+    assert mid.grad_fn.calls == [] and x.grad is None
+    with pytest.raises(RuntimeError, match="already ran"):
+        task.deliver(src, np.array([1.0]))
+    with pytest.raises(ValueError, match="not waiting"):
+        task.skip([src])
+
+
 def test_source_only_task():
     x = ag.tensor([1.0], requires_grad=True)
     src = Source([grad_node(x)])

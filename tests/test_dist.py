@@ -822,10 +822,13 @@ def _sq_mean(h):
     return (h * h).mean()
 
 
-async def test_a_chain_through_the_driver_costs_one_message_per_edge_and_one_start(mode):
-    # driver -> w1 -> driver -> w2 -> driver, loss on the driver. The backward sends
-    # one gradient per edge (4) and one start (w1 is started while w2 works): no
-    # credit messages (w1 keeps the start's credit), no start back to the driver.
+@pytest.mark.parametrize("hooked", [False, True])
+async def test_a_chain_through_the_driver_relays_and_costs_one_message_per_edge(mode, hooked):
+    # driver -> w1 -> driver -> w2 -> driver, loss on the driver. The driver passed h1
+    # on unchanged, so w2 sends h1's gradient straight to w1 (a relay): 3 messages, the
+    # gradient to w2, a start to w1 (kept busy while w2 works), w2 -> w1, w1 -> driver;
+    # no credit messages (w1 keeps the start's credit), no start back to the driver.
+    # A hook on h1 on the driver must see its gradient: no relay, one message more.
     xv, w1v, w2v = arr(4, 3), arr(3, 3), arr(3, 3)
     async with cluster(mode) as c:
         await ag.rpc("w1", F.put, ("w", w1v))
@@ -833,9 +836,12 @@ async def test_a_chain_through_the_driver_costs_one_message_per_edge_and_one_sta
         x = ag.tensor(xv, requires_grad=True)
         before = {n: (await ag.rpc(n, F.debug_info))["num_backward_messages"] for n in c.names}
         before["driver"] = ag.dist.debug_info()["num_backward_messages"]
+        seen: list[np.ndarray] = []
         async with ag.dist.context() as ctx:
-            h = await ag.rpc("w1", F.tanh_matmul, ("w", x))
-            h = await ag.rpc("w2", F.tanh_matmul, ("w", h))
+            h1 = await ag.rpc("w1", F.tanh_matmul, ("w", x))
+            if hooked:
+                h1.register_hook(seen.append)
+            h = await ag.rpc("w2", F.tanh_matmul, ("w", h1))
             await ag.dist.backward(ctx, [(h * h).mean()])
             gx = ag.dist.get_gradients(ctx)[x]
             sent = {
@@ -852,8 +858,67 @@ async def test_a_chain_through_the_driver_costs_one_message_per_edge_and_one_sta
             lambda t: _sq_mean(((t @ ag.tensor(w1v)).tanh() @ ag.tensor(w2v)).tanh()), xv
         )
         np.testing.assert_allclose(gx, ref, rtol=1e-10)
-        assert sent == {"driver": 3, "w1": 1, "w2": 1, "w3": 0}, sent
+        assert sent == {"driver": 2 + hooked, "w1": 1, "w2": 1, "w3": 0}, sent
+        assert len(seen) == hooked
         assert all(v == [] for v in watched.values()), watched
+        await assert_clean(c.names)
+
+
+async def test_a_relayed_gradient_that_overtakes_the_origins_message_waits_for_it():
+    # driver -> w1 -> driver -> w2 -> driver -> w3 -> driver: w3 relays h2's gradient
+    # straight to w2, and the driver's first message to w2 tells w2 to relay h1's to
+    # w1. Hold that message back until w3's gradient has reached w2: w2 must keep it
+    # until the driver's comes (else h1's gradient would go to the driver, which no
+    # longer expects it), then finish the pass exactly.
+    from actorgrad.dist.backward import T_DELIVER
+    from actorgrad.dist.context import state_of
+
+    xv, wv = arr(4, 3), [arr(3, 3) for _ in range(3)]
+    async with cluster("inproc") as c:
+        for i, w in enumerate(wv):
+            await ag.rpc(f"w{i + 1}", F.put, ("w", w))
+        x = ag.tensor(xv, requires_grad=True)
+        driver, w2 = c.driver, next(w for w in c.workers if w.name == "w2")
+        held: list[tuple[Any, ...]] = []
+        real_cast = driver.cast
+
+        def cast(dest, topic, args, on_error=None):
+            if dest == "w2" and topic == T_DELIVER and not held:
+                held.append((dest, topic, args, on_error))
+                return None
+            return real_cast(dest, topic, args, on_error=on_error)
+
+        driver.cast = cast  # type: ignore[method-assign]
+        try:
+            async with ag.dist.context() as ctx:
+                h = x
+                for i in range(3):
+                    h = await ag.rpc(f"w{i + 1}", F.tanh_matmul, ("w", h))
+                task = asyncio.ensure_future(ag.dist.backward(ctx, [_sq_mean(h)]))
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 10
+                w2ctx = state_of(w2).contexts[ctx]
+                # until w3's gradient got to w2 (kept there, or, wrongly, started on)
+                while not (held and (w2ctx.early or w2ctx.active_pass or task.done())):
+                    assert loop.time() < deadline, "w3's gradient never came"
+                    await asyncio.sleep(0)
+                assert w2ctx.early and w2ctx.active_pass is None
+                dest, topic, args, on_error = held[0]
+                real_cast(dest, topic, args, on_error=on_error)
+                await asyncio.wait_for(task, 10)
+                gx = ag.dist.get_gradients(ctx)[x]
+                gw = [await ag.rpc(f"w{i + 1}", F.grad_of, (ctx, "w")) for i in range(3)]
+        finally:
+            del driver.cast
+        ws = [ag.tensor(w, requires_grad=True) for w in wv]
+        xt = ag.tensor(xv, requires_grad=True)
+        h = xt
+        for w in ws:
+            h = (h @ w).tanh()
+        _sq_mean(h).backward()
+        np.testing.assert_allclose(gx, xt.grad, rtol=1e-10)
+        for got, w in zip(gw, ws, strict=True):
+            np.testing.assert_allclose(got, w.grad, rtol=1e-10)
         await assert_clean(c.names)
 
 

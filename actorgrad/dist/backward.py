@@ -16,6 +16,9 @@ Design (see docs/distributed.md for the long form):
 * A worker that starts a pass also starts the workers holding the recv nodes of its
   send nodes (an empty message, or piggy-backed on a gradient message), so every part
   of the graph gets going even where no gradient flows to it.
+* Relays: the origin of a pass lets the gradient of a tensor it received and passed on
+  unchanged go straight from the worker it passed it to, to the worker it came from
+  (see ``_plan_relays``).
 * Completion is credit recovery: the initiator starts with credit 1, every message
   carries a share of its sender's credit, and a worker that handled a message and sent
   nothing further returns its share to the initiator. ``backward`` returns when the
@@ -119,12 +122,53 @@ def _leaf(contrib: dict[Tensor, np.ndarray], t: Tensor, grad: np.ndarray | None)
         contrib[t] = grad
 
 
-def _boundary(ctx_id: int, out: _Outgoing, node: Any, grad: np.ndarray | None) -> None:
-    """The task's boundary handler: a recv node's gradient becomes part of a message."""
+def _boundary(
+    ctx_id: int,
+    out: _Outgoing,
+    redirect: dict[tuple[str, int], tuple[str, int]],
+    node: Any,
+    grad: np.ndarray | None,
+) -> None:
+    """The task's boundary handler: a recv node's gradient becomes part of a message,
+    to the worker holding its send node, or where the pass's origin relays it."""
     if not isinstance(node, RecvNode) or node.ctx_id != ctx_id:
         # A tensor received in another context: its gradient stops here.
         return
-    out.setdefault(node.src, []).extend((node.send_id, _pack_grad(grad)))
+    dest, send_id = node.src, node.send_id
+    if redirect:
+        to = redirect.get((dest, send_id))
+        if to is not None:
+            dest, send_id = to
+    out.setdefault(dest, []).extend((send_id, _pack_grad(grad)))
+
+
+def _plan_relays(ctx: DistContext, task: GraphTask, me: str) -> dict[str, list[Any]]:
+    """On the origin, before its part runs: the tensors it received and sent on
+    unchanged (the driver of a pipeline). Such a send node's gradient, coming back from
+    worker B, would only flow into the recv node it came from and leave again, to the
+    worker A that sent the tensor: B can send it to A directly, one message instead of
+    two and nothing to do here. A pair qualifies when the recv node feeds only that
+    send node (so no other gradient has to be added to it first) and has no hooks
+    (they must see the gradient here). The pair is taken out of this part's task;
+    the relay (send id, A, A's send id) goes to B with the origin's first message of
+    the pass, which B waits for before any of its recv nodes from the origin fires."""
+    relays: dict[str, list[Any]] = {}
+    skip: list[Any] = []
+    for s in ctx.sends.values():
+        r = s.next[0] if s.next else None
+        if (
+            type(r) is RecvNode
+            and r.ctx_id == ctx.id
+            and not r._hooks
+            and task.consumers(r) == 1
+            and task.consumers(s) == 0
+            and me != r.src != s.dest != me
+        ):
+            relays.setdefault(s.dest, []).extend((s.send_id, r.src, r.send_id))
+            skip += (s, r)
+    if skip:
+        task.skip(skip)
+    return relays
 
 
 class PassState:
@@ -141,6 +185,8 @@ class PassState:
         "credit",
         "watching",
         "worker",
+        "redirect",
+        "relays",
     )
 
     def __init__(
@@ -160,17 +206,24 @@ class PassState:
         self.origin = origin
         self.contrib: dict[Tensor, np.ndarray] = {}
         self.out: _Outgoing = {}
+        # (src, send id) of a recv node here -> (worker, send id) its gradient goes to
+        # instead: relays set up by the origin (see _plan_relays)
+        self.redirect: dict[tuple[str, int], tuple[str, int]] = {}
         all_roots: list[tuple[Any, np.ndarray | None]] = list(roots)
         all_roots.extend((r, None) for r in ctx.recvs)
-        # (The callbacks hold the two dicts, not this object: bound methods would make
-        # pass and task a reference cycle that only the garbage collector frees, and
-        # the step's whole graph and context with it.)
+        # (The callbacks hold the dicts, not this object: bound methods would make pass
+        # and task a reference cycle that only the garbage collector frees, and the
+        # step's whole graph and context with it.)
         self.task = GraphTask(
             all_roots,
             sources=ctx.sends.values(),
             retain_graph=retain_graph,
             leaf_sink=functools.partial(_leaf, self.contrib),
-            on_boundary=functools.partial(_boundary, ctx.id, self.out),
+            on_boundary=functools.partial(_boundary, ctx.id, self.out, self.redirect),
+        )
+        # On the origin: per worker, the relays its first message carries.
+        self.relays: dict[str, list[Any]] = (
+            _plan_relays(ctx, self.task, origin) if origin == worker.name else {}
         )
         # Workers holding the recv nodes of our sends must run their part too (the
         # origin runs its part anyway: no start message to it).
@@ -365,6 +418,8 @@ def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None
         return
     parts = split_credit(credit, len(out))
     worker = st.worker
+    me = worker.name
+    relays = ps.relays
     st.num_backward_messages += len(out)
     for (dest, items), part in zip(out.items(), parts, strict=True):
         # From now on its loss fails this pass (see context._on_peer_lost).
@@ -372,7 +427,7 @@ def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None
         worker.cast(
             dest,
             T_DELIVER,
-            (ctx.id, origin, pass_id, retain, items, *part),
+            (ctx.id, origin, pass_id, retain, items, *part, me, relays.pop(dest, None)),
             on_error=functools.partial(_send_failed, st, ctx, pass_id, origin),
         )
 
@@ -403,10 +458,13 @@ def _deliver(
     items: list[Any],
     num: int,
     exp: int,
+    sender: str,
+    relay: list[Any] | None,
 ) -> None:
     """Message handler: gradients for some of this worker's send nodes (maybe none:
-    then it only starts this worker's part of the pass). Runs what they made ready and
-    sends the resulting messages on with this message's credit. A failure here is
+    then it only starts this worker's part of the pass), and from the origin, the
+    relays of this worker's recv nodes (see _plan_relays). Runs what they made ready
+    and sends the resulting messages on with this message's credit. A failure here is
     reported to the pass's origin (there is no reply)."""
     st = state_of(worker)
     ctx = st.contexts.get(ctx_id)
@@ -423,7 +481,10 @@ def _deliver(
             )
         if type(num) is not int or type(exp) is not int or num <= 0 or exp < 0:
             raise ProtocolError(f"malformed credit {num!r}/2**{exp!r}")
+        if relay is not None and (sender != origin or not _relay_ok(relay)):
+            raise ProtocolError(f"malformed relay {relay!r} from {sender!r}")
         ps = ctx.active_pass
+        early: list[tuple[Any, ...]] | None = None
         if ps is None or ps.pass_id != pass_id:
             if pass_id in ctx.done_passes:
                 if items:
@@ -439,9 +500,22 @@ def _deliver(
                     f"another backward pass is running in context {ctx_id:#x}; "
                     "concurrent backward calls in one context are not supported"
                 )
+            if sender != origin and any(r.src == origin for r in ctx.recvs):
+                # The origin's message (it sends one to every holder of its tensors)
+                # may relay our recv nodes from it elsewhere: none may fire before.
+                ctx.early.setdefault(pass_id, []).append((items, num, exp))
+                return
             ps = ctx.active_pass = PassState(st.worker, ctx, pass_id, origin, (), retain)
+            early = ctx.early.pop(pass_id, None) if ctx.early else None
+        if relay:
+            for i in range(0, len(relay), 3):
+                ps.redirect[(origin, relay[i])] = (relay[i + 1], relay[i + 2])
         ps.credit = add_credit(ps.credit, (num, exp))
         ps.deliver(items)
+        if early:
+            for e_items, e_num, e_exp in early:
+                ps.credit = add_credit(ps.credit, (e_num, e_exp))
+                ps.deliver(e_items)
         out = _step(st, ps, retain)
     except Exception as exc:
         if ctx is not None:
@@ -449,6 +523,17 @@ def _deliver(
         _report(st, ctx_id, origin, pass_id, exc)
         return
     _forward(st, ps, retain, out)
+
+
+def _relay_ok(relay: Any) -> bool:
+    return (
+        isinstance(relay, list)
+        and len(relay) % 3 == 0
+        and all(
+            type(relay[i]) is int and type(relay[i + 1]) is str and type(relay[i + 2]) is int
+            for i in range(0, len(relay), 3)
+        )
+    )
 
 
 @on_cast(T_CREDIT)

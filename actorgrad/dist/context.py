@@ -117,6 +117,7 @@ class DistContext:
         "sent_to",
         "last_pass",
         "undo",
+        "early",
         "__weakref__",
     )
 
@@ -142,6 +143,9 @@ class DistContext:
         # until that origin's next pass starts here, an abort of it (it failed on
         # another worker) takes it back, so a failed pass leaves no gradient behind.
         self.undo: dict[str, _Commit] = {}
+        # Messages of a pass that came before the pass's origin reached this worker
+        # (see backward._deliver): held until it does.
+        self.early: dict[int, list[tuple[Any, ...]]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -159,6 +163,11 @@ class DistContext:
         if ps is not None and (pass_id is None or ps.pass_id == pass_id):
             self.active_pass = None
             ps.unwatch()
+        if self.early:
+            if pass_id is None:
+                self.early.clear()
+            else:
+                self.early.pop(pass_id, None)
 
     def commit(self, pass_id: int, origin: str, contrib: dict[Tensor, np.ndarray]) -> None:
         """Add the leaf gradients of pass ``pass_id`` (started by ``origin``), whose part
