@@ -582,6 +582,27 @@ async def test_worker_dying_mid_backward_raises_worker_lost(worker_path):
 
 
 @pytest.mark.timeout(60)
+async def test_a_relay_target_dying_mid_backward_raises_worker_lost(worker_path):
+    # driver -> w1 -> driver -> w2 -> driver: w2 sends h1's gradient straight to w1
+    # (a relay), which dies as it gets it; the pass fails with WorkerLost, the
+    # survivors keep nothing
+    xv, w1v, w2v = arr(3), arr(3), arr(3)
+    async with cluster("processes"):
+        await ag.rpc("w1", F.put, ("w", w1v))
+        await ag.rpc("w1", F.add_dying_hook, ("w",))
+        await ag.rpc("w2", F.put, ("w", w2v))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            h = await ag.rpc("w1", F.mul, ("w", x))
+            h = await ag.rpc("w2", F.mul, ("w", h))
+            with pytest.raises(ag.WorkerLost, match="'w1'"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [h.sum()]), 20)
+        info = await ag.rpc("w2", F.debug_info)
+        assert info["num_contexts"] == 0 and info["num_active_passes"] == 0
+        assert ag.dist.debug_info()["num_contexts"] == 0
+
+
+@pytest.mark.timeout(60)
 async def test_second_hop_dying_mid_backward_is_reported_by_the_worker_that_sent_to_it(
     worker_path,
 ):
