@@ -93,6 +93,29 @@ async def test_process_workers_get_blas_threads_unless_the_user_set_them(monkeyp
             assert await ag.rpc(w, blas_env) == [share, "7", share]
 
 
+def module_value(name: str) -> str:
+    import importlib
+
+    return importlib.import_module(name).VALUE
+
+
+async def test_process_workers_import_what_the_driver_imports(tmp_path, monkeypatch):
+    # A module the driver finds in a directory at the front of its sys.path is the one
+    # the workers find, not the current directory's copy (which came first once: a
+    # driver and workers running different code).
+    first, cwd = tmp_path / "first", tmp_path / "cwd"
+    for d in (first, cwd):
+        d.mkdir()
+        (d / "agshadow_mod.py").write_text(f"VALUE = {d.name!r}\n")
+    monkeypatch.chdir(cwd)
+    monkeypatch.syspath_prepend(str(first))
+    monkeypatch.delitem(sys.modules, "agshadow_mod", raising=False)
+    assert module_value("agshadow_mod") == "first"
+    monkeypatch.delitem(sys.modules, "agshadow_mod")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", module_value, ("agshadow_mod",)) == "first"
+
+
 async def test_heavy_function_on_a_process_worker_keeps_heartbeats_and_calls_going():
     async with ag.local_cluster(1, processes=True):
         heavy = asyncio.ensure_future(ag.rpc("w1", spin, (rworker.HEARTBEAT_TIMEOUT + 0.7,)))

@@ -2,7 +2,7 @@
 
 Each worker is ``python -m actorgrad.runtime.worker_main --join ADDR --name NAME`` in
 its own process group; the token travels in the environment (``ACTORGRAD_TOKEN``),
-never in argv, and ``PYTHONPATH`` carries this process's ``sys.path`` (as
+never in argv, and ``PYTHONPATH`` carries this process's ``sys.path`` in its order (as
 multiprocessing's spawn does) so the children import what the driver imports.
 Stopping: wait for a graceful exit (they leave when the head closes), then SIGTERM,
 then SIGKILL — always joined, so no orphans and no zombies.
@@ -95,9 +95,16 @@ class WorkerProcesses:
         env = dict(os.environ)
         env[ENV_TOKEN] = token
         env.pop(ENV_ADDRESS, None)
-        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        # This process's import path in its order ("" is the current directory), so
+        # the children import the very modules the driver imports (the current
+        # directory first shadowed a package the driver took from elsewhere: a mixed
+        # driver and workers); the current directory last for what only it holds.
         cwd = os.getcwd()
-        env["PYTHONPATH"] = os.pathsep.join([cwd, *paths])
+        paths = [cwd if p == "" else p for p in sys.path]
+        paths = [p for p in paths if p and os.path.isdir(p)]
+        if cwd not in paths:
+            paths.append(cwd)
+        env["PYTHONPATH"] = os.pathsep.join(paths)
         threads = str(blas_threads(len(names)))
         for var in BLAS_THREAD_VARS:
             if not os.environ.get(var):
@@ -105,6 +112,7 @@ class WorkerProcesses:
         for name in names:
             argv = [
                 sys.executable,
+                "-P",  # (-m would put the current directory first, before PYTHONPATH)
                 "-m",
                 "actorgrad.runtime.worker_main",
                 "--join",

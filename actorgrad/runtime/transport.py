@@ -68,7 +68,8 @@ from actorgrad.errors import AuthError, ProtocolError, WorkerLost
 log = logging.getLogger("actorgrad.runtime")
 
 MAGIC = b"ACTGRAD\x00"
-PROTOCOL_VERSION = 1
+#: 2: the distributed backward's gradient messages carry their sender and relays
+PROTOCOL_VERSION = 2
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
 HANDSHAKE_TIMEOUT = 5.0
