@@ -161,7 +161,6 @@ def _plan_relays(ctx: DistContext, task: GraphTask, me: str) -> dict[str, list[A
             and r.ctx_id == ctx.id
             and not r._hooks
             and task.consumers(r) == 1
-            and task.consumers(s) == 0
             and me != r.src != s.dest != me
         ):
             relays.setdefault(s.dest, []).extend((s.send_id, r.src, r.send_id))
@@ -510,12 +509,10 @@ def _deliver(
         if relay:
             for i in range(0, len(relay), 3):
                 ps.redirect[(origin, relay[i])] = (relay[i + 1], relay[i + 2])
-        ps.credit = add_credit(ps.credit, (num, exp))
-        ps.deliver(items)
-        if early:
-            for e_items, e_num, e_exp in early:
-                ps.credit = add_credit(ps.credit, (e_num, e_exp))
-                ps.deliver(e_items)
+        # this message, then any of the pass that came before the origin's
+        for m_items, m_num, m_exp in ((items, num, exp), *(early or ())):
+            ps.credit = add_credit(ps.credit, (m_num, m_exp))
+            ps.deliver(m_items)
         out = _step(st, ps, retain)
     except Exception as exc:
         if ctx is not None:
