@@ -188,11 +188,11 @@ class _BufferPool:
 
     Placement (frames assembled across reads): a frame starts on a 64-byte boundary (the
     codec aligns arrays to 64 bytes from the frame start, so they are 64-byte aligned in
-    memory), and never just past the bytes it is first copied from modulo 4 KiB. A copy whose destination is 1-63
-    bytes past its source modulo 4096 runs into 4K aliasing (each load waits on a store
-    to the "same" address): copying 256 KiB took 190-200 us instead of 12-23 on the
-    2-core VM (AMD EPYC), and the scratch buffer and a pooled buffer, both fresh
-    mappings, met exactly so (a 256 KiB echo between two processes lost 300 us).
+    memory), and never just past the bytes it is first copied from modulo 4 KiB. A
+    copy whose destination is 1-63 bytes past its source modulo 4096 runs into 4K
+    aliasing (each load waits on a store to the "same" address): copying 256 KiB took
+    190-200 us instead of 12-23 on the 2-core VM (AMD EPYC), and the scratch buffer
+    and a pooled buffer met exactly so in some runs.
 
     Recycling: a frame's buffer is owned by whatever was decoded from it (arrays are
     views into it), so it cannot simply be reused; but once those are gone, only the
@@ -214,23 +214,23 @@ class _BufferPool:
 
     def __init__(self) -> None:
         self._bufs: list[bytearray] = []
-        self._addr: dict[int, int] = {}  # id of a pooled buffer -> its address
 
     @staticmethod
-    def _place(buf: bytearray, base: int | None, n: int, near: int | None) -> memoryview:
+    def _place(buf: bytearray, n: int, near: int | None) -> memoryview:
+        mv = memoryview(buf)
+        base = _address(mv)
         if base is None:  # pragma: no cover - a bytearray is always writable
-            return memoryview(buf)[:n]
+            return mv[:n]
         off = -base % 64
         if near is not None and 0 < (base + off - near) % 4096 < 64:
             off += 64
-        return memoryview(buf)[off : off + n]
+        return mv[off : off + n]
 
     def get(self, n: int, near: int | None = None) -> memoryview:
         """A writable buffer of exactly ``n`` bytes (contents undefined), 64-byte
         aligned; ``near``: the address of the bytes to be copied into it first."""
         if n < self.MIN_SIZE:
-            buf = bytearray(n + self.SLACK)
-            return self._place(buf, _address(memoryview(buf)), n, near)
+            return self._place(bytearray(n + self.SLACK), n, near)
         bufs = self._bufs
         for buf in bufs:
             # 3 references: the pool's list, this loop's variable, getrefcount's argument
@@ -238,21 +238,18 @@ class _BufferPool:
                 n + self.SLACK <= len(buf) <= n + (n >> 2) + self.SLACK
                 and sys.getrefcount(buf) == 3
             ):
-                return self._place(buf, self._addr[id(buf)], n, near)
+                return self._place(buf, n, near)
         buf = bytearray(-(-(n + self.SLACK) // self._ROUND) * self._ROUND)
-        base = _address(memoryview(buf))
-        if len(buf) <= self.MAX_BYTES and base is not None:
+        if len(buf) <= self.MAX_BYTES:
             # forget free buffers first, then the oldest, to stay within the limits
             while bufs and (
                 len(bufs) >= self.MAX_BUFFERS or sum(map(len, bufs)) + len(buf) > self.MAX_BYTES
             ):
                 free = [b for b in bufs if sys.getrefcount(b) == 3]
-                gone = free[0] if free else bufs[0]
-                bufs.remove(gone)
-                del self._addr[id(gone)], free, gone
+                bufs.remove(free[0] if free else bufs[0])
+                del free
             bufs.append(buf)
-            self._addr[id(buf)] = base
-        return self._place(buf, base, n, near)
+        return self._place(buf, n, near)
 
 
 def _nbytes(chunk: Any) -> int:
