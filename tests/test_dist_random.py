@@ -120,6 +120,23 @@ def programs(n: int, seed: int, tag: bool = False, shape: tuple[int, ...] = SHAP
     return out
 
 
+async def gradients(ctx: int, xs: list, pvals: dict) -> dict:
+    """Every leaf's gradient in ``ctx``: the driver's inputs and each worker's params."""
+    got = {("x", i): ag.dist.get_gradients(ctx).get(x) for i, x in enumerate(xs)}
+    for w, k in pvals:
+        got[(w, k)] = await ag.rpc(w, F.grad_of, (ctx, k))
+    return got
+
+
+def assert_gradients(got: dict, want: dict, times: int, like: np.ndarray, ops: list) -> None:
+    """``got`` is ``times`` the reference ``want`` (a missing gradient counts as zeros)."""
+    for key, g in want.items():
+        expect = np.zeros_like(like) if g is None else g * times
+        have = got.get(key)
+        have = np.zeros_like(like) if have is None else have
+        np.testing.assert_allclose(have, expect, rtol=1e-5, atol=1e-6, err_msg=f"{key} {ops}")
+
+
 async def check_one(ops, outs, inputs, pvals, times: int) -> bool:
     """Run one program distributed and locally; False if its loss needs no grad."""
     ref = await reference(ops, outs, inputs, pvals)
@@ -133,16 +150,10 @@ async def check_one(ops, outs, inputs, pvals, times: int) -> bool:
         loss = loss_of(values)
         for i in range(times):
             await ag.dist.backward(ctx, [loss], retain_graph=i < times - 1)
-        got = {("x", i): ag.dist.get_gradients(ctx).get(x) for i, x in enumerate(xs)}
-        for w, k in pvals:
-            got[(w, k)] = await ag.rpc(w, F.grad_of, (ctx, k))
+        got = await gradients(ctx, xs, pvals)
     want_loss, want = ref
     np.testing.assert_allclose(loss.item(), want_loss, rtol=1e-5)
-    for key, g in want.items():
-        expect = np.zeros_like(inputs[0][0]) if g is None else g * times
-        have = got.get(key)
-        have = np.zeros_like(inputs[0][0]) if have is None else have
-        np.testing.assert_allclose(have, expect, rtol=1e-5, atol=1e-6, err_msg=f"{key} {ops}")
+    assert_gradients(got, want, times, inputs[0][0], ops)
     return True
 
 
@@ -214,14 +225,8 @@ async def fail_then_retry(ops, outs, inputs, pvals, rng: np.random.Generator) ->
             assert await ag.rpc(name, F.num_grads, (ctx,)) == 0, name
             assert (await ag.rpc(name, F.debug_info))["num_active_passes"] == 0, name
         await ag.dist.backward(ctx, [loss])
-        got = {("x", i): ag.dist.get_gradients(ctx).get(x) for i, x in enumerate(xs)}
-        for pw, k in pvals:
-            got[(pw, k)] = await ag.rpc(pw, F.grad_of, (ctx, k))
-    for k, g in want.items():
-        expect = np.zeros_like(inputs[0][0]) if g is None else g
-        have = got.get(k)
-        have = np.zeros_like(inputs[0][0]) if have is None else have
-        np.testing.assert_allclose(have, expect, rtol=1e-5, atol=1e-6, err_msg=f"{k} {ops}")
+        got = await gradients(ctx, xs, pvals)
+    assert_gradients(got, want, 1, inputs[0][0], ops)
     return True
 
 
