@@ -17,6 +17,7 @@ import pytest
 
 import actorgrad as ag
 from actorgrad.runtime import current_worker, inline
+from actorgrad.runtime import transport
 from actorgrad.runtime import worker as rworker
 
 # ---- functions called remotely ---------------------------------------------------------
@@ -316,6 +317,36 @@ async def test_a_cast_waits_behind_the_requests_queued_before_it(cluster):
     await _wait_received(2)
     assert _received == [["request"], ["w1", 1, "cast"]]
     assert await busy == "released"
+
+
+async def test_casts_queued_behind_requests_fill_the_mailbox_like_requests(cluster, monkeypatch):
+    # a flood of casts behind a waiting request stops reading from its connection once
+    # the mailbox is full, as a flood of requests does; all of it runs afterwards
+    _received.clear()
+    w1 = cluster.workers[0]
+    w1._max_in_flight = 1
+    w1._mailbox_size = 4
+    paused = asyncio.Event()
+    orig = transport.Connection.pause_reading
+
+    def spy(self: Any) -> None:
+        paused.set()
+        orig(self)
+
+    monkeypatch.setattr(transport.Connection, "pause_reading", spy)
+    _gate.update(started=asyncio.Event(), release=asyncio.Event())
+    busy = asyncio.ensure_future(ag.rpc("w1", hold))
+    await asyncio.wait_for(_gate["started"].wait(), 5)
+    cluster.driver.notify("w1", record, ("request",))
+    for i in range(50):
+        cluster.driver.cast("w1", "tests.record", (i, "cast"))
+    await asyncio.wait_for(paused.wait(), 5)
+    assert any(c.paused_reading for c in w1._conns)
+    _gate["release"].set()
+    await _wait_received(51)
+    assert _received == [["request"]] + [["w1", i, "cast"] for i in range(50)]
+    assert await busy == "released"
+    assert not any(c.paused_reading for c in w1._conns) and not w1._mailbox
 
 
 async def test_a_cast_that_cannot_run_closes_the_connection_not_the_worker(cluster, caplog):

@@ -623,23 +623,13 @@ class Worker:
                     # when this read has been processed
                     self._dctx.run(self._start_guarded, conn, frame)
                     return
-                mb.append((conn, frame))
-                if len(mb) >= self._mailbox_size:
-                    conn.pause_reading()
-                    self._paused.add(conn)
-                w = self._mb_waiter
-                if w is not None and not w.done():
-                    w.set_result(None)
+                self._enqueue(conn, frame)
             elif kind == K_CAST:
                 if conn.peer_name is None:
                     raise ProtocolError("one-way message before hello")
-                mb = self._mailbox
-                if mb:
+                if self._mailbox:
                     # behind the requests waiting there: one order per connection
-                    mb.append((conn, frame))
-                    w = self._mb_waiter
-                    if w is not None and not w.done():
-                        w.set_result(None)
+                    self._enqueue(conn, frame)
                 else:
                     self._dctx.run(self._cast_in, conn, frame)
             elif kind == K_OK or kind == K_ERR:
@@ -697,6 +687,19 @@ class Worker:
             )
             log.warning("worker %s: closing %r: %s", self.name, conn, err)
             conn.abort(err)
+
+    def _enqueue(self, conn: Connection, frame: Any) -> None:
+        """Queue a request or cast in the mailbox; a full mailbox stops reading from the
+        connection that filled it (both kinds count: a flood of casts queued behind
+        waiting requests is held back like a flood of requests)."""
+        mb = self._mailbox
+        mb.append((conn, frame))
+        if len(mb) >= self._mailbox_size:
+            conn.pause_reading()
+            self._paused.add(conn)
+        w = self._mb_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     # ------------------------------------------------------------------ running
     async def _running(self) -> None:
