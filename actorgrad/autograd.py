@@ -278,6 +278,28 @@ def grad_node(t: Tensor) -> Node | None:
 # ---------------------------------------------------------------------------------------
 
 
+def _hook_result(hook: Hook, grad: np.ndarray, out: Any) -> np.ndarray:
+    """A hook's replacement gradient as an array of the gradient's shape; a hook that
+    returns anything else is a bug to name here (it would otherwise broadcast, silently
+    giving every gradient after it the wrong values)."""
+    name = getattr(hook, "__qualname__", None) or repr(hook)
+    try:
+        arr = np.asarray(out)
+    except Exception as exc:
+        raise TypeError(f"hook {name} returned {type(out).__name__!r}, not an array") from exc
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(
+            f"hook {name} returned a {type(out).__name__} of dtype {arr.dtype}; a hook returns "
+            "None or a numeric array"
+        )
+    if arr.shape != grad.shape:
+        raise RuntimeError(
+            f"hook {name} changed the gradient's shape from {grad.shape} to {arr.shape}; "
+            "a hook must return None or an array of the shape it was given"
+        )
+    return arr
+
+
 class GraphTask:
     """One backward pass over a graph. Synchronous, no asyncio.
 
@@ -442,6 +464,8 @@ class GraphTask:
                         for hook in node._hooks:
                             out = hook(grad)
                             if out is not None:
+                                if type(out) is not np.ndarray or out.shape != grad.shape:
+                                    out = _hook_result(hook, grad, out)
                                 grad = out
                     if node.boundary:
                         if self.on_boundary is not None:

@@ -291,6 +291,38 @@ def test_hook_runs_once_on_summed_grad():
     assert calls == [3.0]
 
 
+def _first(g):
+    return g[:1]
+
+
+def test_a_hook_that_changes_the_shape_or_returns_no_array_is_named():
+    # (it would otherwise broadcast: x.grad silently w's values, w.grad ones)
+    x = ag.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    w = ag.tensor([4.0, 5.0, 6.0], requires_grad=True)
+    y = x * w
+    y.register_hook(_first)
+    with pytest.raises(
+        RuntimeError,
+        match=r"hook _first changed the gradient's shape from "
+        r"\(3,\) to \(1,\)",
+    ) as info:
+        y.sum().backward()
+    assert any("MulBackward" in n or "Mul" in n for n in info.value.__notes__)
+    assert x.grad is None and w.grad is None
+    y = x * w
+    y.register_hook(lambda g: {"not": "an array"})
+    with pytest.raises(TypeError, match="returned a dict of dtype object"):
+        y.sum().backward()
+    # a list or a numpy scalar of the right shape is taken as an array
+    y = x * w
+    y.register_hook(lambda g: [1.0, 1.0, 1.0])
+    loss = y.sum()
+    loss.register_hook(lambda g: g * 2)  # 0-d in, numpy scalar out
+    loss.backward()
+    np.testing.assert_array_equal(x.grad, [4.0, 5.0, 6.0])
+    np.testing.assert_array_equal(w.grad, [1.0, 2.0, 3.0])
+
+
 def test_register_hook_needs_grad():
     with pytest.raises(RuntimeError, match="does not require grad"):
         ag.tensor([1.0]).register_hook(lambda g: g)
