@@ -19,6 +19,8 @@ This module imports nothing from the rest of the package.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ActorgradError",
     "AuthError",
@@ -40,6 +42,16 @@ def type_name(t: type) -> str:
     if t.__module__ == "builtins":
         return t.__qualname__
     return f"{t.__module__}.{t.__qualname__}"
+
+
+def short_repr(x: Any, limit: int = 40) -> str:
+    """``repr(x)`` cut to ``limit`` characters, for error messages about values that
+    came from the wire (they may be huge, or fail to repr)."""
+    try:
+        r = repr(x)
+    except Exception:
+        r = f"<{type_name(type(x))}>"
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 class RemoteError(ActorgradError):

@@ -75,7 +75,7 @@ from typing import Any, Protocol
 import msgpack
 import numpy as np
 
-from actorgrad.errors import ActorgradError, ProtocolError, RemoteError, type_name
+from actorgrad.errors import ActorgradError, ProtocolError, RemoteError, short_repr, type_name
 
 __all__ = [
     "ALIGN",
@@ -227,14 +227,6 @@ def _tensor_class() -> type | None:
 _type_name = type_name  # (short local name, used in many messages)
 
 
-def _short_repr(x: Any, limit: int = 40) -> str:
-    try:
-        r = repr(x)
-    except Exception:
-        r = f"<{_type_name(type(x))}>"
-    return r if len(r) <= limit else r[: limit - 3] + "..."
-
-
 def _clean_str(s: Any) -> str:
     """A str that msgpack can encode (lone surrogates escaped)."""
     if type(s) is not str:
@@ -296,9 +288,9 @@ def _locate(root: Any, root_name: str, pred: Callable[[Any], bool]) -> str | Non
                 return None
             seen.add(id(x))
             for k, v in x.items():
-                found = walk(k, f"{path}<key {_short_repr(k)}>", depth + 1)
+                found = walk(k, f"{path}<key {short_repr(k)}>", depth + 1)
                 if found is None:
-                    found = walk(v, f"{path}[{_short_repr(k)}]", depth + 1)
+                    found = walk(v, f"{path}[{short_repr(k)}]", depth + 1)
                 if found is not None:
                     return found
         elif tensor_cls is not None and isinstance(x, tensor_cls):
@@ -908,7 +900,7 @@ def _dtype_from(s: Any) -> np.dtype:
         raise ProtocolError(f"array dtype must be a str, not {_type_name(type(s))}")
     dt = _DTYPES.get(s)
     if dt is None:
-        raise ProtocolError(f"dtype {_short_repr(s)} is not a bool or numeric dtype")
+        raise ProtocolError(f"dtype {short_repr(s)} is not a bool or numeric dtype")
     return dt
 
 
@@ -961,7 +953,7 @@ class _Decoder:
         bufs = self.buffers
         if type(index) is not int or not 0 <= index < len(bufs):
             raise ProtocolError(
-                f"array refers to buffer {_short_repr(index)}, the frame has {len(bufs)}"
+                f"array refers to buffer {short_repr(index)}, the frame has {len(bufs)}"
             )
         if self.taken is None:
             self.taken = bytearray(len(bufs))
@@ -997,7 +989,7 @@ def _array_from(dec: _Decoder, dstr: Any, shape: Any, raw: Any) -> np.ndarray:
         raise ProtocolError(f"array shape must be a list of at most {MAX_NDIM} ints")
     for d in shape:
         if type(d) is not int or not 0 <= d < 2**62:
-            raise ProtocolError(f"bad array dimension {_short_repr(d)} in shape {shape}")
+            raise ProtocolError(f"bad array dimension {short_repr(d)} in shape {shape}")
     if type(raw) is int:
         buf: Any = dec.take_buffer(raw)
     elif type(raw) is bytes:
@@ -1035,7 +1027,7 @@ def _decode_hook_error(name: str, what: Any, exc: Exception) -> Exception:
     else means the peer sent something the hook cannot use: ProtocolError."""
     if isinstance(exc, ActorgradError):
         return _HookError(exc)
-    return ProtocolError(f"{name} hook rejected {_short_repr(what)}: {type(exc).__name__}: {exc}")
+    return ProtocolError(f"{name} hook rejected {short_repr(what)}: {type(exc).__name__}: {exc}")
 
 
 def _dec_tensor(dec: _Decoder, data: bytes) -> Any:

@@ -955,3 +955,73 @@ def test_big_broadcast_gradients_travel_compact_and_come_back_as_the_same_view()
         _unpack_grad([np.zeros((2,)), [2, 2]])
     with pytest.raises(ProtocolError, match="must be an array or None"):
         _unpack_grad([np.zeros(1), [-1]])
+
+
+# --- malformed backward messages --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "corrupt, error",
+    [
+        (
+            "shape",
+            r"gradient of shape \(1,\) for send node \d+ of context 0x[0-9a-f]+, which "
+            r"sent a tensor of shape \(4,\)",
+        ),
+        ("credit", r"malformed credit 1/2\*\*1000000000"),
+        ("report", r"malformed backward failure report \['error', 'oops'\]"),
+    ],
+)
+async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(corrupt, error):
+    # w1's messages to the initiator are corrupted on their way out (over TCP): a
+    # gradient of the wrong shape, a credit with a huge exponent (an int of 125 MB),
+    # a failure report that is not one. Each makes backward raise a ProtocolError
+    # naming what was wrong (before: the wrong shape broadcast silently; the other two
+    # were only logged and backward waited for good); the workers stay usable.
+    from actorgrad.dist.backward import T_CREDIT, T_DELIVER, T_FAIL
+    from actorgrad.errors import ProtocolError
+
+    xv, wv = arr(4), arr(4)
+    async with cluster("tcp", 2) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        if corrupt == "report":
+            await ag.rpc("w1", F.add_failing_hook, ("w", 1))
+        w1 = next(w for w in c.workers if w.name == "w1")
+        real_cast = w1.cast
+        seen: list[str] = []
+
+        def cast(dest, topic, args, on_error=None):
+            seen.append(topic)
+            if corrupt == "shape" and topic == T_DELIVER:
+                items = list(args[4])
+                items[1] = items[1][:1]
+                args = (*args[:4], items, *args[5:])
+            elif corrupt == "credit" and topic == T_CREDIT:
+                args = (*args[:2], 1, 10**9)
+            elif corrupt == "report" and topic == T_FAIL:
+                args = (*args[:2], ["error", "oops"])
+            return real_cast(dest, topic, args, on_error=on_error)
+
+        w1.cast = cast  # type: ignore[method-assign]
+        try:
+            # ("credit": x does not require grad, so w1's part ends with a credit)
+            x = ag.tensor(xv, requires_grad=corrupt != "credit")
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                with pytest.raises(ProtocolError, match=error):
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+        finally:
+            del w1.cast
+        assert {"shape": T_DELIVER, "credit": T_CREDIT, "report": T_FAIL}[corrupt] in seen
+        await assert_clean(c.names)
+        assert (await ag.rpc("w1", F.debug_info))["num_active_passes"] == 0
+        # the next step is exact
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [y.sum()])
+            gx = ag.dist.get_gradients(ctx)[x]
+            gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+        np.testing.assert_allclose(gx, wv, rtol=1e-12)
+        np.testing.assert_allclose(gw, xv, rtol=1e-12)
+        await assert_clean(c.names)

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 import actorgrad as ag
-from actorgrad.runtime import current_worker, inline
-from actorgrad.runtime import transport
+from actorgrad.runtime import current_worker, inline, transport
 from actorgrad.runtime import worker as rworker
 
 # ---- functions called remotely ---------------------------------------------------------

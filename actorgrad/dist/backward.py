@@ -48,7 +48,7 @@ import numpy as np
 
 from actorgrad.autograd import GraphTask, grad_node, seed_grad
 from actorgrad.dist.context import DistContext, DistState, RecvNode, call_peers, state_of
-from actorgrad.errors import ContextError, ProtocolError, RemoteError, WorkerLost
+from actorgrad.errors import ContextError, ProtocolError, RemoteError, WorkerLost, short_repr
 from actorgrad.runtime import current_worker, inline, on_cast
 from actorgrad.tensor import Tensor, broadcast_view
 
@@ -271,7 +271,13 @@ class PassState:
                     f"context {self.ctx.id:#x} has no send node {send_id!r} here "
                     "(graph already freed, or a gradient arrived twice)"
                 )
-            self.task.deliver(node, _unpack_grad(grad))
+            g = _unpack_grad(grad)
+            if g is not None and g.shape != node.shape:
+                raise ProtocolError(
+                    f"gradient of shape {g.shape} for send node {send_id} of context "
+                    f"{self.ctx.id:#x}, which sent a tensor of shape {node.shape}"
+                )
+            self.task.deliver(node, g)
 
     def run(self) -> _Outgoing:
         """Run what is ready; return the messages to send (start messages included)."""
@@ -322,6 +328,23 @@ def _norm(num: int, exp: int) -> Credit:
     return num, exp
 
 
+#: Largest credit exponent a message may carry. Each split of a pass's credit among k
+#: messages adds about log2(k) to it: a pass would need thousands of splits in a row to
+#: get near; a bigger one is a malformed message (whose ints would cost memory).
+MAX_CREDIT_EXP = 1 << 16
+
+
+def _check_credit(num: Any, exp: Any) -> None:
+    """ProtocolError unless ``num / 2**exp`` is a credit a message can carry: in (0, 1]."""
+    if (
+        type(num) is not int
+        or type(exp) is not int
+        or not 0 <= exp <= MAX_CREDIT_EXP
+        or not 0 < num <= 1 << exp
+    ):
+        raise ProtocolError(f"malformed credit {short_repr(num)}/2**{short_repr(exp)}")
+
+
 def split_credit(credit: Credit, k: int) -> list[Credit]:
     """``k`` credits adding up to ``credit`` exactly (none of them zero)."""
     num, exp = credit
@@ -368,13 +391,14 @@ def _failure_record(exc: BaseException, me: str) -> list[Any]:
     return ["error", RemoteError.from_exception(me, exc)]
 
 
-def _failure_from(record: list[Any]) -> BaseException:
-    kind, payload = record
-    if kind == "lost":
-        return WorkerLost(str(payload))
-    if isinstance(payload, RemoteError):
-        return payload
-    raise ProtocolError(f"malformed failure record {record!r}")
+def _failure_from(record: Any) -> BaseException:
+    if type(record) is list and len(record) == 2:
+        kind, payload = record
+        if kind == "lost" and type(payload) is str:
+            return WorkerLost(payload)
+        if kind == "error" and isinstance(payload, RemoteError):
+            return payload
+    raise ProtocolError(f"malformed backward failure report {short_repr(record)}")
 
 
 def _report(st: DistState, ctx_id: int, origin: str, pass_id: int, exc: BaseException) -> None:
@@ -478,8 +502,7 @@ def _deliver(
                 f"backward pass {pass_id:#x} of context {ctx_id:#x} was aborted on worker "
                 f"{st.worker.name!r} (it failed or was cancelled); late message dropped"
             )
-        if type(num) is not int or type(exp) is not int or num <= 0 or exp < 0:
-            raise ProtocolError(f"malformed credit {num!r}/2**{exp!r}")
+        _check_credit(num, exp)
         if relay is not None and (sender != origin or not _relay_ok(relay)):
             raise ProtocolError(f"malformed relay {relay!r} from {sender!r}")
         ps = ctx.active_pass
@@ -535,10 +558,17 @@ def _relay_ok(relay: Any) -> bool:
 
 @on_cast(T_CREDIT)
 def _credit(worker: Any, ctx_id: int, pass_id: int, num: int, exp: int) -> None:
-    """Handler on the initiator: credit of a finished branch of the pass."""
-    run = state_of(worker).runs.get(pass_id)
-    if run is not None:
-        run.add_credit((num, exp))
+    """Handler on the initiator: credit of a finished branch of the pass. A malformed
+    one fails the pass (its credit could never add up: backward would hang)."""
+    run = state_of(worker).runs.get(pass_id) if type(pass_id) is int else None
+    if run is None:
+        return
+    try:
+        _check_credit(num, exp)
+    except ProtocolError as exc:
+        run.fail(exc)
+        return
+    run.add_credit((num, exp))
 
 
 def _fail_run(st: DistState, pass_id: int, exc: BaseException) -> None:
@@ -549,8 +579,15 @@ def _fail_run(st: DistState, pass_id: int, exc: BaseException) -> None:
 
 @on_cast(T_FAIL)
 def _fail(worker: Any, ctx_id: int, pass_id: int, record: list[Any]) -> None:
-    """Handler on the initiator: the pass failed somewhere."""
-    _fail_run(state_of(worker), pass_id, _failure_from(record))
+    """Handler on the initiator: the pass failed somewhere (a malformed report still
+    fails it, with the ProtocolError that names what was wrong)."""
+    if type(pass_id) is not int:
+        return
+    try:
+        exc = _failure_from(record)
+    except ProtocolError as bad:
+        exc = bad
+    _fail_run(state_of(worker), pass_id, exc)
 
 
 @inline

@@ -56,12 +56,15 @@ class SendNode(Node):
     """Where a tensor left this worker. Identity in backward: the gradient the peer
     sends back flows into the sent tensor's graph."""
 
-    __slots__ = ("send_id", "dest")
+    __slots__ = ("send_id", "dest", "shape")
 
-    def __init__(self, send_id: int, dest: str, inp: Node | None) -> None:
+    def __init__(
+        self, send_id: int, dest: str, inp: Node | None, shape: tuple[int, ...] = ()
+    ) -> None:
         super().__init__((inp,))
         self.send_id = send_id
         self.dest = dest
+        self.shape = shape  # of the sent tensor: a gradient coming back must have it
 
     def apply(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
         return (grad,)
@@ -265,7 +268,7 @@ class DistState:
     def record_send(self, ctx: DistContext, t: Tensor, dest: str) -> int:
         with self._lock:
             send_id = next(self._send_ids)
-        ctx.sends[send_id] = SendNode(send_id, dest, grad_node(t))
+        ctx.sends[send_id] = SendNode(send_id, dest, grad_node(t), t.data.shape)
         return send_id
 
     def record_recv(self, ctx: DistContext, array: np.ndarray, src: str, send_id: int) -> Tensor:
