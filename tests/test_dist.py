@@ -1025,3 +1025,29 @@ async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(cor
         np.testing.assert_allclose(gx, wv, rtol=1e-12)
         np.testing.assert_allclose(gw, xv, rtol=1e-12)
         await assert_clean(c.names)
+
+
+@pytest.mark.parametrize(
+    "topic, args",
+    [
+        ("dist.deliver", ("ctx", "driver", 1, False, [], 1, 0, "driver", None)),
+        ("dist.deliver", (1, 7, 1, False, [], 1, 0, "driver", None)),  # origin not a str
+        ("dist.credit", (1, [2], 1, 0)),
+        ("dist.fail", (None, 1, ["lost", "x"])),
+        ("dist.abort", (1, {"a": 1})),
+    ],
+)
+async def test_a_backward_message_with_malformed_ids_closes_its_connection(topic, args, caplog):
+    # nothing in it can be tied to a pass: the message is malformed, and like any
+    # malformed frame it closes the connection it came on, not the worker
+    async with cluster("tcp", 1) as c:
+        driver = c.driver
+        assert await ag.rpc("w1", F.identity, (1,)) == 1
+        conn = driver._out["w1"]
+        lost = asyncio.Event()  # the sender learns of the close as the peer's loss
+        driver.add_peer_lost_callback(lambda name: name == "w1" and lost.set())
+        driver.cast("w1", topic, args)
+        await asyncio.wait_for(lost.wait(), 10)
+        assert conn.closed
+        assert "malformed" in caplog.text
+        assert await ag.rpc("w1", F.identity, (2,)) == 2  # a new connection

@@ -489,6 +489,12 @@ def _deliver(
     relays of this worker's recv nodes (see _plan_relays). Runs what they made ready
     and sends the resulting messages on with this message's credit. A failure here is
     reported to the pass's origin (there is no reply)."""
+    _check_ids(ctx_id, pass_id)
+    if type(origin) is not str or type(sender) is not str or type(retain) is not bool:
+        raise ProtocolError(
+            f"malformed gradient message: origin {short_repr(origin)}, sender "
+            f"{short_repr(sender)}, retain_graph {short_repr(retain)}"
+        )
     st = state_of(worker)
     ctx = st.contexts.get(ctx_id)
     try:
@@ -545,6 +551,16 @@ def _deliver(
     _forward(st, ps, retain, out)
 
 
+def _check_ids(ctx_id: Any, pass_id: Any) -> None:
+    """ProtocolError (the cast's connection is closed) unless both ids are ints: without
+    them a message cannot even be reported to the pass it belongs to."""
+    if type(ctx_id) is not int or type(pass_id) is not int:
+        raise ProtocolError(
+            f"malformed backward message: context id {short_repr(ctx_id)}, pass id "
+            f"{short_repr(pass_id)}"
+        )
+
+
 def _relay_ok(relay: Any) -> bool:
     return (
         isinstance(relay, list)
@@ -560,7 +576,8 @@ def _relay_ok(relay: Any) -> bool:
 def _credit(worker: Any, ctx_id: int, pass_id: int, num: int, exp: int) -> None:
     """Handler on the initiator: credit of a finished branch of the pass. A malformed
     one fails the pass (its credit could never add up: backward would hang)."""
-    run = state_of(worker).runs.get(pass_id) if type(pass_id) is int else None
+    _check_ids(ctx_id, pass_id)
+    run = state_of(worker).runs.get(pass_id)
     if run is None:
         return
     try:
@@ -581,8 +598,7 @@ def _fail_run(st: DistState, pass_id: int, exc: BaseException) -> None:
 def _fail(worker: Any, ctx_id: int, pass_id: int, record: list[Any]) -> None:
     """Handler on the initiator: the pass failed somewhere (a malformed report still
     fails it, with the ProtocolError that names what was wrong)."""
-    if type(pass_id) is not int:
-        return
+    _check_ids(ctx_id, pass_id)
     try:
         exc = _failure_from(record)
     except ProtocolError as bad:
@@ -606,6 +622,7 @@ def _abort(ctx_id: int, pass_id: int) -> None:
 @on_cast(T_ABORT)
 def _abort_cast(worker: Any, ctx_id: int, pass_id: int) -> None:
     """The one-way form of :func:`_abort` (the flood)."""
+    _check_ids(ctx_id, pass_id)
     st = state_of(worker)
     ctx = st.contexts.get(ctx_id)
     if ctx is None or pass_id in ctx.aborted_passes:

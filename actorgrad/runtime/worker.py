@@ -183,8 +183,9 @@ def on_cast(topic: str) -> Callable[[F], F]:
     For a higher layer's own protocol, where a generic one-way call costs too much: a
     cast skips the function lookup, the call's context copy, the per-function stats and
     the argument hooks (a cast's arguments carry no tensors or RRefs). The handler must
-    not block and should handle its own errors: one that escapes is logged. A cast with
-    an unknown topic or the wrong number of arguments closes its connection.
+    not block and should handle its own errors: one that escapes is logged, except a
+    ``ProtocolError``, which says the message was malformed: like a cast with an unknown
+    topic or the wrong number of arguments, it closes the connection it came on.
 
     Example::
 
@@ -759,6 +760,8 @@ class Worker:
             return
         try:
             fn(self, *args)
+        except ProtocolError:
+            raise  # a malformed message: its connection is closed
         except Exception:
             log.exception("worker %s: handler of one-way %r failed", self.name, header[1])
 
