@@ -743,6 +743,26 @@ async def test_misuse_errors():
             await ag.dist.backward(ctx, [x.sum()])
         with pytest.raises(ag.ContextError, match="unknown or released"):
             ag.dist.get_gradients(ctx)
+        for bad in ("abc", None, 1.5):
+            with pytest.raises(TypeError, match=r"context id is the int that .* not \w+ "):
+                await ag.dist.backward(bad, [x.sum()])
+            with pytest.raises(TypeError, match="context id is the int"):
+                ag.dist.get_gradients(bad)
+
+
+async def test_a_truthy_retain_graph_travels_as_a_bool():
+    # (the peers take a bool only: 1 or "yes" must not reach them as such)
+    xv, wv = arr(4), arr(4)
+    async with cluster("tcp", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [y.sum()], retain_graph=1)  # type: ignore[arg-type]
+            await ag.dist.backward(ctx, [y.sum()], retain_graph="yes")  # type: ignore[arg-type]
+            gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+        np.testing.assert_allclose(gw, 2 * xv, rtol=1e-12)
+        await assert_clean(c.names)
 
 
 async def test_concurrent_tasks_have_their_own_contexts():

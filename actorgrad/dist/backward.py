@@ -680,6 +680,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
     Raises:
         ValueError: empty roots, a root that does not require grad or has more than
             one element.
+        TypeError: ``context_id`` is not an int.
         ContextError: unknown or released context id.
         RemoteError: an error in another worker's part of the pass (names that
             worker); an error in this worker's own part is raised as it is.
@@ -694,6 +695,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             grads = ag.dist.get_gradients(ctx)
     """
     checked = _check_roots(roots)
+    retain_graph = bool(retain_graph)  # (it travels: the peers take a bool only)
     worker = current_worker()
     st = state_of(worker)
     ctx = st.get(context_id)

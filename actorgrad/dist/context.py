@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from actorgrad.autograd import Node, grad_node
-from actorgrad.errors import ContextError, ProtocolError, WorkerLost
+from actorgrad.errors import ContextError, ProtocolError, WorkerLost, short_repr
 from actorgrad.tensor import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -251,8 +251,14 @@ class DistState:
         return (int(self.worker.id) << 32) | next(self._pass_ids)
 
     def get(self, ctx_id: int) -> DistContext:
-        ctx = self.contexts.get(ctx_id)
+        ctx = self.contexts.get(ctx_id) if type(ctx_id) is int else None
         if ctx is None:
+            if not isinstance(ctx_id, int):
+                raise TypeError(
+                    "a distributed autograd context id is the int that `async with "
+                    f"ag.dist.context() as ctx` gives, not {type(ctx_id).__name__} "
+                    f"{short_repr(ctx_id)}"
+                )
             raise ContextError(
                 f"unknown or released distributed autograd context {ctx_id:#x} "
                 f"on worker {self.worker.name!r}"
