@@ -1071,3 +1071,29 @@ async def test_a_backward_message_with_malformed_ids_closes_its_connection(topic
         assert conn.closed
         assert "malformed" in caplog.text
         assert await ag.rpc("w1", F.identity, (2,)) == 2  # a new connection
+
+
+async def test_leaving_the_context_while_its_backward_runs(worker_path):
+    # the task that runs backward is not awaited before the context is left: backward
+    # fails with ContextError as the context is released (not when w1's late gradient
+    # comes, or never), the release still waits for w1, nothing stays anywhere
+    xv, wv = arr(4), arr(4)
+    async with cluster("processes", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.add_slow_hook, ("w", 0.3))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            task = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+            await asyncio.sleep(0)  # its first step: the driver's part, sent to w1
+            assert ag.dist.debug_info()["num_active_passes"] == 1
+        # failed by the release itself (not by w1's gradient coming to a released
+        # context: "unknown or released")
+        with pytest.raises(ag.ContextError, match="was released on worker 'driver' while"):
+            await asyncio.wait_for(task, 10)
+        await assert_clean(c.names)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [y.sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)

@@ -290,6 +290,14 @@ class DistState:
         if ctx is not None:
             ctx.released = True
             ctx.drop_pass()
+            for run in self.runs.values():
+                if run.ctx_id == ctx_id:  # a backward still waiting in it: fails now
+                    run.fail(
+                        ContextError(
+                            f"distributed autograd context {ctx_id:#x} was released on "
+                            f"worker {self.worker.name!r} while its backward pass ran"
+                        )
+                    )
         if not self.contexts and self._empty_waiters:
             waiters, self._empty_waiters = self._empty_waiters, []
             for fut in waiters:
