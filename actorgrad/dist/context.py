@@ -58,9 +58,7 @@ class SendNode(Node):
 
     __slots__ = ("send_id", "dest", "shape")
 
-    def __init__(
-        self, send_id: int, dest: str, inp: Node | None, shape: tuple[int, ...] = ()
-    ) -> None:
+    def __init__(self, send_id: int, dest: str, inp: Node | None, shape: tuple[int, ...]) -> None:
         super().__init__((inp,))
         self.send_id = send_id
         self.dest = dest
