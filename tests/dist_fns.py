@@ -197,6 +197,68 @@ def watching() -> list[str]:
     return current_worker().status()["watching"]
 
 
+# --- late calls in a released context ----------------------------------------------------
+
+_events: dict[str, Any] = {}  # name -> asyncio.Event, in this process
+_outcomes: dict[str, str] = {}
+
+
+def event(name: str) -> Any:
+    """This process's asyncio.Event ``name`` (created on first use)."""
+    import asyncio
+
+    ev = _events.get(name)
+    if ev is None:
+        ev = _events[name] = asyncio.Event()
+    return ev
+
+
+async def signal(name: str) -> None:
+    """Set this process's event ``name`` (async: it runs on the loop, not in a thread)."""
+    event(name).set()
+
+
+async def warm_up(dests: list[str]) -> None:
+    """Open this worker's connections to ``dests`` (a first call waits for one)."""
+    for d in dests:
+        await ag.rpc(d, identity, (None,))
+
+
+async def late_call(flag: str, dest: str, x: ag.Tensor) -> None:
+    """Run inside a context: tell the driver we started, block this worker (its loop
+    too, so a release waits unread in its socket) until the file ``flag`` exists, then
+    call ``dest`` in the context: the request leaves before this worker reads the
+    release. Its outcome goes to ``late_outcome``."""
+    from actorgrad.runtime import current_worker
+
+    # one-way, and nothing awaited before blocking: a release sent once the driver
+    # heard it cannot be read here before the call below leaves
+    current_worker().notify("driver", signal, ("late started",))
+    _block_until_exists(flag, 10.0)
+    try:
+        await ag.rpc(dest, identity, (x,))
+        _outcomes["late"] = "ok"
+    except Exception as exc:
+        _outcomes["late"] = f"{type(exc).__name__}: {exc}"
+    event("late done").set()
+
+
+def _block_until_exists(path: str, deadline: float) -> None:
+    """Block the calling thread (a worker's loop, on purpose) until ``path`` exists."""
+    end = time.monotonic() + deadline
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.002)
+
+
+async def late_outcome(deadline: float) -> str:
+    import asyncio
+
+    await asyncio.wait_for(event("late done").wait(), deadline)
+    return _outcomes["late"]
+
+
 # --- random programs (test_dist_random.py) ---------------------------------------------
 
 

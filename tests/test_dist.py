@@ -1097,3 +1097,42 @@ async def test_leaving_the_context_while_its_backward_runs(worker_path):
             await ag.dist.backward(ctx, [y.sum()])
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
         await assert_clean(c.names)
+
+
+def _touch(path: str) -> None:
+    with open(path, "w"):
+        pass
+
+
+@pytest.mark.parametrize("dest", ["driver", "w2"])
+async def test_a_call_that_arrives_in_a_released_context_is_refused(worker_path, tmp_path, dest):
+    # The caller's task is cancelled while w1 runs its function, blocked; the
+    # context is released on the driver and w2 (and w1, where the release waits
+    # unread). Then w1 calls on in the context: to the driver (the initiator) or to w2.
+    # The call used to bring the context back there for good (nothing releases it
+    # again: num_contexts stayed 1); now it is refused with ContextError.
+    flag = str(tmp_path / "go")
+    x = ag.tensor(arr(3), requires_grad=True)
+    async with cluster("processes", 2) as c:
+        await ag.rpc("w1", F.warm_up, (["driver", "w2"],))
+        F._events.pop("late started", None)  # (this process's: set by the test before)
+        started = F.event("late started")
+
+        async def step() -> None:
+            async with ag.dist.context():
+                await ag.rpc("w2", F.identity, (x,))  # w2 takes part too
+                await ag.rpc("w1", F.late_call, (flag, dest, x))
+
+        task = asyncio.ensure_future(step())
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert ag.dist.debug_info()["num_contexts"] == 0
+        assert (await ag.rpc("w2", F.wait_no_contexts, (10.0,)))["num_contexts"] == 0
+        _touch(flag)  # the go signal
+        outcome = await ag.rpc("w1", F.late_outcome, (10.0,))
+        assert "ContextError" in outcome, outcome
+        assert f"was released on worker '{dest}'; a call that arrives in it late" in outcome
+        await ag.rpc("w1", F.wait_no_contexts, (10.0,))
+        await assert_clean(c.names)

@@ -14,6 +14,7 @@ from actorgrad.runtime import get_interceptor, set_interceptor
 
 _meta: contextvars.ContextVar = contextvars.ContextVar("test_meta", default=None)
 LINKS: list = []
+REFUSER = [""]  # the worker whose wire_hooks refuse incoming calls
 
 
 class FakeHooks:
@@ -39,6 +40,8 @@ class FakeInterceptor:
         return _meta.get()  # forward the caller's context to nested calls
 
     def wire_hooks(self, worker, meta, peer):
+        if worker.name == REFUSER[0]:
+            raise ag.ContextError(f"{worker.name} refuses calls in {meta}")
         return FakeHooks(worker, meta, peer)
 
     @contextlib.contextmanager
@@ -107,3 +110,18 @@ async def test_rref_calls_and_to_here_go_through_the_interceptor(cluster, interc
     n = len(interceptor.outgoing_calls)
     assert await r.rpc().count(1) == 1
     assert len(interceptor.outgoing_calls) > n
+
+
+async def test_a_call_the_interceptor_refuses_fails_with_its_error(cluster, interceptor):
+    # (the distributed layer refuses calls that arrive in a released context)
+    REFUSER[0] = "w1"
+    try:
+        with pytest.raises(ag.RemoteError, match=r"w1 refuses calls in \['ctx', 7\]") as info:
+            await asyncio.wait_for(ag.rpc("w1", seen), 10)
+        assert info.value.remote_type == "actorgrad.errors.ContextError"
+        assert info.value.worker == "w1"
+        conn = cluster.driver._out["w1"]
+    finally:
+        REFUSER[0] = ""
+    assert await ag.rpc("w1", seen) == ["ctx", 7]
+    assert cluster.driver._out["w1"] is conn and not conn.closed  # the connection stayed

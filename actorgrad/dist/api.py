@@ -55,7 +55,7 @@ class _Context:
             )
         st = self._st = state_of(worker)
         ctx_id = self._id = st.new_context_id()
-        st.get_or_create(ctx_id, worker.name)
+        st.create(ctx_id)
         self._token = _current.set((worker, ctx_id))
         return ctx_id
 

@@ -21,6 +21,7 @@ The runtime knows nothing of this: ``DistInterceptor`` plugs into its call path
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import functools
 import itertools
@@ -48,6 +49,10 @@ _current: contextvars.ContextVar[tuple[Any, int] | None] = contextvars.ContextVa
 )
 
 CONTEXT_ID_BITS = 48
+#: How many released context ids a worker remembers, to refuse calls that arrive in one
+#: late (sent before their sender saw the release: a cancelled caller's callee calling
+#: on, say). Beyond that, a worker still refuses the contexts it created itself.
+RELEASED_MEMORY = 4096
 
 log = logging.getLogger("actorgrad.dist")
 
@@ -232,6 +237,9 @@ class DistState:
         self.num_backward_messages = 0  # sent by this worker: gradients, starts, credits
         self._empty_waiters: list[Any] = []  # futures resolved when no context is left
         self.runs: dict[int, Any] = {}  # pass id -> InitiatorRun, for passes started here
+        # the last RELEASED_MEMORY context ids released here (see join)
+        self._released: set[int] = set()
+        self._released_order: collections.deque[int] = collections.deque()
 
     def __repr__(self) -> str:
         return (
@@ -263,9 +271,28 @@ class DistState:
             )
         return ctx
 
-    def get_or_create(self, ctx_id: int, initiator: str) -> DistContext:
+    def create(self, ctx_id: int) -> DistContext:
+        """A new context initiated here (``new_context_id``)."""
+        ctx = self.contexts[ctx_id] = DistContext(ctx_id, self.worker.name)
+        return ctx
+
+    def join(self, ctx_id: int, initiator: str) -> DistContext:
+        """The context a call made or received in ``ctx_id`` belongs to here, created
+        when the first call of it reaches this worker.
+
+        Raises:
+            ContextError: this worker released the context already (a call sent before
+                its sender saw the release: it would bring the context back here, and
+                nothing would ever release it again), or created it itself and it is
+                gone.
+        """
         ctx = self.contexts.get(ctx_id)
         if ctx is None:
+            if ctx_id in self._released or ctx_id >> CONTEXT_ID_BITS == int(self.worker.id):
+                raise ContextError(
+                    f"distributed autograd context {ctx_id:#x} was released on worker "
+                    f"{self.worker.name!r}; a call that arrives in it late is refused"
+                )
             ctx = self.contexts[ctx_id] = DistContext(ctx_id, initiator)
         return ctx
 
@@ -288,6 +315,11 @@ class DistState:
         if ctx is not None:
             ctx.released = True
             ctx.drop_pass()
+            order = self._released_order
+            if len(order) >= RELEASED_MEMORY:
+                self._released.discard(order.popleft())
+            order.append(ctx_id)
+            self._released.add(ctx_id)
             for run in self.runs.values():
                 if run.ctx_id == ctx_id:  # a backward still waiting in it: fails now
                     run.fail(
@@ -454,7 +486,7 @@ class DistInterceptor:
     def wire_hooks(self, worker: Worker, meta: Any, peer: str) -> _Hooks:
         ctx_id, initiator = _parse_meta(meta)
         st = state_of(worker)
-        ctx = st.get_or_create(ctx_id, initiator)
+        ctx = st.join(ctx_id, initiator)
         if peer != worker.name:
             ctx.peers.add(peer)
         return _Hooks(st, ctx, peer)

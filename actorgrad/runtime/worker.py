@@ -784,7 +784,14 @@ class Worker:
         if self._stopping:
             self._reply_exc(conn, cid, WorkerLost(f"worker {self.name!r} is shutting down"), None)
             return
-        hooks = rref.Hooks(self, peer) if meta is None else self._hooks(peer, meta)
+        if meta is None:
+            hooks = rref.Hooks(self, peer)
+        else:
+            try:
+                hooks = self._hooks(peer, meta)
+            except ActorgradError as exc:  # the interceptor refuses the call
+                self._refuse(conn, cid, frame, exc)
+                return
         try:
             body = frame.body(hooks)
             if not (isinstance(body, (list, tuple)) and len(body) == 2):
@@ -848,6 +855,21 @@ class Worker:
             return
         self._done()
         self._reply(conn, cid, mode, result, hooks)
+
+    def _refuse(self, conn: Connection, cid: int, frame: Any, exc: ActorgradError) -> None:
+        """A request the interceptor refused (e.g. a late call in a released distributed
+        autograd context): the caller gets ``exc``; a one-way call is dropped (logged).
+        Not a malformed frame: the connection stays."""
+        hooks = rref.Hooks(self, conn.peer_name or "?")
+        try:  # (decoded only so that RRefs in it are released again)
+            frame.body(hooks)
+        except Exception:
+            pass
+        if cid == 0:
+            log.debug("worker %s: one-way call refused: %s", self.name, exc)
+            hooks.undo()
+            return
+        self._reply_exc(conn, cid, exc, hooks)
 
     def _invoke(self, fn: Any, args: Any, kwargs: Any, meta: Any, conn: Any = None) -> Any:
         if conn is not None:
