@@ -293,3 +293,41 @@ async def test_random_programs_cancelled_anywhere_leave_nothing_behind(transport
             if i % 5 == 0:
                 await check_one(ops, outs, inputs, pvals, times=1)
     assert cancelled >= 8
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_random_programs_with_a_worker_killed_anywhere(worker_path, seed):
+    # w3 is SIGKILLed at a random point of a random program (a random number of loop
+    # turns after it started: in the forward calls, the backward or the release). That
+    # program and later ones that need w3 fail with WorkerLost (a RemoteError wrapping
+    # it when a nested call saw the loss); nothing hangs, and the survivors end each
+    # program with no context and no pass.
+    import os
+    import signal
+
+    rng = np.random.default_rng(400 + seed)
+    kill_at = int(rng.integers(0, 10))
+    failed = 0
+    async with ag.local_cluster(3, processes=True):
+        pid3 = await ag.rpc("w3", F.pid)
+        for i, (ops, outs, inputs, pvals) in enumerate(programs(kill_at + 4, 300 + seed)):
+            for (w, k), v in pvals.items():
+                if not (w == "w3" and i > kill_at):
+                    await ag.rpc(w, F.put, (k, v))
+            task = asyncio.ensure_future(run_in_context(ops, outs, inputs))
+            if i == kill_at:
+                for _ in range(int(rng.integers(0, 30))):
+                    await asyncio.sleep(0)  # (loop turns, not time: where it dies)
+                os.kill(pid3, signal.SIGKILL)
+            try:
+                await asyncio.wait_for(task, 20)
+            except ag.WorkerLost:
+                failed += 1
+            except ag.RemoteError as exc:
+                assert exc.remote_type == "actorgrad.errors.WorkerLost", exc
+                failed += 1
+            for name in ("w1", "w2"):
+                info = await ag.rpc(name, F.wait_no_contexts, (10.0,))
+                assert info["num_contexts"] == info["num_active_passes"] == 0, (name, info)
+            assert ag.dist.debug_info()["num_contexts"] == 0
+    assert failed >= 1
