@@ -1136,3 +1136,26 @@ async def test_a_call_that_arrives_in_a_released_context_is_refused(worker_path,
         assert f"was released on worker '{dest}'; a call that arrives in it late" in outcome
         await ag.rpc("w1", F.wait_no_contexts, (10.0,))
         await assert_clean(c.names)
+
+
+async def test_a_worker_dying_after_an_earlier_connection_loss_still_fails_backward(worker_path):
+    # A malformed message made w1 close its connection with the driver (both took the
+    # other for lost), then they reconnected. A later real death of w1 mid-backward
+    # must still be reported: the driver's backward used to wait for good (a peer
+    # already taken for lost was never reported lost again).
+    async with cluster("processes", 2) as c:
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        lost = asyncio.Event()
+        c.driver.add_peer_lost_callback(lambda name: name == "w1" and lost.set())
+        c.driver.cast("w1", "dist.abort", ("not", "ids"))
+        await asyncio.wait_for(lost.wait(), 10)
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:  # a step over the new connection
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [y.sum()])
+        assert not c.driver.is_lost("w1")
+        await ag.rpc("w1", F.add_dying_hook, ("w",))
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            with pytest.raises(ag.WorkerLost, match="'w1' was lost during the backward"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 15)

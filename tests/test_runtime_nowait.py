@@ -293,6 +293,30 @@ def _boom_cast(worker: Any, msg: str) -> None:
     raise RuntimeError(msg)
 
 
+async def test_a_peer_reconnected_after_a_loss_is_reported_lost_again(cluster):
+    # a connection closed by a malformed message: both sides take the other for lost;
+    # once a new connection says hello, it is not lost any more, and a second loss is
+    # reported again (else whatever waits on that peer would never hear of it)
+    w = cluster.driver
+    losses: list[str] = []
+    lost = [asyncio.Event(), asyncio.Event()]
+
+    def on_lost(name: str) -> None:
+        if name == "w1":
+            losses.append(name)
+            lost[len(losses) - 1].set()
+
+    w.add_peer_lost_callback(on_lost)
+    for i in range(2):
+        assert await ag.rpc("w1", add, (i, 1)) == i + 1  # (re)connects
+        assert not w.is_lost("w1")
+        w.cast("w1", "tests.no_such_topic", (1,))  # w1 closes the connection
+        await asyncio.wait_for(lost[i].wait(), 5)
+        assert w.is_lost("w1")
+    assert losses == ["w1", "w1"]
+    assert await ag.rpc("w1", add, (2, 3)) == 5
+
+
 async def test_casts_reach_their_handler_in_order_with_arrays(cluster):
     _received.clear()
     for i in range(50):

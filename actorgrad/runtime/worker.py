@@ -666,6 +666,10 @@ class Worker:
                     raise ProtocolError("malformed hello")
                 first = conn.peer_name is None
                 conn.peer_name = name
+                # alive after all (a connection of it had closed: a malformed frame, a
+                # network fault): a later loss must be reported again, or a pass
+                # waiting on it would never hear of its death
+                self._lost.discard(name)
                 conn.peer_id = wid  # type: ignore[attr-defined]
                 conn.peer_address = address  # type: ignore[attr-defined]
                 if conn.outgoing:
