@@ -107,8 +107,7 @@ def get_gradients(context_id: int) -> dict[Tensor, np.ndarray]:
     backward calls. ``.grad`` is never written by a distributed backward.
 
     Raises:
-        TypeError: ``context_id`` is not an int.
-        ContextError: unknown or released context id.
+        ContextError: unknown or released context id (or not an int).
 
     Example::
 

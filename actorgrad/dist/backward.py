@@ -680,8 +680,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
     Raises:
         ValueError: empty roots, a root that does not require grad or has more than
             one element.
-        TypeError: ``context_id`` is not an int.
-        ContextError: unknown or released context id.
+        ContextError: unknown or released context id (or not an int).
         RemoteError: an error in another worker's part of the pass (names that
             worker); an error in this worker's own part is raised as it is.
         WorkerLost: a worker holding part of the graph died during the pass.
