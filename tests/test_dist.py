@@ -1159,3 +1159,33 @@ async def test_a_worker_dying_after_an_earlier_connection_loss_still_fails_backw
             y = await ag.rpc("w1", F.mul, ("w", x))
             with pytest.raises(ag.WorkerLost, match="'w1' was lost during the backward"):
                 await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 15)
+
+
+async def test_a_hung_worker_fails_backward_after_the_initiators_part_finished(worker_path):
+    # x does not require grad: the driver's part ends as it sends y's gradient to w1,
+    # which hangs (SIGSTOP: alive, its connection open, as a machine that stopped
+    # answering). The driver waits only for w1's credit: it must watch w1 until the
+    # pass is done (it watched only while its own part ran: backward waited for good).
+    import signal
+    import time
+
+    from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
+
+    async with cluster("processes", 1) as c:
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        pid = await ag.rpc("w1", F.pid)
+        x = ag.tensor(arr(3))
+        try:
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                os.kill(pid, signal.SIGSTOP)
+                t0 = time.monotonic()
+                with pytest.raises(ag.WorkerLost, match="'w1' was lost during the backward"):
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+                assert time.monotonic() - t0 < HEARTBEAT_TIMEOUT + 3
+        finally:
+            os.kill(pid, signal.SIGKILL)  # (stopped this long, the registry drops it)
+        assert c.driver.status()["watching"] == []
+        assert (
+            ag.dist.debug_info()["num_contexts"] == ag.dist.debug_info()["num_active_passes"] == 0
+        )

@@ -234,16 +234,19 @@ class PassState:
         ctx.settle(origin)
         ctx.sent_to.clear()
         # Peers sent to while this part runs, watched by the runtime until it is done
-        # here (a hung one is then reported lost after the heartbeat timeout). Not the
-        # origin: it is the one waiting, nobody needs to hear that it hung.
+        # here (a hung one is then reported lost after the heartbeat timeout); on the
+        # origin, until the whole pass is done (backward unwatches). Not the origin: it
+        # is the one waiting, nobody needs to hear that it hung.
         self.watching: list[str] = []
 
     def watch(self, dest: str) -> None:
-        """A message of this part goes to ``dest`` (the last ones of a finished part
-        are not watched: nothing here waits on them any more)."""
+        """A message of this part goes to ``dest``. The last ones of a finished part
+        are not watched, except on the origin: it waits for the credit they carry (a
+        peer that hangs, its connection open, would otherwise hold backward for good)."""
         if dest not in self.ctx.sent_to:
             self.ctx.sent_to.add(dest)
-            if dest != self.origin and dest != self.worker.name and not self.task.finished:
+            me = self.worker.name
+            if dest != self.origin and dest != me and (me == self.origin or not self.task.finished):
                 self.worker.watch(dest)
                 self.watching.append(dest)
 
@@ -293,7 +296,8 @@ class PassState:
         ctx = self.ctx
         ctx.commit(self.pass_id, self.origin, self.contrib)
         ctx.active_pass = None
-        self.unwatch()
+        if self.worker.name != self.origin:  # (the origin's backward unwatches at its end)
+            self.unwatch()
         ctx.done_passes.add(self.pass_id)
         if not retain_graph:
             ctx.free_graph()
@@ -728,6 +732,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             raise
         finally:
             del st.runs[pass_id]
+            ps.unwatch()
         if ctx.active_pass is ps:  # pragma: no cover - the completion argument forbids it
             ctx.active_pass = None
             raise AssertionError(
