@@ -1189,3 +1189,35 @@ async def test_a_hung_worker_fails_backward_after_the_initiators_part_finished(w
         assert (
             ag.dist.debug_info()["num_contexts"] == ag.dist.debug_info()["num_active_passes"] == 0
         )
+
+
+async def test_a_pass_that_cannot_even_be_set_up_leaves_nothing_registered(monkeypatch):
+    import importlib
+
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    bw = importlib.import_module("actorgrad.dist.backward")
+    real = bw._plan_relays
+    calls = []
+
+    def failing(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("relay planning failed")
+        return real(*args)
+
+    monkeypatch.setattr(bw, "_plan_relays", failing)
+    xv, wv = arr(3), arr(3)
+    async with cluster("inproc", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            with pytest.raises(RuntimeError, match="relay planning failed"):
+                await ag.dist.backward(ctx, [y.sum()])
+            st = state_of(current_worker())
+            assert st.runs == {} and st.contexts[ctx].active_pass is None
+            await ag.dist.backward(ctx, [y.sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)

@@ -711,10 +711,11 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
                 "(started from another worker)"
             )
         pass_id = st.new_pass_id()
-        run = st.runs[pass_id] = InitiatorRun(context_id, pass_id)
+        # (the pass state first: if building it fails, no run is left registered)
         ps = ctx.active_pass = PassState(
             worker, ctx, pass_id, worker.name, checked, retain_graph
         )
+        run = st.runs[pass_id] = InitiatorRun(context_id, pass_id)
         try:
             ps.credit = (1, 0)
             out = _step(st, ps, retain_graph)
