@@ -36,9 +36,17 @@ class Optimizer:
         self.params: list[Tensor] = list(params)
         if not self.params:
             raise ValueError("optimizer got an empty parameter list")
-        for p in self.params:
+        seen: dict[int, int] = {}
+        for i, p in enumerate(self.params):
             if not isinstance(p, Tensor):
                 raise TypeError(f"optimizer parameters must be Tensors, got {type(p).__name__}")
+            first = seen.setdefault(id(p), i)
+            if first != i:
+                # (it would be updated once per appearance: twice the step)
+                raise ValueError(
+                    f"optimizer parameter {i} is the same tensor as parameter {first}; "
+                    "give each parameter once"
+                )
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
         self.lr = lr

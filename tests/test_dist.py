@@ -839,6 +839,18 @@ async def test_distributed_optimizer_errors():
             with pytest.raises(ag.RemoteError, match="not an actorgrad Tensor") as info:
                 await opt.step(ctx)
             assert info.value.worker == "w1"
+        # one parameter given twice would be stepped twice: refused here when it is the
+        # same RRef, on the owner when two RRefs refer to the same tensor
+        with pytest.raises(ValueError, match=r"params\[1\] is the same RRef as params\[0\]"):
+            ag.dist.DistributedOptimizer(ag.optim.SGD, [ref, ref], lr=0.1)
+        await ag.rpc("w1", F.put, ("p", arr(2)))
+        refs = [await ag.remote("w1", F.get, ("p",)) for _ in range(2)]
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, refs, lr=0.1)
+        async with ag.dist.context() as ctx:
+            with pytest.raises(
+                ag.RemoteError, match="parameter 1 is the same tensor as parameter 0"
+            ):
+                await opt.step(ctx)
 
 
 def _sq_mean(h):

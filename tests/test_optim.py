@@ -106,3 +106,8 @@ def test_optimizer_errors():
         ag.optim.SGD([p], lr=-1)
     with pytest.raises(ValueError, match=r"shape \(3,\).*shape \(2,\)"):
         ag.optim.Adam([p]).step({p: np.ones(3)})
+    # a parameter given twice would be stepped twice (PyTorch only warns)
+    q = ag.tensor([3.0], requires_grad=True)
+    for cls in (ag.optim.SGD, ag.optim.Adam):
+        with pytest.raises(ValueError, match="parameter 2 is the same tensor as parameter 0"):
+            cls([p, q, p], lr=0.1)

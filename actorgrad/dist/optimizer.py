@@ -67,6 +67,7 @@ class DistributedOptimizer:
     Raises:
         TypeError: ``params`` holds something other than ``RRef``s, or
             ``optimizer_class`` is not a module-level class, or the options do not fit it.
+        ValueError: ``params`` is empty or holds one RRef twice.
         RemoteError: constructing or stepping failed on an owner (names the owner).
 
     Example::
@@ -84,9 +85,15 @@ class DistributedOptimizer:
         if not params:
             raise ValueError("DistributedOptimizer needs at least one parameter RRef")
         self._by_owner: dict[str, list[RRef]] = {}
+        seen: dict[tuple[str, Any], int] = {}
         for i, p in enumerate(params):
             if not isinstance(p, RRef):
                 raise TypeError(f"params[{i}] is a {type(p).__name__}, not an ag.RRef")
+            first = seen.setdefault((p.owner, p._rid), i)
+            if first != i:  # (it would be stepped once per appearance)
+                raise ValueError(
+                    f"params[{i}] is the same RRef as params[{first}]; give each parameter once"
+                )
             self._by_owner.setdefault(p.owner, []).append(p)
         # Surface option mistakes here, not on the first remote step.
         optimizer_class([Tensor(np.zeros(1, dtype=np.float32), requires_grad=True)], **options)
