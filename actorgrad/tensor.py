@@ -1088,7 +1088,8 @@ def where(cond: Any, a: Any, b: Any) -> Tensor:
 
 def tensor(data: Any, *, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     """Make a leaf tensor (always a copy). Python floats become float32; numpy arrays
-    keep their dtype; ``requires_grad=True`` needs a floating point dtype.
+    keep their dtype; ``requires_grad=True`` needs a floating point dtype. Data that is
+    not bool or numeric (strings, objects) raises ``TypeError``.
 
     Example::
 
@@ -1103,6 +1104,9 @@ def tensor(data: Any, *, dtype: Any = None, requires_grad: bool = False) -> Tens
         arr = np.array(data, dtype=dtype)
         if dtype is None and arr.dtype == np.float64:
             arr = arr.astype(np.float32)  # Python floats -> float32 (as torch)
+    if arr.dtype.kind not in "biufc":
+        # (strings, objects, dates: no op, gradient or message would take them)
+        raise TypeError(f"tensor data must be bool or numeric, got dtype {arr.dtype}")
     if requires_grad and arr.dtype.kind != "f":
         raise TypeError(_needs_float(arr.dtype))
     return Tensor(arr, requires_grad=requires_grad)

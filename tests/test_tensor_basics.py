@@ -38,6 +38,19 @@ def test_factories():
     assert ag.zeros(2, requires_grad=True).requires_grad
 
 
+@pytest.mark.parametrize(
+    "data, dtype",
+    [
+        (["a", "b"], "<U1"),
+        ([object()], "object"),
+        (np.array(["2026-12-02"], "M8[D]"), "datetime64"),
+    ],
+)
+def test_data_that_is_not_numeric_is_refused_naming_its_dtype(data, dtype):
+    with pytest.raises(TypeError, match=f"must be bool or numeric, got dtype {dtype}"):
+        ag.tensor(data)
+
+
 @pytest.mark.parametrize("dtype", ["int64", "int32", "bool", "uint8"])
 def test_requires_grad_on_non_float_raises_type_error_naming_the_dtype(dtype):
     with pytest.raises(TypeError, match=f"floating point dtype, got {dtype}"):
