@@ -272,6 +272,19 @@ async def test_timeout_raises_rpc_timeout_and_late_reply_is_dropped(cluster):
     assert await ag.rpc("w1", add, (2, 2), timeout=5) == 4
 
 
+async def test_a_timeout_that_is_not_a_positive_number_is_refused_before_sending(cluster):
+    # (0 means "no timeout" in PyTorch's RPC; here that is None, and 0 would time out
+    # at once; a NaN would never time out)
+    for bad in (0, -1, float("nan"), "5"):
+        with pytest.raises(ValueError, match=r"timeout must be a number of seconds > 0, or None"):
+            await ag.rpc("w1", add, (1, 2), timeout=bad)
+        with pytest.raises(ValueError, match="timeout must be"):
+            await ag.remote("w1", add, (1, 2), timeout=bad)
+    assert await ag.rpc("w1", add, (1, 2), timeout=np.float64(5.0)) == 3
+    with pytest.raises(ValueError, match="'operator.add' must look like 'module:qualname'"):
+        await ag.rpc("w1", "operator.add", (1, 2))
+
+
 async def test_unknown_module_or_function_gives_remote_error_naming_it(cluster):
     with pytest.raises(ag.RemoteError) as ei:
         await ag.rpc("w1", "no_such_module_xyz:fn")

@@ -1009,8 +1009,13 @@ class Worker:
         Raises RemoteError (the function raised), RpcTimeout, WorkerLost (the peer died,
         left or the connection broke), TypeError (``fn`` or an argument cannot travel),
         ValueError (unknown worker)."""
-        target = fn if mode >= MODE_RREF_RPC or type(fn) is str else calls.fn_spec(fn)
+        target = fn if mode >= MODE_RREF_RPC else calls.fn_spec(fn)
         _check_call_args(args, kwargs)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(
+                f"timeout must be a number of seconds > 0, or None for no timeout; got "
+                f"{timeout!r} (PyTorch's 0 for no timeout is None here)"
+            )
         conn = _conn
         if conn is None:
             if type(dest) is not str:
