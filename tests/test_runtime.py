@@ -349,6 +349,8 @@ async def test_remote_returns_rref_and_methods_run_on_the_owner(cluster):
     assert await r.rpc().incr(2) == 7
     assert await r.rpc().incr(by=3) == 10
     assert await r.rpc().aget() == 10
+    with pytest.raises(AttributeError, match="__len__: rref.rpc.*forward named methods"):
+        r.rpc().__len__  # noqa: B018 (the attribute access is the test)
     lst = await r.remote().as_list()
     assert lst.owner == "w1" and await lst.to_here() == [10]
     with pytest.raises(ag.RemoteError, match="Counter"):

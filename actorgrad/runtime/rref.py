@@ -148,7 +148,11 @@ class _Proxy:
 
     def __getattr__(self, method: str) -> Any:
         if method.startswith("__"):
-            raise AttributeError(method)
+            # (an AttributeError all the same: copy, pickle & co. probe such names)
+            raise AttributeError(
+                f"{method}: rref.rpc()/remote() forward named methods, not special ones "
+                "(call e.g. a method that wraps it)"
+            )
         r, mode, timeout = self._rref, self._mode, self._timeout
 
         async def call(*args: Any, **kwargs: Any) -> Any:
