@@ -350,6 +350,20 @@ def test_run_gives_the_script_a_cluster_and_returns_its_status(tmp_path: Path) -
 
 
 @needs_runtime
+def test_run_tells_a_script_that_forgot_init_how_to_join(tmp_path: Path) -> None:
+    script = tmp_path / "noinit.py"
+    script.write_text(
+        "import asyncio\nimport actorgrad as ag\n"
+        "async def main():\n    await ag.rpc('w1', 'operator:add', (1, 2))\n"
+        "asyncio.run(main())\n"
+    )
+    r = run_cli("run", "-n", "1", str(script))
+    assert r.returncode == 1, r.stderr
+    assert "a cluster is waiting at $ACTORGRAD_ADDRESS" in r.stderr
+    assert 'await ag.init("driver")' in r.stderr
+
+
+@needs_runtime
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_the_cluster_and_leaves_no_process_behind(
     sig: signal.Signals, tmp_path: Path

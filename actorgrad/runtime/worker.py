@@ -65,6 +65,7 @@ import functools
 import inspect
 import itertools
 import logging
+import os
 import re
 import socket
 import time
@@ -123,6 +124,11 @@ def current_worker() -> Worker:
         return _process_worker
     if w is not None:
         return w
+    if os.environ.get("ACTORGRAD_ADDRESS"):  # (procs.ENV_ADDRESS: set by `actorgrad run`)
+        raise RuntimeError(
+            _NOT_INIT + "; a cluster is waiting at $ACTORGRAD_ADDRESS (`actorgrad run`?): "
+            '`await ag.init("driver")` joins it'
+        )
     raise RuntimeError(_NOT_INIT)
 
 
