@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,22 @@ async def _release_everywhere(st: DistState, ctx_id: int, wait: bool = True) -> 
     # Release locally first, so a forwarded release coming back finds nothing to do.
     peers = _release_local(st, ctx_id)
     if peers:
-        await call_peers(st.worker, peers, _release, (ctx_id, st.worker.name), wait=wait)
+        await _release_on(st.worker, peers, ctx_id, st.worker.name, wait)
+
+
+async def _release_on(
+    worker: Any, peers: set[str], ctx_id: int, sender: str, wait: bool = True
+) -> None:
+    """Release ``ctx_id`` on ``peers`` (each forwards it to its own peers). A peer that
+    is gone cannot forward it to the workers it brought into the context (second hops,
+    whose initiator lives on: no lease reclaims it there), so then every other member
+    is told too (workers without the context just acknowledge)."""
+    me = worker.name
+    failed = await call_peers(worker, peers, _release, (ctx_id, me), wait=wait)
+    if failed and wait:
+        rest = set(worker.worker_names()) - peers - {me, sender}
+        if rest:
+            await call_peers(worker, rest, _release, (ctx_id, me))
 
 
 def _release_local(st: DistState, ctx_id: int) -> set[str]:
@@ -95,7 +111,7 @@ def _release(ctx_id: int, sender: str) -> Awaitable[None] | None:
     peers = _release_local(state_of(worker), ctx_id)
     peers.discard(sender)
     if peers:
-        return call_peers(worker, peers, _release, (ctx_id, worker.name))
+        return _release_on(worker, peers, ctx_id, sender)
     return None
 
 

@@ -398,30 +398,34 @@ def current_context(worker: Worker) -> DistContext | None:
 
 async def call_peers(
     worker: Worker, peers: Iterable[str], fn: Any, args: tuple[Any, ...], wait: bool = True
-) -> None:
+) -> set[str]:
     """Run protocol handler ``fn(*args)`` on every peer but this worker, all in flight
     together, and wait for all of them (``wait``) — except peers already reported lost:
     they get the request too (alive after all, they handle it once reconnected) but
     nobody waits for them (a hung one would hold us for the connection deadlines). A
-    peer that fails or is gone has nothing left to clean: logged, not raised. (Requests
-    without a task each, and outside any context: ``call_nowait`` carries no context
-    metadata.)"""
+    peer that fails or is gone has nothing left to clean: logged, not raised. Returns
+    the peers that failed or were not waited for (with ``wait``). (Requests without a
+    task each, and outside any context: ``call_nowait`` carries no context metadata.)"""
     # The requests leave at once (call_nowait: cancelling one's future does not cancel
     # the remote call), and each outcome is read by a callback (no "exception was never
     # retrieved"), so being cancelled while waiting loses nothing.
     futs = []
+    failed: set[str] = set()
     for p in peers:
         if p == worker.name:
             continue
         fut = worker.call_nowait(p, fn, args)
         fut.add_done_callback(functools.partial(_log_failure, fn, p))
         if wait and not worker.is_lost(p):
-            futs.append(fut)
-    for fut in futs:
+            futs.append((p, fut))
+        else:
+            failed.add(p)
+    for p, fut in futs:
         try:
             await fut
         except Exception:  # logged by _log_failure; cancellation does propagate
-            pass
+            failed.add(p)
+    return failed
 
 
 def _log_failure(fn: Any, peer: str, fut: asyncio.Future[Any]) -> None:
