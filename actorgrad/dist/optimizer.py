@@ -121,6 +121,9 @@ class DistributedOptimizer:
         return self._remote
 
     async def step(self, context_id: int) -> None:
-        """Step every owner's optimizer with the gradients of ``context_id``."""
+        """Step every owner's optimizer with the gradients of ``context_id``.
+
+        Not atomic across owners (one call each, at the same time): when it fails on one
+        owner (or is cancelled), the others may have stepped already."""
         refs = await self._setup()
         await asyncio.gather(*(r.rpc().step(context_id) for r in refs.values()))
