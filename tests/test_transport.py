@@ -335,3 +335,28 @@ def test_everything_also_works_on_uvloop():
     uvloop = pytest.importorskip("uvloop")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(_uvloop_workload())
+
+
+async def test_a_connection_closed_before_it_was_made_logs_no_unretrieved_error():
+    # (seen in a chaos run: "Future exception was never retrieved ... connection
+    # closed" for a connection that closed while nobody awaited its `made`)
+    import gc
+
+    loop = asyncio.get_running_loop()
+    seen: list[dict] = []
+    old = loop.get_exception_handler()
+    loop.set_exception_handler(lambda lp, ctx: seen.append(ctx))
+    try:
+        conn = transport.Connection(kind="tcp")
+        conn.abort(ConnectionResetError("gone"))
+        assert conn.closed and conn.made.done()
+        del conn
+        gc.collect()  # (an unretrieved error is reported as the future is freed)
+    finally:
+        loop.set_exception_handler(old)
+    assert not [c for c in seen if "never retrieved" in c.get("message", "")], seen
+    # whoever awaits it still gets the error
+    conn = transport.Connection(kind="tcp")
+    conn.abort()
+    with pytest.raises(ConnectionResetError, match="connection closed"):
+        await conn.made

@@ -583,6 +583,9 @@ class Connection(asyncio.BaseProtocol):
             w.set_result(None)
         if not self.made.done():
             self.made.set_exception(ConnectionResetError("connection closed"))
+            # (whoever awaits it still gets the error; a connection nobody was waiting
+            # on, e.g. one closed while being made, must not log "never retrieved")
+            self.made.exception()
         if self.on_lost is not None:
             cb, self.on_lost = self.on_lost, None
             cb(self, self.close_reason)
