@@ -788,7 +788,8 @@ async def handshake(
     except (ConnectionError, OSError) as exc:
         conn.abort(exc)
         raise AuthError(
-            f"handshake with {where} refused: connection closed by the peer (wrong cluster token?)"
+            f"handshake with {where} refused: connection closed by the peer (a wrong cluster "
+            "token, or the peer is shutting down)"
         ) from exc
     except AuthError as exc:
         conn.abort(exc)
