@@ -331,3 +331,40 @@ async def test_random_programs_with_a_worker_killed_anywhere(worker_path, seed):
                 assert info["num_contexts"] == info["num_active_passes"] == 0, (name, info)
             assert ag.dist.debug_info()["num_contexts"] == 0
     assert failed >= 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_random_programs_at_once_with_cancels_and_a_worker_killed(worker_path, seed):
+    # 16 programs in 16 contexts at once on worker processes; over 300 loop turns each
+    # task may be cancelled (1% a turn), and one worker is SIGKILLed at a random turn.
+    # Whatever each ends with (done, cancelled, WorkerLost), nothing may hang and the
+    # survivors must end with no context and no pass.
+    import os
+    import signal
+
+    rng = np.random.default_rng(600 + seed)
+    victim = ["w1", "w2", "w3"][seed % 3]
+    async with ag.local_cluster(3, processes=True):
+        pid = await ag.rpc(victim, F.pid)
+        progs = programs(16, 900 + seed, tag=True)
+        for _ops, _outs, _inputs, pvals in progs:
+            for (w, k), v in pvals.items():
+                await ag.rpc(w, F.put, (k, v))
+        tasks = [asyncio.ensure_future(run_in_context(o, u, i)) for o, u, i, _ in progs]
+        kill_turn = int(rng.integers(0, 200))
+        for turn in range(300):
+            await asyncio.sleep(0)  # (loop turns, not time)
+            if turn == kill_turn:
+                os.kill(pid, signal.SIGKILL)
+            for t in tasks:
+                if not t.done() and rng.random() < 0.01:
+                    t.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        for r in results:
+            assert r is None or isinstance(
+                r, (asyncio.CancelledError, ag.WorkerLost, ag.RemoteError)
+            ), repr(r)
+        for name in {"w1", "w2", "w3"} - {victim}:
+            info = await ag.rpc(name, F.wait_no_contexts, (10.0,))
+            assert info["num_contexts"] == info["num_active_passes"] == 0, (name, info)
+        assert ag.dist.debug_info()["num_contexts"] == 0
