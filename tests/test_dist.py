@@ -1235,10 +1235,13 @@ async def test_a_pass_that_cannot_even_be_set_up_leaves_nothing_registered(monke
         await assert_clean(c.names)
 
 
-async def test_a_second_hop_is_released_when_the_worker_between_died(worker_path):
+@pytest.mark.parametrize("left", ["normally", "cancelled"])
+async def test_a_second_hop_is_released_when_the_worker_between_died(worker_path, left):
     # driver -> w2 -> w1: w1 holds the context through w2 only. w2 dies before the
     # context is left: the release cannot go through it, so the releasing side tells
     # every other member; w1 used to keep the context for as long as the driver lived.
+    # Left by a cancelled task, nobody waits for the releases, but the protocol still
+    # runs to its end in the background.
     import signal
 
     async with cluster("processes", 2) as c:
@@ -1246,14 +1249,29 @@ async def test_a_second_hop_is_released_when_the_worker_between_died(worker_path
         await ag.rpc("w1", F.put, ("b", arr(3)))
         pid2 = await ag.rpc("w2", F.pid)
         x = ag.tensor(arr(3), requires_grad=True)
-        async with ag.dist.context():
-            await ag.rpc("w2", F.mul_then_forward, ("a", "w1", "b", x))
-            # (call_nowait: outside the context, which an rpc to w1 would bring it into)
-            assert (await c.driver.call_nowait("w1", F.debug_info))["num_contexts"] == 1
-            lost = asyncio.Event()
-            c.driver.add_peer_lost_callback(lambda name: name == "w2" and lost.set())
-            os.kill(pid2, signal.SIGKILL)
-            await asyncio.wait_for(lost.wait(), 10)
-        info = await ag.rpc("w1", F.debug_info)  # (the exit waited for w1's release)
+        killed = asyncio.Event()
+
+        async def step() -> None:
+            async with ag.dist.context():
+                await ag.rpc("w2", F.mul_then_forward, ("a", "w1", "b", x))
+                # (call_nowait: outside the context, which an rpc to w1 would bring it into)
+                assert (await c.driver.call_nowait("w1", F.debug_info))["num_contexts"] == 1
+                lost = asyncio.Event()
+                c.driver.add_peer_lost_callback(lambda name: name == "w2" and lost.set())
+                os.kill(pid2, signal.SIGKILL)
+                await asyncio.wait_for(lost.wait(), 10)
+                killed.set()
+                if left == "cancelled":
+                    await asyncio.Event().wait()  # until cancelled
+
+        task = asyncio.ensure_future(step())
+        await asyncio.wait_for(killed.wait(), 20)
+        if left == "cancelled":
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            await task  # (the exit waited for w1's release)
+        info = await ag.rpc("w1", F.wait_no_contexts, (10.0,))
         assert info["num_contexts"] == 0, info
         assert ag.dist.debug_info()["num_contexts"] == 0

@@ -8,7 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from actorgrad.dist.context import DistState, _current, call_peers, current_context, state_of
+from actorgrad.dist.context import (
+    DistState,
+    _current,
+    call_peers,
+    current_context,
+    finish_calls,
+    start_calls,
+    state_of,
+)
 from actorgrad.errors import ContextError
 from actorgrad.runtime import current_worker, inline
 from actorgrad.tensor import Tensor
@@ -73,21 +81,29 @@ class _Context:
 async def _release_everywhere(st: DistState, ctx_id: int, wait: bool = True) -> None:
     # Release locally first, so a forwarded release coming back finds nothing to do.
     peers = _release_local(st, ctx_id)
-    if peers:
-        await _release_on(st.worker, peers, ctx_id, st.worker.name, wait)
+    if not peers:
+        return
+    worker = st.worker
+    started = start_calls(worker, peers, _release, (ctx_id, worker.name))
+    if wait:
+        await _release_on(worker, started, ctx_id, worker.name)
+    else:
+        # nobody waits (the requests are out), but the protocol runs to its end in the
+        # background: a peer that turns out gone must still get the others told
+        worker.spawn(
+            _release_on(worker, started, ctx_id, worker.name), name=f"release-{ctx_id:#x}"
+        )
 
 
-async def _release_on(
-    worker: Any, peers: set[str], ctx_id: int, sender: str, wait: bool = True
-) -> None:
-    """Release ``ctx_id`` on ``peers`` (each forwards it to its own peers). A peer that
-    is gone cannot forward it to the workers it brought into the context (second hops,
-    whose initiator lives on: no lease reclaims it there), so then every other member
-    is told too (workers without the context just acknowledge)."""
+async def _release_on(worker: Any, started: list[Any], ctx_id: int, sender: str) -> None:
+    """Wait for the releases of ``ctx_id`` ``started`` on this worker's peers (each
+    forwards it to its own peers). A peer that is gone cannot forward it to the workers
+    it brought into the context (second hops, whose initiator lives on: no lease
+    reclaims it there), so then every other member is told too (workers without the
+    context just acknowledge)."""
     me = worker.name
-    failed = await call_peers(worker, peers, _release, (ctx_id, me), wait=wait)
-    if failed and wait:
-        rest = set(worker.worker_names()) - peers - {me, sender}
+    if await finish_calls(worker, started):
+        rest = set(worker.worker_names()) - {p for p, _ in started} - {me, sender}
         if rest:
             await call_peers(worker, rest, _release, (ctx_id, me))
 
@@ -111,7 +127,7 @@ def _release(ctx_id: int, sender: str) -> Awaitable[None] | None:
     peers = _release_local(state_of(worker), ctx_id)
     peers.discard(sender)
     if peers:
-        return _release_on(worker, peers, ctx_id, sender)
+        return _release_on(worker, start_calls(worker, peers, _release, (ctx_id, worker.name)), ctx_id, sender)
     return None
 
 

@@ -396,36 +396,51 @@ def current_context(worker: Worker) -> DistContext | None:
     return state_of(worker).contexts.get(cur[1])
 
 
-async def call_peers(
-    worker: Worker, peers: Iterable[str], fn: Any, args: tuple[Any, ...], wait: bool = True
-) -> set[str]:
-    """Run protocol handler ``fn(*args)`` on every peer but this worker, all in flight
-    together, and wait for all of them (``wait``) — except peers already reported lost:
-    they get the request too (alive after all, they handle it once reconnected) but
-    nobody waits for them (a hung one would hold us for the connection deadlines). A
-    peer that fails or is gone has nothing left to clean: logged, not raised. Returns
-    the peers that failed or were not waited for (with ``wait``). (Requests without a
-    task each, and outside any context: ``call_nowait`` carries no context metadata.)"""
-    # The requests leave at once (call_nowait: cancelling one's future does not cancel
-    # the remote call), and each outcome is read by a callback (no "exception was never
-    # retrieved"), so being cancelled while waiting loses nothing.
-    futs = []
-    failed: set[str] = set()
+def start_calls(
+    worker: Worker, peers: Iterable[str], fn: Any, args: tuple[Any, ...]
+) -> list[tuple[str, asyncio.Future[Any]]]:
+    """Send protocol handler ``fn(*args)`` to every peer but this worker, now (requests
+    without a task each, and outside any context: ``call_nowait`` carries no context
+    metadata). Each outcome is read by a callback (logged if it failed), so nobody has
+    to wait for them."""
+    started = []
     for p in peers:
         if p == worker.name:
             continue
         fut = worker.call_nowait(p, fn, args)
         fut.add_done_callback(functools.partial(_log_failure, fn, p))
-        if wait and not worker.is_lost(p):
-            futs.append((p, fut))
-        else:
+        started.append((p, fut))
+    return started
+
+
+async def finish_calls(worker: Worker, started: list[tuple[str, asyncio.Future[Any]]]) -> set[str]:
+    """Wait for calls of ``start_calls`` — except those to peers already reported lost
+    (alive after all, they handle it once reconnected, but a hung one would hold us for
+    the connection deadlines). A peer that fails or is gone has nothing left to clean:
+    not raised. Returns the peers that failed or were not waited for."""
+    failed: set[str] = set()
+    waiting = []
+    for p, fut in started:
+        if worker.is_lost(p):
             failed.add(p)
-    for p, fut in futs:
+        else:
+            waiting.append((p, fut))
+    for p, fut in waiting:
+        # (cancelling this wait does not cancel the remote calls: nothing is lost)
         try:
             await fut
         except Exception:  # logged by _log_failure; cancellation does propagate
             failed.add(p)
     return failed
+
+
+async def call_peers(
+    worker: Worker, peers: Iterable[str], fn: Any, args: tuple[Any, ...]
+) -> set[str]:
+    """``start_calls`` then ``finish_calls``: run protocol handler ``fn(*args)`` on every
+    peer but this worker, all in flight together; returns the peers that failed or were
+    not waited for."""
+    return await finish_calls(worker, start_calls(worker, peers, fn, args))
 
 
 def _log_failure(fn: Any, peer: str, fut: asyncio.Future[Any]) -> None:

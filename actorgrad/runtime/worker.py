@@ -382,12 +382,19 @@ class Worker:
                 self._local_server, self.local_address = local
         self._dctx = contextvars.copy_context()  # the actor's context: _current = self
         self._dctx.run(_current.set, self)
-        self._spawn(self._running(), name=f"actorgrad-dispatch-{self.name}")
-        self._spawn(self._heartbeat(), name=f"actorgrad-heartbeat-{self.name}")
+        self.spawn(self._running(), name=f"actorgrad-dispatch-{self.name}")
+        self.spawn(self._heartbeat(), name=f"actorgrad-heartbeat-{self.name}")
 
-    def _spawn(
+    def spawn(
         self, coro: Any, *, name: str | None = None, context: Any = None
     ) -> asyncio.Task[Any]:
+        """Run ``coro`` as a background task of this worker: referenced until done,
+        cancelled when the worker shuts down, an exception it ends with logged.
+
+        Example::
+
+            worker.spawn(finish_later(), name="finish")
+        """
         t = self.loop.create_task(coro, name=name, context=context)
         self._tasks.add(t)
         t.add_done_callback(self._task_done)
@@ -451,7 +458,7 @@ class Worker:
         if self._stopping:
             self.loop.call_soon(conn.abort, None)
         else:
-            self._spawn(self._accept_handshake(conn))
+            self.spawn(self._accept_handshake(conn))
         return conn
 
     async def _accept_handshake(self, conn: Connection) -> None:
@@ -517,7 +524,7 @@ class Worker:
             raise WorkerLost(f"worker {self.name!r} is shutting down")
         task = self._connecting.get(dest)
         if task is None:
-            task = self._spawn(self._connect_peer(dest), name=f"actorgrad-connect-{dest}")
+            task = self.spawn(self._connect_peer(dest), name=f"actorgrad-connect-{dest}")
             self._connecting[dest] = task
             task.add_done_callback(lambda t: self._connecting.pop(dest, None))
         return await asyncio.shield(task)
@@ -845,7 +852,7 @@ class Worker:
         ctx = contextvars.copy_context()
         self._inflight += 1
         if not stats.inline and (stats.is_async or stats.fast < INLINE_AFTER):
-            self._spawn(
+            self.spawn(
                 self._run_task(conn, cid, mode, fn, args, kwargs, meta, hooks, stats), context=ctx
             )
             return
@@ -861,7 +868,7 @@ class Worker:
             if not stats.inline and time.perf_counter() - t0 > FAST_CALL:
                 stats.fast = 0
         if type(result) not in _PLAIN and inspect.isawaitable(result):
-            self._spawn(self._finish_awaitable(conn, cid, mode, result, hooks), context=ctx)
+            self.spawn(self._finish_awaitable(conn, cid, mode, result, hooks), context=ctx)
             return
         self._done()
         self._reply(conn, cid, mode, result, hooks)
@@ -956,7 +963,7 @@ class Worker:
             return
         chunks = self._encode_reply(cid, mode, result, hooks)
         if hooks.forks:
-            self._spawn(self._send_after_forks(conn, chunks, hooks))
+            self.spawn(self._send_after_forks(conn, chunks, hooks))
         else:
             conn.send_nowait(chunks)
 
@@ -1108,7 +1115,7 @@ class Worker:
             fut.set_exception(WorkerLost(f"worker {self.name!r} is shutting down"))
             fut.exception()  # failed by our shutdown: never "exception was never retrieved"
         else:
-            self._spawn(self._connect_and_request(dest, target, args, kwargs, fut))
+            self.spawn(self._connect_and_request(dest, target, args, kwargs, fut))
         return fut
 
     def _request_nowait(
@@ -1133,7 +1140,7 @@ class Worker:
             return
         conn.pending[cid] = (fut, hooks)
         if hooks.forks:  # RRefs among the arguments: registered before the request goes
-            self._spawn(self._request_after_forks(conn, cid, chunks, hooks, fut))
+            self.spawn(self._request_after_forks(conn, cid, chunks, hooks, fut))
             return
         try:
             conn.send_nowait(chunks)
@@ -1242,7 +1249,7 @@ class Worker:
             conn = self._out.get(dest)
             if conn is None or conn.closed:
                 self._notify_queues[dest] = [(chunks, what, on_error)]
-                self._spawn(self._notify_connect(dest))
+                self.spawn(self._notify_connect(dest))
                 return
             conn.send_nowait(chunks)
         except Exception as exc:
