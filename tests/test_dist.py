@@ -51,6 +51,19 @@ async def assert_clean(names):
     assert ag.dist.debug_info()["num_contexts"] == 0
 
 
+async def assert_one_hop_exact(xv: np.ndarray, wv: np.ndarray) -> None:
+    """A fresh step, loss = (x * w).sum() with w (``wv``, put as "w") on w1, gives the
+    exact gradients of x and w: the workers are ready for the next step."""
+    x = ag.tensor(xv, requires_grad=True)
+    async with ag.dist.context() as ctx:
+        y = await ag.rpc("w1", F.mul, ("w", x))
+        await ag.dist.backward(ctx, [y.sum()])
+        gx = ag.dist.get_gradients(ctx)[x]
+        gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+    np.testing.assert_allclose(gx, wv, rtol=1e-12)
+    np.testing.assert_allclose(gw, xv, rtol=1e-12)
+
+
 # --- scenarios, each on in-process and process workers -------------------------------
 
 
@@ -1047,15 +1060,7 @@ async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(cor
         assert {"shape": T_DELIVER, "credit": T_CREDIT, "report": T_FAIL}[corrupt] in seen
         await assert_clean(c.names)
         assert (await ag.rpc("w1", F.debug_info))["num_active_passes"] == 0
-        # the next step is exact
-        x = ag.tensor(xv, requires_grad=True)
-        async with ag.dist.context() as ctx:
-            y = await ag.rpc("w1", F.mul, ("w", x))
-            await ag.dist.backward(ctx, [y.sum()])
-            gx = ag.dist.get_gradients(ctx)[x]
-            gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
-        np.testing.assert_allclose(gx, wv, rtol=1e-12)
-        np.testing.assert_allclose(gw, xv, rtol=1e-12)
+        await assert_one_hop_exact(xv, wv)
         await assert_clean(c.names)
 
 
@@ -1104,10 +1109,8 @@ async def test_leaving_the_context_while_its_backward_runs(worker_path):
         with pytest.raises(ag.ContextError, match="was released on worker 'driver' while"):
             await asyncio.wait_for(task, 10)
         await assert_clean(c.names)
-        async with ag.dist.context() as ctx:
-            y = await ag.rpc("w1", F.mul, ("w", x))
-            await ag.dist.backward(ctx, [y.sum()])
-            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await ag.rpc("w1", F.put, ("w", wv))  # (a fresh w: the slow hook has run)
+        await assert_one_hop_exact(xv, wv)
         await assert_clean(c.names)
 
 
@@ -1155,17 +1158,16 @@ async def test_a_worker_dying_after_an_earlier_connection_loss_still_fails_backw
     # other for lost), then they reconnected. A later real death of w1 mid-backward
     # must still be reported: the driver's backward used to wait for good (a peer
     # already taken for lost was never reported lost again).
+    xv, wv = arr(3), arr(3)
     async with cluster("processes", 2) as c:
-        await ag.rpc("w1", F.put, ("w", arr(3)))
+        await ag.rpc("w1", F.put, ("w", wv))
         lost = asyncio.Event()
         c.driver.add_peer_lost_callback(lambda name: name == "w1" and lost.set())
         c.driver.cast("w1", "dist.abort", ("not", "ids"))
         await asyncio.wait_for(lost.wait(), 10)
-        x = ag.tensor(arr(3), requires_grad=True)
-        async with ag.dist.context() as ctx:  # a step over the new connection
-            y = await ag.rpc("w1", F.mul, ("w", x))
-            await ag.dist.backward(ctx, [y.sum()])
+        await assert_one_hop_exact(xv, wv)  # a step over the new connection
         assert not c.driver.is_lost("w1")
+        x = ag.tensor(xv, requires_grad=True)
         await ag.rpc("w1", F.add_dying_hook, ("w",))
         async with ag.dist.context() as ctx:
             y = await ag.rpc("w1", F.mul, ("w", x))
