@@ -778,6 +778,15 @@ async def test_a_truthy_retain_graph_travels_as_a_bool():
         await assert_clean(c.names)
 
 
+async def test_the_context_object_shows_its_state():
+    async with cluster(n=1):
+        cm = ag.dist.context()
+        assert repr(cm) == "<dist context not entered>"
+        async with cm as ctx:
+            assert repr(cm) == f"<dist context {ctx:#x} open>"
+        assert repr(cm) == f"<dist context {ctx:#x} released>"
+
+
 async def test_concurrent_tasks_have_their_own_contexts():
     async with cluster():
         ids = []

@@ -52,7 +52,10 @@ class _Context:
 
     def __repr__(self) -> str:
         cid = getattr(self, "_id", None)
-        return f"<dist context {'not entered' if cid is None else hex(cid)}>"
+        if cid is None:
+            return "<dist context not entered>"
+        state = "open" if cid in self._st.contexts else "released"
+        return f"<dist context {cid:#x} {state}>"
 
     async def __aenter__(self) -> int:
         worker = current_worker()
