@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import numpy as np
@@ -87,23 +87,29 @@ async def _release_everywhere(st: DistState, ctx_id: int, wait: bool = True) -> 
     if not peers:
         return
     worker = st.worker
-    started = start_calls(worker, peers, _release, (ctx_id, worker.name))
+    acks = _release_on(worker, peers, ctx_id, worker.name)
     if wait:
-        await _release_on(worker, started, ctx_id, worker.name)
+        await acks
     else:
         # nobody waits (the requests are out), but the protocol runs to its end in the
         # background: a peer that turns out gone must still get the others told
-        worker.spawn(
-            _release_on(worker, started, ctx_id, worker.name), name=f"release-{ctx_id:#x}"
-        )
+        worker.spawn(acks, name=f"release-{ctx_id:#x}")
 
 
-async def _release_on(worker: Any, started: list[Any], ctx_id: int, sender: str) -> None:
-    """Wait for the releases of ``ctx_id`` ``started`` on this worker's peers (each
-    forwards it to its own peers). A peer that is gone cannot forward it to the workers
-    it brought into the context (second hops, whose initiator lives on: no lease
-    reclaims it there), so then every other member is told too (workers without the
-    context just acknowledge)."""
+def _release_on(
+    worker: Any, peers: set[str], ctx_id: int, sender: str
+) -> Coroutine[Any, Any, None]:
+    """Send the release of ``ctx_id`` to ``peers`` now (each forwards it to its own
+    peers); returns the wait for their acknowledgements."""
+    started = start_calls(worker, peers, _release, (ctx_id, worker.name))
+    return _await_releases(worker, started, ctx_id, sender)
+
+
+async def _await_releases(worker: Any, started: list[Any], ctx_id: int, sender: str) -> None:
+    """Wait for the releases ``started`` by ``_release_on``. A peer that is gone cannot
+    forward it to the workers it brought into the context (second hops, whose initiator
+    lives on: no lease reclaims it there), so then every other member is told too
+    (workers without the context just acknowledge)."""
     me = worker.name
     if await finish_calls(worker, started):
         rest = set(worker.worker_names()) - {p for p, _ in started} - {me, sender}
@@ -130,7 +136,7 @@ def _release(ctx_id: int, sender: str) -> Awaitable[None] | None:
     peers = _release_local(state_of(worker), ctx_id)
     peers.discard(sender)
     if peers:
-        return _release_on(worker, start_calls(worker, peers, _release, (ctx_id, worker.name)), ctx_id, sender)
+        return _release_on(worker, peers, ctx_id, sender)
     return None
 
 
