@@ -83,6 +83,7 @@ from actorgrad.errors import (
     WorkerLost,
 )
 from actorgrad.runtime import calls, rref, transport
+from actorgrad.runtime.procs import ENV_ADDRESS
 from actorgrad.runtime.transport import Connection
 
 log = logging.getLogger("actorgrad.runtime")
@@ -124,7 +125,7 @@ def current_worker() -> Worker:
         return _process_worker
     if w is not None:
         return w
-    if os.environ.get("ACTORGRAD_ADDRESS"):  # (procs.ENV_ADDRESS: set by `actorgrad run`)
+    if os.environ.get(ENV_ADDRESS):  # (set by `actorgrad run` for its script)
         raise RuntimeError(
             _NOT_INIT + "; a cluster is waiting at $ACTORGRAD_ADDRESS (`actorgrad run`?): "
             '`await ag.init("driver")` joins it'
