@@ -271,7 +271,7 @@ class PassState:
             node = sends.get(send_id)
             if node is None:
                 raise ContextError(
-                    f"context {self.ctx.id:#x} has no send node {send_id!r} here "
+                    f"context {self.ctx.id:#x} has no send node {short_repr(send_id)} here "
                     "(graph already freed, or a gradient arrived twice)"
                 )
             g = _unpack_grad(grad)
@@ -514,7 +514,7 @@ def _deliver(
             )
         _check_credit(num, exp)
         if relay is not None and (sender != origin or not _relay_ok(relay)):
-            raise ProtocolError(f"malformed relay {relay!r} from {sender!r}")
+            raise ProtocolError(f"malformed relay {short_repr(relay)} from {sender!r}")
         ps = ctx.active_pass
         early: list[tuple[Any, ...]] | None = None
         if ps is None or ps.pass_id != pass_id:
