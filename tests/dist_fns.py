@@ -228,7 +228,7 @@ async def late_call(flag: str, dest: str, x: ag.Tensor) -> None:
     """Run inside a context: tell the driver we started, block this worker (its loop
     too, so a release waits unread in its socket) until the file ``flag`` exists, then
     call ``dest`` in the context: the request leaves before this worker reads the
-    release. Its outcome goes to ``late_outcome``."""
+    release. Its outcome goes to ``outcome("late")``."""
     from actorgrad.runtime import current_worker
 
     # one-way, and nothing awaited before blocking: a release sent once the driver
@@ -252,11 +252,61 @@ def _block_until_exists(path: str, deadline: float) -> None:
         time.sleep(0.002)
 
 
-async def late_outcome(deadline: float) -> str:
+async def outcome(name: str, deadline: float) -> str:
+    """What ``name`` (``late``, ``backward``) ended with here: "ok" or "Type: message"
+    (waits for it at most ``deadline`` seconds)."""
     import asyncio
 
-    await asyncio.wait_for(event("late done").wait(), deadline)
-    return _outcomes["late"]
+    await asyncio.wait_for(event(f"{name} done").wait(), deadline)
+    return _outcomes[name]
+
+
+# --- a backward started on a worker whose context's initiator dies -------------------------
+
+_tasks: set[Any] = set()
+
+
+async def forward_via(dest: str, key: str, x: ag.Tensor) -> None:
+    """In the caller's context: z = x * store[key] computed on ``dest``, kept here."""
+    _store[_k("z")] = await ag.rpc(dest, mul, (key, x))
+
+
+async def backward_in_background(ctx_id: int) -> None:
+    """Start a backward pass here from the kept z and return while it runs; its outcome
+    goes to ``outcome("backward")``."""
+    import asyncio
+
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    z = _store.pop(_k("z"))
+
+    async def run() -> None:
+        try:
+            await ag.dist.backward(ctx_id, [z.sum()])
+            _outcomes["backward"] = "ok"
+        except Exception as exc:
+            _outcomes["backward"] = f"{type(exc).__name__}: {exc}"
+        event("backward done").set()
+
+    task = asyncio.create_task(run())
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    await asyncio.sleep(0)  # one loop turn: the task registers its pass and sends
+    assert state_of(current_worker()).runs, "the backward pass did not start"
+
+
+async def backward_elsewhere_then_die(via: str, dest: str, key: str, stop_pid: int) -> None:
+    """Open a context, have ``via`` compute through ``dest`` (then SIGSTOPped, so the
+    pass waits for it) and start a backward in it, then die without a release."""
+    import signal
+
+    x = ag.tensor(np.ones(3), requires_grad=True)
+    async with ag.dist.context() as ctx:
+        await ag.rpc(via, forward_via, (dest, key, x))
+        os.kill(stop_pid, signal.SIGSTOP)
+        await ag.rpc(via, backward_in_background, (ctx,))
+        os._exit(3)
 
 
 # --- random programs (test_dist_random.py) ---------------------------------------------

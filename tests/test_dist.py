@@ -718,6 +718,29 @@ async def test_context_of_a_dead_initiator_is_reclaimed(worker_path):
         assert info["num_contexts"] == 0 and info["num_recv_nodes"] == 0
 
 
+async def test_a_backward_on_a_worker_fails_with_worker_lost_when_the_initiator_dies(
+    worker_path,
+):
+    # w3 opens the context, w1 computes through w2 and starts a backward pass in it
+    # (waiting for the SIGSTOPped w2), then w3 dies. w1's pass fails naming the cause,
+    # not with the ContextError of the lease's release that follows.
+    import signal
+
+    async with cluster("processes", 3):
+        await ag.rpc("w2", F.put, ("w", arr(3)))
+        pid2 = await ag.rpc("w2", F.pid)
+        try:
+            with pytest.raises(ag.WorkerLost):
+                await ag.rpc("w3", F.backward_elsewhere_then_die, ("w1", "w2", "w", pid2))
+            outcome = await ag.rpc("w1", F.outcome, ("backward", 20.0))
+            assert outcome.startswith("WorkerLost: worker 'w3', the initiator of context"), outcome
+        finally:
+            os.kill(pid2, signal.SIGCONT)
+        for name in ("w1", "w2"):
+            info = await ag.rpc(name, F.wait_no_contexts, (10.0,))
+            assert info["num_contexts"] == info["num_active_passes"] == 0, (name, info)
+
+
 async def test_cancelled_task_still_releases_its_context_everywhere(mode):
     async with cluster(mode) as c:
         await ag.rpc("w1", F.put, ("w", arr(3)))
@@ -1155,7 +1178,7 @@ async def test_a_call_that_arrives_in_a_released_context_is_refused(worker_path,
         assert ag.dist.debug_info()["num_contexts"] == 0
         assert (await ag.rpc("w2", F.wait_no_contexts, (10.0,)))["num_contexts"] == 0
         _touch(flag)  # the go signal
-        outcome = await ag.rpc("w1", F.late_outcome, (10.0,))
+        outcome = await ag.rpc("w1", F.outcome, ("late", 10.0))
         assert "ContextError" in outcome, outcome
         assert f"was released on worker '{dest}'; a call that arrives in it late" in outcome
         await ag.rpc("w1", F.wait_no_contexts, (10.0,))

@@ -309,6 +309,12 @@ class DistState:
         t.grad_fn = node
         return t
 
+    def fail_runs(self, ctx_id: int, exc: BaseException) -> None:
+        """Fail the backward passes started here in ``ctx_id`` that still wait."""
+        for run in self.runs.values():
+            if run.ctx_id == ctx_id:
+                run.fail(exc)
+
     def forget(self, ctx_id: int) -> DistContext | None:
         """Drop a context from this worker (released, or reclaimed by the lease)."""
         ctx = self.contexts.pop(ctx_id, None)
@@ -320,14 +326,13 @@ class DistState:
                 self._released.discard(order.popleft())
             order.append(ctx_id)
             self._released.add(ctx_id)
-            for run in self.runs.values():
-                if run.ctx_id == ctx_id:  # a backward still waiting in it: fails now
-                    run.fail(
-                        ContextError(
-                            f"distributed autograd context {ctx_id:#x} was released on "
-                            f"worker {self.worker.name!r} while its backward pass ran"
-                        )
-                    )
+            self.fail_runs(  # a backward still waiting in it: fails now
+                ctx_id,
+                ContextError(
+                    f"distributed autograd context {ctx_id:#x} was released on "
+                    f"worker {self.worker.name!r} while its backward pass ran"
+                ),
+            )
         if not self.contexts and self._empty_waiters:
             waiters, self._empty_waiters = self._empty_waiters, []
             for fut in waiters:
@@ -373,15 +378,20 @@ def _on_peer_lost(st: DistState, name: str) -> None:
 
     for ctx_id, ctx in list(st.contexts.items()):
         if ctx.initiator == name:
+            # (a backward started here in it fails with the cause, not with the
+            # ContextError of the release that follows)
+            lost = WorkerLost(
+                f"worker {name!r}, the initiator of context {ctx_id:#x}, was lost during "
+                "the backward pass (its context is reclaimed everywhere)"
+            )
+            st.fail_runs(ctx_id, lost)
             st.forget(ctx_id)
             continue
         if name not in ctx.peers:
             continue
         ctx.drop_pass()
         lost = WorkerLost(f"worker {name!r} was lost during the backward pass")
-        for run in st.runs.values():
-            if run.ctx_id == ctx_id:
-                run.fail(lost)
+        st.fail_runs(ctx_id, lost)
         if name in ctx.sent_to and ctx.last_pass is not None:
             pass_id, origin = ctx.last_pass
             if origin not in (name, st.worker.name):
