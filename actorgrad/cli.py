@@ -205,7 +205,13 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
     async def serve(stop: asyncio.Event) -> None:
         with _expected():
             await cluster.serve_cluster(
-                n, host=args.host, port=args.port, token=token, on_ready=on_ready, stop=stop
+                n,
+                host=args.host,
+                port=args.port,
+                token=token,
+                on_ready=on_ready,
+                stop=stop,
+                on_event=lambda kind, text: _say(text),
             )
 
     code = await _serve_until_signalled(serve, "cluster")
@@ -275,7 +281,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         with _expected():
-            await cluster.serve_cluster(args.n, token=token, on_ready=on_ready, stop=stop)
+            await cluster.serve_cluster(
+                args.n, token=token, on_ready=on_ready, stop=stop, on_event=on_event
+            )
+
+    def on_event(kind: str, text: str) -> None:
+        if kind == "exited":  # (the script's own joining and leaving is no news)
+            _note(text)
 
     serving = asyncio.ensure_future(serve())
     proc: asyncio.subprocess.Process | None = None

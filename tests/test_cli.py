@@ -89,6 +89,18 @@ class Running:
             if line.startswith(prefix):
                 return line[len(prefix) :].strip()
 
+    def expect_all(self, *prefixes: str, timeout: float = STARTUP) -> dict[str, str]:
+        """Like ``expect`` for each prefix, in whatever order the lines come."""
+        found: dict[str, str] = {}
+        deadline = time.monotonic() + timeout
+        while len(found) < len(prefixes):
+            line = self.expect("", max(0.0, deadline - time.monotonic()))
+            for p in prefixes:
+                if p not in found and line.startswith(p):
+                    found[p] = line[len(p) :].strip()
+                    break
+        return found
+
     def wait(self, timeout: float = 20.0) -> int:
         return self.proc.wait(timeout)
 
@@ -313,6 +325,41 @@ def test_a_worker_joins_from_another_process(cluster: tuple[str, Path]) -> None:
         assert w.wait() == 0
     finally:
         w.stop()
+
+
+@needs_runtime
+def test_the_cluster_says_who_joins_and_leaves_and_how_its_workers_die(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    c = Running("cluster", "-n", "2", "--token-file", str(token_file))
+    w = None
+    try:
+        address = c.expect("address:")
+        c.expect("Ctrl-C to stop")
+        pids = descendants(c.proc.pid)
+        w = Running("worker", "--join", address, "--name", "extra", "--token-file", str(token_file))
+        assert c.expect("worker extra joined").startswith("(127.0.0.1:")
+        # one of the cluster's own worker processes is killed
+        victim = pids.pop()
+        os.kill(victim, signal.SIGKILL)
+        lines = c.expect_all("worker process w", "worker w")
+        num = lines["worker w"].split()[0]  # (w1 or w2)
+        assert lines["worker w"] == f"{num} left"
+        assert lines["worker process w"] == f"{num} (pid {victim}) was killed by SIGKILL"
+        # a joined worker that stops leaves (its process is not the cluster's: no exit line)
+        w.proc.send_signal(signal.SIGTERM)
+        assert w.wait() == 0
+        c.expect("worker extra left")
+        # the shutdown's own leaving and exits are not reported
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.wait(20) == 0
+        c.expect("cluster stopped")
+        news = [x for x in c.seen if x.startswith("worker ")]
+        assert len(news) == 4, c.seen  # extra joined; w1 or w2 left, was killed; extra left
+        assert wait_gone(pids, 10) == set()
+    finally:
+        c.stop()
+        if w is not None:
+            w.stop()
 
 
 @needs_runtime

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import os
 import secrets
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from actorgrad.runtime import worker as _w
-from actorgrad.runtime.procs import WorkerProcesses
+from actorgrad.runtime.procs import WorkerProcesses, describe_exit
 from actorgrad.runtime.worker import Worker
 
 HEAD_NAME = "_head"
@@ -83,26 +84,52 @@ async def serve_cluster(
     token: str,
     on_ready: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
+    on_event: Callable[[str, str], None] | None = None,
 ) -> None:
     """Registry head + ``n`` worker processes ``w1..wn``; ``on_ready(address)`` once all
-    joined; runs until ``stop`` is set (or cancelled), then shuts everything down."""
+    joined; runs until ``stop`` is set (or cancelled), then shuts everything down.
+
+    Once ready, ``on_event(kind, text)`` hears of each change until the shutdown
+    starts: kind "joined" or "left" (a worker joined or left the registry) or "exited"
+    (one of the ``n`` worker processes ended: how, and its pid)."""
     if n < 0:
         raise ValueError(f"number of workers must be >= 0, not {n}")
     check_bind(host, token)
     head = Worker(HEAD_NAME, token=token, host=host, port=port)
     procs = WorkerProcesses()
+    unwatch: list[Callable[[], None]] = []
     try:
         await head.start()
         head.host_registry()
         procs.start(head.address, [f"w{i}" for i in range(1, n + 1)], token, host=host)
         await procs.wait_registered(head.registry)
+        if on_event is not None:
+            unwatch = _report_changes(head.registry, procs, on_event)
         if on_ready is not None:
             on_ready(head.address)
         if stop is None:
             stop = asyncio.Event()
         await stop.wait()
     finally:
+        for fn in unwatch:  # (the shutdown's own leaving and exits are not news)
+            fn()
         await finish(stop_all(head, [], procs))
+
+
+def _report_changes(
+    registry: Any, procs: WorkerProcesses, on_event: Callable[[str, str], None]
+) -> list[Callable[[], None]]:
+    """Tell ``on_event`` of joins, leaves and worker process exits; returns the
+    functions that stop it."""
+
+    def member(what: str, name: str, address: str) -> None:
+        on_event(what, f"worker {name} {what}" + (f" ({address})" if what == "joined" else ""))
+
+    def exited(name: str, pid: int, returncode: int) -> None:
+        on_event("exited", f"worker process {name} (pid {pid}) {describe_exit(returncode)}")
+
+    registry.listeners.append(member)
+    return [functools.partial(registry.listeners.remove, member), procs.watch_exits(exited)]
 
 
 async def stop_all(head: Worker, workers: list[Worker], procs: WorkerProcesses | None) -> None:

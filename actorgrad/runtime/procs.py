@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 # The environment of a driver or worker process: where the cluster is, and its token.
@@ -80,6 +81,17 @@ def blas_threads(n_workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // (n_workers + 1))
 
 
+def describe_exit(returncode: int) -> str:
+    """How a process ended, from its returncode: "exited with status 1", "was killed by
+    SIGKILL"."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
 class WorkerProcesses:
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -126,12 +138,41 @@ class WorkerProcesses:
                 argv, env=env, stdin=subprocess.DEVNULL, process_group=0, close_fds=True
             )
 
+    def watch_exits(self, on_exit: Callable[[str, int, int], None]) -> Callable[[], None]:
+        """Call ``on_exit(name, pid, returncode)`` on the running loop as each worker
+        process exits (a pidfd per process, read by the loop: no polling; where pidfds
+        are missing, nothing is reported). Returns the function that stops watching."""
+        loop = asyncio.get_running_loop()
+        fds: dict[str, int] = {}
+
+        def exited(name: str) -> None:
+            fd = fds.pop(name)
+            loop.remove_reader(fd)
+            os.close(fd)
+            p = self.procs[name]
+            on_exit(name, p.pid, p.wait())  # (it has exited: reaps at once)
+
+        for name, p in self.procs.items():
+            try:
+                fds[name] = os.pidfd_open(p.pid)
+            except (AttributeError, OSError):  # (no pidfds here, or reaped already)
+                continue
+            loop.add_reader(fds[name], exited, name)
+
+        def stop() -> None:
+            for fd in fds.values():
+                loop.remove_reader(fd)
+                os.close(fd)
+            fds.clear()
+
+        return stop
+
     def check(self) -> None:
         """Raise RuntimeError if a worker process has exited."""
         for name, p in self.procs.items():
             rc = p.poll()
             if rc is not None:
-                raise RuntimeError(f"worker process {name!r} (pid {p.pid}) exited with status {rc}")
+                raise RuntimeError(f"worker process {name!r} (pid {p.pid}) {describe_exit(rc)}")
 
     async def wait_registered(self, registry: Any, timeout: float = 60.0) -> None:  # noqa: ASYNC109 (timeout is API)
         try:

@@ -9,6 +9,7 @@ connections). A member whose join connection closes has left.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from actorgrad import wire
@@ -33,6 +34,8 @@ class Registry:
         self._next_id = 2
         self._changed = asyncio.Event()
         self.closed = False
+        # called with ("joined" or "left", name, address) on each change (the CLI's log)
+        self.listeners: list[Callable[[str, str, str], None]] = []
         worker._apply_members(*self.snapshot())
 
     def snapshot(self) -> tuple[int, dict[str, list]]:
@@ -60,15 +63,21 @@ class Registry:
         self.members[name] = (wid, address, local)
         self.conns[conn] = name
         self._changed_now()
+        self._tell("joined", name, address)
         return [wid, *self.snapshot()]
 
     def leave(self, name: str) -> None:
         if name in self.members and name != self.worker.name:
-            del self.members[name]
+            address = self.members.pop(name)[1]
             for c, n in list(self.conns.items()):
                 if n == name:
                     del self.conns[c]
             self._changed_now()
+            self._tell("left", name, address)
+
+    def _tell(self, what: str, name: str, address: str) -> None:
+        for fn in list(self.listeners):
+            fn(what, name, address)
 
     def conn_lost(self, conn: Connection) -> None:
         name = self.conns.pop(conn, None)
