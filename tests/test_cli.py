@@ -363,6 +363,41 @@ def test_the_cluster_says_who_joins_and_leaves_and_how_its_workers_die(tmp_path:
 
 
 @needs_runtime
+def test_status_lists_a_hung_worker_as_unreachable_and_names_a_hung_head(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    c = Running("cluster", "-n", "2", "--token-file", str(token_file))
+    stopped = []
+    try:
+        address = c.expect("address:")
+        c.expect("Ctrl-C to stop")
+        victim = sorted(descendants(c.proc.pid))[0]
+        os.kill(victim, signal.SIGSTOP)  # alive, its connections open, never answering
+        stopped.append(victim)
+        status = ["status", "--address", address, "--token-file", str(token_file)]
+        r = run_cli(*status, "--timeout", "1")
+        assert r.returncode == 0, r.stderr
+        rows = {line.split()[0]: line for line in r.stdout.splitlines()[2:]}
+        assert sorted(rows) == ["_head", "w1", "w2"]
+        hung = [n for n, line in rows.items() if "unreachable" in line]
+        assert len(hung) == 1, r.stdout
+        assert f"on worker '{hung[0]}' timed out after 1.0 s" in rows[hung[0]]
+        os.kill(victim, signal.SIGCONT)
+        stopped.clear()
+        os.kill(c.proc.pid, signal.SIGSTOP)
+        stopped.append(c.proc.pid)
+        r = run_cli(*status, "--timeout", "1")
+        assert r.returncode == 1
+        assert r.stderr.strip() == (
+            f"actorgrad: error: timed out: the cluster's head at {address} did not answer "
+            "within 1 s"
+        )
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        c.stop()
+
+
+@needs_runtime
 def test_a_worker_name_already_taken_exits_1_with_a_one_line_message(
     cluster: tuple[str, Path],
 ) -> None:

@@ -350,6 +350,35 @@ async def test_a_driver_blocked_for_longer_than_the_heartbeat_timeout_is_not_dro
         assert await ag.rpc("w1", add, (1, 2)) == 3
 
 
+async def test_connecting_to_a_peer_that_never_answers(monkeypatch):
+    # The peer's kernel accepts the connection but the process is stopped: the
+    # handshake never completes. A call's timeout covered only the wait for the reply
+    # (it waited out the 5 s handshake timeout), and that deadline was an AuthError, as
+    # if the token were wrong.
+    from actorgrad.runtime import transport
+
+    async with ag.local_cluster(2, processes=True) as c:
+        assert c.procs is not None
+        pids = [c.procs.procs[n].pid for n in ("w1", "w2")]
+        for p in pids:
+            os.kill(p, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(ag.RpcTimeout, match=r"'w2' timed out after 0.5 s \(still connect"):
+                await ag.rpc("w2", add, (1, 2), timeout=0.5)
+            assert time.monotonic() - t0 < 2.0
+            monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT", 0.3)
+            with pytest.raises(ag.WorkerLost, match="did not answer the handshake within 0.3 s"):
+                await ag.rpc("w1", add, (1, 2))
+        finally:
+            for p in pids:
+                os.kill(p, signal.SIGCONT)
+        monkeypatch.undo()
+        # w2's connection attempt went on: the next call uses it
+        assert await ag.rpc("w2", add, (1, 2), timeout=10) == 3
+        assert await ag.rpc("w1", add, (1, 2), timeout=10) == 3
+
+
 def test_cluster_run_uses_uvloop_without_a_global_policy():
     policy = asyncio.get_event_loop_policy()
 

@@ -180,11 +180,22 @@ async def serve_worker(
 
 async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict:  # noqa: ASYNC109 (timeout is API)
     """``{"address": ..., "workers": [{"name", "id", "address", "mailbox", "in_flight",
-    **status providers}, ...]}`` from the cluster's head."""
+    **status providers}, ...]}`` from the cluster's head.
+
+    A worker that does not answer the head within ``timeout`` seconds (hung, or
+    unreachable from the head) gets ``{"name", "id", "address", "error"}``; the others
+    are listed as usual. TimeoutError only when the head itself does not answer (it has
+    ``timeout`` to accept the connection, then ``timeout`` beyond its workers' deadline).
+    """
     client = Worker(f"_status-{os.getpid()}-{secrets.token_hex(3)}", token=token)
     try:
         async with asyncio.timeout(timeout):
             conn = await client.open_connection(address)
+        async with asyncio.timeout(2 * timeout):
             return await client.call_on(conn, "actorgrad.runtime.registry:_status", (timeout,))
+    except TimeoutError:
+        raise TimeoutError(
+            f"the cluster's head at {address} did not answer within {timeout:g} s"
+        ) from None
     finally:
         await client.shutdown()

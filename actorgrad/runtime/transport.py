@@ -752,10 +752,13 @@ async def handshake(
     timeout: float | None = None,  # noqa: ASYNC109 (the handshake deadline)
 ) -> None:
     """Run the handshake on ``conn`` (raw bytes). Raises AuthError (wrong token, not an
-    actorgrad peer, version mismatch, deadline) — the connection is aborted then."""
+    actorgrad peer, version mismatch; on the server, a client that does not complete it
+    in time) or, on the client, WorkerLost when the server does not answer in time (a
+    hung process: its kernel accepted the connection) — the connection is aborted then."""
     where = conn.peer_addr
+    deadline = HANDSHAKE_TIMEOUT if timeout is None else timeout
     try:
-        async with asyncio.timeout(HANDSHAKE_TIMEOUT if timeout is None else timeout):
+        async with asyncio.timeout(deadline):
             await conn.made
             where = conn.peer_addr
             nonce = secrets.token_bytes(32)
@@ -784,7 +787,12 @@ async def handshake(
                     raise AuthError(f"handshake with {where} refused")
     except TimeoutError:
         conn.abort(AuthError("handshake deadline"))
-        raise AuthError(f"handshake with {where} did not complete in time") from None
+        if server:
+            raise AuthError(f"handshake with {where} did not complete in time") from None
+        raise WorkerLost(
+            f"{where} accepted the connection but did not answer the handshake within "
+            f"{deadline:g} s (the process is hung or overloaded)"
+        ) from None
     except (ConnectionError, OSError) as exc:
         conn.abort(exc)
         raise AuthError(

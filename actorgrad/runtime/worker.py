@@ -1030,13 +1030,28 @@ class Worker:
                 f"timeout must be a number of seconds > 0, or None for no timeout; got "
                 f"{timeout!r} (PyTorch's 0 for no timeout is None here)"
             )
+        # (the timeout bounds the whole call: connecting to a peer that accepts but never
+        # answers the handshake too, not only the wait for the reply)
+        deadline = None if timeout is None else self.loop.time() + timeout
         conn = _conn
         if conn is None:
             if type(dest) is not str:
                 raise TypeError(f"worker name must be a str, not {type(dest).__name__}")
             conn = self._out.get(dest)
             if conn is None or conn.closed:
-                conn = await self._conn_to(dest)
+                if deadline is None:
+                    conn = await self._conn_to(dest)
+                else:
+                    try:
+                        async with asyncio.timeout_at(deadline) as connecting:
+                            conn = await self._conn_to(dest)
+                    except TimeoutError:
+                        if not connecting.expired():
+                            raise
+                        raise RpcTimeout(
+                            f"call of {calls.describe(target)} on worker {dest!r} timed out "
+                            f"after {timeout} s (still connecting to it)"
+                        ) from None
         ic = _interceptor
         meta = ic.outgoing(self, dest) if ic is not None else None
         hooks = rref.Hooks(self, dest) if meta is None else self._hooks(dest, meta)
@@ -1063,7 +1078,7 @@ class Worker:
             if timeout is None:
                 return await fut
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(deadline):
                     return await fut
             except TimeoutError:
                 if fut.done() and not fut.cancelled() and fut.exception() is not None:
