@@ -412,10 +412,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _address(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}")
-    return text
+    try:
+        return cluster.check_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}") from None
 
 
 def _positive(text: str) -> int:

@@ -609,3 +609,53 @@ def test_remote_error_from_an_exception_whose_str_fails_still_names_it():
     assert (err.worker, err.remote_type) == ("w1", name)
     assert err.remote_message == f"<unprintable {name}>"
     assert ag.RemoteError.from_exception("w2", err) is err  # keeps the original worker
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({"name": 5}, ValueError, "a worker name must be a non-empty str not starting with '_'"),
+        ({"name": ""}, ValueError, "a worker name must be a non-empty str"),
+        ({"name": "_head"}, ValueError, "not starting with '_', not '_head'"),
+        ({"address": "nohost", "token": "t"}, ValueError, "address must be HOST:PORT"),
+        ({"address": "h:abc", "token": "t"}, ValueError, "not 'h:abc'"),
+        ({"address": "h:0", "token": "t"}, ValueError, "port in 1..65535"),
+        ({"port": -1}, ValueError, "port must be an int in 0..65535 .0: any free port., not -1"),
+        ({"port": 70000}, ValueError, "not 70000"),
+        ({"port": "80"}, ValueError, "not '80'"),
+        ({"host": 5}, ValueError, "host must be a str"),
+        ({"token": 5}, ValueError, "the cluster token must be a non-empty str, not int"),
+    ],
+)
+async def test_init_refuses_bad_arguments_naming_them(kwargs, exc, message):
+    kwargs = {"name": "x", **kwargs}
+    with pytest.raises(exc, match=message):
+        await ag.init(kwargs.pop("name"), **kwargs)
+    with pytest.raises(RuntimeError, match="not initialized"):
+        current_worker()
+
+
+async def test_init_names_a_malformed_address_variable(monkeypatch):
+    monkeypatch.setenv("ACTORGRAD_ADDRESS", "localhost")
+    monkeypatch.setenv("ACTORGRAD_TOKEN", "t")
+    with pytest.raises(ValueError, match="ACTORGRAD_ADDRESS must be HOST:PORT.*not 'localhost'"):
+        await ag.init("x")
+
+
+@pytest.mark.parametrize(
+    ("args", "exc", "message"),
+    [
+        ((1.5,), TypeError, "workers must be a count .int. or a list of names, not 1.5"),
+        (("abc",), TypeError, "not 'abc'"),  # (a str would have named workers a, b, c)
+        ((True,), TypeError, "not True"),
+        (([1],), ValueError, "a worker name must be a non-empty str"),
+        ((["_x"],), ValueError, "not starting with '_', not '_x'"),
+        ((["a", "a"],), ValueError, "worker names must be unique"),
+    ],
+)
+async def test_local_cluster_refuses_bad_worker_lists(args, exc, message):
+    with pytest.raises(exc, match=message):
+        async with ag.local_cluster(*args):
+            pass
+    with pytest.raises(RuntimeError, match="not initialized"):
+        current_worker()

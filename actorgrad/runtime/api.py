@@ -9,7 +9,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from actorgrad.runtime import worker as _w
-from actorgrad.runtime.cluster import HEAD_NAME, check_bind, finish, new_token, stop_all
+from actorgrad.runtime.cluster import (
+    HEAD_NAME,
+    check_address,
+    check_bind,
+    check_name,
+    finish,
+    new_token,
+    stop_all,
+)
 from actorgrad.runtime.procs import ENV_ADDRESS, ENV_TOKEN, WorkerProcesses, tune_malloc
 from actorgrad.runtime.rref import RRef
 from actorgrad.runtime.worker import MODE_REMOTE, MODE_RPC, Worker, current_worker
@@ -30,7 +38,11 @@ async def init(
     existing = _w._process_worker
     if existing is not None and not existing.closed:
         raise RuntimeError(f"actorgrad is already initialized as worker {existing.name!r}")
-    address = address or os.environ.get(ENV_ADDRESS) or None
+    check_name(name)
+    if address is not None:
+        check_address(address)
+    elif os.environ.get(ENV_ADDRESS):
+        address = check_address(os.environ[ENV_ADDRESS], ENV_ADDRESS)
     token = token or os.environ.get(ENV_TOKEN) or None
     if token is None:
         if address is not None:
@@ -131,12 +143,16 @@ async def local_cluster(
     everything down, also on error/cancellation."""
     if transport not in ("inproc", "tcp", "unix"):
         raise ValueError(f"unknown transport {transport!r}; use 'inproc', 'tcp' or 'unix'")
-    if isinstance(workers, int):
+    if isinstance(workers, int) and not isinstance(workers, bool):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, not {workers}")
         names = [f"w{i}" for i in range(1, workers + 1)]
+    elif isinstance(workers, (list, tuple)):
+        names = [check_name(n) for n in workers]
     else:
-        names = [str(n) for n in workers]
+        raise TypeError(f"workers must be a count (int) or a list of names, not {workers!r:.80}")
+    if driver:  # ("": the head is actorgrad's own, the caller not a worker of the cluster)
+        check_name(driver)
     if len(set(names) | {driver}) != len(names) + 1:
         raise ValueError(
             f"worker names must be unique and differ from the driver's: {names}, {driver!r}"

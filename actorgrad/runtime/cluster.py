@@ -46,11 +46,34 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(host: str, token: str | None) -> None:
+    if not isinstance(host, str):
+        raise ValueError(f"host must be a str (a name or an IP address), not {host!r:.80}")
     if not is_loopback(host) and not token:
         raise ValueError(
             f"refusing to bind {host!r} (not a loopback address) without a cluster token: "
             "pass token=... or set ACTORGRAD_TOKEN"
         )
+
+
+def check_name(name: Any) -> str:
+    """``name`` when it can name a user's worker: a non-empty str not starting with "_"
+    (such names are actorgrad's own: the cluster's head, status clients; they are left
+    out of ``ag.workers()``). Else ValueError."""
+    if not isinstance(name, str) or not name or name.startswith("_"):
+        raise ValueError(
+            f"a worker name must be a non-empty str not starting with '_', not {name!r:.80}"
+        )
+    return name
+
+
+def check_address(address: Any, what: str = "address") -> str:
+    """``address`` when it is HOST:PORT (a port in 1..65535; an IPv6 host in brackets),
+    else ValueError naming ``what`` (the argument or variable it came from)."""
+    if isinstance(address, str):
+        host, sep, port = address.rpartition(":")
+        if sep and host and port.isdigit() and 0 < int(port) <= 65535:
+            return address
+    raise ValueError(f"{what} must be HOST:PORT with a port in 1..65535, not {address!r:.80}")
 
 
 def new_token() -> str:
@@ -152,6 +175,8 @@ async def serve_worker(
 ) -> None:
     """One worker joining the cluster at ``address``; runs until ``stop`` is set or the
     cluster's head goes away."""
+    check_name(name)
+    check_address(address)
     if host is None:
         h = address.rpartition(":")[0].strip("[]")
         host = "127.0.0.1" if is_loopback(h) else "0.0.0.0"

@@ -250,6 +250,14 @@ class Worker:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"worker name must be a non-empty string, not {name!r}")
+        if not isinstance(token, str) or not token:
+            raise ValueError(  # (not the value: it may be a secret)
+                f"the cluster token must be a non-empty str, not {type(token).__name__} or empty"
+            )
+        if type(port) is not int or not 0 <= port <= 65535:
+            raise ValueError(
+                f"port must be an int in 0..65535 (0: any free port), not {port!r:.80}"
+            )
         if transport_kind not in ("tcp", "inproc"):
             raise ValueError(f"unknown transport {transport_kind!r}")
         self.name = name
