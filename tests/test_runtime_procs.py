@@ -379,6 +379,47 @@ async def test_connecting_to_a_peer_that_never_answers(monkeypatch):
         assert await ag.rpc("w1", add, (1, 2), timeout=10) == 3
 
 
+def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fails(tmp_path):
+    # No `if __name__ == "__main__":` guard: the worker importing the script to find a
+    # function runs its top level, which starts an event loop inside the worker's.
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, operator
+            import actorgrad as ag
+
+            def square(x):
+                return x * x
+
+            async def main():
+                async with ag.local_cluster(1, processes=True):
+                    try:
+                        await ag.rpc("w1", square, (7,))
+                    except ag.RemoteError as exc:
+                        print("error", exc.remote_type, str(exc).replace("\\n", " "), flush=True)
+                    print("still serving", await ag.rpc("w1", operator.add, (2, 3)), flush=True)
+
+            asyncio.run(main())
+            """
+        )
+    )
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("ACTORGRAD_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=45, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "still serving 5", out.stdout
+    (error,) = [line for line in lines if line.startswith("error ")]
+    assert error.startswith(
+        f"error RuntimeError RuntimeError on worker 'w1': importing the driver's script "
+        f"{os.path.realpath(script)} here (to call one of its functions) failed: RuntimeError: "
+    ), error
+    assert 'start the work under `if __name__ == "__main__":`' in error
+
+
 def test_cluster_run_uses_uvloop_without_a_global_policy():
     policy = asyncio.get_event_loop_policy()
 

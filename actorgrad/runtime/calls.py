@@ -97,11 +97,19 @@ def _main_module(path: str) -> types.ModuleType:
     sys.modules[MAIN_ALIAS] = module  # its classes and dataclasses look themselves up here
     try:
         spec.loader.exec_module(module)
-    except BaseException:
+    except BaseException as exc:
         if saved is None:
             sys.modules.pop(MAIN_ALIAS, None)
         else:
             sys.modules[MAIN_ALIAS] = saved
+        if isinstance(exc, (Exception, SystemExit)):
+            # (mostly a script that starts its work at the top level: here it would
+            # start an event loop inside the worker's, or exit the worker)
+            raise RuntimeError(
+                f"importing the driver's script {path} here (to call one of its functions) "
+                f"failed: {type(exc).__name__}: {exc}. Its top level runs on every worker "
+                'that calls into it: start the work under `if __name__ == "__main__":`'
+            ) from exc
         raise
     sys.modules[MAIN_ALIAS] = module  # again: the script may have imported multiprocessing
     _main_modules[path] = module
