@@ -659,3 +659,51 @@ async def test_local_cluster_refuses_bad_worker_lists(args, exc, message):
             pass
     with pytest.raises(RuntimeError, match="not initialized"):
         current_worker()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "inproc"])
+async def test_a_message_larger_than_the_largest_frame_fails_its_call_not_the_connection(
+    kind, monkeypatch
+):
+    # The receiver closes a connection whose next frame declares a length above its
+    # maximum (2 GiB by default): the sender sent it anyway, so the call failed with
+    # WorkerLost after the whole frame went out, and the peer counted as lost.
+    from actorgrad.runtime import transport
+
+    monkeypatch.setattr(transport, "MAX_FRAME_SIZE", 1 << 20)  # both ends: 1 MiB
+    big = np.ones(300_000, dtype=np.float32)  # 1.2 MB
+    async with ag.local_cluster(1, transport=kind) as c:
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+        conn = c.driver._out["w1"]
+        with pytest.raises(
+            ValueError,
+            match=r"cannot send a message of 1200\d\d\d bytes to .w1.: more than the largest frame .1048576 bytes.",
+        ):
+            await ag.rpc("w1", echo, (big,))
+        with pytest.raises(
+            ag.RemoteError, match="cannot send a message of 1200\\d\\d\\d bytes to .dr"
+        ):
+            await ag.rpc("w1", np.ones, (300_000,), {"dtype": "float32"})
+        np.testing.assert_array_equal(await ag.rpc("w1", echo, (big[:1000],)), big[:1000])
+        assert c.driver._out["w1"] is conn and not conn.closed  # the same connection
+        assert c.driver.status()["peers"] == ["w1"] and not c.driver.is_lost("w1")
+
+
+async def test_a_call_whose_connection_closes_while_it_sends_logs_nothing_unretrieved(caplog):
+    # w1 accepts smaller frames than the driver sends: it closes the connection on
+    # reading the length of an 8 MiB frame while the driver still writes it. The call
+    # fails from its drain; its reply future, failed too, logged "Future exception was
+    # never retrieved".
+    big = np.ones(2 << 20, dtype=np.float32)
+    async with ag.local_cluster(0, transport="tcp") as c:
+        w1 = Worker("w1", token=c.driver.token, max_frame_size=1 << 20)
+        try:
+            await w1.start()
+            await w1.join(c.address)
+            with pytest.raises(ag.WorkerLost):
+                await ag.rpc("w1", echo, (big,))
+            gc.collect()
+            assert await ag.rpc("w1", add, (1, 2)) == 3  # a new connection
+        finally:
+            await w1.shutdown()
+    assert "never retrieved" not in caplog.text

@@ -463,10 +463,7 @@ class Connection(asyncio.BaseProtocol):
             self._spin.poke(False)
         if not isinstance(chunks, list):
             chunks = list(chunks)
-        if len(chunks) == 1 and type(chunks[0]) is bytes:
-            size = len(chunks[0])
-        else:
-            size = sum(_nbytes(c) for c in chunks)
+        size = self.check_size(chunks)
         if size >= BIG_FRAME:
             # one writelines (one writev) with what is coalesced so far: no copy of the
             # frame's chunks (arrays travel from their own memory)
@@ -501,6 +498,22 @@ class Connection(asyncio.BaseProtocol):
                 self._flush_scheduled = True
                 self.loop.call_soon(self._flush)
         self.last_sent = time.monotonic()
+        return size
+
+    def check_size(self, chunks: list[Any]) -> int:
+        """The size of the frame made of ``chunks``; ValueError (nothing sent, the
+        connection stays) when it exceeds ``max_frame_size``: the peer, whose maximum is
+        the same by default, would close the connection on reading its length."""
+        if len(chunks) == 1 and type(chunks[0]) is bytes:
+            size = len(chunks[0])
+        else:
+            size = sum(_nbytes(c) for c in chunks)
+        if size > self.max_frame_size:
+            raise ValueError(
+                f"cannot send a message of {size} bytes to {self.peer_name or self.peer_addr!r}: "
+                f"more than the largest frame ({self.max_frame_size} bytes); send large "
+                "data in parts"
+            )
         return size
 
     async def send(self, chunks: Iterable[Any]) -> None:

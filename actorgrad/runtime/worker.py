@@ -957,11 +957,15 @@ class Worker:
                 w.set_result(None)
 
     # ------------------------------------------------------------------ replies
-    def _encode_reply(self, cid: int, mode: int, result: Any, hooks: rref.Hooks) -> list:
+    def _encode_reply(
+        self, conn: Connection, cid: int, mode: int, result: Any, hooks: rref.Hooks
+    ) -> list:
         if mode == MODE_REMOTE or mode == MODE_RREF_REMOTE:
             result = rref.new_owned(self, result)
         try:
-            return wire.encode_frame([K_OK, cid], result, hooks)
+            chunks = wire.encode_frame([K_OK, cid], result, hooks)
+            conn.check_size(chunks)
+            return chunks
         except Exception as exc:
             hooks.undo()
             log.debug("reply of call %s cannot be encoded: %r", cid, exc)
@@ -970,7 +974,7 @@ class Worker:
     def _reply(self, conn: Connection, cid: int, mode: int, result: Any, hooks: rref.Hooks) -> None:
         if cid == 0 or conn.closed:
             return
-        chunks = self._encode_reply(cid, mode, result, hooks)
+        chunks = self._encode_reply(conn, cid, mode, result, hooks)
         if hooks.forks:
             self.spawn(self._send_after_forks(conn, chunks, hooks))
         else:
@@ -981,7 +985,7 @@ class Worker:
     ) -> None:
         if cid == 0 or conn.closed:
             return
-        chunks = self._encode_reply(cid, mode, result, hooks)
+        chunks = self._encode_reply(conn, cid, mode, result, hooks)
         await self._send_after_forks(conn, chunks, hooks)
 
     async def _send_after_forks(self, conn: Connection, chunks: list, hooks: rref.Hooks) -> None:
@@ -1068,6 +1072,7 @@ class Worker:
             chunks = wire.encode_frame(
                 [K_REQ, cid, target, mode, meta], [list(args), kwargs or None], hooks
             )
+            conn.check_size(chunks)
         except BaseException:
             hooks.undo()
             raise
@@ -1096,6 +1101,10 @@ class Worker:
                 ) from None
         finally:
             pending.pop(cid, None)
+            if fut.done() and not fut.cancelled():
+                # (failed by a lost connection while this call was still sending: the
+                # error raised here is the drain's, must not log "never retrieved")
+                fut.exception()
             # a failed call's error holds this frame (its traceback) and the future
             # holds the error: without this, each failure leaves a reference cycle
             fut = None  # type: ignore[assignment]
