@@ -501,15 +501,19 @@ class Connection(asyncio.BaseProtocol):
         return size
 
     def check_size(self, chunks: list[Any]) -> int:
-        """The size of the frame made of ``chunks``; ValueError (nothing sent, the
-        connection stays) when it exceeds ``max_frame_size``: the peer, whose maximum is
-        the same by default, would close the connection on reading its length."""
+        """The size of the frame made of ``chunks``.
+
+        Raises:
+            ProtocolError: it exceeds ``max_frame_size`` (an oversized message, as the
+                receiving side says of one). Nothing is sent and the connection stays:
+                the peer, whose maximum is the same by default, would close it on
+                reading the frame's length."""
         if len(chunks) == 1 and type(chunks[0]) is bytes:
             size = len(chunks[0])
         else:
             size = sum(_nbytes(c) for c in chunks)
         if size > self.max_frame_size:
-            raise ValueError(
+            raise ProtocolError(
                 f"cannot send a message of {size} bytes to {self.peer_name or self.peer_addr!r}: "
                 f"more than the largest frame ({self.max_frame_size} bytes); send large "
                 "data in parts"
