@@ -680,7 +680,7 @@ async def test_a_message_larger_than_the_largest_frame_fails_its_call_not_the_co
             await ag.rpc("w1", echo, (big,))
         with pytest.raises(ag.RemoteError, match=too_big.format("driver")) as err:
             await ag.rpc("w1", np.ones, (300_000,), {"dtype": "float32"})
-        assert err.value.remote_type == "ProtocolError"
+        assert err.value.remote_type == "actorgrad.errors.ProtocolError"
         np.testing.assert_array_equal(await ag.rpc("w1", echo, (big[:1000],)), big[:1000])
         assert c.driver._out["w1"] is conn and not conn.closed  # the same connection
         assert c.driver.status()["peers"] == ["w1"] and not c.driver.is_lost("w1")
