@@ -876,8 +876,14 @@ async def test_distributed_optimizer_errors():
         with pytest.raises(TypeError, match="RRef"):
             ag.dist.DistributedOptimizer(ag.optim.SGD, [ag.tensor([1.0])], lr=0.1)
         ref = await ag.remote("w1", F.make_param, (arr(2),))
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
             ag.dist.DistributedOptimizer(ag.optim.SGD, [ref], lr=0.1, bogus=1)
+        with pytest.raises(ValueError, match="invalid learning rate -1"):
+            ag.dist.DistributedOptimizer(ag.optim.SGD, [ref], lr=-1)
+        # (a dict took the options for its items: "dictionary update sequence element")
+        for not_an_optimizer in (dict, ag.tensor, "SGD"):
+            with pytest.raises(TypeError, match="must be an ag.optim.Optimizer subclass"):
+                ag.dist.DistributedOptimizer(not_an_optimizer, [ref], lr=0.1)
         notparam = await ag.remote("w1", F.identity, ("not a tensor",))
         opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [notparam], lr=0.1)
         async with ag.dist.context() as ctx:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from actorgrad.dist.api import get_gradients
+from actorgrad.optim import Optimizer
 from actorgrad.runtime import RRef, remote
 from actorgrad.tensor import Tensor
 
@@ -18,9 +19,15 @@ __all__ = ["DistributedOptimizer"]
 
 
 def _class_path(cls: Any) -> str:
+    if not isinstance(cls, type) or not issubclass(cls, Optimizer):
+        # (the owners step it with a context's gradients: Optimizer.step(grads=...))
+        raise TypeError(
+            "optimizer_class must be an ag.optim.Optimizer subclass (ag.optim.SGD, "
+            f"ag.optim.Adam or one of yours), got {cls!r:.80}"
+        )
     mod = getattr(cls, "__module__", None)
     qual = getattr(cls, "__qualname__", None)
-    if not isinstance(cls, type) or not mod or not qual or "<locals>" in qual:
+    if not mod or not qual or "<locals>" in qual:
         raise TypeError(
             f"optimizer_class must be a module-level class (e.g. ag.optim.SGD), got {cls!r}"
         )
@@ -66,7 +73,8 @@ class DistributedOptimizer:
 
     Raises:
         TypeError: ``params`` holds something other than ``RRef``s, or
-            ``optimizer_class`` is not a module-level class, or the options do not fit it.
+            ``optimizer_class`` is not a module-level ``ag.optim.Optimizer`` subclass, or
+            the options do not fit it.
         ValueError: ``params`` is empty or holds one RRef twice.
         RemoteError: constructing or stepping failed on an owner (names the owner).
 
