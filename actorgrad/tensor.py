@@ -214,6 +214,8 @@ class Tensor:
 
             >>> h = x.register_hook(lambda g: g * 2)
         """
+        if not callable(fn):
+            raise TypeError(f"register_hook needs a callable fn(grad), got {fn!r:.80}")
         if not self._rg:
             raise RuntimeError("register_hook on a tensor that does not require grad")
         node = grad_node(self)
@@ -664,7 +666,18 @@ class Pow(Function):
         (a, b, out), (na, nb) = self.saved, self.next
         ga = gb = None
         if na:
-            d = 2 * a if type(b) is int and b == 2 else b * a ** (b - 1)
+            if type(b) is int and b == 2:
+                d = 2 * a
+            else:
+                # d(a**b)/da = b * a**(b-1); 0 where b == 0 (as torch does: 0 * 0**-1
+                # would be nan). No warnings: inf where a == 0 and b < 1 is the value.
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    d = b * a ** (b - 1)
+                    if np.ndim(b) == 0:
+                        if b == 0:
+                            d = np.zeros_like(d)
+                    else:
+                        d = np.where(b == 0, 0, d)
             ga = _fit(g * d, a.shape, a.dtype)
         if nb:
             # d(a**b)/db = a**b * log(a); defined as 0 where a == 0 (as torch does).

@@ -272,3 +272,39 @@ def test_broadcast_view_of_misfits_raises_like_broadcast_to():
     np.testing.assert_array_equal(broadcast_view(np.arange(3.0), (2, 3)), [[0, 1, 2]] * 2)
     t = np.arange(6.0).reshape(2, 3).T[:, :1]
     np.testing.assert_array_equal(broadcast_view(t, (3, 2)), np.broadcast_to(t, (3, 2)))
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "ga", "gb"),
+    [
+        # torch 2.13 gives these for (a ** b).sum().backward() in float64 (3 ** 1.5 * ln 3 ...)
+        (
+            [0.0, 2.0, 0.0, 3.0],
+            [0.0, 0.0, 2.0, 1.5],
+            [0, 0, 0, 2.598076211353316],
+            [0, 0.6931471805599453, 0, 5.708556905378076],
+        ),
+        ([0.0, 1.0], 0.0, [0, 0], None),
+        ([0.0, 4.0], 0.5, [np.inf, 0.25], None),
+        ([2.0, 3.0], 3, [12, 27], None),
+    ],
+)
+def test_pow_gradient_at_a_zero_exponent_is_zero_as_in_torch(a, b, ga, gb):
+    # d(a**b)/da = b * a**(b-1) is 0 * 0**-1 = nan at a == b == 0 (torch: 0), and the
+    # backward warned "divide by zero" / "invalid value" where inf is the value.
+    import warnings
+
+    ta = ag.tensor(np.array(a), requires_grad=True)
+    tb = ag.tensor(np.array(b), requires_grad=True) if gb is not None else b
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (ta**tb).sum().backward()
+    np.testing.assert_allclose(ta.grad, ga, rtol=1e-12)
+    if gb is not None:
+        np.testing.assert_allclose(tb.grad, gb, rtol=1e-12)
+
+
+def test_register_hook_refuses_what_is_not_callable():
+    x = ag.tensor([1.0], requires_grad=True)
+    with pytest.raises(TypeError, match="register_hook needs a callable fn.grad., got 5"):
+        x.register_hook(5)
