@@ -55,6 +55,11 @@ def mul(key: str, x: ag.Tensor) -> ag.Tensor:
     return x * _store[_k(key)]
 
 
+def mul_sum(key: str, x: ag.Tensor) -> ag.Tensor:
+    """(x * store[key]).sum(): a 0-d result."""
+    return (x * _store[_k(key)]).sum()
+
+
 def mul_ignore_second(key: str, x: ag.Tensor, unused: ag.Tensor) -> ag.Tensor:
     return x * _store[_k(key)]
 

@@ -871,6 +871,32 @@ async def test_distributed_optimizer_steps_on_owners(mode):
     np.testing.assert_allclose(new_b, bv - 0.1 * av * xv)
 
 
+async def test_zero_dimensional_tensors_cross_workers_both_ways(mode):
+    # numpy ops on 0-d arrays give numpy scalars, not arrays: such a gradient failed
+    # the pass ("gradient must be an array or None, got float64"), e.g. a remote loss
+    # of .sum() used as y * y on the driver, or a 0-d leaf sent to a worker.
+    xv, wv, sv = arr(3), arr(3), np.array(1.5)
+
+    def f(x, w, s):
+        y = (x * w).sum()
+        return y * y * s + s.exp()
+
+    _, (gx, _, gs) = local_grads(f, xv, wv, sv)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        s = ag.tensor(sv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul_sum, ("w", x))
+            s_back = await ag.rpc("w2", F.identity, (s,))
+            await ag.dist.backward(ctx, [y * y * s_back + s_back.exp()])
+            grads = ag.dist.get_gradients(ctx)
+        np.testing.assert_allclose(grads[x], gx, rtol=1e-12)
+        assert type(grads[s]) is np.ndarray and grads[s].shape == ()
+        np.testing.assert_allclose(grads[s], gs, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 async def test_distributed_optimizer_errors():
     async with cluster():
         with pytest.raises(TypeError, match="RRef"):

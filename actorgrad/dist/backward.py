@@ -72,7 +72,11 @@ def _pack_grad(g: np.ndarray | None) -> Any:
     """A gradient for the wire. A big broadcast view (``sum``'s backward gives one the
     size of its input, with zero strides) travels as its compact base and the full
     shape."""
-    if g is None or g.nbytes < COMPACT_MIN_BYTES or 0 not in g.strides:
+    if g is None:
+        return None
+    if type(g) is not np.ndarray:  # numpy ops on 0-d arrays give numpy scalars
+        return np.asarray(g)
+    if g.nbytes < COMPACT_MIN_BYTES or 0 not in g.strides:
         return g
     compact = g[tuple(slice(0, 1) if st == 0 else slice(None) for st in g.strides)]
     return [np.ascontiguousarray(compact), list(g.shape)]
