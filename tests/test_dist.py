@@ -897,6 +897,34 @@ async def test_zero_dimensional_tensors_cross_workers_both_ways(mode):
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("roots", ["h", "h and z"])
+async def test_a_received_root_passed_on_is_not_relayed_past_its_own_gradient(mode, roots):
+    # h comes from w1 and goes on to w2 unchanged: a relay candidate (w2 would send h's
+    # gradient straight to w1). But h is also a root: its seed was dropped with the
+    # pair, so x and w got 0 (roots [h]) or only z's part (roots [h, z]).
+    xv, wv, vv = arr(1), arr(1), arr(1)
+
+    def f(x, w, v):
+        h = x * w
+        return h.sum() + (h * v).sum() if roots == "h and z" else h.sum()
+
+    _, (gx, gw, gv) = local_grads(f, xv, wv, vv)
+    gv = np.zeros(1) if gv is None else gv  # (roots [h]: v is not in the loss)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w2", F.put, ("v", vv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            h = await ag.rpc("w1", F.mul, ("w", x))
+            z = await ag.rpc("w2", F.mul, ("v", h))
+            await ag.dist.backward(ctx, [h, z] if roots == "h and z" else [h])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], gx, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), gw, rtol=1e-12)
+            got_v = await ag.rpc("w2", F.grad_of, (ctx, "v"))
+            np.testing.assert_allclose(np.zeros(1) if got_v is None else got_v, gv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 async def test_distributed_optimizer_errors():
     async with cluster():
         with pytest.raises(TypeError, match="RRef"):

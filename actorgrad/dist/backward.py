@@ -146,18 +146,22 @@ def _boundary(
     out.setdefault(dest, []).extend((send_id, _pack_grad(grad)))
 
 
-def _plan_relays(ctx: DistContext, task: GraphTask, me: str) -> dict[str, list[Any]]:
+def _plan_relays(
+    ctx: DistContext, task: GraphTask, me: str, roots: Sequence[tuple[Any, Any]]
+) -> dict[str, list[Any]]:
     """On the origin, before its part runs: the tensors it received and sent on
     unchanged (the driver of a pipeline). Such a send node's gradient, coming back from
     worker B, would only flow into the recv node it came from and leave again, to the
     worker A that sent the tensor: B can send it to A directly, one message instead of
     two and nothing to do here. A pair qualifies when the recv node feeds only that
-    send node (so no other gradient has to be added to it first) and has no hooks
-    (they must see the gradient here). The pair is taken out of this part's task;
+    send node and is not a root of the pass (so no other gradient has to be added to
+    it first) and has no hooks (they must see the gradient here). The pair is taken out
+    of this part's task;
     the relay (send id, A, A's send id) goes to B with the origin's first message of
     the pass, which B waits for before any of its recv nodes from the origin fires."""
     relays: dict[str, list[Any]] = {}
     skip: list[Any] = []
+    seeded = {node for node, _ in roots}
     for s in ctx.sends.values():
         r = s.next[0] if s.next else None
         if (
@@ -165,6 +169,7 @@ def _plan_relays(ctx: DistContext, task: GraphTask, me: str) -> dict[str, list[A
             and r.ctx_id == ctx.id
             and not r._hooks
             and task.consumers(r) == 1
+            and r not in seeded
             and me != r.src != s.dest != me
         ):
             relays.setdefault(s.dest, []).extend((s.send_id, r.src, r.send_id))
@@ -226,7 +231,7 @@ class PassState:
         )
         # On the origin: per worker, the relays its first message carries.
         self.relays: dict[str, list[Any]] = (
-            _plan_relays(ctx, self.task, origin) if origin == worker.name else {}
+            _plan_relays(ctx, self.task, origin, roots) if origin == worker.name else {}
         )
         # Workers holding the recv nodes of our sends must run their part too (the
         # origin runs its part anyway: no start message to it).
