@@ -27,6 +27,33 @@ async def async_add(a, b=0):
     return a + b
 
 
+class _NotAnException(BaseException):
+    pass
+
+
+def raise_base(kind: str, really: bool = True):
+    """Raise a BaseException that is not an Exception (or return 1: proven fast first)."""
+    if not really:
+        return 1
+    if kind == "StopIteration":
+        return next(iter([]))
+    raise {
+        "SystemExit": SystemExit(3),
+        "KeyboardInterrupt": KeyboardInterrupt("typed"),
+        "GeneratorExit": GeneratorExit("closed"),
+        "custom": _NotAnException("custom"),
+        "CancelledError": asyncio.CancelledError("by hand"),
+    }[kind]
+
+
+async def araise_base(kind: str):
+    if kind == "cancelled task":  # awaiting a task it cancelled, unhandled
+        t = asyncio.ensure_future(asyncio.sleep(10))
+        t.cancel()
+        await t
+    raise_base(kind)
+
+
 def whoami():
     return ag.worker_name()
 
@@ -704,3 +731,40 @@ async def test_a_call_whose_connection_closes_while_it_sends_logs_nothing_unretr
         finally:
             await w1.shutdown()
     assert "never retrieved" not in caplog.text
+
+
+BASE_KINDS = ["SystemExit", "KeyboardInterrupt", "GeneratorExit", "custom", "CancelledError"]
+
+
+@pytest.mark.parametrize("kind", [*BASE_KINDS, "StopIteration"])
+async def test_a_function_raising_any_base_exception_gets_the_caller_a_remote_error(cluster, kind):
+    # Only Exceptions were caught around user code: the others left the caller waiting
+    # for good (GeneratorExit, CancelledError, a BaseException subclass; StopIteration
+    # from the thread pool: asyncio refuses it into a future), SystemExit and
+    # KeyboardInterrupt stopped the loop of every in-process worker, and a function
+    # that had proven fast (run inline) broke its connection.
+    w1 = cluster.workers[0]
+    type_name = {"custom": "._NotAnException", "CancelledError": "asyncio.exceptions."}
+    type_name = type_name.get(kind, "") + ("" if kind == "custom" else kind)
+    for _ in range(3):  # the first calls run in the thread pool
+        with pytest.raises(ag.RemoteError) as err:
+            await asyncio.wait_for(ag.rpc("w1", raise_base, (kind,)), 10)
+        assert err.value.remote_type.endswith(type_name), err.value
+    for _ in range(5):  # now proven fast: it runs inline, then raises
+        assert await ag.rpc("w1", raise_base, (kind + "x", False)) == 1
+    with pytest.raises(ag.RemoteError) as err:
+        await asyncio.wait_for(ag.rpc("w1", raise_base, (kind,)), 10)
+    assert err.value.remote_type.endswith(type_name)
+    if kind != "StopIteration":  # (in a coroutine it is a RuntimeError, PEP 479)
+        with pytest.raises(ag.RemoteError) as err:
+            await asyncio.wait_for(ag.rpc("w1", araise_base, (kind,)), 10)
+        assert err.value.remote_type.endswith(type_name)
+    assert await ag.rpc("w1", add, (1, 2)) == 3  # still serving, the same connection
+    assert w1.status()["in_flight"] == 0
+
+
+async def test_a_coroutine_awaiting_a_task_it_cancelled_gets_the_caller_a_remote_error(cluster):
+    with pytest.raises(ag.RemoteError, match="CancelledError on worker 'w1'"):
+        await asyncio.wait_for(ag.rpc("w1", araise_base, ("cancelled task",)), 10)
+    assert await ag.rpc("w1", add, (1, 2)) == 3
+    assert cluster.workers[0].status()["in_flight"] == 0

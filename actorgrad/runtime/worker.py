@@ -223,6 +223,27 @@ def _check_call_args(args: Any, kwargs: Any) -> None:
         raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
 
 
+class _Raised:
+    """A StopIteration raised by a function in the thread pool, carried out as a value."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _user_raised(exc: BaseException) -> bool:
+    """Whether ``exc``, caught around a user function in a worker's task, is the
+    function's own error (any exception: SystemExit, GeneratorExit, a BaseException
+    subclass, a CancelledError it raised itself) and not the task being cancelled (the
+    worker's shutdown): the caller gets it as a RemoteError. (They escaped before: the
+    caller waited for good, and SystemExit stopped the loop of every in-process worker.)"""
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() == 0
+    return True
+
+
 class _FnStats:
     __slots__ = ("fast", "is_async", "inline")
 
@@ -869,7 +890,7 @@ class Worker:
         t0 = time.perf_counter()
         try:
             result = ctx.run(self._invoke, fn, args, kwargs, meta, conn)
-        except Exception as exc:
+        except BaseException as exc:  # (user code: SystemExit, GeneratorExit... are its errors)
             self._done()
             self._reply_exc(conn, cid, exc, hooks)
             return
@@ -908,7 +929,12 @@ class Worker:
 
     def _invoke_timed(self, fn: Any, args: Any, kwargs: Any, meta: Any) -> tuple[Any, float]:
         t0 = time.perf_counter()
-        r = self._invoke(fn, args, kwargs, meta)
+        try:
+            r = self._invoke(fn, args, kwargs, meta)
+        except StopIteration as exc:
+            # (asyncio cannot put a StopIteration into the executor's future: it logged
+            # "cannot be raised into a Future" and the call never got a reply)
+            r = _Raised(exc)
         return r, time.perf_counter() - t0
 
     async def _run_task(self, conn, cid, mode, fn, args, kwargs, meta, hooks, stats) -> None:
@@ -926,10 +952,16 @@ class Worker:
                 call = functools.partial(ctx.run, self._invoke_timed, fn, args, kwargs, meta)
                 result, took = await self.loop.run_in_executor(self._pool, call)
                 stats.fast = stats.fast + 1 if took < FAST_CALL else 0
+                if type(result) is _Raised:
+                    self._reply_exc(conn, cid, result.exc, hooks)
+                    return
                 if inspect.isawaitable(result):
                     result = await result
-        except Exception as exc:
-            self._reply_exc(conn, cid, exc, hooks)
+        except BaseException as exc:
+            if _user_raised(exc):
+                self._reply_exc(conn, cid, exc, hooks)
+            else:
+                raise
         else:
             await self._reply_async(conn, cid, mode, result, hooks)
         finally:
@@ -938,8 +970,11 @@ class Worker:
     async def _finish_awaitable(self, conn, cid, mode, aw, hooks) -> None:
         try:
             result = await aw
-        except Exception as exc:
-            self._reply_exc(conn, cid, exc, hooks)
+        except BaseException as exc:
+            if _user_raised(exc):
+                self._reply_exc(conn, cid, exc, hooks)
+            else:
+                raise
         else:
             await self._reply_async(conn, cid, mode, result, hooks)
         finally:
