@@ -60,6 +60,12 @@ def mul_sum(key: str, x: ag.Tensor) -> ag.Tensor:
     return (x * _store[_k(key)]).sum()
 
 
+def mul_unsendable(key: str, x: ag.Tensor) -> list:
+    """[x * store[key], object()]: the result cannot travel, after its tensor was
+    recorded as sent."""
+    return [x * _store[_k(key)], object()]
+
+
 def mul_ignore_second(key: str, x: ag.Tensor, unused: ag.Tensor) -> ag.Tensor:
     return x * _store[_k(key)]
 

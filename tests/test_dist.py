@@ -925,6 +925,31 @@ async def test_a_received_root_passed_on_is_not_relayed_past_its_own_gradient(mo
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("side", ["arguments", "result"])
+async def test_a_message_that_cannot_travel_leaves_no_send_node_to_wait_for(mode, side):
+    # Encoding records a tensor's send node before it meets the value that cannot
+    # travel; the message never left, so no recv node exists for it, and every later
+    # backward in the context waited for its gradient for good.
+    xv, wv = arr(3), arr(3)
+    _, (gx, gw) = local_grads(lambda x, w: (x * w).sum(), xv, wv)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w2", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            if side == "arguments":
+                with pytest.raises(TypeError, match="cannot send value of type 'object'"):
+                    await ag.rpc("w2", F.identity, ([x, object()],))
+            else:
+                with pytest.raises(ag.RemoteError, match="cannot send value of type 'object'"):
+                    await ag.rpc("w2", F.mul_unsendable, ("w", x))
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], gx, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), gw, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 async def test_distributed_optimizer_errors():
     async with cluster():
         with pytest.raises(TypeError, match="RRef"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import os
 import signal
 import subprocess
@@ -33,6 +34,14 @@ def pid():
 async def nap(seconds, value=None):
     await asyncio.sleep(seconds)
     return value
+
+
+async def block_loop(seconds):
+    time.sleep(seconds)  # noqa: ASYNC251 (blocks this worker's loop on purpose)
+
+
+def owned():
+    return rworker.current_worker().owned_count
 
 
 def spin(seconds):
@@ -418,6 +427,26 @@ def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fa
         f"{os.path.realpath(script)} here (to call one of its functions) failed: RuntimeError: "
     ), error
     assert 'start the work under `if __name__ == "__main__":`' in error
+
+
+async def test_a_call_timeout_bounds_registering_the_rrefs_it_passes():
+    # The RRef's owner w1 is busy (its loop blocked): registering the fork with it held
+    # the call past its timeout; and the registration, once w1 runs again, is taken back.
+    async with ag.local_cluster(2, processes=True):
+        assert await ag.rpc("w2", add, (1, 2)) == 3
+        r = await ag.remote("w1", np.zeros, (3,))
+        busy = asyncio.ensure_future(ag.rpc("w1", block_loop, (1.5,)))
+        t0 = time.monotonic()
+        with pytest.raises(ag.RpcTimeout, match="0.5 s .registering the RRefs it passes"):
+            await ag.rpc("w2", add, (r,), timeout=0.5)
+        assert time.monotonic() - t0 < 1.2
+        await busy
+        del r
+        deadline = time.monotonic() + 10
+        while (n := await ag.rpc("w1", owned)) and time.monotonic() < deadline:
+            gc.collect()  # (then the driver's release goes out, one-way)
+            await asyncio.sleep(0.05)
+        assert n == 0
 
 
 def test_cluster_run_uses_uvloop_without_a_global_policy():

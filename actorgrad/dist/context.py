@@ -478,17 +478,32 @@ class activate:
 class _Hooks:
     """Codec hooks for one message of one context with one peer."""
 
-    __slots__ = ("state", "ctx", "peer")
+    __slots__ = ("state", "ctx", "peer", "sent")
 
     def __init__(self, state: DistState, ctx: DistContext, peer: str) -> None:
         self.state = state
         self.ctx = ctx
         self.peer = peer
+        self.sent: list[int] | None = None  # send ids recorded for this message
 
     def tensor_out(self, t: Tensor) -> int | None:
         if not t.requires_grad:
             return None
-        return self.state.record_send(self.ctx, t, self.peer)
+        send_id = self.state.record_send(self.ctx, t, self.peer)
+        if self.sent is None:
+            self.sent = [send_id]
+        else:
+            self.sent.append(send_id)
+        return send_id
+
+    def undo(self) -> None:
+        """The message was not sent (its encoding failed, it was too large, the call was
+        cancelled before it left): its send nodes go, or every later pass would wait for
+        gradients their recv nodes, which do not exist, can never send."""
+        if self.sent:
+            for send_id in self.sent:
+                self.ctx.sends.pop(send_id, None)
+            self.sent = None
 
     def tensor_in(self, array: np.ndarray, requires_grad: bool, link: Any) -> Tensor:
         if link is None:

@@ -174,13 +174,15 @@ def new_owned(worker: Worker, value: Any) -> RRef:
 class Hooks:
     """Codec hooks of one message between ``worker`` and ``peer`` (RRefs only)."""
 
-    __slots__ = ("worker", "peer", "forks", "added")
+    __slots__ = ("worker", "peer", "forks", "added", "registered")
 
     def __init__(self, worker: Worker, peer: str) -> None:
         self.worker = worker
         self.peer = peer
         self.forks: list[RRef] | None = None
         self.added: list[int] | None = None
+        # forks whose registration with their owners was asked for: (owner, rid)
+        self.registered: list[tuple[str, int]] | None = None
 
     @property
     def worker_name(self) -> str:
@@ -206,11 +208,17 @@ class Hooks:
         return RRef(self.worker, owner, rid)
 
     def undo(self) -> None:
-        """The message was not sent: take back the counts added for it."""
+        """The message was not sent: take back the counts added for it, here and on the
+        owners its forks were registered with (or were being registered with: the
+        decrement follows the registration on the same connection)."""
         if self.added:
             for rid in self.added:
                 _sub(self.worker, rid, self.peer)
             self.added = None
+        if self.registered:
+            for owner, rid in self.registered:
+                self.worker.notify(owner, _decref, (rid, self.peer), on_error=_ignore)
+            self.registered = None
         self.forks = None
 
 
@@ -230,6 +238,12 @@ class TensorHooks(Hooks):
     def tensor_in(self, array: Any, requires_grad: bool, link: Any) -> Any:
         return self.th.tensor_in(array, requires_grad, link)
 
+    def undo(self) -> None:
+        super().undo()
+        f = getattr(self.th, "undo", None)
+        if f is not None:
+            f()
+
 
 async def register_forks(worker: Worker, hooks: Hooks) -> None:
     """Register the forks of a message with their owners (and wait for the acks)."""
@@ -237,6 +251,7 @@ async def register_forks(worker: Worker, hooks: Hooks) -> None:
     by_owner: dict[str, list[list]] = {}
     for r in forks:
         by_owner.setdefault(r.owner, []).append([r._rid, hooks.peer])
+    hooks.registered = [(r.owner, r._rid) for r in forks]  # (for undo, from now on)
     await asyncio.gather(
         *(
             worker.call(owner, "actorgrad.runtime.rref:_add_holders", (entries,))
@@ -262,6 +277,10 @@ def _add_holders(entries: list) -> None:
     w = current_worker()
     for rid, holder in entries:
         _add(w, rid, holder)
+
+
+def _ignore(exc: BaseException) -> None:
+    """(an owner that cannot be told is gone: its counts went with it)"""
 
 
 def _decref(rid: int, holder: str) -> None:

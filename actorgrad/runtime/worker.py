@@ -69,7 +69,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -111,6 +111,7 @@ _process_worker: Worker | None = None
 _interceptor: Any = None
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 _NOT_INIT = "actorgrad is not initialized: call `await ag.init(...)` or use `ag.local_cluster()`"
 
@@ -221,6 +222,24 @@ def _check_call_args(args: Any, kwargs: Any) -> None:
         raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+
+
+async def _by_deadline(
+    aw: Awaitable[T], deadline: float | None, target: Any, dest: str, seconds: Any, doing: str
+) -> T:
+    """``await aw``, an RpcTimeout saying what the call was ``doing`` at ``deadline``."""
+    if deadline is None:
+        return await aw
+    try:
+        async with asyncio.timeout_at(deadline) as t:
+            return await aw
+    except TimeoutError:
+        if not t.expired():
+            raise
+        raise RpcTimeout(
+            f"call of {calls.describe(target)} on worker {dest!r} timed out after {seconds} s"
+            + doing
+        ) from None
 
 
 class _Raised:
@@ -1027,9 +1046,18 @@ class Worker:
         try:
             if hooks.forks:
                 await rref.register_forks(self, hooks)
-            if not conn.closed:
-                await conn.send(chunks)
-        except ActorgradError as exc:
+            if conn.closed:
+                hooks.undo()
+                return
+        except BaseException as exc:
+            hooks.undo()
+            if not isinstance(exc, ActorgradError):
+                raise
+            log.debug("reply to %r not sent: %s", conn, exc)
+            return
+        try:
+            await conn.send(chunks)
+        except ActorgradError as exc:  # (the connection closed while sending)
             log.debug("reply to %r not sent: %s", conn, exc)
 
     def _reply_exc(
@@ -1086,19 +1114,14 @@ class Worker:
                 raise TypeError(f"worker name must be a str, not {type(dest).__name__}")
             conn = self._out.get(dest)
             if conn is None or conn.closed:
-                if deadline is None:
-                    conn = await self._conn_to(dest)
-                else:
-                    try:
-                        async with asyncio.timeout_at(deadline) as connecting:
-                            conn = await self._conn_to(dest)
-                    except TimeoutError:
-                        if not connecting.expired():
-                            raise
-                        raise RpcTimeout(
-                            f"call of {calls.describe(target)} on worker {dest!r} timed out "
-                            f"after {timeout} s (still connecting to it)"
-                        ) from None
+                conn = await _by_deadline(
+                    self._conn_to(dest),
+                    deadline,
+                    target,
+                    dest,
+                    timeout,
+                    " (still connecting to it)",
+                )
         ic = _interceptor
         meta = ic.outgoing(self, dest) if ic is not None else None
         hooks = rref.Hooks(self, dest) if meta is None else self._hooks(dest, meta)
@@ -1108,17 +1131,26 @@ class Worker:
                 [K_REQ, cid, target, mode, meta], [list(args), kwargs or None], hooks
             )
             conn.check_size(chunks)
+            if hooks.forks:
+                await _by_deadline(
+                    rref.register_forks(self, hooks),
+                    deadline,
+                    target,
+                    dest,
+                    timeout,
+                    " (registering the RRefs it passes with their owners)",
+                )
+            if conn.closed:
+                raise WorkerLost(f"connection to worker {dest!r} is closed")
         except BaseException:
+            # (failed or cancelled before the request left: what the encoding recorded
+            # for it, RRef counts and forks, tensors sent in a context, is taken back)
             hooks.undo()
             raise
-        if hooks.forks:
-            await rref.register_forks(self, hooks)
         fut = self.loop.create_future()
         pending = conn.pending
         pending[cid] = (fut, hooks)
         try:
-            if conn.closed:
-                raise WorkerLost(f"connection to worker {dest!r} is closed")
             conn.send_nowait(chunks)
             del chunks
             if conn._write_paused:
