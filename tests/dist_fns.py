@@ -235,6 +235,12 @@ async def warm_up(dests: list[str]) -> None:
         await ag.rpc(d, identity, (None,))
 
 
+async def gated_mul(gate: str, key: str, x: ag.Tensor) -> ag.Tensor:
+    """x * store[key], once this process's event ``gate`` is set (``signal``)."""
+    await event(gate).wait()
+    return mul(key, x)
+
+
 async def late_call(flag: str, dest: str, x: ag.Tensor) -> None:
     """Run inside a context: tell the driver we started, block this worker (its loop
     too, so a release waits unread in its socket) until the file ``flag`` exists, then

@@ -206,6 +206,15 @@ class PassState:
         roots: Sequence[tuple[Any, np.ndarray | None]],
         retain_graph: bool,
     ) -> None:
+        if ctx.unanswered:
+            peer = next(iter(ctx.unanswered))
+            raise ContextError(
+                f"context {ctx.id:#x}: a call to worker {peer!r} made in it on worker "
+                f"{worker.name!r} timed out or was cancelled, and its reply, which may "
+                "hold tensors of the graph, has not come back; a backward pass now could "
+                "wait for their gradients for good. Wait for that worker to answer (and "
+                "retry), or use a new context"
+            )
         self.worker = worker
         self.ctx = ctx
         self.pass_id = pass_id

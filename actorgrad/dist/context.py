@@ -124,6 +124,7 @@ class DistContext:
         "last_pass",
         "undo",
         "early",
+        "unanswered",
         "__weakref__",
     )
 
@@ -152,6 +153,11 @@ class DistContext:
         # Messages of a pass that came before the pass's origin reached this worker
         # (see backward._deliver): held until it does.
         self.early: dict[int, list[tuple[Any, ...]]] = {}
+        # Calls made here in this context whose caller stopped waiting (timeout,
+        # cancellation) and whose reply has not come: it may hold tensors of the graph,
+        # sent from recorded send nodes whose recv nodes only its arrival creates here.
+        # A pass meanwhile would wait for them: refused (see PassState).
+        self.unanswered: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return (
@@ -504,6 +510,19 @@ class _Hooks:
             for send_id in self.sent:
                 self.ctx.sends.pop(send_id, None)
             self.sent = None
+
+    def abandoned(self) -> None:
+        """The call of this message was abandoned after it left (see DistContext)."""
+        un = self.ctx.unanswered
+        un[self.peer] = un.get(self.peer, 0) + 1
+
+    def answered(self) -> None:
+        un = self.ctx.unanswered
+        n = un.get(self.peer, 0) - 1
+        if n > 0:
+            un[self.peer] = n
+        else:
+            un.pop(self.peer, None)
 
     def tensor_in(self, array: np.ndarray, requires_grad: bool, link: Any) -> Tensor:
         if link is None:

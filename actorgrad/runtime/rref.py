@@ -207,6 +207,14 @@ class Hooks:
         owner, rid = payload
         return RRef(self.worker, owner, rid)
 
+    def abandoned(self) -> None:
+        """The call's caller stopped waiting; its late reply will still be decoded
+        with these hooks (nothing to do for RRefs: those in it are released)."""
+
+    def answered(self) -> None:
+        """The late reply of an abandoned call came (or never will: its connection
+        closed)."""
+
     def undo(self) -> None:
         """The message was not sent: take back the counts added for it, here and on the
         owners its forks were registered with (or were being registered with: the
@@ -241,6 +249,16 @@ class TensorHooks(Hooks):
     def undo(self) -> None:
         super().undo()
         f = getattr(self.th, "undo", None)
+        if f is not None:
+            f()
+
+    def abandoned(self) -> None:
+        f = getattr(self.th, "abandoned", None)
+        if f is not None:
+            f()
+
+    def answered(self) -> None:
+        f = getattr(self.th, "answered", None)
         if f is not None:
             f()
 

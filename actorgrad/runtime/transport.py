@@ -315,6 +315,9 @@ class Connection(asyncio.BaseProtocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         # owner data
         self.pending: dict[int, Any] = {}
+        # calls whose caller stopped waiting (timeout, cancellation) after the request
+        # left: call id -> the codec hooks their late reply is decoded with (Worker.call)
+        self.abandoned: dict[int, Any] = {}
         self._call_ids = itertools.count(1)
 
     def __repr__(self) -> str:

@@ -242,6 +242,24 @@ async def _by_deadline(
         ) from None
 
 
+#: Most abandoned calls kept per connection (see _abandon); beyond, the oldest go.
+MAX_ABANDONED = 65536
+
+
+def _abandon(conn: Connection, cid: int, hooks: rref.Hooks) -> None:
+    """The caller stopped waiting for call ``cid`` (timeout, cancellation) after its
+    request left, in a context of an interceptor: keep its hooks, so that a late reply
+    is decoded with them. The reply's tensors were recorded as sent by the callee: their
+    receiving ends must exist, or every later backward in the context would wait for
+    them (the interceptor's hooks hear ``abandoned``, then ``answered`` once the reply
+    came or the connection closed)."""
+    abandoned = conn.abandoned
+    if len(abandoned) >= MAX_ABANDONED:
+        abandoned.pop(next(iter(abandoned))).answered()
+    abandoned[cid] = hooks
+    hooks.abandoned()
+
+
 class _Raised:
     """A StopIteration raised by a function in the thread pool, carried out as a value."""
 
@@ -647,6 +665,10 @@ class Worker:
                         # failed by our own shutdown: a call_nowait future nobody
                         # reads any more must not log "exception was never retrieved"
                         fut.exception()
+        if conn.abandoned:  # (no late reply can come now)
+            abandoned, conn.abandoned = conn.abandoned, {}
+            for kept in abandoned.values():
+                kept.answered()
         if conn is self.registry_conn:
             self.registry_lost.set()
         if self.registry is not None:
@@ -700,13 +722,17 @@ class Worker:
                     raise ProtocolError(f"malformed reply header {header!r}")
                 call = conn.pending.pop(header[1], None)
                 if call is None or call[0].done():
-                    # late reply of a timed-out/cancelled call: dropped quietly (decoded
-                    # only so that RRefs in it are released again)
+                    # late reply of a timed-out/cancelled call: dropped quietly, decoded
+                    # only so that RRefs in it are released again, and tensors in a
+                    # context get their recv nodes (see _abandon)
+                    kept = conn.abandoned.pop(header[1], None) if conn.abandoned else None
                     if kind == K_OK:
                         try:
-                            frame.body(rref.Hooks(self, conn.peer_name or "?"))
+                            frame.body(kept or rref.Hooks(self, conn.peer_name or "?"))
                         except Exception:
                             pass
+                    if kept is not None:
+                        kept.answered()
                     return
                 fut, hooks = call
                 try:
@@ -1167,11 +1193,13 @@ class Worker:
                     f"call of {calls.describe(target)} on worker {dest!r} timed out after {timeout} s"
                 ) from None
         finally:
-            pending.pop(cid, None)
+            waiting = pending.pop(cid, None)
             if fut.done() and not fut.cancelled():
                 # (failed by a lost connection while this call was still sending: the
                 # error raised here is the drain's, must not log "never retrieved")
                 fut.exception()
+            elif waiting is not None and meta is not None and not conn.closed:
+                _abandon(conn, cid, hooks)
             # a failed call's error holds this frame (its traceback) and the future
             # holds the error: without this, each failure leaves a reference cycle
             fut = None  # type: ignore[assignment]
