@@ -15,8 +15,10 @@ otherwise), else ``ACTORGRAD_TOKEN``; ``cluster`` generates one when neither is 
 and writes it to a 0600 file in a private temporary directory. A token is never
 printed, only the path of the file that holds it.
 
-Signals: the first Ctrl-C / SIGTERM drains (graceful shutdown of every process this
-command started), the second forces it. ``run`` forwards them to the script instead.
+Signals: the first Ctrl-C / SIGTERM / SIGHUP drains (graceful shutdown of every
+process this command started), the second forces it. ``run`` forwards them to the
+script instead (once: the script has a process group of its own, made the terminal's
+foreground group when ``run`` had it), the third as SIGKILL.
 
 Exit codes: 0 success, 1 an expected failure (one line on stderr, no traceback: wrong
 token, unreachable address, ...), 2 usage errors, ``run``: the script's status.
@@ -123,9 +125,10 @@ def client_token(token_file: str | None) -> str:
 
 @contextlib.contextmanager
 def _signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]:
-    """Route SIGINT and SIGTERM to ``handler`` on the running loop while inside."""
+    """Route SIGINT, SIGTERM and SIGHUP (the terminal went away) to ``handler`` on the
+    running loop while inside."""
     loop = asyncio.get_running_loop()
-    sigs = (signal.SIGINT, signal.SIGTERM)
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     for sig in sigs:
         loop.add_signal_handler(sig, handler, sig)
     try:
@@ -240,20 +243,34 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _terminal_delivers_sigint() -> bool:
-    """True when a Ctrl-C on our terminal also reaches our children directly.
+def _foreground_terminal() -> int | None:
+    """A descriptor of our controlling terminal when our process group is its
+    foreground group (a Ctrl-C typed there signals us), else None. (Checked on
+    /dev/tty, not on our streams: they may be redirected while the terminal still
+    signals the group.)"""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        if os.tcgetpgrp(fd) == os.getpgrp():
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
-    That is the case when we run in the terminal's foreground process group (children
-    share it); forwarding SIGINT as well would interrupt the script twice.
-    """
-    for stream in (sys.stdin, sys.stdout, sys.stderr):
-        try:
-            fd = stream.fileno()
-            if os.isatty(fd):
-                return os.tcgetpgrp(fd) == os.getpgrp()
-        except (OSError, ValueError, AttributeError):
-            continue
-    return False
+
+def _set_foreground(fd: int, pgid: int) -> None:
+    """Make ``pgid`` the terminal's foreground group (SIGTTOU blocked: we may be in
+    the background by then, as a shell is when it takes its terminal back)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
+    try:
+        os.tcsetpgrp(fd, pgid)
+    except OSError:
+        pass  # (that group is gone already, or the terminal is)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _driver_env(address: str, token: str) -> dict[str, str]:
@@ -292,18 +309,25 @@ async def cmd_run(args: argparse.Namespace) -> int:
     serving = asyncio.ensure_future(serve())
     proc: asyncio.subprocess.Process | None = None
     signals = 0
+    last = signal.SIGINT
 
     def on_signal(sig: signal.Signals) -> None:
-        nonlocal signals
+        nonlocal signals, last
         signals += 1
+        last = sig
         if proc is None:  # still starting: give up
             serving.cancel()
             return
-        if sig == signal.SIGINT and _terminal_delivers_sigint():
-            return
+        # (the script is in a process group of its own: only this reaches it)
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig if signals < 3 else signal.SIGKILL)
 
+    # The script runs in a process group of its own, so a signal sent to our group (a
+    # shell's kill of the job, `timeout`, a CI runner) reaches it once, from us, and
+    # not a second time directly (Python's second SIGINT skips the script's cleanup).
+    # On a terminal, the script's group becomes the foreground one: Ctrl-C reaches the
+    # script alone, we wait for it to end, then take the terminal back.
+    terminal = _foreground_terminal()
     with _signals(on_signal):
         try:
             waits: set[asyncio.Future[Any]] = {serving, ready}
@@ -313,14 +337,24 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 raise CliError("the local cluster stopped before it was ready")
             env = _driver_env(ready.result(), token)
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(script), *args.args, env=env
+                # (preexec_fn: uvloop takes no process_group; setpgrp is async-signal-safe)
+                sys.executable,
+                str(script),
+                *args.args,
+                env=env,
+                preexec_fn=os.setpgrp,  # noqa: PLW1509
             )
+            if terminal is not None:
+                _set_foreground(terminal, proc.pid)
             returncode = await proc.wait()
         except asyncio.CancelledError:
             if signals == 0:
                 raise
-            return 130
+            return 128 + last
         finally:
+            if terminal is not None:
+                _set_foreground(terminal, os.getpgrp())
+                os.close(terminal)
             if proc is not None and proc.returncode is None:
                 proc.kill()
                 await proc.wait()

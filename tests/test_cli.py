@@ -592,11 +592,13 @@ async def main():
         got.set()
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
-    print("ready", flush=True)
+    # (--to-tty: our output goes to the terminal, with every standard stream redirected)
+    out = open("/dev/tty", "w") if "--to-tty" in sys.argv else sys.stdout
+    print("ready", file=out, flush=True)
     await got.wait()
     for _ in range(20):  # time for a duplicate SIGINT to arrive, if one was sent
         await ag.rpc("w1", "operator:add", (1, 2))
-    print("sigints", count, flush=True)
+    print("sigints", count, file=out, flush=True)
     await ag.shutdown()
     return 10 + count
 
@@ -609,24 +611,52 @@ if __name__ == "__main__":
 ON_TTY = """
 import os, sys
 os.setsid()
-fd = os.open(sys.argv[1], os.O_RDWR)
+fd = os.open(sys.argv[1], os.O_RDWR)  # (our controlling terminal from now on)
+if sys.argv[2] == "redirected":
+    fd = os.open(os.devnull, os.O_RDWR)
 for i in (0, 1, 2):
     os.dup2(fd, i)
 os.close(fd)
-os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+os.execv(sys.executable, [sys.executable, *sys.argv[3:]])
 """
 
 
 @needs_runtime
-def test_ctrl_c_on_a_terminal_reaches_the_script_of_run_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_of_run_reaches_the_script_once(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # A job killed as a whole (`kill -- -PGID`, `timeout`, a CI runner): run forwarded
+    # the signal to a script that had got it already.
+    script = tmp_path / "count.py"
+    script.write_text(TTY_SCRIPT.replace("signal.SIGINT", f"signal.{sig.name}"))
+    r = Running("run", "-n", "1", str(script))  # (its own session: its group is ours)
+    try:
+        r.expect("ready")
+        os.killpg(r.proc.pid, sig)
+        assert r.expect("sigints") == "1"
+        assert r.wait() == 11
+    finally:
+        r.stop()
+
+
+@needs_runtime
+@pytest.mark.parametrize("streams", ["on the terminal", "redirected"])
+def test_ctrl_c_on_a_terminal_reaches_the_script_of_run_once(tmp_path: Path, streams: str) -> None:
+    # Redirected: `actorgrad run ... </dev/null >log 2>&1` typed in a terminal. The
+    # terminal still signals the whole foreground group; run saw no terminal on its
+    # streams and forwarded the SIGINT as well: the script got two (and Python's
+    # second one skips its cleanup).
     import pty
 
     script = tmp_path / "tty.py"
     script.write_text(TTY_SCRIPT)
     master, slave = pty.openpty()
     tty = os.ttyname(slave)
+    mode = "redirected" if streams == "redirected" else "tty"
+    run = ["-m", "actorgrad", "run", "-n", "1", str(script), "--to-tty"]
     proc = subprocess.Popen(
-        [sys.executable, "-c", ON_TTY, tty, "-m", "actorgrad", "run", "-n", "1", str(script)],
+        [sys.executable, "-c", ON_TTY, tty, mode, *run],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
