@@ -261,6 +261,29 @@ def _foreground_terminal() -> int | None:
     return None
 
 
+def _own_group_ending_with_us() -> Callable[[], None]:
+    """The child's set-up between fork and exec (uvloop takes no ``process_group``): a
+    process group of its own, and on Linux SIGTERM when we die (a group of its own
+    escapes a SIGKILL sent to ours: it would run on against a dead cluster). Both are
+    plain system calls, looked up before the fork."""
+    prctl = None
+    if sys.platform == "linux":
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def setup() -> None:
+        os.setpgrp()
+        if prctl is not None:
+            prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # (we died before that: no signal would come)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return setup
+
+
 def _set_foreground(fd: int, pgid: int) -> None:
     """Make ``pgid`` the terminal's foreground group (SIGTTOU blocked: we may be in
     the background by then, as a shell is when it takes its terminal back)."""
@@ -337,12 +360,11 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 raise CliError("the local cluster stopped before it was ready")
             env = _driver_env(ready.result(), token)
             proc = await asyncio.create_subprocess_exec(
-                # (preexec_fn: uvloop takes no process_group; setpgrp is async-signal-safe)
                 sys.executable,
                 str(script),
                 *args.args,
                 env=env,
-                preexec_fn=os.setpgrp,  # noqa: PLW1509
+                preexec_fn=_own_group_ending_with_us(),  # noqa: PLW1509
             )
             if terminal is not None:
                 _set_foreground(terminal, proc.pid)

@@ -641,6 +641,28 @@ def test_a_signal_to_the_process_group_of_run_reaches_the_script_once(
 
 
 @needs_runtime
+def test_the_script_of_run_ends_when_run_is_killed(tmp_path: Path) -> None:
+    # The script has a process group of its own (so signals reach it once): a SIGKILL
+    # of run's group no longer reaches it, run's death must.
+    script = tmp_path / "wait.py"
+    script.write_text(
+        "import os, signal\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+        "print('pid', os.getpid(), flush=True)\n"
+        "signal.sigwait({signal.SIGTERM})\n"
+        "print('terminated', flush=True)\n"
+    )
+    r = Running("run", "-n", "1", str(script))
+    try:
+        pid = int(r.expect("pid"))
+        os.killpg(r.proc.pid, signal.SIGKILL)  # run, its group; the script is not in it
+        assert r.expect("terminated") == ""
+        assert wait_gone({pid}, 10) == set()
+    finally:
+        r.stop()
+
+
+@needs_runtime
 @pytest.mark.parametrize("streams", ["on the terminal", "redirected"])
 def test_ctrl_c_on_a_terminal_reaches_the_script_of_run_once(tmp_path: Path, streams: str) -> None:
     # Redirected: `actorgrad run ... </dev/null >log 2>&1` typed in a terminal. The
