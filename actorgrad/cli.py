@@ -30,7 +30,10 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shlex
+import shutil
 import signal
+import stat
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -77,6 +80,12 @@ def read_token_file(path: Path) -> str:
         raise CliError(f"cannot read token file {path}: {exc.strerror or exc}") from None
     if not token:
         raise CliError(f"token file {path} is empty")
+    with contextlib.suppress(OSError):
+        if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            _note(
+                f"warning: token file {path} can be read by other users than its owner; "
+                f"anyone who reads it can run code on the cluster (chmod 600 {shlex.quote(str(path))})"
+            )
     return token
 
 
@@ -105,7 +114,7 @@ def cluster_token(token_file: str | None) -> tuple[str, str, Path | None]:
     token = new_token()
     path = Path(tempfile.mkdtemp(prefix="actorgrad-")) / "token"
     write_token_file(path, token)
-    return token, f"written to {path} (mode 0600)", path
+    return token, f"written to {path} (mode 0600, removed when the cluster stops)", path
 
 
 def client_token(token_file: str | None) -> str:
@@ -139,7 +148,13 @@ def _signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]:
 
 
 def _say(msg: str) -> None:
-    print(msg, flush=True)
+    try:
+        print(msg, flush=True)
+    except BrokenPipeError:
+        # (our stdout's reader went away, e.g. `| head`: what we say is lost, the
+        # cluster goes on; stdout to /dev/null so that the exit's flush stays quiet)
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _note(msg: str) -> None:
@@ -201,8 +216,10 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
         _say(f"token: {where}")
         _say(f"  export {ENV_ADDRESS}={address}")
         if path is not None:
-            _say(f"  export {ENV_TOKEN}=$(cat {path})")
-            _say(f"  more workers: {PROG} worker --join {address} --name NAME --token-file {path}")
+            # (pasted into a shell from anywhere: quoted, absolute)
+            q = shlex.quote(str(path.resolve()))
+            _say(f"  export {ENV_TOKEN}=$(cat {q})")
+            _say(f"  more workers: {PROG} worker --join {address} --name NAME --token-file {q}")
         _say("Ctrl-C to stop")
 
     async def serve(stop: asyncio.Event) -> None:
@@ -217,7 +234,11 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
                 on_event=lambda kind, text: _say(text),
             )
 
-    code = await _serve_until_signalled(serve, "cluster")
+    try:
+        code = await _serve_until_signalled(serve, "cluster")
+    finally:
+        if path is not None and not args.token_file:  # (our private temporary one)
+            shutil.rmtree(path.parent, ignore_errors=True)
     _say("cluster stopped")
     return code
 
@@ -229,8 +250,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     async def serve(stop: asyncio.Event) -> None:
         with _expected():
             await cluster.serve_worker(args.join, args.name, token, stop=stop)
-        if not stop.is_set():
-            _say(f"worker {args.name}: the cluster's head went away")
+        if not stop.is_set():  # (not asked to stop: a supervisor should hear of it)
+            raise CliError(f"worker {args.name}: the cluster's head went away")
 
     _say(f"worker {args.name} joining {args.join}")
     code = await _serve_until_signalled(serve, f"worker {args.name}")
@@ -416,7 +437,8 @@ def _contexts(w: dict[str, Any]) -> Any:
 def format_status(status: dict[str, Any]) -> str:
     """A readable table of ``cluster_status()``'s result (unreachable workers: their error)."""
     workers = list(status.get("workers", []))
-    lines = [f"cluster {status.get('address', '?')}: {len(workers)} workers"]
+    users = [w for w in workers if not str(w.get("name", "")).startswith("_")]
+    lines = [f"cluster {status.get('address', '?')}: {len(users)} workers and its head"]
     head = ["name", "id", "address", "mailbox", "in_flight", "contexts", "rrefs"]
     rows = []
     for w in workers:
@@ -472,6 +494,16 @@ def _address(text: str) -> str:
         return cluster.check_address(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):  # (NaN fails too)
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0: {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -531,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", type=_address, metavar="A", help=f"HOST:PORT (default: ${ENV_ADDRESS})"
     )
     s.add_argument("--token-file", metavar="F", help=tok)
-    s.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    s.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait (default 5)")
 
     sub.add_parser(
         "demo",
@@ -560,7 +592,8 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return f"timed out: {exc}" if str(exc) else "timed out"
     if isinstance(exc, OSError):
-        return f"{exc.strerror or exc}"
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
     return f"{type(exc).__name__}: {exc}"
 
 

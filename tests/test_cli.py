@@ -214,6 +214,9 @@ def test_usage_errors_exit_2() -> None:
     r = run_cli("status", env=_env(ACTORGRAD_TOKEN="t"))
     assert r.returncode == 2
     assert "ACTORGRAD_ADDRESS" in r.stderr and "Traceback" not in r.stderr
+    for bad in ("0", "-3", "nan", "inf", "soon"):  # (0 and -3 "timed out", nan a traceback)
+        r = run_cli("status", "--address", "127.0.0.1:1", "--timeout", bad)
+        assert r.returncode == 2 and "--timeout" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_run_of_a_missing_script_is_a_usage_error(tmp_path: Path) -> None:
@@ -241,6 +244,74 @@ def test_without_token_file_the_token_is_not_printed_but_stored_privately(
     path.parent.rmdir()
 
 
+@needs_runtime
+def test_the_commands_cluster_prints_work_pasted_into_a_shell(tmp_path: Path) -> None:
+    # (a token file under a directory with a space: `$(cat /a b/tok)` read nothing)
+    (tmp_path / "my dir").mkdir()
+    token_file = tmp_path / "my dir" / "tok"
+    c = Running("cluster", "-n", "1", "--token-file", str(token_file))
+    try:
+        c.expect("Ctrl-C to stop")
+        export = next(line for line in c.seen if "export ACTORGRAD_TOKEN" in line)
+        r = subprocess.run(
+            ["sh", "-c", f'{export.strip()}; printf %s "$ACTORGRAD_TOKEN"'],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=10,
+        )
+        assert r.stdout == token_file.read_text().strip()
+        more = next(line for line in c.seen if "more workers:" in line)
+        assert more.endswith(f"--token-file '{token_file}'")
+    finally:
+        c.stop()
+
+
+@needs_runtime
+def test_a_generated_token_file_goes_when_its_cluster_stops() -> None:
+    # (each cluster without --token-file left a directory with its secret in /tmp)
+    c = Running("cluster", "-n", "1")
+    try:
+        where = c.expect("token: written to")
+        path = Path(where.split(" (mode")[0])
+        assert path.is_file()
+        c.expect("Ctrl-C to stop")
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.wait() == 0
+        assert not path.parent.exists()
+    finally:
+        c.stop()
+
+
+def test_a_token_file_others_can_read_is_used_with_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("secret\n")
+    path.chmod(0o644)
+    assert cli.read_token_file(path) == "secret"  # (used; the warning goes to stderr)
+    r = run_cli("status", "--address", "127.0.0.1:1", "--token-file", str(path), "--timeout", "1")
+    assert r.stderr.startswith(
+        f"actorgrad: warning: token file {path} can be read by other users than its owner"
+    ), r.stderr
+    path.chmod(0o600)
+    r = run_cli("status", "--address", "127.0.0.1:1", "--token-file", str(path), "--timeout", "1")
+    assert "warning" not in r.stderr
+
+
+def test_a_worker_process_that_cannot_join_says_so_in_one_line() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "actorgrad.runtime.worker_main", "--join", "127.0.0.1:1"]
+        + ["--name", "wx"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(ACTORGRAD_TOKEN="t"),
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 1
+    assert r.stderr.startswith("actorgrad worker wx: WorkerLost: cannot connect to 127.0.0.1:1")
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+
+
 def test_status_table_lists_workers_mailboxes_and_contexts() -> None:
     text = cli.format_status(
         {
@@ -253,7 +324,7 @@ def test_status_table_lists_workers_mailboxes_and_contexts() -> None:
         }
     )
     lines = text.splitlines()
-    assert "3 workers" in lines[0]
+    assert lines[0] == "cluster 127.0.0.1:1: 3 workers and its head"
     assert lines[1].split() == [
         "name",
         "id",
@@ -282,8 +353,12 @@ def test_status_names_the_workers(cluster: tuple[str, Path]) -> None:
     address, token_file = cluster
     r = run_cli("status", "--address", address, "--token-file", str(token_file))
     assert r.returncode == 0, r.stderr
-    names = {line.split()[0] for line in r.stdout.splitlines()[2:]}
-    assert {"w1", "w2"} <= names
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"cluster {address}: 2 workers and its head"  # (the head: _head)
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(rows) == {"_head", "w1", "w2"}
+    # idle: nothing in flight (the status query itself is not counted)
+    assert [rows[n][4] for n in sorted(rows)] == ["0", "0", "0"], r.stdout
     # the address and the token may also come from the environment
     env = _env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
     r = run_cli("status", env=env)
@@ -568,8 +643,12 @@ def test_a_joined_worker_exits_when_its_cluster_stops(tmp_path: Path) -> None:
                 break
         c.proc.send_signal(signal.SIGTERM)
         assert c.wait() == 0
-        w.expect("worker late: the cluster's head went away")
-        assert w.wait() == 0
+        # (status 1: a supervisor must tell this from a stop it asked for)
+        assert w.wait() == 1
+        assert w.proc.stderr is not None
+        assert (
+            w.proc.stderr.read() == "actorgrad: error: worker late: the cluster's head went away\n"
+        )
     finally:
         c.stop()
         if w is not None:

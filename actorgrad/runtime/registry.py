@@ -165,7 +165,14 @@ def _update(version: int, members: dict) -> None:
 def _worker_status() -> dict:
     from actorgrad.runtime.worker import current_worker
 
-    return current_worker().status()
+    return _not_counting_this_call(current_worker().status())
+
+
+def _not_counting_this_call(status: dict) -> dict:
+    """A worker's status as seen from outside: the status query itself (in flight while
+    it is answered) is not counted."""
+    status["in_flight"] = max(0, status.get("in_flight", 1) - 1)
+    return status
 
 
 async def _status(timeout: float = 5.0) -> dict:  # noqa: ASYNC109 (timeout is API)
@@ -178,7 +185,7 @@ async def _status(timeout: float = 5.0) -> dict:  # noqa: ASYNC109 (timeout is A
     async def one(name: str, wid: int, address: str) -> dict:
         try:
             if name == w.name:
-                return w.status()
+                return _not_counting_this_call(w.status())
             return await w.call(name, _worker_status, timeout=timeout)
         except (ActorgradError, OSError, ValueError) as exc:
             return {"name": name, "id": wid, "address": address, "error": str(exc)}

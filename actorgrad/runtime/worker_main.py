@@ -14,6 +14,8 @@ import signal
 import sys
 from typing import Any
 
+from actorgrad.errors import ActorgradError
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="actorgrad-worker")
@@ -50,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         run(serve())
     except KeyboardInterrupt:
         return 130
+    except (ActorgradError, OSError, ValueError) as exc:
+        # (one line, as the CLI reports errors: e.g. stopped while it was joining, the
+        # head gone; the traceback helps nobody, the cluster says which worker exited)
+        print(f"actorgrad worker {args.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     finally:
         if prof is not None:
             prof.disable()
