@@ -783,3 +783,22 @@ async def test_a_call_whose_rrefs_cannot_all_be_registered_takes_its_counts_back
     gc.collect()
     await _owned_count("driver")
     assert await ag.rpc("w2", add, (1, 2)) == 3
+
+
+async def test_an_rref_copied_is_the_same_counted_handle_and_is_not_pickled(cluster):
+    # copy.copy gave a handle the owner did not count: once the original went, the copy
+    # pointed at a freed value; deepcopy and pickle failed deep inside the event loop.
+    import copy
+    import pickle
+
+    r = await ag.remote("w1", make_counter, (4,))
+    assert copy.copy(r) is r and copy.deepcopy({"p": r})["p"] is r
+    with pytest.raises(TypeError, match="an RRef cannot be pickled: pass it as an argument"):
+        pickle.dumps(r)
+    c = copy.copy(r)
+    del r
+    gc.collect()
+    assert await c.rpc().incr() == 5  # (still alive: c is r)
+    del c
+    gc.collect()
+    await _owned_count("w1")

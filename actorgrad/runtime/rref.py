@@ -105,6 +105,20 @@ class RRef(WireRef):
     def __repr__(self) -> str:
         return f"RRef(owner={self.owner!r}, id={self._rid}, held_by={self._worker.name!r})"
 
+    # An RRef is a counted handle: a copy the owner did not count would outlive the
+    # value (it is freed when the original goes). The same handle serves as a copy.
+    def __copy__(self) -> RRef:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RRef:
+        return self
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "an RRef cannot be pickled: pass it as an argument or result of ag.rpc / "
+            "ag.remote to give it to another worker (the owner counts it then)"
+        )
+
     def is_owner(self) -> bool:
         return self.owner == self._worker.name
 
