@@ -802,3 +802,20 @@ async def test_an_rref_copied_is_the_same_counted_handle_and_is_not_pickled(clus
     del c
     gc.collect()
     await _owned_count("w1")
+
+
+async def test_a_call_to_a_worker_shutting_down_fails_with_worker_lost(cluster):
+    # (it came as a RemoteError wrapping WorkerLost: "user code raised", missed by an
+    # `except ag.WorkerLost`)
+    w1 = cluster.workers[0]
+    assert await ag.rpc("w1", add, (1, 2)) == 3  # (connected)
+    started = asyncio.ensure_future(ag.rpc("w1", nap, (0.5,)))  # keeps w1 draining
+    await asyncio.sleep(0)
+    stopping = asyncio.ensure_future(w1.shutdown(graceful=True, timeout=5))
+    async with asyncio.timeout(10):
+        while not w1._stopping:  # noqa: ASYNC110 (its shutdown begins on the next turn)
+            await asyncio.sleep(0)
+    with pytest.raises(ag.WorkerLost, match="^worker 'w1' is shutting down$"):
+        await ag.rpc("w1", add, (1, 2))
+    await started
+    await stopping

@@ -77,6 +77,7 @@ from actorgrad import wire
 from actorgrad.errors import (
     ActorgradError,
     AuthError,
+    ContextError,
     ProtocolError,
     RemoteError,
     RpcTimeout,
@@ -241,6 +242,17 @@ async def _by_deadline(
             + doing
         ) from None
 
+
+def _refusal(err: RemoteError) -> BaseException:
+    """The error of a call the peer's runtime refused, as its own type: an ActorgradError
+    named by the reply (anything else stays the RemoteError it came as)."""
+    cls = _REFUSALS.get(err.remote_type)
+    return err if cls is None else cls(err.remote_message)
+
+
+_REFUSALS: dict[str, type[ActorgradError]] = {
+    f"actorgrad.errors.{c.__name__}": c for c in (WorkerLost, ContextError, ProtocolError)
+}
 
 #: Most abandoned calls kept per connection (see _abandon); beyond, the oldest go.
 MAX_ABANDONED = 65536
@@ -718,7 +730,9 @@ class Worker:
                 else:
                     self._dctx.run(self._cast_in, conn, frame)
             elif kind == K_OK or kind == K_ERR:
-                if len(header) != 2 or type(header[1]) is not int:
+                if not (len(header) == 2 or (len(header) == 3 and kind == K_ERR)) or (
+                    type(header[1]) is not int
+                ):
                     raise ProtocolError(f"malformed reply header {header!r}")
                 call = conn.pending.pop(header[1], None)
                 if call is None or call[0].done():
@@ -743,6 +757,8 @@ class Worker:
                 if kind == K_OK:
                     fut.set_result(value)
                 elif isinstance(value, BaseException):
+                    if len(header) == 3 and isinstance(value, RemoteError):
+                        value = _refusal(value)
                     fut.set_exception(value)
                 else:
                     fut.set_exception(ProtocolError(f"malformed error reply {value!r}"))
@@ -874,7 +890,8 @@ class Worker:
             raise ProtocolError(f"malformed request header {header!r}")
         peer = conn.peer_name or "?"
         if self._stopping:
-            self._reply_exc(conn, cid, WorkerLost(f"worker {self.name!r} is shutting down"), None)
+            lost = WorkerLost(f"worker {self.name!r} is shutting down")
+            self._reply_exc(conn, cid, lost, None, refused=True)
             return
         if meta is None:
             hooks = rref.Hooks(self, peer)
@@ -961,7 +978,7 @@ class Worker:
             log.debug("worker %s: one-way call refused: %s", self.name, exc)
             hooks.undo()
             return
-        self._reply_exc(conn, cid, exc, hooks)
+        self._reply_exc(conn, cid, exc, hooks, refused=True)
 
     def _invoke(self, fn: Any, args: Any, kwargs: Any, meta: Any, conn: Any = None) -> Any:
         if conn is not None:
@@ -1087,8 +1104,16 @@ class Worker:
             log.debug("reply to %r not sent: %s", conn, exc)
 
     def _reply_exc(
-        self, conn: Connection, cid: int, exc: BaseException, hooks: rref.Hooks | None
+        self,
+        conn: Connection,
+        cid: int,
+        exc: BaseException,
+        hooks: rref.Hooks | None,
+        refused: bool = False,
     ) -> None:
+        """Reply ``exc`` to call ``cid``. ``refused``: the runtime (not the user's code)
+        refused the call with this ActorgradError; the caller raises it as its own type
+        (WorkerLost, ContextError), not as a RemoteError ("user code raised")."""
         if hooks is not None:
             hooks.undo()
         if cid == 0:
@@ -1098,7 +1123,7 @@ class Worker:
             return
         err = RemoteError.from_exception(self.name, exc)
         try:
-            chunks = wire.encode_frame([K_ERR, cid], err, None)
+            chunks = wire.encode_frame([K_ERR, cid, 1] if refused else [K_ERR, cid], err, None)
         except Exception as exc2:  # pragma: no cover - RemoteError always encodes
             chunks = wire.encode_frame(
                 [K_ERR, cid], RemoteError.from_exception(self.name, exc2), None
