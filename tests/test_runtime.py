@@ -819,3 +819,26 @@ async def test_a_call_to_a_worker_shutting_down_fails_with_worker_lost(cluster):
         await ag.rpc("w1", add, (1, 2))
     await started
     await stopping
+
+
+async def test_connecting_to_a_worker_shutting_down_fails_at_once():
+    # Its listener still accepts while it drains; the accepted connection was never
+    # closed (it had no transport yet): the caller waited out the handshake deadline.
+    import time
+
+    async with ag.local_cluster(2, transport="tcp") as c:
+        w1, w2 = c.workers
+        assert await ag.rpc("w1", add, (1, 2)) == 3  # (connected)
+        busy = asyncio.ensure_future(ag.rpc("w1", nap, (1.0,)))  # keeps w1 draining
+        await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(w1.shutdown(graceful=True, timeout=10))
+        async with asyncio.timeout(10):
+            while not w1._stopping:  # noqa: ASYNC110 (its shutdown begins on the next turn)
+                await asyncio.sleep(0)
+        t0 = time.monotonic()
+        # (its listener may still accept, or have closed already: refused either way)
+        with pytest.raises((ag.AuthError, ag.WorkerLost), match="shutting down|cannot connect"):
+            await w2.call("w1", add, (1, 2))  # (w2 never connected to w1)
+        assert time.monotonic() - t0 < 2.0
+        await busy
+        await stopping

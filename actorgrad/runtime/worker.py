@@ -535,7 +535,9 @@ class Worker:
         conn = self._new_conn()
         self._conns.add(conn)
         if self._stopping:
-            self.loop.call_soon(conn.abort, None)
+            # closed once made (before that it has no transport to close: the peer
+            # waited out its handshake deadline, 5 s, 10 with the Unix socket first)
+            conn.made.add_done_callback(lambda _: conn.abort(None))
         else:
             self.spawn(self._accept_handshake(conn))
         return conn
