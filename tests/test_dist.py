@@ -348,6 +348,27 @@ async def test_retain_graph_twice_adds_up_and_third_without_fails():
     np.testing.assert_allclose(gw, 2 * 2 * xv * xv * wv)
 
 
+async def test_a_second_backward_from_a_received_root_names_retain_graph(mode):
+    # The root is the received tensor itself: no local node of the driver was freed,
+    # the gradient went to w1, whose send node was gone: a RemoteError(ContextError
+    # "no send node") instead of the local engine's RuntimeError.
+    xv, wv = arr(1), arr(1)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [y])
+            with pytest.raises(RuntimeError, match="second time.*retain_graph=True"):
+                await ag.dist.backward(ctx, [y])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+            # the context stays usable for a new forward and backward
+            y2 = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [y2])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 async def test_hundred_chained_remote_ops():
     xv = arr(4)
     async with cluster() as c:

@@ -138,6 +138,12 @@ def _boundary(
     if not isinstance(node, RecvNode) or node.ctx_id != ctx_id:
         # A tensor received in another context: its gradient stops here.
         return
+    if node.freed:  # (else its sender failed the pass: "no send node", a ContextError)
+        raise RuntimeError(
+            f"{node!r}: trying to backward through the graph a second time; it was freed "
+            "after the first backward. Pass retain_graph=True to the first backward() "
+            "if you need to run it again."
+        )
     dest, send_id = node.src, node.send_id
     if redirect:
         to = redirect.get((dest, send_id))

@@ -80,7 +80,7 @@ class RecvNode(Node):
     """Where a tensor arrived on this worker. A boundary: its gradient is sent back to
     the worker holding send node ``send_id``."""
 
-    __slots__ = ("ctx_id", "src", "send_id")
+    __slots__ = ("ctx_id", "src", "send_id", "freed")
     boundary = True
 
     def __init__(self, ctx_id: int, src: str, send_id: int) -> None:
@@ -88,6 +88,9 @@ class RecvNode(Node):
         self.ctx_id = ctx_id
         self.src = src
         self.send_id = send_id
+        # its send node is gone (a backward without retain_graph passed): a second
+        # backward through it fails here, as the local engine's freed nodes do
+        self.freed = False
 
     def apply(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:  # pragma: no cover
         raise AssertionError("RecvNode is a boundary node; the engine never applies it")
@@ -226,6 +229,8 @@ class DistContext:
     def free_graph(self) -> None:
         """Forget the send/recv nodes (after a backward that did not retain the graph)."""
         self.sends.clear()
+        for r in self.recvs:
+            r.freed = True
         self.recvs.clear()
 
 
