@@ -211,7 +211,7 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
 
     def on_ready(address: str) -> None:
         names = ", ".join(f"w{i}" for i in range(1, n + 1))
-        _say(f"actorgrad cluster ready: {n} workers ({names})")
+        _say(f"actorgrad cluster ready: {_count(n, 'worker')} ({names})")
         _say(f"address: {address}")
         _say(f"token: {where}")
         _say(f"  export {ENV_ADDRESS}={address}")
@@ -416,6 +416,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
     return _exit_status(returncode)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -438,7 +442,7 @@ def format_status(status: dict[str, Any]) -> str:
     """A readable table of ``cluster_status()``'s result (unreachable workers: their error)."""
     workers = list(status.get("workers", []))
     users = [w for w in workers if not str(w.get("name", "")).startswith("_")]
-    lines = [f"cluster {status.get('address', '?')}: {len(users)} workers and its head"]
+    lines = [f"cluster {status.get('address', '?')}: {_count(len(users), 'worker')} and its head"]
     head = ["name", "id", "address", "mailbox", "in_flight", "contexts", "rrefs"]
     rows = []
     for w in workers:

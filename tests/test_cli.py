@@ -267,6 +267,32 @@ def test_the_commands_cluster_prints_work_pasted_into_a_shell(tmp_path: Path) ->
         c.stop()
 
 
+def _ipv6_wildcard_ok() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::", 0))
+        return True
+    except OSError:
+        return False
+
+
+@needs_runtime
+@pytest.mark.skipif(not _ipv6_wildcard_ok(), reason="no IPv6 here")
+def test_a_cluster_on_the_ipv6_wildcard_reaches_its_workers(tmp_path: Path) -> None:
+    # (it advertised an IPv4 address for an IPv6-only listener: its own workers could
+    # not join, and it exited with a traceback of theirs)
+    token_file = tmp_path / "tok"
+    c = Running("cluster", "-n", "1", "--host", "::", "--token-file", str(token_file))
+    try:
+        address = c.expect("address:")
+        assert address.startswith("["), address
+        r = run_cli("status", "--address", address, "--token-file", str(token_file))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[0] == f"cluster {address}: 1 worker and its head"
+    finally:
+        c.stop()
+
+
 @needs_runtime
 def test_a_generated_token_file_goes_when_its_cluster_stops() -> None:
     # (each cluster without --token-file left a directory with its secret in /tmp)

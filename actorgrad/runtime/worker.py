@@ -151,14 +151,18 @@ def get_interceptor() -> Any:
     return _interceptor
 
 
-def _advertised_ip() -> str:
-    """The address others can reach a wildcard-bound listener at (best effort)."""
+def _advertised_ip(family: int = socket.AF_INET) -> str:
+    """The address others can reach a wildcard-bound listener of ``family`` at (best
+    effort: the source address of the default route, else loopback). An IPv6 wildcard
+    listener is IPv6 only (asyncio sets IPV6_V6ONLY): it needs an IPv6 address."""
+    v6 = family == socket.AF_INET6
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a route
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            # no packet is sent: this only picks a route (to a documentation address)
+            s.connect(("2001:db8::1", 9) if v6 else ("192.0.2.1", 9))
             return str(s.getsockname()[0])
     except OSError:
-        return "127.0.0.1"
+        return "::1" if v6 else "127.0.0.1"
 
 
 def natural_key(name: str) -> list:
@@ -448,7 +452,7 @@ class Worker:
             sock = self._server.sockets[0]
             host, port = sock.getsockname()[:2]
             if host in ("0.0.0.0", "::"):
-                host = _advertised_ip()
+                host = _advertised_ip(sock.family)
             if ":" in host:
                 host = f"[{host}]"
             self.address = f"{host}:{port}"
