@@ -64,10 +64,18 @@ class CliError(Exception):
 
 
 def write_token_file(path: Path, token: str) -> None:
-    """Create ``path`` with mode 0600 holding ``token``; an existing file is an error."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    """Create ``path`` with mode 0600 holding ``token``; an existing file is an error
+    (FileExistsError). The file appears whole: written under a temporary name, then
+    linked to ``path`` (another process creating it at the same time read it empty
+    between the create and the write)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # (mode 0600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.link(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def read_token_file(path: Path) -> str:

@@ -187,12 +187,35 @@ def report(result: TrainResult, target: float) -> int:
     return 0 if ok else 1
 
 
+def _at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}: {value}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a test accuracy is in [0, 1]: {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """``actorgrad demo``: train the pipeline on a fresh local cluster."""
     p = argparse.ArgumentParser(prog="actorgrad demo", description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--target", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_at_least(1), default=600)
+    p.add_argument("--target", type=_fraction, default=0.95)
+    p.add_argument("--seed", type=_at_least(0), default=0)
     p.add_argument("--in-process", action="store_true", help="workers as in-process actors")
     args = p.parse_args([] if argv is None else argv)
     result = run(_run_demo(args))

@@ -812,3 +812,56 @@ def test_ctrl_c_on_a_terminal_reaches_the_script_of_run_once(tmp_path: Path, str
             proc.wait(10)
         os.close(slave)
         os.close(master)
+
+
+def test_demo_options_are_checked() -> None:
+    for args, message in [
+        (["--seed", "-1"], "argument --seed: must be at least 0: -1"),  # (was a traceback)
+        (["--steps", "-5"], "argument --steps: must be at least 1: -5"),  # (was accepted)
+        (["--target", "2"], "argument --target: a test accuracy is in [0, 1]: 2.0"),
+    ]:
+        r = run_cli("demo", *args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_clusters_creating_one_token_file_get_the_same_token(tmp_path: Path) -> None:
+    # (the loser of the race read the file between its creation and its write: "empty")
+    import threading
+
+    for i in range(200):
+        path = tmp_path / f"tok{i}"
+        got: list[object] = [None, None]
+
+        def take(k: int, path: Path = path, got: list[object] = got) -> None:
+            try:
+                got[k] = cli.cluster_token(str(path))[0]
+            except cli.CliError as exc:
+                got[k] = exc
+
+        threads = [threading.Thread(target=take, args=(k,)) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got[0] == got[1] == path.read_text().strip(), got
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_ctrl_c_while_a_worker_joins_stops_it_at_once() -> None:
+    # The head accepts but never answers (a listening socket nobody serves): the join
+    # waits for its handshake deadline, and the first Ctrl-C was acted on only then.
+    token = {"ACTORGRAD_TOKEN": "t"}
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        w = Running("worker", "--join", address, "--name", "wj", env=_env(**token))
+        try:
+            w.expect("worker wj joining")
+            t0 = time.monotonic()
+            w.proc.send_signal(signal.SIGINT)
+            assert w.wait(20) == 0
+            assert time.monotonic() - t0 < 3.0  # (the handshake deadline is 5 s)
+            assert w.expect("worker wj stopped") == ""
+        finally:
+            w.stop()

@@ -125,7 +125,8 @@ async def serve_cluster(
         await head.start()
         head.host_registry()
         procs.start(head.address, [f"w{i}" for i in range(1, n + 1)], token, host=host)
-        await procs.wait_registered(head.registry)
+        if not await _unless_stopped(procs.wait_registered(head.registry), stop):
+            return
         if on_event is not None:
             unwatch = _report_changes(head.registry, procs, on_event)
         if on_ready is not None:
@@ -153,6 +154,28 @@ def _report_changes(
 
     registry.listeners.append(member)
     return [functools.partial(registry.listeners.remove, member), procs.watch_exits(exited)]
+
+
+async def _unless_stopped(aw: Awaitable[Any], stop: asyncio.Event | None) -> bool:
+    """Await ``aw``; True once it is done, False (it is cancelled) when ``stop`` is set
+    first: a Ctrl-C during a start-up (workers joining, a join that hangs) stops it at
+    once instead of after the start-up's own deadline."""
+    if stop is None:
+        await aw
+        return True
+    task = asyncio.ensure_future(aw)
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.wait({task, waiter})
+    if task.cancelled():
+        return False
+    task.result()  # (raises what it raised)
+    return True
 
 
 async def stop_all(head: Worker, workers: list[Worker], procs: WorkerProcesses | None) -> None:
@@ -187,7 +210,8 @@ async def serve_worker(
         _w.set_process_worker(w)
     try:
         await w.start()
-        await w.join(address)
+        if not await _unless_stopped(w.join(address), stop):
+            return
         waits = [asyncio.ensure_future(w.registry_lost.wait())]
         if stop is not None:
             waits.append(asyncio.ensure_future(stop.wait()))
