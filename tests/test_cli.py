@@ -865,3 +865,50 @@ def test_a_ctrl_c_while_a_worker_joins_stops_it_at_once() -> None:
             assert w.expect("worker wj stopped") == ""
         finally:
             w.stop()
+
+
+@needs_runtime
+def test_a_cluster_whose_stdout_reader_went_away_goes_on_quietly() -> None:
+    # `actorgrad cluster | head`: once head exits, each line the cluster printed (a
+    # worker that died) raised BrokenPipeError inside the registry's listeners.
+    proc = subprocess.Popen(
+        [*CLI, "cluster", "-n", "2"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        said = {}
+        for line in proc.stdout:
+            key, _, rest = line.partition(":")
+            said[key] = rest.strip()
+            if line.startswith("Ctrl-C to stop"):
+                break
+        token_file = said["token"].removeprefix("written to ").split(" (mode")[0]
+        pids = descendants(proc.pid)
+        proc.stdout.close()  # (the reader is gone)
+        os.kill(sorted(pids)[0], signal.SIGKILL)  # the cluster will say so: into the void
+        status = ["status", "--address", said["address"], "--token-file", token_file]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until the head saw it leave (and said so)
+            r = run_cli(*status)
+            if r.returncode == 0 and "1 worker and" in r.stdout:
+                break
+        else:
+            raise AssertionError(f"the killed worker is still listed: {r.stdout} {r.stderr}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "BrokenPipe" not in err and "Exception" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
