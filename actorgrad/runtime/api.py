@@ -34,7 +34,21 @@ async def init(
     port: int = 0,
 ) -> Worker:
     """Join this process to a cluster as worker ``name`` (a new cluster, hosting its
-    registry, when there is no address argument nor ``ACTORGRAD_ADDRESS``)."""
+    registry, when there is no address argument nor ``ACTORGRAD_ADDRESS``).
+
+    Raises:
+        ValueError: a malformed name, address, host or port, or no token to join with.
+        RuntimeError: this process is initialized already.
+        AuthError: the cluster's token is another one.
+        WorkerLost: nobody answers at the address.
+
+    Example (a driver script run by ``actorgrad run -n 2 script.py``)::
+
+        await ag.init("driver")          # the address and token come from the env
+        print(ag.workers())              # ['driver', 'w1', 'w2']
+        ...
+        await ag.shutdown()
+    """
     existing = _w._process_worker
     if existing is not None and not existing.closed:
         raise RuntimeError(f"actorgrad is already initialized as worker {existing.name!r}")
@@ -75,7 +89,16 @@ async def rpc(
     *,
     timeout: float | None = None,  # noqa: ASYNC109 (timeout is API)
 ) -> Any:
-    """Run ``fn(*args, **kwargs)`` on worker ``to`` and return its result."""
+    """Run ``fn(*args, **kwargs)`` on worker ``to`` and return its result.
+
+    Raises RemoteError (``fn`` raised there), RpcTimeout, WorkerLost (the worker died or
+    left), TypeError (``fn`` or an argument cannot travel), ValueError (unknown worker).
+
+    Example::
+
+        total = await ag.rpc("w1", operator.add, (2, 3))            # 5
+        y = await ag.rpc("w1", np.dot, (a, b), timeout=10.0)
+    """
     return await current_worker().call(to, fn, args, kwargs, timeout=timeout, mode=MODE_RPC)
 
 
@@ -87,21 +110,51 @@ async def remote(
     *,
     timeout: float | None = None,  # noqa: ASYNC109 (timeout is API)
 ) -> RRef:
-    """Run ``fn(*args, **kwargs)`` on worker ``to``; the result stays there: an RRef."""
+    """Run ``fn(*args, **kwargs)`` on worker ``to``; the result stays there: an RRef.
+
+    Example::
+
+        counter = await ag.remote("w1", collections.Counter)
+        await counter.rpc().update("abca")
+        print(await counter.to_here())     # {'a': 2, 'b': 1, 'c': 1} (it travels as a dict)
+    """
     return await current_worker().call(to, fn, args, kwargs, timeout=timeout, mode=MODE_REMOTE)
 
 
 def worker_name() -> str:
+    """The name of the worker this code runs on (the caller's, or the one a call runs
+    on).
+
+    Example::
+
+        assert await ag.rpc("w1", ag.worker_name) == "w1"
+    """
     return current_worker().name
 
 
 def workers() -> list[str]:
-    """Names of the cluster's workers (this one included), sorted ("w2" before "w10")."""
+    """Names of the cluster's workers (this one included), sorted ("w2" before "w10").
+
+    Example::
+
+        async with ag.local_cluster(2):
+            assert ag.workers() == ["driver", "w1", "w2"]
+    """
     return current_worker().worker_names()
 
 
 async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:  # noqa: ASYNC109 (timeout is API)
-    """Shut down this process's worker (from ``init``); idempotent."""
+    """Shut down this process's worker (from ``init``); idempotent. ``graceful``: let
+    the calls it is running finish (at most ``timeout`` seconds) before it goes.
+
+    Example::
+
+        await ag.init("driver")
+        try:
+            ...
+        finally:
+            await ag.shutdown()
+    """
     w = _w._process_worker
     if w is None:
         return
@@ -111,6 +164,9 @@ async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:
 
 
 class LocalCluster:
+    """What ``local_cluster`` yields: the workers' ``names``, the registry's
+    ``address``, the ``driver`` worker, and the worker processes' ``pids``."""
+
     def __init__(self, names: list[str], address: str, driver: Worker) -> None:
         self.names = names
         self.address = address
@@ -140,7 +196,14 @@ async def local_cluster(
     this loop (``transport`` "inproc", "tcp", or "unix": TCP listeners, peers connected
     over local Unix sockets) or, with ``processes=True``, as OS processes (TCP, local
     Unix sockets between them unless ``ACTORGRAD_LOCAL_SOCKETS=0``). Leaving shuts
-    everything down, also on error/cancellation."""
+    everything down, also on error/cancellation.
+
+    Example::
+
+        async with ag.local_cluster(2, processes=True) as c:
+            print(c.names, c.address)      # ['w1', 'w2'] 127.0.0.1:PORT
+            print(await ag.rpc("w2", os.getpid))
+    """
     if transport not in ("inproc", "tcp", "unix"):
         raise ValueError(f"unknown transport {transport!r}; use 'inproc', 'tcp' or 'unix'")
     if isinstance(workers, int) and not isinstance(workers, bool):
