@@ -118,8 +118,11 @@ class no_grad(_GradMode):
 
     Example::
 
+        >>> w = ag.tensor([1.0], requires_grad=True)
         >>> with ag.no_grad():
-        ...     y = w * 2          # y.requires_grad is False
+        ...     y = w * 2
+        >>> y.requires_grad
+        False
         >>> @ag.no_grad()                 # or bare: @ag.no_grad
         ... def evaluate(model, x): return model(x)
     """
@@ -312,9 +315,13 @@ class GraphTask:
 
     Example::
 
+        >>> x = ag.tensor([1.0, 2.0], requires_grad=True)
+        >>> loss = (x * x).sum()
         >>> task = GraphTask([(grad_node(loss), np.ones((), np.float32))])
         >>> task.run(); task.finished
         True
+        >>> x.grad
+        array([2., 4.], dtype=float32)
     """
 
     __slots__ = (

@@ -83,7 +83,9 @@ class SGD(Optimizer):
 
     Example::
 
+        >>> model = ag.nn.Linear(3, 2, seed=0)
         >>> opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> model(ag.ones(4, 3)).sum().backward(); opt.step(); opt.zero_grad()
     """
 
     def __init__(
@@ -116,7 +118,9 @@ class Adam(Optimizer):
 
     Example::
 
+        >>> model = ag.nn.Linear(3, 2, seed=0)
         >>> opt = Adam(model.parameters(), lr=1e-3)
+        >>> model(ag.ones(4, 3)).sum().backward(); opt.step()
     """
 
     def __init__(

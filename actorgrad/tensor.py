@@ -180,7 +180,9 @@ class Tensor:
 
         Example::
 
-            >>> y = (x * 3).sum(); y.backward(); x.grad
+            >>> x = ag.tensor([1.0, 2.0], requires_grad=True)
+            >>> (x * 3).sum().backward(); x.grad
+            array([3., 3.], dtype=float32)
         """
         if not self._rg:
             raise RuntimeError(
@@ -212,7 +214,11 @@ class Tensor:
 
         Example::
 
+            >>> x = ag.tensor([1.0, 2.0], requires_grad=True)
             >>> h = x.register_hook(lambda g: g * 2)
+            >>> x.sum().backward(); x.grad
+            array([2., 2.], dtype=float32)
+            >>> h.remove()
         """
         if not callable(fn):
             raise TypeError(f"register_hook needs a callable fn(grad), got {fn!r:.80}")
