@@ -241,6 +241,18 @@ async def gated_mul(gate: str, key: str, x: ag.Tensor) -> ag.Tensor:
     return mul(key, x)
 
 
+_to_cancel: list[Any] = []  # (in-process workers only: the caller's task)
+
+
+async def mul_cancelling_the_caller(key: str, x: ag.Tensor) -> ag.Tensor:
+    """x * store[key]; the caller's task (``_to_cancel``) is cancelled in the loop turn
+    that also reads this reply (in-process workers share the loop)."""
+    import asyncio
+
+    asyncio.get_running_loop().call_soon(_to_cancel.pop().cancel)
+    return mul(key, x)
+
+
 async def late_call(flag: str, dest: str, x: ag.Tensor) -> None:
     """Run inside a context: tell the driver we started, block this worker (its loop
     too, so a release waits unread in its socket) until the file ``flag`` exists, then

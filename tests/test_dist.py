@@ -1015,6 +1015,48 @@ async def test_a_call_abandoned_in_a_context_gets_its_late_reply_linked(mode, ab
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+async def test_a_call_cancelled_as_its_reply_is_read_gets_the_reply_linked(transport):
+    # The reply was read in the loop turn that cancelled the call: it was dropped
+    # (plain hooks) and the call, answered, was not kept as abandoned either: w2's
+    # send node for it waited for its gradient for good.
+    xv, wv = arr(3), arr(3)
+    async with cluster(transport) as c:
+        for n in ("w1", "w2"):
+            await ag.rpc(n, F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            call = asyncio.ensure_future(ag.rpc("w2", F.mul_cancelling_the_caller, ("w", x)))
+            F._to_cancel.append(call)
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
+async def test_an_abandoned_call_whose_reply_never_comes_does_not_keep_its_context():
+    # The runtime keeps an abandoned call's hooks until its reply; they held the
+    # context, and with it its graph, after the context was released.
+    import gc
+    import weakref
+
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    async with cluster("tcp") as c:
+        await ag.rpc("w2", F.put, ("w", arr(3)))
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            with pytest.raises(ag.RpcTimeout):
+                await ag.rpc("w2", F.gated_mul, ("never", "w", x), timeout=0.1)
+            ref = weakref.ref(state_of(current_worker()).contexts[ctx])
+        assert len(c.driver._out["w2"].abandoned) == 1  # (its reply never came)
+        gc.collect()
+        assert ref() is None
+
+
 async def test_distributed_optimizer_errors():
     async with cluster():
         with pytest.raises(TypeError, match="RRef"):

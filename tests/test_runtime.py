@@ -842,3 +842,26 @@ async def test_connecting_to_a_worker_shutting_down_fails_at_once():
         assert time.monotonic() - t0 < 2.0
         await busy
         await stopping
+
+
+async def incr_kept():
+    return await current_worker().ext["kept"][0].rpc().incr()
+
+
+async def test_a_call_given_up_before_its_rrefs_were_registered_takes_back_nothing_else(
+    cluster,
+):
+    # w2 holds r (counted on w1). A call passing r to w2 again gave up before the
+    # fork's registration left: the undo still told w1 to drop one count of w2's,
+    # the one w2 held, and w1 freed the value w2 still refers to.
+    r = await ag.remote("w1", make_counter, (3,))
+    assert await ag.rpc("w2", keep, (r,)) == 1
+    with pytest.raises(ag.RpcTimeout, match="registering the RRefs"):
+        await ag.rpc("w2", echo, (r,), timeout=1e-9)
+    del r
+    gc.collect()
+    assert await ag.rpc("w1", add, (1, 2)) == 3  # (w1 got the driver's release first)
+    assert await ag.rpc("w1", owned) == 1
+    assert await ag.rpc("w2", incr_kept) == 4  # (the value w2 holds is alive)
+    await ag.rpc("w2", drop_kept)
+    await _owned_count("w1")

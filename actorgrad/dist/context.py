@@ -27,6 +27,7 @@ import functools
 import itertools
 import logging
 import threading
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -511,18 +512,30 @@ class _Hooks:
         """The message was not sent (its encoding failed, it was too large, the call was
         cancelled before it left): its send nodes go, or every later pass would wait for
         gradients their recv nodes, which do not exist, can never send."""
-        if self.sent:
+        ctx = self._context()
+        if self.sent and ctx is not None:
             for send_id in self.sent:
-                self.ctx.sends.pop(send_id, None)
-            self.sent = None
+                ctx.sends.pop(send_id, None)
+        self.sent = None
 
     def abandoned(self) -> None:
-        """The call of this message was abandoned after it left (see DistContext)."""
-        un = self.ctx.unanswered
+        """The call of this message was abandoned after it left (see DistContext). The
+        runtime keeps these hooks until the reply comes, maybe never: from now on they
+        hold the context weakly, or a released context and its graph would stay."""
+        ctx = self.ctx
+        un = ctx.unanswered
         un[self.peer] = un.get(self.peer, 0) + 1
+        self.ctx = weakref.ref(ctx)  # type: ignore[assignment]
+
+    def _context(self) -> DistContext | None:
+        ctx = self.ctx
+        return ctx() if isinstance(ctx, weakref.ref) else ctx
 
     def answered(self) -> None:
-        un = self.ctx.unanswered
+        ctx = self._context()
+        if ctx is None:
+            return  # (released meanwhile)
+        un = ctx.unanswered
         n = un.get(self.peer, 0) - 1
         if n > 0:
             un[self.peer] = n
@@ -534,7 +547,10 @@ class _Hooks:
             return Tensor(array, requires_grad=requires_grad)
         if not isinstance(link, int):
             raise ProtocolError(f"tensor link must be an int, got {type(link).__name__}")
-        return self.state.record_recv(self.ctx, array, self.peer, link)
+        ctx = self._context()
+        if ctx is None or ctx.released:  # (a late reply into a released context)
+            return Tensor(array, requires_grad=requires_grad)
+        return self.state.record_recv(ctx, array, self.peer, link)
 
 
 class DistInterceptor:

@@ -21,6 +21,7 @@ value when the last count goes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -188,15 +189,16 @@ def new_owned(worker: Worker, value: Any) -> RRef:
 class Hooks:
     """Codec hooks of one message between ``worker`` and ``peer`` (RRefs only)."""
 
-    __slots__ = ("worker", "peer", "forks", "added", "registered")
+    __slots__ = ("worker", "peer", "forks", "added", "registered", "undone")
 
     def __init__(self, worker: Worker, peer: str) -> None:
         self.worker = worker
         self.peer = peer
         self.forks: list[RRef] | None = None
         self.added: list[int] | None = None
-        # forks whose registration with their owners was asked for: (owner, rid)
+        # forks the owners acknowledged registering: (owner, rid) (see register_forks)
         self.registered: list[tuple[str, int]] | None = None
+        self.undone = False
 
     @property
     def worker_name(self) -> str:
@@ -231,15 +233,17 @@ class Hooks:
 
     def undo(self) -> None:
         """The message was not sent: take back the counts added for it, here and on the
-        owners its forks were registered with (or were being registered with: the
-        decrement follows the registration on the same connection)."""
+        owners that registered its forks (a registration still under way is taken back
+        when its owner acknowledges it: a decrement sent before could overtake it and
+        drop a count the peer holds from elsewhere)."""
+        self.undone = True
         if self.added:
             for rid in self.added:
                 _sub(self.worker, rid, self.peer)
             self.added = None
         if self.registered:
             for owner, rid in self.registered:
-                self.worker.notify(owner, _decref, (rid, self.peer), on_error=_ignore)
+                _take_back(self.worker, owner, rid, self.peer)
             self.registered = None
         self.forks = None
 
@@ -278,20 +282,44 @@ class TensorHooks(Hooks):
 
 
 async def register_forks(worker: Worker, hooks: Hooks) -> None:
-    """Register the forks of a message with their owners (and wait for the acks)."""
+    """Register the forks of a message with their owners (and wait for the acks).
+
+    The registrations go on when this is cancelled (a timeout): each owner's
+    acknowledgement is read by ``_registered``, which takes the count back at once if
+    the message was given up (``hooks.undo``) meanwhile."""
     forks = hooks.forks or []
+    hooks.forks = None
     by_owner: dict[str, list[list]] = {}
     for r in forks:
         by_owner.setdefault(r.owner, []).append([r._rid, hooks.peer])
-    hooks.registered = [(r.owner, r._rid) for r in forks]  # (for undo, from now on)
-    await asyncio.gather(
-        *(
-            worker.call(owner, "actorgrad.runtime.rref:_add_holders", (entries,))
-            for owner, entries in by_owner.items()
-        )
-    )
-    hooks.forks = None
     del forks
+    futs = []
+    for owner, entries in by_owner.items():
+        fut = worker.call_nowait(owner, "actorgrad.runtime.rref:_add_holders", (entries,))
+        fut.add_done_callback(functools.partial(_registered, hooks, owner, entries))
+        futs.append(fut)
+    if futs:
+        await asyncio.wait(futs)  # (not asyncio.gather: cancelling us must not cancel them)
+        for fut in futs:
+            exc = fut.exception()
+            if exc is not None:
+                raise exc
+
+
+def _registered(hooks: Hooks, owner: str, entries: list[list], fut: asyncio.Future[Any]) -> None:
+    if fut.cancelled() or fut.exception() is not None:
+        return  # (not registered: nothing to take back)
+    for rid, peer in entries:
+        if hooks.undone:
+            _take_back(hooks.worker, owner, rid, peer)
+        else:
+            if hooks.registered is None:
+                hooks.registered = []
+            hooks.registered.append((owner, rid))
+
+
+def _take_back(worker: Worker, owner: str, rid: int, holder: str) -> None:
+    worker.notify(owner, _decref, (rid, holder), on_error=_ignore)
 
 
 # ---- internal RPC targets (run on the owner) -------------------------------------------

@@ -744,11 +744,19 @@ class Worker:
                 if call is None or call[0].done():
                     # late reply of a timed-out/cancelled call: dropped quietly, decoded
                     # only so that RRefs in it are released again, and tensors in a
-                    # context get their recv nodes (see _abandon)
-                    kept = conn.abandoned.pop(header[1], None) if conn.abandoned else None
+                    # context get their recv nodes: with the call's own hooks when it was
+                    # cancelled in this very loop turn (its finally has not run: it finds
+                    # the call answered), else with those _abandon kept
+                    kept = None
+                    if call is None and conn.abandoned:
+                        kept = conn.abandoned.pop(header[1], None)
                     if kind == K_OK:
                         try:
-                            frame.body(kept or rref.Hooks(self, conn.peer_name or "?"))
+                            frame.body(
+                                call[1]
+                                if call is not None
+                                else kept or rref.Hooks(self, conn.peer_name or "?")
+                            )
                         except Exception:
                             pass
                     if kept is not None:
