@@ -313,6 +313,35 @@ def _own_group_ending_with_us() -> Callable[[], None]:
     return setup
 
 
+def _process_state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc ("T": stopped), "" when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+async def _follow_job_control(pid: int, terminal: int) -> None:
+    """While ``run``'s script owns the terminal: when it is stopped (Ctrl-Z, SIGTTIN),
+    take the terminal back and stop ``run``'s own group, so the shell sees its job
+    stopped and gets its prompt back; when continued (``fg``, ``bg``), continue the
+    script, with the terminal if ``run`` has it again. (The script has a process group
+    of its own, see cmd_run: nobody else would tell the shell. A stop is seen by
+    looking at /proc every 50 ms: the loop's child watcher reports exits only.)"""
+    while True:
+        await asyncio.sleep(0.05)
+        if _process_state(pid) != "T":
+            continue
+        _set_foreground(terminal, os.getpgrp())
+        os.killpg(os.getpgrp(), signal.SIGSTOP)  # (the shell: "Stopped"; we wait here)
+        # continued by the shell (fg or bg): the script too
+        with contextlib.suppress(OSError):
+            if os.tcgetpgrp(terminal) == os.getpgrp():  # (fg: the terminal is ours)
+                _set_foreground(terminal, pid)
+            os.killpg(pid, signal.SIGCONT)
+
+
 def _set_foreground(fd: int, pgid: int) -> None:
     """Make ``pgid`` the terminal's foreground group (SIGTTOU blocked: we may be in
     the background by then, as a shell is when it takes its terminal back)."""
@@ -397,7 +426,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
             )
             if terminal is not None:
                 _set_foreground(terminal, proc.pid)
-            returncode = await proc.wait()
+                follow = asyncio.ensure_future(_follow_job_control(proc.pid, terminal))
+                try:
+                    returncode = await proc.wait()
+                finally:
+                    follow.cancel()
+            else:
+                returncode = await proc.wait()
         except asyncio.CancelledError:
             if signals == 0:
                 raise

@@ -7,6 +7,7 @@ exits are awaited with pidfds (no sleeps); Ctrl-C on a terminal is typed into a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import select
@@ -912,3 +913,69 @@ def test_a_cluster_whose_stdout_reader_went_away_goes_on_quietly() -> None:
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+STDIN_SCRIPT = """
+import sys
+print("ready>", flush=True)
+for line in sys.stdin:
+    print("got", line.strip(), flush=True)
+print("stdin closed", flush=True)
+"""
+
+
+@needs_runtime
+@pytest.mark.skipif(not os.path.exists("/bin/bash"), reason="no bash")
+def test_run_under_an_interactive_shell_reads_the_terminal_and_follows_ctrl_z_and_fg(
+    tmp_path: Path,
+) -> None:
+    # The script owns the terminal (it reads it); Ctrl-Z stopped it, but the shell,
+    # waiting for run, never heard: the terminal hung. Now the shell's job stops, and
+    # `fg` gives the script the terminal back.
+    import pty
+
+    script = tmp_path / "echo.py"
+    script.write_text(STDIN_SCRIPT)
+    env = {**_env(), "PS1": "PROMPT$ ", "TERM": "dumb"}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: an interactive shell on the pty
+        os.chdir(ROOT)
+        os.execvpe("/bin/bash", ["/bin/bash", "--norc", "--noprofile", "-i"], env)
+    seen = b""
+
+    def expect(marker: bytes, timeout: float = STARTUP) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"no {marker!r} within {timeout} s; saw {seen!r}")
+            seen += os.read(fd, 4096)
+        seen = seen[seen.index(marker) + len(marker) :]
+
+    try:
+        expect(b"PROMPT$ ")
+        cmd = f"{sys.executable} -m actorgrad run -n 1 {script}\n"
+        os.write(fd, cmd.encode())
+        expect(b"ready>")
+        os.write(fd, b"hello\n")
+        expect(b"got hello")
+        os.write(fd, b"\x1a")  # Ctrl-Z
+        expect(b"Stopped")
+        expect(b"PROMPT$ ")
+        os.write(fd, b"fg\n")
+        os.write(fd, b"again\n")
+        expect(b"got again")
+        os.write(fd, b"\x04")  # end of input: the script ends, run stops its cluster
+        expect(b"stdin closed")
+        expect(b"PROMPT$ ")
+        os.write(fd, b"exit\n")
+        assert os.waitpid(pid, 0)[1] == 0
+        pid = 0
+    finally:
+        if pid:
+            for p in descendants(pid) | {pid}:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
