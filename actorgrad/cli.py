@@ -72,10 +72,19 @@ def write_token_file(path: Path, token: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
-        os.link(tmp, path)
+        try:
+            os.link(tmp, path)
+            return
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links (vfat, some network mounts)
+            pass
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
 
 
 def read_token_file(path: Path) -> str:

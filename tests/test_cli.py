@@ -979,3 +979,16 @@ def test_run_under_an_interactive_shell_reads_the_terminal_and_follows_ctrl_z_an
                     os.kill(p, signal.SIGKILL)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_a_token_file_is_created_where_hard_links_are_not_supported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(src: object, dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    token, _, path = cli.cluster_token(str(tmp_path / "tok"))
+    assert path is not None and path.read_text().strip() == token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
