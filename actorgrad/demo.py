@@ -187,19 +187,6 @@ def report(result: TrainResult, target: float) -> int:
     return 0 if ok else 1
 
 
-def _at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}: {value}")
-        return value
-
-    return parse
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -213,9 +200,11 @@ def _fraction(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     """``actorgrad demo``: train the pipeline on a fresh local cluster."""
     p = argparse.ArgumentParser(prog="actorgrad demo", description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=_at_least(1), default=600)
+    from actorgrad.cli import at_least
+
+    p.add_argument("--steps", type=at_least(1), default=600)
     p.add_argument("--target", type=_fraction, default=0.95)
-    p.add_argument("--seed", type=_at_least(0), default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--in-process", action="store_true", help="workers as in-process actors")
     args = p.parse_args([] if argv is None else argv)
     result = run(_run_demo(args))

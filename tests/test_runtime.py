@@ -804,20 +804,26 @@ async def test_an_rref_copied_is_the_same_counted_handle_and_is_not_pickled(clus
     await _owned_count("w1")
 
 
+async def _draining(w: Worker, seconds: float) -> tuple[asyncio.Future, asyncio.Future]:
+    """``w`` (connected to the driver) busy for ``seconds`` with a call of the driver's,
+    and its graceful shutdown under way: (that call, the shutdown)."""
+    assert await ag.rpc(w.name, add, (1, 2)) == 3  # (connected)
+    busy = asyncio.ensure_future(ag.rpc(w.name, nap, (seconds,)))  # keeps it draining
+    await asyncio.sleep(0)
+    stopping = asyncio.ensure_future(w.shutdown(graceful=True, timeout=10))
+    async with asyncio.timeout(10):
+        while not w._stopping:  # noqa: ASYNC110 (its shutdown begins on the next turn)
+            await asyncio.sleep(0)
+    return busy, stopping
+
+
 async def test_a_call_to_a_worker_shutting_down_fails_with_worker_lost(cluster):
     # (it came as a RemoteError wrapping WorkerLost: "user code raised", missed by an
     # `except ag.WorkerLost`)
-    w1 = cluster.workers[0]
-    assert await ag.rpc("w1", add, (1, 2)) == 3  # (connected)
-    started = asyncio.ensure_future(ag.rpc("w1", nap, (0.5,)))  # keeps w1 draining
-    await asyncio.sleep(0)
-    stopping = asyncio.ensure_future(w1.shutdown(graceful=True, timeout=5))
-    async with asyncio.timeout(10):
-        while not w1._stopping:  # noqa: ASYNC110 (its shutdown begins on the next turn)
-            await asyncio.sleep(0)
+    busy, stopping = await _draining(cluster.workers[0], 0.5)
     with pytest.raises(ag.WorkerLost, match="^worker 'w1' is shutting down$"):
         await ag.rpc("w1", add, (1, 2))
-    await started
+    await busy
     await stopping
 
 
@@ -828,13 +834,7 @@ async def test_connecting_to_a_worker_shutting_down_fails_at_once():
 
     async with ag.local_cluster(2, transport="tcp") as c:
         w1, w2 = c.workers
-        assert await ag.rpc("w1", add, (1, 2)) == 3  # (connected)
-        busy = asyncio.ensure_future(ag.rpc("w1", nap, (1.0,)))  # keeps w1 draining
-        await asyncio.sleep(0)
-        stopping = asyncio.ensure_future(w1.shutdown(graceful=True, timeout=10))
-        async with asyncio.timeout(10):
-            while not w1._stopping:  # noqa: ASYNC110 (its shutdown begins on the next turn)
-                await asyncio.sleep(0)
+        busy, stopping = await _draining(w1, 1.0)
         t0 = time.monotonic()
         # (its listener may still accept, or have closed already: refused either way)
         with pytest.raises((ag.AuthError, ag.WorkerLost), match="shutting down|cannot connect"):
