@@ -466,7 +466,12 @@ class Connection(asyncio.BaseProtocol):
             self._spin.poke(False)
         if not isinstance(chunks, list):
             chunks = list(chunks)
-        size = self.check_size(chunks)
+        if len(chunks) == 1 and type(chunks[0]) is bytes:  # (the common case, inlined)
+            size = len(chunks[0])
+            if size > self.max_frame_size:
+                self.check_size(chunks)
+        else:
+            size = self.check_size(chunks)
         if size >= BIG_FRAME:
             # one writelines (one writev) with what is coalesced so far: no copy of the
             # frame's chunks (arrays travel from their own memory)

@@ -1075,7 +1075,8 @@ class Worker:
             result = rref.new_owned(self, result)
         try:
             chunks = wire.encode_frame([K_OK, cid], result, hooks)
-            conn.check_size(chunks)
+            if len(chunks) != 1 or len(chunks[0]) > conn.max_frame_size:  # (else: small)
+                conn.check_size(chunks)
             return chunks
         except Exception as exc:
             hooks.undo()
@@ -1195,7 +1196,8 @@ class Worker:
             chunks = wire.encode_frame(
                 [K_REQ, cid, target, mode, meta], [list(args), kwargs or None], hooks
             )
-            conn.check_size(chunks)
+            if len(chunks) != 1 or len(chunks[0]) > conn.max_frame_size:  # (else: small)
+                conn.check_size(chunks)
             if hooks.forks:
                 await _by_deadline(
                     rref.register_forks(self, hooks),
@@ -1219,7 +1221,14 @@ class Worker:
             conn.send_nowait(chunks)
             del chunks
             if conn._write_paused:
-                await conn.drain()
+                try:
+                    await conn.drain()
+                except BaseException:
+                    if fut.done() and not fut.cancelled():
+                        # (failed by the lost connection too: the error raised is the
+                        # drain's, this one must not log "never retrieved")
+                        fut.exception()
+                    raise
             if timeout is None:
                 return await fut
             try:
@@ -1232,12 +1241,8 @@ class Worker:
                     f"call of {calls.describe(target)} on worker {dest!r} timed out after {timeout} s"
                 ) from None
         finally:
-            waiting = pending.pop(cid, None)
-            if fut.done() and not fut.cancelled():
-                # (failed by a lost connection while this call was still sending: the
-                # error raised here is the drain's, must not log "never retrieved")
-                fut.exception()
-            elif waiting is not None and meta is not None and not conn.closed:
+            # still pending: no reply came (timed out, cancelled, or failed to send)
+            if pending.pop(cid, None) is not None and meta is not None and not conn.closed:
                 _abandon(conn, cid, hooks)
             # a failed call's error holds this frame (its traceback) and the future
             # holds the error: without this, each failure leaves a reference cycle
