@@ -210,17 +210,8 @@ async def serve_worker(
         _w.set_process_worker(w)
     try:
         await w.start()
-        if not await _unless_stopped(w.join(address), stop):
-            return
-        waits = [asyncio.ensure_future(w.registry_lost.wait())]
-        if stop is not None:
-            waits.append(asyncio.ensure_future(stop.wait()))
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in waits:
-                t.cancel()
-            await asyncio.wait(waits)
+        if await _unless_stopped(w.join(address), stop):
+            await _unless_stopped(w.registry_lost.wait(), stop)  # (the head went away)
     finally:
         await finish(w.shutdown(timeout=5.0))
         if own and _w._process_worker is w:

@@ -1231,15 +1231,7 @@ class Worker:
                     raise
             if timeout is None:
                 return await fut
-            try:
-                async with asyncio.timeout_at(deadline):
-                    return await fut
-            except TimeoutError:
-                if fut.done() and not fut.cancelled() and fut.exception() is not None:
-                    raise
-                raise RpcTimeout(
-                    f"call of {calls.describe(target)} on worker {dest!r} timed out after {timeout} s"
-                ) from None
+            return await _by_deadline(fut, deadline, target, dest, timeout, "")
         finally:
             # still pending: no reply came (timed out, cancelled, or failed to send)
             if pending.pop(cid, None) is not None and meta is not None and not conn.closed:
