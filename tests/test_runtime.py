@@ -770,15 +770,19 @@ async def test_a_coroutine_awaiting_a_task_it_cancelled_gets_the_caller_a_remote
     assert cluster.workers[0].status()["in_flight"] == 0
 
 
-async def test_a_call_whose_rrefs_cannot_all_be_registered_takes_its_counts_back(cluster):
+@pytest.mark.parametrize("how", ["call", "call_nowait"])
+async def test_a_call_whose_rrefs_cannot_all_be_registered_takes_its_counts_back(cluster, how):
     # One argument is an RRef the driver owns (counted for w2 at once), the other one of
     # a worker that has left: the call fails registering it, and the driver's count for
-    # w2 stayed for good (the value was never freed).
+    # w2 stayed for good (the value was never freed). (call_nowait: its twin path.)
     mine = await ag.remote("driver", make_counter, (1,))
     gone = await ag.remote("w1", make_counter, (2,))
     await cluster.workers[0].shutdown()
     with pytest.raises(ag.WorkerLost, match="'w1'"):
-        await ag.rpc("w2", echo, ([mine, gone],), timeout=5)
+        if how == "call":
+            await ag.rpc("w2", echo, ([mine, gone],), timeout=5)
+        else:
+            await asyncio.wait_for(cluster.driver.call_nowait("w2", echo, ([mine, gone],)), 5)
     del mine, gone
     gc.collect()
     await _owned_count("driver")

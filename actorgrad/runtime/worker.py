@@ -1317,6 +1317,19 @@ class Worker:
     ) -> None:
         try:
             await rref.register_forks(self, hooks)
+            if conn.closed:
+                raise WorkerLost(f"connection to worker {conn.peer_name!r} is closed")
+        except BaseException as exc:
+            # (the request never left: what its encoding recorded is taken back, as call
+            # does; a cancellation, our shutdown, leaves the future to it as before)
+            hooks.undo()
+            if not isinstance(exc, Exception):
+                raise
+            conn.pending.pop(cid, None)
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        try:
             await conn.send(chunks)
         except Exception as exc:
             conn.pending.pop(cid, None)
