@@ -58,14 +58,11 @@ async def init(
     elif os.environ.get(ENV_ADDRESS):
         address = check_address(os.environ[ENV_ADDRESS], ENV_ADDRESS)
     token = token or os.environ.get(ENV_TOKEN) or None
+    if token is None and address is not None:
+        raise ValueError("joining a cluster needs its token: pass token=... or set ACTORGRAD_TOKEN")
+    check_bind(host, token)  # (before a token is made up: a public host needs a given one)
     if token is None:
-        if address is not None:
-            raise ValueError(
-                "joining a cluster needs its token: pass token=... or set ACTORGRAD_TOKEN"
-            )
-        check_bind(host, token)
         token = new_token()
-    check_bind(host, token)
     tune_malloc()
     w = Worker(name, token=token, host=host, port=port)
     try:
