@@ -620,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run SCRIPT as the driver of a local cluster of N workers")
     r.add_argument("-n", type=_positive, required=True, metavar="N", help="workers w1..wN")
     r.add_argument("script", metavar="SCRIPT", help="the Python script to run")
-    r.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="its arguments")
+    # (what follows SCRIPT is split off before parsing: see parse_args)
+    r.add_argument("args", nargs="*", metavar="ARGS", help="its arguments, passed as given")
 
     s = sub.add_parser("status", help="show the workers of a running cluster")
     s.add_argument(
@@ -661,14 +662,35 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line, parsed. What follows ``run``'s SCRIPT goes to the script as
+    given: argparse's REMAINDER would drop a ``--`` there (``run -n 2 s.py -- -x``
+    gave the script ``-x`` alone), so only the part up to SCRIPT is parsed."""
+    argv = list(argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options
+        return argparse.Namespace(command="demo")
+    tail: list[str] = []
+    if argv[:1] == ["run"]:
+        i = 1
+        while i < len(argv):
+            a = argv[i]
+            if a == "--":  # SCRIPT comes next, whatever it looks like
+                i += 1
+                break
+            if not a.startswith("-") or a == "-":
+                break
+            i += 2 if a == "-n" else 1  # (-n N; -nN, -h and unknown options: one word)
+        argv, tail = argv[: i + 1], argv[i + 1 :]
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        args.args = tail
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``actorgrad`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if argv[:1] == ["demo"]:  # the demo parses its own options
-        args = argparse.Namespace(command="demo")
-    else:
-        args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.command == "demo":
             return cmd_demo(argv[1:])

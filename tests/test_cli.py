@@ -220,6 +220,23 @@ def test_usage_errors_exit_2() -> None:
         assert r.returncode == 2 and "--timeout" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "script", "passed"),
+    [
+        (["-n", "2", "s.py", "--", "-x"], "s.py", ["--", "-x"]),  # (argparse dropped "--")
+        (["-n", "2", "s.py", "-x", "--", "y"], "s.py", ["-x", "--", "y"]),
+        (["-n", "2", "s.py", "-n", "3", "--help"], "s.py", ["-n", "3", "--help"]),
+        (["-n2", "--", "-odd.py", "--"], "-odd.py", ["--"]),
+        (["-n", "2", "s.py"], "s.py", []),
+    ],
+)
+def test_run_passes_what_follows_the_script_as_given(
+    argv: list[str], script: str, passed: list[str]
+) -> None:
+    args = cli.parse_args(["run", *argv])
+    assert (args.n, args.script, args.args) == (2, script, passed)
+
+
 def test_run_of_a_missing_script_is_a_usage_error(tmp_path: Path) -> None:
     r = run_cli("run", "-n", "1", str(tmp_path / "nope.py"))
     assert r.returncode == 2 and "no such script" in r.stderr
@@ -520,7 +537,7 @@ async def main():
     await ag.shutdown()
 
 asyncio.run(main())
-sys.exit(int(sys.argv[1]))
+sys.exit(int(sys.argv[-1]))
 """
 
 
@@ -528,9 +545,9 @@ sys.exit(int(sys.argv[1]))
 def test_run_gives_the_script_a_cluster_and_returns_its_status(tmp_path: Path) -> None:
     script = tmp_path / "driver.py"
     script.write_text(RUN_SCRIPT)
-    r = run_cli("run", "-n", "2", str(script), "3", "--flag")
+    r = run_cli("run", "-n", "2", str(script), "--", "--flag", "3")
     assert r.returncode == 3, r.stderr
-    assert "product 42 ['3', '--flag']" in r.stdout
+    assert "product 42 ['--', '--flag', '3']" in r.stdout
 
 
 @needs_runtime
