@@ -241,6 +241,25 @@ async def gated_mul(gate: str, key: str, x: ag.Tensor) -> ag.Tensor:
     return mul(key, x)
 
 
+async def mul_abandoning_a_call(gate: str, key: str, x: ag.Tensor, dest: str) -> ag.Tensor:
+    """x * store[key], after a call of ``gated_mul`` on ``dest`` with x timed out here
+    (its reply comes once ``gate`` is set there)."""
+    try:
+        await ag.rpc(dest, gated_mul, (gate, key, x), timeout=0.2)
+    except ag.RpcTimeout:
+        pass
+    return mul(key, x)
+
+
+def num_unanswered(ctx_id: int) -> int:
+    """Calls made in context ``ctx_id`` on this worker that were given up and whose
+    reply has not come."""
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    return len(state_of(current_worker()).contexts[ctx_id].unanswered)
+
+
 _to_cancel: list[Any] = []  # (in-process workers only: the caller's task)
 
 

@@ -1015,6 +1015,36 @@ async def test_a_call_abandoned_in_a_context_gets_its_late_reply_linked(mode, ab
         await assert_clean(c.names)
 
 
+async def test_a_backward_another_worker_refuses_raises_its_refusal(mode):
+    # w1 gave up a call in the context: its part of a pass could not end, so it refuses
+    # the pass. That refusal reached the origin as RemoteError(ContextError) (as if the
+    # graph's code had raised it), while the origin's own refusal was a ContextError.
+    xv, wv = arr(3), arr(3)
+    _, (gx, gw) = local_grads(lambda x, w: (x * w).sum(), xv, wv)
+    async with cluster(mode) as c:
+        for n in ("w1", "w2"):
+            await ag.rpc(n, F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        gate = f"refusal-{mode}"  # (in-process workers share the events)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul_abandoning_a_call, (gate, "w", x, "w2"))
+            with pytest.raises(ag.ContextError) as info:
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+            assert not isinstance(info.value, ag.RemoteError)
+            assert "a call to worker 'w2' made in it on worker 'w1'" in str(info.value)
+            assert "(refused by worker 'w1')" in str(info.value)
+            await ag.rpc("w2", F.signal, (gate,))
+            async with asyncio.timeout(10):
+                # (no event tells of a late reply: w1's count of them does)
+                while await ag.rpc("w1", F.num_unanswered, (ctx,)):
+                    pass
+            # the context stays usable: the retry succeeds
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], gx, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), gw, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 @pytest.mark.parametrize("transport", ["inproc", "tcp"])
 async def test_a_call_cancelled_as_its_reply_is_read_gets_the_reply_linked(transport):
     # The reply was read in the loop turn that cancelled the call: it was dropped
@@ -1239,6 +1269,8 @@ def test_big_broadcast_gradients_travel_compact_and_come_back_as_the_same_view()
         ),
         ("credit", r"malformed credit 1/2\*\*1000000000"),
         ("report", r"malformed backward failure report \['error', 'oops'\]"),
+        # (a refusal must name a refusal's type)
+        ("refusal", r"malformed backward failure report \['refused', 'SystemExit', 'x'\]"),
     ],
 )
 async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(corrupt, error):
@@ -1253,7 +1285,7 @@ async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(cor
     xv, wv = arr(4), arr(4)
     async with cluster("tcp", 2) as c:
         await ag.rpc("w1", F.put, ("w", wv))
-        if corrupt == "report":
+        if corrupt in ("report", "refusal"):
             await ag.rpc("w1", F.add_failing_hook, ("w", 1))
         w1 = next(w for w in c.workers if w.name == "w1")
         real_cast = w1.cast
@@ -1269,6 +1301,8 @@ async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(cor
                 args = (*args[:2], 1, 10**9)
             elif corrupt == "report" and topic == T_FAIL:
                 args = (*args[:2], ["error", "oops"])
+            elif corrupt == "refusal" and topic == T_FAIL:
+                args = (*args[:2], ["refused", "SystemExit", "x"])
             return real_cast(dest, topic, args, on_error=on_error)
 
         w1.cast = cast  # type: ignore[method-assign]
@@ -1281,7 +1315,8 @@ async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(cor
                     await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
         finally:
             del w1.cast
-        assert {"shape": T_DELIVER, "credit": T_CREDIT, "report": T_FAIL}[corrupt] in seen
+        topics = {"shape": T_DELIVER, "credit": T_CREDIT, "report": T_FAIL, "refusal": T_FAIL}
+        assert topics[corrupt] in seen
         await assert_clean(c.names)
         assert (await ag.rpc("w1", F.debug_info))["num_active_passes"] == 0
         await assert_one_hop_exact(xv, wv)

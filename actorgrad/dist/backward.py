@@ -48,7 +48,14 @@ import numpy as np
 
 from actorgrad.autograd import GraphTask, grad_node, seed_grad
 from actorgrad.dist.context import DistContext, DistState, RecvNode, call_peers, state_of
-from actorgrad.errors import ContextError, ProtocolError, RemoteError, WorkerLost, short_repr
+from actorgrad.errors import (
+    ActorgradError,
+    ContextError,
+    ProtocolError,
+    RemoteError,
+    WorkerLost,
+    short_repr,
+)
 from actorgrad.runtime import current_worker, inline, on_cast
 from actorgrad.tensor import Tensor, broadcast_view
 
@@ -114,9 +121,7 @@ def _leaf(contrib: dict[Tensor, np.ndarray], t: Tensor, grad: np.ndarray | None)
     if prev is not None:
         contrib[t] = prev + grad
     elif (
-        grad.dtype != t.data.dtype
-        or not grad.flags.writeable
-        or isinstance(grad.base, np.ndarray)
+        grad.dtype != t.data.dtype or not grad.flags.writeable or isinstance(grad.base, np.ndarray)
     ):
         # The user gets this array: make it one the context owns, in the leaf's dtype.
         # (A gradient decoded from a frame is a writable view of that frame alone:
@@ -411,11 +416,20 @@ class InitiatorRun:
             self.done.set_exception(exc)
 
 
-def _failure_record(exc: BaseException, me: str) -> list[Any]:
-    """What a failure becomes on the wire: ["lost", message] or ["error", RemoteError]
-    (the codec keeps a RemoteError's fields, so the worker where it happened stays)."""
+#: errors a worker's protocol (not the graph it runs) refuses a pass's message with:
+#: they reach the origin as their own type, as the origin's own refusals do
+_REFUSALS: dict[str, type[ActorgradError]] = {c.__name__: c for c in (ContextError, ProtocolError)}
+
+
+def _failure_record(exc: BaseException, me: str, refused: bool = False) -> list[Any]:
+    """What a failure becomes on the wire: ["lost", message], ["refused", type name,
+    message] (``refused``: the protocol's check of the message failed, not the graph's
+    code) or ["error", RemoteError] (the codec keeps a RemoteError's fields, so the
+    worker where it happened stays)."""
     if isinstance(exc, WorkerLost):
         return ["lost", str(exc)]
+    if refused and type(exc).__name__ in _REFUSALS:
+        return ["refused", type(exc).__name__, f"{exc} (refused by worker {me!r})"]
     return ["error", RemoteError.from_exception(me, exc)]
 
 
@@ -426,18 +440,30 @@ def _failure_from(record: Any) -> BaseException:
             return WorkerLost(payload)
         if kind == "error" and isinstance(payload, RemoteError):
             return payload
+    if type(record) is list and len(record) == 3 and record[0] == "refused":
+        cls = _REFUSALS.get(record[1]) if type(record[1]) is str else None
+        if cls is not None and type(record[2]) is str:
+            return cls(record[2])
     raise ProtocolError(f"malformed backward failure report {short_repr(record)}")
 
 
-def _report(st: DistState, ctx_id: int, origin: str, pass_id: int, exc: BaseException) -> None:
-    """Tell the pass's origin that the pass failed (here, or at a worker we sent to)."""
+def _report(
+    st: DistState,
+    ctx_id: int,
+    origin: str,
+    pass_id: int,
+    exc: BaseException,
+    refused: bool = False,
+) -> None:
+    """Tell the pass's origin that the pass failed (here, or at a worker we sent to).
+    ``refused``: by this worker's checks of a message of the pass (see _failure_record)."""
     if origin == st.worker.name:
         # The origin's own part, run by a message handler (A -> B -> A): its error is
         # raised as it is, as when that part runs inside backward() itself.
         _fail_run(st, pass_id, exc)
     else:
         # the origin gone: nobody waits for this pass any more
-        record = _failure_record(exc, st.worker.name)
+        record = _failure_record(exc, st.worker.name, refused)
         st.worker.cast(origin, T_FAIL, (ctx_id, pass_id, record), on_error=_ignore)
 
 
@@ -525,6 +551,7 @@ def _deliver(
         )
     st = state_of(worker)
     ctx = st.contexts.get(ctx_id)
+    checked = False  # past the protocol's checks of the message: the graph runs
     try:
         if ctx is None:
             raise ContextError(
@@ -570,11 +597,12 @@ def _deliver(
         for m_items, m_num, m_exp in ((items, num, exp), *(early or ())):
             ps.credit = add_credit(ps.credit, (m_num, m_exp))
             ps.deliver(m_items)
+        checked = True
         out = _step(st, ps, retain)
     except Exception as exc:
         if ctx is not None:
             ctx.drop_pass(pass_id)
-        _report(st, ctx_id, origin, pass_id, exc)
+        _report(st, ctx_id, origin, pass_id, exc, refused=not checked)
         return
     _forward(st, ps, retain, out)
 
@@ -736,9 +764,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             )
         pass_id = st.new_pass_id()
         # (the pass state first: if building it fails, no run is left registered)
-        ps = ctx.active_pass = PassState(
-            worker, ctx, pass_id, worker.name, checked, retain_graph
-        )
+        ps = ctx.active_pass = PassState(worker, ctx, pass_id, worker.name, checked, retain_graph)
         run = st.runs[pass_id] = InitiatorRun(context_id, pass_id)
         try:
             ps.credit = (1, 0)
