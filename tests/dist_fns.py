@@ -107,6 +107,13 @@ async def chain(dests: list[str], key: str, x: ag.Tensor) -> ag.Tensor:
     return x
 
 
+async def mul_plus_remote(dest: str, key: str, x: ag.Tensor) -> ag.Tensor:
+    """x * store[key] + dest's store[key] (fetched as ones * it): this worker's part of
+    a backward ends as it sends that term's gradient to dest (nothing comes back)."""
+    term = await ag.rpc(dest, mul, (key, ag.tensor(np.ones(x.shape))))
+    return mul(key, x) + term
+
+
 def add_hook(key: str, scale: float) -> None:
     t = _store[_k(key)]
     calls = _hook_calls[_k(key)] = []
@@ -157,6 +164,13 @@ def add_slow_hook(key: str, seconds: float) -> None:
             time.sleep(seconds)
 
     t.register_hook(hook)
+
+
+def status() -> dict[str, Any]:
+    """This worker's runtime status (Worker.status)."""
+    from actorgrad.runtime import current_worker
+
+    return current_worker().status()
 
 
 def pid() -> int:

@@ -669,6 +669,51 @@ async def test_a_hung_second_hop_fails_the_backward_within_the_heartbeat_bound(w
 
 
 @pytest.mark.timeout(60)
+async def test_a_worker_hung_on_the_last_message_of_a_finished_part_fails_the_backward(
+    worker_path,
+):
+    # w1's part ends as it sends w2 the gradient of w2's term; w2 (which the driver
+    # never called) hangs. Nobody watched w2 for that message: w1's part was done,
+    # the driver does not know w2; backward waited for w2's credit until w1 dropped
+    # the idle connection (60 s). Now w1 watches w2 until it hears from it after it.
+    import signal
+
+    from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
+
+    xv, wv1, wv2 = arr(3), arr(3), arr(3)
+    async with cluster("processes") as c:
+        await ag.rpc("w1", F.put, ("w", wv1))
+        await ag.rpc("w2", F.put, ("w", wv2))
+        pid = await ag.rpc("w2", F.pid)
+        x = ag.tensor(xv, requires_grad=True)
+        loop = asyncio.get_running_loop()
+        try:
+            async with ag.dist.context() as ctx:
+                # (first a pass that goes through: w1 stops watching w2 once heard from)
+                y = await ag.rpc("w1", F.mul_plus_remote, ("w2", "w", x))
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv1, rtol=1e-12)
+                np.testing.assert_allclose(
+                    await ag.rpc("w2", F.grad_of, (ctx, "w")), np.ones(3), rtol=1e-12
+                )
+                async with asyncio.timeout(10):
+                    while (await ag.rpc("w1", F.status))["watching"]:
+                        pass
+                y = await ag.rpc("w1", F.mul_plus_remote, ("w2", "w", x))
+                os.kill(pid, signal.SIGSTOP)  # alive but silent
+                t0 = loop.time()
+                with pytest.raises(ag.WorkerLost, match="'w2'"):
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+                took = loop.time() - t0
+        finally:
+            os.kill(pid, signal.SIGKILL)
+        assert took < HEARTBEAT_TIMEOUT + 3.0, took
+        info = await ag.rpc("w1", F.debug_info)
+        assert info["num_contexts"] == 0 and info["num_active_passes"] == 0
+        assert c.driver.status()["watching"] == []
+
+
+@pytest.mark.timeout(60)
 async def test_a_task_cancelled_in_a_context_ends_without_waiting_for_a_hung_peer(worker_path):
     # Leaving a context normally waits for every peer's release acknowledgement (a hung
     # peer: until the heartbeat timeout); a cancelled task must end at once instead,
@@ -1151,11 +1196,17 @@ async def test_a_chain_through_the_driver_relays_and_costs_one_message_per_edge(
                 for n in c.names
             }
             sent["driver"] = ag.dist.debug_info()["num_backward_messages"] - before["driver"]
-            # Nothing stays watched once the pass is done (the context still open): a
-            # peer busy for longer than the heartbeat timeout afterwards (a driver
-            # computing) is not declared lost.
-            watched = {n: await ag.rpc(n, F.watching) for n in c.names}
-            watched["driver"] = c.driver.status()["watching"]
+            # Nothing stays watched once the pass is done and its last messages'
+            # receivers were heard from (the context still open): a peer busy for
+            # longer than the heartbeat timeout afterwards (a driver computing) is not
+            # declared lost. (w2's part ends with its message to w1: w2 expects to hear
+            # from w1 after it, which a heartbeat shows within a second.)
+            async with asyncio.timeout(10):
+                while True:
+                    watched = {n: await ag.rpc(n, F.watching) for n in c.names}
+                    watched["driver"] = c.driver.status()["watching"]
+                    if all(v == [] for v in watched.values()):
+                        break
         _, (ref,) = local_grads(
             lambda t: _sq_mean(((t @ ag.tensor(w1v)).tanh() @ ag.tensor(w2v)).tanh()), xv
         )

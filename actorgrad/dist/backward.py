@@ -270,14 +270,22 @@ class PassState:
 
     def watch(self, dest: str) -> None:
         """A message of this part goes to ``dest``. The last ones of a finished part
-        are not watched, except on the origin: it waits for the credit they carry (a
-        peer that hangs, its connection open, would otherwise hold backward for good)."""
-        if dest not in self.ctx.sent_to:
+        are watched only until ``dest`` is heard from after them (``Worker.expect``),
+        except on the origin: it waits for the credit they carry (a peer that hangs,
+        its connection open, would otherwise hold backward for good)."""
+        me = self.worker.name
+        if dest == self.origin or dest == me:
             self.ctx.sent_to.add(dest)
-            me = self.worker.name
-            if dest != self.origin and dest != me and (me == self.origin or not self.task.finished):
-                self.worker.watch(dest)
-                self.watching.append(dest)
+        elif me != self.origin and self.task.finished:
+            # Nobody else watches dest for this message: the origin may not know it,
+            # and this part is done. (Every time: a later message of a finished part
+            # must be expected to be heard from after it, too.)
+            self.ctx.sent_to.add(dest)
+            self.worker.expect(dest)
+        elif dest not in self.ctx.sent_to:
+            self.ctx.sent_to.add(dest)
+            self.worker.watch(dest)
+            self.watching.append(dest)
 
     def unwatch(self) -> None:
         """This part is done or dropped here: stop watching (idempotent)."""

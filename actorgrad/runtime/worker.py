@@ -374,6 +374,7 @@ class Worker:
         self._status_providers: dict[str, Callable[[], dict]] = {}
         self._lost: set[str] = set()
         self._watched: dict[str, int] = {}  # peer -> watch count (see watch)
+        self._expected: dict[str, float] = {}  # peer -> since when (see expect)
         # one-way calls waiting for a connection, per peer, in order (see notify)
         self._notify_queues: dict[str, list[tuple[Any, Any, Any]]] = {}
         # membership (from the registry)
@@ -416,7 +417,7 @@ class Worker:
             "in_flight": self._inflight,
             "rrefs": len(self.owned),
             "peers": sorted({c.peer_name for c in self._conns if c.peer_name}),
-            "watching": sorted(self._watched),
+            "watching": sorted(self._watched.keys() | self._expected.keys()),
         }
         for pname, fn in list(self._status_providers.items()):
             try:
@@ -698,6 +699,7 @@ class Worker:
         if name in self._lost or name == self.name or self.closed:
             return
         self._lost.add(name)
+        self._expected.pop(name, None)
         for cb in list(self._peer_lost_cbs):
             try:
                 cb(name)
@@ -1489,6 +1491,15 @@ class Worker:
         else:
             self._watched.pop(peer, None)
 
+    def expect(self, peer: str) -> None:
+        """Expect to hear from ``peer`` after now (any frame: a message, a heartbeat):
+        until it is heard from, it is watched as by :meth:`watch`. For the last one-way
+        messages of a protocol's part that has nothing more to wait for: the peer
+        answering anything after them shows its loop went past them (frames are read
+        in order); a peer that hung on them is reported lost after
+        ``HEARTBEAT_TIMEOUT``, not ``IDLE_TIMEOUT``, though nobody waits on it here."""
+        self._expected[peer] = time.monotonic()
+
     # ------------------------------------------------------------------ heartbeats
     async def _heartbeat(self) -> None:
         interval = HEARTBEAT_INTERVAL
@@ -1510,7 +1521,11 @@ class Worker:
                 # (HEARTBEAT_TIMEOUT), or a member about
                 # its registry (IDLE_TIMEOUT). A quiet caller (e.g. a driver busy with a
                 # long local computation) is not dropped by the workers it called.
-                watched = conn.pending or conn.peer_name in self._watched
+                since = self._expected.get(conn.peer_name)
+                if since is not None and conn.last_recv >= since:
+                    del self._expected[conn.peer_name]  # heard from
+                    since = None
+                watched = conn.pending or conn.peer_name in self._watched or since is not None
                 limit = HEARTBEAT_TIMEOUT if watched else IDLE_TIMEOUT
                 if silent > limit:
                     conn.abort(
