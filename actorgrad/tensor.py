@@ -498,6 +498,27 @@ def _axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
     return tuple(sorted(set(out)))
 
 
+def _perm(axes: Any, ndim: int) -> tuple[int, ...]:
+    """Normalize ``transpose``'s axes to a permutation of ``range(ndim)``."""
+    given = tuple(axes)
+    if len(given) != ndim or not all(isinstance(ax, (int, np.integer)) for ax in given):
+        raise ValueError(
+            f"transpose: axes {given} must be {ndim} integers, one per dimension of the tensor"
+        )
+    out = []
+    for ax in given:
+        if not -ndim <= ax < ndim:
+            raise ValueError(
+                f"transpose: axes {given}: axis {ax} is out of range for a tensor with "
+                f"{ndim} dimensions"
+            )
+        norm = int(ax) % ndim
+        if norm in out:
+            raise ValueError(f"transpose: axes {given} name axis {norm} twice")
+        out.append(norm)
+    return tuple(out)
+
+
 #: Broadcasts smaller than this many bytes are materialized (see broadcast_view).
 SMALL_BROADCAST_BYTES = 4096
 
@@ -921,6 +942,10 @@ class Transpose(Function):
     __slots__ = ()
 
     def forward(self, a: Any, axes: tuple[int, ...] | None) -> Any:
+        if axes is not None:
+            # Non-negative: backward inverts the permutation with argsort, which on
+            # (-1, 0) would give (0, 1), not the inverse of (2, 0) on 2-d.
+            axes = _perm(axes, a.ndim)
         self.saved = axes
         return a.transpose(axes)
 

@@ -170,3 +170,18 @@ def test_reduction_axis_out_of_range():
 def test_where_needs_a_boolean_condition():
     with pytest.raises(TypeError, match="boolean"):
         ag.where(np.array([1, 0]), ag.ones(2), ag.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "axes, match",
+    [
+        ((0, 0, 1), r"transpose: axes \(0, 0, 1\) name axis 0 twice"),
+        ((0, -3, 1), r"transpose: axes \(0, -3, 1\) name axis 0 twice"),
+        ((0, 1, 3), r"axes \(0, 1, 3\): axis 3 is out of range for a tensor with 3 dim"),
+        ((0, 1), r"axes \(0, 1\) must be 3 integers"),
+    ],
+    ids=["repeated", "repeated_negative", "out_of_range", "too_few"],
+)
+def test_transpose_refuses_axes_that_are_no_permutation(axes, match):
+    with pytest.raises(ValueError, match=match):
+        ag.ones(2, 3, 4).transpose(*axes)

@@ -89,6 +89,8 @@ CASES = [
     ("reshape_0d", lambda a: a.reshape(1, 1), [r()]),
     ("transpose", lambda a: a.transpose(), [r(3, 4)]),
     ("transpose_axes", lambda a: a.transpose(1, 2, 0), [r(2, 3, 4)]),
+    ("transpose_neg_axes", lambda a: a.transpose(-1, 0), [r(3, 3)]),
+    ("transpose_neg_axes_3d", lambda a: a.transpose(0, -1, 1), [r(2, 3, 4)]),
     ("T", lambda a: a.T, [r(3, 4)]),
     ("exp", lambda a: a.exp(), [r(3, 4)]),
     ("exp_0d", lambda a: a.exp(), [r()]),
