@@ -836,7 +836,12 @@ class Sigmoid(Function):
     __slots__ = ()
 
     def forward(self, a: Any) -> Any:
-        out = 0.5 * (np.tanh(0.5 * a) + 1)  # no overflow for large |a|, unlike 1/(1+exp(-a))
+        # exp of -|a| only: no overflow for large |a| (unlike 1/(1+exp(-a))), and for
+        # a < 0 the value e/(1+e) keeps its relative precision where 0.5*(tanh+1) or
+        # 1 - sigmoid(-a) would cancel to 0 (sigmoid(-20) = 2e-9, not 0 in float32).
+        e = np.exp(-np.abs(a))
+        d = 1 + e
+        out = np.where(a >= 0, 1 / d, e / d)
         self.saved = out
         return out
 

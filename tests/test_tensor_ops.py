@@ -107,6 +107,7 @@ CASES = [
     ("relu", lambda a: a.relu(), [away(3, 4)]),
     ("tanh", lambda a: a.tanh(), [r(3, 4)]),
     ("sigmoid", lambda a: a.sigmoid(), [r(3, 4, lo=-4, hi=4)]),
+    ("sigmoid_wide", lambda a: a.sigmoid(), [r(3, 4, lo=-30, hi=30)]),
     ("softmax", lambda a: a.softmax(), [r(3, 4)]),
     ("softmax_axis0", lambda a: a.softmax(axis=0), [r(3, 4)]),
     ("log_softmax", lambda a: a.log_softmax(), [r(3, 4)]),
@@ -207,6 +208,20 @@ def test_softmax_family_is_stable_for_huge_logits(scale, dtype):
     ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
     np.testing.assert_allclose(lsm.data, ref, rtol=1e-5, atol=1e-6 * scale)
     np.testing.assert_allclose(ce.item(), -(ref[0, 0] + ref[1, 2]) / 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_keeps_its_relative_precision_for_negative_inputs(dtype):
+    # 0.5 * (tanh(x / 2) + 1) cancelled: sigmoid(-20) was 0 in float32 (log: -inf, nan
+    # gradient) and off by 2e-4 (relative) at -10.
+    xs = np.array([-30.0, -20.0, -10.0, -1.0, 0.0, 1.0, 10.0, 20.0, 30.0])
+    exact = 1 / (1 + np.exp(-xs))
+    x = ag.tensor(xs.astype(dtype), requires_grad=True)
+    s = x.sigmoid()
+    assert s.dtype == dtype
+    np.testing.assert_allclose(s.data, exact, rtol=1e-6 if dtype == np.float32 else 1e-14)
+    s.log().sum().backward()  # d log(sigmoid(x)) / dx = 1 - sigmoid(x)
+    np.testing.assert_allclose(x.grad, 1 - exact, rtol=1e-6, atol=1e-7)
 
 
 def test_max_splits_gradient_between_ties():
