@@ -276,7 +276,7 @@ class Tensor:
         return self
 
     def __getitem__(self, index: Any) -> Tensor:
-        return _unary(GetItem, self, _index(index))
+        return _unary(GetItem, self, _index(index, self.data.shape))
 
     # Comparisons: plain boolean tensors, never part of the graph.
     def __lt__(self, other: Any) -> Tensor:
@@ -562,20 +562,24 @@ def _expand(g: Any, axes: tuple[int, ...] | None, keepdims: bool, ndim: int) -> 
     return g.reshape(shape)
 
 
-def _index(index: Any) -> Any:
+def _index(index: Any, shape: tuple[int, ...]) -> Any:
     """Turn tensors/lists in an index into numpy arrays, and boolean masks into integer
-    arrays (so backward can always use ``np.add.at``)."""
-    if isinstance(index, tuple):
-        parts: list[Any] = []
-        for part in index:
-            conv = _index_part(part)
-            if isinstance(conv, tuple):  # a boolean mask spans several axes
-                parts.extend(conv)
-            else:
-                parts.append(conv)
-        return tuple(parts)
-    conv = _index_part(index)
-    return conv
+    arrays (so backward can always use ``np.add.at``). Each mask must fit the dimensions
+    it indexes: its nonzero() alone would hide a misfit (a mask of 2 on 3 elements picks
+    from the first 2, where numpy raises)."""
+    parts = [_index_part(p) for p in (index if isinstance(index, tuple) else (index,))]
+    if any(_is_mask(p) for p in parts):
+        _check_masks(parts, shape)
+    if not isinstance(index, tuple):
+        part = parts[0]
+        return np.nonzero(part) if _is_mask(part) else part
+    out: list[Any] = []
+    for part in parts:
+        if _is_mask(part):  # a boolean mask spans several axes
+            out.extend(np.nonzero(part))
+        else:
+            out.append(part)
+    return tuple(out)
 
 
 def _index_part(part: Any) -> Any:
@@ -585,9 +589,37 @@ def _index_part(part: Any) -> Any:
         part = np.asarray(part)
         if part.size == 0:
             part = part.astype(np.intp)
-    if isinstance(part, np.ndarray) and part.dtype == np.bool_:
-        return np.nonzero(part)
     return part
+
+
+def _is_mask(part: Any) -> bool:
+    return isinstance(part, np.ndarray) and part.dtype == np.bool_
+
+
+def _check_masks(parts: list[Any], shape: tuple[int, ...]) -> None:
+    """Raise IndexError (as numpy does) for a boolean mask whose shape differs from the
+    dimensions it indexes. Other misfits (too many indices, ...) are numpy's to name."""
+
+    def ndims(part: Any) -> int:  # dimensions of the tensor that `part` indexes
+        if part is None or isinstance(part, bool):
+            return 0  # (a Python bool indexes like a 0-d mask: it adds a dimension)
+        return part.ndim if _is_mask(part) else 1
+
+    used = sum(ndims(p) for p in parts if p is not Ellipsis)
+    dim = 0
+    for part in parts:
+        if part is Ellipsis:
+            dim += max(len(shape) - used, 0)
+            continue
+        n = ndims(part)
+        if _is_mask(part) and n and dim + n <= len(shape):
+            dims = shape[dim : dim + n]
+            if part.shape != dims:
+                raise IndexError(
+                    f"boolean mask of shape {part.shape} does not fit the dimensions {dims} "
+                    f"it indexes (from axis {dim} of a tensor of shape {shape})"
+                )
+        dim += n
 
 
 def _is_basic(index: Any) -> bool:

@@ -185,3 +185,25 @@ def test_where_needs_a_boolean_condition():
 def test_transpose_refuses_axes_that_are_no_permutation(axes, match):
     with pytest.raises(ValueError, match=match):
         ag.ones(2, 3, 4).transpose(*axes)
+
+
+@pytest.mark.parametrize(
+    "index, match",
+    [
+        (np.array([False, True]), r"mask of shape \(2,\) does not fit the dimensions \(3,\)"),
+        ([True, False, True, True], r"mask of shape \(4,\) does not fit the dimensions \(3,\)"),
+        ((slice(None), np.ones(3, bool)), r"\(3,\) does not fit the dimensions \(4,\) .*axis 1"),
+        ((..., np.ones((3, 3), bool)), r"\(3, 3\) does not fit the dimensions \(3, 4\)"),
+        ((None, np.ones(2, bool)), r"\(2,\) does not fit the dimensions \(3,\) .*axis 0"),
+    ],
+    ids=["short", "long_list", "after_slice", "after_ellipsis", "after_none"],
+)
+def test_boolean_mask_of_the_wrong_shape_raises_index_error_as_in_numpy(index, match):
+    # Turned into indices by nonzero() before numpy saw it, a short mask picked from the
+    # first elements: tensor([10, 20, 30])[[False, True]] gave [20].
+    x = ag.tensor(np.arange(12.0).reshape(3, 4))
+    with pytest.raises(IndexError, match=match):
+        x[index]
+    with pytest.raises(IndexError):
+        x.data[index]  # (numpy's own check agrees)
+    np.testing.assert_array_equal(x[np.array([False, True, True])].data, x.data[1:])
