@@ -869,3 +869,24 @@ async def test_a_call_given_up_before_its_rrefs_were_registered_takes_back_nothi
     assert await ag.rpc("w2", incr_kept) == 4  # (the value w2 holds is alive)
     await ag.rpc("w2", drop_kept)
     await _owned_count("w1")
+
+
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+async def test_the_runtimes_own_calls_run_on_the_loop_not_in_the_thread_pool(transport):
+    # The registry's and the RRef owner's handlers were plain functions, so their first
+    # calls ran in the worker's thread pool: they sent on connections, fired peer-lost
+    # callbacks and changed counts from another thread than the loop's. With asyncio's
+    # debug checks on, the in-process transport refused that and a cluster of three
+    # could not even start (a join died by heartbeat).
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    try:
+        async with ag.local_cluster(3, transport=transport) as c:
+            assert sorted(ag.workers()) == ["driver", "w1", "w2", "w3"]
+            ref = await ag.remote("w1", np.arange, (3,))
+            np.testing.assert_array_equal(await ag.rpc("w2", ag.RRef.to_here, (ref,)), [0, 1, 2])
+            del ref
+            await ag.rpc("w3", "operator:add", (1, 2))
+            assert c.driver.status()["in_flight"] == 0
+    finally:
+        loop.set_debug(False)

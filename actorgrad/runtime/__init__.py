@@ -27,12 +27,12 @@ from actorgrad.runtime.api import (
     worker_name,
     workers,
 )
+from actorgrad.runtime.calls import inline
 from actorgrad.runtime.rref import RRef
 from actorgrad.runtime.worker import (
     Worker,
     current_worker,
     get_interceptor,
-    inline,
     on_cast,
     set_interceptor,
 )

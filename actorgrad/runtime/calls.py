@@ -14,7 +14,10 @@ import importlib.util
 import os
 import sys
 import types
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 MAIN_ALIAS = "__mp_main__"
 
@@ -161,3 +164,14 @@ def describe(spec: Any) -> str:
     if isinstance(spec, list) and spec:
         return str(spec[0])
     return str(spec)
+
+
+def inline(fn: F) -> F:
+    """Mark ``fn`` (a plain, non-blocking function) to always run inline on the worker's
+    loop: called synchronously where the request is read, never in the thread pool nor
+    as a task, its result replied at once. Meant for short protocol handlers (e.g. the
+    distributed backward's); a blocking or slow one stalls the whole worker. Sets
+    ``fn.__actorgrad_inline__ = True``, which is what the worker checks; on an
+    ``async def`` function the marker has no effect."""
+    fn.__actorgrad_inline__ = True  # type: ignore[attr-defined]
+    return fn

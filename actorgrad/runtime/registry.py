@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from actorgrad import wire
+from actorgrad.runtime.calls import inline
 
 if TYPE_CHECKING:
     from actorgrad.runtime.transport import Connection
@@ -126,6 +127,8 @@ class Registry:
 
 
 # ---- internal RPC targets --------------------------------------------------------------
+# (inline: they touch the registry, connections and the loop, which a plain function's
+# first calls would do from the worker's thread pool)
 
 
 def _registry() -> Registry:
@@ -137,12 +140,14 @@ def _registry() -> Registry:
     return reg
 
 
+@inline
 def _join(name: str, address: str, local: str = "") -> list:
     from actorgrad.runtime.worker import _current_conn
 
     return _registry().join(name, address, local, _current_conn.get())
 
 
+@inline
 def _leave(name: str) -> None:
     from actorgrad.runtime.worker import _current_conn
 
@@ -152,16 +157,19 @@ def _leave(name: str) -> None:
         reg.leave(name)
 
 
+@inline
 def _snapshot() -> tuple:
     return _registry().snapshot()
 
 
+@inline
 def _update(version: int, members: dict) -> None:
     from actorgrad.runtime.worker import current_worker
 
     current_worker()._apply_members(version, members)
 
 
+@inline
 def _worker_status() -> dict:
     from actorgrad.runtime.worker import current_worker
 

@@ -25,6 +25,7 @@ import functools
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from actorgrad.runtime.calls import inline
 from actorgrad.wire import WireRef
 
 if TYPE_CHECKING:
@@ -323,14 +324,18 @@ def _take_back(worker: Worker, owner: str, rid: int, holder: str) -> None:
 
 
 # ---- internal RPC targets (run on the owner) -------------------------------------------
+# (inline: they change the owner's counts, which the loop changes too; a plain
+# function's first calls would run in the worker's thread pool)
 
 
+@inline
 def _fetch(rid: int) -> Any:
     from actorgrad.runtime.worker import current_worker
 
     return owned_value(current_worker(), rid)
 
 
+@inline
 def _add_holders(entries: list) -> None:
     from actorgrad.runtime.worker import current_worker
 
@@ -343,6 +348,7 @@ def _ignore(exc: BaseException) -> None:
     """(an owner that cannot be told is gone: its counts went with it)"""
 
 
+@inline
 def _decref(rid: int, holder: str) -> None:
     from actorgrad.runtime.worker import current_worker
 

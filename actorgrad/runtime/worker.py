@@ -173,17 +173,6 @@ def natural_key(name: str) -> list:
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, tuple, dict})
 
 
-def inline(fn: F) -> F:
-    """Mark ``fn`` (a plain, non-blocking function) to always run inline on the worker's
-    loop: called synchronously where the request is read, never in the thread pool nor
-    as a task, its result replied at once. Meant for short protocol handlers (e.g. the
-    distributed backward's); a blocking or slow one stalls the whole worker. Sets
-    ``fn.__actorgrad_inline__ = True``, which is what the worker checks; on an
-    ``async def`` function the marker has no effect."""
-    fn.__actorgrad_inline__ = True  # type: ignore[attr-defined]
-    return fn
-
-
 #: topic -> (handler, number of arguments after the worker); see on_cast
 _cast_handlers: dict[str, tuple[Callable[..., None], int]] = {}
 
