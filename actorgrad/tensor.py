@@ -717,7 +717,9 @@ class Pow(Function):
     __slots__ = ()
 
     def forward(self, a: Any, b: Any) -> Any:
-        out = a**b
+        # No warnings: inf (0 ** -1) and nan ((-1) ** 0.5) are the values, as in torch.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = a**b
         self.saved = (a, b, out)
         return out
 
@@ -739,9 +741,10 @@ class Pow(Function):
                         d = np.where(b == 0, 0, d)
             ga = _fit(g * d, a.shape, a.dtype)
         if nb:
-            # d(a**b)/db = a**b * log(a); defined as 0 where a == 0 (as torch does).
+            # d(a**b)/db = a**b * log(a); defined as 0 where a == 0 and b >= 0 (as torch
+            # does). Where a == 0 and b < 0 it stays inf * log(0) = -inf (times g).
             with np.errstate(divide="ignore", invalid="ignore"):
-                gb = np.where(a == 0, 0, g * out * np.log(a))
+                gb = np.where((a == 0) & (b >= 0), 0, g * out * np.log(a))
             gb = _fit(gb, b.shape, b.dtype)
         return ga, gb
 

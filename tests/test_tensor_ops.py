@@ -301,12 +301,19 @@ def test_broadcast_view_of_misfits_raises_like_broadcast_to():
             [0, 0, 0, 2.598076211353316],
             [0, 0.6931471805599453, 0, 5.708556905378076],
         ),
+        # at a == 0 with b < 0, a**b = inf and log(a) = -inf: db is -inf (torch), not 0
+        (
+            [0.0, 0.0, 2.0],
+            [-1.0, -2.5, -1.0],
+            [-np.inf, -np.inf, -0.25],
+            [-np.inf, -np.inf, 0.34657359027997264],
+        ),
         ([0.0, 1.0], 0.0, [0, 0], None),
         ([0.0, 4.0], 0.5, [np.inf, 0.25], None),
         ([2.0, 3.0], 3, [12, 27], None),
     ],
 )
-def test_pow_gradient_at_a_zero_exponent_is_zero_as_in_torch(a, b, ga, gb):
+def test_pow_gradient_at_a_zero_base_or_exponent_follows_torch(a, b, ga, gb):
     # d(a**b)/da = b * a**(b-1) is 0 * 0**-1 = nan at a == b == 0 (torch: 0), and the
     # backward warned "divide by zero" / "invalid value" where inf is the value.
     import warnings
@@ -319,6 +326,19 @@ def test_pow_gradient_at_a_zero_exponent_is_zero_as_in_torch(a, b, ga, gb):
     np.testing.assert_allclose(ta.grad, ga, rtol=1e-12)
     if gb is not None:
         np.testing.assert_allclose(tb.grad, gb, rtol=1e-12)
+
+
+def test_pow_of_a_zero_base_scalar_follows_torch():
+    # (0.0 ** b): db = 0 where b >= 0, -inf where b < 0 (inf * log 0), without warnings
+    import warnings
+
+    b = ag.tensor(np.array([-1.0, 2.0, 0.0]), requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = 0.0**b
+        out.sum().backward()
+    np.testing.assert_array_equal(out.data, [np.inf, 0.0, 1.0])
+    np.testing.assert_array_equal(b.grad, [-np.inf, 0.0, 0.0])
 
 
 def test_register_hook_refuses_what_is_not_callable():
