@@ -33,6 +33,11 @@ class Optimizer:
     identity)."""
 
     def __init__(self, params: Iterable[Tensor], lr: float) -> None:
+        if isinstance(params, Tensor):
+            # (iterating it would give 0-d views of its rows: steps that never reach it)
+            raise TypeError(
+                "optimizer params must be an iterable of Tensors, got Tensor; pass [tensor]"
+            )
         self.params: list[Tensor] = list(params)
         if not self.params:
             raise ValueError("optimizer got an empty parameter list")
@@ -40,6 +45,12 @@ class Optimizer:
         for i, p in enumerate(self.params):
             if not isinstance(p, Tensor):
                 raise TypeError(f"optimizer parameters must be Tensors, got {type(p).__name__}")
+            if not p.is_leaf:
+                # (its data is an op's output: updating it in place changes no parameter)
+                raise ValueError(
+                    f"optimizer parameter {i}: cannot optimize a non-leaf tensor (made by "
+                    f"{p.grad_fn.name() if p.grad_fn else 'an op'}); pass the leaf itself"
+                )
             first = seen.setdefault(id(p), i)
             if first != i:
                 # (it would be updated once per appearance: twice the step)

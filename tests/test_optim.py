@@ -111,3 +111,15 @@ def test_optimizer_errors():
     for cls in (ag.optim.SGD, ag.optim.Adam):
         with pytest.raises(ValueError, match="parameter 2 is the same tensor as parameter 0"):
             cls([p, q, p], lr=0.1)
+
+
+def test_a_single_tensor_or_a_non_leaf_is_refused():
+    # A bare tensor was iterated: its elements (0-d views, not leaves) were the
+    # parameters and the tensor itself never changed. A non-leaf's data is an op's
+    # output, so stepping it updates nothing the model uses.
+    w = ag.tensor([1.0, 2.0], requires_grad=True)
+    for cls in (ag.optim.SGD, ag.optim.Adam):
+        with pytest.raises(TypeError, match="params must be an iterable of Tensors, got Tensor"):
+            cls(w, lr=0.1)
+        with pytest.raises(ValueError, match="parameter 1: cannot optimize a non-leaf tensor"):
+            cls([w, w * 2], lr=0.1)
