@@ -1107,6 +1107,8 @@ def cat(tensors: Sequence[Any], axis: int = 0) -> Tensor:
         >>> ag.cat([ag.ones(2, 3), ag.zeros(1, 3)]).shape
         (3, 3)
     """
+    if isinstance(tensors, Tensor):  # (iterating it would split it into its rows)
+        raise TypeError("cat: expected a sequence of tensors, got Tensor")
     if len(tensors) == 0:
         raise ValueError("cat: expected a non-empty sequence of tensors")
     return _nary(Cat, list(tensors), axis)
@@ -1120,6 +1122,8 @@ def stack(tensors: Sequence[Any], axis: int = 0) -> Tensor:
         >>> ag.stack([ag.ones(3), ag.zeros(3)], axis=1).shape
         (3, 2)
     """
+    if isinstance(tensors, Tensor):  # (iterating it would split it into its rows)
+        raise TypeError("stack: expected a sequence of tensors, got Tensor")
     if len(tensors) == 0:
         raise ValueError("stack: expected a non-empty sequence of tensors")
     return _nary(Stack, list(tensors), axis)

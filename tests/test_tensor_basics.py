@@ -162,6 +162,14 @@ def test_cat_mismatch_names_the_shapes():
         ag.cat([ag.ones(2, 3), ag.ones(2, 4)])
 
 
+@pytest.mark.parametrize("fn", [ag.cat, ag.stack])
+def test_cat_and_stack_refuse_a_single_tensor(fn):
+    # it was iterated as the sequence: cat(ones(2, 3)) gave its rows joined, shape (6,)
+    name = fn.__name__
+    with pytest.raises(TypeError, match=f"{name}: expected a sequence of tensors, got Tensor"):
+        fn(ag.ones(2, 3))
+
+
 def test_reduction_axis_out_of_range():
     with pytest.raises(ValueError, match="axis 2 is out of range"):
         ag.ones(2, 3).sum(axis=2)
