@@ -485,17 +485,23 @@ def _meta(x: Any) -> tuple[tuple[int, ...], np.dtype] | None:
 
 
 def _axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
-    """Normalize an axis argument to a sorted tuple of non-negative axes (None: all)."""
+    """Normalize an axis argument to a sorted tuple of non-negative axes (None: all).
+
+    A 0-d tensor takes axis 0 or -1 (as torch does) and reduces over nothing: ``()``.
+    An axis given twice is an error (numpy's, torch's), not merged."""
     if axis is None:
         return None
     if isinstance(axis, (int, np.integer)):
         axis = (axis,)
-    out = []
+    out: list[int] = []
     for ax in axis:
-        if not -ndim <= ax < max(ndim, 1) or (ndim == 0 and ax not in (0, -1)):
+        if not (-ndim <= ax < ndim if ndim else ax in (0, -1)):
             raise ValueError(f"axis {ax} is out of range for a tensor with {ndim} dimensions")
-        out.append(int(ax) % max(ndim, 1))
-    return tuple(sorted(set(out)))
+        norm = int(ax) % max(ndim, 1)
+        if norm in out:
+            raise ValueError(f"axis {norm} appears more than once in axis={tuple(axis)}")
+        out.append(norm)
+    return tuple(sorted(out)) if ndim else ()
 
 
 def _perm(axes: Any, ndim: int) -> tuple[int, ...]:
@@ -1138,6 +1144,8 @@ def split(t: Tensor, split_size_or_sizes: int | Sequence[int], axis: int = 0) ->
         >>> [c.shape for c in ag.split(ag.ones(5, 2), 2)]
         [(2, 2), (2, 2), (1, 2)]
     """
+    if t.ndim == 0:
+        raise ValueError("split: a 0-d tensor has no axis to split along")
     ax = _axes(axis, t.ndim)[0]  # type: ignore[index]
     n = t.shape[ax]
     if isinstance(split_size_or_sizes, (int, np.integer)):

@@ -173,6 +173,24 @@ def test_cat_and_stack_refuse_a_single_tensor(fn):
 def test_reduction_axis_out_of_range():
     with pytest.raises(ValueError, match="axis 2 is out of range"):
         ag.ones(2, 3).sum(axis=2)
+    for axis in (1, -2):  # a 0-d tensor takes 0 and -1 only
+        with pytest.raises(ValueError, match=f"axis {axis} is out of range .* 0 dimensions"):
+            ag.tensor(3.0).max(axis=axis)
+
+
+@pytest.mark.parametrize("op", ["sum", "mean", "max"])
+@pytest.mark.parametrize(
+    "shape, axis, repeated", [((2, 3), (0, 0), 0), ((2, 3), (1, -1), 1), ((), (0, -1), 0)]
+)
+def test_reduction_over_an_axis_given_twice_is_refused(op, shape, axis, repeated):
+    # (it was merged silently: sum(axis=(1, -1)) summed axis 1 once)
+    with pytest.raises(ValueError, match=rf"axis {repeated} appears more than once in axis="):
+        getattr(ag.ones(*shape), op)(axis=axis)
+
+
+def test_split_of_a_0d_tensor_names_the_problem():
+    with pytest.raises(ValueError, match="split: a 0-d tensor has no axis"):
+        ag.split(ag.tensor(3.0), 1)
 
 
 def test_where_needs_a_boolean_condition():

@@ -84,6 +84,11 @@ CASES = [
     ("max_axis", lambda a: a.max(axis=0), [r(3, 4)]),
     ("max_axis_keep", lambda a: a.max(axis=-1, keepdims=True), [r(2, 3, 4)]),
     ("max_0d", lambda a: a.max(), [r()]),
+    # a 0-d tensor takes axis 0 and -1 (as torch) and reduces over nothing
+    ("sum_0d_axis0", lambda a: a.sum(axis=0), [r()]),
+    ("mean_0d_axis_neg", lambda a: a.mean(axis=-1), [r()]),
+    ("max_0d_axis0_keep", lambda a: a.max(axis=0, keepdims=True), [r()]),
+    ("max_0d_axis_neg", lambda a: a.max(axis=(-1,)), [r()]),
     ("reshape", lambda a: a.reshape(4, 3), [r(3, 4)]),
     ("reshape_tuple_neg", lambda a: a.reshape((2, -1)), [r(3, 4)]),
     ("reshape_0d", lambda a: a.reshape(1, 1), [r()]),
