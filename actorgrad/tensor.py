@@ -895,6 +895,10 @@ class Softmax(Function):
     __slots__ = ()
 
     def forward(self, a: Any, axis: int) -> Any:
+        if a.size == 0:  # (max() of a size-0 axis raises; the result is empty anyway)
+            out = np.exp(a)
+            self.saved = (out, axis)
+            return out
         e = np.exp(a - a.max(axis=axis, keepdims=True))  # shift: stable for huge logits
         out = e / e.sum(axis=axis, keepdims=True)
         self.saved = (out, axis)
@@ -909,6 +913,10 @@ class LogSoftmax(Function):
     __slots__ = ()
 
     def forward(self, a: Any, axis: int) -> Any:
+        if a.size == 0:  # (as in Softmax: the dtype of the usual result, no elements)
+            out = np.exp(a)
+            self.saved = (out, axis)
+            return out
         shifted = a - a.max(axis=axis, keepdims=True)
         out = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
         self.saved = (out, axis)
