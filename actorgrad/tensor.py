@@ -946,7 +946,9 @@ class Mean(Function):
         n = math.prod(a.shape if axes is None else [a.shape[i] for i in axes])
         self.saved = (a.shape, axes, keepdims, n)
         if n == 0:  # numpy would warn; the mean of nothing is nan
-            return np.full(np.sum(a, axis=axes, keepdims=keepdims).shape, np.nan, a.dtype)
+            # (in mean's dtype: float64 for ints and bools, as for a non-empty mean)
+            dtype = a.dtype if a.dtype.kind in "fc" else np.dtype(np.float64)
+            return np.full(np.sum(a, axis=axes, keepdims=keepdims).shape, np.nan, dtype)
         return a.mean(axis=axes, keepdims=keepdims)
 
     def backward(self, g: Any) -> tuple:

@@ -232,6 +232,16 @@ def test_sigmoid_keeps_its_relative_precision_for_negative_inputs(dtype):
     np.testing.assert_allclose(x.grad, 1 - exact, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", ["int64", "uint8", "bool", "float32"])
+def test_mean_of_nothing_is_nan_in_the_dtype_of_a_mean(dtype):
+    # an empty integer mean was nan cast to int64 (-9223372036854775808, with a warning)
+    full = ag.tensor(np.ones((2, 3), dtype))
+    for t, axis in [(ag.tensor(np.zeros(0, dtype)), None), (ag.tensor(np.zeros((0, 3), dtype)), 0)]:
+        m = t.mean(axis=axis)
+        assert m.dtype == full.mean().dtype == (np.float32 if dtype == "float32" else np.float64)
+        assert m.shape == np.zeros(t.shape).sum(axis=axis).shape and np.all(np.isnan(m.data))
+
+
 def test_max_splits_gradient_between_ties():
     x = ag.tensor([1.0, 3.0, 3.0], requires_grad=True)
     x.max().backward()
