@@ -282,9 +282,11 @@ def grad_node(t: Tensor) -> Node | None:
 
 
 def _hook_result(hook: Hook, grad: np.ndarray, out: Any) -> np.ndarray:
-    """A hook's replacement gradient as an array of the gradient's shape; a hook that
-    returns anything else is a bug to name here (it would otherwise broadcast, silently
-    giving every gradient after it the wrong values)."""
+    """A hook's replacement gradient as an array of the gradient's shape and dtype; a
+    hook that returns another shape or no number is a bug to name here (it would
+    otherwise broadcast, silently giving every gradient after it the wrong values).
+    Another dtype is cast, as op gradients are cast to their input's dtype: a float64
+    result would otherwise turn a float32 leaf's ``.grad`` into float64."""
     name = getattr(hook, "__qualname__", None) or repr(hook)
     try:
         arr = np.asarray(out)
@@ -300,7 +302,7 @@ def _hook_result(hook: Hook, grad: np.ndarray, out: Any) -> np.ndarray:
             f"hook {name} changed the gradient's shape from {grad.shape} to {arr.shape}; "
             "a hook must return None or an array of the shape it was given"
         )
-    return arr
+    return arr if arr.dtype == grad.dtype else arr.astype(grad.dtype)
 
 
 class GraphTask:
@@ -471,7 +473,11 @@ class GraphTask:
                         for hook in node._hooks:
                             out = hook(grad)
                             if out is not None:
-                                if type(out) is not np.ndarray or out.shape != grad.shape:
+                                if (
+                                    type(out) is not np.ndarray
+                                    or out.shape != grad.shape
+                                    or out.dtype != grad.dtype
+                                ):
                                     out = _hook_result(hook, grad, out)
                                 grad = out
                     if node.boundary:

@@ -323,6 +323,23 @@ def test_a_hook_that_changes_the_shape_or_returns_no_array_is_named():
     np.testing.assert_array_equal(w.grad, [1.0, 2.0, 3.0])
 
 
+def test_a_hook_result_of_another_dtype_is_cast_to_the_gradient_dtype():
+    # a float64 result turned a float32 leaf's accumulated .grad into float64
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    x.register_hook(lambda g: g.astype(np.float64) * 2)
+    for expected in ([2.0, 2.0], [4.0, 4.0]):  # stored, then accumulated
+        x.sum().backward()
+        assert x.grad.dtype == np.float32
+        np.testing.assert_array_equal(x.grad, expected)
+    y = x * 3  # a non-leaf's hook: what flows on keeps the dtype too
+    y.register_hook(lambda g: np.ones(2, np.int64))
+    seen = []
+    y.register_hook(lambda g: seen.append(g.dtype))
+    y.sum().backward()
+    assert seen == [np.float32] and x.grad.dtype == np.float32
+    np.testing.assert_array_equal(x.grad, [10.0, 10.0])  # 4 + 2 * (1 * 3)
+
+
 def test_register_hook_needs_grad():
     with pytest.raises(RuntimeError, match="does not require grad"):
         ag.tensor([1.0]).register_hook(lambda g: g)
