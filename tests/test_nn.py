@@ -142,6 +142,20 @@ def test_embedding_accumulates_repeated_ids():
         F.embedding(np.array([0.5]), emb.weight)
 
 
+def test_embedding_refuses_ids_out_of_range_and_takes_no_ids():
+    # a negative id picked a row from the end (torch: index out of range)
+    emb = nn.Embedding(5, 3, seed=0)
+    for ids, lo, hi in [([0, -1], -1, 0), ([[2], [5]], 2, 5)]:
+        with pytest.raises(IndexError, match=rf"ids must be in \[0, 5\), got range \[{lo}, {hi}\]"):
+            emb(ids)
+    # an empty list was refused as "ids must be integers, got dtype float64"
+    for ids, shape in [([], (0, 3)), ([[], []], (2, 0, 3)), (np.zeros(0, np.int64), (0, 3))]:
+        out = emb(ids)
+        assert out.shape == shape and out.dtype == np.float32
+        out.sum().backward()
+        np.testing.assert_array_equal(emb.weight.grad, np.zeros((5, 3)))
+
+
 def test_cross_entropy_value_and_errors():
     logits = ag.tensor([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]], requires_grad=True)
     loss = F.cross_entropy(logits, ag.tensor([0, 1]))

@@ -144,6 +144,14 @@ def embedding(ids: Any, weight: Tensor) -> Tensor:
         (1, 2, 3)
     """
     idx = np.asarray(_data(ids))
+    if idx.size == 0 and isinstance(ids, (list, tuple)):
+        idx = idx.astype(np.intp)  # (numpy makes [] float64: no ids, not float ids)
     if idx.dtype.kind not in "iu":
         raise TypeError(f"embedding: ids must be integers, got dtype {idx.dtype}")
+    num = weight.shape[0]
+    # Checked here, not left to indexing: a negative id would pick a row from the end.
+    if idx.size and (idx.min() < 0 or idx.max() >= num):
+        raise IndexError(
+            f"embedding: ids must be in [0, {num}), got range [{idx.min()}, {idx.max()}]"
+        )
     return weight[idx]
