@@ -706,16 +706,25 @@ class Div(Function):
     __slots__ = ()
 
     def forward(self, a: Any, b: Any) -> Any:
-        out = a / b
+        if (type(b) is float or type(b) is int) and b:
+            out = a / b  # (the common x / n: nothing to silence, skip errstate's ~2 us)
+        else:
+            # No warnings: inf (1 / 0) and nan (0 / 0) are the values, as in torch.
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out = a / b
         self.saved = (a, b, out)
         return out
 
     def backward(self, g: Any) -> tuple:
         (a, b, out), (na, nb) = self.saved, self.next
-        ga = g / b
+        if (type(b) is float or type(b) is int) and b:
+            return (_fit(g / b, a.shape, a.dtype) if na else None, None)
+        with np.errstate(divide="ignore", invalid="ignore"):  # (b == 0: inf, nan)
+            ga = g / b
+            gb = -ga * out if nb else None
         return (
             _fit(ga, a.shape, a.dtype) if na else None,
-            _fit(-ga * out, b.shape, b.dtype) if nb else None,
+            _fit(gb, b.shape, b.dtype) if nb else None,
         )
 
 
@@ -819,22 +828,27 @@ class Log(Function):
 
     def forward(self, a: Any) -> Any:
         self.saved = a
-        return np.log(a)
+        # No warnings: -inf (log 0) and nan (log -1) are the values, as in torch.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.log(a)
 
     def backward(self, g: Any) -> tuple:
-        return (g / self.saved,)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return (g / self.saved,)  # (inf at 0)
 
 
 class Sqrt(Function):
     __slots__ = ()
 
     def forward(self, a: Any) -> Any:
-        out = np.sqrt(a)
+        with np.errstate(invalid="ignore"):  # (sqrt(-1) is nan, as in torch)
+            out = np.sqrt(a)
         self.saved = out
         return out
 
     def backward(self, g: Any) -> tuple:
-        return (g / (2 * self.saved),)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (g / (2 * self.saved),)  # (inf at 0)
 
 
 class Abs(Function):

@@ -359,6 +359,38 @@ def test_pow_of_a_zero_base_scalar_follows_torch():
     np.testing.assert_array_equal(b.grad, [-np.inf, 0.0, 0.0])
 
 
+@pytest.mark.parametrize(
+    ("fn", "x", "out", "grad"),
+    [
+        # torch 2.13's values (float64), which numpy computes too but with a warning
+        (lambda a: a.log(), [0.0, -1.0, 1.0], [-np.inf, np.nan, 0.0], [np.inf, -1.0, 1.0]),
+        (lambda a: a.sqrt(), [0.0, -1.0, 4.0], [0.0, np.nan, 2.0], [np.inf, np.nan, 0.25]),
+        (lambda a: 1.0 / a, [0.0, 2.0], [np.inf, 0.5], [-np.inf, -0.25]),
+    ],
+    ids=["log", "sqrt", "rdiv"],
+)
+def test_inf_and_nan_values_come_without_warnings(fn, x, out, grad):
+    # (pytest turns warnings into errors: "divide by zero encountered in log" failed it)
+    t = ag.tensor(np.array(x), requires_grad=True)
+    y = fn(t)
+    y.sum().backward()
+    np.testing.assert_array_equal(y.data, out)
+    np.testing.assert_array_equal(t.grad, grad)
+
+
+def test_division_by_zero_gives_torchs_values_without_warnings():
+    a = ag.tensor(np.array([1.0, 0.0, -1.0, 2.0]), requires_grad=True)
+    b = ag.tensor(np.array([0.0, 0.0, 0.0, 4.0]), requires_grad=True)
+    y = a / b
+    y.sum().backward()
+    np.testing.assert_array_equal(y.data, [np.inf, np.nan, -np.inf, 0.5])
+    np.testing.assert_array_equal(a.grad, [np.inf, np.inf, np.inf, 0.25])
+    np.testing.assert_array_equal(b.grad, [-np.inf, np.nan, np.inf, -0.125])
+    c = ag.tensor(np.array([1.0, 0.0]), requires_grad=True)
+    (c / 0.0).sum().backward()  # a Python zero as the divisor
+    np.testing.assert_array_equal(c.grad, [np.inf, np.inf])
+
+
 def test_register_hook_refuses_what_is_not_callable():
     x = ag.tensor([1.0], requires_grad=True)
     with pytest.raises(TypeError, match="register_hook needs a callable fn.grad., got 5"):
