@@ -1060,6 +1060,52 @@ async def test_a_call_abandoned_in_a_context_gets_its_late_reply_linked(mode, ab
         await assert_clean(c.names)
 
 
+async def test_a_backward_while_another_task_of_the_context_has_a_call_out_is_refused(mode):
+    # A child task of the context (ensure_future/gather share it) has a call out: its
+    # request or reply may be on its way with send nodes recorded and no recv nodes
+    # yet. A backward then waited for good (found 2 in 60 random schedules with
+    # process workers): refused now, and once the call returned it goes through.
+    xv, wv = arr(3), arr(3)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        gate = f"call-out-{mode}"  # (in-process workers share the events)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            child = asyncio.ensure_future(ag.rpc("w1", F.gated_mul, (gate, "w", x)))
+            await asyncio.wait([child], timeout=0.1)  # (its request is out)
+            with pytest.raises(ag.ContextError, match="1 call\\(s\\) made in it on worker 'dr"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+            await ag.rpc("w1", F.signal, (gate,))
+            z = await child
+            await asyncio.wait_for(ag.dist.backward(ctx, [(y + z).sum()]), 20)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
+async def test_a_backward_while_a_reply_with_tensors_is_on_its_way_is_refused(worker_path):
+    # The reply side of the race: w1 answered (its send node recorded), the driver,
+    # busy, has not read the answer when it starts the pass: w1 waited for the
+    # gradient of a tensor the driver never got (backward hung).
+    import time
+
+    xv, wv = arr(3), arr(3)
+    async with cluster("processes") as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            child = asyncio.ensure_future(ag.rpc("w1", F.mul, ("w", x)))
+            await asyncio.sleep(0)  # (the request goes out)
+            time.sleep(0.3)  # noqa: ASYNC251 (the driver busy: the reply waits unread)
+            with pytest.raises(ag.ContextError, match="have not returned"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+            z = await child
+            await asyncio.wait_for(ag.dist.backward(ctx, [(y + z).sum()]), 20)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 async def test_a_backward_another_worker_refuses_raises_its_refusal(mode):
     # w1 gave up a call in the context: its part of a pass could not end, so it refuses
     # the pass. That refusal reached the origin as RemoteError(ContextError) (as if the

@@ -32,12 +32,16 @@ class FakeHooks:
 class FakeInterceptor:
     def __init__(self):
         self.outgoing_calls = []
+        self.returned_calls = []
 
     def outgoing(self, worker, dest):
         self.outgoing_calls.append((worker.name, dest))
         if worker.name == "driver":
             return ["ctx", 7]
         return _meta.get()  # forward the caller's context to nested calls
+
+    def returned(self, worker, meta):
+        self.returned_calls.append((worker.name, meta))
 
     def wire_hooks(self, worker, meta, peer):
         if worker.name == REFUSER[0]:
@@ -124,3 +128,23 @@ async def test_a_call_the_interceptor_refuses_fails_with_its_error(cluster, inte
         REFUSER[0] = ""
     assert await ag.rpc("w1", seen) == ["ctx", 7]
     assert cluster.driver._out["w1"] is conn and not conn.closed  # the connection stayed
+
+
+async def test_every_call_made_with_metadata_is_returned_once(cluster, interceptor):
+    # (the distributed layer counts a context's calls out: one it never heard back from
+    # would refuse every later backward in that context)
+    async def outcomes():
+        yield ag.rpc("w1", seen)  # answered
+        yield ag.rpc("w1", "operator:truediv", (1, 0))  # raised there
+        yield ag.rpc("w1", "asyncio:sleep", (5,), timeout=0.05)  # timed out
+        yield ag.rpc("w1", seen, ([object()],))  # cannot travel: never left
+        yield ag.rpc("nobody", seen)  # unknown worker: no metadata made
+
+    async for call in outcomes():
+        try:
+            await call
+        except (ag.ActorgradError, ZeroDivisionError, TypeError, ValueError):
+            pass
+    made = [c for c in interceptor.outgoing_calls if c[0] == "driver"]
+    assert len(made) == 4, made
+    assert interceptor.returned_calls == [("driver", ["ctx", 7])] * 4

@@ -770,6 +770,17 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
                 f"another backward pass is running in context {context_id:#x} "
                 "(started from another worker)"
             )
+        if ctx.calls_out:
+            # (not this task's: it is here) A call of another task of the context is
+            # out: its request or reply may be on its way, with send nodes recorded and
+            # no recv nodes yet, and the pass would wait for their gradients for good.
+            raise ContextError(
+                f"context {context_id:#x}: {ctx.calls_out} call(s) made in it on worker "
+                f"{worker.name!r} by other tasks have not returned; their messages may "
+                "carry tensors of the graph, so a backward pass now could wait for "
+                "their gradients for good. Await them first (e.g. gather the tasks "
+                "making them), then call backward"
+            )
         pass_id = st.new_pass_id()
         # (the pass state first: if building it fails, no run is left registered)
         ps = ctx.active_pass = PassState(worker, ctx, pass_id, worker.name, checked, retain_graph)

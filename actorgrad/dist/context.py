@@ -129,6 +129,7 @@ class DistContext:
         "undo",
         "early",
         "unanswered",
+        "calls_out",
         "__weakref__",
     )
 
@@ -162,13 +163,18 @@ class DistContext:
         # sent from recorded send nodes whose recv nodes only its arrival creates here.
         # A pass meanwhile would wait for them: refused (see PassState).
         self.unanswered: dict[str, int] = {}
+        # Calls made here in this context that have not returned (DistInterceptor):
+        # a message of one may be on its way, its send nodes recorded on one side and
+        # its recv nodes not yet on the other; a pass started here now would wait
+        # for their gradients for good: refused (see backward).
+        self.calls_out = 0
 
     def __repr__(self) -> str:
         return (
             f"DistContext(id={self.id:#x}, initiator={self.initiator!r}, "
             f"sends={len(self.sends)}, recvs={len(self.recvs)}, peers={sorted(self.peers)}, "
             f"grads={len(self.grads)}, active_pass={self.active_pass is not None}, "
-            f"released={self.released})"
+            f"calls_out={self.calls_out}, released={self.released})"
         )
 
     def drop_pass(self, pass_id: int | None = None) -> None:
@@ -565,7 +571,13 @@ class DistInterceptor:
             return None
         if dest != worker.name:
             ctx.peers.add(dest)
+        ctx.calls_out += 1
         return [ctx.id, ctx.initiator]
+
+    def returned(self, worker: Worker, meta: list[Any]) -> None:
+        ctx = state_of(worker).contexts.get(meta[0])
+        if ctx is not None:
+            ctx.calls_out -= 1
 
     def wire_hooks(self, worker: Worker, meta: Any, peer: str) -> _Hooks:
         ctx_id, initiator = _parse_meta(meta)

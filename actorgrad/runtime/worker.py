@@ -1181,55 +1181,60 @@ class Worker:
                 )
         ic = _interceptor
         meta = ic.outgoing(self, dest) if ic is not None else None
-        hooks = rref.Hooks(self, dest) if meta is None else self._hooks(dest, meta)
-        cid = next(conn._call_ids)
+        # (from here on, the call is in flight for the interceptor until it returns)
         try:
-            chunks = wire.encode_frame(
-                [K_REQ, cid, target, mode, meta], [list(args), kwargs or None], hooks
-            )
-            if len(chunks) != 1 or len(chunks[0]) > conn.max_frame_size:  # (else: small)
-                conn.check_size(chunks)
-            if hooks.forks:
-                await _by_deadline(
-                    rref.register_forks(self, hooks),
-                    deadline,
-                    target,
-                    dest,
-                    timeout,
-                    " (registering the RRefs it passes with their owners)",
+            hooks = rref.Hooks(self, dest) if meta is None else self._hooks(dest, meta)
+            cid = next(conn._call_ids)
+            try:
+                chunks = wire.encode_frame(
+                    [K_REQ, cid, target, mode, meta], [list(args), kwargs or None], hooks
                 )
-            if conn.closed:
-                raise WorkerLost(f"connection to worker {dest!r} is closed")
-        except BaseException:
-            # (failed or cancelled before the request left: what the encoding recorded
-            # for it, RRef counts and forks, tensors sent in a context, is taken back)
-            hooks.undo()
-            raise
-        fut = self.loop.create_future()
-        pending = conn.pending
-        pending[cid] = (fut, hooks)
-        try:
-            conn.send_nowait(chunks)
-            del chunks
-            if conn._write_paused:
-                try:
-                    await conn.drain()
-                except BaseException:
-                    if fut.done() and not fut.cancelled():
-                        # (failed by the lost connection too: the error raised is the
-                        # drain's, this one must not log "never retrieved")
-                        fut.exception()
-                    raise
-            if timeout is None:
-                return await fut
-            return await _by_deadline(fut, deadline, target, dest, timeout, "")
+                if len(chunks) != 1 or len(chunks[0]) > conn.max_frame_size:  # (else: small)
+                    conn.check_size(chunks)
+                if hooks.forks:
+                    await _by_deadline(
+                        rref.register_forks(self, hooks),
+                        deadline,
+                        target,
+                        dest,
+                        timeout,
+                        " (registering the RRefs it passes with their owners)",
+                    )
+                if conn.closed:
+                    raise WorkerLost(f"connection to worker {dest!r} is closed")
+            except BaseException:
+                # (failed or cancelled before the request left: what the encoding recorded
+                # for it, RRef counts and forks, tensors sent in a context, is taken back)
+                hooks.undo()
+                raise
+            fut = self.loop.create_future()
+            pending = conn.pending
+            pending[cid] = (fut, hooks)
+            try:
+                conn.send_nowait(chunks)
+                del chunks
+                if conn._write_paused:
+                    try:
+                        await conn.drain()
+                    except BaseException:
+                        if fut.done() and not fut.cancelled():
+                            # (failed by the lost connection too: the error raised is the
+                            # drain's, this one must not log "never retrieved")
+                            fut.exception()
+                        raise
+                if timeout is None:
+                    return await fut
+                return await _by_deadline(fut, deadline, target, dest, timeout, "")
+            finally:
+                # still pending: no reply came (timed out, cancelled, or failed to send)
+                if pending.pop(cid, None) is not None and meta is not None and not conn.closed:
+                    _abandon(conn, cid, hooks)
+                # a failed call's error holds this frame (its traceback) and the future
+                # holds the error: without this, each failure leaves a reference cycle
+                fut = None  # type: ignore[assignment]
         finally:
-            # still pending: no reply came (timed out, cancelled, or failed to send)
-            if pending.pop(cid, None) is not None and meta is not None and not conn.closed:
-                _abandon(conn, cid, hooks)
-            # a failed call's error holds this frame (its traceback) and the future
-            # holds the error: without this, each failure leaves a reference cycle
-            fut = None  # type: ignore[assignment]
+            if meta is not None:
+                ic.returned(self, meta)
 
     async def call_on(
         self,
