@@ -1209,6 +1209,14 @@ async def test_distributed_optimizer_errors():
                 ag.RemoteError, match="parameter 1 is the same tensor as parameter 0"
             ):
                 await opt.step(ctx)
+        # a context the owners do not know: the caller's mistake, a ContextError as
+        # from backward (was a RemoteError, as if the step's code had failed)
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [ref], lr=0.1)
+        async with ag.dist.context() as ctx:
+            pass
+        for bad in (ctx, 999):
+            with pytest.raises(ag.ContextError, match="unknown or released .* on worker 'w1'"):
+                await opt.step(bad)
 
 
 def _sq_mean(h):

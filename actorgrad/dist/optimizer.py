@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from actorgrad.dist.api import get_gradients
+from actorgrad.errors import ContextError, RemoteError
 from actorgrad.optim import Optimizer
 from actorgrad.runtime import RRef, remote
 from actorgrad.tensor import Tensor
@@ -77,6 +78,8 @@ class DistributedOptimizer:
             the options do not fit it.
         ValueError: ``params`` is empty or holds one RRef twice.
         RemoteError: constructing or stepping failed on an owner (names the owner).
+        ContextError: ``step`` of a context an owner does not know (released, or not a
+            context id; a step made inside the context reaches every owner).
 
     Example::
 
@@ -134,4 +137,12 @@ class DistributedOptimizer:
         Not atomic across owners (one call each, at the same time): when it fails on one
         owner (or is cancelled), the others may have stepped already."""
         refs = await self._setup()
-        await asyncio.gather(*(r.rpc().step(context_id) for r in refs.values()))
+        try:
+            await asyncio.gather(*(r.rpc().step(context_id) for r in refs.values()))
+        except RemoteError as exc:
+            # The owner does not know the context (released, or not a context id): the
+            # caller's mistake, raised as backward and get_gradients raise it, not as
+            # an error of the step's code.
+            if exc.remote_type == f"{ContextError.__module__}.{ContextError.__qualname__}":
+                raise ContextError(exc.remote_message) from None
+            raise
