@@ -30,6 +30,7 @@ import functools
 import inspect
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -451,8 +452,17 @@ class GraphTask:
                 if left == 1 and (nxt not in self._sources or nxt in self._delivered):
                     self._ready.append(nxt)
 
-    def run(self) -> None:
-        """Process ready nodes until none is ready (call again after more deliveries)."""
+    @property
+    def has_ready(self) -> bool:
+        """Nodes are ready to run (``run`` stopped at its time limit, or deliveries came)."""
+        return bool(self._ready)
+
+    def run(self, until: float | None = None) -> None:
+        """Process ready nodes until none is ready (call again after more deliveries).
+        ``until``: a ``time.perf_counter()`` value; the run stops after the node that
+        ends past it (``has_ready`` then tells whether work is left), so a caller that
+        must stay responsive can go on elsewhere (the distributed backward moves a long
+        part off its event loop)."""
         ready = self._ready
         grads = self._grads
         get = grads.get
@@ -512,6 +522,8 @@ class GraphTask:
                         ready.append(nxt)
                 if release:
                     node.release()
+                if until is not None and perf_counter() > until:
+                    break
         finally:
             self._ran += ran
 

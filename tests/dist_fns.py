@@ -166,6 +166,16 @@ def add_slow_hook(key: str, seconds: float) -> None:
     t.register_hook(hook)
 
 
+def slow_chain(key: str, x: ag.Tensor, n: int, seconds: float) -> ag.Tensor:
+    """x * store[key] through ``n`` more nodes, each with a hook that sleeps
+    ``seconds`` in the backward pass (a long part made of many short nodes)."""
+    h = x * _store[_k(key)]
+    for _ in range(n):
+        h = h * 1.0
+        h.register_hook(lambda g: time.sleep(seconds))
+    return h
+
+
 def status() -> dict[str, Any]:
     """This worker's runtime status (Worker.status)."""
     from actorgrad.runtime import current_worker

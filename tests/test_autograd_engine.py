@@ -136,6 +136,23 @@ def test_graphtask_finished_and_none_propagation():
     assert a.grad is None and b.grad is None  # None propagated, nothing accumulated
 
 
+def test_graphtask_run_stops_after_the_node_that_ends_past_its_time_limit():
+    # (the distributed backward moves a long part off its event loop between nodes)
+    import time
+
+    x = ag.tensor([1.0], requires_grad=True)
+    h = x
+    for _ in range(3):
+        h = counted(h)
+    task = GraphTask([(grad_node(h), np.array([1.0]))])
+    task.run(until=time.perf_counter() - 1)  # already past: one node, then stop
+    assert h.grad_fn.calls and not task.finished and task.has_ready
+    assert x.grad is None
+    task.run(until=time.perf_counter() + 60)
+    assert task.finished and not task.has_ready
+    np.testing.assert_array_equal(x.grad, [1.0])
+
+
 def test_none_from_one_branch_still_lets_the_join_run():
     x = ag.tensor([1.0], requires_grad=True)
     mid = counted(x)

@@ -714,6 +714,77 @@ async def test_a_worker_hung_on_the_last_message_of_a_finished_part_fails_the_ba
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("shape", ["one long node", "many short nodes"])
+async def test_a_part_longer_than_the_heartbeat_timeout_does_not_lose_its_worker(
+    worker_path, shape
+):
+    # The engine ran a worker's part on its loop: a part longer than the heartbeat
+    # timeout (a big matmul's backward; here hooks that sleep) got the worker declared
+    # lost by the driver watching it: WorkerLost after 3 s, and its contexts dropped.
+    # Now a part given a big gradient goes to the worker's thread pool at once, and
+    # any part that runs past a slice goes on there: the loop answers heartbeats.
+    import time
+
+    from actorgrad.dist.backward import BIG
+    from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
+
+    took = HEARTBEAT_TIMEOUT + 1.5
+    async with cluster("processes", 1):
+        if shape == "one long node":
+            n = BIG  # (float64: 8 MiB each way)
+            xv, wv = arr(n), arr(n)
+            await ag.rpc("w1", F.put, ("w", wv))
+            await ag.rpc("w1", F.add_slow_hook, ("w", took))
+            fn, args = F.mul, ("w",)
+        else:
+            xv, wv = arr(3), arr(3)
+            await ag.rpc("w1", F.put, ("w", wv))
+            fn, args = F.slow_chain, ("w",)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            if shape == "one long node":
+                y = await ag.rpc("w1", fn, (*args, x))
+            else:
+                y = await ag.rpc("w1", fn, (*args, x, 30, took / 30))
+            t0 = time.monotonic()
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 30)
+            assert time.monotonic() - t0 >= took * 0.9  # (it did take that long)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv, rtol=1e-12)
+        info = await ag.rpc("w1", F.debug_info)
+        assert info["num_contexts"] == 0 and info["num_offloaded_parts"] == 0
+
+
+async def test_a_pass_dropped_while_its_part_runs_in_a_thread_leaves_the_context_usable(mode):
+    # The driver gives up (timeout) while w1's part runs in its thread pool: w1 drops
+    # the pass, its thread ends on its own and sends nothing; meanwhile a new pass in
+    # the context is refused (it would run the same nodes at the same time); after,
+    # it goes through with the right gradients.
+    from actorgrad.dist.backward import BIG
+
+    n = BIG
+    xv, wv = arr(n), arr(n)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.add_slow_hook, ("w", 1.0))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            loss = y.sum()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ag.dist.backward(ctx, [loss], retain_graph=True), 0.3)
+            with pytest.raises(ag.ContextError, match="still runs on worker 'w1'"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [loss], retain_graph=True), 10)
+            async with asyncio.timeout(10):
+                while (await ag.rpc("w1", F.debug_info))["num_offloaded_parts"]:
+                    pass
+            await asyncio.wait_for(ag.dist.backward(ctx, [loss]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
+@pytest.mark.timeout(60)
 async def test_a_task_cancelled_in_a_context_ends_without_waiting_for_a_hung_peer(worker_path):
     # Leaving a context normally waits for every peer's release acknowledgement (a hung
     # peer: until the heartbeat timeout); a cancelled task must end at once instead,

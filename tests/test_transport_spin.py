@@ -65,3 +65,33 @@ async def test_spinner_stops_spinning_when_frames_come_farther_apart_than_its_wi
     for _ in range(20):  # back-to-back frames: it spins again
         sp.poke(True)
     assert sp.score > transport.SPIN_HIT_RATE and sp.active
+
+
+async def test_the_loop_does_not_spin_while_its_worker_runs_a_job_in_a_thread(monkeypatch):
+    # (each tick takes the GIL: the job's thread would wait for it)
+    import threading
+
+    from actorgrad.runtime import Worker
+
+    monkeypatch.setattr(transport, "SPIN_SECONDS", 1.0)
+    loop = asyncio.get_running_loop()
+    sp = transport._spinner(loop)
+    assert sp is not None
+    w = Worker("spin-test", token="t", transport_kind="inproc")
+    await w.start()
+    try:
+        go = threading.Event()
+        fut = w.offload(go.wait)
+        assert sp.held == 1
+        sp.poke(False)
+        assert not sp.active  # held: no spinning starts
+        go.set()
+        await fut
+        assert sp.held == 0
+        sp.poke(False)
+        assert sp.active  # (and spinning is back)
+        sp.until = 0.0
+        while sp.active:  # noqa: ASYNC110 (one loop turn each: its tick ends it)
+            await asyncio.sleep(0)
+    finally:
+        await w.shutdown()

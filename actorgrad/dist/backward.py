@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from time import perf_counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -206,6 +207,9 @@ class PassState:
         "worker",
         "redirect",
         "relays",
+        "busy",
+        "backlog",
+        "held",
     )
 
     def __init__(
@@ -267,6 +271,12 @@ class PassState:
         # origin, until the whole pass is done (backward unwatches). Not the origin: it
         # is the one waiting, nobody needs to hear that it hung.
         self.watching: list[str] = []
+        # A part that ran longer than SLICE goes on in the worker's thread pool (see
+        # _step): meanwhile the messages of the pass wait in ``backlog`` and what the
+        # part made before it moved waits in ``held``.
+        self.busy = False
+        self.backlog: list[tuple[list[Any], int, int]] = []
+        self.held: _Outgoing = {}
 
     def watch(self, dest: str) -> None:
         """A message of this part goes to ``dest``. The last ones of a finished part
@@ -299,7 +309,10 @@ class PassState:
             f"finished={self.task.finished}, leaves={len(self.contrib)})"
         )
 
-    def deliver(self, items: list[Any]) -> None:
+    def deliver(self, items: list[Any]) -> int:
+        """Hand the task the gradients of a message; returns how many elements they
+        hold."""
+        size = 0
         if len(items) % 2:
             raise ProtocolError("gradient message must hold (send id, gradient) pairs")
         sends = self.ctx.sends
@@ -312,16 +325,24 @@ class PassState:
                     "(graph already freed, or a gradient arrived twice)"
                 )
             g = _unpack_grad(grad)
-            if g is not None and g.shape != node.shape:
-                raise ProtocolError(
-                    f"gradient of shape {g.shape} for send node {send_id} of context "
-                    f"{self.ctx.id:#x}, which sent a tensor of shape {node.shape}"
-                )
+            if g is not None:
+                if g.shape != node.shape:
+                    raise ProtocolError(
+                        f"gradient of shape {g.shape} for send node {send_id} of context "
+                        f"{self.ctx.id:#x}, which sent a tensor of shape {node.shape}"
+                    )
+                size += g.size
             self.task.deliver(node, g)
+        return size
 
-    def run(self) -> _Outgoing:
-        """Run what is ready; return the messages to send (start messages included)."""
-        self.task.run()
+    def run(self, until: float | None = None) -> _Outgoing:
+        """Run what is ready (until ``until``, see GraphTask.run); return the messages to
+        send (start messages included)."""
+        self.task.run(until)
+        return self.collect()
+
+    def collect(self) -> _Outgoing:
+        """The messages the task made so far (start messages included), taken."""
         out = dict(self.out)  # (the dict itself stays: the task's callback fills it)
         self.out.clear()
         for peer in self.started_peers:
@@ -526,11 +547,72 @@ def _send_failed(
     _report(st, ctx.id, origin, pass_id, exc)
 
 
-def _step(st: DistState, ps: PassState, retain: bool) -> _Outgoing:
-    out = ps.run()
+#: Longest a part of a pass runs on the worker's loop (seconds): the rest goes on in the
+#: worker's thread pool, so the loop keeps reading frames and answering heartbeats (a
+#: part that blocked it for longer than the heartbeat timeout got its worker declared
+#: lost by the peers watching it). The engine stops between nodes: one node that takes
+#: longer still blocks the loop, so a part given gradients of ``BIG`` elements or more
+#: (whose ops are likely to be long: the backward of a 4096 x 4096 matmul takes seconds
+#: on one core) goes to the pool at once. Parts of small graphs never leave the loop.
+SLICE = 0.05
+BIG = 1 << 23
+
+
+def _step(st: DistState, ps: PassState, retain: bool, size: int = 0) -> _Outgoing | None:
+    """Run this part of the pass with what it got (``size``: elements of the gradients
+    it just got). Returns the messages to send now, or None when the part went on in a
+    thread (``_resume`` then sends them, with the credit held meanwhile)."""
+    out = ps.run(perf_counter() + SLICE) if size < BIG else ps.collect()
+    if ps.task.has_ready:
+        _merge(ps.held, out)
+        ps.busy = True
+        ps.ctx.offloaded += 1
+        fut = st.worker.offload(ps.task.run)
+        fut.add_done_callback(functools.partial(_resume, st, ps, retain))
+        return None
     if ps.task.finished:
         ps.finish(st, retain)
     return out
+
+
+def _merge(into: _Outgoing, out: _Outgoing) -> None:
+    for dest, items in out.items():
+        into.setdefault(dest, []).extend(items)
+
+
+def _resume(st: DistState, ps: PassState, retain: bool, fut: asyncio.Future[Any]) -> None:
+    """The part's run in a thread ended: go on with it on the loop (the messages that
+    came meanwhile, then what is ready), or report its failure."""
+    ctx = ps.ctx
+    ctx.offloaded -= 1
+    ps.busy = False
+    exc = fut.exception() if not fut.cancelled() else WorkerLost("the worker is shutting down")
+    if ctx.active_pass is not ps:
+        return  # dropped meanwhile (aborted, a peer lost, released): nothing to send
+    held, ps.held = ps.held, {}
+    _merge(held, ps.collect())
+    checked = False
+    try:
+        if exc is not None:
+            checked = True
+            raise exc
+        backlog, ps.backlog = ps.backlog, []
+        size = 0
+        for items, num, exp in backlog:
+            ps.credit = add_credit(ps.credit, (num, exp))
+            size += ps.deliver(items)
+        checked = True
+        out = _step(st, ps, retain, size)
+    except Exception as err:
+        ctx.drop_pass(ps.pass_id)
+        _report(st, ctx.id, ps.origin, ps.pass_id, err, refused=not checked)
+        return
+    if out is None:  # (went on in a thread again: sent with what it makes then)
+        _merge(held, ps.held)
+        ps.held = held
+        return
+    _merge(held, out)
+    _forward(st, ps, retain, held)
 
 
 @on_cast(T_DELIVER)
@@ -591,6 +673,7 @@ def _deliver(
                     f"another backward pass is running in context {ctx_id:#x}; "
                     "concurrent backward calls in one context are not supported"
                 )
+            _check_not_offloaded(ctx, st.worker.name)
             if sender != origin and any(r.src == origin for r in ctx.recvs):
                 # The origin's message (it sends one to every holder of its tensors)
                 # may relay our recv nodes from it elsewhere: none may fire before.
@@ -601,18 +684,33 @@ def _deliver(
         if relay:
             for i in range(0, len(relay), 3):
                 ps.redirect[(origin, relay[i])] = (relay[i + 1], relay[i + 2])
+        if ps.busy:  # (its part runs in a thread: the message waits for it, see _resume)
+            ps.backlog.append((items, num, exp))
+            return
         # this message, then any of the pass that came before the origin's
+        size = 0
         for m_items, m_num, m_exp in ((items, num, exp), *(early or ())):
             ps.credit = add_credit(ps.credit, (m_num, m_exp))
-            ps.deliver(m_items)
+            size += ps.deliver(m_items)
         checked = True
-        out = _step(st, ps, retain)
+        out = _step(st, ps, retain, size)
     except Exception as exc:
         if ctx is not None:
             ctx.drop_pass(pass_id)
         _report(st, ctx_id, origin, pass_id, exc, refused=not checked)
         return
-    _forward(st, ps, retain, out)
+    if out is not None:
+        _forward(st, ps, retain, out)
+
+
+def _check_not_offloaded(ctx: DistContext, me: str) -> None:
+    """ContextError while the part of a dropped pass still runs in a thread here (it
+    runs nodes of this graph: a new pass would run them at the same time)."""
+    if ctx.offloaded:
+        raise ContextError(
+            f"context {ctx.id:#x}: the part of an aborted backward pass still runs on "
+            f"worker {me!r} (it went on in a thread); retry once it ended"
+        )
 
 
 def _check_ids(ctx_id: Any, pass_id: Any) -> None:
@@ -781,6 +879,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
                 "their gradients for good. Await them first (e.g. gather the tasks "
                 "making them), then call backward"
             )
+        _check_not_offloaded(ctx, worker.name)
         pass_id = st.new_pass_id()
         # (the pass state first: if building it fails, no run is left registered)
         ps = ctx.active_pass = PassState(worker, ctx, pass_id, worker.name, checked, retain_graph)
@@ -788,7 +887,8 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
         try:
             ps.credit = (1, 0)
             out = _step(st, ps, retain_graph)
-            _forward(st, ps, retain_graph, out)
+            if out is not None:
+                _forward(st, ps, retain_graph, out)
             await run.done
         except BaseException as exc:
             # The pass failed or was cancelled: nothing of it stays, here or on the peers.

@@ -130,6 +130,7 @@ class DistContext:
         "early",
         "unanswered",
         "calls_out",
+        "offloaded",
         "__weakref__",
     )
 
@@ -168,6 +169,8 @@ class DistContext:
         # its recv nodes not yet on the other; a pass started here now would wait
         # for their gradients for good: refused (see backward).
         self.calls_out = 0
+        # Parts of passes running in the worker's thread pool (backward._step).
+        self.offloaded = 0
 
     def __repr__(self) -> str:
         return (
@@ -373,6 +376,8 @@ class DistState:
             "num_active_passes": sum(c.active_pass is not None for c in self.contexts.values()),
             "num_send_nodes": sum(len(c.sends) for c in self.contexts.values()),
             "num_recv_nodes": sum(len(c.recvs) for c in self.contexts.values()),
+            # parts of passes running in the worker's thread pool (see backward._step)
+            "num_offloaded_parts": sum(c.offloaded for c in self.contexts.values()),
         }
 
 

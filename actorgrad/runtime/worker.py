@@ -236,6 +236,10 @@ async def _by_deadline(
         ) from None
 
 
+def _unhold(sp: Any, _fut: Any) -> None:
+    sp.held -= 1
+
+
 def _refusal(err: RemoteError) -> BaseException:
     """The error of a call the peer's runtime refused, as its own type: an ActorgradError
     named by the reply (anything else stays the RemoteError it came as)."""
@@ -472,6 +476,24 @@ class Worker:
         self._tasks.add(t)
         t.add_done_callback(self._task_done)
         return t
+
+    def offload(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run ``fn()`` in this worker's thread pool, in a copy of the current
+        contextvars; the future (on this loop) gets its result or exception. For work of
+        a protocol handler that may be too long for the loop: the loop meanwhile goes on
+        reading frames and answering heartbeats.
+
+        Example::
+
+            worker.offload(task.run).add_done_callback(on_done)
+        """
+        assert self._pool is not None, "offload before the worker started"
+        fut = self.loop.run_in_executor(self._pool, contextvars.copy_context().run, fn)
+        sp = transport._spinner(self.loop)
+        if sp is not None:  # (the loop does not spin while the job runs: see _Spinner)
+            sp.held += 1
+            fut.add_done_callback(functools.partial(_unhold, sp))
+        return fut
 
     def _task_done(self, t: asyncio.Task[Any]) -> None:
         self._tasks.discard(t)
