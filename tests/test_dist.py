@@ -785,6 +785,37 @@ async def test_a_pass_dropped_while_its_part_runs_in_a_thread_leaves_the_context
 
 
 @pytest.mark.timeout(60)
+async def test_leaving_a_context_does_not_wait_for_a_hung_first_hop_through_a_second(
+    worker_path,
+):
+    # driver -> w1 -> w2; w1 hangs: backward fails with WorkerLost, and leaving the
+    # context skips w1 (lost) and tells every other member; w2, which has w1 as a peer
+    # of the context, forwarded the release to w1 and waited out two connection
+    # deadlines (10 s). Now the driver names the gone ones and w2 skips them.
+    import signal
+
+    xv, wv = arr(3), arr(3)
+    async with cluster("processes"):
+        await ag.rpc("w2", F.put, ("w", wv))
+        pid = await ag.rpc("w1", F.pid)
+        x = ag.tensor(xv, requires_grad=True)
+        loop = asyncio.get_running_loop()
+        try:
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.chain, (["w2"], "w", x))
+                os.kill(pid, signal.SIGSTOP)
+                with pytest.raises(ag.WorkerLost, match="'w1'"):
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+                t0 = loop.time()
+            left = loop.time() - t0
+        finally:
+            os.kill(pid, signal.SIGKILL)
+        assert left < 3.0, left
+        for name in ("w2", "w3"):
+            assert (await ag.rpc(name, F.debug_info))["num_contexts"] == 0
+
+
+@pytest.mark.timeout(60)
 async def test_a_task_cancelled_in_a_context_ends_without_waiting_for_a_hung_peer(worker_path):
     # Leaving a context normally waits for every peer's release acknowledgement (a hung
     # peer: until the heartbeat timeout); a cancelled task must end at once instead,

@@ -111,10 +111,14 @@ async def _await_releases(worker: Any, started: list[Any], ctx_id: int, sender: 
     lives on: no lease reclaims it there), so then every other member is told too
     (workers without the context just acknowledge)."""
     me = worker.name
-    if await finish_calls(worker, started):
+    failed = await finish_calls(worker, started)
+    if failed:
         rest = set(worker.worker_names()) - {p for p, _ in started} - {me, sender}
         if rest:
-            await call_peers(worker, rest, _release, (ctx_id, me))
+            # (the gone ones named: those that have them as peers do not forward the
+            # release to them, which would wait out a connection's deadlines if one
+            # hung; the release sent them before reaches them if they come back)
+            await call_peers(worker, rest, _release, (ctx_id, me, sorted(failed)))
 
 
 def _release_local(st: DistState, ctx_id: int) -> set[str]:
@@ -129,12 +133,15 @@ def _release_local(st: DistState, ctx_id: int) -> set[str]:
 
 
 @inline
-def _release(ctx_id: int, sender: str) -> Awaitable[None] | None:
-    """Handler: release the context here, then on our own peers (second hops); the
-    reply waits for theirs. Inline: without second hops it answers at once."""
+def _release(ctx_id: int, sender: str, gone: list[str] | None = None) -> Awaitable[None] | None:
+    """Handler: release the context here, then on our own peers (second hops) but the
+    ``gone`` ones (the sender could not reach them); the reply waits for theirs. Inline:
+    without second hops it answers at once."""
     worker = current_worker()
     peers = _release_local(state_of(worker), ctx_id)
     peers.discard(sender)
+    if gone:
+        peers.difference_update(gone)
     if peers:
         return _release_on(worker, peers, ctx_id, sender)
     return None
