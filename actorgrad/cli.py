@@ -92,7 +92,7 @@ def read_token_file(path: Path) -> str:
     try:
         token = path.read_text().strip()
     except FileNotFoundError:
-        raise CliError(f"token file {path} does not exist") from None
+        raise CliError(f"token file {path} does not exist", code=2) from None
     except OSError as exc:
         raise CliError(f"cannot read token file {path}: {exc.strerror or exc}") from None
     if not token:
@@ -621,7 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-n", type=_positive, required=True, metavar="N", help="workers w1..wN")
     r.add_argument("script", metavar="SCRIPT", help="the Python script to run")
     # (what follows SCRIPT is split off before parsing: see parse_args)
-    r.add_argument("args", nargs="*", metavar="ARGS", help="its arguments, passed as given")
+    r.add_argument(  # (a default: argparse would call a '*' positional "required")
+        "args", nargs="*", default=[], metavar="ARGS", help="its arguments, passed as given"
+    )
 
     s = sub.add_parser("status", help="show the workers of a running cluster")
     s.add_argument(

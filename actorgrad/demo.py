@@ -202,9 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="actorgrad demo", description=__doc__.splitlines()[0])
     from actorgrad.cli import at_least
 
-    p.add_argument("--steps", type=at_least(1), default=600)
-    p.add_argument("--target", type=_fraction, default=0.95)
-    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument(
+        "--steps", type=at_least(1), default=600, help="most training steps (default 600)"
+    )
+    p.add_argument(
+        "--target",
+        type=_fraction,
+        default=0.95,
+        help="test accuracy to reach, in [0, 1] (default 0.95; checked every 25 steps)",
+    )
+    p.add_argument(
+        "--seed", type=at_least(0), default=0, help="seed of the data set and weights (default 0)"
+    )
     p.add_argument("--in-process", action="store_true", help="workers as in-process actors")
     args = p.parse_args([] if argv is None else argv)
     result = run(_run_demo(args))

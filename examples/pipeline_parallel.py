@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 
 import actorgrad as ag
 from actorgrad.demo import report, train_pipeline
@@ -22,6 +23,13 @@ async def main(steps: int, target: float) -> int:
         await ag.init("driver")
         try:
             stages = sorted(n for n in ag.workers() if n != "driver")[:3]
+            if len(stages) < 3:
+                print(
+                    f"error: the pipeline needs 3 workers, the cluster has {len(stages)} "
+                    "(actorgrad run -n 3 ...)",
+                    file=sys.stderr,
+                )
+                return 2
             result = await train_pipeline(stages, steps=steps, target=target)
         finally:
             await ag.shutdown()

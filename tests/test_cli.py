@@ -215,6 +215,11 @@ def test_usage_errors_exit_2() -> None:
     r = run_cli("status", env=_env(ACTORGRAD_TOKEN="t"))
     assert r.returncode == 2
     assert "ACTORGRAD_ADDRESS" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("run", "-n", "1")  # (ARGS was named as required too)
+    assert r.returncode == 2 and "required: SCRIPT\n" in r.stderr
+    # a token file that is not there is the caller's mistake, as no token at all (was 1)
+    r = run_cli("status", "--address", "127.0.0.1:1", "--token-file", "/nonexistent/tok")
+    assert r.returncode == 2 and "token file /nonexistent/tok does not exist" in r.stderr
     for bad in ("0", "-3", "nan", "inf", "soon"):  # (0 and -3 "timed out", nan a traceback)
         r = run_cli("status", "--address", "127.0.0.1:1", "--timeout", bad)
         assert r.returncode == 2 and "--timeout" in r.stderr and "Traceback" not in r.stderr

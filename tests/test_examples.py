@@ -60,6 +60,14 @@ def test_pipeline_parallel_under_actorgrad_run():
     assert re.search(r"[0-9.]+ steps/s", p.stdout)
 
 
+def test_pipeline_parallel_on_too_few_workers_says_so():
+    # (a traceback from deep in the demo's code, before)
+    p = run("-m", "actorgrad", "run", "-n", "2", str(EXAMPLES / "pipeline_parallel.py"))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "the pipeline needs 3 workers, the cluster has 2" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def test_demo_in_process():
     p = run("-m", "actorgrad", "demo", "--in-process", "--steps", "300")
     assert p.returncode == 0, p.stdout + p.stderr

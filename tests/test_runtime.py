@@ -890,3 +890,38 @@ async def test_the_runtimes_own_calls_run_on_the_loop_not_in_the_thread_pool(tra
             assert c.driver.status()["in_flight"] == 0
     finally:
         loop.set_debug(False)
+
+
+_release_gate: list[asyncio.Event] = []
+
+
+async def _held_open() -> None:
+    await _release_gate[0].wait()
+
+
+async def test_a_one_way_call_refused_by_a_worker_shutting_down_is_no_warning(caplog):
+    # (e.g. an RRef's release from a peer leaving at the same time: a warning at the
+    # end of an example's clean run)
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="actorgrad")
+    _release_gate[:] = [asyncio.Event()]
+    async with ag.local_cluster(1, transport="tcp") as c:
+        w1 = c.workers[0]
+        call = asyncio.ensure_future(ag.rpc("w1", _held_open))
+        async with asyncio.timeout(10):
+            # (no event tells of these: the states they change do)
+            while not w1.status()["in_flight"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            stop = asyncio.ensure_future(w1.shutdown(graceful=True, timeout=10))
+            while not w1._stopping:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            c.driver.notify("w1", "operator:add", (1, 2))
+            while not any("one-way call failed" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        _release_gate[0].set()
+        await call
+        await stop
+    refused = [r for r in caplog.records if "one-way call failed" in r.getMessage()]
+    assert "is shutting down" in refused[0].getMessage()
+    assert all(r.levelno == logging.DEBUG for r in refused), refused

@@ -192,7 +192,8 @@ async def local_cluster(
     registry) and ``workers`` (a count -> ``w1..wN``, or names) are started as actors on
     this loop (``transport`` "inproc", "tcp", or "unix": TCP listeners, peers connected
     over local Unix sockets) or, with ``processes=True``, as OS processes (TCP, local
-    Unix sockets between them unless ``ACTORGRAD_LOCAL_SOCKETS=0``). Leaving shuts
+    Unix sockets between them unless ``ACTORGRAD_LOCAL_SOCKETS=0``; ``transport`` is for
+    in-process workers and does not apply). Leaving shuts
     everything down, also on error/cancellation.
 
     Example::

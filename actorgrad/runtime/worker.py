@@ -1145,7 +1145,10 @@ class Worker:
         if hooks is not None:
             hooks.undo()
         if cid == 0:
-            log.warning("worker %s: one-way call failed: %r", self.name, exc)
+            # (refused while this worker shuts down: expected, e.g. an RRef's release
+            # from a peer that leaves at the same time; not worth a warning)
+            level = logging.DEBUG if refused and self._stopping else logging.WARNING
+            log.log(level, "worker %s: one-way call failed: %r", self.name, exc)
             return
         if conn.closed:
             return
