@@ -179,9 +179,11 @@ def _note(msg: str) -> None:
 
 
 async def _serve_until_signalled(
-    serve: Callable[[asyncio.Event], Awaitable[None]], what: str
+    serve: Callable[[asyncio.Event], Awaitable[None]], what: str, starting: str = ""
 ) -> int:
-    """Run ``serve(stop)``; the first signal sets ``stop``, the second cancels it."""
+    """Run ``serve(stop)``; the first signal sets ``stop``, the second cancels it.
+    ``starting`` is printed once the signals are ours (a Ctrl-C right after it stops
+    the run: before, it was a KeyboardInterrupt, exit 130)."""
     stop = asyncio.Event()
     task = asyncio.ensure_future(serve(stop))
     signals = 0
@@ -197,6 +199,8 @@ async def _serve_until_signalled(
             task.cancel()
 
     with _signals(on_signal):
+        if starting:
+            _say(starting)
         try:
             await task
         except asyncio.CancelledError:
@@ -270,8 +274,9 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         if not stop.is_set():  # (not asked to stop: a supervisor should hear of it)
             raise CliError(f"worker {args.name}: the cluster's head went away")
 
-    _say(f"worker {args.name} joining {args.join}")
-    code = await _serve_until_signalled(serve, f"worker {args.name}")
+    code = await _serve_until_signalled(
+        serve, f"worker {args.name}", f"worker {args.name} joining {args.join}"
+    )
     _say(f"worker {args.name} stopped")
     return code
 
