@@ -33,7 +33,16 @@ __all__ = [
 
 
 class ActorgradError(Exception):
-    """Base class of every error raised by the actorgrad runtime itself."""
+    """Base class of every error raised by the actorgrad runtime itself.
+
+    Example::
+
+        >>> try:
+        ...     raise WorkerLost("connection to 'w1' broke")
+        ... except ActorgradError as e:
+        ...     print(type(e).__name__, e)
+        WorkerLost connection to 'w1' broke
+    """
 
 
 def type_name(t: type) -> str:
@@ -89,7 +98,12 @@ class RemoteError(ActorgradError):
     @classmethod
     def from_exception(cls, worker: str, exc: BaseException) -> RemoteError:
         """``exc`` raised on ``worker``, as the caller will see it (a RemoteError is
-        returned as it is, so the worker where it first happened is kept)."""
+        returned as it is, so the worker where it first happened is kept).
+
+        >>> e = RemoteError.from_exception("w1", ValueError("bad"))
+        >>> e.remote_type, str(e), RemoteError.from_exception("w2", e) is e
+        ('ValueError', "ValueError on worker 'w1': bad", True)
+        """
         if isinstance(exc, RemoteError):
             return exc
         import traceback  # only on the error path
@@ -116,20 +130,40 @@ class RemoteError(ActorgradError):
 
 
 class WorkerLost(ActorgradError):
-    """The peer died, or the connection to it broke, while something depended on it."""
+    """The peer died, or the connection to it broke, while something depended on it.
+
+    >>> issubclass(WorkerLost, ActorgradError)
+    True
+    """
 
 
 class RpcTimeout(ActorgradError, TimeoutError):
-    """A call did not complete within its timeout."""
+    """A call did not complete within its timeout; also a ``TimeoutError``.
+
+    >>> isinstance(RpcTimeout("no answer in 1.0 s"), TimeoutError)
+    True
+    """
 
 
 class AuthError(ActorgradError):
-    """The connection handshake failed: wrong token, or the peer is not an actorgrad worker."""
+    """The connection handshake failed: wrong token, or the peer is not an actorgrad worker.
+
+    >>> issubclass(AuthError, ActorgradError)
+    True
+    """
 
 
 class ProtocolError(ActorgradError):
-    """A malformed, oversized or unknown message was received."""
+    """A malformed, oversized or unknown message was received.
+
+    >>> issubclass(ProtocolError, ActorgradError)
+    True
+    """
 
 
 class ContextError(ActorgradError):
-    """Misuse of a distributed autograd context: unknown/released id, or nesting."""
+    """Misuse of a distributed autograd context: unknown/released id, or nesting.
+
+    >>> issubclass(ContextError, ActorgradError)
+    True
+    """

@@ -30,7 +30,14 @@ __all__ = ["SGD", "Adam", "Optimizer"]
 
 class Optimizer:
     """Base class: holds the parameter list and per-parameter state (keyed by tensor
-    identity)."""
+    identity).
+
+    Example::
+
+        >>> opt = ag.optim.SGD([ag.ones(2, requires_grad=True)], lr=0.1)
+        >>> isinstance(opt, Optimizer), len(opt.params), opt.lr
+        (True, 1, 0.1)
+    """
 
     def __init__(self, params: Iterable[Tensor], lr: float) -> None:
         if isinstance(params, Tensor):
@@ -69,7 +76,14 @@ class Optimizer:
         return [(p, np.asarray(grads[p])) for p in self.params if p in grads]
 
     def step(self, grads: Mapping[Tensor, np.ndarray] | None = None) -> None:
-        """Apply one update to every parameter that has a gradient."""
+        """Apply one update to every parameter that has a gradient: in ``grads``
+        (``{tensor: array}``, what ``ag.dist.get_gradients`` returns) when given, else
+        its ``.grad``. A gradient of another shape than its parameter: ValueError.
+
+        >>> w = ag.tensor([1.0, 2.0], requires_grad=True)
+        >>> SGD([w], lr=0.5).step({w: np.array([1.0, 1.0])}); w.data
+        array([0.5, 1.5], dtype=float32)
+        """
         for p, g in self._grads(grads):
             if g.shape != p.data.shape:
                 raise ValueError(
@@ -81,7 +95,12 @@ class Optimizer:
         raise NotImplementedError
 
     def zero_grad(self) -> None:
-        """Forget every parameter's ``.grad`` (set to None)."""
+        """Forget every parameter's ``.grad`` (set to None).
+
+        >>> w = ag.ones(2, requires_grad=True); opt = SGD([w], lr=0.1)
+        >>> w.sum().backward(); opt.zero_grad(); w.grad is None
+        True
+        """
         for p in self.params:
             p.grad = None
 

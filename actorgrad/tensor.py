@@ -92,6 +92,11 @@ class Tensor:
 
     @property
     def requires_grad(self) -> bool:
+        """Whether ops on this tensor record the graph; settable on leaves only.
+
+        >>> ag.tensor([1.0], requires_grad=True).requires_grad
+        True
+        """
         return self._rg
 
     @requires_grad.setter
@@ -106,35 +111,74 @@ class Tensor:
 
     @property
     def is_leaf(self) -> bool:
+        """True for a tensor the user made, False for an op's output (it has a ``grad_fn``).
+
+        >>> w = ag.ones(2, requires_grad=True)
+        >>> w.is_leaf, (w * 2).is_leaf
+        (True, False)
+        """
         return self.grad_fn is None
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The array's shape.
+
+        >>> ag.zeros(2, 3).shape
+        (2, 3)
+        """
         return self.data.shape
 
     @property
     def dtype(self) -> np.dtype:
+        """The array's numpy dtype.
+
+        >>> ag.zeros(2).dtype
+        dtype('float32')
+        """
         return self.data.dtype
 
     @property
     def ndim(self) -> int:
+        """The number of dimensions.
+
+        >>> ag.zeros(2, 3).ndim
+        2
+        """
         return self.data.ndim
 
     def numel(self) -> int:
+        """The number of elements.
+
+        >>> ag.zeros(2, 3).numel()
+        6
+        """
         return self.data.size
 
     def numpy(self) -> np.ndarray:
-        """The underlying array (shared, not copied)."""
+        """The underlying array (shared, not copied).
+
+        >>> ag.tensor([1.0, 2.0]).numpy()
+        array([1., 2.], dtype=float32)
+        """
         return self.data
 
     def item(self) -> Any:
-        """The value of a one-element tensor as a Python number."""
+        """The value of a one-element tensor as a Python number (else ValueError).
+
+        >>> ag.tensor([[2.5]]).item()
+        2.5
+        """
         if self.data.size != 1:
             raise ValueError(f"item() needs a one-element tensor, got shape {self.shape}")
         return self.data.item()
 
     def detach(self) -> Tensor:
-        """A new leaf sharing this tensor's data, outside the graph."""
+        """A new leaf sharing this tensor's data, outside the graph.
+
+        >>> d = (ag.ones(2, requires_grad=True) * 2).detach()
+        >>> d.is_leaf, d.requires_grad
+        (True, False)
+        """
         return Tensor(self.data)
 
     def __repr__(self) -> str:
@@ -300,67 +344,126 @@ class Tensor:
     # --- methods ------------------------------------------------------------------
 
     def sum(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
-        """Sum over ``axis`` (all axes by default)."""
+        """Sum over ``axis`` (all axes by default).
+
+        >>> x = ag.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> x.sum().item(), x.sum(axis=0).numpy()
+        (10.0, array([4., 6.], dtype=float32))
+        """
         return _unary(Sum, self, _axes(axis, self.data.ndim), keepdims)
 
     def mean(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
-        """Mean over ``axis`` (all axes by default)."""
+        """Mean over ``axis`` (all axes by default).
+
+        >>> ag.tensor([[1.0, 2.0], [3.0, 4.0]]).mean(axis=1).numpy()
+        array([1.5, 3.5], dtype=float32)
+        """
         return _unary(Mean, self, _axes(axis, self.data.ndim), keepdims)
 
     def max(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
-        """Maximum over ``axis``; ties share the gradient equally."""
+        """Maximum over ``axis`` (all axes by default); ties share the gradient equally.
+
+        >>> ag.tensor([[1.0, 5.0], [3.0, 4.0]]).max(axis=0).numpy()
+        array([3., 5.], dtype=float32)
+        """
         return _unary(Max, self, _axes(axis, self.data.ndim), keepdims)
 
     def reshape(self, *shape: Any) -> Tensor:
-        """``t.reshape(2, 3)`` or ``t.reshape((2, 3))``; one dimension may be -1."""
+        """``t.reshape(2, 3)`` or ``t.reshape((2, 3))``; one dimension may be -1.
+
+        >>> ag.zeros(6).reshape(2, -1).shape
+        (2, 3)
+        """
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         return _unary(Reshape, self, shape)
 
     def transpose(self, *axes: Any) -> Tensor:
-        """Permute axes (reverse them when none are given)."""
+        """Permute axes (reverse them when none are given).
+
+        >>> ag.zeros(2, 3, 4).transpose(2, 0, 1).shape, ag.zeros(2, 3, 4).transpose().shape
+        ((4, 2, 3), (4, 3, 2))
+        """
         if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
             axes = tuple(axes[0])
         return _unary(Transpose, self, axes or None)
 
     @property
     def T(self) -> Tensor:
+        """The transpose, all axes reversed (``transpose()``).
+
+        >>> ag.zeros(2, 3).T.shape
+        (3, 2)
+        """
         return _unary(Transpose, self, None)
 
     def astype(self, dtype: Any) -> Tensor:
         """Cast to ``dtype``; the gradient is cast back. A non-float target gives a
-        tensor outside the graph (integers carry no gradient)."""
+        tensor outside the graph (integers carry no gradient).
+
+        >>> x = ag.tensor([1.5, 2.0], requires_grad=True)
+        >>> x.astype("float64").dtype, x.astype("int64").numpy(), x.astype("int64").requires_grad
+        (dtype('float64'), array([1, 2]), False)
+        """
         dt = np.dtype(dtype)
         if dt.kind != "f":
             return Tensor(self.data.astype(dt))
         return _unary(Cast, self, dt)
 
     def exp(self) -> Tensor:
-        """Elementwise ``e**x``."""
+        """Elementwise ``e**x``.
+
+        >>> ag.tensor([0.0, 1.0]).exp().numpy()
+        array([1.      , 2.718282], dtype=float32)
+        """
         return _unary(Exp, self)
 
     def log(self) -> Tensor:
-        """Elementwise natural logarithm."""
+        """Elementwise natural logarithm.
+
+        >>> ag.tensor([1.0, 4.0]).log().numpy()
+        array([0.       , 1.3862944], dtype=float32)
+        """
         return _unary(Log, self)
 
     def sqrt(self) -> Tensor:
-        """Elementwise square root."""
+        """Elementwise square root.
+
+        >>> ag.tensor([4.0, 9.0]).sqrt().numpy()
+        array([2., 3.], dtype=float32)
+        """
         return _unary(Sqrt, self)
 
     def abs(self) -> Tensor:
-        """Elementwise absolute value (gradient ``sign(x)``, 0 at 0)."""
+        """Elementwise absolute value (gradient ``sign(x)``, 0 at 0).
+
+        >>> ag.tensor([-1.5, 2.0]).abs().numpy()
+        array([1.5, 2. ], dtype=float32)
+        """
         return _unary(Abs, self)
 
     def relu(self) -> Tensor:
-        """Elementwise ``max(x, 0)`` (gradient 0 at 0)."""
+        """Elementwise ``max(x, 0)`` (gradient 0 at 0).
+
+        >>> ag.tensor([-1.0, 2.0]).relu().numpy()
+        array([0., 2.], dtype=float32)
+        """
         return _unary(ReLU, self)
 
     def tanh(self) -> Tensor:
-        """Elementwise hyperbolic tangent."""
+        """Elementwise hyperbolic tangent.
+
+        >>> ag.tensor([0.0, 100.0]).tanh().numpy()
+        array([0., 1.], dtype=float32)
+        """
         return _unary(Tanh, self)
 
     def sigmoid(self) -> Tensor:
-        """Elementwise ``1 / (1 + e**-x)``, without overflow for large ``|x|``."""
+        """Elementwise ``1 / (1 + e**-x)``, without overflow for large ``|x|``.
+
+        >>> ag.tensor([0.0, -1000.0]).sigmoid().numpy()
+        array([0.5, 0. ], dtype=float32)
+        """
         return _unary(Sigmoid, self)
 
     def softmax(self, axis: int = -1) -> Tensor:
@@ -374,7 +477,12 @@ class Tensor:
         return _unary(Softmax, self, axis)
 
     def log_softmax(self, axis: int = -1) -> Tensor:
-        """``log(softmax(x))`` computed as ``x - max - log(sum(exp(x - max)))``."""
+        """``log(softmax(x))`` along ``axis``, computed as ``x - max - log(sum(exp(x -
+        max)))``: finite for logits of any size.
+
+        >>> ag.tensor([1e4, 0.0]).log_softmax().numpy()
+        array([     0., -10000.], dtype=float32)
+        """
         return _unary(LogSoftmax, self, axis)
 
 
@@ -1239,12 +1347,20 @@ def _shape(shape: tuple[Any, ...]) -> tuple[int, ...]:
 
 
 def zeros(*shape: Any, dtype: Any = "float32", requires_grad: bool = False) -> Tensor:
-    """A tensor of zeros: ``ag.zeros(2, 3)`` or ``ag.zeros((2, 3))``."""
+    """A tensor of zeros: ``ag.zeros(2, 3)`` or ``ag.zeros((2, 3))``.
+
+    >>> ag.zeros(2, 3).shape, ag.zeros((2,), dtype="int64")
+    ((2, 3), tensor([0, 0], dtype=int64))
+    """
     return tensor(np.zeros(_shape(shape), dtype=dtype), requires_grad=requires_grad)
 
 
 def ones(*shape: Any, dtype: Any = "float32", requires_grad: bool = False) -> Tensor:
-    """A tensor of ones: ``ag.ones(2, 3)`` or ``ag.ones((2, 3))``."""
+    """A tensor of ones: ``ag.ones(2, 3)`` or ``ag.ones((2, 3))``.
+
+    >>> ag.ones(2, requires_grad=True)
+    tensor([1., 1.], requires_grad=True)
+    """
     return tensor(np.ones(_shape(shape), dtype=dtype), requires_grad=requires_grad)
 
 

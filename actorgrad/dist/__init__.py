@@ -4,6 +4,15 @@ message-passing backward with its completion protocol, and ``DistributedOptimize
 Modules: ``context`` (contexts, send/recv nodes, the runtime interceptor), ``backward``
 (the pass protocol), ``api`` (context manager, gradients, debug info, release),
 ``optimizer``. See docs/distributed.md for the design.
+
+Example (a driver with a worker ``w1``)::
+
+    w = await ag.remote("w1", ag.randn, (3,), {"requires_grad": True})
+    opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [w], lr=0.1)
+    async with ag.dist.context() as ctx:
+        loss = ((await w.to_here()) ** 2).sum()    # the fetched copy links to w on w1
+        await ag.dist.backward(ctx, [loss])
+        await opt.step(ctx)                        # w1 updates w with its gradient
 """
 
 from __future__ import annotations

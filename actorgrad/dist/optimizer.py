@@ -135,7 +135,15 @@ class DistributedOptimizer:
         """Step every owner's optimizer with the gradients of ``context_id``.
 
         Not atomic across owners (one call each, at the same time): when it fails on one
-        owner (or is cancelled), the others may have stepped already."""
+        owner (or is cancelled), the others may have stepped already.
+
+        Example::
+
+            async with ag.dist.context() as ctx:
+                loss = await forward(ctx)
+                await ag.dist.backward(ctx, [loss])
+                await opt.step(ctx)     # inside: a released context raises ContextError
+        """
         refs = await self._setup()
         try:
             await asyncio.gather(*(r.rpc().step(context_id) for r in refs.values()))

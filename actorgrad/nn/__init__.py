@@ -41,12 +41,30 @@ class Module:
     """
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's computation: subclasses define it (here it raises
+        NotImplementedError). Call the module rather than ``forward``.
+
+        >>> Tanh().forward(ag.zeros(2)).numpy()
+        array([0., 0.], dtype=float32)
+        """
         raise NotImplementedError(f"{type(self).__name__}.forward")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``module(x)`` is ``module.forward(x)``.
+
+        >>> ReLU()(ag.tensor([-1.0, 1.0])).numpy()
+        array([0., 1.], dtype=float32)
+        """
         return self.forward(*args, **kwargs)
 
     def named_children(self) -> Iterator[tuple[str, Module]]:
+        """``(name, submodule)`` for each direct submodule: module attributes, and the
+        modules in list/tuple attributes as ``"<attribute>.<index>"``.
+
+        >>> m = Module(); m.body = Linear(2, 2); m.heads = [ReLU(), Tanh()]
+        >>> [name for name, _ in m.named_children()]
+        ['body', 'heads.0', 'heads.1']
+        """
         for name, value in vars(self).items():
             if isinstance(value, Module):
                 yield name, value
@@ -57,7 +75,11 @@ class Module:
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
         """``(dotted name, tensor)`` for every tensor attribute, submodules included;
-        a tensor shared by several modules is listed once."""
+        a tensor shared by several modules is listed once. ``prefix`` starts every name.
+
+        >>> [name for name, _ in Sequential(Linear(2, 3), ReLU()).named_parameters()]
+        ['0.weight', '0.bias']
+        """
         seen: set[int] = set()
         stack: list[tuple[str, Module]] = [(prefix, self)]
         while stack:
@@ -70,15 +92,29 @@ class Module:
             stack[0:0] = children
 
     def parameters(self) -> list[Tensor]:
-        """Every parameter tensor, in registration order."""
+        """Every parameter tensor, in registration order.
+
+        >>> [p.shape for p in Linear(2, 3).parameters()]
+        [(3, 2), (3,)]
+        """
         return [t for _, t in self.named_parameters()]
 
     def zero_grad(self) -> None:
+        """Forget every parameter's ``.grad`` (set to None).
+
+        >>> m = Linear(2, 1); m(ag.ones(1, 2)).sum().backward(); m.zero_grad()
+        >>> m.weight.grad is None
+        True
+        """
         for p in self.parameters():
             p.grad = None
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """``{name: numpy array copy}`` (msgpack-safe through the wire codec)."""
+        """``{name: numpy array copy}`` (msgpack-safe through the wire codec).
+
+        >>> {name: a.shape for name, a in Linear(2, 3).state_dict().items()}
+        {'weight': (3, 2), 'bias': (3,)}
+        """
         return {name: t.data.copy() for name, t in self.named_parameters()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -86,6 +122,10 @@ class Module:
 
         Raises ``KeyError`` naming missing or unexpected keys, ``ValueError`` naming a
         shape mismatch.
+
+        >>> a, b = Linear(2, 3, seed=0), Linear(2, 3, seed=1)
+        >>> b.load_state_dict(a.state_dict()); np.array_equal(a.weight.data, b.weight.data)
+        True
         """
         params = dict(self.named_parameters())
         missing = sorted(set(params) - set(state))
@@ -111,6 +151,12 @@ class Module:
         return f"{type(self).__name__}(\n{inner}\n)"
 
     def extra_repr(self) -> str:
+        """What a module without submodules shows between the parentheses of its
+        repr; subclasses override it (here: nothing).
+
+        >>> ReLU(), Linear(2, 3)
+        (ReLU(), Linear(in_f=2, out_f=3, bias=True))
+        """
         return ""
 
 
@@ -145,9 +191,19 @@ class Linear(Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x @ weight.T + bias`` over the last dimension of ``x`` (size ``in_f``).
+
+        >>> Linear(3, 2, bias=False, seed=0)(ag.zeros(1, 3)).numpy()
+        array([[0., 0.]], dtype=float32)
+        """
         return functional.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
+        """``in_f``, ``out_f`` and whether there is a bias, as the repr shows them.
+
+        >>> Linear(3, 2, bias=False).extra_repr()
+        'in_f=3, out_f=2, bias=False'
+        """
         return f"in_f={self.in_f}, out_f={self.out_f}, bias={self.bias is not None}"
 
 
@@ -166,9 +222,21 @@ class Embedding(Module):
         self.weight = Tensor(rng.standard_normal((num, dim)).astype(dtype), requires_grad=True)
 
     def forward(self, ids: Any) -> Tensor:
+        """The rows of ``weight`` for integer ``ids`` of any shape (the result's shape:
+        the ids' shape, then ``dim``).
+
+        >>> e = Embedding(5, 2, seed=0)
+        >>> np.array_equal(e([[4, 0]]).numpy()[0], e.weight.data[[4, 0]])
+        True
+        """
         return functional.embedding(ids, self.weight)
 
     def extra_repr(self) -> str:
+        """``num`` and ``dim``, as the repr shows them.
+
+        >>> Embedding(10, 4)
+        Embedding(num=10, dim=4)
+        """
         return f"num={self.num}, dim={self.dim}"
 
 
@@ -185,10 +253,20 @@ class Sequential(Module):
         self.layers = list(mods)
 
     def named_children(self) -> Iterator[tuple[str, Module]]:
+        """``(index as a string, module)`` for each module, in order.
+
+        >>> [name for name, _ in Sequential(ReLU(), Tanh()).named_children()]
+        ['0', '1']
+        """
         for i, m in enumerate(self.layers):
             yield str(i), m
 
     def forward(self, x: Any) -> Any:
+        """Feed ``x`` through each module in turn.
+
+        >>> Sequential(ReLU(), Tanh())(ag.tensor([-1.0, 100.0])).numpy()
+        array([0., 1.], dtype=float32)
+        """
         for m in self.layers:
             x = m(x)
         return x
@@ -201,14 +279,36 @@ class Sequential(Module):
 
 
 class ReLU(Module):
-    """Elementwise ``max(x, 0)``."""
+    """Elementwise ``max(x, 0)``.
+
+    Example::
+
+        >>> ReLU()(ag.tensor([-1.0, 2.0])).numpy()
+        array([0., 2.], dtype=float32)
+    """
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x.relu()``.
+
+        >>> ReLU().forward(ag.tensor([-3.0, 3.0])).numpy()
+        array([0., 3.], dtype=float32)
+        """
         return x.relu()
 
 
 class Tanh(Module):
-    """Elementwise ``tanh(x)``."""
+    """Elementwise ``tanh(x)``.
+
+    Example::
+
+        >>> Tanh()(ag.tensor([0.0, -100.0])).numpy()
+        array([ 0., -1.], dtype=float32)
+    """
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x.tanh()``.
+
+        >>> Tanh().forward(ag.tensor([0.0, 100.0])).numpy()
+        array([0., 1.], dtype=float32)
+        """
         return x.tanh()

@@ -93,7 +93,16 @@ def _release_on_loop(worker: Worker, owner: str, rid: int) -> None:
 
 
 class RRef(WireRef):
-    """A reference to a value owned by one worker (see API.md section 2)."""
+    """A reference to a value owned by one worker (see API.md section 2). It can be
+    passed as an argument or returned; the owner frees the value once no worker holds
+    a reference to it.
+
+    Example::
+
+        rref = await ag.remote("w1", list, ([1, 2],))   # the list stays on w1
+        print(rref.owner, rref.is_owner())              # w1 False
+        print(await rref.to_here())                     # [1, 2]
+    """
 
     __slots__ = ("_worker", "owner", "_rid", "__weakref__")
 
@@ -122,10 +131,26 @@ class RRef(WireRef):
         )
 
     def is_owner(self) -> bool:
+        """Whether the worker holding this RRef owns the value (``local_value`` works).
+
+        Example::
+
+            rref = await ag.remote("w1", list, ([1, 2],))
+            rref.is_owner()                  # False on the driver; True on w1
+        """
         return self.owner == self._worker.name
 
     def local_value(self) -> Any:
-        """The value itself; only on the owner (else RuntimeError)."""
+        """The value itself; only on the owner (else RuntimeError).
+
+        Example::
+
+            def total(rref):                 # module-level, run on the owner
+                return sum(rref.local_value())
+
+            rref = await ag.remote("w1", list, ([1, 2],))
+            assert await ag.rpc("w1", total, (rref,)) == 3
+        """
         if not self.is_owner():
             raise RuntimeError(
                 f"local_value() on worker {self._worker.name!r}, but this RRef is owned by "
@@ -134,7 +159,13 @@ class RRef(WireRef):
         return owned_value(self._worker, self._rid)
 
     async def to_here(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 (timeout is API)
-        """Fetch a copy of the value from the owner (the value itself on the owner)."""
+        """Fetch a copy of the value from the owner (the value itself on the owner).
+
+        Example::
+
+            rref = await ag.remote("w1", list, ([1, 2],))
+            print(await rref.to_here(timeout=5.0))    # [1, 2]
+        """
         if self.is_owner():
             return owned_value(self._worker, self._rid)
         return await self._worker.call(
@@ -142,13 +173,29 @@ class RRef(WireRef):
         )
 
     def rpc(self, timeout: float | None = None) -> _Proxy:
-        """``await rref.rpc().method(*args, **kwargs)`` runs the method on the owner."""
+        """``await rref.rpc().method(*args, **kwargs)`` runs the method on the owner
+        and returns its result.
+
+        Example::
+
+            rref = await ag.remote("w1", list, ([1, 2],))
+            await rref.rpc().append(3)
+            print(await rref.to_here())      # [1, 2, 3]
+        """
         from actorgrad.runtime.worker import MODE_RREF_RPC
 
         return _Proxy(self, MODE_RREF_RPC, timeout)
 
     def remote(self, timeout: float | None = None) -> _Proxy:
-        """``await rref.remote().method(...)`` -> an RRef to the method's result."""
+        """``await rref.remote().method(...)`` -> an RRef to the method's result, owned
+        by the same worker.
+
+        Example::
+
+            rref = await ag.remote("w1", list, ([1, 2, 1],))
+            n = await rref.remote().count(1)     # an RRef owned by w1
+            print(await n.to_here())             # 2
+        """
         from actorgrad.runtime.worker import MODE_RREF_REMOTE
 
         return _Proxy(self, MODE_RREF_REMOTE, timeout)
