@@ -166,13 +166,24 @@ def add_slow_hook(key: str, seconds: float) -> None:
     t.register_hook(hook)
 
 
-def slow_chain(key: str, x: ag.Tensor, n: int, seconds: float) -> ag.Tensor:
+def slow_chain(key: str, x: ag.Tensor, n: int, seconds: float, error: str = "") -> ag.Tensor:
     """x * store[key] through ``n`` more nodes, each with a hook that sleeps
-    ``seconds`` in the backward pass (a long part made of many short nodes)."""
+    ``seconds`` in the backward pass (a long part made of many short nodes); with
+    ``error`` (a builtin exception's name), the last hook to run raises it."""
+    import builtins
+
     h = x * _store[_k(key)]
-    for _ in range(n):
+    for i in range(n):
         h = h * 1.0
-        h.register_hook(lambda g: time.sleep(seconds))
+        if error and i == 0:
+
+            def hook(g: np.ndarray) -> None:
+                time.sleep(seconds)
+                raise getattr(builtins, error)("hook failed on purpose")
+
+            h.register_hook(hook)
+        else:
+            h.register_hook(lambda g: time.sleep(seconds))
     return h
 
 

@@ -562,8 +562,35 @@ async def test_failed_calls_and_passes_leave_no_reference_cycles_behind():
                 with pytest.raises(ag.RemoteError, match="hook refused gradient"):
                     await ag.dist.backward(ctx, [y.sum()])
 
+        async def failed_offloaded_part() -> None:
+            # (w1's part goes on in its thread pool after a slice, then fails there)
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.slow_chain, ("w", x, 8, 0.02, "ValueError"))
+                with pytest.raises(ag.RemoteError, match="hook failed on purpose"):
+                    await ag.dist.backward(ctx, [y.sum()])
+
         await _assert_no_cycles(failed_rpc)
         await _assert_no_cycles(failed_backward)
+        await _assert_no_cycles(failed_offloaded_part)
+        await assert_clean(c.names)
+
+
+async def test_a_stop_iteration_in_a_part_run_in_a_thread_fails_the_pass(mode):
+    # asyncio cannot put a StopIteration into the thread pool's future: the future
+    # never completed, backward waited for good and every later pass in the context
+    # was refused ("still runs"). Now it fails the pass, as on the loop.
+    xv, wv = arr(3), arr(3)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.slow_chain, ("w", x, 8, 0.02, "StopIteration"))
+            with pytest.raises(ag.RemoteError, match="StopIteration.*hook failed on purpose"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()], retain_graph=True), 10)
+            assert (await ag.rpc("w1", F.debug_info))["num_offloaded_parts"] == 0
+            y2 = await ag.rpc("w1", F.mul, ("w", x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y2.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
         await assert_clean(c.names)
 
 
@@ -782,6 +809,29 @@ async def test_a_pass_dropped_while_its_part_runs_in_a_thread_leaves_the_context
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
             np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv, rtol=1e-12)
         await assert_clean(c.names)
+
+
+@pytest.mark.timeout(60)
+async def test_an_expected_peer_stays_watched_across_a_lag_of_our_own_loop(worker_path):
+    # A lag of our own loop is no news from the peers: the heartbeat counted the lag as
+    # hearing from them, which cleared what Worker.expect waited for (a hung peer was
+    # then noticed only at the idle timeout, 60 s).
+    import signal
+    import time
+
+    from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
+
+    async with cluster("processes", 1) as c:
+        pid = await ag.rpc("w1", F.pid)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            c.driver.expect("w1")
+            time.sleep(2.0)  # noqa: ASYNC251 (our own loop blocked: the heartbeat lags)
+            async with asyncio.timeout(HEARTBEAT_TIMEOUT + 5):
+                while not c.driver.is_lost("w1"):  # noqa: ASYNC110 (no event tells)
+                    await asyncio.sleep(0.05)
+        finally:
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.timeout(60)

@@ -97,11 +97,11 @@ async def _release_everywhere(st: DistState, ctx_id: int, wait: bool = True) -> 
 
 
 def _release_on(
-    worker: Any, peers: set[str], ctx_id: int, sender: str
+    worker: Any, peers: set[str], ctx_id: int, sender: str, gone: list[str] | None = None
 ) -> Coroutine[Any, Any, None]:
     """Send the release of ``ctx_id`` to ``peers`` now (each forwards it to its own
-    peers); returns the wait for their acknowledgements."""
-    started = start_calls(worker, peers, _release, (ctx_id, worker.name))
+    peers, but the ``gone`` ones); returns the wait for their acknowledgements."""
+    started = start_calls(worker, peers, _release, (ctx_id, worker.name, gone))
     return _await_releases(worker, started, ctx_id, sender)
 
 
@@ -143,7 +143,7 @@ def _release(ctx_id: int, sender: str, gone: list[str] | None = None) -> Awaitab
     if gone:
         peers.difference_update(gone)
     if peers:
-        return _release_on(worker, peers, ctx_id, sender)
+        return _release_on(worker, peers, ctx_id, sender, gone)
     return None
 
 

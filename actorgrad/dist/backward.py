@@ -564,10 +564,10 @@ def _step(st: DistState, ps: PassState, retain: bool, size: int = 0) -> _Outgoin
     thread (``_resume`` then sends them, with the credit held meanwhile)."""
     out = ps.run(perf_counter() + SLICE) if size < BIG else ps.collect()
     if ps.task.has_ready:
+        fut = st.worker.offload(ps.task.run)
         _merge(ps.held, out)
         ps.busy = True
         ps.ctx.offloaded += 1
-        fut = st.worker.offload(ps.task.run)
         fut.add_done_callback(functools.partial(_resume, st, ps, retain))
         return None
     if ps.task.finished:
@@ -589,13 +589,14 @@ def _resume(st: DistState, ps: PassState, retain: bool, fut: asyncio.Future[Any]
     exc = fut.exception() if not fut.cancelled() else WorkerLost("the worker is shutting down")
     if ctx.active_pass is not ps:
         return  # dropped meanwhile (aborted, a peer lost, released): nothing to send
+    if exc is not None:  # (any BaseException of the part's code: reported, not raised)
+        ctx.drop_pass(ps.pass_id)
+        _report(st, ctx.id, ps.origin, ps.pass_id, exc)
+        return
     held, ps.held = ps.held, {}
     _merge(held, ps.collect())
     checked = False
     try:
-        if exc is not None:
-            checked = True
-            raise exc
         backlog, ps.backlog = ps.backlog, []
         size = 0
         for items, num, exp in backlog:

@@ -236,6 +236,16 @@ async def _by_deadline(
         ) from None
 
 
+def _no_stop_iteration(fn: Callable[[], Any]) -> Any:
+    """``fn()``, a StopIteration it raises turned into a RuntimeError (asyncio cannot put
+    a StopIteration into a future: the future would never complete), as a generator
+    turns one into a RuntimeError (PEP 479)."""
+    try:
+        return fn()
+    except StopIteration as exc:
+        raise RuntimeError(f"{exc!r} raised in a job of the worker's thread pool") from exc
+
+
 def _unhold(sp: Any, _fut: Any) -> None:
     sp.held -= 1
 
@@ -488,7 +498,9 @@ class Worker:
             worker.offload(task.run).add_done_callback(on_done)
         """
         assert self._pool is not None, "offload before the worker started"
-        fut = self.loop.run_in_executor(self._pool, contextvars.copy_context().run, fn)
+        fut = self.loop.run_in_executor(
+            self._pool, contextvars.copy_context().run, functools.partial(_no_stop_iteration, fn)
+        )
         sp = transport._spinner(self.loop)
         if sp is not None:  # (the loop does not spin while the job runs: see _Spinner)
             sp.held += 1
@@ -1533,6 +1545,8 @@ class Worker:
                     continue
                 if lagged:
                     conn.last_recv = max(conn.last_recv, now - interval)
+                    if conn.peer_name in self._expected:  # (that is no news from it)
+                        self._expected[conn.peer_name] = now
                     continue
                 silent = now - conn.last_recv
                 # Only a side that waits on the peer declares it dead: a caller with
