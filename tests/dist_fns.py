@@ -230,6 +230,18 @@ async def fan_out(key: str, dest: str, dest_key: str, x: ag.Tensor) -> tuple[ag.
     return h, z
 
 
+async def backward_back_at(dest: str, ctx_id: int, key: str, x: ag.Tensor) -> None:
+    """y = x * store[key] here, then a backward of y.sum() started on ``dest`` (by a
+    call into it, e.g. back into the caller), in the caller's context."""
+    y = x * _store[_k(key)]
+    await ag.rpc(dest, backward_of, (ctx_id, y))
+
+
+async def backward_of(ctx_id: int, y: ag.Tensor) -> None:
+    """Start a backward of y.sum() on this worker, in the caller's context."""
+    await ag.dist.backward(ctx_id, [y.sum()])
+
+
 async def backward_here(ctx_id: int, key: str, x: ag.Tensor) -> None:
     """Start a backward pass on this worker, in the caller's context."""
     y = x * _store[_k(key)]

@@ -1235,6 +1235,31 @@ async def test_a_backward_while_another_task_of_the_context_has_a_call_out_is_re
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("path", ["driver -> w1 -> driver", "driver -> driver"])
+async def test_a_backward_inside_the_calls_of_its_context_is_not_refused(mode, path):
+    # The calls the task starting the pass runs inside are out too, but they wait for
+    # it: no message of theirs is on its way. The refusal of calls out (above) took
+    # them for another task's and refused a backward started back on the driver.
+    xv, wv = arr(3), arr(3)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            if path == "driver -> w1 -> driver":
+                await asyncio.wait_for(
+                    ag.rpc("w1", F.backward_back_at, ("driver", ctx, "w", x)), 20
+                )
+                np.testing.assert_allclose(
+                    await ag.rpc("w1", F.grad_of, (ctx, "w")), xv, rtol=1e-12
+                )
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+            else:
+                y = x * ag.tensor(wv)
+                await asyncio.wait_for(ag.rpc("driver", F.backward_of, (ctx, y)), 20)
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 async def test_a_backward_while_a_reply_with_tensors_is_on_its_way_is_refused(worker_path):
     # The reply side of the race: w1 answered (its send node recorded), the driver,
     # busy, has not read the answer when it starts the pass: w1 waited for the

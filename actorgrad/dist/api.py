@@ -68,7 +68,7 @@ class _Context:
         st = self._st = state_of(worker)
         ctx_id = self._id = st.new_context_id()
         st.create(ctx_id)
-        self._token = _current.set((worker, ctx_id))
+        self._token = _current.set((worker, ctx_id, ()))
         return ctx_id
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:

@@ -48,7 +48,14 @@ from typing import Any
 import numpy as np
 
 from actorgrad.autograd import GraphTask, grad_node, seed_grad
-from actorgrad.dist.context import DistContext, DistState, RecvNode, call_peers, state_of
+from actorgrad.dist.context import (
+    DistContext,
+    DistState,
+    RecvNode,
+    call_peers,
+    current_chain,
+    state_of,
+)
 from actorgrad.errors import (
     ActorgradError,
     ContextError,
@@ -869,12 +876,14 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
                 f"another backward pass is running in context {context_id:#x} "
                 "(started from another worker)"
             )
-        if ctx.calls_out:
-            # (not this task's: it is here) A call of another task of the context is
-            # out: its request or reply may be on its way, with send nodes recorded and
-            # no recv nodes yet, and the pass would wait for their gradients for good.
+        calls = ctx.calls_out.difference(current_chain()) if ctx.calls_out else None
+        if calls:
+            # A call of another task of the context is out (not one this task runs
+            # inside: that one waits for it): its request or reply may be on its way,
+            # with send nodes recorded and no recv nodes yet, and the pass would wait
+            # for their gradients for good.
             raise ContextError(
-                f"context {context_id:#x}: {ctx.calls_out} call(s) made in it on worker "
+                f"context {context_id:#x}: {len(calls)} call(s) made in it on worker "
                 f"{worker.name!r} by other tasks have not returned; their messages may "
                 "carry tensors of the graph, so a backward pass now could wait for "
                 "their gradients for good. Await them first (e.g. gather the tasks "

@@ -43,10 +43,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["DistContext", "DistState", "RecvNode", "SendNode", "current_context", "state_of"]
 
-# (worker, context id) of the context current in this task. The worker is kept so that
-# an in-process worker running a call does not mistake its caller's context for its own.
-_current: contextvars.ContextVar[tuple[Any, int] | None] = contextvars.ContextVar(
-    "actorgrad_dist_context", default=None
+# (worker, context id, call chain) of the context current in this task. The worker is
+# kept so that an in-process worker running a call does not mistake its caller's
+# context for its own. The chain: the tokens of the calls of this context this task
+# runs inside (its own call's last), whatever worker made them (see calls_out).
+_current: contextvars.ContextVar[tuple[Any, int, tuple[int, ...]] | None] = (
+    contextvars.ContextVar("actorgrad_dist_context", default=None)
 )
 
 CONTEXT_ID_BITS = 48
@@ -164,11 +166,13 @@ class DistContext:
         # sent from recorded send nodes whose recv nodes only its arrival creates here.
         # A pass meanwhile would wait for them: refused (see PassState).
         self.unanswered: dict[str, int] = {}
-        # Calls made here in this context that have not returned (DistInterceptor):
-        # a message of one may be on its way, its send nodes recorded on one side and
-        # its recv nodes not yet on the other; a pass started here now would wait
-        # for their gradients for good: refused (see backward).
-        self.calls_out = 0
+        # Tokens of the calls made here in this context that have not returned
+        # (DistInterceptor): a message of one may be on its way, its send nodes
+        # recorded on one side and its recv nodes not yet on the other; a pass started
+        # here now would wait for their gradients for good: refused (see backward),
+        # but for the calls the starting task runs inside (its call chain: they wait
+        # for it, no message of theirs is on its way).
+        self.calls_out: set[int] = set()
         # Parts of passes running in the worker's thread pool (backward._step).
         self.offloaded = 0
 
@@ -177,7 +181,7 @@ class DistContext:
             f"DistContext(id={self.id:#x}, initiator={self.initiator!r}, "
             f"sends={len(self.sends)}, recvs={len(self.recvs)}, peers={sorted(self.peers)}, "
             f"grads={len(self.grads)}, active_pass={self.active_pass is not None}, "
-            f"calls_out={self.calls_out}, released={self.released})"
+            f"calls_out={len(self.calls_out)}, released={self.released})"
         )
 
     def drop_pass(self, pass_id: int | None = None) -> None:
@@ -253,6 +257,7 @@ class DistState:
         self._ids = itertools.count(1)
         self._send_ids = itertools.count(1)
         self._pass_ids = itertools.count(1)
+        self._call_tokens = itertools.count(1)
         self._lock = threading.Lock()  # sync user code may send tensors from a thread
         self.num_backward_passes = 0
         self.num_backward_messages = 0  # sent by this worker: gradients, starts, credits
@@ -276,6 +281,10 @@ class DistState:
 
     def new_pass_id(self) -> int:
         return (int(self.worker.id) << 32) | next(self._pass_ids)
+
+    def new_call_token(self) -> int:
+        """A token for a call made here in a context, unique across the cluster."""
+        return (int(self.worker.id) << 40) | next(self._call_tokens)
 
     def get(self, ctx_id: int) -> DistContext:
         ctx = self.contexts.get(ctx_id) if type(ctx_id) is int else None
@@ -429,6 +438,12 @@ def current_context(worker: Worker) -> DistContext | None:
     return state_of(worker).contexts.get(cur[1])
 
 
+def current_chain() -> tuple[int, ...]:
+    """The tokens of the calls of its context the current task runs inside."""
+    cur = _current.get()
+    return () if cur is None else cur[2]
+
+
 def start_calls(
     worker: Worker, peers: Iterable[str], fn: Any, args: tuple[Any, ...]
 ) -> list[tuple[str, asyncio.Future[Any]]]:
@@ -488,8 +503,8 @@ class activate:
 
     __slots__ = ("_value", "_token")
 
-    def __init__(self, worker: Worker, ctx_id: int) -> None:
-        self._value = (worker, ctx_id)
+    def __init__(self, worker: Worker, ctx_id: int, chain: tuple[int, ...] = ()) -> None:
+        self._value = (worker, ctx_id, chain)
 
     def __enter__(self) -> None:
         self._token = _current.set(self._value)
@@ -567,25 +582,32 @@ class _Hooks:
 class DistInterceptor:
     """Joins the runtime's call path to distributed autograd (``runtime.set_interceptor``).
 
-    The metadata of a call made inside a context is ``[context_id, initiator]``.
+    The metadata of a call made inside a context is ``[context_id, initiator, chain]``:
+    ``chain`` the tokens of the calls of the context the call is made inside, then its
+    own (see DistContext.calls_out).
     """
 
     def outgoing(self, worker: Worker, dest: str) -> list[Any] | None:
-        ctx = current_context(worker)
+        cur = _current.get()
+        if cur is None or cur[0] is not worker:
+            return None
+        st = state_of(worker)
+        ctx = st.contexts.get(cur[1])
         if ctx is None:
             return None
         if dest != worker.name:
             ctx.peers.add(dest)
-        ctx.calls_out += 1
-        return [ctx.id, ctx.initiator]
+        token = st.new_call_token()
+        ctx.calls_out.add(token)
+        return [ctx.id, ctx.initiator, [*cur[2], token]]
 
     def returned(self, worker: Worker, meta: list[Any]) -> None:
         ctx = state_of(worker).contexts.get(meta[0])
         if ctx is not None:
-            ctx.calls_out -= 1
+            ctx.calls_out.discard(meta[2][-1])
 
     def wire_hooks(self, worker: Worker, meta: Any, peer: str) -> _Hooks:
-        ctx_id, initiator = _parse_meta(meta)
+        ctx_id, initiator, _ = _parse_meta(meta)
         st = state_of(worker)
         ctx = st.join(ctx_id, initiator)
         if peer != worker.name:
@@ -593,16 +615,29 @@ class DistInterceptor:
         return _Hooks(st, ctx, peer)
 
     def enter(self, worker: Worker, meta: Any) -> Any:
-        ctx_id, _ = _parse_meta(meta)
-        return activate(worker, ctx_id)
+        ctx_id, _, chain = _parse_meta(meta)
+        return activate(worker, ctx_id, chain)
 
 
-def _parse_meta(meta: Any) -> tuple[int, str]:
-    if (
-        isinstance(meta, list | tuple)
-        and len(meta) == 2
-        and isinstance(meta[0], int)
-        and isinstance(meta[1], str)
-    ):
-        return meta[0], meta[1]
-    raise ProtocolError(f"malformed distributed autograd call metadata: {meta!r}")
+#: Longest call chain a call's metadata may carry (calls nested inside calls of one
+#: context); deeper is a malformed message (or a runaway recursion).
+MAX_CHAIN = 1024
+
+
+def _parse_meta(meta: Any) -> tuple[int, str, tuple[int, ...]]:
+    if type(meta) is list and len(meta) == 3:
+        ctx_id, initiator, chain = meta
+        if (
+            type(ctx_id) is int
+            and type(initiator) is str
+            and type(chain) is list
+            and 0 < len(chain) <= MAX_CHAIN
+            # (a call of the driver's own task, the common case: one token)
+            and (type(chain[0]) is int if len(chain) == 1 else _ints(chain))
+        ):
+            return ctx_id, initiator, tuple(chain)
+    raise ProtocolError(f"malformed distributed autograd call metadata: {short_repr(meta)}")
+
+
+def _ints(values: list[Any]) -> bool:
+    return all(type(v) is int for v in values)
