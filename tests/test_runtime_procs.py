@@ -435,7 +435,16 @@ async def test_a_call_timeout_bounds_registering_the_rrefs_it_passes():
     async with ag.local_cluster(2, processes=True):
         assert await ag.rpc("w2", add, (1, 2)) == 3
         r = await ag.remote("w1", np.zeros, (3,))
-        busy = asyncio.ensure_future(ag.rpc("w1", block_loop, (1.5,)))
+        busy = asyncio.ensure_future(ag.rpc("w1", block_loop, (2.5,)))
+        # (w1's loop is blocked once a call to it goes unanswered: the registration,
+        # answered inline where it is read, was otherwise answered before block_loop
+        # started when both came in one read)
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    await ag.rpc("w1", owned, timeout=0.2)
+                except ag.RpcTimeout:
+                    break
         t0 = time.monotonic()
         with pytest.raises(ag.RpcTimeout, match="0.5 s .registering the RRefs it passes"):
             await ag.rpc("w2", add, (r,), timeout=0.5)
