@@ -242,6 +242,38 @@ async def backward_of(ctx_id: int, y: ag.Tensor) -> None:
     await ag.dist.backward(ctx_id, [y.sum()])
 
 
+async def via_and_back(dest: str, ctx_id: int, key: str, x: ag.Tensor) -> ag.Tensor:
+    """h = x * store[key]; y = a call of ``backward_in_spawned_task`` on ``dest`` with
+    h; returns y * store[key]."""
+    w = _store[_k(key)]
+    y = await ag.rpc(dest, backward_in_spawned_task, (ctx_id, x * w))
+    return y * w
+
+
+async def backward_in_spawned_task(ctx_id: int, h: ag.Tensor) -> ag.Tensor:
+    """Returns y = h * 2 at once; a task it spawns (so: in the call's context), after
+    blocking this worker's loop a moment (the caller's reply, with y * w, arrives
+    meanwhile, unread), starts a backward of y.sum(); its outcome goes to
+    ``outcome("spawned backward")``, then ``event("spawned backward done")`` is set."""
+    import asyncio
+
+    y = h * 2.0
+
+    async def run() -> None:
+        time.sleep(0.3)  # noqa: ASYNC251 (busy: the reply waits unread)
+        try:
+            await asyncio.wait_for(ag.dist.backward(ctx_id, [y.sum()]), 10)
+            _outcomes["spawned backward"] = "ok"
+        except Exception as exc:
+            _outcomes["spawned backward"] = f"{type(exc).__name__}: {exc}"
+        event("spawned backward done").set()
+
+    task = asyncio.ensure_future(run())
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return y
+
+
 async def backward_here(ctx_id: int, key: str, x: ag.Tensor) -> None:
     """Start a backward pass on this worker, in the caller's context."""
     y = x * _store[_k(key)]

@@ -1260,6 +1260,26 @@ async def test_a_backward_inside_the_calls_of_its_context_is_not_refused(mode, p
         await assert_clean(c.names)
 
 
+async def test_a_backward_in_a_task_a_handler_spawned_is_refused_while_calls_are_out(mode):
+    # The spawned task inherits the handler's call chain but not its waiting: the
+    # handler returned, and the driver's call to w1 is out with a reply that carries
+    # a tensor (w1's y * w). Exempting that call from the refusal hung the pass.
+    xv, wv = arr(3), arr(3)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        F.event("spawned backward done").clear()
+        async with ag.dist.context() as ctx:
+            z = await ag.rpc("w1", F.via_and_back, ("driver", ctx, "w", x))
+            async with asyncio.timeout(20):
+                await F.event("spawned backward done").wait()
+            outcome = F._outcomes.pop("spawned backward")
+            assert outcome.startswith("ContextError") and "have not returned" in outcome
+            await asyncio.wait_for(ag.dist.backward(ctx, [z.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * wv * wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 async def test_a_backward_while_a_reply_with_tensors_is_on_its_way_is_refused(worker_path):
     # The reply side of the race: w1 answered (its send node recorded), the driver,
     # busy, has not read the answer when it starts the pass: w1 waited for the

@@ -53,7 +53,7 @@ from actorgrad.dist.context import (
     DistState,
     RecvNode,
     call_peers,
-    current_chain,
+    running_chain,
     state_of,
 )
 from actorgrad.errors import (
@@ -876,7 +876,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
                 f"another backward pass is running in context {context_id:#x} "
                 "(started from another worker)"
             )
-        calls = ctx.calls_out.difference(current_chain()) if ctx.calls_out else None
+        calls = ctx.calls_out.difference(running_chain(worker)) if ctx.calls_out else None
         if calls:
             # A call of another task of the context is out (not one this task runs
             # inside: that one waits for it): its request or reply may be on its way,

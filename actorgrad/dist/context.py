@@ -258,6 +258,8 @@ class DistState:
         self._send_ids = itertools.count(1)
         self._pass_ids = itertools.count(1)
         self._call_tokens = itertools.count(1)
+        # token -> handlers of that call running here (activate)
+        self.running_calls: dict[int, int] = {}
         self._lock = threading.Lock()  # sync user code may send tensors from a thread
         self.num_backward_passes = 0
         self.num_backward_messages = 0  # sent by this worker: gradients, starts, credits
@@ -438,10 +440,15 @@ def current_context(worker: Worker) -> DistContext | None:
     return state_of(worker).contexts.get(cur[1])
 
 
-def current_chain() -> tuple[int, ...]:
-    """The tokens of the calls of its context the current task runs inside."""
+def running_chain(worker: Worker) -> tuple[int, ...]:
+    """The tokens of the calls of its context the current task runs inside: its chain,
+    while the handler of its innermost call still runs here. (A task spawned by a
+    handler inherits its chain but not its waiting: once the handler returned, its
+    call's reply, maybe carrying tensors, is on its way.)"""
     cur = _current.get()
-    return () if cur is None else cur[2]
+    if cur is None or not cur[2] or cur[2][-1] not in state_of(worker).running_calls:
+        return ()
+    return cur[2]
 
 
 def start_calls(
@@ -508,9 +515,21 @@ class activate:
 
     def __enter__(self) -> None:
         self._token = _current.set(self._value)
+        worker, _, chain = self._value
+        if chain:  # (the handler of this call runs: see running_chain)
+            running = state_of(worker).running_calls
+            running[chain[-1]] = running.get(chain[-1], 0) + 1
 
     def __exit__(self, *exc_info: object) -> None:
         _current.reset(self._token)
+        worker, _, chain = self._value
+        if chain:
+            running = state_of(worker).running_calls
+            n = running.get(chain[-1], 0) - 1
+            if n > 0:
+                running[chain[-1]] = n
+            else:
+                running.pop(chain[-1], None)
 
 
 class _Hooks:
