@@ -600,8 +600,7 @@ def _resume(st: DistState, ps: PassState, retain: bool, fut: asyncio.Future[Any]
         ctx.drop_pass(ps.pass_id)
         _report(st, ctx.id, ps.origin, ps.pass_id, exc)
         return
-    held, ps.held = ps.held, {}
-    _merge(held, ps.collect())
+    _merge(ps.held, ps.collect())
     checked = False
     try:
         backlog, ps.backlog = ps.backlog, []
@@ -616,9 +615,8 @@ def _resume(st: DistState, ps: PassState, retain: bool, fut: asyncio.Future[Any]
         _report(st, ctx.id, ps.origin, ps.pass_id, err, refused=not checked)
         return
     if out is None:  # (went on in a thread again: sent with what it makes then)
-        _merge(held, ps.held)
-        ps.held = held
         return
+    held, ps.held = ps.held, {}
     _merge(held, out)
     _forward(st, ps, retain, held)
 

@@ -258,8 +258,8 @@ class DistState:
         self._send_ids = itertools.count(1)
         self._pass_ids = itertools.count(1)
         self._call_tokens = itertools.count(1)
-        # token -> handlers of that call running here (activate)
-        self.running_calls: dict[int, int] = {}
+        # tokens of the calls whose handlers run here (activate)
+        self.running_calls: set[int] = set()
         self._lock = threading.Lock()  # sync user code may send tensors from a thread
         self.num_backward_passes = 0
         self.num_backward_messages = 0  # sent by this worker: gradients, starts, credits
@@ -510,26 +510,18 @@ class activate:
 
     __slots__ = ("_value", "_token")
 
-    def __init__(self, worker: Worker, ctx_id: int, chain: tuple[int, ...] = ()) -> None:
+    def __init__(self, worker: Worker, ctx_id: int, chain: tuple[int, ...]) -> None:
         self._value = (worker, ctx_id, chain)
 
     def __enter__(self) -> None:
         self._token = _current.set(self._value)
         worker, _, chain = self._value
-        if chain:  # (the handler of this call runs: see running_chain)
-            running = state_of(worker).running_calls
-            running[chain[-1]] = running.get(chain[-1], 0) + 1
+        state_of(worker).running_calls.add(chain[-1])  # (its handler runs: running_chain)
 
     def __exit__(self, *exc_info: object) -> None:
         _current.reset(self._token)
         worker, _, chain = self._value
-        if chain:
-            running = state_of(worker).running_calls
-            n = running.get(chain[-1], 0) - 1
-            if n > 0:
-                running[chain[-1]] = n
-            else:
-                running.pop(chain[-1], None)
+        state_of(worker).running_calls.discard(chain[-1])
 
 
 class _Hooks:
@@ -651,12 +643,7 @@ def _parse_meta(meta: Any) -> tuple[int, str, tuple[int, ...]]:
             and type(initiator) is str
             and type(chain) is list
             and 0 < len(chain) <= MAX_CHAIN
-            # (a call of the driver's own task, the common case: one token)
-            and (type(chain[0]) is int if len(chain) == 1 else _ints(chain))
+            and all(type(t) is int for t in chain)
         ):
             return ctx_id, initiator, tuple(chain)
     raise ProtocolError(f"malformed distributed autograd call metadata: {short_repr(meta)}")
-
-
-def _ints(values: list[Any]) -> bool:
-    return all(type(v) is int for v in values)
