@@ -107,6 +107,14 @@ async def chain(dests: list[str], key: str, x: ag.Tensor) -> ag.Tensor:
     return x
 
 
+async def ping_pong(n: int, other: str, me: str, x: ag.Tensor) -> ag.Tensor:
+    """x * 2 after n calls back and forth between this worker and other, each made
+    inside the one before."""
+    if n == 0:
+        return x * 2
+    return await ag.rpc(other, ping_pong, (n - 1, me, other, x))
+
+
 async def mul_plus_remote(dest: str, key: str, x: ag.Tensor) -> ag.Tensor:
     """x * store[key] + dest's store[key] (fetched as ones * it): this worker's part of
     a backward ends as it sends that term's gradient to dest (nothing comes back)."""

@@ -159,6 +159,26 @@ async def test_calling_oneself():
     np.testing.assert_allclose(gw, rw, rtol=1e-12)
 
 
+async def test_a_runaway_recursion_of_calls_fails_with_a_clear_error_and_the_context_works_on():
+    from actorgrad.dist.context import MAX_CHAIN
+
+    xv = arr(3)
+    async with cluster(n=2) as c:
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            # the deepest chain the metadata carries: the gradient flows back through it
+            y = await ag.rpc("w1", F.ping_pong, (MAX_CHAIN - 1, "w2", "w1", x))
+            with pytest.raises(ag.RemoteError) as ei:
+                await ag.rpc("w1", F.ping_pong, (MAX_CHAIN, "w2", "w1", x))
+            assert ei.value.remote_type == "actorgrad.errors.ContextError", ei.value
+            assert f"calls nested more than {MAX_CHAIN} deep" in str(ei.value)
+            assert "malformed" not in str(ei.value)
+            await ag.dist.backward(ctx, [(y * y).sum()])
+            gx = ag.dist.get_gradients(ctx)[x]
+        await assert_clean(c.names)
+    np.testing.assert_allclose(gx, 8 * xv, rtol=1e-12)
+
+
 async def test_tensor_behind_rref_on_third_worker(mode):
     xv, pv = arr(3), arr(3)
     async with cluster(mode) as c:

@@ -606,6 +606,14 @@ class DistInterceptor:
         ctx = st.contexts.get(cur[1])
         if ctx is None:
             return None
+        if len(cur[2]) >= MAX_CHAIN:
+            # (checked here, where it is the caller's mistake: the callee could only
+            # call the metadata malformed)
+            raise ContextError(
+                f"calls nested more than {MAX_CHAIN} deep in distributed autograd context "
+                f"{ctx.id:#x} (a call made inside a call inside a call...: a runaway "
+                "recursion?)"
+            )
         if dest != worker.name:
             ctx.peers.add(dest)
         token = st.new_call_token()
