@@ -485,3 +485,27 @@ async def rpc_call(dest: str, ops: list, outs: list, args: list) -> list:
 async def run_prog(ops: list, outs: list, args: list) -> list:
     """This worker's part of a random program (its params live in the store)."""
     return await interp(ops, outs, args, ag.worker_name(), _stored_param, rpc_call)
+
+
+async def mul_with_a_call_in_background(dest: str, gate: str, key: str, x: ag.Tensor) -> ag.Tensor:
+    """x * store[key]; a task it spawns keeps a call of ``gated_mul(gate, key, x)`` on
+    ``dest`` out (in the caller's context) after it returned; event "bg calling" is set
+    as the call leaves, "bg done" when it returned (its result: store["bg"])."""
+    import asyncio
+
+    async def bg() -> None:
+        try:
+            event("bg calling").set()  # (the request is encoded and sent before it yields)
+            _store[_k("bg")] = await ag.rpc(dest, gated_mul, (gate, key, x))
+        finally:
+            event("bg done").set()
+
+    task = asyncio.get_running_loop().create_task(bg())
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return mul(key, x)
+
+
+def add_signalling_hook(key: str, gate: str) -> None:
+    """A hook on store[key] that sets this process's event ``gate`` when it runs."""
+    _store[_k(key)].register_hook(lambda g: event(gate).set())

@@ -1255,6 +1255,71 @@ async def test_a_backward_while_another_task_of_the_context_has_a_call_out_is_re
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+async def test_a_call_out_on_another_worker_refuses_the_backward_there(transport):
+    # w1's handler spawned a task that keeps a call to w2 out in the context. Here its
+    # reply (a tensor of the graph, send node recorded on w2) leaves w2 just as w1's
+    # part of the pass starts without its recv node: w2's part waited for that
+    # gradient from w1 for good (only the origin checked its calls out). Now every
+    # worker refuses a pass while calls made in the context there are out, except the
+    # calls the pass was started inside (their tokens travel with its messages).
+    xv, wv, vv = arr(3), arr(3), arr(3)
+    async with cluster(transport, 2) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w2", F.put, ("w", vv))
+        await ag.rpc("w1", F.warm_up, (["w2"],))  # (so the call leaves at once)
+        for name in ("bg calling", "bg done", "go"):
+            F.event(name).clear()
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul_with_a_call_in_background, ("w2", "go", "w", x))
+            async with asyncio.timeout(10):
+                await F.event("bg calling").wait()
+            # (w2 replies as the driver's part runs: its gradient reaches w1 after that)
+            y.register_hook(lambda g: F.event("go").set())
+            with pytest.raises(ag.ContextError) as ei:
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()], retain_graph=True), 10)
+            assert "1 call(s) made in it on worker 'w1' by other tasks" in str(ei.value)
+            assert "refused by worker 'w1'" in str(ei.value)
+            F.event("go").set()
+            async with asyncio.timeout(10):
+                await F.event("bg done").wait()
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv, rtol=1e-12)
+            # (the background call's result is unused: zero gradients, reported)
+            np.testing.assert_array_equal(await ag.rpc("w2", F.grad_of, (ctx, "w")), 0)
+        await assert_clean(c.names)
+
+
+async def test_a_malformed_call_chain_in_a_backward_message_fails_the_pass():
+    from actorgrad.dist.backward import T_DELIVER
+    from actorgrad.errors import ProtocolError
+
+    xv, wv = arr(4), arr(4)
+    async with cluster("tcp", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        real_cast = c.driver.cast
+
+        def cast(dest, topic, args, on_error=None):
+            if topic == T_DELIVER:
+                args = (*args[:-1], ["x"])
+            return real_cast(dest, topic, args, on_error=on_error)
+
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            c.driver.cast = cast  # type: ignore[method-assign]
+            try:
+                with pytest.raises(ProtocolError, match=r"malformed call chain \['x'\] from 'dr"):
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            finally:
+                del c.driver.cast
+        await assert_clean(c.names)
+        await assert_one_hop_exact(xv, wv)
+        await assert_clean(c.names)
+
+
 @pytest.mark.parametrize("path", ["driver -> w1 -> driver", "driver -> driver"])
 async def test_a_backward_inside_the_calls_of_its_context_is_not_refused(mode, path):
     # The calls the task starting the pass runs inside are out too, but they wait for
@@ -1648,8 +1713,8 @@ async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(cor
 @pytest.mark.parametrize(
     "topic, args",
     [
-        ("dist.deliver", ("ctx", "driver", 1, False, [], 1, 0, "driver", None)),
-        ("dist.deliver", (1, 7, 1, False, [], 1, 0, "driver", None)),  # origin not a str
+        ("dist.deliver", ("ctx", "driver", 1, False, [], 1, 0, "driver", None, [])),
+        ("dist.deliver", (1, 7, 1, False, [], 1, 0, "driver", None, [])),  # origin not a str
         ("dist.credit", (1, [2], 1, 0)),
         ("dist.fail", (None, 1, ["lost", "x"])),
         ("dist.abort", (1, {"a": 1})),

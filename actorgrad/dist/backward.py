@@ -217,6 +217,7 @@ class PassState:
         "busy",
         "backlog",
         "held",
+        "exempt",
     )
 
     def __init__(
@@ -227,7 +228,22 @@ class PassState:
         origin: str,
         roots: Sequence[tuple[Any, np.ndarray | None]],
         retain_graph: bool,
+        exempt: Sequence[int] = (),
     ) -> None:
+        calls = ctx.calls_out.difference(exempt) if ctx.calls_out else None
+        if calls:
+            # A call made in the context here by a task other than the one that started
+            # the pass (whose calls, ``exempt``, wait for it) is out: its request or
+            # reply may be on its way, with send nodes recorded and no recv nodes yet,
+            # and the pass would wait for their gradients for good. Checked on every
+            # worker a pass reaches, when its part starts (before it runs any node).
+            raise ContextError(
+                f"context {ctx.id:#x}: {len(calls)} call(s) made in it on worker "
+                f"{worker.name!r} by other tasks have not returned; their messages may "
+                "carry tensors of the graph, so a backward pass now could wait for "
+                "their gradients for good. Await them first (e.g. gather the tasks "
+                "making them), then call backward"
+            )
         if ctx.unanswered:
             peer = next(iter(ctx.unanswered))
             raise ContextError(
@@ -240,6 +256,10 @@ class PassState:
         self.worker = worker
         self.ctx = ctx
         self.pass_id = pass_id
+        # The call chain of the task that started the pass, while the handler of its
+        # innermost call runs on the origin (context.running_chain): those calls wait
+        # for the pass. Every message of the pass carries it.
+        self.exempt = list(exempt)
         # The worker that called backward: it collects the credit and the failures
         # (usually the context's initiator, but any worker in the context may start one).
         self.origin = origin
@@ -540,7 +560,7 @@ def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None
         worker.cast(
             dest,
             T_DELIVER,
-            (ctx.id, origin, pass_id, retain, items, *part, me, relays.pop(dest, None)),
+            (ctx.id, origin, pass_id, retain, items, *part, me, relays.pop(dest, None), ps.exempt),
             on_error=functools.partial(_send_failed, st, ctx, pass_id, origin),
         )
 
@@ -633,11 +653,13 @@ def _deliver(
     exp: int,
     sender: str,
     relay: list[Any] | None,
+    exempt: list[int],
 ) -> None:
     """Message handler: gradients for some of this worker's send nodes (maybe none:
     then it only starts this worker's part of the pass), and from the origin, the
     relays of this worker's recv nodes (see _plan_relays). Runs what they made ready
-    and sends the resulting messages on with this message's credit. A failure here is
+    and sends the resulting messages on with this message's credit. ``exempt``: the
+    tokens of the calls the pass was started inside (see PassState). A failure here is
     reported to the pass's origin (there is no reply)."""
     _check_ids(ctx_id, pass_id)
     if type(origin) is not str or type(sender) is not str or type(retain) is not bool:
@@ -685,7 +707,9 @@ def _deliver(
                 # may relay our recv nodes from it elsewhere: none may fire before.
                 ctx.early.setdefault(pass_id, []).append((items, num, exp))
                 return
-            ps = ctx.active_pass = PassState(st.worker, ctx, pass_id, origin, (), retain)
+            if type(exempt) is not list or not all(type(t) is int for t in exempt):
+                raise ProtocolError(f"malformed call chain {short_repr(exempt)} from {sender!r}")
+            ps = ctx.active_pass = PassState(st.worker, ctx, pass_id, origin, (), retain, exempt)
             early = ctx.early.pop(pass_id, None) if ctx.early else None
         if relay:
             for i in range(0, len(relay), 3):
@@ -874,23 +898,12 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
                 f"another backward pass is running in context {context_id:#x} "
                 "(started from another worker)"
             )
-        calls = ctx.calls_out.difference(running_chain(worker)) if ctx.calls_out else None
-        if calls:
-            # A call of another task of the context is out (not one this task runs
-            # inside: that one waits for it): its request or reply may be on its way,
-            # with send nodes recorded and no recv nodes yet, and the pass would wait
-            # for their gradients for good.
-            raise ContextError(
-                f"context {context_id:#x}: {len(calls)} call(s) made in it on worker "
-                f"{worker.name!r} by other tasks have not returned; their messages may "
-                "carry tensors of the graph, so a backward pass now could wait for "
-                "their gradients for good. Await them first (e.g. gather the tasks "
-                "making them), then call backward"
-            )
         _check_not_offloaded(ctx, worker.name)
         pass_id = st.new_pass_id()
         # (the pass state first: if building it fails, no run is left registered)
-        ps = ctx.active_pass = PassState(worker, ctx, pass_id, worker.name, checked, retain_graph)
+        ps = ctx.active_pass = PassState(
+            worker, ctx, pass_id, worker.name, checked, retain_graph, running_chain(worker)
+        )
         run = st.runs[pass_id] = InitiatorRun(context_id, pass_id)
         try:
             ps.credit = (1, 0)
