@@ -551,7 +551,11 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
     else:
         bd, br = (b if type(b) is float or type(b) is int else _data(b)), False
     node = _new(cls)
-    out = node.forward(ad, bd)
+    try:
+        out = node.forward(ad, bd)
+    except TypeError:
+        _check_operands(cls, a, b)
+        raise
     if (ar or br) and grad_enabled():
         node.next = (
             (a.grad_fn or grad_node(a)) if ar else None,
@@ -560,6 +564,43 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
         node._hooks = None
         return _result(out, node)
     return _result(out, None)
+
+
+def _check_operands(cls: type[Function], a: Any, b: Any) -> None:
+    """Raise a TypeError naming the operator and the operand that is not a number or
+    an array of numbers (numpy's message would name the array's scalar type, e.g.
+    "'float' and 'NoneType'"); return for numeric operands (numpy's error stands)."""
+    for x in (a, b):
+        if not isinstance(x, Tensor) and np.asarray(_data(x)).dtype.kind not in "biufc":
+            sym = _SYMBOLS.get(cls.__name__, cls.__name__)
+            raise TypeError(
+                f"unsupported operand type(s) for {sym}: {_kind(a)} and {_kind(b)} "
+                "(operands must be tensors, numpy arrays, lists or numbers)"
+            )
+
+
+_SYMBOLS = {"Add": "+", "Sub": "-", "Mul": "*", "Div": "/", "Pow": "**", "MatMul": "@"}
+
+
+def _kind(x: Any) -> str:
+    if isinstance(x, (Tensor, np.ndarray)):
+        return f"'{type(x).__name__}' of dtype {x.dtype}"
+    return f"'{type(x).__name__}'"
+
+
+def _as_tensor(x: Any, where: str) -> Tensor:
+    """``x`` as a Tensor: a Tensor as it is, a numpy array or (nested) list of numbers
+    wrapped (as the ops take them); anything else raises TypeError naming ``where``."""
+    if isinstance(x, Tensor):
+        return x
+    arr = np.asarray(_data(x))
+    if arr.dtype.kind not in "biufc":
+        raise TypeError(
+            f"{where} must be a Tensor, a numpy array or a list of numbers, "
+            f"got {type(x).__name__}"
+            + (f" of dtype {arr.dtype}" if isinstance(x, (np.ndarray, list, tuple)) else "")
+        )
+    return Tensor(arr)
 
 
 def _nary(cls: type[Function], xs: Sequence[Any], *params: Any) -> Tensor:
@@ -604,12 +645,24 @@ def _axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
     out: list[int] = []
     for ax in axis:
         if not (-ndim <= ax < ndim if ndim else ax in (0, -1)):
-            raise ValueError(f"axis {ax} is out of range for a tensor with {ndim} dimensions")
+            raise ValueError(_bad_axis("", ax, ndim))
         norm = int(ax) % max(ndim, 1)
         if norm in out:
             raise ValueError(f"axis {norm} appears more than once in axis={tuple(axis)}")
         out.append(norm)
     return tuple(sorted(out)) if ndim else ()
+
+
+def _bad_axis(fn: str, axis: Any, ndim: int) -> str:
+    where = f"{fn}: " if fn else ""
+    return f"{where}axis {axis} is out of range for a tensor with {ndim} dimensions"
+
+
+def _check_axis(fn: str, axis: Any, ndim: int) -> None:
+    try:
+        _axes(axis, ndim)
+    except ValueError:
+        raise ValueError(_bad_axis(fn, axis, ndim)) from None
 
 
 def _perm(axes: Any, ndim: int) -> tuple[int, ...]:
@@ -1018,10 +1071,15 @@ class Softmax(Function):
 
     def forward(self, a: Any, axis: int) -> Any:
         if a.size == 0:  # (max() of a size-0 axis raises; the result is empty anyway)
+            _check_axis("softmax", axis, a.ndim)  # (as for any other size)
             out = np.exp(a)
             self.saved = (out, axis)
             return out
-        e = np.exp(a - a.max(axis=axis, keepdims=True))  # shift: stable for huge logits
+        try:
+            m = a.max(axis=axis, keepdims=True)
+        except np.exceptions.AxisError:
+            raise ValueError(_bad_axis("softmax", axis, a.ndim)) from None
+        e = np.exp(a - m)  # shift: stable for huge logits
         out = e / e.sum(axis=axis, keepdims=True)
         self.saved = (out, axis)
         return out
@@ -1036,10 +1094,14 @@ class LogSoftmax(Function):
 
     def forward(self, a: Any, axis: int) -> Any:
         if a.size == 0:  # (as in Softmax: the dtype of the usual result, no elements)
+            _check_axis("log_softmax", axis, a.ndim)
             out = np.exp(a)
             self.saved = (out, axis)
             return out
-        shifted = a - a.max(axis=axis, keepdims=True)
+        try:
+            shifted = a - a.max(axis=axis, keepdims=True)
+        except np.exceptions.AxisError:
+            raise ValueError(_bad_axis("log_softmax", axis, a.ndim)) from None
         out = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
         self.saved = (out, axis)
         return out
@@ -1269,26 +1331,41 @@ def stack(tensors: Sequence[Any], axis: int = 0) -> Tensor:
 
 def split(t: Tensor, split_size_or_sizes: int | Sequence[int], axis: int = 0) -> list[Tensor]:
     """Split into chunks along ``axis``: an int is each chunk's size (the last may be
-    smaller), a list gives every chunk's size (as ``torch.split``).
+    smaller), a list gives every chunk's size (as ``torch.split``). ``t`` may also be a
+    numpy array or a list, as for the other ops.
 
     Example::
 
         >>> [c.shape for c in ag.split(ag.ones(5, 2), 2)]
         [(2, 2), (2, 2), (1, 2)]
     """
+    t = _as_tensor(t, "split: t")
     if t.ndim == 0:
         raise ValueError("split: a 0-d tensor has no axis to split along")
     ax = _axes(axis, t.ndim)[0]  # type: ignore[index]
     n = t.shape[ax]
-    if isinstance(split_size_or_sizes, (int, np.integer)):
-        size = int(split_size_or_sizes)
+    sizes_arg = split_size_or_sizes
+    if isinstance(sizes_arg, (int, np.integer)) and not isinstance(sizes_arg, bool):
+        size = int(sizes_arg)
         if size <= 0:
-            raise ValueError(f"split: chunk size must be positive, got {size}")
+            raise ValueError(f"split: split_size_or_sizes must be positive, got {size}")
         sizes = [min(size, n - start) for start in range(0, n, size)] or [0]
     else:
-        sizes = [int(s) for s in split_size_or_sizes]
-        if sum(sizes) != n or any(s < 0 for s in sizes):
-            raise ValueError(f"split: sizes {sizes} do not add up to {n} (axis {ax} of {t.shape})")
+        if not isinstance(sizes_arg, (list, tuple, np.ndarray)) or not all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in sizes_arg
+        ):
+            raise TypeError(
+                "split: split_size_or_sizes must be an int (the size of each chunk) or a "
+                f"list of ints (the size of every chunk), got {sizes_arg!r:.80}"
+            )
+        sizes = [int(s) for s in sizes_arg]
+        if any(s < 0 for s in sizes):
+            raise ValueError(f"split: split_size_or_sizes {sizes} has a negative size")
+        if sum(sizes) != n:
+            raise ValueError(
+                f"split: split_size_or_sizes {sizes} do not add up to {n} (axis {ax} of "
+                f"shape {t.shape}): their sum is {sum(sizes)}"
+            )
     lead = (slice(None),) * ax
     out = []
     start = 0
@@ -1340,6 +1417,12 @@ def tensor(data: Any, *, dtype: Any = None, requires_grad: bool = False) -> Tens
     return Tensor(arr, requires_grad=requires_grad)
 
 
+def _factory_dtype(dtype: Any) -> np.dtype:
+    """The factories' dtype: None means the default, float32 (as torch's dtype=None
+    means its default dtype), not numpy's float64."""
+    return np.dtype(np.float32) if dtype is None else np.dtype(dtype)
+
+
 def _shape(shape: tuple[Any, ...]) -> tuple[int, ...]:
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         return tuple(shape[0])
@@ -1347,39 +1430,45 @@ def _shape(shape: tuple[Any, ...]) -> tuple[int, ...]:
 
 
 def zeros(*shape: Any, dtype: Any = "float32", requires_grad: bool = False) -> Tensor:
-    """A tensor of zeros: ``ag.zeros(2, 3)`` or ``ag.zeros((2, 3))``.
+    """A tensor of zeros: ``ag.zeros(2, 3)`` or ``ag.zeros((2, 3))``. ``dtype=None``
+    is the default, float32.
 
     >>> ag.zeros(2, 3).shape, ag.zeros((2,), dtype="int64")
     ((2, 3), tensor([0, 0], dtype=int64))
     """
-    return tensor(np.zeros(_shape(shape), dtype=dtype), requires_grad=requires_grad)
+    arr = np.zeros(_shape(shape), dtype=_factory_dtype(dtype))
+    return tensor(arr, requires_grad=requires_grad)
 
 
 def ones(*shape: Any, dtype: Any = "float32", requires_grad: bool = False) -> Tensor:
-    """A tensor of ones: ``ag.ones(2, 3)`` or ``ag.ones((2, 3))``.
+    """A tensor of ones: ``ag.ones(2, 3)`` or ``ag.ones((2, 3))``. ``dtype=None`` is
+    the default, float32.
 
     >>> ag.ones(2, requires_grad=True)
     tensor([1., 1.], requires_grad=True)
     """
-    return tensor(np.ones(_shape(shape), dtype=dtype), requires_grad=requires_grad)
+    arr = np.ones(_shape(shape), dtype=_factory_dtype(dtype))
+    return tensor(arr, requires_grad=requires_grad)
 
 
 def randn(
     *shape: Any, dtype: Any = "float32", requires_grad: bool = False, seed: int | None = None
 ) -> Tensor:
-    """Standard normal samples; ``seed`` makes them reproducible.
+    """Standard normal samples; ``seed`` makes them reproducible. ``dtype`` must be a
+    floating point dtype (TypeError otherwise); None is the default, float32.
 
     Example::
 
         >>> ag.randn(2, 3, seed=0).shape
         (2, 3)
     """
-    dt = np.dtype(dtype)
+    dt = _factory_dtype(dtype)
+    if dt.kind != "f":
+        # (normal samples cast to integers or bools would be silently truncated)
+        raise TypeError(f"randn: dtype must be a floating point dtype, got {dt}")
     rng = np.random.default_rng(seed)
     if dt in (np.float32, np.float64):
         arr = rng.standard_normal(_shape(shape), dtype=dt)
     else:
         arr = rng.standard_normal(_shape(shape)).astype(dt)
-    if requires_grad and dt.kind != "f":
-        raise TypeError(_needs_float(dt))
     return Tensor(arr, requires_grad=requires_grad)

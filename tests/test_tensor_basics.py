@@ -233,3 +233,20 @@ def test_boolean_mask_of_the_wrong_shape_raises_index_error_as_in_numpy(index, m
     with pytest.raises(IndexError):
         x.data[index]  # (numpy's own check agrees)
     np.testing.assert_array_equal(x[np.array([False, True, True])].data, x.data[1:])
+
+
+def test_randn_refuses_a_dtype_that_is_not_floating_point():
+    # (randn(3, dtype="int32") gave normal samples truncated to int32: mostly zeros)
+    for dtype in ("int32", "bool", "complex64"):
+        with pytest.raises(
+            TypeError, match=f"randn: dtype must be a floating point dtype, got {dtype}"
+        ):
+            ag.randn(3, dtype=dtype)
+    assert ag.randn(3, dtype="float16", seed=0).dtype == np.float16
+
+
+def test_factories_take_dtype_none_as_the_default_float32():
+    # (np.zeros(dtype=None) made it float64, unlike dtype omitted)
+    for make in (ag.zeros, ag.ones, ag.randn):
+        assert make(2, dtype=None).dtype == np.float32
+        assert make(2).dtype == np.float32

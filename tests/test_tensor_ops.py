@@ -395,3 +395,58 @@ def test_register_hook_refuses_what_is_not_callable():
     x = ag.tensor([1.0], requires_grad=True)
     with pytest.raises(TypeError, match="register_hook needs a callable fn.grad., got 5"):
         x.register_hook(5)
+
+
+def test_split_takes_numpy_arrays_and_lists_like_the_other_ops():
+    # (was AttributeError: 'memoryview' object has no attribute 'dtype')
+    parts = ag.split(np.arange(5.0), 2)
+    assert all(isinstance(p, ag.Tensor) for p in parts)
+    assert [p.numpy().tolist() for p in parts] == [[0.0, 1.0], [2.0, 3.0], [4.0]]
+    assert [p.numpy().tolist() for p in ag.split([1.0, 2.0], 1)] == [[1.0], [2.0]]
+    with pytest.raises(TypeError, match="split: t must be a Tensor.*got NoneType"):
+        ag.split(None, 1)
+    with pytest.raises(TypeError, match="split: t must be a Tensor.*got list of dtype <U1"):
+        ag.split(["a", "b"], 1)
+
+
+def test_split_names_a_negative_size_or_a_size_that_is_not_an_int():
+    t = ag.ones(5)
+    # (was "sizes [-1, 6] do not add up to 5": they do)
+    with pytest.raises(ValueError, match=r"split_size_or_sizes \[-1, 6\] has a negative size"):
+        ag.split(t, [-1, 6])
+    with pytest.raises(ValueError, match=r"sizes \[1, 2\] do not add up to 5 .*: their sum is 3"):
+        ag.split(t, [1, 2])
+    with pytest.raises(ValueError, match="split_size_or_sizes must be positive, got 0"):
+        ag.split(t, 0)
+    # (was "TypeError: 'float' object is not iterable"; a list of floats was truncated)
+    for bad in (2.5, [2.5, 2.5], "2", None, True):
+        with pytest.raises(TypeError, match="split_size_or_sizes must be an int .* or a list"):
+            ag.split(t, bad)
+
+
+def test_softmax_of_an_axis_out_of_range_says_so_as_sum_does():
+    # (was numpy's AxisError, raw; the size-0 path passed it silently)
+    for shape in ((2, 3), (2, 0)):
+        x = ag.ones(*shape)
+        with pytest.raises(ValueError, match="softmax: axis 5 is out of range .* 2 dimensions"):
+            x.softmax(axis=5)
+        with pytest.raises(
+            ValueError, match="log_softmax: axis -3 is out of range .* 2 dimensions"
+        ):
+            x.log_softmax(axis=-3)
+
+
+def test_arithmetic_with_an_operand_that_is_not_a_number_names_the_operator_and_types():
+    x = ag.ones(2, requires_grad=True)
+    # (was "unsupported operand type(s) for +: 'float' and 'NoneType'")
+    with pytest.raises(TypeError, match=r"for \+: 'Tensor' of dtype float32 and 'NoneType'"):
+        x + None
+    with pytest.raises(TypeError, match=r"for \*: 'NoneType' and 'Tensor' of dtype float32"):
+        None * x
+    with pytest.raises(TypeError, match=r"for @: 'Tensor' of dtype float32 and 'str'"):
+        x @ "ab"
+    with pytest.raises(TypeError, match=r"for -: 'Tensor' .* and 'ndarray' of dtype <U1"):
+        x - np.array(["a", "b"])
+    # numeric operands keep numpy's own message (it names the problem)
+    with pytest.raises(TypeError, match="boolean subtract"):
+        ag.tensor([True]) - ag.tensor([False])
