@@ -180,3 +180,58 @@ def test_mse_loss():
     assert loss.item() == pytest.approx(10 / 3)
     loss.backward()
     np.testing.assert_allclose(pred.grad, [0.0, 2 / 3, 2.0], rtol=1e-6)
+
+
+def test_functional_losses_and_embedding_take_numpy_arrays_and_return_tensors():
+    # cross_entropy raised AttributeError on a numpy array; mse_loss returned a
+    # numpy.float64 and embedding an ndarray (matmul, cat, where return Tensors)
+    loss = F.cross_entropy(np.ones((2, 3)), np.array([0, 1]))
+    assert isinstance(loss, ag.Tensor) and np.isclose(loss.item(), np.log(3))
+    mse = F.mse_loss(np.ones(2), np.zeros(2))
+    assert isinstance(mse, ag.Tensor) and mse.item() == 1.0
+    rows = F.embedding(np.array([1]), np.arange(4.0).reshape(2, 2))
+    assert isinstance(rows, ag.Tensor) and rows.numpy().tolist() == [[2.0, 3.0]]
+    with pytest.raises(TypeError, match="cross_entropy: logits must be a Tensor.*got str"):
+        F.cross_entropy("logits", [0])
+    with pytest.raises(TypeError, match="mse_loss: pred must be a Tensor.*got NoneType"):
+        F.mse_loss(None, np.zeros(2))
+    with pytest.raises(TypeError, match="embedding: weight must be a Tensor.*got dict"):
+        F.embedding([0], {})
+    with pytest.raises(ValueError, match="embedding: weight must be a .num, dim. table"):
+        F.embedding([0], ag.tensor(1.0))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        # (was "'>' not supported between instances of 'str' and 'int'")
+        (lambda: nn.Linear("a", 4), TypeError, "Linear: in_f must be an int, got str 'a'"),
+        (lambda: nn.Linear(3, 4.0), TypeError, "Linear: out_f must be an int, got float 4.0"),
+        (lambda: nn.Linear(-1, 4), ValueError, "Linear: in_f must be >= 0, got -1"),
+        (lambda: nn.Embedding(None, 4), TypeError, "Embedding: num must be an int, got NoneType"),
+        (lambda: nn.Embedding(3, -2), ValueError, "Embedding: dim must be >= 0, got -2"),
+        # (was "requires_grad=True needs a floating point dtype", not naming the layer)
+        (lambda: nn.Linear(2, 3, dtype="int64"), TypeError, "Linear: dtype must be a floating"),
+        (lambda: nn.Embedding(2, 3, dtype="int8"), TypeError, "Embedding: dtype must be a float"),
+        # (was accepted, and failed only when called: "'int' object is not callable")
+        (
+            lambda: nn.Sequential(nn.Linear(3, 4), 5),
+            TypeError,
+            "argument 1 must be a Module, got int",
+        ),
+        (
+            lambda: nn.Sequential(nn.ReLU),
+            TypeError,
+            "argument 0 must be a Module, got a Module class",
+        ),
+    ],
+)
+def test_layers_refuse_bad_arguments_when_built(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_layers_take_dtype_none_as_the_default_float32():
+    # (was float64: numpy's astype(None))
+    assert nn.Linear(2, 3, dtype=None).weight.dtype == np.float32
+    assert nn.Embedding(2, 3, dtype=None).weight.dtype == np.float32

@@ -160,6 +160,23 @@ class Module:
         return ""
 
 
+def _size(owner: str, name: str, value: Any) -> int:
+    """A layer's size argument: a non-negative int (TypeError, ValueError otherwise)."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r:.40}")
+    if value < 0:
+        raise ValueError(f"{owner}: {name} must be >= 0, got {value}")
+    return int(value)
+
+
+def _float_dtype(owner: str, dtype: Any) -> np.dtype:
+    """A layer's parameter dtype: floating point (they require grad); None: float32."""
+    dt = np.dtype(np.float32) if dtype is None else np.dtype(dtype)
+    if dt.kind != "f":
+        raise TypeError(f"{owner}: dtype must be a floating point dtype, got {dt}")
+    return dt
+
+
 class Linear(Module):
     """``y = x @ weight.T + bias`` with ``weight`` of shape (out_f, in_f), initialized
     uniformly in +-1/sqrt(in_f) like torch.
@@ -178,6 +195,8 @@ class Linear(Module):
         seed: int | None = None,
         dtype: Any = "float32",
     ) -> None:
+        in_f, out_f = _size("Linear", "in_f", in_f), _size("Linear", "out_f", out_f)
+        dtype = _float_dtype("Linear", dtype)
         rng = np.random.default_rng(seed)
         bound = 1.0 / np.sqrt(in_f) if in_f > 0 else 0.0
         self.in_f, self.out_f = in_f, out_f
@@ -217,6 +236,8 @@ class Embedding(Module):
     """
 
     def __init__(self, num: int, dim: int, seed: int | None = None, dtype: Any = "float32") -> None:
+        num, dim = _size("Embedding", "num", num), _size("Embedding", "dim", dim)
+        dtype = _float_dtype("Embedding", dtype)
         rng = np.random.default_rng(seed)
         self.num, self.dim = num, dim
         self.weight = Tensor(rng.standard_normal((num, dim)).astype(dtype), requires_grad=True)
@@ -250,6 +271,13 @@ class Sequential(Module):
     """
 
     def __init__(self, *mods: Module) -> None:
+        for i, m in enumerate(mods):
+            if not isinstance(m, Module):
+                # (it would fail only when called, or be skipped by parameters())
+                what = (
+                    "a Module class, not an instance" if isinstance(m, type) else type(m).__name__
+                )
+                raise TypeError(f"Sequential: argument {i} must be a Module, got {what}")
         self.layers = list(mods)
 
     def named_children(self) -> Iterator[tuple[str, Module]]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from actorgrad.autograd import Function
-from actorgrad.tensor import Tensor, _data, _fit, _nary, _unary
+from actorgrad.tensor import Tensor, _as_tensor, _data, _fit, _nary, _unary
 
 __all__ = ["cross_entropy", "embedding", "linear", "mse_loss"]
 
@@ -99,12 +99,14 @@ class CrossEntropy(Function):
 
 def cross_entropy(logits: Tensor, targets: Any) -> Tensor:
     """Mean cross-entropy of ``logits`` (N, C) against integer class ids (N,).
+    ``logits`` may also be a numpy array (the result is a Tensor, as from the ops).
 
     Example::
 
         >>> cross_entropy(ag.tensor([[10.0, 0.0]]), [0]).item() < 1e-3
         True
     """
+    logits = _as_tensor(logits, "cross_entropy: logits")
     t = np.asarray(_data(targets))
     if logits.ndim != 2:
         raise ValueError(f"cross_entropy: logits must be (N, C), got shape {logits.shape}")
@@ -123,26 +125,30 @@ def cross_entropy(logits: Tensor, targets: Any) -> Tensor:
 
 
 def mse_loss(pred: Tensor, target: Any) -> Tensor:
-    """Mean squared error, ``((pred - target) ** 2).mean()``.
+    """Mean squared error, ``((pred - target) ** 2).mean()``, always a Tensor (also
+    for numpy arrays: they are taken as the ops take them).
 
     Example::
 
         >>> mse_loss(ag.tensor([1.0, 3.0]), ag.tensor([1.0, 1.0])).item()
         2.0
     """
-    diff = pred - target
+    diff = _as_tensor(pred, "mse_loss: pred") - target
     return (diff * diff).mean()
 
 
 def embedding(ids: Any, weight: Tensor) -> Tensor:
     """Rows of ``weight`` picked by integer ``ids`` (any shape); repeated ids add up
-    their gradients.
+    their gradients. The result is a Tensor also for a numpy ``weight``.
 
     Example::
 
         >>> embedding([[0, 2]], ag.randn(5, 3)).shape
         (1, 2, 3)
     """
+    weight = _as_tensor(weight, "embedding: weight")
+    if weight.ndim == 0:
+        raise ValueError("embedding: weight must be a (num, dim) table, got a 0-d tensor")
     idx = np.asarray(_data(ids))
     if idx.size == 0 and isinstance(ids, (list, tuple)):
         idx = idx.astype(np.intp)  # (numpy makes [] float64: no ids, not float ids)
