@@ -3,7 +3,13 @@
 The update formulas are torch's (``torch.optim.SGD`` without nesterov/dampening,
 ``torch.optim.Adam`` without amsgrad). ``step(grads)`` takes an explicit
 ``{Tensor: ndarray}`` mapping (what ``ag.dist.get_gradients`` returns); without it,
-each parameter's ``.grad`` is used. Parameters without a gradient are skipped.
+each parameter's ``.grad`` is used. Parameters without a gradient are skipped, and so
+are tensors in the mapping that are not parameters of the optimizer (``get_gradients``
+returns every leaf of the worker: inputs, other optimizers' parameters).
+
+Parameters must have a floating point dtype (TypeError). Tensors that do not require
+grad are accepted, as torch accepts them (frozen parameters: they get no ``.grad`` and
+are skipped, unless ``step`` is given a gradient for them).
 
 Example::
 
@@ -18,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -26,6 +33,14 @@ import numpy as np
 from actorgrad.tensor import Tensor
 
 __all__ = ["SGD", "Adam", "Optimizer"]
+
+
+def _number(owner: str, name: str, value: Any) -> None:
+    """TypeError unless ``value`` is a real number (not a bool, not a string)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(
+            f"{owner}: {name} must be a number, got {type(value).__name__} {value!r:.40}"
+        )
 
 
 class Optimizer:
@@ -58,6 +73,12 @@ class Optimizer:
                     f"optimizer parameter {i}: cannot optimize a non-leaf tensor (made by "
                     f"{p.grad_fn.name() if p.grad_fn else 'an op'}); pass the leaf itself"
                 )
+            if p.data.dtype.kind != "f":
+                # (no gradient reaches it, and an update would fail to cast into it)
+                raise TypeError(
+                    f"optimizer parameter {i} has dtype {p.data.dtype}; parameters must "
+                    "have a floating point dtype"
+                )
             first = seen.setdefault(id(p), i)
             if first != i:
                 # (it would be updated once per appearance: twice the step)
@@ -65,20 +86,35 @@ class Optimizer:
                     f"optimizer parameter {i} is the same tensor as parameter {first}; "
                     "give each parameter once"
                 )
-        if lr < 0:
-            raise ValueError(f"invalid learning rate {lr}")
+        _number(type(self).__name__, "lr", lr)
+        if not lr >= 0:  # (nan too)
+            raise ValueError(f"invalid learning rate {lr}: lr must be >= 0")
         self.lr = lr
         self.state: dict[Tensor, dict[str, Any]] = {}
 
     def _grads(self, grads: Mapping[Tensor, np.ndarray] | None) -> list[tuple[Tensor, Any]]:
         if grads is None:
             return [(p, p.grad) for p in self.params if p.grad is not None]
-        return [(p, np.asarray(grads[p])) for p in self.params if p in grads]
+        if not isinstance(grads, Mapping):
+            raise TypeError(
+                "step: grads must be a {Tensor: ndarray} mapping (what "
+                f"ag.dist.get_gradients returns) or None, got {type(grads).__name__}"
+            )
+        out = [(p, np.asarray(grads[p])) for p in self.params if p in grads]
+        if len(out) != len(grads):  # (other tensors are fine; other keys never match)
+            for key in grads:
+                if not isinstance(key, Tensor):
+                    raise TypeError(
+                        "step: grads must be keyed by the parameter Tensors, got a key of "
+                        f"type {type(key).__name__} ({key!r:.40})"
+                    )
+        return out
 
     def step(self, grads: Mapping[Tensor, np.ndarray] | None = None) -> None:
         """Apply one update to every parameter that has a gradient: in ``grads``
         (``{tensor: array}``, what ``ag.dist.get_gradients`` returns) when given, else
         its ``.grad``. A gradient of another shape than its parameter: ValueError.
+        Tensors in ``grads`` that are not parameters of this optimizer are ignored.
 
         >>> w = ag.tensor([1.0, 2.0], requires_grad=True)
         >>> SGD([w], lr=0.5).step({w: np.array([1.0, 1.0])}); w.data
@@ -122,8 +158,12 @@ class SGD(Optimizer):
         self, params: Iterable[Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0
     ) -> None:
         super().__init__(params, lr)
-        if momentum < 0 or weight_decay < 0:
-            raise ValueError(f"invalid momentum {momentum} or weight_decay {weight_decay}")
+        _number("SGD", "momentum", momentum)
+        _number("SGD", "weight_decay", weight_decay)
+        if not (momentum >= 0 and weight_decay >= 0):  # (nan too)
+            raise ValueError(
+                f"invalid momentum {momentum} or weight_decay {weight_decay}: both must be >= 0"
+            )
         self.momentum = momentum
         self.weight_decay = weight_decay
 
@@ -161,8 +201,15 @@ class Adam(Optimizer):
         eps: float = 1e-8,
     ) -> None:
         super().__init__(params, lr)
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or eps < 0:
-            raise ValueError(f"invalid betas {betas} or eps {eps}")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"Adam: betas must be a pair (beta1, beta2), got {betas!r:.40}")
+        _number("Adam", "betas[0]", betas[0])
+        _number("Adam", "betas[1]", betas[1])
+        _number("Adam", "eps", eps)
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or not eps >= 0:
+            raise ValueError(
+                f"invalid betas {betas} or eps {eps}: betas must be in [0, 1), eps >= 0"
+            )
         self.betas = betas
         self.eps = eps
 

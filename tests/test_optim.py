@@ -123,3 +123,75 @@ def test_a_single_tensor_or_a_non_leaf_is_refused():
             cls(w, lr=0.1)
         with pytest.raises(ValueError, match="parameter 1: cannot optimize a non-leaf tensor"):
             cls([w, w * 2], lr=0.1)
+
+
+def test_step_refuses_grads_that_are_not_a_mapping_of_tensors():
+    p = ag.tensor([1.0, 2.0], requires_grad=True)
+    opt = ag.optim.SGD([p], lr=0.1)
+    # (was "The truth value of an array with more than one element is ambiguous")
+    with pytest.raises(
+        TypeError, match=r"step: grads must be a \{Tensor: ndarray\} mapping .* got list"
+    ):
+        opt.step([np.ones(2)])
+    with pytest.raises(
+        TypeError, match="grads must be keyed by the parameter Tensors, got a key of type str"
+    ):
+        opt.step({"weight": np.ones(2)})
+    # Other tensors are ignored: get_gradients returns every leaf of the worker.
+    other = ag.tensor([5.0], requires_grad=True)
+    opt.step({p: np.ones(2), other: np.ones(1)})
+    assert p.data.tolist() == pytest.approx([0.9, 1.9]) and other.data.tolist() == [5.0]
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        # (was "'<' not supported between instances of 'str' and 'int'")
+        (lambda p: ag.optim.SGD(p, lr="a"), TypeError, "SGD: lr must be a number, got str 'a'"),
+        (lambda p: ag.optim.Adam(p, lr=None), TypeError, "Adam: lr must be a number, got NoneType"),
+        (lambda p: ag.optim.SGD(p, lr=float("nan")), ValueError, "invalid learning rate nan"),
+        (
+            lambda p: ag.optim.SGD(p, lr=0.1, momentum="0.9"),
+            TypeError,
+            "SGD: momentum must be a number",
+        ),
+        (
+            lambda p: ag.optim.SGD(p, lr=0.1, weight_decay=[0.1]),
+            TypeError,
+            "SGD: weight_decay must",
+        ),
+        # (was "'float' object is not subscriptable")
+        (
+            lambda p: ag.optim.Adam(p, betas=0.9),
+            TypeError,
+            r"Adam: betas must be a pair \(beta1, beta2\), got 0.9",
+        ),
+        (
+            lambda p: ag.optim.Adam(p, betas=(0.9, "x")),
+            TypeError,
+            r"Adam: betas\[1\] must be a number",
+        ),
+        (lambda p: ag.optim.Adam(p, eps="1e-8"), TypeError, "Adam: eps must be a number"),
+        (lambda p: ag.optim.Adam(p, betas=(0.9, 1.0)), ValueError, r"betas must be in \[0, 1\)"),
+    ],
+)
+def test_optimizer_options_of_the_wrong_type_or_value_are_named(make, error, match):
+    with pytest.raises(error, match=match):
+        make([ag.tensor([1.0], requires_grad=True)])
+
+
+def test_integer_parameters_are_refused_and_frozen_ones_accepted():
+    # (an int tensor was accepted; no gradient reaches it and an update fails to cast)
+    for cls in (ag.optim.SGD, ag.optim.Adam):
+        with pytest.raises(
+            TypeError, match="parameter 1 has dtype int64; parameters must have a floating"
+        ):
+            cls([ag.tensor([1.0]), ag.tensor([1, 2])], lr=0.1)
+    # A tensor that does not require grad is accepted, as torch does (a frozen
+    # parameter): it has no .grad and is skipped, or is stepped with a given gradient.
+    frozen = ag.tensor([1.0])
+    opt = ag.optim.SGD([frozen], lr=0.5)
+    opt.step()
+    assert frozen.data.tolist() == [1.0]
+    opt.step({frozen: np.ones(1)})
+    assert frozen.data.tolist() == [0.5]
