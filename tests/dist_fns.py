@@ -509,3 +509,24 @@ async def mul_with_a_call_in_background(dest: str, gate: str, key: str, x: ag.Te
 def add_signalling_hook(key: str, gate: str) -> None:
     """A hook on store[key] that sets this process's event ``gate`` when it runs."""
     _store[_k(key)].register_hook(lambda g: event(gate).set())
+
+
+async def call_later_in_background(gate: str, dest: str, key: str, x: ag.Tensor) -> None:
+    """Spawn a task (it holds the caller's context) that calls ``mul(key, x)`` on
+    ``dest`` once this process's event ``gate`` is set; its outcome goes to
+    ``_outcomes["late bg call"]``, its end to event ``gate + " done"``."""
+    import asyncio
+
+    async def bg() -> None:
+        await event(gate).wait()
+        try:
+            await ag.rpc(dest, mul, (key, x))
+            _outcomes["late bg call"] = "ok"
+        except Exception as exc:
+            _outcomes["late bg call"] = f"{type(exc).__name__}: {exc}"
+        event(f"{gate} done").set()
+
+    task = asyncio.get_running_loop().create_task(bg())
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+

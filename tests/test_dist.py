@@ -1371,6 +1371,39 @@ async def test_a_call_out_on_another_worker_refuses_the_backward_there(transport
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+async def test_a_call_from_a_task_that_outlived_its_context_is_refused(transport):
+    # A child task of the driver's context, and a task a call handler spawned on w1,
+    # call after the context was released. Their calls went out without the context
+    # (no error, the tensor not linked to any graph, the function run): now a
+    # ContextError at the caller, as a late call is refused at a callee.
+    xv, wv = arr(3), arr(3)
+    async with cluster(transport, 2) as c:
+        for n in ("w1", "w2"):
+            await ag.rpc(n, F.put, ("w", wv))
+        gate = f"late-{transport}"  # (an event is bound to the loop of its first wait)
+        F.event(f"{gate} done").clear()
+        x = ag.tensor(xv, requires_grad=True)
+
+        async def child() -> ag.Tensor:
+            await F.event(gate).wait()
+            return await ag.rpc("w1", F.mul, ("w", x))
+
+        async with ag.dist.context():
+            task = asyncio.ensure_future(child())
+            await ag.rpc("w1", F.call_later_in_background, (gate, "w2", "w", x))
+        F.event(gate).set()
+        with pytest.raises(ag.ContextError, match=r"context 0x[0-9a-f]+ was released on wo"):
+            await asyncio.wait_for(task, 10)
+        async with asyncio.timeout(10):
+            await F.event(f"{gate} done").wait()
+        outcome = F._outcomes.pop("late bg call")
+        assert outcome.startswith("ContextError: distributed autograd context"), outcome
+        assert "was released on worker 'w1'" in outcome
+        await assert_clean(c.names)
+        await assert_one_hop_exact(xv, wv)
+
+
 async def test_a_malformed_call_chain_in_a_backward_message_fails_the_pass():
     from actorgrad.dist.backward import T_DELIVER
     from actorgrad.errors import ProtocolError

@@ -629,7 +629,14 @@ class DistInterceptor:
         st = state_of(worker)
         ctx = st.contexts.get(cur[1])
         if ctx is None:
-            return None
+            # (a task still holding a context that was left or reclaimed meanwhile: a
+            # child of the task that left it, or a task a call handler spawned. Its
+            # call would go out without the context, its tensors unrecorded.)
+            raise ContextError(
+                f"distributed autograd context {cur[1]:#x} was released on worker "
+                f"{worker.name!r}; a call cannot be made in it any more (a task that "
+                "outlived the `async with ag.dist.context()` block?)"
+            )
         if len(cur[2]) >= MAX_CHAIN:
             # (checked here, where it is the caller's mistake: the callee could only
             # call the metadata malformed)
