@@ -529,4 +529,3 @@ async def call_later_in_background(gate: str, dest: str, key: str, x: ag.Tensor)
     task = asyncio.get_running_loop().create_task(bg())
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
-
