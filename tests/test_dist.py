@@ -1872,6 +1872,32 @@ async def test_leaving_the_context_while_its_backward_runs(worker_path):
         await assert_clean(c.names)
 
 
+async def test_a_tensor_sent_in_a_context_while_its_pass_runs_there_is_refused(worker_path):
+    # Another task of the context sends a tensor that requires grad while the driver's
+    # part of a pass waits for w1's gradient: that send node is not in the part, and a
+    # recv node made for it on a worker whose part had not started would be (it could
+    # wait for good). Refused at the sender; the pass and the context go on.
+    xv, wv = arr(4), arr(4)
+    async with cluster("processes", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.add_slow_hook, ("w", 0.3))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            task = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+            await asyncio.sleep(0)  # its first step: the driver's part, sent to w1
+            assert ag.dist.debug_info()["num_active_passes"] == 1
+            with pytest.raises(ag.ContextError, match="cannot be sent in it from worker 'dr"):
+                await ag.rpc("w1", F.mul, ("w", x))
+            await asyncio.wait_for(task, 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+            # (the refused call left nothing behind: a new step in the context is exact)
+            y2 = await ag.rpc("w1", F.mul, ("w", x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y2.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 def _touch(path: str) -> None:
     with open(path, "w"):
         pass

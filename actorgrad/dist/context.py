@@ -562,6 +562,15 @@ class _Hooks:
     def tensor_out(self, t: Tensor) -> int | None:
         if not t.requires_grad:
             return None
+        if self.ctx.active_pass is not None:
+            # (another task of the context sends while this worker's part of a pass
+            # runs: the send node is not in that part, and a recv node made for it on
+            # a worker whose part has not started yet would be: it could wait for good)
+            raise ContextError(
+                f"context {self.ctx.id:#x}: a tensor that requires grad cannot be sent in "
+                f"it from worker {self.state.worker.name!r} while a backward pass runs "
+                "there; send it before the backward or after it returned"
+            )
         send_id = self.state.record_send(self.ctx, t, self.peer)
         if self.sent is None:
             self.sent = [send_id]
