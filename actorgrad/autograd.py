@@ -151,7 +151,9 @@ class Node:
     """
 
     __slots__ = ("next", "_hooks", "__weakref__")
-    boundary = False  # True for nodes whose grad leaves the process (dist RecvNode)
+    # True for nodes whose grad leaves the process (dist RecvNode): a task hands it to
+    # its ``on_boundary``; without one, ``apply`` runs (and raises, saying why)
+    boundary = False
 
     def __init__(self, next: Sequence[Node | None] = ()) -> None:
         self.next: tuple[Node | None, ...] = tuple(next)
@@ -493,6 +495,8 @@ class GraphTask:
                     if node.boundary:
                         if self.on_boundary is not None:
                             self.on_boundary(node, grad)
+                        elif grad is not None:  # (nobody to take it: the node says why)
+                            outs = node.apply(grad)
                     elif isinstance(node, AccumulateGrad):
                         self._accumulate(node, grad)
                     elif grad is not None:

@@ -396,6 +396,25 @@ def test_a_pass_frees_only_the_nodes_a_gradient_ran_through():
         y.sum().backward()
 
 
+def test_a_boundary_node_without_a_handler_is_applied_and_may_refuse():
+    class Edge(Node):
+        __slots__ = ()
+        boundary = True
+
+        def apply(self, grad):
+            raise RuntimeError("this gradient must leave the process")
+
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    edge = Edge((grad_node(x),))
+    with pytest.raises(RuntimeError, match="must leave the process"):
+        GraphTask([(edge, np.ones(2))]).run()
+    seen = []
+    task = GraphTask([(edge, np.ones(2))], on_boundary=lambda n, g: seen.append(g))
+    task.run()
+    assert task.finished and len(seen) == 1 and x.grad is None
+    GraphTask([(edge, None)]).run()  # (nothing flows: nothing to refuse)
+
+
 def test_retain_graph_allows_a_second_backward_that_adds_up():
     x = ag.tensor([1.0, 2.0], requires_grad=True)
     loss = (x.exp() * x).sum()

@@ -468,6 +468,23 @@ async def test_micro_batches_through_a_relaying_driver_and_a_bypassed_pair_reuse
     np.testing.assert_allclose(gw1, w_ref.grad, rtol=1e-12)
 
 
+async def test_a_local_backward_through_a_received_tensor_says_to_use_dist_backward():
+    # loss.backward() (local) reached the recv node and dropped its gradient: x.grad
+    # stayed None, no error (found by a probe)
+    xv, wv = arr(3), arr(3)
+    async with cluster(n=1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            with pytest.raises(RuntimeError, match=r"received from worker 'w1' in distrib"):
+                y.sum().backward()
+            assert x.grad is None
+            await ag.dist.backward(ctx, [y.sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 async def test_hundred_chained_remote_ops():
     xv = arr(4)
     async with cluster() as c:

@@ -95,8 +95,14 @@ class RecvNode(Node):
         # backward through it fails here, as the local engine's freed nodes do
         self.freed = False
 
-    def apply(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:  # pragma: no cover
-        raise AssertionError("RecvNode is a boundary node; the engine never applies it")
+    def apply(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        # (only a local backward applies it: the distributed one takes the gradient)
+        raise RuntimeError(
+            f"backward reached a tensor received from worker {self.src!r} in distributed "
+            f"autograd context {self.ctx_id:#x}: its gradient must go back to that "
+            "worker, which only `await ag.dist.backward(ctx, [loss])` does (not "
+            "loss.backward(), a local pass)"
+        )
 
     def __repr__(self) -> str:
         return f"RecvNode(ctx={self.ctx_id:#x}, from={self.src!r}, send={self.send_id})"
