@@ -529,3 +529,28 @@ async def call_later_in_background(gate: str, dest: str, key: str, x: ag.Tensor)
     task = asyncio.get_running_loop().create_task(bg())
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
+
+
+async def open_context_and_call_late(flag: str, via: str, dest: str) -> None:
+    """Open a context and, in it, call ``late_call(flag, dest, x)`` on ``via``; never
+    return (the context stays open here until this worker dies)."""
+    import asyncio
+
+    x = ag.tensor(np.ones(3), requires_grad=True)
+    async with ag.dist.context():
+        task = asyncio.ensure_future(ag.rpc(via, late_call, (flag, dest, x)))
+        _tasks.add(task)
+        await asyncio.Event().wait()
+
+
+async def wait_lost(peer: str, deadline: float) -> None:
+    """Return once this worker took ``peer`` for lost (at most ``deadline`` seconds)."""
+    import asyncio
+
+    from actorgrad.runtime import current_worker
+
+    w = current_worker()
+    lost = asyncio.Event()
+    w.add_peer_lost_callback(lambda name: name == peer and lost.set())
+    if not w.is_lost(peer):
+        await asyncio.wait_for(lost.wait(), deadline)

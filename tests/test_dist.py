@@ -1954,6 +1954,63 @@ async def test_a_call_that_arrives_in_a_released_context_is_refused(worker_path,
         await assert_clean(c.names)
 
 
+async def test_a_release_that_overtakes_the_first_call_of_its_context_is_remembered(
+    worker_path, tmp_path
+):
+    # w2 blocks (its loop too) inside a call of the context, past the heartbeat: the
+    # driver takes it for lost, leaves the context and sends the release to the other
+    # workers, to w1 too, which does not hold the context yet. Then w2 calls w1 in it:
+    # w1 created the context and kept it for good (its initiator lives: no lease);
+    # now w1 remembers the release and refuses the call.
+    flag = str(tmp_path / "go")
+    x = ag.tensor(arr(3), requires_grad=True)
+    async with cluster("processes", 2) as c:
+        await ag.rpc("w2", F.warm_up, (["driver", "w1"],))
+        F._events.pop("late started", None)  # (this process's: set by a test before)
+        started = F.event("late started")
+        with pytest.raises(ag.WorkerLost):
+            async with ag.dist.context():
+                call = asyncio.ensure_future(ag.rpc("w2", F.late_call, (flag, "w1", x)))
+                await asyncio.wait_for(started.wait(), 10)
+                await asyncio.wait_for(call, 20)  # (lost after the heartbeat timeout)
+        _touch(flag)  # the go signal
+        outcome = await ag.rpc("w2", F.outcome, ("late", 10.0))
+        assert "ContextError" in outcome, outcome
+        assert "was released on worker 'w1'; a call that arrives in it late" in outcome
+        assert (await ag.rpc("w1", F.debug_info))["num_contexts"] == 0
+        await ag.rpc("w2", F.wait_no_contexts, (10.0,))
+        await assert_clean(c.names)
+
+
+async def test_a_call_that_arrives_after_its_initiator_died_is_refused(worker_path, tmp_path):
+    # w3 opens a context and calls w2, which blocks inside; w3 dies and w1 reclaims
+    # w3's contexts (it holds none of this one yet). Then w2 calls w1 in it: w1 created
+    # the context and kept it for good (the lease had run already); now refused.
+    import signal
+
+    flag = str(tmp_path / "go")
+    async with cluster("processes", 3):
+        await ag.rpc("w2", F.warm_up, (["driver", "w1"],))
+        pid3 = await ag.rpc("w3", F.pid)
+        F._events.pop("late started", None)  # (this process's: set by a test before)
+        started = F.event("late started")
+        call = asyncio.ensure_future(ag.rpc("w3", F.open_context_and_call_late, (flag, "w2", "w1")))
+        await asyncio.wait_for(started.wait(), 10)
+        os.kill(pid3, signal.SIGKILL)
+        with pytest.raises(ag.WorkerLost):
+            await asyncio.wait_for(call, 20)
+        await ag.rpc("w1", F.wait_lost, ("w3", 20.0))
+        _touch(flag)  # the go signal
+        outcome = await ag.rpc("w2", F.outcome, ("late", 10.0))
+        assert "ContextError" in outcome, outcome
+        assert "its initiator 'w3' is gone (worker 'w1' saw it leave)" in outcome
+        assert (await ag.rpc("w1", F.debug_info))["num_contexts"] == 0
+        for name in ("w1", "w2"):
+            info = await ag.rpc(name, F.wait_no_contexts, (10.0,))
+            assert info["num_contexts"] == 0, (name, info)
+        assert ag.dist.debug_info()["num_contexts"] == 0
+
+
 async def test_a_worker_dying_after_an_earlier_connection_loss_still_fails_backward(worker_path):
     # A malformed message made w1 close its connection with the driver (both took the
     # other for lost), then they reconnected. A later real death of w1 mid-backward

@@ -346,14 +346,25 @@ class DistState:
             ContextError: this worker released the context already (a call sent before
                 its sender saw the release: it would bring the context back here, and
                 nothing would ever release it again), or created it itself and it is
-                gone.
+                gone, or its initiator is gone (its lease ran out here before the call
+                came: nothing would reclaim it again).
         """
         ctx = self.contexts.get(ctx_id)
         if ctx is None:
-            if ctx_id in self._released or ctx_id >> CONTEXT_ID_BITS == int(self.worker.id):
+            worker = self.worker
+            if ctx_id in self._released or ctx_id >> CONTEXT_ID_BITS == int(worker.id):
                 raise ContextError(
                     f"distributed autograd context {ctx_id:#x} was released on worker "
-                    f"{self.worker.name!r}; a call that arrives in it late is refused"
+                    f"{worker.name!r}; a call that arrives in it late is refused"
+                )
+            member = worker.members.get(initiator)
+            if worker.is_lost(initiator) or (
+                member is not None and member[0] != ctx_id >> CONTEXT_ID_BITS
+            ):
+                raise ContextError(
+                    f"distributed autograd context {ctx_id:#x}: its initiator "
+                    f"{initiator!r} is gone (worker {worker.name!r} saw it leave); a call "
+                    "that arrives in it late is refused"
                 )
             ctx = self.contexts[ctx_id] = DistContext(ctx_id, initiator)
         return ctx
@@ -378,16 +389,20 @@ class DistState:
                 run.fail(exc)
 
     def forget(self, ctx_id: int) -> DistContext | None:
-        """Drop a context from this worker (released, or reclaimed by the lease)."""
-        ctx = self.contexts.pop(ctx_id, None)
-        if ctx is not None:
-            ctx.released = True
-            ctx.drop_pass()
+        """Drop a context from this worker (released, or reclaimed by the lease). Its id
+        is remembered (see join) also when this worker does not hold it (yet): a
+        release can overtake the first call of the context to reach this worker (its
+        sender hung meanwhile, say)."""
+        if ctx_id not in self._released:
             order = self._released_order
             if len(order) >= RELEASED_MEMORY:
                 self._released.discard(order.popleft())
             order.append(ctx_id)
             self._released.add(ctx_id)
+        ctx = self.contexts.pop(ctx_id, None)
+        if ctx is not None:
+            ctx.released = True
+            ctx.drop_pass()
             self.fail_runs(  # a backward still waiting in it: fails now
                 ctx_id,
                 ContextError(
