@@ -557,6 +557,13 @@ def _address(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}") from None
 
 
+def _host(text: str) -> str:
+    try:
+        return cluster.check_host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -607,7 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cluster", help="run a registry head and N workers in the foreground")
     c.add_argument("-n", type=_positive, required=True, metavar="N", help="workers w1..wN")
-    c.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    c.add_argument(
+        "--host", type=_host, default="127.0.0.1", help="interface to bind (default 127.0.0.1)"
+    )
     c.add_argument("--port", type=_port, default=0, help="registry port (default: any free)")
     c.add_argument(
         "--token-file",

@@ -263,3 +263,21 @@ async def test_unencodable_argument_is_a_type_error_naming_the_type(sock_cluster
     with pytest.raises(TypeError, match="Thing"):
         await ag.rpc("w1", add, (Thing(),))
     await _valid_client_works(sock_cluster)
+
+
+# ---- worker names from the wire (the registry's join) -----------------------------------
+
+
+@pytest.mark.parametrize("name", ["a\nb", "a b", "x" * 256])
+async def test_the_registry_refuses_to_join_a_malformed_worker_name(sock_cluster, name):
+    # (accepted before: a name with a newline went as it was into the CLI's log lines)
+    w = Worker(name, token=sock_cluster.driver.token)
+    try:
+        await w.start()
+        with pytest.raises(ValueError, match="invalid worker name") as refused:
+            await asyncio.wait_for(w.join(sock_cluster.address), 10)
+        assert str(refused.value) == f"invalid worker name {name!r:.80}"
+    finally:
+        await w.shutdown()
+    assert ag.workers() == ["driver", "w1"]
+    await _valid_client_works(sock_cluster)

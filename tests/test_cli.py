@@ -1014,3 +1014,33 @@ def test_a_token_file_is_created_where_hard_links_are_not_supported(
     assert path is not None and path.read_text().strip() == token
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+
+
+# --- host and worker names: one line naming them, no traceback ---
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("256.1.1.1", "argument --host: host '256.1.1.1' is not a valid IP address"),
+        ("a b", "argument --host: host must be a host name or an IP address, not 'a b'"),
+    ],
+)
+def test_a_malformed_host_is_a_usage_error_naming_it(host: str, message: str) -> None:
+    r = run_cli("cluster", "-n", "1", "--host", host)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+@needs_runtime
+def test_a_host_that_does_not_resolve_exits_1_naming_it() -> None:
+    r = run_cli("cluster", "-n", "1", "--host", "no-such-host.invalid")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "actorgrad: error: cannot bind host 'no-such-host.invalid': " in r.stderr
+
+
+@needs_runtime
+def test_a_worker_name_with_whitespace_exits_1_naming_it(cluster: tuple[str, Path]) -> None:
+    address, token_file = cluster
+    r = run_cli("worker", "--join", address, "--name", "a\nb", "--token-file", str(token_file))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "without whitespace, not starting with '_', not 'a\\nb'" in r.stderr

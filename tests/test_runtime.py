@@ -641,17 +641,35 @@ def test_remote_error_from_an_exception_whose_str_fails_still_names_it():
 @pytest.mark.parametrize(
     ("kwargs", "exc", "message"),
     [
-        ({"name": 5}, ValueError, "a worker name must be a non-empty str not starting with '_'"),
+        ({"name": 5}, TypeError, r"a worker name must be a str, not int \(5\)"),
+        ({"name": None}, TypeError, "a worker name must be a str, not NoneType"),
         ({"name": ""}, ValueError, "a worker name must be a non-empty str"),
         ({"name": "_head"}, ValueError, "not starting with '_', not '_head'"),
+        ({"name": "a\nb"}, ValueError, "at most 255 printable characters without whitespace"),
+        ({"name": "a b"}, ValueError, "without whitespace, not starting with '_', not 'a b'"),
+        ({"name": "a\tb"}, ValueError, r"not 'a\\tb'"),
+        ({"name": "x" * 256}, ValueError, "at most 255 printable characters"),
+        ({"name": "x" * 100_000}, ValueError, "not 'x{79}$"),  # (the name, cut short)
         ({"address": "nohost", "token": "t"}, ValueError, "address must be HOST:PORT"),
         ({"address": "h:abc", "token": "t"}, ValueError, "not 'h:abc'"),
         ({"address": "h:0", "token": "t"}, ValueError, "port in 1..65535"),
         ({"port": -1}, ValueError, "port must be an int in 0..65535 .0: any free port., not -1"),
         ({"port": 70000}, ValueError, "not 70000"),
-        ({"port": "80"}, ValueError, "not '80'"),
-        ({"host": 5}, ValueError, "host must be a str"),
-        ({"token": 5}, ValueError, "the cluster token must be a non-empty str, not int"),
+        ({"port": "80"}, TypeError, r"port must be an int \(0: any free port\), not '80'"),
+        ({"port": 80.0}, TypeError, "not 80.0"),
+        ({"host": 5}, TypeError, "host must be a str"),
+        ({"host": "256.0.0.1"}, ValueError, "host '256.0.0.1' is not a valid IP address"),
+        ({"host": "256.0.0.1", "token": "t"}, ValueError, "'256.0.0.1' is not a valid IP"),
+        ({"host": "a b", "token": "t"}, ValueError, "host must be a host name or an IP .*'a b'"),
+        ({"host": "[nohost]", "token": "t"}, ValueError, "or an IP address, not '.nohost.'"),
+        ({"host": "-x.example", "token": "t"}, ValueError, "not '-x.example'"),
+        ({"host": "x" * 64, "token": "t"}, ValueError, "IP address, not 'x{64}'$"),  # (>63)
+        (
+            {"host": "no-such-host.invalid", "token": "t"},
+            ValueError,
+            "cannot bind host 'no-such-host.invalid': ",
+        ),
+        ({"token": 5}, TypeError, "the cluster token must be a str, not int"),
     ],
 )
 async def test_init_refuses_bad_arguments_naming_them(kwargs, exc, message):
@@ -675,7 +693,8 @@ async def test_init_names_a_malformed_address_variable(monkeypatch):
         ((1.5,), TypeError, "workers must be a count .int. or a list of names, not 1.5"),
         (("abc",), TypeError, "not 'abc'"),  # (a str would have named workers a, b, c)
         ((True,), TypeError, "not True"),
-        (([1],), ValueError, "a worker name must be a non-empty str"),
+        (([1],), TypeError, "a worker name must be a str, not int"),
+        ((["a\nb"],), ValueError, "without whitespace, not starting with '_', not 'a.nb'"),
         ((["_x"],), ValueError, "not starting with '_', not '_x'"),
         ((["a", "a"],), ValueError, "worker names must be unique"),
     ],
@@ -925,3 +944,135 @@ async def test_a_one_way_call_refused_by_a_worker_shutting_down_is_no_warning(ca
     refused = [r for r in caplog.records if "one-way call failed" in r.getMessage()]
     assert "is shutting down" in refused[0].getMessage()
     assert all(r.levelno == logging.DEBUG for r in refused), refused
+
+
+# ---- event loops, shutdown's arguments, local_cluster's driver ----------------------
+
+_CLOSED = (
+    "the event loop of worker 'solo' has closed .*: init and use actorgrad within one "
+    "event loop; `await ag.shutdown..` forgets that worker"
+)
+
+
+def test_a_worker_whose_event_loop_closed_is_named_then_forgotten(monkeypatch):
+    # ag.init in one asyncio.run(), used in a later one: rpc and shutdown failed with
+    # "Event loop is closed" and init with "already initialized", for good.
+    monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)
+    old = asyncio.run(ag.init("solo"))
+    host, _, port = old.address.rpartition(":")
+
+    async def use() -> None:
+        with pytest.raises(RuntimeError, match=_CLOSED):
+            await ag.rpc("solo", add, (1, 2))
+        with pytest.raises(RuntimeError, match=_CLOSED):
+            await ag.remote("solo", add, (1, 2))
+        await ag.shutdown()  # (only forgets it)
+        assert old.closed
+        with pytest.raises(RuntimeError, match="not initialized"):
+            current_worker()
+        with pytest.raises(ConnectionRefusedError):  # (its listener was closed)
+            await asyncio.open_connection(host, int(port))
+        await ag.init("solo")
+        try:
+            assert await ag.rpc("solo", add, (1, 2)) == 3
+        finally:
+            await ag.shutdown()
+
+    asyncio.run(use())
+
+
+def test_init_and_local_cluster_forget_a_worker_whose_event_loop_closed(monkeypatch):
+    monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)
+    old = asyncio.run(ag.init("solo"))
+
+    async def again() -> None:
+        async with ag.local_cluster(1):
+            assert old.closed and await ag.rpc("w1", add, (1, 2)) == 3
+        old2 = await ag.init("solo")
+        try:
+            assert ag.workers() == ["solo"] and await ag.rpc("solo", add, (1, 2)) == 3
+        finally:
+            await ag.shutdown()
+        assert old2.closed
+
+    asyncio.run(again())
+    asyncio.run(ag.init("solo"))
+    asyncio.run(again())  # (init forgets it too)
+
+
+async def test_actorgrad_used_from_another_event_loop_says_so(cluster):
+    # Awaited on another thread's loop, rpc failed inside asyncio ("got Future attached to
+    # a different loop") and a handshake it left behind logged a false AuthError.
+    rref = await ag.remote("w1", add, (1, 2))
+    wrong = (
+        "actorgrad must be used from the event loop worker 'driver' runs on, not from another one"
+    )
+
+    async def elsewhere() -> None:
+        with pytest.raises(RuntimeError, match=wrong):
+            await ag.rpc("w1", add, (1, 2))
+        with pytest.raises(RuntimeError, match=wrong):
+            await ag.remote("w1", add, (1, 2))
+        with pytest.raises(RuntimeError, match=wrong):
+            await rref.to_here()
+        with pytest.raises(RuntimeError, match=wrong):
+            await rref.rpc().bit_length()
+        with pytest.raises(RuntimeError, match=wrong):
+            await ag.shutdown()
+
+    await asyncio.get_running_loop().run_in_executor(None, asyncio.run, elsewhere())
+    assert await ag.rpc("w1", add, (1, 2)) == 3 and await rref.to_here() == 3
+    assert not cluster.driver.closed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({"graceful": "no"}, TypeError, "graceful must be a bool, not 'no'"),
+        ({"graceful": None}, TypeError, "not None"),
+        (
+            {"timeout": -5},
+            ValueError,
+            r"timeout must be a number of seconds > 0, or None for the default \(10 s\); got -5",
+        ),
+        ({"timeout": 0}, ValueError, "got 0$"),
+        ({"timeout": "x"}, ValueError, "got 'x'$"),
+        ({"timeout": float("nan")}, ValueError, "got nan$"),
+    ],
+)
+async def test_shutdown_refuses_bad_arguments_as_rpc_does(kwargs, exc, message, monkeypatch):
+    monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)
+    with pytest.raises(exc, match=message):  # (also with nothing to shut down)
+        await ag.shutdown(**kwargs)
+    await ag.init("z")
+    try:
+        with pytest.raises(exc, match=message):
+            await ag.shutdown(**kwargs)
+        assert await ag.rpc("z", add, (1, 2)) == 3  # (it did not go)
+        if "timeout" in kwargs:
+            with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+                await ag.rpc("z", add, (1, 2), **kwargs)
+    finally:
+        await ag.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        # (None made the caller an unlisted worker "_head")
+        (
+            {"driver": None},
+            TypeError,
+            r"driver must be the name \(a str\) the caller gets, not None",
+        ),
+        ({"driver": 5}, TypeError, "not 5"),
+        ({"driver": "a b"}, ValueError, "without whitespace, not starting with '_', not 'a b'"),
+        ({"token": 5}, TypeError, "the cluster token must be a str, not int"),
+    ],
+)
+async def test_local_cluster_refuses_a_bad_driver_or_token(kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        async with ag.local_cluster(1, **kwargs):
+            pass
+    with pytest.raises(RuntimeError, match="not initialized"):
+        current_worker()

@@ -3,8 +3,11 @@ worker_name, workers, shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +19,7 @@ from actorgrad.runtime.cluster import (
     check_name,
     finish,
     new_token,
+    start_worker,
     stop_all,
 )
 from actorgrad.runtime.procs import ENV_ADDRESS, ENV_TOKEN, WorkerProcesses, tune_malloc
@@ -36,9 +40,14 @@ async def init(
     """Join this process to a cluster as worker ``name`` (a new cluster, hosting its
     registry, when there is no address argument nor ``ACTORGRAD_ADDRESS``).
 
+    ``name``: 1 to 255 printable characters without whitespace, not starting with "_".
+    ``host``: the interface to bind, an IP address or a host name of this machine.
+
     Raises:
+        TypeError: a name, host or token that is not a str, a port that is not an int.
         ValueError: a malformed name, address, host or port, or no token to join with.
-        RuntimeError: this process is initialized already.
+        RuntimeError: this process is initialized already (a worker whose event loop
+            has closed does not count: it is forgotten).
         AuthError: the cluster's token is another one.
         WorkerLost: nobody answers at the address.
 
@@ -49,10 +58,11 @@ async def init(
         ...
         await ag.shutdown()
     """
-    existing = _w._process_worker
-    if existing is not None and not existing.closed:
-        raise RuntimeError(f"actorgrad is already initialized as worker {existing.name!r}")
+    _check_not_initialized()
     check_name(name)
+    _check_token_type(token)
+    if type(port) is not int:
+        raise TypeError(f"port must be an int (0: any free port), not {port!r:.80}")
     if address is not None:
         check_address(address)
     elif os.environ.get(ENV_ADDRESS):
@@ -66,7 +76,7 @@ async def init(
     tune_malloc()
     w = Worker(name, token=token, host=host, port=port)
     try:
-        await w.start()
+        await start_worker(w)
         if address is None:
             w.host_registry()
         else:
@@ -142,7 +152,12 @@ def workers() -> list[str]:
 
 async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:  # noqa: ASYNC109 (timeout is API)
     """Shut down this process's worker (from ``init``); idempotent. ``graceful``: let
-    the calls it is running finish (at most ``timeout`` seconds) before it goes.
+    the calls it is running finish (at most ``timeout`` seconds, a number > 0; None: 10
+    s) before it goes. A worker whose event loop has closed (``init`` ran in an
+    ``asyncio.run()`` that returned) is only forgotten: nothing of it can run any more.
+
+    Raises TypeError (``graceful`` not a bool), ValueError (a bad ``timeout``),
+    RuntimeError (called from another event loop than the worker's).
 
     Example::
 
@@ -152,10 +167,59 @@ async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:
         finally:
             await ag.shutdown()
     """
+    if type(graceful) is not bool:
+        raise TypeError(f"graceful must be a bool, not {graceful!r:.80}")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(  # (rpc's rule, in Worker.call; NaN fails it too)
+            f"timeout must be a number of seconds > 0, or None for the default (10 s); got "
+            f"{timeout!r:.80}"
+        )
     w = _w._process_worker
     if w is None:
         return
+    if w.loop.is_closed():
+        _forget(w)
+        return
+    if asyncio.get_running_loop() is not w.loop:
+        raise _w.wrong_loop(w)
     await w.shutdown(graceful=graceful, timeout=timeout)
+    if _w._process_worker is w:
+        _w.set_process_worker(None)
+
+
+def _check_token_type(token: Any) -> None:
+    if token is not None and not isinstance(token, str):
+        raise TypeError(  # (not the value: it may be a secret)
+            f"the cluster token must be a str, not {type(token).__name__}"
+        )
+
+
+def _check_not_initialized() -> None:
+    """RuntimeError when this process has a worker already; one whose event loop has
+    closed is forgotten instead (it can never run again)."""
+    existing = _w._process_worker
+    if existing is not None and not existing.closed:
+        if not existing.loop.is_closed():
+            raise RuntimeError(f"actorgrad is already initialized as worker {existing.name!r}")
+        _forget(existing)
+
+
+def _forget(w: Worker) -> None:
+    """Drop worker ``w``, whose event loop has closed: nothing of it can run there any
+    more. Its sockets are closed here (asyncio's own loops leave them open when they
+    close, uvloop's close them), so that peers see it gone at once."""
+    w.closed = True
+    socks = [getattr(s, "_sockets", None) or [] for s in (w._server, w._local_server)]
+    socks.append([getattr(c.transport, "_sock", None) for c in w._conns])
+    for sock in itertools.chain.from_iterable(socks):
+        if isinstance(sock, socket.socket):  # (the raw socket: closing it twice is fine)
+            sock.close()
+    if w._pool is not None:
+        w._pool.shutdown(wait=False, cancel_futures=True)
+    if w.transport_kind == "inproc" and w.address:
+        from actorgrad.runtime import transport
+
+        transport.inproc_unlisten(w.address)
     if _w._process_worker is w:
         _w.set_process_worker(None)
 
@@ -212,15 +276,16 @@ async def local_cluster(
         names = [check_name(n) for n in workers]
     else:
         raise TypeError(f"workers must be a count (int) or a list of names, not {workers!r:.80}")
+    if not isinstance(driver, str):
+        raise TypeError(f"driver must be the name (a str) the caller gets, not {driver!r:.80}")
     if driver:  # ("": the head is actorgrad's own, the caller not a worker of the cluster)
         check_name(driver)
     if len(set(names) | {driver}) != len(names) + 1:
         raise ValueError(
             f"worker names must be unique and differ from the driver's: {names}, {driver!r}"
         )
-    existing = _w._process_worker
-    if existing is not None and not existing.closed:
-        raise RuntimeError(f"actorgrad is already initialized as worker {existing.name!r}")
+    _check_token_type(token)
+    _check_not_initialized()
     token = token or new_token()
     tune_malloc()
     kind = "tcp" if processes or transport == "unix" else transport

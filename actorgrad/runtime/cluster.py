@@ -12,12 +12,15 @@ import asyncio
 import functools
 import ipaddress
 import os
+import re
 import secrets
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.procs import WorkerProcesses, describe_exit
+from actorgrad.runtime.registry import MAX_NAME, valid_name
 from actorgrad.runtime.worker import Worker
 
 HEAD_NAME = "_head"
@@ -45,9 +48,35 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, token: str | None) -> None:
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def check_host(host: Any) -> str:
+    """``host`` when it can be bound: an IP address (IPv6 optionally in brackets), a
+    host name (RFC 1123 labels, at most 253 characters), or "" (every interface).
+    TypeError for a non-str, ValueError for a malformed one (``256.0.0.1``, spaces)."""
     if not isinstance(host, str):
-        raise ValueError(f"host must be a str (a name or an IP address), not {host!r:.80}")
+        raise TypeError(f"host must be a str (a name or an IP address), not {host!r:.80}")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(bare)
+        return host
+    except ValueError:
+        pass
+    if bare is host and host.replace(".", "").isdigit():
+        raise ValueError(f"host {host!r:.80} is not a valid IP address")
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if bare is host and (
+        host == "" or (len(host) <= 253 and all(_HOST_LABEL.fullmatch(x) for x in labels))
+    ):
+        return host
+    raise ValueError(f"host must be a host name or an IP address, not {host!r:.80}")
+
+
+def check_bind(host: Any, token: str | None) -> None:
+    """A worker may bind ``host``: well-formed (see :func:`check_host`), and a loopback
+    address unless there is a cluster ``token``."""
+    check_host(host)
     if not is_loopback(host) and not token:
         raise ValueError(
             f"refusing to bind {host!r} (not a loopback address) without a cluster token: "
@@ -55,13 +84,28 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
-def check_name(name: Any) -> str:
-    """``name`` when it can name a user's worker: a non-empty str not starting with "_"
-    (such names are actorgrad's own: the cluster's head, status clients; they are left
-    out of ``ag.workers()``). Else ValueError."""
-    if not isinstance(name, str) or not name or name.startswith("_"):
+async def start_worker(w: Worker) -> None:
+    """``await w.start()``; a host name that does not resolve is a ValueError naming it
+    (not a bare ``socket.gaierror``)."""
+    try:
+        await w.start()
+    except socket.gaierror as exc:
         raise ValueError(
-            f"a worker name must be a non-empty str not starting with '_', not {name!r:.80}"
+            f"cannot bind host {w.host!r}: {exc.strerror or exc} (not a name of this machine?)"
+        ) from None
+
+
+def check_name(name: Any) -> str:
+    """``name`` when it can name a user's worker: a str of 1 to 255 printable characters
+    without whitespace, not starting with "_" (such names are actorgrad's own: the
+    cluster's head, status clients; they are left out of ``ag.workers()``). TypeError
+    for a non-str, else ValueError."""
+    if not isinstance(name, str):
+        raise TypeError(f"a worker name must be a str, not {type(name).__name__} ({name!r:.80})")
+    if not valid_name(name) or name.startswith("_"):
+        raise ValueError(
+            f"a worker name must be a non-empty str of at most {MAX_NAME} printable "
+            f"characters without whitespace, not starting with '_', not {name!r:.80}"
         )
     return name
 
@@ -122,7 +166,7 @@ async def serve_cluster(
     procs = WorkerProcesses()
     unwatch: list[Callable[[], None]] = []
     try:
-        await head.start()
+        await start_worker(head)
         head.host_registry()
         procs.start(head.address, [f"w{i}" for i in range(1, n + 1)], token, host=host)
         if not await _unless_stopped(procs.wait_registered(head.registry), stop):
@@ -209,7 +253,7 @@ async def serve_worker(
     if own:
         _w.set_process_worker(w)
     try:
-        await w.start()
+        await start_worker(w)
         if await _unless_stopped(w.join(address), stop):
             await _unless_stopped(w.registry_lost.wait(), stop)  # (the head went away)
     finally:

@@ -20,6 +20,19 @@ if TYPE_CHECKING:
     from actorgrad.runtime.worker import Worker
 
 MAX_ID = 2**16
+#: the longest worker name (in characters)
+MAX_NAME = 255
+
+
+def valid_name(name: Any) -> bool:
+    """Whether ``name`` can name a worker on the wire: a str of 1 to MAX_NAME printable
+    characters without whitespace (names go into log lines and the CLI's output)."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_NAME
+        and name.isprintable()  # (False for every whitespace but " ")
+        and " " not in name
+    )
 
 
 class Registry:
@@ -54,8 +67,8 @@ class Registry:
     def join(self, name: str, address: str, local: str, conn: Connection) -> list:
         if self.closed:
             raise RuntimeError("the cluster is shutting down")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"invalid worker name {name!r}")
+        if not valid_name(name):
+            raise ValueError(f"invalid worker name {name!r:.80}")
         if name in self.members:
             raise ValueError(f"a worker named {name!r} is already in the cluster")
         wid = self._alloc_id()

@@ -135,6 +135,20 @@ def current_worker() -> Worker:
     raise RuntimeError(_NOT_INIT)
 
 
+def wrong_loop(w: Worker) -> RuntimeError:
+    """The error for using worker ``w`` from an event loop that is not its own."""
+    if w.loop.is_closed():
+        return RuntimeError(
+            f"the event loop of worker {w.name!r} has closed (an asyncio.run() that "
+            "returned?): init and use actorgrad within one event loop; "
+            "`await ag.shutdown()` forgets that worker, then ag.init() works again"
+        )
+    return RuntimeError(
+        f"actorgrad must be used from the event loop worker {w.name!r} runs on, not from "
+        "another one (another thread's, or a second asyncio.run())"
+    )
+
+
 def set_process_worker(w: Worker | None) -> Worker | None:
     global _process_worker
     old, _process_worker = _process_worker, w
@@ -1192,6 +1206,8 @@ class Worker:
         Raises RemoteError (the function raised), RpcTimeout, WorkerLost (the peer died,
         left or the connection broke), TypeError (``fn`` or an argument cannot travel),
         ValueError (unknown worker)."""
+        if asyncio.get_running_loop() is not self.loop:
+            raise wrong_loop(self)
         target = fn if mode >= MODE_RREF_RPC else calls.fn_spec(fn)
         _check_call_args(args, kwargs)
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
