@@ -1106,6 +1106,11 @@ async def test_misuse_errors():
                 await ag.dist.backward(ctx, [ag.tensor(1.0)])
             with pytest.raises(ValueError, match="one-element"):
                 await ag.dist.backward(ctx, [x * 2])
+            # wrong types are TypeErrors (they were ValueErrors)
+            with pytest.raises(TypeError, match="roots must be a list of tensors, got None"):
+                await ag.dist.backward(ctx, None)
+            with pytest.raises(TypeError, match=r"roots\[1\] is a float, not an actorgrad"):
+                await ag.dist.backward(ctx, [x.sum(), 1.0])
             with pytest.raises(ag.ContextError, match="nest"):
                 async with ag.dist.context():
                     pass
@@ -1113,7 +1118,7 @@ async def test_misuse_errors():
             await ag.dist.backward(ctx, [x.sum()])
         with pytest.raises(ag.ContextError, match="unknown or released"):
             ag.dist.get_gradients(ctx)
-        for bad in ("abc", None, 1.5):
+        for bad in ("abc", None, 1.5, True):  # (True was taken for context 0x1)
             with pytest.raises(ag.ContextError, match=r"context id is the int that .* not \w+ "):
                 await ag.dist.backward(bad, [x.sum()])
             with pytest.raises(ag.ContextError, match="context id is the int"):

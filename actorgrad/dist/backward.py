@@ -877,13 +877,13 @@ def _check_roots(roots: Any) -> list[tuple[Any, np.ndarray]]:
     try:
         roots = list(roots)
     except TypeError:
-        raise ValueError(f"roots must be a list of tensors, got {type(roots).__name__}") from None
+        raise TypeError(f"roots must be a list of tensors, got {type(roots).__name__}") from None
     if not roots:
         raise ValueError("backward needs at least one root tensor; roots is empty")
     out = []
     for i, r in enumerate(roots):
         if not isinstance(r, Tensor):
-            raise ValueError(f"roots[{i}] is a {type(r).__name__}, not an actorgrad Tensor")
+            raise TypeError(f"roots[{i}] is a {type(r).__name__}, not an actorgrad Tensor")
         if not r.requires_grad:
             raise ValueError(f"roots[{i}] does not require grad (no graph to differentiate)")
         if r.data.size != 1:
@@ -905,6 +905,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
     Raises:
         ValueError: empty roots, a root that does not require grad or has more than
             one element.
+        TypeError: roots not a list (or a single Tensor) of Tensors.
         ContextError: unknown or released context id (or not an int).
         RemoteError: an error in another worker's part of the pass (names that
             worker); an error in this worker's own part is raised as it is.
