@@ -167,3 +167,23 @@ class ContextError(ActorgradError):
     >>> issubclass(ContextError, ActorgradError)
     True
     """
+
+
+# The errors a worker's runtime or protocol (not the user code it runs) refuses a
+# message with: a peer's refusal reaches the sender as its own type, not as the
+# RemoteError that carried it (a call's refusal, a backward pass's).
+_REFUSALS: dict[str, type[ActorgradError]] = {
+    type_name(c): c for c in (WorkerLost, ContextError, ProtocolError)
+}
+
+
+def refusal_type(name: Any) -> type[ActorgradError] | None:
+    """The error type a peer's refusal named ``name`` (its :func:`type_name`) stands
+    for: WorkerLost, ContextError or ProtocolError; None for anything else.
+
+    >>> refusal_type("actorgrad.errors.ContextError") is ContextError
+    True
+    >>> refusal_type("ValueError") is None
+    True
+    """
+    return _REFUSALS.get(name) if type(name) is str else None

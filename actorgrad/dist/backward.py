@@ -62,7 +62,9 @@ from actorgrad.errors import (
     ProtocolError,
     RemoteError,
     WorkerLost,
+    refusal_type,
     short_repr,
+    type_name,
 )
 from actorgrad.runtime import current_worker, inline, on_cast
 from actorgrad.tensor import Tensor, broadcast_view
@@ -505,11 +507,6 @@ class InitiatorRun:
             self.done.set_exception(exc)
 
 
-#: errors a worker's protocol (not the graph it runs) refuses a pass's message with:
-#: they reach the origin as their own type, as the origin's own refusals do
-_REFUSALS: dict[str, type[ActorgradError]] = {c.__name__: c for c in (ContextError, ProtocolError)}
-
-
 def _failure_record(exc: BaseException, me: str, refused: bool = False) -> list[Any]:
     """What a failure becomes on the wire: ["lost", message], ["refused", type name,
     message] (``refused``: the protocol's check of the message failed, not the graph's
@@ -517,8 +514,9 @@ def _failure_record(exc: BaseException, me: str, refused: bool = False) -> list[
     worker where it happened stays)."""
     if isinstance(exc, WorkerLost):
         return ["lost", str(exc)]
-    if refused and type(exc).__name__ in _REFUSALS:
-        return ["refused", type(exc).__name__, f"{exc} (refused by worker {me!r})"]
+    # (the protocol's refusals reach the origin as their own type, as its own do)
+    if refused and refusal_type(name := type_name(type(exc))) is not None:
+        return ["refused", name, f"{exc} (refused by worker {me!r})"]
     return ["error", RemoteError.from_exception(me, exc)]
 
 
@@ -530,7 +528,7 @@ def _failure_from(record: Any) -> BaseException:
         if kind == "error" and isinstance(payload, RemoteError):
             return payload
     if type(record) is list and len(record) == 3 and record[0] == "refused":
-        cls = _REFUSALS.get(record[1]) if type(record[1]) is str else None
+        cls = refusal_type(record[1])
         if cls is not None and type(record[2]) is str:
             return cls(record[2])
     raise ProtocolError(f"malformed backward failure report {short_repr(record)}")

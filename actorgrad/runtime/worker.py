@@ -77,11 +77,11 @@ from actorgrad import wire
 from actorgrad.errors import (
     ActorgradError,
     AuthError,
-    ContextError,
     ProtocolError,
     RemoteError,
     RpcTimeout,
     WorkerLost,
+    refusal_type,
 )
 from actorgrad.runtime import calls, rref, transport
 from actorgrad.runtime.procs import ENV_ADDRESS
@@ -267,13 +267,9 @@ def _unhold(sp: Any, _fut: Any) -> None:
 def _refusal(err: RemoteError) -> BaseException:
     """The error of a call the peer's runtime refused, as its own type: an ActorgradError
     named by the reply (anything else stays the RemoteError it came as)."""
-    cls = _REFUSALS.get(err.remote_type)
+    cls = refusal_type(err.remote_type)
     return err if cls is None else cls(err.remote_message)
 
-
-_REFUSALS: dict[str, type[ActorgradError]] = {
-    f"actorgrad.errors.{c.__name__}": c for c in (WorkerLost, ContextError, ProtocolError)
-}
 
 #: Most abandoned calls kept per connection (see _abandon); beyond, the oldest go.
 MAX_ABANDONED = 65536
