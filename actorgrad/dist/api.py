@@ -152,7 +152,10 @@ def get_gradients(context_id: int) -> dict[Tensor, np.ndarray]:
 
     Keys are this worker's leaf tensors that were reached by a backward pass of the
     context (an input reached but unused gets zeros); values add up over repeated
-    backward calls. ``.grad`` is never written by a distributed backward.
+    backward calls. ``.grad`` is never written by a distributed backward. The arrays
+    are the context's own (as PyTorch's tensors are): changing one in place changes
+    what later calls return and what ``DistributedOptimizer.step`` applies; copy one to
+    keep or change it.
 
     Raises:
         ContextError: unknown or released context id (or not an int).
