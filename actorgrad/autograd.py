@@ -524,9 +524,7 @@ class GraphTask:
                     deps[nxt] = left
                     if left == 0 and (not sources or nxt not in sources or nxt in delivered):
                         ready.append(nxt)
-                if release and grad is not None:
-                    # (only what a gradient ran through: a node that got nothing keeps
-                    # its buffers for a later backward that reaches it, as in torch)
+                if release:
                     node.release()
                 if until is not None and perf_counter() > until:
                     break

@@ -380,22 +380,6 @@ def test_second_backward_through_freed_graph_names_retain_graph():
         loss.backward()
 
 
-def test_a_pass_frees_only_the_nodes_a_gradient_ran_through():
-    # A root given no gradient runs (its consumers count it as delivered) but nothing
-    # flowed through it: its node keeps its buffers for a later backward that reaches
-    # it (the distributed engine's unused recv nodes are such roots).
-    x = ag.tensor([1.0, 2.0], requires_grad=True)
-    w = ag.tensor([3.0, 4.0], requires_grad=True)
-    y = x * w
-    task = GraphTask([(grad_node(y), None)])
-    task.run()
-    assert task.finished and x.grad is None
-    y.sum().backward()
-    np.testing.assert_array_equal(x.grad, [3.0, 4.0])
-    with pytest.raises(RuntimeError, match="second time"):
-        y.sum().backward()
-
-
 def test_a_boundary_node_without_a_handler_is_applied_and_may_refuse():
     class Edge(Node):
         __slots__ = ()

@@ -145,7 +145,6 @@ def _boundary(
     ctx_id: int,
     out: _Outgoing,
     redirect: dict[tuple[str, int], tuple[str, int]],
-    spent: set[RecvNode],
     node: Any,
     grad: np.ndarray | None,
 ) -> None:
@@ -154,16 +153,12 @@ def _boundary(
     if not isinstance(node, RecvNode) or node.ctx_id != ctx_id:
         # A tensor received in another context: its gradient stops here.
         return
-    if node.freed:
-        if grad is None:
-            return  # (nothing flows: its send node, gone, needs no message)
+    if node.freed:  # (else its sender failed the pass: "no send node", a ContextError)
         raise RuntimeError(
             f"{node!r}: trying to backward through the graph a second time; it was freed "
             "after the first backward. Pass retain_graph=True to the first backward() "
             "if you need to run it again."
         )
-    if grad is not None:
-        spent.add(node)
     dest, send_id = node.src, node.send_id
     if redirect:
         to = redirect.get((dest, send_id))
@@ -173,7 +168,7 @@ def _boundary(
 
 
 def _plan_relays(
-    ctx: DistContext, task: GraphTask, me: str, roots: Sequence[tuple[Any, Any]], relayed: set[int]
+    ctx: DistContext, task: GraphTask, me: str, roots: Sequence[tuple[Any, Any]]
 ) -> dict[str, list[Any]]:
     """On the origin, before its part runs: the tensors it received and sent on
     unchanged (the driver of a pipeline). Such a send node's gradient, coming back from
@@ -184,15 +179,10 @@ def _plan_relays(
     it first) and has no hooks (they must see the gradient here). The pair is taken out
     of this part's task;
     the relay (send id, A, A's send id) goes to B with the origin's first message of
-    the pass, which B waits for before any of its recv nodes from the origin fires.
-    The send ids of the relayed pairs are added to ``relayed``. A pair that a pass
-    without retain_graph relayed (``ctx.bypassed``) is relayed in every later pass:
-    a RuntimeError if it no longer qualifies (it would wait for a gradient that the
-    worker at its far end may have freed)."""
+    the pass, which B waits for before any of its recv nodes from the origin fires."""
     relays: dict[str, list[Any]] = {}
     skip: list[Any] = []
     seeded = {node for node, _ in roots}
-    bypassed = ctx.bypassed
     for s in ctx.sends.values():
         r = s.next[0] if s.next else None
         if (
@@ -205,15 +195,6 @@ def _plan_relays(
         ):
             relays.setdefault(s.dest, []).extend((s.send_id, r.src, r.send_id))
             skip += (s, r)
-            relayed.add(s.send_id)
-        elif s.send_id in bypassed:
-            raise RuntimeError(
-                f"{r!r}: its tensor was passed on unchanged to worker {s.dest!r} and an "
-                "earlier backward without retain_graph sent its gradient around this "
-                "worker (the graph behind it may be freed); it can no longer be used "
-                "here with a hook, as a root or in a new computation. Pass "
-                "retain_graph=True to the earlier backward() to use it again."
-            )
     if skip:
         task.skip(skip)
     return relays
@@ -239,9 +220,6 @@ class PassState:
         "backlog",
         "held",
         "exempt",
-        "spent_sends",
-        "spent_recvs",
-        "relayed",
     )
 
     def __init__(
@@ -294,12 +272,6 @@ class PassState:
         self.redirect: dict[tuple[str, int], tuple[str, int]] = {}
         all_roots: list[tuple[Any, np.ndarray | None]] = list(roots)
         all_roots.extend((r, None) for r in ctx.recvs)
-        # The send ids that got a gradient and the recv nodes that sent one: what a pass
-        # without retain_graph frees (DistContext.free_spent); and on the origin, the
-        # send ids of the pairs it relayed.
-        self.spent_sends: set[int] = set()
-        self.spent_recvs: set[RecvNode] = set()
-        self.relayed: set[int] = set()
         # (The callbacks hold the dicts, not this object: bound methods would make pass
         # and task a reference cycle that only the garbage collector frees, and the
         # step's whole graph and context with it.)
@@ -308,15 +280,11 @@ class PassState:
             sources=ctx.sends.values(),
             retain_graph=retain_graph,
             leaf_sink=functools.partial(_leaf, self.contrib),
-            on_boundary=functools.partial(
-                _boundary, ctx.id, self.out, self.redirect, self.spent_recvs
-            ),
+            on_boundary=functools.partial(_boundary, ctx.id, self.out, self.redirect),
         )
         # On the origin: per worker, the relays its first message carries.
         self.relays: dict[str, list[Any]] = (
-            _plan_relays(ctx, self.task, origin, roots, self.relayed)
-            if origin == worker.name
-            else {}
+            _plan_relays(ctx, self.task, origin, roots) if origin == worker.name else {}
         )
         # Workers holding the recv nodes of our sends must run their part too (the
         # origin runs its part anyway: no start message to it).
@@ -393,7 +361,6 @@ class PassState:
                         f"{self.ctx.id:#x}, which sent a tensor of shape {node.shape}"
                     )
                 size += g.size
-                self.spent_sends.add(send_id)
             self.task.deliver(node, g)
         return size
 
@@ -420,7 +387,7 @@ class PassState:
             self.unwatch()
         ctx.done_passes.add(self.pass_id)
         if not retain_graph:
-            ctx.free_spent(self.spent_sends, self.spent_recvs, self.relayed)
+            ctx.free_graph()
         st.num_backward_passes += 1
 
 

@@ -47,8 +47,8 @@ __all__ = ["DistContext", "DistState", "RecvNode", "SendNode", "current_context"
 # kept so that an in-process worker running a call does not mistake its caller's
 # context for its own. The chain: the tokens of the calls of this context this task
 # runs inside (its own call's last), whatever worker made them (see calls_out).
-_current: contextvars.ContextVar[tuple[Any, int, tuple[int, ...]] | None] = contextvars.ContextVar(
-    "actorgrad_dist_context", default=None
+_current: contextvars.ContextVar[tuple[Any, int, tuple[int, ...]] | None] = (
+    contextvars.ContextVar("actorgrad_dist_context", default=None)
 )
 
 CONTEXT_ID_BITS = 48
@@ -139,7 +139,6 @@ class DistContext:
         "unanswered",
         "calls_out",
         "offloaded",
-        "bypassed",
         "__weakref__",
     )
 
@@ -182,11 +181,6 @@ class DistContext:
         self.calls_out: set[int] = set()
         # Parts of passes running in the worker's thread pool (backward._step).
         self.offloaded = 0
-        # Send ids of the origin's relayed pairs (backward._plan_relays) that a pass
-        # without retain_graph went around: whether a gradient went through them (and
-        # the workers at both ends freed theirs) is not known here, so every later
-        # pass must relay them again (see free_spent).
-        self.bypassed: set[int] = set()
 
     def __repr__(self) -> str:
         return (
@@ -253,29 +247,11 @@ class DistContext:
                 grads[t] = now - g
 
     def free_graph(self) -> None:
-        """Forget every send/recv node (the context is released)."""
+        """Forget the send/recv nodes (after a backward that did not retain the graph)."""
         self.sends.clear()
         for r in self.recvs:
             r.freed = True
         self.recvs.clear()
-        self.bypassed.clear()
-
-    def free_spent(self, sends: set[int], recvs: set[RecvNode], relayed: Iterable[int]) -> None:
-        """After a pass without retain_graph: forget the send nodes that got a gradient
-        and the recv nodes that sent one (``sends``, ``recvs``), as the local engine
-        frees the nodes a gradient ran through and no others; the pairs that carried
-        ``None`` stay for a later pass (several losses of one context, each with its
-        own backward). Both ends of a pair see the same gradient, so they agree; not
-        the origin about the pairs it ``relayed`` (the gradient went around it): those
-        stay, bypassed for good."""
-        if sends:
-            for send_id in sends:
-                self.sends.pop(send_id, None)
-        if recvs:
-            for r in recvs:
-                r.freed = True
-            self.recvs = [r for r in self.recvs if not r.freed]
-        self.bypassed.update(relayed)
 
 
 class DistState:
