@@ -1854,29 +1854,37 @@ async def test_leaving_the_context_while_its_backward_runs(worker_path):
         await assert_clean(c.names)
 
 
-async def test_a_tensor_sent_in_a_context_while_its_pass_runs_there_is_refused(worker_path):
-    # Another task of the context sends a tensor that requires grad while the driver's
-    # part of a pass waits for w1's gradient: that send node is not in the part, and a
-    # recv node made for it on a worker whose part had not started would be (it could
-    # wait for good). Refused at the sender; the pass and the context go on.
+@pytest.mark.parametrize("driver_part", ["running", "finished"])
+async def test_a_call_in_a_context_while_its_pass_runs_there_is_refused(worker_path, driver_part):
+    # Another task of the context calls while a pass runs: its request or reply may
+    # bring tensors whose send/recv pair only one end's part holds (a reply with a
+    # tensor, the driver's part finished and w2's not started: the pass completed
+    # without that gradient and w2's part waited for good; found by a review). Refused
+    # at the caller while its part runs or, on the pass's origin, until the pass is
+    # done; the pass and the context go on.
     xv, wv = arr(4), arr(4)
     async with cluster("processes", 1) as c:
         await ag.rpc("w1", F.put, ("w", wv))
         await ag.rpc("w1", F.add_slow_hook, ("w", 0.3))
-        x = ag.tensor(xv, requires_grad=True)
+        # ("finished": x needs no gradient, the driver's part ends as it sends to w1)
+        x = ag.tensor(xv, requires_grad=driver_part == "running")
         async with ag.dist.context() as ctx:
             y = await ag.rpc("w1", F.mul, ("w", x))
             task = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
             await asyncio.sleep(0)  # its first step: the driver's part, sent to w1
-            assert ag.dist.debug_info()["num_active_passes"] == 1
-            with pytest.raises(ag.ContextError, match="cannot be sent in it from worker 'dr"):
-                await ag.rpc("w1", F.mul, ("w", x))
+            active = ag.dist.debug_info()["num_active_passes"]
+            assert active == (1 if driver_part == "running" else 0)
+            for args in (("w", x), ("w", ag.tensor(xv))):  # (with or without a graph)
+                with pytest.raises(ag.ContextError, match="a call cannot be made in it from wo"):
+                    await ag.rpc("w1", F.mul, args)
             await asyncio.wait_for(task, 10)
-            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
-            # (the refused call left nothing behind: a new step in the context is exact)
-            y2 = await ag.rpc("w1", F.mul, ("w", x))
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
+            # (the refused calls left nothing behind: a new step in the context is exact)
+            x2 = ag.tensor(xv, requires_grad=True)
+            y2 = await ag.rpc("w1", F.mul, ("w", x2))
             await asyncio.wait_for(ag.dist.backward(ctx, [y2.sum()]), 10)
-            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * wv, rtol=1e-12)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x2], wv, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), 2 * xv)
         await assert_clean(c.names)
 
 

@@ -559,15 +559,6 @@ class _Hooks:
     def tensor_out(self, t: Tensor) -> int | None:
         if not t.requires_grad:
             return None
-        if self.ctx.active_pass is not None:
-            # (another task of the context sends while this worker's part of a pass
-            # runs: the send node is not in that part, and a recv node made for it on
-            # a worker whose part has not started yet would be: it could wait for good)
-            raise ContextError(
-                f"context {self.ctx.id:#x}: a tensor that requires grad cannot be sent in "
-                f"it from worker {self.state.worker.name!r} while a backward pass runs "
-                "there; send it before the backward or after it returned"
-            )
         send_id = self.state.record_send(self.ctx, t, self.peer)
         if self.sent is None:
             self.sent = [send_id]
@@ -642,6 +633,18 @@ class DistInterceptor:
                 f"distributed autograd context {cur[1]:#x} was released on worker "
                 f"{worker.name!r}; a call cannot be made in it any more (a task that "
                 "outlived the `async with ag.dist.context()` block?)"
+            )
+        if ctx.active_pass is not None or (
+            st.runs and any(r.ctx_id == ctx.id for r in st.runs.values())
+        ):
+            # (a call of another task of the context while a pass runs in it: its
+            # request or reply may bring tensors whose send/recv pair only one end's
+            # part of the pass holds, and that part would wait for good or the pass
+            # complete without it; the task running backward waits for it)
+            raise ContextError(
+                f"context {ctx.id:#x}: a call cannot be made in it from worker "
+                f"{worker.name!r} while a backward pass runs in it there; make it "
+                "before the backward or after it returned"
             )
         if len(cur[2]) >= MAX_CHAIN:
             # (checked here, where it is the caller's mistake: the callee could only
