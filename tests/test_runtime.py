@@ -610,6 +610,64 @@ async def test_rref_counts_of_a_worker_that_left_are_dropped(cluster):
     await _owned_count("w1")
 
 
+async def _register_a_fork_and_leave(cluster, to: str) -> None:
+    """w3 (holding an RRef owned by w1, kept by ``keep``) registers a fork of it for
+    ``to`` with the owner, as before sending it, and leaves without sending: the way a
+    forker that dies between the two looks to everyone else."""
+    from actorgrad.runtime import rref
+
+    w3 = cluster.workers[2]
+    hooks = rref.Hooks(w3, to)
+    hooks.ref_out(w3.ext["kept"][0])
+    await rref.register_forks(w3, hooks)
+    await w3.shutdown()
+
+
+async def test_a_fork_whose_forker_left_before_sending_it_is_dropped(cluster):
+    # The owner counted the fork for w2 when w3 registered it; the message never came,
+    # and w2 never had anything to give back: w1 kept the value for good (~40% of
+    # rounds of a probe that killed a driver forwarding RRefs). Now the owner asks w2,
+    # once w3 left, and drops the forks w2 did not accept.
+    r = await ag.remote("w1", make_counter, (1,))
+    assert await ag.rpc("w3", keep, (r,)) == 1
+    del r
+    gc.collect()
+    await _register_a_fork_and_leave(cluster, "w2")
+    await _owned_count("w1")
+
+
+async def forward_kept(to: str) -> int:
+    """Send this worker's first kept RRef to ``to`` (which keeps it)."""
+    return await ag.rpc(to, keep, (current_worker().ext["kept"][0],))
+
+
+async def test_a_fork_that_arrived_before_its_forker_left_keeps_its_count(cluster):
+    # w3 forwarded the RRef to w2, which decoded it (and accepted the fork), then w3
+    # left: w2's count stays; the value goes once w2 drops it.
+    r = await ag.remote("w1", make_counter, (5,))
+    assert await ag.rpc("w3", keep, (r,)) == 1
+    assert await ag.rpc("w3", forward_kept, ("w2",)) == 1
+    del r
+    gc.collect()
+    await cluster.workers[2].shutdown()
+    w2_ref = cluster.workers[1].ext["kept"][0]
+    owned_here = next(iter(cluster.workers[0].owned.values()))
+
+    def settled() -> bool:  # (w3's counts gone, no fork of w3 pending at w1)
+        return "w3" not in owned_here.holders and not any(
+            f == "w3" for f, _ in owned_here.forks or {}
+        )
+
+    async with asyncio.timeout(5):
+        while not settled():  # noqa: ASYNC110 (no event tells of it)
+            await asyncio.sleep(0.01)
+    assert await w2_ref.rpc().incr() == 6
+    assert await ag.rpc("w1", owned) == 1
+    del w2_ref
+    await ag.rpc("w2", drop_kept)
+    await _owned_count("w1")
+
+
 def stash_array(a):
     current_worker().ext["stash"] = a
     return a.flags.writeable

@@ -458,6 +458,91 @@ async def test_a_call_timeout_bounds_registering_the_rrefs_it_passes():
         assert n == 0
 
 
+def keep(r):
+    rworker.current_worker().ext.setdefault("kept", []).append(r)
+    return len(rworker.current_worker().ext["kept"])
+
+
+async def kept_incr() -> int:
+    return await rworker.current_worker().ext["kept"][0].rpc().incr()
+
+
+async def block_until_file(path: str, deadline: float) -> None:
+    """Block this worker's loop (on purpose: frames wait unread) until ``path`` exists."""
+    end = time.monotonic() + deadline
+    while not os.path.exists(path) and time.monotonic() < end:  # noqa: ASYNC240
+        time.sleep(0.002)  # noqa: ASYNC251
+
+
+async def forward_kept_and_say_when_sent(to: str) -> None:
+    """Send this worker's first kept RRef to ``to`` (which keeps it); return once the
+    request has been handed to the connection (the reply is not awaited)."""
+    w = rworker.current_worker()
+    task = asyncio.ensure_future(ag.rpc(to, keep, (w.ext["kept"][0],)))
+    w.ext["forwarding"] = task
+    async with asyncio.timeout(10):
+        while not any(c.pending for c in w._conns if c.peer_name == to):  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+
+
+def forks_pending_of(forker: str) -> tuple[bool, int]:
+    """(whether ``forker`` still holds counts or has forks pending here, owned count)"""
+    w = rworker.current_worker()
+    pending = any(
+        forker in o.holders or any(f == forker for f, _ in o.forks or {}) for o in w.owned.values()
+    )
+    return pending, w.owned_count
+
+
+class Counter:
+    def __init__(self, start: int) -> None:
+        self.value = start
+
+    def incr(self) -> int:
+        self.value += 1
+        return self.value
+
+
+async def test_a_fork_still_unread_when_its_forker_dies_keeps_its_count(tmp_path):
+    # w3 forwards an RRef owned by w1 to w2 and is killed; its request still waits
+    # unread in w2's socket (w2's loop is blocked) when w1 learns that w3 is gone and
+    # asks w2 to settle w3's forks. w2 answers only once it has handled everything w3
+    # sent: the fork is accepted and keeps its count (answering at once would drop it,
+    # and w2's RRef would point at a freed value, when w2 reads w1's request before
+    # w3's frame; here w3's frame came first, so this checks the whole path on real
+    # processes, not that order).
+    import signal
+
+    flag = str(tmp_path / "go")
+    async with ag.local_cluster(3, processes=True):
+        pid3 = await ag.rpc("w3", pid)
+        await ag.rpc("w3", add, (1,))  # (w3 -> w2 connected before w2 blocks)
+        await ag.rpc("w3", relay, (["w2"], []))
+        r = await ag.remote("w1", Counter, (5,))
+        assert await ag.rpc("w3", keep, (r,)) == 1
+        del r
+        gc.collect()
+        blocked = asyncio.ensure_future(ag.rpc("w2", block_until_file, (flag, 10.0)))
+        await ag.rpc("w3", forward_kept_and_say_when_sent, ("w2",))
+        os.kill(pid3, signal.SIGKILL)
+        async with asyncio.timeout(10):  # w1 saw w3 go: its own count went
+            while "w3" in (await ag.rpc("w1", holders_of_first))[0]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        Path(flag).touch()  # noqa: ASYNC240 (the go signal)
+        await blocked
+        async with asyncio.timeout(10):  # the settle is done: nothing of w3 left at w1
+            while (state := await ag.rpc("w1", forks_pending_of, ("w3",)))[0]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert state[1] == 1  # w2's count stayed
+        assert await ag.rpc("w2", kept_incr) == 6
+
+
+def holders_of_first() -> tuple[list[str], int]:
+    w = rworker.current_worker()
+    o = next(iter(w.owned.values()), None)
+    return (sorted(o.holders) if o is not None else []), w.owned_count
+
+
 def test_cluster_run_uses_uvloop_without_a_global_policy():
     policy = asyncio.get_event_loop_policy()
 

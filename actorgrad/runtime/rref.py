@@ -16,6 +16,14 @@ value when the last count goes.
 * A holder that leaves the cluster (gracefully, or dead: the registry sees its join
   connection close) loses all its counts. A mere broken connection does not free
   anything: the holder may still be alive.
+* A fork's count waits on its receiver: the owner remembers, per (forker, receiver),
+  the forks registered and not yet accepted, and a receiver that decodes a forked RRef
+  tells the owner (a one-way ``_accept``). When a forker leaves with forks pending,
+  the owner asks each of their receivers to settle (``_settle_forks``): the receiver
+  answers (``_forks_settled``, behind its accepts on the same connection) once it
+  has handled everything the forker sent it, and the owner drops the counts of the
+  forks still pending: their messages never arrived (the forker died before sending,
+  or in the middle of it). Without this the owner kept such values for good.
 """
 
 from __future__ import annotations
@@ -33,11 +41,24 @@ if TYPE_CHECKING:
 
 
 class Owned:
-    __slots__ = ("value", "holders")
+    __slots__ = ("value", "holders", "forks")
 
     def __init__(self, value: Any) -> None:
         self.value = value
         self.holders: dict[str, int] = {}
+        # (forker, receiver) -> forks registered and not accepted yet (see the module doc)
+        self.forks: dict[tuple[str, str], int] | None = None
+
+
+def _fork(o: Owned, forker: str, holder: str, n: int) -> None:
+    forks = o.forks
+    if forks is None:
+        forks = o.forks = {}
+    c = forks.get((forker, holder), 0) + n
+    if c > 0:
+        forks[(forker, holder)] = c
+    else:
+        forks.pop((forker, holder), None)
 
 
 def _add(worker: Worker, rid: int, holder: str, n: int = 1) -> None:
@@ -61,9 +82,21 @@ def _sub(worker: Worker, rid: int, holder: str) -> None:
 
 
 def peer_lost(worker: Worker, name: str) -> None:
+    settle: set[str] = set()
     for rid, o in list(worker.owned.items()):
+        if o.forks:
+            for forker, holder in list(o.forks):
+                if holder == name:  # (its counts go below: no accept will come)
+                    del o.forks[(forker, holder)]
+                elif forker == name:
+                    settle.add(holder)
         if o.holders.pop(name, None) is not None and not o.holders:
             del worker.owned[rid]
+    for holder in settle:
+        if holder == worker.name:
+            worker.spawn(_settle_here(worker, name), name="settle forks")
+        else:
+            worker.notify(holder, _settle_forks, (name, worker.name), on_error=_ignore)
 
 
 def owned_value(worker: Worker, rid: Any) -> Any:
@@ -269,7 +302,13 @@ class Hooks:
 
     def ref_in(self, payload: list) -> RRef:
         owner, rid = payload
-        return RRef(self.worker, owner, rid)
+        w, forker = self.worker, self.peer
+        if forker != owner and forker != w.name:  # a fork: its count waits for this
+            if owner == w.name:
+                _accepted(w, rid, forker, owner)
+            else:
+                w.notify(owner, _accept, (rid, forker, w.name), on_error=_ignore)
+        return RRef(w, owner, rid)
 
     def abandoned(self) -> None:
         """The call's caller stopped waiting; its late reply will still be decoded
@@ -343,7 +382,9 @@ async def register_forks(worker: Worker, hooks: Hooks) -> None:
     del forks
     futs = []
     for owner, entries in by_owner.items():
-        fut = worker.call_nowait(owner, "actorgrad.runtime.rref:_add_holders", (entries,))
+        fut = worker.call_nowait(
+            owner, "actorgrad.runtime.rref:_add_holders", (entries, worker.name)
+        )
         fut.add_done_callback(functools.partial(_registered, hooks, owner, entries))
         futs.append(fut)
     if futs:
@@ -367,7 +408,9 @@ def _registered(hooks: Hooks, owner: str, entries: list[list], fut: asyncio.Futu
 
 
 def _take_back(worker: Worker, owner: str, rid: int, holder: str) -> None:
-    worker.notify(owner, _decref, (rid, holder), on_error=_ignore)
+    """A fork registered for a message that was not sent: its count, and the owner's
+    record of it as pending, go back."""
+    worker.notify(owner, _unfork, (rid, holder, worker.name), on_error=_ignore)
 
 
 # ---- internal RPC targets (run on the owner) -------------------------------------------
@@ -383,12 +426,93 @@ def _fetch(rid: int) -> Any:
 
 
 @inline
-def _add_holders(entries: list) -> None:
+def _add_holders(entries: list, forker: str) -> None:
     from actorgrad.runtime.worker import current_worker
 
     w = current_worker()
     for rid, holder in entries:
         _add(w, rid, holder)
+        if holder != forker:  # (a fork to itself goes with the forker)
+            _fork(w.owned[rid], forker, holder, 1)
+
+
+def _accepted(worker: Worker, rid: int, forker: str, holder: str) -> None:
+    o = worker.owned.get(rid)
+    if o is not None and o.forks:
+        _fork(o, forker, holder, -1)
+
+
+@inline
+def _accept(rid: int, forker: str, holder: str) -> None:
+    """On the owner: ``holder`` decoded an RRef ``forker`` forked to it."""
+    from actorgrad.runtime.worker import current_worker
+
+    _accepted(current_worker(), rid, forker, holder)
+
+
+@inline
+def _unfork(rid: int, holder: str, forker: str) -> None:
+    """On the owner: ``forker`` takes back a fork it registered for ``holder`` (the
+    message was not sent)."""
+    from actorgrad.runtime.worker import current_worker
+
+    w = current_worker()
+    _accepted(w, rid, forker, holder)
+    _sub(w, rid, holder)
+
+
+#: How long a receiver waits to have handled everything a gone forker sent it before
+#: it answers the owner's settle anyway (a peer that died on a remote host may leave
+#: its connection open until the heartbeat or idle timeout closes it).
+SETTLE_TIMEOUT = 10.0
+
+
+async def _handled_all_of(worker: Worker, forker: str) -> None:
+    """Return once every frame ``forker`` sent here was handled: its connections
+    closed, nothing of it waiting in the mailbox (at most SETTLE_TIMEOUT)."""
+    deadline = worker.loop.time() + SETTLE_TIMEOUT
+    while worker.holds_frames_of(forker) and worker.loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)  # (a rare recovery path: no event to wait for)
+
+
+async def _settle_forks(forker: str, owner: str) -> None:
+    """On a receiver: ``forker`` left; once everything it sent here was handled, tell
+    ``owner``, behind the accepts of those frames (the same connection)."""
+    from actorgrad.runtime.worker import current_worker
+
+    w = current_worker()
+    await _handled_all_of(w, forker)
+    w.notify(owner, _forks_settled, (forker, w.name), on_error=_ignore)
+
+
+async def _settle_here(worker: Worker, forker: str) -> None:
+    """The owner's own share of a settle (RRefs ``forker`` forked back to it)."""
+    await _handled_all_of(worker, forker)
+    _forks_settled_here(worker, forker, worker.name)
+
+
+def _forks_settled_here(worker: Worker, forker: str, holder: str) -> None:
+    for rid, o in list(worker.owned.items()):
+        n = o.forks.pop((forker, holder), 0) if o.forks else 0
+        if n <= 0:
+            continue
+        # (their messages never came: the forker died before or while sending them)
+        c = o.holders.get(holder, 0) - n
+        if c > 0:
+            o.holders[holder] = c
+        else:
+            o.holders.pop(holder, None)
+            if not o.holders:
+                del worker.owned[rid]
+
+
+@inline
+def _forks_settled(forker: str, holder: str) -> None:
+    """On the owner: ``holder`` handled everything the gone ``forker`` sent it: the
+    forks still pending from one to the other never arrived."""
+    from actorgrad.runtime.worker import current_worker
+
+    _forks_settled_here(current_worker(), forker, holder)
 
 
 def _ignore(exc: BaseException) -> None:

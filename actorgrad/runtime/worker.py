@@ -441,6 +441,13 @@ class Worker:
                 d.update(extra)
         return d
 
+    def holds_frames_of(self, peer: str) -> bool:
+        """Whether frames of ``peer`` may still be handled here: a connection with it is
+        open, or a request of it waits in the mailbox (see rref's settle)."""
+        return any(c.peer_name == peer and not c.closed for c in self._conns) or any(
+            c.peer_name == peer for c, _ in self._mailbox
+        )
+
     @property
     def owned_count(self) -> int:
         """Number of values owned here that some RRef still refers to."""
