@@ -14,6 +14,7 @@ import pytest
 
 import actorgrad as ag
 from actorgrad.runtime import Worker, current_worker
+from actorgrad.runtime import worker as rworker
 
 # ---- functions called remotely (module level, so they travel by name) -------------------
 
@@ -785,9 +786,57 @@ async def test_a_message_larger_than_the_largest_frame_fails_its_call_not_the_co
         with pytest.raises(ag.RemoteError, match=too_big.format("driver")) as err:
             await ag.rpc("w1", np.ones, (300_000,), {"dtype": "float32"})
         assert err.value.remote_type == "actorgrad.errors.ProtocolError"
+        # An error too large for a frame (its message, twice with the traceback): the
+        # reply failed on w1 and the caller waited for good (the inline case closed the
+        # connection); it comes cut to size. (int: proven fast, it runs inline.)
+        for fn in (raise_big, araise_big, raise_big, raise_big, raise_big):
+            with pytest.raises(ag.RemoteError, match=r"ValueError on worker 'w1': xxx") as err:
+                await asyncio.wait_for(ag.rpc("w1", fn, (1 << 20,)), 10)
+            assert "characters cut" in err.value.remote_message
+            assert "the error was cut: cannot send a message of" in err.value.remote_message
+            assert err.value.remote_type == "ValueError"
         np.testing.assert_array_equal(await ag.rpc("w1", echo, (big[:1000],)), big[:1000])
         assert c.driver._out["w1"] is conn and not conn.closed  # the same connection
         assert c.driver.status()["peers"] == ["w1"] and not c.driver.is_lost("w1")
+
+
+_STUBBORN: dict[str, asyncio.Event] = {}
+
+
+async def stubborn() -> str:
+    """Swallow cancellation until the test's "stop" event is set."""
+    _STUBBORN["started"].set()
+    while not _STUBBORN["stop"].is_set():
+        try:
+            await _STUBBORN["stop"].wait()
+        except BaseException:  # noqa: S110 (on purpose: the bad citizen)
+            pass
+    return "done"
+
+
+async def test_a_shutdown_is_bounded_when_a_handler_swallows_its_cancellation(caplog):
+    # The teardown awaited its cancelled tasks without a limit: a handler catching
+    # BaseException held the shutdown as long as it ran (40 s in a probe).
+    _STUBBORN.update(started=asyncio.Event(), stop=asyncio.Event())
+    async with ag.local_cluster(1) as c:
+        call = asyncio.ensure_future(ag.rpc("w1", stubborn))
+        await asyncio.wait_for(_STUBBORN["started"].wait(), 10)
+        w1 = next(w for w in c.workers if w.name == "w1")
+        t0 = time.monotonic()
+        await asyncio.wait_for(w1.shutdown(timeout=0.2), 10)
+        assert time.monotonic() - t0 < 0.2 + rworker.CANCEL_GRACE + 1.0
+        assert "1 task(s) went on after being cancelled at shutdown" in caplog.text
+        _STUBBORN["stop"].set()  # (let it end)
+        with pytest.raises(ag.WorkerLost):
+            await asyncio.wait_for(call, 10)
+
+
+def raise_big(n: int) -> None:
+    raise ValueError("x" * n)
+
+
+async def araise_big(n: int) -> None:
+    raise ValueError("x" * n)
 
 
 async def test_a_call_whose_connection_closes_while_it_sends_logs_nothing_unretrieved(caplog):

@@ -458,6 +458,31 @@ async def test_a_call_timeout_bounds_registering_the_rrefs_it_passes():
         assert n == 0
 
 
+def echo(x):
+    return x
+
+
+async def test_a_call_timeout_bounds_waiting_to_send_to_a_peer_that_does_not_read():
+    # w1's loop is blocked: it reads nothing, the driver's 64 MB request fills the
+    # socket and its write buffer. The wait to send was outside the timeout (a peer
+    # whose mailbox stayed full held such a call for good); now RpcTimeout on time.
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+        busy = asyncio.ensure_future(ag.rpc("w1", block_loop, (2.5,)))
+        async with asyncio.timeout(10):  # (w1's loop is blocked once a call goes unanswered)
+            while True:
+                try:
+                    await ag.rpc("w1", owned, timeout=0.2)
+                except ag.RpcTimeout:
+                    break
+        t0 = time.monotonic()
+        with pytest.raises(ag.RpcTimeout, match=r"0.5 s \(waiting to send it: the peer is not"):
+            await ag.rpc("w1", echo, (np.ones(16 << 20, dtype=np.float32),), timeout=0.5)
+        assert time.monotonic() - t0 < 1.5
+        await busy
+        assert await ag.rpc("w1", add, (2, 3)) == 5  # (the same connection works on)
+
+
 def keep(r):
     rworker.current_worker().ext.setdefault("kept", []).append(r)
     return len(rworker.current_worker().ext["kept"])

@@ -104,6 +104,8 @@ MAX_IN_FLIGHT = 10_000
 FAST_CALL = 0.001
 INLINE_AFTER = 3
 SHUTDOWN_TIMEOUT = 10.0
+# how long a shutdown waits for its tasks to end once cancelled (see _teardown)
+CANCEL_GRACE = 1.0
 POOL_THREADS = 8
 
 _current: contextvars.ContextVar[Worker] = contextvars.ContextVar("actorgrad_worker")
@@ -248,6 +250,13 @@ async def _by_deadline(
             f"call of {calls.describe(target)} on worker {dest!r} timed out after {seconds} s"
             + doing
         ) from None
+
+
+def _clip(text: str, keep: int = 2048) -> str:
+    """``text``, its middle cut when it is longer than twice ``keep`` characters."""
+    if len(text) <= 2 * keep:
+        return text
+    return f"{text[:keep]}... ({len(text) - 2 * keep} characters cut) ...{text[-keep:]}"
 
 
 def _no_stop_iteration(fn: Callable[[], Any]) -> Any:
@@ -1182,12 +1191,25 @@ class Worker:
         if conn.closed:
             return
         err = RemoteError.from_exception(self.name, exc)
+        header = [K_ERR, cid, 1] if refused else [K_ERR, cid]
         try:
-            chunks = wire.encode_frame([K_ERR, cid, 1] if refused else [K_ERR, cid], err, None)
+            chunks = wire.encode_frame(header, err, None)
         except Exception as exc2:  # pragma: no cover - RemoteError always encodes
             chunks = wire.encode_frame(
                 [K_ERR, cid], RemoteError.from_exception(self.name, exc2), None
             )
+        try:
+            conn.check_size(chunks)
+        except ProtocolError as too_big:
+            # (an error whose message does not fit in a frame: sending it failed and the
+            # caller waited for good; it gets the error cut to size instead)
+            err = RemoteError(
+                err.worker,
+                err.remote_type,
+                f"{_clip(err.remote_message)} [the error was cut: {too_big}]",
+                _clip(err.remote_traceback),
+            )
+            chunks = wire.encode_frame(header, err, None)
         conn.send_nowait(chunks)
 
     # ------------------------------------------------------------------ calls out
@@ -1271,7 +1293,14 @@ class Worker:
                 del chunks
                 if conn._write_paused:
                     try:
-                        await conn.drain()
+                        await _by_deadline(
+                            conn.drain(),
+                            deadline,
+                            target,
+                            dest,
+                            timeout,
+                            " (waiting to send it: the peer is not reading)",
+                        )
                     except BaseException:
                         if fut.done() and not fut.cancelled():
                             # (failed by the lost connection too: the error raised is the
@@ -1643,11 +1672,24 @@ class Worker:
                 server.close()
         if self.transport_kind == "inproc" and self.address:
             transport.inproc_unlisten(self.address)
-        # cancel and await every task we own (again, if cancelling spawned new ones)
+        # cancel and await every task we own (again, if cancelling spawned new ones),
+        # for at most CANCEL_GRACE: a task that swallows its cancellation (user code
+        # catching BaseException) is left running, not waited for without end
+        end = self.loop.time() + CANCEL_GRACE
         while tasks := [t for t in self._tasks if t is not asyncio.current_task()]:
             for t in tasks:
                 t.cancel()
-            await asyncio.wait(tasks)
+            _, stuck = await asyncio.wait(tasks, timeout=max(end - self.loop.time(), 0.05))
+            if stuck:
+                log.warning(
+                    "worker %s: %d task(s) went on after being cancelled at shutdown; left "
+                    "running: %s",
+                    self.name,
+                    len(stuck),
+                    ", ".join(sorted(t.get_name() for t in stuck)[:5]),
+                )
+                self._tasks.difference_update(stuck)
+                break
         for server in (self._server, self._local_server):
             if server is not None:
                 await server.wait_closed()
