@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -429,22 +430,27 @@ def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fa
     assert 'start the work under `if __name__ == "__main__":`' in error
 
 
+async def _blocked(name: str, seconds: float) -> asyncio.Future[Any]:
+    """Block worker ``name``'s loop for ``seconds``; return (the call doing it) once it
+    is blocked: once a call to it goes unanswered."""
+    busy = asyncio.ensure_future(ag.rpc(name, block_loop, (seconds,)))
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                await ag.rpc(name, owned, timeout=0.2)
+            except ag.RpcTimeout:
+                return busy
+
+
 async def test_a_call_timeout_bounds_registering_the_rrefs_it_passes():
     # The RRef's owner w1 is busy (its loop blocked): registering the fork with it held
     # the call past its timeout; and the registration, once w1 runs again, is taken back.
     async with ag.local_cluster(2, processes=True):
         assert await ag.rpc("w2", add, (1, 2)) == 3
         r = await ag.remote("w1", np.zeros, (3,))
-        busy = asyncio.ensure_future(ag.rpc("w1", block_loop, (2.5,)))
-        # (w1's loop is blocked once a call to it goes unanswered: the registration,
-        # answered inline where it is read, was otherwise answered before block_loop
-        # started when both came in one read)
-        async with asyncio.timeout(10):
-            while True:
-                try:
-                    await ag.rpc("w1", owned, timeout=0.2)
-                except ag.RpcTimeout:
-                    break
+        # (the registration, answered inline where it is read, was otherwise answered
+        # before block_loop started when both came in one read)
+        busy = await _blocked("w1", 2.5)
         t0 = time.monotonic()
         with pytest.raises(ag.RpcTimeout, match="0.5 s .registering the RRefs it passes"):
             await ag.rpc("w2", add, (r,), timeout=0.5)
@@ -468,13 +474,7 @@ async def test_a_call_timeout_bounds_waiting_to_send_to_a_peer_that_does_not_rea
     # whose mailbox stayed full held such a call for good); now RpcTimeout on time.
     async with ag.local_cluster(1, processes=True):
         assert await ag.rpc("w1", add, (1, 2)) == 3
-        busy = asyncio.ensure_future(ag.rpc("w1", block_loop, (2.5,)))
-        async with asyncio.timeout(10):  # (w1's loop is blocked once a call goes unanswered)
-            while True:
-                try:
-                    await ag.rpc("w1", owned, timeout=0.2)
-                except ag.RpcTimeout:
-                    break
+        busy = await _blocked("w1", 2.5)
         t0 = time.monotonic()
         with pytest.raises(ag.RpcTimeout, match=r"0.5 s \(waiting to send it: the peer is not"):
             await ag.rpc("w1", echo, (np.ones(16 << 20, dtype=np.float32),), timeout=0.5)

@@ -68,11 +68,11 @@ def _add(worker: Worker, rid: int, holder: str, n: int = 1) -> None:
     o.holders[holder] = o.holders.get(holder, 0) + n
 
 
-def _sub(worker: Worker, rid: int, holder: str) -> None:
+def _sub(worker: Worker, rid: int, holder: str, n: int = 1) -> None:
     o = worker.owned.get(rid)
     if o is None:
         return
-    c = o.holders.get(holder, 0) - 1
+    c = o.holders.get(holder, 0) - n
     if c > 0:
         o.holders[holder] = c
     else:
@@ -494,16 +494,8 @@ async def _settle_here(worker: Worker, forker: str) -> None:
 def _forks_settled_here(worker: Worker, forker: str, holder: str) -> None:
     for rid, o in list(worker.owned.items()):
         n = o.forks.pop((forker, holder), 0) if o.forks else 0
-        if n <= 0:
-            continue
-        # (their messages never came: the forker died before or while sending them)
-        c = o.holders.get(holder, 0) - n
-        if c > 0:
-            o.holders[holder] = c
-        else:
-            o.holders.pop(holder, None)
-            if not o.holders:
-                del worker.owned[rid]
+        if n > 0:  # (their messages never came: the forker died before or while sending)
+            _sub(worker, rid, holder, n)
 
 
 @inline
