@@ -328,15 +328,14 @@ class DistState:
         ctx = self.contexts.get(ctx_id)
         if ctx is None:
             worker = self.worker
-            if ctx_id in self._released or ctx_id >> CONTEXT_ID_BITS == int(worker.id):
+            creator = ctx_id >> CONTEXT_ID_BITS  # (the worker id of its initiator)
+            if ctx_id in self._released or creator == int(worker.id):
                 raise ContextError(
                     f"distributed autograd context {ctx_id:#x} was released on worker "
                     f"{worker.name!r}; a call that arrives in it late is refused"
                 )
             member = worker.members.get(initiator)
-            if worker.is_lost(initiator) or (
-                member is not None and member[0] != ctx_id >> CONTEXT_ID_BITS
-            ):
+            if worker.is_lost(initiator) or (member is not None and member[0] != creator):
                 raise ContextError(
                     f"distributed autograd context {ctx_id:#x}: its initiator "
                     f"{initiator!r} is gone (worker {worker.name!r} saw it leave); a call "

@@ -169,11 +169,7 @@ async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:
     """
     if type(graceful) is not bool:
         raise TypeError(f"graceful must be a bool, not {graceful!r:.80}")
-    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-        raise ValueError(  # (rpc's rule, in Worker.call; NaN fails it too)
-            f"timeout must be a number of seconds > 0, or None for the default (10 s); got "
-            f"{timeout!r:.80}"
-        )
+    _w.check_timeout(timeout, "for the default (10 s)")
     w = _w._process_worker
     if w is None:
         return

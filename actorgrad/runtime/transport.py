@@ -70,6 +70,7 @@ log = logging.getLogger("actorgrad.runtime")
 MAGIC = b"ACTGRAD\x00"
 #: 2: the distributed backward's gradient messages carry their sender and relays
 #: 3: a call's distributed metadata carries its call chain
+#: 4: every gradient message of a backward pass carries the origin's exempt call chain
 PROTOCOL_VERSION = 4
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32

@@ -252,6 +252,16 @@ async def _by_deadline(
         ) from None
 
 
+def check_timeout(timeout: Any, none_means: str, hint: str = "") -> None:
+    """ValueError unless ``timeout`` is a number of seconds > 0 (NaN is not) or None
+    (which means ``none_means``): the rule of every timeout of the API."""
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(
+            f"timeout must be a number of seconds > 0, or None {none_means}; got "
+            f"{timeout!r:.80}{hint}"
+        )
+
+
 def _clip(text: str, keep: int = 2048) -> str:
     """``text``, its middle cut when it is longer than twice ``keep`` characters."""
     if len(text) <= 2 * keep:
@@ -1235,11 +1245,7 @@ class Worker:
             raise wrong_loop(self)
         target = fn if mode >= MODE_RREF_RPC else calls.fn_spec(fn)
         _check_call_args(args, kwargs)
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(
-                f"timeout must be a number of seconds > 0, or None for no timeout; got "
-                f"{timeout!r} (PyTorch's 0 for no timeout is None here)"
-            )
+        check_timeout(timeout, "for no timeout", " (PyTorch's 0 for no timeout is None here)")
         # (the timeout bounds the whole call: connecting to a peer that accepts but never
         # answers the handshake too, not only the wait for the reply)
         deadline = None if timeout is None else self.loop.time() + timeout
