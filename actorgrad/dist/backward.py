@@ -385,7 +385,7 @@ class PassState:
         ctx.active_pass = None
         if self.worker.name != self.origin:  # (the origin's backward unwatches at its end)
             self.unwatch()
-        ctx.done_passes.add(self.pass_id)
+        ctx.done_upto[self.pass_id >> 32] = self.pass_id
         if not retain_graph:
             ctx.free_graph()
         st.num_backward_passes += 1
@@ -685,7 +685,7 @@ def _deliver(
         ps = ctx.active_pass
         early: list[tuple[Any, ...]] | None = None
         if ps is None or ps.pass_id != pass_id:
-            if pass_id in ctx.done_passes:
+            if ctx.pass_done(pass_id):
                 if items:
                     raise ProtocolError(
                         f"gradient for pass {pass_id:#x} of context {ctx_id:#x} arrived "

@@ -128,7 +128,7 @@ class DistContext:
         "peers",
         "grads",
         "active_pass",
-        "done_passes",
+        "done_upto",
         "aborted_passes",
         "lock",
         "released",
@@ -152,7 +152,13 @@ class DistContext:
         # Leaf gradients accumulated on this worker, over every finished pass.
         self.grads: dict[Tensor, np.ndarray] = {}
         self.active_pass: PassState | None = None
-        self.done_passes: set[int] = set()
+        # Per origin (the worker id in a pass id's high bits), the newest of its passes
+        # whose part finished here. An origin runs one pass of a context at a time and
+        # starts the next only once the last completed (every message of it handled,
+        # see backward's credit) or failed, so any older pass of that origin is over
+        # too: a mark per origin, not a set growing by one per pass (a context kept
+        # for a whole training run).
+        self.done_upto: dict[int, int] = {}
         self.aborted_passes: set[int] = set()
         self.lock: Any = None  # asyncio.Lock, created by the initiator's backward
         self.released = False
@@ -189,6 +195,10 @@ class DistContext:
             f"grads={len(self.grads)}, active_pass={self.active_pass is not None}, "
             f"calls_out={len(self.calls_out)}, released={self.released})"
         )
+
+    def pass_done(self, pass_id: int) -> bool:
+        """Whether pass ``pass_id`` (or a later one of its origin) finished here."""
+        return pass_id <= self.done_upto.get(pass_id >> 32, 0)
 
     def drop_pass(self, pass_id: int | None = None) -> None:
         """Forget the pass running here (only if it is ``pass_id``, when given): its
