@@ -328,11 +328,25 @@ async def gated_mul(gate: str, key: str, x: ag.Tensor) -> ag.Tensor:
     return mul(key, x)
 
 
-async def mul_abandoning_a_call(gate: str, key: str, x: ag.Tensor, dest: str) -> ag.Tensor:
-    """x * store[key], after a call of ``gated_mul`` on ``dest`` with x timed out here
-    (its reply comes once ``gate`` is set there)."""
+async def stubborn_gated_mul(gate: str, key: str, x: ag.Tensor) -> ag.Tensor:
+    """gated_mul that goes on when its caller stops waiting (it ignores the first
+    cancellation, the one its caller's cancel asks for): a callee that does not stop,
+    like a plain function in the thread pool, whose reply comes late."""
+    import asyncio
+
     try:
-        await ag.rpc(dest, gated_mul, (gate, key, x), timeout=0.2)
+        await event(gate).wait()
+    except asyncio.CancelledError:
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        await event(gate).wait()
+    return mul(key, x)
+
+
+async def mul_abandoning_a_call(gate: str, key: str, x: ag.Tensor, dest: str) -> ag.Tensor:
+    """x * store[key], after a call of ``stubborn_gated_mul`` on ``dest`` with x timed
+    out here (its reply comes once ``gate`` is set there)."""
+    try:
+        await ag.rpc(dest, stubborn_gated_mul, (gate, key, x), timeout=0.2)
     except ag.RpcTimeout:
         pass
     return mul(key, x)

@@ -1299,7 +1299,7 @@ async def test_a_call_abandoned_in_a_context_gets_its_late_reply_linked(mode, ab
         async with ag.dist.context() as ctx:
             y = await ag.rpc("w1", F.mul, ("w", x))
             gate = f"gate-{mode}-{abandon}"  # (in-process workers share the events)
-            call = ag.rpc("w2", F.gated_mul, (gate, "w", x), timeout=0.2)
+            call = ag.rpc("w2", F.stubborn_gated_mul, (gate, "w", x), timeout=0.2)
             if abandon == "timeout":
                 with pytest.raises(ag.RpcTimeout):
                     await call
@@ -1322,6 +1322,45 @@ async def test_a_call_abandoned_in_a_context_gets_its_late_reply_linked(mode, ab
             np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), gw, rtol=1e-12)
             # (its result unused: a zero gradient, reported)
             np.testing.assert_array_equal(await ag.rpc("w2", F.grad_of, (ctx, "w")), 0)
+        await assert_clean(c.names)
+
+
+@pytest.mark.parametrize("abandon", ["timeout", "cancel"])
+async def test_a_call_abandoned_in_a_context_is_cancelled_and_frees_the_context(mode, abandon):
+    # The callee's coroutine is cancelled by its caller's cancel; its error reply
+    # answers the abandoned call, so the context's later backward needs no late reply.
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    xv, wv = arr(3), arr(3)
+    _, (gx, gw) = local_grads(lambda x, w: (x * w).sum(), xv, wv)
+    async with cluster(mode) as c:
+        for n in ("w1", "w2"):
+            await ag.rpc(n, F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            gate = f"never-{mode}-{abandon}"  # (never set: the call ends by its cancel)
+            call = ag.rpc("w2", F.gated_mul, (gate, "w", x), timeout=0.2)
+            if abandon == "timeout":
+                with pytest.raises(ag.RpcTimeout):
+                    await call
+            else:
+                task = asyncio.ensure_future(call)
+                await asyncio.wait([task], timeout=0.1)  # (the request is out)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            unanswered = state_of(current_worker()).contexts[ctx].unanswered
+            async with asyncio.timeout(10):
+                # (no event tells of the cancelled call's reply: the count of them does)
+                while unanswered:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert (await ag.rpc("w2", F.status))["in_flight"] == 1  # (that call itself)
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], gx, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), gw, rtol=1e-12)
+            assert await ag.rpc("w2", F.grad_of, (ctx, "w")) is None  # (it never ran)
         await assert_clean(c.names)
 
 
@@ -1579,7 +1618,7 @@ async def test_an_abandoned_call_whose_reply_never_comes_does_not_keep_its_conte
         x = ag.tensor(arr(3), requires_grad=True)
         async with ag.dist.context() as ctx:
             with pytest.raises(ag.RpcTimeout):
-                await ag.rpc("w2", F.gated_mul, ("never", "w", x), timeout=0.1)
+                await ag.rpc("w2", F.stubborn_gated_mul, ("never", "w", x), timeout=0.1)
             ref = weakref.ref(state_of(current_worker()).contexts[ctx])
         assert len(c.driver._out["w2"].abandoned) == 1  # (its reply never came)
         gc.collect()
@@ -1939,10 +1978,15 @@ async def test_a_call_that_arrives_in_a_released_context_is_refused(worker_path,
         F._events.pop("late started", None)  # (this process's: set by the test before)
         started = F.event("late started")
 
+        calls = []
+
         async def step() -> None:
             async with ag.dist.context():
                 await ag.rpc("w2", F.identity, (x,))  # w2 takes part too
-                await ag.rpc("w1", F.late_call, (flag, dest, x))
+                # (shielded: the step leaves the context, the call is not cancelled on
+                # w1 as a cancelled call would be)
+                calls.append(asyncio.ensure_future(ag.rpc("w1", F.late_call, (flag, dest, x))))
+                await asyncio.shield(calls[0])
 
         task = asyncio.ensure_future(step())
         await asyncio.wait_for(started.wait(), 10)
@@ -1955,6 +1999,7 @@ async def test_a_call_that_arrives_in_a_released_context_is_refused(worker_path,
         outcome = await ag.rpc("w1", F.outcome, ("late", 10.0))
         assert "ContextError" in outcome, outcome
         assert f"was released on worker '{dest}'; a call that arrives in it late" in outcome
+        await asyncio.wait_for(calls[0], 10)
         await ag.rpc("w1", F.wait_no_contexts, (10.0,))
         await assert_clean(c.names)
 

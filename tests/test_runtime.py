@@ -300,6 +300,90 @@ async def test_timeout_raises_rpc_timeout_and_late_reply_is_dropped(cluster):
     assert await ag.rpc("w1", add, (2, 2), timeout=5) == 4
 
 
+# name -> event set when the coroutine of that name started / was cancelled (all the
+# workers of these clusters share the test's loop)
+_waits: dict[str, tuple[asyncio.Event, asyncio.Event]] = {}
+_ran: list[str] = []
+
+
+def _wait_events(name: str) -> tuple[asyncio.Event, asyncio.Event]:
+    return _waits.setdefault(name, (asyncio.Event(), asyncio.Event()))
+
+
+async def wait_for_ever(name: str) -> None:
+    started, cancelled = _wait_events(name)
+    started.set()
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+
+
+async def call_and_wait_for_ever(dest: str, name: str) -> None:
+    await ag.rpc(dest, wait_for_ever, (name,))
+
+
+def mark_ran(name: str) -> None:
+    _ran.append(name)
+
+
+@pytest.mark.parametrize("abandon", ["timeout", "cancel"])
+async def test_a_call_whose_caller_stops_waiting_is_cancelled_on_the_callee(cluster, abandon):
+    # A coroutine whose caller gave up went on for good, holding one of the callee's
+    # in-flight slots (10,000 of them locked the worker): the caller now sends a cancel.
+    w1 = cluster.workers[0]
+    name = f"alone-{abandon}-{id(cluster)}"
+    started, cancelled = _wait_events(name)
+    call = asyncio.ensure_future(ag.rpc("w1", wait_for_ever, (name,), timeout=30))
+    await asyncio.wait_for(started.wait(), 10)
+    assert w1.status()["in_flight"] == 1
+    if abandon == "timeout":
+        with pytest.raises(ag.RpcTimeout):
+            await ag.rpc("w1", wait_for_ever, (name + "-t",), timeout=0.1)
+        assert _wait_events(name + "-t")[0].is_set()
+        await asyncio.wait_for(_wait_events(name + "-t")[1].wait(), 10)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await asyncio.wait_for(cancelled.wait(), 10)
+    async with asyncio.timeout(10):
+        # (the cancelled task ends in a later turn of the loop: no event tells of it)
+        while w1.status()["in_flight"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert await ag.rpc("w1", add, (2, 2), timeout=5) == 4
+
+
+async def test_the_cancel_of_a_call_goes_on_to_the_calls_it_made(cluster):
+    name = f"nested-{id(cluster)}"
+    started, cancelled = _wait_events(name)
+    with pytest.raises(ag.RpcTimeout):
+        await ag.rpc("w1", call_and_wait_for_ever, ("w2", name), timeout=0.2)
+    assert started.is_set()  # (w1's call to w2 was out)
+    await asyncio.wait_for(cancelled.wait(), 10)
+    async with asyncio.timeout(10):
+        while any(w.status()["in_flight"] for w in cluster.workers):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_a_call_cancelled_while_waiting_in_the_mailbox_never_runs(cluster):
+    w1 = cluster.workers[0]
+    w1._max_in_flight = 1  # one call at a time: what comes meanwhile waits in the mailbox
+    name = f"holder-{id(cluster)}"
+    started, cancelled = _wait_events(name)
+    holder = asyncio.ensure_future(ag.rpc("w1", wait_for_ever, (name,)))
+    await asyncio.wait_for(started.wait(), 10)
+    _ran.clear()
+    with pytest.raises(ag.RpcTimeout):
+        await ag.rpc("w1", mark_ran, ("dropped",), timeout=0.1)
+    holder.cancel()
+    await asyncio.wait_for(cancelled.wait(), 10)
+    # (a later call on the same connection runs after it would have)
+    await ag.rpc("w1", mark_ran, ("later",), timeout=10)
+    assert _ran == ["later"]
+    assert not w1._mailbox
+
+
 async def test_a_timeout_that_is_not_a_positive_number_is_refused_before_sending(cluster):
     # (0 means "no timeout" in PyTorch's RPC; here that is None, and 0 would time out
     # at once; a NaN would never time out)

@@ -138,6 +138,22 @@ async def test_heavy_function_on_a_process_worker_keeps_heartbeats_and_calls_goi
         assert await asyncio.wait_for(heavy, 15) > 0  # no WorkerLost: heartbeats were answered
 
 
+def in_flight() -> int:
+    return rworker.current_worker().status()["in_flight"]
+
+
+async def test_calls_their_callers_gave_up_stop_on_a_process_worker():
+    # Each held one of the worker's in-flight slots for good (an hour here).
+    async with ag.local_cluster(1, processes=True):
+        calls = [ag.rpc("w1", nap, (3600,), timeout=0.5) for _ in range(200)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, ag.RpcTimeout) for r in results), results[:3]
+        async with asyncio.timeout(10):
+            # (no event tells of the cancelled tasks' end: the worker's count does)
+            while await ag.rpc("w1", in_flight) > 1:  # noqa: ASYNC110 (1: this call)
+                await asyncio.sleep(0.01)
+
+
 async def test_killed_process_worker_fails_waiting_calls_with_worker_lost():
     async with ag.local_cluster(2, processes=True) as c:
         lost = asyncio.get_running_loop().create_future()

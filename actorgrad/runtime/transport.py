@@ -71,7 +71,8 @@ MAGIC = b"ACTGRAD\x00"
 #: 2: the distributed backward's gradient messages carry their sender and relays
 #: 3: a call's distributed metadata carries its call chain
 #: 4: every gradient message of a backward pass carries the origin's exempt call chain
-PROTOCOL_VERSION = 4
+#: 5: a caller that stops waiting for a call sends a cancel (K_CANCEL) after it
+PROTOCOL_VERSION = 5
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
 HANDSHAKE_TIMEOUT = 5.0
@@ -326,6 +327,9 @@ class Connection(asyncio.BaseProtocol):
         # calls whose caller stopped waiting (timeout, cancellation) after the request
         # left: call id -> the codec hooks their late reply is decoded with (Worker.call)
         self.abandoned: dict[int, Any] = {}
+        # requests from the peer running as tasks that its cancel can stop: call id ->
+        # task, or None once the peer cancelled it (Worker._cancel_request)
+        self.running: dict[int, Any] = {}
         self._call_ids = itertools.count(1)
 
     def __repr__(self) -> str:

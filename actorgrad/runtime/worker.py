@@ -41,6 +41,10 @@ Messages (frame headers; bodies are codec values):
   one-way call; ``target`` is ``"module:qualname"``, ``["__main__:qualname", path]`` or
   ``[rref_id, method]`` (RRef modes); ``meta`` is the interceptor's.
 * ``[K_OK, call_id]`` body: the result; ``[K_ERR, call_id]`` body: a RemoteError.
+* ``[K_CANCEL, call_id]``: the caller stopped waiting for the call (timeout,
+  cancellation): a coroutine running it is cancelled, a request still in the mailbox
+  dropped; either way the caller gets an error reply (dropped there), which tells its
+  context the call is over. A plain function in the thread pool runs to its end.
 * ``[K_CAST, topic]`` body ``args``: a one-way protocol message for the handler
   registered under ``topic`` (:func:`on_cast`); no function lookup, no task, no
   interceptor, no reply (see :meth:`Worker.cast`).
@@ -90,7 +94,7 @@ from actorgrad.runtime.transport import Connection
 log = logging.getLogger("actorgrad.runtime")
 
 # message kinds (first header entry)
-K_REQ, K_OK, K_ERR, K_PING, K_HELLO, K_BYE, K_CAST = range(7)
+K_REQ, K_OK, K_ERR, K_PING, K_HELLO, K_BYE, K_CAST, K_CANCEL = range(8)
 # request modes
 MODE_RPC, MODE_REMOTE, MODE_RREF_RPC, MODE_RREF_REMOTE = range(4)
 
@@ -306,6 +310,19 @@ def _abandon(conn: Connection, cid: int, hooks: rref.Hooks) -> None:
         abandoned.pop(next(iter(abandoned))).answered()
     abandoned[cid] = hooks
     hooks.abandoned()
+
+
+def _send_cancel(conn: Connection, cid: int) -> None:
+    """Tell the callee that the caller of request ``cid`` stopped waiting (K_CANCEL)."""
+    try:
+        conn.send_nowait(wire.encode_frame([K_CANCEL, cid], None))
+    except ActorgradError:  # (the connection closed meanwhile: nothing runs there now)
+        pass
+
+
+def _caller_gone() -> ActorgradError:
+    """The error a call cancelled by its caller is answered with (the caller drops it)."""
+    return ActorgradError("call cancelled: its caller stopped waiting for it")
 
 
 class _Raised:
@@ -839,6 +856,10 @@ class Worker:
                     fut.set_exception(ProtocolError(f"malformed error reply {value!r}"))
             elif kind == K_PING:
                 pass
+            elif kind == K_CANCEL:
+                if len(header) != 2 or type(header[1]) is not int:
+                    raise ProtocolError(f"malformed cancel header {header!r}")
+                self._cancel_request(conn, header[1])
             elif kind == K_HELLO:
                 _, name, wid, address = header
                 if not isinstance(name, str):
@@ -871,6 +892,34 @@ class Worker:
             )
             log.warning("worker %s: closing %r: %s", self.name, conn, err)
             conn.abort(err)
+
+    def _cancel_request(self, conn: Connection, cid: int) -> None:
+        """The caller of request ``cid`` on ``conn`` stopped waiting for it (timeout,
+        cancellation; the cancel follows the request on the connection). A coroutine
+        running it is cancelled (its nested calls then send cancels on in turn), a
+        request still in the mailbox is dropped: an abandoned call no longer holds an
+        in-flight slot until it ends. Nothing else is running for it: already answered,
+        or a plain function in the thread pool, which cannot be stopped."""
+        task = conn.running.get(cid)
+        if task is not None:
+            conn.running[cid] = None  # (marks it cancelled by its caller, see _cancelled)
+            task.cancel()
+            return
+        mb = self._mailbox
+        for i, (c, frame) in enumerate(mb):
+            if c is conn and frame.header[0] == K_REQ and frame.header[1] == cid:
+                del mb[i]
+                self._refuse(conn, cid, frame, _caller_gone())
+                return
+
+    def _cancelled(self, conn: Connection, cid: int, exc: BaseException, hooks: Any) -> bool:
+        """Whether ``exc``, caught around a call's coroutine, is the cancellation its
+        caller asked for (then the caller gets an error reply, which it drops)."""
+        if isinstance(exc, asyncio.CancelledError) and cid in conn.running:
+            if conn.running[cid] is None and not self._stopping:
+                self._reply_exc(conn, cid, _caller_gone(), hooks, refused=True)
+                return True
+        return False
 
     def _enqueue(self, conn: Connection, frame: Any) -> None:
         """Queue a request or cast in the mailbox; a full mailbox stops reading from the
@@ -1019,9 +1068,11 @@ class Worker:
         ctx = contextvars.copy_context()
         self._inflight += 1
         if not stats.inline and (stats.is_async or stats.fast < INLINE_AFTER):
-            self.spawn(
+            t = self.spawn(
                 self._run_task(conn, cid, mode, fn, args, kwargs, meta, hooks, stats), context=ctx
             )
+            if stats.is_async and cid:  # (a cancel from its caller can stop it)
+                conn.running[cid] = t
             return
         # marked inline, or proven fast: run inline on the loop
         t0 = time.perf_counter()
@@ -1035,7 +1086,9 @@ class Worker:
             if not stats.inline and time.perf_counter() - t0 > FAST_CALL:
                 stats.fast = 0
         if type(result) not in _PLAIN and inspect.isawaitable(result):
-            self.spawn(self._finish_awaitable(conn, cid, mode, result, hooks), context=ctx)
+            t = self.spawn(self._finish_awaitable(conn, cid, mode, result, hooks), context=ctx)
+            if cid:
+                conn.running[cid] = t
             return
         self._done()
         self._reply(conn, cid, mode, result, hooks)
@@ -1097,11 +1150,12 @@ class Worker:
         except BaseException as exc:
             if _user_raised(exc):
                 self._reply_exc(conn, cid, exc, hooks)
-            else:
+            elif not self._cancelled(conn, cid, exc, hooks):
                 raise
         else:
             await self._reply_async(conn, cid, mode, result, hooks)
         finally:
+            conn.running.pop(cid, None)
             self._done()
 
     async def _finish_awaitable(self, conn, cid, mode, aw, hooks) -> None:
@@ -1110,11 +1164,12 @@ class Worker:
         except BaseException as exc:
             if _user_raised(exc):
                 self._reply_exc(conn, cid, exc, hooks)
-            else:
+            elif not self._cancelled(conn, cid, exc, hooks):
                 raise
         else:
             await self._reply_async(conn, cid, mode, result, hooks)
         finally:
+            conn.running.pop(cid, None)
             self._done()
 
     def _done(self) -> None:
@@ -1318,8 +1373,10 @@ class Worker:
                 return await _by_deadline(fut, deadline, target, dest, timeout, "")
             finally:
                 # still pending: no reply came (timed out, cancelled, or failed to send)
-                if pending.pop(cid, None) is not None and meta is not None and not conn.closed:
-                    _abandon(conn, cid, hooks)
+                if pending.pop(cid, None) is not None and not conn.closed:
+                    if meta is not None:
+                        _abandon(conn, cid, hooks)
+                    _send_cancel(conn, cid)
                 # a failed call's error holds this frame (its traceback) and the future
                 # holds the error: without this, each failure leaves a reference cycle
                 fut = None  # type: ignore[assignment]
