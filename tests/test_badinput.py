@@ -17,7 +17,7 @@ import actorgrad as ag
 from actorgrad import wire
 from actorgrad.runtime import Worker, transport
 from actorgrad.runtime.transport import _HELLO, MAGIC, PROTOCOL_VERSION, _mac
-from actorgrad.runtime.worker import K_CAST, K_REQ, MODE_RPC
+from actorgrad.runtime.worker import K_CANCEL, K_CAST, K_REQ, MODE_RPC
 
 LEN = struct.Struct(">Q")
 
@@ -179,6 +179,9 @@ async def test_valid_msgpack_of_the_wrong_shape_closes_the_connection(sock_clust
         [K_CAST, 5],
         [K_CAST, "dist.credit", 1],
         [K_CAST, "dist.credit"],  # (its body, None, is not the list of 4 arguments)
+        [K_CANCEL],
+        [K_CANCEL, "7"],
+        [K_CANCEL, 7, 8],
     ],
 )
 async def test_unknown_or_malformed_messages_close_the_connection(sock_cluster, header):
@@ -220,6 +223,23 @@ async def test_malformed_request_body_gets_an_error_reply(sock_cluster):
     writer.close()
     await writer.wait_closed()
     await _valid_client_works(sock_cluster)
+
+
+async def test_a_cancel_of_a_call_that_is_not_running_is_ignored(sock_cluster):
+    # (answered already, or never sent: the connection stays and serves the next call)
+    reader, writer = await _handshaken(sock_cluster)
+    (n,) = LEN.unpack(await reader.readexactly(8))
+    wire.decode_frame(await reader.readexactly(n))  # (the hello)
+    for cid in (1, 12345, -3):
+        await _send_frame(writer, wire.join_chunks(wire.encode_frame([K_CANCEL, cid], None)))
+    request = [K_REQ, 2, f"{__name__}:add", MODE_RPC, None]
+    await _send_frame(writer, wire.join_chunks(wire.encode_frame(request, ((2, 3), None))))
+    async with asyncio.timeout(5):
+        (n,) = LEN.unpack(await reader.readexactly(8))
+        f = wire.decode_frame(await reader.readexactly(n))
+    assert f.header == [1, 2] and f.body() == 5
+    writer.close()
+    await writer.wait_closed()
 
 
 async def test_connection_closed_mid_frame(sock_cluster):

@@ -330,6 +330,9 @@ class Connection(asyncio.BaseProtocol):
         # requests from the peer running as tasks that its cancel can stop: call id ->
         # task, or None once the peer cancelled it (Worker._cancel_request)
         self.running: dict[int, Any] = {}
+        # requests from the peer waiting in the worker's mailbox: call id -> whether the
+        # peer cancelled it meanwhile
+        self.queued: dict[int, bool] = {}
         self._call_ids = itertools.count(1)
 
     def __repr__(self) -> str:

@@ -43,7 +43,7 @@ Messages (frame headers; bodies are codec values):
 * ``[K_OK, call_id]`` body: the result; ``[K_ERR, call_id]`` body: a RemoteError.
 * ``[K_CANCEL, call_id]``: the caller stopped waiting for the call (timeout,
   cancellation): a coroutine running it is cancelled, a request still in the mailbox
-  dropped; either way the caller gets an error reply (dropped there), which tells its
+  refused when its turn comes; either way the caller gets an error reply (dropped there), which tells its
   context the call is over. A plain function in the thread pool runs to its end.
 * ``[K_CAST, topic]`` body ``args``: a one-way protocol message for the handler
   registered under ``topic`` (:func:`on_cast`); no function lookup, no task, no
@@ -904,13 +904,8 @@ class Worker:
         if task is not None:
             conn.running[cid] = None  # (marks it cancelled by its caller, see _cancelled)
             task.cancel()
-            return
-        mb = self._mailbox
-        for i, (c, frame) in enumerate(mb):
-            if c is conn and frame.header[0] == K_REQ and frame.header[1] == cid:
-                del mb[i]
-                self._refuse(conn, cid, frame, _caller_gone())
-                return
+        elif cid in conn.queued:
+            conn.queued[cid] = True  # (refused when its turn comes, see _start)
 
     def _cancelled(self, conn: Connection, cid: int, exc: BaseException, hooks: Any) -> bool:
         """Whether ``exc``, caught around a call's coroutine, is the cancellation its
@@ -927,6 +922,8 @@ class Worker:
         waiting requests is held back like a flood of requests)."""
         mb = self._mailbox
         mb.append((conn, frame))
+        if frame.header[0] == K_REQ and frame.header[1]:
+            conn.queued[frame.header[1]] = False  # (True once its caller cancels it)
         if len(mb) >= self._mailbox_size:
             conn.pause_reading()
             self._paused.add(conn)
@@ -1013,6 +1010,9 @@ class Worker:
         if not isinstance(cid, int):
             raise ProtocolError(f"malformed request header {header!r}")
         peer = conn.peer_name or "?"
+        if conn.queued and conn.queued.pop(cid, False):
+            self._refuse(conn, cid, frame, _caller_gone())
+            return
         if self._stopping:
             lost = WorkerLost(f"worker {self.name!r} is shutting down")
             self._reply_exc(conn, cid, lost, None, refused=True)
