@@ -342,6 +342,19 @@ async def stubborn_gated_mul(gate: str, key: str, x: ag.Tensor) -> ag.Tensor:
     return mul(key, x)
 
 
+async def backward_after_gate(gate: str, dest: str, key: str, xv: Any) -> Any:
+    """Once this process's event ``gate`` is set (event ``gate + "-started"`` tells that
+    this call runs): in a context of its own, x * store[key] on ``dest``, a backward of
+    its sum; x's gradient."""
+    event(f"{gate}-started").set()
+    await event(gate).wait()
+    x = ag.tensor(xv, requires_grad=True)
+    async with ag.dist.context() as ctx:
+        y = await ag.rpc(dest, mul, (key, x))
+        await ag.dist.backward(ctx, [y.sum()])
+        return ag.dist.get_gradients(ctx)[x]
+
+
 async def mul_abandoning_a_call(gate: str, key: str, x: ag.Tensor, dest: str) -> ag.Tensor:
     """x * store[key], after a call of ``stubborn_gated_mul`` on ``dest`` with x timed
     out here (its reply comes once ``gate`` is set there)."""

@@ -1181,6 +1181,27 @@ async def test_many_passes_in_one_context_do_not_grow_memory():
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+async def test_a_call_running_through_a_graceful_shutdown_can_run_a_backward(transport):
+    # The draining worker dropped the gradient messages that came back to it: the
+    # backward of the call it was letting finish never ended.
+    xv, wv = arr(3), arr(3)
+    async with cluster(transport) as c:
+        w1 = c.workers[0]
+        await ag.rpc("w2", F.put, ("w", wv))
+        gate = f"drain-backward-{transport}"
+        call = asyncio.ensure_future(ag.rpc("w1", F.backward_after_gate, (gate, "w2", "w", xv)))
+        await asyncio.wait_for(F.event(f"{gate}-started").wait(), 10)
+        stopping = asyncio.ensure_future(w1.shutdown(graceful=True, timeout=20))
+        async with asyncio.timeout(10):
+            while not w1._stopping:  # noqa: ASYNC110 (its shutdown begins on the next turn)
+                await asyncio.sleep(0)
+        F.event(gate).set()
+        np.testing.assert_allclose(await asyncio.wait_for(call, 20), wv, rtol=1e-12)
+        await asyncio.wait_for(stopping, 20)
+        await assert_clean([n for n in c.names if n != "w1"])
+
+
 # --- DistributedOptimizer ---------------------------------------------------------------
 
 

@@ -1041,6 +1041,38 @@ async def test_a_call_to_a_worker_shutting_down_fails_with_worker_lost(cluster):
     await stopping
 
 
+async def call_when_released(gate: str, dest: str, one_way_to: str) -> str:
+    """Once ``gate`` is set: a one-way call to ``one_way_to``, then whoami on ``dest``."""
+    STARTED[ag.worker_name()].set()
+    await _wait_events(gate)[0].wait()
+    current_worker().notify(one_way_to, set_event, (f"{gate}-one-way",))
+    return await ag.rpc(dest, whoami)
+
+
+def set_event(name: str) -> None:
+    _wait_events(name)[0].set()
+
+
+async def test_a_call_running_through_a_graceful_shutdown_can_call_any_peer(cluster):
+    # Its worker refused to connect to a peer it had not called yet, and dropped its
+    # one-way messages (also to peers it was connected to): the call it was letting
+    # finish failed, or lost its messages (a distributed backward's among them).
+    w1 = cluster.workers[0]
+    gate = f"drain-{id(cluster)}"
+    ev = started("w1")
+    call = asyncio.ensure_future(ag.rpc("w1", call_when_released, (gate, "w3", "driver")))
+    await asyncio.wait_for(ev.wait(), 5)
+    assert "w3" not in w1._out  # (w1 never called w3)
+    stopping = asyncio.ensure_future(w1.shutdown(graceful=True, timeout=10))
+    async with asyncio.timeout(10):
+        while not w1._stopping:  # noqa: ASYNC110 (its shutdown begins on the next turn)
+            await asyncio.sleep(0)
+    _wait_events(gate)[0].set()
+    assert await asyncio.wait_for(call, 10) == "w3"
+    await asyncio.wait_for(_wait_events(f"{gate}-one-way")[0].wait(), 10)
+    await asyncio.wait_for(stopping, 10)
+
+
 async def test_connecting_to_a_worker_shutting_down_fails_at_once():
     # Its listener still accepts while it drains; the accepted connection was never
     # closed (it had no transport yet): the caller waited out the handshake deadline.

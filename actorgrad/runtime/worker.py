@@ -399,6 +399,10 @@ class Worker:
         self.closed = False
         self.started = False
         self._stopping = False
+        # A shutdown drains first (_stopping: new calls are refused, the running ones
+        # may still connect, call, send and receive one-way messages, learn of lost
+        # peers), then closes (_closing: nothing goes out or comes in any more).
+        self._closing = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -615,7 +619,7 @@ class Worker:
     def _accept(self) -> Connection:
         conn = self._new_conn()
         self._conns.add(conn)
-        if self._stopping:
+        if self._closing:
             # closed once made (before that it has no transport to close: the peer
             # waited out its handshake deadline, 5 s, 10 with the Unix socket first)
             conn.made.add_done_callback(lambda _: conn.abort(None))
@@ -682,7 +686,7 @@ class Worker:
         conn = self._out.get(dest)
         if conn is not None and not conn.closed:
             return conn
-        if self._stopping:
+        if self._closing:
             raise WorkerLost(f"worker {self.name!r} is shutting down")
         task = self._connecting.get(dest)
         if task is None:
@@ -768,7 +772,7 @@ class Worker:
             self.registry_lost.set()
         if self.registry is not None:
             self.registry.conn_lost(conn)
-        if name is not None and name in self.members and not self._stopping:
+        if name is not None and name in self.members and not self._closing:
             self._peer_lost(name)
 
     def _peer_lost(self, name: str) -> None:
@@ -911,7 +915,7 @@ class Worker:
         """Whether ``exc``, caught around a call's coroutine, is the cancellation its
         caller asked for (then the caller gets an error reply, which it drops)."""
         if isinstance(exc, asyncio.CancelledError) and cid in conn.running:
-            if conn.running[cid] is None and not self._stopping:
+            if conn.running[cid] is None and not self._closing:
                 self._reply_exc(conn, cid, _caller_gone(), hooks, refused=True)
                 return True
         return False
@@ -984,7 +988,7 @@ class Worker:
                 f"one-way message {header[1]!r} needs a list of {nargs} arguments, got "
                 + (f"{len(args)}" if type(args) is list else f"a {type(args).__name__}")
             )
-        if self._stopping:
+        if self._closing:
             log.debug("worker %s: one-way %r dropped: shutting down", self.name, header[1])
             return
         try:
@@ -1419,7 +1423,7 @@ class Worker:
         conn = self._out.get(dest) if type(dest) is str else None
         if conn is not None and not conn.closed:
             self._request_nowait(conn, dest, target, args, kwargs, fut)
-        elif self._stopping:
+        elif self._closing:
             fut.set_exception(WorkerLost(f"worker {self.name!r} is shutting down"))
             fut.exception()  # failed by our shutdown: never "exception was never retrieved"
         else:
@@ -1519,7 +1523,7 @@ class Worker:
         logged there."""
         try:
             target = fn if type(fn) is str else calls.fn_spec(fn)
-            if self._stopping:
+            if self._closing:
                 raise WorkerLost(f"worker {self.name!r} is shutting down")
             chunks = wire.encode_frame([K_REQ, 0, target, MODE_RPC, None], [list(args), None], None)
         except Exception as exc:
@@ -1544,7 +1548,7 @@ class Worker:
             worker.cast("w2", "myproto.ping", (1,), on_error=log.warning)
         """
         try:
-            if self._stopping:
+            if self._closing:
                 raise WorkerLost(f"worker {self.name!r} is shutting down")
             chunks = wire.encode_frame([K_CAST, topic], list(args), None)
         except Exception as exc:
@@ -1705,6 +1709,7 @@ class Worker:
                 log.warning(
                     "worker %s: %d calls still running at shutdown", self.name, self._inflight
                 )
+        self._closing = True
         # leave the registry
         if (
             self.registry is None
