@@ -242,6 +242,36 @@ async def test_a_cancel_of_a_call_that_is_not_running_is_ignored(sock_cluster):
     await writer.wait_closed()
 
 
+async def test_a_cancel_read_with_its_request_stops_the_call_before_it_starts(sock_cluster):
+    # Request and cancel in one read: the cancel reached the call's task before its
+    # first step, which then never ran: no reply, and its in-flight slot held for good.
+    reader, writer = await _handshaken(sock_cluster)
+    (n,) = LEN.unpack(await reader.readexactly(8))
+    wire.decode_frame(await reader.readexactly(n))  # (the hello)
+    frames = b""
+    for cid in (1, 2):  # (asyncio.sleep is a coroutine: the call runs as a task)
+        request = [K_REQ, cid, "asyncio:sleep", MODE_RPC, None]
+        for f in (
+            wire.encode_frame(request, ((3600,), None)),
+            wire.encode_frame([K_CANCEL, cid], None),
+        ):
+            data = wire.join_chunks(f)
+            frames += LEN.pack(len(data)) + data
+    writer.write(frames)
+    await writer.drain()
+    replies = {}
+    async with asyncio.timeout(5):
+        while len(replies) < 2:
+            (n,) = LEN.unpack(await reader.readexactly(8))
+            f = wire.decode_frame(await reader.readexactly(n))
+            if f.header[0] == 2:  # (heartbeat pings come too)
+                replies[f.header[1]] = f.body()
+    assert all("call cancelled: its caller stopped waiting" in str(r) for r in replies.values())
+    assert _target(sock_cluster).status()["in_flight"] == 0
+    writer.close()
+    await writer.wait_closed()
+
+
 async def test_connection_closed_mid_frame(sock_cluster):
     reader, writer = await _handshaken(sock_cluster)
     frame = wire.join_chunks(

@@ -43,8 +43,9 @@ Messages (frame headers; bodies are codec values):
 * ``[K_OK, call_id]`` body: the result; ``[K_ERR, call_id]`` body: a RemoteError.
 * ``[K_CANCEL, call_id]``: the caller stopped waiting for the call (timeout,
   cancellation): a coroutine running it is cancelled, a request still in the mailbox
-  refused when its turn comes; either way the caller gets an error reply (dropped there), which tells its
-  context the call is over. A plain function in the thread pool runs to its end.
+  refused when its turn comes; either way the caller gets an error reply (dropped
+  there), which tells its context the call is over. A plain function in the thread
+  pool runs to its end.
 * ``[K_CAST, topic]`` body ``args``: a one-way protocol message for the handler
   registered under ``topic`` (:func:`on_cast`); no function lookup, no task, no
   interceptor, no reply (see :meth:`Worker.cast`).
@@ -901,13 +902,16 @@ class Worker:
         """The caller of request ``cid`` on ``conn`` stopped waiting for it (timeout,
         cancellation; the cancel follows the request on the connection). A coroutine
         running it is cancelled (its nested calls then send cancels on in turn), a
-        request still in the mailbox is dropped: an abandoned call no longer holds an
-        in-flight slot until it ends. Nothing else is running for it: already answered,
+        request still in the mailbox is refused when its turn comes: an abandoned call
+        no longer holds an in-flight slot until it ends. Nothing else is running for it: already answered,
         or a plain function in the thread pool, which cannot be stopped."""
         task = conn.running.get(cid)
         if task is not None:
             conn.running[cid] = None  # (marks it cancelled by its caller, see _cancelled)
-            task.cancel()
+            # (a turn later: its first step is scheduled before this, so it is in its
+            # try when cancelled; a task cancelled before its first step never runs a
+            # line of it, and its reply and the release of its slot never came)
+            self.loop.call_soon(task.cancel)
         elif cid in conn.queued:
             conn.queued[cid] = True  # (refused when its turn comes, see _start)
 
