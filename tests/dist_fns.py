@@ -355,6 +355,18 @@ async def backward_after_gate(gate: str, dest: str, key: str, xv: Any) -> Any:
         return ag.dist.get_gradients(ctx)[x]
 
 
+async def keep_rref_of(owner: str) -> None:
+    """Keep here an RRef to a value made on ``owner``."""
+    _store[_k("kept rref")] = await ag.remote(owner, identity, ([1, 2, 3],))
+
+
+async def kept_rref() -> ag.RRef:
+    import asyncio
+
+    await asyncio.sleep(0)  # (a task: a cancel from its caller can reach it)
+    return _store[_k("kept rref")]
+
+
 async def mul_abandoning_a_call(gate: str, key: str, x: ag.Tensor, dest: str) -> ag.Tensor:
     """x * store[key], after a call of ``stubborn_gated_mul`` on ``dest`` with x timed
     out here (its reply comes once ``gate`` is set there)."""

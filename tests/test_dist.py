@@ -1385,6 +1385,42 @@ async def test_a_call_abandoned_in_a_context_is_cancelled_and_frees_the_context(
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+async def test_a_cancel_that_comes_while_the_reply_registers_its_rrefs_is_too_late(transport):
+    # w1's reply carries an RRef owned by w2: it registers the caller's fork with w2
+    # first, and w2 is busy. The caller's cancel came meanwhile: the CancelledError
+    # escaped the reply, which never left, and the abandoned call was never answered:
+    # every backward in the context was refused.
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    wv = arr(3)
+    async with cluster(transport) as c:
+        await ag.rpc("w2", F.put, ("w", wv))
+        await ag.rpc("w1", F.keep_rref_of, ("w2",))
+        x = ag.tensor(arr(3), requires_grad=True)
+        w2 = c.workers[1]
+        gate = f"busy-w2-{transport}"
+        async with ag.dist.context() as ctx:
+            w2._max_in_flight = 1  # (the fork's registration waits in w2's mailbox)
+            busy = asyncio.ensure_future(ag.rpc("w2", F.gated_mul, (gate, "w", x)))
+            await asyncio.wait([busy], timeout=0.1)  # (w2 runs it)
+            with pytest.raises(ag.RpcTimeout):
+                await ag.rpc("w1", F.kept_rref, timeout=0.2)
+            assert w2._mailbox  # (the registration waits there)
+            F.event(gate).set()
+            y = await busy
+            w2._max_in_flight = 10_000
+            unanswered = state_of(current_worker()).contexts[ctx].unanswered
+            async with asyncio.timeout(10):
+                # (no event tells of the late reply: the context's count of them does)
+                while unanswered:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 async def test_a_backward_while_another_task_of_the_context_has_a_call_out_is_refused(mode):
     # A child task of the context (ensure_future/gather share it) has a call out: its
     # request or reply may be on its way with send nodes recorded and no recv nodes

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -306,8 +308,16 @@ _waits: dict[str, tuple[asyncio.Event, asyncio.Event]] = {}
 _ran: list[str] = []
 
 
+_names = itertools.count()
+
+
 def _wait_events(name: str) -> tuple[asyncio.Event, asyncio.Event]:
     return _waits.setdefault(name, (asyncio.Event(), asyncio.Event()))
+
+
+def _fresh(prefix: str) -> str:
+    """A name no test used before (id() of a fixture's object is reused)."""
+    return f"{prefix}-{next(_names)}"
 
 
 async def wait_for_ever(name: str) -> None:
@@ -333,7 +343,7 @@ async def test_a_call_whose_caller_stops_waiting_is_cancelled_on_the_callee(clus
     # A coroutine whose caller gave up went on for good, holding one of the callee's
     # in-flight slots (10,000 of them locked the worker): the caller now sends a cancel.
     w1 = cluster.workers[0]
-    name = f"alone-{abandon}-{id(cluster)}"
+    name = _fresh(f"alone-{abandon}")
     started, cancelled = _wait_events(name)
     call = asyncio.ensure_future(ag.rpc("w1", wait_for_ever, (name,), timeout=30))
     await asyncio.wait_for(started.wait(), 10)
@@ -354,8 +364,23 @@ async def test_a_call_whose_caller_stops_waiting_is_cancelled_on_the_callee(clus
     assert await ag.rpc("w1", add, (2, 2), timeout=5) == 4
 
 
+def returns_wait_for_ever(name: str) -> Any:
+    """A plain function returning a coroutine (run in the thread pool at first)."""
+    return wait_for_ever(name)
+
+
+async def test_the_coroutine_a_plain_function_returned_is_cancelled_too(cluster):
+    # (only coroutine functions' calls were: this one's first calls, run through the
+    # thread pool, went on for good)
+    for i in range(rworker.INLINE_AFTER + 1):  # (in the pool, then inline)
+        name = _fresh(f"returned-{i}")
+        with pytest.raises(ag.RpcTimeout):
+            await ag.rpc("w1", returns_wait_for_ever, (name,), timeout=0.1)
+        await asyncio.wait_for(_wait_events(name)[1].wait(), 10)
+
+
 async def test_the_cancel_of_a_call_goes_on_to_the_calls_it_made(cluster):
-    name = f"nested-{id(cluster)}"
+    name = _fresh("nested")
     started, cancelled = _wait_events(name)
     with pytest.raises(ag.RpcTimeout):
         await ag.rpc("w1", call_and_wait_for_ever, ("w2", name), timeout=0.2)
@@ -369,7 +394,7 @@ async def test_the_cancel_of_a_call_goes_on_to_the_calls_it_made(cluster):
 async def test_a_call_cancelled_while_waiting_in_the_mailbox_never_runs(cluster):
     w1 = cluster.workers[0]
     w1._max_in_flight = 1  # one call at a time: what comes meanwhile waits in the mailbox
-    name = f"holder-{id(cluster)}"
+    name = _fresh("holder")
     started, cancelled = _wait_events(name)
     holder = asyncio.ensure_future(ag.rpc("w1", wait_for_ever, (name,)))
     await asyncio.wait_for(started.wait(), 10)
@@ -1058,7 +1083,7 @@ async def test_a_call_running_through_a_graceful_shutdown_can_call_any_peer(clus
     # one-way messages (also to peers it was connected to): the call it was letting
     # finish failed, or lost its messages (a distributed backward's among them).
     w1 = cluster.workers[0]
-    gate = f"drain-{id(cluster)}"
+    gate = _fresh("drain")
     ev = started("w1")
     call = asyncio.ensure_future(ag.rpc("w1", call_when_released, (gate, "w3", "driver")))
     await asyncio.wait_for(ev.wait(), 5)

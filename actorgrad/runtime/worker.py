@@ -321,6 +321,13 @@ def _send_cancel(conn: Connection, cid: int) -> None:
         pass
 
 
+def _cancel_if_running(conn: Connection, cid: int, task: asyncio.Task[Any]) -> None:
+    """Cancel ``task``, the call ``cid`` its caller cancelled, unless it has come to its
+    reply meanwhile (the reply goes out whole: see Worker._run_task)."""
+    if cid in conn.running:
+        task.cancel()
+
+
 def _caller_gone() -> ActorgradError:
     """The error a call cancelled by its caller is answered with (the caller drops it)."""
     return ActorgradError("call cancelled: its caller stopped waiting for it")
@@ -911,7 +918,7 @@ class Worker:
             # (a turn later: its first step is scheduled before this, so it is in its
             # try when cancelled; a task cancelled before its first step never runs a
             # line of it, and its reply and the release of its slot never came)
-            self.loop.call_soon(task.cancel)
+            self.loop.call_soon(_cancel_if_running, conn, cid, task)
         elif cid in conn.queued:
             conn.queued[cid] = True  # (refused when its turn comes, see _start)
 
@@ -1154,6 +1161,8 @@ class Worker:
                     self._reply_exc(conn, cid, result.exc, hooks)
                     return
                 if inspect.isawaitable(result):
+                    if cid:  # (from here on a cancel from its caller can stop it)
+                        conn.running[cid] = asyncio.current_task()
                     result = await result
         except BaseException as exc:
             if _user_raised(exc):
@@ -1161,6 +1170,7 @@ class Worker:
             elif not self._cancelled(conn, cid, exc, hooks):
                 raise
         else:
+            conn.running.pop(cid, None)  # (its reply goes out whole: a cancel is too late)
             await self._reply_async(conn, cid, mode, result, hooks)
         finally:
             conn.running.pop(cid, None)
@@ -1175,6 +1185,7 @@ class Worker:
             elif not self._cancelled(conn, cid, exc, hooks):
                 raise
         else:
+            conn.running.pop(cid, None)  # (its reply goes out whole: a cancel is too late)
             await self._reply_async(conn, cid, mode, result, hooks)
         finally:
             conn.running.pop(cid, None)
