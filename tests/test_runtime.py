@@ -379,6 +379,31 @@ async def test_the_coroutine_a_plain_function_returned_is_cancelled_too(cluster)
         await asyncio.wait_for(_wait_events(name)[1].wait(), 10)
 
 
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+async def test_a_worker_does_not_drop_a_connection_it_stopped_reading_for_silence(
+    transport, monkeypatch
+):
+    # A full mailbox stops reading from the connection that filled it; the heartbeat
+    # then took the silence it caused itself for the peer's and closed the
+    # connection after IDLE_TIMEOUT (60 s; 3 s with a pass watching the peer): the
+    # peer's calls waiting there failed with WorkerLost.
+    monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.05)
+    monkeypatch.setattr(rworker, "IDLE_TIMEOUT", 0.3)
+    async with ag.local_cluster(1, transport=transport) as c:
+        w1 = c.workers[0]
+        w1._max_in_flight = 1
+        w1._mailbox_size = 4
+        # (its one slot taken for a window of several idle timeouts: the silence under
+        # test; a cancel of it would wait behind the requests w1 does not read)
+        holder = asyncio.ensure_future(ag.rpc("w1", nap, (1.0,)))
+        calls = [asyncio.ensure_future(ag.rpc("w1", add, (i, 1))) for i in range(50)]
+        async with asyncio.timeout(10):
+            while not any(conn.paused_reading for conn in w1._conns):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(holder, 10)
+        assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [i + 1 for i in range(50)]
+
+
 async def test_the_cancel_of_a_call_goes_on_to_the_calls_it_made(cluster):
     name = _fresh("nested")
     started, cancelled = _wait_events(name)

@@ -1673,11 +1673,15 @@ class Worker:
             for conn in list(self._conns):
                 if conn.closed or conn._handshaking or conn.peer_name is None:
                     continue
-                if lagged:
+                if lagged or conn.paused_reading:
+                    # (silence we caused: our loop was blocked, or we stopped reading
+                    # the connection, its requests filling the mailbox; the pings below
+                    # still tell the peer that we live)
                     conn.last_recv = max(conn.last_recv, now - interval)
                     if conn.peer_name in self._expected:  # (that is no news from it)
                         self._expected[conn.peer_name] = now
-                    continue
+                    if lagged:
+                        continue
                 silent = now - conn.last_recv
                 # Only a side that waits on the peer declares it dead: a caller with
                 # calls pending on the connection or watching the peer
