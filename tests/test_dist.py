@@ -1328,24 +1328,30 @@ async def test_a_message_that_cannot_travel_leaves_no_send_node_to_wait_for(mode
 
 
 @pytest.mark.parametrize("abandon", ["timeout", "cancel"])
-async def test_a_call_abandoned_in_a_context_gets_its_late_reply_linked(mode, abandon):
+@pytest.mark.parametrize("callee", ["goes on", "stops"])
+async def test_a_call_abandoned_in_a_context_is_answered_before_a_backward(mode, abandon, callee):
     # w2 recorded its result as sent; the caller stopped waiting, and its late reply was
     # dropped without a recv node: every later backward waited for that gradient for
-    # good. Now the late reply is linked into the graph (unused: a None flows back); a
-    # backward before it came is refused, since it could not end.
+    # good. Now the late reply of a callee that goes on is linked into the graph
+    # (unused: a None flows back), and a backward before it came is refused, since it
+    # could not end; a callee that stops at its caller's cancel answers with an error
+    # that frees the context as well.
     from actorgrad.dist.context import state_of
     from actorgrad.runtime import current_worker
 
     xv, wv = arr(3), arr(3)
     _, (gx, gw) = local_grads(lambda x, w: (x * w).sum(), xv, wv)
+    goes_on = callee == "goes on"
     async with cluster(mode) as c:
         for n in ("w1", "w2"):
             await ag.rpc(n, F.put, ("w", wv))
         x = ag.tensor(xv, requires_grad=True)
         async with ag.dist.context() as ctx:
             y = await ag.rpc("w1", F.mul, ("w", x))
-            gate = f"gate-{mode}-{abandon}"  # (in-process workers share the events)
-            call = ag.rpc("w2", F.stubborn_gated_mul, (gate, "w", x), timeout=0.2)
+            # (in-process workers share the events; a stopping callee's is never set)
+            gate = f"gate-{mode}-{abandon}-{callee}"
+            fn = F.stubborn_gated_mul if goes_on else F.gated_mul
+            call = ag.rpc("w2", fn, (gate, "w", x), timeout=0.2)
             if abandon == "timeout":
                 with pytest.raises(ag.RpcTimeout):
                     await call
@@ -1355,58 +1361,25 @@ async def test_a_call_abandoned_in_a_context_gets_its_late_reply_linked(mode, ab
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task
-            with pytest.raises(ag.ContextError, match="a call to worker 'w2' made in it on wo"):
-                await ag.dist.backward(ctx, [y.sum()])
-            await ag.rpc("w2", F.signal, (gate,))
+            if goes_on:
+                with pytest.raises(ag.ContextError, match="a call to worker 'w2' made in it on wo"):
+                    await ag.dist.backward(ctx, [y.sum()])
+                await ag.rpc("w2", F.signal, (gate,))
             unanswered = state_of(current_worker()).contexts[ctx].unanswered
             async with asyncio.timeout(10):
                 # (no event tells of a late reply: the context's count of them does)
                 while unanswered:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
+            if not goes_on:
+                assert (await ag.rpc("w2", F.status))["in_flight"] == 1  # (that call itself)
             await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], gx, rtol=1e-12)
             np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), gw, rtol=1e-12)
-            # (its result unused: a zero gradient, reported)
-            np.testing.assert_array_equal(await ag.rpc("w2", F.grad_of, (ctx, "w")), 0)
-        await assert_clean(c.names)
-
-
-@pytest.mark.parametrize("abandon", ["timeout", "cancel"])
-async def test_a_call_abandoned_in_a_context_is_cancelled_and_frees_the_context(mode, abandon):
-    # The callee's coroutine is cancelled by its caller's cancel; its error reply
-    # answers the abandoned call, so the context's later backward needs no late reply.
-    from actorgrad.dist.context import state_of
-    from actorgrad.runtime import current_worker
-
-    xv, wv = arr(3), arr(3)
-    _, (gx, gw) = local_grads(lambda x, w: (x * w).sum(), xv, wv)
-    async with cluster(mode) as c:
-        for n in ("w1", "w2"):
-            await ag.rpc(n, F.put, ("w", wv))
-        x = ag.tensor(xv, requires_grad=True)
-        async with ag.dist.context() as ctx:
-            y = await ag.rpc("w1", F.mul, ("w", x))
-            gate = f"never-{mode}-{abandon}"  # (never set: the call ends by its cancel)
-            call = ag.rpc("w2", F.gated_mul, (gate, "w", x), timeout=0.2)
-            if abandon == "timeout":
-                with pytest.raises(ag.RpcTimeout):
-                    await call
+            w2_grad = await ag.rpc("w2", F.grad_of, (ctx, "w"))
+            if goes_on:  # (its result unused: a zero gradient, reported)
+                np.testing.assert_array_equal(w2_grad, 0)
             else:
-                task = asyncio.ensure_future(call)
-                await asyncio.wait([task], timeout=0.1)  # (the request is out)
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
-            unanswered = state_of(current_worker()).contexts[ctx].unanswered
-            async with asyncio.timeout(10):
-                # (no event tells of the cancelled call's reply: the count of them does)
-                while unanswered:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
-            assert (await ag.rpc("w2", F.status))["in_flight"] == 1  # (that call itself)
-            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
-            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], gx, rtol=1e-12)
-            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), gw, rtol=1e-12)
-            assert await ag.rpc("w2", F.grad_of, (ctx, "w")) is None  # (it never ran)
+                assert w2_grad is None  # (it never ran)
         await assert_clean(c.names)
 
 
