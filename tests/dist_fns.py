@@ -250,18 +250,6 @@ async def backward_of(ctx_id: int, y: ag.Tensor) -> None:
     await ag.dist.backward(ctx_id, [y.sum()])
 
 
-async def backward_of_cut_short(ctx_id: int, y: ag.Tensor, seconds: float) -> str:
-    """backward_of, given up (cancelled) after ``seconds``."""
-    import asyncio
-
-    try:
-        async with asyncio.timeout(seconds):
-            await ag.dist.backward(ctx_id, [y.sum()])
-        return "finished"
-    except TimeoutError:
-        return "cut short"
-
-
 async def via_and_back(dest: str, ctx_id: int, key: str, x: ag.Tensor) -> ag.Tensor:
     """h = x * store[key]; y = a call of ``backward_in_spawned_task`` on ``dest`` with
     h; returns y * store[key]."""

@@ -1202,29 +1202,65 @@ async def test_a_call_running_through_a_graceful_shutdown_can_run_a_backward(tra
         await assert_clean([n for n in c.names if n != "w1"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: a pass cancelled after some parts finished (and freed their "
-    "graph) leaves the other ends of those pairs waiting in every later pass",
-)
-async def test_a_backward_after_one_cut_short_on_another_worker_does_not_wait_for_good():
-    # w1 runs a backward in the driver's context through w2 and gives it up part-way:
-    # w1's and w2's parts had finished and freed their send/recv nodes; the driver's
-    # did not, and its send nodes of that graph wait in every later pass for gradients
-    # no worker holds any more (a later backward of a new forward waited for good).
+@pytest.mark.parametrize("cleanup", ["before", "during"])
+async def test_a_backward_after_one_that_failed_part_way_does_not_wait_for_good(cleanup):
+    # w1 runs a backward in the driver's context through w2; it fails on the driver
+    # (a hook of x raises) once w1's and w2's parts had finished and freed their
+    # send/recv nodes. The driver's ends of those pairs waited in every later pass for
+    # gradients no worker held any more: a backward of a new forward waited for good.
+    # Now w1 and w2 tell the driver to drop its ends of the pairs they freed; a pass
+    # that runs into that clean-up (it arrives while the pass waits there) fails.
+    from actorgrad.dist.backward import T_UNPAIR
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
     wv = arr(3)
-    async with cluster("tcp", 2):
+    async with cluster("tcp", 2) as c:
+        w2 = c.workers[1]
+        held: list[Any] = []
+        if cleanup == "during":  # (w2's first clean-up message held back, sent later)
+            cast = w2.cast
+
+            def holding_cast(dest: str, topic: str, *rest: Any, **kw: Any) -> None:
+                if topic == T_UNPAIR:
+                    w2.cast = cast  # type: ignore[method-assign]
+                    held.append(lambda: cast(dest, topic, *rest, **kw))
+                else:
+                    cast(dest, topic, *rest, **kw)
+
+            w2.cast = holding_cast  # type: ignore[method-assign]
         await ag.rpc("w2", F.put, ("w", wv))
         x = ag.tensor(arr(3), requires_grad=True)
+        hooked = [1]
+
+        def fail_once(g: np.ndarray) -> None:
+            if hooked.pop() if hooked else 0:
+                raise ValueError("hook failed on purpose")
+
+        x.register_hook(fail_once)
         async with ag.dist.context() as ctx:
-            y = await ag.rpc("w2", F.slow_chain, ("w", x, 5, 0.01))
-            assert await ag.rpc("w1", F.backward_of_cut_short, (ctx, y, 0.025)) == "cut short"
+            y = await ag.rpc("w2", F.mul, ("w", x))
+            with pytest.raises(ag.RemoteError, match="hook failed on purpose"):
+                await ag.rpc("w1", F.backward_of, (ctx, y))
+            here = state_of(current_worker()).contexts[ctx]
             async with asyncio.timeout(10):
-                # (the abort reaches the driver one-way: its count of passes tells)
-                while ag.dist.debug_info()["num_active_passes"]:  # noqa: ASYNC110
+                # (no event tells of the clean-up: the driver's count of nodes does)
+                while len(here.sends) > len(held):  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
-            y = await ag.rpc("w2", F.slow_chain, ("w", x, 5, 0.0))
-            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 3)
+            if cleanup == "during":
+                assert len(held) == 1
+                y = await ag.rpc("w2", F.mul, ("w", x))
+                backward = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+                async with asyncio.timeout(10):
+                    while not ag.dist.debug_info()["num_active_passes"]:  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+                held.pop()()
+                with pytest.raises(ag.ContextError, match="ran into the clean-up of an earl"):
+                    await asyncio.wait_for(backward, 10)
+            y = await ag.rpc("w2", F.mul, ("w", x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)
 
 
 # --- DistributedOptimizer ---------------------------------------------------------------

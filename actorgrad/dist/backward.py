@@ -78,6 +78,7 @@ T_DELIVER = "dist.deliver"
 T_CREDIT = "dist.credit"
 T_FAIL = "dist.fail"
 T_ABORT = "dist.abort"
+T_UNPAIR = "dist.unpair"
 
 
 #: Broadcast gradients at least this big travel compact (smaller ones as they are: the
@@ -349,6 +350,10 @@ class PassState:
             send_id, grad = items[i], items[i + 1]
             node = sends.get(send_id)
             if node is None:
+                if grad is None:
+                    # (nothing flows: the end of a pair dropped here after a failed
+                    # pass freed its other end, see _unpair)
+                    continue
                 raise ContextError(
                     f"context {self.ctx.id:#x} has no send node {short_repr(send_id)} here "
                     "(graph already freed, or a gradient arrived twice)"
@@ -381,14 +386,17 @@ class PassState:
 
     def finish(self, st: DistState, retain_graph: bool) -> None:
         ctx = self.ctx
-        ctx.commit(self.pass_id, self.origin, self.contrib)
+        ctx.commit(self.pass_id, self.origin, self.contrib, _freed(ctx, retain_graph))
         ctx.active_pass = None
         if self.worker.name != self.origin:  # (the origin's backward unwatches at its end)
             self.unwatch()
         ctx.done_upto[self.pass_id >> 32] = self.pass_id
-        if not retain_graph:
-            ctx.free_graph()
         st.num_backward_passes += 1
+
+
+def _freed(ctx: DistContext, retain_graph: bool) -> dict[str, Any] | None:
+    """Free the context's graph here unless the pass retains it; the pairs freed."""
+    return None if retain_graph else ctx.free_graph()
 
 
 # --- credit-based completion ----------------------------------------------------------
@@ -817,16 +825,53 @@ def _abort_cast(worker: Any, ctx_id: int, pass_id: int) -> None:
     ctx = st.contexts.get(ctx_id)
     if ctx is None or pass_id in ctx.aborted_passes:
         return
-    _abort_here(ctx, pass_id)
+    _abort_here(st.worker, ctx, pass_id)
     _flood_abort(st.worker, ctx, pass_id)
 
 
-def _abort_here(ctx: DistContext, pass_id: int) -> None:
+def _abort_here(worker: Any, ctx: DistContext, pass_id: int) -> None:
     """Drop pass ``pass_id`` on this worker: its running part, what it committed here,
-    and (refused from now on) its late messages."""
+    and (refused from now on) its late messages. If its part here had finished and
+    freed the graph, the peers drop their ends of the pairs it freed: their parts did
+    not finish (or the pass would not have failed), and those ends would wait in every
+    later pass of the context for gradients nobody holds any more."""
     ctx.aborted_passes.add(pass_id)
     ctx.drop_pass(pass_id)
-    ctx.undo_pass(pass_id)
+    freed = ctx.undo_pass(pass_id)
+    if freed:
+        for peer, (recv_ids, send_ids) in freed.items():
+            # (our recv nodes' send ids are the peer's send nodes; ours, its recv nodes)
+            args = (ctx.id, worker.name, send_ids, recv_ids)
+            if peer == worker.name:
+                _unpair(worker, *args)
+            else:
+                worker.cast(peer, T_UNPAIR, args, on_error=_ignore)
+
+
+@on_cast(T_UNPAIR)
+def _unpair(worker: Any, ctx_id: int, peer: str, recv_ids: list[int], send_ids: list[int]) -> None:
+    """Message handler: ``peer``'s part of an aborted pass had finished and freed its
+    ends of some pairs of context ``ctx_id``; drop ours (see _abort_here). A pass
+    running here that waits for a gradient at one of the dropped send nodes fails
+    (it could not end otherwise, and has no credit to go on without it): retry it."""
+    if type(ctx_id) is not int or type(peer) is not str or not all(
+        type(ids) is list and all(type(i) is int for i in ids) for ids in (recv_ids, send_ids)
+    ):
+        raise ProtocolError(f"malformed unpair message from {short_repr(peer)}")
+    st = state_of(worker)
+    ctx = st.contexts.get(ctx_id)
+    if ctx is None:
+        return
+    dropped = ctx.unpair(peer, recv_ids, send_ids)
+    ps = ctx.active_pass
+    if ps is not None and any(ps.task.waits_for(node) for node in dropped):
+        ctx.drop_pass(ps.pass_id)
+        err = ContextError(
+            f"context {ctx_id:#x}: this backward pass ran into the clean-up of an earlier "
+            f"one that failed after worker {peer!r} had freed its part of the graph; "
+            "run the forward again and retry"
+        )
+        _report(st, ctx_id, ps.origin, ps.pass_id, err, refused=True)
 
 
 def _flood_abort(worker: Any, ctx: DistContext, pass_id: int) -> None:
@@ -914,7 +959,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             # The pass failed or was cancelled: nothing of it stays, here or on the peers.
             # (The error's traceback holds this frame; the run's future holds the error.)
             run = None  # type: ignore[assignment]
-            _abort_here(ctx, pass_id)
+            _abort_here(worker, ctx, pass_id)
             if isinstance(exc, Exception):
                 await call_peers(st.worker, ctx.peers, _abort, (context_id, pass_id))
             else:  # cancelled: no waiting now, the abort goes out one-way

@@ -115,6 +115,9 @@ class _Commit(NamedTuple):
     contrib: dict[Tensor, np.ndarray]  # its gradient of each leaf
     before: dict[Tensor, np.ndarray | None]  # the context's gradient before it
     after: dict[Tensor, np.ndarray]  # the context's gradient it left
+    # the pairs whose ends here it freed (without retain_graph): per peer, the peer's
+    # send ids of our recv nodes and our send ids of its recv nodes
+    freed: dict[str, tuple[list[int], list[int]]] | None
 
 
 class DistContext:
@@ -214,9 +217,16 @@ class DistContext:
             else:
                 self.early.pop(pass_id, None)
 
-    def commit(self, pass_id: int, origin: str, contrib: dict[Tensor, np.ndarray]) -> None:
+    def commit(
+        self,
+        pass_id: int,
+        origin: str,
+        contrib: dict[Tensor, np.ndarray],
+        freed: dict[str, tuple[list[int], list[int]]] | None = None,
+    ) -> None:
         """Add the leaf gradients of pass ``pass_id`` (started by ``origin``), whose part
-        finished here, and keep what an abort of it needs to take them back."""
+        finished here, and keep what an abort of it needs to take them back (and the
+        pairs whose ends here it ``freed``: see free_graph, backward._unpair)."""
         grads = self.grads
         before: dict[Tensor, np.ndarray | None] = {}
         after: dict[Tensor, np.ndarray] = {}
@@ -224,8 +234,8 @@ class DistContext:
             prev = before[t] = grads.get(t)
             # a new array (never in place): the one before stays intact for an undo
             after[t] = grads[t] = g if prev is None else prev + g
-        if contrib:  # (the origin's older record went when this pass started: settle)
-            self.undo[origin] = _Commit(pass_id, contrib, before, after)
+        if contrib or freed:  # (the origin's older record went when this pass started)
+            self.undo[origin] = _Commit(pass_id, contrib, before, after, freed)
 
     def settle(self, origin: str) -> None:
         """A new pass of ``origin`` starts here: its previous one can no longer be
@@ -234,15 +244,16 @@ class DistContext:
         if self.undo:
             self.undo.pop(origin, None)
 
-    def undo_pass(self, pass_id: int) -> None:
+    def undo_pass(self, pass_id: int) -> dict[str, tuple[list[int], list[int]]] | None:
         """Take back the leaf gradients that pass ``pass_id`` committed here (it failed
         elsewhere after its part here finished). Exact when no other pass committed to
         a leaf since (the array before it is put back); otherwise its contribution is
         subtracted, keeping what the other pass added (a pass of another origin can
-        overtake the abort)."""
+        overtake the abort). Returns the pairs whose ends here its part freed (their
+        other ends, on peers whose parts did not finish, must go too)."""
         origin = next((o for o, c in self.undo.items() if c.pass_id == pass_id), None)
         if origin is None:
-            return
+            return None
         commit = self.undo.pop(origin)
         grads = self.grads
         for t, g in commit.contrib.items():
@@ -255,13 +266,41 @@ class DistContext:
                     grads[t] = before
             elif now is not None:
                 grads[t] = now - g
+        return commit.freed
 
-    def free_graph(self) -> None:
-        """Forget the send/recv nodes (after a backward that did not retain the graph)."""
-        self.sends.clear()
+    def free_graph(self) -> dict[str, tuple[list[int], list[int]]]:
+        """Forget the send/recv nodes (after a backward that did not retain the graph).
+        Returns the pairs freed, per peer: (its send ids of our recv nodes, our send ids
+        of its recv nodes)."""
+        pairs: dict[str, tuple[list[int], list[int]]] = {}
+        for send in self.sends.values():
+            pairs.setdefault(send.dest, ([], []))[1].append(send.send_id)
         for r in self.recvs:
             r.freed = True
+            pairs.setdefault(r.src, ([], []))[0].append(r.send_id)
+        self.sends.clear()
         self.recvs.clear()
+        return pairs
+
+    def unpair(self, peer: str, recv_ids: list[int], send_ids: list[int]) -> list[SendNode]:
+        """Drop our ends of pairs whose ends on ``peer`` it freed: the recv nodes of its
+        send ids ``recv_ids``, our send nodes ``send_ids`` (to it). Returns the send
+        nodes dropped."""
+        dropped = []
+        for sid in send_ids:
+            node = self.sends.get(sid)
+            if node is not None and node.dest == peer:
+                dropped.append(self.sends.pop(sid))
+        if recv_ids:
+            gone = set(recv_ids)
+            keep = []
+            for r in self.recvs:
+                if r.src == peer and r.send_id in gone:
+                    r.freed = True
+                else:
+                    keep.append(r)
+            self.recvs[:] = keep
+        return dropped
 
 
 class DistState:

@@ -71,7 +71,8 @@ MAGIC = b"ACTGRAD\x00"
 #: 2: the distributed backward's gradient messages carry their sender and relays
 #: 3: a call's distributed metadata carries its call chain
 #: 4: every gradient message of a backward pass carries the origin's exempt call chain
-#: 5: a caller that stops waiting for a call sends a cancel (K_CANCEL) after it
+#: 5: a caller that stops waiting for a call sends a cancel (K_CANCEL) after it; a
+#:    backward pass that fails has the ends of the pairs its finished parts freed dropped
 PROTOCOL_VERSION = 5
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
