@@ -350,10 +350,8 @@ class PassState:
             send_id, grad = items[i], items[i + 1]
             node = sends.get(send_id)
             if node is None:
-                if grad is None:
-                    # (nothing flows: the end of a pair dropped here after a failed
-                    # pass freed its other end, see _unpair)
-                    continue
+                # (also for a None: ignoring it would hide a pass that started before a
+                # clean-up reached some worker, which then waits for good, see _unpair)
                 raise ContextError(
                     f"context {self.ctx.id:#x} has no send node {short_repr(send_id)} here "
                     "(graph already freed, or a gradient arrived twice)"
