@@ -53,6 +53,7 @@ from actorgrad.dist.context import (
     DistState,
     RecvNode,
     call_peers,
+    int_list,
     running_chain,
     state_of,
 )
@@ -384,17 +385,13 @@ class PassState:
 
     def finish(self, st: DistState, retain_graph: bool) -> None:
         ctx = self.ctx
-        ctx.commit(self.pass_id, self.origin, self.contrib, _freed(ctx, retain_graph))
+        freed = None if retain_graph else ctx.free_graph()
+        ctx.commit(self.pass_id, self.origin, self.contrib, freed)
         ctx.active_pass = None
         if self.worker.name != self.origin:  # (the origin's backward unwatches at its end)
             self.unwatch()
         ctx.done_upto[self.pass_id >> 32] = self.pass_id
         st.num_backward_passes += 1
-
-
-def _freed(ctx: DistContext, retain_graph: bool) -> dict[str, Any] | None:
-    """Free the context's graph here unless the pass retains it; the pairs freed."""
-    return None if retain_graph else ctx.free_graph()
 
 
 # --- credit-based completion ----------------------------------------------------------
@@ -711,7 +708,7 @@ def _deliver(
                 # may relay our recv nodes from it elsewhere: none may fire before.
                 ctx.early.setdefault(pass_id, []).append((items, num, exp))
                 return
-            if type(exempt) is not list or not all(type(t) is int for t in exempt):
+            if not int_list(exempt):
                 raise ProtocolError(f"malformed call chain {short_repr(exempt)} from {sender!r}")
             ps = ctx.active_pass = PassState(st.worker, ctx, pass_id, origin, (), retain, exempt)
             early = ctx.early.pop(pass_id, None) if ctx.early else None
@@ -836,14 +833,12 @@ def _abort_here(worker: Any, ctx: DistContext, pass_id: int) -> None:
     ctx.aborted_passes.add(pass_id)
     ctx.drop_pass(pass_id)
     freed = ctx.undo_pass(pass_id)
-    if freed:
-        for peer, (recv_ids, send_ids) in freed.items():
-            # (our recv nodes' send ids are the peer's send nodes; ours, its recv nodes)
+    for peer, (recv_ids, send_ids) in (freed or {}).items():
+        # (our recv nodes' send ids are the peer's send nodes; ours, its recv nodes;
+        # pairs within this worker went whole when its part finished)
+        if peer != worker.name:
             args = (ctx.id, worker.name, send_ids, recv_ids)
-            if peer == worker.name:
-                _unpair(worker, *args)
-            else:
-                worker.cast(peer, T_UNPAIR, args, on_error=_ignore)
+            worker.cast(peer, T_UNPAIR, args, on_error=_ignore)
 
 
 @on_cast(T_UNPAIR)
@@ -852,8 +847,8 @@ def _unpair(worker: Any, ctx_id: int, peer: str, recv_ids: list[int], send_ids: 
     ends of some pairs of context ``ctx_id``; drop ours (see _abort_here). A pass
     running here that waits for a gradient at one of the dropped send nodes fails
     (it could not end otherwise, and has no credit to go on without it): retry it."""
-    if type(ctx_id) is not int or type(peer) is not str or not all(
-        type(ids) is list and all(type(i) is int for i in ids) for ids in (recv_ids, send_ids)
+    if type(ctx_id) is not int or type(peer) is not str or not (
+        int_list(recv_ids) and int_list(send_ids)
     ):
         raise ProtocolError(f"malformed unpair message from {short_repr(peer)}")
     st = state_of(worker)

@@ -731,6 +731,11 @@ class DistInterceptor:
 MAX_CHAIN = 1024
 
 
+def int_list(x: Any) -> bool:
+    """Whether ``x``, decoded from a message, is a list of ints (ids, call tokens)."""
+    return type(x) is list and all(type(i) is int for i in x)
+
+
 def _parse_meta(meta: Any) -> tuple[int, str, tuple[int, ...]]:
     if type(meta) is list and len(meta) == 3:
         ctx_id, initiator, chain = meta

@@ -910,8 +910,9 @@ class Worker:
         cancellation; the cancel follows the request on the connection). A coroutine
         running it is cancelled (its nested calls then send cancels on in turn), a
         request still in the mailbox is refused when its turn comes: an abandoned call
-        no longer holds an in-flight slot until it ends. Nothing else is running for it: already answered,
-        or a plain function in the thread pool, which cannot be stopped."""
+        no longer holds an in-flight slot until it ends. Nothing else is running for
+        it: already answered, or a plain function in the thread pool, which cannot be
+        stopped."""
         task = conn.running.get(cid)
         if task is not None:
             conn.running[cid] = None  # (marks it cancelled by its caller, see _cancelled)
