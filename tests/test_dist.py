@@ -1265,6 +1265,107 @@ async def test_a_backward_after_one_that_failed_part_way_does_not_wait_for_good(
         await assert_clean(c.names)
 
 
+async def test_a_pass_waiting_at_a_send_node_the_clean_up_drops_fails_and_the_next_works():
+    # w2 runs a backward in the driver's context from x it got; it fails on the driver
+    # (a hook of x raises) after w2's part finished and freed its recv node of x. The
+    # driver's send node of x stays until w2's clean-up comes (held back here): a pass
+    # the driver starts meanwhile waits there for a gradient nobody holds. When the
+    # clean-up drops that node, the pass fails (it could not end otherwise).
+    from actorgrad.dist.backward import T_UNPAIR
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    wv, xv = arr(3), arr(3)
+    async with cluster("tcp", 2) as c:
+        w2 = c.workers[1]
+        held: list[Any] = []
+        cast = w2.cast
+
+        def holding_cast(dest: str, topic: str, *rest: Any, **kw: Any) -> None:
+            if topic == T_UNPAIR:
+                held.append(lambda: cast(dest, topic, *rest, **kw))
+            else:
+                cast(dest, topic, *rest, **kw)
+
+        w2.cast = holding_cast  # type: ignore[method-assign]
+        await ag.rpc("w2", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        hooked = [1]
+
+        def fail_once(g: np.ndarray) -> None:
+            if hooked.pop() if hooked else 0:
+                raise ValueError("hook failed on purpose")
+
+        x.register_hook(fail_once)
+        async with ag.dist.context() as ctx:
+            with pytest.raises(ag.RemoteError, match="hook failed on purpose"):
+                await ag.rpc("w2", F.backward_here, (ctx, "w", x))
+            here = state_of(current_worker()).contexts[ctx]
+            (stale,) = here.sends.values()
+            y = await ag.rpc("w2", F.mul, ("w", x))
+            task = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+            async with asyncio.timeout(10):
+                # (no event tells where the pass waits: its task does)
+                while (ps := here.active_pass) is None or any(  # noqa: ASYNC110
+                    ps.task.waits_for(s) for s in here.sends.values() if s is not stale
+                ):
+                    await asyncio.sleep(0.01)
+            assert ps.task.waits_for(stale) and not task.done()
+            (release,) = held
+            w2.cast = cast  # type: ignore[method-assign]
+            release()
+            with pytest.raises(ag.ContextError, match="ran into the clean-up"):
+                await asyncio.wait_for(task, 10)
+            y = await ag.rpc("w2", F.mul, ("w", x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
+@pytest.mark.parametrize("shape", ["nested", "chain"])
+async def test_a_backward_after_one_that_failed_on_a_worker_whose_part_called_on_works(mode, shape):
+    # The pass fails on the worker in the middle (a hook of its leaf raises) after the
+    # part it called had finished and freed its graph. The middle worker's own
+    # unfinished graph stayed, its end of the freed pairs marked freed: every later
+    # pass of the context sent that stale graph's None there and failed ("backward
+    # through the graph a second time"). A None at a freed recv node now sends nothing.
+    #   nested: driver -> w1 -> w2, fails on w1;  chain: w1 -> w2 -> w3 -> w2, fails on w2
+    av, bv, cv, xv = arr(3), arr(3), arr(3), arr(3)  # "w" on w1, w2, w3
+    if shape == "nested":
+        middle, fn, first = "w1", F.mul_then_forward, ("w", "w2", "w")
+
+        def model(x, a, b, c):
+            z = x * a * b
+            return (z * z).sum()
+    else:
+        middle, fn, first = "w2", F.chain, (["w2", "w3", "w2"], "w")
+
+        def model(x, a, b, c):
+            return (x * b * c * b).sum()
+
+    _, grads = local_grads(model, xv, av, bv, cv)
+    async with cluster(mode) as c:
+        for name, v in zip(c.names, (av, bv, cv), strict=True):
+            await ag.rpc(name, F.put, ("w", v))
+        await ag.rpc(middle, F.add_failing_hook, ("w", 1))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", fn, (*first, x))
+            with pytest.raises(ag.RemoteError, match=f"hook refused gradient on {middle}"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            for step in (1, 2):
+                y = await ag.rpc("w1", fn, (*first, x))
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], step * grads[0])
+            for name, g in zip(c.names, grads[1:], strict=True):
+                got = await ag.rpc(name, F.grad_of, (ctx, "w"))
+                if g is None:  # (a worker that only calls on, or takes no part)
+                    assert got is None, name
+                else:
+                    np.testing.assert_allclose(got, 2 * g, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 # --- DistributedOptimizer ---------------------------------------------------------------
 
 

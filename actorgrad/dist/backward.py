@@ -155,7 +155,14 @@ def _boundary(
     if not isinstance(node, RecvNode) or node.ctx_id != ctx_id:
         # A tensor received in another context: its gradient stops here.
         return
-    if node.freed:  # (else its sender failed the pass: "no send node", a ContextError)
+    if node.freed:
+        # Its send node is gone too (freed there, or being dropped: see _unpair), so
+        # nobody waits for this message: a None (the loss does not reach it through
+        # this graph) sends nothing. A gradient is a second backward through a freed
+        # graph. (A stale recv node not yet marked sends to a freed send node instead:
+        # "no send node", a ContextError.)
+        if grad is None:
+            return
         raise RuntimeError(
             f"{node!r}: trying to backward through the graph a second time; it was freed "
             "after the first backward. Pass retain_graph=True to the first backward() "
