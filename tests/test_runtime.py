@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import threading
 import time
 from typing import Any
 
@@ -377,6 +378,40 @@ async def test_the_coroutine_a_plain_function_returned_is_cancelled_too(cluster)
         with pytest.raises(ag.RpcTimeout):
             await ag.rpc("w1", returns_wait_for_ever, (name,), timeout=0.1)
         await asyncio.wait_for(_wait_events(name)[1].wait(), 10)
+
+
+_gates: dict[str, threading.Event] = {}
+
+
+def blocks_then_returns_a_coroutine(name: str) -> Any:
+    """A plain function (in the thread pool) that waits for the test's gate, then
+    returns a coroutine."""
+    if not _gates[name].wait(10):
+        raise TimeoutError("the test never opened the gate")
+    return wait_for_ever(name)
+
+
+async def test_a_call_cancelled_while_its_plain_function_runs_in_the_pool_is_dropped(cluster):
+    # The cancel of a call whose plain function ran in the thread pool was ignored: the
+    # coroutine it then returned ran for good, holding an in-flight slot.
+    w1 = cluster.workers[0]
+    name = _fresh("pooled")
+    _gates[name] = threading.Event()
+    with pytest.raises(ag.RpcTimeout):
+        await ag.rpc("w1", blocks_then_returns_a_coroutine, (name,), timeout=0.1)
+    async with asyncio.timeout(10):
+        # (no event tells of the cancel's arrival: w1's record of the call does)
+        while not any(  # noqa: ASYNC110
+            None in c.running.values() for c in w1._conns
+        ):
+            await asyncio.sleep(0.01)
+    _gates[name].set()
+    async with asyncio.timeout(10):
+        while w1.status()["in_flight"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert not _wait_events(name)[0].is_set()  # (the coroutine never started)
+    assert not any(c.running for c in w1._conns)
+    assert await ag.rpc("w1", add, (2, 2), timeout=5) == 4
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])

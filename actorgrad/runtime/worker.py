@@ -328,6 +328,12 @@ def _cancel_if_running(conn: Connection, cid: int, task: asyncio.Task[Any]) -> N
         task.cancel()
 
 
+#: In ``Connection.running``: the call runs a plain function in the thread pool, which
+#: a cancel cannot stop; the cancel is remembered instead (the entry becomes None) and
+#: what the function returns is dropped (see Worker._run_task).
+_IN_POOL: Any = object()
+
+
 def _caller_gone() -> ActorgradError:
     """The error a call cancelled by its caller is answered with (the caller drops it)."""
     return ActorgradError("call cancelled: its caller stopped waiting for it")
@@ -911,10 +917,13 @@ class Worker:
         running it is cancelled (its nested calls then send cancels on in turn), a
         request still in the mailbox is refused when its turn comes: an abandoned call
         no longer holds an in-flight slot until it ends. Nothing else is running for
-        it: already answered, or a plain function in the thread pool, which cannot be
-        stopped."""
+        it: already answered. A plain function in the thread pool cannot be stopped:
+        it runs to its end, then what it returned is dropped (a coroutine closed
+        unstarted) and the caller is answered as for a cancelled coroutine."""
         task = conn.running.get(cid)
-        if task is not None:
+        if task is _IN_POOL:
+            conn.running[cid] = None  # (what the function returns is dropped)
+        elif task is not None:
             conn.running[cid] = None  # (marks it cancelled by its caller, see _cancelled)
             # (a turn later: its first step is scheduled before this, so it is in its
             # try when cancelled; a task cancelled before its first step never runs a
@@ -1087,8 +1096,8 @@ class Worker:
             t = self.spawn(
                 self._run_task(conn, cid, mode, fn, args, kwargs, meta, hooks, stats), context=ctx
             )
-            if stats.is_async and cid:  # (a cancel from its caller can stop it)
-                conn.running[cid] = t
+            if cid:  # (a cancel from its caller can stop it, or is remembered)
+                conn.running[cid] = t if stats.is_async else _IN_POOL
             return
         # marked inline, or proven fast: run inline on the loop
         t0 = time.perf_counter()
@@ -1158,6 +1167,12 @@ class Worker:
                 call = functools.partial(ctx.run, self._invoke_timed, fn, args, kwargs, meta)
                 result, took = await self.loop.run_in_executor(self._pool, call)
                 stats.fast = stats.fast + 1 if took < FAST_CALL else 0
+                if cid and conn.running.get(cid, _IN_POOL) is None:  # (its caller cancelled)
+                    if inspect.iscoroutine(result):
+                        result.close()
+                    if not self._closing:
+                        self._reply_exc(conn, cid, _caller_gone(), hooks, refused=True)
+                    return
                 if type(result) is _Raised:
                     self._reply_exc(conn, cid, result.exc, hooks)
                     return
