@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import actorgrad as ag
+from actorgrad.runtime import worker as rworker
 
 RNG = np.random.default_rng(0)
 
@@ -1363,6 +1364,80 @@ async def test_a_backward_after_one_that_failed_on_a_worker_whose_part_called_on
                     assert got is None, name
                 else:
                     np.testing.assert_allclose(got, 2 * g, rtol=1e-12)
+        await assert_clean(c.names)
+
+
+async def test_a_broken_connection_from_a_worker_to_the_driver_keeps_no_context_out():
+    # One of w1's connections to the driver closed (here aborted, as a malformed frame
+    # or the heartbeat while the driver's loop was blocked would); w1 took the driver
+    # for gone, and refused every context the driver opened later ("its initiator
+    # 'driver' is gone"), though the driver went on calling over its own connection.
+    # A frame from the driver shows it alive.
+    wv, xv = arr(3), arr(3)
+    async with cluster("tcp", 1) as c:
+        w1 = c.workers[0]
+        await ag.rpc("w1", F.put, ("w", wv))
+        await w1.call("driver", F.pid)  # (w1's own connection to the driver)
+        w1._out["driver"].abort(ag.ProtocolError("malformed frame (the test's)"))
+        async with asyncio.timeout(10):
+            while not w1.is_lost("driver"):  # noqa: ASYNC110 (no event tells of it)
+                await asyncio.sleep(0.01)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        assert not w1.is_lost("driver")
+        await assert_clean(c.names)
+
+
+async def test_a_context_reclaimed_for_a_broken_connection_goes_from_the_second_hop_too():
+    # A context spans driver -> w1 -> w2. One of w1's connections to the driver closed:
+    # w1 took the driver for gone and reclaimed the context (the lease). w2 never saw
+    # the driver go (no connection to it), and the driver's release, sent to w1 only,
+    # found nothing there to forward: w2 kept the context for good.
+    from actorgrad.dist.context import state_of
+
+    xv = arr(3)
+    async with cluster("tcp", 2) as c:
+        w1, w2 = c.workers
+        for name in ("w1", "w2"):
+            await ag.rpc(name, F.put, ("w", arr(3)))
+        await w1.call("driver", F.pid)  # (w1's own connection to the driver)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            await ag.rpc("w1", F.mul_then_forward, ("w", "w2", "w", x))
+            assert ctx in state_of(w2).contexts
+            w1._out["driver"].abort(ag.ProtocolError("malformed frame (the test's)"))
+            async with asyncio.timeout(10):
+                await state_of(w2).wait_empty()
+        await assert_clean(c.names)
+
+
+async def test_a_worker_hung_for_a_while_in_a_backward_stays_in_the_cluster(
+    worker_path, monkeypatch
+):
+    # A worker whose loop hangs (here a slow hook) while the driver watches it during a
+    # backward is lost to that pass (WorkerLost). The driver's heartbeat also closed its
+    # membership connection to the registry the driver hosts: the worker was out of
+    # the cluster for good, and its process exited once it ran again.
+    monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 0.5)  # (the driver's: it watches)
+    wv, xv = arr(3), arr(3)
+    async with cluster("processes", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.add_slow_hook, ("w", 2.0))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            with pytest.raises(ag.WorkerLost, match="'w1'"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+        assert "w1" in ag.workers()
+        async with ag.dist.context() as ctx:  # (w1 works again: the step is exact)
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
+        assert "w1" in ag.workers()
         await assert_clean(c.names)
 
 

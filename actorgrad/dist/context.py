@@ -477,6 +477,7 @@ def _on_peer_lost(st: DistState, name: str) -> None:
     # a pass this worker initiated fails at once with WorkerLost, and the origin of a
     # pass that sent the dead worker a message from here is told (backward messages
     # have no replies: this is how a loss further down reaches the origin).
+    from actorgrad.dist.api import _release_local, _release_on
     from actorgrad.dist.backward import _report
 
     for ctx_id, ctx in list(st.contexts.items()):
@@ -488,7 +489,14 @@ def _on_peer_lost(st: DistState, name: str) -> None:
                 "the backward pass (its context is reclaimed everywhere)"
             )
             st.fail_runs(ctx_id, lost)
-            st.forget(ctx_id)
+            # Passed on to the workers this one brought into the context: when only a
+            # connection of the initiator closed here (it lives on), they do not see it
+            # go, and its release, sent here, finds nothing left to forward to them.
+            peers = _release_local(st, ctx_id)
+            peers.discard(name)
+            if peers:
+                acks = _release_on(st.worker, peers, ctx_id, st.worker.name)
+                st.worker.spawn(acks, name=f"reclaim-{ctx_id:#x}")
             continue
         if name not in ctx.peers:
             continue

@@ -28,9 +28,11 @@ Execution model (how a CPU-heavy user function cannot starve a worker):
   connection with calls waiting on it that has received nothing for
   ``HEARTBEAT_TIMEOUT`` is closed, which fails those calls with ``WorkerLost`` and
   reports the peer lost (a silent connection without waiting calls is kept until
-  ``IDLE_TIMEOUT``, so a driver busy computing is not dropped by its workers). A closed
+  ``IDLE_TIMEOUT``, so a driver busy computing is not dropped by its workers; so is a
+  registry membership connection: closing it is leaving the cluster). A closed
   connection (a dead process) does the same immediately. A worker whose own loop was
-  blocked does not blame its peers for the silence it caused.
+  blocked does not blame its peers for the silence it caused. A peer reported lost
+  that is heard from again (over another connection) is no longer taken for lost.
 
 Phases: setup (:meth:`Worker.start`: listener, pool, dispatcher, heartbeat), running
 (the dispatcher), teardown (:meth:`Worker.shutdown`, one path, idempotent).
@@ -806,6 +808,14 @@ class Worker:
             frame = wire.decode_frame(buf)
             header = frame.header
             kind = header[0] if isinstance(header, list) and header else None
+            if self._lost and conn.peer_name in self._lost and kind != K_BYE:
+                if conn.peer_name in self.members:
+                    # Alive after all: one of its connections had closed (a malformed
+                    # frame, a network fault, our heartbeat while its loop was blocked)
+                    # but it goes on over this one. A later loss must be reported again,
+                    # and contexts it starts taken in (those it held here went at its
+                    # loss). (Not a worker that left the cluster: its last frames.)
+                    self._lost.discard(conn.peer_name)
             if kind == K_REQ:
                 if conn.peer_name is None:
                     raise ProtocolError("request before hello")
@@ -884,10 +894,7 @@ class Worker:
                     raise ProtocolError("malformed hello")
                 first = conn.peer_name is None
                 conn.peer_name = name
-                # alive after all (a connection of it had closed: a malformed frame, a
-                # network fault): a later loss must be reported again, or a pass
-                # waiting on it would never hear of its death
-                self._lost.discard(name)
+                self._lost.discard(name)  # (alive after all, as above)
                 conn.peer_id = wid  # type: ignore[attr-defined]
                 conn.peer_address = address  # type: ignore[attr-defined]
                 if conn.outgoing:
@@ -1651,7 +1658,7 @@ class Worker:
 
     def is_lost(self, peer: str) -> bool:
         """Whether ``peer`` was reported lost (its connection died, or it went silent
-        while watched) and has not rejoined since."""
+        while watched) and has not been heard from since."""
         return peer in self._lost
 
     def watch(self, peer: str) -> None:
@@ -1708,7 +1715,14 @@ class Worker:
                 if since is not None and conn.last_recv >= since:
                     del self._expected[conn.peer_name]  # heard from
                     since = None
-                watched = conn.pending or conn.peer_name in self._watched or since is not None
+                watched = conn.pending or (
+                    (conn.peer_name in self._watched or since is not None)
+                    # (not its membership: closing that one is leaving the cluster, for
+                    # good; a peer that hung for seconds is lost to the protocol that
+                    # watched it, not to the cluster, until IDLE_TIMEOUT)
+                    and conn is not self.registry_conn
+                    and (self.registry is None or conn not in self.registry.conns)
+                )
                 limit = HEARTBEAT_TIMEOUT if watched else IDLE_TIMEOUT
                 if silent > limit:
                     conn.abort(
