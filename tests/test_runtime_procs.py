@@ -394,8 +394,20 @@ async def test_connecting_to_a_peer_that_never_answers(monkeypatch):
                 await ag.rpc("w2", add, (1, 2), timeout=0.5)
             assert time.monotonic() - t0 < 2.0
             monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT", 0.3)
-            with pytest.raises(ag.WorkerLost, match="did not answer the handshake within 0.3 s"):
+            # (named; and not tried again over TCP after the Unix socket: twice the wait)
+            tried = []
+            open_ = c.driver._open
+
+            async def counting_open(address: str, local: str) -> Any:
+                tried.append(local or address)
+                return await open_(address, local)
+
+            monkeypatch.setattr(c.driver, "_open", counting_open)
+            with pytest.raises(
+                ag.WorkerLost, match="worker 'w1': .* did not answer the handshake within 0.3 s"
+            ):
                 await ag.rpc("w1", add, (1, 2))
+            assert len(tried) == 1, tried
         finally:
             for p in pids:
                 os.kill(p, signal.SIGCONT)

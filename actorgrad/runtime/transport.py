@@ -781,6 +781,12 @@ async def open_local(loop: asyncio.AbstractEventLoop, name: str, conn: Connectio
 # ---------------------------------------------------------------------------------------
 
 
+class Unanswered(WorkerLost):
+    """The peer's kernel accepted the connection, but its process did not answer in
+    time: hung (or overloaded). Another way to it (TCP after the Unix socket) would wait
+    as long again."""
+
+
 def _mac(token: str, role: bytes, nonce_c: bytes, nonce_s: bytes) -> bytes:
     return hmac.new(token.encode(), role + nonce_c + nonce_s, hashlib.sha256).digest()
 
@@ -830,7 +836,7 @@ async def handshake(
         conn.abort(AuthError("handshake deadline"))
         if server:
             raise AuthError(f"handshake with {where} did not complete in time") from None
-        raise WorkerLost(
+        raise Unanswered(
             f"{where} accepted the connection but did not answer the handshake within "
             f"{deadline:g} s (the process is hung or overloaded)"
         ) from None

@@ -637,7 +637,7 @@ class Worker:
         self._conns.add(conn)
         if self._closing:
             # closed once made (before that it has no transport to close: the peer
-            # waited out its handshake deadline, 5 s, 10 with the Unix socket first)
+            # waited out its handshake deadline, 5 s)
             conn.made.add_done_callback(lambda _: conn.abort(None))
         else:
             self.spawn(self._accept_handshake(conn))
@@ -657,11 +657,20 @@ class Worker:
         if local and self.local_sockets and transport.local_reachable(local):
             try:
                 return await self._open(address, local)
+            except transport.Unanswered:
+                raise  # (hung: TCP would wait out its deadline again)
             except (ActorgradError, OSError) as exc:
-                # nobody there (it died or went elsewhere), or an impostor failing the
-                # handshake: TCP reaches the real worker
-                log.warning(
-                    "worker %s: local socket of %s failed (%s); using TCP", self.name, address, exc
+                # nobody there (it died, is shutting down, or went elsewhere), or an
+                # impostor failing the handshake: TCP reaches the real worker. Only the
+                # impostor is news (a peer closing mid-handshake looks like a wrong
+                # token to us: the server does not say why).
+                impostor = isinstance(exc, AuthError) and exc.__cause__ is None
+                log.log(
+                    logging.WARNING if impostor else logging.DEBUG,
+                    "worker %s: local socket of %s failed (%s); using TCP",
+                    self.name,
+                    address,
+                    exc,
                 )
         return await self._open(address, "")
 
@@ -691,7 +700,7 @@ class Worker:
                 await conn.hello  # type: ignore[attr-defined]
         except TimeoutError:
             conn.abort(None)
-            raise WorkerLost(f"no hello from {address}") from None
+            raise transport.Unanswered(f"no hello from {address}") from None
         except BaseException:
             conn.abort(None)
             self._conns.discard(conn)
@@ -720,7 +729,10 @@ class Worker:
             if dest in self._lost:
                 raise WorkerLost(f"worker {dest!r} has left the cluster")
             raise ValueError(f"unknown worker {dest!r}; known workers: {self.worker_names()}")
-        conn = await self.open_connection(entry[1], entry[2])
+        try:
+            conn = await self.open_connection(entry[1], entry[2])
+        except WorkerLost as exc:
+            raise type(exc)(f"worker {dest!r}: {exc}") from None
         if conn.peer_name != dest:
             conn.close()
             raise WorkerLost(f"{entry[1]} is now worker {conn.peer_name!r}, not {dest!r}")
