@@ -394,7 +394,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
     async def serve() -> None:
         with _expected():
             await cluster.serve_cluster(
-                args.n, token=token, on_ready=on_ready, stop=stop, on_event=on_event
+                args.n,
+                token=token,
+                on_ready=on_ready,
+                stop=stop,
+                on_event=on_event,
+                # (first on the script's own path: the workers import what it imports)
+                path_first=[args.script_dir],
             )
 
     def on_event(kind: str, text: str) -> None:
@@ -557,6 +563,13 @@ def _address(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}") from None
 
 
+def _worker_name(text: str) -> str:
+    try:
+        return cluster.check_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _host(text: str) -> str:
     try:
         return cluster.check_host(text)
@@ -628,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--join", required=True, type=_address, metavar="ADDRESS", help="HOST:PORT of the cluster"
     )
-    w.add_argument("--name", required=True, help="this worker's name")
+    w.add_argument("--name", required=True, type=_worker_name, help="this worker's name")
     w.add_argument("--token-file", metavar="F", help=tok)
 
     r = sub.add_parser("run", help="run SCRIPT as the driver of a local cluster of N workers")
@@ -711,7 +724,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return cmd_demo(argv[1:])
         if args.command == "run" and not os.path.isfile(args.script):
-            raise CliError(f"no such script: {args.script}", code=2)
+            what = "not a file" if os.path.isdir(args.script) else "no such script"
+            raise CliError(f"{what}: {args.script}", code=2)
+        if args.command == "run":  # (as Python puts it first on the script's path)
+            args.script_dir = os.path.dirname(os.path.realpath(args.script))
         return run(_COMMANDS[args.command](args))
     except CliError as exc:
         _note(f"error: {exc}")

@@ -245,6 +245,20 @@ def test_run_passes_what_follows_the_script_as_given(
 def test_run_of_a_missing_script_is_a_usage_error(tmp_path: Path) -> None:
     r = run_cli("run", "-n", "1", str(tmp_path / "nope.py"))
     assert r.returncode == 2 and "no such script" in r.stderr
+    r = run_cli("run", "-n", "1", str(tmp_path))  # (was "no such script" too)
+    assert r.returncode == 2 and f"not a file: {tmp_path}" in r.stderr
+
+
+def test_a_worker_name_it_cannot_take_is_a_usage_error_before_joining(tmp_path: Path) -> None:
+    # (it printed "worker _bad joining ..." then exited 1)
+    tok = tmp_path / "tok"
+    tok.write_text("t")
+    tok.chmod(0o600)
+    for bad in ("_bad", "two words"):
+        r = run_cli("worker", "--join", "127.0.0.1:1", "--name", bad, "--token-file", str(tok))
+        assert r.returncode == 2, r.stderr
+        assert "argument --name: a worker name must be" in r.stderr
+        assert "joining" not in r.stdout + r.stderr
 
 
 def test_a_new_token_file_is_created_with_mode_0600(tmp_path: Path) -> None:
@@ -553,6 +567,31 @@ def test_run_gives_the_script_a_cluster_and_returns_its_status(tmp_path: Path) -
     r = run_cli("run", "-n", "2", str(script), "--", "--flag", "3")
     assert r.returncode == 3, r.stderr
     assert "product 42 ['--', '--flag', '3']" in r.stdout
+
+
+@needs_runtime
+def test_the_workers_of_run_import_the_modules_next_to_the_script(tmp_path: Path) -> None:
+    # Python puts the script's folder first on the driver's path; the workers had only
+    # the folder run was started from: a module next to the script (run from another
+    # folder) was "no module named 'mylib'" on the workers.
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "mylib_next_to_script.py").write_text("def triple(x):\n    return 3 * x\n")
+    script = proj / "train.py"
+    script.write_text(
+        "import asyncio\n"
+        "import actorgrad as ag\n"
+        "from mylib_next_to_script import triple\n\n"
+        "async def main():\n"
+        "    await ag.init('driver')\n"
+        "    print('tripled', await ag.rpc('w1', triple, (14,)), flush=True)\n"
+        "    await ag.shutdown()\n\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    r = run_cli("run", "-n", "1", str(script))  # (from the repository's root)
+    assert r.returncode == 0, r.stderr
+    assert "tripled 42" in r.stdout
 
 
 @needs_runtime
@@ -1039,8 +1078,10 @@ def test_a_host_that_does_not_resolve_exits_1_naming_it() -> None:
 
 
 @needs_runtime
-def test_a_worker_name_with_whitespace_exits_1_naming_it(cluster: tuple[str, Path]) -> None:
+def test_a_worker_name_with_whitespace_is_a_usage_error_naming_it(
+    cluster: tuple[str, Path],
+) -> None:
     address, token_file = cluster
     r = run_cli("worker", "--join", address, "--name", "a\nb", "--token-file", str(token_file))
-    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "without whitespace, not starting with '_', not 'a\\nb'" in r.stderr

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 
 from actorgrad.runtime import transport
@@ -95,3 +98,17 @@ async def test_the_loop_does_not_spin_while_its_worker_runs_a_job_in_a_thread(mo
             await asyncio.sleep(0)
     finally:
         await w.shutdown()
+
+
+def test_a_malformed_spin_setting_is_named_and_the_default_used() -> None:
+    # float("abc") at import: `import actorgrad` and every CLI command failed with a
+    # bare ValueError traceback.
+    code = "from actorgrad.runtime import transport; print(transport.SPIN_SECONDS)"
+    for raw in ("abc", "-5", "nan"):
+        env = dict(os.environ, ACTORGRAD_SPIN_US=raw)
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "0.005"
+        assert f"ACTORGRAD_SPIN_US={raw!r} is not a number of microseconds" in r.stderr

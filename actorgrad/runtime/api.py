@@ -45,7 +45,9 @@ async def init(
 
     Raises:
         TypeError: a name, host or token that is not a str, a port that is not an int.
-        ValueError: a malformed name, address, host or port, or no token to join with.
+        ValueError: a malformed name, address, host or port, no token to join with, or
+            a new cluster bound to a host that is not a loopback address without a
+            token (anyone who can reach it could join: pass ``token=``).
         RuntimeError: this process is initialized already (a worker whose event loop
             has closed does not count: it is forgotten).
         AuthError: the cluster's token is another one.

@@ -15,7 +15,7 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from actorgrad.runtime import worker as _w
@@ -152,9 +152,11 @@ async def serve_cluster(
     on_ready: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
     on_event: Callable[[str, str], None] | None = None,
+    path_first: Sequence[str] = (),
 ) -> None:
     """Registry head + ``n`` worker processes ``w1..wn``; ``on_ready(address)`` once all
     joined; runs until ``stop`` is set (or cancelled), then shuts everything down.
+    ``path_first``: import paths the workers look in first (see WorkerProcesses.start).
 
     Once ready, ``on_event(kind, text)`` hears of each change until the shutdown
     starts: kind "joined" or "left" (a worker joined or left the registry) or "exited"
@@ -168,7 +170,8 @@ async def serve_cluster(
     try:
         await start_worker(head)
         head.host_registry()
-        procs.start(head.address, [f"w{i}" for i in range(1, n + 1)], token, host=host)
+        names = [f"w{i}" for i in range(1, n + 1)]
+        procs.start(head.address, names, token, host=host, path_first=path_first)
         if not await _unless_stopped(procs.wait_registered(head.registry), stop):
             return
         if on_event is not None:

@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # The environment of a driver or worker process: where the cluster is, and its token.
@@ -103,7 +103,18 @@ class WorkerProcesses:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values()]
 
-    def start(self, address: str, names: list[str], token: str, *, host: str = "127.0.0.1") -> None:
+    def start(
+        self,
+        address: str,
+        names: list[str],
+        token: str,
+        *,
+        host: str = "127.0.0.1",
+        path_first: Sequence[str] = (),
+    ) -> None:
+        """Start a worker process per name, joining the registry at ``address``.
+        ``path_first``: import paths before this process's (a driver script's folder,
+        first on its own path)."""
         env = dict(os.environ)
         env[ENV_TOKEN] = token
         env.pop(ENV_ADDRESS, None)
@@ -112,8 +123,8 @@ class WorkerProcesses:
         # directory first shadowed a package the driver took from elsewhere: a mixed
         # driver and workers); the current directory last for what only it holds.
         cwd = os.getcwd()
-        paths = [cwd if p == "" else p for p in sys.path]
-        paths = [p for p in paths if p and os.path.isdir(p)]
+        paths = [*path_first, *(cwd if p == "" else p for p in sys.path)]
+        paths = [p for p in dict.fromkeys(paths) if p and os.path.isdir(p)]
         if cwd not in paths:
             paths.append(cwd)
         env["PYTHONPATH"] = os.pathsep.join(paths)

@@ -54,12 +54,14 @@ import hashlib
 import hmac
 import itertools
 import logging
+import math
 import os
 import secrets
 import socket
 import struct
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -87,9 +89,31 @@ BIG_FRAME = 16 * 1024
 #: 55-70k calls/s on 2 cores), and a write still carries a dozen tiny frames.
 COALESCE_MAX = 512
 _LEN = struct.Struct(">Q")
+
+
+def _spin_seconds(default_us: float = 5000.0) -> float:
+    """``ACTORGRAD_SPIN_US`` in seconds (the default when unset or malformed)."""
+    raw = os.environ.get("ACTORGRAD_SPIN_US", "")
+    if not raw:
+        return default_us / 1e6
+    try:
+        us = float(raw)
+    except ValueError:
+        us = math.nan
+    if not 0 <= us < math.inf:  # (nan too)
+        # (a tuning knob: a bad value must not stop `import actorgrad` and every command)
+        warnings.warn(
+            f"ACTORGRAD_SPIN_US={raw!r} is not a number of microseconds >= 0; using {default_us:g}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        us = default_us
+    return us / 1e6
+
+
 # After a frame goes out or comes in, the loop polls its sockets, yielding the CPU at
 # every poll, for this long before it may sleep in epoll (see _Spinner). 0 disables it.
-SPIN_SECONDS = float(os.environ.get("ACTORGRAD_SPIN_US", "5000")) / 1e6
+SPIN_SECONDS = _spin_seconds()
 # ...but only while at least this share of recent frames arrived within the window.
 SPIN_HIT_RATE = 0.75
 _sched_yield = getattr(os, "sched_yield", None)
