@@ -426,6 +426,11 @@ class GraphTask:
         """Whether ``node`` is a source of this task whose gradient has not come."""
         return node in self._sources and node not in self._delivered and self._deps[node] >= 0
 
+    def skipped(self, node: Node) -> bool:
+        """Whether ``node`` is a source this task took out with :meth:`skip` (a source
+        that ran was delivered first)."""
+        return node in self._sources and node not in self._delivered and self._deps[node] < 0
+
     def consumers(self, node: Node) -> int:
         """How many consumer edges of ``node`` this task counts (0 for a node it does
         not reach); -1 once the node ran (or was skipped)."""

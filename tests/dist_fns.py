@@ -593,3 +593,30 @@ async def wait_lost(peer: str, deadline: float) -> None:
     w.add_peer_lost_callback(lambda name: name == peer and lost.set())
     if not w.is_lost(peer):
         await asyncio.wait_for(lost.wait(), deadline)
+
+
+# --- traffic of a context while a pass runs in it ------------------------------------------
+
+
+def keep(key: str, t: ag.Tensor) -> None:
+    """Store the received tensor itself (its graph kept here); return nothing."""
+    _store[_k(key)] = t
+
+
+async def call_on_signal(gate: str, dest: str, key: str) -> None:
+    """In the caller's context, spawn a task that, once event ``gate`` is set, sends
+    this worker's ``key`` to ``dest`` (keep); its outcome goes to ``outcome(gate)``."""
+    import asyncio
+
+    async def run() -> None:
+        await event(gate).wait()
+        try:
+            await ag.rpc(dest, keep, ("kept", _store[_k(key)]))
+            _outcomes[gate] = "ok"
+        except Exception as exc:
+            _outcomes[gate] = f"{type(exc).__name__}: {exc}"
+        event(f"{gate} done").set()
+
+    task = asyncio.ensure_future(run())
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import os
 from typing import Any
 
@@ -16,6 +17,9 @@ import actorgrad as ag
 from actorgrad.runtime import worker as rworker
 
 RNG = np.random.default_rng(0)
+
+
+_gates = itertools.count()  # (in-process workers share the events: fresh names)
 
 
 def arr(*shape: int) -> np.ndarray:
@@ -1323,6 +1327,128 @@ async def test_a_pass_waiting_at_a_send_node_the_clean_up_drops_fails_and_the_ne
         await assert_clean(c.names)
 
 
+async def test_a_call_reaching_a_worker_whose_part_of_a_pass_runs_is_refused_and_undone():
+    # A task w2's call handler spawned (w2's part of the pass done: nothing refused it
+    # there) sent w2's leaf to w1 while w1's part ran: w1 recorded a recv node in the
+    # middle of its part and freed it at its end, while w2's send node waited in every
+    # later pass: the next one completed without w2's gradient, the one after was
+    # refused for good. Now w1 refuses the call, and w2 takes its send node back.
+    from actorgrad.dist.context import state_of
+
+    xv, av, bv = arr(3), arr(3), arr(3)
+    gate = f"mid-pass-{next(_gates)}"
+    async with cluster("tcp", 2) as c:
+        w1, w2 = c.workers
+        await ag.rpc("w1", F.put, ("w", av))
+        await ag.rpc("w2", F.put, ("w", bv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            a = await ag.rpc("w2", F.mul, ("w", x))
+            b = await ag.rpc("w1", F.slow_chain, ("w", x, 40, 0.05))  # (2 s, in a thread)
+            await ag.rpc("w2", F.call_on_signal, (gate, "w1", "w"))
+            task = asyncio.ensure_future(ag.dist.backward(ctx, [a.sum() + b.sum()]))
+            c1, c2 = state_of(w1).contexts[ctx], state_of(w2).contexts[ctx]
+            async with asyncio.timeout(10):
+                # (no event tells where the parts are: their states do)
+                while c1.active_pass is None or c2.active_pass is not None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            F.event(gate).set()
+            got = await F.outcome(gate, 10)
+            assert got.startswith("ContextError: context") and "'w2' cannot be taken" in got
+            assert not c2.sends  # (taken back)
+            await asyncio.wait_for(task, 20)
+            for step in (2, 3):
+                y = await ag.rpc("w2", F.mul, ("w", x))
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+                np.testing.assert_allclose(
+                    await ag.rpc("w2", F.grad_of, (ctx, "w")), step * xv, rtol=1e-12
+                )
+        await assert_clean(c.names)
+
+
+async def test_a_pass_relaying_through_a_pair_the_clean_up_drops_fails_and_the_next_works():
+    # The driver got h from w1 and passed it to w2 unchanged (w2 keeps it); the pass
+    # failed on w1 after w2's part had freed its end. A pass started before w2's
+    # clean-up reached the driver was planned to relay h's gradient from w2 to w1
+    # through that stale pair: w2 had nothing to send it from, w1 waited for good.
+    from actorgrad.dist.backward import T_UNPAIR
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    wv, xv = arr(3), arr(3)
+    async with cluster("tcp", 2) as c:
+        w2 = c.workers[1]
+        held: list[Any] = []
+        cast = w2.cast
+
+        def holding_cast(dest: str, topic: str, *rest: Any, **kw: Any) -> None:
+            if topic == T_UNPAIR:
+                held.append(lambda: cast(dest, topic, *rest, **kw))
+            else:
+                cast(dest, topic, *rest, **kw)
+
+        w2.cast = holding_cast  # type: ignore[method-assign]
+        for name in c.names:
+            await ag.rpc(name, F.put, ("w", wv))
+        await ag.rpc("w1", F.add_failing_hook, ("w", 1))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            h, g = await ag.rpc("w1", F.two_outputs, ("w", x))
+            await ag.rpc("w2", F.keep, ("h", h))
+            with pytest.raises(ag.RemoteError, match="hook refused gradient on w1"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [g.sum()]), 10)
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            task = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+            here = state_of(current_worker()).contexts[ctx]
+            async with asyncio.timeout(10):
+                while here.active_pass is None or not held:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            w2.cast = cast  # type: ignore[method-assign]
+            for release in held:
+                release()
+            with pytest.raises(ag.ContextError, match="ran into the clean-up"):
+                await asyncio.wait_for(task, 10)
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
+@pytest.mark.parametrize("retain", [False, True])
+async def test_no_relay_is_planned_through_a_pair_whose_other_end_is_gone(retain):
+    # After a failed pass, the driver's recv node of h (from w1) was marked freed (w1
+    # had freed its send node), its send node of h (to w2) kept: the driver planned a
+    # relay through them, and w2 sent h's gradient to w1's freed send node ("no send
+    # node"; with retain_graph, in every later pass).
+    xv, av, bv = arr(3), arr(3), arr(3)
+    async with cluster("tcp", 2) as c:
+        await ag.rpc("w1", F.put, ("w", av))
+        await ag.rpc("w2", F.put, ("w", bv))
+        x = ag.tensor(xv, requires_grad=True)
+        left = [1]
+
+        def fail_once(g: np.ndarray) -> None:
+            if left.pop() if left else 0:
+                raise ValueError("driver hook fails once")
+
+        async with ag.dist.context() as ctx:
+            v = await ag.rpc("w2", F.mul, ("w", ag.tensor(np.ones(3))))
+            xp = v * x
+            xp.register_hook(fail_once)
+            h = await ag.rpc("w1", F.mul, ("w", xp))
+            y = await ag.rpc("w2", F.mul, ("w", h))
+            with pytest.raises(ValueError, match="driver hook fails once"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            async with asyncio.timeout(10):
+                while not h.grad_fn.freed:  # noqa: ASYNC110 (w1's clean-up came)
+                    await asyncio.sleep(0.01)
+            for step in (1, 2, 3):
+                y = await ag.rpc("w2", F.mul, ("w", x))
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()], retain_graph=retain), 10)
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], step * bv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 @pytest.mark.parametrize("shape", ["nested", "chain"])
 async def test_a_backward_after_one_that_failed_on_a_worker_whose_part_called_on_works(mode, shape):
     # The pass fails on the worker in the middle (a hook of its leaf raises) after the
@@ -1407,10 +1533,17 @@ async def test_a_context_reclaimed_for_a_broken_connection_goes_from_the_second_
         x = ag.tensor(xv, requires_grad=True)
         async with ag.dist.context() as ctx:
             await ag.rpc("w1", F.mul_then_forward, ("w", "w2", "w", x))
+            await ag.rpc("w2", F.mul, ("w", x))  # (the driver a peer of w2's too)
             assert ctx in state_of(w2).contexts
             w1._out["driver"].abort(ag.ProtocolError("malformed frame (the test's)"))
             async with asyncio.timeout(10):
                 await state_of(w2).wait_empty()
+            # never to the initiator, though: it lives on, its context until it leaves
+            # (w2 passed the release on to its peers, the driver among them; a call
+            # behind it on the same connection shows it was handled)
+            await w2.call("driver", F.pid)
+            assert ag.dist.debug_info()["num_contexts"] == 1
+            assert ag.dist.get_gradients(ctx) == {}
         await assert_clean(c.names)
 
 

@@ -102,23 +102,26 @@ def _release_on(
     """Send the release of ``ctx_id`` to ``peers`` now (each forwards it to its own
     peers, but the ``gone`` ones); returns the wait for their acknowledgements."""
     started = start_calls(worker, peers, _release, (ctx_id, worker.name, gone))
-    return _await_releases(worker, started, ctx_id, sender)
+    return _await_releases(worker, started, ctx_id, sender, gone)
 
 
-async def _await_releases(worker: Any, started: list[Any], ctx_id: int, sender: str) -> None:
+async def _await_releases(
+    worker: Any, started: list[Any], ctx_id: int, sender: str, gone: list[str] | None = None
+) -> None:
     """Wait for the releases ``started`` by ``_release_on``. A peer that is gone cannot
     forward it to the workers it brought into the context (second hops, whose initiator
     lives on: no lease reclaims it there), so then every other member is told too
-    (workers without the context just acknowledge)."""
+    (workers without the context just acknowledge), but the ``gone`` ones."""
     me = worker.name
     failed = await finish_calls(worker, started)
     if failed:
-        rest = set(worker.worker_names()) - {p for p, _ in started} - {me, sender}
+        out = failed.union(gone or ())
+        rest = set(worker.worker_names()) - {p for p, _ in started} - {me, sender} - out
         if rest:
             # (the gone ones named: those that have them as peers do not forward the
             # release to them, which would wait out a connection's deadlines if one
             # hung; the release sent them before reaches them if they come back)
-            await call_peers(worker, rest, _release, (ctx_id, me, sorted(failed)))
+            await call_peers(worker, rest, _release, (ctx_id, me, sorted(out)))
 
 
 def _release_local(st: DistState, ctx_id: int) -> set[str]:

@@ -197,6 +197,7 @@ def _plan_relays(
         if (
             type(r) is RecvNode
             and r.ctx_id == ctx.id
+            and not r.freed  # (its send node is gone: nothing to relay to)
             and not r._hooks
             and task.consumers(r) == 1
             and r not in seeded
@@ -864,7 +865,11 @@ def _unpair(worker: Any, ctx_id: int, peer: str, recv_ids: list[int], send_ids: 
         return
     dropped = ctx.unpair(peer, recv_ids, send_ids)
     ps = ctx.active_pass
-    if ps is not None and any(ps.task.waits_for(node) for node in dropped):
+    # (also one the origin relays: the peer it told to send the gradient there on holds
+    # nothing to send it from, and the worker waiting for it would wait for good)
+    if ps is not None and any(
+        ps.task.waits_for(node) or ps.task.skipped(node) for node in dropped
+    ):
         ctx.drop_pass(ps.pass_id)
         err = ContextError(
             f"context {ctx_id:#x}: this backward pass ran into the clean-up of an earlier "

@@ -492,10 +492,13 @@ def _on_peer_lost(st: DistState, name: str) -> None:
             # Passed on to the workers this one brought into the context: when only a
             # connection of the initiator closed here (it lives on), they do not see it
             # go, and its release, sent here, finds nothing left to forward to them.
+            # Never to the initiator itself (named gone: nobody forwards it there): a
+            # live one keeps its context until it leaves it (its calls and backward
+            # passes through the workers that dropped it fail).
             peers = _release_local(st, ctx_id)
             peers.discard(name)
             if peers:
-                acks = _release_on(st.worker, peers, ctx_id, st.worker.name)
+                acks = _release_on(st.worker, peers, ctx_id, st.worker.name, [name])
                 st.worker.spawn(acks, name=f"reclaim-{ctx_id:#x}")
             continue
         if name not in ctx.peers:
@@ -725,6 +728,17 @@ class DistInterceptor:
         ctx_id, initiator, _ = _parse_meta(meta)
         st = state_of(worker)
         ctx = st.join(ctx_id, initiator)
+        if ctx.active_pass is not None and peer != worker.name:
+            # A request from a worker whose part of the pass is done (so its own check,
+            # in outgoing, let it go: a task a handler spawned, say): its tensors would
+            # get recv nodes here in the middle of our part, which frees them when it
+            # ends, while their send nodes there wait in every later pass (one pass
+            # completed without their gradients, the next was refused for good).
+            raise ContextError(
+                f"context {ctx_id:#x}: a call from worker {peer!r} cannot be taken in it "
+                f"on worker {worker.name!r} while a backward pass runs in it there; make "
+                "it before the backward or after it returned"
+            )
         if peer != worker.name:
             ctx.peers.add(peer)
         return _Hooks(st, ctx, peer)

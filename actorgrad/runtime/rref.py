@@ -318,6 +318,10 @@ class Hooks:
         """The late reply of an abandoned call came (or never will: its connection
         closed)."""
 
+    def refused(self) -> None:
+        """The callee refused the call before running it (nothing for RRefs: the callee
+        released those in it)."""
+
     def undo(self) -> None:
         """The message was not sent: take back the counts added for it, here and on the
         owners that registered its forks (a registration still under way is taken back
@@ -359,6 +363,13 @@ class TensorHooks(Hooks):
 
     def abandoned(self) -> None:
         f = getattr(self.th, "abandoned", None)
+        if f is not None:
+            f()
+
+    def refused(self) -> None:
+        # (its arguments never reached the context there: what their encoding recorded
+        # here goes, as for a call that never left)
+        f = getattr(self.th, "undo", None)
         if f is not None:
             f()
 

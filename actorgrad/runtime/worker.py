@@ -647,7 +647,15 @@ class Worker:
         try:
             await transport.handshake(conn, self.token, server=True)
         except AuthError as exc:
-            log.warning("worker %s rejected a connection: %s", self.name, exc)
+            # (news when the client failed it; not when it left first: it gave up
+            # waiting for us, or went away)
+            gave_up = isinstance(exc.__cause__, OSError)
+            log.log(
+                logging.DEBUG if gave_up else logging.WARNING,
+                "worker %s rejected a connection: %s",
+                self.name,
+                exc,
+            )
             self._conns.discard(conn)
 
     async def open_connection(self, address: str, local: str = "") -> Connection:
@@ -731,8 +739,8 @@ class Worker:
             raise ValueError(f"unknown worker {dest!r}; known workers: {self.worker_names()}")
         try:
             conn = await self.open_connection(entry[1], entry[2])
-        except WorkerLost as exc:
-            raise type(exc)(f"worker {dest!r}: {exc}") from None
+        except WorkerLost as exc:  # (a plain WorkerLost: it may travel as a RemoteError)
+            raise WorkerLost(f"worker {dest!r}: {exc}") from None
         if conn.peer_name != dest:
             conn.close()
             raise WorkerLost(f"{entry[1]} is now worker {conn.peer_name!r}, not {dest!r}")
@@ -891,6 +899,7 @@ class Worker:
                 elif isinstance(value, BaseException):
                     if len(header) == 3 and isinstance(value, RemoteError):
                         value = _refusal(value)
+                        hooks.refused()
                     fut.set_exception(value)
                 else:
                     fut.set_exception(ProtocolError(f"malformed error reply {value!r}"))
