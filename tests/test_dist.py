@@ -1449,6 +1449,42 @@ async def test_no_relay_is_planned_through_a_pair_whose_other_end_is_gone(retain
         await assert_clean(c.names)
 
 
+async def test_a_call_given_up_while_still_in_the_callees_mailbox_leaves_no_send_node():
+    # The call timed out while it waited in w2's mailbox (w2 busy): w2 refused it
+    # unread at its turn, and the caller kept the send node its encoding recorded,
+    # with no recv node anywhere: every later backward in the context failed (w2 was
+    # told to start a part in a context it never saw).
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    xv, wv = arr(3), arr(3)
+    gate = f"mailbox-{next(_gates)}"
+    async with cluster("tcp", 2) as c:
+        w2 = c.workers[1]
+        for name in ("w1", "w2"):
+            await ag.rpc(name, F.put, ("w", wv))
+        w2._max_in_flight = 1
+        busy = asyncio.ensure_future(ag.rpc("w2", F.gated_mul, (gate, "w", ag.tensor(xv))))
+        async with asyncio.timeout(10):
+            while not w2.status()["in_flight"]:  # noqa: ASYNC110 (its slot is taken)
+                await asyncio.sleep(0.01)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            with pytest.raises(ag.RpcTimeout):
+                await ag.rpc("w2", F.mul, ("w", x), timeout=0.2)
+            await ag.rpc("w1", F.signal, (gate,))  # (in-process workers share events)
+            await asyncio.wait_for(busy, 10)
+            here = state_of(current_worker()).contexts[ctx]
+            async with asyncio.timeout(10):
+                while here.unanswered:  # noqa: ASYNC110 (the refusal came back)
+                    await asyncio.sleep(0.01)
+            assert [s.dest for s in here.sends.values()] == ["w1"]
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 @pytest.mark.parametrize("shape", ["nested", "chain"])
 async def test_a_backward_after_one_that_failed_on_a_worker_whose_part_called_on_works(mode, shape):
     # The pass fails on the worker in the middle (a hook of its leaf raises) after the

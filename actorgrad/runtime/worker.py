@@ -876,15 +876,14 @@ class Worker:
                     kept = None
                     if call is None and conn.abandoned:
                         kept = conn.abandoned.pop(header[1], None)
+                    late = call[1] if call is not None else kept
                     if kind == K_OK:
                         try:
-                            frame.body(
-                                call[1]
-                                if call is not None
-                                else kept or rref.Hooks(self, conn.peer_name or "?")
-                            )
+                            frame.body(late or rref.Hooks(self, conn.peer_name or "?"))
                         except Exception:
                             pass
+                    elif len(header) == 3 and late is not None:
+                        late.refused()  # (refused before it ran: e.g. in the mailbox)
                     if kept is not None:
                         kept.answered()
                     return
@@ -965,7 +964,7 @@ class Worker:
         caller asked for (then the caller gets an error reply, which it drops)."""
         if isinstance(exc, asyncio.CancelledError) and cid in conn.running:
             if conn.running[cid] is None and not self._closing:
-                self._reply_exc(conn, cid, _caller_gone(), hooks, refused=True)
+                self._reply_exc(conn, cid, _caller_gone(), hooks)
                 return True
         return False
 
@@ -1199,7 +1198,7 @@ class Worker:
                     if inspect.iscoroutine(result):
                         result.close()
                     if not self._closing:
-                        self._reply_exc(conn, cid, _caller_gone(), hooks, refused=True)
+                        self._reply_exc(conn, cid, _caller_gone(), hooks)
                     return
                 if type(result) is _Raised:
                     self._reply_exc(conn, cid, result.exc, hooks)
@@ -1306,8 +1305,10 @@ class Worker:
         refused: bool = False,
     ) -> None:
         """Reply ``exc`` to call ``cid``. ``refused``: the runtime (not the user's code)
-        refused the call with this ActorgradError; the caller raises it as its own type
-        (WorkerLost, ContextError), not as a RemoteError ("user code raised")."""
+        refused the call with this ActorgradError before running it (its arguments were
+        not taken in: the caller takes back what their encoding recorded, see
+        ``Hooks.refused``); the caller raises it as its own type (WorkerLost,
+        ContextError), not as a RemoteError ("user code raised")."""
         if hooks is not None:
             hooks.undo()
         if cid == 0:
