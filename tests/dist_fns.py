@@ -620,3 +620,28 @@ async def call_on_signal(gate: str, dest: str, key: str) -> None:
     task = asyncio.ensure_future(run())
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
+
+
+async def gated_times(gate: str, key: str, factor: float) -> ag.Tensor:
+    """store[key] * factor, once event ``gate`` is set (``{gate} entered`` set first)."""
+    event(f"{gate} entered").set()
+    await event(gate).wait()
+    return _store[_k(key)] * factor
+
+
+async def fetch_on_the_side(gate: str, dest: str, key: str) -> None:
+    """In the caller's context, spawn a task calling ``dest``'s gated_times (gate, key,
+    2); what it got goes to ``outcome(gate)`` ("ok" or the error), the tensor kept."""
+    import asyncio
+
+    async def run() -> None:
+        try:
+            _store[_k("fetched")] = await ag.rpc(dest, gated_times, (gate, key, 2.0))
+            _outcomes[gate] = "ok"
+        except Exception as exc:
+            _outcomes[gate] = f"{type(exc).__name__}: {exc}"
+        event(f"{gate} done").set()
+
+    task = asyncio.ensure_future(run())
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)

@@ -1449,6 +1449,42 @@ async def test_no_relay_is_planned_through_a_pair_whose_other_end_is_gone(retain
         await assert_clean(c.names)
 
 
+async def test_a_reply_with_a_tensor_made_while_the_callees_part_runs_fails_that_call():
+    # w2 (which the pass does not reach) had a call out to w1 from before the pass;
+    # w1's handler returned w1's leaf times 2 in the middle of w1's part: w1 recorded
+    # the send node then and freed it when its part ended, and w2's recv node sent
+    # its gradient to nothing in the next pass that used it ("no send node").
+    from actorgrad.dist.context import state_of
+
+    xv, av = arr(3), arr(3)
+    gate = f"reply-{next(_gates)}"
+    async with cluster("tcp", 2) as c:
+        w1, w2 = c.workers
+        for name in ("w1", "w2"):
+            await ag.rpc(name, F.put, ("w", av))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            b = await ag.rpc("w1", F.slow_chain, ("w", x, 40, 0.05))  # (2 s, in a thread)
+            await ag.rpc("w2", F.fetch_on_the_side, (gate, "w1", "w"))
+            await asyncio.wait_for(F.event(f"{gate} entered").wait(), 10)  # (on w1)
+            task = asyncio.ensure_future(ag.dist.backward(ctx, [b.sum()]))
+            c1 = state_of(w1).contexts[ctx]
+            async with asyncio.timeout(10):
+                while c1.active_pass is None:  # noqa: ASYNC110 (no event tells of it)
+                    await asyncio.sleep(0.01)
+            F.event(gate).set()
+            got = await F.outcome(gate, 10)
+            assert got.startswith("RemoteError: actorgrad.errors.ContextError on worker 'w1'")
+            assert "cannot be sent to worker 'w2' in it while a backward pass runs" in got
+            await asyncio.wait_for(task, 20)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], av, rtol=1e-12)
+            assert not state_of(w2).contexts[ctx].recvs
+            y = await ag.rpc("w2", F.mul, ("w", x))  # (the next pass, through w2, works)
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * av, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 async def test_a_call_given_up_while_still_in_the_callees_mailbox_leaves_no_send_node():
     # The call timed out while it waited in w2's mailbox (w2 busy): w2 refused it
     # unread at its turn, and the caller kept the send node its encoding recorded,

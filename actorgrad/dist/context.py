@@ -618,6 +618,16 @@ class _Hooks:
     def tensor_out(self, t: Tensor) -> int | None:
         if not t.requires_grad:
             return None
+        if self.ctx.active_pass is not None:
+            # (the reply of a call that came before the pass started, made while our
+            # part runs: its send node would go when the part ends, without a
+            # gradient, and its recv node on the caller would send to nothing; a
+            # request is refused before, in outgoing)
+            raise ContextError(
+                f"context {self.ctx.id:#x}: a tensor that requires grad cannot be sent to "
+                f"worker {self.peer!r} in it while a backward pass runs in it on worker "
+                f"{self.state.worker.name!r}; send it before the backward or after it returned"
+            )
         send_id = self.state.record_send(self.ctx, t, self.peer)
         if self.sent is None:
             self.sent = [send_id]
