@@ -603,15 +603,14 @@ def keep(key: str, t: ag.Tensor) -> None:
     _store[_k(key)] = t
 
 
-async def call_on_signal(gate: str, dest: str, key: str) -> None:
-    """In the caller's context, spawn a task that, once event ``gate`` is set, sends
-    this worker's ``key`` to ``dest`` (keep); its outcome goes to ``outcome(gate)``."""
+def _on_the_side(gate: str, work: Any) -> None:
+    """Spawn a task (in the caller's context) awaiting ``work()``; its outcome goes to
+    ``outcome(gate)``: "ok" or "Type: message"."""
     import asyncio
 
     async def run() -> None:
-        await event(gate).wait()
         try:
-            await ag.rpc(dest, keep, ("kept", _store[_k(key)]))
+            await work()
             _outcomes[gate] = "ok"
         except Exception as exc:
             _outcomes[gate] = f"{type(exc).__name__}: {exc}"
@@ -620,6 +619,17 @@ async def call_on_signal(gate: str, dest: str, key: str) -> None:
     task = asyncio.ensure_future(run())
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
+
+
+async def call_on_signal(gate: str, dest: str, key: str) -> None:
+    """On the side, once event ``gate`` is set, send this worker's ``key`` to ``dest``
+    (keep); its outcome goes to ``outcome(gate)``."""
+
+    async def work() -> None:
+        await event(gate).wait()
+        await ag.rpc(dest, keep, ("kept", _store[_k(key)]))
+
+    _on_the_side(gate, work)
 
 
 async def gated_times(gate: str, key: str, factor: float) -> ag.Tensor:
@@ -630,18 +640,10 @@ async def gated_times(gate: str, key: str, factor: float) -> ag.Tensor:
 
 
 async def fetch_on_the_side(gate: str, dest: str, key: str) -> None:
-    """In the caller's context, spawn a task calling ``dest``'s gated_times (gate, key,
-    2); what it got goes to ``outcome(gate)`` ("ok" or the error), the tensor kept."""
-    import asyncio
+    """On the side, call ``dest``'s gated_times (gate, key, 2) and keep what it returns;
+    its outcome goes to ``outcome(gate)``."""
 
-    async def run() -> None:
-        try:
-            _store[_k("fetched")] = await ag.rpc(dest, gated_times, (gate, key, 2.0))
-            _outcomes[gate] = "ok"
-        except Exception as exc:
-            _outcomes[gate] = f"{type(exc).__name__}: {exc}"
-        event(f"{gate} done").set()
+    async def work() -> None:
+        _store[_k("fetched")] = await ag.rpc(dest, gated_times, (gate, key, 2.0))
 
-    task = asyncio.ensure_future(run())
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
+    _on_the_side(gate, work)

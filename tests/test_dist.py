@@ -1207,6 +1207,30 @@ async def test_a_call_running_through_a_graceful_shutdown_can_run_a_backward(tra
         await assert_clean([n for n in c.names if n != "w1"])
 
 
+def hold_unpairs(worker: Any, first_only: bool = False) -> tuple[list[Any], Any]:
+    """Hold back the clean-up messages (``dist.unpair``) ``worker`` casts (only the
+    first with ``first_only``). Returns the held ones (each a callable that sends it)
+    and a function that gives the worker its own cast back."""
+    from actorgrad.dist.backward import T_UNPAIR
+
+    cast = worker.cast
+    held: list[Any] = []
+
+    def restore() -> None:
+        worker.cast = cast
+
+    def holding_cast(dest: str, topic: str, *rest: Any, **kw: Any) -> None:
+        if topic == T_UNPAIR:
+            if first_only:
+                restore()
+            held.append(lambda: cast(dest, topic, *rest, **kw))
+        else:
+            cast(dest, topic, *rest, **kw)
+
+    worker.cast = holding_cast
+    return held, restore
+
+
 @pytest.mark.parametrize("cleanup", ["before", "during"])
 async def test_a_backward_after_one_that_failed_part_way_does_not_wait_for_good(cleanup):
     # w1 runs a backward in the driver's context through w2; it fails on the driver
@@ -1215,7 +1239,6 @@ async def test_a_backward_after_one_that_failed_part_way_does_not_wait_for_good(
     # gradients no worker held any more: a backward of a new forward waited for good.
     # Now w1 and w2 tell the driver to drop its ends of the pairs they freed; a pass
     # that starts before that clean-up came fails, and the next one works.
-    from actorgrad.dist.backward import T_UNPAIR
     from actorgrad.dist.context import state_of
     from actorgrad.runtime import current_worker
 
@@ -1224,16 +1247,7 @@ async def test_a_backward_after_one_that_failed_part_way_does_not_wait_for_good(
         w2 = c.workers[1]
         held: list[Any] = []
         if cleanup == "during":  # (w2's first clean-up message held back, sent later)
-            cast = w2.cast
-
-            def holding_cast(dest: str, topic: str, *rest: Any, **kw: Any) -> None:
-                if topic == T_UNPAIR:
-                    w2.cast = cast  # type: ignore[method-assign]
-                    held.append(lambda: cast(dest, topic, *rest, **kw))
-                else:
-                    cast(dest, topic, *rest, **kw)
-
-            w2.cast = holding_cast  # type: ignore[method-assign]
+            held, _ = hold_unpairs(w2, first_only=True)
         await ag.rpc("w2", F.put, ("w", wv))
         x = ag.tensor(arr(3), requires_grad=True)
         hooked = [1]
@@ -1276,23 +1290,13 @@ async def test_a_pass_waiting_at_a_send_node_the_clean_up_drops_fails_and_the_ne
     # driver's send node of x stays until w2's clean-up comes (held back here): a pass
     # the driver starts meanwhile waits there for a gradient nobody holds. When the
     # clean-up drops that node, the pass fails (it could not end otherwise).
-    from actorgrad.dist.backward import T_UNPAIR
     from actorgrad.dist.context import state_of
     from actorgrad.runtime import current_worker
 
     wv, xv = arr(3), arr(3)
     async with cluster("tcp", 2) as c:
         w2 = c.workers[1]
-        held: list[Any] = []
-        cast = w2.cast
-
-        def holding_cast(dest: str, topic: str, *rest: Any, **kw: Any) -> None:
-            if topic == T_UNPAIR:
-                held.append(lambda: cast(dest, topic, *rest, **kw))
-            else:
-                cast(dest, topic, *rest, **kw)
-
-        w2.cast = holding_cast  # type: ignore[method-assign]
+        held, restore = hold_unpairs(w2)
         await ag.rpc("w2", F.put, ("w", wv))
         x = ag.tensor(xv, requires_grad=True)
         hooked = [1]
@@ -1317,7 +1321,7 @@ async def test_a_pass_waiting_at_a_send_node_the_clean_up_drops_fails_and_the_ne
                     await asyncio.sleep(0.01)
             assert ps.task.waits_for(stale) and not task.done()
             (release,) = held
-            w2.cast = cast  # type: ignore[method-assign]
+            restore()
             release()
             with pytest.raises(ag.ContextError, match="ran into the clean-up"):
                 await asyncio.wait_for(task, 10)
@@ -1371,23 +1375,13 @@ async def test_a_pass_relaying_through_a_pair_the_clean_up_drops_fails_and_the_n
     # failed on w1 after w2's part had freed its end. A pass started before w2's
     # clean-up reached the driver was planned to relay h's gradient from w2 to w1
     # through that stale pair: w2 had nothing to send it from, w1 waited for good.
-    from actorgrad.dist.backward import T_UNPAIR
     from actorgrad.dist.context import state_of
     from actorgrad.runtime import current_worker
 
     wv, xv = arr(3), arr(3)
     async with cluster("tcp", 2) as c:
         w2 = c.workers[1]
-        held: list[Any] = []
-        cast = w2.cast
-
-        def holding_cast(dest: str, topic: str, *rest: Any, **kw: Any) -> None:
-            if topic == T_UNPAIR:
-                held.append(lambda: cast(dest, topic, *rest, **kw))
-            else:
-                cast(dest, topic, *rest, **kw)
-
-        w2.cast = holding_cast  # type: ignore[method-assign]
+        held, restore = hold_unpairs(w2)
         for name in c.names:
             await ag.rpc(name, F.put, ("w", wv))
         await ag.rpc("w1", F.add_failing_hook, ("w", 1))
@@ -1403,7 +1397,7 @@ async def test_a_pass_relaying_through_a_pair_the_clean_up_drops_fails_and_the_n
             async with asyncio.timeout(10):
                 while here.active_pass is None or not held:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
-            w2.cast = cast  # type: ignore[method-assign]
+            restore()
             for release in held:
                 release()
             with pytest.raises(ag.ContextError, match="ran into the clean-up"):
