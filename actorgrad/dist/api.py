@@ -82,18 +82,33 @@ class _Context:
 
 
 async def _release_everywhere(st: DistState, ctx_id: int, wait: bool = True) -> None:
-    # Release locally first, so a forwarded release coming back finds nothing to do.
-    peers = _release_local(st, ctx_id)
-    if not peers:
+    acks = _start_release(st, ctx_id)
+    if acks is None:
         return
-    worker = st.worker
-    acks = _release_on(worker, peers, ctx_id, worker.name)
     if wait:
         await acks
     else:
         # nobody waits (the requests are out), but the protocol runs to its end in the
         # background: a peer that turns out gone must still get the others told
-        worker.spawn(acks, name=f"release-{ctx_id:#x}")
+        st.worker.spawn(acks, name=f"release-{ctx_id:#x}")
+
+
+def _start_release(
+    st: DistState, ctx_id: int, sender: str | None = None, gone: list[str] | None = None
+) -> Coroutine[Any, Any, None] | None:
+    """Release ``ctx_id`` here, then send its release to this worker's peers in it but
+    ``sender`` (it came from there; None: it starts here) and the ``gone`` ones (nobody
+    forwards it to them either). Returns the wait for their acknowledgements (None:
+    nobody to tell)."""
+    # Release locally first, so a forwarded release coming back finds nothing to do.
+    peers = _release_local(st, ctx_id)
+    peers.discard(sender)
+    if gone:
+        peers.difference_update(gone)
+    if not peers:
+        return None
+    worker = st.worker
+    return _release_on(worker, peers, ctx_id, sender or worker.name, gone)
 
 
 def _release_on(
@@ -140,14 +155,7 @@ def _release(ctx_id: int, sender: str, gone: list[str] | None = None) -> Awaitab
     """Handler: release the context here, then on our own peers (second hops) but the
     ``gone`` ones (the sender could not reach them); the reply waits for theirs. Inline:
     without second hops it answers at once."""
-    worker = current_worker()
-    peers = _release_local(state_of(worker), ctx_id)
-    peers.discard(sender)
-    if gone:
-        peers.difference_update(gone)
-    if peers:
-        return _release_on(worker, peers, ctx_id, sender, gone)
-    return None
+    return _start_release(state_of(current_worker()), ctx_id, sender, gone)
 
 
 def get_gradients(context_id: int) -> dict[Tensor, np.ndarray]:

@@ -477,7 +477,7 @@ def _on_peer_lost(st: DistState, name: str) -> None:
     # a pass this worker initiated fails at once with WorkerLost, and the origin of a
     # pass that sent the dead worker a message from here is told (backward messages
     # have no replies: this is how a loss further down reaches the origin).
-    from actorgrad.dist.api import _release_local, _release_on
+    from actorgrad.dist.api import _start_release
     from actorgrad.dist.backward import _report
 
     for ctx_id, ctx in list(st.contexts.items()):
@@ -495,10 +495,8 @@ def _on_peer_lost(st: DistState, name: str) -> None:
             # Never to the initiator itself (named gone: nobody forwards it there): a
             # live one keeps its context until it leaves it (its calls and backward
             # passes through the workers that dropped it fail).
-            peers = _release_local(st, ctx_id)
-            peers.discard(name)
-            if peers:
-                acks = _release_on(st.worker, peers, ctx_id, st.worker.name, [name])
+            acks = _start_release(st, ctx_id, gone=[name])
+            if acks is not None:
                 st.worker.spawn(acks, name=f"reclaim-{ctx_id:#x}")
             continue
         if name not in ctx.peers:

@@ -355,28 +355,26 @@ class TensorHooks(Hooks):
     def tensor_in(self, array: Any, requires_grad: bool, link: Any) -> Any:
         return self.th.tensor_in(array, requires_grad, link)
 
-    def undo(self) -> None:
-        super().undo()
-        f = getattr(self.th, "undo", None)
+    def _tell(self, event: str) -> None:
+        """Call the tensor hooks' method ``event``, when they have one."""
+        f = getattr(self.th, event, None)
         if f is not None:
             f()
 
+    def undo(self) -> None:
+        super().undo()
+        self._tell("undo")
+
     def abandoned(self) -> None:
-        f = getattr(self.th, "abandoned", None)
-        if f is not None:
-            f()
+        self._tell("abandoned")
 
     def refused(self) -> None:
         # (its arguments never reached the context there: what their encoding recorded
         # here goes, as for a call that never left)
-        f = getattr(self.th, "undo", None)
-        if f is not None:
-            f()
+        self._tell("undo")
 
     def answered(self) -> None:
-        f = getattr(self.th, "answered", None)
-        if f is not None:
-            f()
+        self._tell("answered")
 
 
 async def register_forks(worker: Worker, hooks: Hooks) -> None:

@@ -811,6 +811,13 @@ class Unanswered(WorkerLost):
     as long again."""
 
 
+def closed_mid_handshake(exc: BaseException) -> bool:
+    """Whether ``exc``, from :func:`handshake`, is the peer closing the connection (it
+    went away, gave up waiting, or refused our token: a server does not say which),
+    not a handshake the peer failed (an impostor, a wrong token on its side)."""
+    return isinstance(exc, AuthError) and isinstance(exc.__cause__, OSError)
+
+
 def _mac(token: str, role: bytes, nonce_c: bytes, nonce_s: bytes) -> bytes:
     return hmac.new(token.encode(), role + nonce_c + nonce_s, hashlib.sha256).digest()
 

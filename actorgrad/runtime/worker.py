@@ -649,9 +649,8 @@ class Worker:
         except AuthError as exc:
             # (news when the client failed it; not when it left first: it gave up
             # waiting for us, or went away)
-            gave_up = isinstance(exc.__cause__, OSError)
             log.log(
-                logging.DEBUG if gave_up else logging.WARNING,
+                logging.DEBUG if transport.closed_mid_handshake(exc) else logging.WARNING,
                 "worker %s rejected a connection: %s",
                 self.name,
                 exc,
@@ -670,9 +669,8 @@ class Worker:
             except (ActorgradError, OSError) as exc:
                 # nobody there (it died, is shutting down, or went elsewhere), or an
                 # impostor failing the handshake: TCP reaches the real worker. Only the
-                # impostor is news (a peer closing mid-handshake looks like a wrong
-                # token to us: the server does not say why).
-                impostor = isinstance(exc, AuthError) and exc.__cause__ is None
+                # impostor is news.
+                impostor = isinstance(exc, AuthError) and not transport.closed_mid_handshake(exc)
                 log.log(
                     logging.WARNING if impostor else logging.DEBUG,
                     "worker %s: local socket of %s failed (%s); using TCP",
@@ -951,7 +949,7 @@ class Worker:
         if task is _IN_POOL:
             conn.running[cid] = None  # (what the function returns is dropped)
         elif task is not None:
-            conn.running[cid] = None  # (marks it cancelled by its caller, see _cancelled)
+            conn.running[cid] = None  # (marks it cancelled by its caller, see _answer_failure)
             # (a turn later: its first step is scheduled before this, so it is in its
             # try when cancelled; a task cancelled before its first step never runs a
             # line of it, and its reply and the release of its slot never came)
@@ -959,14 +957,24 @@ class Worker:
         elif cid in conn.queued:
             conn.queued[cid] = True  # (refused when its turn comes, see _start)
 
-    def _cancelled(self, conn: Connection, cid: int, exc: BaseException, hooks: Any) -> bool:
-        """Whether ``exc``, caught around a call's coroutine, is the cancellation its
-        caller asked for (then the caller gets an error reply, which it drops)."""
+    def _answer_failure(self, conn: Connection, cid: int, exc: BaseException, hooks: Any) -> bool:
+        """Answer call ``cid`` with ``exc``, caught around its code, when it is the
+        code's own error or the cancellation its caller asked for; False for anything
+        else (the worker's own cancellation at shutdown: re-raised)."""
+        if _user_raised(exc):
+            self._reply_exc(conn, cid, exc, hooks)
+            return True
         if isinstance(exc, asyncio.CancelledError) and cid in conn.running:
             if conn.running[cid] is None and not self._closing:
-                self._reply_exc(conn, cid, _caller_gone(), hooks)
+                self._answer_caller_gone(conn, cid, hooks)
                 return True
         return False
+
+    def _answer_caller_gone(self, conn: Connection, cid: int, hooks: Any) -> None:
+        """Answer call ``cid``, cancelled by its caller, with an error (which the caller
+        drops: it tells a context the call is over), unless this worker is closing."""
+        if not self._closing:
+            self._reply_exc(conn, cid, _caller_gone(), hooks)
 
     def _enqueue(self, conn: Connection, frame: Any) -> None:
         """Queue a request or cast in the mailbox; a full mailbox stops reading from the
@@ -1197,8 +1205,7 @@ class Worker:
                 if cid and conn.running.get(cid, _IN_POOL) is None:  # (its caller cancelled)
                     if inspect.iscoroutine(result):
                         result.close()
-                    if not self._closing:
-                        self._reply_exc(conn, cid, _caller_gone(), hooks)
+                    self._answer_caller_gone(conn, cid, hooks)
                     return
                 if type(result) is _Raised:
                     self._reply_exc(conn, cid, result.exc, hooks)
@@ -1208,9 +1215,7 @@ class Worker:
                         conn.running[cid] = asyncio.current_task()
                     result = await result
         except BaseException as exc:
-            if _user_raised(exc):
-                self._reply_exc(conn, cid, exc, hooks)
-            elif not self._cancelled(conn, cid, exc, hooks):
+            if not self._answer_failure(conn, cid, exc, hooks):
                 raise
         else:
             conn.running.pop(cid, None)  # (its reply goes out whole: a cancel is too late)
@@ -1223,9 +1228,7 @@ class Worker:
         try:
             result = await aw
         except BaseException as exc:
-            if _user_raised(exc):
-                self._reply_exc(conn, cid, exc, hooks)
-            elif not self._cancelled(conn, cid, exc, hooks):
+            if not self._answer_failure(conn, cid, exc, hooks):
                 raise
         else:
             conn.running.pop(cid, None)  # (its reply goes out whole: a cancel is too late)
