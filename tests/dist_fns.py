@@ -288,6 +288,16 @@ async def backward_here(ctx_id: int, key: str, x: ag.Tensor) -> None:
     await ag.dist.backward(ctx_id, [y.sum()])
 
 
+async def own_context_backward(dest: str, key: str, xv: Any) -> np.ndarray:
+    """In a context of this call's own: send a leaf to ``dest`` (times its ``key``),
+    backward here, and return the leaf's gradient."""
+    x = ag.tensor(xv, requires_grad=True)
+    async with ag.dist.context() as ctx:
+        y = await ag.rpc(dest, mul, (key, x))
+        await ag.dist.backward(ctx, [y.sum()])
+        return ag.dist.get_gradients(ctx)[x]
+
+
 def watching() -> list[str]:
     """The peers this worker's runtime watches (see Worker.watch)."""
     from actorgrad.runtime import current_worker

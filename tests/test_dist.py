@@ -1515,6 +1515,23 @@ async def test_a_call_given_up_while_still_in_the_callees_mailbox_leaves_no_send
         await assert_clean(c.names)
 
 
+async def test_calls_running_backward_passes_beyond_the_in_flight_cap_all_finish():
+    # More calls than w1 runs at once, each running a backward pass of its own context
+    # through w2: the gradient messages coming back to w1 (casts) queued in its mailbox
+    # behind the requests waiting for a free slot, while the calls holding the slots
+    # waited for those messages: w1 wedged for good (10,050 calls on the default cap).
+    xv, wv = arr(3), arr(3)
+    async with cluster("tcp", 2) as c:
+        await ag.rpc("w2", F.put, ("w", wv))
+        c.workers[0]._max_in_flight = 4
+        calls = [ag.rpc("w1", F.own_context_backward, ("w2", "w", xv)) for _ in range(12)]
+        grads = await asyncio.wait_for(asyncio.gather(*calls), 10)
+        for g in grads:
+            np.testing.assert_allclose(g, wv, rtol=1e-12)
+        assert c.workers[0].status()["in_flight"] == 0
+        await assert_clean(c.names)
+
+
 @pytest.mark.parametrize("shape", ["nested", "chain"])
 async def test_a_backward_after_one_that_failed_on_a_worker_whose_part_called_on_works(mode, shape):
     # The pass fails on the worker in the middle (a hook of its leaf raises) after the

@@ -138,6 +138,23 @@ async def test_heavy_function_on_a_process_worker_keeps_heartbeats_and_calls_goi
         assert await asyncio.wait_for(heavy, 15) > 0  # no WorkerLost: heartbeats were answered
 
 
+async def stutter(block: float, gap: float, rounds: int) -> int:
+    """Block the loop for ``block`` s, let it run for ``gap`` s; ``rounds`` times."""
+    for _ in range(rounds):
+        time.sleep(block)  # noqa: ASYNC251 (blocking the loop is the point)
+        await asyncio.sleep(gap)
+    return rounds
+
+
+async def test_a_worker_whose_loop_stalls_again_and_again_still_pings():
+    # Each stall is about half the heartbeat timeout, the loop free for 0.2 s in
+    # between: w1's heartbeat round came late every time, and a late round skipped
+    # its pings, so w1 sent nothing for 3 s and the caller took it for lost.
+    block = rworker.HEARTBEAT_TIMEOUT * 0.55
+    async with ag.local_cluster(1, processes=True):
+        assert await asyncio.wait_for(ag.rpc("w1", stutter, (block, 0.2, 3)), 20) == 3
+
+
 def in_flight() -> int:
     return rworker.current_worker().status()["in_flight"]
 

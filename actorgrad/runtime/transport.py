@@ -717,9 +717,13 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
             self._into_big = True
             return big[self._big_pos :]
         self._into_big = False
-        if self._scratch_mv is None:
-            self._scratch_mv = memoryview(bytearray(self.SCRATCH))
-        return self._scratch_mv
+        mv = self._scratch_mv
+        if mv is None or (len(mv) < self.SCRATCH and not self._handshaking):
+            # (a few KiB until the peer proved the token: connections of strangers,
+            # thousands of them maybe, cost no more than the handshake needs)
+            size = _MAX_HANDSHAKE_BUFFER if self._handshaking else self.SCRATCH
+            mv = self._scratch_mv = memoryview(bytearray(size))
+        return mv
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._into_big:

@@ -12,7 +12,9 @@ Execution model (how a CPU-heavy user function cannot starve a worker):
 * At most ``MAX_IN_FLIGHT`` calls run at once per worker; further requests wait in
   the mailbox (so a flood of calls ends up as TCP backpressure, not unbounded tasks).
   Only more than that many *simultaneously blocked re-entrant* calls into one worker
-  could deadlock. When the actor is idle and nothing waits, a request is started
+  could deadlock. A one-way message (cast) never waits for a slot: one queued behind
+  waiting requests lets them start beyond the cap (the calls in flight may be waiting
+  for it). When the actor is idle and nothing waits, a request is started
   straight from the connection's read callback (same order, one loop iteration less).
 * The dispatcher task (the actor's "running" phase) starts each request:
   - ``async def`` functions run as tasks on the loop;
@@ -433,6 +435,7 @@ class Worker:
         self._max_in_flight = max_in_flight
         self.max_frame_size = transport.MAX_FRAME_SIZE if max_frame_size is None else max_frame_size
         self._mb_waiter: asyncio.Future[None] | None = None
+        self._casts_queued = 0  # casts in the mailbox (see _running)
         self._paused: set[Connection] = set()
         self._inflight = 0
         # set when _inflight drops to 0 while a graceful shutdown waits for it
@@ -982,8 +985,11 @@ class Worker:
         waiting requests is held back like a flood of requests)."""
         mb = self._mailbox
         mb.append((conn, frame))
-        if frame.header[0] == K_REQ and frame.header[1]:
-            conn.queued[frame.header[1]] = False  # (True once its caller cancels it)
+        if frame.header[0] == K_REQ:
+            if frame.header[1]:
+                conn.queued[frame.header[1]] = False  # (True once its caller cancels it)
+        else:
+            self._casts_queued += 1
         if len(mb) >= self._mailbox_size:
             conn.pause_reading()
             self._paused.add(conn)
@@ -997,14 +1003,21 @@ class Worker:
         _current.set(self)
         mb = self._mailbox
         while True:
-            while not mb or self._inflight >= self._max_in_flight:
+            # A cast waiting behind requests lifts the in-flight cap until it ran: the
+            # calls in flight may be waiting for it (a gradient message for backward
+            # passes they run), and it cannot overtake the requests before it (one
+            # order per connection). So the cap can be passed by up to a mailbox of
+            # requests, and a flood of calls that run backward passes cannot deadlock.
+            while not mb or (self._inflight >= self._max_in_flight and not self._casts_queued):
                 self._mb_waiter = self.loop.create_future()
                 await self._mb_waiter
                 self._mb_waiter = None
             n = 0
             touched: set[Connection] = set()
-            while mb and n < 256 and self._inflight < self._max_in_flight:
+            while mb and n < 256 and (self._inflight < self._max_in_flight or self._casts_queued):
                 conn, frame = mb.popleft()
+                if frame.header[0] != K_REQ:
+                    self._casts_queued -= 1
                 touched.add(conn)
                 n += 1
                 self._start_guarded(conn, frame)
@@ -1724,43 +1737,44 @@ class Worker:
                 if lagged or conn.paused_reading:
                     # (silence we caused: our loop was blocked, or we stopped reading
                     # the connection, its requests filling the mailbox; the pings below
-                    # still tell the peer that we live)
+                    # still tell the peer that we live: a loop late in every round, e.g.
+                    # blocked 1.6 s of every 1.8, must still ping in each)
                     conn.last_recv = max(conn.last_recv, now - interval)
                     if conn.peer_name in self._expected:  # (that is no news from it)
                         self._expected[conn.peer_name] = now
-                    if lagged:
-                        continue
-                silent = now - conn.last_recv
-                # Only a side that waits on the peer declares it dead: a caller with
-                # calls pending on the connection or watching the peer
-                # (HEARTBEAT_TIMEOUT), or a member about
-                # its registry (IDLE_TIMEOUT). A quiet caller (e.g. a driver busy with a
-                # long local computation) is not dropped by the workers it called.
-                since = self._expected.get(conn.peer_name)
-                if since is not None and conn.last_recv >= since:
-                    del self._expected[conn.peer_name]  # heard from
-                    since = None
-                watched = conn.pending or (
-                    (conn.peer_name in self._watched or since is not None)
-                    # (not its membership: closing that one is leaving the cluster, for
-                    # good; a peer that hung for seconds is lost to the protocol that
-                    # watched it, not to the cluster, until IDLE_TIMEOUT)
-                    and conn is not self.registry_conn
-                    and (self.registry is None or conn not in self.registry.conns)
-                )
-                limit = HEARTBEAT_TIMEOUT if watched else IDLE_TIMEOUT
-                if silent > limit:
-                    conn.abort(
-                        WorkerLost(
-                            f"worker {conn.peer_name!r} sent nothing for {limit} s (heartbeat lost)"
-                        )
-                    )
+                if not lagged and self._silent_too_long(conn, conn.peer_name, now):
                     continue
                 if now - conn.last_sent >= interval * 0.9:
                     try:
                         conn.send_nowait(self._ping)
                     except ActorgradError:
                         pass
+
+    def _silent_too_long(self, conn: Connection, peer: str, now: float) -> bool:
+        """Close ``conn`` (to ``peer``, lost) if it was silent for longer than its
+        limit; whether it did."""
+        silent = now - conn.last_recv
+        # Only a side that waits on the peer declares it dead: a caller with calls
+        # pending on the connection or watching the peer (HEARTBEAT_TIMEOUT), or a
+        # member about its registry (IDLE_TIMEOUT). A quiet caller (e.g. a driver busy
+        # with a long local computation) is not dropped by the workers it called.
+        since = self._expected.get(peer)
+        if since is not None and conn.last_recv >= since:
+            del self._expected[peer]  # heard from
+            since = None
+        watched = conn.pending or (
+            (peer in self._watched or since is not None)
+            # (not its membership: closing that one is leaving the cluster, for good;
+            # a peer that hung for seconds is lost to the protocol that watched it,
+            # not to the cluster, until IDLE_TIMEOUT)
+            and conn is not self.registry_conn
+            and (self.registry is None or conn not in self.registry.conns)
+        )
+        limit = HEARTBEAT_TIMEOUT if watched else IDLE_TIMEOUT
+        if silent > limit:
+            conn.abort(WorkerLost(f"worker {peer!r} sent nothing for {limit} s (heartbeat lost)"))
+            return True
+        return False
 
     # ------------------------------------------------------------------ teardown
     async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:  # noqa: ASYNC109 (timeout is API)
@@ -1839,6 +1853,7 @@ class Worker:
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         self._mailbox.clear()
+        self._casts_queued = 0
         self.owned.clear()
         self.closed = True
         if self._pool is not None:
