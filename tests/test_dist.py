@@ -1515,6 +1515,53 @@ async def test_a_call_given_up_while_still_in_the_callees_mailbox_leaves_no_send
         await assert_clean(c.names)
 
 
+async def test_a_context_does_not_take_a_new_process_for_the_worker_it_lost(worker_path):
+    # w1 held part of the context's graph, died, and a new process joined as w1: a call
+    # in the context reached the new one (which knows nothing of the old pairs) and the
+    # next backward waited for good for the dead one's gradients.
+    import signal
+    import sys
+
+    from actorgrad.runtime.procs import ENV_TOKEN
+
+    xv, wv = arr(3), arr(3)
+    async with ag.local_cluster(1, processes=True) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        new = None
+        try:
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                old_id = c.driver.members["w1"][0]
+                lost = asyncio.get_running_loop().create_future()
+                c.driver.add_peer_lost_callback(lambda n: lost.done() or lost.set_result(n))
+                os.kill(c.pids[0], signal.SIGKILL)
+                assert await asyncio.wait_for(lost, 10) == "w1"
+                new = await asyncio.create_subprocess_exec(
+                    *[sys.executable, "-m", "actorgrad.runtime.worker_main"],
+                    *["--join", c.driver.address, "--name", "w1"],
+                    env=dict(os.environ, **{ENV_TOKEN: c.driver.token}),
+                )
+                async with asyncio.timeout(30):
+                    while c.driver.members.get("w1", (old_id,))[0] == old_id:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+                with pytest.raises(ag.WorkerLost, match="another process joined under its name"):
+                    await asyncio.wait_for(ag.rpc("w1", F.identity, (y,)), 10)
+                with pytest.raises(ag.WorkerLost, match="another process joined under its name"):
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            assert ag.dist.debug_info()["num_contexts"] == 0
+            # (a new context takes the new process)
+            async with ag.dist.context() as ctx:
+                await ag.rpc("w1", F.put, ("w", wv))
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        finally:
+            if new is not None:
+                new.terminate()
+                await asyncio.wait_for(new.wait(), 10)
+
+
 async def test_calls_running_backward_passes_beyond_the_in_flight_cap_all_finish():
     # More calls than w1 runs at once, each running a backward pass of its own context
     # through w2: the gradient messages coming back to w1 (casts) queued in its mailbox

@@ -1384,3 +1384,23 @@ async def test_local_cluster_refuses_a_bad_driver_or_token(kwargs, exc, message)
             pass
     with pytest.raises(RuntimeError, match="not initialized"):
         current_worker()
+
+
+async def test_calls_timing_out_on_a_peer_that_does_not_read_queue_no_more_frames():
+    # Each call sent its frame and then waited for room: one timing out there left its
+    # whole frame in the write buffer, and a caller retrying grew it without bound
+    # (4.5 GB after 40 s of 64 MiB calls). A call now waits for room before it sends.
+    big = np.zeros(4 << 20)  # 32 MiB
+    async with ag.local_cluster(1, transport="tcp") as c:
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+        w1 = c.workers[0]
+        for conn in w1._conns:  # (w1's loop goes on, its connections are not read)
+            conn.pause_reading()
+        out = c.driver._out["w1"]
+        for _ in range(6):
+            with pytest.raises(ag.RpcTimeout, match="the peer is not reading"):
+                await ag.rpc("w1", add, (big, 0), timeout=0.2)
+        assert out.transport.get_write_buffer_size() < 2 * big.nbytes
+        for conn in w1._conns:
+            conn.resume_reading()
+        assert await asyncio.wait_for(ag.rpc("w1", add, (1, 2)), 10) == 3

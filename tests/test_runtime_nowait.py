@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import actorgrad as ag
-from actorgrad.runtime import current_worker, inline
+from actorgrad.runtime import current_worker, inline, transport
 from actorgrad.runtime import worker as rworker
 
 # ---- functions called remotely ---------------------------------------------------------
@@ -342,11 +342,40 @@ async def test_a_cast_waits_behind_the_requests_queued_before_it(cluster):
     assert await busy == "released"
 
 
-async def test_a_cast_behind_requests_at_the_in_flight_cap_lets_them_start(cluster):
-    # The calls holding the slots may be waiting for that very cast (a gradient message
-    # of the backward passes they run: they wedged the worker for good): it lifts the
-    # cap until it ran, the requests before it starting first (one order per
-    # connection). A request with no cast behind it still waits for a slot.
+async def test_casts_queued_behind_requests_fill_the_mailbox_like_requests(cluster, monkeypatch):
+    # a flood of casts behind a waiting request stops reading from its connection once
+    # the mailbox is full, as a flood of requests does; all of it runs afterwards
+    _received.clear()
+    w1 = cluster.workers[0]
+    w1._max_in_flight = 1
+    w1._mailbox_size = 4
+    paused = asyncio.Event()
+    orig = transport.Connection.pause_reading
+
+    def spy(self: Any) -> None:
+        paused.set()
+        orig(self)
+
+    monkeypatch.setattr(transport.Connection, "pause_reading", spy)
+    _gate.update(started=asyncio.Event(), release=asyncio.Event())
+    busy = asyncio.ensure_future(ag.rpc("w1", hold))
+    await asyncio.wait_for(_gate["started"].wait(), 5)
+    cluster.driver.notify("w1", record, ("request",))
+    for i in range(50):
+        cluster.driver.cast("w1", "tests.record", (i, "cast"))
+    await asyncio.wait_for(paused.wait(), 5)
+    assert any(c.paused_reading for c in w1._conns)
+    _gate["release"].set()
+    await _wait_received(51)
+    assert _received == [["request"]] + [["w1", i, "cast"] for i in range(50)]
+    assert await busy == "released"
+    assert not any(c.paused_reading for c in w1._conns) and not w1._mailbox
+
+
+async def test_a_cast_does_not_wait_behind_the_requests_of_other_connections(cluster):
+    # The calls holding the slots may be waiting for it (a gradient message of the
+    # backward passes they run: 10,000 calls into w1, each running a backward through
+    # w2, wedged w1 for good). The driver's request waits for a slot; w2's casts run.
     _received.clear()
     w1 = cluster.workers[0]
     w1._max_in_flight = 1
@@ -354,19 +383,18 @@ async def test_a_cast_behind_requests_at_the_in_flight_cap_lets_them_start(clust
     busy = asyncio.ensure_future(ag.rpc("w1", hold))
     await asyncio.wait_for(_gate["started"].wait(), 5)
     cluster.driver.notify("w1", record, ("request",))
-    for i in range(50):
-        cluster.driver.cast("w1", "tests.record", (i, "cast"))
-    await _wait_received(51)  # (while `hold` holds the only slot)
-    assert _received == [["request"]] + [["w1", i, "cast"] for i in range(50)]
-    assert not busy.done() and w1._casts_queued == 0
-    cluster.driver.notify("w1", record, ("waits",))
     async with asyncio.timeout(5):
-        while not w1._mailbox:  # noqa: ASYNC110 (it arrived and waits)
+        while not w1._mailbox:  # noqa: ASYNC110 (it arrived and waits for the slot)
             await asyncio.sleep(0.01)
-    assert len(_received) == 51
+    w2 = cluster.workers[1]
+    for i in range(5):
+        w2.cast("w1", "tests.record", (i, "cast"))
+    await _wait_received(5)  # (while `hold` holds the only slot)
+    assert _received == [["w1", i, "cast"] for i in range(5)]
+    assert not busy.done()
     _gate["release"].set()
-    await _wait_received(52)
-    assert _received[-1] == ["waits"]
+    await _wait_received(6)
+    assert _received[-1] == ["request"]
     assert await busy == "released"
     assert not w1._mailbox
 

@@ -53,6 +53,7 @@ from actorgrad.dist.context import (
     DistState,
     RecvNode,
     call_peers,
+    check_peers,
     int_list,
     running_chain,
     state_of,
@@ -256,6 +257,7 @@ class PassState:
                 "their gradients for good. Await them first (e.g. gather the tasks "
                 "making them), then call backward"
             )
+        check_peers(worker, ctx)
         if ctx.unanswered:
             peer = next(iter(ctx.unanswered))
             raise ContextError(

@@ -142,6 +142,7 @@ class DistContext:
         "unanswered",
         "calls_out",
         "offloaded",
+        "peer_ids",
         "__weakref__",
     )
 
@@ -190,6 +191,10 @@ class DistContext:
         self.calls_out: set[int] = set()
         # Parts of passes running in the worker's thread pool (backward._step).
         self.offloaded = 0
+        # The cluster id of each peer when this context first exchanged a call with
+        # it: a process that joins under a dead peer's name has another one, and does
+        # not hold the dead one's part (see check_peer).
+        self.peer_ids: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return (
@@ -510,6 +515,32 @@ def _on_peer_lost(st: DistState, name: str) -> None:
                 _report(st, ctx_id, origin, pass_id, lost)
 
 
+def check_peer(worker: Worker, ctx: DistContext, peer: str) -> None:
+    """WorkerLost if ``peer`` is not the process ``ctx`` exchanged calls with before: it
+    died and another one joined under its name. That one knows nothing of the dead
+    one's part of the graph: a call reaching it went on in the context, and the next
+    backward pass waited for the dead one's gradients for good. (A peer only taken for
+    lost, a connection of it broken, keeps its id: it goes on in the context.)"""
+    member = worker.members.get(peer)
+    if member is None:
+        return  # (not a member: a call to it fails; or a cluster without a registry)
+    known = ctx.peer_ids.get(peer)
+    if known is None:
+        ctx.peer_ids[peer] = member[0]
+    elif known != member[0]:
+        raise WorkerLost(
+            f"worker {peer!r} was lost while it held part of the graph of distributed "
+            f"autograd context {ctx.id:#x}, and another process joined under its name; "
+            "it does not hold that part, so the context cannot use it: start a new context"
+        )
+
+
+def check_peers(worker: Worker, ctx: DistContext) -> None:
+    """:func:`check_peer` for every peer of ``ctx`` (a backward pass needs them all)."""
+    for peer in ctx.peer_ids:
+        check_peer(worker, ctx, peer)
+
+
 def current_context(worker: Worker) -> DistContext | None:
     """The context current in this task for ``worker`` (None outside any)."""
     cur = _current.get()
@@ -722,6 +753,7 @@ class DistInterceptor:
                 "recursion?)"
             )
         if dest != worker.name:
+            check_peer(worker, ctx, dest)
             ctx.peers.add(dest)
         token = st.new_call_token()
         ctx.calls_out.add(token)
@@ -748,6 +780,7 @@ class DistInterceptor:
                 "it before the backward or after it returned"
             )
         if peer != worker.name:
+            check_peer(worker, ctx, peer)
             ctx.peers.add(peer)
         return _Hooks(st, ctx, peer)
 

@@ -358,6 +358,8 @@ class Connection(asyncio.BaseProtocol):
         # requests from the peer waiting in the worker's mailbox: call id -> whether the
         # peer cancelled it meanwhile
         self.queued: dict[int, bool] = {}
+        # frames from the peer (requests, one-way messages) in the worker's mailbox
+        self.in_mailbox = 0
         self._call_ids = itertools.count(1)
 
     def __repr__(self) -> str:

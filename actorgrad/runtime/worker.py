@@ -12,9 +12,9 @@ Execution model (how a CPU-heavy user function cannot starve a worker):
 * At most ``MAX_IN_FLIGHT`` calls run at once per worker; further requests wait in
   the mailbox (so a flood of calls ends up as TCP backpressure, not unbounded tasks).
   Only more than that many *simultaneously blocked re-entrant* calls into one worker
-  could deadlock. A one-way message (cast) never waits for a slot: one queued behind
-  waiting requests lets them start beyond the cap (the calls in flight may be waiting
-  for it). When the actor is idle and nothing waits, a request is started
+  could deadlock. A one-way message (cast) waits only behind the requests queued
+  before it on its own connection: the calls holding the slots may be waiting for it
+  (a backward pass's gradient message from another worker). When the actor is idle and nothing waits, a request is started
   straight from the connection's read callback (same order, one loop iteration less).
 * The dispatcher task (the actor's "running" phase) starts each request:
   - ``async def`` functions run as tasks on the loop;
@@ -243,6 +243,9 @@ def _check_call_args(args: Any, kwargs: Any) -> None:
         raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
 
 
+_NOT_READING = " (waiting to send it: the peer is not reading)"
+
+
 async def _by_deadline(
     aw: Awaitable[T], deadline: float | None, target: Any, dest: str, seconds: Any, doing: str
 ) -> T:
@@ -435,7 +438,6 @@ class Worker:
         self._max_in_flight = max_in_flight
         self.max_frame_size = transport.MAX_FRAME_SIZE if max_frame_size is None else max_frame_size
         self._mb_waiter: asyncio.Future[None] | None = None
-        self._casts_queued = 0  # casts in the mailbox (see _running)
         self._paused: set[Connection] = set()
         self._inflight = 0
         # set when _inflight drops to 0 while a graceful shutdown waits for it
@@ -857,8 +859,11 @@ class Worker:
             elif kind == K_CAST:
                 if conn.peer_name is None:
                     raise ProtocolError("one-way message before hello")
-                if self._mailbox:
-                    # behind the requests waiting there: one order per connection
+                if conn.in_mailbox:
+                    # behind the requests of its connection waiting there (one order
+                    # per connection), not behind those of others: the calls holding
+                    # the slots may wait for it (10,000 calls into w1 each running a
+                    # backward through w2 wedged w1 for good)
                     self._enqueue(conn, frame)
                 else:
                     self._dctx.run(self._cast_in, conn, frame)
@@ -985,11 +990,9 @@ class Worker:
         waiting requests is held back like a flood of requests)."""
         mb = self._mailbox
         mb.append((conn, frame))
-        if frame.header[0] == K_REQ:
-            if frame.header[1]:
-                conn.queued[frame.header[1]] = False  # (True once its caller cancels it)
-        else:
-            self._casts_queued += 1
+        conn.in_mailbox += 1
+        if frame.header[0] == K_REQ and frame.header[1]:
+            conn.queued[frame.header[1]] = False  # (True once its caller cancels it)
         if len(mb) >= self._mailbox_size:
             conn.pause_reading()
             self._paused.add(conn)
@@ -1003,21 +1006,15 @@ class Worker:
         _current.set(self)
         mb = self._mailbox
         while True:
-            # A cast waiting behind requests lifts the in-flight cap until it ran: the
-            # calls in flight may be waiting for it (a gradient message for backward
-            # passes they run), and it cannot overtake the requests before it (one
-            # order per connection). So the cap can be passed by up to a mailbox of
-            # requests, and a flood of calls that run backward passes cannot deadlock.
-            while not mb or (self._inflight >= self._max_in_flight and not self._casts_queued):
+            while not mb or self._inflight >= self._max_in_flight:
                 self._mb_waiter = self.loop.create_future()
                 await self._mb_waiter
                 self._mb_waiter = None
             n = 0
             touched: set[Connection] = set()
-            while mb and n < 256 and (self._inflight < self._max_in_flight or self._casts_queued):
+            while mb and n < 256 and self._inflight < self._max_in_flight:
                 conn, frame = mb.popleft()
-                if frame.header[0] != K_REQ:
-                    self._casts_queued -= 1
+                conn.in_mailbox -= 1
                 touched.add(conn)
                 n += 1
                 self._start_guarded(conn, frame)
@@ -1398,6 +1395,11 @@ class Worker:
                     timeout,
                     " (still connecting to it)",
                 )
+        if conn._write_paused:
+            # Wait for room before adding a frame, not only after: each call that timed
+            # out in the wait after sending left its whole frame in the write buffer,
+            # and a caller retrying on a peer that reads slowly grew it without bound.
+            await _by_deadline(conn.drain(), deadline, target, dest, timeout, _NOT_READING)
         ic = _interceptor
         meta = ic.outgoing(self, dest) if ic is not None else None
         # (from here on, the call is in flight for the interceptor until it returns)
@@ -1440,7 +1442,7 @@ class Worker:
                             target,
                             dest,
                             timeout,
-                            " (waiting to send it: the peer is not reading)",
+                            _NOT_READING,
                         )
                     except BaseException:
                         if fut.done() and not fut.cancelled():
@@ -1852,8 +1854,9 @@ class Worker:
         # let in-proc transports deliver their connection_lost callbacks
         await asyncio.sleep(0)
         await asyncio.sleep(0)
+        for conn, _ in self._mailbox:
+            conn.in_mailbox = 0
         self._mailbox.clear()
-        self._casts_queued = 0
         self.owned.clear()
         self.closed = True
         if self._pool is not None:
