@@ -1515,15 +1515,34 @@ async def test_a_call_given_up_while_still_in_the_callees_mailbox_leaves_no_send
         await assert_clean(c.names)
 
 
-async def test_a_context_does_not_take_a_new_process_for_the_worker_it_lost(worker_path):
-    # w1 held part of the context's graph, died, and a new process joined as w1: a call
-    # in the context reached the new one (which knows nothing of the old pairs) and the
-    # next backward waited for good for the dead one's gradients.
+async def _replace_worker(c: Any, name: str) -> Any:
+    """Kill worker process ``name`` (w1, w2...) of cluster ``c`` and start another that
+    joins under its name; returns that process once the driver has it as a member."""
     import signal
     import sys
 
     from actorgrad.runtime.procs import ENV_TOKEN
 
+    old_id = c.driver.members[name][0]
+    lost = asyncio.get_running_loop().create_future()
+    c.driver.add_peer_lost_callback(lambda n: n != name or lost.done() or lost.set_result(n))
+    os.kill(c.pids[int(name[1:]) - 1], signal.SIGKILL)
+    await asyncio.wait_for(lost, 10)
+    new = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "actorgrad.runtime.worker_main"],
+        *["--join", c.driver.address, "--name", name],
+        env=dict(os.environ, **{ENV_TOKEN: c.driver.token}),
+    )
+    async with asyncio.timeout(30):
+        while c.driver.members.get(name, (old_id,))[0] == old_id:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    return new
+
+
+async def test_a_context_does_not_take_a_new_process_for_the_worker_it_lost(worker_path):
+    # w1 held part of the context's graph, died, and a new process joined as w1: a call
+    # in the context reached the new one (which knows nothing of the old pairs) and the
+    # next backward waited for good for the dead one's gradients.
     xv, wv = arr(3), arr(3)
     async with ag.local_cluster(1, processes=True) as c:
         await ag.rpc("w1", F.put, ("w", wv))
@@ -1532,19 +1551,7 @@ async def test_a_context_does_not_take_a_new_process_for_the_worker_it_lost(work
         try:
             async with ag.dist.context() as ctx:
                 y = await ag.rpc("w1", F.mul, ("w", x))
-                old_id = c.driver.members["w1"][0]
-                lost = asyncio.get_running_loop().create_future()
-                c.driver.add_peer_lost_callback(lambda n: lost.done() or lost.set_result(n))
-                os.kill(c.pids[0], signal.SIGKILL)
-                assert await asyncio.wait_for(lost, 10) == "w1"
-                new = await asyncio.create_subprocess_exec(
-                    *[sys.executable, "-m", "actorgrad.runtime.worker_main"],
-                    *["--join", c.driver.address, "--name", "w1"],
-                    env=dict(os.environ, **{ENV_TOKEN: c.driver.token}),
-                )
-                async with asyncio.timeout(30):
-                    while c.driver.members.get("w1", (old_id,))[0] == old_id:  # noqa: ASYNC110
-                        await asyncio.sleep(0.05)
+                new = await _replace_worker(c, "w1")
                 with pytest.raises(ag.WorkerLost, match="another process joined under its name"):
                     await asyncio.wait_for(ag.rpc("w1", F.identity, (y,)), 10)
                 with pytest.raises(ag.WorkerLost, match="another process joined under its name"):
@@ -1560,6 +1567,29 @@ async def test_a_context_does_not_take_a_new_process_for_the_worker_it_lost(work
             if new is not None:
                 new.terminate()
                 await asyncio.wait_for(new.wait(), 10)
+
+
+async def test_an_rref_to_a_dead_owner_does_not_reach_a_new_process_under_its_name():
+    # RRef ids counted from 1 in every process: the dead owner's RRef fetched the new
+    # process's value of the same id, and dropping it freed that value.
+    async with ag.local_cluster(1, processes=True) as c:
+        old = await ag.remote("w1", list, (["old"],))
+        new_proc = await _replace_worker(c, "w1")
+        try:
+            new = await ag.remote("w1", list, (["new"],))
+            with pytest.raises(ag.RemoteError, match="no longer alive"):
+                await asyncio.wait_for(old.to_here(), 10)
+            del old
+            gc.collect()
+            # (its release goes out from a loop callback: once one queued after it ran,
+            # the release is on the connection, before the next call)
+            ran = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(ran.set_result, None)
+            await ran
+            assert await asyncio.wait_for(new.to_here(), 10) == ["new"]
+        finally:
+            new_proc.terminate()
+            await asyncio.wait_for(new_proc.wait(), 10)
 
 
 async def test_calls_running_backward_passes_beyond_the_in_flight_cap_all_finish():

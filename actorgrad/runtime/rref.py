@@ -261,7 +261,10 @@ class _Proxy:
 
 def new_owned(worker: Worker, value: Any) -> RRef:
     """Store ``value`` on ``worker`` (its owner) and return a local RRef to it."""
-    rid = next(worker._rref_ids)
+    # (the worker's cluster id in the high bits, as context ids: a process that joins
+    # under a dead owner's name counts its own from 1 too, and the dead one's RRefs
+    # reached its values, their releases freeing them)
+    rid = (worker.id << 48) | next(worker._rref_ids)
     o = worker.owned[rid] = Owned(value)
     o.holders[worker.name] = 1
     return RRef(worker, worker.name, rid)
