@@ -875,7 +875,8 @@ async def handshake(
             raise AuthError(f"handshake with {where} did not complete in time") from None
         raise Unanswered(
             f"{where} accepted the connection but did not answer the handshake within "
-            f"{deadline:g} s (the process is hung or overloaded)"
+            f"{deadline:g} s (the process is hung or overloaded, or it is not an actorgrad "
+            "worker)"
         ) from None
     except (ConnectionError, OSError) as exc:
         conn.abort(exc)
