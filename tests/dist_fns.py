@@ -332,6 +332,14 @@ async def warm_up(dests: list[str]) -> None:
         await ag.rpc(d, identity, (None,))
 
 
+async def gated_call(gate: str, dest: str, x: ag.Tensor) -> ag.Tensor:
+    """``identity(x)`` called on ``dest``, once this process's event ``gate`` is set
+    (event ``gate + "-started"`` tells that it waits)."""
+    event(f"{gate}-started").set()
+    await event(gate).wait()
+    return await ag.rpc(dest, identity, (x,))
+
+
 async def gated_mul(gate: str, key: str, x: ag.Tensor) -> ag.Tensor:
     """x * store[key], once this process's event ``gate`` is set (``signal``)."""
     await event(gate).wait()

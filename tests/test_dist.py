@@ -1569,6 +1569,46 @@ async def test_a_context_does_not_take_a_new_process_for_the_worker_it_lost(work
                 await asyncio.wait_for(new.wait(), 10)
 
 
+async def test_a_context_takes_the_new_process_it_called_though_the_membership_lags():
+    # The id a context records for a peer came from the worker's membership view. w1's
+    # update (w2 replaced, at the same address) waited behind its in-flight cap, so its
+    # first call to the new w2 in the context recorded the dead one's id; once the
+    # update was in, the next backward was refused although w2 was the process the
+    # context had used all along. The id now comes from the peer's hello.
+    xv = arr(3)
+    async with ag.local_cluster(2, transport="tcp") as c:
+        w1, w2 = c.workers
+        port = int(w2.address.rpartition(":")[2])
+        w1._max_in_flight = 1  # (stands for a worker at its cap of 10,000 calls)
+        new = None
+        try:
+            async with ag.dist.context() as ctx:
+                x = ag.tensor(xv, requires_grad=True)
+                call = asyncio.ensure_future(ag.rpc("w1", F.gated_call, ("lag", "w2", x)))
+                await asyncio.wait_for(F.event("lag-started").wait(), 10)
+                await w2.shutdown()
+                async with asyncio.timeout(10):
+                    while "w2" in c.driver.members:  # noqa: ASYNC110
+                        await c.driver._members_changed.wait()
+                new = rworker.Worker(
+                    "w2", token=c.driver.token, transport_kind="tcp", port=port, local_sockets=False
+                )
+                await new.start()
+                await new.join(c.driver.address)
+                assert w1.members["w2"][0] == w2.id != new.id  # (w1's update waits)
+                F.event("lag").set()
+                y = await asyncio.wait_for(call, 10)
+                async with asyncio.timeout(10):
+                    while w1.members["w2"][0] != new.id:  # noqa: ASYNC110
+                        await w1._members_changed.wait()
+                await asyncio.wait_for(ag.dist.backward(ctx, [(y * y).sum()]), 10)
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * xv, rtol=1e-12)
+        finally:
+            F._events.clear()
+            if new is not None:
+                await new.shutdown()
+
+
 async def test_an_rref_to_a_dead_owner_does_not_reach_a_new_process_under_its_name():
     # RRef ids counted from 1 in every process: the dead owner's RRef fetched the new
     # process's value of the same id, and dropping it freed that value.

@@ -1401,6 +1401,12 @@ async def test_calls_timing_out_on_a_peer_that_does_not_read_queue_no_more_frame
             with pytest.raises(ag.RpcTimeout, match="the peer is not reading"):
                 await ag.rpc("w1", add, (big, 0), timeout=0.2)
         assert out.transport.get_write_buffer_size() < 2 * big.nbytes
+        # (nor does a call that timed out waiting leave its waiter behind: each one did)
+        for _ in range(50):
+            with pytest.raises(ag.RpcTimeout, match="the peer is not reading"):
+                await ag.rpc("w1", add, (1, 2), timeout=0.001)
+        assert out._write_paused
+        assert len(out._drain_waiters) == 0
         for conn in w1._conns:
             conn.resume_reading()
         assert await asyncio.wait_for(ag.rpc("w1", add, (1, 2)), 10) == 3

@@ -33,9 +33,11 @@ class FakeInterceptor:
     def __init__(self):
         self.outgoing_calls = []
         self.returned_calls = []
+        self.peer_ids = []  # (worker, peer, the id the connection's hello announced)
 
-    def outgoing(self, worker, dest):
+    def outgoing(self, worker, dest, peer_id):
         self.outgoing_calls.append((worker.name, dest))
+        self.peer_ids.append((worker.name, dest, peer_id))
         if worker.name == "driver":
             return ["ctx", 7]
         return _meta.get()  # forward the caller's context to nested calls
@@ -43,7 +45,8 @@ class FakeInterceptor:
     def returned(self, worker, meta):
         self.returned_calls.append((worker.name, meta))
 
-    def wire_hooks(self, worker, meta, peer):
+    def wire_hooks(self, worker, meta, peer, peer_id):
+        self.peer_ids.append((worker.name, peer, peer_id))
         if worker.name == REFUSER[0]:
             raise ag.ContextError(f"{worker.name} refuses calls in {meta}")
         return FakeHooks(worker, meta, peer)
@@ -97,6 +100,18 @@ async def test_meta_travels_and_enter_wraps_sync_async_and_inline_calls(cluster,
 async def test_nested_calls_see_the_context_entered_by_the_callee(cluster, interceptor):
     assert await ag.rpc("w1", nested, ("w2",)) == [["ctx", 7], ["ctx", 7]]
     assert ("w1", "w2") in interceptor.outgoing_calls
+
+
+async def test_the_interceptor_is_told_the_id_each_peer_announced(cluster, interceptor):
+    # (which process answers under a name: distributed autograd refuses a new process
+    # joining under a dead one's name by it, whatever the membership view says yet)
+    assert await ag.rpc("w1", nested, ("w2",)) == [["ctx", 7], ["ctx", 7]]
+    ids = {w.name: w.id for w in [cluster.driver, *cluster.workers]}
+    assert len(set(ids.values())) == len(ids)
+    pairs = {(a, b) for a, b, _ in interceptor.peer_ids}
+    assert {("driver", "w1"), ("w1", "driver"), ("w1", "w2"), ("w2", "w1")} <= pairs
+    for me, peer, peer_id in interceptor.peer_ids:
+        assert peer_id == ids[peer], (me, peer, peer_id)
 
 
 async def test_tensor_hooks_are_used_both_ways(cluster, interceptor):

@@ -515,19 +515,19 @@ def _on_peer_lost(st: DistState, name: str) -> None:
                 _report(st, ctx_id, origin, pass_id, lost)
 
 
-def check_peer(worker: Worker, ctx: DistContext, peer: str) -> None:
-    """WorkerLost if ``peer`` is not the process ``ctx`` exchanged calls with before: it
-    died and another one joined under its name. That one knows nothing of the dead
-    one's part of the graph: a call reaching it went on in the context, and the next
-    backward pass waited for the dead one's gradients for good. (A peer only taken for
-    lost, a connection of it broken, keeps its id: it goes on in the context.)"""
-    member = worker.members.get(peer)
-    if member is None:
+def check_peer(ctx: DistContext, peer: str, peer_id: int | None) -> None:
+    """WorkerLost if ``peer`` is not the process ``ctx`` exchanged calls with before
+    (``peer_id``: the cluster id of the one a message to it reaches now): it died and
+    another one joined under its name. That one knows nothing of the dead one's part of
+    the graph: a call reaching it went on in the context, and the next backward pass
+    waited for the dead one's gradients for good. (A peer only taken for lost, a
+    connection of it broken, keeps its id: it goes on in the context.)"""
+    if peer_id is None:
         return  # (not a member: a call to it fails; or a cluster without a registry)
     known = ctx.peer_ids.get(peer)
     if known is None:
-        ctx.peer_ids[peer] = member[0]
-    elif known != member[0]:
+        ctx.peer_ids[peer] = peer_id
+    elif known != peer_id:
         raise WorkerLost(
             f"worker {peer!r} was lost while it held part of the graph of distributed "
             f"autograd context {ctx.id:#x}, and another process joined under its name; "
@@ -538,7 +538,7 @@ def check_peer(worker: Worker, ctx: DistContext, peer: str) -> None:
 def check_peers(worker: Worker, ctx: DistContext) -> None:
     """:func:`check_peer` for every peer of ``ctx`` (a backward pass needs them all)."""
     for peer in ctx.peer_ids:
-        check_peer(worker, ctx, peer)
+        check_peer(ctx, peer, worker.peer_id(peer))
 
 
 def current_context(worker: Worker) -> DistContext | None:
@@ -717,7 +717,7 @@ class DistInterceptor:
     own (see DistContext.calls_out).
     """
 
-    def outgoing(self, worker: Worker, dest: str) -> list[Any] | None:
+    def outgoing(self, worker: Worker, dest: str, peer_id: int | None) -> list[Any] | None:
         cur = _current.get()
         if cur is None or cur[0] is not worker:
             return None
@@ -753,7 +753,7 @@ class DistInterceptor:
                 "recursion?)"
             )
         if dest != worker.name:
-            check_peer(worker, ctx, dest)
+            check_peer(ctx, dest, peer_id)
             ctx.peers.add(dest)
         token = st.new_call_token()
         ctx.calls_out.add(token)
@@ -764,7 +764,7 @@ class DistInterceptor:
         if ctx is not None:
             ctx.calls_out.discard(meta[2][-1])
 
-    def wire_hooks(self, worker: Worker, meta: Any, peer: str) -> _Hooks:
+    def wire_hooks(self, worker: Worker, meta: Any, peer: str, peer_id: int | None) -> _Hooks:
         ctx_id, initiator, _ = _parse_meta(meta)
         st = state_of(worker)
         ctx = st.join(ctx_id, initiator)
@@ -780,7 +780,7 @@ class DistInterceptor:
                 "it before the backward or after it returned"
             )
         if peer != worker.name:
-            check_peer(worker, ctx, peer)
+            check_peer(ctx, peer, peer_id)
             ctx.peers.add(peer)
         return _Hooks(st, ctx, peer)
 

@@ -322,6 +322,9 @@ class Connection(asyncio.BaseProtocol):
         # busy-poll briefly after traffic (sockets only: in-process peers share our loop)
         self._spin = _spinner(self.loop) if kind != "inproc" else None
         self.peer_name: str | None = None
+        # the cluster id the peer announced in its hello: which process it is (a new one
+        # joining under a dead one's name has another; the membership view may lag)
+        self.peer_id: int | None = None
         self.peer_addr: Any = None
         self.outgoing = False
         self.closed = False
@@ -582,7 +585,13 @@ class Connection(asyncio.BaseProtocol):
         while self._write_paused and not self.closed:
             fut = self.loop.create_future()
             self._drain_waiters.append(fut)
-            await fut
+            try:
+                await fut
+            finally:
+                # (a waiter that timed out or was cancelled goes: each call timing out on
+                # a peer that does not read left one here for as long as it stayed so)
+                if fut.cancelled() and fut in self._drain_waiters:
+                    self._drain_waiters.remove(fut)
         if self.closed:
             raise WorkerLost(
                 f"connection to {self.peer_name or self.peer_addr!r} closed while sending"

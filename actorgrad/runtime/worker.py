@@ -916,12 +916,12 @@ class Worker:
                 self._cancel_request(conn, header[1])
             elif kind == K_HELLO:
                 _, name, wid, address = header
-                if not isinstance(name, str):
+                if not isinstance(name, str) or type(wid) is not int:
                     raise ProtocolError("malformed hello")
                 first = conn.peer_name is None
                 conn.peer_name = name
                 self._lost.discard(name)  # (alive after all, as above)
-                conn.peer_id = wid  # type: ignore[attr-defined]
+                conn.peer_id = wid
                 conn.peer_address = address  # type: ignore[attr-defined]
                 if conn.outgoing:
                     h = getattr(conn, "hello", None)
@@ -1064,10 +1064,10 @@ class Worker:
         except Exception:
             log.exception("worker %s: handler of one-way %r failed", self.name, header[1])
 
-    def _hooks(self, peer: str, meta: Any) -> rref.Hooks:
+    def _hooks(self, conn: Connection, peer: str, meta: Any) -> rref.Hooks:
         ic = _interceptor
         if meta is not None and ic is not None:
-            th = ic.wire_hooks(self, meta, peer)
+            th = ic.wire_hooks(self, meta, peer, conn.peer_id)
             if th is not None:
                 return rref.TensorHooks(self, peer, th)
         return rref.Hooks(self, peer)
@@ -1091,7 +1091,7 @@ class Worker:
             hooks = rref.Hooks(self, peer)
         else:
             try:
-                hooks = self._hooks(peer, meta)
+                hooks = self._hooks(conn, peer, meta)
             except ActorgradError as exc:  # the interceptor refuses the call
                 self._refuse(conn, cid, frame, exc)
                 return
@@ -1401,10 +1401,10 @@ class Worker:
             # and a caller retrying on a peer that reads slowly grew it without bound.
             await _by_deadline(conn.drain(), deadline, target, dest, timeout, _NOT_READING)
         ic = _interceptor
-        meta = ic.outgoing(self, dest) if ic is not None else None
+        meta = ic.outgoing(self, dest, conn.peer_id) if ic is not None else None
         # (from here on, the call is in flight for the interceptor until it returns)
         try:
-            hooks = rref.Hooks(self, dest) if meta is None else self._hooks(dest, meta)
+            hooks = rref.Hooks(self, dest) if meta is None else self._hooks(conn, dest, meta)
             cid = next(conn._call_ids)
             try:
                 chunks = wire.encode_frame(
@@ -1700,6 +1700,17 @@ class Worker:
         """Whether ``peer`` was reported lost (its connection died, or it went silent
         while watched) and has not been heard from since."""
         return peer in self._lost
+
+    def peer_id(self, peer: str) -> int | None:
+        """The cluster id of the process a message to ``peer`` reaches now, as best
+        known here: the one it announced on the live connection to it (the membership
+        view may still name a dead process it replaced), else the membership's; None
+        for a name that is not a member."""
+        conn = self._out.get(peer)
+        if conn is not None and not conn.closed and conn.peer_id is not None:
+            return conn.peer_id
+        member = self.members.get(peer)
+        return None if member is None else member[0]
 
     def watch(self, peer: str) -> None:
         """Expect ``peer`` to stay alive (as if a call to it were pending): its
