@@ -107,6 +107,26 @@ async def chain(dests: list[str], key: str, x: ag.Tensor) -> ag.Tensor:
     return x
 
 
+async def nested_chain(names: list[str], slow_on: str, seconds: float, x: ag.Tensor) -> ag.Tensor:
+    """tanh of x passed on through ``names``, each call made inside the one before; the
+    first backward pass through worker ``slow_on``'s part blocks it for ``seconds``."""
+    from actorgrad.runtime import current_worker
+
+    h = x * 1.0
+    if current_worker().name == slow_on:
+        left = [1]
+
+        def hook(g: np.ndarray) -> None:
+            if left[0] > 0:
+                left[0] -= 1
+                time.sleep(seconds)
+
+        h.register_hook(hook)
+    if names:
+        h = await ag.rpc(names[0], nested_chain, (names[1:], slow_on, seconds, h))
+    return h.tanh()
+
+
 async def ping_pong(n: int, other: str, me: str, x: ag.Tensor) -> ag.Tensor:
     """x * 2 after n calls back and forth between this worker and other, each made
     inside the one before."""

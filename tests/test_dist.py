@@ -947,6 +947,41 @@ async def test_leaving_a_context_does_not_wait_for_a_hung_first_hop_through_a_se
 
 
 @pytest.mark.timeout(60)
+async def test_a_second_hop_hung_through_a_pass_drops_the_context_once_it_runs_again(
+    worker_path,
+):
+    # driver -> w1 -> w2 -> w3; w2's loop hangs in its part of a pass: w1 takes it for
+    # lost, the pass fails, the driver leaves the context, and the release w1 forwards
+    # does not get through. w2 never lost the driver, so no lease reclaimed the context
+    # there: it kept it (and its graph) for good once it ran again (2 runs of 3). Now,
+    # on losing w1, it asks the driver, which no longer has it.
+    from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
+
+    xv = arr(3)
+    async with cluster("processes") as c:
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.nested_chain, (["w2", "w3"], "w2", HEARTBEAT_TIMEOUT + 2, x))
+            with pytest.raises(ag.WorkerLost, match="'w2'"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+        async with asyncio.timeout(20):
+            while True:  # (until w2's loop runs again: calls meanwhile find it silent)
+                try:
+                    info = await ag.rpc("w2", F.wait_no_contexts, (10.0,))
+                    break
+                except ag.WorkerLost:
+                    continue
+        assert info["num_contexts"] == 0, info
+        # (and the cluster goes on: the same computation, its gradients right)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.nested_chain, (["w2", "w3"], "", 0.0, x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+            _, (want,) = local_grads(lambda t: t.tanh().tanh().tanh().sum(), xv)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], want, rtol=1e-12)
+        await assert_clean(c.names)
+
+
+@pytest.mark.timeout(60)
 async def test_a_task_cancelled_in_a_context_ends_without_waiting_for_a_hung_peer(worker_path):
     # Leaving a context normally waits for every peer's release acknowledgement (a hung
     # peer: until the heartbeat timeout); a cancelled task must end at once instead,

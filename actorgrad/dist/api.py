@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Coroutine
 from typing import Any
 
@@ -14,10 +15,12 @@ from actorgrad.dist.context import (
     call_peers,
     current_context,
     finish_calls,
+    int_list,
+    log,
     start_calls,
     state_of,
 )
-from actorgrad.errors import ContextError
+from actorgrad.errors import ContextError, ProtocolError, short_repr
 from actorgrad.runtime import current_worker, inline
 from actorgrad.tensor import Tensor
 
@@ -156,6 +159,49 @@ def _release(ctx_id: int, sender: str, gone: list[str] | None = None) -> Awaitab
     ``gone`` ones (the sender could not reach them); the reply waits for theirs. Inline:
     without second hops it answers at once."""
     return _start_release(state_of(current_worker()), ctx_id, sender, gone)
+
+
+async def _ask_initiators(st: DistState, lost: str, ask: dict[str, list[int]]) -> None:
+    """Release here the contexts of ``ask`` (initiator -> context ids) that their
+    initiator no longer has, then on this worker's other peers in them (not ``lost``,
+    the peer whose loss made us ask). An initiator that cannot answer is left alone: if
+    it is gone, its loss reclaims its contexts here (the lease)."""
+    worker = st.worker
+    started = [(i, worker.call_nowait(i, _gone_contexts, (ids,))) for i, ids in ask.items()]
+    for initiator, fut in started:
+        try:
+            gone = await fut
+        except Exception as exc:  # (lost, left the cluster: ValueError, unknown worker)
+            log.debug(
+                "worker %s: %s could not say which contexts are gone: %r",
+                worker.name,
+                initiator,
+                exc,
+            )
+            continue
+        if not int_list(gone):
+            log.warning(
+                "worker %s: malformed answer from %s: %r", worker.name, initiator, short_repr(gone)
+            )
+            continue
+        waits = []
+        for ctx_id in gone:
+            ctx = st.contexts.get(ctx_id)
+            if ctx is not None and ctx.initiator == initiator:
+                acks = _start_release(st, ctx_id, gone=[lost])
+                if acks is not None:
+                    waits.append(acks)
+        await asyncio.gather(*waits)
+
+
+@inline
+def _gone_contexts(ids: list[int]) -> list[int]:
+    """Handler, on an initiator: which of ``ids`` it no longer has (released, or never
+    started here)."""
+    if not int_list(ids):
+        raise ProtocolError(f"context ids must be a list of ints, got {short_repr(ids)}")
+    contexts = state_of(current_worker()).contexts
+    return [i for i in ids if i not in contexts]
 
 
 def get_gradients(context_id: int) -> dict[Tensor, np.ndarray]:

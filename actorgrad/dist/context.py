@@ -47,8 +47,8 @@ __all__ = ["DistContext", "DistState", "RecvNode", "SendNode", "current_context"
 # kept so that an in-process worker running a call does not mistake its caller's
 # context for its own. The chain: the tokens of the calls of this context this task
 # runs inside (its own call's last), whatever worker made them (see calls_out).
-_current: contextvars.ContextVar[tuple[Any, int, tuple[int, ...]] | None] = (
-    contextvars.ContextVar("actorgrad_dist_context", default=None)
+_current: contextvars.ContextVar[tuple[Any, int, tuple[int, ...]] | None] = contextvars.ContextVar(
+    "actorgrad_dist_context", default=None
 )
 
 CONTEXT_ID_BITS = 48
@@ -482,9 +482,10 @@ def _on_peer_lost(st: DistState, name: str) -> None:
     # a pass this worker initiated fails at once with WorkerLost, and the origin of a
     # pass that sent the dead worker a message from here is told (backward messages
     # have no replies: this is how a loss further down reaches the origin).
-    from actorgrad.dist.api import _start_release
+    from actorgrad.dist.api import _ask_initiators, _start_release
     from actorgrad.dist.backward import _report
 
+    ask: dict[str, list[int]] = {}  # initiator -> ids of its contexts the dead peer held
     for ctx_id, ctx in list(st.contexts.items()):
         if ctx.initiator == name:
             # (a backward started here in it fails with the cause, not with the
@@ -513,6 +514,15 @@ def _on_peer_lost(st: DistState, name: str) -> None:
             pass_id, origin = ctx.last_pass
             if origin not in (name, st.worker.name):
                 _report(st, ctx_id, origin, pass_id, lost)
+        if ctx.initiator != st.worker.name:
+            ask.setdefault(ctx.initiator, []).append(ctx_id)
+    if ask:
+        # The release of these contexts may have been on its way through the dead peer
+        # (it brought this worker into them): a worker hung past the heartbeat timeout
+        # was taken for lost by the one that brought it in, whose forwarded release
+        # could not get through; the initiator lives on, so no lease reclaims them, and
+        # they stayed for good once it came back. Their initiators say which are gone.
+        st.worker.spawn(_ask_initiators(st, name, ask), name=f"ask-initiators-{name}")
 
 
 def check_peer(ctx: DistContext, peer: str, peer_id: int | None) -> None:
