@@ -331,6 +331,31 @@ async def test_request_before_hello_closes_the_connection(sock_cluster):
     await _valid_client_works(sock_cluster)
 
 
+async def test_a_hello_whose_cluster_id_is_not_an_int_closes_the_connection(sock_cluster, caplog):
+    # (the id tells which process answers under a name: distributed autograd compares it)
+    reader, writer = await _raw(sock_cluster)
+    nonce = os.urandom(32)
+    tok = sock_cluster.driver.token
+    writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
+    _, _, snonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
+    writer.write(_mac(tok, b"C", nonce, snonce))
+    await reader.readexactly(33)
+    with caplog.at_level(logging.WARNING, logger="actorgrad"):
+        await _send_frame(writer, wire.join_chunks(wire.encode_frame([4, "raw", "7", ""], None)))
+        await _closed_by_peer(reader, writer)
+    assert "malformed hello" in caplog.text
+    await _valid_client_works(sock_cluster)
+
+
+async def test_an_rref_id_that_is_not_an_int_is_named_in_the_error(sock_cluster):
+    with pytest.raises(
+        ag.RemoteError, match=r"LookupError on worker 'w1': RRef 'x' is no longer alive"
+    ):
+        await ag.rpc("w1", "actorgrad.runtime.rref:_fetch", ("x",))
+    with pytest.raises(ag.RemoteError, match=r"RRef 0x10000000000ff is no longer alive"):
+        await ag.rpc("w1", "actorgrad.runtime.rref:_fetch", ((1 << 48) | 255,))
+
+
 async def test_unencodable_argument_is_a_type_error_naming_the_type(sock_cluster):
     class Thing:
         pass

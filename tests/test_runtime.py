@@ -541,6 +541,10 @@ async def test_remote_returns_rref_and_methods_run_on_the_owner(cluster):
     r = await ag.remote("w1", make_counter, (5,))
     assert isinstance(r, ag.RRef)
     assert r.owner == "w1" and not r.is_owner()
+    # (the id in hex: the owner's cluster id in its high bits shows)
+    w1_id = next(w.id for w in cluster.workers if w.name == "w1")
+    assert repr(r) == f"RRef(owner='w1', id={r._rid:#x}, held_by='driver')"
+    assert r._rid >> 48 == w1_id
     with pytest.raises(RuntimeError, match="w1"):
         r.local_value()
     assert await r.rpc().incr(2) == 7

@@ -33,6 +33,7 @@ import functools
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from actorgrad.errors import short_repr
 from actorgrad.runtime.calls import inline
 from actorgrad.wire import WireRef
 
@@ -61,10 +62,16 @@ def _fork(o: Owned, forker: str, holder: str, n: int) -> None:
         forks.pop((forker, holder), None)
 
 
+def _show(rid: Any) -> str:
+    """An RRef id as messages show it: hex, the owner's cluster id in the high bits (a
+    malformed one from the wire as it came)."""
+    return f"{rid:#x}" if type(rid) is int else short_repr(rid)
+
+
 def _add(worker: Worker, rid: int, holder: str, n: int = 1) -> None:
     o = worker.owned.get(rid)
     if o is None:
-        raise LookupError(f"RRef #{rid} is no longer alive on worker {worker.name!r}")
+        raise LookupError(f"RRef {_show(rid)} is no longer alive on worker {worker.name!r}")
     o.holders[holder] = o.holders.get(holder, 0) + n
 
 
@@ -102,7 +109,7 @@ def peer_lost(worker: Worker, name: str) -> None:
 def owned_value(worker: Worker, rid: Any) -> Any:
     o = worker.owned.get(rid)
     if o is None:
-        raise LookupError(f"RRef #{rid} is no longer alive on worker {worker.name!r}")
+        raise LookupError(f"RRef {_show(rid)} is no longer alive on worker {worker.name!r}")
     return o.value
 
 
@@ -147,7 +154,7 @@ class RRef(WireRef):
         f.atexit = False
 
     def __repr__(self) -> str:
-        return f"RRef(owner={self.owner!r}, id={self._rid}, held_by={self._worker.name!r})"
+        return f"RRef(owner={self.owner!r}, id={_show(self._rid)}, held_by={self._worker.name!r})"
 
     # An RRef is a counted handle: a copy the owner did not count would outlive the
     # value (it is freed when the original goes). The same handle serves as a copy.
