@@ -784,6 +784,24 @@ async def test_rref_counts_of_a_worker_that_left_are_dropped(cluster):
     await _owned_count("w1")
 
 
+async def test_rref_counts_of_a_worker_replaced_under_its_name_are_dropped(cluster):
+    # A membership snapshot can skip the version in which a worker left (a worker that
+    # refreshes its view gets the newest): its name is there before and after, under
+    # another cluster id. The dead one's RRef counts stayed, its values never freed.
+    r = await ag.remote("w1", make_counter, (1,))
+    assert await ag.rpc("w3", keep, (r,)) == 1
+    del r
+    w1 = cluster.workers[0]
+    version, members = cluster.driver.registry.snapshot()
+    assert w1.members["w3"][0] == members["w3"][0]
+    members["w3"][0] += 1000  # (another process joined as w3)
+    lost = []
+    w1.add_peer_lost_callback(lost.append)
+    w1._apply_members(version + 1, members)
+    assert lost == ["w3"] and not w1.is_lost("w3")  # (the new one is not lost)
+    await _owned_count("w1")
+
+
 async def _register_a_fork_and_leave(cluster, to: str) -> None:
     """w3 (holding an RRef owned by w1, kept by ``keep``) registers a fork of it for
     ``to`` with the owner, as before sending it, and leaves without sending: the way a

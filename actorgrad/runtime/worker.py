@@ -770,14 +770,18 @@ class Worker:
         self.members = {
             n: (int(v[0]), str(v[1]), str(v[2]) if len(v) > 2 else "") for n, v in members.items()
         }
-        for n in self.members:
-            if n not in old:  # (re)joined: a later loss is reported again
-                self._lost.discard(n)
-        for n in old:
-            if n not in self.members:
-                # it left the cluster (the registry saw it go): its RRef counts go too
+        for n, entry in old.items():
+            now = self.members.get(n)
+            if now is None or now[0] != entry[0]:
+                # it left the cluster (the registry saw it go): its RRef counts go too.
+                # (Also under a name still there with another cluster id: a snapshot
+                # can skip the version it left in, when a refresh got a newer one.)
                 rref.peer_lost(self, n)
                 self._peer_lost(n)
+        for n, entry in self.members.items():
+            was = old.get(n)
+            if was is None or was[0] != entry[0]:  # (re)joined: a later loss is reported
+                self._lost.discard(n)
         self._members_changed.set()
         self._members_changed = asyncio.Event()
 
