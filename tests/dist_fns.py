@@ -352,6 +352,33 @@ async def warm_up(dests: list[str]) -> None:
         await ag.rpc(d, identity, (None,))
 
 
+async def unknown_then_identity(dest: str, x: ag.Tensor) -> ag.Tensor:
+    """In the caller's context: a call to a worker that does not exist (its ValueError
+    caught: the caller refreshed its membership view first), then identity(x) on dest."""
+    try:
+        await ag.rpc("no-such-worker", identity, (None,))
+    except ValueError:
+        pass
+    return await ag.rpc(dest, identity, (x,))
+
+
+async def context_via(first: str, dest: str, xv: Any) -> np.ndarray:
+    """Open a context here; ``first`` runs unknown_then_identity(dest) in it; backward of
+    the sum; the gradient of x."""
+    x = ag.tensor(xv, requires_grad=True)
+    async with ag.dist.context() as ctx:
+        y = await ag.rpc(first, unknown_then_identity, (dest, x))
+        await ag.dist.backward(ctx, [(y * y).sum()])
+        return ag.dist.get_gradients(ctx)[x]
+
+
+async def hold_until(gate: str) -> None:
+    """Return once this process's event ``gate`` is set (event ``gate + "-started"``
+    tells that it waits)."""
+    event(f"{gate}-started").set()
+    await event(gate).wait()
+
+
 async def gated_call(gate: str, dest: str, x: ag.Tensor) -> ag.Tensor:
     """``identity(x)`` called on ``dest``, once this process's event ``gate`` is set
     (event ``gate + "-started"`` tells that it waits)."""

@@ -1644,6 +1644,49 @@ async def test_a_context_takes_the_new_process_it_called_though_the_membership_l
                 await new.shutdown()
 
 
+@pytest.mark.parametrize("mode", ["inproc", "tcp", "processes"])
+async def test_a_membership_refresh_in_a_context_does_not_make_the_head_refuse_a_worker(mode):
+    # w1's hello on its registry connection came before it had joined (id 0), and the
+    # head recorded that; a call to an unknown name made in a context refreshed w1's
+    # membership over that connection carrying the context, so the head took w1 for id
+    # 0 in it and refused w1's next call there ("another process joined under its name").
+    xv = arr(3)
+    async with cluster(mode, 2):
+        g = await asyncio.wait_for(ag.rpc("w2", F.context_via, ("w1", "driver", xv)), 20)
+        np.testing.assert_allclose(g, 2 * xv, rtol=1e-12)
+
+
+async def test_an_initiator_slow_to_say_which_contexts_are_gone_holds_up_no_other():
+    # A worker that lost a peer asks each initiator of the contexts it shared with it
+    # which of them are gone. It read the answers one after the other, so the contexts
+    # one initiator said were gone stayed until every one asked before had answered
+    # (w1 here, at its in-flight cap).
+    from actorgrad.dist.api import _ask_initiators
+    from actorgrad.dist.context import state_of
+
+    async with ag.local_cluster(3, transport="tcp") as c:
+        w1, w2, w3 = c.workers
+        st = state_of(w3)
+        of_w1, of_w2 = (w1.id << 48) | 7, (w2.id << 48) | 7  # (neither has them)
+        st.join(of_w1, "w1")
+        st.join(of_w2, "w2")
+        w1._max_in_flight = 1
+        try:
+            busy = asyncio.ensure_future(ag.rpc("w1", F.hold_until, ("busy",)))
+            await asyncio.wait_for(F.event("busy-started").wait(), 10)
+            asking = w3.spawn(_ask_initiators(st, "w4", {"w1": [of_w1], "w2": [of_w2]}))
+            async with asyncio.timeout(10):
+                while of_w2 in st.contexts:  # noqa: ASYNC110 (no event tells)
+                    await asyncio.sleep(0.01)
+            assert of_w1 in st.contexts and not asking.done()
+            F.event("busy").set()
+            await asyncio.wait_for(busy, 10)
+            await asyncio.wait_for(asking, 10)
+            assert of_w1 not in st.contexts
+        finally:
+            F._events.clear()
+
+
 async def test_an_rref_to_a_dead_owner_does_not_reach_a_new_process_under_its_name():
     # RRef ids counted from 1 in every process: the dead owner's RRef fetched the new
     # process's value of the same id, and dropping it freed that value.

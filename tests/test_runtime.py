@@ -784,6 +784,16 @@ async def test_rref_counts_of_a_worker_that_left_are_dropped(cluster):
     await _owned_count("w1")
 
 
+async def test_the_head_knows_each_members_id_on_its_registry_connection(cluster):
+    # (a worker's hello there comes before its join, when it has no id yet: it says 0)
+    head = cluster.driver
+    ids = {c.peer_name: c.peer_id for c in head.registry.conns}
+    assert ids == {w.name: w.id for w in cluster.workers}
+    assert all(w.id > 0 for w in cluster.workers)
+    for w in cluster.workers:
+        assert head.peer_id(w.name) == w.id and w.peer_id("driver") == head.id
+
+
 async def test_rref_counts_of_a_worker_replaced_under_its_name_are_dropped(cluster):
     # A membership snapshot can skip the version in which a worker left (a worker that
     # refreshes its view gets the newest): its name is there before and after, under

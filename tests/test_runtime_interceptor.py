@@ -102,6 +102,23 @@ async def test_nested_calls_see_the_context_entered_by_the_callee(cluster, inter
     assert ("w1", "w2") in interceptor.outgoing_calls
 
 
+async def call_unknown() -> str:
+    try:
+        await ag.rpc("no-such-worker", seen)
+    except ValueError as exc:
+        return str(exc)
+    return "reached"
+
+
+async def test_a_membership_refresh_carries_no_callers_metadata(cluster, interceptor):
+    # A call to an unknown name refreshes the caller's membership view from the head
+    # first. That internal call ran in the caller's task context, so it carried the
+    # caller's metadata: the head took it for a call in the caller's context.
+    assert "unknown worker 'no-such-worker'" in await ag.rpc("w1", call_unknown)
+    # (the call to no-such-worker fails before it is made: w1 made none with metadata)
+    assert not [r for r in interceptor.returned_calls if r[0] == "w1"]
+
+
 async def test_the_interceptor_is_told_the_id_each_peer_announced(cluster, interceptor):
     # (which process answers under a name: distributed autograd refuses a new process
     # joining under a dead one's name by it, whatever the membership view says yet)

@@ -164,34 +164,32 @@ def _release(ctx_id: int, sender: str, gone: list[str] | None = None) -> Awaitab
 async def _ask_initiators(st: DistState, lost: str, ask: dict[str, list[int]]) -> None:
     """Release here the contexts of ``ask`` (initiator -> context ids) that their
     initiator no longer has, then on this worker's other peers in them (not ``lost``,
-    the peer whose loss made us ask). An initiator that cannot answer is left alone: if
-    it is gone, its loss reclaims its contexts here (the lease)."""
+    the peer whose loss made us ask). Each initiator apart: a slow one holds up no
+    other's answer. An initiator that cannot answer is left alone: if it is gone, its
+    loss reclaims its contexts here (the lease)."""
+    await asyncio.gather(*(_ask_initiator(st, lost, i, ids) for i, ids in ask.items()))
+
+
+async def _ask_initiator(st: DistState, lost: str, initiator: str, ids: list[int]) -> None:
     worker = st.worker
-    started = [(i, worker.call_nowait(i, _gone_contexts, (ids,))) for i, ids in ask.items()]
-    for initiator, fut in started:
-        try:
-            gone = await fut
-        except Exception as exc:  # (lost, left the cluster: ValueError, unknown worker)
-            log.debug(
-                "worker %s: %s could not say which contexts are gone: %r",
-                worker.name,
-                initiator,
-                exc,
-            )
-            continue
-        if not int_list(gone):
-            log.warning(
-                "worker %s: malformed answer from %s: %r", worker.name, initiator, short_repr(gone)
-            )
-            continue
-        waits = []
-        for ctx_id in gone:
-            ctx = st.contexts.get(ctx_id)
-            if ctx is not None and ctx.initiator == initiator:
-                acks = _start_release(st, ctx_id, gone=[lost])
-                if acks is not None:
-                    waits.append(acks)
-        await asyncio.gather(*waits)
+    try:
+        gone = await worker.call_nowait(initiator, _gone_contexts, (ids,))
+    except Exception as exc:  # (lost, left the cluster: ValueError, unknown worker)
+        log.debug("worker %s: %s could not say which contexts are gone: %r", worker.name,
+                  initiator, exc)
+        return
+    if not int_list(gone):
+        log.warning("worker %s: malformed answer from %s: %r", worker.name, initiator,
+                    short_repr(gone))
+        return
+    waits = []
+    for ctx_id in gone:
+        ctx = st.contexts.get(ctx_id)
+        if ctx is not None and ctx.initiator == initiator:
+            acks = _start_release(st, ctx_id, gone=[lost])
+            if acks is not None:
+                waits.append(acks)
+    await asyncio.gather(*waits)
 
 
 @inline

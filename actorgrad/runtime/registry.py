@@ -76,6 +76,8 @@ class Registry:
             raise ValueError(f"invalid address {address!r} / {local!r} of worker {name!r}")
         self.members[name] = (wid, address, local)
         self.conns[conn] = name
+        # (its hello on this connection came before it had an id: it said 0)
+        conn.peer_id = wid
         self._changed_now()
         self._tell("joined", name, address)
         return [wid, *self.snapshot()]

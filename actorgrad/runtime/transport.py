@@ -349,7 +349,9 @@ class Connection(asyncio.BaseProtocol):
         self._wrote_at_once = False
         self._write_paused = False
         self._writev = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
+        # (a dict: a waiter that gave up goes in O(1); 20,000 cancelled at a shutdown
+        # took seconds out of a list)
+        self._drain_waiters: dict[asyncio.Future[None], None] = {}
         # owner data
         self.pending: dict[int, Any] = {}
         # calls whose caller stopped waiting (timeout, cancellation) after the request
@@ -404,7 +406,7 @@ class Connection(asyncio.BaseProtocol):
         self._wake_drainers()
 
     def _wake_drainers(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
+        waiters, self._drain_waiters = self._drain_waiters, {}
         for w in waiters:
             if not w.done():
                 w.set_result(None)
@@ -584,14 +586,14 @@ class Connection(asyncio.BaseProtocol):
     async def drain(self) -> None:
         while self._write_paused and not self.closed:
             fut = self.loop.create_future()
-            self._drain_waiters.append(fut)
+            self._drain_waiters[fut] = None
             try:
                 await fut
             finally:
                 # (a waiter that timed out or was cancelled goes: each call timing out on
                 # a peer that does not read left one here for as long as it stayed so)
-                if fut.cancelled() and fut in self._drain_waiters:
-                    self._drain_waiters.remove(fut)
+                if fut.cancelled():
+                    self._drain_waiters.pop(fut, None)
         if self.closed:
             raise WorkerLost(
                 f"connection to {self.peer_name or self.peer_addr!r} closed while sending"

@@ -432,6 +432,8 @@ class Worker:
         self.local_address = ""
         self._conns: set[Connection] = set()
         self._out: dict[str, Connection] = {}
+        # the latest connection each peer opened to us (Worker.peer_id)
+        self._in: dict[str, Connection] = {}
         self._connecting: dict[str, asyncio.Task[Connection]] = {}
         self._mailbox: collections.deque[tuple[Connection, Any]] = collections.deque()
         self._mailbox_size = mailbox_size
@@ -726,7 +728,14 @@ class Worker:
             raise WorkerLost(f"worker {self.name!r} is shutting down")
         task = self._connecting.get(dest)
         if task is None:
-            task = self.spawn(self._connect_peer(dest), name=f"actorgrad-connect-{dest}")
+            # (in a context of its own: the connection serves every caller, and its
+            # internal calls, a membership refresh, must carry no caller's state, such
+            # as the interceptor's context: the head refused that one)
+            task = self.spawn(
+                self._connect_peer(dest),
+                name=f"actorgrad-connect-{dest}",
+                context=contextvars.Context(),
+            )
             self._connecting[dest] = task
             task.add_done_callback(lambda t: self._connecting.pop(dest, None))
         return await asyncio.shield(task)
@@ -791,6 +800,8 @@ class Worker:
         name = conn.peer_name
         if name is not None and self._out.get(name) is conn:
             del self._out[name]
+        if name is not None and self._in.get(name) is conn:
+            del self._in[name]
         if conn.pending:
             if isinstance(exc, WorkerLost):
                 err = exc
@@ -925,7 +936,9 @@ class Worker:
                 first = conn.peer_name is None
                 conn.peer_name = name
                 self._lost.discard(name)  # (alive after all, as above)
-                conn.peer_id = wid
+                conn.peer_id = wid or None  # (0: not joined yet; its join tells the head)
+                if not conn.outgoing:
+                    self._in[name] = conn
                 conn.peer_address = address  # type: ignore[attr-defined]
                 if conn.outgoing:
                     h = getattr(conn, "hello", None)
@@ -1707,12 +1720,12 @@ class Worker:
 
     def peer_id(self, peer: str) -> int | None:
         """The cluster id of the process a message to ``peer`` reaches now, as best
-        known here: the one it announced on the live connection to it (the membership
+        known here: the one it announced on a live connection with it (the membership
         view may still name a dead process it replaced), else the membership's; None
         for a name that is not a member."""
-        conn = self._out.get(peer)
-        if conn is not None and not conn.closed and conn.peer_id is not None:
-            return conn.peer_id
+        for conn in (self._out.get(peer), self._in.get(peer)):
+            if conn is not None and not conn.closed and conn.peer_id is not None:
+                return conn.peer_id
         member = self.members.get(peer)
         return None if member is None else member[0]
 
