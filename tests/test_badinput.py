@@ -347,6 +347,22 @@ async def test_a_hello_whose_cluster_id_is_not_an_int_closes_the_connection(sock
     await _valid_client_works(sock_cluster)
 
 
+async def test_joining_under_another_name_than_the_hello_said_is_refused(sock_cluster):
+    # (the head took the join's name for the connection's: its peer_id of the name the
+    # hello said became the joined one's id)
+    head = sock_cluster.driver
+    w1 = sock_cluster.workers[0]
+    cl = Worker("w1", token=head.token)
+    await cl.start()
+    try:
+        conn = await cl.open_connection(head.address)
+        with pytest.raises(ag.RemoteError, match="cannot join as 'x1' over a connection that"):
+            await cl.call_on(conn, "actorgrad.runtime.registry:_join", ("x1", cl.address, ""))
+        assert "x1" not in head.members and head.peer_id("w1") == w1.id
+    finally:
+        await cl.shutdown()
+
+
 async def test_an_rref_id_that_is_not_an_int_is_named_in_the_error(sock_cluster):
     with pytest.raises(
         ag.RemoteError, match=r"LookupError on worker 'w1': RRef 'x' is no longer alive"

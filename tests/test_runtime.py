@@ -794,6 +794,65 @@ async def test_the_head_knows_each_members_id_on_its_registry_connection(cluster
         assert head.peer_id(w.name) == w.id and w.peer_id("driver") == head.id
 
 
+async def _replace_in_process(c: Any) -> tuple[Worker, list[Any]]:
+    """Cut w2 (in-process cluster ``c``) off from the head, as a hung or partitioned
+    process is, and join a new worker as w2; returns it once w1's view names it, and
+    the old w2's connections to w1, which stay open."""
+    head, w1 = c.driver, c.workers[0]
+    assert await c.workers[1].call("w1", add, (1, 2)) == 3  # (old w2 -> w1 connected)
+    stale = [cn for cn in w1._conns if cn.peer_name == "w2" and not cn.outgoing]
+    next(cn for cn, n in head.registry.conns.items() if n == "w2").abort(None)
+    async with asyncio.timeout(10):
+        while "w2" in w1.members:
+            await w1._members_changed.wait()
+    new = Worker("w2", token=head.token, transport_kind=head.transport_kind)
+    await new.start()
+    await new.join(head.address)
+    async with asyncio.timeout(10):
+        while w1.members.get("w2", (0,))[0] != new.id:
+            await w1._members_changed.wait()
+    return new, [cn for cn in stale if not cn.closed]
+
+
+@pytest.mark.parametrize("kind", ["inproc", "tcp"])
+async def test_the_id_of_a_peer_is_that_of_the_process_its_name_reaches_now(kind):
+    # A connection the old w2 opened to w1 stays open after a new process joined as
+    # w2: peer_id preferred it, and named the dead process (distributed autograd then
+    # let a backward pass through in a context that had used it).
+    async with ag.local_cluster(2, transport=kind) as c:
+        old_id = c.workers[1].id
+        new, _ = await _replace_in_process(c)
+        try:
+            w1 = c.workers[0]
+            assert new.id != old_id and w1.peer_id("w2") == new.id
+            assert await w1.call("w2", add, (2, 3)) == 5
+            assert w1.peer_id("w2") == new.id
+        finally:
+            await new.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["inproc", "tcp"])
+async def test_the_end_of_a_replaced_processs_connection_is_no_news_of_the_new_one(kind):
+    # When the old w2's lingering connection to w1 finally closed, w1 reported w2 lost:
+    # the live new w2, with everything w1 held for it (its contexts were reclaimed).
+    async with ag.local_cluster(2, transport=kind) as c:
+        w1 = c.workers[0]
+        new, stale = await _replace_in_process(c)
+        try:
+            assert stale
+            lost: list[str] = []
+            w1.add_peer_lost_callback(lost.append)
+            for cn in stale:
+                cn.abort(None)
+            # (the loss is reported from the connection's close, a loop callback)
+            async with asyncio.timeout(5):
+                while any(cn in w1._conns for cn in stale):  # noqa: ASYNC110
+                    await asyncio.sleep(0)
+            assert lost == [] and not w1.is_lost("w2")
+        finally:
+            await new.shutdown()
+
+
 async def test_rref_counts_of_a_worker_replaced_under_its_name_are_dropped(cluster):
     # A membership snapshot can skip the version in which a worker left (a worker that
     # refreshes its view gets the newest): its name is there before and after, under

@@ -71,6 +71,11 @@ class Registry:
             raise ValueError(f"invalid worker name {name!r:.80}")
         if name in self.members:
             raise ValueError(f"a worker named {name!r} is already in the cluster")
+        if conn is not None and conn.peer_name != name:
+            raise ValueError(
+                f"cannot join as {name!r:.80} over a connection that said hello as "
+                f"{conn.peer_name!r:.80}"
+            )
         wid = self._alloc_id()
         if not isinstance(address, str) or not isinstance(local, str):
             raise ValueError(f"invalid address {address!r} / {local!r} of worker {name!r}")

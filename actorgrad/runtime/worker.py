@@ -432,8 +432,6 @@ class Worker:
         self.local_address = ""
         self._conns: set[Connection] = set()
         self._out: dict[str, Connection] = {}
-        # the latest connection each peer opened to us (Worker.peer_id)
-        self._in: dict[str, Connection] = {}
         self._connecting: dict[str, asyncio.Task[Connection]] = {}
         self._mailbox: collections.deque[tuple[Connection, Any]] = collections.deque()
         self._mailbox_size = mailbox_size
@@ -800,8 +798,6 @@ class Worker:
         name = conn.peer_name
         if name is not None and self._out.get(name) is conn:
             del self._out[name]
-        if name is not None and self._in.get(name) is conn:
-            del self._in[name]
         if conn.pending:
             if isinstance(exc, WorkerLost):
                 err = exc
@@ -827,6 +823,11 @@ class Worker:
         if self.registry is not None:
             self.registry.conn_lost(conn)
         if name is not None and name in self.members and not self._closing:
+            if conn.peer_id is not None and conn.peer_id != self.members[name][0]:
+                # a connection of a process another one replaced under its name (our
+                # view is past it): its end is no news of the live one. (Were the view
+                # behind instead, its catching up reports the old one lost.)
+                return
             self._peer_lost(name)
 
     def _peer_lost(self, name: str) -> None:
@@ -937,8 +938,6 @@ class Worker:
                 conn.peer_name = name
                 self._lost.discard(name)  # (alive after all, as above)
                 conn.peer_id = wid or None  # (0: not joined yet; its join tells the head)
-                if not conn.outgoing:
-                    self._in[name] = conn
                 conn.peer_address = address  # type: ignore[attr-defined]
                 if conn.outgoing:
                     h = getattr(conn, "hello", None)
@@ -1720,12 +1719,15 @@ class Worker:
 
     def peer_id(self, peer: str) -> int | None:
         """The cluster id of the process a message to ``peer`` reaches now, as best
-        known here: the one it announced on a live connection with it (the membership
+        known here: the one it announced on the live connection to it (the membership
         view may still name a dead process it replaced), else the membership's; None
         for a name that is not a member."""
-        for conn in (self._out.get(peer), self._in.get(peer)):
-            if conn is not None and not conn.closed and conn.peer_id is not None:
-                return conn.peer_id
+        # (Not a connection the peer opened: one of a dead process that another
+        # replaced under its name can linger until its idle timeout, while every
+        # message to the name goes to the new one.)
+        conn = self._out.get(peer)
+        if conn is not None and not conn.closed and conn.peer_id is not None:
+            return conn.peer_id
         member = self.members.get(peer)
         return None if member is None else member[0]
 
