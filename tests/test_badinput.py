@@ -347,6 +347,30 @@ async def test_a_hello_whose_cluster_id_is_not_an_int_closes_the_connection(sock
     await _valid_client_works(sock_cluster)
 
 
+async def test_a_hello_from_a_process_a_worker_was_before_its_replacement_is_refused(
+    sock_cluster, caplog
+):
+    # (cluster ids grow with each join: a hung process replaced under its name that
+    # runs again and reconnects must not be taken for the new one; its late release of
+    # an RRef freed the new one's value)
+    w1 = sock_cluster.workers[0]
+    reader, writer = await _raw(sock_cluster)
+    nonce = os.urandom(32)
+    tok = sock_cluster.driver.token
+    writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
+    _, _, snonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
+    writer.write(_mac(tok, b"C", nonce, snonce))
+    await reader.readexactly(33)
+    older = sock_cluster.driver.id  # (any id below w1's: the head's joined first)
+    assert 0 < older < w1.id
+    with caplog.at_level(logging.WARNING, logger="actorgrad"):
+        frame = wire.encode_frame([4, "w1", older, ""], None)
+        await _send_frame(writer, wire.join_chunks(frame))
+        await _closed_by_peer(reader, writer)
+    assert "hello from a process that worker 'w1' was before it was replaced" in caplog.text
+    await _valid_client_works(sock_cluster)
+
+
 async def test_joining_under_another_name_than_the_hello_said_is_refused(sock_cluster):
     # (the head took the join's name for the connection's: its peer_id of the name the
     # hello said became the joined one's id)

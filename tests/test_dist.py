@@ -1687,6 +1687,30 @@ async def test_an_initiator_slow_to_say_which_contexts_are_gone_holds_up_no_othe
             F._events.clear()
 
 
+async def test_leaving_a_context_whose_first_hop_was_replaced_reaches_the_second_hop():
+    # driver -> w1 -> w2; w1 dies and a new process joins as w1; the driver leaves the
+    # context. Its release went to "w1": the new process, which has nothing of it,
+    # acknowledged, so nobody told w2, which kept the context for good.
+    xv = arr(3)
+    async with ag.local_cluster(2, processes=True) as c:
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        await ag.rpc("w2", F.put, ("w", arr(3)))
+        x = ag.tensor(xv, requires_grad=True)
+        new = None
+        try:
+            async with ag.dist.context():
+                # (no call to w2 from here: it would make w2 a peer of the driver's)
+                await ag.rpc("w1", F.mul_then_forward, ("w", "w2", "w", x))
+                new = await _replace_worker(c, "w1")
+            info = await ag.rpc("w2", F.wait_no_contexts, (10.0,))
+            assert info["num_contexts"] == 0, info
+            assert ag.dist.debug_info()["num_contexts"] == 0
+        finally:
+            if new is not None:
+                new.terminate()
+                await asyncio.wait_for(new.wait(), 10)
+
+
 async def test_an_rref_to_a_dead_owner_does_not_reach_a_new_process_under_its_name():
     # RRef ids counted from 1 in every process: the dead owner's RRef fetched the new
     # process's value of the same id, and dropping it freed that value.

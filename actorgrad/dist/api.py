@@ -104,35 +104,52 @@ def _start_release(
     forwards it to them either). Returns the wait for their acknowledgements (None:
     nobody to tell)."""
     # Release locally first, so a forwarded release coming back finds nothing to do.
-    peers = _release_local(st, ctx_id)
+    peers, replaced = _release_local(st, ctx_id)
     peers.discard(sender)
     if gone:
         peers.difference_update(gone)
-    if not peers:
+    if replaced:
+        # Another process answers under their names now: it would acknowledge a
+        # release it has nothing of, and nobody would tell the workers the dead one
+        # brought into the context. They count as gone.
+        peers.difference_update(replaced)
+        gone = sorted(replaced.union(gone or ()))
+    if not peers and not replaced:
         return None
     worker = st.worker
-    return _release_on(worker, peers, ctx_id, sender or worker.name, gone)
+    return _release_on(worker, peers, ctx_id, sender or worker.name, gone, bool(replaced))
 
 
 def _release_on(
-    worker: Any, peers: set[str], ctx_id: int, sender: str, gone: list[str] | None = None
+    worker: Any,
+    peers: set[str],
+    ctx_id: int,
+    sender: str,
+    gone: list[str] | None = None,
+    tell_all: bool = False,
 ) -> Coroutine[Any, Any, None]:
     """Send the release of ``ctx_id`` to ``peers`` now (each forwards it to its own
     peers, but the ``gone`` ones); returns the wait for their acknowledgements."""
     started = start_calls(worker, peers, _release, (ctx_id, worker.name, gone))
-    return _await_releases(worker, started, ctx_id, sender, gone)
+    return _await_releases(worker, started, ctx_id, sender, gone, tell_all)
 
 
 async def _await_releases(
-    worker: Any, started: list[Any], ctx_id: int, sender: str, gone: list[str] | None = None
+    worker: Any,
+    started: list[Any],
+    ctx_id: int,
+    sender: str,
+    gone: list[str] | None = None,
+    tell_all: bool = False,
 ) -> None:
     """Wait for the releases ``started`` by ``_release_on``. A peer that is gone cannot
     forward it to the workers it brought into the context (second hops, whose initiator
-    lives on: no lease reclaims it there), so then every other member is told too
-    (workers without the context just acknowledge), but the ``gone`` ones."""
+    lives on: no lease reclaims it there), so then (or with ``tell_all``: a peer was
+    gone before) every other member is told too (workers without the context just
+    acknowledge), but the ``gone`` ones."""
     me = worker.name
     failed = await finish_calls(worker, started)
-    if failed:
+    if failed or tell_all:
         out = failed.union(gone or ())
         rest = set(worker.worker_names()) - {p for p, _ in started} - {me, sender} - out
         if rest:
@@ -142,15 +159,23 @@ async def _await_releases(
             await call_peers(worker, rest, _release, (ctx_id, me, sorted(out)))
 
 
-def _release_local(st: DistState, ctx_id: int) -> set[str]:
+def _release_local(st: DistState, ctx_id: int) -> tuple[set[str], set[str]]:
+    """Release ``ctx_id`` here; returns its peers, and those of them under whose name
+    another process than the one the context exchanged calls with answers now."""
     ctx = st.forget(ctx_id)
     if ctx is None:
-        return set()
+        return set(), set()
     ctx.free_graph()
     ctx.grads.clear()
     peers = set(ctx.peers)
     peers.discard(st.worker.name)
-    return peers
+    worker = st.worker
+    replaced = set()
+    for p, known in ctx.peer_ids.items():
+        now = worker.peer_id(p)
+        if now is not None and now != known:
+            replaced.add(p)
+    return peers, replaced & peers
 
 
 @inline

@@ -789,8 +789,18 @@ class Worker:
             was = old.get(n)
             if was is None or was[0] != entry[0]:  # (re)joined: a later loss is reported
                 self._lost.discard(n)
+                self._drop_replaced(n, entry[0])
         self._members_changed.set()
         self._members_changed = asyncio.Event()
+
+    def _drop_replaced(self, name: str, wid: int) -> None:
+        """Close the connections with a process another one (cluster id ``wid``)
+        replaced as worker ``name``: a hung one's could outlive its membership, and
+        calls to the name went on to it (and what it still sent was taken for the new
+        one's: a late release of an RRef freed the new one's value)."""
+        for conn in list(self._conns):
+            if conn.peer_name == name and conn.peer_id is not None and conn.peer_id != wid:
+                conn.abort(WorkerLost(f"worker {name!r} was replaced by another process"))
 
     def _on_lost(self, conn: Connection, exc: BaseException | None) -> None:
         self._conns.discard(conn)
@@ -934,6 +944,15 @@ class Worker:
                 _, name, wid, address = header
                 if not isinstance(name, str) or type(wid) is not int:
                     raise ProtocolError("malformed hello")
+                member = self.members.get(name)
+                if member is not None and 0 < wid < member[0]:
+                    # (ids grow with each join: an older one is a process another
+                    # replaced under that name, hung meanwhile; what it sends now, a
+                    # late RRef release say, would be taken for the new one's)
+                    raise ProtocolError(
+                        f"hello from a process that worker {name!r} was before it "
+                        f"was replaced (cluster id {wid}, now {member[0]})"
+                    )
                 first = conn.peer_name is None
                 conn.peer_name = name
                 self._lost.discard(name)  # (alive after all, as above)
