@@ -1711,6 +1711,47 @@ async def test_leaving_a_context_whose_first_hop_was_replaced_reaches_the_second
                 await asyncio.wait_for(new.wait(), 10)
 
 
+@pytest.mark.parametrize("kind", ["inproc", "tcp"])
+async def test_a_new_process_brought_into_a_context_after_a_replacement_gets_its_release(
+    kind,
+):
+    # The driver called the old w1 in the context; a new process joined as w1, and w2
+    # (which never knew the old one) brought it into the same context. The release
+    # counted the replaced name as gone for everyone, so the new w1 never got it.
+    from actorgrad.dist.context import state_of
+
+    async with ag.local_cluster(2, transport=kind) as c:
+        head, w1, w2 = c.driver, *c.workers
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        await ag.rpc("w2", F.put, ("w", arr(3)))
+        x = ag.tensor(arr(3), requires_grad=True)
+        new = None
+        try:
+            async with ag.dist.context():
+                await ag.rpc("w1", F.mul, ("w", x))
+                next(cn for cn, n in head.registry.conns.items() if n == "w1").abort(None)
+                async with asyncio.timeout(10):
+                    while "w1" in head.members:  # noqa: ASYNC110
+                        await head._members_changed.wait()
+                await w1.shutdown(graceful=False)
+                new = rworker.Worker("w1", token=head.token, transport_kind=head.transport_kind)
+                await new.start()
+                await new.join(head.address)
+                async with asyncio.timeout(10):
+                    while w2.members.get("w1", (0,))[0] != new.id:  # noqa: ASYNC110
+                        await w2._members_changed.wait()
+                # (made by w2 outside the context: the driver's own call to w1 in it
+                # would be refused, another process under the name)
+                await w2.call("w1", F.put, ("w", arr(3)))
+                await ag.rpc("w2", F.mul_then_forward, ("w", "w1", "w", x))
+                assert len(state_of(new).contexts) == 1
+            assert len(state_of(new).contexts) == 0
+            assert len(state_of(w2).contexts) == 0
+        finally:
+            if new is not None:
+                await new.shutdown()
+
+
 async def test_an_rref_to_a_dead_owner_does_not_reach_a_new_process_under_its_name():
     # RRef ids counted from 1 in every process: the dead owner's RRef fetched the new
     # process's value of the same id, and dropping it freed that value.

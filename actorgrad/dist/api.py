@@ -108,16 +108,16 @@ def _start_release(
     peers.discard(sender)
     if gone:
         peers.difference_update(gone)
-    if replaced:
-        # Another process answers under their names now: it would acknowledge a
-        # release it has nothing of, and nobody would tell the workers the dead one
-        # brought into the context. They count as gone.
-        peers.difference_update(replaced)
-        gone = sorted(replaced.union(gone or ()))
-    if not peers and not replaced:
+    # Another process answers under the name of a replaced peer now: it acknowledges
+    # the release (it may hold the context too, brought in by a worker that never knew
+    # the old one), but nobody forwards it to the workers the dead one brought in, so a
+    # release that starts here tells every member. (Only where it starts: each worker
+    # it reaches telling every member again cost K^2 messages for K workers.)
+    tell_all = bool(replaced) and sender is None
+    if not peers and not tell_all:
         return None
     worker = st.worker
-    return _release_on(worker, peers, ctx_id, sender or worker.name, gone, bool(replaced))
+    return _release_on(worker, peers, ctx_id, sender or worker.name, gone, tell_all)
 
 
 def _release_on(
