@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from actorgrad.dist.context import (
+    DistContext,
     DistState,
     _current,
     call_peers,
@@ -104,8 +105,11 @@ def _start_release(
     forwards it to them either). Returns the wait for their acknowledgements (None:
     nobody to tell)."""
     # Release locally first, so a forwarded release coming back finds nothing to do.
-    peers, replaced = _release_local(st, ctx_id)
-    peers.discard(sender)
+    ctx = _release_local(st, ctx_id)
+    if ctx is None:
+        return None
+    worker = st.worker
+    peers = ctx.peers - {worker.name, sender}
     if gone:
         peers.difference_update(gone)
     # Another process answers under the name of a replaced peer now: it acknowledges
@@ -113,10 +117,11 @@ def _start_release(
     # the old one), but nobody forwards it to the workers the dead one brought in, so a
     # release that starts here tells every member. (Only where it starts: each worker
     # it reaches telling every member again cost K^2 messages for K workers.)
-    tell_all = bool(replaced) and sender is None
+    tell_all = sender is None and any(
+        worker.peer_id(p) not in (None, known) for p, known in ctx.peer_ids.items()
+    )
     if not peers and not tell_all:
         return None
-    worker = st.worker
     return _release_on(worker, peers, ctx_id, sender or worker.name, gone, tell_all)
 
 
@@ -159,23 +164,13 @@ async def _await_releases(
             await call_peers(worker, rest, _release, (ctx_id, me, sorted(out)))
 
 
-def _release_local(st: DistState, ctx_id: int) -> tuple[set[str], set[str]]:
-    """Release ``ctx_id`` here; returns its peers, and those of them under whose name
-    another process than the one the context exchanged calls with answers now."""
+def _release_local(st: DistState, ctx_id: int) -> DistContext | None:
+    """Release ``ctx_id`` here; returns the context released (None: not here)."""
     ctx = st.forget(ctx_id)
-    if ctx is None:
-        return set(), set()
-    ctx.free_graph()
-    ctx.grads.clear()
-    peers = set(ctx.peers)
-    peers.discard(st.worker.name)
-    worker = st.worker
-    replaced = set()
-    for p, known in ctx.peer_ids.items():
-        now = worker.peer_id(p)
-        if now is not None and now != known:
-            replaced.add(p)
-    return peers, replaced & peers
+    if ctx is not None:
+        ctx.free_graph()
+        ctx.grads.clear()
+    return ctx
 
 
 @inline

@@ -71,7 +71,7 @@ class Registry:
             raise ValueError(f"invalid worker name {name!r:.80}")
         if name in self.members:
             raise ValueError(f"a worker named {name!r} is already in the cluster")
-        if conn is not None and conn.peer_name != name:
+        if conn.peer_name != name:
             raise ValueError(
                 f"cannot join as {name!r:.80} over a connection that said hello as "
                 f"{conn.peer_name!r:.80}"
