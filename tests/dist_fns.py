@@ -114,14 +114,7 @@ async def nested_chain(names: list[str], slow_on: str, seconds: float, x: ag.Ten
 
     h = x * 1.0
     if current_worker().name == slow_on:
-        left = [1]
-
-        def hook(g: np.ndarray) -> None:
-            if left[0] > 0:
-                left[0] -= 1
-                time.sleep(seconds)
-
-        h.register_hook(hook)
+        h.register_hook(_sleep_once(seconds))
     if names:
         h = await ag.rpc(names[0], nested_chain, (names[1:], slow_on, seconds, h))
     return h.tanh()
@@ -181,9 +174,8 @@ def add_dying_hook(key: str) -> None:
     t.register_hook(hook)
 
 
-def add_slow_hook(key: str, seconds: float) -> None:
-    """The next backward pass through ``key`` blocks this worker for ``seconds``."""
-    t = _store[_k(key)]
+def _sleep_once(seconds: float) -> Any:
+    """A hook that blocks this worker for ``seconds`` the first time it runs."""
     left = [1]
 
     def hook(g: np.ndarray) -> None:
@@ -191,7 +183,12 @@ def add_slow_hook(key: str, seconds: float) -> None:
             left[0] -= 1
             time.sleep(seconds)
 
-    t.register_hook(hook)
+    return hook
+
+
+def add_slow_hook(key: str, seconds: float) -> None:
+    """The next backward pass through ``key`` blocks this worker for ``seconds``."""
+    _store[_k(key)].register_hook(_sleep_once(seconds))
 
 
 def slow_chain(key: str, x: ag.Tensor, n: int, seconds: float, error: str = "") -> ag.Tensor:
@@ -382,8 +379,7 @@ async def hold_until(gate: str) -> None:
 async def gated_call(gate: str, dest: str, x: ag.Tensor) -> ag.Tensor:
     """``identity(x)`` called on ``dest``, once this process's event ``gate`` is set
     (event ``gate + "-started"`` tells that it waits)."""
-    event(f"{gate}-started").set()
-    await event(gate).wait()
+    await hold_until(gate)
     return await ag.rpc(dest, identity, (x,))
 
 

@@ -59,8 +59,8 @@ async def _raw(c):
     return await asyncio.open_connection(host, int(port))
 
 
-async def _handshaken(c, token=None):
-    """A raw stream client that completed the handshake (and sent its hello)."""
+async def _authenticated(c, token=None):
+    """A raw stream client that completed the handshake (no hello sent yet)."""
     reader, writer = await _raw(c)
     nonce = os.urandom(32)
     writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
@@ -69,6 +69,12 @@ async def _handshaken(c, token=None):
     writer.write(_mac(token or c.driver.token, b"C", nonce, snonce))
     assert await reader.readexactly(32) == _mac(token or c.driver.token, b"S", nonce, snonce)
     assert await reader.readexactly(1) == b"\x01"
+    return reader, writer
+
+
+async def _handshaken(c, token=None):
+    """A raw stream client that completed the handshake (and sent its hello)."""
+    reader, writer = await _authenticated(c, token)
     frame = wire.join_chunks(wire.encode_frame([4, "raw-client", 0, ""], None))
     writer.write(LEN.pack(len(frame)) + frame)
     await writer.drain()
@@ -316,13 +322,7 @@ async def test_connection_closed_mid_frame(sock_cluster):
 
 
 async def test_request_before_hello_closes_the_connection(sock_cluster):
-    reader, writer = await _raw(sock_cluster)
-    nonce = os.urandom(32)
-    tok = sock_cluster.driver.token
-    writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
-    _, _, snonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
-    writer.write(_mac(tok, b"C", nonce, snonce))
-    await reader.readexactly(33)
+    reader, writer = await _authenticated(sock_cluster)
     await _send_frame(
         writer,
         wire.join_chunks(wire.encode_frame([K_REQ, 1, "os:getpid", MODE_RPC, None], ((), None))),
@@ -333,13 +333,7 @@ async def test_request_before_hello_closes_the_connection(sock_cluster):
 
 async def test_a_hello_whose_cluster_id_is_not_an_int_closes_the_connection(sock_cluster, caplog):
     # (the id tells which process answers under a name: distributed autograd compares it)
-    reader, writer = await _raw(sock_cluster)
-    nonce = os.urandom(32)
-    tok = sock_cluster.driver.token
-    writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
-    _, _, snonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
-    writer.write(_mac(tok, b"C", nonce, snonce))
-    await reader.readexactly(33)
+    reader, writer = await _authenticated(sock_cluster)
     with caplog.at_level(logging.WARNING, logger="actorgrad"):
         await _send_frame(writer, wire.join_chunks(wire.encode_frame([4, "raw", "7", ""], None)))
         await _closed_by_peer(reader, writer)
@@ -354,13 +348,7 @@ async def test_a_hello_from_a_process_a_worker_was_before_its_replacement_is_ref
     # runs again and reconnects must not be taken for the new one; its late release of
     # an RRef freed the new one's value)
     w1 = sock_cluster.workers[0]
-    reader, writer = await _raw(sock_cluster)
-    nonce = os.urandom(32)
-    tok = sock_cluster.driver.token
-    writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
-    _, _, snonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
-    writer.write(_mac(tok, b"C", nonce, snonce))
-    await reader.readexactly(33)
+    reader, writer = await _authenticated(sock_cluster)
     older = sock_cluster.driver.id  # (any id below w1's: the head's joined first)
     assert 0 < older < w1.id
     with caplog.at_level(logging.WARNING, logger="actorgrad"):
