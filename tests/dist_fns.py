@@ -51,6 +51,15 @@ def debug_info() -> dict[str, int]:
     return ag.dist.debug_info()
 
 
+def num_aborted(ctx_id: int) -> int:
+    """How many aborted passes context ``ctx_id`` keeps here (to refuse their late
+    messages)."""
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    return len(state_of(current_worker()).contexts[ctx_id].aborted_passes)
+
+
 def mul(key: str, x: ag.Tensor) -> ag.Tensor:
     return x * _store[_k(key)]
 

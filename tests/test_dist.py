@@ -571,21 +571,65 @@ def test_an_abort_takes_back_only_its_own_pass_when_another_origin_committed_sin
     a = ag.tensor(np.zeros(2), requires_grad=True)
     b = ag.tensor(np.zeros(2), requires_grad=True)
     ctx = DistContext(1, "A")
-    ctx.commit(11, "A", {a: np.array([1.0, 2.0])})
-    ctx.settle("B")  # B's pass starts: A's pass 11 can still be aborted
-    ctx.commit(21, "B", {a: np.array([10.0, 20.0]), b: np.array([5.0, 5.0])})
-    ctx.undo_pass(11)
+    a1, a2, b1 = (1 << 32) + 1, (1 << 32) + 2, (2 << 32) + 1  # (origin's id in the high bits)
+    ctx.commit(a1, "A", {a: np.array([1.0, 2.0])})
+    ctx.settle("B", b1)  # B's pass starts: A's pass can still be aborted
+    ctx.commit(b1, "B", {a: np.array([10.0, 20.0]), b: np.array([5.0, 5.0])})
+    ctx.undo_pass(a1)
     np.testing.assert_array_equal(ctx.grads[a], [10.0, 20.0])
     np.testing.assert_array_equal(ctx.grads[b], [5.0, 5.0])
-    ctx.undo_pass(21)
+    ctx.undo_pass(b1)
     np.testing.assert_array_equal(ctx.grads[a], [0.0, 0.0])  # subtracted: B came after A
     assert b not in ctx.grads  # exact: nothing came after B there
     # A's next pass settles A's previous one: an abort of it changes nothing any more
-    ctx.commit(12, "A", {a: np.array([1.0, 1.0])})
-    ctx.settle("A")
-    ctx.undo_pass(12)
+    ctx.commit(a2, "A", {a: np.array([1.0, 1.0])})
+    ctx.settle("A", (1 << 32) + 3)
+    ctx.undo_pass(a2)
     np.testing.assert_array_equal(ctx.grads[a], [1.0, 1.0])
     assert ctx.undo == {}
+
+
+def test_aborted_passes_are_pruned_by_a_later_pass_of_their_origin_and_stay_refused():
+    from actorgrad.dist.context import DistContext
+
+    ctx = DistContext(1, "A")
+    a, b = 1 << 32, 2 << 32  # passes of origins A (id 1) and B (id 2)
+    for i in range(1, 1001):  # a thousand failed passes of A, one of B
+        ctx.settle("A", a + i)
+        ctx.aborted_passes.add(a + i)
+    ctx.aborted_passes.add(b + 1)  # (aborted before it reached this worker)
+    ctx.aborted_passes.add(a + 1002)  # (likewise, a pass of A after the next one)
+    ctx.settle("A", a + 1001)
+    assert ctx.aborted_passes == {b + 1, a + 1002}
+    # every older pass of A is still refused, the running one and later ones are not
+    assert all(ctx.is_aborted(a + i) for i in range(1, 1001))
+    assert not ctx.is_aborted(a + 1001) and not ctx.is_aborted(a + 1003)
+    assert ctx.is_aborted(a + 1002) and ctx.is_aborted(b + 1)
+    assert not ctx.is_aborted(b + 2)
+
+
+async def test_a_context_with_many_failed_passes_keeps_no_record_of_each(mode):
+    # A context kept for a whole training run in which passes fail again and again
+    # (here 30 in a row): each worker keeps at most the latest aborted pass, and the
+    # pass after them still gets the right gradients.
+    xv, wv = arr(3), arr(3)
+    async with cluster(mode) as c:
+        await ag.rpc("w2", F.put, ("w", wv))
+        await ag.rpc("w2", F.add_failing_hook, ("w", 30))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.chain, (["w2"], "w", x))
+            loss = y.sum()
+            for _ in range(30):
+                with pytest.raises(ag.RemoteError, match="hook refused gradient on w2"):
+                    await asyncio.wait_for(ag.dist.backward(ctx, [loss], retain_graph=True), 10)
+            for name in ("w1", "w2"):
+                assert await ag.rpc(name, F.num_aborted, (ctx,)) <= 1, name
+            await ag.dist.backward(ctx, [loss])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv)
+            for name in ("w1", "w2"):
+                assert await ag.rpc(name, F.num_aborted, (ctx,)) == 0, name
+        await assert_clean(c.names)
 
 
 async def _assert_no_cycles(step: Any, times: int = 5) -> None:

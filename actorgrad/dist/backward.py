@@ -305,7 +305,7 @@ class PassState:
         # Credit held here: received, not yet passed on (see _forward).
         self.credit: Credit = NO_CREDIT
         ctx.last_pass = (pass_id, origin)
-        ctx.settle(origin)
+        ctx.settle(origin, pass_id)
         ctx.sent_to.clear()
         # Peers sent to while this part runs, watched by the runtime until it is done
         # here (a hung one is then reported lost after the heartbeat timeout); on the
@@ -687,7 +687,7 @@ def _deliver(
                 f"distributed autograd context {ctx_id:#x} is unknown or released on "
                 f"worker {st.worker.name!r}"
             )
-        if pass_id in ctx.aborted_passes:
+        if ctx.is_aborted(pass_id):
             raise ContextError(
                 f"backward pass {pass_id:#x} of context {ctx_id:#x} was aborted on worker "
                 f"{st.worker.name!r} (it failed or was cancelled); late message dropped"
@@ -828,7 +828,7 @@ def _abort_cast(worker: Any, ctx_id: int, pass_id: int) -> None:
     _check_ids(ctx_id, pass_id)
     st = state_of(worker)
     ctx = st.contexts.get(ctx_id)
-    if ctx is None or pass_id in ctx.aborted_passes:
+    if ctx is None or ctx.is_aborted(pass_id):
         return
     _abort_here(st.worker, ctx, pass_id)
     _flood_abort(st.worker, ctx, pass_id)

@@ -133,6 +133,7 @@ class DistContext:
         "active_pass",
         "done_upto",
         "aborted_passes",
+        "started_upto",
         "lock",
         "released",
         "sent_to",
@@ -163,7 +164,13 @@ class DistContext:
         # too: a mark per origin, not a set growing by one per pass (a context kept
         # for a whole training run).
         self.done_upto: dict[int, int] = {}
+        # Passes aborted here that may still get late messages: those not older than
+        # their origin's newest pass started here (``started_upto``). A message of an
+        # older pass of that origin is a late one of an aborted pass too (a pass that
+        # completed has no message left on its way), so a new pass prunes the set: it
+        # keeps at most a pass or two per origin, not one per failed pass.
         self.aborted_passes: set[int] = set()
+        self.started_upto: dict[int, int] = {}
         self.lock: Any = None  # asyncio.Lock, created by the initiator's backward
         self.released = False
         # Peers this worker sent backward messages to (their loss is reported to the
@@ -242,12 +249,26 @@ class DistContext:
         if contrib or freed:  # (the origin's older record went when this pass started)
             self.undo[origin] = _Commit(pass_id, contrib, before, after, freed)
 
-    def settle(self, origin: str) -> None:
-        """A new pass of ``origin`` starts here: its previous one can no longer be
-        aborted (its abort would have come first: the abort of a pass reaches every
+    def settle(self, origin: str, pass_id: int) -> None:
+        """Pass ``pass_id`` of ``origin`` starts here: its previous ones can no longer be
+        aborted (their abort would have come first: the abort of a pass reaches every
         worker before any message of a later pass of the same origin)."""
         if self.undo:
             self.undo.pop(origin, None)
+        key = pass_id >> 32
+        self.started_upto[key] = pass_id
+        if self.aborted_passes:
+            self.aborted_passes = {
+                p for p in self.aborted_passes if p >> 32 != key or p >= pass_id
+            }
+
+    def is_aborted(self, pass_id: int) -> bool:
+        """Whether pass ``pass_id`` was aborted here (or is older than its origin's
+        newest pass started here: then it ended, and any message of it is a late one
+        of an aborted pass)."""
+        return pass_id in self.aborted_passes or pass_id < self.started_upto.get(
+            pass_id >> 32, 0
+        )
 
     def undo_pass(self, pass_id: int) -> dict[str, tuple[list[int], list[int]]] | None:
         """Take back the leaf gradients that pass ``pass_id`` committed here (it failed
