@@ -559,7 +559,8 @@ def forks_pending_of(forker: str) -> tuple[bool, int]:
     """(whether ``forker`` still holds counts or has forks pending here, owned count)"""
     w = rworker.current_worker()
     pending = any(
-        forker in o.holders or any(f == forker for f, _ in o.forks or {}) for o in w.owned.values()
+        any(h[0] == forker for h in o.holders) or any(f[0] == forker for f, _ in o.forks or {})
+        for o in w.owned.values()
     )
     return pending, w.owned_count
 
@@ -610,7 +611,7 @@ async def test_a_fork_still_unread_when_its_forker_dies_keeps_its_count(tmp_path
 def holders_of_first() -> tuple[list[str], int]:
     w = rworker.current_worker()
     o = next(iter(w.owned.values()), None)
-    return (sorted(o.holders) if o is not None else []), w.owned_count
+    return (sorted(h[0] for h in o.holders) if o is not None else []), w.owned_count
 
 
 def test_cluster_run_uses_uvloop_without_a_global_policy():

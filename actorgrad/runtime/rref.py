@@ -1,8 +1,10 @@
 """Remote references with distributed reference counting.
 
 Every ``RRef`` object, on any worker (the owner included), stands for one count at
-the owner, kept per holder name: ``Owned.holders[worker_name]``. The owner frees the
-value when the last count goes.
+the owner, kept per holder process: ``Owned.holders[(worker_name, cluster_id)]``. The
+owner frees the value when the last count goes. (The cluster id tells a process that
+joined under a dead holder's name from the dead one: the owner can hear of the death
+after the new one's first counts, and drops only the dead one's.)
 
 * Encoding an RRef into a message for worker ``dest`` adds one count for ``dest``
   before the message leaves: the owner adds it directly; any other worker (a "fork")
@@ -14,7 +16,7 @@ value when the last count goes.
   schedules the decref on its worker's loop thread-safely: a local decrement on the
   owner, a one-way ``_decref`` message otherwise.
 * A holder that leaves the cluster (gracefully, or dead: the registry sees its join
-  connection close) loses all its counts. A mere broken connection does not free
+  connection close, or a new process joins under its name) loses all its counts. A mere broken connection does not free
   anything: the holder may still be alive.
 * A fork's count waits on its receiver: the owner remembers, per (forker, receiver),
   the forks registered and not yet accepted, and a receiver that decodes a forked RRef
@@ -31,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from actorgrad.errors import short_repr
 from actorgrad.runtime.calls import inline
@@ -41,17 +43,38 @@ if TYPE_CHECKING:
     from actorgrad.runtime.worker import Worker
 
 
+#: A holder process: (worker name, cluster id; 0 where no id is known, a cluster
+#: without a registry).
+Key: TypeAlias = tuple[str, int]
+
+
+def peer_key(worker: Worker, name: str, conn: Any) -> Key:
+    """The key of the process at the other end of ``conn`` (a connection with worker
+    ``name``): the id its hello announced, else the membership's."""
+    pid = conn.peer_id if conn is not None else None
+    if pid is None:
+        member = worker.members.get(name)
+        pid = member[0] if member is not None else 0
+    return (name, pid)
+
+
+def _key_of(name: Any, pid: Any) -> Key:
+    if type(name) is not str or type(pid) is not int:
+        raise TypeError(f"malformed RRef holder {short_repr(name)} (id {short_repr(pid)})")
+    return (name, pid)
+
+
 class Owned:
     __slots__ = ("value", "holders", "forks")
 
     def __init__(self, value: Any) -> None:
         self.value = value
-        self.holders: dict[str, int] = {}
+        self.holders: dict[Key, int] = {}
         # (forker, receiver) -> forks registered and not accepted yet (see the module doc)
-        self.forks: dict[tuple[str, str], int] | None = None
+        self.forks: dict[tuple[Key, Key], int] | None = None
 
 
-def _fork(o: Owned, forker: str, holder: str, n: int) -> None:
+def _fork(o: Owned, forker: Key, holder: Key, n: int) -> None:
     forks = o.forks
     if forks is None:
         forks = o.forks = {}
@@ -68,14 +91,14 @@ def _show(rid: Any) -> str:
     return f"{rid:#x}" if type(rid) is int else short_repr(rid)
 
 
-def _add(worker: Worker, rid: int, holder: str, n: int = 1) -> None:
+def _add(worker: Worker, rid: int, holder: Key, n: int = 1) -> None:
     o = worker.owned.get(rid)
     if o is None:
         raise LookupError(f"RRef {_show(rid)} is no longer alive on worker {worker.name!r}")
     o.holders[holder] = o.holders.get(holder, 0) + n
 
 
-def _sub(worker: Worker, rid: int, holder: str, n: int = 1) -> None:
+def _sub(worker: Worker, rid: int, holder: Key, n: int = 1) -> None:
     o = worker.owned.get(rid)
     if o is None:
         return
@@ -88,22 +111,25 @@ def _sub(worker: Worker, rid: int, holder: str, n: int = 1) -> None:
             del worker.owned[rid]
 
 
-def peer_lost(worker: Worker, name: str) -> None:
+def peer_lost(worker: Worker, name: str, pid: int) -> None:
+    """Process ``pid`` of worker ``name`` left the cluster: its counts go, and the
+    receivers of its pending forks are asked to settle them."""
+    gone = (name, pid)
     settle: set[str] = set()
     for rid, o in list(worker.owned.items()):
         if o.forks:
             for forker, holder in list(o.forks):
-                if holder == name:  # (its counts go below: no accept will come)
+                if holder == gone:  # (its counts go below: no accept will come)
                     del o.forks[(forker, holder)]
-                elif forker == name:
-                    settle.add(holder)
-        if o.holders.pop(name, None) is not None and not o.holders:
+                elif forker == gone:
+                    settle.add(holder[0])
+        if o.holders.pop(gone, None) is not None and not o.holders:
             del worker.owned[rid]
-    for holder in settle:
-        if holder == worker.name:
-            worker.spawn(_settle_here(worker, name), name="settle forks")
+    for receiver in settle:
+        if receiver == worker.name:
+            worker.spawn(_settle_here(worker, gone), name="settle forks")
         else:
-            worker.notify(holder, _settle_forks, (name, worker.name), on_error=_ignore)
+            worker.notify(receiver, _settle_forks, (name, pid, worker.name), on_error=_ignore)
 
 
 def owned_value(worker: Worker, rid: Any) -> Any:
@@ -127,9 +153,9 @@ def _release_on_loop(worker: Worker, owner: str, rid: int) -> None:
     if worker.closed:
         return
     if owner == worker.name:
-        _sub(worker, rid, worker.name)
+        _sub(worker, rid, (worker.name, worker.id))
     else:
-        worker.notify(owner, "actorgrad.runtime.rref:_decref", (rid, worker.name))
+        worker.notify(owner, "actorgrad.runtime.rref:_decref", (rid, worker.name, worker.id))
 
 
 class RRef(WireRef):
@@ -273,18 +299,21 @@ def new_owned(worker: Worker, value: Any) -> RRef:
     # reached its values, their releases freeing them)
     rid = (worker.id << 48) | next(worker._rref_ids)
     o = worker.owned[rid] = Owned(value)
-    o.holders[worker.name] = 1
+    o.holders[(worker.name, worker.id)] = 1
     return RRef(worker, worker.name, rid)
 
 
 class Hooks:
-    """Codec hooks of one message between ``worker`` and ``peer`` (RRefs only)."""
+    """Codec hooks of one message between ``worker`` and ``peer`` (RRefs only), over
+    connection ``conn`` (its hello tells which process ``peer`` is; None: a message
+    to itself)."""
 
-    __slots__ = ("worker", "peer", "forks", "added", "registered", "undone")
+    __slots__ = ("worker", "peer", "peer_key", "forks", "added", "registered", "undone")
 
-    def __init__(self, worker: Worker, peer: str) -> None:
+    def __init__(self, worker: Worker, peer: str, conn: Any) -> None:
         self.worker = worker
         self.peer = peer
+        self.peer_key = peer_key(worker, peer, conn)
         self.forks: list[RRef] | None = None
         self.added: list[int] | None = None
         # forks the owners acknowledged registering: (owner, rid) (see register_forks)
@@ -300,7 +329,7 @@ class Hooks:
             raise TypeError(f"cannot send {type(ref).__name__}")
         w = self.worker
         if ref.owner == w.name:
-            _add(w, ref._rid, self.peer)
+            _add(w, ref._rid, self.peer_key)
             if self.added is None:
                 self.added = []
             self.added.append(ref._rid)
@@ -314,10 +343,11 @@ class Hooks:
         owner, rid = payload
         w, forker = self.worker, self.peer
         if forker != owner and forker != w.name:  # a fork: its count waits for this
+            fk = self.peer_key
             if owner == w.name:
-                _accepted(w, rid, forker, owner)
+                _accepted(w, rid, fk, (w.name, w.id))
             else:
-                w.notify(owner, _accept, (rid, forker, w.name), on_error=_ignore)
+                w.notify(owner, _accept, (rid, *fk, w.name, w.id), on_error=_ignore)
         return RRef(w, owner, rid)
 
     def abandoned(self) -> None:
@@ -340,11 +370,11 @@ class Hooks:
         self.undone = True
         if self.added:
             for rid in self.added:
-                _sub(self.worker, rid, self.peer)
+                _sub(self.worker, rid, self.peer_key)
             self.added = None
         if self.registered:
             for owner, rid in self.registered:
-                _take_back(self.worker, owner, rid, self.peer)
+                _take_back(self.worker, owner, rid, self.peer_key)
             self.registered = None
         self.forks = None
 
@@ -354,8 +384,8 @@ class TensorHooks(Hooks):
 
     __slots__ = ("th",)
 
-    def __init__(self, worker: Worker, peer: str, th: Any) -> None:
-        super().__init__(worker, peer)
+    def __init__(self, worker: Worker, peer: str, conn: Any, th: Any) -> None:
+        super().__init__(worker, peer, conn)
         self.th = th
 
     def tensor_out(self, t: Any) -> Any:
@@ -397,12 +427,12 @@ async def register_forks(worker: Worker, hooks: Hooks) -> None:
     hooks.forks = None
     by_owner: dict[str, list[list]] = {}
     for r in forks:
-        by_owner.setdefault(r.owner, []).append([r._rid, hooks.peer])
+        by_owner.setdefault(r.owner, []).append([r._rid, *hooks.peer_key])
     del forks
     futs = []
     for owner, entries in by_owner.items():
         fut = worker.call_nowait(
-            owner, "actorgrad.runtime.rref:_add_holders", (entries, worker.name)
+            owner, "actorgrad.runtime.rref:_add_holders", (entries, worker.name, worker.id)
         )
         fut.add_done_callback(functools.partial(_registered, hooks, owner, entries))
         futs.append(fut)
@@ -417,19 +447,19 @@ async def register_forks(worker: Worker, hooks: Hooks) -> None:
 def _registered(hooks: Hooks, owner: str, entries: list[list], fut: asyncio.Future[Any]) -> None:
     if fut.cancelled() or fut.exception() is not None:
         return  # (not registered: nothing to take back)
-    for rid, peer in entries:
+    for rid, *peer in entries:
         if hooks.undone:
-            _take_back(hooks.worker, owner, rid, peer)
+            _take_back(hooks.worker, owner, rid, (peer[0], peer[1]))
         else:
             if hooks.registered is None:
                 hooks.registered = []
             hooks.registered.append((owner, rid))
 
 
-def _take_back(worker: Worker, owner: str, rid: int, holder: str) -> None:
+def _take_back(worker: Worker, owner: str, rid: int, holder: Key) -> None:
     """A fork registered for a message that was not sent: its count, and the owner's
     record of it as pending, go back."""
-    worker.notify(owner, _unfork, (rid, holder, worker.name), on_error=_ignore)
+    worker.notify(owner, _unfork, (rid, *holder, worker.name, worker.id), on_error=_ignore)
 
 
 # ---- internal RPC targets (run on the owner) -------------------------------------------
@@ -445,39 +475,44 @@ def _fetch(rid: int) -> Any:
 
 
 @inline
-def _add_holders(entries: list, forker: str) -> None:
+def _add_holders(entries: list, forker: str, forker_id: int) -> None:
+    """On the owner: process ``forker_id`` of ``forker`` forks RRefs (entries: id,
+    receiver name, receiver's cluster id)."""
     from actorgrad.runtime.worker import current_worker
 
     w = current_worker()
-    for rid, holder in entries:
+    fk = _key_of(forker, forker_id)
+    for rid, name, pid in entries:
+        holder = _key_of(name, pid)
         _add(w, rid, holder)
-        if holder != forker:  # (a fork to itself goes with the forker)
-            _fork(w.owned[rid], forker, holder, 1)
+        if holder != fk:  # (a fork to itself goes with the forker)
+            _fork(w.owned[rid], fk, holder, 1)
 
 
-def _accepted(worker: Worker, rid: int, forker: str, holder: str) -> None:
+def _accepted(worker: Worker, rid: int, forker: Key, holder: Key) -> None:
     o = worker.owned.get(rid)
     if o is not None and o.forks:
         _fork(o, forker, holder, -1)
 
 
 @inline
-def _accept(rid: int, forker: str, holder: str) -> None:
+def _accept(rid: int, forker: str, forker_id: int, holder: str, holder_id: int) -> None:
     """On the owner: ``holder`` decoded an RRef ``forker`` forked to it."""
     from actorgrad.runtime.worker import current_worker
 
-    _accepted(current_worker(), rid, forker, holder)
+    _accepted(current_worker(), rid, _key_of(forker, forker_id), _key_of(holder, holder_id))
 
 
 @inline
-def _unfork(rid: int, holder: str, forker: str) -> None:
+def _unfork(rid: int, holder: str, holder_id: int, forker: str, forker_id: int) -> None:
     """On the owner: ``forker`` takes back a fork it registered for ``holder`` (the
     message was not sent)."""
     from actorgrad.runtime.worker import current_worker
 
     w = current_worker()
-    _accepted(w, rid, forker, holder)
-    _sub(w, rid, holder)
+    hk = _key_of(holder, holder_id)
+    _accepted(w, rid, _key_of(forker, forker_id), hk)
+    _sub(w, rid, hk)
 
 
 #: How long a receiver waits to have handled everything a gone forker sent it before
@@ -494,23 +529,23 @@ async def _handled_all_of(worker: Worker, forker: str) -> None:
         await asyncio.sleep(0.01)  # (a rare recovery path: no event to wait for)
 
 
-async def _settle_forks(forker: str, owner: str) -> None:
+async def _settle_forks(forker: str, forker_id: int, owner: str) -> None:
     """On a receiver: ``forker`` left; once everything it sent here was handled, tell
     ``owner``, behind the accepts of those frames (the same connection)."""
     from actorgrad.runtime.worker import current_worker
 
     w = current_worker()
     await _handled_all_of(w, forker)
-    w.notify(owner, _forks_settled, (forker, w.name), on_error=_ignore)
+    w.notify(owner, _forks_settled, (forker, forker_id, w.name, w.id), on_error=_ignore)
 
 
-async def _settle_here(worker: Worker, forker: str) -> None:
+async def _settle_here(worker: Worker, forker: Key) -> None:
     """The owner's own share of a settle (RRefs ``forker`` forked back to it)."""
-    await _handled_all_of(worker, forker)
-    _forks_settled_here(worker, forker, worker.name)
+    await _handled_all_of(worker, forker[0])
+    _forks_settled_here(worker, forker, (worker.name, worker.id))
 
 
-def _forks_settled_here(worker: Worker, forker: str, holder: str) -> None:
+def _forks_settled_here(worker: Worker, forker: Key, holder: Key) -> None:
     for rid, o in list(worker.owned.items()):
         n = o.forks.pop((forker, holder), 0) if o.forks else 0
         if n > 0:  # (their messages never came: the forker died before or while sending)
@@ -518,12 +553,12 @@ def _forks_settled_here(worker: Worker, forker: str, holder: str) -> None:
 
 
 @inline
-def _forks_settled(forker: str, holder: str) -> None:
+def _forks_settled(forker: str, forker_id: int, holder: str, holder_id: int) -> None:
     """On the owner: ``holder`` handled everything the gone ``forker`` sent it: the
     forks still pending from one to the other never arrived."""
     from actorgrad.runtime.worker import current_worker
 
-    _forks_settled_here(current_worker(), forker, holder)
+    _forks_settled_here(current_worker(), _key_of(forker, forker_id), _key_of(holder, holder_id))
 
 
 def _ignore(exc: BaseException) -> None:
@@ -531,10 +566,10 @@ def _ignore(exc: BaseException) -> None:
 
 
 @inline
-def _decref(rid: int, holder: str) -> None:
+def _decref(rid: int, holder: str, holder_id: int) -> None:
     from actorgrad.runtime.worker import current_worker
 
-    _sub(current_worker(), rid, holder)
+    _sub(current_worker(), rid, _key_of(holder, holder_id))
 
 
 def owned_count() -> int:

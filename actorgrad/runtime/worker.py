@@ -783,7 +783,7 @@ class Worker:
                 # it left the cluster (the registry saw it go): its RRef counts go too.
                 # (Also under a name still there with another cluster id: a snapshot
                 # can skip the version it left in, when a refresh got a newer one.)
-                rref.peer_lost(self, n)
+                rref.peer_lost(self, n, entry[0])
                 self._peer_lost(n)
         for n, entry in self.members.items():
             was = old.get(n)
@@ -911,7 +911,7 @@ class Worker:
                     late = call[1] if call is not None else kept
                     if kind == K_OK:
                         try:
-                            frame.body(late or rref.Hooks(self, conn.peer_name or "?"))
+                            frame.body(late or rref.Hooks(self, conn.peer_name or "?", conn))
                         except Exception:
                             pass
                     elif len(header) == 3 and late is not None:
@@ -1104,8 +1104,8 @@ class Worker:
         if meta is not None and ic is not None:
             th = ic.wire_hooks(self, meta, peer, conn.peer_id)
             if th is not None:
-                return rref.TensorHooks(self, peer, th)
-        return rref.Hooks(self, peer)
+                return rref.TensorHooks(self, peer, conn, th)
+        return rref.Hooks(self, peer, conn)
 
     def _start(self, conn: Connection, frame: Any) -> None:
         header = frame.header
@@ -1123,7 +1123,7 @@ class Worker:
             self._reply_exc(conn, cid, lost, None, refused=True)
             return
         if meta is None:
-            hooks = rref.Hooks(self, peer)
+            hooks = rref.Hooks(self, peer, conn)
         else:
             try:
                 hooks = self._hooks(conn, peer, meta)
@@ -1202,7 +1202,7 @@ class Worker:
         """A request the interceptor refused (e.g. a late call in a released distributed
         autograd context): the caller gets ``exc``; a one-way call is dropped (logged).
         Not a malformed frame: the connection stays."""
-        hooks = rref.Hooks(self, conn.peer_name or "?")
+        hooks = rref.Hooks(self, conn.peer_name or "?", conn)
         try:  # (decoded only so that RRefs in it are released again)
             frame.body(hooks)
         except Exception:
@@ -1439,7 +1439,7 @@ class Worker:
         meta = ic.outgoing(self, dest, conn.peer_id) if ic is not None else None
         # (from here on, the call is in flight for the interceptor until it returns)
         try:
-            hooks = rref.Hooks(self, dest) if meta is None else self._hooks(conn, dest, meta)
+            hooks = rref.Hooks(self, dest, conn) if meta is None else self._hooks(conn, dest, meta)
             cid = next(conn._call_ids)
             try:
                 chunks = wire.encode_frame(
@@ -1553,7 +1553,7 @@ class Worker:
         fut: asyncio.Future[Any],
     ) -> None:
         """Encode and queue a request whose reply resolves ``fut`` (see call_nowait)."""
-        hooks = rref.Hooks(self, dest)
+        hooks = rref.Hooks(self, dest, conn)
         cid = next(conn._call_ids)
         try:
             chunks = wire.encode_frame(
