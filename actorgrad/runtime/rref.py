@@ -308,12 +308,12 @@ class Hooks:
     connection ``conn`` (its hello tells which process ``peer`` is; None: a message
     to itself)."""
 
-    __slots__ = ("worker", "peer", "peer_key", "forks", "added", "registered", "undone")
+    __slots__ = ("worker", "peer", "conn", "forks", "added", "registered", "undone")
 
     def __init__(self, worker: Worker, peer: str, conn: Any) -> None:
         self.worker = worker
         self.peer = peer
-        self.peer_key = peer_key(worker, peer, conn)
+        self.conn = conn
         self.forks: list[RRef] | None = None
         self.added: list[int] | None = None
         # forks the owners acknowledged registering: (owner, rid) (see register_forks)
@@ -323,6 +323,11 @@ class Hooks:
     @property
     def worker_name(self) -> str:
         return self.worker.name
+
+    @property
+    def peer_key(self) -> Key:
+        # (computed when an RRef needs it: most messages carry none)
+        return peer_key(self.worker, self.peer, self.conn)
 
     def ref_out(self, ref: Any) -> list:
         if not isinstance(ref, RRef):
