@@ -6,6 +6,7 @@ this module.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
@@ -102,6 +103,10 @@ async def mul_then_forward(key: str, dest: str, dest_key: str, x: ag.Tensor) -> 
     y = x * _store[_k(key)]
     z = await ag.rpc(dest, mul, (dest_key, y))
     return z * z
+
+
+async def nap(seconds: float, *payload: Any) -> None:
+    await asyncio.sleep(seconds)
 
 
 async def use_rref(ref: ag.RRef, x: ag.Tensor) -> ag.Tensor:

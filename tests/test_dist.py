@@ -694,7 +694,18 @@ async def test_failed_calls_and_passes_leave_no_reference_cycles_behind():
                 with pytest.raises(ag.RemoteError, match="hook failed on purpose"):
                     await ag.dist.backward(ctx, [y.sum()])
 
+        async def timed_out_rpcs_in_tasks() -> None:
+            # (the RpcTimeout kept the timer that the task holds, through the context
+            # of the error it was raised from: one cycle per timed-out call in a task)
+            big = np.zeros(1 << 16)
+            outs = await asyncio.gather(
+                *(ag.rpc("w1", F.nap, (0.5, big), timeout=0.01) for _ in range(4)),
+                return_exceptions=True,
+            )
+            assert all(isinstance(o, ag.RpcTimeout) for o in outs), outs
+
         await _assert_no_cycles(failed_rpc)
+        await _assert_no_cycles(timed_out_rpcs_in_tasks)
         await _assert_no_cycles(failed_backward)
         await _assert_no_cycles(failed_offloaded_part)
         await assert_clean(c.names)

@@ -252,16 +252,21 @@ async def _by_deadline(
     """``await aw``, an RpcTimeout saying what the call was ``doing`` at ``deadline``."""
     if deadline is None:
         return await aw
+    timer = asyncio.timeout_at(deadline)
     try:
-        async with asyncio.timeout_at(deadline) as t:
+        async with timer:
             return await aw
     except TimeoutError:
-        if not t.expired():
+        if not timer.expired():
             raise
-        raise RpcTimeout(
-            f"call of {calls.describe(target)} on worker {dest!r} timed out after {seconds} s"
-            + doing
-        ) from None
+    # (raised out here, with the timer dropped: raised in the except clause, the error
+    # kept the TimeoutError as its context, whose traceback kept this frame, the timer
+    # and through it the task, which holds the error: a cycle keeping the call's
+    # arguments until the garbage collector ran)
+    del timer
+    raise RpcTimeout(
+        f"call of {calls.describe(target)} on worker {dest!r} timed out after {seconds} s" + doing
+    )
 
 
 def check_timeout(timeout: Any, none_means: str, hint: str = "") -> None:
