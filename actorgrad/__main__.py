@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actorgrad.cli import main
+from actorgrad.cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

@@ -175,7 +175,10 @@ def _say(msg: str) -> None:
 
 
 def _note(msg: str) -> None:
-    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+    # (a stderr whose reader went away must not stop what follows: a signal handler
+    # notes, then stops the cluster)
+    with contextlib.suppress(OSError):
+        print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
 async def _serve_until_signalled(
@@ -192,11 +195,11 @@ async def _serve_until_signalled(
         nonlocal signals
         signals += 1
         if signals == 1:
-            _note(f"{sig.name}: stopping the {what} (again to force)")
             stop.set()
+            _note(f"{sig.name}: stopping the {what} (again to force)")
         else:
-            _note(f"{sig.name}: forcing the {what} down")
             task.cancel()
+            _note(f"{sig.name}: forcing the {what} down")
 
     with _signals(on_signal):
         if starting:
@@ -714,6 +717,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.command == "run":
         args.args = tail
     return args
+
+
+def entry() -> int:
+    """The ``actorgrad`` command as a process: :func:`main`, then out past calls still
+    stuck in a worker's thread pool (``actorgrad worker`` running a function that
+    never returns would not exit, even forced)."""
+    from actorgrad.runtime.procs import exit_past_stuck_calls
+
+    return exit_past_stuck_calls(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

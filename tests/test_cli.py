@@ -676,6 +676,68 @@ def test_a_second_signal_forces_the_cluster_down(tmp_path: Path) -> None:
         c.stop()
 
 
+@needs_runtime
+def test_a_cluster_whose_stderr_reader_went_away_still_stops_on_a_signal(tmp_path: Path) -> None:
+    # `actorgrad cluster 2>&1 | head -3`: the signal handler noted the signal on stderr
+    # before it stopped the cluster, and the BrokenPipeError left it running for good
+    # (SIGINT, SIGINT, SIGTERM: only SIGKILL worked, leaving its token folder behind).
+    c = Running("cluster", "-n", "1", "--token-file", str(tmp_path / "t"))
+    try:
+        c.expect("address:")
+        pids = descendants(c.proc.pid)
+        assert c.proc.stderr is not None
+        c.proc.stderr.close()
+        c.proc.send_signal(signal.SIGINT)
+        assert c.wait() == 0
+        assert wait_gone(pids, 10) == set()
+    finally:
+        c.stop()
+
+
+BLOCKING_SCRIPT = """
+import asyncio, os, time
+from pathlib import Path
+import actorgrad as ag
+
+def block(flag):
+    Path(flag).touch()
+    time.sleep(600)
+
+async def main():
+    await ag.init("driver")
+    pid = await ag.rpc("w1", os.getpid)
+    flag = os.path.join(os.path.dirname(os.path.abspath(__file__)), "blocking")
+    call = asyncio.ensure_future(ag.rpc("w1", block, (flag,)))
+    async with asyncio.timeout(30):
+        while not os.path.exists(flag):
+            await asyncio.sleep(0.01)
+    print("blocked", pid, flush=True)
+    await call
+
+if __name__ == "__main__":  # (the workers import this module to find block())
+    asyncio.run(main())
+"""
+
+
+@needs_runtime
+def test_a_worker_stuck_in_a_blocking_call_exits_when_its_cluster_dies(tmp_path: Path) -> None:
+    # w1 runs a plain function that blocks (in its thread pool) when `run` is killed:
+    # w1 saw the head go and shut down, then the interpreter's exit waited for the
+    # pool's thread, and w1 lived on, re-parented to init, until the function returned.
+    script = tmp_path / "block.py"
+    script.write_text(BLOCKING_SCRIPT)
+    r = Running("run", "-n", "1", str(script))
+    pid = 0
+    try:
+        pid = int(r.expect("blocked"))
+        r.proc.send_signal(signal.SIGKILL)
+        assert wait_gone({pid}, 20) == set()
+    finally:
+        if pid and _is_running(pid):  # (it holds run's stdout open: stop() would wait)
+            os.kill(pid, signal.SIGKILL)
+        r.stop()
+
+
 STATUS_SCRIPT = """
 import asyncio, sys
 import actorgrad as ag

@@ -76,6 +76,27 @@ def tune_malloc() -> bool:
     return ok
 
 
+def exit_past_stuck_calls(code: int) -> int:
+    """``code``, or, when a call still runs in a worker's thread pool (a plain function
+    that blocks: ``time.sleep(1000)``, a hung read), exit the process now with it.
+
+    The interpreter's exit joins the pool's threads, so such a process stayed alive,
+    re-parented to init once its parent died, until the function returned: maybe
+    never. For a process's entry point only, once its workers have shut down (the
+    pool's threads hold nothing the process still needs)."""
+    import threading
+
+    me = threading.current_thread()
+    if any(t is not me and t.name.startswith("actorgrad-") for t in threading.enumerate()):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    return code
+
+
 def blas_threads(n_workers: int) -> int:
     """BLAS threads per process when ``n_workers`` workers and a driver share the cores."""
     return max(1, (os.cpu_count() or 1) // (n_workers + 1))

@@ -65,4 +65,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from actorgrad.runtime.procs import exit_past_stuck_calls
+
+    raise SystemExit(exit_past_stuck_calls(main()))
