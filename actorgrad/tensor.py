@@ -904,23 +904,25 @@ class Pow(Function):
         ga = gb = None
         if na:
             if type(b) is int and b == 2:
-                d = 2 * a
+                ga = _fit(g * (2 * a), a.shape, a.dtype)
+            elif np.ndim(b) == 0 and b == 0:
+                # a**0 is constant: exactly 0, whatever g is (inf or nan too), as torch
+                ga = np.zeros(a.shape, a.dtype)
             else:
-                # d(a**b)/da = b * a**(b-1); 0 where b == 0 (as torch does: 0 * 0**-1
-                # would be nan). No warnings: inf where a == 0 and b < 1 is the value.
+                # d(a**b)/da = b * a**(b-1); 0 where b == 0, whatever g is there (as
+                # torch does: 0 * 0**-1 would be nan, and so would an inf g times 0).
+                # No warnings: inf where a == 0 and b < 1 is the value.
                 with np.errstate(divide="ignore", invalid="ignore"):
-                    d = b * a ** (b - 1)
-                    if np.ndim(b) == 0:
-                        if b == 0:
-                            d = np.zeros_like(d)
-                    else:
-                        d = np.where(b == 0, 0, d)
-            ga = _fit(g * d, a.shape, a.dtype)
+                    gd = g * (b * a ** (b - 1))
+                    if np.ndim(b) != 0:
+                        gd = np.where(b == 0, 0, gd)
+                    ga = _fit(gd, a.shape, a.dtype)
         if nb:
             # d(a**b)/db = a**b * log(a); defined as 0 where a == 0 and b >= 0 (as torch
             # does). Where a == 0 and b < 0 it stays inf * log(0) = -inf (times g).
+            # (masked before g multiplies it, as torch does: a nan or inf g stays one)
             with np.errstate(divide="ignore", invalid="ignore"):
-                gb = np.where((a == 0) & (b >= 0), 0, g * out * np.log(a))
+                gb = g * np.where((a == 0) & (b >= 0), 0, out * np.log(a))
             gb = _fit(gb, b.shape, b.dtype)
         return ga, gb
 
@@ -1020,7 +1022,10 @@ class Abs(Function):
         return np.abs(a)
 
     def backward(self, g: Any) -> tuple:
-        return (g * np.sign(self.saved),)
+        s = np.sign(self.saved)
+        if s.dtype.kind == "f" and np.isnan(s).any():
+            s = np.nan_to_num(s, nan=0.0)  # (sign(nan) is 0 for the gradient, as torch)
+        return (g * s,)
 
 
 class ReLU(Function):
@@ -1032,7 +1037,10 @@ class ReLU(Function):
         return out
 
     def backward(self, g: Any) -> tuple:
-        return (g * (self.saved > 0),)
+        # g where the output is positive, else 0: selected, not multiplied by a mask
+        # (an inf g from sqrt(relu(x)) at x <= 0 gave inf * 0 = nan), and nan outputs
+        # pass g on, as torch does
+        return (np.where(self.saved <= 0, 0, g),)
 
 
 class Tanh(Function):
@@ -1167,6 +1175,9 @@ class Reshape(Function):
     def forward(self, a: Any, shape: tuple[int, ...]) -> Any:
         self.saved = a.shape
         try:
+            # (numpy takes any negative size for the one it infers: -1 only, as torch)
+            if any(isinstance(d, (int, np.integer)) and d < -1 for d in shape):
+                raise ValueError
             return a.reshape(shape)
         except ValueError:
             raise ValueError(

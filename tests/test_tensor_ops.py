@@ -450,3 +450,40 @@ def test_arithmetic_with_an_operand_that_is_not_a_number_names_the_operator_and_
     # numeric operands keep numpy's own message (it names the problem)
     with pytest.raises(TypeError, match="boolean subtract"):
         ag.tensor([True]) - ag.tensor([False])
+
+
+@pytest.mark.parametrize(
+    ("fn", "x", "grad"),
+    [
+        # torch 2.13's gradients (float64). A non-finite gradient (sqrt or log of 0)
+        # reaching relu, abs or pow where their derivative is 0 gave inf * 0 = nan.
+        (lambda a: a.relu().sqrt(), [-1.0, 0.0, 4.0], [0.0, 0.0, 0.25]),
+        (lambda a: a.relu().log(), [-1.0, 0.0, 4.0], [0.0, 0.0, 0.25]),
+        (lambda a: (a**0 - 1).sqrt(), [-1.0, 0.0, 4.0], [0.0, 0.0, 0.0]),
+        (lambda a: (a ** ag.tensor([0.0, 0.0, 2.0]) - 1).sqrt(), [2.0, 3.0, 1.0], [0, 0, np.inf]),
+        # a nan input: relu passes the gradient on, abs takes sign(nan) as 0
+        (lambda a: a.log().relu(), [-1.0, 4.0], [-1.0, 0.25]),
+        (lambda a: a.log().abs(), [-1.0, 2.0], [0.0, 0.5]),
+    ],
+    ids=["sqrt-relu", "log-relu", "sqrt-pow0", "sqrt-pow0-tensor", "relu-nan", "abs-nan"],
+)
+def test_nonfinite_gradients_meet_zero_derivatives_as_in_torch(fn, x, grad):
+    a = ag.tensor(np.array(x), requires_grad=True)
+    with np.errstate(all="ignore"):
+        fn(a).sum().backward()
+    np.testing.assert_array_equal(a.grad, grad)
+
+
+def test_pow_exponent_gradient_stays_nan_where_a_nan_gradient_meets_a_zero_base():
+    # d(a**b)/db is 0 at a == 0, b >= 0, but a nan gradient times it stays nan (torch)
+    b = ag.tensor(np.array([1.0, 1.0]), requires_grad=True)
+    with np.errstate(all="ignore"):
+        (ag.tensor(np.array([0.0, 2.0])) ** b).log().sum().backward()
+    assert np.isnan(b.grad[0]) and b.grad[1] == pytest.approx(np.log(2.0))
+
+
+@pytest.mark.parametrize("shape", [(-2, 3), (-7,), (2, -100), (np.int64(-3), 2)])
+def test_reshape_takes_only_minus_one_as_the_size_it_infers(shape):
+    with pytest.raises(ValueError, match=r"reshape: cannot reshape a tensor of shape \(6,\)"):
+        ag.ones(6).reshape(*shape)
+    assert ag.ones(6).reshape(-1, 3).shape == (2, 3)
