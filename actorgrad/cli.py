@@ -590,8 +590,9 @@ def _seconds(text: str) -> float:
     return value
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an int of at least ``low`` (also for ``actorgrad demo``)."""
+def at_least(low: int, high: int | None = None, why: str = "") -> Callable[[str], int]:
+    """An argparse type: an int of at least ``low`` and, given ``high``, at most that
+    (``why`` says why, in the error). Also for ``actorgrad demo``."""
 
     def parse(text: str) -> int:
         try:
@@ -600,12 +601,16 @@ def at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}: {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}{why}: {value}")
         return value
 
     return parse
 
 
-_positive = at_least(1)
+#: Most workers ``-n`` starts on this machine (each is a process of ~45 MB).
+MAX_LOCAL_WORKERS = 256
+_workers = at_least(1, MAX_LOCAL_WORKERS, " (each worker is a process on this machine)")
 
 
 def _port(text: str) -> int:
@@ -629,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok = f"file holding the cluster token (default: ${ENV_TOKEN})"
 
     c = sub.add_parser("cluster", help="run a registry head and N workers in the foreground")
-    c.add_argument("-n", type=_positive, required=True, metavar="N", help="workers w1..wN")
+    c.add_argument("-n", type=_workers, required=True, metavar="N", help="workers w1..wN")
     c.add_argument(
         "--host", type=_host, default="127.0.0.1", help="interface to bind (default 127.0.0.1)"
     )
@@ -648,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--token-file", metavar="F", help=tok)
 
     r = sub.add_parser("run", help="run SCRIPT as the driver of a local cluster of N workers")
-    r.add_argument("-n", type=_positive, required=True, metavar="N", help="workers w1..wN")
+    r.add_argument("-n", type=_workers, required=True, metavar="N", help="workers w1..wN")
     r.add_argument("script", metavar="SCRIPT", help="the Python script to run")
     # (what follows SCRIPT is split off before parsing: see parse_args)
     r.add_argument(  # (a default: argparse would call a '*' positional "required")

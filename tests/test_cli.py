@@ -211,6 +211,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
 def test_usage_errors_exit_2() -> None:
     assert run_cli("cluster").returncode == 2
     assert run_cli("cluster", "-n", "0").returncode == 2
+    # (a huge -n built its list of names first: a MemoryError's traceback, or 24 GB)
+    for argv in (["cluster", "-n", "257"], ["run", "-n", "1000000000000", "s.py"]):
+        r = run_cli(*argv)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert "must be at most 256 (each worker is a process on this machine)" in r.stderr
     assert run_cli("bogus").returncode == 2
     r = run_cli("status", env=_env(ACTORGRAD_TOKEN="t"))
     assert r.returncode == 2

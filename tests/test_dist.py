@@ -1169,6 +1169,13 @@ async def test_misuse_errors():
             with pytest.raises(ag.ContextError, match="nest"):
                 async with ag.dist.context():
                     pass
+
+            async def child() -> None:  # (a task shares its creator's context)
+                async with ag.dist.context():
+                    pass
+
+            with pytest.raises(ag.ContextError, match="or in the task that created it"):
+                await asyncio.ensure_future(child())
         with pytest.raises(ag.ContextError, match="unknown or released"):
             await ag.dist.backward(ctx, [x.sum()])
         with pytest.raises(ag.ContextError, match="unknown or released"):

@@ -472,12 +472,17 @@ async def test_a_call_cancelled_while_waiting_in_the_mailbox_never_runs(cluster)
 async def test_a_timeout_that_is_not_a_positive_number_is_refused_before_sending(cluster):
     # (0 means "no timeout" in PyTorch's RPC; here that is None, and 0 would time out
     # at once; a NaN would never time out)
-    for bad in (0, -1, float("nan"), "5"):
-        with pytest.raises(ValueError, match=r"timeout must be a number of seconds > 0, or None"):
+    for bad in (0, -1, float("nan"), "5", True, [1]):
+        # (a value of another type, a bool too, is a TypeError: True was taken as 1 s)
+        exc = ValueError if isinstance(bad, (int, float)) and type(bad) is not bool else TypeError
+        with pytest.raises(exc, match=r"timeout must be a number of seconds > 0, or None"):
             await ag.rpc("w1", add, (1, 2), timeout=bad)
-        with pytest.raises(ValueError, match="timeout must be"):
+        with pytest.raises(exc, match="timeout must be"):
             await ag.remote("w1", add, (1, 2), timeout=bad)
     assert await ag.rpc("w1", add, (1, 2), timeout=np.float64(5.0)) == 3
+    # (a str subclass names a worker: numpy's str_ was refused, "must be a str")
+    assert await ag.rpc(np.str_("w1"), add, (1, 2)) == 3
+    assert await ag.rpc(np.str_("w2"), add, (1, 2)) == 3
     with pytest.raises(ValueError, match="'operator.add' must look like 'module:qualname'"):
         await ag.rpc("w1", "operator.add", (1, 2))
 
@@ -1478,7 +1483,8 @@ async def test_actorgrad_used_from_another_event_loop_says_so(cluster):
             r"timeout must be a number of seconds > 0, or None for the default \(10 s\); got -5",
         ),
         ({"timeout": 0}, ValueError, "got 0$"),
-        ({"timeout": "x"}, ValueError, "got 'x'$"),
+        ({"timeout": "x"}, TypeError, "got str 'x'$"),
+        ({"timeout": True}, TypeError, "got bool True$"),
         ({"timeout": float("nan")}, ValueError, "got nan$"),
     ],
 )
@@ -1492,7 +1498,7 @@ async def test_shutdown_refuses_bad_arguments_as_rpc_does(kwargs, exc, message, 
             await ag.shutdown(**kwargs)
         assert await ag.rpc("z", add, (1, 2)) == 3  # (it did not go)
         if "timeout" in kwargs:
-            with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+            with pytest.raises(exc, match="timeout must be a number of seconds > 0"):
                 await ag.rpc("z", add, (1, 2), **kwargs)
     finally:
         await ag.shutdown()

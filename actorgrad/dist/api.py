@@ -67,7 +67,8 @@ class _Context:
         if open_ctx is not None:
             raise ContextError(
                 f"a distributed autograd context ({open_ctx.id:#x}) is already open in this "
-                "task; contexts do not nest"
+                "task, or in the task that created it (a task shares the context of the "
+                "task it was created in); contexts do not nest"
             )
         st = self._st = state_of(worker)
         ctx_id = self._id = st.new_context_id()

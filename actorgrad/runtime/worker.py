@@ -269,10 +269,26 @@ async def _by_deadline(
     )
 
 
+def _worker_name(dest: Any) -> str:
+    """``dest`` as a plain str (a str subclass, such as numpy's str_, is taken as its
+    text); TypeError for anything else."""
+    if not isinstance(dest, str):
+        raise TypeError(f"worker name must be a str, not {type(dest).__name__}")
+    return str.__str__(dest)
+
+
 def check_timeout(timeout: Any, none_means: str, hint: str = "") -> None:
-    """ValueError unless ``timeout`` is a number of seconds > 0 (NaN is not) or None
-    (which means ``none_means``): the rule of every timeout of the API."""
-    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+    """TypeError for a ``timeout`` that is not a number (a bool is not one), ValueError
+    unless it is a number of seconds > 0 (NaN is not) or None (which means
+    ``none_means``): the rule of every timeout of the API."""
+    if timeout is None:
+        return
+    if type(timeout) is bool or not isinstance(timeout, (int, float)):
+        raise TypeError(
+            f"timeout must be a number of seconds > 0, or None {none_means}; got "
+            f"{type(timeout).__name__} {timeout!r:.80}"
+        )
+    if not timeout > 0:
         raise ValueError(
             f"timeout must be a number of seconds > 0, or None {none_means}; got "
             f"{timeout!r:.80}{hint}"
@@ -1424,7 +1440,7 @@ class Worker:
         conn = _conn
         if conn is None:
             if type(dest) is not str:
-                raise TypeError(f"worker name must be a str, not {type(dest).__name__}")
+                dest = _worker_name(dest)
             conn = self._out.get(dest)
             if conn is None or conn.closed:
                 conn = await _by_deadline(
@@ -1607,7 +1623,7 @@ class Worker:
     ) -> None:
         try:
             if type(dest) is not str:
-                raise TypeError(f"worker name must be a str, not {type(dest).__name__}")
+                dest = _worker_name(dest)
             conn = await self._conn_to(dest)
         except asyncio.CancelledError:  # our teardown
             if not fut.done():
