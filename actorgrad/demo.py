@@ -187,7 +187,8 @@ def report(result: TrainResult, target: float) -> int:
     return 0 if ok else 1
 
 
-def _fraction(text: str) -> float:
+def fraction(text: str) -> float:
+    """An argparse type: a test accuracy, a number in [0, 1] (also for the examples)."""
     try:
         value = float(text)
     except ValueError:
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--target",
-        type=_fraction,
+        type=fraction,
         default=0.95,
         help="test accuracy to reach, in [0, 1] (default 0.95; checked every 25 steps)",
     )

@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 
 import numpy as np
 
 import actorgrad as ag
+from actorgrad.cli import at_least
 from actorgrad.nn import functional as F
 
 CLASSES, FEATURES = 4, 8
@@ -61,6 +63,13 @@ async def trainer(w: ag.RRef, b: ag.RRef, shard: int, steps: int) -> float:
 
 async def run(workers: list[str], steps: int) -> float:
     server, trainers = workers[0], workers[1:]
+    if not trainers:
+        print(
+            f"error: a parameter server needs at least one trainer: the cluster has "
+            f"{len(workers)} worker (actorgrad run -n 3 ...)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     w = await ag.remote(server, new_weights)
     b = await ag.remote(server, new_bias)
     losses = await asyncio.gather(
@@ -88,6 +97,9 @@ async def main(steps: int) -> float:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="parameter server with concurrent trainers")
-    parser.add_argument("--steps", type=int, default=60)
-    accuracy = asyncio.run(main(parser.parse_args().steps))
+    parser.add_argument("--steps", type=at_least(1), default=60)
+    try:
+        accuracy = asyncio.run(main(parser.parse_args().steps))
+    except ag.ActorgradError as exc:  # (a worker died, say: one line, not a traceback)
+        raise SystemExit(f"error: {type(exc).__name__}: {exc}") from None
     raise SystemExit(0 if accuracy >= 0.9 else 1)

@@ -15,7 +15,8 @@ import os
 import sys
 
 import actorgrad as ag
-from actorgrad.demo import report, train_pipeline
+from actorgrad.cli import at_least
+from actorgrad.demo import fraction, report, train_pipeline
 
 
 async def main(steps: int, target: float) -> int:
@@ -41,7 +42,11 @@ async def main(steps: int, target: float) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--target", type=float, default=0.95)
+    parser.add_argument("--steps", type=at_least(1), default=600)
+    parser.add_argument("--target", type=fraction, default=0.95, help="test accuracy, in [0, 1]")
     args = parser.parse_args()
-    raise SystemExit(asyncio.run(main(args.steps, args.target)))
+    try:
+        raise SystemExit(asyncio.run(main(args.steps, args.target)))
+    except ag.ActorgradError as exc:  # (a worker died, say: one line, not a traceback)
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

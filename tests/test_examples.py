@@ -68,6 +68,26 @@ def test_pipeline_parallel_on_too_few_workers_says_so():
     assert "Traceback" not in p.stderr
 
 
+def test_parameter_server_on_one_worker_says_it_has_no_trainer():
+    # (it "trained" with no trainer: test accuracy 0.231, exit 1 and no word why)
+    p = run("-m", "actorgrad", "run", "-n", "1", str(EXAMPLES / "parameter_server.py"))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "a parameter server needs at least one trainer: the cluster has 1" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_the_examples_check_their_arguments():
+    # (--steps 0 "trained" to a test accuracy of 0.000, --target 2 or nan was taken)
+    for script, argv, message in [
+        ("pipeline_parallel.py", ["--steps", "0"], "--steps: must be at least 1: 0"),
+        ("pipeline_parallel.py", ["--target", "nan"], "a test accuracy is in [0, 1]: nan"),
+        ("pipeline_parallel.py", ["--target", "2"], "a test accuracy is in [0, 1]: 2.0"),
+        ("parameter_server.py", ["--steps", "-1"], "--steps: must be at least 1: -1"),
+    ]:
+        p = run(str(EXAMPLES / script), *argv, timeout=30)
+        assert p.returncode == 2 and message in p.stderr, (script, argv, p.stderr)
+
+
 def test_demo_in_process():
     p = run("-m", "actorgrad", "demo", "--in-process", "--steps", "300")
     assert p.returncode == 0, p.stdout + p.stderr
