@@ -749,6 +749,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         _note(f"error: {exc}")
         return exc.code
+    except BrokenPipeError:
+        # (our stdout's reader went away, `actorgrad demo | head`: stop quietly, as a
+        # command killed by SIGPIPE; stdout to /dev/null so that the exit's flush is too)
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (ActorgradError, OSError, TimeoutError) as exc:
         _note(f"error: {_describe(exc)}")
         return 1

@@ -681,6 +681,31 @@ def test_a_second_signal_forces_the_cluster_down(tmp_path: Path) -> None:
         c.stop()
 
 
+def test_demo_whose_stdout_reader_went_away_stops_quietly() -> None:
+    # `actorgrad demo | head -2` ended with "actorgrad: error: Broken pipe", exit 1
+    proc = subprocess.Popen(
+        [*CLI, "demo", "--in-process"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.readline()
+        proc.stdout.close()  # (the reader is gone)
+        assert proc.wait(60) == 128 + signal.SIGPIPE
+        assert proc.stderr.read() == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
 @needs_runtime
 def test_a_cluster_whose_stderr_reader_went_away_still_stops_on_a_signal(tmp_path: Path) -> None:
     # `actorgrad cluster 2>&1 | head -3`: the signal handler noted the signal on stderr
