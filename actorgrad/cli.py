@@ -725,12 +725,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def entry() -> int:
-    """The ``actorgrad`` command as a process: :func:`main`, then out past calls still
-    stuck in a worker's thread pool (``actorgrad worker`` running a function that
-    never returns would not exit, even forced)."""
+    """The ``actorgrad`` command as a process: :func:`main`, then, unless it stopped
+    gracefully (status 0: a first Ctrl-C lets running calls finish), out past calls
+    still stuck in a worker's thread pool (``actorgrad worker`` running a function
+    that never returns did not exit when forced, nor when its cluster went away)."""
     from actorgrad.runtime.procs import exit_past_stuck_calls
 
-    return exit_past_stuck_calls(main())
+    code = main()
+    return code if code == 0 else exit_past_stuck_calls(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

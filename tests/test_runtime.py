@@ -480,6 +480,8 @@ async def test_a_timeout_that_is_not_a_positive_number_is_refused_before_sending
         with pytest.raises(exc, match="timeout must be"):
             await ag.remote("w1", add, (1, 2), timeout=bad)
     assert await ag.rpc("w1", add, (1, 2), timeout=np.float64(5.0)) == 3
+    assert await ag.rpc("w1", add, (1, 2), timeout=np.float32(5.0)) == 3
+    assert await ag.rpc("w1", add, (1, 2), timeout=np.int64(5)) == 3
     # (a str subclass names a worker: numpy's str_ was refused, "must be a str")
     assert await ag.rpc(np.str_("w1"), add, (1, 2)) == 3
     assert await ag.rpc(np.str_("w2"), add, (1, 2)) == 3

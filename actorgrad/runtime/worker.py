@@ -74,6 +74,7 @@ import functools
 import inspect
 import itertools
 import logging
+import numbers
 import os
 import re
 import socket
@@ -283,12 +284,12 @@ def check_timeout(timeout: Any, none_means: str, hint: str = "") -> None:
     ``none_means``): the rule of every timeout of the API."""
     if timeout is None:
         return
-    if type(timeout) is bool or not isinstance(timeout, (int, float)):
+    if type(timeout) is bool or not isinstance(timeout, numbers.Real):  # (numpy's too)
         raise TypeError(
             f"timeout must be a number of seconds > 0, or None {none_means}; got "
             f"{type(timeout).__name__} {timeout!r:.80}"
         )
-    if not timeout > 0:
+    if not float(timeout) > 0:
         raise ValueError(
             f"timeout must be a number of seconds > 0, or None {none_means}; got "
             f"{timeout!r:.80}{hint}"

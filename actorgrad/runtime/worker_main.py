@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await serve_worker(args.join, args.name, token, stop=stop, host=args.host)
+        if not stop.is_set():
+            head_gone.append(True)
+
+    head_gone: list[bool] = []
 
     profile = os.environ.get("ACTORGRAD_PROFILE")
     prof: Any = None
@@ -61,10 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         if prof is not None:
             prof.disable()
             prof.dump_stats(f"{profile}.{args.name}")
+    if head_gone:
+        # (its cluster is gone: nobody waits for a call still stuck in the thread pool,
+        # and the interpreter's exit would wait for it, maybe for good; a stop asked for
+        # by a signal lets it finish, as the cluster stops gracefully)
+        from actorgrad.runtime.procs import exit_past_stuck_calls
+
+        return exit_past_stuck_calls(0)
     return 0
 
 
 if __name__ == "__main__":
-    from actorgrad.runtime.procs import exit_past_stuck_calls
-
-    raise SystemExit(exit_past_stuck_calls(main()))
+    raise SystemExit(main())
