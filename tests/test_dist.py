@@ -711,6 +711,41 @@ async def test_failed_calls_and_passes_leave_no_reference_cycles_behind():
         await assert_clean(c.names)
 
 
+async def test_a_stage_that_hangs_on_a_relayed_gradient_fails_backward_within_the_heartbeat():
+    # A pipeline the driver calls stage by stage: in the backward pass w2 sends w1's
+    # gradient straight to w1 (a relay), though w2 never called w1. w1 hung (SIGSTOP)
+    # before it read it: w2 took it for lost after the heartbeat timeout, but ignored
+    # the loss (w1 was not among the peers the context had called from w2), and
+    # backward waited for the idle timeout, 60 s.
+    import signal
+    import time
+
+    from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
+
+    async with ag.local_cluster(3, processes=True):
+        pids = {}
+        for name in ("w1", "w2", "w3"):
+            pids[name] = await ag.rpc(name, F.pid)
+            await ag.rpc(name, F.put, ("w", arr(3)))
+        try:
+            for hang in (False, True):  # (the first round connects w2 to w1)
+                async with ag.dist.context() as ctx:
+                    h = ag.tensor(arr(3))
+                    for name in ("w1", "w2", "w3"):
+                        h = await ag.rpc(name, F.mul, ("w", h))
+                    if hang:
+                        os.kill(pids["w1"], signal.SIGSTOP)
+                    t0 = time.monotonic()
+                    if not hang:
+                        await ag.dist.backward(ctx, [h.sum()])
+                        continue
+                    with pytest.raises(ag.WorkerLost, match="'w1' was lost during the backward"):
+                        await asyncio.wait_for(ag.dist.backward(ctx, [h.sum()]), 30)
+                    assert time.monotonic() - t0 < HEARTBEAT_TIMEOUT + 3.0
+        finally:
+            os.kill(pids["w1"], signal.SIGKILL)
+
+
 async def test_a_stop_iteration_in_a_part_run_in_a_thread_fails_the_pass(mode):
     # asyncio cannot put a StopIteration into the thread pool's future: the future
     # never completed, backward waited for good and every later pass in the context

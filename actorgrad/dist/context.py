@@ -526,7 +526,11 @@ def _on_peer_lost(st: DistState, name: str) -> None:
             if acks is not None:
                 st.worker.spawn(acks, name=f"reclaim-{ctx_id:#x}")
             continue
-        if name not in ctx.peers:
+        if name not in ctx.peers and name not in ctx.sent_to:
+            # (sent_to: a peer this worker sent backward messages to without ever
+            # calling it, on a relay the origin set up (w2 -> w1 of a pipeline the
+            # driver called stage by stage): its loss was ignored here, and the origin
+            # waited out the idle timeout, 60 s, for the credit it held)
             continue
         ctx.drop_pass()
         lost = WorkerLost(f"worker {name!r} was lost during the backward pass")
