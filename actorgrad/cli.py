@@ -164,14 +164,18 @@ def _signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
+def _stdout_to_devnull() -> None:
+    """Our stdout's reader went away (e.g. `| head`): stdout to /dev/null, so that
+    what is printed later and the exit's flush stay quiet."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _say(msg: str) -> None:
     try:
         print(msg, flush=True)
-    except BrokenPipeError:
-        # (our stdout's reader went away, e.g. `| head`: what we say is lost, the
-        # cluster goes on; stdout to /dev/null so that the exit's flush stays quiet)
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:  # (what we say is lost, the cluster goes on)
+        _stdout_to_devnull()
 
 
 def _note(msg: str) -> None:
@@ -752,10 +756,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _note(f"error: {exc}")
         return exc.code
     except BrokenPipeError:
-        # (our stdout's reader went away, `actorgrad demo | head`: stop quietly, as a
-        # command killed by SIGPIPE; stdout to /dev/null so that the exit's flush is too)
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # (`actorgrad demo | head`: stop quietly, as a command killed by SIGPIPE)
+        _stdout_to_devnull()
         return 128 + signal.SIGPIPE
     except (ActorgradError, OSError, TimeoutError) as exc:
         _note(f"error: {_describe(exc)}")

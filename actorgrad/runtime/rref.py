@@ -16,8 +16,8 @@ after the new one's first counts, and drops only the dead one's.)
   schedules the decref on its worker's loop thread-safely: a local decrement on the
   owner, a one-way ``_decref`` message otherwise.
 * A holder that leaves the cluster (gracefully, or dead: the registry sees its join
-  connection close, or a new process joins under its name) loses all its counts. A mere broken connection does not free
-  anything: the holder may still be alive.
+  connection close, or a new process joins under its name) loses all its counts. A
+  mere broken connection does not free anything: the holder may still be alive.
 * A fork's count waits on its receiver: the owner remembers, per (forker, receiver),
   the forks registered and not yet accepted, and a receiver that decodes a forked RRef
   tells the owner (a one-way ``_accept``). When a forker leaves with forks pending,
@@ -452,9 +452,9 @@ async def register_forks(worker: Worker, hooks: Hooks) -> None:
 def _registered(hooks: Hooks, owner: str, entries: list[list], fut: asyncio.Future[Any]) -> None:
     if fut.cancelled() or fut.exception() is not None:
         return  # (not registered: nothing to take back)
-    for rid, *peer in entries:
+    for rid, name, pid in entries:
         if hooks.undone:
-            _take_back(hooks.worker, owner, rid, (peer[0], peer[1]))
+            _take_back(hooks.worker, owner, rid, (name, pid))
         else:
             if hooks.registered is None:
                 hooks.registered = []

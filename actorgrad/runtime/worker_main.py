@@ -34,16 +34,14 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_malloc()
 
-    async def serve() -> None:
+    async def serve() -> bool:
+        """Serve until a signal or the head goes away; whether the head went away."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await serve_worker(args.join, args.name, token, stop=stop, host=args.host)
-        if not stop.is_set():
-            head_gone.append(True)
-
-    head_gone: list[bool] = []
+        return not stop.is_set()
 
     profile = os.environ.get("ACTORGRAD_PROFILE")
     prof: Any = None
@@ -52,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
         prof = cProfile.Profile()
         prof.enable()
+    head_gone = False
     try:
-        run(serve())
+        head_gone = run(serve())
     except KeyboardInterrupt:
         return 130
     except (ActorgradError, OSError, ValueError) as exc:
