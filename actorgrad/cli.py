@@ -629,6 +629,12 @@ def _port(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``actorgrad`` argument parser."""
+    return _build_parsers()[0]
+
+
+def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
+    """The parser and its commands' parsers; not ``strict``: no option is required
+    (see parse_args)."""
     from actorgrad import __version__
 
     p = _Parser(prog=PROG, description="actorgrad: distributed autograd on asyncio actors.")
@@ -638,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok = f"file holding the cluster token (default: ${ENV_TOKEN})"
 
     c = sub.add_parser("cluster", help="run a registry head and N workers in the foreground")
-    c.add_argument("-n", type=_workers, required=True, metavar="N", help="workers w1..wN")
+    c.add_argument("-n", type=_workers, required=strict, metavar="N", help="workers w1..wN")
     c.add_argument(
         "--host", type=_host, default="127.0.0.1", help="interface to bind (default 127.0.0.1)"
     )
@@ -651,13 +657,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run one worker that joins a cluster")
     w.add_argument(
-        "--join", required=True, type=_address, metavar="ADDRESS", help="HOST:PORT of the cluster"
+        "--join", required=strict, type=_address, metavar="ADDRESS", help="HOST:PORT of the cluster"
     )
-    w.add_argument("--name", required=True, type=_worker_name, help="this worker's name")
+    w.add_argument("--name", required=strict, type=_worker_name, help="this worker's name")
     w.add_argument("--token-file", metavar="F", help=tok)
 
     r = sub.add_parser("run", help="run SCRIPT as the driver of a local cluster of N workers")
-    r.add_argument("-n", type=_workers, required=True, metavar="N", help="workers w1..wN")
+    r.add_argument("-n", type=_workers, required=strict, metavar="N", help="workers w1..wN")
     r.add_argument("script", metavar="SCRIPT", help="the Python script to run")
     # (what follows SCRIPT is split off before parsing: see parse_args)
     r.add_argument(  # (a default: argparse would call a '*' positional "required")
@@ -676,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model split across a local cluster (demo --help: its options)",
         add_help=False,
     )
-    return p
+    return p, sub.choices
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
@@ -722,7 +728,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 break
             i += 2 if a == "-n" else 1  # (-n N; -nN, -h and unknown options: one word)
         argv, tail = argv[: i + 1], argv[i + 1 :]
-    args = build_parser().parse_args(argv)
+    # argparse names a missing required option before an unknown one (`run --foo s.py`
+    # said "-n is required"): unknown options are looked for first, by the command's
+    # parser with nothing required
+    parser, commands = _build_parsers()
+    lenient, lenient_commands = _build_parsers(strict=False)
+    for name, sub in lenient_commands.items():  # (its errors show the real usage)
+        sub.usage = commands[name].format_usage().removeprefix("usage: ").rstrip("\n")
+    known, unknown = lenient.parse_known_args(argv)
+    if unknown:
+        commands[known.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = parser.parse_args(argv)
     if args.command == "run":
         args.args = tail
     return args

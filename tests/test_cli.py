@@ -231,6 +231,29 @@ def test_usage_errors_exit_2() -> None:
 
 
 @pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (
+            ["run", "--foo", "s.py"],
+            "usage: actorgrad run [-h] -n N SCRIPT",
+        ),  # (said "-n ... required")
+        (["run", "-n", "2", "--foo", "s.py"], "usage: actorgrad run [-h] -n N SCRIPT"),
+        (["cluster", "--foo"], "usage: actorgrad cluster [-h] -n N"),
+        (["worker", "--foo", "--name", "w1"], "usage: actorgrad worker [-h] --join ADDRESS"),
+    ],
+)
+def test_an_unknown_option_is_named_before_missing_required_ones(
+    argv: list[str], usage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage)
+    assert f"actorgrad {argv[0]}: error: unrecognized arguments: --foo\n" in err
+
+
+@pytest.mark.parametrize(
     ("argv", "script", "passed"),
     [
         (["-n", "2", "s.py", "--", "-x"], "s.py", ["--", "-x"]),  # (argparse dropped "--")
@@ -1232,3 +1255,21 @@ def test_a_worker_name_with_whitespace_is_a_usage_error_naming_it(
     r = run_cli("worker", "--join", address, "--name", "a\nb", "--token-file", str(token_file))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "without whitespace, not starting with '_', not 'a\\nb'" in r.stderr
+
+
+@needs_runtime
+def test_a_malformed_spin_setting_warns_once_per_command(tmp_path: Path) -> None:
+    # each process warned at import: `run -n 2` printed it 4 times (head, 2 workers, script)
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import asyncio, actorgrad as ag\n"
+        "async def main():\n"
+        "    await ag.init('driver')\n"
+        "    print(await ag.rpc('w2', 'operator:mul', (1, 7)))\n"
+        "    await ag.shutdown()\n"
+        "asyncio.run(main())\n"
+    )
+    r = run_cli("run", "-n", "2", str(script), env=_env(ACTORGRAD_SPIN_US="soon"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "7\n"
+    assert r.stderr.count("ACTORGRAD_SPIN_US='soon' is not a number of microseconds") == 1, r.stderr

@@ -108,6 +108,9 @@ def _spin_seconds(default_us: float = 5000.0) -> float:
             stacklevel=2,
         )
         us = default_us
+        # (our worker and driver processes inherit the value used, so one command warns
+        # once: `actorgrad run -n 2` warned 4 times)
+        os.environ["ACTORGRAD_SPIN_US"] = f"{us:g}"
     return us / 1e6
 
 
