@@ -222,8 +222,21 @@ def slow_chain(key: str, x: ag.Tensor, n: int, seconds: float, error: str = "") 
 
             h.register_hook(hook)
         else:
-            h.register_hook(lambda g: time.sleep(seconds))
+            h.register_hook(lambda g: _nap_counted(key, seconds))
     return h
+
+
+_naps: dict[str, int] = {}
+
+
+def _nap_counted(key: str, seconds: float) -> None:
+    time.sleep(seconds)
+    _naps[key] = _naps.get(key, 0) + 1
+
+
+def naps(key: str) -> int:
+    """How many hooks of :func:`slow_chain` of ``key`` have run in this process."""
+    return _naps.get(key, 0)
 
 
 def status() -> dict[str, Any]:
@@ -722,3 +735,20 @@ async def fetch_on_the_side(gate: str, dest: str, key: str) -> None:
         _store[_k("fetched")] = await ag.rpc(dest, gated_times, (gate, key, 2.0))
 
     _on_the_side(gate, work)
+
+
+async def plain_call_then_slow_chain(
+    other: str, key: str, x: ag.Tensor, n: int, seconds: float
+) -> ag.Tensor:
+    """A plain call (no tensors) to ``other`` in the context, then :func:`slow_chain`:
+    ``other`` becomes a peer of the context here that takes no part in its passes."""
+    await ag.rpc(other, identity, (1,))
+    return slow_chain(key, x, n, seconds)
+
+
+async def slow_on(dest: str, key: str, x: ag.Tensor, n: int, seconds: float) -> ag.Tensor:
+    """x * store[key] plus :func:`slow_chain` of it (detached) on ``dest``. In the
+    backward, this worker's part ends as it sends ``dest`` its gradient (nothing comes
+    back), and ``dest``'s part (long: its hooks sleep) goes on in its thread pool."""
+    h = x * _store[_k(key)]
+    return h + await ag.rpc(dest, slow_chain, (key, h.detach(), n, seconds))

@@ -398,8 +398,6 @@ async def test_connecting_to_a_peer_that_never_answers(monkeypatch):
     # handshake never completes. A call's timeout covered only the wait for the reply
     # (it waited out the 5 s handshake timeout), and that deadline was an AuthError, as
     # if the token were wrong.
-    from actorgrad.runtime import transport
-
     async with ag.local_cluster(2, processes=True) as c:
         assert c.procs is not None
         pids = [c.procs.procs[n].pid for n in ("w1", "w2")]
@@ -410,14 +408,14 @@ async def test_connecting_to_a_peer_that_never_answers(monkeypatch):
             with pytest.raises(ag.RpcTimeout, match=r"'w2' timed out after 0.5 s \(still connect"):
                 await ag.rpc("w2", add, (1, 2), timeout=0.5)
             assert time.monotonic() - t0 < 2.0
-            monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT", 0.3)
+            monkeypatch.setattr(rworker, "PEER_CONNECT_TIMEOUT", 0.3)
             # (named; and not tried again over TCP after the Unix socket: twice the wait)
             tried = []
             open_ = c.driver._open
 
-            async def counting_open(address: str, local: str) -> Any:
+            async def counting_open(address: str, local: str, deadline: float | None) -> Any:
                 tried.append(local or address)
-                return await open_(address, local)
+                return await open_(address, local, deadline)
 
             monkeypatch.setattr(c.driver, "_open", counting_open)
             with pytest.raises(

@@ -123,6 +123,13 @@ def _start_release(
     )
     if not peers and not tell_all:
         return None
+    # Peers already taken for lost here are named gone too: the others skip them when
+    # they forward it (a second hop waited out its connection deadline to a hung first
+    # hop the driver knew was lost). They are still sent it: alive after all, they
+    # handle it once reconnected.
+    lost = [p for p in peers if worker.is_lost(p)]
+    if lost:
+        gone = sorted({*lost, *(gone or ())})
     return _release_on(worker, peers, ctx_id, sender or worker.name, gone, tell_all)
 
 

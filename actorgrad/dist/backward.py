@@ -307,11 +307,22 @@ class PassState:
         ctx.last_pass = (pass_id, origin)
         ctx.settle(origin, pass_id)
         ctx.sent_to.clear()
-        # Peers sent to while this part runs, watched by the runtime until it is done
-        # here (a hung one is then reported lost after the heartbeat timeout); on the
-        # origin, until the whole pass is done (backward unwatches). Not the origin: it
-        # is the one waiting, nobody needs to hear that it hung.
+        ctx.unwatch(worker)
+        # Watched peers (``Worker.watch``: one silent for the heartbeat timeout, hung,
+        # is reported lost, and so the pass fails; see context._on_peer_lost). On the
+        # origin, until the whole pass is done (backward unwatches): every peer of the
+        # context (one the origin never sends to may hold credit: a relay's target)
+        # and those it sends to. Elsewhere, those sent to, for the context (see
+        # DistContext.watching). Never the origin: it is the one waiting, nobody needs
+        # to hear that it hung. The context's initiator only while the watching part
+        # runs (``watching``): its loss reclaims the context (the lease), and a driver
+        # busy computing inside its context must keep it.
         self.watching: list[str] = []
+        if origin == worker.name:
+            for peer in ctx.peers:
+                if peer != origin and peer != ctx.initiator:
+                    worker.watch(peer)
+                    self.watching.append(peer)
         # A part that ran longer than SLICE goes on in the worker's thread pool (see
         # _step): meanwhile the messages of the pass wait in ``backlog`` and what the
         # part made before it moved waits in ``held``.
@@ -320,26 +331,23 @@ class PassState:
         self.held: _Outgoing = {}
 
     def watch(self, dest: str) -> None:
-        """A message of this part goes to ``dest``. The last ones of a finished part
-        are watched only until ``dest`` is heard from after them (``Worker.expect``),
-        except on the origin: it waits for the credit they carry (a peer that hangs,
-        its connection open, would otherwise hold backward for good)."""
-        me = self.worker.name
-        if dest == self.origin or dest == me:
-            self.ctx.sent_to.add(dest)
-        elif me != self.origin and self.task.finished:
-            # Nobody else watches dest for this message: the origin may not know it,
-            # and this part is done. (Every time: a later message of a finished part
-            # must be expected to be heard from after it, too.)
-            self.ctx.sent_to.add(dest)
-            self.worker.expect(dest)
-        elif dest not in self.ctx.sent_to:
-            self.ctx.sent_to.add(dest)
-            self.worker.watch(dest)
+        """A message of this part goes to ``dest``: watch it (its loss is reported to the
+        origin, see context._on_peer_lost)."""
+        sent = self.ctx.sent_to
+        if dest in sent:
+            return
+        sent.add(dest)
+        worker, ctx = self.worker, self.ctx
+        if dest == self.origin or dest == worker.name:
+            return
+        if dest == ctx.initiator or (worker.name == self.origin and dest not in ctx.peers):
+            worker.watch(dest)
             self.watching.append(dest)
+        elif worker.name != self.origin:
+            ctx.watch(worker, dest)
 
     def unwatch(self) -> None:
-        """This part is done or dropped here: stop watching (idempotent)."""
+        """This part is done, or the pass dropped: stop watching (idempotent)."""
         watching, self.watching = self.watching, []
         for dest in watching:
             self.worker.unwatch(dest)

@@ -137,6 +137,7 @@ class DistContext:
         "lock",
         "released",
         "sent_to",
+        "watching",
         "last_pass",
         "undo",
         "early",
@@ -177,6 +178,15 @@ class DistContext:
         # origin of the latest pass), and the (pass id, origin) of that pass.
         self.sent_to: set[str] = set()
         self.last_pass: tuple[int, str] | None = None
+        # Of those, the ones this worker watches (``Worker.watch``) for that pass as a
+        # worker other than its origin: until the context's next pass starts here, or
+        # it is released here. Not only while the part runs: a part that finished
+        # passed its credit on to them, and the origin may not know them (a second
+        # hop, a relay's target), so nobody else would notice one that hung on it
+        # before the idle timeout, 60 s. (``expect``, which watched such a peer until
+        # it was heard from after the message, did not do: a part of it running in
+        # the thread pool leaves its loop answering heartbeats until it hangs.)
+        self.watching: list[str] = []
         # Per origin, what its last pass that finished here committed (see commit):
         # until that origin's next pass starts here, an abort of it (it failed on
         # another worker) takes it back, so a failed pass leaves no gradient behind.
@@ -210,6 +220,18 @@ class DistContext:
             f"grads={len(self.grads)}, active_pass={self.active_pass is not None}, "
             f"calls_out={len(self.calls_out)}, released={self.released})"
         )
+
+    def watch(self, worker: Worker, peer: str) -> None:
+        """Watch ``peer`` for this context's latest pass here (see ``watching``)."""
+        worker.watch(peer)
+        self.watching.append(peer)
+
+    def unwatch(self, worker: Worker) -> None:
+        """Stop watching the peers of the latest pass (a new one starts, or the context
+        goes)."""
+        watching, self.watching = self.watching, []
+        for peer in watching:
+            worker.unwatch(peer)
 
     def pass_done(self, pass_id: int) -> bool:
         """Whether pass ``pass_id`` (or a later one of its origin) finished here."""
@@ -453,6 +475,7 @@ class DistState:
         if ctx is not None:
             ctx.released = True
             ctx.drop_pass()
+            ctx.unwatch(self.worker)
             self.fail_runs(  # a backward still waiting in it: fails now
                 ctx_id,
                 ContextError(
@@ -532,13 +555,20 @@ def _on_peer_lost(st: DistState, name: str) -> None:
             # driver called stage by stage): its loss was ignored here, and the origin
             # waited out the idle timeout, 60 s, for the credit it held)
             continue
+        ps = ctx.active_pass
         ctx.drop_pass()
         lost = WorkerLost(f"worker {name!r} was lost during the backward pass")
         st.fail_runs(ctx_id, lost)
-        if name in ctx.sent_to and ctx.last_pass is not None:
-            pass_id, origin = ctx.last_pass
-            if origin not in (name, st.worker.name):
-                _report(st, ctx_id, origin, pass_id, lost)
+        # The origin is told when this worker's part of a pass was dropped (with the
+        # credit it held: the pass could never complete, and nobody else might tell;
+        # a peer it had only called, a plain call, hung backward for good), or when
+        # the lost peer got messages of the latest pass from here (it held their
+        # credit).
+        told = (ps.pass_id, ps.origin) if ps is not None else None
+        if told is None and name in ctx.sent_to:
+            told = ctx.last_pass
+        if told is not None and told[1] not in (name, st.worker.name):
+            _report(st, ctx_id, told[1], told[0], lost)
         if ctx.initiator != st.worker.name:
             ask.setdefault(ctx.initiator, []).append(ctx_id)
     if ask:

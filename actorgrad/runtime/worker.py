@@ -106,6 +106,11 @@ MODE_RPC, MODE_REMOTE, MODE_RREF_RPC, MODE_RREF_REMOTE = range(4)
 
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 3.0
+#: Longest each step of connecting to a peer may take (the handshake's 5 s otherwise):
+#: a peer that does not answer for the heartbeat timeout is hung, as lost as one silent
+#: on an open connection, and a backward pass or a release that waits on it fails as
+#: soon (a pipeline stage hung on a relayed gradient failed backward after 5.3 s).
+PEER_CONNECT_TIMEOUT = HEARTBEAT_TIMEOUT
 #: A connection without pending calls is dropped only after this long in silence
 #: (half-open connections, a hung head); a dead process closes its sockets at once.
 IDLE_TIMEOUT = 60.0
@@ -470,7 +475,6 @@ class Worker:
         self._status_providers: dict[str, Callable[[], dict]] = {}
         self._lost: set[str] = set()
         self._watched: dict[str, int] = {}  # peer -> watch count (see watch)
-        self._expected: dict[str, float] = {}  # peer -> since when (see expect)
         # one-way calls waiting for a connection, per peer, in order (see notify)
         self._notify_queues: dict[str, list[tuple[Any, Any, Any]]] = {}
         # membership (from the registry)
@@ -513,7 +517,7 @@ class Worker:
             "in_flight": self._inflight,
             "rrefs": len(self.owned),
             "peers": sorted({c.peer_name for c in self._conns if c.peer_name}),
-            "watching": sorted(self._watched.keys() | self._expected.keys()),
+            "watching": sorted(self._watched),
         }
         for pname, fn in list(self._status_providers.items()):
             try:
@@ -684,13 +688,17 @@ class Worker:
             )
             self._conns.discard(conn)
 
-    async def open_connection(self, address: str, local: str = "") -> Connection:
+    async def open_connection(
+        self, address: str, local: str = "", deadline: float | None = None
+    ) -> Connection:
         """Connect, handshake and exchange hellos. AuthError on a wrong token,
-        WorkerLost when nobody listens there. With ``local`` (the peer's advertised Unix
-        socket) reachable from here, that is tried first, and TCP if it fails."""
+        WorkerLost when nobody listens there, or when a step takes longer than
+        ``deadline`` seconds (default ``transport.HANDSHAKE_TIMEOUT``). With ``local``
+        (the peer's advertised Unix socket) reachable from here, that is tried first,
+        and TCP if it fails."""
         if local and self.local_sockets and transport.local_reachable(local):
             try:
-                return await self._open(address, local)
+                return await self._open(address, local, deadline)
             except transport.Unanswered:
                 raise  # (hung: TCP would wait out its deadline again)
             except (ActorgradError, OSError) as exc:
@@ -705,20 +713,22 @@ class Worker:
                     address,
                     exc,
                 )
-        return await self._open(address, "")
+        return await self._open(address, "", deadline)
 
-    async def _open(self, address: str, local: str) -> Connection:
+    async def _open(self, address: str, local: str, deadline: float | None) -> Connection:
+        if deadline is None:
+            deadline = transport.HANDSHAKE_TIMEOUT
         conn = self._new_conn("unix" if local else None)
         conn.outgoing = True
         try:
             if local:
-                async with asyncio.timeout(transport.HANDSHAKE_TIMEOUT):
+                async with asyncio.timeout(deadline):
                     await transport.open_local(self.loop, local, conn)
             elif address.startswith("inproc://"):
                 transport.open_inproc(address, conn)
             else:
                 host, _, port = address.rpartition(":")
-                async with asyncio.timeout(transport.HANDSHAKE_TIMEOUT):
+                async with asyncio.timeout(deadline):
                     await self.loop.create_connection(lambda: conn, host.strip("[]"), int(port))
         except TimeoutError:
             raise WorkerLost(f"cannot connect to {address}: timed out") from None
@@ -727,9 +737,9 @@ class Worker:
         self._conns.add(conn)
         conn.hello = self.loop.create_future()  # type: ignore[attr-defined]
         try:
-            await transport.handshake(conn, self.token, server=False)
+            await transport.handshake(conn, self.token, server=False, timeout=deadline)
             conn.send_nowait(wire.encode_frame([K_HELLO, self.name, self.id, self.address], None))
-            async with asyncio.timeout(transport.HANDSHAKE_TIMEOUT):
+            async with asyncio.timeout(deadline):
                 await conn.hello  # type: ignore[attr-defined]
         except TimeoutError:
             conn.abort(None)
@@ -770,7 +780,7 @@ class Worker:
                 raise WorkerLost(f"worker {dest!r} has left the cluster")
             raise ValueError(f"unknown worker {dest!r}; known workers: {self.worker_names()}")
         try:
-            conn = await self.open_connection(entry[1], entry[2])
+            conn = await self.open_connection(entry[1], entry[2], PEER_CONNECT_TIMEOUT)
         except WorkerLost as exc:  # (a plain WorkerLost: it may travel as a RemoteError)
             raise WorkerLost(f"worker {dest!r}: {exc}") from None
         if conn.peer_name != dest:
@@ -866,7 +876,6 @@ class Worker:
         if name in self._lost or name == self.name or self.closed:
             return
         self._lost.add(name)
-        self._expected.pop(name, None)
         for cb in list(self._peer_lost_cbs):
             try:
                 cb(name)
@@ -1786,15 +1795,6 @@ class Worker:
         else:
             self._watched.pop(peer, None)
 
-    def expect(self, peer: str) -> None:
-        """Expect to hear from ``peer`` after now (any frame: a message, a heartbeat):
-        until it is heard from, it is watched as by :meth:`watch`. For the last one-way
-        messages of a protocol's part that has nothing more to wait for: the peer
-        answering anything after them shows its loop went past them (frames are read
-        in order); a peer that hung on them is reported lost after
-        ``HEARTBEAT_TIMEOUT``, not ``IDLE_TIMEOUT``, though nobody waits on it here."""
-        self._expected[peer] = time.monotonic()
-
     # ------------------------------------------------------------------ heartbeats
     async def _heartbeat(self) -> None:
         interval = HEARTBEAT_INTERVAL
@@ -1813,8 +1813,6 @@ class Worker:
                     # still tell the peer that we live: a loop late in every round, e.g.
                     # blocked 1.6 s of every 1.8, must still ping in each)
                     conn.last_recv = max(conn.last_recv, now - interval)
-                    if conn.peer_name in self._expected:  # (that is no news from it)
-                        self._expected[conn.peer_name] = now
                 if not lagged and self._silent_too_long(conn, conn.peer_name, now):
                     continue
                 if now - conn.last_sent >= interval * 0.9:
@@ -1831,12 +1829,8 @@ class Worker:
         # pending on the connection or watching the peer (HEARTBEAT_TIMEOUT), or a
         # member about its registry (IDLE_TIMEOUT). A quiet caller (e.g. a driver busy
         # with a long local computation) is not dropped by the workers it called.
-        since = self._expected.get(peer)
-        if since is not None and conn.last_recv >= since:
-            del self._expected[peer]  # heard from
-            since = None
         watched = conn.pending or (
-            (peer in self._watched or since is not None)
+            peer in self._watched
             # (not its membership: closing that one is leaving the cluster, for good;
             # a peer that hung for seconds is lost to the protocol that watched it,
             # not to the cluster, until IDLE_TIMEOUT)
