@@ -606,6 +606,28 @@ async def test_a_fork_still_unread_when_its_forker_dies_keeps_its_count(tmp_path
         assert await ag.rpc("w2", kept_incr) == 6
 
 
+def first_kept() -> Any:
+    return rworker.current_worker().ext["kept"][0]
+
+
+@pytest.mark.timeout(60)
+async def test_a_result_holding_an_rref_of_a_dead_owner_fails_the_call():
+    # w1 returns an RRef owned by w2, which was killed: its owner cannot register it
+    # for the caller. The reply was dropped: the call waited for good (no timeout).
+    import signal
+
+    async with ag.local_cluster(2, processes=True) as c:
+        r = await ag.remote("w2", Counter, (5,))
+        assert await ag.rpc("w1", keep, (r,)) == 1
+        del r
+        os.kill(c.pids[1], signal.SIGKILL)
+        with pytest.raises(ag.RemoteError) as info:
+            await asyncio.wait_for(ag.rpc("w1", first_kept), 20)
+        assert info.value.worker == "w1" and info.value.remote_type.endswith("WorkerLost")
+        assert "an RRef whose owner could not register it for worker 'driver'" in str(info.value)
+        assert await ag.rpc("w1", add, (1, 2)) == 3  # (w1 goes on)
+
+
 def holders_of_first() -> tuple[list[str], int]:
     w = rworker.current_worker()
     o = next(iter(w.owned.values()), None)

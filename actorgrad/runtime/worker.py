@@ -1345,7 +1345,7 @@ class Worker:
             return
         chunks = self._encode_reply(conn, cid, mode, result, hooks)
         if hooks.forks:
-            self.spawn(self._send_after_forks(conn, chunks, hooks))
+            self.spawn(self._send_after_forks(conn, cid, chunks, hooks))
         else:
             conn.send_nowait(chunks)
 
@@ -1355,21 +1355,31 @@ class Worker:
         if cid == 0 or conn.closed:
             return
         chunks = self._encode_reply(conn, cid, mode, result, hooks)
-        await self._send_after_forks(conn, chunks, hooks)
+        await self._send_after_forks(conn, cid, chunks, hooks)
 
-    async def _send_after_forks(self, conn: Connection, chunks: list, hooks: rref.Hooks) -> None:
+    async def _send_after_forks(
+        self, conn: Connection, cid: int, chunks: list, hooks: rref.Hooks
+    ) -> None:
         try:
             if hooks.forks:
                 await rref.register_forks(self, hooks)
             if conn.closed:
                 hooks.undo()
                 return
-        except BaseException as exc:
-            hooks.undo()
-            if not isinstance(exc, ActorgradError):
-                raise
-            log.debug("reply to %r not sent: %s", conn, exc)
+        except Exception as exc:
+            # An owner could not register the RRefs of the result for the caller (it
+            # died, say): the caller gets that as the call's error (the reply was
+            # dropped, and a call without a timeout waited for good).
+            if isinstance(exc, WorkerLost):
+                exc = WorkerLost(
+                    "the result holds an RRef whose owner could not register it for "
+                    f"worker {conn.peer_name!r}: {exc}"
+                )
+            self._reply_exc(conn, cid, exc, hooks)
             return
+        except BaseException:
+            hooks.undo()
+            raise
         try:
             await conn.send(chunks)
         except ActorgradError as exc:  # (the connection closed while sending)
