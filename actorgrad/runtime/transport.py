@@ -8,12 +8,14 @@ succeeds.
 Handshake (both sides, :func:`handshake`)::
 
     each side -> MAGIC (8) | version u16 | nonce (32)         the hello, sent at once
-    each side -> HMAC-SHA256(token, role | nonce_c | nonce_s)  role b"C" (client) / b"S" (server)
-    server    -> b"\\x01"                                      accepted
+    client    -> HMAC-SHA256(token, b"C" | nonce_c | nonce_s)
+    server    -> HMAC-SHA256(token, b"S" | nonce_c | nonce_s) | b"\\x01"   accepted
 
-The client checks the server's MAC (a wrong token gives ``AuthError`` on the connecting
-side); the server checks the client's and closes the connection on a mismatch (it logs
-and keeps serving others). The whole exchange has a deadline.
+The server checks the client's MAC first and closes the connection on a mismatch
+without sending its own (it logs and keeps serving others): anyone can connect, and a
+MAC over a nonce of their choice would let them test guesses of a weak token offline.
+The client checks the server's (a wrong token gives ``AuthError`` on the connecting
+side). The whole exchange has a deadline.
 
 Receiving: small frames are sliced out of a reassembly buffer (``bytearray``); a frame
 of ``BIG_FRAME`` bytes or more is read straight into a preallocated writable buffer
@@ -869,7 +871,9 @@ async def handshake(
                     f"{where}: protocol version mismatch (ours {PROTOCOL_VERSION}, theirs {version})"
                 )
             nc, ns = (peer_nonce, nonce) if server else (nonce, peer_nonce)
-            conn._write_raw(_mac(token, b"S" if server else b"C", nc, ns))
+            mine = _mac(token, b"S" if server else b"C", nc, ns)
+            if not server:
+                conn._write_raw(mine)
             peer_mac = await conn._read_exact(_MAC_LEN)
             expected = _mac(token, b"C" if server else b"S", nc, ns)
             if not hmac.compare_digest(peer_mac, expected):
@@ -878,7 +882,10 @@ async def handshake(
                     + ("" if server else " (the server did not prove knowledge of our token)")
                 )
             if server:
-                conn._write_raw(b"\x01")
+                # Our MAC only once the client proved it knows the token: sent first, it
+                # let anyone who can connect get a MAC of the token over a nonce of their
+                # choice, to test guesses of a weak token offline.
+                conn._write_raw(mine + b"\x01")
             else:
                 ok = await conn._read_exact(1)
                 if ok != b"\x01":
