@@ -188,6 +188,31 @@ async def test_length_prefix_of_2_to_the_40_closes_the_connection(sock_cluster, 
     await _valid_client_works(sock_cluster)
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+async def test_a_length_prefix_alone_takes_no_memory_and_no_time(sock_cluster):
+    # The largest frame allowed, declared and never sent: its buffer was a bytearray of
+    # 2 GiB, zeroed on the loop (5.5 s: past the heartbeat timeout) and held.
+    from actorgrad.runtime.transport import MAX_FRAME_SIZE
+
+    w1 = _target(sock_cluster)
+    before = _rss()
+    reader, writer = await _handshaken(sock_cluster)
+    writer.write(LEN.pack(MAX_FRAME_SIZE) + b"x" * 100_000)
+    await writer.drain()
+    async with asyncio.timeout(10):
+        while not any(c.peer_name == "raw-client" and c._big is not None for c in w1._conns):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    grown = _rss() - before
+    assert grown < 64 * 1024 * 1024, grown
+    writer.close()
+    await _valid_client_works(sock_cluster)
+
+
 async def test_garbage_frame_closes_the_connection(sock_cluster):
     reader, writer = await _handshaken(sock_cluster)
     await _send_frame(writer, os.urandom(300))

@@ -57,6 +57,7 @@ import hmac
 import itertools
 import logging
 import math
+import mmap
 import os
 import secrets
 import socket
@@ -244,6 +245,13 @@ class _BufferPool:
     """
 
     MIN_SIZE = 256 * 1024
+    #: Fresh buffers of this size or more are anonymous memory maps: their pages come
+    #: as the frame's bytes do. ``bytearray(n)`` zeroes all n bytes first, on the loop:
+    #: 5.5 s for 2 GiB here, so one big frame (or a mere 8-byte length prefix, the
+    #: body never sent) stalled the worker past the heartbeat timeout and held that
+    #: much memory. (Below it, glibc serves a ``bytearray`` from the heap the process
+    #: keeps, see procs.tune_malloc: no page faults.)
+    LAZY_SIZE = 32 * 1024 * 1024
     MAX_BUFFERS = 2
     MAX_BYTES = 64 * 1024 * 1024
     _ROUND = 64 * 1024
@@ -252,10 +260,10 @@ class _BufferPool:
     SLACK = 128
 
     def __init__(self) -> None:
-        self._bufs: list[bytearray] = []
+        self._bufs: list[bytearray | mmap.mmap] = []
 
     @staticmethod
-    def _place(buf: bytearray, n: int, near: int | None) -> memoryview:
+    def _place(buf: bytearray | mmap.mmap, n: int, near: int | None) -> memoryview:
         mv = memoryview(buf)
         base = _address(mv)
         if base is None:  # pragma: no cover - a bytearray is always writable
@@ -278,7 +286,8 @@ class _BufferPool:
                 and sys.getrefcount(buf) == 3
             ):
                 return self._place(buf, n, near)
-        buf = bytearray(-(-(n + self.SLACK) // self._ROUND) * self._ROUND)
+        size = -(-(n + self.SLACK) // self._ROUND) * self._ROUND
+        buf = mmap.mmap(-1, size) if size >= self.LAZY_SIZE else bytearray(size)
         if len(buf) <= self.MAX_BYTES:
             # forget free buffers first, then the oldest, to stay within the limits
             while bufs and (
