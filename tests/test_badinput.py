@@ -213,6 +213,62 @@ async def test_a_length_prefix_alone_takes_no_memory_and_no_time(sock_cluster):
     await _valid_client_works(sock_cluster)
 
 
+async def _hello(writer, name, wid=0, address=""):
+    await _send_frame(writer, wire.join_chunks(wire.encode_frame([4, name, wid, address], None)))
+
+
+def _conns_of(w, name):
+    return [c for c in w._conns if c.peer_name == name]
+
+
+async def test_a_hello_under_a_members_name_without_its_id_is_no_news_of_it(sock_cluster):
+    # Anyone holding the token could say hello as "driver" (no cluster id: a process not
+    # joined yet) and close: w1 took the driver for lost and reclaimed its contexts.
+    w1 = _target(sock_cluster)
+    reader, writer = await _authenticated(sock_cluster)
+    await _hello(writer, "driver")
+    assert await reader.readexactly(8)  # (w1's hello: ours was taken)
+    await _closed_by_peer_after(writer, w1, "driver", count=len(_conns_of(w1, "driver")))
+    assert not w1.is_lost("driver")
+    assert await ag.rpc("w1", add, (1, 2)) == 3
+
+
+async def _closed_by_peer_after(writer, w, name, count):
+    writer.close()
+    async with asyncio.timeout(5):  # (w1 handled the close)
+        while len(_conns_of(w, name)) >= count:  # noqa: ASYNC110 (no event tells)
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("hello", "message"),
+    [
+        (["n" * 300, 0, ""], "malformed hello: name 'nnn"),
+        (["two words", 0, ""], "malformed hello: name 'two words'"),
+        (["ok", -1, ""], "malformed hello: name 'ok', id -1"),
+        (["ok", 2**16, ""], "malformed hello: name 'ok', id 65536"),
+        (["ok", 0, {"a": 1}], "address {'a': 1}"),
+    ],
+)
+async def test_a_malformed_hello_closes_the_connection(sock_cluster, caplog, hello, message):
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    reader, writer = await _authenticated(sock_cluster)
+    await _hello(writer, *hello)
+    await _closed_by_peer(reader, writer)
+    assert message in caplog.text
+    await _valid_client_works(sock_cluster)
+
+
+async def test_a_second_hello_closes_the_connection(sock_cluster, caplog):
+    # (it renamed the connection's peer: its calls and its loss went to another name)
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    reader, writer = await _handshaken(sock_cluster)
+    await _hello(writer, "someone-else")
+    await _closed_by_peer(reader, writer)
+    assert "a second hello ('someone-else') on the connection with 'raw-client'" in caplog.text
+    await _valid_client_works(sock_cluster)
+
+
 async def test_garbage_frame_closes_the_connection(sock_cluster):
     reader, writer = await _handshaken(sock_cluster)
     await _send_frame(writer, os.urandom(300))

@@ -95,6 +95,7 @@ from actorgrad.errors import (
 )
 from actorgrad.runtime import calls, rref, transport
 from actorgrad.runtime.procs import ENV_ADDRESS
+from actorgrad.runtime.registry import MAX_ID, valid_name
 from actorgrad.runtime.transport import Connection
 
 log = logging.getLogger("actorgrad.runtime")
@@ -865,10 +866,13 @@ class Worker:
         if self.registry is not None:
             self.registry.conn_lost(conn)
         if name is not None and name in self.members and not self._closing:
-            if conn.peer_id is not None and conn.peer_id != self.members[name][0]:
+            if conn.peer_id != self.members[name][0]:
                 # a connection of a process another one replaced under its name (our
-                # view is past it): its end is no news of the live one. (Were the view
-                # behind instead, its catching up reports the old one lost.)
+                # view is past it), or of one that never said it was that member (a
+                # hello with no cluster id: a process not joined yet, or anyone holding
+                # the token saying the name): its end is no news of the live one (it
+                # dropped the live one's contexts, its lease). (Were the view behind
+                # instead, its catching up reports the old one lost.)
                 return
             self._peer_lost(name)
 
@@ -973,8 +977,19 @@ class Worker:
                 self._cancel_request(conn, header[1])
             elif kind == K_HELLO:
                 _, name, wid, address = header
-                if not isinstance(name, str) or type(wid) is not int:
-                    raise ProtocolError("malformed hello")
+                if not (valid_name(name) and type(wid) is int and 0 <= wid < MAX_ID) or (
+                    not isinstance(address, str)
+                ):
+                    raise ProtocolError(
+                        f"malformed hello: name {name!r:.80}, id {wid!r:.20}, address "
+                        f"{address!r:.80}"
+                    )
+                if conn.peer_name is not None:
+                    # (one hello each way: a second one renamed the peer of the
+                    # connection, whose calls and losses then went to another name)
+                    raise ProtocolError(
+                        f"a second hello ({name!r:.80}) on the connection with {conn.peer_name!r}"
+                    )
                 member = self.members.get(name)
                 if member is not None and 0 < wid < member[0]:
                     # (ids grow with each join: an older one is a process another
@@ -984,7 +999,6 @@ class Worker:
                         f"hello from a process that worker {name!r} was before it "
                         f"was replaced (cluster id {wid}, now {member[0]})"
                     )
-                first = conn.peer_name is None
                 conn.peer_name = name
                 self._lost.discard(name)  # (alive after all, as above)
                 conn.peer_id = wid or None  # (0: not joined yet; its join tells the head)
@@ -993,7 +1007,7 @@ class Worker:
                     h = getattr(conn, "hello", None)
                     if h is not None and not h.done():
                         h.set_result(None)
-                elif first:
+                else:
                     conn.send_nowait(
                         wire.encode_frame([K_HELLO, self.name, self.id, self.address], None)
                     )
