@@ -752,3 +752,9 @@ async def slow_on(dest: str, key: str, x: ag.Tensor, n: int, seconds: float) -> 
     back), and ``dest``'s part (long: its hooks sleep) goes on in its thread pool."""
     h = x * _store[_k(key)]
     return h + await ag.rpc(dest, slow_chain, (key, h.detach(), n, seconds))
+
+
+def scaled(key: str, factor: float = 1.0) -> ag.Tensor:
+    """store[key] * factor: a tensor of this worker's graph, for the caller (nothing sent
+    here)."""
+    return _store[_k(key)] * factor

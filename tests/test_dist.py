@@ -2568,6 +2568,57 @@ async def test_distributed_optimizer_errors():
                 await opt.step(bad)
 
 
+async def test_a_cancelled_pass_is_aborted_on_a_relay_target_before_the_next_pass(monkeypatch):
+    # h = w1's leaf * 1 comes to the driver, which passes it on to w2 unchanged: w2
+    # sends h's gradient straight to w1 (a relay), though w2 never called w1. P1 is
+    # cancelled after w1's part committed; its abort goes to each peer one-way, and the
+    # driver's to w1 is late (held here). P2 then reached w1 through w2 first: w1
+    # started P2, which dropped P1's commit record, and ignored P1's abort when it came:
+    # w1's leaf kept P1's gradient too (twice the right one). w2 did not pass the abort
+    # on to w1, not a peer of the context there; it now goes to the peers it sent
+    # messages of the pass to as well, ahead of its messages of later passes.
+    from actorgrad.dist.backward import T_ABORT, T_DELIVER
+
+    wv1, wv2, wv3, xv = arr(3), arr(3), arr(3), arr(3)
+    async with cluster("inproc") as c:
+        for name, wv in (("w1", wv1), ("w2", wv2), ("w3", wv3)):
+            await ag.rpc(name, F.put, ("w", wv))
+        held: list[Any] = []
+        hold_w3 = True
+        cast = c.driver.cast
+
+        def holding_cast(dest, topic, args=(), on_error=None):
+            if dest == "w1" and topic == T_ABORT:
+                held.append((dest, topic, args, on_error))
+            elif not (hold_w3 and dest == "w3" and topic == T_DELIVER):  # (P1's: dropped)
+                cast(dest, topic, args, on_error)
+
+        monkeypatch.setattr(c.driver, "cast", holding_cast)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            h = await ag.rpc("w1", F.scaled, ("w",))
+            z = await ag.rpc("w2", F.mul, ("w", h))
+            s = await ag.rpc("w3", F.mul, ("w", x))
+            loss = z.sum() + s.sum()
+            p1 = asyncio.ensure_future(ag.dist.backward(ctx, [loss], retain_graph=True))
+            async with asyncio.timeout(10):  # (w1's part of P1 committed)
+                while await c.driver.call_nowait("w1", F.grad_of, (ctx, "w")) is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.001)
+            p1.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await p1
+            hold_w3 = False
+            await asyncio.wait_for(ag.dist.backward(ctx, [loss], retain_graph=True), 10)
+            for args in held:  # (P1's abort reaches w1 at last)
+                cast(*args)
+            await ag.rpc("w1", F.identity, (None,))  # (after it on that connection)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), wv2)
+            np.testing.assert_allclose(await ag.rpc("w2", F.grad_of, (ctx, "w")), wv1)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv3)
+        assert held
+        await assert_clean(c.names)
+
+
 def _sq_mean(h):
     return (h * h).mean()
 

@@ -890,8 +890,13 @@ def _unpair(worker: Any, ctx_id: int, peer: str, recv_ids: list[int], send_ids: 
 
 
 def _flood_abort(worker: Any, ctx: DistContext, pass_id: int) -> None:
-    """Send the abort of ``pass_id`` one-way to every peer of the context."""
-    for peer in ctx.peers:
+    """Send the abort of ``pass_id`` one-way to every peer of the context, and to the
+    peers this worker sent messages of the pass to: a relay's target may be neither's
+    peer here, and the abort must reach it ahead of this worker's messages of a later
+    pass (the origin's own abort, one-way from a cancelled backward, can come after
+    them: the target then started the later pass, which settled the aborted one, and
+    kept what that one had committed)."""
+    for peer in ctx.peers | ctx.sent_to if ctx.sent_to else ctx.peers:
         if peer != worker.name:
             worker.cast(peer, T_ABORT, (ctx.id, pass_id), on_error=_ignore)
 
