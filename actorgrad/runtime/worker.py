@@ -838,6 +838,17 @@ class Worker:
     def _on_lost(self, conn: Connection, exc: BaseException | None) -> None:
         self._conns.discard(conn)
         self._paused.discard(conn)
+        hello = getattr(conn, "hello", None)
+        if hello is not None and not hello.done():
+            # (closed before its hello came: it refused ours, a malformed one, or went
+            # away; we waited out the deadline, then said it did not answer)
+            hello.set_exception(
+                WorkerLost(
+                    f"{conn.peer_addr} closed the connection before its hello (it refused "
+                    f"ours, worker name {self.name!r:.80}: see its log, or it went away)"
+                )
+            )
+            hello.exception()  # (read: whoever gave up waiting for it need not)
         name = conn.peer_name
         if name is not None and self._out.get(name) is conn:
             del self._out[name]
