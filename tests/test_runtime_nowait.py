@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import threading
 import time
 from typing import Any
@@ -268,7 +269,8 @@ async def test_notify_failures_reach_on_error(cluster):
     assert any("unknown worker 'nobody'" in str(e) for e in errors)
 
 
-async def test_a_one_way_call_that_cannot_start_closes_the_connection(cluster):
+async def test_a_one_way_call_that_cannot_start_closes_the_connection(cluster, caplog):
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
     w = cluster.driver
     await w.call("w1", add, (1, 2))
     conn = w._out["w1"]
@@ -277,6 +279,9 @@ async def test_a_one_way_call_that_cannot_start_closes_the_connection(cluster):
     w.notify("w1", "no_such_module_xyz:f", (1,))
     await asyncio.wait_for(lost.wait(), 5)  # the sender learns it as the peer's loss
     assert conn.closed
+    # (the receiver says why: it closed the connection without a word)
+    assert "worker w1: closing" in caplog.text
+    assert "one-way call no_such_module_xyz:f cannot start" in caplog.text
     assert await ag.rpc("w1", add, (2, 3)) == 5  # the worker itself is fine
 
 

@@ -1215,9 +1215,9 @@ class Worker:
                 # a one-way call that cannot even start: its sender has no reply to learn
                 # it from, only the connection's loss (and it may be waiting on it)
                 hooks.undo()
-                conn.abort(
-                    ProtocolError(f"one-way call {calls.describe(target)} cannot start: {exc}")
-                )
+                err = ProtocolError(f"one-way call {calls.describe(target)} cannot start: {exc}")
+                log.warning("worker %s: closing %r: %s", self.name, conn, err)
+                conn.abort(err)
                 return
             self._reply_exc(conn, cid, exc, hooks)
             return
