@@ -185,6 +185,7 @@ async def test_length_prefix_of_2_to_the_40_closes_the_connection(sock_cluster, 
     writer.write(LEN.pack(2**40) + b"xxxx")
     await _closed_by_peer(reader, writer)
     assert "exceeds the maximum" in caplog.text
+    assert "worker w1: closing <Connection" in caplog.text  # (which worker says so)
     await _valid_client_works(sock_cluster)
 
 

@@ -325,8 +325,10 @@ class Connection(asyncio.BaseProtocol):
         on_frame: Callable[[Connection, bytearray | memoryview], None] | None = None,
         on_lost: Callable[[Connection, BaseException | None], None] | None = None,
         max_frame_size: int = MAX_FRAME_SIZE,
+        owner: str = "",
     ) -> None:
         self.id = next(self._ids)
+        self.owner = owner  # (the name of the worker it belongs to, for log lines)
         self.kind = kind  # "tcp" / "unix" / "inproc"
         self.on_frame = on_frame
         self.on_lost = on_lost
@@ -440,7 +442,7 @@ class Connection(asyncio.BaseProtocol):
         try:
             self._feed(data)
         except ProtocolError as exc:
-            log.warning("closing %r: %s", self, exc)
+            log.warning("worker %s: closing %r: %s", self.owner or "?", self, exc)
             self.abort(exc)
             return
         if self._wbuf:  # replies produced while handling this input: one write

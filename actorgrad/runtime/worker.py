@@ -662,6 +662,7 @@ class Worker:
             on_frame=self._on_frame,
             on_lost=self._on_lost,
             max_frame_size=self.max_frame_size,
+            owner=self.name,
         )
 
     def _accept(self) -> Connection:
