@@ -758,3 +758,13 @@ def scaled(key: str, factor: float = 1.0) -> ag.Tensor:
     """store[key] * factor: a tensor of this worker's graph, for the caller (nothing sent
     here)."""
     return _store[_k(key)] * factor
+
+
+def dist_watching() -> list[str]:
+    """The peers this worker keeps an eye on for its contexts' latest passes
+    (DistContext.watching)."""
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    st = state_of(current_worker())
+    return sorted({p for ctx in st.contexts.values() for p in ctx.watching})

@@ -902,7 +902,8 @@ async def test_a_worker_hung_on_the_last_message_of_a_finished_part_fails_the_ba
                 np.testing.assert_allclose(
                     await ag.rpc("w2", F.grad_of, (ctx, "w")), np.ones(3), rtol=1e-12
                 )
-                assert (await ag.rpc("w1", F.status))["watching"] == ["w2"]
+                assert await ag.rpc("w1", F.dist_watching) == ["w2"]
+                assert (await ag.rpc("w1", F.status))["watching"] == []  # (nothing closes)
                 y = await ag.rpc("w1", F.mul_plus_remote, ("w2", "w", x))
                 os.kill(pid, signal.SIGSTOP)  # alive but silent
                 t0 = loop.time()
@@ -915,7 +916,7 @@ async def test_a_worker_hung_on_the_last_message_of_a_finished_part_fails_the_ba
         info = await ag.rpc("w1", F.debug_info)
         assert info["num_contexts"] == 0 and info["num_active_passes"] == 0
         assert c.driver.status()["watching"] == []
-        assert (await ag.rpc("w1", F.status))["watching"] == []  # (the release ended it)
+        assert await ag.rpc("w1", F.dist_watching) == []  # (the release ended it)
 
 
 async def test_losing_a_peer_outside_the_pass_while_a_part_runs_fails_the_backward(monkeypatch):
@@ -940,6 +941,37 @@ async def test_losing_a_peer_outside_the_pass_while_a_part_runs_fails_the_backwa
             w1._out["w2"].abort(ag.WorkerLost("test: the connection to w2 broke"))
             with pytest.raises(ag.WorkerLost, match="worker 'w2' was lost during the backward"):
                 await asyncio.wait_for(bwd, 10)
+        await assert_clean(c.names)
+
+
+@pytest.mark.timeout(60)
+async def test_a_driver_busy_after_a_pass_started_elsewhere_keeps_its_context(worker_path):
+    # driver -> w1 -> w2, and w2 runs the backward (its origin): w1's part ends with its
+    # message to the driver, the context's initiator. w1 then watched the driver for
+    # good (one watch more per context), and a driver busy computing for longer than
+    # the heartbeat timeout inside an open context was taken for lost by w1, which
+    # reclaimed the context (the lease): the next pass in it was refused.
+    import time
+
+    from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
+
+    wv1, wv2 = arr(3), arr(3)
+    async with cluster("processes", 2) as c:
+        await ag.rpc("w1", F.put, ("w", wv1))
+        await ag.rpc("w2", F.put, ("w", wv2))
+        x = ag.tensor(arr(3), requires_grad=True)
+        for _ in range(3):
+            async with ag.dist.context() as ctx:
+                await ag.rpc("w1", F.backward_back_at, ("w2", ctx, "w", x))
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv1, rtol=1e-12)
+        for name in c.names:
+            assert await ag.rpc(name, F.watching) == []
+            assert await ag.rpc(name, F.dist_watching) == []
+        async with ag.dist.context() as ctx:
+            await ag.rpc("w1", F.backward_back_at, ("w2", ctx, "w", x))
+            time.sleep(HEARTBEAT_TIMEOUT + 1.5)  # noqa: ASYNC251 (the driver computes)
+            await ag.rpc("w1", F.backward_back_at, ("w2", ctx, "w", x))
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * wv1, rtol=1e-12)
         await assert_clean(c.names)
 
 
@@ -985,7 +1017,7 @@ async def test_a_second_hop_that_hangs_after_its_sender_finished_fails_the_backw
         assert took < HEARTBEAT_TIMEOUT + 3.0, took
         info = await ag.rpc("w1", F.debug_info)
         assert info["num_contexts"] == 0 and info["num_active_passes"] == 0
-        assert (await ag.rpc("w1", F.watching)) == []
+        assert await ag.rpc("w1", F.dist_watching) == []
 
 
 @pytest.mark.timeout(60)
@@ -2650,16 +2682,19 @@ async def test_a_chain_through_the_driver_relays_and_costs_one_message_per_edge(
                 for n in c.names
             }
             sent["driver"] = ag.dist.debug_info()["num_backward_messages"] - before["driver"]
-            # After the pass, w2 still watches w1, which it sent h1's gradient to (w2
-            # cannot know when w1's part ends, and nobody else might notice w1 hang
-            # before it did: the driver never sent w1 anything); until the context's
-            # next pass or its release. Never the driver, the context's initiator: a
-            # driver busy computing inside its context for longer than the heartbeat
-            # timeout must not be declared lost (its context would be reclaimed).
-            watched = {n: await ag.rpc(n, F.watching) for n in c.names}
-            watched["driver"] = c.driver.status()["watching"]
-            assert watched == {"driver": [], "w1": [], "w2": [] if hooked else ["w1"], "w3": []}
-        after = {n: await ag.rpc(n, F.watching) for n in c.names}
+            # After the pass, w2 still keeps an eye on w1, which it sent h1's gradient
+            # to (w2 cannot know when w1's part ends, and nobody else might notice w1
+            # hang: the driver never sent w1 anything); until the context's next pass
+            # or its release. It only reports a silence to the origin, which fails the
+            # pass if it still runs: a worker (a driver) busy computing inside the
+            # context for longer than the heartbeat timeout is not taken for lost.
+            # (only kept an eye on: w2's runtime takes nobody for lost)
+            watched = {n: await ag.rpc(n, F.dist_watching) for n in c.names}
+            assert watched == {"w1": [], "w2": [] if hooked else ["w1"], "w3": []}
+            for n in c.names:
+                assert await ag.rpc(n, F.watching) == []
+            assert c.driver.status()["watching"] == []
+        after = {n: await ag.rpc(n, F.dist_watching) for n in c.names}
         assert all(v == [] for v in after.values()), after
         _, (ref,) = local_grads(
             lambda t: _sq_mean(((t @ ag.tensor(w1v)).tanh() @ ag.tensor(w2v)).tanh()), xv

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 
 import numpy as np
@@ -360,3 +361,18 @@ async def test_a_connection_closed_before_it_was_made_logs_no_unretrieved_error(
     conn.abort()
     with pytest.raises(ConnectionResetError, match="connection closed"):
         await conn.made
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_big_frame_buffer_is_not_shared_with_a_forked_child():
+    # Buffers of LAZY_SIZE bytes or more are memory maps: shared ones let a worker
+    # function's forked child write into the arrays its parent received.
+    pool = transport._BufferPool()
+    mv = pool.get(transport._BufferPool.LAZY_SIZE)
+    mv[0] = 1
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        mv[0] = 2
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert mv[0] == 1

@@ -307,16 +307,15 @@ class PassState:
         ctx.last_pass = (pass_id, origin)
         ctx.settle(origin, pass_id)
         ctx.sent_to.clear()
-        ctx.unwatch(worker)
-        # Watched peers (``Worker.watch``: one silent for the heartbeat timeout, hung,
-        # is reported lost, and so the pass fails; see context._on_peer_lost). On the
-        # origin, until the whole pass is done (backward unwatches): every peer of the
-        # context (one the origin never sends to may hold credit: a relay's target)
-        # and those it sends to. Elsewhere, those sent to, for the context (see
-        # DistContext.watching). Never the origin: it is the one waiting, nobody needs
-        # to hear that it hung. The context's initiator only while the watching part
-        # runs (``watching``): its loss reclaims the context (the lease), and a driver
-        # busy computing inside its context must keep it.
+        ctx.watching.clear()
+        # On the origin, the peers watched by the runtime (``Worker.watch``: one silent
+        # for the heartbeat timeout, hung, is taken for lost, and the pass fails, see
+        # context._on_peer_lost) until the whole pass is done (backward unwatches):
+        # every peer of the context (one the origin never sends to may hold credit: a
+        # relay's target) and those it sends to, as a caller watches the peers its calls
+        # wait on. The context's initiator only if sent to: its loss reclaims the
+        # context (the lease). Elsewhere, the peers sent to are only kept an eye on
+        # (DistState.watch): never the origin, the one waiting.
         self.watching: list[str] = []
         if origin == worker.name:
             for peer in ctx.peers:
@@ -340,14 +339,14 @@ class PassState:
         worker, ctx = self.worker, self.ctx
         if dest == self.origin or dest == worker.name:
             return
-        if dest == ctx.initiator or (worker.name == self.origin and dest not in ctx.peers):
+        if worker.name != self.origin:
+            state_of(worker).watch(ctx, dest)
+        elif dest == ctx.initiator or dest not in ctx.peers:  # (else watched already)
             worker.watch(dest)
             self.watching.append(dest)
-        elif worker.name != self.origin:
-            ctx.watch(worker, dest)
 
     def unwatch(self) -> None:
-        """This part is done, or the pass dropped: stop watching (idempotent)."""
+        """The origin's pass is done or dropped: stop watching (idempotent)."""
         watching, self.watching = self.watching, []
         for dest in watching:
             self.worker.unwatch(dest)
@@ -406,8 +405,6 @@ class PassState:
         freed = None if retain_graph else ctx.free_graph()
         ctx.commit(self.pass_id, self.origin, self.contrib, freed)
         ctx.active_pass = None
-        if self.worker.name != self.origin:  # (the origin's backward unwatches at its end)
-            self.unwatch()
         ctx.done_upto[self.pass_id >> 32] = self.pass_id
         st.num_backward_passes += 1
 

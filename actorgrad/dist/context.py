@@ -27,6 +27,7 @@ import functools
 import itertools
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -35,6 +36,7 @@ import numpy as np
 
 from actorgrad.autograd import Node, grad_node
 from actorgrad.errors import ContextError, ProtocolError, WorkerLost, short_repr
+from actorgrad.runtime import worker as _runtime
 from actorgrad.tensor import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -178,15 +180,13 @@ class DistContext:
         # origin of the latest pass), and the (pass id, origin) of that pass.
         self.sent_to: set[str] = set()
         self.last_pass: tuple[int, str] | None = None
-        # Of those, the ones this worker watches (``Worker.watch``) for that pass as a
-        # worker other than its origin: until the context's next pass starts here, or
-        # it is released here. Not only while the part runs: a part that finished
-        # passed its credit on to them, and the origin may not know them (a second
-        # hop, a relay's target), so nobody else would notice one that hung on it
-        # before the idle timeout, 60 s. (``expect``, which watched such a peer until
-        # it was heard from after the message, did not do: a part of it running in
-        # the thread pool leaves its loop answering heartbeats until it hangs.)
-        self.watching: list[str] = []
+        # Of those, the ones this worker keeps an eye on for that pass as a worker
+        # other than its origin (see DistState.check_watched): until the context's
+        # next pass starts here, or it is released here. Not only while its part runs:
+        # a part that finished passed its credit on to them, and the origin may not
+        # know them (a second hop, a relay's target), so nobody else would notice one
+        # that hung on it before the idle timeout, 60 s.
+        self.watching: set[str] = set()
         # Per origin, what its last pass that finished here committed (see commit):
         # until that origin's next pass starts here, an abort of it (it failed on
         # another worker) takes it back, so a failed pass leaves no gradient behind.
@@ -220,18 +220,6 @@ class DistContext:
             f"grads={len(self.grads)}, active_pass={self.active_pass is not None}, "
             f"calls_out={len(self.calls_out)}, released={self.released})"
         )
-
-    def watch(self, worker: Worker, peer: str) -> None:
-        """Watch ``peer`` for this context's latest pass here (see ``watching``)."""
-        worker.watch(peer)
-        self.watching.append(peer)
-
-    def unwatch(self, worker: Worker) -> None:
-        """Stop watching the peers of the latest pass (a new one starts, or the context
-        goes)."""
-        watching, self.watching = self.watching, []
-        for peer in watching:
-            worker.unwatch(peer)
 
     def pass_done(self, pass_id: int) -> bool:
         """Whether pass ``pass_id`` (or a later one of its origin) finished here."""
@@ -368,6 +356,8 @@ class DistState:
         self.num_backward_messages = 0  # sent by this worker: gradients, starts, credits
         self._empty_waiters: list[Any] = []  # futures resolved when no context is left
         self.runs: dict[int, Any] = {}  # pass id -> InitiatorRun, for passes started here
+        # the timer of check_watched (None: not scheduled)
+        self._watch_timer: asyncio.TimerHandle | None = None
         # the last RELEASED_MEMORY context ids released here (see join)
         self._released: set[int] = set()
         self._released_order: collections.deque[int] = collections.deque()
@@ -441,6 +431,55 @@ class DistState:
             ctx = self.contexts[ctx_id] = DistContext(ctx_id, initiator)
         return ctx
 
+    def watch(self, ctx: DistContext, peer: str) -> None:
+        """Keep an eye on ``peer`` for the latest pass of ``ctx`` (see ``watching``)."""
+        ctx.watching.add(peer)
+        if self._watch_timer is None:
+            self._watch_timer = self.worker.loop.call_later(
+                _runtime.HEARTBEAT_INTERVAL, self.check_watched, time.monotonic()
+            )
+
+    def check_watched(self, since: float) -> None:
+        """Every heartbeat interval while some context watches a peer: a watched peer
+        silent for the heartbeat timeout (hung, its connection open) is reported to the
+        origin of the latest pass here, once, which fails that pass if it still runs
+        (a pass that completed is left alone). Nothing closes, nobody is taken for
+        lost: a worker busy for seconds after a pass, its loop blocked, loses no
+        connection and no call. (A peer whose connection closed is reported by
+        _on_peer_lost.)"""
+        from actorgrad.dist.backward import _report
+
+        self._watch_timer = None
+        worker = self.worker
+        if worker.closed:
+            return
+        now = time.monotonic()
+        lagged = now - since > _runtime.HEARTBEAT_INTERVAL + 1.0  # (our own loop was blocked)
+        left = False
+        for ctx in list(self.contexts.values()):
+            if not ctx.watching or ctx.last_pass is None:
+                continue
+            for peer in list(ctx.watching) if not lagged else ():
+                heard = worker.heard_from(peer)
+                if heard is not None and now - heard > _runtime.HEARTBEAT_TIMEOUT:
+                    ctx.watching.discard(peer)
+                    pass_id, origin = ctx.last_pass
+                    _report(
+                        self,
+                        ctx.id,
+                        origin,
+                        pass_id,
+                        WorkerLost(
+                            f"worker {peer!r} was lost during the backward pass (it sent "
+                            f"nothing for {_runtime.HEARTBEAT_TIMEOUT:g} s: hung)"
+                        ),
+                    )
+            left = left or bool(ctx.watching)
+        if left:
+            self._watch_timer = worker.loop.call_later(
+                _runtime.HEARTBEAT_INTERVAL, self.check_watched, now
+            )
+
     def record_send(self, ctx: DistContext, t: Tensor, dest: str) -> int:
         with self._lock:
             send_id = next(self._send_ids)
@@ -475,7 +514,7 @@ class DistState:
         if ctx is not None:
             ctx.released = True
             ctx.drop_pass()
-            ctx.unwatch(self.worker)
+            ctx.watching.clear()
             self.fail_runs(  # a backward still waiting in it: fails now
                 ctx_id,
                 ContextError(

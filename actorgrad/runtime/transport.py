@@ -287,7 +287,13 @@ class _BufferPool:
             ):
                 return self._place(buf, n, near)
         size = -(-(n + self.SLACK) // self._ROUND) * self._ROUND
-        buf = mmap.mmap(-1, size) if size >= self.LAZY_SIZE else bytearray(size)
+        # (private: a worker function that forks must give its child a copy, not the
+        # frames' memory shared)
+        buf = (
+            mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+            if size >= self.LAZY_SIZE
+            else bytearray(size)
+        )
         if len(buf) <= self.MAX_BYTES:
             # forget free buffers first, then the oldest, to stay within the limits
             while bufs and (

@@ -1817,6 +1817,16 @@ class Worker:
         member = self.members.get(peer)
         return None if member is None else member[0]
 
+    def heard_from(self, peer: str) -> float | None:
+        """When a frame from ``peer`` last came (``time.monotonic()``) on an open
+        connection with it; None without one."""
+        last = None
+        for conn in self._conns:
+            if conn.peer_name == peer and not conn.closed:
+                if last is None or conn.last_recv > last:
+                    last = conn.last_recv
+        return last
+
     def watch(self, peer: str) -> None:
         """Expect ``peer`` to stay alive (as if a call to it were pending): its
         connections are closed, and the peer reported lost, once it has been silent
