@@ -2572,22 +2572,33 @@ async def test_distributed_optimizer_errors():
         for not_an_optimizer in (dict, ag.tensor, "SGD"):
             with pytest.raises(TypeError, match="must be an ag.optim.Optimizer subclass"):
                 ag.dist.DistributedOptimizer(not_an_optimizer, [ref], lr=0.1)
+        with pytest.raises(TypeError, match=r"got one RRef; pass \[rref\]"):
+            ag.dist.DistributedOptimizer(ag.optim.SGD, ref, lr=0.1)
+        # (named by their place in the caller's list: it named the place among the
+        # owner's parameters, params[0] for the fourth)
+        good = await ag.remote("w2", F.make_param, (arr(2),))
         notparam = await ag.remote("w1", F.identity, ("not a tensor",))
-        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [notparam], lr=0.1)
-        async with ag.dist.context() as ctx:
-            with pytest.raises(ag.RemoteError, match="not an actorgrad Tensor") as info:
-                await opt.step(ctx)
-            assert info.value.worker == "w1"
+        await ag.rpc("w1", F.put, ("ints", np.arange(2), False))
+        ints = await ag.remote("w1", F.get, ("ints",))
+        for params, message in (
+            ([good, ref, notparam], r"params\[2\] refers to a str, not an actorgrad Tensor"),
+            ([good, ints], r"params\[1\] refers to a tensor of dtype int64"),
+        ):
+            opt = ag.dist.DistributedOptimizer(ag.optim.SGD, params, lr=0.1)
+            async with ag.dist.context() as ctx:
+                with pytest.raises(ag.RemoteError, match=message) as info:
+                    await opt.step(ctx)
+                assert info.value.worker == "w1"
         # one parameter given twice would be stepped twice: refused here when it is the
         # same RRef, on the owner when two RRefs refer to the same tensor
         with pytest.raises(ValueError, match=r"params\[1\] is the same RRef as params\[0\]"):
             ag.dist.DistributedOptimizer(ag.optim.SGD, [ref, ref], lr=0.1)
         await ag.rpc("w1", F.put, ("p", arr(2)))
         refs = [await ag.remote("w1", F.get, ("p",)) for _ in range(2)]
-        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, refs, lr=0.1)
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [good, *refs], lr=0.1)
         async with ag.dist.context() as ctx:
             with pytest.raises(
-                ag.RemoteError, match="parameter 1 is the same tensor as parameter 0"
+                ag.RemoteError, match=r"params\[2\] refers to the same tensor as params\[1\]"
             ):
                 await opt.step(ctx)
         # a context the owners do not know: the caller's mistake, a ContextError as

@@ -46,13 +46,39 @@ def _resolve(path: str) -> type:
 class _LocalOptimizer:
     """Lives on a parameter owner; steps its local optimizer with a context's gradients."""
 
-    def __init__(self, class_path: str, params: list[RRef], options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        class_path: str,
+        params: list[RRef],
+        options: dict[str, Any],
+        indices: list[int] | None = None,
+    ) -> None:
         cls = _resolve(class_path)
         self.params: list[Tensor] = [p.local_value() for p in params]
-        for i, p in enumerate(self.params):
+        # (errors name each parameter by its place in the caller's list: ``indices``;
+        # the local optimizer would name its place among this owner's)
+        where = indices if indices is not None else list(range(len(params)))
+        seen: dict[int, int] = {}
+        for i, p in zip(where, self.params, strict=True):
             if not isinstance(p, Tensor):
                 raise TypeError(
                     f"params[{i}] refers to a {type(p).__name__}, not an actorgrad Tensor"
+                )
+            if not p.is_leaf:
+                raise ValueError(
+                    f"params[{i}] refers to a non-leaf tensor (an op's output): updating it "
+                    "changes no parameter; give the leaf itself"
+                )
+            if p.data.dtype.kind != "f":
+                raise TypeError(
+                    f"params[{i}] refers to a tensor of dtype {p.data.dtype}; parameters "
+                    "must have a floating point dtype"
+                )
+            first = seen.setdefault(id(p), i)
+            if first != i:
+                raise ValueError(
+                    f"params[{i}] refers to the same tensor as params[{first}]; give each "
+                    "parameter once"
                 )
         self.optim = cls(self.params, **options)
 
@@ -92,10 +118,13 @@ class DistributedOptimizer:
 
     def __init__(self, optimizer_class: type, params: Sequence[RRef], **options: Any) -> None:
         self._class_path = _class_path(optimizer_class)
+        if isinstance(params, RRef):
+            raise TypeError("params must be a list of RRefs, got one RRef; pass [rref]")
         params = list(params)
         if not params:
             raise ValueError("DistributedOptimizer needs at least one parameter RRef")
         self._by_owner: dict[str, list[RRef]] = {}
+        self._indices: dict[str, list[int]] = {}  # per owner: places in ``params``
         seen: dict[tuple[str, Any], int] = {}
         for i, p in enumerate(params):
             if not isinstance(p, RRef):
@@ -106,6 +135,7 @@ class DistributedOptimizer:
                     f"params[{i}] is the same RRef as params[{first}]; give each parameter once"
                 )
             self._by_owner.setdefault(p.owner, []).append(p)
+            self._indices.setdefault(p.owner, []).append(i)
         # Surface option mistakes here, not on the first remote step.
         optimizer_class([Tensor(np.zeros(1, dtype=np.float32), requires_grad=True)], **options)
         self._options = options
@@ -124,7 +154,11 @@ class DistributedOptimizer:
                 owners = list(self._by_owner)
                 refs = await asyncio.gather(
                     *(
-                        remote(o, _LocalOptimizer, (self._class_path, ps, self._options))
+                        remote(
+                            o,
+                            _LocalOptimizer,
+                            (self._class_path, ps, self._options, self._indices[o]),
+                        )
                         for o, ps in self._by_owner.items()
                     )
                 )
