@@ -468,8 +468,13 @@ async def test_an_rref_id_that_is_not_an_int_is_named_in_the_error(sock_cluster)
         ag.RemoteError, match=r"LookupError on worker 'w1': RRef 'x' is no longer alive"
     ):
         await ag.rpc("w1", "actorgrad.runtime.rref:_fetch", ("x",))
-    with pytest.raises(ag.RemoteError, match=r"RRef 0x10000000000ff is no longer alive"):
-        await ag.rpc("w1", "actorgrad.runtime.rref:_fetch", ((1 << 48) | 255,))
+    wid = _target(sock_cluster).id
+    with pytest.raises(ag.RemoteError, match=rf"RRef {(wid << 48) | 255:#x} is no longer alive"):
+        await ag.rpc("w1", "actorgrad.runtime.rref:_fetch", ((wid << 48) | 255,))
+    # (an id of another process's: its owner is named gone)
+    other = wid + 1
+    with pytest.raises(ag.RemoteError, match=rf"made by the process with cluster id {other}, not"):
+        await ag.rpc("w1", "actorgrad.runtime.rref:_fetch", ((other << 48) | 255,))
 
 
 async def test_unencodable_argument_is_a_type_error_naming_the_type(sock_cluster):

@@ -91,10 +91,22 @@ def _show(rid: Any) -> str:
     return f"{rid:#x}" if type(rid) is int else short_repr(rid)
 
 
+def _gone(worker: Worker, rid: Any) -> LookupError:
+    """The error for an RRef id this worker does not own (any more)."""
+    if type(rid) is int and worker.id and rid >> 48 != worker.id:
+        # (its owner's cluster id is in the high bits: another process had this name)
+        return LookupError(
+            f"RRef {_show(rid)} was made by the process with cluster id {rid >> 48}, not "
+            f"by worker {worker.name!r} (cluster id {worker.id}): its owner is gone, and "
+            "another process joined under its name"
+        )
+    return LookupError(f"RRef {_show(rid)} is no longer alive on worker {worker.name!r}")
+
+
 def _add(worker: Worker, rid: int, holder: Key, n: int = 1) -> None:
     o = worker.owned.get(rid)
     if o is None:
-        raise LookupError(f"RRef {_show(rid)} is no longer alive on worker {worker.name!r}")
+        raise _gone(worker, rid)
     o.holders[holder] = o.holders.get(holder, 0) + n
 
 
@@ -135,7 +147,7 @@ def peer_lost(worker: Worker, name: str, pid: int) -> None:
 def owned_value(worker: Worker, rid: Any) -> Any:
     o = worker.owned.get(rid)
     if o is None:
-        raise LookupError(f"RRef {_show(rid)} is no longer alive on worker {worker.name!r}")
+        raise _gone(worker, rid)
     return o.value
 
 
