@@ -708,3 +708,16 @@ def test_malloc_tuning_can_be_turned_off(tmp_path):
         out[flag] = (applied, int(faults))
     assert out["1"][0] == "True" and out["1"][1] < 200
     assert out["0"][0] == "False" and out["0"][1] > 200 * 100  # glibc's defaults: ~250 each
+
+
+@pytest.mark.timeout(60)
+async def test_a_stopped_worker_process_is_continued_to_handle_its_sigterm():
+    # A SIGSTOPped worker cannot leave when the cluster stops, nor handle the SIGTERM
+    # that follows: it waited for the SIGKILL, 2 s later.
+    import signal
+
+    async with ag.local_cluster(1, processes=True) as c:
+        assert c.procs is not None
+        proc = c.procs.procs["w1"]
+        os.kill(proc.pid, signal.SIGSTOP)
+    assert proc.returncode != -signal.SIGKILL, proc.returncode

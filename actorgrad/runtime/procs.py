@@ -221,6 +221,9 @@ class WorkerProcesses:
             return
         await self._wait_all(grace)
         self._signal(signal.SIGTERM)
+        # (a stopped process, SIGSTOP or Ctrl-Z, handles the SIGTERM only once
+        # continued: it waited for the SIGKILL)
+        self._signal(signal.SIGCONT)
         await self._wait_all(term_grace)
         self._signal(signal.SIGKILL)
         for p in self.procs.values():
