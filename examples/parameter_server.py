@@ -102,4 +102,6 @@ if __name__ == "__main__":
         accuracy = asyncio.run(main(parser.parse_args().steps))
     except ag.ActorgradError as exc:  # (a worker died, say: one line, not a traceback)
         raise SystemExit(f"error: {type(exc).__name__}: {exc}") from None
+    except KeyboardInterrupt:  # (Ctrl-C: stopped, not a traceback)
+        raise SystemExit(130) from None
     raise SystemExit(0 if accuracy >= 0.9 else 1)

@@ -50,3 +50,5 @@ if __name__ == "__main__":
     except ag.ActorgradError as exc:  # (a worker died, say: one line, not a traceback)
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # (Ctrl-C: stopped, not a traceback)
+        raise SystemExit(130) from None
