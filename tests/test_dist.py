@@ -2585,9 +2585,12 @@ async def test_distributed_optimizer_errors():
         notparam = await ag.remote("w1", F.identity, ("not a tensor",))
         await ag.rpc("w1", F.put, ("ints", np.arange(2), False))
         ints = await ag.remote("w1", F.get, ("ints",))
+        await ag.rpc("w1", F.put, ("w", arr(2)))
+        made = await ag.remote("w1", F.scaled, ("w", 2.0))
         for params, message in (
             ([good, ref, notparam], r"params\[2\] refers to a str, not an actorgrad Tensor"),
             ([good, ints], r"params\[1\] refers to a tensor of dtype int64"),
+            ([good, made], r"params\[1\] refers to a non-leaf tensor"),
         ):
             opt = ag.dist.DistributedOptimizer(ag.optim.SGD, params, lr=0.1)
             async with ag.dist.context() as ctx:
