@@ -356,8 +356,10 @@ class DistState:
         self.num_backward_messages = 0  # sent by this worker: gradients, starts, credits
         self._empty_waiters: list[Any] = []  # futures resolved when no context is left
         self.runs: dict[int, Any] = {}  # pass id -> InitiatorRun, for passes started here
-        # the timer of check_watched (None: not scheduled)
+        # the timer of check_watched (None: not scheduled), and the contexts it looks at
+        # (those that watched a peer since its last tick: not every live one)
         self._watch_timer: asyncio.TimerHandle | None = None
+        self._watching: dict[int, DistContext] = {}
         # the last RELEASED_MEMORY context ids released here (see join)
         self._released: set[int] = set()
         self._released_order: collections.deque[int] = collections.deque()
@@ -434,6 +436,7 @@ class DistState:
     def watch(self, ctx: DistContext, peer: str) -> None:
         """Keep an eye on ``peer`` for the latest pass of ``ctx`` (see ``watching``)."""
         ctx.watching.add(peer)
+        self._watching[ctx.id] = ctx
         if self._watch_timer is None:
             self._watch_timer = self.worker.loop.call_later(
                 _runtime.HEARTBEAT_INTERVAL, self.check_watched, time.monotonic()
@@ -455,9 +458,9 @@ class DistState:
             return
         now = time.monotonic()
         lagged = now - since > _runtime.HEARTBEAT_INTERVAL + 1.0  # (our own loop was blocked)
-        left = False
-        for ctx in list(self.contexts.values()):
-            if not ctx.watching or ctx.last_pass is None:
+        for ctx in list(self._watching.values()):
+            if not ctx.watching or ctx.last_pass is None or ctx.released:
+                del self._watching[ctx.id]  # (watches nobody now, or gone)
                 continue
             for peer in list(ctx.watching) if not lagged else ():
                 heard = worker.heard_from(peer)
@@ -474,8 +477,7 @@ class DistState:
                             f"nothing for {_runtime.HEARTBEAT_TIMEOUT:g} s: hung)"
                         ),
                     )
-            left = left or bool(ctx.watching)
-        if left:
+        if self._watching:
             self._watch_timer = worker.loop.call_later(
                 _runtime.HEARTBEAT_INTERVAL, self.check_watched, now
             )
@@ -515,6 +517,7 @@ class DistState:
             ctx.released = True
             ctx.drop_pass()
             ctx.watching.clear()
+            self._watching.pop(ctx_id, None)
             self.fail_runs(  # a backward still waiting in it: fails now
                 ctx_id,
                 ContextError(
