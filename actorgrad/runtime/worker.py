@@ -783,6 +783,12 @@ class Worker:
             raise ValueError(f"unknown worker {dest!r}; known workers: {self.worker_names()}")
         try:
             conn = await self.open_connection(entry[1], entry[2], PEER_CONNECT_TIMEOUT)
+        except transport.Unanswered:
+            # (named by its address in the cluster, not the local socket's internal name)
+            raise WorkerLost(
+                f"worker {dest!r} ({entry[1]}) accepted the connection but did not answer "
+                f"within {PEER_CONNECT_TIMEOUT:g} s: hung or overloaded"
+            ) from None
         except WorkerLost as exc:  # (a plain WorkerLost: it may travel as a RemoteError)
             raise WorkerLost(f"worker {dest!r}: {exc}") from None
         if conn.peer_name != dest:
