@@ -242,9 +242,10 @@ async def serve_worker(
     *,
     stop: asyncio.Event | None = None,
     host: str | None = None,
+    on_joined: Callable[[Worker], None] | None = None,
 ) -> None:
     """One worker joining the cluster at ``address``; runs until ``stop`` is set or the
-    cluster's head goes away."""
+    cluster's head goes away. ``on_joined(worker)`` once it joined."""
     check_name(name)
     check_address(address)
     if host is None:
@@ -258,6 +259,8 @@ async def serve_worker(
     try:
         await start_worker(w)
         if await _unless_stopped(w.join(address), stop):
+            if on_joined is not None:
+                on_joined(w)
             await _unless_stopped(w.registry_lost.wait(), stop)  # (the head went away)
     finally:
         await finish(w.shutdown(timeout=5.0))
