@@ -448,8 +448,7 @@ class Connection(asyncio.BaseProtocol):
         try:
             self._feed(data)
         except ProtocolError as exc:
-            log.warning("worker %s: closing %r: %s", self.owner or "?", self, exc)
-            self.abort(exc)
+            self.refuse(exc)
             return
         if self._wbuf:  # replies produced while handling this input: one write
             self.flush()
@@ -698,6 +697,12 @@ class Connection(asyncio.BaseProtocol):
             self._flush()
             self.transport.close()
         self._mark_closed(reason)
+
+    def refuse(self, err: ProtocolError) -> None:
+        """Close the connection on what the peer sent (malformed, or not to be
+        handled), saying so in the log: only this connection goes."""
+        log.warning("worker %s: closing %r: %s", self.owner or "?", self, err)
+        self.abort(err)
 
     def abort(self, reason: BaseException | None = None) -> None:
         if self.close_reason is None:

@@ -1039,8 +1039,7 @@ class Worker:
                 if isinstance(exc, ProtocolError)
                 else ProtocolError(f"malformed message: {exc!r}")
             )
-            log.warning("worker %s: closing %r: %s", self.name, conn, err)
-            conn.abort(err)
+            conn.refuse(err)
 
     def _cancel_request(self, conn: Connection, cid: int) -> None:
         """The caller of request ``cid`` on ``conn`` stopped waiting for it (timeout,
@@ -1222,9 +1221,9 @@ class Worker:
                 # a one-way call that cannot even start: its sender has no reply to learn
                 # it from, only the connection's loss (and it may be waiting on it)
                 hooks.undo()
-                err = ProtocolError(f"one-way call {calls.describe(target)} cannot start: {exc}")
-                log.warning("worker %s: closing %r: %s", self.name, conn, err)
-                conn.abort(err)
+                conn.refuse(
+                    ProtocolError(f"one-way call {calls.describe(target)} cannot start: {exc}")
+                )
                 return
             self._reply_exc(conn, cid, exc, hooks)
             return
