@@ -417,7 +417,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
             )
 
     def on_event(kind: str, text: str) -> None:
-        if kind == "exited":  # (the script's own joining and leaving is no news)
+        if kind in ("exited", "stuck"):  # (the script's own joining and leaving is no news)
             _note(text)
 
     serving = asyncio.ensure_future(serve())

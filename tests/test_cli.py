@@ -743,6 +743,35 @@ def test_run_forwards_ctrl_c_to_the_script_then_stops_the_cluster(tmp_path: Path
         r.stop()
 
 
+STOP_A_WORKER_SCRIPT = """
+import asyncio, os, signal
+import actorgrad as ag
+
+async def main():
+    await ag.init("driver")
+    pid = await ag.rpc("w1", os.getpid)
+    os.kill(pid, signal.SIGSTOP)  # hung: it cannot leave when the cluster stops
+    await ag.shutdown()
+    print("stopped", pid, flush=True)
+
+asyncio.run(main())
+"""
+
+
+@needs_runtime
+def test_run_says_when_it_terminates_a_worker_that_did_not_exit(tmp_path: Path) -> None:
+    # It waited the 3 s stop grace, then signalled the hung worker, and said nothing.
+    script = tmp_path / "stop_w1.py"
+    script.write_text(STOP_A_WORKER_SCRIPT)
+    r = run_cli("run", "-n", "1", str(script))
+    assert r.returncode == 0, r.stderr
+    pid = int(r.stdout.split()[-1])
+    assert r.stderr.strip() == (
+        "actorgrad: worker processes w1 did not exit within 3 s of the shutdown: terminating them"
+    )
+    assert wait_gone({pid}, 10) == set()
+
+
 @needs_runtime
 def test_a_second_signal_forces_the_cluster_down(tmp_path: Path) -> None:
     c = Running("cluster", "-n", "1", "--token-file", str(tmp_path / "t"))

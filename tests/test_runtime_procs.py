@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import logging
 import os
 import signal
 import subprocess
@@ -713,13 +714,18 @@ def test_malloc_tuning_can_be_turned_off(tmp_path):
 
 
 @pytest.mark.timeout(60)
-async def test_a_stopped_worker_process_is_continued_to_handle_its_sigterm():
+async def test_a_stopped_worker_process_is_continued_to_handle_its_sigterm(caplog):
     # A SIGSTOPped worker cannot leave when the cluster stops, nor handle the SIGTERM
     # that follows: it waited for the SIGKILL, 2 s later.
     import signal
 
-    async with ag.local_cluster(1, processes=True) as c:
-        assert c.procs is not None
-        proc = c.procs.procs["w1"]
-        os.kill(proc.pid, signal.SIGSTOP)
+    with caplog.at_level(logging.WARNING, logger="actorgrad.runtime"):
+        async with ag.local_cluster(1, processes=True) as c:
+            assert c.procs is not None
+            proc = c.procs.procs["w1"]
+            os.kill(proc.pid, signal.SIGSTOP)
     assert proc.returncode != -signal.SIGKILL, proc.returncode
+    # (and the wait is not silent)
+    assert [r.getMessage() for r in caplog.records if "did not exit" in r.getMessage()] == [
+        "local_cluster: worker processes w1 did not exit within 3 s of leaving it: terminating them"
+    ]

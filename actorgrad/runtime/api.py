@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -25,6 +26,8 @@ from actorgrad.runtime.cluster import (
 from actorgrad.runtime.procs import ENV_ADDRESS, ENV_TOKEN, WorkerProcesses, tune_malloc
 from actorgrad.runtime.rref import RRef
 from actorgrad.runtime.worker import MODE_REMOTE, MODE_RPC, Worker, current_worker
+
+log = logging.getLogger("actorgrad.runtime")
 
 __all__ = ["init", "rpc", "remote", "local_cluster", "worker_name", "workers", "shutdown", "RRef"]
 
@@ -308,5 +311,14 @@ async def local_cluster(
                 await w.join(head.address)
         yield cluster
     finally:
-        await finish(stop_all(cluster.driver, cluster.workers, cluster.procs))
+        await finish(stop_all(cluster.driver, cluster.workers, cluster.procs, _stuck))
         _w.set_process_worker(old)
+
+
+def _stuck(names: list[str], grace: float) -> None:
+    log.warning(
+        "local_cluster: worker processes %s did not exit within %g s of leaving it:"
+        " terminating them",
+        ", ".join(names),
+        grace,
+    )

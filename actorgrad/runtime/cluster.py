@@ -160,7 +160,8 @@ async def serve_cluster(
 
     Once ready, ``on_event(kind, text)`` hears of each change until the shutdown
     starts: kind "joined" or "left" (a worker joined or left the registry) or "exited"
-    (one of the ``n`` worker processes ended: how, and its pid)."""
+    (one of the ``n`` worker processes ended: how, and its pid); then kind "stuck" if
+    worker processes outlive the shutdown's grace (they are terminated)."""
     if n < 0:
         raise ValueError(f"number of workers must be >= 0, not {n}")
     check_bind(host, token)
@@ -184,7 +185,16 @@ async def serve_cluster(
     finally:
         for fn in unwatch:  # (the shutdown's own leaving and exits are not news)
             fn()
-        await finish(stop_all(head, [], procs))
+
+        def stuck(names: list[str], grace: float) -> None:
+            if on_event is not None:
+                on_event(
+                    "stuck",
+                    f"worker processes {', '.join(names)} did not exit within {grace:g} s"
+                    " of the shutdown: terminating them",
+                )
+
+        await finish(stop_all(head, [], procs, on_stuck=stuck))
 
 
 def _report_changes(
@@ -225,14 +235,19 @@ async def _unless_stopped(aw: Awaitable[Any], stop: asyncio.Event | None) -> boo
     return True
 
 
-async def stop_all(head: Worker, workers: list[Worker], procs: WorkerProcesses | None) -> None:
+async def stop_all(
+    head: Worker,
+    workers: list[Worker],
+    procs: WorkerProcesses | None,
+    on_stuck: Callable[[list[str], float], None] | None = None,
+) -> None:
     """Shut a local cluster down: its in-process workers, then the head, then its
-    worker processes (terminated, joined, killed)."""
+    worker processes (terminated, joined, killed; see WorkerProcesses.stop)."""
     for w in workers:
         await w.shutdown(timeout=5.0)
     await head.shutdown(timeout=5.0)
     if procs is not None:
-        await procs.stop()
+        await procs.stop(on_stuck=on_stuck)
 
 
 async def serve_worker(

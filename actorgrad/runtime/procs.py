@@ -215,11 +215,21 @@ class WorkerProcesses:
                 f"worker processes {missing} did not join within {timeout} s"
             ) from None
 
-    async def stop(self, grace: float = 3.0, term_grace: float = 2.0) -> None:
-        """Wait up to ``grace`` s for the workers to exit, then SIGTERM, then SIGKILL."""
+    async def stop(
+        self,
+        grace: float = 3.0,
+        term_grace: float = 2.0,
+        on_stuck: Callable[[list[str], float], None] | None = None,
+    ) -> None:
+        """Wait up to ``grace`` s for the workers to exit, then SIGTERM, then SIGKILL.
+        ``on_stuck(names, grace)`` hears of the workers still running after ``grace``
+        (hung, stopped, or busy in a call that does not end), before they are signalled."""
         if not self.procs:
             return
         await self._wait_all(grace)
+        stuck = [n for n, p in self.procs.items() if p.poll() is None]
+        if stuck and on_stuck is not None:
+            on_stuck(stuck, grace)
         self._signal(signal.SIGTERM)
         # (a stopped process, SIGSTOP or Ctrl-Z, handles the SIGTERM only once
         # continued: it waited for the SIGKILL)
