@@ -61,6 +61,10 @@ _GRAD_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "actorgrad_grad_enabled", default=True
 )
 grad_enabled = _GRAD_ENABLED.get  # bound method: the cheapest possible check per op
+# The tokens of the no_grad/enable_grad blocks open in this context, innermost last.
+_MODE_TOKENS: contextvars.ContextVar[tuple[contextvars.Token[bool], ...]] = contextvars.ContextVar(
+    "actorgrad_grad_mode_tokens", default=()
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -77,35 +81,37 @@ class _GradMode:
 
     def __new__(cls, fn: Callable[..., Any] | None = None) -> Any:
         self = super().__new__(cls)
-        self._tokens = []
         if fn is not None:  # used bare, as `@no_grad` (without parentheses)
             return self(fn)
         return self
 
     def __init__(self, fn: Callable[..., Any] | None = None) -> None:
-        self._tokens: list[contextvars.Token[bool]]
+        pass
 
+    # The tokens to restore live in a context variable, not on the instance: one
+    # instance entered by several tasks (or threads) at once restores each its own.
     def __enter__(self) -> None:
-        self._tokens.append(_GRAD_ENABLED.set(self._value))
+        token = _GRAD_ENABLED.set(self._value)
+        _MODE_TOKENS.set((*_MODE_TOKENS.get(), token))
 
     def __exit__(self, *exc: object) -> None:
-        _GRAD_ENABLED.reset(self._tokens.pop())
+        tokens = _MODE_TOKENS.get()
+        _MODE_TOKENS.set(tokens[:-1])
+        _GRAD_ENABLED.reset(tokens[-1])
 
     def __call__(self, fn: F) -> F:
-        cls = type(self)
-        # A fresh instance per call, so concurrent calls never share token stacks.
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                with cls():
+                with self:
                     return await fn(*args, **kwargs)
 
             return async_wrapper  # type: ignore[return-value]
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with cls():
+            with self:
                 return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
@@ -242,6 +248,14 @@ class AccumulateGrad(Node):
 
     def name(self) -> str:
         return f"AccumulateGrad{tuple(self.tensor.shape)}"
+
+
+def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a + b`` as a new array, also for two 0-d arrays (numpy gives a scalar there:
+    a 0-d leaf's gradient became a ``numpy.float32`` that code clearing ``.grad`` in
+    place, ``g[...] = 0``, cannot write into)."""
+    out = a + b
+    return out if type(out) is np.ndarray else np.asarray(out)
 
 
 _ONES: dict[np.dtype, np.ndarray] = {}
@@ -491,6 +505,8 @@ class GraphTask:
                 outs: Sequence[np.ndarray | None] | None = None
                 try:
                     if grad is not None and node._hooks:
+                        if type(grad) is not np.ndarray:  # (0-d ops give numpy scalars)
+                            grad = np.asarray(grad)
                         for hook in node._hooks:
                             out = hook(grad)
                             if out is not None:
@@ -542,10 +558,13 @@ class GraphTask:
 
     def _accumulate(self, node: AccumulateGrad, grad: np.ndarray | None) -> None:
         t = node.tensor
-        if grad is not None and grad.shape != t.data.shape:
-            raise RuntimeError(
-                f"gradient of shape {grad.shape} reached a leaf of shape {t.data.shape}"
-            )
+        if grad is not None:
+            if type(grad) is not np.ndarray:  # (0-d ops give numpy scalars)
+                grad = np.asarray(grad)
+            if grad.shape != t.data.shape:
+                raise RuntimeError(
+                    f"gradient of shape {grad.shape} reached a leaf of shape {t.data.shape}"
+                )
         if self.leaf_sink is not None:
             if grad is not None:
                 # Never hand one array to two leaves (a + b gives both the same one).
@@ -575,4 +594,10 @@ class GraphTask:
             self._given.add(id(grad))
             t.grad = grad
         else:
-            t.grad = t.grad + grad
+            old = t.grad
+            if np.shape(old) != grad.shape:  # (set by the user: it would broadcast)
+                raise RuntimeError(
+                    f"the .grad of a leaf of shape {grad.shape} has shape {np.shape(old)}; "
+                    "set .grad to None or to an array of the leaf's shape"
+                )
+            t.grad = add(old, grad)

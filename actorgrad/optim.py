@@ -1,4 +1,4 @@
-"""Optimizers that update parameter arrays in place (no asyncio here).
+"""Optimizers: SGD and Adam on numpy arrays (no asyncio here).
 
 The update formulas are torch's (``torch.optim.SGD`` without nesterov/dampening,
 ``torch.optim.Adam`` without amsgrad). ``step(grads)`` takes an explicit
@@ -10,6 +10,10 @@ returns every leaf of the worker: inputs, other optimizers' parameters).
 Parameters must have a floating point dtype (TypeError). Tensors that do not require
 grad are accepted, as torch accepts them (frozen parameters: they get no ``.grad`` and
 are skipped, unless ``step`` is given a gradient for them).
+
+A step gives each parameter it updates a new array (see ``Optimizer.step``: graphs
+recorded before it keep the values they were computed with); a subclass's ``_update``
+writes into that new ``p.data`` in place.
 
 Example::
 
@@ -92,39 +96,63 @@ class Optimizer:
         self.lr = lr
         self.state: dict[Tensor, dict[str, Any]] = {}
 
-    def _grads(self, grads: Mapping[Tensor, np.ndarray] | None) -> list[tuple[Tensor, Any]]:
+    def _grads(self, grads: Mapping[Tensor, np.ndarray] | None) -> list[tuple[Tensor, np.ndarray]]:
+        """The (parameter, gradient) pairs of a step, every one checked before any
+        parameter changes (a bad gradient for the second parameter left the first one
+        stepped: a retry stepped it twice)."""
         if grads is None:
-            return [(p, p.grad) for p in self.params if p.grad is not None]
-        if not isinstance(grads, Mapping):
+            given = [(i, p, p.grad) for i, p in enumerate(self.params) if p.grad is not None]
+        elif not isinstance(grads, Mapping):
             raise TypeError(
                 "step: grads must be a {Tensor: ndarray} mapping (what "
                 f"ag.dist.get_gradients returns) or None, got {type(grads).__name__}"
             )
-        out = [(p, np.asarray(grads[p])) for p in self.params if p in grads]
-        if len(out) != len(grads):  # (other tensors are fine; other keys never match)
-            for key in grads:
-                if not isinstance(key, Tensor):
-                    raise TypeError(
-                        "step: grads must be keyed by the parameter Tensors, got a key of "
-                        f"type {type(key).__name__} ({key!r:.40})"
-                    )
+        else:
+            given = [(i, p, grads[p]) for i, p in enumerate(self.params) if p in grads]
+            if len(given) != len(grads):  # (other tensors are fine; other keys never match)
+                for key in grads:
+                    if not isinstance(key, Tensor):
+                        raise TypeError(
+                            "step: grads must be keyed by the parameter Tensors, got a key "
+                            f"of type {type(key).__name__} ({key!r:.40})"
+                        )
+        out = []
+        for i, p, g in given:
+            arr = np.asarray(g)
+            if arr.dtype.kind not in "biuf":
+                raise TypeError(
+                    f"step: the gradient of parameter {i} is a {type(g).__name__} of dtype "
+                    f"{arr.dtype}; gradients are arrays of real numbers"
+                )
+            if arr.shape != p.data.shape:
+                raise ValueError(
+                    f"step: gradient of shape {arr.shape} for parameter {i}, of shape "
+                    f"{p.data.shape}"
+                )
+            out.append((p, arr))
         return out
 
     def step(self, grads: Mapping[Tensor, np.ndarray] | None = None) -> None:
         """Apply one update to every parameter that has a gradient: in ``grads``
         (``{tensor: array}``, what ``ag.dist.get_gradients`` returns) when given, else
-        its ``.grad``. A gradient of another shape than its parameter: ValueError.
-        Tensors in ``grads`` that are not parameters of this optimizer are ignored.
+        its ``.grad``. Tensors in ``grads`` that are not parameters of this optimizer
+        are ignored. Every gradient is checked before anything changes: one of another
+        shape than its parameter raises ValueError, one that is not real numbers
+        TypeError.
+
+        Each updated parameter gets a new array (its ``.data`` is replaced, the Tensor
+        stays): a graph recorded before the step (kept with ``retain_graph``, or the
+        forward pass of another context on a parameter server) still computes its
+        gradients with the values its forward pass used, and a message still sending
+        the old values sends them intact.
 
         >>> w = ag.tensor([1.0, 2.0], requires_grad=True)
         >>> SGD([w], lr=0.5).step({w: np.array([1.0, 1.0])}); w.data
         array([0.5, 1.5], dtype=float32)
         """
         for p, g in self._grads(grads):
-            if g.shape != p.data.shape:
-                raise ValueError(
-                    f"gradient of shape {g.shape} for a parameter of shape {p.data.shape}"
-                )
+            # (a copy in the same memory layout: the update streams through it)
+            p.data = np.array(p.data, order="K")
             self._update(p, g)
 
     def _update(self, p: Tensor, g: np.ndarray) -> None:

@@ -240,9 +240,15 @@ class Tensor:
                 )
             grad = seed_grad(self.data)
         else:
-            if isinstance(gradient, Tensor):
-                gradient = gradient.data
-            grad = np.array(gradient, dtype=self.data.dtype)  # a copy the engine may keep
+            given = np.asarray(gradient.data if isinstance(gradient, Tensor) else gradient)
+            if given.dtype.kind not in "biuf":
+                # (numpy would turn None into nan, and drop an imaginary part with a
+                # warning: a wrong .grad, found far from here)
+                raise TypeError(
+                    "backward(): gradient must be real numbers, got "
+                    f"{type(gradient).__name__} of dtype {given.dtype}"
+                )
+            grad = np.array(given, dtype=self.data.dtype)  # a copy the engine may keep
             if grad.shape != self.data.shape:
                 raise ValueError(
                     f"backward(): gradient of shape {grad.shape} does not fit a tensor "
@@ -593,6 +599,11 @@ def _as_tensor(x: Any, where: str) -> Tensor:
     wrapped (as the ops take them); anything else raises TypeError naming ``where``."""
     if isinstance(x, Tensor):
         return x
+    return Tensor(_numeric(x, where))
+
+
+def _numeric(x: Any, where: str) -> np.ndarray:
+    """``x`` (not a Tensor) as an array of numbers, else TypeError naming ``where``."""
     arr = np.asarray(_data(x))
     if arr.dtype.kind not in "biufc":
         raise TypeError(
@@ -600,7 +611,15 @@ def _as_tensor(x: Any, where: str) -> Tensor:
             f"got {type(x).__name__}"
             + (f" of dtype {arr.dtype}" if isinstance(x, (np.ndarray, list, tuple)) else "")
         )
-    return Tensor(arr)
+    return arr
+
+
+def _check_numeric(xs: Sequence[Any], where: str) -> None:
+    """TypeError naming ``where[i]`` for an operand that is not numbers (a string or
+    None made a tensor of strings or objects, whose backward failed inside numpy)."""
+    for i, x in enumerate(xs):
+        if not isinstance(x, Tensor):
+            _numeric(x, f"{where}[{i}]")
 
 
 def _nary(cls: type[Function], xs: Sequence[Any], *params: Any) -> Tensor:
@@ -1322,6 +1341,7 @@ def cat(tensors: Sequence[Any], axis: int = 0) -> Tensor:
         raise TypeError("cat: expected a sequence of tensors, got Tensor")
     if len(tensors) == 0:
         raise ValueError("cat: expected a non-empty sequence of tensors")
+    _check_numeric(tensors, "cat: tensors")
     return _nary(Cat, list(tensors), axis)
 
 
@@ -1337,6 +1357,7 @@ def stack(tensors: Sequence[Any], axis: int = 0) -> Tensor:
         raise TypeError("stack: expected a sequence of tensors, got Tensor")
     if len(tensors) == 0:
         raise ValueError("stack: expected a non-empty sequence of tensors")
+    _check_numeric(tensors, "stack: tensors")
     return _nary(Stack, list(tensors), axis)
 
 
@@ -1399,6 +1420,9 @@ def where(cond: Any, a: Any, b: Any) -> Tensor:
     c = np.asarray(c)
     if c.dtype != np.bool_:
         raise TypeError(f"where: cond must be boolean, got dtype {c.dtype}")
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, Tensor):
+            _numeric(x, f"where: {name}")
     return _nary(Where, [a, b], c)
 
 

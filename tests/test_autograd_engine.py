@@ -572,3 +572,68 @@ def test_leaf_sink_never_gets_one_array_for_two_leaves():
     GraphTask([(grad_node(out), np.ones(2, np.float32))], leaf_sink=got.__setitem__).run()
     assert got[a] is not got[b]
     np.testing.assert_array_equal(got[b], [1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("gradient", "dtype"),
+    [([None, 1.0], "object"), (np.array([1 + 5j, 1]), "complex128"), (["a", "b"], "<U1")],
+)
+def test_backward_refuses_a_gradient_that_is_not_real_numbers(gradient, dtype):
+    # None became nan in .grad; an imaginary part was dropped with a warning.
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(TypeError, match=f"gradient must be real numbers, got .* of dtype {dtype}"):
+        (x * 2).backward(gradient)
+    assert x.grad is None
+
+
+def test_a_zero_d_gradient_stays_an_array():
+    # 0-d + 0-d is a numpy scalar: after a second backward .grad was a numpy.float32
+    # that `x.grad[...] = 0` could not write into; hooks got scalars too.
+    x = ag.tensor(2.0, requires_grad=True)
+    seen = []
+    y = x * x
+    y.register_hook(lambda g: seen.append(type(g)))
+    y.backward(retain_graph=True)
+    y.backward()
+    assert type(x.grad) is np.ndarray and x.grad.shape == () and x.grad == 8.0
+    x.grad[...] = 0
+    assert seen == [np.ndarray, np.ndarray]
+
+
+def test_a_grad_of_the_wrong_shape_set_by_the_user_is_named():
+    # It was broadcast: .grad of a (2,) leaf became (3, 2).
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    x.grad = np.zeros((3, 2), np.float32)
+    with pytest.raises(
+        RuntimeError, match=r"the .grad of a leaf of shape \(2,\) has shape \(3, 2\)"
+    ):
+        (x * 2).sum().backward()
+
+
+async def test_one_no_grad_instance_used_by_overlapping_tasks():
+    # Its token stack was the instance's: the second task's exit reset the first
+    # task's token ("was created in a different Context").
+    ng = ag.no_grad()
+    first_in, second_in, first_out = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def first() -> bool:
+        with ng:
+            first_in.set()
+            await second_in.wait()
+            inside = is_grad_enabled()
+        first_out.set()  # (left before the second: not in the order they came in)
+        return inside
+
+    async def second() -> bool:
+        await first_in.wait()
+        with ng:
+            second_in.set()
+            await first_out.wait()
+            inside = is_grad_enabled()
+        return inside
+
+    assert await asyncio.wait_for(asyncio.gather(first(), second()), 5) == [False, False]
+    assert is_grad_enabled()
+    with ng, ng:  # (nested, in one task)
+        assert not is_grad_enabled()
+    assert is_grad_enabled()

@@ -374,6 +374,21 @@ async def test_retain_graph_twice_adds_up_and_third_without_fails():
     np.testing.assert_allclose(gw, 2 * 2 * xv * xv * wv)
 
 
+async def test_zero_d_gradients_stay_arrays_across_backward_calls():
+    # Two 0-d gradients added up gave a numpy scalar, not an array, in the context.
+    async with cluster():
+        await ag.rpc("w1", F.put, ("w", np.array(3.0)))
+        x = ag.tensor(2.0, requires_grad=True, dtype="float64")
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [y], retain_graph=True)
+            await ag.dist.backward(ctx, [y])
+            gx = ag.dist.get_gradients(ctx)[x]
+            gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+    assert type(gx) is np.ndarray and gx.shape == () and gx == 6.0
+    assert type(gw) is np.ndarray and gw.shape == () and gw == 4.0
+
+
 async def test_a_second_backward_from_a_received_root_names_retain_graph(mode):
     # The root is the received tensor itself: no local node of the driver was freed,
     # the gradient went to w1, whose send node was gone: a RemoteError(ContextError

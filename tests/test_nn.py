@@ -235,3 +235,35 @@ def test_layers_take_dtype_none_as_the_default_float32():
     # (was float64: numpy's astype(None))
     assert nn.Linear(2, 3, dtype=None).weight.dtype == np.float32
     assert nn.Embedding(2, 3, dtype=None).weight.dtype == np.float32
+
+
+def test_load_state_dict_checks_every_value_before_changing_any():
+    # The weight was written before the bias's shape was found wrong: half a load.
+    m = nn.Linear(3, 2, seed=0)
+    w0, b0 = m.weight.data.copy(), m.bias.data.copy()
+    with pytest.raises(ValueError, match=r"bias has shape \(3,\), the parameter \(2,\)"):
+        m.load_state_dict({"weight": np.ones((2, 3)), "bias": np.ones(3)})
+    # (None was "bias has shape ()"; a string array numpy's "could not convert")
+    with pytest.raises(TypeError, match="bias is a NoneType of dtype object, not an array"):
+        m.load_state_dict({"weight": np.ones((2, 3)), "bias": None})
+    with pytest.raises(TypeError, match="weight is a ndarray of dtype <U1"):
+        m.load_state_dict({"weight": np.full((2, 3), "a"), "bias": np.ones(2)})
+    np.testing.assert_array_equal(m.weight.data, w0)
+    np.testing.assert_array_equal(m.bias.data, b0)
+    kept = m.weight.data
+    m.load_state_dict({"weight": np.ones((2, 3)), "bias": np.ones(2)})
+    assert m.weight.data.dtype == np.float32 and m.weight.data.tolist() == [[1.0] * 3] * 2
+    np.testing.assert_array_equal(kept, w0)  # (a graph holding the old array keeps it)
+
+
+def test_mse_loss_refuses_a_target_that_would_broadcast_the_prediction():
+    # (N, 1) against (N,) broadcast to (N, N): 1.33 where the loss is 0, silently.
+    pred = ag.tensor([[1.0], [2.0], [3.0]], requires_grad=True)
+    with pytest.raises(
+        ValueError, match=r"mse_loss: target of shape \(3,\) does not fit pred of shape \(3, 1\)"
+    ):
+        F.mse_loss(pred, np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"target of shape \(4,\) does not fit"):
+        F.mse_loss(ag.ones(3), np.ones(4))
+    assert F.mse_loss(pred, np.array([[1.0], [2.0], [3.0]])).item() == 0.0
+    assert F.mse_loss(pred, 2.0).item() == pytest.approx(2 / 3)  # a scalar target

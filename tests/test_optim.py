@@ -13,7 +13,7 @@ GRADS = [np.array([0.1, 0.2, -0.3]), np.array([-0.5, 0.0, 0.4]), np.array([0.3, 
 
 def run(opt_cls, use_mapping, **opts):
     p = ag.tensor(P0.copy(), requires_grad=True)
-    data_id = id(p.data)
+    first = p.data
     opt = opt_cls([p], **opts)
     for g in GRADS:
         if use_mapping:
@@ -23,7 +23,8 @@ def run(opt_cls, use_mapping, **opts):
             opt.step()
             opt.zero_grad()
             assert p.grad is None
-    assert id(p.data) == data_id  # updated in place, identity kept
+    # a new array each step (graphs recorded before keep theirs), the same Tensor
+    assert opt.params[0] is p and p.data is not first and first.tolist() == P0.tolist()
     return p.data
 
 
@@ -195,3 +196,47 @@ def test_integer_parameters_are_refused_and_frozen_ones_accepted():
     assert frozen.data.tolist() == [1.0]
     opt.step({frozen: np.ones(1)})
     assert frozen.data.tolist() == [0.5]
+
+
+@pytest.mark.parametrize("cls", [ag.optim.SGD, ag.optim.Adam])
+def test_a_bad_gradient_changes_no_parameter(cls):
+    # The first parameter was stepped before the second one's gradient was found
+    # wrong: the optimizer's state was half updated, and a retry stepped it twice.
+    w = ag.tensor([1.0, 2.0], requires_grad=True)
+    v = ag.tensor([3.0, 4.0, 5.0], requires_grad=True)
+    opt = cls([w, v], lr=0.1)
+    with pytest.raises(
+        ValueError, match=r"gradient of shape \(2,\) for parameter 1, of shape \(3,\)"
+    ):
+        opt.step({w: np.ones(2), v: np.ones(2)})
+    with pytest.raises(
+        TypeError, match="the gradient of parameter 1 is a NoneType of dtype object; gradients"
+    ):
+        opt.step({w: np.ones(2), v: None})
+    with pytest.raises(TypeError, match="parameter 0 is a ndarray of dtype <U1"):
+        opt.step({w: np.array(["a", "b"]), v: np.ones(3)})
+    assert w.data.tolist() == [1.0, 2.0] and v.data.tolist() == [3.0, 4.0, 5.0]
+    assert opt.state == {}
+    opt.step({w: np.ones(2), v: np.ones(3)})  # the retry steps once
+    want = cls([ag.tensor([1.0, 2.0], requires_grad=True)], lr=0.1)
+    want.step({want.params[0]: np.ones(2)})
+    assert w.data.tolist() == want.params[0].data.tolist()
+
+
+@pytest.mark.parametrize("cls", [ag.optim.SGD, ag.optim.Adam])
+def test_a_graph_recorded_before_a_step_keeps_its_values(cls):
+    # The step wrote into the parameter's array, which the graph had saved: a second
+    # backward of a retained graph used the stepped values (a gradient of 0 here,
+    # where the forward pass's loss was 5), silently.
+    w = ag.tensor([1.0, 2.0], requires_grad=True, dtype="float64")
+    x = ag.tensor([1.0, 1.0], requires_grad=True, dtype="float64")
+    before = w.data
+    loss = (w * w * x).sum()
+    loss.backward(retain_graph=True)
+    opt = cls([w], lr=1.0)
+    opt.step({w: w.data.copy()})  # SGD: w becomes 0
+    assert w.data is not before and before.tolist() == [1.0, 2.0]
+    x.grad = None
+    loss.backward()
+    assert x.grad.tolist() == [1.0, 4.0]  # w * w of the forward pass
+    assert w.data.flags.c_contiguous and w.data.dtype == np.float64

@@ -487,3 +487,23 @@ def test_reshape_takes_only_minus_one_as_the_size_it_infers(shape):
     with pytest.raises(ValueError, match=r"reshape: cannot reshape a tensor of shape \(6,\)"):
         ag.ones(6).reshape(*shape)
     assert ag.ones(6).reshape(-1, 3).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda x: ag.where(x.data > 1, x, "a"), "where: b must be a Tensor.*got str"),
+        (lambda x: ag.where(x.data > 1, None, x), "where: a must be a Tensor.*got NoneType"),
+        (lambda x: ag.cat([x, None]), r"cat: tensors\[1\] must be a Tensor.*got NoneType"),
+        (
+            lambda x: ag.stack([x, [None] * 3]),
+            r"stack: tensors\[1\] must be a Tensor.*got list of dtype object",
+        ),
+    ],
+)
+def test_where_cat_stack_refuse_operands_that_are_not_numbers(make, match):
+    # They made tensors of strings or objects with a grad_fn; backward then failed
+    # inside numpy ("unsupported operand type(s) for +: 'float' and 'NoneType'").
+    x = ag.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    with pytest.raises(TypeError, match=match):
+        make(x)

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from actorgrad.autograd import GraphTask, grad_node, seed_grad
+from actorgrad.autograd import GraphTask, add, grad_node, seed_grad
 from actorgrad.dist.context import (
     DistContext,
     DistState,
@@ -132,7 +132,7 @@ def _leaf(contrib: dict[Tensor, np.ndarray], t: Tensor, grad: np.ndarray | None)
             contrib[t] = np.zeros_like(t.data)
         return
     if prev is not None:
-        contrib[t] = prev + grad
+        contrib[t] = add(prev, grad)
     elif (
         grad.dtype != t.data.dtype or not grad.flags.writeable or isinstance(grad.base, np.ndarray)
     ):

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from actorgrad.autograd import Node, grad_node
+from actorgrad.autograd import Node, add, grad_node
 from actorgrad.errors import ContextError, ProtocolError, WorkerLost, short_repr
 from actorgrad.runtime import worker as _runtime
 from actorgrad.tensor import Tensor
@@ -255,7 +255,7 @@ class DistContext:
         for t, g in contrib.items():
             prev = before[t] = grads.get(t)
             # a new array (never in place): the one before stays intact for an undo
-            after[t] = grads[t] = g if prev is None else prev + g
+            after[t] = grads[t] = g if prev is None else add(prev, g)
         if contrib or freed:  # (the origin's older record went when this pass started)
             self.undo[origin] = _Commit(pass_id, contrib, before, after, freed)
 
@@ -301,7 +301,7 @@ class DistContext:
                 else:
                     grads[t] = before
             elif now is not None:
-                grads[t] = now - g
+                grads[t] = np.asarray(now - g)  # (a 0-d one stays an array)
         return commit.freed
 
     def free_graph(self) -> dict[str, tuple[list[int], list[int]]]:

@@ -118,10 +118,13 @@ class Module:
         return {name: t.data.copy() for name, t in self.named_parameters()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Copy arrays into the parameters in place (their identity is kept).
+        """Set every parameter to the array of its name in ``state``, cast to the
+        parameter's dtype. All are checked before any changes. Each parameter gets a
+        new array (its ``.data`` is replaced, the Tensor stays, as with an optimizer's
+        step: graphs recorded before keep their values).
 
         Raises ``KeyError`` naming missing or unexpected keys, ``ValueError`` naming a
-        shape mismatch.
+        shape mismatch, ``TypeError`` naming a value that is not an array of numbers.
 
         >>> a, b = Linear(2, 3, seed=0), Linear(2, 3, seed=1)
         >>> b.load_state_dict(a.state_dict()); np.array_equal(a.weight.data, b.weight.data)
@@ -132,14 +135,22 @@ class Module:
         unexpected = sorted(set(state) - set(params))
         if missing or unexpected:
             raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        arrays = {}
         for name, p in params.items():
             value = state[name]
             arr = np.asarray(value.data if isinstance(value, Tensor) else value)
+            if arr.dtype.kind not in "biuf":
+                raise TypeError(
+                    f"load_state_dict: {name} is a {type(value).__name__} of dtype "
+                    f"{arr.dtype}, not an array of numbers"
+                )
             if arr.shape != p.data.shape:
                 raise ValueError(
                     f"load_state_dict: {name} has shape {arr.shape}, the parameter {p.data.shape}"
                 )
-            p.data[...] = arr
+            arrays[name] = arr
+        for name, p in params.items():
+            p.data = np.array(arrays[name], dtype=p.data.dtype)  # (a copy the module owns)
 
     def __repr__(self) -> str:
         children = list(self.named_children())

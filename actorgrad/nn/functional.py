@@ -126,14 +126,28 @@ def cross_entropy(logits: Tensor, targets: Any) -> Tensor:
 
 def mse_loss(pred: Tensor, target: Any) -> Tensor:
     """Mean squared error, ``((pred - target) ** 2).mean()``, always a Tensor (also
-    for numpy arrays: they are taken as the ops take them).
+    for numpy arrays: they are taken as the ops take them). ``target`` has ``pred``'s
+    shape, or one that broadcasts to it (a scalar); else ValueError.
 
     Example::
 
         >>> mse_loss(ag.tensor([1.0, 3.0]), ag.tensor([1.0, 1.0])).item()
         2.0
     """
-    diff = _as_tensor(pred, "mse_loss: pred") - target
+    pred = _as_tensor(pred, "mse_loss: pred")
+    tshape = np.shape(_data(target))
+    try:
+        both = np.broadcast_shapes(pred.shape, tshape)
+    except ValueError:
+        both = None
+    if both != pred.shape:
+        # (a (N, 1) prediction against (N,) targets broadcast to (N, N): a wrong loss,
+        # silently; torch only warns)
+        raise ValueError(
+            f"mse_loss: target of shape {tshape} does not fit pred of shape {pred.shape}; "
+            "give them the same shape"
+        )
+    diff = pred - target
     return (diff * diff).mean()
 
 
