@@ -480,7 +480,7 @@ class Tensor:
             >>> ag.tensor([1e4, 0.0]).softmax().numpy()
             array([1., 0.], dtype=float32)
         """
-        return _unary(Softmax, self, axis)
+        return _unary(Softmax, self, _one_axis("softmax", axis))
 
     def log_softmax(self, axis: int = -1) -> Tensor:
         """``log(softmax(x))`` along ``axis``, computed as ``x - max - log(sum(exp(x -
@@ -489,7 +489,7 @@ class Tensor:
         >>> ag.tensor([1e4, 0.0]).log_softmax().numpy()
         array([     0., -10000.], dtype=float32)
         """
-        return _unary(LogSoftmax, self, axis)
+        return _unary(LogSoftmax, self, _one_axis("log_softmax", axis))
 
 
 class _HookHandle:
@@ -661,6 +661,11 @@ def _axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
         return None
     if isinstance(axis, (int, np.integer)):
         axis = (axis,)
+    if not isinstance(axis, (tuple, list)) or not all(
+        isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axis
+    ):
+        # (numpy's words: "'float' object is not iterable", "'<=' not supported ...")
+        raise TypeError(f"axis must be an int, a tuple of ints or None, got {axis!r:.40}")
     out: list[int] = []
     for ax in axis:
         if not (-ndim <= ax < ndim if ndim else ax in (0, -1)):
@@ -670,6 +675,13 @@ def _axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
             raise ValueError(f"axis {norm} appears more than once in axis={tuple(axis)}")
         out.append(norm)
     return tuple(sorted(out)) if ndim else ()
+
+
+def _one_axis(fn: str, axis: Any) -> int:
+    """``axis`` if it is an int, else TypeError naming ``fn``."""
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"{fn}: axis must be an int, got {axis!r:.40}")
+    return axis
 
 
 def _bad_axis(fn: str, axis: Any, ndim: int) -> str:

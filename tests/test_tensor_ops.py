@@ -507,3 +507,19 @@ def test_where_cat_stack_refuse_operands_that_are_not_numbers(make, match):
     x = ag.tensor([1.0, 2.0, 3.0], requires_grad=True)
     with pytest.raises(TypeError, match=match):
         make(x)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda x: x.sum(axis="a"), "axis must be an int, a tuple of ints or None, got 'a'"),
+        (lambda x: x.mean(axis=1.0), "axis must be an int, a tuple of ints or None, got 1.0"),
+        (lambda x: x.max(axis=(0, True)), r"got \(0, True\)"),
+        (lambda x: x.softmax(axis="a"), "softmax: axis must be an int, got 'a'"),
+        (lambda x: x.log_softmax(axis=(0,)), r"log_softmax: axis must be an int, got \(0,\)"),
+    ],
+)
+def test_an_axis_that_is_not_ints_is_named(call, match):
+    # numpy's words were "'float' object is not iterable" or "'<=' not supported".
+    with pytest.raises(TypeError, match=match):
+        call(ag.ones(2, 3))
