@@ -681,7 +681,7 @@ def _one_axis(fn: str, axis: Any) -> int:
     """``axis`` if it is an int, else TypeError naming ``fn``."""
     if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
         raise TypeError(f"{fn}: axis must be an int, got {axis!r:.40}")
-    return axis
+    return int(axis)
 
 
 def _bad_axis(fn: str, axis: Any, ndim: int) -> str:
