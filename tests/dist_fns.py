@@ -768,3 +768,13 @@ def dist_watching() -> list[str]:
 
     st = state_of(current_worker())
     return sorted({p for ctx in st.contexts.values() for p in ctx.watching})
+
+
+class SlowSGD(ag.optim.SGD):
+    """SGD whose update reads the parameter, waits (releasing the GIL, as a large
+    numpy update does), then writes: two steps at once on one owner lose an update."""
+
+    def _update(self, p: ag.Tensor, g: np.ndarray) -> None:
+        before = p.data.copy()
+        time.sleep(0.05)
+        p.data[...] = before - self.lr * g

@@ -356,6 +356,25 @@ async def test_hooks_apply_on_remote_workers():
     np.testing.assert_allclose(gw, 3.0 * xv)
 
 
+async def test_a_backward_queued_behind_another_fails_as_released_when_the_context_goes(mode):
+    # It ran on the released context once it got the lock: a RuntimeError saying to
+    # pass retain_graph=True, which it had passed.
+    async with cluster(mode):
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        x = ag.tensor(arr(3), requires_grad=True)
+        tasks = []
+        async with ag.dist.context() as ctx:
+            loss = (await ag.rpc("w1", F.mul, ("w", x))).sum()
+            for _ in range(2):
+                tasks.append(
+                    asyncio.ensure_future(ag.dist.backward(ctx, [loss], retain_graph=True))
+                )
+            await asyncio.sleep(0)  # (both started: the second waits for the lock)
+        done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        assert [type(e) for e in done] == [ag.ContextError, ag.ContextError], done
+        assert "waited for the one before it" in str(done[1])
+
+
 async def test_retain_graph_twice_adds_up_and_third_without_fails():
     xv, wv = arr(3), arr(3)
     async with cluster():
@@ -1215,6 +1234,49 @@ async def test_a_task_cancelled_in_a_context_ends_without_waiting_for_a_hung_pee
         assert ag.dist.debug_info()["num_contexts"] == 0
         info = await ag.rpc("w1", F.wait_no_contexts, (10.0,))  # the release got there
         assert info["num_contexts"] == 0, info
+
+
+@pytest.mark.timeout(60)
+async def test_a_release_cut_by_a_cancel_still_reaches_the_second_hops(worker_path):
+    # The task left its context normally, and was cancelled while the release waited
+    # for a hung first hop (a timeout around a whole step): the telling of the other
+    # members died with it, and the second hop kept the context until the first hop
+    # was dropped as idle, 60 s later.
+    import signal
+
+    from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
+
+    async with cluster("processes") as c:
+        await ag.rpc("w2", F.put, ("b", arr(3)))
+        await ag.rpc("w3", F.put, ("c", arr(3)))
+        pid = await ag.rpc("w2", F.pid)
+        x = ag.tensor(arr(3), requires_grad=True)
+        ready, leave = asyncio.Event(), asyncio.Event()
+
+        async def step() -> None:
+            async with ag.dist.context() as ctx:
+                z = await ag.rpc("w2", F.mul_then_forward, ("b", "w3", "c", x))  # w2 -> w3
+                await ag.dist.backward(ctx, [z.sum()])
+                ready.set()
+                await leave.wait()
+
+        task = asyncio.ensure_future(step())
+        await asyncio.wait_for(ready.wait(), 10)
+        os.kill(pid, signal.SIGSTOP)  # alive, silent: the release waits for its answer
+        try:
+            leave.set()
+            async with asyncio.timeout(5):
+                while ag.dist.debug_info()["num_contexts"]:  # noqa: ASYNC110 (no event)
+                    await asyncio.sleep(0.01)
+            assert not task.done()  # (released here, waiting for w2's acknowledgement)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+            info = await ag.rpc("w3", F.wait_no_contexts, (HEARTBEAT_TIMEOUT + 5,))
+            assert info["num_contexts"] == 0, info
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await assert_clean(c.names)
 
 
 @pytest.mark.timeout(60)
@@ -2127,6 +2189,27 @@ async def test_a_worker_hung_for_a_while_in_a_backward_stays_in_the_cluster(
 
 
 # --- DistributedOptimizer ---------------------------------------------------------------
+
+
+async def test_concurrent_steps_on_one_owner_run_one_at_a_time():
+    # A step slower than FAST_CALL runs in the owner's thread pool; two trainers'
+    # steps ran there at once and one of the updates was lost (a probe measured
+    # 190,000 of 1M values wrong with plain SGD).
+    wv = np.zeros(4)
+    async with cluster("inproc", 1):
+        rw = await ag.remote("w1", F.make_param, (wv,))
+        opt = ag.dist.DistributedOptimizer(F.SlowSGD, [rw], lr=1.0)
+
+        async def trainer(scale: float) -> None:
+            x = ag.tensor(np.full(4, scale), requires_grad=True)
+            async with ag.dist.context() as ctx:
+                w = await rw.to_here()
+                await ag.dist.backward(ctx, [(w * x).sum()])
+                await opt.step(ctx)
+
+        for _ in range(2):
+            await asyncio.wait_for(asyncio.gather(trainer(1.0), trainer(10.0)), 10)
+        assert (await rw.to_here()).data.tolist() == [-22.0] * 4
 
 
 async def test_distributed_optimizer_steps_on_owners(mode):

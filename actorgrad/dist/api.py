@@ -161,7 +161,18 @@ async def _await_releases(
     gone before) every other member is told too (workers without the context just
     acknowledge), but the ``gone`` ones."""
     me = worker.name
-    failed = await finish_calls(worker, started)
+    try:
+        failed = await finish_calls(worker, started)
+    except asyncio.CancelledError:
+        # The waiting task was cancelled (a timeout around a whole training step): the
+        # rest runs in the background, as for a context left by a cancelled task (a
+        # second hop of a hung peer kept the context until the idle timeout, 60 s). The
+        # answer the cancellation cut is lost: that peer counts as failed.
+        cut = any(f.cancelled() for _, f in started)
+        uncut = [(p, f) for p, f in started if not f.cancelled()]
+        again = _await_releases(worker, uncut, ctx_id, sender, gone, tell_all or cut)
+        worker.spawn(again, name=f"release-{ctx_id:#x}")
+        raise
     if failed or tell_all:
         out = failed.union(gone or ())
         rest = set(worker.worker_names()) - {p for p, _ in started} - {me, sender} - out

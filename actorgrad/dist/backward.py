@@ -954,6 +954,11 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
     if ctx.lock is None:
         ctx.lock = asyncio.Lock()
     async with ctx.lock:  # two backward calls in one context run one after the other
+        if ctx.released:  # (while this one waited for the lock)
+            raise ContextError(
+                f"distributed autograd context {context_id:#x} was released on worker "
+                f"{worker.name!r} while this backward waited for the one before it"
+            )
         if ctx.active_pass is not None:
             raise ContextError(
                 f"another backward pass is running in context {context_id:#x} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,10 @@ from actorgrad.runtime import RRef, remote
 from actorgrad.tensor import Tensor
 
 __all__ = ["DistributedOptimizer"]
+
+# Held by every local optimizer's step in this process (owners' parameters can be
+# shared by several DistributedOptimizers: one lock for all, as PyTorch has).
+_STEP_LOCK = threading.Lock()
 
 
 def _class_path(cls: Any) -> str:
@@ -86,7 +91,10 @@ class _LocalOptimizer:
         grads = get_gradients(context_id)
         mine: dict[Tensor, np.ndarray] = {p: grads[p] for p in self.params if p in grads}
         if mine:
-            self.optim.step(grads=mine)
+            # One step at a time on this owner, as PyTorch's: a long step runs in the
+            # worker's thread pool, and two at once (two trainers) lost updates.
+            with _STEP_LOCK:
+                self.optim.step(grads=mine)
         return len(mine)
 
 
@@ -96,7 +104,11 @@ class DistributedOptimizer:
     Parameters are grouped by owner; each owner gets one ``optimizer_class`` instance
     (created on the first ``step``) holding its parameters. ``step(ctx)`` runs every
     owner's local step concurrently, with the gradients that owner accumulated in
-    ``ctx``; parameters without a gradient in ``ctx`` are left as they are.
+    ``ctx``; parameters without a gradient in ``ctx`` are left as they are. Steps on
+    one owner run one at a time (several trainers stepping at once lose no update),
+    and each gives the parameters new arrays (see ``ag.optim.Optimizer.step``): a
+    trainer whose forward pass ran before another's step gets the gradients of the
+    values its forward pass used.
 
     Raises:
         TypeError: ``params`` holds something other than ``RRef``s, or
