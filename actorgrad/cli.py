@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 from actorgrad.errors import ActorgradError, AuthError
 from actorgrad.runtime import cluster
 from actorgrad.runtime.cluster import new_token, run
-from actorgrad.runtime.procs import ENV_ADDRESS, ENV_TOKEN
+from actorgrad.runtime.procs import ENV_ADDRESS, ENV_TOKEN, describe_exit, env_token
 
 __all__ = ["main"]
 
@@ -90,9 +90,11 @@ def write_token_file(path: Path, token: str) -> None:
 def read_token_file(path: Path) -> str:
     """The token stored in ``path`` (surrounding whitespace stripped)."""
     try:
-        token = path.read_text().strip()
+        token = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         raise CliError(f"token file {path} does not exist", code=2) from None
+    except UnicodeDecodeError:
+        raise CliError(f"token file {path} is not a token: it is not text (UTF-8)") from None
     except OSError as exc:
         raise CliError(f"cannot read token file {path}: {exc.strerror or exc}") from None
     if not token:
@@ -125,7 +127,7 @@ def cluster_token(token_file: str | None) -> tuple[str, str, Path | None]:
         except OSError as exc:
             raise CliError(f"cannot create token file {path}: {exc.strerror or exc}") from None
         return token, f"written to {path} (mode 0600)", path
-    env = os.environ.get(ENV_TOKEN)
+    env = _env_token()
     if env:
         return env, f"from ${ENV_TOKEN}", None
     token = new_token()
@@ -134,11 +136,18 @@ def cluster_token(token_file: str | None) -> tuple[str, str, Path | None]:
     return token, f"written to {path} (mode 0600, removed when the cluster stops)", path
 
 
+def _env_token() -> str | None:
+    try:
+        return env_token()
+    except ValueError as exc:
+        raise CliError(str(exc), code=2) from None
+
+
 def client_token(token_file: str | None) -> str:
     """The token of a command that joins or queries an existing cluster."""
     if token_file:
         return read_token_file(Path(token_file))
-    env = os.environ.get(ENV_TOKEN)
+    env = _env_token()
     if env:
         return env
     raise CliError(f"no token: pass --token-file F or set {ENV_TOKEN}", code=2)
@@ -396,7 +405,7 @@ def _driver_env(address: str, token: str) -> dict[str, str]:
 async def cmd_run(args: argparse.Namespace) -> int:
     """``actorgrad run``: a local cluster, SCRIPT as its driver, the script's status."""
     script = Path(args.script)
-    token = os.environ.get(ENV_TOKEN) or new_token()
+    token = _env_token() or new_token()
     stop = asyncio.Event()
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -489,6 +498,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
                     _note(f"cluster shutdown: {type(exc).__name__}: {exc}")
             with contextlib.suppress(asyncio.CancelledError):
                 await serving
+    if returncode < 0 and not (signals and -returncode in (last, signal.SIGKILL)):
+        # (not one we passed on: the shell says nothing either, as we exit normally;
+        # an out-of-memory kill in CI went unexplained)
+        _note(f"the script {script} {describe_exit(returncode)}")
     return _exit_status(returncode)
 
 

@@ -213,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         help="test accuracy to reach, in [0, 1] (default 0.95; checked every 25 steps)",
     )
     p.add_argument(
-        "--seed", type=at_least(0), default=0, help="seed of the data set and weights (default 0)"
+        "--seed",
+        type=at_least(0, 2**32 - 1),
+        default=0,
+        help="seed of the data set and weights (default 0)",
     )
     p.add_argument("--in-process", action="store_true", help="workers as in-process actors")
     args = p.parse_args([] if argv is None else argv)

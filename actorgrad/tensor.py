@@ -559,7 +559,7 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
     node = _new(cls)
     try:
         out = node.forward(ad, bd)
-    except TypeError:
+    except (TypeError, ValueError):  # (matmul's shape check met an object first)
         _check_operands(cls, a, b)
         raise
     if (ar or br) and grad_enabled():

@@ -457,6 +457,113 @@ def test_status_names_the_workers(cluster: tuple[str, Path]) -> None:
     assert r.returncode == 0 and "w1" in r.stdout
 
 
+SIBLING_DRIVER = """
+import asyncio
+import actorgrad as ag
+from sibling import scale  # a module beside the script, as `from model import Net`
+
+def run_here(x):
+    return scale(x)
+
+async def main():
+    await ag.init("driver-sibling")
+    print(await ag.rpc("w1", run_here, (7,)), flush=True)
+    await ag.shutdown()
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@needs_runtime
+def test_a_driver_script_importing_a_module_beside_it_works_on_workers_of_another_folder(
+    cluster: tuple[str, Path], tmp_path: Path
+) -> None:
+    # The workers run from another folder (the cluster's): importing the driver's
+    # script to find run_here failed on its `from sibling import scale`, with a hint
+    # to guard the script's top level, which it did.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "sibling.py").write_text("def scale(x):\n    return 6 * x\n")
+    (project / "driver.py").write_text(SIBLING_DRIVER)
+    address, token_file = cluster
+    env = _env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
+    r = subprocess.run(
+        [sys.executable, str(project / "driver.py")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "42"
+
+
+def test_a_token_that_is_not_text_is_named(tmp_path: Path) -> None:
+    # A binary token file gave a UnicodeDecodeError traceback; an ACTORGRAD_TOKEN of
+    # bytes that are not UTF-8 failed inside the handshake (a worker process exited).
+    garbage = tmp_path / "garbage.tok"
+    garbage.write_bytes(bytes(range(128, 256)))
+    r = run_cli("status", "--address", "127.0.0.1:1", "--token-file", str(garbage))
+    assert (r.returncode, r.stderr.strip()) == (
+        1,
+        f"actorgrad: error: token file {garbage} is not a token: it is not text (UTF-8)",
+    )
+    env = _env()
+    env_bytes = {k.encode(): v.encode() for k, v in env.items()}
+    env_bytes[b"ACTORGRAD_TOKEN"] = b"\xff\xfe"
+    for cmd in (["status", "--address", "127.0.0.1:1"], ["cluster", "-n", "1"]):
+        r2 = subprocess.run(
+            [*CLI, *cmd],
+            capture_output=True,
+            cwd=ROOT,
+            env=env_bytes,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+        assert (r2.returncode, r2.stderr.decode().strip()) == (
+            2,
+            "actorgrad: error: ACTORGRAD_TOKEN is not text: it holds bytes that are not UTF-8",
+        ), cmd
+
+
+@needs_runtime
+def test_the_token_of_the_environment_is_stripped_as_a_token_file_is(
+    cluster: tuple[str, Path],
+) -> None:
+    # A trailing newline (`export ACTORGRAD_TOKEN="$(cat f)\n"`, a copy and paste)
+    # made "wrong cluster token"; a blank one was taken as a token.
+    address, token_file = cluster
+    token = token_file.read_text().strip()
+    r = run_cli("status", "--address", address, env=_env(ACTORGRAD_TOKEN=f" {token}\n"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("status", "--address", address, env=_env(ACTORGRAD_TOKEN="  "))
+    assert (r.returncode, r.stderr.strip()) == (
+        2,
+        "actorgrad: error: no token: pass --token-file F or set ACTORGRAD_TOKEN",
+    )
+
+
+@needs_runtime
+def test_status_or_join_at_a_workers_address_says_it_is_not_the_head(
+    cluster: tuple[str, Path],
+) -> None:
+    # It said "RuntimeError on worker 'w1': worker 'w1' does not host the registry",
+    # which read like a crash on w1.
+    address, token_file = cluster
+    r = run_cli("status", "--address", address, "--token-file", str(token_file))
+    w1 = next(line.split()[2] for line in r.stdout.splitlines() if line.startswith("w1 "))
+    want = (
+        f"actorgrad: error: {w1} is worker 'w1', not the cluster's head: give the head's "
+        "address (the one `actorgrad cluster` printed)"
+    )
+    r = run_cli("status", "--address", w1, "--token-file", str(token_file))
+    assert (r.returncode, r.stderr.strip()) == (1, want)
+    r = run_cli("worker", "--join", w1, "--name", "w9", "--token-file", str(token_file))
+    assert (r.returncode, r.stderr.strip().splitlines()[-1]) == (1, want)
+
+
 @needs_runtime
 def test_wrong_token_exits_1_with_a_one_line_message(cluster: tuple[str, Path]) -> None:
     address, _ = cluster
@@ -1076,6 +1183,8 @@ def test_ctrl_c_on_a_terminal_reaches_the_script_of_run_once(tmp_path: Path, str
 def test_demo_options_are_checked() -> None:
     for args, message in [
         (["--seed", "-1"], "argument --seed: must be at least 0: -1"),  # (was a traceback)
+        # (one that does not fit the wire's 64 bits was a traceback too)
+        (["--seed", str(2**64 - 1)], f"argument --seed: must be at most {2**32 - 1}: {2**64 - 1}"),
         (["--steps", "-5"], "argument --steps: must be at least 1: -5"),  # (was accepted)
         (["--target", "2"], "argument --target: a test accuracy is in [0, 1]: 2.0"),
     ]:
@@ -1104,6 +1213,27 @@ def test_two_clusters_creating_one_token_file_get_the_same_token(tmp_path: Path)
             t.join()
         assert got[0] == got[1] == path.read_text().strip(), got
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@needs_runtime
+def test_a_ctrl_c_while_the_cluster_starts_stops_its_workers_quietly() -> None:
+    # Each worker still joining said "WorkerLost: cannot connect to ...: Connection
+    # refused" once the head had closed: eight lines for -n 8.
+    c = Running("cluster", "-n", "4")
+    try:
+        deadline = time.monotonic() + 10
+        while len(descendants(c.proc.pid)) < 4:  # (started, still importing or joining)
+            assert time.monotonic() < deadline, "worker processes did not start"
+            time.sleep(0.01)
+        pids = descendants(c.proc.pid)
+        c.proc.send_signal(signal.SIGINT)
+        assert c.wait() in (0, 130)
+        assert wait_gone(pids, 10) == set()
+        assert c.proc.stderr is not None
+        err = c.proc.stderr.read()
+        assert "actorgrad worker" not in err, err
+    finally:
+        c.stop()
 
 
 def test_a_ctrl_c_while_a_worker_joins_stops_it_at_once() -> None:
@@ -1300,3 +1430,15 @@ def test_a_malformed_spin_setting_warns_once_per_command(tmp_path: Path) -> None
     assert r.returncode == 0, r.stderr
     assert r.stdout == "7\n"
     assert r.stderr.count("ACTORGRAD_SPIN_US='soon' is not a number of microseconds") == 1, r.stderr
+
+
+@needs_runtime
+def test_run_says_when_the_script_was_killed_by_a_signal(tmp_path: Path) -> None:
+    # exit 137 and nothing said: the shell says nothing either (an OOM kill in CI).
+    script = tmp_path / "selfkill.py"
+    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    r = run_cli("run", "-n", "1", str(script))
+    assert (r.returncode, r.stderr.strip()) == (
+        137,
+        f"actorgrad: the script {script} was killed by SIGKILL",
+    )

@@ -683,6 +683,30 @@ async def test_init_single_worker_and_shutdown_is_idempotent():
         ag.worker_name()
 
 
+def _has_ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_init_binds_an_ipv6_host_given_in_brackets_as_addresses_show_it(monkeypatch):
+    # "[::1]" passed the host check, then could not be bound ("Name or service not
+    # known"), though addresses show IPv6 hosts that way.
+    monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)
+    w = await ag.init("v6", host="[::1]")
+    try:
+        assert w.address.startswith("[::1]:")
+        assert await ag.rpc("v6", add, (1, 2)) == 3
+    finally:
+        await ag.shutdown()
+
+
 async def test_init_refuses_non_loopback_without_token(monkeypatch):
     monkeypatch.delenv("ACTORGRAD_TOKEN", raising=False)
     monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)

@@ -445,6 +445,10 @@ def test_arithmetic_with_an_operand_that_is_not_a_number_names_the_operator_and_
         None * x
     with pytest.raises(TypeError, match=r"for @: 'Tensor' of dtype float32 and 'str'"):
         x @ "ab"
+    # (an object, e.g. an RRef passed by mistake, was "matmul: shapes (2,) and () do
+    # not fit")
+    with pytest.raises(TypeError, match=r"for @: 'Tensor' of dtype float32 and 'object'"):
+        x @ object()
     with pytest.raises(TypeError, match=r"for -: 'Tensor' .* and 'ndarray' of dtype <U1"):
         x - np.array(["a", "b"])
     # numeric operands keep numpy's own message (it names the problem)

@@ -376,3 +376,14 @@ def test_a_big_frame_buffer_is_not_shared_with_a_forked_child():
         os._exit(0)
     assert os.waitpid(pid, 0)[1] == 0
     assert mv[0] == 1
+
+
+async def test_a_connection_closed_before_its_transport_came_closes_the_transport():
+    # A worker shutting down between an accept and the transport's connection_made
+    # closed the connection while it had no transport: the socket stayed open until
+    # the garbage collector found it (a ResourceWarning in a later test).
+    c = Connection(kind="fake")
+    c.close(None)
+    t = FakeTransport()
+    c.connection_made(t)
+    assert t.closed and c.closed

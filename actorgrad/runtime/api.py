@@ -23,7 +23,7 @@ from actorgrad.runtime.cluster import (
     start_worker,
     stop_all,
 )
-from actorgrad.runtime.procs import ENV_ADDRESS, ENV_TOKEN, WorkerProcesses, tune_malloc
+from actorgrad.runtime.procs import ENV_ADDRESS, WorkerProcesses, env_token, tune_malloc
 from actorgrad.runtime.rref import RRef
 from actorgrad.runtime.worker import MODE_REMOTE, MODE_RPC, Worker, current_worker
 
@@ -72,10 +72,10 @@ async def init(
         check_address(address)
     elif os.environ.get(ENV_ADDRESS):
         address = check_address(os.environ[ENV_ADDRESS], ENV_ADDRESS)
-    token = token or os.environ.get(ENV_TOKEN) or None
+    token = token or env_token()
     if token is None and address is not None:
         raise ValueError("joining a cluster needs its token: pass token=... or set ACTORGRAD_TOKEN")
-    check_bind(host, token)  # (before a token is made up: a public host needs a given one)
+    host = check_bind(host, token)  # (before a token is made up: a public host needs a given one)
     if token is None:
         token = new_token()
     tune_malloc()

@@ -98,6 +98,12 @@ def _main_module(path: str) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     saved = sys.modules.get(MAIN_ALIAS)
     sys.modules[MAIN_ALIAS] = module  # its classes and dataclasses look themselves up here
+    # The script's folder first on the path, as `python script.py` has it on the driver:
+    # its `from model import Net` finds the module beside it (a worker joined from
+    # another folder found none).
+    folder = os.path.dirname(path)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except BaseException as exc:
@@ -105,6 +111,13 @@ def _main_module(path: str) -> types.ModuleType:
             sys.modules.pop(MAIN_ALIAS, None)
         else:
             sys.modules[MAIN_ALIAS] = saved
+        if isinstance(exc, ImportError):
+            raise RuntimeError(
+                f"importing the driver's script {path} here (to call one of its functions) "
+                f"failed: {type(exc).__name__}: {exc}. This worker looked beside the script "
+                "and on its own path (PYTHONPATH): install what it imports for the workers "
+                "too, or put it where they find it"
+            ) from exc
         if isinstance(exc, (Exception, SystemExit)):
             # (mostly a script that starts its work at the top level: here it would
             # start an event loop inside the worker's, or exit the worker)

@@ -18,6 +18,7 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+from actorgrad.errors import RemoteError
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.procs import WorkerProcesses, describe_exit
 from actorgrad.runtime.registry import MAX_NAME, valid_name
@@ -52,7 +53,8 @@ _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
 def check_host(host: Any) -> str:
-    """``host`` when it can be bound: an IP address (IPv6 optionally in brackets), a
+    """``host`` in the form to bind when it can be bound: an IP address (IPv6 optionally
+    in brackets, as addresses show it: returned without them, which binding needs), a
     host name (RFC 1123 labels, at most 253 characters), or "" (every interface).
     TypeError for a non-str, ValueError for a malformed one (``256.0.0.1``, spaces)."""
     if not isinstance(host, str):
@@ -60,7 +62,7 @@ def check_host(host: Any) -> str:
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         ipaddress.ip_address(bare)
-        return host
+        return bare
     except ValueError:
         pass
     if bare is host and host.replace(".", "").isdigit():
@@ -73,15 +75,16 @@ def check_host(host: Any) -> str:
     raise ValueError(f"host must be a host name or an IP address, not {host!r:.80}")
 
 
-def check_bind(host: Any, token: str | None) -> None:
-    """A worker may bind ``host``: well-formed (see :func:`check_host`), and a loopback
-    address unless there is a cluster ``token``."""
-    check_host(host)
+def check_bind(host: Any, token: str | None) -> str:
+    """``host`` in the form to bind (see :func:`check_host`) if a worker may bind it:
+    well-formed, and a loopback address unless there is a cluster ``token``."""
+    host = check_host(host)
     if not is_loopback(host) and not token:
         raise ValueError(
             f"refusing to bind {host!r} (not a loopback address) without a cluster token: "
             "pass token=... or set ACTORGRAD_TOKEN"
         )
+    return host
 
 
 async def start_worker(w: Worker) -> None:
@@ -164,10 +167,11 @@ async def serve_cluster(
     worker processes outlive the shutdown's grace (they are terminated)."""
     if n < 0:
         raise ValueError(f"number of workers must be >= 0, not {n}")
-    check_bind(host, token)
+    host = check_bind(host, token)
     head = Worker(HEAD_NAME, token=token, host=host, port=port)
     procs = WorkerProcesses()
     unwatch: list[Callable[[], None]] = []
+    joined = False
     try:
         await start_worker(head)
         head.host_registry()
@@ -175,6 +179,7 @@ async def serve_cluster(
         procs.start(head.address, names, token, host=host, path_first=path_first)
         if not await _unless_stopped(procs.wait_registered(head.registry), stop):
             return
+        joined = True
         if on_event is not None:
             unwatch = _report_changes(head.registry, procs, on_event)
         if on_ready is not None:
@@ -185,6 +190,10 @@ async def serve_cluster(
     finally:
         for fn in unwatch:  # (the shutdown's own leaving and exits are not news)
             fn()
+        if not joined:
+            # Stopped during the start-up (a Ctrl-C): the workers still joining stop
+            # quietly on a SIGTERM; once the head closed, each said it could not connect.
+            procs.terminate()
 
         def stuck(names: list[str], grace: float) -> None:
             if on_event is not None:
@@ -266,7 +275,7 @@ async def serve_worker(
     if host is None:
         h = address.rpartition(":")[0].strip("[]")
         host = "127.0.0.1" if is_loopback(h) else "0.0.0.0"
-    check_bind(host, token)
+    host = check_bind(host, token)
     w = Worker(name, token=token, host=host)
     own = _w._process_worker is None or _w._process_worker.closed
     if own:
@@ -298,6 +307,10 @@ async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict
             conn = await client.open_connection(address)
         async with asyncio.timeout(2 * timeout):
             return await client.call_on(conn, "actorgrad.runtime.registry:_status", (timeout,))
+    except RemoteError as exc:
+        if exc.remote_type == "ValueError":  # (the address of a worker, not the head)
+            raise ValueError(exc.remote_message) from None
+        raise
     except TimeoutError:
         raise TimeoutError(
             f"the cluster's head at {address} did not answer within {timeout:g} s"

@@ -32,6 +32,22 @@ from typing import Any
 ENV_ADDRESS = "ACTORGRAD_ADDRESS"
 ENV_TOKEN = "ACTORGRAD_TOKEN"
 
+
+def env_token() -> str | None:
+    """The cluster token of ``ACTORGRAD_TOKEN``, surrounding whitespace stripped (as a
+    token file's: a trailing space or newline made "wrong cluster token"); None when it
+    is unset or blank. ValueError naming the variable when it holds bytes that are not
+    UTF-8 (the handshake failed deep inside, or a worker process exited)."""
+    value = os.environ.get(ENV_TOKEN, "").strip()
+    if not value:
+        return None
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{ENV_TOKEN} is not text: it holds bytes that are not UTF-8") from None
+    return value
+
+
 #: Thread-count variables of the BLAS libraries numpy may use (see the module docstring).
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -230,10 +246,9 @@ class WorkerProcesses:
         stuck = [n for n, p in self.procs.items() if p.poll() is None]
         if stuck and on_stuck is not None:
             on_stuck(stuck, grace)
-        self._signal(signal.SIGTERM)
-        # (a stopped process, SIGSTOP or Ctrl-Z, handles the SIGTERM only once
-        # continued: it waited for the SIGKILL)
-        self._signal(signal.SIGCONT)
+        # (SIGCONT too: a stopped process, SIGSTOP or Ctrl-Z, handles the SIGTERM only
+        # once continued; it waited for the SIGKILL)
+        self.terminate()
         await self._wait_all(term_grace)
         self._signal(signal.SIGKILL)
         for p in self.procs.values():
@@ -244,6 +259,11 @@ class WorkerProcesses:
                 os.killpg(p.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+    def terminate(self) -> None:
+        """SIGTERM (then SIGCONT: a stopped one handles it) to the workers still running."""
+        self._signal(signal.SIGTERM)
+        self._signal(signal.SIGCONT)
 
     def _signal(self, sig: int) -> None:
         for p in self.procs.values():

@@ -154,9 +154,14 @@ class Registry:
 def _registry() -> Registry:
     from actorgrad.runtime.worker import current_worker
 
-    reg = current_worker().registry
+    w = current_worker()
+    reg = w.registry
     if reg is None:
-        raise RuntimeError(f"worker {current_worker().name!r} does not host the registry")
+        # (ValueError: the caller gave a wrong address; join and status raise it as is)
+        raise ValueError(
+            f"{w.address} is worker {w.name!r}, not the cluster's head: give the head's "
+            "address (the one `actorgrad cluster` printed)"
+        )
     return reg
 
 

@@ -401,6 +401,11 @@ class Connection(asyncio.BaseProtocol):
     # -- asyncio.Protocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        if self.closed:
+            # Closed while being made (its worker shut down between the accept and
+            # this): nobody would close the socket after this; it leaked until GC.
+            transport.abort() if hasattr(transport, "abort") else transport.close()
+            return
         # asyncio's default writelines joins its arguments (a copy of the whole frame);
         # uvloop's and the in-process one's write the pieces as they are
         writelines = getattr(type(transport), "writelines", None)

@@ -426,6 +426,10 @@ class Worker:
             raise ValueError(  # (not the value: it may be a secret)
                 f"the cluster token must be a non-empty str, not {type(token).__name__} or empty"
             )
+        try:
+            token.encode()  # (the handshake's MAC key)
+        except UnicodeEncodeError:
+            raise ValueError("the cluster token must be text encodable as UTF-8") from None
         if type(port) is not int or not 0 <= port <= 65535:
             raise ValueError(
                 f"port must be an int in 0..65535 (0: any free port), not {port!r:.80}"

@@ -23,9 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", required=True)
     ap.add_argument("--host", default=None)
     args = ap.parse_args(argv)
-    from actorgrad.runtime.procs import ENV_TOKEN
+    from actorgrad.runtime.procs import ENV_TOKEN, env_token
 
-    token = os.environ.get(ENV_TOKEN)
+    try:
+        token = env_token()
+    except ValueError as exc:
+        print(f"actorgrad worker: {exc}", file=sys.stderr)
+        return 2
     if not token:
         print(f"actorgrad worker: {ENV_TOKEN} is not set", file=sys.stderr)
         return 2
