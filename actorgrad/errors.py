@@ -48,9 +48,12 @@ class ActorgradError(Exception):
 def type_name(t: type) -> str:
     """How a type is named in errors and on the wire: ``"ValueError"`` for builtins,
     ``"module.QualName"`` otherwise (unambiguous across workers)."""
-    if t.__module__ == "builtins":
+    mod = t.__module__
+    if mod == "builtins":
         return t.__qualname__
-    return f"{t.__module__}.{t.__qualname__}"
+    if mod == "__mp_main__":  # the driver's script imported by a worker process (calls.py)
+        mod = "__main__"  # (as its in-process workers name it)
+    return f"{mod}.{t.__qualname__}"
 
 
 def short_repr(x: Any, limit: int = 40) -> str:

@@ -226,6 +226,11 @@ def _tensor_class() -> type | None:
 
 _type_name = type_name  # (short local name, used in many messages)
 
+#: How body strs are encoded: a str holding lone surrogates (what ``os.fsdecode`` and
+#: ``os.listdir`` give for file names that are not UTF-8) travels as it is; strict
+#: UTF-8 refused it ("not valid UTF-8"), though every str is one.
+STR_ERRORS = "surrogatepass"
+
 
 def _clean_str(s: Any) -> str:
     """A str that msgpack can encode (lone surrogates escaped)."""
@@ -355,6 +360,7 @@ class _Encoder:
                     strict_types=True,
                     default=self.default,
                     buf_size=_PACKER_BUF_SIZE,
+                    unicode_errors=STR_ERRORS,
                 )
             )
         return packers[depth]
@@ -384,7 +390,7 @@ class _Encoder:
                 bbytes = self.packer(0).pack(body)
             except _HookError as h:
                 hook_exc = h.exc
-            except (TypeError, OverflowError, ValueError) as exc:
+            except (TypeError, OverflowError, ValueError, BufferError) as exc:
                 raise _packing_error(exc, body, "body") from None
             buffers = self.buffers
             if hook_exc is None and self.ext_bytes and self.ext_bytes > _ext_budget(len(bbytes)):
@@ -467,6 +473,12 @@ def _packing_error(exc: BaseException, root: Any, name: str) -> Exception:
         return TypeError(f"cannot send int: value does not fit in 64 bits{_at(path)}")
     if isinstance(exc, _TooDeep):
         return ValueError(f"cannot send {name}: {exc}")
+    if isinstance(exc, BufferError):  # (msgpack packs a contiguous memoryview as bytes)
+        path = _locate(root, name, lambda x: isinstance(x, memoryview))
+        return TypeError(
+            f"cannot send a memoryview that is not C-contiguous{_at(path)}: send "
+            "bytes(view), or the numpy array it views"
+        )
     if isinstance(exc, ValueError) and "recursion limit" in str(exc):
         return ValueError(
             f"cannot send {name}: nested too deeply (about 1000 list/dict levels) "
@@ -701,10 +713,10 @@ def encode_frame(header: list, body: Any, hooks: object | None = None) -> list[b
         TypeError: a value cannot travel (names its type and where it sits), an int
             does not fit in 64 bits, an array dtype is not bool/numeric, or an RRef is
             sent without a ``ref_out`` hook.
-        ValueError: the value is nested too deeply, contains a reference cycle, holds
-            a str that is not valid UTF-8, nests large data so deeply that its ext
-            payloads exceed 16x the body size, has more than ``MAX_BUFFERS`` large
-            arrays, or the header is larger than ``MAX_HEADER_BYTES``.
+        ValueError: the value is nested too deeply, contains a reference cycle, nests
+            large data so deeply that its ext payloads exceed 16x the body size, has
+            more than ``MAX_BUFFERS`` large arrays, or the header is larger than
+            ``MAX_HEADER_BYTES``.
 
     Exceptions raised by the hooks propagate unchanged.
 
@@ -815,6 +827,7 @@ class Frame:
                 strict_map_key=False,
                 use_list=True,
                 ext_hook=dec.hook,
+                unicode_errors=STR_ERRORS,
             )
             if dec.used != len(self._buffers):
                 raise ProtocolError(
@@ -888,7 +901,12 @@ def _unpack_payload(data: bytes, what: str, length: int, ext_hook: Any = None) -
         value = msgpack.unpackb(data, raw=False, use_list=True)
     else:
         value = msgpack.unpackb(
-            data, raw=False, use_list=True, strict_map_key=False, ext_hook=ext_hook
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=False,
+            ext_hook=ext_hook,
+            unicode_errors=STR_ERRORS,
         )
     if type(value) is not list or (length >= 0 and len(value) != length):
         raise ProtocolError(f"malformed {what} payload: expected a list of {length} items")
@@ -936,7 +954,12 @@ class _Decoder:
         self.budget = budget
         if code == EXT_TUPLE:  # the hot path: inlined
             items = msgpack.unpackb(
-                data, raw=False, use_list=True, strict_map_key=False, ext_hook=self.hook
+                data,
+                raw=False,
+                use_list=True,
+                strict_map_key=False,
+                ext_hook=self.hook,
+                unicode_errors=STR_ERRORS,
             )
             if type(items) is not list:
                 raise ProtocolError("malformed tuple payload: expected a list")

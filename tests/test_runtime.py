@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import re
+import sys
 import threading
 import time
 from typing import Any
@@ -192,6 +194,50 @@ async def test_kwargs_and_string_function_names(cluster):
     assert await ag.rpc("w1", add, (1,), {"b": 5}) == 6
     assert await ag.rpc("w1", f"{__name__}:async_add", kwargs={"a": 2, "b": 3}) == 5
     assert await ag.rpc("w2", "operator:mul", (6, 7)) == 42
+
+
+class Modes:
+    """A value whose methods share names with fields of rref.rpc()'s proxy."""
+
+    def _mode(self):
+        return "its own _mode"
+
+    def _timeout(self):
+        return "its own _timeout"
+
+
+def make_modes():
+    return Modes()
+
+
+def original():
+    return "original"
+
+
+def _replacement():
+    return "replacement"
+
+
+async def test_call_arguments_are_checked_at_the_caller(cluster, monkeypatch):
+    # kwargs keys: a RemoteError after a round trip; a timeout beyond a float's range:
+    # OverflowError; the owner's to_here took any timeout; rref.rpc()._mode() found
+    # the proxy's own field ("'int' object is not callable").
+    with pytest.raises(TypeError, match="kwargs keys must be strs .*got 1"):
+        await ag.rpc("w1", add, (1,), {1: 2})
+    with pytest.raises(ValueError, match="timeout of int 1000.* is too large"):
+        await ag.rpc("w1", add, (1,), timeout=10**400)
+    mine = await ag.remote(ag.worker_name(), make_counter, (1,))
+    with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+        await mine.to_here(timeout=-1)
+    r = await ag.remote("w1", make_modes)
+    assert await r.rpc()._mode() == "its own _mode"
+    assert await r.rpc(timeout=5)._timeout() == "its own _timeout"
+    # A function rebound away from its name: the worker would run what the name holds.
+    f = original
+    assert await ag.rpc("w1", f) == "original"
+    monkeypatch.setattr(sys.modules[__name__], "original", _replacement)
+    with pytest.raises(TypeError, match=r"it is not the object named .*:original \(that name"):
+        await ag.rpc("w1", f)
 
 
 async def test_values_keep_their_types_and_arrays_travel(cluster):
@@ -705,6 +751,53 @@ async def test_init_binds_an_ipv6_host_given_in_brackets_as_addresses_show_it(mo
         assert await ag.rpc("v6", add, (1, 2)) == 3
     finally:
         await ag.shutdown()
+
+
+async def test_two_inits_at_once_give_one_worker_and_refuse_the_other(monkeypatch):
+    # Both passed the check before either had started its worker: both returned one,
+    # shutdown() closed only the second, and the first was left running.
+    monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)
+    outcomes = await asyncio.gather(ag.init("a"), ag.init("b"), return_exceptions=True)
+    try:
+        (worker,) = [o for o in outcomes if isinstance(o, Worker)]
+        (error,) = [o for o in outcomes if not isinstance(o, Worker)]
+        assert isinstance(error, RuntimeError)
+        assert str(error) == (
+            f"actorgrad is being initialized as worker {worker.name!r} (another task's init "
+            "or local_cluster is under way)"
+        )
+        assert ag.worker_name() == worker.name
+    finally:
+        await ag.shutdown()
+    assert worker.closed
+
+    async def in_a_cluster() -> str:
+        async with ag.local_cluster(1, driver="d"):
+            return ag.worker_name()
+
+    # (init racing local_cluster: inside the cluster, worker_name() was the init's)
+    first, second = await asyncio.gather(in_a_cluster(), ag.init("c"), return_exceptions=True)
+    assert first == "d" and isinstance(second, RuntimeError), (first, second)
+    assert re.search(r"(being|already) initialized as worker 'd'", str(second))
+
+
+async def test_leaving_local_cluster_on_an_error_does_not_wait_for_running_calls():
+    # Each busy in-process worker was shut down gracefully, one after the other: 5 s
+    # each (20 s for 4) before the error came out, also under a cancel.
+    started = []
+    t0 = 0.0
+    with pytest.raises(KeyError):
+        async with ag.local_cluster(3) as c:
+            calls = [asyncio.ensure_future(ag.rpc(f"w{i}", nap, (60,))) for i in (1, 2, 3)]
+            started.extend(calls)
+            async with asyncio.timeout(10):
+                while not all(w.status()["in_flight"] for w in c.workers):  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            t0 = time.monotonic()
+            raise KeyError("boom")
+    assert time.monotonic() - t0 < 4.0  # (under one graceful timeout, 5 s)
+    assert all(c.done() for c in started)
+    assert all(isinstance(c.exception(), ag.WorkerLost) for c in started)
 
 
 async def test_init_refuses_non_loopback_without_token(monkeypatch):

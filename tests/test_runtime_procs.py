@@ -435,6 +435,54 @@ async def test_connecting_to_a_peer_that_never_answers(monkeypatch):
         assert await ag.rpc("w1", add, (1, 2), timeout=10) == 3
 
 
+def test_the_driver_scripts_names_are_the_same_on_process_and_in_process_workers(tmp_path):
+    # On process workers an exception class of the script was "__mp_main__.AppError"
+    # ("__main__.AppError" in process), and the string "__main__:hello" looked in the
+    # worker's own __main__: AttributeError.
+    script = tmp_path / "names.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+            import actorgrad as ag
+
+            class AppError(Exception):
+                pass
+
+            def fail():
+                raise AppError("no")
+
+            def hello(name):
+                return f"hello {name}"
+
+            async def main():
+                for processes in (False, True):
+                    async with ag.local_cluster(1, processes=processes):
+                        try:
+                            await ag.rpc("w1", fail)
+                        except ag.RemoteError as exc:
+                            print(processes, exc.remote_type, flush=True)
+                        print(processes, await ag.rpc("w1", "__main__:hello", ("you",)))
+
+            if __name__ == "__main__":
+                asyncio.run(main())
+            """
+        )
+    )
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("ACTORGRAD_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=45, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "False __main__.AppError",
+        "False hello you",
+        "True __main__.AppError",
+        "True hello you",
+    ]
+
+
 def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fails(tmp_path):
     # No `if __name__ == "__main__":` guard: the worker importing the script to find a
     # function runs its top level, which starts an event loop inside the worker's.

@@ -7,6 +7,7 @@ import collections
 import enum
 import gc
 import math
+import os
 import struct
 import sys
 import threading
@@ -488,9 +489,11 @@ def test_an_array_at_the_nesting_limit_round_trips_and_one_deeper_is_refused():
         encode_frame([0], (t,))
 
 
-def test_surrogate_str_is_a_value_error():
-    with pytest.raises(ValueError, match="UTF-8"):
-        encode_frame([0], ["\udc80"])
+def test_a_str_with_lone_surrogates_travels_as_it_is():
+    # (os.fsdecode of a file name that is not UTF-8; it was "cannot send str that is
+    # not valid UTF-8")
+    name = os.fsdecode(b"report-\xe9.txt")
+    assert roundtrip([name, {name: (name,)}, "\ud800"]) == [name, {name: (name,)}, "\ud800"]
 
 
 def test_encoder_recovers_after_errors():
@@ -994,3 +997,13 @@ def test_a_decoded_frame_buffer_is_freed_without_the_cyclic_gc():
         assert sys.getrefcount(buf) == base
     finally:
         gc.enable()
+
+
+def test_a_memoryview_that_is_not_contiguous_is_a_type_error_naming_it():
+    # (msgpack's BufferError: "underlying buffer is not C-contiguous")
+    view = memoryview(np.arange(6.0))[::2]
+    with pytest.raises(
+        TypeError, match=r"memoryview that is not C-contiguous \(at body\[0\]\[1\]\)"
+    ):
+        encode_frame([0], [[1, view]])
+    assert roundtrip([bytearray(b"ab"), memoryview(b"cd")]) == [b"ab", b"cd"]  # (as bytes)

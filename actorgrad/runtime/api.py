@@ -9,7 +9,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from actorgrad.runtime import worker as _w
@@ -68,6 +68,11 @@ async def init(
     _check_token_type(token)
     if type(port) is not int:
         raise TypeError(f"port must be an int (0: any free port), not {port!r:.80}")
+    with _claim(name):
+        return await _init(name, address, token, host, port)
+
+
+async def _init(name: str, address: str | None, token: str | None, host: str, port: int) -> Worker:
     if address is not None:
         check_address(address)
     elif os.environ.get(ENV_ADDRESS):
@@ -195,9 +200,31 @@ def _check_token_type(token: Any) -> None:
         )
 
 
+#: Names of the process's workers being started by init or local_cluster (their
+#: starting awaits: a second init meanwhile also passed the check, and its worker was
+#: left running, unreachable through the API).
+_starting: list[str] = []
+
+
+@contextlib.contextmanager
+def _claim(name: str) -> Iterator[None]:
+    """Hold this process's worker slot for ``name`` while it starts."""
+    _check_not_initialized()
+    _starting.append(name)
+    try:
+        yield
+    finally:
+        _starting.remove(name)
+
+
 def _check_not_initialized() -> None:
-    """RuntimeError when this process has a worker already; one whose event loop has
-    closed is forgotten instead (it can never run again)."""
+    """RuntimeError when this process has a worker already, or one is being started;
+    one whose event loop has closed is forgotten instead (it can never run again)."""
+    if _starting:
+        raise RuntimeError(
+            f"actorgrad is being initialized as worker {_starting[0]!r} (another task's "
+            "init or local_cluster is under way)"
+        )
     existing = _w._process_worker
     if existing is not None and not existing.closed:
         if not existing.loop.is_closed():
@@ -294,10 +321,12 @@ async def local_cluster(
     head = Worker(
         driver if driver else HEAD_NAME, token=token, transport_kind=kind, local_sockets=local
     )
-    await head.start()
-    head.host_registry()
+    with _claim(head.name):
+        await head.start()
+        head.host_registry()
+        old = _w.set_process_worker(head)
     cluster = LocalCluster(names, head.address, head)
-    old = _w.set_process_worker(head)
+    graceful = True
     try:
         if processes:
             cluster.procs = WorkerProcesses()
@@ -310,8 +339,13 @@ async def local_cluster(
                 await w.start()
                 await w.join(head.address)
         yield cluster
+    except BaseException:
+        graceful = False  # (left on an error or a cancel: nobody waits for running calls)
+        raise
     finally:
-        await finish(stop_all(cluster.driver, cluster.workers, cluster.procs, _stuck))
+        await finish(
+            stop_all(cluster.driver, cluster.workers, cluster.procs, _stuck, graceful=graceful)
+        )
         _w.set_process_worker(old)
 
 

@@ -38,6 +38,10 @@ def fn_spec(fn: Any) -> str | list:
         m, sep, q = fn.partition(":")
         if not sep or not m or not q:
             raise ValueError(f"function name {fn!r} must look like 'module:qualname'")
+        if m == "__main__":  # this process's script, as for its functions themselves
+            path = _main_path()
+            if path is not None:
+                return [fn, path]
         return fn
     if type(fn) is list and len(fn) == 2 and all(isinstance(x, str) for x in fn):
         return fn  # already a wire name (a __main__ function)
@@ -46,6 +50,7 @@ def fn_spec(fn: Any) -> str | list:
     except TypeError:  # unhashable callable
         cached = None
     if cached is not None:
+        _check_named(fn, fn.__module__, fn.__qualname__)  # (rebound since it was cached)
         return cached
     if not callable(fn):
         raise TypeError(f"cannot call {fn!r} remotely: not callable")
@@ -62,6 +67,7 @@ def fn_spec(fn: Any) -> str | list:
             f"cannot call {what!r} remotely: lambdas, closures and nested functions cannot be "
             "found by name on another worker; use a module-level function or class"
         )
+    _check_named(fn, mod, qual)
     spec: str | list
     if mod in ("__main__", MAIN_ALIAS):
         main_mod = sys.modules.get(mod)
@@ -78,6 +84,27 @@ def fn_spec(fn: Any) -> str | list:
     except TypeError:
         pass
     return spec
+
+
+def _check_named(fn: Any, mod: str, qual: str) -> None:
+    """TypeError when ``mod:qual`` names another object here than ``fn``: the worker
+    would run that one (a function rebound away from its name: a hot patch, a mock, a
+    re-decoration), silently. As pickle, which refuses it. A name not found here is left
+    to the worker to report."""
+    found: Any = sys.modules.get(mod)
+    for part in qual.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            return
+    try:
+        same = found is fn or bool(found == fn)  # (==: builtins bound anew on access)
+    except Exception:
+        return
+    if not same:
+        raise TypeError(
+            f"cannot call {fn!r:.80} remotely: it is not the object named {mod}:{qual} "
+            "(that name was rebound to another), which is what the worker would run"
+        )
 
 
 # driver scripts imported on this worker, by real path. Not looked up in sys.modules:

@@ -245,6 +245,9 @@ class RRef(WireRef):
             print(await rref.to_here(timeout=5.0))    # [1, 2]
         """
         if self.is_owner():
+            from actorgrad.runtime.worker import check_timeout
+
+            check_timeout(timeout, "for no timeout")  # (as a non-owner's: the same call)
             return owned_value(self._worker, self._rid)
         return await self._worker.call(
             self.owner, "actorgrad.runtime.rref:_fetch", (self._rid,), timeout=timeout
@@ -280,12 +283,13 @@ class RRef(WireRef):
 
 
 class _Proxy:
-    __slots__ = ("_rref", "_mode", "_timeout")
+    # (private names: a method of the value called `_mode` reached this field instead)
+    __slots__ = ("__rref", "__mode", "__timeout")
 
     def __init__(self, r: RRef, mode: int, timeout: float | None) -> None:
-        self._rref = r
-        self._mode = mode
-        self._timeout = timeout
+        self.__rref = r
+        self.__mode = mode
+        self.__timeout = timeout
 
     def __getattr__(self, method: str) -> Any:
         if method.startswith("__"):
@@ -294,7 +298,7 @@ class _Proxy:
                 f"{method}: rref.rpc()/remote() forward named methods, not special ones "
                 "(call e.g. a method that wraps it)"
             )
-        r, mode, timeout = self._rref, self._mode, self._timeout
+        r, mode, timeout = self.__rref, self.__mode, self.__timeout
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             return await r._worker.call(

@@ -246,8 +246,12 @@ def on_cast(topic: str) -> Callable[[F], F]:
 def _check_call_args(args: Any, kwargs: Any) -> None:
     if type(args) is not tuple and not isinstance(args, (tuple, list)):
         raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+        for key in kwargs:
+            if not isinstance(key, str):  # (the callee said so, a round trip later)
+                raise TypeError(f"kwargs keys must be strs (argument names), got {key!r:.40}")
 
 
 _NOT_READING = " (waiting to send it: the peer is not reading)"
@@ -295,7 +299,14 @@ def check_timeout(timeout: Any, none_means: str, hint: str = "") -> None:
             f"timeout must be a number of seconds > 0, or None {none_means}; got "
             f"{type(timeout).__name__} {timeout!r:.80}"
         )
-    if not float(timeout) > 0:
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # (an int or a Fraction beyond a float's range: 10**400)
+        raise ValueError(
+            f"timeout of {type(timeout).__name__} {timeout!r:.40}... s is too large for a "
+            f"number of seconds; use None {none_means}"
+        ) from None
+    if not seconds > 0:
         raise ValueError(
             f"timeout must be a number of seconds > 0, or None {none_means}; got "
             f"{timeout!r:.80}{hint}"
