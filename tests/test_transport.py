@@ -258,6 +258,28 @@ async def test_tcp_worker_refuses_wrong_token_via_open_connection():
         assert await ag.rpc("w1", "operator:add", (1, 2)) == 3
 
 
+async def test_an_echo_server_is_named_not_an_actorgrad_peer():
+    # It sent our handshake back: the magic matched, and the MAC check said "wrong
+    # cluster token".
+    from actorgrad.runtime import Worker
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(4096):
+            writer.write(data)
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    w = Worker("x", token="t")
+    try:
+        with pytest.raises(AuthError, match="not an actorgrad peer .*an echo server"):
+            await w.open_connection(f"127.0.0.1:{port}")
+    finally:
+        await w.shutdown()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_nobody_listening_is_worker_lost():
     from actorgrad.runtime import Worker
 

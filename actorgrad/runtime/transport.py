@@ -893,6 +893,11 @@ async def handshake(
             magic, version, peer_nonce = _HELLO.unpack(await conn._read_exact(_HELLO.size))
             if magic != MAGIC:
                 raise AuthError(f"{where}: not an actorgrad peer (bad handshake magic)")
+            if peer_nonce == nonce:  # (32 random bytes: never a real peer's)
+                raise AuthError(
+                    f"{where}: not an actorgrad peer (it sent our own handshake back: an "
+                    "echo server?)"
+                )
             if version != PROTOCOL_VERSION:
                 raise AuthError(
                     f"{where}: protocol version mismatch (ours {PROTOCOL_VERSION}, theirs {version})"
@@ -930,7 +935,7 @@ async def handshake(
         conn.abort(exc)
         raise AuthError(
             f"handshake with {where} refused: connection closed by the peer (a wrong cluster "
-            "token, or the peer is shutting down)"
+            "token, the peer is shutting down, or it is not an actorgrad worker)"
         ) from exc
     except AuthError as exc:
         conn.abort(exc)
