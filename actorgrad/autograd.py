@@ -96,6 +96,11 @@ class _GradMode:
 
     def __exit__(self, *exc: object) -> None:
         tokens = _MODE_TOKENS.get()
+        if not tokens:
+            raise RuntimeError(
+                f"{type(self).__name__}: left in another task or thread than the one it "
+                "was entered in"
+            )
         _MODE_TOKENS.set(tokens[:-1])
         _GRAD_ENABLED.reset(tokens[-1])
 
@@ -595,7 +600,8 @@ class GraphTask:
             t.grad = grad
         else:
             old = t.grad
-            if np.shape(old) != grad.shape:  # (set by the user: it would broadcast)
+            if np.shape(old) != grad.shape and np.ndim(old) != 0:
+                # (set by the user: it would broadcast; a scalar, `x.grad = 0`, may)
                 raise RuntimeError(
                     f"the .grad of a leaf of shape {grad.shape} has shape {np.shape(old)}; "
                     "set .grad to None or to an array of the leaf's shape"

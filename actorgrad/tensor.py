@@ -173,7 +173,9 @@ class Tensor:
         return self.data.item()
 
     def detach(self) -> Tensor:
-        """A new leaf sharing this tensor's data, outside the graph.
+        """A new leaf sharing this tensor's data array, outside the graph (an
+        optimizer's step gives a parameter a new array: the detached one keeps the
+        values from before).
 
         >>> d = (ag.ones(2, requires_grad=True) * 2).detach()
         >>> d.is_leaf, d.requires_grad
@@ -661,7 +663,7 @@ def _axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
         return None
     if isinstance(axis, (int, np.integer)):
         axis = (axis,)
-    if not isinstance(axis, (tuple, list)) or not all(
+    if not isinstance(axis, (tuple, list, range, np.ndarray)) or not all(
         isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axis
     ):
         # (numpy's words: "'float' object is not iterable", "'<=' not supported ...")
@@ -677,10 +679,12 @@ def _axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
     return tuple(sorted(out)) if ndim else ()
 
 
-def _one_axis(fn: str, axis: Any) -> int:
-    """``axis`` if it is an int, else TypeError naming ``fn``."""
+def _one_axis(fn: str, axis: Any) -> int | None:
+    """``axis`` if it is an int (or None: all elements), else TypeError naming ``fn``."""
+    if axis is None:
+        return None
     if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
-        raise TypeError(f"{fn}: axis must be an int, got {axis!r:.40}")
+        raise TypeError(f"{fn}: axis must be an int or None, got {axis!r:.40}")
     return int(axis)
 
 

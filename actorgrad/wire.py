@@ -474,7 +474,7 @@ def _packing_error(exc: BaseException, root: Any, name: str) -> Exception:
     if isinstance(exc, _TooDeep):
         return ValueError(f"cannot send {name}: {exc}")
     if isinstance(exc, BufferError):  # (msgpack packs a contiguous memoryview as bytes)
-        path = _locate(root, name, lambda x: isinstance(x, memoryview))
+        path = _locate(root, name, lambda x: isinstance(x, memoryview) and not x.c_contiguous)
         return TypeError(
             f"cannot send a memoryview that is not C-contiguous{_at(path)}: send "
             "bytes(view), or the numpy array it views"

@@ -608,6 +608,10 @@ def test_a_grad_of_the_wrong_shape_set_by_the_user_is_named():
         RuntimeError, match=r"the .grad of a leaf of shape \(2,\) has shape \(3, 2\)"
     ):
         (x * 2).sum().backward()
+    y = ag.tensor([1.0, 2.0], requires_grad=True)
+    y.grad = 0  # (a scalar may broadcast: the result has the leaf's shape)
+    (y * 2).sum().backward()
+    assert y.grad.tolist() == [2.0, 2.0]
 
 
 async def test_one_no_grad_instance_used_by_overlapping_tasks():

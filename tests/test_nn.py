@@ -267,3 +267,4 @@ def test_mse_loss_refuses_a_target_that_would_broadcast_the_prediction():
         F.mse_loss(ag.ones(3), np.ones(4))
     assert F.mse_loss(pred, np.array([[1.0], [2.0], [3.0]])).item() == 0.0
     assert F.mse_loss(pred, 2.0).item() == pytest.approx(2 / 3)  # a scalar target
+    assert F.mse_loss(ag.tensor(1.0), np.array([2.0])).item() == 1.0  # (as many elements)

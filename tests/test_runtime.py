@@ -238,6 +238,7 @@ async def test_call_arguments_are_checked_at_the_caller(cluster, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "original", _replacement)
     with pytest.raises(TypeError, match=r"it is not the object named .*:original \(that name"):
         await ag.rpc("w1", f)
+    assert await ag.rpc("w1", list[int], ((1, 2),)) == [1, 2]  # (names what runs there)
 
 
 async def test_values_keep_their_types_and_arrays_travel(cluster):
@@ -779,6 +780,50 @@ async def test_two_inits_at_once_give_one_worker_and_refuse_the_other(monkeypatc
     first, second = await asyncio.gather(in_a_cluster(), ag.init("c"), return_exceptions=True)
     assert first == "d" and isinstance(second, RuntimeError), (first, second)
     assert re.search(r"(being|already) initialized as worker 'd'", str(second))
+
+
+async def signalled_then_call(to: str, seconds: float):
+    """Signal that it runs, wait ``seconds``, then call ``to`` (a call still running
+    on one worker that goes on to the next)."""
+    STARTED[ag.worker_name()].set()
+    await asyncio.sleep(seconds)
+    return await ag.rpc(to, add, (1, 2))
+
+
+async def test_leaving_local_cluster_normally_lets_a_running_call_call_on():
+    # Shut down all at once, w2 was gone when the call running on w1 called it.
+    ev = started("w1")
+    async with ag.local_cluster(2):
+        call = asyncio.ensure_future(ag.rpc("w1", signalled_then_call, ("w2", 0.2)))
+        await asyncio.wait_for(ev.wait(), 5)
+    assert await asyncio.wait_for(call, 5) == 3
+
+
+def test_a_loop_closed_while_init_starts_does_not_block_the_next_init(monkeypatch):
+    # Its claim on the process's worker slot outlived the loop: every later init said
+    # "being initialized" (until a garbage collection closed the abandoned init).
+    from actorgrad.runtime import api
+
+    monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)
+    loop = asyncio.new_event_loop()
+    claim = api._claim("first")
+    loop.run_until_complete(_enter(claim))  # (an init of "first" under way on `loop`)
+    loop.close()
+
+    async def second() -> str:
+        await ag.init("second")
+        try:
+            return ag.worker_name()
+        finally:
+            await ag.shutdown()
+
+    assert asyncio.run(second()) == "second"
+    assert api._starting == []
+    claim.__exit__(None, None, None)  # (the abandoned init's `finally`, run late)
+
+
+async def _enter(cm: Any) -> None:
+    cm.__enter__()
 
 
 async def test_leaving_local_cluster_on_an_error_does_not_wait_for_running_calls():

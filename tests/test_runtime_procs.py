@@ -435,6 +435,30 @@ async def test_connecting_to_a_peer_that_never_answers(monkeypatch):
         assert await ag.rpc("w1", add, (1, 2), timeout=10) == 3
 
 
+async def test_a_token_read_with_its_newline_lets_process_workers_join():
+    # The workers get it stripped (ACTORGRAD_TOKEN, as a token file), the head kept
+    # it as given: "wrong cluster token", and the worker processes exited.
+    async with ag.local_cluster(1, processes=True, token="s3cret-token\n"):
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+
+
+async def test_two_driver_scripts_with_modules_of_one_name_on_one_worker_are_refused(tmp_path):
+    # The second script's `import model` found the first one's, cached: its job ran
+    # the other project's code, silently.
+    for project in ("a", "b"):
+        folder = tmp_path / project
+        folder.mkdir()
+        (folder / "model.py").write_text(f"WHO = {project!r}\n")
+        (folder / "job.py").write_text("import model\n\ndef which():\n    return model.WHO\n")
+    async with ag.local_cluster(1, processes=True):
+        a = ["__main__:which", str((tmp_path / "a" / "job.py").resolve())]
+        b = ["__main__:which", str((tmp_path / "b" / "job.py").resolve())]
+        assert await ag.rpc("w1", a) == "a"
+        with pytest.raises(ag.RemoteError, match="already imported a module 'model' from"):
+            await ag.rpc("w1", b)
+        assert await ag.rpc("w1", a) == "a"
+
+
 def test_the_driver_scripts_names_are_the_same_on_process_and_in_process_workers(tmp_path):
     # On process workers an exception class of the script was "__mp_main__.AppError"
     # ("__main__.AppError" in process), and the string "__main__:hello" looked in the

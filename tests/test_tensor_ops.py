@@ -519,11 +519,22 @@ def test_where_cat_stack_refuse_operands_that_are_not_numbers(make, match):
         (lambda x: x.sum(axis="a"), "axis must be an int, a tuple of ints or None, got 'a'"),
         (lambda x: x.mean(axis=1.0), "axis must be an int, a tuple of ints or None, got 1.0"),
         (lambda x: x.max(axis=(0, True)), r"got \(0, True\)"),
-        (lambda x: x.softmax(axis="a"), "softmax: axis must be an int, got 'a'"),
-        (lambda x: x.log_softmax(axis=(0,)), r"log_softmax: axis must be an int, got \(0,\)"),
+        (lambda x: x.softmax(axis="a"), "softmax: axis must be an int or None, got 'a'"),
+        (
+            lambda x: x.log_softmax(axis=(0,)),
+            r"log_softmax: axis must be an int or None, got \(0,\)",
+        ),
     ],
 )
 def test_an_axis_that_is_not_ints_is_named(call, match):
     # numpy's words were "'float' object is not iterable" or "'<=' not supported".
     with pytest.raises(TypeError, match=match):
         call(ag.ones(2, 3))
+
+
+def test_axes_given_as_ranges_or_arrays_and_softmax_over_all_elements():
+    # (refused for a while by the checks of axis types)
+    x = ag.tensor(np.arange(6.0).reshape(2, 3))
+    assert x.sum(axis=range(2)).item() == 15.0
+    assert x.sum(axis=np.arange(2)).item() == 15.0
+    np.testing.assert_allclose(x.softmax(axis=None).data.sum(), 1.0)

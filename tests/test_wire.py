@@ -1006,4 +1006,6 @@ def test_a_memoryview_that_is_not_contiguous_is_a_type_error_naming_it():
         TypeError, match=r"memoryview that is not C-contiguous \(at body\[0\]\[1\]\)"
     ):
         encode_frame([0], [[1, view]])
+    with pytest.raises(TypeError, match=r"\(at body\[1\]\)"):  # (not the contiguous one)
+        encode_frame([0], [memoryview(b"ok"), view])
     assert roundtrip([bytearray(b"ab"), memoryview(b"cd")]) == [b"ab", b"cd"]  # (as bytes)

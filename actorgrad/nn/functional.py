@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -126,8 +127,9 @@ def cross_entropy(logits: Tensor, targets: Any) -> Tensor:
 
 def mse_loss(pred: Tensor, target: Any) -> Tensor:
     """Mean squared error, ``((pred - target) ** 2).mean()``, always a Tensor (also
-    for numpy arrays: they are taken as the ops take them). ``target`` has ``pred``'s
-    shape, or one that broadcasts to it (a scalar); else ValueError.
+    for numpy arrays: they are taken as the ops take them). ``target`` has as many
+    elements as ``pred`` once broadcast with it: its shape, a scalar, ``(1, N)`` for
+    ``(N,)``; else ValueError (``(N,)`` against ``(N, 1)`` would compare every pair).
 
     Example::
 
@@ -137,10 +139,10 @@ def mse_loss(pred: Tensor, target: Any) -> Tensor:
     pred = _as_tensor(pred, "mse_loss: pred")
     tshape = np.shape(_data(target))
     try:
-        both = np.broadcast_shapes(pred.shape, tshape)
+        both: tuple[int, ...] | None = np.broadcast_shapes(pred.shape, tshape)
     except ValueError:
         both = None
-    if both != pred.shape:
+    if both is None or math.prod(both) != pred.data.size:
         # (a (N, 1) prediction against (N,) targets broadcast to (N, N): a wrong loss,
         # silently; torch only warns)
         raise ValueError(

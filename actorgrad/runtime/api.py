@@ -91,6 +91,11 @@ async def _init(name: str, address: str | None, token: str | None, host: str, po
             w.host_registry()
         else:
             await w.join(address)
+    except GeneratorExit:
+        # (closed unfinished, its loop gone: nothing can be awaited any more; its
+        # sockets go with the garbage)
+        w.closed = True
+        raise
     except BaseException:
         await finish(w.shutdown(graceful=False))
         raise
@@ -200,29 +205,32 @@ def _check_token_type(token: Any) -> None:
         )
 
 
-#: Names of the process's workers being started by init or local_cluster (their
-#: starting awaits: a second init meanwhile also passed the check, and its worker was
-#: left running, unreachable through the API).
-_starting: list[str] = []
+#: The process's workers being started by init or local_cluster, and their loops
+#: (their starting awaits: a second init meanwhile also passed the check, and its
+#: worker was left running, unreachable through the API).
+_starting: list[tuple[str, asyncio.AbstractEventLoop]] = []
 
 
 @contextlib.contextmanager
 def _claim(name: str) -> Iterator[None]:
     """Hold this process's worker slot for ``name`` while it starts."""
     _check_not_initialized()
-    _starting.append(name)
+    entry = (name, asyncio.get_running_loop())
+    _starting.append(entry)
     try:
         yield
     finally:
-        _starting.remove(name)
+        if entry in _starting:
+            _starting.remove(entry)
 
 
 def _check_not_initialized() -> None:
     """RuntimeError when this process has a worker already, or one is being started;
     one whose event loop has closed is forgotten instead (it can never run again)."""
+    _starting[:] = [(n, loop) for n, loop in _starting if not loop.is_closed()]
     if _starting:
         raise RuntimeError(
-            f"actorgrad is being initialized as worker {_starting[0]!r} (another task's "
+            f"actorgrad is being initialized as worker {_starting[0][0]!r} (another task's "
             "init or local_cluster is under way)"
         )
     existing = _w._process_worker

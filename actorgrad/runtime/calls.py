@@ -90,21 +90,61 @@ def _check_named(fn: Any, mod: str, qual: str) -> None:
     """TypeError when ``mod:qual`` names another object here than ``fn``: the worker
     would run that one (a function rebound away from its name: a hot patch, a mock, a
     re-decoration), silently. As pickle, which refuses it. A name not found here is left
-    to the worker to report."""
+    to the worker to report. Only for Python functions and classes: other callables
+    (``list[int]``, builtins bound anew on each access) name what the worker runs."""
+    if not isinstance(fn, (types.FunctionType, type)):
+        return
     found: Any = sys.modules.get(mod)
     for part in qual.split("."):
         found = getattr(found, part, None)
         if found is None:
             return
-    try:
-        same = found is fn or bool(found == fn)  # (==: builtins bound anew on access)
-    except Exception:
-        return
-    if not same:
+    if found is not fn:
         raise TypeError(
             f"cannot call {fn!r:.80} remotely: it is not the object named {mod}:{qual} "
             "(that name was rebound to another), which is what the worker would run"
         )
+
+
+def _check_no_clash(folder: str) -> None:
+    """RuntimeError when a module beside a driver script has the name of one this
+    worker already imported from another driver script's folder: one process holds one
+    module per name, and the script would silently run the other project's."""
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.endswith(".py"):
+            name = entry[:-3]
+        elif os.path.isfile(os.path.join(folder, entry, "__init__.py")):
+            name = entry  # a package
+        else:
+            continue
+        where = getattr(sys.modules.get(name), "__file__", None)
+        if not where:
+            continue
+        other = os.path.dirname(where)  # the folder it was imported from
+        if name == entry:
+            other = os.path.dirname(other)  # (a package's __init__.py: its parent's)
+        if other != folder and other in _script_folders:
+            raise RuntimeError(
+                f"the driver script's folder {folder} holds {entry!r}, but this worker "
+                f"already imported a module {name!r} from {other} (another driver script's "
+                "folder): one worker process holds one module per name. Give the modules "
+                "distinct names, or use workers of their own for each project"
+            )
+
+
+def _restore_main_alias(saved: types.ModuleType | None) -> None:
+    if saved is None:
+        sys.modules.pop(MAIN_ALIAS, None)
+    else:
+        sys.modules[MAIN_ALIAS] = saved
+
+
+#: folders of driver scripts this worker put on its import path (see _main_module)
+_script_folders: set[str] = set()
 
 
 # driver scripts imported on this worker, by real path. Not looked up in sys.modules:
@@ -129,15 +169,18 @@ def _main_module(path: str) -> types.ModuleType:
     # its `from model import Net` finds the module beside it (a worker joined from
     # another folder found none).
     folder = os.path.dirname(path)
+    try:
+        _check_no_clash(folder)
+    except RuntimeError:
+        _restore_main_alias(saved)
+        raise
     if folder not in sys.path:
         sys.path.insert(0, folder)
+        _script_folders.add(folder)
     try:
         spec.loader.exec_module(module)
     except BaseException as exc:
-        if saved is None:
-            sys.modules.pop(MAIN_ALIAS, None)
-        else:
-            sys.modules[MAIN_ALIAS] = saved
+        _restore_main_alias(saved)
         if isinstance(exc, ImportError):
             raise RuntimeError(
                 f"importing the driver's script {path} here (to call one of its functions) "

@@ -251,16 +251,21 @@ async def stop_all(
     on_stuck: Callable[[list[str], float], None] | None = None,
     graceful: bool = True,
 ) -> None:
-    """Shut a local cluster down: its in-process workers (all at once: one after the
-    other, each busy one waited 5 s for its calls), then the head, then its worker
-    processes (terminated, joined, killed; see WorkerProcesses.stop). Not ``graceful``
-    (left on an error): calls still running are cancelled, not waited for."""
-    done = await asyncio.gather(
-        *(w.shutdown(graceful, timeout=5.0) for w in workers), return_exceptions=True
-    )
-    for outcome in done:
-        if isinstance(outcome, BaseException):
-            raise outcome
+    """Shut a local cluster down: its in-process workers, then the head, then its worker
+    processes (terminated, joined, killed; see WorkerProcesses.stop). ``graceful``: one
+    worker after the other, each letting its calls finish (up to 5 s), so a call still
+    running on one can go on calling the next. Not (left on an error): all at once,
+    their running calls cancelled (one after the other, each busy worker waited 5 s)."""
+    if graceful:
+        for w in workers:
+            await w.shutdown(timeout=5.0)
+    else:
+        done = await asyncio.gather(
+            *(w.shutdown(graceful=False, timeout=5.0) for w in workers), return_exceptions=True
+        )
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
     await head.shutdown(graceful, timeout=5.0)
     if procs is not None:
         await procs.stop(on_stuck=on_stuck)

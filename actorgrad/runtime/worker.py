@@ -433,6 +433,10 @@ class Worker:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"worker name must be a non-empty string, not {name!r}")
+        if isinstance(token, str):
+            # (as a token file's and ACTORGRAD_TOKEN's: a token read with its newline
+            # and passed as token=... must match the workers', which get it stripped)
+            token = token.strip()
         if not isinstance(token, str) or not token:
             raise ValueError(  # (not the value: it may be a secret)
                 f"the cluster token must be a non-empty str, not {type(token).__name__} or empty"
