@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from actorgrad.tensor import Tensor
+from actorgrad.tensor import Tensor, real_array
 
 __all__ = ["SGD", "Adam", "Optimizer"]
 
@@ -118,12 +118,7 @@ class Optimizer:
                         )
         out = []
         for i, p, g in given:
-            arr = np.asarray(g)
-            if arr.dtype.kind not in "biuf":
-                raise TypeError(
-                    f"step: the gradient of parameter {i} is a {type(g).__name__} of dtype "
-                    f"{arr.dtype}; gradients are arrays of real numbers"
-                )
+            arr = real_array(g, f"step: the gradient of parameter {i}")
             if arr.shape != p.data.shape:
                 raise ValueError(
                     f"step: gradient of shape {arr.shape} for parameter {i}, of shape "

@@ -242,14 +242,9 @@ class Tensor:
                 )
             grad = seed_grad(self.data)
         else:
-            given = np.asarray(gradient.data if isinstance(gradient, Tensor) else gradient)
-            if given.dtype.kind not in "biuf":
-                # (numpy would turn None into nan, and drop an imaginary part with a
-                # warning: a wrong .grad, found far from here)
-                raise TypeError(
-                    "backward(): gradient must be real numbers, got "
-                    f"{type(gradient).__name__} of dtype {given.dtype}"
-                )
+            # (numpy would turn None into nan, and drop an imaginary part with a warning:
+            # a wrong .grad, found far from here)
+            given = real_array(gradient, "backward(): gradient")
             grad = np.array(given, dtype=self.data.dtype)  # a copy the engine may keep
             if grad.shape != self.data.shape:
                 raise ValueError(
@@ -602,6 +597,18 @@ def _as_tensor(x: Any, where: str) -> Tensor:
     if isinstance(x, Tensor):
         return x
     return Tensor(_numeric(x, where))
+
+
+def real_array(value: Any, what: str) -> np.ndarray:
+    """``value`` (an array, a Tensor, a list, a number) as an array of real numbers;
+    else TypeError naming ``what``: for gradients and parameter values, which numpy
+    would take as objects (None), strings, or complex numbers."""
+    arr = np.asarray(value.data if isinstance(value, Tensor) else value)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{what} is a {type(value).__name__} of dtype {arr.dtype}, not an array of real numbers"
+        )
+    return arr
 
 
 def _numeric(x: Any, where: str) -> np.ndarray:

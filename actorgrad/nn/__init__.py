@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from actorgrad.nn import functional
-from actorgrad.tensor import Tensor
+from actorgrad.tensor import Tensor, real_array
 
 __all__ = ["Embedding", "Linear", "Module", "ReLU", "Sequential", "Tanh", "functional"]
 
@@ -137,13 +137,7 @@ class Module:
             raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
         arrays = {}
         for name, p in params.items():
-            value = state[name]
-            arr = np.asarray(value.data if isinstance(value, Tensor) else value)
-            if arr.dtype.kind not in "biuf":
-                raise TypeError(
-                    f"load_state_dict: {name} is a {type(value).__name__} of dtype "
-                    f"{arr.dtype}, not an array of numbers"
-                )
+            arr = real_array(state[name], f"load_state_dict: {name}")
             if arr.shape != p.data.shape:
                 raise ValueError(
                     f"load_state_dict: {name} has shape {arr.shape}, the parameter {p.data.shape}"
