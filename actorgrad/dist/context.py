@@ -386,7 +386,7 @@ class DistState:
     def get(self, ctx_id: int) -> DistContext:
         ctx = self.contexts.get(ctx_id) if type(ctx_id) is int else None
         if ctx is None:
-            if not isinstance(ctx_id, int) or type(ctx_id) is bool:  # (API.md: ContextError)
+            if not isinstance(ctx_id, int) or type(ctx_id) is bool:  # (the API says ContextError)
                 raise ContextError(
                     "a distributed autograd context id is the int that `async with "
                     f"ag.dist.context() as ctx` gives, not {type(ctx_id).__name__} "

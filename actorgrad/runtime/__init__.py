@@ -7,7 +7,7 @@ Modules:
 - ``worker``     the worker actor: mailbox, dispatch, connections, heartbeats
 - ``registry``   cluster membership, hosted by the head worker
 - ``rref``       remote references and distributed reference counting
-- ``api``        ``init``/``rpc``/``remote``/``local_cluster``/... (API.md section 2)
+- ``api``        ``init``/``rpc``/``remote``/``local_cluster``/... (the public API)
 - ``cluster``    ``serve_cluster``/``serve_worker``/``cluster_status`` (for the CLI)
 - ``procs``      worker child processes
 

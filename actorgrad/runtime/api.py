@@ -1,4 +1,4 @@
-"""The public runtime API (API.md section 2): init, rpc, remote, local_cluster,
+"""The public runtime API: init, rpc, remote, local_cluster,
 worker_name, workers, shutdown."""
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ def _release_on_loop(worker: Worker, owner: str, rid: int) -> None:
 
 
 class RRef(WireRef):
-    """A reference to a value owned by one worker (see API.md section 2). It can be
+    """A reference to a value owned by one worker (``ag.remote`` makes one). It can be
     passed as an argument or returned; the owner frees the value once no worker holds
     a reference to it.
 
