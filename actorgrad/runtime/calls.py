@@ -136,13 +136,6 @@ def _check_no_clash(folder: str) -> None:
             )
 
 
-def _restore_main_alias(saved: types.ModuleType | None) -> None:
-    if saved is None:
-        sys.modules.pop(MAIN_ALIAS, None)
-    else:
-        sys.modules[MAIN_ALIAS] = saved
-
-
 #: folders of driver scripts this worker put on its import path (see _main_module)
 _script_folders: set[str] = set()
 
@@ -162,25 +155,24 @@ def _main_module(path: str) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(MAIN_ALIAS, path)
     if spec is None or spec.loader is None:
         raise ModuleNotFoundError(f"cannot import the driver script {path!r}")
-    module = importlib.util.module_from_spec(spec)
-    saved = sys.modules.get(MAIN_ALIAS)
-    sys.modules[MAIN_ALIAS] = module  # its classes and dataclasses look themselves up here
     # The script's folder first on the path, as `python script.py` has it on the driver:
     # its `from model import Net` finds the module beside it (a worker joined from
     # another folder found none).
     folder = os.path.dirname(path)
-    try:
-        _check_no_clash(folder)
-    except RuntimeError:
-        _restore_main_alias(saved)
-        raise
+    _check_no_clash(folder)
+    module = importlib.util.module_from_spec(spec)
+    saved = sys.modules.get(MAIN_ALIAS)
+    sys.modules[MAIN_ALIAS] = module  # its classes and dataclasses look themselves up here
     if folder not in sys.path:
         sys.path.insert(0, folder)
         _script_folders.add(folder)
     try:
         spec.loader.exec_module(module)
     except BaseException as exc:
-        _restore_main_alias(saved)
+        if saved is None:
+            sys.modules.pop(MAIN_ALIAS, None)
+        else:
+            sys.modules[MAIN_ALIAS] = saved
         if isinstance(exc, ImportError):
             raise RuntimeError(
                 f"importing the driver's script {path} here (to call one of its functions) "
