@@ -460,13 +460,16 @@ def test_status_names_the_workers(cluster: tuple[str, Path]) -> None:
 SIBLING_DRIVER = """
 import asyncio
 import actorgrad as ag
-from sibling import scale  # a module beside the script, as `from model import Net`
+from sibling import Scaler, scale  # modules beside the script, as `from model import Net`
 
 def run_here(x):
     return scale(x)
 
 async def main():
     await ag.init("driver-sibling")
+    print(await ag.rpc("w2", scale, (7,)), flush=True)  # (before any of the script's own)
+    r = await ag.remote("w2", Scaler, (3,))
+    print(await r.rpc().apply(7), flush=True)
     print(await ag.rpc("w1", run_here, (7,)), flush=True)
     await ag.shutdown()
 
@@ -481,10 +484,15 @@ def test_a_driver_script_importing_a_module_beside_it_works_on_workers_of_anothe
 ) -> None:
     # The workers run from another folder (the cluster's): importing the driver's
     # script to find run_here failed on its `from sibling import scale`, with a hint
-    # to guard the script's top level, which it did.
+    # to guard the script's top level, which it did; and a function or class of the
+    # sibling module itself was not found there ("no module named 'sibling'").
     project = tmp_path / "project"
     project.mkdir()
-    (project / "sibling.py").write_text("def scale(x):\n    return 6 * x\n")
+    (project / "sibling.py").write_text(
+        "def scale(x):\n    return 6 * x\n\n\n"
+        "class Scaler:\n    def __init__(self, k):\n        self.k = k\n\n"
+        "    def apply(self, x):\n        return self.k * x\n"
+    )
     (project / "driver.py").write_text(SIBLING_DRIVER)
     address, token_file = cluster
     env = _env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
@@ -497,7 +505,7 @@ def test_a_driver_script_importing_a_module_beside_it_works_on_workers_of_anothe
         cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "42"
+    assert r.stdout.split() == ["42", "21", "42"]
 
 
 def test_a_token_that_is_not_text_is_named(tmp_path: Path) -> None:

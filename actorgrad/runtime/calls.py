@@ -4,7 +4,9 @@ A function travels as ``"module:qualname"``. Functions of the driver's ``__main_
 script travel as ``["__main__:qualname", "/path/to/script.py"]``: a worker whose own
 ``__main__`` is another file imports that script once under the module name
 ``__mp_main__`` (as multiprocessing does), so its ``if __name__ == "__main__":`` block
-does not run.
+does not run. Functions of a module beside the driver's script travel as
+``["module:qualname", "/path/to/script.py"]``: the worker puts the script's folder
+first on its import path, as it does to import the script itself.
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ def fn_spec(fn: Any) -> str | list:
         spec = [f"__main__:{qual}", os.path.realpath(path)]
     else:
         spec = f"{mod}:{qual}"
+        script = _script_beside(mod)
+        if script is not None:  # (the worker puts the script's folder on its path)
+            spec = [spec, script]
     try:
         _spec_cache[fn] = spec
     except TypeError:
@@ -104,6 +109,38 @@ def _check_named(fn: Any, mod: str, qual: str) -> None:
             f"cannot call {fn!r:.80} remotely: it is not the object named {mod}:{qual} "
             "(that name was rebound to another), which is what the worker would run"
         )
+
+
+def _script_beside(mod: str) -> str | None:
+    """The path of the driver script that module ``mod`` sits beside (its folder, or
+    its top package's parent, is the script's), else None: a worker finds such a module
+    only with the script's folder on its path (``from model import Net`` in the script,
+    then ``ag.remote("w1", Net)``)."""
+    top = mod.partition(".")[0]
+    where = getattr(sys.modules.get(top), "__file__", None)
+    if not where:
+        return None
+    home = os.path.dirname(os.path.realpath(where))
+    if os.path.basename(where) == "__init__.py":
+        home = os.path.dirname(home)
+    main = _main_path()
+    if main is not None and os.path.dirname(main) == home:
+        return main
+    return _script_folders.get(home)  # (a worker passing on a driver's function)
+
+
+def _use_folder_of(script: str) -> None:
+    """Put the folder of driver script ``script`` first on this worker's import path,
+    as `python script.py` has it on the driver (refused if a module beside it has the
+    name of one imported from another script's folder: see _check_no_clash)."""
+    if _main_path() == script:
+        return  # (this process's own script: its folder is on the path already)
+    folder = os.path.dirname(script)
+    if _script_folders.get(folder) == script or folder in sys.path:
+        return
+    _check_no_clash(folder)
+    sys.path.insert(0, folder)
+    _script_folders[folder] = script
 
 
 def _check_no_clash(folder: str) -> None:
@@ -136,8 +173,8 @@ def _check_no_clash(folder: str) -> None:
             )
 
 
-#: folders of driver scripts this worker put on its import path (see _main_module)
-_script_folders: set[str] = set()
+#: folders of driver scripts this worker put on its import path, and the scripts
+_script_folders: dict[str, str] = {}
 
 
 # driver scripts imported on this worker, by real path. Not looked up in sys.modules:
@@ -155,17 +192,12 @@ def _main_module(path: str) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(MAIN_ALIAS, path)
     if spec is None or spec.loader is None:
         raise ModuleNotFoundError(f"cannot import the driver script {path!r}")
-    # The script's folder first on the path, as `python script.py` has it on the driver:
-    # its `from model import Net` finds the module beside it (a worker joined from
-    # another folder found none).
-    folder = os.path.dirname(path)
-    _check_no_clash(folder)
+    # (its `from model import Net` finds the module beside it: a worker joined from
+    # another folder found none)
+    _use_folder_of(path)
     module = importlib.util.module_from_spec(spec)
     saved = sys.modules.get(MAIN_ALIAS)
     sys.modules[MAIN_ALIAS] = module  # its classes and dataclasses look themselves up here
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-        _script_folders.add(folder)
     try:
         spec.loader.exec_module(module)
     except BaseException as exc:
@@ -215,6 +247,8 @@ def resolve(spec: Any) -> Any:
     if path is not None and mod == "__main__":
         module = _main_module(path)
     else:
+        if path is not None:  # a module beside the driver's script
+            _use_folder_of(path)
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as exc:
