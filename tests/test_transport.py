@@ -280,6 +280,27 @@ async def test_an_echo_server_is_named_not_an_actorgrad_peer():
         await server.wait_closed()
 
 
+async def test_a_peer_that_closes_before_its_hello_is_lost_not_a_wrong_token():
+    # A process killed just after its kernel accepted the connection closes it before
+    # the handshake: that was an AuthError ("a wrong cluster token, ..."), and a call
+    # needing that dead peer failed with it instead of WorkerLost.
+    from actorgrad.runtime import Worker
+
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.abort()
+
+    server = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    w = Worker("x", token="t")
+    try:
+        with pytest.raises(ag.WorkerLost, match="closed the connection before its handshake"):
+            await w.open_connection(f"127.0.0.1:{port}")
+    finally:
+        await w.shutdown()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_nobody_listening_is_worker_lost():
     from actorgrad.runtime import Worker
 

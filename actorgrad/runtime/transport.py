@@ -884,6 +884,7 @@ async def handshake(
     hung process: its kernel accepted the connection) — the connection is aborted then."""
     where = conn.peer_addr
     deadline = HANDSHAKE_TIMEOUT if timeout is None else timeout
+    hello = False  # (the peer's hello came: a close after it is a refusal)
     try:
         async with asyncio.timeout(deadline):
             await conn.made
@@ -891,6 +892,7 @@ async def handshake(
             nonce = secrets.token_bytes(32)
             conn._write_raw(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
             magic, version, peer_nonce = _HELLO.unpack(await conn._read_exact(_HELLO.size))
+            hello = True
             if magic != MAGIC:
                 raise AuthError(f"{where}: not an actorgrad peer (bad handshake magic)")
             if peer_nonce == nonce:  # (32 random bytes: never a real peer's)
@@ -933,6 +935,14 @@ async def handshake(
         ) from None
     except (ConnectionError, OSError) as exc:
         conn.abort(exc)
+        if not server and not hello:
+            # (closed before saying anything: a process that died, its kernel having
+            # accepted the connection first, or one shutting down; not a refusal of
+            # our token, which comes after the hellos)
+            raise WorkerLost(
+                f"{where} closed the connection before its handshake (the process died "
+                "or is shutting down)"
+            ) from exc
         raise AuthError(
             f"handshake with {where} refused: connection closed by the peer (a wrong cluster "
             "token, the peer is shutting down, or it is not an actorgrad worker)"
