@@ -428,7 +428,7 @@ class _Encoder:
             return _new_ext(EXT_TUPLE, data)
         if t is np.ndarray:  # the next hot path (gradients, small arrays): inlined
             dstr = _DTYPE_STR.get(obj.dtype)
-            if dstr is not None and obj.nbytes < OOB_THRESHOLD:
+            if dstr is not None and obj.nbytes < OOB_THRESHOLD and obj.ndim <= MAX_NDIM:
                 if not obj.flags.c_contiguous:
                     obj = obj.copy()  # (C order) e.g. a broadcast gradient
                 return self.nested(EXT_NDARRAY, [dstr, list(obj.shape), memoryview(obj)])
@@ -514,6 +514,12 @@ def _enc_tuple(enc: _Encoder, obj: tuple) -> msgpack.ExtType:
 def _array_payload(enc: _Encoder, arr: np.ndarray) -> list:
     """``[dtype.str, shape, data]``: data is the raw bytes (inline) or a buffer index."""
     dstr = _dtype_str(arr, arr.dtype)
+    if arr.ndim > MAX_NDIM:
+        # (numpy allows 64: the receiver would refuse the whole message, after the
+        # tensors before this one had made their half of a distributed autograd link)
+        raise _Unsendable(
+            arr, f"cannot send an array of {arr.ndim} dimensions: at most {MAX_NDIM} travel"
+        )
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)  # one copy: unavoidable for a strided layout
     if arr.nbytes < OOB_THRESHOLD:
@@ -544,6 +550,13 @@ def _enc_tensor(enc: _Encoder, t: Any) -> msgpack.ExtType:
     if not isinstance(data, np.ndarray):
         raise _Unsendable(t, f"cannot send Tensor whose .data is {_type_name(type(data))!r}")
     requires_grad = bool(t.requires_grad)
+    if requires_grad and data.dtype.kind != "f":
+        # (its .data replaced by integers, say: the receiver refuses such a tensor)
+        raise _Unsendable(
+            t,
+            f"cannot send a Tensor of dtype {str(data.dtype)!r} that requires grad: only "
+            "floating-point tensors can require grad (was its .data replaced?)",
+        )
     link = None
     hooks = enc.hooks
     if requires_grad and hooks is not None:

@@ -70,10 +70,24 @@ def mul_sum(key: str, x: ag.Tensor) -> ag.Tensor:
     return (x * _store[_k(key)]).sum()
 
 
-def mul_unsendable(key: str, x: ag.Tensor) -> list:
-    """[x * store[key], object()]: the result cannot travel, after its tensor was
-    recorded as sent."""
-    return [x * _store[_k(key)], object()]
+#: Values that cannot travel, by name (see mul_unsendable).
+UNSENDABLE: dict[str, Any] = {
+    "object": object(),
+    "33 dims": np.ones((1,) * 33),  # (numpy allows 64: the receiver would refuse it)
+    "int tensor": ag.tensor([1.0], requires_grad=True),  # (its .data replaced below)
+}
+UNSENDABLE["int tensor"].data = np.array([1])
+
+
+def mul_unsendable(key: str, x: ag.Tensor, what: str = "object") -> list:
+    """[x * store[key], UNSENDABLE[what]]: the result cannot travel, after its tensor
+    was recorded as sent."""
+    return [x * _store[_k(key)], UNSENDABLE[what]]
+
+
+def mul_then_2d(key: str, x: ag.Tensor) -> list:
+    """[x * store[key], a 5x7 array]."""
+    return [x * _store[_k(key)], np.zeros((5, 7))]
 
 
 def mul_ignore_second(key: str, x: ag.Tensor, unused: ag.Tensor) -> ag.Tensor:

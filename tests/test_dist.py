@@ -2284,8 +2284,18 @@ async def test_a_received_root_passed_on_is_not_relayed_past_its_own_gradient(mo
         await assert_clean(c.names)
 
 
+_CANNOT_TRAVEL = {
+    "object": "cannot send value of type 'object'",
+    # (both were sent, then refused by the receiver's decoder part way through the
+    # message: the tensors before had their send nodes, the receiver no recv nodes)
+    "33 dims": "cannot send an array of 33 dimensions: at most 32 travel",
+    "int tensor": "cannot send a Tensor of dtype 'int64' that requires grad",
+}
+
+
+@pytest.mark.parametrize("what", list(_CANNOT_TRAVEL))
 @pytest.mark.parametrize("side", ["arguments", "result"])
-async def test_a_message_that_cannot_travel_leaves_no_send_node_to_wait_for(mode, side):
+async def test_a_message_that_cannot_travel_leaves_no_send_node_to_wait_for(mode, side, what):
     # Encoding records a tensor's send node before it meets the value that cannot
     # travel; the message never left, so no recv node exists for it, and every later
     # backward in the context waited for its gradient for good.
@@ -2297,16 +2307,66 @@ async def test_a_message_that_cannot_travel_leaves_no_send_node_to_wait_for(mode
         x = ag.tensor(xv, requires_grad=True)
         async with ag.dist.context() as ctx:
             if side == "arguments":
-                with pytest.raises(TypeError, match="cannot send value of type 'object'"):
-                    await ag.rpc("w2", F.identity, ([x, object()],))
+                with pytest.raises(TypeError, match=_CANNOT_TRAVEL[what]):
+                    await ag.rpc("w2", F.identity, ([x, F.UNSENDABLE[what]],))
             else:
-                with pytest.raises(ag.RemoteError, match="cannot send value of type 'object'"):
-                    await ag.rpc("w2", F.mul_unsendable, ("w", x))
+                with pytest.raises(ag.RemoteError, match=_CANNOT_TRAVEL[what]):
+                    await ag.rpc("w2", F.mul_unsendable, ("w", x, what))
             y = await ag.rpc("w1", F.mul, ("w", x))
             await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], gx, rtol=1e-12)
             np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), gw, rtol=1e-12)
         await assert_clean(c.names)
+
+
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+async def test_a_message_its_receiver_cannot_decode_leaves_no_pass_waiting(transport, monkeypatch):
+    # A message refused part way by the receiver's decoder (a peer of another version,
+    # say; here a 5x7 array, made undecodable): the tensors before had their send nodes
+    # on the sender, and the receiver no recv nodes for those after. A request is
+    # refused, and each side takes back its half; a reply cannot be, and the callee's
+    # part of a pass would wait for good: such a pass fails instead, naming the reply.
+    from actorgrad import wire
+
+    array_from = wire._array_from
+
+    def refusing(dec, dstr, shape, raw):
+        if shape == [5, 7]:
+            raise ag.ProtocolError("a 5x7 array is not taken here")
+        return array_from(dec, dstr, shape, raw)
+
+    monkeypatch.setattr(wire, "_array_from", refusing)
+    xv, wv = arr(3), arr(3)
+    async with cluster(transport) as c:
+        for n in ("w1", "w2"):
+            await ag.rpc(n, F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            with pytest.raises(
+                ag.ProtocolError,
+                match=r"worker 'w1' cannot take in the arguments of the call of "
+                r"dist_fns:mul_ignore_second: a 5x7 array is not taken here",
+            ):
+                await ag.rpc("w1", F.mul_ignore_second, ("w", x, np.zeros((5, 7))))
+            y = await ag.rpc("w2", F.mul, ("w", x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            with pytest.raises(ag.ProtocolError, match="a 5x7 array is not taken here"):
+                await ag.rpc("w1", F.mul_then_2d, ("w", x))
+            y = await ag.rpc("w2", F.mul, ("w", x))
+            broken = (
+                rf"context {ctx:#x}: a reply of worker 'w1' in it could not be taken in by "
+                r"worker 'driver' \(a 5x7 array is not taken here\), so gradients of tensors "
+                r"in it cannot flow back and no backward pass can complete in this context"
+            )
+            for _ in range(2):  # (and again: the context stays so)
+                with pytest.raises(ag.ContextError, match=broken):
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()], True), 20)
+        await assert_clean(c.names)
+        await assert_one_hop_exact(xv, wv)
 
 
 @pytest.mark.parametrize("abandon", ["timeout", "cancel"])

@@ -147,6 +147,7 @@ class DistContext:
         "calls_out",
         "offloaded",
         "peer_ids",
+        "broken",
         "__weakref__",
     )
 
@@ -212,6 +213,11 @@ class DistContext:
         # it: a process that joins under a dead peer's name has another one, and does
         # not hold the dead one's part (see check_peer).
         self.peer_ids: dict[str, int] = {}
+        # Why no backward pass can complete in this context here any more (None: it
+        # can): a reply this worker sent in it could not be decoded by its caller, so
+        # send nodes of it have no recv node and would wait for good (see
+        # _Hooks.unreadable).
+        self.broken: str | None = None
 
     def __repr__(self) -> str:
         return (
@@ -743,13 +749,14 @@ class activate:
 class _Hooks:
     """Codec hooks for one message of one context with one peer."""
 
-    __slots__ = ("state", "ctx", "peer", "sent")
+    __slots__ = ("state", "ctx", "peer", "sent", "got")
 
     def __init__(self, state: DistState, ctx: DistContext, peer: str) -> None:
         self.state = state
         self.ctx = ctx
         self.peer = peer
         self.sent: list[int] | None = None  # send ids recorded for this message
+        self.got: list[RecvNode] | None = None  # recv nodes its decoding made
 
     def tensor_out(self, t: Tensor) -> int | None:
         if not t.requires_grad:
@@ -813,7 +820,42 @@ class _Hooks:
         ctx = self._context()
         if ctx is None or ctx.released:  # (a late reply into a released context)
             return Tensor(array, requires_grad=requires_grad)
-        return self.state.record_recv(ctx, array, self.peer, link)
+        t = self.state.record_recv(ctx, array, self.peer, link)
+        if self.got is None:
+            self.got = [t.grad_fn]  # type: ignore[list-item]
+        else:
+            self.got.append(t.grad_fn)  # type: ignore[arg-type]
+        return t
+
+    def unreadable(self, exc: Exception, reply: bool) -> None:
+        """Decoding this message failed part way (``exc``): the recv nodes made for the
+        tensors before the failure go (nothing will ever use them). The sender holds a
+        send node for every tensor of the message, also those never decoded, which no
+        recv node here will ever answer. A request's sender gets the call refused and
+        takes its send nodes back (``undo``); a reply's sender is told, and no backward
+        pass can complete in this context there any more: its part would wait for good
+        for those gradients, and fails instead (``broken``)."""
+        ctx = self._context()
+        if ctx is None:
+            return
+        if self.got:
+            gone = set(map(id, self.got))
+            for r in self.got:
+                r.freed = True
+            ctx.recvs[:] = [r for r in ctx.recvs if id(r) not in gone]
+            self.got = None
+        if reply and not ctx.released:
+            worker = self.state.worker
+            reason = (
+                f"context {ctx.id:#x}: a reply of worker {self.peer!r} in it could not be "
+                f"taken in by worker {worker.name!r} ({exc}), so gradients of tensors in it "
+                "cannot flow back and no backward pass can complete in this context; leave "
+                "it and run the forward pass again in a new one"
+            )
+            if self.peer == worker.name:
+                mark_broken(self.state, ctx.id, reason)
+            else:
+                worker.cast(self.peer, T_BROKEN, (ctx.id, reason), on_error=_ignore_error)
 
 
 class DistInterceptor:
@@ -894,6 +936,24 @@ class DistInterceptor:
     def enter(self, worker: Worker, meta: Any) -> Any:
         ctx_id, _, chain = _parse_meta(meta)
         return activate(worker, ctx_id, chain)
+
+
+#: Topic of the one-way message telling a worker that a context cannot run backward
+#: passes any more (see _Hooks.unreadable; handled by ``_broken`` in backward.py).
+T_BROKEN = "dist.broken"
+
+
+def mark_broken(st: DistState, ctx_id: int, reason: str) -> DistContext | None:
+    """Mark context ``ctx_id`` broken on this worker (see DistContext.broken); returns
+    it (None: not held here)."""
+    ctx = st.contexts.get(ctx_id)
+    if ctx is not None and ctx.broken is None:
+        ctx.broken = reason
+    return ctx
+
+
+def _ignore_error(exc: BaseException) -> None:
+    pass
 
 
 #: Longest call chain a call's metadata may carry (calls nested inside calls of one

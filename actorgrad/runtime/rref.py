@@ -383,6 +383,10 @@ class Hooks:
         """The callee refused the call before running it (nothing for RRefs: the callee
         released those in it)."""
 
+    def unreadable(self, exc: Exception, reply: bool) -> None:
+        """Decoding this message (a ``reply``, else a request) failed part way with
+        ``exc`` (nothing for RRefs: those decoded before are released when dropped)."""
+
     def undo(self) -> None:
         """The message was not sent: take back the counts added for it, here and on the
         owners that registered its forks (a registration still under way is taken back
@@ -436,6 +440,11 @@ class TensorHooks(Hooks):
 
     def answered(self) -> None:
         self._tell("answered")
+
+    def unreadable(self, exc: Exception, reply: bool) -> None:
+        f = getattr(self.th, "unreadable", None)
+        if f is not None:
+            f(exc, reply)
 
 
 async def register_forks(worker: Worker, hooks: Hooks) -> None:

@@ -984,6 +984,9 @@ class Worker:
                     if kind == K_OK:
                         try:
                             frame.body(late or rref.Hooks(self, conn.peer_name or "?", conn))
+                        except ProtocolError as exc:
+                            if late is not None:
+                                late.unreadable(exc, True)
                         except Exception:
                             pass
                     elif len(header) == 3 and late is not None:
@@ -995,6 +998,7 @@ class Worker:
                 try:
                     value = frame.body(hooks)
                 except ProtocolError as exc:
+                    hooks.unreadable(exc, True)
                     fut.set_exception(exc)
                     return
                 if kind == K_OK:
@@ -1212,7 +1216,20 @@ class Worker:
                 self._refuse(conn, cid, frame, exc)
                 return
         try:
-            body = frame.body(hooks)
+            try:
+                body = frame.body(hooks)
+            except ProtocolError as exc:
+                # (stopped part way: what its decoding recorded goes, and the caller,
+                # told the call was refused, takes back what its encoding recorded)
+                hooks.unreadable(exc, False)
+                if cid != 0:
+                    refused = ProtocolError(
+                        f"worker {self.name!r} cannot take in the arguments of the call "
+                        f"of {calls.describe(target)}: {exc}"
+                    )
+                    self._reply_exc(conn, cid, refused, hooks, refused=True)
+                    return
+                raise
             if not (isinstance(body, (list, tuple)) and len(body) == 2):
                 raise ProtocolError("malformed request body")
             args, kwargs = body
