@@ -2319,6 +2319,29 @@ async def test_a_message_that_cannot_travel_leaves_no_send_node_to_wait_for(mode
         await assert_clean(c.names)
 
 
+async def test_a_call_under_no_grad_in_a_context_records_nothing(mode):
+    # As the local engine's ops (and PyTorch's RPC): the call went out in the context,
+    # its result came back linked, and x got a gradient through it.
+    xv, wv, vv = arr(3), arr(3), arr(3)
+    async with cluster(mode, 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        v = ag.tensor(vv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            with ag.no_grad():
+                y = await ag.rpc("w1", F.mul, ("w", x))
+            assert y.grad_fn is None
+            await ag.dist.backward(ctx, [(y * v).sum()])
+            grads = ag.dist.get_gradients(ctx)
+            assert x not in grads and await ag.rpc("w1", F.grad_of, (ctx, "w")) is None
+            np.testing.assert_allclose(grads[v], xv * wv, rtol=1e-12)
+            # (and with grad mode back on, the same call is recorded)
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [y.sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 @pytest.mark.parametrize("transport", ["inproc", "tcp"])
 async def test_a_message_its_receiver_cannot_decode_leaves_no_pass_waiting(transport, monkeypatch):
     # A message refused part way by the receiver's decoder (a peer of another version,

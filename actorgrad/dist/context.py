@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from actorgrad.autograd import Node, add, grad_node
+from actorgrad.autograd import Node, add, grad_enabled, grad_node
 from actorgrad.errors import ContextError, ProtocolError, WorkerLost, short_repr
 from actorgrad.runtime import worker as _runtime
 from actorgrad.tensor import Tensor
@@ -881,6 +881,12 @@ class DistInterceptor:
                 f"{worker.name!r}; a call cannot be made in it any more (a task that "
                 "outlived the `async with ag.dist.context()` block?)"
             )
+        if not grad_enabled():
+            # Under no_grad() nothing is recorded, as by the local engine's ops (and by
+            # PyTorch's RPC): the call goes out as outside a context, its tensors
+            # unlinked (its result's tensors arrived linked and gave its arguments
+            # gradients).
+            return None
         if ctx.active_pass is not None or (
             st.runs and any(r.ctx_id == ctx.id for r in st.runs.values())
         ):
