@@ -519,6 +519,18 @@ async def late_call(flag: str, dest: str, x: ag.Tensor) -> None:
     event("late done").set()
 
 
+async def mul_after_blocking(flag: str, key: str, x: ag.Tensor) -> ag.Tensor:
+    """Tell the driver we started ("blocked"), block this worker's loop until the file
+    ``flag`` exists (its caller takes it for lost meanwhile), then return x * store[key]
+    before the loop reads that the caller closed the connection: the reply leaves with
+    its send node recorded, and is lost."""
+    from actorgrad.runtime import current_worker
+
+    current_worker().notify("driver", signal, ("blocked",))
+    _block_until_exists(flag, 20.0)
+    return mul(key, x)
+
+
 def _block_until_exists(path: str, deadline: float) -> None:
     """Block the calling thread (a worker's loop, on purpose) until ``path`` exists."""
     end = time.monotonic() + deadline
@@ -526,6 +538,28 @@ def _block_until_exists(path: str, deadline: float) -> None:
         if time.monotonic() > end:
             raise TimeoutError(f"{path} never appeared")
         time.sleep(0.002)
+
+
+def watch_refusals() -> None:
+    """From now on, record here (as ``outcome("refused")``) the first ContextError with
+    which this worker refuses a call that arrives in a context. (Its caller may not see
+    it: a call whose caller's connection closed is cancelled at its next await.)"""
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    st = state_of(current_worker())
+    join = st.join
+
+    def recording(ctx_id: int, initiator: str) -> Any:
+        try:
+            return join(ctx_id, initiator)
+        except ag.ContextError as exc:
+            if "refused" not in _outcomes:
+                _outcomes["refused"] = f"{type(exc).__name__}: {exc}"
+                event("refused done").set()
+            raise
+
+    st.join = recording  # type: ignore[method-assign]
 
 
 async def outcome(name: str, deadline: float) -> str:

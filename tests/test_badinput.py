@@ -301,12 +301,99 @@ async def test_valid_msgpack_of_the_wrong_shape_closes_the_connection(sock_clust
         [K_CANCEL],
         [K_CANCEL, "7"],
         [K_CANCEL, 7, 8],
+        # (numbers of other types: 0.0 and False equal 0, True equals 1; they were taken)
+        [float(K_REQ), 1, "builtins:abs", MODE_RPC, None],
+        [False, 1, "builtins:abs", MODE_RPC, None],
+        [K_REQ, True, "builtins:abs", MODE_RPC, None],
+        [K_REQ, 1, "builtins:abs", float(MODE_RPC), None],
     ],
 )
 async def test_unknown_or_malformed_messages_close_the_connection(sock_cluster, header):
     reader, writer = await _handshaken(sock_cluster)
     await _send_frame(writer, wire.join_chunks(wire.encode_frame(header, None)))
     await _closed_by_peer(reader, writer)
+    await _valid_client_works(sock_cluster)
+
+
+async def _until(pred, deadline: float = 5.0) -> None:
+    """Wait (polling the loop) until ``pred()`` holds, at most ``deadline`` s."""
+    async with asyncio.timeout(deadline):
+        while not pred():  # noqa: ASYNC110 (worker state with no event to wait on)
+            await asyncio.sleep(0.005)
+
+
+async def test_the_calls_of_a_caller_that_went_away_stop_and_free_their_slots(sock_cluster):
+    # A peer sent calls that take long and closed the connection: they ran on, holding
+    # the worker's in-flight slots (all 10,000 of them, from one peer), so every other
+    # caller waited until they ended, though no reply could reach anyone.
+    w1 = _target(sock_cluster)
+    w1._max_in_flight = 20
+    reader, writer = await _handshaken(sock_cluster)
+    for cid in range(1, 31):  # 20 run, 10 wait in the mailbox
+        frame = wire.encode_frame([K_REQ, cid, "asyncio:sleep", MODE_RPC, None], ((60,), None))
+        await _send_frame(writer, wire.join_chunks(frame))
+    await _until(lambda: w1._inflight == 20 and len(w1._mailbox) == 10)
+    writer.close()
+    await writer.wait_closed()
+    await _until(lambda: w1._inflight == 0 and not w1._mailbox)
+    await _valid_client_works(sock_cluster)
+
+
+async def test_a_peer_that_says_no_hello_after_the_handshake_is_closed(
+    sock_cluster, monkeypatch, caplog
+):
+    # Passed the handshake, then silence: the connection stayed open for good (no
+    # heartbeat watches a peer without a name); a frame length sent then made the
+    # worker allocate that much at once (31 MiB each), kept as long.
+    from actorgrad.runtime import transport
+
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT", 0.5)
+    silent = await _authenticated(sock_cluster)
+    reader, writer = await _authenticated(sock_cluster)
+    writer.write(LEN.pack(31 << 20))
+    await _closed_by_peer(reader, writer, deadline=2.0)
+    assert "declared frame length 32505856 exceeds the maximum of 65536 bytes" in caplog.text
+    await _closed_by_peer(*silent, deadline=5.0)
+    assert "no hello within 0.5 s of the handshake" in caplog.text
+    await _valid_client_works(sock_cluster)
+
+
+async def test_a_peer_that_reads_no_replies_stops_being_read(sock_cluster, monkeypatch):
+    # A peer sent requests and read none of the replies: they piled up in the worker's
+    # memory without bound (3,000 replies of 1 MB: 3 GB). Now the worker stops reading
+    # the peer's requests while its unsent replies exceed a limit, and goes on once the
+    # peer reads: every request is answered, once.
+    from actorgrad.runtime import worker as rworker
+
+    limit = 1 << 20
+    monkeypatch.setattr(rworker, "MAX_UNSENT_REPLIES", limit)
+    w1 = _target(sock_cluster)
+    for _ in range(5):  # (proven fast: it runs inline, as each request is read)
+        await ag.rpc("w1", bytes, (10,))
+    reader, writer = await _handshaken(sock_cluster)
+    (n,) = LEN.unpack(await reader.readexactly(8))
+    assert wire.decode_frame(await reader.readexactly(n)).header[0] == 4  # its hello
+    n_calls, size = 300, 100_000  # 30 MB of replies
+    for cid in range(1, n_calls + 1):
+        frame = wire.encode_frame([K_REQ, cid, "builtins:bytes", MODE_RPC, None], ((size,), None))
+        writer.write(LEN.pack(len(wire.join_chunks(frame))) + wire.join_chunks(frame))
+    await writer.drain()
+    (conn,) = [c for c in w1._conns if c.peer_name == "raw-client"]
+    await _until(lambda: conn._out_full)
+    unsent = conn.transport.get_write_buffer_size() + len(conn._wbuf)
+    assert unsent <= limit + size + 1000, unsent
+    answered = set()
+    async with asyncio.timeout(20):
+        while len(answered) < n_calls:
+            (n,) = LEN.unpack(await reader.readexactly(8))
+            f = wire.decode_frame(await reader.readexactly(n))
+            if f.header[0] == 1:  # K_OK
+                assert f.header[1] not in answered and f.body() == bytes(size)
+                answered.add(f.header[1])
+    assert answered == set(range(1, n_calls + 1))
+    writer.close()
+    await writer.wait_closed()
     await _valid_client_works(sock_cluster)
 
 

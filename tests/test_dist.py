@@ -2382,8 +2382,9 @@ async def test_a_message_its_receiver_cannot_decode_leaves_no_pass_waiting(trans
             y = await ag.rpc("w2", F.mul, ("w", x))
             broken = (
                 rf"context {ctx:#x}: a reply of worker 'w1' in it could not be taken in by "
-                r"worker 'driver' \(a 5x7 array is not taken here\), so gradients of tensors "
-                r"in it cannot flow back and no backward pass can complete in this context"
+                r"worker 'driver' \(a 5x7 array is not taken here\); their gradients cannot "
+                r"flow back to where they were sent from, so no backward pass can complete "
+                r"in this context. Leave it and run the forward pass again in a new one"
             )
             for _ in range(2):  # (and again: the context stays so)
                 with pytest.raises(ag.ContextError, match=broken):
@@ -3199,10 +3200,13 @@ async def test_a_release_that_overtakes_the_first_call_of_its_context_is_remembe
     # workers, to w1 too, which does not hold the context yet. Then w2 calls w1 in it:
     # w1 created the context and kept it for good (its initiator lives: no lease);
     # now w1 remembers the release and refuses the call.
+    # (Seen on w1: w2's call, whose caller's connection closed, is cancelled there once
+    # its request to w1 left, and never hears the answer.)
     flag = str(tmp_path / "go")
     x = ag.tensor(arr(3), requires_grad=True)
     async with cluster("processes", 2) as c:
         await ag.rpc("w2", F.warm_up, (["driver", "w1"],))
+        await ag.rpc("w1", F.watch_refusals)
         F._events.pop("late started", None)  # (this process's: set by a test before)
         started = F.event("late started")
         with pytest.raises(ag.WorkerLost):
@@ -3211,12 +3215,50 @@ async def test_a_release_that_overtakes_the_first_call_of_its_context_is_remembe
                 await asyncio.wait_for(started.wait(), 10)
                 await asyncio.wait_for(call, 20)  # (lost after the heartbeat timeout)
         _touch(flag)  # the go signal
-        outcome = await ag.rpc("w2", F.outcome, ("late", 10.0))
+        outcome = await ag.rpc("w1", F.outcome, ("refused", 10.0))
         assert "ContextError" in outcome, outcome
         assert "was released on worker 'w1'; a call that arrives in it late" in outcome
         assert (await ag.rpc("w1", F.debug_info))["num_contexts"] == 0
         await ag.rpc("w2", F.wait_no_contexts, (10.0,))
         await assert_clean(c.names)
+
+
+@pytest.mark.timeout(60)
+async def test_a_reply_lost_with_its_connection_fails_the_later_passes_of_its_context(
+    worker_path, tmp_path
+):
+    # w2 hangs in a call of the context: the driver takes it for lost and closes the
+    # connection; then w2 goes on and replies, with a send node recorded for its
+    # tensor, and the reply is lost. A later pass reaching w2 (the driver's x went
+    # there) waited for that send node's gradient for good; now the caller, having seen
+    # the connection close under the call, fails every pass of the context at once.
+    flag = str(tmp_path / "go")
+    xv, wv = arr(3), arr(3)
+    async with cluster("processes", 2) as c:
+        for n in ("w1", "w2"):
+            await ag.rpc(n, F.put, ("w", wv))
+        await ag.rpc("w2", F.warm_up, (["driver"],))
+        F._events.pop("blocked", None)  # (this process's: set by a test before)
+        started = F.event("blocked")
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            call = asyncio.ensure_future(ag.rpc("w2", F.mul_after_blocking, (flag, "w", x)))
+            await asyncio.wait_for(started.wait(), 10)
+            with pytest.raises(ag.WorkerLost, match="heartbeat lost"):
+                await asyncio.wait_for(call, 20)
+            _touch(flag)  # w2 goes on, and replies on the closed connection
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            lost = (
+                rf"context {ctx:#x}: the connection to worker 'w2' closed while a call to "
+                r"it made in it on worker 'driver' waited for its reply, which may have left "
+                r"with tensors; their gradients cannot flow back to where they were sent "
+                r"from, so no backward pass can complete in this context"
+            )
+            with pytest.raises(ag.ContextError, match=lost):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+        await ag.rpc("w2", F.wait_no_contexts, (10.0,))
+        await assert_clean(c.names)
+        await assert_one_hop_exact(xv, wv)
 
 
 async def test_a_call_that_arrives_after_its_initiator_died_is_refused(worker_path, tmp_path):
@@ -3228,6 +3270,7 @@ async def test_a_call_that_arrives_after_its_initiator_died_is_refused(worker_pa
     flag = str(tmp_path / "go")
     async with cluster("processes", 3):
         await ag.rpc("w2", F.warm_up, (["driver", "w1"],))
+        await ag.rpc("w1", F.watch_refusals)  # (seen there: as in the test above)
         pid3 = await ag.rpc("w3", F.pid)
         F._events.pop("late started", None)  # (this process's: set by a test before)
         started = F.event("late started")
@@ -3238,7 +3281,7 @@ async def test_a_call_that_arrives_after_its_initiator_died_is_refused(worker_pa
             await asyncio.wait_for(call, 20)
         await ag.rpc("w1", F.wait_lost, ("w3", 20.0))
         _touch(flag)  # the go signal
-        outcome = await ag.rpc("w2", F.outcome, ("late", 10.0))
+        outcome = await ag.rpc("w1", F.outcome, ("refused", 10.0))
         assert "ContextError" in outcome, outcome
         assert "its initiator 'w3' is gone (worker 'w1' saw it leave)" in outcome
         assert (await ag.rpc("w1", F.debug_info))["num_contexts"] == 0

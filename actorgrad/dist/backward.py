@@ -49,14 +49,12 @@ import numpy as np
 
 from actorgrad.autograd import GraphTask, add, grad_node, seed_grad
 from actorgrad.dist.context import (
-    T_BROKEN,
     DistContext,
     DistState,
     RecvNode,
     call_peers,
     check_peers,
     int_list,
-    mark_broken,
     running_chain,
     state_of,
 )
@@ -269,6 +267,8 @@ class PassState:
                 "wait for their gradients for good. Wait for that worker to answer (and "
                 "retry), or use a new context"
             )
+        if ctx.broken is not None:
+            raise ContextError(ctx.broken)
         self.worker = worker
         self.ctx = ctx
         self.pass_id = pass_id
@@ -720,8 +720,6 @@ def _deliver(
                     "concurrent backward calls in one context are not supported"
                 )
             _check_not_offloaded(ctx, st.worker.name)
-            if ctx.broken is not None:
-                raise ContextError(ctx.broken)
             if sender != origin and any(r.src == origin for r in ctx.recvs):
                 # The origin's message (it sends one to every holder of its tensors)
                 # may relay our recv nodes from it elsewhere: none may fire before.
@@ -890,21 +888,6 @@ def _unpair(worker: Any, ctx_id: int, peer: str, recv_ids: list[int], send_ids: 
         _report(st, ctx_id, ps.origin, ps.pass_id, err, refused=True)
 
 
-@on_cast(T_BROKEN)
-def _broken(worker: Any, ctx_id: int, reason: str) -> None:
-    """Message handler: a reply of this worker in context ``ctx_id`` could not be
-    decoded by its caller (see context._Hooks.unreadable). Passes fail here from now
-    on, a running one too: its part may wait for gradients of that reply's tensors."""
-    if type(ctx_id) is not int or type(reason) is not str:
-        raise ProtocolError(f"malformed broken-context message {short_repr(reason)}")
-    st = state_of(worker)
-    ctx = mark_broken(st, ctx_id, reason)
-    ps = ctx.active_pass if ctx is not None else None
-    if ps is not None:
-        ctx.drop_pass(ps.pass_id)  # type: ignore[union-attr]
-        _report(st, ctx_id, ps.origin, ps.pass_id, ContextError(reason), refused=True)
-
-
 def _flood_abort(worker: Any, ctx: DistContext, pass_id: int) -> None:
     """Send the abort of ``pass_id`` one-way to every peer of the context, and to the
     peers this worker sent messages of the pass to: a relay's target may be neither's
@@ -984,8 +967,6 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
                 "(started from another worker)"
             )
         _check_not_offloaded(ctx, worker.name)
-        if ctx.broken is not None:
-            raise ContextError(ctx.broken)
         pass_id = st.new_pass_id()
         # (the pass state first: if building it fails, no run is left registered)
         ps = ctx.active_pass = PassState(

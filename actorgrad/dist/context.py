@@ -213,10 +213,13 @@ class DistContext:
         # it: a process that joins under a dead peer's name has another one, and does
         # not hold the dead one's part (see check_peer).
         self.peer_ids: dict[str, int] = {}
-        # Why no backward pass can complete in this context here any more (None: it
-        # can): a reply this worker sent in it could not be decoded by its caller, so
-        # send nodes of it have no recv node and would wait for good (see
-        # _Hooks.unreadable).
+        # Why no backward pass can complete in this context any more (None: it can): a
+        # reply to a call made here in it may hold tensors that have send nodes on the
+        # callee and no recv nodes here (it could not be decoded, or its connection
+        # closed first: see _Hooks.unreadable and lost). A pass reaching the callee's
+        # part would wait for good for their gradients, and any such pass reaches this
+        # worker too (the callee starts the holders of its sends' recv nodes, or this
+        # worker is the origin): it fails here instead.
         self.broken: str | None = None
 
     def __repr__(self) -> str:
@@ -832,9 +835,7 @@ class _Hooks:
         tensors before the failure go (nothing will ever use them). The sender holds a
         send node for every tensor of the message, also those never decoded, which no
         recv node here will ever answer. A request's sender gets the call refused and
-        takes its send nodes back (``undo``); a reply's sender is told, and no backward
-        pass can complete in this context there any more: its part would wait for good
-        for those gradients, and fails instead (``broken``)."""
+        takes its send nodes back (``undo``); after a reply, the context is broken."""
         ctx = self._context()
         if ctx is None:
             return
@@ -844,18 +845,37 @@ class _Hooks:
                 r.freed = True
             ctx.recvs[:] = [r for r in ctx.recvs if id(r) not in gone]
             self.got = None
-        if reply and not ctx.released:
-            worker = self.state.worker
-            reason = (
-                f"context {ctx.id:#x}: a reply of worker {self.peer!r} in it could not be "
-                f"taken in by worker {worker.name!r} ({exc}), so gradients of tensors in it "
-                "cannot flow back and no backward pass can complete in this context; leave "
-                "it and run the forward pass again in a new one"
+        if reply:
+            self._break(
+                ctx,
+                f"a reply of worker {self.peer!r} in it could not be taken in by worker "
+                f"{self.state.worker.name!r} ({exc})",
             )
-            if self.peer == worker.name:
-                mark_broken(self.state, ctx.id, reason)
-            else:
-                worker.cast(self.peer, T_BROKEN, (ctx.id, reason), on_error=_ignore_error)
+
+    def lost(self) -> None:
+        """The connection of this message's call closed before its reply came (a hung
+        callee taken for lost, say): the reply may have left the callee, with send
+        nodes recorded for its tensors, and be lost. The context is broken."""
+        ctx = self._context()
+        if ctx is None:
+            return
+        if isinstance(self.ctx, weakref.ref):
+            self.answered()  # (abandoned: it no longer waits for this reply)
+        self._break(
+            ctx,
+            f"the connection to worker {self.peer!r} closed while a call to it made in "
+            f"it on worker {self.state.worker.name!r} waited for its reply, which may have "
+            "left with tensors",
+        )
+
+    @staticmethod
+    def _break(ctx: DistContext, why: str) -> None:
+        if ctx.broken is None and not ctx.released:
+            ctx.broken = (
+                f"context {ctx.id:#x}: {why}; their gradients cannot flow back to "
+                "where they were sent from, so no backward pass can complete in this "
+                "context. Leave it and run the forward pass again in a new one"
+            )
 
 
 class DistInterceptor:
@@ -942,24 +962,6 @@ class DistInterceptor:
     def enter(self, worker: Worker, meta: Any) -> Any:
         ctx_id, _, chain = _parse_meta(meta)
         return activate(worker, ctx_id, chain)
-
-
-#: Topic of the one-way message telling a worker that a context cannot run backward
-#: passes any more (see _Hooks.unreadable; handled by ``_broken`` in backward.py).
-T_BROKEN = "dist.broken"
-
-
-def mark_broken(st: DistState, ctx_id: int, reason: str) -> DistContext | None:
-    """Mark context ``ctx_id`` broken on this worker (see DistContext.broken); returns
-    it (None: not held here)."""
-    ctx = st.contexts.get(ctx_id)
-    if ctx is not None and ctx.broken is None:
-        ctx.broken = reason
-    return ctx
-
-
-def _ignore_error(exc: BaseException) -> None:
-    pass
 
 
 #: Longest call chain a call's metadata may carry (calls nested inside calls of one

@@ -387,6 +387,10 @@ class Hooks:
         """Decoding this message (a ``reply``, else a request) failed part way with
         ``exc`` (nothing for RRefs: those decoded before are released when dropped)."""
 
+    def lost(self) -> None:
+        """The connection closed before the reply to this message's call came (it may
+        have been sent, and lost; nothing to do for RRefs)."""
+
     def undo(self) -> None:
         """The message was not sent: take back the counts added for it, here and on the
         owners that registered its forks (a registration still under way is taken back
@@ -445,6 +449,9 @@ class TensorHooks(Hooks):
         f = getattr(self.th, "unreadable", None)
         if f is not None:
             f(exc, reply)
+
+    def lost(self) -> None:
+        self._tell("lost")
 
 
 async def register_forks(worker: Worker, hooks: Hooks) -> None:

@@ -354,6 +354,14 @@ class Connection(asyncio.BaseProtocol):
         self.goodbye = False
         self.last_recv = self.last_sent = time.monotonic()
         self.paused_reading = False
+        # Most bytes this end may have written and not yet handed to the kernel before
+        # it stops reading the connection until they are (None: no limit). Set on the
+        # ends that only answer (a worker's accepted connections carry only replies
+        # out): a peer that sent requests and read none of their replies grew this
+        # buffer without bound. The other end never stops reading for this, so two
+        # ends can never both wait for the other to read.
+        self.max_unsent: int | None = None
+        self._out_full = False
         # handshake phase
         self._handshaking = True
         self._hs_buf = bytearray()
@@ -395,7 +403,8 @@ class Connection(asyncio.BaseProtocol):
         return (
             f"<Connection #{self.id} {self.kind} {direction} {self.peer_name or '?'}"
             f" {self.peer_addr} {state} pending={len(self.pending)}"
-            f"{' paused' if self.paused_reading else ''}>"
+            f"{' paused' if self.paused_reading else ''}"
+            f"{' unsent-full' if self._out_full else ''}>"
         )
 
     # -- asyncio.Protocol --------------------------------------------------------
@@ -431,6 +440,25 @@ class Connection(asyncio.BaseProtocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         self._wake_drainers()
+        if self._out_full:
+            self._out_full = False
+            if not self.closed and self.transport is not None:
+                if not self.paused_reading:
+                    self.transport.resume_reading()  # type: ignore[attr-defined]
+                if self._rbuf:
+                    self.loop.call_soon(self._feed_rest)
+
+    def _feed_rest(self) -> None:
+        """Handle the frames read before the connection stopped for its unsent bytes."""
+        if self._rbuf and not self._out_full and not self.closed:
+            self.data_received(b"")
+
+    def _check_unsent(self) -> None:
+        t: Any = self.transport
+        if t.get_write_buffer_size() + len(self._wbuf) > self.max_unsent:
+            self._out_full = True
+            if not self.paused_reading:
+                t.pause_reading()
 
     def _wake_drainers(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, {}
@@ -503,8 +531,8 @@ class Connection(asyncio.BaseProtocol):
                 )
                 pos = start + n
                 self._deliver(frame)
-                if self.closed or self._big is not None:
-                    break
+                if self.closed or self._big is not None or self._out_full:
+                    break  # (the rest waits in the reassembly buffer: see _feed_rest)
             elif n >= BIG_FRAME:
                 part = src[start:end] if src is not buf else memoryview(buf)[start:end]
                 big = self._buffers.get(n, _address(part))
@@ -578,6 +606,8 @@ class Connection(asyncio.BaseProtocol):
                 # callback (throughput)
                 self._flush_scheduled = True
                 self.loop.call_soon(self._flush)
+        if self._write_paused and self.max_unsent is not None and not self._out_full:
+            self._check_unsent()
         self.last_sent = time.monotonic()
         return size
 
@@ -642,12 +672,14 @@ class Connection(asyncio.BaseProtocol):
     def pause_reading(self) -> None:
         if not self.paused_reading and not self.closed and self.transport is not None:
             self.paused_reading = True
-            self.transport.pause_reading()  # type: ignore[attr-defined]
+            if not self._out_full:
+                self.transport.pause_reading()  # type: ignore[attr-defined]
 
     def resume_reading(self) -> None:
         if self.paused_reading and not self.closed and self.transport is not None:
             self.paused_reading = False
-            self.transport.resume_reading()  # type: ignore[attr-defined]
+            if not self._out_full:
+                self.transport.resume_reading()  # type: ignore[attr-defined]
 
     # -- handshake helpers -----------------------------------------------------------
     def _write_raw(self, data: bytes) -> None:

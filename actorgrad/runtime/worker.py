@@ -341,6 +341,14 @@ def _refusal(err: RemoteError) -> BaseException:
     return err if cls is None else cls(err.remote_message)
 
 
+#: Most bytes of replies a connection holds unsent (its peer does not read them) before
+#: the worker stops reading that peer's requests until they are sent (see
+#: Connection.max_unsent); a single larger reply still goes.
+MAX_UNSENT_REPLIES = 64 << 20
+
+#: Largest frame a peer may send before its hello (a hello is ~100 bytes).
+HELLO_MAX_FRAME = 1 << 16
+
 #: Most abandoned calls kept per connection (see _abandon); beyond, the oldest go.
 MAX_ABANDONED = 65536
 
@@ -354,7 +362,7 @@ def _abandon(conn: Connection, cid: int, hooks: rref.Hooks) -> None:
     came or the connection closed)."""
     abandoned = conn.abandoned
     if len(abandoned) >= MAX_ABANDONED:
-        abandoned.pop(next(iter(abandoned))).answered()
+        abandoned.pop(next(iter(abandoned))).lost()  # (its late reply: decoded without)
     abandoned[cid] = hooks
     hooks.abandoned()
 
@@ -680,12 +688,16 @@ class Worker:
             kind=kind,
             on_frame=self._on_frame,
             on_lost=self._on_lost,
-            max_frame_size=self.max_frame_size,
+            # (until the peer's hello, the only frame it may send: a frame length read
+            # before allocated a buffer that big at once, kept for as long as the
+            # connection stayed open)
+            max_frame_size=min(HELLO_MAX_FRAME, self.max_frame_size),
             owner=self.name,
         )
 
     def _accept(self) -> Connection:
         conn = self._new_conn()
+        conn.max_unsent = MAX_UNSENT_REPLIES
         self._conns.add(conn)
         if self._closing:
             # closed once made (before that it has no transport to close: the peer
@@ -696,6 +708,7 @@ class Worker:
         return conn
 
     async def _accept_handshake(self, conn: Connection) -> None:
+        hello = conn.hello = self.loop.create_future()  # type: ignore[attr-defined]
         try:
             await transport.handshake(conn, self.token, server=True)
         except AuthError as exc:
@@ -708,6 +721,23 @@ class Worker:
                 exc,
             )
             self._conns.discard(conn)
+            return
+        # The hello has a deadline too: a peer that passed the handshake and said
+        # nothing more kept its connection (and what it had sent) for good, since
+        # heartbeats watch named peers only.
+        try:
+            async with asyncio.timeout(transport.HANDSHAKE_TIMEOUT):
+                await asyncio.shield(hello)
+        except TimeoutError:
+            log.warning(
+                "worker %s closed a connection from %s: no hello within %s s of the handshake",
+                self.name,
+                conn.peer_addr,
+                transport.HANDSHAKE_TIMEOUT,
+            )
+            conn.abort(ProtocolError("no hello after the handshake"))
+        except ActorgradError:
+            pass  # (closed before its hello: see _on_lost)
 
     async def open_connection(
         self, address: str, local: str = "", deadline: float | None = None
@@ -887,7 +917,8 @@ class Worker:
                 why = f": {exc}" if exc else ""
                 err = WorkerLost(f"connection to worker {name!r} lost{why}")
             pending, conn.pending = conn.pending, {}
-            for fut, _hooks in pending.values():
+            for fut, hooks in pending.values():
+                hooks.lost()
                 if not fut.done():
                     fut.set_exception(err)
                     if self._stopping:
@@ -897,7 +928,14 @@ class Worker:
         if conn.abandoned:  # (no late reply can come now)
             abandoned, conn.abandoned = conn.abandoned, {}
             for kept in abandoned.values():
-                kept.answered()
+                kept.lost()
+        # The peer's requests still running or waiting here: no reply can reach it now,
+        # so they stop as if it had cancelled them (a caller that sent 10,000 calls and
+        # went away held every in-flight slot until they ended: other callers waited).
+        for cid in list(conn.running):
+            self._cancel_request(conn, cid)
+        for cid in conn.queued:
+            conn.queued[cid] = True
         if conn is self.registry_conn:
             self.registry_lost.set()
         if self.registry is not None:
@@ -929,6 +967,8 @@ class Worker:
             frame = wire.decode_frame(buf)
             header = frame.header
             kind = header[0] if isinstance(header, list) and header else None
+            if type(kind) is not int:  # (0.0 and False compare equal to 0: not kinds)
+                raise ProtocolError(f"unknown message kind {kind!r:.80}")
             if self._lost and conn.peer_name in self._lost and kind != K_BYE:
                 if conn.peer_name in self.members:
                     # Alive after all: one of its connections had closed (a malformed
@@ -1041,14 +1081,14 @@ class Worker:
                         f"was replaced (cluster id {wid}, now {member[0]})"
                     )
                 conn.peer_name = name
+                conn.max_frame_size = self.max_frame_size
                 self._lost.discard(name)  # (alive after all, as above)
                 conn.peer_id = wid or None  # (0: not joined yet; its join tells the head)
                 conn.peer_address = address  # type: ignore[attr-defined]
-                if conn.outgoing:
-                    h = getattr(conn, "hello", None)
-                    if h is not None and not h.done():
-                        h.set_result(None)
-                else:
+                h = getattr(conn, "hello", None)
+                if h is not None and not h.done():
+                    h.set_result(None)
+                if not conn.outgoing:
                     conn.send_nowait(
                         wire.encode_frame([K_HELLO, self.name, self.id, self.address], None)
                     )
@@ -1197,8 +1237,8 @@ class Worker:
         if len(header) != 5:
             raise ProtocolError(f"malformed request header {header!r}")
         _, cid, target, mode, meta = header
-        if not isinstance(cid, int):
-            raise ProtocolError(f"malformed request header {header!r}")
+        if type(cid) is not int or type(mode) is not int:  # (True is no call id)
+            raise ProtocolError(f"malformed request header {header!r:.200}")
         peer = conn.peer_name or "?"
         if conn.queued and conn.queued.pop(cid, False):
             self._refuse(conn, cid, frame, _caller_gone())
