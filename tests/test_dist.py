@@ -2230,6 +2230,41 @@ async def test_distributed_optimizer_steps_on_owners(mode):
     np.testing.assert_allclose(new_b, bv - 0.1 * av * xv)
 
 
+@pytest.mark.parametrize("opt", ["sgd momentum", "adam"])
+async def test_distributed_optimizer_leaves_a_parameter_whose_output_went_unused(mode, opt):
+    # A parameter the pass reached without a gradient (its output not in this step's
+    # loss) gets zeros in the context, as get_gradients reports; stepped with them, SGD
+    # with momentum and Adam moved it, where a local step leaves a parameter whose
+    # .grad is None (as PyTorch's optimizers do).
+    cls, opts = {
+        "sgd momentum": (ag.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+        "adam": (ag.optim.Adam, {"lr": 0.1}),
+    }[opt]
+    av, bv, xv = arr(3), arr(3), arr(3)
+    la, lb = ag.tensor(av, requires_grad=True), ag.tensor(bv, requires_grad=True)
+    local = cls([la, lb], **opts)
+    async with cluster(mode):
+        ra = await ag.remote("w1", F.make_param, (av,))
+        rb = await ag.remote("w2", F.make_param, (bv,))
+        dist_opt = ag.dist.DistributedOptimizer(cls, [ra, rb], **opts)
+        x = ag.tensor(xv)
+        for step in range(3):
+            use_b = step == 0
+            async with ag.dist.context() as ctx:
+                ha = await ag.rpc("w1", F.use_rref, (ra, x))
+                hb = await ag.rpc("w2", F.use_rref, (rb, x))  # (every step)
+                await ag.dist.backward(ctx, [ha.sum() + hb.sum() if use_b else ha.sum()])
+                gb = await ag.rpc("w2", F.grad_of_rref, (ctx, rb))
+                assert gb is not None and gb.any() == use_b  # (zeros: reported)
+                await dist_opt.step(ctx)
+            local.zero_grad()
+            lha, lhb = (x * la).tanh(), (x * lb).tanh()
+            (lha.sum() + lhb.sum() if use_b else lha.sum()).backward()
+            local.step()
+        np.testing.assert_allclose((await ra.to_here()).numpy(), la.data, rtol=1e-12)
+        np.testing.assert_allclose((await rb.to_here()).numpy(), lb.data, rtol=1e-12)
+
+
 async def test_zero_dimensional_tensors_cross_workers_both_ways(mode):
     # numpy ops on 0-d arrays give numpy scalars, not arrays: such a gradient failed
     # the pass ("gradient must be an array or None, got float64"), e.g. a remote loss

@@ -57,6 +57,7 @@ from actorgrad.dist.context import (
     int_list,
     running_chain,
     state_of,
+    unused_zeros,
 )
 from actorgrad.errors import (
     ActorgradError,
@@ -129,7 +130,7 @@ def _leaf(contrib: dict[Tensor, np.ndarray], t: Tensor, grad: np.ndarray | None)
     if grad is None:
         if prev is None:
             # Reached but got no gradient: reported as zeros (an unused input).
-            contrib[t] = np.zeros_like(t.data)
+            contrib[t] = unused_zeros(t.data)
         return
     if prev is not None:
         contrib[t] = add(prev, grad)

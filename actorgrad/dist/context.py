@@ -263,8 +263,9 @@ class DistContext:
         after: dict[Tensor, np.ndarray] = {}
         for t, g in contrib.items():
             prev = before[t] = grads.get(t)
-            # a new array (never in place): the one before stays intact for an undo
-            after[t] = grads[t] = g if prev is None else add(prev, g)
+            # a new array (never in place): the one before stays intact for an undo;
+            # (an unused leaf's zeros add nothing, and keep it unused if it was)
+            after[t] = grads[t] = g if prev is None else prev if is_unused(g) else add(prev, g)
         if contrib or freed:  # (the origin's older record went when this pass started)
             self.undo[origin] = _Commit(pass_id, contrib, before, after, freed)
 
@@ -962,6 +963,27 @@ class DistInterceptor:
     def enter(self, worker: Worker, meta: Any) -> Any:
         ctx_id, _, chain = _parse_meta(meta)
         return activate(worker, ctx_id, chain)
+
+
+#: The zeros given as gradient to leaves a pass reached without giving them any (an
+#: input the loss does not use, a parameter whose output went unused): by identity,
+#: so that ``DistributedOptimizer`` leaves such parameters as they are, as a local
+#: step leaves a parameter whose ``.grad`` is None (SGD with momentum or Adam moved
+#: them). ``get_gradients`` still reports the zeros.
+_UNUSED: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+
+
+def unused_zeros(like: np.ndarray) -> np.ndarray:
+    """Zeros like ``like``, marked as the gradient of an unused leaf (see is_unused)."""
+    z = np.zeros_like(like)
+    _UNUSED[id(z)] = z
+    return z
+
+
+def is_unused(g: Any) -> bool:
+    """Whether ``g`` is an unused leaf's zeros (see unused_zeros) still all zero."""
+    z = _UNUSED.get(id(g))
+    return z is not None and z is g and not z.any()
 
 
 #: Longest call chain a call's metadata may carry (calls nested inside calls of one

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from actorgrad.dist.api import get_gradients
+from actorgrad.dist.context import is_unused
 from actorgrad.errors import ContextError, RemoteError
 from actorgrad.optim import Optimizer
 from actorgrad.runtime import RRef, remote
@@ -89,7 +90,9 @@ class _LocalOptimizer:
 
     def step(self, context_id: int) -> int:
         grads = get_gradients(context_id)
-        mine: dict[Tensor, np.ndarray] = {p: grads[p] for p in self.params if p in grads}
+        mine: dict[Tensor, np.ndarray] = {
+            p: g for p in self.params if (g := grads.get(p)) is not None and not is_unused(g)
+        }
         if mine:
             # One step at a time on this owner, as PyTorch's: a long step runs in the
             # worker's thread pool, and two at once (two trainers) lost updates.
@@ -104,8 +107,11 @@ class DistributedOptimizer:
     Parameters are grouped by owner; each owner gets one ``optimizer_class`` instance
     (created on the first ``step``) holding its parameters. ``step(ctx)`` runs every
     owner's local step concurrently, with the gradients that owner accumulated in
-    ``ctx``; parameters without a gradient in ``ctx`` are left as they are. Steps on
-    one owner run one at a time (several trainers stepping at once lose no update),
+    ``ctx``; parameters without a gradient in ``ctx`` are left as they are, and so are
+    those a backward pass reached without giving them any (their output went unused:
+    ``get_gradients`` reports zeros for them, a local step would see ``.grad`` None).
+    Steps on one owner run one at a time (several trainers stepping at once lose no
+    update),
     and each gives the parameters new arrays (see ``ag.optim.Optimizer.step``): a
     trainer whose forward pass ran before another's step gets the gradients of the
     values its forward pass used.
