@@ -3042,6 +3042,12 @@ def test_big_broadcast_gradients_travel_compact_and_come_back_as_the_same_view()
             r"gradient of shape \(1,\) for send node \d+ of context 0x[0-9a-f]+, which "
             r"sent a tensor of shape \(4,\)",
         ),
+        # (a complex one was cast to the node's dtype, its imaginary part gone)
+        (
+            "dtype",
+            r"gradient of dtype complex128 for send node \d+ of context 0x[0-9a-f]+: "
+            "gradients are floating point",
+        ),
         ("credit", r"malformed credit 1/2\*\*1000000000"),
         ("report", r"malformed backward failure report \['error', 'oops'\]"),
         # (a refusal must name a refusal's type)
@@ -3068,9 +3074,9 @@ async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(cor
 
         def cast(dest, topic, args, on_error=None):
             seen.append(topic)
-            if corrupt == "shape" and topic == T_DELIVER:
+            if corrupt in ("shape", "dtype") and topic == T_DELIVER:
                 items = list(args[4])
-                items[1] = items[1][:1]
+                items[1] = items[1][:1] if corrupt == "shape" else items[1] + 1j
                 args = (*args[:4], items, *args[5:])
             elif corrupt == "credit" and topic == T_CREDIT:
                 args = (*args[:2], 1, 10**9)
@@ -3090,7 +3096,13 @@ async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(cor
                     await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
         finally:
             del w1.cast
-        topics = {"shape": T_DELIVER, "credit": T_CREDIT, "report": T_FAIL, "refusal": T_FAIL}
+        topics = {
+            "shape": T_DELIVER,
+            "dtype": T_DELIVER,
+            "credit": T_CREDIT,
+            "report": T_FAIL,
+            "refusal": T_FAIL,
+        }
         assert topics[corrupt] in seen
         await assert_clean(c.names)
         assert (await ag.rpc("w1", F.debug_info))["num_active_passes"] == 0

@@ -384,6 +384,11 @@ class PassState:
                         f"gradient of shape {g.shape} for send node {send_id} of context "
                         f"{self.ctx.id:#x}, which sent a tensor of shape {node.shape}"
                     )
+                if g.dtype.kind != "f":  # (complex ones lost their imaginary part)
+                    raise ProtocolError(
+                        f"gradient of dtype {g.dtype} for send node {send_id} of context "
+                        f"{self.ctx.id:#x}: gradients are floating point"
+                    )
                 size += g.size
             self.task.deliver(node, g)
         return size
