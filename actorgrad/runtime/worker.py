@@ -700,9 +700,10 @@ class Worker:
         conn.max_unsent = MAX_UNSENT_REPLIES
         self._conns.add(conn)
         if self._closing:
-            # closed once made (before that it has no transport to close: the peer
-            # waited out its handshake deadline, 5 s)
-            conn.made.add_done_callback(lambda _: conn.abort(None))
+            # closed now: its transport, not made yet, is aborted the moment it is
+            # (connection_made), not a loop turn later (the peer waited out its
+            # handshake deadline, 5 s, and its socket could outlive the loop)
+            conn.close(WorkerLost(f"worker {self.name!r} is shutting down"))
         else:
             self.spawn(self._accept_handshake(conn))
         return conn
@@ -2043,9 +2044,13 @@ class Worker:
         for server in (self._server, self._local_server):
             if server is not None:
                 await server.wait_closed()
-        # let in-proc transports deliver their connection_lost callbacks
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        # Let in-proc transports deliver their connection_lost callbacks, and a
+        # connection accepted just before the listener closed (its accept task runs a
+        # turn later, its connection_made one more, its socket closes in a callback
+        # after that) close: if the loop ended first, its socket stayed open until
+        # garbage collection (a ResourceWarning somewhere later).
+        for _ in range(5):
+            await asyncio.sleep(0)
         for conn, _ in self._mailbox:
             conn.in_mailbox = 0
         self._mailbox.clear()
