@@ -152,6 +152,21 @@ async def test_wrong_protocol_version_closes_the_connection(sock_cluster, caplog
     await _valid_client_works(sock_cluster)
 
 
+async def test_rejected_connections_are_logged_a_few_a_minute(sock_cluster, caplog, monkeypatch):
+    # 3,000 strangers wrote 3,000 warnings.
+    from actorgrad.runtime import worker as rworker
+
+    monkeypatch.setattr(rworker, "REJECTED_LOG_LINES", 3)
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    for _ in range(6):
+        reader, writer = await _raw(sock_cluster)
+        writer.write(os.urandom(200))
+        await _closed_by_peer(reader, writer)
+    assert caplog.text.count("not an actorgrad peer") == 3
+    assert caplog.text.count("not logging further rejected connections for up to 60 s") == 1
+    await _valid_client_works(sock_cluster)
+
+
 async def test_wrong_token_raw_client_is_rejected(sock_cluster, caplog):
     caplog.set_level(logging.WARNING, "actorgrad.runtime")
     reader, writer = await _raw(sock_cluster)

@@ -74,6 +74,7 @@ import functools
 import inspect
 import itertools
 import logging
+import math
 import numbers
 import os
 import re
@@ -346,6 +347,9 @@ def _refusal(err: RemoteError) -> BaseException:
 #: Connection.max_unsent); a single larger reply still goes.
 MAX_UNSENT_REPLIES = 64 << 20
 
+#: Rejected connections logged per minute and worker (see Worker._log_rejected).
+REJECTED_LOG_LINES = 20
+
 #: Largest frame a peer may send before its hello (a hello is ~100 bytes).
 HELLO_MAX_FRAME = 1 << 16
 
@@ -495,6 +499,9 @@ class Worker:
         self._mb_waiter: asyncio.Future[None] | None = None
         self._paused: set[Connection] = set()
         self._inflight = 0
+        # rejected connections logged in the current minute (see _log_rejected)
+        self._rejected_since = -math.inf
+        self._rejected_logged = self._rejected_unlogged = 0
         # set when _inflight drops to 0 while a graceful shutdown waits for it
         self._idle_waiter: asyncio.Future[None] | None = None
         self._stats: dict[Any, _FnStats] = {}
@@ -715,12 +722,10 @@ class Worker:
         except AuthError as exc:
             # (news when the client failed it; not when it left first: it gave up
             # waiting for us, or went away)
-            log.log(
-                logging.DEBUG if transport.closed_mid_handshake(exc) else logging.WARNING,
-                "worker %s rejected a connection: %s",
-                self.name,
-                exc,
-            )
+            if transport.closed_mid_handshake(exc):
+                log.debug("worker %s rejected a connection: %s", self.name, exc)
+            else:
+                self._log_rejected("worker %s rejected a connection: %s", self.name, exc)
             self._conns.discard(conn)
             return
         # The hello has a deadline too: a peer that passed the handshake and said
@@ -730,7 +735,7 @@ class Worker:
             async with asyncio.timeout(transport.HANDSHAKE_TIMEOUT):
                 await asyncio.shield(hello)
         except TimeoutError:
-            log.warning(
+            self._log_rejected(
                 "worker %s closed a connection from %s: no hello within %s s of the handshake",
                 self.name,
                 conn.peer_addr,
@@ -739,6 +744,29 @@ class Worker:
             conn.abort(ProtocolError("no hello after the handshake"))
         except ActorgradError:
             pass  # (closed before its hello: see _on_lost)
+
+    def _log_rejected(self, msg: str, *args: Any) -> None:
+        """Log a rejected connection: at most REJECTED_LOG_LINES a minute, then one line
+        saying that more are not logged (3,000 stalled connections wrote 3,000 lines)."""
+        now = self.loop.time()
+        if now - self._rejected_since >= 60.0:
+            if self._rejected_unlogged:
+                log.warning(
+                    "worker %s: %d more connections were rejected in that minute",
+                    self.name,
+                    self._rejected_unlogged,
+                )
+            self._rejected_since, self._rejected_logged, self._rejected_unlogged = now, 0, 0
+        if self._rejected_logged < REJECTED_LOG_LINES:
+            self._rejected_logged += 1
+            log.warning(msg, *args)
+            if self._rejected_logged == REJECTED_LOG_LINES:
+                log.warning(
+                    "worker %s: not logging further rejected connections for up to 60 s",
+                    self.name,
+                )
+        else:
+            self._rejected_unlogged += 1
 
     async def open_connection(
         self, address: str, local: str = "", deadline: float | None = None
