@@ -123,6 +123,14 @@ async def nap(seconds: float, *payload: Any) -> None:
     await asyncio.sleep(seconds)
 
 
+async def nap_signalled(name: str, seconds: float, *payload: Any) -> None:
+    """Tell the driver (``signal(name)``), then sleep ``seconds``."""
+    from actorgrad.runtime import current_worker
+
+    current_worker().notify("driver", signal, (name,))
+    await asyncio.sleep(seconds)
+
+
 async def use_rref(ref: ag.RRef, x: ag.Tensor) -> ag.Tensor:
     w = await ref.to_here()
     return (x * w).tanh()

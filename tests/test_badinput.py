@@ -412,6 +412,68 @@ async def test_a_peer_that_reads_no_replies_stops_being_read(sock_cluster, monke
     await _valid_client_works(sock_cluster)
 
 
+async def test_a_slow_reader_is_not_taken_for_silent_while_its_replies_wait(monkeypatch):
+    # While a worker stops reading a peer whose replies wait unsent, the peer's frames
+    # (pings too) wait unread: that silence is the worker's doing, as when its mailbox
+    # is full. It closed such a live caller after the idle timeout as "heartbeat lost".
+    from actorgrad.runtime import worker as rworker
+
+    monkeypatch.setattr(rworker, "MAX_UNSENT_REPLIES", 1 << 20)
+    monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.1)
+    monkeypatch.setattr(rworker, "IDLE_TIMEOUT", 0.5)
+    async with ag.local_cluster(1, transport="tcp") as c:
+        c.listener = "tcp"
+        for _ in range(5):  # (proven fast: it runs inline, as each request is read)
+            await ag.rpc("w1", bytes, (10,))
+        reader, writer = await _handshaken(c)
+        (n,) = LEN.unpack(await reader.readexactly(8))
+        assert wire.decode_frame(await reader.readexactly(n)).header[0] == 4  # its hello
+        n_calls, size = 100, 100_000
+        for cid in range(1, n_calls + 1):
+            frame = wire.join_chunks(
+                wire.encode_frame([K_REQ, cid, "builtins:bytes", MODE_RPC, None], ((size,), None))
+            )
+            writer.write(LEN.pack(len(frame)) + frame)
+        await writer.drain()
+        (conn,) = [x for x in _target(c)._conns if x.peer_name == "raw-client"]
+        await _until(lambda: conn._out_full)
+        await asyncio.sleep(1.5)  # (the slow reader: three idle timeouts without reading)
+        answered = 0
+        async with asyncio.timeout(20):
+            while answered < n_calls:
+                (n,) = LEN.unpack(await reader.readexactly(8))
+                answered += wire.decode_frame(await reader.readexactly(n)).header[0] == 1
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+async def test_a_peer_that_reads_nothing_leaves_no_socket_open_after_shutdown(kind):
+    # The worker closes its connections at shutdown, and a transport closes its socket
+    # once its buffer is flushed: to a peer that reads nothing, never. The socket stayed
+    # open until a garbage collection (a ResourceWarning, failing a later test).
+    async with ag.local_cluster(1, transport=kind) as c:
+        c.listener = kind
+        for _ in range(5):  # (proven fast: inline, no call waits to send its reply)
+            await ag.rpc("w1", bytes, (10,))
+        reader, writer = await _handshaken(c)
+        (n,) = LEN.unpack(await reader.readexactly(8))
+        assert wire.decode_frame(await reader.readexactly(n)).header[0] == 4  # its hello
+        for cid in range(1, 101):  # (20 MB of replies: more than the socket buffers hold)
+            frame = wire.join_chunks(
+                wire.encode_frame(
+                    [K_REQ, cid, "builtins:bytes", MODE_RPC, None], ((200_000,), None)
+                )
+            )
+            writer.write(LEN.pack(len(frame)) + frame)
+        await writer.drain()
+        (conn,) = [x for x in _target(c)._conns if x.peer_name == "raw-client"]
+        await _until(lambda: conn.transport.get_write_buffer_size() > 0, 10)
+        sock = conn.transport.get_extra_info("socket")
+    assert sock.fileno() == -1  # (closed by the shutdown, not left to the collector)
+    writer.transport.abort()
+
+
 async def test_malformed_request_body_gets_an_error_reply(sock_cluster):
     reader, writer = await _handshaken(sock_cluster)
     (n,) = LEN.unpack(await reader.readexactly(8))

@@ -3308,6 +3308,39 @@ async def test_a_reply_lost_with_its_connection_fails_the_later_passes_of_its_co
         await assert_one_hop_exact(xv, wv)
 
 
+@pytest.mark.parametrize("how", ["left", "killed"])
+async def test_a_call_pending_on_a_peer_that_left_or_died_does_not_break_its_context(
+    worker_path, how
+):
+    # Such a peer has no reply on its way (it said goodbye), or its orphan send nodes
+    # went with it: a pass of the context that does not need it still succeeds (it
+    # failed with ContextError, "a reply ... may have left with tensors").
+    import signal
+
+    xv, wv = arr(3), arr(3)
+    async with cluster("inproc" if how == "left" else "processes", 2) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        pid2 = await ag.rpc("w2", F.pid)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            F._events.pop("napping", None)
+            call = asyncio.ensure_future(ag.rpc("w2", F.nap_signalled, ("napping", 3600.0)))
+            await asyncio.wait_for(F.event("napping").wait(), 10)
+            if how == "left":
+                (w2,) = [w for w in c.workers if w.name == "w2"]
+                await w2.shutdown(graceful=False)
+            else:
+                os.kill(pid2, signal.SIGKILL)
+            with pytest.raises(ag.WorkerLost):
+                await asyncio.wait_for(call, 10)
+            async with asyncio.timeout(10):  # (its death reached the driver's view)
+                while "w2" in ag.workers():  # noqa: ASYNC110 (no event for it)
+                    await asyncio.sleep(0.01)
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+
+
 async def test_a_call_that_arrives_after_its_initiator_died_is_refused(worker_path, tmp_path):
     # w3 opens a context and calls w2, which blocks inside; w3 dies and w1 reclaims
     # w3's contexts (it holds none of this one yet). Then w2 calls w1 in it: w1 created

@@ -1096,9 +1096,6 @@ async def _register_a_fork_and_leave(cluster, to: str) -> None:
     await w3.shutdown()
 
 
-# Its gc.collect() finds a server-side socket an earlier test of the full suite leaked
-# (a ResourceWarning pytest blames on this test; not found yet: see the session notes).
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_a_fork_whose_forker_left_before_sending_it_is_dropped(cluster):
     # The owner counted the fork for w2 when w3 registered it; the message never came,
     # and w2 never had anything to give back: w1 kept the value for good (~40% of

@@ -57,6 +57,7 @@ from actorgrad.dist.context import (
     int_list,
     running_chain,
     state_of,
+    still_broken,
     unused_zeros,
 )
 from actorgrad.errors import (
@@ -268,7 +269,7 @@ class PassState:
                 "wait for their gradients for good. Wait for that worker to answer (and "
                 "retry), or use a new context"
             )
-        if ctx.broken is not None:
+        if ctx.broken is not None and still_broken(worker, ctx):
             raise ContextError(ctx.broken)
         self.worker = worker
         self.ctx = ctx

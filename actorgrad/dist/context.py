@@ -148,6 +148,7 @@ class DistContext:
         "offloaded",
         "peer_ids",
         "broken",
+        "broken_by",
         "__weakref__",
     )
 
@@ -221,6 +222,8 @@ class DistContext:
         # worker too (the callee starts the holders of its sends' recv nodes, or this
         # worker is the origin): it fails here instead.
         self.broken: str | None = None
+        # The callee of that reply and its cluster id (see still_broken).
+        self.broken_by: tuple[str, int | None] = ("", None)
 
     def __repr__(self) -> str:
         return (
@@ -753,12 +756,15 @@ class activate:
 class _Hooks:
     """Codec hooks for one message of one context with one peer."""
 
-    __slots__ = ("state", "ctx", "peer", "sent", "got")
+    __slots__ = ("state", "ctx", "peer", "peer_id", "sent", "got")
 
-    def __init__(self, state: DistState, ctx: DistContext, peer: str) -> None:
+    def __init__(
+        self, state: DistState, ctx: DistContext, peer: str, peer_id: int | None = None
+    ) -> None:
         self.state = state
         self.ctx = ctx
         self.peer = peer
+        self.peer_id = peer_id  # (the peer's cluster id on the connection: which process)
         self.sent: list[int] | None = None  # send ids recorded for this message
         self.got: list[RecvNode] | None = None  # recv nodes its decoding made
 
@@ -869,14 +875,14 @@ class _Hooks:
             "left with tensors",
         )
 
-    @staticmethod
-    def _break(ctx: DistContext, why: str) -> None:
+    def _break(self, ctx: DistContext, why: str) -> None:
         if ctx.broken is None and not ctx.released:
             ctx.broken = (
                 f"context {ctx.id:#x}: {why}; their gradients cannot flow back to "
                 "where they were sent from, so no backward pass can complete in this "
                 "context. Leave it and run the forward pass again in a new one"
             )
+            ctx.broken_by = (self.peer, self.peer_id)
 
 
 class DistInterceptor:
@@ -958,7 +964,7 @@ class DistInterceptor:
         if peer != worker.name:
             check_peer(ctx, peer, peer_id)
             ctx.peers.add(peer)
-        return _Hooks(st, ctx, peer)
+        return _Hooks(st, ctx, peer, peer_id)
 
     def enter(self, worker: Worker, meta: Any) -> Any:
         ctx_id, _, chain = _parse_meta(meta)
@@ -971,6 +977,20 @@ class DistInterceptor:
 #: step leaves a parameter whose ``.grad`` is None (SGD with momentum or Adam moved
 #: them). ``get_gradients`` still reports the zeros.
 _UNUSED: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+
+
+def still_broken(worker: Worker, ctx: DistContext) -> bool:
+    """Whether ``ctx`` is broken here (see DistContext.broken), and the callee that
+    made it so still lives: the orphan send nodes of a process that died went with it
+    (a pass reaching it fails with WorkerLost), and the mark goes."""
+    if ctx.broken is None:
+        return False
+    peer, peer_id = ctx.broken_by
+    member = worker.members.get(peer)
+    if peer == worker.name or (member is not None and (peer_id is None or member[0] == peer_id)):
+        return True
+    ctx.broken = None
+    return False
 
 
 def unused_zeros(like: np.ndarray) -> np.ndarray:

@@ -356,10 +356,11 @@ class Connection(asyncio.BaseProtocol):
         self.paused_reading = False
         # Most bytes this end may have written and not yet handed to the kernel before
         # it stops reading the connection until they are (None: no limit). Set on the
-        # ends that only answer (a worker's accepted connections carry only replies
-        # out): a peer that sent requests and read none of their replies grew this
-        # buffer without bound. The other end never stops reading for this, so two
-        # ends can never both wait for the other to read.
+        # ends that answer (a worker's accepted connections carry replies out, and from
+        # the registry's head membership updates): a peer that sent requests and read
+        # none of their replies grew this buffer without bound. The other end never
+        # stops reading for this (only for a full mailbox, which membership updates
+        # alone do not fill), so two ends do not wait for each other to read.
         self.max_unsent: int | None = None
         self._out_full = False
         # handshake phase

@@ -363,7 +363,7 @@ def _abandon(conn: Connection, cid: int, hooks: rref.Hooks) -> None:
     is decoded with them. The reply's tensors were recorded as sent by the callee: their
     receiving ends must exist, or every later backward in the context would wait for
     them (the interceptor's hooks hear ``abandoned``, then ``answered`` once the reply
-    came or the connection closed)."""
+    came or the peer said goodbye, ``lost`` if the connection closed first)."""
     abandoned = conn.abandoned
     if len(abandoned) >= MAX_ABANDONED:
         abandoned.pop(next(iter(abandoned))).lost()  # (its late reply: decoded without)
@@ -947,7 +947,8 @@ class Worker:
                 err = WorkerLost(f"connection to worker {name!r} lost{why}")
             pending, conn.pending = conn.pending, {}
             for fut, hooks in pending.values():
-                hooks.lost()
+                if not conn.goodbye:  # (a peer that said goodbye sent all it will)
+                    hooks.lost()
                 if not fut.done():
                     fut.set_exception(err)
                     if self._stopping:
@@ -957,7 +958,10 @@ class Worker:
         if conn.abandoned:  # (no late reply can come now)
             abandoned, conn.abandoned = conn.abandoned, {}
             for kept in abandoned.values():
-                kept.lost()
+                if conn.goodbye:
+                    kept.answered()
+                else:
+                    kept.lost()
         # The peer's requests still running or waiting here: no reply can reach it now,
         # so they stop as if it had cancelled them (a caller that sent 10,000 calls and
         # went away held every in-flight slot until they ended: other callers waited).
@@ -1067,7 +1071,8 @@ class Worker:
                 try:
                     value = frame.body(hooks)
                 except ProtocolError as exc:
-                    hooks.unreadable(exc, True)
+                    if kind == K_OK:  # (an error reply carries no tensors)
+                        hooks.unreadable(exc, True)
                     fut.set_exception(exc)
                     return
                 if kind == K_OK:
@@ -1963,9 +1968,10 @@ class Worker:
             for conn in list(self._conns):
                 if conn.closed or conn._handshaking or conn.peer_name is None:
                     continue
-                if lagged or conn.paused_reading:
+                if lagged or conn.paused_reading or conn._out_full:
                     # (silence we caused: our loop was blocked, or we stopped reading
-                    # the connection, its requests filling the mailbox; the pings below
+                    # the connection, its requests filling the mailbox or its replies
+                    # waiting unsent; the pings below
                     # still tell the peer that we live: a loop late in every round, e.g.
                     # blocked 1.6 s of every 1.8, must still ping in each)
                     conn.last_recv = max(conn.last_recv, now - interval)
@@ -2039,7 +2045,8 @@ class Worker:
         if self.registry is not None:
             self.registry.close()
         bye = wire.encode_frame([K_BYE], None)
-        for conn in list(self._conns):
+        closing = list(self._conns)
+        for conn in closing:
             if not conn._handshaking and not conn.closed:
                 try:
                     conn.send_nowait(bye)
@@ -2077,6 +2084,13 @@ class Worker:
         # turn later, its connection_made one more, its socket closes in a callback
         # after that) close: if the loop ended first, its socket stayed open until
         # garbage collection (a ResourceWarning somewhere later).
+        for conn in closing:
+            tr: Any = conn.transport
+            if tr is not None and tr.get_write_buffer_size():
+                # (a peer that does not read: a transport closes once its buffer is
+                # flushed, and this one would have kept its socket until garbage
+                # collection, a ResourceWarning somewhere later)
+                tr.abort()
         for _ in range(5):
             await asyncio.sleep(0)
         for conn, _ in self._mailbox:
