@@ -80,6 +80,7 @@ import os
 import re
 import socket
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -490,6 +491,9 @@ class Worker:
         self._local_server: asyncio.AbstractServer | None = None
         self.local_address = ""
         self._conns: set[Connection] = set()
+        # every connection this worker made or accepted, while it lives: the shutdown
+        # makes sure each one's socket is closed (see _teardown)
+        self._every_conn: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._out: dict[str, Connection] = {}
         self._connecting: dict[str, asyncio.Task[Connection]] = {}
         self._mailbox: collections.deque[tuple[Connection, Any]] = collections.deque()
@@ -691,7 +695,7 @@ class Worker:
     def _new_conn(self, kind: str | None = None) -> Connection:
         kind = kind or self.transport_kind
         cls = transport.StreamConnection if kind != "inproc" else Connection
-        return cls(
+        conn = cls(
             kind=kind,
             on_frame=self._on_frame,
             on_lost=self._on_lost,
@@ -701,6 +705,8 @@ class Worker:
             max_frame_size=min(HELLO_MAX_FRAME, self.max_frame_size),
             owner=self.name,
         )
+        self._every_conn.add(conn)
+        return conn
 
     def _accept(self) -> Connection:
         conn = self._new_conn()
@@ -2084,12 +2090,15 @@ class Worker:
         # turn later, its connection_made one more, its socket closes in a callback
         # after that) close: if the loop ended first, its socket stayed open until
         # garbage collection (a ResourceWarning somewhere later).
-        for conn in closing:
+        for conn in {*closing, *self._every_conn}:
             tr: Any = conn.transport
-            if tr is not None and tr.get_write_buffer_size():
+            if tr is None:
+                conn.close()  # (not made yet: aborted as soon as it is)
+            elif not tr.is_closing() or tr.get_write_buffer_size():
                 # (a peer that does not read: a transport closes once its buffer is
                 # flushed, and this one would have kept its socket until garbage
-                # collection, a ResourceWarning somewhere later)
+                # collection, a ResourceWarning somewhere later; and any connection
+                # that left the worker's books open, whatever the path)
                 tr.abort()
         for _ in range(5):
             await asyncio.sleep(0)
