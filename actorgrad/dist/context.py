@@ -860,8 +860,9 @@ class _Hooks:
             )
 
     def lost(self) -> None:
-        """The connection of this message's call closed before its reply came (a hung
-        callee taken for lost, say): the reply may have left the callee, with send
+        """The connection of this message's call closed without a goodbye before its
+        reply came (a hung callee taken for lost, say), or the abandoned call was
+        dropped (beyond MAX_ABANDONED): the reply may have left the callee, with send
         nodes recorded for its tensors, and be lost. The context is broken."""
         ctx = self._context()
         if ctx is None:

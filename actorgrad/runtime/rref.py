@@ -388,8 +388,9 @@ class Hooks:
         ``exc`` (nothing for RRefs: those decoded before are released when dropped)."""
 
     def lost(self) -> None:
-        """The connection closed before the reply to this message's call came (it may
-        have been sent, and lost; nothing to do for RRefs)."""
+        """The connection closed without a goodbye before the reply to this message's
+        call came, or the abandoned call was dropped (beyond MAX_ABANDONED): the reply
+        may have been sent, and be lost (nothing to do for RRefs)."""
 
     def undo(self) -> None:
         """The message was not sent: take back the counts added for it, here and on the
