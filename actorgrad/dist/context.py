@@ -766,7 +766,7 @@ class _Hooks:
         self.peer = peer
         self.peer_id = peer_id  # (the peer's cluster id on the connection: which process)
         self.sent: list[int] | None = None  # send ids recorded for this message
-        self.got: list[RecvNode] | None = None  # recv nodes its decoding made
+        self.got: list[int] | None = None  # send ids of the recv nodes its decoding made
 
     def tensor_out(self, t: Tensor) -> int | None:
         if not t.requires_grad:
@@ -830,12 +830,11 @@ class _Hooks:
         ctx = self._context()
         if ctx is None or ctx.released:  # (a late reply into a released context)
             return Tensor(array, requires_grad=requires_grad)
-        t = self.state.record_recv(ctx, array, self.peer, link)
         if self.got is None:
-            self.got = [t.grad_fn]  # type: ignore[list-item]
+            self.got = [link]
         else:
-            self.got.append(t.grad_fn)  # type: ignore[arg-type]
-        return t
+            self.got.append(link)
+        return self.state.record_recv(ctx, array, self.peer, link)
 
     def unreadable(self, exc: Exception, reply: bool) -> None:
         """Decoding this message failed part way (``exc``): the recv nodes made for the
@@ -847,10 +846,7 @@ class _Hooks:
         if ctx is None:
             return
         if self.got:
-            gone = set(map(id, self.got))
-            for r in self.got:
-                r.freed = True
-            ctx.recvs[:] = [r for r in ctx.recvs if id(r) not in gone]
+            ctx.unpair(self.peer, self.got, [])
             self.got = None
         if reply:
             self._break(

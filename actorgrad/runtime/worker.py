@@ -2051,8 +2051,7 @@ class Worker:
         if self.registry is not None:
             self.registry.close()
         bye = wire.encode_frame([K_BYE], None)
-        closing = list(self._conns)
-        for conn in closing:
+        for conn in list(self._conns):
             if not conn._handshaking and not conn.closed:
                 try:
                     conn.send_nowait(bye)
@@ -2085,12 +2084,9 @@ class Worker:
         for server in (self._server, self._local_server):
             if server is not None:
                 await server.wait_closed()
-        # Let in-proc transports deliver their connection_lost callbacks, and a
-        # connection accepted just before the listener closed (its accept task runs a
-        # turn later, its connection_made one more, its socket closes in a callback
-        # after that) close: if the loop ended first, its socket stayed open until
-        # garbage collection (a ResourceWarning somewhere later).
-        for conn in {*closing, *self._every_conn}:
+        # Every connection this worker made or accepted (those closed above too) must
+        # close its socket before the loop may end: see below.
+        for conn in list(self._every_conn):
             tr: Any = conn.transport
             if tr is None:
                 conn.close()  # (not made yet: aborted as soon as it is)
@@ -2100,6 +2096,11 @@ class Worker:
                 # collection, a ResourceWarning somewhere later; and any connection
                 # that left the worker's books open, whatever the path)
                 tr.abort()
+        # Let in-proc transports deliver their connection_lost callbacks, and a
+        # connection accepted just before the listener closed (its accept task runs a
+        # turn later, its connection_made one more, its socket closes in a callback
+        # after that) close: if the loop ended first, its socket stayed open until
+        # garbage collection (a ResourceWarning somewhere later).
         for _ in range(5):
             await asyncio.sleep(0)
         for conn, _ in self._mailbox:
