@@ -968,14 +968,6 @@ class DistInterceptor:
         return activate(worker, ctx_id, chain)
 
 
-#: The zeros given as gradient to leaves a pass reached without giving them any (an
-#: input the loss does not use, a parameter whose output went unused): by identity,
-#: so that ``DistributedOptimizer`` leaves such parameters as they are, as a local
-#: step leaves a parameter whose ``.grad`` is None (SGD with momentum or Adam moved
-#: them). ``get_gradients`` still reports the zeros.
-_UNUSED: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
-
-
 def still_broken(worker: Worker, ctx: DistContext) -> bool:
     """Whether ``ctx`` is broken here (see DistContext.broken), and the callee that
     made it so still lives: the orphan send nodes of a process that died went with it
@@ -988,6 +980,14 @@ def still_broken(worker: Worker, ctx: DistContext) -> bool:
         return True
     ctx.broken = None
     return False
+
+
+#: The zeros given as gradient to leaves a pass reached without giving them any (an
+#: input the loss does not use, a parameter whose output went unused): by identity,
+#: so that ``DistributedOptimizer`` leaves such parameters as they are, as a local
+#: step leaves a parameter whose ``.grad`` is None (SGD with momentum or Adam moved
+#: them). ``get_gradients`` still reports the zeros.
+_UNUSED: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
 
 
 def unused_zeros(like: np.ndarray) -> np.ndarray:
