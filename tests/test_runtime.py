@@ -12,6 +12,7 @@ import re
 import sys
 import threading
 import time
+import types
 from typing import Any
 
 import numpy as np
@@ -147,6 +148,20 @@ class Counter:
 
 def make_counter(start):
     return Counter(start)
+
+
+async def _async_run():
+    return "async"
+
+
+def _sync_run():
+    return "sync"
+
+
+def make_runner(kind):
+    """A value whose `run` is an attribute of the instance: async on one, plain on
+    another of the same type."""
+    return types.SimpleNamespace(run=_async_run if kind == "async" else _sync_run)
 
 
 def rref_value_on_owner(r):
@@ -614,6 +629,19 @@ async def test_remote_returns_rref_and_methods_run_on_the_owner(cluster):
     del r, lst
     gc.collect()
     await _owned_count("w1")
+
+
+async def test_rref_methods_of_one_name_async_on_one_value_plain_on_another(cluster):
+    # (the worker remembered per type and name whether a method is async: the plain
+    # one, called after the async one, was awaited: "object str can't be used in
+    # 'await' expression")
+    a = await ag.remote("w1", make_runner, ("async",))
+    s = await ag.remote("w1", make_runner, ("sync",))
+    for _ in range(2):
+        assert await a.rpc().run() == "async"
+        assert await s.rpc().run() == "sync"
+        assert await (await s.remote().run()).to_here() == "sync"
+        assert await (await a.remote().run()).to_here() == "async"
 
 
 async def test_rref_passed_to_owner_gives_local_value(cluster):

@@ -1329,7 +1329,9 @@ class Worker:
                 rid, method = target
                 value = rref.owned_value(self, rid)
                 fn = getattr(value, method)
-                key = (type(value), method)
+                # (whether it is a coroutine function too: an attribute set on the
+                # instance can be async on one value and plain on another of the type)
+                key = (type(value), method, inspect.iscoroutinefunction(fn))
             else:
                 raise ProtocolError(f"unknown request mode {mode!r}")
         except Exception as exc:
