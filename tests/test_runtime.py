@@ -684,6 +684,48 @@ async def test_rref_of_owner_to_itself(cluster):
     await _owned_count("driver")
 
 
+async def test_an_rref_held_by_another_worker_of_this_process_is_refused(cluster):
+    # (in-process workers share the process: an RRef one of them holds, reached
+    # through shared state, sent by another would be counted for the wrong holder)
+    r = await ag.remote("w1", make_counter, (1,))
+    assert await ag.rpc("w2", keep, (r,)) == 1
+    w2 = next(w for w in cluster.workers if w.name == "w2")
+    held_by_w2 = w2.ext["kept"][0]
+    with pytest.raises(ValueError, match="held by worker 'w2' of this process, not by 'driver'"):
+        await ag.rpc("w3", fetch, (held_by_w2,))
+    del held_by_w2
+    await ag.rpc("w2", drop_kept)
+    assert await r.rpc().incr(0) == 1  # (nothing was counted or freed)
+    del r
+    gc.collect()
+    await _owned_count("w1")
+
+
+async def test_an_rref_from_an_earlier_cluster_reaches_nothing_in_a_later_one():
+    # A second cluster in the process counts its RRef ids from 1 again: the earlier
+    # cluster's RRefs reached (and changed) the new values of the same ids.
+    async with ag.local_cluster(2) as first:
+        old_w = await ag.remote("w1", make_counter, (1,))
+        old_d = await ag.remote("driver", make_counter, (2,))
+    assert first.driver.closed
+    async with ag.local_cluster(2):
+        new_w = await ag.remote("w1", make_counter, (10,))
+        new_d = await ag.remote("driver", make_counter, (20,))
+        assert (new_w._rid, new_d._rid) == (old_w._rid, old_d._rid)
+        for old in (old_w, old_d):
+            shut = re.escape(f"{old!r}: the worker holding it has shut down")
+            with pytest.raises(ag.WorkerLost, match=shut):
+                await ag.rpc("w2", fetch, (old,))
+            with pytest.raises(ag.WorkerLost, match=shut):
+                await old.to_here()
+            with pytest.raises(ag.WorkerLost, match=shut):
+                await old.rpc().incr()
+        with pytest.raises(ag.WorkerLost, match="has shut down"):
+            old_d.local_value()
+        assert await new_w.rpc().incr(0) == 10
+        assert new_d.local_value().value == 20
+
+
 # ---- cluster lifecycle ---------------------------------------------------------------------------
 
 

@@ -35,7 +35,7 @@ import functools
 import weakref
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from actorgrad.errors import short_repr
+from actorgrad.errors import WorkerLost, short_repr
 from actorgrad.runtime.calls import inline
 from actorgrad.wire import WireRef
 
@@ -208,6 +208,18 @@ class RRef(WireRef):
             "ag.remote to give it to another worker (the owner counts it then)"
         )
 
+    def _live(self) -> Worker:
+        """The worker holding this RRef, if it still runs; else WorkerLost saying so.
+        (A later cluster in this process reuses the ids: its workers count from 1
+        again, so the RRef would reach another value there.)"""
+        w = self._worker
+        if w.closed:
+            raise WorkerLost(
+                f"{self!r}: the worker holding it has shut down; an RRef does not outlive "
+                "the worker that holds it (nor its cluster)"
+            )
+        return w
+
     def is_owner(self) -> bool:
         """Whether the worker holding this RRef owns the value (``local_value`` works).
 
@@ -234,7 +246,7 @@ class RRef(WireRef):
                 f"local_value() on worker {self._worker.name!r}, but this RRef is owned by "
                 f"{self.owner!r}: use `await rref.to_here()`"
             )
-        return owned_value(self._worker, self._rid)
+        return owned_value(self._live(), self._rid)
 
     async def to_here(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 (timeout is API)
         """Fetch a copy of the value from the owner (the value itself on the owner).
@@ -248,8 +260,8 @@ class RRef(WireRef):
             from actorgrad.runtime.worker import check_timeout
 
             check_timeout(timeout, "for no timeout")  # (as a non-owner's: the same call)
-            return owned_value(self._worker, self._rid)
-        return await self._worker.call(
+            return owned_value(self._live(), self._rid)
+        return await self._live().call(
             self.owner, "actorgrad.runtime.rref:_fetch", (self._rid,), timeout=timeout
         )
 
@@ -301,7 +313,7 @@ class _Proxy:
         r, mode, timeout = self.__rref, self.__mode, self.__timeout
 
         async def call(*args: Any, **kwargs: Any) -> Any:
-            return await r._worker.call(
+            return await r._live().call(
                 r.owner, [r._rid, method], args, kwargs or None, timeout=timeout, mode=mode
             )
 
@@ -349,6 +361,15 @@ class Hooks:
         if not isinstance(ref, RRef):
             raise TypeError(f"cannot send {type(ref).__name__}")
         w = self.worker
+        if ref._worker is not w:
+            # (its counts are the other worker's: sent from here, the owner would count
+            # a holder that never took it, or free the value under the other's feet)
+            ref._live()
+            raise ValueError(
+                f"{ref!r} is held by worker {ref._worker.name!r} of this process, not by "
+                f"{w.name!r} that sends it: pass an RRef to another worker as an argument "
+                "or result of a call"
+            )
         if ref.owner == w.name:
             _add(w, ref._rid, self.peer_key)
             if self.added is None:
