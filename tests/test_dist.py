@@ -1508,6 +1508,44 @@ async def test_a_call_running_through_a_graceful_shutdown_can_run_a_backward(tra
         await assert_clean([n for n in c.names if n != "w1"])
 
 
+@pytest.mark.parametrize("graceful", [True, False])
+async def test_a_backward_waiting_when_its_own_worker_shuts_down_fails(graceful):
+    # A worker's shutdown reports no peer's loss: a backward started on it that still
+    # waited for a peer's part waited for good (ag.shutdown or leaving local_cluster
+    # while another task was in a backward).
+    from actorgrad.dist.backward import T_DELIVER
+
+    xv, wv = arr(3), arr(3)
+    held: list[str] = []
+    async with cluster("tcp") as c:
+        w1 = c.workers[0]
+        await ag.rpc("w1", F.put, ("w", wv))
+        cast = w1.cast
+
+        def holding_cast(dest: str, topic: str, *rest: Any, **kw: Any) -> None:
+            if topic == T_DELIVER:  # (w1's gradient never comes back: the driver waits)
+                held.append(topic)
+            else:
+                cast(dest, topic, *rest, **kw)
+
+        w1.cast = holding_cast
+
+        async def step() -> None:
+            x = ag.tensor(xv, requires_grad=True)
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                await ag.dist.backward(ctx, [y.sum()])
+
+        task = asyncio.ensure_future(step())
+        async with asyncio.timeout(10):
+            while not held:  # noqa: ASYNC110 (w1's part has run: the driver waits for it)
+                await asyncio.sleep(0.005)
+        assert not task.done()
+        await ag.shutdown(graceful=graceful, timeout=5)
+        with pytest.raises(ag.WorkerLost, match="'driver' shut down during the backward pass"):
+            await asyncio.wait_for(task, 10)
+
+
 def hold_unpairs(worker: Any, first_only: bool = False) -> tuple[list[Any], Any]:
     """Hold back the clean-up messages (``dist.unpair``) ``worker`` casts (only the
     first with ``first_only``). Returns the held ones (each a callable that sends it)

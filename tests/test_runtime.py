@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import itertools
 import re
 import sys
@@ -20,6 +21,7 @@ import pytest
 
 import actorgrad as ag
 from actorgrad.runtime import Worker, current_worker
+from actorgrad.runtime.calls import inline
 from actorgrad.runtime import worker as rworker
 
 # ---- functions called remotely (module level, so they travel by name) -------------------
@@ -451,6 +453,46 @@ def blocks_then_returns_a_coroutine(name: str) -> Any:
     if not _gates[name].wait(10):
         raise TimeoutError("the test never opened the gate")
     return wait_for_ever(name)
+
+
+_coroutines_made: list[Any] = []
+
+
+async def _never_started() -> None:
+    pass
+
+
+@inline
+def returns_a_coroutine() -> Any:
+    """Runs inline; the worker awaits what it returns in a task of its own."""
+    coro = _never_started()
+    _coroutines_made.append(coro)
+    return coro
+
+
+async def test_a_coroutine_a_call_returned_is_closed_when_its_task_never_starts(cluster):
+    # The worker's shutdown cancels its tasks, some before their first step: the
+    # coroutine such a task was to await was left unawaited ("coroutine ... was never
+    # awaited" on stderr at shutdown).
+    w1 = next(w for w in cluster.workers if w.name == "w1")
+    spawn = w1.spawn
+
+    def cancelling_spawn(coro: Any, **kw: Any) -> Any:
+        t = spawn(coro, **kw)
+        if coro.__name__ == "_finish_awaitable":
+            t.cancel()  # (as the shutdown does, before its first step)
+        return t
+
+    w1.spawn = cancelling_spawn
+    _coroutines_made.clear()
+    current_worker().notify("w1", returns_a_coroutine)
+    async with asyncio.timeout(5):
+        while not _coroutines_made or (  # noqa: ASYNC110 (no event to wait on)
+            inspect.getcoroutinestate(_coroutines_made[0]) != inspect.CORO_CLOSED
+        ):
+            await asyncio.sleep(0.005)
+    w1.spawn = spawn
+    w1._inflight -= 1  # (the cancelled task never released its slot: only a shutdown does that)
 
 
 async def test_a_call_cancelled_while_its_plain_function_runs_in_the_pool_is_dropped(cluster):

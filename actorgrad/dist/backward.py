@@ -974,6 +974,8 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
                 "(started from another worker)"
             )
         _check_not_offloaded(ctx, worker.name)
+        if worker.closing:
+            raise WorkerLost(f"worker {worker.name!r} has shut down: no backward pass here")
         pass_id = st.new_pass_id()
         # (the pass state first: if building it fails, no run is left registered)
         ps = ctx.active_pass = PassState(

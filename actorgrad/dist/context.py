@@ -572,7 +572,16 @@ def state_of(worker: Worker) -> DistState:
         st = worker.ext["dist"] = DistState(worker)
         worker.add_status_provider("dist", st.stats)
         worker.add_peer_lost_callback(functools.partial(_on_peer_lost, st))
+        worker.add_closing_callback(functools.partial(_on_closing, st))
     return st
+
+
+def _on_closing(st: DistState) -> None:
+    # This worker shuts down: no message of a pass comes or goes from now on, nor is
+    # the loss of a peer reported, so a backward started here that still waits fails
+    # now (it waited for good: the driver leaving local_cluster during a backward).
+    for run in list(st.runs.values()):
+        run.fail(WorkerLost(f"worker {st.worker.name!r} shut down during the backward pass"))
 
 
 def _on_peer_lost(st: DistState, name: str) -> None:

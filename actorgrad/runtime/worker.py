@@ -387,6 +387,10 @@ def _cancel_if_running(conn: Connection, cid: int, task: asyncio.Task[Any]) -> N
         task.cancel()
 
 
+def _close_coroutine(coro: Any, task: asyncio.Task[Any]) -> None:
+    coro.close()  # (no-op once it ran to its end)
+
+
 #: In ``Connection.running``: the call runs a plain function in the thread pool, which
 #: a cancel cannot stop; the cancel is remembered instead (the entry becomes None) and
 #: what the function returns is dropped (see Worker._run_task).
@@ -511,6 +515,7 @@ class Worker:
         self._stats: dict[Any, _FnStats] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._peer_lost_cbs: list[Callable[[str], None]] = []
+        self._closing_cbs: list[Callable[[], None]] = []
         self._status_providers: dict[str, Callable[[], dict]] = {}
         self._lost: set[str] = set()
         self._watched: dict[str, int] = {}  # peer -> watch count (see watch)
@@ -542,6 +547,17 @@ class Worker:
     def add_peer_lost_callback(self, fn: Callable[[str], None]) -> None:
         """``fn(peer_name)`` is called once when a peer is known dead/disconnected/left."""
         self._peer_lost_cbs.append(fn)
+
+    def add_closing_callback(self, fn: Callable[[], None]) -> None:
+        """``fn()`` is called once when this worker starts closing (a graceful shutdown
+        has waited for its running calls), before its connections close: the losses
+        of peers are not reported from then on."""
+        self._closing_cbs.append(fn)
+
+    @property
+    def closing(self) -> bool:
+        """Whether this worker is closing or closed (no more calls or messages)."""
+        return self._closing
 
     def add_status_provider(self, name: str, fn: Callable[[], dict]) -> None:
         """``fn()`` is merged into :meth:`status` (shown by ``actorgrad status``)."""
@@ -1372,6 +1388,10 @@ class Worker:
                 stats.fast = 0
         if type(result) not in _PLAIN and inspect.isawaitable(result):
             t = self.spawn(self._finish_awaitable(conn, cid, mode, result, hooks), context=ctx)
+            if inspect.iscoroutine(result):
+                # (a task cancelled before its first step, by the worker's shutdown, never
+                # awaits it: "coroutine ... was never awaited" on stderr)
+                t.add_done_callback(functools.partial(_close_coroutine, result))
             if cid:
                 conn.running[cid] = t
             return
@@ -2035,6 +2055,11 @@ class Worker:
                     "worker %s: %d calls still running at shutdown", self.name, self._inflight
                 )
         self._closing = True
+        for cb in self._closing_cbs:
+            try:
+                cb()
+            except Exception:
+                log.exception("closing callback %r failed", cb)
         # leave the registry
         if (
             self.registry is None
