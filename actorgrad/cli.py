@@ -43,7 +43,14 @@ from typing import Any, NoReturn
 from actorgrad.errors import ActorgradError, AuthError
 from actorgrad.runtime import cluster
 from actorgrad.runtime.cluster import new_token, run
-from actorgrad.runtime.procs import ENV_ADDRESS, ENV_TOKEN, describe_exit, env_token
+from actorgrad.runtime.procs import (
+    ENV_ADDRESS,
+    ENV_TOKEN,
+    describe_exit,
+    env_token,
+    exit_now,
+    flush_output,
+)
 
 __all__ = ["main"]
 
@@ -161,11 +168,33 @@ def client_token(token_file: str | None) -> str:
 @contextlib.contextmanager
 def _signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]:
     """Route SIGINT, SIGTERM and SIGHUP (the terminal went away) to ``handler`` on the
-    running loop while inside."""
+    running loop while inside.
+
+    A signal that comes while the loop has not yet handled the one before (the loop is
+    blocked: a call's ``async def`` ran ``time.sleep``) ends the process at once: the
+    loop would handle neither before that code returned, maybe never."""
     loop = asyncio.get_running_loop()
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    counts = [0, 0]  # signals that came, signals the loop handled
+
+    def on_loop(sig: signal.Signals) -> None:
+        counts[1] += 1
+        handler(sig)
+
+    def on_arrival(signum: int, frame: Any) -> None:
+        # (Python runs this in the main thread between two bytecodes, also while the
+        # loop is blocked by a call's code; the loop hears of the signal after it)
+        counts[0] += 1
+        if counts[0] - counts[1] >= 2:
+            _note(
+                f"{signal.Signals(signum).name}: the event loop is blocked (by a call?): "
+                "exiting now"
+            )
+            exit_now(128 + signum)
+
     for sig in sigs:
-        loop.add_signal_handler(sig, handler, sig)
+        loop.add_signal_handler(sig, on_loop, sig)
+        signal.signal(sig, on_arrival)  # (the loop's wake-up on a signal stays)
     try:
         yield
     finally:
@@ -764,14 +793,45 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def entry() -> int:
-    """The ``actorgrad`` command as a process: :func:`main`, then, unless it stopped
-    gracefully (status 0: a first Ctrl-C lets running calls finish), out past calls
-    still stuck in a worker's thread pool (``actorgrad worker`` running a function
-    that never returns did not exit when forced, nor when its cluster went away)."""
+    """The ``actorgrad`` command as a process: :func:`main`; after a graceful stop
+    (status 0: a first Ctrl-C lets running calls finish) it waits for calls still
+    running in a worker's thread pool, until a signal; otherwise it exits past them
+    (``actorgrad worker`` running a function that never returns did not exit when
+    forced, nor when its cluster went away)."""
     from actorgrad.runtime.procs import exit_past_stuck_calls
 
     code = main()
-    return code if code == 0 else exit_past_stuck_calls(code)
+    if code == 0:
+        _wait_for_calls_in_threads()
+    return exit_past_stuck_calls(code)
+
+
+def _wait_for_calls_in_threads() -> None:
+    """Wait for the threads of stopped workers' pools: a call past the stop's grace
+    runs on to its end (its caller was told the worker left); a signal meanwhile ends
+    the process at once. (The interpreter's own wait for them heard no signal: a second
+    Ctrl-C printed a traceback and the process exited with status 0.)"""
+    import threading
+
+    me = threading.current_thread()
+    threads = [t for t in threading.enumerate() if t is not me and t.name.startswith("actorgrad-")]
+    if not threads:
+        return
+
+    def now(signum: int, frame: Any) -> None:
+        _note(f"{signal.Signals(signum).name}: not waiting for the calls")
+        exit_now(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, now)
+    flush_output()  # (what the calls printed so far: a SIGKILL may come meanwhile)
+    for t in threads:  # (idle ones end at once)
+        t.join(0.2)
+    busy = [t for t in threads if t.is_alive()]
+    if busy:
+        _note(f"waiting for {_count(len(busy), 'call')} still running (Ctrl-C: exit now)")
+    for t in busy:
+        t.join()  # (a signal interrupts it)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -799,3 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+if __name__ == "__main__":  # (python -m actorgrad.cli, as python -m actorgrad)
+    raise SystemExit(entry())

@@ -590,7 +590,7 @@ def test_unreachable_address_exits_1_with_a_one_line_message() -> None:
 
 
 SLOW_WRITE = """
-import asyncio, sys, time
+import asyncio, os, sys, time
 import actorgrad as ag
 
 def slow_write(path, seconds):
@@ -598,10 +598,14 @@ def slow_write(path, seconds):
     with open(path, "w") as f:
         f.write("done")
 
+async def blocking_write(path, seconds):  # (blocks the worker's loop)
+    slow_write(path, seconds)
+
 async def main():
     await ag.init("client")
+    fn = blocking_write if sys.argv[3:] == ["blocking"] else slow_write
     try:
-        await ag.rpc("extra", slow_write, (sys.argv[1], float(sys.argv[2])), timeout=0.5)
+        await ag.rpc(os.environ.get("TARGET", "extra"), fn, (sys.argv[1], float(sys.argv[2])), timeout=0.5)
     except ag.RpcTimeout:
         print("left running", flush=True)
     await ag.shutdown()
@@ -640,6 +644,99 @@ def test_a_first_ctrl_c_on_a_worker_lets_its_running_call_finish(
         w.proc.send_signal(signal.SIGINT)
         assert w.wait(30) == 0
         assert out.read_text() == "done"
+    finally:
+        w.stop()
+
+
+def _extra_worker_running_a_call(
+    cluster: tuple[str, Path], tmp_path: Path, *how: str
+) -> tuple[Running, Path]:
+    """Worker ``extra`` joined to ``cluster``, running slow.py's call (``how``: its
+    seconds, then "blocking" for one that blocks the loop); the file it writes at the
+    end."""
+    address, token_file = cluster
+    (tmp_path / "slow.py").write_text(SLOW_WRITE)
+    env = _env(PYTHONPATH=str(tmp_path))
+    out = tmp_path / "written"
+    w = Running(
+        "worker", "--join", address, "--name", "extra", "--token-file", str(token_file), env=env
+    )
+    w.expect("worker extra joining")
+    client_env = dict(
+        env, ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip()
+    )
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "slow.py"), str(out), *how],
+        capture_output=True,
+        text=True,
+        env=client_env,
+        timeout=30,
+    )
+    assert r.stdout.strip() == "left running", r.stdout + r.stderr
+    return w, out
+
+
+@needs_runtime
+def test_a_second_ctrl_c_on_a_worker_stops_it_without_waiting_for_its_call(
+    cluster: tuple[str, Path], tmp_path: Path
+) -> None:
+    # The second Ctrl-C waited out the 5 s its stop lets calls run, like the first.
+    w, out = _extra_worker_running_a_call(cluster, tmp_path, "60")
+    try:
+        w.proc.send_signal(signal.SIGINT)
+        assert w.proc.stderr is not None  # (two signals at once can arrive as one)
+        assert "SIGINT: stopping the worker extra" in w.proc.stderr.readline()
+        w.proc.send_signal(signal.SIGINT)
+        assert w.wait(4) == 130  # (well before those 5 s)
+        assert not out.exists()
+    finally:
+        w.stop()
+
+
+@needs_runtime
+def test_a_signal_while_a_worker_waits_for_a_call_past_its_stop_ends_it(
+    cluster: tuple[str, Path], tmp_path: Path
+) -> None:
+    # Once stopped, a worker waits for the calls still running in its threads (see
+    # above); a Ctrl-C then printed a traceback and the process exited with status 0.
+    w, out = _extra_worker_running_a_call(cluster, tmp_path, "60")
+    try:
+        w.proc.send_signal(signal.SIGINT)
+        assert w.proc.stderr is not None
+        for line in w.proc.stderr:  # (the test's timeout bounds it)
+            if "waiting for 1 call still running (Ctrl-C: exit now)" in line:
+                break
+        w.proc.send_signal(signal.SIGINT)
+        assert w.wait() == 130
+        assert not out.exists()
+        err = w.proc.stderr.read()
+        assert "SIGINT: not waiting for the calls" in err
+        assert "Traceback" not in err, err
+    finally:
+        w.stop()
+
+
+@needs_runtime
+def test_ctrl_c_stops_a_worker_whose_loop_a_call_blocks(
+    cluster: tuple[str, Path], tmp_path: Path
+) -> None:
+    # The signals went through the event loop, which the call blocked: Ctrl-C did
+    # nothing until the call returned (maybe never).
+    w, out = _extra_worker_running_a_call(cluster, tmp_path, "60", "blocking")
+    try:
+        for _ in range(100):  # (Ctrl-C until it goes; two that come at once count once)
+            w.proc.send_signal(signal.SIGINT)
+            try:
+                code = w.wait(0.2)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            raise AssertionError("the worker did not stop within 20 s of Ctrl-C")
+        assert code == 130
+        assert not out.exists()
+        assert w.proc.stderr is not None
+        assert "SIGINT: the event loop is blocked (by a call?): exiting now" in w.proc.stderr.read()
     finally:
         w.stop()
 
@@ -899,6 +996,72 @@ def test_a_second_signal_forces_the_cluster_down(tmp_path: Path) -> None:
         assert wait_gone(pids, 10) == set()
     finally:
         c.stop()
+
+
+@needs_runtime
+def test_a_second_signal_forces_down_a_cluster_whose_worker_runs_a_call(tmp_path: Path) -> None:
+    # The forced stop waited, as the graceful one, for w1 to stop waiting for its call
+    # and then for its grace: 5 s.
+    token_file = tmp_path / "t"
+    c = Running("cluster", "-n", "1", "--token-file", str(token_file))
+    try:
+        address = c.expect("address:")
+        pids = descendants(c.proc.pid)
+        (tmp_path / "slow.py").write_text(SLOW_WRITE)
+        out = tmp_path / "written"
+        env = _env(PYTHONPATH=str(tmp_path), ACTORGRAD_ADDRESS=address, TARGET="w1")
+        env["ACTORGRAD_TOKEN"] = token_file.read_text().strip()
+        r = subprocess.run(
+            [sys.executable, str(tmp_path / "slow.py"), str(out), "60"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+        assert r.stdout.strip() == "left running", r.stdout + r.stderr
+        c.proc.send_signal(signal.SIGINT)
+        assert c.proc.stderr is not None  # (two signals at once can arrive as one)
+        assert "SIGINT: stopping the cluster" in c.proc.stderr.readline()
+        c.proc.send_signal(signal.SIGINT)
+        assert c.wait(4) == 130  # (well before those 5 s)
+        assert wait_gone(pids, 10) == set()
+        assert not out.exists()
+    finally:
+        c.stop()
+
+
+RUN_PRINTS_THEN_BLOCKS = """
+import asyncio, time
+import actorgrad as ag
+
+def prints_then_blocks():
+    print("w1 said this before it blocked")  # (buffered: a pipe)
+    time.sleep(60)
+
+async def main():
+    await ag.init("driver")
+    try:
+        await ag.rpc("w1", prints_then_blocks, timeout=0.5)
+    except ag.RpcTimeout:
+        print("left running", flush=True)
+    await ag.shutdown()
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@needs_runtime
+def test_run_lets_a_busy_worker_flush_its_output_before_it_is_killed(tmp_path: Path) -> None:
+    # The cluster signalled its worker processes 3 s after its stop and killed them 2 s
+    # later, as the worker let its call go on for 5 s: it died before it flushed.
+    script = tmp_path / "blocks.py"
+    script.write_text(RUN_PRINTS_THEN_BLOCKS)
+    env = {k: v for k, v in _env().items() if k != "PYTHONUNBUFFERED"}
+    r = run_cli("run", "-n", "1", str(script), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "left running" in r.stdout
+    assert "w1 said this before it blocked" in r.stdout, r.stdout + r.stderr
 
 
 def test_demo_whose_stdout_reader_went_away_stops_quietly() -> None:

@@ -21,8 +21,8 @@ import pytest
 
 import actorgrad as ag
 from actorgrad.runtime import Worker, current_worker
-from actorgrad.runtime.calls import inline
 from actorgrad.runtime import worker as rworker
+from actorgrad.runtime.calls import inline
 
 # ---- functions called remotely (module level, so they travel by name) -------------------
 

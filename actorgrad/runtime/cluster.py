@@ -25,6 +25,8 @@ from actorgrad.runtime.registry import MAX_NAME, valid_name
 from actorgrad.runtime.worker import Worker
 
 HEAD_NAME = "_head"
+#: Seconds a stopping worker lets its running calls go on (a first Ctrl-C).
+DRAIN = 5.0
 
 T = TypeVar("T")
 
@@ -128,11 +130,18 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-async def finish(coro: Awaitable[Any]) -> Any:
+async def finish(coro: Awaitable[Any], hurry: Callable[[], None] | None = None) -> Any:
     """Run ``coro`` to completion even if we are cancelled meanwhile; the cancellation
-    is re-raised afterwards (cleanup paths must not be cut short)."""
+    is re-raised afterwards (cleanup paths must not be cut short). ``hurry()`` is called
+    once if we are cancelled, before or meanwhile (a second Ctrl-C): ``coro`` ends sooner."""
     task = asyncio.ensure_future(coro)
     cancelled = False
+    me = asyncio.current_task()
+    if hurry is not None and me is not None and me.cancelling():
+        # (already cancelled: the cleanup runs in the finally the cancellation raised
+        # through; a Ctrl-C and a second one handled in one loop turn came so)
+        hurry()
+        hurry = None
     while True:
         try:
             result = await asyncio.shield(task)
@@ -141,6 +150,9 @@ async def finish(coro: Awaitable[Any]) -> Any:
             if task.done():
                 raise
             cancelled = True
+            if hurry is not None:
+                hurry()
+                hurry = None
     if cancelled:
         raise asyncio.CancelledError
     return result
@@ -203,7 +215,11 @@ async def serve_cluster(
                     " of the shutdown: terminating them",
                 )
 
-        await finish(stop_all(head, [], procs, on_stuck=stuck))
+        def hurry() -> None:  # (forced: the workers are killed, the head stops waiting)
+            procs.kill()
+            head.cut_drain()
+
+        await finish(stop_all(head, [], procs, on_stuck=stuck), hurry)
 
 
 def _report_changes(
@@ -258,17 +274,21 @@ async def stop_all(
     their running calls cancelled (one after the other, each busy worker waited 5 s)."""
     if graceful:
         for w in workers:
-            await w.shutdown(timeout=5.0)
+            await w.shutdown(timeout=DRAIN)
     else:
         done = await asyncio.gather(
-            *(w.shutdown(graceful=False, timeout=5.0) for w in workers), return_exceptions=True
+            *(w.shutdown(graceful=False, timeout=DRAIN) for w in workers), return_exceptions=True
         )
         for outcome in done:
             if isinstance(outcome, BaseException):
                 raise outcome
-    await head.shutdown(graceful, timeout=5.0)
+    await head.shutdown(graceful, timeout=DRAIN)
     if procs is not None:
-        await procs.stop(on_stuck=on_stuck)
+        # (a worker process lets its running calls go on for DRAIN s once it hears the
+        # head has gone, and the SIGTERM after 3 s does not cut that: gracefully, it is
+        # killed only after that, not before it could flush its output as it was; a
+        # stopped one, continued with the SIGTERM, ends then)
+        await procs.stop(term_grace=DRAIN - 2.0 if graceful else 2.0, on_stuck=on_stuck)
 
 
 async def serve_worker(
@@ -299,7 +319,8 @@ async def serve_worker(
                 on_joined(w)
             await _unless_stopped(w.registry_lost.wait(), stop)  # (the head went away)
     finally:
-        await finish(w.shutdown(timeout=5.0))
+        # (forced, a second Ctrl-C: it stops waiting for its running calls)
+        await finish(w.shutdown(timeout=DRAIN), w.cut_drain)
         if own and _w._process_worker is w:
             _w.set_process_worker(None)
 

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 # The environment of a driver or worker process: where the cluster is, and its token.
 ENV_ADDRESS = "ACTORGRAD_ADDRESS"
@@ -104,13 +104,24 @@ def exit_past_stuck_calls(code: int) -> int:
 
     me = threading.current_thread()
     if any(t is not me and t.name.startswith("actorgrad-") for t in threading.enumerate()):
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
+        exit_now(code)
     return code
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process now with status ``code``, its output flushed; nothing else runs
+    (no cleanup, no waiting for threads)."""
+    flush_output()
+    os._exit(code)
+
+
+def flush_output() -> None:
+    """Flush stdout and stderr (a closed or broken one is left as it is)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def blas_threads(n_workers: int) -> int:
@@ -259,6 +270,10 @@ class WorkerProcesses:
                 os.killpg(p.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+    def kill(self) -> None:
+        """SIGKILL to the workers still running (a forced stop; ``stop`` then reaps them)."""
+        self._signal(signal.SIGKILL)
 
     def terminate(self) -> None:
         """SIGTERM (then SIGCONT: a stopped one handles it) to the workers still running."""

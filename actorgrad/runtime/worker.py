@@ -516,6 +516,7 @@ class Worker:
         self._pool: ThreadPoolExecutor | None = None
         self._peer_lost_cbs: list[Callable[[str], None]] = []
         self._closing_cbs: list[Callable[[], None]] = []
+        self._drain_cut = False  # (see cut_drain)
         self._status_providers: dict[str, Callable[[], dict]] = {}
         self._lost: set[str] = set()
         self._watched: dict[str, int] = {}  # peer -> watch count (see watch)
@@ -2039,21 +2040,31 @@ class Worker:
         flight finish (at most ``timeout`` s), then leave the cluster and close."""
         if self._shutdown_task is None:
             self._shutdown_task = self.loop.create_task(self._teardown(graceful, timeout))
+        elif not graceful:
+            self.cut_drain()
         await asyncio.shield(self._shutdown_task)
+
+    def cut_drain(self) -> None:
+        """A graceful shutdown (under way or to come) stops waiting for the running
+        calls: a forced stop (a second Ctrl-C)."""
+        self._drain_cut = True
+        w = self._idle_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     async def _teardown(self, graceful: bool, timeout: float | None) -> None:  # noqa: ASYNC109 (timeout is API)
         self._stopping = True
         if timeout is None:
             timeout = SHUTDOWN_TIMEOUT
-        if graceful and self._inflight:
+        if graceful and self._inflight and not self._drain_cut:
             try:
                 async with asyncio.timeout(timeout):
                     self._idle_waiter = self.loop.create_future()
                     await self._idle_waiter
             except TimeoutError:
-                log.warning(
-                    "worker %s: %d calls still running at shutdown", self.name, self._inflight
-                )
+                pass
+        if self._inflight:
+            log.warning("worker %s: %d calls still running at shutdown", self.name, self._inflight)
         self._closing = True
         for cb in self._closing_cbs:
             try:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"actorgrad worker: {ENV_TOKEN} is not set", file=sys.stderr)
         return 2
     from actorgrad.runtime.cluster import run, serve_worker
-    from actorgrad.runtime.procs import tune_malloc
+    from actorgrad.runtime.procs import flush_output, tune_malloc
 
     tune_malloc()
 
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         from actorgrad.runtime.procs import exit_past_stuck_calls
 
         return exit_past_stuck_calls(0)
+    # (what its calls printed goes out now: the interpreter's exit flushes only after
+    # the pool's threads end, and the cluster kills a process that waits that long)
+    flush_output()
     return 0
 
 
