@@ -264,9 +264,12 @@ def get_gradients(context_id: int) -> dict[Tensor, np.ndarray]:
 
 
 def debug_info() -> dict[str, int]:
-    """Counters of this worker: ``num_contexts``, ``num_backward_passes``,
-    ``num_backward_messages`` (sent: gradients, starts, returned credits),
-    ``num_active_passes``, ``num_send_nodes``, ``num_recv_nodes``.
+    """Counters of this worker. Now: ``num_contexts`` (live here), ``num_active_passes``
+    (backward passes with a part here running), ``num_send_nodes``, ``num_recv_nodes``,
+    ``num_offloaded_parts`` (parts running in the thread pool). Since the worker
+    started: ``num_backward_passes`` (parts of passes it ran to their end),
+    ``num_backward_messages`` (sent: gradients, starts, returned credits). An idle
+    worker shows 0 for each of the first group.
 
     Example::
 
