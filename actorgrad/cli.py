@@ -99,6 +99,12 @@ def read_token_file(path: Path) -> str:
     try:
         token = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
+        if path.is_symlink():  # (a dangling one: it cannot be created either)
+            raise CliError(
+                f"token file {path} is a symbolic link to {os.readlink(path)}, which does "
+                "not exist",
+                code=2,
+            ) from None
         raise CliError(f"token file {path} does not exist", code=2) from None
     except UnicodeDecodeError:
         raise CliError(f"token file {path} is not a token: it is not text (UTF-8)") from None

@@ -508,6 +508,18 @@ def test_a_driver_script_importing_a_module_beside_it_works_on_workers_of_anothe
     assert r.stdout.split() == ["42", "21", "42"]
 
 
+def test_a_token_file_that_is_a_dangling_symbolic_link_is_named_so(tmp_path: Path) -> None:
+    # "does not exist" for a file that is there (a link), and that it could not create
+    link = tmp_path / "tok"
+    link.symlink_to(tmp_path / "gone")
+    r = run_cli("cluster", "-n", "1", "--token-file", str(link))
+    assert (r.returncode, r.stderr.strip()) == (
+        2,
+        f"actorgrad: error: token file {link} is a symbolic link to {tmp_path / 'gone'}, "
+        "which does not exist",
+    )
+
+
 def test_a_token_that_is_not_text_is_named(tmp_path: Path) -> None:
     # A binary token file gave a UnicodeDecodeError traceback; an ACTORGRAD_TOKEN of
     # bytes that are not UTF-8 failed inside the handshake (a worker process exited).

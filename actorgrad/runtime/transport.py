@@ -340,6 +340,7 @@ class Connection(asyncio.BaseProtocol):
         self.on_lost = on_lost
         self.max_frame_size = max_frame_size
         self.transport: asyncio.BaseTransport | None = None
+        self.transport_gone = False  # (its transport closed its socket: connection_lost)
         self.loop = asyncio.get_running_loop()
         # busy-poll briefly after traffic (sockets only: in-process peers share our loop)
         self._spin = _spinner(self.loop) if kind != "inproc" else None
@@ -433,6 +434,7 @@ class Connection(asyncio.BaseProtocol):
             self.made.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.transport_gone = True
         self._mark_closed(exc if exc is not None else None)
 
     def pause_writing(self) -> None:

@@ -2141,6 +2141,13 @@ class Worker:
         # garbage collection (a ResourceWarning somewhere later).
         for _ in range(5):
             await asyncio.sleep(0)
+        # Then up to 50 turns more for the transports still closing (a connection
+        # accepted as the worker shut down takes a few: made, aborted, then its socket
+        # closed): the end of a test's loop right after left one open now and then.
+        for _ in range(50):
+            if all(c.transport is None or c.transport_gone for c in self._every_conn):
+                break
+            await asyncio.sleep(0)
         for conn, _ in self._mailbox:
             conn.in_mailbox = 0
         self._mailbox.clear()
