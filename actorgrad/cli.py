@@ -171,17 +171,25 @@ def client_token(token_file: str | None) -> str:
 # --------------------------------------------------------------------------------------
 
 
+#: A signal the event loop has not handled after this many seconds: it is blocked.
+BLOCKED_AFTER = 1.0
+
+
 @contextlib.contextmanager
 def _signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]:
     """Route SIGINT, SIGTERM and SIGHUP (the terminal went away) to ``handler`` on the
     running loop while inside.
 
-    A signal that comes while the loop has not yet handled the one before (the loop is
-    blocked: a call's ``async def`` ran ``time.sleep``) ends the process at once: the
-    loop would handle neither before that code returned, maybe never."""
+    From the second signal on, one that the loop has not handled ``BLOCKED_AFTER`` s
+    after it came (the loop is blocked: a call's ``async def`` ran ``time.sleep``) ends
+    the process at once: the loop would handle it only once that code returned, maybe
+    never. (The first one is the loop's to handle: it asks for a graceful stop.)"""
+    import threading
+
     loop = asyncio.get_running_loop()
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     counts = [0, 0]  # signals that came, signals the loop handled
+    inside = [True]
 
     def on_loop(sig: signal.Signals) -> None:
         counts[1] += 1
@@ -191,7 +199,13 @@ def _signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]:
         # (Python runs this in the main thread between two bytecodes, also while the
         # loop is blocked by a call's code; the loop hears of the signal after it)
         counts[0] += 1
-        if counts[0] - counts[1] >= 2:
+        if counts[0] >= 2:
+            t = threading.Timer(BLOCKED_AFTER, unhandled, (signum, counts[0]))
+            t.daemon = True
+            t.start()
+
+    def unhandled(signum: int, n: int) -> None:
+        if inside[0] and counts[1] < n:  # (a timer thread: the loop may be blocked)
             _note(
                 f"{signal.Signals(signum).name}: the event loop is blocked (by a call?): "
                 "exiting now"
@@ -204,6 +218,7 @@ def _signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]:
     try:
         yield
     finally:
+        inside[0] = False
         for sig in sigs:
             loop.remove_signal_handler(sig)
 

@@ -1011,6 +1011,30 @@ def test_a_second_signal_forces_the_cluster_down(tmp_path: Path) -> None:
 
 
 @needs_runtime
+def test_two_different_signals_at_once_stop_the_cluster_then_force_it(tmp_path: Path) -> None:
+    # (a SIGHUP and a SIGTERM within one loop turn were taken for signals a blocked
+    # loop had not handled: the process ended at once, its token directory left behind)
+    c = Running("cluster", "-n", "1")
+    try:
+        c.expect("address:")
+        where = c.expect("token:")
+        token_dir = Path(where.removeprefix("written to ").split()[0]).parent
+        assert token_dir.is_dir()
+        pids = descendants(c.proc.pid)
+        c.proc.send_signal(signal.SIGHUP)
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.wait() == 130
+        assert c.proc.stderr is not None
+        err = c.proc.stderr.read()
+        assert "stopping the cluster" in err and "forcing the cluster down" in err
+        assert "blocked" not in err
+        assert wait_gone(pids, 10) == set()
+        assert not token_dir.exists()
+    finally:
+        c.stop()
+
+
+@needs_runtime
 def test_a_second_signal_forces_down_a_cluster_whose_worker_runs_a_call(tmp_path: Path) -> None:
     # The forced stop waited, as the graceful one, for w1 to stop waiting for its call
     # and then for its grace: 5 s.

@@ -160,10 +160,27 @@ def _sync_run():
     return "sync"
 
 
+@inline
+def _inline_thread():
+    return threading.current_thread().name
+
+
+def _plain_thread():
+    return threading.current_thread().name
+
+
 def make_runner(kind):
     """A value whose `run` is an attribute of the instance: async on one, plain on
-    another of the same type."""
-    return types.SimpleNamespace(run=_async_run if kind == "async" else _sync_run)
+    another of the same type (or marked inline on one: "inline"/"plain", returning the
+    thread it ran in)."""
+    if kind in ("async", "sync"):
+        return types.SimpleNamespace(run=_async_run if kind == "async" else _sync_run)
+    return _Runner(_inline_thread if kind == "inline" else _plain_thread)
+
+
+class _Runner:
+    def __init__(self, run):
+        self.run = run
 
 
 def rref_value_on_owner(r):
@@ -684,6 +701,12 @@ async def test_rref_methods_of_one_name_async_on_one_value_plain_on_another(clus
         assert await s.rpc().run() == "sync"
         assert await (await s.remote().run()).to_here() == "sync"
         assert await (await a.remote().run()).to_here() == "async"
+    # (marked inline on one value: the plain one of another ran inline too, on the
+    # worker's loop, which a slow one blocks)
+    i = await ag.remote("w1", make_runner, ("inline",))
+    p = await ag.remote("w1", make_runner, ("plain",))
+    loop_thread = await i.rpc().run()
+    assert await p.rpc().run() != loop_thread  # (its first calls: the thread pool)
 
 
 async def test_rref_passed_to_owner_gives_local_value(cluster):
@@ -724,6 +747,48 @@ async def test_rref_of_owner_to_itself(cluster):
     del r
     gc.collect()
     await _owned_count("driver")
+
+
+async def test_finish_hurries_its_cleanup_only_when_cancelled():
+    from actorgrad.runtime.cluster import finish
+
+    hurried: list[str] = []
+    gate = asyncio.Event()
+
+    async def cleanup() -> str:
+        await gate.wait()
+        return "clean"
+
+    def hurry() -> None:
+        hurried.append("hurry")
+        gate.set()
+
+    # a task that once caught a cancellation (its cancelling() count stays at 1) is
+    # not being cancelled: the cleanup runs at its own pace
+    async def swallowed_before() -> str:
+        t = asyncio.ensure_future(asyncio.sleep(60))
+        asyncio.current_task().cancel()
+        try:
+            await t
+        except asyncio.CancelledError:
+            pass
+        asyncio.get_running_loop().call_soon(gate.set)
+        return await finish(cleanup(), hurry)
+
+    assert await swallowed_before() == "clean" and hurried == []
+    # cancelled before (the cleanup runs in the finally a cancellation raised through)
+    gate.clear()
+    assert await finish(cleanup(), hurry, cancelled=True) == "clean"
+    assert hurried == ["hurry"]
+    # cancelled meanwhile: hurried once, the cancellation raised after the cleanup
+    gate.clear()
+    hurried.clear()
+    task = asyncio.ensure_future(finish(cleanup(), hurry))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert hurried == ["hurry"]
 
 
 async def test_an_rref_held_by_another_worker_of_this_process_is_refused(cluster):

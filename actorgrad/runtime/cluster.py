@@ -130,18 +130,19 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-async def finish(coro: Awaitable[Any], hurry: Callable[[], None] | None = None) -> Any:
+async def finish(
+    coro: Awaitable[Any], hurry: Callable[[], None] | None = None, cancelled: bool = False
+) -> Any:
     """Run ``coro`` to completion even if we are cancelled meanwhile; the cancellation
     is re-raised afterwards (cleanup paths must not be cut short). ``hurry()`` is called
-    once if we are cancelled, before or meanwhile (a second Ctrl-C): ``coro`` ends sooner."""
+    once if we are cancelled meanwhile or were before (``cancelled``: the cleanup runs
+    in the ``finally`` a cancellation raised through): ``coro`` then ends sooner (a
+    second Ctrl-C)."""
     task = asyncio.ensure_future(coro)
-    cancelled = False
-    me = asyncio.current_task()
-    if hurry is not None and me is not None and me.cancelling():
-        # (already cancelled: the cleanup runs in the finally the cancellation raised
-        # through; a Ctrl-C and a second one handled in one loop turn came so)
+    if hurry is not None and cancelled:
         hurry()
         hurry = None
+    cancelled = False
     while True:
         try:
             result = await asyncio.shield(task)
@@ -183,7 +184,7 @@ async def serve_cluster(
     head = Worker(HEAD_NAME, token=token, host=host, port=port)
     procs = WorkerProcesses()
     unwatch: list[Callable[[], None]] = []
-    joined = False
+    joined = cancelled = False
     try:
         await start_worker(head)
         head.host_registry()
@@ -199,6 +200,9 @@ async def serve_cluster(
         if stop is None:
             stop = asyncio.Event()
         await stop.wait()
+    except asyncio.CancelledError:
+        cancelled = True  # (forced: see hurry)
+        raise
     finally:
         for fn in unwatch:  # (the shutdown's own leaving and exits are not news)
             fn()
@@ -219,7 +223,7 @@ async def serve_cluster(
             procs.kill()
             head.cut_drain()
 
-        await finish(stop_all(head, [], procs, on_stuck=stuck), hurry)
+        await finish(stop_all(head, [], procs, on_stuck=stuck), hurry, cancelled)
 
 
 def _report_changes(
@@ -312,15 +316,19 @@ async def serve_worker(
     own = _w._process_worker is None or _w._process_worker.closed
     if own:
         _w.set_process_worker(w)
+    cancelled = False
     try:
         await start_worker(w)
         if await _unless_stopped(w.join(address), stop):
             if on_joined is not None:
                 on_joined(w)
             await _unless_stopped(w.registry_lost.wait(), stop)  # (the head went away)
+    except asyncio.CancelledError:
+        cancelled = True
+        raise
     finally:
         # (forced, a second Ctrl-C: it stops waiting for its running calls)
-        await finish(w.shutdown(timeout=DRAIN), w.cut_drain)
+        await finish(w.shutdown(timeout=DRAIN), w.cut_drain, cancelled)
         if own and _w._process_worker is w:
             _w.set_process_worker(None)
 

@@ -1346,9 +1346,14 @@ class Worker:
                 rid, method = target
                 value = rref.owned_value(self, rid)
                 fn = getattr(value, method)
-                # (whether it is a coroutine function too: an attribute set on the
-                # instance can be async on one value and plain on another of the type)
-                key = (type(value), method, inspect.iscoroutinefunction(fn))
+                # (how it runs too: an attribute set on the instance can be async, or
+                # marked inline, on one value and not on another of the type)
+                key = (
+                    type(value),
+                    method,
+                    inspect.iscoroutinefunction(fn),
+                    getattr(fn, "__actorgrad_inline__", False) is True,
+                )
             else:
                 raise ProtocolError(f"unknown request mode {mode!r}")
         except Exception as exc:
