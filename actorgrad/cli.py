@@ -50,6 +50,7 @@ from actorgrad.runtime.procs import (
     env_token,
     exit_now,
     flush_output,
+    pool_threads,
 )
 
 __all__ = ["main"]
@@ -832,10 +833,7 @@ def _wait_for_calls_in_threads() -> None:
     runs on to its end (its caller was told the worker left); a signal meanwhile ends
     the process at once. (The interpreter's own wait for them heard no signal: a second
     Ctrl-C printed a traceback and the process exited with status 0.)"""
-    import threading
-
-    me = threading.current_thread()
-    threads = [t for t in threading.enumerate() if t is not me and t.name.startswith("actorgrad-")]
+    threads = pool_threads()
     if not threads:
         return
 

@@ -142,7 +142,7 @@ async def finish(
     if hurry is not None and cancelled:
         hurry()
         hurry = None
-    cancelled = False
+    cancelled_meanwhile = False
     while True:
         try:
             result = await asyncio.shield(task)
@@ -150,11 +150,11 @@ async def finish(
         except asyncio.CancelledError:
             if task.done():
                 raise
-            cancelled = True
+            cancelled_meanwhile = True
             if hurry is not None:
                 hurry()
                 hurry = None
-    if cancelled:
+    if cancelled_meanwhile:
         raise asyncio.CancelledError
     return result
 

@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -100,12 +101,16 @@ def exit_past_stuck_calls(code: int) -> int:
     re-parented to init once its parent died, until the function returned: maybe
     never. For a process's entry point only, once its workers have shut down (the
     pool's threads hold nothing the process still needs)."""
-    import threading
-
-    me = threading.current_thread()
-    if any(t is not me and t.name.startswith("actorgrad-") for t in threading.enumerate()):
+    if pool_threads():
         exit_now(code)
     return code
+
+
+def pool_threads() -> list[threading.Thread]:
+    """The threads of workers' pools still alive in this process (calls still running,
+    or idle ones about to end after their pool shut down)."""
+    me = threading.current_thread()
+    return [t for t in threading.enumerate() if t is not me and t.name.startswith("actorgrad-")]
 
 
 def exit_now(code: int) -> NoReturn:
