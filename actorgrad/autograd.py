@@ -309,6 +309,8 @@ def _hook_result(hook: Hook, grad: np.ndarray, out: Any) -> np.ndarray:
     otherwise broadcast, silently giving every gradient after it the wrong values).
     Another dtype is cast, as op gradients are cast to their input's dtype: a float64
     result would otherwise turn a float32 leaf's ``.grad`` into float64."""
+    if type(hook) is functools.partial:  # (a function registered twice: see register_hook)
+        hook = hook.func
     name = getattr(hook, "__qualname__", None) or repr(hook)
     try:
         arr = np.asarray(out)
@@ -512,6 +514,11 @@ class GraphTask:
                     if grad is not None and node._hooks:
                         if type(grad) is not np.ndarray:  # (0-d ops give numpy scalars)
                             grad = np.asarray(grad)
+                        if not grad.flags.writeable:
+                            # (a reduction's gradient is a read-only broadcast view from
+                            # 4 KiB on: a hook changing it in place would work or fail
+                            # by the tensor's size)
+                            grad = grad.copy()
                         for hook in node._hooks:
                             out = hook(grad)
                             if out is not None:

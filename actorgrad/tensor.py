@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -273,10 +274,15 @@ class Tensor:
             raise RuntimeError("register_hook on a tensor that does not require grad")
         node = grad_node(self)
         assert node is not None
-        node.pre_hooks.append(fn)
+        hooks = node.pre_hooks
+        # Each registration is its own entry, which its handle removes by identity: a
+        # function registered twice is wrapped the second time (a handle removing "the
+        # first equal one" took another registration's place in the order).
+        entry = functools.partial(fn) if any(h is fn for h in hooks) else fn
+        hooks.append(entry)
         if self.grad_fn is None:
-            self._hooks = node.pre_hooks  # keep the leaf's hooks beyond the node's life
-        return _HookHandle(node.pre_hooks, fn)
+            self._hooks = hooks  # keep the leaf's hooks beyond the node's life
+        return _HookHandle(hooks, entry)
 
     # --- operators ----------------------------------------------------------------
 
@@ -490,15 +496,26 @@ class Tensor:
 
 
 class _HookHandle:
-    __slots__ = ("_hooks", "_fn")
+    """What ``register_hook`` returns: ``remove()`` takes out that registration (once;
+    again does nothing), whatever else is registered, the same function included."""
 
-    def __init__(self, hooks: list, fn: Callable) -> None:
-        self._hooks = hooks
-        self._fn = fn
+    __slots__ = ("_hooks", "_entry")
+
+    def __init__(self, hooks: list, entry: Callable) -> None:
+        self._hooks: list | None = hooks
+        self._entry = entry
+
+    def __repr__(self) -> str:
+        state = "removed" if self._hooks is None else "registered"
+        return f"<hook handle {state}: {self._entry!r:.80}>"
 
     def remove(self) -> None:
-        if self._fn in self._hooks:
-            self._hooks.remove(self._fn)
+        hooks, self._hooks = self._hooks, None
+        if hooks is not None:
+            for i, h in enumerate(hooks):
+                if h is self._entry:
+                    del hooks[i]
+                    break
 
 
 def _needs_float(dtype: Any) -> str:
@@ -537,6 +554,8 @@ def _unary(cls: type[Function], x: Tensor, *params: Any) -> Tensor:
         node.next = (x.grad_fn or grad_node(x),)
         node._hooks = None
         return _result(out, node)
+    if out.dtype.kind == "f" and x.data.dtype.kind in "biu":
+        out = out.astype(np.float32)  # (exp of an int tensor: the default float, as torch)
     return _result(out, None)
 
 
@@ -559,6 +578,11 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
     except (TypeError, ValueError):  # (matmul's shape check met an object first)
         _check_operands(cls, a, b)
         raise
+    dt = out.dtype
+    if getattr(ad, "dtype", None) != dt or getattr(bd, "dtype", None) != dt:
+        want = _promoted(((a, ad), (b, bd)), dt)
+        if want is not None:
+            out = out.astype(want)
     if (ar or br) and grad_enabled():
         node.next = (
             (a.grad_fn or grad_node(a)) if ar else None,
@@ -567,6 +591,46 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
         node._hooks = None
         return _result(out, node)
     return _result(out, None)
+
+
+_CATEGORY = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3}
+_DEFAULT = {0: np.dtype(np.bool_), 1: np.dtype(np.int64), 2: np.dtype(np.float32)}
+
+
+def _promoted(operands: Sequence[tuple[Any, Any]], dt: np.dtype) -> np.dtype | None:
+    """The result dtype of an op on ``operands`` (each: as given, and its data) as torch
+    gives it, where numpy's ``dt`` differs (None: it does not). numpy promotes by value type alone, so a float32 tensor met an
+    integer array, a numpy float64 scalar (``x / np.sqrt(d)``) or a list of floats and
+    the graph went on in float64, at twice the memory and time. torch ranks operands:
+    tensors with dimensions first, then 0-d tensors and numpy scalars, then Python
+    numbers (and lists here, as "Python floats become float32"); a lower rank decides
+    only when it is of a higher category (bool < int < float < complex), and Python
+    numbers then give the default dtype of their category (float32, int64)."""
+    ranked: list[tuple[int, int, np.dtype]] = []  # (rank, category, dtype)
+    for x, xd in operands:
+        if isinstance(x, (Tensor, np.ndarray)):
+            d = xd.dtype
+            rank = 0 if xd.ndim else 1
+        elif isinstance(x, np.generic):
+            d, rank = xd.dtype, 1
+        else:  # Python numbers, lists
+            d = np.asarray(xd).dtype
+            rank = 2
+        cat = _CATEGORY.get(d.kind)
+        if cat is None:
+            return None  # (objects, strings: numpy's error or result stands)
+        ranked.append((rank, cat, d))
+    top = max(c for _, c, _ in ranked)
+    rank = min(r for r, c, _ in ranked if c == top)
+    if rank == 2:
+        want = _DEFAULT.get(top)
+        if want is None:
+            return None
+    else:
+        want = np.result_type(*(d for r, c, d in ranked if r == rank and c == top))
+    if dt.kind == "f" and want.kind in "biu":  # (int / int: the default float)
+        want = _DEFAULT[2]
+    return None if want == dt else want
 
 
 def _check_operands(cls: type[Function], a: Any, b: Any) -> None:
@@ -635,6 +699,11 @@ def _nary(cls: type[Function], xs: Sequence[Any], *params: Any) -> Tensor:
     datas = [_data(x) for x in xs]
     node = _new(cls)
     out = node.forward(datas, *params)
+    dt = out.dtype
+    if any(getattr(d, "dtype", None) != dt for d in datas):
+        want = _promoted(list(zip(xs, datas, strict=True)), dt)
+        if want is not None:
+            out = out.astype(want)
     flags = [isinstance(x, Tensor) and x._rg for x in xs]
     if any(flags) and grad_enabled():
         node.next = tuple(grad_node(x) if f else None for x, f in zip(xs, flags, strict=True))
@@ -794,7 +863,9 @@ def _index(index: Any, shape: tuple[int, ...]) -> Any:
 def _index_part(part: Any) -> Any:
     if isinstance(part, Tensor):
         part = part.data
-    elif isinstance(part, list):
+    if isinstance(part, (np.ndarray, np.bool_)) and part.dtype == np.bool_ and part.ndim == 0:
+        return bool(part)  # (a 0-d mask indexes as True/False; nonzero() refuses it)
+    if isinstance(part, list):
         part = np.asarray(part)
         if part.size == 0:
             part = part.astype(np.intp)
@@ -1020,7 +1091,8 @@ class Exp(Function):
     __slots__ = ()
 
     def forward(self, a: Any) -> Any:
-        out = np.exp(a)
+        with np.errstate(over="ignore"):  # (exp(100) in float32 is inf, as in torch)
+            out = np.exp(a)
         self.saved = out
         return out
 
@@ -1129,8 +1201,10 @@ class Softmax(Function):
             m = a.max(axis=axis, keepdims=True)
         except np.exceptions.AxisError:
             raise ValueError(_bad_axis("softmax", axis, a.ndim)) from None
-        e = np.exp(a - m)  # shift: stable for huge logits
-        out = e / e.sum(axis=axis, keepdims=True)
+        # (an inf or an all -inf row gives nan, as in torch: no warning)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            e = np.exp(a - m)  # shift: stable for huge logits
+            out = e / e.sum(axis=axis, keepdims=True)
         self.saved = (out, axis)
         return out
 
@@ -1149,10 +1223,12 @@ class LogSoftmax(Function):
             self.saved = (out, axis)
             return out
         try:
-            shifted = a - a.max(axis=axis, keepdims=True)
+            m = a.max(axis=axis, keepdims=True)
         except np.exceptions.AxisError:
             raise ValueError(_bad_axis("log_softmax", axis, a.ndim)) from None
-        out = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+        with np.errstate(invalid="ignore", divide="ignore"):  # (as in Softmax)
+            shifted = a - m
+            out = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
         self.saved = (out, axis)
         return out
 
@@ -1199,7 +1275,13 @@ class Max(Function):
             m = a.max(axis=axes, keepdims=True)
         except ValueError:
             raise ValueError(f"max() of an empty tensor of shape {a.shape}") from None
-        self.saved = (a == m, axes, keepdims)
+        mask = a == m
+        if m.dtype.kind == "f" and np.isnan(m).any():
+            # (nan == nan is False: the nan that is the max would get no gradient, and
+            # its neighbours nan from the division by a count of 0; as torch.max, the
+            # nan gets it)
+            mask |= np.isnan(a) & np.isnan(m)
+        self.saved = (mask, axes, keepdims)
         if keepdims:
             return m
         return m.reshape(()) if axes is None else np.squeeze(m, axes)

@@ -299,6 +299,42 @@ def test_hooks_on_leaf_and_non_leaf_see_and_replace_the_grad():
     np.testing.assert_array_equal(x.grad, [1.0, 1.0])
 
 
+def test_a_hook_handle_removes_its_own_registration_of_a_function_registered_twice():
+    def dbl(g):
+        return g * 2
+
+    def inc(g):
+        return g + 1
+
+    x = ag.tensor([1.0], requires_grad=True)
+    x.register_hook(dbl)
+    x.register_hook(inc)
+    h = x.register_hook(dbl)
+    assert "registered" in repr(h)
+    h.remove()  # the last dbl goes: dbl then inc (it took the first: inc then dbl, 4)
+    assert "removed" in repr(h)
+    x.sum().backward()
+    np.testing.assert_array_equal(x.grad, [3.0])  # torch: 3
+
+    y = ag.tensor([1.0], requires_grad=True)
+    h1 = y.register_hook(dbl)
+    y.register_hook(dbl)
+    h1.remove()
+    h1.remove()  # again: nothing (it took the other registration too)
+    y.sum().backward()
+    np.testing.assert_array_equal(y.grad, [2.0])
+
+
+def test_a_hook_may_change_a_reductions_gradient_in_place_at_any_size():
+    # (from 4 KiB on, a sum's gradient is a read-only broadcast view: the hook failed
+    # with "output array is read-only" at 1,024 float32 and worked at 1,000)
+    for n in (1000, 1024, 5000):
+        x = ag.ones(n, requires_grad=True)
+        x.register_hook(lambda g: g.__imul__(2))
+        x.sum().backward()
+        np.testing.assert_array_equal(x.grad, np.full(n, 2.0, np.float32))
+
+
 def test_hook_runs_once_on_summed_grad():
     x = ag.tensor([1.0], requires_grad=True)
     y = x * 1

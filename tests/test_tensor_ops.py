@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from gradcheck import gradcheck
@@ -238,8 +240,75 @@ def test_mean_of_nothing_is_nan_in_the_dtype_of_a_mean(dtype):
     full = ag.tensor(np.ones((2, 3), dtype))
     for t, axis in [(ag.tensor(np.zeros(0, dtype)), None), (ag.tensor(np.zeros((0, 3), dtype)), 0)]:
         m = t.mean(axis=axis)
-        assert m.dtype == full.mean().dtype == (np.float32 if dtype == "float32" else np.float64)
+        # (an integer tensor's mean is in the default float, as torch's float ops)
+        assert m.dtype == full.mean().dtype == np.float32
         assert m.shape == np.zeros(t.shape).sum(axis=axis).shape and np.all(np.isnan(m.data))
+
+
+def test_max_with_nan_gives_the_gradient_to_the_nan_as_torch():
+    # (nan == nan is False: every element of the nan's group got a nan gradient)
+    x = ag.tensor([1.0, np.nan, 3.0], requires_grad=True)
+    x.max().backward()
+    np.testing.assert_array_equal(x.grad, [0.0, 1.0, 0.0])
+    y = ag.tensor([[1.0, np.nan], [3.0, 0.0]], requires_grad=True)
+    y.max(axis=0).sum().backward()
+    np.testing.assert_array_equal(y.grad, [[0.0, 1.0], [1.0, 0.0]])
+
+
+def test_a_0d_boolean_mask_indexes_as_true_or_false():
+    # (np.nonzero refuses a 0-d array: numpy's internal ValueError came out)
+    s = ag.tensor(2.0, requires_grad=True)
+    picked = s[s > 0]
+    assert picked.shape == (1,)
+    picked.sum().backward()
+    assert s.grad == 1.0
+    v = ag.tensor([1.0, 2.0])
+    assert v[np.array(True)].shape == (1, 2)
+    assert v[np.array(False)].shape == (0, 2)
+
+
+def test_overflow_and_infinite_logits_give_torchs_values_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ag.tensor([100.0]).exp().item() == np.inf
+        np.testing.assert_array_equal(ag.tensor([np.inf, 0.0]).softmax().data, [np.nan] * 2)
+        np.testing.assert_array_equal(
+            ag.tensor([-np.inf, -np.inf]).log_softmax().data, [np.nan] * 2
+        )
+        np.testing.assert_array_equal(ag.tensor([[-np.inf, 0.0]]).softmax().data, [[0.0, 1.0]])
+
+
+PROMOTION = [
+    # (numpy alone gave float64 for all but the last four; torch's dtype)
+    ("int tensor", lambda x: x * ag.tensor([1, 0, 1]), np.float32),
+    ("int array", lambda x: x + np.arange(3), np.float32),
+    ("list of floats", lambda x: x + [1.0, 2.0, 3.0], np.float32),
+    ("numpy float64 scalar", lambda x: x / np.sqrt(4.0), np.float32),
+    ("0-d float64 tensor", lambda x: x + ag.tensor(np.array(1.5)), np.float32),
+    ("int tensor exponent", lambda x: x ** ag.tensor(2), np.float32),
+    ("stack with ints", lambda x: ag.stack([x, ag.tensor([1, 2, 3])]).sum(axis=0), np.float32),
+    ("where with float64 scalar", lambda x: ag.where(x > 1, x, np.float64(0)), np.float32),
+    ("float64 array", lambda x: x + np.ones(3), np.float64),
+    ("Python float", lambda x: x * 2.5, np.float32),
+    ("0-d float32 with float64 array", lambda x: x.sum() * np.ones(3), np.float64),
+    ("bool tensor", lambda x: ag.tensor([True, False, True]) * x, np.float32),
+]
+
+
+@pytest.mark.parametrize("name, fn, dtype", PROMOTION, ids=[p[0] for p in PROMOTION])
+def test_float32_tensors_keep_float32_by_torchs_promotion_rules(name, fn, dtype):
+    x = ag.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    y = fn(x)
+    assert y.dtype == dtype
+    y.sum().backward()
+    assert x.grad.dtype == np.float32
+
+
+def test_integer_tensors_give_the_default_float_where_an_op_makes_floats():
+    i = ag.tensor([1, 2])
+    assert (i / 2).dtype == (i / i).dtype == (i * 2.5).dtype == np.float32
+    assert i.exp().dtype == i.sqrt().dtype == i.mean().dtype == np.float32
+    assert (i * 2).dtype == np.int64
 
 
 def test_max_splits_gradient_between_ties():
