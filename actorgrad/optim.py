@@ -12,8 +12,9 @@ grad are accepted, as torch accepts them (frozen parameters: they get no ``.grad
 are skipped, unless ``step`` is given a gradient for them).
 
 A step gives each parameter it updates a new array (see ``Optimizer.step``: graphs
-recorded before it keep the values they were computed with); a subclass's ``_update``
-writes into that new ``p.data`` in place.
+recorded before it keep the values they were computed with); a subclass's
+``_update(p, g, data)`` writes the update into ``data``, a copy of ``p.data`` that
+becomes ``p.data`` once written.
 
 Example::
 
@@ -139,7 +140,10 @@ class Optimizer:
         stays): a graph recorded before the step (kept with ``retain_graph``, or the
         forward pass of another context on a parameter server) still computes its
         gradients with the values its forward pass used, and a message still sending
-        the old values sends them intact.
+        the old values sends them intact. The new array becomes ``.data`` once the
+        update is written: whatever reads the parameter meanwhile (another task sending
+        it, as a parameter server does while a large step runs in a thread) sees the
+        values before the step or after it, never a mix.
 
         >>> w = ag.tensor([1.0, 2.0], requires_grad=True)
         >>> SGD([w], lr=0.5).step({w: np.array([1.0, 1.0])}); w.data
@@ -147,10 +151,13 @@ class Optimizer:
         """
         for p, g in self._grads(grads):
             # (a copy in the same memory layout: the update streams through it)
-            p.data = np.array(p.data, order="K")
-            self._update(p, g)
+            data = np.array(p.data, order="K")
+            self._update(p, g, data)
+            p.data = data
 
-    def _update(self, p: Tensor, g: np.ndarray) -> None:
+    def _update(self, p: Tensor, g: np.ndarray, data: np.ndarray) -> None:
+        """Write the update of ``p`` with gradient ``g`` into ``data`` (a copy of
+        ``p.data``, which it replaces afterwards)."""
         raise NotImplementedError
 
     def zero_grad(self) -> None:
@@ -190,20 +197,20 @@ class SGD(Optimizer):
         self.momentum = momentum
         self.weight_decay = weight_decay
 
-    def _update(self, p: Tensor, g: np.ndarray) -> None:
+    def _update(self, p: Tensor, g: np.ndarray, data: np.ndarray) -> None:
         if self.weight_decay:
-            g = g + self.weight_decay * p.data
+            g = g + self.weight_decay * data
         if self.momentum:
             state = self.state.get(p)
             if state is None:
-                buf = np.array(g, dtype=p.data.dtype)  # torch: clone of the first grad
+                buf = np.array(g, dtype=data.dtype)  # torch: clone of the first grad
                 self.state[p] = {"momentum_buffer": buf}
             else:
                 buf = state["momentum_buffer"]
                 buf *= self.momentum
                 buf += g
             g = buf
-        p.data -= self.lr * g
+        data -= self.lr * g
 
 
 class Adam(Optimizer):
@@ -236,14 +243,14 @@ class Adam(Optimizer):
         self.betas = betas
         self.eps = eps
 
-    def _update(self, p: Tensor, g: np.ndarray) -> None:
+    def _update(self, p: Tensor, g: np.ndarray, data: np.ndarray) -> None:
         b1, b2 = self.betas
         state = self.state.get(p)
         if state is None:
             state = self.state[p] = {
                 "step": 0,
-                "exp_avg": np.zeros_like(p.data),
-                "exp_avg_sq": np.zeros_like(p.data),
+                "exp_avg": np.zeros_like(data),
+                "exp_avg_sq": np.zeros_like(data),
             }
         state["step"] += 1
         t = state["step"]
@@ -255,4 +262,4 @@ class Adam(Optimizer):
         bias1 = 1 - b1**t
         bias2 = 1 - b2**t
         denom = np.sqrt(v) / math.sqrt(bias2) + self.eps
-        p.data -= (self.lr / bias1) * (m / denom)
+        data -= (self.lr / bias1) * (m / denom)

@@ -830,7 +830,7 @@ class SlowSGD(ag.optim.SGD):
     """SGD whose update reads the parameter, waits (releasing the GIL, as a large
     numpy update does), then writes: two steps at once on one owner lose an update."""
 
-    def _update(self, p: ag.Tensor, g: np.ndarray) -> None:
+    def _update(self, p: ag.Tensor, g: np.ndarray, data: np.ndarray) -> None:
         before = p.data.copy()
         time.sleep(0.05)
-        p.data[...] = before - self.lr * g
+        data[...] = before - self.lr * g

@@ -241,3 +241,25 @@ def test_a_graph_recorded_before_a_step_keeps_its_values(cls):
     loss.backward()
     assert x.grad.tolist() == [1.0, 4.0]  # w * w of the forward pass
     assert w.data.flags.c_contiguous and w.data.dtype == np.float64
+
+
+@pytest.mark.parametrize("cls", [ag.optim.SGD, ag.optim.Adam])
+def test_the_parameter_shows_the_old_values_until_the_update_is_written(cls, monkeypatch):
+    # The step gave the parameter its new array first and wrote the update into it
+    # then: a reader meanwhile (a parameter server sending it while a large step runs
+    # in a thread, numpy without the GIL) got a mix of old and new values.
+    w = ag.tensor([1.0, 2.0], requires_grad=True, dtype="float64")
+    seen = []
+    real = cls._update
+
+    def spy(self, p, g, data):
+        real(self, p, g, data)
+        seen.append((p.data.tolist(), data.tolist()))
+
+    monkeypatch.setattr(cls, "_update", spy)
+    cls([w], lr=0.5, **({"momentum": 0.9} if cls is ag.optim.SGD else {})).step(
+        {w: np.array([1.0, 1.0])}
+    )
+    (during, written) = seen[0]
+    assert during == [1.0, 2.0]  # all written, the parameter still the old values
+    assert w.data.tolist() == written != during
