@@ -508,6 +508,63 @@ def test_a_driver_script_importing_a_module_beside_it_works_on_workers_of_anothe
     assert r.stdout.split() == ["42", "21", "42"]
 
 
+EDITED_DRIVER = """
+import asyncio
+import actorgrad as ag
+from edited_model import K, scaled
+
+def f(x):
+    return x * FACTOR + K
+
+async def main():
+    await ag.init("driver-edited")
+    print(await ag.rpc("w1", f, (1,)), await ag.rpc("w2", scaled, (1,)), flush=True)
+    EXTRA
+    await ag.shutdown()
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@needs_runtime
+def test_a_cluster_runs_the_edited_driver_script_and_modules_of_a_new_run(
+    cluster: tuple[str, Path], tmp_path: Path
+) -> None:
+    # The workers imported a driver's script (and the modules beside it) once for
+    # their whole life: run again after an edit, they ran the first version silently,
+    # and a function added since was not found.
+    project = tmp_path / "project"
+    project.mkdir()
+    script, model = project / "driver.py", project / "edited_model.py"
+    address, token_file = cluster
+    env = _env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
+    outputs = []
+    for i, (factor, k, extra) in enumerate(
+        [(2, 10, ""), (3, 20, 'print(await ag.rpc("w1", added, ()), flush=True)')]
+    ):
+        text = EDITED_DRIVER.replace("FACTOR", str(factor)).replace("EXTRA", extra)
+        if extra:
+            text = text.replace(
+                "async def main", "def added():\n    return 'added'\n\nasync def main"
+            )
+        script.write_text(text)
+        model.write_text(f"K = {k}\n\n\ndef scaled(x):\n    return x * K * 100\n")
+        for f in (script, model):  # (a new modification time, whatever the clock's grain)
+            os.utime(f, ns=(10**18 + i * 10**9, 10**18 + i * 10**9))
+        r = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert r.returncode == 0, r.stderr
+        outputs.append(r.stdout.split())
+    assert outputs == [["12", "1000"], ["23", "2000", "added"]]
+
+
 def test_a_token_file_that_is_a_dangling_symbolic_link_is_named_so(tmp_path: Path) -> None:
     # "does not exist" for a file that is there (a link), and that it could not create
     link = tmp_path / "tok"

@@ -7,10 +7,18 @@ script travel as ``["__main__:qualname", "/path/to/script.py"]``: a worker whose
 does not run. Functions of a module beside the driver's script travel as
 ``["module:qualname", "/path/to/script.py"]``: the worker puts the script's folder
 first on its import path, as it does to import the script itself.
+
+Both carry a third element, the version of the driver's code: a digest of the paths,
+sizes and modification times of the script and of the modules the driver imported from
+its folder. A worker that imported an older version (a cluster that outlives the
+driver runs: `actorgrad cluster`, then the script run, edited, run again) forgets the
+modules it imported for that script and imports them anew; it used to run the first
+version it had imported, silently, and did not find functions added since.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -43,9 +51,9 @@ def fn_spec(fn: Any) -> str | list:
         if m == "__main__":  # this process's script, as for its functions themselves
             path = _main_path()
             if path is not None:
-                return [fn, path]
+                return [fn, path, version(path)]
         return fn
-    if type(fn) is list and len(fn) == 2 and all(isinstance(x, str) for x in fn):
+    if type(fn) is list and len(fn) in (2, 3) and all(isinstance(x, str) for x in fn):
         return fn  # already a wire name (a __main__ function)
     try:
         cached = _spec_cache.get(fn)
@@ -78,12 +86,13 @@ def fn_spec(fn: Any) -> str | list:
             raise TypeError(
                 f"cannot call {qual!r} remotely: it lives in an interactive __main__ without a file"
             )
-        spec = [f"__main__:{qual}", os.path.realpath(path)]
+        real = os.path.realpath(path)
+        spec = [f"__main__:{qual}", real, version(real)]
     else:
         spec = f"{mod}:{qual}"
         script = _script_beside(mod)
         if script is not None:  # (the worker puts the script's folder on its path)
-            spec = [spec, script]
+            spec = [spec, script, version(script)]
     try:
         _spec_cache[fn] = spec
     except TypeError:
@@ -127,6 +136,77 @@ def _script_beside(mod: str) -> str | None:
     if main is not None and os.path.dirname(main) == home:
         return main
     return _script_folders.get(home)  # (a worker passing on a driver's function)
+
+
+#: the version of each driver script's code in this process: computed here for this
+#: process's own script, else the one its modules were imported at (a worker passing on
+#: a driver's function names the version it runs)
+_versions: dict[str, str] = {}
+#: the modules this worker imported for each driver script (the script's own module is
+#: in _main_modules): forgotten when another version of the script comes
+_imported_for: dict[str, set[str]] = {}
+
+
+def version(script: str) -> str:
+    """The version of driver script ``script``'s code, as this process has it: a digest
+    of the path, size and modification time of the script and of every module imported
+    here from its folder (site-packages excluded), once per process."""
+    v = _versions.get(script)
+    if v is None:
+        v = _versions[script] = _digest(script)
+    return v
+
+
+def _digest(script: str) -> str:
+    folder = os.path.dirname(script) + os.sep
+    files = {script}
+    for module in list(sys.modules.values()):
+        where = getattr(module, "__file__", None)
+        if isinstance(where, str) and _in_folder(where, folder):
+            files.add(where)
+    h = hashlib.blake2b(digest_size=8)
+    for f in sorted(files):
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
+def _in_folder(path: str, folder: str) -> bool:
+    """Whether module file ``path`` lies in a driver's ``folder`` (ending in os.sep),
+    not in an installed package under it (a virtualenv in the project's folder)."""
+    return path.startswith(folder) and not any(
+        part in ("site-packages", "dist-packages") for part in path[len(folder) :].split(os.sep)
+    )
+
+
+def _at_version(script: str, v: str | None) -> None:
+    """Make this worker's modules of driver script ``script`` those of version ``v``:
+    if it imported another version, forget the modules it imported for it (the next
+    call imports them anew from the script's folder)."""
+    if v is None or _versions.get(script) == v:
+        return
+    if script in _versions and _main_path() != script:
+        _main_modules.pop(script, None)
+        for name in _imported_for.pop(script, ()):
+            sys.modules.pop(name, None)
+        for key in [k for k in _resolve_cache if type(k) is tuple and k[1] == script]:
+            del _resolve_cache[key]
+        importlib.invalidate_caches()  # (a module added beside the script meanwhile)
+    _versions[script] = v
+
+
+def _track_imports(script: str, before: set[str]) -> None:
+    """Remember the modules imported since ``before`` from ``script``'s folder: those
+    to forget when another version of the script comes."""
+    folder = os.path.dirname(script) + os.sep
+    mine = _imported_for.setdefault(script, set())
+    for name in sys.modules.keys() - before:
+        where = getattr(sys.modules.get(name), "__file__", None)
+        if isinstance(where, str) and _in_folder(os.path.realpath(where), folder):
+            mine.add(name)
 
 
 def _use_folder_of(script: str) -> None:
@@ -235,26 +315,36 @@ def resolve(spec: Any) -> Any:
     fn = _resolve_cache.get(key)
     if fn is not None:
         return fn
+    v: str | None = None
     if isinstance(spec, str):
         name, path = spec, None
     else:
-        if len(spec) != 2 or not all(isinstance(s, str) for s in spec):
+        if len(spec) not in (2, 3) or not all(isinstance(s, str) for s in spec):
             raise ValueError(f"malformed function name {spec!r}")
-        name, path = spec
+        name, path = spec[0], spec[1]
+        if len(spec) == 3:
+            v = spec[2]
     mod, sep, qual = name.partition(":")
     if not sep or not mod or not qual:
         raise ValueError(f"malformed function name {name!r}")
-    if path is not None and mod == "__main__":
-        module = _main_module(path)
-    else:
-        if path is not None:  # a module beside the driver's script
-            _use_folder_of(path)
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            raise ModuleNotFoundError(
-                f"cannot call {name!r}: no module named {exc.name!r}", name=exc.name
-            ) from None
+    if path is not None:
+        _at_version(path, v)
+        before = set(sys.modules)
+    try:
+        if path is not None and mod == "__main__":
+            module = _main_module(path)
+        else:
+            if path is not None:  # a module beside the driver's script
+                _use_folder_of(path)
+            try:
+                module = importlib.import_module(mod)
+            except ModuleNotFoundError as exc:
+                raise ModuleNotFoundError(
+                    f"cannot call {name!r}: no module named {exc.name!r}", name=exc.name
+                ) from None
+    finally:
+        if path is not None and _main_path() != path:
+            _track_imports(path, before)
     obj: Any = module
     for part in qual.split("."):
         try:
