@@ -507,6 +507,48 @@ def test_the_driver_scripts_names_are_the_same_on_process_and_in_process_workers
     ]
 
 
+def test_a_driver_run_as_a_module_of_a_package_finds_its_relative_imports_on_workers(tmp_path):
+    # `python -m trainpkg.train`: a worker imported the file alone, as __mp_main__,
+    # and its `from .model import scale` failed ("attempted relative import with no
+    # known parent package"), with advice to install what it imports.
+    pkg = tmp_path / "trainpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "model.py").write_text("def scale(x, k):\n    return x * k\n")
+    (pkg / "train.py").write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+            import actorgrad as ag
+            from .model import scale
+
+            def here(x):
+                return scale(x, 2) + 1
+
+            async def main():
+                async with ag.local_cluster(1, processes=True):
+                    print(await ag.rpc("w1", here, (5,)), await ag.rpc("w1", scale, (5, 3)))
+                    print(await ag.rpc("w1", "__main__:here", (1,)))
+
+            if __name__ == "__main__":
+                asyncio.run(main())
+            """
+        )
+    )
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("ACTORGRAD_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "trainpkg.train"],
+        capture_output=True,
+        text=True,
+        timeout=45,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["11", "15", "3"]
+
+
 def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fails(tmp_path):
     # No `if __name__ == "__main__":` guard: the worker importing the script to find a
     # function runs its top level, which starts an event loop inside the worker's.

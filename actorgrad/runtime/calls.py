@@ -41,6 +41,46 @@ def _main_path() -> str | None:
     return os.path.realpath(path) if path else None
 
 
+def _main_name() -> str | None:
+    """The module name this process's script runs as (``python -m pkg.train``: its
+    relative imports need it), else None (``python train.py``)."""
+    name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    return name if isinstance(name, str) and name not in ("__main__", MAIN_ALIAS) else None
+
+
+def _main_spec(name: str, path: str) -> list:
+    """The wire name of ``name`` ("__main__:qualname") of driver script ``path``."""
+    spec = [name, path, version(path)]
+    if path == _main_path():
+        module = _main_name()
+        if module is not None:
+            spec.append(module)
+    else:
+        module = _module_names.get(path)  # (a worker passing on a driver's function)
+        if module is not None:
+            spec.append(module)
+    return spec
+
+
+def _home(script: str) -> str:
+    """The folder of the import path that driver script ``script`` imports its modules
+    from: the script's own, or with ``python -m pkg.train`` the one holding ``pkg``."""
+    home = _homes.get(script)
+    if home is None:
+        home = os.path.dirname(script)
+        name = _main_name() if script == _main_path() else _module_names.get(script)
+        if name is not None:
+            for _ in name.split(".")[1:]:
+                home = os.path.dirname(home)
+        _homes[script] = home
+    return home
+
+
+#: the module name each driver script runs as (``python -m``), as its functions said
+_module_names: dict[str, str] = {}
+_homes: dict[str, str] = {}
+
+
 def fn_spec(fn: Any) -> str | list:
     """The wire name of ``fn``. Raises TypeError for anything that cannot be imported by
     name on another worker (lambdas, closures, nested functions, bound methods...)."""
@@ -51,9 +91,9 @@ def fn_spec(fn: Any) -> str | list:
         if m == "__main__":  # this process's script, as for its functions themselves
             path = _main_path()
             if path is not None:
-                return [fn, path, version(path)]
+                return _main_spec(fn, path)
         return fn
-    if type(fn) is list and len(fn) in (2, 3) and all(isinstance(x, str) for x in fn):
+    if type(fn) is list and len(fn) in (2, 3, 4) and all(isinstance(x, str) for x in fn):
         return fn  # already a wire name (a __main__ function)
     try:
         cached = _spec_cache.get(fn)
@@ -86,8 +126,7 @@ def fn_spec(fn: Any) -> str | list:
             raise TypeError(
                 f"cannot call {qual!r} remotely: it lives in an interactive __main__ without a file"
             )
-        real = os.path.realpath(path)
-        spec = [f"__main__:{qual}", real, version(real)]
+        spec = _main_spec(f"__main__:{qual}", os.path.realpath(path))
     else:
         spec = f"{mod}:{qual}"
         script = _script_beside(mod)
@@ -133,7 +172,7 @@ def _script_beside(mod: str) -> str | None:
     if os.path.basename(where) == "__init__.py":
         home = os.path.dirname(home)
     main = _main_path()
-    if main is not None and os.path.dirname(main) == home:
+    if main is not None and _home(main) == home:
         return main
     return _script_folders.get(home)  # (a worker passing on a driver's function)
 
@@ -158,7 +197,7 @@ def version(script: str) -> str:
 
 
 def _digest(script: str) -> str:
-    folder = os.path.dirname(script) + os.sep
+    folder = _home(script) + os.sep
     files = {script}
     for module in list(sys.modules.values()):
         where = getattr(module, "__file__", None)
@@ -201,7 +240,7 @@ def _at_version(script: str, v: str | None) -> None:
 def _track_imports(script: str, before: set[str]) -> None:
     """Remember the modules imported since ``before`` from ``script``'s folder: those
     to forget when another version of the script comes."""
-    folder = os.path.dirname(script) + os.sep
+    folder = _home(script) + os.sep
     mine = _imported_for.setdefault(script, set())
     for name in sys.modules.keys() - before:
         where = getattr(sys.modules.get(name), "__file__", None)
@@ -215,7 +254,7 @@ def _use_folder_of(script: str) -> None:
     name of one imported from another script's folder: see _check_no_clash)."""
     if _main_path() == script:
         return  # (this process's own script: its folder is on the path already)
-    folder = os.path.dirname(script)
+    folder = _home(script)
     if _script_folders.get(folder) == script or folder in sys.path:
         return
     _check_no_clash(folder)
@@ -269,17 +308,22 @@ def _main_module(path: str) -> types.ModuleType:
     module = _main_modules.get(path)
     if module is not None:
         return module
-    spec = importlib.util.spec_from_file_location(MAIN_ALIAS, path)
+    # (run as `python -m pkg.train`: imported with that name's spec, so that its
+    # relative imports find its package, but named __mp_main__, as multiprocessing does)
+    spec = importlib.util.spec_from_file_location(_module_names.get(path, MAIN_ALIAS), path)
     if spec is None or spec.loader is None:
         raise ModuleNotFoundError(f"cannot import the driver script {path!r}")
     # (its `from model import Net` finds the module beside it: a worker joined from
     # another folder found none)
     _use_folder_of(path)
     module = importlib.util.module_from_spec(spec)
+    module.__name__ = MAIN_ALIAS
     saved = sys.modules.get(MAIN_ALIAS)
     sys.modules[MAIN_ALIAS] = module  # its classes and dataclasses look themselves up here
     try:
-        spec.loader.exec_module(module)
+        # (as runpy: the loader's exec_module refuses a module named otherwise than it)
+        code = spec.loader.get_code(spec.name)  # type: ignore[attr-defined]
+        exec(code, module.__dict__)
     except BaseException as exc:
         if saved is None:
             sys.modules.pop(MAIN_ALIAS, None)
@@ -319,11 +363,16 @@ def resolve(spec: Any) -> Any:
     if isinstance(spec, str):
         name, path = spec, None
     else:
-        if len(spec) not in (2, 3) or not all(isinstance(s, str) for s in spec):
+        if len(spec) not in (2, 3, 4) or not all(isinstance(s, str) for s in spec):
             raise ValueError(f"malformed function name {spec!r}")
         name, path = spec[0], spec[1]
-        if len(spec) == 3:
+        if len(spec) >= 3:
             v = spec[2]
+        if len(spec) == 4 and _module_names.get(path) != spec[3]:
+            if not all(part.isidentifier() for part in spec[3].split(".")):
+                raise ValueError(f"malformed module name in function name {spec!r}")
+            _module_names[path] = spec[3]
+            _homes.pop(path, None)
     mod, sep, qual = name.partition(":")
     if not sep or not mod or not qual:
         raise ValueError(f"malformed function name {name!r}")
