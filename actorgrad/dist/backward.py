@@ -168,8 +168,10 @@ def _boundary(
             return
         raise RuntimeError(
             f"{node!r}: trying to backward through the graph a second time; it was freed "
-            "after the first backward. Pass retain_graph=True to the first backward() "
-            "if you need to run it again."
+            "by an earlier backward pass in this context (a pass without retain_graph "
+            "frees the context's whole graph on every worker, also the parts its loss did "
+            "not reach). Pass retain_graph=True to the earlier backward() if you need to "
+            "run it again."
         )
     dest, send_id = node.src, node.send_id
     if redirect:
