@@ -337,15 +337,15 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 
     async def serve(stop: asyncio.Event) -> None:
         with _expected():
-            await cluster.serve_worker(
+            why = await cluster.serve_worker(
                 args.join,
                 args.name,
                 token,
                 stop=stop,
                 on_joined=lambda w: _say(f"worker {args.name} joined (cluster id {w.id})"),
             )
-        if not stop.is_set():  # (not asked to stop: a supervisor should hear of it)
-            raise CliError(f"worker {args.name}: the cluster's head went away")
+        if why is not None:  # (not asked to stop: a supervisor should hear of it)
+            raise CliError(f"worker {args.name}: the cluster's head went away ({why})")
 
     code = await _serve_until_signalled(
         serve, f"worker {args.name}", f"worker {args.name} joining {args.join}"

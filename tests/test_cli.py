@@ -863,6 +863,34 @@ def test_the_cluster_says_who_joins_and_leaves_and_how_its_workers_die(tmp_path:
 
 
 @needs_runtime
+def test_the_workers_of_a_cluster_whose_process_died_say_why_they_leave(tmp_path: Path) -> None:
+    # They exited with status 0 and said nothing: a cluster process stopped (Ctrl-Z)
+    # for longer than the idle timeout lost its workers, then ran on empty, and
+    # nothing said why.
+    token_file = tmp_path / "token"
+    c = Running("cluster", "-n", "1", "--token-file", str(token_file))
+    pids: set[int] = set()
+    try:
+        c.expect("Ctrl-C to stop")
+        pids = descendants(c.proc.pid)
+        assert pids
+        c.proc.send_signal(signal.SIGKILL)  # (the cluster alone: its worker stays)
+        c.wait()
+        assert c.proc.stderr is not None
+        err = c.proc.stderr.read()  # (to its end: the worker process holds it until it exits)
+        assert (
+            "actorgrad worker w1: the cluster's head went away (its connection closed); leaving\n"
+            in err
+        ), err
+        assert wait_gone(pids, 10) == set()
+    finally:
+        c.stop()
+        for pid in pids:  # (orphans now: no longer the cluster's descendants)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@needs_runtime
 def test_status_lists_a_hung_worker_as_unreachable_and_names_a_hung_head(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     c = Running("cluster", "-n", "2", "--token-file", str(token_file))
@@ -1303,7 +1331,8 @@ def test_a_joined_worker_exits_when_its_cluster_stops(tmp_path: Path) -> None:
         assert w.wait() == 1
         assert w.proc.stderr is not None
         assert (
-            w.proc.stderr.read() == "actorgrad: error: worker late: the cluster's head went away\n"
+            w.proc.stderr.read()
+            == "actorgrad: error: worker late: the cluster's head went away (it shut down)\n"
         )
     finally:
         c.stop()

@@ -303,9 +303,11 @@ async def serve_worker(
     stop: asyncio.Event | None = None,
     host: str | None = None,
     on_joined: Callable[[Worker], None] | None = None,
-) -> None:
+) -> str | None:
     """One worker joining the cluster at ``address``; runs until ``stop`` is set or the
-    cluster's head goes away. ``on_joined(worker)`` once it joined."""
+    cluster's head goes away. ``on_joined(worker)`` once it joined. Returns how the
+    head went away ("it shut down", "worker '_head' sent nothing for 60 s ..."), None
+    when ``stop`` ended it."""
     check_name(name)
     check_address(address)
     if host is None:
@@ -322,7 +324,8 @@ async def serve_worker(
         if await _unless_stopped(w.join(address), stop):
             if on_joined is not None:
                 on_joined(w)
-            await _unless_stopped(w.registry_lost.wait(), stop)  # (the head went away)
+            if await _unless_stopped(w.registry_lost.wait(), stop):  # (the head went away)
+                return w.registry_lost_why or "its connection closed"
     except asyncio.CancelledError:
         cancelled = True
         raise
@@ -331,6 +334,7 @@ async def serve_worker(
         await finish(w.shutdown(timeout=DRAIN), w.cut_drain, cancelled)
         if own and _w._process_worker is w:
             _w.set_process_worker(None)
+    return None
 
 
 async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict:  # noqa: ASYNC109 (timeout is API)

@@ -529,6 +529,7 @@ class Worker:
         self.registry: Any = None  # registry.Registry on the head
         self.registry_conn: Connection | None = None
         self.registry_lost = asyncio.Event()
+        self.registry_lost_why = ""  # (how: "it shut down", "sent nothing for 60 s ...")
         # rrefs owned here
         self.owned: dict[int, rref.Owned] = {}
         self._rref_ids = itertools.count(1)
@@ -993,6 +994,10 @@ class Worker:
         for cid in conn.queued:
             conn.queued[cid] = True
         if conn is self.registry_conn:
+            if conn.goodbye:
+                self.registry_lost_why = "it shut down"
+            else:
+                self.registry_lost_why = str(exc) if exc is not None else "its connection closed"
             self.registry_lost.set()
         if self.registry is not None:
             self.registry.conn_lost(conn)

@@ -38,14 +38,14 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_malloc()
 
-    async def serve() -> bool:
-        """Serve until a signal or the head goes away; whether the head went away."""
+    async def serve() -> str | None:
+        """Serve until a signal or the head goes away; how the head went away (None:
+        a signal)."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve_worker(args.join, args.name, token, stop=stop, host=args.host)
-        return not stop.is_set()
+        return await serve_worker(args.join, args.name, token, stop=stop, host=args.host)
 
     profile = os.environ.get("ACTORGRAD_PROFILE")
     prof: Any = None
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
         prof = cProfile.Profile()
         prof.enable()
-    head_gone = False
+    head_gone: str | None = None
     try:
         head_gone = run(serve())
     except KeyboardInterrupt:
@@ -68,7 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         if prof is not None:
             prof.disable()
             prof.dump_stats(f"{profile}.{args.name}")
-    if head_gone:
+    if head_gone is not None:
+        # (said, so that a cluster that finds its workers gone knows why: one whose
+        # process was stopped (Ctrl-Z) for longer than the idle timeout lost them all)
+        print(
+            f"actorgrad worker {args.name}: the cluster's head went away ({head_gone}); "
+            "leaving",
+            file=sys.stderr,
+            flush=True,
+        )
         # (its cluster is gone: nobody waits for a call still stuck in the thread pool,
         # and the interpreter's exit would wait for it, maybe for good; a stop asked for
         # by a signal lets it finish, as the cluster stops gracefully)
