@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         # (said, so that a cluster that finds its workers gone knows why: one whose
         # process was stopped (Ctrl-Z) for longer than the idle timeout lost them all)
         print(
-            f"actorgrad worker {args.name}: the cluster's head went away ({head_gone}); "
-            "leaving",
+            f"actorgrad worker {args.name}: the cluster's head went away ({head_gone}); leaving",
             file=sys.stderr,
             flush=True,
         )
