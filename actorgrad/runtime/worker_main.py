@@ -69,13 +69,16 @@ def main(argv: list[str] | None = None) -> int:
             prof.disable()
             prof.dump_stats(f"{profile}.{args.name}")
     if head_gone is not None:
-        # (said, so that a cluster that finds its workers gone knows why: one whose
-        # process was stopped (Ctrl-Z) for longer than the idle timeout lost them all)
-        print(
-            f"actorgrad worker {args.name}: the cluster's head went away ({head_gone}); leaving",
-            file=sys.stderr,
-            flush=True,
-        )
+        if head_gone != "it shut down":
+            # (said, so that a cluster that finds its workers gone knows why: one whose
+            # process was stopped (Ctrl-Z) for longer than the idle timeout lost them
+            # all; not when it shut down: the cluster is stopping them, and says so)
+            print(
+                f"actorgrad worker {args.name}: the cluster's head went away ({head_gone}); "
+                "leaving",
+                file=sys.stderr,
+                flush=True,
+            )
         # (its cluster is gone: nobody waits for a call still stuck in the thread pool,
         # and the interpreter's exit would wait for it, maybe for good; a stop asked for
         # by a signal lets it finish, as the cluster stops gracefully)
