@@ -6,9 +6,11 @@ Every test using the ``cluster`` fixture runs over both transports (in-process, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import inspect
 import itertools
+import operator
 import re
 import sys
 import threading
@@ -53,6 +55,17 @@ def raise_base(kind: str, really: bool = True):
         "custom": _NotAnException("custom"),
         "CancelledError": asyncio.CancelledError("by hand"),
     }[kind]
+
+
+async def cancelled_by_a_watchdog(how: str):
+    """A coroutine whose own task gets cancelled by code on its worker."""
+    task = asyncio.current_task()
+    assert task is not None
+    if how == "itself":
+        task.cancel()
+    else:  # a watchdog, as asyncio code sets one up around a slow step
+        asyncio.get_running_loop().call_soon(task.cancel)
+    await asyncio.sleep(30)
 
 
 async def araise_base(kind: str):
@@ -631,6 +644,28 @@ async def test_lambda_closure_and_nested_function_fail_at_the_caller(cluster):
         await ag.rpc("w1", nested)
     with pytest.raises(TypeError, match="bound method"):
         await ag.rpc("w1", Counter().incr)
+
+
+class WithClassMethods:
+    @classmethod
+    def make(cls, x):
+        return [cls.__name__, x]
+
+
+async def test_bound_builtins_and_callable_objects_are_named_as_such_and_classmethods_go(cluster):
+    # They were all refused as "lambdas, closures and nested functions"; classmethods
+    # (found by name on the worker as any function) were refused as bound methods.
+    for fn in ([].append, "abc".upper):
+        with pytest.raises(TypeError, match="cannot call bound method '(list.append|str.upper)'"):
+            await ag.rpc("w1", fn, (1,))
+    for fn, kind in [
+        (functools.partial(add, 1), "partial"),
+        (operator.itemgetter(0), "itemgetter"),
+    ]:
+        with pytest.raises(TypeError, match=f"an object of type {kind} is not found by name"):
+            await ag.rpc("w1", fn, (1,))
+    assert await ag.rpc("w1", WithClassMethods.make, (2,)) == ["WithClassMethods", 2]
+    assert await ag.rpc("w1", dict.fromkeys, ("ab",)) == {"a": None, "b": None}
 
 
 async def test_unencodable_argument_is_a_type_error_at_the_sender(cluster):
@@ -1545,6 +1580,20 @@ async def test_a_coroutine_awaiting_a_task_it_cancelled_gets_the_caller_a_remote
     assert cluster.workers[0].status()["in_flight"] == 0
 
 
+@pytest.mark.parametrize("how", ["itself", "watchdog"])
+async def test_a_call_whose_task_code_on_its_worker_cancels_gets_the_caller_a_remote_error(
+    cluster, how
+):
+    # Only a CancelledError raised by hand came back: one of the task's cancellation
+    # by code on the worker was taken for the worker's own (its shutdown), and the
+    # caller waited for good.
+    with pytest.raises(ag.RemoteError, match="cancelled on the worker .not by its caller") as err:
+        await asyncio.wait_for(ag.rpc("w1", cancelled_by_a_watchdog, (how,)), 10)
+    assert err.value.remote_type == "asyncio.exceptions.CancelledError"
+    assert await ag.rpc("w1", add, (1, 2)) == 3
+    assert cluster.workers[0].status()["in_flight"] == 0
+
+
 @pytest.mark.parametrize("how", ["call", "call_nowait"])
 async def test_a_call_whose_rrefs_cannot_all_be_registered_takes_its_counts_back(cluster, how):
     # One argument is an RRef the driver owns (counted for w2 at once), the other one of
@@ -1816,7 +1865,7 @@ async def test_actorgrad_used_from_another_event_loop_says_so(cluster):
 @pytest.mark.parametrize(
     ("kwargs", "exc", "message"),
     [
-        ({"graceful": "no"}, TypeError, "graceful must be a bool, not 'no'"),
+        ({"graceful": "no"}, TypeError, r"graceful must be a bool \(True or False\), not 'no'"),
         ({"graceful": None}, TypeError, "not None"),
         (
             {"timeout": -5},

@@ -411,18 +411,6 @@ class _Raised:
         self.exc = exc
 
 
-def _user_raised(exc: BaseException) -> bool:
-    """Whether ``exc``, caught around a user function in a worker's task, is the
-    function's own error (any exception: SystemExit, GeneratorExit, a BaseException
-    subclass, a CancelledError it raised itself) and not the task being cancelled (the
-    worker's shutdown): the caller gets it as a RemoteError. (They escaped before: the
-    caller waited for good, and SystemExit stopped the loop of every in-process worker.)"""
-    if isinstance(exc, asyncio.CancelledError):
-        task = asyncio.current_task()
-        return task is not None and task.cancelling() == 0
-    return True
-
-
 class _FnStats:
     __slots__ = ("fast", "is_async", "inline")
 
@@ -1188,17 +1176,26 @@ class Worker:
             conn.queued[cid] = True  # (refused when its turn comes, see _start)
 
     def _answer_failure(self, conn: Connection, cid: int, exc: BaseException, hooks: Any) -> bool:
-        """Answer call ``cid`` with ``exc``, caught around its code, when it is the
-        code's own error or the cancellation its caller asked for; False for anything
-        else (the worker's own cancellation at shutdown: re-raised)."""
-        if _user_raised(exc):
-            self._reply_exc(conn, cid, exc, hooks)
-            return True
-        if isinstance(exc, asyncio.CancelledError) and cid in conn.running:
-            if conn.running[cid] is None and not self._closing:
+        """Answer call ``cid`` with ``exc``, caught around its code: the code's own error
+        (any exception: SystemExit, GeneratorExit, a BaseException subclass, a
+        CancelledError it raised, or one of its task's cancellation by user code: a
+        watchdog) comes back as a RemoteError; the cancellation its caller asked for as
+        the caller-gone error it drops. False for the worker's own cancellation at
+        shutdown (re-raised). (Errors escaped before: the caller waited for good, and
+        SystemExit stopped the loop of every in-process worker; so did a call whose task
+        its own code cancelled.)"""
+        if isinstance(exc, asyncio.CancelledError):
+            if self._closing:
+                return False
+            if cid in conn.running and conn.running[cid] is None:
                 self._answer_caller_gone(conn, cid, hooks)
                 return True
-        return False
+            if not exc.args:
+                exc = asyncio.CancelledError(
+                    "the call's task was cancelled on the worker (not by its caller)"
+                )
+        self._reply_exc(conn, cid, exc, hooks)
+        return True
 
     def _answer_caller_gone(self, conn: Connection, cid: int, hooks: Any) -> None:
         """Answer call ``cid``, cancelled by its caller, with an error (which the caller
