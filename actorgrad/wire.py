@@ -484,6 +484,13 @@ def _packing_error(exc: BaseException, root: Any, name: str) -> Exception:
             f"cannot send {name}: nested too deeply (about 1000 list/dict levels) "
             "or contains a reference cycle"
         )
+    if isinstance(exc, ValueError) and "too large" in str(exc):
+        # (one bytes/str value of 4 GiB or more: msgpack's limit, far above the largest
+        # frame; as for a message over that, before anything is sent)
+        return ProtocolError(
+            f"cannot send {name}: {exc} (one value of 4 GiB or more; a message is at most "
+            "the largest frame): send large data in parts"
+        )
     if isinstance(exc, UnicodeEncodeError):
         path = _locate(root, name, lambda x: isinstance(x, str) and not _utf8_ok(x))
         return ValueError(f"cannot send str that is not valid UTF-8{_at(path)}")

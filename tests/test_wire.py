@@ -456,6 +456,14 @@ def test_oversized_header_is_a_value_error():
         encode_frame([0, "x" * MAX_HEADER_BYTES], None)
 
 
+def test_a_bytes_value_of_4_gib_or_more_is_a_protocol_error_as_an_oversized_message():
+    # (msgpack's "bytes object is too large" came out as a plain ValueError, where a
+    # message over the largest frame is a ProtocolError; the zeros are never touched)
+    huge = memoryview(np.zeros(2**32 + 1, np.uint8))
+    with pytest.raises(ProtocolError, match="memoryview is too large .one value of 4 GiB"):
+        wire.encode_frame([1], [huge])
+
+
 def test_nesting_too_deep_and_cycles_are_value_errors():
     t: Any = ()
     for _ in range(MAX_DEPTH + 1):
