@@ -82,6 +82,10 @@ class _GradMode:
     def __new__(cls, fn: Callable[..., Any] | None = None) -> Any:
         self = super().__new__(cls)
         if fn is not None:  # used bare, as `@no_grad` (without parentheses)
+            if not callable(fn):
+                raise TypeError(
+                    f"{cls.__name__}() takes no arguments, or decorates a function; got {fn!r:.80}"
+                )
             return self(fn)
         return self
 

@@ -56,6 +56,16 @@ def type_name(t: type) -> str:
     return f"{mod}.{t.__qualname__}"
 
 
+def check_bool(value: Any, what: str) -> bool:
+    """``value`` if it is a bool (a numpy bool too, as a bool), else TypeError naming
+    ``what``: a flag given as the string "no" or a number would be taken as true."""
+    if type(value) is bool:
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise TypeError(f"{what} must be a bool (True or False), not {value!r:.80}")
+
+
 def short_repr(x: Any, limit: int = 40) -> str:
     """``repr(x)`` cut to ``limit`` characters, for error messages about values that
     came from the wire (they may be huge, or fail to repr)."""

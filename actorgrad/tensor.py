@@ -30,6 +30,7 @@ import numpy as np
 
 from actorgrad.autograd import Function, Node, grad_enabled, grad_node, no_grad, seed_grad
 from actorgrad.autograd import GraphTask as _GraphTask
+from actorgrad.errors import check_bool
 
 __all__ = [
     "Tensor",
@@ -78,6 +79,8 @@ class Tensor:
     def __init__(self, data: np.ndarray, requires_grad: bool = False) -> None:
         if type(data) is not np.ndarray:
             data = np.asarray(data)
+        if requires_grad is not False:
+            requires_grad = check_bool(requires_grad, "requires_grad")
         if requires_grad and data.dtype.kind != "f":
             raise TypeError(_needs_float(data.dtype))
         self.data: np.ndarray = data
@@ -231,6 +234,8 @@ class Tensor:
             >>> (x * 3).sum().backward(); x.grad
             array([3., 3.], dtype=float32)
         """
+        if retain_graph is not False:
+            retain_graph = check_bool(retain_graph, "backward(): retain_graph")
         if not self._rg:
             raise RuntimeError(
                 "backward() on a tensor that does not require grad (and has no grad_fn)"
@@ -1442,8 +1447,9 @@ def cat(tensors: Sequence[Any], axis: int = 0) -> Tensor:
         >>> ag.cat([ag.ones(2, 3), ag.zeros(1, 3)]).shape
         (3, 3)
     """
-    if isinstance(tensors, Tensor):  # (iterating it would split it into its rows)
-        raise TypeError("cat: expected a sequence of tensors, got Tensor")
+    if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
+        # (a Tensor: iterating it would split it into its rows)
+        raise TypeError(f"cat: expected a sequence of tensors, got {type(tensors).__name__}")
     if len(tensors) == 0:
         raise ValueError("cat: expected a non-empty sequence of tensors")
     _check_numeric(tensors, "cat: tensors")
@@ -1458,8 +1464,9 @@ def stack(tensors: Sequence[Any], axis: int = 0) -> Tensor:
         >>> ag.stack([ag.ones(3), ag.zeros(3)], axis=1).shape
         (3, 2)
     """
-    if isinstance(tensors, Tensor):  # (iterating it would split it into its rows)
-        raise TypeError("stack: expected a sequence of tensors, got Tensor")
+    if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
+        # (a Tensor: iterating it would split it into its rows)
+        raise TypeError(f"stack: expected a sequence of tensors, got {type(tensors).__name__}")
     if len(tensors) == 0:
         raise ValueError("stack: expected a non-empty sequence of tensors")
     _check_numeric(tensors, "stack: tensors")
@@ -1541,6 +1548,8 @@ def tensor(data: Any, *, dtype: Any = None, requires_grad: bool = False) -> Tens
         >>> ag.tensor([1.0, 2.0], requires_grad=True).dtype
         dtype('float32')
     """
+    if requires_grad is not False:
+        requires_grad = check_bool(requires_grad, "tensor(): requires_grad")
     if isinstance(data, Tensor):
         arr = np.array(data.data, dtype=dtype)
     elif isinstance(data, (np.ndarray, np.generic)):

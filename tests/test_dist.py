@@ -1393,18 +1393,26 @@ async def test_misuse_errors():
                 ag.dist.get_gradients(bad)
 
 
-async def test_a_truthy_retain_graph_travels_as_a_bool():
-    # (the peers take a bool only: 1 or "yes" must not reach them as such)
+async def test_retain_graph_is_a_bool_and_a_context_left_unentered_is_named():
+    # (retain_graph="no" was taken as true, as any truthy value; the peers take a bool
+    # only, so a numpy bool travels as one)
     xv, wv = arr(4), arr(4)
     async with cluster("tcp", 1) as c:
         await ag.rpc("w1", F.put, ("w", wv))
         x = ag.tensor(xv, requires_grad=True)
         async with ag.dist.context() as ctx:
             y = await ag.rpc("w1", F.mul, ("w", x))
-            await ag.dist.backward(ctx, [y.sum()], retain_graph=1)  # type: ignore[arg-type]
-            await ag.dist.backward(ctx, [y.sum()], retain_graph="yes")  # type: ignore[arg-type]
+            for bad in (1, "yes", "no", None):
+                with pytest.raises(TypeError, match="retain_graph must be a bool"):
+                    await ag.dist.backward(ctx, [y.sum()], retain_graph=bad)  # type: ignore[arg-type]
+            await ag.dist.backward(ctx, [y.sum()], retain_graph=np.bool_(True))  # type: ignore[arg-type]
+            await ag.dist.backward(ctx, [y.sum()])
             gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
         np.testing.assert_allclose(gw, 2 * xv, rtol=1e-12)
+        unentered = ag.dist.context()
+        # (an AttributeError of its internals before)
+        with pytest.raises(ag.ContextError, match="left that was not entered"):
+            await unentered.__aexit__(None, None, None)
         await assert_clean(c.names)
 
 

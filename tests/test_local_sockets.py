@@ -126,3 +126,10 @@ async def test_unknown_transport_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown transport 'udp'"):
         async with ag.local_cluster(1, transport="udp"):
             pass
+
+
+async def test_processes_is_a_bool():
+    # ("no" started worker processes)
+    with pytest.raises(TypeError, match="local_cluster: processes must be a bool"):
+        async with ag.local_cluster(1, processes="no"):  # type: ignore[arg-type]
+            pass

@@ -250,3 +250,21 @@ def test_factories_take_dtype_none_as_the_default_float32():
     for make in (ag.zeros, ag.ones, ag.randn):
         assert make(2, dtype=None).dtype == np.float32
         assert make(2).dtype == np.float32
+
+
+def test_flags_are_bools_and_containers_are_named():
+    # ("no" and 1 were taken as true; the others failed inside numpy or Python)
+    for bad in ("yes", "no", 1, None):
+        with pytest.raises(TypeError, match="requires_grad must be a bool"):
+            ag.tensor([1.0], requires_grad=bad)
+        x = ag.tensor([1.0], requires_grad=True)
+        with pytest.raises(TypeError, match="retain_graph must be a bool"):
+            (x * 2).sum().backward(retain_graph=bad)
+    assert ag.tensor([1.0], requires_grad=np.bool_(True)).requires_grad
+    with pytest.raises(TypeError, match="no_grad.. takes no arguments, or decorates a function"):
+        ag.no_grad(5)
+    for join in (ag.cat, ag.stack):
+        with pytest.raises(TypeError, match="expected a sequence of tensors, got int"):
+            join(5)
+    with pytest.raises(TypeError, match="load_state_dict: expected a mapping .* got int"):
+        ag.nn.Linear(2, 2).load_state_dict(5)

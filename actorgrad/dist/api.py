@@ -77,7 +77,11 @@ class _Context:
         return ctx_id
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
-        _current.reset(self._token)
+        token = getattr(self, "_token", None)
+        if token is None:
+            raise ContextError("a distributed autograd context left that was not entered")
+        del self._token  # (left once: a second exit would release another's id)
+        _current.reset(token)
         # Left because the task is cancelled (or the process is stopping): the releases
         # go out but nobody waits for their acknowledgements, as a cancelled backward's
         # abort: a cancelled task must end now, not after a hung peer's heartbeat

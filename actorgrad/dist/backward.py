@@ -66,6 +66,7 @@ from actorgrad.errors import (
     ProtocolError,
     RemoteError,
     WorkerLost,
+    check_bool,
     refusal_type,
     short_repr,
     type_name,
@@ -958,7 +959,8 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             grads = ag.dist.get_gradients(ctx)
     """
     checked = _check_roots(roots)
-    retain_graph = bool(retain_graph)  # (it travels: the peers take a bool only)
+    # (it travels: the peers take a bool only; "no" would be true)
+    retain_graph = check_bool(retain_graph, "backward(): retain_graph")
     worker = current_worker()
     st = state_of(worker)
     ctx = st.get(context_id)

@@ -130,6 +130,11 @@ class Module:
         >>> b.load_state_dict(a.state_dict()); np.array_equal(a.weight.data, b.weight.data)
         True
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                "load_state_dict: expected a mapping of parameter names to arrays (what "
+                f"state_dict() returns), got {type(state).__name__}"
+            )
         params = dict(self.named_parameters())
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))

@@ -12,6 +12,7 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from actorgrad.errors import check_bool
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.cluster import (
     HEAD_NAME,
@@ -182,8 +183,7 @@ async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:
         finally:
             await ag.shutdown()
     """
-    if type(graceful) is not bool:
-        raise TypeError(f"graceful must be a bool, not {graceful!r:.80}")
+    check_bool(graceful, "graceful")
     _w.check_timeout(timeout, "for the default (10 s)")
     w = _w._process_worker
     if w is None:
@@ -304,6 +304,7 @@ async def local_cluster(
     """
     if transport not in ("inproc", "tcp", "unix"):
         raise ValueError(f"unknown transport {transport!r}; use 'inproc', 'tcp' or 'unix'")
+    processes = check_bool(processes, "local_cluster: processes")
     if isinstance(workers, int) and not isinstance(workers, bool):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, not {workers}")

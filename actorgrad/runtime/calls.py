@@ -104,13 +104,28 @@ def fn_spec(fn: Any) -> str | list:
         return cached
     if not callable(fn):
         raise TypeError(f"cannot call {fn!r} remotely: not callable")
-    if isinstance(fn, types.MethodType):
+    owner = getattr(fn, "__self__", None)
+    if isinstance(fn, types.MethodType) and isinstance(owner, type):
+        pass  # a classmethod: found by name on the worker too ("module:Class.method")
+    elif isinstance(fn, types.MethodType) or (
+        isinstance(fn, types.BuiltinMethodType)
+        and owner is not None
+        and not isinstance(owner, (types.ModuleType, type))
+    ):
         raise TypeError(
             f"cannot call bound method {fn.__qualname__!r} remotely: pass a module-level "
             "function, or hold the object in an RRef and use rref.rpc().method(...)"
         )
     mod: Any = getattr(fn, "__module__", None)
+    if mod is None and isinstance(owner, type):  # (a builtin classmethod: dict.fromkeys)
+        mod = owner.__module__
     qual: Any = getattr(fn, "__qualname__", None)
+    if not isinstance(qual, str) and not isinstance(fn, type):
+        raise TypeError(
+            f"cannot call {fn!r:.80} remotely: an object of type {type(fn).__name__} is not found by "
+            "name on another worker; pass a module-level function (with its arguments in "
+            "args), or hold the object in an RRef and use rref.rpc().__call__(...)"
+        )
     if not isinstance(mod, str) or not isinstance(qual, str) or "<" in qual:
         what = getattr(fn, "__qualname__", None) or repr(fn)
         raise TypeError(
