@@ -559,7 +559,7 @@ def _unary(cls: type[Function], x: Tensor, *params: Any) -> Tensor:
         node.next = (x.grad_fn or grad_node(x),)
         node._hooks = None
         return _result(out, node)
-    if out.dtype.kind == "f" and x.data.dtype.kind in "biu":
+    if out.dtype.kind == "f" and x.data.dtype.kind in "biu" and cls is not Cast:
         out = out.astype(np.float32)  # (exp of an int tensor: the default float, as torch)
     return _result(out, None)
 
@@ -583,8 +583,11 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
     except (TypeError, ValueError):  # (matmul's shape check met an object first)
         _check_operands(cls, a, b)
         raise
+    # (a Python number's weakness numpy 2 has: only the other operand's dtype tells)
     dt = out.dtype
-    if getattr(ad, "dtype", None) != dt or getattr(bd, "dtype", None) != dt:
+    if (type(ad) is not float and type(ad) is not int and ad.dtype != dt) or (
+        type(bd) is not float and type(bd) is not int and bd.dtype != dt
+    ):
         want = _promoted(((a, ad), (b, bd)), dt)
         if want is not None:
             out = out.astype(want)
@@ -599,26 +602,30 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
 
 
 _CATEGORY = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3}
-_DEFAULT = {0: np.dtype(np.bool_), 1: np.dtype(np.int64), 2: np.dtype(np.float32)}
+_DEFAULT = {
+    0: np.dtype(np.bool_),
+    1: np.dtype(np.int64),
+    2: np.dtype(np.float32),
+    3: np.dtype(np.complex64),
+}
 
 
 def _promoted(operands: Sequence[tuple[Any, Any]], dt: np.dtype) -> np.dtype | None:
     """The result dtype of an op on ``operands`` (each: as given, and its data) as torch
-    gives it, where numpy's ``dt`` differs (None: it does not). numpy promotes by value type alone, so a float32 tensor met an
-    integer array, a numpy float64 scalar (``x / np.sqrt(d)``) or a list of floats and
-    the graph went on in float64, at twice the memory and time. torch ranks operands:
-    tensors with dimensions first, then 0-d tensors and numpy scalars, then Python
-    numbers (and lists here, as "Python floats become float32"); a lower rank decides
-    only when it is of a higher category (bool < int < float < complex), and Python
-    numbers then give the default dtype of their category (float32, int64)."""
+    gives it, where numpy's ``dt`` differs (None: it does not). numpy promotes by value
+    type alone, so a float32 tensor met an integer array, a numpy float64 scalar
+    (``x / np.sqrt(d)``) or a list of floats and the graph went on in float64, at twice
+    the memory and time. torch ranks operands: tensors with dimensions first, then 0-d
+    tensors, then Python numbers and numpy scalars (and lists here, as "Python floats
+    become float32"); a lower rank decides only when it is of a higher category (bool <
+    int < float < complex), and numbers then give the default dtype of their category
+    (float32, int64, complex64)."""
     ranked: list[tuple[int, int, np.dtype]] = []  # (rank, category, dtype)
     for x, xd in operands:
         if isinstance(x, (Tensor, np.ndarray)):
             d = xd.dtype
             rank = 0 if xd.ndim else 1
-        elif isinstance(x, np.generic):
-            d, rank = xd.dtype, 1
-        else:  # Python numbers, lists
+        else:  # Python numbers and numpy scalars (as torch takes them), lists
             d = np.asarray(xd).dtype
             rank = 2
         cat = _CATEGORY.get(d.kind)
@@ -705,7 +712,7 @@ def _nary(cls: type[Function], xs: Sequence[Any], *params: Any) -> Tensor:
     node = _new(cls)
     out = node.forward(datas, *params)
     dt = out.dtype
-    if any(getattr(d, "dtype", None) != dt for d in datas):
+    if any(type(d) is not np.ndarray or d.dtype != dt for d in datas):
         want = _promoted(list(zip(xs, datas, strict=True)), dt)
         if want is not None:
             out = out.astype(want)
