@@ -60,6 +60,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 _malloc_tuned: list[bool] = []
 
 
+#: worker processes starting (started, not joined yet) at once: each one's imports take
+#: a core for a few hundred ms
+STARTING = max(4, 2 * (os.cpu_count() or 1))
+
+
 def tune_malloc() -> bool:
     """Keep freed array memory in this process instead of handing it to the kernel.
 
@@ -148,6 +153,8 @@ def describe_exit(returncode: int) -> str:
 class WorkerProcesses:
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # (name, argv, env) of the processes not started yet: see start
+        self._waiting: list[tuple[str, list[str], dict[str, str]]] = []
 
     def __repr__(self) -> str:
         return f"<WorkerProcesses {[(n, p.pid, p.poll()) for n, p in self.procs.items()]}>"
@@ -165,7 +172,8 @@ class WorkerProcesses:
         host: str = "127.0.0.1",
         path_first: Sequence[str] = (),
     ) -> None:
-        """Start a worker process per name, joining the registry at ``address``.
+        """Start a worker process per name, joining the registry at ``address``: the
+        first ``STARTING`` now, the others as those join (``wait_registered``).
         ``path_first``: import paths before this process's (a driver script's folder,
         first on its own path)."""
         env = dict(os.environ)
@@ -198,9 +206,16 @@ class WorkerProcesses:
             ]
             if host != "127.0.0.1":
                 argv += ["--host", host]
+            self._waiting.append((name, argv, env))
+        self._start_some(STARTING)
+
+    def _start_some(self, n: int) -> None:
+        """Start ``n`` more of the processes waiting to start."""
+        for name, argv, env in self._waiting[:n]:
             self.procs[name] = subprocess.Popen(
                 argv, env=env, stdin=subprocess.DEVNULL, process_group=0, close_fds=True
             )
+        del self._waiting[:n]
 
     def watch_exits(self, on_exit: Callable[[str, int, int], None]) -> Callable[[], None]:
         """Call ``on_exit(name, pid, returncode)`` on the running loop as each worker
@@ -239,10 +254,24 @@ class WorkerProcesses:
                 raise RuntimeError(f"worker process {name!r} (pid {p.pid}) {describe_exit(rc)}")
 
     async def wait_registered(self, registry: Any, timeout: float = 60.0) -> None:  # noqa: ASYNC109 (timeout is API)
+        """Wait until every worker process joined ``registry``, starting the ones
+        waiting to start as others join, ``STARTING`` at a time (256 processes started
+        at once on 2 cores starved each other's handshakes past their 5 s deadline);
+        RuntimeError when one exits first, or when they do not all join within
+        ``timeout`` s plus 0.5 s per process started later."""
+        names = [*self.procs, *(name for name, _, _ in self._waiting)]
+
+        def check() -> None:
+            self.check()
+            starting = sum(1 for n in self.procs if n not in registry.members)
+            if self._waiting and starting < STARTING:
+                self._start_some(STARTING - starting)
+
+        timeout += 0.5 * len(self._waiting)
         try:
-            await registry.wait_for(list(self.procs), timeout=timeout, check=self.check)
+            await registry.wait_for(names, timeout=timeout, check=check)
         except TimeoutError:
-            missing = [n for n in self.procs if n not in registry.members]
+            missing = [n for n in names if n not in registry.members]
             raise RuntimeError(
                 f"worker processes {missing} did not join within {timeout} s"
             ) from None
