@@ -459,6 +459,102 @@ async def test_two_driver_scripts_with_modules_of_one_name_on_one_worker_are_ref
         assert await ag.rpc("w1", a) == "a"
 
 
+def _write(path: Path, text: str, stamp: int) -> None:
+    """Write ``text`` with a modification time of its own (whatever the clock's grain)."""
+    path.write_text(textwrap.dedent(text))
+    os.utime(path, ns=(10**18 + stamp * 10**9,) * 2)
+
+
+async def test_a_new_driver_session_gets_the_code_on_disk_and_an_unchanged_one_keeps_its_modules(
+    tmp_path,
+):
+    # Versions were digests of what each driver had imported: two runs of one
+    # unchanged script importing different modules re-imported it at every call; a
+    # module two scripts of a folder share stayed stale for the one that had not
+    # imported it first; one imported while a function ran, for good.
+    (tmp_path / "train.py").write_text(
+        textwrap.dedent(
+            """
+            import sys
+            import model
+            sys.__dict__.setdefault("ag_test_imports", []).append("train")
+
+            def value():
+                return model.VALUE
+
+            def lazy_value():
+                import lazy
+                return lazy.VALUE
+
+            def imports():
+                return len(sys.ag_test_imports)
+            """
+        )
+    )
+    (tmp_path / "evaluate.py").write_text("import model\n\ndef value():\n    return model.VALUE\n")
+    _write(tmp_path / "model.py", "VALUE = 1\n", 1)
+    _write(tmp_path / "lazy.py", "VALUE = 10\n", 1)
+    train, evaluate = str(tmp_path / "train.py"), str(tmp_path / "evaluate.py")
+
+    async def call(script: str, fn: str, session: str) -> Any:
+        return await ag.rpc("w1", [f"__main__:{fn}", script, session])
+
+    async with ag.local_cluster(1, processes=True):
+        assert await call(train, "value", "s1") == 1
+        assert await call(evaluate, "value", "s2") == 1
+        assert await call(train, "lazy_value", "s1") == 10
+        for session in ("s3", "s4", "s3", "s4"):  # (two runs at once, nothing changed)
+            assert await call(train, "value", session) == 1
+        assert await call(train, "imports", "s4") == 1  # (imported once)
+        _write(tmp_path / "model.py", "VALUE = 2\n", 2)
+        assert await call(evaluate, "value", "s5") == 2  # (model came with train)
+        assert await call(train, "value", "s6") == 2
+        _write(tmp_path / "lazy.py", "VALUE = 20\n", 2)
+        assert await call(train, "lazy_value", "s7") == 20
+        assert await call(train, "value", "s1") == 2  # (an old session: what is on disk)
+
+
+async def test_the_refusal_of_a_module_of_another_projects_name_outlives_its_forgetting(tmp_path):
+    # Once project A's modules were forgotten (an edit, a new session), project C's
+    # helpers.py was accepted; A's next call then imported C's helpers, silently.
+    for project in ("A", "C"):
+        (tmp_path / project).mkdir()
+        _write(tmp_path / project / "helpers.py", f"WHO = {project!r}\n", 1)
+        _write(
+            tmp_path / project / "drv.py", "import helpers\n\ndef g():\n    return helpers.WHO\n", 1
+        )
+    _write(tmp_path / "A" / "other.py", "def g():\n    return 'other'\n", 1)
+    a, c = str(tmp_path / "A" / "drv.py"), str(tmp_path / "C" / "drv.py")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:g", a, "s1"]) == "A"
+        with pytest.raises(ag.RemoteError, match="already imported a module 'helpers' from"):
+            await ag.rpc("w1", ["__main__:g", c, "s2"])
+        # (an edit of the script, and a new session's first call is to a function of
+        # the module beside it: A's modules are forgotten, helpers is not imported again)
+        _write(tmp_path / "A" / "drv.py", "import helpers\n\ndef g():\n    return helpers.WHO\n", 2)
+        assert await ag.rpc("w1", ["other:g", a, "s3"]) == "other"
+        with pytest.raises(ag.RemoteError, match="already imported a module 'helpers' from"):
+            await ag.rpc("w1", ["__main__:g", c, "s4"])
+        assert await ag.rpc("w1", ["__main__:g", a, "s5"]) == "A"
+
+
+def spec_of_an_actorgrad_function() -> Any:
+    from actorgrad.runtime import calls
+
+    return calls.fn_spec(calls.describe)
+
+
+async def test_a_worker_process_names_actorgrad_functions_plainly():
+    # A worker runs `-m actorgrad.runtime.worker_main`: its "script's home" was the
+    # folder holding actorgrad, every module there was taken for one beside a driver
+    # script, and a driver resolving such a name put actorgrad/runtime first on its
+    # import path.
+    async with ag.local_cluster(1, processes=True):
+        assert (
+            await ag.rpc("w1", spec_of_an_actorgrad_function) == "actorgrad.runtime.calls:describe"
+        )
+
+
 def test_the_driver_scripts_names_are_the_same_on_process_and_in_process_workers(tmp_path):
     # On process workers an exception class of the script was "__mp_main__.AppError"
     # ("__main__.AppError" in process), and the string "__main__:hello" looked in the

@@ -8,21 +8,26 @@ does not run. Functions of a module beside the driver's script travel as
 ``["module:qualname", "/path/to/script.py"]``: the worker puts the script's folder
 first on its import path, as it does to import the script itself.
 
-Both carry a third element, the version of the driver's code: a digest of the paths,
-sizes and modification times of the script and of the modules the driver imported from
-its folder. A worker that imported an older version (a cluster that outlives the
-driver runs: `actorgrad cluster`, then the script run, edited, run again) forgets the
-modules it imported for that script and imports them anew; it used to run the first
-version it had imported, silently, and did not find functions added since.
+Both carry a third element, the driver's session (a random id per driver process).
+The first call of a new session makes a worker look at the files of the driver code it
+imported from that folder (the script, the modules beside it, those imported while its
+functions ran): if one changed on its disk (size or modification time), or a module
+appeared whose file it never saw, it forgets every module it imported from that folder
+and imports them anew. A cluster outlives its runs (`actorgrad cluster`, then the
+script run, edited, run again): the workers used to run the first version they had
+imported, silently, and did not find functions added since. A session keeps what it
+resolved, so two runs at once of different versions of one script each keep theirs
+(but for modules looked up by name while they run).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import os
+import secrets
 import sys
+import time
 import types
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -35,22 +40,44 @@ _spec_cache: dict[Any, Any] = {}
 _resolve_cache: dict[Any, Any] = {}
 
 
+_real_paths: dict[str, str] = {}
+
+
 def _main_path() -> str | None:
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
-    return os.path.realpath(path) if path else None
+    if not path:
+        return None
+    real = _real_paths.get(path)
+    if real is None:
+        real = _real_paths[path] = os.path.realpath(path)
+    return real
 
 
 def _main_name() -> str | None:
     """The module name this process's script runs as (``python -m pkg.train``: its
-    relative imports need it), else None (``python train.py``)."""
+    relative imports need it), else None (``python train.py``, or actorgrad's own entry
+    points: a worker process runs ``-m actorgrad.runtime.worker_main``)."""
     name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
-    return name if isinstance(name, str) and name not in ("__main__", MAIN_ALIAS) else None
+    if not isinstance(name, str) or name in ("__main__", MAIN_ALIAS):
+        return None
+    return None if name.partition(".")[0] == "actorgrad" else name
+
+
+#: this process's session: functions of its script travel with it (see the docstring)
+SESSION = secrets.token_hex(8)
+#: driver scripts of other processes whose functions this worker resolved: the session
+#: it last saw for each (a worker passing on such a function names that session)
+_sessions: dict[str, str] = {}
+
+
+def _session_of(script: str) -> str:
+    return _sessions.get(script, SESSION)
 
 
 def _main_spec(name: str, path: str) -> list:
     """The wire name of ``name`` ("__main__:qualname") of driver script ``path``."""
-    spec = [name, path, version(path)]
+    spec = [name, path, _session_of(path)]
     if path == _main_path():
         module = _main_name()
         if module is not None:
@@ -146,7 +173,7 @@ def fn_spec(fn: Any) -> str | list:
         spec = f"{mod}:{qual}"
         script = _script_beside(mod)
         if script is not None:  # (the worker puts the script's folder on its path)
-            spec = [spec, script, version(script)]
+            spec = [spec, script, _session_of(script)]
     try:
         _spec_cache[fn] = spec
     except TypeError:
@@ -192,75 +219,121 @@ def _script_beside(mod: str) -> str | None:
     return _script_folders.get(home)  # (a worker passing on a driver's function)
 
 
-#: the version of each driver script's code in this process: computed here for this
-#: process's own script, else the one its modules were imported at (a worker passing on
-#: a driver's function names the version it runs)
-_versions: dict[str, str] = {}
-#: the modules this worker imported for each driver script (the script's own module is
-#: in _main_modules): forgotten when another version of the script comes
-_imported_for: dict[str, set[str]] = {}
+#: per folder of driver code (a script's home): the files of the modules this worker
+#: imported from it, by module name, with their (size, mtime) when first seen
+_folder_files: dict[str, dict[str, tuple[str, tuple[int, int]]]] = {}
+#: per folder of driver code: the names of every module ever imported from it here
+#: (kept when the modules are forgotten: see _check_no_clash)
+_folder_names: dict[str, set[str]] = {}
+#: per folder of driver code: when this worker last looked at its files (time.time())
+_looked_at: dict[str, float] = {}
+#: (size, mtime) of each driver script when this worker imported it
+_main_sigs: dict[str, tuple[int, int] | None] = {}
+#: sys.modules before the first driver code came: the worker's own (never forgotten)
+_baseline: frozenset[str] | None = None
 
 
-def version(script: str) -> str:
-    """The version of driver script ``script``'s code, as this process has it: a digest
-    of the path, size and modification time of the script and of every module imported
-    here from its folder (site-packages excluded), once per process."""
-    v = _versions.get(script)
-    if v is None:
-        v = _versions[script] = _digest(script)
-    return v
+def _signature(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
 
 
-def _digest(script: str) -> str:
-    folder = _home(script) + os.sep
-    files = {script}
-    for module in list(sys.modules.values()):
-        where = getattr(module, "__file__", None)
-        if isinstance(where, str) and _in_folder(where, folder):
-            files.add(where)
-    h = hashlib.blake2b(digest_size=8)
-    for f in sorted(files):
-        try:
-            st = os.stat(f)
-        except OSError:
-            continue
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return h.hexdigest()
-
-
-def _in_folder(path: str, folder: str) -> bool:
-    """Whether module file ``path`` lies in a driver's ``folder`` (ending in os.sep),
-    not in an installed package under it (a virtualenv in the project's folder)."""
-    return path.startswith(folder) and not any(
-        part in ("site-packages", "dist-packages") for part in path[len(folder) :].split(os.sep)
+def _installed(path: str) -> bool:
+    """Whether module file ``path`` is Python's own or an installed package's (never
+    driver code, though it may lie in the driver's folder: a virtualenv there)."""
+    parts = path.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return True
+    return any(
+        path.startswith(prefix + os.sep)
+        for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     )
 
 
-def _at_version(script: str, v: str | None) -> None:
-    """Make this worker's modules of driver script ``script`` those of version ``v``:
-    if it imported another version, forget the modules it imported for it (the next
-    call imports them anew from the script's folder)."""
-    if v is None or _versions.get(script) == v:
+def _from_folder(folder: str) -> dict[str, str]:
+    """The modules of ``sys.modules`` imported from driver folder ``folder`` (not the
+    worker's own, nor installed ones), by name, with their real file paths."""
+    base = _baseline or frozenset()
+    inside = folder + os.sep
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if name in base or name == MAIN_ALIAS:  # (scripts: see _main_sigs)
+            continue
+        where = getattr(module, "__file__", None)
+        if not isinstance(where, str):
+            continue
+        real = _real_paths.get(where)
+        if real is None:
+            real = _real_paths[where] = os.path.realpath(where)
+        # (its path as imported, or its real one: a symbolic link inside the folder to
+        # code elsewhere is the driver's code too)
+        if (where.startswith(inside) or real.startswith(inside)) and not _installed(real):
+            found[name] = real
+    return found
+
+
+def _note_imports(folder: str) -> None:
+    """Record the files of the modules imported from ``folder`` not yet recorded."""
+    seen = _folder_files.setdefault(folder, {})
+    names = _folder_names.setdefault(folder, set())
+    _looked_at.setdefault(folder, time.time())
+    for name, real in _from_folder(folder).items():
+        names.add(name)
+        if name not in seen:
+            sig = _signature(real)
+            if sig is not None:
+                seen[name] = (real, sig)
+
+
+def _changed(folder: str) -> bool:
+    """Whether driver code imported from ``folder`` changed on this worker's disk since
+    it was imported. A module imported unseen (while a function ran) counts as changed
+    if its file was modified since this worker last looked (it may have been after the
+    import); else it is noted as it is."""
+    seen = _folder_files.setdefault(folder, {})
+    since = _looked_at.get(folder, 0.0)
+    for name, real in _from_folder(folder).items():
+        known = seen.get(name)
+        if known is None:
+            sig = _signature(real)
+            if sig is None or sig[1] >= since * 1e9:
+                return True
+            seen[name] = (real, sig)
+            _folder_names.setdefault(folder, set()).add(name)
+        elif known[0] != real or _signature(real) != known[1]:
+            return True
+    for name, (real, sig) in seen.items():
+        if name in sys.modules and _signature(real) != sig:
+            return True
+    return False
+
+
+def _new_session(script: str, session: str) -> None:
+    """The first call of a driver ``session`` for ``script``: forget the driver code
+    imported from the script's folder if it changed (see the module docstring)."""
+    global _baseline
+    if _baseline is None:
+        _baseline = frozenset(sys.modules)
+    _sessions[script] = session
+    if _main_path() == script:
+        return  # (this process's own script)
+    folder = _home(script)
+    stale = script in _main_modules and _signature(script) != _main_sigs.get(script)
+    stale = stale or _changed(folder)
+    _looked_at[folder] = time.time()
+    if not stale:
         return
-    if script in _versions and _main_path() != script:
-        _main_modules.pop(script, None)
-        for name in _imported_for.pop(script, ()):
-            sys.modules.pop(name, None)
-        for key in [k for k in _resolve_cache if type(k) is tuple and k[1] == script]:
-            del _resolve_cache[key]
-        importlib.invalidate_caches()  # (a module added beside the script meanwhile)
-    _versions[script] = v
-
-
-def _track_imports(script: str, before: set[str]) -> None:
-    """Remember the modules imported since ``before`` from ``script``'s folder: those
-    to forget when another version of the script comes."""
-    folder = _home(script) + os.sep
-    mine = _imported_for.setdefault(script, set())
-    for name in sys.modules.keys() - before:
-        where = getattr(sys.modules.get(name), "__file__", None)
-        if isinstance(where, str) and _in_folder(os.path.realpath(where), folder):
-            mine.add(name)
+    for path in [p for p in _main_modules if _home(p) == folder]:
+        del _main_modules[path]
+    for name in _from_folder(folder):
+        del sys.modules[name]
+    _folder_files[folder] = {}  # (the names stay in _folder_names: see _check_no_clash)
+    for key in [k for k in _resolve_cache if type(k) is tuple and _home(k[1]) == folder]:
+        del _resolve_cache[key]
+    importlib.invalidate_caches()  # (a module added beside the script meanwhile)
 
 
 def _use_folder_of(script: str) -> None:
@@ -292,6 +365,10 @@ def _check_no_clash(folder: str) -> None:
             name = entry  # a package
         else:
             continue
+        for other, names in _folder_names.items():
+            # (also one forgotten since: the other script would import this one's)
+            if other != folder and name in names:
+                raise _clash(folder, entry, name, other)
         where = getattr(sys.modules.get(name), "__file__", None)
         if not where:
             continue
@@ -299,12 +376,16 @@ def _check_no_clash(folder: str) -> None:
         if name == entry:
             other = os.path.dirname(other)  # (a package's __init__.py: its parent's)
         if other != folder and other in _script_folders:
-            raise RuntimeError(
-                f"the driver script's folder {folder} holds {entry!r}, but this worker "
-                f"already imported a module {name!r} from {other} (another driver script's "
-                "folder): one worker process holds one module per name. Give the modules "
-                "distinct names, or use workers of their own for each project"
-            )
+            raise _clash(folder, entry, name, other)
+
+
+def _clash(folder: str, entry: str, name: str, other: str) -> RuntimeError:
+    return RuntimeError(
+        f"the driver script's folder {folder} holds {entry!r}, but this worker "
+        f"already imported a module {name!r} from {other} (another driver script's "
+        "folder): one worker process holds one module per name. Give the modules "
+        "distinct names, or use workers of their own for each project"
+    )
 
 
 #: folders of driver scripts this worker put on its import path, and the scripts
@@ -328,6 +409,7 @@ def _main_module(path: str) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(_module_names.get(path, MAIN_ALIAS), path)
     if spec is None or spec.loader is None:
         raise ModuleNotFoundError(f"cannot import the driver script {path!r}")
+    sig = _signature(path)  # (before: an edit while it is imported is a change)
     # (its `from model import Net` finds the module beside it: a worker joined from
     # another folder found none)
     _use_folder_of(path)
@@ -362,6 +444,7 @@ def _main_module(path: str) -> types.ModuleType:
         raise
     sys.modules[MAIN_ALIAS] = module  # again: the script may have imported multiprocessing
     _main_modules[path] = module
+    _main_sigs[path] = sig
     return module
 
 
@@ -374,7 +457,7 @@ def resolve(spec: Any) -> Any:
     fn = _resolve_cache.get(key)
     if fn is not None:
         return fn
-    v: str | None = None
+    session: str | None = None
     if isinstance(spec, str):
         name, path = spec, None
     else:
@@ -382,7 +465,7 @@ def resolve(spec: Any) -> Any:
             raise ValueError(f"malformed function name {spec!r}")
         name, path = spec[0], spec[1]
         if len(spec) >= 3:
-            v = spec[2]
+            session = spec[2]
         if len(spec) == 4 and _module_names.get(path) != spec[3]:
             if not all(part.isidentifier() for part in spec[3].split(".")):
                 raise ValueError(f"malformed module name in function name {spec!r}")
@@ -391,9 +474,8 @@ def resolve(spec: Any) -> Any:
     mod, sep, qual = name.partition(":")
     if not sep or not mod or not qual:
         raise ValueError(f"malformed function name {name!r}")
-    if path is not None:
-        _at_version(path, v)
-        before = set(sys.modules)
+    if path is not None and session is not None and _sessions.get(path) != session:
+        _new_session(path, session)
     try:
         if path is not None and mod == "__main__":
             module = _main_module(path)
@@ -408,7 +490,7 @@ def resolve(spec: Any) -> Any:
                 ) from None
     finally:
         if path is not None and _main_path() != path:
-            _track_imports(path, before)
+            _note_imports(_home(path))
     obj: Any = module
     for part in qual.split("."):
         try:
