@@ -454,7 +454,7 @@ async def test_two_driver_scripts_with_modules_of_one_name_on_one_worker_are_ref
         a = ["__main__:which", str((tmp_path / "a" / "job.py").resolve())]
         b = ["__main__:which", str((tmp_path / "b" / "job.py").resolve())]
         assert await ag.rpc("w1", a) == "a"
-        with pytest.raises(ag.RemoteError, match="already imported a module 'model' from"):
+        with pytest.raises(ag.RemoteError, match="already has a module 'model' from"):
             await ag.rpc("w1", b)
         assert await ag.rpc("w1", a) == "a"
 
@@ -511,7 +511,9 @@ async def test_a_new_driver_session_gets_the_code_on_disk_and_an_unchanged_one_k
         assert await call(train, "value", "s6") == 2
         _write(tmp_path / "lazy.py", "VALUE = 20\n", 2)
         assert await call(train, "lazy_value", "s7") == 20
-        assert await call(train, "value", "s1") == 2  # (an old session: what is on disk)
+        # (a session still running keeps the functions it called, and their modules:
+        # a purge for another session switched it to the new code midway)
+        assert await call(train, "value", "s1") == 1
 
 
 async def test_the_refusal_of_a_module_of_another_projects_name_outlives_its_forgetting(tmp_path):
@@ -527,15 +529,49 @@ async def test_the_refusal_of_a_module_of_another_projects_name_outlives_its_for
     a, c = str(tmp_path / "A" / "drv.py"), str(tmp_path / "C" / "drv.py")
     async with ag.local_cluster(1, processes=True):
         assert await ag.rpc("w1", ["__main__:g", a, "s1"]) == "A"
-        with pytest.raises(ag.RemoteError, match="already imported a module 'helpers' from"):
+        with pytest.raises(ag.RemoteError, match="already has a module 'helpers' from"):
             await ag.rpc("w1", ["__main__:g", c, "s2"])
         # (an edit of the script, and a new session's first call is to a function of
         # the module beside it: A's modules are forgotten, helpers is not imported again)
         _write(tmp_path / "A" / "drv.py", "import helpers\n\ndef g():\n    return helpers.WHO\n", 2)
         assert await ag.rpc("w1", ["other:g", a, "s3"]) == "other"
-        with pytest.raises(ag.RemoteError, match="already imported a module 'helpers' from"):
+        with pytest.raises(ag.RemoteError, match="already has a module 'helpers' from"):
             await ag.rpc("w1", ["__main__:g", c, "s4"])
         assert await ag.rpc("w1", ["__main__:g", a, "s5"]) == "A"
+
+
+async def test_folders_of_driver_code_keep_to_their_own_modules(tmp_path):
+    # A module two projects name alike was refused only once imported (one imported
+    # later, inside a function, took the other folder's, which came first on the
+    # path); a project in a subfolder of another lost its modules (and their state)
+    # when the outer one changed; a function named by a string ("module:function")
+    # kept its first version.
+    for project in ("P", "Q"):
+        (tmp_path / project).mkdir()
+        _write(tmp_path / project / "pmodel.py", f"WHO = {project!r}\n", 1)
+        _write(tmp_path / project / "drv.py", "def g():\n    return 1\n", 1)
+    _write(tmp_path / "outer.py", "import qhelp\n\ndef f():\n    return qhelp.g()\n", 1)
+    _write(tmp_path / "qhelp.py", "def g():\n    return 1\n", 1)
+    (tmp_path / "exp").mkdir()
+    _write(tmp_path / "exp" / "expstate.py", "N = []\n", 1)
+    _write(
+        tmp_path / "exp" / "sweep.py",
+        "import expstate\n\ndef step():\n    expstate.N.append(1)\n    return len(expstate.N)\n",
+        1,
+    )
+    p, q = str(tmp_path / "P" / "drv.py"), str(tmp_path / "Q" / "drv.py")
+    outer, sweep = str(tmp_path / "outer.py"), str(tmp_path / "exp" / "sweep.py")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:g", p, "s1"]) == 1
+        with pytest.raises(ag.RemoteError, match="already has a module 'pmodel' from"):
+            await ag.rpc("w1", ["__main__:g", q, "s2"])
+        assert await ag.rpc("w1", ["__main__:step", sweep, "s3"]) == 1
+        assert await ag.rpc("w1", ["__main__:f", outer, "s4"]) == 1
+        assert await ag.rpc("w1", "qhelp:g") == 1
+        _write(tmp_path / "qhelp.py", "def g():\n    return 2\n", 2)
+        assert await ag.rpc("w1", ["__main__:f", outer, "s5"]) == 2
+        assert await ag.rpc("w1", "qhelp:g") == 2
+        assert await ag.rpc("w1", ["__main__:step", sweep, "s3"]) == 2  # (its state kept)
 
 
 def spec_of_an_actorgrad_function() -> Any:

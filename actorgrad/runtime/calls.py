@@ -229,8 +229,13 @@ _folder_names: dict[str, set[str]] = {}
 _looked_at: dict[str, float] = {}
 #: (size, mtime) of each driver script when this worker imported it
 _main_sigs: dict[str, tuple[int, int] | None] = {}
-#: sys.modules before the first driver code came: the worker's own (never forgotten)
-_baseline: frozenset[str] | None = None
+#: sys.modules when this module was first imported (a worker process's start-up): the
+#: worker's own modules, never driver code
+_baseline: frozenset[str] = frozenset(sys.modules)
+#: per driver script: its sessions, oldest first (what they resolved is kept for the
+#: last KEEP_SESSIONS of them)
+_script_sessions: dict[str, list[str]] = {}
+KEEP_SESSIONS = 8
 
 
 def _signature(path: str) -> tuple[int, int] | None:
@@ -256,11 +261,14 @@ def _installed(path: str) -> bool:
 def _from_folder(folder: str) -> dict[str, str]:
     """The modules of ``sys.modules`` imported from driver folder ``folder`` (not the
     worker's own, nor installed ones), by name, with their real file paths."""
-    base = _baseline or frozenset()
     inside = folder + os.sep
+    # (the modules of a driver folder inside this one are that folder's)
+    nested = [names for other, names in _folder_names.items() if other.startswith(inside)]
     found = {}
     for name, module in list(sys.modules.items()):
-        if name in base or name == MAIN_ALIAS:  # (scripts: see _main_sigs)
+        if name in _baseline or name == MAIN_ALIAS:  # (scripts: see _main_sigs)
+            continue
+        if name.partition(".")[0] == "actorgrad" or any(name in n for n in nested):
             continue
         where = getattr(module, "__file__", None)
         if not isinstance(where, str):
@@ -314,12 +322,16 @@ def _changed(folder: str) -> bool:
 def _new_session(script: str, session: str) -> None:
     """The first call of a driver ``session`` for ``script``: forget the driver code
     imported from the script's folder if it changed (see the module docstring)."""
-    global _baseline
-    if _baseline is None:
-        _baseline = frozenset(sys.modules)
     _sessions[script] = session
     if _main_path() == script:
         return  # (this process's own script)
+    sessions = _script_sessions.setdefault(script, [])
+    if session not in sessions:
+        sessions.append(session)
+        if len(sessions) > KEEP_SESSIONS:  # (what the oldest resolved goes)
+            old = sessions.pop(0)
+            for key in [k for k in _resolve_cache if type(k) is tuple and k[1:3] == (script, old)]:
+                del _resolve_cache[key]
     folder = _home(script)
     stale = script in _main_modules and _signature(script) != _main_sigs.get(script)
     stale = stale or _changed(folder)
@@ -328,11 +340,20 @@ def _new_session(script: str, session: str) -> None:
         return
     for path in [p for p in _main_modules if _home(p) == folder]:
         del _main_modules[path]
+    forgotten = set()
     for name in _from_folder(folder):
-        del sys.modules[name]
+        spec = getattr(sys.modules.get(name), "__spec__", None)
+        if getattr(spec, "_initializing", False):
+            continue  # (being imported in another call's thread: it needs its entry)
+        sys.modules.pop(name, None)
+        forgotten.add(name)
     _folder_files[folder] = {}  # (the names stay in _folder_names: see _check_no_clash)
-    for key in [k for k in _resolve_cache if type(k) is tuple and _home(k[1]) == folder]:
-        del _resolve_cache[key]
+    # What other sessions resolved stays theirs ("a run keeps the functions it already
+    # called"); names resolved without a session ("module:function" strings) follow
+    # the code on disk.
+    for key, fn in list(_resolve_cache.items()):
+        if type(key) is str and getattr(fn, "__module__", None) in forgotten:
+            del _resolve_cache[key]
     importlib.invalidate_caches()  # (a module added beside the script meanwhile)
 
 
@@ -343,49 +364,53 @@ def _use_folder_of(script: str) -> None:
     if _main_path() == script:
         return  # (this process's own script: its folder is on the path already)
     folder = _home(script)
-    if _script_folders.get(folder) == script or folder in sys.path:
+    if _script_folders.get(folder) == script:
         return
-    _check_no_clash(folder)
+    if folder in sys.path:  # (the worker's own path has it: its working directory)
+        _script_folders.setdefault(folder, script)
+        return
+    _check_no_clash(folder, script)
     sys.path.insert(0, folder)
     _script_folders[folder] = script
 
 
-def _check_no_clash(folder: str) -> None:
-    """RuntimeError when a module beside a driver script has the name of one this
-    worker already imported from another driver script's folder: one process holds one
-    module per name, and the script would silently run the other project's."""
+def _modules_in(folder: str, script: str | None) -> dict[str, str]:
+    """The modules folder ``folder`` holds (``.py`` files and packages, but the driver
+    script ``script``), by name, with their entries."""
     try:
         entries = os.listdir(folder)
     except OSError:
-        return
+        return {}
+    found = {}
     for entry in entries:
         if entry.endswith(".py"):
-            name = entry[:-3]
+            if os.path.join(folder, entry) != script:
+                found[entry[:-3]] = entry
         elif os.path.isfile(os.path.join(folder, entry, "__init__.py")):
-            name = entry  # a package
-        else:
-            continue
-        for other, names in _folder_names.items():
-            # (also one forgotten since: the other script would import this one's)
-            if other != folder and name in names:
-                raise _clash(folder, entry, name, other)
-        where = getattr(sys.modules.get(name), "__file__", None)
-        if not where:
-            continue
-        other = os.path.dirname(where)  # the folder it was imported from
-        if name == entry:
-            other = os.path.dirname(other)  # (a package's __init__.py: its parent's)
-        if other != folder and other in _script_folders:
-            raise _clash(folder, entry, name, other)
+            found[entry] = entry  # a package
+    return found
 
 
-def _clash(folder: str, entry: str, name: str, other: str) -> RuntimeError:
-    return RuntimeError(
-        f"the driver script's folder {folder} holds {entry!r}, but this worker "
-        f"already imported a module {name!r} from {other} (another driver script's "
-        "folder): one worker process holds one module per name. Give the modules "
-        "distinct names, or use workers of their own for each project"
-    )
+def _check_no_clash(folder: str, script: str) -> None:
+    """RuntimeError when a module beside driver script ``script`` has the name of one
+    in another driver script's folder on this worker's path, or of one the worker
+    imported from there (forgotten since, too): one process holds one module per name,
+    and one of the scripts would silently run the other project's (the first folder on
+    the path wins, also for an import that comes later, inside a function)."""
+    mine = _modules_in(folder, script)
+    for other, other_script in _script_folders.items():
+        if other == folder:
+            continue
+        theirs = _modules_in(other, other_script)
+        imported = _folder_names.get(other, ())
+        for name, entry in sorted(mine.items()):
+            if name in theirs or name in imported:
+                raise RuntimeError(
+                    f"the driver script's folder {folder} holds {entry!r}, but this worker "
+                    f"already has a module {name!r} from {other} (another driver script's "
+                    "folder): one worker process holds one module per name. Give the "
+                    "modules distinct names, or use workers of their own for each project"
+                )
 
 
 #: folders of driver scripts this worker put on its import path, and the scripts
