@@ -699,6 +699,17 @@ def _numeric(x: Any, where: str) -> np.ndarray:
     return arr
 
 
+def _check_sequence(tensors: Any, what: str) -> None:
+    """TypeError/ValueError naming ``what`` (cat, stack) unless ``tensors`` is a
+    non-empty sequence of numeric operands."""
+    if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
+        # (a Tensor: iterating it would split it into its rows)
+        raise TypeError(f"{what}: expected a sequence of tensors, got {type(tensors).__name__}")
+    if len(tensors) == 0:
+        raise ValueError(f"{what}: expected a non-empty sequence of tensors")
+    _check_numeric(tensors, f"{what}: tensors")
+
+
 def _check_numeric(xs: Sequence[Any], where: str) -> None:
     """TypeError naming ``where[i]`` for an operand that is not numbers (a string or
     None made a tensor of strings or objects, whose backward failed inside numpy)."""
@@ -1454,12 +1465,7 @@ def cat(tensors: Sequence[Any], axis: int = 0) -> Tensor:
         >>> ag.cat([ag.ones(2, 3), ag.zeros(1, 3)]).shape
         (3, 3)
     """
-    if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
-        # (a Tensor: iterating it would split it into its rows)
-        raise TypeError(f"cat: expected a sequence of tensors, got {type(tensors).__name__}")
-    if len(tensors) == 0:
-        raise ValueError("cat: expected a non-empty sequence of tensors")
-    _check_numeric(tensors, "cat: tensors")
+    _check_sequence(tensors, "cat")
     return _nary(Cat, list(tensors), axis)
 
 
@@ -1471,12 +1477,7 @@ def stack(tensors: Sequence[Any], axis: int = 0) -> Tensor:
         >>> ag.stack([ag.ones(3), ag.zeros(3)], axis=1).shape
         (3, 2)
     """
-    if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
-        # (a Tensor: iterating it would split it into its rows)
-        raise TypeError(f"stack: expected a sequence of tensors, got {type(tensors).__name__}")
-    if len(tensors) == 0:
-        raise ValueError("stack: expected a non-empty sequence of tensors")
-    _check_numeric(tensors, "stack: tensors")
+    _check_sequence(tensors, "stack")
     return _nary(Stack, list(tensors), axis)
 
 

@@ -43,15 +43,18 @@ _resolve_cache: dict[Any, Any] = {}
 _real_paths: dict[str, str] = {}
 
 
-def _main_path() -> str | None:
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if not path:
-        return None
+def _real(path: str) -> str:
+    """``os.path.realpath(path)``, once per path (module files do not move)."""
     real = _real_paths.get(path)
     if real is None:
         real = _real_paths[path] = os.path.realpath(path)
     return real
+
+
+def _main_path() -> str | None:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return _real(path) if path else None
 
 
 def _main_name() -> str | None:
@@ -75,17 +78,18 @@ def _session_of(script: str) -> str:
     return _sessions.get(script, SESSION)
 
 
+def _module_name_of(script: str) -> str | None:
+    """The module name driver script ``script`` runs as (``python -m``): this
+    process's own, or the one its functions said (a worker passing them on)."""
+    return _main_name() if script == _main_path() else _module_names.get(script)
+
+
 def _main_spec(name: str, path: str) -> list:
     """The wire name of ``name`` ("__main__:qualname") of driver script ``path``."""
     spec = [name, path, _session_of(path)]
-    if path == _main_path():
-        module = _main_name()
-        if module is not None:
-            spec.append(module)
-    else:
-        module = _module_names.get(path)  # (a worker passing on a driver's function)
-        if module is not None:
-            spec.append(module)
+    module = _module_name_of(path)
+    if module is not None:
+        spec.append(module)
     return spec
 
 
@@ -95,7 +99,7 @@ def _home(script: str) -> str:
     home = _homes.get(script)
     if home is None:
         home = os.path.dirname(script)
-        name = _main_name() if script == _main_path() else _module_names.get(script)
+        name = _module_name_of(script)
         if name is not None:
             for _ in name.split(".")[1:]:
                 home = os.path.dirname(home)
@@ -273,9 +277,7 @@ def _from_folder(folder: str) -> dict[str, str]:
         where = getattr(module, "__file__", None)
         if not isinstance(where, str):
             continue
-        real = _real_paths.get(where)
-        if real is None:
-            real = _real_paths[where] = os.path.realpath(where)
+        real = _real(where)
         # (its path as imported, or its real one: a symbolic link inside the folder to
         # code elsewhere is the driver's code too)
         if (where.startswith(inside) or real.startswith(inside)) and not _installed(real):
@@ -303,7 +305,8 @@ def _changed(folder: str) -> bool:
     import); else it is noted as it is."""
     seen = _folder_files.setdefault(folder, {})
     since = _looked_at.get(folder, 0.0)
-    for name, real in _from_folder(folder).items():
+    found = _from_folder(folder)
+    for name, real in found.items():
         known = seen.get(name)
         if known is None:
             sig = _signature(real)
@@ -313,8 +316,8 @@ def _changed(folder: str) -> bool:
             _folder_names.setdefault(folder, set()).add(name)
         elif known[0] != real or _signature(real) != known[1]:
             return True
-    for name, (real, sig) in seen.items():
-        if name in sys.modules and _signature(real) != sig:
+    for name, (real, sig) in seen.items():  # (those _from_folder no longer lists)
+        if name not in found and name in sys.modules and _signature(real) != sig:
             return True
     return False
 

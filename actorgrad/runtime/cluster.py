@@ -325,7 +325,7 @@ async def serve_worker(
             if on_joined is not None:
                 on_joined(w)
             if await _unless_stopped(w.registry_lost.wait(), stop):  # (the head went away)
-                return w.registry_lost_why or "its connection closed"
+                return w.registry_lost_why
     except asyncio.CancelledError:
         cancelled = True
         raise

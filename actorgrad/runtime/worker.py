@@ -411,6 +411,10 @@ class _Raised:
         self.exc = exc
 
 
+#: Worker.registry_lost_why when the cluster's head said goodbye (it shut down)
+HEAD_SHUT_DOWN = "it shut down"
+
+
 class _FnStats:
     __slots__ = ("fast", "is_async", "inline")
 
@@ -517,7 +521,8 @@ class Worker:
         self.registry: Any = None  # registry.Registry on the head
         self.registry_conn: Connection | None = None
         self.registry_lost = asyncio.Event()
-        self.registry_lost_why = ""  # (how: "it shut down", "sent nothing for 60 s ...")
+        # (how: HEAD_SHUT_DOWN, "... sent nothing for 60 s ...", set with registry_lost)
+        self.registry_lost_why = ""
         # rrefs owned here
         self.owned: dict[int, rref.Owned] = {}
         self._rref_ids = itertools.count(1)
@@ -983,7 +988,7 @@ class Worker:
             conn.queued[cid] = True
         if conn is self.registry_conn:
             if conn.goodbye:
-                self.registry_lost_why = "it shut down"
+                self.registry_lost_why = HEAD_SHUT_DOWN
             else:
                 self.registry_lost_why = str(exc) if exc is not None else "its connection closed"
             self.registry_lost.set()

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from actorgrad.runtime.cluster import run, serve_worker
     from actorgrad.runtime.procs import flush_output, tune_malloc
+    from actorgrad.runtime.worker import HEAD_SHUT_DOWN
 
     tune_malloc()
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             prof.disable()
             prof.dump_stats(f"{profile}.{args.name}")
     if head_gone is not None:
-        if head_gone != "it shut down":
+        if head_gone != HEAD_SHUT_DOWN:
             # (said, so that a cluster that finds its workers gone knows why: one whose
             # process was stopped (Ctrl-Z) for longer than the idle timeout lost them
             # all; not when it shut down: the cluster is stopping them, and says so)
