@@ -508,6 +508,50 @@ def test_a_driver_script_importing_a_module_beside_it_works_on_workers_of_anothe
     assert r.stdout.split() == ["42", "21", "42"]
 
 
+PACKAGE_DRIVER = """
+import asyncio
+import actorgrad as ag
+from .scaling import scale
+
+def here(x):
+    return scale(x) + 1
+
+async def main():
+    await ag.init("driver-package")
+    print(await ag.rpc("w2", scale, (7,)), await ag.rpc("w2", here, (7,)), flush=True)
+    await ag.shutdown()
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@needs_runtime
+def test_a_driver_run_as_a_module_of_a_package_calls_its_packages_functions_first(
+    cluster: tuple[str, Path], tmp_path: Path
+) -> None:
+    # `python -m runpkg.drv`: the name of a function of runpkg.scaling did not say the
+    # script runs as a module of runpkg, so a worker of another folder, called there
+    # before any function of the script, looked for runpkg inside runpkg ("no module
+    # named 'runpkg'").
+    (tmp_path / "runpkg").mkdir()
+    (tmp_path / "runpkg" / "__init__.py").write_text("")
+    (tmp_path / "runpkg" / "scaling.py").write_text("def scale(x):\n    return 6 * x\n")
+    (tmp_path / "runpkg" / "drv.py").write_text(PACKAGE_DRIVER)
+    address, token_file = cluster
+    env = _env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
+    r = subprocess.run(
+        [sys.executable, "-m", "runpkg.drv"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["42", "43"]
+
+
 EDITED_DRIVER = """
 import asyncio
 import actorgrad as ag

@@ -668,6 +668,23 @@ async def test_bound_builtins_and_callable_objects_are_named_as_such_and_classme
     assert await ag.rpc("w1", dict.fromkeys, ("ab",)) == {"a": None, "b": None}
 
 
+class SubclassWithClassMethods(WithClassMethods):
+    pass
+
+
+async def test_a_classmethod_through_a_subclass_and_a_builtins_method_run_as_named(cluster):
+    # Sub.make travelled by its qualname, "WithClassMethods.make", and ran with the
+    # base class, silently; str.upper was refused as a lambda.
+    for _ in range(2):  # (the second time from the caller's cache)
+        assert await ag.rpc("w1", SubclassWithClassMethods.make, (1,)) == [
+            "SubclassWithClassMethods",
+            1,
+        ]
+        assert await ag.rpc("w1", WithClassMethods.make, (1,)) == ["WithClassMethods", 1]
+        assert await ag.rpc("w1", str.upper, ("ab",)) == "AB"
+        assert await ag.rpc("w1", str.__add__, ("ab", "c")) == "abc"
+
+
 async def test_unencodable_argument_is_a_type_error_at_the_sender(cluster):
     with pytest.raises(TypeError, match="set"):
         await ag.rpc("w1", add, ({1, 2},))

@@ -459,6 +459,36 @@ async def test_two_driver_scripts_with_modules_of_one_name_on_one_worker_are_ref
         assert await ag.rpc("w1", a) == "a"
 
 
+async def test_modules_of_one_name_are_refused_also_from_the_workers_working_directory(
+    tmp_path, monkeypatch
+):
+    # The folder a worker runs in is on its path already: a script there was taken
+    # without the check, and its `import model` got the other project's, silently.
+    # Files no script imports by name (__init__.py, __main__.py, setup.py) are no clash.
+    for project in ("a", "b", "c"):
+        folder = tmp_path / project
+        folder.mkdir()
+        for name in ("__init__", "__main__", "setup"):
+            (folder / f"{name}.py").write_text("")
+        (folder / f"model_{project}.py").write_text(f"WHO = {project!r}\n")
+        (folder / "model.py").write_text(f"WHO = {project!r}\n")
+        (folder / "job.py").write_text(
+            f"import model\nimport model_{project}\n\n"
+            f"def which():\n    return model.WHO + model_{project}.WHO\n"
+        )
+    (tmp_path / "c" / "model.py").unlink()
+    (tmp_path / "c" / "job.py").write_text(
+        "import model_c\n\ndef which():\n    return model_c.WHO\n"
+    )
+    monkeypatch.chdir(tmp_path / "a")
+    async with ag.local_cluster(1, processes=True):
+        a, b, c = (["__main__:which", str(tmp_path / p / "job.py"), "s"] for p in "abc")
+        assert await ag.rpc("w1", b) == "bb"
+        with pytest.raises(ag.RemoteError, match="already has a module 'model' from"):
+            await ag.rpc("w1", a)
+        assert await ag.rpc("w1", c) == "c"
+
+
 def _write(path: Path, text: str, stamp: int) -> None:
     """Write ``text`` with a modification time of its own (whatever the clock's grain)."""
     path.write_text(textwrap.dedent(text))
@@ -514,6 +544,30 @@ async def test_a_new_driver_session_gets_the_code_on_disk_and_an_unchanged_one_k
         # (a session still running keeps the functions it called, and their modules:
         # a purge for another session switched it to the new code midway)
         assert await call(train, "value", "s1") == 1
+
+
+async def test_a_worker_passes_a_drivers_function_on_with_that_drivers_latest_session(tmp_path):
+    # The worker's cache of wire names kept the first session's: the next worker got
+    # a run's calls under a session that had ended (and ran what that one resolved).
+    _write(
+        tmp_path / "relay.py",
+        """
+        from actorgrad.runtime import calls
+
+        def helper():
+            return 1
+
+        def name_of_helper():
+            return calls.fn_spec(helper)
+        """,
+        1,
+    )
+    script = str(tmp_path / "relay.py")
+    async with ag.local_cluster(1, processes=True):
+        for session in ("s1", "s2", "s3"):  # (the one it last saw: the worker's own
+            # calls don't carry their caller's)
+            spec = await ag.rpc("w1", ["__main__:name_of_helper", script, session])
+            assert spec == ["__main__:helper", script, session]
 
 
 async def test_the_refusal_of_a_module_of_another_projects_name_outlives_its_forgetting(tmp_path):

@@ -85,7 +85,8 @@ def _module_name_of(script: str) -> str | None:
 
 
 def _main_spec(name: str, path: str) -> list:
-    """The wire name of ``name`` ("__main__:qualname") of driver script ``path``."""
+    """The wire name of ``name``, a function of driver script ``path``
+    ("__main__:qualname") or of a module beside it ("module:qualname")."""
     spec = [name, path, _session_of(path)]
     module = _module_name_of(path)
     if module is not None:
@@ -131,13 +132,21 @@ def fn_spec(fn: Any) -> str | list:
     except TypeError:  # unhashable callable
         cached = None
     if cached is not None:
-        _check_named(fn, fn.__module__, fn.__qualname__)  # (rebound since it was cached)
-        return cached
+        _check_named(fn)  # (rebound since it was cached)
+        # (a driver's function this worker passes on travels with that driver's
+        # latest session: the one it was cached with may be over)
+        if type(cached) is not list or cached[2] == _session_of(cached[1]):
+            return cached
     if not callable(fn):
         raise TypeError(f"cannot call {fn!r} remotely: not callable")
     owner = getattr(fn, "__self__", None)
+    mod: Any = getattr(fn, "__module__", None)
+    qual: Any = getattr(fn, "__qualname__", None)
     if isinstance(fn, types.MethodType) and isinstance(owner, type):
-        pass  # a classmethod: found by name on the worker too ("module:Class.method")
+        # a classmethod: found by name on the worker too, as an attribute of the class
+        # it was taken from (Sub.make runs with Sub, though its qualname says Base.make)
+        mod, qual = owner.__module__, f"{owner.__qualname__}.{fn.__name__}"
+        _check_named(owner)
     elif isinstance(fn, types.MethodType) or (
         isinstance(fn, types.BuiltinMethodType)
         and owner is not None
@@ -147,10 +156,11 @@ def fn_spec(fn: Any) -> str | list:
             f"cannot call bound method {fn.__qualname__!r} remotely: pass a module-level "
             "function, or hold the object in an RRef and use rref.rpc().method(...)"
         )
-    mod: Any = getattr(fn, "__module__", None)
     if mod is None and isinstance(owner, type):  # (a builtin classmethod: dict.fromkeys)
         mod = owner.__module__
-    qual: Any = getattr(fn, "__qualname__", None)
+    objclass = getattr(fn, "__objclass__", None)
+    if mod is None and isinstance(objclass, type):  # (a builtin's method: str.upper)
+        mod = objclass.__module__
     if not isinstance(qual, str) and not isinstance(fn, type):
         raise TypeError(
             f"cannot call {fn!r:.80} remotely: an object of type {type(fn).__name__} is not found by "
@@ -163,7 +173,7 @@ def fn_spec(fn: Any) -> str | list:
             f"cannot call {what!r} remotely: lambdas, closures and nested functions cannot be "
             "found by name on another worker; use a module-level function or class"
         )
-    _check_named(fn, mod, qual)
+    _check_named(fn)
     spec: str | list
     if mod in ("__main__", MAIN_ALIAS):
         main_mod = sys.modules.get(mod)
@@ -177,7 +187,7 @@ def fn_spec(fn: Any) -> str | list:
         spec = f"{mod}:{qual}"
         script = _script_beside(mod)
         if script is not None:  # (the worker puts the script's folder on its path)
-            spec = [spec, script, _session_of(script)]
+            spec = _main_spec(spec, script)
     try:
         _spec_cache[fn] = spec
     except TypeError:
@@ -185,14 +195,16 @@ def fn_spec(fn: Any) -> str | list:
     return spec
 
 
-def _check_named(fn: Any, mod: str, qual: str) -> None:
-    """TypeError when ``mod:qual`` names another object here than ``fn``: the worker
-    would run that one (a function rebound away from its name: a hot patch, a mock, a
-    re-decoration), silently. As pickle, which refuses it. A name not found here is left
-    to the worker to report. Only for Python functions and classes: other callables
-    (``list[int]``, builtins bound anew on each access) name what the worker runs."""
+def _check_named(fn: Any) -> None:
+    """TypeError when the name of ``fn`` (``module:qualname``) names another object
+    here: the worker would run that one (a function rebound away from its name: a hot
+    patch, a mock, a re-decoration), silently. As pickle, which refuses it. A name not
+    found here is left to the worker to report. Only for Python functions and classes:
+    other callables (``list[int]``, builtins bound anew on each access) name what the
+    worker runs."""
     if not isinstance(fn, (types.FunctionType, type)):
         return
+    mod, qual = fn.__module__, fn.__qualname__
     found: Any = sys.modules.get(mod)
     for part in qual.split("."):
         found = getattr(found, part, None)
@@ -367,13 +379,11 @@ def _use_folder_of(script: str) -> None:
     if _main_path() == script:
         return  # (this process's own script: its folder is on the path already)
     folder = _home(script)
-    if _script_folders.get(folder) == script:
-        return
-    if folder in sys.path:  # (the worker's own path has it: its working directory)
-        _script_folders.setdefault(folder, script)
+    if folder in _script_folders:
         return
     _check_no_clash(folder, script)
-    sys.path.insert(0, folder)
+    if folder not in sys.path:  # (the worker's own path may have it: its working directory)
+        sys.path.insert(0, folder)
     _script_folders[folder] = script
 
 
@@ -387,11 +397,16 @@ def _modules_in(folder: str, script: str | None) -> dict[str, str]:
     found = {}
     for entry in entries:
         if entry.endswith(".py"):
-            if os.path.join(folder, entry) != script:
-                found[entry[:-3]] = entry
+            name = entry[:-3]
+            # (no code imports these by name: a package's own files, a project's setup)
+            if os.path.join(folder, entry) != script and name not in _NOT_IMPORTED:
+                found[name] = entry
         elif os.path.isfile(os.path.join(folder, entry, "__init__.py")):
             found[entry] = entry  # a package
     return found
+
+
+_NOT_IMPORTED = frozenset({"__init__", "__main__", "setup", "conftest"})
 
 
 def _check_no_clash(folder: str, script: str) -> None:
