@@ -109,9 +109,10 @@ class Tensor:
             raise RuntimeError(
                 "requires_grad can only be changed on leaf tensors; use .detach() first"
             )
+        flag = check_bool(flag, "requires_grad")
         if flag and self.data.dtype.kind != "f":
             raise TypeError(_needs_float(self.data.dtype))
-        self._rg = bool(flag)
+        self._rg = flag
 
     @property
     def is_leaf(self) -> bool:
@@ -234,8 +235,10 @@ class Tensor:
             >>> (x * 3).sum().backward(); x.grad
             array([3., 3.], dtype=float32)
         """
-        if retain_graph is not False:
-            retain_graph = check_bool(retain_graph, "backward(): retain_graph")
+        if retain_graph is not False:  # (None: torch's default, "as create_graph": False)
+            retain_graph = retain_graph is not None and check_bool(
+                retain_graph, "backward(): retain_graph"
+            )
         if not self._rg:
             raise RuntimeError(
                 "backward() on a tensor that does not require grad (and has no grad_fn)"

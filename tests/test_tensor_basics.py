@@ -257,10 +257,19 @@ def test_flags_are_bools_and_containers_are_named():
     for bad in ("yes", "no", 1, None):
         with pytest.raises(TypeError, match="requires_grad must be a bool"):
             ag.tensor([1.0], requires_grad=bad)
+        with pytest.raises(TypeError, match="requires_grad must be a bool"):
+            ag.tensor([1.0]).requires_grad = bad  # (the setter took "no" as true)
         x = ag.tensor([1.0], requires_grad=True)
-        with pytest.raises(TypeError, match="retain_graph must be a bool"):
-            (x * 2).sum().backward(retain_graph=bad)
+        if bad is not None:
+            with pytest.raises(TypeError, match="retain_graph must be a bool"):
+                (x * 2).sum().backward(retain_graph=bad)
     assert ag.tensor([1.0], requires_grad=np.bool_(True)).requires_grad
+    # (retain_graph=None, torch's default, means False)
+    x = ag.tensor([1.0], requires_grad=True)
+    y = (x * 2).sum()
+    y.backward(retain_graph=None)
+    with pytest.raises(RuntimeError, match="second time"):
+        y.backward()
     with pytest.raises(TypeError, match="no_grad.. takes no arguments, or decorates a function"):
         ag.no_grad(5)
     for join in (ag.cat, ag.stack):

@@ -248,10 +248,10 @@ _main_sigs: dict[str, tuple[int, int] | None] = {}
 #: sys.modules when this module was first imported (a worker process's start-up): the
 #: worker's own modules, never driver code
 _baseline: frozenset[str] = frozenset(sys.modules)
-#: per driver script: its sessions, oldest first (what they resolved is kept for the
-#: last KEEP_SESSIONS of them)
+#: per driver script: its sessions, least recently seen first (what they resolved is
+#: kept for the last KEEP_SESSIONS of them: so many runs of a script at once)
 _script_sessions: dict[str, list[str]] = {}
-KEEP_SESSIONS = 8
+KEEP_SESSIONS = 32
 
 
 def _signature(path: str) -> tuple[int, int] | None:
@@ -341,12 +341,17 @@ def _new_session(script: str, session: str) -> None:
     if _main_path() == script:
         return  # (this process's own script)
     sessions = _script_sessions.setdefault(script, [])
-    if session not in sessions:
+    if session in sessions:
+        # (a run seen already, its calls interleaved with another's: not a new run,
+        # and one under way keeps its code)
+        sessions.remove(session)
         sessions.append(session)
-        if len(sessions) > KEEP_SESSIONS:  # (what the oldest resolved goes)
-            old = sessions.pop(0)
-            for key in [k for k in _resolve_cache if type(k) is tuple and k[1:3] == (script, old)]:
-                del _resolve_cache[key]
+        return
+    sessions.append(session)
+    if len(sessions) > KEEP_SESSIONS:  # (what the least recently seen one resolved goes)
+        old = sessions.pop(0)
+        for key in [k for k in _resolve_cache if type(k) is tuple and k[1:3] == (script, old)]:
+            del _resolve_cache[key]
     folder = _home(script)
     stale = script in _main_modules and _signature(script) != _main_sigs.get(script)
     stale = stale or _changed(folder)
@@ -355,11 +360,18 @@ def _new_session(script: str, session: str) -> None:
         return
     for path in [p for p in _main_modules if _home(p) == folder]:
         del _main_modules[path]
+    names = _from_folder(folder)
+    # (modules being imported in another call's thread need their entries, and those
+    # of their packages, till the import ends)
+    busy = [
+        name
+        for name in names
+        if getattr(getattr(sys.modules.get(name), "__spec__", None), "_initializing", False)
+    ]
     forgotten = set()
-    for name in _from_folder(folder):
-        spec = getattr(sys.modules.get(name), "__spec__", None)
-        if getattr(spec, "_initializing", False):
-            continue  # (being imported in another call's thread: it needs its entry)
+    for name in names:
+        if any(b == name or b.startswith(name + ".") for b in busy):
+            continue
         sys.modules.pop(name, None)
         forgotten.add(name)
     _folder_files[folder] = {}  # (the names stay in _folder_names: see _check_no_clash)

@@ -307,7 +307,7 @@ async def serve_worker(
     """One worker joining the cluster at ``address``; runs until ``stop`` is set or the
     cluster's head goes away. ``on_joined(worker)`` once it joined. Returns how the
     head went away ("it shut down", "worker '_head' sent nothing for 60 s ..."), None
-    when ``stop`` ended it."""
+    when ``stop`` ended it (or the worker's own ``shutdown``)."""
     check_name(name)
     check_address(address)
     if host is None:
@@ -324,8 +324,10 @@ async def serve_worker(
         if await _unless_stopped(w.join(address), stop):
             if on_joined is not None:
                 on_joined(w)
-            if await _unless_stopped(w.registry_lost.wait(), stop):  # (the head went away)
-                return w.registry_lost_why
+            if await _unless_stopped(w.registry_lost.wait(), stop):
+                # (the head went away; or, closing, this worker left it: its own code
+                # shut it down, as a stop asked for)
+                return None if w.closing else w.registry_lost_why
     except asyncio.CancelledError:
         cancelled = True
         raise

@@ -416,9 +416,14 @@ HEAD_SHUT_DOWN = "it shut down"
 
 
 class _FnStats:
-    __slots__ = ("fast", "is_async", "inline")
+    """How a function (or a type's method) runs, learnt from its calls. ``what``: the
+    function (a new version of it, re-imported from an edited driver script, starts
+    anew: it may be async now), None for a method (its key says all)."""
 
-    def __init__(self, fn: Any) -> None:
+    __slots__ = ("fast", "is_async", "inline", "what")
+
+    def __init__(self, fn: Any, what: Any) -> None:
+        self.what = what
         self.fast = 0
         self.is_async = inspect.iscoroutinefunction(fn)
         self.inline = not self.is_async and getattr(fn, "__actorgrad_inline__", False) is True
@@ -1348,7 +1353,8 @@ class Worker:
                     key = target
                 else:
                     fn = calls.resolve(target)
-                    key = tuple(target)
+                    key = (target[0], target[1])  # (not its session: one entry for all)
+                what = fn
             elif mode == MODE_RREF_RPC or mode == MODE_RREF_REMOTE:
                 rid, method = target
                 value = rref.owned_value(self, rid)
@@ -1361,6 +1367,7 @@ class Worker:
                     inspect.iscoroutinefunction(fn),
                     getattr(fn, "__actorgrad_inline__", False) is True,
                 )
+                what = None  # (the key says all)
             else:
                 raise ProtocolError(f"unknown request mode {mode!r}")
         except Exception as exc:
@@ -1375,8 +1382,8 @@ class Worker:
             self._reply_exc(conn, cid, exc, hooks)
             return
         stats = self._stats.get(key)
-        if stats is None:
-            stats = self._stats[key] = _FnStats(fn)
+        if stats is None or stats.what is not what:
+            stats = self._stats[key] = _FnStats(fn, what)
         # the dispatcher's context already has _current = self; the copy isolates the
         # call's contextvars (the connection is set inside it)
         ctx = contextvars.copy_context()
