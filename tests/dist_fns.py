@@ -65,6 +65,12 @@ def mul(key: str, x: ag.Tensor) -> ag.Tensor:
     return x * _store[_k(key)]
 
 
+def mul_kept(key: str, kept: str, x: ag.Tensor) -> ag.Tensor:
+    """x * store[key] * store[kept]: a tensor kept from another call, maybe of another
+    context."""
+    return x * _store[_k(key)] * _store[_k(kept)]
+
+
 def mul_sum(key: str, x: ag.Tensor) -> ag.Tensor:
     """(x * store[key]).sum(): a 0-d result."""
     return (x * _store[_k(key)]).sum()

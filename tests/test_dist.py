@@ -4,6 +4,7 @@ computation run in one process with the local engine."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import itertools
 import os
@@ -1391,6 +1392,45 @@ async def test_misuse_errors():
                 await ag.dist.backward(bad, [x.sum()])
             with pytest.raises(ag.ContextError, match="context id is the int"):
                 ag.dist.get_gradients(bad)
+
+
+@pytest.mark.parametrize("released", [True, False])
+async def test_a_tensor_of_another_context_in_the_loss_is_an_error_not_a_lost_gradient(
+    mode, released
+):
+    # Its gradient stopped at the recv node of the other context, silently: x's
+    # gradient lacked that path's part (half of it here).
+    xv, wv = arr(3), arr(3)
+
+    async def in_b(a: int, ya: ag.Tensor) -> None:
+        async with ag.dist.context() as b:
+            yb = await ag.rpc("w2", F.mul, ("w", x))
+            with pytest.raises(
+                RuntimeError,
+                match=rf"context {b:#x} reached a tensor received from worker 'w1' in "
+                rf"another context \({a:#x}\): its gradient cannot go back",
+            ):
+                await ag.dist.backward(b, [(ya + yb).sum()], retain_graph=True)
+            with pytest.raises(ag.RemoteError) as ei:
+                y = await ag.rpc("w2", F.mul_kept, ("w", "kept", x))
+                await ag.dist.backward(b, [y.sum()], retain_graph=True)
+            assert ei.value.worker == "w2"
+            assert f"received from worker 'driver' in another context ({a:#x})" in str(ei.value)
+            # (the context stays usable; a detached tensor is a constant)
+            await ag.dist.backward(b, [(ya.detach() + yb).sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(b)[x], wv, rtol=1e-12)
+
+    async with cluster(mode, 2):
+        for w in ("w1", "w2"):
+            await ag.rpc(w, F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as a:
+            ya = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.rpc("w2", F.keep, ("kept", x))  # (received by w2 in context a)
+            if not released:  # (a task of its own: contexts do not nest)
+                await asyncio.create_task(in_b(a, ya), context=contextvars.Context())
+        if released:
+            await in_b(a, ya)
 
 
 async def test_retain_graph_is_a_bool_and_a_context_left_unentered_is_named():

@@ -156,9 +156,20 @@ def _boundary(
 ) -> None:
     """The task's boundary handler: a recv node's gradient becomes part of a message,
     to the worker holding its send node, or where the pass's origin relays it."""
-    if not isinstance(node, RecvNode) or node.ctx_id != ctx_id:
-        # A tensor received in another context: its gradient stops here.
+    if not isinstance(node, RecvNode):
         return
+    if node.ctx_id != ctx_id:
+        if grad is None:
+            return  # (the loss does not reach it)
+        # A tensor received in another context: its gradient would have to go back
+        # through that context's send node, which this pass does not drive. Stopping
+        # here lost it silently (the sender's leaves got part of their gradient).
+        raise RuntimeError(
+            f"backward of distributed autograd context {ctx_id:#x} reached a tensor "
+            f"received from worker {node.src!r} in another context ({node.ctx_id:#x}): "
+            "its gradient cannot go back to its sender in this pass. Compute it inside "
+            "this context, or use tensor.detach() to take it as a constant"
+        )
     if node.freed:
         # Its send node is gone too (freed there, or being dropped: see _unpair), so
         # nobody waits for this message: a None (the loss does not reach it through
