@@ -192,15 +192,28 @@ def hook_calls(key: str) -> list[np.ndarray]:
     return _hook_calls.get(_k(key), [])
 
 
-def add_failing_hook(key: str, times: int) -> None:
-    """The next ``times`` backward passes through ``key`` raise ValueError here."""
+class HookAbort(BaseException):
+    """An exception that is not an Exception, as user code may raise."""
+
+
+_HOOK_ERRORS: dict[str, type[BaseException]] = {
+    "ValueError": ValueError,
+    "HookAbort": HookAbort,
+    "SystemExit": SystemExit,
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "CancelledError": asyncio.CancelledError,
+}
+
+
+def add_failing_hook(key: str, times: int, kind: str = "ValueError") -> None:
+    """The next ``times`` backward passes through ``key`` raise ``kind`` here."""
     t = _store[_k(key)]
     left = [times]
 
     def hook(g: np.ndarray) -> None:
         if left[0] > 0:
             left[0] -= 1
-            raise ValueError(f"hook refused gradient on {ag.worker_name()}")
+            raise _HOOK_ERRORS[kind](f"hook refused gradient on {ag.worker_name()}")
         return None
 
     t.register_hook(hook)

@@ -570,6 +570,31 @@ async def test_remote_error_in_backward_reaches_initiator_and_context_stays_usab
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("kind", ["HookAbort", "SystemExit", "KeyboardInterrupt", "CancelledError"])
+async def test_a_backward_whose_remote_part_raises_a_base_exception_fails_cleanly(mode, kind):
+    # Not an Exception: in-process the backward hung; across processes the
+    # connection closed ("Fatal error on transport"), and WorkerLost failed the
+    # backward and every other call on it.
+    xv, wv = arr(3), arr(3)
+    async with cluster(mode) as c:
+        await ag.rpc("w2", F.put, ("w", wv))
+        await ag.rpc("w2", F.add_failing_hook, ("w", 1, kind))
+        x = ag.tensor(xv, requires_grad=True)
+        other = asyncio.ensure_future(ag.rpc("w2", F.nap, (0.3,)))  # (outside the context)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.chain, (["w2"], "w", x))
+            loss = y.sum()
+            with pytest.raises(ag.RemoteError) as info:
+                await asyncio.wait_for(ag.dist.backward(ctx, [loss], retain_graph=True), 10)
+            assert info.value.worker == "w2"
+            assert info.value.remote_type.rpartition(".")[2] == kind
+            assert "hook refused gradient on w2" in str(info.value)
+            await other  # (a call under way on that connection went on)
+            await ag.dist.backward(ctx, [loss])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv)
+        await assert_clean(c.names)
+
+
 async def test_a_failed_pass_takes_back_what_finished_workers_committed(mode):
     # w1's part finishes (it commits dL/dw1) before w2's fails; the abort takes w1's
     # share back, so the retry's gradients are exactly one pass's, not one and a half.

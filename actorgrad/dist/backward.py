@@ -669,7 +669,7 @@ def _resume(st: DistState, ps: PassState, retain: bool, fut: asyncio.Future[Any]
             size += ps.deliver(items)
         checked = True
         out = _step(st, ps, retain, size)
-    except Exception as err:
+    except BaseException as err:  # (the part's code, hooks, may raise any: reported)
         ctx.drop_pass(ps.pass_id)
         _report(st, ctx.id, ps.origin, ps.pass_id, err, refused=not checked)
         return
@@ -763,7 +763,7 @@ def _deliver(
             size += ps.deliver(m_items)
         checked = True
         out = _step(st, ps, retain, size)
-    except Exception as exc:
+    except BaseException as exc:  # (the part's code, hooks, may raise any: reported)
         if ctx is not None:
             ctx.drop_pass(pass_id)
         _report(st, ctx_id, origin, pass_id, exc, refused=not checked)

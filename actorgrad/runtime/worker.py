@@ -1290,7 +1290,7 @@ class Worker:
             fn(self, *args)
         except ProtocolError:
             raise  # a malformed message: its connection is closed
-        except Exception:
+        except BaseException:  # (any: one escaping closed the connection, its calls lost)
             log.exception("worker %s: handler of one-way %r failed", self.name, header[1])
 
     def _hooks(self, conn: Connection, peer: str, meta: Any) -> rref.Hooks:
