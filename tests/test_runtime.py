@@ -1430,6 +1430,8 @@ def test_remote_error_from_an_exception_whose_str_fails_still_names_it():
             "cannot bind host 'no-such-host.invalid': ",
         ),
         ({"token": 5}, TypeError, "the cluster token must be a str, not int"),
+        # ("must be a non-empty str, not str or empty")
+        ({"token": " ", "host": "0.0.0.0"}, ValueError, r"token is empty \(or only whitespace\)$"),
     ],
 )
 async def test_init_refuses_bad_arguments_naming_them(kwargs, exc, message):

@@ -283,6 +283,14 @@ async def test_serve_cluster_and_cluster_status():
         await asyncio.wait_for(task, 20)
 
 
+async def test_process_workers_may_have_names_that_start_with_a_dash():
+    # ("--name", "-x"): the worker process's argument parser took "-x" for an option
+    # and exited with status 2.
+    async with ag.local_cluster(["-x", "--join"], processes=True):
+        assert await ag.rpc("-x", ag.worker_name) == "-x"
+        assert await ag.rpc("--join", ag.worker_name) == "--join"
+
+
 async def test_serve_worker_joins_a_cluster_and_stops():
     w = await ag.init("head")
     try:

@@ -199,13 +199,11 @@ class WorkerProcesses:
                 "-P",  # (-m would put the current directory first, before PYTHONPATH)
                 "-m",
                 "actorgrad.runtime.worker_main",
-                "--join",
-                address,
-                "--name",
-                name,
+                f"--join={address}",  # (one argument each: a name may start with '-')
+                f"--name={name}",
             ]
             if host != "127.0.0.1":
-                argv += ["--host", host]
+                argv.append(f"--host={host}")
             self._waiting.append((name, argv, env))
         self._start_some(STARTING)
 

@@ -451,10 +451,12 @@ class Worker:
             # (as a token file's and ACTORGRAD_TOKEN's: a token read with its newline
             # and passed as token=... must match the workers', which get it stripped)
             token = token.strip()
-        if not isinstance(token, str) or not token:
-            raise ValueError(  # (not the value: it may be a secret)
-                f"the cluster token must be a non-empty str, not {type(token).__name__} or empty"
+        if not isinstance(token, str):
+            raise TypeError(  # (not the value: it may be a secret)
+                f"the cluster token must be a non-empty str, not {type(token).__name__}"
             )
+        if not token:
+            raise ValueError("the cluster token is empty (or only whitespace)")
         try:
             token.encode()  # (the handshake's MAC key)
         except UnicodeEncodeError:
