@@ -66,6 +66,21 @@ def check_bool(value: Any, what: str) -> bool:
     raise TypeError(f"{what} must be a bool (True or False), not {value!r:.80}")
 
 
+#: a RemoteError's message and traceback keep this many characters at each end
+KEEP_OF_ERRORS = 512 * 1024
+
+
+def clip_text(text: str, keep: int) -> str:
+    """``text``, its middle cut when it is longer than twice ``keep`` characters.
+
+    >>> clip_text("abcdefgh", 2)
+    'ab... (4 characters cut) ...gh'
+    """
+    if len(text) <= 2 * keep:
+        return text
+    return f"{text[:keep]}... ({len(text) - 2 * keep} characters cut) ...{text[-keep:]}"
+
+
 def short_repr(x: Any, limit: int = 40) -> str:
     """``repr(x)`` cut to ``limit`` characters, for error messages about values that
     came from the wire (they may be huge, or fail to repr)."""
@@ -130,7 +145,9 @@ class RemoteError(ActorgradError):
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         except Exception:
             tb = ""
-        return cls(worker, name, message, tb)
+        # (a message of 200 MB, the repr of a big array: encoding it, twice, held the
+        # worker's loop for seconds, and its peers took it for dead)
+        return cls(worker, name, clip_text(message, KEEP_OF_ERRORS), clip_text(tb, KEEP_OF_ERRORS))
 
     def __str__(self) -> str:
         return f"{self.remote_type} on worker {self.worker!r}: {self.remote_message}"

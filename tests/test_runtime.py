@@ -1503,6 +1503,17 @@ async def test_a_message_larger_than_the_largest_frame_fails_its_call_not_the_co
         assert c.driver.status()["peers"] == ["w1"] and not c.driver.is_lost("w1")
 
 
+async def test_an_error_with_a_huge_message_comes_with_its_middle_cut(cluster):
+    # A 200 MB message (twice: the traceback repeats it) was encoded whole on the
+    # worker's loop, for seconds: its peers took it for dead (WorkerLost).
+    with pytest.raises(ag.RemoteError, match=r"ValueError on worker 'w1': xxx") as err:
+        await ag.rpc("w1", raise_big, (20_000_000,))
+    message, tb = err.value.remote_message, err.value.remote_traceback
+    assert len(message) < 1_100_000 and message.endswith("x")
+    assert "... (18951424 characters cut) ..." in message
+    assert len(tb) < 1_100_000 and "characters cut" in tb and "raise_big" in tb
+
+
 _STUBBORN: dict[str, asyncio.Event] = {}
 
 

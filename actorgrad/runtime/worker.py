@@ -93,6 +93,7 @@ from actorgrad.errors import (
     RemoteError,
     RpcTimeout,
     WorkerLost,
+    clip_text,
     refusal_type,
 )
 from actorgrad.runtime import calls, rref, transport
@@ -313,13 +314,6 @@ def check_timeout(timeout: Any, none_means: str, hint: str = "") -> None:
             f"timeout must be a number of seconds > 0, or None {none_means}; got "
             f"{timeout!r:.80}{hint}"
         )
-
-
-def _clip(text: str, keep: int = 2048) -> str:
-    """``text``, its middle cut when it is longer than twice ``keep`` characters."""
-    if len(text) <= 2 * keep:
-        return text
-    return f"{text[:keep]}... ({len(text) - 2 * keep} characters cut) ...{text[-keep:]}"
 
 
 def _no_stop_iteration(fn: Callable[[], Any]) -> Any:
@@ -1615,8 +1609,8 @@ class Worker:
             err = RemoteError(
                 err.worker,
                 err.remote_type,
-                f"{_clip(err.remote_message)} [the error was cut: {too_big}]",
-                _clip(err.remote_traceback),
+                f"{clip_text(err.remote_message, 2048)} [the error was cut: {too_big}]",
+                clip_text(err.remote_traceback, 2048),
             )
             chunks = wire.encode_frame(header, err, None)
         conn.send_nowait(chunks)
