@@ -906,6 +906,76 @@ def test_the_cluster_says_who_joins_and_leaves_and_how_its_workers_die(tmp_path:
             w.stop()
 
 
+HEADLESS_DRIVER = """
+import asyncio, sys
+import actorgrad as ag
+
+async def main():
+    await ag.init("driver")
+    await ag.rpc("w1", ag.worker_name)
+    print("ready", ag.workers(), flush=True)
+    await asyncio.to_thread(sys.stdin.readline)  # (the cluster and its workers are gone)
+    for dest in ("w1", "w2"):
+        try:
+            await ag.rpc(dest, ag.worker_name, timeout=20)
+        except ag.WorkerLost as exc:
+            print(dest, "lost:", exc, flush=True)
+    print("workers", ag.workers(), flush=True)
+    await ag.shutdown()
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@needs_runtime
+def test_a_driver_whose_clusters_head_died_says_so_and_lists_no_gone_worker(tmp_path: Path) -> None:
+    # ag.workers() kept listing the workers that had left with the head (nothing
+    # updates the list any more), and a call to one said only "cannot connect".
+    token_file = tmp_path / "token"
+    c = Running("cluster", "-n", "2", "--token-file", str(token_file))
+    pids: set[int] = set()
+    driver = None
+    try:
+        address = c.expect("address: ").strip()
+        c.expect("Ctrl-C to stop")
+        pids = descendants(c.proc.pid)
+        script = tmp_path / "headless.py"
+        script.write_text(HEADLESS_DRIVER)
+        env = _env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
+        driver = subprocess.Popen(
+            [sys.executable, str(script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert driver.stdout is not None and driver.stdin is not None
+        assert driver.stdout.readline() == "ready ['driver', 'w1', 'w2']\n"
+        c.proc.send_signal(signal.SIGKILL)
+        c.wait()
+        assert wait_gone(pids, 20) == set()  # (its workers left: the head went away)
+        out, err = driver.communicate("go\n", timeout=60)
+        assert driver.returncode == 0, err
+        lines = out.splitlines()
+        assert lines[0].startswith("w1 lost: "), out
+        assert re.fullmatch(
+            r"w2 lost: worker 'w2': cannot connect to 127\.0\.0\.1:\d+: .*; the cluster's head "
+            r"went away \(.+\)",
+            lines[1],
+        ), out
+        assert lines[2] == "workers ['driver']", out
+    finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+        c.stop()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 @needs_runtime
 def test_the_workers_of_a_cluster_whose_process_died_say_why_they_leave(tmp_path: Path) -> None:
     # They exited with status 0 and said nothing: a cluster process stopped (Ctrl-Z)

@@ -593,6 +593,8 @@ class Worker:
 
     def worker_names(self) -> list[str]:
         names = [n for n in self.members if not n.startswith("_")]
+        if self.registry_lost.is_set():  # (no head will remove those lost: they are gone)
+            names = [n for n in names if n not in self._lost]
         if self.name not in self.members and not self.name.startswith("_"):
             names.append(self.name)
         return sorted(names, key=natural_key)
@@ -886,6 +888,11 @@ class Worker:
                 f"within {PEER_CONNECT_TIMEOUT:g} s: hung or overloaded"
             ) from None
         except WorkerLost as exc:  # (a plain WorkerLost: it may travel as a RemoteError)
+            if self.registry_lost.is_set():
+                # (the cause, most likely: the workers leave when the head goes; and no
+                # head will say it is back, or gone: it is lost for good)
+                self._peer_lost(dest)
+                exc = WorkerLost(f"{exc}; the cluster's head went away ({self.registry_lost_why})")
             raise WorkerLost(f"worker {dest!r}: {exc}") from None
         if conn.peer_name != dest:
             conn.close()
