@@ -672,6 +672,57 @@ async def test_a_worker_learns_how_a_function_runs_once_for_all_sessions_and_ane
         assert await ag.rpc("w1", "sessmod:f") == 2
 
 
+async def test_a_worker_passes_on_a_function_of_a_script_that_is_not_the_last_it_imported(
+    tmp_path,
+):
+    # Its script was taken to be the module sys.modules["__mp_main__"] names: the last
+    # driver script imported there, or after an `import multiprocessing` the worker's
+    # own __main__ ("'__main__' has no attribute 'g'", or "that name was rebound").
+    for name, extra in (("relay_a", ""), ("relay_b", "    import multiprocessing\n")):
+        _write(
+            tmp_path / f"{name}.py",
+            "import actorgrad as ag\n\n"
+            f"def g():\n    return {name!r}\n\n"
+            f"async def f():\n{extra}    return await ag.rpc('w2', g)\n",
+            1,
+        )
+    _write(tmp_path / "other.py", "def h():\n    return 'h'\n", 1)
+    a, b, other = (str(tmp_path / f"{n}.py") for n in ("relay_a", "relay_b", "other"))
+    async with ag.local_cluster(2, processes=True):
+        assert await ag.rpc("w1", ["__main__:f", a, "s1"]) == "relay_a"
+        assert await ag.rpc("w1", ["__main__:h", other, "s2"]) == "h"
+        assert await ag.rpc("w1", ["__main__:f", a, "s3"]) == "relay_a"
+        assert await ag.rpc("w1", ["__main__:f", b, "s4"]) == "relay_b"
+        assert await ag.rpc("w1", ["__main__:f", a, "s5"]) == "relay_a"
+        # (two runs at once of two versions of a script: each passes on its own)
+        _write(tmp_path / "relay_a.py", (tmp_path / "relay_a.py").read_text(), 2)
+        assert await ag.rpc("w1", ["__main__:f", a, "s6"]) == "relay_a"
+        assert await ag.rpc("w1", ["__main__:f", a, "s5"]) == "relay_a"
+
+
+async def test_a_script_run_as_a_module_of_its_package_then_as_a_file_finds_its_modules(
+    tmp_path,
+):
+    # `python -m pkg.train`, then `python pkg/train.py`: the worker kept the first
+    # run's module name, and looked for the script's modules beside the package
+    # ("no module named 'helper'").
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    _write(tmp_path / "pkg" / "helper.py", "def who():\n    return 'helper'\n", 1)
+    _write(
+        tmp_path / "pkg" / "train.py",
+        "try:\n    from . import helper\nexcept ImportError:\n    import helper\n\n"
+        "def f():\n    return helper.who()\n",
+        1,
+    )
+    train = str(tmp_path / "pkg" / "train.py")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:f", train, "s1", "pkg.train"]) == "helper"
+        assert await ag.rpc("w1", ["pkg.helper:who", train, "s1", "pkg.train"]) == "helper"
+        assert await ag.rpc("w1", ["helper:who", train, "s2"]) == "helper"
+        assert await ag.rpc("w1", ["__main__:f", train, "s2"]) == "helper"
+
+
 async def test_the_refusal_of_a_module_of_another_projects_name_outlives_its_forgetting(tmp_path):
     # Once project A's modules were forgotten (an edit, a new session), project C's
     # helpers.py was accepted; A's next call then imported C's helpers, silently.

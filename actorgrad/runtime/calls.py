@@ -176,8 +176,10 @@ def fn_spec(fn: Any) -> str | list:
     _check_named(fn)
     spec: str | list
     if mod in ("__main__", MAIN_ALIAS):
-        main_mod = sys.modules.get(mod)
-        path = getattr(main_mod, "__file__", None)
+        if mod == "__main__":
+            path = getattr(sys.modules.get(mod), "__file__", None)
+        else:  # (a worker passing on a function of a driver's script)
+            path = _script_globals(fn, qual).get("__file__")
         if not path:
             raise TypeError(
                 f"cannot call {qual!r} remotely: it lives in an interactive __main__ without a file"
@@ -205,16 +207,48 @@ def _check_named(fn: Any) -> None:
     if not isinstance(fn, (types.FunctionType, type)):
         return
     mod, qual = fn.__module__, fn.__qualname__
-    found: Any = sys.modules.get(mod)
-    for part in qual.split("."):
-        found = getattr(found, part, None)
-        if found is None:
-            return
-    if found is not fn:
+    found: Any
+    if mod == MAIN_ALIAS:
+        found = _lookup(_script_globals(fn, qual), qual)
+    else:
+        found = sys.modules.get(mod)
+        for part in qual.split("."):
+            found = getattr(found, part, None)
+    if found is not None and found is not fn:
         raise TypeError(
             f"cannot call {fn!r:.80} remotely: it is not the object named {mod}:{qual} "
             "(that name was rebound to another), which is what the worker would run"
         )
+
+
+def _script_globals(fn: Any, qual: str) -> dict[str, Any]:
+    """The globals of the driver script imported here (as ``__mp_main__``) that defines
+    ``fn``; not those of the module ``sys.modules["__mp_main__"]`` names: the last
+    imported (of several drivers' scripts, or versions of one), or after an ``import
+    multiprocessing`` this process's own ``__main__``."""
+    candidates = [getattr(fn, "__globals__", None)]  # (functions, classmethods)
+    if isinstance(fn, type):  # (a class: those of the functions defined in its body)
+        for v in vars(fn).values():
+            v = getattr(v, "__func__", v)
+            candidates.append(getattr(v, "__globals__", None))
+    for globals_ in candidates:
+        if isinstance(globals_, dict) and _unbound(_lookup(globals_, qual)) is _unbound(fn):
+            return globals_
+    return getattr(sys.modules.get(MAIN_ALIAS), "__dict__", {})
+
+
+def _lookup(globals_: dict[str, Any], qual: str) -> Any:
+    """The object ``qual`` names in a module of globals ``globals_``, else None."""
+    first, _, rest = qual.partition(".")
+    obj = globals_.get(first)
+    for part in rest.split(".") if rest else ():
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _unbound(fn: Any) -> Any:
+    """``fn``, or for a classmethod taken from its class, the function."""
+    return fn.__func__ if isinstance(fn, types.MethodType) else fn
 
 
 def _script_beside(mod: str) -> str | None:
@@ -521,10 +555,16 @@ def resolve(spec: Any) -> Any:
         name, path = spec[0], spec[1]
         if len(spec) >= 3:
             session = spec[2]
-        if len(spec) == 4 and _module_names.get(path) != spec[3]:
-            if not all(part.isidentifier() for part in spec[3].split(".")):
+        module = spec[3] if len(spec) == 4 else None
+        if len(spec) >= 3 and _module_names.get(path) != module:
+            # (the script runs as a module of its package now, or no longer: run with
+            # `python -m pkg.train`, then as `python pkg/train.py`)
+            if module is None:
+                del _module_names[path]
+            elif not all(part.isidentifier() for part in module.split(".")):
                 raise ValueError(f"malformed module name in function name {spec!r}")
-            _module_names[path] = spec[3]
+            else:
+                _module_names[path] = module
             _homes.pop(path, None)
     mod, sep, qual = name.partition(":")
     if not sep or not mod or not qual:
