@@ -723,6 +723,24 @@ async def test_a_script_run_as_a_module_of_its_package_then_as_a_file_finds_its_
         assert await ag.rpc("w1", ["__main__:f", train, "s2"]) == "helper"
 
 
+async def test_a_module_a_script_of_a_subfolder_imports_too_is_still_its_folders(tmp_path):
+    # run.py imports sub.mod, sub/tool.py (a script of its own) imports mod, the same
+    # file: sub.mod was taken for sub/'s only (its file is inside it), so run.py's
+    # folder never saw it change: its runs had the first version for good.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "__init__.py").write_text("")
+    _write(tmp_path / "sub" / "mod.py", "V = 1\n", 1)
+    _write(tmp_path / "run.py", "from sub import mod\n\ndef f():\n    return mod.V\n", 1)
+    _write(tmp_path / "sub" / "tool.py", "import mod\n\ndef g():\n    return mod.V\n", 1)
+    run, tool = str(tmp_path / "run.py"), str(tmp_path / "sub" / "tool.py")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:f", run, "s1"]) == 1
+        assert await ag.rpc("w1", ["__main__:g", tool, "s2"]) == 1
+        _write(tmp_path / "sub" / "mod.py", "V = 2\n", 2)
+        assert await ag.rpc("w1", ["__main__:f", run, "s3"]) == 2
+        assert await ag.rpc("w1", ["__main__:g", tool, "s4"]) == 2
+
+
 async def test_the_refusal_of_a_module_of_another_projects_name_outlives_its_forgetting(tmp_path):
     # Once project A's modules were forgotten (an edit, a new session), project C's
     # helpers.py was accepted; A's next call then imported C's helpers, silently.

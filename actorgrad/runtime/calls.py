@@ -311,24 +311,32 @@ def _installed(path: str) -> bool:
 def _from_folder(folder: str) -> dict[str, str]:
     """The modules of ``sys.modules`` imported from driver folder ``folder`` (not the
     worker's own, nor installed ones), by name, with their real file paths."""
-    inside = folder + os.sep
-    # (the modules of a driver folder inside this one are that folder's)
-    nested = [names for other, names in _folder_names.items() if other.startswith(inside)]
     found = {}
     for name, module in list(sys.modules.items()):
-        if name in _baseline or name == MAIN_ALIAS:  # (scripts: see _main_sigs)
-            continue
-        if name.partition(".")[0] == "actorgrad" or any(name in n for n in nested):
-            continue
+        if name in _baseline or name == MAIN_ALIAS or name.partition(".")[0] == "actorgrad":
+            continue  # (scripts: see _main_sigs)
         where = getattr(module, "__file__", None)
         if not isinstance(where, str):
             continue
         real = _real(where)
         # (its path as imported, or its real one: a symbolic link inside the folder to
         # code elsewhere is the driver's code too)
-        if (where.startswith(inside) or real.startswith(inside)) and not _installed(real):
+        if (_imported_from(folder, name, where) or _imported_from(folder, name, real)) and (
+            not _installed(real)
+        ):
             found[name] = real
     return found
+
+
+def _imported_from(folder: str, name: str, path: str) -> bool:
+    """Whether module ``name``, file ``path``, was imported with ``folder`` on the path:
+    ``folder/pkg/mod.py`` for ``pkg.mod``. Not only inside it: a module of a driver
+    folder inside this one is that folder's (``folder/sub/mod.py`` imported as ``mod``),
+    though this one's too when imported as ``sub.mod``."""
+    head, tail = os.path.split(os.path.abspath(path))
+    stem = os.path.join(head, tail.partition(".")[0])  # (mod.py, mod.cpython-311-....so)
+    expected = os.path.join(folder, *name.split("."))
+    return stem == expected or stem == os.path.join(expected, "__init__")
 
 
 def _note_imports(folder: str) -> None:
