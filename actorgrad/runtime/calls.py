@@ -275,6 +275,8 @@ _folder_files: dict[str, dict[str, tuple[str, tuple[int, int]]]] = {}
 #: per folder of driver code: the names of every module ever imported from it here
 #: (kept when the modules are forgotten: see _check_no_clash)
 _folder_names: dict[str, set[str]] = {}
+#: per folder of driver code: the modules it held (see _modules_in) when imported from
+_listings: dict[str, frozenset[str]] = {}
 #: per folder of driver code: when this worker last looked at its files (time.time())
 _looked_at: dict[str, float] = {}
 #: (size, mtime) of each driver script when this worker imported it
@@ -344,6 +346,8 @@ def _note_imports(folder: str) -> None:
     seen = _folder_files.setdefault(folder, {})
     names = _folder_names.setdefault(folder, set())
     _looked_at.setdefault(folder, time.time())
+    if folder not in _listings:
+        _listings[folder] = frozenset(_modules_in(folder, None))
     for name, real in _from_folder(folder).items():
         names.add(name)
         if name not in seen:
@@ -356,7 +360,11 @@ def _changed(folder: str) -> bool:
     """Whether driver code imported from ``folder`` changed on this worker's disk since
     it was imported. A module imported unseen (while a function ran) counts as changed
     if its file was modified since this worker last looked (it may have been after the
-    import); else it is noted as it is."""
+    import); else it is noted as it is. So does a module file added to the folder, or
+    removed (``try: import fast_impl`` / ``except ImportError:`` found nothing)."""
+    listing = _listings.get(folder)
+    if listing is not None and frozenset(_modules_in(folder, None)) != listing:
+        return True
     seen = _folder_files.setdefault(folder, {})
     since = _looked_at.get(folder, 0.0)
     found = _from_folder(folder)
@@ -417,6 +425,7 @@ def _new_session(script: str, session: str) -> None:
         sys.modules.pop(name, None)
         forgotten.add(name)
     _folder_files[folder] = {}  # (the names stay in _folder_names: see _check_no_clash)
+    _listings.pop(folder, None)
     # What other sessions resolved stays theirs ("a run keeps the functions it already
     # called"); names resolved without a session ("module:function" strings) follow
     # the code on disk.
@@ -433,12 +442,15 @@ def _use_folder_of(script: str) -> None:
     if _main_path() == script:
         return  # (this process's own script: its folder is on the path already)
     folder = _home(script)
-    if folder in _script_folders:
+    if (script, folder) in _checked_scripts:
         return
+    # (for each script of a folder: a file that was the script of one run may be a
+    # module of another script of the folder: `python model.py`, then `python train.py`)
     _check_no_clash(folder, script)
     if folder not in sys.path:  # (the worker's own path may have it: its working directory)
         sys.path.insert(0, folder)
-    _script_folders[folder] = script
+    _script_folders.setdefault(folder, script)
+    _checked_scripts.add((script, folder))
 
 
 def _modules_in(folder: str, script: str | None) -> dict[str, str]:
@@ -485,8 +497,11 @@ def _check_no_clash(folder: str, script: str) -> None:
                 )
 
 
-#: folders of driver scripts this worker put on its import path, and the scripts
+#: folders of driver scripts this worker put on its import path, and the first script
+#: of each
 _script_folders: dict[str, str] = {}
+#: driver scripts, with their folders, checked for modules of another folder's names
+_checked_scripts: set[tuple[str, str]] = set()
 
 
 # driver scripts imported on this worker, by real path. Not looked up in sys.modules:
