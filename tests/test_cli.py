@@ -479,21 +479,29 @@ if __name__ == "__main__":
 
 
 @needs_runtime
+@pytest.mark.parametrize("linked", [False, True])
 def test_a_driver_script_importing_a_module_beside_it_works_on_workers_of_another_folder(
-    cluster: tuple[str, Path], tmp_path: Path
+    cluster: tuple[str, Path], tmp_path: Path, linked: bool
 ) -> None:
     # The workers run from another folder (the cluster's): importing the driver's
     # script to find run_here failed on its `from sibling import scale`, with a hint
     # to guard the script's top level, which it did; and a function or class of the
-    # sibling module itself was not found there ("no module named 'sibling'").
+    # sibling module itself was not found there ("no module named 'sibling'"), also
+    # when the module was a symbolic link to code elsewhere.
     project = tmp_path / "project"
     project.mkdir()
-    (project / "sibling.py").write_text(
+    # (one name per case: the cluster's workers keep one module per name)
+    module = "linked_sibling" if linked else "sibling"
+    (project / f"{module}.py").write_text(
         "def scale(x):\n    return 6 * x\n\n\n"
         "class Scaler:\n    def __init__(self, k):\n        self.k = k\n\n"
         "    def apply(self, x):\n        return self.k * x\n"
     )
-    (project / "driver.py").write_text(SIBLING_DRIVER)
+    (project / "driver.py").write_text(SIBLING_DRIVER.replace("sibling", module))
+    if linked:  # (the module beside the script is a link to code elsewhere)
+        (tmp_path / "common").mkdir()
+        (project / f"{module}.py").rename(tmp_path / "common" / f"{module}.py")
+        (project / f"{module}.py").symlink_to(tmp_path / "common" / f"{module}.py")
     address, token_file = cluster
     env = _env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
     r = subprocess.run(

@@ -773,6 +773,41 @@ async def test_a_folders_scripts_are_each_checked_and_a_module_added_beside_them
         assert await ag.rpc("w1", ["__main__:f", opt, "s5"]) == "fast"
 
 
+async def test_namespace_packages_and_modules_of_the_workers_own_path_count_as_modules(
+    tmp_path, monkeypatch
+):
+    # Folders without __init__.py were no modules: two projects' utils/tool.py mixed,
+    # and an edited lib/core.py stayed old (the namespace package kept its attribute
+    # for the old module). A module the worker imported from its working directory
+    # (called by name) was taken by a driver script holding one of that name.
+    for project in ("na", "nb"):
+        (tmp_path / project / "utils").mkdir(parents=True)
+        _write(tmp_path / project / "utils" / "tool.py", f"WHO = {project!r}\n", 1)
+        _write(
+            tmp_path / project / "main.py",
+            "from utils import tool\n\ndef f():\n    return tool.WHO\n",
+            1,
+        )
+    (tmp_path / "cwd").mkdir()
+    _write(tmp_path / "cwd" / "cwdmod.py", "def who():\n    return 'cwd'\n", 1)
+    (tmp_path / "pw").mkdir()
+    _write(tmp_path / "pw" / "cwdmod.py", "def who():\n    return 'pw'\n", 1)
+    _write(tmp_path / "pw" / "runw.py", "import cwdmod\n\ndef f():\n    return cwdmod.who()\n", 1)
+    na, nb = str(tmp_path / "na" / "main.py"), str(tmp_path / "nb" / "main.py")
+    monkeypatch.chdir(tmp_path / "cwd")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:f", na, "s1"]) == "na"
+        with pytest.raises(ag.RemoteError, match="already has a module 'utils' from"):
+            await ag.rpc("w1", ["__main__:f", nb, "s2"])
+        _write(tmp_path / "na" / "utils" / "tool.py", "WHO = 'na, edited'\n", 2)
+        assert await ag.rpc("w1", ["__main__:f", na, "s3"]) == "na, edited"
+        assert await ag.rpc("w1", "cwdmod:who") == "cwd"
+        with pytest.raises(
+            ag.RemoteError, match=f"already has a module 'cwdmod' from {tmp_path / 'cwd'}:"
+        ):
+            await ag.rpc("w1", ["__main__:f", str(tmp_path / "pw" / "runw.py"), "s4"])
+
+
 async def test_the_refusal_of_a_module_of_another_projects_name_outlives_its_forgetting(tmp_path):
     # Once project A's modules were forgotten (an edit, a new session), project C's
     # helpers.py was accepted; A's next call then imported C's helpers, silently.

@@ -260,13 +260,19 @@ def _script_beside(mod: str) -> str | None:
     where = getattr(sys.modules.get(top), "__file__", None)
     if not where:
         return None
-    home = os.path.dirname(os.path.realpath(where))
-    if os.path.basename(where) == "__init__.py":
-        home = os.path.dirname(home)
     main = _main_path()
-    if main is not None and _home(main) == home:
-        return main
-    return _script_folders.get(home)  # (a worker passing on a driver's function)
+    # (the folder it was imported from, or its file's real one: a symbolic link beside
+    # the script to code elsewhere sits beside it too)
+    for path in (os.path.abspath(where), _real(where)):
+        home = os.path.dirname(path)
+        if os.path.basename(path) == "__init__.py":
+            home = os.path.dirname(home)
+        if main is not None and _home(main) == home:
+            return main
+        script = _script_folders.get(home)  # (a worker passing on a driver's function)
+        if script is not None:
+            return script
+    return None
 
 
 #: per folder of driver code (a script's home): the files of the modules this worker
@@ -319,6 +325,11 @@ def _from_folder(folder: str) -> dict[str, str]:
             continue  # (scripts: see _main_sigs)
         where = getattr(module, "__file__", None)
         if not isinstance(where, str):
+            # (a namespace package: no file, but forgotten too, or its attribute for a
+            # submodule would keep the old one: `from lib import core`)
+            path = getattr(module, "__path__", None)
+            if path is not None and os.path.join(folder, *name.split(".")) in list(path):
+                found[name] = ""
             continue
         real = _real(where)
         # (its path as imported, or its real one: a symbolic link inside the folder to
@@ -350,7 +361,7 @@ def _note_imports(folder: str) -> None:
         _listings[folder] = frozenset(_modules_in(folder, None))
     for name, real in _from_folder(folder).items():
         names.add(name)
-        if name not in seen:
+        if name not in seen and real:  # (a namespace package has no file)
             sig = _signature(real)
             if sig is not None:
                 seen[name] = (real, sig)
@@ -370,7 +381,9 @@ def _changed(folder: str) -> bool:
     found = _from_folder(folder)
     for name, real in found.items():
         known = seen.get(name)
-        if known is None:
+        if not real:  # (a namespace package: its modules say)
+            _folder_names.setdefault(folder, set()).add(name)
+        elif known is None:
             sig = _signature(real)
             if sig is None or sig[1] >= since * 1e9:
                 return True
@@ -453,9 +466,10 @@ def _use_folder_of(script: str) -> None:
     _checked_scripts.add((script, folder))
 
 
-def _modules_in(folder: str, script: str | None) -> dict[str, str]:
+def _modules_in(folder: str, script: str | None, namespaces: bool = False) -> dict[str, str]:
     """The modules folder ``folder`` holds (``.py`` files and packages, but the driver
-    script ``script``), by name, with their entries."""
+    script ``script``), by name, with their entries; with ``namespaces``, also the
+    folders without ``__init__.py`` that hold ``.py`` files (namespace packages)."""
     try:
         entries = os.listdir(folder)
     except OSError:
@@ -469,7 +483,16 @@ def _modules_in(folder: str, script: str | None) -> dict[str, str]:
                 found[name] = entry
         elif os.path.isfile(os.path.join(folder, entry, "__init__.py")):
             found[entry] = entry  # a package
+        elif namespaces and entry.isidentifier() and _holds_python(os.path.join(folder, entry)):
+            found[entry] = entry
     return found
+
+
+def _holds_python(folder: str) -> bool:
+    try:
+        return any(e.endswith(".py") for e in os.listdir(folder))
+    except OSError:
+        return False
 
 
 _NOT_IMPORTED = frozenset({"__init__", "__main__", "setup", "conftest"})
@@ -478,10 +501,12 @@ _NOT_IMPORTED = frozenset({"__init__", "__main__", "setup", "conftest"})
 def _check_no_clash(folder: str, script: str) -> None:
     """RuntimeError when a module beside driver script ``script`` has the name of one
     in another driver script's folder on this worker's path, or of one the worker
-    imported from there (forgotten since, too): one process holds one module per name,
-    and one of the scripts would silently run the other project's (the first folder on
-    the path wins, also for an import that comes later, inside a function)."""
-    mine = _modules_in(folder, script)
+    imported from there (forgotten since, too), or from anywhere but its installed
+    packages (a module of its working directory, called by name): one process holds
+    one module per name, and one of the scripts would silently run the other
+    project's (the first folder on the path wins, also for an import that comes later,
+    inside a function)."""
+    mine = _modules_in(folder, script, namespaces=True)
     for other, other_script in _script_folders.items():
         if other == folder:
             continue
@@ -489,12 +514,26 @@ def _check_no_clash(folder: str, script: str) -> None:
         imported = _folder_names.get(other, ())
         for name, entry in sorted(mine.items()):
             if name in theirs or name in imported:
-                raise RuntimeError(
-                    f"the driver script's folder {folder} holds {entry!r}, but this worker "
-                    f"already has a module {name!r} from {other} (another driver script's "
-                    "folder): one worker process holds one module per name. Give the "
-                    "modules distinct names, or use workers of their own for each project"
-                )
+                _clash(folder, entry, name, f"{other} (another driver script's folder)")
+    for name, entry in sorted(mine.items()):
+        where = getattr(sys.modules.get(name), "__file__", None)
+        if (
+            isinstance(where, str)
+            and name != "actorgrad"
+            and not _imported_from(folder, name, where)
+            and not _imported_from(folder, name, _real(where))
+            and not _installed(_real(where))
+        ):
+            _clash(folder, entry, name, os.path.dirname(os.path.abspath(where)))
+
+
+def _clash(folder: str, entry: str, name: str, other: str) -> None:
+    raise RuntimeError(
+        f"the driver script's folder {folder} holds {entry!r}, but this worker already "
+        f"has a module {name!r} from {other}: one worker process holds one module per "
+        "name. Give the modules distinct names, or use workers of their own for each "
+        "project"
+    )
 
 
 #: folders of driver scripts this worker put on its import path, and the first script
