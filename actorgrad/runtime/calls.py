@@ -478,8 +478,13 @@ def _modules_in(folder: str, script: str | None, namespaces: bool = False) -> di
     for entry in entries:
         if entry.endswith(".py"):
             name = entry[:-3]
-            # (no code imports these by name: a package's own files, a project's setup)
-            if os.path.join(folder, entry) != script and name not in _NOT_IMPORTED:
+            # (no code imports these by name: a package's own files, a project's setup,
+            # an editor's lock file ".#train.py")
+            if (
+                name.isidentifier()
+                and name not in _NOT_IMPORTED
+                and os.path.join(folder, entry) != script
+            ):
                 found[name] = entry
         elif os.path.isfile(os.path.join(folder, entry, "__init__.py")):
             found[entry] = entry  # a package
