@@ -681,9 +681,13 @@ async def test_a_worker_passes_on_a_function_of_a_script_that_is_not_the_last_it
     for name, extra in (("relay_a", ""), ("relay_b", "    import multiprocessing\n")):
         _write(
             tmp_path / f"{name}.py",
-            "import actorgrad as ag\n\n"
+            "import functools\nimport actorgrad as ag\n\n"
             f"def g():\n    return {name!r}\n\n"
-            f"async def f():\n{extra}    return await ag.rpc('w2', g)\n",
+            f"@functools.cache\ndef cached():\n    return {name!r}\n\n"
+            "class K:\n    pass\n\n"
+            f"async def f():\n{extra}    return await ag.rpc('w2', g)\n\n"
+            "async def f_cached():\n    return await ag.rpc('w2', cached)\n\n"
+            "async def f_class():\n    return (await ag.remote('w2', K)).owner\n",
             1,
         )
     _write(tmp_path / "other.py", "def h():\n    return 'h'\n", 1)
@@ -694,6 +698,9 @@ async def test_a_worker_passes_on_a_function_of_a_script_that_is_not_the_last_it
         assert await ag.rpc("w1", ["__main__:f", a, "s3"]) == "relay_a"
         assert await ag.rpc("w1", ["__main__:f", b, "s4"]) == "relay_b"
         assert await ag.rpc("w1", ["__main__:f", a, "s5"]) == "relay_a"
+        # (callables without globals of their own: a cached function, a class)
+        assert await ag.rpc("w1", ["__main__:f_cached", a, "s5"]) == "relay_a"
+        assert await ag.rpc("w1", ["__main__:f_class", a, "s5"]) == "w2"
         # (two runs at once of two versions of a script: each passes on its own)
         _write(tmp_path / "relay_a.py", (tmp_path / "relay_a.py").read_text(), 2)
         assert await ag.rpc("w1", ["__main__:f", a, "s6"]) == "relay_a"
@@ -806,6 +813,40 @@ async def test_namespace_packages_and_modules_of_the_workers_own_path_count_as_m
             ag.RemoteError, match=f"already has a module 'cwdmod' from {tmp_path / 'cwd'}:"
         ):
             await ag.rpc("w1", ["__main__:f", str(tmp_path / "pw" / "runw.py"), "s4"])
+
+
+async def test_common_project_layouts_are_no_clash_and_a_src_layouts_edit_is_seen(tmp_path):
+    # Each script of a folder checked on its own refused G/train.py + eval.py after
+    # F/eval.py ran (scripts are imported by path, not by name); a tests/ folder
+    # without __init__.py was taken for a module of the name of another project's
+    # tests package; and a package of the project found through a folder the script
+    # put on sys.path (src/) was no longer the project's: its edits went unseen.
+    for project in ("F", "G"):
+        (tmp_path / project / "tests").mkdir(parents=True)
+        for script in ("train", "eval"):
+            _write(tmp_path / project / f"{script}.py", f"def f():\n    return {script!r}\n", 1)
+    (tmp_path / "G" / "tests" / "__init__.py").write_text("")
+    _write(tmp_path / "F" / "tests" / "test_a.py", "", 1)
+    (tmp_path / "S" / "src" / "mylib").mkdir(parents=True)
+    _write(tmp_path / "S" / "src" / "mylib" / "__init__.py", "V = 1\n", 1)
+    _write(
+        tmp_path / "S" / "run.py",
+        "import os, sys\nsys.path.insert(0, os.path.join(os.path.dirname(__file__), 'src'))\n"
+        "import mylib\n\ndef f():\n    return mylib.V\n",
+        1,
+    )
+    f_train, f_eval, g_train, g_eval = (
+        str(tmp_path / p / f"{n}.py") for p in "FG" for n in ("train", "eval")
+    )
+    run = str(tmp_path / "S" / "run.py")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:f", g_train, "s1"]) == "train"
+        assert await ag.rpc("w1", ["__main__:f", f_eval, "s2"]) == "eval"
+        assert await ag.rpc("w1", ["__main__:f", f_train, "s3"]) == "train"
+        assert await ag.rpc("w1", ["__main__:f", g_eval, "s4"]) == "eval"
+        assert await ag.rpc("w1", ["__main__:f", run, "s5"]) == 1
+        _write(tmp_path / "S" / "src" / "mylib" / "__init__.py", "V = 2\n", 2)
+        assert await ag.rpc("w1", ["__main__:f", run, "s6"]) == 2
 
 
 async def test_the_refusal_of_a_module_of_another_projects_name_outlives_its_forgetting(tmp_path):

@@ -227,10 +227,14 @@ def _script_globals(fn: Any, qual: str) -> dict[str, Any]:
     imported (of several drivers' scripts, or versions of one), or after an ``import
     multiprocessing`` this process's own ``__main__``."""
     candidates = [getattr(fn, "__globals__", None)]  # (functions, classmethods)
+    wrapped = getattr(fn, "__wrapped__", None)  # (functools.cache, wraps of another module)
+    if wrapped is not None:
+        candidates.append(getattr(_unbound(wrapped), "__globals__", None))
     if isinstance(fn, type):  # (a class: those of the functions defined in its body)
         for v in vars(fn).values():
             v = getattr(v, "__func__", v)
             candidates.append(getattr(v, "__globals__", None))
+    candidates += [module.__dict__ for module in _main_modules.values()]
     for globals_ in candidates:
         if isinstance(globals_, dict) and _unbound(_lookup(globals_, qual)) is _unbound(fn):
             return globals_
@@ -317,8 +321,13 @@ def _installed(path: str) -> bool:
 
 
 def _from_folder(folder: str) -> dict[str, str]:
-    """The modules of ``sys.modules`` imported from driver folder ``folder`` (not the
-    worker's own, nor installed ones), by name, with their real file paths."""
+    """The modules of ``sys.modules`` imported from driver folder ``folder``: their
+    files lie inside it (also those found through another path entry: a ``src/``
+    layout), but not the worker's own, installed ones, nor those a driver folder
+    inside this one imported by its own path (``sub/mod.py`` as ``mod``; as ``sub.mod``
+    it is this folder's), by name, with their real file paths."""
+    inside = folder + os.sep
+    nested = [other for other in _folder_names if other.startswith(inside)]
     found = {}
     for name, module in list(sys.modules.items()):
         if name in _baseline or name == MAIN_ALIAS or name.partition(".")[0] == "actorgrad":
@@ -328,24 +337,23 @@ def _from_folder(folder: str) -> dict[str, str]:
             # (a namespace package: no file, but forgotten too, or its attribute for a
             # submodule would keep the old one: `from lib import core`)
             path = getattr(module, "__path__", None)
-            if path is not None and os.path.join(folder, *name.split(".")) in list(path):
+            if path is not None and any(p.startswith(inside) for p in list(path)):
                 found[name] = ""
             continue
         real = _real(where)
         # (its path as imported, or its real one: a symbolic link inside the folder to
         # code elsewhere is the driver's code too)
-        if (_imported_from(folder, name, where) or _imported_from(folder, name, real)) and (
-            not _installed(real)
-        ):
-            found[name] = real
+        if not (where.startswith(inside) or real.startswith(inside)) or _installed(real):
+            continue
+        if nested and any(_imported_from(other, name, where) for other in nested):
+            continue
+        found[name] = real
     return found
 
 
 def _imported_from(folder: str, name: str, path: str) -> bool:
     """Whether module ``name``, file ``path``, was imported with ``folder`` on the path:
-    ``folder/pkg/mod.py`` for ``pkg.mod``. Not only inside it: a module of a driver
-    folder inside this one is that folder's (``folder/sub/mod.py`` imported as ``mod``),
-    though this one's too when imported as ``sub.mod``."""
+    ``folder/pkg/mod.py`` for ``pkg.mod``."""
     head, tail = os.path.split(os.path.abspath(path))
     stem = os.path.join(head, tail.partition(".")[0])  # (mod.py, mod.cpython-311-....so)
     expected = os.path.join(folder, *name.split("."))
@@ -358,7 +366,7 @@ def _note_imports(folder: str) -> None:
     names = _folder_names.setdefault(folder, set())
     _looked_at.setdefault(folder, time.time())
     if folder not in _listings:
-        _listings[folder] = frozenset(_modules_in(folder, None))
+        _listings[folder] = frozenset(_modules_in(folder))
     for name, real in _from_folder(folder).items():
         names.add(name)
         if name not in seen and real:  # (a namespace package has no file)
@@ -374,7 +382,7 @@ def _changed(folder: str) -> bool:
     import); else it is noted as it is. So does a module file added to the folder, or
     removed (``try: import fast_impl`` / ``except ImportError:`` found nothing)."""
     listing = _listings.get(folder)
-    if listing is not None and frozenset(_modules_in(folder, None)) != listing:
+    if listing is not None and frozenset(_modules_in(folder)) != listing:
         return True
     seen = _folder_files.setdefault(folder, {})
     since = _looked_at.get(folder, 0.0)
@@ -392,7 +400,9 @@ def _changed(folder: str) -> bool:
         elif known[0] != real or _signature(real) != known[1]:
             return True
     for name, (real, sig) in seen.items():  # (those _from_folder no longer lists)
-        if name not in found and name in sys.modules and _signature(real) != sig:
+        if name not in found and (name not in sys.modules or _signature(real) != sig):
+            # (one forgotten since, by another folder's new run (a driver folder inside
+            # this one): what this folder's modules hold of it is no longer current)
             return True
     return False
 
@@ -466,10 +476,10 @@ def _use_folder_of(script: str) -> None:
     _checked_scripts.add((script, folder))
 
 
-def _modules_in(folder: str, script: str | None, namespaces: bool = False) -> dict[str, str]:
-    """The modules folder ``folder`` holds (``.py`` files and packages, but the driver
-    script ``script``), by name, with their entries; with ``namespaces``, also the
-    folders without ``__init__.py`` that hold ``.py`` files (namespace packages)."""
+def _modules_in(folder: str, namespaces: bool = False) -> dict[str, str]:
+    """The modules folder ``folder`` holds (``.py`` files and packages), by name, with
+    their entries; with ``namespaces``, also the folders without ``__init__.py`` that
+    hold ``.py`` files (namespace packages)."""
     try:
         entries = os.listdir(folder)
     except OSError:
@@ -480,11 +490,7 @@ def _modules_in(folder: str, script: str | None, namespaces: bool = False) -> di
             name = entry[:-3]
             # (no code imports these by name: a package's own files, a project's setup,
             # an editor's lock file ".#train.py")
-            if (
-                name.isidentifier()
-                and name not in _NOT_IMPORTED
-                and os.path.join(folder, entry) != script
-            ):
+            if name.isidentifier() and name not in _NOT_IMPORTED:
                 found[name] = entry
         elif os.path.isfile(os.path.join(folder, entry, "__init__.py")):
             found[entry] = entry  # a package
@@ -510,17 +516,29 @@ def _check_no_clash(folder: str, script: str) -> None:
     packages (a module of its working directory, called by name): one process holds
     one module per name, and one of the scripts would silently run the other
     project's (the first folder on the path wins, also for an import that comes later,
-    inside a function)."""
-    mine = _modules_in(folder, script, namespaces=True)
-    for other, other_script in _script_folders.items():
+    inside a function). Scripts are imported by path, not by name: two folders' train.py
+    are no clash, unless one of them was imported by name too; nor is a folder without
+    ``__init__.py`` (maybe a namespace package, maybe tests/ or docs/) unless the other
+    folder's was imported."""
+    scripts = _folder_scripts.setdefault(folder, set())
+    scripts.add(os.path.basename(script)[:-3])
+    mine = _modules_in(folder, namespaces=True)
+    packages = _modules_in(folder)  # (files and packages with __init__.py)
+    for other in _script_folders:
         if other == folder:
             continue
-        theirs = _modules_in(other, other_script)
+        theirs = _modules_in(other)
+        their_scripts = _folder_scripts.get(other, set())
         imported = _folder_names.get(other, ())
         for name, entry in sorted(mine.items()):
-            if name in theirs or name in imported:
+            if name in imported or (
+                name in packages
+                and name not in scripts
+                and name in theirs
+                and name not in their_scripts
+            ):
                 _clash(folder, entry, name, f"{other} (another driver script's folder)")
-    for name, entry in sorted(mine.items()):
+    for name, entry in sorted(packages.items()):
         where = getattr(sys.modules.get(name), "__file__", None)
         if (
             isinstance(where, str)
@@ -546,6 +564,8 @@ def _clash(folder: str, entry: str, name: str, other: str) -> None:
 _script_folders: dict[str, str] = {}
 #: driver scripts, with their folders, checked for modules of another folder's names
 _checked_scripts: set[tuple[str, str]] = set()
+#: per folder of driver scripts: the module names of its scripts (see _check_no_clash)
+_folder_scripts: dict[str, set[str]] = {}
 
 
 # driver scripts imported on this worker, by real path. Not looked up in sys.modules:
