@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -513,6 +515,17 @@ async def test_modules_of_one_name_are_refused_also_from_the_workers_working_dir
         assert await ag.rpc("w1", c) == "c"
 
 
+class OddModule(types.ModuleType):
+    """A module object whose missing attributes raise KeyError (as some lazy loaders)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise KeyError(name)
+
+
+def install_odd_module() -> None:
+    sys.modules["odd_module"] = OddModule("odd_module")
+
+
 def _write(path: Path, text: str, stamp: int) -> None:
     """Write ``text`` with a modification time of its own (whatever the clock's grain)."""
     path.write_text(textwrap.dedent(text))
@@ -847,6 +860,75 @@ async def test_common_project_layouts_are_no_clash_and_a_src_layouts_edit_is_see
         assert await ag.rpc("w1", ["__main__:f", run, "s5"]) == 1
         _write(tmp_path / "S" / "src" / "mylib" / "__init__.py", "V = 2\n", 2)
         assert await ag.rpc("w1", ["__main__:f", run, "s6"]) == 2
+
+
+async def test_a_script_of_a_subfolder_gets_the_edits_of_the_project_roots_modules(
+    tmp_path, monkeypatch
+):
+    # P/train.py and P/scripts/eval.py both `import model` from P (the cluster's
+    # working directory): eval's folder, scripts/, never changed, so its kept script
+    # held the first model.py for good (while train's runs had the edits).
+    (tmp_path / "scripts").mkdir()
+    _write(tmp_path / "model.py", "V = 1\n", 1)
+    for script in ("train.py", "scripts/eval.py"):
+        _write(tmp_path / script, "import model\n\ndef f():\n    return model.V\n", 1)
+    train, ev = str(tmp_path / "train.py"), str(tmp_path / "scripts" / "eval.py")
+    monkeypatch.chdir(tmp_path)
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:f", train, "s1"]) == 1
+        assert await ag.rpc("w1", ["__main__:f", ev, "s2"]) == 1
+        _write(tmp_path / "model.py", "V = 2\n", 2)
+        assert await ag.rpc("w1", ["__main__:f", ev, "s3"]) == 2  # (eval first)
+        assert await ag.rpc("w1", ["__main__:f", train, "s4"]) == 2
+        _write(tmp_path / "model.py", "V = 3\n", 3)
+        assert await ag.rpc("w1", ["__main__:f", train, "s5"]) == 3  # (train first)
+        assert await ag.rpc("w1", ["__main__:f", ev, "s6"]) == 3
+        assert await ag.rpc("w1", ["__main__:f", ev, "s3"]) == 2  # (a run keeps its code)
+
+
+async def test_odd_driver_code_is_found_or_named_and_a_first_look_forgets_nothing(
+    tmp_path, monkeypatch
+):
+    # A script without .py: "cannot import the driver script"; one not on the worker's
+    # disk: advice to guard its top level; a module object whose __getattr__ raises
+    # KeyError: every later driver call failed with it; a module from a zip: imported
+    # anew at every run; a script's folder on the worker's path already, after another
+    # holding a module of one name: the worker imported the other's; a subfolder's
+    # script's first run forgot the modules of the outer folder's running script.
+    (tmp_path / "lib").mkdir()
+    _write(tmp_path / "lib" / "putil.py", "WHO = 'lib'\n", 1)
+    (tmp_path / "proj").mkdir()
+    _write(tmp_path / "proj" / "putil.py", "WHO = 'proj'\n", 1)
+    _write(tmp_path / "proj" / "trainx", "import putil\n\ndef f():\n    return putil.WHO\n", 1)
+    with zipfile.ZipFile(tmp_path / "proj" / "deps.zip", "w") as z:
+        z.writestr("zipped.py", "import random\nTOKEN = random.random()\n")
+    _write(
+        tmp_path / "proj" / "usezip.py",
+        "import os, sys\nsys.path.append(os.path.join(os.path.dirname(__file__), 'deps.zip'))\n"
+        "import zipped\n\ndef f():\n    return zipped.TOKEN\n",
+        1,
+    )
+    (tmp_path / "O" / "sub").mkdir(parents=True)
+    (tmp_path / "O" / "sub" / "__init__.py").write_text("")
+    _write(tmp_path / "O" / "sub" / "m.py", "V = 1\n", 1)
+    _write(
+        tmp_path / "O" / "outer.py",
+        "import sub.m as mm\n\ndef f():\n    import sub.m\n    return mm is sub.m\n",
+        1,
+    )
+    _write(tmp_path / "O" / "sub" / "b.py", "def f():\n    return 'b'\n", 1)
+    proj, outer = tmp_path / "proj", str(tmp_path / "O" / "outer.py")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'lib'}{os.pathsep}{proj}{os.pathsep}{REPO}")
+    async with ag.local_cluster(1, processes=True):
+        await ag.rpc("w1", install_odd_module)
+        assert await ag.rpc("w1", ["__main__:f", str(proj / "trainx"), "s1"]) == "proj"
+        with pytest.raises(ag.RemoteError, match="is not on this worker's disk"):
+            await ag.rpc("w1", ["__main__:f", str(tmp_path / "gone.py"), "s1"])
+        token = await ag.rpc("w1", ["__main__:f", str(proj / "usezip.py"), "s2"])
+        assert await ag.rpc("w1", ["__main__:f", str(proj / "usezip.py"), "s3"]) == token
+        assert await ag.rpc("w1", ["__main__:f", outer, "s4"]) is True
+        assert await ag.rpc("w1", ["__main__:f", str(tmp_path / "O" / "sub" / "b.py"), "s5"]) == "b"
+        assert await ag.rpc("w1", ["__main__:f", outer, "s4"]) is True
 
 
 async def test_the_refusal_of_a_module_of_another_projects_name_outlives_its_forgetting(tmp_path):

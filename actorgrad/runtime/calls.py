@@ -23,6 +23,7 @@ resolved, so two runs at once of different versions of one script each keep thei
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import secrets
@@ -287,6 +288,7 @@ _folder_files: dict[str, dict[str, tuple[str, tuple[int, int]]]] = {}
 _folder_names: dict[str, set[str]] = {}
 #: per folder of driver code: the modules it held (see _modules_in) when imported from
 _listings: dict[str, frozenset[str]] = {}
+_STARTED = time.time()
 #: per folder of driver code: when this worker last looked at its files (time.time())
 _looked_at: dict[str, float] = {}
 #: (size, mtime) of each driver script when this worker imported it
@@ -332,7 +334,10 @@ def _from_folder(folder: str) -> dict[str, str]:
     for name, module in list(sys.modules.items()):
         if name in _baseline or name == MAIN_ALIAS or name.partition(".")[0] == "actorgrad":
             continue  # (scripts: see _main_sigs)
-        where = getattr(module, "__file__", None)
+        try:
+            where = getattr(module, "__file__", None)
+        except Exception:  # (a module object of the user's, whose __getattr__ raises)
+            continue
         if not isinstance(where, str):
             # (a namespace package: no file, but forgotten too, or its attribute for a
             # submodule would keep the old one: `from lib import core`)
@@ -385,7 +390,10 @@ def _changed(folder: str) -> bool:
     if listing is not None and frozenset(_modules_in(folder)) != listing:
         return True
     seen = _folder_files.setdefault(folder, {})
-    since = _looked_at.get(folder, 0.0)
+    # (a folder never looked at: its modules another folder's code imported count as
+    # changed if modified since this process started, not all of them: those of an
+    # outer folder's running script were forgotten under it)
+    since = _looked_at.get(folder, _STARTED)
     found = _from_folder(folder)
     for name, real in found.items():
         known = seen.get(name)
@@ -393,7 +401,9 @@ def _changed(folder: str) -> bool:
             _folder_names.setdefault(folder, set()).add(name)
         elif known is None:
             sig = _signature(real)
-            if sig is None or sig[1] >= since * 1e9:
+            if sig is None:  # (not a file of its own: from a zip, say)
+                continue
+            if sig[1] >= since * 1e9:
                 return True
             seen[name] = (real, sig)
             _folder_names.setdefault(folder, set()).add(name)
@@ -429,8 +439,63 @@ def _new_session(script: str, session: str) -> None:
     stale = script in _main_modules and _signature(script) != _main_sigs.get(script)
     stale = stale or _changed(folder)
     _looked_at[folder] = time.time()
-    if not stale:
+    if stale:
+        _forget(folder)
         return
+    # Modules of other driver folders its kept script holds (a script of scripts/
+    # importing the project root's model): changed there, they are forgotten, and the
+    # script with them; one forgotten already (by that folder's own new run) too.
+    kept = _main_modules.get(script)
+    if kept is None:
+        return
+    values = list(vars(kept).values())
+    used = {_module_of(v) for v in values}
+    for other in list(_folder_files):
+        if other != folder and used & _folder_names.get(other, set()) and _changed(other):
+            _looked_at[other] = time.time()
+            _forget(other)
+    names = _all_folder_names()
+    if not all(_current(v, names) for v in values):
+        _forget(folder)
+
+
+def _module_of(v: Any) -> str | None:
+    """The name of module ``v``, or of the module that defines ``v``."""
+    try:
+        name = v.__name__ if isinstance(v, types.ModuleType) else getattr(v, "__module__", None)
+    except Exception:  # (an object of the user's whose attributes raise)
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _current(v: Any, names: set[str]) -> bool:
+    """Whether ``v`` (a global of a driver script) is what its module's name gives now,
+    for driver code (modules named in ``names``); a module forgotten since, or a class
+    of its old version, is not."""
+    mod = _module_of(v)
+    if mod not in names:
+        return True
+    module = sys.modules.get(mod)
+    if isinstance(v, types.ModuleType):
+        return module is v
+    if module is None:
+        return False
+    try:
+        qual = getattr(v, "__qualname__", None)
+        if not isinstance(qual, str) or "<" in qual:
+            return True  # (an instance, a value: nothing to compare)
+        return _unbound(_lookup(vars(module), qual)) is _unbound(v)
+    except Exception:
+        return True
+
+
+def _all_folder_names() -> set[str]:
+    return set().union(*_folder_names.values()) if _folder_names else set()
+
+
+def _forget(folder: str) -> None:
+    """Forget the driver code imported from ``folder`` (its scripts, its modules): the
+    next call imports it anew."""
     for path in [p for p in _main_modules if _home(p) == folder]:
         del _main_modules[path]
     names = _from_folder(folder)
@@ -470,8 +535,12 @@ def _use_folder_of(script: str) -> None:
     # (for each script of a folder: a file that was the script of one run may be a
     # module of another script of the folder: `python model.py`, then `python train.py`)
     _check_no_clash(folder, script)
-    if folder not in sys.path:  # (the worker's own path may have it: its working directory)
-        sys.path.insert(0, folder)
+    # (first, as on the driver: its working directory or PYTHONPATH may have it, after
+    # another folder, or site-packages for an editable install, holding a module of
+    # one name)
+    if folder in sys.path:
+        sys.path.remove(folder)
+    sys.path.insert(0, folder)
     _script_folders.setdefault(folder, script)
     _checked_scripts.add((script, folder))
 
@@ -582,7 +651,17 @@ def _main_module(path: str) -> types.ModuleType:
         return module
     # (run as `python -m pkg.train`: imported with that name's spec, so that its
     # relative imports find its package, but named __mp_main__, as multiprocessing does)
-    spec = importlib.util.spec_from_file_location(_module_names.get(path, MAIN_ALIAS), path)
+    if not os.path.isfile(path):
+        raise ModuleNotFoundError(
+            f"the driver's script {path} (to call one of its functions) is not on this "
+            "worker's disk: copy it there under the same path, or call functions of "
+            "installed modules"
+        )
+    name = _module_names.get(path, MAIN_ALIAS)
+    # (a loader of its own: a script without .py, an executable `train`, has none)
+    spec = importlib.util.spec_from_file_location(
+        name, path, loader=importlib.machinery.SourceFileLoader(name, path)
+    )
     if spec is None or spec.loader is None:
         raise ModuleNotFoundError(f"cannot import the driver script {path!r}")
     sig = _signature(path)  # (before: an edit while it is imported is a change)
