@@ -467,6 +467,7 @@ def run_here(x):
 
 async def main():
     await ag.init("driver-sibling")
+    print(await ag.rpc("w1", "sibling:scale", (7,)), flush=True)  # (by name, first there)
     print(await ag.rpc("w2", scale, (7,)), flush=True)  # (before any of the script's own)
     r = await ag.remote("w2", Scaler, (3,))
     print(await r.rpc().apply(7), flush=True)
@@ -479,20 +480,22 @@ if __name__ == "__main__":
 
 
 @needs_runtime
-@pytest.mark.parametrize("linked", [False, True])
+@pytest.mark.parametrize("layout", ["plain", "linked", "namespace"])
 def test_a_driver_script_importing_a_module_beside_it_works_on_workers_of_another_folder(
-    cluster: tuple[str, Path], tmp_path: Path, linked: bool
+    cluster: tuple[str, Path], tmp_path: Path, layout: str
 ) -> None:
     # The workers run from another folder (the cluster's): importing the driver's
     # script to find run_here failed on its `from sibling import scale`, with a hint
     # to guard the script's top level, which it did; and a function or class of the
     # sibling module itself was not found there ("no module named 'sibling'"), also
-    # when the module was a symbolic link to code elsewhere.
+    # when the module was a symbolic link to code elsewhere, or in a folder without
+    # __init__.py, or named by a string.
     project = tmp_path / "project"
-    project.mkdir()
+    (project / "nsp").mkdir(parents=True)
     # (one name per case: the cluster's workers keep one module per name)
-    module = "linked_sibling" if linked else "sibling"
-    (project / f"{module}.py").write_text(
+    module = {"plain": "sibling", "linked": "linked_sibling", "namespace": "nsp.sib"}[layout]
+    linked = layout == "linked"
+    (project / f"{module.replace('.', '/')}.py").write_text(
         "def scale(x):\n    return 6 * x\n\n\n"
         "class Scaler:\n    def __init__(self, k):\n        self.k = k\n\n"
         "    def apply(self, x):\n        return self.k * x\n"
@@ -513,7 +516,7 @@ def test_a_driver_script_importing_a_module_beside_it_works_on_workers_of_anothe
         cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["42", "21", "42"]
+    assert r.stdout.split() == ["42", "42", "21", "42"]
 
 
 PACKAGE_DRIVER = """

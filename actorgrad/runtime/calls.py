@@ -125,7 +125,16 @@ def fn_spec(fn: Any) -> str | list:
             path = _main_path()
             if path is not None:
                 return _main_spec(fn, path)
-        return fn
+            return fn
+        # (a module beside the script: as for its functions themselves; cached, with
+        # the same check of the session as theirs)
+        cached = _spec_cache.get(fn)
+        if cached is None or (type(cached) is list and cached[2] != _session_of(cached[1])):
+            if m.partition(".")[0] not in sys.modules:
+                return fn  # (not imported here: nothing says where it lies)
+            script = _script_beside(m)
+            cached = _spec_cache[fn] = fn if script is None else _main_spec(fn, script)
+        return cached
     if type(fn) is list and len(fn) in (2, 3, 4) and all(isinstance(x, str) for x in fn):
         return fn  # already a wire name (a __main__ function)
     try:
@@ -261,14 +270,16 @@ def _script_beside(mod: str) -> str | None:
     its top package's parent, is the script's), else None: a worker finds such a module
     only with the script's folder on its path (``from model import Net`` in the script,
     then ``ag.remote("w1", Net)``)."""
-    top = mod.partition(".")[0]
-    where = getattr(sys.modules.get(top), "__file__", None)
-    if not where:
-        return None
+    top = sys.modules.get(mod.partition(".")[0])
+    where = getattr(top, "__file__", None)
+    if where:
+        paths = [os.path.abspath(where), _real(where)]
+    else:  # (a namespace package: a folder without __init__.py)
+        paths = [os.path.join(p, "__init__.py") for p in list(getattr(top, "__path__", ()))]
     main = _main_path()
     # (the folder it was imported from, or its file's real one: a symbolic link beside
     # the script to code elsewhere sits beside it too)
-    for path in (os.path.abspath(where), _real(where)):
+    for path in paths:
         home = os.path.dirname(path)
         if os.path.basename(path) == "__init__.py":
             home = os.path.dirname(home)
