@@ -931,6 +931,33 @@ async def test_odd_driver_code_is_found_or_named_and_a_first_look_forgets_nothin
         assert await ag.rpc("w1", ["__main__:f", outer, "s4"]) is True
 
 
+async def test_an_unchanged_script_holding_aliases_of_its_modules_keeps_its_state(tmp_path):
+    # A global of the script whose name says another object of a driver module (a
+    # generic alias Box[int], a namedtuple "Pt" bound as Point, a decorated function)
+    # was taken for an old version: the script was imported anew at every run.
+    _write(
+        tmp_path / "shapes.py",
+        "import collections, functools, typing\nT = typing.TypeVar('T')\n\n"
+        "class Box(typing.Generic[T]):\n    pass\n\n"
+        "Point = collections.namedtuple('Pt', 'x y')\n\n"
+        "def load():\n    return 1\n\n"
+        "def traced(f):\n    @functools.wraps(f)\n    def g():\n        return f()\n    return g\n",
+        1,
+    )
+    _write(
+        tmp_path / "keep.py",
+        "import functools\nimport shapes\nfrom shapes import Point\n\n"
+        "IntBox = shapes.Box[int]\nload_cached = functools.lru_cache(shapes.load)\n"
+        "load_traced = shapes.traced(shapes.load)\nCALLS = []\n\n"
+        "def f():\n    CALLS.append(1)\n    return len(CALLS)\n",
+        1,
+    )
+    script = str(tmp_path / "keep.py")
+    async with ag.local_cluster(1, processes=True):
+        counts = [await ag.rpc("w1", ["__main__:f", script, f"s{i}"]) for i in range(4)]
+        assert counts == [1, 2, 3, 4]
+
+
 async def test_the_refusal_of_a_module_of_another_projects_name_outlives_its_forgetting(tmp_path):
     # Once project A's modules were forgotten (an edit, a new session), project C's
     # helpers.py was accepted; A's next call then imported C's helpers, silently.

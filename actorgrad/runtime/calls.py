@@ -271,7 +271,10 @@ def _script_beside(mod: str) -> str | None:
     only with the script's folder on its path (``from model import Net`` in the script,
     then ``ag.remote("w1", Net)``)."""
     top = sys.modules.get(mod.partition(".")[0])
-    where = getattr(top, "__file__", None)
+    try:
+        where = getattr(top, "__file__", None)
+    except Exception:  # (a module object of the user's, whose __getattr__ raises)
+        return None
     if where:
         paths = [os.path.abspath(where), _real(where)]
     else:  # (a namespace package: a folder without __init__.py)
@@ -300,6 +303,8 @@ _folder_names: dict[str, set[str]] = {}
 #: per folder of driver code: the modules it held (see _modules_in) when imported from
 _listings: dict[str, frozenset[str]] = {}
 _STARTED = time.time()
+#: folders forgotten for another folder's script, whose imports are noted once it ran
+_renote: set[str] = set()
 #: per folder of driver code: when this worker last looked at its files (time.time())
 _looked_at: dict[str, float] = {}
 #: (size, mtime) of each driver script when this worker imported it
@@ -465,6 +470,7 @@ def _new_session(script: str, session: str) -> None:
         if other != folder and used & _folder_names.get(other, set()) and _changed(other):
             _looked_at[other] = time.time()
             _forget(other)
+            _renote.add(other)  # (what this script imports of it anew: see resolve)
     names = _all_folder_names()
     if not all(_current(v, names) for v in values):
         _forget(folder)
@@ -491,13 +497,17 @@ def _current(v: Any, names: set[str]) -> bool:
         return module is v
     if module is None:
         return False
+    if not isinstance(v, (types.FunctionType, type)):
+        return True  # (an instance, an alias (Box[int]), a wrapper: nothing to compare)
     try:
-        qual = getattr(v, "__qualname__", None)
-        if not isinstance(qual, str) or "<" in qual:
-            return True  # (an instance, a value: nothing to compare)
-        return _unbound(_lookup(vars(module), qual)) is _unbound(v)
+        found = _lookup(vars(module), v.__qualname__)
     except Exception:
         return True
+    # (only another function or class under its name says it is an old version: not a
+    # name of its own (namedtuple("Pt") bound as Point), nor a decorated one)
+    if not isinstance(found, (types.FunctionType, type)):
+        return True
+    return found is v or getattr(v, "__wrapped__", None) is found
 
 
 def _all_folder_names() -> set[str]:
@@ -549,9 +559,8 @@ def _use_folder_of(script: str) -> None:
     # (first, as on the driver: its working directory or PYTHONPATH may have it, after
     # another folder, or site-packages for an editable install, holding a module of
     # one name)
-    if folder in sys.path:
-        sys.path.remove(folder)
-    sys.path.insert(0, folder)
+    # (one assignment: an import in another call's thread sees the path whole)
+    sys.path[:] = [folder, *(p for p in sys.path if p != folder)]
     _script_folders.setdefault(folder, script)
     _checked_scripts.add((script, folder))
 
@@ -763,6 +772,8 @@ def resolve(spec: Any) -> Any:
     finally:
         if path is not None and _main_path() != path:
             _note_imports(_home(path))
+            while _renote:  # (other folders forgotten for this script: their files now)
+                _note_imports(_renote.pop())
     obj: Any = module
     for part in qual.split("."):
         try:
