@@ -66,6 +66,16 @@ def check_bool(value: Any, what: str) -> bool:
     raise TypeError(f"{what} must be a bool (True or False), not {value!r:.80}")
 
 
+def check_retain_graph(value: Any) -> bool:
+    """``retain_graph`` as a bool: None (torch's default, "as create_graph") is False;
+    anything but a bool is a TypeError (see check_bool).
+
+    >>> check_retain_graph(None), check_retain_graph(True)
+    (False, True)
+    """
+    return value is not None and check_bool(value, "backward(): retain_graph")
+
+
 #: a RemoteError's message and traceback keep this many characters at each end
 KEEP_OF_ERRORS = 512 * 1024
 

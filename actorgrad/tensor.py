@@ -30,7 +30,7 @@ import numpy as np
 
 from actorgrad.autograd import Function, Node, grad_enabled, grad_node, no_grad, seed_grad
 from actorgrad.autograd import GraphTask as _GraphTask
-from actorgrad.errors import check_bool
+from actorgrad.errors import check_bool, check_retain_graph
 
 __all__ = [
     "Tensor",
@@ -235,10 +235,8 @@ class Tensor:
             >>> (x * 3).sum().backward(); x.grad
             array([3., 3.], dtype=float32)
         """
-        if retain_graph is not False:  # (None: torch's default, "as create_graph": False)
-            retain_graph = retain_graph is not None and check_bool(
-                retain_graph, "backward(): retain_graph"
-            )
+        if retain_graph is not False:
+            retain_graph = check_retain_graph(retain_graph)
         if not self._rg:
             raise RuntimeError(
                 "backward() on a tensor that does not require grad (and has no grad_fn)"

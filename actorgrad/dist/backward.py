@@ -66,7 +66,7 @@ from actorgrad.errors import (
     ProtocolError,
     RemoteError,
     WorkerLost,
-    check_bool,
+    check_retain_graph,
     refusal_type,
     short_repr,
     type_name,
@@ -970,11 +970,8 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             grads = ag.dist.get_gradients(ctx)
     """
     checked = _check_roots(roots)
-    # (it travels: the peers take a bool only; "no" would be true. None: torch's
-    # default, "as create_graph": False)
-    retain_graph = retain_graph is not None and check_bool(
-        retain_graph, "backward(): retain_graph"
-    )
+    # (it travels: the peers take a bool only; "no" would be true)
+    retain_graph = check_retain_graph(retain_graph)
     worker = current_worker()
     st = state_of(worker)
     ctx = st.get(context_id)

@@ -129,7 +129,7 @@ def fn_spec(fn: Any) -> str | list:
         # (a module beside the script: as for its functions themselves; cached, with
         # the same check of the session as theirs)
         cached = _spec_cache.get(fn)
-        if cached is None or (type(cached) is list and cached[2] != _session_of(cached[1])):
+        if cached is None or not _current_session(cached):
             if m.partition(".")[0] not in sys.modules:
                 return fn  # (not imported here: nothing says where it lies)
             script = _script_beside(m)
@@ -143,9 +143,7 @@ def fn_spec(fn: Any) -> str | list:
         cached = None
     if cached is not None:
         _check_named(fn)  # (rebound since it was cached)
-        # (a driver's function this worker passes on travels with that driver's
-        # latest session: the one it was cached with may be over)
-        if type(cached) is not list or cached[2] == _session_of(cached[1]):
+        if _current_session(cached):
             return cached
     if not callable(fn):
         raise TypeError(f"cannot call {fn!r} remotely: not callable")
@@ -205,6 +203,13 @@ def fn_spec(fn: Any) -> str | list:
     except TypeError:
         pass
     return spec
+
+
+def _current_session(spec: str | list) -> bool:
+    """Whether a cached wire name still names its driver's latest session (a driver's
+    function this worker passes on travels with it: the one it was cached with may be
+    over)."""
+    return type(spec) is not list or spec[2] == _session_of(spec[1])
 
 
 def _check_named(fn: Any) -> None:
@@ -271,14 +276,11 @@ def _script_beside(mod: str) -> str | None:
     only with the script's folder on its path (``from model import Net`` in the script,
     then ``ag.remote("w1", Net)``)."""
     top = sys.modules.get(mod.partition(".")[0])
-    try:
-        where = getattr(top, "__file__", None)
-    except Exception:  # (a module object of the user's, whose __getattr__ raises)
-        return None
+    where = _module_attr(top, "__file__")
     if where:
         paths = [os.path.abspath(where), _real(where)]
     else:  # (a namespace package: a folder without __init__.py)
-        paths = [os.path.join(p, "__init__.py") for p in list(getattr(top, "__path__", ()))]
+        paths = [os.path.join(p, "__init__.py") for p in list(_module_attr(top, "__path__") or ())]
     main = _main_path()
     # (the folder it was imported from, or its file's real one: a symbolic link beside
     # the script to code elsewhere sits beside it too)
@@ -350,14 +352,11 @@ def _from_folder(folder: str) -> dict[str, str]:
     for name, module in list(sys.modules.items()):
         if name in _baseline or name == MAIN_ALIAS or name.partition(".")[0] == "actorgrad":
             continue  # (scripts: see _main_sigs)
-        try:
-            where = getattr(module, "__file__", None)
-        except Exception:  # (a module object of the user's, whose __getattr__ raises)
-            continue
+        where = _module_attr(module, "__file__")
         if not isinstance(where, str):
             # (a namespace package: no file, but forgotten too, or its attribute for a
             # submodule would keep the old one: `from lib import core`)
-            path = getattr(module, "__path__", None)
+            path = _module_attr(module, "__path__")
             if path is not None and any(p.startswith(inside) for p in list(path)):
                 found[name] = ""
             continue
@@ -370,6 +369,15 @@ def _from_folder(folder: str) -> dict[str, str]:
             continue
         found[name] = real
     return found
+
+
+def _module_attr(module: Any, name: str) -> Any:
+    """``getattr(module, name, None)``, None too when a module object of the user's
+    raises from its ``__getattr__`` (KeyError: it would fail every driver call)."""
+    try:
+        return getattr(module, name, None)
+    except Exception:
+        return None
 
 
 def _imported_from(folder: str, name: str, path: str) -> bool:
@@ -628,7 +636,7 @@ def _check_no_clash(folder: str, script: str) -> None:
             ):
                 _clash(folder, entry, name, f"{other} (another driver script's folder)")
     for name, entry in sorted(packages.items()):
-        where = getattr(sys.modules.get(name), "__file__", None)
+        where = _module_attr(sys.modules.get(name), "__file__")
         if (
             isinstance(where, str)
             and name != "actorgrad"
