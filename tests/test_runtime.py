@@ -1265,8 +1265,8 @@ async def test_rref_counts_of_a_new_process_survive_the_owners_late_news_of_the_
         head, w1 = c.driver, c.workers[0]
         r = await ag.remote("w1", make_counter, (5,))
         assert await ag.rpc("w2", keep, (r,)) == 1  # (the old w2 holds a count too)
-        held: list[tuple[int, dict]] = []
-        w1._apply_members = lambda v, m: held.append((v, m))  # (w1's view lags)
+        held: list[tuple] = []
+        w1._apply_member = lambda *change: held.append(change)  # (w1's view lags)
         old_id = c.workers[1].id
         next(cn for cn, n in head.registry.conns.items() if n == "w2").abort(None)
         async with asyncio.timeout(10):
@@ -1281,7 +1281,7 @@ async def test_rref_counts_of_a_new_process_survive_the_owners_late_news_of_the_
             del r
             gc.collect()
             assert await ag.rpc("w1", owned) == 1
-            del w1._apply_members  # the news arrives: the old w2's count goes
+            del w1._apply_member  # the news arrives: the old w2's count goes
             w1._apply_members(*head.registry.snapshot())
             assert w1.members["w2"][0] == new.id
             kept = new.ext["kept"][0]
@@ -1292,6 +1292,47 @@ async def test_rref_counts_of_a_new_process_survive_the_owners_late_news_of_the_
             await _owned_count("w1")
         finally:
             await new.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["inproc", "tcp"])
+async def test_a_member_that_missed_a_membership_change_fetches_the_whole_list(kind):
+    # The head pushes each join or leave alone (whole lists to every member made N
+    # joins move O(N^3) entries); a member whose view skipped a version must not build
+    # on it: it fetches the list, and sees the worker of the change it missed.
+    async with ag.local_cluster(2, transport=kind) as c:
+        head, w1 = c.driver, c.workers[0]
+        real = w1._apply_member
+        missed: list[tuple] = []
+        came = asyncio.Event()
+
+        def lose(*change: Any) -> None:  # (lost on the way)
+            missed.append(change)
+            came.set()
+
+        w1._apply_member = lose
+        late = [Worker(f"late{i}", token=head.token, transport_kind=kind) for i in range(2)]
+        try:
+            await late[0].start()
+            await late[0].join(head.address)
+            await asyncio.wait_for(came.wait(), 10)  # (the change travels to w1 one-way)
+            assert [m[1] for m in missed] == ["late0"] and "late0" not in w1.members
+            w1._apply_member = real
+            await late[1].start()
+            await late[1].join(head.address)  # (the next change shows the gap)
+            async with asyncio.timeout(10):
+                while w1.members != head.members:
+                    await w1._members_changed.wait()
+            assert {"late0", "late1"} <= set(w1.members)
+            assert w1._members_version == head._members_version
+            await late[0].shutdown()  # (a leave: one change again, applied as it is)
+            async with asyncio.timeout(10):
+                while "late0" in w1.members:
+                    await w1._members_changed.wait()
+            assert w1.members == head.members
+            assert w1.is_lost("late0")
+        finally:
+            for w in late:
+                await w.shutdown()
 
 
 async def test_rref_counts_of_a_worker_replaced_under_its_name_are_dropped(cluster):

@@ -1,9 +1,10 @@
 """The cluster registry, hosted by the first worker (the head).
 
 It gives each worker a unique id in [1, 2**16) and the addresses of the others. Workers
-join over a connection to the head (``_join``); the head pushes every membership
-change to all members as a versioned snapshot (``_update``, one-way, on the join
-connections). A member whose join connection closes has left.
+join over a connection to the head (``_join``), whose answer holds the member list;
+the head then pushes each membership change alone to all members (``_member``, one-way
+on the join connections, versioned: a member that sees a gap fetches the whole list,
+``_snapshot``). A member whose join connection closes has left.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Registry:
         self.conns[conn] = name
         # (its hello on this connection came before it had an id: it said 0)
         conn.peer_id = wid
-        self._changed_now()
+        self._changed_now(name)
         self._tell("joined", name, address)
         return [wid, *self.snapshot()]
 
@@ -93,7 +94,7 @@ class Registry:
             for c, n in list(self.conns.items()):
                 if n == name:
                     del self.conns[c]
-            self._changed_now()
+            self._changed_now(name)
             self._tell("left", name, address)
 
     def _tell(self, what: str, name: str, address: str) -> None:
@@ -105,14 +106,17 @@ class Registry:
         if name is not None and not self.closed:
             self.leave(name)
 
-    def _changed_now(self) -> None:
+    def _changed_now(self, name: str) -> None:
+        """Worker ``name`` joined or left: the change goes to every member (and this
+        worker's own view)."""
         from actorgrad.runtime.worker import K_REQ, MODE_RPC
 
         self.version += 1
-        snap = self.snapshot()
-        self.worker._apply_members(*snap)
+        entry = self.members.get(name)
+        change = [self.version, name, None if entry is None else list(entry)]
+        self.worker._apply_member(self.version, name, change[2])
         chunks = wire.encode_frame(
-            [K_REQ, 0, "actorgrad.runtime.registry:_update", MODE_RPC, None], [list(snap), None]
+            [K_REQ, 0, "actorgrad.runtime.registry:_member", MODE_RPC, None], [change, None]
         )
         data = b"".join(bytes(c) for c in chunks)
         for c in list(self.conns):
@@ -188,10 +192,10 @@ def _snapshot() -> tuple:
 
 
 @inline
-def _update(version: int, members: dict) -> None:
+def _member(version: int, name: str, entry: list | None) -> None:
     from actorgrad.runtime.worker import current_worker
 
-    current_worker()._apply_members(version, members)
+    current_worker()._apply_member(version, name, entry)
 
 
 @inline

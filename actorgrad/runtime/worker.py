@@ -316,6 +316,11 @@ def check_timeout(timeout: Any, none_means: str, hint: str = "") -> None:
         )
 
 
+def _member_entry(v: Any) -> tuple[int, str, str]:
+    """A member entry off the wire: (cluster id, address, local socket name or "")."""
+    return int(v[0]), str(v[1]), str(v[2]) if len(v) > 2 else ""
+
+
 def _no_stop_iteration(fn: Callable[[], Any]) -> Any:
     """``fn()``, a StopIteration it raises turned into a RuntimeError (asyncio cannot put
     a StopIteration into a future: the future would never complete), as a generator
@@ -518,6 +523,7 @@ class Worker:
         # membership (from the registry)
         self.members: dict[str, tuple[int, str, str]] = {}  # name -> (id, address, local)
         self._members_version = -1
+        self._members_refreshing = False  # (a fetch of the whole list is on its way)
         self._members_changed = asyncio.Event()
         self.registry: Any = None  # registry.Registry on the head
         self.registry_conn: Connection | None = None
@@ -901,38 +907,77 @@ class Worker:
         return conn
 
     async def _refresh_members(self) -> None:
-        if self.registry is not None:
-            self._apply_members(*self.registry.snapshot())
-        elif self.registry_conn is not None and not self.registry_conn.closed:
-            try:
+        try:
+            if self.registry is not None:
+                self._apply_members(*self.registry.snapshot())
+            elif self.registry_conn is not None and not self.registry_conn.closed:
                 snap = await self.call_on(
                     self.registry_conn, "actorgrad.runtime.registry:_snapshot", timeout=10
                 )
                 self._apply_members(*snap)
-            except ActorgradError:
-                pass
+        except ActorgradError:
+            pass
+        finally:
+            self._members_refreshing = False
 
     def _apply_members(self, version: int, members: dict[str, Any]) -> None:
+        """The head's whole member list at ``version`` (the join's answer, a refresh)."""
         if version <= self._members_version:
             return
         self._members_version = version
         old = self.members
-        self.members = {
-            n: (int(v[0]), str(v[1]), str(v[2]) if len(v) > 2 else "") for n, v in members.items()
-        }
+        self.members = {n: _member_entry(v) for n, v in members.items()}
         for n, entry in old.items():
             now = self.members.get(n)
             if now is None or now[0] != entry[0]:
-                # it left the cluster (the registry saw it go): its RRef counts go too.
                 # (Also under a name still there with another cluster id: a snapshot
                 # can skip the version it left in, when a refresh got a newer one.)
-                rref.peer_lost(self, n, entry[0])
-                self._peer_lost(n)
+                self._member_gone(n, entry[0])
         for n, entry in self.members.items():
             was = old.get(n)
-            if was is None or was[0] != entry[0]:  # (re)joined: a later loss is reported
-                self._lost.discard(n)
-                self._drop_replaced(n, entry[0])
+            if was is None or was[0] != entry[0]:
+                self._member_new(n, entry[0])
+        self._members_now_changed()
+
+    def _apply_member(self, version: int, name: str, entry: Any) -> None:
+        """One change the head pushed after the member list this worker holds: ``name``
+        joined with ``entry`` ([id, address, local socket]) or left (None). Each member
+        gets only the change, not the whole list: with whole lists, N workers joining
+        moved O(N^3) entries (400 took 51 s to start). One that does not follow the
+        version held here (none held yet: the join's answer is on its way, behind it on
+        the same connection) is skipped, or, after a gap, the whole list fetched."""
+        held = self._members_version
+        if version <= held or held < 0:
+            return
+        if version != held + 1:
+            if not self._members_refreshing:
+                self._members_refreshing = True
+                self.spawn(self._refresh_members(), name=f"actorgrad-members-{self.name}")
+            return
+        self._members_version = version
+        # (copied, not changed in place: calls in the thread pool may be reading it)
+        members = dict(self.members)
+        was = members.pop(name, None)
+        now = None if entry is None else _member_entry(entry)
+        if now is not None:
+            members[name] = now
+        self.members = members
+        if was is not None and (now is None or now[0] != was[0]):
+            self._member_gone(name, was[0])
+        if now is not None and (was is None or was[0] != now[0]):
+            self._member_new(name, now[0])
+        self._members_now_changed()
+
+    def _member_gone(self, name: str, wid: int) -> None:
+        # it left the cluster (the registry saw it go): its RRef counts go too
+        rref.peer_lost(self, name, wid)
+        self._peer_lost(name)
+
+    def _member_new(self, name: str, wid: int) -> None:
+        self._lost.discard(name)  # (re)joined: a later loss is reported
+        self._drop_replaced(name, wid)
+
+    def _members_now_changed(self) -> None:
         self._members_changed.set()
         self._members_changed = asyncio.Event()
 
