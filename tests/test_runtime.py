@@ -1335,6 +1335,51 @@ async def test_a_member_that_missed_a_membership_change_fetches_the_whole_list(k
                 await w.shutdown()
 
 
+@pytest.mark.parametrize("kind", ["inproc", "tcp"])
+async def test_a_worker_joining_keeps_the_changes_that_come_before_its_list(kind):
+    # The join's answer (the member list) came, and changes after it (another worker
+    # joined) arrived before the joining coroutine went on to apply the list: they were
+    # dropped, and that worker was missing from this one's view for good (nor would
+    # its loss be reported here).
+    async with ag.local_cluster(1, transport=kind) as c:
+        head = c.driver
+        joining = Worker("joining", token=head.token, transport_kind=kind)
+        other = Worker("other", token=head.token, transport_kind=kind)
+        got = asyncio.Event()
+        real_apply = joining._apply_member
+
+        def apply(*change: Any) -> None:
+            real_apply(*change)
+            if change[1] == "other":
+                got.set()
+
+        joining._apply_member = apply
+        real_call_on = joining.call_on
+
+        async def call_on(conn, fn, *args, **kwargs):
+            out = await real_call_on(conn, fn, *args, **kwargs)
+            if fn.endswith(":_join"):  # (the answer is here, not applied yet)
+                await other.start()
+                await other.join(head.address)
+                await asyncio.wait_for(got.wait(), 10)
+            return out
+
+        joining.call_on = call_on
+        try:
+            await joining.start()
+            await joining.join(head.address)
+            assert set(joining.members) == {"driver", "w1", "joining", "other"}
+            assert joining.members == head.members
+            await other.shutdown()
+            async with asyncio.timeout(10):
+                while "other" in joining.members:
+                    await joining._members_changed.wait()
+            assert joining.is_lost("other")
+        finally:
+            await other.shutdown()
+            await joining.shutdown()
+
+
 async def test_rref_counts_of_a_worker_replaced_under_its_name_are_dropped(cluster):
     # A membership snapshot can skip the version in which a worker left (a worker that
     # refreshes its view gets the newest): its name is there before and after, under

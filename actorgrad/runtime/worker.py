@@ -524,6 +524,7 @@ class Worker:
         self.members: dict[str, tuple[int, str, str]] = {}  # name -> (id, address, local)
         self._members_version = -1
         self._members_refreshing = False  # (a fetch of the whole list is on its way)
+        self._early_changes: list[tuple[int, str, Any]] = []  # (see _apply_member)
         self._members_changed = asyncio.Event()
         self.registry: Any = None  # registry.Registry on the head
         self.registry_conn: Connection | None = None
@@ -710,6 +711,11 @@ class Worker:
         self.id = int(wid)
         self.registry_conn = conn
         self._apply_members(version, members)
+        # (the changes that came meanwhile: those after the list's version apply now; a
+        # worker that joined right after this one was missing here for good)
+        early, self._early_changes = self._early_changes, []
+        for change in sorted(early, key=lambda c: c[0]):
+            self._apply_member(*change)
 
     # ------------------------------------------------------------------ connections
     def _new_conn(self, kind: str | None = None) -> Connection:
@@ -943,11 +949,17 @@ class Worker:
         """One change the head pushed after the member list this worker holds: ``name``
         joined with ``entry`` ([id, address, local socket]) or left (None). Each member
         gets only the change, not the whole list: with whole lists, N workers joining
-        moved O(N^3) entries (400 took 51 s to start). One that does not follow the
-        version held here (none held yet: the join's answer is on its way, behind it on
-        the same connection) is skipped, or, after a gap, the whole list fetched."""
+        moved O(N^3) entries (400 took 51 s to start). A change that came before the
+        join's list waits for it (see join), one the list held here has is skipped, and
+        after a gap (not seen: changes come in order on one connection) the whole list
+        is fetched."""
         held = self._members_version
-        if version <= held or held < 0:
+        if held < 0:
+            # (not joined yet: the join's answer, which holds the list, is on its way, or
+            # came and its coroutine has not run yet; the changes after it must wait)
+            self._early_changes.append((version, name, entry))
+            return
+        if version <= held:
             return
         if version != held + 1:
             if not self._members_refreshing:
