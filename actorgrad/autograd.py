@@ -341,7 +341,9 @@ class GraphTask:
     ``sources``: nodes that become ready only once ``deliver(node, grad)`` was called
     (the distributed engine's send nodes). ``leaf_sink(tensor, grad)`` replaces writing
     ``.grad``; ``on_boundary(node, grad)`` is called for ``boundary`` nodes instead of
-    applying them. Without ``retain_graph`` every node is released after it ran.
+    applying them (``boundaries``: those reached from the roots and sources, listed
+    before anything runs). Without ``retain_graph`` every node is released after it
+    ran.
 
     Example::
 
@@ -366,6 +368,7 @@ class GraphTask:
         "retain_graph",
         "leaf_sink",
         "on_boundary",
+        "boundaries",
     )
 
     def __init__(
@@ -387,11 +390,13 @@ class GraphTask:
 
         # Count consumer edges of every node reachable from roots and sources: one
         # iterative pass, so a 100k-deep chain needs no recursion. (The counts double
-        # as the set of nodes seen.)
+        # as the set of nodes seen.) The boundary nodes it reaches (roots and sources
+        # aside) are listed for the caller to look at before anything runs.
         deps: dict[Node, int] = dict.fromkeys([node for node, _ in roots], 0)
         deps.update(dict.fromkeys(self._sources, 0))
         stack = list(deps)
         get = deps.get
+        boundaries: list[Node] = []
         while stack:
             for nxt in stack.pop().next:
                 if nxt is None:
@@ -400,8 +405,11 @@ class GraphTask:
                 if n is None:
                     deps[nxt] = 1
                     stack.append(nxt)
+                    if nxt.boundary:
+                        boundaries.append(nxt)
                 else:
                     deps[nxt] = n + 1
+        self.boundaries = boundaries
         self._deps = deps
         self._total = len(deps)
 

@@ -1419,6 +1419,32 @@ async def test_misuse_errors():
                 ag.dist.get_gradients(bad)
 
 
+async def test_a_pass_refused_for_another_contexts_tensor_leaves_that_graph_whole(mode):
+    # y = w * x stays on w1 (an RRef) with context a's graph; context b fetches it and
+    # runs backward: refused when it reaches a's recv node, but the nodes it ran on
+    # the way (the Mul, a's) were freed, and a's own first backward failed with
+    # "backward through the graph a second time ... Pass retain_graph=True".
+    xv, wv = arr(3), arr(3)
+    async with cluster(mode, 2):
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as a:
+            yref = await ag.remote("w1", F.mul, ("w", x))
+
+            async def in_b() -> None:
+                async with ag.dist.context() as b:
+                    y = await yref.to_here()
+                    with pytest.raises(ag.RemoteError, match="in another context") as ei:
+                        await ag.dist.backward(b, [(y * y).sum()])
+                    assert ei.value.worker == "w1"
+
+            await asyncio.create_task(in_b(), context=contextvars.Context())
+            y = await yref.to_here()
+            await ag.dist.backward(a, [(y * y).sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(a)[x], 2 * wv * wv * xv, rtol=1e-12)
+        await assert_clean(["w1", "w2"])
+
+
 @pytest.mark.parametrize("released", [True, False])
 async def test_a_tensor_of_another_context_in_the_loss_is_an_error_not_a_lost_gradient(
     mode, released
