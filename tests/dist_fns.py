@@ -853,3 +853,16 @@ class SlowSGD(ag.optim.SGD):
         before = p.data.copy()
         time.sleep(0.05)
         data[...] = before - self.lr * g
+
+
+class FailingSGD(ag.optim.SGD):
+    """SGD failing on w2 at once and on w3 after a slow update; slow on the others."""
+
+    def step(self, grads: Any = None) -> None:
+        name = ag.worker_name()
+        if name == "w2":
+            raise RuntimeError("step failed on w2")
+        time.sleep(0.2)  # (a long update: the others' steps end after w2's failure)
+        if name == "w3":
+            raise ValueError("step failed on w3 too")
+        super().step(grads)

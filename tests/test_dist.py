@@ -2353,6 +2353,42 @@ async def test_concurrent_steps_on_one_owner_run_one_at_a_time():
         assert (await rw.to_here()).data.tolist() == [-22.0] * 4
 
 
+async def test_a_failed_step_raises_once_every_owner_settled_and_names_them_all(mode):
+    # It raised at w2's failure, while w1 and w3 were still stepping: w1's parameter
+    # changed after the user handled the error, and w3's failure was never reported.
+    async with cluster(mode, 3):
+        refs = [await ag.remote(o, F.make_param, (np.ones(2),)) for o in ("w1", "w2", "w3")]
+        opt = ag.dist.DistributedOptimizer(F.FailingSGD, refs, lr=0.5)
+        async with ag.dist.context() as ctx:
+            ws = [await r.to_here() for r in refs]
+            await ag.dist.backward(ctx, [(ws[0] + ws[1] + ws[2]).sum()])
+            with pytest.raises(ag.RemoteError, match="step failed on w2") as ei:
+                await opt.step(ctx)
+        assert ei.value.worker == "w2"
+        note = "\n".join(getattr(ei.value, "__notes__", []))
+        assert "failed on 'w2', 'w3'; stepped on 'w1'" in note
+        assert "on 'w3' too: RemoteError: ValueError on worker 'w3': step failed on w3" in note
+        # (w1 stepped before step raised)
+        assert (await refs[0].to_here()).data.tolist() == [0.5, 0.5]
+        assert (await refs[1].to_here()).data.tolist() == [1.0, 1.0]
+
+
+async def test_distributed_optimizer_options_that_cannot_travel_fail_at_construction():
+    # (they passed the local check and failed at the first step, on every owner)
+    from fractions import Fraction
+
+    async with cluster("inproc", 1):
+        ref = await ag.remote("w1", F.make_param, (np.ones(2),))
+        with pytest.raises(TypeError, match=r"optimizer options cannot travel .*Fraction"):
+            ag.dist.DistributedOptimizer(ag.optim.SGD, [ref], lr=Fraction(1, 10))
+
+        class Local(ag.optim.SGD):
+            pass
+
+        with pytest.raises(TypeError, match=r"must be a module-level class .*Local"):
+            ag.dist.DistributedOptimizer(Local, [ref], lr=0.1)
+
+
 async def test_distributed_optimizer_steps_on_owners(mode):
     av, bv, xv = arr(3), arr(3), arr(3)
     async with cluster(mode):

@@ -265,6 +265,53 @@ def test_functions_of_a_main_script_run_on_process_workers(tmp_path):
     assert lines.count("done") == 1
 
 
+def test_an_optimizer_class_of_the_main_script_steps_on_process_workers(tmp_path):
+    # DistributedOptimizer named the class "__main__:HalfSGD" and the owner imported
+    # that: its own __main__ (AttributeError at the first step), not the driver's script.
+    script = tmp_path / "opt_script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+            import numpy as np
+            import actorgrad as ag
+
+            class HalfSGD(ag.optim.SGD):
+                def step(self, grads=None):
+                    super().step({p: g / 2 for p, g in grads.items()})
+
+            def make_param():
+                return ag.tensor(np.ones(2), requires_grad=True)
+
+            async def main():
+                async with ag.local_cluster(1, processes=True):
+                    ref = await ag.remote("w1", make_param)
+                    opt = ag.dist.DistributedOptimizer(HalfSGD, [ref], lr=1.0)
+                    async with ag.dist.context() as ctx:
+                        w = await ref.to_here()
+                        await ag.dist.backward(ctx, [(w * 4.0).sum()])
+                        await opt.step(ctx)
+                    print("param", (await ref.to_here()).data.tolist(), flush=True)
+
+            if __name__ == "__main__":
+                asyncio.run(main())
+            """
+        )
+    )
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("ACTORGRAD_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=45,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["param [-1.0, -1.0]"]
+
+
 async def test_serve_cluster_and_cluster_status():
     stop = asyncio.Event()
     ready = asyncio.get_running_loop().create_future()

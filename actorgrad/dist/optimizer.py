@@ -4,18 +4,19 @@ gradients of a distributed autograd context."""
 from __future__ import annotations
 
 import asyncio
-import importlib
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from actorgrad import wire
 from actorgrad.dist.api import get_gradients
 from actorgrad.dist.context import is_unused
-from actorgrad.errors import ContextError, RemoteError
+from actorgrad.errors import ContextError, RemoteError, clip_text
 from actorgrad.optim import Optimizer
 from actorgrad.runtime import RRef, remote
+from actorgrad.runtime.calls import fn_spec, resolve
 from actorgrad.tensor import Tensor
 
 __all__ = ["DistributedOptimizer"]
@@ -25,28 +26,33 @@ __all__ = ["DistributedOptimizer"]
 _STEP_LOCK = threading.Lock()
 
 
-def _class_path(cls: Any) -> str:
+def _class_spec(cls: Any) -> str | list:
+    """The wire name of ``optimizer_class`` (as the runtime names a function it calls:
+    a class of the driver's script travels with the script's path)."""
     if not isinstance(cls, type) or not issubclass(cls, Optimizer):
         # (the owners step it with a context's gradients: Optimizer.step(grads=...))
         raise TypeError(
             "optimizer_class must be an ag.optim.Optimizer subclass (ag.optim.SGD, "
             f"ag.optim.Adam or one of yours), got {cls!r:.80}"
         )
-    mod = getattr(cls, "__module__", None)
-    qual = getattr(cls, "__qualname__", None)
-    if not mod or not qual or "<locals>" in qual:
+    qual = getattr(cls, "__qualname__", "")
+    try:
+        if "<locals>" in qual:
+            raise TypeError("defined inside a function")
+        return fn_spec(cls)
+    except TypeError as exc:
         raise TypeError(
-            f"optimizer_class must be a module-level class (e.g. ag.optim.SGD), got {cls!r}"
-        )
-    return f"{mod}:{qual}"
+            f"optimizer_class must be a module-level class (e.g. ag.optim.SGD), got {cls!r}: {exc}"
+        ) from None
 
 
-def _resolve(path: str) -> type:
-    mod, _, qual = path.partition(":")
-    obj: Any = importlib.import_module(mod)
-    for part in qual.split("."):
-        obj = getattr(obj, part)
-    return obj
+async def _local_optimizer(
+    class_spec: str | list, params: list[RRef], options: dict[str, Any], indices: list[int]
+) -> _LocalOptimizer:
+    """An owner's local optimizer (async: the class is resolved on the worker's loop,
+    where the runtime resolves the functions it calls; by a plain "module:Class" import,
+    a class of the driver's script was looked up in the owner's own ``__main__``)."""
+    return _LocalOptimizer(resolve(class_spec), params, options, indices)
 
 
 class _LocalOptimizer:
@@ -54,12 +60,11 @@ class _LocalOptimizer:
 
     def __init__(
         self,
-        class_path: str,
+        cls: type[Optimizer],
         params: list[RRef],
         options: dict[str, Any],
         indices: list[int] | None = None,
     ) -> None:
-        cls = _resolve(class_path)
         self.params: list[Tensor] = [p.local_value() for p in params]
         # (errors name each parameter by its place in the caller's list: ``indices``;
         # the local optimizer would name its place among this owner's)
@@ -135,7 +140,8 @@ class DistributedOptimizer:
     """
 
     def __init__(self, optimizer_class: type, params: Sequence[RRef], **options: Any) -> None:
-        self._class_path = _class_path(optimizer_class)
+        self._class_spec = _class_spec(optimizer_class)
+        self._class_name = f"{optimizer_class.__module__}.{optimizer_class.__qualname__}"
         if isinstance(params, RRef):
             raise TypeError("params must be a list of RRefs, got one RRef; pass [rref]")
         params = list(params)
@@ -156,13 +162,17 @@ class DistributedOptimizer:
             self._indices.setdefault(p.owner, []).append(i)
         # Surface option mistakes here, not on the first remote step.
         optimizer_class([Tensor(np.zeros(1, dtype=np.float32), requires_grad=True)], **options)
+        try:
+            wire.encode_frame([], options)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"the optimizer options cannot travel to the owners: {exc}") from None
         self._options = options
         self._remote: dict[str, RRef] | None = None
         self._setup_lock: asyncio.Lock | None = None
 
     def __repr__(self) -> str:
         owners = {o: len(ps) for o, ps in self._by_owner.items()}
-        return f"DistributedOptimizer({self._class_path}, params_per_owner={owners})"
+        return f"DistributedOptimizer({self._class_name}, params_per_owner={owners})"
 
     async def _setup(self) -> dict[str, RRef]:
         if self._setup_lock is None:
@@ -174,8 +184,8 @@ class DistributedOptimizer:
                     *(
                         remote(
                             o,
-                            _LocalOptimizer,
-                            (self._class_path, ps, self._options, self._indices[o]),
+                            _local_optimizer,
+                            (self._class_spec, ps, self._options, self._indices[o]),
                         )
                         for o, ps in self._by_owner.items()
                     )
@@ -186,8 +196,10 @@ class DistributedOptimizer:
     async def step(self, context_id: int) -> None:
         """Step every owner's optimizer with the gradients of ``context_id``.
 
-        Not atomic across owners (one call each, at the same time): when it fails on one
-        owner (or is cancelled), the others may have stepped already.
+        Not atomic across owners (one call each, at the same time): when it fails on
+        some owners, the others have stepped. It returns or raises only once every
+        owner's step ended; the error raised is the first owner's (in the order of
+        ``params``), with a note naming the owners that stepped and the other failures.
 
         Example::
 
@@ -197,12 +209,40 @@ class DistributedOptimizer:
                 await opt.step(ctx)     # inside: a released context raises ContextError
         """
         refs = await self._setup()
-        try:
-            await asyncio.gather(*(r.rpc().step(context_id) for r in refs.values()))
-        except RemoteError as exc:
-            # The owner does not know the context (released, or not a context id): the
-            # caller's mistake, raised as backward and get_gradients raise it, not as
-            # an error of the step's code.
-            if exc.remote_type == f"{ContextError.__module__}.{ContextError.__qualname__}":
-                raise ContextError(exc.remote_message) from None
-            raise
+        owners = list(refs)
+        # (all of them settle first: raising at the first failure left the user looking
+        # at parameters other owners were still changing, and hid their failures)
+        results = await asyncio.gather(
+            *(r.rpc().step(context_id) for r in refs.values()), return_exceptions=True
+        )
+        failed = [
+            (o, r) for o, r in zip(owners, results, strict=True) if isinstance(r, BaseException)
+        ]
+        if not failed:
+            return
+        errors = [_step_error(exc) for _, exc in failed]
+        first = errors[0]
+        stepped = [
+            o for o, r in zip(owners, results, strict=True) if not isinstance(r, BaseException)
+        ]
+        note = (
+            f"DistributedOptimizer.step of context {context_id!r}: failed on "
+            f"{', '.join(repr(o) for o, _ in failed)}; stepped on "
+            f"{', '.join(repr(o) for o in stepped) or 'no owner'}"
+        )
+        for (o, _), exc in zip(failed[1:], errors[1:], strict=True):
+            note += f"\n  on {o!r} too: {type(exc).__name__}: {clip_text(str(exc), 500)}"
+        first.add_note(note)
+        raise first
+
+
+def _step_error(exc: BaseException) -> BaseException:
+    """An owner's failure as ``step`` raises it: an owner that does not know the context
+    (released, or not a context id) is the caller's mistake, raised as backward and
+    get_gradients raise it, not as an error of the step's code."""
+    if (
+        isinstance(exc, RemoteError)
+        and exc.remote_type == f"{ContextError.__module__}.{ContextError.__qualname__}"
+    ):
+        return ContextError(exc.remote_message)
+    return exc
