@@ -160,6 +160,9 @@ class Counter:
     def as_list(self):
         return [self.value]
 
+    async def hang(self):
+        await asyncio.Event().wait()  # (until cancelled)
+
 
 def make_counter(start):
     return Counter(start)
@@ -1378,6 +1381,21 @@ async def test_a_worker_joining_keeps_the_changes_that_come_before_its_list(kind
         finally:
             await other.shutdown()
             await joining.shutdown()
+
+
+async def test_a_timed_out_rref_method_call_names_the_method_and_the_rref(cluster):
+    # It said "call of 562949953421313 on worker 'w1' timed out": the RRef's id in
+    # decimal, no method; a timed-out to_here named an internal function.
+    from actorgrad.runtime.calls import describe
+
+    r = await ag.remote("w1", make_counter, (1,))
+    with pytest.raises(
+        ag.RpcTimeout,
+        match=rf"call of method 'hang' of RRef {r._rid:#x} on worker 'w1' timed out after 0.1 s",
+    ):
+        await r.rpc(timeout=0.1).hang()
+    assert describe("actorgrad.runtime.rref:_fetch") == "RRef.to_here"
+    assert describe(["__main__:f", "/x/script.py"]) == "__main__:f"
 
 
 async def test_rref_counts_of_a_worker_replaced_under_its_name_are_dropped(cluster):

@@ -796,10 +796,23 @@ def resolve(spec: Any) -> Any:
     return obj
 
 
+#: internal targets, as messages name them (a user never wrote these names)
+_DESCRIBED = {"actorgrad.runtime.rref:_fetch": "RRef.to_here"}
+
+
 def describe(spec: Any) -> str:
+    """A call's target as messages name it: a function by its name, a method called
+    through an RRef (``[rref id, method]``) by the method and the RRef's id.
+
+    >>> describe([0x2000000000001, "incr"])
+    "method 'incr' of RRef 0x2000000000001"
+    """
     if isinstance(spec, list) and spec:
+        if type(spec[0]) is int:
+            method = spec[1] if len(spec) > 1 else None
+            return f"method {method!r:.80} of RRef {spec[0]:#x}"
         return str(spec[0])
-    return str(spec)
+    return _DESCRIBED.get(spec, str(spec)) if isinstance(spec, str) else str(spec)
 
 
 def inline(fn: F) -> F:
