@@ -11,11 +11,14 @@ import gc
 import inspect
 import itertools
 import operator
+import os
 import re
+import subprocess
 import sys
 import threading
 import time
 import types
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -480,6 +483,17 @@ async def test_the_coroutine_a_plain_function_returned_is_cancelled_too(cluster)
 _gates: dict[str, threading.Event] = {}
 
 
+def thread_name() -> str:
+    return threading.current_thread().name
+
+
+def blocks_until_the_gate_opens(name: str) -> str:
+    """A plain function (in the thread pool) that waits for the test's gate."""
+    if not _gates[name].wait(30):
+        raise TimeoutError("the test never opened the gate")
+    return "through"
+
+
 def blocks_then_returns_a_coroutine(name: str) -> Any:
     """A plain function (in the thread pool) that waits for the test's gate, then
     returns a coroutine."""
@@ -549,6 +563,73 @@ async def test_a_call_cancelled_while_its_plain_function_runs_in_the_pool_is_dro
     assert not _wait_events(name)[0].is_set()  # (the coroutine never started)
     assert not any(c.running for c in w1._conns)
     assert await ag.rpc("w1", add, (2, 2), timeout=5) == 4
+
+
+async def test_calls_stuck_in_the_pool_after_their_callers_gave_up_do_not_starve_it(cluster):
+    # The pool had POOL_THREADS threads for good: that many abandoned calls that never
+    # end held them all, and every later call of a plain function (and every backward
+    # part moved to a thread) waited behind them, without an error.
+    w1 = cluster.workers[0]
+    name = _fresh("stuck")
+    _gates[name] = threading.Event()
+    try:
+        for _ in range(rworker.POOL_THREADS + 2):
+            with pytest.raises(ag.RpcTimeout):
+                await ag.rpc("w1", blocks_until_the_gate_opens, (name,), timeout=0.05)
+        where = await ag.rpc("w1", thread_name, timeout=10)  # (a plain function's first call)
+        assert where.startswith("actorgrad-w1_")
+        assert w1._pool._lent == rworker.POOL_THREADS + 2
+    finally:
+        _gates[name].set()
+    async with asyncio.timeout(10):
+        while w1.status()["in_flight"]:  # noqa: ASYNC110 (no event tells: its count does)
+            await asyncio.sleep(0.01)
+    assert w1._pool._lent == 0
+
+
+def test_the_call_pool_lends_threads_and_never_holds_the_process_at_exit(tmp_path):
+    from actorgrad.runtime.pool import CallPool
+
+    pool = CallPool(1, "actorgrad-test-pool")
+    gate = threading.Event()
+    first = pool.submit(gate.wait, 30)
+    second = pool.submit(lambda: "second")
+    assert not second.done()  # (one thread, busy)
+    pool.lend()  # (the first one's caller gave up: another thread takes the second)
+    assert second.result(10) == "second"
+    gate.set()
+    assert first.result(10) is True
+    pool.unlend()
+    with pytest.raises(ZeroDivisionError):
+        pool.submit(lambda: 1 / 0).result(10)
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(print)
+    assert not [t for t in threading.enumerate() if t.name.startswith("actorgrad-test-pool_")]
+    # A call that never returns, on an in-process worker: the script's process exits
+    # once its main is done (the interpreter's exit joined the pool's threads).
+    script = tmp_path / "stuck_script.py"
+    script.write_text(
+        "import asyncio, time\n"
+        "import actorgrad as ag\n"
+        "def stuck():\n"
+        "    time.sleep(10**6)\n"
+        "async def main():\n"
+        "    async with ag.local_cluster(1):\n"
+        "        try:\n"
+        "            await ag.rpc('w1', stuck, timeout=0.2)\n"
+        "        except ag.RpcTimeout:\n"
+        "            print('timed out', flush=True)\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(ag.__file__).resolve().parent.parent))
+    env.pop("ACTORGRAD_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "timed out\n"
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])

@@ -82,7 +82,6 @@ import socket
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from actorgrad import wire
@@ -97,6 +96,7 @@ from actorgrad.errors import (
     refusal_type,
 )
 from actorgrad.runtime import calls, rref, transport
+from actorgrad.runtime.pool import CallPool
 from actorgrad.runtime.procs import ENV_ADDRESS
 from actorgrad.runtime.registry import MAX_ID, valid_name
 from actorgrad.runtime.transport import Connection
@@ -511,7 +511,7 @@ class Worker:
         # set when _inflight drops to 0 while a graceful shutdown waits for it
         self._idle_waiter: asyncio.Future[None] | None = None
         self._stats: dict[Any, _FnStats] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: CallPool | None = None
         self._peer_lost_cbs: list[Callable[[str], None]] = []
         self._closing_cbs: list[Callable[[], None]] = []
         self._drain_cut = False  # (see cut_drain)
@@ -612,7 +612,7 @@ class Worker:
         if self.started:
             return
         self.started = True
-        self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix=f"actorgrad-{self.name}")
+        self._pool = CallPool(POOL_THREADS, f"actorgrad-{self.name}")
         if self.transport_kind == "inproc":
             self.address = transport.inproc_listen(self._accept)
         else:
@@ -1236,6 +1236,8 @@ class Worker:
         task = conn.running.get(cid)
         if task is _IN_POOL:
             conn.running[cid] = None  # (what the function returns is dropped)
+            if self._pool is not None:  # (its thread is lent to it until it ends)
+                self._pool.lend()
         elif task is not None:
             conn.running[cid] = None  # (marks it cancelled by its caller, see _answer_failure)
             # (a turn later: its first step is scheduled before this, so it is in its
@@ -1525,9 +1527,14 @@ class Worker:
             else:
                 ctx = contextvars.copy_context()
                 call = functools.partial(ctx.run, self._invoke_timed, fn, args, kwargs, meta)
-                result, took = await self.loop.run_in_executor(self._pool, call)
+                try:
+                    result, took = await self.loop.run_in_executor(self._pool, call)
+                finally:
+                    gone = cid and conn.running.get(cid, _IN_POOL) is None  # (its caller)
+                    if gone and self._pool is not None:
+                        self._pool.unlend()
                 stats.fast = stats.fast + 1 if took < FAST_CALL else 0
-                if cid and conn.running.get(cid, _IN_POOL) is None:  # (its caller cancelled)
+                if gone:
                     if inspect.iscoroutine(result):
                         result.close()
                     self._answer_caller_gone(conn, cid, hooks)

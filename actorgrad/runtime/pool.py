@@ -1,0 +1,150 @@
+"""The thread pool a worker runs plain functions' calls (and offloaded work) in.
+
+Two differences from ``concurrent.futures.ThreadPoolExecutor``, both for calls that
+never return (``time.sleep(10**9)``, a read that hangs), which no thread can stop:
+
+* Its threads are daemon threads. The interpreter's exit joins a
+  ThreadPoolExecutor's threads: a process whose worker had shut down stayed alive for
+  good behind such a call (an in-process worker's script never exited).
+* A call its caller gave up on does not hold one of the pool's threads: the worker
+  *lends* the thread to it (:meth:`CallPool.lend`) and the pool may start another one
+  for the work that comes, until the call ends (:meth:`CallPool.unlend`). With a fixed
+  8 threads, 8 such calls wedged their worker for good: every later call of a plain
+  function, and every backward pass moved to a thread, waited behind them.
+
+The pool starts threads as work comes (up to ``size`` plus the threads lent), keeps
+them, and a thread beyond that bound ends once its job ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any
+
+__all__ = ["CallPool"]
+
+
+class CallPool(Executor):
+    """An executor of at most ``size`` busy threads, not counting those lent to calls
+    whose callers gave up; thread names are ``{name}_{n}``.
+
+    Example::
+
+        pool = CallPool(2, "actorgrad-w1")
+        assert pool.submit(sum, [1, 2]).result() == 3
+        pool.shutdown()
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        if size < 1:
+            raise ValueError(f"a pool needs at least 1 thread, got {size}")
+        self._size = size
+        self._name = name
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0  # alive
+        self._waiting = 0  # threads waiting for a job no one has claimed yet
+        self._backlog = 0  # jobs queued that no thread is coming for yet
+        self._lent = 0
+        self._closed = False
+        self._numbers = itertools.count()
+
+    def __repr__(self) -> str:
+        return (
+            f"<CallPool {self._name} threads={self._threads}/{self._size} lent={self._lent} "
+            f"waiting={self._waiting} backlog={self._backlog}{' closed' if self._closed else ''}>"
+        )
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._jobs.put((fut, fn, args, kwargs))
+            if self._waiting:
+                self._waiting -= 1  # (that thread takes it)
+            elif self._threads < self._size + self._lent:
+                self._start()
+            else:
+                self._backlog += 1
+        return fut
+
+    def lend(self) -> None:
+        """A call running in the pool was given up by its caller: it no longer counts
+        against ``size`` (a job waiting for a thread gets one now)."""
+        with self._lock:
+            self._lent += 1
+            if self._backlog and not self._closed:
+                self._backlog -= 1
+                self._start()
+
+    def unlend(self) -> None:
+        """A call :meth:`lend` was called for ended."""
+        with self._lock:
+            self._lent -= 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No new jobs; ``cancel_futures``: those not started are cancelled. Idle
+        threads end; busy ones end after their job (``wait``: waited for)."""
+        with self._lock:
+            self._closed = True
+            if cancel_futures:
+                while True:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is not None:
+                        job[0].cancel()
+                self._backlog = 0
+            for _ in range(self._threads):
+                self._jobs.put(None)  # (each thread ends at the first it takes)
+            threads = [t for t in threading.enumerate() if t.name.startswith(f"{self._name}_")]
+        if wait:
+            for t in threads:
+                if t is not threading.current_thread():
+                    t.join()
+
+    def _start(self) -> None:
+        # (under the lock)
+        self._threads += 1
+        threading.Thread(
+            target=self._work, name=f"{self._name}_{next(self._numbers)}", daemon=True
+        ).start()
+
+    def _work(self) -> None:
+        jobs = self._jobs
+        while True:
+            job = jobs.get()
+            if job is None:
+                with self._lock:
+                    self._threads -= 1
+                return
+            fut, fn, args, kwargs = job
+            del job
+            if fut.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:  # (any: it is the job's, reported on its future)
+                    fut.set_exception(exc)
+                    del exc
+                else:
+                    fut.set_result(result)
+                    del result
+            # (what the job held goes now, not when the next job comes)
+            del fut, fn, args, kwargs
+            with self._lock:
+                if self._closed:
+                    self._threads -= 1
+                    return
+                if self._backlog:
+                    self._backlog -= 1  # (it takes one of those next)
+                elif self._threads > self._size + self._lent:
+                    self._threads -= 1  # (beyond the bound again: a lent call ended)
+                    return
+                else:
+                    self._waiting += 1
