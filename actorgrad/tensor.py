@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 _new = object.__new__
+_ndarray = np.ndarray
+_INF = math.inf
 _SCALARS = (int, float, bool, np.generic)
 
 
@@ -555,14 +557,30 @@ def _data(x: Any) -> Any:
 
 def _unary(cls: type[Function], x: Tensor, *params: Any) -> Tensor:
     node = _new(cls)
-    out = node.forward(x.data, *params)
-    if x._rg and grad_enabled():
+    a = x.data
+    if x._rg and grad_enabled():  # (a tensor that requires grad is a float one)
+        out = node.forward(a, *params)
         node.next = (x.grad_fn or grad_node(x),)
         node._hooks = None
         return _result(out, node)
-    if out.dtype.kind == "f" and x.data.dtype.kind in "biu" and cls is not Cast:
-        out = out.astype(np.float32)  # (exp of an int tensor: the default float, as torch)
-    return _result(out, None)
+    if a.dtype.kind in "biu":
+        return _result(_int_unary(node, a, params), None)
+    return _result(node.forward(a, *params), None)
+
+
+def _int_unary(node: Function, a: np.ndarray, params: tuple) -> Any:
+    """A unary op on a bool or integer array. A float op (``exp``, ``sigmoid``,
+    ``softmax``...: ``_FLOAT_INPUT``) takes the array in float32, torch's default
+    float, as torch does: numpy would compute bool, int8 and uint8 in float16 (e**20
+    = inf, e**1 = 2.71875), wrap a uint8 subtraction (the softmax shift) and refuse a
+    bool one. Another op's float result (the float64 mean of integers) is given in
+    float32 too, unless the op is the explicit cast."""
+    if getattr(node, "_FLOAT_INPUT", False):
+        a = a.astype(np.float32)
+    out = node.forward(a, *params)
+    if out.dtype.kind == "f" and out.dtype != np.float32 and type(node) is not Cast:
+        out = out.astype(np.float32)  # (the mean of an int tensor: the default float)
+    return out
 
 
 def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
@@ -573,22 +591,22 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
     if isinstance(a, Tensor):
         ad, ar = a.data, a._rg
     else:
-        ad, ar = (a if type(a) is float or type(a) is int else _data(a)), False
+        ad, ar = (a if type(a) is float or type(a) is int else _operand(cls, a)), False
     if isinstance(b, Tensor):
         bd, br = b.data, b._rg
     else:
-        bd, br = (b if type(b) is float or type(b) is int else _data(b)), False
+        bd, br = (b if type(b) is float or type(b) is int else _operand(cls, b)), False
     node = _new(cls)
     try:
         out = node.forward(ad, bd)
     except (TypeError, ValueError):  # (matmul's shape check met an object first)
         _check_operands(cls, a, b)
         raise
-    # (a Python number's weakness numpy 2 has: only the other operand's dtype tells)
+    # (a Python number's weakness numpy 2 has: only the other operand's dtype tells.
+    # Arrays only: where numpy's dtype differs from torch's, it differs from an array
+    # operand's, and a Python bool or complex has no dtype to look at)
     dt = out.dtype
-    if (type(ad) is not float and type(ad) is not int and ad.dtype != dt) or (
-        type(bd) is not float and type(bd) is not int and bd.dtype != dt
-    ):
+    if (type(ad) is _ndarray and ad.dtype != dt) or (type(bd) is _ndarray and bd.dtype != dt):
         want = _promoted(((a, ad), (b, bd)), dt)
         if want is not None:
             out = out.astype(want)
@@ -600,6 +618,18 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
         node._hooks = None
         return _result(out, node)
     return _result(out, None)
+
+
+def _operand(cls: type[Function], x: Any) -> Any:
+    """The data of an operand of ``_binary`` that is neither a Tensor, a float nor an
+    int (those take the fast path). A Python bool stays one: numpy takes it as torch
+    does (``x * True``), except in a subtraction, which torch refuses."""
+    if cls is Sub and type(x) in (bool, np.bool_):
+        raise TypeError(
+            f"subtraction with a bool ({x}) is not supported, as in torch; use int({x}), "
+            "or ~ to invert a mask"
+        )
+    return _data(x)
 
 
 _CATEGORY = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3}
@@ -641,6 +671,14 @@ def _promoted(operands: Sequence[tuple[Any, Any]], dt: np.dtype) -> np.dtype | N
             return None
     else:
         want = np.result_type(*(d for r, c, d in ranked if r == rank and c == top))
+    if top == 3:
+        # (a complex of a lower rank keeps the precision of the first rank above it with
+        # a float: float64 tensor * 1j is complex128, as in torch)
+        for r in range(rank):
+            floats = [d for rr, c, d in ranked if rr == r and c == 2]
+            if floats:
+                want = np.result_type(np.complex64, *floats)
+                break
     if dt.kind == "f" and want.kind in "biu":  # (int / int: the default float)
         want = _DEFAULT[2]
     return None if want == dt else want
@@ -1004,20 +1042,24 @@ class Div(Function):
     __slots__ = ()
 
     def forward(self, a: Any, b: Any) -> Any:
-        if (type(b) is float or type(b) is int) and b:
-            out = a / b  # (the common x / n: nothing to silence, skip errstate's ~2 us)
+        if (type(b) is int and b) or (type(b) is float and 1.0 <= abs(b) < _INF):
+            # (the common x / n, |n| >= 1 and finite: |x / n| <= |x|, nothing to
+            # silence; skips errstate's ~1.3 us)
+            out = a / b
         else:
-            # No warnings: inf (1 / 0) and nan (0 / 0) are the values, as in torch.
-            with np.errstate(divide="ignore", invalid="ignore"):
+            # No warnings: inf (1 / 0, 1e30 / 1e-30) and nan (0 / 0) are the values,
+            # as in torch.
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 out = a / b
         self.saved = (a, b, out)
         return out
 
     def backward(self, g: Any) -> tuple:
         (a, b, out), (na, nb) = self.saved, self.next
-        if (type(b) is float or type(b) is int) and b:
+        if (type(b) is int and b) or (type(b) is float and 1.0 <= abs(b) < _INF):
             return (_fit(g / b, a.shape, a.dtype) if na else None, None)
-        with np.errstate(divide="ignore", invalid="ignore"):  # (b == 0: inf, nan)
+        # (b == 0: inf, nan; a tiny b: inf)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             ga = g / b
             gb = -ga * out if nb else None
         return (
@@ -1030,8 +1072,9 @@ class Pow(Function):
     __slots__ = ()
 
     def forward(self, a: Any, b: Any) -> Any:
-        # No warnings: inf (0 ** -1) and nan ((-1) ** 0.5) are the values, as in torch.
-        with np.errstate(divide="ignore", invalid="ignore"):
+        # No warnings: inf (0 ** -1, 1e30 ** 2) and nan ((-1) ** 0.5) are the values,
+        # as in torch.
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             out = a**b
         self.saved = (a, b, out)
         return out
@@ -1049,7 +1092,7 @@ class Pow(Function):
                 # d(a**b)/da = b * a**(b-1); 0 where b == 0, whatever g is there (as
                 # torch does: 0 * 0**-1 would be nan, and so would an inf g times 0).
                 # No warnings: inf where a == 0 and b < 1 is the value.
-                with np.errstate(divide="ignore", invalid="ignore"):
+                with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                     gd = g * (b * a ** (b - 1))
                     if np.ndim(b) != 0:
                         gd = np.where(b == 0, 0, gd)
@@ -1058,7 +1101,7 @@ class Pow(Function):
             # d(a**b)/db = a**b * log(a); defined as 0 where a == 0 and b >= 0 (as torch
             # does). Where a == 0 and b < 0 it stays inf * log(0) = -inf (times g).
             # (masked before g multiplies it, as torch does: a nan or inf g stays one)
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 gb = g * np.where((a == 0) & (b >= 0), 0, out * np.log(a))
             gb = _fit(gb, b.shape, b.dtype)
         return ga, gb
@@ -1113,6 +1156,7 @@ class Neg(Function):
 
 class Exp(Function):
     __slots__ = ()
+    _FLOAT_INPUT = True  # (bool and integer inputs come as float32: see _int_unary)
 
     def forward(self, a: Any) -> Any:
         with np.errstate(over="ignore"):  # (exp(100) in float32 is inf, as in torch)
@@ -1126,6 +1170,7 @@ class Exp(Function):
 
 class Log(Function):
     __slots__ = ()
+    _FLOAT_INPUT = True  # (bool and integer inputs come as float32: see _int_unary)
 
     def forward(self, a: Any) -> Any:
         self.saved = a
@@ -1140,6 +1185,7 @@ class Log(Function):
 
 class Sqrt(Function):
     __slots__ = ()
+    _FLOAT_INPUT = True  # (bool and integer inputs come as float32: see _int_unary)
 
     def forward(self, a: Any) -> Any:
         with np.errstate(invalid="ignore"):  # (sqrt(-1) is nan, as in torch)
@@ -1183,6 +1229,7 @@ class ReLU(Function):
 
 class Tanh(Function):
     __slots__ = ()
+    _FLOAT_INPUT = True  # (bool and integer inputs come as float32: see _int_unary)
 
     def forward(self, a: Any) -> Any:
         out = np.tanh(a)
@@ -1196,6 +1243,7 @@ class Tanh(Function):
 
 class Sigmoid(Function):
     __slots__ = ()
+    _FLOAT_INPUT = True  # (bool and integer inputs come as float32: see _int_unary)
 
     def forward(self, a: Any) -> Any:
         # exp of -|a| only: no overflow for large |a| (unlike 1/(1+exp(-a))), and for
@@ -1214,6 +1262,7 @@ class Sigmoid(Function):
 
 class Softmax(Function):
     __slots__ = ()
+    _FLOAT_INPUT = True  # (bool and integer inputs come as float32: see _int_unary)
 
     def forward(self, a: Any, axis: int) -> Any:
         if a.size == 0:  # (max() of a size-0 axis raises; the result is empty anyway)
@@ -1239,6 +1288,7 @@ class Softmax(Function):
 
 class LogSoftmax(Function):
     __slots__ = ()
+    _FLOAT_INPUT = True  # (bool and integer inputs come as float32: see _int_unary)
 
     def forward(self, a: Any, axis: int) -> Any:
         if a.size == 0:  # (as in Softmax: the dtype of the usual result, no elements)

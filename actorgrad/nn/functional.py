@@ -78,13 +78,16 @@ class CrossEntropy(Function):
     ``(softmax - onehot) / N`` instead of a scatter through an indexing node."""
 
     __slots__ = ()
+    _FLOAT_INPUT = True  # (integer logits come as float32, as in tensor.Softmax)
 
     def forward(self, x: Any, targets: np.ndarray) -> Any:
         n = x.shape[0]
-        shifted = x - x.max(axis=1, keepdims=True)  # shift: stable for logits of any size
-        lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        # (an inf or an all -inf row gives nan, as in torch and log_softmax: no warning)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            shifted = x - x.max(axis=1, keepdims=True)  # shift: stable for any logits
+            lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            logp = shifted - lse
         rows = np.arange(n)
-        logp = shifted - lse
         self.saved = (logp, targets)
         if n == 0:
             return np.full((), np.nan, x.dtype)
