@@ -799,6 +799,8 @@ def _axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
     An axis given twice is an error (numpy's, torch's), not merged."""
     if axis is None:
         return None
+    if isinstance(axis, np.ndarray) and axis.ndim == 0:
+        axis = axis.item()  # (np.array(1): an int, as torch takes a 0-d tensor)
     if isinstance(axis, (int, np.integer)):
         axis = (axis,)
     if not isinstance(axis, (tuple, list, range, np.ndarray)) or not all(
@@ -824,6 +826,17 @@ def _one_axis(fn: str, axis: Any) -> int | None:
     if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
         raise TypeError(f"{fn}: axis must be an int or None, got {axis!r:.40}")
     return int(axis)
+
+
+def _int_axis(fn: str, axis: Any, ndim: int, of: str = "a tensor") -> int:
+    """``axis`` as a non-negative axis of ``ndim`` dimensions: TypeError naming ``fn``
+    unless it is an int (None too: numpy's concatenate would flatten, and the backward
+    fail), ValueError when it is out of range (for ``of`` with ``ndim`` dimensions)."""
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"{fn}: axis must be an int, got {axis!r:.40}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{fn}: axis {axis} is out of range for {of} with {ndim} dimensions")
+    return int(axis) % ndim
 
 
 def _bad_axis(fn: str, axis: Any, ndim: int) -> str:
@@ -1517,6 +1530,9 @@ def cat(tensors: Sequence[Any], axis: int = 0) -> Tensor:
         (3, 3)
     """
     _check_sequence(tensors, "cat")
+    ndim = np.ndim(_data(tensors[0]))
+    if ndim:  # (0-d tensors: numpy's error, "zero-dimensional arrays cannot be ...")
+        axis = _int_axis("cat", axis, ndim)
     return _nary(Cat, list(tensors), axis)
 
 
@@ -1529,6 +1545,8 @@ def stack(tensors: Sequence[Any], axis: int = 0) -> Tensor:
         (3, 2)
     """
     _check_sequence(tensors, "stack")
+    # (the result has one dimension more than the tensors: axis may name it)
+    axis = _int_axis("stack", axis, np.ndim(_data(tensors[0])) + 1, "the result")
     return _nary(Stack, list(tensors), axis)
 
 
@@ -1545,7 +1563,7 @@ def split(t: Tensor, split_size_or_sizes: int | Sequence[int], axis: int = 0) ->
     t = _as_tensor(t, "split: t")
     if t.ndim == 0:
         raise ValueError("split: a 0-d tensor has no axis to split along")
-    ax = _axes(axis, t.ndim)[0]  # type: ignore[index]
+    ax = _int_axis("split", axis, t.ndim)
     n = t.shape[ax]
     sizes_arg = split_size_or_sizes
     if isinstance(sizes_arg, (int, np.integer)) and not isinstance(sizes_arg, bool):

@@ -268,3 +268,29 @@ def test_mse_loss_refuses_a_target_that_would_broadcast_the_prediction():
     assert F.mse_loss(pred, np.array([[1.0], [2.0], [3.0]])).item() == 0.0
     assert F.mse_loss(pred, 2.0).item() == pytest.approx(2 / 3)  # a scalar target
     assert F.mse_loss(ag.tensor(1.0), np.array([2.0])).item() == 1.0  # (as many elements)
+
+
+@pytest.mark.parametrize("in_f, out_f", [(3, 0), (0, 2), (0, 0)])
+@pytest.mark.parametrize("lead", [(4,), (2, 3), ()])
+def test_linear_with_zero_features_has_torchs_gradients(in_f, out_f, lead):
+    # (backward raised "cannot reshape array of size 0 into shape (0)": reshape(-1, 0))
+    torch = pytest.importorskip("torch")
+    m = nn.Linear(in_f, out_f, seed=0)
+    x = ag.ones(*lead, in_f, requires_grad=True)
+    y = m(x)
+    (y * 2).sum().backward()
+    tw = torch.tensor(m.weight.data, requires_grad=True)
+    tb = torch.tensor(m.bias.data, requires_grad=True)
+    tx = torch.ones(*lead, in_f, requires_grad=True)
+    (torch.nn.functional.linear(tx, tw, tb) * 2).sum().backward()
+    assert y.shape == (*lead, out_f)
+    for got, want in ((m.weight.grad, tw.grad), (m.bias.grad, tb.grad), (x.grad, tx.grad)):
+        assert got.shape == tuple(want.shape)
+        np.testing.assert_array_equal(got, want.numpy())
+
+
+@pytest.mark.parametrize("x, kind", [(None, "NoneType"), ("abc", "str")])
+def test_linear_names_an_input_that_is_not_numbers(x, kind):
+    # (was "linear: input of shape () does not fit weight of shape (2, 3)")
+    with pytest.raises(TypeError, match=f"linear: input must be a Tensor, .* got {kind}"):
+        nn.Linear(3, 2)(x)

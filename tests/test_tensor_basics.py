@@ -277,3 +277,56 @@ def test_flags_are_bools_and_containers_are_named():
             join(5)
     with pytest.raises(TypeError, match="load_state_dict: expected a mapping .* got int"):
         ag.nn.Linear(2, 2).load_state_dict(5)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        # (cat's forward took None, numpy flattening, and its backward failed far away:
+        # "tuple indices must be integers or slices, not NoneType")
+        (lambda x: ag.cat([x, x], axis=None), TypeError, "cat: axis must be an int, got None"),
+        (lambda x: ag.stack([x, x], axis=None), TypeError, "stack: axis must be an int, got None"),
+        (lambda x: ag.split(x, 1, axis=None), TypeError, "split: axis must be an int, got None"),
+        (lambda x: ag.cat([x, x], axis=1.0), TypeError, "cat: axis must be an int, got 1.0"),
+        (lambda x: ag.cat([x, x], axis=True), TypeError, "cat: axis must be an int, got True"),
+        (lambda x: ag.split(x, 1, axis=(0,)), TypeError, r"split: axis must be an int, got \(0,\)"),
+        (
+            lambda x: ag.cat([x, x], axis=2),
+            ValueError,
+            "cat: axis 2 is out of range for a tensor with 2 dimensions",
+        ),
+        (
+            lambda x: ag.stack([x, x], axis=-4),
+            ValueError,
+            "stack: axis -4 is out of range for the result with 3 dimensions",
+        ),
+        (
+            lambda x: ag.split(x, 1, axis=-3),
+            ValueError,
+            "split: axis -3 is out of range for a tensor with 2 dimensions",
+        ),
+    ],
+)
+def test_cat_stack_and_split_check_their_axis_up_front(call, error, match):
+    x = ag.ones(2, 2, requires_grad=True)
+    with pytest.raises(error, match=match):
+        call(x)
+
+
+def test_cat_stack_and_split_take_negative_and_numpy_int_axes():
+    x = ag.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    y = ag.cat([x, x * 2], axis=-1)
+    assert y.shape == (2, 4)
+    (y * ag.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    np.testing.assert_array_equal(x.grad, [[7.0, 10.0], [7.0, 10.0]])
+    assert ag.stack([x, x], axis=np.int64(-1)).shape == (2, 2, 2)
+    assert [c.shape for c in ag.split(x, 1, axis=-1)] == [(2, 1), (2, 1)]
+
+
+def test_a_reduction_takes_a_0d_integer_array_as_its_axis():
+    # (was numpy's "iteration over a 0-d array")
+    x = ag.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert x.sum(axis=np.array(1)).data.tolist() == [3.0, 7.0]
+    assert x.mean(axis=np.array(-2)).data.tolist() == [2.0, 3.0]
+    with pytest.raises(TypeError, match="axis must be an int, a tuple of ints or None, got 1.0"):
+        x.sum(axis=np.array(1.0))

@@ -36,7 +36,12 @@ class Linear(Function):
         self.saved = (x, w, None if b is None else (b.shape, b.dtype))
         try:
             out = np.matmul(x, w.T)
-        except ValueError:
+        except (TypeError, ValueError):
+            if np.asarray(x).dtype.kind not in "biufc":  # (None: "input of shape ()")
+                raise TypeError(
+                    "linear: input must be a Tensor, a numpy array or a list of numbers, "
+                    f"got {type(x).__name__}"
+                ) from None
             raise ValueError(
                 f"linear: input of shape {np.shape(x)} does not fit weight of shape "
                 f"{np.shape(w)} (need input.shape[-1] == weight.shape[1])"
@@ -52,8 +57,13 @@ class Linear(Function):
         x, w, bmeta = self.saved
         nx, nw = self.next[0], self.next[1]
         # Fold leading dims so every product is one 2-d GEMM.
-        g2 = g.reshape(-1, w.shape[0])
-        x2 = x.reshape(-1, w.shape[1])
+        if w.size:
+            g2 = g.reshape(-1, w.shape[0])
+            x2 = x.reshape(-1, w.shape[1])
+        else:  # (in_f or out_f is 0: numpy cannot infer the -1 next to a 0)
+            rows = math.prod(x.shape[:-1])
+            g2 = g.reshape(rows, w.shape[0])
+            x2 = x.reshape(rows, w.shape[1])
         gx = _fit(g @ w, x.shape, x.dtype) if nx is not None else None
         gw = _fit(g2.T @ x2, w.shape, w.dtype) if nw is not None else None
         if bmeta is None:
