@@ -117,6 +117,10 @@ class _GradMode:
                     return await fn(*args, **kwargs)
 
             return async_wrapper  # type: ignore[return-value]
+        if inspect.isgeneratorfunction(fn):
+            return _generator_in_mode(self._value, fn)  # type: ignore[return-value]
+        if inspect.isasyncgenfunction(fn):
+            return _async_generator_in_mode(self._value, fn)  # type: ignore[return-value]
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -124,6 +128,77 @@ class _GradMode:
                 return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
+
+
+def _in_mode(value: bool, step: Callable[..., Any], *arg: Any) -> Any:
+    """``step(*arg)`` with grad mode ``value``, then the mode as it was (the generator
+    wrappers run each step of a generator's body so; a generator may resume in another
+    context than the last step's, so each step sets and resets on its own)."""
+    token = _GRAD_ENABLED.set(value)
+    try:
+        return step(*arg)
+    finally:
+        _GRAD_ENABLED.reset(token)
+
+
+def _generator_in_mode(value: bool, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A generator function running ``fn``'s body with grad mode ``value``, and the
+    caller's mode restored at each ``yield`` (as torch wraps generator functions):
+    sends, throws and ``close`` reach the body in that mode, its return value is the
+    wrapper's."""
+
+    @functools.wraps(fn)
+    def generator_wrapper(*args: Any, **kwargs: Any) -> Any:
+        gen = fn(*args, **kwargs)
+        try:
+            response = _in_mode(value, gen.send, None)
+            while True:
+                try:
+                    request = yield response
+                except GeneratorExit:
+                    _in_mode(value, gen.close)
+                    raise
+                except BaseException as exc:
+                    response = _in_mode(value, gen.throw, exc)
+                else:
+                    response = _in_mode(value, gen.send, request)
+        except StopIteration as stop:
+            return stop.value
+
+    return generator_wrapper
+
+
+def _async_generator_in_mode(value: bool, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``_generator_in_mode`` for an async generator function: the body runs in grad
+    mode ``value`` (through its awaits too: they belong to the body), the consumer's
+    mode comes back at each ``yield``."""
+
+    async def step(aw: Any) -> Any:
+        token = _GRAD_ENABLED.set(value)
+        try:
+            return await aw
+        finally:
+            _GRAD_ENABLED.reset(token)
+
+    @functools.wraps(fn)
+    async def async_generator_wrapper(*args: Any, **kwargs: Any) -> Any:
+        agen = fn(*args, **kwargs)
+        try:
+            response = await step(agen.asend(None))
+            while True:
+                try:
+                    request = yield response
+                except GeneratorExit:
+                    await step(agen.aclose())
+                    raise
+                except BaseException as exc:
+                    response = await step(agen.athrow(exc))
+                else:
+                    response = await step(agen.asend(request))
+        except StopAsyncIteration:
+            return
+
+    return async_generator_wrapper
 
 
 class no_grad(_GradMode):
@@ -141,6 +216,16 @@ class no_grad(_GradMode):
         False
         >>> @ag.no_grad()                 # or bare: @ag.no_grad
         ... def evaluate(model, x): return model(x)
+
+    A decorated generator function (or async generator function) runs its body
+    without grad, and gives the caller its own mode back at each ``yield``, as torch
+    does::
+
+        >>> @ag.no_grad()
+        ... def scaled(w):
+        ...     yield w * 2
+        >>> [y.requires_grad for y in scaled(w)], is_grad_enabled()
+        ([False], True)
     """
 
     _value = False

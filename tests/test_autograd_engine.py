@@ -679,3 +679,73 @@ async def test_one_no_grad_instance_used_by_overlapping_tasks():
     with ng, ng:  # (nested, in one task)
         assert not is_grad_enabled()
     assert is_grad_enabled()
+
+
+def test_no_grad_on_a_generator_function_covers_its_body_and_not_the_caller():
+    # (the wrapper covered only the call that made the generator: the body recorded
+    # the graph; torch's no_grad runs the body without grad, the caller's mode at yields)
+    x = ag.tensor([1.0], requires_grad=True)
+    seen = []
+
+    @ag.no_grad()
+    def batches(w):
+        got = yield w * 2
+        seen.append(("sent", got, is_grad_enabled()))
+        try:
+            yield w * 3
+        except KeyError:
+            seen.append(("thrown", is_grad_enabled()))
+            yield w * 4
+        finally:
+            seen.append(("closed", is_grad_enabled()))
+        return "done"
+
+    it = batches(x)
+    assert batches.__name__ == "batches"
+    first = next(it)
+    assert not first.requires_grad and is_grad_enabled()
+    assert (x * 2).requires_grad  # (the caller between yields: its own mode)
+    assert not it.send("hi").requires_grad
+    assert not it.throw(KeyError("k")).requires_grad and is_grad_enabled()
+    it.close()
+    assert is_grad_enabled()
+    assert seen == [("sent", "hi", False), ("thrown", False), ("closed", False)]
+
+    def delegate():
+        return (yield from batches(x))
+
+    d = delegate()
+    next(d), d.send(None)
+    with pytest.raises(StopIteration) as stop:
+        d.send(None)
+    assert stop.value.value == "done"
+
+    @ag.autograd.enable_grad()
+    def recording(w):
+        yield w * 2
+
+    with ag.no_grad():
+        assert [t.requires_grad for t in recording(x)] == [True]
+        assert not is_grad_enabled()
+
+
+async def test_no_grad_on_an_async_generator_function_covers_its_body():
+    x = ag.tensor([1.0], requires_grad=True)
+    modes = []
+
+    @ag.no_grad
+    async def stream(w):
+        await asyncio.sleep(0)
+        modes.append(is_grad_enabled())
+        got = yield w * 2
+        await asyncio.sleep(0)
+        modes.append(is_grad_enabled())
+        yield w * got
+
+    agen = stream(x)
+    first = await agen.__anext__()
+    outside = is_grad_enabled()
+    second = await agen.asend(3.0)
+    await agen.aclose()
+    assert [first.requires_grad, second.requires_grad, outside] == [False, False, True]
+    assert second.data.tolist() == [3.0] and modes == [False, False] and is_grad_enabled()
