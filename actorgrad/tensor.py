@@ -71,6 +71,18 @@ class Tensor:
         >>> (w * w).sum().backward()
         >>> np.allclose(w.grad, 2 * w.data)
         True
+
+    In-place operators (``+= -= *= /= **= @=``) update a leaf under ``no_grad`` (or
+    when no operand requires grad): the tensor gets the result as a new array, with
+    its own dtype and shape. On a leaf that requires grad while grad mode is on they
+    raise RuntimeError; on a non-leaf, or with an operand that requires grad, they
+    are the out-of-place op (``total += loss`` records ``total + loss``)::
+
+        >>> old = w.data
+        >>> with ag.no_grad():
+        ...     w -= 0.1 * w.grad
+        >>> w.requires_grad, w.data is old, np.allclose(w.data, old * 0.8)
+        (True, False, True)
     """
 
     __slots__ = ("data", "grad", "_rg", "grad_fn", "_accum", "_hooks", "__weakref__")
@@ -329,6 +341,30 @@ class Tensor:
 
     def __rmatmul__(self, other: Any) -> Tensor:
         return _binary(MatMul, other, self)
+
+    # In-place operators (see _inplace): on a leaf under no_grad, or when no operand
+    # requires grad, the tensor gets the result as a new array (``w -= lr * w.grad``
+    # updates the parameter, as in torch); on a leaf that requires grad while grad
+    # mode is on, RuntimeError; otherwise (a non-leaf, or an operand requiring grad
+    # under grad mode) the out-of-place op, as Python falls back to it:
+    # ``total += loss`` records ``total + loss``.
+    def __iadd__(self, other: Any) -> Tensor:
+        return _inplace(Add, self, other)
+
+    def __isub__(self, other: Any) -> Tensor:
+        return _inplace(Sub, self, other)
+
+    def __imul__(self, other: Any) -> Tensor:
+        return _inplace(Mul, self, other)
+
+    def __itruediv__(self, other: Any) -> Tensor:
+        return _inplace(Div, self, other)
+
+    def __ipow__(self, other: Any) -> Tensor:
+        return _inplace(Pow, self, other)
+
+    def __imatmul__(self, other: Any) -> Tensor:
+        return _inplace(MatMul, self, other)
 
     def __neg__(self) -> Tensor:
         return _unary(Neg, self)
@@ -618,6 +654,46 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
         node._hooks = None
         return _result(out, node)
     return _result(out, None)
+
+
+def _inplace(cls: type[Function], t: Tensor, other: Any) -> Any:
+    """``t op= other``: on a leaf, under ``no_grad`` or with no operand requiring grad,
+    ``t`` gets the out-of-place result as a new array (the old one is never written:
+    a recorded graph or a zero-copy send may hold it) and is returned, with its dtype
+    (numpy's same_kind casting: an int tensor ``+= 1.5`` is a TypeError, as in torch)
+    and its shape (a result that broadcasts to another shape: ValueError). A leaf that
+    requires grad while grad mode is on: RuntimeError. A non-leaf, or an ``other``
+    that requires grad under grad mode: NotImplemented, so Python computes ``t op
+    other`` out of place and rebinds the name (the graph goes on recording)."""
+    if t.grad_fn is not None:
+        return NotImplemented
+    if grad_enabled():
+        if t._rg:
+            sym = _SYMBOLS[cls.__name__]
+            raise RuntimeError(
+                f"in-place {sym}= on a leaf tensor that requires grad, while grad mode is "
+                f"on; update it under `with ag.no_grad():` (as an optimizer step does), "
+                f"or write `x = x {sym} ...` for a new tensor in the graph"
+            )
+        if isinstance(other, Tensor) and other._rg:
+            return NotImplemented
+    out = _binary(cls, t, other).data
+    sym = _SYMBOLS[cls.__name__]
+    if out.shape != t.data.shape:
+        raise ValueError(
+            f"in-place {sym}=: the result's shape {out.shape} differs from the tensor's "
+            f"{t.data.shape}; an in-place op keeps the tensor's shape"
+        )
+    dt = t.data.dtype
+    if out.dtype != dt:
+        if not np.can_cast(out.dtype, dt, casting="same_kind"):
+            raise TypeError(
+                f"in-place {sym}=: the result's dtype {out.dtype} cannot be cast to the "
+                f"tensor's dtype {dt}"
+            )
+        out = out.astype(dt)
+    t.data = out
+    return t
 
 
 def _operand(cls: type[Function], x: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -330,3 +332,78 @@ def test_a_reduction_takes_a_0d_integer_array_as_its_axis():
     assert x.mean(axis=np.array(-2)).data.tolist() == [2.0, 3.0]
     with pytest.raises(TypeError, match="axis must be an int, a tuple of ints or None, got 1.0"):
         x.sum(axis=np.array(1.0))
+
+
+# --- in-place operators -------------------------------------------------------------
+
+
+def test_an_in_place_update_under_no_grad_gives_the_parameter_a_new_array():
+    # (`w -= lr * w.grad` rebound w to a new tensor: the parameter never changed)
+    lin = ag.nn.Linear(2, 1, seed=0)
+    w = lin.weight
+    old = w.data
+    before = old.copy()
+    lin(ag.ones(1, 2)).sum().backward()
+    with ag.no_grad():
+        w -= 0.5 * w.grad
+        w *= 2
+        w /= 4
+        w += 1
+        w **= 1
+    assert w is lin.weight and w.requires_grad and w.is_leaf
+    np.testing.assert_allclose(w.data, (before - 0.5 * 1.0) * 2 / 4 + 1, rtol=1e-6)
+    assert w.data is not old and np.array_equal(old, before)  # (the old array untouched)
+    assert w.dtype == np.float32 and w.grad is not None
+
+
+def test_an_in_place_op_on_a_leaf_that_requires_grad_is_refused_under_grad_mode():
+    x = ag.tensor([1.0], requires_grad=True)
+    for op in ("+", "-", "*", "/", "**", "@"):
+        with pytest.raises(
+            RuntimeError,
+            match=rf"in-place {re.escape(op)}= on a leaf tensor that requires grad, while "
+            r"grad mode is on; update it under `with ag.no_grad\(\):`",
+        ):
+            exec(f"x {op}= ag.tensor([1.0])", {"x": x, "ag": ag})
+    assert x.data.tolist() == [1.0] and x.is_leaf
+
+
+def test_an_in_place_op_keeps_the_tensors_dtype_and_shape():
+    i = ag.tensor([1, 2])
+    old = i.data
+    i += 3
+    i *= np.int8(2)
+    assert i.dtype == np.int64 and i.data.tolist() == [8, 10] and old.tolist() == [1, 2]
+    f = ag.tensor([1.0, 2.0])
+    f += np.array([0.5, 0.5])  # (float64 result, cast back: same_kind)
+    assert f.dtype == np.float32 and f.data.tolist() == [1.5, 2.5]
+    with pytest.raises(
+        TypeError,
+        match="in-place \\+=: the result's dtype float32 cannot be cast to the tensor's dtype int64",
+    ):
+        i += 1.5
+    with pytest.raises(TypeError, match="in-place /=: the result's dtype float32 cannot be cast"):
+        i /= 2
+    with pytest.raises(
+        ValueError,
+        match=r"in-place \+=: the result's shape \(3, 2\) differs from the tensor's \(2,\)",
+    ):
+        f += ag.ones(3, 2)
+    assert i.data.tolist() == [8, 10] and f.data.tolist() == [1.5, 2.5]
+    m = ag.ones(2, 2)
+    m @= ag.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert m.data.tolist() == [[4.0, 6.0], [4.0, 6.0]]
+
+
+def test_an_in_place_op_on_a_non_leaf_or_with_an_operand_needing_grad_records_the_graph():
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    total = ag.tensor(0.0)
+    start = total
+    total += (x * x).sum()  # (a leaf without grad + a loss: the out-of-place op)
+    assert total is not start and total.grad_fn is not None and start.item() == 0.0
+    y = x * 3
+    before = y
+    y += x  # (a non-leaf: out of place, the graph goes on)
+    assert y is not before
+    (total + y.sum()).backward()
+    np.testing.assert_array_equal(x.grad, [2.0 + 4.0, 4.0 + 4.0])
