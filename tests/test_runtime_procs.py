@@ -429,6 +429,45 @@ def test_killing_the_driver_leaves_no_worker_processes(tmp_path):
     assert all(_gone(p) for p in pids), "worker processes outlived their driver"
 
 
+def test_a_worker_process_ends_soon_after_the_process_that_started_it():
+    # Worker processes leave when their head goes, unless their loop is blocked (a call
+    # that proved fast, then blocks; a backward hook): such a one stayed for good,
+    # re-parented to init, when the process that started it was killed (SIGKILL, or a
+    # SIGTERM the driver did not handle). Each now watches its starter (--parent).
+    starter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    blocked = (
+        "import time\n"
+        "from actorgrad.runtime.worker_main import leave_with\n"
+        f"leave_with({starter.pid}, 0.2, 'w9')\n"
+        "time.sleep(120)\n"  # (a blocked loop)
+    )
+    env = dict(os.environ, PYTHONPATH=REPO)
+    child = subprocess.Popen(
+        [sys.executable, "-c", blocked], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):  # (its starter lives: it stays)
+            child.wait(1.0)
+        starter.kill()
+        starter.wait()
+        assert child.wait(30) == 1
+        assert f"the process that started it ({starter.pid}) is gone" in child.stderr.read()
+    finally:
+        for p in (starter, child):
+            p.kill()
+            p.wait()
+        child.stderr.close()
+
+
+def worker_argv() -> list[str]:
+    return sys.argv
+
+
+async def test_process_workers_watch_the_process_that_started_them():
+    async with ag.local_cluster(1, processes=True):
+        assert f"--parent={os.getpid()}" in await ag.rpc("w1", worker_argv)
+
+
 async def test_init_joins_a_cluster_from_the_environment(tmp_path):
     async with ag.local_cluster(1, transport="tcp") as c:
         script = tmp_path / "joiner.py"

@@ -201,6 +201,7 @@ class WorkerProcesses:
                 "actorgrad.runtime.worker_main",
                 f"--join={address}",  # (one argument each: a name may start with '-')
                 f"--name={name}",
+                f"--parent={os.getpid()}",  # (it ends with us: see worker_main.leave_with)
             ]
             if host != "127.0.0.1":
                 argv.append(f"--host={host}")

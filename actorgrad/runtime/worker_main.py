@@ -1,6 +1,7 @@
 """Entry point of a worker process: ``python -m actorgrad.runtime.worker_main --join
-ADDR --name NAME [--host H]`` (token in ``ACTORGRAD_TOKEN``). Runs until SIGTERM/SIGINT
-or until the cluster's head goes away.
+ADDR --name NAME [--host H] [--parent PID]`` (token in ``ACTORGRAD_TOKEN``). Runs until
+SIGTERM/SIGINT or until the cluster's head goes away; with ``--parent``, also ends at
+most ``ORPHAN_GRACE`` seconds after process PID (the one that started it) is gone.
 
 ``ACTORGRAD_PROFILE=PATH`` (a developer aid) runs the worker under cProfile and writes
 the stats to ``PATH.NAME`` when it exits."""
@@ -10,11 +11,63 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import select
 import signal
 import sys
+import threading
+import time
 from typing import Any
 
 from actorgrad.errors import ActorgradError
+
+#: How long a worker whose starter died may take to exit by itself (its head's
+#: connection closed: it leaves, letting its running calls end) before it is ended.
+ORPHAN_GRACE = 15.0
+
+
+def leave_with(parent: int, grace: float, name: str) -> None:
+    """End this process ``grace`` seconds after process ``parent`` is gone, unless it
+    ended by itself meanwhile. A worker normally leaves once its cluster's head goes;
+    but one whose loop is blocked (a call that proved fast, then blocks; a backward
+    hook) cannot notice, and stayed for good, re-parented to init, when the process that
+    started it was killed (SIGKILL, or a SIGTERM the driver did not handle). A daemon
+    thread waits for ``parent``'s end (a pidfd: no polling where there are pidfds),
+    so it acts while the loop is blocked.
+
+    Example::
+
+        leave_with(os.getppid(), ORPHAN_GRACE, "w1")
+    """
+
+    def watch() -> None:
+        _wait_until_gone(parent)
+        time.sleep(grace)  # (its own exit, if it comes, ends this thread too)
+        print(
+            f"actorgrad worker {name}: the process that started it ({parent}) is gone, "
+            f"and it did not leave within {grace:g} s (its loop is blocked?): exiting now",
+            file=sys.stderr,
+        )
+        from actorgrad.runtime.procs import exit_now
+
+        exit_now(1)
+
+    # (not named "actorgrad-...": those are the pools' threads, which an exit waits for)
+    threading.Thread(target=watch, name=f"watch-parent-of-{name}", daemon=True).start()
+
+
+def _wait_until_gone(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):  # (no pidfds: poll whether it is still our parent)
+        while os.getppid() == pid:
+            time.sleep(1.0)
+        return
+    try:
+        select.select([fd], [], [])  # (readable once it exited)
+    finally:
+        os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--join", required=True)
     ap.add_argument("--name", required=True)
     ap.add_argument("--host", default=None)
+    # (the process that started this one, whose cluster it serves: see leave_with)
+    ap.add_argument("--parent", type=int, default=None)
     args = ap.parse_args(argv)
+    if args.parent is not None:
+        leave_with(args.parent, ORPHAN_GRACE, args.name)
     from actorgrad.runtime.procs import ENV_TOKEN, env_token
 
     try:
