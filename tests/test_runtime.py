@@ -587,6 +587,24 @@ async def test_calls_stuck_in_the_pool_after_their_callers_gave_up_do_not_starve
     assert w1._pool._lent == 0
 
 
+async def test_a_graceful_shutdown_does_not_wait_for_calls_their_callers_gave_up():
+    # It waited its whole grace (SHUTDOWN_TIMEOUT) for a plain function stuck in the
+    # pool whose caller had timed out long before: nobody would take its reply.
+    name = _fresh("given-up")
+    _gates[name] = threading.Event()
+    try:
+        async with ag.local_cluster(1) as c:
+            w1 = c.workers[0]
+            with pytest.raises(ag.RpcTimeout):
+                await ag.rpc("w1", blocks_until_the_gate_opens, (name,), timeout=0.05)
+            async with asyncio.timeout(10):
+                while not w1._given_up:  # noqa: ASYNC110 (no event tells of the cancel)
+                    await asyncio.sleep(0.01)
+            await asyncio.wait_for(w1.shutdown(timeout=60), 10)
+    finally:
+        _gates[name].set()
+
+
 def test_the_call_pool_lends_threads_and_never_holds_the_process_at_exit(tmp_path):
     from actorgrad.runtime.pool import CallPool
 

@@ -505,6 +505,8 @@ class Worker:
         self._mb_waiter: asyncio.Future[None] | None = None
         self._paused: set[Connection] = set()
         self._inflight = 0
+        # of those, calls in the thread pool whose callers gave up (see _cancel_request)
+        self._given_up = 0
         # rejected connections logged in the current minute (see _log_rejected)
         self._rejected_since = -math.inf
         self._rejected_logged = self._rejected_unlogged = 0
@@ -1238,6 +1240,8 @@ class Worker:
             conn.running[cid] = None  # (what the function returns is dropped)
             if self._pool is not None:  # (its thread is lent to it until it ends)
                 self._pool.lend()
+            self._given_up += 1
+            self._check_drained()
         elif task is not None:
             conn.running[cid] = None  # (marks it cancelled by its caller, see _answer_failure)
             # (a turn later: its first step is scheduled before this, so it is in its
@@ -1531,8 +1535,10 @@ class Worker:
                     result, took = await self.loop.run_in_executor(self._pool, call)
                 finally:
                     gone = cid and conn.running.get(cid, _IN_POOL) is None  # (its caller)
-                    if gone and self._pool is not None:
-                        self._pool.unlend()
+                    if gone:
+                        self._given_up -= 1
+                        if self._pool is not None:
+                            self._pool.unlend()
                 stats.fast = stats.fast + 1 if took < FAST_CALL else 0
                 if gone:
                     if inspect.iscoroutine(result):
@@ -1571,10 +1577,7 @@ class Worker:
 
     def _done(self) -> None:
         self._inflight -= 1
-        if self._inflight == 0:
-            w = self._idle_waiter
-            if w is not None and not w.done():
-                w.set_result(None)
+        self._check_drained()
         if self._mailbox:  # a slot is free: let the dispatcher start what waits
             w = self._mb_waiter
             if w is not None and not w.done():
@@ -2130,6 +2133,15 @@ class Worker:
             self.cut_drain()
         await asyncio.shield(self._shutdown_task)
 
+    def _check_drained(self) -> None:
+        """Wake a graceful shutdown once the calls still running are only those of the
+        thread pool whose callers gave up: nobody waits for them, and a shutdown that
+        waited for them took its whole grace (5 s) for calls that may never end."""
+        if self._inflight <= self._given_up:
+            w = self._idle_waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+
     def cut_drain(self) -> None:
         """A graceful shutdown (under way or to come) stops waiting for the running
         calls: a forced stop (a second Ctrl-C)."""
@@ -2142,7 +2154,7 @@ class Worker:
         self._stopping = True
         if timeout is None:
             timeout = SHUTDOWN_TIMEOUT
-        if graceful and self._inflight and not self._drain_cut:
+        if graceful and self._inflight > self._given_up and not self._drain_cut:
             try:
                 async with asyncio.timeout(timeout):
                     self._idle_waiter = self.loop.create_future()
@@ -2150,7 +2162,13 @@ class Worker:
             except TimeoutError:
                 pass
         if self._inflight:
-            log.warning("worker %s: %d calls still running at shutdown", self.name, self._inflight)
+            log.warning(
+                "worker %s: %d calls still running at shutdown (%d of them given up by "
+                "their callers)",
+                self.name,
+                self._inflight,
+                self._given_up,
+            )
         self._closing = True
         for cb in self._closing_cbs:
             try:
