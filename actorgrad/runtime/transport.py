@@ -564,8 +564,14 @@ class Connection(asyncio.BaseProtocol):
     def send_nowait(self, chunks: Iterable[Any]) -> int:
         """Queue one frame (the codec's chunks); returns its size. Small frames are
         coalesced and flushed on the next loop iteration."""
-        if self.closed or self.transport is None:
+        t: Any = self.transport
+        if self.closed or t is None:
             raise WorkerLost(f"connection to {self.peer_name or self.peer_addr!r} is closed")
+        if t.is_closing():
+            # (a write failed: its connection_lost, which fails what waits on the
+            # connection, is on its way; each write meanwhile logged asyncio's
+            # "socket.send() raised exception.")
+            return 0
         if self._spin is not None:
             self._spin.poke(False)
         if not isinstance(chunks, list):
@@ -583,7 +589,6 @@ class Connection(asyncio.BaseProtocol):
             if self._wbuf:
                 head = self._wbuf + head
                 self._wbuf = bytearray()
-            t: Any = self.transport
             if self._writev:
                 t.writelines([head, *chunks])
             else:

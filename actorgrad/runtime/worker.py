@@ -707,17 +707,21 @@ class Worker:
             )
         except RemoteError as exc:
             conn.close()
+            self._early_changes.clear()
             if exc.remote_type == "ValueError":
                 raise ValueError(exc.remote_message) from None
+            raise
+        except BaseException:
+            # (timed out, cancelled: the head may have taken the join, and keeps a
+            # member while its connection stays; closed, it leaves: the name was taken
+            # for good, and the changes piled up here)
+            conn.close()
+            self._early_changes.clear()
             raise
         self.id = int(wid)
         self.registry_conn = conn
         self._apply_members(version, members)
-        # (the changes that came meanwhile: those after the list's version apply now; a
-        # worker that joined right after this one was missing here for good)
-        early, self._early_changes = self._early_changes, []
-        for change in sorted(early, key=lambda c: c[0]):
-            self._apply_member(*change)
+        self._apply_early_changes()
 
     # ------------------------------------------------------------------ connections
     def _new_conn(self, kind: str | None = None) -> Connection:
@@ -915,18 +919,33 @@ class Worker:
         return conn
 
     async def _refresh_members(self) -> None:
+        got = False
         try:
             if self.registry is not None:
                 self._apply_members(*self.registry.snapshot())
+                got = True
             elif self.registry_conn is not None and not self.registry_conn.closed:
                 snap = await self.call_on(
                     self.registry_conn, "actorgrad.runtime.registry:_snapshot", timeout=10
                 )
                 self._apply_members(*snap)
+                got = True
         except ActorgradError:
             pass
         finally:
             self._members_refreshing = False
+            if got:
+                self._apply_early_changes()
+            elif self._members_version >= 0:  # (joined; the next change shows the gap
+                self._early_changes.clear()  # again, and asks again)
+
+    def _apply_early_changes(self) -> None:
+        """The changes that came while a whole list was on its way (the join's answer,
+        a refresh) or waited for its coroutine: those after the list's version apply
+        now (a worker that joined right after this one was missing here for good)."""
+        early, self._early_changes = self._early_changes, []
+        for change in sorted(early, key=lambda c: c[0]):
+            self._apply_member(*change)
 
     def _apply_members(self, version: int, members: dict[str, Any]) -> None:
         """The head's whole member list at ``version`` (the join's answer, a refresh)."""
@@ -956,17 +975,17 @@ class Worker:
         after a gap (not seen: changes come in order on one connection) the whole list
         is fetched."""
         held = self._members_version
-        if held < 0:
-            # (not joined yet: the join's answer, which holds the list, is on its way, or
-            # came and its coroutine has not run yet; the changes after it must wait)
+        if held < 0 or self._members_refreshing:
+            # (a whole list is on its way, or came and its coroutine has not run yet:
+            # the join's answer, a refresh; the changes after it wait for it)
             self._early_changes.append((version, name, entry))
             return
         if version <= held:
             return
         if version != held + 1:
-            if not self._members_refreshing:
-                self._members_refreshing = True
-                self.spawn(self._refresh_members(), name=f"actorgrad-members-{self.name}")
+            self._members_refreshing = True
+            self._early_changes.append((version, name, entry))
+            self.spawn(self._refresh_members(), name=f"actorgrad-members-{self.name}")
             return
         self._members_version = version
         # (copied, not changed in place: calls in the thread pool may be reading it)
