@@ -818,14 +818,12 @@ def entry() -> int:
     """The ``actorgrad`` command as a process: :func:`main`; after a graceful stop
     (status 0: a first Ctrl-C lets running calls finish) it waits for calls still
     running in a worker's thread pool, until a signal; otherwise it exits past them
-    (``actorgrad worker`` running a function that never returns did not exit when
-    forced, nor when its cluster went away)."""
-    from actorgrad.runtime.procs import exit_past_stuck_calls
-
+    (the pool's threads are daemon threads: the interpreter's exit does not wait for
+    a function that never returns)."""
     code = main()
     if code == 0:
         _wait_for_calls_in_threads()
-    return exit_past_stuck_calls(code)
+    return code
 
 
 def _wait_for_calls_in_threads() -> None:

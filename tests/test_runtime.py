@@ -606,6 +606,44 @@ async def test_a_graceful_shutdown_does_not_wait_for_calls_their_callers_gave_up
         _gates[name].set()
 
 
+def test_the_call_pool_is_back_to_its_size_once_lent_calls_ended_and_runs_queued_jobs():
+    # A lent thread ended its job before its call was given back (unlend): it stayed
+    # as a thread waiting for work, beyond the bound, and the pool ran 24 calls at once
+    # instead of 8 from then on. And a shutdown without cancel_futures left the queued
+    # jobs pending for good.
+    from actorgrad.runtime.pool import CallPool
+
+    pool = CallPool(2, "actorgrad-test-bound")
+    gate = threading.Event()
+    stuck = [pool.submit(gate.wait, 30) for _ in range(6)]
+    for _ in stuck:
+        pool.lend()
+    gate.set()
+    assert all(f.result(10) for f in stuck)
+    for _ in stuck:
+        pool.unlend()
+    running = 0
+    peak = [0]
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def job() -> None:
+        nonlocal running
+        with lock:
+            running += 1
+            peak[0] = max(peak[0], running)
+        release.wait(10)
+        with lock:
+            running -= 1
+
+    jobs = [pool.submit(job) for _ in range(6)]
+    queued = [pool.submit(lambda i=i: i) for i in range(3)]
+    release.set()
+    pool.shutdown(wait=True)  # (the queued jobs run first)
+    assert [f.result(0) for f in queued] == [0, 1, 2]
+    assert all(f.done() for f in jobs) and peak[0] <= 2
+
+
 def test_the_call_pool_lends_threads_and_never_holds_the_process_at_exit(tmp_path):
     from actorgrad.runtime.pool import CallPool
 

@@ -312,14 +312,16 @@ class PassState:
             leaf_sink=functools.partial(_leaf, self.contrib),
             on_boundary=functools.partial(_boundary, ctx.id, self.out, self.redirect),
         )
-        if not retain_graph and any(
-            isinstance(n, RecvNode) and n.ctx_id != ctx.id for n in self.task.boundaries
-        ):
-            # It reaches a tensor received in another context: a gradient that gets
-            # there fails the pass (see _boundary), and the nodes run before it, freed
-            # on the way, were the other context's graph (its own backward then failed,
-            # "backward through the graph a second time"). They are left to it.
-            self.task.retain_graph = True
+        if not retain_graph:
+            for n in self.task.boundaries:
+                if isinstance(n, RecvNode) and n.ctx_id != ctx.id:
+                    # It reaches a tensor received in another context: a gradient that
+                    # gets there fails the pass (see _boundary), and the nodes run
+                    # before it, freed on the way, were the other context's graph (its
+                    # own backward then failed, "backward through the graph a second
+                    # time"). They are left to it.
+                    self.task.retain_graph = True
+                    break
         # On the origin: per worker, the relays its first message carries.
         self.relays: dict[str, list[Any]] = (
             _plan_relays(ctx, self.task, origin, roots) if origin == worker.name else {}

@@ -52,6 +52,7 @@ class CallPool(Executor):
         self._lent = 0
         self._closed = False
         self._numbers = itertools.count()
+        self._alive: set[threading.Thread] = set()
 
     def __repr__(self) -> str:
         return (
@@ -83,9 +84,14 @@ class CallPool(Executor):
                 self._start()
 
     def unlend(self) -> None:
-        """A call :meth:`lend` was called for ended."""
+        """A call :meth:`lend` was called for ended. (Its thread, which ended the job
+        before this came, may be waiting for work beyond the bound: one waiting thread
+        ends, or the pool ran more than ``size`` calls at once from then on.)"""
         with self._lock:
             self._lent -= 1
+            if self._threads > self._size + self._lent and self._waiting:
+                self._waiting -= 1
+                self._jobs.put(None)  # (a waiting thread takes it and ends)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No new jobs; ``cancel_futures``: those not started are cancelled. Idle
@@ -102,8 +108,9 @@ class CallPool(Executor):
                         job[0].cancel()
                 self._backlog = 0
             for _ in range(self._threads):
-                self._jobs.put(None)  # (each thread ends at the first it takes)
-            threads = [t for t in threading.enumerate() if t.name.startswith(f"{self._name}_")]
+                # (each thread ends at the first it takes, after the jobs queued before)
+                self._jobs.put(None)
+            threads = list(self._alive)
         if wait:
             for t in threads:
                 if t is not threading.current_thread():
@@ -112,9 +119,11 @@ class CallPool(Executor):
     def _start(self) -> None:
         # (under the lock)
         self._threads += 1
-        threading.Thread(
+        t = threading.Thread(
             target=self._work, name=f"{self._name}_{next(self._numbers)}", daemon=True
-        ).start()
+        )
+        self._alive.add(t)
+        t.start()
 
     def _work(self) -> None:
         jobs = self._jobs
@@ -123,6 +132,7 @@ class CallPool(Executor):
             if job is None:
                 with self._lock:
                     self._threads -= 1
+                    self._alive.discard(threading.current_thread())
                 return
             fut, fn, args, kwargs = job
             del job
@@ -138,13 +148,11 @@ class CallPool(Executor):
             # (what the job held goes now, not when the next job comes)
             del fut, fn, args, kwargs
             with self._lock:
-                if self._closed:
-                    self._threads -= 1
-                    return
                 if self._backlog:
                     self._backlog -= 1  # (it takes one of those next)
                 elif self._threads > self._size + self._lent:
                     self._threads -= 1  # (beyond the bound again: a lent call ended)
+                    self._alive.discard(threading.current_thread())
                     return
                 else:
-                    self._waiting += 1
+                    self._waiting += 1  # (after a shutdown: it takes its end, None)

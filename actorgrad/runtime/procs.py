@@ -98,19 +98,6 @@ def tune_malloc() -> bool:
     return ok
 
 
-def exit_past_stuck_calls(code: int) -> int:
-    """``code``, or, when a call still runs in a worker's thread pool (a plain function
-    that blocks: ``time.sleep(1000)``, a hung read), exit the process now with it.
-
-    The interpreter's exit joins the pool's threads, so such a process stayed alive,
-    re-parented to init once its parent died, until the function returned: maybe
-    never. For a process's entry point only, once its workers have shut down (the
-    pool's threads hold nothing the process still needs)."""
-    if pool_threads():
-        exit_now(code)
-    return code
-
-
 def pool_threads() -> list[threading.Thread]:
     """The threads of workers' pools still alive in this process (calls still running,
     or idle ones about to end after their pool shut down)."""

@@ -1596,7 +1596,8 @@ class Worker:
 
     def _done(self) -> None:
         self._inflight -= 1
-        self._check_drained()
+        if self._inflight <= self._given_up:
+            self._check_drained()
         if self._mailbox:  # a slot is free: let the dispatcher start what waits
             w = self._mb_waiter
             if w is not None and not w.done():

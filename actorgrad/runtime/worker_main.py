@@ -137,14 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        # (its cluster is gone: nobody waits for a call still stuck in the thread pool,
-        # and the interpreter's exit would wait for it, maybe for good; a stop asked for
-        # by a signal lets it finish, as the cluster stops gracefully)
-        from actorgrad.runtime.procs import exit_past_stuck_calls
-
-        return exit_past_stuck_calls(0)
-    # (what its calls printed goes out now: the interpreter's exit flushes only after
-    # the pool's threads end, and the cluster kills a process that waits that long)
+    # (a call still running in the thread pool, stuck or past the stop's grace, does
+    # not keep the process: the pool's threads are daemon threads. What the calls
+    # printed goes out now, before anything in the exit could be slow.)
     flush_output()
     return 0
 
