@@ -204,6 +204,21 @@ async def test_stopped_process_worker_is_detected_by_heartbeat():
             os.kill(c.pids[0], signal.SIGCONT)
 
 
+def run_driver(script: Path) -> subprocess.CompletedProcess[str]:
+    """Run a driver script as a user would (``python script.py`` in its folder, this
+    checkout importable, no cluster in the environment); its output captured."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("ACTORGRAD_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=45,
+        env=env,
+        cwd=script.parent,
+    )
+
+
 def test_functions_of_a_main_script_run_on_process_workers(tmp_path):
     script = tmp_path / "driver_script.py"
     script.write_text(
@@ -245,16 +260,7 @@ def test_functions_of_a_main_script_run_on_process_workers(tmp_path):
             """
         )
     )
-    env = dict(os.environ, PYTHONPATH=REPO)
-    env.pop("ACTORGRAD_ADDRESS", None)
-    out = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=45,
-        env=env,
-        cwd=tmp_path,
-    )
+    out = run_driver(script)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "square 49" in lines and "box 5" in lines and lines[-1] == "done"
@@ -298,16 +304,7 @@ def test_an_optimizer_class_of_the_main_script_steps_on_process_workers(tmp_path
             """
         )
     )
-    env = dict(os.environ, PYTHONPATH=REPO)
-    env.pop("ACTORGRAD_ADDRESS", None)
-    out = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=45,
-        env=env,
-        cwd=tmp_path,
-    )
+    out = run_driver(script)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["param [-1.0, -1.0]"]
 
