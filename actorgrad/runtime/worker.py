@@ -2182,12 +2182,13 @@ class Worker:
             except TimeoutError:
                 pass
         if self._inflight:
+            n = self._inflight
             log.warning(
-                "worker %s: %d calls still running at shutdown (%d of them given up by "
-                "their callers)",
+                "worker %s: %d call%s still running at shutdown%s",
                 self.name,
-                self._inflight,
-                self._given_up,
+                n,
+                "" if n == 1 else "s",
+                f" ({self._given_up} given up by their callers)" if self._given_up else "",
             )
         self._closing = True
         for cb in self._closing_cbs:
