@@ -635,64 +635,109 @@ SMALL_INTS = [
 @pytest.mark.parametrize("op", ["exp", "log", "sqrt", "tanh", "sigmoid", "softmax", "log_softmax"])
 def test_float_ops_on_bool_and_integer_tensors_compute_in_float32_as_torch(dtype, values, op):
     # (numpy computed bool, int8 and uint8 in float16: e**20 = inf, e = 2.71875; the
-    # softmax shift wrapped around in uint8, and bool subtraction raised)
-    torch = pytest.importorskip("torch")
-    t = torch.tensor(values)
-    want = getattr(t.float() if op in ("softmax", "log_softmax") else t, op)(
-        *((-1,) if op in ("softmax", "log_softmax") else ())
-    )
+    # softmax shift wrapped around in uint8, and bool subtraction raised). torch
+    # gives float32 results; the reference here is float64, rounded.
+    v = np.array(values, np.float64)
+    with np.errstate(all="ignore"):
+        want = {
+            "exp": np.exp,
+            "log": np.log,
+            "sqrt": np.sqrt,
+            "tanh": np.tanh,
+            "sigmoid": lambda a: 1 / (1 + np.exp(-a)),
+            "softmax": lambda a: np.exp(a - a.max()) / np.exp(a - a.max()).sum(),
+            "log_softmax": lambda a: a - a.max() - np.log(np.exp(a - a.max()).sum()),
+        }[op](v).astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = getattr(ag.tensor(np.array(values, dtype)), op)()
-    assert got.dtype == np.float32 and want.dtype == torch.float32
-    # (float16 was off by 1e-3 relative, or inf; numpy's and torch's float32 exp may
-    # differ in the last bit)
-    np.testing.assert_allclose(got.data, want.numpy(), rtol=3e-7)
+    assert got.dtype == np.float32
+    # (float16 was off by 1e-3 relative, or inf; log_softmax's values near 0 are
+    # differences of float32 numbers near 20)
+    np.testing.assert_allclose(got.data, want, rtol=3e-7, atol=3e-6 if op == "log_softmax" else 0)
 
 
 @pytest.mark.parametrize("dtype", [np.bool_, np.uint8, np.int8])
 def test_cross_entropy_of_small_integer_logits_is_torchs(dtype):
-    torch = pytest.importorskip("torch")
     logits = np.array([[20, 3, 0], [1, 0, 1]], dtype)
     got = ag.nn.functional.cross_entropy(ag.tensor(logits), [0, 2])
-    want = torch.nn.functional.cross_entropy(
-        torch.tensor(logits.astype(np.float32)), torch.tensor([0, 2])
-    )
+    a = logits.astype(np.float64)
+    logp = a - a.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    want = -(logp[0, 0] + logp[1, 2]) / 2  # (torch's, in float64)
     assert got.dtype == np.float32
-    np.testing.assert_allclose(got.item(), want.item(), rtol=1e-6)
+    np.testing.assert_allclose(got.item(), want, rtol=1e-6)
 
 
-def _torch_binary(torch, fn, a, b):
-    conv = [torch.tensor(x.data) if isinstance(x, ag.Tensor) else x for x in (a, b)]
-    return fn(*conv)
-
-
+# (name, op, x, scalar, torch 2.13's result dtype and values)
 PY_SCALARS = [
-    ("x * True", lambda a, b: a * b, np.array([1.5, -2.0], np.float32), True),
-    ("False + x", lambda a, b: b + a, np.array([1.5, -2.0], np.float32), False),
-    ("x ** True", lambda a, b: a**b, np.array([1.5, 2.0], np.float32), True),
-    ("x ** False", lambda a, b: a**b, np.array([1.5, 2.0], np.float32), False),
-    ("x / True", lambda a, b: a / b, np.array([1.5, -2.0], np.float32), True),
-    ("int * True", lambda a, b: a * b, np.array(3), True),
-    ("uint8 + True", lambda a, b: a + b, np.array([255, 1], np.uint8), True),
-    ("bool * True", lambda a, b: a * b, np.array([True, False]), True),
-    ("complex64 + 1j", lambda a, b: a + b, np.array([1 + 0j], np.complex64), 1j),
-    ("complex64 * (0.1+2j)", lambda a, b: a * b, np.array([3 - 1j], np.complex64), 0.1 + 2j),
-    ("float32 + 1j", lambda a, b: a + b, np.array([1.0], np.float32), 1j),
-    ("float64 * 2j", lambda a, b: a * b, np.array([1.0], np.float64), 2j),
-    ("int - 1j", lambda a, b: a - b, np.array([1, 2]), 1j),
-    ("bool + 1j", lambda a, b: a + b, np.array([True]), 1j),
+    (
+        "x * True",
+        lambda a, b: a * b,
+        np.array([1.5, -2.0], np.float32),
+        True,
+        "float32",
+        [1.5, -2.0],
+    ),
+    (
+        "False + x",
+        lambda a, b: b + a,
+        np.array([1.5, -2.0], np.float32),
+        False,
+        "float32",
+        [1.5, -2.0],
+    ),
+    ("x ** True", lambda a, b: a**b, np.array([1.5, 2.0], np.float32), True, "float32", [1.5, 2.0]),
+    (
+        "x ** False",
+        lambda a, b: a**b,
+        np.array([1.5, 2.0], np.float32),
+        False,
+        "float32",
+        [1.0, 1.0],
+    ),
+    (
+        "x / True",
+        lambda a, b: a / b,
+        np.array([1.5, -2.0], np.float32),
+        True,
+        "float32",
+        [1.5, -2.0],
+    ),
+    ("int * True", lambda a, b: a * b, np.array(3), True, "int64", 3),
+    ("uint8 + True", lambda a, b: a + b, np.array([255, 1], np.uint8), True, "uint8", [0, 2]),
+    ("bool * True", lambda a, b: a * b, np.array([True, False]), True, "bool", [True, False]),
+    (
+        "complex64 + 1j",
+        lambda a, b: a + b,
+        np.array([1 + 0j], np.complex64),
+        1j,
+        "complex64",
+        [1 + 1j],
+    ),
+    (
+        "complex64 * (0.1+2j)",
+        lambda a, b: a * b,
+        np.array([3 - 1j], np.complex64),
+        0.1 + 2j,
+        "complex64",
+        np.array([3 - 1j], np.complex64) * np.complex64(0.1 + 2j),
+    ),
+    ("float32 + 1j", lambda a, b: a + b, np.array([1.0], np.float32), 1j, "complex64", [1 + 1j]),
+    ("float64 * 2j", lambda a, b: a * b, np.array([1.0], np.float64), 2j, "complex128", [2j]),
+    ("int - 1j", lambda a, b: a - b, np.array([1, 2]), 1j, "complex64", [1 - 1j, 2 - 1j]),
+    ("bool + 1j", lambda a, b: a + b, np.array([True]), 1j, "complex64", [1 + 1j]),
 ]
 
 
-@pytest.mark.parametrize("name, fn, x, s", PY_SCALARS, ids=[p[0] for p in PY_SCALARS])
-def test_python_bools_and_complex_numbers_as_operands_follow_torch(name, fn, x, s):
+@pytest.mark.parametrize(
+    "name, fn, x, s, dtype, values", PY_SCALARS, ids=[p[0] for p in PY_SCALARS]
+)
+def test_python_bools_and_complex_numbers_as_operands_follow_torch(name, fn, x, s, dtype, values):
     # (they raised AttributeError: "'bool' object has no attribute 'dtype'")
-    torch = pytest.importorskip("torch")
     got = fn(ag.tensor(x), s)
-    want = fn(torch.tensor(x), s)
-    assert got.dtype == np.dtype(str(want.dtype).removeprefix("torch."))
-    np.testing.assert_array_equal(got.data, want.numpy())
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got.data, np.array(values, dtype))
 
 
 @pytest.mark.parametrize("fn", [lambda x: x - True, lambda x: False - x], ids=["x-True", "False-x"])
@@ -704,40 +749,42 @@ def test_subtracting_a_python_bool_is_refused_as_in_torch(fn):
 
 
 def test_gradients_through_python_bool_operands_are_torchs():
-    torch = pytest.importorskip("torch")
     x0 = np.array([1.5, -2.0, 0.5])
-    for fn in (lambda x: x * True, lambda x: True + x, lambda x: x**True, lambda x: x / True):
-        x, tx = ag.tensor(x0, requires_grad=True), torch.tensor(x0, requires_grad=True)
+    for fn, grad in (
+        (lambda x: x * True, 2 * x0),  # (d/dx of x * x)
+        (lambda x: True + x, 1 + 2 * x0),  # (of (1 + x) * x)
+        (lambda x: x**True, 2 * x0),
+        (lambda x: x / True, 2 * x0),
+    ):
+        x = ag.tensor(x0, requires_grad=True)
         (fn(x) * x).sum().backward()
-        (fn(tx) * tx).sum().backward()
-        np.testing.assert_array_equal(x.grad, tx.grad.numpy())
+        np.testing.assert_array_equal(x.grad, grad)
 
 
 def test_pow_div_and_cross_entropy_give_torchs_infinities_without_warnings():
     # (overflow warned in ** and /, "invalid value in subtract" in cross_entropy)
-    torch = pytest.importorskip("torch")
     big = np.array([1e30, -3e38], np.float32)
-    cases = [  # (fn, x, whether its backward is silent too)
-        (lambda x: x**2, big, False),  # (2 * x * g overflows: README, like `*`)
-        (lambda x: x**2.5, np.abs(big), True),
-        (lambda x: 2.0**x, np.array([1000.0, -1000.0], np.float32), True),
-        (lambda x: x / 1e-30, big, True),
-        (lambda x: x / 0.5, big, True),
-        (lambda x: x / float("inf"), np.array([np.inf, 1.0], np.float32), True),
-        (lambda x: x / type(x)(np.array([1e-30, 1e30], np.float32)), big, True),
-        (lambda x: 1.0 / x, np.array([1e-45, 0.0], np.float32), True),
+    inf = np.inf
+    cases = [  # (fn, x, torch 2.13's result, whether its backward is silent too)
+        (lambda x: x**2, big, [inf, inf], False),  # (2 * x * g overflows: README, like `*`)
+        (lambda x: x**2.5, np.abs(big), [inf, inf], True),
+        (lambda x: 2.0**x, np.array([1000.0, -1000.0], np.float32), [inf, 0.0], True),
+        (lambda x: x / 1e-30, big, [inf, -inf], True),
+        (lambda x: x / 0.5, big, [2e30, -inf], True),
+        (lambda x: x / float("inf"), np.array([inf, 1.0], np.float32), [np.nan, 0.0], True),
+        (lambda x: x / ag.tensor(np.array([1e-30, 1e30], np.float32)), big, [inf, -3e8], True),
+        (lambda x: 1.0 / x, np.array([1e-45, 0.0], np.float32), [inf, inf], True),
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for fn, x0, silent_backward in cases:
+        for fn, x0, want, silent_backward in cases:
             x = ag.tensor(x0, requires_grad=True)
             y = fn(x)
-            np.testing.assert_array_equal(y.data, fn(torch.tensor(x0)).numpy())
+            np.testing.assert_array_equal(y.data, np.array(want, np.float32))
             if silent_backward:
                 y.backward(np.ones(y.shape, np.float32))
         for row in ([np.inf, 1.0], [-np.inf, -np.inf], [np.inf, np.inf]):
             logits = ag.tensor([row], requires_grad=True)
             loss = ag.nn.functional.cross_entropy(logits, [0])
-            want = torch.nn.functional.cross_entropy(torch.tensor([row]), torch.tensor([0]))
-            np.testing.assert_array_equal(loss.data, want.numpy())
+            assert np.isnan(loss.item())  # (as torch's)
             loss.backward()
