@@ -433,7 +433,7 @@ async def test_a_second_backward_from_a_received_root_names_retain_graph(mode):
 async def test_micro_batches_each_with_a_backward_retain_all_but_the_last(mode):
     # Forward every micro-batch first, then one backward per loss: a pass without
     # retain_graph frees the whole context's graph (every recv node is a root of every
-    # pass), so all but the last backward retain it (README's limit); the gradients
+    # pass), so all but the last backward retain it (docs/limits.md); the gradients
     # add up as the local engine's do, and the context's graph is freed at the end.
     xs, wv = [arr(3) for _ in range(3)], arr(3)
     async with cluster(mode) as c:
