@@ -644,6 +644,30 @@ def test_the_call_pool_is_back_to_its_size_once_lent_calls_ended_and_runs_queued
     assert all(f.done() for f in jobs) and peak[0] <= 2
 
 
+def test_the_call_pool_counts_a_retiring_thread_out_at_once():
+    # unlend() left the thread it retired counted until that thread took its sentinel:
+    # the lent thread, ending its job meanwhile, saw the pool beyond its bound and ended
+    # too, and a job submitted meanwhile waited in the backlog with no thread left.
+    from actorgrad.runtime.pool import CallPool
+
+    pool = CallPool(1, "actorgrad-test-retire")
+    gate = threading.Event()
+    stuck = pool.submit(gate.wait, 30)
+    pool.lend()
+    assert pool.submit(lambda: 1).result(10) == 1  # (a second thread, then idle)
+    gate.set()
+    assert stuck.result(10) is True
+    deadline = time.monotonic() + 10
+    while pool._waiting < 2:  # (both idle: no event tells, the pool's count does)
+        assert time.monotonic() < deadline, repr(pool)
+        time.sleep(0.001)
+    pool.unlend()
+    assert pool._threads == 1 and pool._waiting == 1, repr(pool)
+    assert pool.submit(lambda: "ran").result(10) == "ran"
+    pool.shutdown()
+    assert not [t for t in threading.enumerate() if t.name.startswith("actorgrad-test-retire_")]
+
+
 def test_the_call_pool_lends_threads_and_never_holds_the_process_at_exit(tmp_path):
     from actorgrad.runtime.pool import CallPool
 
@@ -1590,6 +1614,30 @@ async def test_members_crashing_at_once_do_not_flood_the_log_with_failed_sends(c
             assert not [r for r in caplog.records if "socket.send()" in r.getMessage()]
         finally:
             await asyncio.gather(*(w.shutdown(graceful=False) for w in ws))
+
+
+async def test_a_failed_fetch_of_the_members_for_a_name_keeps_a_gap_fetchs_changes(cluster):
+    # A fetch of the member list for an unknown name (_connect_peer) that failed while
+    # the fetch a gap asked for was on its way cleared the changes buffered for that
+    # one: a worker that joined then was missing from the view until the next change.
+    w1 = cluster.workers[0]
+    version = w1._members_version
+    real_call_on = w1.call_on
+
+    async def failing(conn, fn, *args, **kwargs):
+        raise ag.RpcTimeout("the head did not answer (a test)")
+
+    change = (version + 2, "late", [999, "127.0.0.1:1", ""])
+    w1._members_refreshing = True  # (a gap fetch on its way, a change buffered)
+    w1._early_changes.append(change)
+    w1.call_on = failing
+    try:
+        await w1._refresh_members()
+        assert w1._members_refreshing and w1._early_changes == [change]
+    finally:
+        w1.call_on = real_call_on
+        w1._members_refreshing = False
+        w1._early_changes.clear()
 
 
 async def test_rref_counts_of_a_worker_replaced_under_its_name_are_dropped(cluster):

@@ -27,6 +27,9 @@ from typing import Any
 
 __all__ = ["CallPool"]
 
+#: Taken by a waiting thread: it ends, already counted out (see CallPool.unlend).
+_RETIRE: Any = object()
+
 
 class CallPool(Executor):
     """An executor of at most ``size`` busy threads, not counting those lent to calls
@@ -90,24 +93,31 @@ class CallPool(Executor):
         with self._lock:
             self._lent -= 1
             if self._threads > self._size + self._lent and self._waiting:
+                # (counted out now, not when a waiting thread takes the sentinel: a
+                # lent thread ending its job meanwhile ended too, and a job submitted
+                # meanwhile waited for a thread that never came)
                 self._waiting -= 1
-                self._jobs.put(None)  # (a waiting thread takes it and ends)
+                self._threads -= 1
+                self._jobs.put(_RETIRE)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No new jobs; ``cancel_futures``: those not started are cancelled. Idle
         threads end; busy ones end after their job (``wait``: waited for)."""
         with self._lock:
             self._closed = True
+            retiring = 0
             if cancel_futures:
                 while True:
                     try:
                         job = self._jobs.get_nowait()
                     except queue.Empty:
                         break
-                    if job is not None:
+                    if job is _RETIRE:
+                        retiring += 1  # (its thread, counted out, still waits: an end)
+                    elif job is not None:
                         job[0].cancel()
                 self._backlog = 0
-            for _ in range(self._threads):
+            for _ in range(self._threads + retiring):
                 # (each thread ends at the first it takes, after the jobs queued before)
                 self._jobs.put(None)
             threads = list(self._alive)
@@ -129,9 +139,10 @@ class CallPool(Executor):
         jobs = self._jobs
         while True:
             job = jobs.get()
-            if job is None:
+            if job is None or job is _RETIRE:
                 with self._lock:
-                    self._threads -= 1
+                    if job is None:  # (a retiring thread was counted out already)
+                        self._threads -= 1
                     self._alive.discard(threading.current_thread())
                 return
             fut, fn, args, kwargs = job

@@ -918,7 +918,10 @@ class Worker:
         self._out[dest] = conn
         return conn
 
-    async def _refresh_members(self) -> None:
+    async def _refresh_members(self, gap: bool = False) -> None:
+        """Fetch the whole member list from the head. ``gap``: the fetch a change after
+        a gap asked for, which owns the changes buffered meanwhile (a fetch for an
+        unknown name that failed cleared them under a fetch still on its way)."""
         got = False
         try:
             if self.registry is not None:
@@ -933,11 +936,12 @@ class Worker:
         except ActorgradError:
             pass
         finally:
-            self._members_refreshing = False
-            if got:
-                self._apply_early_changes()
-            elif self._members_version >= 0:  # (joined; the next change shows the gap
-                self._early_changes.clear()  # again, and asks again)
+            if gap:
+                self._members_refreshing = False
+                if got:
+                    self._apply_early_changes()
+                elif self._members_version >= 0:  # (joined; the next change shows the
+                    self._early_changes.clear()  # gap again, and asks again)
 
     def _apply_early_changes(self) -> None:
         """The changes that came while a whole list was on its way (the join's answer,
@@ -985,7 +989,7 @@ class Worker:
         if version != held + 1:
             self._members_refreshing = True
             self._early_changes.append((version, name, entry))
-            self.spawn(self._refresh_members(), name=f"actorgrad-members-{self.name}")
+            self.spawn(self._refresh_members(gap=True), name=f"actorgrad-members-{self.name}")
             return
         self._members_version = version
         # (copied, not changed in place: calls in the thread pool may be reading it)
