@@ -667,9 +667,9 @@ def _inplace(cls: type[Function], t: Tensor, other: Any) -> Any:
     other`` out of place and rebinds the name (the graph goes on recording)."""
     if t.grad_fn is not None:
         return NotImplemented
+    sym = _SYMBOLS[cls.__name__]
     if grad_enabled():
         if t._rg:
-            sym = _SYMBOLS[cls.__name__]
             raise RuntimeError(
                 f"in-place {sym}= on a leaf tensor that requires grad, while grad mode is "
                 f"on; update it under `with ag.no_grad():` (as an optimizer step does), "
@@ -678,7 +678,6 @@ def _inplace(cls: type[Function], t: Tensor, other: Any) -> Any:
         if isinstance(other, Tensor) and other._rg:
             return NotImplemented
     out = _binary(cls, t, other).data
-    sym = _SYMBOLS[cls.__name__]
     if out.shape != t.data.shape:
         raise ValueError(
             f"in-place {sym}=: the result's shape {out.shape} differs from the tensor's "
@@ -911,13 +910,13 @@ def _int_axis(fn: str, axis: Any, ndim: int, of: str = "a tensor") -> int:
     if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
         raise TypeError(f"{fn}: axis must be an int, got {axis!r:.40}")
     if not -ndim <= axis < ndim:
-        raise ValueError(f"{fn}: axis {axis} is out of range for {of} with {ndim} dimensions")
+        raise ValueError(_bad_axis(fn, axis, ndim, of))
     return int(axis) % ndim
 
 
-def _bad_axis(fn: str, axis: Any, ndim: int) -> str:
+def _bad_axis(fn: str, axis: Any, ndim: int, of: str = "a tensor") -> str:
     where = f"{fn}: " if fn else ""
-    return f"{where}axis {axis} is out of range for a tensor with {ndim} dimensions"
+    return f"{where}axis {axis} is out of range for {of} with {ndim} dimensions"
 
 
 def _check_axis(fn: str, axis: Any, ndim: int) -> None:

@@ -56,14 +56,11 @@ class Linear(Function):
     def backward(self, g: Any) -> tuple:
         x, w, bmeta = self.saved
         nx, nw = self.next[0], self.next[1]
-        # Fold leading dims so every product is one 2-d GEMM.
-        if w.size:
-            g2 = g.reshape(-1, w.shape[0])
-            x2 = x.reshape(-1, w.shape[1])
-        else:  # (in_f or out_f is 0: numpy cannot infer the -1 next to a 0)
-            rows = math.prod(x.shape[:-1])
-            g2 = g.reshape(rows, w.shape[0])
-            x2 = x.reshape(rows, w.shape[1])
+        # Fold leading dims so every product is one 2-d GEMM. (The rows counted, not
+        # -1: with in_f or out_f 0, numpy cannot infer a -1 next to a 0.)
+        rows = math.prod(x.shape[:-1])
+        g2 = g.reshape(rows, w.shape[0])
+        x2 = x.reshape(rows, w.shape[1])
         gx = _fit(g @ w, x.shape, x.dtype) if nx is not None else None
         gw = _fit(g2.T @ x2, w.shape, w.dtype) if nw is not None else None
         if bmeta is None:

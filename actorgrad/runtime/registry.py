@@ -113,10 +113,11 @@ class Registry:
 
         self.version += 1
         entry = self.members.get(name)
-        change = [self.version, name, None if entry is None else list(entry)]
-        self.worker._apply_member(self.version, name, change[2])
+        wire_entry = None if entry is None else list(entry)  # (None: it left)
+        self.worker._apply_member(self.version, name, wire_entry)
         chunks = wire.encode_frame(
-            [K_REQ, 0, "actorgrad.runtime.registry:_member", MODE_RPC, None], [change, None]
+            [K_REQ, 0, "actorgrad.runtime.registry:_member", MODE_RPC, None],
+            [[self.version, name, wire_entry], None],
         )
         data = b"".join(bytes(c) for c in chunks)
         for c in list(self.conns):

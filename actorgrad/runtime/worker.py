@@ -705,18 +705,14 @@ class Worker:
                 (self.name, self.address, self.local_address),
                 timeout=timeout,
             )
-        except RemoteError as exc:
-            conn.close()
-            self._early_changes.clear()
-            if exc.remote_type == "ValueError":
-                raise ValueError(exc.remote_message) from None
-            raise
-        except BaseException:
-            # (timed out, cancelled: the head may have taken the join, and keeps a
-            # member while its connection stays; closed, it leaves: the name was taken
+        except BaseException as exc:
+            # (also timed out or cancelled: the head may have taken the join, and keeps
+            # a member while its connection stays; closed, it leaves: the name was taken
             # for good, and the changes piled up here)
             conn.close()
             self._early_changes.clear()
+            if isinstance(exc, RemoteError) and exc.remote_type == "ValueError":
+                raise ValueError(exc.remote_message) from None
             raise
         self.id = int(wid)
         self.registry_conn = conn

@@ -51,7 +51,8 @@ def leave_with(parent: int, grace: float, name: str) -> None:
 
         exit_now(1)
 
-    # (not named "actorgrad-...": those are the pools' threads, which an exit waits for)
+    # (not named "actorgrad-...": those are the pools' threads, which the CLI waits for
+    # after a graceful stop)
     threading.Thread(target=watch, name=f"watch-parent-of-{name}", daemon=True).start()
 
 
