@@ -13,7 +13,7 @@ import numpy as np
 from actorgrad import wire
 from actorgrad.dist.api import get_gradients
 from actorgrad.dist.context import is_unused
-from actorgrad.errors import ContextError, RemoteError, clip_text
+from actorgrad.errors import ContextError, RemoteError, clip_text, refusal_type
 from actorgrad.optim import Optimizer
 from actorgrad.runtime import RRef, remote
 from actorgrad.runtime.calls import fn_spec, resolve
@@ -240,9 +240,6 @@ def _step_error(exc: BaseException) -> BaseException:
     """An owner's failure as ``step`` raises it: an owner that does not know the context
     (released, or not a context id) is the caller's mistake, raised as backward and
     get_gradients raise it, not as an error of the step's code."""
-    if (
-        isinstance(exc, RemoteError)
-        and exc.remote_type == f"{ContextError.__module__}.{ContextError.__qualname__}"
-    ):
+    if isinstance(exc, RemoteError) and refusal_type(exc.remote_type) is ContextError:
         return ContextError(exc.remote_message)
     return exc
