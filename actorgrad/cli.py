@@ -254,14 +254,16 @@ async def _serve_until_signalled(
     stop = asyncio.Event()
     task = asyncio.ensure_future(serve(stop))
     signals = 0
+    forced = signal.SIGINT
 
     def on_signal(sig: signal.Signals) -> None:
-        nonlocal signals
+        nonlocal signals, forced
         signals += 1
         if signals == 1:
             stop.set()
             _note(f"{sig.name}: stopping the {what} (again to force)")
         else:
+            forced = sig  # (the exit status says which: 130 for SIGINT, 143 SIGTERM)
             task.cancel()
             _note(f"{sig.name}: forcing the {what} down")
 
@@ -273,7 +275,7 @@ async def _serve_until_signalled(
         except asyncio.CancelledError:
             if signals < 2:
                 raise
-            return 130
+            return 128 + forced
     return 0
 
 
@@ -455,7 +457,8 @@ def _driver_env(address: str, token: str) -> dict[str, str]:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     """``actorgrad run``: a local cluster, SCRIPT as its driver, the script's status."""
-    script = Path(args.script)
+    # (as given, as python would see it: Path("./-x.py") is "-x.py", an option to it)
+    script = args.script if not args.script.startswith("-") else os.path.join(".", args.script)
     token = _env_token() or new_token()
     stop = asyncio.Event()
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -492,9 +495,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
         if proc is None:  # still starting: give up
             serving.cancel()
             return
-        # (the script is in a process group of its own: only this reaches it)
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig if signals < 3 else signal.SIGKILL)
+        # (the script leads a process group of its own: only this reaches it, and the
+        # processes it started, as the group's signal from a shell or `timeout` would)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig if signals < 3 else signal.SIGKILL)
 
     # The script runs in a process group of its own, so a signal sent to our group (a
     # shell's kill of the job, `timeout`, a CI runner) reaches it once, from us, and
@@ -512,7 +516,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
             env = _driver_env(ready.result(), token)
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
-                str(script),
+                script,
                 *args.args,
                 env=env,
                 preexec_fn=_own_group_ending_with_us(),  # noqa: PLW1509
@@ -535,7 +539,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 _set_foreground(terminal, os.getpgrp())
                 os.close(terminal)
             if proc is not None and proc.returncode is None:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
             stop.set()
             if not serving.done():

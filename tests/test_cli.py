@@ -118,14 +118,17 @@ class Running:
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a CLI command to completion; returns the CompletedProcess."""
     return subprocess.run(
         [*CLI, *args],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=cwd if cwd is not None else ROOT,
         env=env if env is not None else _env(),
         timeout=timeout,
         stdin=subprocess.DEVNULL,
@@ -1085,6 +1088,16 @@ def test_run_gives_the_script_a_cluster_and_returns_its_status(tmp_path: Path) -
 
 
 @needs_runtime
+def test_run_runs_a_script_whose_name_starts_with_a_dash(tmp_path: Path) -> None:
+    # "./-x.py" reached python as "-x.py", an option: "Unknown option: -."
+    (tmp_path / "-x.py").write_text("import sys\nprint('ran', sys.argv)\n")
+    for given in (["./-x.py"], ["--", "-x.py"]):
+        r = run_cli("run", "-n", "1", *given, "a", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == "ran ['./-x.py', 'a']\n", r.stdout
+
+
+@needs_runtime
 def test_the_workers_of_run_import_the_modules_next_to_the_script(tmp_path: Path) -> None:
     # Python puts the script's folder first on the driver's path; the workers had only
     # the folder run was started from: a module next to the script (run from another
@@ -1177,6 +1190,32 @@ def test_run_forwards_ctrl_c_to_the_script_then_stops_the_cluster(tmp_path: Path
         r.stop()
 
 
+SPAWNING_SCRIPT = """
+import subprocess, sys, time
+
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print("child", child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@needs_runtime
+def test_a_signal_to_run_reaches_the_processes_its_script_started(tmp_path: Path) -> None:
+    # run passed a signal on to the script alone: the script's own group (where its
+    # children are), which a shell's or `timeout`'s signal no longer reaches, kept
+    # them running after run and its script had gone.
+    script = tmp_path / "spawn.py"
+    script.write_text(SPAWNING_SCRIPT)
+    r = Running("run", "-n", "1", str(script))
+    try:
+        child = int(r.expect("child"))
+        r.proc.send_signal(signal.SIGTERM)
+        assert r.wait() == 128 + signal.SIGTERM
+        assert wait_gone({child}, 10) == set()
+    finally:
+        r.stop()
+
+
 STOP_A_WORKER_SCRIPT = """
 import asyncio, os, signal
 import actorgrad as ag
@@ -1233,10 +1272,13 @@ def test_two_different_signals_at_once_stop_the_cluster_then_force_it(tmp_path: 
         pids = descendants(c.proc.pid)
         c.proc.send_signal(signal.SIGHUP)
         c.proc.send_signal(signal.SIGTERM)
-        assert c.wait() == 130
+        # (the status names the signal that forced it, as run's: whichever came second)
+        code = c.wait()
+        assert code in (128 + signal.SIGHUP, 128 + signal.SIGTERM)
         assert c.proc.stderr is not None
         err = c.proc.stderr.read()
-        assert "stopping the cluster" in err and "forcing the cluster down" in err
+        assert "stopping the cluster" in err
+        assert f"{signal.Signals(code - 128).name}: forcing the cluster down" in err
         assert "blocked" not in err
         assert wait_gone(pids, 10) == set()
         assert not token_dir.exists()

@@ -23,6 +23,7 @@ import pytest
 import actorgrad as ag
 from actorgrad.runtime import cluster as rcluster
 from actorgrad.runtime import worker as rworker
+from actorgrad.runtime.procs import WorkerProcesses
 
 REPO = str(Path(ag.__file__).resolve().parent.parent)
 
@@ -1503,3 +1504,33 @@ async def test_a_stopped_worker_process_is_continued_to_handle_its_sigterm(caplo
     assert [r.getMessage() for r in caplog.records if "did not exit" in r.getMessage()] == [
         "local_cluster: worker processes w1 did not exit within 3 s of leaving it: terminating them"
     ]
+
+
+async def test_the_names_of_the_worker_processes_a_head_starts_are_kept_for_them():
+    # Anyone holding the token could join as "w30" while the cluster's own w30 was
+    # starting: the cluster said it was ready, then its own w30 failed ("already in
+    # the cluster") and a foreign process served under its name.
+    w = await ag.init("head")
+    procs = WorkerProcesses()
+    try:
+        procs.start(w.address, ["w1"], w.token, registry=w.registry)
+        with pytest.raises(ValueError, match=r"^the name 'w1' is kept for the worker process"):
+            await rcluster.serve_worker(w.address, "w1", w.token)
+        await procs.wait_registered(w.registry)
+        assert await ag.rpc("w1", os.getpid) == procs.pids[0]
+        # a name kept is joined with its key alone (as the process does)
+        w.registry.reserve(["w2"], "the key")
+        with pytest.raises(ValueError, match="'w2' is kept"):
+            await rcluster.serve_worker(w.address, "w2", w.token, key="another")
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(
+            rcluster.serve_worker(w.address, "w2", w.token, key="the key", stop=stop)
+        )
+        while "w2" not in ag.workers():
+            await asyncio.wait_for(w._members_changed.wait(), 10)
+        assert w.registry.reserved == {}
+        stop.set()
+        assert await asyncio.wait_for(task, 10) is None
+    finally:
+        await ag.shutdown()
+        await procs.stop()

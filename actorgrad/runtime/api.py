@@ -339,7 +339,7 @@ async def local_cluster(
     try:
         if processes:
             cluster.procs = WorkerProcesses()
-            cluster.procs.start(head.address, names, token)
+            cluster.procs.start(head.address, names, token, registry=head.registry)
             await cluster.procs.wait_registered(head.registry)
         else:
             for n in names:

@@ -189,7 +189,9 @@ async def serve_cluster(
         await start_worker(head)
         head.host_registry()
         names = [f"w{i}" for i in range(1, n + 1)]
-        procs.start(head.address, names, token, host=host, path_first=path_first)
+        procs.start(
+            head.address, names, token, host=host, path_first=path_first, registry=head.registry
+        )
         if not await _unless_stopped(procs.wait_registered(head.registry), stop):
             return
         joined = True
@@ -303,9 +305,11 @@ async def serve_worker(
     stop: asyncio.Event | None = None,
     host: str | None = None,
     on_joined: Callable[[Worker], None] | None = None,
+    key: str = "",
 ) -> str | None:
     """One worker joining the cluster at ``address``; runs until ``stop`` is set or the
-    cluster's head goes away. ``on_joined(worker)`` once it joined. Returns how the
+    cluster's head goes away. ``on_joined(worker)`` once it joined; ``key``: the one
+    its head gave a process it started (see ``Worker.join``). Returns how the
     head went away ("it shut down", "worker '_head' sent nothing for 60 s ..."), None
     when ``stop`` ended it (or the worker's own ``shutdown``)."""
     check_name(name)
@@ -321,7 +325,7 @@ async def serve_worker(
     cancelled = False
     try:
         await start_worker(w)
-        if await _unless_stopped(w.join(address), stop):
+        if await _unless_stopped(w.join(address, key=key), stop):
             if on_joined is not None:
                 on_joined(w)
             if await _unless_stopped(w.registry_lost.wait(), stop):

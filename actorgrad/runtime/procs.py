@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -32,6 +33,8 @@ from typing import Any, NoReturn
 # The environment of a driver or worker process: where the cluster is, and its token.
 ENV_ADDRESS = "ACTORGRAD_ADDRESS"
 ENV_TOKEN = "ACTORGRAD_TOKEN"
+#: the key of the names the head keeps for the worker processes it starts
+ENV_JOIN_KEY = "ACTORGRAD_JOIN_KEY"
 
 
 def env_token() -> str | None:
@@ -158,13 +161,19 @@ class WorkerProcesses:
         *,
         host: str = "127.0.0.1",
         path_first: Sequence[str] = (),
+        registry: Any = None,
     ) -> None:
         """Start a worker process per name, joining the registry at ``address``: the
         first ``STARTING`` now, the others as those join (``wait_registered``).
         ``path_first``: import paths before this process's (a driver script's folder,
-        first on its own path)."""
+        first on its own path). ``registry`` (the head's, in this process): it keeps
+        the names for these processes, which join with the key it was given."""
         env = dict(os.environ)
         env[ENV_TOKEN] = token
+        if registry is not None:
+            key = secrets.token_hex(16)
+            registry.reserve(names, key)
+            env[ENV_JOIN_KEY] = key
         env.pop(ENV_ADDRESS, None)
         # This process's import path in its order ("" is the current directory), so
         # the children import the very modules the driver imports (the current

@@ -10,6 +10,7 @@ on the join connections, versioned: a member that sees a gap fetches the whole l
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,16 @@ class Registry:
         self.closed = False
         # called with ("joined" or "left", name, address) on each change (the CLI's log)
         self.listeners: list[Callable[[str, str, str], None]] = []
+        # name -> key: names kept for the worker processes the head started, until
+        # they join with the key they were given (anyone holding the token could take
+        # "w30" while the cluster's own w30 was starting, and that one failed)
+        self.reserved: dict[str, str] = {}
         worker._apply_members(*self.snapshot())
+
+    def reserve(self, names: list[str], key: str) -> None:
+        """Keep ``names`` for joins that give ``key``."""
+        for name in names:
+            self.reserved[name] = key
 
     def snapshot(self) -> tuple[int, dict[str, list]]:
         return self.version, {n: list(entry) for n, entry in self.members.items()}
@@ -65,11 +75,17 @@ class Registry:
                 return i
         raise RuntimeError("the cluster is full (65535 workers)")
 
-    def join(self, name: str, address: str, local: str, conn: Connection) -> list:
+    def join(self, name: str, address: str, local: str, conn: Connection, key: str = "") -> list:
         if self.closed:
             raise RuntimeError("the cluster is shutting down")
         if not valid_name(name):
             raise ValueError(f"invalid worker name {name!r:.80}")
+        kept = self.reserved.get(name)
+        if kept is not None and not (isinstance(key, str) and hmac.compare_digest(key, kept)):
+            raise ValueError(
+                f"the name {name!r} is kept for the worker process of that name the "
+                "cluster is starting: join under another name"
+            )
         if name in self.members:
             raise ValueError(f"a worker named {name!r} is already in the cluster")
         if conn.peer_name != name:
@@ -81,6 +97,7 @@ class Registry:
         if not isinstance(address, str) or not isinstance(local, str):
             raise ValueError(f"invalid address {address!r} / {local!r} of worker {name!r}")
         self.members[name] = (wid, address, local)
+        self.reserved.pop(name, None)
         self.conns[conn] = name
         # (its hello on this connection came before it had an id: it said 0)
         conn.peer_id = wid
@@ -171,10 +188,10 @@ def _registry() -> Registry:
 
 
 @inline
-def _join(name: str, address: str, local: str = "") -> list:
+def _join(name: str, address: str, local: str = "", key: str = "") -> list:
     from actorgrad.runtime.worker import _current_conn
 
-    return _registry().join(name, address, local, _current_conn.get())
+    return _registry().join(name, address, local, _current_conn.get(), key)
 
 
 @inline

@@ -689,9 +689,10 @@ class Worker:
 
         self.registry = Registry(self)
 
-    async def join(self, address: str, timeout: float = 30.0) -> None:  # noqa: ASYNC109 (timeout is API)
+    async def join(self, address: str, timeout: float = 30.0, key: str = "") -> None:  # noqa: ASYNC109 (timeout is API)
         """Join the cluster whose registry is at ``address``. ValueError when the name is
-        taken; AuthError on a wrong token; WorkerLost when nobody answers."""
+        taken; AuthError on a wrong token; WorkerLost when nobody answers. ``key``: the
+        one a head that started this process gave it, for the name it keeps for it."""
         conn = await self.open_connection(address)
         if self.transport_kind == "tcp" and self.host in ("0.0.0.0", "::", ""):
             sock = conn.transport.get_extra_info("sockname") if conn.transport else None
@@ -702,7 +703,7 @@ class Worker:
             wid, version, members = await self.call_on(
                 conn,
                 "actorgrad.runtime.registry:_join",
-                (self.name, self.address, self.local_address),
+                (self.name, self.address, self.local_address, *((key,) if key else ())),
                 timeout=timeout,
             )
         except BaseException as exc:

@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.parent is not None:
         leave_with(args.parent, ORPHAN_GRACE, args.name)
-    from actorgrad.runtime.procs import ENV_TOKEN, env_token
+    from actorgrad.runtime.procs import ENV_JOIN_KEY, ENV_TOKEN, env_token
+
+    # (its own, not for the processes its calls start)
+    key = os.environ.pop(ENV_JOIN_KEY, "")
 
     try:
         token = env_token()
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        return await serve_worker(args.join, args.name, token, stop=stop, host=args.host)
+        return await serve_worker(args.join, args.name, token, stop=stop, host=args.host, key=key)
 
     profile = os.environ.get("ACTORGRAD_PROFILE")
     prof: Any = None
