@@ -98,7 +98,8 @@ def write_token_file(path: Path, token: str) -> None:
 def read_token_file(path: Path) -> str:
     """The token stored in ``path`` (surrounding whitespace stripped)."""
     try:
-        token = path.read_text(encoding="utf-8").strip()
+        # (-sig: a byte order mark, as some Windows editors write, is not the token's)
+        token = path.read_text(encoding="utf-8-sig").strip()
     except FileNotFoundError:
         if path.is_symlink():  # (a dangling one: it cannot be created either)
             raise CliError(
@@ -304,12 +305,14 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
         _say(f"actorgrad cluster ready: {_count(n, 'worker')} ({names})")
         _say(f"address: {address}")
         _say(f"token: {where}")
-        _say(f"  export {ENV_ADDRESS}={address}")
+        _say(f"  export {ENV_ADDRESS}={shlex.quote(address)}")  # ([::1]:N is a glob)
         if path is not None:
             # (pasted into a shell from anywhere: quoted, absolute)
             q = shlex.quote(str(path.resolve()))
             _say(f"  export {ENV_TOKEN}=$(cat {q})")
-            _say(f"  more workers: {PROG} worker --join {address} --name NAME --token-file {q}")
+            _say(
+                f"  more workers: {PROG} worker --join {shlex.quote(address)} --name NAME --token-file {q}"
+            )
         _say("Ctrl-C to stop")
 
     async def serve(stop: asyncio.Event) -> None:
@@ -659,6 +662,13 @@ def _host(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _path(text: str) -> str:
+    # ('' was taken for no option at all: cluster made a temporary token instead)
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -726,6 +736,7 @@ def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
     c.add_argument("--port", type=_port, default=0, help="registry port (default: any free)")
     c.add_argument(
         "--token-file",
+        type=_path,
         metavar="F",
         help="read the token from F, or create F (mode 0600) with a new one",
     )
@@ -735,7 +746,7 @@ def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
         "--join", required=strict, type=_address, metavar="ADDRESS", help="HOST:PORT of the cluster"
     )
     w.add_argument("--name", required=strict, type=_worker_name, help="this worker's name")
-    w.add_argument("--token-file", metavar="F", help=tok)
+    w.add_argument("--token-file", type=_path, metavar="F", help=tok)
 
     r = sub.add_parser("run", help="run SCRIPT as the driver of a local cluster of N workers")
     r.add_argument("-n", type=_workers, required=strict, metavar="N", help="workers w1..wN")
@@ -749,7 +760,7 @@ def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
     s.add_argument(
         "--address", type=_address, metavar="A", help=f"HOST:PORT (default: ${ENV_ADDRESS})"
     )
-    s.add_argument("--token-file", metavar="F", help=tok)
+    s.add_argument("--token-file", type=_path, metavar="F", help=tok)
     s.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait (default 5)")
 
     sub.add_parser(

@@ -358,6 +358,11 @@ def test_a_cluster_on_the_ipv6_wildcard_reaches_its_workers(tmp_path: Path) -> N
         r = run_cli("status", "--address", address, "--token-file", str(token_file))
         assert r.returncode == 0, r.stderr
         assert r.stdout.splitlines()[0] == f"cluster {address}: 1 worker and its head"
+        # ([::]:N unquoted is a glob pattern: zsh says "no matches found")
+        c.expect("Ctrl-C to stop")
+        assert f"  export ACTORGRAD_ADDRESS='{address}'" in c.seen
+        more = next(line for line in c.seen if "more workers:" in line)
+        assert f"--join '{address}' --name NAME" in more
     finally:
         c.stop()
 
@@ -661,6 +666,29 @@ def test_a_token_that_is_not_text_is_named(tmp_path: Path) -> None:
             2,
             "actorgrad: error: ACTORGRAD_TOKEN is not text: it holds bytes that are not UTF-8",
         ), cmd
+
+
+def test_an_empty_token_file_path_is_a_usage_error() -> None:
+    # (cluster took --token-file '' for no option: it made a temporary token instead)
+    for cmd in (["cluster", "-n", "1"], ["status"], ["worker", "--join", "h:1", "--name", "x"]):
+        r = run_cli(*cmd, "--token-file", "")
+        assert r.returncode == 2, cmd
+        assert r.stderr.splitlines()[-1] == (
+            f"actorgrad {cmd[0]}: error: argument --token-file: an empty path"
+        ), r.stderr
+
+
+@needs_runtime
+def test_a_token_file_with_a_byte_order_mark_holds_the_same_token(
+    cluster: tuple[str, Path], tmp_path: Path
+) -> None:
+    # (as some Windows editors save it: "wrong cluster token")
+    address, token_file = cluster
+    bom = tmp_path / "bom.tok"
+    bom.write_text(token_file.read_text(), encoding="utf-8-sig")
+    bom.chmod(0o600)
+    r = run_cli("status", "--address", address, "--token-file", str(bom))
+    assert r.returncode == 0, r.stderr
 
 
 @needs_runtime
@@ -1240,7 +1268,7 @@ def test_run_says_when_it_terminates_a_worker_that_did_not_exit(tmp_path: Path) 
     assert r.returncode == 0, r.stderr
     pid = int(r.stdout.split()[-1])
     assert r.stderr.strip() == (
-        "actorgrad: worker processes w1 did not exit within 3 s of the shutdown: terminating them"
+        "actorgrad: worker process w1 did not exit within 3 s of the shutdown: terminating it"
     )
     assert wait_gone({pid}, 10) == set()
 

@@ -1502,7 +1502,7 @@ async def test_a_stopped_worker_process_is_continued_to_handle_its_sigterm(caplo
     assert proc.returncode != -signal.SIGKILL, proc.returncode
     # (and the wait is not silent)
     assert [r.getMessage() for r in caplog.records if "did not exit" in r.getMessage()] == [
-        "local_cluster: worker processes w1 did not exit within 3 s of leaving it: terminating them"
+        "local_cluster: worker process w1 did not exit within 3 s of leaving it: terminating it"
     ]
 
 

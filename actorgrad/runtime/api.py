@@ -19,6 +19,7 @@ from actorgrad.runtime.cluster import (
     check_address,
     check_bind,
     check_name,
+    describe_processes,
     finish,
     new_token,
     start_worker,
@@ -360,8 +361,8 @@ async def local_cluster(
 
 def _stuck(names: list[str], grace: float) -> None:
     log.warning(
-        "local_cluster: worker processes %s did not exit within %g s of leaving it:"
-        " terminating them",
-        ", ".join(names),
+        "local_cluster: %s did not exit within %g s of leaving it: terminating %s",
+        describe_processes(names),
         grace,
+        "it" if len(names) == 1 else "them",
     )

@@ -217,8 +217,8 @@ async def serve_cluster(
             if on_event is not None:
                 on_event(
                     "stuck",
-                    f"worker processes {', '.join(names)} did not exit within {grace:g} s"
-                    " of the shutdown: terminating them",
+                    f"{describe_processes(names)} did not exit within {grace:g} s of the shutdown:"
+                    f" terminating {'it' if len(names) == 1 else 'them'}",
                 )
 
         def hurry() -> None:  # (forced: the workers are killed, the head stops waiting)
@@ -226,6 +226,11 @@ async def serve_cluster(
             head.cut_drain()
 
         await finish(stop_all(head, [], procs, on_stuck=stuck), hurry, cancelled)
+
+
+def describe_processes(names: list[str]) -> str:
+    """ "worker process w1", "worker processes w1, w2"."""
+    return f"worker process{'es' if len(names) > 1 else ''} {', '.join(names)}"
 
 
 def _report_changes(
