@@ -669,3 +669,16 @@ async def test_the_registry_refuses_to_join_a_malformed_worker_name(sock_cluster
         await w.shutdown()
     assert ag.workers() == ["driver", "w1"]
     await _valid_client_works(sock_cluster)
+
+
+def test_a_calls_context_id_out_of_the_id_range_is_malformed_metadata():
+    # (a negative one was taken, and named "context -0x1: its initiator ... is gone")
+    from actorgrad.dist.context import CONTEXT_ID_BITS, _parse_meta
+
+    top = 1 << (CONTEXT_ID_BITS + 16)
+    assert _parse_meta([top - 1, "w1", [7]]) == (top - 1, "w1", (7,))
+    for bad in (-1, 0, top):
+        with pytest.raises(
+            ag.ProtocolError, match=r"^malformed distributed autograd call metadata"
+        ):
+            _parse_meta([bad, "w1", [7]])

@@ -1027,6 +1027,7 @@ def _parse_meta(meta: Any) -> tuple[int, str, tuple[int, ...]]:
         ctx_id, initiator, chain = meta
         if (
             type(ctx_id) is int
+            and 0 < ctx_id < 1 << (CONTEXT_ID_BITS + 16)  # (a cluster id has 16 bits)
             and type(initiator) is str
             and type(chain) is list
             and 0 < len(chain) <= MAX_CHAIN
