@@ -682,3 +682,30 @@ def test_a_calls_context_id_out_of_the_id_range_is_malformed_metadata():
             ag.ProtocolError, match=r"^malformed distributed autograd call metadata"
         ):
             _parse_meta([bad, "w1", [7]])
+
+
+@pytest.mark.parametrize("payload", [[[1], {"a": 1}], ["w1", -1], ["w1", 0], ["", 1]])
+async def test_an_rref_of_a_malformed_owner_or_id_gets_an_error_reply(sock_cluster, payload):
+    # (anything was taken: an RRef owned by [1] with the id {'a': 1})
+    reader, writer = await _handshaken(sock_cluster)
+    (n,) = LEN.unpack(await reader.readexactly(8))
+    wire.decode_frame(await reader.readexactly(n))  # (its hello)
+    header = msgpack.packb([K_REQ, 7, "builtins:repr", MODE_RPC, None])
+    body = msgpack.packb(
+        [[msgpack.ExtType(wire.EXT_REF, msgpack.packb(payload))], None], use_bin_type=True
+    )
+    frame = bytearray(wire._FIXED.pack(wire._TAG, len(header), 0, len(body)))
+    await _send_frame(writer, bytes(frame + header + body))
+    async with asyncio.timeout(5):
+        while True:
+            (n,) = LEN.unpack(await reader.readexactly(8))
+            f = wire.decode_frame(await reader.readexactly(n))
+            if f.header[0] == 2:
+                break
+    err = f.body()
+    assert isinstance(err, ag.RemoteError), err
+    assert err.remote_type == "actorgrad.errors.ProtocolError"
+    assert "malformed RRef: owner" in str(err), err
+    writer.close()
+    await writer.wait_closed()
+    await _valid_client_works(sock_cluster)

@@ -35,8 +35,9 @@ import functools
 import weakref
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from actorgrad.errors import WorkerLost, short_repr
+from actorgrad.errors import ProtocolError, WorkerLost, short_repr
 from actorgrad.runtime.calls import inline
+from actorgrad.runtime.registry import valid_name
 from actorgrad.wire import WireRef
 
 if TYPE_CHECKING:
@@ -383,6 +384,9 @@ class Hooks:
 
     def ref_in(self, payload: list) -> RRef:
         owner, rid = payload
+        # (anything was taken: an RRef owned by [1] with the id {'a': 1})
+        if not valid_name(owner) or type(rid) is not int or not 0 < rid < 1 << 64:
+            raise ProtocolError(f"malformed RRef: owner {short_repr(owner)}, id {short_repr(rid)}")
         w, forker = self.worker, self.peer
         if forker != owner and forker != w.name:  # a fork: its count waits for this
             fk = self.peer_key
