@@ -738,7 +738,10 @@ def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
         "--token-file",
         type=_path,
         metavar="F",
-        help="read the token from F, or create F (mode 0600) with a new one",
+        help=(
+            "read the token from F, or create F (mode 0600) with a new one (default: "
+            f"${ENV_TOKEN}, else a new token in a private temporary file, removed when the cluster stops)"
+        ),
     )
 
     w = sub.add_parser("worker", help="run one worker that joins a cluster")
