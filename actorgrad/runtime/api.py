@@ -19,7 +19,7 @@ from actorgrad.runtime.cluster import (
     check_address,
     check_bind,
     check_name,
-    describe_processes,
+    describe_stuck,
     finish,
     new_token,
     start_worker,
@@ -360,9 +360,4 @@ async def local_cluster(
 
 
 def _stuck(names: list[str], grace: float) -> None:
-    log.warning(
-        "local_cluster: %s did not exit within %g s of leaving it: terminating %s",
-        describe_processes(names),
-        grace,
-        "it" if len(names) == 1 else "them",
-    )
+    log.warning("local_cluster: %s", describe_stuck(names, grace, "leaving it"))

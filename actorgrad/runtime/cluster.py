@@ -215,11 +215,7 @@ async def serve_cluster(
 
         def stuck(names: list[str], grace: float) -> None:
             if on_event is not None:
-                on_event(
-                    "stuck",
-                    f"{describe_processes(names)} did not exit within {grace:g} s of the shutdown:"
-                    f" terminating {'it' if len(names) == 1 else 'them'}",
-                )
+                on_event("stuck", describe_stuck(names, grace, "the shutdown"))
 
         def hurry() -> None:  # (forced: the workers are killed, the head stops waiting)
             procs.kill()
@@ -228,9 +224,14 @@ async def serve_cluster(
         await finish(stop_all(head, [], procs, on_stuck=stuck), hurry, cancelled)
 
 
-def describe_processes(names: list[str]) -> str:
-    """ "worker process w1", "worker processes w1, w2"."""
-    return f"worker process{'es' if len(names) > 1 else ''} {', '.join(names)}"
+def describe_stuck(names: list[str], grace: float, after: str) -> str:
+    """ "worker process w1 did not exit within 3 s of ``after``: terminating it" (or
+    "worker processes w1, w2 ...: terminating them")."""
+    one = len(names) == 1
+    return (
+        f"worker process{'' if one else 'es'} {', '.join(names)} did not exit within "
+        f"{grace:g} s of {after}: terminating {'it' if one else 'them'}"
+    )
 
 
 def _report_changes(

@@ -703,7 +703,7 @@ class Worker:
             wid, version, members = await self.call_on(
                 conn,
                 "actorgrad.runtime.registry:_join",
-                (self.name, self.address, self.local_address, *((key,) if key else ())),
+                (self.name, self.address, self.local_address, key),
                 timeout=timeout,
             )
         except BaseException as exc:
