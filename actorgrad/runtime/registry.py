@@ -81,7 +81,10 @@ class Registry:
         if not valid_name(name):
             raise ValueError(f"invalid worker name {name!r:.80}")
         kept = self.reserved.get(name)
-        if kept is not None and not (isinstance(key, str) and hmac.compare_digest(key, kept)):
+        # (as bytes: compare_digest refuses a str with non-ASCII characters, a TypeError)
+        if kept is not None and not (
+            isinstance(key, str) and hmac.compare_digest(key.encode(), kept.encode())
+        ):
             raise ValueError(
                 f"the name {name!r} is kept for the worker process of that name the "
                 "cluster is starting: join under another name"
