@@ -671,6 +671,38 @@ async def test_the_registry_refuses_to_join_a_malformed_worker_name(sock_cluster
     await _valid_client_works(sock_cluster)
 
 
+async def test_a_context_id_not_made_by_its_named_initiator_is_refused_so(sock_cluster):
+    # (the refusal said "its initiator 'driver' is gone", though the driver is alive)
+    from actorgrad.dist.context import CONTEXT_ID_BITS, state_of
+
+    forged = ((sock_cluster.driver.id + 9) << CONTEXT_ID_BITS) | 5
+    reader, writer = await _handshaken(sock_cluster)
+    (n,) = LEN.unpack(await reader.readexactly(8))
+    wire.decode_frame(await reader.readexactly(n))  # (its hello)
+    header = msgpack.packb([K_REQ, 7, "builtins:repr", MODE_RPC, [forged, "driver", [3]]])
+    body = msgpack.packb([[1], None])
+    frame = bytearray(wire._FIXED.pack(wire._TAG, len(header), 0, len(body)))
+    await _send_frame(writer, bytes(frame + header + body))
+    async with asyncio.timeout(5):
+        while True:
+            (n,) = LEN.unpack(await reader.readexactly(8))
+            f = wire.decode_frame(await reader.readexactly(n))
+            if f.header[0] == 2:
+                break
+    err = f.body()
+    assert isinstance(err, ag.RemoteError), err
+    assert err.remote_type == "actorgrad.errors.ContextError"
+    assert (
+        f"context {forged:#x} was not made by the worker 'driver' of this cluster: the id "
+        f"is of cluster id {sock_cluster.driver.id + 9}, 'driver' has cluster id "
+        f"{sock_cluster.driver.id} (an earlier process of that name, or a forged id)"
+    ) in str(err), err
+    writer.close()
+    await writer.wait_closed()
+    assert not state_of(_target(sock_cluster)).contexts  # (w1 kept none of it)
+    await _valid_client_works(sock_cluster)
+
+
 def test_a_calls_context_id_out_of_the_id_range_is_malformed_metadata():
     # (a negative one was taken, and named "context -0x1: its initiator ... is gone")
     from actorgrad.dist.context import CONTEXT_ID_BITS, _parse_meta

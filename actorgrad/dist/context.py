@@ -436,12 +436,20 @@ class DistState:
                     f"distributed autograd context {ctx_id:#x} was released on worker "
                     f"{worker.name!r}; a call that arrives in it late is refused"
                 )
-            member = worker.members.get(initiator)
-            if worker.is_lost(initiator) or (member is not None and member[0] != creator):
+            if worker.is_lost(initiator):
                 raise ContextError(
                     f"distributed autograd context {ctx_id:#x}: its initiator "
                     f"{initiator!r} is gone (worker {worker.name!r} saw it leave); a call "
                     "that arrives in it late is refused"
+                )
+            member = worker.members.get(initiator)
+            if member is not None and member[0] != creator:
+                # (an earlier process of that name, replaced since, or a forged id)
+                raise ContextError(
+                    f"distributed autograd context {ctx_id:#x} was not made by the "
+                    f"worker {initiator!r} of this cluster: the id is of cluster id "
+                    f"{creator}, {initiator!r} has cluster id {member[0]} (an earlier "
+                    "process of that name, or a forged id); the call is refused"
                 )
             ctx = self.contexts[ctx_id] = DistContext(ctx_id, initiator)
         return ctx
