@@ -37,6 +37,7 @@ import numpy as np
 from actorgrad.autograd import Node, add, grad_enabled, grad_node
 from actorgrad.errors import ContextError, ProtocolError, WorkerLost, short_repr
 from actorgrad.runtime import worker as _runtime
+from actorgrad.runtime.registry import LOCAL_ID_BITS, MAX_ID
 from actorgrad.tensor import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,7 +54,7 @@ _current: contextvars.ContextVar[tuple[Any, int, tuple[int, ...]] | None] = cont
     "actorgrad_dist_context", default=None
 )
 
-CONTEXT_ID_BITS = 48
+CONTEXT_ID_BITS = LOCAL_ID_BITS
 #: How many released context ids a worker remembers, to refuse calls that arrive in one
 #: late (sent before their sender saw the release: a cancelled caller's callee calling
 #: on, say). Beyond that, a worker still refuses the contexts it created itself.
@@ -385,7 +386,7 @@ class DistState:
 
     def new_context_id(self) -> int:
         wid = int(self.worker.id)
-        if not 0 <= wid < 2**16:  # pragma: no cover - the registry guarantees it
+        if not 0 <= wid < MAX_ID:  # pragma: no cover - the registry guarantees it
             raise ContextError(f"worker id {wid} does not fit in 16 bits")
         return (wid << CONTEXT_ID_BITS) | next(self._ids)
 
@@ -1035,7 +1036,7 @@ def _parse_meta(meta: Any) -> tuple[int, str, tuple[int, ...]]:
         ctx_id, initiator, chain = meta
         if (
             type(ctx_id) is int
-            and 0 < ctx_id < 1 << (CONTEXT_ID_BITS + 16)  # (a cluster id has 16 bits)
+            and 0 < ctx_id < MAX_ID << CONTEXT_ID_BITS
             and type(initiator) is str
             and type(chain) is list
             and 0 < len(chain) <= MAX_CHAIN

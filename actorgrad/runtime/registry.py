@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from actorgrad.runtime.worker import Worker
 
 MAX_ID = 2**16
+#: Ids a worker makes (RRef ids; distributed autograd's context ids) hold its cluster id
+#: above this many bits of its own count: unique across the cluster with no coordination
+#: (a process that joins under a dead one's name has another cluster id).
+LOCAL_ID_BITS = 48
 #: the longest worker name (in characters)
 MAX_NAME = 255
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from actorgrad.errors import ProtocolError, WorkerLost, short_repr
 from actorgrad.runtime.calls import inline
-from actorgrad.runtime.registry import valid_name
+from actorgrad.runtime.registry import LOCAL_ID_BITS, MAX_ID, valid_name
 from actorgrad.wire import WireRef
 
 if TYPE_CHECKING:
@@ -326,7 +326,7 @@ def new_owned(worker: Worker, value: Any) -> RRef:
     # (the worker's cluster id in the high bits, as context ids: a process that joins
     # under a dead owner's name counts its own from 1 too, and the dead one's RRefs
     # reached its values, their releases freeing them)
-    rid = (worker.id << 48) | next(worker._rref_ids)
+    rid = (worker.id << LOCAL_ID_BITS) | next(worker._rref_ids)
     o = worker.owned[rid] = Owned(value)
     o.holders[(worker.name, worker.id)] = 1
     return RRef(worker, worker.name, rid)
@@ -385,7 +385,7 @@ class Hooks:
     def ref_in(self, payload: list) -> RRef:
         owner, rid = payload
         # (anything was taken: an RRef owned by [1] with the id {'a': 1})
-        if not valid_name(owner) or type(rid) is not int or not 0 < rid < 1 << 64:
+        if not valid_name(owner) or type(rid) is not int or not 0 < rid < MAX_ID << LOCAL_ID_BITS:
             raise ProtocolError(f"malformed RRef: owner {short_repr(owner)}, id {short_repr(rid)}")
         w, forker = self.worker, self.peer
         if forker != owner and forker != w.name:  # a fork: its count waits for this
