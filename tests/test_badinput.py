@@ -111,6 +111,18 @@ async def test_random_bytes_instead_of_a_handshake_close_the_connection(sock_clu
     await _valid_client_works(sock_cluster)
 
 
+async def test_a_foreign_clients_request_is_refused_at_once(sock_cluster, monkeypatch, caplog):
+    # An HTTP request (shorter than a hello) held the connection until the handshake
+    # deadline, and was logged as "did not complete in time".
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT", 3600.0)
+    reader, writer = await _raw(sock_cluster)
+    writer.write(b"GET / HTTP/1.1\r\n\r\n")
+    await _closed_by_peer(reader, writer, deadline=10)
+    assert "not an actorgrad peer (bad handshake magic: it sent b'GET / HT'...)" in caplog.text
+    await _valid_client_works(sock_cluster)
+
+
 async def test_flood_during_handshake_closes_the_connection(sock_cluster):
     reader, writer = await _raw(sock_cluster)
     writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, os.urandom(32)) + os.urandom(100_000))

@@ -280,6 +280,47 @@ async def test_an_echo_server_is_named_not_an_actorgrad_peer():
         await server.wait_closed()
 
 
+@pytest.mark.parametrize(
+    ("reply", "then", "said"),
+    [
+        (
+            b"HTTP/1.1 400 Bad Request\r\n\r\n",
+            "close",
+            r"bad handshake magic: it sent b'HTTP/1\.1'",
+        ),
+        (b"NO\n", "close", r"it sent b'NO\\n'\.\.\. and closed the connection"),
+        (b"NO", "stay", r"it sent b'NO'\.\.\., then nothing for 0\.5 s"),
+    ],
+)
+async def test_a_server_answering_foreign_bytes_is_named_not_an_actorgrad_peer(
+    monkeypatch, reply, then, said
+):
+    # An HTTP server's short error reply, then its close, was "closed the connection
+    # before its handshake (the process died ...)": a WorkerLost, not an AuthError.
+    from actorgrad.runtime import Worker
+
+    monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT", 0.5)
+    done = asyncio.Event()
+
+    async def foreign(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(reply)
+        if then == "stay":
+            await done.wait()
+        writer.close()
+
+    server = await asyncio.start_server(foreign, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    w = Worker("x", token="t")
+    try:
+        with pytest.raises(AuthError, match=f"^127.0.0.1:{port}: not an actorgrad peer \\({said}"):
+            await w.open_connection(f"127.0.0.1:{port}")
+    finally:
+        done.set()
+        await w.shutdown()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_peer_that_closes_before_its_hello_is_lost_not_a_wrong_token():
     # A process killed just after its kernel accepted the connection closes it before
     # the handshake: that was an AuthError ("a wrong cluster token, ..."), and a call

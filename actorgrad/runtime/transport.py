@@ -421,7 +421,7 @@ class Connection(asyncio.BaseProtocol):
         # uvloop's and the in-process one's write the pieces as they are
         writelines = getattr(type(transport), "writelines", None)
         self._writev = writelines not in (None, asyncio.WriteTransport.writelines)
-        self.peer_addr = transport.get_extra_info("peername")
+        self.peer_addr = host_port(transport.get_extra_info("peername"))
         if isinstance(transport, asyncio.WriteTransport):
             # high=0: "paused" as soon as anything stays buffered in user space, and
             # resumed when the buffer is empty, so send() returns only once the bytes
@@ -900,11 +900,27 @@ class Unanswered(WorkerLost):
     as long again."""
 
 
+def host_port(sockaddr: Any) -> Any:
+    """A TCP socket address (``(host, port, ...)``) as ``host:port``, an IPv6 host in
+    brackets, as addresses are written; anything else as it is."""
+    if type(sockaddr) is tuple and len(sockaddr) >= 2 and isinstance(sockaddr[0], str):
+        host, port = sockaddr[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return sockaddr
+
+
 def closed_mid_handshake(exc: BaseException) -> bool:
     """Whether ``exc``, from :func:`handshake`, is the peer closing the connection (it
     went away, gave up waiting, or refused our token: a server does not say which),
     not a handshake the peer failed (an impostor, a wrong token on its side)."""
     return isinstance(exc, AuthError) and isinstance(exc.__cause__, OSError)
+
+
+def _foreign(conn: Connection) -> bytes:
+    """The first bytes a peer sent before its hello was whole, when they are not the
+    start of one (an HTTP server's error reply, say); b"" otherwise."""
+    start = bytes(conn._hs_buf[: len(MAGIC)])
+    return b"" if MAGIC.startswith(start) else start
 
 
 def _mac(token: str, role: bytes, nonce_c: bytes, nonce_s: bytes) -> bytes:
@@ -931,10 +947,16 @@ async def handshake(
             where = conn.peer_addr
             nonce = secrets.token_bytes(32)
             conn._write_raw(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
-            magic, version, peer_nonce = _HELLO.unpack(await conn._read_exact(_HELLO.size))
-            hello = True
+            # (the magic first: a foreign peer's few bytes are refused at once, not
+            # after the deadline, waiting for a whole hello)
+            magic = await conn._read_exact(len(MAGIC))
             if magic != MAGIC:
-                raise AuthError(f"{where}: not an actorgrad peer (bad handshake magic)")
+                raise AuthError(
+                    f"{where}: not an actorgrad peer (bad handshake magic: it sent {magic!r}...)"
+                )
+            rest = await conn._read_exact(_HELLO.size - len(MAGIC))
+            _, version, peer_nonce = _HELLO.unpack(magic + rest)
+            hello = True
             if peer_nonce == nonce:  # (32 random bytes: never a real peer's)
                 raise AuthError(
                     f"{where}: not an actorgrad peer (it sent our own handshake back: an "
@@ -966,6 +988,11 @@ async def handshake(
                     raise AuthError(f"handshake with {where} refused")
     except TimeoutError:
         conn.abort(AuthError("handshake deadline"))
+        if not hello and _foreign(conn):
+            raise AuthError(
+                f"{where}: not an actorgrad peer (it sent {_foreign(conn)!r}..., then "
+                f"nothing for {deadline:g} s)"
+            ) from None
         if server:
             raise AuthError(f"handshake with {where} did not complete in time") from None
         raise Unanswered(
@@ -975,6 +1002,11 @@ async def handshake(
         ) from None
     except (ConnectionError, OSError) as exc:
         conn.abort(exc)
+        if not hello and _foreign(conn):
+            raise AuthError(
+                f"{where}: not an actorgrad peer (it sent {_foreign(conn)!r}... and closed "
+                "the connection)"
+            ) from exc
         if not server and not hello:
             # (closed before saying anything: a process that died, its kernel having
             # accepted the connection first, or one shutting down; not a refusal of

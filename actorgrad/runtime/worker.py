@@ -623,9 +623,7 @@ class Worker:
             host, port = sock.getsockname()[:2]
             if host in ("0.0.0.0", "::"):
                 host = _advertised_ip(sock.family)
-            if ":" in host:
-                host = f"[{host}]"
-            self.address = f"{host}:{port}"
+            self.address = transport.host_port((host, port))
             local = (
                 await transport.listen_local(self.loop, self._accept)
                 if self.local_sockets
@@ -697,8 +695,7 @@ class Worker:
         if self.transport_kind == "tcp" and self.host in ("0.0.0.0", "::", ""):
             sock = conn.transport.get_extra_info("sockname") if conn.transport else None
             if sock:
-                ip = f"[{sock[0]}]" if ":" in sock[0] else sock[0]
-                self.address = f"{ip}:{self.address.rpartition(':')[2]}"
+                self.address = transport.host_port((sock[0], int(self.address.rpartition(":")[2])))
         try:
             wid, version, members = await self.call_on(
                 conn,
