@@ -50,7 +50,9 @@ from actorgrad.runtime.procs import (
     env_token,
     exit_now,
     flush_output,
+    open_files_limit,
     pool_threads,
+    tune_malloc,
 )
 
 __all__ = ["main"]
@@ -339,6 +341,8 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
 async def cmd_worker(args: argparse.Namespace) -> int:
     """``actorgrad worker``: one worker joining an existing cluster."""
     token = client_token(args.token_file)
+    tune_malloc()  # (as a worker process of a cluster's: see worker_main)
+    open_files_limit(raise_to_hard=True)
 
     async def serve(stop: asyncio.Event) -> None:
         with _expected():

@@ -123,6 +123,25 @@ async def test_a_foreign_clients_request_is_refused_at_once(sock_cluster, monkey
     await _valid_client_works(sock_cluster)
 
 
+async def test_a_worker_near_its_open_files_limit_says_so_once(sock_cluster, caplog):
+    # Beyond the limit, libuv closes each new connection at once: nothing was logged,
+    # and a peer heard only "closed the connection before its handshake".
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    w1 = _target(sock_cluster)
+    w1._near_file_limit = len(w1._conns) + 2
+    clients = [await _raw(sock_cluster) for _ in range(4)]
+    async with asyncio.timeout(10):  # (until w1 accepted all four)
+        while len(w1._conns) < w1._near_file_limit + 2:  # noqa: ASYNC110 (no event for it)
+            await asyncio.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if "limit of open files" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"worker w1 has {w1._near_file_limit} connections open, near")
+    assert "(connections that do not complete their handshake close after 5 s)" in lines[0]
+    for _, writer in clients:
+        writer.close()
+    await _valid_client_works(sock_cluster)
+
+
 async def test_flood_during_handshake_closes_the_connection(sock_cluster):
     reader, writer = await _raw(sock_cluster)
     writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, os.urandom(32)) + os.urandom(100_000))

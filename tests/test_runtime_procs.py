@@ -97,6 +97,34 @@ async def test_process_workers_rpc_reentrancy_and_no_orphans():
     assert all(_gone(p) for p in pids)
 
 
+def test_worker_processes_raise_their_open_files_limit_to_the_hard_one():
+    # (at a distribution's default of 1,024, a worker ran out of files with its hard
+    # limit far above: see procs.open_files_limit)
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 300:
+        pytest.skip(f"the hard limit of open files here is {hard}")
+    code = textwrap.dedent(
+        """
+        import resource
+        from actorgrad.runtime.procs import open_files_limit
+        before = open_files_limit()
+        print(before, open_files_limit(raise_to_hard=True),
+              resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    assert out == ["256", str(hard), str(hard)], out
+
+
 async def test_process_workers_get_blas_threads_unless_the_user_set_them(monkeypatch):
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)

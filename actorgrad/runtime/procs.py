@@ -68,6 +68,44 @@ _malloc_tuned: list[bool] = []
 STARTING = max(4, 2 * (os.cpu_count() or 1))
 
 
+def open_files_limit(raise_to_hard: bool = False) -> int | None:
+    """This process's limit of open files (``ulimit -n``, the soft one), after raising
+    it to the hard limit when ``raise_to_hard``; None where there is none to read.
+
+    Each connection is a file: a worker process at a distribution's default of 1,024
+    serves fewer peers and strangers than its hard limit (often 500,000) allows, and
+    beyond its limit a connection is closed at once, unlogged (libuv's answer to
+    EMFILE). So the worker processes actorgrad starts raise it (``worker_main``); a
+    process of the user's keeps its own.
+
+    Example::
+
+        open_files_limit(raise_to_hard=True)  # e.g. 524288, was 1024
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Unix
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if raise_to_hard and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # (an unlimited hard limit, say, on macOS)
+            pass
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def open_files_count() -> int | None:
+    """How many files this process has open; None where that cannot be read."""
+    for fds in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(fds))
+        except OSError:
+            pass
+    return None  # pragma: no cover - neither Linux nor macOS
+
+
 def tune_malloc() -> bool:
     """Keep freed array memory in this process instead of handing it to the kernel.
 

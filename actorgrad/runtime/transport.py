@@ -1012,8 +1012,8 @@ async def handshake(
             # accepted the connection first, or one shutting down; not a refusal of
             # our token, which comes after the hellos)
             raise WorkerLost(
-                f"{where} closed the connection before its handshake (the process died "
-                "or is shutting down)"
+                f"{where} closed the connection before its handshake (the process died, "
+                "is shutting down, or is out of open files)"
             ) from exc
         raise AuthError(
             f"handshake with {where} refused: connection closed by the peer (a wrong cluster "

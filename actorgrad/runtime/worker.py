@@ -97,7 +97,7 @@ from actorgrad.errors import (
 )
 from actorgrad.runtime import calls, rref, transport
 from actorgrad.runtime.pool import CallPool
-from actorgrad.runtime.procs import ENV_ADDRESS
+from actorgrad.runtime.procs import ENV_ADDRESS, open_files_count, open_files_limit
 from actorgrad.runtime.registry import MAX_ID, valid_name
 from actorgrad.runtime.transport import Connection
 
@@ -350,6 +350,10 @@ MAX_UNSENT_REPLIES = 64 << 20
 #: Rejected connections logged per minute and worker (see Worker._log_rejected).
 REJECTED_LOG_LINES = 20
 
+#: Open connections, as a share of the files its process may still open when it starts,
+#: from which a worker warns (once a minute) that it nears the limit (Worker._accept).
+NEAR_FILE_LIMIT = 0.8
+
 #: Largest frame a peer may send before its hello (a hello is ~100 bytes).
 HELLO_MAX_FRAME = 1 << 16
 
@@ -510,6 +514,14 @@ class Worker:
         # rejected connections logged in the current minute (see _log_rejected)
         self._rejected_since = -math.inf
         self._rejected_logged = self._rejected_unlogged = 0
+        # connections from which _accept warns of the open-files limit (a share of the
+        # files not open yet), and when it did
+        limit = open_files_limit() if transport_kind != "inproc" else None
+        used = None if limit is None else open_files_count()
+        self._near_file_limit = (
+            math.inf if limit is None or used is None else int((limit - used) * NEAR_FILE_LIMIT)
+        )
+        self._file_limit_warned = -math.inf
         # set when _inflight drops to 0 while a graceful shutdown waits for it
         self._idle_waiter: asyncio.Future[None] | None = None
         self._stats: dict[Any, _FnStats] = {}
@@ -738,6 +750,8 @@ class Worker:
         conn = self._new_conn()
         conn.max_unsent = MAX_UNSENT_REPLIES
         self._conns.add(conn)
+        if len(self._conns) >= self._near_file_limit:
+            self._warn_file_limit()
         if self._closing:
             # closed now: its transport, not made yet, is aborted the moment it is
             # (connection_made), not a loop turn later (the peer waited out its
@@ -776,6 +790,23 @@ class Worker:
             conn.abort(ProtocolError("no hello after the handshake"))
         except ActorgradError:
             pass  # (closed before its hello: see _on_lost)
+
+    def _warn_file_limit(self) -> None:
+        """Say, once a minute, that this worker's connections near the process's limit
+        of open files: beyond it, a new connection is closed at once and unlogged, and
+        its peer hears only that the connection closed before its handshake."""
+        now = self.loop.time()
+        if now - self._file_limit_warned >= 60.0:
+            self._file_limit_warned = now
+            log.warning(
+                "worker %s has %d connections open, near this process's limit of open "
+                "files (%s, ulimit -n): beyond it, new connections are closed at once "
+                "(connections that do not complete their handshake close after %g s)",
+                self.name,
+                len(self._conns),
+                open_files_limit(),
+                transport.HANDSHAKE_TIMEOUT,
+            )
 
     def _log_rejected(self, msg: str, *args: Any) -> None:
         """Log a rejected connection: at most REJECTED_LOG_LINES a minute, then one line

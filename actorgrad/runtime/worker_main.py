@@ -95,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"actorgrad worker: {ENV_TOKEN} is not set", file=sys.stderr)
         return 2
     from actorgrad.runtime.cluster import run, serve_worker
-    from actorgrad.runtime.procs import flush_output, tune_malloc
+    from actorgrad.runtime.procs import flush_output, open_files_limit, tune_malloc
     from actorgrad.runtime.worker import HEAD_SHUT_DOWN
 
     tune_malloc()
+    open_files_limit(raise_to_hard=True)
 
     async def serve() -> str | None:
         """Serve until a signal or the head goes away; how the head went away (None:
