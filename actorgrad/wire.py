@@ -1039,6 +1039,12 @@ def _array_from(dec: _Decoder, dstr: Any, shape: Any, raw: Any) -> np.ndarray:
         buf = bytearray(raw)  # inline arrays get their own, writable memory
     else:
         raise ProtocolError("array data must be bin or a buffer index")
+    if math.prod(d for d in shape if d) * dtype.itemsize > sys.maxsize:
+        # (numpy's own "array is too big" named no shape; zero-size ones get here)
+        raise ProtocolError(
+            f"array of shape {tuple(shape)} and dtype {dstr} is too big: its nonzero "
+            "dimensions multiply past 2**63 bytes"
+        )
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(buf):
         raise ProtocolError(

@@ -855,7 +855,11 @@ def arr_ext(dtype: Any, shape: Any, data: Any) -> msgpack.ExtType:
         (body_frame(arr_ext("<f8", [2], b"12345678")), "needs 16 bytes, got 8"),
         (body_frame(arr_ext("<f8", [-1], b"12345678")), "bad array dimension"),
         (body_frame(arr_ext("<f8", [2**62, 0], b"")), "bad array dimension"),
-        (body_frame(arr_ext("<f8", [2**40, 2**40], b"")), "needs"),
+        (body_frame(arr_ext("<f8", [2**40, 2**40], b"")), "is too big"),
+        (
+            body_frame(arr_ext("<f8", [0, 2**40, 2**40], b"")),
+            r"shape \(0, 1099511627776, 1099511627776\) and dtype <f8 is too big",
+        ),
         (body_frame(arr_ext("<f8", [1.0], b"12345678")), "bad array dimension"),
         (body_frame(arr_ext("<f8", 1, b"12345678")), "shape must be a list"),
         (body_frame(arr_ext("<f8", [1] * 40, b"12345678")), "shape must be a list"),
