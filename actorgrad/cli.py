@@ -98,7 +98,8 @@ def write_token_file(path: Path, token: str) -> None:
 
 
 def read_token_file(path: Path) -> str:
-    """The token stored in ``path`` (surrounding whitespace stripped)."""
+    """The token stored in ``path`` (surrounding whitespace stripped). A file that
+    cannot give one is a usage error (exit status 2), as a missing token is."""
     try:
         # (-sig: a byte order mark, as some Windows editors write, is not the token's)
         token = path.read_text(encoding="utf-8-sig").strip()
@@ -111,11 +112,13 @@ def read_token_file(path: Path) -> str:
             ) from None
         raise CliError(f"token file {path} does not exist", code=2) from None
     except UnicodeDecodeError:
-        raise CliError(f"token file {path} is not a token: it is not text (UTF-8)") from None
+        raise CliError(
+            f"token file {path} is not a token: it is not text (UTF-8)", code=2
+        ) from None
     except OSError as exc:
-        raise CliError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+        raise CliError(f"cannot read token file {path}: {exc.strerror or exc}", code=2) from None
     if not token:
-        raise CliError(f"token file {path} is empty")
+        raise CliError(f"token file {path} is empty", code=2)
     with contextlib.suppress(OSError):
         if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             _note(
@@ -561,9 +564,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
                     _note(f"cluster shutdown: {type(exc).__name__}: {exc}")
             with contextlib.suppress(asyncio.CancelledError):
                 await serving
-    if returncode < 0 and not (signals and -returncode in (last, signal.SIGKILL)):
-        # (not one we passed on: the shell says nothing either, as we exit normally;
-        # an out-of-memory kill in CI went unexplained)
+    typed = terminal is not None and -returncode == signal.SIGINT  # (Ctrl-C: the user's)
+    if returncode < 0 and not typed and not (signals and -returncode in (last, signal.SIGKILL)):
+        # (not one we passed on, nor the user's Ctrl-C: the shell says nothing either, as
+        # we exit normally; an out-of-memory kill in CI went unexplained)
         _note(f"the script {script} {describe_exit(returncode)}")
     return _exit_status(returncode)
 
@@ -757,7 +761,11 @@ def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
 
     r = sub.add_parser("run", help="run SCRIPT as the driver of a local cluster of N workers")
     r.add_argument("-n", type=_workers, required=strict, metavar="N", help="workers w1..wN")
-    r.add_argument("script", metavar="SCRIPT", help="the Python script to run")
+    # (optional in the lenient pass, whose only errors are unknown options: a missing
+    # SCRIPT is the strict one's, which names it with -n: see parse_args)
+    r.add_argument(
+        "script", nargs=None if strict else "?", metavar="SCRIPT", help="the Python script to run"
+    )
     # (what follows SCRIPT is split off before parsing: see parse_args)
     r.add_argument(  # (a default: argparse would call a '*' positional "required")
         "args", nargs="*", default=[], metavar="ARGS", help="its arguments, passed as given"

@@ -226,6 +226,8 @@ def test_usage_errors_exit_2() -> None:
     assert "ACTORGRAD_ADDRESS" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("run", "-n", "1")  # (ARGS was named as required too)
     assert r.returncode == 2 and "required: SCRIPT\n" in r.stderr
+    r = run_cli("run")  # (-n went unnamed)
+    assert r.returncode == 2 and "required: -n, SCRIPT\n" in r.stderr
     # a token file that is not there is the caller's mistake, as no token at all (was 1)
     r = run_cli("status", "--address", "127.0.0.1:1", "--token-file", "/nonexistent/tok")
     assert r.returncode == 2 and "token file /nonexistent/tok does not exist" in r.stderr
@@ -647,7 +649,7 @@ def test_a_token_that_is_not_text_is_named(tmp_path: Path) -> None:
     garbage.write_bytes(bytes(range(128, 256)))
     r = run_cli("status", "--address", "127.0.0.1:1", "--token-file", str(garbage))
     assert (r.returncode, r.stderr.strip()) == (
-        1,
+        2,
         f"actorgrad: error: token file {garbage} is not a token: it is not text (UTF-8)",
     )
     env = _env()
@@ -666,6 +668,23 @@ def test_a_token_that_is_not_text_is_named(tmp_path: Path) -> None:
             2,
             "actorgrad: error: ACTORGRAD_TOKEN is not text: it holds bytes that are not UTF-8",
         ), cmd
+
+
+def test_every_token_file_that_gives_no_token_is_a_usage_error(tmp_path: Path) -> None:
+    # (a missing file exited 2, an empty one or a directory 1)
+    empty = tmp_path / "empty.tok"
+    empty.write_text(" \n")
+    for path, said in (
+        (empty, f"token file {empty} is empty"),
+        (tmp_path, f"cannot read token file {tmp_path}: Is a directory"),
+        (tmp_path / "none", f"token file {tmp_path / 'none'} does not exist"),
+    ):
+        for cmd in (
+            ["status", "--address", "127.0.0.1:1"],
+            ["worker", "--join", "h:1", "--name", "x"],
+        ):
+            r = run_cli(*cmd, "--token-file", str(path))
+            assert (r.returncode, r.stderr.strip()) == (2, f"actorgrad: error: {said}"), cmd
 
 
 def test_an_empty_token_file_path_is_a_usage_error() -> None:
@@ -1628,44 +1647,75 @@ def test_ctrl_c_on_a_terminal_reaches_the_script_of_run_once(tmp_path: Path, str
     # terminal still signals the whole foreground group; run saw no terminal on its
     # streams and forwarded the SIGINT as well: the script got two (and Python's
     # second one skips its cleanup).
-    import pty
-
     script = tmp_path / "tty.py"
     script.write_text(TTY_SCRIPT)
-    master, slave = pty.openpty()
-    tty = os.ttyname(slave)
     mode = "redirected" if streams == "redirected" else "tty"
-    run = ["-m", "actorgrad", "run", "-n", "1", str(script), "--to-tty"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", ON_TTY, tty, mode, *run],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-        env=_env(),
-    )
-    seen = b""  # (our end of the slave stays open: reads never see EIO before the child's)
+    with OnPty(mode, "run", "-n", "1", str(script), "--to-tty") as t:
+        t.read_until(b"ready", STARTUP)
+        t.type(b"\x03")  # Ctrl-C: the terminal signals the foreground group
+        t.read_until(b"sigints", 20)
+        assert t.proc.wait(20) == 11, t.seen  # 10 + the number of SIGINTs the script got
 
-    def read_until(marker: bytes, timeout: float) -> None:
-        nonlocal seen
+
+@needs_runtime
+def test_a_script_of_run_ended_by_ctrl_c_on_a_terminal_is_no_news(tmp_path: Path) -> None:
+    # (run said "the script ... was killed by SIGINT" after the user's own Ctrl-C, as
+    # if something else had killed it; a shell says nothing of it either)
+    script = tmp_path / "sleep.py"
+    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(3600)\n")
+    with OnPty("tty", "run", "-n", "1", str(script)) as t:
+        t.read_until(b"ready", STARTUP)
+        t.type(b"\x03")
+        t.read_until(b"KeyboardInterrupt", 20)  # (the script's traceback)
+        assert t.proc.wait(20) == 128 + signal.SIGINT, t.seen
+        t.read_rest()
+        assert b"killed" not in t.seen, t.seen
+
+
+class OnPty:
+    """The CLI run with a pty as its controlling terminal (see ON_TTY): ``mode`` "tty"
+    (its streams on it) or "redirected" (on /dev/null)."""
+
+    def __init__(self, mode: str, *argv: str) -> None:
+        import pty
+
+        self.master, self.slave = pty.openpty()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ON_TTY, os.ttyname(self.slave), mode, *CLI[1:], *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+            env=_env(),
+        )
+        self.seen = b""  # (our end of the slave stays open: no EIO before the child's)
+
+    def __enter__(self) -> OnPty:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        os.close(self.slave)
+        os.close(self.master)
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def read_until(self, marker: bytes, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while marker not in seen:
-            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+        while marker not in self.seen:
+            left = max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self.master], [], [], left)
             if not ready:
-                raise AssertionError(f"no {marker!r} within {timeout} s; saw {seen!r}")
-            seen += os.read(master, 4096)
+                raise AssertionError(f"no {marker!r} within {timeout} s; saw {self.seen!r}")
+            self.seen += os.read(self.master, 4096)
 
-    try:
-        read_until(b"ready", STARTUP)
-        os.write(master, b"\x03")  # Ctrl-C: the terminal signals the foreground group
-        read_until(b"sigints", 20)
-        assert proc.wait(20) == 11, seen  # 10 + the number of SIGINTs the script got
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        os.close(slave)
-        os.close(master)
+    def read_rest(self) -> None:
+        """What is still in the pty once the process ended."""
+        while select.select([self.master], [], [], 0)[0]:
+            self.seen += os.read(self.master, 4096)
 
 
 def test_demo_options_are_checked() -> None:
