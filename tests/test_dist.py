@@ -1383,6 +1383,62 @@ async def test_cancelled_task_still_releases_its_context_everywhere(mode):
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("how", ["another task", "a dropped async generator"])
+async def test_a_context_left_from_another_task_is_released_everywhere(mode, how):
+    # The exit raised a ValueError (from contextvars: "created in a different Context")
+    # before the release: the context stayed on every worker for good, and the task
+    # that entered it could open no other ("contexts do not nest").
+    import gc
+
+    wv = arr(3)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(arr(3), requires_grad=True)
+        if how == "another task":
+            left = asyncio.Event()
+
+            async def enter_and_go_on():
+                cm = ag.dist.context()
+                await cm.__aenter__()
+                await ag.rpc("w1", F.mul, ("w", x))
+                await asyncio.ensure_future(cm.__aexit__(None, None, None))
+                left.set()
+                # still holding the released context: its calls are refused, saying so
+                with pytest.raises(ag.ContextError, match=r"0x[0-9a-f]+ was released on"):
+                    await ag.rpc("w1", F.mul, ("w", x))
+                async with ag.dist.context() as ctx:  # (and it is outside it)
+                    y = await ag.rpc("w1", F.mul, ("w", x))
+                    await ag.dist.backward(ctx, [y.sum()])
+                    return ag.dist.get_gradients(ctx)[x]
+
+            grad = await asyncio.wait_for(asyncio.ensure_future(enter_and_go_on()), 20)
+            np.testing.assert_allclose(grad, wv, rtol=1e-12)
+            assert left.is_set()
+        else:
+
+            async def steps():
+                async with ag.dist.context() as ctx:
+                    yield ctx
+
+            async def consume():
+                async for _ in steps():
+                    await ag.rpc("w1", F.mul, ("w", x))
+                    break
+
+            await asyncio.ensure_future(consume())
+            gc.collect()  # (the loop's finalizer closes it, in a task of its own)
+        info = await ag.rpc("w1", F.wait_no_contexts, (10.0,))
+        assert info["num_contexts"] == 0
+        async with asyncio.timeout(10):  # (the finalizer's task ran the release)
+            while ag.dist.debug_info()["num_contexts"]:  # noqa: ASYNC110 (no event for it)
+                await asyncio.sleep(0.01)
+        async with ag.dist.context() as ctx:  # (this task is outside the released one)
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [y.sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 async def test_misuse_errors():
     async with cluster():
         x = ag.tensor(arr(3), requires_grad=True)

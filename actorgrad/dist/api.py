@@ -81,7 +81,16 @@ class _Context:
         if token is None:
             raise ContextError("a distributed autograd context left that was not entered")
         del self._token  # (left once: a second exit would release another's id)
-        _current.reset(token)
+        try:
+            _current.reset(token)
+        except ValueError:
+            # Left from another task than the one that entered it: an async generator
+            # that yielded inside the block and was dropped, closed by the loop's
+            # finalizer in a task of its own. That task cannot reset the variable (a
+            # ValueError skipped the release: the context stayed on every worker); the
+            # release below still runs, and the entering task, released, is outside it
+            # (current_context finds no such context; a call in it is refused, saying so).
+            pass
         # Left because the task is cancelled (or the process is stopping): the releases
         # go out but nobody waits for their acknowledgements, as a cancelled backward's
         # abort: a cancelled task must end now, not after a hung peer's heartbeat
