@@ -244,6 +244,16 @@ async def test_rpc_returns_result_of_sync_and_async_functions(cluster):
     assert cluster.names == ["w1", "w2", "w3"]
 
 
+async def test_names_with_digit_signs_that_are_not_decimal_sort_and_are_reported():
+    # ("²".isdigit() is true, int("²") a ValueError: ag.workers(), the unknown-worker
+    # error and `actorgrad status` raised it)
+    async with ag.local_cluster(["w10", "²", "w2", "a①"]):
+        assert ag.workers() == ["a①", "driver", "w2", "w10", "²"]
+        with pytest.raises(ValueError, match=r"unknown worker 'nobody'.*'²'"):
+            await ag.rpc("nobody", add, (1, 2))
+        assert await ag.rpc("²", add, (1, 2)) == 3
+
+
 async def test_kwargs_and_string_function_names(cluster):
     assert await ag.rpc("w1", add, (1,), {"b": 5}) == 6
     assert await ag.rpc("w1", f"{__name__}:async_add", kwargs={"a": 2, "b": 3}) == 5

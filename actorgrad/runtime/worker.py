@@ -202,7 +202,9 @@ def _advertised_ip(family: int = socket.AF_INET) -> str:
 
 def natural_key(name: str) -> list:
     """Sort key putting "w2" before "w10"."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+    # (the split's odd parts are its runs of decimal digits: str.isdigit() is also true
+    # of "²" and "①", which int() refuses: ag.workers() raised a ValueError)
+    return [int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", name))]
 
 
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, tuple, dict})
