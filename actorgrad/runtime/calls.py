@@ -173,7 +173,7 @@ def fn_spec(fn: Any) -> str | list:
         raise TypeError(
             f"cannot call {fn!r:.80} remotely: an object of type {type(fn).__name__} is not found by "
             "name on another worker; pass a module-level function (with its arguments in "
-            "args), or hold the object in an RRef and use rref.rpc().__call__(...)"
+            "args), or a module-level class to construct the object there"
         )
     if not isinstance(mod, str) or not isinstance(qual, str) or "<" in qual:
         what = getattr(fn, "__qualname__", None) or repr(fn)
