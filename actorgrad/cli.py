@@ -653,6 +653,11 @@ def _address(text: str) -> str:
     try:
         return cluster.check_address(text)
     except ValueError:
+        if text.startswith("inproc://"):  # (a local_cluster's .address, by default)
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is the address of an in-process cluster, which only its own "
+                "process reaches: start it with local_cluster(..., transport='tcp')"
+            ) from None
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}") from None
 
 

@@ -670,6 +670,17 @@ def test_a_token_that_is_not_text_is_named(tmp_path: Path) -> None:
         ), cmd
 
 
+def test_status_of_an_in_process_clusters_address_says_what_it_is() -> None:
+    # (a local_cluster's .address, "inproc://1", got "expected HOST:PORT")
+    r = run_cli("status", "--address", "inproc://1", env=_env(ACTORGRAD_TOKEN="t"))
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1] == (
+        "actorgrad status: error: argument --address: 'inproc://1' is the address of an "
+        "in-process cluster, which only its own process reaches: start it with "
+        "local_cluster(..., transport='tcp')"
+    )
+
+
 def test_every_token_file_that_gives_no_token_is_a_usage_error(tmp_path: Path) -> None:
     # (a missing file exited 2, an empty one or a directory 1)
     empty = tmp_path / "empty.tok"
