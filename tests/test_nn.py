@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gradcheck import gradcheck
 
 import actorgrad as ag
 from actorgrad import nn
@@ -291,6 +292,27 @@ def test_linear_with_zero_features_has_torchs_gradients(in_f, out_f, lead):
     for got, name in ((m.weight.grad, "weight"), (m.bias.grad, "bias"), (x.grad, "x")):
         assert got.shape == want[name].shape, name
         np.testing.assert_array_equal(got, want[name])
+
+
+@pytest.mark.parametrize(
+    "xs, bs",
+    [
+        ((2, 4), (1, 5)),  # (backward: "gradient of shape (1,) reached a leaf of shape (1, 5)")
+        ((2, 4), (2, 5)),
+        ((2, 4), (3, 2, 5)),  # (out grows: x @ w.T + b's shape)
+        ((4,), (2, 5)),
+        ((3, 2, 4), (2, 5)),
+        ((2, 4), (2, 1)),
+        ((2, 4), ()),
+        ((2, 4), (5,)),
+    ],
+)
+def test_linear_with_a_bias_of_any_broadcasting_shape_has_the_gradients_of_its_sum(xs, bs):
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal(xs), rng.standard_normal((5, 4)), rng.standard_normal(bs)
+    gradcheck(F.linear, [x, w, b])
+    out = F.linear(ag.tensor(x), ag.tensor(w), ag.tensor(b))
+    np.testing.assert_allclose(out.data, x @ w.T + b, rtol=1e-12)
 
 
 @pytest.mark.parametrize("x, kind", [(None, "NoneType"), ("abc", "str")])

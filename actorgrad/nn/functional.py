@@ -48,14 +48,24 @@ class Linear(Function):
             ) from None
         if b is None:
             return out
-        if type(out) is np.ndarray and np.result_type(out, b) == out.dtype:
+        if type(out) is np.ndarray and np.ndim(b) == 1 and np.result_type(out, b) == out.dtype:
             out += b  # a fresh array: add the bias without another allocation
             return out
-        return out + b
+        summed = out + b
+        if summed.shape != out.shape:  # (a bias of more rows or dimensions: see backward)
+            self.saved = (x, w, (b.shape, b.dtype), out.shape)
+        return summed
 
     def backward(self, g: Any) -> tuple:
-        x, w, bmeta = self.saved
+        x, w, bmeta = self.saved[:3]
         nx, nw = self.next[0], self.next[1]
+        gb = None
+        if bmeta is not None and self.next[2] is not None:
+            # (g summed over the bias's broadcast dims, whatever its shape: a bias of
+            # shape (1, out_f) failed, "gradient of shape (out_f,) reached a leaf ...")
+            gb = _fit(g, *bmeta)
+        if len(self.saved) == 4:  # (the bias broadcast the product to a larger shape)
+            g = _fit(g, self.saved[3], g.dtype)
         # Fold leading dims so every product is one 2-d GEMM. (The rows counted, not
         # -1: with in_f or out_f 0, numpy cannot infer a -1 next to a 0.)
         rows = math.prod(x.shape[:-1])
@@ -63,10 +73,7 @@ class Linear(Function):
         x2 = x.reshape(rows, w.shape[1])
         gx = _fit(g @ w, x.shape, x.dtype) if nx is not None else None
         gw = _fit(g2.T @ x2, w.shape, w.dtype) if nw is not None else None
-        if bmeta is None:
-            return gx, gw
-        gb = _fit(g2.sum(axis=0), *bmeta) if self.next[2] is not None else None
-        return gx, gw, gb
+        return (gx, gw) if bmeta is None else (gx, gw, gb)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
