@@ -575,6 +575,14 @@ def _result(out: Any, node: Node | None) -> Tensor:
     """Wrap an op's output (numpy may hand back a scalar for 0-d results)."""
     t = _new(Tensor)
     t.data = out if type(out) is np.ndarray else np.asarray(out)
+    if node is not None and t.data.dtype.kind == "c":
+        # (the backward rules are those of real numbers: no conjugates; the gradient
+        # came out wrong, its imaginary part silently dropped at the float leaf)
+        raise TypeError(
+            f"{type(node).__name__.lower()} of a tensor that requires grad gave a "
+            f"{t.data.dtype} result: complex values are not differentiable in actorgrad "
+            "(detach() the input, or compute it under ag.no_grad())"
+        )
     t.grad = None
     t._rg = node is not None
     t.grad_fn = node

@@ -317,6 +317,30 @@ def test_an_explicit_cast_and_python_numbers_alone_and_complex_follow_torch():
     assert (ag.tensor([1, 2]) * np.float64(0.5)).dtype == np.float32  # (a number, as torch)
 
 
+@pytest.mark.parametrize(
+    "op, fn",
+    [
+        ("mul", lambda x: x * 1j),
+        ("add", lambda x: x + np.array([1j, 2j])),
+        ("where", lambda x: ag.where(np.array([True, False]), x, np.array([1j, 2j]))),
+        ("cat", lambda x: ag.cat([x, ag.tensor(np.array([1j]))])),
+    ],
+)
+def test_an_op_giving_complex_values_from_a_tensor_that_requires_grad_is_refused(op, fn):
+    # (recorded: (x * 1j).abs().sum() gave x.grad [-1, 1] for x = [1.5, -2], torch
+    # [1, -1]; the rules have no conjugates, and the imaginary part was dropped)
+    x = ag.tensor([1.5, -2.0], requires_grad=True)
+    with pytest.raises(
+        TypeError,
+        match=rf"^{op} of a tensor that requires grad gave a complex\d+ result: complex "
+        r"values are not differentiable in actorgrad \(detach\(\) the input, or",
+    ):
+        fn(x)
+    with ag.no_grad():
+        assert fn(x).dtype.kind == "c"
+    assert fn(x.detach()).dtype.kind == "c"
+
+
 def test_integer_tensors_give_the_default_float_where_an_op_makes_floats():
     i = ag.tensor([1, 2])
     assert (i / 2).dtype == (i / i).dtype == (i * 2.5).dtype == np.float32
