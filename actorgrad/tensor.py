@@ -106,6 +106,37 @@ class Tensor:
 
     __hash__ = object.__hash__
 
+    # --- copies and pickling -------------------------------------------------------
+    # (Python's defaults copied the slots as they were: a copy's gradients went to the
+    # original's AccumulateGrad, found through _accum, and pickle failed on that weak
+    # reference once a backward had made it. As torch: a leaf's data, grad and flag.)
+
+    def __copy__(self) -> Tensor:
+        """A new tensor sharing this one's arrays: a leaf of its own (its gradients are
+        its own), or for an op's output, another output of the same node."""
+        t = _new(Tensor)
+        t.data, t.grad, t._rg, t.grad_fn = self.data, self.grad, self._rg, self.grad_fn
+        t._accum = t._hooks = None
+        return t
+
+    def __deepcopy__(self, memo: dict) -> Tensor:
+        """A leaf with copies of this one's data and grad (no hooks).
+
+        >>> import copy
+        >>> w = ag.tensor([1.0], requires_grad=True)
+        >>> copy.deepcopy(w).requires_grad, copy.deepcopy(w) is w
+        (True, False)
+        """
+        _check_leaf_to_copy(self, "deep-copied")
+        t = Tensor(self.data.copy(), self._rg)
+        t.grad = None if self.grad is None else self.grad.copy()
+        memo[id(self)] = t
+        return t
+
+    def __reduce__(self) -> tuple:
+        _check_leaf_to_copy(self, "pickled")
+        return (_rebuilt, (self.data, self.grad, self._rg))
+
     # --- attributes ---------------------------------------------------------------
 
     @property
@@ -569,6 +600,21 @@ def _needs_float(dtype: Any) -> str:
 # ---------------------------------------------------------------------------------------
 # recording helpers
 # ---------------------------------------------------------------------------------------
+
+
+def _check_leaf_to_copy(t: Tensor, how: str) -> None:
+    if t.grad_fn is not None:
+        raise RuntimeError(
+            f"only leaf tensors can be {how}, not an op's output (its graph does not "
+            "come along): detach() it first"
+        )
+
+
+def _rebuilt(data: np.ndarray, grad: np.ndarray | None, requires_grad: bool) -> Tensor:
+    """A pickled leaf, unpickled (see Tensor.__reduce__)."""
+    t = Tensor(data, requires_grad)
+    t.grad = grad
+    return t
 
 
 def _result(out: Any, node: Node | None) -> Tensor:

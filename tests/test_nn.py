@@ -320,3 +320,43 @@ def test_linear_names_an_input_that_is_not_numbers(x, kind):
     # (was "linear: input of shape () does not fit weight of shape (2, 3)")
     with pytest.raises(TypeError, match=f"linear: input must be a Tensor, .* got {kind}"):
         nn.Linear(3, 2)(x)
+
+
+def test_a_deep_copy_of_a_module_gets_its_own_gradients_and_keeps_tied_parameters():
+    # (the copies' _accum led to the original's AccumulateGrad: target-network copies
+    # sent their gradients into the network they were copied from)
+    import copy
+
+    m = nn.Sequential(nn.Linear(2, 2, seed=0), nn.Linear(2, 1, seed=1))
+    m.tied = m[0].weight  # (one tensor twice: one copy of it)
+    alive = m(ag.ones(1, 2))  # (a graph over m's parameters, as in a training step)
+    target = copy.deepcopy(m)
+    assert target.tied is target[0].weight and target[0].weight is not m[0].weight
+    target(ag.ones(1, 2)).sum().backward()
+    assert m[0].weight.grad is None and m[1].weight.grad is None
+    assert target[0].weight.grad is not None and target[1].bias.grad.tolist() == [1.0]
+    alive.sum().backward()
+    np.testing.assert_array_equal(m[0].weight.grad, target[0].weight.grad)
+    shallow = copy.copy(m[1].bias)
+    (shallow * 3).sum().backward()
+    assert shallow.grad.tolist() == [4.0] and m[1].bias.grad.tolist() == [1.0]  # (grad: 1 + 3)
+
+
+def test_a_module_pickles_after_a_backward_and_an_ops_output_is_refused():
+    # (after a backward: "cannot pickle 'weakref.ReferenceType' object")
+    import copy
+    import pickle
+
+    m = nn.Linear(2, 1, seed=0)
+    out = m(ag.ones(1, 2))
+    out.sum().backward()
+    back = pickle.loads(pickle.dumps(m))
+    for name, p in back.named_parameters():
+        orig = dict(m.named_parameters())[name]
+        assert p.requires_grad and p.is_leaf and p.dtype == orig.dtype
+        np.testing.assert_array_equal(p.data, orig.data)
+        np.testing.assert_array_equal(p.grad, orig.grad)
+    for how, fn in (("pickled", pickle.dumps), ("deep-copied", copy.deepcopy)):
+        with pytest.raises(RuntimeError, match=f"^only leaf tensors can be {how}, not an op's"):
+            fn(out)
+    assert pickle.loads(pickle.dumps(out.detach())).data.tolist() == out.data.tolist()
