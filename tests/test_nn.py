@@ -360,3 +360,36 @@ def test_a_module_pickles_after_a_backward_and_an_ops_output_is_refused():
         with pytest.raises(RuntimeError, match=f"^only leaf tensors can be {how}, not an op's"):
             fn(out)
     assert pickle.loads(pickle.dumps(out.detach())).data.tolist() == out.data.tolist()
+
+
+def test_a_sequential_subclass_lists_its_own_submodules_too():
+    # (its extra submodules' parameters were missing: never trained, never saved)
+    class Net(nn.Sequential):
+        def __init__(self) -> None:
+            super().__init__(nn.Linear(2, 2, seed=0), nn.ReLU())
+            self.head = nn.Linear(2, 1, seed=1)
+            self.extras = [nn.Linear(1, 1, seed=2)]
+
+        def forward(self, x):
+            return self.extras[0](self.head(super().forward(x)))
+
+    net = Net()
+    names = ["0.weight", "0.bias", "head.weight", "head.bias", "extras.0.weight", "extras.0.bias"]
+    assert [n for n, _ in net.named_parameters()] == names
+    assert list(net.state_dict()) == names
+    net(ag.ones(1, 2)).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_a_module_that_refers_to_its_parent_lists_each_parameter_once():
+    # (parameters() looped for good: modules were walked with no memory of the seen)
+    class Node(nn.Module):
+        def __init__(self, parent=None) -> None:
+            self.w = ag.ones(1, requires_grad=True)
+            self.parent = parent
+
+    root = Node()
+    root.child = Node(parent=root)
+    root.child.again = root.child
+    assert [n for n, _ in root.named_parameters()] == ["w", "child.w"]
+    assert list(root.state_dict()) == ["w", "child.w"]

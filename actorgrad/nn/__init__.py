@@ -81,9 +81,13 @@ class Module:
         ['0.weight', '0.bias']
         """
         seen: set[int] = set()
+        walked: set[int] = set()  # (a module that refers to its parent looped for good)
         stack: list[tuple[str, Module]] = [(prefix, self)]
         while stack:
             pre, mod = stack.pop(0)
+            if id(mod) in walked:
+                continue
+            walked.add(id(mod))
             for name, value in vars(mod).items():
                 if isinstance(value, Tensor) and id(value) not in seen:
                     seen.add(id(value))
@@ -291,13 +295,18 @@ class Sequential(Module):
         self.layers = list(mods)
 
     def named_children(self) -> Iterator[tuple[str, Module]]:
-        """``(index as a string, module)`` for each module, in order.
+        """``(index as a string, module)`` for each module, in order, then any other
+        submodule attribute (of a subclass) as a Module's.
 
         >>> [name for name, _ in Sequential(ReLU(), Tanh()).named_children()]
         ['0', '1']
         """
         for i, m in enumerate(self.layers):
             yield str(i), m
+        # (a subclass's own submodules too: they were skipped, never trained or saved)
+        for name, m in super().named_children():
+            if name.partition(".")[0] != "layers":
+                yield name, m
 
     def forward(self, x: Any) -> Any:
         """Feed ``x`` through each module in turn.
