@@ -434,7 +434,7 @@ class Tensor:
         >>> x.sum().item(), x.sum(axis=0).numpy()
         (10.0, array([4., 6.], dtype=float32))
         """
-        return _unary(Sum, self, _axes(axis, self.data.ndim), keepdims)
+        return _reduce(Sum, self, axis, keepdims)
 
     def mean(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
         """Mean over ``axis`` (all axes by default).
@@ -442,7 +442,7 @@ class Tensor:
         >>> ag.tensor([[1.0, 2.0], [3.0, 4.0]]).mean(axis=1).numpy()
         array([1.5, 3.5], dtype=float32)
         """
-        return _unary(Mean, self, _axes(axis, self.data.ndim), keepdims)
+        return _reduce(Mean, self, axis, keepdims)
 
     def max(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
         """Maximum over ``axis`` (all axes by default); ties share the gradient equally.
@@ -450,7 +450,7 @@ class Tensor:
         >>> ag.tensor([[1.0, 5.0], [3.0, 4.0]]).max(axis=0).numpy()
         array([3., 5.], dtype=float32)
         """
-        return _unary(Max, self, _axes(axis, self.data.ndim), keepdims)
+        return _reduce(Max, self, axis, keepdims)
 
     def reshape(self, *shape: Any) -> Tensor:
         """``t.reshape(2, 3)`` or ``t.reshape((2, 3))``; one dimension may be -1.
@@ -656,6 +656,13 @@ def _unary(cls: type[Function], x: Tensor, *params: Any) -> Tensor:
     if a.dtype.kind in "biu":
         return _result(_int_unary(node, a, params), None)
     return _result(node.forward(a, *params), None)
+
+
+def _reduce(cls: type[Function], x: Tensor, axis: Any, keepdims: Any) -> Tensor:
+    """``x.sum``/``mean``/``max`` over ``axis``."""
+    if keepdims is not False and keepdims is not True:  # (max kept them for "no")
+        keepdims = check_bool(keepdims, "keepdims")
+    return _unary(cls, x, _axes(axis, x.data.ndim), keepdims)
 
 
 def _int_unary(node: Function, a: np.ndarray, params: tuple) -> Any:

@@ -341,6 +341,17 @@ def test_an_op_giving_complex_values_from_a_tensor_that_requires_grad_is_refused
     assert fn(x.detach()).dtype.kind == "c"
 
 
+@pytest.mark.parametrize("op", ["sum", "mean", "max"])
+def test_keepdims_must_be_a_bool_for_every_reduction(op):
+    # (max kept the dims for keepdims="no"; sum and mean passed None to numpy: "'NoneType'
+    # object cannot be interpreted as an integer", naming neither keepdims nor the op)
+    x = ag.ones(2, 3)
+    for bad in ("no", None, 1):
+        with pytest.raises(TypeError, match=r"^keepdims must be a bool \(True or False\), not"):
+            getattr(x, op)(axis=1, keepdims=bad)
+    assert getattr(x, op)(axis=1, keepdims=np.True_).shape == (2, 1)
+
+
 def test_integer_tensors_give_the_default_float_where_an_op_makes_floats():
     i = ag.tensor([1, 2])
     assert (i / 2).dtype == (i / i).dtype == (i * 2.5).dtype == np.float32
