@@ -393,3 +393,15 @@ def test_a_module_that_refers_to_its_parent_lists_each_parameter_once():
     root.child.again = root.child
     assert [n for n, _ in root.named_parameters()] == ["w", "child.w"]
     assert list(root.state_dict()) == ["w", "child.w"]
+
+
+@pytest.mark.parametrize("classes", [0, 3])
+@pytest.mark.parametrize("targets", [[], np.zeros(0, np.int64)])
+def test_cross_entropy_of_no_rows_is_nan_as_torchs(classes, targets):
+    # ((0, 0) logits: numpy's "zero-size array to reduction operation maximum"; an
+    # empty list of targets: "targets must be integer class ids, got dtype float64")
+    logits = ag.zeros(0, classes, requires_grad=True)
+    loss = F.cross_entropy(logits, targets)
+    assert np.isnan(loss.item()) and loss.dtype == np.float32
+    loss.backward()
+    assert logits.grad.shape == (0, classes)

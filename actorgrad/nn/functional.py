@@ -96,6 +96,9 @@ class CrossEntropy(Function):
 
     def forward(self, x: Any, targets: np.ndarray) -> Any:
         n = x.shape[0]
+        if n == 0:  # (the mean of no rows, as torch; (0, 0) logits have no max either)
+            self.saved = (x, targets)  # (x: as empty as its log_softmax)
+            return np.full((), np.nan, x.dtype)
         # (an inf or an all -inf row gives nan, as in torch and log_softmax: no warning)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             shifted = x - x.max(axis=1, keepdims=True)  # shift: stable for any logits
@@ -103,8 +106,6 @@ class CrossEntropy(Function):
             logp = shifted - lse
         rows = np.arange(n)
         self.saved = (logp, targets)
-        if n == 0:
-            return np.full((), np.nan, x.dtype)
         return -logp[rows, targets].mean()
 
     def backward(self, g: Any) -> tuple:
@@ -126,6 +127,8 @@ def cross_entropy(logits: Tensor, targets: Any) -> Tensor:
     """
     logits = _as_tensor(logits, "cross_entropy: logits")
     t = np.asarray(_data(targets))
+    if t.size == 0 and t.dtype.kind == "f":  # (an empty list: no ids, of no dtype)
+        t = t.astype(np.int64)
     if logits.ndim != 2:
         raise ValueError(f"cross_entropy: logits must be (N, C), got shape {logits.shape}")
     if t.dtype.kind not in "iu":
