@@ -1633,21 +1633,31 @@ def test_a_signal_to_the_process_group_of_run_reaches_the_script_once(
 def test_the_script_of_run_ends_when_run_is_killed(tmp_path: Path) -> None:
     # The script has a process group of its own (so signals reach it once): a SIGKILL
     # of run's group no longer reaches it, run's death must.
+    # The processes the script started ran on (only the script heard of run's death):
+    # now its whole group gets SIGTERM, then SIGKILL what ignores it.
     script = tmp_path / "wait.py"
     script.write_text(
-        "import os, signal\n"
+        "import os, signal, subprocess, sys\n"
         "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
-        "print('pid', os.getpid(), flush=True)\n"
+        "kids = [subprocess.Popen([sys.executable, '-c', code]) for code in (\n"
+        "    'import time; time.sleep(3600)',\n"
+        "    'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)',\n"
+        ")]\n"
+        "print('pids', os.getpid(), *(k.pid for k in kids), flush=True)\n"
         "signal.sigwait({signal.SIGTERM})\n"
         "print('terminated', flush=True)\n"
     )
     r = Running("run", "-n", "1", str(script))
+    pids: set[int] = set()
     try:
-        pid = int(r.expect("pid"))
+        pids = {int(p) for p in r.expect("pids").split()}
         os.killpg(r.proc.pid, signal.SIGKILL)  # run, its group; the script is not in it
         assert r.expect("terminated") == ""
-        assert wait_gone({pid}, 10) == set()
+        assert wait_gone(pids, cli.GUARD_GRACE + 10) == set()
     finally:
+        for pid in pids:  # (a failure's leftovers hold our pipe open: stop() would wait)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         r.stop()
 
 
