@@ -707,29 +707,13 @@ async def test_a_context_id_not_made_by_its_named_initiator_is_refused_so(sock_c
     from actorgrad.dist.context import CONTEXT_ID_BITS, state_of
 
     forged = ((sock_cluster.driver.id + 9) << CONTEXT_ID_BITS) | 5
-    reader, writer = await _handshaken(sock_cluster)
-    (n,) = LEN.unpack(await reader.readexactly(8))
-    wire.decode_frame(await reader.readexactly(n))  # (its hello)
-    header = msgpack.packb([K_REQ, 7, "builtins:repr", MODE_RPC, [forged, "driver", [3]]])
-    body = msgpack.packb([[1], None])
-    frame = bytearray(wire._FIXED.pack(wire._TAG, len(header), 0, len(body)))
-    await _send_frame(writer, bytes(frame + header + body))
-    async with asyncio.timeout(5):
-        while True:
-            (n,) = LEN.unpack(await reader.readexactly(8))
-            f = wire.decode_frame(await reader.readexactly(n))
-            if f.header[0] == 2:
-                break
-    err = f.body()
-    assert isinstance(err, ag.RemoteError), err
+    err = await _raw_call_error(sock_cluster, [forged, "driver", [3]], msgpack.packb([[1], None]))
     assert err.remote_type == "actorgrad.errors.ContextError"
     assert (
         f"context {forged:#x} was not made by the worker 'driver' of this cluster: the id "
         f"is of cluster id {sock_cluster.driver.id + 9}, 'driver' has cluster id "
         f"{sock_cluster.driver.id} (an earlier process of that name, or a forged id)"
     ) in str(err), err
-    writer.close()
-    await writer.wait_closed()
     assert not state_of(_target(sock_cluster)).contexts  # (w1 kept none of it)
     await _valid_client_works(sock_cluster)
 
@@ -750,13 +734,22 @@ def test_a_calls_context_id_out_of_the_id_range_is_malformed_metadata():
 @pytest.mark.parametrize("payload", [[[1], {"a": 1}], ["w1", -1], ["w1", 0], ["", 1]])
 async def test_an_rref_of_a_malformed_owner_or_id_gets_an_error_reply(sock_cluster, payload):
     # (anything was taken: an RRef owned by [1] with the id {'a': 1})
-    reader, writer = await _handshaken(sock_cluster)
-    (n,) = LEN.unpack(await reader.readexactly(8))
-    wire.decode_frame(await reader.readexactly(n))  # (its hello)
-    header = msgpack.packb([K_REQ, 7, "builtins:repr", MODE_RPC, None])
     body = msgpack.packb(
         [[msgpack.ExtType(wire.EXT_REF, msgpack.packb(payload))], None], use_bin_type=True
     )
+    err = await _raw_call_error(sock_cluster, None, body)
+    assert err.remote_type == "actorgrad.errors.ProtocolError"
+    assert "malformed RRef: owner" in str(err), err
+    await _valid_client_works(sock_cluster)
+
+
+async def _raw_call_error(c, meta, body: bytes) -> ag.RemoteError:
+    """The error reply of w1 to an rpc of ``builtins:repr`` with metadata ``meta`` and
+    the encoded ``body``, sent by a raw client."""
+    reader, writer = await _handshaken(c)
+    (n,) = LEN.unpack(await reader.readexactly(8))
+    wire.decode_frame(await reader.readexactly(n))  # (its hello)
+    header = msgpack.packb([K_REQ, 7, "builtins:repr", MODE_RPC, meta])
     frame = bytearray(wire._FIXED.pack(wire._TAG, len(header), 0, len(body)))
     await _send_frame(writer, bytes(frame + header + body))
     async with asyncio.timeout(5):
@@ -765,10 +758,8 @@ async def test_an_rref_of_a_malformed_owner_or_id_gets_an_error_reply(sock_clust
             f = wire.decode_frame(await reader.readexactly(n))
             if f.header[0] == 2:
                 break
-    err = f.body()
-    assert isinstance(err, ag.RemoteError), err
-    assert err.remote_type == "actorgrad.errors.ProtocolError"
-    assert "malformed RRef: owner" in str(err), err
     writer.close()
     await writer.wait_closed()
-    await _valid_client_works(sock_cluster)
+    err = f.body()
+    assert isinstance(err, ag.RemoteError), err
+    return err
