@@ -1351,6 +1351,58 @@ async def test_many_rrefs_forked_through_several_workers_are_all_freed(cluster):
     await _owned_count("w1")
 
 
+async def test_rref_releases_that_could_not_be_sent_go_out_once_the_owner_is_reachable(
+    cluster, monkeypatch
+):
+    # An owner hung a few seconds (its connection closed by the heartbeat, the
+    # reconnect timed out) missed the releases of RRefs dropped meanwhile: they were
+    # dropped, and it kept the values for good, its holders still in the cluster.
+    from actorgrad.runtime import rref
+
+    monkeypatch.setattr(rref, "RETRY_DELAY", 0.05)
+    driver = cluster.driver
+    refs = [await ag.remote("w1", make_counter, (i,)) for i in range(5)]
+    assert await ag.rpc("w1", owned) == 5
+    real, refused = driver.notify, []
+
+    def unreachable(dest, fn, args=(), on_error=None):
+        if dest == "w1" and len(refused) < 8:  # (as the failed reconnects would)
+            refused.append(args[0])
+            driver.loop.call_soon(on_error, ag.WorkerLost("no connection to 'w1'"))
+            return
+        real(dest, fn, args, on_error)
+
+    monkeypatch.setattr(driver, "notify", unreachable)
+    del refs
+    gc.collect()
+    await _owned_count("w1")
+    assert len(refused) == 8 and refused[5:] == refused[:3]  # (sent again, in order)
+    assert driver._rref_unsent == {}
+
+
+async def test_rref_releases_for_an_owner_that_left_are_dropped(cluster, monkeypatch):
+    from actorgrad.runtime import rref
+
+    monkeypatch.setattr(rref, "RETRY_DELAY", 3600.0)  # (no retry before it leaves)
+    driver = cluster.driver
+    r = await ag.remote("w3", make_counter, (1,))
+
+    def unreachable(dest, fn, args=(), on_error=None):
+        driver.loop.call_soon(on_error, ag.WorkerLost(f"no connection to {dest!r}"))
+
+    monkeypatch.setattr(driver, "notify", unreachable)
+    del r
+    gc.collect()
+    async with asyncio.timeout(5):
+        while "w3" not in driver._rref_unsent:  # noqa: ASYNC110 (no event for it)
+            await asyncio.sleep(0.01)
+    monkeypatch.undo()
+    await cluster.workers[2].shutdown()
+    async with asyncio.timeout(5):
+        while "w3" in driver._rref_unsent:  # noqa: ASYNC110 (no event for it)
+            await asyncio.sleep(0.01)
+
+
 async def test_rref_counts_of_a_worker_that_left_are_dropped(cluster):
     r = await ag.remote("w1", make_counter, (1,))
     assert await ag.rpc("w3", keep, (r,)) == 1

@@ -233,6 +233,31 @@ async def test_stopped_process_worker_is_detected_by_heartbeat():
             os.kill(c.pids[0], signal.SIGCONT)
 
 
+async def test_rrefs_dropped_while_their_owner_was_hung_are_freed_once_it_runs_again():
+    # The releases could not reach the stopped owner (its connection closed by the
+    # heartbeat, the reconnect timed out): they were dropped, and it kept the values
+    # for good, though nobody held them and everyone stayed in the cluster.
+    driver = ag.runtime.api.current_worker
+    async with ag.local_cluster(1, processes=True) as c:
+        refs = [await ag.remote("w1", list, ([i],)) for i in range(5)]
+        assert await ag.rpc("w1", owned) == 5
+        os.kill(c.pids[0], signal.SIGSTOP)
+        try:
+            with pytest.raises(ag.WorkerLost, match="heartbeat"):
+                await ag.rpc("w1", add, (1, 2), timeout=rworker.HEARTBEAT_TIMEOUT + 10)
+            del refs
+            gc.collect()
+            async with asyncio.timeout(rworker.PEER_CONNECT_TIMEOUT + 10):
+                while "w1" not in driver()._rref_unsent:  # noqa: ASYNC110 (no event)
+                    await asyncio.sleep(0.05)  # (until the reconnect gave up)
+        finally:
+            os.kill(c.pids[0], signal.SIGCONT)
+        async with asyncio.timeout(20):
+            while await ag.rpc("w1", owned):  # noqa: ASYNC110 (no event for it)
+                await asyncio.sleep(0.05)
+        assert driver()._rref_unsent == {}
+
+
 def run_driver(script: Path) -> subprocess.CompletedProcess[str]:
     """Run a driver script as a user would (``python script.py`` in its folder, this
     checkout importable, no cluster in the environment); its output captured."""

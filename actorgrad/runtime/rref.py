@@ -18,6 +18,9 @@ after the new one's first counts, and drops only the dead one's.)
 * A holder that leaves the cluster (gracefully, or dead: the registry sees its join
   connection close, or a new process joins under its name) loses all its counts. A
   mere broken connection does not free anything: the holder may still be alive.
+* These one-way messages are not lost to a peer that is hung for a while: one that
+  cannot be handed to a connection is sent again, with those behind it, until it
+  goes out or the peer leaves the cluster (``_tell``).
 * A fork's count waits on its receiver: the owner remembers, per (forker, receiver),
   the forks registered and not yet accepted, and a receiver that decodes a forked RRef
   tells the owner (a one-way ``_accept``). When a forker leaves with forks pending,
@@ -142,7 +145,10 @@ def peer_lost(worker: Worker, name: str, pid: int) -> None:
         if receiver == worker.name:
             worker.spawn(_settle_here(worker, gone), name="settle forks")
         else:
-            worker.notify(receiver, _settle_forks, (name, pid, worker.name), on_error=_ignore)
+            _tell(worker, receiver, _settle_forks, (name, pid, worker.name))
+    box = worker._rref_unsent.get(name)
+    if box is not None and box.pid == pid:  # (its counts went: nothing to tell it)
+        del worker._rref_unsent[name]
 
 
 def owned_value(worker: Worker, rid: Any) -> Any:
@@ -168,7 +174,64 @@ def _release_on_loop(worker: Worker, owner: str, rid: int) -> None:
     if owner == worker.name:
         _sub(worker, rid, (worker.name, worker.id))
     else:
-        worker.notify(owner, "actorgrad.runtime.rref:_decref", (rid, worker.name, worker.id))
+        # (by its wire name: the most frequent of them, fn_spec spared)
+        _tell(worker, owner, "actorgrad.runtime.rref:_decref", (rid, worker.name, worker.id))
+
+
+#: Seconds between attempts to send a peer the RRef messages it could not be sent.
+RETRY_DELAY = 1.0
+
+
+class _Unsent:
+    """RRef messages to a peer that could not be handed to a connection, in order."""
+
+    __slots__ = ("pid", "msgs")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid  # (the cluster id of the process they are for)
+        self.msgs: list[tuple[Any, tuple]] = []
+
+
+def _tell(worker: Worker, dest: str, fn: Any, args: tuple) -> None:
+    """Send ``dest`` the one-way RRef message ``fn(*args)``, in order with the others.
+
+    One that cannot be handed to a connection (``dest`` hung a few seconds: the
+    heartbeat closed its connection, the reconnect timed out) is kept, with the later
+    ones to ``dest`` behind it, and sent again every ``RETRY_DELAY`` s until it goes out
+    or ``dest`` leaves the cluster (its counts go then, see peer_lost). Dropped, a
+    decref kept the value on its owner for good."""
+    box = worker._rref_unsent.get(dest)
+    if box is not None:
+        member = worker.members.get(dest)
+        if member is not None and member[0] == box.pid:
+            box.msgs.append((fn, args))
+            return
+        del worker._rref_unsent[dest]  # (for a process that is gone)
+    worker.notify(dest, fn, args, on_error=functools.partial(_unsent, worker, dest, fn, args))
+
+
+def _unsent(worker: Worker, dest: str, fn: Any, args: tuple, exc: BaseException) -> None:
+    if worker._closing or worker.closed:
+        return
+    member = worker.members.get(dest)
+    if member is None:  # (not a member: gone, and its counts with it)
+        return
+    box = worker._rref_unsent.get(dest)
+    if box is None or box.pid != member[0]:
+        box = worker._rref_unsent[dest] = _Unsent(member[0])
+        worker.loop.call_later(RETRY_DELAY, _resend, worker, dest, box)
+    box.msgs.append((fn, args))
+
+
+def _resend(worker: Worker, dest: str, box: _Unsent) -> None:
+    if worker._rref_unsent.get(dest) is not box or worker.closed:
+        return
+    del worker._rref_unsent[dest]
+    member = worker.members.get(dest)
+    if member is None or member[0] != box.pid:  # (gone or replaced: its counts went)
+        return
+    for fn, args in box.msgs:  # (in order; one that fails again starts a new box)
+        _tell(worker, dest, fn, args)
 
 
 class RRef(WireRef):
@@ -393,7 +456,7 @@ class Hooks:
             if owner == w.name:
                 _accepted(w, rid, fk, (w.name, w.id))
             else:
-                w.notify(owner, _accept, (rid, *fk, w.name, w.id), on_error=_ignore)
+                _tell(w, owner, _accept, (rid, *fk, w.name, w.id))
         return RRef(w, owner, rid)
 
     def abandoned(self) -> None:
@@ -522,7 +585,7 @@ def _registered(hooks: Hooks, owner: str, entries: list[list], fut: asyncio.Futu
 def _take_back(worker: Worker, owner: str, rid: int, holder: Key) -> None:
     """A fork registered for a message that was not sent: its count, and the owner's
     record of it as pending, go back."""
-    worker.notify(owner, _unfork, (rid, *holder, worker.name, worker.id), on_error=_ignore)
+    _tell(worker, owner, _unfork, (rid, *holder, worker.name, worker.id))
 
 
 # ---- internal RPC targets (run on the owner) -------------------------------------------
@@ -599,7 +662,7 @@ async def _settle_forks(forker: str, forker_id: int, owner: str) -> None:
 
     w = current_worker()
     await _handled_all_of(w, forker)
-    w.notify(owner, _forks_settled, (forker, forker_id, w.name, w.id), on_error=_ignore)
+    _tell(w, owner, _forks_settled, (forker, forker_id, w.name, w.id))
 
 
 async def _settle_here(worker: Worker, forker: Key) -> None:
@@ -622,10 +685,6 @@ def _forks_settled(forker: str, forker_id: int, holder: str, holder_id: int) -> 
     from actorgrad.runtime.worker import current_worker
 
     _forks_settled_here(current_worker(), _key_of(forker, forker_id), _key_of(holder, holder_id))
-
-
-def _ignore(exc: BaseException) -> None:
-    """(an owner that cannot be told is gone: its counts went with it)"""
 
 
 @inline

@@ -550,6 +550,8 @@ class Worker:
         # rrefs owned here
         self.owned: dict[int, rref.Owned] = {}
         self._rref_ids = itertools.count(1)
+        # peer -> RRef messages it could not be sent yet (see rref._tell)
+        self._rref_unsent: dict[str, Any] = {}
         self._ping = wire.encode_frame([K_PING], None)
 
     # ------------------------------------------------------------------ public bits
