@@ -381,6 +381,17 @@ def test_a_sequential_subclass_lists_its_own_submodules_too():
     assert all(p.grad is not None for p in net.parameters())
 
 
+def test_a_slice_of_a_sequential_is_a_sequential_sharing_its_layers():
+    # (it was a list: no forward, no parameters(), no state_dict())
+    net = nn.Sequential(nn.Linear(2, 3, seed=0), nn.ReLU(), nn.Linear(3, 1, seed=1))
+    head = net[:2]
+    assert isinstance(head, nn.Sequential) and len(head) == 2
+    assert head[0] is net[0] and list(head.state_dict()) == ["0.weight", "0.bias"]
+    x = ag.ones(4, 2)
+    np.testing.assert_array_equal(net[2](head(x)).data, net(x).data)
+    assert isinstance(net[-1], nn.Linear)
+
+
 def test_a_module_that_refers_to_its_parent_lists_each_parameter_once():
     # (parameters() looped for good: modules were walked with no memory of the seen)
     class Node(nn.Module):

@@ -318,7 +318,18 @@ class Sequential(Module):
             x = m(x)
         return x
 
-    def __getitem__(self, i: int) -> Module:
+    def __getitem__(self, i: int | slice) -> Module:
+        """The module at index ``i``; a slice is a Sequential of those (as torch's),
+        sharing their parameters.
+
+        >>> Sequential(Linear(2, 3), ReLU(), Linear(3, 1))[:2]
+        Sequential(
+          (0): Linear(in_f=2, out_f=3, bias=True)
+          (1): ReLU()
+        )
+        """
+        if isinstance(i, slice):  # (a list, which has no forward, parameters or state)
+            return Sequential(*self.layers[i])
         return self.layers[i]
 
     def __len__(self) -> int:
