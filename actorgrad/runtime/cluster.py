@@ -82,8 +82,13 @@ def check_bind(host: Any, token: str | None) -> str:
     well-formed, and a loopback address unless there is a cluster ``token``."""
     host = check_host(host)
     if not is_loopback(host) and not token:
+        try:
+            ipaddress.ip_address(host)
+            what = "not a loopback address"
+        except ValueError:  # (not resolved here: a name that does not resolve said so)
+            what = "a host name: only loopback addresses and localhost bind without one"
         raise ValueError(
-            f"refusing to bind {host!r} (not a loopback address) without a cluster token: "
+            f"refusing to bind {host!r} ({what}) without a cluster token: "
             "pass token=... or set ACTORGRAD_TOKEN"
         )
     return host
