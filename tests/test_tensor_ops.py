@@ -352,6 +352,18 @@ def test_keepdims_must_be_a_bool_for_every_reduction(op):
     assert getattr(x, op)(axis=1, keepdims=np.True_).shape == (2, 1)
 
 
+@pytest.mark.parametrize("op", ["sum", "mean"])
+@pytest.mark.parametrize("axis", [0, (0, 1)])
+def test_a_long_float32_reduction_over_leading_axes_is_as_exact_as_torchs(op, axis):
+    # (numpy adds such rows one after another in float32: off by ~1e-5 for 1e5 rows,
+    # ~100x torch's error)
+    a = np.random.default_rng(0).random((20_000, 5, 3)).astype(np.float32)
+    got = getattr(ag.tensor(a), op)(axis=axis)
+    want = getattr(a.astype(np.float64), op)(axis=axis)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got.data, want, rtol=2e-7)
+
+
 def test_integer_tensors_give_the_default_float_where_an_op_makes_floats():
     i = ag.tensor([1, 2])
     assert (i / 2).dtype == (i / i).dtype == (i * 2.5).dtype == np.float32
