@@ -1465,18 +1465,19 @@ class LogSoftmax(Function):
 WIDE_SUM_FROM = 1024
 
 
-def _accumulator(a: Any, axes: tuple[int, ...] | None, n: int) -> Any:
-    """The dtype to sum ``a`` over ``axes`` in (``n`` elements per output): None for
-    its own, float64 for a long reduction of a narrow float over axes that are not the
-    trailing ones. Numpy sums those one row after another (its pairwise summation runs
-    along the contiguous axis only): a float32 sum of 1e5 rows was off by 1e-5, ~100x
-    torch's; the float64 accumulator costs 1.2x-3x the time, so short ones keep numpy's."""
+def _accumulator(a: Any, axes: tuple[int, ...] | None) -> Any:
+    """The dtype to sum ``a`` over ``axes`` in: None for its own, float64 for a long
+    reduction (``WIDE_SUM_FROM`` elements per output or more) of a narrow float over
+    axes that are not the trailing ones. Numpy sums those one row after another (its
+    pairwise summation runs along the contiguous axis only): a float32 sum of 1e5 rows
+    was off by 1e-5, ~100x torch's; the float64 accumulator costs 1.2x-3x the time, so
+    short ones keep numpy's. (The cheap tests first: this is on every reduction.)"""
     if (
         axes is None
-        or n < WIDE_SUM_FROM
         or a.dtype.kind != "f"
         or a.dtype.itemsize > 4
         or axes == tuple(range(a.ndim - len(axes), a.ndim))
+        or math.prod([a.shape[i] for i in axes]) < WIDE_SUM_FROM
     ):
         return None
     return np.float64
@@ -1487,10 +1488,9 @@ class Sum(Function):
 
     def forward(self, a: Any, axes: tuple[int, ...] | None, keepdims: bool) -> Any:
         self.saved = (a.shape, axes, keepdims)
-        if axes is not None and a.dtype.kind == "f":
-            wide = _accumulator(a, axes, math.prod([a.shape[i] for i in axes]))
-            if wide is not None:
-                return a.sum(axis=axes, keepdims=keepdims, dtype=wide).astype(a.dtype)
+        wide = _accumulator(a, axes)
+        if wide is not None:
+            return a.sum(axis=axes, keepdims=keepdims, dtype=wide).astype(a.dtype)
         return a.sum(axis=axes, keepdims=keepdims)
 
     def backward(self, g: Any) -> tuple:
@@ -1508,7 +1508,7 @@ class Mean(Function):
             # (in mean's dtype: float64 for ints and bools, as for a non-empty mean)
             dtype = a.dtype if a.dtype.kind in "fc" else np.dtype(np.float64)
             return np.full(np.sum(a, axis=axes, keepdims=keepdims).shape, np.nan, dtype)
-        wide = _accumulator(a, axes, n)
+        wide = _accumulator(a, axes)
         if wide is not None:
             return a.mean(axis=axes, keepdims=keepdims, dtype=wide).astype(a.dtype)
         return a.mean(axis=axes, keepdims=keepdims)

@@ -33,7 +33,8 @@ class Linear(Function):
     def forward(self, xs: list[Any]) -> Any:
         x, w = xs[0], xs[1]
         b = xs[2] if len(xs) == 3 else None
-        self.saved = (x, w, None if b is None else (b.shape, b.dtype))
+        # (the last: the product's shape, when a bias broadcast it larger; see backward)
+        self.saved = (x, w, None if b is None else (b.shape, b.dtype), None)
         try:
             out = np.matmul(x, w.T)
         except (TypeError, ValueError):
@@ -52,20 +53,20 @@ class Linear(Function):
             out += b  # a fresh array: add the bias without another allocation
             return out
         summed = out + b
-        if summed.shape != out.shape:  # (a bias of more rows or dimensions: see backward)
-            self.saved = (x, w, (b.shape, b.dtype), out.shape)
+        if summed.shape != out.shape:  # (a bias of more rows or dimensions)
+            self.saved = (*self.saved[:3], out.shape)
         return summed
 
     def backward(self, g: Any) -> tuple:
-        x, w, bmeta = self.saved[:3]
+        x, w, bmeta, product = self.saved
         nx, nw = self.next[0], self.next[1]
         gb = None
         if bmeta is not None and self.next[2] is not None:
             # (g summed over the bias's broadcast dims, whatever its shape: a bias of
             # shape (1, out_f) failed, "gradient of shape (out_f,) reached a leaf ...")
             gb = _fit(g, *bmeta)
-        if len(self.saved) == 4:  # (the bias broadcast the product to a larger shape)
-            g = _fit(g, self.saved[3], g.dtype)
+        if product is not None:  # (the bias broadcast the product to a larger shape)
+            g = _fit(g, product, g.dtype)
         # Fold leading dims so every product is one 2-d GEMM. (The rows counted, not
         # -1: with in_f or out_f 0, numpy cannot infer a -1 next to a 0.)
         rows = math.prod(x.shape[:-1])

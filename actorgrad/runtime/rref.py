@@ -200,14 +200,24 @@ def _tell(worker: Worker, dest: str, fn: Any, args: tuple) -> None:
     ones to ``dest`` behind it, and sent again every ``RETRY_DELAY`` s until it goes out
     or ``dest`` leaves the cluster (its counts go then, see peer_lost). Dropped, a
     decref kept the value on its owner for good."""
+    box = _live_box(worker, dest)
+    if box is not None:
+        box.msgs.append((fn, args))
+        return
+    worker.notify(dest, fn, args, on_error=functools.partial(_unsent, worker, dest, fn, args))
+
+
+def _live_box(worker: Worker, dest: str) -> _Unsent | None:
+    """The messages kept for ``dest``, if they are for the process of that name that is
+    a member now; ones kept for a process that is gone or replaced are dropped (its
+    counts went with it)."""
     box = worker._rref_unsent.get(dest)
     if box is not None:
         member = worker.members.get(dest)
         if member is not None and member[0] == box.pid:
-            box.msgs.append((fn, args))
-            return
-        del worker._rref_unsent[dest]  # (for a process that is gone)
-    worker.notify(dest, fn, args, on_error=functools.partial(_unsent, worker, dest, fn, args))
+            return box
+        del worker._rref_unsent[dest]
+    return None
 
 
 def _unsent(worker: Worker, dest: str, fn: Any, args: tuple, exc: BaseException) -> None:
@@ -216,20 +226,17 @@ def _unsent(worker: Worker, dest: str, fn: Any, args: tuple, exc: BaseException)
     member = worker.members.get(dest)
     if member is None:  # (not a member: gone, and its counts with it)
         return
-    box = worker._rref_unsent.get(dest)
-    if box is None or box.pid != member[0]:
+    box = _live_box(worker, dest)
+    if box is None:
         box = worker._rref_unsent[dest] = _Unsent(member[0])
         worker.loop.call_later(RETRY_DELAY, _resend, worker, dest, box)
     box.msgs.append((fn, args))
 
 
 def _resend(worker: Worker, dest: str, box: _Unsent) -> None:
-    if worker._rref_unsent.get(dest) is not box or worker.closed:
+    if worker.closed or _live_box(worker, dest) is not box:
         return
     del worker._rref_unsent[dest]
-    member = worker.members.get(dest)
-    if member is None or member[0] != box.pid:  # (gone or replaced: its counts went)
-        return
     for fn, args in box.msgs:  # (in order; one that fails again starts a new box)
         _tell(worker, dest, fn, args)
 

@@ -988,9 +988,9 @@ async def handshake(
                     raise AuthError(f"handshake with {where} refused")
     except TimeoutError:
         conn.abort(AuthError("handshake deadline"))
-        if not hello and _foreign(conn):
+        if not hello and (junk := _foreign(conn)):
             raise AuthError(
-                f"{where}: not an actorgrad peer (it sent {_foreign(conn)!r}..., then "
+                f"{where}: not an actorgrad peer (it sent {junk!r}..., then "
                 f"nothing for {deadline:g} s)"
             ) from None
         if server:
@@ -1002,10 +1002,9 @@ async def handshake(
         ) from None
     except (ConnectionError, OSError) as exc:
         conn.abort(exc)
-        if not hello and _foreign(conn):
+        if not hello and (junk := _foreign(conn)):
             raise AuthError(
-                f"{where}: not an actorgrad peer (it sent {_foreign(conn)!r}... and closed "
-                "the connection)"
+                f"{where}: not an actorgrad peer (it sent {junk!r}... and closed the connection)"
             ) from exc
         if not server and not hello:
             # (closed before saying anything: a process that died, its kernel having
