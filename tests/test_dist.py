@@ -1475,6 +1475,27 @@ async def test_misuse_errors():
                 ag.dist.get_gradients(bad)
 
 
+async def test_a_numpy_integer_context_id_works_everywhere():
+    # (an id kept in a numpy array, e.g. one per micro-batch, comes back as np.int64;
+    # it was refused as "not int64", and the optimizer sent it on to the owners)
+    av, xv = arr(3), arr(3)
+    async with cluster():
+        ra = await ag.remote("w1", F.make_param, (av,))
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [ra], lr=0.5)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            ids = np.array([ctx])
+            a = await ra.to_here()
+            await ag.dist.backward(ids[0], [(a * x).sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(ids[0])[x], av, rtol=1e-12)
+            await opt.step(np.uint64(ctx))
+        np.testing.assert_allclose((await ra.to_here()).numpy(), av - 0.5 * xv, rtol=1e-12)
+        with pytest.raises(ag.ContextError, match="not bool np.True_"):
+            ag.dist.get_gradients(np.bool_(True))
+        with pytest.raises(ag.ContextError, match="not str 'x'"):
+            await opt.step("x")
+
+
 async def test_a_pass_refused_for_another_contexts_tensor_leaves_that_graph_whole(mode):
     # y = w * x stays on w1 (an RRef) with context a's graph; context b fetches it and
     # runs backward: refused when it reaches a's recv node, but the nodes it ran on

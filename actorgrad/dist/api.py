@@ -265,7 +265,7 @@ def get_gradients(context_id: int) -> dict[Tensor, np.ndarray]:
     keep or change it.
 
     Raises:
-        ContextError: unknown or released context id (or not an int).
+        ContextError: unknown or released context id (or not an integer).
 
     Example::
 

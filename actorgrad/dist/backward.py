@@ -966,7 +966,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
         ValueError: empty roots, a root that does not require grad or has more than
             one element.
         TypeError: roots not a list (or a single Tensor) of Tensors.
-        ContextError: unknown or released context id (or not an int).
+        ContextError: unknown or released context id (or not an integer).
         RemoteError: an error in another worker's part of the pass (names that
             worker); an error in this worker's own part is raised as it is.
         WorkerLost: a worker holding part of the graph died during the pass.
@@ -985,6 +985,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
     worker = current_worker()
     st = state_of(worker)
     ctx = st.get(context_id)
+    context_id = ctx.id  # (an int: it travels, a numpy integer would not)
     if ctx.lock is None:
         ctx.lock = asyncio.Lock()
     async with ctx.lock:  # two backward calls in one context run one after the other

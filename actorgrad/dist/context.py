@@ -26,6 +26,7 @@ import contextvars
 import functools
 import itertools
 import logging
+import operator
 import threading
 import time
 import weakref
@@ -353,6 +354,26 @@ class DistContext:
         return dropped
 
 
+def as_context_id(x: Any) -> int:
+    """``x`` as a context id: an int, or any integer that converts exactly (a numpy
+    integer, as indexing takes one); not a bool.
+
+    Raises:
+        ContextError: anything else (the API says ContextError for a bad id).
+    """
+    if type(x) is int:
+        return x
+    if not isinstance(x, bool):
+        try:
+            return operator.index(x)
+        except TypeError:
+            pass
+    raise ContextError(
+        "a distributed autograd context id is the int that `async with "
+        f"ag.dist.context() as ctx` gives, not {type(x).__name__} {short_repr(x)}"
+    )
+
+
 class DistState:
     """Per-worker state of distributed autograd (lives in ``worker.ext["dist"]``)."""
 
@@ -400,12 +421,9 @@ class DistState:
     def get(self, ctx_id: int) -> DistContext:
         ctx = self.contexts.get(ctx_id) if type(ctx_id) is int else None
         if ctx is None:
-            if not isinstance(ctx_id, int) or type(ctx_id) is bool:  # (the API says ContextError)
-                raise ContextError(
-                    "a distributed autograd context id is the int that `async with "
-                    f"ag.dist.context() as ctx` gives, not {type(ctx_id).__name__} "
-                    f"{short_repr(ctx_id)}"
-                )
+            ctx_id = as_context_id(ctx_id)
+            ctx = self.contexts.get(ctx_id)
+        if ctx is None:
             raise ContextError(
                 f"unknown or released distributed autograd context {ctx_id:#x} "
                 f"on worker {self.worker.name!r}"

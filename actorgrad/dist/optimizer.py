@@ -12,7 +12,7 @@ import numpy as np
 
 from actorgrad import wire
 from actorgrad.dist.api import get_gradients
-from actorgrad.dist.context import is_unused
+from actorgrad.dist.context import as_context_id, is_unused
 from actorgrad.errors import ContextError, RemoteError, clip_text, refusal_type
 from actorgrad.optim import Optimizer
 from actorgrad.runtime import RRef, remote
@@ -208,6 +208,7 @@ class DistributedOptimizer:
                 await ag.dist.backward(ctx, [loss])
                 await opt.step(ctx)     # inside: a released context raises ContextError
         """
+        context_id = as_context_id(context_id)  # (it travels: a numpy integer would not)
         refs = await self._setup()
         owners = list(refs)
         # (all of them settle first: raising at the first failure left the user looking
