@@ -198,8 +198,13 @@ def test_functional_losses_and_embedding_take_numpy_arrays_and_return_tensors():
         F.mse_loss(None, np.zeros(2))
     with pytest.raises(TypeError, match="embedding: weight must be a Tensor.*got dict"):
         F.embedding([0], {})
-    with pytest.raises(ValueError, match="embedding: weight must be a .num, dim. table"):
+    with pytest.raises(
+        ValueError, match=r"embedding: weight must be a .num, dim. table, got shape \(\)"
+    ):
         F.embedding([0], ag.tensor(1.0))
+    for shape in [(4,), (4, 2, 2)]:  # (as torch: they gave scalars or matrices per id)
+        with pytest.raises(ValueError, match=rf"table, got shape \({shape[0]},"):
+            F.embedding([0], ag.zeros(*shape))
 
 
 @pytest.mark.parametrize(
@@ -404,6 +409,18 @@ def test_a_module_that_refers_to_its_parent_lists_each_parameter_once():
     root.child.again = root.child
     assert [n for n, _ in root.named_parameters()] == ["w", "child.w"]
     assert list(root.state_dict()) == ["w", "child.w"]
+
+
+def test_named_parameters_prefix_is_joined_by_a_dot_as_in_torch():
+    # (it was glued on: prefix="net" gave "net0.weight", torch gives "net.0.weight")
+    net = nn.Sequential(nn.Linear(2, 3, seed=0), nn.ReLU(), nn.Linear(3, 1, bias=False))
+    assert [n for n, _ in net.named_parameters(prefix="net")] == [
+        "net.0.weight",
+        "net.0.bias",
+        "net.2.weight",
+    ]
+    with pytest.raises(TypeError, match="prefix must be a str, got int"):
+        list(net.named_parameters(prefix=1))
 
 
 @pytest.mark.parametrize("classes", [0, 3])

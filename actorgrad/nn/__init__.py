@@ -75,14 +75,19 @@ class Module:
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
         """``(dotted name, tensor)`` for every tensor attribute, submodules included;
-        a tensor shared by several modules is listed once. ``prefix`` starts every name.
+        a tensor shared by several modules is listed once. A ``prefix`` starts every
+        name, joined by a dot (as in PyTorch).
 
         >>> [name for name, _ in Sequential(Linear(2, 3), ReLU()).named_parameters()]
         ['0.weight', '0.bias']
+        >>> [name for name, _ in Linear(2, 3).named_parameters(prefix="fc")]
+        ['fc.weight', 'fc.bias']
         """
+        if not isinstance(prefix, str):
+            raise TypeError(f"named_parameters: prefix must be a str, got {type(prefix).__name__}")
         seen: set[int] = set()
         walked: set[int] = set()  # (a module that refers to its parent looped for good)
-        stack: list[tuple[str, Module]] = [(prefix, self)]
+        stack: list[tuple[str, Module]] = [(prefix + "." if prefix else "", self)]
         while stack:
             pre, mod = stack.pop(0)
             if id(mod) in walked:

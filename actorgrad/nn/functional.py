@@ -184,8 +184,8 @@ def embedding(ids: Any, weight: Tensor) -> Tensor:
         (1, 2, 3)
     """
     weight = _as_tensor(weight, "embedding: weight")
-    if weight.ndim == 0:
-        raise ValueError("embedding: weight must be a (num, dim) table, got a 0-d tensor")
+    if weight.ndim != 2:  # (as torch: a 1-D weight gave scalars, a 3-D one matrices)
+        raise ValueError(f"embedding: weight must be a (num, dim) table, got shape {weight.shape}")
     idx = np.asarray(_data(ids))
     if idx.size == 0 and isinstance(ids, (list, tuple)):
         idx = idx.astype(np.intp)  # (numpy makes [] float64: no ids, not float ids)
