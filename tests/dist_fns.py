@@ -7,6 +7,7 @@ this module.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from typing import Any
@@ -140,6 +141,26 @@ async def nap_signalled(name: str, seconds: float, *payload: Any) -> None:
 async def use_rref(ref: ag.RRef, x: ag.Tensor) -> ag.Tensor:
     w = await ref.to_here()
     return (x * w).tanh()
+
+
+def _sync_wrapper(fn: Any) -> Any:
+    """A sync decorator over an ``async def``, as logging and retry decorators often
+    are: the runtime sees a plain function that returns a coroutine."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        return fn(*args)
+
+    return wrapper
+
+
+@_sync_wrapper
+async def use_rref_wrapped(ref: ag.RRef, x: ag.Tensor) -> ag.Tensor:
+    return await use_rref(ref, x)
+
+
+def grad_enabled_here() -> bool:
+    return ag.autograd.is_grad_enabled()
 
 
 async def chain(dests: list[str], key: str, x: ag.Tensor) -> ag.Tensor:

@@ -202,6 +202,47 @@ async def test_tensor_behind_rref_on_third_worker(mode):
     np.testing.assert_allclose(gp, rp, rtol=1e-10)
 
 
+async def test_a_sync_decorated_async_function_runs_in_the_callers_context(mode):
+    # A plain function returning a coroutine (an async def under a sync decorator):
+    # the coroutine's body, run when the worker awaits it, fetched the RRef outside
+    # the context, and the owner's parameter silently got no gradient. Steps 1-3 run
+    # it in the thread pool, later ones inline (see worker.INLINE_AFTER).
+    xv, pv = arr(3), arr(3)
+    _, (rx, rp) = local_grads(lambda x, p: (x * p).tanh().sum(), xv, pv)
+    async with cluster(mode) as c:
+        pref = await ag.remote("w2", F.make_param, (pv,))
+        x = ag.tensor(xv, requires_grad=True)
+        for step in range(6):
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.use_rref_wrapped, (pref, x))
+                await ag.dist.backward(ctx, [y.sum()])
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], rx, rtol=1e-10)
+                gp = await ag.rpc("w2", F.grad_of_rref, (ctx, pref))
+                assert gp is not None, f"step {step}: the owner got no gradient"
+                np.testing.assert_allclose(gp, rp, rtol=1e-10)
+        await assert_clean(c.names)
+
+
+async def test_workers_of_a_cluster_started_under_no_grad_record_gradients():
+    # (in-process workers copied their creator's contextvars: started in a no_grad
+    # block, they computed without grad for good; process workers never did)
+    with ag.no_grad():
+        c = ag.local_cluster(2)
+        await c.__aenter__()
+    try:
+        assert await ag.rpc("w1", F.grad_enabled_here) is True
+        assert await ag.rpc("driver", F.grad_enabled_here) is True
+        xv, wv = arr(3), arr(3)
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [y.sum()])
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
+    finally:
+        await c.__aexit__(None, None, None)
+
+
 async def test_multiple_roots_and_multiple_outputs():
     xv, wv = arr(2, 3), arr(2, 3)
     async with cluster():

@@ -647,7 +647,9 @@ class Worker:
             )
             if local is not None:
                 self._local_server, self.local_address = local
-        self._dctx = contextvars.copy_context()  # the actor's context: _current = self
+        # The actor's context: _current = self, and nothing of its creator's (a cluster
+        # started under no_grad ran every in-process worker's calls without grad, for good)
+        self._dctx = contextvars.Context()
         self._dctx.run(_current.set, self)
         self.spawn(self._running(), name=f"actorgrad-dispatch-{self.name}")
         self.spawn(self._heartbeat(), name=f"actorgrad-heartbeat-{self.name}")
@@ -1525,7 +1527,9 @@ class Worker:
             if not stats.inline and time.perf_counter() - t0 > FAST_CALL:
                 stats.fast = 0
         if type(result) not in _PLAIN and inspect.isawaitable(result):
-            t = self.spawn(self._finish_awaitable(conn, cid, mode, result, hooks), context=ctx)
+            t = self.spawn(
+                self._finish_awaitable(conn, cid, mode, result, meta, hooks), context=ctx
+            )
             if inspect.iscoroutine(result):
                 # (a task cancelled before its first step, by the worker's shutdown, never
                 # awaits it: "coroutine ... was never awaited" on stderr)
@@ -1603,7 +1607,7 @@ class Worker:
                 if inspect.isawaitable(result):
                     if cid:  # (from here on a cancel from its caller can stop it)
                         conn.running[cid] = asyncio.current_task()
-                    result = await result
+                    result = await self._await_in(meta, result)
         except BaseException as exc:
             if not self._answer_failure(conn, cid, exc, hooks):
                 raise
@@ -1614,9 +1618,20 @@ class Worker:
             conn.running.pop(cid, None)
             self._done()
 
-    async def _finish_awaitable(self, conn, cid, mode, aw, hooks) -> None:
+    async def _await_in(self, meta: Any, aw: Any) -> Any:
+        """What a plain function returned (a coroutine of a sync-decorated ``async def``,
+        a future), awaited in the call's interceptor context as the function ran: its
+        body runs only now (it made its calls outside a distributed autograd context,
+        and the gradients of what they fetched were lost)."""
+        ic = _interceptor
+        if meta is not None and ic is not None:
+            with ic.enter(self, meta):
+                return await aw
+        return await aw
+
+    async def _finish_awaitable(self, conn, cid, mode, aw, meta, hooks) -> None:
         try:
-            result = await aw
+            result = await self._await_in(meta, aw)
         except BaseException as exc:
             if not self._answer_failure(conn, cid, exc, hooks):
                 raise
