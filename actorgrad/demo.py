@@ -57,13 +57,9 @@ class Stage:
         y = self.layer(x)
         return y.tanh() if self.activation else y
 
-    def num_parameters(self) -> int:
-        return len(list(self.layer.parameters()))
-
-
-def stage_parameter(stage: ag.RRef, index: int) -> ag.Tensor:
-    """Runs on the stage's owner: the stage's ``index``-th parameter (for ``remote``)."""
-    return list(stage.local_value().layer.parameters())[index]
+    def parameter_rrefs(self) -> list[ag.RRef]:
+        """RRefs to this stage's parameters themselves, owned here (for the optimizer)."""
+        return [ag.RRef(p) for p in self.layer.parameters()]
 
 
 @dataclass
@@ -116,10 +112,7 @@ async def train_pipeline(
         await ag.remote(w, Stage, (i_f, o_f, act, seed + k))
         for k, (w, (i_f, o_f, act)) in enumerate(zip(workers, dims, strict=True))
     ]
-    params = []
-    for s in stages:
-        for i in range(await s.rpc().num_parameters()):
-            params.append(await ag.remote(s.owner, stage_parameter, (s, i)))
+    params = [p for s in stages for p in await s.rpc().parameter_rrefs()]
     opt = ag.dist.DistributedOptimizer(ag.optim.Adam, params, lr=lr)
     log(
         f"pipeline: {' -> '.join(workers)}, {len(params)} parameter tensors, "

@@ -37,6 +37,11 @@ def get(key: str) -> Any:
     return _store[_k(key)]
 
 
+def param_refs(key: str) -> list[ag.RRef]:
+    """RRefs to the parameter stored here, made as torch users make them: RRef(p)."""
+    return [ag.RRef(get(key))]
+
+
 def grad_of(ctx_id: int, key: str) -> np.ndarray | None:
     return ag.dist.get_gradients(ctx_id).get(_store[_k(key)])
 

@@ -2525,6 +2525,31 @@ async def test_distributed_optimizer_steps_on_owners(mode):
     np.testing.assert_allclose(new_b, bv - 0.1 * av * xv)
 
 
+async def test_distributed_optimizer_over_rrefs_made_on_the_owner_trains_the_parameter(mode):
+    # (torch's parameter-server pattern: [RRef(p) for p in model.parameters()] on the
+    # owner; with no ag.RRef(value), a copy was stepped and the model never changed)
+    wv, xv = arr(3), arr(3)
+    lw = ag.tensor(wv, requires_grad=True)
+    local = ag.optim.SGD([lw], lr=0.1, momentum=0.9)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        refs = await ag.rpc("w1", F.param_refs, ("w",))
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, refs, lr=0.1, momentum=0.9)
+        x = ag.tensor(xv, requires_grad=True)
+        for _ in range(3):
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                await ag.dist.backward(ctx, [(y * y).sum()])
+                await opt.step(ctx)
+            local.zero_grad()
+            ((lw * x) * (lw * x)).sum().backward()
+            local.step()
+        np.testing.assert_allclose((await ag.rpc("w1", F.get, ("w",))).numpy(), lw.data, rtol=1e-12)
+        assert not np.allclose(lw.data, wv)
+        del refs, opt
+        await assert_clean(c.names)
+
+
 @pytest.mark.parametrize("opt", ["sgd momentum", "adam"])
 async def test_distributed_optimizer_leaves_a_parameter_whose_output_went_unused(mode, opt):
     # A parameter the pass reached without a gradient (its output not in this step's

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import actorgrad as ag
-from actorgrad.runtime import Worker, current_worker
+from actorgrad.runtime import Worker, current_worker, rref
 from actorgrad.runtime import worker as rworker
 from actorgrad.runtime.calls import inline
 
@@ -229,6 +229,21 @@ async def remote_then_return(owner, start):
 def owned():
     gc.collect()
     return current_worker().owned_count
+
+
+def own_a_list(key):
+    """A plain function (the pool runs it at first, later inline): an RRef to a value
+    that stays here, by ag.RRef(value)."""
+    v = current_worker().ext[key] = [1, 2]
+    return ag.RRef(v)
+
+
+async def own_a_list_async(key):
+    return own_a_list(key)
+
+
+def the_list(key):
+    return current_worker().ext.pop(key)
 
 
 # ---- basics --------------------------------------------------------------------------------
@@ -922,6 +937,44 @@ async def test_remote_returns_rref_and_methods_run_on_the_owner(cluster):
     await _owned_count("w1")
 
 
+@pytest.mark.parametrize("fn", [own_a_list, own_a_list_async])
+async def test_rref_of_an_existing_value_holds_that_value_itself(cluster, fn):
+    # (as torch's RRef(value): the only public way was ag.remote(me, identity, (v,)),
+    # which stores a copy: a DistributedOptimizer over it never changed the model)
+    for step in range(5):  # (steps 1-3 of the plain one in the thread pool, then inline)
+        r = await ag.rpc("w1", fn, (f"l{step}",))
+        assert isinstance(r, ag.RRef) and r.owner == "w1" and not r.is_owner()
+        await r.rpc().append(step)
+        assert await ag.rpc("w1", the_list, (f"l{step}",)) == [1, 2, step]  # not a copy
+        del r
+        gc.collect()
+        await _owned_count("w1")
+    x = {"a": [1.5]}
+    r = ag.RRef(x)  # on the driver (outside any call): the driver owns it
+    assert r.owner == "driver" and r.is_owner() and r.local_value() is x
+    assert await ag.rpc("w2", fetch, (r,)) == x
+    assert await r.to_here() is x
+    del r
+    gc.collect()
+    await _owned_count("driver")
+
+
+async def test_rref_of_a_value_needs_a_running_worker():
+    with pytest.raises(RuntimeError, match=r"not initialized: call `await ag.init\(...\)`"):
+        ag.RRef(1)
+    async with ag.local_cluster(1):
+        driver = current_worker()
+        # from another thread (as a plain function in the pool): the loop stores it
+        r = await asyncio.to_thread(ag.RRef, [7])
+        assert r.owner == "driver" and r.local_value() == [7]
+        assert driver.owned_count == 1
+    # a thread still running once its worker shut down (a call its caller gave up)
+    with pytest.raises(ag.WorkerLost, match="'driver' has shut down: it can own no new value"):
+        await asyncio.to_thread(rref._own_from_any_thread, driver, 1)
+    with pytest.raises(RuntimeError, match="not initialized"):
+        ag.RRef(1)
+
+
 async def test_rref_methods_of_one_name_async_on_one_value_plain_on_another(cluster):
     # (the worker remembered per type and name whether a method is async: the plain
     # one, called after the async one, was awaited: "object str can't be used in
@@ -1364,7 +1417,6 @@ async def test_rref_releases_that_could_not_be_sent_go_out_once_the_owner_is_rea
     # An owner hung a few seconds (its connection closed by the heartbeat, the
     # reconnect timed out) missed the releases of RRefs dropped meanwhile: they were
     # dropped, and it kept the values for good, its holders still in the cluster.
-    from actorgrad.runtime import rref
 
     monkeypatch.setattr(rref, "RETRY_DELAY", 0.05)
     driver = cluster.driver
@@ -1388,7 +1440,6 @@ async def test_rref_releases_that_could_not_be_sent_go_out_once_the_owner_is_rea
 
 
 async def test_rref_releases_for_an_owner_that_left_are_dropped(cluster, monkeypatch):
-    from actorgrad.runtime import rref
 
     monkeypatch.setattr(rref, "RETRY_DELAY", 3600.0)  # (no retry before it leaves)
     driver = cluster.driver
@@ -1736,7 +1787,6 @@ async def _register_a_fork_and_leave(cluster, to: str) -> None:
     """w3 (holding an RRef owned by w1, kept by ``keep``) registers a fork of it for
     ``to`` with the owner, as before sending it, and leaves without sending: the way a
     forker that dies between the two looks to everyone else."""
-    from actorgrad.runtime import rref
 
     w3 = cluster.workers[2]
     hooks = rref.Hooks(w3, to, w3._out.get(to))

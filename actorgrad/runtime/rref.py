@@ -34,6 +34,7 @@ after the new one's first counts, and drops only the dead one's.)
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import weakref
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -242,20 +243,41 @@ def _resend(worker: Worker, dest: str, box: _Unsent) -> None:
 
 
 class RRef(WireRef):
-    """A reference to a value owned by one worker (``ag.remote`` makes one). It can be
-    passed as an argument or returned; the owner frees the value once no worker holds
-    a reference to it.
+    """A reference to a value owned by one worker. ``ag.remote`` makes one on another
+    worker; ``ag.RRef(value)`` makes one owned by the worker running the code, holding
+    ``value`` itself (not a copy), as ``torch.distributed.rpc.RRef(value)`` does: the way
+    to hand out references to parameters that already exist, e.g. for a
+    ``DistributedOptimizer``. An RRef can be passed as an argument or returned; the
+    owner frees the value once no worker holds a reference to it.
+
+    Raises (``RRef(value)``): RuntimeError outside a worker (no cluster joined).
 
     Example::
 
         rref = await ag.remote("w1", list, ([1, 2],))   # the list stays on w1
         print(rref.owner, rref.is_owner())              # w1 False
         print(await rref.to_here())                     # [1, 2]
+
+        def param_refs(model_ref):                      # run on the model's owner
+            return [ag.RRef(p) for p in model_ref.local_value().parameters()]
     """
 
     __slots__ = ("_worker", "owner", "_rid", "__weakref__")
 
-    def __init__(self, worker: Worker, owner: str, rid: int) -> None:
+    def __init__(self, value: Any) -> None:
+        from actorgrad.runtime.worker import current_worker
+
+        w = current_worker()
+        self._bind(w, w.name, _own_from_any_thread(w, value))
+
+    @classmethod
+    def _handle(cls, worker: Worker, owner: str, rid: int) -> RRef:
+        """The RRef object for id ``rid`` of ``owner``, held by ``worker`` (counted)."""
+        r = cls.__new__(cls)
+        r._bind(worker, owner, rid)
+        return r
+
+    def _bind(self, worker: Worker, owner: str, rid: int) -> None:
         self._worker = worker
         self.owner = owner
         self._rid = rid
@@ -393,13 +415,54 @@ class _Proxy:
 
 def new_owned(worker: Worker, value: Any) -> RRef:
     """Store ``value`` on ``worker`` (its owner) and return a local RRef to it."""
+    return RRef._handle(worker, worker.name, _own(worker, value))
+
+
+def _own(worker: Worker, value: Any) -> int:
+    """Store ``value`` on ``worker``, held once by ``worker``; its id. On the loop."""
     # (the worker's cluster id in the high bits, as context ids: a process that joins
     # under a dead owner's name counts its own from 1 too, and the dead one's RRefs
     # reached its values, their releases freeing them)
     rid = (worker.id << LOCAL_ID_BITS) | next(worker._rref_ids)
     o = worker.owned[rid] = Owned(value)
     o.holders[(worker.name, worker.id)] = 1
-    return RRef(worker, worker.name, rid)
+    return rid
+
+
+def _own_from_any_thread(worker: Worker, value: Any) -> int:
+    """``_own`` from the worker's loop or from another thread (a plain function runs in
+    the worker's thread pool): there, the loop stores it (its tables are the loop's
+    alone) while this thread waits."""
+    try:
+        on_loop = asyncio.get_running_loop() is worker.loop
+    except RuntimeError:
+        on_loop = False
+    if worker.closed:
+        raise _closed(worker)
+    if on_loop:
+        return _own(worker, value)
+    done: concurrent.futures.Future[int] = concurrent.futures.Future()
+    try:
+        worker.loop.call_soon_threadsafe(_own_into, done, worker, value)
+    except RuntimeError:  # (its loop closed)
+        raise _closed(worker) from None
+    while True:
+        try:
+            return done.result(timeout=0.5)
+        except concurrent.futures.TimeoutError:
+            if worker.closed:  # (its loop may never run the callback now)
+                raise _closed(worker) from None
+
+
+def _own_into(done: concurrent.futures.Future[int], worker: Worker, value: Any) -> None:
+    if worker.closed:
+        done.set_exception(_closed(worker))
+    else:
+        done.set_result(_own(worker, value))
+
+
+def _closed(worker: Worker) -> WorkerLost:
+    return WorkerLost(f"worker {worker.name!r} has shut down: it can own no new value")
 
 
 class Hooks:
@@ -464,7 +527,7 @@ class Hooks:
                 _accepted(w, rid, fk, (w.name, w.id))
             else:
                 _tell(w, owner, _accept, (rid, *fk, w.name, w.id))
-        return RRef(w, owner, rid)
+        return RRef._handle(w, owner, rid)
 
     def abandoned(self) -> None:
         """The call's caller stopped waiting; its late reply will still be decoded
