@@ -48,6 +48,9 @@ async def init(
     ``name``: 1 to 255 printable characters without whitespace, not starting with "_".
     ``host``: the interface to bind, an IP address or a host name of this machine.
 
+    Returns this process's worker: ``.address`` is where others join a cluster it
+    started, ``.token`` the cluster's token (a generated one, when none was given).
+
     Raises:
         TypeError: a name, host or token that is not a str, a port that is not an int.
         ValueError: a malformed name, address, host or port, no token to join with, or
@@ -64,6 +67,11 @@ async def init(
         print(ag.workers())              # ['driver', 'w1', 'w2']
         ...
         await ag.shutdown()
+
+    Hosting a new cluster that others join (``actorgrad worker --join ADDRESS``)::
+
+        me = await ag.init("driver", host="0.0.0.0", token=secret)
+        print(me.address)                # e.g. 10.0.0.5:41237
     """
     _check_not_initialized()
     check_name(name)
