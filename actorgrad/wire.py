@@ -88,6 +88,7 @@ __all__ = [
     "WireRef",
     "decode_frame",
     "encode_frame",
+    "body_nbytes",
     "frame_nbytes",
     "join_chunks",
 ]
@@ -758,6 +759,16 @@ def encode_frame(header: list, body: Any, hooks: object | None = None) -> list[b
 def frame_nbytes(chunks: list[bytes | memoryview]) -> int:
     """Total size of the frame made of ``chunks`` (what the length prefix holds)."""
     return sum(c.nbytes if isinstance(c, memoryview) else len(c) for c in chunks)
+
+
+def body_nbytes(chunks: list[bytes | memoryview]) -> int:
+    """The size of the msgpack body of the frame ``encode_frame`` made as ``chunks``
+    (what decoding it walks: out-of-band arrays excluded).
+
+    >>> body_nbytes(encode_frame([0], list(range(100)))) > 100
+    True
+    """
+    return _FIXED.unpack_from(chunks[0])[3]
 
 
 def join_chunks(chunks: list[bytes | memoryview]) -> bytearray:

@@ -170,6 +170,19 @@ async def test_heavy_function_on_a_process_worker_keeps_heartbeats_and_calls_goi
         assert await asyncio.wait_for(heavy, 15) > 0  # no WorkerLost: heartbeats were answered
 
 
+async def test_a_worker_decoding_a_request_of_many_objects_is_not_taken_for_lost(monkeypatch):
+    # 8M empty lists (8 MB of msgpack) take w1's loop seconds to decode, with no ping
+    # going out meanwhile: its caller took the live worker for lost ("sent nothing
+    # for 3.0 s (heartbeat lost)"). A 1 s heartbeat timeout here, on this side only.
+    monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 1.0)
+    async with ag.local_cluster(1, processes=True):
+        t0 = time.perf_counter()
+        assert await ag.rpc("w1", "builtins:len", ([[]] * 8_000_000,)) == 8_000_000
+        took = time.perf_counter() - t0
+        assert took > 1.0, f"{took:.2f} s: too fast to show anything"
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+
+
 async def stutter(block: float, gap: float, rounds: int) -> int:
     """Block the loop for ``block`` s, let it run for ``gap`` s; ``rounds`` times."""
     for _ in range(rounds):

@@ -386,6 +386,9 @@ class Connection(asyncio.BaseProtocol):
         self._drain_waiters: dict[asyncio.Future[None], None] = {}
         # owner data
         self.pending: dict[int, Any] = {}
+        # Until then the peer may stay silent with calls pending: it decodes a request
+        # of many Python objects we sent it, on its loop (see Worker._expect_decoding)
+        self.decoding_until = 0.0
         # calls whose caller stopped waiting (timeout, cancellation) after the request
         # left: call id -> the codec hooks their late reply is decoded with (Worker.call)
         self.abandoned: dict[int, Any] = {}

@@ -110,6 +110,12 @@ MODE_RPC, MODE_REMOTE, MODE_RREF_RPC, MODE_RREF_REMOTE = range(4)
 
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 3.0
+#: Bytes of a message's msgpack part a peer is given a second to decode before its
+#: silence counts: at about 2-100 MB/s (empty lists to floats, on the 2-core VM) a
+#: 100 MB list of ints kept a callee's loop busy past HEARTBEAT_TIMEOUT, and its
+#: caller took the live worker for lost. Arrays travel beside that part: they cost
+#: nothing to decode.
+SLOW_DECODE_RATE = 500_000
 #: Longest each step of connecting to a peer may take (the handshake's 5 s otherwise):
 #: a peer that does not answer for the heartbeat timeout is hung, as lost as one silent
 #: on an open connection, and a backward pass or a release that waits on it fails as
@@ -260,6 +266,15 @@ def _check_call_args(args: Any, kwargs: Any) -> None:
 
 
 _NOT_READING = " (waiting to send it: the peer is not reading)"
+
+
+def _expect_decoding(conn: Connection, chunks: list) -> None:
+    """``chunks``, a request just queued on ``conn``, has a large msgpack part: its
+    peer, decoding it on its loop, may send nothing for a while (its heartbeats
+    included); give it the time before its silence counts (``SLOW_DECODE_RATE``)."""
+    until = time.monotonic() + wire.body_nbytes(chunks) / SLOW_DECODE_RATE
+    if until > conn.decoding_until:
+        conn.decoding_until = until
 
 
 async def _by_deadline(
@@ -1836,6 +1851,8 @@ class Worker:
             pending[cid] = (fut, hooks)
             try:
                 conn.send_nowait(chunks)
+                if len(chunks[0]) > SLOW_DECODE_RATE:
+                    _expect_decoding(conn, chunks)
                 del chunks
                 if conn._write_paused:
                     try:
@@ -1940,6 +1957,9 @@ class Worker:
         except ActorgradError as exc:
             conn.pending.pop(cid, None)
             fut.set_exception(exc)
+            return
+        if len(chunks[0]) > SLOW_DECODE_RATE:
+            _expect_decoding(conn, chunks)
 
     async def _request_after_forks(
         self, conn: Connection, cid: int, chunks: list, hooks: rref.Hooks, fut: asyncio.Future[Any]
@@ -2186,7 +2206,7 @@ class Worker:
             and (self.registry is None or conn not in self.registry.conns)
         )
         limit = HEARTBEAT_TIMEOUT if watched else IDLE_TIMEOUT
-        if silent > limit:
+        if silent > limit and now >= conn.decoding_until:
             conn.abort(WorkerLost(f"worker {peer!r} sent nothing for {limit} s (heartbeat lost)"))
             return True
         return False
