@@ -586,6 +586,28 @@ async def test_a_cancel_read_with_its_request_stops_the_call_before_it_starts(so
     await writer.wait_closed()
 
 
+@pytest.mark.parametrize("first", ["asyncio:sleep", "time:sleep"])
+async def test_a_request_reusing_the_id_of_a_running_call_closes_the_connection(
+    sock_cluster, caplog, first
+):
+    # (the second took over the first's entry: a cancel of the first then leaked an
+    # in-flight slot and a pool thread for good, and the graceful shutdown that
+    # counted them failed the calls still running)
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    reader, writer = await _handshaken(sock_cluster)
+    for seconds in (1.0, 0.05):
+        request = [K_REQ, 5, first, MODE_RPC, None]
+        await _send_frame(writer, wire.join_chunks(wire.encode_frame(request, ((seconds,), None))))
+    await _closed_by_peer(reader, writer)
+    assert "request 5 reuses the id of a call still running" in caplog.text
+    w1 = _target(sock_cluster)
+    async with asyncio.timeout(5):  # (the first ends: cancelled, or its 1 s in the pool)
+        while w1.status()["in_flight"]:  # noqa: ASYNC110 (no event tells of it)
+            await asyncio.sleep(0.01)
+    assert w1._given_up == 0
+    await _valid_client_works(sock_cluster)
+
+
 async def test_connection_closed_mid_frame(sock_cluster):
     reader, writer = await _handshaken(sock_cluster)
     frame = wire.join_chunks(

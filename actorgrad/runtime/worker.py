@@ -1170,6 +1170,12 @@ class Worker:
             if kind == K_REQ:
                 if conn.peer_name is None:
                     raise ProtocolError("request before hello")
+                cid = header[1] if len(header) > 1 else None
+                if type(cid) is int and (cid in conn.running or cid in conn.queued) and cid:
+                    # (a call's id is its caller's count on this connection: a second one
+                    # took over the first's bookkeeping, and a cancel of the first leaked
+                    # an in-flight slot and a pool thread for good)
+                    raise ProtocolError(f"request {cid} reuses the id of a call still running")
                 mb = self._mailbox
                 w = self._mb_waiter
                 if (
