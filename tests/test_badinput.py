@@ -385,6 +385,20 @@ async def test_the_calls_of_a_caller_that_went_away_stop_and_free_their_slots(so
     await _valid_client_works(sock_cluster)
 
 
+async def test_an_oversized_frame_sent_with_the_handshake_is_logged(sock_cluster, caplog):
+    # (bytes that came in the handshake's last read were parsed without the log line
+    # the same bytes get a read later: the connection closed saying nothing)
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    reader, writer = await _raw(sock_cluster)
+    nonce = os.urandom(32)
+    writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
+    _, _, snonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
+    writer.write(_mac(sock_cluster.driver.token, b"C", nonce, snonce) + LEN.pack(31 << 20))
+    await _closed_by_peer(reader, writer)
+    assert "declared frame length 32505856 exceeds the maximum of 65536 bytes" in caplog.text
+    await _valid_client_works(sock_cluster)
+
+
 async def test_a_peer_that_says_no_hello_after_the_handshake_is_closed(
     sock_cluster, monkeypatch, caplog
 ):
@@ -605,6 +619,32 @@ async def test_a_request_reusing_the_id_of_a_running_call_closes_the_connection(
         while w1.status()["in_flight"]:  # noqa: ASYNC110 (no event tells of it)
             await asyncio.sleep(0.01)
     assert w1._given_up == 0
+    await _valid_client_works(sock_cluster)
+
+
+async def test_a_one_way_message_to_a_client_that_never_started_is_refused_clearly(
+    sock_cluster, caplog
+):
+    # (a Worker used as a client only, as `actorgrad status` uses one, had no handler
+    # context yet: an AttributeError escaped its frame handler, asyncio logged a fatal
+    # error with a traceback, and the connection died saying no more)
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    client = Worker(f"probe-{secrets.token_hex(3)}", token=sock_cluster.driver.token)
+    w1 = _target(sock_cluster)
+    try:
+        local = w1.local_address if sock_cluster.listener == "unix" else ""
+        conn = await asyncio.wait_for(client.open_connection(w1.address, local), 5)
+        assert await asyncio.wait_for(client.call_on(conn, add, (1, 2)), 5) == 3
+        theirs = next(k for k in w1._conns if k.peer_name == client.name)
+        theirs.send_nowait(wire.encode_frame([K_CAST, "no-such-topic"], []))
+        async with asyncio.timeout(5):
+            while not conn.closed:  # noqa: ASYNC110 (no event tells of it)
+                await asyncio.sleep(0.01)
+        assert isinstance(conn.close_reason, ag.ProtocolError), conn.close_reason
+        assert "one-way message for unknown topic 'no-such-topic'" in str(conn.close_reason)
+        assert "Fatal error" not in caplog.text and "AttributeError" not in caplog.text
+    finally:
+        await client.shutdown()
     await _valid_client_works(sock_cluster)
 
 

@@ -715,7 +715,7 @@ class Connection(asyncio.BaseProtocol):
             try:
                 self._feed(rest)
             except ProtocolError as exc:
-                self.abort(exc)
+                self.refuse(exc)
 
     # -- closing ------------------------------------------------------------------------
     def _mark_closed(self, exc: BaseException | None) -> None:

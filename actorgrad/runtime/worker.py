@@ -524,6 +524,11 @@ class Worker:
         self._max_in_flight = max_in_flight
         self.max_frame_size = transport.MAX_FRAME_SIZE if max_frame_size is None else max_frame_size
         self._mb_waiter: asyncio.Future[None] | None = None
+        # The context messages are handled in: nothing of its creator's (a cluster started
+        # under no_grad ran every in-process worker's calls without grad, for good);
+        # start() sets _current = self in it. (Here, not in start: a client that never
+        # starts, e.g. `actorgrad status`, handles what its connections bring too.)
+        self._dctx = contextvars.Context()
         self._paused: set[Connection] = set()
         self._inflight = 0
         # of those, calls in the thread pool whose callers gave up (see _cancel_request)
@@ -662,9 +667,6 @@ class Worker:
             )
             if local is not None:
                 self._local_server, self.local_address = local
-        # The actor's context: _current = self, and nothing of its creator's (a cluster
-        # started under no_grad ran every in-process worker's calls without grad, for good)
-        self._dctx = contextvars.Context()
         self._dctx.run(_current.set, self)
         self.spawn(self._running(), name=f"actorgrad-dispatch-{self.name}")
         self.spawn(self._heartbeat(), name=f"actorgrad-heartbeat-{self.name}")
