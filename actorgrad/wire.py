@@ -940,7 +940,10 @@ def _unpack_payload(data: bytes, what: str, length: int, ext_hook: Any = None) -
             unicode_errors=STR_ERRORS,
         )
     if type(value) is not list or (length >= 0 and len(value) != length):
-        raise ProtocolError(f"malformed {what} payload: expected a list of {length} items")
+        items = f" of {length} items" if length >= 0 else ""
+        raise ProtocolError(
+            f"malformed {what} payload: expected a list{items}, got {short_repr(value)}"
+        )
     return value
 
 

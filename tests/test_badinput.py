@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import secrets
 import struct
 
@@ -728,9 +729,12 @@ async def test_an_rref_id_that_is_not_an_int_is_named_in_the_error(sock_cluster)
     wid = _target(sock_cluster).id
     with pytest.raises(ag.RemoteError, match=rf"RRef {(wid << 48) | 255:#x} is no longer alive"):
         await ag.rpc("w1", "actorgrad.runtime.rref:_fetch", ((wid << 48) | 255,))
-    # (an id of another process's: its owner is named gone)
+    # (an id of another process's: named so)
     other = wid + 1
-    with pytest.raises(ag.RemoteError, match=rf"made by the process with cluster id {other}, not"):
+    with pytest.raises(
+        ag.RemoteError,
+        match=rf"not made by worker 'w1' of this cluster: the id is of cluster id {other},",
+    ):
         await ag.rpc("w1", "actorgrad.runtime.rref:_fetch", ((other << 48) | 255,))
 
 
@@ -793,15 +797,63 @@ def test_a_calls_context_id_out_of_the_id_range_is_malformed_metadata():
             _parse_meta([bad, "w1", [7]])
 
 
-@pytest.mark.parametrize("payload", [[[1], {"a": 1}], ["w1", -1], ["w1", 0], ["", 1]])
+@pytest.mark.parametrize(
+    "payload", [[[1], {"a": 1}], ["w1", -1], ["w1", 0], ["", 1], ["w1", 1, 2], "w1"]
+)
 async def test_an_rref_of_a_malformed_owner_or_id_gets_an_error_reply(sock_cluster, payload):
-    # (anything was taken: an RRef owned by [1] with the id {'a': 1})
+    # (anything was taken: an RRef owned by [1] with the id {'a': 1}; three items were
+    # "too many values to unpack")
     body = msgpack.packb(
         [[msgpack.ExtType(wire.EXT_REF, msgpack.packb(payload))], None], use_bin_type=True
     )
     err = await _raw_call_error(sock_cluster, None, body)
     assert err.remote_type == "actorgrad.errors.ProtocolError"
-    assert "malformed RRef: owner" in str(err), err
+    assert re.search(
+        r"malformed RRef(: owner| \['w1', 1, 2\]: an \[owner, id\] pair| payload: expected a "
+        r"list, got 'w1')",
+        str(err),
+    ), err
+    await _valid_client_works(sock_cluster)
+
+
+async def test_malformed_call_targets_get_error_replies_that_say_what_is_wrong(sock_cluster):
+    # (they said "cannot unpack non-iterable int object", "unhashable type: 'list'",
+    # "malformed function name 'os'", and that a made-up RRef id's owner had died)
+    from actorgrad.runtime.worker import MODE_RREF_RPC
+
+    reader, writer = await _handshaken(sock_cluster)
+    (n,) = LEN.unpack(await reader.readexactly(8))
+    wire.decode_frame(await reader.readexactly(n))  # (its hello)
+    targets = {
+        1: (5, MODE_RREF_RPC),
+        2: ([[1], "foo"], MODE_RREF_RPC),
+        3: ([1, "foo", "bar"], MODE_RREF_RPC),
+        4: (["os", "getpid"], MODE_RPC),
+        5: ([12345, "foo"], MODE_RREF_RPC),
+    }
+    for cid, (target, mode) in targets.items():
+        frame = wire.encode_frame([K_REQ, cid, target, mode, None], ((), None))
+        await _send_frame(writer, wire.join_chunks(frame))
+    replies = {}
+    async with asyncio.timeout(5):
+        while len(replies) < len(targets):
+            (n,) = LEN.unpack(await reader.readexactly(8))
+            f = wire.decode_frame(await reader.readexactly(n))
+            if f.header[0] == 2:
+                replies[f.header[1]] = f.body()
+    writer.close()
+    await writer.wait_closed()
+    for cid in (1, 2, 3):
+        assert replies[cid].remote_type == "actorgrad.errors.ProtocolError", replies[cid]
+        assert "malformed RRef call target" in str(replies[cid])
+        assert "an [RRef id, method name] pair is expected" in str(replies[cid])
+    assert "malformed function name 'os' (in ['os', 'getpid']" in str(replies[4])
+    w1 = _target(sock_cluster)
+    assert replies[5].remote_type == "LookupError"
+    assert (
+        f"RRef 0x3039 was not made by worker 'w1' of this cluster: the id is of cluster "
+        f"id 0, 'w1' has cluster id {w1.id} (an earlier process of that name, or a forged id)"
+    ) in str(replies[5])
     await _valid_client_works(sock_cluster)
 
 

@@ -2288,8 +2288,8 @@ async def test_an_rref_to_a_dead_owner_does_not_reach_a_new_process_under_its_na
             # (it said "no longer alive": a counting bug, as far as the user could tell)
             with pytest.raises(
                 ag.RemoteError,
-                match=r"was made by the process with cluster id \d+, not by worker 'w1' "
-                r"\(cluster id \d+\): its owner is gone, and another process joined",
+                match=r"was not made by worker 'w1' of this cluster: the id is of cluster id "
+                r"\d+, 'w1' has cluster id \d+ \(an earlier process of that name",
             ):
                 await asyncio.wait_for(old.to_here(), 10)
             del old

@@ -33,6 +33,8 @@ import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from actorgrad.errors import short_repr
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 MAIN_ALIAS = "__mp_main__"
@@ -762,7 +764,12 @@ def resolve(spec: Any) -> Any:
             _homes.pop(path, None)
     mod, sep, qual = name.partition(":")
     if not sep or not mod or not qual:
-        raise ValueError(f"malformed function name {name!r}")
+        where = (
+            ""
+            if spec is name
+            else f" (in {short_repr(spec, 200)}: ['module:name', script path, ...])"
+        )
+        raise ValueError(f"malformed function name {name!r}{where}")
     if path is not None and session is not None and _sessions.get(path) != session:
         _new_session(path, session)
     try:

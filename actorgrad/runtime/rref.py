@@ -98,12 +98,13 @@ def _show(rid: Any) -> str:
 
 def _gone(worker: Worker, rid: Any) -> LookupError:
     """The error for an RRef id this worker does not own (any more)."""
-    if type(rid) is int and worker.id and rid >> 48 != worker.id:
-        # (its owner's cluster id is in the high bits: another process had this name)
+    if type(rid) is int and worker.id and rid >> LOCAL_ID_BITS != worker.id:
+        # (its owner's cluster id is in the high bits: another process had this name,
+        # or the peer made the id up)
         return LookupError(
-            f"RRef {_show(rid)} was made by the process with cluster id {rid >> 48}, not "
-            f"by worker {worker.name!r} (cluster id {worker.id}): its owner is gone, and "
-            "another process joined under its name"
+            f"RRef {_show(rid)} was not made by worker {worker.name!r} of this cluster: "
+            f"the id is of cluster id {rid >> LOCAL_ID_BITS}, {worker.name!r} has cluster "
+            f"id {worker.id} (an earlier process of that name, or a forged id)"
         )
     return LookupError(f"RRef {_show(rid)} is no longer alive on worker {worker.name!r}")
 
@@ -516,6 +517,10 @@ class Hooks:
         return [ref.owner, ref._rid]
 
     def ref_in(self, payload: list) -> RRef:
+        if len(payload) != 2:  # (a list: the codec checked)
+            raise ProtocolError(
+                f"malformed RRef {short_repr(payload)}: an [owner, id] pair is expected"
+            )
         owner, rid = payload
         # (anything was taken: an RRef owned by [1] with the id {'a': 1})
         if not valid_name(owner) or type(rid) is not int or not 0 < rid < MAX_ID << LOCAL_ID_BITS:

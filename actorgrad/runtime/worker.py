@@ -94,6 +94,7 @@ from actorgrad.errors import (
     WorkerLost,
     clip_text,
     refusal_type,
+    short_repr,
 )
 from actorgrad.runtime import calls, rref, transport
 from actorgrad.runtime.pool import CallPool
@@ -1499,6 +1500,16 @@ class Worker:
                     key = (target[0], target[1])  # (not its session: one entry for all)
                 what = fn
             elif mode == MODE_RREF_RPC or mode == MODE_RREF_REMOTE:
+                if not (
+                    type(target) is list
+                    and len(target) == 2
+                    and type(target[0]) is int
+                    and type(target[1]) is str
+                ):
+                    raise ProtocolError(
+                        f"malformed RRef call target {short_repr(target)}: an [RRef id, "
+                        "method name] pair is expected"
+                    )
                 rid, method = target
                 value = rref.owned_value(self, rid)
                 fn = getattr(value, method)
