@@ -649,6 +649,40 @@ async def test_a_one_way_message_to_a_client_that_never_started_is_refused_clear
     await _valid_client_works(sock_cluster)
 
 
+async def test_a_membership_change_from_a_peer_that_is_not_the_head_is_refused(
+    sock_cluster, caplog
+):
+    # (any peer's word was taken: a raw client made w1 drop the driver from its
+    # members, and with it the driver's contexts and RRef counts; a str version raised
+    # a TypeError later)
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    w1 = _target(sock_cluster)
+    before = dict(w1.members)
+    assert "driver" in before
+    reader, writer = await _handshaken(sock_cluster)
+    for change in ([w1._members_version + 1, "driver", None], ["9", "driver", None]):
+        request = [K_REQ, 0, "actorgrad.runtime.registry:_member", MODE_RPC, None]
+        await _send_frame(writer, wire.join_chunks(wire.encode_frame(request, (change, None))))
+    # (a call behind them on the connection: its reply says they were handled)
+    request = [K_REQ, 3, f"{__name__}:add", MODE_RPC, None]
+    await _send_frame(writer, wire.join_chunks(wire.encode_frame(request, ((2, 3), None))))
+    async with asyncio.timeout(5):
+        while True:
+            (n,) = LEN.unpack(await reader.readexactly(8))
+            f = wire.decode_frame(await reader.readexactly(n))
+            if f.header == [1, 3]:
+                break
+    assert f.body() == 5
+    writer.close()
+    await writer.wait_closed()
+    assert w1.members == before
+    assert "a membership change for 'driver' from a peer that is not the cluster's head" in (
+        caplog.text
+    )
+    assert await ag.rpc("w1", add, (1, 2)) == 3
+    await _valid_client_works(sock_cluster)
+
+
 async def test_connection_closed_mid_frame(sock_cluster):
     reader, writer = await _handshaken(sock_cluster)
     frame = wire.join_chunks(

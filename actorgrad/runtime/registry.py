@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from actorgrad import wire
+from actorgrad.errors import ProtocolError, short_repr
 from actorgrad.runtime.calls import inline
 
 if TYPE_CHECKING:
@@ -218,9 +219,31 @@ def _snapshot() -> tuple:
 
 @inline
 def _member(version: int, name: str, entry: list | None) -> None:
-    from actorgrad.runtime.worker import current_worker
+    from actorgrad.runtime.worker import _current_conn, current_worker
 
-    current_worker()._apply_member(version, name, entry)
+    w = current_worker()
+    conn = _current_conn.get(None)
+    if conn is None or conn not in (w.registry_conn, w.joining_conn):
+        # (only the head says who is in the cluster: another peer's word made members
+        # drop a live worker's contexts and RRef counts)
+        raise ProtocolError(
+            f"a membership change for {short_repr(name)} from a peer that is not the cluster's head"
+        )
+    if (
+        type(version) is not int
+        or not valid_name(name)
+        or not (
+            entry is None
+            or (
+                type(entry) is list
+                and 2 <= len(entry) <= 3
+                and type(entry[0]) is int
+                and all(type(x) is str for x in entry[1:])
+            )
+        )
+    ):
+        raise ProtocolError(f"malformed membership change {short_repr([version, name, entry])}")
+    w._apply_member(version, name, entry)
 
 
 @inline

@@ -565,6 +565,9 @@ class Worker:
         self._members_changed = asyncio.Event()
         self.registry: Any = None  # registry.Registry on the head
         self.registry_conn: Connection | None = None
+        # the connection a join is on, until its answer comes (membership changes come
+        # over it from then on: see registry._member)
+        self.joining_conn: Connection | None = None
         self.registry_lost = asyncio.Event()
         # (how: HEAD_SHUT_DOWN, "... sent nothing for 60 s ...", set with registry_lost)
         self.registry_lost_why = ""
@@ -732,6 +735,7 @@ class Worker:
             sock = conn.transport.get_extra_info("sockname") if conn.transport else None
             if sock:
                 self.address = transport.host_port((sock[0], int(self.address.rpartition(":")[2])))
+        self.joining_conn = conn
         try:
             wid, version, members = await self.call_on(
                 conn,
@@ -740,6 +744,7 @@ class Worker:
                 timeout=timeout,
             )
         except BaseException as exc:
+            self.joining_conn = None
             # (also timed out or cancelled: the head may have taken the join, and keeps
             # a member while its connection stays; closed, it leaves: the name was taken
             # for good, and the changes piled up here)
@@ -750,6 +755,7 @@ class Worker:
             raise
         self.id = int(wid)
         self.registry_conn = conn
+        self.joining_conn = None
         self._apply_members(version, members)
         self._apply_early_changes()
 
