@@ -60,15 +60,22 @@ async def _raw(c):
     return await asyncio.open_connection(host, int(port))
 
 
-async def _authenticated(c, token=None):
-    """A raw stream client that completed the handshake (no hello sent yet)."""
+async def _client_mac(c, token, then: bytes = b""):
+    """A raw stream client that sent its hello and its MAC over the server's nonce made
+    with ``token`` (``then``: bytes in the same write); (reader, writer, MACs' nonces)."""
     reader, writer = await _raw(c)
     nonce = os.urandom(32)
     writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
     magic, version, snonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
     assert magic == MAGIC and version == PROTOCOL_VERSION
-    writer.write(_mac(token or c.driver.token, b"C", nonce, snonce))
-    assert await reader.readexactly(32) == _mac(token or c.driver.token, b"S", nonce, snonce)
+    writer.write(_mac(token, b"C", nonce, snonce) + then)
+    return reader, writer, (nonce, snonce)
+
+
+async def _authenticated(c, token=None):
+    """A raw stream client that completed the handshake (no hello sent yet)."""
+    reader, writer, nonces = await _client_mac(c, token or c.driver.token)
+    assert await reader.readexactly(32) == _mac(token or c.driver.token, b"S", *nonces)
     assert await reader.readexactly(1) == b"\x01"
     return reader, writer
 
@@ -201,11 +208,7 @@ async def test_rejected_connections_are_logged_a_few_a_minute(sock_cluster, capl
 
 async def test_wrong_token_raw_client_is_rejected(sock_cluster, caplog):
     caplog.set_level(logging.WARNING, "actorgrad.runtime")
-    reader, writer = await _raw(sock_cluster)
-    nonce = os.urandom(32)
-    writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
-    _, _, snonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
-    writer.write(_mac("not the token", b"C", nonce, snonce))
+    reader, writer, _ = await _client_mac(sock_cluster, "not the token")
     # no MAC of the server's (it would let a client test guesses of the token offline)
     # and no accept byte: closed
     try:
@@ -390,11 +393,9 @@ async def test_an_oversized_frame_sent_with_the_handshake_is_logged(sock_cluster
     # (bytes that came in the handshake's last read were parsed without the log line
     # the same bytes get a read later: the connection closed saying nothing)
     caplog.set_level(logging.WARNING, "actorgrad.runtime")
-    reader, writer = await _raw(sock_cluster)
-    nonce = os.urandom(32)
-    writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
-    _, _, snonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
-    writer.write(_mac(sock_cluster.driver.token, b"C", nonce, snonce) + LEN.pack(31 << 20))
+    reader, writer, _ = await _client_mac(
+        sock_cluster, sock_cluster.driver.token, LEN.pack(31 << 20)
+    )
     await _closed_by_peer(reader, writer)
     assert "declared frame length 32505856 exceeds the maximum of 65536 bytes" in caplog.text
     await _valid_client_works(sock_cluster)
