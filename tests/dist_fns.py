@@ -164,6 +164,18 @@ async def use_rref_wrapped(ref: ag.RRef, x: ag.Tensor) -> ag.Tensor:
     return await use_rref(ref, x)
 
 
+def lose_the_way_to(peer: str) -> None:
+    """From here, ``peer``'s address reaches nothing (as a driver's bound to its
+    loopback, seen from another host): a port nobody listens on, no local socket."""
+    from actorgrad.runtime import current_worker
+
+    w = current_worker()
+    w.members = {**w.members, peer: (w.members[peer][0], "127.0.0.1:9", "")}
+    conn = w._out.pop(peer, None)
+    if conn is not None:
+        conn.close()
+
+
 def grad_enabled_here() -> bool:
     return ag.autograd.is_grad_enabled()
 

@@ -7,6 +7,7 @@ import asyncio
 import contextvars
 import gc
 import itertools
+import logging
 import os
 import sys
 from typing import Any
@@ -221,6 +222,31 @@ async def test_a_sync_decorated_async_function_runs_in_the_callers_context(mode)
                 assert gp is not None, f"step {step}: the owner got no gradient"
                 np.testing.assert_allclose(gp, rp, rtol=1e-10)
         await assert_clean(c.names)
+
+
+@pytest.mark.parametrize("mode", ["tcp", "processes"], indirect=True)
+async def test_a_backward_whose_origin_a_worker_cannot_connect_to_goes_over_its_connection(
+    mode, caplog
+):
+    # (a driver on another host bound to its loopback: w1's gradient and credit for it
+    # could not be sent, the failure was ignored, and backward waited for good)
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    xv, wv = arr(3), arr(3)
+    async with cluster(mode, 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.lose_the_way_to, ("driver",))
+        x = ag.tensor(xv, requires_grad=True)
+        for _ in range(2):
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                async with asyncio.timeout(10):
+                    await ag.dist.backward(ctx, [(y * y).sum()])
+                np.testing.assert_allclose(
+                    ag.dist.get_gradients(ctx)[x], 2 * wv * wv * xv, rtol=1e-12
+                )
+        await assert_clean(c.names)
+    if mode == "tcp":
+        assert caplog.text.count("cannot connect to worker 'driver' at its address") == 1
 
 
 async def test_workers_of_a_cluster_started_under_no_grad_record_gradients():

@@ -1389,6 +1389,37 @@ async def test_wildcard_bind_with_token_advertises_a_reachable_address():
         await ag.shutdown()
 
 
+JOIN_AND_SAY_HOST = """
+import asyncio, sys
+import actorgrad as ag
+
+async def main():
+    w = await ag.init("joiner", address=sys.argv[1], token="secret-token")
+    print(w.host, w.address.rpartition(":")[0])
+    await ag.shutdown()
+
+asyncio.run(main())
+"""
+
+
+async def test_init_joining_a_non_loopback_address_binds_every_interface():
+    # (it bound 127.0.0.1, the default, and advertised it: workers on other hosts could
+    # not reach it, and a backward pass it started waited for good for their part)
+    w = await ag.init("open", host="0.0.0.0", token="secret-token")
+    try:
+        if w.address.startswith(("127.", "[::1]")):
+            pytest.skip("no non-loopback interface on this machine")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", JOIN_AND_SAY_HOST, w.address, stdout=subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0
+        host, advertised = out.decode().split()
+        assert host == "0.0.0.0" and advertised == w.address.rpartition(":")[0], out
+    finally:
+        await ag.shutdown()
+
+
 async def forward_all(to, refs):
     """Forward a list of RRefs (owned elsewhere) to another worker and return them."""
     return await ag.rpc(to, fetch_all, (refs,))

@@ -16,6 +16,7 @@ from actorgrad.errors import check_bool
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.cluster import (
     HEAD_NAME,
+    bind_for,
     check_address,
     check_bind,
     check_name,
@@ -47,6 +48,9 @@ async def init(
 
     ``name``: 1 to 255 printable characters without whitespace, not starting with "_".
     ``host``: the interface to bind, an IP address or a host name of this machine.
+    Joining a cluster at a non-loopback address, the default binds every interface,
+    as ``actorgrad worker`` does: the other workers connect to the address it
+    advertises (one bound to 127.0.0.1 reached none on other hosts).
 
     Returns this process's worker: ``.address`` is where others join a cluster it
     started, ``.token`` the cluster's token (a generated one, when none was given).
@@ -90,6 +94,11 @@ async def _init(name: str, address: str | None, token: str | None, host: str, po
     token = token or env_token()
     if token is None and address is not None:
         raise ValueError("joining a cluster needs its token: pass token=... or set ACTORGRAD_TOKEN")
+    if address is not None and host == "127.0.0.1":
+        # (the default, as `actorgrad worker` chooses: a driver on another host that
+        # joined bound to its loopback could not be reached by the workers, and its
+        # backward passes waited for good for what they had to send it)
+        host = bind_for(address)
     host = check_bind(host, token)  # (before a token is made up: a public host needs a given one)
     if token is None:
         token = new_token()

@@ -51,6 +51,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind_for(address: str) -> str:
+    """The interface a worker joining the cluster at ``address`` binds when told none:
+    the loopback one for a cluster on this host's loopback, every one otherwise (its
+    peers, maybe on other hosts, connect to the address it advertises: one bound to
+    127.0.0.1 reached none of them)."""
+    return "127.0.0.1" if is_loopback(address.rpartition(":")[0].strip("[]")) else "0.0.0.0"
+
+
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
@@ -325,10 +333,7 @@ async def serve_worker(
     when ``stop`` ended it (or the worker's own ``shutdown``)."""
     check_name(name)
     check_address(address)
-    if host is None:
-        h = address.rpartition(":")[0].strip("[]")
-        host = "127.0.0.1" if is_loopback(h) else "0.0.0.0"
-    host = check_bind(host, token)
+    host = check_bind(bind_for(address) if host is None else host, token)
     w = Worker(name, token=token, host=host)
     own = _w._process_worker is None or _w._process_worker.closed
     if own:

@@ -565,6 +565,8 @@ class Worker:
         self._members_changed = asyncio.Event()
         self.registry: Any = None  # registry.Registry on the head
         self.registry_conn: Connection | None = None
+        # peers whose address did not reach them, said once (see _connect_peer)
+        self._unreachable_warned: set[str] = set()
         # the connection a join is on, until its answer comes (membership changes come
         # over it from then on: see registry._member)
         self.joining_conn: Connection | None = None
@@ -954,24 +956,54 @@ class Worker:
             raise ValueError(f"unknown worker {dest!r}; known workers: {self.worker_names()}")
         try:
             conn = await self.open_connection(entry[1], entry[2], PEER_CONNECT_TIMEOUT)
-        except transport.Unanswered:
-            # (named by its address in the cluster, not the local socket's internal name)
-            raise WorkerLost(
-                f"worker {dest!r} ({entry[1]}) accepted the connection but did not answer "
-                f"within {PEER_CONNECT_TIMEOUT:g} s: hung or overloaded"
-            ) from None
-        except WorkerLost as exc:  # (a plain WorkerLost: it may travel as a RemoteError)
-            if self.registry_lost.is_set():
-                # (the cause, most likely: the workers leave when the head goes; and no
-                # head will say it is back, or gone: it is lost for good)
-                self._peer_lost(dest)
-                exc = WorkerLost(f"{exc}; the cluster's head went away ({self.registry_lost_why})")
-            raise WorkerLost(f"worker {dest!r}: {exc}") from None
+        except WorkerLost as exc:
+            back = self._opened_by(dest, entry[0])
+            if back is None or isinstance(exc, transport.Unanswered):  # (hung: as lost)
+                raise self._unreachable(dest, entry, exc) from None
+            # Its address does not reach it from here (it bound a loopback address, a
+            # firewall lets connections one way only), but it reached us: what we send
+            # it goes over its connection. (Without, a backward pass whose origin no
+            # worker could reach waited for good for their gradients and credit.)
+            if dest not in self._unreachable_warned:
+                self._unreachable_warned.add(dest)
+                log.warning(
+                    "worker %s: cannot connect to worker %r at its address (%s); using the "
+                    "connection it opened to this worker",
+                    self.name,
+                    dest,
+                    exc,
+                )
+            self._out[dest] = back
+            return back
         if conn.peer_name != dest:
             conn.close()
             raise WorkerLost(f"{entry[1]} is now worker {conn.peer_name!r}, not {dest!r}")
         self._out[dest] = conn
         return conn
+
+    def _opened_by(self, dest: str, dest_id: int) -> Connection | None:
+        """An open connection that worker ``dest`` (the process of cluster id ``dest_id``)
+        opened to this one, if any."""
+        for c in self._conns:
+            if c.peer_name == dest and not c.outgoing and not c.closed and c.peer_id == dest_id:
+                return c
+        return None
+
+    def _unreachable(self, dest: str, entry: Any, exc: WorkerLost) -> WorkerLost:
+        """The error of a failed connection to worker ``dest`` (member ``entry``)."""
+        if isinstance(exc, transport.Unanswered):
+            # (named by its address in the cluster, not the local socket's internal name)
+            return WorkerLost(
+                f"worker {dest!r} ({entry[1]}) accepted the connection but did not answer "
+                f"within {PEER_CONNECT_TIMEOUT:g} s: hung or overloaded"
+            )
+        # (a plain WorkerLost: it may travel as a RemoteError)
+        if self.registry_lost.is_set():
+            # (the cause, most likely: the workers leave when the head goes; and no
+            # head will say it is back, or gone: it is lost for good)
+            self._peer_lost(dest)
+            exc = WorkerLost(f"{exc}; the cluster's head went away ({self.registry_lost_why})")
+        return WorkerLost(f"worker {dest!r}: {exc}")
 
     async def _refresh_members(self, gap: bool = False) -> None:
         """Fetch the whole member list from the head. ``gap``: the fetch a change after
