@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from time import perf_counter
 from collections.abc import Sequence
 from typing import Any
@@ -73,6 +74,8 @@ from actorgrad.errors import (
 )
 from actorgrad.runtime import current_worker, inline, on_cast
 from actorgrad.tensor import Tensor, broadcast_view
+
+log = logging.getLogger("actorgrad.dist")
 
 __all__ = ["PassState", "backward"]
 
@@ -567,9 +570,13 @@ def _report(
         # raised as it is, as when that part runs inside backward() itself.
         _fail_run(st, pass_id, exc)
     else:
-        # the origin gone: nobody waits for this pass any more
         record = _failure_record(exc, st.worker.name, refused)
-        st.worker.cast(origin, T_FAIL, (ctx_id, pass_id, record), on_error=_ignore)
+        st.worker.cast(
+            origin,
+            T_FAIL,
+            (ctx_id, pass_id, record),
+            on_error=functools.partial(_unsent_to_origin, st, origin, pass_id),
+        )
 
 
 def _return_credit(st: DistState, ctx_id: int, origin: str, pass_id: int, credit: Credit) -> None:
@@ -579,11 +586,32 @@ def _return_credit(st: DistState, ctx_id: int, origin: str, pass_id: int, credit
             run.add_credit(credit)
     else:
         st.num_backward_messages += 1
-        st.worker.cast(origin, T_CREDIT, (ctx_id, pass_id, *credit), on_error=_ignore)
+        st.worker.cast(
+            origin,
+            T_CREDIT,
+            (ctx_id, pass_id, *credit),
+            on_error=functools.partial(_unsent_to_origin, st, origin, pass_id),
+        )
 
 
 def _ignore(exc: BaseException) -> None:
     pass
+
+
+def _unsent_to_origin(st: DistState, origin: str, pass_id: int, exc: BaseException) -> None:
+    """A pass's credit or failure report could not be sent to its origin. Gone, it waits
+    for nothing; still a member, it waits for this part for good (no connection either
+    way: see docs/limits.md, Cluster): said, not silently dropped."""
+    w = st.worker
+    if origin in w.members and not w.is_lost(origin):
+        log.warning(
+            "worker %s: backward pass %#x cannot report to its origin %r (%s): the "
+            "origin's backward waits for it; every worker must reach the driver",
+            w.name,
+            pass_id,
+            origin,
+            exc,
+        )
 
 
 def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None:
