@@ -36,6 +36,7 @@ import signal
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -180,6 +181,9 @@ def client_token(token_file: str | None) -> str:
 
 #: A signal the event loop has not handled after this many seconds: it is blocked.
 BLOCKED_AFTER = 1.0
+#: The same signal again within this many seconds is the first one sent twice, not a
+#: request to force the stop (no person presses Ctrl-C twice that fast).
+REPEAT = 0.2
 
 
 @contextlib.contextmanager
@@ -194,7 +198,13 @@ def _signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]:
     import threading
 
     loop = asyncio.get_running_loop()
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # (one ignored when we started stays so: `nohup` ignores SIGHUP, a shell ignores
+    # SIGINT for its background jobs; SIGHUP stopped a nohup'ed cluster)
+    sigs = tuple(
+        s
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(s) is not signal.SIG_IGN
+    )
     counts = [0, 0]  # signals that came, signals the loop handled
     inside = [True]
 
@@ -261,11 +271,18 @@ async def _serve_until_signalled(
     task = asyncio.ensure_future(serve(stop))
     signals = 0
     forced = signal.SIGINT
+    first: tuple[signal.Signals, float] | None = None
 
     def on_signal(sig: signal.Signals) -> None:
-        nonlocal signals, forced
+        nonlocal signals, forced, first
+        now = time.monotonic()
+        if first is not None and signals == 1 and sig == first[0] and now - first[1] < REPEAT:
+            # (one signal sent twice: `timeout` sends its SIGTERM to the command, then
+            # to its whole process group; the second forced the graceful stop down)
+            return
         signals += 1
         if signals == 1:
+            first = (sig, now)
             stop.set()
             _note(f"{sig.name}: stopping the {what} (again to force)")
         else:

@@ -51,7 +51,10 @@ def _env(**extra: str) -> dict[str, str]:
 class Running:
     """A CLI subprocess whose stdout lines are collected by a reader thread."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, ignoring: tuple[int, ...] = ()
+    ) -> None:
+        """``ignoring``: signals the process starts with ignored (as under ``nohup``)."""
         self.proc = subprocess.Popen(
             [*CLI, *args],
             stdin=subprocess.DEVNULL,
@@ -61,6 +64,9 @@ class Running:
             cwd=ROOT,
             env=env if env is not None else _env(),
             start_new_session=True,
+            preexec_fn=(lambda: [signal.signal(s, signal.SIG_IGN) for s in ignoring])
+            if ignoring
+            else None,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
@@ -1313,6 +1319,39 @@ def test_a_second_signal_forces_the_cluster_down(tmp_path: Path) -> None:
         c.proc.send_signal(signal.SIGINT)
         assert c.wait() in (0, 130)
         assert wait_gone(pids, 10) == set()
+    finally:
+        c.stop()
+
+
+@needs_runtime
+def test_one_signal_sent_twice_at_once_stops_the_cluster_gracefully() -> None:
+    # (`timeout` sends its SIGTERM to the command, then to the command's process
+    # group: the second was taken for "again to force")
+    c = Running("cluster", "-n", "1")
+    try:
+        c.expect("Ctrl-C to stop")
+        c.proc.send_signal(signal.SIGTERM)
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.wait() == 0
+        assert c.proc.stderr is not None
+        err = c.proc.stderr.read()
+        assert "SIGTERM: stopping the cluster" in err and "forcing" not in err, err
+    finally:
+        c.stop()
+
+
+@needs_runtime
+def test_a_cluster_started_with_sighup_ignored_keeps_ignoring_it() -> None:
+    # (under nohup: SIGHUP stopped the cluster all the same)
+    c = Running("cluster", "-n", "1", ignoring=(signal.SIGHUP,))
+    try:
+        c.expect("Ctrl-C to stop")
+        c.proc.send_signal(signal.SIGHUP)
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.wait() == 0
+        assert c.proc.stderr is not None
+        err = c.proc.stderr.read()
+        assert "SIGTERM: stopping the cluster" in err and "SIGHUP" not in err, err
     finally:
         c.stop()
 
