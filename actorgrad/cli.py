@@ -317,6 +317,15 @@ def _expected() -> Iterator[None]:
         raise CliError(str(exc) or type(exc).__name__) from exc
 
 
+def _tell_event(kind: str, text: str) -> None:
+    """A cluster's news: joins and leaves on stdout, its worker processes' deaths and
+    stuck shutdowns on stderr (where an operator's alerts look)."""
+    if kind in ("exited", "stuck"):
+        _note(text)
+    else:
+        _say(text)
+
+
 async def cmd_cluster(args: argparse.Namespace) -> int:
     """``actorgrad cluster``: the head and N workers in the foreground."""
     token, where, path = cluster_token(args.token_file)
@@ -346,7 +355,7 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
                 token=token,
                 on_ready=on_ready,
                 stop=stop,
-                on_event=lambda kind, text: _say(text),
+                on_event=_tell_event,
             )
 
     try:
