@@ -21,7 +21,8 @@ script instead (once: the script has a process group of its own, made the termin
 foreground group when ``run`` had it), the third as SIGKILL.
 
 Exit codes: 0 success, 1 an expected failure (one line on stderr, no traceback: wrong
-token, unreachable address, ...), 2 usage errors, ``run``: the script's status.
+token, unreachable address, a worker ``status`` lists as unreachable, ...), 2 usage
+errors, ``run``: the script's status.
 """
 
 from __future__ import annotations
@@ -713,6 +714,10 @@ async def cmd_status(args: argparse.Namespace) -> int:
     with _expected():
         status = await cluster.cluster_status(address, token, timeout=args.timeout)
     _say(format_status(status))
+    gone = [w["name"] for w in status["workers"] if "error" in w]
+    if gone:  # (a health check must tell: the table lists them, the status says so)
+        _note(f"{len(gone)} of {len(status['workers'])} workers unreachable: {', '.join(gone)}")
+        return 1
     return 0
 
 

@@ -1097,12 +1097,14 @@ def test_status_lists_a_hung_worker_as_unreachable_and_names_a_hung_head(tmp_pat
         stopped.append(victim)
         status = ["status", "--address", address, "--token-file", str(token_file)]
         r = run_cli(*status, "--timeout", "1")
-        assert r.returncode == 0, r.stderr
         rows = {line.split()[0]: line for line in r.stdout.splitlines()[2:]}
         assert sorted(rows) == ["_head", "w1", "w2"]
         hung = [n for n, line in rows.items() if "unreachable" in line]
         assert len(hung) == 1, r.stdout
         assert f"on worker '{hung[0]}' timed out after 1.0 s" in rows[hung[0]]
+        # (it exited 0: a health check could not tell)
+        assert r.returncode == 1
+        assert r.stderr == f"actorgrad: 1 of 3 workers unreachable: {hung[0]}\n"
         os.kill(victim, signal.SIGCONT)
         stopped.clear()
         os.kill(c.proc.pid, signal.SIGSTOP)
