@@ -249,6 +249,28 @@ async def test_a_backward_whose_origin_a_worker_cannot_connect_to_goes_over_its_
         assert caplog.text.count("cannot connect to worker 'driver' at its address") == 1
 
 
+async def test_a_loop_of_many_steps_whose_backward_splits_its_credit_each_step(mode):
+    # An RNN-like loop: each step fetches the weight from w2 and runs the cell on w1,
+    # so each backward step sends to two workers and halves the credit it passes on.
+    # Past 64 steps a numerator no longer fit msgpack's 64-bit ints: the credit message
+    # back to the driver could not be encoded, was dropped, and backward waited for good.
+    steps = 80
+    async with cluster(mode, 2) as c:
+        await ag.rpc("w2", F.put, ("w", np.full(2, 1.01)))
+        x = ag.tensor(np.array([1.0, -2.0]), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = x
+            for _ in range(steps):
+                w = await ag.rpc("w2", F.get, ("w",))
+                y = await ag.rpc("w1", F.times, (y, w))
+            async with asyncio.timeout(20):
+                await ag.dist.backward(ctx, [y.sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 1.01**steps, rtol=1e-12)
+            gw = await ag.rpc("w2", F.grad_of, (ctx, "w"))
+        np.testing.assert_allclose(gw, steps * 1.01 ** (steps - 1) * x.data, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 async def test_workers_of_a_cluster_started_under_no_grad_record_gradients():
     # (in-process workers copied their creator's contextvars: started in a no_grad
     # block, they computed without grad for good; process workers never did)

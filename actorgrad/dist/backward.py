@@ -452,7 +452,11 @@ class PassState:
 # the credit it got to the initiator. The pass is complete when the initiator holds 1
 # again: every message has then been handled (a message's credit can only come back
 # after it was handled, and after the messages it caused were sent with their share).
-# Credits are exact dyadic fractions ``num / 2**exp``; msgpack carries the two ints.
+# Credits are exact dyadic fractions ``num / 2**exp``; msgpack carries the two ints, a
+# numerator past 63 bits as its big-endian bytes (``_credit_out``): a part that holds
+# the shares of many splits has one of about as many bits as its exponent (a loop of 65
+# steps, each sending to two workers, passed 64 bits: its credit message could not be
+# encoded, and the backward waited for good).
 
 Credit = tuple[int, int]  # (num, exp): num / 2**exp
 NO_CREDIT: Credit = (0, 0)
@@ -474,13 +478,25 @@ def _norm(num: int, exp: int) -> Credit:
 
 
 #: Largest credit exponent a message may carry. Each split of a pass's credit among k
-#: messages adds about log2(k) to it: a pass would need thousands of splits in a row to
-#: get near; a bigger one is a malformed message (whose ints would cost memory).
+#: messages adds about log2(k) to it: one per step of a loop whose steps each send to
+#: two workers (10,000 steps: 10,000-bit numerators, 1.25 KiB a message); a bigger one
+#: is a malformed message (whose ints would cost memory).
 MAX_CREDIT_EXP = 1 << 16
 
 
-def _check_credit(num: Any, exp: Any) -> None:
-    """ProtocolError unless ``num / 2**exp`` is a credit a message can carry: in (0, 1]."""
+def _credit_out(credit: Credit) -> Credit | tuple[bytes, int]:
+    """``credit`` as a message carries it (see the section's comment)."""
+    num, exp = credit
+    if num < 1 << 63:
+        return credit
+    return num.to_bytes((num.bit_length() + 7) // 8, "big"), exp
+
+
+def _check_credit(num: Any, exp: Any) -> int:
+    """The numerator of the credit ``num / 2**exp`` a message carried (an int, or its
+    bytes); ProtocolError unless the credit is in (0, 1]."""
+    if type(num) is bytes and len(num) <= MAX_CREDIT_EXP // 8 + 1:
+        num = int.from_bytes(num, "big")
     if (
         type(num) is not int
         or type(exp) is not int
@@ -488,6 +504,7 @@ def _check_credit(num: Any, exp: Any) -> None:
         or not 0 < num <= 1 << exp
     ):
         raise ProtocolError(f"malformed credit {short_repr(num)}/2**{short_repr(exp)}")
+    return num
 
 
 def split_credit(credit: Credit, k: int) -> list[Credit]:
@@ -589,7 +606,7 @@ def _return_credit(st: DistState, ctx_id: int, origin: str, pass_id: int, credit
         st.worker.cast(
             origin,
             T_CREDIT,
-            (ctx_id, pass_id, *credit),
+            (ctx_id, pass_id, *_credit_out(credit)),
             on_error=functools.partial(_unsent_to_origin, st, origin, pass_id),
         )
 
@@ -637,7 +654,17 @@ def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None
         worker.cast(
             dest,
             T_DELIVER,
-            (ctx.id, origin, pass_id, retain, items, *part, me, relays.pop(dest, None), ps.exempt),
+            (
+                ctx.id,
+                origin,
+                pass_id,
+                retain,
+                items,
+                *_credit_out(part),
+                me,
+                relays.pop(dest, None),
+                ps.exempt,
+            ),
             on_error=functools.partial(_send_failed, st, ctx, pass_id, origin),
         )
 
@@ -758,7 +785,7 @@ def _deliver(
                 f"backward pass {pass_id:#x} of context {ctx_id:#x} was aborted on worker "
                 f"{st.worker.name!r} (it failed or was cancelled); late message dropped"
             )
-        _check_credit(num, exp)
+        num = _check_credit(num, exp)
         if relay is not None and (sender != origin or not _relay_ok(relay)):
             raise ProtocolError(f"malformed relay {short_repr(relay)} from {sender!r}")
         ps = ctx.active_pass
@@ -850,7 +877,7 @@ def _credit(worker: Any, ctx_id: int, pass_id: int, num: int, exp: int) -> None:
     if run is None:
         return
     try:
-        _check_credit(num, exp)
+        num = _check_credit(num, exp)
     except ProtocolError as exc:
         run.fail(exc)
         return
