@@ -182,8 +182,8 @@ def client_token(token_file: str | None) -> str:
 
 #: A signal the event loop has not handled after this many seconds: it is blocked.
 BLOCKED_AFTER = 1.0
-#: The same signal again within this many seconds is the first one sent twice, not a
-#: request to force the stop (no person presses Ctrl-C twice that fast).
+#: The same SIGTERM or SIGHUP again within this many seconds is the first one sent
+#: twice (by a tool, to the process and to its group), not a request to force the stop.
 REPEAT = 0.2
 
 
@@ -277,9 +277,15 @@ async def _serve_until_signalled(
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals, forced, first
         now = time.monotonic()
-        if first is not None and signals == 1 and sig == first[0] and now - first[1] < REPEAT:
+        if (
+            first is not None
+            and signals == 1
+            and sig == first[0] != signal.SIGINT
+            and now - first[1] < REPEAT
+        ):
             # (one signal sent twice: `timeout` sends its SIGTERM to the command, then
-            # to its whole process group; the second forced the graceful stop down)
+            # to its whole process group; the second forced the graceful stop down. Not
+            # SIGINT: a person's Ctrl-C, twice in a hurry, means it)
             return
         signals += 1
         if signals == 1:
