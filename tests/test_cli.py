@@ -1328,34 +1328,30 @@ def test_a_second_signal_forces_the_cluster_down(tmp_path: Path) -> None:
 
 
 @needs_runtime
-def test_one_signal_sent_twice_at_once_stops_the_cluster_gracefully() -> None:
-    # (`timeout` sends its SIGTERM to the command, then to the command's process
-    # group: the second was taken for "again to force")
-    c = Running("cluster", "-n", "1")
+@pytest.mark.parametrize(
+    ("ignoring", "first"),
+    [
+        # (`timeout` sends its SIGTERM to the command, then to the command's process
+        # group: the second was taken for "again to force")
+        ((), signal.SIGTERM),
+        # (under nohup: SIGHUP stopped the cluster all the same)
+        ((signal.SIGHUP,), signal.SIGHUP),
+    ],
+    ids=["sigterm-sent-twice", "sighup-ignored-at-start"],
+)
+def test_a_signal_repeated_or_ignored_at_start_leaves_one_graceful_stop(
+    ignoring: tuple[int, ...], first: signal.Signals
+) -> None:
+    c = Running("cluster", "-n", "1", ignoring=ignoring)
     try:
         c.expect("Ctrl-C to stop")
-        c.proc.send_signal(signal.SIGTERM)
+        c.proc.send_signal(first)
         c.proc.send_signal(signal.SIGTERM)
         assert c.wait() == 0
         assert c.proc.stderr is not None
         err = c.proc.stderr.read()
         assert "SIGTERM: stopping the cluster" in err and "forcing" not in err, err
-    finally:
-        c.stop()
-
-
-@needs_runtime
-def test_a_cluster_started_with_sighup_ignored_keeps_ignoring_it() -> None:
-    # (under nohup: SIGHUP stopped the cluster all the same)
-    c = Running("cluster", "-n", "1", ignoring=(signal.SIGHUP,))
-    try:
-        c.expect("Ctrl-C to stop")
-        c.proc.send_signal(signal.SIGHUP)
-        c.proc.send_signal(signal.SIGTERM)
-        assert c.wait() == 0
-        assert c.proc.stderr is not None
-        err = c.proc.stderr.read()
-        assert "SIGTERM: stopping the cluster" in err and "SIGHUP" not in err, err
+        assert not ignoring or "SIGHUP" not in err, err
     finally:
         c.stop()
 
