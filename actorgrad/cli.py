@@ -388,6 +388,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
                 token,
                 stop=stop,
                 on_joined=lambda w: _say(f"worker {args.name} joined (cluster id {w.id})"),
+                wait=args.wait or 0.0,
             )
         if why is not None:  # (not asked to stop: a supervisor should hear of it)
             raise CliError(f"worker {args.name}: the cluster's head went away ({why})")
@@ -859,6 +860,12 @@ def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
     )
     w.add_argument("--name", required=strict, type=_worker_name, help="this worker's name")
     w.add_argument("--token-file", type=_path, metavar="F", help=tok)
+    w.add_argument(
+        "--wait",
+        type=_seconds,
+        metavar="SECONDS",
+        help="keep trying to reach a cluster not up yet for that long (default: fail at once)",
+    )
 
     r = sub.add_parser("run", help="run SCRIPT as the driver of a local cluster of N workers")
     r.add_argument("-n", type=_workers, required=strict, metavar="N", help="workers w1..wN")

@@ -780,6 +780,33 @@ def test_unreachable_address_exits_1_with_a_one_line_message() -> None:
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@needs_runtime
+def test_a_worker_told_to_wait_joins_a_cluster_started_after_it(tmp_path: Path) -> None:
+    # (a worker started before its cluster, as a batch scheduler may, exited 1 at once:
+    # "cannot connect ...: Connection refused"; --wait keeps trying)
+    token_file = tmp_path / "token"
+    token_file.write_text("a-shared-token\n")
+    token_file.chmod(0o600)
+    port = str(free_port())
+    join = ["worker", "--join", f"127.0.0.1:{port}", "--name", "early"]
+    r = run_cli(*join, "--token-file", str(token_file), "--wait", "0.6")
+    assert r.returncode == 1 and "Connection refused" in r.stderr, r.stderr
+    w = Running(*join, "--token-file", str(token_file), "--wait", "60")
+    c: Running | None = None
+    try:
+        w.expect("worker early joining")
+        c = Running("cluster", "-n", "1", "--port", port, "--token-file", str(token_file))
+        address = c.expect("address:")
+        assert w.expect("worker early joined").startswith("(cluster id ")
+        r = run_cli("status", "--address", address, "--token-file", str(token_file))
+        assert r.returncode == 0, r.stderr
+        assert "early" in [line.split()[0] for line in r.stdout.splitlines()[2:]], r.stdout
+    finally:
+        if c is not None:
+            c.stop()
+        w.stop()
+
+
 SLOW_WRITE = """
 import asyncio, os, sys, time
 import actorgrad as ag

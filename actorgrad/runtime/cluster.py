@@ -15,13 +15,15 @@ import os
 import re
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from actorgrad.errors import RemoteError
+from actorgrad.errors import RemoteError, WorkerLost
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.procs import WorkerProcesses, describe_exit
 from actorgrad.runtime.registry import MAX_NAME, valid_name
+from actorgrad.runtime.transport import Unanswered
 from actorgrad.runtime.worker import Worker
 
 HEAD_NAME = "_head"
@@ -325,10 +327,12 @@ async def serve_worker(
     host: str | None = None,
     on_joined: Callable[[Worker], None] | None = None,
     key: str = "",
+    wait: float = 0.0,
 ) -> str | None:
     """One worker joining the cluster at ``address``; runs until ``stop`` is set or the
     cluster's head goes away. ``on_joined(worker)`` once it joined; ``key``: the one
-    its head gave a process it started (see ``Worker.join``). Returns how the
+    its head gave a process it started (see ``Worker.join``); ``wait``: seconds to keep
+    trying while nothing listens at ``address`` (a cluster not up yet). Returns how the
     head went away ("it shut down", "worker '_head' sent nothing for 60 s ..."), None
     when ``stop`` ended it (or the worker's own ``shutdown``)."""
     check_name(name)
@@ -341,7 +345,7 @@ async def serve_worker(
     cancelled = False
     try:
         await start_worker(w)
-        if await _unless_stopped(w.join(address, key=key), stop):
+        if await _unless_stopped(_join_when_up(w, address, key, wait), stop):
             if on_joined is not None:
                 on_joined(w)
             if await _unless_stopped(w.registry_lost.wait(), stop):
@@ -357,6 +361,27 @@ async def serve_worker(
         if own and _w._process_worker is w:
             _w.set_process_worker(None)
     return None
+
+
+#: Seconds between attempts to reach a cluster that is not up yet (serve_worker's wait).
+RETRY_JOIN = 0.5
+
+
+async def _join_when_up(w: Worker, address: str, key: str, wait: float) -> None:
+    """``w.join(address)``, tried again while nothing listens there, for ``wait`` s."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            await w.join(address, key=key)
+            return
+        except WorkerLost as exc:
+            # (only nobody listening, or a connection refused: a hung head, or one that
+            # refused the join, is not a cluster still starting)
+            if isinstance(exc, Unanswered) or not isinstance(exc.__cause__, OSError):
+                raise
+            if time.monotonic() + RETRY_JOIN > deadline:
+                raise
+        await asyncio.sleep(RETRY_JOIN)
 
 
 async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict:  # noqa: ASYNC109 (timeout is API)
