@@ -66,6 +66,8 @@ def test_a_credit_travels_exactly_whatever_its_size(exp, data):
 
 
 def test_a_credit_out_of_range_or_too_long_is_malformed():
-    for num, exp in [(0, 3), (9, 3), (b"\x01" * 9000, MAX_CREDIT_EXP), (1, MAX_CREDIT_EXP + 1)]:
+    assert _check_credit(8, 3) == 8 and _check_credit(1, 0) == 1  # (all of it: in range)
+    too_long = b"\x01" * (MAX_CREDIT_EXP // 8 + 2)
+    for num, exp in [(0, 3), (9, 3), (-1, 3), (too_long, MAX_CREDIT_EXP), (1, MAX_CREDIT_EXP + 1)]:
         with pytest.raises(ProtocolError, match="malformed credit"):
             _check_credit(num, exp)

@@ -480,8 +480,8 @@ def _norm(num: int, exp: int) -> Credit:
 #: Largest credit exponent a message may carry. Each split of a pass's credit among k
 #: messages adds about log2(k) to it: one per step of a loop whose steps each send to
 #: two workers (10,000 steps: 10,000-bit numerators, 1.25 KiB a message); a bigger one
-#: is a malformed message (whose ints would cost memory).
-MAX_CREDIT_EXP = 1 << 16
+#: is a malformed message (whose ints would cost memory: 128 KiB at most).
+MAX_CREDIT_EXP = 1 << 20
 
 
 def _credit_out(credit: Credit) -> Credit | tuple[bytes, int]:
@@ -501,7 +501,9 @@ def _check_credit(num: Any, exp: Any) -> int:
         type(num) is not int
         or type(exp) is not int
         or not 0 <= exp <= MAX_CREDIT_EXP
-        or not 0 < num <= 1 << exp
+        or num <= 0
+        # (num <= 2**exp, without making 2**exp: up to 128 KiB a message)
+        or (num.bit_length() > exp and num != 1 << exp)
     ):
         raise ProtocolError(f"malformed credit {short_repr(num)}/2**{short_repr(exp)}")
     return num
@@ -537,7 +539,8 @@ class InitiatorRun:
 
     def add_credit(self, credit: Credit) -> None:
         self.num, self.exp = add_credit((self.num, self.exp), credit)
-        if self.num >= 1 << self.exp and not self.done.done():
+        # (num >= 2**exp, i.e. all of it back; bit_length: no 2**exp made per message)
+        if self.num.bit_length() > self.exp and not self.done.done():
             self.done.set_result(None)
 
     def fail(self, exc: BaseException) -> None:
