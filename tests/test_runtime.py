@@ -1394,7 +1394,8 @@ import asyncio, sys
 import actorgrad as ag
 
 async def main():
-    w = await ag.init("joiner", address=sys.argv[1], token="secret-token")
+    host = {"host": sys.argv[2]} if sys.argv[2:] else {}
+    w = await ag.init("joiner", address=sys.argv[1], token="secret-token", **host)
     print(w.host, w.address.rpartition(":")[0])
     await ag.shutdown()
 
@@ -1409,13 +1410,28 @@ async def test_init_joining_a_non_loopback_address_binds_every_interface():
     try:
         if w.address.startswith(("127.", "[::1]")):
             pytest.skip("no non-loopback interface on this machine")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", JOIN_AND_SAY_HOST, w.address, stdout=subprocess.PIPE
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0
-        host, advertised = out.decode().split()
-        assert host == "0.0.0.0" and advertised == w.address.rpartition(":")[0], out
+
+        async def join(*host: str) -> tuple[str, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                JOIN_AND_SAY_HOST,
+                w.address,
+                *host,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err
+            bound, advertised = out.decode().split()
+            return bound, advertised, err.decode()
+
+        bound, advertised, _ = await join()
+        assert bound == "0.0.0.0" and advertised == w.address.rpartition(":")[0]
+        # (an explicit loopback is bound as asked, with a warning; it was rebound too)
+        bound, advertised, err = await join("127.0.0.1")
+        assert bound == advertised == "127.0.0.1"
+        assert "workers on other hosts cannot connect to it" in err
     finally:
         await ag.shutdown()
 

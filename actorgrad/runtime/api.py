@@ -22,6 +22,7 @@ from actorgrad.runtime.cluster import (
     check_name,
     describe_stuck,
     finish,
+    is_loopback,
     new_token,
     start_worker,
     stop_all,
@@ -35,12 +36,22 @@ log = logging.getLogger("actorgrad.runtime")
 __all__ = ["init", "rpc", "remote", "local_cluster", "worker_name", "workers", "shutdown", "RRef"]
 
 
+class _DefaultHost(str):
+    """The default ``host`` of ``init``: "127.0.0.1", told apart from the same address
+    given explicitly (by identity), which binds the loopback interface as asked."""
+
+    __slots__ = ()
+
+
+_DEFAULT_HOST = _DefaultHost("127.0.0.1")
+
+
 async def init(
     name: str,
     *,
     address: str | None = None,
     token: str | None = None,
-    host: str = "127.0.0.1",
+    host: str = _DEFAULT_HOST,
     port: int = 0,
 ) -> Worker:
     """Join this process to a cluster as worker ``name`` (a new cluster, hosting its
@@ -50,7 +61,8 @@ async def init(
     ``host``: the interface to bind, an IP address or a host name of this machine.
     Joining a cluster at a non-loopback address, the default binds every interface,
     as ``actorgrad worker`` does: the other workers connect to the address it
-    advertises (one bound to 127.0.0.1 reached none on other hosts).
+    advertises (one bound to 127.0.0.1 reached none on other hosts). An explicit
+    loopback host is bound as given, with a warning.
 
     Returns this process's worker: ``.address`` is where others join a cluster it
     started, ``.token`` the cluster's token (a generated one, when none was given).
@@ -94,12 +106,23 @@ async def _init(name: str, address: str | None, token: str | None, host: str, po
     token = token or env_token()
     if token is None and address is not None:
         raise ValueError("joining a cluster needs its token: pass token=... or set ACTORGRAD_TOKEN")
-    if address is not None and host == "127.0.0.1":
-        # (the default, as `actorgrad worker` chooses: a driver on another host that
-        # joined bound to its loopback could not be reached by the workers, and its
-        # backward passes waited for good for what they had to send it)
-        host = bind_for(address)
-    host = check_bind(host, token)  # (before a token is made up: a public host needs a given one)
+    if address is not None:
+        if host is _DEFAULT_HOST:
+            # (as `actorgrad worker` chooses: a driver on another host that joined bound
+            # to its loopback could not be reached by the workers, and its backward
+            # passes waited for good for what they had to send it)
+            host = bind_for(address)
+        elif type(host) is str and is_loopback(host) and bind_for(address) != "127.0.0.1":
+            log.warning(
+                "worker %s joins the cluster at %s bound to %s: workers on other hosts "
+                "cannot connect to it (they use its own connections to them, if any)",
+                name,
+                address,
+                host,
+            )
+    if host is _DEFAULT_HOST:  # (a new cluster, or one on this host's loopback)
+        host = "127.0.0.1"
+    host = check_bind(host, token)  # (before a token is made up: a public host needs one)
     if token is None:
         token = new_token()
     tune_malloc()
