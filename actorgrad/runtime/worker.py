@@ -565,8 +565,9 @@ class Worker:
         self._members_changed = asyncio.Event()
         self.registry: Any = None  # registry.Registry on the head
         self.registry_conn: Connection | None = None
-        # peers whose address did not reach them, said once (see _connect_peer)
-        self._unreachable_warned: set[str] = set()
+        # peers (name, cluster id) whose address did not reach them, said once (see
+        # _connect_peer)
+        self._unreachable_warned: set[tuple[str, int]] = set()
         # the connection a join is on, until its answer comes (membership changes come
         # over it from then on: see registry._member)
         self.joining_conn: Connection | None = None
@@ -964,8 +965,8 @@ class Worker:
             # firewall lets connections one way only), but it reached us: what we send
             # it goes over its connection. (Without, a backward pass whose origin no
             # worker could reach waited for good for their gradients and credit.)
-            if dest not in self._unreachable_warned:
-                self._unreachable_warned.add(dest)
+            if (dest, entry[0]) not in self._unreachable_warned:  # (once per process)
+                self._unreachable_warned.add((dest, entry[0]))
                 log.warning(
                     "worker %s: cannot connect to worker %r at its address (%s); using the "
                     "connection it opened to this worker",
