@@ -798,6 +798,8 @@ def test_a_worker_told_to_wait_joins_a_cluster_started_after_it(tmp_path: Path) 
         c = Running("cluster", "-n", "1", "--port", port, "--token-file", str(token_file))
         address = c.expect("address:")
         assert w.expect("worker early joined").startswith("(cluster id ")
+        # (said by the cluster too, after its ready line, also when it came before)
+        assert c.expect("worker early joined").startswith("(127.0.0.1:")
         r = run_cli("status", "--address", address, "--token-file", str(token_file))
         assert r.returncode == 0, r.stderr
         assert "early" in [line.split()[0] for line in r.stdout.splitlines()[2:]], r.stdout
