@@ -106,22 +106,24 @@ async def _init(name: str, address: str | None, token: str | None, host: str, po
     token = token or env_token()
     if token is None and address is not None:
         raise ValueError("joining a cluster needs its token: pass token=... or set ACTORGRAD_TOKEN")
-    if address is not None:
-        if host is _DEFAULT_HOST:
-            # (as `actorgrad worker` chooses: a driver on another host that joined bound
-            # to its loopback could not be reached by the workers, and its backward
-            # passes waited for good for what they had to send it)
-            host = bind_for(address)
-        elif type(host) is str and is_loopback(host) and bind_for(address) != "127.0.0.1":
-            log.warning(
-                "worker %s joins the cluster at %s bound to %s: workers on other hosts "
-                "cannot connect to it (they use its own connections to them, if any)",
-                name,
-                address,
-                host,
-            )
-    if host is _DEFAULT_HOST:  # (a new cluster, or one on this host's loopback)
-        host = "127.0.0.1"
+    if host is _DEFAULT_HOST:
+        # (joining, as `actorgrad worker` chooses: a driver on another host that joined
+        # bound to its loopback could not be reached by the workers, and its backward
+        # passes waited for good for what they had to send it)
+        host = "127.0.0.1" if address is None else bind_for(address)
+    elif (
+        address is not None
+        and type(host) is str
+        and is_loopback(host)
+        and bind_for(address) != "127.0.0.1"  # (a cluster on other hosts)
+    ):
+        log.warning(
+            "worker %s joins the cluster at %s bound to %s: workers on other hosts "
+            "cannot connect to it (they use its own connections to them, if any)",
+            name,
+            address,
+            host,
+        )
     host = check_bind(host, token)  # (before a token is made up: a public host needs one)
     if token is None:
         token = new_token()

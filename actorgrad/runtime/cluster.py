@@ -212,15 +212,16 @@ async def serve_cluster(
         joined = True
         # workers of others that joined during the start-up (a `worker --wait` that was
         # waiting for it): news too, said after the ready line (they went unsaid)
-        early = [(m, e) for m, e in head.registry.members.items() if m not in names]
+        early = sorted(
+            (m, e) for m, e in head.registry.members.items() if m not in names and m != HEAD_NAME
+        )
         if on_event is not None:
             unwatch = _report_changes(head.registry, procs, on_event)
         if on_ready is not None:
             on_ready(head.address)
         if on_event is not None:
-            for member, entry in sorted(early):
-                if member != HEAD_NAME:
-                    on_event("joined", f"worker {member} joined ({entry[1]})")
+            for member, entry in early:
+                on_event("joined", f"worker {member} joined ({entry[1]})")
         if stop is None:
             stop = asyncio.Event()
         await stop.wait()

@@ -1213,7 +1213,7 @@ class Worker:
                 if conn.peer_name is None:
                     raise ProtocolError("request before hello")
                 cid = header[1] if len(header) > 1 else None
-                if type(cid) is int and (cid in conn.running or cid in conn.queued) and cid:
+                if type(cid) is int and cid and (cid in conn.running or cid in conn.queued):
                     # (a call's id is its caller's count on this connection: a second one
                     # took over the first's bookkeeping, and a cancel of the first leaked
                     # an in-flight slot and a pool thread for good)
@@ -1651,12 +1651,8 @@ class Worker:
         _current_conn.set(conn)
         try:
             if stats.is_async:
-                ic = _interceptor
-                if meta is not None and ic is not None:
-                    with ic.enter(self, meta):
-                        result = await fn(*args, **(kwargs or {}))
-                else:
-                    result = await fn(*args, **(kwargs or {}))
+                # (the coroutine's body runs only when awaited: in the call's context)
+                result = await self._await_in(meta, fn(*args, **(kwargs or {})))
             else:
                 ctx = contextvars.copy_context()
                 call = functools.partial(ctx.run, self._invoke_timed, fn, args, kwargs, meta)
@@ -1692,10 +1688,11 @@ class Worker:
             self._done()
 
     async def _await_in(self, meta: Any, aw: Any) -> Any:
-        """What a plain function returned (a coroutine of a sync-decorated ``async def``,
-        a future), awaited in the call's interceptor context as the function ran: its
-        body runs only now (it made its calls outside a distributed autograd context,
-        and the gradients of what they fetched were lost)."""
+        """``aw`` awaited in the call's interceptor context: the coroutine of an ``async
+        def``, or what a plain function returned (a sync-decorated ``async def``'s
+        coroutine, a future), whose body runs only now (awaited outside it, it made its
+        calls outside the distributed autograd context, and the gradients of what they
+        fetched were lost)."""
         ic = _interceptor
         if meta is not None and ic is not None:
             with ic.enter(self, meta):
