@@ -180,6 +180,24 @@ def lose_the_way_to(peer: str) -> None:
         conn.close()
 
 
+async def call_path(path: list[str], fn: str, args: list[Any]) -> Any:
+    """This module's function ``fn`` called with ``args`` on the last worker of
+    ``path``, each call made from the one before (here, with an empty path): so the
+    caller never connects to the workers past the first."""
+    if path:
+        return await ag.rpc(path[0], call_path, (path[1:], fn, args))
+    return globals()[fn](*args)
+
+
+async def nested_mul(names: list[str], key: str, x: ag.Tensor) -> ag.Tensor:
+    """x * store[key] here, then on each of ``names`` in turn, each call made from
+    inside the one before."""
+    y = mul(key, x)
+    if names:
+        y = await ag.rpc(names[0], nested_mul, (names[1:], key, y))
+    return y
+
+
 def grad_enabled_here() -> bool:
     return ag.autograd.is_grad_enabled()
 

@@ -249,6 +249,55 @@ async def test_a_backward_whose_origin_a_worker_cannot_connect_to_goes_over_its_
         assert caplog.text.count("cannot connect to worker 'driver' at its address") == 1
 
 
+@pytest.mark.parametrize("mode", ["tcp", "processes"], indirect=True)
+async def test_reports_for_an_origin_a_worker_cannot_reach_go_back_the_way_the_pass_came(
+    mode, caplog
+):
+    # The driver (on "another host", bound to its loopback) reaches w1 only: w1 brings
+    # w2 into the pass and w2 brings w3, and neither can connect to the driver, which
+    # never connected to them. A report they send it could not be sent, and backward
+    # waited for good: the failure of w3's part, and the credit of w2's part when it
+    # ended on a gradient that left it nothing to send on.
+    caplog.set_level(logging.WARNING, "actorgrad")
+    w1v, w2v, w3v = arr(3), arr(3), arr(3)
+    async with cluster(mode, 3) as c:
+        await ag.rpc("w1", F.put, ("w", w1v))
+        await ag.rpc("w1", F.call_path, (["w2"], "put", ["w", w2v]))
+        await ag.rpc("w1", F.call_path, (["w2", "w3"], "put", ["w", w3v]))
+        for path in (["w2"], ["w2", "w3"]):
+            await ag.rpc("w1", F.call_path, (path, "lose_the_way_to", ["driver"]))
+        await ag.rpc("w1", F.call_path, (["w2", "w3"], "add_failing_hook", ["w", 1]))
+        x = ag.tensor(arr(3), requires_grad=True)
+        for step in range(2):  # (the first fails on w3; the workers are ready after it)
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.nested_mul, (["w2", "w3"], "w", x))
+                async with asyncio.timeout(10):
+                    if step == 0:
+                        with pytest.raises(ag.RemoteError, match="on worker 'w3': hook refused"):
+                            await ag.dist.backward(ctx, [y.sum()])
+                        continue
+                    await ag.dist.backward(ctx, [y.sum()])
+                gw3 = await ag.rpc("w1", F.call_path, (["w2", "w3"], "grad_of", [ctx, "w"]))
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], w1v * w2v * w3v)
+                np.testing.assert_allclose(gw3, x.data * w1v * w2v, rtol=1e-12)
+        # w2's part gets the gradients of its two results (made from tensors that need
+        # none) in two messages, and ends on the second with nothing to send on: its
+        # credit goes back alone. (w3, called straight, gets what the second needs.)
+        await ag.rpc("w3", F.put, ("v", w3v))
+        async with ag.dist.context() as ctx:
+            y1 = await ag.rpc("w1", F.mul_plus_remote, ("w2", "w", x))
+            y2 = await ag.rpc("w1", F.mul_plus_remote, ("w2", "w", x))
+            z = await ag.rpc("w3", F.mul, ("v", y2))
+            async with asyncio.timeout(10):
+                await ag.dist.backward(ctx, [y1.sum() + z.sum()])
+            gw2 = await ag.rpc("w1", F.call_path, (["w2"], "grad_of", [ctx, "w"]))
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], w1v + w1v * w3v)
+            np.testing.assert_allclose(gw2, 1 + w3v, rtol=1e-12)
+        await assert_clean(c.names)
+    if mode == "tcp":
+        assert "cannot report to its origin" not in caplog.text
+
+
 async def test_a_loop_of_many_steps_whose_backward_splits_its_credit_each_step(mode):
     # An RNN-like loop: each step fetches the weight from w2 and runs the cell on w1,
     # so each backward step sends to two workers and halves the credit it passes on.
@@ -3486,6 +3535,11 @@ async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(cor
         ("dist.credit", (1, [2], 1, 0)),
         ("dist.fail", (None, 1, ["lost", "x"])),
         ("dist.abort", (1, {"a": 1})),
+        ("dist.relay", ("driver", "dist.abort", (1, 1))),  # (only reports are relayed)
+        ("dist.relay", ("driver", "dist.credit", (1, 1, 1))),  # (a credit has 4)
+        ("dist.relay", ("driver", "dist.fail", (1, "pass", ["lost", "x"]))),
+        ("dist.relay", (None, "dist.fail", (1, 1, ["lost", "x"]))),
+        ("dist.relay", ("driver", ["dist.fail"], (1, 1, ["lost", "x"]))),
     ],
 )
 async def test_a_backward_message_with_malformed_ids_closes_its_connection(topic, args, caplog):

@@ -87,6 +87,9 @@ T_CREDIT = "dist.credit"
 T_FAIL = "dist.fail"
 T_ABORT = "dist.abort"
 T_UNPAIR = "dist.unpair"
+T_RELAY = "dist.relay"
+# the reports a T_RELAY carries to a pass's origin, with their number of arguments
+_REPORTS = {T_CREDIT: 4, T_FAIL: 3}
 
 
 #: Broadcast gradients at least this big travel compact (smaller ones as they are: the
@@ -591,12 +594,7 @@ def _report(
         _fail_run(st, pass_id, exc)
     else:
         record = _failure_record(exc, st.worker.name, refused)
-        st.worker.cast(
-            origin,
-            T_FAIL,
-            (ctx_id, pass_id, record),
-            on_error=functools.partial(_unsent_to_origin, st, origin, pass_id),
-        )
+        _to_origin(st, origin, T_FAIL, (ctx_id, pass_id, record))
 
 
 def _return_credit(st: DistState, ctx_id: int, origin: str, pass_id: int, credit: Credit) -> None:
@@ -606,22 +604,55 @@ def _return_credit(st: DistState, ctx_id: int, origin: str, pass_id: int, credit
             run.add_credit(credit)
     else:
         st.num_backward_messages += 1
-        st.worker.cast(
-            origin,
-            T_CREDIT,
-            (ctx_id, pass_id, *_credit_out(credit)),
-            on_error=functools.partial(_unsent_to_origin, st, origin, pass_id),
-        )
+        _to_origin(st, origin, T_CREDIT, (ctx_id, pass_id, *_credit_out(credit)))
+
+
+def _to_origin(st: DistState, origin: str, topic: str, args: tuple[Any, ...]) -> None:
+    """Send a report (``topic`` T_CREDIT or T_FAIL, ``args`` starting with the context
+    and pass ids) to the pass's origin, by another way if it cannot go straight there
+    (see _unsent_to_origin)."""
+    st.worker.cast(
+        origin, topic, args, on_error=functools.partial(_unsent_to_origin, st, origin, topic, args)
+    )
 
 
 def _ignore(exc: BaseException) -> None:
     pass
 
 
-def _unsent_to_origin(st: DistState, origin: str, pass_id: int, exc: BaseException) -> None:
-    """A pass's credit or failure report could not be sent to its origin. Gone, it waits
-    for nothing; still a member, it waits for this part for good (no connection either
-    way: see docs/limits.md, Cluster): said, not silently dropped."""
+def _unsent_to_origin(
+    st: DistState, origin: str, topic: str, args: tuple[Any, ...], exc: BaseException
+) -> None:
+    """A pass's credit or failure report could not be sent to its origin (its address
+    does not reach it from here, and it never connected to this worker). It goes to the
+    worker that brought this one into the pass, to be passed on (``T_RELAY``): that
+    worker reached this one, and got the pass from the origin or from a worker that
+    did, so back along that way it gets there. Without a way (the origin gone waits
+    for nothing; or this worker got the pass from the origin itself, over a connection
+    since closed), it is said, not silently dropped: the origin's backward waits for
+    this part for good."""
+    w = st.worker
+    if origin not in w.members or w.is_lost(origin):
+        return
+    ctx_id, pass_id = args[0], args[1]
+    ctx = st.contexts.get(ctx_id)
+    if ctx is not None and ctx.via[0] == pass_id and ctx.via[1] not in (origin, w.name):
+        # (a way back: each worker's ``via`` got the pass before it did, so the
+        # relays end at the origin, or at a worker with no way, who says so)
+        via = ctx.via[1]
+        w.cast(
+            via,
+            T_RELAY,
+            (origin, topic, args),
+            on_error=lambda relay_exc: _no_way_to_origin(
+                st, origin, pass_id, f"{exc}; nor through worker {via!r}: {relay_exc}"
+            ),
+        )
+        return
+    _no_way_to_origin(st, origin, pass_id, exc)
+
+
+def _no_way_to_origin(st: DistState, origin: str, pass_id: int, why: Any) -> None:
     w = st.worker
     if origin in w.members and not w.is_lost(origin):
         log.warning(
@@ -630,8 +661,34 @@ def _unsent_to_origin(st: DistState, origin: str, pass_id: int, exc: BaseExcepti
             w.name,
             pass_id,
             origin,
-            exc,
+            why,
         )
+
+
+@on_cast(T_RELAY)
+def _relay(worker: Any, origin: str, topic: str, args: list[Any]) -> None:
+    """Message handler: a report for a pass's origin that could not go straight there
+    (see _unsent_to_origin). At the origin, handled as if it came straight; elsewhere,
+    sent on (and on again, if this worker cannot reach it either)."""
+    if (
+        type(origin) is not str
+        or type(topic) is not str
+        or topic not in _REPORTS
+        or type(args) not in (list, tuple)
+        or len(args) != _REPORTS[topic]
+    ):
+        raise ProtocolError(
+            f"malformed relayed report: origin {short_repr(origin)}, topic "
+            f"{short_repr(topic)}, arguments {short_repr(args)}"
+        )
+    _check_ids(args[0], args[1])
+    st = state_of(worker)
+    if origin != worker.name:
+        _to_origin(st, origin, topic, tuple(args))
+    elif topic == T_CREDIT:
+        _credit(worker, *args)
+    else:
+        _fail(worker, *args)
 
 
 def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None:
@@ -788,6 +845,8 @@ def _deliver(
                 f"backward pass {pass_id:#x} of context {ctx_id:#x} was aborted on worker "
                 f"{st.worker.name!r} (it failed or was cancelled); late message dropped"
             )
+        if ctx.via[0] != pass_id:  # (its first message of the pass here)
+            ctx.via = (pass_id, sender)
         num = _check_credit(num, exp)
         if relay is not None and (sender != origin or not _relay_ok(relay)):
             raise ProtocolError(f"malformed relay {short_repr(relay)} from {sender!r}")

@@ -143,6 +143,7 @@ class DistContext:
         "sent_to",
         "watching",
         "last_pass",
+        "via",
         "undo",
         "early",
         "unanswered",
@@ -184,6 +185,12 @@ class DistContext:
         # origin of the latest pass), and the (pass id, origin) of that pass.
         self.sent_to: set[str] = set()
         self.last_pass: tuple[int, str] | None = None
+        # (pass id, worker): the worker that sent this one its first message of the
+        # latest pass it got. A report for that pass's origin that cannot reach it
+        # (the origin's address does not reach it from here) goes there to be passed
+        # on: that worker reached this one, and got the pass from the origin, or from
+        # a worker that did (see backward._unsent_to_origin).
+        self.via: tuple[int, str] = (-1, "")
         # Of those, the ones this worker keeps an eye on for that pass as a worker
         # other than its origin (see DistState.check_watched): until the context's
         # next pass starts here, or it is released here. Not only while its part runs:
