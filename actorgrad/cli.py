@@ -499,6 +499,50 @@ async def _guard_group(group: int) -> asyncio.subprocess.Process:
     )
 
 
+def _group_left(group: int) -> list[int]:
+    """The live processes (not zombies) of process group ``group``."""
+    if not os.path.isdir("/proc/self"):  # (no /proc: whether any process is in it)
+        try:
+            os.killpg(group, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [group]
+    left = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    state, _ppid, pgrp = f.read().rsplit(b")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue  # (gone meanwhile)
+            if int(pgrp) == group and state != b"Z":
+                left.append(int(entry))
+    return left
+
+
+async def _end_what_is_left(group: int, script: str) -> None:
+    """The script ended: the processes it started and left running in its process group
+    get SIGTERM, and SIGKILL ``GUARD_GRACE`` s later, as when ``run`` is killed (see
+    _guard_group). They ran on against a stopped cluster, and one holding the script's
+    stdout kept a pipeline, or the CI job reading it, waiting for good. (A process the
+    script started in a session of its own, a daemon, is not in the group: left be.)"""
+    left = _group_left(group)
+    if not left:
+        return
+    them = "1 process" if len(left) == 1 else f"{len(left)} processes"
+    _note(f"the script {script} left {them} running ({', '.join(map(str, left))}): terminating")
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signal.SIGTERM)
+    end = time.monotonic() + GUARD_GRACE
+    # (polled, as the guard does: a process group has no handle to wait on)
+    while _group_left(group) and time.monotonic() < end:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    if left := _group_left(group):
+        _note(f"killing {', '.join(map(str, left))}: still running {GUARD_GRACE:g} s after SIGTERM")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+
+
 def _process_state(pid: int) -> str:
     """The state letter of ``pid`` in /proc ("T": stopped), "" when unknown."""
     try:
@@ -641,6 +685,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
+            if proc is not None:
+                await _end_what_is_left(proc.pid, script)
             if guard is not None:  # (its watch is over: we are alive and the script done)
                 with contextlib.suppress(ProcessLookupError):
                     guard.kill()

@@ -1313,6 +1313,35 @@ def test_a_signal_to_run_reaches_the_processes_its_script_started(tmp_path: Path
         r.stop()
 
 
+@needs_runtime
+def test_run_ends_the_processes_its_script_left_running(tmp_path: Path) -> None:
+    # They ran on after the script and run had exited normally; one holding the
+    # script's stdout kept whoever read run's output (a pipeline, a CI job) waiting.
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import subprocess, sys\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "daemon = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
+        "                          start_new_session=True, stdout=subprocess.DEVNULL,\n"
+        "                          stderr=subprocess.DEVNULL)\n"
+        "print('left', child.pid, daemon.pid, flush=True)\n"
+    )
+    r = run_cli("run", "-n", "1", str(script))  # (waits for EOF on run's stdout too)
+    child, daemon = map(int, r.stdout.split()[-2:])
+    try:
+        assert r.returncode == 0, r.stderr
+        assert (
+            r.stderr
+            == f"actorgrad: the script {script} left 1 process running ({child}): terminating\n"
+        )
+        assert wait_gone({child}, 10) == set()
+        assert _is_running(daemon)  # (a session of its own: not the script's group)
+    finally:
+        for pid in (child, daemon):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 STOP_A_WORKER_SCRIPT = """
 import asyncio, os, signal
 import actorgrad as ag
