@@ -1411,12 +1411,12 @@ async def test_init_joining_a_non_loopback_address_binds_every_interface():
         if w.address.startswith(("127.", "[::1]")):
             pytest.skip("no non-loopback interface on this machine")
 
-        async def join(*host: str) -> tuple[str, str, str]:
+        async def join(*host: str, at: str = w.address) -> tuple[str, str, str]:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-c",
                 JOIN_AND_SAY_HOST,
-                w.address,
+                at,
                 *host,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -1431,7 +1431,17 @@ async def test_init_joining_a_non_loopback_address_binds_every_interface():
         # (an explicit loopback is bound as asked, with a warning; it was rebound too)
         bound, advertised, err = await join("127.0.0.1")
         assert bound == advertised == "127.0.0.1"
+        assert (
+            f"worker joiner is bound to 127.0.0.1 in a cluster with members at {w.address}: " in err
+        )
         assert "workers on other hosts cannot connect to it" in err
+        # Joined at the cluster's loopback address, on its host: the loopback is bound
+        # (a cluster on one host wants that), with a warning here, as its members are
+        # not at loopback addresses (it joined silently; calls from other hosts failed).
+        bound, advertised, err = await join(at=f"127.0.0.1:{w.address.rpartition(':')[2]}")
+        assert bound == advertised == "127.0.0.1"
+        assert err.count("workers on other hosts cannot connect to it") == 1
+        assert f"join at the cluster's own address ({w.address}), not at a loopback one" in err
     finally:
         await ag.shutdown()
 

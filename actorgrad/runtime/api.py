@@ -22,7 +22,6 @@ from actorgrad.runtime.cluster import (
     check_name,
     describe_stuck,
     finish,
-    is_loopback,
     new_token,
     start_worker,
     stop_all,
@@ -111,19 +110,6 @@ async def _init(name: str, address: str | None, token: str | None, host: str, po
         # bound to its loopback could not be reached by the workers, and its backward
         # passes waited for good for what they had to send it)
         host = "127.0.0.1" if address is None else bind_for(address)
-    elif (
-        address is not None
-        and type(host) is str
-        and is_loopback(host)
-        and bind_for(address) != "127.0.0.1"  # (a cluster on other hosts)
-    ):
-        log.warning(
-            "worker %s joins the cluster at %s bound to %s: workers on other hosts "
-            "cannot connect to it (they use its own connections to them, if any)",
-            name,
-            address,
-            host,
-        )
     host = check_bind(host, token)  # (before a token is made up: a public host needs one)
     if token is None:
         token = new_token()

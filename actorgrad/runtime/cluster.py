@@ -23,7 +23,7 @@ from actorgrad.errors import RemoteError, WorkerLost
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.procs import WorkerProcesses, describe_exit
 from actorgrad.runtime.registry import MAX_NAME, valid_name
-from actorgrad.runtime.transport import Unanswered
+from actorgrad.runtime.transport import Unanswered, is_loopback
 from actorgrad.runtime.worker import Worker
 
 HEAD_NAME = "_head"
@@ -42,15 +42,6 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def bind_for(address: str) -> str:

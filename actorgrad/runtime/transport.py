@@ -54,6 +54,7 @@ import asyncio
 import ctypes
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import logging
 import math
@@ -901,6 +902,17 @@ class Unanswered(WorkerLost):
     """The peer's kernel accepted the connection, but its process did not answer in
     time: hung (or overloaded). Another way to it (TCP after the Unix socket) would wait
     as long again."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address, IPv6 maybe in brackets, or a name) is this
+    host's loopback: reachable from this host only."""
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def host_port(sockaddr: Any) -> Any:

@@ -761,6 +761,31 @@ class Worker:
         self.joining_conn = None
         self._apply_members(version, members)
         self._apply_early_changes()
+        self._warn_if_out_of_reach(conn.peer_name)
+
+    def _warn_if_out_of_reach(self, head: str | None) -> None:
+        """Warn when this worker advertises a loopback address in a cluster with members
+        at other addresses: workers on other hosts cannot connect to it. (A driver on
+        the head's host joining it at 127.0.0.1 bound its loopback, as a cluster on one
+        host wants, and silently: calls to it from other hosts failed, "cannot connect".)"""
+        if self.transport_kind != "tcp" or not transport.is_loopback(self.host):
+            return
+        away = sorted(
+            e[1]
+            for e in self.members.values()
+            if type(e[1]) is str and not transport.is_loopback(e[1].rpartition(":")[0])
+        )
+        if away:
+            log.warning(
+                "worker %s is bound to %s in a cluster with members at %s: workers on "
+                "other hosts cannot connect to it (they use its own connections to them, "
+                "if any); join at the cluster's own address (%s), not at a loopback one, "
+                "to bind every interface",
+                self.name,
+                self.host,
+                ", ".join(away[:3]) + (", ..." if len(away) > 3 else ""),
+                self.members[head][1] if head in self.members else "?",
+            )
 
     # ------------------------------------------------------------------ connections
     def _new_conn(self, kind: str | None = None) -> Connection:
