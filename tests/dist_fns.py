@@ -168,13 +168,14 @@ def times(a: ag.Tensor, b: ag.Tensor) -> ag.Tensor:
     return a * b
 
 
-def lose_the_way_to(peer: str) -> None:
+def lose_the_way_to(peer: str, address: str = "127.0.0.1:9") -> None:
     """From here, ``peer``'s address reaches nothing (as a driver's bound to its
-    loopback, seen from another host): a port nobody listens on, no local socket."""
+    loopback, seen from another host): a port nobody listens on, no local socket; or
+    what listens at ``address``."""
     from actorgrad.runtime import current_worker
 
     w = current_worker()
-    w.members = {**w.members, peer: (w.members[peer][0], "127.0.0.1:9", "")}
+    w.members = {**w.members, peer: (w.members[peer][0], address, "")}
     conn = w._out.pop(peer, None)
     if conn is not None:
         conn.close()

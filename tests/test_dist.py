@@ -9,6 +9,7 @@ import gc
 import itertools
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
@@ -247,6 +248,36 @@ async def test_a_backward_whose_origin_a_worker_cannot_connect_to_goes_over_its_
         await assert_clean(c.names)
     if mode == "tcp":
         assert caplog.text.count("cannot connect to worker 'driver' at its address") == 1
+
+
+@pytest.mark.parametrize("there", ["a hung listener", "another worker"])
+async def test_a_backward_whose_origins_address_reaches_something_else_goes_over_its_connection(
+    there, monkeypatch, caplog
+):
+    # The driver's address, seen from w1, reaches something that accepts and never
+    # answers, or another worker. w1 took the first for a hung driver and the second
+    # for a lost one, though the driver had just reached it: its gradient and credit
+    # for the driver were dropped, and backward waited for good.
+    # (the driver pings on its connection every 0.5 s: a wait that long sees it live)
+    monkeypatch.setattr(rworker, "PEER_CONNECT_TIMEOUT", 1.0)
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    xv, wv = arr(3), arr(3)
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen()
+        async with cluster("tcp", 2) as c:
+            address = (
+                f"127.0.0.1:{hole.getsockname()[1]}"
+                if there == "a hung listener"
+                else c.driver.members["w2"][1]
+            )
+            await ag.rpc("w1", F.put, ("w", wv))
+            await ag.rpc("w1", F.lose_the_way_to, ("driver", address))
+            for _ in range(2):
+                async with asyncio.timeout(10):
+                    await assert_one_hop_exact(xv, wv)
+            await assert_clean(c.names)
+    assert caplog.text.count("cannot connect to worker 'driver' at its address") == 1
 
 
 @pytest.mark.parametrize("mode", ["tcp", "processes"], indirect=True)

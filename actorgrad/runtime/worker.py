@@ -980,32 +980,48 @@ class Worker:
             if dest in self._lost:
                 raise WorkerLost(f"worker {dest!r} has left the cluster")
             raise ValueError(f"unknown worker {dest!r}; known workers: {self.worker_names()}")
+        tried = time.monotonic()
         try:
             conn = await self.open_connection(entry[1], entry[2], PEER_CONNECT_TIMEOUT)
         except WorkerLost as exc:
             back = self._opened_by(dest, entry[0])
-            if back is None or isinstance(exc, transport.Unanswered):  # (hung: as lost)
+            if back is None or (
+                # (hung: silent on its own connection too while we waited, where it
+                # pings every HEARTBEAT_INTERVAL: as lost. Not silent: the address
+                # reaches something else)
+                isinstance(exc, transport.Unanswered) and back.last_recv <= tried
+            ):
                 raise self._unreachable(dest, entry, exc) from None
-            # Its address does not reach it from here (it bound a loopback address, a
-            # firewall lets connections one way only), but it reached us: what we send
-            # it goes over its connection. (Without, a backward pass whose origin no
-            # worker could reach waited for good for their gradients and credit.)
-            if (dest, entry[0]) not in self._unreachable_warned:  # (once per process)
-                self._unreachable_warned.add((dest, entry[0]))
-                log.warning(
-                    "worker %s: cannot connect to worker %r at its address (%s); using the "
-                    "connection it opened to this worker",
-                    self.name,
-                    dest,
-                    exc,
-                )
-            self._out[dest] = back
-            return back
+            return self._use_opened_by(dest, entry, back, exc)
         if conn.peer_name != dest:
             conn.close()
-            raise WorkerLost(f"{entry[1]} is now worker {conn.peer_name!r}, not {dest!r}")
+            other = WorkerLost(f"{entry[1]} is now worker {conn.peer_name!r}, not {dest!r}")
+            back = self._opened_by(dest, entry[0])
+            if back is None:
+                raise other
+            return self._use_opened_by(dest, entry, back, other)
         self._out[dest] = conn
         return conn
+
+    def _use_opened_by(
+        self, dest: str, entry: Any, back: Connection, exc: WorkerLost
+    ) -> Connection:
+        """Worker ``dest``'s address does not reach it from here (it bound a loopback
+        address, a firewall lets connections one way only: nothing answers there, or
+        something else does), but it reached us: what we send it goes over its
+        connection ``back``. (Without, a backward pass whose origin no worker could
+        reach waited for good for their gradients and credit.)"""
+        if (dest, entry[0]) not in self._unreachable_warned:  # (once per process)
+            self._unreachable_warned.add((dest, entry[0]))
+            log.warning(
+                "worker %s: cannot connect to worker %r at its address (%s); using the "
+                "connection it opened to this worker",
+                self.name,
+                dest,
+                exc,
+            )
+        self._out[dest] = back
+        return back
 
     def _opened_by(self, dest: str, dest_id: int) -> Connection | None:
         """An open connection that worker ``dest`` (the process of cluster id ``dest_id``)
