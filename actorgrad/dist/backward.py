@@ -588,6 +588,9 @@ def _report(
 ) -> None:
     """Tell the pass's origin that the pass failed (here, or at a worker we sent to).
     ``refused``: by this worker's checks of a message of the pass (see _failure_record)."""
+    ctx = st.contexts.get(ctx_id)
+    if ctx is not None:
+        ctx.failed = pass_id
     if origin == st.worker.name:
         # The origin's own part, run by a message handler (A -> B -> A): its error is
         # raised as it is, as when that part runs inside backward() itself.
@@ -611,9 +614,19 @@ def _to_origin(st: DistState, origin: str, topic: str, args: tuple[Any, ...]) ->
     """Send a report (``topic`` T_CREDIT or T_FAIL, ``args`` starting with the context
     and pass ids) to the pass's origin, by another way if it cannot go straight there
     (see _unsent_to_origin)."""
+    tried = st.no_way.get(origin)
+    if tried is not None:
+        if perf_counter() - tried < NO_WAY_FOR and _relay(st, origin, topic, args, None):
+            return
+        del st.no_way[origin]  # (tried again: a firewall may have opened)
     st.worker.cast(
         origin, topic, args, on_error=functools.partial(_unsent_to_origin, st, origin, topic, args)
     )
+
+
+#: Seconds the reports for an origin they could not reach go another way before one
+#: is tried straight again.
+NO_WAY_FOR = 30.0
 
 
 def _ignore(exc: BaseException) -> None:
@@ -634,39 +647,68 @@ def _unsent_to_origin(
     w = st.worker
     if origin not in w.members or w.is_lost(origin):
         return
+    st.no_way[origin] = perf_counter()
+    if not _relay(st, origin, topic, args, exc):
+        _no_way_to_origin(st, origin, topic, args, exc)
+
+
+def _relay(
+    st: DistState, origin: str, topic: str, args: tuple[Any, ...], exc: BaseException | None
+) -> bool:
+    """Send a report for ``origin`` (see _to_origin) to be passed on by the worker that
+    brought this one into its pass, if there is one: whether it went. (Each worker's
+    ``via`` got the pass before it did, so the relays end at the origin, or at a
+    worker with no way on, which says so.)"""
+    w = st.worker
+    ctx = st.contexts.get(args[0])
+    if ctx is None or ctx.via[0] != args[1] or ctx.via[1] in (origin, w.name):
+        return False
+    via = ctx.via[1]
+    w.cast(
+        via,
+        T_RELAY,
+        (origin, topic, args),
+        on_error=lambda relay_exc: _no_way_to_origin(
+            st,
+            origin,
+            topic,
+            args,
+            f"{exc or 'no way there lately'}; nor through worker {via!r}: {relay_exc}",
+        ),
+    )
+    return True
+
+
+def _no_way_to_origin(
+    st: DistState, origin: str, topic: str, args: tuple[Any, ...], why: Any
+) -> None:
+    """Say that a report could not reach the origin, which waits for it — unless the
+    pass is over here anyway (failed or aborted here, the context released: its
+    origin knows, or will), or the origin is gone."""
+    w = st.worker
     ctx_id, pass_id = args[0], args[1]
     ctx = st.contexts.get(ctx_id)
-    if ctx is not None and ctx.via[0] == pass_id and ctx.via[1] not in (origin, w.name):
-        # (a way back: each worker's ``via`` got the pass before it did, so the
-        # relays end at the origin, or at a worker with no way, who says so)
-        via = ctx.via[1]
-        w.cast(
-            via,
-            T_RELAY,
-            (origin, topic, args),
-            on_error=lambda relay_exc: _no_way_to_origin(
-                st, origin, pass_id, f"{exc}; nor through worker {via!r}: {relay_exc}"
-            ),
-        )
+    if (
+        ctx is None
+        or ctx.released
+        or ctx.is_aborted(pass_id)
+        or (topic == T_CREDIT and ctx.failed == pass_id)
+        or origin not in w.members
+        or w.is_lost(origin)
+    ):
         return
-    _no_way_to_origin(st, origin, pass_id, exc)
-
-
-def _no_way_to_origin(st: DistState, origin: str, pass_id: int, why: Any) -> None:
-    w = st.worker
-    if origin in w.members and not w.is_lost(origin):
-        log.warning(
-            "worker %s: backward pass %#x cannot report to its origin %r (%s): the "
-            "origin's backward waits for it; every worker must reach the driver",
-            w.name,
-            pass_id,
-            origin,
-            why,
-        )
+    log.warning(
+        "worker %s: backward pass %#x cannot report to its origin %r (%s): the "
+        "origin's backward waits for it; every worker must reach the driver",
+        w.name,
+        pass_id,
+        origin,
+        why,
+    )
 
 
 @on_cast(T_RELAY)
-def _relay(worker: Any, origin: str, topic: str, args: list[Any]) -> None:
+def _relayed(worker: Any, origin: str, topic: str, args: list[Any]) -> None:
     """Message handler: a report for a pass's origin that could not go straight there
     (see _unsent_to_origin). At the origin, handled as if it came straight; elsewhere,
     sent on (and on again, if this worker cannot reach it either)."""
@@ -845,6 +887,8 @@ def _deliver(
                 f"backward pass {pass_id:#x} of context {ctx_id:#x} was aborted on worker "
                 f"{st.worker.name!r} (it failed or was cancelled); late message dropped"
             )
+        if pass_id == ctx.failed:
+            return  # (its part failed here and was reported: the origin aborts it)
         if ctx.via[0] != pass_id:  # (its first message of the pass here)
             ctx.via = (pass_id, sender)
         num = _check_credit(num, exp)

@@ -144,6 +144,7 @@ class DistContext:
         "watching",
         "last_pass",
         "via",
+        "failed",
         "undo",
         "early",
         "unanswered",
@@ -191,6 +192,11 @@ class DistContext:
         # on: that worker reached this one, and got the pass from the origin, or from
         # a worker that did (see backward._unsent_to_origin).
         self.via: tuple[int, str] = (-1, "")
+        # The latest pass whose part failed here, reported to its origin: a later
+        # message of it (sent before its sender heard of the failure) is dropped. It
+        # started the part again, which sent its peers gradients they had had, whose
+        # refusal could reach the origin first: backward raised that, not the error.
+        self.failed = -1
         # Of those, the ones this worker keeps an eye on for that pass as a worker
         # other than its origin (see DistState.check_watched): until the context's
         # next pass starts here, or it is released here. Not only while its part runs:
@@ -405,6 +411,10 @@ class DistState:
         # the last RELEASED_MEMORY context ids released here (see join)
         self._released: set[int] = set()
         self._released_order: collections.deque[int] = collections.deque()
+        # Origins of passes whose reports could not go straight to them (a one-way
+        # firewall drops the connection: each try waited out the connect timeout, 3 s
+        # per report), and when: their reports go the other way for a while.
+        self.no_way: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return (
