@@ -187,7 +187,8 @@ async def call_path(path: list[str], fn: str, args: list[Any]) -> Any:
     caller never connects to the workers past the first."""
     if path:
         return await ag.rpc(path[0], call_path, (path[1:], fn, args))
-    return globals()[fn](*args)
+    out = globals()[fn](*args)
+    return await out if asyncio.iscoroutine(out) else out
 
 
 async def nested_mul(names: list[str], key: str, x: ag.Tensor) -> ag.Tensor:

@@ -366,6 +366,43 @@ async def test_reports_for_an_origin_behind_a_firewall_stop_trying_the_way_that_
     assert tries == 1
 
 
+async def test_a_release_past_a_dead_second_hop_does_not_call_the_initiator_it_came_from(
+    worker_path,
+):
+    # w2 could not forward the driver's release to w3 (dead), so it told every member,
+    # the driver too: behind a firewall that drops connections to the driver, leaving
+    # the context waited out w2's 3 s connect timeout.
+    import signal
+
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen()
+        there = f"127.0.0.1:{hole.getsockname()[1]}"
+        async with cluster("processes", 3):
+            for path in ([], ["w2"], ["w2", "w3"]):
+                await ag.rpc("w1", F.call_path, (path, "put", ["w", arr(3)]))
+            await ag.rpc("w1", F.call_path, (["w2"], "lose_the_way_to", ["driver", there]))
+            pid3 = await ag.rpc("w1", F.call_path, (["w2", "w3"], "pid", []))
+            x = ag.tensor(arr(3), requires_grad=True)
+            loop = asyncio.get_running_loop()
+            async with ag.dist.context():
+                await ag.rpc("w1", F.nested_mul, (["w2", "w3"], "w", x))
+                os.kill(pid3, signal.SIGKILL)
+                # (w2 knows before the release comes: it does not wait for w3 then)
+                await ag.rpc("w1", F.call_path, (["w2"], "wait_lost", ["w3", 10]))
+                t0 = loop.time()
+            took = loop.time() - t0
+            for path in ([], ["w2"]):
+                info = await ag.rpc("w1", F.call_path, (path, "debug_info", []))
+                assert info["num_contexts"] == 0, (path, info)
+        hole.setblocking(False)
+        with contextlib.suppress(BlockingIOError):  # (w2 asked the driver about w3's
+            while True:  # contexts, in the background, when it lost w3)
+                hole.accept()[0].close()
+    # (not a speed bound: the release waited out w2's connect timeout to the driver)
+    assert took < rworker.PEER_CONNECT_TIMEOUT, took
+
+
 async def test_a_message_of_a_pass_whose_part_failed_here_does_not_start_it_again(caplog):
     # w2 gets three messages in the pass: the first sends the unused argument's None
     # back to w1, the second fails in a hook. The third, sent before the failure was

@@ -143,28 +143,33 @@ def _start_release(
     lost = [p for p in peers if worker.is_lost(p)]
     if lost:
         gone = sorted({*lost, *(gone or ())})
-    return _release_on(worker, peers, ctx_id, sender or worker.name, gone, tell_all)
+    # (the initiator, where a release starts, has it: a member told because a peer was
+    # gone, it was called too, and an initiator its workers cannot reach, behind a
+    # firewall, held every such release for the connect timeout, 3 s)
+    told = {sender or worker.name, ctx.initiator}
+    return _release_on(worker, peers, ctx_id, told, gone, tell_all)
 
 
 def _release_on(
     worker: Any,
     peers: set[str],
     ctx_id: int,
-    sender: str,
+    told: set[str],
     gone: list[str] | None = None,
     tell_all: bool = False,
 ) -> Coroutine[Any, Any, None]:
     """Send the release of ``ctx_id`` to ``peers`` now (each forwards it to its own
-    peers, but the ``gone`` ones); returns the wait for their acknowledgements."""
+    peers, but the ``gone`` ones); returns the wait for their acknowledgements.
+    ``told``: workers that have the release already."""
     started = start_calls(worker, peers, _release, (ctx_id, worker.name, gone))
-    return _await_releases(worker, started, ctx_id, sender, gone, tell_all)
+    return _await_releases(worker, started, ctx_id, told, gone, tell_all)
 
 
 async def _await_releases(
     worker: Any,
     started: list[Any],
     ctx_id: int,
-    sender: str,
+    told: set[str],
     gone: list[str] | None = None,
     tell_all: bool = False,
 ) -> None:
@@ -172,7 +177,7 @@ async def _await_releases(
     forward it to the workers it brought into the context (second hops, whose initiator
     lives on: no lease reclaims it there), so then (or with ``tell_all``: a peer was
     gone before) every other member is told too (workers without the context just
-    acknowledge), but the ``gone`` ones."""
+    acknowledge), but the ``gone`` ones and those ``told`` already."""
     me = worker.name
     try:
         failed = await finish_calls(worker, started)
@@ -183,12 +188,12 @@ async def _await_releases(
         # answer the cancellation cut is lost: that peer counts as failed.
         cut = any(f.cancelled() for _, f in started)
         uncut = [(p, f) for p, f in started if not f.cancelled()]
-        again = _await_releases(worker, uncut, ctx_id, sender, gone, tell_all or cut)
+        again = _await_releases(worker, uncut, ctx_id, told, gone, tell_all or cut)
         worker.spawn(again, name=f"release-{ctx_id:#x}")
         raise
     if failed or tell_all:
         out = failed.union(gone or ())
-        rest = set(worker.worker_names()) - {p for p, _ in started} - {me, sender} - out
+        rest = set(worker.worker_names()) - {p for p, _ in started} - {me, *told} - out
         if rest:
             # (the gone ones named: those that have them as peers do not forward the
             # release to them, which would wait out a connection's deadlines if one
