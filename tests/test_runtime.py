@@ -1162,6 +1162,31 @@ async def test_worker_joining_and_leaving_at_run_time(cluster):
         await ag.rpc("late", whoami)
 
 
+async def test_workers_coming_and_going_under_new_names_are_not_remembered_for_good(
+    cluster, monkeypatch
+):
+    # Every member kept the name of each worker that ever left, a leak of a cluster
+    # whose workers come and go (a job per worker): the oldest not members now go.
+    monkeypatch.setattr(rworker, "LOST_MEMORY", 3)
+    driver = cluster.driver
+    names = [f"job{i}" for i in range(6)]
+    for name in names:
+        w = Worker(name, token=driver.token, transport_kind=driver.transport_kind)
+        await w.start()
+        await w.join(cluster.address)
+        assert await ag.rpc(name, whoami) == name
+        gone = asyncio.Event()
+        driver.add_peer_lost_callback(lambda n, name=name, gone=gone: n == name and gone.set())
+        await w.shutdown()
+        await asyncio.wait_for(gone.wait(), 10)
+    assert list(driver._lost) == names[-3:]
+    with pytest.raises(ag.WorkerLost, match="'job5' has left the cluster"):
+        await ag.rpc("job5", whoami)
+    with pytest.raises(ValueError, match="unknown worker 'job0'"):
+        await ag.rpc("job0", whoami)
+    assert await ag.rpc("w1", whoami) == "w1"
+
+
 async def test_pending_calls_fail_with_worker_lost_when_the_worker_shuts_down(cluster):
     w3 = cluster.workers[2]
     ev = started("w3")

@@ -126,6 +126,9 @@ PEER_CONNECT_TIMEOUT = HEARTBEAT_TIMEOUT
 #: (half-open connections, a hung head); a dead process closes its sockets at once.
 IDLE_TIMEOUT = 60.0
 MAILBOX_SIZE = 1024
+#: Names of workers lost or gone that a worker remembers (for "has left the cluster"
+#: errors and to report each loss once), at most: the oldest not members go first.
+LOST_MEMORY = 4096
 MAX_IN_FLIGHT = 10_000
 FAST_CALL = 0.001
 INLINE_AFTER = 3
@@ -553,7 +556,8 @@ class Worker:
         self._closing_cbs: list[Callable[[], None]] = []
         self._drain_cut = False  # (see cut_drain)
         self._status_providers: dict[str, Callable[[], dict]] = {}
-        self._lost: set[str] = set()
+        # (a dict: in the order they were lost, see _peer_lost)
+        self._lost: dict[str, None] = {}
         self._watched: dict[str, int] = {}  # peer -> watch count (see watch)
         # one-way calls waiting for a connection, per peer, in order (see notify)
         self._notify_queues: dict[str, list[tuple[Any, Any, Any]]] = {}
@@ -1140,7 +1144,7 @@ class Worker:
         self._peer_lost(name)
 
     def _member_new(self, name: str, wid: int) -> None:
-        self._lost.discard(name)  # (re)joined: a later loss is reported
+        self._lost.pop(name, None)  # (re)joined: a later loss is reported
         self._drop_replaced(name, wid)
 
     def _members_now_changed(self) -> None:
@@ -1227,7 +1231,13 @@ class Worker:
     def _peer_lost(self, name: str) -> None:
         if name in self._lost or name == self.name or self.closed:
             return
-        self._lost.add(name)
+        self._lost[name] = None
+        if len(self._lost) > LOST_MEMORY:
+            # (workers that come and go under new names: each left its name here for
+            # good, on every member. The names gone longest go, not those of members)
+            gone = [n for n in self._lost if n not in self.members]
+            for n in gone[: len(self._lost) - LOST_MEMORY]:
+                del self._lost[n]
         for cb in list(self._peer_lost_cbs):
             try:
                 cb(name)
@@ -1249,7 +1259,7 @@ class Worker:
                     # but it goes on over this one. A later loss must be reported again,
                     # and contexts it starts taken in (those it held here went at its
                     # loss). (Not a worker that left the cluster: its last frames.)
-                    self._lost.discard(conn.peer_name)
+                    self._lost.pop(conn.peer_name, None)
             if kind == K_REQ:
                 if conn.peer_name is None:
                     raise ProtocolError("request before hello")
@@ -1362,7 +1372,7 @@ class Worker:
                     )
                 conn.peer_name = name
                 conn.max_frame_size = self.max_frame_size
-                self._lost.discard(name)  # (alive after all, as above)
+                self._lost.pop(name, None)  # (alive after all, as above)
                 conn.peer_id = wid or None  # (0: not joined yet; its join tells the head)
                 conn.peer_address = address  # type: ignore[attr-defined]
                 h = getattr(conn, "hello", None)
