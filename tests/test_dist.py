@@ -281,6 +281,19 @@ async def test_a_backward_whose_origins_address_reaches_something_else_goes_over
     assert caplog.text.count("cannot connect to worker 'driver' at its address") == 1
 
 
+async def lone_credit_backward(ctx: int, x: ag.Tensor, w1v: Any, w3v: Any) -> None:
+    """A step of context ``ctx`` ("w" on w1 and w2, "v" on w3) in which w2's part gets
+    the gradients of its two results (made from tensors that need none) in two
+    messages, and ends on the second with nothing to send on: its credit goes back
+    alone. (w3, called straight, gets what the second needs.) Checks x's gradient."""
+    y1 = await ag.rpc("w1", F.mul_plus_remote, ("w2", "w", x))
+    y2 = await ag.rpc("w1", F.mul_plus_remote, ("w2", "w", x))
+    z = await ag.rpc("w3", F.mul, ("v", y2))
+    async with asyncio.timeout(10):
+        await ag.dist.backward(ctx, [y1.sum() + z.sum()])
+    np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], w1v + w1v * w3v, rtol=1e-12)
+
+
 @pytest.mark.parametrize("mode", ["tcp", "processes"], indirect=True)
 async def test_reports_for_an_origin_a_worker_cannot_reach_go_back_the_way_the_pass_came(
     mode, caplog
@@ -312,18 +325,11 @@ async def test_reports_for_an_origin_a_worker_cannot_reach_go_back_the_way_the_p
                 gw3 = await ag.rpc("w1", F.call_path, (["w2", "w3"], "grad_of", [ctx, "w"]))
                 np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], w1v * w2v * w3v)
                 np.testing.assert_allclose(gw3, x.data * w1v * w2v, rtol=1e-12)
-        # w2's part gets the gradients of its two results (made from tensors that need
-        # none) in two messages, and ends on the second with nothing to send on: its
-        # credit goes back alone. (w3, called straight, gets what the second needs.)
+        # w2's part ends with nothing to send on: its credit goes back alone
         await ag.rpc("w3", F.put, ("v", w3v))
         async with ag.dist.context() as ctx:
-            y1 = await ag.rpc("w1", F.mul_plus_remote, ("w2", "w", x))
-            y2 = await ag.rpc("w1", F.mul_plus_remote, ("w2", "w", x))
-            z = await ag.rpc("w3", F.mul, ("v", y2))
-            async with asyncio.timeout(10):
-                await ag.dist.backward(ctx, [y1.sum() + z.sum()])
+            await lone_credit_backward(ctx, x, w1v, w3v)
             gw2 = await ag.rpc("w1", F.call_path, (["w2"], "grad_of", [ctx, "w"]))
-            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], w1v + w1v * w3v)
             np.testing.assert_allclose(gw2, 1 + w3v, rtol=1e-12)
         await assert_clean(c.names)
     if mode == "tcp":
@@ -348,14 +354,7 @@ async def test_reports_for_an_origin_behind_a_firewall_stop_trying_the_way_that_
             x = ag.tensor(arr(3), requires_grad=True)
             for _ in range(3):
                 async with ag.dist.context() as ctx:
-                    # (w2's part ends on its second message, with nothing to send on:
-                    # its credit goes back alone, see the test above)
-                    y1 = await ag.rpc("w1", F.mul_plus_remote, ("w2", "w", x))
-                    y2 = await ag.rpc("w1", F.mul_plus_remote, ("w2", "w", x))
-                    z = await ag.rpc("w3", F.mul, ("v", y2))
-                    async with asyncio.timeout(10):
-                        await ag.dist.backward(ctx, [y1.sum() + z.sum()])
-                    np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], w1v + w1v * w3v)
+                    await lone_credit_backward(ctx, x, w1v, w3v)
             await assert_clean(c.names)
         hole.setblocking(False)
         tries = 0
