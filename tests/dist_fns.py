@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import signal as signal_module
 import time
 from typing import Any
 
@@ -471,6 +472,33 @@ def event(name: str) -> Any:
 async def signal(name: str) -> None:
     """Set this process's event ``name`` (async: it runs on the loop, not in a thread)."""
     event(name).set()
+
+
+async def context_until(gate: str, path: list[str], key: str, xv: Any) -> str:
+    """A context of this worker's: x (``xv``) through nested_mul along ``path`` from
+    here, and a backward pass; then it tells the driver ("held " + gate), and leaves
+    the context once ``gate`` is signalled here. Returns how the backward went."""
+    from actorgrad.runtime import current_worker
+
+    async with ag.dist.context() as ctx:
+        y = await nested_mul(path, key, ag.tensor(xv, requires_grad=True))
+        try:
+            await ag.dist.backward(ctx, [y.sum()])
+            outcome = "ok"
+        except Exception as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        current_worker().notify("driver", signal, ("held " + gate,))
+        await event(gate).wait()
+    return outcome
+
+
+def add_stopping_hook(key: str) -> None:
+    """This worker's process stops (SIGSTOP) as soon as a gradient reaches ``key``."""
+
+    def hook(g: np.ndarray) -> None:
+        os.kill(os.getpid(), signal_module.SIGSTOP)
+
+    _store[_k(key)].register_hook(hook)
 
 
 async def warm_up(dests: list[str]) -> None:

@@ -402,6 +402,36 @@ async def test_a_release_past_a_dead_second_hop_does_not_call_the_initiator_it_c
     assert took < rworker.PEER_CONNECT_TIMEOUT, took
 
 
+async def test_a_worker_that_cannot_reach_a_contexts_initiator_asks_through_the_head(
+    worker_path,
+):
+    # w3 stopped in w1's backward pass, and was still stopped when w1 left the
+    # context: w2, which had taken it for lost, sent it the release without waiting,
+    # which was lost. Running again, w3 lost w2 and asked w1 whether the context was
+    # gone, but cannot connect to w1 (another host's loopback, a one-way firewall), and
+    # kept the context until w1 left the cluster. The head (here the driver) asks w1.
+    import signal
+
+    async with cluster("processes", 3):
+        for name in ("w1", "w2", "w3"):
+            await ag.rpc(name, F.put, ("w", arr(3)))
+        await ag.rpc("w3", F.lose_the_way_to, ("w1",))
+        await ag.rpc("w3", F.add_stopping_hook, ("w",))
+        pid3 = await ag.rpc("w3", F.pid)
+        gate = f"leave{next(_gates)}"
+        held = asyncio.ensure_future(
+            ag.rpc("w1", F.context_until, (gate, ["w2", "w3"], "w", arr(3)))
+        )
+        try:
+            await asyncio.wait_for(F.event("held " + gate).wait(), 20)
+            await ag.rpc("w1", F.signal, (gate,))
+            assert (await asyncio.wait_for(held, 20)).startswith("WorkerLost: worker 'w3'")
+        finally:
+            os.kill(pid3, signal.SIGCONT)
+        info = await ag.rpc("w3", F.wait_no_contexts, (10,))
+        assert info["num_contexts"] == 0, info
+
+
 async def test_a_message_of_a_pass_whose_part_failed_here_does_not_start_it_again(caplog):
     # w2 gets three messages in the pass: the first sends the unused argument's None
     # back to w1, the second fails in a hook. The third, sent before the failure was

@@ -21,7 +21,7 @@ from actorgrad.dist.context import (
     start_calls,
     state_of,
 )
-from actorgrad.errors import ContextError, ProtocolError, short_repr
+from actorgrad.errors import ContextError, ProtocolError, WorkerLost, short_repr
 from actorgrad.runtime import current_worker, inline
 from actorgrad.tensor import Tensor
 
@@ -229,8 +229,17 @@ async def _ask_initiators(st: DistState, lost: str, ask: dict[str, list[int]]) -
 
 async def _ask_initiator(st: DistState, lost: str, initiator: str, ids: list[int]) -> None:
     worker = st.worker
+    # (a member out of this worker's reach, on another host bound to its loopback or
+    # behind a one-way firewall, is asked by the cluster's head, which it joined:
+    # without, these contexts stayed here until it left the cluster)
+    head = worker.registry_conn.peer_name if worker.registry_conn is not None else None
     try:
-        gone = await worker.call_nowait(initiator, _gone_contexts, (ids,))
+        try:
+            gone = await worker.call_nowait(initiator, _gone_contexts, (ids,))
+        except WorkerLost:
+            if head in (None, initiator, worker.name) or initiator not in worker.members:
+                raise
+            gone = await worker.call_nowait(head, _gone_contexts_at, (initiator, ids))
     except Exception as exc:  # (lost, left the cluster: ValueError, unknown worker)
         log.debug("worker %s: %s could not say which contexts are gone: %r", worker.name,
                   initiator, exc)
@@ -247,6 +256,14 @@ async def _ask_initiator(st: DistState, lost: str, initiator: str, ids: list[int
             if acks is not None:
                 waits.append(acks)
     await asyncio.gather(*waits)
+
+
+async def _gone_contexts_at(initiator: str, ids: list[int]) -> list[int]:
+    """Handler, on the cluster's head: ask ``initiator`` which of ``ids`` it no longer
+    has, for a worker that cannot reach it (see _ask_initiator)."""
+    if type(initiator) is not str:
+        raise ProtocolError(f"initiator must be a worker name, got {short_repr(initiator)}")
+    return await current_worker().call_nowait(initiator, _gone_contexts, (ids,))
 
 
 @inline
