@@ -85,7 +85,7 @@ class Tensor:
         (True, False, True)
     """
 
-    __slots__ = ("data", "grad", "_rg", "grad_fn", "_accum", "_hooks", "__weakref__")
+    __slots__ = ("_data", "grad", "_rg", "grad_fn", "_accum", "_hooks", "__weakref__")
     # Make numpy hand binary ops with a Tensor on the right to our reflected methods
     # (np_array * tensor -> Tensor.__rmul__) instead of converting the tensor.
     __array_ufunc__ = None
@@ -97,7 +97,7 @@ class Tensor:
             requires_grad = check_bool(requires_grad, "requires_grad")
         if requires_grad and data.dtype.kind != "f":
             raise TypeError(_needs_float(data.dtype))
-        self.data: np.ndarray = data
+        self._data = data
         self.grad: np.ndarray | None = None
         self._rg = bool(requires_grad)
         self.grad_fn: Node | None = None
@@ -105,6 +105,31 @@ class Tensor:
         self._hooks: list[Callable[[np.ndarray], np.ndarray | None]] | None = None
 
     __hash__ = object.__hash__
+
+    @property
+    def data(self) -> np.ndarray:
+        """The tensor's values, a numpy array. Assigning one replaces them (of any
+        shape, as torch's ``.data``): outside autograd, as an optimizer step does.
+
+        >>> w = ag.tensor([1.0, 2.0], requires_grad=True)
+        >>> w.data = np.zeros(3)
+        >>> w.shape
+        (3,)
+        """
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        # (checked here: a list, or ints under requires_grad, failed later, in an op or
+        # a send, far from the assignment)
+        if not isinstance(value, np.ndarray):
+            raise TypeError(
+                f"Tensor.data must be a numpy array, not {type(value).__name__} (to change "
+                "values in place: tensor.data[...] = ...)"
+            )
+        if self._rg and value.dtype.kind != "f":
+            raise TypeError(_needs_float(value.dtype))
+        self._data = value
 
     # --- copies and pickling -------------------------------------------------------
     # (Python's defaults copied the slots as they were: a copy's gradients went to the
@@ -115,7 +140,7 @@ class Tensor:
         """A new tensor sharing this one's arrays: a leaf of its own (its gradients are
         its own), or for an op's output, another output of the same node."""
         t = _new(Tensor)
-        t.data, t.grad, t._rg, t.grad_fn = self.data, self.grad, self._rg, self.grad_fn
+        t._data, t.grad, t._rg, t.grad_fn = self._data, self.grad, self._rg, self.grad_fn
         t._accum = t._hooks = None
         return t
 
@@ -620,7 +645,7 @@ def _rebuilt(data: np.ndarray, grad: np.ndarray | None, requires_grad: bool) -> 
 def _result(out: Any, node: Node | None) -> Tensor:
     """Wrap an op's output (numpy may hand back a scalar for 0-d results)."""
     t = _new(Tensor)
-    t.data = out if type(out) is np.ndarray else np.asarray(out)
+    t._data = out if type(out) is np.ndarray else np.asarray(out)
     if node is not None and t.data.dtype.kind == "c":
         # (the backward rules are those of real numbers: no conjugates; the gradient
         # came out wrong, its imaginary part silently dropped at the float leaf)
@@ -752,7 +777,7 @@ def _inplace(cls: type[Function], t: Tensor, other: Any) -> Any:
                 f"tensor's dtype {dt}"
             )
         out = out.astype(dt)
-    t.data = out
+    t._data = out
     return t
 
 

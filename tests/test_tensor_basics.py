@@ -407,3 +407,20 @@ def test_an_in_place_op_on_a_non_leaf_or_with_an_operand_needing_grad_records_th
     assert y is not before
     (total + y.sum()).backward()
     np.testing.assert_array_equal(x.grad, [2.0 + 4.0, 4.0 + 4.0])
+
+
+def test_assigning_data_takes_an_array_and_keeps_a_grad_tensor_floating_point():
+    # (a list was taken, and failed later in an op or a send, far from the assignment)
+    w = ag.tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(TypeError, match=r"^Tensor.data must be a numpy array, not list"):
+        w.data = [3.0, 4.0]  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="int64"):
+        w.data = np.array([3, 4])
+    np.testing.assert_array_equal(w.data, [1.0, 2.0])  # (unchanged by the refusals)
+    w.data = np.zeros((2, 2), dtype=np.float32)  # (another shape and dtype: as torch)
+    assert w.shape == (2, 2) and w.dtype == np.float32
+    (w * 2).sum().backward()
+    np.testing.assert_array_equal(w.grad, np.full((2, 2), 2.0))
+    counts = ag.tensor([1.0])
+    counts.data = np.array([7])  # (no grad: any array)
+    assert counts.item() == 7
