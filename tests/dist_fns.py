@@ -501,6 +501,50 @@ def add_stopping_hook(key: str) -> None:
     _store[_k(key)].register_hook(hook)
 
 
+_gates_between_threads: dict[str, Any] = {}  # (in-process workers: one for all)
+
+
+def thread_gate(name: str) -> Any:
+    """The threading.Event ``name`` of this process (for hooks run in a worker's pool)."""
+    import threading
+
+    return _gates_between_threads.setdefault(name, threading.Event())
+
+
+def add_gated_hook(key: str, gate: str) -> None:
+    """The next backward pass through ``key`` here sets ``gate + " in"`` and blocks its
+    thread until ``gate + " out"`` is set (run it in the pool: SLICE 0)."""
+    done = [False]
+
+    def hook(g: np.ndarray) -> None:
+        if not done[0]:
+            done[0] = True
+            thread_gate(gate + " in").set()
+            thread_gate(gate + " out").wait(20)
+
+    _store[_k(key)].register_hook(hook)
+
+
+def forget_context(ctx_id: int) -> None:
+    """Release ``ctx_id`` on this worker only (as a lease does)."""
+    from actorgrad.dist.api import _release_local
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    _release_local(state_of(current_worker()), ctx_id)
+
+
+def start_another_pass(dest: str, ctx_id: int) -> None:
+    """Send ``dest`` the first message of a backward pass of context ``ctx_id`` started
+    here (as a second backward in the context, from this worker, would)."""
+    from actorgrad.runtime import current_worker
+
+    w = current_worker()
+    pass_id = (int(w.id) << 32) | 999_999
+    args = (ctx_id, w.name, pass_id, False, [], 1, 0, w.name, None, [])
+    w.cast(dest, "dist.deliver", args)
+
+
 async def warm_up(dests: list[str]) -> None:
     """Open this worker's connections to ``dests`` (a first call waits for one)."""
     for d in dests:

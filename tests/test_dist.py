@@ -336,6 +336,56 @@ async def test_reports_for_an_origin_a_worker_cannot_reach_go_back_the_way_the_p
         assert "cannot report to its origin" not in caplog.text
 
 
+async def test_a_refused_message_of_another_pass_keeps_the_way_back_of_the_running_one(
+    monkeypatch,
+):
+    # The first message of another pass (a second backward in the context, from w1)
+    # came to w2 while w2's part of the driver's pass ran in its pool: it was refused,
+    # but had made w1's pass the one whose reports go back through w1, and the driver's
+    # pass's credit, which w2 cannot send straight, was dropped: backward waited.
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    w1v, w2v, w3v = arr(3), arr(3), arr(3)
+    gate = f"pool{next(_gates)}"
+    async with cluster("tcp", 3):
+        await ag.rpc("w1", F.put, ("w", w1v))
+        await ag.rpc("w1", F.call_path, (["w2"], "put", ["w", w2v]))
+        await ag.rpc("w1", F.call_path, (["w2"], "add_gated_hook", ["w", gate]))
+        await ag.rpc("w3", F.put, ("v", w3v))
+        await ag.rpc("w1", F.call_path, (["w2"], "lose_the_way_to", ["driver"]))
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            run = asyncio.ensure_future(lone_credit_backward(ctx, x, w1v, w3v))
+            try:
+                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                # (from outside the context: no call in it while its pass runs)
+                await asyncio.get_running_loop().create_task(
+                    ag.rpc("w1", F.start_another_pass, ("w2", ctx)),
+                    context=contextvars.Context(),
+                )
+            finally:
+                F.thread_gate(gate + " out").set()
+            await run
+
+
+async def test_a_refusal_of_a_context_gone_from_a_worker_that_cannot_reach_the_origin(caplog):
+    # The context was gone on w2 (a lease reclaimed it), which cannot reach the
+    # driver: its refusal had no way back (no context: no worker that brought it in)
+    # and backward waited for good. It goes back through the message's sender.
+    async with cluster("tcp", 2):
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        await ag.rpc("w1", F.call_path, (["w2"], "put", ["w", arr(3)]))
+        await ag.rpc("w1", F.call_path, (["w2"], "lose_the_way_to", ["driver"]))
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.nested_mul, (["w2"], "w", x))
+            await ag.rpc("w1", F.call_path, (["w2"], "forget_context", [ctx]))
+            with pytest.raises(
+                ag.ContextError,
+                match=r"unknown or released on worker 'w2' \(refused by worker 'w2'\)",
+            ):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+
+
 async def test_reports_for_an_origin_behind_a_firewall_stop_trying_the_way_that_hangs(monkeypatch):
     # The driver's address, seen from w2, takes connections that never answer (as a
     # firewall that drops them): each report of w2's tried it again and waited out the

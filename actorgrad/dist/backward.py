@@ -585,42 +585,59 @@ def _report(
     pass_id: int,
     exc: BaseException,
     refused: bool = False,
+    via: str | None = None,
 ) -> None:
     """Tell the pass's origin that the pass failed (here, or at a worker we sent to).
-    ``refused``: by this worker's checks of a message of the pass (see _failure_record)."""
-    ctx = st.contexts.get(ctx_id)
-    if ctx is not None:
-        ctx.failed = pass_id
+    ``refused``: by this worker's checks of a message of the pass (see _failure_record).
+    ``via``: where it goes if it cannot go straight there (see _relay)."""
     if origin == st.worker.name:
         # The origin's own part, run by a message handler (A -> B -> A): its error is
         # raised as it is, as when that part runs inside backward() itself.
         _fail_run(st, pass_id, exc)
     else:
         record = _failure_record(exc, st.worker.name, refused)
-        _to_origin(st, origin, T_FAIL, (ctx_id, pass_id, record))
+        _to_origin(st, origin, T_FAIL, (ctx_id, pass_id, record), via)
 
 
-def _return_credit(st: DistState, ctx_id: int, origin: str, pass_id: int, credit: Credit) -> None:
+def _return_credit(
+    st: DistState,
+    ctx_id: int,
+    origin: str,
+    pass_id: int,
+    credit: Credit,
+    via: str | None = None,
+) -> None:
     if origin == st.worker.name:
         run = st.runs.get(pass_id)
         if run is not None:
             run.add_credit(credit)
     else:
         st.num_backward_messages += 1
-        _to_origin(st, origin, T_CREDIT, (ctx_id, pass_id, *_credit_out(credit)))
+        _to_origin(st, origin, T_CREDIT, (ctx_id, pass_id, *_credit_out(credit)), via)
 
 
-def _to_origin(st: DistState, origin: str, topic: str, args: tuple[Any, ...]) -> None:
+def _to_origin(
+    st: DistState, origin: str, topic: str, args: tuple[Any, ...], via: str | None = None
+) -> None:
     """Send a report (``topic`` T_CREDIT or T_FAIL, ``args`` starting with the context
     and pass ids) to the pass's origin, by another way if it cannot go straight there
     (see _unsent_to_origin)."""
     tried = st.no_way.get(origin)
     if tried is not None:
-        if perf_counter() - tried < NO_WAY_FOR and _relay(st, origin, topic, args, None):
+        # (tried again after a while, a firewall may have opened; or once the origin
+        # has a connection with this worker: it reached us)
+        if (
+            perf_counter() - tried < NO_WAY_FOR
+            and not st.worker.connected_to(origin)
+            and _relay(st, origin, topic, args, None, via)
+        ):
             return
-        del st.no_way[origin]  # (tried again: a firewall may have opened)
+        del st.no_way[origin]
     st.worker.cast(
-        origin, topic, args, on_error=functools.partial(_unsent_to_origin, st, origin, topic, args)
+        origin,
+        topic,
+        args,
+        on_error=functools.partial(_unsent_to_origin, st, origin, topic, args, via),
     )
 
 
@@ -634,7 +651,12 @@ def _ignore(exc: BaseException) -> None:
 
 
 def _unsent_to_origin(
-    st: DistState, origin: str, topic: str, args: tuple[Any, ...], exc: BaseException
+    st: DistState,
+    origin: str,
+    topic: str,
+    args: tuple[Any, ...],
+    via: str | None,
+    exc: BaseException,
 ) -> None:
     """A pass's credit or failure report could not be sent to its origin (its address
     does not reach it from here, and it never connected to this worker). It goes to the
@@ -648,22 +670,30 @@ def _unsent_to_origin(
     if origin not in w.members or w.is_lost(origin):
         return
     st.no_way[origin] = perf_counter()
-    if not _relay(st, origin, topic, args, exc):
+    if not _relay(st, origin, topic, args, exc, via):
         _no_way_to_origin(st, origin, topic, args, exc)
 
 
 def _relay(
-    st: DistState, origin: str, topic: str, args: tuple[Any, ...], exc: BaseException | None
+    st: DistState,
+    origin: str,
+    topic: str,
+    args: tuple[Any, ...],
+    exc: BaseException | None,
+    via: str | None = None,
 ) -> bool:
-    """Send a report for ``origin`` (see _to_origin) to be passed on by the worker that
-    brought this one into its pass, if there is one: whether it went. (Each worker's
-    ``via`` got the pass before it did, so the relays end at the origin, or at a
+    """Send a report for ``origin`` (see _to_origin) to be passed on by ``via`` (the
+    sender of the message it is about), else by the worker that brought this one into
+    its pass, if there is one: whether it went. (Either got the pass before this one
+    did, and its own ``via`` before it, so the relays end at the origin, or at a
     worker with no way on, which says so.)"""
     w = st.worker
-    ctx = st.contexts.get(args[0])
-    if ctx is None or ctx.via[0] != args[1] or ctx.via[1] in (origin, w.name):
+    if via is None:
+        ctx = st.contexts.get(args[0])
+        if ctx is not None and ctx.via[0] == args[1]:
+            via = ctx.via[1]
+    if via is None or via in (origin, w.name):
         return False
-    via = ctx.via[1]
     w.cast(
         via,
         T_RELAY,
@@ -683,16 +713,16 @@ def _no_way_to_origin(
     st: DistState, origin: str, topic: str, args: tuple[Any, ...], why: Any
 ) -> None:
     """Say that a report could not reach the origin, which waits for it — unless the
-    pass is over here anyway (failed or aborted here, the context released: its
-    origin knows, or will), or the origin is gone."""
+    pass is over here anyway (aborted here; a credit of a pass whose part failed here,
+    or of a released context), or the origin is gone. (A failure report without the
+    context here is said: a refusal of a context a lease reclaimed here.)"""
     w = st.worker
     ctx_id, pass_id = args[0], args[1]
     ctx = st.contexts.get(ctx_id)
     if (
-        ctx is None
-        or ctx.released
-        or ctx.is_aborted(pass_id)
-        or (topic == T_CREDIT and ctx.failed == pass_id)
+        (ctx is None and topic == T_CREDIT)
+        or (ctx is not None and ctx.is_aborted(pass_id))
+        or (ctx is not None and topic == T_CREDIT and ctx.failed == pass_id)
         or origin not in w.members
         or w.is_lost(origin)
     ):
@@ -888,9 +918,7 @@ def _deliver(
                 f"{st.worker.name!r} (it failed or was cancelled); late message dropped"
             )
         if pass_id == ctx.failed:
-            return  # (its part failed here and was reported: the origin aborts it)
-        if ctx.via[0] != pass_id:  # (its first message of the pass here)
-            ctx.via = (pass_id, sender)
+            return  # (its part here was dropped, the pass reported failed)
         num = _check_credit(num, exp)
         if relay is not None and (sender != origin or not _relay_ok(relay)):
             raise ProtocolError(f"malformed relay {short_repr(relay)} from {sender!r}")
@@ -904,7 +932,7 @@ def _deliver(
                         "after that pass finished here"
                     )
                 # A start message for a part already done.
-                _return_credit(st, ctx_id, origin, pass_id, (num, exp))
+                _return_credit(st, ctx_id, origin, pass_id, (num, exp), sender)
                 return
             if ps is not None:
                 raise ContextError(
@@ -912,6 +940,8 @@ def _deliver(
                     "concurrent backward calls in one context are not supported"
                 )
             _check_not_offloaded(ctx, st.worker.name)
+            if ctx.via[0] != pass_id:  # (its first message of the pass taken here)
+                ctx.via = (pass_id, sender)
             if sender != origin and any(r.src == origin for r in ctx.recvs):
                 # The origin's message (it sends one to every holder of its tensors)
                 # may relay our recv nodes from it elsewhere: none may fire before.
@@ -937,7 +967,7 @@ def _deliver(
     except BaseException as exc:  # (the part's code, hooks, may raise any: reported)
         if ctx is not None:
             ctx.drop_pass(pass_id)
-        _report(st, ctx_id, origin, pass_id, exc, refused=not checked)
+        _report(st, ctx_id, origin, pass_id, exc, refused=not checked, via=sender)
         return
     if out is not None:
         _forward(st, ps, retain, out)

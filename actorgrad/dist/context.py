@@ -192,10 +192,11 @@ class DistContext:
         # on: that worker reached this one, and got the pass from the origin, or from
         # a worker that did (see backward._unsent_to_origin).
         self.via: tuple[int, str] = (-1, "")
-        # The latest pass whose part failed here, reported to its origin: a later
-        # message of it (sent before its sender heard of the failure) is dropped. It
-        # started the part again, which sent its peers gradients they had had, whose
-        # refusal could reach the origin first: backward raised that, not the error.
+        # The latest pass whose running part here was dropped (it failed here, a peer
+        # was lost: the pass cannot complete): a later message of it (sent before its
+        # sender heard) is dropped. It started the part again, which sent its peers
+        # gradients they had had, whose refusal could reach the origin first: backward
+        # raised that, not the error. (One pass runs here at a time: one mark.)
         self.failed = -1
         # Of those, the ones this worker keeps an eye on for that pass as a worker
         # other than its origin (see DistState.check_watched): until the context's
@@ -259,6 +260,7 @@ class DistContext:
         ps = self.active_pass
         if ps is not None and (pass_id is None or ps.pass_id == pass_id):
             self.active_pass = None
+            self.failed = ps.pass_id
             ps.unwatch()
         if self.early:
             if pass_id is None:

@@ -1027,6 +1027,16 @@ class Worker:
         self._out[dest] = back
         return back
 
+    def connected_to(self, peer: str) -> bool:
+        """Whether a message to ``peer`` leaves at once, over an open connection: one to
+        its address, or one it opened to this worker (where its address does not reach
+        it from here, see _connect_peer)."""
+        conn = self._out.get(peer)
+        if conn is not None and not conn.closed:
+            return True
+        entry = self.members.get(peer)
+        return entry is not None and self._opened_by(peer, entry[0]) is not None
+
     def _opened_by(self, dest: str, dest_id: int) -> Connection | None:
         """An open connection that worker ``dest`` (the process of cluster id ``dest_id``)
         opened to this one, if any."""
