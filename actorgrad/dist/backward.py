@@ -659,13 +659,13 @@ def _unsent_to_origin(
     exc: BaseException,
 ) -> None:
     """A pass's credit or failure report could not be sent to its origin (its address
-    does not reach it from here, and it never connected to this worker). It goes to the
-    worker that brought this one into the pass, to be passed on (``T_RELAY``): that
-    worker reached this one, and got the pass from the origin or from a worker that
-    did, so back along that way it gets there. Without a way (the origin gone waits
-    for nothing; or this worker got the pass from the origin itself, over a connection
-    since closed), it is said, not silently dropped: the origin's backward waits for
-    this part for good."""
+    does not reach it from here, and it never connected to this worker). It goes to
+    ``via`` or the worker that brought this one into the pass, to be passed on
+    (``T_RELAY``, see _relay): that worker reached this one, and got the pass from the
+    origin or from a worker that did, so back along that way it gets there. Without a
+    way (the origin gone waits for nothing; or this worker got the pass from the origin
+    itself, over a connection since closed), it is said, not silently dropped: the
+    origin's backward waits for this part for good."""
     w = st.worker
     if origin not in w.members or w.is_lost(origin):
         return
@@ -729,7 +729,7 @@ def _no_way_to_origin(
         return
     log.warning(
         "worker %s: backward pass %#x cannot report to its origin %r (%s): the "
-        "origin's backward waits for it; every worker must reach the driver",
+        "origin's backward waits for it (see docs/limits.md, Cluster)",
         w.name,
         pass_id,
         origin,
