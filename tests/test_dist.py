@@ -2811,6 +2811,26 @@ async def test_a_failed_step_raises_once_every_owner_settled_and_names_them_all(
         assert (await refs[1].to_here()).data.tolist() == [1.0, 1.0]
 
 
+async def test_an_owner_gone_before_the_first_step_fails_it_as_it_would_a_later_one():
+    # The owners' optimizers are made at the first step: one owner gone then failed
+    # it before any other stepped, with no note; at a later step the others step and
+    # the note names them. Now the first step is the same.
+    async with cluster("inproc", 3) as c:
+        refs = [await ag.remote(o, F.make_param, (np.ones(2),)) for o in ("w1", "w2", "w3")]
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, refs, lr=0.5)
+        async with ag.dist.context() as ctx:
+            ws = [await r.to_here() for r in refs]
+            await ag.dist.backward(ctx, [(ws[0] + ws[1] + ws[2]).sum()])
+            await c.workers[2].shutdown(graceful=False)
+            with pytest.raises(ag.WorkerLost, match="'w3'") as ei:
+                await opt.step(ctx)
+        note = "\n".join(getattr(ei.value, "__notes__", []))
+        # (the context in hex, as the errors name it)
+        assert f"step of context {ctx:#x}: failed on 'w3'; stepped on 'w1', 'w2'" in note
+        for r in refs[:2]:
+            assert (await r.to_here()).data.tolist() == [0.5, 0.5]
+
+
 async def test_distributed_optimizer_options_that_cannot_travel_fail_at_construction():
     # (they passed the local check and failed at the first step, on every owner)
     from fractions import Fraction

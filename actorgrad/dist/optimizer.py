@@ -167,31 +167,42 @@ class DistributedOptimizer:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"the optimizer options cannot travel to the owners: {exc}") from None
         self._options = options
-        self._remote: dict[str, RRef] | None = None
+        # per owner, its optimizer (made at the first step that reaches it)
+        self._remote: dict[str, RRef] = {}
         self._setup_lock: asyncio.Lock | None = None
 
     def __repr__(self) -> str:
         owners = {o: len(ps) for o, ps in self._by_owner.items()}
         return f"DistributedOptimizer({self._class_name}, params_per_owner={owners})"
 
-    async def _setup(self) -> dict[str, RRef]:
+    async def _setup(self) -> dict[str, RRef | BaseException]:
+        """Each owner's optimizer, made there if not yet; or why it could not be (then
+        tried again at the next step). (All of them settle: a dead owner at the first
+        step failed it before any other owner stepped, with no note, where at a later
+        step the others step and the note names them.)"""
         if self._setup_lock is None:
             self._setup_lock = asyncio.Lock()
+        failed: dict[str, BaseException] = {}
         async with self._setup_lock:
-            if self._remote is None:
-                owners = list(self._by_owner)
-                refs = await asyncio.gather(
+            missing = [o for o in self._by_owner if o not in self._remote]
+            if missing:
+                made = await asyncio.gather(
                     *(
                         remote(
                             o,
                             _local_optimizer,
-                            (self._class_spec, ps, self._options, self._indices[o]),
+                            (self._class_spec, self._by_owner[o], self._options, self._indices[o]),
                         )
-                        for o, ps in self._by_owner.items()
-                    )
+                        for o in missing
+                    ),
+                    return_exceptions=True,
                 )
-                self._remote = dict(zip(owners, refs, strict=True))
-        return self._remote
+                for o, r in zip(missing, made, strict=True):
+                    if isinstance(r, RRef):
+                        self._remote[o] = r
+                    else:
+                        failed[o] = r
+        return {o: failed.get(o) or self._remote[o] for o in self._by_owner}
 
     async def step(self, context_id: int) -> None:
         """Step every owner's optimizer with the gradients of ``context_id``.
@@ -214,7 +225,7 @@ class DistributedOptimizer:
         # (all of them settle first: raising at the first failure left the user looking
         # at parameters other owners were still changing, and hid their failures)
         results = await asyncio.gather(
-            *(r.rpc().step(context_id) for r in refs.values()), return_exceptions=True
+            *(_stepped(r, context_id) for r in refs.values()), return_exceptions=True
         )
         failed = [
             (o, r) for o, r in zip(owners, results, strict=True) if isinstance(r, BaseException)
@@ -227,7 +238,7 @@ class DistributedOptimizer:
             o for o, r in zip(owners, results, strict=True) if not isinstance(r, BaseException)
         ]
         note = (
-            f"DistributedOptimizer.step of context {context_id!r}: failed on "
+            f"DistributedOptimizer.step of context {context_id:#x}: failed on "
             f"{', '.join(repr(o) for o, _ in failed)}; stepped on "
             f"{', '.join(repr(o) for o in stepped) or 'no owner'}"
         )
@@ -235,6 +246,13 @@ class DistributedOptimizer:
             note += f"\n  on {o!r} too: {type(exc).__name__}: {clip_text(str(exc), 500)}"
         first.add_note(note)
         raise first
+
+
+async def _stepped(ref: RRef | BaseException, context_id: int) -> None:
+    """The step of the owner of optimizer ``ref`` (or the failure to make it)."""
+    if isinstance(ref, BaseException):
+        raise ref
+    await ref.rpc().step(context_id)
 
 
 def _step_error(exc: BaseException) -> BaseException:
