@@ -525,6 +525,14 @@ def add_gated_hook(key: str, gate: str) -> None:
     _store[_k(key)].register_hook(hook)
 
 
+def no_way() -> list[str]:
+    """The origins this worker's backward reports could not reach lately."""
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    return sorted(state_of(current_worker()).no_way)
+
+
 def forget_context(ctx_id: int) -> None:
     """Release ``ctx_id`` on this worker only (as a lease does)."""
     from actorgrad.dist.api import _release_local

@@ -336,6 +336,26 @@ async def test_reports_for_an_origin_a_worker_cannot_reach_go_back_the_way_the_p
         assert "cannot report to its origin" not in caplog.text
 
 
+async def test_an_error_of_a_part_goes_back_the_way_the_pass_came_not_down_it():
+    # w2's hook fails on the gradient that comes back from w3 (w2 multiplies before it
+    # calls w3). Its report, which cannot go straight to the driver, went to w3, the
+    # sender of that message, which could not reach the driver either and sent it
+    # back up: behind a firewall, one more connect timeout (3 s) on the way.
+    async with cluster("tcp", 3):
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        for path in (["w2"], ["w2", "w3"]):
+            await ag.rpc("w1", F.call_path, (path, "put", ["w", arr(3)]))
+            await ag.rpc("w1", F.call_path, (path, "lose_the_way_to", ["driver"]))
+        await ag.rpc("w1", F.call_path, (["w2"], "add_failing_hook", ["w", 1]))
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.nested_mul, (["w2", "w3"], "w", x))
+            with pytest.raises(ag.RemoteError, match="on worker 'w2': hook refused"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+        assert await ag.rpc("w1", F.call_path, (["w2"], "no_way", [])) == ["driver"]
+        assert await ag.rpc("w1", F.call_path, (["w2", "w3"], "no_way", [])) == []
+
+
 async def test_a_refused_message_of_another_pass_keeps_the_way_back_of_the_running_one(
     monkeypatch,
 ):

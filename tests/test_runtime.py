@@ -14,6 +14,7 @@ import logging
 import operator
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -1185,6 +1186,32 @@ async def test_workers_coming_and_going_under_new_names_are_not_remembered_for_g
     with pytest.raises(ValueError, match="unknown worker 'job0'"):
         await ag.rpc("job0", whoami)
     assert await ag.rpc("w1", whoami) == "w1"
+
+
+async def test_a_connection_to_a_process_replaced_meanwhile_goes_to_the_new_one(monkeypatch):
+    # The driver restarted under its name: a worker's connection attempt to the dead
+    # one's address went on (a firewall: 3 s to time out), and the messages waiting for
+    # it failed with "cannot connect" to the dead one, though the membership already
+    # named the new one.
+    monkeypatch.setattr(rworker, "PEER_CONNECT_TIMEOUT", 1.0)
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen()
+        async with ag.local_cluster(2, transport="tcp") as c:
+            w1 = c.workers[0]
+            now = w1.members["w2"]
+            # (the dead one: at an address that accepts and stays silent)
+            w1.members = {
+                **w1.members,
+                "w2": (now[0] + 1000, f"127.0.0.1:{hole.getsockname()[1]}", ""),
+            }
+            call = asyncio.ensure_future(ag.rpc("w1", relay, (["w2"], [])))
+            loop = asyncio.get_running_loop()
+            hole.settimeout(10)
+            conn, _ = await loop.run_in_executor(None, hole.accept)
+            conn.close()
+            w1.members = {**w1.members, "w2": now}  # (the new one joined)
+            assert await asyncio.wait_for(call, 10) == ["w1", "w2"]
 
 
 async def test_pending_calls_fail_with_worker_lost_when_the_worker_shuts_down(cluster):

@@ -682,16 +682,17 @@ def _relay(
     exc: BaseException | None,
     via: str | None = None,
 ) -> bool:
-    """Send a report for ``origin`` (see _to_origin) to be passed on by ``via`` (the
-    sender of the message it is about), else by the worker that brought this one into
-    its pass, if there is one: whether it went. (Either got the pass before this one
+    """Send a report for ``origin`` (see _to_origin) to be passed on by the worker that
+    brought this one into its pass, else by ``via`` (the sender of the message it is
+    about: a refusal of a pass not taken here), if there is one: whether it went. (Either got the pass before this one
     did, and its own ``via`` before it, so the relays end at the origin, or at a
     worker with no way on, which says so.)"""
     w = st.worker
-    if via is None:
-        ctx = st.contexts.get(args[0])
-        if ctx is not None and ctx.via[0] == args[1]:
-            via = ctx.via[1]
+    ctx = st.contexts.get(args[0])
+    if ctx is not None and ctx.via[0] == args[1]:
+        # (before the message's sender: an error of the part here, on a message from
+        # downstream, went back down, and waited out that worker's own way first)
+        via = ctx.via[1]
     if via is None or via in (origin, w.name):
         return False
     w.cast(
@@ -713,14 +714,14 @@ def _no_way_to_origin(
     st: DistState, origin: str, topic: str, args: tuple[Any, ...], why: Any
 ) -> None:
     """Say that a report could not reach the origin, which waits for it — unless the
-    pass is over here anyway (aborted here; a credit of a pass whose part failed here,
-    or of a released context), or the origin is gone. (A failure report without the
-    context here is said: a refusal of a context a lease reclaimed here.)"""
+    pass is over here anyway (aborted here; the context released here; a credit of a
+    pass whose part failed here, or without the context), or the origin is gone. (A
+    failure report without the context, never released here, is said.)"""
     w = st.worker
     ctx_id, pass_id = args[0], args[1]
     ctx = st.contexts.get(ctx_id)
     if (
-        (ctx is None and topic == T_CREDIT)
+        (ctx is None and (topic == T_CREDIT or st.released_here(ctx_id)))
         or (ctx is not None and ctx.is_aborted(pass_id))
         or (ctx is not None and topic == T_CREDIT and ctx.failed == pass_id)
         or origin not in w.members

@@ -560,6 +560,11 @@ class DistState:
             if run.ctx_id == ctx_id:
                 run.fail(exc)
 
+    def released_here(self, ctx_id: int) -> bool:
+        """Whether this worker released ``ctx_id`` lately (its release came, or its
+        lease ran out: see forget)."""
+        return ctx_id in self._released
+
     def forget(self, ctx_id: int) -> DistContext | None:
         """Drop a context from this worker (released, or reclaimed by the lease). Its id
         is remembered (see join) also when this worker does not hold it (yet): a

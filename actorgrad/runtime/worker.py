@@ -988,6 +988,12 @@ class Worker:
         try:
             conn = await self.open_connection(entry[1], entry[2], PEER_CONNECT_TIMEOUT)
         except WorkerLost as exc:
+            now = self.members.get(dest)
+            if now is not None and now[0] != entry[0]:
+                # (another process joined under the name meanwhile, a restarted driver:
+                # its address and connections now. The messages waiting for this
+                # connection failed with the dead one's address)
+                return await self._connect_peer(dest)
             back = self._opened_by(dest, entry[0])
             if back is None or (
                 # (hung: silent on its own connection too while we waited, where it
