@@ -757,7 +757,12 @@ def _relayed(worker: Any, origin: str, topic: str, args: list[Any]) -> None:
     _check_ids(args[0], args[1])
     st = state_of(worker)
     if origin != worker.name:
-        _to_origin(st, origin, topic, tuple(args))
+        # Not connected with the origin, this worker most likely cannot reach it either
+        # (the origin never called it): on up the way the pass came, to a worker that
+        # the origin reached, without trying. (Each worker on the way waited out its
+        # own connect timeout first: 3 s each behind a firewall, 9 s at depth 3.)
+        if worker.connected_to(origin) or not _relay(st, origin, topic, tuple(args), None):
+            _to_origin(st, origin, topic, tuple(args))
     elif topic == T_CREDIT:
         _credit(worker, *args)
     else:
