@@ -120,13 +120,19 @@ class Tensor:
 
     @data.setter
     def data(self, value: np.ndarray) -> None:
-        # (checked here: a list, or ints under requires_grad, failed later, in an op or
-        # a send, far from the assignment)
-        if not isinstance(value, np.ndarray):
-            raise TypeError(
-                f"Tensor.data must be a numpy array, not {type(value).__name__} (to change "
-                "values in place: tensor.data[...] = ...)"
-            )
+        # (checked here, as ag.tensor checks: a list, strings, or ints under
+        # requires_grad failed later, in an op or a send, far from the assignment)
+        if type(value) is not np.ndarray:
+            if not isinstance(value, (np.ndarray, np.generic)):
+                raise TypeError(
+                    f"Tensor.data must be a numpy array, not {type(value).__name__} (to "
+                    "change values in place: tensor.data[...] = ...)"
+                )
+            # (a 0-d tensor's arithmetic gives numpy scalars; a matrix or a masked
+            # array would change what the ops compute: plain arrays, as Tensor() takes)
+            value = np.asarray(value)
+        if value.dtype.kind not in "biufc":
+            raise TypeError(f"Tensor.data must be bool or numeric, got dtype {value.dtype}")
         if self._rg and value.dtype.kind != "f":
             raise TypeError(_needs_float(value.dtype))
         self._data = value
@@ -153,14 +159,14 @@ class Tensor:
         (True, False)
         """
         _check_leaf_to_copy(self, "deep-copied")
-        t = Tensor(self.data.copy(), self._rg)
+        t = Tensor(self._data.copy(), self._rg)
         t.grad = None if self.grad is None else self.grad.copy()
         memo[id(self)] = t
         return t
 
     def __reduce__(self) -> tuple:
         _check_leaf_to_copy(self, "pickled")
-        return (_rebuilt, (self.data, self.grad, self._rg))
+        return (_rebuilt, (self._data, self.grad, self._rg))
 
     # --- attributes ---------------------------------------------------------------
 
@@ -180,8 +186,8 @@ class Tensor:
                 "requires_grad can only be changed on leaf tensors; use .detach() first"
             )
         flag = check_bool(flag, "requires_grad")
-        if flag and self.data.dtype.kind != "f":
-            raise TypeError(_needs_float(self.data.dtype))
+        if flag and self._data.dtype.kind != "f":
+            raise TypeError(_needs_float(self._data.dtype))
         self._rg = flag
 
     @property
@@ -201,7 +207,7 @@ class Tensor:
         >>> ag.zeros(2, 3).shape
         (2, 3)
         """
-        return self.data.shape
+        return self._data.shape
 
     @property
     def dtype(self) -> np.dtype:
@@ -210,7 +216,7 @@ class Tensor:
         >>> ag.zeros(2).dtype
         dtype('float32')
         """
-        return self.data.dtype
+        return self._data.dtype
 
     @property
     def ndim(self) -> int:
@@ -219,7 +225,7 @@ class Tensor:
         >>> ag.zeros(2, 3).ndim
         2
         """
-        return self.data.ndim
+        return self._data.ndim
 
     def numel(self) -> int:
         """The number of elements.
@@ -227,7 +233,7 @@ class Tensor:
         >>> ag.zeros(2, 3).numel()
         6
         """
-        return self.data.size
+        return self._data.size
 
     def numpy(self) -> np.ndarray:
         """The underlying array (shared, not copied).
@@ -235,7 +241,7 @@ class Tensor:
         >>> ag.tensor([1.0, 2.0]).numpy()
         array([1., 2.], dtype=float32)
         """
-        return self.data
+        return self._data
 
     def item(self) -> Any:
         """The value of a one-element tensor as a Python number (else ValueError).
@@ -243,9 +249,9 @@ class Tensor:
         >>> ag.tensor([[2.5]]).item()
         2.5
         """
-        if self.data.size != 1:
+        if self._data.size != 1:
             raise ValueError(f"item() needs a one-element tensor, got shape {self.shape}")
-        return self.data.item()
+        return self._data.item()
 
     def detach(self) -> Tensor:
         """A new leaf sharing this tensor's data array, outside the graph (an
@@ -256,29 +262,29 @@ class Tensor:
         >>> d.is_leaf, d.requires_grad
         (True, False)
         """
-        return Tensor(self.data)
+        return Tensor(self._data)
 
     def __repr__(self) -> str:
-        body = np.array2string(self.data, separator=", ", prefix="tensor(")
+        body = np.array2string(self._data, separator=", ", prefix="tensor(")
         extra = ""
         if self.grad_fn is not None:
             extra = f", grad_fn=<{self.grad_fn.name()}>"
         elif self._rg:
             extra = ", requires_grad=True"
-        if self.data.dtype != np.float32:
-            extra = f", dtype={self.data.dtype}" + extra
+        if self._data.dtype != np.float32:
+            extra = f", dtype={self._data.dtype}" + extra
         return f"tensor({body}{extra})"
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self._data)
 
     def __iter__(self) -> Iterator[Tensor]:
-        if self.data.ndim == 0:
+        if self._data.ndim == 0:
             raise TypeError("iteration over a 0-d tensor")
-        return (self[i] for i in range(len(self.data)))
+        return (self[i] for i in range(len(self._data)))
 
     def __bool__(self) -> bool:
-        return bool(self.data)
+        return bool(self._data)
 
     def __float__(self) -> float:
         return float(self.item())
@@ -287,9 +293,9 @@ class Tensor:
         return int(self.item())
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        if dtype is not None and dtype != self.data.dtype:
-            return self.data.astype(dtype)
-        return self.data.copy() if copy else self.data
+        if dtype is not None and dtype != self._data.dtype:
+            return self._data.astype(dtype)
+        return self._data.copy() if copy else self._data
 
     # --- autograd -----------------------------------------------------------------
 
@@ -312,18 +318,18 @@ class Tensor:
                 "backward() on a tensor that does not require grad (and has no grad_fn)"
             )
         if gradient is None:
-            if self.data.size != 1:
+            if self._data.size != 1:
                 raise RuntimeError(
                     "backward() without a gradient works only for a one-element tensor, "
                     f"got shape {self.shape}; pass gradient= explicitly"
                 )
-            grad = seed_grad(self.data)
+            grad = seed_grad(self._data)
         else:
             # (numpy would turn None into nan, and drop an imaginary part with a warning:
             # a wrong .grad, found far from here)
             given = real_array(gradient, "backward(): gradient")
-            grad = np.array(given, dtype=self.data.dtype)  # a copy the engine may keep
-            if grad.shape != self.data.shape:
+            grad = np.array(given, dtype=self._data.dtype)  # a copy the engine may keep
+            if grad.shape != self._data.shape:
                 raise ValueError(
                     f"backward(): gradient of shape {grad.shape} does not fit a tensor "
                     f"of shape {self.shape}"
@@ -429,26 +435,26 @@ class Tensor:
         return self
 
     def __getitem__(self, index: Any) -> Tensor:
-        return _unary(GetItem, self, _index(index, self.data.shape))
+        return _unary(GetItem, self, _index(index, self._data.shape))
 
     # Comparisons: plain boolean tensors, never part of the graph.
     def __lt__(self, other: Any) -> Tensor:
-        return Tensor(np.asarray(np.less(self.data, _data(other))))
+        return Tensor(np.asarray(np.less(self._data, _data(other))))
 
     def __le__(self, other: Any) -> Tensor:
-        return Tensor(np.asarray(np.less_equal(self.data, _data(other))))
+        return Tensor(np.asarray(np.less_equal(self._data, _data(other))))
 
     def __gt__(self, other: Any) -> Tensor:
-        return Tensor(np.asarray(np.greater(self.data, _data(other))))
+        return Tensor(np.asarray(np.greater(self._data, _data(other))))
 
     def __ge__(self, other: Any) -> Tensor:
-        return Tensor(np.asarray(np.greater_equal(self.data, _data(other))))
+        return Tensor(np.asarray(np.greater_equal(self._data, _data(other))))
 
     def __eq__(self, other: Any) -> Tensor:  # type: ignore[override]
-        return Tensor(np.asarray(np.equal(self.data, _data(other))))
+        return Tensor(np.asarray(np.equal(self._data, _data(other))))
 
     def __ne__(self, other: Any) -> Tensor:  # type: ignore[override]
-        return Tensor(np.asarray(np.not_equal(self.data, _data(other))))
+        return Tensor(np.asarray(np.not_equal(self._data, _data(other))))
 
     # --- methods ------------------------------------------------------------------
 
@@ -516,7 +522,7 @@ class Tensor:
         """
         dt = np.dtype(dtype)
         if dt.kind != "f":
-            return Tensor(self.data.astype(dt))
+            return Tensor(self._data.astype(dt))
         return _unary(Cast, self, dt)
 
     def exp(self) -> Tensor:
@@ -646,12 +652,12 @@ def _result(out: Any, node: Node | None) -> Tensor:
     """Wrap an op's output (numpy may hand back a scalar for 0-d results)."""
     t = _new(Tensor)
     t._data = out if type(out) is np.ndarray else np.asarray(out)
-    if node is not None and t.data.dtype.kind == "c":
+    if node is not None and t._data.dtype.kind == "c":
         # (the backward rules are those of real numbers: no conjugates; the gradient
         # came out wrong, its imaginary part silently dropped at the float leaf)
         raise TypeError(
             f"{type(node).__name__.lower()} of a tensor that requires grad gave a "
-            f"{t.data.dtype} result: complex values are not differentiable in actorgrad "
+            f"{t._data.dtype} result: complex values are not differentiable in actorgrad "
             "(detach() the input, or compute it under ag.no_grad())"
         )
     t.grad = None
@@ -664,7 +670,7 @@ def _result(out: Any, node: Node | None) -> Tensor:
 
 def _data(x: Any) -> Any:
     if isinstance(x, Tensor):
-        return x.data
+        return x._data
     if isinstance(x, (list, tuple)):
         return np.asarray(x)
     return x  # numpy arrays and Python scalars (kept weak for numpy's promotion)
@@ -672,7 +678,7 @@ def _data(x: Any) -> Any:
 
 def _unary(cls: type[Function], x: Tensor, *params: Any) -> Tensor:
     node = _new(cls)
-    a = x.data
+    a = x._data
     if x._rg and grad_enabled():  # (a tensor that requires grad is a float one)
         out = node.forward(a, *params)
         node.next = (x.grad_fn or grad_node(x),)
@@ -687,7 +693,7 @@ def _reduce(cls: type[Function], x: Tensor, axis: Any, keepdims: Any) -> Tensor:
     """``x.sum``/``mean``/``max`` over ``axis``."""
     if keepdims is not False and keepdims is not True:  # (max kept them for "no")
         keepdims = check_bool(keepdims, "keepdims")
-    return _unary(cls, x, _axes(axis, x.data.ndim), keepdims)
+    return _unary(cls, x, _axes(axis, x._data.ndim), keepdims)
 
 
 def _int_unary(node: Function, a: np.ndarray, params: tuple) -> Any:
@@ -711,11 +717,11 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
     ad: Any
     bd: Any
     if isinstance(a, Tensor):
-        ad, ar = a.data, a._rg
+        ad, ar = a._data, a._rg
     else:
         ad, ar = (a if type(a) is float or type(a) is int else _operand(cls, a)), False
     if isinstance(b, Tensor):
-        bd, br = b.data, b._rg
+        bd, br = b._data, b._rg
     else:
         bd, br = (b if type(b) is float or type(b) is int else _operand(cls, b)), False
     node = _new(cls)
@@ -763,13 +769,13 @@ def _inplace(cls: type[Function], t: Tensor, other: Any) -> Any:
             )
         if isinstance(other, Tensor) and other._rg:
             return NotImplemented
-    out = _binary(cls, t, other).data
-    if out.shape != t.data.shape:
+    out = _binary(cls, t, other)._data
+    if out.shape != t._data.shape:
         raise ValueError(
             f"in-place {sym}=: the result's shape {out.shape} differs from the tensor's "
-            f"{t.data.shape}; an in-place op keeps the tensor's shape"
+            f"{t._data.shape}; an in-place op keeps the tensor's shape"
         )
-    dt = t.data.dtype
+    dt = t._data.dtype
     if out.dtype != dt:
         if not np.can_cast(out.dtype, dt, casting="same_kind"):
             raise TypeError(
@@ -879,7 +885,7 @@ def real_array(value: Any, what: str) -> np.ndarray:
     """``value`` (an array, a Tensor, a list, a number) as an array of real numbers;
     else TypeError naming ``what``: for gradients and parameter values, which numpy
     would take as objects (None), strings, or complex numbers."""
-    arr = np.asarray(value.data if isinstance(value, Tensor) else value)
+    arr = np.asarray(value._data if isinstance(value, Tensor) else value)
     if arr.dtype.kind not in "biuf":
         raise TypeError(
             f"{what} is a {type(value).__name__} of dtype {arr.dtype}, not an array of real numbers"
@@ -1098,7 +1104,7 @@ def _index(index: Any, shape: tuple[int, ...]) -> Any:
 
 def _index_part(part: Any) -> Any:
     if isinstance(part, Tensor):
-        part = part.data
+        part = part._data
     if isinstance(part, (np.ndarray, np.bool_)) and part.dtype == np.bool_ and part.ndim == 0:
         return bool(part)  # (a 0-d mask indexes as True/False; nonzero() refuses it)
     if isinstance(part, list):
@@ -1818,7 +1824,7 @@ def tensor(data: Any, *, dtype: Any = None, requires_grad: bool = False) -> Tens
     if requires_grad is not False:
         requires_grad = check_bool(requires_grad, "tensor(): requires_grad")
     if isinstance(data, Tensor):
-        arr = np.array(data.data, dtype=dtype)
+        arr = np.array(data._data, dtype=dtype)
     elif isinstance(data, (np.ndarray, np.generic)):
         arr = np.array(data, dtype=dtype)
     else:

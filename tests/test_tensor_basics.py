@@ -422,5 +422,16 @@ def test_assigning_data_takes_an_array_and_keeps_a_grad_tensor_floating_point():
     (w * 2).sum().backward()
     np.testing.assert_array_equal(w.grad, np.full((2, 2), 2.0))
     counts = ag.tensor([1.0])
-    counts.data = np.array([7])  # (no grad: any array)
+    counts.data = np.array([7])  # (no grad: any numeric array)
     assert counts.item() == 7
+    with pytest.raises(TypeError, match="must be bool or numeric, got dtype <U1"):
+        counts.data = np.array(["a"])
+    # a 0-d tensor's update is a numpy scalar; an array subclass (a masked array, a
+    # matrix) would change what the ops compute: plain arrays, as Tensor() takes
+    b = ag.tensor(1.0, requires_grad=True)
+    (b * 3).backward()
+    b.data = b.data - 0.1 * b.grad
+    assert type(b.data) is np.ndarray and b.item() == pytest.approx(0.7)
+    m = ag.tensor([1.0, 2.0])
+    m.data = np.ma.array([1.0, 2.0], mask=[False, True])
+    assert type(m.data) is np.ndarray and m.sum().item() == 3.0
