@@ -187,7 +187,8 @@ class DistContext:
         self.sent_to: set[str] = set()
         self.last_pass: tuple[int, str] | None = None
         # (pass id, worker): the worker that sent this one its first message of the
-        # latest pass it got. A report for that pass's origin that cannot reach it
+        # latest pass it took (a refused message of another pass leaves it). A report
+        # for that pass's origin that cannot reach it
         # (the origin's address does not reach it from here) goes there to be passed
         # on: that worker reached this one, and got the pass from the origin, or from
         # a worker that did (see backward._unsent_to_origin).
