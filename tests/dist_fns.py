@@ -887,6 +887,18 @@ async def open_context_and_call_late(flag: str, via: str, dest: str) -> None:
         await asyncio.Event().wait()
 
 
+async def wait_left(peer: str, deadline: float) -> None:
+    """Return once ``peer`` is no member here any more (at most ``deadline`` s)."""
+    import asyncio
+
+    from actorgrad.runtime import current_worker
+
+    w = current_worker()
+    async with asyncio.timeout(deadline):
+        while peer in w.members:
+            await w._members_changed.wait()
+
+
 async def wait_lost(peer: str, deadline: float) -> None:
     """Return once this worker took ``peer`` for lost (at most ``deadline`` seconds)."""
     import asyncio

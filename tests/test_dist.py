@@ -4029,6 +4029,25 @@ async def test_a_call_pending_on_a_peer_that_left_or_died_does_not_break_its_con
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
 
 
+async def test_a_call_in_a_context_whose_initiator_a_worker_lost_contact_with_is_a_loss():
+    # w1, running again after its own stall, had lost the driver (the driver closed
+    # their connection) while the driver lived on: a call reaching it in the driver's
+    # context was refused with ContextError ("its initiator is gone"), which tells the
+    # caller the context is gone, not that a worker was lost.
+    async with cluster("tcp", 2) as c:
+        w1 = c.workers[0]
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            w1._peer_lost("driver")  # (what the closed connection does)
+            with pytest.raises(ag.RemoteError) as ei:
+                await ag.rpc("w2", F.call_path, (["w1"], "mul", ["w", x]))
+        assert "WorkerLost" in str(ei.value), ei.value
+        assert f"context {ctx:#x}: worker 'w1' lost contact with its initiator 'driver'" in str(
+            ei.value
+        )
+
+
 async def test_a_call_that_arrives_after_its_initiator_died_is_refused(worker_path, tmp_path):
     # w3 opens a context and calls w2, which blocks inside; w3 dies and w1 reclaims
     # w3's contexts (it holds none of this one yet). Then w2 calls w1 in it: w1 created
@@ -4048,6 +4067,7 @@ async def test_a_call_that_arrives_after_its_initiator_died_is_refused(worker_pa
         with pytest.raises(ag.WorkerLost):
             await asyncio.wait_for(call, 20)
         await ag.rpc("w1", F.wait_lost, ("w3", 20.0))
+        await ag.rpc("w1", F.wait_left, ("w3", 20.0))  # (gone, not only lost to w1)
         _touch(flag)  # the go signal
         outcome = await ag.rpc("w1", F.outcome, ("refused", 10.0))
         assert "ContextError" in outcome, outcome

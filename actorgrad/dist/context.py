@@ -476,6 +476,18 @@ class DistState:
                     f"{worker.name!r}; a call that arrives in it late is refused"
                 )
             if worker.is_lost(initiator):
+                # (taken in, the context would stay here for good if the initiator is
+                # dead: its lease ran already)
+                if initiator in worker.members:
+                    # Maybe alive: lost to this worker only, after its own stall, say
+                    # (the initiator closed their connection). A loss, not a context
+                    # gone: it was a ContextError, which tells a caller to run the step
+                    # again in a new context, where this one may work on a retry.
+                    raise WorkerLost(
+                        f"distributed autograd context {ctx_id:#x}: worker "
+                        f"{worker.name!r} lost contact with its initiator {initiator!r}; "
+                        "a call in it is refused until that worker is heard from again"
+                    )
                 raise ContextError(
                     f"distributed autograd context {ctx_id:#x}: its initiator "
                     f"{initiator!r} is gone (worker {worker.name!r} saw it leave); a call "
