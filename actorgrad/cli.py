@@ -510,12 +510,8 @@ def _group_left(group: int) -> list[int]:
     left = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    state, _ppid, pgrp = f.read().rsplit(b")", 1)[1].split()[:3]
-            except (OSError, ValueError):
-                continue  # (gone meanwhile)
-            if int(pgrp) == group and state != b"Z":
+            fields = _proc_stat(int(entry))  # (state, ppid, pgrp, ...; [] if gone meanwhile)
+            if len(fields) > 2 and int(fields[2]) == group and fields[0] != "Z":
                 left.append(int(entry))
     return left
 
@@ -543,13 +539,20 @@ async def _end_what_is_left(group: int, script: str) -> None:
             os.killpg(group, signal.SIGKILL)
 
 
-def _process_state(pid: int) -> str:
-    """The state letter of ``pid`` in /proc ("T": stopped), "" when unknown."""
+def _proc_stat(pid: int) -> list[str]:
+    """The fields of ``pid``'s /proc stat line after its command name (state, parent,
+    process group, ...); [] when unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+            return f.read().rsplit(b")", 1)[1].decode().split()
     except (OSError, IndexError):
-        return ""
+        return []
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc ("T": stopped), "" when unknown."""
+    fields = _proc_stat(pid)
+    return fields[0] if fields else ""
 
 
 async def _follow_job_control(pid: int, terminal: int) -> None:

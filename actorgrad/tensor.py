@@ -131,10 +131,7 @@ class Tensor:
             # (a 0-d tensor's arithmetic gives numpy scalars; a matrix or a masked
             # array would change what the ops compute: plain arrays, as Tensor() takes)
             value = np.asarray(value)
-        if value.dtype.kind not in "biufc":
-            raise TypeError(f"Tensor.data must be bool or numeric, got dtype {value.dtype}")
-        if self._rg and value.dtype.kind != "f":
-            raise TypeError(_needs_float(value.dtype))
+        _check_values(value, self._rg, "Tensor.data")
         self._data = value
 
     # --- copies and pickling -------------------------------------------------------
@@ -626,6 +623,16 @@ class _HookHandle:
 
 def _needs_float(dtype: Any) -> str:
     return f"requires_grad=True needs a floating point dtype, got {np.dtype(dtype)}"
+
+
+def _check_values(arr: np.ndarray, requires_grad: bool, what: str) -> None:
+    """TypeError unless a tensor takes ``arr``'s dtype: bool or numeric, floating point
+    under ``requires_grad``. ``what``: the values' name in the error."""
+    if arr.dtype.kind not in "biufc":
+        # (strings, objects, dates: no op, gradient or message would take them)
+        raise TypeError(f"{what} must be bool or numeric, got dtype {arr.dtype}")
+    if requires_grad and arr.dtype.kind != "f":
+        raise TypeError(_needs_float(arr.dtype))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1831,11 +1838,7 @@ def tensor(data: Any, *, dtype: Any = None, requires_grad: bool = False) -> Tens
         arr = np.array(data, dtype=dtype)
         if dtype is None and arr.dtype == np.float64:
             arr = arr.astype(np.float32)  # Python floats -> float32 (as torch)
-    if arr.dtype.kind not in "biufc":
-        # (strings, objects, dates: no op, gradient or message would take them)
-        raise TypeError(f"tensor data must be bool or numeric, got dtype {arr.dtype}")
-    if requires_grad and arr.dtype.kind != "f":
-        raise TypeError(_needs_float(arr.dtype))
+    _check_values(arr, requires_grad, "tensor data")
     return Tensor(arr, requires_grad=requires_grad)
 
 
