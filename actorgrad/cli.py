@@ -48,10 +48,12 @@ from actorgrad.runtime.cluster import new_token, run
 from actorgrad.runtime.procs import (
     ENV_ADDRESS,
     ENV_TOKEN,
+    LOG_TIME,
     describe_exit,
     env_token,
     exit_now,
     flush_output,
+    log_to_stderr,
     open_files_limit,
     pool_threads,
     tune_malloc,
@@ -325,12 +327,15 @@ def _expected() -> Iterator[None]:
 
 
 def _tell_event(kind: str, text: str) -> None:
-    """A cluster's news: joins and leaves on stdout, its worker processes' deaths and
-    stuck shutdowns on stderr (where an operator's alerts look)."""
+    """A cluster's news, with its time (an operator reads it hours later): joins and
+    leaves on stdout, its worker processes' deaths and stuck shutdowns on stderr (where
+    an operator's alerts look)."""
+    now = time.strftime(LOG_TIME)
     if kind in ("exited", "stuck"):
-        _note(text)
+        with contextlib.suppress(OSError):  # (as _note)
+            print(f"{now} {PROG}: {text}", file=sys.stderr, flush=True)
     else:
-        _say(text)
+        _say(f"{now} {text}")
 
 
 async def cmd_cluster(args: argparse.Namespace) -> int:
@@ -1044,6 +1049,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
+        try:
+            log_to_stderr()
+        except ValueError as exc:
+            raise CliError(str(exc), code=2) from None
         if args.command == "demo":
             return cmd_demo(argv[1:])
         if args.command == "run" and not os.path.isfile(args.script):

@@ -29,6 +29,8 @@ from actorgrad import cli
 CLI = [sys.executable, "-m", "actorgrad"]
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP = 30.0
+#: a cluster's news of its workers: its time, then what happened
+NEWS = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (.*)")
 
 
 def _has_runtime() -> bool:
@@ -96,6 +98,15 @@ class Running:
             self.seen.append(line)
             if line.startswith(prefix):
                 return line[len(prefix) :].strip()
+
+    def expect_news(self, prefix: str, timeout: float = STARTUP) -> str:
+        """Like ``expect`` for a cluster's news of its workers, a line that starts with
+        its time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = NEWS.fullmatch(self.expect("", max(0.0, deadline - time.monotonic())))
+            if m is not None and m[1].startswith(prefix):
+                return m[1][len(prefix) :].strip()
 
     def expect_all(self, *prefixes: str, timeout: float = STARTUP) -> dict[str, str]:
         """Like ``expect`` for each prefix, in whatever order the lines come."""
@@ -773,6 +784,80 @@ def test_wrong_token_exits_1_with_a_one_line_message(cluster: tuple[str, Path]) 
 
 
 @needs_runtime
+def test_a_cluster_logs_with_time_level_and_logger(tmp_path: Path) -> None:
+    # (Python printed the bare message of a warning: a cluster's log could not say when
+    # a stranger knocked or a peer was lost)
+    token_file = tmp_path / "token"
+    c = Running("cluster", "-n", "1", "--token-file", str(token_file))
+    try:
+        address = c.expect("address:")
+        r = run_cli("status", "--address", address, env=_env(ACTORGRAD_TOKEN="wrong"))
+        assert r.returncode == 1, r.stderr
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.wait(20) == 0
+        assert c.proc.stderr is not None
+        err = c.proc.stderr.read()
+        logged = re.compile(
+            r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d WARNING actorgrad\.runtime: "
+            r"worker \S+ rejected a connection: .*token.*"
+        )
+        assert any(logged.fullmatch(line) for line in err.splitlines()), err
+    finally:
+        c.stop()
+
+
+def test_an_unknown_log_level_is_refused_by_name() -> None:
+    r = run_cli("status", "--address", "127.0.0.1:1", env=_env(ACTORGRAD_LOG="loud"))
+    assert (r.returncode, r.stderr) == (
+        2,
+        "actorgrad: error: ACTORGRAD_LOG='loud': not a log level (debug, info, warning, error)\n",
+    )
+
+
+LOG_LEVELS = """
+import logging, sys
+from actorgrad.runtime.procs import log_to_stderr
+if sys.argv[1] == "configured":
+    logging.basicConfig(format="theirs %(message)s")
+log_to_stderr()
+log_to_stderr()  # (twice: still one handler)
+logging.getLogger("actorgrad.x").debug("debug record")
+logging.getLogger("actorgrad.x").info("info record")
+logging.getLogger("actorgrad.x").warning("warning record")
+logging.getLogger("elsewhere").warning("not ours")
+"""
+
+
+@pytest.mark.parametrize(
+    ("level", "how", "want"),
+    [
+        ("", "ours", ["WARNING actorgrad.x: warning record", "not ours"]),
+        (
+            " Info ",
+            "ours",
+            ["INFO actorgrad.x: info record", "WARNING actorgrad.x: warning record", "not ours"],
+        ),
+        ("debug", "configured", ["theirs warning record", "theirs not ours"]),
+    ],
+)
+def test_log_records_of_our_processes(level: str, how: str, want: list[str]) -> None:
+    r = subprocess.run(
+        [sys.executable, "-c", LOG_LEVELS, how],
+        capture_output=True,
+        text=True,
+        env=_env(ACTORGRAD_LOG=level, PYTHONPATH=str(ROOT)),
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (.*)")
+    # (a process that configured logging itself keeps its own format and levels)
+    got = [
+        m[1] if (m := stamp.fullmatch(x)) and how == "ours" else x for x in r.stderr.splitlines()
+    ]
+    assert got == want, r.stderr
+
+
+@needs_runtime
 def test_unreachable_address_exits_1_with_a_one_line_message() -> None:
     address = f"127.0.0.1:{free_port()}"
     r = run_cli("status", "--address", address, env=_env(ACTORGRAD_TOKEN="t"))
@@ -799,7 +884,7 @@ def test_a_worker_told_to_wait_joins_a_cluster_started_after_it(tmp_path: Path) 
         address = c.expect("address:")
         assert w.expect("worker early joined").startswith("(cluster id ")
         # (said by the cluster too, after its ready line, also when it came before)
-        assert c.expect("worker early joined").startswith("(127.0.0.1:")
+        assert c.expect_news("worker early joined").startswith("(127.0.0.1:")
         r = run_cli("status", "--address", address, "--token-file", str(token_file))
         assert r.returncode == 0, r.stderr
         assert "early" in [line.split()[0] for line in r.stdout.splitlines()[2:]], r.stdout
@@ -988,26 +1073,31 @@ def test_the_cluster_says_who_joins_and_leaves_and_how_its_workers_die(tmp_path:
         c.expect("Ctrl-C to stop")
         pids = descendants(c.proc.pid)
         w = Running("worker", "--join", address, "--name", "extra", "--token-file", str(token_file))
-        assert c.expect("worker extra joined").startswith("(127.0.0.1:")
+        assert c.expect_news("worker extra joined").startswith("(127.0.0.1:")
         # one of the cluster's own worker processes is killed
         victim = pids.pop()
         os.kill(victim, signal.SIGKILL)
-        num = "w" + c.expect("worker w").split()[0]  # (w1 or w2)
-        assert c.seen[-1] == f"worker {num} left"
+        num = "w" + c.expect_news("worker w").split()[0]  # (w1 or w2)
+        assert NEWS.fullmatch(c.seen[-1])[1] == f"worker {num} left"  # type: ignore[index]
         # a joined worker that stops leaves (its process is not the cluster's: no exit line)
         w.proc.send_signal(signal.SIGTERM)
         assert w.wait() == 0
-        c.expect("worker extra left")
+        c.expect_news("worker extra left")
         # the shutdown's own leaving and exits are not reported
         c.proc.send_signal(signal.SIGTERM)
         assert c.wait(20) == 0
         c.expect("cluster stopped")
-        news = [x for x in c.seen if x.startswith("worker ")]
+        news = [m[1] for m in map(NEWS.fullmatch, c.seen) if m is not None]
         assert len(news) == 3, c.seen  # extra joined; w1 or w2 left; extra left
+        assert all(x.startswith("worker ") for x in news), news
         # (a death on stderr, where an operator's alerts look; it was on stdout)
         assert c.proc.stderr is not None
         err = c.proc.stderr.read()
-        assert f"actorgrad: worker process {num} (pid {victim}) was killed by SIGKILL\n" in err
+        # (each with its time: an operator reads them hours later)
+        stamped = [m[1] for m in map(NEWS.fullmatch, err.splitlines()) if m is not None]
+        assert f"actorgrad: worker process {num} (pid {victim}) was killed by SIGKILL" in stamped, (
+            err
+        )
         assert wait_gone(pids, 10) == set()
     finally:
         c.stop()

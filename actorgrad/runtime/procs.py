@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import os
 import secrets
 import signal
@@ -50,6 +51,54 @@ def env_token() -> str | None:
     except UnicodeEncodeError:
         raise ValueError(f"{ENV_TOKEN} is not text: it holds bytes that are not UTF-8") from None
     return value
+
+
+#: the level of the log records actorgrad's own processes write (see log_to_stderr)
+ENV_LOG = "ACTORGRAD_LOG"
+#: how those records look: "2026-12-04 20:24:31 WARNING actorgrad.runtime.worker: ..."
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: their time (also that of an ``actorgrad cluster``'s news of its workers)
+LOG_TIME = "%Y-%m-%d %H:%M:%S"
+
+
+def log_to_stderr() -> None:
+    """In a process of ours (the ``actorgrad`` command, a worker process): actorgrad's
+    log records go to stderr with their time, level and logger, from the level
+    ``ACTORGRAD_LOG`` names (debug, info, warning (the default), error). Without
+    this, Python printed the bare message of warnings only: a cluster's log could not
+    say when a peer was lost. ValueError naming the variable for a level it does not
+    know. A process that configured logging itself (the root logger has handlers) is
+    left as it is.
+
+    Example::
+
+        os.environ["ACTORGRAD_LOG"] = "info"
+        log_to_stderr()  # INFO and above, stamped, on stderr
+    """
+    value = os.environ.get(ENV_LOG, "").strip() or "warning"
+    level = _LOG_LEVELS.get(value.lower())
+    if level is None:
+        raise ValueError(f"{ENV_LOG}={value!r}: not a log level (debug, info, warning, error)")
+    if logging.getLogger().handlers:
+        return
+    ours = logging.getLogger("actorgrad")
+    if not any(getattr(h, "actorgrad", False) for h in ours.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_TIME))
+        handler.actorgrad = True  # type: ignore[attr-defined]
+        ours.addHandler(handler)
+        # (a call's own logging.basicConfig() in a worker process would print each of
+        # our records twice)
+        ours.propagate = False
+    ours.setLevel(level)
+
+
+_LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 #: Thread-count variables of the BLAS libraries numpy may use (see the module docstring).

@@ -81,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.parent is not None:
         leave_with(args.parent, ORPHAN_GRACE, args.name)
-    from actorgrad.runtime.procs import ENV_JOIN_KEY, ENV_TOKEN, env_token
+    from actorgrad.runtime.procs import ENV_JOIN_KEY, ENV_TOKEN, env_token, log_to_stderr
 
     # (its own, not for the processes its calls start)
     key = os.environ.pop(ENV_JOIN_KEY, "")
 
     try:
+        log_to_stderr()
         token = env_token()
     except ValueError as exc:
         print(f"actorgrad worker: {exc}", file=sys.stderr)
