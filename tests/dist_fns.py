@@ -364,13 +364,17 @@ async def open_context_and_die(dest: str, key: str) -> None:
 
 async def wait_no_contexts(deadline: float) -> dict[str, int]:
     """Wait until this worker holds no context, at most ``deadline`` seconds."""
-    import asyncio
+    return await wait_contexts(0, deadline)
 
+
+async def wait_contexts(n: int, deadline: float) -> dict[str, int]:
+    """Wait until this worker holds at most ``n`` contexts, at most ``deadline``
+    seconds."""
     from actorgrad.dist.context import state_of
     from actorgrad.runtime import current_worker
 
     try:
-        await asyncio.wait_for(state_of(current_worker()).wait_empty(), deadline)
+        await asyncio.wait_for(state_of(current_worker()).wait_empty(n), deadline)
     except TimeoutError:
         pass
     return ag.dist.debug_info()
@@ -1020,3 +1024,18 @@ class FailingSGD(ag.optim.SGD):
         if name == "w3":
             raise ValueError("step failed on w3 too")
         super().step(grads)
+
+
+async def call_in_context_of(initiator: str, dest: str) -> None:
+    """Send a leaf to ``dest`` and back in a context that ``initiator`` made, taken in
+    here as a call in it would be (a name no member has: a worker that left before
+    this one heard of it)."""
+    from actorgrad.dist.context import CONTEXT_ID_BITS, activate, state_of
+    from actorgrad.runtime import current_worker
+
+    w = current_worker()
+    st = state_of(w)
+    ctx_id = (0x7777 << CONTEXT_ID_BITS) | 1
+    st.join(ctx_id, initiator)
+    with activate(w, ctx_id, (st.new_call_token(),)):
+        await ag.rpc(dest, identity, (ag.tensor(np.ones(2), requires_grad=True),))

@@ -1714,6 +1714,38 @@ async def test_a_driver_busy_after_backward_keeps_its_context_on_the_workers(wor
         assert info["num_contexts"] == 0
 
 
+async def test_a_context_whose_initiator_is_no_member_is_reclaimed(monkeypatch):
+    # A live peer's call can bring a context whose initiator left before this worker
+    # heard of it: no lease reclaimed it (that leave was never seen here), and it stayed
+    # for good. A context of a member is kept past that grace.
+    # (the module: ag.dist.context is the function)
+    monkeypatch.setattr(sys.modules["actorgrad.dist.context"], "ORPHAN_GRACE", 0.3)
+    async with cluster("tcp") as c:
+        xv, wv = arr(3), arr(3)
+        await ag.rpc("w1", F.put, ("w", wv))
+        opened, reclaimed = asyncio.Event(), asyncio.Event()
+
+        async def member_context() -> None:
+            x = ag.tensor(xv, requires_grad=True)
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                opened.set()
+                await reclaimed.wait()
+                await ag.dist.backward(ctx, [y.sum()])
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv)
+                np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
+
+        held = asyncio.ensure_future(member_context())
+        await opened.wait()
+        await ag.rpc("w1", F.call_in_context_of, ("left-before", "w2"))
+        for name, kept in (("w1", 1), ("w2", 0)):  # (w1 sent the orphan's release on)
+            info = await ag.rpc(name, F.wait_contexts, (kept, 10.0))
+            assert info["num_contexts"] == kept, (name, info)
+        reclaimed.set()
+        await held
+        await assert_clean(c.names)
+
+
 async def test_context_of_a_dead_initiator_is_reclaimed(worker_path):
     async with cluster("processes"):
         await ag.rpc("w2", F.put, ("w", arr(3)))

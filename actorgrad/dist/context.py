@@ -61,6 +61,11 @@ CONTEXT_ID_BITS = LOCAL_ID_BITS
 #: on, say). Beyond that, a worker still refuses the contexts it created itself.
 RELEASED_MEMORY = 4096
 
+#: How long a context whose initiator is no member of the cluster (as far as this worker
+#: knows) is kept before the lease reclaims it (see DistState.join): news of a join
+#: reaches every member within milliseconds, but the head may lag under load.
+ORPHAN_GRACE = 30.0
+
 log = logging.getLogger("actorgrad.dist")
 
 
@@ -405,7 +410,8 @@ class DistState:
         self._lock = threading.Lock()  # sync user code may send tensors from a thread
         self.num_backward_passes = 0
         self.num_backward_messages = 0  # sent by this worker: gradients, starts, credits
-        self._empty_waiters: list[Any] = []  # futures resolved when no context is left
+        # (at most this many contexts left, future) of wait_empty
+        self._empty_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.runs: dict[int, Any] = {}  # pass id -> InitiatorRun, for passes started here
         # the timer of check_watched (None: not scheduled), and the contexts it looks at
         # (those that watched a peer since its last tick: not every live one)
@@ -503,7 +509,34 @@ class DistState:
                     "process of that name, or a forged id); the call is refused"
                 )
             ctx = self.contexts[ctx_id] = DistContext(ctx_id, initiator)
+            if member is None and worker.members:
+                # Its initiator is no member here: one that joined just now (this
+                # worker has not heard of it yet), or one that left before this worker
+                # joined, whose context a call of a live peer brings here (no lease
+                # would ever reclaim it: its leave was never seen here).
+                worker.loop.call_later(ORPHAN_GRACE, self._check_orphan, ctx_id, initiator)
         return ctx
+
+    def _check_orphan(self, ctx_id: int, initiator: str) -> None:
+        """A context taken in ORPHAN_GRACE ago, when its initiator was no member: if
+        it still is none, the lease reclaims the context as for a dead initiator."""
+        worker = self.worker
+        if (
+            ctx_id not in self.contexts
+            or initiator in worker.members
+            or worker.registry_lost.is_set()  # (no news of members comes any more)
+            or worker.closing
+        ):
+            return
+        log.warning(
+            "worker %s: context %#x's initiator %r is no member of the cluster %g s after "
+            "a call brought the context here: reclaiming it",
+            worker.name,
+            ctx_id,
+            initiator,
+            ORPHAN_GRACE,
+        )
+        _on_peer_lost(self, initiator)
 
     def watch(self, ctx: DistContext, peer: str) -> None:
         """Keep an eye on ``peer`` for the latest pass of ``ctx`` (see ``watching``)."""
@@ -602,18 +635,22 @@ class DistState:
                     f"worker {self.worker.name!r} while its backward pass ran"
                 ),
             )
-        if not self.contexts and self._empty_waiters:
+        if self._empty_waiters:
+            left = len(self.contexts)
             waiters, self._empty_waiters = self._empty_waiters, []
-            for fut in waiters:
-                if not fut.done():
+            for at_most, fut in waiters:
+                if left > at_most:
+                    self._empty_waiters.append((at_most, fut))
+                elif not fut.done():
                     fut.set_result(None)
         return ctx
 
-    async def wait_empty(self) -> None:
-        """Return once this worker holds no context (for tests and tools)."""
-        if self.contexts:
+    async def wait_empty(self, at_most: int = 0) -> None:
+        """Return once this worker holds no context, or at most ``at_most`` (for tests
+        and tools)."""
+        if len(self.contexts) > at_most:
             fut = asyncio.get_running_loop().create_future()
-            self._empty_waiters.append(fut)
+            self._empty_waiters.append((at_most, fut))
             await fut
 
     def stats(self) -> dict[str, int]:
