@@ -2222,6 +2222,21 @@ async def test_a_call_whose_rrefs_cannot_all_be_registered_takes_its_counts_back
     assert await ag.rpc("w2", add, (1, 2)) == 3
 
 
+async def test_a_call_with_a_live_rref_and_a_stale_one_of_one_owner_leaves_no_count(cluster):
+    # One RRef of w1 and one of an earlier process of that name (its id carries the
+    # other cluster id) in one call: w1 counted the live one for w2, then refused the
+    # stale one, and the whole registration failed: nothing took the count back, and
+    # the value was never freed.
+    live = await ag.remote("w1", make_counter, (1,))
+    stale = rref.RRef._handle(cluster.driver, "w1", live._rid ^ (1 << rref.LOCAL_ID_BITS))
+    with pytest.raises(ag.RemoteError, match="an earlier process of that name"):
+        await ag.rpc("w2", echo, ([live, stale],), timeout=5)
+    del live, stale
+    gc.collect()
+    await _owned_count("w1")
+    assert await ag.rpc("w2", add, (1, 2)) == 3
+
+
 async def test_an_rref_copied_is_the_same_counted_handle_and_is_not_pickled(cluster):
     # copy.copy gave a handle the owner did not count: once the original went, the copy
     # pointed at a freed value; deepcopy and pickle failed deep inside the event loop.

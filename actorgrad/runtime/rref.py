@@ -683,6 +683,12 @@ def _add_holders(entries: list, forker: str, forker_id: int) -> None:
 
     w = current_worker()
     fk = _key_of(forker, forker_id)
+    # All or nothing: the forker takes nothing back from a registration that failed (a
+    # live RRef's count, made before a stale one in the same message was refused,
+    # stayed for good).
+    for rid, _, _ in entries:
+        if rid not in w.owned:
+            raise _gone(w, rid)
     for rid, name, pid in entries:
         holder = _key_of(name, pid)
         _add(w, rid, holder)
