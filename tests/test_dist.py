@@ -390,6 +390,48 @@ async def test_a_refused_message_of_another_pass_keeps_the_way_back_of_the_runni
             await run
 
 
+@pytest.mark.parametrize("own_part", ["running", "done"])
+async def test_credit_that_comes_twice_fails_the_pass_and_nothing_of_it_stays(
+    monkeypatch, own_part
+):
+    # A credit report that came twice (here: one of all the credit, from w2, which
+    # takes no part in the pass) while w1's part still runs. With the driver's own part
+    # still waiting for x's gradient, backward raised a bare AssertionError and left
+    # the pass to commit what came later; a report past the full credit went unseen.
+    from actorgrad.dist.context import state_of
+
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    xv, wv = arr(3), arr(3)
+    gate = f"pool{next(_gates)}"
+    async with cluster("tcp", 2) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.add_gated_hook, ("w", gate))
+        x = ag.tensor(xv, requires_grad=own_part == "running")
+        driver, w2 = c.driver, c.workers[1]
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            run = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+            try:
+                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                (pass_id,) = state_of(driver).runs
+                # (all of it; with the driver's part done, a half first: 3/2 in all)
+                for credit in [(1, 1), (1, 0)] if own_part == "done" else [(1, 0)]:
+                    w2.cast("driver", "dist.credit", (ctx, pass_id, *credit))
+                with pytest.raises(ag.ProtocolError) as err:
+                    await asyncio.wait_for(run, 10)
+            finally:
+                F.thread_gate(gate + " out").set()
+            if own_part == "running":
+                assert "before the part of worker 'driver', which started it, finished" in str(
+                    err.value
+                )
+            else:
+                assert "got back more credit than it gave out" in str(err.value)
+            assert ag.dist.get_gradients(ctx) == {}
+        await assert_clean(c.names)
+        await assert_one_hop_exact(arr(3), wv)
+
+
 async def test_a_refusal_of_a_context_gone_from_a_worker_that_cannot_reach_the_origin(caplog):
     # The context was gone on w2 (a lease reclaimed it), which cannot reach the
     # driver: its refusal had no way back (no context: no worker that brought it in)

@@ -544,7 +544,16 @@ class InitiatorRun:
         self.num, self.exp = add_credit((self.num, self.exp), credit)
         # (num >= 2**exp, i.e. all of it back; bit_length: no 2**exp made per message)
         if self.num.bit_length() > self.exp and not self.done.done():
-            self.done.set_result(None)
+            if self.num == 1 << self.exp:
+                self.done.set_result(None)
+            else:  # (the pass must not pass for complete: its parts may still run)
+                self.done.set_exception(
+                    ProtocolError(
+                        f"distributed backward pass {self.pass_id:#x} of context "
+                        f"{self.ctx_id:#x} got back more credit than it gave out (a "
+                        "report came twice, or from a worker outside the pass)"
+                    )
+                )
 
     def fail(self, exc: BaseException) -> None:
         if not self.done.done():
@@ -1211,6 +1220,16 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             if out is not None:
                 _forward(st, ps, retain_graph, out)
             await run.done
+            if ctx.active_pass is ps:
+                # (all the credit back while this worker's own part still runs: the
+                # completion argument forbids it, unless a report came twice or from a
+                # worker outside the pass. Failed, so that nothing of it stays.)
+                raise ProtocolError(
+                    f"distributed backward pass {pass_id:#x} of context {context_id:#x} "
+                    f"got all its credit back before the part of worker {worker.name!r}, "
+                    "which started it, finished (a report came twice, or from a worker "
+                    "outside the pass)"
+                )
         except BaseException as exc:
             # The pass failed or was cancelled: nothing of it stays, here or on the peers.
             # (The error's traceback holds this frame; the run's future holds the error.)
@@ -1224,8 +1243,3 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
         finally:
             del st.runs[pass_id]
             ps.unwatch()
-        if ctx.active_pass is ps:  # pragma: no cover - the completion argument forbids it
-            ctx.active_pass = None
-            raise AssertionError(
-                f"distributed backward completed but {ps!r} did not finish on the initiator"
-            )
