@@ -101,12 +101,26 @@ def write_token_file(path: Path, token: str) -> None:
         f.write(token + "\n")
 
 
+#: The largest token file read (a token is a line of text: ours are 43 characters).
+TOKEN_FILE_MAX = 64 * 1024
+
+
 def read_token_file(path: Path) -> str:
     """The token stored in ``path`` (surrounding whitespace stripped). A file that
     cannot give one is a usage error (exit status 2), as a missing token is."""
     try:
+        # (at most TOKEN_FILE_MAX: a token file given as /dev/zero, or a big file by
+        # mistake, filled the memory until a MemoryError's traceback; a pipe works)
+        with path.open("rb") as f:
+            raw = f.read(TOKEN_FILE_MAX + 1)
+        if len(raw) > TOKEN_FILE_MAX:
+            raise CliError(
+                f"token file {path} is not a token: it holds more than "
+                f"{TOKEN_FILE_MAX // 1024} KiB",
+                code=2,
+            )
         # (-sig: a byte order mark, as some Windows editors write, is not the token's)
-        token = path.read_text(encoding="utf-8-sig").strip()
+        token = raw.decode("utf-8-sig").strip()
     except FileNotFoundError:
         if path.is_symlink():  # (a dangling one: it cannot be created either)
             raise CliError(
@@ -149,7 +163,9 @@ def cluster_token(token_file: str | None) -> tuple[str, str, Path | None]:
         except FileExistsError:  # created concurrently: use theirs
             return read_token_file(path), f"read from {path}", path
         except OSError as exc:
-            raise CliError(f"cannot create token file {path}: {exc.strerror or exc}") from None
+            raise CliError(
+                f"cannot create token file {path}: {exc.strerror or exc}", code=2
+            ) from None
         return token, f"written to {path} (mode 0600)", path
     env = _env_token()
     if env:
@@ -157,7 +173,11 @@ def cluster_token(token_file: str | None) -> tuple[str, str, Path | None]:
     token = new_token()
     path = Path(tempfile.mkdtemp(prefix="actorgrad-")) / "token"
     write_token_file(path, token)
-    return token, f"written to {path} (mode 0600, removed when the cluster stops)", path
+    return (
+        token,
+        f"written to {path} (mode 0600, removed when the cluster stops, unless it is killed)",
+        path,
+    )
 
 
 def _env_token() -> str | None:
@@ -174,7 +194,8 @@ def client_token(token_file: str | None) -> str:
     env = _env_token()
     if env:
         return env
-    raise CliError(f"no token: pass --token-file F or set {ENV_TOKEN}", code=2)
+    blank = " (it is set, but blank)" if ENV_TOKEN in os.environ else ""
+    raise CliError(f"no token: pass --token-file F or set {ENV_TOKEN}{blank}", code=2)
 
 
 # --------------------------------------------------------------------------------------
@@ -777,7 +798,9 @@ async def cmd_status(args: argparse.Namespace) -> int:
     _say(format_status(status))
     gone = [w["name"] for w in status["workers"] if "error" in w]
     if gone:  # (a health check must tell: the table lists them, the status says so)
-        _note(f"{len(gone)} of {len(status['workers'])} workers unreachable: {', '.join(gone)}")
+        # (counted as the table's first line counts them: the head's own worker apart)
+        users = sum(not str(w["name"]).startswith("_") for w in status["workers"])
+        _note(f"{len(gone)} of {_count(users, 'worker')} unreachable: {', '.join(gone)}")
         return 1
     return 0
 

@@ -702,8 +702,12 @@ def test_every_token_file_that_gives_no_token_is_a_usage_error(tmp_path: Path) -
     # (a missing file exited 2, an empty one or a directory 1)
     empty = tmp_path / "empty.tok"
     empty.write_text(" \n")
+    big = tmp_path / "big.tok"  # (/dev/zero filled the memory: a MemoryError traceback)
+    big.write_text("x" * (64 * 1024 + 1))
     for path, said in (
         (empty, f"token file {empty} is empty"),
+        (big, f"token file {big} is not a token: it holds more than 64 KiB"),
+        (Path("/dev/zero"), "token file /dev/zero is not a token: it holds more than 64 KiB"),
         (tmp_path, f"cannot read token file {tmp_path}: Is a directory"),
         (tmp_path / "none", f"token file {tmp_path / 'none'} does not exist"),
     ):
@@ -713,6 +717,31 @@ def test_every_token_file_that_gives_no_token_is_a_usage_error(tmp_path: Path) -
         ):
             r = run_cli(*cmd, "--token-file", str(path))
             assert (r.returncode, r.stderr.strip()) == (2, f"actorgrad: error: {said}"), cmd
+
+
+def test_a_token_file_that_cannot_be_created_is_a_usage_error(tmp_path: Path) -> None:
+    # (exit status 1, where every token file that gives no token is 2)
+    path = tmp_path / "no-such-folder" / "tok"
+    r = run_cli("cluster", "-n", "1", "--token-file", str(path))
+    assert (r.returncode, r.stderr.strip()) == (
+        2,
+        f"actorgrad: error: cannot create token file {path}: No such file or directory",
+    )
+
+
+def test_a_token_file_may_be_a_pipe(tmp_path: Path) -> None:
+    # (read whole, at most 64 KiB: `--token-file <(pass show cluster)` works)
+    r = subprocess.run(
+        ["bash", "-c", 'exec "$@" --token-file <(printf " t0ken\\n")', "-", *CLI, "status"]
+        + ["--address", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+        timeout=30,
+    )
+    # (read: it got as far as the connection)
+    assert r.returncode == 1 and "127.0.0.1:1" in r.stderr, r.stderr
 
 
 def test_an_empty_token_file_path_is_a_usage_error() -> None:
@@ -751,7 +780,8 @@ def test_the_token_of_the_environment_is_stripped_as_a_token_file_is(
     r = run_cli("status", "--address", address, env=_env(ACTORGRAD_TOKEN="  "))
     assert (r.returncode, r.stderr.strip()) == (
         2,
-        "actorgrad: error: no token: pass --token-file F or set ACTORGRAD_TOKEN",
+        "actorgrad: error: no token: pass --token-file F or set ACTORGRAD_TOKEN (it is set, "
+        "but blank)",
     )
 
 
@@ -1223,16 +1253,20 @@ def test_status_lists_a_hung_worker_as_unreachable_and_names_a_hung_head(tmp_pat
         assert f"on worker '{hung[0]}' timed out after 1.0 s" in rows[hung[0]]
         # (it exited 0: a health check could not tell)
         assert r.returncode == 1
-        assert r.stderr == f"actorgrad: 1 of 3 workers unreachable: {hung[0]}\n"
+        # (counted as the table's first line counts them; it said "1 of 3")
+        assert r.stdout.splitlines()[0].endswith(": 2 workers and its head"), r.stdout
+        assert r.stderr == f"actorgrad: 1 of 2 workers unreachable: {hung[0]}\n"
         os.kill(victim, signal.SIGCONT)
         stopped.clear()
         os.kill(c.proc.pid, signal.SIGSTOP)
         stopped.append(c.proc.pid)
         r = run_cli(*status, "--timeout", "1")
         assert r.returncode == 1
+        # (the handshake's own words: "timed out ... did not answer" whatever hung)
         assert r.stderr.strip() == (
-            f"actorgrad: error: timed out: the cluster's head at {address} did not answer "
-            "within 1 s"
+            f"actorgrad: error: {address} accepted the connection but did not answer the "
+            "handshake within 1 s (the process is hung or overloaded, or it is not an "
+            "actorgrad worker)"
         )
     finally:
         for pid in stopped:

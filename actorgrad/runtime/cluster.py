@@ -394,8 +394,10 @@ async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict
     """
     client = Worker(f"_status-{os.getpid()}-{secrets.token_hex(3)}", token=token)
     try:
-        async with asyncio.timeout(timeout):
-            conn = await client.open_connection(address)
+        # (each step of the handshake has ``timeout``, and says what hung: something
+        # that is no actorgrad worker, say; the whole gets a second more)
+        async with asyncio.timeout(timeout + 1.0):
+            conn = await client.open_connection(address, deadline=timeout)
         async with asyncio.timeout(2 * timeout):
             return await client.call_on(conn, "actorgrad.runtime.registry:_status", (timeout,))
     except RemoteError as exc:
