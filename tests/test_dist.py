@@ -3540,7 +3540,11 @@ async def test_an_abandoned_call_whose_reply_never_comes_does_not_keep_its_conte
 
 async def test_distributed_optimizer_errors():
     async with cluster():
-        with pytest.raises(TypeError, match="RRef"):
+        # (each says how to make what it wants: the one-RRef hint led a user with an RRef
+        # of a list of parameters to a second error, at the first step)
+        with pytest.raises(
+            TypeError, match=r"params\[0\] is a Tensor, not an ag.RRef \(make one on the "
+        ):
             ag.dist.DistributedOptimizer(ag.optim.SGD, [ag.tensor([1.0])], lr=0.1)
         ref = await ag.remote("w1", F.make_param, (arr(2),))
         with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
@@ -3551,18 +3555,25 @@ async def test_distributed_optimizer_errors():
         for not_an_optimizer in (dict, ag.tensor, "SGD"):
             with pytest.raises(TypeError, match="must be an ag.optim.Optimizer subclass"):
                 ag.dist.DistributedOptimizer(not_an_optimizer, [ref], lr=0.1)
-        with pytest.raises(TypeError, match=r"got one RRef; pass \[rref\]"):
+        with pytest.raises(
+            TypeError, match=r"got one RRef \(of one tensor: pass \[rref\]; of a model or a list"
+        ):
             ag.dist.DistributedOptimizer(ag.optim.SGD, ref, lr=0.1)
         # (named by their place in the caller's list: it named the place among the
         # owner's parameters, params[0] for the fourth)
         good = await ag.remote("w2", F.make_param, (arr(2),))
         notparam = await ag.remote("w1", F.identity, ("not a tensor",))
+        many = await ag.remote("w1", F.identity, ([1.0, 2.0],))
         await ag.rpc("w1", F.put, ("ints", np.arange(2), False))
         ints = await ag.remote("w1", F.get, ("ints",))
         await ag.rpc("w1", F.put, ("w", arr(2)))
         made = await ag.remote("w1", F.scaled, ("w", 2.0))
         for params, message in (
-            ([good, ref, notparam], r"params\[2\] refers to a str, not an actorgrad Tensor"),
+            ([good, ref, notparam], r"params\[2\] refers to a str, not an actorgrad Tensor\n"),
+            (
+                [good, many],
+                r"params\[1\] refers to a list, not an actorgrad Tensor \(give an RRef of each",
+            ),
             ([good, ints], r"params\[1\] refers to a tensor of dtype int64"),
             ([good, made], r"params\[1\] refers to a non-leaf tensor"),
         ):

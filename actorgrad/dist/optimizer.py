@@ -72,8 +72,9 @@ class _LocalOptimizer:
         seen: dict[int, int] = {}
         for i, p in zip(where, self.params, strict=True):
             if not isinstance(p, Tensor):
+                many = " (give an RRef of each of its tensors)" if isinstance(p, list | tuple | dict) else ""
                 raise TypeError(
-                    f"params[{i}] refers to a {type(p).__name__}, not an actorgrad Tensor"
+                    f"params[{i}] refers to a {type(p).__name__}, not an actorgrad Tensor{many}"
                 )
             if not p.is_leaf:
                 raise ValueError(
@@ -143,7 +144,11 @@ class DistributedOptimizer:
         self._class_spec = _class_spec(optimizer_class)
         self._class_name = f"{optimizer_class.__module__}.{optimizer_class.__qualname__}"
         if isinstance(params, RRef):
-            raise TypeError("params must be a list of RRefs, got one RRef; pass [rref]")
+            raise TypeError(
+                "params must be a list of RRefs, one per parameter tensor, got one RRef "
+                "(of one tensor: pass [rref]; of a model or a list: make the list on its "
+                "owner, [ag.RRef(p) for p in model.parameters()])"
+            )
         params = list(params)
         if not params:
             raise ValueError("DistributedOptimizer needs at least one parameter RRef")
@@ -152,7 +157,10 @@ class DistributedOptimizer:
         seen: dict[tuple[str, Any], int] = {}
         for i, p in enumerate(params):
             if not isinstance(p, RRef):
-                raise TypeError(f"params[{i}] is a {type(p).__name__}, not an ag.RRef")
+                raise TypeError(
+                    f"params[{i}] is a {type(p).__name__}, not an ag.RRef (make one on the "
+                    "parameter's owner: ag.RRef(tensor))"
+                )
             first = seen.setdefault((p.owner, p._rid), i)
             if first != i:  # (it would be stepped once per appearance)
                 raise ValueError(
