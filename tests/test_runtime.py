@@ -2540,6 +2540,21 @@ async def test_local_cluster_refuses_a_bad_driver_or_token(kwargs, exc, message)
         current_worker()
 
 
+async def test_a_local_cluster_under_a_cluster_address_says_it_is_another_one(monkeypatch, caplog):
+    # (a script under `actorgrad run` that starts a local cluster: it ran on its own
+    # workers, and the ones `run` started sat idle, unnoticed)
+    monkeypatch.setenv("ACTORGRAD_ADDRESS", "127.0.0.1:7")
+    with caplog.at_level(logging.WARNING, logger="actorgrad"):
+        async with ag.local_cluster(1):
+            assert await ag.rpc("w1", add, (1, 2)) == 3
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("actorgrad")]
+    assert said == [
+        "local_cluster starts a cluster of its own; the one at 127.0.0.1:7 "
+        "(ACTORGRAD_ADDRESS, as `actorgrad run` sets it) is not used: to run on it, call "
+        "`await ag.init(name)` instead"
+    ], said
+
+
 async def test_calls_timing_out_on_a_peer_that_does_not_read_queue_no_more_frames():
     # Each call sent its frame and then waited for room: one timing out there left its
     # whole frame in the write buffer, and a caller retrying grew it without bound

@@ -352,6 +352,16 @@ async def local_cluster(
         )
     _check_token_type(token)
     _check_not_initialized()
+    there = os.environ.get(ENV_ADDRESS, "").strip()
+    if there and driver:
+        # (a script run by `actorgrad run` that starts a local cluster: both work, and
+        # the workers `run` started sat idle, unnoticed)
+        log.warning(
+            "local_cluster starts a cluster of its own; the one at %s (%s, as `actorgrad "
+            "run` sets it) is not used: to run on it, call `await ag.init(name)` instead",
+            there,
+            ENV_ADDRESS,
+        )
     token = token or new_token()
     tune_malloc()
     kind = "tcp" if processes or transport == "unix" else transport
