@@ -1312,6 +1312,9 @@ def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fa
         f"{os.path.realpath(script)} here (to call one of its functions) failed: RuntimeError: "
     ), error
     assert 'start the work under `if __name__ == "__main__":`' in error
+    # (the worker's import made the script's main() and never ran it: "coroutine 'main'
+    # was never awaited", pointing at actorgrad's code, on the worker's stderr)
+    assert "never awaited" not in out.stderr, out.stderr
 
 
 async def _blocked(name: str, seconds: float) -> asyncio.Future[Any]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import importlib.util
+import inspect
 import os
 import secrets
 import sys
@@ -721,6 +722,7 @@ def _main_module(path: str) -> types.ModuleType:
         if isinstance(exc, (Exception, SystemExit)):
             # (mostly a script that starts its work at the top level: here it would
             # start an event loop inside the worker's, or exit the worker)
+            _close_unstarted_coroutines(exc)
             raise RuntimeError(
                 f"importing the driver's script {path} here (to call one of its functions) "
                 f"failed: {type(exc).__name__}: {exc}. Its top level runs on every worker "
@@ -731,6 +733,18 @@ def _main_module(path: str) -> types.ModuleType:
     _main_modules[path] = module
     _main_sigs[path] = sig
     return module
+
+
+def _close_unstarted_coroutines(exc: BaseException) -> None:
+    """Close the coroutines that the frames ``exc`` went through made and never started
+    (the script's ``asyncio.run(main())``, refused inside the worker's loop): collected
+    later, each printed "coroutine 'main' was never awaited", pointing at our code."""
+    tb = exc.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if inspect.iscoroutine(value) and inspect.getcoroutinestate(value) == "CORO_CREATED":
+                value.close()
+        tb = tb.tb_next
 
 
 def resolve(spec: Any) -> Any:
