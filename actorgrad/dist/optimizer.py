@@ -72,7 +72,9 @@ class _LocalOptimizer:
         seen: dict[int, int] = {}
         for i, p in zip(where, self.params, strict=True):
             if not isinstance(p, Tensor):
-                many = " (give an RRef of each of its tensors)" if isinstance(p, list | tuple | dict) else ""
+                many = ""
+                if isinstance(p, list | tuple | dict):
+                    many = " (give an RRef of each of its tensors)"
                 raise TypeError(
                     f"params[{i}] refers to a {type(p).__name__}, not an actorgrad Tensor{many}"
                 )

@@ -389,8 +389,9 @@ async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict
 
     A worker that does not answer the head within ``timeout`` seconds (hung, or
     unreachable from the head) gets ``{"name", "id", "address", "error"}``; the others
-    are listed as usual. TimeoutError only when the head itself does not answer (it has
-    ``timeout`` to accept the connection, then ``timeout`` beyond its workers' deadline).
+    are listed as usual. When the head itself does not answer: WorkerLost when a step
+    of the connection takes over ``timeout`` (the handshake's error says which),
+    TimeoutError when the status takes ``timeout`` beyond its workers' deadline.
     """
     client = Worker(f"_status-{os.getpid()}-{secrets.token_hex(3)}", token=token)
     try:
