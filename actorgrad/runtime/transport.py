@@ -595,6 +595,11 @@ class Connection(asyncio.BaseProtocol):
                 self._wbuf = bytearray()
             if self._writev:
                 t.writelines([head, *chunks])
+                if not self._write_paused and t.get_write_buffer_size():
+                    # asyncio's own selector writelines (3.12.0-3.12.8, 3.13.0-3.13.1:
+                    # CPython gh-127655) does not pause the protocol at the high mark;
+                    # setting the limits again does (it checks the buffer)
+                    t.set_write_buffer_limits(high=0)
             else:
                 t.write(head)
                 for c in chunks:

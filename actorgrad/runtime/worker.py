@@ -2447,8 +2447,6 @@ class Worker:
                 )
                 self._tasks.difference_update(stuck)
                 break
-        for listener in servers:
-            await listener.wait_closed()
         # Every connection this worker made or accepted (those closed above too) must
         # close its socket before the loop may end: see below.
         for conn in list(self._every_conn):
@@ -2461,6 +2459,10 @@ class Worker:
                 # collection, a ResourceWarning somewhere later; and any connection
                 # that left the worker's books open, whatever the path)
                 tr.abort()
+        # (after the aborts: since 3.12.1 an asyncio Server's wait_closed() also waits
+        # for every connection it accepted to close, one whose peer reads nothing too)
+        for listener in servers:
+            await listener.wait_closed()
         # Let in-proc transports deliver their connection_lost callbacks, and a
         # connection accepted just before the listener closed (its accept task runs a
         # turn later, its connection_made one more, its socket closes in a callback
