@@ -1756,12 +1756,25 @@ async def test_a_driver_busy_after_backward_keeps_its_context_on_the_workers(wor
         assert info["num_contexts"] == 0
 
 
-async def test_a_context_whose_initiator_is_no_member_is_reclaimed(monkeypatch):
+@pytest.mark.parametrize("initiator", ["never a member", "joins meanwhile", "another process"])
+async def test_a_context_whose_initiator_is_no_member_is_reclaimed(monkeypatch, initiator):
     # A live peer's call can bring a context whose initiator left before this worker
     # heard of it: no lease reclaimed it (that leave was never seen here), and it stayed
-    # for good. A context of a member is kept past that grace.
-    # (the module: ag.dist.context is the function)
-    monkeypatch.setattr(sys.modules["actorgrad.dist.context"], "ORPHAN_GRACE", 0.3)
+    # for good. One whose initiator joins meanwhile is kept, as a context of a member is
+    # (it arms no check); one whose initiator's name another process took is not.
+    mod = sys.modules["actorgrad.dist.context"]  # (ag.dist.context is the function)
+    monkeypatch.setattr(mod, "ORPHAN_CONTEXT_GRACE", 0.3)
+    checked: set[str] = set()
+    both = asyncio.Event()  # (w1 and w2 checked theirs)
+    check = mod.DistState._check_orphan
+
+    def counted(self, *args):
+        check(self, *args)
+        checked.add(self.worker.name)
+        if {"w1", "w2"} <= checked:
+            both.set()
+
+    monkeypatch.setattr(mod.DistState, "_check_orphan", counted)
     async with cluster("tcp") as c:
         xv, wv = arr(3), arr(3)
         await ag.rpc("w1", F.put, ("w", wv))
@@ -1779,13 +1792,25 @@ async def test_a_context_whose_initiator_is_no_member_is_reclaimed(monkeypatch):
 
         held = asyncio.ensure_future(member_context())
         await opened.wait()
-        await ag.rpc("w1", F.call_in_context_of, ("left-before", "w2"))
-        for name, kept in (("w1", 1), ("w2", 0)):  # (w1 sent the orphan's release on)
-            info = await ag.rpc(name, F.wait_contexts, (kept, 10.0))
-            assert info["num_contexts"] == kept, (name, info)
+        await ag.rpc("w1", F.call_in_context_of, ("left-before", "w2"))  # (made by id 0x7777)
+        w1, w2 = c.workers[:2]
+        if initiator != "never a member":
+            for w in (w1, w2):
+                w.members["left-before"] = (0x7777 + (initiator == "another process"), "", "")
+        if initiator == "joins meanwhile":
+            await asyncio.wait_for(both.wait(), 10)
+            for w in (w1, w2):
+                del w.members["left-before"]
+            kept = {"w1": 2, "w2": 1}
+        else:
+            kept = {"w1": 1, "w2": 0}  # (w1 sent the orphan's release on, too)
+        for name, n in kept.items():
+            info = await ag.rpc(name, F.wait_contexts, (n, 10.0))
+            assert info["num_contexts"] == n, (name, info)
         reclaimed.set()
         await held
-        await assert_clean(c.names)
+        if initiator != "joins meanwhile":
+            await assert_clean(c.names)
 
 
 async def test_context_of_a_dead_initiator_is_reclaimed(worker_path):

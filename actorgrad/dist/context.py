@@ -63,8 +63,8 @@ RELEASED_MEMORY = 4096
 
 #: How long a context whose initiator is no member of the cluster (as far as this worker
 #: knows) is kept before the lease reclaims it (see DistState.join): news of a join
-#: reaches every member within milliseconds, but the head may lag under load.
-ORPHAN_GRACE = 30.0
+#: reaches every member within milliseconds; a head not heard from since, longer.
+ORPHAN_CONTEXT_GRACE = 30.0
 
 log = logging.getLogger("actorgrad.dist")
 
@@ -514,29 +514,39 @@ class DistState:
                 # worker has not heard of it yet), or one that left before this worker
                 # joined, whose context a call of a live peer brings here (no lease
                 # would ever reclaim it: its leave was never seen here).
-                worker.loop.call_later(ORPHAN_GRACE, self._check_orphan, ctx_id, initiator)
+                worker.loop.call_later(
+                    ORPHAN_CONTEXT_GRACE, self._check_orphan, ctx_id, initiator, time.monotonic()
+                )
         return ctx
 
-    def _check_orphan(self, ctx_id: int, initiator: str) -> None:
-        """A context taken in ORPHAN_GRACE ago, when its initiator was no member: if
-        it still is none, the lease reclaims the context as for a dead initiator."""
+    def _check_orphan(self, ctx_id: int, initiator: str, taken: float) -> None:
+        """A context taken in (at ``taken``) when its initiator was no member: if that
+        process still is none, and the head has been heard from since (a head that
+        stalls sends no news of joins: the initiator may be a member by now), the lease
+        reclaims the context as for a dead initiator."""
         worker = self.worker
-        if (
-            ctx_id not in self.contexts
-            or initiator in worker.members
-            or worker.registry_lost.is_set()  # (no news of members comes any more)
-            or worker.closing
-        ):
+        if ctx_id not in self.contexts or worker.registry_lost.is_set() or worker.closing:
+            return  # (registry_lost: no news of members comes any more)
+        member = worker.members.get(initiator)
+        if member is not None and member[0] == ctx_id >> CONTEXT_ID_BITS:
+            return  # (the process that made it: it joined meanwhile)
+        head = worker.registry_conn
+        if head is not None and head.last_recv <= taken:
+            worker.loop.call_later(
+                ORPHAN_CONTEXT_GRACE, self._check_orphan, ctx_id, initiator, taken
+            )
             return
         log.warning(
-            "worker %s: context %#x's initiator %r is no member of the cluster %g s after "
-            "a call brought the context here: reclaiming it",
+            "worker %s: context %#x's initiator %r (the process that made it) is no "
+            "member of the cluster %g s or more after a call brought the context here: "
+            "reclaiming it",
             worker.name,
             ctx_id,
             initiator,
-            ORPHAN_GRACE,
+            ORPHAN_CONTEXT_GRACE,
         )
-        _on_peer_lost(self, initiator)
+        # (this context alone: another process may answer to that name now)
+        _reclaim(self, ctx_id, initiator)
 
     def watch(self, ctx: DistContext, peer: str) -> None:
         """Keep an eye on ``peer`` for the latest pass of ``ctx`` (see ``watching``)."""
@@ -685,34 +695,42 @@ def _on_closing(st: DistState) -> None:
         run.fail(WorkerLost(f"worker {st.worker.name!r} shut down during the backward pass"))
 
 
+def _reclaim(st: DistState, ctx_id: int, initiator: str) -> None:
+    """The lease of context ``ctx_id``, whose ``initiator`` is gone: released here and
+    on the workers this one brought into it."""
+    from actorgrad.dist.api import _start_release
+
+    # (a backward started here in it fails with the cause, not with the ContextError
+    # of the release that follows)
+    lost = WorkerLost(
+        f"worker {initiator!r}, the initiator of context {ctx_id:#x}, was lost during "
+        "the backward pass (its context is reclaimed everywhere)"
+    )
+    st.fail_runs(ctx_id, lost)
+    # Passed on to the workers this one brought into the context: when only a
+    # connection of the initiator closed here (it lives on), they do not see it go, and
+    # its release, sent here, finds nothing left to forward to them. Never to the
+    # initiator itself (named gone: nobody forwards it there): a live one keeps its
+    # context until it leaves it (its calls and backward passes through the workers
+    # that dropped it fail).
+    acks = _start_release(st, ctx_id, gone=[initiator])
+    if acks is not None:
+        st.worker.spawn(acks, name=f"reclaim-{ctx_id:#x}")
+
+
 def _on_peer_lost(st: DistState, name: str) -> None:
     # The lease: a context whose initiator died can never be released by it, so the
     # survivors reclaim it now. Passes that depended on the dead worker are dropped,
     # a pass this worker initiated fails at once with WorkerLost, and the origin of a
     # pass that sent the dead worker a message from here is told (backward messages
     # have no replies: this is how a loss further down reaches the origin).
-    from actorgrad.dist.api import _ask_initiators, _start_release
+    from actorgrad.dist.api import _ask_initiators
     from actorgrad.dist.backward import _report
 
     ask: dict[str, list[int]] = {}  # initiator -> ids of its contexts the dead peer held
     for ctx_id, ctx in list(st.contexts.items()):
         if ctx.initiator == name:
-            # (a backward started here in it fails with the cause, not with the
-            # ContextError of the release that follows)
-            lost = WorkerLost(
-                f"worker {name!r}, the initiator of context {ctx_id:#x}, was lost during "
-                "the backward pass (its context is reclaimed everywhere)"
-            )
-            st.fail_runs(ctx_id, lost)
-            # Passed on to the workers this one brought into the context: when only a
-            # connection of the initiator closed here (it lives on), they do not see it
-            # go, and its release, sent here, finds nothing left to forward to them.
-            # Never to the initiator itself (named gone: nobody forwards it there): a
-            # live one keeps its context until it leaves it (its calls and backward
-            # passes through the workers that dropped it fail).
-            acks = _start_release(st, ctx_id, gone=[name])
-            if acks is not None:
-                st.worker.spawn(acks, name=f"reclaim-{ctx_id:#x}")
+            _reclaim(st, ctx_id, name)
             continue
         if name not in ctx.peers and name not in ctx.sent_to:
             # (sent_to: a peer this worker sent backward messages to without ever
