@@ -278,11 +278,12 @@ def _say(msg: str) -> None:
         _stdout_to_devnull()
 
 
-def _note(msg: str) -> None:
+def _note(msg: str, stamp: str = "") -> None:
+    """``msg`` on stderr, after ``stamp`` (a time) if given."""
     # (a stderr whose reader went away must not stop what follows: a signal handler
     # notes, then stops the cluster)
     with contextlib.suppress(OSError):
-        print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+        print(f"{stamp} {PROG}: {msg}" if stamp else f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
 async def _serve_until_signalled(
@@ -353,8 +354,7 @@ def _tell_event(kind: str, text: str) -> None:
     an operator's alerts look)."""
     now = time.strftime(LOG_TIME)
     if kind in ("exited", "stuck"):
-        with contextlib.suppress(OSError):  # (as _note)
-            print(f"{now} {PROG}: {text}", file=sys.stderr, flush=True)
+        _note(text, now)
     else:
         _say(f"{now} {text}")
 
@@ -762,11 +762,17 @@ def _contexts(w: dict[str, Any]) -> Any:
     return 0  # distributed autograd never ran there
 
 
+def _users(status: dict[str, Any]) -> int:
+    """How many of a status's workers are the cluster's (not its head's own, "_...")."""
+    return sum(not str(w.get("name", "")).startswith("_") for w in status.get("workers", []))
+
+
 def format_status(status: dict[str, Any]) -> str:
     """A readable table of ``cluster_status()``'s result (unreachable workers: their error)."""
     workers = list(status.get("workers", []))
-    users = [w for w in workers if not str(w.get("name", "")).startswith("_")]
-    lines = [f"cluster {status.get('address', '?')}: {_count(len(users), 'worker')} and its head"]
+    lines = [
+        f"cluster {status.get('address', '?')}: {_count(_users(status), 'worker')} and its head"
+    ]
     head = ["name", "id", "address", "mailbox", "in_flight", "contexts", "rrefs"]
     rows = []
     for w in workers:
@@ -799,8 +805,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     gone = [w["name"] for w in status["workers"] if "error" in w]
     if gone:  # (a health check must tell: the table lists them, the status says so)
         # (counted as the table's first line counts them: the head's own worker apart)
-        users = sum(not str(w["name"]).startswith("_") for w in status["workers"])
-        _note(f"{len(gone)} of {_count(users, 'worker')} unreachable: {', '.join(gone)}")
+        _note(f"{len(gone)} of {_count(_users(status), 'worker')} unreachable: {', '.join(gone)}")
         return 1
     return 0
 

@@ -851,8 +851,12 @@ if sys.argv[1] == "configured":
     logging.basicConfig(format="theirs %(message)s")
 log_to_stderr()
 log_to_stderr()  # (twice: still one handler)
+logging.basicConfig(format="too late %(message)s")  # (a call's: ours stays)
+later = logging.StreamHandler(sys.stderr)  # (a handler added later sees ours too)
+later.setFormatter(logging.Formatter("later %(name)s %(message)s"))
 logging.getLogger("actorgrad.x").debug("debug record")
 logging.getLogger("actorgrad.x").info("info record")
+logging.getLogger().addHandler(later)
 logging.getLogger("actorgrad.x").warning("warning record")
 logging.getLogger("elsewhere").warning("not ours")
 """
@@ -861,13 +865,37 @@ logging.getLogger("elsewhere").warning("not ours")
 @pytest.mark.parametrize(
     ("level", "how", "want"),
     [
-        ("", "ours", ["WARNING actorgrad.x: warning record", "not ours"]),
+        (
+            "",
+            "ours",
+            [
+                "WARNING actorgrad.x: warning record",
+                "later actorgrad.x warning record",
+                "WARNING elsewhere: not ours",
+                "later elsewhere not ours",
+            ],
+        ),
         (
             " Info ",
             "ours",
-            ["INFO actorgrad.x: info record", "WARNING actorgrad.x: warning record", "not ours"],
+            [
+                "INFO actorgrad.x: info record",
+                "WARNING actorgrad.x: warning record",
+                "later actorgrad.x warning record",
+                "WARNING elsewhere: not ours",
+                "later elsewhere not ours",
+            ],
         ),
-        ("debug", "configured", ["theirs warning record", "theirs not ours"]),
+        (
+            "debug",
+            "configured",
+            [
+                "theirs warning record",
+                "later actorgrad.x warning record",
+                "theirs not ours",
+                "later elsewhere not ours",
+            ],
+        ),
     ],
 )
 def test_log_records_of_our_processes(level: str, how: str, want: list[str]) -> None:

@@ -421,6 +421,12 @@ async def test_credit_that_comes_twice_fails_the_pass_and_nothing_of_it_stays(
                     await asyncio.wait_for(run, 10)
             finally:
                 F.thread_gate(gate + " out").set()
+            # w1's part, in its pool, ends after the abort: what it made commits nowhere
+            here = state_of(c.workers[0]).contexts[ctx]
+            async with asyncio.timeout(10):
+                while here.offloaded:  # noqa: ASYNC110 (a thread's end: no event)
+                    await asyncio.sleep(0.005)
+            assert await ag.rpc("w1", F.grad_of, (ctx, "w")) is None
             if own_part == "running":
                 assert "before the part of worker 'driver', which started it, finished" in str(
                     err.value

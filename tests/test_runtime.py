@@ -2549,8 +2549,8 @@ async def test_a_local_cluster_under_a_cluster_address_says_it_is_another_one(mo
             assert await ag.rpc("w1", add, (1, 2)) == 3
     said = [r.getMessage() for r in caplog.records if r.name.startswith("actorgrad")]
     assert said == [
-        "local_cluster starts a cluster of its own; the one at 127.0.0.1:7 "
-        "(ACTORGRAD_ADDRESS, as `actorgrad run` sets it) is not used: to run on it, call "
+        "ACTORGRAD_ADDRESS is set (127.0.0.1:7), but local_cluster starts a cluster of its "
+        "own and does not use that one: to run on it (as under `actorgrad run`), call "
         "`await ag.init(name)` instead"
     ], said
 

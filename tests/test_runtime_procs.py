@@ -97,6 +97,16 @@ async def test_process_workers_rpc_reentrancy_and_no_orphans():
     assert all(_gone(p) for p in pids)
 
 
+async def test_process_workers_under_an_unknown_log_level_are_refused_by_name(monkeypatch):
+    # (each worker process exited with status 2, the reason on its stderr only)
+    monkeypatch.setenv("ACTORGRAD_LOG", "loud")
+    with pytest.raises(ValueError, match=r"^ACTORGRAD_LOG='loud': not a log level \(debug,"):
+        async with ag.local_cluster(1, processes=True):
+            pass
+    with pytest.raises(RuntimeError, match="not initialized"):
+        ag.worker_name()
+
+
 def test_worker_processes_raise_their_open_files_limit_to_the_hard_one():
     # (at a distribution's default of 1,024, a worker ran out of files with its hard
     # limit far above: see procs.open_files_limit)

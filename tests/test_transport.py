@@ -447,6 +447,49 @@ async def test_a_connection_closed_before_it_was_made_logs_no_unretrieved_error(
         await conn.made
 
 
+class _UnpausingWritev(asyncio.WriteTransport):
+    """A transport whose own writelines buffers what the socket does not take without
+    pausing its protocol, as asyncio's selector transport of CPython 3.12.0-3.12.8 and
+    3.13.0-3.13.1 does (gh-127655); setting the limits checks the buffer, as theirs."""
+
+    def __init__(self, protocol: asyncio.BaseProtocol) -> None:
+        super().__init__()
+        self.protocol, self.buffered, self.high = protocol, 0, 65536
+
+    def writelines(self, list_of_data) -> None:  # type: ignore[override]
+        self.buffered += sum(len(memoryview(d).cast("B")) for d in list_of_data)
+
+    def write(self, data) -> None:  # type: ignore[override]
+        self.writelines([data])
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:  # type: ignore[override]
+        self.high = 65536 if high is None else high
+        if self.buffered > self.high:
+            self.protocol.pause_writing()
+
+    def get_extra_info(self, name, default=None):  # type: ignore[override]
+        return default
+
+    def is_closing(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_a_big_frame_left_buffered_by_a_writelines_that_does_not_pause_pauses():
+    # asyncio's own writelines (3.12+) never paused the protocol: send() did not wait,
+    # and replies to a peer that reads nothing piled up (25 MB where the cap is 1 MiB)
+    conn = transport.Connection(kind="tcp")
+    conn.connection_made(_UnpausingWritev(conn))
+    assert conn._writev
+    conn.send_nowait([bytes(transport.BIG_FRAME)])
+    assert conn._write_paused
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_big_frame_buffer_is_not_shared_with_a_forked_child():
     # Buffers of LAZY_SIZE bytes or more are memory maps: shared ones let a worker

@@ -1177,6 +1177,8 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             worker); an error in this worker's own part is raised as it is.
         WorkerLost: a worker holding part of the graph died during the pass.
         RuntimeError: a second backward through a freed graph (see ``retain_graph``).
+        ProtocolError: a peer's report broke the protocol (credit back twice, a
+            malformed message); the pass is aborted everywhere.
 
     Example::
 

@@ -649,9 +649,11 @@ class DistState:
             left = len(self.contexts)
             waiters, self._empty_waiters = self._empty_waiters, []
             for at_most, fut in waiters:
+                if fut.done():  # (its wait timed out or was cancelled)
+                    continue
                 if left > at_most:
                     self._empty_waiters.append((at_most, fut))
-                elif not fut.done():
+                else:
                     fut.set_result(None)
         return ctx
 

@@ -355,12 +355,14 @@ async def local_cluster(
     there = os.environ.get(ENV_ADDRESS, "").strip()
     if there and driver:
         # (a script run by `actorgrad run` that starts a local cluster: both work, and
-        # the workers `run` started sat idle, unnoticed)
+        # the workers `run` started sat idle, unnoticed. Not for driver="": actorgrad's
+        # own head, where no user script asked for a cluster)
         log.warning(
-            "local_cluster starts a cluster of its own; the one at %s (%s, as `actorgrad "
-            "run` sets it) is not used: to run on it, call `await ag.init(name)` instead",
-            there,
+            "%s is set (%s), but local_cluster starts a cluster of its own and does not "
+            "use that one: to run on it (as under `actorgrad run`), call "
+            "`await ag.init(name)` instead",
             ENV_ADDRESS,
+            there,
         )
     token = token or new_token()
     tune_malloc()

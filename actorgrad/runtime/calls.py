@@ -736,14 +736,21 @@ def _main_module(path: str) -> types.ModuleType:
 
 
 def _close_unstarted_coroutines(exc: BaseException) -> None:
-    """Close the coroutines that the frames ``exc`` went through made and never started
-    (the script's ``asyncio.run(main())``, refused inside the worker's loop): collected
-    later, each printed "coroutine 'main' was never awaited", pointing at our code."""
+    """Close the coroutines never started that asyncio's frames ``exc`` went through
+    were given (the script's ``asyncio.run(main())``, refused inside the worker's
+    loop): collected later, each printed "coroutine 'main' was never awaited", pointing
+    at our code. (Only asyncio's: one the script keeps, or handed to a task, is
+    another's to run.)"""
     tb = exc.__traceback__
     while tb is not None:
-        for value in tb.tb_frame.f_locals.values():
-            if inspect.iscoroutine(value) and inspect.getcoroutinestate(value) == "CORO_CREATED":
-                value.close()
+        frame = tb.tb_frame
+        if str(frame.f_globals.get("__name__", "")).startswith("asyncio."):
+            for value in frame.f_locals.values():
+                if (
+                    inspect.iscoroutine(value)
+                    and inspect.getcoroutinestate(value) == "CORO_CREATED"
+                ):
+                    value.close()
         tb = tb.tb_next
 
 

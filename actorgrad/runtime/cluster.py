@@ -390,14 +390,14 @@ async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict
     A worker that does not answer the head within ``timeout`` seconds (hung, or
     unreachable from the head) gets ``{"name", "id", "address", "error"}``; the others
     are listed as usual. When the head itself does not answer: WorkerLost when a step
-    of the connection takes over ``timeout`` (the handshake's error says which),
+    of the connection takes over ``timeout`` (its error says which step),
     TimeoutError when the status takes ``timeout`` beyond its workers' deadline.
     """
     client = Worker(f"_status-{os.getpid()}-{secrets.token_hex(3)}", token=token)
     try:
-        # (each step of the handshake has ``timeout``, and says what hung: something
-        # that is no actorgrad worker, say; the whole gets a second more)
-        async with asyncio.timeout(timeout + 1.0):
+        # (each step of the connection, connect, handshake and hello, has ``timeout``,
+        # and says what hung: something that is no actorgrad worker, say)
+        async with asyncio.timeout(3 * timeout + 1.0):
             conn = await client.open_connection(address, deadline=timeout)
         async with asyncio.timeout(2 * timeout):
             return await client.call_on(conn, "actorgrad.runtime.registry:_status", (timeout,))

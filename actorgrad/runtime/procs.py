@@ -61,36 +61,38 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_TIME = "%Y-%m-%d %H:%M:%S"
 
 
+def log_level() -> int:
+    """The level ``ACTORGRAD_LOG`` names (debug, info, warning (unset), error);
+    ValueError naming the variable for one it does not know."""
+    value = os.environ.get(ENV_LOG, "").strip() or "warning"
+    level = _LOG_LEVELS.get(value.lower())
+    if level is None:
+        raise ValueError(f"{ENV_LOG}={value!r}: not a log level (debug, info, warning, error)")
+    return level
+
+
 def log_to_stderr() -> None:
-    """In a process of ours (the ``actorgrad`` command, a worker process): actorgrad's
-    log records go to stderr with their time, level and logger, from the level
-    ``ACTORGRAD_LOG`` names (debug, info, warning (the default), error). Without
-    this, Python printed the bare message of warnings only: a cluster's log could not
-    say when a peer was lost. ValueError naming the variable for a level it does not
-    know. A process that configured logging itself (the root logger has handlers) is
-    left as it is.
+    """In a process of ours (the ``actorgrad`` command, a worker process): log records
+    go to stderr with their time, level and logger, actorgrad's from the level of
+    ``ACTORGRAD_LOG`` (:func:`log_level`). Without this, Python printed the bare
+    message of warnings only: a cluster's log could not say when a peer was lost. The
+    handler goes on the root logger, as an application's own set-up would: a process
+    that configured logging already is left as it is, and handlers added later (a
+    call's) see actorgrad's records too.
 
     Example::
 
         os.environ["ACTORGRAD_LOG"] = "info"
         log_to_stderr()  # INFO and above, stamped, on stderr
     """
-    value = os.environ.get(ENV_LOG, "").strip() or "warning"
-    level = _LOG_LEVELS.get(value.lower())
-    if level is None:
-        raise ValueError(f"{ENV_LOG}={value!r}: not a log level (debug, info, warning, error)")
-    if logging.getLogger().handlers:
+    level = log_level()
+    root = logging.getLogger()
+    if root.handlers:
         return
-    ours = logging.getLogger("actorgrad")
-    if not any(getattr(h, "actorgrad", False) for h in ours.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_TIME))
-        handler.actorgrad = True  # type: ignore[attr-defined]
-        ours.addHandler(handler)
-        # (a call's own logging.basicConfig() in a worker process would print each of
-        # our records twice)
-        ours.propagate = False
-    ours.setLevel(level)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_TIME))
+    root.addHandler(handler)
+    logging.getLogger("actorgrad").setLevel(level)
 
 
 _LOG_LEVELS = {
@@ -255,6 +257,9 @@ class WorkerProcesses:
         ``path_first``: import paths before this process's (a driver script's folder,
         first on its own path). ``registry`` (the head's, in this process): it keeps
         the names for these processes, which join with the key it was given."""
+        # (a bad one named here: each process exited with status 2, the reason on its
+        # stderr only)
+        log_level()
         env = dict(os.environ)
         env[ENV_TOKEN] = token
         if registry is not None:

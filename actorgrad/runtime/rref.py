@@ -686,11 +686,12 @@ def _add_holders(entries: list, forker: str, forker_id: int) -> None:
     # All or nothing: the forker takes nothing back from a registration that failed (a
     # live RRef's count, made before a stale one in the same message was refused,
     # stayed for good).
-    for rid, _, _ in entries:
+    keyed = []
+    for rid, name, pid in entries:
         if rid not in w.owned:
             raise _gone(w, rid)
-    for rid, name, pid in entries:
-        holder = _key_of(name, pid)
+        keyed.append((rid, _key_of(name, pid)))
+    for rid, holder in keyed:
         _add(w, rid, holder)
         if holder != fk:  # (a fork to itself goes with the forker)
             _fork(w.owned[rid], fk, holder, 1)
