@@ -2555,6 +2555,22 @@ async def test_a_local_cluster_under_a_cluster_address_says_it_is_another_one(mo
     ], said
 
 
+async def test_a_listener_with_connections_left_open_does_not_hold_the_shutdown(
+    monkeypatch, caplog
+):
+    # (since Python 3.12.1 a listener's wait_closed waits for every connection it
+    # accepted: one the worker lost track of held its shutdown for good)
+    async def never(self):
+        await asyncio.Event().wait()
+
+    async with ag.local_cluster(1, transport="tcp"):
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+        monkeypatch.setattr(asyncio.base_events.Server, "wait_closed", never)
+    # (it ended: before, it waited here until the test's timeout)
+    said = [r.getMessage() for r in caplog.records if "listener still had" in r.getMessage()]
+    assert len(said) == 2, said  # (the driver's and w1's)
+
+
 async def test_calls_timing_out_on_a_peer_that_does_not_read_queue_no_more_frames():
     # Each call sent its frame and then waited for room: one timing out there left its
     # whole frame in the write buffer, and a caller retrying grew it without bound

@@ -135,6 +135,9 @@ INLINE_AFTER = 3
 SHUTDOWN_TIMEOUT = 10.0
 # how long a shutdown waits for its tasks to end once cancelled (see _teardown)
 CANCEL_GRACE = 1.0
+#: The longest a shutdown waits for its listeners' accepted connections to close (after
+#: it aborted every one it knows of).
+LISTENER_CLOSE_WAIT = 1.0
 POOL_THREADS = 8
 
 _current: contextvars.ContextVar[Worker] = contextvars.ContextVar("actorgrad_worker")
@@ -2460,9 +2463,18 @@ class Worker:
                 # that left the worker's books open, whatever the path)
                 tr.abort()
         # (after the aborts: since 3.12.1 an asyncio Server's wait_closed() also waits
-        # for every connection it accepted to close, one whose peer reads nothing too)
+        # for every connection it accepted to close, one whose peer reads nothing too;
+        # bounded, so that one this worker lost track of cannot hold its shutdown)
         for listener in servers:
-            await listener.wait_closed()
+            try:
+                await asyncio.wait_for(listener.wait_closed(), LISTENER_CLOSE_WAIT)
+            except TimeoutError:
+                log.warning(
+                    "worker %s: its listener still had connections open %g s after it "
+                    "closed them; shutting down without waiting for them",
+                    self.name,
+                    LISTENER_CLOSE_WAIT,
+                )
         # Let in-proc transports deliver their connection_lost callbacks, and a
         # connection accepted just before the listener closed (its accept task runs a
         # turn later, its connection_made one more, its socket closes in a callback
