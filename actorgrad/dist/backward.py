@@ -693,9 +693,9 @@ def _relay(
 ) -> bool:
     """Send a report for ``origin`` (see _to_origin) to be passed on by the worker that
     brought this one into its pass, else by ``via`` (the sender of the message it is
-    about: a refusal of a pass not taken here), if there is one: whether it went. (Either got the pass before this one
-    did, and its own ``via`` before it, so the relays end at the origin, or at a
-    worker with no way on, which says so.)"""
+    about: a refusal of a pass not taken here), if there is one: whether it went.
+    (Either got the pass before this one did, and its own ``via`` before it, so the
+    relays end at the origin, or at a worker with no way on, which says so.)"""
     w = st.worker
     ctx = st.contexts.get(args[0])
     if ctx is not None and ctx.via[0] == args[1]:

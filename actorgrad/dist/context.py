@@ -193,10 +193,10 @@ class DistContext:
         self.last_pass: tuple[int, str] | None = None
         # (pass id, worker): the worker that sent this one its first message of the
         # latest pass it took (a refused message of another pass leaves it). A report
-        # for that pass's origin that cannot reach it
-        # (the origin's address does not reach it from here) goes there to be passed
-        # on: that worker reached this one, and got the pass from the origin, or from
-        # a worker that did (see backward._unsent_to_origin).
+        # for that pass's origin that cannot reach it (the origin's address does not
+        # reach it from here) goes there to be passed on: that worker reached this one,
+        # and got the pass from the origin, or from a worker that did (see
+        # backward._unsent_to_origin).
         self.via: tuple[int, str] = (-1, "")
         # The latest pass whose running part here was dropped (it failed here, a peer
         # was lost: the pass cannot complete): a later message of it (sent before its
@@ -514,10 +514,13 @@ class DistState:
                 # worker has not heard of it yet), or one that left before this worker
                 # joined, whose context a call of a live peer brings here (no lease
                 # would ever reclaim it: its leave was never seen here).
-                worker.loop.call_later(
-                    ORPHAN_CONTEXT_GRACE, self._check_orphan, ctx_id, initiator, time.monotonic()
-                )
+                self._check_orphan_later(ctx_id, initiator, time.monotonic())
         return ctx
+
+    def _check_orphan_later(self, ctx_id: int, initiator: str, taken: float) -> None:
+        self.worker.loop.call_later(
+            ORPHAN_CONTEXT_GRACE, self._check_orphan, ctx_id, initiator, taken
+        )
 
     def _check_orphan(self, ctx_id: int, initiator: str, taken: float) -> None:
         """A context taken in (at ``taken``) when its initiator was no member: if that
@@ -532,9 +535,7 @@ class DistState:
             return  # (the process that made it: it joined meanwhile)
         head = worker.registry_conn
         if head is not None and head.last_recv <= taken:
-            worker.loop.call_later(
-                ORPHAN_CONTEXT_GRACE, self._check_orphan, ctx_id, initiator, taken
-            )
+            self._check_orphan_later(ctx_id, initiator, taken)
             return
         log.warning(
             "worker %s: context %#x's initiator %r (the process that made it) is no "

@@ -61,6 +61,14 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_TIME = "%Y-%m-%d %H:%M:%S"
 
 
+_LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
 def log_level() -> int:
     """The level ``ACTORGRAD_LOG`` names (debug, info, warning (unset), error);
     ValueError naming the variable for one it does not know."""
@@ -93,14 +101,6 @@ def log_to_stderr() -> None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_TIME))
     root.addHandler(handler)
     logging.getLogger("actorgrad").setLevel(level)
-
-
-_LOG_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
 
 
 #: Thread-count variables of the BLAS libraries numpy may use (see the module docstring).

@@ -912,9 +912,9 @@ class Unanswered(WorkerLost):
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an IP address, IPv6 maybe in brackets, or a name) is this
     host's loopback: reachable from this host only."""
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
+    if host == "localhost":
+        return True
+    try:  # (a name, or "": not an address, ValueError)
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
