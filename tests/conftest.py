@@ -8,6 +8,7 @@ import this directory's helper modules.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import pathlib
 
@@ -29,3 +30,35 @@ def worker_path(monkeypatch):
 async def cluster(request):
     async with ag.local_cluster(3, transport=request.param) as c:
         yield c
+
+
+# A hard stop for a test that hangs where pytest-timeout cannot end it. Its signal
+# fails the test's call, but a hang in an asyncio fixture's teardown can outlive it:
+# the exception lands in a task (as that task's result) and the teardown waits on.
+# Past this bound faulthandler prints every thread's stack to the real stderr and ends
+# the run with status 1, so CI fails loudly instead of stalling.
+HARD_STOP_MARGIN = 60  # seconds beyond the test's own timeout (set-up and teardown)
+_real_stderr: list[int] = []
+
+
+def pytest_configure(config):
+    # (capture is suspended while plugins are configured: fd 2 is the terminal's here)
+    _real_stderr.append(os.dup(2))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    marker = item.get_closest_marker("timeout")
+    timeout = (
+        float(marker.args[0])
+        if marker and marker.args
+        else float(item.config.getini("timeout") or 0)
+    )
+    if timeout > 0 and _real_stderr:
+        faulthandler.dump_traceback_later(
+            timeout + HARD_STOP_MARGIN, exit=True, file=_real_stderr[0]
+        )
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
