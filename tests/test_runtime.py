@@ -2595,3 +2595,44 @@ async def test_calls_timing_out_on_a_peer_that_does_not_read_queue_no_more_frame
         for conn in w1._conns:
             conn.resume_reading()
         assert await asyncio.wait_for(ag.rpc("w1", add, (1, 2)), 10) == 3
+
+
+async def test_a_worker_whose_start_failed_starts_on_a_second_try():
+    # A port in use: the start failed with its flag set and its thread pool made, and a
+    # second start returned at once, with no address and nothing listening.
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    w = Worker("solo", token="a-token", port=port)
+    try:
+        with pytest.raises(OSError):
+            await w.start()
+        assert w._server is None and not w.started
+        blocker.close()
+        await w.start()
+        assert w.address == f"127.0.0.1:{port}"
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+        writer.close()
+    finally:
+        blocker.close()
+        await w.shutdown()
+
+
+async def test_leaving_a_local_cluster_stops_them_all_when_one_worker_fails_to(monkeypatch):
+    # The first failing shutdown was raised at once: the workers after it and the head
+    # kept their listeners and tasks.
+    with pytest.raises(RuntimeError, match="w1's shutdown broke"):
+        async with ag.local_cluster(2, transport="tcp") as c:
+            w1, w2 = c.workers
+            head = c.driver
+            shutdown = w1.shutdown
+
+            async def broken(*args: Any, **kwargs: Any) -> None:
+                await shutdown(*args, **kwargs)
+                raise RuntimeError("w1's shutdown broke")
+
+            monkeypatch.setattr(w1, "shutdown", broken)
+    assert w1.closing and w2.closing and head.closing
+    assert w2._server is None or not w2._server.is_serving()
+    assert head._server is None or not head._server.is_serving()

@@ -174,6 +174,9 @@ async def test_call_nowait_failures_arrive_through_the_future(cluster, loop_erro
         w.call_nowait("w1", add, 5)
     with pytest.raises(TypeError):
         w.call_nowait("w1", lambda: 1)
+    # (a malformed name, at the caller as for ag.rpc: it was sent, and came back as w1's)
+    with pytest.raises(ValueError, match="must look like 'module:qualname'"):
+        w.call_nowait("w1", "no_colon")
 
 
 async def test_call_nowait_from_a_handler_with_done_callbacks(cluster):
@@ -257,16 +260,22 @@ async def test_notify_failures_reach_on_error(cluster):
 
     def on_error(exc: BaseException) -> None:
         errors.append(exc)
-        if len(errors) == 3:
+        if len(errors) == 4:
             all_in.set()
 
+    await w.call("w1", add, (1, 2))
+    conn = w._out["w1"]
     w.notify("nobody", record, (1,), on_error=on_error)  # looked up by a task
     w.notify("w1", record, ({1, 2},), on_error=on_error)  # a set cannot travel
     w.notify("w1", lambda: None, (), on_error=on_error)  # nor can a lambda
+    # (nor a malformed name: sent, it closed the connection on w1, and every call on it)
+    w.notify("w1", "no_colon", (), on_error=on_error)
     await asyncio.wait_for(all_in.wait(), 5)
     kinds = sorted(type(e).__name__ for e in errors)
-    assert kinds == ["TypeError", "TypeError", "ValueError"], errors
+    assert kinds == ["TypeError", "TypeError", "ValueError", "ValueError"], errors
     assert any("unknown worker 'nobody'" in str(e) for e in errors)
+    assert any("'no_colon' must look like" in str(e) for e in errors)
+    assert not conn.closed
 
 
 async def test_a_one_way_call_that_cannot_start_closes_the_connection(cluster, caplog):

@@ -298,23 +298,32 @@ async def stop_all(
     worker after the other, each letting its calls finish (up to 5 s), so a call still
     running on one can go on calling the next. Not (left on an error): all at once,
     their running calls cancelled (one after the other, each busy worker waited 5 s)."""
-    if graceful:
-        for w in workers:
-            await w.shutdown(timeout=DRAIN)
-    else:
-        done = await asyncio.gather(
-            *(w.shutdown(graceful=False, timeout=DRAIN) for w in workers), return_exceptions=True
-        )
-        for outcome in done:
-            if isinstance(outcome, BaseException):
-                raise outcome
-    await head.shutdown(graceful, timeout=DRAIN)
-    if procs is not None:
-        # (a worker process lets its running calls go on for DRAIN s once it hears the
-        # head has gone, and the SIGTERM after 3 s does not cut that: gracefully, it is
-        # killed only after that, not before it could flush its output as it was; a
-        # stopped one, continued with the SIGTERM, ends then)
-        await procs.stop(term_grace=DRAIN - 2.0 if graceful else 2.0, on_stuck=on_stuck)
+    # (a worker whose shutdown fails leaves the others, the head and the processes to
+    # stop all the same: its error is raised once they are)
+    failed: list[BaseException] = []
+    try:
+        if graceful:
+            for w in workers:
+                try:
+                    await w.shutdown(timeout=DRAIN)
+                except Exception as exc:
+                    failed.append(exc)
+        else:
+            done = await asyncio.gather(
+                *(w.shutdown(graceful=False, timeout=DRAIN) for w in workers),
+                return_exceptions=True,
+            )
+            failed.extend(o for o in done if isinstance(o, BaseException))
+        await head.shutdown(graceful, timeout=DRAIN)
+    finally:
+        if procs is not None:
+            # (a worker process lets its running calls go on for DRAIN s once it hears
+            # the head has gone, and the SIGTERM after 3 s does not cut that: gracefully,
+            # it is killed only after that, not before it could flush its output as it
+            # was; a stopped one, continued with the SIGTERM, ends then)
+            await procs.stop(term_grace=DRAIN - 2.0 if graceful else 2.0, on_stuck=on_stuck)
+    if failed:
+        raise failed[0]
 
 
 async def serve_worker(

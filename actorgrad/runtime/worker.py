@@ -14,8 +14,9 @@ Execution model (how a CPU-heavy user function cannot starve a worker):
   Only more than that many *simultaneously blocked re-entrant* calls into one worker
   could deadlock. A one-way message (cast) waits only behind the requests queued
   before it on its own connection: the calls holding the slots may be waiting for it
-  (a backward pass's gradient message from another worker). When the actor is idle and nothing waits, a request is started
-  straight from the connection's read callback (same order, one loop iteration less).
+  (a backward pass's gradient message from another worker). When the actor is idle
+  and nothing waits, a request is started straight from the connection's read
+  callback (same order, one loop iteration less).
 * The dispatcher task (the actor's "running" phase) starts each request:
   - ``async def`` functions run as tasks on the loop;
   - plain functions run in a thread pool (in a copy of the call's contextvars) until
@@ -665,25 +666,37 @@ class Worker:
             return
         self.started = True
         self._pool = CallPool(POOL_THREADS, f"actorgrad-{self.name}")
-        if self.transport_kind == "inproc":
-            self.address = transport.inproc_listen(self._accept)
-        else:
-            self._server = await self.loop.create_server(self._accept, self.host, self.port)
-            sock = self._server.sockets[0]
-            host, port = sock.getsockname()[:2]
-            if host in ("0.0.0.0", "::"):
-                host = _advertised_ip(sock.family)
-            self.address = transport.host_port((host, port))
-            local = (
-                await transport.listen_local(self.loop, self._accept)
-                if self.local_sockets
-                else None
-            )
-            if local is not None:
-                self._local_server, self.local_address = local
+        try:
+            await self._listen()
+        except BaseException:
+            # (a port in use, or cancelled meanwhile: nothing of it stays open, and a
+            # later start tries again instead of returning with no address)
+            for server in (self._server, self._local_server):
+                if server is not None:
+                    server.close()
+            self._server = self._local_server = None
+            self._pool.shutdown(wait=False)
+            self.started = False
+            raise
         self._dctx.run(_current.set, self)
         self.spawn(self._running(), name=f"actorgrad-dispatch-{self.name}")
         self.spawn(self._heartbeat(), name=f"actorgrad-heartbeat-{self.name}")
+
+    async def _listen(self) -> None:
+        if self.transport_kind == "inproc":
+            self.address = transport.inproc_listen(self._accept)
+            return
+        self._server = await self.loop.create_server(self._accept, self.host, self.port)
+        sock = self._server.sockets[0]
+        host, port = sock.getsockname()[:2]
+        if host in ("0.0.0.0", "::"):
+            host = _advertised_ip(sock.family)
+        self.address = transport.host_port((host, port))
+        local = (
+            await transport.listen_local(self.loop, self._accept) if self.local_sockets else None
+        )
+        if local is not None:
+            self._local_server, self.local_address = local
 
     def spawn(
         self, coro: Any, *, name: str | None = None, context: Any = None
@@ -1541,9 +1554,9 @@ class Worker:
             return
         try:
             fn(self, *args)
-        except ProtocolError:
-            raise  # a malformed message: its connection is closed
-        except BaseException:  # (any: one escaping closed the connection, its calls lost)
+        except (ProtocolError, KeyboardInterrupt, SystemExit):
+            raise  # (a malformed message: its connection is closed)
+        except BaseException:  # (any other: one escaping closed the connection, its calls lost)
             log.exception("worker %s: handler of one-way %r failed", self.name, header[1])
 
     def _hooks(self, conn: Connection, peer: str, meta: Any) -> rref.Hooks:
@@ -2035,12 +2048,13 @@ class Worker:
 
         Every failure arrives through the future, with :meth:`call`'s semantics
         (RemoteError, WorkerLost, TypeError for an argument that cannot travel,
-        ValueError for an unknown worker); only malformed ``args``/``kwargs`` raise here.
+        ValueError for an unknown worker); only malformed ``args``/``kwargs``, and an ``fn``
+        that cannot be named on another worker (see :func:`calls.fn_spec`), raise here.
         Unlike :meth:`call` it bypasses the interceptor: the request carries no meta.
         Reading a failed future's exception is the caller's job (e.g. in a done
         callback), except for calls failed by this worker's shutdown, which never
         warn. Cancelling the future does not cancel the remote call."""
-        target = fn if type(fn) is str else calls.fn_spec(fn)
+        target = calls.fn_spec(fn)  # (a name too: a malformed one is refused here)
         _check_call_args(args, kwargs)
         fut: asyncio.Future[Any] = self.loop.create_future()
         conn = self._out.get(dest) if type(dest) is str else None
@@ -2148,7 +2162,9 @@ class Worker:
         (:meth:`watch`) learns it as a loss; an exception raised by ``fn`` is only
         logged there."""
         try:
-            target = fn if type(fn) is str else calls.fn_spec(fn)
+            # (a name too: a malformed one would close the connection on the receiver,
+            # and every call pending on it with it)
+            target = calls.fn_spec(fn)
             if self._closing:
                 raise WorkerLost(f"worker {self.name!r} is shutting down")
             chunks = wire.encode_frame([K_REQ, 0, target, MODE_RPC, None], [list(args), None], None)
@@ -2349,7 +2365,7 @@ class Worker:
     def _check_drained(self) -> None:
         """Wake a graceful shutdown once the calls still running are only those of the
         thread pool whose callers gave up: nobody waits for them, and a shutdown that
-        waited for them took its whole grace (5 s) for calls that may never end."""
+        waited for them took its whole grace (``timeout``) for calls that may never end."""
         if self._inflight <= self._given_up:
             w = self._idle_waiter
             if w is not None and not w.done():
