@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -396,6 +397,12 @@ class Tensor:
         return _binary(Pow, other, self)
 
     def __matmul__(self, other: Any) -> Tensor:
+        """Matrix product, as ``np.matmul`` (batched, 1-d operands promoted);
+        ValueError when the inner sizes differ.
+
+        >>> (ag.ones(2, 3) @ ag.ones(3, 4)).shape
+        (2, 4)
+        """
         return _binary(MatMul, self, other)
 
     def __rmatmul__(self, other: Any) -> Tensor:
@@ -432,6 +439,13 @@ class Tensor:
         return self
 
     def __getitem__(self, index: Any) -> Tensor:
+        """Indexing with ints, slices, ``None``, ``...`` and integer arrays (numpy's
+        rules); the gradient goes back to the positions read, summed where one is read
+        twice.
+
+        >>> ag.tensor([1.0, 2.0, 3.0])[[0, 0, 2]]
+        tensor([1., 1., 3.])
+        """
         return _unary(GetItem, self, _index(index, self._data.shape))
 
     # Comparisons: plain boolean tensors, never part of the graph.
@@ -1848,10 +1862,23 @@ def _factory_dtype(dtype: Any) -> np.dtype:
     return np.dtype(np.float32) if dtype is None else np.dtype(dtype)
 
 
-def _shape(shape: tuple[Any, ...]) -> tuple[int, ...]:
+def _shape(shape: tuple[Any, ...], fn: str) -> tuple[int, ...]:
+    """A factory's sizes (``zeros(2, 3)`` or ``zeros((2, 3))``), checked: numpy's own
+    errors ("negative dimensions are not allowed") named neither the call nor the size."""
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        return tuple(shape[0])
-    return tuple(shape)
+        shape = tuple(shape[0])
+    dims = []
+    for size in shape:
+        try:
+            n = operator.index(size)
+        except TypeError:
+            raise TypeError(
+                f"{fn}: sizes must be integers, got {size!r:.40} in {shape!r:.80}"
+            ) from None
+        if n < 0:
+            raise ValueError(f"{fn}: sizes must not be negative, got {n} in {shape!r:.80}")
+        dims.append(n)
+    return tuple(dims)
 
 
 def zeros(*shape: Any, dtype: Any = "float32", requires_grad: bool = False) -> Tensor:
@@ -1861,7 +1888,7 @@ def zeros(*shape: Any, dtype: Any = "float32", requires_grad: bool = False) -> T
     >>> ag.zeros(2, 3).shape, ag.zeros((2,), dtype="int64")
     ((2, 3), tensor([0, 0], dtype=int64))
     """
-    arr = np.zeros(_shape(shape), dtype=_factory_dtype(dtype))
+    arr = np.zeros(_shape(shape, "zeros"), dtype=_factory_dtype(dtype))
     return tensor(arr, requires_grad=requires_grad)
 
 
@@ -1872,7 +1899,7 @@ def ones(*shape: Any, dtype: Any = "float32", requires_grad: bool = False) -> Te
     >>> ag.ones(2, requires_grad=True)
     tensor([1., 1.], requires_grad=True)
     """
-    arr = np.ones(_shape(shape), dtype=_factory_dtype(dtype))
+    arr = np.ones(_shape(shape, "ones"), dtype=_factory_dtype(dtype))
     return tensor(arr, requires_grad=requires_grad)
 
 
@@ -1893,7 +1920,7 @@ def randn(
         raise TypeError(f"randn: dtype must be a floating point dtype, got {dt}")
     rng = np.random.default_rng(seed)
     if dt in (np.float32, np.float64):
-        arr = rng.standard_normal(_shape(shape), dtype=dt)
+        arr = rng.standard_normal(_shape(shape, "randn"), dtype=dt)
     else:
-        arr = rng.standard_normal(_shape(shape)).astype(dt)
+        arr = rng.standard_normal(_shape(shape, "randn")).astype(dt)
     return Tensor(arr, requires_grad=requires_grad)

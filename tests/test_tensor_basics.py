@@ -254,6 +254,26 @@ def test_factories_take_dtype_none_as_the_default_float32():
         assert make(2).dtype == np.float32
 
 
+def test_factories_name_a_size_that_is_not_one():
+    # (numpy's "negative dimensions are not allowed" named neither the call nor the size)
+    for make in (ag.zeros, ag.ones, ag.randn):
+        name = make.__name__
+        with pytest.raises(
+            ValueError, match=rf"{name}: sizes must not be negative, got -3 in \(2, -3\)"
+        ):
+            make(2, -3)
+        with pytest.raises(ValueError, match=rf"{name}: sizes must not be negative, got -1"):
+            make((-1,))
+        with pytest.raises(
+            TypeError, match=rf"{name}: sizes must be integers, got 2.5 in \(2.5,\)"
+        ):
+            make(2.5)
+        with pytest.raises(TypeError, match=rf"{name}: sizes must be integers, got None"):
+            make([2, None])
+        assert make(np.int64(2), 0).shape == (2, 0)
+        assert make(()).shape == ()
+
+
 def test_flags_are_bools_and_containers_are_named():
     # ("no" and 1 were taken as true; the others failed inside numpy or Python)
     for bad in ("yes", "no", 1, None):
