@@ -904,11 +904,6 @@ def _port(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``actorgrad`` argument parser."""
-    return _build_parsers()[0]
-
-
 def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
     """The parser and its commands' parsers; not ``strict``: no option is required
     (see parse_args)."""

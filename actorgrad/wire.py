@@ -738,6 +738,7 @@ def encode_frame(header: list, body: Any, hooks: object | None = None) -> list[b
             large data so deeply that its ext payloads exceed 16x the body size, has
             more than ``MAX_BUFFERS`` large arrays, or the header is larger than
             ``MAX_HEADER_BYTES``.
+        ProtocolError: one bytes or str value of 4 GiB or more (msgpack's limit).
 
     Exceptions raised by the hooks propagate unchanged.
 

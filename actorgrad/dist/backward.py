@@ -28,7 +28,8 @@ Design (see docs/distributed.md for the long form):
   nothing to send (e.g. a start) and passes it on with its next message, so starts
   cost no credit messages.
 * Each message is a one-way protocol message (``Worker.cast``) handled inline on the
-  receiver's loop: no reply, no task, no function lookup. A failure in a worker's part
+  receiver's loop: no reply, no task, no function lookup. (Only the abort of a failed
+  pass goes out as calls, so that the initiator knows every peer dropped it.) A failure in a worker's part
   is reported by that worker to the pass's origin as the original error
   (``RemoteError`` naming it); a message that cannot be sent, or a peer lost after it
   was sent a message of the pass (its process died; or it went silent while the

@@ -185,7 +185,7 @@ class DistContext:
         # keeps at most a pass or two per origin, not one per failed pass.
         self.aborted_passes: set[int] = set()
         self.started_upto: dict[int, int] = {}
-        self.lock: Any = None  # asyncio.Lock, created by the initiator's backward
+        self.lock: Any = None  # asyncio.Lock, made by the first backward called here
         self.released = False
         # Peers this worker sent backward messages to (their loss is reported to the
         # origin of the latest pass), and the (pass id, origin) of that pass.

@@ -119,7 +119,8 @@ _homes: dict[str, str] = {}
 
 def fn_spec(fn: Any) -> str | list:
     """The wire name of ``fn``. Raises TypeError for anything that cannot be imported by
-    name on another worker (lambdas, closures, nested functions, bound methods...)."""
+    name on another worker (lambdas, closures, nested functions, bound methods...),
+    ValueError for a name that does not look like ``module:qualname``."""
     if isinstance(fn, str):
         m, sep, q = fn.partition(":")
         if not sep or not m or not q:

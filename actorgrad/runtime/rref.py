@@ -774,10 +774,3 @@ def _decref(rid: int, holder: str, holder_id: int) -> None:
     from actorgrad.runtime.worker import current_worker
 
     _sub(current_worker(), rid, _key_of(holder, holder_id))
-
-
-def owned_count() -> int:
-    """Number of live values owned by the calling worker (``ag.rpc(w, owned_count)``)."""
-    from actorgrad.runtime.worker import current_worker
-
-    return current_worker().owned_count

@@ -66,6 +66,7 @@ import struct
 import sys
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -315,7 +316,7 @@ class Connection(asyncio.BaseProtocol):
     """One end of a connection: handshake, then length-prefixed frames.
 
     A streaming protocol (``data_received``), used as is by the in-process transport;
-    TCP uses :class:`TcpConnection`. (Deliberately not an ``asyncio.Protocol``
+    TCP and Unix sockets use :class:`StreamConnection`. (Deliberately not an ``asyncio.Protocol``
     subclass: uvloop only uses a protocol's ``get_buffer`` when it is not one.)
 
     ``on_frame(conn, frame_bytes)`` is called for every complete frame, ``on_lost(conn,
@@ -439,7 +440,7 @@ class Connection(asyncio.BaseProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport_gone = True
-        self._mark_closed(exc if exc is not None else None)
+        self._mark_closed(exc)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -1067,7 +1068,7 @@ class _InprocTransport(asyncio.Transport):
         self.peer: _InprocTransport | None = None
         self._closing = False
         self._paused = False
-        self._inbox: list[tuple[Any, _InprocTransport | None, int]] = []
+        self._inbox: deque[tuple[Any, _InprocTransport | None, int]] = deque()
         self._scheduled = False
         self._unsent = 0  # zero-copy bytes written by us, not yet delivered
         self._writing_paused = False
@@ -1133,7 +1134,7 @@ class _InprocTransport(asyncio.Transport):
         self._scheduled = False
         inbox = self._inbox
         while inbox and not self._paused and not self._closing:
-            data, sender, n = inbox.pop(0)
+            data, sender, n = inbox.popleft()
             try:
                 self._protocol.data_received(data)
             finally:
@@ -1155,7 +1156,7 @@ class _InprocTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        inbox, self._inbox = self._inbox, []
+        inbox, self._inbox = self._inbox, deque()
         for _, sender, n in inbox:
             if sender is not None:
                 sender._delivered(n)
