@@ -1098,8 +1098,8 @@ class Worker:
                 )
                 self._apply_members(*snap)
                 got = True
-        except ActorgradError:
-            pass
+        except ActorgradError as exc:  # (the next change of the membership asks again)
+            log.debug("worker %s: member list not refreshed: %s", self.name, exc)
         finally:
             if gap:
                 self._members_refreshing = False
@@ -1348,8 +1348,8 @@ class Worker:
                         except ProtocolError as exc:
                             if late is not None:
                                 late.unreadable(exc, True)
-                        except Exception:
-                            pass
+                        except Exception:  # (a late reply nobody waits for: only logged)
+                            log.debug("worker %s: late reply unreadable", self.name, exc_info=True)
                     elif len(header) == 3 and late is not None:
                         late.refused()  # (refused before it ran: e.g. in the mailbox)
                     if kept is not None:
