@@ -104,6 +104,11 @@ MAX_BUFFERS = 1 << 16
 #: Deepest nesting of ext values (tuples, arrays, tensors, ...) inside one another.
 #: Plain lists and dicts are bounded by msgpack itself (about 1000 levels).
 MAX_DEPTH = 100
+#: Most list and dict levels, all told, in the tuples that nest in other tuples. Each
+#: tuple is packed by a packer of its own, whose limit (about 1000 levels) starts
+#: afresh: 98 tuples of 200 list levels each overflowed the C stack (the process died
+#: with SIGSEGV, where 1500 levels of plain lists are a ValueError).
+MAX_INNER_LEVELS = 1000
 #: Most dimensions of a travelling array.
 MAX_NDIM = 32
 
@@ -337,6 +342,7 @@ class _Encoder:
         "buffers",
         "hooks",
         "depth",
+        "levels",
         "ext_bytes",
         "busy",
         "_dispatch",
@@ -348,6 +354,7 @@ class _Encoder:
         self.buffers: list[memoryview] = []
         self.hooks: Any = None
         self.depth = 0
+        self.levels = 0  # (list/dict levels of the tuples packed below depth 1: see nest)
         self.ext_bytes = 0
         self.busy = False
         self._dispatch: dict[type, Callable[[_Encoder, Any], Any]] = _DISPATCH
@@ -373,6 +380,7 @@ class _Encoder:
         self.hooks = hooks
         self.buffers = []
         self.depth = 0
+        self.levels = 0
         self.ext_bytes = 0
         hook_exc: BaseException | None = None
         ok = False
@@ -421,9 +429,12 @@ class _Encoder:
             depth = self.depth + 1
             if depth > MAX_DEPTH:
                 raise _TooDeep(f"value nested more than {MAX_DEPTH} levels deep")
+            items = list(obj)
+            if depth > 1:  # (a tuple in a tuple: rare, and only there can lists nest deep)
+                return self.nested(EXT_TUPLE, items)
             self.depth = depth
             packers = self.packers
-            data = (packers[depth] if depth < len(packers) else self.packer(depth)).pack(list(obj))
+            data = (packers[depth] if depth < len(packers) else self.packer(depth)).pack(items)
             self.ext_bytes += len(data)
             self.depth = depth - 1  # (after an exception, encode() resets the depth)
             return _new_ext(EXT_TUPLE, data)
@@ -442,11 +453,41 @@ class _Encoder:
         depth = self.depth + 1
         if depth > MAX_DEPTH:
             raise _TooDeep(f"value nested more than {MAX_DEPTH} levels deep")
+        levels = 0
+        if code == EXT_TUPLE and depth > 1:
+            # (the tuples of depth 1 and the body have msgpack's limit each: all told
+            # the levels below them stay within MAX_INNER_LEVELS, see there)
+            levels = _levels(value, MAX_INNER_LEVELS - self.levels)
+            if self.levels + levels > MAX_INNER_LEVELS:
+                raise _TooDeep(
+                    f"value nests lists and dicts more than {MAX_INNER_LEVELS} levels deep "
+                    "in tuples inside tuples"
+                )
+            self.levels += levels
         self.depth = depth
         data = self.packer(depth).pack(value)
         self.ext_bytes += len(data)
-        self.depth = depth - 1  # (after an exception, encode() resets the depth)
+        self.depth = depth - 1  # (after an exception, encode() resets depth and levels)
+        self.levels -= levels
         return _new_ext(code, data)
+
+
+def _levels(value: list, limit: int) -> int:
+    """How deep lists and dicts nest in ``value`` (itself a level; tuples in it not
+    looked into: they count when packed), or more than ``limit`` once past it (a
+    cycle too). Iterative: the value may be deeper than Python's recursion limit."""
+    deepest = 1
+    todo = [(value, 1)]
+    while todo:
+        seq, level = todo.pop()
+        if level > deepest:
+            deepest = level
+            if deepest > limit:
+                break
+        for x in seq.values() if isinstance(seq, dict) else seq:
+            if isinstance(x, (list, dict)):
+                todo.append((x, level + 1))
+    return deepest
 
 
 def _ext_budget(body_len: int) -> int:

@@ -9,6 +9,7 @@ import gc
 import math
 import os
 import struct
+import subprocess
 import sys
 import threading
 from typing import Any
@@ -483,6 +484,50 @@ def test_deep_but_allowed_tuple_nesting_round_trips():
     for _ in range(MAX_DEPTH - 1):
         t = (t,)
     assert roundtrip(t) == t
+
+
+_DEEP_MIX = """
+import sys
+from actorgrad import wire
+
+def lists(x, n):
+    for _ in range(n):
+        x = [x]
+    return x
+
+def mix(levels, tuples):
+    x = 0
+    for _ in range(tuples):
+        x = (lists(x, levels),)
+    return x
+
+for levels, tuples in [(200, 98), (900, 25)]:  # (both killed the process: SIGSEGV)
+    try:
+        wire.encode_frame([0], mix(levels, tuples))
+    except ValueError as exc:
+        print(exc)
+# at the limit: the body's lists, a tuple's, and 1000 levels in the tuples in it
+value = lists((lists(mix(9, 99), 990),), 990)
+frame = b"".join(wire.encode_frame([0], value))
+out = wire.decode_frame(frame).body()
+print(b"".join(wire.encode_frame([0], out)) == frame)  # (== recurses too deep for Python)
+"""
+
+
+def test_lists_deep_in_tuples_deep_in_tuples_are_refused_not_a_crash():
+    # Each tuple is packed by a packer of its own, whose depth limit started afresh: 98
+    # tuples of 200 list levels each overflowed the C stack (in a worker, as a result,
+    # the process died and its caller got WorkerLost). In a process of its own here.
+    r = subprocess.run(
+        [sys.executable, "-c", _DEEP_MIX], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    deep = (
+        "cannot send body: value nests lists and dicts more than "
+        f"{wire.MAX_INNER_LEVELS} levels deep in tuples inside tuples"
+    )
+    assert lines == [deep, deep, "True"], r.stdout
 
 
 def test_an_array_at_the_nesting_limit_round_trips_and_one_deeper_is_refused():
