@@ -78,6 +78,14 @@ def mul_kept(key: str, kept: str, x: ag.Tensor) -> ag.Tensor:
     return x * _store[_k(key)] * _store[_k(kept)]
 
 
+def sum_kept(keys: list[str], scale: float) -> ag.Tensor:
+    """The sum of ``(kept * scale).sum()`` over the tensors ``keep`` kept."""
+    total = (_store[_k(keys[0])] * scale).sum()
+    for key in keys[1:]:
+        total = total + (_store[_k(key)] * scale).sum()
+    return total
+
+
 def mul_sum(key: str, x: ag.Tensor) -> ag.Tensor:
     """(x * store[key]).sum(): a 0-d result."""
     return (x * _store[_k(key)]).sum()

@@ -4319,3 +4319,35 @@ async def test_a_second_hop_is_released_when_the_worker_between_died(worker_path
         info = await ag.rpc("w1", F.wait_no_contexts, (10.0,))
         assert info["num_contexts"] == 0, info
         assert ag.dist.debug_info()["num_contexts"] == 0
+
+
+@pytest.mark.parametrize("kind", ["tcp", "inproc"])
+async def test_gradients_for_one_peer_over_the_largest_frame_go_in_several_messages(
+    kind, monkeypatch
+):
+    # Three tensors came to w1 in three calls, each frame under the largest; their
+    # three gradients went back in one message, over it, and the pass failed with
+    # "cannot send a message of ... bytes to 'driver'". (1 MiB frames here, 2 GiB by
+    # default; the gradients of 0.72 GB each failed so.)
+    from actorgrad.runtime import transport
+
+    monkeypatch.setattr(transport, "MAX_FRAME_SIZE", 1 << 20)  # both ends: 1 MiB
+    monkeypatch.setattr(
+        sys.modules["actorgrad.dist.backward"], "GRAD_MESSAGE_BYTES", 1 << 19, raising=False
+    )
+    xvs = [arr(100_000) for _ in range(3)]  # 800 kB each in float64
+    async with ag.local_cluster(1, transport=kind):
+        xs = [ag.tensor(v, requires_grad=True) for v in xvs]
+        async with ag.dist.context() as ctx:
+            for i, x in enumerate(xs):
+                await ag.rpc("w1", F.keep, (f"x{i}", x))
+            loss = await ag.rpc("w1", F.sum_kept, (["x0", "x1", "x2"], 3.0))
+            before = await ag.rpc("w1", F.debug_info)
+            await ag.dist.backward(ctx, [loss])
+            after = await ag.rpc("w1", F.debug_info)
+            grads = ag.dist.get_gradients(ctx)
+        for x in xs:
+            np.testing.assert_array_equal(grads[x], np.full(100_000, 3.0))
+        # (one message each, the credit split among them: the pass completed)
+        assert after["num_backward_messages"] - before["num_backward_messages"] == 3
+        await assert_clean(["w1"])

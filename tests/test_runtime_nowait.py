@@ -253,6 +253,25 @@ async def test_notify_delivers_one_way_calls_in_order(cluster):
     assert _received == [[i, "x" * i] for i in range(50)]
 
 
+@pytest.mark.parametrize("kind", ["tcp", "inproc"])
+async def test_a_one_way_call_over_the_largest_frame_fails_alone(kind, monkeypatch):
+    # Queued while the connection was being made, it failed every one-way call queued
+    # after it with its own error, though the connection was good; and its traceback
+    # (whose frames hold the message) was kept by the error handed on.
+    monkeypatch.setattr(transport, "MAX_FRAME_SIZE", 1 << 20)
+    _received.clear()
+    errors: list[BaseException] = []
+    async with ag.local_cluster(1, transport=kind) as c:
+        c.driver.notify("w1", record, (np.ones(300_000, np.float32),), on_error=errors.append)
+        for i in range(3):
+            c.driver.notify("w1", record, (i,), on_error=errors.append)
+        await _wait_received(3)
+        assert _received == [[0], [1], [2]]
+        assert len(errors) == 1 and isinstance(errors[0], ag.ProtocolError), errors
+        assert "more than the largest frame" in str(errors[0])
+        assert errors[0].__traceback__ is None
+
+
 async def test_notify_failures_reach_on_error(cluster):
     w = cluster.driver
     errors: list[BaseException] = []

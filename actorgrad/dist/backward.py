@@ -147,8 +147,9 @@ def _leaf(contrib: dict[Tensor, np.ndarray], t: Tensor, grad: np.ndarray | None)
         grad.dtype != t.data.dtype or not grad.flags.writeable or isinstance(grad.base, np.ndarray)
     ):
         # The user gets this array: make it one the context owns, in the leaf's dtype.
-        # (A gradient decoded from a frame is a writable view of that frame alone:
-        # no other array shares it, so it is kept without a copy.)
+        # (A gradient decoded from a frame is a writable view of that frame, whose
+        # values no other array shares, so it is kept without a copy. It keeps the
+        # frame's whole buffer alive, as any received array does: see limits.md.)
         contrib[t] = np.array(grad, dtype=t.data.dtype)
     else:
         contrib[t] = grad
@@ -791,12 +792,15 @@ def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None
         else:
             ps.credit = credit
         return
-    parts = split_credit(credit, len(out))
+    msgs: Any = out.items()
+    if any(len(items) > 2 for items in out.values()):  # (several gradients for a peer)
+        msgs = [(dest, part) for dest, items in msgs for part in _cut(items)]
+    parts = split_credit(credit, len(msgs))
     worker = st.worker
     me = worker.name
     relays = ps.relays
-    st.num_backward_messages += len(out)
-    for (dest, items), part in zip(out.items(), parts, strict=True):
+    st.num_backward_messages += len(msgs)
+    for (dest, items), part in zip(msgs, parts, strict=True):
         # From now on its loss fails this pass (see context._on_peer_lost).
         ps.watch(dest)
         worker.cast(
@@ -815,6 +819,28 @@ def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None
             ),
             on_error=functools.partial(_send_failed, st, ctx, pass_id, origin),
         )
+
+
+#: Most bytes of gradients in one backward message: a part's gradients for one peer
+#: go in several messages past it. (In one, three gradients of 0.72 GB each, of three
+#: calls whose frames were each under the largest frame, were over it: the pass failed.)
+GRAD_MESSAGE_BYTES = 1 << 29
+
+
+def _cut(items: list[Any]) -> list[list[Any]]:
+    """``items`` (send id, gradient, ...) in parts of at most GRAD_MESSAGE_BYTES of
+    gradients (a gradient alone over it stays whole)."""
+    parts: list[list[Any]] = [[]]
+    size = 0
+    for i in range(0, len(items), 2):
+        g = items[i + 1]
+        n = g.nbytes if type(g) is np.ndarray else 0 if g is None else g[0].nbytes
+        if size + n > GRAD_MESSAGE_BYTES and parts[-1]:
+            parts.append([])
+            size = 0
+        parts[-1] += items[i : i + 2]
+        size += n
+    return parts
 
 
 def _send_failed(

@@ -273,7 +273,7 @@ def _check_call_args(args: Any, kwargs: Any) -> None:
                 raise TypeError(f"kwargs keys must be strs (argument names), got {key!r:.40}")
 
 
-_NOT_READING = " (waiting to send it: the peer is not reading)"
+_NOT_READING = " (waiting to send it: it is large, or the peer is not reading)"
 
 
 def _expect_decoding(conn: Connection, chunks: list) -> None:
@@ -2238,9 +2238,11 @@ class Worker:
                 if err is None and conn is not None:
                     try:
                         conn.send_nowait(chunks)
-                        continue
                     except Exception as exc:
-                        err = exc
+                        # (this message's failure alone: one over the largest frame
+                        # failed every message queued after it, on a good connection)
+                        self._notify_failed(dest, what, exc, on_error)
+                    continue
                 self._notify_failed(
                     dest, what, err or WorkerLost(f"no connection to {dest!r}"), on_error
                 )
@@ -2252,6 +2254,9 @@ class Worker:
         exc: BaseException,
         on_error: Callable[[BaseException], None] | None,
     ) -> None:
+        # (its traceback's frames hold the message: a backward's gradients over the
+        # largest frame, 2 GB, stayed until a garbage collection found the cycle)
+        exc.__traceback__ = None
         if on_error is None:
             log.debug("one-way %s to %s dropped: %r", calls.describe(what), dest, exc)
             return
