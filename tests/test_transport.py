@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import weakref
 
 import numpy as np
 import pytest
@@ -194,6 +195,24 @@ def test_big_frame_buffers_are_64_byte_aligned_and_never_just_past_their_source(
         assert got.size == n and got.flags.writeable
         assert addr % 64 == 0
         assert not 0 < (addr - near) % 4096 < 64, (back, (addr - near) % 4096)
+
+
+def test_the_pools_of_all_connections_keep_at_most_their_process_limit(monkeypatch):
+    # Each connection kept up to 64 MiB: a driver that got a 60 MiB message from each
+    # of its 16 workers kept 1 GB for good. (Sizes scaled down here.)
+    P = transport._BufferPool
+    monkeypatch.setattr(P, "MAX_BYTES", 4 << 20)
+    monkeypatch.setattr(P, "PROCESS_MAX_BYTES", 10 << 20, raising=False)
+    monkeypatch.setattr(P, "_pools", weakref.WeakSet(), raising=False)
+    pools = [P() for _ in range(5)]
+    for pool in pools:
+        pool.get(3 << 20)  # (freed at once: kept for the next frame of its size)
+    kept = [sum(map(len, pool._bufs)) for pool in pools]
+    assert sum(kept) <= 10 << 20 and kept[:3] == [kept[0]] * 3 and kept[0] >= 3 << 20
+    assert kept[3:] == [0, 0]
+    pools[0].clear()  # (its connection closed: room for the next)
+    pools[4].get(3 << 20)
+    assert sum(map(len, pools[4]._bufs)) >= 3 << 20
 
 
 async def test_big_frames_assembled_across_reads_at_every_offset_decode_aligned():

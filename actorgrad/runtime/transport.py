@@ -64,8 +64,10 @@ import secrets
 import socket
 import struct
 import sys
+import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -242,7 +244,8 @@ class _BufferPool:
     size takes it. Without this every big frame got fresh pages from the kernel (glibc
     hands blocks of this size back when they are freed): 4096 page faults and a zeroing
     for 16 MiB, more than the copy from the socket. Each connection keeps at most
-    ``MAX_BUFFERS`` buffers and ``MAX_BYTES`` bytes; frames under ``MIN_SIZE`` use
+    ``MAX_BUFFERS`` buffers and ``MAX_BYTES`` bytes, all of them together
+    ``PROCESS_MAX_BYTES``; frames under ``MIN_SIZE`` use
     fresh ``bytearray`` s.
     """
 
@@ -256,13 +259,30 @@ class _BufferPool:
     LAZY_SIZE = 32 * 1024 * 1024
     MAX_BUFFERS = 2
     MAX_BYTES = 64 * 1024 * 1024
+    #: Most bytes the pools of all the process's connections keep together: with the
+    #: limit per connection alone, a driver that got a 60 MiB message from each of its
+    #: 16 workers kept 1 GB for good.
+    PROCESS_MAX_BYTES = 256 * 1024 * 1024
     _ROUND = 64 * 1024
+    _pools: weakref.WeakSet[_BufferPool] = weakref.WeakSet()
+    _pools_lock = threading.Lock()  # (a process may run loops in several threads)
     #: room to move a frame's start: up to 63 bytes to a 64-byte boundary, 64 more
     #: away from its source
     SLACK = 128
 
     def __init__(self) -> None:
         self._bufs: list[bytearray | mmap.mmap] = []
+        with self._pools_lock:
+            self._pools.add(self)
+
+    def clear(self) -> None:
+        """Keep nothing (the connection closed)."""
+        self._bufs = []
+
+    def _others_keep(self) -> int:
+        with self._pools_lock:
+            pools = list(self._pools)
+        return sum(len(b) for pool in pools if pool is not self for b in pool._bufs)
 
     @staticmethod
     def _place(buf: bytearray | mmap.mmap, n: int, near: int | None) -> memoryview:
@@ -298,13 +318,13 @@ class _BufferPool:
         )
         if len(buf) <= self.MAX_BYTES:
             # forget free buffers first, then the oldest, to stay within the limits
-            while bufs and (
-                len(bufs) >= self.MAX_BUFFERS or sum(map(len, bufs)) + len(buf) > self.MAX_BYTES
-            ):
+            room = min(self.MAX_BYTES, self.PROCESS_MAX_BYTES - self._others_keep())
+            while bufs and (len(bufs) >= self.MAX_BUFFERS or sum(map(len, bufs)) + len(buf) > room):
                 free = [b for b in bufs if sys.getrefcount(b) == 3]
                 bufs.remove(free[0] if free else bufs[0])
                 del free
-            bufs.append(buf)
+            if len(buf) <= room:
+                bufs.append(buf)
         return self._place(buf, n, near)
 
 
@@ -731,6 +751,7 @@ class Connection(asyncio.BaseProtocol):
         self.closed = True
         if self.close_reason is None:
             self.close_reason = exc
+        self._buffers.clear()
         self._wake_drainers()
         w = self._hs_waiter
         if w is not None and not w.done():
