@@ -477,7 +477,7 @@ def _levels(value: list, limit: int) -> int:
     looked into: they count when packed), or more than ``limit`` once past it (a
     cycle too). Iterative: the value may be deeper than Python's recursion limit."""
     deepest = 1
-    todo = [(value, 1)]
+    todo: list[tuple[Any, int]] = [(value, 1)]
     while todo:
         seq, level = todo.pop()
         if level > deepest:
