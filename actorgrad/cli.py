@@ -49,6 +49,7 @@ from actorgrad.runtime.procs import (
     ENV_ADDRESS,
     ENV_TOKEN,
     LOG_TIME,
+    MAX_LOCAL_WORKERS,
     describe_exit,
     env_token,
     exit_now,
@@ -889,8 +890,6 @@ def at_least(low: int, high: int | None = None, why: str = "") -> Callable[[str]
     return parse
 
 
-#: Most workers ``-n`` starts on this machine (each is a process of ~45 MB).
-MAX_LOCAL_WORKERS = 256
 _workers = at_least(1, MAX_LOCAL_WORKERS, " (each worker is a process on this machine)")
 
 

@@ -1881,6 +1881,18 @@ def _shape(shape: tuple[Any, ...], fn: str) -> tuple[int, ...]:
     return tuple(dims)
 
 
+def seeded_rng(seed: Any, fn: str) -> np.random.Generator:
+    """numpy's generator for ``seed`` (an int >= 0, or None: fresh entropy), checked:
+    numpy's own errors ("expected non-negative integer", "SeedSequence expects int")
+    named neither the call nor the argument."""
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"{fn}: seed must be an int or None, not {seed!r:.40}")
+        if seed < 0:
+            raise ValueError(f"{fn}: seed must be >= 0, not {seed}")
+    return np.random.default_rng(seed)
+
+
 def zeros(*shape: Any, dtype: Any = "float32", requires_grad: bool = False) -> Tensor:
     """A tensor of zeros: ``ag.zeros(2, 3)`` or ``ag.zeros((2, 3))``. ``dtype=None``
     is the default, float32.
@@ -1918,7 +1930,7 @@ def randn(
     if dt.kind != "f":
         # (normal samples cast to integers or bools would be silently truncated)
         raise TypeError(f"randn: dtype must be a floating point dtype, got {dt}")
-    rng = np.random.default_rng(seed)
+    rng = seeded_rng(seed, "randn")
     if dt in (np.float32, np.float64):
         arr = rng.standard_normal(_shape(shape, "randn"), dtype=dt)
     else:

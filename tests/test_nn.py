@@ -219,6 +219,11 @@ def test_functional_losses_and_embedding_take_numpy_arrays_and_return_tensors():
         # (was "requires_grad=True needs a floating point dtype", not naming the layer)
         (lambda: nn.Linear(2, 3, dtype="int64"), TypeError, "Linear: dtype must be a floating"),
         (lambda: nn.Embedding(2, 3, dtype="int8"), TypeError, "Embedding: dtype must be a float"),
+        # (a bias="no" made a bias; numpy's seed errors named neither layer nor argument)
+        (lambda: nn.Linear(2, 3, bias="no"), TypeError, "Linear: bias must be a bool"),
+        (lambda: nn.Linear(2, 3, seed=-1), ValueError, "Linear: seed must be >= 0, not -1"),
+        (lambda: nn.Embedding(2, 3, seed=1.5), TypeError, "Embedding: seed must be an int or"),
+        (lambda: ag.randn(2, seed="1"), TypeError, "randn: seed must be an int or None, not '1'"),
         # (was accepted, and failed only when called: "'int' object is not callable")
         (
             lambda: nn.Sequential(nn.Linear(3, 4), 5),

@@ -1992,6 +1992,9 @@ def test_remote_error_from_an_exception_whose_str_fails_still_names_it():
         ({"address": "nohost", "token": "t"}, ValueError, "address must be HOST:PORT"),
         ({"address": "h:abc", "token": "t"}, ValueError, "not 'h:abc'"),
         ({"address": "h:0", "token": "t"}, ValueError, "port in 1..65535"),
+        # (isdigit() took "²": int() then failed bare; and other scripts' digits passed)
+        ({"address": "h:\u00b2", "token": "t"}, ValueError, "address must be HOST:PORT"),
+        ({"address": "h:\u0661\u0662", "token": "t"}, ValueError, "address must be HOST:PORT"),
         ({"port": -1}, ValueError, "port must be an int in 0..65535 .0: any free port., not -1"),
         ({"port": 70000}, ValueError, "not 70000"),
         ({"port": "80"}, TypeError, r"port must be an int \(0: any free port\), not '80'"),
@@ -2038,11 +2041,20 @@ async def test_init_names_a_malformed_address_variable(monkeypatch):
         ((["a\nb"],), ValueError, "without whitespace, not starting with '_', not 'a.nb'"),
         ((["_x"],), ValueError, "not starting with '_', not '_x'"),
         ((["a", "a"],), ValueError, "worker names must be unique"),
+        # (as `actorgrad run -n`: a typo's 5000 processes started until memory ran out)
+        (
+            (257, {"processes": True}),
+            ValueError,
+            r"local_cluster: at most 256 worker processes \(each is a process on this "
+            r"machine, ~45 MB\), not 257",
+        ),
     ],
 )
 async def test_local_cluster_refuses_bad_worker_lists(args, exc, message):
+    kwargs = args[-1] if isinstance(args[-1], dict) else {}
+    args = args[:-1] if kwargs else args
     with pytest.raises(exc, match=message):
-        async with ag.local_cluster(*args):
+        async with ag.local_cluster(*args, **kwargs):
             pass
     with pytest.raises(RuntimeError, match="not initialized"):
         current_worker()
@@ -2634,5 +2646,7 @@ async def test_leaving_a_local_cluster_stops_them_all_when_one_worker_fails_to(m
 
             monkeypatch.setattr(w1, "shutdown", broken)
     assert w1.closing and w2.closing and head.closing
+    with pytest.raises(RuntimeError, match="not initialized"):
+        current_worker()  # (the head stayed this process's worker)
     assert w2._server is None or not w2._server.is_serving()
     assert head._server is None or not head._server.is_serving()

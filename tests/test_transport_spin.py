@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from actorgrad.runtime import transport
 
 
@@ -112,3 +114,30 @@ def test_a_malformed_spin_setting_is_named_and_the_default_used() -> None:
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == "0.005"
         assert f"ACTORGRAD_SPIN_US={raw!r} is not a number of microseconds" in r.stderr
+    # A window of 0.5 s or more counted every heartbeat as traffic: idle workers spun
+    # for good (108% of a core for an idle cluster of 2).
+    env = dict(os.environ, ACTORGRAD_SPIN_US="1000000")
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0.1"
+    assert "ACTORGRAD_SPIN_US='1000000' is more than 100000 (0.1 s); using 100000" in r.stderr
+
+
+def test_on_off_settings_take_the_usual_spellings_and_name_a_bad_one(monkeypatch) -> None:
+    # (only "0" was off: "false", "off" or " 0" left local sockets and the malloc
+    # tuning on, silently)
+    name = "ACTORGRAD_TEST_SWITCH"
+    for raw in ("0", " 0", "false", "OFF", "no\n"):
+        monkeypatch.setenv(name, raw)
+        assert transport.env_switch(name) is False, raw
+    for raw in ("1", "", "true", " On ", "YES"):
+        monkeypatch.setenv(name, raw)
+        assert transport.env_switch(name) is True, raw
+    monkeypatch.delenv(name)
+    assert transport.env_switch(name) is True
+    monkeypatch.setenv(name, "nope")
+    with pytest.warns(RuntimeWarning, match=rf"{name}='nope' is not 0 or 1 .*taking it as 1"):
+        assert transport.env_switch(name) is True
+    assert os.environ[name] == "1"  # (inherited by the processes started: they warn not)

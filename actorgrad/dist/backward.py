@@ -1242,7 +1242,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
         ps = ctx.active_pass = PassState(
             worker, ctx, pass_id, worker.name, checked, retain_graph, running_chain(worker)
         )
-        run = st.runs[pass_id] = InitiatorRun(context_id, pass_id)
+        run = st.runs[pass_id] = st.run_of[context_id] = InitiatorRun(context_id, pass_id)
         try:
             ps.credit = (1, 0)
             out = _step(st, ps, retain_graph)
@@ -1270,5 +1270,5 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
                 _flood_abort(worker, ctx, pass_id)
             raise
         finally:
-            del st.runs[pass_id]
+            del st.runs[pass_id], st.run_of[context_id]
             ps.unwatch()

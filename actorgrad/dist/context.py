@@ -413,6 +413,10 @@ class DistState:
         # (at most this many contexts left, future) of wait_empty
         self._empty_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.runs: dict[int, Any] = {}  # pass id -> InitiatorRun, for passes started here
+        # context id -> its pass started here (one at a time: the context's lock), so
+        # that a context's run is found without a scan of all (quadratic with 8,000
+        # contexts in one process)
+        self.run_of: dict[int, Any] = {}
         # the timer of check_watched (None: not scheduled), and the contexts it looks at
         # (those that watched a peer since its last tick: not every live one)
         self._watch_timer: asyncio.TimerHandle | None = None
@@ -613,9 +617,9 @@ class DistState:
 
     def fail_runs(self, ctx_id: int, exc: BaseException) -> None:
         """Fail the backward passes started here in ``ctx_id`` that still wait."""
-        for run in self.runs.values():
-            if run.ctx_id == ctx_id:
-                run.fail(exc)
+        run = self.run_of.get(ctx_id)
+        if run is not None:
+            run.fail(exc)
 
     def released_here(self, ctx_id: int) -> bool:
         """Whether this worker released ``ctx_id`` lately (its release came, or its
@@ -1042,9 +1046,7 @@ class DistInterceptor:
             # unlinked (its result's tensors arrived linked and gave its arguments
             # gradients).
             return None
-        if ctx.active_pass is not None or (
-            st.runs and any(r.ctx_id == ctx.id for r in st.runs.values())
-        ):
+        if ctx.active_pass is not None or ctx.id in st.run_of:
             # (a call of another task of the context while a pass runs in it: its
             # request or reply may bring tensors whose send/recv pair only one end's
             # part of the pass holds, and that part would wait for good or the pass

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from actorgrad.errors import check_bool
 from actorgrad.nn import functional
-from actorgrad.tensor import Tensor, real_array
+from actorgrad.tensor import Tensor, real_array, seeded_rng
 
 __all__ = ["Embedding", "Linear", "Module", "ReLU", "Sequential", "Tanh", "functional"]
 
@@ -216,7 +217,8 @@ class Linear(Module):
     ) -> None:
         in_f, out_f = _size("Linear", "in_f", in_f), _size("Linear", "out_f", out_f)
         dtype = _float_dtype("Linear", dtype)
-        rng = np.random.default_rng(seed)
+        bias = check_bool(bias, "Linear: bias")  # ("no" made a bias)
+        rng = seeded_rng(seed, "Linear")
         bound = 1.0 / np.sqrt(in_f) if in_f > 0 else 0.0
         self.in_f, self.out_f = in_f, out_f
         self.weight = Tensor(
@@ -257,7 +259,7 @@ class Embedding(Module):
     def __init__(self, num: int, dim: int, seed: int | None = None, dtype: Any = "float32") -> None:
         num, dim = _size("Embedding", "num", num), _size("Embedding", "dim", dim)
         dtype = _float_dtype("Embedding", dtype)
-        rng = np.random.default_rng(seed)
+        rng = seeded_rng(seed, "Embedding")
         self.num, self.dim = num, dim
         self.weight = Tensor(rng.standard_normal((num, dim)).astype(dtype), requires_grad=True)
 

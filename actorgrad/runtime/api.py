@@ -26,7 +26,13 @@ from actorgrad.runtime.cluster import (
     start_worker,
     stop_all,
 )
-from actorgrad.runtime.procs import ENV_ADDRESS, WorkerProcesses, env_token, tune_malloc
+from actorgrad.runtime.procs import (
+    ENV_ADDRESS,
+    MAX_LOCAL_WORKERS,
+    WorkerProcesses,
+    env_token,
+    tune_malloc,
+)
 from actorgrad.runtime.rref import RRef
 from actorgrad.runtime.worker import MODE_REMOTE, MODE_RPC, Worker, current_worker
 
@@ -342,6 +348,12 @@ async def local_cluster(
         names = [check_name(n) for n in workers]
     else:
         raise TypeError(f"workers must be a count (int) or a list of names, not {workers!r:.80}")
+    if processes and len(names) > MAX_LOCAL_WORKERS:
+        # (as `actorgrad run -n`: 5000 by a typo started processes until memory ran out)
+        raise ValueError(
+            f"local_cluster: at most {MAX_LOCAL_WORKERS} worker processes (each is a process "
+            f"on this machine, ~45 MB), not {len(names)}"
+        )
     if not isinstance(driver, str):
         raise TypeError(f"driver must be the name (a str) the caller gets, not {driver!r:.80}")
     if driver:  # ("": the head is actorgrad's own, the caller not a worker of the cluster)
@@ -393,10 +405,12 @@ async def local_cluster(
         graceful = False  # (left on an error or a cancel: nobody waits for running calls)
         raise
     finally:
-        await finish(
-            stop_all(cluster.driver, cluster.workers, cluster.procs, _stuck, graceful=graceful)
-        )
-        _w.set_process_worker(old)
+        try:
+            await finish(
+                stop_all(cluster.driver, cluster.workers, cluster.procs, _stuck, graceful=graceful)
+            )
+        finally:  # (also when a shutdown failed: this process is no worker any more)
+            _w.set_process_worker(old)
 
 
 def _stuck(names: list[str], grace: float) -> None:

@@ -68,7 +68,7 @@ def check_host(host: Any) -> str:
         return bare
     except ValueError:
         pass
-    if bare is host and host.replace(".", "").isdigit():
+    if bare is host and host.replace(".", "").isascii() and host.replace(".", "").isdigit():
         raise ValueError(f"host {host!r:.80} is not a valid IP address")
     labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
     if bare is host and (
@@ -126,7 +126,9 @@ def check_address(address: Any, what: str = "address") -> str:
     else ValueError naming ``what`` (the argument or variable it came from)."""
     if isinstance(address, str):
         host, sep, port = address.rpartition(":")
-        if sep and host and port.isdigit() and 0 < int(port) <= 65535:
+        # (ASCII digits: isdigit() is true of "²" too, and int() then failed bare, or
+        # took other scripts' digits)
+        if sep and host and port.isascii() and port.isdigit() and 0 < int(port) <= 65535:
             return address
     raise ValueError(f"{what} must be HOST:PORT with a port in 1..65535, not {address!r:.80}")
 

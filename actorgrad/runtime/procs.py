@@ -11,7 +11,8 @@ BLAS threads: N worker processes plus the driver share this machine's cores, and
 BLAS library would by default start one thread per core (a 3-worker matmul pipeline
 on 2 cores ran 40x slower oversubscribed). So each child gets
 ``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` set to
-``max(1, os.cpu_count() // (N + 1))``, except for a variable the user already set.
+``max(1, os.cpu_count() // (N + 1))``, unless the user set any of them (then none is
+set: OpenBLAS and MKL read ``OMP_NUM_THREADS`` when their own is unset).
 
 Allocator: see :func:`tune_malloc`, applied by every process that runs a worker.
 """
@@ -30,6 +31,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
+
+from actorgrad.runtime.transport import env_switch
 
 # The environment of a driver or worker process: where the cluster is, and its token.
 ENV_ADDRESS = "ACTORGRAD_ADDRESS"
@@ -174,7 +177,7 @@ def tune_malloc() -> bool:
     ok = False
     if (
         sys.platform.startswith("linux")
-        and os.environ.get("ACTORGRAD_MALLOC_TUNING", "1") != "0"
+        and env_switch("ACTORGRAD_MALLOC_TUNING")
         and not os.environ.get("MALLOC_MMAP_THRESHOLD_")
         and not os.environ.get("MALLOC_TRIM_THRESHOLD_")
     ):
@@ -229,6 +232,11 @@ def describe_exit(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
+#: Most worker processes ``local_cluster`` and ``actorgrad run``/``cluster -n`` start
+#: on this machine (each is a process of ~45 MB).
+MAX_LOCAL_WORKERS = 256
+
+
 class WorkerProcesses:
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -277,9 +285,11 @@ class WorkerProcesses:
         if cwd not in paths:
             paths.append(cwd)
         env["PYTHONPATH"] = os.pathsep.join(paths)
-        threads = str(blas_threads(len(names)))
-        for var in BLAS_THREAD_VARS:
-            if not os.environ.get(var):
+        if not any(os.environ.get(var) for var in BLAS_THREAD_VARS):
+            # (all or none: the user's OMP_NUM_THREADS=2 was overridden by ours of
+            # OPENBLAS_NUM_THREADS, which OpenBLAS reads first)
+            threads = str(blas_threads(len(names)))
+            for var in BLAS_THREAD_VARS:
                 env[var] = threads
         for name in names:
             argv = [

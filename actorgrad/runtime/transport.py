@@ -98,6 +98,11 @@ COALESCE_MAX = 512
 _LEN = struct.Struct(">Q")
 
 
+#: Longest polling window ``ACTORGRAD_SPIN_US`` may set: heartbeats come every 0.5 s,
+#: and a window that long counted each of them as traffic: idle workers spun for good.
+MAX_SPIN_US = 100_000
+
+
 def _spin_seconds(default_us: float = 5000.0) -> float:
     """``ACTORGRAD_SPIN_US`` in seconds (the default when unset or malformed)."""
     raw = os.environ.get("ACTORGRAD_SPIN_US", "")
@@ -107,18 +112,39 @@ def _spin_seconds(default_us: float = 5000.0) -> float:
         us = float(raw)
     except ValueError:
         us = math.nan
-    if not 0 <= us < math.inf:  # (nan too)
+    if not 0 <= us <= MAX_SPIN_US:  # (nan too)
         # (a tuning knob: a bad value must not stop `import actorgrad` and every command)
+        if us > MAX_SPIN_US:
+            why, us = f"more than {MAX_SPIN_US} (0.1 s)", MAX_SPIN_US
+        else:
+            why, us = "not a number of microseconds >= 0", default_us
         warnings.warn(
-            f"ACTORGRAD_SPIN_US={raw!r} is not a number of microseconds >= 0; using {default_us:g}",
-            RuntimeWarning,
-            stacklevel=2,
+            f"ACTORGRAD_SPIN_US={raw!r} is {why}; using {us:g}", RuntimeWarning, stacklevel=2
         )
-        us = default_us
         # (our worker and driver processes inherit the value used, so one command warns
         # once: `actorgrad run -n 2` warned 4 times)
         os.environ["ACTORGRAD_SPIN_US"] = f"{us:g}"
     return us / 1e6
+
+
+def env_switch(name: str) -> bool:
+    """Whether the on/off setting in environment variable ``name`` is on (unset or
+    empty: on). Off: 0, false, no, off; on: 1, true, yes, on (any case, blanks around
+    ignored); anything else warns, naming it, and counts as on. (Only "0" was off:
+    "false" or " 0" left it on, silently.)"""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value not in ("", "1", "true", "yes", "on"):
+        warnings.warn(
+            f"{name}={raw!r} is not 0 or 1 (nor off or on, false or true, no or yes); "
+            "taking it as 1",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        os.environ[name] = "1"  # (inherited: one command warns once)
+    return True
 
 
 # After a frame goes out or comes in, the loop polls its sockets, yielding the CPU at
@@ -129,7 +155,7 @@ SPIN_HIT_RATE = 0.75
 _sched_yield = getattr(os, "sched_yield", None)
 _MAX_HANDSHAKE_BUFFER = 4096
 #: Co-located TCP workers talk over abstract Unix sockets (Linux only).
-LOCAL_SOCKETS = sys.platform == "linux" and os.environ.get("ACTORGRAD_LOCAL_SOCKETS", "1") != "0"
+LOCAL_SOCKETS = sys.platform == "linux" and env_switch("ACTORGRAD_LOCAL_SOCKETS")
 
 
 class _Spinner:
