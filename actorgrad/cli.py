@@ -903,12 +903,31 @@ def _port(text: str) -> int:
     return value
 
 
+#: The environment variables, for ``actorgrad --help`` (none was listed anywhere but
+#: in the docs).
+_ENVIRONMENT = """environment:
+  ACTORGRAD_TOKEN           the cluster token, for every command that needs one
+  ACTORGRAD_ADDRESS         HOST:PORT of the cluster, for status and ag.init
+                            (run sets both for its script)
+  ACTORGRAD_LOG             log level: debug, info, warning (default), error
+  ACTORGRAD_SPIN_US         polling window after each message, in microseconds
+                            (default 5000, 0: off, at most 100000)
+  ACTORGRAD_LOCAL_SOCKETS   0: co-located workers talk over TCP, not Unix sockets
+  ACTORGRAD_MALLOC_TUNING   0: keep glibc malloc's defaults
+See README.md and docs/limits.md."""
+
+
 def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
     """The parser and its commands' parsers; not ``strict``: no option is required
     (see parse_args)."""
     from actorgrad import __version__
 
-    p = _Parser(prog=PROG, description="actorgrad: distributed autograd on asyncio actors.")
+    p = _Parser(
+        prog=PROG,
+        description="actorgrad: distributed autograd on asyncio actors.",
+        epilog=_ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -161,6 +162,10 @@ async def train_pipeline(
 
 
 async def _run_demo(args: argparse.Namespace) -> TrainResult:
+    there = os.environ.pop("ACTORGRAD_ADDRESS", "").strip()
+    if there:
+        # (local_cluster's warning told the user to change code that is not theirs)
+        print(f"demo: ACTORGRAD_ADDRESS ({there}) is not used: the demo starts its own cluster")
     async with ag.local_cluster(3, processes=not args.in_process) as cluster:
         kind = "in-process actors" if args.in_process else "worker processes"
         print(f"local cluster at {cluster.address}: {', '.join(cluster.names)} ({kind})")

@@ -229,6 +229,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
 # --- no runtime needed ---
 
 
+def test_help_lists_the_environment_variables_the_package_reads() -> None:
+    # (none was listed in any --help: ACTORGRAD_LOG only in the README)
+    import actorgrad
+
+    read = set()
+    for path in Path(actorgrad.__file__).parent.rglob("*.py"):
+        read |= set(re.findall(r"\bACTORGRAD_[A-Z_]+\b", path.read_text()))
+    read -= {"ACTORGRAD_PROFILE", "ACTORGRAD_JOIN_KEY"}  # (a developer aid; internal)
+    r = run_cli("--help")
+    assert r.returncode == 0, r.stderr
+    listed = set(re.findall(r"^  (ACTORGRAD_[A-Z_]+) ", r.stdout, re.M))
+    assert listed == read, (listed, read)
+
+
 def test_usage_errors_exit_2() -> None:
     assert run_cli("cluster").returncode == 2
     assert run_cli("cluster", "-n", "0").returncode == 2

@@ -14,8 +14,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-def run(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+def run(*args: str, timeout: float = 90, **extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACTORGRAD_")}
+    env.update(extra)
     return subprocess.run(
         [sys.executable, *args],
         capture_output=True,
@@ -89,6 +90,13 @@ def test_the_examples_check_their_arguments():
 
 
 def test_demo_in_process():
-    p = run("-m", "actorgrad", "demo", "--in-process", "--steps", "300")
+    # (with a cluster's address exported, as `cluster` says to: local_cluster warned the
+    # user to change the demo's code, `await ag.init(name)` instead)
+    p = run(
+        "-m", "actorgrad", "demo", "--in-process", "--steps", "300",
+        ACTORGRAD_ADDRESS="127.0.0.1:9",
+    )  # fmt: skip
     assert p.returncode == 0, p.stdout + p.stderr
     assert "reached" in p.stdout
+    assert "demo: ACTORGRAD_ADDRESS (127.0.0.1:9) is not used" in p.stdout
+    assert "WARNING" not in p.stderr, p.stderr

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         return await serve_worker(args.join, args.name, token, stop=stop, host=args.host, key=key)
 
-    profile = os.environ.get("ACTORGRAD_PROFILE")
+    profile = os.environ.get("ACTORGRAD_PROFILE", "").strip()  # (blank: none)
     prof: Any = None
     if profile:  # a developer aid: cProfile the worker, stats dumped to this path at exit
         import cProfile
@@ -131,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if prof is not None:
             prof.disable()
-            prof.dump_stats(f"{profile}.{args.name}")
+            try:
+                prof.dump_stats(f"{profile}.{args.name}")
+            except OSError as exc:  # (a missing folder: one line, not a traceback)
+                print(f"actorgrad worker {args.name}: ACTORGRAD_PROFILE: {exc}", file=sys.stderr)
     if head_gone is not None:
         if head_gone != HEAD_SHUT_DOWN:
             # (said, so that a cluster that finds its workers gone knows why: one whose
