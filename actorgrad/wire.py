@@ -102,8 +102,10 @@ MAX_HEADER_BYTES = 64 * 1024
 #: Most out-of-band buffers in one frame.
 MAX_BUFFERS = 1 << 16
 #: Deepest nesting of ext values (tuples, arrays, tensors, ...) inside one another.
-#: Plain lists and dicts are bounded by msgpack itself (about 1000 levels).
-MAX_DEPTH = 100
+#: Plain lists and dicts are bounded by msgpack itself (about 1000 levels). Decoding
+#: takes ~42 KB of C stack per level (each nests an unpacker): 100 levels crashed a
+#: thread with a 2 MiB stack, glibc's default under ``ulimit -s unlimited``.
+MAX_DEPTH = 32
 #: Most list and dict levels, all told, in the tuples that nest in other tuples. Each
 #: tuple is packed by a packer of its own, whose limit (about 1000 levels) starts
 #: afresh: 98 tuples of 200 list levels each overflowed the C stack (the process died
@@ -484,8 +486,8 @@ def _levels(value: list, limit: int) -> int:
             deepest = level
             if deepest > limit:
                 break
-        for x in seq.values() if isinstance(seq, dict) else seq:
-            if isinstance(x, (list, dict)):
+        for x in (*seq.keys(), *seq.values()) if isinstance(seq, dict) else seq:
+            if isinstance(x, (list, dict)):  # (a key too: a hashable list subclass)
                 todo.append((x, level + 1))
     return deepest
 

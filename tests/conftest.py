@@ -46,15 +46,25 @@ def pytest_configure(config):
     _real_stderr.append(os.dup(2))
 
 
+def _timeout_of(item: pytest.Item) -> float:
+    """The test's timeout as pytest-timeout takes it: its marker, then --timeout, then
+    PYTEST_TIMEOUT, then the ini file (0: none)."""
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and (marker.args or "timeout" in marker.kwargs):
+        return float(marker.args[0] if marker.args else marker.kwargs["timeout"])
+    option = item.config.getoption("timeout", None)
+    if option is not None:
+        return float(option)
+    if os.environ.get("PYTEST_TIMEOUT"):
+        return float(os.environ["PYTEST_TIMEOUT"])
+    return float(item.config.getini("timeout") or 0)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    marker = item.get_closest_marker("timeout")
-    timeout = (
-        float(marker.args[0])
-        if marker and marker.args
-        else float(item.config.getini("timeout") or 0)
-    )
-    if timeout > 0 and _real_stderr:
+    timeout = _timeout_of(item)
+    debugging = item.config.getoption("usepdb", False) or item.config.getoption("trace", False)
+    if timeout > 0 and _real_stderr and not debugging:
         faulthandler.dump_traceback_later(
             timeout + HARD_STOP_MARGIN, exit=True, file=_real_stderr[0]
         )

@@ -147,6 +147,13 @@ async def test_process_workers_get_blas_threads_unless_the_user_set_them(monkeyp
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     async with ag.local_cluster(1, processes=True):
         assert await ag.rpc("w1", blas_env) == [None, "7", None]
+    # Another one of the user's: the others still get the cap (MKL's alone means
+    # nothing to numpy's OpenBLAS, which then took every core in every process).
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    share = str(max(1, (os.cpu_count() or 1) // 2))  # 1 worker + the driver
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", blas_env) == [share, share, "3"]
 
 
 def module_value(name: str) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import struct
 import weakref
+from typing import Any
 
 import numpy as np
 import pytest
@@ -204,15 +205,23 @@ def test_the_pools_of_all_connections_keep_at_most_their_process_limit(monkeypat
     monkeypatch.setattr(P, "MAX_BYTES", 4 << 20)
     monkeypatch.setattr(P, "PROCESS_MAX_BYTES", 10 << 20, raising=False)
     monkeypatch.setattr(P, "_pools", weakref.WeakSet(), raising=False)
+    monkeypatch.setattr(P, "_kept", 0, raising=False)
+
+    def kept(pool: Any) -> int:
+        return sum(map(len, pool._bufs))
+
     pools = [P() for _ in range(5)]
-    for pool in pools:
-        pool.get(3 << 20)  # (freed at once: kept for the next frame of its size)
-    kept = [sum(map(len, pool._bufs)) for pool in pools]
-    assert sum(kept) <= 10 << 20 and kept[:3] == [kept[0]] * 3 and kept[0] >= 3 << 20
-    assert kept[3:] == [0, 0]
-    pools[0].clear()  # (its connection closed: room for the next)
-    pools[4].get(3 << 20)
-    assert sum(map(len, pools[4]._bufs)) >= 3 << 20
+    held = [pool.get(3 << 20) for pool in pools[:3]]  # (in use: their frames live)
+    assert [kept(p) for p in pools[:3]] == [kept(pools[0])] * 3 and kept(pools[0]) >= 3 << 20
+    pools[3].get(3 << 20)  # no room: the others' buffers are in use
+    assert kept(pools[3]) == 0
+    del held  # (their frames gone: the buffers are free)
+    pools[4].get(3 << 20)  # room made from another pool's free buffer
+    assert kept(pools[4]) >= 3 << 20
+    assert sum(map(kept, pools)) == P._kept <= 10 << 20
+    for pool in pools:  # (their connections closed)
+        pool.clear()
+    assert P._kept == 0
 
 
 async def test_big_frames_assembled_across_reads_at_every_offset_decode_aligned():

@@ -501,17 +501,44 @@ def mix(levels, tuples):
         x = (lists(x, levels),)
     return x
 
-for levels, tuples in [(200, 98), (900, 25)]:  # (both killed the process: SIGSEGV)
+for levels, tuples in [(1000, 25), (900, 30)]:  # (both killed the process: SIGSEGV)
     try:
         wire.encode_frame([0], mix(levels, tuples))
     except ValueError as exc:
         print(exc)
 # at the limit: the body's lists, a tuple's, and 1000 levels in the tuples in it
-value = lists((lists(mix(9, 99), 990),), 990)
+value = lists((lists(mix(32, 30), 990),), 990)
 frame = b"".join(wire.encode_frame([0], value))
 out = wire.decode_frame(frame).body()
 print(b"".join(wire.encode_frame([0], out)) == frame)  # (== recurses too deep for Python)
 """
+
+
+_DEEPEST_IN_A_THREAD = """
+import threading
+from actorgrad import wire
+
+value = 0
+for _ in range(wire.MAX_DEPTH):
+    value = (value,)
+frame = b"".join(wire.encode_frame([0], value))
+out = []
+threading.stack_size(2 << 20)  # (glibc's default for threads under ulimit -s unlimited)
+t = threading.Thread(target=lambda: out.append(wire.decode_frame(frame).body() == value))
+t.start()
+t.join()
+print(out)
+"""
+
+
+def test_the_deepest_value_decodes_in_a_thread_with_a_2_mib_stack():
+    # Each ext level nests an unpacker of ~42 KB of C stack: at 100 levels (the limit
+    # then) a receiver whose loop ran in such a thread crashed (SIGSEGV from 48 on).
+    r = subprocess.run(
+        [sys.executable, "-c", _DEEPEST_IN_A_THREAD], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[True]"
 
 
 def test_lists_deep_in_tuples_deep_in_tuples_are_refused_not_a_crash():
@@ -1005,7 +1032,7 @@ def _deep(value: Any, levels: int) -> Any:
 def test_large_data_nested_many_ext_levels_deep_is_refused_by_the_sender():
     assert roundtrip(_deep(b"x" * 200_000, 10)) == _deep(b"x" * 200_000, 10)
     with pytest.raises(ValueError, match="nest large data less deeply"):
-        encode_frame([0], _deep(b"x" * 200_000, 40))
+        encode_frame([0], _deep(b"x" * 200_000, 30))
 
 
 def test_ext_payload_amplification_is_a_protocol_error():

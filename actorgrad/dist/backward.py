@@ -792,11 +792,12 @@ def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None
         else:
             ps.credit = credit
         return
+    worker = st.worker
     msgs: Any = out.items()
     if any(len(items) > 2 for items in out.values()):  # (several gradients for a peer)
-        msgs = [(dest, part) for dest, items in msgs for part in _cut(items)]
+        most = min(GRAD_MESSAGE_BYTES, worker.max_frame_size // 4)
+        msgs = [(dest, part) for dest, items in msgs for part in _cut(items, most)]
     parts = split_credit(credit, len(msgs))
-    worker = st.worker
     me = worker.name
     relays = ps.relays
     st.num_backward_messages += len(msgs)
@@ -821,21 +822,22 @@ def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None
         )
 
 
-#: Most bytes of gradients in one backward message: a part's gradients for one peer
-#: go in several messages past it. (In one, three gradients of 0.72 GB each, of three
-#: calls whose frames were each under the largest frame, were over it: the pass failed.)
+#: Most bytes of gradients in one backward message (and a quarter of the worker's
+#: largest frame at most): a part's gradients for one peer go in several messages past
+#: it. (In one, three gradients of 0.72 GB each, of three calls whose frames were each
+#: under the largest frame, were over it: the pass failed.)
 GRAD_MESSAGE_BYTES = 1 << 29
 
 
-def _cut(items: list[Any]) -> list[list[Any]]:
-    """``items`` (send id, gradient, ...) in parts of at most GRAD_MESSAGE_BYTES of
+def _cut(items: list[Any], most: int) -> list[list[Any]]:
+    """``items`` (send id, gradient, ...) in parts of at most ``most`` bytes of
     gradients (a gradient alone over it stays whole)."""
     parts: list[list[Any]] = [[]]
     size = 0
     for i in range(0, len(items), 2):
         g = items[i + 1]
         n = g.nbytes if type(g) is np.ndarray else 0 if g is None else g[0].nbytes
-        if size + n > GRAD_MESSAGE_BYTES and parts[-1]:
+        if size + n > most and parts[-1]:
             parts.append([])
             size = 0
         parts[-1] += items[i : i + 2]
@@ -1270,5 +1272,8 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
                 _flood_abort(worker, ctx, pass_id)
             raise
         finally:
-            del st.runs[pass_id], st.run_of[context_id]
+            del st.runs[pass_id]
+            # (no local for it: this frame is in the error's traceback, see `run = None`)
+            if getattr(st.run_of.get(context_id), "pass_id", None) == pass_id:
+                del st.run_of[context_id]
             ps.unwatch()

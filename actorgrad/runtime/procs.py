@@ -11,8 +11,9 @@ BLAS threads: N worker processes plus the driver share this machine's cores, and
 BLAS library would by default start one thread per core (a 3-worker matmul pipeline
 on 2 cores ran 40x slower oversubscribed). So each child gets
 ``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` set to
-``max(1, os.cpu_count() // (N + 1))``, unless the user set any of them (then none is
-set: OpenBLAS and MKL read ``OMP_NUM_THREADS`` when their own is unset).
+``max(1, os.cpu_count() // (N + 1))``, except for a variable the user already set; and
+none when the user set ``OMP_NUM_THREADS`` (OpenBLAS and MKL fall back on it when
+their own is unset).
 
 Allocator: see :func:`tune_malloc`, applied by every process that runs a worker.
 """
@@ -285,12 +286,13 @@ class WorkerProcesses:
         if cwd not in paths:
             paths.append(cwd)
         env["PYTHONPATH"] = os.pathsep.join(paths)
-        if not any(os.environ.get(var) for var in BLAS_THREAD_VARS):
-            # (all or none: the user's OMP_NUM_THREADS=2 was overridden by ours of
-            # OPENBLAS_NUM_THREADS, which OpenBLAS reads first)
+        if not os.environ.get("OMP_NUM_THREADS"):
+            # (the user's OMP_NUM_THREADS=2 was overridden by ours of
+            # OPENBLAS_NUM_THREADS, which OpenBLAS reads first: with it set, none)
             threads = str(blas_threads(len(names)))
             for var in BLAS_THREAD_VARS:
-                env[var] = threads
+                if not os.environ.get(var):
+                    env[var] = threads
         for name in names:
             argv = [
                 sys.executable,

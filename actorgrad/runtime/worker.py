@@ -107,6 +107,7 @@ log = logging.getLogger("actorgrad.runtime")
 
 # message kinds (first header entry)
 K_REQ, K_OK, K_ERR, K_PING, K_HELLO, K_BYE, K_CAST, K_CANCEL = range(8)
+transport.set_heartbeat_frame(b"".join(wire.encode_frame([K_PING], None)))
 # request modes
 MODE_RPC, MODE_REMOTE, MODE_RREF_RPC, MODE_RREF_REMOTE = range(4)
 
@@ -587,7 +588,6 @@ class Worker:
         self._rref_ids = itertools.count(1)
         # peer -> RRef messages it could not be sent yet (see rref._tell)
         self._rref_unsent: dict[str, Any] = {}
-        self._ping = wire.encode_frame([K_PING], None)
 
     # ------------------------------------------------------------------ public bits
     def __repr__(self) -> str:
@@ -2331,7 +2331,7 @@ class Worker:
                     continue
                 if now - conn.last_sent >= interval * 0.9:
                     try:
-                        conn.send_nowait(self._ping)
+                        conn.send_heartbeat()
                     except ActorgradError:
                         pass
 
