@@ -416,6 +416,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
                 stop=stop,
                 on_joined=lambda w: _say(f"worker {args.name} joined (cluster id {w.id})"),
                 wait=args.wait or 0.0,
+                host=args.host,
+                port=args.port,
             )
         if why is not None:  # (not asked to stop: a supervisor should hear of it)
             raise CliError(f"worker {args.name}: the cluster's head went away ({why})")
@@ -961,6 +963,13 @@ def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
         metavar="SECONDS",
         help="keep trying to reach a cluster not up yet for that long (default: fail at once)",
     )
+    w.add_argument(
+        "--host",
+        type=_host,
+        help="interface to bind (default: 127.0.0.1 for a cluster on this host's loopback, "
+        "else every interface)",
+    )
+    w.add_argument("--port", type=_port, default=0, help="port to listen on (default: any free)")
 
     r = sub.add_parser("run", help="run SCRIPT as the driver of a local cluster of N workers")
     r.add_argument("-n", type=_workers, required=strict, metavar="N", help="workers w1..wN")

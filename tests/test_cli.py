@@ -1799,6 +1799,30 @@ def test_status_shows_the_live_contexts_of_each_worker(tmp_path: Path) -> None:
 
 
 @needs_runtime
+def test_a_joined_worker_listens_where_it_is_told(tmp_path: Path) -> None:
+    # (worker had no --host or --port: a worker behind a firewall, or on a host with
+    # several interfaces, could not choose where its peers reach it)
+    token_file = tmp_path / "t"
+    c = Running("cluster", "-n", "1", "--token-file", str(token_file))
+    w: Running | None = None
+    try:
+        address = c.expect("address: ").strip()
+        port = free_port()
+        w = Running(
+            "worker", "--join", address, "--name", "fixed", "--token-file", str(token_file),
+            "--host", "127.0.0.1", "--port", str(port),
+        )  # fmt: skip
+        w.expect("worker fixed joined")
+        r = run_cli("status", "--address", address, "--token-file", str(token_file))
+        assert r.returncode == 0, r.stderr
+        assert f"127.0.0.1:{port}" in r.stdout, r.stdout
+    finally:
+        if w is not None:
+            w.stop()
+        c.stop()
+
+
+@needs_runtime
 def test_a_joined_worker_exits_when_its_cluster_stops(tmp_path: Path) -> None:
     token_file = tmp_path / "t"
     c = Running("cluster", "-n", "1", "--token-file", str(token_file))

@@ -335,6 +335,7 @@ async def serve_worker(
     *,
     stop: asyncio.Event | None = None,
     host: str | None = None,
+    port: int = 0,
     on_joined: Callable[[Worker], None] | None = None,
     key: str = "",
     wait: float = 0.0,
@@ -342,13 +343,14 @@ async def serve_worker(
     """One worker joining the cluster at ``address``; runs until ``stop`` is set or the
     cluster's head goes away. ``on_joined(worker)`` once it joined; ``key``: the one
     its head gave a process it started (see ``Worker.join``); ``wait``: seconds to keep
-    trying while nothing listens at ``address`` (a cluster not up yet). Returns how the
+    trying while nothing listens at ``address`` (a cluster not up yet); ``host``,
+    ``port``: where it listens (see bind_for; 0: any free port). Returns how the
     head went away ("it shut down", "worker '_head' sent nothing for 60 s ..."), None
     when ``stop`` ended it (or the worker's own ``shutdown``)."""
     check_name(name)
     check_address(address)
     host = check_bind(bind_for(address) if host is None else host, token)
-    w = Worker(name, token=token, host=host)
+    w = Worker(name, token=token, host=host, port=port)
     own = _w._process_worker is None or _w._process_worker.closed
     if own:
         _w.set_process_worker(w)
