@@ -52,6 +52,7 @@ import numpy as np
 from actorgrad.autograd import GraphTask, add, grad_node, seed_grad
 from actorgrad.dist.context import (
     DistContext,
+    PASS_ID_BITS,
     DistState,
     RecvNode,
     call_peers,
@@ -446,7 +447,7 @@ class PassState:
         freed = None if retain_graph else ctx.free_graph()
         ctx.commit(self.pass_id, self.origin, self.contrib, freed)
         ctx.active_pass = None
-        ctx.done_upto[self.pass_id >> 32] = self.pass_id
+        ctx.done_upto[self.pass_id >> PASS_ID_BITS] = self.pass_id
         st.num_backward_passes += 1
 
 

@@ -55,7 +55,12 @@ _current: contextvars.ContextVar[tuple[Any, int, tuple[int, ...]] | None] = cont
     "actorgrad_dist_context", default=None
 )
 
+#: Ids made on a worker start with its cluster id, above these many bits of a counter
+#: of its own: unique across the cluster, and they name the worker that made them
+#: (a context's initiator, a pass's origin).
 CONTEXT_ID_BITS = LOCAL_ID_BITS
+PASS_ID_BITS = 32
+CALL_TOKEN_BITS = 40
 #: How many released context ids a worker remembers, to refuse calls that arrive in one
 #: late (sent before their sender saw the release: a cancelled caller's callee calling
 #: on, say). Beyond that, a worker still refuses the contexts it created itself.
@@ -257,7 +262,7 @@ class DistContext:
 
     def pass_done(self, pass_id: int) -> bool:
         """Whether pass ``pass_id`` (or a later one of its origin) finished here."""
-        return pass_id <= self.done_upto.get(pass_id >> 32, 0)
+        return pass_id <= self.done_upto.get(pass_id >> PASS_ID_BITS, 0)
 
     def drop_pass(self, pass_id: int | None = None) -> None:
         """Forget the pass running here (only if it is ``pass_id``, when given): its
@@ -301,11 +306,11 @@ class DistContext:
         worker before any message of a later pass of the same origin)."""
         if self.undo:
             self.undo.pop(origin, None)
-        key = pass_id >> 32
+        key = pass_id >> PASS_ID_BITS
         self.started_upto[key] = pass_id
         if self.aborted_passes:
             self.aborted_passes = {
-                p for p in self.aborted_passes if p >> 32 != key or p >= pass_id
+                p for p in self.aborted_passes if p >> PASS_ID_BITS != key or p >= pass_id
             }
 
     def is_aborted(self, pass_id: int) -> bool:
@@ -313,7 +318,7 @@ class DistContext:
         newest pass started here: then it ended, and any message of it is a late one
         of an aborted pass)."""
         return pass_id in self.aborted_passes or pass_id < self.started_upto.get(
-            pass_id >> 32, 0
+            pass_id >> PASS_ID_BITS, 0
         )
 
     def undo_pass(self, pass_id: int) -> dict[str, tuple[list[int], list[int]]] | None:
@@ -442,11 +447,11 @@ class DistState:
         return (wid << CONTEXT_ID_BITS) | next(self._ids)
 
     def new_pass_id(self) -> int:
-        return (int(self.worker.id) << 32) | next(self._pass_ids)
+        return (int(self.worker.id) << PASS_ID_BITS) | next(self._pass_ids)
 
     def new_call_token(self) -> int:
         """A token for a call made here in a context, unique across the cluster."""
-        return (int(self.worker.id) << 40) | next(self._call_tokens)
+        return (int(self.worker.id) << CALL_TOKEN_BITS) | next(self._call_tokens)
 
     def get(self, ctx_id: int) -> DistContext:
         ctx = self.contexts.get(ctx_id) if type(ctx_id) is int else None
