@@ -29,13 +29,13 @@ Design (see docs/distributed.md for the long form):
   cost no credit messages.
 * Each message is a one-way protocol message (``Worker.cast``) handled inline on the
   receiver's loop: no reply, no task, no function lookup. (Only the abort of a failed
-  pass goes out as calls, so that the initiator knows every peer dropped it.) A failure in a worker's part
-  is reported by that worker to the pass's origin as the original error
-  (``RemoteError`` naming it); a message that cannot be sent, or a peer lost after it
-  was sent a message of the pass (its process died; or it went silent while the
-  sender's part ran: the sender watches the peers it sends to until its part is done),
-  is reported by the sender as ``WorkerLost``.
-  The origin then floods an abort so every worker drops the pass.
+  pass goes out as calls, so that the initiator knows every peer dropped it.) A
+  failure in a worker's part is reported by that worker to the pass's origin as the
+  original error (``RemoteError`` naming it); a message that cannot be sent, or a peer
+  lost after it was sent a message of the pass (its process died; or it went silent
+  while the sender's part ran: the sender watches the peers it sends to until its part
+  is done), is reported by the sender as ``WorkerLost``. The origin then floods an
+  abort so every worker drops the pass.
 """
 
 from __future__ import annotations

@@ -98,8 +98,9 @@ COALESCE_MAX = 512
 _LEN = struct.Struct(">Q")
 
 
-#: Longest polling window ``ACTORGRAD_SPIN_US`` may set: heartbeats come every 0.5 s,
-#: and a window that long counted each of them as traffic: idle workers spun for good.
+#: Longest polling window ``ACTORGRAD_SPIN_US`` may set: a process polls that long after
+#: each message, and one of 0.5 s or more (the heartbeat's interval) kept idle workers
+#: spinning for good while pings counted as traffic (see set_heartbeat_frame).
 MAX_SPIN_US = 100_000
 
 
@@ -284,8 +285,7 @@ class _BufferPool:
     hands blocks of this size back when they are freed): 4096 page faults and a zeroing
     for 16 MiB, more than the copy from the socket. Each connection keeps at most
     ``MAX_BUFFERS`` buffers and ``MAX_BYTES`` bytes, all of them together
-    ``PROCESS_MAX_BYTES``; frames under ``MIN_SIZE`` use
-    fresh ``bytearray`` s.
+    ``PROCESS_MAX_BYTES``; frames under ``MIN_SIZE`` use fresh ``bytearray`` s.
     """
 
     MIN_SIZE = 256 * 1024
@@ -402,8 +402,9 @@ class Connection(asyncio.BaseProtocol):
     """One end of a connection: handshake, then length-prefixed frames.
 
     A streaming protocol (``data_received``), used as is by the in-process transport;
-    TCP and Unix sockets use :class:`StreamConnection`. (Deliberately not an ``asyncio.Protocol``
-    subclass: uvloop only uses a protocol's ``get_buffer`` when it is not one.)
+    TCP and Unix sockets use :class:`StreamConnection`. (Deliberately not an
+    ``asyncio.Protocol`` subclass: uvloop only uses a protocol's ``get_buffer`` when it
+    is not one.)
 
     ``on_frame(conn, frame_bytes)`` is called for every complete frame, ``on_lost(conn,
     exc)`` once when the connection is gone. ``ext`` is free for the owner (the worker
