@@ -2650,3 +2650,10 @@ async def test_leaving_a_local_cluster_stops_them_all_when_one_worker_fails_to(m
         current_worker()  # (the head stayed this process's worker)
     assert w2._server is None or not w2._server.is_serving()
     assert head._server is None or not head._server.is_serving()
+
+
+async def test_a_connection_out_of_time_names_the_time_it_had():
+    # ("timed out" alone read as the network's, after a `status --timeout 1e-9`)
+    async with ag.local_cluster(1, transport="tcp") as c:
+        with pytest.raises(ag.WorkerLost, match=r"cannot connect to .+: no answer within 1e-09 s"):
+            await c.driver.open_connection(c.address, deadline=1e-9)

@@ -952,7 +952,11 @@ class Worker:
                 async with asyncio.timeout(deadline):
                     await self.loop.create_connection(lambda: conn, host.strip("[]"), int(port))
         except TimeoutError:
-            raise WorkerLost(f"cannot connect to {address}: timed out") from None
+            # (the time it had: "timed out" alone read as the network's, after a
+            # `status --timeout 1e-9` of the user's)
+            raise WorkerLost(
+                f"cannot connect to {address}: no answer within {deadline:g} s"
+            ) from None
         except (OSError, ValueError) as exc:
             raise WorkerLost(f"cannot connect to {address}: {exc}") from exc
         self._conns.add(conn)
