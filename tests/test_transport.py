@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import time
 import weakref
-from typing import Any
 
 import numpy as np
 import pytest
@@ -198,30 +198,22 @@ def test_big_frame_buffers_are_64_byte_aligned_and_never_just_past_their_source(
         assert not 0 < (addr - near) % 4096 < 64, (back, (addr - near) % 4096)
 
 
-def test_the_pools_of_all_connections_keep_at_most_their_process_limit(monkeypatch):
-    # Each connection kept up to 64 MiB: a driver that got a 60 MiB message from each
-    # of its 16 workers kept 1 GB for good. (Sizes scaled down here.)
+def test_a_pool_idle_for_a_while_drops_its_free_buffers(monkeypatch):
+    # Each connection kept its buffers for good: a driver that got a 60 MiB message
+    # from each of its 16 workers kept 1 GB while idle.
     P = transport._BufferPool
-    monkeypatch.setattr(P, "MAX_BYTES", 4 << 20)
-    monkeypatch.setattr(P, "PROCESS_MAX_BYTES", 10 << 20, raising=False)
     monkeypatch.setattr(P, "_pools", weakref.WeakSet(), raising=False)
-    monkeypatch.setattr(P, "_kept", 0, raising=False)
-
-    def kept(pool: Any) -> int:
-        return sum(map(len, pool._bufs))
-
-    pools = [P() for _ in range(5)]
-    held = [pool.get(3 << 20) for pool in pools[:3]]  # (in use: their frames live)
-    assert [kept(p) for p in pools[:3]] == [kept(pools[0])] * 3 and kept(pools[0]) >= 3 << 20
-    pools[3].get(3 << 20)  # no room: the others' buffers are in use
-    assert kept(pools[3]) == 0
-    del held  # (their frames gone: the buffers are free)
-    pools[4].get(3 << 20)  # room made from another pool's free buffer
-    assert kept(pools[4]) >= 3 << 20
-    assert sum(map(kept, pools)) == P._kept <= 10 << 20
-    for pool in pools:  # (their connections closed)
-        pool.clear()
-    assert P._kept == 0
+    idle, busy, recent = P(), P(), P()
+    for pool in (idle, busy, recent):
+        pool.get(300_000)  # (freed at once: kept for the next frame of its size)
+    held = busy.get(400_000)  # (its frame lives on)
+    assert all(len(p._bufs) >= 1 for p in (idle, busy, recent))
+    now = time.monotonic()
+    idle._used = busy._used = now - P.IDLE_SECONDS - 1
+    dropped = P.trim_idle(now)
+    assert idle._bufs == [] and recent._bufs != []
+    assert [len(b) for b in busy._bufs] == [len(held.obj)]  # (in use: kept)
+    assert dropped >= 2 * 300_000
 
 
 async def test_big_frames_assembled_across_reads_at_every_offset_decode_aligned():

@@ -284,8 +284,9 @@ class _BufferPool:
     size takes it. Without this every big frame got fresh pages from the kernel (glibc
     hands blocks of this size back when they are freed): 4096 page faults and a zeroing
     for 16 MiB, more than the copy from the socket. Each connection keeps at most
-    ``MAX_BUFFERS`` buffers and ``MAX_BYTES`` bytes, all of them together
-    ``PROCESS_MAX_BYTES``; frames under ``MIN_SIZE`` use fresh ``bytearray`` s.
+    ``MAX_BUFFERS`` buffers and ``MAX_BYTES`` bytes, and drops its free ones after
+    ``IDLE_SECONDS`` without a big frame; frames under ``MIN_SIZE`` use fresh
+    ``bytearray`` s.
     """
 
     MIN_SIZE = 256 * 1024
@@ -298,64 +299,42 @@ class _BufferPool:
     LAZY_SIZE = 32 * 1024 * 1024
     MAX_BUFFERS = 2
     MAX_BYTES = 64 * 1024 * 1024
-    #: Most bytes the pools of all the process's connections keep together: with the
-    #: limit per connection alone, a driver that got a 60 MiB message from each of its
-    #: 16 workers kept 1 GB for good.
-    PROCESS_MAX_BYTES = 256 * 1024 * 1024
+    #: A connection that got no big frame for this long drops its free buffers (see
+    #: trim_idle): kept for good, a driver that got a 60 MiB message from each of its
+    #: 16 workers kept 1 GB while idle. (A cap on all pools together cost speed where
+    #: it bound: 8 workers returning 40 MiB each at once, 70% slower per step.)
+    IDLE_SECONDS = 10.0
     _ROUND = 64 * 1024
-    _pools: weakref.WeakSet[_BufferPool] = weakref.WeakSet()
-    _pools_lock = threading.Lock()  # (a process may run loops in several threads)
     #: room to move a frame's start: up to 63 bytes to a 64-byte boundary, 64 more
     #: away from its source
     SLACK = 128
-
-    _kept = 0  # bytes all pools keep (under _pools_lock)
+    _pools: weakref.WeakSet[_BufferPool] = weakref.WeakSet()
+    _pools_lock = threading.Lock()  # (a process may run loops in several threads)
 
     def __init__(self) -> None:
         self._bufs: list[bytearray | mmap.mmap] = []
+        self._used = 0.0  # monotonic time of its last big frame
         with self._pools_lock:
             self._pools.add(self)
 
     def clear(self) -> None:
         """Keep nothing (the connection closed)."""
-        with self._pools_lock:
-            _BufferPool._kept -= sum(map(len, self._bufs))
-            self._bufs = []
+        self._bufs = []
 
-    def _keep(self, buf: bytearray | mmap.mmap) -> None:
-        """Keep ``buf`` for later frames within the limits: this pool's (forgetting its
-        free buffers first, then its oldest), then the process's (forgetting free
-        buffers of other pools); else not at all, and nothing forgotten for it."""
-        size = len(buf)
-        with self._pools_lock:
-            bufs = self._bufs
-            out: list[Any] = []  # (this pool's, to forget)
+    @classmethod
+    def trim_idle(cls, now: float) -> int:
+        """Drop the free buffers of the pools that got no big frame for IDLE_SECONDS
+        before ``now`` (``time.monotonic()``); the bytes dropped."""
+        with cls._pools_lock:
+            pools = [p for p in cls._pools if p._bufs and now - p._used > cls.IDLE_SECONDS]
+        dropped = 0
+        for pool in pools:
+            bufs = pool._bufs
             free = [b for b in bufs if sys.getrefcount(b) == 3]  # (list, b, argument)
-            busy = [b for b in bufs if all(b is not f for f in free)]
-            kept = sum(map(len, bufs))
-            for b in free + busy:
-                if len(bufs) - len(out) < self.MAX_BUFFERS and kept + size <= self.MAX_BYTES:
-                    break
-                out.append(b)
-                kept -= len(b)
-            need = _BufferPool._kept - sum(map(len, out)) + size - self.PROCESS_MAX_BYTES
-            taken: list[tuple[_BufferPool, Any]] = []  # (other pools' free ones)
-            if need > 0:
-                for pool in list(self._pools):
-                    if pool is self:
-                        continue
-                    for b in pool._bufs:
-                        if need > 0 and sys.getrefcount(b) == 3:  # (list, b, argument)
-                            taken.append((pool, b))
-                            need -= len(b)
-                if need > 0:
-                    return  # (room only if busy buffers went: this one is not kept)
-            for b in out:
-                bufs.remove(b)
-            for pool, b in taken:
-                pool._bufs.remove(b)
-            bufs.append(buf)
-            _BufferPool._kept += size - sum(map(len, out)) - sum(len(b) for _, b in taken)
+            if free:
+                pool._bufs = [b for b in bufs if all(b is not f for f in free)]
+                dropped += sum(map(len, free))
+        return dropped
 
     @staticmethod
     def _place(buf: bytearray | mmap.mmap, n: int, near: int | None) -> memoryview:
@@ -373,6 +352,7 @@ class _BufferPool:
         aligned; ``near``: the address of the bytes to be copied into it first."""
         if n < self.MIN_SIZE:
             return self._place(bytearray(n + self.SLACK), n, near)
+        self._used = time.monotonic()
         bufs = self._bufs
         for buf in bufs:
             # 3 references: the pool's list, this loop's variable, getrefcount's argument
@@ -390,8 +370,28 @@ class _BufferPool:
             else bytearray(size)
         )
         if len(buf) <= self.MAX_BYTES:
-            self._keep(buf)
+            # forget free buffers first, then the oldest, to stay within the limits
+            while bufs and (
+                len(bufs) >= self.MAX_BUFFERS or sum(map(len, bufs)) + len(buf) > self.MAX_BYTES
+            ):
+                free = [b for b in bufs if sys.getrefcount(b) == 3]
+                bufs.remove(free[0] if free else bufs[0])
+                del free
+            bufs.append(buf)
         return self._place(buf, n, near)
+
+
+_trimmed = [0.0]  # (monotonic time of the last trim_idle_buffers that looked)
+
+
+def trim_idle_buffers(now: float) -> int:
+    """Drop the kept buffers of connections that got no big frame for a while (see
+    ``_BufferPool.IDLE_SECONDS``); looks at most once a second, whoever calls (each
+    worker's heartbeat does). The bytes dropped."""
+    if now - _trimmed[0] < 1.0:
+        return 0
+    _trimmed[0] = now
+    return _BufferPool.trim_idle(now)
 
 
 def _nbytes(chunk: Any) -> int:

@@ -2321,6 +2321,7 @@ class Worker:
             now = time.monotonic()
             lagged = now - last > interval + 1.0  # our own loop was blocked: be lenient
             last = now
+            transport.trim_idle_buffers(now)
             for conn in list(self._conns):
                 if conn.closed or conn._handshaking or conn.peer_name is None:
                     continue
