@@ -356,7 +356,7 @@ class _Encoder:
         self.buffers: list[memoryview] = []
         self.hooks: Any = None
         self.depth = 0
-        self.levels = 0  # (list/dict levels of the tuples packed below depth 1: see nest)
+        self.levels = 0  # (list/dict levels of the tuples packed below depth 1: see nested)
         self.ext_bytes = 0
         self.busy = False
         self._dispatch: dict[type, Callable[[_Encoder, Any], Any]] = _DISPATCH

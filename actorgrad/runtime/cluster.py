@@ -55,6 +55,12 @@ def bind_for(address: str) -> str:
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
+def _digits(text: str) -> bool:
+    """Whether ``text`` is ASCII digits only (``str.isdigit`` is true of "²" too, which
+    ``int()`` then refused bare, and of other scripts' digits, which it took)."""
+    return text.isascii() and text.isdigit()
+
+
 def check_host(host: Any) -> str:
     """``host`` in the form to bind when it can be bound: an IP address (IPv6 optionally
     in brackets, as addresses show it: returned without them, which binding needs), a
@@ -68,7 +74,7 @@ def check_host(host: Any) -> str:
         return bare
     except ValueError:
         pass
-    if bare is host and host.replace(".", "").isascii() and host.replace(".", "").isdigit():
+    if bare is host and _digits(host.replace(".", "")):
         raise ValueError(f"host {host!r:.80} is not a valid IP address")
     labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
     if bare is host and (
@@ -126,9 +132,7 @@ def check_address(address: Any, what: str = "address") -> str:
     else ValueError naming ``what`` (the argument or variable it came from)."""
     if isinstance(address, str):
         host, sep, port = address.rpartition(":")
-        # (ASCII digits: isdigit() is true of "²" too, and int() then failed bare, or
-        # took other scripts' digits)
-        if sep and host and port.isascii() and port.isdigit() and 0 < int(port) <= 65535:
+        if sep and host and _digits(port) and 0 < int(port) <= 65535:
             return address
     raise ValueError(f"{what} must be HOST:PORT with a port in 1..65535, not {address!r:.80}")
 
