@@ -2014,6 +2014,8 @@ def test_remote_error_from_an_exception_whose_str_fails_still_names_it():
         ({"token": 5}, TypeError, "the cluster token must be a str, not int"),
         # ("must be a non-empty str, not str or empty")
         ({"token": " ", "host": "0.0.0.0"}, ValueError, r"token is empty \(or only whitespace\)$"),
+        # ("" fell back to ACTORGRAD_TOKEN, or to a new token, where " " was refused)
+        ({"token": ""}, ValueError, r"the cluster token is empty \(or only whitespace\)$"),
     ],
 )
 async def test_init_refuses_bad_arguments_naming_them(kwargs, exc, message):
@@ -2542,6 +2544,8 @@ async def test_shutdown_refuses_bad_arguments_as_rpc_does(kwargs, exc, message, 
         ({"driver": 5}, TypeError, "not 5"),
         ({"driver": "a b"}, ValueError, "without whitespace, not starting with '_', not 'a b'"),
         ({"token": 5}, TypeError, "the cluster token must be a str, not int"),
+        ({"token": ""}, ValueError, r"the cluster token is empty \(or only whitespace\)$"),
+        ({"token": "\n"}, ValueError, r"the cluster token is empty \(or only whitespace\)$"),
     ],
 )
 async def test_local_cluster_refuses_a_bad_driver_or_token(kwargs, exc, message):

@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -442,6 +443,42 @@ async def test_serve_worker_joins_a_cluster_and_stops():
         assert "extra" not in ag.workers()
     finally:
         await ag.shutdown()
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_a_worker_joining_an_ipv6_cluster_listens_on_ipv6():
+    # It bound 127.0.0.1 (0.0.0.0 for a cluster on another host's IPv6 address) and
+    # advertised the IPv6 address it reached the head from, where nothing listened.
+    w = await ag.init("head", host="[::1]")
+    try:
+        joined: asyncio.Future = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(
+            rcluster.serve_worker(
+                w.address, "extra", w.token, stop=stop, on_joined=joined.set_result
+            )
+        )
+        extra = await asyncio.wait_for(joined, 10)
+        assert extra.host == "::1"
+        assert extra.address.startswith("[::1]:")
+        assert await ag.rpc("extra", add, (2, 3)) == 5
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        await ag.shutdown()
+    assert (rcluster.bind_for("[2001:db8::1]:7000"), rcluster.bind_for("10.0.0.1:7000")) == (
+        "::",
+        "0.0.0.0",
+    )
 
 
 async def test_serve_worker_whose_worker_shut_itself_down_says_it_was_asked_to_stop():

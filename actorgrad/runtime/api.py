@@ -34,6 +34,7 @@ from actorgrad.runtime.procs import (
     tune_malloc,
 )
 from actorgrad.runtime.rref import RRef
+from actorgrad.runtime.transport import check_token
 from actorgrad.runtime.worker import MODE_REMOTE, MODE_RPC, Worker, current_worker
 
 log = logging.getLogger("actorgrad.runtime")
@@ -74,9 +75,10 @@ async def init(
 
     Raises:
         TypeError: a name, host or token that is not a str, a port that is not an int.
-        ValueError: a malformed name, address, host or port, no token to join with, or
-            a new cluster bound to a host that is not a loopback address without a
-            token (anyone who can reach it could join: pass ``token=``).
+        ValueError: a malformed name, address, host or port, a blank token (also "":
+            it is not "no token"), no token to join with, or a new cluster bound to a
+            host that is not a loopback address without a token (anyone who can reach
+            it could join: pass ``token=``).
         RuntimeError: this process is initialized already (a worker whose event loop
             has closed does not count: it is forgotten).
         AuthError: the cluster's token is another one.
@@ -96,7 +98,7 @@ async def init(
     """
     _check_not_initialized()
     check_name(name)
-    _check_token_type(token)
+    token = None if token is None else check_token(token)
     if type(port) is not int:
         raise TypeError(f"port must be an int (0: any free port), not {port!r:.80}")
     with _claim(name):
@@ -233,13 +235,6 @@ async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:
         _w.set_process_worker(None)
 
 
-def _check_token_type(token: Any) -> None:
-    if token is not None and not isinstance(token, str):
-        raise TypeError(  # (not the value: it may be a secret)
-            f"the cluster token must be a str, not {type(token).__name__}"
-        )
-
-
 #: The process's workers being started by init or local_cluster, and their loops
 #: (their starting awaits: a second init meanwhile also passed the check, and its
 #: worker was left running, unreachable through the API).
@@ -362,7 +357,7 @@ async def local_cluster(
         raise ValueError(
             f"worker names must be unique and differ from the driver's: {names}, {driver!r}"
         )
-    _check_token_type(token)
+    token = None if token is None else check_token(token)
     _check_not_initialized()
     there = os.environ.get(ENV_ADDRESS, "").strip()
     if there and driver:

@@ -23,7 +23,7 @@ from actorgrad.errors import RemoteError, WorkerLost
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.procs import WorkerProcesses, describe_exit
 from actorgrad.runtime.registry import MAX_NAME, valid_name
-from actorgrad.runtime.transport import Unanswered, is_loopback
+from actorgrad.runtime.transport import Unanswered, is_loopback, split_address
 from actorgrad.runtime.worker import Worker
 
 HEAD_NAME = "_head"
@@ -48,8 +48,14 @@ def bind_for(address: str) -> str:
     """The interface a worker joining the cluster at ``address`` binds when told none:
     the loopback one for a cluster on this host's loopback, every one otherwise (its
     peers, maybe on other hosts, connect to the address it advertises: one bound to
-    127.0.0.1 reached none of them)."""
-    return "127.0.0.1" if is_loopback(address.rpartition(":")[0].strip("[]")) else "0.0.0.0"
+    127.0.0.1 reached none of them); of IPv6 for a cluster at an IPv6 address (bound
+    to IPv4, a worker advertised the IPv6 address it reached the head from, where
+    nothing listened)."""
+    host = split_address(address)[0]
+    v6 = ":" in host
+    if is_loopback(host):
+        return "::1" if v6 else "127.0.0.1"
+    return "::" if v6 else "0.0.0.0"
 
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
@@ -131,8 +137,8 @@ def check_address(address: Any, what: str = "address") -> str:
     """``address`` when it is HOST:PORT (a port in 1..65535; an IPv6 host in brackets),
     else ValueError naming ``what`` (the argument or variable it came from)."""
     if isinstance(address, str):
-        host, sep, port = address.rpartition(":")
-        if sep and host and _digits(port) and 0 < int(port) <= 65535:
+        host, port = split_address(address)
+        if host and _digits(port) and 0 < int(port) <= 65535:
             return address
     raise ValueError(f"{what} must be HOST:PORT with a port in 1..65535, not {address!r:.80}")
 

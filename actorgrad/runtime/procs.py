@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from actorgrad.runtime.transport import env_switch
+from actorgrad.runtime.transport import check_token, env_switch
 
 # The environment of a driver or worker process: where the cluster is, and its token.
 ENV_ADDRESS = "ACTORGRAD_ADDRESS"
@@ -47,14 +47,8 @@ def env_token() -> str | None:
     token file's: a trailing space or newline made "wrong cluster token"); None when it
     is unset or blank. ValueError naming the variable when it holds bytes that are not
     UTF-8 (the handshake failed deep inside, or a worker process exited)."""
-    value = os.environ.get(ENV_TOKEN, "").strip()
-    if not value:
-        return None
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise ValueError(f"{ENV_TOKEN} is not text: it holds bytes that are not UTF-8") from None
-    return value
+    value = os.environ.get(ENV_TOKEN, "")
+    return check_token(value, ENV_TOKEN) if value.strip() else None
 
 
 #: the level of the log records actorgrad's own processes write (see log_to_stderr)

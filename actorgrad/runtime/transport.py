@@ -1027,6 +1027,13 @@ def host_port(sockaddr: Any) -> Any:
     return sockaddr
 
 
+def split_address(address: str) -> tuple[str, str]:
+    """``host:port`` as ``(host, port)``, an IPv6 host without its brackets (as sockets
+    take it); ``("", address)`` when there is no colon."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), port
+
+
 def closed_mid_handshake(exc: BaseException) -> bool:
     """Whether ``exc``, from :func:`handshake`, is the peer closing the connection (it
     went away, gave up waiting, or refused our token: a server does not say which),
@@ -1039,6 +1046,24 @@ def _foreign(conn: Connection) -> bytes:
     start of one (an HTTP server's error reply, say); b"" otherwise."""
     start = bytes(conn._hs_buf[: len(MAGIC)])
     return b"" if MAGIC.startswith(start) else start
+
+
+def check_token(token: Any, source: str = "the cluster token") -> str:
+    """``token`` as the handshake keys with it: surrounding whitespace stripped (a token
+    read from a file or a variable with its newline must match the workers', which get
+    it stripped). TypeError for a non-str, ValueError for a blank one or one that is not
+    text (bytes that are not UTF-8, via os.environ): each names ``source``, never the
+    value (it may be a secret)."""
+    if not isinstance(token, str):
+        raise TypeError(f"{source} must be a str, not {type(token).__name__}")
+    token = token.strip()
+    if not token:
+        raise ValueError(f"{source} is empty (or only whitespace)")
+    try:
+        token.encode()  # (the handshake's MAC key)
+    except UnicodeEncodeError:
+        raise ValueError(f"{source} is not text: it holds bytes that are not UTF-8") from None
+    return token
 
 
 def _mac(token: str, role: bytes, nonce_c: bytes, nonce_s: bytes) -> bytes:

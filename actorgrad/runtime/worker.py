@@ -476,20 +476,7 @@ class Worker:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"worker name must be a non-empty string, not {name!r}")
-        if isinstance(token, str):
-            # (as a token file's and ACTORGRAD_TOKEN's: a token read with its newline
-            # and passed as token=... must match the workers', which get it stripped)
-            token = token.strip()
-        if not isinstance(token, str):
-            raise TypeError(  # (not the value: it may be a secret)
-                f"the cluster token must be a non-empty str, not {type(token).__name__}"
-            )
-        if not token:
-            raise ValueError("the cluster token is empty (or only whitespace)")
-        try:
-            token.encode()  # (the handshake's MAC key)
-        except UnicodeEncodeError:
-            raise ValueError("the cluster token must be text encodable as UTF-8") from None
+        token = transport.check_token(token)
         if type(port) is not int or not 0 <= port <= 65535:
             raise ValueError(
                 f"port must be an int in 0..65535 (0: any free port), not {port!r:.80}"
@@ -757,7 +744,9 @@ class Worker:
         if self.transport_kind == "tcp" and self.host in ("0.0.0.0", "::", ""):
             sock = conn.transport.get_extra_info("sockname") if conn.transport else None
             if sock:
-                self.address = transport.host_port((sock[0], int(self.address.rpartition(":")[2])))
+                self.address = transport.host_port(
+                    (sock[0], int(transport.split_address(self.address)[1]))
+                )
         self.joining_conn = conn
         try:
             wid, version, members = await self.call_on(
@@ -793,7 +782,7 @@ class Worker:
         away = sorted(
             e[1]
             for e in self.members.values()
-            if type(e[1]) is str and not transport.is_loopback(e[1].rpartition(":")[0])
+            if type(e[1]) is str and not transport.is_loopback(transport.split_address(e[1])[0])
         )
         if away:
             log.warning(
@@ -948,9 +937,9 @@ class Worker:
             elif address.startswith("inproc://"):
                 transport.open_inproc(address, conn)
             else:
-                host, _, port = address.rpartition(":")
+                host, port = transport.split_address(address)
                 async with asyncio.timeout(deadline):
-                    await self.loop.create_connection(lambda: conn, host.strip("[]"), int(port))
+                    await self.loop.create_connection(lambda: conn, host, int(port))
         except TimeoutError:
             # (the time it had: "timed out" alone read as the network's, after a
             # `status --timeout 1e-9` of the user's)
