@@ -2656,6 +2656,29 @@ async def test_leaving_a_local_cluster_stops_them_all_when_one_worker_fails_to(m
     assert head._server is None or not head._server.is_serving()
 
 
+async def test_leaving_a_local_cluster_whose_head_also_fails_to_raises_the_first_logs_the_next(
+    monkeypatch, caplog
+):
+    # The head's error was raised, and the worker's, the first, was lost.
+    with pytest.raises(RuntimeError, match="w1's shutdown broke"):
+        async with ag.local_cluster(1, transport="tcp") as c:
+            for w, what in ((c.workers[0], "w1's"), (c.driver, "the head's")):
+
+                def broken(shutdown: Any, what: str) -> Any:
+                    async def shut(*args: Any, **kwargs: Any) -> None:
+                        await shutdown(*args, **kwargs)
+                        raise RuntimeError(f"{what} shutdown broke")
+
+                    return shut
+
+                monkeypatch.setattr(w, "shutdown", broken(w.shutdown, what))
+    logged = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in logged] == [
+        'shutting the local cluster down also failed: RuntimeError("the head\'s shutdown broke")'
+    ]
+    assert c.driver.closing and c.workers[0].closing
+
+
 async def test_a_connection_out_of_time_names_the_time_it_had():
     # ("timed out" alone read as the network's, after a `status --timeout 1e-9`)
     async with ag.local_cluster(1, transport="tcp") as c:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import logging
 import os
 import re
 import secrets
@@ -25,6 +26,8 @@ from actorgrad.runtime.procs import WorkerProcesses, describe_exit
 from actorgrad.runtime.registry import MAX_NAME, valid_name
 from actorgrad.runtime.transport import Unanswered, is_loopback, split_address
 from actorgrad.runtime.worker import Worker
+
+log = logging.getLogger("actorgrad.runtime")
 
 HEAD_NAME = "_head"
 #: Seconds a stopping worker lets its running calls go on (a first Ctrl-C).
@@ -326,7 +329,10 @@ async def stop_all(
                 return_exceptions=True,
             )
             failed.extend(o for o in done if isinstance(o, BaseException))
-        await head.shutdown(graceful, timeout=DRAIN)
+        try:
+            await head.shutdown(graceful, timeout=DRAIN)
+        except Exception as exc:
+            failed.append(exc)
     finally:
         if procs is not None:
             # (a worker process lets its running calls go on for DRAIN s once it hears
@@ -335,6 +341,9 @@ async def stop_all(
             # was; a stopped one, continued with the SIGTERM, ends then)
             await procs.stop(term_grace=DRAIN - 2.0 if graceful else 2.0, on_stuck=on_stuck)
     if failed:
+        # (the first is raised; the others would be lost without a word)
+        for exc in failed[1:]:
+            log.error("shutting the local cluster down also failed: %r", exc, exc_info=exc)
         raise failed[0]
 
 
