@@ -112,8 +112,15 @@ def read_token_file(path: Path) -> str:
     try:
         # (at most TOKEN_FILE_MAX: a token file given as /dev/zero, or a big file by
         # mistake, filled the memory until a MemoryError's traceback; a pipe works)
-        with path.open("rb") as f:
+        # (opened without waiting: a named pipe nobody writes to blocked the command
+        # for good, in an open() that a first Ctrl-C did not end; with its writer's
+        # end open, as `--token-file <(cmd)` has it, the read waits for the token)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
             raw = f.read(TOKEN_FILE_MAX + 1)
+            if not raw and stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise CliError(f"token file {path} is a named pipe that nobody writes to", code=2)
         if len(raw) > TOKEN_FILE_MAX:
             raise CliError(
                 f"token file {path} is not a token: it holds more than "

@@ -718,8 +718,11 @@ def test_every_token_file_that_gives_no_token_is_a_usage_error(tmp_path: Path) -
     empty.write_text(" \n")
     big = tmp_path / "big.tok"  # (/dev/zero filled the memory: a MemoryError traceback)
     big.write_text("x" * (64 * 1024 + 1))
+    fifo = tmp_path / "fifo.tok"  # (with no writer, open() blocked for good)
+    os.mkfifo(fifo)
     for path, said in (
         (empty, f"token file {empty} is empty"),
+        (fifo, f"token file {fifo} is a named pipe that nobody writes to"),
         (big, f"token file {big} is not a token: it holds more than 64 KiB"),
         (Path("/dev/zero"), "token file /dev/zero is not a token: it holds more than 64 KiB"),
         (tmp_path, f"cannot read token file {tmp_path}: Is a directory"),
