@@ -438,6 +438,9 @@ class Tensor:
     def __pos__(self) -> Tensor:
         return self
 
+    def __abs__(self) -> Tensor:  # (``abs(t)``, as for numbers and arrays)
+        return _unary(Abs, self)
+
     def __getitem__(self, index: Any) -> Tensor:
         """Indexing with ints, slices, ``None``, ``...`` and integer arrays (numpy's
         rules); the gradient goes back to the positions read, summed where one is read
@@ -967,10 +970,10 @@ def _fit(g: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any:
     if g.shape != shape:
         lead = g.ndim - len(shape)
         if lead:
-            g = g.sum(axis=tuple(range(lead)))
+            g = _sum(g, tuple(range(lead)))
         ones = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
         if ones:
-            g = g.sum(axis=ones, keepdims=True)
+            g = _sum(g, ones, keepdims=True)
     if g.dtype != dtype:
         g = g.astype(dtype)
     return g
@@ -1302,8 +1305,11 @@ class Pow(Function):
             # d(a**b)/db = a**b * log(a); defined as 0 where a == 0 and b >= 0 (as torch
             # does). Where a == 0 and b < 0 it stays inf * log(0) = -inf (times g).
             # (masked before g multiplies it, as torch does: a nan or inf g stays one)
+            # (the log in the result's dtype: a float32 base's gave a float64 exponent
+            # a gradient of float32's precision)
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                gb = g * np.where((a == 0) & (b >= 0), 0, out * np.log(a))
+                log_a = np.log(np.asarray(a, dtype=np.result_type(out)))
+                gb = g * np.where((a == 0) & (b >= 0), 0, out * log_a)
             gb = _fit(gb, b.shape, b.dtype)
         return ga, gb
 
@@ -1520,19 +1526,35 @@ WIDE_SUM_FROM = 1024
 def _accumulator(a: Any, axes: tuple[int, ...] | None) -> Any:
     """The dtype to sum ``a`` over ``axes`` in: None for its own, float64 for a long
     reduction (``WIDE_SUM_FROM`` elements per output or more) of a narrow float over
-    axes that are not the trailing ones. Numpy sums those one row after another (its
-    pairwise summation runs along the contiguous axis only): a float32 sum of 1e5 rows
-    was off by 1e-5, ~100x torch's; the float64 accumulator costs 1.2x-3x the time, so
-    short ones keep numpy's. (The cheap tests first: this is on every reduction.)"""
+    axes that are not the innermost in memory. Numpy sums those one row after another
+    (its pairwise summation runs along the innermost axis only): a float32 sum of 1e5
+    rows was off by 1e-5, ~100x torch's; the float64 accumulator costs 1.2x-3x the
+    time, so short ones keep numpy's. (The cheap tests first: this is on every
+    reduction. Innermost in memory, not trailing: a transposed view's trailing axes
+    are its outer ones, and summed row after row too.)"""
     if (
         axes is None
         or a.dtype.kind != "f"
         or a.dtype.itemsize > 4
-        or axes == tuple(range(a.ndim - len(axes), a.ndim))
         or math.prod([a.shape[i] for i in axes]) < WIDE_SUM_FROM
     ):
         return None
-    return np.float64
+    if a.flags.c_contiguous:
+        inner = tuple(range(a.ndim - len(axes), a.ndim))
+    else:
+        by_stride = sorted(range(a.ndim), key=lambda i: (a.shape[i] > 1, -abs(a.strides[i])))
+        inner = tuple(sorted(by_stride[a.ndim - len(axes) :]))
+    return None if axes == inner else np.float64
+
+
+def _sum(a: Any, axes: tuple[int, ...] | None, keepdims: bool = False) -> Any:
+    """``a.sum(axis=axes, keepdims=keepdims)`` in ``a``'s dtype, accumulated as
+    :func:`_accumulator` says (forward sums, and gradients reduced to an input's
+    shape: a bias's gradient over 1e5 rows was off by 1.5e-5 in float32)."""
+    wide = _accumulator(a, axes)
+    if wide is not None:
+        return a.sum(axis=axes, keepdims=keepdims, dtype=wide).astype(a.dtype)
+    return a.sum(axis=axes, keepdims=keepdims)
 
 
 class Sum(Function):
@@ -1540,10 +1562,7 @@ class Sum(Function):
 
     def forward(self, a: Any, axes: tuple[int, ...] | None, keepdims: bool) -> Any:
         self.saved = (a.shape, axes, keepdims)
-        wide = _accumulator(a, axes)
-        if wide is not None:
-            return a.sum(axis=axes, keepdims=keepdims, dtype=wide).astype(a.dtype)
-        return a.sum(axis=axes, keepdims=keepdims)
+        return _sum(a, axes, keepdims)
 
     def backward(self, g: Any) -> tuple:
         shape, axes, keepdims = self.saved
