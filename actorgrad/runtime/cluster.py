@@ -342,8 +342,8 @@ async def stop_all(
             await procs.stop(term_grace=DRAIN - 2.0 if graceful else 2.0, on_stuck=on_stuck)
     if failed:
         # (the first is raised; the others would be lost without a word)
-        for exc in failed[1:]:
-            log.error("shutting the local cluster down also failed: %r", exc, exc_info=exc)
+        for other in failed[1:]:
+            log.error("shutting the local cluster down also failed: %r", other, exc_info=other)
         raise failed[0]
 
 
