@@ -236,6 +236,10 @@ def _plan_relays(
     return relays
 
 
+#: A PassState's task once its part finished: a task with no nodes (finished).
+_FINISHED = GraphTask(())
+
+
 class PassState:
     """One backward pass of one context on one worker."""
 
@@ -446,6 +450,10 @@ class PassState:
         ctx = self.ctx
         freed = None if retain_graph else ctx.free_graph()
         ctx.commit(self.pass_id, self.origin, self.contrib, freed)
+        # (its nodes and bookkeeping are done with: not kept for the garbage collector
+        # to scan while the origin's backward waits for its turn to return, thousands
+        # of them with as many contexts in flight)
+        self.task = _FINISHED
         ctx.active_pass = None
         ctx.done_upto[self.pass_id >> PASS_ID_BITS] = self.pass_id
         st.num_backward_passes += 1
