@@ -17,13 +17,19 @@ class Metric(NamedTuple):
     target: float | None  # wanted speedup of actorgrad over the reference, if any
 
 
+#: Fewest steps a timing window takes, however long they are (PyTorch's bw step took
+#: 0.11-0.53 s: a window of 1-3 steps was a draw). torch_ref's windows too.
+MIN_STEPS = 5
+
+
 async def timed(
     step: Callable[[], Awaitable[Any]], *, warmup: int, seconds: float, windows: int = 3
 ) -> float:
     """Seconds per ``await step()``: the best of ``windows`` windows of ``seconds/windows``.
 
-    ``warmup`` calls run first. Taking the best window keeps a burst of load from the
-    other users of a shared machine out of the number (each side is measured alike).
+    ``warmup`` calls run first; a window takes at least ``MIN_STEPS`` steps. Taking the
+    best window keeps a burst of load from the other users of a shared machine out of
+    the number (each side is measured alike).
     """
     for _ in range(warmup):
         await step()
@@ -35,7 +41,7 @@ async def timed(
             await step()
             n += 1
             now = time.perf_counter()
-            if now - start >= seconds / windows:
+            if now - start >= seconds / windows and n >= MIN_STEPS:
                 break
         best = min(best, (now - start) / n)
     return best

@@ -6,7 +6,8 @@ Workloads (the same shapes on both sides; driver and workers are separate proces
   tensor on w1 that requires grad); loss = sum; distributed backward; the driver reads
   its gradient of x. it/s.
 - bw: the same with 4M float32 (16 MiB); MiB/s of activations and gradients moved
-  (x out, y back, dL/dy out, dL/dx back: 4 x 16 MiB per iteration).
+  (x out, y back, dL/dy out, dL/dx back: 4 x 16 MiB counted per iteration, though
+  dL/dy of y.sum() travels as a 4-byte broadcast on both sides).
 - chain: x (64x256) through 3 stages on w1, w2, w3, each tanh(x @ W) with W 256x256 on
   its worker, every hop returning to the driver; loss = mean(out^2). it/s.
 
@@ -68,9 +69,7 @@ def setup_chain(dim: int, seed: int) -> None:
     """Create this worker's stage weight W (dim x dim), requiring grad."""
     import actorgrad as ag
 
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((dim, dim)) / dim**0.5).astype(np.float32)
-    _STATE["chain_w"] = ag.tensor(w, requires_grad=True)
+    _STATE["chain_w"] = ag.tensor(torch_ref.chain_weight(dim, seed), requires_grad=True)
 
 
 def chain_stage(x: Any) -> Any:
@@ -136,8 +135,8 @@ class ActorgradDist(Workloads):
         if name == "chain_it_s":
             for i in range(torch_ref.CHAIN_STAGES):
                 await ag.rpc(f"w{i + 1}", setup_chain, (torch_ref.CHAIN_DIM, i))
-            shape = (torch_ref.CHAIN_BATCH, torch_ref.CHAIN_DIM)
-            xc = ag.tensor(self._rng.standard_normal(shape, dtype=np.float32), requires_grad=True)
+            xc = ag.tensor(torch_ref.chain_input(), requires_grad=True)
+            torch_ref.check_chain_grad(await _chain_step(xc))
             return lambda: _chain_step(xc)
         raise ValueError(f"unknown metric {name!r}")
 

@@ -19,7 +19,8 @@ Metrics (names shared with the actorgrad side; ``to_metric`` converts seconds pe
 - ``echo_mib_s``: a 16 MiB float32 tensor echoed, MiB/s counting both directions;
 - ``hop_it_s``: x (16 float32) -> w1 returns x * w (w on w1 requires grad), loss = sum,
   ``dist_autograd.backward``, ``get_gradients``; it/s;
-- ``bw_mib_s``: the hop with 4M float32, MiB/s of x, y, dL/dy and dL/dx moved (4 x 16 MiB);
+- ``bw_mib_s``: the hop with 4M float32, MiB/s of x, y, dL/dy and dL/dx (4 x 16 MiB
+  counted; dL/dy crosses as 4 bytes);
 - ``chain_it_s``: x (64x256) through tanh(x @ W) on w1, w2, w3 (W 256x256 on each, every
   hop back to the driver), loss = mean(out^2); it/s.
 
@@ -38,6 +39,10 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from benchmarks._report import MIN_STEPS
+
 # --- shapes shared with the actorgrad side (bench_rpc / bench_dist import these) ---
 ECHO_BYTES = 16 * 1024 * 1024
 PIPELINE_DEPTH = 64
@@ -46,8 +51,41 @@ BW_N = 4 * 1024 * 1024  # float32 elements: 16 MiB
 CHAIN_BATCH = 64
 CHAIN_DIM = 256
 CHAIN_STAGES = 3
-# bytes moved per bw iteration: x out, y back, grad(y) out, grad(x) back
+# 16 MiB tensors counted per bw iteration: x out, y back, grad(y) out, grad(x) back, as
+# the issue's PyTorch figure counts them (grad(y), of y.sum(), travels as a 4-byte
+# broadcast on both sides: 3 of them really cross)
 BW_TRANSFERS = 4
+
+
+def chain_weight(dim: int, seed: int) -> np.ndarray:
+    """Stage ``seed``'s chain weight, float32 (the same on both sides)."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((dim, dim)) / dim**0.5).astype(np.float32)
+
+
+def chain_input() -> np.ndarray:
+    """The chain's input x, float32 (the same on both sides)."""
+    return np.random.default_rng(7).standard_normal((CHAIN_BATCH, CHAIN_DIM)).astype(np.float32)
+
+
+def chain_grad_reference() -> np.ndarray:
+    """d mean(out^2) / dx of the chain, computed in float64 in one process, by hand."""
+    h = chain_input().astype(np.float64)
+    outs = []
+    for i in range(CHAIN_STAGES):
+        w = chain_weight(CHAIN_DIM, i).astype(np.float64)
+        h = np.tanh(h @ w)
+        outs.append((w, h))
+    g = 2 * h / h.size
+    for w, out in reversed(outs):
+        g = (g * (1 - out * out)) @ w.T
+    return g
+
+
+def check_chain_grad(g: Any) -> None:
+    """AssertionError unless ``g`` is the chain's gradient of x (float32 accuracy)."""
+    np.testing.assert_allclose(np.asarray(g), chain_grad_reference(), rtol=1e-3, atol=1e-8)
+
 
 MIB = 1024 * 1024
 _ENV = {"TP_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo"}
@@ -77,7 +115,7 @@ def timed_loop(step: Callable[[], Any], *, warmup: int, seconds: float, windows:
             step()
             n += 1
             now = time.perf_counter()
-            if now - start >= seconds / windows:
+            if now - start >= seconds / windows and n >= MIN_STEPS:
                 break
         best = min(best, (now - start) / n)
     return best
@@ -114,9 +152,7 @@ def _hop_mul(x: Any) -> Any:
 def _setup_chain(dim: int, seed: int) -> None:
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(dim, dim, generator=g) / dim**0.5
-    _STATE["chain_w"] = w.requires_grad_(True)
+    _STATE["chain_w"] = torch.from_numpy(chain_weight(dim, seed)).requires_grad_(True)
 
 
 def _chain_stage(x: Any) -> Any:
@@ -227,8 +263,8 @@ class _Workloads:
         if name == "chain_it_s":
             for i in range(CHAIN_STAGES):
                 rpc.rpc_sync(f"w{i + 1}", _setup_chain, args=(CHAIN_DIM, i))
-            gen = torch.Generator().manual_seed(7)
-            xc = torch.randn(CHAIN_BATCH, CHAIN_DIM, generator=gen).requires_grad_(True)
+            xc = torch.from_numpy(chain_input()).requires_grad_(True)
+            check_chain_grad(_chain_step(xc))
             return lambda: _chain_step(xc)
         raise ValueError(f"unknown metric {name!r}")
 
