@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -104,6 +105,8 @@ def write_token_file(path: Path, token: str) -> None:
 
 #: The largest token file read (a token is a line of text: ours are 43 characters).
 TOKEN_FILE_MAX = 64 * 1024
+#: How long a token file that is a pipe is waited for (seconds).
+TOKEN_PIPE_WAIT = 10.0
 
 
 def read_token_file(path: Path) -> str:
@@ -113,14 +116,26 @@ def read_token_file(path: Path) -> str:
         # (at most TOKEN_FILE_MAX: a token file given as /dev/zero, or a big file by
         # mistake, filled the memory until a MemoryError's traceback; a pipe works)
         # (opened without waiting: a named pipe nobody writes to blocked the command
-        # for good, in an open() that a first Ctrl-C did not end; with its writer's
-        # end open, as `--token-file <(cmd)` has it, the read waits for the token)
+        # for good, in an open() that a first Ctrl-C did not end; a pipe is waited for
+        # in a poll, which Ctrl-C ends, and only so long)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb") as f:
+        try:
+            f = os.fdopen(fd, "rb")
+        except BaseException:  # (a directory: fdopen refuses it, leaving the fd open)
+            os.close(fd)
+            raise
+        with f:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                waiting = select.poll()
+                waiting.register(fd, select.POLLIN)
+                if not waiting.poll(TOKEN_PIPE_WAIT * 1000):
+                    raise CliError(
+                        f"token file {path} is a named pipe that nobody wrote to within "
+                        f"{TOKEN_PIPE_WAIT:g} s",
+                        code=2,
+                    )
+            os.set_blocking(fd, True)
             raw = f.read(TOKEN_FILE_MAX + 1)
-            if not raw and stat.S_ISFIFO(os.fstat(fd).st_mode):
-                raise CliError(f"token file {path} is a named pipe that nobody writes to", code=2)
         if len(raw) > TOKEN_FILE_MAX:
             raise CliError(
                 f"token file {path} is not a token: it holds more than "

@@ -1518,8 +1518,8 @@ class LogSoftmax(Function):
         return (g - np.exp(out) * g.sum(axis=axis, keepdims=True),)
 
 
-#: Elements summed per output from which a float32 or float16 reduction over leading
-#: axes accumulates in float64 (see _accumulator).
+#: Elements summed per output from which a float32 or float16 reduction over axes
+#: other than the innermost accumulates in float64 (see _accumulator).
 WIDE_SUM_FROM = 1024
 
 
@@ -1528,18 +1528,20 @@ def _accumulator(a: Any, axes: tuple[int, ...] | None) -> Any:
     reduction (``WIDE_SUM_FROM`` elements per output or more) of a narrow float over
     axes that are not the innermost in memory. Numpy sums those one row after another
     (its pairwise summation runs along the innermost axis only): a float32 sum of 1e5
-    rows was off by 1e-5, ~100x torch's; the float64 accumulator costs 1.2x-3x the
+    rows was off by 1e-5, ~100x torch's; the float64 accumulator costs 1.2x-5x the
     time, so short ones keep numpy's. (The cheap tests first: this is on every
     reduction. Innermost in memory, not trailing: a transposed view's trailing axes
-    are its outer ones, and summed row after row too.)"""
+    are its outer ones, and summed row after row too; but numpy keeps the axes' order
+    for an array that repeats itself along one, stride 0, as a broadcast view does.)"""
     if (
         axes is None
+        or a.size < WIDE_SUM_FROM
         or a.dtype.kind != "f"
         or a.dtype.itemsize > 4
         or math.prod([a.shape[i] for i in axes]) < WIDE_SUM_FROM
     ):
         return None
-    if a.flags.c_contiguous:
+    if a.flags.c_contiguous or any(n > 1 and not d for n, d in zip(a.shape, a.strides)):
         inner = tuple(range(a.ndim - len(axes), a.ndim))
     else:
         by_stride = sorted(range(a.ndim), key=lambda i: (a.shape[i] > 1, -abs(a.strides[i])))
@@ -1551,7 +1553,7 @@ def _sum(a: Any, axes: tuple[int, ...] | None, keepdims: bool = False) -> Any:
     """``a.sum(axis=axes, keepdims=keepdims)`` in ``a``'s dtype, accumulated as
     :func:`_accumulator` says (forward sums, and gradients reduced to an input's
     shape: a bias's gradient over 1e5 rows was off by 1.5e-5 in float32)."""
-    if 0 in a.strides:  # (a broadcast view: the gradient of a sum or a mean is one)
+    if a.size >= WIDE_SUM_FROM and 0 in a.strides:  # (a broadcast view: a mean's gradient)
         copies = [
             i
             for i in (range(a.ndim) if axes is None else axes)
@@ -1564,7 +1566,10 @@ def _sum(a: Any, axes: tuple[int, ...] | None, keepdims: bool = False) -> Any:
             n = math.prod([a.shape[i] for i in copies])
             one = a[tuple(slice(0, 1) if i in copies else slice(None) for i in range(a.ndim))]
             total = _sum(one, axes, keepdims)
-            return total * np.asarray(n, dtype=total.dtype) if n != 1 else total
+            if total.dtype.kind != "f":
+                return total * n
+            # (the product in float64, rounded once: n itself may not fit a float16)
+            return (total * np.float64(n)).astype(total.dtype)
     wide = _accumulator(a, axes)
     if wide is not None:
         return a.sum(axis=axes, keepdims=keepdims, dtype=wide).astype(a.dtype)

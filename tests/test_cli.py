@@ -718,11 +718,8 @@ def test_every_token_file_that_gives_no_token_is_a_usage_error(tmp_path: Path) -
     empty.write_text(" \n")
     big = tmp_path / "big.tok"  # (/dev/zero filled the memory: a MemoryError traceback)
     big.write_text("x" * (64 * 1024 + 1))
-    fifo = tmp_path / "fifo.tok"  # (with no writer, open() blocked for good)
-    os.mkfifo(fifo)
     for path, said in (
         (empty, f"token file {empty} is empty"),
-        (fifo, f"token file {fifo} is a named pipe that nobody writes to"),
         (big, f"token file {big} is not a token: it holds more than 64 KiB"),
         (Path("/dev/zero"), "token file /dev/zero is not a token: it holds more than 64 KiB"),
         (tmp_path, f"cannot read token file {tmp_path}: Is a directory"),
@@ -734,6 +731,41 @@ def test_every_token_file_that_gives_no_token_is_a_usage_error(tmp_path: Path) -
         ):
             r = run_cli(*cmd, "--token-file", str(path))
             assert (r.returncode, r.stderr.strip()) == (2, f"actorgrad: error: {said}"), cmd
+
+
+def test_a_token_file_that_is_a_named_pipe_is_waited_for_so_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (with no writer, open() blocked for good, and a first Ctrl-C did not end it)
+    monkeypatch.setattr(cli, "TOKEN_PIPE_WAIT", 0.2)
+    fifo = tmp_path / "fifo.tok"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(
+        cli.CliError, match=f"^token file {fifo} is a named pipe that nobody wrote to within 0.2 s$"
+    ):
+        cli.read_token_file(fifo)
+    # a writer that comes within the wait is read
+    monkeypatch.setattr(cli, "TOKEN_PIPE_WAIT", 30.0)
+
+    def write() -> None:
+        with fifo.open("w") as f:
+            f.write("t0ken\n")
+
+    writer = threading.Timer(0.1, write)
+    writer.daemon = True  # (stuck in open() if the read failed first)
+    writer.start()
+    try:
+        assert cli.read_token_file(fifo) == "t0ken"
+    finally:
+        writer.join(10)
+
+
+def test_a_token_file_that_is_a_directory_leaves_no_file_open(tmp_path: Path) -> None:
+    # (os.open took the directory, os.fdopen refused it and kept its descriptor)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(cli.CliError, match="Is a directory"):
+        cli.read_token_file(tmp_path)
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_a_token_file_that_cannot_be_created_is_a_usage_error(tmp_path: Path) -> None:
