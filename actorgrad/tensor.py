@@ -1541,7 +1541,9 @@ def _accumulator(a: Any, axes: tuple[int, ...] | None) -> Any:
         or math.prod([a.shape[i] for i in axes]) < WIDE_SUM_FROM
     ):
         return None
-    if a.flags.c_contiguous or any(n > 1 and not d for n, d in zip(a.shape, a.strides)):
+    if a.flags.c_contiguous or any(
+        n > 1 and not d for n, d in zip(a.shape, a.strides, strict=True)
+    ):
         inner = tuple(range(a.ndim - len(axes), a.ndim))
     else:
         by_stride = sorted(range(a.ndim), key=lambda i: (a.shape[i] > 1, -abs(a.strides[i])))
