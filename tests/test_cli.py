@@ -1434,6 +1434,47 @@ def test_run_tells_a_script_that_forgot_init_how_to_join(tmp_path: Path) -> None
     assert 'await ag.init("driver")' in r.stderr
 
 
+SLOW_TOP_LEVEL = """
+import asyncio, time
+import actorgrad as ag
+
+if __name__ != "__main__":
+    time.sleep(3.5)  # (a data set loaded at the top level, on each worker calling in)
+
+def double(x):
+    return 2 * x
+
+async def hangs():
+    time.sleep(4)  # (blocks the loop: after the import, silence counts again)
+
+async def main():
+    await ag.init("driver")
+    print(await ag.rpc("w1", double, (21,)), flush=True)
+    try:
+        await ag.rpc("w1", hangs)
+    except ag.WorkerLost as exc:
+        print("lost:", exc, flush=True)
+    await ag.shutdown()
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@needs_runtime
+def test_a_driver_script_whose_top_level_takes_long_on_a_worker_is_waited_for(
+    tmp_path: Path,
+) -> None:
+    # The worker runs the script's top level on its loop at the first call into it: 3.5 s
+    # of silence, and the first call failed with WorkerLost ("sent nothing for 3.0 s").
+    script = tmp_path / "slow_top.py"
+    script.write_text(SLOW_TOP_LEVEL)
+    r = run_cli("run", "-n", "1", str(script))
+    out = r.stdout.splitlines()
+    assert out[0] == "42", r.stdout + r.stderr
+    assert out[1].startswith("lost: worker 'w1' sent nothing for 3.0 s"), r.stdout + r.stderr
+
+
 @needs_runtime
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_the_cluster_and_leaves_no_process_behind(

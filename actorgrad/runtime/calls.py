@@ -755,6 +755,17 @@ def _close_unstarted_coroutines(exc: BaseException) -> None:
         tb = tb.tb_next
 
 
+def must_import(spec: Any) -> bool:
+    """Whether resolving ``spec``, a function of a driver's script (a list), imports
+    that script or a module beside it: its top level runs then, maybe for long."""
+    if type(spec) is not list or len(spec) < 2 or type(spec[0]) is not str:
+        return False
+    mod = spec[0].partition(":")[0]
+    if mod == "__main__":
+        return type(spec[1]) is str and _main_path() != spec[1] and spec[1] not in _main_modules
+    return mod not in sys.modules
+
+
 def resolve(spec: Any) -> Any:
     """The callable named by ``spec`` (callee side). Raises ModuleNotFoundError,
     AttributeError or ValueError with a message naming the function."""

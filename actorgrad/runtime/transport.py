@@ -478,6 +478,9 @@ class Connection(asyncio.BaseProtocol):
         # Until then the peer may stay silent with calls pending: it decodes a request
         # of many Python objects we sent it, on its loop (see Worker._expect_decoding)
         self.decoding_until = 0.0
+        # Until then the peer may stay silent: it said so (``[K_PING, seconds]``: its
+        # loop runs something long, a driver script's top level; see Worker.going_quiet)
+        self.quiet_until = 0.0
         # calls whose caller stopped waiting (timeout, cancellation) after the request
         # left: call id -> the codec hooks their late reply is decoded with (Worker.call)
         self.abandoned: dict[int, Any] = {}

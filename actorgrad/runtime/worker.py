@@ -54,8 +54,9 @@ Messages (frame headers; bodies are codec values):
 * ``[K_CAST, topic]`` body ``args``: a one-way protocol message for the handler
   registered under ``topic`` (:func:`on_cast`); no function lookup, no task, no
   interceptor, no reply (see :meth:`Worker.cast`).
-* ``[K_PING]``, ``[K_HELLO, name, id, address]`` (first frame each way after the
-  handshake), ``[K_BYE]`` (graceful close).
+* ``[K_PING]`` (a heartbeat), ``[K_PING, seconds]`` (this worker may be silent for
+  so long, 0: no longer; see :meth:`Worker.going_quiet`), ``[K_HELLO, name, id,
+  address]`` (first frame each way after the handshake), ``[K_BYE]`` (graceful close).
 
 Outgoing calls use the connections this worker opened (one per peer, lazily);
 requests arriving on incoming connections are answered on them.
@@ -127,6 +128,11 @@ PEER_CONNECT_TIMEOUT = HEARTBEAT_TIMEOUT
 #: A connection without pending calls is dropped only after this long in silence
 #: (half-open connections, a hung head); a dead process closes its sockets at once.
 IDLE_TIMEOUT = 60.0
+#: How long a worker importing a driver's script (its top level runs on the worker's
+#: loop) may be silent before its peers take it for hung (see Worker.going_quiet).
+SCRIPT_IMPORT_GRACE = 60.0
+#: The longest silence a peer may announce.
+MAX_QUIET = 3600.0
 MAILBOX_SIZE = 1024
 #: Names of workers lost or gone that a worker remembers (for "has left the cluster"
 #: errors and to report each loss once), at most: the oldest not members go first.
@@ -1366,7 +1372,11 @@ class Worker:
                 else:
                     fut.set_exception(ProtocolError(f"malformed error reply {value!r}"))
             elif kind == K_PING:
-                pass
+                if len(header) != 1:  # the peer's "I may be silent for so long" (0: no more)
+                    quiet: Any = header[1] if len(header) == 2 else None
+                    if type(quiet) not in (int, float) or not 0 <= quiet <= MAX_QUIET:
+                        raise ProtocolError(f"malformed ping header {short_repr(header)}")
+                    conn.quiet_until = time.monotonic() + quiet if quiet else 0.0
             elif kind == K_CANCEL:
                 if len(header) != 2 or type(header[1]) is not int:
                     raise ProtocolError(f"malformed cancel header {header!r}")
@@ -1610,6 +1620,9 @@ class Worker:
                 if type(target) is str:
                     fn = calls._resolve_cache.get(target) or calls.resolve(target)
                     key = target
+                elif calls.must_import(target):
+                    fn = self._resolve_quietly(target)
+                    key = (target[0], target[1])
                 else:
                     fn = calls.resolve(target)
                     key = (target[0], target[1])  # (not its session: one entry for all)
@@ -2329,6 +2342,31 @@ class Worker:
                     except ActorgradError:
                         pass
 
+    def going_quiet(self, seconds: float) -> None:
+        """Tell every peer that this worker's loop may send nothing for up to
+        ``seconds`` (0: it is back), so that none takes its silence for a hang meanwhile.
+        Written at once: the loop is about to be busy."""
+        frame = b"".join(wire.encode_frame([K_PING, seconds], None))
+        for conn in list(self._conns):
+            if conn.closed or conn._handshaking or conn.peer_name is None:
+                continue
+            try:
+                conn.send_nowait([frame])
+                conn.flush()
+            except ActorgradError:
+                pass
+
+    def _resolve_quietly(self, target: Any) -> Any:
+        """``calls.resolve(target)``, which imports a driver's script or a module beside
+        it, run on the loop: its top level may load a data set or a framework for
+        seconds, and the peers, hearing nothing, took this worker for hung (the first
+        call into a script whose top level took 3.5 s failed with WorkerLost)."""
+        self.going_quiet(SCRIPT_IMPORT_GRACE)
+        try:
+            return calls.resolve(target)
+        finally:
+            self.going_quiet(0)
+
     def _silent_too_long(self, conn: Connection, peer: str, now: float) -> bool:
         """Close ``conn`` (to ``peer``, lost) if it was silent for longer than its
         limit; whether it did."""
@@ -2346,7 +2384,7 @@ class Worker:
             and (self.registry is None or conn not in self.registry.conns)
         )
         limit = HEARTBEAT_TIMEOUT if watched else IDLE_TIMEOUT
-        if silent > limit and now >= conn.decoding_until:
+        if silent > limit and now >= conn.decoding_until and now >= conn.quiet_until:
             conn.abort(WorkerLost(f"worker {peer!r} sent nothing for {limit} s (heartbeat lost)"))
             return True
         return False
