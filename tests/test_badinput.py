@@ -235,7 +235,8 @@ async def test_length_prefix_of_2_to_the_40_closes_the_connection(sock_cluster, 
     writer.write(LEN.pack(2**40) + b"xxxx")
     await _closed_by_peer(reader, writer)
     assert "exceeds the maximum" in caplog.text
-    assert "worker w1: closing <Connection" in caplog.text  # (which worker says so)
+    # (which worker says so, and which connection, for a user: not its repr)
+    assert "worker w1: closing its connection from 'raw-client' (" in caplog.text
     await _valid_client_works(sock_cluster)
 
 

@@ -504,6 +504,12 @@ class Connection(asyncio.BaseProtocol):
             f"{' unsent-full' if self._out_full else ''}>"
         )
 
+    def describe(self) -> str:
+        """The connection as a log line for users names it: "its connection from 'w2'
+        (127.0.0.1:41000)" (its repr is for debugging)."""
+        who = repr(self.peer_name) if self.peer_name else "a peer not named yet"
+        return f"its connection {'to' if self.outgoing else 'from'} {who} ({self.peer_addr})"
+
     # -- asyncio.Protocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -856,7 +862,7 @@ class Connection(asyncio.BaseProtocol):
     def refuse(self, err: ProtocolError) -> None:
         """Close the connection on what the peer sent (malformed, or not to be
         handled), saying so in the log: only this connection goes."""
-        log.warning("worker %s: closing %r: %s", self.owner or "?", self, err)
+        log.warning("worker %s: closing %s: %s", self.owner or "?", self.describe(), err)
         self.abort(err)
 
     def abort(self, reason: BaseException | None = None) -> None:

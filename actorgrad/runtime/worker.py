@@ -1532,7 +1532,9 @@ class Worker:
             else:
                 self._start(conn, frame)
         except (ProtocolError, ValueError, TypeError) as exc:
-            log.warning("worker %s: closing %r: malformed request: %s", self.name, conn, exc)
+            log.warning(
+                "worker %s: closing %s: malformed request: %s", self.name, conn.describe(), exc
+            )
             conn.abort(exc)
         except Exception:
             log.exception("worker %s: failed to start a request", self.name)
