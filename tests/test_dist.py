@@ -1964,6 +1964,17 @@ async def test_misuse_errors():
                 ag.dist.get_gradients(bad)
 
 
+async def test_a_context_entered_with_plain_with_says_async_with():
+    # ("'_Context' object does not support the context manager protocol")
+    async with cluster():
+        with pytest.raises(TypeError, match=r"entered with `async with`, not `with`"):
+            with ag.dist.context():
+                pass
+        assert ag.dist.debug_info()["num_contexts"] == 0
+        async with ag.dist.context() as ctx:  # (and the right way works on)
+            assert type(ctx) is int
+
+
 async def test_a_numpy_integer_context_id_works_everywhere():
     # (an id kept in a numpy array, e.g. one per micro-batch, comes back as np.int64;
     # it was refused as "not int64", and the optimizer sent it on to the owners)

@@ -61,6 +61,17 @@ class _Context:
         state = "open" if cid in self._st.contexts else "released"
         return f"<dist context {cid:#x} {state}>"
 
+    def __enter__(self) -> None:
+        # (Python's own message, "'_Context' object does not support the context
+        # manager protocol", named neither the fix nor the public name)
+        raise TypeError(
+            "ag.dist.context() is entered with `async with`, not `with`: "
+            "`async with ag.dist.context() as ctx:`"
+        )
+
+    def __exit__(self, *exc_info: object) -> None:  # (never entered: see __enter__)
+        return None
+
     async def __aenter__(self) -> int:
         worker = current_worker()
         open_ctx = current_context(worker)
