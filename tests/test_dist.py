@@ -1964,6 +1964,23 @@ async def test_misuse_errors():
                 ag.dist.get_gradients(bad)
 
 
+async def test_a_tensor_without_a_gradient_here_says_why():
+    # (a bare "KeyError: tensor([...])" for the result of a call, whose gradient is on
+    # no worker's list, or for a tensor the driver sent, whose gradient is here)
+    async with cluster():
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", "operator:mul", (x, x))
+            await ag.dist.backward(ctx, [y.sum()])
+            grads = ag.dist.get_gradients(ctx)
+            assert type(grads[x]) is np.ndarray and grads.get(y) is None
+            with pytest.raises(KeyError, match=rf"no gradient of tensor.* in context {ctx:#x} on"):
+                grads[y]
+            with pytest.raises(KeyError, match="the keys are tensors"):
+                grads["x"]
+            assert dict(grads) == {x: grads[x]}
+
+
 async def test_a_context_entered_with_plain_with_says_async_with():
     # ("'_Context' object does not support the context manager protocol")
     async with cluster():

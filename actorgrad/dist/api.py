@@ -305,8 +305,29 @@ def get_gradients(context_id: int) -> dict[Tensor, np.ndarray]:
         grads = ag.dist.get_gradients(ctx)
         g_w = grads[w]
     """
-    st = state_of(current_worker())
-    return dict(st.get(context_id).grads)
+    worker = current_worker()
+    ctx = state_of(worker).get(context_id)
+    return _Gradients(ctx.grads, ctx.id, worker.name)
+
+
+class _Gradients(dict[Tensor, np.ndarray]):
+    """What :func:`get_gradients` returns: a dict whose missing key says why it may
+    be missing (a bare ``KeyError: tensor(...)`` did not)."""
+
+    def __init__(self, grads: dict[Tensor, np.ndarray], ctx_id: int, worker: str) -> None:
+        super().__init__(grads)
+        self._where = (ctx_id, worker)
+
+    def __missing__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, Tensor):
+            raise KeyError(f"{key!r:.80}: the keys are tensors")
+        ctx_id, worker = self._where
+        raise KeyError(
+            f"no gradient of {key!r:.80} in context {ctx_id:#x} on worker {worker!r}: only "
+            "leaves of this worker that a backward pass of the context reached have one "
+            "(a tensor another worker sent or holds has its gradient there; a non-leaf, "
+            "or one that does not require grad, has none)"
+        )
 
 
 def debug_info() -> dict[str, int]:
