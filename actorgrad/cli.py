@@ -60,6 +60,7 @@ from actorgrad.runtime.procs import (
     pool_threads,
     tune_malloc,
 )
+from actorgrad.runtime.worker import head_lost
 
 __all__ = ["main"]
 
@@ -442,7 +443,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
                 port=args.port,
             )
         if why is not None:  # (not asked to stop: a supervisor should hear of it)
-            raise CliError(f"worker {args.name}: the cluster's head went away ({why})")
+            raise CliError(f"worker {args.name}: {head_lost(why)}")
 
     code = await _serve_until_signalled(
         serve, f"worker {args.name}", f"worker {args.name} joining {args.join}"

@@ -481,6 +481,30 @@ async def test_a_worker_joining_an_ipv6_cluster_listens_on_ipv6():
     )
 
 
+async def test_a_worker_the_head_dropped_for_silence_is_told_so(monkeypatch):
+    # (a worker stopped for over the idle timeout, then continued, said "the cluster's
+    # head went away (its connection closed)": the head had dropped it, and lived)
+    monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.05)
+    monkeypatch.setattr(rworker, "IDLE_TIMEOUT", 0.3)
+    w = await ag.init("head")
+    try:
+        joined: asyncio.Future = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(
+            rcluster.serve_worker(w.address, "extra", w.token, on_joined=joined.set_result)
+        )
+        extra = await asyncio.wait_for(joined, 10)
+        for conn in extra._conns:  # (silent, as a stopped process is, but reading)
+            monkeypatch.setattr(conn, "send_heartbeat", lambda: None)
+        why = await asyncio.wait_for(task, 10)
+        assert rworker.head_lost(why) == (
+            "the cluster's head dropped this worker (it heard nothing from this worker "
+            "for 0.3 s: was its process stopped?)"
+        )
+        assert "extra" not in ag.workers()
+    finally:
+        await ag.shutdown()
+
+
 async def test_serve_worker_whose_worker_shut_itself_down_says_it_was_asked_to_stop():
     # It said the head went away ("worker 'extra' shut down"): a worker process whose
     # own code called shutdown printed so as it left.

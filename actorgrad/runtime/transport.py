@@ -442,6 +442,8 @@ class Connection(asyncio.BaseProtocol):
         self.closed = False
         self.close_reason: BaseException | None = None
         self.goodbye = False
+        # why the peer closed on us, when it said (``[K_BYE, why]``)
+        self.dropped_why = ""
         self.last_recv = self.last_sent = time.monotonic()
         self.paused_reading = False
         # Most bytes this end may have written and not yet handed to the kernel before

@@ -56,7 +56,8 @@ Messages (frame headers; bodies are codec values):
   interceptor, no reply (see :meth:`Worker.cast`).
 * ``[K_PING]`` (a heartbeat), ``[K_PING, seconds]`` (this worker may be silent for
   so long, 0: no longer; see :meth:`Worker.going_quiet`), ``[K_HELLO, name, id,
-  address]`` (first frame each way after the handshake), ``[K_BYE]`` (graceful close).
+  address]`` (first frame each way after the handshake), ``[K_BYE]`` (graceful close),
+  ``[K_BYE, why]`` (closing on a peer it heard nothing from, saying so).
 
 Outgoing calls use the connections this worker opened (one per peer, lazily);
 requests arriving on incoming connections are answered on them.
@@ -448,6 +449,18 @@ class _Raised:
 
 #: Worker.registry_lost_why when the cluster's head said goodbye (it shut down)
 HEAD_SHUT_DOWN = "it shut down"
+#: The start of Worker.registry_lost_why when the head dropped this worker, saying why
+_DROPPED = "dropped: "
+
+
+def head_lost(why: str) -> str:
+    """How a worker says it lost the cluster's head, ``why`` being its
+    ``registry_lost_why``: "the cluster's head went away (it shut down)", or "the
+    cluster's head dropped this worker (...)" when the head said so as it closed the
+    connection (after a SIGSTOP of over 60 s, "went away" was said of a live head)."""
+    if why.startswith(_DROPPED):
+        return f"the cluster's head dropped this worker ({why.removeprefix(_DROPPED)})"
+    return f"the cluster's head went away ({why})"
 
 
 class _FnStats:
@@ -1079,7 +1092,7 @@ class Worker:
             # (the cause, most likely: the workers leave when the head goes; and no
             # head will say it is back, or gone: it is lost for good)
             self._peer_lost(dest)
-            exc = WorkerLost(f"{exc}; the cluster's head went away ({self.registry_lost_why})")
+            exc = WorkerLost(f"{exc}; {head_lost(self.registry_lost_why)}")
         return WorkerLost(f"worker {dest!r}: {exc}")
 
     async def _refresh_members(self, gap: bool = False) -> None:
@@ -1243,6 +1256,8 @@ class Worker:
         if conn is self.registry_conn:
             if conn.goodbye:
                 self.registry_lost_why = HEAD_SHUT_DOWN
+            elif conn.dropped_why:
+                self.registry_lost_why = _DROPPED + conn.dropped_why
             else:
                 self.registry_lost_why = str(exc) if exc is not None else "its connection closed"
             self.registry_lost.set()
@@ -1418,7 +1433,13 @@ class Worker:
                         wire.encode_frame([K_HELLO, self.name, self.id, self.address], None)
                     )
             elif kind == K_BYE:
-                conn.goodbye = True
+                if len(header) == 1:
+                    conn.goodbye = True
+                elif len(header) == 2 and type(header[1]) is str:
+                    # (the peer closes on us, saying why: it heard nothing from us)
+                    conn.dropped_why = header[1][:500]
+                else:
+                    raise ProtocolError(f"malformed goodbye header {short_repr(header)}")
             else:
                 raise ProtocolError(f"unknown message kind {kind!r}")
         except (ProtocolError, ValueError, TypeError, IndexError, KeyError) as exc:
@@ -2387,6 +2408,13 @@ class Worker:
         )
         limit = HEARTBEAT_TIMEOUT if watched else IDLE_TIMEOUT
         if silent > limit and now >= conn.decoding_until and now >= conn.quiet_until:
+            # (said first: a peer that was stopped, not dead, reads it once it runs again)
+            why = f"it heard nothing from this worker for {limit:g} s: was its process stopped?"
+            try:
+                conn.send_nowait([b"".join(wire.encode_frame([K_BYE, why], None))])
+                conn.flush()
+            except ActorgradError:
+                pass
             conn.abort(WorkerLost(f"worker {peer!r} sent nothing for {limit} s (heartbeat lost)"))
             return True
         return False

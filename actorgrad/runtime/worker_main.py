@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from actorgrad.runtime.cluster import run, serve_worker
     from actorgrad.runtime.procs import flush_output, open_files_limit, tune_malloc
-    from actorgrad.runtime.worker import HEAD_SHUT_DOWN
+    from actorgrad.runtime.worker import HEAD_SHUT_DOWN, head_lost
 
     tune_malloc()
     open_files_limit(raise_to_hard=True)
@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             # process was stopped (Ctrl-Z) for longer than the idle timeout lost them
             # all; not when it shut down: the cluster is stopping them, and says so)
             print(
-                f"actorgrad worker {args.name}: the cluster's head went away ({head_gone}); "
-                "leaving",
+                f"actorgrad worker {args.name}: {head_lost(head_gone)}; leaving",
                 file=sys.stderr,
                 flush=True,
             )
