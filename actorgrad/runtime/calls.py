@@ -760,6 +760,8 @@ def must_import(spec: Any) -> bool:
     that script or a module beside it: its top level runs then, maybe for long."""
     if type(spec) is not list or len(spec) < 2 or type(spec[0]) is not str:
         return False
+    if tuple(spec) in _resolve_cache:  # (every call but the first: cheap first)
+        return False
     mod = spec[0].partition(":")[0]
     if mod == "__main__":
         return type(spec[1]) is str and _main_path() != spec[1] and spec[1] not in _main_modules
