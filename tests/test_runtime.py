@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import has_ipv6_loopback
 
 import actorgrad as ag
 from actorgrad.runtime import Worker, current_worker, rref
@@ -1244,18 +1245,7 @@ async def test_init_single_worker_and_shutdown_is_idempotent():
         ag.worker_name()
 
 
-def _has_ipv6_loopback() -> bool:
-    import socket
-
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
 async def test_init_binds_an_ipv6_host_given_in_brackets_as_addresses_show_it(monkeypatch):
     # "[::1]" passed the host check, then could not be bound ("Name or service not
     # known"), though addresses show IPv6 hosts that way.

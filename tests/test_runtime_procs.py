@@ -8,7 +8,6 @@ import gc
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import has_ipv6_loopback
 
 import actorgrad as ag
 from actorgrad.runtime import cluster as rcluster
@@ -445,29 +445,24 @@ async def test_serve_worker_joins_a_cluster_and_stops():
         await ag.shutdown()
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
+async def _extra_joined(w: Any, **kwargs: Any) -> tuple[asyncio.Future, Any]:
+    """serve_worker's task of a worker "extra" joining ``w``'s cluster, and the worker
+    once it joined."""
+    joined: asyncio.Future = asyncio.get_running_loop().create_future()
+    task = asyncio.ensure_future(
+        rcluster.serve_worker(w.address, "extra", w.token, on_joined=joined.set_result, **kwargs)
+    )
+    return task, await asyncio.wait_for(joined, 10)
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
 async def test_a_worker_joining_an_ipv6_cluster_listens_on_ipv6():
     # It bound 127.0.0.1 (0.0.0.0 for a cluster on another host's IPv6 address) and
     # advertised the IPv6 address it reached the head from, where nothing listened.
     w = await ag.init("head", host="[::1]")
     try:
-        joined: asyncio.Future = asyncio.get_running_loop().create_future()
         stop = asyncio.Event()
-        task = asyncio.ensure_future(
-            rcluster.serve_worker(
-                w.address, "extra", w.token, stop=stop, on_joined=joined.set_result
-            )
-        )
-        extra = await asyncio.wait_for(joined, 10)
+        task, extra = await _extra_joined(w, stop=stop)
         assert extra.host == "::1"
         assert extra.address.startswith("[::1]:")
         assert await ag.rpc("extra", add, (2, 3)) == 5
@@ -488,11 +483,7 @@ async def test_a_worker_the_head_dropped_for_silence_is_told_so(monkeypatch):
     monkeypatch.setattr(rworker, "IDLE_TIMEOUT", 0.3)
     w = await ag.init("head")
     try:
-        joined: asyncio.Future = asyncio.get_running_loop().create_future()
-        task = asyncio.ensure_future(
-            rcluster.serve_worker(w.address, "extra", w.token, on_joined=joined.set_result)
-        )
-        extra = await asyncio.wait_for(joined, 10)
+        task, extra = await _extra_joined(w)
         for conn in extra._conns:  # (silent, as a stopped process is, but reading)
             monkeypatch.setattr(conn, "send_heartbeat", lambda: None)
         why = await asyncio.wait_for(task, 10)
@@ -510,11 +501,7 @@ async def test_serve_worker_whose_worker_shut_itself_down_says_it_was_asked_to_s
     # own code called shutdown printed so as it left.
     w = await ag.init("head")
     try:
-        joined: asyncio.Future = asyncio.get_running_loop().create_future()
-        task = asyncio.ensure_future(
-            rcluster.serve_worker(w.address, "extra", w.token, on_joined=joined.set_result)
-        )
-        extra = await asyncio.wait_for(joined, 10)
+        task, extra = await _extra_joined(w)
         await extra.shutdown()
         assert await asyncio.wait_for(task, 10) is None
     finally:
@@ -1622,7 +1609,9 @@ def test_malloc_tuning_can_be_turned_off(tmp_path):
     # 1 MiB, above glibc's mapping threshold: untuned, each is mapped anew, whatever
     # the heap holds (100 KiB ones faulted 3,600 times or 50,000, as tests were added
     # to this module).
-    env = dict(os.environ, PYTHONPATH=REPO, MALLOC_TOP_PAD_=str(128 * 1024))
+    # (tests/ too: this module imports the conftest's helpers, as pytest finds them)
+    path = os.pathsep.join([REPO, os.path.join(REPO, "tests")])
+    env = dict(os.environ, PYTHONPATH=path, MALLOC_TOP_PAD_=str(128 * 1024))
     out = {}
     for flag in ("0", "1"):
         env["ACTORGRAD_MALLOC_TUNING"] = flag
