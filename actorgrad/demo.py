@@ -26,6 +26,7 @@ import actorgrad as ag
 from actorgrad import nn
 from actorgrad.nn import functional as F
 from actorgrad.runtime.cluster import run
+from actorgrad.runtime.procs import ENV_ADDRESS
 
 __all__ = ["Stage", "TrainResult", "main", "make_spirals", "train_pipeline"]
 
@@ -162,10 +163,10 @@ async def train_pipeline(
 
 
 async def _run_demo(args: argparse.Namespace) -> TrainResult:
-    there = os.environ.pop("ACTORGRAD_ADDRESS", "").strip()
+    there = os.environ.pop(ENV_ADDRESS, "").strip()
     if there:
         # (local_cluster's warning told the user to change code that is not theirs)
-        print(f"demo: ACTORGRAD_ADDRESS ({there}) is not used: the demo starts its own cluster")
+        print(f"demo: {ENV_ADDRESS} ({there}) is not used: the demo starts its own cluster")
     async with ag.local_cluster(3, processes=not args.in_process) as cluster:
         kind = "in-process actors" if args.in_process else "worker processes"
         print(f"local cluster at {cluster.address}: {', '.join(cluster.names)} ({kind})")

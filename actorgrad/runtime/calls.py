@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from actorgrad.errors import short_repr
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 MAIN_ALIAS = "__mp_main__"
 
@@ -669,6 +670,25 @@ _checked_scripts: set[tuple[str, str]] = set()
 _folder_scripts: dict[str, set[str]] = {}
 
 
+#: Told ``True`` before this process runs the top level of a driver's script or of a
+#: module beside it, found for a call, and ``False`` after: it runs on the worker's
+#: loop, maybe for seconds (a data set loaded), and the runtime tells the peers not to
+#: take the silence for a hang (see Worker.going_quiet).
+on_import: Callable[[bool], None] | None = None
+
+
+def _import_quietly(run: Callable[[], T]) -> T:
+    """``run()``, which imports a driver's code, between the two ``on_import`` calls."""
+    notice = on_import
+    if notice is None:
+        return run()
+    notice(True)
+    try:
+        return run()
+    finally:
+        notice(False)
+
+
 # driver scripts imported on this worker, by real path. Not looked up in sys.modules:
 # the first ``import multiprocessing`` anywhere rebinds sys.modules["__mp_main__"] to this
 # process's own __main__, and a second import of the script would split its globals.
@@ -707,7 +727,7 @@ def _main_module(path: str) -> types.ModuleType:
     try:
         # (as runpy: the loader's exec_module refuses a module named otherwise than it)
         code = spec.loader.get_code(spec.name)  # type: ignore[attr-defined]
-        exec(code, module.__dict__)
+        _import_quietly(lambda: exec(code, module.__dict__))
     except BaseException as exc:
         if saved is None:
             sys.modules.pop(MAIN_ALIAS, None)
@@ -753,19 +773,6 @@ def _close_unstarted_coroutines(exc: BaseException) -> None:
                 ):
                     value.close()
         tb = tb.tb_next
-
-
-def must_import(spec: Any) -> bool:
-    """Whether resolving ``spec``, a function of a driver's script (a list), imports
-    that script or a module beside it: its top level runs then, maybe for long."""
-    if type(spec) is not list or len(spec) < 2 or type(spec[0]) is not str:
-        return False
-    if tuple(spec) in _resolve_cache:  # (every call but the first: cheap first)
-        return False
-    mod = spec[0].partition(":")[0]
-    if mod == "__main__":
-        return type(spec[1]) is str and _main_path() != spec[1] and spec[1] not in _main_modules
-    return mod not in sys.modules
 
 
 def resolve(spec: Any) -> Any:
@@ -814,7 +821,10 @@ def resolve(spec: Any) -> Any:
             if path is not None:  # a module beside the driver's script
                 _use_folder_of(path)
             try:
-                module = importlib.import_module(mod)
+                if path is not None and mod not in sys.modules:
+                    module = _import_quietly(lambda: importlib.import_module(mod))
+                else:
+                    module = importlib.import_module(mod)
             except ModuleNotFoundError as exc:
                 raise ModuleNotFoundError(
                     f"cannot call {name!r}: no module named {exc.name!r}", name=exc.name

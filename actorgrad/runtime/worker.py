@@ -151,6 +151,16 @@ POOL_THREADS = 8
 
 _current: contextvars.ContextVar[Worker] = contextvars.ContextVar("actorgrad_worker")
 _current_conn: contextvars.ContextVar[Connection] = contextvars.ContextVar("actorgrad_conn")
+
+
+def _importing(busy: bool) -> None:
+    """calls.on_import: the worker resolving a call tells its peers it may be silent."""
+    w = _current.get(None)
+    if w is not None:
+        w.going_quiet(SCRIPT_IMPORT_GRACE if busy else 0)
+
+
+calls.on_import = _importing
 _process_worker: Worker | None = None
 _interceptor: Any = None
 
@@ -1643,9 +1653,6 @@ class Worker:
                 if type(target) is str:
                     fn = calls._resolve_cache.get(target) or calls.resolve(target)
                     key = target
-                elif calls.must_import(target):
-                    fn = self._resolve_quietly(target)
-                    key = (target[0], target[1])
                 else:
                     fn = calls.resolve(target)
                     key = (target[0], target[1])  # (not its session: one entry for all)
@@ -2347,9 +2354,7 @@ class Worker:
             lagged = now - last > interval + 1.0  # our own loop was blocked: be lenient
             last = now
             transport.trim_idle_buffers(now)
-            for conn in list(self._conns):
-                if conn.closed or conn._handshaking or conn.peer_name is None:
-                    continue
+            for conn in self._talking():
                 if lagged or conn.paused_reading or conn._out_full:
                     # (silence we caused: our loop was blocked, or we stopped reading
                     # the connection, its requests filling the mailbox or its replies
@@ -2357,7 +2362,7 @@ class Worker:
                     # still tell the peer that we live: a loop late in every round, e.g.
                     # blocked 1.6 s of every 1.8, must still ping in each)
                     conn.last_recv = max(conn.last_recv, now - interval)
-                if not lagged and self._silent_too_long(conn, conn.peer_name, now):
+                if not lagged and self._silent_too_long(conn, now):
                     continue
                 if now - conn.last_sent >= interval * 0.9:
                     try:
@@ -2365,34 +2370,31 @@ class Worker:
                     except ActorgradError:
                         pass
 
+    def _talking(self) -> list[Connection]:
+        """The connections open and past their hello (those heartbeats go on)."""
+        return [c for c in self._conns if not (c.closed or c._handshaking or c.peer_name is None)]
+
+    @staticmethod
+    def _say_now(conn: Connection, header: list) -> None:
+        """Send the frame of ``header`` on ``conn`` at once, not at the next loop turn
+        (the loop is about to be busy, or the connection to close); lost if it cannot."""
+        try:
+            conn.send_nowait([b"".join(wire.encode_frame(header, None))])
+            conn.flush()
+        except ActorgradError:
+            pass
+
     def going_quiet(self, seconds: float) -> None:
         """Tell every peer that this worker's loop may send nothing for up to
         ``seconds`` (0: it is back), so that none takes its silence for a hang meanwhile.
         Written at once: the loop is about to be busy."""
-        frame = b"".join(wire.encode_frame([K_PING, seconds], None))
-        for conn in list(self._conns):
-            if conn.closed or conn._handshaking or conn.peer_name is None:
-                continue
-            try:
-                conn.send_nowait([frame])
-                conn.flush()
-            except ActorgradError:
-                pass
+        for conn in self._talking():
+            self._say_now(conn, [K_PING, seconds])
 
-    def _resolve_quietly(self, target: Any) -> Any:
-        """``calls.resolve(target)``, which imports a driver's script or a module beside
-        it, run on the loop: its top level may load a data set or a framework for
-        seconds, and the peers, hearing nothing, took this worker for hung (the first
-        call into a script whose top level took 3.5 s failed with WorkerLost)."""
-        self.going_quiet(SCRIPT_IMPORT_GRACE)
-        try:
-            return calls.resolve(target)
-        finally:
-            self.going_quiet(0)
-
-    def _silent_too_long(self, conn: Connection, peer: str, now: float) -> bool:
-        """Close ``conn`` (to ``peer``, lost) if it was silent for longer than its
-        limit; whether it did."""
+    def _silent_too_long(self, conn: Connection, now: float) -> bool:
+        """Close ``conn`` (its peer lost) if it was silent for longer than its limit;
+        whether it did."""
+        peer = conn.peer_name or "?"  # (named: one of _talking's)
         silent = now - conn.last_recv
         # Only a side that waits on the peer declares it dead: a caller with calls
         # pending on the connection or watching the peer (HEARTBEAT_TIMEOUT), or a
@@ -2410,11 +2412,7 @@ class Worker:
         if silent > limit and now >= conn.decoding_until and now >= conn.quiet_until:
             # (said first: a peer that was stopped, not dead, reads it once it runs again)
             why = f"it heard nothing from this worker for {limit:g} s: was its process stopped?"
-            try:
-                conn.send_nowait([b"".join(wire.encode_frame([K_BYE, why], None))])
-                conn.flush()
-            except ActorgradError:
-                pass
+            self._say_now(conn, [K_BYE, why])
             conn.abort(WorkerLost(f"worker {peer!r} sent nothing for {limit} s (heartbeat lost)"))
             return True
         return False
