@@ -7,6 +7,7 @@ exits are awaited with pidfds (no sleeps); Ctrl-C on a terminal is typed into a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import queue
@@ -1654,6 +1655,38 @@ def test_a_signal_repeated_or_ignored_at_start_leaves_one_graceful_stop(
         assert not ignoring or "SIGHUP" not in err, err
     finally:
         c.stop()
+
+
+async def test_one_signal_sent_twice_at_once_stops_gracefully_and_a_later_one_forces(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `timeout -s INT` sends its SIGINT to the command, then to the command's group.
+    # While the loop runs (a head serving traffic), both come in one loop turn, and the
+    # second forced the cluster down before its graceful stop (exit 130).
+    started, stopping = asyncio.Event(), asyncio.Event()
+
+    async def serve(stop: asyncio.Event) -> None:
+        started.set()  # (the signals are ours from here)
+        await stop.wait()
+        stopping.set()
+        await asyncio.Event().wait()  # a graceful stop that takes its time
+
+    task = asyncio.ensure_future(cli._serve_until_signalled(serve, "cluster"))
+    await asyncio.wait_for(started.wait(), 10)
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)
+    await asyncio.wait(
+        [task, asyncio.ensure_future(stopping.wait())],
+        timeout=10,
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    assert stopping.is_set() and not task.done()
+    os.kill(os.getpid(), signal.SIGINT)  # (a loop turn later: a person's second Ctrl-C)
+    assert await asyncio.wait_for(task, 10) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.splitlines() == [
+        "actorgrad: SIGINT: stopping the cluster (again to force)",
+        "actorgrad: SIGINT: forcing the cluster down",
+    ]
 
 
 @needs_runtime
