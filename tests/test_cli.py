@@ -698,7 +698,8 @@ def test_a_token_that_is_not_text_is_named(tmp_path: Path) -> None:
         )
         assert (r2.returncode, r2.stderr.decode().strip()) == (
             2,
-            "actorgrad: error: ACTORGRAD_TOKEN is not text: it holds bytes that are not UTF-8",
+            "actorgrad: error: ACTORGRAD_TOKEN is not valid text: it holds a lone surrogate "
+            "(os.environ's for bytes that are not UTF-8)",
         ), cmd
 
 

@@ -2536,6 +2536,11 @@ async def test_shutdown_refuses_bad_arguments_as_rpc_does(kwargs, exc, message, 
         ({"token": 5}, TypeError, "the cluster token must be a str, not int"),
         ({"token": ""}, ValueError, r"the cluster token is empty \(or only whitespace\)$"),
         ({"token": "\n"}, ValueError, r"the cluster token is empty \(or only whitespace\)$"),
+        (
+            {"token": "ab\udc80"},
+            ValueError,
+            r"the cluster token is not valid text: it holds a lone surrogate \(",
+        ),
     ],
 )
 async def test_local_cluster_refuses_a_bad_driver_or_token(kwargs, exc, message):

@@ -1063,8 +1063,8 @@ def check_token(token: Any, source: str = "the cluster token") -> str:
     """``token`` as the handshake keys with it: surrounding whitespace stripped (a token
     read from a file or a variable with its newline must match the workers', which get
     it stripped). TypeError for a non-str, ValueError for a blank one or one that is not
-    text (bytes that are not UTF-8, via os.environ): each names ``source``, never the
-    value (it may be a secret)."""
+    valid text (a lone surrogate, as os.environ gives for bytes that are not UTF-8):
+    each names ``source``, never the value (it may be a secret)."""
     if not isinstance(token, str):
         raise TypeError(f"{source} must be a str, not {type(token).__name__}")
     token = token.strip()
@@ -1073,7 +1073,12 @@ def check_token(token: Any, source: str = "the cluster token") -> str:
     try:
         token.encode()  # (the handshake's MAC key)
     except UnicodeEncodeError:
-        raise ValueError(f"{source} is not text: it holds bytes that are not UTF-8") from None
+        # (a lone surrogate: what os.environ makes of bytes that are not UTF-8, or a
+        # str built with one)
+        raise ValueError(
+            f"{source} is not valid text: it holds a lone surrogate (os.environ's "
+            "for bytes that are not UTF-8)"
+        ) from None
     return token
 
 
