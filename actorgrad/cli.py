@@ -950,7 +950,11 @@ _ENVIRONMENT = """environment:
   ACTORGRAD_SPIN_US         polling window after each message, in microseconds
                             (default 5000, 0: off, at most 100000)
   ACTORGRAD_LOCAL_SOCKETS   0: co-located workers talk over TCP, not Unix sockets
-  ACTORGRAD_MALLOC_TUNING   0: keep glibc malloc's defaults
+  ACTORGRAD_MALLOC_TUNING   0: keep glibc malloc's defaults (so does a
+                            MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ set)
+  OMP_NUM_THREADS           set: worker processes keep the math libraries' thread
+                            counts; unset: OMP_, OPENBLAS_ and MKL_NUM_THREADS each
+                            get cores / processes (unless set)
 See README.md and docs/limits.md."""
 
 
