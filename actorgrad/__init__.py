@@ -12,8 +12,6 @@ Layout (each layer imports only from the ones before it; see docs/design.md):
 Public names are re-exported here; ``import actorgrad as ag``.
 """
 
-from __future__ import annotations
-
 # --- tensors and local autograd (section 1) ---
 # --- distributed autograd (section 3) ---
 from actorgrad import dist, nn, optim

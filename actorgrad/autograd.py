@@ -306,7 +306,9 @@ class Function(Node):
             raise RuntimeError(
                 f"{self.name()}: trying to backward through the graph a second time; its "
                 "saved buffers were freed after the first backward. Pass "
-                "retain_graph=True to the first backward() if you need to run it again."
+                "retain_graph=True to the first backward() if you need to run it again; "
+                "a tensor kept from an earlier step (an RNN's hidden state) is detach()ed "
+                "instead, to stop there"
             )
         return self.backward(grad)
 

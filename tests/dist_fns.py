@@ -86,6 +86,18 @@ def sum_kept(keys: list[str], scale: float) -> ag.Tensor:
     return total
 
 
+def rnn_step(key: str, state: str, x: ag.Tensor, detach: bool) -> ag.Tensor:
+    """h = tanh(x * store[key] + h), h kept here as store[state] from the call before
+    (an RNN cell keeping its hidden state; ``detach``: truncated backpropagation
+    through time)."""
+    h = _store.get(_k(state))
+    if h is not None and detach:
+        h = h.detach()
+    pre = x * _store[_k(key)]
+    _store[_k(state)] = h = (pre if h is None else pre + h).tanh()
+    return h
+
+
 def mul_sum(key: str, x: ag.Tensor) -> ag.Tensor:
     """(x * store[key]).sum(): a 0-d result."""
     return (x * _store[_k(key)]).sum()

@@ -2039,6 +2039,37 @@ async def test_a_pass_refused_for_another_contexts_tensor_leaves_that_graph_whol
         await assert_clean(["w1", "w2"])
 
 
+async def test_a_hidden_state_kept_on_a_worker_across_contexts_is_to_be_detached(mode):
+    # An RNN cell on w1 keeps h; without detach() the second context's backward
+    # reaches the first's freed graph, and the error said only "Pass retain_graph=True
+    # to the first backward()", which turns truncated backpropagation into a full one
+    # (through every earlier context's graph, kept alive).
+    wv, xs = arr(3), [arr(3), arr(3)]
+    async with cluster(mode, 1):
+        await ag.rpc("w1", F.put, ("w", wv))
+        for detach in (False, True):
+            for i, xv in enumerate(xs):
+                x = ag.tensor(xv, requires_grad=True)
+                async with ag.dist.context() as ctx:
+                    # (a state of this run: in-process workers share the store across tests)
+                    h = await ag.rpc("w1", F.rnn_step, ("w", f"h-{mode}-{detach}", x, detach))
+                    if i == 1 and not detach:
+                        with pytest.raises(
+                            ag.RemoteError,
+                            match=r"on worker 'w1': Tanh: trying to backward through the "
+                            r"graph a second time.* a tensor kept from an earlier step "
+                            r"\(an RNN's hidden state\) is detach\(\)ed instead",
+                        ):
+                            await ag.dist.backward(ctx, [h.sum()])
+                        continue
+                    await ag.dist.backward(ctx, [h.sum()])
+                    h1 = np.tanh(xs[0] * wv)
+                    pre = xv * wv + (h1 if i else 0)
+                    want = (1 - np.tanh(pre) ** 2) * wv  # (h1 a constant: detached)
+                    np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], want, rtol=1e-12)
+        await assert_clean(["w1"])
+
+
 @pytest.mark.parametrize("released", [True, False])
 async def test_a_tensor_of_another_context_in_the_loss_is_an_error_not_a_lost_gradient(
     mode, released

@@ -15,7 +15,6 @@ Example (a driver with a worker ``w1``)::
         await opt.step(ctx)                        # w1 updates w with its gradient
 """
 
-from __future__ import annotations
 
 from actorgrad.dist.api import context, debug_info, get_gradients
 from actorgrad.dist.backward import backward
@@ -26,3 +25,4 @@ from actorgrad.runtime import set_interceptor
 __all__ = ["DistributedOptimizer", "backward", "context", "debug_info", "get_gradients"]
 
 set_interceptor(DistInterceptor())
+del DistInterceptor, set_interceptor  # (wiring, not API)

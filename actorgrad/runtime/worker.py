@@ -2413,7 +2413,13 @@ class Worker:
             # (said first: a peer that was stopped, not dead, reads it once it runs again)
             why = f"it heard nothing from this worker for {limit:g} s: was its process stopped?"
             self._say_now(conn, [K_BYE, why])
-            conn.abort(WorkerLost(f"worker {peer!r} sent nothing for {limit} s (heartbeat lost)"))
+            conn.abort(
+                WorkerLost(
+                    f"worker {peer!r} sent nothing for {limit} s (heartbeat lost: its process "
+                    "stopped, its event loop blocked by code that does not await, or the "
+                    "network down?)"
+                )
+            )
             return True
         return False
 
