@@ -275,8 +275,10 @@ class _TooDeep(ValueError):
     pass
 
 
-def _locate(root: Any, root_name: str, pred: Callable[[Any], bool]) -> str | None:
-    """Path (like ``body[0]['x']``) of the first value in ``root`` matching ``pred``.
+def _locate(root: Any, root_name: str | tuple[str, ...], pred: Callable[[Any], bool]) -> str | None:
+    """Path (like ``body[0]['x']``) of the first value in ``root`` matching ``pred``;
+    ``root_name``: the root's name, or its items' (a call's ``("args", "kwargs")``:
+    ``args[1]``, not ``body[0][1]``).
 
     Only used on the error path, to say where an unsendable value sits.
     """
@@ -310,7 +312,18 @@ def _locate(root: Any, root_name: str, pred: Callable[[Any], bool]) -> str | Non
             return walk(getattr(x, "data", None), f"{path}.data", depth + 1)
         return None
 
-    return walk(root, root_name, 0)
+    if isinstance(root_name, str):
+        return walk(root, root_name, 0)
+    for name, item in zip(root_name, root, strict=False):
+        found = walk(item, name, 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _root_name(where: str | tuple[str, ...]) -> str:
+    """How messages name a whole body named ``where`` (see ``_locate``)."""
+    return where if isinstance(where, str) else "/".join(where)
 
 
 def _int_out_of_range(x: Any) -> bool:
@@ -375,7 +388,9 @@ class _Encoder:
             )
         return packers[depth]
 
-    def encode(self, header: list, body: Any, hooks: Any) -> list[bytes | memoryview]:
+    def encode(
+        self, header: list, body: Any, hooks: Any, where: str | tuple[str, ...] = "body"
+    ) -> list[bytes | memoryview]:
         if type(header) is not list and not isinstance(header, (list, tuple)):
             raise TypeError(f"frame header must be a list, not {_type_name(type(header))}")
         self.busy = True
@@ -402,11 +417,11 @@ class _Encoder:
             except _HookError as h:
                 hook_exc = h.exc
             except (TypeError, OverflowError, ValueError, BufferError) as exc:
-                raise _packing_error(exc, body, "body") from None
+                raise _packing_error(exc, body, where) from None
             buffers = self.buffers
             if hook_exc is None and self.ext_bytes and self.ext_bytes > _ext_budget(len(bbytes)):
                 raise ValueError(
-                    f"cannot send body: its nested tuples/arrays/tensors hold "
+                    f"cannot send {_root_name(where)}: its nested tuples/arrays/tensors hold "
                     f"{self.ext_bytes} bytes of payload for a {len(bbytes)}-byte body "
                     f"(more than {_EXT_FACTOR}x); nest large data less deeply"
                 )
@@ -506,19 +521,20 @@ def _new_header_packer() -> msgpack.Packer:
     return msgpack.Packer(use_bin_type=True, default=_header_default, buf_size=_PACKER_BUF_SIZE)
 
 
-def _packing_error(exc: BaseException, root: Any, name: str) -> Exception:
+def _packing_error(exc: BaseException, root: Any, where: str | tuple[str, ...]) -> Exception:
     """Turn an exception from msgpack's pack into the codec's TypeError/ValueError."""
+    name = _root_name(where)
     if isinstance(exc, _Unsendable):
         bad = exc.obj
-        path = _locate(root, name, lambda x: x is bad)
+        path = _locate(root, where, lambda x: x is bad)
         return TypeError(f"{exc.reason}{_at(path)}")
     if isinstance(exc, OverflowError):
-        path = _locate(root, name, _int_out_of_range)
+        path = _locate(root, where, _int_out_of_range)
         return TypeError(f"cannot send int: value does not fit in 64 bits{_at(path)}")
     if isinstance(exc, _TooDeep):
         return ValueError(f"cannot send {name}: {exc}")
     if isinstance(exc, BufferError):  # (msgpack packs a contiguous memoryview as bytes)
-        path = _locate(root, name, lambda x: isinstance(x, memoryview) and not x.c_contiguous)
+        path = _locate(root, where, lambda x: isinstance(x, memoryview) and not x.c_contiguous)
         return TypeError(
             f"cannot send a memoryview that is not C-contiguous{_at(path)}: send "
             "bytes(view), or the numpy array it views"
@@ -536,7 +552,7 @@ def _packing_error(exc: BaseException, root: Any, name: str) -> Exception:
             "the largest frame): send large data in parts"
         )
     if isinstance(exc, UnicodeEncodeError):
-        path = _locate(root, name, lambda x: isinstance(x, str) and not _utf8_ok(x))
+        path = _locate(root, where, lambda x: isinstance(x, str) and not _utf8_ok(x))
         return ValueError(f"cannot send str that is not valid UTF-8{_at(path)}")
     if isinstance(exc, TypeError) and name == "header":
         # msgpack's own "can not serialize 'X' object"
@@ -762,7 +778,9 @@ def _assemble(hbytes: bytes, bbytes: bytes, buffers: list[memoryview]) -> list[b
 _local = threading.local()
 
 
-def encode_frame(header: list, body: Any, hooks: object | None = None) -> list[bytes | memoryview]:
+def encode_frame(
+    header: list, body: Any, hooks: object | None = None, where: str | tuple[str, ...] = "body"
+) -> list[bytes | memoryview]:
     """Encode one frame; returns chunks whose concatenation is the frame.
 
     ``header`` is a small list of plain values (ints, strs, None, lists, dicts; tuples
@@ -771,7 +789,9 @@ def encode_frame(header: list, body: Any, hooks: object | None = None) -> list[b
     ``transport.writelines``) before mutating those arrays.
 
     ``hooks`` is an object with any of the ``WireHooks`` methods (and optionally a
-    ``worker_name`` attribute); see the module docstring.
+    ``worker_name`` attribute); see the module docstring. ``where`` names the body in
+    errors: ``"result"`` says ``(at result[2])``; a tuple names the body's items, so
+    a call's ``[args, kwargs]`` with ``("args", "kwargs")`` says ``(at args[1])``.
 
     Raises:
         TypeError: a value cannot travel (names its type and where it sits), an int
@@ -797,7 +817,7 @@ def encode_frame(header: list, body: Any, hooks: object | None = None) -> list[b
         enc = _local.encoder = _Encoder()
     elif enc.busy:  # re-entered from a hook: use a fresh encoder
         enc = _Encoder()
-    return enc.encode(header, body, hooks)
+    return enc.encode(header, body, hooks, where)
 
 
 def frame_nbytes(chunks: list[bytes | memoryview]) -> int:

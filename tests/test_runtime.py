@@ -144,8 +144,8 @@ def signalled_spin(seconds):
     return spin(seconds)
 
 
-def unencodable_result():
-    return {1, 2}
+def unencodable_result(nested=False):
+    return [1, {"s": {1, 2}}] if nested else {1, 2}
 
 
 def double_array(a):
@@ -893,7 +893,22 @@ async def test_unencodable_argument_is_a_type_error_at_the_sender(cluster):
 async def test_unencodable_result_is_a_remote_type_error(cluster):
     with pytest.raises(ag.RemoteError) as ei:
         await ag.rpc("w1", unencodable_result)
-    assert ei.value.remote_type == "TypeError" and "set" in str(ei.value)
+    assert ei.value.remote_type == "TypeError"
+    assert ei.value.remote_message == "cannot send value of type 'set' (at result)"
+    with pytest.raises(ag.RemoteError, match=r"'set' \(at result\[1\]\['s'\]\)$"):
+        await ag.rpc("w1", unencodable_result, (True,))
+
+
+async def test_an_unsendable_argument_is_named_by_its_place_among_the_arguments(cluster):
+    # (it said "at body[0][1]": the request's body, args and kwargs, is wire jargon)
+    with pytest.raises(TypeError, match=r"^cannot send value of type 'set' \(at args\[1\]\)$"):
+        await ag.rpc("w1", add, (1, {2}))
+    with pytest.raises(TypeError, match=r"'object' \(at kwargs\['b'\]\[0\]\)$"):
+        await ag.rpc("w1", add, (1,), {"b": [object()]})
+    with pytest.raises(TypeError, match=r"'set' \(at args\[0\]\)$"):
+        await ag.remote("w1", make_counter, ({1},))
+    with pytest.raises(TypeError, match=r"does not fit in 64 bits \(at args\[0\]\)$"):
+        await ag.rpc("w1", add, (2**64,))
 
 
 async def test_unknown_worker_is_a_clear_error(cluster):

@@ -113,6 +113,9 @@ transport.set_heartbeat_frame(b"".join(wire.encode_frame([K_PING], None)))
 # request modes
 MODE_RPC, MODE_REMOTE, MODE_RREF_RPC, MODE_RREF_REMOTE = range(4)
 
+#: How errors name the parts of a request's body (``(at args[1])``, not ``body[0][1]``).
+_CALL = ("args", "kwargs")
+
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 3.0
 #: Bytes of a message's msgpack part a peer is given a second to decode before its
@@ -1847,7 +1850,7 @@ class Worker:
         if mode == MODE_REMOTE or mode == MODE_RREF_REMOTE:
             result = rref.new_owned(self, result)
         try:
-            chunks = wire.encode_frame([K_OK, cid], result, hooks)
+            chunks = wire.encode_frame([K_OK, cid], result, hooks, "result")
             if len(chunks) != 1 or len(chunks[0]) > conn.max_frame_size:  # (else: small)
                 conn.check_size(chunks)
             return chunks
@@ -2000,7 +2003,7 @@ class Worker:
             cid = next(conn._call_ids)
             try:
                 chunks = wire.encode_frame(
-                    [K_REQ, cid, target, mode, meta], [list(args), kwargs or None], hooks
+                    [K_REQ, cid, target, mode, meta], [list(args), kwargs or None], hooks, _CALL
                 )
                 if len(chunks) != 1 or len(chunks[0]) > conn.max_frame_size:  # (else: small)
                     conn.check_size(chunks)
@@ -2117,7 +2120,7 @@ class Worker:
         cid = next(conn._call_ids)
         try:
             chunks = wire.encode_frame(
-                [K_REQ, cid, target, MODE_RPC, None], [list(args), kwargs or None], hooks
+                [K_REQ, cid, target, MODE_RPC, None], [list(args), kwargs or None], hooks, _CALL
             )
         except Exception as exc:
             hooks.undo()
@@ -2203,7 +2206,9 @@ class Worker:
             target = calls.fn_spec(fn)
             if self._closing:
                 raise WorkerLost(f"worker {self.name!r} is shutting down")
-            chunks = wire.encode_frame([K_REQ, 0, target, MODE_RPC, None], [list(args), None], None)
+            chunks = wire.encode_frame(
+                [K_REQ, 0, target, MODE_RPC, None], [list(args), None], None, _CALL
+            )
         except Exception as exc:
             self._notify_failed(dest, fn, exc, on_error)
             return
@@ -2228,7 +2233,7 @@ class Worker:
         try:
             if self._closing:
                 raise WorkerLost(f"worker {self.name!r} is shutting down")
-            chunks = wire.encode_frame([K_CAST, topic], list(args), None)
+            chunks = wire.encode_frame([K_CAST, topic], list(args), None, "args")
         except Exception as exc:
             self._notify_failed(dest, topic, exc, on_error)
             return
