@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 import dist_fns as F
@@ -4202,6 +4203,96 @@ async def test_a_call_pending_on_a_peer_that_left_or_died_does_not_break_its_con
                     await asyncio.sleep(0.01)
             await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+
+
+def _drop_for_silence(w: Any, peer: str) -> None:
+    """What ``w``'s heartbeat does to ``peer``'s connections once ``peer`` (a stopped
+    process) was silent past the heartbeat timeout, not the idle one: those with calls
+    pending or whose peer is watched get a goodbye saying why, then close."""
+    later = time.monotonic() + rworker.HEARTBEAT_TIMEOUT + 1
+    conns = [c for c in w._conns if c.peer_name == peer and not c.closed]
+    assert sum(w._silent_too_long(c, later) for c in conns), f"{w.name} closed none to {peer}"
+
+
+def _lost_by(w: Any, peer: str) -> asyncio.Event:
+    gone = asyncio.Event()
+    w.add_peer_lost_callback(lambda n: n == peer and gone.set())
+    return gone
+
+
+async def test_a_worker_its_initiator_dropped_for_silence_takes_its_contexts_again():
+    # w2 (stopped for 3.5 s, say) was dropped by the driver, which had a plain call out
+    # to it. Once running again, w2 took the live driver for dead: it refused every
+    # call in the driver's new contexts ("lost contact with its initiator") for as long
+    # as the driver did not call it itself (a pipeline reaching w2 through w1 never
+    # does), and it reclaimed the driver's live contexts it was a second hop of (and
+    # released them on w1 too): another task's next backward was refused.
+    w1v, w2v = arr(3), arr(3)
+    async with cluster("tcp", 2) as c:
+        driver, w2 = c.driver, c.workers[1]
+        await ag.rpc("w1", F.put, ("w", w1v))
+        await ag.rpc("w1", F.call_path, (["w2"], "put", ["w", w2v]))
+        x = ag.tensor(arr(3), requires_grad=True)
+
+        async def step() -> np.ndarray:  # driver -> w1 -> w2: never a call to w2
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.call_path, (["w2"], "mul", ["w", x]))
+                await ag.dist.backward(ctx, [(y * w1v).sum()])
+                return ag.dist.get_gradients(ctx)[x]
+
+        async with ag.dist.context() as before:  # (in flight across the drop)
+            y = await ag.rpc("w1", F.call_path, (["w2"], "mul", ["w", x]))
+            F._events.pop("napping", None)
+            call = asyncio.get_running_loop().create_task(
+                ag.rpc("w2", F.nap_signalled, ("napping", 3600.0)),
+                context=contextvars.Context(),  # (a plain call, outside the context)
+            )
+            await asyncio.wait_for(F.event("napping").wait(), 10)
+            gone = _lost_by(w2, "driver")
+            _drop_for_silence(driver, "w2")
+            with pytest.raises(ag.WorkerLost, match="sent nothing for 3.0 s"):
+                await asyncio.wait_for(call, 10)
+            await asyncio.wait_for(gone.wait(), 10)  # (w2 read the goodbye)
+            await ag.dist.backward(before, [(y * w1v).sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(before)[x], w2v * w1v, rtol=1e-12)
+        np.testing.assert_allclose(await step(), w2v * w1v, rtol=1e-12)
+        await assert_clean(["w1", "w2"])
+
+
+async def test_a_worker_dropped_for_silence_mid_backward_is_the_one_named_lost(monkeypatch):
+    # w1 dropped w2 (stopped past the heartbeat timeout during its part of the pass).
+    # w2, running again, reported w1 lost to the driver: sometimes first, so backward
+    # raised "worker 'w1' was lost", of a worker that was never stopped.
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    w1v, w2v = arr(3), arr(3)
+    gate = f"pool{next(_gates)}"
+    async with cluster("tcp", 2) as c:
+        w1, w2 = c.workers
+        await ag.rpc("w1", F.put, ("w", w1v))
+        await ag.rpc("w1", F.call_path, (["w2"], "put", ["w", w2v]))
+        await ag.rpc("w1", F.call_path, (["w2"], "add_gated_hook", ["w", gate]))
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.call_path, (["w2"], "mul", ["w", x]))
+            # (w1's report of w2's loss, the right one, is held back: w2's comes first;
+            # after the forward pass, which registered w1's distributed autograd)
+            monkeypatch.setattr(w1, "_peer_lost_cbs", [])
+            run = asyncio.ensure_future(ag.dist.backward(ctx, [(y * w1v).sum()]))
+            try:
+                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                gone = _lost_by(w2, "w1")
+                w1.watch("w2")  # (as w1's part of the pass does while it waits on w2)
+                _drop_for_silence(w1, "w2")
+                w1.unwatch("w2")
+                await asyncio.wait_for(gone.wait(), 10)
+            finally:
+                F.thread_gate(gate + " out").set()
+            with pytest.raises(ag.WorkerLost) as ei:
+                await asyncio.wait_for(run, 10)
+        assert str(ei.value).startswith(
+            "worker 'w2' was lost during the backward pass (worker 'w1' closed its "
+            "connection with it: it heard nothing from this worker for 3 s"
+        ), ei.value
 
 
 async def test_a_call_in_a_context_whose_initiator_a_worker_lost_contact_with_is_a_loss():

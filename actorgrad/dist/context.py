@@ -739,20 +739,37 @@ def _on_peer_lost(st: DistState, name: str) -> None:
     from actorgrad.dist.api import _ask_initiators
     from actorgrad.dist.backward import _report
 
+    me = st.worker.name
+    # A peer that closed on us for our silence (this worker's process was stopped) lives
+    # on: it is this worker that it lost.
+    why = st.worker.dropped_by(name)
     ask: dict[str, list[int]] = {}  # initiator -> ids of its contexts the dead peer held
     for ctx_id, ctx in list(st.contexts.items()):
+        # (sent_to: a peer this worker sent backward messages to without ever calling
+        # it, on a relay the origin set up (w2 -> w1 of a pipeline the driver called
+        # stage by stage): its loss was ignored here, and the origin waited out the
+        # idle timeout, 60 s, for the credit it held)
+        carried = name in ctx.peers or name in ctx.sent_to
         if ctx.initiator == name:
-            _reclaim(st, ctx_id, name)
+            if why is None or carried:
+                _reclaim(st, ctx_id, name)
+            # (else a live initiator's context this worker was brought into by another:
+            # nothing of it went through that connection, and its release will come
+            # the way it came. Reclaimed, it was released on the workers it brought in
+            # and on the one that brought it in: a live context of another task, whose
+            # next backward was refused by a worker that was never stopped)
             continue
-        if name not in ctx.peers and name not in ctx.sent_to:
-            # (sent_to: a peer this worker sent backward messages to without ever
-            # calling it, on a relay the origin set up (w2 -> w1 of a pipeline the
-            # driver called stage by stage): its loss was ignored here, and the origin
-            # waited out the idle timeout, 60 s, for the credit it held)
+        if not carried:
             continue
         ps = ctx.active_pass
         ctx.drop_pass()
-        lost = WorkerLost(f"worker {name!r} was lost during the backward pass")
+        if why is None:
+            lost = WorkerLost(f"worker {name!r} was lost during the backward pass")
+        else:  # (its report names the worker that was stopped, as the peer's does)
+            lost = WorkerLost(
+                f"worker {me!r} was lost during the backward pass (worker {name!r} closed "
+                f"its connection with it: {why})"
+            )
         st.fail_runs(ctx_id, lost)
         # The origin is told when this worker's part of a pass was dropped (with the
         # credit it held: the pass could never complete, and nobody else might tell;
@@ -762,7 +779,7 @@ def _on_peer_lost(st: DistState, name: str) -> None:
         told = (ps.pass_id, ps.origin) if ps is not None else None
         if told is None and name in ctx.sent_to:
             told = ctx.last_pass
-        if told is not None and told[1] not in (name, st.worker.name):
+        if told is not None and told[1] not in (name, me):
             _report(st, ctx_id, told[1], told[0], lost)
         if ctx.initiator != st.worker.name:
             ask.setdefault(ctx.initiator, []).append(ctx_id)

@@ -580,8 +580,9 @@ class Worker:
         self._closing_cbs: list[Callable[[], None]] = []
         self._drain_cut = False  # (see cut_drain)
         self._status_providers: dict[str, Callable[[], dict]] = {}
-        # (a dict: in the order they were lost, see _peer_lost)
-        self._lost: dict[str, None] = {}
+        # (a dict: in the order they were lost, see _peer_lost; the value: what the peer
+        # said when it closed on us, see dropped_by)
+        self._lost: dict[str, str | None] = {}
         self._watched: dict[str, int] = {}  # peer -> watch count (see watch)
         # one-way calls waiting for a connection, per peer, in order (see notify)
         self._notify_queues: dict[str, list[tuple[Any, Any, Any]]] = {}
@@ -1285,12 +1286,15 @@ class Worker:
                 # dropped the live one's contexts, its lease). (Were the view behind
                 # instead, its catching up reports the old one lost.)
                 return
-            self._peer_lost(name)
+            self._peer_lost(name, conn.dropped_why or None)
 
-    def _peer_lost(self, name: str) -> None:
+    def _peer_lost(self, name: str, dropped_why: str | None = None) -> None:
+        """Report ``name`` lost to the callbacks; ``dropped_why``: it closed its
+        connection with this worker saying why (it heard nothing from us: it lives on,
+        and took this worker for lost; see dropped_by)."""
         if name in self._lost or name == self.name or self.closed:
             return
-        self._lost[name] = None
+        self._lost[name] = dropped_why
         if len(self._lost) > LOST_MEMORY:
             # (workers that come and go under new names: each left its name here for
             # good, on every member. The names gone longest go, not those of members)
@@ -1302,6 +1306,12 @@ class Worker:
                 cb(name)
             except Exception:
                 log.exception("peer-lost callback %r failed", cb)
+        if dropped_why is not None:
+            # It lives (it just said so): not lost for what comes next. Kept lost, it
+            # had calls in its new contexts refused here ("lost contact with its
+            # initiator") until it called this worker itself, which a driver whose
+            # pipeline reaches this worker only through another one never does.
+            self._lost.pop(name, None)
 
     # ------------------------------------------------------------------ frames in
     def _on_frame(self, conn: Connection, buf: bytearray | memoryview) -> None:
@@ -2305,6 +2315,13 @@ class Worker:
             on_error(exc)
         except Exception:
             log.exception("on_error callback of a one-way call to %s failed", dest)
+
+    def dropped_by(self, peer: str) -> str | None:
+        """Inside the peer-lost callbacks for ``peer``: why it closed its connection
+        with this worker, if it said (it heard nothing from this worker for too long,
+        whose process was stopped, say: the peer lives on and takes this worker for
+        lost); None for a peer that closed, died or left without a word."""
+        return self._lost.get(peer)
 
     def is_lost(self, peer: str) -> bool:
         """Whether ``peer`` was reported lost (its connection died, or it went silent
