@@ -753,11 +753,12 @@ def _on_peer_lost(st: DistState, name: str) -> None:
         if ctx.initiator == name:
             if why is None or carried:
                 _reclaim(st, ctx_id, name)
-            # (else a live initiator's context this worker was brought into by another:
-            # nothing of it went through that connection, and its release will come
-            # the way it came. Reclaimed, it was released on the workers it brought in
-            # and on the one that brought it in: a live context of another task, whose
-            # next backward was refused by a worker that was never stopped)
+            else:
+                # (a live initiator's context this worker was brought into by another:
+                # reclaimed, it was released on the workers around it too, a live
+                # context of another task. Its release may have been missed while this
+                # worker was stopped: the live initiator says whether it is gone)
+                ask.setdefault(name, []).append(ctx_id)
             continue
         if not carried:
             continue
