@@ -1897,6 +1897,36 @@ async def test_rref_counts_of_a_worker_replaced_under_its_name_are_dropped(clust
     await _owned_count("w1")
 
 
+async def test_a_peer_that_dropped_this_worker_on_each_connection_is_reported_lost_once(cluster):
+    # w1 watched w2 and closed both their connections for w2's silence (its process was
+    # stopped, say), saying why on each. w2 ran its peer-lost callbacks once per
+    # connection: a loss reported twice (twice asking the initiators of w1's contexts).
+    # Once now, until w1 is heard from again; and a real loss of w1 after it is news.
+    w1, w2 = cluster.workers[:2]
+    assert await w1.call("w2", add, (1, 2)) == 3
+    assert await w2.call("w1", add, (3, 4)) == 7  # (a connection each way)
+    lost: list[str] = []
+    w2.add_peer_lost_callback(lost.append)
+    later = time.monotonic() + rworker.HEARTBEAT_TIMEOUT + 1
+    w1.watch("w2")
+    conns = [c for c in w1._conns if c.peer_name == "w2" and not c.closed]
+    assert len(conns) == 2 and all(w1._silent_too_long(c, later) for c in conns)
+    w1.unwatch("w2")
+    async with asyncio.timeout(10):  # (both closed on w2's side)
+        while w2.holds_frames_of("w1"):  # noqa: ASYNC110 (no event for it)
+            await asyncio.sleep(0.01)
+    assert lost == ["w1"]
+    assert w2.dropped_by("w1") == (
+        f"it heard nothing from this worker for {rworker.HEARTBEAT_TIMEOUT:g} s: "
+        "was its process stopped?"
+    )
+    assert not w2.is_lost("w1")  # (it lives on: it said so)
+    w2._peer_lost("w1")  # (then it died: what its next connection's failure does)
+    assert lost == ["w1", "w1"] and w2.is_lost("w1") and w2.dropped_by("w1") is None
+    assert await w1.call("w2", add, (5, 6)) == 11  # (heard from again: a loss is news)
+    assert not w2.is_lost("w1") and w2.dropped_by("w1") is None
+
+
 async def _register_a_fork_and_leave(cluster, to: str) -> None:
     """w3 (holding an RRef owned by w1, kept by ``keep``) registers a fork of it for
     ``to`` with the owner, as before sending it, and leaves without sending: the way a

@@ -707,17 +707,25 @@ def _on_closing(st: DistState) -> None:
         run.fail(WorkerLost(f"worker {st.worker.name!r} shut down during the backward pass"))
 
 
-def _reclaim(st: DistState, ctx_id: int, initiator: str) -> None:
+def _reclaim(st: DistState, ctx_id: int, initiator: str, why: str | None = None) -> None:
     """The lease of context ``ctx_id``, whose ``initiator`` is gone: released here and
-    on the workers this one brought into it."""
+    on the workers this one brought into it. ``why``: the initiator lives on, and closed
+    its connection with this worker saying why (see Worker.dropped_by)."""
     from actorgrad.dist.api import _start_release
 
     # (a backward started here in it fails with the cause, not with the ContextError
     # of the release that follows)
-    lost = WorkerLost(
-        f"worker {initiator!r}, the initiator of context {ctx_id:#x}, was lost during "
-        "the backward pass (its context is reclaimed everywhere)"
-    )
+    if why is None:
+        lost = WorkerLost(
+            f"worker {initiator!r}, the initiator of context {ctx_id:#x}, was lost "
+            "during the backward pass (its context is reclaimed everywhere)"
+        )
+    else:
+        lost = WorkerLost(
+            f"worker {st.worker.name!r} was lost during the backward pass in context "
+            f"{ctx_id:#x} (its initiator, worker {initiator!r}, closed its connection "
+            f"with it: {why}); the context is released here"
+        )
     st.fail_runs(ctx_id, lost)
     # Passed on to the workers this one brought into the context: when only a
     # connection of the initiator closed here (it lives on), they do not see it go, and
@@ -752,7 +760,7 @@ def _on_peer_lost(st: DistState, name: str) -> None:
         carried = name in ctx.peers or name in ctx.sent_to
         if ctx.initiator == name:
             if why is None or carried:
-                _reclaim(st, ctx_id, name)
+                _reclaim(st, ctx_id, name, why)
             else:
                 # (a live initiator's context this worker was brought into by another:
                 # reclaimed, it was released on the workers around it too, a live
@@ -782,7 +790,7 @@ def _on_peer_lost(st: DistState, name: str) -> None:
             told = ctx.last_pass
         if told is not None and told[1] not in (name, me):
             _report(st, ctx_id, told[1], told[0], lost)
-        if ctx.initiator != st.worker.name:
+        if ctx.initiator != me:
             ask.setdefault(ctx.initiator, []).append(ctx_id)
     if ask:
         # The release of these contexts may have been on its way through the dead peer

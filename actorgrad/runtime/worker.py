@@ -674,7 +674,7 @@ class Worker:
     def worker_names(self) -> list[str]:
         names = [n for n in self.members if not n.startswith("_")]
         if self.registry_lost.is_set():  # (no head will remove those lost: they are gone)
-            names = [n for n in names if n not in self._lost]
+            names = [n for n in names if not self.is_lost(n)]
         if self.name not in self.members and not self.name.startswith("_"):
             names.append(self.name)
         return sorted(names, key=natural_key)
@@ -1289,11 +1289,18 @@ class Worker:
             self._peer_lost(name, conn.dropped_why or None)
 
     def _peer_lost(self, name: str, dropped_why: str | None = None) -> None:
-        """Report ``name`` lost to the callbacks; ``dropped_why``: it closed its
-        connection with this worker saying why (it heard nothing from us: it lives on,
-        and took this worker for lost; see dropped_by)."""
-        if name in self._lost or name == self.name or self.closed:
+        """Report ``name`` lost to the callbacks, once per loss; ``dropped_why``: it
+        closed its connection with this worker saying why (it heard nothing from us: it
+        lives on, and took this worker for lost; see dropped_by)."""
+        if name == self.name or self.closed:
             return
+        if name in self._lost:
+            # Reported already, until it is heard from again. Only a real loss after it
+            # dropped us is news (it died since, or left): the callbacks run again
+            # for what they kept because it lived on (its contexts here).
+            if self._lost[name] is None or dropped_why is not None:
+                return
+            del self._lost[name]  # (to the end: the order is the order of losses)
         self._lost[name] = dropped_why
         if len(self._lost) > LOST_MEMORY:
             # (workers that come and go under new names: each left its name here for
@@ -1306,12 +1313,6 @@ class Worker:
                 cb(name)
             except Exception:
                 log.exception("peer-lost callback %r failed", cb)
-        if dropped_why is not None:
-            # It lives (it just said so): not lost for what comes next. Kept lost, it
-            # had calls in its new contexts refused here ("lost contact with its
-            # initiator") until it called this worker itself, which a driver whose
-            # pipeline reaches this worker only through another one never does.
-            self._lost.pop(name, None)
 
     # ------------------------------------------------------------------ frames in
     def _on_frame(self, conn: Connection, buf: bytearray | memoryview) -> None:
@@ -2317,16 +2318,19 @@ class Worker:
             log.exception("on_error callback of a one-way call to %s failed", dest)
 
     def dropped_by(self, peer: str) -> str | None:
-        """Inside the peer-lost callbacks for ``peer``: why it closed its connection
-        with this worker, if it said (it heard nothing from this worker for too long,
+        """Why ``peer`` closed its connection with this worker, if it said so and has
+        not been heard from since (it heard nothing from this worker for too long,
         whose process was stopped, say: the peer lives on and takes this worker for
-        lost); None for a peer that closed, died or left without a word."""
+        lost); None for a peer that closed, died or left without a word, or was never
+        reported lost."""
         return self._lost.get(peer)
 
     def is_lost(self, peer: str) -> bool:
         """Whether ``peer`` was reported lost (its connection died, or it went silent
-        while watched) and has not been heard from since."""
-        return peer in self._lost
+        while watched) and has not been heard from since. Not a peer that dropped this
+        worker (see dropped_by): it lives on, and calls in its new contexts are taken
+        in here, though it may not reach this worker until it calls it again."""
+        return self._lost.get(peer, "") is None
 
     def peer_id(self, peer: str) -> int | None:
         """The cluster id of the process a message to ``peer`` reaches now, as best
