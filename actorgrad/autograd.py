@@ -308,7 +308,7 @@ class Function(Node):
                 "saved buffers were freed after the first backward. Pass "
                 "retain_graph=True to the first backward() if you need to run it again; "
                 "a tensor kept from an earlier step (an RNN's hidden state) is detach()ed "
-                "instead, to stop there"
+                "instead, to stop there."
             )
         return self.backward(grad)
 

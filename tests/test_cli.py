@@ -1468,13 +1468,13 @@ def test_a_driver_script_whose_top_level_takes_long_on_a_worker_is_waited_for(
     tmp_path: Path,
 ) -> None:
     # The worker runs the script's top level on its loop at the first call into it: 3.5 s
-    # of silence, and the first call failed with WorkerLost ("sent nothing for 3.0 s").
+    # of silence, and the first call failed with WorkerLost ("sent nothing for 3 s").
     script = tmp_path / "slow_top.py"
     script.write_text(SLOW_TOP_LEVEL)
     r = run_cli("run", "-n", "1", str(script))
     out = r.stdout.splitlines()
     assert out[0] == "42", r.stdout + r.stderr
-    assert out[1].startswith("lost: worker 'w1' sent nothing for 3.0 s"), r.stdout + r.stderr
+    assert out[1].startswith("lost: worker 'w1' sent nothing for 3 s"), r.stdout + r.stderr
 
 
 @needs_runtime

@@ -3025,7 +3025,9 @@ async def test_distributed_optimizer_options_that_cannot_travel_fail_at_construc
 
     async with cluster("inproc", 1):
         ref = await ag.remote("w1", F.make_param, (np.ones(2),))
-        with pytest.raises(TypeError, match=r"optimizer options cannot travel .*Fraction"):
+        with pytest.raises(
+            TypeError, match=r"optimizer options cannot travel .*Fraction.*\(at options\['lr'\]\)"
+        ):
             ag.dist.DistributedOptimizer(ag.optim.SGD, [ref], lr=Fraction(1, 10))
 
         class Local(ag.optim.SGD):
@@ -4250,7 +4252,7 @@ async def test_a_worker_its_initiator_dropped_for_silence_takes_its_contexts_aga
             await asyncio.wait_for(F.event("napping").wait(), 10)
             gone = _lost_by(w2, "driver")
             _drop_for_silence(driver, "w2")
-            with pytest.raises(ag.WorkerLost, match="sent nothing for 3.0 s"):
+            with pytest.raises(ag.WorkerLost, match="sent nothing for 3 s"):
                 await asyncio.wait_for(call, 10)
             await asyncio.wait_for(gone.wait(), 10)  # (w2 read the goodbye)
             await ag.dist.backward(before, [(y * w1v).sum()])

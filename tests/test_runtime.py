@@ -1901,7 +1901,8 @@ async def test_a_peer_that_dropped_this_worker_on_each_connection_is_reported_lo
     # w1 watched w2 and closed both their connections for w2's silence (its process was
     # stopped, say), saying why on each. w2 ran its peer-lost callbacks once per
     # connection: a loss reported twice (twice asking the initiators of w1's contexts).
-    # Once now, until w1 is heard from again; and a real loss of w1 after it is news.
+    # And w1 took w2 for lost until w2 called it again, which a worker reached only
+    # through others never did: it refused calls in w2's new contexts meanwhile.
     w1, w2 = cluster.workers[:2]
     assert await w1.call("w2", add, (1, 2)) == 3
     assert await w2.call("w1", add, (3, 4)) == 7  # (a connection each way)
@@ -1912,19 +1913,28 @@ async def test_a_peer_that_dropped_this_worker_on_each_connection_is_reported_lo
     conns = [c for c in w1._conns if c.peer_name == "w2" and not c.closed]
     assert len(conns) == 2 and all(w1._silent_too_long(c, later) for c in conns)
     w1.unwatch("w2")
-    async with asyncio.timeout(10):  # (both closed on w2's side)
-        while w2.holds_frames_of("w1"):  # noqa: ASYNC110 (no event for it)
+    assert w1.is_lost("w2")
+    async with asyncio.timeout(10):  # (w2 connected again: w1 heard from it)
+        while w1.is_lost("w2"):  # noqa: ASYNC110 (no event for it)
             await asyncio.sleep(0.01)
     assert lost == ["w1"]
-    assert w2.dropped_by("w1") == (
-        f"it heard nothing from this worker for {rworker.HEARTBEAT_TIMEOUT:g} s: "
-        "was its process stopped?"
-    )
-    assert not w2.is_lost("w1")  # (it lives on: it said so)
-    w2._peer_lost("w1")  # (then it died: what its next connection's failure does)
+    assert not w2.is_lost("w1") and w2.dropped_by("w1") is None  # (heard from since)
+    assert await w1.call("w2", add, (5, 6)) == 11
+
+
+async def test_a_peer_lost_after_it_dropped_this_worker_is_reported_lost_again(cluster):
+    # What a peer that dropped this worker said is kept until it is heard from again:
+    # once per loss, and a real loss after it (it died, or left) is news.
+    w2 = cluster.workers[1]
+    lost: list[str] = []
+    w2.add_peer_lost_callback(lost.append)
+    w2._peer_lost("w1", "it heard nothing from this worker")  # (its goodbye, twice)
+    w2._peer_lost("w1", "it heard nothing from this worker")
+    assert lost == ["w1"] and not w2.is_lost("w1")
+    assert w2.dropped_by("w1") == "it heard nothing from this worker"
+    w2._peer_lost("w1")  # (a connection of it failed since: no goodbye)
+    w2._peer_lost("w1")
     assert lost == ["w1", "w1"] and w2.is_lost("w1") and w2.dropped_by("w1") is None
-    assert await w1.call("w2", add, (5, 6)) == 11  # (heard from again: a loss is news)
-    assert not w2.is_lost("w1") and w2.dropped_by("w1") is None
 
 
 async def _register_a_fork_and_leave(cluster, to: str) -> None:

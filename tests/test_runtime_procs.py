@@ -195,7 +195,7 @@ async def test_heavy_function_on_a_process_worker_keeps_heartbeats_and_calls_goi
 async def test_a_worker_decoding_a_request_of_many_objects_is_not_taken_for_lost(monkeypatch):
     # 8M empty lists (8 MB of msgpack) take w1's loop seconds to decode, with no ping
     # going out meanwhile: its caller took the live worker for lost ("sent nothing
-    # for 3.0 s (heartbeat lost)"). A 1 s heartbeat timeout here, on this side only.
+    # for 3 s (heartbeat lost)"). A 1 s heartbeat timeout here, on this side only.
     monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 1.0)
     async with ag.local_cluster(1, processes=True):
         t0 = time.perf_counter()

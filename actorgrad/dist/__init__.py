@@ -15,7 +15,6 @@ Example (a driver with a worker ``w1``)::
         await opt.step(ctx)                        # w1 updates w with its gradient
 """
 
-
 from actorgrad.dist.api import context, debug_info, get_gradients
 from actorgrad.dist.backward import backward
 from actorgrad.dist.context import DistInterceptor

@@ -69,7 +69,10 @@ class _Context:
             "`async with ag.dist.context() as ctx:`"
         )
 
-    def __exit__(self, *exc_info: object) -> None:  # (never entered: see __enter__)
+    # (never called, __enter__ raises; but `with` looks both methods up before calling
+    # __enter__: without this one, `with ag.dist.context()` fails with a TypeError about
+    # the protocol instead of __enter__'s message)
+    def __exit__(self, *exc_info: object) -> None:
         return None
 
     async def __aenter__(self) -> int:

@@ -173,7 +173,7 @@ class DistributedOptimizer:
         # Surface option mistakes here, not on the first remote step.
         optimizer_class([Tensor(np.zeros(1, dtype=np.float32), requires_grad=True)], **options)
         try:
-            wire.encode_frame([], options)
+            wire.encode_frame([], options, where="options")
         except (TypeError, ValueError) as exc:
             raise TypeError(f"the optimizer options cannot travel to the owners: {exc}") from None
         self._options = options

@@ -1287,6 +1287,24 @@ class Worker:
                 # instead, its catching up reports the old one lost.)
                 return
             self._peer_lost(name, conn.dropped_why or None)
+            if conn.dropped_why and not any(
+                c.peer_name == name and not c.closed for c in self._conns
+            ):
+                # It took this worker for lost, and refuses calls in its new contexts
+                # until a frame comes from here (see is_lost): a driver stopped for a
+                # while whose pipeline reaches that worker only through another one
+                # never sent it one. (With a connection left, its pings do.)
+                self.spawn(self._greet_again(name), name=f"greet-{name}")
+
+    async def _greet_again(self, name: str) -> None:
+        """Connect to ``name`` again, which closed its connections with this worker for
+        its silence: its hello tells it this worker lives."""
+        try:
+            await self._conn_to(name)
+        except Exception as exc:  # (gone meanwhile: its loss is reported as any other)
+            log.info(
+                "worker %s: could not reach %s again after it dropped us: %s", self.name, name, exc
+            )
 
     def _peer_lost(self, name: str, dropped_why: str | None = None) -> None:
         """Report ``name`` lost to the callbacks, once per loss; ``dropped_why``: it
@@ -2441,7 +2459,7 @@ class Worker:
             self._say_now(conn, [K_BYE, why])
             conn.abort(
                 WorkerLost(
-                    f"worker {peer!r} sent nothing for {limit} s (heartbeat lost: its process "
+                    f"worker {peer!r} sent nothing for {limit:g} s (heartbeat lost: its process "
                     "stopped, its event loop blocked by code that does not await, or the "
                     "network down?)"
                 )
