@@ -2347,7 +2347,8 @@ class Worker:
         """Whether ``peer`` was reported lost (its connection died, or it went silent
         while watched) and has not been heard from since. Not a peer that dropped this
         worker (see dropped_by): it lives on, and calls in its new contexts are taken
-        in here, though it may not reach this worker until it calls it again."""
+        in here (this worker connects to it again, which ends its view of this worker
+        as lost)."""
         return self._lost.get(peer, "") is None
 
     def peer_id(self, peer: str) -> int | None:
