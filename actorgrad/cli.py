@@ -829,7 +829,7 @@ def format_status(status: dict[str, Any]) -> str:
 
 async def cmd_status(args: argparse.Namespace) -> int:
     """``actorgrad status``: the workers of a running cluster."""
-    address = args.address or os.environ.get(ENV_ADDRESS)
+    address = args.address or os.environ.get(ENV_ADDRESS, "").strip()
     if not address:
         raise CliError(f"no address: pass --address A or set {ENV_ADDRESS}", code=2)
     try:

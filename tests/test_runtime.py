@@ -2037,6 +2037,9 @@ def test_remote_error_from_an_exception_whose_str_fails_still_names_it():
         ({"address": "nohost", "token": "t"}, ValueError, "address must be HOST:PORT"),
         ({"address": "h:abc", "token": "t"}, ValueError, "not 'h:abc'"),
         ({"address": "h:0", "token": "t"}, ValueError, "port in 1..65535"),
+        # (a space in the host: a DNS failure of "cannot connect to  h:1", hard to see)
+        ({"address": " h:1", "token": "t"}, ValueError, "not ' h:1'"),
+        ({"address": "a b:1", "token": "t"}, ValueError, "not 'a b:1'"),
         # (isdigit() took "²": int() then failed bare; and other scripts' digits passed)
         ({"address": "h:\u00b2", "token": "t"}, ValueError, "address must be HOST:PORT"),
         ({"address": "h:\u0661\u0662", "token": "t"}, ValueError, "address must be HOST:PORT"),

@@ -526,6 +526,59 @@ async def test_cancelled_process_cluster_leaves_no_child_processes():
     assert all(_gone(p) for p in holder["pids"])
 
 
+async def test_a_process_cluster_left_while_it_starts_says_nothing_of_its_workers(
+    monkeypatch, capfd
+):
+    # Ctrl-C while local_cluster (or `actorgrad demo`) started its worker processes:
+    # the head closed first, and each worker's join failed then, a line each on the
+    # terminal ("actorgrad worker w1: WorkerLost: cannot connect to ...: Connection
+    # refused"). Those not joined yet are stopped first now, and end quietly.
+    from actorgrad.runtime.procs import WorkerProcesses
+
+    started = asyncio.Event()
+    holder: dict[str, Any] = {}
+    wait_registered = WorkerProcesses.wait_registered
+
+    async def registering(self, registry, timeout=60.0):  # noqa: ASYNC109 (its signature)
+        holder["pids"] = self.pids
+        started.set()
+        return await wait_registered(self, registry, timeout)
+
+    monkeypatch.setattr(WorkerProcesses, "wait_registered", registering)
+
+    async def body():
+        async with ag.local_cluster(2, processes=True):
+            raise AssertionError("the workers joined before the cancel")
+
+    task = asyncio.ensure_future(body())
+    await asyncio.wait_for(started.wait(), 30)  # (the processes are starting: importing)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert all(_gone(p) for p in holder["pids"])
+    err = capfd.readouterr().err
+    assert "actorgrad worker" not in err, err
+
+
+def test_a_ctrl_c_before_the_loop_starts_leaves_no_coroutine_unawaited(monkeypatch):
+    # (`actorgrad demo` interrupted at 0.3 s: "RuntimeWarning: coroutine '_run_demo' was
+    # never awaited" on the terminal)
+    import inspect
+
+    from actorgrad.runtime import cluster as rcluster
+
+    class Interrupted:
+        def __init__(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(asyncio, "Runner", Interrupted)
+    monkeypatch.setattr(asyncio, "run", Interrupted)
+    coro = asyncio.sleep(0)
+    with pytest.raises(KeyboardInterrupt):
+        rcluster.run(coro)
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+
+
 def test_killing_the_driver_leaves_no_worker_processes(tmp_path):
     script = tmp_path / "doomed_driver.py"
     script.write_text(
@@ -620,7 +673,9 @@ async def test_init_joins_a_cluster_from_the_environment(tmp_path):
                 """
             )
         )
-        env = dict(os.environ, PYTHONPATH=REPO, ACTORGRAD_ADDRESS=c.address)
+        # (spaces around it are dropped, as around the token: kept, the host was
+        # " 127.0.0.1", and the join failed "cannot connect to  127.0.0.1:...")
+        env = dict(os.environ, PYTHONPATH=REPO, ACTORGRAD_ADDRESS=f" {c.address}\n")
         env["ACTORGRAD_TOKEN"] = c.driver.token
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(script), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE

@@ -108,8 +108,8 @@ async def init(
 async def _init(name: str, address: str | None, token: str | None, host: str, port: int) -> Worker:
     if address is not None:
         check_address(address)
-    elif os.environ.get(ENV_ADDRESS):
-        address = check_address(os.environ[ENV_ADDRESS], ENV_ADDRESS)
+    elif os.environ.get(ENV_ADDRESS, "").strip():  # (spaces around it: as the token's)
+        address = check_address(os.environ[ENV_ADDRESS].strip(), ENV_ADDRESS)
     token = token or env_token()
     if token is None and address is not None:
         raise ValueError("joining a cluster needs its token: pass token=... or set ACTORGRAD_TOKEN")

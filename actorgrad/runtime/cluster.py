@@ -40,11 +40,16 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion on a fresh event loop: a uvloop loop when uvloop is
     installed, else asyncio's default. No process-global event-loop policy is set."""
     try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(coro)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    except BaseException:
+        # (a Ctrl-C before the loop started it: "coroutine ... was never awaited")
+        coro.close()
+        raise
 
 
 def bind_for(address: str) -> str:
@@ -141,7 +146,9 @@ def check_address(address: Any, what: str = "address") -> str:
     else ValueError naming ``what`` (the argument or variable it came from)."""
     if isinstance(address, str):
         host, port = split_address(address)
-        if host and _digits(port) and 0 < int(port) <= 65535:
+        # (a space in it: "cannot connect to  127.0.0.1:4000: Name or service not
+        # known", with the space hard to see)
+        if host and not re.search(r"\s", host) and _digits(port) and 0 < int(port) <= 65535:
             return address
     raise ValueError(f"{what} must be HOST:PORT with a port in 1..65535, not {address!r:.80}")
 
@@ -317,6 +324,8 @@ async def stop_all(
     # stop all the same: its error is raised once they are)
     failed: list[BaseException] = []
     try:
+        if procs is not None and head.registry is not None:
+            await procs.stop_unjoined(head.registry)
         if graceful:
             for w in workers:
                 try:

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
 from actorgrad.runtime.transport import check_token, env_switch
@@ -398,6 +398,24 @@ class WorkerProcesses:
             except (ProcessLookupError, PermissionError):
                 pass
 
+    async def stop_unjoined(self, registry: Any, grace: float = 2.0) -> None:
+        """SIGTERM the worker processes that have not joined ``registry`` yet (the
+        cluster is left while it starts: Ctrl-C) and wait up to ``grace`` s for them;
+        those not started yet never start. Stopped before the head closes, they end
+        quietly: after, each one's join failed ("cannot connect ...: Connection
+        refused"), a line per worker on the terminal."""
+        self._waiting.clear()
+        unjoined = {n: p for n, p in self.procs.items() if n not in registry.members}
+        if not unjoined:
+            return
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            self._signal(sig, unjoined.values())
+        deadline = time.monotonic() + grace
+        while any(p.poll() is None for p in unjoined.values()):
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(0.02)
+
     def kill(self) -> None:
         """SIGKILL to the workers still running (a forced stop; ``stop`` then reaps them)."""
         self._signal(signal.SIGKILL)
@@ -407,8 +425,8 @@ class WorkerProcesses:
         self._signal(signal.SIGTERM)
         self._signal(signal.SIGCONT)
 
-    def _signal(self, sig: int) -> None:
-        for p in self.procs.values():
+    def _signal(self, sig: int, procs: Iterable[subprocess.Popen[bytes]] | None = None) -> None:
+        for p in self.procs.values() if procs is None else procs:
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, sig)

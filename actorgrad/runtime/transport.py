@@ -66,7 +66,6 @@ import struct
 import sys
 import threading
 import time
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -119,9 +118,9 @@ def _spin_seconds(default_us: float = 5000.0) -> float:
             why, us = f"more than {MAX_SPIN_US} (0.1 s)", MAX_SPIN_US
         else:
             why, us = "not a number of microseconds >= 0", default_us
-        warnings.warn(
-            f"ACTORGRAD_SPIN_US={raw!r} is {why}; using {us:g}", RuntimeWarning, stacklevel=2
-        )
+        # (logged, not warnings.warn: that printed this file's path and source line
+        # at every command, around the message)
+        log.warning("ACTORGRAD_SPIN_US=%r is %s; using %g", raw, why, us)
         # (our worker and driver processes inherit the value used, so one command warns
         # once: `actorgrad run -n 2` warned 4 times)
         os.environ["ACTORGRAD_SPIN_US"] = f"{us:g}"
@@ -138,11 +137,10 @@ def env_switch(name: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     if value not in ("", "1", "true", "yes", "on"):
-        warnings.warn(
-            f"{name}={raw!r} is not 0 or 1 (nor off or on, false or true, no or yes); "
-            "taking it as 1",
-            RuntimeWarning,
-            stacklevel=2,
+        log.warning(
+            "%s=%r is not 0 or 1 (nor off or on, false or true, no or yes); taking it as 1",
+            name,
+            raw,
         )
         os.environ[name] = "1"  # (inherited: one command warns once)
     return True
