@@ -985,6 +985,7 @@ def test_a_worker_told_to_wait_joins_a_cluster_started_after_it(tmp_path: Path) 
     join = ["worker", "--join", f"127.0.0.1:{port}", "--name", "early"]
     r = run_cli(*join, "--token-file", str(token_file), "--wait", "0.6")
     assert r.returncode == 1 and "Connection refused" in r.stderr, r.stderr
+    assert re.search(r"\(tried for [\d.]+ s: --wait 0\.6\)", r.stderr), r.stderr
     w = Running(*join, "--token-file", str(token_file), "--wait", "60")
     c: Running | None = None
     try:

@@ -409,7 +409,8 @@ RETRY_JOIN = 0.5
 
 async def _join_when_up(w: Worker, address: str, key: str, wait: float) -> None:
     """``w.join(address)``, tried again while nothing listens there, for ``wait`` s."""
-    deadline = time.monotonic() + wait
+    start = time.monotonic()
+    deadline = start + wait
     while True:
         try:
             await w.join(address, key=key)
@@ -420,6 +421,10 @@ async def _join_when_up(w: Worker, address: str, key: str, wait: float) -> None:
             if isinstance(exc, Unanswered) or not isinstance(exc.__cause__, OSError):
                 raise
             if time.monotonic() + RETRY_JOIN > deadline:
+                if wait > 0:  # (said: the retries were not seen, the last error only)
+                    raise WorkerLost(
+                        f"{exc} (tried for {time.monotonic() - start:.1f} s: --wait {wait:g})"
+                    ) from exc.__cause__
                 raise
         await asyncio.sleep(RETRY_JOIN)
 
