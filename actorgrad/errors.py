@@ -19,7 +19,9 @@ This module imports nothing from the rest of the package.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 __all__ = [
     "ActorgradError",
@@ -99,6 +101,30 @@ def short_repr(x: Any, limit: int = 40) -> str:
     except Exception:
         r = f"<{type_name(type(x))}>"
     return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def one_each(exc: E) -> E:
+    """A new exception like ``exc`` (its type, arguments and cause), for one of several
+    waiters that fail for one reason: an exception raised in many tasks gathers their
+    tracebacks, and a note one adds (``DistributedOptimizer.step`` names the owners
+    that stepped) shows in the others' errors. ``exc`` itself when its type cannot be
+    made again from its arguments (or not the same again: an ``__init__`` that
+    formats its arguments).
+
+    >>> first = WorkerLost("worker 'w1' was lost")
+    >>> second = one_each(first)
+    >>> second is first, str(second)
+    (False, "worker 'w1' was lost")
+    """
+    try:
+        new = type(exc)(*exc.args)
+        if str(new) != str(exc):
+            return exc
+    except Exception:
+        return exc
+    new.__cause__ = exc.__cause__
+    new.__suppress_context__ = exc.__suppress_context__
+    return new
 
 
 class RemoteError(ActorgradError):

@@ -4316,6 +4316,27 @@ async def test_a_call_in_a_context_whose_initiator_a_worker_lost_contact_with_is
         )
 
 
+async def test_a_call_in_a_context_reclaimed_for_its_initiators_loss_says_so():
+    # A trainer stopped past the heartbeat timeout was dropped by its server, which
+    # reclaimed the trainer's context; the trainer, running again, had its next call in
+    # it refused as "released on worker 'w1'; a call that arrives in it late is
+    # refused": no word of the trainer's loss, and nothing late about it.
+    async with cluster("tcp", 1) as c:
+        w1 = c.workers[0]
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            await ag.rpc("w1", F.mul, ("w", x))
+            w1._peer_lost("driver")  # (what its heartbeat does to a silent driver)
+            with pytest.raises(ag.ContextError) as ei:
+                await ag.rpc("w1", F.mul, ("w", x))
+        assert (
+            f"context {ctx:#x} was released on worker 'w1' when it lost the context's "
+            "initiator, worker 'driver' (a worker silent for 3 s, its process stopped or "
+            "its loop blocked, is taken for lost as a dead one is): start a new context"
+        ) in str(ei.value), ei.value
+
+
 async def test_a_call_that_arrives_after_its_initiator_died_is_refused(worker_path, tmp_path):
     # w3 opens a context and calls w2, which blocks inside; w3 dies and w1 reclaims
     # w3's contexts (it holds none of this one yet). Then w2 calls w1 in it: w1 created

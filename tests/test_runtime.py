@@ -1937,6 +1937,26 @@ async def test_a_peer_lost_after_it_dropped_this_worker_is_reported_lost_again(c
     assert lost == ["w1", "w1"] and w2.is_lost("w1") and w2.dropped_by("w1") is None
 
 
+async def test_calls_failed_by_one_lost_connection_get_an_error_each(cluster):
+    # They all got one WorkerLost object: a note DistributedOptimizer.step added to its
+    # error showed in a plain call's ("failed on 'w1'; stepped on no owner"), and the
+    # tracebacks of every task that raised it piled up on it.
+    driver = cluster.driver
+    calls = [asyncio.ensure_future(driver.call("w1", "asyncio:sleep", (30,))) for _ in range(2)]
+    async with asyncio.timeout(10):
+        while True:
+            conns = [c for c in driver._conns if c.peer_name == "w1" and len(c.pending) == 2]
+            if conns:
+                break
+            await asyncio.sleep(0.01)  # noqa: ASYNC110 (no event for it)
+    conns[0].abort(ag.WorkerLost("the test cut it"))
+    first, second = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(first, ag.WorkerLost) and isinstance(second, ag.WorkerLost)
+    assert str(first) == str(second) == "the test cut it" and first is not second
+    first.add_note("a note of one caller")
+    assert not getattr(second, "__notes__", None)
+
+
 async def _register_a_fork_and_leave(cluster, to: str) -> None:
     """w3 (holding an RRef owned by w1, kept by ``keep``) registers a fork of it for
     ``to`` with the owner, as before sending it, and leaves without sending: the way a

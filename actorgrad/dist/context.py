@@ -429,6 +429,9 @@ class DistState:
         # the last RELEASED_MEMORY context ids released here (see join)
         self._released: set[int] = set()
         self._released_order: collections.deque[int] = collections.deque()
+        # (of those: the ones reclaimed here because their initiator was lost, and how
+        # the refusal of a late call in one says so, see released_why)
+        self._reclaimed: dict[int, str] = {}
         # Origins of passes whose reports could not go straight to them (a one-way
         # firewall drops the connection: each try waited out the connect timeout, 3 s
         # per report), and when: their reports go the other way for a while.
@@ -461,7 +464,7 @@ class DistState:
         if ctx is None:
             raise ContextError(
                 f"unknown or released distributed autograd context {ctx_id:#x} "
-                f"on worker {self.worker.name!r}"
+                f"on worker {self.worker.name!r}{self.released_why(ctx_id)}"
             )
         return ctx
 
@@ -488,7 +491,8 @@ class DistState:
             if ctx_id in self._released or creator == int(worker.id):
                 raise ContextError(
                     f"distributed autograd context {ctx_id:#x} was released on worker "
-                    f"{worker.name!r}; a call that arrives in it late is refused"
+                    f"{worker.name!r}{self.released_why(ctx_id)}; a call that arrives "
+                    "in it late is refused"
                 )
             if worker.is_lost(initiator):
                 # (taken in, the context would stay here for good if the initiator is
@@ -631,6 +635,18 @@ class DistState:
         lease ran out: see forget)."""
         return ctx_id in self._released
 
+    def released_why(self, ctx_id: int) -> str:
+        """Why ``ctx_id`` was released here, when it was not its initiator's release
+        (then ""), as words to put after "released on worker 'w1'"."""
+        initiator = self._reclaimed.get(ctx_id)
+        if initiator is None:
+            return ""
+        return (
+            f" when it lost the context's initiator, worker {initiator!r} (a worker "
+            f"silent for {_runtime.HEARTBEAT_TIMEOUT:g} s, its process stopped or its "
+            "loop blocked, is taken for lost as a dead one is): start a new context"
+        )
+
     def forget(self, ctx_id: int) -> DistContext | None:
         """Drop a context from this worker (released, or reclaimed by the lease). Its id
         is remembered (see join) also when this worker does not hold it (yet): a
@@ -639,7 +655,9 @@ class DistState:
         if ctx_id not in self._released:
             order = self._released_order
             if len(order) >= RELEASED_MEMORY:
-                self._released.discard(order.popleft())
+                old = order.popleft()
+                self._released.discard(old)
+                self._reclaimed.pop(old, None)
             order.append(ctx_id)
             self._released.add(ctx_id)
         ctx = self.contexts.pop(ctx_id, None)
@@ -734,6 +752,8 @@ def _reclaim(st: DistState, ctx_id: int, initiator: str, why: str | None = None)
     # context until it leaves it (its calls and backward passes through the workers
     # that dropped it fail).
     acks = _start_release(st, ctx_id, gone=[initiator])
+    if ctx_id in st._released:  # (a late call in it says why it is gone)
+        st._reclaimed[ctx_id] = initiator
     if acks is not None:
         st.worker.spawn(acks, name=f"reclaim-{ctx_id:#x}")
 

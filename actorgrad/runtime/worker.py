@@ -96,6 +96,7 @@ from actorgrad.errors import (
     RpcTimeout,
     WorkerLost,
     clip_text,
+    one_each,
     refusal_type,
     short_repr,
 )
@@ -1015,7 +1016,10 @@ class Worker:
             )
             self._connecting[dest] = task
             task.add_done_callback(lambda t: self._connecting.pop(dest, None))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except ActorgradError as exc:  # (each caller its own: see one_each)
+            raise one_each(exc) from exc.__cause__
 
     async def _connect_peer(self, dest: str) -> Connection:
         entry = self.members.get(dest)
@@ -1248,7 +1252,7 @@ class Worker:
                 if not conn.goodbye:  # (a peer that said goodbye sent all it will)
                     hooks.lost()
                 if not fut.done():
-                    fut.set_exception(err)
+                    fut.set_exception(one_each(err))  # (a note added to one: its own)
                     if self._stopping:
                         # failed by our own shutdown: a call_nowait future nobody
                         # reads any more must not log "exception was never retrieved"
