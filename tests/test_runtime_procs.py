@@ -205,6 +205,48 @@ async def test_a_worker_decoding_a_request_of_many_objects_is_not_taken_for_lost
         assert await ag.rpc("w1", add, (1, 2)) == 3
 
 
+_losses: list[tuple[str, str | None]] = []
+
+
+def record_losses() -> None:
+    """Record each peer this worker loses, with what it said if it dropped us."""
+    from actorgrad.runtime import current_worker
+
+    w = current_worker()
+    w.add_peer_lost_callback(lambda name: _losses.append((name, w.dropped_by(name))))
+
+
+def losses() -> list[tuple[str, str | None]]:
+    return list(_losses)
+
+
+async def stop_self_then_answer(seconds: float) -> str:
+    """Stop this process (SIGSTOP) for ``seconds``, then answer at once: its first act
+    once running again is a write, before its loop reads anything."""
+    subprocess.Popen(["sh", "-c", f"sleep {seconds}; kill -CONT {os.getpid()}"])  # noqa: ASYNC220 (it stops the loop on purpose)
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return "late"
+
+
+async def test_a_stopped_worker_that_answers_first_reads_the_goodbye_of_its_caller(monkeypatch):
+    # The driver dropped w1 (stopped past the heartbeat timeout, with a call out to
+    # it) and aborted the socket; w1's late answer, its first write, drew a reset, and
+    # its transport closed without reading the goodbye that waited there: w1 took the
+    # live driver for lost (12 of 12 stops in a probe). The driver's socket stays
+    # half-closed a while now. A 1 s heartbeat timeout here, on the driver only.
+    monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 1.0)
+    async with ag.local_cluster(1, processes=True):
+        await ag.rpc("w1", record_losses)
+        with pytest.raises(ag.WorkerLost, match="sent nothing for 1 s"):
+            await asyncio.wait_for(ag.rpc("w1", stop_self_then_answer, (1.8,)), 20)
+        async with asyncio.timeout(20):
+            while not (seen := await ag.rpc("w1", losses)):  # noqa: ASYNC110 (no event)
+                await asyncio.sleep(0.05)
+        assert seen == [
+            ("driver", "it heard nothing from this worker for 1 s: was its process stopped?")
+        ]
+
+
 async def stutter(block: float, gap: float, rounds: int) -> int:
     """Block the loop for ``block`` s, let it run for ``gap`` s; ``rounds`` times."""
     for _ in range(rounds):

@@ -876,6 +876,30 @@ class Connection(asyncio.BaseProtocol):
                 t.close()
         self._mark_closed(reason)
 
+    def part(self, reason: BaseException, linger: float) -> asyncio.TimerHandle | None:
+        """Close after a last frame (a goodbye) was queued: done with at once (what
+        waits on it fails, its loss is reported), but the socket, half-closed (the
+        frame, then an end of data, go out), stays open up to ``linger`` s, what comes
+        in discarded, until the peer closes its end. Aborted at once, a stopped peer's
+        first write once it ran again drew a reset, and the transport it wrote with
+        closed without reading the goodbye waiting in its socket (12 of 12 stops in a
+        probe). Returns the timer of the final abort (None: aborted now, where there
+        is no half-close)."""
+        t: Any = self.transport
+        try:
+            if t is None or t.is_closing() or not t.can_write_eof():
+                self.abort(reason)
+                return None
+            self._flush()
+            t.write_eof()
+        except Exception:  # (no half-close here, an in-process one; or the socket failed)
+            self.abort(reason)
+            return None
+        if self.close_reason is None:
+            self.close_reason = reason
+        self._mark_closed(reason)
+        return self.loop.call_later(linger, t.abort)
+
 
 class StreamConnection(Connection, asyncio.BufferedProtocol):
     """A :class:`Connection` that lets the event loop read straight into its buffers:

@@ -598,6 +598,9 @@ class Worker:
         # peers (name, cluster id) whose address did not reach them, said once (see
         # _connect_peer)
         self._unreachable_warned: set[tuple[str, int]] = set()
+        # connections closed for their peer's silence whose sockets stay open a while,
+        # so that the peer reads the goodbye (see Connection.part): aborted at teardown
+        self._parting: dict[Connection, asyncio.TimerHandle] = {}
         # the connection a join is on, until its answer comes (membership changes come
         # over it from then on: see registry._member)
         self.joining_conn: Connection | None = None
@@ -2462,13 +2465,18 @@ class Worker:
             # (said first: a peer that was stopped, not dead, reads it once it runs again)
             why = f"it heard nothing from this worker for {limit:g} s: was its process stopped?"
             self._say_now(conn, [K_BYE, why])
-            conn.abort(
+            timer = conn.part(
                 WorkerLost(
                     f"worker {peer!r} sent nothing for {limit:g} s (heartbeat lost: its process "
                     "stopped, its event loop blocked by code that does not await, or the "
                     "network down?)"
-                )
+                ),
+                IDLE_TIMEOUT,  # (a peer stopped longer has left the cluster by then)
             )
+            if timer is not None:
+                for gone in [c for c in self._parting if c.transport_gone]:
+                    del self._parting[gone]
+                self._parting[conn] = timer
             return True
         return False
 
@@ -2550,6 +2558,12 @@ class Worker:
                 except ActorgradError:
                     pass
             conn.close(WorkerLost(f"worker {self.name!r} shut down"))
+        for conn, timer in self._parting.items():
+            timer.cancel()
+            t: Any = conn.transport
+            if not conn.transport_gone and t is not None:
+                t.abort()
+        self._parting.clear()
         # asyncio's own servers (3.11): a connection accepted in the loop turn of
         # Server.close() becomes a transport a turn later, which the closed server
         # refuses (an assertion, swallowed), leaving the accepted socket open until a
