@@ -635,6 +635,12 @@ class DistState:
         lease ran out: see forget)."""
         return ctx_id in self._released
 
+    def reclaimed(self, ctx_id: int, initiator: str) -> None:
+        """Note that ``ctx_id``, released here, was reclaimed on the loss of its
+        ``initiator``: a late call in it says so (see released_why)."""
+        if ctx_id in self._released:
+            self._reclaimed[ctx_id] = initiator
+
     def released_why(self, ctx_id: int) -> str:
         """Why ``ctx_id`` was released here, when it was not its initiator's release
         (then ""), as words to put after "released on worker 'w1'"."""
@@ -752,8 +758,7 @@ def _reclaim(st: DistState, ctx_id: int, initiator: str, why: str | None = None)
     # context until it leaves it (its calls and backward passes through the workers
     # that dropped it fail).
     acks = _start_release(st, ctx_id, gone=[initiator])
-    if ctx_id in st._released:  # (a late call in it says why it is gone)
-        st._reclaimed[ctx_id] = initiator
+    st.reclaimed(ctx_id, initiator)
     if acks is not None:
         st.worker.spawn(acks, name=f"reclaim-{ctx_id:#x}")
 

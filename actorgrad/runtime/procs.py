@@ -405,25 +405,20 @@ class WorkerProcesses:
         quietly: after, each one's join failed ("cannot connect ...: Connection
         refused"), a line per worker on the terminal."""
         self._waiting.clear()
-        unjoined = {n: p for n, p in self.procs.items() if n not in registry.members}
-        if not unjoined:
-            return
-        for sig in (signal.SIGTERM, signal.SIGCONT):
-            self._signal(sig, unjoined.values())
-        deadline = time.monotonic() + grace
-        while any(p.poll() is None for p in unjoined.values()):
-            if time.monotonic() >= deadline:
-                return
-            await asyncio.sleep(0.02)
+        unjoined = [p for n, p in self.procs.items() if n not in registry.members]
+        if unjoined:
+            self.terminate(unjoined)
+            await self._wait_all(grace, unjoined)
 
     def kill(self) -> None:
         """SIGKILL to the workers still running (a forced stop; ``stop`` then reaps them)."""
         self._signal(signal.SIGKILL)
 
-    def terminate(self) -> None:
-        """SIGTERM (then SIGCONT: a stopped one handles it) to the workers still running."""
-        self._signal(signal.SIGTERM)
-        self._signal(signal.SIGCONT)
+    def terminate(self, procs: Iterable[subprocess.Popen[bytes]] | None = None) -> None:
+        """SIGTERM (then SIGCONT: a stopped one handles it) to the workers still running
+        (of ``procs``: all when None)."""
+        self._signal(signal.SIGTERM, procs)
+        self._signal(signal.SIGCONT, procs)
 
     def _signal(self, sig: int, procs: Iterable[subprocess.Popen[bytes]] | None = None) -> None:
         for p in self.procs.values() if procs is None else procs:
@@ -436,9 +431,16 @@ class WorkerProcesses:
                     except ProcessLookupError:
                         pass
 
-    async def _wait_all(self, timeout: float) -> None:  # noqa: ASYNC109 (timeout is API)
+    async def _wait_all(
+        self,
+        timeout: float,  # noqa: ASYNC109 (timeout is API)
+        procs: Iterable[subprocess.Popen[bytes]] | None = None,
+    ) -> None:
+        """Wait up to ``timeout`` s for the workers (of ``procs``: all when None) to
+        exit."""
+        waited = list(self.procs.values() if procs is None else procs)
         deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in self.procs.values()):
+        while any(p.poll() is None for p in waited):
             if time.monotonic() >= deadline:
                 return
             await asyncio.sleep(0.02)

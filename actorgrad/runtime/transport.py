@@ -895,8 +895,6 @@ class Connection(asyncio.BaseProtocol):
         except Exception:  # (no half-close here, an in-process one; or the socket failed)
             self.abort(reason)
             return None
-        if self.close_reason is None:
-            self.close_reason = reason
         self._mark_closed(reason)
         return self.loop.call_later(linger, t.abort)
 
