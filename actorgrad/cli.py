@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from actorgrad.errors import ActorgradError, AuthError
-from actorgrad.runtime import cluster
+from actorgrad.runtime import cluster, transport
 from actorgrad.runtime.cluster import new_token, run
 from actorgrad.runtime.procs import (
     ENV_ADDRESS,
@@ -955,6 +955,8 @@ _ENVIRONMENT = """environment:
   OMP_NUM_THREADS           set: worker processes keep the math libraries' thread
                             counts; unset: OMP_, OPENBLAS_ and MKL_NUM_THREADS each
                             get cores / processes (unless set)
+  ACTORGRAD_PROFILE         PATH: each worker process runs under cProfile and
+                            writes its stats to PATH.NAME when it exits
 See README.md and docs/limits.md."""
 
 
@@ -1142,6 +1144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_to_stderr()
         except ValueError as exc:
             raise CliError(str(exc), code=2) from None
+        # (now, once: a bad tuning value warns through that logging, and the processes
+        # started inherit the value used instead of warning again)
+        transport.read_settings()
         if args.command == "demo":
             return cmd_demo(argv[1:])
         if args.command == "run" and not os.path.isfile(args.script):

@@ -12,7 +12,7 @@ import actorgrad as ag
 from actorgrad.runtime import Worker, current_worker, transport
 
 pytestmark = pytest.mark.skipif(
-    not transport.LOCAL_SOCKETS, reason="no abstract Unix sockets on this platform"
+    not transport.local_sockets(), reason="no abstract Unix sockets on this platform"
 )
 
 

@@ -105,7 +105,10 @@ async def test_the_loop_does_not_spin_while_its_worker_runs_a_job_in_a_thread(mo
 def test_a_malformed_spin_setting_is_named_and_the_default_used() -> None:
     # float("abc") at import: `import actorgrad` and every CLI command failed with a
     # bare ValueError traceback.
-    code = "from actorgrad.runtime import transport; print(transport.SPIN_SECONDS)"
+    code = (
+        "from actorgrad.runtime import transport; transport.read_settings(); "
+        "print(transport.SPIN_SECONDS)"
+    )
     for raw in ("abc", "-5", "nan"):
         env = dict(os.environ, ACTORGRAD_SPIN_US=raw)
         r = subprocess.run(

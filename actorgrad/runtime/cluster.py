@@ -420,13 +420,15 @@ async def _join_when_up(w: Worker, address: str, key: str, wait: float) -> None:
             # refused the join, is not a cluster still starting)
             if isinstance(exc, Unanswered) or not isinstance(exc.__cause__, OSError):
                 raise
-            if time.monotonic() + RETRY_JOIN > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 if wait > 0:  # (said: the retries were not seen, the last error only)
                     raise WorkerLost(
                         f"{exc} (tried for {time.monotonic() - start:.1f} s: --wait {wait:g})"
                     ) from exc.__cause__
                 raise
-        await asyncio.sleep(RETRY_JOIN)
+        # (the last attempt is at the deadline: `--wait 2` tries for 2 s, not 1.5)
+        await asyncio.sleep(min(RETRY_JOIN, left))
 
 
 async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict:  # noqa: ASYNC109 (timeout is API)

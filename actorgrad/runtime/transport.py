@@ -148,13 +148,33 @@ def env_switch(name: str) -> bool:
 
 # After a frame goes out or comes in, the loop polls its sockets, yielding the CPU at
 # every poll, for this long before it may sleep in epoll (see _Spinner). 0 disables it.
-SPIN_SECONDS = _spin_seconds()
+# (ACTORGRAD_SPIN_US, read by read_settings: nan until then)
+SPIN_SECONDS = math.nan
 # ...but only while at least this share of recent frames arrived within the window.
 SPIN_HIT_RATE = 0.75
 _sched_yield = getattr(os, "sched_yield", None)
 _MAX_HANDSHAKE_BUFFER = 4096
-#: Co-located TCP workers talk over abstract Unix sockets (Linux only).
-LOCAL_SOCKETS = sys.platform == "linux" and env_switch("ACTORGRAD_LOCAL_SOCKETS")
+#: Co-located TCP workers talk over abstract Unix sockets (Linux only; None: not read yet).
+LOCAL_SOCKETS: bool | None = None
+
+
+def read_settings() -> None:
+    """Read the transport's tuning variables (``ACTORGRAD_SPIN_US``,
+    ``ACTORGRAD_LOCAL_SOCKETS``) unless read already: at the first connection or
+    worker, or when a process of ours has set up its logging. (Read at import, a bad
+    value's warning came out before the ``actorgrad`` command had set up its logging:
+    a bare line, without the time, level and logger of its other messages.)"""
+    global SPIN_SECONDS, LOCAL_SOCKETS
+    if math.isnan(SPIN_SECONDS):
+        SPIN_SECONDS = _spin_seconds()
+    if LOCAL_SOCKETS is None:
+        LOCAL_SOCKETS = sys.platform == "linux" and env_switch("ACTORGRAD_LOCAL_SOCKETS")
+
+
+def local_sockets() -> bool:
+    """Whether co-located TCP workers talk over abstract Unix sockets here."""
+    read_settings()
+    return bool(LOCAL_SOCKETS)
 
 
 class _Spinner:
@@ -246,6 +266,7 @@ def set_heartbeat_frame(frame: bytes) -> None:
 
 
 def _spinner(loop: asyncio.AbstractEventLoop) -> _Spinner | None:
+    read_settings()
     if SPIN_SECONDS <= 0:
         return None
     sp = _spinners.get(loop)
@@ -992,7 +1013,7 @@ async def listen_local(
     """Listen on a fresh abstract Unix socket; (server, name to advertise), or None
     where there are none."""
     key = machine_key()
-    if not LOCAL_SOCKETS or not key:
+    if not local_sockets() or not key:
         return None
     name = f"actorgrad/{key}/{secrets.token_hex(8)}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1011,7 +1032,10 @@ def local_reachable(name: str) -> bool:
     """Whether ``name`` (advertised by :func:`listen_local`) is reachable from here."""
     parts = name.split("/")
     return (
-        LOCAL_SOCKETS and len(parts) == 3 and parts[0] == "actorgrad" and parts[1] == machine_key()
+        local_sockets()
+        and len(parts) == 3
+        and parts[0] == "actorgrad"
+        and parts[1] == machine_key()
     )
 
 

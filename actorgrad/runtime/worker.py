@@ -523,7 +523,7 @@ class Worker:
         self.transport_kind = transport_kind
         # TCP workers also listen on, and prefer, local Unix sockets (transport.py)
         self.local_sockets = (
-            transport.LOCAL_SOCKETS if local_sockets is None else local_sockets
+            transport.local_sockets() if local_sockets is None else local_sockets
         ) and transport_kind == "tcp"
         self.host = host
         self.port = port
