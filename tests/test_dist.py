@@ -2144,6 +2144,41 @@ async def test_the_context_object_shows_its_state():
         assert repr(cm) == f"<dist context {ctx:#x} released>"
 
 
+async def test_one_context_object_entered_by_two_tasks_at_once_is_refused():
+    # (the second entry took the object over: the first task's exit released the
+    # second's context and left its own open on every worker, the task still inside)
+    xv, wv = arr(3), arr(3)
+    key = f"shared-cm-{time.monotonic_ns()}"
+    async with cluster(n=1) as c:
+        await ag.rpc("w1", F.put, (key, wv))
+        cm = ag.dist.context()
+        inside, go_on = asyncio.Event(), asyncio.Event()
+        first_id = []
+
+        async def first() -> np.ndarray:
+            async with cm as ctx:
+                first_id.append(ctx)
+                x = ag.tensor(xv, requires_grad=True)
+                y = await ag.rpc("w1", F.mul, (key, x))
+                inside.set()
+                await go_on.wait()
+                await ag.dist.backward(ctx, [y.sum()])
+                return ag.dist.get_gradients(ctx)[x]
+
+        task = asyncio.create_task(first())
+        await asyncio.wait_for(inside.wait(), 10)
+        with pytest.raises(
+            ag.ContextError, match=rf"already entered \(context {first_id[0]:#x}, maybe by another"
+        ):
+            async with cm:
+                pass
+        go_on.set()
+        np.testing.assert_allclose(await asyncio.wait_for(task, 10), wv, rtol=1e-12)
+        async with cm as again:  # (one entry after another is fine)
+            assert again != first_id[0]
+        await assert_clean(c.names)
+
+
 async def test_concurrent_tasks_have_their_own_contexts():
     async with cluster():
         ids = []

@@ -76,6 +76,14 @@ class _Context:
         return None
 
     async def __aenter__(self) -> int:
+        if getattr(self, "_token", None) is not None:
+            # (a second task entering the object took it over: the first one's exit
+            # released the second's context and left its own open on every worker,
+            # with the first task still inside it)
+            raise ContextError(
+                f"this ag.dist.context() object is already entered (context {self._id:#x}, "
+                "maybe by another task): each `async with` needs its own ag.dist.context()"
+            )
         worker = current_worker()
         open_ctx = current_context(worker)
         if open_ctx is not None:
