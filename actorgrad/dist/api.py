@@ -53,6 +53,7 @@ class _Context:
     manager: it is entered and left once per training step)."""
 
     __slots__ = ("_st", "_id", "_token")
+    _id: int
 
     def __repr__(self) -> str:
         cid = getattr(self, "_id", None)
