@@ -224,7 +224,7 @@ class no_grad(_GradMode):
         >>> @ag.no_grad()
         ... def scaled(w):
         ...     yield w * 2
-        >>> [y.requires_grad for y in scaled(w)], is_grad_enabled()
+        >>> [y.requires_grad for y in scaled(w)], ag.autograd.is_grad_enabled()
         ([False], True)
     """
 

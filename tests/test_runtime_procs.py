@@ -1439,7 +1439,19 @@ def test_a_driver_run_as_a_module_of_a_package_finds_its_relative_imports_on_wor
     assert out.stdout.split() == ["11", "15", "3"]
 
 
-def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fails(tmp_path):
+@pytest.mark.parametrize(
+    "start",
+    [
+        "asyncio.run(main())",
+        # (a helper of the user's holding main() while asyncio.run got a wrapper: the
+        # wrapper was closed, main() was left to say "never awaited")
+        "def run(coro):\n    async def bounded():\n        return await asyncio.wait_for(coro, 60)\n"
+        "    return asyncio.run(bounded())\nrun(main())",
+    ],
+)
+def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fails(
+    tmp_path, start
+):
     # No `if __name__ == "__main__":` guard: the worker importing the script to find a
     # function runs its top level, which starts an event loop inside the worker's.
     script = tmp_path / "unguarded.py"
@@ -1460,9 +1472,10 @@ def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fa
                         print("error", exc.remote_type, str(exc).replace("\\n", " "), flush=True)
                     print("still serving", await ag.rpc("w1", operator.add, (2, 3)), flush=True)
 
-            asyncio.run(main())
             """
         )
+        + start
+        + "\n"
     )
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop("ACTORGRAD_ADDRESS", None)

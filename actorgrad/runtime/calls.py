@@ -757,22 +757,27 @@ def _main_module(path: str) -> types.ModuleType:
 
 
 def _close_unstarted_coroutines(exc: BaseException) -> None:
-    """Close the coroutines never started that asyncio's frames ``exc`` went through
-    were given (the script's ``asyncio.run(main())``, refused inside the worker's
-    loop): collected later, each printed "coroutine 'main' was never awaited", pointing
-    at our code. (Only asyncio's: one the script keeps, or handed to a task, is
-    another's to run.)"""
+    """Close the coroutines never started that the frames ``exc`` went through held
+    (the script's ``asyncio.run(main())``, refused inside the worker's loop), and those
+    they were given (``main()`` held by a wrapper coroutine of the script's own):
+    collected later, each printed "coroutine 'main' was never awaited", pointing at our
+    code. (The script's import failed: nothing of it will start them.)"""
+    todo = []
     tb = exc.__traceback__
     while tb is not None:
-        frame = tb.tb_frame
-        if str(frame.f_globals.get("__name__", "")).startswith("asyncio."):
-            for value in frame.f_locals.values():
-                if (
-                    inspect.iscoroutine(value)
-                    and inspect.getcoroutinestate(value) == "CORO_CREATED"
-                ):
-                    value.close()
+        todo.extend(tb.tb_frame.f_locals.values())
         tb = tb.tb_next
+    seen: set[int] = set()
+    while todo:
+        value = todo.pop()
+        if (
+            inspect.iscoroutine(value)
+            and id(value) not in seen
+            and inspect.getcoroutinestate(value) == "CORO_CREATED"
+        ):
+            seen.add(id(value))
+            todo.extend(value.cr_frame.f_locals.values())  # (its arguments and free variables)
+            value.close()
 
 
 def resolve(spec: Any) -> Any:
