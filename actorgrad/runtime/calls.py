@@ -762,7 +762,7 @@ def _close_unstarted_coroutines(exc: BaseException) -> None:
     they were given (``main()`` held by a wrapper coroutine of the script's own):
     collected later, each printed "coroutine 'main' was never awaited", pointing at our
     code. (The script's import failed: nothing of it will start them.)"""
-    todo = []
+    todo: list[Any] = []
     tb = exc.__traceback__
     while tb is not None:
         todo.extend(tb.tb_frame.f_locals.values())
@@ -776,7 +776,8 @@ def _close_unstarted_coroutines(exc: BaseException) -> None:
             and inspect.getcoroutinestate(value) == "CORO_CREATED"
         ):
             seen.add(id(value))
-            todo.extend(value.cr_frame.f_locals.values())  # (its arguments and free variables)
+            if value.cr_frame is not None:  # (its arguments and free variables)
+                todo.extend(value.cr_frame.f_locals.values())
             value.close()
 
 
