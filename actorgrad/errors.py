@@ -40,8 +40,8 @@ class ActorgradError(Exception):
     Example::
 
         >>> try:
-        ...     raise WorkerLost("connection to 'w1' broke")
-        ... except ActorgradError as e:
+        ...     raise ag.WorkerLost("connection to 'w1' broke")
+        ... except ag.ActorgradError as e:
         ...     print(type(e).__name__, e)
         WorkerLost connection to 'w1' broke
     """
@@ -164,8 +164,8 @@ class RemoteError(ActorgradError):
         """``exc`` raised on ``worker``, as the caller will see it (a RemoteError is
         returned as it is, so the worker where it first happened is kept).
 
-        >>> e = RemoteError.from_exception("w1", ValueError("bad"))
-        >>> e.remote_type, str(e), RemoteError.from_exception("w2", e) is e
+        >>> e = ag.RemoteError.from_exception("w1", ValueError("bad"))
+        >>> e.remote_type, str(e), ag.RemoteError.from_exception("w2", e) is e
         ('ValueError', "ValueError on worker 'w1': bad", True)
         """
         if isinstance(exc, RemoteError):
@@ -198,7 +198,7 @@ class RemoteError(ActorgradError):
 class WorkerLost(ActorgradError):
     """The peer died, or the connection to it broke, while something depended on it.
 
-    >>> issubclass(WorkerLost, ActorgradError)
+    >>> issubclass(ag.WorkerLost, ag.ActorgradError)
     True
     """
 
@@ -206,7 +206,7 @@ class WorkerLost(ActorgradError):
 class RpcTimeout(ActorgradError, TimeoutError):
     """A call did not complete within its timeout; also a ``TimeoutError``.
 
-    >>> isinstance(RpcTimeout("no answer in 1.0 s"), TimeoutError)
+    >>> isinstance(ag.RpcTimeout("no answer in 1.0 s"), TimeoutError)
     True
     """
 
@@ -214,7 +214,7 @@ class RpcTimeout(ActorgradError, TimeoutError):
 class AuthError(ActorgradError):
     """The connection handshake failed: wrong token, or the peer is not an actorgrad worker.
 
-    >>> issubclass(AuthError, ActorgradError)
+    >>> issubclass(ag.AuthError, ag.ActorgradError)
     True
     """
 
@@ -222,7 +222,7 @@ class AuthError(ActorgradError):
 class ProtocolError(ActorgradError):
     """A malformed, oversized or unknown message was received.
 
-    >>> issubclass(ProtocolError, ActorgradError)
+    >>> issubclass(ag.ProtocolError, ag.ActorgradError)
     True
     """
 
@@ -230,7 +230,7 @@ class ProtocolError(ActorgradError):
 class ContextError(ActorgradError):
     """Misuse of a distributed autograd context: unknown/released id, or nesting.
 
-    >>> issubclass(ContextError, ActorgradError)
+    >>> issubclass(ag.ContextError, ag.ActorgradError)
     True
     """
 

@@ -55,7 +55,7 @@ class Optimizer:
     Example::
 
         >>> opt = ag.optim.SGD([ag.ones(2, requires_grad=True)], lr=0.1)
-        >>> isinstance(opt, Optimizer), len(opt.params), opt.lr
+        >>> isinstance(opt, ag.optim.Optimizer), len(opt.params), opt.lr
         (True, 1, 0.1)
     """
 
@@ -146,7 +146,7 @@ class Optimizer:
         values before the step or after it, never a mix.
 
         >>> w = ag.tensor([1.0, 2.0], requires_grad=True)
-        >>> SGD([w], lr=0.5).step({w: np.array([1.0, 1.0])}); w.data
+        >>> ag.optim.SGD([w], lr=0.5).step({w: np.array([1.0, 1.0])}); w.data
         array([0.5, 1.5], dtype=float32)
         """
         for p, g in self._grads(grads):
@@ -163,7 +163,7 @@ class Optimizer:
     def zero_grad(self) -> None:
         """Forget every parameter's ``.grad`` (set to None).
 
-        >>> w = ag.ones(2, requires_grad=True); opt = SGD([w], lr=0.1)
+        >>> w = ag.ones(2, requires_grad=True); opt = ag.optim.SGD([w], lr=0.1)
         >>> w.sum().backward(); opt.zero_grad(); w.grad is None
         True
         """
@@ -180,7 +180,7 @@ class SGD(Optimizer):
     Example::
 
         >>> model = ag.nn.Linear(3, 2, seed=0)
-        >>> opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> opt = ag.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         >>> model(ag.ones(4, 3)).sum().backward(); opt.step(); opt.zero_grad()
     """
 
@@ -219,7 +219,7 @@ class Adam(Optimizer):
     Example::
 
         >>> model = ag.nn.Linear(3, 2, seed=0)
-        >>> opt = Adam(model.parameters(), lr=1e-3)
+        >>> opt = ag.optim.Adam(model.parameters(), lr=1e-3)
         >>> model(ag.ones(4, 3)).sum().backward(); opt.step()
     """
 

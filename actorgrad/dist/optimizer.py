@@ -224,6 +224,7 @@ class DistributedOptimizer:
 
         Example::
 
+            opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [w1_ref, w2_ref], lr=0.05)
             async with ag.dist.context() as ctx:
                 loss = await forward(ctx)
                 await ag.dist.backward(ctx, [loss])

@@ -34,7 +34,7 @@ class Module:
 
     Example::
 
-        >>> class Affine(Module):
+        >>> class Affine(ag.nn.Module):
         ...     def __init__(self):
         ...         self.w = ag.ones(3, requires_grad=True)
         ...     def forward(self, x):
@@ -45,7 +45,7 @@ class Module:
         """The module's computation: subclasses define it (here it raises
         NotImplementedError). Call the module rather than ``forward``.
 
-        >>> Tanh().forward(ag.zeros(2)).numpy()
+        >>> ag.nn.Tanh().forward(ag.zeros(2)).numpy()
         array([0., 0.], dtype=float32)
         """
         raise NotImplementedError(f"{type(self).__name__}.forward")
@@ -53,7 +53,7 @@ class Module:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """``module(x)`` is ``module.forward(x)``.
 
-        >>> ReLU()(ag.tensor([-1.0, 1.0])).numpy()
+        >>> ag.nn.ReLU()(ag.tensor([-1.0, 1.0])).numpy()
         array([0., 1.], dtype=float32)
         """
         return self.forward(*args, **kwargs)
@@ -62,7 +62,8 @@ class Module:
         """``(name, submodule)`` for each direct submodule: module attributes, and the
         modules in list/tuple attributes as ``"<attribute>.<index>"``.
 
-        >>> m = Module(); m.body = Linear(2, 2); m.heads = [ReLU(), Tanh()]
+        >>> m = ag.nn.Module(); m.body = ag.nn.Linear(2, 2)
+        >>> m.heads = [ag.nn.ReLU(), ag.nn.Tanh()]
         >>> [name for name, _ in m.named_children()]
         ['body', 'heads.0', 'heads.1']
         """
@@ -79,9 +80,10 @@ class Module:
         a tensor shared by several modules is listed once. A ``prefix`` starts every
         name, joined by a dot (as in PyTorch).
 
-        >>> [name for name, _ in Sequential(Linear(2, 3), ReLU()).named_parameters()]
+        >>> model = ag.nn.Sequential(ag.nn.Linear(2, 3), ag.nn.ReLU())
+        >>> [name for name, _ in model.named_parameters()]
         ['0.weight', '0.bias']
-        >>> [name for name, _ in Linear(2, 3).named_parameters(prefix="fc")]
+        >>> [name for name, _ in ag.nn.Linear(2, 3).named_parameters(prefix="fc")]
         ['fc.weight', 'fc.bias']
         """
         if not isinstance(prefix, str):
@@ -104,7 +106,7 @@ class Module:
     def parameters(self) -> list[Tensor]:
         """Every parameter tensor, in registration order.
 
-        >>> [p.shape for p in Linear(2, 3).parameters()]
+        >>> [p.shape for p in ag.nn.Linear(2, 3).parameters()]
         [(3, 2), (3,)]
         """
         return [t for _, t in self.named_parameters()]
@@ -112,7 +114,7 @@ class Module:
     def zero_grad(self) -> None:
         """Forget every parameter's ``.grad`` (set to None).
 
-        >>> m = Linear(2, 1); m(ag.ones(1, 2)).sum().backward(); m.zero_grad()
+        >>> m = ag.nn.Linear(2, 1); m(ag.ones(1, 2)).sum().backward(); m.zero_grad()
         >>> m.weight.grad is None
         True
         """
@@ -122,7 +124,7 @@ class Module:
     def state_dict(self) -> dict[str, np.ndarray]:
         """``{name: numpy array copy}`` (msgpack-safe through the wire codec).
 
-        >>> {name: a.shape for name, a in Linear(2, 3).state_dict().items()}
+        >>> {name: a.shape for name, a in ag.nn.Linear(2, 3).state_dict().items()}
         {'weight': (3, 2), 'bias': (3,)}
         """
         return {name: t.data.copy() for name, t in self.named_parameters()}
@@ -136,7 +138,7 @@ class Module:
         Raises ``KeyError`` naming missing or unexpected keys, ``ValueError`` naming a
         shape mismatch, ``TypeError`` naming a value that is not an array of numbers.
 
-        >>> a, b = Linear(2, 3, seed=0), Linear(2, 3, seed=1)
+        >>> a, b = ag.nn.Linear(2, 3, seed=0), ag.nn.Linear(2, 3, seed=1)
         >>> b.load_state_dict(a.state_dict()); np.array_equal(a.weight.data, b.weight.data)
         True
         """
@@ -174,7 +176,7 @@ class Module:
         """What a module without submodules shows between the parentheses of its
         repr; subclasses override it (here: nothing).
 
-        >>> ReLU(), Linear(2, 3)
+        >>> ag.nn.ReLU(), ag.nn.Linear(2, 3)
         (ReLU(), Linear(in_f=2, out_f=3, bias=True))
         """
         return ""
@@ -203,7 +205,7 @@ class Linear(Module):
 
     Example::
 
-        >>> Linear(3, 2, seed=0)(ag.ones(5, 3)).shape
+        >>> ag.nn.Linear(3, 2, seed=0)(ag.ones(5, 3)).shape
         (5, 2)
     """
 
@@ -233,7 +235,7 @@ class Linear(Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x @ weight.T + bias`` over the last dimension of ``x`` (size ``in_f``).
 
-        >>> Linear(3, 2, bias=False, seed=0)(ag.zeros(1, 3)).numpy()
+        >>> ag.nn.Linear(3, 2, bias=False, seed=0)(ag.zeros(1, 3)).numpy()
         array([[0., 0.]], dtype=float32)
         """
         return functional.linear(x, self.weight, self.bias)
@@ -241,7 +243,7 @@ class Linear(Module):
     def extra_repr(self) -> str:
         """``in_f``, ``out_f`` and whether there is a bias, as the repr shows them.
 
-        >>> Linear(3, 2, bias=False).extra_repr()
+        >>> ag.nn.Linear(3, 2, bias=False).extra_repr()
         'in_f=3, out_f=2, bias=False'
         """
         return f"in_f={self.in_f}, out_f={self.out_f}, bias={self.bias is not None}"
@@ -252,7 +254,7 @@ class Embedding(Module):
 
     Example::
 
-        >>> Embedding(10, 4, seed=0)([1, 1, 3]).shape
+        >>> ag.nn.Embedding(10, 4, seed=0)([1, 1, 3]).shape
         (3, 4)
     """
 
@@ -267,7 +269,7 @@ class Embedding(Module):
         """The rows of ``weight`` for integer ``ids`` of any shape (the result's shape:
         the ids' shape, then ``dim``).
 
-        >>> e = Embedding(5, 2, seed=0)
+        >>> e = ag.nn.Embedding(5, 2, seed=0)
         >>> np.array_equal(e([[4, 0]]).numpy()[0], e.weight.data[[4, 0]])
         True
         """
@@ -276,7 +278,7 @@ class Embedding(Module):
     def extra_repr(self) -> str:
         """``num`` and ``dim``, as the repr shows them.
 
-        >>> Embedding(10, 4)
+        >>> ag.nn.Embedding(10, 4)
         Embedding(num=10, dim=4)
         """
         return f"num={self.num}, dim={self.dim}"
@@ -287,7 +289,7 @@ class Sequential(Module):
 
     Example::
 
-        >>> Sequential(Linear(2, 3), Tanh())(ag.ones(1, 2)).shape
+        >>> ag.nn.Sequential(ag.nn.Linear(2, 3), ag.nn.Tanh())(ag.ones(1, 2)).shape
         (1, 3)
     """
 
@@ -305,7 +307,8 @@ class Sequential(Module):
         """``(index as a string, module)`` for each module, in order, then any other
         submodule attribute (of a subclass) as a Module's.
 
-        >>> [name for name, _ in Sequential(ReLU(), Tanh()).named_children()]
+        >>> seq = ag.nn.Sequential(ag.nn.ReLU(), ag.nn.Tanh())
+        >>> [name for name, _ in seq.named_children()]
         ['0', '1']
         """
         for i, m in enumerate(self.layers):
@@ -318,7 +321,8 @@ class Sequential(Module):
     def forward(self, x: Any) -> Any:
         """Feed ``x`` through each module in turn.
 
-        >>> Sequential(ReLU(), Tanh())(ag.tensor([-1.0, 100.0])).numpy()
+        >>> seq = ag.nn.Sequential(ag.nn.ReLU(), ag.nn.Tanh())
+        >>> seq(ag.tensor([-1.0, 100.0])).numpy()
         array([0., 1.], dtype=float32)
         """
         for m in self.layers:
@@ -329,7 +333,7 @@ class Sequential(Module):
         """The module at index ``i``; a slice is a Sequential of those (as torch's),
         sharing their parameters.
 
-        >>> Sequential(Linear(2, 3), ReLU(), Linear(3, 1))[:2]
+        >>> ag.nn.Sequential(ag.nn.Linear(2, 3), ag.nn.ReLU(), ag.nn.Linear(3, 1))[:2]
         Sequential(
           (0): Linear(in_f=2, out_f=3, bias=True)
           (1): ReLU()
@@ -348,14 +352,14 @@ class ReLU(Module):
 
     Example::
 
-        >>> ReLU()(ag.tensor([-1.0, 2.0])).numpy()
+        >>> ag.nn.ReLU()(ag.tensor([-1.0, 2.0])).numpy()
         array([0., 2.], dtype=float32)
     """
 
     def forward(self, x: Tensor) -> Tensor:
         """``x.relu()``.
 
-        >>> ReLU().forward(ag.tensor([-3.0, 3.0])).numpy()
+        >>> ag.nn.ReLU().forward(ag.tensor([-3.0, 3.0])).numpy()
         array([0., 3.], dtype=float32)
         """
         return x.relu()
@@ -366,14 +370,14 @@ class Tanh(Module):
 
     Example::
 
-        >>> Tanh()(ag.tensor([0.0, -100.0])).numpy()
+        >>> ag.nn.Tanh()(ag.tensor([0.0, -100.0])).numpy()
         array([ 0., -1.], dtype=float32)
     """
 
     def forward(self, x: Tensor) -> Tensor:
         """``x.tanh()``.
 
-        >>> Tanh().forward(ag.tensor([0.0, 100.0])).numpy()
+        >>> ag.nn.Tanh().forward(ag.tensor([0.0, 100.0])).numpy()
         array([0., 1.], dtype=float32)
         """
         return x.tanh()

@@ -82,7 +82,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     Example::
 
-        >>> linear(ag.ones(4, 3), ag.ones(2, 3), ag.zeros(2)).shape
+        >>> ag.nn.functional.linear(ag.ones(4, 3), ag.ones(2, 3), ag.zeros(2)).shape
         (4, 2)
     """
     return _nary(Linear, [x, weight] if bias is None else [x, weight, bias])
@@ -123,7 +123,7 @@ def cross_entropy(logits: Tensor, targets: Any) -> Tensor:
 
     Example::
 
-        >>> cross_entropy(ag.tensor([[10.0, 0.0]]), [0]).item() < 1e-3
+        >>> ag.nn.functional.cross_entropy(ag.tensor([[10.0, 0.0]]), [0]).item() < 1e-3
         True
     """
     logits = _as_tensor(logits, "cross_entropy: logits")
@@ -154,7 +154,7 @@ def mse_loss(pred: Tensor, target: Any) -> Tensor:
 
     Example::
 
-        >>> mse_loss(ag.tensor([1.0, 3.0]), ag.tensor([1.0, 1.0])).item()
+        >>> ag.nn.functional.mse_loss(ag.tensor([1.0, 3.0]), ag.tensor([1.0, 1.0])).item()
         2.0
     """
     pred = _as_tensor(pred, "mse_loss: pred")
@@ -180,7 +180,7 @@ def embedding(ids: Any, weight: Tensor) -> Tensor:
 
     Example::
 
-        >>> embedding([[0, 2]], ag.randn(5, 3)).shape
+        >>> ag.nn.functional.embedding([[0, 2]], ag.randn(5, 3)).shape
         (1, 2, 3)
     """
     weight = _as_tensor(weight, "embedding: weight")
