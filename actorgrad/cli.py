@@ -875,7 +875,9 @@ def _address(text: str) -> str:
                 f"{text!r} is the address of an in-process cluster, which only its own "
                 "process reaches: start it with local_cluster(..., transport='tcp')"
             ) from None
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT{cluster.address_hint(text)}, not {text!r}"
+        ) from None
 
 
 def _worker_name(text: str) -> str:

@@ -256,6 +256,12 @@ def test_usage_errors_exit_2() -> None:
     r = run_cli("status", env=_env(ACTORGRAD_TOKEN="t"))
     assert r.returncode == 2
     assert "ACTORGRAD_ADDRESS" in r.stderr and "Traceback" not in r.stderr
+    # (read as host "fd00:", port 2: exit 1, "Name or service not known")
+    r = run_cli("worker", "--join", "fd00::2", "--name", "x", env=_env(ACTORGRAD_TOKEN="t"))
+    assert r.returncode == 2, r.stderr
+    assert "expected HOST:PORT (an IPv6 host in brackets: [fd00::1]:4000), not 'fd00::2'" in (
+        r.stderr
+    )
     r = run_cli("run", "-n", "1")  # (ARGS was named as required too)
     assert r.returncode == 2 and "required: SCRIPT\n" in r.stderr
     r = run_cli("run")  # (-n went unnamed)

@@ -9,6 +9,7 @@ import asyncio
 import functools
 import gc
 import inspect
+import ipaddress
 import itertools
 import logging
 import operator
@@ -28,7 +29,7 @@ import pytest
 from conftest import has_ipv6_loopback
 
 import actorgrad as ag
-from actorgrad.runtime import Worker, current_worker, rref
+from actorgrad.runtime import Worker, current_worker, rref, transport
 from actorgrad.runtime import worker as rworker
 from actorgrad.runtime.calls import inline
 
@@ -1495,12 +1496,70 @@ async def test_init_joining_a_non_loopback_address_binds_every_interface():
         # Joined at the cluster's loopback address, on its host: the loopback is bound
         # (a cluster on one host wants that), with a warning here, as its members are
         # not at loopback addresses (it joined silently; calls from other hosts failed).
-        bound, advertised, err = await join(at=f"127.0.0.1:{w.address.rpartition(':')[2]}")
+        assert "bind every interface (host 0.0.0.0 or ::) or one they reach" in err
+        # (it joined at the cluster's address: "join at the cluster's own address" was
+        # no advice)
+        assert "join at" not in err
+        at_loopback = f"127.0.0.1:{w.address.rpartition(':')[2]}"
+        bound, advertised, err = await join(at=at_loopback)
         assert bound == advertised == "127.0.0.1"
         assert err.count("workers on other hosts cannot connect to it") == 1
         assert f"join at the cluster's own address ({w.address}), not at a loopback one" in err
+        # Bound to every interface but joined at the loopback: it advertised 127.0.0.1,
+        # where other hosts reach nobody, and said nothing; now its own route's address.
+        bound, advertised, err = await join("0.0.0.0", at=at_loopback)
+        assert (bound, advertised, err) == ("0.0.0.0", w.address.rpartition(":")[0], "")
+        if has_ipv6_loopback():
+            # An IPv6 wildcard listens on IPv6 only: it advertised the IPv4 address it
+            # reached the head from, where nothing answered.
+            bound, advertised, err = await join("::")
+            assert bound == "::" and advertised.startswith("[") and err == "", (advertised, err)
     finally:
         await ag.shutdown()
+
+
+def _link_local_address() -> str | None:
+    """A link-local IPv6 address of this host with its scope (fe80::1%eth0), if any."""
+    try:
+        with open("/proc/net/if_inet6") as f:
+            rows = [line.split() for line in f]
+    except OSError:
+        return None
+    for row in rows:
+        if len(row) == 6 and row[3] == "20":  # (scope 0x20: link)
+            return f"{ipaddress.IPv6Address(int(row[0], 16))}%{row[5]}"
+    return None
+
+
+async def test_a_worker_bound_to_a_link_local_address_advertises_its_scope():
+    # (advertised without "%eth0": every peer's connection failed, "Invalid argument")
+    host = _link_local_address()
+    if host is None:
+        pytest.skip("no link-local IPv6 address here")
+    w = await ag.init("scoped", host=host, token="secret-token")
+    try:
+        assert w.address.startswith(f"[{host}]:"), w.address
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            JOIN_AND_SAY_HOST,
+            w.address,
+            host,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err
+        assert out.decode().split() == [host, f"[{host}]"]
+    finally:
+        await ag.shutdown()
+
+
+def test_an_ipv6_socket_address_is_written_with_its_scope():
+    index, name = socket.if_nameindex()[0]
+    assert transport.host_port(("fe80::1", 4000, 0, index)) == f"[fe80::1%{name}]:4000"
+    assert transport.host_port(("fd00::2", 4000, 0, 0)) == "[fd00::2]:4000"
+    assert transport.host_port(("127.0.0.1", 4000)) == "127.0.0.1:4000"
 
 
 async def forward_all(to, refs):
@@ -2063,6 +2122,18 @@ def test_remote_error_from_an_exception_whose_str_fails_still_names_it():
         # (isdigit() took "²": int() then failed bare; and other scripts' digits passed)
         ({"address": "h:\u00b2", "token": "t"}, ValueError, "address must be HOST:PORT"),
         ({"address": "h:\u0661\u0662", "token": "t"}, ValueError, "address must be HOST:PORT"),
+        # (split at the last colon: host "fd00:", port 2, a DNS failure as WorkerLost;
+        # broken brackets went on to a connection attempt)
+        ({"address": "fd00::2", "token": "t"}, ValueError, r"brackets: \[fd00::1\]:4000\), not"),
+        ({"address": "fd00::2:4000", "token": "t"}, ValueError, "not 'fd00::2:4000'"),
+        ({"address": "[fd00::2:4000", "token": "t"}, ValueError, r"not '\[fd00::2:4000'"),
+        (
+            {"address": "ab[cd]:4000", "token": "t"},
+            ValueError,
+            "HOST:PORT with a port in 1..65535, not",
+        ),
+        ({"address": "[nohost]:80", "token": "t"}, ValueError, r"not '\[nohost\]:80'"),
+        ({"address": "[1::2::3]:80", "token": "t"}, ValueError, "address must be HOST:PORT"),
         ({"port": -1}, ValueError, "port must be an int in 0..65535 .0: any free port., not -1"),
         ({"port": 70000}, ValueError, "not 70000"),
         ({"port": "80"}, TypeError, r"port must be an int \(0: any free port\), not '80'"),

@@ -141,16 +141,41 @@ def check_name(name: Any) -> str:
     return name
 
 
+# HOST:PORT, an IPv6 host (maybe with its scope, fe80::1%eth0) in brackets. (Split at
+# the last colon, "fd00::2" was host "fd00:", port 2, and "[fd00::2:4000" was taken;
+# a space in the host: "cannot connect to  127.0.0.1:4000", the space hard to see.)
+_ADDRESS = re.compile(
+    r"(?:\[([0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[^\s\[\]%]+)?)\]|([^\s\[\]:]+)):([0-9]+)"
+)
+
+
+def _ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def address_hint(address: Any) -> str:
+    """What to add to the message refusing ``address``: how an IPv6 host is written,
+    when it looks like one."""
+    if isinstance(address, str) and address.count(":") > 1:
+        return " (an IPv6 host in brackets: [fd00::1]:4000)"
+    return ""
+
+
 def check_address(address: Any, what: str = "address") -> str:
     """``address`` when it is HOST:PORT (a port in 1..65535; an IPv6 host in brackets),
     else ValueError naming ``what`` (the argument or variable it came from)."""
     if isinstance(address, str):
-        host, port = split_address(address)
-        # (a space in it: "cannot connect to  127.0.0.1:4000: Name or service not
-        # known", with the space hard to see)
-        if host and not re.search(r"\s", host) and _digits(port) and 0 < int(port) <= 65535:
+        m = _ADDRESS.fullmatch(address)
+        if m and 0 < int(m[3]) <= 65535 and (m[1] is None or _ipv6(m[1].partition("%")[0])):
             return address
-    raise ValueError(f"{what} must be HOST:PORT with a port in 1..65535, not {address!r:.80}")
+    raise ValueError(
+        f"{what} must be HOST:PORT with a port in 1..65535{address_hint(address)}, "
+        f"not {address!r:.80}"
+    )
 
 
 def new_token() -> str:

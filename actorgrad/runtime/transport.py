@@ -1075,10 +1075,18 @@ def is_loopback(host: str) -> bool:
 
 def host_port(sockaddr: Any) -> Any:
     """A TCP socket address (``(host, port, ...)``) as ``host:port``, an IPv6 host in
-    brackets, as addresses are written; anything else as it is."""
+    brackets, as addresses are written, with its scope (``[fe80::1%eth0]:4000``: a
+    link-local address without it cannot be connected to); anything else as it is."""
     if type(sockaddr) is tuple and len(sockaddr) >= 2 and isinstance(sockaddr[0], str):
         host, port = sockaddr[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if ":" not in host:
+            return f"{host}:{port}"
+        if len(sockaddr) >= 4 and sockaddr[3] and "%" not in host:
+            try:
+                host = f"{host}%{socket.if_indextoname(sockaddr[3])}"
+            except OSError:  # (an interface gone since)
+                host = f"{host}%{sockaddr[3]}"
+        return f"[{host}]:{port}"
     return sockaddr
 
 

@@ -538,7 +538,7 @@ class Worker:
         self._closing = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         # the abstract Unix socket co-located peers connect to (transport.listen_local)
         self._local_server: asyncio.AbstractServer | None = None
         self.local_address = ""
@@ -712,10 +712,10 @@ class Worker:
             return
         self._server = await self.loop.create_server(self._accept, self.host, self.port)
         sock = self._server.sockets[0]
-        host, port = sock.getsockname()[:2]
+        host, *rest = sock.getsockname()  # (port, and an IPv6 address's flow and scope)
         if host in ("0.0.0.0", "::"):
             host = _advertised_ip(sock.family)
-        self.address = transport.host_port((host, port))
+        self.address = transport.host_port((host, *rest))
         local = (
             await transport.listen_local(self.loop, self._accept) if self.local_sockets else None
         )
@@ -778,12 +778,7 @@ class Worker:
         taken; AuthError on a wrong token; WorkerLost when nobody answers. ``key``: the
         one a head that started this process gave it, for the name it keeps for it."""
         conn = await self.open_connection(address)
-        if self.transport_kind == "tcp" and self.host in ("0.0.0.0", "::", ""):
-            sock = conn.transport.get_extra_info("sockname") if conn.transport else None
-            if sock:
-                self.address = transport.host_port(
-                    (sock[0], int(transport.split_address(self.address)[1]))
-                )
+        self._advertise_route_to(conn)
         self.joining_conn = conn
         try:
             wid, version, members = await self.call_on(
@@ -807,9 +802,31 @@ class Worker:
         self.joining_conn = None
         self._apply_members(version, members)
         self._apply_early_changes()
-        self._warn_if_out_of_reach(conn.peer_name)
+        self._warn_if_out_of_reach(conn.peer_name, address)
 
-    def _warn_if_out_of_reach(self, head: str | None) -> None:
+    def _advertise_route_to(self, conn: Connection) -> None:
+        """A worker listening on every interface advertises the address it reaches the
+        head from (on a host with several, the one routed towards the cluster), unless
+        that address is of the other IP family than its listener (an IPv6 wildcard
+        listens on IPv6 only: advertised at an IPv4 address, nothing answered there) or
+        a loopback one (joined at 127.0.0.1 on the head's host: others could not reach
+        it there): then the address it took from its default route stays."""
+        if self.transport_kind != "tcp" or self._server is None:
+            return
+        sock = conn.transport.get_extra_info("socket") if conn.transport else None
+        if sock is None:
+            return
+        # (host "" listens on both families, one socket each)
+        ports = [
+            s.getsockname()[1]
+            for s in self._server.sockets
+            if s.family == sock.family and s.getsockname()[0] in ("0.0.0.0", "::")
+        ]
+        host = sock.getsockname()
+        if ports and not transport.is_loopback(host[0]):
+            self.address = transport.host_port((host[0], ports[0], *host[2:]))
+
+    def _warn_if_out_of_reach(self, head: str | None, joined_at: str) -> None:
         """Warn when this worker advertises a loopback address in a cluster with members
         at other addresses: workers on other hosts cannot connect to it. (A driver on
         the head's host joining it at 127.0.0.1 bound its loopback, as a cluster on one
@@ -821,17 +838,22 @@ class Worker:
             for e in self.members.values()
             if type(e[1]) is str and not transport.is_loopback(transport.split_address(e[1])[0])
         )
-        if away:
-            log.warning(
-                "worker %s is bound to %s in a cluster with members at %s: workers on "
-                "other hosts cannot connect to it (they use its own connections to them, "
-                "if any); join at the cluster's own address (%s), not at a loopback one, "
-                "to bind every interface",
-                self.name,
-                self.host,
-                ", ".join(away[:3]) + (", ..." if len(away) > 3 else ""),
-                self.members[head][1] if head in self.members else "?",
-            )
+        if not away:
+            return
+        head_at = self.members[head][1] if head in self.members else "?"
+        if transport.is_loopback(transport.split_address(joined_at)[0]):
+            fix = f"join at the cluster's own address ({head_at}), not at a loopback one, "
+            fix += "to bind every interface"
+        else:  # (it joined at the cluster's address: its host was given, as a loopback one)
+            fix = "bind every interface (host 0.0.0.0 or ::) or one they reach"
+        log.warning(
+            "worker %s is bound to %s in a cluster with members at %s: workers on other "
+            "hosts cannot connect to it (they use its own connections to them, if any); %s",
+            self.name,
+            self.host,
+            ", ".join(away[:3]) + (", ..." if len(away) > 3 else ""),
+            fix,
+        )
 
     # ------------------------------------------------------------------ connections
     def _new_conn(self, kind: str | None = None) -> Connection:
