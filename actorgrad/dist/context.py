@@ -431,7 +431,7 @@ class DistState:
         self._released_order: collections.deque[int] = collections.deque()
         # (of those: the ones reclaimed here because their initiator was lost, and how
         # the refusal of a late call in one says so, see released_why)
-        self._reclaimed: dict[int, str] = {}
+        self._reclaimed: dict[int, tuple[str, str]] = {}
         # Origins of passes whose reports could not go straight to them (a one-way
         # firewall drops the connection: each try waited out the connect timeout, 3 s
         # per report), and when: their reports go the other way for a while.
@@ -635,22 +635,31 @@ class DistState:
         lease ran out: see forget)."""
         return ctx_id in self._released
 
-    def reclaimed(self, ctx_id: int, initiator: str) -> None:
+    def reclaimed(self, ctx_id: int, initiator: str, cause: str = "") -> None:
         """Note that ``ctx_id``, released here, was reclaimed on the loss of its
-        ``initiator``: a late call in it says so (see released_why)."""
+        ``initiator`` (``cause``: how it showed, see Worker.lost_cause): a late call in
+        it says so (see released_why)."""
         if ctx_id in self._released:
-            self._reclaimed[ctx_id] = initiator
+            self._reclaimed[ctx_id] = (initiator, cause)
 
     def released_why(self, ctx_id: int) -> str:
         """Why ``ctx_id`` was released here, when it was not its initiator's release
         (then ""), as words to put after "released on worker 'w1'"."""
-        initiator = self._reclaimed.get(ctx_id)
-        if initiator is None:
+        entry = self._reclaimed.get(ctx_id)
+        if entry is None:
             return ""
+        initiator, cause = entry
+        # (the cause, as it showed: a connection reset or a worker leaving was put as
+        # the heartbeat's "a worker silent for 3 s ... is taken for lost")
+        because = (
+            cause
+            if cause
+            else f"a worker silent for {_runtime.HEARTBEAT_TIMEOUT:g} s, its process "
+            "stopped or its loop blocked, is taken for lost as a dead one is"
+        )
         return (
-            f" when it lost the context's initiator, worker {initiator!r} (a worker "
-            f"silent for {_runtime.HEARTBEAT_TIMEOUT:g} s, its process stopped or its "
-            "loop blocked, is taken for lost as a dead one is): start a new context"
+            f" when it lost the context's initiator, worker {initiator!r} ({because}): "
+            "start a new context"
         )
 
     def forget(self, ctx_id: int) -> DistContext | None:
@@ -758,7 +767,8 @@ def _reclaim(st: DistState, ctx_id: int, initiator: str, why: str | None = None)
     # context until it leaves it (its calls and backward passes through the workers
     # that dropped it fail).
     acks = _start_release(st, ctx_id, gone=[initiator])
-    st.reclaimed(ctx_id, initiator)
+    cause = f"it dropped this worker: {why}" if why else st.worker.lost_cause(initiator)
+    st.reclaimed(ctx_id, initiator, cause)
     if acks is not None:
         st.worker.spawn(acks, name=f"reclaim-{ctx_id:#x}")
 
@@ -1091,10 +1101,11 @@ class DistInterceptor:
             # (a task still holding a context that was left or reclaimed meanwhile: a
             # child of the task that left it, or a task a call handler spawned. Its
             # call would go out without the context, its tensors unrecorded.)
+            why = st.released_why(cur[1])  # (reclaimed: not the user's doing)
             raise ContextError(
                 f"distributed autograd context {cur[1]:#x} was released on worker "
-                f"{worker.name!r}; a call cannot be made in it any more (a task that "
-                "outlived the `async with ag.dist.context()` block?)"
+                f"{worker.name!r}{why}; a call cannot be made in it any more"
+                + ("" if why else " (a task that outlived the `async with ag.dist.context()` block?)")
             )
         if not grad_enabled():
             # Under no_grad() nothing is recorded, as by the local engine's ops (and by

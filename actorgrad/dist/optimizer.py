@@ -13,7 +13,7 @@ import numpy as np
 from actorgrad import wire
 from actorgrad.dist.api import get_gradients
 from actorgrad.dist.context import as_context_id, is_unused
-from actorgrad.errors import ContextError, RemoteError, clip_text, refusal_type
+from actorgrad.errors import ContextError, RemoteError, WorkerLost, clip_text, refusal_type
 from actorgrad.optim import Optimizer
 from actorgrad.runtime import RRef, remote
 from actorgrad.runtime.calls import fn_spec, resolve
@@ -248,11 +248,18 @@ class DistributedOptimizer:
         stepped = [
             o for o, r in zip(owners, results, strict=True) if not isinstance(r, BaseException)
         ]
-        note = (
-            f"DistributedOptimizer.step of context {context_id:#x}: failed on "
-            f"{', '.join(repr(o) for o, _ in failed)}; stepped on "
-            f"{', '.join(repr(o) for o in stepped) or 'no owner'}"
-        )
+        # An owner lost before its reply came may have stepped (the reply was what got
+        # lost): "failed on" it invited a retry that would step it twice.
+        lost = [o for o, r in failed if isinstance(r, (WorkerLost, TimeoutError))]
+        said = [o for o, _ in failed if o not in lost]
+        parts = [f"failed on {', '.join(repr(o) for o in said)}"] if said else []
+        if lost:
+            parts.append(
+                f"no answer from {', '.join(repr(o) for o in lost)} (its step may have "
+                "run or not)"
+            )
+        parts.append(f"stepped on {', '.join(repr(o) for o in stepped) or 'no owner'}")
+        note = f"DistributedOptimizer.step of context {context_id:#x}: " + "; ".join(parts)
         for (o, _), exc in zip(failed[1:], errors[1:], strict=True):
             note += f"\n  on {o!r} too: {type(exc).__name__}: {clip_text(str(exc), 500)}"
         first.add_note(note)

@@ -584,6 +584,7 @@ class Worker:
         # (a dict: in the order they were lost, see _peer_lost; the value: what the peer
         # said when it closed on us, see dropped_by)
         self._lost: dict[str, str | None] = {}
+        self._lost_cause: dict[str, str] = {}  # (see lost_cause)
         self._watched: dict[str, int] = {}  # peer -> watch count (see watch)
         # one-way calls waiting for a connection, per peer, in order (see notify)
         self._notify_queues: dict[str, list[tuple[Any, Any, Any]]] = {}
@@ -1134,7 +1135,7 @@ class Worker:
         if self.registry_lost.is_set():
             # (the cause, most likely: the workers leave when the head goes; and no
             # head will say it is back, or gone: it is lost for good)
-            self._peer_lost(dest)
+            self._peer_lost(dest, cause=head_lost(self.registry_lost_why))
             exc = WorkerLost(f"{exc}; {head_lost(self.registry_lost_why)}")
         return WorkerLost(f"worker {dest!r}: {exc}")
 
@@ -1228,7 +1229,7 @@ class Worker:
     def _member_gone(self, name: str, wid: int) -> None:
         # it left the cluster (the registry saw it go): its RRef counts go too
         rref.peer_lost(self, name, wid)
-        self._peer_lost(name)
+        self._peer_lost(name, cause="it left the cluster")
 
     def _member_new(self, name: str, wid: int) -> None:
         self._lost.pop(name, None)  # (re)joined: a later loss is reported
@@ -1264,14 +1265,13 @@ class Worker:
         name = conn.peer_name
         if name is not None and self._out.get(name) is conn:
             del self._out[name]
+        if isinstance(exc, WorkerLost):
+            err = exc
+        elif conn.goodbye:
+            err = WorkerLost(f"worker {name!r} left the cluster")
+        else:
+            err = WorkerLost(f"connection to worker {name!r} lost{f': {exc}' if exc else ''}")
         if conn.pending:
-            if isinstance(exc, WorkerLost):
-                err = exc
-            elif conn.goodbye:
-                err = WorkerLost(f"worker {name!r} left the cluster")
-            else:
-                why = f": {exc}" if exc else ""
-                err = WorkerLost(f"connection to worker {name!r} lost{why}")
             pending, conn.pending = conn.pending, {}
             for fut, hooks in pending.values():
                 if not conn.goodbye:  # (a peer that said goodbye sent all it will)
@@ -1315,7 +1315,7 @@ class Worker:
                 # dropped the live one's contexts, its lease). (Were the view behind
                 # instead, its catching up reports the old one lost.)
                 return
-            self._peer_lost(name, conn.dropped_why or None)
+            self._peer_lost(name, conn.dropped_why or None, str(err))
             if conn.dropped_why and not any(
                 c.peer_name == name and not c.closed for c in self._conns
             ):
@@ -1335,10 +1335,11 @@ class Worker:
                 "worker %s: could not reach %s again after it dropped us: %s", self.name, name, exc
             )
 
-    def _peer_lost(self, name: str, dropped_why: str | None = None) -> None:
+    def _peer_lost(self, name: str, dropped_why: str | None = None, cause: str = "") -> None:
         """Report ``name`` lost to the callbacks, once per loss; ``dropped_why``: it
         closed its connection with this worker saying why (it heard nothing from us: it
-        lives on, and took this worker for lost; see dropped_by)."""
+        lives on, and took this worker for lost; see dropped_by); ``cause``: how the
+        loss showed here, in words (see lost_cause)."""
         if name == self.name or self.closed:
             return
         if name in self._lost:
@@ -1349,12 +1350,15 @@ class Worker:
                 return
             del self._lost[name]  # (to the end: the order is the order of losses)
         self._lost[name] = dropped_why
+        self._lost_cause[name] = cause
         if len(self._lost) > LOST_MEMORY:
             # (workers that come and go under new names: each left its name here for
             # good, on every member. The names gone longest go, not those of members)
             gone = [n for n in self._lost if n not in self.members]
             for n in gone[: len(self._lost) - LOST_MEMORY]:
                 del self._lost[n]
+            for n in [n for n in self._lost_cause if n not in self._lost]:
+                del self._lost_cause[n]
         for cb in list(self._peer_lost_cbs):
             try:
                 cb(name)
@@ -2371,6 +2375,12 @@ class Worker:
         lost); None for a peer that closed, died or left without a word, or was never
         reported lost."""
         return self._lost.get(peer)
+
+    def lost_cause(self, peer: str) -> str:
+        """How ``peer``'s loss showed here ("worker 'w1' sent nothing for 3 s ...",
+        "connection to worker 'w1' lost: ...", "it left the cluster"), while it is
+        reported lost or dropped this worker (see is_lost, dropped_by); "" otherwise."""
+        return self._lost_cause.get(peer, "") if peer in self._lost else ""
 
     def is_lost(self, peer: str) -> bool:
         """Whether ``peer`` was reported lost (its connection died, or it went silent
