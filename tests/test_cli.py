@@ -1279,8 +1279,8 @@ def test_a_driver_whose_clusters_head_died_says_so_and_lists_no_gone_worker(tmp_
         lines = out.splitlines()
         assert lines[0].startswith("w1 lost: "), out
         assert re.fullmatch(
-            r"w2 lost: worker 'w2': cannot connect to 127\.0\.0\.1:\d+: .*; the cluster's head "
-            r"went away \(.+\)",
+            r"w2 lost: worker 'w2': cannot connect to 127\.0\.0\.1:\d+: .*; this worker's "
+            r"connection to the cluster's head (closed|broke) \(.+\)",
             lines[1],
         ), out
         assert lines[2] == "workers ['driver']", out
@@ -1310,8 +1310,8 @@ def test_the_workers_of_a_cluster_whose_process_died_say_why_they_leave(tmp_path
         assert c.proc.stderr is not None
         err = c.proc.stderr.read()  # (to its end: the worker process holds it until it exits)
         assert (
-            "actorgrad worker w1: the cluster's head went away (its connection closed); leaving\n"
-            in err
+            "actorgrad worker w1: this worker's connection to the cluster's head closed (the "
+            "head died, or the connection broke); leaving\n" in err
         ), err
         assert wait_gone(pids, 10) == set()
     finally:

@@ -538,6 +538,24 @@ async def test_a_worker_the_head_dropped_for_silence_is_told_so(monkeypatch):
         await ag.shutdown()
 
 
+async def test_a_worker_whose_connection_to_a_live_head_broke_says_so():
+    # (it said "the cluster's head went away": the head lived on, its connection broke)
+    w = await ag.init("head")
+    try:
+        task, extra = await _extra_joined(w)
+        extra.registry_conn.abort(ConnectionResetError("reset by the test"))
+        why = await asyncio.wait_for(task, 10)
+        assert rworker.head_lost(why) == (
+            "this worker's connection to the cluster's head broke (reset by the test)"
+        )
+        assert rworker.head_lost(rworker.HEAD_CONN_CLOSED) == (
+            "this worker's connection to the cluster's head closed (the head died, or the "
+            "connection broke)"
+        )
+    finally:
+        await ag.shutdown()
+
+
 async def test_serve_worker_whose_worker_shut_itself_down_says_it_was_asked_to_stop():
     # It said the head went away ("worker 'extra' shut down"): a worker process whose
     # own code called shutdown printed so as it left.

@@ -463,6 +463,8 @@ class _Raised:
 
 #: Worker.registry_lost_why when the cluster's head said goodbye (it shut down)
 HEAD_SHUT_DOWN = "it shut down"
+#: Worker.registry_lost_why when its connection to the head closed without a word
+HEAD_CONN_CLOSED = "its connection closed"
 #: The start of Worker.registry_lost_why when the head dropped this worker, saying why
 _DROPPED = "dropped: "
 
@@ -474,7 +476,12 @@ def head_lost(why: str) -> str:
     connection (after a SIGSTOP of over 60 s, "went away" was said of a live head)."""
     if why.startswith(_DROPPED):
         return f"the cluster's head dropped this worker ({why.removeprefix(_DROPPED)})"
-    return f"the cluster's head went away ({why})"
+    if why == HEAD_SHUT_DOWN:
+        return f"the cluster's head went away ({why})"
+    # (a connection that broke with the head alive was said as "the head went away")
+    if why == HEAD_CONN_CLOSED:
+        return "this worker's connection to the cluster's head closed (the head died, or the connection broke)"
+    return f"this worker's connection to the cluster's head broke ({why})"
 
 
 class _FnStats:
@@ -1302,7 +1309,7 @@ class Worker:
             elif conn.dropped_why:
                 self.registry_lost_why = _DROPPED + conn.dropped_why
             else:
-                self.registry_lost_why = str(exc) if exc is not None else "its connection closed"
+                self.registry_lost_why = str(exc) if exc is not None else HEAD_CONN_CLOSED
             self.registry_lost.set()
         if self.registry is not None:
             self.registry.conn_lost(conn)
