@@ -1510,10 +1510,34 @@ async def test_init_joining_a_non_loopback_address_binds_every_interface():
         bound, advertised, err = await join("0.0.0.0", at=at_loopback)
         assert (bound, advertised, err) == ("0.0.0.0", w.address.rpartition(":")[0], "")
         if has_ipv6_loopback():
-            # An IPv6 wildcard listens on IPv6 only: it advertised the IPv4 address it
-            # reached the head from, where nothing answered.
+            # Bound to "::", it listened on IPv6 only (asyncio's IPV6_V6ONLY) and
+            # advertised the IPv4 address it reached the head from, where nothing
+            # answered. It listens on both families now: that address works.
             bound, advertised, err = await join("::")
-            assert bound == "::" and advertised.startswith("[") and err == "", (advertised, err)
+            assert (bound, advertised, err) == ("::", w.address.rpartition(":")[0], "")
+    finally:
+        await ag.shutdown()
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 here")
+async def test_a_cluster_on_every_ipv6_interface_is_joined_over_ipv4_too():
+    # (asyncio binds "::" IPv6 only: `actorgrad cluster --host ::` refused joins at
+    # 127.0.0.1 or at an IPv4 address of the host, "Connection refused")
+    w = await ag.init("head", host="::", token="secret-token")
+    try:
+        port = w.address.rpartition(":")[2]
+        for at in (f"127.0.0.1:{port}", f"[::1]:{port}"):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                JOIN_AND_SAY_HOST,
+                at,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err
+            assert out.decode().split()[0] in ("127.0.0.1", "::1"), out
     finally:
         await ag.shutdown()
 

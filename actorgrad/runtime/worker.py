@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -234,6 +235,41 @@ def _advertised_ip(family: int = socket.AF_INET) -> str:
             return str(s.getsockname()[0])
     except OSError:
         return "::1" if v6 else "127.0.0.1"
+
+
+def _dual_stack_socket(port: int) -> socket.socket:
+    """A listening socket on every interface of both IP families (host ``::``), where
+    the system allows it (else IPv6 only). asyncio's own sets IPV6_V6ONLY: a cluster
+    at ``--host ::`` could not be joined at 127.0.0.1 or an IPv4 address."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            sock.bind(("::", port))
+        except OSError as exc:  # (worded as asyncio words it for the other hosts)
+            raise OSError(
+                exc.errno,
+                f"error while attempting to bind on address ('::', {port}): "
+                f"{(exc.strerror or str(exc)).lower()}",
+            ) from None
+        sock.listen(100)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _is_dual_stack(sock: socket.socket) -> bool:
+    """Whether listening ``sock`` takes IPv4 connections as well as IPv6 ones."""
+    if sock.family != socket.AF_INET6:
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def natural_key(name: str) -> list:
@@ -718,7 +754,11 @@ class Worker:
         if self.transport_kind == "inproc":
             self.address = transport.inproc_listen(self._accept)
             return
-        self._server = await self.loop.create_server(self._accept, self.host, self.port)
+        if self.host == "::":
+            sock = _dual_stack_socket(self.port)
+            self._server = await self.loop.create_server(self._accept, sock=sock)
+        else:
+            self._server = await self.loop.create_server(self._accept, self.host, self.port)
         sock = self._server.sockets[0]
         host, *rest = sock.getsockname()  # (port, and an IPv6 address's flow and scope)
         if host in ("0.0.0.0", "::"):
@@ -824,11 +864,12 @@ class Worker:
         sock = conn.transport.get_extra_info("socket") if conn.transport else None
         if sock is None:
             return
-        # (host "" listens on both families, one socket each)
+        # (host "" listens on both families, one socket each; "::" on both with one)
         ports = [
             s.getsockname()[1]
             for s in self._server.sockets
-            if s.family == sock.family and s.getsockname()[0] in ("0.0.0.0", "::")
+            if (s.family == sock.family or _is_dual_stack(s))
+            and s.getsockname()[0] in ("0.0.0.0", "::")
         ]
         host = sock.getsockname()
         if ports and not transport.is_loopback(host[0]):
