@@ -981,7 +981,10 @@ def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
     c = sub.add_parser("cluster", help="run a registry head and N workers in the foreground")
     c.add_argument("-n", type=_workers, required=strict, metavar="N", help="workers w1..wN")
     c.add_argument(
-        "--host", type=_host, default="127.0.0.1", help="interface to bind (default 127.0.0.1)"
+        "--host",
+        type=_host,
+        default="127.0.0.1",
+        help="interface to bind (default 127.0.0.1; every one: 0.0.0.0, or :: for IPv6 too)",
     )
     c.add_argument("--port", type=_port, default=0, help="registry port (default: any free)")
     c.add_argument(
