@@ -110,6 +110,8 @@ async def loop_errors():
     yield errors
     gc.collect()
     loop.set_exception_handler(old)
+    # (here too: a test that asks for the fixture and forgets to look passed with them)
+    assert errors == [], errors
 
 
 # ---- inline handlers -------------------------------------------------------------------------
@@ -170,9 +172,9 @@ async def test_call_nowait_failures_arrive_through_the_future(cluster, loop_erro
         await w.call_nowait("nobody", add, (1,))
     with pytest.raises(TypeError, match="set"):
         await w.call_nowait("w1", add, ({1, 2},))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="args must be a tuple or list, not int"):
         w.call_nowait("w1", add, 5)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="lambdas, closures and nested functions cannot be"):
         w.call_nowait("w1", lambda: 1)
     # (a malformed name, at the caller as for ag.rpc: it was sent, and came back as w1's)
     with pytest.raises(ValueError, match="must look like 'module:qualname'"):
@@ -192,7 +194,7 @@ async def test_call_nowait_fails_with_worker_lost_when_the_peer_goes(cluster, lo
     fut.add_done_callback(lambda f: seen.append(f.exception()))
     await asyncio.sleep(0.05)
     await cluster.workers[2].shutdown(graceful=False)
-    with pytest.raises(ag.WorkerLost):
+    with pytest.raises(ag.WorkerLost, match=r"worker 'w3' left the cluster"):
         await asyncio.wait_for(fut, 5)
     assert len(seen) == 1 and isinstance(seen[0], ag.WorkerLost)
     del fut
@@ -439,7 +441,7 @@ async def test_a_cast_that_cannot_run_closes_the_connection_not_the_worker(clust
         conn = w._out["w1"]
         waiting = w.call_nowait("w1", nap, (30,))  # fails when its connection closes
         w.cast("w1", *bad)
-        with pytest.raises(ag.WorkerLost):
+        with pytest.raises(ag.WorkerLost, match=r"connection to worker 'w1' lost"):
             await asyncio.wait_for(waiting, 5)
         assert conn.closed
     assert "unknown topic 'tests.no_such_topic'" in caplog.text

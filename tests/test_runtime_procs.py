@@ -187,7 +187,9 @@ async def test_heavy_function_on_a_process_worker_keeps_heartbeats_and_calls_goi
         for i in range(5):
             t0 = time.perf_counter()
             assert await asyncio.wait_for(ag.rpc("w1", add, (i, 1)), 5) == i + 1
-            assert time.perf_counter() - t0 < 1.0
+            # (waiting for the spin to end would take over 3 s; a loaded machine may
+            # take a second to answer)
+            assert time.perf_counter() - t0 < 2.0
             await asyncio.sleep(0.3)
         assert await asyncio.wait_for(heavy, 15) > 0  # no WorkerLost: heartbeats were answered
 
@@ -288,7 +290,7 @@ async def test_killed_process_worker_fails_waiting_calls_with_worker_lost():
         await asyncio.sleep(0.1)
         t0 = time.perf_counter()
         os.kill(c.pids[0], signal.SIGKILL)
-        with pytest.raises(ag.WorkerLost):
+        with pytest.raises(ag.WorkerLost, match=r"connection to worker 'w1' lost"):
             await asyncio.wait_for(call, 5)
         assert time.perf_counter() - t0 < 5
         assert await asyncio.wait_for(lost, 5) == "w1"
@@ -453,7 +455,9 @@ async def test_serve_cluster_and_cluster_status():
         assert names == ["_head", "w1", "w2"]
         for w in st["workers"]:
             assert {"name", "id", "address", "mailbox", "in_flight"} <= set(w)
-        with pytest.raises(ag.AuthError):
+        with pytest.raises(
+            ag.AuthError, match=r"refused: connection closed by the peer \(a wrong cluster token"
+        ):
             await rcluster.cluster_status(address, "wrong")
     finally:
         stop.set()

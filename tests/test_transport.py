@@ -232,7 +232,9 @@ async def test_big_frames_assembled_across_reads_at_every_offset_decode_aligned(
         assert body.ctypes.data % 64 == 0
 
 
-async def _inproc_pair(server_token, client_token):
+async def _inproc_pair(server_token, client_token, server_results=None):
+    """(client, the server side's handshake outcomes), the latter also put in
+    ``server_results`` (seen when the client's handshake raised)."""
     server_side = []
 
     def factory():
@@ -248,6 +250,8 @@ async def _inproc_pair(server_token, client_token):
             await handshake(client, client_token, server=False)
         finally:
             results = await asyncio.gather(*server_side, return_exceptions=True)
+            if server_results is not None:
+                server_results.extend(results)
     finally:
         transport.inproc_unlisten(address)
     return client, results
@@ -261,8 +265,12 @@ async def test_inproc_handshake_succeeds_with_the_same_token():
 
 
 async def test_inproc_handshake_with_a_wrong_token_is_an_auth_error_on_both_sides():
+    server: list = []
     with pytest.raises(AuthError, match="token"):
-        await _inproc_pair("tok", "other")
+        await _inproc_pair("tok", "other", server)
+    # (the server's side was not looked at: it could have taken the client)
+    assert len(server) == 1 and isinstance(server[0], AuthError), server
+    assert "wrong cluster token" in str(server[0])
 
 
 async def test_tcp_worker_refuses_wrong_token_via_open_connection():
@@ -271,7 +279,7 @@ async def test_tcp_worker_refuses_wrong_token_via_open_connection():
 
         w = Worker("x", token="bad")
         try:
-            with pytest.raises(AuthError):
+            with pytest.raises(AuthError, match=r"refused: .* \(a wrong cluster token, the peer"):
                 await w.open_connection(c.address)
         finally:
             await w.shutdown()
@@ -367,9 +375,9 @@ async def test_nobody_listening_is_worker_lost():
 
     w = Worker("x", token="t")
     try:
-        with pytest.raises(ag.WorkerLost):
+        with pytest.raises(ag.WorkerLost, match=r"cannot connect to 127\.0\.0\.1:1: "):
             await w.open_connection("127.0.0.1:1")
-        with pytest.raises(ag.WorkerLost):
+        with pytest.raises(ag.WorkerLost, match="no in-process worker listens at"):
             await w.open_connection("inproc://999999")
     finally:
         await w.shutdown()
@@ -417,7 +425,9 @@ async def test_max_frame_size_is_configurable_per_worker():
         try:
             await small.join(c.address)
             assert await ag.rpc("small", "operator:add", (1, 2)) == 3
-            with pytest.raises(ag.WorkerLost):  # the receiver drops the connection
+            with pytest.raises(
+                ag.WorkerLost, match=r"connection to worker 'small' lost"
+            ):  # the receiver drops the connection
                 await asyncio.wait_for(ag.rpc("small", "operator:add", (b"x" * 10_000, b"")), 5)
             assert await ag.rpc("small", "operator:add", (2, 2)) == 4  # a new connection
         finally:
