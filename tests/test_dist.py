@@ -1814,6 +1814,15 @@ async def test_a_context_whose_initiator_is_no_member_is_reclaimed(monkeypatch, 
         for name, n in kept.items():
             info = await ag.rpc(name, F.wait_contexts, (n, 10.0))
             assert info["num_contexts"] == n, (name, info)
+        if initiator != "joins meanwhile":
+            # (a late call in it said "a worker silent for 3 s ... is taken for lost")
+            causes = [
+                cause for who, cause in mod.state_of(w1)._reclaimed.values() if who == "left-before"
+            ]
+            assert causes == [
+                "the process that made it was no member of the cluster 0.3 s after a call "
+                "brought the context here"
+            ], causes
         reclaimed.set()
         await held
         if initiator != "joins meanwhile":

@@ -1553,6 +1553,35 @@ async def test_a_cluster_on_every_ipv6_interface_is_joined_over_ipv4_too():
         await ag.shutdown()
 
 
+async def test_a_failed_script_import_closes_its_coroutines_but_not_a_tasks_nor_odd_globals():
+    # (every coroutine left unstarted is closed, or "never awaited" pointed at our
+    # code; but one a task owns is the task's to run, and a global whose __class__
+    # raises, as a lazy settings proxy's does, replaced the import's own error)
+    from actorgrad.runtime import calls
+
+    class Lazy:
+        @property  # type: ignore[misc]
+        def __class__(self):  # noqa: PLE0307
+            raise RuntimeError("not configured")
+
+    async def work() -> int:
+        return 1
+
+    kept: dict[str, Any] = {}
+
+    def script() -> None:
+        lazy = Lazy()  # noqa: F841 (a global of the script, in effect)
+        kept["left"] = left = work()  # noqa: F841 (held by the frame, as a script's is)
+        kept["task"] = asyncio.get_running_loop().create_task(work())
+        raise SystemExit(3)
+
+    with pytest.raises(SystemExit) as ei:
+        script()
+    calls._close_unstarted_coroutines(ei.value)
+    assert inspect.getcoroutinestate(kept["left"]) == "CORO_CLOSED"
+    assert await asyncio.wait_for(kept["task"], 5) == 1
+
+
 def _link_local_address() -> str | None:
     """A link-local IPv6 address of this host with its scope (fe80::1%eth0), if any."""
     try:

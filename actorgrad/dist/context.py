@@ -560,7 +560,11 @@ class DistState:
             ORPHAN_CONTEXT_GRACE,
         )
         # (this context alone: another process may answer to that name now)
-        _reclaim(self, ctx_id, initiator)
+        cause = (
+            f"the process that made it was no member of the cluster {ORPHAN_CONTEXT_GRACE:g} s "
+            "after a call brought the context here"
+        )
+        _reclaim(self, ctx_id, initiator, cause=cause)
 
     def watch(self, ctx: DistContext, peer: str) -> None:
         """Keep an eye on ``peer`` for the latest pass of ``ctx`` (see ``watching``)."""
@@ -740,10 +744,13 @@ def _on_closing(st: DistState) -> None:
         run.fail(WorkerLost(f"worker {st.worker.name!r} shut down during the backward pass"))
 
 
-def _reclaim(st: DistState, ctx_id: int, initiator: str, why: str | None = None) -> None:
+def _reclaim(
+    st: DistState, ctx_id: int, initiator: str, why: str | None = None, cause: str = ""
+) -> None:
     """The lease of context ``ctx_id``, whose ``initiator`` is gone: released here and
     on the workers this one brought into it. ``why``: the initiator lives on, and closed
-    its connection with this worker saying why (see Worker.dropped_by)."""
+    its connection with this worker saying why (see Worker.dropped_by); ``cause``: how
+    the initiator's loss showed, when not as the runtime reported it (Worker.lost_cause)."""
     from actorgrad.dist.api import _start_release
 
     # (a backward started here in it fails with the cause, not with the ContextError
@@ -767,7 +774,9 @@ def _reclaim(st: DistState, ctx_id: int, initiator: str, why: str | None = None)
     # context until it leaves it (its calls and backward passes through the workers
     # that dropped it fail).
     acks = _start_release(st, ctx_id, gone=[initiator])
-    cause = f"it dropped this worker: {why}" if why else st.worker.lost_cause(initiator)
+    if why:
+        cause = f"it dropped this worker: {why}"
+    cause = cause or st.worker.lost_cause(initiator)
     st.reclaimed(ctx_id, initiator, cause)
     if acks is not None:
         st.worker.spawn(acks, name=f"reclaim-{ctx_id:#x}")

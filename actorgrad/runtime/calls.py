@@ -22,6 +22,7 @@ resolved, so two runs at once of different versions of one script each keep thei
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.machinery
 import importlib.util
@@ -763,6 +764,12 @@ def _close_unstarted_coroutines(exc: BaseException) -> None:
     collected later, each printed "coroutine 'main' was never awaited", pointing at our
     code. (The script's import failed: nothing of it will start them.)"""
     todo: list[Any] = []
+    # (a task's coroutine, made at the top level and handed to the worker's loop, is
+    # the task's to run)
+    try:
+        owned = {id(t.get_coro()) for t in asyncio.all_tasks()}
+    except RuntimeError:  # (no loop running in this thread)
+        owned = set()
     tb = exc.__traceback__
     while tb is not None:
         todo.extend(tb.tb_frame.f_locals.values())
@@ -770,9 +777,12 @@ def _close_unstarted_coroutines(exc: BaseException) -> None:
     seen: set[int] = set()
     while todo:
         value = todo.pop()
+        # (type(), not isinstance: a lazy proxy among the script's globals, whose
+        # __class__ raises, replaced the error this import was to raise)
         if (
-            inspect.iscoroutine(value)
+            type(value) is types.CoroutineType
             and id(value) not in seen
+            and id(value) not in owned
             and inspect.getcoroutinestate(value) == "CORO_CREATED"
         ):
             seen.add(id(value))

@@ -243,7 +243,8 @@ def _dual_stack_socket(port: int) -> socket.socket:
     at ``--host ::`` could not be joined at 127.0.0.1 or an IPv4 address."""
     sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if os.name == "posix":  # (as asyncio: elsewhere it lets another take the port)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         try:
@@ -507,9 +508,11 @@ _DROPPED = "dropped: "
 
 def head_lost(why: str) -> str:
     """How a worker says it lost the cluster's head, ``why`` being its
-    ``registry_lost_why``: "the cluster's head went away (it shut down)", or "the
+    ``registry_lost_why``: "the cluster's head went away (it shut down)"; "the
     cluster's head dropped this worker (...)" when the head said so as it closed the
-    connection (after a SIGSTOP of over 60 s, "went away" was said of a live head)."""
+    connection (after a SIGSTOP of over 60 s, "went away" was said of a live head);
+    else "this worker's connection to the cluster's head closed (...)" or "... broke
+    (...)": the head may live on."""
     if why.startswith(_DROPPED):
         return f"the cluster's head dropped this worker ({why.removeprefix(_DROPPED)})"
     if why == HEAD_SHUT_DOWN:
@@ -763,6 +766,10 @@ class Worker:
         host, *rest = sock.getsockname()  # (port, and an IPv6 address's flow and scope)
         if host in ("0.0.0.0", "::"):
             host = _advertised_ip(sock.family)
+            if _is_dual_stack(sock) and transport.is_loopback(host):
+                # (no IPv6 route: the host's IPv4 address, which the socket takes too;
+                # "[::1]" was advertised, and other hosts joining over IPv4 got it)
+                host = _advertised_ip(socket.AF_INET)
         self.address = transport.host_port((host, *rest))
         local = (
             await transport.listen_local(self.loop, self._accept) if self.local_sockets else None
