@@ -254,8 +254,9 @@ class DistributedOptimizer:
         said = [o for o, _ in failed if o not in lost]
         parts = [f"failed on {', '.join(repr(o) for o in said)}"] if said else []
         if lost:
+            whose = "its step" if len(lost) == 1 else "their steps"
             parts.append(
-                f"no answer from {', '.join(repr(o) for o in lost)} (its step may have "
+                f"no answer from {', '.join(repr(o) for o in lost)} ({whose} may have "
                 "run or not)"
             )
         parts.append(f"stepped on {', '.join(repr(o) for o in stepped) or 'no owner'}")
