@@ -83,7 +83,7 @@ async def _authenticated(c, token=None):
 async def _handshaken(c, token=None):
     """A raw stream client that completed the handshake (and sent its hello)."""
     reader, writer = await _authenticated(c, token)
-    frame = wire.join_chunks(wire.encode_frame([4, "raw-client", 0, ""], None))
+    frame = wire.join_chunks(wire.encode_frame([4, "raw-client", 0, "", 1 << 31], None))
     writer.write(LEN.pack(len(frame)) + frame)
     await writer.drain()
     return reader, writer
@@ -278,8 +278,9 @@ async def test_a_length_prefix_alone_takes_no_memory_and_no_time(sock_cluster):
     await _valid_client_works(sock_cluster)
 
 
-async def _hello(writer, name, wid=0, address=""):
-    await _send_frame(writer, wire.join_chunks(wire.encode_frame([4, name, wid, address], None)))
+async def _hello(writer, name, wid=0, address="", most=1 << 31):
+    frame = wire.encode_frame([4, name, wid, address, most], None)
+    await _send_frame(writer, wire.join_chunks(frame))
 
 
 def _conns_of(w, name):
@@ -313,6 +314,8 @@ async def _closed_by_peer_after(writer, w, name, count):
         (["ok", -1, ""], "malformed hello: name 'ok', id -1"),
         (["ok", 2**16, ""], "malformed hello: name 'ok', id 65536"),
         (["ok", 0, {"a": 1}], "address {'a': 1}"),
+        (["ok", 0, "", 0], "address '', largest frame 0"),
+        (["ok", 0, "", "big"], "largest frame 'big'"),
     ],
 )
 async def test_a_malformed_hello_closes_the_connection(sock_cluster, caplog, hello, message):
@@ -738,7 +741,9 @@ async def test_a_hello_whose_cluster_id_is_not_an_int_closes_the_connection(sock
     # (the id tells which process answers under a name: distributed autograd compares it)
     reader, writer = await _authenticated(sock_cluster)
     with caplog.at_level(logging.WARNING, logger="actorgrad"):
-        await _send_frame(writer, wire.join_chunks(wire.encode_frame([4, "raw", "7", ""], None)))
+        await _send_frame(
+            writer, wire.join_chunks(wire.encode_frame([4, "raw", "7", "", 1 << 31], None))
+        )
         await _closed_by_peer(reader, writer)
     assert "malformed hello" in caplog.text
     await _valid_client_works(sock_cluster)
@@ -755,7 +760,7 @@ async def test_a_hello_from_a_process_a_worker_was_before_its_replacement_is_ref
     older = sock_cluster.driver.id  # (any id below w1's: the head's joined first)
     assert 0 < older < w1.id
     with caplog.at_level(logging.WARNING, logger="actorgrad"):
-        frame = wire.encode_frame([4, "w1", older, ""], None)
+        frame = wire.encode_frame([4, "w1", older, "", 1 << 31], None)
         await _send_frame(writer, wire.join_chunks(frame))
         await _closed_by_peer(reader, writer)
     assert "hello from a process that worker 'w1' was before it was replaced" in caplog.text

@@ -2360,7 +2360,14 @@ async def test_a_call_whose_connection_closes_while_it_sends_logs_nothing_unretr
         try:
             await w1.start()
             await w1.join(c.address)
-            with pytest.raises(ag.WorkerLost):
+            assert await ag.rpc("w1", add, (1, 1)) == 2
+            # (the driver would refuse the frame, knowing w1's largest from its hello:
+            # made to send it, as a peer that does not say would)
+            (conn,) = [k for k in c.driver._conns if k.peer_name == "w1" and k.outgoing]
+            conn.send_limit = conn.max_frame_size
+            with pytest.raises(
+                ag.WorkerLost, match="connection to (worker )?'w1' (closed while sending|lost)"
+            ):
                 await ag.rpc("w1", echo, (big,))
             gc.collect()
             assert await ag.rpc("w1", add, (1, 2)) == 3  # a new connection

@@ -425,11 +425,20 @@ async def test_max_frame_size_is_configurable_per_worker():
         try:
             await small.join(c.address)
             assert await ag.rpc("small", "operator:add", (1, 2)) == 3
+            (conn,) = [k for k in c.driver._conns if k.peer_name == "small" and k.outgoing]
+            # (its hello says how large a frame it takes: sent, the frame made it close
+            # the connection, and the caller got "connection to worker 'small' lost")
             with pytest.raises(
-                ag.WorkerLost, match=r"connection to worker 'small' lost"
-            ):  # the receiver drops the connection
+                ag.ProtocolError,
+                match=r"cannot send a message of \d+ bytes to 'small': more than the "
+                r"largest frame it takes \(4096 bytes\)",
+            ):
                 await asyncio.wait_for(ag.rpc("small", "operator:add", (b"x" * 10_000, b"")), 5)
-            assert await ag.rpc("small", "operator:add", (2, 2)) == 4  # a new connection
+            assert await ag.rpc("small", "operator:add", (2, 2)) == 4
+            assert not conn.closed
+            # (a reply too large for it fails as the callee's error, the call answered)
+            with pytest.raises(ag.RemoteError, match="more than the largest frame it takes"):
+                await small.call("driver", "operator:mul", (b"x", 10_000))
         finally:
             await small.shutdown()
 

@@ -81,7 +81,7 @@ MAGIC = b"ACTGRAD\x00"
 #: 4: every gradient message of a backward pass carries the origin's exempt call chain
 #: 5: a caller that stops waiting for a call sends a cancel (K_CANCEL) after it; a
 #:    backward pass that fails has the ends of the pairs its finished parts freed dropped
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
 HANDSHAKE_TIMEOUT = 5.0
@@ -447,6 +447,11 @@ class Connection(asyncio.BaseProtocol):
         self.on_frame = on_frame
         self.on_lost = on_lost
         self.max_frame_size = max_frame_size
+        # The largest frame this side sends: the smaller of its own maximum and the
+        # peer's, once its hello said it (a frame over the peer's maximum, a worker
+        # given a smaller one, made the peer close the connection, and the sender got
+        # "connection ... lost", no reason given).
+        self.send_limit = max_frame_size
         self.transport: asyncio.BaseTransport | None = None
         self.transport_gone = False  # (its transport closed its socket: connection_lost)
         self.loop = asyncio.get_running_loop()
@@ -709,7 +714,7 @@ class Connection(asyncio.BaseProtocol):
             chunks = list(chunks)
         if len(chunks) == 1 and type(chunks[0]) is bytes:  # (the common case, inlined)
             size = len(chunks[0])
-            if size > self.max_frame_size:
+            if size > self.send_limit:
                 self.check_size(chunks)
         else:
             size = self.check_size(chunks)
@@ -759,18 +764,18 @@ class Connection(asyncio.BaseProtocol):
         """The size of the frame made of ``chunks``.
 
         Raises:
-            ProtocolError: it exceeds ``max_frame_size`` (an oversized message, as the
+            ProtocolError: it exceeds ``send_limit`` (an oversized message, as the
                 receiving side says of one). Nothing is sent and the connection stays:
-                the peer, whose maximum is the same by default, would close it on
-                reading the frame's length."""
+                the peer would close it on reading the frame's length."""
         if len(chunks) == 1 and type(chunks[0]) is bytes:
             size = len(chunks[0])
         else:
             size = sum(_nbytes(c) for c in chunks)
-        if size > self.max_frame_size:
+        if size > self.send_limit:
+            whose = "" if self.send_limit == self.max_frame_size else " it takes"
             raise ProtocolError(
                 f"cannot send a message of {size} bytes to {self.peer_name or self.peer_addr!r}: "
-                f"more than the largest frame ({self.max_frame_size} bytes); send large "
+                f"more than the largest frame{whose} ({self.send_limit} bytes); send large "
                 "data in parts"
             )
         return size

@@ -56,7 +56,7 @@ Messages (frame headers; bodies are codec values):
   interceptor, no reply (see :meth:`Worker.cast`).
 * ``[K_PING]`` (a heartbeat), ``[K_PING, seconds]`` (this worker may be silent for
   so long, 0: no longer; see :meth:`Worker.going_quiet`), ``[K_HELLO, name, id,
-  address]`` (first frame each way after the handshake), ``[K_BYE]`` (graceful close),
+  address, largest frame]`` (first frame each way after the handshake), ``[K_BYE]`` (graceful close),
   ``[K_BYE, why]`` (closing on a peer it heard nothing from, saying so).
 
 Outgoing calls use the connections this worker opened (one per peer, lazily);
@@ -912,6 +912,11 @@ class Worker:
         )
 
     # ------------------------------------------------------------------ connections
+    def _hello_header(self) -> list:
+        """The first frame this worker sends on a connection after the handshake: who
+        it is, where it listens, the largest frame it takes."""
+        return [K_HELLO, self.name, self.id, self.address, self.max_frame_size]
+
     def _new_conn(self, kind: str | None = None) -> Connection:
         kind = kind or self.transport_kind
         cls = transport.StreamConnection if kind != "inproc" else Connection
@@ -1067,7 +1072,7 @@ class Worker:
         conn.hello = self.loop.create_future()  # type: ignore[attr-defined]
         try:
             await transport.handshake(conn, self.token, server=False, timeout=deadline)
-            conn.send_nowait(wire.encode_frame([K_HELLO, self.name, self.id, self.address], None))
+            conn.send_nowait(wire.encode_frame(self._hello_header(), None))
             async with asyncio.timeout(deadline):
                 await conn.hello  # type: ignore[attr-defined]
         except TimeoutError:
@@ -1527,13 +1532,13 @@ class Worker:
                     raise ProtocolError(f"malformed cancel header {header!r}")
                 self._cancel_request(conn, header[1])
             elif kind == K_HELLO:
-                _, name, wid, address = header
+                _, name, wid, address, most = header
                 if not (valid_name(name) and type(wid) is int and 0 <= wid < MAX_ID) or (
-                    not isinstance(address, str)
+                    not isinstance(address, str) or type(most) is not int or most < 1
                 ):
                     raise ProtocolError(
                         f"malformed hello: name {name!r:.80}, id {wid!r:.20}, address "
-                        f"{address!r:.80}"
+                        f"{address!r:.80}, largest frame {most!r:.20}"
                     )
                 if conn.peer_name is not None:
                     # (one hello each way: a second one renamed the peer of the
@@ -1552,6 +1557,7 @@ class Worker:
                     )
                 conn.peer_name = name
                 conn.max_frame_size = self.max_frame_size
+                conn.send_limit = min(self.max_frame_size, most)
                 self._lost.pop(name, None)  # (alive after all, as above)
                 conn.peer_id = wid or None  # (0: not joined yet; its join tells the head)
                 conn.peer_address = address  # type: ignore[attr-defined]
@@ -1559,9 +1565,7 @@ class Worker:
                 if h is not None and not h.done():
                     h.set_result(None)
                 if not conn.outgoing:
-                    conn.send_nowait(
-                        wire.encode_frame([K_HELLO, self.name, self.id, self.address], None)
-                    )
+                    conn.send_nowait(wire.encode_frame(self._hello_header(), None))
             elif kind == K_BYE:
                 if len(header) == 1:
                     conn.goodbye = True
@@ -1968,7 +1972,7 @@ class Worker:
             result = rref.new_owned(self, result)
         try:
             chunks = wire.encode_frame([K_OK, cid], result, hooks, "result")
-            if len(chunks) != 1 or len(chunks[0]) > conn.max_frame_size:  # (else: small)
+            if len(chunks) != 1 or len(chunks[0]) > conn.send_limit:  # (else: small)
                 conn.check_size(chunks)
             return chunks
         except Exception as exc:
@@ -2122,7 +2126,7 @@ class Worker:
                 chunks = wire.encode_frame(
                     [K_REQ, cid, target, mode, meta], [list(args), kwargs or None], hooks, _CALL
                 )
-                if len(chunks) != 1 or len(chunks[0]) > conn.max_frame_size:  # (else: small)
+                if len(chunks) != 1 or len(chunks[0]) > conn.send_limit:  # (else: small)
                     conn.check_size(chunks)
                 if hooks.forks:
                     await _by_deadline(
