@@ -1531,10 +1531,11 @@ async def test_init_joining_a_non_loopback_address_binds_every_interface():
 
 
 @pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 here")
-async def test_a_cluster_on_every_ipv6_interface_is_joined_over_ipv4_too():
+@pytest.mark.parametrize("host", ["::", "0::0"])
+async def test_a_cluster_on_every_ipv6_interface_is_joined_over_ipv4_too(host):
     # (asyncio binds "::" IPv6 only: `actorgrad cluster --host ::` refused joins at
     # 127.0.0.1 or at an IPv4 address of the host, "Connection refused")
-    w = await ag.init("head", host="::", token="secret-token")
+    w = await ag.init("head", host=host, token="secret-token")
     try:
         port = w.address.rpartition(":")[2]
         for at in (f"127.0.0.1:{port}", f"[::1]:{port}"):

@@ -76,6 +76,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import ipaddress
 import itertools
 import logging
 import math
@@ -261,6 +262,14 @@ def _dual_stack_socket(port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _every_ipv6_interface(host: str) -> bool:
+    """Whether ``host`` is IPv6's "every interface" (``::``, also written ``0::0``)."""
+    try:
+        return ipaddress.IPv6Address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
 
 
 def _is_dual_stack(sock: socket.socket) -> bool:
@@ -757,7 +766,7 @@ class Worker:
         if self.transport_kind == "inproc":
             self.address = transport.inproc_listen(self._accept)
             return
-        if self.host == "::":
+        if _every_ipv6_interface(self.host):
             sock = _dual_stack_socket(self.port)
             self._server = await self.loop.create_server(self._accept, sock=sock)
         else:
