@@ -1515,7 +1515,10 @@ async def test_init_joining_a_non_loopback_address_binds_every_interface():
         bound, advertised, err = await join(at=at_loopback)
         assert bound == advertised == "127.0.0.1"
         assert err.count("workers on other hosts cannot connect to it") == 1
-        assert f"join at the cluster's own address ({w.address}), not at a loopback one" in err
+        assert (
+            f"join at the cluster's own address ({w.address}), not at a loopback one, with no "
+            "loopback host given, to bind every interface"
+        ) in err
         # Bound to every interface but joined at the loopback: it advertised 127.0.0.1,
         # where other hosts reach nobody, and said nothing; now its own route's address.
         bound, advertised, err = await join("0.0.0.0", at=at_loopback)

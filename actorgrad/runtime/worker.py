@@ -907,8 +907,10 @@ class Worker:
             return
         head_at = self.members[head][1] if head in self.members else "?"
         if transport.is_loopback(transport.split_address(joined_at)[0]):
+            # (and no loopback host given: told to join elsewhere alone, a worker given
+            # one stayed bound to it)
             fix = f"join at the cluster's own address ({head_at}), not at a loopback one, "
-            fix += "to bind every interface"
+            fix += "with no loopback host given, to bind every interface"
         else:  # (it joined at the cluster's address: its host was given, as a loopback one)
             fix = "bind every interface (host 0.0.0.0 or ::) or one they reach"
         log.warning(
