@@ -1111,10 +1111,11 @@ class DistInterceptor:
             # child of the task that left it, or a task a call handler spawned. Its
             # call would go out without the context, its tensors unrecorded.)
             why = st.released_why(cur[1])  # (reclaimed: not the user's doing)
+            guess = " (a task that outlived the `async with ag.dist.context()` block?)"
+            guess = "" if why else guess
             raise ContextError(
                 f"distributed autograd context {cur[1]:#x} was released on worker "
-                f"{worker.name!r}{why}; a call cannot be made in it any more"
-                + ("" if why else " (a task that outlived the `async with ag.dist.context()` block?)")
+                f"{worker.name!r}{why}; a call cannot be made in it any more{guess}"
             )
         if not grad_enabled():
             # Under no_grad() nothing is recorded, as by the local engine's ops (and by

@@ -81,6 +81,7 @@ MAGIC = b"ACTGRAD\x00"
 #: 4: every gradient message of a backward pass carries the origin's exempt call chain
 #: 5: a caller that stops waiting for a call sends a cancel (K_CANCEL) after it; a
 #:    backward pass that fails has the ends of the pairs its finished parts freed dropped
+#: 6: a worker's hello says the largest frame it takes (its peers send none larger)
 PROTOCOL_VERSION = 6
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32

@@ -56,8 +56,9 @@ Messages (frame headers; bodies are codec values):
   interceptor, no reply (see :meth:`Worker.cast`).
 * ``[K_PING]`` (a heartbeat), ``[K_PING, seconds]`` (this worker may be silent for
   so long, 0: no longer; see :meth:`Worker.going_quiet`), ``[K_HELLO, name, id,
-  address, largest frame]`` (first frame each way after the handshake), ``[K_BYE]`` (graceful close),
-  ``[K_BYE, why]`` (closing on a peer it heard nothing from, saying so).
+  address, largest frame]`` (first frame each way after the handshake), ``[K_BYE]``
+  (graceful close), ``[K_BYE, why]`` (closing on a peer it heard nothing from, saying
+  so).
 
 Outgoing calls use the connections this worker opened (one per peer, lazily);
 requests arriving on incoming connections are answered on them.
@@ -528,7 +529,10 @@ def head_lost(why: str) -> str:
         return f"the cluster's head went away ({why})"
     # (a connection that broke with the head alive was said as "the head went away")
     if why == HEAD_CONN_CLOSED:
-        return "this worker's connection to the cluster's head closed (the head died, or the connection broke)"
+        return (
+            "this worker's connection to the cluster's head closed (the head died, or the "
+            "connection broke)"
+        )
     return f"this worker's connection to the cluster's head broke ({why})"
 
 
@@ -871,10 +875,10 @@ class Worker:
     def _advertise_route_to(self, conn: Connection) -> None:
         """A worker listening on every interface advertises the address it reaches the
         head from (on a host with several, the one routed towards the cluster), unless
-        that address is of the other IP family than its listener (an IPv6 wildcard
-        listens on IPv6 only: advertised at an IPv4 address, nothing answered there) or
-        a loopback one (joined at 127.0.0.1 on the head's host: others could not reach
-        it there): then the address it took from its default route stays."""
+        no listener of it takes that address's family (an IPv6-only one: advertised at
+        an IPv4 address, nothing answered there) or the address is a loopback one
+        (joined at 127.0.0.1 on the head's host: others could not reach it there): then
+        the address it took from its default route stays."""
         if self.transport_kind != "tcp" or self._server is None:
             return
         sock = conn.transport.get_extra_info("socket") if conn.transport else None
