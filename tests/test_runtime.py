@@ -1472,6 +1472,24 @@ asyncio.run(main())
 """
 
 
+async def _join_from_a_process(at: str, *host: str) -> tuple[str, str, str]:
+    """A process joining the cluster at ``at`` (bound to ``host`` if given): the host
+    it bound, the host it advertises, what it logged."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        JOIN_AND_SAY_HOST,
+        at,
+        *host,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err
+    bound, advertised = out.decode().split()
+    return bound, advertised, err.decode()
+
+
 async def test_init_joining_a_non_loopback_address_binds_every_interface():
     # (it bound 127.0.0.1, the default, and advertised it: workers on other hosts could
     # not reach it, and a backward pass it started waited for good for their part)
@@ -1481,19 +1499,7 @@ async def test_init_joining_a_non_loopback_address_binds_every_interface():
             pytest.skip("no non-loopback interface on this machine")
 
         async def join(*host: str, at: str = w.address) -> tuple[str, str, str]:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                JOIN_AND_SAY_HOST,
-                at,
-                *host,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            out, err = await asyncio.wait_for(proc.communicate(), 60)
-            assert proc.returncode == 0, err
-            bound, advertised = out.decode().split()
-            return bound, advertised, err.decode()
+            return await _join_from_a_process(at, *host)
 
         bound, advertised, _ = await join()
         assert bound == "0.0.0.0" and advertised == w.address.rpartition(":")[0]
@@ -1542,17 +1548,8 @@ async def test_a_cluster_on_every_ipv6_interface_is_joined_over_ipv4_too(host):
     try:
         port = w.address.rpartition(":")[2]
         for at in (f"127.0.0.1:{port}", f"[::1]:{port}"):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                JOIN_AND_SAY_HOST,
-                at,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            out, err = await asyncio.wait_for(proc.communicate(), 60)
-            assert proc.returncode == 0, err
-            assert out.decode().split()[0] in ("127.0.0.1", "::1"), out
+            bound, _, _ = await _join_from_a_process(at)
+            assert bound in ("127.0.0.1", "::1"), bound
     finally:
         await ag.shutdown()
 
@@ -1607,18 +1604,8 @@ async def test_a_worker_bound_to_a_link_local_address_advertises_its_scope():
     w = await ag.init("scoped", host=host, token="secret-token")
     try:
         assert w.address.startswith(f"[{host}]:"), w.address
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            JOIN_AND_SAY_HOST,
-            w.address,
-            host,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, err
-        assert out.decode().split() == [host, f"[{host}]"]
+        bound, advertised, _ = await _join_from_a_process(w.address, host)
+        assert (bound, advertised) == (host, f"[{host}]")
     finally:
         await ag.shutdown()
 
