@@ -52,6 +52,7 @@ from actorgrad.runtime.procs import (
     LOG_TIME,
     MAX_LOCAL_WORKERS,
     describe_exit,
+    env_address,
     env_token,
     exit_now,
     flush_output,
@@ -829,7 +830,7 @@ def format_status(status: dict[str, Any]) -> str:
 
 async def cmd_status(args: argparse.Namespace) -> int:
     """``actorgrad status``: the workers of a running cluster."""
-    address = args.address or os.environ.get(ENV_ADDRESS, "").strip()
+    address = args.address or env_address()
     if not address:
         raise CliError(f"no address: pass --address A or set {ENV_ADDRESS}", code=2)
     try:

@@ -655,11 +655,9 @@ class DistState:
         initiator, cause = entry
         # (the cause, as it showed: a connection reset or a worker leaving was put as
         # the heartbeat's "a worker silent for 3 s ... is taken for lost")
-        because = (
-            cause
-            if cause
-            else f"a worker silent for {_runtime.HEARTBEAT_TIMEOUT:g} s, its process "
-            "stopped or its loop blocked, is taken for lost as a dead one is"
+        because = cause or (
+            f"a worker silent for {_runtime.HEARTBEAT_TIMEOUT:g} s, its process stopped "
+            "or its loop blocked, is taken for lost as a dead one is"
         )
         return (
             f" when it lost the context's initiator, worker {initiator!r} ({because}): "

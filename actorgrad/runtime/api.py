@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -30,6 +29,7 @@ from actorgrad.runtime.procs import (
     ENV_ADDRESS,
     MAX_LOCAL_WORKERS,
     WorkerProcesses,
+    env_address,
     env_token,
     tune_malloc,
 )
@@ -108,8 +108,8 @@ async def init(
 async def _init(name: str, address: str | None, token: str | None, host: str, port: int) -> Worker:
     if address is not None:
         check_address(address)
-    elif os.environ.get(ENV_ADDRESS, "").strip():  # (spaces around it: as the token's)
-        address = check_address(os.environ[ENV_ADDRESS].strip(), ENV_ADDRESS)
+    elif env_address():
+        address = check_address(env_address(), ENV_ADDRESS)
     token = token or env_token()
     if token is None and address is not None:
         raise ValueError("joining a cluster needs its token: pass token=... or set ACTORGRAD_TOKEN")
@@ -359,7 +359,7 @@ async def local_cluster(
         )
     token = None if token is None else check_token(token)
     _check_not_initialized()
-    there = os.environ.get(ENV_ADDRESS, "").strip()
+    there = env_address()
     if there and driver:
         # (a script run by `actorgrad run` that starts a local cluster: both work, and
         # the workers `run` started sat idle, unnoticed. Not for driver="": actorgrad's

@@ -774,18 +774,16 @@ def _close_unstarted_coroutines(exc: BaseException) -> None:
     while tb is not None:
         todo.extend(tb.tb_frame.f_locals.values())
         tb = tb.tb_next
-    seen: set[int] = set()
     while todo:
         value = todo.pop()
         # (type(), not isinstance: a lazy proxy among the script's globals, whose
-        # __class__ raises, replaced the error this import was to raise)
+        # __class__ raises, replaced the error this import was to raise; one met again
+        # is closed by then)
         if (
             type(value) is types.CoroutineType
-            and id(value) not in seen
             and id(value) not in owned
             and inspect.getcoroutinestate(value) == "CORO_CREATED"
         ):
-            seen.add(id(value))
             if value.cr_frame is not None:  # (its arguments and free variables)
                 todo.extend(value.cr_frame.f_locals.values())
             value.close()

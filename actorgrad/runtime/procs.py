@@ -51,6 +51,13 @@ def env_token() -> str | None:
     return check_token(value, ENV_TOKEN) if value.strip() else None
 
 
+def env_address() -> str:
+    """The cluster address of ``ACTORGRAD_ADDRESS``, surrounding whitespace stripped
+    (as the token's: " host:port" failed as a DNS error with a hidden space); "" when
+    it is unset or blank."""
+    return os.environ.get(ENV_ADDRESS, "").strip()
+
+
 #: the level of the log records actorgrad's own processes write (see log_to_stderr)
 ENV_LOG = "ACTORGRAD_LOG"
 #: how those records look: "2026-12-04 20:24:31 WARNING actorgrad.runtime.worker: ..."

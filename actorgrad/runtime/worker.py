@@ -105,7 +105,7 @@ from actorgrad.errors import (
 )
 from actorgrad.runtime import calls, rref, transport
 from actorgrad.runtime.pool import CallPool
-from actorgrad.runtime.procs import ENV_ADDRESS, open_files_count, open_files_limit
+from actorgrad.runtime.procs import env_address, open_files_count, open_files_limit
 from actorgrad.runtime.registry import MAX_ID, valid_name
 from actorgrad.runtime.transport import Connection
 
@@ -187,7 +187,7 @@ def current_worker() -> Worker:
         return _process_worker
     if w is not None:
         return w
-    if os.environ.get(ENV_ADDRESS):  # (set by `actorgrad run` for its script)
+    if env_address():  # (set by `actorgrad run` for its script)
         raise RuntimeError(
             _NOT_INIT + "; a cluster is waiting at $ACTORGRAD_ADDRESS (`actorgrad run`?): "
             '`await ag.init("driver")` joins it'
@@ -641,9 +641,9 @@ class Worker:
         self._drain_cut = False  # (see cut_drain)
         self._status_providers: dict[str, Callable[[], dict]] = {}
         # (a dict: in the order they were lost, see _peer_lost; the value: what the peer
-        # said when it closed on us, see dropped_by)
-        self._lost: dict[str, str | None] = {}
-        self._lost_cause: dict[str, str] = {}  # (see lost_cause)
+        # said when it closed on us, see dropped_by, and how the loss showed here, see
+        # lost_cause)
+        self._lost: dict[str, tuple[str | None, str]] = {}
         self._watched: dict[str, int] = {}  # peer -> watch count (see watch)
         # one-way calls waiting for a connection, per peer, in order (see notify)
         self._notify_queues: dict[str, list[tuple[Any, Any, Any]]] = {}
@@ -1421,19 +1421,16 @@ class Worker:
             # Reported already, until it is heard from again. Only a real loss after it
             # dropped us is news (it died since, or left): the callbacks run again
             # for what they kept because it lived on (its contexts here).
-            if self._lost[name] is None or dropped_why is not None:
+            if self._lost[name][0] is None or dropped_why is not None:
                 return
             del self._lost[name]  # (to the end: the order is the order of losses)
-        self._lost[name] = dropped_why
-        self._lost_cause[name] = cause
+        self._lost[name] = (dropped_why, cause)
         if len(self._lost) > LOST_MEMORY:
             # (workers that come and go under new names: each left its name here for
             # good, on every member. The names gone longest go, not those of members)
             gone = [n for n in self._lost if n not in self.members]
             for n in gone[: len(self._lost) - LOST_MEMORY]:
                 del self._lost[n]
-            for n in [n for n in self._lost_cause if n not in self._lost]:
-                del self._lost_cause[n]
         for cb in list(self._peer_lost_cbs):
             try:
                 cb(name)
@@ -2448,13 +2445,15 @@ class Worker:
         whose process was stopped, say: the peer lives on and takes this worker for
         lost); None for a peer that closed, died or left without a word, or was never
         reported lost."""
-        return self._lost.get(peer)
+        entry = self._lost.get(peer)
+        return entry[0] if entry is not None else None
 
     def lost_cause(self, peer: str) -> str:
         """How ``peer``'s loss showed here ("worker 'w1' sent nothing for 3 s ...",
         "connection to worker 'w1' lost: ...", "it left the cluster"), while it is
         reported lost or dropped this worker (see is_lost, dropped_by); "" otherwise."""
-        return self._lost_cause.get(peer, "") if peer in self._lost else ""
+        entry = self._lost.get(peer)
+        return entry[1] if entry is not None else ""
 
     def is_lost(self, peer: str) -> bool:
         """Whether ``peer`` was reported lost (its connection died, or it went silent
@@ -2462,7 +2461,8 @@ class Worker:
         worker (see dropped_by): it lives on, and calls in its new contexts are taken
         in here (this worker connects to it again, which ends its view of this worker
         as lost)."""
-        return self._lost.get(peer, "") is None
+        entry = self._lost.get(peer)
+        return entry is not None and entry[0] is None
 
     def peer_id(self, peer: str) -> int | None:
         """The cluster id of the process a message to ``peer`` reaches now, as best
