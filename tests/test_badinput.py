@@ -939,3 +939,36 @@ async def _raw_call_error(c, meta, body: bytes) -> ag.RemoteError:
     err = f.body()
     assert isinstance(err, ag.RemoteError), err
     return err
+
+
+@pytest.mark.parametrize(
+    "frame, why",
+    [
+        ([99], "unknown message kind 99"),
+        (
+            [K_REQ, 0, "no_such_module_xyz:fn", MODE_RPC, None],
+            "one-way call no_such_module_xyz:fn cannot start",
+        ),
+    ],
+)
+async def test_a_worker_closing_on_a_message_it_refused_tells_the_sender_why(
+    sock_cluster, caplog, frame, why
+):
+    # (the sender's calls failed with "connection to worker 'w1' lost", no reason, and
+    # a one-way call's sender, with nothing pending, heard nothing at all)
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    assert await ag.rpc("w1", add, (1, 2)) == 3
+    conn = sock_cluster.driver._out["w1"]
+    pending = asyncio.ensure_future(ag.rpc("w1", "asyncio:sleep", (30,)))
+    async with asyncio.timeout(5):
+        while not conn.pending:  # noqa: ASYNC110 (sent: no event tells of it)
+            await asyncio.sleep(0)
+    body = ((), None) if frame[0] == K_REQ else None
+    conn.send_nowait(wire.encode_frame(frame, body))
+    with pytest.raises(
+        ag.WorkerLost,
+        match=r"worker 'w1' closed the connection on a message from this worker: .*" + why,
+    ):
+        await asyncio.wait_for(pending, 10)
+    assert "closed the connection on a message from this worker" in caplog.text
+    await _valid_client_works(sock_cluster)

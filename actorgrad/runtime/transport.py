@@ -82,7 +82,8 @@ MAGIC = b"ACTGRAD\x00"
 #: 5: a caller that stops waiting for a call sends a cancel (K_CANCEL) after it; a
 #:    backward pass that fails has the ends of the pairs its finished parts freed dropped
 #: 6: a worker's hello says the largest frame it takes (its peers send none larger)
-PROTOCOL_VERSION = 6
+#: 7: a worker that closes a connection on a message it refused says why first
+PROTOCOL_VERSION = 7
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
 HANDSHAKE_TIMEOUT = 5.0
@@ -439,6 +440,7 @@ class Connection(asyncio.BaseProtocol):
         kind: str,
         on_frame: Callable[[Connection, bytearray | memoryview], None] | None = None,
         on_lost: Callable[[Connection, BaseException | None], None] | None = None,
+        on_refuse: Callable[[Connection, ProtocolError], None] | None = None,
         max_frame_size: int = MAX_FRAME_SIZE,
         owner: str = "",
     ) -> None:
@@ -447,6 +449,7 @@ class Connection(asyncio.BaseProtocol):
         self.kind = kind  # "tcp" / "unix" / "inproc"
         self.on_frame = on_frame
         self.on_lost = on_lost
+        self.on_refuse = on_refuse
         self.max_frame_size = max_frame_size
         # The largest frame this side sends: the smaller of its own maximum and the
         # peer's, once its hello said it (a frame over the peer's maximum, a worker
@@ -469,6 +472,8 @@ class Connection(asyncio.BaseProtocol):
         self.goodbye = False
         # why the peer closed on us, when it said (``[K_BYE, why]``)
         self.dropped_why = ""
+        # what the peer refused of ours, closing the connection, when it said
+        self.refused_why = ""
         self.last_recv = self.last_sent = time.monotonic()
         self.paused_reading = False
         # Most bytes this end may have written and not yet handed to the kernel before
@@ -888,9 +893,15 @@ class Connection(asyncio.BaseProtocol):
 
     def refuse(self, err: ProtocolError) -> None:
         """Close the connection on what the peer sent (malformed, or not to be
-        handled), saying so in the log: only this connection goes."""
+        handled), saying so in the log: only this connection goes. ``on_refuse``, when
+        given, closes it instead (telling the peer why first)."""
+        if self.closed:
+            return
         log.warning("worker %s: closing %s: %s", self.owner or "?", self.describe(), err)
-        self.abort(err)
+        if self.on_refuse is not None and not self._handshaking:
+            self.on_refuse(self, err)
+        if not self.closed:
+            self.abort(err)
 
     def abort(self, reason: BaseException | None = None) -> None:
         if self.close_reason is None:

@@ -58,7 +58,8 @@ Messages (frame headers; bodies are codec values):
   so long, 0: no longer; see :meth:`Worker.going_quiet`), ``[K_HELLO, name, id,
   address, largest frame]`` (first frame each way after the handshake), ``[K_BYE]``
   (graceful close), ``[K_BYE, why]`` (closing on a peer it heard nothing from, saying
-  so).
+  so), ``[K_BYE, why, "refused"]`` (closing on a message of the peer's it refused:
+  malformed, or a one-way call that cannot start).
 
 Outgoing calls use the connections this worker opened (one per peer, lazily);
 requests arriving on incoming connections are answered on them.
@@ -939,6 +940,7 @@ class Worker:
             kind=kind,
             on_frame=self._on_frame,
             on_lost=self._on_lost,
+            on_refuse=self._refused,
             # (until the peer's hello, the only frame it may send: a frame length read
             # before allocated a buffer that big at once, kept for as long as the
             # connection stayed open)
@@ -1332,8 +1334,12 @@ class Worker:
             # away; we waited out the deadline, then said it did not answer)
             hello.set_exception(
                 WorkerLost(
-                    f"{conn.peer_addr} closed the connection before its hello (it refused "
-                    f"ours, worker name {self.name!r:.80}: see its log, or it went away)"
+                    f"{conn.peer_addr} closed the connection before its hello, refusing "
+                    f"ours: {conn.refused_why}"
+                    if conn.refused_why
+                    else f"{conn.peer_addr} closed the connection before its hello (it "
+                    f"refused ours, worker name {self.name!r:.80}: see its log, or it went "
+                    "away)"
                 )
             )
             hello.exception()  # (read: whoever gave up waiting for it need not)
@@ -1344,6 +1350,11 @@ class Worker:
             err = exc
         elif conn.goodbye:
             err = WorkerLost(f"worker {name!r} left the cluster")
+        elif conn.refused_why:
+            err = WorkerLost(
+                f"worker {name!r} closed the connection on a message from this worker: "
+                f"{conn.refused_why}"
+            )
         else:
             err = WorkerLost(f"connection to worker {name!r} lost{f': {exc}' if exc else ''}")
         if conn.pending:
@@ -1376,6 +1387,8 @@ class Worker:
                 self.registry_lost_why = HEAD_SHUT_DOWN
             elif conn.dropped_why:
                 self.registry_lost_why = _DROPPED + conn.dropped_why
+            elif conn.refused_why:
+                self.registry_lost_why = str(err)
             else:
                 self.registry_lost_why = str(exc) if exc is not None else HEAD_CONN_CLOSED
             self.registry_lost.set()
@@ -1584,6 +1597,17 @@ class Worker:
                 elif len(header) == 2 and type(header[1]) is str:
                     # (the peer closes on us, saying why: it heard nothing from us)
                     conn.dropped_why = header[1][:500]
+                elif len(header) == 3 and type(header[1]) is str and header[2] == "refused":
+                    # (the peer closes on us over something we sent: a bug, or two
+                    # versions of the code; nothing pending may tell, so the log does)
+                    conn.refused_why = header[1][:500]
+                    log.warning(
+                        "worker %s: worker %r closed the connection on a message from this "
+                        "worker: %s",
+                        self.name,
+                        conn.peer_name,
+                        conn.refused_why,
+                    )
                 else:
                     raise ProtocolError(f"malformed goodbye header {short_repr(header)}")
             else:
@@ -2571,20 +2595,31 @@ class Worker:
             # (said first: a peer that was stopped, not dead, reads it once it runs again)
             why = f"it heard nothing from this worker for {limit:g} s: was its process stopped?"
             self._say_now(conn, [K_BYE, why])
-            timer = conn.part(
+            self._part(
+                conn,
                 WorkerLost(
                     f"worker {peer!r} sent nothing for {limit:g} s (heartbeat lost: its process "
                     "stopped, its event loop blocked by code that does not await, or the "
                     "network down?)"
                 ),
-                IDLE_TIMEOUT,  # (a peer stopped longer has left the cluster by then)
             )
-            if timer is not None:
-                for gone in [c for c in self._parting if c.transport_gone]:
-                    del self._parting[gone]
-                self._parting[conn] = timer
             return True
         return False
+
+    def _refused(self, conn: Connection, err: ProtocolError) -> None:
+        """Close ``conn`` on what its peer sent (``Connection.refuse``), telling the
+        peer why first: its calls failed with "connection lost" and nothing else, and
+        a one-way call's sender heard nothing at all."""
+        self._say_now(conn, [K_BYE, str(err)[:500], "refused"])
+        self._part(conn, err)
+
+    def _part(self, conn: Connection, err: BaseException) -> None:
+        """Close ``conn`` after the goodbye just queued on it (``Connection.part``)."""
+        timer = conn.part(err, IDLE_TIMEOUT)  # (a peer stopped longer has left by then)
+        if timer is not None:
+            for gone in [c for c in self._parting if c.transport_gone]:
+                del self._parting[gone]
+            self._parting[conn] = timer
 
     # ------------------------------------------------------------------ teardown
     async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:  # noqa: ASYNC109 (timeout is API)
