@@ -823,6 +823,16 @@ def _operand(cls: type[Function], x: Any) -> Any:
     return _data(x)
 
 
+def _bool_subtraction() -> TypeError:
+    """The error of a subtraction with a bool array or tensor (numpy takes bool minus
+    float, and refuses bool minus bool in words of its own)."""
+    return TypeError(
+        "subtraction with a bool tensor or array is not supported, as in torch; convert it "
+        "first (an array: mask.astype(np.float32); a tensor: ag.tensor(mask.data, "
+        "dtype='float32')), or use ~ to invert a mask"
+    )
+
+
 _CATEGORY = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3}
 _DEFAULT = {
     0: np.dtype(np.bool_),
@@ -1213,6 +1223,10 @@ class Sub(Function):
     __slots__ = ()
 
     def forward(self, a: Any, b: Any) -> Any:
+        if (type(a) is _ndarray and a.dtype.kind == "b") or (
+            type(b) is _ndarray and b.dtype.kind == "b"
+        ):
+            raise _bool_subtraction()
         out = a - b
         ma, mb = _fit_meta(a, out), _fit_meta(b, out)
         self.saved = (ma, mb) if ma or mb else None
