@@ -163,7 +163,16 @@ def read_token_file(path: Path) -> str:
     if not token:
         raise CliError(f"token file {path} is empty", code=2)
     with contextlib.suppress(OSError):
-        if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        st = path.stat()
+        if st.st_uid not in (os.getuid(), 0):
+            # (a file another user planted, in a shared directory say: its owner chose
+            # the token, and can read what it protects)
+            _note(
+                f"warning: token file {path} belongs to another user (uid {st.st_uid}), "
+                "who chose this token and can join the cluster with it; use a file of "
+                "your own"
+            )
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             _note(
                 f"warning: token file {path} can be read by other users than its owner; "
                 f"anyone who reads it can run code on the cluster (chmod 600 {shlex.quote(str(path))})"

@@ -437,6 +437,22 @@ def test_a_token_file_others_can_read_is_used_with_a_warning(tmp_path: Path) -> 
     assert "warning" not in r.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away takes root")
+def test_a_token_file_of_another_user_is_used_with_a_warning(tmp_path: Path, capsys) -> None:
+    # (a file another user planted, in a shared directory: its owner chose the token)
+    path = tmp_path / "token"
+    path.write_text("planted\n")
+    path.chmod(0o600)
+    os.chown(path, 65534, 65534)
+    assert cli.read_token_file(path) == "planted"
+    err = capsys.readouterr().err
+    assert f"warning: token file {path} belongs to another user (uid 65534)" in err, err
+    assert "can be read by other users" not in err
+    os.chown(path, os.getuid(), os.getgid())
+    cli.read_token_file(path)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_worker_process_that_cannot_join_says_so_in_one_line() -> None:
     r = subprocess.run(
         [sys.executable, "-m", "actorgrad.runtime.worker_main", "--join", "127.0.0.1:1"]
