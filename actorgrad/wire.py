@@ -6,7 +6,7 @@ NOTE: this module may import only ``actorgrad.errors``, ``actorgrad.tensor`` (th
 Frame layout
 ============
 
-A frame is what the transport carries after its own 8-byte length prefix. All integers
+A frame is what the transport carries after its own prefix (length and tag). All integers
 are big-endian::
 
     offset  size          field
@@ -90,6 +90,7 @@ __all__ = [
     "encode_frame",
     "body_nbytes",
     "frame_nbytes",
+    "front_nbytes",
     "join_chunks",
 ]
 
@@ -823,6 +824,23 @@ def encode_frame(
 def frame_nbytes(chunks: list[bytes | memoryview]) -> int:
     """Total size of the frame made of ``chunks`` (what the length prefix holds)."""
     return sum(c.nbytes if isinstance(c, memoryview) else len(c) for c in chunks)
+
+
+def front_nbytes(first: bytes | bytearray | memoryview, size: int) -> int:
+    """How many leading bytes of a frame of ``size`` bytes, whose first chunk (or all
+    of it) is ``first``, hold its fixed prefix, header, buffer lengths and msgpack body:
+    all that decoding reads but the raw bytes of out-of-band arrays. ``size`` for
+    bytes that do not start as a frame.
+
+    >>> chunks = encode_frame([0], np.zeros(1 << 16, np.uint8))
+    >>> frame_nbytes(chunks) - front_nbytes(chunks[0], frame_nbytes(chunks)) >= 1 << 16
+    True
+    """
+    if len(first) >= PREFIX_SIZE:
+        tag, hlen, nbufs, blen = _FIXED.unpack_from(first)
+        if tag == _TAG:
+            return min(size, PREFIX_SIZE + hlen + 8 * nbufs + blen)
+    return size
 
 
 def body_nbytes(chunks: list[bytes | memoryview]) -> int:

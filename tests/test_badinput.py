@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import secrets
-import struct
 
 import msgpack
 import pytest
@@ -20,7 +19,7 @@ from actorgrad.runtime import Worker, transport
 from actorgrad.runtime.transport import _HELLO, MAGIC, PROTOCOL_VERSION, _mac
 from actorgrad.runtime.worker import K_BYE, K_CANCEL, K_CAST, K_PING, K_REQ, MODE_RPC
 
-LEN = struct.Struct(">Q")
+PREFIX = transport._PREFIX  # (a frame's length and tag)
 
 
 def add(a, b=0):
@@ -77,14 +76,34 @@ async def _authenticated(c, token=None):
     reader, writer, nonces = await _client_mac(c, token or c.driver.token)
     assert await reader.readexactly(32) == _mac(token or c.driver.token, b"S", *nonces)
     assert await reader.readexactly(1) == b"\x01"
+    # (the tags of the frames it sends, as a worker's end makes them)
+    out_key, _ = transport.frame_keys(token or c.driver.token, *nonces, server=False)
+    writer.ag_mac = transport.FrameMac(out_key, wire.front_nbytes)
     return reader, writer
+
+
+def _framed(writer, frame) -> bytes:
+    """``frame`` after its prefix: its length and its tag (see _authenticated)."""
+    frame = bytes(frame)
+    return PREFIX.pack(len(frame), writer.ag_mac.tag([frame], len(frame))) + frame
+
+
+def _bare_prefix(n: int) -> bytes:
+    """A frame length with no tag (refused for its length before a tag is checked)."""
+    return PREFIX.pack(n, bytes(16))
+
+
+async def _frame_len(reader) -> int:
+    """The length of the next frame the worker sent (its tag read and not checked)."""
+    n, _ = PREFIX.unpack(await reader.readexactly(PREFIX.size))
+    return n
 
 
 async def _handshaken(c, token=None):
     """A raw stream client that completed the handshake (and sent its hello)."""
     reader, writer = await _authenticated(c, token)
     frame = wire.join_chunks(wire.encode_frame([4, "raw-client", 0, "", 1 << 31], None))
-    writer.write(LEN.pack(len(frame)) + frame)
+    writer.write(_framed(writer, frame))
     await writer.drain()
     return reader, writer
 
@@ -106,7 +125,7 @@ async def _closed_by_peer(reader, writer, deadline=5.0):
 
 
 async def _send_frame(writer, frame: bytes):
-    writer.write(LEN.pack(len(frame)) + frame)
+    writer.write(_framed(writer, frame))
     await writer.drain()
 
 
@@ -245,7 +264,7 @@ async def test_client_that_never_finishes_its_handshake_is_dropped(sock_cluster,
 async def test_length_prefix_of_2_to_the_40_closes_the_connection(sock_cluster, caplog):
     caplog.set_level(logging.WARNING, "actorgrad.runtime")
     reader, writer = await _handshaken(sock_cluster)
-    writer.write(LEN.pack(2**40) + b"xxxx")
+    writer.write(_bare_prefix(2**40) + b"xxxx")
     await _closed_by_peer(reader, writer)
     assert "exceeds the maximum" in caplog.text
     # (which worker says so, and which connection, for a user: not its repr)
@@ -267,7 +286,7 @@ async def test_a_length_prefix_alone_takes_no_memory_and_no_time(sock_cluster):
     w1 = _target(sock_cluster)
     before = _rss()
     reader, writer = await _handshaken(sock_cluster)
-    writer.write(LEN.pack(MAX_FRAME_SIZE) + b"x" * 100_000)
+    writer.write(_bare_prefix(MAX_FRAME_SIZE) + b"x" * 100_000)
     await writer.drain()
     async with asyncio.timeout(10):
         while not any(c.peer_name == "raw-client" and c._big is not None for c in w1._conns):  # noqa: ASYNC110
@@ -293,7 +312,7 @@ async def test_a_hello_under_a_members_name_without_its_id_is_no_news_of_it(sock
     w1 = _target(sock_cluster)
     reader, writer = await _authenticated(sock_cluster)
     await _hello(writer, "driver")
-    assert await reader.readexactly(8)  # (w1's hello: ours was taken)
+    assert await reader.readexactly(PREFIX.size)  # (w1's hello: ours was taken)
     await _closed_by_peer_after(writer, w1, "driver", count=len(_conns_of(w1, "driver")))
     assert not w1.is_lost("driver")
     assert await ag.rpc("w1", add, (1, 2)) == 3
@@ -419,7 +438,7 @@ async def test_an_oversized_frame_sent_with_the_handshake_is_logged(sock_cluster
     # the same bytes get a read later: the connection closed saying nothing)
     caplog.set_level(logging.WARNING, "actorgrad.runtime")
     reader, writer, _ = await _client_mac(
-        sock_cluster, sock_cluster.driver.token, LEN.pack(31 << 20)
+        sock_cluster, sock_cluster.driver.token, _bare_prefix(31 << 20)
     )
     await _closed_by_peer(reader, writer)
     assert "declared frame length 32505856 exceeds the maximum of 65536 bytes" in caplog.text
@@ -438,7 +457,7 @@ async def test_a_peer_that_says_no_hello_after_the_handshake_is_closed(
     monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT", 0.5)
     silent = await _authenticated(sock_cluster)
     reader, writer = await _authenticated(sock_cluster)
-    writer.write(LEN.pack(31 << 20))
+    writer.write(_bare_prefix(31 << 20))
     await _closed_by_peer(reader, writer, deadline=2.0)
     assert "declared frame length 32505856 exceeds the maximum of 65536 bytes" in caplog.text
     await _closed_by_peer(*silent, deadline=5.0)
@@ -459,12 +478,12 @@ async def test_a_peer_that_reads_no_replies_stops_being_read(sock_cluster, monke
     for _ in range(5):  # (proven fast: it runs inline, as each request is read)
         await ag.rpc("w1", bytes, (10,))
     reader, writer = await _handshaken(sock_cluster)
-    (n,) = LEN.unpack(await reader.readexactly(8))
+    n = await _frame_len(reader)
     assert wire.decode_frame(await reader.readexactly(n)).header[0] == 4  # its hello
     n_calls, size = 300, 100_000  # 30 MB of replies
     for cid in range(1, n_calls + 1):
         frame = wire.encode_frame([K_REQ, cid, "builtins:bytes", MODE_RPC, None], ((size,), None))
-        writer.write(LEN.pack(len(wire.join_chunks(frame))) + wire.join_chunks(frame))
+        writer.write(_framed(writer, wire.join_chunks(frame)))
     await writer.drain()
     (conn,) = [c for c in w1._conns if c.peer_name == "raw-client"]
     await _until(lambda: conn._out_full)
@@ -473,7 +492,7 @@ async def test_a_peer_that_reads_no_replies_stops_being_read(sock_cluster, monke
     answered = set()
     async with asyncio.timeout(20):
         while len(answered) < n_calls:
-            (n,) = LEN.unpack(await reader.readexactly(8))
+            n = await _frame_len(reader)
             f = wire.decode_frame(await reader.readexactly(n))
             if f.header[0] == 1:  # K_OK
                 assert f.header[1] not in answered and f.body() == bytes(size)
@@ -498,14 +517,14 @@ async def test_a_slow_reader_is_not_taken_for_silent_while_its_replies_wait(monk
         for _ in range(5):  # (proven fast: it runs inline, as each request is read)
             await ag.rpc("w1", bytes, (10,))
         reader, writer = await _handshaken(c)
-        (n,) = LEN.unpack(await reader.readexactly(8))
+        n = await _frame_len(reader)
         assert wire.decode_frame(await reader.readexactly(n)).header[0] == 4  # its hello
         n_calls, size = 100, 100_000
         for cid in range(1, n_calls + 1):
             frame = wire.join_chunks(
                 wire.encode_frame([K_REQ, cid, "builtins:bytes", MODE_RPC, None], ((size,), None))
             )
-            writer.write(LEN.pack(len(frame)) + frame)
+            writer.write(_framed(writer, frame))
         await writer.drain()
         (conn,) = [x for x in _target(c)._conns if x.peer_name == "raw-client"]
         await _until(lambda: conn._out_full)
@@ -513,7 +532,7 @@ async def test_a_slow_reader_is_not_taken_for_silent_while_its_replies_wait(monk
         answered = 0
         async with asyncio.timeout(20):
             while answered < n_calls:
-                (n,) = LEN.unpack(await reader.readexactly(8))
+                n = await _frame_len(reader)
                 answered += wire.decode_frame(await reader.readexactly(n)).header[0] == 1
         writer.close()
         await writer.wait_closed()
@@ -529,7 +548,7 @@ async def test_a_peer_that_reads_nothing_leaves_no_socket_open_after_shutdown(ki
         for _ in range(5):  # (proven fast: inline, no call waits to send its reply)
             await ag.rpc("w1", bytes, (10,))
         reader, writer = await _handshaken(c)
-        (n,) = LEN.unpack(await reader.readexactly(8))
+        n = await _frame_len(reader)
         assert wire.decode_frame(await reader.readexactly(n)).header[0] == 4  # its hello
         for cid in range(1, 101):  # (20 MB of replies: more than the socket buffers hold)
             frame = wire.join_chunks(
@@ -537,7 +556,7 @@ async def test_a_peer_that_reads_nothing_leaves_no_socket_open_after_shutdown(ki
                     [K_REQ, cid, "builtins:bytes", MODE_RPC, None], ((200_000,), None)
                 )
             )
-            writer.write(LEN.pack(len(frame)) + frame)
+            writer.write(_framed(writer, frame))
         await writer.drain()
         (conn,) = [x for x in _target(c)._conns if x.peer_name == "raw-client"]
         await _until(lambda: conn.transport.get_write_buffer_size() > 0, 10)
@@ -548,7 +567,7 @@ async def test_a_peer_that_reads_nothing_leaves_no_socket_open_after_shutdown(ki
 
 async def test_malformed_request_body_gets_an_error_reply(sock_cluster):
     reader, writer = await _handshaken(sock_cluster)
-    (n,) = LEN.unpack(await reader.readexactly(8))
+    n = await _frame_len(reader)
     hello = wire.decode_frame(await reader.readexactly(n))
     assert hello.header[1] == "w1"
     await _send_frame(
@@ -565,7 +584,7 @@ async def test_malformed_request_body_gets_an_error_reply(sock_cluster):
     replies = {}
     async with asyncio.timeout(5):
         while len(replies) < 3:
-            (n,) = LEN.unpack(await reader.readexactly(8))
+            n = await _frame_len(reader)
             f = wire.decode_frame(await reader.readexactly(n))
             if f.header[0] == 2:
                 replies[f.header[1]] = f.body()
@@ -583,14 +602,14 @@ async def test_malformed_request_body_gets_an_error_reply(sock_cluster):
 async def test_a_cancel_of_a_call_that_is_not_running_is_ignored(sock_cluster):
     # (answered already, or never sent: the connection stays and serves the next call)
     reader, writer = await _handshaken(sock_cluster)
-    (n,) = LEN.unpack(await reader.readexactly(8))
+    n = await _frame_len(reader)
     wire.decode_frame(await reader.readexactly(n))  # (the hello)
     for cid in (1, 12345, -3):
         await _send_frame(writer, wire.join_chunks(wire.encode_frame([K_CANCEL, cid], None)))
     request = [K_REQ, 2, f"{__name__}:add", MODE_RPC, None]
     await _send_frame(writer, wire.join_chunks(wire.encode_frame(request, ((2, 3), None))))
     async with asyncio.timeout(5):
-        (n,) = LEN.unpack(await reader.readexactly(8))
+        n = await _frame_len(reader)
         f = wire.decode_frame(await reader.readexactly(n))
     assert f.header == [1, 2] and f.body() == 5
     writer.close()
@@ -601,7 +620,7 @@ async def test_a_cancel_read_with_its_request_stops_the_call_before_it_starts(so
     # Request and cancel in one read: the cancel reached the call's task before its
     # first step, which then never ran: no reply, and its in-flight slot held for good.
     reader, writer = await _handshaken(sock_cluster)
-    (n,) = LEN.unpack(await reader.readexactly(8))
+    n = await _frame_len(reader)
     wire.decode_frame(await reader.readexactly(n))  # (the hello)
     frames = b""
     for cid in (1, 2):  # (asyncio.sleep is a coroutine: the call runs as a task)
@@ -611,13 +630,13 @@ async def test_a_cancel_read_with_its_request_stops_the_call_before_it_starts(so
             wire.encode_frame([K_CANCEL, cid], None),
         ):
             data = wire.join_chunks(f)
-            frames += LEN.pack(len(data)) + data
+            frames += _framed(writer, data)
     writer.write(frames)
     await writer.drain()
     replies = {}
     async with asyncio.timeout(5):
         while len(replies) < 2:
-            (n,) = LEN.unpack(await reader.readexactly(8))
+            n = await _frame_len(reader)
             f = wire.decode_frame(await reader.readexactly(n))
             if f.header[0] == 2:  # (heartbeat pings come too)
                 replies[f.header[1]] = f.body()
@@ -694,7 +713,7 @@ async def test_a_membership_change_from_a_peer_that_is_not_the_head_is_refused(
     await _send_frame(writer, wire.join_chunks(wire.encode_frame(request, ((2, 3), None))))
     async with asyncio.timeout(5):
         while True:
-            (n,) = LEN.unpack(await reader.readexactly(8))
+            n = await _frame_len(reader)
             f = wire.decode_frame(await reader.readexactly(n))
             if f.header == [1, 3]:
                 break
@@ -714,13 +733,13 @@ async def test_connection_closed_mid_frame(sock_cluster):
     frame = wire.join_chunks(
         wire.encode_frame([K_REQ, 1, f"{__name__}:add", MODE_RPC, None], ((1, 2), None))
     )
-    writer.write(LEN.pack(len(frame)) + frame[: len(frame) // 2])
+    writer.write(_framed(writer, frame)[: PREFIX.size + len(frame) // 2])
     await writer.drain()
     writer.close()
     await writer.wait_closed()
     # and a big frame cut in the middle (preallocated-buffer path)
     reader, writer = await _handshaken(sock_cluster)
-    writer.write(LEN.pack(10_000_000) + os.urandom(1_000_000))
+    writer.write(_bare_prefix(10_000_000) + os.urandom(1_000_000))
     await writer.drain()
     writer.close()
     await writer.wait_closed()
@@ -884,7 +903,7 @@ async def test_malformed_call_targets_get_error_replies_that_say_what_is_wrong(s
     from actorgrad.runtime.worker import MODE_RREF_RPC
 
     reader, writer = await _handshaken(sock_cluster)
-    (n,) = LEN.unpack(await reader.readexactly(8))
+    n = await _frame_len(reader)
     wire.decode_frame(await reader.readexactly(n))  # (its hello)
     targets = {
         1: (5, MODE_RREF_RPC),
@@ -899,7 +918,7 @@ async def test_malformed_call_targets_get_error_replies_that_say_what_is_wrong(s
     replies = {}
     async with asyncio.timeout(5):
         while len(replies) < len(targets):
-            (n,) = LEN.unpack(await reader.readexactly(8))
+            n = await _frame_len(reader)
             f = wire.decode_frame(await reader.readexactly(n))
             if f.header[0] == 2:
                 replies[f.header[1]] = f.body()
@@ -923,14 +942,14 @@ async def _raw_call_error(c, meta, body: bytes) -> ag.RemoteError:
     """The error reply of w1 to an rpc of ``builtins:repr`` with metadata ``meta`` and
     the encoded ``body``, sent by a raw client."""
     reader, writer = await _handshaken(c)
-    (n,) = LEN.unpack(await reader.readexactly(8))
+    n = await _frame_len(reader)
     wire.decode_frame(await reader.readexactly(n))  # (its hello)
     header = msgpack.packb([K_REQ, 7, "builtins:repr", MODE_RPC, meta])
     frame = bytearray(wire._FIXED.pack(wire._TAG, len(header), 0, len(body)))
     await _send_frame(writer, bytes(frame + header + body))
     async with asyncio.timeout(5):
         while True:
-            (n,) = LEN.unpack(await reader.readexactly(8))
+            n = await _frame_len(reader)
             f = wire.decode_frame(await reader.readexactly(n))
             if f.header[0] == 2:
                 break
@@ -971,4 +990,74 @@ async def test_a_worker_closing_on_a_message_it_refused_tells_the_sender_why(
     ):
         await asyncio.wait_for(pending, 10)
     assert "closed the connection on a message from this worker" in caplog.text
+    await _valid_client_works(sock_cluster)
+
+
+_injected: list[str] = []
+
+
+def injected(what: str) -> None:
+    """What a relaying stranger's own request would run on w1 (it must not)."""
+    _injected.append(what)
+
+
+async def test_a_stranger_relaying_a_token_holders_handshake_cannot_send_its_own_frames(
+    sock_cluster, caplog
+):
+    # A token holder that connected to a stranger's address (a stale or mistyped one)
+    # had its handshake relayed to a worker: the stranger then dropped it and sent
+    # calls of its own on the connection it got, `os:system` included, for the
+    # handshake alone was checked. Now every frame carries a tag keyed by the
+    # handshake's nonces, which only the token's holders can make.
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    _injected.clear()
+    token = sock_cluster.driver.token
+    relayed = asyncio.get_running_loop().create_future()
+
+    async def relay(v_reader, v_writer):
+        w_reader, w_writer = await _raw(sock_cluster)
+        hs = _HELLO.size + 32  # (the client's hello and MAC)
+
+        async def pipe(src, dst, limit=None):
+            sent = 0
+            while limit is None or sent < limit:
+                data = await src.read(65536 if limit is None else limit - sent)
+                if not data:
+                    break
+                dst.write(data)
+                sent += len(data)
+
+        back = asyncio.ensure_future(pipe(w_reader, v_writer))
+        await pipe(v_reader, w_writer, hs)  # the handshake, then nothing of the victim's
+        hello = wire.join_chunks(wire.encode_frame([4, "stranger", 0, "", 1 << 31], None))
+        call = wire.join_chunks(
+            wire.encode_frame([K_REQ, 1, f"{__name__}:injected", MODE_RPC, None], (("x",), None))
+        )
+        for frame in (hello, call):
+            w_writer.write(PREFIX.pack(len(frame), os.urandom(16)) + bytes(frame))
+        try:
+            await asyncio.wait_for(back, 5)  # (until w1 closes the connection)
+        except (ConnectionError, TimeoutError) as exc:
+            relayed.set_exception(exc)
+            raise
+        finally:
+            w_writer.close()
+            v_writer.close()
+        relayed.set_result(None)
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    victim = Worker(f"victim-{secrets.token_hex(3)}", token=token)
+    try:
+        # (the victim's handshake succeeds: it did talk to w1; its hello never gets there)
+        victim_side = asyncio.ensure_future(victim.open_connection(f"127.0.0.1:{port}", ""))
+        await asyncio.wait_for(relayed, 10)
+        victim_side.cancel()
+        await asyncio.gather(victim_side, return_exceptions=True)
+    finally:
+        await victim.shutdown()
+        server.close()
+        await server.wait_closed()
+    assert "frame #1 failed authentication" in caplog.text
+    assert _injected == []
     await _valid_client_works(sock_cluster)

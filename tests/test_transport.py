@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import struct
 import time
 import weakref
 
@@ -17,7 +16,7 @@ from actorgrad.errors import AuthError
 from actorgrad.runtime import transport
 from actorgrad.runtime.transport import Connection, handshake
 
-LEN = struct.Struct(">Q")
+PREFIX = transport._PREFIX  # (a frame's length and tag: none between these fakes)
 
 
 class FakeTransport(asyncio.Transport):
@@ -63,7 +62,7 @@ def _conn(frames):
 def _framed(header, body=None):
     chunks = wire.encode_frame(header, body)
     data = bytes(wire.join_chunks(chunks))
-    return LEN.pack(len(data)) + data
+    return PREFIX.pack(len(data), bytes(16)) + data
 
 
 async def test_frames_split_and_merged_arbitrarily_are_reassembled():
@@ -95,7 +94,7 @@ async def test_oversized_length_prefix_is_a_protocol_error_and_closes():
     frames = []
     c, t = _conn(frames)
     c.max_frame_size = 1000
-    c.data_received(LEN.pack(1001) + b"x" * 10)
+    c.data_received(PREFIX.pack(1001, bytes(16)) + b"x" * 10)
     assert c.closed and t.closed and isinstance(c.close_reason, ag.ProtocolError)
     assert frames == []
 
@@ -553,3 +552,32 @@ async def test_a_connection_closed_before_its_transport_came_closes_the_transpor
     t = FakeTransport()
     c.connection_made(t)
     assert t.closed and c.closed
+
+
+def test_a_frames_tag_covers_its_number_length_header_and_body_not_its_big_arrays():
+    out_key, in_key = transport.frame_keys("tok", b"c" * 32, b"s" * 32, server=False)
+    s_out, s_in = transport.frame_keys("tok", b"c" * 32, b"s" * 32, server=True)
+    assert (out_key, in_key) == (s_in, s_out) and out_key != in_key
+    chunks = wire.encode_frame([0, "mod:fn"], (np.ones(1 << 14, np.float64), [1, 2]))
+    frame = bytes(wire.join_chunks(chunks))
+    front = wire.front_nbytes(frame, len(frame))
+    assert 20 < front < len(frame) - (1 << 17) + 64
+
+    def checked(data, tag, seq=0):
+        mac = transport.FrameMac(out_key, wire.front_nbytes)
+        mac.seq = seq
+        return mac.check(data, tag)
+
+    tag = transport.FrameMac(out_key, wire.front_nbytes).tag(chunks, len(frame))
+    assert checked(frame, tag)
+    assert not checked(frame, tag, seq=1)  # (replayed, or one dropped before it)
+    assert not checked(frame[:-8] + bytes(8), bytes(16))
+    assert not transport.FrameMac(in_key, wire.front_nbytes).check(frame, tag)  # sent back
+    for at in (0, 5, 30, front - 1):  # prefix, lengths, header, body: all covered
+        bad = bytearray(frame)
+        bad[at] ^= 1
+        assert not checked(bad, tag), at
+    bad = bytearray(frame)
+    bad[-1] ^= 1  # an out-of-band array's raw bytes: not covered (see FrameMac)
+    assert checked(bad, tag)
+    assert not checked(frame + b"x", tag)  # (the length is covered)

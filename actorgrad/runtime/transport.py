@@ -1,8 +1,8 @@
 """Byte transports for the runtime: TCP (asyncio Protocols) and in-process.
 
 A :class:`Connection` is an ``asyncio.Protocol``. It first runs the handshake on raw,
-fixed-size bytes, then carries frames: an 8-byte big-endian length prefix followed by
-a codec frame (``actorgrad.wire``). Nothing is msgpack-decoded before the handshake
+fixed-size bytes, then carries frames: a 24-byte prefix (big-endian length, tag)
+followed by a codec frame (``actorgrad.wire``). Nothing is msgpack-decoded before the handshake
 succeeds.
 
 Handshake (both sides, :func:`handshake`)::
@@ -16,6 +16,14 @@ without sending its own (it logs and keeps serving others): anyone can connect, 
 MAC over a nonce of their choice would let them test guesses of a weak token offline.
 The client checks the server's (a wrong token gives ``AuthError`` on the connecting
 side). The whole exchange has a deadline.
+
+Frames: each is preceded by its length (u64) and its tag, a keyed BLAKE2b of the
+frame's number on the connection, its length and its front (:class:`FrameMac`), with
+a key per direction made from the token and both nonces (:func:`frame_keys`). The
+handshake alone proves only that the peer knew the token when it ran: a stranger
+relaying a token holder's handshake to a worker could then speak on that connection.
+A frame whose tag does not match closes the connection. In-process connections carry
+zeros (no wire anyone else could write to).
 
 Receiving: small frames are sliced out of a reassembly buffer (``bytearray``); a frame
 of ``BIG_FRAME`` bytes or more is read straight into a preallocated writable buffer
@@ -82,7 +90,8 @@ MAGIC = b"ACTGRAD\x00"
 #: 5: a caller that stops waiting for a call sends a cancel (K_CANCEL) after it; a
 #:    backward pass that fails has the ends of the pairs its finished parts freed dropped
 #: 6: a worker's hello says the largest frame it takes (its peers send none larger)
-#: 7: a worker that closes a connection on a message it refused says why first
+#: 7: a worker that closes a connection on a message it refused says why first; every
+#:    frame carries a tag (FrameMac) keyed by the connection's handshake
 PROTOCOL_VERSION = 7
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
@@ -96,7 +105,60 @@ BIG_FRAME = 16 * 1024
 #: on the first ones while we produce the rest (a batch of 64 tiny calls went 42k ->
 #: 55-70k calls/s on 2 cores), and a write still carries a dozen tiny frames.
 COALESCE_MAX = 512
-_LEN = struct.Struct(">Q")
+#: What precedes each frame on a connection: its length, and its tag (a MAC, see
+#: FrameMac; zeros on in-process connections, which carry none).
+_PREFIX = struct.Struct(">Q16s")
+PREFIX_LEN = _PREFIX.size  # 24
+_NO_TAG = bytes(16)
+_SEQ_SIZE = struct.Struct(">QQ")
+
+
+def whole_frame(first: Any, size: int) -> int:
+    """The default ``frame_front`` of a connection: a MAC covers all of every frame."""
+    return size
+
+
+class FrameMac:
+    """The tags of the frames going one way on one connection: a keyed BLAKE2b over the
+    frame's number on the connection, its length and its first ``front(first chunk,
+    length)`` bytes (the codec's header and msgpack body: what decoding reads; the raw
+    bytes of out-of-band arrays after them are not covered, as hashing them would cost
+    a 16 MiB message more than sending it). The key comes from the handshake: the
+    handshake alone proved only that someone on the other end knew the token, and a
+    peer that relayed a token holder's handshake to a worker could then send its own
+    frames on the connection it got (a call of ``os:system``, say)."""
+
+    __slots__ = ("_proto", "front", "seq")
+
+    def __init__(self, key: bytes, front: Callable[[Any, int], int] = whole_frame) -> None:
+        self._proto = hashlib.blake2b(key=key, digest_size=16)
+        self.front = front
+        self.seq = 0
+
+    def tag(self, chunks: list[Any], size: int) -> bytes:
+        """The tag of the next frame out, made of ``chunks`` (``size`` bytes in all)."""
+        h = self._proto.copy()
+        h.update(_SEQ_SIZE.pack(self.seq, size))
+        self.seq += 1
+        left = self.front(chunks[0], size)
+        for c in chunks:
+            n = _nbytes(c)
+            if n >= left:
+                h.update(c if n == left else memoryview(c)[:left])
+                break
+            h.update(c)
+            left -= n
+        return h.digest()
+
+    def check(self, frame: Any, tag: bytes) -> bool:
+        """Whether ``tag`` is that of ``frame``, the next frame in."""
+        h = self._proto.copy()
+        size = len(frame)
+        h.update(_SEQ_SIZE.pack(self.seq, size))
+        self.seq += 1
+        front = self.front(frame, size)
+        h.update(frame if front >= size else memoryview(frame)[:front])
+        return hmac.compare_digest(h.digest(), tag)
 
 
 #: Longest polling window ``ACTORGRAD_SPIN_US`` may set: a process polls that long after
@@ -443,6 +505,7 @@ class Connection(asyncio.BaseProtocol):
         on_refuse: Callable[[Connection, ProtocolError], None] | None = None,
         max_frame_size: int = MAX_FRAME_SIZE,
         owner: str = "",
+        frame_front: Callable[[Any, int], int] = whole_frame,
     ) -> None:
         self.id = next(self._ids)
         self.owner = owner  # (the name of the worker it belongs to, for log lines)
@@ -451,6 +514,11 @@ class Connection(asyncio.BaseProtocol):
         self.on_lost = on_lost
         self.on_refuse = on_refuse
         self.max_frame_size = max_frame_size
+        # how much of a frame its tag covers (see FrameMac), and the tags each way, once
+        # the handshake made their keys (None: frames carry no tag, in-process)
+        self.frame_front = frame_front
+        self._mac_out: FrameMac | None = None
+        self._mac_in: FrameMac | None = None
         # The largest frame this side sends: the smaller of its own maximum and the
         # peer's, once its hello said it (a frame over the peer's maximum, a worker
         # given a smaller one, made the peer close the connection, and the sender got
@@ -493,6 +561,7 @@ class Connection(asyncio.BaseProtocol):
         # frame phase
         self._rbuf = bytearray()
         self._big: memoryview | None = None
+        self._big_tag = _NO_TAG
         self._buffers = _BufferPool()
         self._big_pos = 0
         self._wbuf = bytearray()
@@ -636,7 +705,7 @@ class Connection(asyncio.BaseProtocol):
             if self._big_pos < len(big):
                 return
             self._big = None
-            self._deliver(big)
+            self._deliver(big, self._big_tag)
             if n == len(data):
                 return
             data = data[n:]
@@ -652,13 +721,13 @@ class Connection(asyncio.BaseProtocol):
             src = memoryview(data)
         pos = 0
         end = len(src)
-        while end - pos >= 8:
-            (n,) = _LEN.unpack_from(src, pos)
+        while end - pos >= PREFIX_LEN:
+            n, tag = _PREFIX.unpack_from(src, pos)
             if n > self.max_frame_size:
                 raise ProtocolError(
                     f"declared frame length {n} exceeds the maximum of {self.max_frame_size} bytes"
                 )
-            start = pos + 8
+            start = pos + PREFIX_LEN
             if end - start >= n:
                 # (one copy and no zero-fill: a buffer placed by the pool, zeroed when
                 # allocated and then filled, cost a 64 KiB frame 16 us instead of 6)
@@ -666,7 +735,7 @@ class Connection(asyncio.BaseProtocol):
                     bytearray(src[start : start + n]) if src is not buf else buf[start : start + n]
                 )
                 pos = start + n
-                self._deliver(frame)
+                self._deliver(frame, tag)
                 if self.closed or self._big is not None or self._out_full:
                     break  # (the rest waits in the reassembly buffer: see _feed_rest)
             elif n >= BIG_FRAME:
@@ -676,6 +745,7 @@ class Connection(asyncio.BaseProtocol):
                 del part  # an export of buf: it is resized below
                 have = end - start
                 self._big = big
+                self._big_tag = tag
                 self._big_pos = have
                 pos = end
                 break
@@ -687,7 +757,18 @@ class Connection(asyncio.BaseProtocol):
         elif pos < end:
             buf += src[pos:end]
 
-    def _deliver(self, frame: bytearray | memoryview) -> None:
+    def _deliver(self, frame: bytearray | memoryview, tag: bytes) -> None:
+        mac = self._mac_in
+        if mac is not None and not mac.check(frame, tag):
+            if not self.closed:
+                self.refuse(
+                    ProtocolError(
+                        f"frame #{mac.seq} failed authentication (not made by the peer "
+                        "that passed the handshake: someone else writes to this "
+                        "connection, or its bytes were changed on the way)"
+                    )
+                )
+            return
         if self._spin is not None and (len(frame) != len(_heartbeat) or frame != _heartbeat):
             self._spin.poke(True)
         if self.on_frame is not None and not self.closed:
@@ -727,7 +808,9 @@ class Connection(asyncio.BaseProtocol):
         if size >= BIG_FRAME:
             # one writelines (one writev) with what is coalesced so far: no copy of the
             # frame's chunks (arrays travel from their own memory)
-            head: bytes | bytearray = _LEN.pack(size)
+            head: bytes | bytearray = _PREFIX.pack(
+                size, _NO_TAG if self._mac_out is None else self._mac_out.tag(chunks, size)
+            )
             if self._wbuf:
                 head = self._wbuf + head
                 self._wbuf = bytearray()
@@ -744,7 +827,9 @@ class Connection(asyncio.BaseProtocol):
                     t.write(c)
         else:
             w = self._wbuf
-            w += _LEN.pack(size)
+            w += _PREFIX.pack(
+                size, _NO_TAG if self._mac_out is None else self._mac_out.tag(chunks, size)
+            )
             for c in chunks:
                 w += c
             if self._flush_scheduled:
@@ -997,7 +1082,7 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
             self._big_pos += nbytes
             if self._big_pos >= len(big):
                 self._big = None
-                self._deliver(big)
+                self._deliver(big, self._big_tag)
             return
         assert self._scratch_mv is not None
         self.data_received(self._scratch_mv[:nbytes])  # type: ignore[arg-type]
@@ -1155,6 +1240,15 @@ def _mac(token: str, role: bytes, nonce_c: bytes, nonce_s: bytes) -> bytes:
     return hmac.new(token.encode(), role + nonce_c + nonce_s, hashlib.sha256).digest()
 
 
+def frame_keys(token: str, nonce_c: bytes, nonce_s: bytes, server: bool) -> tuple[bytes, bytes]:
+    """The keys of the frames of a connection whose handshake used these nonces:
+    ``(out, in)`` for the server or the client (``server``). One per direction, so a
+    frame cannot be sent back to its sender as the peer's."""
+    c2s = _mac(token, b"frames C>S", nonce_c, nonce_s)
+    s2c = _mac(token, b"frames S>C", nonce_c, nonce_s)
+    return (s2c, c2s) if server else (c2s, s2c)
+
+
 async def handshake(
     conn: Connection,
     token: str,
@@ -1168,6 +1262,7 @@ async def handshake(
     hung process: its kernel accepted the connection) — the connection is aborted then."""
     where = conn.peer_addr
     deadline = HANDSHAKE_TIMEOUT if timeout is None else timeout
+    magic_ok = False  # (what came is an actorgrad peer's start)
     hello = False  # (the peer's hello came: a close after it is a refusal)
     try:
         async with asyncio.timeout(deadline):
@@ -1182,6 +1277,7 @@ async def handshake(
                 raise AuthError(
                     f"{where}: not an actorgrad peer (bad handshake magic: it sent {magic!r}...)"
                 )
+            magic_ok = True
             rest = await conn._read_exact(_HELLO.size - len(MAGIC))
             _, version, peer_nonce = _HELLO.unpack(magic + rest)
             hello = True
@@ -1214,9 +1310,13 @@ async def handshake(
                 ok = await conn._read_exact(1)
                 if ok != b"\x01":
                     raise AuthError(f"handshake with {where} refused")
+            if conn.kind != "inproc":  # (in-process: no wire anyone else could write to)
+                out_key, in_key = frame_keys(token, nc, ns, server)
+                conn._mac_out = FrameMac(out_key, conn.frame_front)
+                conn._mac_in = FrameMac(in_key, conn.frame_front)
     except TimeoutError:
         conn.abort(AuthError("handshake deadline"))
-        if not hello and (junk := _foreign(conn)):
+        if not magic_ok and (junk := _foreign(conn)):
             raise AuthError(
                 f"{where}: not an actorgrad peer (it sent {junk!r}..., then "
                 f"nothing for {deadline:g} s)"
@@ -1230,7 +1330,7 @@ async def handshake(
         ) from None
     except (ConnectionError, OSError) as exc:
         conn.abort(exc)
-        if not hello and (junk := _foreign(conn)):
+        if not magic_ok and (junk := _foreign(conn)):
             raise AuthError(
                 f"{where}: not an actorgrad peer (it sent {junk!r}... and closed the connection)"
             ) from exc

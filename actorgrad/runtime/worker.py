@@ -946,6 +946,7 @@ class Worker:
             # connection stayed open)
             max_frame_size=min(HELLO_MAX_FRAME, self.max_frame_size),
             owner=self.name,
+            frame_front=wire.front_nbytes,
         )
         self._every_conn.add(conn)
         return conn
