@@ -120,13 +120,14 @@ def whole_frame(first: Any, size: int) -> int:
 
 class FrameMac:
     """The tags of the frames going one way on one connection: a keyed BLAKE2b over the
-    frame's number on the connection, its length and its first ``front(first chunk,
-    length)`` bytes (the codec's header and msgpack body: what decoding reads; the raw
-    bytes of out-of-band arrays after them are not covered, as hashing them would cost
-    a 16 MiB message more than sending it). The key comes from the handshake: the
-    handshake alone proved only that someone on the other end knew the token, and a
-    peer that relayed a token holder's handshake to a worker could then send its own
-    frames on the connection it got (a call of ``os:system``, say)."""
+    frame's number on the connection, its length and its front: all of a frame under
+    ``BIG_FRAME`` bytes, else its first ``front(first chunk, length)`` bytes (the
+    codec's header and msgpack body, what decoding reads; the raw bytes of out-of-band
+    arrays after them are not covered, as hashing them would cost a 16 MiB message more
+    than sending it). The key comes from the handshake: the handshake alone proved only
+    that someone on the other end knew the token, and a peer that relayed a token
+    holder's handshake to a worker could then send its own frames on the connection it
+    got (a call of ``os:system``, say)."""
 
     __slots__ = ("_proto", "front", "seq")
 
@@ -140,6 +141,10 @@ class FrameMac:
         h = self._proto.copy()
         h.update(_SEQ_SIZE.pack(self.seq, size))
         self.seq += 1
+        if size < BIG_FRAME:  # (the hot path: one small chunk, all of it)
+            for c in chunks:
+                h.update(c)
+            return h.digest()
         left = self.front(chunks[0], size)
         for c in chunks:
             n = _nbytes(c)
@@ -156,8 +161,11 @@ class FrameMac:
         size = len(frame)
         h.update(_SEQ_SIZE.pack(self.seq, size))
         self.seq += 1
-        front = self.front(frame, size)
-        h.update(frame if front >= size else memoryview(frame)[:front])
+        if size < BIG_FRAME:
+            h.update(frame)
+        else:
+            front = self.front(frame, size)
+            h.update(frame if front >= size else memoryview(frame)[:front])
         return hmac.compare_digest(h.digest(), tag)
 
 
