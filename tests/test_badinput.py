@@ -238,6 +238,21 @@ async def test_rejected_connections_are_logged_a_few_a_minute(sock_cluster, capl
     await _valid_client_works(sock_cluster)
 
 
+async def test_a_peer_that_sent_the_magic_and_stalled_is_not_called_a_stranger(
+    sock_cluster, caplog, monkeypatch
+):
+    # (it was "not an actorgrad peer (it sent b'\x00\x07'..., then nothing for 5 s)":
+    # the bytes after the magic, read as a stranger's first ones)
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT", 0.3)
+    reader, writer = await _raw(sock_cluster)
+    writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, bytes(32))[:12])
+    await _closed_by_peer(reader, writer)
+    assert "did not complete in time" in caplog.text
+    assert "not an actorgrad peer" not in caplog.text
+    await _valid_client_works(sock_cluster)
+
+
 async def test_wrong_token_raw_client_is_rejected(sock_cluster, caplog):
     caplog.set_level(logging.WARNING, "actorgrad.runtime")
     reader, writer, _ = await _client_mac(sock_cluster, "not the token")
