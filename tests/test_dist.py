@@ -4628,3 +4628,34 @@ async def test_gradients_for_one_peer_over_the_largest_frame_go_in_several_messa
         # (one message each, the credit split among them: the pass completed)
         assert after["num_backward_messages"] - before["num_backward_messages"] == 3
         await assert_clean(["w1"])
+
+
+async def test_a_pass_whose_credit_splits_too_far_fails_saying_so(
+    monkeypatch,
+):
+    # (a loop of ~a million steps that each send to two workers: the credit's exponent
+    # passed its cap and the receiver refused the message as "malformed credit", a
+    # peer's bug to read; an error raised where the sender split it was only logged,
+    # and the pass waited for good). The cap lowered to 40 here: 60 such steps pass it.
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("actorgrad.dist.backward"), "MAX_CREDIT_EXP", 40)
+    async with cluster("inproc", 2) as c:
+        await ag.rpc("w2", F.put, ("credit-w", np.full(2, 1.01)))
+        x = ag.tensor(np.ones(2), requires_grad=True)
+        for steps, fails in ((60, True), (10, False)):
+            async with ag.dist.context() as ctx:
+                y = x
+                for _ in range(steps):
+                    w = await ag.rpc("w2", F.get, ("credit-w",))
+                    y = await ag.rpc("w1", F.times, (y, w))
+                if fails:
+                    with pytest.raises(
+                        ag.RemoteError, match=r"graph is too long for one pass: .* 2\*\*-40"
+                    ) as err:
+                        await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+                    assert err.value.remote_type == "ValueError"
+                else:  # (and the workers take the next one)
+                    await ag.dist.backward(ctx, [y.sum()])
+                    np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], [1.01**10] * 2)
+        await assert_clean(c.names)

@@ -529,6 +529,14 @@ def split_credit(credit: Credit, k: int) -> list[Credit]:
     if k == 1:
         return [credit]
     j = (k - 1).bit_length()  # 2**j >= k
+    if exp + j > MAX_CREDIT_EXP:
+        # (its receiver would refuse it as "malformed credit": say what it means)
+        raise ValueError(
+            "this backward pass's graph is too long for one pass: its completion credit "
+            f"was split past 2**-{MAX_CREDIT_EXP} (about one split per remote step, more "
+            "when a step sends to several workers: a million steps in a row); cut the "
+            "computation into several contexts or backward passes"
+        )
     part = _norm(num, exp + j)
     first = _norm(num * ((1 << j) - k + 1), exp + j)
     return [first] + [part] * (k - 1)
@@ -919,15 +927,16 @@ def _resume(st: DistState, ps: PassState, retain: bool, fut: asyncio.Future[Any]
             size += ps.deliver(items)
         checked = True
         out = _step(st, ps, retain, size)
+        if out is None:  # (went on in a thread again: sent with what it makes then)
+            return
+        held, ps.held = ps.held, {}
+        _merge(held, out)
+        # (in here: a send that fails, its credit split too far, fails the pass, where
+        # an error out of a message handler was only logged and the pass waited)
+        _forward(st, ps, retain, held)
     except BaseException as err:  # (the part's code, hooks, may raise any: reported)
         ctx.drop_pass(ps.pass_id)
         _report(st, ctx.id, ps.origin, ps.pass_id, err, refused=not checked)
-        return
-    if out is None:  # (went on in a thread again: sent with what it makes then)
-        return
-    held, ps.held = ps.held, {}
-    _merge(held, out)
-    _forward(st, ps, retain, held)
 
 
 @on_cast(T_DELIVER)
@@ -1017,13 +1026,12 @@ def _deliver(
             size += ps.deliver(m_items)
         checked = True
         out = _step(st, ps, retain, size)
+        if out is not None:
+            _forward(st, ps, retain, out)  # (in here: see _resume)
     except BaseException as exc:  # (the part's code, hooks, may raise any: reported)
         if ctx is not None:
             ctx.drop_pass(pass_id)
         _report(st, ctx_id, origin, pass_id, exc, refused=not checked, via=sender)
-        return
-    if out is not None:
-        _forward(st, ps, retain, out)
 
 
 def _check_not_offloaded(ctx: DistContext, me: str) -> None:
