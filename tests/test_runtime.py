@@ -31,6 +31,7 @@ from conftest import has_ipv6_loopback
 import actorgrad as ag
 from actorgrad.runtime import Worker, current_worker, rref, transport
 from actorgrad.runtime import worker as rworker
+from actorgrad.runtime import cluster as rcluster
 from actorgrad.runtime.calls import inline
 
 # ---- functions called remotely (module level, so they travel by name) -------------------
@@ -1388,6 +1389,17 @@ async def test_init_refuses_non_loopback_without_token(monkeypatch):
         r"addresses and localhost bind without one\) without a cluster token",
     ):
         await ag.init("x", host="no.such.host.invalid")
+
+
+def test_a_short_token_on_a_host_others_reach_draws_a_warning(caplog):
+    # (a 1-letter token was taken on 0.0.0.0 without a word: online guessing took it)
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    assert rcluster.check_bind("0.0.0.0", "abc") == "0.0.0.0"
+    assert "the cluster token has only 3 characters, and 0.0.0.0 is reachable" in caplog.text
+    caplog.clear()
+    rcluster.check_bind("127.0.0.1", "abc")  # (loopback: this host's users only)
+    rcluster.check_bind("0.0.0.0", "x" * 16)
+    assert "cluster token" not in caplog.text
 
 
 async def test_not_initialized_is_a_runtime_error():

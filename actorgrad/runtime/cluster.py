@@ -112,7 +112,22 @@ def check_bind(host: Any, token: str | None) -> str:
             f"refusing to bind {host!r} ({what}) without a cluster token: "
             "pass token=... or set ACTORGRAD_TOKEN"
         )
+    if not is_loopback(host) and token and len(token) < SHORT_TOKEN:
+        # (a server answers guesses as fast as they come: ~3,000 a second measured, and
+        # a 3-letter token fell in 3 s; nothing else slows a guesser down)
+        log.warning(
+            "the cluster token has only %d characters, and %s is reachable from other "
+            "hosts: anyone who can connect can guess a short token and run code on the "
+            "cluster; use a random one (e.g. python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))')",
+            len(token),
+            host,
+        )
     return host
+
+
+#: Tokens shorter than this draw a warning when a worker listens beyond loopback.
+SHORT_TOKEN = 16
 
 
 async def start_worker(w: Worker) -> None:
