@@ -30,8 +30,8 @@ from conftest import has_ipv6_loopback
 
 import actorgrad as ag
 from actorgrad.runtime import Worker, current_worker, rref, transport
-from actorgrad.runtime import worker as rworker
 from actorgrad.runtime import cluster as rcluster
+from actorgrad.runtime import worker as rworker
 from actorgrad.runtime.calls import inline
 
 # ---- functions called remotely (module level, so they travel by name) -------------------
