@@ -449,6 +449,7 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
 async def cmd_worker(args: argparse.Namespace) -> int:
     """``actorgrad worker``: one worker joining an existing cluster."""
     token = client_token(args.token_file)
+    os.environ.pop(ENV_TOKEN, None)  # (as a worker process of a cluster's: worker_main)
     tune_malloc()  # (as a worker process of a cluster's: see worker_main)
     open_files_limit(raise_to_hard=True)
 

@@ -213,6 +213,13 @@ async def test_a_worker_decoding_a_request_of_many_objects_is_not_taken_for_lost
         assert await ag.rpc("w1", add, (1, 2)) == 3
 
 
+async def test_worker_processes_keep_the_token_out_of_their_environment():
+    # (a process a call started, a tool a data loader ran, inherited it)
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", "os:getenv", ("ACTORGRAD_TOKEN",)) is None
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+
+
 def decode_seconds(n: int) -> float:
     """The best of three times to decode a request of ``n`` empty lists, here."""
     probe = join_chunks(encode_frame([0], (([[]] * n,), {})))

@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         print(f"actorgrad worker: {ENV_TOKEN} is not set", file=sys.stderr)
         return 2
+    # (nor the token: a process a call starts, a tool a data loader runs, had it)
+    os.environ.pop(ENV_TOKEN, None)
     from actorgrad.runtime.cluster import run, serve_worker
     from actorgrad.runtime.procs import flush_output, open_files_limit, tune_malloc
     from actorgrad.runtime.worker import HEAD_SHUT_DOWN, head_lost
