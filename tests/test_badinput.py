@@ -135,6 +135,8 @@ async def test_random_bytes_instead_of_a_handshake_close_the_connection(sock_clu
     writer.write(os.urandom(200))
     await _closed_by_peer(reader, writer)
     assert "not an actorgrad peer" in caplog.text
+    if sock_cluster.listener == "unix":  # (which local process: the kernel says)
+        assert f"unix:(local process, pid {os.getpid()}, uid {os.getuid()})" in caplog.text
     await _valid_client_works(sock_cluster)
 
 

@@ -1063,7 +1063,7 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
             if isinstance(name, bytes):
                 name = name.decode(errors="replace")
             name = name.lstrip("\0") if isinstance(name, str) else ""
-            self.peer_addr = f"unix:@{name}" if name else "unix:(local process)"
+            self.peer_addr = f"unix:@{name}" if name else f"unix:(local process{_peer_cred(sock)})"
 
     def get_buffer(self, sizehint: int) -> memoryview:
         big = self._big
@@ -1099,6 +1099,21 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
 # ---------------------------------------------------------------------------------------
 # Local (Unix) sockets
 # ---------------------------------------------------------------------------------------
+
+_UCRED = struct.Struct("3i")
+
+
+def _peer_cred(sock: Any) -> str:
+    """``, pid P, uid U`` of the process at the other end of a Unix socket (what the
+    kernel says: the only trace of a local process that probes a worker), or ""."""
+    try:
+        pid, uid, _ = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+    except (OSError, AttributeError, struct.error):  # (not Linux, or a closed socket)
+        return ""
+    return f", pid {pid}, uid {uid}"
+
 
 _machine_key_cache: list[str] = []
 
