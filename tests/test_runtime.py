@@ -1382,6 +1382,11 @@ async def test_init_refuses_non_loopback_without_token(monkeypatch):
     monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)
     with pytest.raises(ValueError, match=r"'0\.0\.0\.0' \(not a loopback address\) without a"):
         await ag.init("x", host="0.0.0.0")
+    # (a blank one: "set ACTORGRAD_TOKEN", which was set)
+    monkeypatch.setenv("ACTORGRAD_TOKEN", "  ")
+    with pytest.raises(ValueError, match=r"or set ACTORGRAD_TOKEN \(it is set, but blank\)$"):
+        await ag.init("x", host="0.0.0.0")
+    monkeypatch.delenv("ACTORGRAD_TOKEN")
     # (a name, maybe not even resolving, was called "not a loopback address")
     with pytest.raises(
         ValueError,
