@@ -985,6 +985,7 @@ async def _raw_call_error(c, meta, body: bytes) -> ag.RemoteError:
             [K_REQ, 0, "no_such_module_xyz:fn", MODE_RPC, None],
             "one-way call no_such_module_xyz:fn cannot start",
         ),
+        ([K_REQ, 5, "operator:add"], "malformed request"),
     ],
 )
 async def test_a_worker_closing_on_a_message_it_refused_tells_the_sender_why(
@@ -1075,6 +1076,26 @@ async def test_a_stranger_relaying_a_token_holders_handshake_cannot_send_its_own
         await victim.shutdown()
         server.close()
         await server.wait_closed()
-    assert "frame #1 failed authentication" in caplog.text
+    assert "frame 0 failed authentication" in caplog.text
     assert _injected == []
+    await _valid_client_works(sock_cluster)
+
+
+async def test_what_a_refused_peer_sends_while_its_connection_lingers_is_dropped(sock_cluster):
+    # (a refused connection lingers half-closed for its goodbye to be read: what came
+    # in meanwhile piled up in its buffer, 1 GB in 12 s from a stranger behind a relay)
+    w1 = _target(sock_cluster)
+    reader, writer = await _handshaken(sock_cluster)
+    await _until(lambda: any(c.peer_name == "raw-client" for c in w1._conns))
+    (conn,) = [c for c in w1._conns if c.peer_name == "raw-client"]
+    await _send_frame(writer, wire.join_chunks(wire.encode_frame([99], None)))
+    await _until(lambda: conn.closed)
+    junk = bytes(wire.join_chunks(wire.encode_frame([1, 1], b"x" * 4000)))
+    for _ in range(2000):  # 8 MB
+        writer.write(_framed(writer, junk))
+    await writer.drain()
+    writer.write_eof()
+    await _until(lambda: conn.transport_gone)  # (w1 read all of it: then the end)
+    assert len(conn._rbuf) == 0 and conn._big is None
+    writer.close()
     await _valid_client_works(sock_cluster)

@@ -680,6 +680,12 @@ class Connection(asyncio.BaseProtocol):
                 w.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            # (a connection closed while its socket lingers, see part: what comes in is
+            # dropped; kept, a stranger's stream grew a buffer by 1 GB in 12 s)
+            self._rbuf.clear()
+            self._big = None
+            return
         self.last_recv = time.monotonic()
         self._wrote_at_once = False
         if self._handshaking:
@@ -768,14 +774,14 @@ class Connection(asyncio.BaseProtocol):
     def _deliver(self, frame: bytearray | memoryview, tag: bytes) -> None:
         mac = self._mac_in
         if mac is not None and not mac.check(frame, tag):
-            if not self.closed:
-                self.refuse(
-                    ProtocolError(
-                        f"frame #{mac.seq} failed authentication (not made by the peer "
-                        "that passed the handshake: someone else writes to this "
-                        "connection, or its bytes were changed on the way)"
-                    )
-                )
+            # (no goodbye, no lingering: whoever wrote it is not the peer)
+            err = ProtocolError(
+                f"frame {mac.seq - 1} failed authentication (not made by the peer that "
+                "passed the handshake: someone else writes to this connection, or its "
+                "bytes were changed on the way)"
+            )
+            log.warning("worker %s: closing %s: %s", self.owner or "?", self.describe(), err)
+            self.abort(err)
             return
         if self._spin is not None and (len(frame) != len(_heartbeat) or frame != _heartbeat):
             self._spin.poke(True)
@@ -1067,7 +1073,7 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         big = self._big
-        if big is not None and not self._handshaking:
+        if big is not None and not self._handshaking and not self.closed:
             self._into_big = True
             return big[self._big_pos :]
         self._into_big = False
@@ -1333,7 +1339,9 @@ async def handshake(
                 ok = await conn._read_exact(1)
                 if ok != b"\x01":
                     raise AuthError(f"handshake with {where} refused")
-            if conn.kind != "inproc":  # (in-process: no wire anyone else could write to)
+            # (in-process: no wire anyone else could write to; told by the transport
+            # itself, not by the kind the connection was made as)
+            if not isinstance(conn.transport, _InprocTransport):
                 out_key, in_key = frame_keys(token, nc, ns, server)
                 conn._mac_out = FrameMac(out_key, conn.frame_front)
                 conn._mac_in = FrameMac(in_key, conn.frame_front)

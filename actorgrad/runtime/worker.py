@@ -1724,10 +1724,12 @@ class Worker:
             else:
                 self._start(conn, frame)
         except (ProtocolError, ValueError, TypeError) as exc:
-            log.warning(
-                "worker %s: closing %s: malformed request: %s", self.name, conn.describe(), exc
+            # (refused, as a message refused on arrival: the peer hears why)
+            conn.refuse(
+                exc
+                if isinstance(exc, ProtocolError)
+                else ProtocolError(f"malformed request: {exc}")
             )
-            conn.abort(exc)
         except Exception:
             log.exception("worker %s: failed to start a request", self.name)
 
@@ -2560,11 +2562,12 @@ class Worker:
     @staticmethod
     def _say_now(conn: Connection, header: list) -> None:
         """Send the frame of ``header`` on ``conn`` at once, not at the next loop turn
-        (the loop is about to be busy, or the connection to close); lost if it cannot."""
+        (the loop is about to be busy, or the connection to close); lost if it cannot
+        (closed, or a reason that cannot be encoded: text of the peer's in it)."""
         try:
             conn.send_nowait([b"".join(wire.encode_frame(header, None))])
             conn.flush()
-        except ActorgradError:
+        except (ActorgradError, ValueError, TypeError):
             pass
 
     def going_quiet(self, seconds: float) -> None:
