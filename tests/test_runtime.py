@@ -1467,7 +1467,7 @@ async def test_graceful_shutdown_is_bounded_in_time(cluster):
 
 
 async def test_wildcard_bind_with_token_advertises_a_reachable_address():
-    w = await ag.init("open", host="0.0.0.0", token="secret-token")
+    w = await ag.init("open", host="0.0.0.0", token="secret-token-of-a-test")
     try:
         assert not w.address.startswith("0.0.0.0")
         assert await ag.rpc("open", add, (1, 2)) == 3
@@ -1481,7 +1481,7 @@ import actorgrad as ag
 
 async def main():
     host = {"host": sys.argv[2]} if sys.argv[2:] else {}
-    w = await ag.init("joiner", address=sys.argv[1], token="secret-token", **host)
+    w = await ag.init("joiner", address=sys.argv[1], token="secret-token-of-a-test", **host)
     print(w.host, w.address.rpartition(":")[0])
     await ag.shutdown()
 
@@ -1510,7 +1510,7 @@ async def _join_from_a_process(at: str, *host: str) -> tuple[str, str, str]:
 async def test_init_joining_a_non_loopback_address_binds_every_interface():
     # (it bound 127.0.0.1, the default, and advertised it: workers on other hosts could
     # not reach it, and a backward pass it started waited for good for their part)
-    w = await ag.init("open", host="0.0.0.0", token="secret-token")
+    w = await ag.init("open", host="0.0.0.0", token="secret-token-of-a-test")
     try:
         if w.address.startswith(("127.", "[::1]")):
             pytest.skip("no non-loopback interface on this machine")
@@ -1561,7 +1561,7 @@ async def test_init_joining_a_non_loopback_address_binds_every_interface():
 async def test_a_cluster_on_every_ipv6_interface_is_joined_over_ipv4_too(host):
     # (asyncio binds "::" IPv6 only: `actorgrad cluster --host ::` refused joins at
     # 127.0.0.1 or at an IPv4 address of the host, "Connection refused")
-    w = await ag.init("head", host=host, token="secret-token")
+    w = await ag.init("head", host=host, token="secret-token-of-a-test")
     try:
         port = w.address.rpartition(":")[2]
         for at in (f"127.0.0.1:{port}", f"[::1]:{port}"):
@@ -1618,7 +1618,7 @@ async def test_a_worker_bound_to_a_link_local_address_advertises_its_scope():
     host = _link_local_address()
     if host is None:
         pytest.skip("no link-local IPv6 address here")
-    w = await ag.init("scoped", host=host, token="secret-token")
+    w = await ag.init("scoped", host=host, token="secret-token-of-a-test")
     try:
         assert w.address.startswith(f"[{host}]:"), w.address
         bound, advertised, _ = await _join_from_a_process(w.address, host)
