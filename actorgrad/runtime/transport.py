@@ -140,19 +140,21 @@ class FrameMac:
         """The tag of the next frame out, made of ``chunks`` (``size`` bytes in all)."""
         h = self._proto.copy()
         h.update(_SEQ_SIZE.pack(self.seq, size))
-        self.seq += 1
         if size < BIG_FRAME:  # (the hot path: one small chunk, all of it)
             for c in chunks:
                 h.update(c)
-            return h.digest()
-        left = self.front(chunks[0], size)
-        for c in chunks:
-            n = _nbytes(c)
-            if n >= left:
-                h.update(c if n == left else memoryview(c)[:left])
-                break
-            h.update(c)
-            left -= n
+        else:
+            left = self.front(chunks[0], size)
+            for c in chunks:
+                n = _nbytes(c)
+                if n >= left:
+                    h.update(c if n == left else memoryview(c)[:left])
+                    break
+                h.update(c)
+                left -= n
+        # (counted once hashed: a chunk that failed to hash left no frame sent, and the
+        # peer's count in step)
+        self.seq += 1
         return h.digest()
 
     def check(self, frame: Any, tag: bytes) -> bool:
