@@ -767,7 +767,9 @@ class Connection(asyncio.BaseProtocol):
                 break
             else:
                 break
-        if src is buf:
+        if self.closed:  # (by a frame just delivered: nothing after it is read)
+            buf.clear()
+        elif src is buf:
             if pos:
                 del buf[:pos]
         elif pos < end:
