@@ -408,6 +408,7 @@ def _tell_event(kind: str, text: str) -> None:
 async def cmd_cluster(args: argparse.Namespace) -> int:
     """``actorgrad cluster``: the head and N workers in the foreground."""
     token, where, path = cluster_token(args.token_file)
+    os.environ.pop(ENV_TOKEN, None)  # (its head runs calls too: see cmd_worker)
     n = args.n
 
     def on_ready(address: str) -> None:
@@ -449,7 +450,9 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
 async def cmd_worker(args: argparse.Namespace) -> int:
     """``actorgrad worker``: one worker joining an existing cluster."""
     token = client_token(args.token_file)
-    os.environ.pop(ENV_TOKEN, None)  # (as a worker process of a cluster's: worker_main)
+    # (as a worker process of a cluster's, worker_main: the processes its calls start
+    # would inherit it)
+    os.environ.pop(ENV_TOKEN, None)
     tune_malloc()  # (as a worker process of a cluster's: see worker_main)
     open_files_limit(raise_to_hard=True)
 
@@ -679,6 +682,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     # (as given, as python would see it: Path("./-x.py") is "-x.py", an option to it)
     script = args.script if not args.script.startswith("-") else os.path.join(".", args.script)
     token = _env_token() or new_token()
+    os.environ.pop(ENV_TOKEN, None)  # (its head runs calls; the script gets it: _driver_env)
     stop = asyncio.Event()
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 

@@ -1413,6 +1413,25 @@ def test_run_gives_the_script_a_cluster_and_returns_its_status(tmp_path: Path) -
 
 
 @needs_runtime
+def test_only_the_driver_of_run_keeps_the_token_in_its_environment(tmp_path: Path) -> None:
+    # (the head and the workers took calls whose processes inherited the token)
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import asyncio, os\n"
+        "import actorgrad as ag\n"
+        "async def main():\n"
+        "    await ag.init('driver')\n"
+        "    got = [await ag.rpc(w, 'os:getenv', ('ACTORGRAD_TOKEN',)) for w in ('_head', 'w1')]\n"
+        "    print('driver', os.environ['ACTORGRAD_TOKEN'] == 'a-token-of-the-test-run', got)\n"
+        "    await ag.shutdown()\n"
+        "asyncio.run(main())\n"
+    )
+    r = run_cli("run", "-n", "1", str(script), env=_env(ACTORGRAD_TOKEN="a-token-of-the-test-run"))
+    assert r.returncode == 0, r.stderr
+    assert "driver True [None, None]" in r.stdout, r.stdout
+
+
+@needs_runtime
 def test_run_runs_a_script_whose_name_starts_with_a_dash(tmp_path: Path) -> None:
     # "./-x.py" reached python as "-x.py", an option: "Unknown option: -."
     (tmp_path / "-x.py").write_text("import sys\nprint('ran', sys.argv)\n")
