@@ -4659,3 +4659,27 @@ async def test_a_pass_whose_credit_splits_too_far_fails_saying_so(
                     await ag.dist.backward(ctx, [y.sum()])
                     np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], [1.01**10] * 2)
         await assert_clean(c.names)
+
+
+async def test_a_failed_optimizer_step_keeps_no_owner_optimizer_alive():
+    # (the error's traceback held step's frame, whose locals held the owners' optimizer
+    # RRefs, in a cycle: each owner kept its optimizer until the caller's collector ran)
+    gc.collect()
+    gc.disable()
+    try:
+        async with cluster("inproc", 1) as c:
+            ref = await ag.remote("w1", F.make_param, (arr(2),))
+            opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [ref], lr=0.1)
+            async with ag.dist.context() as ctx:
+                pass
+            with pytest.raises(ag.ContextError, match="unknown or released"):
+                await opt.step(ctx)
+            w1 = c.workers[0]
+            assert w1.owned_count == 2  # the parameter, the optimizer
+            del opt
+            async with asyncio.timeout(5):
+                while w1.owned_count != 1:  # noqa: ASYNC110 (no event tells of it)
+                    await asyncio.sleep(0.01)
+            del ref
+    finally:
+        gc.enable()

@@ -264,7 +264,12 @@ class DistributedOptimizer:
         for (o, _), exc in zip(failed[1:], errors[1:], strict=True):
             note += f"\n  on {o!r} too: {type(exc).__name__}: {clip_text(str(exc), 500)}"
         first.add_note(note)
-        raise first
+        try:
+            raise first
+        finally:
+            # (the error's traceback holds this frame: its locals, the owners' optimizer
+            # RRefs among them, were kept, in a cycle, until a garbage collection)
+            del first, errors, failed, results, refs
 
 
 async def _stepped(ref: RRef | BaseException, context_id: int) -> None:
