@@ -1407,6 +1407,17 @@ def test_a_short_token_on_a_host_others_reach_draws_a_warning(caplog):
     assert "cluster token" not in caplog.text
 
 
+async def test_init_at_an_address_where_nothing_listens_says_so(monkeypatch):
+    # (it said "cannot connect to 127.0.0.1:1: [Errno 111] Connect call failed", no more)
+    monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)
+    with pytest.raises(
+        ag.WorkerLost,
+        match=r"^cannot connect to 127\.0\.0\.1:1: .*\(nothing listens there: is the "
+        r"cluster's head running, and is this its address\?\)$",
+    ):
+        await ag.init("x", address="127.0.0.1:1", token="t" * 16)
+
+
 async def test_not_initialized_is_a_runtime_error():
     with pytest.raises(RuntimeError, match="not initialized"):
         await ag.rpc("w1", add, (1, 2))

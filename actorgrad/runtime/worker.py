@@ -848,7 +848,16 @@ class Worker:
         """Join the cluster whose registry is at ``address``. ValueError when the name is
         taken; AuthError on a wrong token; WorkerLost when nobody answers. ``key``: the
         one a head that started this process gave it, for the name it keeps for it."""
-        conn = await self.open_connection(address)
+        try:
+            conn = await self.open_connection(address)
+        except WorkerLost as exc:
+            if isinstance(exc.__cause__, ConnectionRefusedError):
+                # (a join's most common mistake, said in the words of the case)
+                raise WorkerLost(
+                    f"{exc} (nothing listens there: is the cluster's head running, and is "
+                    "this its address?)"
+                ) from exc.__cause__
+            raise
         self._advertise_route_to(conn)
         self.joining_conn = conn
         try:
