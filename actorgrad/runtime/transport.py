@@ -778,14 +778,14 @@ class Connection(asyncio.BaseProtocol):
     def _deliver(self, frame: bytearray | memoryview, tag: bytes) -> None:
         mac = self._mac_in
         if mac is not None and not mac.check(frame, tag):
-            # (no goodbye, no lingering: whoever wrote it is not the peer)
-            err = ProtocolError(
-                f"frame {mac.seq - 1} failed authentication (not made by the peer that "
-                "passed the handshake: someone else writes to this connection, or its "
-                "bytes were changed on the way)"
+            self.refuse(
+                ProtocolError(
+                    f"frame {mac.seq - 1} failed authentication (not made by the peer that "
+                    "passed the handshake: someone else writes to this connection, or its "
+                    "bytes were changed on the way)"
+                ),
+                tell=False,  # (no goodbye, no lingering: whoever wrote it is not the peer)
             )
-            log.warning("worker %s: closing %s: %s", self.owner or "?", self.describe(), err)
-            self.abort(err)
             return
         if self._spin is not None and (len(frame) != len(_heartbeat) or frame != _heartbeat):
             self._spin.poke(True)
@@ -994,14 +994,14 @@ class Connection(asyncio.BaseProtocol):
             self.transport.close()
         self._mark_closed(reason)
 
-    def refuse(self, err: ProtocolError) -> None:
+    def refuse(self, err: ProtocolError, tell: bool = True) -> None:
         """Close the connection on what the peer sent (malformed, or not to be
         handled), saying so in the log: only this connection goes. ``on_refuse``, when
-        given, closes it instead (telling the peer why first)."""
+        given, closes it instead (telling the peer why first), unless not to ``tell``."""
         if self.closed:
             return
         log.warning("worker %s: closing %s: %s", self.owner or "?", self.describe(), err)
-        if self.on_refuse is not None and not self._handshaking:
+        if tell and self.on_refuse is not None and not self._handshaking:
             self.on_refuse(self, err)
         if not self.closed:
             self.abort(err)
