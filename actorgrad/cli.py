@@ -51,6 +51,7 @@ from actorgrad.runtime.procs import (
     ENV_TOKEN,
     LOG_TIME,
     MAX_LOCAL_WORKERS,
+    blank_token_hint,
     describe_exit,
     env_address,
     env_token,
@@ -228,8 +229,7 @@ def client_token(token_file: str | None) -> str:
     env = _env_token()
     if env:
         return env
-    blank = " (it is set, but blank)" if ENV_TOKEN in os.environ else ""
-    raise CliError(f"no token: pass --token-file F or set {ENV_TOKEN}{blank}", code=2)
+    raise CliError(f"no token: pass --token-file F or set {ENV_TOKEN}{blank_token_hint()}", code=2)
 
 
 # --------------------------------------------------------------------------------------

@@ -51,6 +51,12 @@ def env_token() -> str | None:
     return check_token(value, ENV_TOKEN) if value.strip() else None
 
 
+def blank_token_hint() -> str:
+    """What to add to "set ACTORGRAD_TOKEN" when no token came from it: that it is set,
+    but blank (it said "set ACTORGRAD_TOKEN" of a variable that was set); "" when unset."""
+    return " (it is set, but blank)" if ENV_TOKEN in os.environ else ""
+
+
 def env_address() -> str:
     """The cluster address of ``ACTORGRAD_ADDRESS``, surrounding whitespace stripped
     (as the token's: " host:port" failed as a DNS error with a hidden space); "" when
