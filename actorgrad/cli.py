@@ -57,6 +57,7 @@ from actorgrad.runtime.procs import (
     env_token,
     exit_now,
     flush_output,
+    forget_env_token,
     log_to_stderr,
     open_files_limit,
     pool_threads,
@@ -408,7 +409,7 @@ def _tell_event(kind: str, text: str) -> None:
 async def cmd_cluster(args: argparse.Namespace) -> int:
     """``actorgrad cluster``: the head and N workers in the foreground."""
     token, where, path = cluster_token(args.token_file)
-    os.environ.pop(ENV_TOKEN, None)  # (its head runs calls too: see cmd_worker)
+    forget_env_token()
     n = args.n
 
     def on_ready(address: str) -> None:
@@ -450,9 +451,7 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
 async def cmd_worker(args: argparse.Namespace) -> int:
     """``actorgrad worker``: one worker joining an existing cluster."""
     token = client_token(args.token_file)
-    # (as a worker process of a cluster's, worker_main: the processes its calls start
-    # would inherit it)
-    os.environ.pop(ENV_TOKEN, None)
+    forget_env_token()
     tune_malloc()  # (as a worker process of a cluster's: see worker_main)
     open_files_limit(raise_to_hard=True)
 
@@ -682,7 +681,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     # (as given, as python would see it: Path("./-x.py") is "-x.py", an option to it)
     script = args.script if not args.script.startswith("-") else os.path.join(".", args.script)
     token = _env_token() or new_token()
-    os.environ.pop(ENV_TOKEN, None)  # (its head runs calls; the script gets it: _driver_env)
+    forget_env_token()  # (the script gets it: _driver_env)
     stop = asyncio.Event()
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 

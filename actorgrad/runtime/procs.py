@@ -51,6 +51,13 @@ def env_token() -> str | None:
     return check_token(value, ENV_TOKEN) if value.strip() else None
 
 
+def forget_env_token() -> None:
+    """Drop ``ACTORGRAD_TOKEN`` from this process's environment, once read: a process
+    that runs calls (a worker, a head) would hand it to every process its calls start
+    (a tool a data loader runs). A driver keeps it (its own code may want it)."""
+    os.environ.pop(ENV_TOKEN, None)
+
+
 def blank_token_hint() -> str:
     """What to add to "set ACTORGRAD_TOKEN" when no token came from it: that it is set,
     but blank (it said "set ACTORGRAD_TOKEN" of a variable that was set); "" when unset."""

@@ -81,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.parent is not None:
         leave_with(args.parent, ORPHAN_GRACE, args.name)
-    from actorgrad.runtime.procs import ENV_JOIN_KEY, ENV_TOKEN, env_token, log_to_stderr
+    from actorgrad.runtime.procs import (
+        ENV_JOIN_KEY,
+        ENV_TOKEN,
+        env_token,
+        forget_env_token,
+        log_to_stderr,
+    )
 
     # (its own, not for the processes its calls start)
     key = os.environ.pop(ENV_JOIN_KEY, "")
@@ -95,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         print(f"actorgrad worker: {ENV_TOKEN} is not set", file=sys.stderr)
         return 2
-    # (nor the token: a process a call starts, a tool a data loader runs, had it)
-    os.environ.pop(ENV_TOKEN, None)
+    forget_env_token()  # (as the join key above)
     from actorgrad.runtime.cluster import run, serve_worker
     from actorgrad.runtime.procs import flush_output, open_files_limit, tune_malloc
     from actorgrad.runtime.worker import HEAD_SHUT_DOWN, head_lost
