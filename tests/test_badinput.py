@@ -17,7 +17,7 @@ import actorgrad as ag
 from actorgrad import wire
 from actorgrad.runtime import Worker, transport
 from actorgrad.runtime.transport import _HELLO, MAGIC, PROTOCOL_VERSION, _mac
-from actorgrad.runtime.worker import K_BYE, K_CANCEL, K_CAST, K_PING, K_REQ, MODE_RPC
+from actorgrad.runtime.worker import K_ASK, K_BYE, K_CANCEL, K_CAST, K_PING, K_REQ, MODE_RPC
 
 PREFIX = transport._PREFIX  # (a frame's length and tag)
 
@@ -410,6 +410,7 @@ async def test_valid_msgpack_of_the_wrong_shape_closes_the_connection(sock_clust
         [K_PING, 10_000],
         [K_PING, True],
         [K_PING, 5, 6],
+        [K_ASK, 1],  # (an ask for pings carries nothing)
         [K_BYE, 5],  # ("closing on you, because": a str)
         [K_BYE, "why", 6],
         # (numbers of other types: 0.0 and False equal 0, True equals 1; they were taken)

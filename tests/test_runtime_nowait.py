@@ -486,6 +486,102 @@ def test_on_cast_refuses_a_second_handler_and_keyword_arguments():
         rworker.on_cast("tests.kw")(kw)
 
 
+def _count_ticks(monkeypatch) -> Any:
+    """Count the heartbeat rounds of every worker of this loop (each calls
+    trim_idle_buffers once a round); returns a function waiting for ``n`` more."""
+    ticks = [0]
+    wake = asyncio.Event()
+    trim = transport.trim_idle_buffers
+
+    def counted(now: float) -> int:
+        ticks[0] += 1
+        wake.set()
+        return trim(now)
+
+    monkeypatch.setattr(transport, "trim_idle_buffers", counted)
+
+    async def more(n: int) -> None:
+        until = ticks[0] + n
+        async with asyncio.timeout(10):
+            while ticks[0] < until:
+                wake.clear()
+                await wake.wait()
+
+    return more
+
+
+def _frames_of(conn: Any, kind: int) -> list[float]:
+    """When each frame of ``kind`` (a ping, an ask) arrives on ``conn`` from now on."""
+    seen: list[float] = []
+    on_frame = conn.on_frame
+    frame = bytes(b"".join(rworker.wire.encode_frame([kind], None)))
+
+    def spy(cn: Any, buf: Any) -> None:
+        if bytes(buf) == frame:
+            seen.append(time.monotonic())
+        on_frame(cn, buf)
+
+    conn.on_frame = spy
+    return seen
+
+
+async def test_an_idle_connection_is_pinged_seldom_and_fast_once_asked(monkeypatch):
+    # Every connection was pinged each heartbeat interval, both ways: 32 idle worker
+    # processes that had all called each other took a quarter of a core pinging. One
+    # that nobody waits on is pinged every IDLE_TIMEOUT / 6 now, and every interval
+    # while its peer asks (K_ASK), as a caller or watcher does.
+    monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.05)
+    monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 0.3)
+    monkeypatch.setattr(rworker, "ASK_WINDOW", 0.3)
+    more = _count_ticks(monkeypatch)
+    async with ag.local_cluster(1, transport="tcp") as c:
+        w = c.driver
+        assert await w.call("w1", add, (1, 2)) == 3
+        await more(2 * 10)  # (w1 pings fast for ASK_WINDOW after an ask of the call's)
+        pings = _frames_of(w._out["w1"], rworker.K_PING)
+        (accepted,) = [
+            cn for cn in c.workers[0]._conns if cn.peer_name == "driver" and not cn.outgoing
+        ]
+        asks = _frames_of(accepted, rworker.K_ASK)
+        await more(2 * 20)  # (20 rounds of each: 1 s)
+        assert pings == [] and asks == []
+        assert not w.is_lost("w1")
+        w.watch("w1")  # (as a pass does: w1 asked at once, and answers every round)
+        await more(2 * 20)
+        assert len(asks) >= 15 and len(pings) >= 15, (len(asks), len(pings))
+        gaps = np.diff(pings)
+        assert gaps.max() < rworker.HEARTBEAT_TIMEOUT, gaps.max()
+        assert not w.is_lost("w1")
+        w.unwatch("w1")
+        await more(2 * 10)  # (the last asks fade: w1 pings for ASK_WINDOW after each)
+        n, m = len(asks), len(pings)
+        await more(2 * 20)
+        assert (len(asks), len(pings)) == (n, m)
+
+
+async def test_a_peer_idle_for_long_is_not_lost_when_a_watch_begins(monkeypatch):
+    # Its silence counts from the first ask, not from its last seldom ping.
+    monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.05)
+    monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 0.3)
+    monkeypatch.setattr(rworker, "ASK_WINDOW", 0.3)
+    more = _count_ticks(monkeypatch)
+    async with ag.local_cluster(1, transport="tcp") as c:
+        w = c.driver
+        assert await w.call("w1", add, (1, 2)) == 3
+        await more(2 * 20)  # (1 s idle: more than the heartbeat timeout)
+        conn = w._out["w1"]
+        assert time.monotonic() - conn.last_recv > rworker.HEARTBEAT_TIMEOUT
+        w.watch("w1")
+        await more(2 * 20)
+        assert not w.is_lost("w1") and not conn.closed
+        assert time.monotonic() - conn.last_recv < rworker.HEARTBEAT_TIMEOUT
+        w.unwatch("w1")
+        # (and a call after the idle time works, its caller asking as it waits)
+        await more(2 * 20)
+        assert await w.call("w1", asyncio.sleep, (0.5, 7)) == 7
+        assert not w.is_lost("w1")
+
+
 async def test_a_watched_silent_peer_is_reported_lost_within_the_heartbeat_timeout(monkeypatch):
     monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.05)
     monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 0.3)
@@ -495,9 +591,8 @@ async def test_a_watched_silent_peer_is_reported_lost_within_the_heartbeat_timeo
         lost = asyncio.Event()
         w.add_peer_lost_callback(lambda name: name == "w1" and lost.set())
         w1 = c.workers[0]
-        for t in list(w1._tasks):  # silence w1: no more pings from it
-            if t.get_name().startswith("actorgrad-heartbeat"):
-                t.cancel()
+        for conn in w1._conns:  # silence w1: no more pings from it, asked or not
+            monkeypatch.setattr(conn, "send_heartbeat", lambda *_: None)
         await asyncio.sleep(0.6)  # silent, but not watched: kept (IDLE_TIMEOUT)
         assert not lost.is_set() and not w.is_lost("w1")
         w.watch("w1")

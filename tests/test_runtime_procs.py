@@ -555,7 +555,7 @@ async def test_a_worker_the_head_dropped_for_silence_is_told_so(monkeypatch):
     try:
         task, extra = await _extra_joined(w)
         for conn in extra._conns:  # (silent, as a stopped process is, but reading)
-            monkeypatch.setattr(conn, "send_heartbeat", lambda: None)
+            monkeypatch.setattr(conn, "send_heartbeat", lambda *_: None)
         why = await asyncio.wait_for(task, 10)
         assert rworker.head_lost(why) == (
             "the cluster's head dropped this worker (it heard nothing from this worker "

@@ -570,6 +570,7 @@ class DistState:
         """Keep an eye on ``peer`` for the latest pass of ``ctx`` (see ``watching``)."""
         ctx.watching.add(peer)
         self._watching[ctx.id] = ctx
+        self.worker.expect_heartbeats(peer)
         if self._watch_timer is None:
             self._watch_timer = self.worker.loop.call_later(
                 _runtime.HEARTBEAT_INTERVAL, self.check_watched, time.monotonic()
@@ -595,21 +596,23 @@ class DistState:
             if not ctx.watching or ctx.last_pass is None or ctx.released:
                 del self._watching[ctx.id]  # (watches nobody now, or gone)
                 continue
-            for peer in list(ctx.watching) if not lagged else ():
+            for peer in list(ctx.watching):
+                worker.expect_heartbeats(peer)  # (go on asking: an idle peer pings seldom)
                 heard = worker.heard_from(peer)
-                if heard is not None and now - heard > _runtime.HEARTBEAT_TIMEOUT:
-                    ctx.watching.discard(peer)
-                    pass_id, origin = ctx.last_pass
-                    _report(
-                        self,
-                        ctx.id,
-                        origin,
-                        pass_id,
-                        WorkerLost(
-                            f"worker {peer!r} was lost during the backward pass (it sent "
-                            f"nothing for {_runtime.HEARTBEAT_TIMEOUT:g} s: hung)"
-                        ),
-                    )
+                if lagged or heard is None or now - heard <= _runtime.HEARTBEAT_TIMEOUT:
+                    continue
+                ctx.watching.discard(peer)
+                pass_id, origin = ctx.last_pass
+                _report(
+                    self,
+                    ctx.id,
+                    origin,
+                    pass_id,
+                    WorkerLost(
+                        f"worker {peer!r} was lost during the backward pass (it sent "
+                        f"nothing for {_runtime.HEARTBEAT_TIMEOUT:g} s: hung)"
+                    ),
+                )
         if self._watching:
             self._watch_timer = worker.loop.call_later(
                 _runtime.HEARTBEAT_INTERVAL, self.check_watched, now

@@ -92,7 +92,8 @@ MAGIC = b"ACTGRAD\x00"
 #: 6: a worker's hello says the largest frame it takes (its peers send none larger)
 #: 7: a worker that closes a connection on a message it refused says why first; every
 #:    frame carries a tag (FrameMac) keyed by the connection's handshake
-PROTOCOL_VERSION = 7
+#: 8: a worker that waits on a peer asks it for pings (K_ASK); others ping seldom
+PROTOCOL_VERSION = 8
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
 HANDSHAKE_TIMEOUT = 5.0
@@ -173,7 +174,7 @@ class FrameMac:
 
 #: Longest polling window ``ACTORGRAD_SPIN_US`` may set: a process polls that long after
 #: each message, and one of 0.5 s or more (the heartbeat's interval) kept idle workers
-#: spinning for good while pings counted as traffic (see set_heartbeat_frame).
+#: spinning for good while pings counted as traffic (see set_heartbeat_frames).
 MAX_SPIN_US = 100_000
 
 
@@ -325,18 +326,21 @@ class _Spinner:
 
 _spinners: dict[asyncio.AbstractEventLoop, _Spinner] = {}
 
-#: The runtime's heartbeat frame (see set_heartbeat_frame): not traffic to the spinner.
-_heartbeat = b"\0"  # (no frame is one byte)
+#: The runtime's heartbeat frames (see set_heartbeat_frames): not traffic to the spinner.
+_heartbeats: tuple[bytes, ...] = ()
+_heartbeat_sizes: frozenset[int] = frozenset()
 
 
-def set_heartbeat_frame(frame: bytes) -> None:
-    """Make ``frame`` (the runtime's ping, always the same bytes) a heartbeat: sent with
-    :meth:`Connection.send_heartbeat`, and arriving, it is no traffic to the spinner. A
-    ping counted: each connection is pinged every 0.5 s, so a process with many peers
-    got a frame every few ms and spun for good while idle (a driver of 16 workers took
-    68% of a core with a 0.1 s window, and 512 peers would do it with the default)."""
-    global _heartbeat
-    _heartbeat = frame
+def set_heartbeat_frames(*frames: bytes) -> None:
+    """Make ``frames`` (the runtime's pings, each always the same bytes) heartbeats:
+    sent with :meth:`Connection.send_heartbeat`, and arriving, they are no traffic to
+    the spinner. A ping counted: with every connection pinged every 0.5 s, a process
+    with many peers got a frame every few ms and spun for good while idle (a driver of
+    16 workers took 68% of a core with a 0.1 s window, and 512 peers would do it with
+    the default)."""
+    global _heartbeats, _heartbeat_sizes
+    _heartbeats = frames
+    _heartbeat_sizes = frozenset(len(f) for f in frames)
 
 
 def _spinner(loop: asyncio.AbstractEventLoop) -> _Spinner | None:
@@ -592,6 +596,14 @@ class Connection(asyncio.BaseProtocol):
         # Until then the peer may stay silent: it said so (``[K_PING, seconds]``: its
         # loop runs something long, a driver script's top level; see Worker.going_quiet)
         self.quiet_until = 0.0
+        # Until then the peer waits on this end (it asked, ``[K_ASK]``): ping it every
+        # heartbeat interval (see Worker._heartbeat)
+        self.peer_waits_until = 0.0
+        # When this end began to ask the peer for pings (this stretch of asking: its
+        # silence counts from then, not from its last frame, as an idle peer pings
+        # seldom), and when it last asked (Worker._ask)
+        self.asking_since = 0.0
+        self.last_ask = 0.0
         # calls whose caller stopped waiting (timeout, cancellation) after the request
         # left: call id -> the codec hooks their late reply is decoded with (Worker.call)
         self.abandoned: dict[int, Any] = {}
@@ -787,18 +799,20 @@ class Connection(asyncio.BaseProtocol):
                 tell=False,  # (no goodbye, no lingering: whoever wrote it is not the peer)
             )
             return
-        if self._spin is not None and (len(frame) != len(_heartbeat) or frame != _heartbeat):
+        if self._spin is not None and (
+            len(frame) not in _heartbeat_sizes or frame not in _heartbeats
+        ):
             self._spin.poke(True)
         if self.on_frame is not None and not self.closed:
             self.on_frame(self, frame)
 
     # -- frames out -----------------------------------------------------------------
-    def send_heartbeat(self) -> None:
-        """Queue the heartbeat frame (see set_heartbeat_frame): as :meth:`send_nowait`,
-        but it is no traffic to the spinner."""
+    def send_heartbeat(self, which: int = 0) -> None:
+        """Queue heartbeat frame ``which`` (an index into those of set_heartbeat_frames):
+        as :meth:`send_nowait`, but it is no traffic to the spinner."""
         spin, self._spin = self._spin, None
         try:
-            self.send_nowait([_heartbeat])
+            self.send_nowait([_heartbeats[which]])
         finally:
             self._spin = spin
 

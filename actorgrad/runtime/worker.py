@@ -27,9 +27,12 @@ Execution model (how a CPU-heavy user function cannot starve a worker):
   - plain functions marked ``__actorgrad_inline__ = True`` (:func:`inline`, for short
     non-blocking protocol handlers) always run inline, never in the pool nor timed.
   Every task is owned by the worker (``_tasks``) and cancelled/awaited at teardown.
-* Heartbeats: every ``HEARTBEAT_INTERVAL`` an idle connection gets a ping; a
+* Heartbeats: a connection on which either side waits for the other (calls pending,
+  a peer watched) is pinged every ``HEARTBEAT_INTERVAL`` when nothing else went out
+  (the waiting side asks for it with ``[K_ASK]``), any other one every
+  ``IDLE_TIMEOUT / 6``; a
   connection with calls waiting on it that has received nothing for
-  ``HEARTBEAT_TIMEOUT`` is closed, which fails those calls with ``WorkerLost`` and
+  ``HEARTBEAT_TIMEOUT`` (since they began to wait) is closed, which fails those calls with ``WorkerLost`` and
   reports the peer lost (a silent connection without waiting calls is kept until
   ``IDLE_TIMEOUT``, so a driver busy computing is not dropped by its workers; so is a
   registry membership connection: closing it is leaving the cluster). A closed
@@ -54,7 +57,9 @@ Messages (frame headers; bodies are codec values):
 * ``[K_CAST, topic]`` body ``args``: a one-way protocol message for the handler
   registered under ``topic`` (:func:`on_cast`); no function lookup, no task, no
   interceptor, no reply (see :meth:`Worker.cast`).
-* ``[K_PING]`` (a heartbeat), ``[K_PING, seconds]`` (this worker may be silent for
+* ``[K_PING]`` (a heartbeat), ``[K_ASK]`` (a heartbeat asking the peer to ping this
+  connection every ``HEARTBEAT_INTERVAL`` for the next ``ASK_WINDOW``: this worker
+  waits on it), ``[K_PING, seconds]`` (this worker may be silent for
   so long, 0: no longer; see :meth:`Worker.going_quiet`), ``[K_HELLO, name, id,
   address, largest frame]`` (first frame each way after the handshake), ``[K_BYE]``
   (graceful close), ``[K_BYE, why]`` (closing on a peer it heard nothing from, saying
@@ -113,8 +118,11 @@ from actorgrad.runtime.transport import Connection
 log = logging.getLogger("actorgrad.runtime")
 
 # message kinds (first header entry)
-K_REQ, K_OK, K_ERR, K_PING, K_HELLO, K_BYE, K_CAST, K_CANCEL = range(8)
-transport.set_heartbeat_frame(b"".join(wire.encode_frame([K_PING], None)))
+K_REQ, K_OK, K_ERR, K_PING, K_HELLO, K_BYE, K_CAST, K_CANCEL, K_ASK = range(9)
+# (heartbeat 0 a plain ping, 1 one that asks for pings: see Worker._heartbeat)
+transport.set_heartbeat_frames(
+    b"".join(wire.encode_frame([K_PING], None)), b"".join(wire.encode_frame([K_ASK], None))
+)
 # request modes
 MODE_RPC, MODE_REMOTE, MODE_RREF_RPC, MODE_RREF_REMOTE = range(4)
 
@@ -123,6 +131,10 @@ _CALL = ("args", "kwargs")
 
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 3.0
+#: How long a ``[K_ASK]`` keeps its receiver pinging every ``HEARTBEAT_INTERVAL`` (see
+#: Worker._heartbeat): part of the protocol, the same on both ends whatever their
+#: timeouts (the asker takes a longer gap between its asks for a new start).
+ASK_WINDOW = 3.0
 #: Bytes of a message's msgpack part a peer is given a second to decode before its
 #: silence counts: at about 2-100 MB/s (empty lists to floats, on the 2-core VM) a
 #: 100 MB list of ints kept a callee's loop busy past HEARTBEAT_TIMEOUT, and its
@@ -646,6 +658,8 @@ class Worker:
         # lost_cause)
         self._lost: dict[str, tuple[str | None, str]] = {}
         self._watched: dict[str, int] = {}  # peer -> watch count (see watch)
+        # peer -> until when it is asked for pings (see expect_heartbeats)
+        self._expecting: dict[str, float] = {}
         # one-way calls waiting for a connection, per peer, in order (see notify)
         self._notify_queues: dict[str, list[tuple[Any, Any, Any]]] = {}
         # membership (from the registry)
@@ -1146,6 +1160,9 @@ class Worker:
                 raise WorkerLost(f"worker {dest!r} has left the cluster")
             raise ValueError(f"unknown worker {dest!r}; known workers: {self.worker_names()}")
         tried = time.monotonic()
+        # (a connection it opened to us, if any, tells below whether it lives: it pings
+        # that one seldom while nobody waits on it)
+        self._ask_all(dest, tried)
         try:
             conn = await self.open_connection(entry[1], entry[2], PEER_CONNECT_TIMEOUT)
         except WorkerLost as exc:
@@ -1158,7 +1175,7 @@ class Worker:
             back = self._opened_by(dest, entry[0])
             if back is None or (
                 # (hung: silent on its own connection too while we waited, where it
-                # pings every HEARTBEAT_INTERVAL: as lost. Not silent: the address
+                # pings every HEARTBEAT_INTERVAL once asked (above): as lost. Not silent: the address
                 # reaches something else)
                 isinstance(exc, transport.Unanswered) and back.last_recv <= tried
             ):
@@ -1565,6 +1582,13 @@ class Worker:
                     if type(quiet) not in (int, float) or not 0 <= quiet <= MAX_QUIET:
                         raise ProtocolError(f"malformed ping header {short_repr(header)}")
                     conn.quiet_until = time.monotonic() + quiet if quiet else 0.0
+            elif kind == K_ASK:
+                if len(header) != 1:
+                    raise ProtocolError(f"malformed ping header {short_repr(header)}")
+                now = time.monotonic()
+                conn.peer_waits_until = now + ASK_WINDOW
+                if now - conn.last_sent >= HEARTBEAT_INTERVAL:  # (at once: it may be new)
+                    conn.send_heartbeat()
             elif kind == K_CANCEL:
                 if len(header) != 2 or type(header[1]) is not int:
                     raise ProtocolError(f"malformed cancel header {header!r}")
@@ -2519,13 +2543,41 @@ class Worker:
 
     def heard_from(self, peer: str) -> float | None:
         """When a frame from ``peer`` last came (``time.monotonic()``) on an open
-        connection with it; None without one."""
+        connection with it, or this worker began to ask it for pings if that is later
+        (see :meth:`expect_heartbeats`); None without a connection."""
         last = None
         for conn in self._conns:
             if conn.peer_name == peer and not conn.closed:
-                if last is None or conn.last_recv > last:
-                    last = conn.last_recv
+                t = max(conn.last_recv, conn.asking_since)
+                if last is None or t > last:
+                    last = t
         return last
+
+    def expect_heartbeats(self, peer: str) -> None:
+        """Ask ``peer`` to ping this worker every ``HEARTBEAT_INTERVAL`` (at once, then
+        for the next ``HEARTBEAT_TIMEOUT``; call again to go on asking), so that
+        :meth:`heard_from` tells whether it lives: a peer nobody waits on pings only
+        every ``IDLE_TIMEOUT / 6``. Its silence counts from the first ask."""
+        now = time.monotonic()
+        self._expecting[peer] = now + HEARTBEAT_TIMEOUT
+        self._ask_all(peer, now)
+
+    def _ask_all(self, peer: str, now: float) -> None:
+        for conn in self._conns:
+            if conn.peer_name == peer and not (conn.closed or conn._handshaking):
+                self._ask(conn, now)
+
+    def _ask(self, conn: Connection, now: float) -> None:
+        """Ask ``conn``'s peer for pings (``[K_ASK]``) unless this end did lately."""
+        if now - conn.last_ask > ASK_WINDOW:
+            # (a new stretch: the peer pinged seldom until it hears this ask)
+            conn.asking_since = now
+        if now - conn.last_ask >= HEARTBEAT_INTERVAL * 0.9:
+            conn.last_ask = now
+            try:
+                conn.send_heartbeat(1)
+            except ActorgradError:
+                pass
 
     def watch(self, peer: str) -> None:
         """Expect ``peer`` to stay alive (as if a call to it were pending): its
@@ -2533,6 +2585,7 @@ class Worker:
         for ``HEARTBEAT_TIMEOUT`` (instead of ``IDLE_TIMEOUT``). Counted: one
         :meth:`unwatch` per ``watch``. For protocols of one-way messages."""
         self._watched[peer] = self._watched.get(peer, 0) + 1
+        self.expect_heartbeats(peer)
 
     def unwatch(self, peer: str) -> None:
         n = self._watched.get(peer, 0) - 1
@@ -2551,6 +2604,13 @@ class Worker:
             lagged = now - last > interval + 1.0  # our own loop was blocked: be lenient
             last = now
             transport.trim_idle_buffers(now)
+            expecting = self._expecting
+            for peer in [p for p, until in expecting.items() if until <= now]:
+                del expecting[peer]
+            # (a connection nobody waits on is pinged only often enough for IDLE_TIMEOUT:
+            # every 0.5 s, 32 idle worker processes that had all called each other took
+            # a quarter of a core pinging)
+            seldom = max(interval, IDLE_TIMEOUT / 6) * 0.9
             for conn in self._talking():
                 if lagged or conn.paused_reading or conn._out_full:
                     # (silence we caused: our loop was blocked, or we stopped reading
@@ -2559,9 +2619,13 @@ class Worker:
                     # still tell the peer that we live: a loop late in every round, e.g.
                     # blocked 1.6 s of every 1.8, must still ping in each)
                     conn.last_recv = max(conn.last_recv, now - interval)
+                name = conn.peer_name
+                if conn.pending or name in self._watched or name in expecting:
+                    self._ask(conn, now)
                 if not lagged and self._silent_too_long(conn, now):
                     continue
-                if now - conn.last_sent >= interval * 0.9:
+                every = interval * 0.9 if now < conn.peer_waits_until else seldom
+                if now - conn.last_sent >= every:
                     try:
                         conn.send_heartbeat()
                     except ActorgradError:
@@ -2593,7 +2657,7 @@ class Worker:
         """Close ``conn`` (its peer lost) if it was silent for longer than its limit;
         whether it did."""
         peer = conn.peer_name or "?"  # (named: one of _talking's)
-        silent = now - conn.last_recv
+        silent = now - max(conn.last_recv, conn.asking_since)
         # Only a side that waits on the peer declares it dead: a caller with calls
         # pending on the connection or watching the peer (HEARTBEAT_TIMEOUT), or a
         # member about its registry (IDLE_TIMEOUT). A quiet caller (e.g. a driver busy
