@@ -487,8 +487,12 @@ def test_on_cast_refuses_a_second_handler_and_keyword_arguments():
 
 
 def _count_ticks(monkeypatch) -> Any:
-    """Count the heartbeat rounds of every worker of this loop (each calls
-    trim_idle_buffers once a round); returns a function waiting for ``n`` more."""
+    """Heartbeat rounds of 0.05 s (0.3 s timeout and ask window), counted for every
+    worker of this loop (each calls trim_idle_buffers once a round); returns a function
+    waiting for ``n`` more."""
+    monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.05)
+    monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 0.3)
+    monkeypatch.setattr(rworker, "ASK_WINDOW", 0.3)
     ticks = [0]
     wake = asyncio.Event()
     trim = transport.trim_idle_buffers
@@ -530,9 +534,6 @@ async def test_an_idle_connection_is_pinged_seldom_and_fast_once_asked(monkeypat
     # processes that had all called each other took a quarter of a core pinging. One
     # that nobody waits on is pinged every IDLE_TIMEOUT / 6 now, and every interval
     # while its peer asks (K_ASK), as a caller or watcher does.
-    monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.05)
-    monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 0.3)
-    monkeypatch.setattr(rworker, "ASK_WINDOW", 0.3)
     more = _count_ticks(monkeypatch)
     async with ag.local_cluster(1, transport="tcp") as c:
         w = c.driver
@@ -561,9 +562,6 @@ async def test_an_idle_connection_is_pinged_seldom_and_fast_once_asked(monkeypat
 
 async def test_a_peer_idle_for_long_is_not_lost_when_a_watch_begins(monkeypatch):
     # Its silence counts from the first ask, not from its last seldom ping.
-    monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.05)
-    monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 0.3)
-    monkeypatch.setattr(rworker, "ASK_WINDOW", 0.3)
     more = _count_ticks(monkeypatch)
     async with ag.local_cluster(1, transport="tcp") as c:
         w = c.driver
