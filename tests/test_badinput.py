@@ -897,7 +897,8 @@ def test_a_calls_context_id_out_of_the_id_range_is_malformed_metadata():
 
 
 @pytest.mark.parametrize(
-    "payload", [[[1], {"a": 1}], ["w1", -1], ["w1", 0], ["", 1], ["w1", 1, 2], "w1"]
+    "payload",
+    [[[1], {"a": 1}], ["w1", -1], ["w1", 0], ["", 1], ["w1", 1, 2, 3], ["w1", 1, "x"], "w1"],
 )
 async def test_an_rref_of_a_malformed_owner_or_id_gets_an_error_reply(sock_cluster, payload):
     # (anything was taken: an RRef owned by [1] with the id {'a': 1}; three items were
@@ -908,8 +909,8 @@ async def test_an_rref_of_a_malformed_owner_or_id_gets_an_error_reply(sock_clust
     err = await _raw_call_error(sock_cluster, None, body)
     assert err.remote_type == "actorgrad.errors.ProtocolError"
     assert re.search(
-        r"malformed RRef(: owner| \['w1', 1, 2\]: an \[owner, id\] pair| payload: expected a "
-        r"list, got 'w1')",
+        r"malformed RRef(: owner|: fork tag 'x'| \['w1', 1, 2, 3\]: an \[owner, id\] pair from"
+        r"| payload: expected a list, got 'w1')",
         str(err),
     ), err
     await _valid_client_works(sock_cluster)

@@ -21,14 +21,23 @@ after the new one's first counts, and drops only the dead one's.)
 * These one-way messages are not lost to a peer that is hung for a while: one that
   cannot be handed to a connection is sent again, with those behind it, until it
   goes out or the peer leaves the cluster (``_tell``).
-* A fork's count waits on its receiver: the owner remembers, per (forker, receiver),
-  the forks registered and not yet accepted, and a receiver that decodes a forked RRef
-  tells the owner (a one-way ``_accept``). When a forker leaves with forks pending,
+* A fork's count waits on its receiver: the owner remembers the forks registered and
+  not yet accepted, per registration (the forker's tag for the message, which travels
+  in the RRef), and a receiver that decodes a forked RRef tells the owner (a one-way
+  ``_accept`` naming the tag). When a forker leaves with forks pending,
   the owner asks each of their receivers to settle (``_settle_forks``): the receiver
   answers (``_forks_settled``, behind its accepts on the same connection) once it
   has handled everything the forker sent it, and the owner drops the counts of the
   forks still pending: their messages never arrived (the forker died before sending,
   or in the middle of it). Without this the owner kept such values for good.
+* A forker that gives up on a registration whose outcome it does not know (the owner
+  hung past the heartbeat timeout: the connection closed with the request sent) takes
+  it back (``_unfork``, as for a message that was not sent), and the owner may read
+  the two in either order (the registration came on the old connection): a take-back
+  of a registration not seen yet leaves a tombstone that the registration meets
+  (``Worker._rref_withdrawn``). Without this an owner read a registration its forker
+  had given up on and counted the receiver for good (the owner itself, when the
+  RRef was passed to its own owner: the value stayed for the owner's life).
 """
 
 from __future__ import annotations
@@ -69,25 +78,33 @@ def _key_of(name: Any, pid: Any) -> Key:
     return (name, pid)
 
 
+#: A registration of forks: (forker, its tag for the message).
+Reg: TypeAlias = tuple[Key, int]
+
+
 class Owned:
     __slots__ = ("value", "holders", "forks")
 
     def __init__(self, value: Any) -> None:
         self.value = value
         self.holders: dict[Key, int] = {}
-        # (forker, receiver) -> forks registered and not accepted yet (see the module doc)
-        self.forks: dict[tuple[Key, Key], int] | None = None
+        # registration -> (receiver, its forks of this value not accepted yet) (see the
+        # module doc)
+        self.forks: dict[Reg, tuple[Key, int]] | None = None
 
 
-def _fork(o: Owned, forker: Key, holder: Key, n: int) -> None:
+def _fork(o: Owned, reg: Reg, holder: Key, n: int) -> None:
     forks = o.forks
     if forks is None:
         forks = o.forks = {}
-    c = forks.get((forker, holder), 0) + n
+    had = forks.get(reg)
+    if had is not None and had[0] != holder:
+        return  # (not that receiver's: a stray accept)
+    c = (had[1] if had is not None else 0) + n
     if c > 0:
-        forks[(forker, holder)] = c
+        forks[reg] = (holder, c)
     else:
-        forks.pop((forker, holder), None)
+        forks.pop(reg, None)
 
 
 def _show(rid: Any) -> str:
@@ -136,10 +153,10 @@ def peer_lost(worker: Worker, name: str, pid: int) -> None:
     settle: set[str] = set()
     for rid, o in list(worker.owned.items()):
         if o.forks:
-            for forker, holder in list(o.forks):
+            for reg, (holder, _) in list(o.forks.items()):
                 if holder == gone:  # (its counts go below: no accept will come)
-                    del o.forks[(forker, holder)]
-                elif forker == gone:
+                    del o.forks[reg]
+                elif reg[0] == gone:
                     settle.add(holder[0])
         if o.holders.pop(gone, None) is not None and not o.holders:
             del worker.owned[rid]
@@ -151,6 +168,8 @@ def peer_lost(worker: Worker, name: str, pid: int) -> None:
     box = worker._rref_unsent.get(name)
     if box is not None and box.pid == pid:  # (its counts went: nothing to tell it)
         del worker._rref_unsent[name]
+    if worker._rref_withdrawn:  # (no registration of it is to come any more)
+        worker._rref_withdrawn = {r for r in worker._rref_withdrawn if r[0] != gone}
 
 
 def owned_value(worker: Worker, rid: Any) -> Any:
@@ -471,16 +490,18 @@ class Hooks:
     connection ``conn`` (its hello tells which process ``peer`` is; None: a message
     to itself)."""
 
-    __slots__ = ("worker", "peer", "conn", "forks", "added", "registered", "undone")
+    __slots__ = ("worker", "peer", "conn", "forks", "tag", "added", "registered", "undone")
 
     def __init__(self, worker: Worker, peer: str, conn: Any) -> None:
         self.worker = worker
         self.peer = peer
         self.conn = conn
         self.forks: list[RRef] | None = None
+        # this message's forks' registration tag (unique in this process; 0: none yet)
+        self.tag = 0
         self.added: list[int] | None = None
-        # forks the owners acknowledged registering: (owner, rid) (see register_forks)
-        self.registered: list[tuple[str, int]] | None = None
+        # forks the owners acknowledged registering: (owner, ids) (see register_forks)
+        self.registered: list[tuple[str, list[int]]] | None = None
         self.undone = False
 
     @property
@@ -510,28 +531,43 @@ class Hooks:
             if self.added is None:
                 self.added = []
             self.added.append(ref._rid)
-        else:
-            if self.forks is None:
-                self.forks = []
-            self.forks.append(ref)
-        return [ref.owner, ref._rid]
+            return [ref.owner, ref._rid]
+        if self.forks is None:
+            self.forks = []
+        if not self.tag:
+            self.tag = next(w._fork_tags)
+        self.forks.append(ref)
+        return [ref.owner, ref._rid, self.tag]
 
     def ref_in(self, payload: list) -> RRef:
-        if len(payload) != 2:  # (a list: the codec checked)
-            raise ProtocolError(
-                f"malformed RRef {short_repr(payload)}: an [owner, id] pair is expected"
-            )
-        owner, rid = payload
-        # (anything was taken: an RRef owned by [1] with the id {'a': 1})
-        if not valid_name(owner) or type(rid) is not int or not 0 < rid < MAX_ID << LOCAL_ID_BITS:
-            raise ProtocolError(f"malformed RRef: owner {short_repr(owner)}, id {short_repr(rid)}")
         w, forker = self.worker, self.peer
-        if forker != owner and forker != w.name:  # a fork: its count waits for this
+        n = len(payload)  # (a list: the codec checked)
+        if n == 2 or n == 3:
+            owner, rid = payload[0], payload[1]
+            # (anything was taken: an RRef owned by [1] with the id {'a': 1})
+            if (
+                not valid_name(owner)
+                or type(rid) is not int
+                or not 0 < rid < MAX_ID << LOCAL_ID_BITS
+            ):
+                raise ProtocolError(
+                    f"malformed RRef: owner {short_repr(owner)}, id {short_repr(rid)}"
+                )
+        # (a fork, from a worker that is not the owner, carries its registration's tag)
+        if not (n == 2 or n == 3) or (n == 3) != (owner != forker):
+            raise ProtocolError(
+                f"malformed RRef {short_repr(payload)}: an [owner, id] pair from its "
+                "owner, an [owner, id, fork tag] triple from another worker is expected"
+            )
+        if n == 3:  # a fork: its count waits for this
+            tag = payload[2]
+            if type(tag) is not int or not 0 < tag < 1 << 64:
+                raise ProtocolError(f"malformed RRef: fork tag {short_repr(tag)}")
             fk = self.peer_key
             if owner == w.name:
-                _accepted(w, rid, fk, (w.name, w.id))
+                _accepted(w, rid, (fk, tag), (w.name, w.id))
             else:
-                _tell(w, owner, _accept, (rid, *fk, w.name, w.id))
+                _tell(w, owner, _accept, (rid, *fk, tag, w.name, w.id))
         return RRef._handle(w, owner, rid)
 
     def abandoned(self) -> None:
@@ -566,8 +602,8 @@ class Hooks:
                 _sub(self.worker, rid, self.peer_key)
             self.added = None
         if self.registered:
-            for owner, rid in self.registered:
-                _take_back(self.worker, owner, rid, self.peer_key)
+            for owner, rids in self.registered:
+                _take_back(self.worker, owner, self.tag, rids)
             self.registered = None
         self.forks = None
 
@@ -623,7 +659,8 @@ async def register_forks(worker: Worker, hooks: Hooks) -> None:
 
     The registrations go on when this is cancelled (a timeout): each owner's
     acknowledgement is read by ``_registered``, which takes the count back at once if
-    the message was given up (``hooks.undo``) meanwhile."""
+    the message was given up (``hooks.undo``) meanwhile, as it does when the
+    registration failed with its owner reached or not (WorkerLost)."""
     forks = hooks.forks or []
     hooks.forks = None
     by_owner: dict[str, list[list]] = {}
@@ -633,7 +670,9 @@ async def register_forks(worker: Worker, hooks: Hooks) -> None:
     futs = []
     for owner, entries in by_owner.items():
         fut = worker.call_nowait(
-            owner, "actorgrad.runtime.rref:_add_holders", (entries, worker.name, worker.id)
+            owner,
+            "actorgrad.runtime.rref:_add_holders",
+            (entries, worker.name, worker.id, hooks.tag),
         )
         fut.add_done_callback(functools.partial(_registered, hooks, owner, entries))
         futs.append(fut)
@@ -646,21 +685,29 @@ async def register_forks(worker: Worker, hooks: Hooks) -> None:
 
 
 def _registered(hooks: Hooks, owner: str, entries: list[list], fut: asyncio.Future[Any]) -> None:
-    if fut.cancelled() or fut.exception() is not None:
-        return  # (not registered: nothing to take back)
-    for rid, name, pid in entries:
-        if hooks.undone:
-            _take_back(hooks.worker, owner, rid, (name, pid))
-        else:
-            if hooks.registered is None:
-                hooks.registered = []
-            hooks.registered.append((owner, rid))
+    if fut.cancelled():
+        return  # (our shutdown)
+    rids = [e[0] for e in entries]
+    exc = fut.exception()
+    if exc is not None:
+        if isinstance(exc, WorkerLost):
+            # (the request may have reached the owner, which then registers it when it
+            # reads it: an owner hung past the heartbeat timeout, a connection that
+            # closed after sending. Taken back: see the module doc)
+            _take_back(hooks.worker, owner, hooks.tag, rids)
+        return  # (else not registered: the owner refused it, or it never left)
+    if hooks.undone:
+        _take_back(hooks.worker, owner, hooks.tag, rids)
+    else:
+        if hooks.registered is None:
+            hooks.registered = []
+        hooks.registered.append((owner, rids))
 
 
-def _take_back(worker: Worker, owner: str, rid: int, holder: Key) -> None:
-    """A fork registered for a message that was not sent: its count, and the owner's
-    record of it as pending, go back."""
-    _tell(worker, owner, _unfork, (rid, *holder, worker.name, worker.id))
+def _take_back(worker: Worker, owner: str, tag: int, rids: list[int]) -> None:
+    """Forks registered (or maybe registered) for a message that was not sent: their
+    counts, and the owner's record of them as pending, go back (see ``_unfork``)."""
+    _tell(worker, owner, _unfork, (worker.name, worker.id, tag, rids))
 
 
 # ---- internal RPC targets (run on the owner) -------------------------------------------
@@ -676,13 +723,20 @@ def _fetch(rid: int) -> Any:
 
 
 @inline
-def _add_holders(entries: list, forker: str, forker_id: int) -> None:
-    """On the owner: process ``forker_id`` of ``forker`` forks RRefs (entries: id,
-    receiver name, receiver's cluster id)."""
+def _add_holders(entries: list, forker: str, forker_id: int, tag: int) -> None:
+    """On the owner: process ``forker_id`` of ``forker`` forks RRefs in its message
+    ``tag`` (entries: id, receiver name, receiver's cluster id)."""
     from actorgrad.runtime.worker import current_worker
 
     w = current_worker()
     fk = _key_of(forker, forker_id)
+    if type(tag) is not int:
+        raise TypeError(f"malformed fork tag {short_repr(tag)}")
+    reg = (fk, tag)
+    if w._rref_withdrawn and reg in w._rref_withdrawn:
+        # (its forker gave up on it and took it back before it came here: see _unfork)
+        w._rref_withdrawn.discard(reg)
+        return
     # All or nothing: the forker takes nothing back from a registration that failed (a
     # live RRef's count, made before a stale one in the same message was refused,
     # stayed for good).
@@ -693,34 +747,51 @@ def _add_holders(entries: list, forker: str, forker_id: int) -> None:
         keyed.append((rid, _key_of(name, pid)))
     for rid, holder in keyed:
         _add(w, rid, holder)
-        if holder != fk:  # (a fork to itself goes with the forker)
-            _fork(w.owned[rid], fk, holder, 1)
+        _fork(w.owned[rid], reg, holder, 1)
 
 
-def _accepted(worker: Worker, rid: int, forker: Key, holder: Key) -> None:
+def _accepted(worker: Worker, rid: int, reg: Reg, holder: Key) -> None:
     o = worker.owned.get(rid)
     if o is not None and o.forks:
-        _fork(o, forker, holder, -1)
+        _fork(o, reg, holder, -1)
 
 
 @inline
-def _accept(rid: int, forker: str, forker_id: int, holder: str, holder_id: int) -> None:
-    """On the owner: ``holder`` decoded an RRef ``forker`` forked to it."""
+def _accept(rid: int, forker: str, forker_id: int, tag: int, holder: str, holder_id: int) -> None:
+    """On the owner: ``holder`` decoded an RRef ``forker`` forked to it in its message
+    ``tag``."""
     from actorgrad.runtime.worker import current_worker
 
-    _accepted(current_worker(), rid, _key_of(forker, forker_id), _key_of(holder, holder_id))
+    reg = (_key_of(forker, forker_id), tag)
+    _accepted(current_worker(), rid, reg, _key_of(holder, holder_id))
+
+
+#: Most registrations a worker keeps as taken back before they came (see _unfork).
+MAX_WITHDRAWN = 1 << 16
 
 
 @inline
-def _unfork(rid: int, holder: str, holder_id: int, forker: str, forker_id: int) -> None:
-    """On the owner: ``forker`` takes back a fork it registered for ``holder`` (the
-    message was not sent)."""
+def _unfork(forker: str, forker_id: int, tag: int, rids: list) -> None:
+    """On the owner: ``forker`` takes back the forks of RRefs ``rids`` it registered
+    (or may have: it gave up waiting) in its message ``tag``, which was not sent.
+
+    The registration may still be on its way (on a connection closed since, read after
+    this one): then it is remembered as withdrawn, and dropped when it comes."""
     from actorgrad.runtime.worker import current_worker
 
     w = current_worker()
-    hk = _key_of(holder, holder_id)
-    _accepted(w, rid, _key_of(forker, forker_id), hk)
-    _sub(w, rid, hk)
+    reg = (_key_of(forker, forker_id), tag)
+    if type(rids) is not list:
+        raise TypeError(f"malformed RRef ids {short_repr(rids)}")
+    seen = False
+    for rid in set(rids):
+        o = w.owned.get(rid)
+        f = o.forks.pop(reg, None) if o is not None and o.forks else None
+        if f is not None:  # (no accept came: the message was not sent)
+            seen = True
+            _sub(w, rid, f[0], f[1])
+    if not seen and len(w._rref_withdrawn) < MAX_WITHDRAWN:
+        w._rref_withdrawn.add(reg)
 
 
 #: How long a receiver waits to have handled everything a gone forker sent it before
@@ -755,9 +826,13 @@ async def _settle_here(worker: Worker, forker: Key) -> None:
 
 def _forks_settled_here(worker: Worker, forker: Key, holder: Key) -> None:
     for rid, o in list(worker.owned.items()):
-        n = o.forks.pop((forker, holder), 0) if o.forks else 0
-        if n > 0:  # (their messages never came: the forker died before or while sending)
-            _sub(worker, rid, holder, n)
+        if not o.forks:
+            continue
+        for reg, (h, n) in list(o.forks.items()):
+            if reg[0] == forker and h == holder:
+                # (their messages never came: the forker died before or while sending)
+                del o.forks[reg]
+                _sub(worker, rid, holder, n)
 
 
 @inline

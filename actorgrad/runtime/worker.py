@@ -687,6 +687,10 @@ class Worker:
         self._rref_ids = itertools.count(1)
         # peer -> RRef messages it could not be sent yet (see rref._tell)
         self._rref_unsent: dict[str, Any] = {}
+        # tags of the RRef forks this worker registers; registrations taken back
+        # before they came here (see rref._unfork)
+        self._fork_tags = itertools.count(1)
+        self._rref_withdrawn: set[tuple[tuple[str, int], int]] = set()
 
     # ------------------------------------------------------------------ public bits
     def __repr__(self) -> str:
