@@ -1603,12 +1603,20 @@ async def test_an_rref_passed_to_its_owner_while_its_loop_was_blocked_leaves_no_
             Path(flag).touch()  # noqa: ASYNC240 (the go signal)
         with pytest.raises(ag.WorkerLost):
             await busy
-        # (not the driver's own count: the failed call's traceback keeps its RRef alive,
-        # a reference cycle the collector does not free here; a separate matter)
         async with asyncio.timeout(10):
             while (held := await ag.rpc("w1", counted_by_itself)) != (0, 0):  # noqa: ASYNC110 (no event for it)
                 await asyncio.sleep(0.02)
         assert held == (0, 0)
+        # Nor does the driver keep its own count once it drops the RRef: the failed
+        # call of busy (pending beside the registration when the connection went) kept
+        # the registration's error, whose traceback held the failed call's arguments,
+        # for as long as busy's error lived.
+        del r
+        gc.collect()  # (wait_for's task and its error make a cycle, as always)
+        async with asyncio.timeout(10):
+            while (n := await ag.rpc("w1", owned)) != 0:  # noqa: ASYNC110 (no event for it)
+                await asyncio.sleep(0.02)
+        assert n == 0 and busy.exception() is not None
 
 
 def counted_by_itself() -> tuple[int, int]:

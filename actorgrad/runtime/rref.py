@@ -46,6 +46,7 @@ import asyncio
 import concurrent.futures
 import functools
 import weakref
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from actorgrad.errors import ProtocolError, WorkerLost, short_repr
@@ -661,12 +662,9 @@ async def register_forks(worker: Worker, hooks: Hooks) -> None:
     acknowledgement is read by ``_registered``, which takes the count back at once if
     the message was given up (``hooks.undo``) meanwhile, as it does when the
     registration failed with its owner reached or not (WorkerLost)."""
-    forks = hooks.forks or []
+    # (no RRef in this frame's locals: a failure's traceback holds the frame)
+    by_owner = _entries_by_owner(hooks.forks or (), hooks.peer_key)
     hooks.forks = None
-    by_owner: dict[str, list[list]] = {}
-    for r in forks:
-        by_owner.setdefault(r.owner, []).append([r._rid, *hooks.peer_key])
-    del forks
     futs = []
     for owner, entries in by_owner.items():
         fut = worker.call_nowait(
@@ -678,10 +676,26 @@ async def register_forks(worker: Worker, hooks: Hooks) -> None:
         futs.append(fut)
     if futs:
         await asyncio.wait(futs)  # (not asyncio.gather: cancelling us must not cancel them)
-        for fut in futs:
-            exc = fut.exception()
-            if exc is not None:
+        failed = [f for f in futs if f.exception() is not None]
+        # (raised, the error's traceback holds this frame: kept, the futures holding
+        # the error made a cycle that kept the message's arguments, RRefs among them)
+        del futs, fut
+        if failed:
+            exc = failed[0].exception()
+            del failed
+            assert exc is not None
+            try:
                 raise exc
+            finally:
+                del exc
+
+
+def _entries_by_owner(forks: Iterable[RRef], holder: Key) -> dict[str, list[list]]:
+    """The registrations of ``forks`` for ``holder``, by owner: [id, name, cluster id]."""
+    by_owner: dict[str, list[list]] = {}
+    for r in forks:
+        by_owner.setdefault(r.owner, []).append([r._rid, *holder])
+    return by_owner
 
 
 def _registered(hooks: Hooks, owner: str, entries: list[list], fut: asyncio.Future[Any]) -> None:

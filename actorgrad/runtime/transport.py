@@ -92,7 +92,8 @@ MAGIC = b"ACTGRAD\x00"
 #: 6: a worker's hello says the largest frame it takes (its peers send none larger)
 #: 7: a worker that closes a connection on a message it refused says why first; every
 #:    frame carries a tag (FrameMac) keyed by the connection's handshake
-#: 8: a worker that waits on a peer asks it for pings (K_ASK); others ping seldom
+#: 8: a worker that waits on a peer asks it for pings (K_ASK), others ping seldom; an
+#:    RRef forked by a worker that does not own it carries its registration's tag
 PROTOCOL_VERSION = 8
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32

@@ -2257,8 +2257,11 @@ class Worker:
                         _abandon(conn, cid, hooks)
                     _send_cancel(conn, cid)
                 # a failed call's error holds this frame (its traceback) and the future
-                # holds the error: without this, each failure leaves a reference cycle
-                fut = None  # type: ignore[assignment]
+                # holds the error: without this, each failure leaves a reference cycle.
+                # Nor the connection's pending calls: a failed call's error kept every
+                # call pending beside it when the connection was lost, their errors and
+                # through those their arguments (an RRef's count on its owner)
+                fut = pending = None  # type: ignore[assignment]
         finally:
             if meta is not None:
                 ic.returned(self, meta)
