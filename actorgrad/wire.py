@@ -199,6 +199,10 @@ class WireHooks(Protocol):
     def ref_in(self, payload: list) -> Any:
         """Rebuild an RRef from its payload."""
 
+    def check_nbytes(self, nbytes: int) -> None:
+        """Raise if a frame of ``nbytes`` could not be sent (asked before a strided
+        array is copied into a contiguous one: the copy may be only to be refused)."""
+
 
 class WireRef:
     """Marker base class for remote references; ``runtime.RRef`` subclasses it.
@@ -589,6 +593,9 @@ def _array_payload(enc: _Encoder, arr: np.ndarray) -> list:
             arr, f"cannot send an array of {arr.ndim} dimensions: at most {MAX_NDIM} travel"
         )
     if not arr.flags.c_contiguous:
+        check = getattr(enc.hooks, "check_nbytes", None)
+        if check is not None:  # (a 3 GB transposed view was copied, then refused)
+            check(arr.nbytes)
         arr = np.ascontiguousarray(arr)  # one copy: unavoidable for a strided layout
     if arr.nbytes < OOB_THRESHOLD:
         # msgpack copies it in as bin

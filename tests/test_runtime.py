@@ -2318,6 +2318,28 @@ async def test_a_message_larger_than_the_largest_frame_fails_its_call_not_the_co
         assert c.driver.status()["peers"] == ["w1"] and not c.driver.is_lost("w1")
 
 
+async def test_a_strided_array_too_large_to_send_is_refused_before_it_is_copied(monkeypatch):
+    # A strided view travels as a contiguous copy: one over the largest frame was
+    # copied whole (a 3 GB transposed view took 3 GB more), then refused.
+    import tracemalloc
+
+    from actorgrad.runtime import transport
+
+    monkeypatch.setattr(transport, "MAX_FRAME_SIZE", 1 << 20)  # both ends: 1 MiB
+    view = np.ones(4_000_000, dtype=np.float32)[::2]  # 8 MB, strided
+    async with ag.local_cluster(1, transport="tcp"):
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+        tracemalloc.start()
+        try:
+            with pytest.raises(ag.ProtocolError, match=r"cannot send a message of 8000\d* bytes"):
+                await ag.rpc("w1", echo, (view,))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 4_000_000, peak
+        np.testing.assert_array_equal(await ag.rpc("w1", echo, (view[:1000],)), view[:1000])
+
+
 async def test_an_error_with_a_huge_message_comes_with_its_middle_cut(cluster):
     # A 200 MB message (twice: the traceback repeats it) was encoded whole on the
     # worker's loop, for seconds: its peers took it for dead (WorkerLost).

@@ -540,6 +540,11 @@ class Hooks:
         self.forks.append(ref)
         return [ref.owner, ref._rid, self.tag]
 
+    def check_nbytes(self, nbytes: int) -> None:
+        """(wire) Refuse, before it is built, a frame larger than ``conn`` may send."""
+        if self.conn is not None:
+            self.conn.check_nbytes(nbytes)
+
     def ref_in(self, payload: list) -> RRef:
         w, forker = self.worker, self.peer
         n = len(payload)  # (a list: the codec checked)

@@ -895,6 +895,12 @@ class Connection(asyncio.BaseProtocol):
             size = len(chunks[0])
         else:
             size = sum(_nbytes(c) for c in chunks)
+        self.check_nbytes(size)
+        return size
+
+    def check_nbytes(self, size: int) -> None:
+        """Raise :meth:`check_size`'s ProtocolError if a frame of ``size`` bytes is
+        larger than ``send_limit``."""
         if size > self.send_limit:
             whose = "" if self.send_limit == self.max_frame_size else " it takes"
             raise ProtocolError(
@@ -902,7 +908,6 @@ class Connection(asyncio.BaseProtocol):
                 f"more than the largest frame{whose} ({self.send_limit} bytes); send large "
                 "data in parts"
             )
-        return size
 
     async def send(self, chunks: Iterable[Any]) -> None:
         """Send one frame; if the transport could not write everything at once, wait
