@@ -30,13 +30,13 @@ Execution model (how a CPU-heavy user function cannot starve a worker):
 * Heartbeats: a connection on which either side waits for the other (calls pending,
   a peer watched) is pinged every ``HEARTBEAT_INTERVAL`` when nothing else went out
   (the waiting side asks for it with ``[K_ASK]``), any other one every
-  ``IDLE_TIMEOUT / 6``; a
-  connection with calls waiting on it that has received nothing for
-  ``HEARTBEAT_TIMEOUT`` (since they began to wait) is closed, which fails those calls with ``WorkerLost`` and
-  reports the peer lost (a silent connection without waiting calls is kept until
-  ``IDLE_TIMEOUT``, so a driver busy computing is not dropped by its workers; so is a
-  registry membership connection: closing it is leaving the cluster). A closed
-  connection (a dead process) does the same immediately. A worker whose own loop was
+  ``IDLE_TIMEOUT / 6``; a connection with calls waiting on it that has received
+  nothing for ``HEARTBEAT_TIMEOUT`` (counted from the first ask) is closed, which
+  fails those calls with ``WorkerLost`` and reports the peer lost (a silent
+  connection without waiting calls is kept until ``IDLE_TIMEOUT``, so a driver busy
+  computing is not dropped by its workers; so is a registry membership connection:
+  closing it is leaving the cluster). A closed connection (a dead process) does the
+  same immediately. A worker whose own loop was
   blocked does not blame its peers for the silence it caused. A peer reported lost
   that is heard from again (over another connection) is no longer taken for lost.
 
@@ -1179,8 +1179,8 @@ class Worker:
             back = self._opened_by(dest, entry[0])
             if back is None or (
                 # (hung: silent on its own connection too while we waited, where it
-                # pings every HEARTBEAT_INTERVAL once asked (above): as lost. Not silent: the address
-                # reaches something else)
+                # pings every HEARTBEAT_INTERVAL once asked (above): as lost. Not
+                # silent: the address reaches something else)
                 isinstance(exc, transport.Unanswered) and back.last_recv <= tried
             ):
                 raise self._unreachable(dest, entry, exc) from None
