@@ -600,6 +600,11 @@ class Connection(asyncio.BaseProtocol):
         # Until then the peer waits on this end (it asked, ``[K_ASK]``): ping it every
         # heartbeat interval (see Worker._heartbeat)
         self.peer_waits_until = 0.0
+        # When bytes of a frame other than a heartbeat last came: its sender may wait on
+        # this end (a call, a watched one-way message) and its asks queue behind what it
+        # sends, a large request on a slow link taking seconds; pinged as if it asked
+        # (see Worker._heartbeat)
+        self.last_data = 0.0
         # When this end began to ask the peer for pings (this stretch of asking: its
         # silence counts from then, not from its last frame, as an idle peer pings
         # seldom), and when it last asked (Worker._ask)
@@ -732,6 +737,7 @@ class Connection(asyncio.BaseProtocol):
             big[self._big_pos : self._big_pos + n] = memoryview(data)[:n] if n < len(data) else data
             self._big_pos += n
             if self._big_pos < len(big):
+                self.last_data = self.last_recv
                 return
             self._big = None
             self._deliver(big, self._big_tag)
@@ -776,6 +782,7 @@ class Connection(asyncio.BaseProtocol):
                 self._big = big
                 self._big_tag = tag
                 self._big_pos = have
+                self.last_data = self.last_recv
                 pos = end
                 break
             else:
@@ -800,10 +807,10 @@ class Connection(asyncio.BaseProtocol):
                 tell=False,  # (no goodbye, no lingering: whoever wrote it is not the peer)
             )
             return
-        if self._spin is not None and (
-            len(frame) not in _heartbeat_sizes or frame not in _heartbeats
-        ):
-            self._spin.poke(True)
+        if len(frame) not in _heartbeat_sizes or frame not in _heartbeats:
+            self.last_data = self.last_recv
+            if self._spin is not None:
+                self._spin.poke(True)
         if self.on_frame is not None and not self.closed:
             self.on_frame(self, frame)
 
@@ -1121,6 +1128,8 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
             if self._big_pos >= len(big):
                 self._big = None
                 self._deliver(big, self._big_tag)
+            else:
+                self.last_data = self.last_recv
             return
         assert self._scratch_mv is not None
         self.data_received(self._scratch_mv[:nbytes])  # type: ignore[arg-type]

@@ -2631,7 +2631,10 @@ class Worker:
                     self._ask(conn, now)
                 if not lagged and self._silent_too_long(conn, now):
                     continue
-                every = interval * 0.9 if now < conn.peer_waits_until else seldom
+                # (asked, or a frame coming: its sender may wait, its asks queued
+                # behind what it sends, a large request on a slow link)
+                waits = max(conn.peer_waits_until, conn.last_data + ASK_WINDOW)
+                every = interval * 0.9 if now < waits else seldom
                 if now - conn.last_sent >= every:
                     try:
                         conn.send_heartbeat()
