@@ -767,6 +767,28 @@ async def test_a_worker_does_not_drop_a_connection_it_stopped_reading_for_silenc
         assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [i + 1 for i in range(50)]
 
 
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+async def test_a_worker_that_stopped_reading_a_caller_still_pings_it(transport, monkeypatch):
+    # A worker pings a connection every heartbeat interval while its peer asks (the
+    # peer waits on it): the asks of a caller whose requests filled the mailbox wait
+    # unread behind them, and the caller took the live worker for lost.
+    monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.05)
+    monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 0.3)
+    monkeypatch.setattr(rworker, "ASK_WINDOW", 0.3)
+    async with ag.local_cluster(1, transport=transport) as c:
+        w1 = c.workers[0]
+        w1._max_in_flight = 1
+        w1._mailbox_size = 4
+        holder = asyncio.ensure_future(ag.rpc("w1", nap, (1.5,)))  # (5 timeouts)
+        calls = [asyncio.ensure_future(ag.rpc("w1", add, (i, 1))) for i in range(50)]
+        async with asyncio.timeout(10):
+            while not any(conn.paused_reading for conn in w1._conns):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(holder, 10)
+        assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [i + 1 for i in range(50)]
+        assert not c.driver.is_lost("w1")
+
+
 async def test_the_cancel_of_a_call_goes_on_to_the_calls_it_made(cluster):
     name = _fresh("nested")
     started, cancelled = _wait_events(name)

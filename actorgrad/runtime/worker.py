@@ -2632,9 +2632,10 @@ class Worker:
                 if not lagged and self._silent_too_long(conn, now):
                     continue
                 # (asked, or a frame coming: its sender may wait, its asks queued
-                # behind what it sends, a large request on a slow link)
+                # behind what it sends, a large request on a slow link; or not read
+                # at all, its requests filling the mailbox: its asks wait unread)
                 waits = max(conn.peer_waits_until, conn.last_data + ASK_WINDOW)
-                every = interval * 0.9 if now < waits else seldom
+                every = interval * 0.9 if now < waits or conn.paused_reading else seldom
                 if now - conn.last_sent >= every:
                     try:
                         conn.send_heartbeat()
