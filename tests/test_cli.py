@@ -1043,8 +1043,12 @@ async def blocking_write(path, seconds):  # (blocks the worker's loop)
 async def main():
     await ag.init("client")
     fn = blocking_write if sys.argv[3:] == ["blocking"] else slow_write
+    target = os.environ.get("TARGET", "extra")
+    # (connected first: the timeout bounds connecting too, and a worker slow to answer,
+    # on a loaded machine, timed the call out before it was sent: never run)
+    await ag.rpc(target, os.getpid)
     try:
-        await ag.rpc(os.environ.get("TARGET", "extra"), fn, (sys.argv[1], float(sys.argv[2])), timeout=0.5)
+        await ag.rpc(target, fn, (sys.argv[1], float(sys.argv[2])), timeout=0.5)
     except ag.RpcTimeout:
         print("left running", flush=True)
     await ag.shutdown()
@@ -1068,7 +1072,7 @@ def test_a_first_ctrl_c_on_a_worker_lets_its_running_call_finish(
         "worker", "--join", address, "--name", "extra", "--token-file", str(token_file), env=env
     )
     try:
-        w.expect("worker extra joining")
+        w.expect("worker extra joined")  # (a member: the client finds it)
         client_env = dict(
             env, ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip()
         )
@@ -1100,7 +1104,7 @@ def _extra_worker_running_a_call(
     w = Running(
         "worker", "--join", address, "--name", "extra", "--token-file", str(token_file), env=env
     )
-    w.expect("worker extra joining")
+    w.expect("worker extra joined")  # (a member: the client finds it)
     client_env = dict(
         env, ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip()
     )
@@ -1794,7 +1798,7 @@ def test_a_second_signal_forces_down_a_cluster_whose_worker_runs_a_call(tmp_path
 
 
 RUN_PRINTS_THEN_BLOCKS = """
-import asyncio, time
+import asyncio, os, time
 import actorgrad as ag
 
 def prints_then_blocks():
@@ -1803,6 +1807,7 @@ def prints_then_blocks():
 
 async def main():
     await ag.init("driver")
+    await ag.rpc("w1", os.getpid)  # (connected first: see SLOW_WRITE)
     try:
         await ag.rpc("w1", prints_then_blocks, timeout=0.5)
     except ag.RpcTimeout:
