@@ -43,7 +43,10 @@ async def nap(seconds, value=None):
     return value
 
 
-async def block_loop(seconds):
+async def block_loop(seconds, started=None):
+    if started is not None:  # (a FIFO its caller reads: the loop blocks right after)
+        with open(started, "w") as f:  # noqa: ASYNC230 (the loop blocks anyway)
+            f.write("blocking")
     time.sleep(seconds)  # noqa: ASYNC251 (blocks this worker's loop on purpose)
 
 
@@ -1542,19 +1545,35 @@ def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fa
     assert "never awaited" not in out.stderr, out.stderr
 
 
-async def _blocked(name: str, seconds: float) -> asyncio.Future[Any]:
+async def _blocked(name: str, seconds: float, tmp_path: Path) -> asyncio.Future[Any]:
     """Block worker ``name``'s loop for ``seconds``; return (the call doing it) once it
-    is blocked: once a call to it goes unanswered."""
-    busy = asyncio.ensure_future(ag.rpc(name, block_loop, (seconds,)))
-    async with asyncio.timeout(10):
-        while True:
-            try:
-                await ag.rpc(name, owned, timeout=0.2)
-            except ag.RpcTimeout:
-                return busy
+    is blocked: once the call said so through a FIFO, right before it blocks. (The proof
+    was a call to it unanswered within 0.2 s, which on a loaded machine a worker merely
+    slow gave too: the test's next message, read with block_loop's request, was then
+    answered before block_loop ran.)"""
+    fifo = tmp_path / f"{name}-blocking"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # (open: the writer does not wait)
+    loop = asyncio.get_running_loop()
+    said = loop.create_future()
+    loop.add_reader(fd, lambda: said.done() or said.set_result(os.read(fd, 64)))
+    try:
+        busy = asyncio.ensure_future(ag.rpc(name, block_loop, (seconds, str(fifo))))
+        async with asyncio.timeout(10):
+            await asyncio.wait([said, busy], return_when=asyncio.FIRST_COMPLETED)
+        if not said.done():
+            await busy  # (failed: its error)
+            raise AssertionError(f"block_loop on {name!r} returned without saying it blocks")
+        assert said.result() == b"blocking"
+        return busy
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+        if not said.done():
+            said.cancel()
 
 
-async def test_a_call_timeout_bounds_registering_the_rrefs_it_passes():
+async def test_a_call_timeout_bounds_registering_the_rrefs_it_passes(tmp_path):
     # The RRef's owner w1 is busy (its loop blocked): registering the fork with it held
     # the call past its timeout; and the registration, once w1 runs again, is taken back.
     async with ag.local_cluster(2, processes=True):
@@ -1562,7 +1581,7 @@ async def test_a_call_timeout_bounds_registering_the_rrefs_it_passes():
         r = await ag.remote("w1", np.zeros, (3,))
         # (the registration, answered inline where it is read, was otherwise answered
         # before block_loop started when both came in one read)
-        busy = await _blocked("w1", 2.5)
+        busy = await _blocked("w1", 2.5, tmp_path)
         t0 = time.monotonic()
         with pytest.raises(ag.RpcTimeout, match="0.5 s .registering the RRefs it passes"):
             await ag.rpc("w2", add, (r,), timeout=0.5)
@@ -1631,13 +1650,13 @@ def echo(x):
     return x
 
 
-async def test_a_call_timeout_bounds_waiting_to_send_to_a_peer_that_does_not_read():
+async def test_a_call_timeout_bounds_waiting_to_send_to_a_peer_that_does_not_read(tmp_path):
     # w1's loop is blocked: it reads nothing, the driver's 64 MB request fills the
     # socket and its write buffer. The wait to send was outside the timeout (a peer
     # whose mailbox stayed full held such a call for good); now RpcTimeout on time.
     async with ag.local_cluster(1, processes=True):
         assert await ag.rpc("w1", add, (1, 2)) == 3
-        busy = await _blocked("w1", 2.5)
+        busy = await _blocked("w1", 2.5, tmp_path)
         big = np.ones(16 << 20, dtype=np.float32)
         t0 = time.monotonic()
         with pytest.raises(
