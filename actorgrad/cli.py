@@ -500,11 +500,17 @@ def _foreground_terminal() -> int | None:
     return None
 
 
-def _own_group_ending_with_us() -> Callable[[], None]:
+def _own_group_ending_with_us(terminal: int | None = None) -> Callable[[], None]:
     """The child's set-up between fork and exec (uvloop takes no ``process_group``): a
-    process group of its own, and on Linux SIGTERM when we die (a group of its own
-    escapes a SIGKILL sent to ours: it would run on against a dead cluster). Both are
-    plain system calls, looked up before the fork."""
+    process group of its own, the foreground group of ``terminal`` (when given), and on
+    Linux SIGTERM when we die (a group of its own escapes a SIGKILL sent to ours: it
+    would run on against a dead cluster). All plain system calls, looked up before the
+    fork.
+
+    The terminal is the child's before it runs, as a shell hands it to a job: ``run``
+    gave it only once the script had started (after its guard too), and a script that
+    read its terminal at once, on a loaded machine, read it from a background group:
+    SIGTTIN stopped it, and the shell said the job stopped though no one typed Ctrl-Z."""
     prctl = None
     if sys.platform == "linux":
         import ctypes
@@ -515,6 +521,8 @@ def _own_group_ending_with_us() -> Callable[[], None]:
 
     def setup() -> None:
         os.setpgrp()
+        if terminal is not None:
+            _set_foreground(terminal, os.getpid())
         if prctl is not None:
             prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
             if os.getppid() != parent:  # (we died before that: no signal would come)
@@ -742,10 +750,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 script,
                 *args.args,
                 env=env,
-                preexec_fn=_own_group_ending_with_us(),  # noqa: PLW1509
+                preexec_fn=_own_group_ending_with_us(terminal),  # noqa: PLW1509
             )
             guard = await _guard_group(proc.pid)
-            if terminal is not None:
+            if terminal is not None:  # (the child took it already: see there)
                 _set_foreground(terminal, proc.pid)
                 follow = asyncio.ensure_future(_follow_job_control(proc.pid, terminal))
                 try:

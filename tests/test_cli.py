@@ -2374,6 +2374,48 @@ def test_run_under_an_interactive_shell_reads_the_terminal_and_follows_ctrl_z_an
         os.close(fd)
 
 
+CHILD_ON_TTY = """
+import os, subprocess, sys
+from actorgrad import cli
+terminal = os.open("/dev/tty", os.O_RDWR)
+check = "import os; print('foreground', os.tcgetpgrp(0) == os.getpgrp(), flush=True)"
+setup = cli._own_group_ending_with_us(terminal)
+sys.exit(subprocess.Popen([sys.executable, "-S", "-c", check], preexec_fn=setup).wait())
+"""
+
+
+def test_the_script_of_run_owns_the_terminal_before_it_starts() -> None:
+    # run gave its script's group the terminal only once the script ran (and its guard
+    # had started): a script that read the terminal at once, on a loaded machine, got
+    # SIGTTIN there, and the shell said "Stopped" though no one typed Ctrl-Z (seen in
+    # test_run_under_an_interactive_shell_...). The child takes it before its exec, as
+    # a shell's job does; nothing else gives it the terminal here.
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", ON_TTY, os.ttyname(slave), "tty", "-c", CHILD_ON_TTY],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+            env=_env(),
+        )
+        seen = b""
+        deadline = time.monotonic() + STARTUP
+        while b"\n" not in seen.partition(b"foreground ")[2]:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"no answer within {STARTUP} s; saw {seen!r}")
+            seen += os.read(master, 4096)
+        assert seen.partition(b"foreground ")[2].startswith(b"True"), seen
+        assert proc.wait(20) == 0, seen
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
 def test_a_token_file_is_created_where_hard_links_are_not_supported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
