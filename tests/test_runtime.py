@@ -742,6 +742,24 @@ def test_the_call_pool_lends_threads_and_never_holds_the_process_at_exit(tmp_pat
     assert out.stdout == "timed out\n"
 
 
+async def _calls_behind_a_full_mailbox(c: Any, seconds: float) -> None:
+    """50 calls to w1 behind one that naps ``seconds``, with room for 4: w1 stops
+    reading the driver's connection meanwhile; all of them must come back."""
+    w1 = c.workers[0]
+    w1._max_in_flight = 1
+    w1._mailbox_size = 4
+    # (its one slot taken for a window of several timeouts: the silence under test; a
+    # cancel of it would wait behind the requests w1 does not read)
+    holder = asyncio.ensure_future(ag.rpc("w1", nap, (seconds,)))
+    calls = [asyncio.ensure_future(ag.rpc("w1", add, (i, 1))) for i in range(50)]
+    async with asyncio.timeout(10):
+        while not any(conn.paused_reading for conn in w1._conns):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(holder, 10)
+    assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [i + 1 for i in range(50)]
+    assert not c.driver.is_lost("w1")
+
+
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 async def test_a_worker_does_not_drop_a_connection_it_stopped_reading_for_silence(
     transport, monkeypatch
@@ -753,18 +771,7 @@ async def test_a_worker_does_not_drop_a_connection_it_stopped_reading_for_silenc
     monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.05)
     monkeypatch.setattr(rworker, "IDLE_TIMEOUT", 0.3)
     async with ag.local_cluster(1, transport=transport) as c:
-        w1 = c.workers[0]
-        w1._max_in_flight = 1
-        w1._mailbox_size = 4
-        # (its one slot taken for a window of several idle timeouts: the silence under
-        # test; a cancel of it would wait behind the requests w1 does not read)
-        holder = asyncio.ensure_future(ag.rpc("w1", nap, (1.0,)))
-        calls = [asyncio.ensure_future(ag.rpc("w1", add, (i, 1))) for i in range(50)]
-        async with asyncio.timeout(10):
-            while not any(conn.paused_reading for conn in w1._conns):  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        await asyncio.wait_for(holder, 10)
-        assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [i + 1 for i in range(50)]
+        await _calls_behind_a_full_mailbox(c, 1.0)
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
@@ -776,17 +783,7 @@ async def test_a_worker_that_stopped_reading_a_caller_still_pings_it(transport, 
     monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 0.3)
     monkeypatch.setattr(rworker, "ASK_WINDOW", 0.3)
     async with ag.local_cluster(1, transport=transport) as c:
-        w1 = c.workers[0]
-        w1._max_in_flight = 1
-        w1._mailbox_size = 4
-        holder = asyncio.ensure_future(ag.rpc("w1", nap, (1.5,)))  # (5 timeouts)
-        calls = [asyncio.ensure_future(ag.rpc("w1", add, (i, 1))) for i in range(50)]
-        async with asyncio.timeout(10):
-            while not any(conn.paused_reading for conn in w1._conns):  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        await asyncio.wait_for(holder, 10)
-        assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [i + 1 for i in range(50)]
-        assert not c.driver.is_lost("w1")
+        await _calls_behind_a_full_mailbox(c, 1.5)  # (5 heartbeat timeouts)
 
 
 async def test_the_cancel_of_a_call_goes_on_to_the_calls_it_made(cluster):
