@@ -1545,9 +1545,12 @@ def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fa
     assert "never awaited" not in out.stderr, out.stderr
 
 
-async def _blocked(name: str, seconds: float, tmp_path: Path) -> asyncio.Future[Any]:
-    """Block worker ``name``'s loop for ``seconds``; return (the call doing it) once it
-    is blocked: once the call said so through a FIFO, right before it blocks. (The proof
+async def _blocked(
+    name: str, seconds: float, tmp_path: Path, until: str | None = None
+) -> asyncio.Future[Any]:
+    """Block worker ``name``'s loop for ``seconds`` (or until file ``until`` exists, at
+    most ``seconds``); return (the call doing it) once it is blocked: once the call said
+    so through a FIFO, right before it blocks. (The proof
     was a call to it unanswered within 0.2 s, which on a loaded machine a worker merely
     slow gave too: the test's next message, read with block_loop's request, was then
     answered before block_loop ran.)"""
@@ -1558,7 +1561,11 @@ async def _blocked(name: str, seconds: float, tmp_path: Path) -> asyncio.Future[
     said = loop.create_future()
     loop.add_reader(fd, lambda: said.done() or said.set_result(os.read(fd, 64)))
     try:
-        busy = asyncio.ensure_future(ag.rpc(name, block_loop, (seconds, str(fifo))))
+        busy = asyncio.ensure_future(
+            ag.rpc(name, block_loop, (seconds, str(fifo)))
+            if until is None
+            else ag.rpc(name, block_until_file, (until, seconds, str(fifo)))
+        )
         async with asyncio.timeout(10):
             await asyncio.wait([said, busy], return_when=asyncio.FIRST_COMPLETED)
         if not said.done():
@@ -1608,13 +1615,7 @@ async def test_an_rref_passed_to_its_owner_while_its_loop_was_blocked_leaves_no_
     flag = str(tmp_path / "go")
     async with ag.local_cluster(1, processes=True):
         r = await ag.remote("w1", Counter, (5,))
-        busy = asyncio.ensure_future(ag.rpc("w1", block_until_file, (flag, 30.0)))
-        async with asyncio.timeout(10):
-            while True:  # (blocked once a call to it goes unanswered)
-                try:
-                    await ag.rpc("w1", owned, timeout=0.2)
-                except ag.RpcTimeout:
-                    break
+        busy = await _blocked("w1", 30.0, tmp_path, until=flag)
         try:
             with pytest.raises(ag.WorkerLost, match="heartbeat|sent nothing"):
                 await asyncio.wait_for(ag.rpc("w1", keep, (r,)), 20)
@@ -1678,8 +1679,12 @@ async def kept_incr() -> int:
     return await rworker.current_worker().ext["kept"][0].rpc().incr()
 
 
-async def block_until_file(path: str, deadline: float) -> None:
-    """Block this worker's loop (on purpose: frames wait unread) until ``path`` exists."""
+async def block_until_file(path: str, deadline: float, started: str | None = None) -> None:
+    """Block this worker's loop (on purpose: frames wait unread) until ``path`` exists
+    (``started``: as block_loop's)."""
+    if started is not None:
+        with open(started, "w") as f:  # noqa: ASYNC230 (the loop blocks anyway)
+            f.write("blocking")
     end = time.monotonic() + deadline
     while not os.path.exists(path) and time.monotonic() < end:  # noqa: ASYNC240
         time.sleep(0.002)  # noqa: ASYNC251
@@ -1734,7 +1739,7 @@ async def test_a_fork_still_unread_when_its_forker_dies_keeps_its_count(tmp_path
         assert await ag.rpc("w3", keep, (r,)) == 1
         del r
         gc.collect()
-        blocked = asyncio.ensure_future(ag.rpc("w2", block_until_file, (flag, 10.0)))
+        blocked = await _blocked("w2", 10.0, tmp_path, until=flag)
         await ag.rpc("w3", forward_kept_and_say_when_sent, ("w2",))
         os.kill(pid3, signal.SIGKILL)
         async with asyncio.timeout(10):  # w1 saw w3 go: its own count went
