@@ -1140,6 +1140,31 @@ async def test_an_rref_held_by_another_worker_of_this_process_is_refused(cluster
     await _owned_count("w1")
 
 
+async def test_a_take_back_that_overtakes_its_registration_drops_it_and_is_forgotten(
+    monkeypatch,
+):
+    # A forker that gave up on a fork's registration (its owner hung) takes it back; the
+    # owner may read the take-back first: it remembers it, and drops the registration
+    # when it comes (else the receiver stayed counted for good). One whose registration
+    # never comes (it never left the forker) is forgotten after WITHDRAWN_TTL.
+    from actorgrad.runtime import rref
+
+    async with ag.local_cluster(1) as c:
+        w1, me = c.workers[0], ("driver", c.driver.id)
+        r = await ag.remote("w1", Counter, (5,))
+        held = dict(w1.owned[r._rid].holders)
+        await ag.rpc("w1", rref._unfork, (*me, 7, [r._rid]))
+        assert list(w1._rref_withdrawn) == [(me, 7)]
+        await ag.rpc("w1", rref._add_holders, ([[r._rid, *me]], *me, 7))
+        assert w1.owned[r._rid].holders == held and not w1.owned[r._rid].forks
+        assert not w1._rref_withdrawn  # (met)
+        monkeypatch.setattr(rref, "WITHDRAWN_TTL", 0.0)
+        await ag.rpc("w1", rref._unfork, (*me, 8, [r._rid]))
+        await ag.rpc("w1", rref._unfork, (*me, 9, [r._rid]))
+        assert list(w1._rref_withdrawn) == [(me, 9)]  # (8 expired)
+        del r
+
+
 async def test_an_rref_from_an_earlier_cluster_reaches_nothing_in_a_later_one():
     # A second cluster in the process counts its RRef ids from 1 again: the earlier
     # cluster's RRefs reached (and changed) the new values of the same ids.

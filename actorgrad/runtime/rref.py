@@ -35,7 +35,7 @@ after the new one's first counts, and drops only the dead one's.)
   it back (``_unfork``, as for a message that was not sent), and the owner may read
   the two in either order (the registration came on the old connection): a take-back
   of a registration not seen yet leaves a tombstone that the registration meets
-  (``Worker._rref_withdrawn``). Without this an owner read a registration its forker
+  (``Worker._rref_withdrawn``, for ``WITHDRAWN_TTL``). Without this an owner read a registration its forker
   had given up on and counted the receiver for good (the owner itself, when the
   RRef was passed to its own owner: the value stayed for the owner's life).
 """
@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import time
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -170,7 +171,7 @@ def peer_lost(worker: Worker, name: str, pid: int) -> None:
     if box is not None and box.pid == pid:  # (its counts went: nothing to tell it)
         del worker._rref_unsent[name]
     if worker._rref_withdrawn:  # (no registration of it is to come any more)
-        worker._rref_withdrawn = {r for r in worker._rref_withdrawn if r[0] != gone}
+        worker._rref_withdrawn = {r: t for r, t in worker._rref_withdrawn.items() if r[0] != gone}
 
 
 def owned_value(worker: Worker, rid: Any) -> Any:
@@ -752,9 +753,8 @@ def _add_holders(entries: list, forker: str, forker_id: int, tag: int) -> None:
     if type(tag) is not int:
         raise TypeError(f"malformed fork tag {short_repr(tag)}")
     reg = (fk, tag)
-    if w._rref_withdrawn and reg in w._rref_withdrawn:
+    if w._rref_withdrawn and w._rref_withdrawn.pop(reg, None) is not None:
         # (its forker gave up on it and took it back before it came here: see _unfork)
-        w._rref_withdrawn.discard(reg)
         return
     # All or nothing: the forker takes nothing back from a registration that failed (a
     # live RRef's count, made before a stale one in the same message was refused,
@@ -787,6 +787,11 @@ def _accept(rid: int, forker: str, forker_id: int, tag: int, holder: str, holder
 
 #: Most registrations a worker keeps as taken back before they came (see _unfork).
 MAX_WITHDRAWN = 1 << 16
+#: How long a take-back waits here for its registration (see _unfork). The
+#: registration left before the take-back did: once this worker reads the take-back,
+#: the registration is read within a few turns of its loop, or it never comes (it never
+#: left the forker, which could not connect; or it went down with its connection).
+WITHDRAWN_TTL = 60.0
 
 
 @inline
@@ -795,7 +800,8 @@ def _unfork(forker: str, forker_id: int, tag: int, rids: list) -> None:
     (or may have: it gave up waiting) in its message ``tag``, which was not sent.
 
     The registration may still be on its way (on a connection closed since, read after
-    this one): then it is remembered as withdrawn, and dropped when it comes."""
+    this one): then it is remembered as withdrawn for ``WITHDRAWN_TTL``, and dropped
+    when it comes."""
     from actorgrad.runtime.worker import current_worker
 
     w = current_worker()
@@ -809,8 +815,16 @@ def _unfork(forker: str, forker_id: int, tag: int, rids: list) -> None:
         if f is not None:  # (no accept came: the message was not sent)
             seen = True
             _sub(w, rid, f[0], f[1])
-    if not seen and len(w._rref_withdrawn) < MAX_WITHDRAWN:
-        w._rref_withdrawn.add(reg)
+    if not seen:
+        withdrawn = w._rref_withdrawn
+        now = time.monotonic()
+        while withdrawn:  # (the oldest first: insertion order is expiry order)
+            first = next(iter(withdrawn))
+            if withdrawn[first] > now:
+                break
+            del withdrawn[first]
+        if len(withdrawn) < MAX_WITHDRAWN:
+            withdrawn[reg] = now + WITHDRAWN_TTL
 
 
 #: How long a receiver waits to have handled everything a gone forker sent it before

@@ -690,7 +690,7 @@ class Worker:
         # tags of the RRef forks this worker registers; registrations taken back
         # before they came here (see rref._unfork)
         self._fork_tags = itertools.count(1)
-        self._rref_withdrawn: set[tuple[tuple[str, int], int]] = set()
+        self._rref_withdrawn: dict[tuple[tuple[str, int], int], float] = {}  # -> expiry
 
     # ------------------------------------------------------------------ public bits
     def __repr__(self) -> str:
