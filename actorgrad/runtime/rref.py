@@ -601,8 +601,8 @@ class Hooks:
     def undo(self) -> None:
         """The message was not sent: take back the counts added for it, here and on the
         owners that registered its forks (a registration still under way is taken back
-        when its owner acknowledges it: a decrement sent before could overtake it and
-        drop a count the peer holds from elsewhere)."""
+        when its owner answers it, ``_registered``: the take-back then follows it on the
+        same connection, and no tombstone is left on the owner; see ``_unfork``)."""
         self.undone = True
         if self.added:
             for rid in self.added:
