@@ -544,7 +544,7 @@ class Hooks:
     def check_nbytes(self, nbytes: int) -> None:
         """(wire) Refuse, before it is built, a frame larger than ``conn`` may send."""
         if self.conn is not None:
-            self.conn.check_nbytes(nbytes)
+            self.conn.check_nbytes(nbytes, part=True)
 
     def ref_in(self, payload: list) -> RRef:
         w, forker = self.worker, self.peer

@@ -905,13 +905,15 @@ class Connection(asyncio.BaseProtocol):
         self.check_nbytes(size)
         return size
 
-    def check_nbytes(self, size: int) -> None:
-        """Raise :meth:`check_size`'s ProtocolError if a frame of ``size`` bytes is
-        larger than ``send_limit``."""
+    def check_nbytes(self, size: int, part: bool = False) -> None:
+        """Raise :meth:`check_size`'s ProtocolError if a frame of ``size`` bytes
+        (``part``: of a part of a frame yet to be built) is larger than ``send_limit``."""
         if size > self.send_limit:
             whose = "" if self.send_limit == self.max_frame_size else " it takes"
+            more = " or more" if part else ""
             raise ProtocolError(
-                f"cannot send a message of {size} bytes to {self.peer_name or self.peer_addr!r}: "
+                f"cannot send a message of {size} bytes{more} to "
+                f"{self.peer_name or self.peer_addr!r}: "
                 f"more than the largest frame{whose} ({self.send_limit} bytes); send large "
                 "data in parts"
             )
