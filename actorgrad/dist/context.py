@@ -592,13 +592,17 @@ class DistState:
             return
         now = time.monotonic()
         lagged = now - since > _runtime.HEARTBEAT_INTERVAL + 1.0  # (our own loop was blocked)
+        heard_from: dict[str, float | None] = {}  # (once a round per peer, not per context)
         for ctx in list(self._watching.values()):
             if not ctx.watching or ctx.last_pass is None or ctx.released:
                 del self._watching[ctx.id]  # (watches nobody now, or gone)
                 continue
             for peer in list(ctx.watching):
-                worker.expect_heartbeats(peer)  # (go on asking: an idle peer pings seldom)
-                heard = worker.heard_from(peer)
+                if peer in heard_from:
+                    heard = heard_from[peer]
+                else:
+                    worker.expect_heartbeats(peer)  # (go on asking: an idle peer pings seldom)
+                    heard = heard_from[peer] = worker.heard_from(peer)
                 if lagged or heard is None or now - heard <= _runtime.HEARTBEAT_TIMEOUT:
                     continue
                 ctx.watching.discard(peer)
