@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import queue
 import re
 import select
 import signal
@@ -24,14 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clitools import CLI, NEWS, ROOT, STARTUP, Running, clean_env
 
 from actorgrad import cli
-
-CLI = [sys.executable, "-m", "actorgrad"]
-ROOT = Path(__file__).resolve().parent.parent
-STARTUP = 30.0
-#: a cluster's news of its workers: its time, then what happened
-NEWS = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (.*)")
 
 
 def _has_runtime() -> bool:
@@ -43,96 +37,6 @@ def _has_runtime() -> bool:
 
 
 needs_runtime = pytest.mark.skipif(not _has_runtime(), reason="actorgrad.runtime.cluster missing")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACTORGRAD_")}
-    env.update(extra)
-    return env
-
-
-class Running:
-    """A CLI subprocess whose stdout lines are collected by a reader thread."""
-
-    def __init__(
-        self, *args: str, env: dict[str, str] | None = None, ignoring: tuple[int, ...] = ()
-    ) -> None:
-        """``ignoring``: signals the process starts with ignored (as under ``nohup``)."""
-        self.proc = subprocess.Popen(
-            [*CLI, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=env if env is not None else _env(),
-            start_new_session=True,
-            preexec_fn=(lambda: [signal.signal(s, signal.SIG_IGN) for s in ignoring])
-            if ignoring
-            else None,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def expect(self, prefix: str, timeout: float = STARTUP) -> str:
-        """The rest of the first stdout line starting with ``prefix`` (deadline)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no line {prefix!r} within {timeout} s; saw {self.seen}")
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                err = self.proc.stderr.read() if self.proc.stderr else ""
-                raise AssertionError(f"exited before {prefix!r}; saw {self.seen}; stderr {err}")
-            self.seen.append(line)
-            if line.startswith(prefix):
-                return line[len(prefix) :].strip()
-
-    def expect_news(self, prefix: str, timeout: float = STARTUP) -> str:
-        """Like ``expect`` for a cluster's news of its workers, a line that starts with
-        its time."""
-        deadline = time.monotonic() + timeout
-        while True:
-            m = NEWS.fullmatch(self.expect("", max(0.0, deadline - time.monotonic())))
-            if m is not None and m[1].startswith(prefix):
-                return m[1][len(prefix) :].strip()
-
-    def expect_all(self, *prefixes: str, timeout: float = STARTUP) -> dict[str, str]:
-        """Like ``expect`` for each prefix, in whatever order the lines come."""
-        found: dict[str, str] = {}
-        deadline = time.monotonic() + timeout
-        while len(found) < len(prefixes):
-            line = self.expect("", max(0.0, deadline - time.monotonic()))
-            for p in prefixes:
-                if p not in found and line.startswith(p):
-                    found[p] = line[len(p) :].strip()
-                    break
-        return found
-
-    def wait(self, timeout: float = 20.0) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        """Kill whatever is left of the process and its group; close the pipes."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
-        self._reader.join(5)
 
 
 def run_cli(
@@ -147,7 +51,7 @@ def run_cli(
         capture_output=True,
         text=True,
         cwd=cwd if cwd is not None else ROOT,
-        env=env if env is not None else _env(),
+        env=env if env is not None else clean_env(),
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
@@ -253,11 +157,11 @@ def test_usage_errors_exit_2() -> None:
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert "must be at most 256 (each worker is a process on this machine)" in r.stderr
     assert run_cli("bogus").returncode == 2
-    r = run_cli("status", env=_env(ACTORGRAD_TOKEN="t"))
+    r = run_cli("status", env=clean_env(ACTORGRAD_TOKEN="t"))
     assert r.returncode == 2
     assert "ACTORGRAD_ADDRESS" in r.stderr and "Traceback" not in r.stderr
     # (read as host "fd00:", port 2: exit 1, "Name or service not known")
-    r = run_cli("worker", "--join", "fd00::2", "--name", "x", env=_env(ACTORGRAD_TOKEN="t"))
+    r = run_cli("worker", "--join", "fd00::2", "--name", "x", env=clean_env(ACTORGRAD_TOKEN="t"))
     assert r.returncode == 2, r.stderr
     assert "expected HOST:PORT (an IPv6 host in brackets: [fd00::1]:4000), not 'fd00::2'" in (
         r.stderr
@@ -460,7 +364,7 @@ def test_a_worker_process_that_cannot_join_says_so_in_one_line() -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env=_env(ACTORGRAD_TOKEN="t"),
+        env=clean_env(ACTORGRAD_TOKEN="t"),
         stdin=subprocess.DEVNULL,
     )
     assert r.returncode == 1
@@ -516,7 +420,7 @@ def test_status_names_the_workers(cluster: tuple[str, Path]) -> None:
     # idle: nothing in flight (the status query itself is not counted)
     assert [rows[n][4] for n in sorted(rows)] == ["0", "0", "0"], r.stdout
     # the address and the token may also come from the environment
-    env = _env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
+    env = clean_env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
     r = run_cli("status", env=env)
     assert r.returncode == 0 and "w1" in r.stdout
 
@@ -570,7 +474,7 @@ def test_a_driver_script_importing_a_module_beside_it_works_on_workers_of_anothe
         (project / f"{module}.py").rename(tmp_path / "common" / f"{module}.py")
         (project / f"{module}.py").symlink_to(tmp_path / "common" / f"{module}.py")
     address, token_file = cluster
-    env = _env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
+    env = clean_env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
     r = subprocess.run(
         [sys.executable, str(project / "driver.py")],
         capture_output=True,
@@ -614,7 +518,7 @@ def test_a_driver_run_as_a_module_of_a_package_calls_its_packages_functions_firs
     (tmp_path / "runpkg" / "scaling.py").write_text("def scale(x):\n    return 6 * x\n")
     (tmp_path / "runpkg" / "drv.py").write_text(PACKAGE_DRIVER)
     address, token_file = cluster
-    env = _env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
+    env = clean_env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
     r = subprocess.run(
         [sys.executable, "-m", "runpkg.drv"],
         capture_output=True,
@@ -657,7 +561,7 @@ def test_a_cluster_runs_the_edited_driver_script_and_modules_of_a_new_run(
     project.mkdir()
     script, model = project / "driver.py", project / "edited_model.py"
     address, token_file = cluster
-    env = _env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
+    env = clean_env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
     outputs = []
     for i, (factor, k, extra) in enumerate(
         [(2, 10, ""), (3, 20, 'print(await ag.rpc("w1", added, ()), flush=True)')]
@@ -706,7 +610,7 @@ def test_a_token_that_is_not_text_is_named(tmp_path: Path) -> None:
         2,
         f"actorgrad: error: token file {garbage} is not a token: it is not text (UTF-8)",
     )
-    env = _env()
+    env = clean_env()
     env_bytes = {k.encode(): v.encode() for k, v in env.items()}
     env_bytes[b"ACTORGRAD_TOKEN"] = b"\xff\xfe"
     for cmd in (["status", "--address", "127.0.0.1:1"], ["cluster", "-n", "1"]):
@@ -727,7 +631,7 @@ def test_a_token_that_is_not_text_is_named(tmp_path: Path) -> None:
 
 def test_status_of_an_in_process_clusters_address_says_what_it_is() -> None:
     # (a local_cluster's .address, "inproc://1", got "expected HOST:PORT")
-    r = run_cli("status", "--address", "inproc://1", env=_env(ACTORGRAD_TOKEN="t"))
+    r = run_cli("status", "--address", "inproc://1", env=clean_env(ACTORGRAD_TOKEN="t"))
     assert r.returncode == 2
     assert r.stderr.splitlines()[-1] == (
         "actorgrad status: error: argument --address: 'inproc://1' is the address of an "
@@ -810,7 +714,7 @@ def test_a_token_file_may_be_a_pipe(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=_env(),
+        env=clean_env(),
         timeout=30,
     )
     # (read: it got as far as the connection)
@@ -848,9 +752,9 @@ def test_the_token_of_the_environment_is_stripped_as_a_token_file_is(
     # made "wrong cluster token"; a blank one was taken as a token.
     address, token_file = cluster
     token = token_file.read_text().strip()
-    r = run_cli("status", "--address", address, env=_env(ACTORGRAD_TOKEN=f" {token}\n"))
+    r = run_cli("status", "--address", address, env=clean_env(ACTORGRAD_TOKEN=f" {token}\n"))
     assert r.returncode == 0, r.stderr
-    r = run_cli("status", "--address", address, env=_env(ACTORGRAD_TOKEN="  "))
+    r = run_cli("status", "--address", address, env=clean_env(ACTORGRAD_TOKEN="  "))
     assert (r.returncode, r.stderr.strip()) == (
         2,
         "actorgrad: error: no token: pass --token-file F or set ACTORGRAD_TOKEN (it is set, "
@@ -880,7 +784,7 @@ def test_status_or_join_at_a_workers_address_says_it_is_not_the_head(
 @needs_runtime
 def test_wrong_token_exits_1_with_a_one_line_message(cluster: tuple[str, Path]) -> None:
     address, _ = cluster
-    r = run_cli("status", "--address", address, env=_env(ACTORGRAD_TOKEN="wrong"))
+    r = run_cli("status", "--address", address, env=clean_env(ACTORGRAD_TOKEN="wrong"))
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr
@@ -894,7 +798,7 @@ def test_a_cluster_logs_with_time_level_and_logger(tmp_path: Path) -> None:
     c = Running("cluster", "-n", "1", "--token-file", str(token_file))
     try:
         address = c.expect("address:")
-        r = run_cli("status", "--address", address, env=_env(ACTORGRAD_TOKEN="wrong"))
+        r = run_cli("status", "--address", address, env=clean_env(ACTORGRAD_TOKEN="wrong"))
         assert r.returncode == 1, r.stderr
         c.proc.send_signal(signal.SIGTERM)
         assert c.wait(20) == 0
@@ -910,7 +814,7 @@ def test_a_cluster_logs_with_time_level_and_logger(tmp_path: Path) -> None:
 
 
 def test_an_unknown_log_level_is_refused_by_name() -> None:
-    r = run_cli("status", "--address", "127.0.0.1:1", env=_env(ACTORGRAD_LOG="loud"))
+    r = run_cli("status", "--address", "127.0.0.1:1", env=clean_env(ACTORGRAD_LOG="loud"))
     assert (r.returncode, r.stderr) == (
         2,
         "actorgrad: error: ACTORGRAD_LOG='loud': not a log level (debug, info, warning, error)\n",
@@ -976,7 +880,7 @@ def test_log_records_of_our_processes(level: str, how: str, want: list[str]) -> 
         [sys.executable, "-c", LOG_LEVELS, how],
         capture_output=True,
         text=True,
-        env=_env(ACTORGRAD_LOG=level, PYTHONPATH=str(ROOT)),
+        env=clean_env(ACTORGRAD_LOG=level, PYTHONPATH=str(ROOT)),
         timeout=30,
     )
     assert r.returncode == 0, r.stderr
@@ -991,7 +895,7 @@ def test_log_records_of_our_processes(level: str, how: str, want: list[str]) -> 
 @needs_runtime
 def test_unreachable_address_exits_1_with_a_one_line_message() -> None:
     address = f"127.0.0.1:{free_port()}"
-    r = run_cli("status", "--address", address, env=_env(ACTORGRAD_TOKEN="t"))
+    r = run_cli("status", "--address", address, env=clean_env(ACTORGRAD_TOKEN="t"))
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -1066,7 +970,7 @@ def test_a_first_ctrl_c_on_a_worker_lets_its_running_call_finish(
     # the first version of that cut this one, which runs past the 5 s grace of a stop)
     address, token_file = cluster
     (tmp_path / "slow.py").write_text(SLOW_WRITE)
-    env = _env(PYTHONPATH=str(tmp_path))
+    env = clean_env(PYTHONPATH=str(tmp_path))
     out = tmp_path / "written"
     w = Running(
         "worker", "--join", address, "--name", "extra", "--token-file", str(token_file), env=env
@@ -1099,7 +1003,7 @@ def _extra_worker_running_a_call(
     end."""
     address, token_file = cluster
     (tmp_path / "slow.py").write_text(SLOW_WRITE)
-    env = _env(PYTHONPATH=str(tmp_path))
+    env = clean_env(PYTHONPATH=str(tmp_path))
     out = tmp_path / "written"
     w = Running(
         "worker", "--join", address, "--name", "extra", "--token-file", str(token_file), env=env
@@ -1279,7 +1183,7 @@ def test_a_driver_whose_clusters_head_died_says_so_and_lists_no_gone_worker(tmp_
         pids = descendants(c.proc.pid)
         script = tmp_path / "headless.py"
         script.write_text(HEADLESS_DRIVER)
-        env = _env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
+        env = clean_env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
         driver = subprocess.Popen(
             [sys.executable, str(script)],
             stdin=subprocess.PIPE,
@@ -1430,7 +1334,9 @@ def test_only_the_driver_of_run_keeps_the_token_in_its_environment(tmp_path: Pat
         "    await ag.shutdown()\n"
         "asyncio.run(main())\n"
     )
-    r = run_cli("run", "-n", "1", str(script), env=_env(ACTORGRAD_TOKEN="a-token-of-the-test-run"))
+    r = run_cli(
+        "run", "-n", "1", str(script), env=clean_env(ACTORGRAD_TOKEN="a-token-of-the-test-run")
+    )
     assert r.returncode == 0, r.stderr
     assert "driver True [None, None]" in r.stdout, r.stdout
 
@@ -1530,7 +1436,7 @@ def test_a_driver_script_whose_top_level_takes_long_on_a_worker_is_waited_for(
 def test_a_signal_stops_the_cluster_and_leaves_no_process_behind(
     sig: signal.Signals, tmp_path: Path
 ) -> None:
-    c = Running("cluster", "-n", "2", env=_env(ACTORGRAD_TOKEN="secret"))
+    c = Running("cluster", "-n", "2", env=clean_env(ACTORGRAD_TOKEN="secret"))
     try:
         c.expect("address:")
         assert "secret" not in "\n".join(c.seen)
@@ -1776,7 +1682,7 @@ def test_a_second_signal_forces_down_a_cluster_whose_worker_runs_a_call(tmp_path
         pids = descendants(c.proc.pid)
         (tmp_path / "slow.py").write_text(SLOW_WRITE)
         out = tmp_path / "written"
-        env = _env(PYTHONPATH=str(tmp_path), ACTORGRAD_ADDRESS=address, TARGET="w1")
+        env = clean_env(PYTHONPATH=str(tmp_path), ACTORGRAD_ADDRESS=address, TARGET="w1")
         env["ACTORGRAD_TOKEN"] = token_file.read_text().strip()
         r = subprocess.run(
             [sys.executable, str(tmp_path / "slow.py"), str(out), "60"],
@@ -1825,7 +1731,7 @@ def test_run_lets_a_busy_worker_flush_its_output_before_it_is_killed(tmp_path: P
     # later, as the worker let its call go on for 5 s: it died before it flushed.
     script = tmp_path / "blocks.py"
     script.write_text(RUN_PRINTS_THEN_BLOCKS)
-    env = {k: v for k, v in _env().items() if k != "PYTHONUNBUFFERED"}
+    env = {k: v for k, v in clean_env().items() if k != "PYTHONUNBUFFERED"}
     r = run_cli("run", "-n", "1", str(script), env=env)
     assert r.returncode == 0, r.stderr
     assert "left running" in r.stdout
@@ -1841,7 +1747,7 @@ def test_demo_whose_stdout_reader_went_away_stops_quietly() -> None:
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env=_env(),
+        env=clean_env(),
     )
     try:
         assert proc.stdout is not None and proc.stderr is not None
@@ -2153,7 +2059,7 @@ class OnPty:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=ROOT,
-            env=_env(),
+            env=clean_env(),
         )
         self.seen = b""  # (our end of the slave stays open: no EIO before the child's)
 
@@ -2249,7 +2155,7 @@ def test_a_ctrl_c_while_a_worker_joins_stops_it_at_once() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         address = f"127.0.0.1:{silent.getsockname()[1]}"
-        w = Running("worker", "--join", address, "--name", "wj", env=_env(**token))
+        w = Running("worker", "--join", address, "--name", "wj", env=clean_env(**token))
         try:
             w.expect("worker wj joining")
             t0 = time.monotonic()
@@ -2272,7 +2178,7 @@ def test_a_cluster_whose_stdout_reader_went_away_goes_on_quietly() -> None:
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env=_env(),
+        env=clean_env(),
         start_new_session=True,
     )
     try:
@@ -2329,7 +2235,7 @@ def test_run_under_an_interactive_shell_reads_the_terminal_and_follows_ctrl_z_an
 
     script = tmp_path / "echo.py"
     script.write_text(STDIN_SCRIPT)
-    env = {**_env(), "PS1": "PROMPT$ ", "TERM": "dumb"}
+    env = {**clean_env(), "PS1": "PROMPT$ ", "TERM": "dumb"}
     pid, fd = pty.fork()
     if pid == 0:  # the child: an interactive shell on the pty
         os.chdir(ROOT)
@@ -2400,7 +2306,7 @@ def test_the_script_of_run_owns_the_terminal_before_it_starts() -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=ROOT,
-            env=_env(),
+            env=clean_env(),
         )
         seen = b""
         deadline = time.monotonic() + STARTUP
@@ -2473,7 +2379,7 @@ def test_a_malformed_spin_setting_warns_once_per_command(tmp_path: Path) -> None
         "    await ag.shutdown()\n"
         "asyncio.run(main())\n"
     )
-    r = run_cli("run", "-n", "2", str(script), env=_env(ACTORGRAD_SPIN_US="soon"))
+    r = run_cli("run", "-n", "2", str(script), env=clean_env(ACTORGRAD_SPIN_US="soon"))
     assert r.returncode == 0, r.stderr
     assert r.stdout == "7\n"
     assert r.stderr.count("ACTORGRAD_SPIN_US='soon' is not a number of microseconds") == 1, r.stderr
