@@ -102,7 +102,7 @@ async def _frame_len(reader) -> int:
 async def _handshaken(c, token=None):
     """A raw stream client that completed the handshake (and sent its hello)."""
     reader, writer = await _authenticated(c, token)
-    frame = wire.join_chunks(wire.encode_frame([4, "raw-client", 0, "", 1 << 31], None))
+    frame = wire.join_chunks(wire.encode_frame([4, "raw-client", 0, "", 1 << 31, 0], None))
     writer.write(_framed(writer, frame))
     await writer.drain()
     return reader, writer
@@ -314,8 +314,8 @@ async def test_a_length_prefix_alone_takes_no_memory_and_no_time(sock_cluster):
     await _valid_client_works(sock_cluster)
 
 
-async def _hello(writer, name, wid=0, address="", most=1 << 31):
-    frame = wire.encode_frame([4, name, wid, address, most], None)
+async def _hello(writer, name, wid=0, address="", most=1 << 31, goodbyes=0):
+    frame = wire.encode_frame([4, name, wid, address, most, goodbyes], None)
     await _send_frame(writer, wire.join_chunks(frame))
 
 
@@ -352,6 +352,8 @@ async def _closed_by_peer_after(writer, w, name, count):
         (["ok", 0, {"a": 1}], "address {'a': 1}"),
         (["ok", 0, "", 0], "address '', largest frame 0"),
         (["ok", 0, "", "big"], "largest frame 'big'"),
+        (["ok", 0, "", 1, -1], "largest frame 1, goodbyes -1"),
+        (["ok", 0, "", 1, 2.0], "goodbyes 2.0"),
     ],
 )
 async def test_a_malformed_hello_closes_the_connection(sock_cluster, caplog, hello, message):
@@ -412,7 +414,9 @@ async def test_valid_msgpack_of_the_wrong_shape_closes_the_connection(sock_clust
         [K_PING, 5, 6],
         [K_ASK, 1],  # (an ask for pings carries nothing)
         [K_BYE, 5],  # ("closing on you, because": a str)
-        [K_BYE, "why", 6],
+        [K_BYE, "why"],  # (the how-manieth such goodbye to us is missing)
+        [K_BYE, "why", 0],
+        [K_BYE, "why", 6.0],
         # (numbers of other types: 0.0 and False equal 0, True equals 1; they were taken)
         [float(K_REQ), 1, "builtins:abs", MODE_RPC, None],
         [False, 1, "builtins:abs", MODE_RPC, None],
@@ -779,7 +783,7 @@ async def test_a_hello_whose_cluster_id_is_not_an_int_closes_the_connection(sock
     reader, writer = await _authenticated(sock_cluster)
     with caplog.at_level(logging.WARNING, logger="actorgrad"):
         await _send_frame(
-            writer, wire.join_chunks(wire.encode_frame([4, "raw", "7", "", 1 << 31], None))
+            writer, wire.join_chunks(wire.encode_frame([4, "raw", "7", "", 1 << 31, 0], None))
         )
         await _closed_by_peer(reader, writer)
     assert "malformed hello" in caplog.text
@@ -797,7 +801,7 @@ async def test_a_hello_from_a_process_a_worker_was_before_its_replacement_is_ref
     older = sock_cluster.driver.id  # (any id below w1's: the head's joined first)
     assert 0 < older < w1.id
     with caplog.at_level(logging.WARNING, logger="actorgrad"):
-        frame = wire.encode_frame([4, "w1", older, "", 1 << 31], None)
+        frame = wire.encode_frame([4, "w1", older, "", 1 << 31, 0], None)
         await _send_frame(writer, wire.join_chunks(frame))
         await _closed_by_peer(reader, writer)
     assert "hello from a process that worker 'w1' was before it was replaced" in caplog.text
@@ -1049,7 +1053,7 @@ async def test_a_stranger_relaying_a_token_holders_handshake_cannot_send_its_own
 
         back = asyncio.ensure_future(pipe(w_reader, v_writer))
         await pipe(v_reader, w_writer, hs)  # the handshake, then nothing of the victim's
-        hello = wire.join_chunks(wire.encode_frame([4, "stranger", 0, "", 1 << 31], None))
+        hello = wire.join_chunks(wire.encode_frame([4, "stranger", 0, "", 1 << 31, 0], None))
         call = wire.join_chunks(
             wire.encode_frame([K_REQ, 1, f"{__name__}:injected", MODE_RPC, None], (("x",), None))
         )

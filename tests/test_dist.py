@@ -4309,6 +4309,85 @@ async def test_a_worker_its_initiator_dropped_for_silence_takes_its_contexts_aga
         await assert_clean(["w1", "w2"])
 
 
+async def test_a_goodbye_read_after_the_peers_next_context_began_spares_that_context():
+    # The driver took w1 for lost (w1's host cut off from the network for seconds, say)
+    # and said so on their connection; TCP delivered that goodbye once the link was
+    # back, after the driver's next context had begun on a new connection. w1 took the
+    # late goodbye for news and reclaimed the driver's contexts, the new one too: its
+    # next call was refused ("start a new context"). (Found on network namespaces,
+    # tests/test_hosts.py.)
+    w1v = arr(3)
+    async with cluster("tcp", 1) as c:
+        driver, w1 = c.driver, c.workers[0]
+        await ag.rpc("w1", F.put, ("w", w1v))
+        x = ag.tensor(arr(3), requires_grad=True)
+        opened, leave = asyncio.Event(), asyncio.Event()
+
+        async def before() -> None:  # (a context of another task, open until the end)
+            async with ag.dist.context():
+                await ag.rpc("w1", F.mul, ("w", x))
+                opened.set()
+                await leave.wait()
+
+        holder = asyncio.ensure_future(before())
+        await asyncio.wait_for(opened.wait(), 10)
+        old = [k for k in w1._conns if k.peer_name == "driver" and not k.closed]
+        for k in old:
+            k.transport.pause_reading()  # (what the cut link does to what comes)
+        driver.watch("w1")
+        _drop_for_silence(driver, "w1")
+        driver.unwatch("w1")
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))  # (on a new connection)
+            # w1 learnt from its hello that the driver took it for lost: the context
+            # before went then (its release from the driver may never come: it tried
+            # while the link was down), not with the goodbye still to come
+            assert (await ag.rpc("w1", F.debug_info))["num_contexts"] == 1
+            for k in old:
+                k.transport.resume_reading()  # (the goodbye comes)
+            async with asyncio.timeout(10):  # (on the driver's connection: w1's pinged)
+                while not all(k.closed for k in old if not k.outgoing):  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            y2 = await ag.rpc("w1", F.mul, ("w", y))
+            await ag.dist.backward(ctx, [y2.sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], w1v * w1v, rtol=1e-12)
+        leave.set()
+        await asyncio.wait_for(holder, 10)
+        await assert_clean(["w1"])
+        assert not driver.is_lost("w1") and not w1.is_lost("driver")
+
+
+async def test_a_worker_that_loses_a_live_initiator_mid_pass_fails_the_pass(monkeypatch):
+    # w2 lost its connection with the driver during the driver's backward pass (a reset
+    # of a connection the driver had given up on, read once a network came back) while
+    # the driver lived on: w2 reclaimed the context, its part of the pass with it, and
+    # told nobody; the driver's backward waited for good for that part's credit.
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    w1v, w2v = arr(3), arr(3)
+    gate = f"pool{next(_gates)}"
+    async with cluster("tcp", 2) as c:
+        w2 = c.workers[1]
+        await ag.rpc("w1", F.put, ("w", w1v))
+        await ag.rpc("w1", F.call_path, (["w2"], "put", ["w", w2v]))
+        await ag.rpc("w1", F.call_path, (["w2"], "add_gated_hook", ["w", gate]))
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.call_path, (["w2"], "mul", ["w", x]))
+            run = asyncio.ensure_future(ag.dist.backward(ctx, [(y * w1v).sum()]))
+            try:
+                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                w2._peer_lost("driver")  # (what the reset does: the driver lives on)
+            finally:
+                F.thread_gate(gate + " out").set()
+            with pytest.raises(ag.WorkerLost) as ei:
+                await asyncio.wait_for(run, 10)
+        assert str(ei.value).startswith(
+            "worker 'w2' was lost during the backward pass: it lost contact with worker "
+            "'driver', the initiator of context"
+        ), ei.value
+        await assert_clean(["w1", "w2"])
+
+
 async def test_a_worker_dropped_for_silence_mid_backward_is_the_one_named_lost(monkeypatch):
     # w1 dropped w2 (stopped past the heartbeat timeout during its part of the pass).
     # w2, running again, reported w1 lost to the driver: sometimes first, so backward

@@ -805,9 +805,11 @@ async def test_connecting_to_a_peer_that_never_answers(monkeypatch):
             tried = []
             open_ = c.driver._open
 
-            async def counting_open(address: str, local: str, deadline: float | None) -> Any:
+            async def counting_open(
+                address: str, local: str, deadline: float | None, peer: str | None
+            ) -> Any:
                 tried.append(local or address)
-                return await open_(address, local, deadline)
+                return await open_(address, local, deadline, peer)
 
             monkeypatch.setattr(c.driver, "_open", counting_open)
             with pytest.raises(

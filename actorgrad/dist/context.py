@@ -772,6 +772,30 @@ def _reclaim(
             f"with it: {why}); the context is released here"
         )
     st.fail_runs(ctx_id, lost)
+    ctx = st.contexts.get(ctx_id)
+    if ctx is not None:
+        # The origin of its latest pass, if another worker: an initiator that lives on
+        # (a connection of it broke, or it dropped this worker) waited for good for the
+        # credit this worker's part held, or that of the workers the release below
+        # reaches (a reset from a connection it gave up on, read here after the link
+        # came back, ended its next pass so). A pass that is over ignores it.
+        ps = ctx.active_pass
+        told = (ps.pass_id, ps.origin) if ps is not None else ctx.last_pass
+        if told is not None and told[1] != st.worker.name:
+            from actorgrad.dist.backward import _report
+
+            _report(
+                st,
+                ctx_id,
+                told[1],
+                told[0],
+                WorkerLost(
+                    f"worker {st.worker.name!r} was lost during the backward pass: it lost "
+                    f"contact with worker {initiator!r}, the initiator of context "
+                    f"{ctx_id:#x} ({why or cause or st.worker.lost_cause(initiator)}), and "
+                    "released the context there"
+                ),
+            )
     # Passed on to the workers this one brought into the context: when only a
     # connection of the initiator closed here (it lives on), they do not see it go, and
     # its release, sent here, finds nothing left to forward to them. Never to the

@@ -94,7 +94,7 @@ MAGIC = b"ACTGRAD\x00"
 #:    frame carries a tag (FrameMac) keyed by the connection's handshake
 #: 8: a worker that waits on a peer asks it for pings (K_ASK), others ping seldom; an
 #:    RRef forked by a worker that does not own it carries its registration's tag
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
 HANDSHAKE_TIMEOUT = 5.0
@@ -548,6 +548,10 @@ class Connection(asyncio.BaseProtocol):
         # the cluster id the peer announced in its hello: which process it is (a new one
         # joining under a dead one's name has another; the membership view may lag)
         self.peer_id: int | None = None
+        # how many goodbyes for our silence the peer had sent us at its hello, and the
+        # number of the one it closes this connection with, if so (Worker._stale_end)
+        self.peer_drops = 0
+        self.drop_number = 0
         self.peer_addr: Any = None
         self.outgoing = False
         self.closed = False

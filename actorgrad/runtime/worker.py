@@ -61,9 +61,11 @@ Messages (frame headers; bodies are codec values):
   connection every ``HEARTBEAT_INTERVAL`` for the next ``ASK_WINDOW``: this worker
   waits on it), ``[K_PING, seconds]`` (this worker may be silent for
   so long, 0: no longer; see :meth:`Worker.going_quiet`), ``[K_HELLO, name, id,
-  address, largest frame]`` (first frame each way after the handshake), ``[K_BYE]``
-  (graceful close), ``[K_BYE, why]`` (closing on a peer it heard nothing from, saying
-  so), ``[K_BYE, why, "refused"]`` (closing on a message of the peer's it refused:
+  address, largest frame, goodbyes]`` (first frame each way after the handshake;
+  ``goodbyes``: how many of the next kind this worker sent the peer, see
+  :meth:`Worker._stale_end`), ``[K_BYE]``
+  (graceful close), ``[K_BYE, why, n]`` (closing on a peer it heard nothing from,
+  saying so: its n-th such goodbye to it), ``[K_BYE, why, "refused"]`` (closing on a message of the peer's it refused:
   malformed, or a one-way call that cannot start).
 
 Outgoing calls use the connections this worker opened (one per peer, lazily);
@@ -527,6 +529,12 @@ HEAD_SHUT_DOWN = "it shut down"
 HEAD_CONN_CLOSED = "its connection closed"
 #: The start of Worker.registry_lost_why when the head dropped this worker, saying why
 _DROPPED = "dropped: "
+#: Worker.dropped_by of a peer whose hello said it took this worker for lost, its
+#: goodbye not come (see Worker._new_session)
+DROPPED_UNSAID = (
+    "it took this worker for lost (its goodbye, or the reset of its connection, has not "
+    "come: held up by a network that failed?)"
+)
 
 
 def head_lost(why: str) -> str:
@@ -657,6 +665,12 @@ class Worker:
         # said when it closed on us, see dropped_by, and how the loss showed here, see
         # lost_cause)
         self._lost: dict[str, tuple[str | None, str]] = {}
+        # Sessions with each peer (see _stale_end): how many goodbyes for its silence
+        # this worker sent it (numbered, and told in each hello to it), and the number
+        # of the latest goodbye of that kind from it that this worker took in, per peer
+        # process (its cluster id).
+        self._drops: dict[str, int] = {}
+        self._seen_drops: dict[str, tuple[int | None, int]] = {}
         self._watched: dict[str, int] = {}  # peer -> watch count (see watch)
         # peer -> until when it is asked for pings (see expect_heartbeats)
         self._expecting: dict[str, float] = {}
@@ -957,10 +971,12 @@ class Worker:
         )
 
     # ------------------------------------------------------------------ connections
-    def _hello_header(self) -> list:
+    def _hello_header(self, peer: str | None) -> list:
         """The first frame this worker sends on a connection after the handshake: who
-        it is, where it listens, the largest frame it takes."""
-        return [K_HELLO, self.name, self.id, self.address, self.max_frame_size]
+        it is, where it listens, the largest frame it takes, and how many goodbyes for
+        its silence it sent ``peer`` (the worker at the other end, if known)."""
+        drops = self._drops.get(peer, 0) if peer is not None else 0
+        return [K_HELLO, self.name, self.id, self.address, self.max_frame_size, drops]
 
     def _new_conn(self, kind: str | None = None) -> Connection:
         kind = kind or self.transport_kind
@@ -1066,16 +1082,20 @@ class Worker:
             self._rejected_unlogged += 1
 
     async def open_connection(
-        self, address: str, local: str = "", deadline: float | None = None
+        self,
+        address: str,
+        local: str = "",
+        deadline: float | None = None,
+        peer: str | None = None,
     ) -> Connection:
         """Connect, handshake and exchange hellos. AuthError on a wrong token,
         WorkerLost when nobody listens there, or when a step takes longer than
         ``deadline`` seconds (default ``transport.HANDSHAKE_TIMEOUT``). With ``local``
         (the peer's advertised Unix socket) reachable from here, that is tried first,
-        and TCP if it fails."""
+        and TCP if it fails. ``peer``: the worker expected there, if known."""
         if local and self.local_sockets and transport.local_reachable(local):
             try:
-                return await self._open(address, local, deadline)
+                return await self._open(address, local, deadline, peer)
             except transport.Unanswered:
                 raise  # (hung: TCP would wait out its deadline again)
             except (ActorgradError, OSError) as exc:
@@ -1090,9 +1110,11 @@ class Worker:
                     address,
                     exc,
                 )
-        return await self._open(address, "", deadline)
+        return await self._open(address, "", deadline, peer)
 
-    async def _open(self, address: str, local: str, deadline: float | None) -> Connection:
+    async def _open(
+        self, address: str, local: str, deadline: float | None, peer: str | None
+    ) -> Connection:
         if deadline is None:
             deadline = transport.HANDSHAKE_TIMEOUT
         conn = self._new_conn("unix" if local else None)
@@ -1119,7 +1141,7 @@ class Worker:
         conn.hello = self.loop.create_future()  # type: ignore[attr-defined]
         try:
             await transport.handshake(conn, self.token, server=False, timeout=deadline)
-            conn.send_nowait(wire.encode_frame(self._hello_header(), None))
+            conn.send_nowait(wire.encode_frame(self._hello_header(peer), None))
             async with asyncio.timeout(deadline):
                 await conn.hello  # type: ignore[attr-defined]
         except TimeoutError:
@@ -1168,7 +1190,7 @@ class Worker:
         # that one seldom while nobody waits on it)
         self._ask_all(dest, tried)
         try:
-            conn = await self.open_connection(entry[1], entry[2], PEER_CONNECT_TIMEOUT)
+            conn = await self.open_connection(entry[1], entry[2], PEER_CONNECT_TIMEOUT, dest)
         except WorkerLost as exc:
             now = self.members.get(dest)
             if now is not None and now[0] != entry[0]:
@@ -1341,6 +1363,8 @@ class Worker:
         # it left the cluster (the registry saw it go): its RRef counts go too
         rref.peer_lost(self, name, wid)
         self._peer_lost(name, cause="it left the cluster")
+        self._drops.pop(name, None)  # (a process joining under the name starts anew)
+        self._seen_drops.pop(name, None)
 
     def _member_new(self, name: str, wid: int) -> None:
         self._lost.pop(name, None)  # (re)joined: a later loss is reported
@@ -1437,6 +1461,8 @@ class Worker:
                 # dropped the live one's contexts, its lease). (Were the view behind
                 # instead, its catching up reports the old one lost.)
                 return
+            if self._stale_end(conn, name):
+                return
             self._peer_lost(name, conn.dropped_why or None, str(err))
             if conn.dropped_why and not any(
                 c.peer_name == name and not c.closed for c in self._conns
@@ -1456,6 +1482,42 @@ class Worker:
             log.info(
                 "worker %s: could not reach %s again after it dropped us: %s", self.name, name, exc
             )
+
+    def _new_session(self, name: str, wid: int, drops: int) -> None:
+        """A hello from member ``name`` (process ``wid``) that sent this worker
+        ``drops`` goodbyes for its silence: if this worker has not taken in the latest,
+        the peer dropped it and the goodbye has not come, held up by a network that
+        failed (a host cut off for seconds: TCP delivers it once the link is back,
+        maybe after this hello). What the peer dropped goes now, before anything of
+        the new session comes (see _stale_end)."""
+        seen = self._seen_drops.get(name)
+        if seen is None or seen[0] != wid:
+            self._seen_drops[name] = (wid, drops)  # (the first hello of that process)
+        elif drops > seen[1]:
+            self._seen_drops[name] = (wid, drops)
+            self._peer_lost(name, DROPPED_UNSAID, "it took this worker for lost")
+
+    def _stale_end(self, conn: Connection, name: str) -> bool:
+        """Whether the end of ``conn`` (with member ``name``) is old news: the peer
+        process said hello on another connection, open, after it had dropped this
+        worker on that one (see _new_session), which ended its session then. The
+        goodbye, or the reset, of the old one, held up by a network that failed, can
+        come after the new session's first calls: taken as a loss then, it took that
+        session's contexts and RRef counts with it. If not, takes in the number of
+        ``conn``'s goodbye, if any."""
+        for c in self._conns:
+            if (
+                c.peer_name == name
+                and c.peer_id == conn.peer_id
+                and c.peer_drops > conn.peer_drops
+                and not c.closed
+            ):
+                return True
+        if conn.drop_number:
+            wid, seen = self._seen_drops.get(name, (conn.peer_id, 0))
+            if wid == conn.peer_id:
+                self._seen_drops[name] = (wid, max(seen, conn.drop_number))
+        return False
 
     def _peer_lost(self, name: str, dropped_why: str | None = None, cause: str = "") -> None:
         """Report ``name`` lost to the callbacks, once per loss; ``dropped_why``: it
@@ -1598,13 +1660,17 @@ class Worker:
                     raise ProtocolError(f"malformed cancel header {header!r}")
                 self._cancel_request(conn, header[1])
             elif kind == K_HELLO:
-                _, name, wid, address, most = header
+                _, name, wid, address, most, drops = header
                 if not (valid_name(name) and type(wid) is int and 0 <= wid < MAX_ID) or (
-                    not isinstance(address, str) or type(most) is not int or most < 1
+                    not isinstance(address, str)
+                    or type(most) is not int
+                    or most < 1
+                    or type(drops) is not int
+                    or drops < 0
                 ):
                     raise ProtocolError(
                         f"malformed hello: name {name!r:.80}, id {wid!r:.20}, address "
-                        f"{address!r:.80}, largest frame {most!r:.20}"
+                        f"{address!r:.80}, largest frame {most!r:.20}, goodbyes {drops!r:.20}"
                     )
                 if conn.peer_name is not None:
                     # (one hello each way: a second one renamed the peer of the
@@ -1624,20 +1690,30 @@ class Worker:
                 conn.peer_name = name
                 conn.max_frame_size = self.max_frame_size
                 conn.send_limit = min(self.max_frame_size, most)
-                self._lost.pop(name, None)  # (alive after all, as above)
                 conn.peer_id = wid or None  # (0: not joined yet; its join tells the head)
+                conn.peer_drops = drops
+                if member is not None and wid == member[0]:
+                    self._new_session(name, wid, drops)
+                self._lost.pop(name, None)  # (alive after all, as above)
                 conn.peer_address = address  # type: ignore[attr-defined]
                 h = getattr(conn, "hello", None)
                 if h is not None and not h.done():
                     h.set_result(None)
                 if not conn.outgoing:
-                    conn.send_nowait(wire.encode_frame(self._hello_header(), None))
+                    conn.send_nowait(wire.encode_frame(self._hello_header(name), None))
             elif kind == K_BYE:
                 if len(header) == 1:
                     conn.goodbye = True
-                elif len(header) == 2 and type(header[1]) is str:
-                    # (the peer closes on us, saying why: it heard nothing from us)
+                elif (
+                    len(header) == 3
+                    and type(header[1]) is str
+                    and type(header[2]) is int
+                    and header[2] > 0
+                ):
+                    # (the peer closes on us, saying why: it heard nothing from us; its
+                    # how-manieth such goodbye to us, see _stale_end)
                     conn.dropped_why = header[1][:500]
+                    conn.drop_number = header[2]
                 elif len(header) == 3 and type(header[1]) is str and header[2] == "refused":
                     # (the peer closes on us over something we sent: a bug, or two
                     # versions of the code; nothing pending may tell, so the log does)
@@ -2619,6 +2695,8 @@ class Worker:
             # a quarter of a core pinging)
             seldom = max(interval, IDLE_TIMEOUT / 6) * 0.9
             for conn in self._talking():
+                if conn.closed:  # (closed with another one of its peer's this round)
+                    continue
                 if lagged or conn.paused_reading or conn._out_full:
                     # (silence we caused: our loop was blocked, or we stopped reading
                     # the connection, its requests filling the mailbox or its replies
@@ -2685,15 +2763,28 @@ class Worker:
         if silent > limit and now >= conn.decoding_until and now >= conn.quiet_until:
             # (said first: a peer that was stopped, not dead, reads it once it runs again)
             why = f"it heard nothing from this worker for {limit:g} s: was its process stopped?"
-            self._say_now(conn, [K_BYE, why])
-            self._part(
-                conn,
-                WorkerLost(
-                    f"worker {peer!r} sent nothing for {limit:g} s (heartbeat lost: its process "
-                    "stopped, its event loop blocked by code that does not await, or the "
-                    "network down?)"
-                ),
+            drops = self._drops[peer] = self._drops.get(peer, 0) + 1
+            err = WorkerLost(
+                f"worker {peer!r} sent nothing for {limit:g} s (heartbeat lost: its process "
+                "stopped, its event loop blocked by code that does not await, or the "
+                "network down?)"
             )
+            # Every connection with that process ends with this one (not this worker's
+            # membership: that is leaving the cluster): one kept, an idle one the peer
+            # opened, carried the next calls to it while its goodbye was still on the
+            # way, and the goodbye, late, ended that session (see _stale_end).
+            for c in [conn] + [
+                c
+                for c in self._conns
+                if c is not conn
+                and c.peer_name == peer
+                and c.peer_id == conn.peer_id
+                and not (c.closed or c._handshaking)
+                and c is not self.registry_conn
+                and (self.registry is None or c not in self.registry.conns)
+            ]:
+                self._say_now(c, [K_BYE, why, drops])
+                self._part(c, err)
             return True
         return False
 
