@@ -2108,6 +2108,34 @@ async def test_a_peer_that_dropped_this_worker_on_each_connection_is_reported_lo
     assert await w1.call("w2", add, (5, 6)) == 11
 
 
+async def test_a_peer_dropped_for_silence_on_one_connection_is_dropped_on_every_one(cluster):
+    # Only the connection found silent first was closed: the peer went unwatched once
+    # taken for lost, and the other one, which it had opened, lived on and carried the
+    # next calls to it while the goodbye was still on its way (a network cut off): the
+    # goodbye, late, then ended the session those calls had begun. Each goodbye is
+    # numbered, and each hello counts them (see Worker._stale_end).
+    w1, w2 = cluster.workers[:2]
+    if cluster.driver.transport_kind == "inproc":
+        pytest.skip("in-process connections close without a goodbye")
+    assert await w1.call("w2", add, (1, 2)) == 3
+    assert await w2.call("w1", add, (3, 4)) == 7  # (a connection each way)
+    conns = [c for c in w1._conns if c.peer_name == "w2" and not c.closed]
+    theirs = [c for c in w2._conns if c.peer_name == "w1" and not c.closed]
+    assert len(conns) == 2 and len(theirs) == 2
+    w1.watch("w2")
+    assert w1._silent_too_long(conns[0], time.monotonic() + rworker.HEARTBEAT_TIMEOUT + 1)
+    w1.unwatch("w2")
+    assert all(c.closed for c in conns)
+    assert w1._drops["w2"] == 1
+    async with asyncio.timeout(10):  # (w2 read both goodbyes)
+        while not all(c.closed for c in theirs):  # noqa: ASYNC110 (no event for it)
+            await asyncio.sleep(0.01)
+    assert [c.drop_number for c in theirs] == [1, 1]
+    assert await w1.call("w2", add, (5, 6)) == 11  # (a new connection: its hello says 1)
+    now = [c for c in w2._conns if c.peer_name == "w1" and not c.closed]
+    assert now and all(c.peer_drops == 1 for c in now)
+
+
 async def test_a_peer_lost_after_it_dropped_this_worker_is_reported_lost_again(cluster):
     # What a peer that dropped this worker said is kept until it is heard from again:
     # once per loss, and a real loss after it (it died, or left) is news.
