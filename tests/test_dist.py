@@ -4388,6 +4388,25 @@ async def test_a_worker_that_loses_a_live_initiator_mid_pass_fails_the_pass(monk
         await assert_clean(["w1", "w2"])
 
 
+async def test_a_worker_the_head_dropped_still_gets_its_backward_passes_done():
+    # A worker the head dropped (a driver stopped for over the idle timeout, then going
+    # on: here its connection to the head broke) keeps calling the workers it reaches,
+    # but a backward it started waited for good: w2's report of its part went to the
+    # origin by name, no member any more ("has left the cluster"), and was dropped.
+    async with cluster("tcp", 2) as c:
+        w1, w2 = c.workers
+        await ag.rpc("w2", F.put, ("w", arr(3)))
+        assert await ag.rpc("w1", F.identity, (1,)) == 1  # (a connection to it, kept)
+        gone = _lost_by(w2, "w1")
+        w1.registry_conn.abort(ConnectionResetError("reset by the test"))
+        await asyncio.wait_for(gone.wait(), 10)  # (the head told w2 that w1 left)
+        xv = arr(3)
+        g = await asyncio.wait_for(ag.rpc("w1", F.own_context_backward, ("w2", "w", xv)), 10)
+        w = await ag.rpc("w2", F.get, ("w",))
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-12)
+        assert (await ag.rpc("w2", F.debug_info))["num_contexts"] == 0
+
+
 async def test_a_worker_dropped_for_silence_mid_backward_is_the_one_named_lost(monkeypatch):
     # w1 dropped w2 (stopped past the heartbeat timeout during its part of the pass).
     # w2, running again, reported w1 lost to the driver: sometimes first, so backward

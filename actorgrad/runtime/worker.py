@@ -1182,6 +1182,13 @@ class Worker:
             await self._refresh_members()
             entry = self.members.get(dest)
         if entry is None:
+            back = self._opened_by_nonmember(dest)
+            if back is not None:
+                # (a process the head dropped (stopped for IDLE_TIMEOUT, then went on):
+                # no member, yet alive, and it reached us. It goes on calling, and a
+                # backward pass it starts waits for this worker's reports: dropped, they
+                # left its backward waiting for good)
+                return back
             if dest in self._lost:
                 raise WorkerLost(f"worker {dest!r} has left the cluster")
             raise ValueError(f"unknown worker {dest!r}; known workers: {self.worker_names()}")
@@ -1252,6 +1259,14 @@ class Worker:
         opened to this one, if any."""
         for c in self._conns:
             if c.peer_name == dest and not c.outgoing and not c.closed and c.peer_id == dest_id:
+                return c
+        return None
+
+    def _opened_by_nonmember(self, dest: str) -> Connection | None:
+        """An open connection that ``dest``, no member of the cluster here, opened to
+        this worker, if any (it lives: it reached us)."""
+        for c in self._conns:
+            if c.peer_name == dest and not c.outgoing and not c.closed and c.peer_id is not None:
                 return c
         return None
 
