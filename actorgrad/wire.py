@@ -703,6 +703,7 @@ def _unsendable_dtype(enc: _Encoder, obj: Any) -> Any:
 _DISPATCH: dict[type, Callable[[_Encoder, Any], Any]] = {
     tuple: _enc_tuple,
     np.ndarray: _enc_array,
+    RemoteError: _enc_exception,  # (an error reply needs no lookup that could fail)
 }
 
 
@@ -712,7 +713,11 @@ def _resolve(t: type) -> Callable[[_Encoder, Any], Any]:
     cache = True
     tensor_cls = _tensor_class()
     aio = sys.modules.get("asyncio")
-    if issubclass(t, np.ma.MaskedArray):
+    # (numpy.ma only if it was imported: numpy 2 imports it lazily at ``np.ma``, which
+    # opens files; a process out of them failed to encode every reply of a new type, its
+    # error reply too, and the caller waited for good. No masked array exists without it)
+    ma = sys.modules.get("numpy.ma")
+    if ma is not None and issubclass(t, ma.MaskedArray):
         handler = _unsendable
     elif issubclass(t, np.ndarray):
         handler = _enc_array_subclass

@@ -3014,3 +3014,47 @@ async def test_a_connection_out_of_time_names_the_time_it_had():
     async with ag.local_cluster(1, transport="tcp") as c:
         with pytest.raises(ag.WorkerLost, match=r"cannot connect to .+: no answer within 1e-09 s"):
             await c.driver.open_connection(c.address, deadline=1e-9)
+
+
+class _ResultThatCannotTravel:
+    pass
+
+
+def _result_that_cannot_travel() -> Any:
+    return _ResultThatCannotTravel()
+
+
+async def test_a_reply_whose_error_cannot_be_encoded_either_still_answers(monkeypatch):
+    # The error reply of a result that could not be encoded failed to encode too (a
+    # lazy import of numpy.ma, which opened files, in a process out of them): no reply
+    # was sent, and the caller waited for good.
+    real = ag.RemoteError.from_exception.__func__
+
+    def failing(cls, worker, exc):
+        if isinstance(exc, TypeError) and "_ResultThatCannotTravel" in str(exc):
+            raise OSError(24, "Too many open files")
+        return real(cls, worker, exc)
+
+    async with ag.local_cluster(1):
+        monkeypatch.setattr(ag.RemoteError, "from_exception", classmethod(failing))
+        with pytest.raises(ag.RemoteError) as info:
+            await asyncio.wait_for(ag.rpc("w1", _result_that_cannot_travel), 10)
+        assert info.value.remote_type == "TypeError"
+        assert "the reply could not be encoded (OSError: [Errno 24] Too many open files)" in str(
+            info.value
+        )
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+
+
+def test_encoding_a_numpy_scalar_does_not_import_numpy_ma():
+    # (numpy 2 imports numpy.ma at the first ``np.ma``: in a process out of open files,
+    # that import failed every reply of a new type, and the error reply too)
+    code = (
+        "import sys, numpy as np\n"
+        "from actorgrad import wire\n"
+        "sys.modules.pop('numpy.ma', None)\n"
+        "wire.encode_frame([1], [np.float32(1), np.int16(2)])\n"
+        "print('numpy.ma' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr

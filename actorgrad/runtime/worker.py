@@ -110,6 +110,7 @@ from actorgrad.errors import (
     one_each,
     refusal_type,
     short_repr,
+    type_name,
 )
 from actorgrad.runtime import calls, rref, transport
 from actorgrad.runtime.pool import CallPool
@@ -2148,7 +2149,24 @@ class Worker:
         except Exception as exc:
             hooks.undo()
             log.debug("reply of call %s cannot be encoded: %r", cid, exc)
+            return self._encode_error(cid, exc)
+
+    def _encode_error(self, cid: int, exc: BaseException) -> list:
+        """The error reply to call ``cid``; one that cannot fail to encode when ``exc``'s
+        own does not (an error escaping here sent no reply: the caller waited for good)."""
+        try:
             return wire.encode_frame([K_ERR, cid], RemoteError.from_exception(self.name, exc), None)
+        except Exception as exc2:
+            log.warning(
+                "worker %s: error reply of call %s cannot be encoded: %r", self.name, cid, exc2
+            )
+            plain = RemoteError(
+                self.name,
+                type_name(type(exc)),
+                f"the reply could not be encoded ({type(exc2).__name__}: {exc2})",
+                "",
+            )
+            return wire.encode_frame([K_ERR, cid], plain, None)
 
     def _reply(self, conn: Connection, cid: int, mode: int, result: Any, hooks: rref.Hooks) -> None:
         if cid == 0 or conn.closed:
