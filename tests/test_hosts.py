@@ -396,6 +396,31 @@ def lost(err: dict[str, Any], name: str) -> bool:
     ) and f"'{name}'" in err["message"]
 
 
+def test_the_drivers_host_cut_off_mid_pass_fails_it_and_the_workers_drop_its_context(
+    net: Network, driver: Driver
+) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(64)
+    driver.send(do="step", x=x.tolist(), pause=True)
+    assert driver.answer() == {"paused": True}
+    net.link(3, up=False)  # the driver's own host off the network
+    try:
+        driver.send(go=True)
+        failed = driver.answer(timeout=2 * HEARTBEAT_TIMEOUT + 30)
+    finally:
+        net.link(3, up=True)
+    assert lost(failed["backward"], "w2"), failed
+    assert failed["backward_s"] < HEARTBEAT_TIMEOUT + 5, failed
+    # leaving the context waits, at most for a heartbeat timeout, for w3, whose
+    # connection was idle when the link went
+    assert "exit" not in failed and failed["exit_s"] < HEARTBEAT_TIMEOUT + 5, failed
+    for w in ("w2", "w3"):
+        info = driver.ask(do="contexts", on=w, deadline=20.0)
+        assert info["num_contexts"] == 0 and info["num_recv_nodes"] == 0, (w, info)
+    x = rng.standard_normal(64)
+    check_step(driver, driver.ask(do="step", x=x.tolist()), x)
+
+
 def test_training_goes_on_while_the_heads_host_is_cut_off(net: Network, driver: Driver) -> None:
     rng = np.random.default_rng(4)
     net.link(0, up=False)

@@ -1512,6 +1512,25 @@ class Worker:
         elif drops > seen[1]:
             self._seen_drops[name] = (wid, drops)
             self._peer_lost(name, DROPPED_UNSAID, "it took this worker for lost")
+        for c in [
+            c
+            for c in self._conns
+            if c.peer_name == name
+            and c.peer_id == wid
+            and c.peer_drops < drops
+            and not c.closed
+            and c is not self.registry_conn
+            and (self.registry is None or c not in self.registry.conns)
+        ]:
+            # (older than that drop: the peer closed them then, and reads nothing more
+            # on them; what this worker sent on them was lost, the one-way messages of
+            # a backward pass too, and the pass waited for good. Their ends are old
+            # news: see _stale_end. Not the membership: the peer keeps that one)
+            c.abort(
+                WorkerLost(
+                    f"worker {name!r} closed this connection when it took this worker for lost"
+                )
+            )
 
     def _stale_end(self, conn: Connection, name: str) -> bool:
         """Whether the end of ``conn`` (with member ``name``) is old news: the peer
