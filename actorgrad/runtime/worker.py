@@ -63,9 +63,9 @@ Messages (frame headers; bodies are codec values):
   so long, 0: no longer; see :meth:`Worker.going_quiet`), ``[K_HELLO, name, id,
   address, largest frame, goodbyes]`` (first frame each way after the handshake;
   ``goodbyes``: how many of the next kind this worker sent the peer, see
-  :meth:`Worker._stale_end`), ``[K_BYE]``
-  (graceful close), ``[K_BYE, why, n]`` (closing on a peer it heard nothing from,
-  saying so: its n-th such goodbye to it), ``[K_BYE, why, "refused"]`` (closing on a message of the peer's it refused:
+  :meth:`Worker._stale_end`), ``[K_BYE]`` (graceful close), ``[K_BYE, why, n]``
+  (closing on a peer it heard nothing from, saying so: its n-th such goodbye to it),
+  ``[K_BYE, why, "refused"]`` (closing on a message of the peer's it refused:
   malformed, or a one-way call that cannot start).
 
 Outgoing calls use the connections this worker opened (one per peer, lazily);
