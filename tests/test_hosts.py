@@ -466,9 +466,11 @@ def test_steps_over_a_flapping_network_are_right_or_fail_with_worker_lost(
             t0 = time.monotonic()
             answer = driver.ask(timeout=60, do="step", x=x.tolist())
             took = time.monotonic() - t0
-            # (a cut of 2 s, then TCP's retransmission backoff: a step can wait past
-            # the heartbeat timeout and then fail, never much longer)
-            assert took < 2 * HEARTBEAT_TIMEOUT + 5, (took, answer)
+            # (a cut of 2 s, then TCP's retransmission backoff, which grows with each
+            # segment lost: a request can wait 10 s and more in its sender's queue
+            # while its peer, alive, pings over the other direction: slow, no error;
+            # 13.9 s seen once in 90 s of this. A hang would wait for good)
+            assert took < 45, (took, answer)
             if "x" in answer:
                 check_step(driver, answer, x)
                 ok += 1
