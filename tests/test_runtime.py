@@ -2136,6 +2136,26 @@ async def test_a_peer_dropped_for_silence_on_one_connection_is_dropped_on_every_
     assert now and all(c.peer_drops == 1 for c in now)
 
 
+async def test_a_call_on_a_connection_its_peer_dropped_says_why(cluster):
+    # (the caller read "connection to worker 'w1' lost": a driver back from a stop of
+    # over a minute, whose peers, alive, had dropped it for its silence)
+    w1, w2 = cluster.workers[:2]
+    if cluster.driver.transport_kind == "inproc":
+        pytest.skip("in-process connections close without a goodbye")
+    assert await w2.call("w1", add, (1, 2)) == 3
+    call = w2.call_nowait("w1", asyncio.sleep, (3600,))  # (pending on that connection)
+    w1.watch("w2")
+    conns = [c for c in w1._conns if c.peer_name == "w2" and not c.closed]
+    assert w1._silent_too_long(conns[0], time.monotonic() + rworker.HEARTBEAT_TIMEOUT + 1)
+    w1.unwatch("w2")
+    with pytest.raises(ag.WorkerLost) as ei:
+        await asyncio.wait_for(call, 10)
+    assert str(ei.value) == (
+        "worker 'w1' closed its connection with this worker: it heard nothing from this "
+        "worker for 3 s: was its process stopped?"
+    )
+
+
 async def test_a_peer_lost_after_it_dropped_this_worker_is_reported_lost_again(cluster):
     # What a peer that dropped this worker said is kept until it is heard from again:
     # once per loss, and a real loss after it (it died, or left) is news.

@@ -1429,6 +1429,12 @@ class Worker:
                 f"worker {name!r} closed the connection on a message from this worker: "
                 f"{conn.refused_why}"
             )
+        elif conn.dropped_why:
+            # (said: a driver back from a long stop read "connection to worker 'w1'
+            # lost", no reason, for a peer that lived on and had dropped it)
+            err = WorkerLost(
+                f"worker {name!r} closed its connection with this worker: {conn.dropped_why}"
+            )
         else:
             err = WorkerLost(f"connection to worker {name!r} lost{f': {exc}' if exc else ''}")
         if conn.pending:
