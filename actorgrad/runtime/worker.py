@@ -1183,7 +1183,7 @@ class Worker:
             await self._refresh_members()
             entry = self.members.get(dest)
         if entry is None:
-            back = self._opened_by_nonmember(dest)
+            back = self._opened_by(dest)
             if back is not None:
                 # (a process the head dropped (stopped for IDLE_TIMEOUT, then went on):
                 # no member, yet alive, and it reached us. It goes on calling, and a
@@ -1255,21 +1255,38 @@ class Worker:
         entry = self.members.get(peer)
         return entry is not None and self._opened_by(peer, entry[0]) is not None
 
-    def _opened_by(self, dest: str, dest_id: int) -> Connection | None:
-        """An open connection that worker ``dest`` (the process of cluster id ``dest_id``)
-        opened to this one, if any."""
+    def _opened_by(self, dest: str, dest_id: int | None = None) -> Connection | None:
+        """An open connection that worker ``dest`` (the process of cluster id ``dest_id``;
+        None: any process that joined a cluster) opened to this one, if any."""
         for c in self._conns:
-            if c.peer_name == dest and not c.outgoing and not c.closed and c.peer_id == dest_id:
+            if (
+                c.peer_name == dest
+                and not c.outgoing
+                and not c.closed
+                and c.peer_id is not None
+                and (dest_id is None or c.peer_id == dest_id)
+            ):
                 return c
         return None
 
-    def _opened_by_nonmember(self, dest: str) -> Connection | None:
-        """An open connection that ``dest``, no member of the cluster here, opened to
-        this worker, if any (it lives: it reached us)."""
-        for c in self._conns:
-            if c.peer_name == dest and not c.outgoing and not c.closed and c.peer_id is not None:
-                return c
-        return None
+    def _is_membership(self, conn: Connection) -> bool:
+        """Whether ``conn`` is this worker's connection with the registry's head (or, on
+        the head, a member's with it): closing it is leaving the cluster."""
+        return conn is self.registry_conn or (
+            self.registry is not None and conn in self.registry.conns
+        )
+
+    def _session_conns(self, name: str, wid: int | None) -> list[Connection]:
+        """The open connections with worker ``name`` as the process of cluster id
+        ``wid``, but the membership's (see _stale_end)."""
+        return [
+            c
+            for c in self._conns
+            if c.peer_name == name
+            and c.peer_id == wid
+            and not c.closed
+            and not self._is_membership(c)
+        ]
 
     def _unreachable(self, dest: str, entry: Any, exc: WorkerLost) -> WorkerLost:
         """The error of a failed connection to worker ``dest`` (member ``entry``)."""
@@ -1518,16 +1535,7 @@ class Worker:
         elif drops > seen[1]:
             self._seen_drops[name] = (wid, drops)
             self._peer_lost(name, DROPPED_UNSAID, "it took this worker for lost")
-        for c in [
-            c
-            for c in self._conns
-            if c.peer_name == name
-            and c.peer_id == wid
-            and c.peer_drops < drops
-            and not c.closed
-            and c is not self.registry_conn
-            and (self.registry is None or c not in self.registry.conns)
-        ]:
+        for c in [c for c in self._session_conns(name, wid) if c.peer_drops < drops]:
             # (older than that drop: the peer closed them then, and reads nothing more
             # on them; what this worker sent on them was lost, the one-way messages of
             # a backward pass too, and the pass waited for good. Their ends are old
@@ -2814,8 +2822,7 @@ class Worker:
             # (not its membership: closing that one is leaving the cluster, for good;
             # a peer that hung for seconds is lost to the protocol that watched it,
             # not to the cluster, until IDLE_TIMEOUT)
-            and conn is not self.registry_conn
-            and (self.registry is None or conn not in self.registry.conns)
+            and not self._is_membership(conn)
         )
         limit = HEARTBEAT_TIMEOUT if watched else IDLE_TIMEOUT
         if silent > limit and now >= conn.decoding_until and now >= conn.quiet_until:
@@ -2831,16 +2838,8 @@ class Worker:
             # membership: that is leaving the cluster): one kept, an idle one the peer
             # opened, carried the next calls to it while its goodbye was still on the
             # way, and the goodbye, late, ended that session (see _stale_end).
-            for c in [conn] + [
-                c
-                for c in self._conns
-                if c is not conn
-                and c.peer_name == peer
-                and c.peer_id == conn.peer_id
-                and not (c.closed or c._handshaking)
-                and c is not self.registry_conn
-                and (self.registry is None or c not in self.registry.conns)
-            ]:
+            others = [c for c in self._session_conns(peer, conn.peer_id) if c is not conn]
+            for c in [conn, *others]:
                 self._say_now(c, [K_BYE, why, drops])
                 self._part(c, err)
             return True
