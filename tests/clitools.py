@@ -114,3 +114,12 @@ class Running:
             if pipe is not None:
                 pipe.close()
         self._reader.join(5)
+
+
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is no zombie (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clitools import CLI, NEWS, ROOT, STARTUP, Running, clean_env
+from clitools import CLI, NEWS, ROOT, STARTUP, Running, clean_env, is_running
 
 from actorgrad import cli
 
@@ -90,19 +90,11 @@ def wait_gone(pids: set[int], timeout: float) -> set[int]:
             continue
         try:
             ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready and _is_running(pid):
+            if not ready and is_running(pid):
                 alive.add(pid)
         finally:
             os.close(fd)
     return alive
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def free_port() -> int:
@@ -1533,7 +1525,7 @@ def test_run_ends_the_processes_its_script_left_running(tmp_path: Path) -> None:
             == f"actorgrad: the script {script} left 1 process running ({child}): terminating\n"
         )
         assert wait_gone({child}, 10) == set()
-        assert _is_running(daemon)  # (a session of its own: not the script's group)
+        assert is_running(daemon)  # (a session of its own: not the script's group)
     finally:
         for pid in (child, daemon):
             with contextlib.suppress(ProcessLookupError):
@@ -1820,7 +1812,7 @@ def test_a_worker_stuck_in_a_blocking_call_exits_when_its_cluster_dies(tmp_path:
         r.proc.send_signal(signal.SIGKILL)
         assert wait_gone({pid}, 20) == set()
     finally:
-        if pid and _is_running(pid):  # (it holds run's stdout open: stop() would wait)
+        if pid and is_running(pid):  # (it holds run's stdout open: stop() would wait)
             os.kill(pid, signal.SIGKILL)
         r.stop()
 

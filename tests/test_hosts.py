@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from clitools import ROOT, STARTUP, Running, clean_env
+from clitools import ROOT, STARTUP, Running, clean_env, is_running
 
 from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
 
@@ -60,21 +60,11 @@ def _namespaces_work() -> str | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_namespaces() -> None:
     """The namespaces of earlier runs killed before their clean-up (agt<pid>...)."""
     for line in _ip("netns", "list").stdout.splitlines():
         m = re.match(r"(agt(\d+)(?:sw|h\d+))\b", line)
-        if m and not _alive(int(m[2])):
+        if m and not is_running(int(m[2])):
             _ip("netns", "del", m[1])
 
 
