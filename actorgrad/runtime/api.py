@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -275,9 +274,11 @@ def _forget(w: Worker) -> None:
     more. Its sockets are closed here (asyncio's own loops leave them open when they
     close, uvloop's close them), so that peers see it gone at once."""
     w.closed = True
-    socks = [getattr(s, "_sockets", None) or [] for s in (w._server, w._local_server)]
-    socks.append([getattr(c.transport, "_sock", None) for c in w._conns])
-    for sock in itertools.chain.from_iterable(socks):
+    for listener in (w._server, w._local_server):
+        if listener is not None:
+            listener.close()
+    socks = [getattr(c.transport, "_sock", None) for c in w._conns]
+    for sock in socks:
         if isinstance(sock, socket.socket):  # (the raw socket: closing it twice is fine)
             sock.close()
     if w._pool is not None:

@@ -143,8 +143,7 @@ def open_files_limit(raise_to_hard: bool = False) -> int | None:
 
     Each connection is a file: a worker process at a distribution's default of 1,024
     serves fewer peers and strangers than its hard limit (often 500,000) allows, and
-    beyond its limit a connection is closed at once, unlogged (libuv's answer to
-    EMFILE). So the worker processes actorgrad starts raise it (``worker_main``); a
+    beyond its limit a connection is closed at once (``transport.Listener``). So the worker processes actorgrad starts raise it (``worker_main``); a
     process of the user's keeps its own.
 
     Example::

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import hashlib
 import hmac
 import ipaddress
@@ -1142,6 +1143,218 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
 
 
 # ---------------------------------------------------------------------------------------
+# Listening
+# ---------------------------------------------------------------------------------------
+
+#: errnos of an accept that failed for want of open files or kernel memory: the
+#: connection stays queued and the socket readable, so retrying at once fails again
+_OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: the first and the longest pause in accepting when the process is out of files
+ACCEPT_PAUSE = (0.05, 1.0)
+#: connections accepted in one loop turn, at most (as asyncio's servers do)
+ACCEPT_BATCH = 100
+
+
+def _spare_file() -> int | None:
+    """A file kept open to be closed when the process runs out of them (see Listener)."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+class Listener:
+    """Listening sockets whose connections become ``factory()``'s protocols: what
+    ``loop.create_server`` gives, but with a process out of open files handled.
+
+    The loop's own servers do not handle it well. An accept that fails with EMFILE
+    leaves the connection queued and the socket readable. libuv (uvloop) then closes
+    a spare file it keeps, accepts and closes what waits, and reopens the spare; once
+    another thread has taken that file (a call in the thread pool opening one), every
+    loop turn fails again: a worker spun a core at 100% (16,834 failed accepts a
+    second, measured) and its peers waited out their deadlines. asyncio logs a
+    traceback per failed accept (16,500 in 3.5 s: 3.11 goes on accepting after it
+    paused). Here the same spare-file trick refuses what waits (its peer hears that
+    the connection closed before its handshake), and when no file is to be had the
+    sockets are left unwatched for 50 ms, doubling up to 1 s, while a warning says so
+    once a minute.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sockets: list[socket.socket],
+        factory: Callable[[], asyncio.BaseProtocol],
+        owner: str = "",
+    ) -> None:
+        self.loop = loop
+        self.sockets = sockets
+        self.owner = owner
+        self._factory = factory
+        self._spare = _spare_file()
+        self._pause = 0.0
+        self._resume: asyncio.TimerHandle | None = None
+        self._starting: set[asyncio.Task] = set()
+        self._warned = -math.inf
+        self.closed = False
+        self.accepted = 0
+        self.refused = 0  # closed at once for want of files
+        self.pauses = 0
+        for sock in sockets:
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._readable, sock)
+
+    def __repr__(self) -> str:
+        where = ", ".join(str(s.getsockname()) for s in self.sockets if s.fileno() >= 0)
+        state = "closed" if self.closed else f"paused {self._pause:g} s" if self._resume else "open"
+        return (
+            f"<Listener {self.owner} {state} at {where or '-'}: {self.accepted} accepted, "
+            f"{self.refused} refused for want of files, {self.pauses} pauses>"
+        )
+
+    def is_serving(self) -> bool:
+        return not self.closed
+
+    def _readable(self, sock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_FILES:
+                    self._out_of_files(sock, exc)
+                    return
+                continue  # (that connection's own failure: ECONNABORTED and the like)
+            self._pause = 0.0
+            self.accepted += 1
+            if self._spare is None:  # (taken back now that files are free again)
+                self._spare = _spare_file()
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                # (asyncio sets it only on sockets made with proto IPPROTO_TCP)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self.loop.create_task(self._start(conn))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _start(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self._factory, conn)
+        except BaseException as exc:  # (the transport never took it)
+            conn.close()
+            if not isinstance(exc, Exception):
+                raise
+            log.debug("%s: an accepted connection failed to start: %r", self.owner, exc)
+
+    def _out_of_files(self, sock: socket.socket, exc: OSError) -> None:
+        if self._spare is None:
+            self._spare = _spare_file()  # (files may have been freed since)
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+            refused = 0
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    break  # (none left; or another thread took the file just freed)
+                conn.close()
+                refused += 1
+            self._spare = _spare_file()
+            self.refused += refused
+            if refused:
+                self._warn(f"closed {refused} new connection(s) at once", exc)
+                return
+        # no file to be had: stop watching for a while instead of failing every turn
+        self._pause = min(max(2 * self._pause, ACCEPT_PAUSE[0]), ACCEPT_PAUSE[1])
+        self.pauses += 1
+        self._warn(f"new connections wait (accepting again in {self._pause:g} s)", exc)
+        for s in self.sockets:
+            self.loop.remove_reader(s.fileno())
+        self._resume = self.loop.call_later(self._pause, self._watch)
+
+    def _watch(self) -> None:
+        self._resume = None
+        for sock in self.sockets:
+            self.loop.add_reader(sock.fileno(), self._readable, sock)
+
+    def _warn(self, what: str, exc: OSError) -> None:
+        from actorgrad.runtime.procs import open_files_limit  # (procs imports this module)
+
+        now = self.loop.time()
+        if now - self._warned >= 60.0:
+            self._warned = now
+            log.warning(
+                "%s is out of open files or memory (%s; ulimit -n is %s): %s",
+                self.owner or "a listener",
+                (exc.strerror or str(exc)).lower(),
+                open_files_limit(),
+                what,
+            )
+
+    def close(self) -> None:
+        """Stop accepting and close the sockets; connections being set up go on (see
+        :meth:`wait_closed`)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        for sock in self.sockets:
+            if sock.fileno() >= 0:
+                if not self.loop.is_closed():  # (api._forget: the loop closed first)
+                    self.loop.remove_reader(sock.fileno())
+                sock.close()
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+    async def wait_closed(self) -> None:
+        """Wait for the connections accepted before :meth:`close` to be handed over."""
+        while self._starting:
+            await asyncio.wait(list(self._starting))
+
+
+async def bind_tcp(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, backlog: int = 100
+) -> list[socket.socket]:
+    """Listening TCP sockets for ``host`` and ``port``, one per address ``host`` names
+    (``""``: every interface of each family), made as ``loop.create_server`` makes
+    them: SO_REUSEADDR, IPv6 sockets IPv6-only, and the same words when one is taken."""
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for af, kind, proto, _, sa in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(af, kind, proto)
+            except OSError:
+                continue  # (a family this system cannot make)
+            sockets.append(sock)
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if af == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(sa)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"error while attempting to bind on address {sa!r}: "
+                    f"{(exc.strerror or str(exc)).lower()}",
+                ) from None
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+# ---------------------------------------------------------------------------------------
 # Local (Unix) sockets
 # ---------------------------------------------------------------------------------------
 
@@ -1177,10 +1390,10 @@ def machine_key() -> str:
     return _machine_key_cache[0]
 
 
-async def listen_local(
-    loop: asyncio.AbstractEventLoop, factory: Callable[[], Connection]
-) -> tuple[asyncio.AbstractServer, str] | None:
-    """Listen on a fresh abstract Unix socket; (server, name to advertise), or None
+def listen_local(
+    loop: asyncio.AbstractEventLoop, factory: Callable[[], Connection], owner: str = ""
+) -> tuple[Listener, str] | None:
+    """Listen on a fresh abstract Unix socket; (listener, name to advertise), or None
     where there are none."""
     key = machine_key()
     if not local_sockets() or not key:
@@ -1190,12 +1403,10 @@ async def listen_local(
     try:
         sock.bind("\0" + name)
         sock.listen(128)
-        sock.setblocking(False)
-        server = await loop.create_unix_server(factory, sock=sock)
     except OSError:
         sock.close()
         return None
-    return server, name
+    return Listener(loop, [sock], factory, owner), name
 
 
 def local_reachable(name: str) -> bool:

@@ -167,8 +167,7 @@ INLINE_AFTER = 3
 SHUTDOWN_TIMEOUT = 10.0
 # how long a shutdown waits for its tasks to end once cancelled (see _teardown)
 CANCEL_GRACE = 1.0
-#: The longest a shutdown waits for its listeners' accepted connections to close (after
-#: it aborted every one it knows of).
+#: The longest a shutdown waits for connections its listeners accepted to be set up.
 LISTENER_CLOSE_WAIT = 1.0
 POOL_THREADS = 8
 
@@ -619,9 +618,9 @@ class Worker:
         self._closing = False
         self._shutdown_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._server: asyncio.Server | None = None
+        self._server: transport.Listener | None = None
         # the abstract Unix socket co-located peers connect to (transport.listen_local)
-        self._local_server: asyncio.AbstractServer | None = None
+        self._local_server: transport.Listener | None = None
         self.local_address = ""
         self._conns: set[Connection] = set()
         # every connection this worker made or accepted, while it lives: the shutdown
@@ -807,11 +806,11 @@ class Worker:
             self.address = transport.inproc_listen(self._accept)
             return
         if _every_ipv6_interface(self.host):
-            sock = _dual_stack_socket(self.port)
-            self._server = await self.loop.create_server(self._accept, sock=sock)
+            socks = [_dual_stack_socket(self.port)]
         else:
-            self._server = await self.loop.create_server(self._accept, self.host, self.port)
-        sock = self._server.sockets[0]
+            socks = await transport.bind_tcp(self.loop, self.host, self.port)
+        self._server = transport.Listener(self.loop, socks, self._accept, f"worker {self.name}")
+        sock = socks[0]
         host, *rest = sock.getsockname()  # (port, and an IPv6 address's flow and scope)
         if host in ("0.0.0.0", "::"):
             host = _advertised_ip(sock.family)
@@ -821,7 +820,9 @@ class Worker:
                 host = _advertised_ip(socket.AF_INET)
         self.address = transport.host_port((host, *rest))
         local = (
-            await transport.listen_local(self.loop, self._accept) if self.local_sockets else None
+            transport.listen_local(self.loop, self._accept, f"worker {self.name}")
+            if self.local_sockets
+            else None
         )
         if local is not None:
             self._local_server, self.local_address = local
@@ -1044,8 +1045,9 @@ class Worker:
 
     def _warn_file_limit(self) -> None:
         """Say, once a minute, that this worker's connections near the process's limit
-        of open files: beyond it, a new connection is closed at once and unlogged, and
-        its peer hears only that the connection closed before its handshake."""
+        of open files: beyond it, a new connection is closed at once (and the
+        listener says so), and its peer hears only that the connection closed before
+        its handshake."""
         now = self.loop.time()
         if now - self._file_limit_warned >= 60.0:
             self._file_limit_warned = now
@@ -2944,22 +2946,21 @@ class Worker:
             if not conn.transport_gone and t is not None:
                 t.abort()
         self._parting.clear()
-        # asyncio's own servers (3.11): a connection accepted in the loop turn of
-        # Server.close() becomes a transport a turn later, which the closed server
-        # refuses (an assertion, swallowed), leaving the accepted socket open until a
-        # garbage collection (a ResourceWarning in a later test, now and then). So stop
-        # accepting first and let such connections come in (our protocol factory closes
-        # them: we are closing), then close.
-        servers = [s for s in (self._server, self._local_server) if s is not None]
-        own = [s for s in servers if type(s) is asyncio.base_events.Server]
-        for server in own:
-            for sock in server.sockets:
-                self.loop.remove_reader(sock.fileno())
-        if own:
-            for _ in range(2):
-                await asyncio.sleep(0)
-        for listener in servers:
+        # connections accepted before the close still become connections (our protocol
+        # factory closes them: we are closing), so that their sockets are closed below
+        listeners = [s for s in (self._server, self._local_server) if s is not None]
+        for listener in listeners:
             listener.close()
+        for listener in listeners:
+            try:
+                await asyncio.wait_for(listener.wait_closed(), LISTENER_CLOSE_WAIT)
+            except TimeoutError:
+                log.warning(
+                    "worker %s: connections it accepted were still being set up %g s "
+                    "after it stopped listening; shutting down without them",
+                    self.name,
+                    LISTENER_CLOSE_WAIT,
+                )
         if self.transport_kind == "inproc" and self.address:
             transport.inproc_unlisten(self.address)
         # cancel and await every task we own (again, if cancelling spawned new ones),
@@ -2992,19 +2993,6 @@ class Worker:
                 # collection, a ResourceWarning somewhere later; and any connection
                 # that left the worker's books open, whatever the path)
                 tr.abort()
-        # (after the aborts: since 3.12.1 an asyncio Server's wait_closed() also waits
-        # for every connection it accepted to close, one whose peer reads nothing too;
-        # bounded, so that one this worker lost track of cannot hold its shutdown)
-        for listener in servers:
-            try:
-                await asyncio.wait_for(listener.wait_closed(), LISTENER_CLOSE_WAIT)
-            except TimeoutError:
-                log.warning(
-                    "worker %s: its listener still had connections open %g s after it "
-                    "closed them; shutting down without waiting for them",
-                    self.name,
-                    LISTENER_CLOSE_WAIT,
-                )
         # Let in-proc transports deliver their connection_lost callbacks, and a
         # connection accepted just before the listener closed (its accept task runs a
         # turn later, its connection_made one more, its socket closes in a callback
