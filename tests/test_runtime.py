@@ -3067,6 +3067,31 @@ async def test_a_reply_whose_error_cannot_be_encoded_either_still_answers(monkey
         assert await ag.rpc("w1", add, (1, 2)) == 3
 
 
+def _raise_marked():
+    raise ValueError("marked for a failing error reply")
+
+
+async def test_an_error_that_cannot_be_encoded_still_answers(monkeypatch):
+    # (the error of a call, as the reply of a result that cannot travel above: its
+    # reply's failure escaped, and the caller waited for good)
+    real = ag.RemoteError.from_exception.__func__
+
+    def failing(cls, worker, exc):
+        if "marked for a failing error reply" in str(exc):
+            raise OSError(24, "Too many open files")
+        return real(cls, worker, exc)
+
+    async with ag.local_cluster(1):
+        monkeypatch.setattr(ag.RemoteError, "from_exception", classmethod(failing))
+        with pytest.raises(ag.RemoteError) as info:
+            await asyncio.wait_for(ag.rpc("w1", _raise_marked), 10)
+        assert info.value.remote_type == "ValueError"
+        assert "the reply could not be encoded (OSError: [Errno 24] Too many open files)" in str(
+            info.value
+        )
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+
+
 def test_encoding_a_numpy_scalar_does_not_import_numpy_ma():
     # (numpy 2 imports numpy.ma at the first ``np.ma``: in a process out of open files,
     # that import failed every reply of a new type, and the error reply too)

@@ -2184,13 +2184,19 @@ class Worker:
         except Exception as exc:
             hooks.undo()
             log.debug("reply of call %s cannot be encoded: %r", cid, exc)
-            return self._encode_error(cid, exc)
+            return self._encode_error(conn, cid, exc)
 
-    def _encode_error(self, cid: int, exc: BaseException) -> list:
-        """The error reply to call ``cid``; one that cannot fail to encode when ``exc``'s
-        own does not (an error escaping here sent no reply: the caller waited for good)."""
+    def _encode_error(
+        self, conn: Connection, cid: int, exc: BaseException, refused: bool = False
+    ) -> list:
+        """The error reply to call ``cid`` on ``conn`` (``refused``: see _reply_exc).
+        It always goes out: a plain one when ``exc``'s own fails to encode (a process
+        out of open files failed so), cut to size when its message does not fit in a
+        frame (either way nothing was sent, and the caller waited for good)."""
+        header = [K_ERR, cid, 1] if refused else [K_ERR, cid]
         try:
-            return wire.encode_frame([K_ERR, cid], RemoteError.from_exception(self.name, exc), None)
+            err = RemoteError.from_exception(self.name, exc)
+            chunks = wire.encode_frame(header, err, None)
         except Exception as exc2:
             log.warning(
                 "worker %s: error reply of call %s cannot be encoded: %r", self.name, cid, exc2
@@ -2201,7 +2207,18 @@ class Worker:
                 f"the reply could not be encoded ({type(exc2).__name__}: {exc2})",
                 "",
             )
-            return wire.encode_frame([K_ERR, cid], plain, None)
+            return wire.encode_frame(header, plain, None)
+        try:
+            conn.check_size(chunks)
+        except ProtocolError as too_big:
+            cut = RemoteError(
+                err.worker,
+                err.remote_type,
+                f"{clip_text(err.remote_message, 2048)} [the error was cut: {too_big}]",
+                clip_text(err.remote_traceback, 2048),
+            )
+            chunks = wire.encode_frame(header, cut, None)
+        return chunks
 
     def _reply(self, conn: Connection, cid: int, mode: int, result: Any, hooks: rref.Hooks) -> None:
         if cid == 0 or conn.closed:
@@ -2271,27 +2288,7 @@ class Worker:
             return
         if conn.closed:
             return
-        err = RemoteError.from_exception(self.name, exc)
-        header = [K_ERR, cid, 1] if refused else [K_ERR, cid]
-        try:
-            chunks = wire.encode_frame(header, err, None)
-        except Exception as exc2:  # pragma: no cover - RemoteError always encodes
-            chunks = wire.encode_frame(
-                [K_ERR, cid], RemoteError.from_exception(self.name, exc2), None
-            )
-        try:
-            conn.check_size(chunks)
-        except ProtocolError as too_big:
-            # (an error whose message does not fit in a frame: sending it failed and the
-            # caller waited for good; it gets the error cut to size instead)
-            err = RemoteError(
-                err.worker,
-                err.remote_type,
-                f"{clip_text(err.remote_message, 2048)} [the error was cut: {too_big}]",
-                clip_text(err.remote_traceback, 2048),
-            )
-            chunks = wire.encode_frame(header, err, None)
-        conn.send_nowait(chunks)
+        conn.send_nowait(self._encode_error(conn, cid, exc, refused))
 
     # ------------------------------------------------------------------ calls out
     async def call(
