@@ -36,12 +36,16 @@ class Running:
         env: dict[str, str] | None = None,
         ignoring: tuple[int, ...] = (),
         prefix: tuple[str, ...] = (),
+        program: list[str] = CLI,
+        stdin: bool = False,
     ) -> None:
         """``ignoring``: signals the process starts with ignored (as under ``nohup``);
-        ``prefix``: the command that runs the CLI (``ip netns exec NS``, say)."""
+        ``prefix``: the command that runs the program (``ip netns exec NS``, say);
+        ``program``: what runs, given ``args`` (the CLI unless told); ``stdin``: a pipe
+        to the process's stdin (else it reads nothing)."""
         self.proc = subprocess.Popen(
-            [*prefix, *CLI, *args],
-            stdin=subprocess.DEVNULL,
+            [*prefix, *program, *args],
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -110,7 +114,7 @@ class Running:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
-        for pipe in (self.proc.stdout, self.proc.stderr):
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 pipe.close()
         self._reader.join(5)

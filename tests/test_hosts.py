@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from clitools import ROOT, STARTUP, Running, clean_env, is_running
+from clitools import STARTUP, Running, clean_env, is_running
 
 from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
 
@@ -209,34 +209,14 @@ asyncio.run(main())
 """
 
 
-class Driver:
+class Driver(Running):
     """The driver script on a host: a JSON command in, a JSON answer out."""
 
     def __init__(self, prefix: tuple[str, ...], script: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [*prefix, sys.executable, str(script)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=env,
-            start_new_session=True,
-        )
-        self.answers: queue.Queue[str | None] = queue.Queue()
+        super().__init__(str(script), env=env, prefix=prefix, program=[sys.executable], stdin=True)
         self.errors: list[str] = []  # its stderr (warnings, tracebacks)
-        self._readers = [
-            threading.Thread(target=self._read, daemon=True),
-            threading.Thread(target=self._read_errors, daemon=True),
-        ]
-        for r in self._readers:
-            r.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.answers.put(line)
-        self.answers.put(None)
+        self._errors = threading.Thread(target=self._read_errors, daemon=True)
+        self._errors.start()
 
     def _read_errors(self) -> None:
         assert self.proc.stderr is not None
@@ -245,13 +225,13 @@ class Driver:
 
     def answer(self, timeout: float = STARTUP) -> dict[str, Any]:
         try:
-            line = self.answers.get(timeout=timeout)
+            line = self.lines.get(timeout=timeout)
         except queue.Empty:
             raise AssertionError(
                 f"the driver said nothing within {timeout} s; its stderr: {self.errors[-20:]}"
             ) from None
         if line is None:
-            self._readers[1].join(5)
+            self._errors.join(5)
             raise AssertionError(f"the driver exited; its stderr: {self.errors[-20:]}")
         return json.loads(line)
 
@@ -272,11 +252,8 @@ class Driver:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait(10)
-        for r in self._readers:
-            r.join(5)
-        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        self._errors.join(5)  # (before its pipe closes)
+        self.stop()
 
 
 @pytest.fixture(scope="module")
