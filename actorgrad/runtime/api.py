@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 from actorgrad.errors import check_bool
@@ -137,7 +137,30 @@ async def _init(name: str, address: str | None, token: str | None, host: str, po
         await finish(w.shutdown(graceful=False))
         raise
     _w.set_process_worker(w)
+    await _shut_with_loop(w)
     return w
+
+
+async def _at_loop_end(w: Worker) -> AsyncGenerator[None, None]:
+    """Shuts ``w`` down when its loop's async generators are closed: ``asyncio.run``
+    and ``Runner.close`` do that after they cancelled the loop's tasks, before the loop
+    closes. A script that never called ``ag.shutdown()`` (Ctrl-C, or simply returning)
+    left peers to find its connections broken, and tasks that its cancelled ones had
+    started (the release of a context left mid-step) were destroyed pending, with
+    asyncio's "Task was destroyed but it is pending!" on stderr."""
+    try:
+        yield
+    finally:
+        if not w.closed and not w.closing:
+            # (the worker itself, not ag.shutdown(): it stays this process's worker,
+            # and a later loop using it hears that its loop has closed)
+            await w.shutdown(graceful=False)
+
+
+async def _shut_with_loop(w: Worker) -> None:
+    end = _at_loop_end(w)
+    await end.asend(None)  # (the loop now knows it: its first iteration ran)
+    w.ext["api.loop_end"] = end  # (the loop holds it weakly)
 
 
 async def rpc(
