@@ -9,6 +9,7 @@ the lowest free file number, so that the next file this process opens fails."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import resource
@@ -130,3 +131,36 @@ async def test_a_listeners_repr_shows_its_state():
         assert text.startswith("<Listener worker w1 open at ('127.0.0.1', ")
         assert "accepted, 0 refused for want of files, 0 pauses>" in text
     assert repr(listener).startswith("<Listener worker w1 closed at -:")
+
+
+class _Failing:
+    """A listening socket whose accepts fail with ``errnos``, then find nothing."""
+
+    def __init__(self, *errnos: int) -> None:
+        self.errnos = list(errnos)
+
+    def accept(self):
+        if self.errnos:
+            n = self.errnos.pop(0)
+            raise OSError(n, os.strerror(n))
+        raise BlockingIOError
+
+
+async def test_a_listener_skips_a_failed_connection_and_pauses_on_a_failed_socket(caplog):
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    sock = socket.create_server(("127.0.0.1", 0))
+    listener = transport.Listener(asyncio.get_running_loop(), [sock], asyncio.Protocol, "test")
+    try:
+        # (a connection that died queued: the next one is taken, no pause)
+        listener._readable(_Failing(errno.ECONNABORTED, errno.EHOSTUNREACH))
+        assert listener.pauses == 0 and "open" in repr(listener)
+        # (any other error would fail again at once: the listener pauses)
+        listener._readable(_Failing(errno.EINVAL))
+        assert listener.pauses == 1 and "paused 0.05 s" in repr(listener)
+    finally:
+        listener.close()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("test ")]
+    assert said == [
+        "test cannot accept connections (invalid argument): new connections wait "
+        "(accepting again in 0.05 s)"
+    ]

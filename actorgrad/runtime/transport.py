@@ -1149,6 +1149,24 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
 #: errnos of an accept that failed for want of open files or kernel memory: the
 #: connection stays queued and the socket readable, so retrying at once fails again
 _OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: errnos of an accept that failed for that connection alone (Linux passes on the
+#: network errors of a connection that died queued: accept(2) says to retry)
+_CONNECTION_FAILED = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.EPERM,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+        errno.ETIMEDOUT,
+        errno.ECONNRESET,
+    }
+)
 #: the first and the longest pause in accepting when the process is out of files
 ACCEPT_PAUSE = (0.05, 1.0)
 #: connections accepted in one loop turn, at most (as asyncio's servers do)
@@ -1222,10 +1240,10 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in _OUT_OF_FILES:
-                    self._out_of_files(sock, exc)
-                    return
-                continue  # (that connection's own failure: ECONNABORTED and the like)
+                if exc.errno in _CONNECTION_FAILED:
+                    continue
+                self._cannot_accept(sock, exc)
+                return
             self._pause = 0.0
             self.accepted += 1
             if self._spare is None:  # (taken back now that files are free again)
@@ -1246,26 +1264,30 @@ class Listener:
                 raise
             log.debug("%s: an accepted connection failed to start: %r", self.owner, exc)
 
-    def _out_of_files(self, sock: socket.socket, exc: OSError) -> None:
-        if self._spare is None:
-            self._spare = _spare_file()  # (files may have been freed since)
-        if self._spare is not None:
-            os.close(self._spare)
-            self._spare = None
-            refused = 0
-            while True:
-                try:
-                    conn, _ = sock.accept()
-                except OSError:
-                    break  # (none left; or another thread took the file just freed)
-                conn.close()
-                refused += 1
-            self._spare = _spare_file()
-            self.refused += refused
-            if refused:
-                self._warn(f"closed {refused} new connection(s) at once", exc)
-                return
-        # no file to be had: stop watching for a while instead of failing every turn
+    def _cannot_accept(self, sock: socket.socket, exc: OSError) -> None:
+        if exc.errno in _OUT_OF_FILES:
+            if self._spare is None:
+                self._spare = _spare_file()  # (files may have been freed since)
+            if self._spare is not None:
+                os.close(self._spare)
+                self._spare = None
+                refused = 0
+                while True:
+                    try:
+                        conn, _ = sock.accept()
+                    except OSError as again:
+                        if again.errno in _CONNECTION_FAILED:
+                            continue
+                        break  # (none left; or another thread took the file just freed)
+                    conn.close()
+                    refused += 1
+                self._spare = _spare_file()
+                self.refused += refused
+                if refused:
+                    self._warn(f"closed {refused} new connection(s) at once", exc)
+                    return
+        # no file to be had (or an error of the socket itself): stop watching for a
+        # while instead of failing every loop turn
         self._pause = min(max(2 * self._pause, ACCEPT_PAUSE[0]), ACCEPT_PAUSE[1])
         self.pauses += 1
         self._warn(f"new connections wait (accepting again in {self._pause:g} s)", exc)
@@ -1284,13 +1306,12 @@ class Listener:
         now = self.loop.time()
         if now - self._warned >= 60.0:
             self._warned = now
-            log.warning(
-                "%s is out of open files or memory (%s; ulimit -n is %s): %s",
-                self.owner or "a listener",
-                (exc.strerror or str(exc)).lower(),
-                open_files_limit(),
-                what,
-            )
+            why = (exc.strerror or str(exc)).lower()
+            if exc.errno in _OUT_OF_FILES:
+                why = f"is out of open files or memory ({why}; ulimit -n is {open_files_limit()})"
+            else:
+                why = f"cannot accept connections ({why})"
+            log.warning("%s %s: %s", self.owner or "a listener", why, what)
 
     def close(self) -> None:
         """Stop accepting and close the sockets; connections being set up go on (see
