@@ -1462,6 +1462,46 @@ async def test_init_at_an_address_where_nothing_listens_says_so(monkeypatch):
         await ag.init("x", address="127.0.0.1:1", token="t" * 16)
 
 
+async def test_a_refused_connection_is_worded_alike_on_every_event_loop(monkeypatch):
+    # (asyncio's own loop, a driver's under asyncio.run and every process's where uvloop
+    # is not installed, said "[Errno 111] Connect call failed ('127.0.0.1', 1)" where
+    # uvloop says "[Errno 111] Connection refused"; `actorgrad worker` the former without
+    # uvloop)
+    monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)
+    assert "uvloop" not in type(asyncio.get_running_loop()).__module__
+    with pytest.raises(ag.WorkerLost) as info:
+        await ag.init("x", address="127.0.0.1:1", token="t" * 16)
+    assert str(info.value).startswith(
+        "cannot connect to 127.0.0.1:1: [Errno 111] Connection refused ("
+    )
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_a_name_of_several_addresses_where_nothing_listens_says_so(monkeypatch):
+    # (asyncio's own loop raised a bare OSError "Multiple exceptions: [Errno 111] Connect
+    # call failed ('::1', 1, 0, 0), [Errno 111] ..." for a name such as localhost where
+    # it is ::1 and 127.0.0.1; uvloop, their ConnectionRefusedError: the join's "nothing
+    # listens there" was said on uvloop only)
+    monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "dual.invalid":
+            return real("::1", *args, **kwargs) + real("127.0.0.1", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert "uvloop" not in type(asyncio.get_running_loop()).__module__
+    with pytest.raises(
+        ag.WorkerLost,
+        match=r"^cannot connect to dual\.invalid:1: \[Errno 111\] Connection refused "
+        r"\(nothing listens there: is the cluster's head running, and is this its address\?\)$",
+    ) as info:
+        await ag.init("x", address="dual.invalid:1", token="t" * 16)
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+
+
 async def test_not_initialized_is_a_runtime_error():
     with pytest.raises(RuntimeError, match="not initialized"):
         await ag.rpc("w1", add, (1, 2))

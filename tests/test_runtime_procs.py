@@ -1784,13 +1784,22 @@ def holders_of_first() -> tuple[list[str], int]:
     return (sorted(h[0] for h in o.holders) if o is not None else []), w.owned_count
 
 
+async def _loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__
+
+
 def test_cluster_run_uses_uvloop_without_a_global_policy():
+    pytest.importorskip("uvloop")  # (where uvloop is not installed: the next test)
     policy = asyncio.get_event_loop_policy()
+    assert rcluster.run(_loop_module()).startswith("uvloop")
+    assert asyncio.get_event_loop_policy() is policy
 
-    async def loop_module():
-        return type(asyncio.get_running_loop()).__module__
 
-    assert rcluster.run(loop_module()).startswith("uvloop")
+def test_cluster_run_without_uvloop_uses_asyncios_own_loop(monkeypatch):
+    # (as on a platform without uvloop: pyproject installs it on CPython off Windows only)
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # (import uvloop: ImportError)
+    policy = asyncio.get_event_loop_policy()
+    assert rcluster.run(_loop_module()).startswith("asyncio")
     assert asyncio.get_event_loop_policy() is policy
 
 

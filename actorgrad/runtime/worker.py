@@ -298,6 +298,34 @@ def _is_dual_stack(sock: socket.socket) -> bool:
         return False
 
 
+def _as_uvloop_raises(exc: BaseException) -> BaseException:
+    """A failed connect's error as uvloop raises it, whichever loop runs. asyncio's own
+    says "[Errno 111] Connect call failed ('127.0.0.1', 4000)" where uvloop says
+    "[Errno 111] Connection refused" (the address is said already, the cause was not);
+    and for a name of several addresses (``localhost``: ::1 and 127.0.0.1) all refused,
+    a bare OSError "Multiple exceptions: [Errno 111] Connect call failed ('::1', 4000,
+    0, 0), [Errno 111] ..." where uvloop raises the one ConnectionRefusedError they all
+    are (without, a join there missed its "nothing listens there")."""
+    if not isinstance(exc, OSError):
+        return exc
+    errno_ = 0
+    if (
+        exc.errno
+        and isinstance(exc.strerror, str)
+        and exc.strerror.startswith("Connect call failed ")
+    ):
+        errno_ = exc.errno
+    elif exc.errno is None and str(exc).startswith("Multiple exceptions: [Errno "):
+        errnos = set(re.findall(r"\[Errno (\d+)\] Connect call failed ", str(exc)))
+        if len(errnos) == 1 and str(exc).count("[Errno ") == str(exc).count("Connect call"):
+            errno_ = int(errnos.pop())
+    if not errno_:
+        return exc
+    same = OSError(errno_, os.strerror(errno_))  # (of errno's subclass: ConnectionRefusedError)
+    same.__cause__ = exc
+    return same
+
+
 def natural_key(name: str) -> list:
     """Sort key putting "w2" before "w10"."""
     # (the split's odd parts are its runs of decimal digits: str.isdigit() is also true
@@ -1139,7 +1167,8 @@ class Worker:
                 f"cannot connect to {address}: no answer within {deadline:g} s"
             ) from None
         except (OSError, ValueError) as exc:
-            raise WorkerLost(f"cannot connect to {address}: {exc}") from exc
+            err = _as_uvloop_raises(exc)
+            raise WorkerLost(f"cannot connect to {address}: {err}") from err
         self._conns.add(conn)
         conn.hello = self.loop.create_future()  # type: ignore[attr-defined]
         try:
