@@ -164,3 +164,60 @@ async def test_a_listener_skips_a_failed_connection_and_pauses_on_a_failed_socke
         "test cannot accept connections (invalid argument): new connections wait "
         "(accepting again in 0.05 s)"
     ]
+
+
+class _EndlessQueue:
+    """A listening socket whose peers never stop coming: each accept gives a fresh
+    connection (a flood while the process is out of files)."""
+
+    def __init__(self, limit: int = 5000) -> None:
+        self.accepts = 0
+        self.limit = limit
+
+    def accept(self):
+        self.accepts += 1
+        if self.accepts > self.limit:
+            raise BlockingIOError
+        a, b = socket.socketpair()
+        b.close()
+        return a, None
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_refusing_a_flood_out_of_files_gives_the_loop_back_between_batches(loop):
+    # (the spare file closed, what waited was accepted and closed until none was left:
+    # connections arriving as fast as they were refused held the loop for seconds,
+    # heartbeats and calls of the worker's peers with it)
+    lp = LOOPS[loop]()
+    try:
+        listener = transport.Listener(lp, [], asyncio.Protocol, "test")
+        flood = _EndlessQueue()
+        listener._cannot_accept(flood, OSError(errno.EMFILE, "Too many open files"))
+        assert flood.accepts <= transport.ACCEPT_BATCH + 1, flood.accepts
+        assert listener.refused == transport.ACCEPT_BATCH
+        assert listener._spare is not None and listener._resume is None  # (no pause)
+        listener.close()
+    finally:
+        lp.close()
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_listener_dropped_unclosed_keeps_no_spare_file(loop):
+    # (a worker whose loop ended without its shutdown, dropped: its sockets close when
+    # collected, as they did with the loop's own servers; the spare file stayed open
+    # for good, a raw file number nothing would ever close)
+    import gc
+
+    def count() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    lp = LOOPS[loop]()
+    try:
+        before = count()
+        listener = transport.Listener(lp, [], lambda: asyncio.Protocol(), "test")
+        assert listener._spare is not None and count() == before + 1
+        del listener
+        gc.collect()
+        assert count() == before
+    finally:
+        lp.close()

@@ -294,8 +294,8 @@ def _check_not_initialized() -> None:
 
 def _forget(w: Worker) -> None:
     """Drop worker ``w``, whose event loop has closed: nothing of it can run there any
-    more. Its sockets are closed here (asyncio's own loops leave them open when they
-    close, uvloop's close them), so that peers see it gone at once."""
+    more. Its sockets are closed here (a loop that closes leaves them open), so that
+    peers see it gone at once."""
     w.closed = True
     for listener in (w._server, w._local_server):
         if listener is not None:

@@ -1191,11 +1191,11 @@ class Listener:
     another thread has taken that file (a call in the thread pool opening one), every
     loop turn fails again: a worker spun a core at 100% (16,834 failed accepts a
     second, measured) and its peers waited out their deadlines. asyncio logs a
-    traceback per failed accept (16,500 in 3.5 s: 3.11 goes on accepting after it
-    paused). Here the same spare-file trick refuses what waits (its peer hears that
-    the connection closed before its handshake), and when no file is to be had the
-    sockets are left unwatched for 50 ms, doubling up to 1 s, while a warning says so
-    once a minute.
+    traceback per failed accept (3.11 goes on accepting in the turn it paused). Here
+    the same spare-file trick refuses what waits, a batch a loop turn (its peer hears
+    that the connection closed before its handshake), and when no file is to be had
+    the sockets are left unwatched for 50 ms, doubling up to 1 s, while a warning says
+    so once a minute.
     """
 
     def __init__(
@@ -1272,7 +1272,10 @@ class Listener:
                 os.close(self._spare)
                 self._spare = None
                 refused = 0
-                while True:
+                # (at most a batch a loop turn, as _readable: connections arriving as
+                # fast as they were refused held the loop, and every peer's calls, for
+                # seconds; the socket stays readable: the next turn refuses the next)
+                for _ in range(ACCEPT_BATCH):
                     try:
                         conn, _ = sock.accept()
                     except OSError as again:
@@ -1330,6 +1333,17 @@ class Listener:
         if self._spare is not None:
             os.close(self._spare)
             self._spare = None
+
+    def __del__(self) -> None:
+        # (never closed: a worker whose loop ended without its shutdown, then dropped.
+        # Its sockets close when collected; the spare, a bare file number, would stay
+        # open for good)
+        spare, self._spare = getattr(self, "_spare", None), None
+        if spare is not None:
+            try:
+                os.close(spare)
+            except Exception:  # (at interpreter exit; or already gone)
+                pass
 
     async def wait_closed(self) -> None:
         """Wait for the connections accepted before :meth:`close` to be handed over."""
