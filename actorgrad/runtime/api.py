@@ -300,8 +300,8 @@ def _forget(w: Worker) -> None:
     for listener in (w._server, w._local_server):
         if listener is not None:
             listener.close()
-    socks = [getattr(c.transport, "_sock", None) for c in w._conns]
-    for sock in socks:
+    for conn in w._conns:
+        sock = getattr(conn.transport, "_sock", None)
         if isinstance(sock, socket.socket):  # (the raw socket: closing it twice is fine)
             sock.close()
     if w._pool is not None:
