@@ -1357,8 +1357,14 @@ async def bind_tcp(
     """Listening TCP sockets for ``host`` and ``port``, one per address ``host`` names
     (``""``: every interface of each family), made as ``loop.create_server`` makes
     them: SO_REUSEADDR, IPv6 sockets IPv6-only, and the same words when one is taken."""
-    infos = await loop.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    # (socket.getaddrinfo, as asyncio's loop.getaddrinfo calls it: uvloop's drops an IPv6
+    # address's scope, ('fe80::1', 0, 0, 0) for fe80::1%eth0, and its bind failed with
+    # "invalid argument" in every process running uvloop, `actorgrad worker` among them)
+    infos = await loop.run_in_executor(
+        None,
+        lambda: socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ),
     )
     sockets: list[socket.socket] = []
     try:
