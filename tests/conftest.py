@@ -84,3 +84,36 @@ def has_ipv6_loopback() -> bool:
         return True
     except OSError:
         return False
+
+
+def on_uvloop() -> bool:
+    """Whether the running event loop is uvloop's (``ACTORGRAD_TEST_LOOP=uvloop``)."""
+    import asyncio
+
+    return type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+
+
+if os.environ.get("ACTORGRAD_TEST_LOOP") == "uvloop":
+    # (the in-process tests on uvloop, as a driver of `uvloop.run(main())` runs: they
+    # run on asyncio's own loop otherwise; worker processes run uvloop either way)
+    def pytest_asyncio_loop_factories(config, item):
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+
+
+async def open_abstract(name: str):
+    """Streams to the abstract Unix socket ``name`` (as the runtime connects: a socket of
+    our own, so it works on uvloop too, whose create_unix_connection(path) refuses
+    abstract names with EINVAL)."""
+    import asyncio
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, "\0" + name)
+        return await asyncio.open_unix_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise

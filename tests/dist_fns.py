@@ -484,11 +484,14 @@ _outcomes: dict[str, str] = {}
 
 
 def event(name: str) -> Any:
-    """This process's asyncio.Event ``name`` (created on first use)."""
+    """This process's asyncio.Event ``name`` (created on first use, and anew on another
+    event loop: an Event is bound to the loop of its first wait that blocked, and the
+    driver process runs each test on a loop of its own)."""
     import asyncio
 
     ev = _events.get(name)
-    if ev is None:
+    loop = asyncio._get_running_loop()
+    if ev is None or (loop is not None and ev._loop not in (None, loop)):
         ev = _events[name] = asyncio.Event()
     return ev
 

@@ -12,6 +12,7 @@ import secrets
 
 import msgpack
 import pytest
+from conftest import open_abstract
 
 import actorgrad as ag
 from actorgrad import wire
@@ -54,7 +55,7 @@ async def _raw(c):
     w = _target(c)
     if c.listener == "unix":
         assert w.local_address, "w1 has no local socket"
-        return await asyncio.open_unix_connection("\0" + w.local_address)
+        return await open_abstract(w.local_address)
     host, _, port = w.address.rpartition(":")
     return await asyncio.open_connection(host, int(port))
 

@@ -17,6 +17,7 @@ from typing import Any
 import dist_fns as F
 import numpy as np
 import pytest
+from conftest import on_uvloop
 
 import actorgrad as ag
 
@@ -292,7 +293,8 @@ async def test_random_programs_cancelled_anywhere_leave_nothing_behind(transport
             assert ag.dist.debug_info()["num_contexts"] == 0
             if i % 5 == 0:
                 await check_one(ops, outs, inputs, pvals, times=1)
-    assert cancelled >= 8
+    # (cancelled after a set number of loop turns: a TCP call takes fewer on uvloop)
+    assert cancelled >= (5 if on_uvloop() else 8)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -3,10 +3,10 @@ not (nobody listening, an impostor, another machine), and turned off on request.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import pytest
+from conftest import open_abstract
 
 import actorgrad as ag
 from actorgrad.runtime import Worker, current_worker, transport
@@ -116,10 +116,10 @@ async def test_the_local_listener_goes_away_with_the_worker():
     async with ag.local_cluster(1, transport="unix") as c:
         name = c.workers[0].local_address
         assert name and transport.local_reachable(name)
-        reader, writer = await asyncio.open_unix_connection("\0" + name)
+        reader, writer = await open_abstract(name)
         writer.close()
-    with pytest.raises(OSError):
-        await asyncio.open_unix_connection("\0" + name)
+    with pytest.raises(ConnectionRefusedError):
+        await open_abstract(name)
 
 
 async def test_unknown_transport_name_is_a_clear_error():
