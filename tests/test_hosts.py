@@ -177,8 +177,11 @@ async def step(x0, pause):
                 out["backward_s"] = time.monotonic() - t0
             else:
                 out["x"] = ag.dist.get_gradients(ctx)[x].tolist()
-                out["a"] = (await ag.rpc("w2", F.grad_of, (ctx, "a"))).tolist()
-                out["b"] = (await ag.rpc("w3", F.grad_of, (ctx, "b"))).tolist()
+                try:
+                    out["a"] = (await ag.rpc("w2", F.grad_of, (ctx, "a"))).tolist()
+                    out["b"] = (await ag.rpc("w3", F.grad_of, (ctx, "b"))).tolist()
+                except Exception as e:  # (asking for them: a host cut off meanwhile)
+                    out["grads"] = failure(e)
             t0 = time.monotonic()
     except Exception as e:
         out["exit" if "x" in out or "backward" in out else "error"] = failure(e)
@@ -445,7 +448,7 @@ def test_steps_over_a_flapping_network_are_right_or_fail_with_worker_lost(
             # while its peer, alive, pings over the other direction: slow, no error;
             # 13.9 s seen once in 90 s of this. A hang would wait for good)
             assert took < 45, (took, answer)
-            if "x" in answer:
+            if "x" in answer and "grads" not in answer:
                 check_step(driver, answer, x)
                 ok += 1
             else:
