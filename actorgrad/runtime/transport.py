@@ -1269,8 +1269,7 @@ class Listener:
             if self._spare is None:
                 self._spare = _spare_file()  # (files may have been freed since)
             if self._spare is not None:
-                os.close(self._spare)
-                self._spare = None
+                self._close_spare()
                 refused = 0
                 # (at most a batch a loop turn, as _readable: connections arriving as
                 # fast as they were refused held the loop, and every peer's calls, for
@@ -1330,20 +1329,21 @@ class Listener:
                 if not self.loop.is_closed():  # (api._forget: the loop closed first)
                     self.loop.remove_reader(sock.fileno())
                 sock.close()
-        if self._spare is not None:
-            os.close(self._spare)
-            self._spare = None
+        self._close_spare()
+
+    def _close_spare(self) -> None:
+        spare, self._spare = getattr(self, "_spare", None), None
+        if spare is not None:
+            os.close(spare)
 
     def __del__(self) -> None:
         # (never closed: a worker whose loop ended without its shutdown, then dropped.
         # Its sockets close when collected; the spare, a bare file number, would stay
         # open for good)
-        spare, self._spare = getattr(self, "_spare", None), None
-        if spare is not None:
-            try:
-                os.close(spare)
-            except Exception:  # (at interpreter exit; or already gone)
-                pass
+        try:
+            self._close_spare()
+        except Exception:  # (at interpreter exit; or already gone)
+            pass
 
     async def wait_closed(self) -> None:
         """Wait for the connections accepted before :meth:`close` to be handed over."""
@@ -1351,12 +1351,56 @@ class Listener:
             await asyncio.wait(list(self._starting))
 
 
+def _every_ipv6_interface(host: str) -> bool:
+    """Whether ``host`` is IPv6's "every interface" (``::``, also written ``0::0``)."""
+    try:
+        return ipaddress.IPv6Address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def _listen_on(sock: socket.socket, sa: Any, backlog: int, v6only: bool = True) -> socket.socket:
+    """``sock`` listening at ``sa``, set up as ``loop.create_server`` sets one up:
+    SO_REUSEADDR, an IPv6 one IPv6-only (unless not ``v6only``, where the system lets
+    it take IPv4 too), and asyncio's words when the address is taken. Closed if not."""
+    af = sock.family
+    try:
+        if os.name == "posix":  # (as asyncio: elsewhere it lets another take the port)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if af == socket.AF_INET6:
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+            except (OSError, AttributeError):
+                if v6only:
+                    raise
+        try:
+            sock.bind(sa)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"error while attempting to bind on address {sa!r}: "
+                f"{(exc.strerror or str(exc)).lower()}",
+            ) from None
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def bind_tcp(
     loop: asyncio.AbstractEventLoop, host: str, port: int, backlog: int = 100
 ) -> list[socket.socket]:
     """Listening TCP sockets for ``host`` and ``port``, one per address ``host`` names
     (``""``: every interface of each family), made as ``loop.create_server`` makes
-    them: SO_REUSEADDR, IPv6 sockets IPv6-only, and the same words when one is taken."""
+    them (see _listen_on). For IPv6's every interface (``::``), one socket on
+    both families where the system allows it (else IPv6 only): asyncio's own sets
+    IPV6_V6ONLY, and a cluster at ``--host ::`` could not be joined at 127.0.0.1 or an
+    IPv4 address."""
+    if _every_ipv6_interface(host):
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        return [_listen_on(sock, ("::", port), backlog, v6only=False)]
     # (socket.getaddrinfo, as asyncio's loop.getaddrinfo calls it: uvloop's drops an IPv6
     # address's scope, ('fe80::1', 0, 0, 0) for fe80::1%eth0, and its bind failed with
     # "invalid argument" in every process running uvloop, `actorgrad worker` among them)
@@ -1373,21 +1417,7 @@ async def bind_tcp(
                 sock = socket.socket(af, kind, proto)
             except OSError:
                 continue  # (a family this system cannot make)
-            sockets.append(sock)
-            if os.name == "posix":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if af == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(sa)
-            except OSError as exc:
-                raise OSError(
-                    exc.errno,
-                    f"error while attempting to bind on address {sa!r}: "
-                    f"{(exc.strerror or str(exc)).lower()}",
-                ) from None
-            sock.listen(backlog)
-            sock.setblocking(False)
+            sockets.append(_listen_on(sock, sa, backlog))
     except BaseException:
         for sock in sockets:
             sock.close()

@@ -81,11 +81,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import contextvars
 import functools
 import inspect
-import ipaddress
 import itertools
 import logging
 import math
@@ -252,40 +250,6 @@ def _advertised_ip(family: int = socket.AF_INET) -> str:
             return str(s.getsockname()[0])
     except OSError:
         return "::1" if v6 else "127.0.0.1"
-
-
-def _dual_stack_socket(port: int) -> socket.socket:
-    """A listening socket on every interface of both IP families (host ``::``), where
-    the system allows it (else IPv6 only). asyncio's own sets IPV6_V6ONLY: a cluster
-    at ``--host ::`` could not be joined at 127.0.0.1 or an IPv4 address."""
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    try:
-        if os.name == "posix":  # (as asyncio: elsewhere it lets another take the port)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        try:
-            sock.bind(("::", port))
-        except OSError as exc:  # (worded as asyncio words it for the other hosts)
-            raise OSError(
-                exc.errno,
-                f"error while attempting to bind on address ('::', {port}): "
-                f"{(exc.strerror or str(exc)).lower()}",
-            ) from None
-        sock.listen(100)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _every_ipv6_interface(host: str) -> bool:
-    """Whether ``host`` is IPv6's "every interface" (``::``, also written ``0::0``)."""
-    try:
-        return ipaddress.IPv6Address(host.strip("[]")).is_unspecified
-    except ValueError:
-        return False
 
 
 def _is_dual_stack(sock: socket.socket) -> bool:
@@ -833,10 +797,7 @@ class Worker:
         if self.transport_kind == "inproc":
             self.address = transport.inproc_listen(self._accept)
             return
-        if _every_ipv6_interface(self.host):
-            socks = [_dual_stack_socket(self.port)]
-        else:
-            socks = await transport.bind_tcp(self.loop, self.host, self.port)
+        socks = await transport.bind_tcp(self.loop, self.host, self.port)
         self._server = transport.Listener(self.loop, socks, self._accept, f"worker {self.name}")
         sock = socks[0]
         host, *rest = sock.getsockname()  # (port, and an IPv6 address's flow and scope)
