@@ -117,3 +117,27 @@ async def open_abstract(name: str):
     except BaseException:
         sock.close()
         raise
+
+
+def add(a, b=0):
+    return a + b
+
+
+async def valid_client_works(c) -> None:
+    """A fresh connection to w1 of local cluster ``c`` over ``c.listener`` ("tcp" or
+    "unix") handshakes and gets an answer; the driver's connection still works."""
+    import asyncio
+    import secrets
+
+    from actorgrad.runtime import Worker
+
+    w1 = c.workers[0]
+    client = Worker(f"probe-{secrets.token_hex(3)}", token=c.driver.token)
+    try:
+        local = w1.local_address if c.listener == "unix" else ""
+        conn = await asyncio.wait_for(client.open_connection(w1.address, local), 5)
+        assert conn.kind == c.listener
+        assert await asyncio.wait_for(client.call_on(conn, add, (20, 22)), 5) == 42
+    finally:
+        await client.shutdown()
+    assert await asyncio.wait_for(ag.rpc("w1", add, (1, 2)), 5) == 3

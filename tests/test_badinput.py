@@ -12,7 +12,7 @@ import secrets
 
 import msgpack
 import pytest
-from conftest import open_abstract
+from conftest import open_abstract, valid_client_works
 
 import actorgrad as ag
 from actorgrad import wire
@@ -36,19 +36,6 @@ async def sock_cluster(request):
 
 def _target(c):
     return c.workers[0]  # w1, listening on TCP and on a local Unix socket
-
-
-async def _valid_client_works(c):
-    """A fresh connection to w1 handshakes and gets an answer; the old ones still work."""
-    client = Worker(f"probe-{secrets.token_hex(3)}", token=c.driver.token)
-    try:
-        local = _target(c).local_address if c.listener == "unix" else ""
-        conn = await asyncio.wait_for(client.open_connection(_target(c).address, local), 5)
-        assert conn.kind == c.listener
-        assert await asyncio.wait_for(client.call_on(conn, add, (20, 22)), 5) == 42
-    finally:
-        await client.shutdown()
-    assert await asyncio.wait_for(ag.rpc("w1", add, (1, 2)), 5) == 3
 
 
 async def _raw(c):
@@ -138,7 +125,7 @@ async def test_random_bytes_instead_of_a_handshake_close_the_connection(sock_clu
     assert "not an actorgrad peer" in caplog.text
     if sock_cluster.listener == "unix":  # (which local process: the kernel says)
         assert f"unix:(local process, pid {os.getpid()}, uid {os.getuid()})" in caplog.text
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_foreign_clients_request_is_refused_at_once(sock_cluster, monkeypatch, caplog):
@@ -150,7 +137,7 @@ async def test_a_foreign_clients_request_is_refused_at_once(sock_cluster, monkey
     writer.write(b"GET / HTTP/1.1\r\n\r\n")
     await _closed_by_peer(reader, writer, deadline=10)
     assert "not an actorgrad peer (bad handshake magic: it sent b'GET / HT'...)" in caplog.text
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_worker_near_its_open_files_limit_says_so_once(sock_cluster, caplog):
@@ -169,7 +156,7 @@ async def test_a_worker_near_its_open_files_limit_says_so_once(sock_cluster, cap
     assert "(connections that do not complete their handshake close after 5 s)" in lines[0]
     for _, writer in clients:
         writer.close()
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_data_past_the_hello_closes_the_connection(sock_cluster):
@@ -177,7 +164,7 @@ async def test_data_past_the_hello_closes_the_connection(sock_cluster):
     reader, writer = await _raw(sock_cluster)
     writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, os.urandom(32)) + os.urandom(100_000))
     await _closed_by_peer(reader, writer)
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_flood_before_the_handshake_ends_closes_the_connection():
@@ -214,7 +201,7 @@ async def test_connections_in_their_handshake_cost_a_few_kib_each(sock_cluster):
         for _, writer in clients:
             writer.close()
     assert grown < n * 32 * 1024, f"{grown / n:,.0f} bytes per connection"
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_wrong_protocol_version_closes_the_connection(sock_cluster, caplog):
@@ -223,7 +210,7 @@ async def test_wrong_protocol_version_closes_the_connection(sock_cluster, caplog
     writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION + 7, os.urandom(32)))
     await _closed_by_peer(reader, writer)
     assert "version" in caplog.text
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_rejected_connections_are_logged_a_few_a_minute(sock_cluster, caplog, monkeypatch):
@@ -238,7 +225,7 @@ async def test_rejected_connections_are_logged_a_few_a_minute(sock_cluster, capl
         await _closed_by_peer(reader, writer)
     assert caplog.text.count("not an actorgrad peer") == 3
     assert caplog.text.count("not logging further rejected connections for up to 60 s") == 1
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_peer_that_sent_the_magic_and_stalled_is_not_called_a_stranger(
@@ -253,7 +240,7 @@ async def test_a_peer_that_sent_the_magic_and_stalled_is_not_called_a_stranger(
     await _closed_by_peer(reader, writer)
     assert "did not complete in time" in caplog.text
     assert "not an actorgrad peer" not in caplog.text
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_wrong_token_raw_client_is_rejected(sock_cluster, caplog):
@@ -268,7 +255,7 @@ async def test_wrong_token_raw_client_is_rejected(sock_cluster, caplog):
     assert got == b""
     await _closed_by_peer(reader, writer)
     assert "wrong cluster token" in caplog.text
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_client_that_never_finishes_its_handshake_is_dropped(sock_cluster, monkeypatch):
@@ -276,7 +263,7 @@ async def test_client_that_never_finishes_its_handshake_is_dropped(sock_cluster,
     reader, writer = await _raw(sock_cluster)
     writer.write(MAGIC[:3])  # and then nothing
     await _closed_by_peer(reader, writer, deadline=5)
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_length_prefix_of_2_to_the_40_closes_the_connection(sock_cluster, caplog):
@@ -287,7 +274,7 @@ async def test_length_prefix_of_2_to_the_40_closes_the_connection(sock_cluster, 
     assert "exceeds the maximum" in caplog.text
     # (which worker says so, and which connection, for a user: not its repr)
     assert "worker w1: closing its connection from 'raw-client' (" in caplog.text
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 def _rss() -> int:
@@ -312,7 +299,7 @@ async def test_a_length_prefix_alone_takes_no_memory_and_no_time(sock_cluster):
     grown = _rss() - before
     assert grown < 64 * 1024 * 1024, grown
     writer.close()
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def _hello(writer, name, wid=0, address="", most=1 << 31, goodbyes=0):
@@ -363,7 +350,7 @@ async def test_a_malformed_hello_closes_the_connection(sock_cluster, caplog, hel
     await _hello(writer, *hello)
     await _closed_by_peer(reader, writer)
     assert message in caplog.text
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_second_hello_closes_the_connection(sock_cluster, caplog):
@@ -373,21 +360,21 @@ async def test_a_second_hello_closes_the_connection(sock_cluster, caplog):
     await _hello(writer, "someone-else")
     await _closed_by_peer(reader, writer)
     assert "a second hello ('someone-else') on the connection with 'raw-client'" in caplog.text
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_garbage_frame_closes_the_connection(sock_cluster):
     reader, writer = await _handshaken(sock_cluster)
     await _send_frame(writer, os.urandom(300))
     await _closed_by_peer(reader, writer)
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_valid_msgpack_of_the_wrong_shape_closes_the_connection(sock_cluster):
     reader, writer = await _handshaken(sock_cluster)
     await _send_frame(writer, msgpack.packb({"kind": "call", "fn": "os:system"}))
     await _closed_by_peer(reader, writer)
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 @pytest.mark.parametrize(
@@ -429,7 +416,7 @@ async def test_unknown_or_malformed_messages_close_the_connection(sock_cluster, 
     reader, writer = await _handshaken(sock_cluster)
     await _send_frame(writer, wire.join_chunks(wire.encode_frame(header, None)))
     await _closed_by_peer(reader, writer)
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def _until(pred, deadline: float = 5.0) -> None:
@@ -453,7 +440,7 @@ async def test_the_calls_of_a_caller_that_went_away_stop_and_free_their_slots(so
     writer.close()
     await writer.wait_closed()
     await _until(lambda: w1._inflight == 0 and not w1._mailbox)
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_an_oversized_frame_sent_with_the_handshake_is_logged(sock_cluster, caplog):
@@ -465,7 +452,7 @@ async def test_an_oversized_frame_sent_with_the_handshake_is_logged(sock_cluster
     )
     await _closed_by_peer(reader, writer)
     assert "declared frame length 32505856 exceeds the maximum of 65536 bytes" in caplog.text
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_peer_that_says_no_hello_after_the_handshake_is_closed(
@@ -485,7 +472,7 @@ async def test_a_peer_that_says_no_hello_after_the_handshake_is_closed(
     assert "declared frame length 32505856 exceeds the maximum of 65536 bytes" in caplog.text
     await _closed_by_peer(*silent, deadline=5.0)
     assert "no hello within 0.5 s of the handshake" in caplog.text
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_peer_that_reads_no_replies_stops_being_read(sock_cluster, monkeypatch):
@@ -523,7 +510,7 @@ async def test_a_peer_that_reads_no_replies_stops_being_read(sock_cluster, monke
     assert answered == set(range(1, n_calls + 1))
     writer.close()
     await writer.wait_closed()
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_slow_reader_is_not_taken_for_silent_while_its_replies_wait(monkeypatch):
@@ -619,7 +606,7 @@ async def test_malformed_request_body_gets_an_error_reply(sock_cluster):
     assert replies[9].remote_type == "actorgrad.errors.ProtocolError" and "mode" in str(replies[9])
     writer.close()
     await writer.wait_closed()
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_cancel_of_a_call_that_is_not_running_is_ignored(sock_cluster):
@@ -688,7 +675,7 @@ async def test_a_request_reusing_the_id_of_a_running_call_closes_the_connection(
         while w1.status()["in_flight"]:  # noqa: ASYNC110 (no event tells of it)
             await asyncio.sleep(0.01)
     assert w1._given_up == 0
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_one_way_message_to_a_client_that_never_started_is_refused_clearly(
@@ -714,7 +701,7 @@ async def test_a_one_way_message_to_a_client_that_never_started_is_refused_clear
         assert "Fatal error" not in caplog.text and "AttributeError" not in caplog.text
     finally:
         await client.shutdown()
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_membership_change_from_a_peer_that_is_not_the_head_is_refused(
@@ -748,7 +735,7 @@ async def test_a_membership_change_from_a_peer_that_is_not_the_head_is_refused(
         caplog.text
     )
     assert await ag.rpc("w1", add, (1, 2)) == 3
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_connection_closed_mid_frame(sock_cluster):
@@ -766,7 +753,7 @@ async def test_connection_closed_mid_frame(sock_cluster):
     await writer.drain()
     writer.close()
     await writer.wait_closed()
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_request_before_hello_closes_the_connection(sock_cluster):
@@ -776,7 +763,7 @@ async def test_request_before_hello_closes_the_connection(sock_cluster):
         wire.join_chunks(wire.encode_frame([K_REQ, 1, "os:getpid", MODE_RPC, None], ((), None))),
     )
     await _closed_by_peer(reader, writer)
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_hello_whose_cluster_id_is_not_an_int_closes_the_connection(sock_cluster, caplog):
@@ -788,7 +775,7 @@ async def test_a_hello_whose_cluster_id_is_not_an_int_closes_the_connection(sock
         )
         await _closed_by_peer(reader, writer)
     assert "malformed hello" in caplog.text
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_hello_from_a_process_a_worker_was_before_its_replacement_is_refused(
@@ -806,7 +793,7 @@ async def test_a_hello_from_a_process_a_worker_was_before_its_replacement_is_ref
         await _send_frame(writer, wire.join_chunks(frame))
         await _closed_by_peer(reader, writer)
     assert "hello from a process that worker 'w1' was before it was replaced" in caplog.text
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_joining_under_another_name_than_the_hello_said_is_refused(sock_cluster):
@@ -848,7 +835,7 @@ async def test_unencodable_argument_is_a_type_error_naming_the_type(sock_cluster
 
     with pytest.raises(TypeError, match="Thing"):
         await ag.rpc("w1", add, (Thing(),))
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 # ---- worker names from the wire (the registry's join) -----------------------------------
@@ -869,7 +856,7 @@ async def test_the_registry_refuses_to_join_a_malformed_worker_name(sock_cluster
     finally:
         await w.shutdown()
     assert ag.workers() == ["driver", "w1"]
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_context_id_not_made_by_its_named_initiator_is_refused_so(sock_cluster):
@@ -885,7 +872,7 @@ async def test_a_context_id_not_made_by_its_named_initiator_is_refused_so(sock_c
         f"{sock_cluster.driver.id} (an earlier process of that name, or a forged id)"
     ) in str(err), err
     assert not state_of(_target(sock_cluster)).contexts  # (w1 kept none of it)
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 def test_a_calls_context_id_out_of_the_id_range_is_malformed_metadata():
@@ -918,7 +905,7 @@ async def test_an_rref_of_a_malformed_owner_or_id_gets_an_error_reply(sock_clust
         r"| payload: expected a list, got 'w1')",
         str(err),
     ), err
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_malformed_call_targets_get_error_replies_that_say_what_is_wrong(sock_cluster):
@@ -959,7 +946,7 @@ async def test_malformed_call_targets_get_error_replies_that_say_what_is_wrong(s
         f"RRef 0x3039 was not made by worker 'w1' of this cluster: the id is of cluster "
         f"id 0, 'w1' has cluster id {w1.id} (an earlier process of that name, or a forged id)"
     ) in str(replies[5])
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def _raw_call_error(c, meta, body: bytes) -> ag.RemoteError:
@@ -1015,7 +1002,7 @@ async def test_a_worker_closing_on_a_message_it_refused_tells_the_sender_why(
     ):
         await asyncio.wait_for(pending, 10)
     assert "closed the connection on a message from this worker" in caplog.text
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 _injected: list[str] = []
@@ -1085,7 +1072,7 @@ async def test_a_stranger_relaying_a_token_holders_handshake_cannot_send_its_own
         await server.wait_closed()
     assert "frame 0 failed authentication" in caplog.text
     assert _injected == []
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)
 
 
 async def test_what_a_refused_peer_sends_while_its_connection_lingers_is_dropped(sock_cluster):
@@ -1105,4 +1092,4 @@ async def test_what_a_refused_peer_sends_while_its_connection_lingers_is_dropped
     await _until(lambda: conn.transport_gone)  # (w1 read all of it: then the end)
     assert len(conn._rbuf) == 0 and conn._big is None
     writer.close()
-    await _valid_client_works(sock_cluster)
+    await valid_client_works(sock_cluster)

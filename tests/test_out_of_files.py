@@ -17,6 +17,7 @@ import socket
 import time
 
 import pytest
+from conftest import valid_client_works
 
 import actorgrad as ag
 from actorgrad.runtime import transport
@@ -95,16 +96,9 @@ async def _scenario(kind: str, spare_taken: bool) -> None:
                         await asyncio.sleep(0.01)
                 assert "paused" not in repr(listener), repr(listener)
                 assert listener._spare is not None
-        # the worker serves on: a call on its connection, and on a new one
-        assert await asyncio.wait_for(ag.rpc("w1", add, (1, 2)), 5) == 3
-        probe = ag.runtime.Worker("probe", token=c.driver.token)
-        try:
-            local = w1.local_address if kind == "unix" else ""
-            conn = await asyncio.wait_for(probe.open_connection(w1.address, local), 5)
-            assert conn.kind == kind
-            assert await asyncio.wait_for(probe.call_on(conn, add, (20, 22)), 5) == 42
-        finally:
-            await probe.shutdown()
+        # the worker serves on: a call on a new connection, and on its driver's
+        c.listener = kind
+        await valid_client_works(c)
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
