@@ -3149,47 +3149,37 @@ def _result_that_cannot_travel() -> Any:
     return _ResultThatCannotTravel()
 
 
-async def test_a_reply_whose_error_cannot_be_encoded_either_still_answers(monkeypatch):
-    # The error reply of a result that could not be encoded failed to encode too (a
-    # lazy import of numpy.ma, which opened files, in a process out of them): no reply
-    # was sent, and the caller waited for good.
-    real = ag.RemoteError.from_exception.__func__
-
-    def failing(cls, worker, exc):
-        if isinstance(exc, TypeError) and "_ResultThatCannotTravel" in str(exc):
-            raise OSError(24, "Too many open files")
-        return real(cls, worker, exc)
-
-    async with ag.local_cluster(1):
-        monkeypatch.setattr(ag.RemoteError, "from_exception", classmethod(failing))
-        with pytest.raises(ag.RemoteError) as info:
-            await asyncio.wait_for(ag.rpc("w1", _result_that_cannot_travel), 10)
-        assert info.value.remote_type == "TypeError"
-        assert "the reply could not be encoded (OSError: [Errno 24] Too many open files)" in str(
-            info.value
-        )
-        assert await ag.rpc("w1", add, (1, 2)) == 3
-
-
 def _raise_marked():
     raise ValueError("marked for a failing error reply")
 
 
-async def test_an_error_that_cannot_be_encoded_still_answers(monkeypatch):
-    # (the error of a call, as the reply of a result that cannot travel above: its
-    # reply's failure escaped, and the caller waited for good)
+@pytest.mark.parametrize(
+    "fn, exc_type, marker",
+    [
+        # (a result that could not be encoded, whose error reply failed to encode too: a
+        # lazy import of numpy.ma, which opened files, in a process out of them)
+        (_result_that_cannot_travel, TypeError, "_ResultThatCannotTravel"),
+        # (the error of a call, its reply failing likewise)
+        (_raise_marked, ValueError, "marked for a failing error reply"),
+    ],
+    ids=["result", "error"],
+)
+async def test_an_error_reply_that_cannot_be_encoded_still_answers(
+    monkeypatch, fn, exc_type, marker
+):
+    # (no reply was sent, and the caller waited for good)
     real = ag.RemoteError.from_exception.__func__
 
     def failing(cls, worker, exc):
-        if "marked for a failing error reply" in str(exc):
+        if isinstance(exc, exc_type) and marker in str(exc):
             raise OSError(24, "Too many open files")
         return real(cls, worker, exc)
 
     async with ag.local_cluster(1):
         monkeypatch.setattr(ag.RemoteError, "from_exception", classmethod(failing))
         with pytest.raises(ag.RemoteError) as info:
-            await asyncio.wait_for(ag.rpc("w1", _raise_marked), 10)
-        assert info.value.remote_type == "ValueError"
+            await asyncio.wait_for(ag.rpc("w1", fn), 10)
+        assert info.value.remote_type == exc_type.__name__
         assert "the reply could not be encoded (OSError: [Errno 24] Too many open files)" in str(
             info.value
         )
