@@ -8,9 +8,12 @@ import this directory's helper modules.
 
 from __future__ import annotations
 
+import asyncio
 import faulthandler
 import os
 import pathlib
+import secrets
+import socket
 
 import pytest
 
@@ -76,8 +79,6 @@ def pytest_runtest_protocol(item, nextitem):
 
 def has_ipv6_loopback() -> bool:
     """Whether this host can bind ::1 (some containers have no IPv6)."""
-    import socket
-
     try:
         with socket.socket(socket.AF_INET6) as s:
             s.bind(("::1", 0))
@@ -88,8 +89,6 @@ def has_ipv6_loopback() -> bool:
 
 def on_uvloop() -> bool:
     """Whether the running event loop is uvloop's (``ACTORGRAD_TEST_LOOP=uvloop``)."""
-    import asyncio
-
     return type(asyncio.get_running_loop()).__module__.startswith("uvloop")
 
 
@@ -106,9 +105,6 @@ async def open_abstract(name: str):
     """Streams to the abstract Unix socket ``name`` (as the runtime connects: a socket of
     our own, so it works on uvloop too, whose create_unix_connection(path) refuses
     abstract names with EINVAL)."""
-    import asyncio
-    import socket
-
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -126,13 +122,8 @@ def add(a, b=0):
 async def valid_client_works(c) -> None:
     """A fresh connection to w1 of local cluster ``c`` over ``c.listener`` ("tcp" or
     "unix") handshakes and gets an answer; the driver's connection still works."""
-    import asyncio
-    import secrets
-
-    from actorgrad.runtime import Worker
-
     w1 = c.workers[0]
-    client = Worker(f"probe-{secrets.token_hex(3)}", token=c.driver.token)
+    client = ag.runtime.Worker(f"probe-{secrets.token_hex(3)}", token=c.driver.token)
     try:
         local = w1.local_address if c.listener == "unix" else ""
         conn = await asyncio.wait_for(client.open_connection(w1.address, local), 5)
