@@ -15,6 +15,7 @@ import logging
 import operator
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -2903,6 +2904,83 @@ def test_a_script_that_never_shuts_down_is_shut_down_with_its_loop(monkeypatch):
         await ag.shutdown()  # (forgets it)
 
     asyncio.run(later())
+
+
+_CTRL_C_AT_LOOP_END = """\
+import asyncio, signal, socket, sys
+import actorgrad as ag
+
+loop, how = sys.argv[1:]
+made = []
+own = []
+
+
+def ctrl_c():
+    signal.raise_signal(signal.SIGINT)  # (as a Ctrl-C: to this thread, the main one)
+
+
+async def main():
+    w = await ag.init("solo")
+    made.append(w)
+    # as it starts closing at the loop's end: the Ctrl-C comes as its teardown waits
+    w.add_closing_callback(lambda: asyncio.get_running_loop().call_soon(ctrl_c))
+    if how == "ctrl-c":  # (a first one stops main; the one above is the second)
+        ctrl_c()
+        await asyncio.Event().wait()
+
+
+if how == "own-handler":
+    signal.signal(signal.SIGINT, lambda *_: own.append(1))
+try:
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+finally:
+    w = made[0]
+    host, _, port = w.address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+        listening = True
+    except ConnectionRefusedError:
+        listening = False
+    handler = signal.getsignal(signal.SIGINT)
+    print(w.closed, listening, handler is signal.default_int_handler, own, flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "return", "own-handler"])
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_ctrl_c_during_the_loop_end_shutdown_waits_for_it(tmp_path, loop, how):
+    # Runner.close has put Python's own SIGINT handler back when it closes the loop's
+    # async generators: a Ctrl-C then (the second one, or one as a script returns)
+    # raised KeyboardInterrupt in the middle of the worker's shutdown, and "Task was
+    # destroyed but it is pending!" named Worker._teardown (2 runs of 12). It is held
+    # until the worker has closed, then raised; a handler of the script's own is left
+    # alone.
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    script = tmp_path / "ctrl_c_at_loop_end.py"
+    script.write_text(_CTRL_C_AT_LOOP_END)
+    env = dict(os.environ, PYTHONPATH=str(Path(ag.__file__).resolve().parent.parent))
+    env.pop("ACTORGRAD_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, str(script), loop, how],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    for complaint in ("Task was destroyed", "never awaited", "never retrieved"):
+        assert complaint not in out.stderr, out.stderr
+    if how == "own-handler":  # (its handler had the Ctrl-C, and the script went on)
+        assert (out.returncode, out.stdout) == (0, "True False False [1]\n"), out.stderr
+    else:  # (closed, not listening, the handler put back; then the KeyboardInterrupt)
+        assert out.stdout == "True False True []\n", out.stderr
+        assert out.returncode == -signal.SIGINT, out.stderr
+        assert out.stderr.rstrip().endswith("KeyboardInterrupt"), out.stderr
 
 
 def test_init_and_local_cluster_forget_a_worker_whose_event_loop_closed(monkeypatch):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
@@ -154,7 +156,46 @@ async def _at_loop_end(w: Worker) -> AsyncGenerator[None, None]:
         if not w.closed and not w.closing:
             # (the worker itself, not ag.shutdown(): it stays this process's worker,
             # and a later loop using it hears that its loop has closed)
-            await w.shutdown(graceful=False)
+            with _sigint_held():
+                await w.shutdown(graceful=False)
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold a Ctrl-C that comes within (the loop-end shutdown: its waits are bounded)
+    until it is done, then raise its KeyboardInterrupt from a callback of the loop.
+
+    ``Runner.close`` has put Python's own handler back by then: a second Ctrl-C raised
+    KeyboardInterrupt in the middle of the shutdown, which the loop closed under ("Task
+    was destroyed but it is pending!" for ``Worker._teardown``). Raised by the async
+    generator instead, it would end the task closing it with no one left to retrieve
+    it ("Task exception was never retrieved"). A handler of the user's own, and a
+    thread other than the main one, are left alone, as ``Runner.run`` does."""
+    held: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        held.append(signum)
+
+    swapped = False
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ):
+        with contextlib.suppress(ValueError):  # (an interpreter without signals: gh-91880)
+            signal.signal(signal.SIGINT, hold)
+            swapped = True
+    try:
+        yield
+    finally:
+        if swapped and signal.getsignal(signal.SIGINT) is hold:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if held:
+            asyncio.get_running_loop().call_soon(_interrupt)
+
+
+def _interrupt() -> None:
+    """The KeyboardInterrupt of a held Ctrl-C (Python's own handler raises it so)."""
+    raise KeyboardInterrupt
 
 
 async def _shut_with_loop(w: Worker) -> None:
