@@ -672,11 +672,25 @@ def _enc_exception(enc: _Encoder, e: BaseException) -> msgpack.ExtType:
     return enc.nested(EXT_EXCEPTION, [_clean_str(s) for s in record])
 
 
-def _convert(conv: type) -> Callable[[_Encoder, Any], Any]:
+def _convert(conv: Callable[[Any], Any]) -> Callable[[_Encoder, Any], Any]:
     def handler(enc: _Encoder, obj: Any) -> Any:
         return conv(obj)
 
     return handler
+
+
+# The base value of an instance of a subclass, read from the base type's own storage.
+# ``str(obj)``, ``list(obj)`` and the like call the subclass's ``__str__``/``__iter__``:
+# a member of ``class Mode(str, Enum)`` arrived as "Mode.TRAIN", not as its value.
+_BASE_VALUE: dict[type, Callable[[Any], Any]] = {
+    int: int.__int__,
+    float: float.__float__,
+    str: str.__str__,
+    bytes: bytes.__bytes__,
+    bytearray: lambda b: bytes(memoryview(b)),
+    list: list.copy,
+    dict: dict.copy,
+}
 
 
 def _unsendable(enc: _Encoder, obj: Any) -> Any:
@@ -736,23 +750,13 @@ def _resolve(t: type) -> Callable[[_Encoder, Any], Any]:
     elif issubclass(t, tuple):
         handler = _enc_tuple  # namedtuple & co travel as plain tuples
     elif issubclass(t, np.generic) and issubclass(t, (str, bytes)):
-        handler = _convert(str if issubclass(t, str) else bytes)
+        handler = _convert(_BASE_VALUE[str if issubclass(t, str) else bytes])
     elif issubclass(t, np.generic):
         handler = _unsendable_dtype
     elif issubclass(t, bool):
         handler = _convert(bool)
-    elif issubclass(t, int):
-        handler = _convert(int)
-    elif issubclass(t, float):
-        handler = _convert(float)
-    elif issubclass(t, str):
-        handler = _convert(str)
-    elif issubclass(t, (bytes, bytearray)):
-        handler = _convert(bytes)
-    elif issubclass(t, list):
-        handler = _convert(list)
-    elif issubclass(t, dict):
-        handler = _convert(dict)
+    elif base := next((b for b in _BASE_VALUE if issubclass(t, b)), None):
+        handler = _convert(_BASE_VALUE[base])
     else:
         handler = _unsendable
         cache = False

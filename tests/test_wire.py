@@ -173,6 +173,27 @@ def test_subclasses_of_plain_types_travel_as_the_plain_type():
     assert type(out[4]) is np.float64  # a numpy scalar, even though it subclasses float
 
 
+class Mode(str, enum.Enum):  # noqa: UP042 (the str-mixin enum idiom, older than StrEnum)
+    TRAIN = "train"
+
+
+class Shouty(str):
+    def __str__(self) -> str:
+        return "SHOUTY"
+
+
+class OddList(list):
+    def __iter__(self):
+        return iter(["odd"])
+
+
+def test_subclasses_travel_with_their_base_value_not_their_str_or_iter():
+    # str(Mode.TRAIN) is "Mode.TRAIN": the member arrived as that, not as its value "train"
+    out = roundtrip([Mode.TRAIN, {Mode.TRAIN: 1}, Shouty("x"), OddList([1, 2]), Color.RED])
+    assert out == ["train", {"train": 1}, "x", [1, 2], 1]
+    assert type(out[0]) is str and type(next(iter(out[1]))) is str and type(out[3]) is list
+
+
 def test_header_may_hold_plain_meta_and_tuples_become_lists():
     header = [3, 9, "m:f", {"ctx": 5, "path": (1, 2)}]
     frame = decode_frame(b"".join(encode_frame(header, None)))
