@@ -201,7 +201,8 @@ class WireHooks(Protocol):
 
     def check_nbytes(self, nbytes: int) -> None:
         """Raise if a frame of ``nbytes`` could not be sent (asked before a strided
-        array is copied into a contiguous one: the copy may be only to be refused)."""
+        array is copied into a contiguous one: the copy may be only to be refused;
+        ``nbytes`` counts every array of the frame so far, this one included)."""
 
 
 class WireRef:
@@ -364,6 +365,7 @@ class _Encoder:
         "depth",
         "levels",
         "ext_bytes",
+        "array_bytes",
         "busy",
         "_dispatch",
     )
@@ -376,6 +378,7 @@ class _Encoder:
         self.depth = 0
         self.levels = 0  # (list/dict levels of the tuples packed below depth 1: see nested)
         self.ext_bytes = 0
+        self.array_bytes = 0  # (the bytes of the arrays packed so far by _array_payload)
         self.busy = False
         self._dispatch: dict[type, Callable[[_Encoder, Any], Any]] = _DISPATCH
 
@@ -404,6 +407,7 @@ class _Encoder:
         self.depth = 0
         self.levels = 0
         self.ext_bytes = 0
+        self.array_bytes = 0
         hook_exc: BaseException | None = None
         ok = False
         try:
@@ -592,10 +596,13 @@ def _array_payload(enc: _Encoder, arr: np.ndarray) -> list:
         raise _Unsendable(
             arr, f"cannot send an array of {arr.ndim} dimensions: at most {MAX_NDIM} travel"
         )
+    enc.array_bytes += arr.nbytes
     if not arr.flags.c_contiguous:
         check = getattr(enc.hooks, "check_nbytes", None)
-        if check is not None:  # (a 3 GB transposed view was copied, then refused)
-            check(arr.nbytes)
+        if check is not None:
+            # (a 3 GB transposed view was copied, then refused; so were two 1.5 GiB
+            # broadcast views, each within the limit: the frame holds all the arrays)
+            check(enc.array_bytes)
         arr = np.ascontiguousarray(arr)  # one copy: unavoidable for a strided layout
     if arr.nbytes < OOB_THRESHOLD:
         # msgpack copies it in as bin

@@ -2504,6 +2504,30 @@ async def test_a_strided_array_too_large_to_send_is_refused_before_it_is_copied(
         np.testing.assert_array_equal(await ag.rpc("w1", echo, (view[:1000],)), view[:1000])
 
 
+async def test_strided_arrays_too_large_together_are_refused_before_all_are_copied(monkeypatch):
+    # Each view alone fits the largest frame, both together do not: both were copied
+    # (two 1.5 GiB broadcast views: 3 GB more and 9 s), then the frame was refused.
+    import tracemalloc
+
+    from actorgrad.runtime import transport
+
+    monkeypatch.setattr(transport, "MAX_FRAME_SIZE", 1 << 20)  # both ends: 1 MiB
+    view = np.ones(400_000, dtype=np.float32)[::2]  # 800 KB, strided: fits alone
+    async with ag.local_cluster(1, transport="tcp"):
+        np.testing.assert_array_equal(await ag.rpc("w1", echo, (view,)), view)
+        tracemalloc.start()
+        try:
+            with pytest.raises(
+                ag.ProtocolError, match=r"cannot send a message of 1600000 bytes or more to 'w1'"
+            ):
+                await ag.rpc("w1", echo, ((view, [view]),))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1_200_000, peak  # (the first copy, 800 KB, not the second)
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+
+
 async def test_an_error_with_a_huge_message_comes_with_its_middle_cut(cluster):
     # A 200 MB message (twice: the traceback repeats it) was encoded whole on the
     # worker's loop, for seconds: its peers took it for dead (WorkerLost).
