@@ -587,6 +587,11 @@ def _enc_tuple(enc: _Encoder, obj: tuple) -> msgpack.ExtType:
     return enc.nested(EXT_TUPLE, list(obj))
 
 
+def _enc_tuple_subclass(enc: _Encoder, obj: tuple) -> msgpack.ExtType:
+    # (its items as the tuple holds them: list(obj) would call a subclass's __iter__)
+    return enc.nested(EXT_TUPLE, list(tuple.__iter__(obj)))
+
+
 def _array_payload(enc: _Encoder, arr: np.ndarray) -> list:
     """``[dtype.str, shape, data]``: data is the raw bytes (inline) or a buffer index."""
     dstr = _dtype_str(arr, arr.dtype)
@@ -755,7 +760,7 @@ def _resolve(t: type) -> Callable[[_Encoder, Any], Any]:
     elif issubclass(t, BaseException):
         handler = _enc_exception
     elif issubclass(t, tuple):
-        handler = _enc_tuple  # namedtuple & co travel as plain tuples
+        handler = _enc_tuple_subclass  # namedtuple & co travel as plain tuples
     elif issubclass(t, np.generic) and issubclass(t, (str, bytes)):
         handler = _convert(_BASE_VALUE[str if issubclass(t, str) else bytes])
     elif issubclass(t, np.generic):

@@ -187,11 +187,19 @@ class OddList(list):
         return iter(["odd"])
 
 
+class OddTuple(tuple):
+    def __iter__(self):
+        return iter(["odd"])
+
+
 def test_subclasses_travel_with_their_base_value_not_their_str_or_iter():
     # str(Mode.TRAIN) is "Mode.TRAIN": the member arrived as that, not as its value "train"
-    out = roundtrip([Mode.TRAIN, {Mode.TRAIN: 1}, Shouty("x"), OddList([1, 2]), Color.RED])
-    assert out == ["train", {"train": 1}, "x", [1, 2], 1]
+    out = roundtrip(
+        [Mode.TRAIN, {Mode.TRAIN: 1}, Shouty("x"), OddList([1, 2]), Color.RED, OddTuple((3, 4))]
+    )
+    assert out == ["train", {"train": 1}, "x", [1, 2], 1, (3, 4)]
     assert type(out[0]) is str and type(next(iter(out[1]))) is str and type(out[3]) is list
+    assert type(out[5]) is tuple
 
 
 def test_header_may_hold_plain_meta_and_tuples_become_lists():
