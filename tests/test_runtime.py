@@ -345,6 +345,22 @@ async def test_many_small_sync_calls_become_inline_and_stay_correct(cluster):
         assert await ag.rpc("w1", add, (i, 1)) == i + 1
 
 
+def through_the_loop(to):
+    """A plain function that waits for a coroutine it handed to its worker's loop (a
+    synchronous API over the async one); 2 s at most, not for good."""
+    coro = ag.rpc(to, add, (1, 2))
+    return asyncio.run_coroutine_threadsafe(coro, current_worker().loop).result(timeout=2)
+
+
+async def test_a_plain_function_that_waits_for_its_workers_loop_is_never_run_inline(cluster):
+    # It took 0.1 ms in the thread pool, so it proved fast and ran inline from its
+    # fourth call: there it blocked the loop it waits for (for good, without a timeout
+    # of its own; a process worker's peers took it for dead), every fourth call.
+    for _ in range(2 * rworker.INLINE_AFTER + 2):
+        assert await asyncio.wait_for(ag.rpc("w1", through_the_loop, ("w2",)), 10) == 3
+    assert cluster.workers[0].status()["in_flight"] == 0
+
+
 # ---- re-entrancy and concurrency -----------------------------------------------------------
 
 

@@ -2076,15 +2076,22 @@ class Worker:
                 return fn(*args, **kwargs) if kwargs else fn(*args)
         return fn(*args, **kwargs) if kwargs else fn(*args)
 
-    def _invoke_timed(self, fn: Any, args: Any, kwargs: Any, meta: Any) -> tuple[Any, float]:
-        t0 = time.perf_counter()
+    def _invoke_timed(self, fn: Any, args: Any, kwargs: Any, meta: Any) -> tuple[Any, bool]:
+        """In the thread pool: the call's result, and whether it proved fast (see
+        FAST_CALL) without waiting for most of its time."""
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
             r = self._invoke(fn, args, kwargs, meta)
         except StopIteration as exc:
             # (asyncio cannot put a StopIteration into the executor's future: it logged
             # "cannot be raised into a Future" and the call never got a reply)
             r = _Raised(exc)
-        return r, time.perf_counter() - t0
+        took, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
+        # A call that spent most of its time waiting (on a lock, a socket, another
+        # thread, or a coroutine it handed to this worker's loop with
+        # run_coroutine_threadsafe) is not fast, however short: inline, it would block
+        # the loop on what it waits for, and for good when that needs the loop.
+        return r, took < FAST_CALL and cpu >= took / 2
 
     async def _run_task(self, conn, cid, mode, fn, args, kwargs, meta, hooks, stats) -> None:
         _current_conn.set(conn)
@@ -2096,14 +2103,14 @@ class Worker:
                 ctx = contextvars.copy_context()
                 call = functools.partial(ctx.run, self._invoke_timed, fn, args, kwargs, meta)
                 try:
-                    result, took = await self.loop.run_in_executor(self._pool, call)
+                    result, fast = await self.loop.run_in_executor(self._pool, call)
                 finally:
                     gone = cid and conn.running.get(cid, _IN_POOL) is None  # (its caller)
                     if gone:
                         self._given_up -= 1
                         if self._pool is not None:
                             self._pool.unlend()
-                stats.fast = stats.fast + 1 if took < FAST_CALL else 0
+                stats.fast = stats.fast + 1 if fast else 0
                 if gone:
                     if inspect.iscoroutine(result):
                         result.close()
