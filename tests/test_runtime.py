@@ -361,6 +361,40 @@ async def test_a_plain_function_that_waits_for_its_workers_loop_is_never_run_inl
     assert cluster.workers[0].status()["in_flight"] == 0
 
 
+async def _forty_two():
+    return 42
+
+
+def with_a_loop_of_its_own():
+    """A plain function that runs a coroutine on an event loop of its own."""
+    return asyncio.run(_forty_two())
+
+
+async def test_a_plain_function_sees_no_running_loop_once_it_runs_inline(cluster):
+    # In the thread pool its thread has no event loop running; once proven fast it ran
+    # inline, where the worker's loop runs: asyncio.run() refused to start there
+    # ("cannot be called from a running event loop"), every fourth call.
+    for _ in range(2 * rworker.INLINE_AFTER + 2):
+        assert await asyncio.wait_for(ag.rpc("w1", with_a_loop_of_its_own), 10) == 42
+    assert cluster.workers[0].status()["in_flight"] == 0
+
+
+def own_a_list_at_last(key, really):
+    """A plain function that proves fast, then (inline) makes an RRef to a value."""
+    return own_a_list(key) if really else None
+
+
+async def test_a_plain_function_run_inline_can_own_a_value(cluster):
+    # (ag.RRef(value) tells the loop's thread from a pool thread by the thread, not by
+    # the running loop, which an inline call does not see: it handed the value to the
+    # loop, then waited for it, blocking the loop for good)
+    for _ in range(rworker.INLINE_AFTER + 1):
+        assert await asyncio.wait_for(ag.rpc("w1", own_a_list_at_last, ("l", False)), 10) is None
+    r = await asyncio.wait_for(ag.rpc("w1", own_a_list_at_last, ("l", True)), 10)
+    assert await r.rpc().count(1) == 1
+    assert await ag.rpc("w1", the_list, ("l",)) == [1, 2]
+
+
 # ---- re-entrancy and concurrency -----------------------------------------------------------
 
 

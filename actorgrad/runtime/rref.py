@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import threading
 import time
 import weakref
 from collections.abc import Iterable
@@ -455,10 +456,9 @@ def _own_from_any_thread(worker: Worker, value: Any) -> int:
     """``_own`` from the worker's loop or from another thread (a plain function runs in
     the worker's thread pool): there, the loop stores it (its tables are the loop's
     alone) while this thread waits."""
-    try:
-        on_loop = asyncio.get_running_loop() is worker.loop
-    except RuntimeError:
-        on_loop = False
+    # (by thread, not by the running loop: a plain function run inline on the loop sees
+    # none running, as in the pool; waiting here for the loop, it would block it)
+    on_loop = threading.get_ident() == worker.loop_thread and not worker.loop.is_closed()
     if worker.closed:
         raise _closed(worker)
     if on_loop:

@@ -91,8 +91,10 @@ import numbers
 import os
 import re
 import socket
+import threading
 import time
 import weakref
+from asyncio import events as asyncio_events
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -601,6 +603,8 @@ class Worker:
         self.port = port
         self.address = ""
         self.loop = asyncio.get_running_loop()
+        #: the thread that runs the loop (code of this worker runs in it, or in its pool)
+        self.loop_thread = threading.get_ident()
         self.closed = False
         self.started = False
         self._stopping = False
@@ -2030,7 +2034,14 @@ class Worker:
         # marked inline, or proven fast: run inline on the loop
         t0 = time.perf_counter()
         try:
-            result = ctx.run(self._invoke, fn, args, kwargs, meta, conn)
+            result = ctx.run(
+                self._invoke if stats.inline else self._invoke_off_loop,
+                fn,
+                args,
+                kwargs,
+                meta,
+                conn,
+            )
         except BaseException as exc:  # (user code: SystemExit, GeneratorExit... are its errors)
             self._done()
             self._reply_exc(conn, cid, exc, hooks)
@@ -2075,6 +2086,18 @@ class Worker:
             with ic.enter(self, meta):
                 return fn(*args, **kwargs) if kwargs else fn(*args)
         return fn(*args, **kwargs) if kwargs else fn(*args)
+
+    def _invoke_off_loop(self, fn: Any, args: Any, kwargs: Any, meta: Any, conn: Any) -> Any:
+        """``_invoke`` of a plain function that proved fast in the thread pool, run
+        inline: with no event loop running as far as it can tell, as in the pool where
+        it proved itself. (It saw the worker's loop running: its asyncio.run() was
+        refused there, "cannot be called from a running event loop", every fourth
+        call.)"""
+        asyncio_events._set_running_loop(None)
+        try:
+            return self._invoke(fn, args, kwargs, meta, conn)
+        finally:
+            asyncio_events._set_running_loop(self.loop)
 
     def _invoke_timed(self, fn: Any, args: Any, kwargs: Any, meta: Any) -> tuple[Any, bool]:
         """In the thread pool: the call's result, and whether it proved fast (see
