@@ -112,6 +112,30 @@ async def test_process_workers_under_an_unknown_log_level_are_refused_by_name(mo
         ag.worker_name()
 
 
+def close_stderr() -> None:
+    sys.stderr.close()
+
+
+def a_generator() -> Any:
+    return (i for i in range(3))
+
+
+async def test_a_worker_whose_stderr_a_call_closed_goes_on_and_still_logs(monkeypatch, capfd):
+    # Its log handler wrote to that same sys.stderr: every record logged after it
+    # raised "I/O operation on closed file" out of the runtime code that logged it
+    # (logging's handleError tries sys.stderr too, and lets a ValueError through), and
+    # at ACTORGRAD_LOG=debug the next call whose reply could not be encoded ended the
+    # worker process.
+    monkeypatch.setenv("ACTORGRAD_LOG", "debug")
+    async with ag.local_cluster(1, processes=True):
+        await ag.rpc("w1", close_stderr)
+        for _ in range(3):
+            with pytest.raises(ag.RemoteError, match="cannot send value of type 'generator'"):
+                await ag.rpc("w1", a_generator, timeout=10)
+            assert await ag.rpc("w1", add, (1, 2), timeout=10) == 3
+    assert "reply of call" in capfd.readouterr().err  # (its records still go out)
+
+
 def test_worker_processes_raise_their_open_files_limit_to_the_hard_one():
     # (at a distribution's default of 1,024, a worker ran out of files with its hard
     # limit far above: see procs.open_files_limit)

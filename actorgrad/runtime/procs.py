@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from actorgrad.runtime.transport import check_token, env_switch
 
@@ -115,10 +115,40 @@ def log_to_stderr() -> None:
     root = logging.getLogger()
     if root.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(_own_stderr())
     handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_TIME))
     root.addHandler(handler)
     logging.getLogger("actorgrad").setLevel(level)
+
+
+def _own_stderr() -> TextIO:
+    """A file of our own on this process's stderr (its descriptor duplicated), line by
+    line as sys.stderr: a call's code that closes sys.stderr does not close it (the
+    worker's records went with it); sys.stderr itself where it has no descriptor."""
+    try:
+        fd = os.dup(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # (io.UnsupportedOperation: ValueError)
+        return sys.stderr
+    return open(  # noqa: SIM115 (the process's, for its life)
+        fd,
+        "w",
+        encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+        errors="backslashreplace",
+        buffering=1,
+    )
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler that never raises: ``logging.Handler.handleError`` reports a failed
+    write on sys.stderr, and lets a ValueError through when that is closed too (by a
+    call's code: "I/O operation on closed file"), out of whatever runtime code logged
+    the record, which a worker process did not survive."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        try:
+            super().handleError(record)
+        except Exception:
+            pass
 
 
 #: Thread-count variables of the BLAS libraries numpy may use (see the module docstring).
