@@ -403,6 +403,12 @@ def _hook_result(hook: Hook, grad: np.ndarray, out: Any) -> np.ndarray:
     if type(hook) is functools.partial:  # (a function registered twice: see register_hook)
         hook = hook.func
     name = getattr(hook, "__qualname__", None) or repr(hook)
+    if inspect.iscoroutine(out):
+        out.close()  # (else "coroutine ... was never awaited" too, pointing elsewhere)
+        raise TypeError(
+            f"hook {name} returned a coroutine: hooks run synchronously in the backward "
+            "pass, so a hook must be a plain function (not async def)"
+        )
     try:
         arr = np.asarray(out)
     except Exception as exc:

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -374,6 +375,25 @@ def test_a_hook_that_changes_the_shape_or_returns_no_array_is_named():
     loss.backward()
     np.testing.assert_array_equal(x.grad, [4.0, 5.0, 6.0])
     np.testing.assert_array_equal(w.grad, [1.0, 2.0, 3.0])
+
+
+async def _async_hook(g):
+    return g
+
+
+def test_an_async_hook_is_refused_by_name_and_its_coroutine_closed():
+    # (np.asarray took the coroutine for an object: "returned a coroutine of dtype
+    # object", and Python warned that it was never awaited, pointing at the engine)
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    y = x * 2
+    y.register_hook(_async_hook)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError, match="hook _async_hook returned a coroutine: hooks run "):
+            y.sum().backward()
+        gc.collect()
+    assert [str(w.message) for w in caught] == []  # (no "was never awaited")
+    assert x.grad is None
 
 
 def test_a_hook_result_of_another_dtype_is_cast_to_the_gradient_dtype():
