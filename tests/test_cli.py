@@ -2392,3 +2392,36 @@ def test_run_says_when_the_script_was_killed_by_a_signal(tmp_path: Path) -> None
         137,
         f"actorgrad: the script {script} was killed by SIGKILL",
     )
+
+
+STOPS_ITS_LOOP = """
+import asyncio
+import actorgrad as ag
+
+async def stop_the_loop():
+    asyncio.get_running_loop().stop()
+
+async def main():
+    await ag.init("driver")
+    try:  # (the first call's reply may go out before the loop stops, or not)
+        await ag.rpc("w1", stop_the_loop, timeout=30)
+        await ag.rpc("w1", stop_the_loop, timeout=30)
+    except ag.WorkerLost:
+        print("w1 lost", flush=True)
+    await ag.shutdown()
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@needs_runtime
+def test_a_worker_whose_loop_a_call_stopped_says_so_and_leaves(tmp_path: Path) -> None:
+    # asyncio's "Event loop stopped before Future completed", with a traceback into its
+    # internals, said nothing of why the worker process ended
+    script = tmp_path / "stops.py"
+    script.write_text(STOPS_ITS_LOOP)
+    r = run_cli("run", "-n", "1", str(script), timeout=60)
+    assert (r.returncode, r.stdout) == (0, "w1 lost\n"), r.stderr
+    assert "actorgrad worker w1: its event loop was stopped (by loop.stop() in " in r.stderr
+    assert "Traceback" not in r.stderr, r.stderr

@@ -135,6 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         # head gone; the traceback helps nobody, the cluster says which worker exited)
         print(f"actorgrad worker {args.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except RuntimeError as exc:
+        if "Event loop stopped before Future completed" not in str(exc):
+            raise
+        # (asyncio's words, and a traceback into its internals, said nothing of why)
+        print(
+            f"actorgrad worker {args.name}: its event loop was stopped (by loop.stop() in "
+            "code it ran?); leaving",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         if prof is not None:
             prof.disable()
