@@ -3068,6 +3068,24 @@ async def test_an_owner_gone_before_the_first_step_fails_it_as_it_would_a_later_
             assert (await r.to_here()).data.tolist() == [0.5, 0.5]
 
 
+async def test_a_step_under_no_grad_reaches_the_owners_the_context_did_not():
+    # Under no_grad a call goes out as outside its context: the step's call too, so an
+    # owner whose parameters the context never reached did not know the context and
+    # failed the step ("unknown or released"), after the other owners had stepped.
+    async with cluster("inproc", 2) as c:
+        ra = await ag.remote("w1", F.make_param, (np.ones(2),))
+        rb = await ag.remote("w2", F.make_param, (np.ones(2),))
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [ra, rb], lr=0.5)
+        async with ag.dist.context() as ctx:
+            a = await ra.to_here()
+            await ag.dist.backward(ctx, [a.sum()])
+            with ag.no_grad():  # (as a torch user may wrap a step)
+                await opt.step(ctx)
+        assert (await ra.to_here()).data.tolist() == [0.5, 0.5]
+        assert (await rb.to_here()).data.tolist() == [1.0, 1.0]
+        await assert_clean(c.names)  # (the release reached w2 too)
+
+
 async def test_distributed_optimizer_options_that_cannot_travel_fail_at_construction():
     # (they passed the local check and failed at the first step, on every owner)
     from fractions import Fraction

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from actorgrad import wire
+from actorgrad.autograd import enable_grad
 from actorgrad.dist.api import get_gradients
 from actorgrad.dist.context import as_context_id, is_unused
 from actorgrad.errors import ContextError, RemoteError, WorkerLost, clip_text, refusal_type
@@ -272,8 +273,14 @@ class DistributedOptimizer:
             del first, errors, failed, results, refs
 
 
+@enable_grad()
 async def _stepped(ref: RRef | BaseException, context_id: int) -> None:
-    """The step of the owner of optimizer ``ref`` (or the failure to make it)."""
+    """The step of the owner of optimizer ``ref`` (or the failure to make it).
+
+    With grad recording on: under ``no_grad`` a call goes out as outside its context,
+    and an owner the context had not reached (none of its parameters used) did not know
+    it and failed the step with "unknown or released context" (the others stepped). The
+    call carries no tensor: nothing is recorded."""
     if isinstance(ref, BaseException):
         raise ref
     await ref.rpc().step(context_id)
