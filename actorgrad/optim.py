@@ -158,7 +158,13 @@ class Optimizer:
     def _update(self, p: Tensor, g: np.ndarray, data: np.ndarray) -> None:
         """Write the update of ``p`` with gradient ``g`` into ``data`` (a copy of
         ``p.data``, which it replaces afterwards)."""
-        raise NotImplementedError
+        # (a bare NotImplementedError: a DistributedOptimizer of the base class failed
+        # its first step with "NotImplementedError on worker 'w1': ", nothing more)
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement _update(p, g, data), the update of "
+            "one parameter (ag.optim.Optimizer is the base class: use ag.optim.SGD, "
+            "ag.optim.Adam or a subclass that defines _update)"
+        )
 
     def zero_grad(self) -> None:
         """Forget every parameter's ``.grad`` (set to None).

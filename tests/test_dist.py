@@ -3717,6 +3717,10 @@ async def test_distributed_optimizer_errors():
         for not_an_optimizer in (dict, ag.tensor, "SGD"):
             with pytest.raises(TypeError, match="must be an ag.optim.Optimizer subclass"):
                 ag.dist.DistributedOptimizer(not_an_optimizer, [ref], lr=0.1)
+        # (the base class was taken, and every owner's step failed with a bare
+        # NotImplementedError: "NotImplementedError on worker 'w1': ")
+        with pytest.raises(TypeError, match="Optimizer has no update: it defines neither"):
+            ag.dist.DistributedOptimizer(ag.optim.Optimizer, [ref], lr=0.1)
         with pytest.raises(
             TypeError, match=r"got one RRef \(of one tensor: pass \[rref\]; of a model or a list"
         ):

@@ -112,6 +112,9 @@ def test_optimizer_errors():
     for cls in (ag.optim.SGD, ag.optim.Adam):
         with pytest.raises(ValueError, match="parameter 2 is the same tensor as parameter 0"):
             cls([p, q, p], lr=0.1)
+    # (the base class: a bare NotImplementedError)
+    with pytest.raises(NotImplementedError, match="Optimizer does not implement _update"):
+        ag.optim.Optimizer([p], lr=0.1).step({p: np.ones(2)})
 
 
 def test_a_single_tensor_or_a_non_leaf_is_refused():

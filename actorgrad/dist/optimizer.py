@@ -36,6 +36,13 @@ def _class_spec(cls: Any) -> str | list:
             "optimizer_class must be an ag.optim.Optimizer subclass (ag.optim.SGD, "
             f"ag.optim.Adam or one of yours), got {cls!r:.80}"
         )
+    if cls._update is Optimizer._update and cls.step is Optimizer.step:
+        # (constructed, it failed at every step on every owner: NotImplementedError)
+        raise TypeError(
+            f"optimizer_class {cls.__qualname__} has no update: it defines neither "
+            "_update(p, g, data) nor step (ag.optim.Optimizer is the base class: use "
+            "ag.optim.SGD, ag.optim.Adam or a subclass that defines _update)"
+        )
     qual = getattr(cls, "__qualname__", "")
     try:
         if "<locals>" in qual:
