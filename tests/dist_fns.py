@@ -1062,3 +1062,15 @@ async def call_in_context_of(initiator: str, dest: str) -> None:
     st.join(ctx_id, initiator)
     with activate(w, ctx_id, (st.new_call_token(),)):
         await ag.rpc(dest, identity, (ag.tensor(np.ones(2), requires_grad=True),))
+
+
+async def backward_on_signal(gate: str, ctx_id: int, key: str, retain: bool = True) -> None:
+    """On the side, once event ``gate`` is set, a backward of the sum of the tensor
+    ``keep`` kept as ``key``, in context ``ctx_id``; its outcome goes to
+    ``outcome(gate)``."""
+
+    async def work() -> None:
+        await event(gate).wait()
+        await ag.dist.backward(ctx_id, [_store[_k(key)].sum()], retain_graph=retain)
+
+    _on_the_side(gate, work)

@@ -4806,3 +4806,226 @@ async def test_a_failed_optimizer_step_keeps_no_owner_optimizer_alive():
             del ref
     finally:
         gc.enable()
+
+
+# --- claims of docs/distributed.md (Recording, One backward pass, Concurrency) ----------
+
+
+def _outside(coro: Any) -> asyncio.Task[Any]:
+    """Run ``coro`` in a task outside any context (no call in a context while its pass
+    runs)."""
+    return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+
+
+async def test_tensors_without_grad_and_calls_under_no_grad_record_nothing():
+    # "Tensors that do not require grad create nothing"; under no_grad "the callee does
+    # not run in the context, and tensors travel unlinked: one that requires grad
+    # arrives as a leaf that requires grad". The context id names its initiator.
+    xv, wv = arr(3), arr(3)
+    async with cluster("inproc", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            assert ctx >> 48 == int(c.driver.id)  # (the initiator's id in the high 16 bits)
+            with ag.no_grad():
+                y = await ag.rpc("w1", F.identity, (x,))
+            assert y.requires_grad and y.grad_fn is None  # a leaf that requires grad
+            # (the call went out as one outside a context: w1 never joined it)
+            assert (await _outside(ag.rpc("w1", F.debug_info)))["num_contexts"] == 0
+            u = await ag.rpc("w1", F.identity, (ag.tensor(xv),))
+            assert not u.requires_grad
+            for info in (ag.dist.debug_info(), await ag.rpc("w1", F.debug_info)):
+                assert info["num_contexts"] == 1, info  # (this call brought it to w1)
+                assert info["num_send_nodes"] == info["num_recv_nodes"] == 0, info
+            z = await ag.rpc("w1", F.mul, ("w", x))  # (and one that requires grad does)
+            assert ag.dist.debug_info()["num_send_nodes"] == 1
+            assert ag.dist.debug_info()["num_recv_nodes"] == 1
+            await ag.dist.backward(ctx, [(z * u).sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv * xv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+async def test_a_hop_costs_two_messages_and_a_three_stage_chain_six_with_two_starts(transport):
+    # The doc's counts: the hop's backward is two one-way messages (no start, no
+    # credit message); the 3-stage chain through the driver (driver -> w1 -> driver ->
+    # w2 -> driver -> w3 -> driver) sends 6 a step: the gradient to w3 and starts to w1
+    # and w2 from the driver, w3 -> w2 and w2 -> w1 (relays), w1 -> driver. Without the
+    # relays (hooks on the tensors the driver passes on) 8.
+    xv = arr(2, 3)
+    ws = {n: arr(3, 3) for n in ("w1", "w2", "w3")}
+
+    async def sent(names: list[str]) -> dict[str, int]:
+        out = {n: (await ag.rpc(n, F.debug_info))["num_backward_messages"] for n in names}
+        out["driver"] = ag.dist.debug_info()["num_backward_messages"]
+        return out
+
+    def chain(t: ag.Tensor) -> ag.Tensor:
+        for n in ("w1", "w2", "w3"):
+            t = (t @ ag.tensor(ws[n])).tanh()
+        return t.sum()
+
+    _, (ref,) = local_grads(chain, xv)
+    _, (hop_ref,) = local_grads(lambda t: (t @ ag.tensor(ws["w1"])).tanh().sum(), xv)
+    async with cluster(transport) as c:
+        for n, wv in ws.items():
+            await ag.rpc(n, F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        before = await sent(c.names)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.tanh_matmul, ("w", x))
+            await ag.dist.backward(ctx, [y.sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], hop_ref, rtol=1e-10)
+        after = await sent(c.names)
+        assert {n: after[n] - before[n] for n in after} == {"driver": 1, "w1": 1, "w2": 0, "w3": 0}
+        for hooked in (False, True):
+            seen: list[np.ndarray] = []
+            before = await sent(c.names)
+            async with ag.dist.context() as ctx:
+                h = x
+                for n in ("w1", "w2", "w3"):
+                    h = await ag.rpc(n, F.tanh_matmul, ("w", h))
+                    if hooked and n != "w3":
+                        h.register_hook(seen.append)
+                await ag.dist.backward(ctx, [h.sum()])
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], ref, rtol=1e-10)
+            after = await sent(c.names)
+            got = {n: after[n] - before[n] for n in after}
+            assert got == {"driver": 5 if hooked else 3, "w1": 1, "w2": 1, "w3": 1}, got
+            assert len(seen) == (2 if hooked else 0)
+        await assert_clean(c.names)
+
+
+async def test_an_error_in_the_initiators_own_part_is_raised_as_it_is_and_leaves_nothing():
+    # "an error in the initiator's own part is raised as it is, with a note naming the
+    # node"; w1's part had finished and committed w's gradient: the abort took it back
+    # before backward raised. The graph, retained, runs again.
+    xv, wv = arr(3), arr(3)
+    async with cluster("tcp", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        left = [1]
+
+        def fail_once(g: np.ndarray) -> None:
+            if left.pop() if left else 0:
+                raise ZeroDivisionError("the driver's hook fails once")
+
+        async with ag.dist.context() as ctx:
+            xp = x * 2.0
+            xp.register_hook(fail_once)
+            y = await ag.rpc("w1", F.mul, ("w", xp))
+            with pytest.raises(ZeroDivisionError, match="the driver's hook fails once") as ei:
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()], retain_graph=True), 10)
+            assert "(while running backward of Mul)" in getattr(ei.value, "__notes__", [])
+            assert dict(ag.dist.get_gradients(ctx)) == {}
+            assert await ag.rpc("w1", F.grad_of, (ctx, "w")) is None
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * wv, rtol=1e-12)
+            np.testing.assert_allclose(
+                await ag.rpc("w1", F.grad_of, (ctx, "w")), 2 * xv, rtol=1e-12
+            )
+        await assert_clean(c.names)
+
+
+@pytest.mark.parametrize("where", ["w1", "w2"])
+async def test_a_backward_started_elsewhere_while_a_pass_runs_is_refused_and_the_pass_completes(
+    monkeypatch, where
+):
+    # The driver's pass runs (w1's part blocked in its thread pool); then a worker of
+    # the context starts a pass in it: w1, where its part of the driver's pass runs,
+    # refuses it itself; w2, whose part is done, starts it, and the driver refuses its
+    # message. Either way it fails with ContextError, the driver's pass completes with
+    # exact gradients, and the refused one, retried, works.
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    xv, wv = arr(3), arr(3)
+    gate = f"elsewhere{next(_gates)}"
+    async with cluster("inproc", 2) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.add_gated_hook, ("w", gate))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.rpc(where, F.keep, ("z", x * 1.0))
+            run = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()], retain_graph=True))
+            try:
+                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                if where == "w2":  # (its part of the driver's pass is done)
+                    async with asyncio.timeout(10):
+                        while not (await _outside(ag.rpc("w2", F.debug_info)))[
+                            "num_backward_passes"
+                        ]:
+                            pass
+                await _outside(ag.rpc(where, F.backward_on_signal, (gate, ctx, "z")))
+                await _outside(ag.rpc(where, F.signal, (gate,)))
+                outcome = await _outside(ag.rpc(where, F.outcome, (gate, 10.0)))
+            finally:
+                F.thread_gate(gate + " out").set()
+            assert outcome.startswith(
+                f"ContextError: another backward pass is running in context {ctx:#x}"
+            ), outcome
+            if where == "w1":
+                assert outcome.endswith("(started from another worker)"), outcome
+            else:
+                assert outcome.endswith("(refused by worker 'driver')"), outcome
+            await asyncio.wait_for(run, 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv, rtol=1e-12)
+            again = gate + " again"
+            await _outside(ag.rpc(where, F.backward_on_signal, (again, ctx, "z")))
+            await _outside(ag.rpc(where, F.signal, (again,)))
+            assert await _outside(ag.rpc(where, F.outcome, (again, 10.0))) == "ok"
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv + 1, rtol=1e-12)
+        await assert_clean(c.names)
+
+
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+@pytest.mark.parametrize("w2_part", ["waits", "ends at once"])
+async def test_two_backward_passes_started_at_once_on_two_workers(transport, w2_part):
+    # The driver and w2 start a pass in one context at the same moment, each before the
+    # other's first message came. A worker refuses a message of another pass while its
+    # own part of one runs: when both parts wait for gradients, each refuses the other
+    # and neither runs; when w2's part ends as it starts (it only sends), w2 takes the
+    # driver's pass after its own, which the driver refused: the driver's runs. Either
+    # way nothing is left of a refused pass: the next passes are exact.
+    xv, w1v, w2v = arr(3), arr(3), arr(3)
+    gate = f"at once{next(_gates)}"
+    _, (gx_w2,) = local_grads(lambda t: ((t * w2v * w1v) ** 2).sum(), xv)
+    async with cluster(transport, 2) as c:
+        await ag.rpc("w1", F.put, ("w", w1v))
+        await ag.rpc("w2", F.put, ("w", w2v))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            if w2_part == "waits":  # (w2 holds a send node to w1: its part waits)
+                z = await ag.rpc("w2", F.mul_then_forward, ("w", "w1", "w", x))
+            else:
+                z = x * 1.0
+            await ag.rpc("w2", F.keep, ("z", z))
+            await _outside(ag.rpc("w2", F.backward_on_signal, (gate, ctx, "z")))
+            F.event(gate).set()  # (in-process workers: w2's task wakes first)
+            ours = ag.dist.backward(ctx, [y.sum()], retain_graph=True)
+            if w2_part == "waits":
+                # (by w2, or by w1, whose part of w2's pass waits for w2's gradient)
+                with pytest.raises(ag.ContextError, match=r"running.*refused by worker 'w[12]'\)$"):
+                    await asyncio.wait_for(ours, 10)
+            else:
+                await asyncio.wait_for(ours, 10)
+            theirs = await _outside(ag.rpc("w2", F.outcome, (gate, 10.0)))
+            assert theirs.startswith("ContextError: another backward pass is running"), theirs
+            assert theirs.endswith("(refused by worker 'driver')"), theirs
+            passes = 0 if w2_part == "waits" else 1
+            for _ in range(2):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()], retain_graph=True), 10)
+                passes += 1
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], passes * w1v, rtol=1e-12)
+                gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+                np.testing.assert_allclose(gw, passes * xv, rtol=1e-12)
+            again = gate + " again"
+            await _outside(ag.rpc("w2", F.backward_on_signal, (again, ctx, "z")))
+            await _outside(ag.rpc("w2", F.signal, (again,)))
+            assert await _outside(ag.rpc("w2", F.outcome, (again, 10.0))) == "ok"
+            extra = gx_w2 if w2_part == "waits" else np.ones(3)
+            np.testing.assert_allclose(
+                ag.dist.get_gradients(ctx)[x], passes * w1v + extra, rtol=1e-12
+            )
+        await assert_clean(c.names)
