@@ -33,9 +33,10 @@ Design (see docs/distributed.md for the long form):
   failure in a worker's part is reported by that worker to the pass's origin as the
   original error (``RemoteError`` naming it); a message that cannot be sent, or a peer
   lost after it was sent a message of the pass (its process died; or it went silent
-  while the sender's part ran: the sender watches the peers it sends to until its part
-  is done), is reported by the sender as ``WorkerLost``. The origin then floods an
-  abort so every worker drops the pass.
+  for the heartbeat timeout: the sender keeps an eye on the peers it sent to until the
+  context's next pass starts there or the context is released, see
+  ``DistState.watch``), is reported by the sender as ``WorkerLost``. The origin then
+  floods an abort so every worker drops the pass.
 """
 
 from __future__ import annotations
