@@ -64,6 +64,8 @@ Errors
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import re
 import struct
@@ -269,12 +271,14 @@ class _HookError(Exception):
 
 
 class _Unsendable(TypeError):
-    """Raised inside msgpack's ``default`` for a value that cannot travel."""
+    """Raised inside msgpack's ``default`` for a value that cannot travel; ``hint``
+    follows the value's place in the message."""
 
-    def __init__(self, obj: Any, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, obj: Any, reason: str, hint: str = "") -> None:
+        super().__init__(reason + hint)
         self.obj = obj
         self.reason = reason
+        self.hint = hint
 
 
 class _TooDeep(ValueError):
@@ -536,7 +540,7 @@ def _packing_error(exc: BaseException, root: Any, where: str | tuple[str, ...]) 
     if isinstance(exc, _Unsendable):
         bad = exc.obj
         path = _locate(root, where, lambda x: x is bad)
-        return TypeError(f"{exc.reason}{_at(path)}")
+        return TypeError(f"{exc.reason}{_at(path)}{exc.hint}")
     if isinstance(exc, OverflowError):
         path = _locate(root, where, _int_out_of_range)
         return TypeError(f"cannot send int: value does not fit in 64 bits{_at(path)}")
@@ -706,7 +710,29 @@ _BASE_VALUE: dict[type, Callable[[Any], Any]] = {
 
 
 def _unsendable(enc: _Encoder, obj: Any) -> Any:
-    raise _Unsendable(obj, f"cannot send value of type {_type_name(type(obj))!r}")
+    raise _Unsendable(
+        obj, f"cannot send value of type {_type_name(type(obj))!r}", _unsendable_hint(obj)
+    )
+
+
+def _unsendable_hint(obj: Any) -> str:
+    """What to send instead of a function, a class or an object of a class of the
+    program's own (a PyTorch program pickles them: its RPC tutorials send a method to
+    run on an RRef's owner, ``_remote_method(Net.forward, rref, x)``, and modules)."""
+    if isinstance(obj, (type, functools.partial)) or inspect.isroutine(obj):
+        return (
+            ": functions and classes do not travel as values (nothing is pickled): give "
+            "the function as the call's fn (ag.rpc(worker, fn, args)), and run a method "
+            "of an RRef's value on its owner with `await rref.rpc().method(...)`"
+        )
+    module = type(obj).__module__
+    if module == "builtins" or module.partition(".")[0] == "numpy":
+        return ""  # (a set, a generator, a masked array: the type says enough)
+    return (
+        ": objects of other classes do not travel (nothing is pickled): make the object "
+        "on the worker that uses it (ag.remote(worker, Class, args)) and pass its RRef, "
+        "or send the data it holds (a Module's state_dict())"
+    )
 
 
 def _unsendable_control(enc: _Encoder, obj: Any) -> Any:

@@ -441,18 +441,54 @@ def gen():
         ((1, {2}), "set", "body[1]"),
         ([[1, frozenset()]], "frozenset", "body[0][1]"),
         ({"k": object()}, "object", "body['k']"),
-        ([lambda: 0], "function", "body[0]"),
         ((gen(),), "generator", "body[0]"),
         ([1j], "complex", "body[0]"),
         ([range(3)], "range", "body[0]"),
         ({(1, 2): [None, 2, ({1},)]}, "set", "body[(1, 2)][2][0]"),
-        ([Color], "enum.EnumType", "body[0]"),
     ],
 )
 def test_unsendable_values_raise_type_error_naming_type_and_place(body, type_name, path):
     with pytest.raises(TypeError) as info:
         encode_frame([0], body)
     assert str(info.value) == f"cannot send value of type {type_name!r} (at {path})"
+
+
+class Model:
+    def forward(self, x: Any) -> Any:
+        return x
+
+
+_NOT_PICKLED_FN = (
+    ": functions and classes do not travel as values (nothing is pickled): give the "
+    "function as the call's fn (ag.rpc(worker, fn, args)), and run a method of an "
+    "RRef's value on its owner with `await rref.rpc().method(...)`"
+)
+_NOT_PICKLED_OBJ = (
+    ": objects of other classes do not travel (nothing is pickled): make the object "
+    "on the worker that uses it (ag.remote(worker, Class, args)) and pass its RRef, or "
+    "send the data it holds (a Module's state_dict())"
+)
+
+
+@pytest.mark.parametrize(
+    "value, type_name, hint",
+    [
+        (lambda: 0, "function", _NOT_PICKLED_FN),
+        # (torch's `_remote_method(Model.forward, rref, x)` helper sends the method)
+        (Model.forward, "function", _NOT_PICKLED_FN),
+        (Model().forward, "method", _NOT_PICKLED_FN),
+        (len, "builtin_function_or_method", _NOT_PICKLED_FN),
+        (Model, "type", _NOT_PICKLED_FN),
+        (Color, "enum.EnumType", _NOT_PICKLED_FN),
+        (Model(), f"{__name__}.Model", _NOT_PICKLED_OBJ),
+    ],
+)
+def test_unsendable_functions_and_objects_say_what_to_send_instead(value, type_name, hint):
+    # (a PyTorch program pickles them; "cannot send value of type 'function'" alone
+    # left its porter guessing)
+    with pytest.raises(TypeError) as info:
+        encode_frame([0], [1, value])
+    assert str(info.value) == f"cannot send value of type {type_name!r} (at body[1]){hint}"
 
 
 def test_unsendable_dict_key_is_located():
