@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 import zipfile
@@ -220,6 +221,39 @@ async def test_heavy_function_on_a_process_worker_keeps_heartbeats_and_calls_goi
             assert time.perf_counter() - t0 < 2.0
             await asyncio.sleep(0.3)
         assert await asyncio.wait_for(heavy, 15) > 0  # no WorkerLost: heartbeats were answered
+
+
+_ROUND = threading.Condition()
+_ROUNDS = {"round": 0, "arrived": 0}
+
+
+def sync_barrier(parties: int) -> int:
+    """A blocking barrier, as a PyTorch parameter server's synchronous update waits for
+    every trainer (its handlers run in a thread pool): returns the round it ended."""
+    with _ROUND:
+        r = _ROUNDS["round"]
+        _ROUNDS["arrived"] += 1
+        if _ROUNDS["arrived"] == parties:
+            _ROUNDS["arrived"] = 0
+            _ROUNDS["round"] += 1
+            _ROUND.notify_all()
+        elif not _ROUND.wait_for(lambda: _ROUNDS["round"] > r, timeout=10):
+            raise TimeoutError(f"round {r}: the other parties never came")
+        return r
+
+
+async def test_a_plain_function_waiting_for_another_call_stays_in_the_thread_pool():
+    # Its waits were often under FAST_CALL (the other party came within 1 ms), so it
+    # "proved fast" and ran inline on the loop: there it waited for a request the
+    # blocked loop could not read, the worker went silent and its callers got
+    # WorkerLost after 3 s. A call that spent most of its time off the CPU (waiting)
+    # proves nothing.
+    async with ag.local_cluster(1, processes=True):
+        for r in range(30):
+            ends = await asyncio.wait_for(
+                asyncio.gather(*(ag.rpc("w1", sync_barrier, (2,)) for _ in range(2))), 10
+            )
+            assert ends == [r, r]
 
 
 async def test_a_worker_decoding_a_request_of_many_objects_is_not_taken_for_lost(monkeypatch):

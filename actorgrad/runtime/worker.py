@@ -21,8 +21,9 @@ Execution model (how a CPU-heavy user function cannot starve a worker):
   - ``async def`` functions run as tasks on the loop;
   - plain functions run in a thread pool (in a copy of the call's contextvars) until
     they have proven fast (observed under ``FAST_CALL`` seconds ``INLINE_AFTER`` times in
-    a row); after that they run inline on the loop (the tiny-call round trip stays
-    fast). An inline call that takes longer than ``FAST_CALL`` sends that function back
+    a row, each without blocking its thread: a call that waited, for a lock or another
+    call, proves nothing); after that they run inline on the loop (the tiny-call round
+    trip stays fast). An inline call that takes longer than ``FAST_CALL`` sends that function back
     to the pool, so a heavy function can block the loop at most once.
   - plain functions marked ``__actorgrad_inline__ = True`` (:func:`inline`, for short
     non-blocking protocol handlers) always run inline, never in the pool nor timed.
@@ -97,6 +98,13 @@ import weakref
 from asyncio import events as asyncio_events
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+
+try:
+    import resource
+
+    _RUSAGE_THREAD: int | None = resource.RUSAGE_THREAD  # (Linux)
+except (ImportError, AttributeError):
+    _RUSAGE_THREAD = None
 
 from actorgrad import wire
 from actorgrad.errors import (
@@ -549,6 +557,16 @@ def head_lost(why: str) -> str:
             "connection broke)"
         )
     return f"this worker's connection to the cluster's head broke ({why})"
+
+
+def _waits() -> int:
+    """How many times the calling thread blocked so far (its voluntary context
+    switches; 0 where the system does not count them per thread). (A thread that
+    waited to take the GIL back after a numpy call counts too: that call proves
+    nothing, the next ones may.)"""
+    if _RUSAGE_THREAD is None:
+        return 0
+    return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
 
 
 class _FnStats:
@@ -2102,7 +2120,7 @@ class Worker:
     def _invoke_timed(self, fn: Any, args: Any, kwargs: Any, meta: Any) -> tuple[Any, bool]:
         """In the thread pool: the call's result, and whether it proved fast (see
         FAST_CALL) without waiting for most of its time."""
-        t0, cpu0 = time.perf_counter(), time.thread_time()
+        t0, cpu0, waits0 = time.perf_counter(), time.thread_time(), _waits()
         try:
             r = self._invoke(fn, args, kwargs, meta)
         except StopIteration as exc:
@@ -2110,11 +2128,14 @@ class Worker:
             # "cannot be raised into a Future" and the call never got a reply)
             r = _Raised(exc)
         took, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
-        # A call that spent most of its time waiting (on a lock, a socket, another
-        # thread, or a coroutine it handed to this worker's loop with
-        # run_coroutine_threadsafe) is not fast, however short: inline, it would block
-        # the loop on what it waits for, and for good when that needs the loop.
-        return r, took < FAST_CALL and cpu >= took / 2
+        # A call that waited (on a lock, a threading.Condition, a socket, a coroutine it
+        # handed to this worker's loop with run_coroutine_threadsafe) is not fast,
+        # however short: inline, it would block the loop on what it waits for, and for
+        # good when that needs the loop (a synchronous parameter server's barrier, whose
+        # other party often came within 1 ms). Its thread slept (a voluntary context
+        # switch, counted on Linux) or, where that is not counted, was off the CPU for
+        # most of the call.
+        return r, took < FAST_CALL and cpu >= took / 2 and _waits() == waits0
 
     async def _run_task(self, conn, cid, mode, fn, args, kwargs, meta, hooks, stats) -> None:
         _current_conn.set(conn)
