@@ -6,6 +6,7 @@ Every test using the ``cluster`` fixture runs over both transports (in-process, 
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import gc
 import inspect
@@ -1026,6 +1027,12 @@ async def test_remote_returns_rref_and_methods_run_on_the_owner(cluster):
         r.rpc().__len__  # noqa: B018 (the attribute access is the test)
     lst = await r.remote().as_list()
     assert lst.owner == "w1" and await lst.to_here() == [10]
+    # PyTorch's RRef names that have another form here say which
+    with pytest.raises(AttributeError, match=r"'rpc_sync' \(PyTorch's\): use `await rref.rpc"):
+        r.rpc_sync  # noqa: B018
+    with pytest.raises(AttributeError, match=r"^'RRef' object has no attribute 'nope'$"):
+        r.nope  # noqa: B018
+    assert not hasattr(r, "__len__") and copy.copy(r) is r
     with pytest.raises(ag.RemoteError, match="Counter"):
         await r.to_here(timeout=5)  # a Counter cannot travel
     assert await ag.rpc("w1", owned) == 2

@@ -409,6 +409,23 @@ class RRef(WireRef):
 
         return _Proxy(self, MODE_RREF_REMOTE, timeout)
 
+    def __getattr__(self, name: str) -> Any:
+        # (only names not found: a PyTorch RRef's that have another form here say it)
+        hint = _PYTORCH_NAMES.get(name)
+        if hint is None:
+            raise AttributeError(f"'RRef' object has no attribute {name!r}")
+        raise AttributeError(f"'RRef' object has no attribute {name!r} (PyTorch's): {hint}")
+
+
+# PyTorch RRef methods without a namesake here, and what does their work (see
+# docs/porting.md). ``owner`` is an attribute here: ``rref.owner()`` calls a str.
+_PYTORCH_NAMES = {
+    "rpc_sync": "use `await rref.rpc().method(...)`",
+    "rpc_async": "use `asyncio.ensure_future(rref.rpc().method(...))`",
+    "owner_name": "use `rref.owner`, the owner's name (an attribute)",
+    "confirmed_by_owner": "an RRef is confirmed once `ag.remote` returned it",
+}
+
 
 class _Proxy:
     # (private names: a method of the value called `_mode` reached this field instead)
