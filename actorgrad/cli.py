@@ -191,7 +191,10 @@ def cluster_token(token_file: str | None) -> tuple[str, str, Path | None]:
     """
     if token_file:
         path = Path(token_file)
-        if path.exists():
+        # (os.path.exists: Path.exists raises PermissionError under a directory we may
+        # not search, another user's home say, which came out as a bare "Permission
+        # denied: F", exit status 1; creating it says what cannot be done with F)
+        if os.path.exists(path):
             return read_token_file(path), f"read from {path}", path
         token = new_token()
         try:

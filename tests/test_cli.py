@@ -698,6 +698,32 @@ def test_a_token_file_that_cannot_be_created_is_a_usage_error(tmp_path: Path) ->
     )
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and searches any directory")
+def test_a_token_file_we_may_not_reach_or_read_is_a_usage_error(tmp_path: Path) -> None:
+    # (one under a directory we may not search, another user's home say: `cluster`
+    # printed a bare "error: Permission denied: F" with exit status 1, from looking
+    # whether it exists; as root, which reads anything, this never showed)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o600)  # (no x: nothing in it can be looked up)
+    unreadable = tmp_path / "unreadable"
+    unreadable.write_text("t0ken\n")
+    unreadable.chmod(0)
+    try:
+        for path, cmds, what in (
+            (locked / "tok", [("cluster", "-n", "1")], "create"),
+            (locked / "tok", [("status", "--address", "127.0.0.1:1")], "read"),
+            (unreadable, [("cluster", "-n", "1"), ("status", "--address", "127.0.0.1:1")], "read"),
+        ):
+            for cmd in cmds:
+                r = run_cli(*cmd, "--token-file", str(path))
+                assert (r.returncode, r.stderr.strip()) == (
+                    2,
+                    f"actorgrad: error: cannot {what} token file {path}: Permission denied",
+                ), cmd
+    finally:
+        locked.chmod(0o700)  # (so that pytest can remove it)
+
+
 def test_a_token_file_may_be_a_pipe(tmp_path: Path) -> None:
     # (read whole, at most 64 KiB: `--token-file <(pass show cluster)` works)
     r = subprocess.run(
