@@ -1093,6 +1093,25 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _script_problem(script: str) -> str:
+    """Why ``run`` cannot start ``script``, which is not a file we may read."""
+    try:
+        st = os.stat(script)
+    except (FileNotFoundError, NotADirectoryError):
+        return f"no such script: {script}"
+    except OSError as exc:
+        # (a directory on the way we may not search, another user's home say: that was
+        # "no such script", for one that may well be there)
+        return f"cannot read script {script}: {exc.strerror or exc}"
+    if stat.S_ISDIR(st.st_mode):
+        return f"not a file: {script}"
+    if stat.S_ISREG(st.st_mode):
+        # (mode 0600 of another user: Python's own "can't open file" came from the
+        # script's process, after the cluster had started)
+        return f"cannot read script {script}: Permission denied"
+    return f"no such script: {script}"
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The command line, parsed. What follows ``run``'s SCRIPT goes to the script as
     given: argparse's REMAINDER would drop a ``--`` there (``run -n 2 s.py -- -x``
@@ -1179,9 +1198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         transport.read_settings()
         if args.command == "demo":
             return cmd_demo(argv[1:])
-        if args.command == "run" and not os.path.isfile(args.script):
-            what = "not a file" if os.path.isdir(args.script) else "no such script"
-            raise CliError(f"{what}: {args.script}", code=2)
+        if args.command == "run" and not (
+            os.path.isfile(args.script) and os.access(args.script, os.R_OK)
+        ):
+            raise CliError(_script_problem(args.script), code=2)
         if args.command == "run":  # (as Python puts it first on the script's path)
             args.script_dir = os.path.dirname(os.path.realpath(args.script))
         return run(_COMMANDS[args.command](args))

@@ -217,6 +217,27 @@ def test_run_of_a_missing_script_is_a_usage_error(tmp_path: Path) -> None:
     assert r.returncode == 2 and f"not a file: {tmp_path}" in r.stderr
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and searches any directory")
+def test_run_of_a_script_we_may_not_reach_or_read_is_a_usage_error(tmp_path: Path) -> None:
+    # (one under a directory we may not search was "no such script"; one we may not
+    # read started the cluster, then Python's "can't open file" came from its process)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o600)  # (no x: nothing in it can be looked up)
+    unreadable = tmp_path / "unreadable.py"
+    unreadable.write_text("print('ran')\n")
+    unreadable.chmod(0)
+    try:
+        for script in (locked / "s.py", unreadable):
+            r = run_cli("run", "-n", "1", str(script))
+            assert (r.returncode, r.stderr.strip(), r.stdout) == (
+                2,
+                f"actorgrad: error: cannot read script {script}: Permission denied",
+                "",
+            )
+    finally:
+        locked.chmod(0o700)  # (so that pytest can remove it)
+
+
 def test_a_worker_name_it_cannot_take_is_a_usage_error_before_joining(tmp_path: Path) -> None:
     # (it printed "worker _bad joining ..." then exited 1)
     tok = tmp_path / "tok"
