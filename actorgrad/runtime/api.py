@@ -219,8 +219,9 @@ async def rpc(
 
     Example::
 
-        total = await ag.rpc("w1", operator.add, (2, 3))            # 5
-        y = await ag.rpc("w1", np.dot, (a, b), timeout=10.0)
+        print(await ag.rpc("w1", operator.add, (2, 3)))            # 5
+        a, b = np.array([1.0, 2.0]), np.array([3.0, 4.0])
+        print(await ag.rpc("w1", np.dot, (a, b), timeout=10.0))    # 11.0
     """
     return await current_worker().call(to, fn, args, kwargs, timeout=timeout, mode=MODE_RPC)
 
