@@ -90,7 +90,7 @@ def test_public_docstring_examples_run_with_only_ag_and_np(label: str, obj: obje
 # (those that open a cluster themselves, without one), with the modules they use
 # imported, and each ``print(...)  # shown`` line prints what its comment shows (up to
 # a comment's explanation in brackets; PORT is any port). The others are fragments
-# with names of the reader's program (``forward``, ``w1_ref``, a script's env).
+# with names of the reader's program (``forward``, ``w1_ref``, ``ctx``, a script's env).
 ASYNC_EXAMPLES = {
     "ag.RRef": ag.RRef,
     "ag.RRef.is_owner": ag.RRef.is_owner,
@@ -104,6 +104,8 @@ ASYNC_EXAMPLES = {
     "ag.worker_name": ag.worker_name,
     "ag.workers": ag.workers,
     "ag.dist.debug_info": ag.dist.debug_info,
+    "ag.dist.context": ag.dist.context,
+    "ag.dist.backward": ag.dist.backward,
     "ag.local_cluster": ag.local_cluster,
 }
 

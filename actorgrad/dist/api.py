@@ -40,10 +40,11 @@ def context() -> _Context:
 
     Example::
 
+        x = ag.tensor([1.0, 2.0], requires_grad=True)
         async with ag.dist.context() as ctx:
-            loss = (await ag.rpc("w1", model_part, (x,))).sum()
+            loss = (await ag.rpc("w1", operator.mul, (x, 3.0))).sum()
             await ag.dist.backward(ctx, [loss])
-            print(ag.dist.get_gradients(ctx))
+            print(ag.dist.get_gradients(ctx)[x])   # [3. 3.]
     """
     return _Context()
 

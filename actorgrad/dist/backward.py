@@ -1229,10 +1229,11 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
 
     Example::
 
+        x = ag.tensor([1.0, 2.0], requires_grad=True)
         async with ag.dist.context() as ctx:
-            y = await ag.rpc("w1", torch_like_fn, (x,))
+            y = await ag.rpc("w1", operator.mul, (x, x))    # x * x, computed on w1
             await ag.dist.backward(ctx, [y.sum()])
-            grads = ag.dist.get_gradients(ctx)
+            print(ag.dist.get_gradients(ctx)[x])            # [2. 4.]
     """
     checked = _check_roots(roots)
     # (it travels: the peers take a bool only; "no" would be true)
