@@ -1140,7 +1140,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         sub.usage = commands[name].format_usage().removeprefix("usage: ").rstrip("\n")
     known, unknown = lenient.parse_known_args(argv)
     if unknown:
-        commands[known.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        hint = ""
+        if known.command == "run" and "-m" in unknown:
+            # (python's -m, tried here as with python: run takes the script's path)
+            hint = (
+                "; run takes a script's path (SCRIPT), not -m MODULE: run `python -m "
+                "MODULE` with ACTORGRAD_ADDRESS/ACTORGRAD_TOKEN of an `actorgrad cluster`"
+            )
+        commands[known.command].error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     args = parser.parse_args(argv)
     if args.command == "run":
         args.args = tail

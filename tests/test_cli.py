@@ -193,6 +193,20 @@ def test_an_unknown_option_is_named_before_missing_required_ones(
     assert f"actorgrad {argv[0]}: error: unrecognized arguments: --foo\n" in err
 
 
+def test_run_with_pythons_dash_m_says_it_takes_a_scripts_path(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # (argparse's "unrecognized arguments: -m" alone left the user to find out why)
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["run", "-n", "1", "-m", "pkg.train"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "actorgrad run: error: unrecognized arguments: -m; run takes a script's path "
+        "(SCRIPT), not -m MODULE: run `python -m MODULE` with "
+        "ACTORGRAD_ADDRESS/ACTORGRAD_TOKEN of an `actorgrad cluster`\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("argv", "script", "passed"),
     [
