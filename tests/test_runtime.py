@@ -3064,6 +3064,43 @@ def test_a_ctrl_c_during_the_loop_end_shutdown_waits_for_it(tmp_path, loop, how)
         assert out.stderr.rstrip().endswith("KeyboardInterrupt"), out.stderr
 
 
+_LOOP_STOPPED_AT_LOOP_END = """\
+import asyncio, signal
+import actorgrad as ag
+
+
+async def main():
+    w = await ag.init("solo")
+    w.add_closing_callback(lambda: asyncio.get_running_loop().stop())
+
+
+try:
+    asyncio.run(main())
+except RuntimeError as exc:  # ("Event loop stopped before Future completed.")
+    print("stopped", flush=True)
+try:
+    signal.raise_signal(signal.SIGINT)
+    print("held", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)
+"""
+
+
+def test_a_ctrl_c_after_the_loop_stopped_under_its_end_shutdown_is_not_held(tmp_path):
+    # Code the loop-end shutdown ran stopped the loop (loop.stop()): the shutdown never
+    # ended, and its handler holding Ctrl-C stayed installed: every later Ctrl-C of the
+    # process was swallowed.
+    script = tmp_path / "loop_stopped_at_loop_end.py"
+    script.write_text(_LOOP_STOPPED_AT_LOOP_END)
+    env = dict(os.environ, PYTHONPATH=str(Path(ag.__file__).resolve().parent.parent))
+    env.pop("ACTORGRAD_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.stdout == "stopped\ninterrupted\nTrue\n", out.stderr
+
+
 def test_init_and_local_cluster_forget_a_worker_whose_event_loop_closed(monkeypatch):
     monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)
     old = asyncio.run(ag.init("solo"))

@@ -172,9 +172,17 @@ def _sigint_held() -> Iterator[None]:
     it ("Task exception was never retrieved"). A handler of the user's own, and a
     thread other than the main one, are left alone, as ``Runner.run`` does."""
     held: list[int] = []
+    loop = asyncio.get_running_loop()
 
     def hold(signum: int, frame: object) -> None:
-        held.append(signum)
+        if loop.is_running():
+            held.append(signum)
+            return
+        # (the loop was stopped under the shutdown, by code it ran: this block never
+        # ends now, and every later Ctrl-C of the process was held for good)
+        if signal.getsignal(signal.SIGINT) is hold:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.default_int_handler(signum, frame)  # type: ignore[arg-type]
 
     swapped = False
     if (
