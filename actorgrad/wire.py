@@ -304,7 +304,10 @@ def _locate(root: Any, root_name: str | tuple[str, ...], pred: Callable[[Any], b
             if id(x) in seen:
                 return None
             seen.add(id(x))
-            for i, item in enumerate(x):
+            # (the items it holds, as they were packed: a subclass's own __iter__ may
+            # yield others, or raise, in place of the error being located)
+            items = list.__iter__(x) if isinstance(x, list) else tuple.__iter__(x)
+            for i, item in enumerate(items):
                 found = walk(item, f"{path}[{i}]", depth + 1)
                 if found is not None:
                     return found
@@ -312,7 +315,7 @@ def _locate(root: Any, root_name: str | tuple[str, ...], pred: Callable[[Any], b
             if id(x) in seen:
                 return None
             seen.add(id(x))
-            for k, v in x.items():
+            for k, v in dict.items(x):
                 found = walk(k, f"{path}<key {short_repr(k)}>", depth + 1)
                 if found is None:
                     found = walk(v, f"{path}[{short_repr(k)}]", depth + 1)

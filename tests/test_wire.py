@@ -202,6 +202,30 @@ def test_subclasses_travel_with_their_base_value_not_their_str_or_iter():
     assert type(out[5]) is tuple
 
 
+class RaisingList(list):
+    def __iter__(self):
+        raise RuntimeError("its own __iter__ ran")
+
+
+class OddDict(dict):
+    def items(self):
+        return [("odd", 1)]
+
+
+def test_an_unsendable_value_in_a_subclass_is_located_in_the_items_it_holds():
+    # The error path walked the subclass's own __iter__/items(): the place was lost,
+    # or its exception replaced the TypeError (the encoder packs the base items)
+    for value, path in [
+        ([OddList([{1}])], "body[0][0]"),
+        ((OddTuple(({1},)),), "body[0][0]"),
+        ([OddDict(k={1})], "body[0]['k']"),
+        ([RaisingList([0, {1}])], "body[0][1]"),
+    ]:
+        with pytest.raises(TypeError) as info:
+            encode_frame([0], value)
+        assert str(info.value) == f"cannot send value of type 'set' (at {path})"
+
+
 def test_header_may_hold_plain_meta_and_tuples_become_lists():
     header = [3, 9, "m:f", {"ctx": 5, "path": (1, 2)}]
     frame = decode_frame(b"".join(encode_frame(header, None)))
