@@ -103,7 +103,8 @@ try:
     import resource
 
     _RUSAGE_THREAD: int | None = resource.RUSAGE_THREAD  # (Linux)
-except (ImportError, AttributeError):
+    resource.getrusage(resource.RUSAGE_THREAD)  # (a sandbox may refuse it: EINVAL)
+except (ImportError, AttributeError, OSError, ValueError):
     _RUSAGE_THREAD = None
 
 from actorgrad import wire
