@@ -23,6 +23,7 @@ import pytest
 from conftest import has_ipv6_loopback
 
 import actorgrad as ag
+from actorgrad.runtime import calls as rcalls
 from actorgrad.runtime import cluster as rcluster
 from actorgrad.runtime import worker as rworker
 from actorgrad.runtime.procs import WorkerProcesses
@@ -1108,6 +1109,42 @@ async def test_a_worker_learns_how_a_function_runs_once_for_all_sessions_and_ane
         _write(tmp_path / "sessmod.py", "async def f():\n    return 2\n", 2)
         assert await ag.rpc("w1", ["sessmod:f", script, "s20"]) == 2
         assert await ag.rpc("w1", "sessmod:f") == 2
+
+
+def model_versions_alive() -> int:
+    gc.collect()  # (an old module and its class are cycles: counted once unreachable)
+    return sum(1 for o in gc.get_objects() if isinstance(o, type) and o.__name__ == "Model")
+
+
+def model_stats_entries() -> int:
+    from actorgrad.runtime import worker
+
+    return sum(1 for key in worker.current_worker()._stats if "clsmod" in repr(key))
+
+
+async def test_a_worker_keeps_no_table_entry_per_version_of_an_edited_class_it_called(
+    tmp_path,
+):
+    # How a method called through an RRef runs was learnt per class object: each
+    # edited version of a driver's class stayed in the worker's table for good, and
+    # with it its old module (a data set its top level loaded): a cluster serving
+    # runs of a script edited all day grew without end (19 MB a run, soak).
+    (tmp_path / "clsruns.py").write_text("")
+    script = str(tmp_path / "clsruns.py")
+    async with ag.local_cluster(1, processes=True):
+        for i in range(2 * rcalls.KEEP_SESSIONS):
+            _write(
+                tmp_path / "clsmod.py",
+                f"class Model:\n    def forward(self, x):\n        return x + {i}\n",
+                i,
+            )
+            m = await ag.remote("w1", ["clsmod:Model", script, f"s{i}"])
+            assert await m.rpc().forward(1) == 1 + i
+            del m
+        # (one entry for the constructor, one for the method: the last version's)
+        assert await ag.rpc("w1", model_stats_entries) == 2
+        # (what the last KEEP_SESSIONS runs resolved is theirs; older versions go)
+        assert await ag.rpc("w1", model_versions_alive) <= rcalls.KEEP_SESSIONS + 1
 
 
 async def test_a_worker_passes_on_a_function_of_a_script_that_is_not_the_last_it_imported(

@@ -573,7 +573,8 @@ def _waits() -> int:
 class _FnStats:
     """How a function (or a type's method) runs, learnt from its calls. ``what``: the
     function (a new version of it, re-imported from an edited driver script, starts
-    anew: it may be async now), None for a method (its key says all)."""
+    anew: it may be async now), the type for a method (keyed by the type's name: a new
+    version of the class starts anew too)."""
 
     __slots__ = ("fast", "is_async", "inline", "what")
 
@@ -2016,13 +2017,18 @@ class Worker:
                 fn = getattr(value, method)
                 # (how it runs too: an attribute set on the instance can be async, or
                 # marked inline, on one value and not on another of the type)
+                # (keyed by the type's name, not the type: a key holding the class kept
+                # each version of an edited driver's class, and with it its old module,
+                # for good; a new version starts anew, as a function's does)
+                kind = type(value)
                 key = (
-                    type(value),
+                    getattr(kind, "__module__", None),
+                    getattr(kind, "__qualname__", None),
                     method,
                     inspect.iscoroutinefunction(fn),
                     getattr(fn, "__actorgrad_inline__", False) is True,
                 )
-                what = None  # (the key says all)
+                what = kind
             else:
                 raise ProtocolError(f"unknown request mode {mode!r}")
         except Exception as exc:
