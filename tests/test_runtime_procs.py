@@ -1593,6 +1593,8 @@ def test_a_driver_run_as_a_module_of_a_package_finds_its_relative_imports_on_wor
         # wrapper was closed, main() was left to say "never awaited")
         "def run(coro):\n    async def bounded():\n        return await asyncio.wait_for(coro, 60)\n"
         "    return asyncio.run(bounded())\nrun(main())",
+        # (its arguments parsed at the top level: on a worker, the worker's command line)
+        "import argparse\nargparse.ArgumentParser().parse_args()\nasyncio.run(main())",
     ],
 )
 def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fails(
@@ -1632,11 +1634,14 @@ def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fa
     lines = out.stdout.splitlines()
     assert lines[-1] == "still serving 5", out.stdout
     (error,) = [line for line in lines if line.startswith("error ")]
+    exits = "argparse" in start
     assert error.startswith(
         f"error RuntimeError RuntimeError on worker 'w1': importing the driver's script "
-        f"{os.path.realpath(script)} here (to call one of its functions) failed: RuntimeError: "
+        f"{os.path.realpath(script)} here (to call one of its functions) failed: "
+        + ("SystemExit: 2. " if exits else "RuntimeError: ")
     ), error
     assert 'start the work under `if __name__ == "__main__":`' in error
+    assert error.endswith("not the driver's)") == exits, error
     # (the worker's import made the script's main() and never ran it: "coroutine 'main'
     # was never awaited", pointing at actorgrad's code, on the worker's stderr)
     assert "never awaited" not in out.stderr, out.stderr

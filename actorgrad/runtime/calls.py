@@ -745,10 +745,18 @@ def _main_module(path: str) -> types.ModuleType:
             # (mostly a script that starts its work at the top level: here it would
             # start an event loop inside the worker's, or exit the worker)
             _close_unstarted_coroutines(exc)
+            # (argparse at the top level exits: "unrecognized arguments: --join=...", its
+            # usage naming worker_main.py, on the worker's stderr)
+            also = (
+                " (argument parsing too: here it parses the worker's command line, not the "
+                "driver's)"
+                if isinstance(exc, SystemExit)
+                else ""
+            )
             raise RuntimeError(
                 f"importing the driver's script {path} here (to call one of its functions) "
                 f"failed: {type(exc).__name__}: {exc}. Its top level runs on every worker "
-                'that calls into it: start the work under `if __name__ == "__main__":`'
+                f'that calls into it: start the work under `if __name__ == "__main__":`{also}'
             ) from exc
         raise
     sys.modules[MAIN_ALIAS] = module  # again: the script may have imported multiprocessing
