@@ -14,7 +14,7 @@ import actorgrad as ag
 from actorgrad import wire
 from actorgrad.errors import AuthError
 from actorgrad.runtime import transport
-from actorgrad.runtime.transport import Connection, handshake
+from actorgrad.runtime.transport import Connection, StreamConnection, handshake
 
 PREFIX = transport._PREFIX  # (a frame's length and tag: none between these fakes)
 
@@ -75,6 +75,17 @@ async def test_frames_split_and_merged_arbitrarily_are_reassembled():
     frames.clear()
     c.data_received(stream)
     assert len(frames) == 20
+
+
+async def test_a_stream_connection_lets_its_read_buffer_go_once_its_transport_is_gone():
+    # (a connection can outlive its transport in a reference cycle until a garbage
+    # collection: with its 256 KiB read buffer, a driver that joined and left 150
+    # times in one process held 21 MB more)
+    c = StreamConnection(kind="fake", on_frame=lambda conn, f: None)
+    c.connection_made(FakeTransport())
+    assert len(c.get_buffer(-1)) > 0
+    c.connection_lost(None)
+    assert c._scratch_mv is None and c.closed
 
 
 async def test_big_frame_is_assembled_in_place_and_arrays_are_writable():
