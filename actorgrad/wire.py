@@ -729,8 +729,19 @@ def _unsendable_hint(obj: Any) -> str:
             "of an RRef's value on its owner with `await rref.rpc().method(...)`"
         )
     module = type(obj).__module__
-    if module == "builtins" or module.partition(".")[0] == "numpy":
+    root = module.partition(".")[0]
+    if module == "builtins" or root == "numpy":
         return ""  # (a set, a generator, a masked array: the type says enough)
+    if hasattr(type(obj), "__array__"):  # (a torch tensor, a pandas Series...)
+        return (
+            ": an array of another library does not travel as it is: send it as a numpy "
+            "array (np.asarray(x); a torch tensor: x.detach().numpy())"
+        )
+    if root in sys.stdlib_module_names:  # (a datetime, a Path, a Decimal...)
+        return (
+            ": send it as plain values (a str, numbers, bytes, lists, dicts) and make it "
+            "again on the other side"
+        )
     return (
         ": objects of other classes do not travel (nothing is pickled): make the object "
         "on the worker that uses it (ag.remote(worker, Class, args)) and pass its RRef, "

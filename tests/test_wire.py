@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import enum
 import gc
 import math
@@ -482,6 +483,13 @@ class Model:
         return x
 
 
+class ArrayLike:
+    """An array of another library, as numpy sees it (a torch tensor has __array__)."""
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.zeros(2)
+
+
 _NOT_PICKLED_FN = (
     ": functions and classes do not travel as values (nothing is pickled): give the "
     "function as the call's fn (ag.rpc(worker, fn, args)), and run a method of an "
@@ -505,6 +513,19 @@ _NOT_PICKLED_OBJ = (
         (Model, "type", _NOT_PICKLED_FN),
         (Color, "enum.EnumType", _NOT_PICKLED_FN),
         (Model(), f"{__name__}.Model", _NOT_PICKLED_OBJ),
+        # (not "make it on the worker": an array of another library, a standard one)
+        (
+            ArrayLike(),
+            f"{__name__}.ArrayLike",
+            ": an array of another library does not travel as it is: send it as a numpy "
+            "array (np.asarray(x); a torch tensor: x.detach().numpy())",
+        ),
+        (
+            datetime.date(2026, 12, 6),
+            "datetime.date",
+            ": send it as plain values (a str, numbers, bytes, lists, dicts) and make it "
+            "again on the other side",
+        ),
     ],
 )
 def test_unsendable_functions_and_objects_say_what_to_send_instead(value, type_name, hint):
