@@ -3405,3 +3405,15 @@ def test_encoding_a_numpy_scalar_does_not_import_numpy_ma():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+# --- error messages: bounded, naming the argument, of the right type -------------------
+
+
+async def test_a_non_callable_fn_is_named_in_a_bounded_message():
+    # (the repr of any value given as fn went into the message whole: a list of a
+    # million items passed where the function goes made a message of megabytes)
+    async with ag.local_cluster(1):
+        with pytest.raises(TypeError, match=r"^cannot call \[0, 0, .*\.\.\. remotely: ") as ei:
+            await ag.rpc("w1", [0] * 1_000_000)
+    assert len(str(ei.value)) < 300, len(str(ei.value))

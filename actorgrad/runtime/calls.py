@@ -152,7 +152,10 @@ def fn_spec(fn: Any) -> str | list:
         if _current_session(cached):
             return cached
     if not callable(fn):
-        raise TypeError(f"cannot call {fn!r} remotely: not callable")
+        raise TypeError(
+            f"cannot call {short_repr(fn, 80)} remotely: not callable (fn, the second "
+            "argument, is a function, a class or a 'module:qualname' string)"
+        )
     owner = getattr(fn, "__self__", None)
     mod: Any = getattr(fn, "__module__", None)
     qual: Any = getattr(fn, "__qualname__", None)
