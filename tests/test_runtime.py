@@ -3417,3 +3417,13 @@ async def test_a_non_callable_fn_is_named_in_a_bounded_message():
         with pytest.raises(TypeError, match=r"^cannot call \[0, 0, .*\.\.\. remotely: ") as ei:
             await ag.rpc("w1", [0] * 1_000_000)
     assert len(str(ei.value)) < 300, len(str(ei.value))
+
+
+async def test_a_function_name_without_a_colon_is_cut_and_corrected():
+    async with ag.local_cluster(1):
+        with pytest.raises(ValueError, match=r"'operator:add'\?") as ei:
+            await ag.rpc("w1", "operator.add", (1, 2))
+        assert "'operator.add' must look like 'module:qualname'" in str(ei.value)
+        with pytest.raises(ValueError, match=r"^function name 'xxx.*\.\.\. must look") as ei:
+            await ag.rpc("w1", "x" * 1_000_000)
+    assert len(str(ei.value)) < 300, len(str(ei.value))

@@ -126,7 +126,15 @@ def fn_spec(fn: Any) -> str | list:
     if isinstance(fn, str):
         m, sep, q = fn.partition(":")
         if not sep or not m or not q:
-            raise ValueError(f"function name {fn!r} must look like 'module:qualname'")
+            head, dot, tail = fn.rpartition(".")
+            guess = (
+                f" ({head + ':' + tail!r}?)"
+                if not sep and dot and head and tail.isidentifier() and len(fn) <= 200
+                else ""
+            )
+            raise ValueError(
+                f"function name {short_repr(fn, 80)} must look like 'module:qualname'{guess}"
+            )
         if m == "__main__":  # this process's script, as for its functions themselves
             path = _main_path()
             if path is not None:
