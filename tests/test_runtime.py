@@ -3427,3 +3427,13 @@ async def test_a_function_name_without_a_colon_is_cut_and_corrected():
         with pytest.raises(ValueError, match=r"^function name 'xxx.*\.\.\. must look") as ei:
             await ag.rpc("w1", "x" * 1_000_000)
     assert len(str(ei.value)) < 300, len(str(ei.value))
+
+
+async def test_a_function_given_where_the_worker_goes_is_called_swapped():
+    # (the worker name was taken for a function name first: "function name 'w1' must
+    # look like 'module:qualname'", a ValueError about the wrong argument)
+    async with ag.local_cluster(1):
+        with pytest.raises(TypeError, match=r"worker name must be a str, not .*: the worker "):
+            await ag.rpc(operator.add, "w1", (1, 2))
+        with pytest.raises(TypeError, match=r"worker name must be a str, not .*: the worker "):
+            await ag.remote(add, "w1", (1, 2))

@@ -399,7 +399,12 @@ def _worker_name(dest: Any) -> str:
     """``dest`` as a plain str (a str subclass, such as numpy's str_, is taken as its
     text); TypeError for anything else."""
     if not isinstance(dest, str):
-        raise TypeError(f"worker name must be a str, not {type(dest).__name__}")
+        swapped = (
+            ": the worker comes first, then the function: ag.rpc(to, fn, args)"
+            if callable(dest)
+            else ""
+        )
+        raise TypeError(f"worker name must be a str, not {type(dest).__name__}{swapped}")
     return str.__str__(dest)
 
 
@@ -2359,6 +2364,9 @@ class Worker:
         ValueError (unknown worker)."""
         if asyncio.get_running_loop() is not self.loop:
             raise wrong_loop(self)
+        if _conn is None and type(dest) is not str:
+            # (first: ag.rpc(fn, "w1") was told that function name 'w1' is malformed)
+            dest = _worker_name(dest)
         target = fn if mode >= MODE_RREF_RPC else calls.fn_spec(fn)
         _check_call_args(args, kwargs)
         check_timeout(timeout, "for no timeout", " (PyTorch's 0 for no timeout is None here)")
