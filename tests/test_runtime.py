@@ -3437,3 +3437,14 @@ async def test_a_function_given_where_the_worker_goes_is_called_swapped():
             await ag.rpc(operator.add, "w1", (1, 2))
         with pytest.raises(TypeError, match=r"worker name must be a str, not .*: the worker "):
             await ag.remote(add, "w1", (1, 2))
+
+
+async def test_an_unknown_worker_is_named_in_a_bounded_message():
+    async with ag.local_cluster([f"job{i}" for i in range(40)]):
+        with pytest.raises(
+            ValueError, match=r"^unknown worker 'xxx.*\.\.\.; known workers: "
+        ) as ei:
+            await ag.rpc("x" * 1_000_000, add, (1, 2))
+        assert len(str(ei.value)) < 500, len(str(ei.value))
+        with pytest.raises(ValueError, match=r"'driver', 'job0', .*\(41 in all\)") as ei:
+            await ag.rpc("nobody", add, (1, 2))

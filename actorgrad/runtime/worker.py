@@ -1213,7 +1213,11 @@ class Worker:
                 return back
             if dest in self._lost:
                 raise WorkerLost(f"worker {dest!r} has left the cluster")
-            raise ValueError(f"unknown worker {dest!r}; known workers: {self.worker_names()}")
+            known = self.worker_names()
+            shown = repr(known)
+            if len(known) > 20:  # (names are short, their number is not)
+                shown = f"{repr(known[:20])[:-1]}, ...] ({len(known)} in all)"
+            raise ValueError(f"unknown worker {short_repr(dest, 80)}; known workers: {shown}")
         tried = time.monotonic()
         # (a connection it opened to us, if any, tells below whether it lives: it pings
         # that one seldom while nobody waits on it)
