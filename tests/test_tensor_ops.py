@@ -903,3 +903,19 @@ def test_pow_div_and_cross_entropy_give_torchs_infinities_without_warnings():
             loss = ag.nn.functional.cross_entropy(logits, [0])
             assert np.isnan(loss.item())  # (as torch's)
             loss.backward()
+
+
+# --- error messages: bounded, naming the argument, of the right type -------------------
+
+
+@pytest.mark.parametrize("fn", [ag.cat, ag.stack])
+def test_cat_and_stack_name_the_tensor_that_does_not_fit(fn):
+    # (every tensor's shape went into the message: 20,000 rows made one of 160 KB)
+    rows = [ag.zeros(1, 3) for _ in range(20_000)] + [ag.zeros(1, 4)]
+    with pytest.raises(
+        ValueError,
+        match=r"tensors\[20000\] of shape \(1, 4\) does not fit "
+        r"tensors\[0\] of shape \(1, 3\)",
+    ) as ei:
+        fn(rows)
+    assert len(str(ei.value)) < 300, len(str(ei.value))
