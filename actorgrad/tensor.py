@@ -1880,11 +1880,16 @@ def split(t: Tensor, split_size_or_sizes: int | Sequence[int], axis: int = 0) ->
                 f"list of ints (the size of every chunk), got {sizes_arg!r:.80}"
             )
         sizes = [int(s) for s in sizes_arg]
-        if any(s < 0 for s in sizes):
-            raise ValueError(f"split: split_size_or_sizes {sizes} has a negative size")
+        # (every size went in: [1] * 20,000 made a message of 60 KB)
+        shown = repr(sizes)
+        if len(sizes) > 20:
+            shown = f"({len(sizes)} sizes: {repr(sizes[:10])[:-1]}, ...])"
+        negative = next((s for s in sizes if s < 0), None)
+        if negative is not None:
+            raise ValueError(f"split: split_size_or_sizes {shown} has a negative size ({negative})")
         if sum(sizes) != n:
             raise ValueError(
-                f"split: split_size_or_sizes {sizes} do not add up to {n} (axis {ax} of "
+                f"split: split_size_or_sizes {shown} do not add up to {n} (axis {ax} of "
                 f"shape {t.shape}): their sum is {sum(sizes)}"
             )
     lead = (slice(None),) * ax

@@ -919,3 +919,17 @@ def test_cat_and_stack_name_the_tensor_that_does_not_fit(fn):
     ) as ei:
         fn(rows)
     assert len(str(ei.value)) < 300, len(str(ei.value))
+
+
+def test_split_sizes_that_do_not_add_up_are_shown_cut():
+    x = ag.zeros(10)
+    with pytest.raises(
+        ValueError,
+        match=r"split_size_or_sizes \(20000 sizes: \[1, 1, .*\.\.\.\]\) do not add up to 10 "
+        r".*their sum is 20000",
+    ) as ei:
+        ag.split(x, [1] * 20_000)
+    assert len(str(ei.value)) < 300, len(str(ei.value))
+    with pytest.raises(ValueError, match=r"has a negative size \(-1\)") as ei:
+        ag.split(x, [1] * 20_000 + [-1])
+    assert len(str(ei.value)) < 300, len(str(ei.value))
