@@ -1061,23 +1061,33 @@ def _check_axis(fn: str, axis: Any, ndim: int) -> None:
         raise ValueError(_bad_axis(fn, axis, ndim)) from None
 
 
+def _short(values: Any, limit: int = 80) -> str:
+    """``repr(values)`` (a tuple of sizes or axes, of any length) cut to ``limit``."""
+    r = repr(values)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
 def _perm(axes: Any, ndim: int) -> tuple[int, ...]:
     """Normalize ``transpose``'s axes to a permutation of ``range(ndim)``."""
     given = tuple(axes)
-    if len(given) != ndim or not all(isinstance(ax, (int, np.integer)) for ax in given):
+    shown = _short(given)  # (a tuple of any length: cut)
+    bad = next((ax for ax in given if not isinstance(ax, (int, np.integer))), None)
+    if bad is not None:  # (a float or str axis: the wrong type, not the wrong value)
+        raise TypeError(f"transpose: axes must be ints, got {bad!r:.40} in {shown}")
+    if len(given) != ndim:
         raise ValueError(
-            f"transpose: axes {given} must be {ndim} integers, one per dimension of the tensor"
+            f"transpose: axes {shown} must be {ndim} integers, one per dimension of the tensor"
         )
     out = []
     for ax in given:
         if not -ndim <= ax < ndim:
             raise ValueError(
-                f"transpose: axes {given}: axis {ax} is out of range for a tensor with "
+                f"transpose: axes {shown}: axis {ax} is out of range for a tensor with "
                 f"{ndim} dimensions"
             )
         norm = int(ax) % ndim
         if norm in out:
-            raise ValueError(f"transpose: axes {given} name axis {norm} twice")
+            raise ValueError(f"transpose: axes {shown} name axis {norm} twice")
         out.append(norm)
     return tuple(out)
 

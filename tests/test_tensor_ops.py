@@ -933,3 +933,13 @@ def test_split_sizes_that_do_not_add_up_are_shown_cut():
     with pytest.raises(ValueError, match=r"has a negative size \(-1\)") as ei:
         ag.split(x, [1] * 20_000 + [-1])
     assert len(str(ei.value)) < 300, len(str(ei.value))
+
+
+def test_transpose_axes_of_the_wrong_type_are_a_type_error_and_cut():
+    with pytest.raises(TypeError, match=r"transpose: axes must be ints, got 0\.0 in \(0\.0, 1\)"):
+        ag.ones(2, 3).transpose(0.0, 1)
+    with pytest.raises(
+        ValueError, match=r"transpose: axes \(0, 1, 2, .*\.\.\. must be 1 int"
+    ) as ei:
+        ag.ones(3).transpose(*range(20_000))
+    assert len(str(ei.value)) < 300, len(str(ei.value))
