@@ -1024,7 +1024,7 @@ def _axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
             raise ValueError(_bad_axis("", ax, ndim))
         norm = int(ax) % max(ndim, 1)
         if norm in out:
-            raise ValueError(f"axis {norm} appears more than once in axis={tuple(axis)}")
+            raise ValueError(f"axis {norm} appears more than once in axis={_short(tuple(axis))}")
         out.append(norm)
     return tuple(sorted(out)) if ndim else ()
 
@@ -1671,6 +1671,13 @@ class Reshape(Function):
 
     def forward(self, a: Any, shape: tuple[int, ...]) -> Any:
         self.saved = a.shape
+        for d in shape:  # (numpy's words named neither the call nor the size)
+            try:
+                operator.index(d)
+            except TypeError:
+                raise TypeError(
+                    f"reshape: sizes must be integers, got {d!r:.40} in {_short(tuple(shape))}"
+                ) from None
         try:
             # (numpy takes any negative size for the one it infers: -1 only, as torch)
             if any(isinstance(d, (int, np.integer)) and d < -1 for d in shape):
@@ -1679,7 +1686,7 @@ class Reshape(Function):
         except ValueError:
             raise ValueError(
                 f"reshape: cannot reshape a tensor of shape {a.shape} ({a.size} elements) "
-                f"into shape {tuple(shape)}"
+                f"into shape {_short(tuple(shape))}"
             ) from None
 
     def backward(self, g: Any) -> tuple:

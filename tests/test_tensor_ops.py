@@ -943,3 +943,19 @@ def test_transpose_axes_of_the_wrong_type_are_a_type_error_and_cut():
     ) as ei:
         ag.ones(3).transpose(*range(20_000))
     assert len(str(ei.value)) < 300, len(str(ei.value))
+
+
+def test_reshape_sizes_of_the_wrong_type_are_named_and_shapes_cut():
+    x = ag.ones(3)
+    with pytest.raises(TypeError, match=r"reshape: sizes must be integers, got '3' in \('3',\)"):
+        x.reshape("3")
+    with pytest.raises(TypeError, match=r"reshape: sizes must be integers, got 1\.5"):
+        x.reshape(1.5)
+    with pytest.raises(ValueError, match=r"into shape \(1, 1, 1, .*\.\.\.") as ei:
+        x.reshape(*([1] * 20_000 + [3, 2]))
+    assert len(str(ei.value)) < 300, len(str(ei.value))
+    with pytest.raises(
+        ValueError, match=r"axis 0 appears more than once in axis=\(0, 0, .*\.\.\."
+    ) as ei:
+        x.sum(axis=(0,) * 20_000)
+    assert len(str(ei.value)) < 300, len(str(ei.value))
