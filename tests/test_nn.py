@@ -438,3 +438,30 @@ def test_cross_entropy_of_no_rows_is_nan_as_torchs(classes, targets):
     assert np.isnan(loss.item()) and loss.dtype == np.float32
     loss.backward()
     assert logits.grad.shape == (0, classes)
+
+
+def test_load_state_dict_names_keys_that_are_not_parameter_names():
+    # (a {Tensor: array} mapping, as get_gradients returns, failed in sorted() with
+    # numpy's "operands could not be broadcast together"; an int key among strs with
+    # "'<' not supported between instances of 'str' and 'int'")
+    m = nn.Linear(2, 3)
+    with pytest.raises(
+        TypeError,
+        match=r"load_state_dict: keys are parameter names \(str\).*"
+        r"got a key of type Tensor",
+    ):
+        m.load_state_dict({p: p.data for p in m.parameters()})
+    with pytest.raises(TypeError, match=r"got a key of type int \(0\)"):
+        m.load_state_dict({0: 1, "x": 1})
+
+
+def test_load_state_dict_lists_of_missing_keys_are_cut():
+    # (every key went in: a 3000-layer model's wrong state dict made a 80 KB message)
+    m = nn.Sequential(*[nn.Linear(1, 1) for _ in range(3000)])
+    with pytest.raises(
+        KeyError,
+        match=r"missing 6000 keys \['0.bias', .*, \.\.\. \(5990 more\)\]"
+        r", unexpected keys \[\]",
+    ) as ei:
+        m.load_state_dict({})
+    assert len(str(ei.value)) < 400, len(str(ei.value))

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from actorgrad.errors import check_bool
+from actorgrad.errors import check_bool, short_repr
 from actorgrad.nn import functional
 from actorgrad.tensor import Tensor, real_array, seeded_rng
 
@@ -136,7 +136,8 @@ class Module:
         step: graphs recorded before keep their values).
 
         Raises ``KeyError`` naming missing or unexpected keys, ``ValueError`` naming a
-        shape mismatch, ``TypeError`` naming a value that is not an array of numbers.
+        shape mismatch, ``TypeError`` naming a key that is not a str or a value
+        that is not an array of numbers.
 
         >>> a, b = ag.nn.Linear(2, 3, seed=0), ag.nn.Linear(2, 3, seed=1)
         >>> b.load_state_dict(a.state_dict()); np.array_equal(a.weight.data, b.weight.data)
@@ -147,11 +148,22 @@ class Module:
                 "load_state_dict: expected a mapping of parameter names to arrays (what "
                 f"state_dict() returns), got {type(state).__name__}"
             )
+        for key in state:
+            if not isinstance(key, str):
+                # (sorted() below failed on them with words of its own: a Tensor key, as
+                # in get_gradients' {Tensor: array}, with numpy's "operands could not be
+                # broadcast together")
+                raise TypeError(
+                    "load_state_dict: keys are parameter names (str), as state_dict() "
+                    f"gives; got a key of type {type(key).__name__} ({short_repr(key)})"
+                )
         params = dict(self.named_parameters())
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))
         if missing or unexpected:
-            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+            raise KeyError(
+                f"load_state_dict: missing {_keys(missing)}, unexpected {_keys(unexpected)}"
+            )
         arrays = {}
         for name, p in params.items():
             arr = real_array(state[name], f"load_state_dict: {name}")
@@ -180,6 +192,15 @@ class Module:
         (ReLU(), Linear(in_f=2, out_f=3, bias=True))
         """
         return ""
+
+
+def _keys(names: list[str]) -> str:
+    """``keys [...]`` for a message: the first 10 names and a count of the others (every
+    name went in: a wrong state dict of a large model made a message of 80 KB)."""
+    if len(names) <= 10:
+        return f"keys {names}"
+    shown = ", ".join(short_repr(n, 80) for n in names[:10])
+    return f"{len(names)} keys [{shown}, ... ({len(names) - 10} more)]"
 
 
 def _size(owner: str, name: str, value: Any) -> int:
