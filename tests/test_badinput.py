@@ -1093,3 +1093,14 @@ async def test_what_a_refused_peer_sends_while_its_connection_lingers_is_dropped
     assert len(conn._rbuf) == 0 and conn._big is None
     writer.close()
     await valid_client_works(sock_cluster)
+
+
+async def test_a_malformed_header_is_logged_cut(sock_cluster, caplog):
+    # (the whole header went into the message and the log: up to 64 KiB a time)
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    reader, writer = await _handshaken(sock_cluster)
+    header = [K_REQ, "x" * 50_000, 1]
+    await _send_frame(writer, wire.join_chunks(wire.encode_frame(header, None)))
+    await _closed_by_peer(reader, writer)
+    assert "malformed request header [0, 'xxx" in caplog.text
+    assert len(caplog.text) < 5_000, len(caplog.text)

@@ -1674,7 +1674,7 @@ class Worker:
                 if not (len(header) == 2 or (len(header) == 3 and kind == K_ERR)) or (
                     type(header[1]) is not int
                 ):
-                    raise ProtocolError(f"malformed reply header {header!r}")
+                    raise ProtocolError(f"malformed reply header {short_repr(header, 200)}")
                 call = conn.pending.pop(header[1], None)
                 if call is None or call[0].done():
                     # late reply of a timed-out/cancelled call: dropped quietly, decoded
@@ -1731,7 +1731,7 @@ class Worker:
                     conn.send_heartbeat()
             elif kind == K_CANCEL:
                 if len(header) != 2 or type(header[1]) is not int:
-                    raise ProtocolError(f"malformed cancel header {header!r}")
+                    raise ProtocolError(f"malformed cancel header {short_repr(header, 200)}")
                 self._cancel_request(conn, header[1])
             elif kind == K_HELLO:
                 _, name, wid, address, most, drops = header
@@ -1802,7 +1802,7 @@ class Worker:
                 else:
                     raise ProtocolError(f"malformed goodbye header {short_repr(header)}")
             else:
-                raise ProtocolError(f"unknown message kind {kind!r}")
+                raise ProtocolError(f"unknown message kind {kind!r:.80}")
         except (ProtocolError, ValueError, TypeError, IndexError, KeyError) as exc:
             err = (
                 exc
@@ -1927,15 +1927,15 @@ class Worker:
         """Run the handler of an arrived cast (ProtocolError: a malformed one)."""
         header = frame.header
         if len(header) != 2:
-            raise ProtocolError(f"malformed one-way message header {header!r}")
+            raise ProtocolError(f"malformed one-way message header {short_repr(header, 200)}")
         entry = _cast_handlers.get(header[1])
         if entry is None:
-            raise ProtocolError(f"one-way message for unknown topic {header[1]!r}")
+            raise ProtocolError(f"one-way message for unknown topic {short_repr(header[1], 80)}")
         fn, nargs = entry
         args = frame.body(None)
         if type(args) is not list or len(args) != nargs:
             raise ProtocolError(
-                f"one-way message {header[1]!r} needs a list of {nargs} arguments, got "
+                f"one-way message {short_repr(header[1], 80)} needs a list of {nargs} arguments, got "
                 + (f"{len(args)}" if type(args) is list else f"a {type(args).__name__}")
             )
         if self._closing:
@@ -1959,10 +1959,10 @@ class Worker:
     def _start(self, conn: Connection, frame: Any) -> None:
         header = frame.header
         if len(header) != 5:
-            raise ProtocolError(f"malformed request header {header!r}")
+            raise ProtocolError(f"malformed request header {short_repr(header, 200)}")
         _, cid, target, mode, meta = header
         if type(cid) is not int or type(mode) is not int:  # (True is no call id)
-            raise ProtocolError(f"malformed request header {header!r:.200}")
+            raise ProtocolError(f"malformed request header {short_repr(header, 200)}")
         peer = conn.peer_name or "?"
         if conn.queued and conn.queued.pop(cid, False):
             self._refuse(conn, cid, frame, _caller_gone())
@@ -2039,7 +2039,7 @@ class Worker:
                 )
                 what = kind
             else:
-                raise ProtocolError(f"unknown request mode {mode!r}")
+                raise ProtocolError(f"unknown request mode {mode!r:.80}")
         except Exception as exc:
             if cid == 0:
                 # a one-way call that cannot even start: its sender has no reply to learn
