@@ -13,6 +13,7 @@ import faulthandler
 import os
 import pathlib
 import secrets
+import signal
 import socket
 
 import pytest
@@ -20,6 +21,14 @@ import pytest
 import actorgrad as ag
 
 TESTS = str(pathlib.Path(__file__).parent)
+
+# A suite started with SIGINT ignored (in the background of a shell without job
+# control, under nohup: as a CI runner may start it) passed that on to every process
+# its tests start, and actorgrad leaves a signal ignored at start ignored: each test of
+# Ctrl-C failed, its processes deaf to it (18 tests). Python's own handler here makes
+# the processes started from the suite get the default again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
