@@ -31,7 +31,7 @@ import numpy as np
 
 from actorgrad.autograd import Function, Node, grad_enabled, grad_node, no_grad, seed_grad
 from actorgrad.autograd import GraphTask as _GraphTask
-from actorgrad.errors import check_bool, check_retain_graph
+from actorgrad.errors import check_bool, check_retain_graph, short_repr
 
 __all__ = [
     "Tensor",
@@ -1024,7 +1024,9 @@ def _axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
             raise ValueError(_bad_axis("", ax, ndim))
         norm = int(ax) % max(ndim, 1)
         if norm in out:
-            raise ValueError(f"axis {norm} appears more than once in axis={_short(tuple(axis))}")
+            raise ValueError(
+                f"axis {norm} appears more than once in axis={short_repr(tuple(axis), 80)}"
+            )
         out.append(norm)
     return tuple(sorted(out)) if ndim else ()
 
@@ -1061,16 +1063,10 @@ def _check_axis(fn: str, axis: Any, ndim: int) -> None:
         raise ValueError(_bad_axis(fn, axis, ndim)) from None
 
 
-def _short(values: Any, limit: int = 80) -> str:
-    """``repr(values)`` (a tuple of sizes or axes, of any length) cut to ``limit``."""
-    r = repr(values)
-    return r if len(r) <= limit else r[: limit - 3] + "..."
-
-
 def _perm(axes: Any, ndim: int) -> tuple[int, ...]:
     """Normalize ``transpose``'s axes to a permutation of ``range(ndim)``."""
     given = tuple(axes)
-    shown = _short(given)  # (a tuple of any length: cut)
+    shown = short_repr(given, 80)  # (a tuple of any length: cut)
     bad = next((ax for ax in given if not isinstance(ax, (int, np.integer))), None)
     if bad is not None:  # (a float or str axis: the wrong type, not the wrong value)
         raise TypeError(f"transpose: axes must be ints, got {bad!r:.40} in {shown}")
@@ -1676,7 +1672,7 @@ class Reshape(Function):
                 operator.index(d)
             except TypeError:
                 raise TypeError(
-                    f"reshape: sizes must be integers, got {d!r:.40} in {_short(tuple(shape))}"
+                    f"reshape: sizes must be integers, got {d!r:.40} in {short_repr(tuple(shape), 80)}"
                 ) from None
         try:
             # (numpy takes any negative size for the one it infers: -1 only, as torch)
@@ -1686,7 +1682,7 @@ class Reshape(Function):
         except ValueError:
             raise ValueError(
                 f"reshape: cannot reshape a tensor of shape {a.shape} ({a.size} elements) "
-                f"into shape {_short(tuple(shape))}"
+                f"into shape {short_repr(tuple(shape), 80)}"
             ) from None
 
     def backward(self, g: Any) -> tuple:
