@@ -2378,9 +2378,7 @@ class Worker:
         # answers the handshake too, not only the wait for the reply)
         deadline = None if timeout is None else self.loop.time() + timeout
         conn = _conn
-        if conn is None:
-            if type(dest) is not str:
-                dest = _worker_name(dest)
+        if conn is None:  # (dest is a plain str: checked above)
             conn = self._out.get(dest)
             if conn is None or conn.closed:
                 conn = await _by_deadline(
