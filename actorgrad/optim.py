@@ -48,6 +48,13 @@ def _number(owner: str, name: str, value: Any) -> None:
         )
 
 
+#: What to use instead of the base class (its ``_update`` is the subclasses' to write).
+BASE_CLASS_HINT = (
+    "ag.optim.Optimizer is the base class: use ag.optim.SGD, ag.optim.Adam or a "
+    "subclass that defines _update"
+)
+
+
 class Optimizer:
     """Base class: holds the parameter list and per-parameter state (keyed by tensor
     identity).
@@ -162,8 +169,7 @@ class Optimizer:
         # its first step with "NotImplementedError on worker 'w1': ", nothing more)
         raise NotImplementedError(
             f"{type(self).__name__} does not implement _update(p, g, data), the update of "
-            "one parameter (ag.optim.Optimizer is the base class: use ag.optim.SGD, "
-            "ag.optim.Adam or a subclass that defines _update)"
+            f"one parameter ({BASE_CLASS_HINT})"
         )
 
     def zero_grad(self) -> None:

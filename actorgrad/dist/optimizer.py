@@ -15,7 +15,7 @@ from actorgrad.autograd import enable_grad
 from actorgrad.dist.api import get_gradients
 from actorgrad.dist.context import as_context_id, is_unused
 from actorgrad.errors import ContextError, RemoteError, WorkerLost, clip_text, refusal_type
-from actorgrad.optim import Optimizer
+from actorgrad.optim import BASE_CLASS_HINT, Optimizer
 from actorgrad.runtime import RRef, remote
 from actorgrad.runtime.calls import fn_spec, resolve
 from actorgrad.tensor import Tensor
@@ -40,8 +40,7 @@ def _class_spec(cls: Any) -> str | list:
         # (constructed, it failed at every step on every owner: NotImplementedError)
         raise TypeError(
             f"optimizer_class {cls.__qualname__} has no update: it defines neither "
-            "_update(p, g, data) nor step (ag.optim.Optimizer is the base class: use "
-            "ag.optim.SGD, ag.optim.Adam or a subclass that defines _update)"
+            f"_update(p, g, data) nor step ({BASE_CLASS_HINT})"
         )
     qual = getattr(cls, "__qualname__", "")
     try:
