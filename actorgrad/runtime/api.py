@@ -198,7 +198,7 @@ def _sigint_held() -> Iterator[None]:
         if swapped and signal.getsignal(signal.SIGINT) is hold:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         if held:
-            asyncio.get_running_loop().call_soon(_interrupt)
+            loop.call_soon(_interrupt)
 
 
 def _interrupt() -> None:
