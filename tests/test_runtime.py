@@ -760,6 +760,64 @@ def test_the_call_pool_counts_a_retiring_thread_out_at_once():
     assert not [t for t in threading.enumerate() if t.name.startswith("actorgrad-test-retire_")]
 
 
+def test_the_call_pool_runs_jobs_without_futures_and_logs_what_they_let_out(caplog):
+    # run_soon: a worker's pooled call reports its own outcome (no future). Jobs of it
+    # still queued at a shutdown that cancels futures are dropped: the shutdown called
+    # .cancel() on their missing future and raised AttributeError, the worker's
+    # teardown with it.
+    from actorgrad.runtime.pool import CallPool
+
+    caplog.set_level(logging.ERROR, "actorgrad.runtime.pool")
+    pool = CallPool(1, "actorgrad-test-soon")
+    ran: list[int] = []
+    done = threading.Event()
+    pool.run_soon(operator.truediv, 1, 0)  # (let out: logged, the thread goes on)
+    pool.run_soon(ran.append, 1)
+    pool.run_soon(done.set)
+    assert done.wait(10) and ran == [1]
+    assert "actorgrad-test-soon: a job failed" in caplog.text
+    assert "ZeroDivisionError" in caplog.text
+    gate, started = threading.Event(), threading.Event()
+    pool.run_soon(lambda: (started.set(), gate.wait(30)))
+    assert started.wait(10)
+    pool.run_soon(ran.append, 2)  # (queued behind the busy thread)
+    later = pool.submit(ran.append, 3)
+    pool.shutdown(wait=False, cancel_futures=True)
+    gate.set()
+    assert later.cancelled()
+    with pytest.raises(RuntimeError, match="cannot schedule new jobs after shutdown"):
+        pool.run_soon(print)
+    deadline = time.monotonic() + 10
+    while [t for t in threading.enumerate() if t.name.startswith("actorgrad-test-soon_")]:
+        assert time.monotonic() < deadline, repr(pool)
+        time.sleep(0.001)  # (no event tells a thread's end: join has no deadline for all)
+    assert ran == [1]
+
+
+def test_a_pooled_call_that_ends_after_its_workers_loop_closed_is_dropped_quietly(caplog):
+    # Its thread hands the outcome to a loop that no longer runs: that is refused
+    # ("Event loop is closed") and was logged as an error of the pool.
+    caplog.set_level(logging.DEBUG, "actorgrad")
+    name = _fresh("after-loop")
+    _gates[name] = threading.Event()
+
+    async def main() -> None:
+        async with ag.local_cluster(1):
+            with pytest.raises(ag.RpcTimeout):
+                await ag.rpc("w1", blocks_until_the_gate_opens, (name,), timeout=0.05)
+
+    try:
+        asyncio.run(main())
+        threads = [t for t in threading.enumerate() if t.name.startswith("actorgrad-w1_")]
+        assert threads  # (the call's thread, still waiting for the gate)
+    finally:
+        _gates[name].set()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 def test_the_call_pool_lends_threads_and_never_holds_the_process_at_exit(tmp_path):
     from actorgrad.runtime.pool import CallPool
 

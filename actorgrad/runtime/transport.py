@@ -672,6 +672,11 @@ class Connection(asyncio.BaseProtocol):
         self.transport_gone = True
         self._mark_closed(exc)
 
+    @property
+    def write_paused(self) -> bool:
+        """Whether the transport's buffer is over its high-water mark (see drain)."""
+        return self._write_paused
+
     def pause_writing(self) -> None:
         self._write_paused = True
 
