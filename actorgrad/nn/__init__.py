@@ -17,7 +17,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -261,6 +261,9 @@ class Linear(Module):
         """
         return functional.linear(x, self.weight, self.bias)
 
+    if TYPE_CHECKING:  # (``module(x)`` is ``forward(x)``: its types, not Module.__call__'s Any)
+        __call__ = forward
+
     def extra_repr(self) -> str:
         """``in_f``, ``out_f`` and whether there is a bias, as the repr shows them.
 
@@ -295,6 +298,9 @@ class Embedding(Module):
         True
         """
         return functional.embedding(ids, self.weight)
+
+    if TYPE_CHECKING:  # (``module(x)`` is ``forward(x)``: its types, not Module.__call__'s Any)
+        __call__ = forward
 
     def extra_repr(self) -> str:
         """``num`` and ``dim``, as the repr shows them.
@@ -385,6 +391,9 @@ class ReLU(Module):
         """
         return x.relu()
 
+    if TYPE_CHECKING:  # (``module(x)`` is ``forward(x)``: its types, not Module.__call__'s Any)
+        __call__ = forward
+
 
 class Tanh(Module):
     """Elementwise ``tanh(x)``.
@@ -402,3 +411,6 @@ class Tanh(Module):
         array([0., 1.], dtype=float32)
         """
         return x.tanh()
+
+    if TYPE_CHECKING:  # (``module(x)`` is ``forward(x)``: its types, not Module.__call__'s Any)
+        __call__ = forward
