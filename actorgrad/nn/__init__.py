@@ -17,7 +17,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -356,6 +356,10 @@ class Sequential(Module):
             x = m(x)
         return x
 
+    @overload
+    def __getitem__(self, i: int) -> Module: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequential: ...
     def __getitem__(self, i: int | slice) -> Module:
         """The module at index ``i``; a slice is a Sequential of those (as torch's),
         sharing their parameters.
