@@ -48,8 +48,8 @@ import functools
 import threading
 import time
 import weakref
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, TypeAlias
+from collections.abc import Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 from actorgrad.errors import ProtocolError, WorkerLost, short_repr
 from actorgrad.runtime.calls import inline
@@ -381,7 +381,7 @@ class RRef(WireRef):
             self.owner, "actorgrad.runtime.rref:_fetch", (self._rid,), timeout=timeout
         )
 
-    def rpc(self, timeout: float | None = None) -> _Proxy:
+    def rpc(self, timeout: float | None = None) -> _Proxy[Any]:
         """``await rref.rpc().method(*args, **kwargs)`` runs the method on the owner
         and returns its result.
 
@@ -395,7 +395,7 @@ class RRef(WireRef):
 
         return _Proxy(self, MODE_RREF_RPC, timeout)
 
-    def remote(self, timeout: float | None = None) -> _Proxy:
+    def remote(self, timeout: float | None = None) -> _Proxy[RRef]:
         """``await rref.remote().method(...)`` -> an RRef to the method's result, owned
         by the same worker.
 
@@ -427,7 +427,13 @@ _PYTORCH_NAMES = {
 }
 
 
-class _Proxy:
+_R = TypeVar("_R")
+
+
+class _Proxy(Generic[_R]):
+    """``rref.rpc()`` (``_R``: the method's result, Any) or ``rref.remote()`` (``_R``:
+    RRef): ``proxy.method`` is a coroutine function running the method on the owner."""
+
     # (private names: a method of the value called `_mode` reached this field instead)
     __slots__ = ("__rref", "__mode", "__timeout")
 
@@ -436,7 +442,7 @@ class _Proxy:
         self.__mode = mode
         self.__timeout = timeout
 
-    def __getattr__(self, method: str) -> Any:
+    def __getattr__(self, method: str) -> Callable[..., Coroutine[Any, Any, _R]]:
         if method.startswith("__"):
             # (an AttributeError all the same: copy, pickle & co. probe such names)
             raise AttributeError(
@@ -445,7 +451,7 @@ class _Proxy:
             )
         r, mode, timeout = self.__rref, self.__mode, self.__timeout
 
-        async def call(*args: Any, **kwargs: Any) -> Any:
+        async def call(*args: Any, **kwargs: Any) -> _R:
             return await r._live().call(
                 r.owner, [r._rid, method], args, kwargs or None, timeout=timeout, mode=mode
             )
