@@ -409,12 +409,14 @@ class RRef(WireRef):
 
         return _Proxy(self, MODE_RREF_REMOTE, timeout)
 
-    def __getattr__(self, name: str) -> Any:
-        # (only names not found: a PyTorch RRef's that have another form here say it)
-        hint = _PYTORCH_NAMES.get(name)
-        if hint is None:
-            raise AttributeError(f"'RRef' object has no attribute {name!r}")
-        raise AttributeError(f"'RRef' object has no attribute {name!r} (PyTorch's): {hint}")
+    if not TYPE_CHECKING:  # (it only raises: to type checkers, unknown names stay errors)
+
+        def __getattr__(self, name: str) -> Any:
+            # (only names not found: a PyTorch RRef's that have another form here say it)
+            hint = _PYTORCH_NAMES.get(name)
+            if hint is None:
+                raise AttributeError(f"'RRef' object has no attribute {name!r}")
+            raise AttributeError(f"'RRef' object has no attribute {name!r} (PyTorch's): {hint}")
 
 
 # PyTorch RRef methods without a namesake here, and what does their work (see
