@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -63,19 +63,22 @@ class _Context:
         state = "open" if cid in self._st.contexts else "released"
         return f"<dist context {cid:#x} {state}>"
 
-    def __enter__(self) -> None:
-        # (Python's own message, "'_Context' object does not support the context
-        # manager protocol", named neither the fix nor the public name)
-        raise TypeError(
-            "ag.dist.context() is entered with `async with`, not `with`: "
-            "`async with ag.dist.context() as ctx:`"
-        )
+    # (hidden from type checkers: to them a `with` of it stays the error it is at run time)
+    if not TYPE_CHECKING:
 
-    # (never called, __enter__ raises; but `with` looks both methods up before calling
-    # __enter__: without this one, `with ag.dist.context()` fails with a TypeError about
-    # the protocol instead of __enter__'s message)
-    def __exit__(self, *exc_info: object) -> None:
-        return None
+        def __enter__(self) -> None:
+            # (Python's own message, "'_Context' object does not support the context
+            # manager protocol", named neither the fix nor the public name)
+            raise TypeError(
+                "ag.dist.context() is entered with `async with`, not `with`: "
+                "`async with ag.dist.context() as ctx:`"
+            )
+
+        # (never called, __enter__ raises; but `with` looks both methods up before calling
+        # __enter__: without this one, `with ag.dist.context()` fails with a TypeError about
+        # the protocol instead of __enter__'s message)
+        def __exit__(self, *exc_info: object) -> None:
+            return None
 
     async def __aenter__(self) -> int:
         if getattr(self, "_token", None) is not None:
