@@ -149,7 +149,9 @@ class DistributedOptimizer:
             await opt.step(ctx)
     """
 
-    def __init__(self, optimizer_class: type, params: Sequence[RRef], **options: Any) -> None:
+    def __init__(
+        self, optimizer_class: type[Optimizer], params: Sequence[RRef], **options: Any
+    ) -> None:
         self._class_spec = _class_spec(optimizer_class)
         self._class_name = f"{optimizer_class.__module__}.{optimizer_class.__qualname__}"
         if isinstance(params, RRef):
