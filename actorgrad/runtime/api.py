@@ -215,8 +215,8 @@ async def _shut_with_loop(w: Worker) -> None:
 async def rpc(
     to: str,
     fn: Any,
-    args: Any = (),
-    kwargs: dict | None = None,
+    args: tuple[Any, ...] | list[Any] = (),
+    kwargs: dict[str, Any] | None = None,
     *,
     timeout: float | None = None,  # noqa: ASYNC109 (timeout is API)
 ) -> Any:
@@ -237,8 +237,8 @@ async def rpc(
 async def remote(
     to: str,
     fn: Any,
-    args: Any = (),
-    kwargs: dict | None = None,
+    args: tuple[Any, ...] | list[Any] = (),
+    kwargs: dict[str, Any] | None = None,
     *,
     timeout: float | None = None,  # noqa: ASYNC109 (timeout is API)
 ) -> RRef:
