@@ -61,3 +61,35 @@ def test_the_wheel_ships_py_typed(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "actorgrad/py.typed" in names
     assert "actorgrad/__init__.py" in names
+
+
+TYPED_USER = ROOT / "tests" / "typed_user"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("mypy") is None,
+    reason="mypy is not installed (it is a dev dependency: pip install -e '.[lint]')",
+)
+def test_typed_user_programs_pass_mypy_strict(tmp_path):
+    # The programs see the package as a user's do: installed (here the directory that
+    # holds it, on the path mypy asks the interpreter for), so mypy reads its py.typed
+    # marker and its annotations, and reports nothing about its insides. The run is
+    # from tmp_path: from the checkout, mypy would take actorgrad for a program's own
+    # source (the current directory comes first). No configuration of the user's or
+    # the project's applies: an empty [mypy] section is the configuration.
+    config = tmp_path / "mypy.ini"
+    config.write_text("[mypy]\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MYPY")}
+    path = os.environ.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(PACKAGE.parent) + (os.pathsep + path if path else "")
+    p = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--config-file", str(config)]
+        + ["--cache-dir", str(tmp_path / "cache"), "--no-error-summary", "--hide-error-context"]
+        + sorted(str(f) for f in TYPED_USER.glob("*.py")),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert (p.returncode, p.stdout + p.stderr) == (0, "")
