@@ -385,7 +385,7 @@ class LocalCluster:
 
 @contextlib.asynccontextmanager
 async def local_cluster(
-    workers: int | list[str] = 2,
+    workers: int | list[str] | tuple[str, ...] = 2,
     *,
     processes: bool = False,
     driver: str = "driver",

@@ -100,7 +100,7 @@ async def main() -> None:
         x = ag.randn(16, 8, seed=0)
         y = np.random.default_rng(0).integers(0, 4, 16)
         print(await step(model, params, x, y), await errors())
-    async with ag.local_cluster(["a", "b"], driver="me", transport="tcp") as named:
+    async with ag.local_cluster(("a", "b"), driver="me", transport="tcp") as named:
         print(named.names)
 
 
