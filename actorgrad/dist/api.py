@@ -268,12 +268,14 @@ async def _ask_initiator(st: DistState, lost: str, initiator: str, ids: list[int
                 raise
             gone = await worker.call_nowait(head, _gone_contexts_at, (initiator, ids))
     except Exception as exc:  # (lost, left the cluster: ValueError, unknown worker)
-        log.debug("worker %s: %s could not say which contexts are gone: %r", worker.name,
-                  initiator, exc)
+        log.debug(
+            "worker %s: %s could not say which contexts are gone: %r", worker.name, initiator, exc
+        )
         return
     if not int_list(gone):
-        log.warning("worker %s: malformed answer from %s: %r", worker.name, initiator,
-                    short_repr(gone))
+        log.warning(
+            "worker %s: malformed answer from %s: %r", worker.name, initiator, short_repr(gone)
+        )
         return
     waits = []
     for ctx_id in gone:

@@ -44,16 +44,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from time import perf_counter
 from collections.abc import Sequence
+from time import perf_counter
 from typing import Any
 
 import numpy as np
 
 from actorgrad.autograd import GraphTask, add, grad_node, seed_grad
 from actorgrad.dist.context import (
-    DistContext,
     PASS_ID_BITS,
+    DistContext,
     DistState,
     RecvNode,
     call_peers,
@@ -65,7 +65,6 @@ from actorgrad.dist.context import (
     unused_zeros,
 )
 from actorgrad.errors import (
-    ActorgradError,
     ContextError,
     ProtocolError,
     RemoteError,
@@ -1148,8 +1147,10 @@ def _unpair(worker: Any, ctx_id: int, peer: str, recv_ids: list[int], send_ids: 
     ends of some pairs of context ``ctx_id``; drop ours (see _abort_here). A pass
     running here that waits for a gradient at one of the dropped send nodes fails
     (it could not end otherwise, and has no credit to go on without it): retry it."""
-    if type(ctx_id) is not int or type(peer) is not str or not (
-        int_list(recv_ids) and int_list(send_ids)
+    if (
+        type(ctx_id) is not int
+        or type(peer) is not str
+        or not (int_list(recv_ids) and int_list(send_ids))
     ):
         raise ProtocolError(f"malformed unpair message from {short_repr(peer)}")
     st = state_of(worker)
@@ -1160,9 +1161,7 @@ def _unpair(worker: Any, ctx_id: int, peer: str, recv_ids: list[int], send_ids: 
     ps = ctx.active_pass
     # (also one the origin relays: the peer it told to send the gradient there on holds
     # nothing to send it from, and the worker waiting for it would wait for good)
-    if ps is not None and any(
-        ps.task.waits_for(node) or ps.task.skipped(node) for node in dropped
-    ):
+    if ps is not None and any(ps.task.waits_for(node) or ps.task.skipped(node) for node in dropped):
         ctx.drop_pass(ps.pass_id)
         err = ContextError(
             f"context {ctx_id:#x}: this backward pass ran into the clean-up of an earlier "

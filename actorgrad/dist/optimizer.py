@@ -265,8 +265,7 @@ class DistributedOptimizer:
         if lost:
             whose = "its step" if len(lost) == 1 else "their steps"
             parts.append(
-                f"no answer from {', '.join(repr(o) for o in lost)} ({whose} may have "
-                "run or not)"
+                f"no answer from {', '.join(repr(o) for o in lost)} ({whose} may have run or not)"
             )
         parts.append(f"stepped on {', '.join(repr(o) for o in stepped) or 'no owner'}")
         note = f"DistributedOptimizer.step of context {context_id:#x}: " + "; ".join(parts)
