@@ -200,7 +200,13 @@ def fn_spec(fn: Any) -> str | list:
         )
     _check_named(fn)
     spec: str | list
-    if mod in ("__main__", MAIN_ALIAS):
+    if mod == "__main__" and _interactive(fn):
+        # (a prompt's, a notebook cell's: no file holds it, so only this process's own
+        # workers can run it; the name says which object, see _INTERACTIVE)
+        where = f"{_INTERACTIVE}{id(fn):x}>"
+        _interactive_fns[where] = fn
+        spec = [f"__main__:{qual}", where, SESSION]
+    elif mod in ("__main__", MAIN_ALIAS):
         if mod == "__main__":
             path = getattr(sys.modules.get(mod), "__file__", None)
         else:  # (a worker passing on a function of a driver's script)
@@ -215,11 +221,71 @@ def fn_spec(fn: Any) -> str | list:
         script = _script_beside(mod)
         if script is not None:  # (the worker puts the script's folder on its path)
             spec = _main_spec(spec, script)
+    # A new object under a name resolved before (a module reloaded, a function defined
+    # anew): this process's own workers would run the old one, from the cache.
+    key = spec if type(spec) is str else tuple(spec)
+    old = _resolve_cache.get(key)
+    if old is not None and _unbound(old) is not _unbound(fn):
+        del _resolve_cache[key]
     try:
         _spec_cache[fn] = spec
     except TypeError:
         pass
     return spec
+
+
+#: the path in the wire name of a function defined interactively (at a prompt, in a
+#: notebook cell, by ``python -c``, or in a script read from stdin): no file to import
+#: it from, so it names the object itself, for this process's own workers
+#: (``["__main__:f", "<interactive 7f...>", session]``)
+_INTERACTIVE = "<interactive "
+#: functions and classes defined interactively that were named for a call, by the path
+#: their wire names carry (kept: a call may still be on its way to a worker here)
+_interactive_fns: dict[str, Any] = {}
+#: the file names Python's and IPython's prompts give the code typed at them
+_PROMPTS = ("<stdin>", "<console>", "<python-input-", "<ipython-input-")
+
+
+def _interactive(fn: Any) -> bool:
+    """Whether ``fn``, of ``__main__``, was defined where no worker process can import
+    it from a file: this process has no script file (a prompt, a notebook, ``python
+    -c``, a script read from stdin or run from a zip archive), its script does not hold
+    ``fn`` under its name (the asyncio REPL's namespace), or ``fn`` was typed at a
+    prompt (``python -i script.py``)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return True
+    if _unbound(_lookup(getattr(main, "__dict__", {}), fn.__qualname__)) is not _unbound(fn):
+        return True
+    if isinstance(fn, type):  # (the functions defined in its body)
+        inner = fn.__qualname__ + "."
+        funcs = [getattr(v, "__func__", v) for v in vars(fn).values()]
+        funcs = [f for f in funcs if getattr(f, "__qualname__", "").startswith(inner)]
+    else:
+        funcs = [inspect.unwrap(_unbound(fn))]
+    return any(
+        getattr(getattr(f, "__code__", None), "co_filename", "").startswith(_PROMPTS) for f in funcs
+    )
+
+
+def _interactive_fn(name: str, path: str, session: str, dest: str | None = None) -> Any:
+    """The function named by the wire name of one defined interactively, if this is the
+    process that defined it; else TypeError saying what to do (``dest``: the worker a
+    caller was to call it on)."""
+    fn = _interactive_fns.get(path) if session == SESSION else None
+    if fn is None:
+        qual = name.partition(":")[2]
+        where = "here" if dest is None else f"on worker {dest!r}"
+        raise TypeError(
+            f"cannot call {qual!r} {where}: it was defined interactively in the driver (at "
+            "a prompt, in a notebook cell, with python -c, or in a script read from stdin "
+            "or run from a zip archive), where no file holds it, so a worker process cannot "
+            "import it. Put it in a module (a .py file beside the notebook, or one the "
+            "workers find on their path), import it and pass that; or use in-process "
+            "workers (ag.local_cluster(n) without processes=True), which run it as it is"
+        )
+    return fn
 
 
 def _current_session(spec: str | list) -> bool:
@@ -837,6 +903,8 @@ def resolve(spec: Any) -> Any:
             else:
                 _module_names[path] = module
             _homes.pop(path, None)
+    if path is not None and path.startswith(_INTERACTIVE):
+        return _interactive_fn(name, path, session or "")
     mod, sep, qual = name.partition(":")
     if not sep or not mod or not qual:
         where = (

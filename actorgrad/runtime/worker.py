@@ -194,6 +194,9 @@ def _importing(busy: bool) -> None:
 calls.on_import = _importing
 _process_worker: Worker | None = None
 _interceptor: Any = None
+#: every worker made in this process (the driver and in-process workers of
+#: local_cluster): those a function defined interactively can be called on
+_here: weakref.WeakSet[Worker] = weakref.WeakSet()
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -647,6 +650,7 @@ class Worker:
         # every connection this worker made or accepted, while it lives: the shutdown
         # makes sure each one's socket is closed (see _teardown)
         self._every_conn: weakref.WeakSet[Connection] = weakref.WeakSet()
+        _here.add(self)
         self._out: dict[str, Connection] = {}
         self._connecting: dict[str, asyncio.Task[Connection]] = {}
         self._mailbox: collections.deque[tuple[Connection, Any]] = collections.deque()
@@ -2438,6 +2442,10 @@ class Worker:
             # (first: ag.rpc(fn, "w1") was told that function name 'w1' is malformed)
             dest = _worker_name(dest)
         target = fn if mode >= MODE_RREF_RPC else calls.fn_spec(fn)
+        if type(target) is list and target[1].startswith(calls._INTERACTIVE):
+            # (at once, not from the worker process: it cannot import such a function)
+            if not any(w.name == dest and not w.closed for w in _here):
+                calls._interactive_fn(target[0], target[1], "", dest)
         _check_call_args(args, kwargs)
         check_timeout(timeout, "for no timeout", " (PyTorch's 0 for no timeout is None here)")
         # (the timeout bounds the whole call: connecting to a peer that accepts but never

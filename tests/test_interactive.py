@@ -1,0 +1,158 @@
+"""Drivers without a script file: ``python -c``, a script read from stdin, code typed
+at a prompt (``python -i``). Their functions cannot be imported by a worker process,
+but in-process workers run them; a process worker's call is refused at once, saying
+what to do. Each driver is a real interpreter in a subprocess (what it runs as
+``__main__`` is the point)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import actorgrad as ag
+
+REPO = str(Path(__file__).resolve().parent.parent)
+
+# The driver: functions and a class of its own (its __main__), used on in-process
+# workers (rpc, remote and an RRef's method, a distributed backward; a function
+# defined anew runs as defined anew) and on a worker process (refused at the caller).
+DRIVER = textwrap.dedent(
+    """
+    import asyncio, json, time
+    import actorgrad as ag
+
+    def scale(x, w):
+        return (x * w).tanh()
+
+    class Acc:
+        def __init__(self):
+            self.n = 0
+        def add(self, k):
+            self.n += k
+            return self.n
+
+    def version():
+        return 1
+
+    async def in_process():
+        global version
+        async with ag.local_cluster(1):
+            x = ag.tensor([1.0, 2.0], requires_grad=True)
+            w = ag.tensor([0.5, -0.5], requires_grad=True)
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", scale, (x, w))
+                await ag.dist.backward(ctx, [y.sum()])
+                grad = [round(float(g), 4) for g in ag.dist.get_gradients(ctx)[w]]
+            acc = await ag.remote("w1", Acc)
+            await acc.rpc().add(3)
+            first = await ag.rpc("w1", version)
+            def version():
+                return 2
+            return [grad, await acc.rpc().add(4), first, await ag.rpc("w1", version)]
+
+    async def in_a_process():
+        async with ag.local_cluster(1, processes=True):
+            out = []
+            for fn in (scale, Acc):
+                t0 = time.monotonic()
+                try:
+                    await ag.remote("w1", fn, (1, 2) if fn is scale else ())
+                except TypeError as exc:
+                    out.append([str(exc), time.monotonic() - t0])
+            return out
+
+    print(json.dumps([asyncio.run(in_process()), asyncio.run(in_a_process())]))
+    """
+)
+
+
+def _check(stdout: str) -> None:
+    local, procs = json.loads(stdout.strip().splitlines()[-1])
+    grad, total, first, second = local
+    assert grad == [0.7864, 0.8399]
+    assert total == 7
+    assert (first, second) == (1, 2)  # the function defined anew, not the first one
+    assert [m.split(":")[0] for m, _ in procs] == [
+        "cannot call 'scale' on worker 'w1'",
+        "cannot call 'Acc' on worker 'w1'",
+    ]
+    for message, took in procs:
+        assert "defined interactively" in message
+        assert "Put it in a module" in message
+        assert took < 1.0  # (refused by the caller, not after a worker's import)
+
+
+def _run(args: list[str], stdin: str | None = None) -> str:
+    env = dict(os.environ, PYTHONPATH=REPO)
+    out = subprocess.run(
+        [sys.executable, *args], input=stdin, capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_functions_of_python_c_run_on_in_process_workers_and_are_refused_for_processes(
+    tmp_path,
+):
+    _check(_run(["-c", DRIVER]))
+
+
+def test_functions_of_a_script_read_from_stdin_are_named_as_interactive(tmp_path):
+    # (its __file__ is "<stdin>": a worker process was told to copy "<stdin>" to its disk)
+    _check(_run(["-"], stdin=DRIVER))
+
+
+def test_functions_typed_at_the_prompt_of_python_i_are_named_as_interactive(tmp_path):
+    # (`python -i script.py`: Python drops __main__.__file__ once the script ran)
+    script = tmp_path / "script.py"
+    script.write_text("X = 1\n")
+    stdout = _run(["-i", str(script)], stdin=_for_prompt(DRIVER))
+    _check(stdout.replace(">>> ", "").replace("... ", ""))
+
+
+def _for_prompt(code: str) -> str:
+    """``code`` as typed at Python's prompt: a blank line after each top-level compound
+    statement, none inside one."""
+    lines: list[str] = []
+    for line in code.splitlines():
+        if not line.strip():
+            continue
+        if lines and not line[0].isspace() and lines[-1][:1].isspace():
+            lines.append("")
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def test_functions_typed_at_the_asyncio_repl_are_named_as_interactive():
+    # (`python -m asyncio`: its __main__ is asyncio's, with a file, and what is typed
+    # lives in a namespace of its own: "'__main__' has no attribute 'scale'", from the
+    # worker, in-process too)
+    typed = DRIVER.replace("asyncio.run(in_process())", "await in_process()")
+    typed = typed.replace("asyncio.run(in_a_process())", "await in_a_process()")
+    stdout = _run(["-m", "asyncio"], stdin=_for_prompt(typed))
+    _check(stdout.replace(">>> ", "").replace("... ", ""))
+
+
+async def test_a_module_reloaded_runs_as_reloaded_on_in_process_workers(tmp_path, monkeypatch):
+    # (importlib.reload in a notebook, an edited function: the in-process worker ran
+    # the first version it had resolved, silently)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = tmp_path / "reloaded_mod.py"
+    source.write_text("def version():\n    return 1\n")
+    import importlib
+
+    import reloaded_mod  # type: ignore[import-not-found]
+
+    try:
+        async with ag.local_cluster(1):
+            assert await ag.rpc("w1", reloaded_mod.version) == 1
+            source.write_text("def version():\n    return 22\n")  # (another size)
+            importlib.reload(reloaded_mod)
+            assert await ag.rpc("w1", reloaded_mod.version) == 22
+            assert await ag.rpc("w1", "reloaded_mod:version") == 22
+    finally:
+        sys.modules.pop("reloaded_mod", None)
