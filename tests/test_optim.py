@@ -266,3 +266,58 @@ def test_the_parameter_shows_the_old_values_until_the_update_is_written(cls, mon
     (during, written) = seen[0]
     assert during == [1.0, 2.0]  # all written, the parameter still the old values
     assert w.data.tolist() == written != during
+
+
+def _whole_sgd(p, g, buf, lr, momentum, wd, first):
+    """SGD's update as whole-array expressions (what the blocks must equal, bit for bit)."""
+    if wd:
+        g = g + wd * p
+    if momentum:
+        buf = np.array(g, dtype=p.dtype) if first else buf * momentum + g
+        g = buf
+    return p - lr * g, buf
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape"),
+    [("sgd", (1 << 21,)), ("sgd_mom_wd", (2048, 1030)), ("adam", (8, 1 << 19)), ("adam", (5,))],
+)
+def test_big_parameter_steps_in_blocks_without_whole_temporaries(kind, shape):
+    """A step of a big parameter takes its new array and, beyond it, only temporaries of
+    a block (``ag.optim.UPDATE_BLOCK`` elements): whole-array expressions (``lr * g``)
+    took 2x the parameter's size on top of it for SGD, 4x for Adam. The values are
+    those of the whole-array formulas, bit for bit, whatever the shape (rows bigger
+    than a block, a gradient of another memory layout)."""
+    import math
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(shape).astype(np.float32)
+    grads = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
+    grads[1] = np.asfortranarray(grads[1])  # (a layout of its own)
+    p = ag.Tensor(p0.copy(), requires_grad=True)
+    if kind == "adam":
+        opt = ag.optim.Adam([p], lr=0.01)
+    else:
+        mom, wd = (0.9, 0.01) if kind == "sgd_mom_wd" else (0.0, 0.0)
+        opt = ag.optim.SGD([p], lr=0.1, momentum=mom, weight_decay=wd)
+    want = p0.copy()
+    buf = m = v = None
+    for t, g in enumerate(grads, 1):
+        tracemalloc.start()
+        try:
+            opt.step({p: g})
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        if p0.size > 1000 and t > 1:  # (the first makes the state)
+            assert peak < 1.5 * p0.nbytes, (kind, t, peak / p0.nbytes)
+        if kind == "adam":
+            b1, b2 = 0.9, 0.999
+            m = (1 - b1) * g if m is None else m * b1 + (1 - b1) * g
+            v = (1 - b2) * (g * g) if v is None else v * b2 + (1 - b2) * (g * g)
+            denom = np.sqrt(v) / math.sqrt(1 - b2**t) + 1e-8
+            want = want - (0.01 / (1 - b1**t)) * (m / denom)
+        else:
+            want, buf = _whole_sgd(want, g, buf, 0.1, opt.momentum, opt.weight_decay, t == 1)
+        np.testing.assert_array_equal(p.data, want)
