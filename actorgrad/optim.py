@@ -48,13 +48,12 @@ __all__ = ["SGD", "Adam", "Optimizer"]
 UPDATE_BLOCK = 1 << 18
 
 
-def _blocks(*arrays: Any) -> Any:
-    """``arrays`` (of one shape; None stays None) cut into blocks of about
-    ``UPDATE_BLOCK`` elements along their first axis: a list of tuples of views, or of
-    ``arrays`` itself when they are small (no views: the small steps cost as before)."""
+def _blocks(*arrays: Any) -> list[tuple[Any, ...]]:
+    """``arrays`` (of one shape, more than ``UPDATE_BLOCK`` elements, at least 1-d;
+    None stays None) cut into blocks of about ``UPDATE_BLOCK`` elements along their
+    first axis: a list of tuples of views. (Callers take small arrays whole, without
+    calling this: steps of small parameters cost as before.)"""
     data = arrays[0]
-    if data.ndim == 0 or data.size <= UPDATE_BLOCK:
-        return (arrays,)
     rows = max(1, UPDATE_BLOCK // (data.size // data.shape[0]))
     return [
         tuple(None if a is None else a[i : i + rows] for a in arrays)
@@ -244,7 +243,8 @@ class SGD(Optimizer):
             else:
                 buf = state["momentum_buffer"]
         lr, wd, momentum = self.lr, self.weight_decay, self.momentum
-        for d, gs, b in _blocks(data, g, buf):  # (see UPDATE_BLOCK)
+        blocks = ((data, g, buf),) if data.size <= UPDATE_BLOCK else _blocks(data, g, buf)
+        for d, gs, b in blocks:  # (see UPDATE_BLOCK)
             if wd:
                 gs = gs + wd * d
             if b is not None:
@@ -302,7 +302,8 @@ class Adam(Optimizer):
         bias1 = 1 - b1**t
         bias2 = 1 - b2**t
         root2, eps, rate = math.sqrt(bias2), self.eps, self.lr / bias1
-        for d, gs, ms, vs in _blocks(data, g, m, v):  # (see UPDATE_BLOCK)
+        blocks = ((data, g, m, v),) if data.size <= UPDATE_BLOCK else _blocks(data, g, m, v)
+        for d, gs, ms, vs in blocks:  # (see UPDATE_BLOCK)
             ms *= b1
             ms += (1 - b1) * gs
             vs *= b2
