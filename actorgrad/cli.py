@@ -465,10 +465,14 @@ async def cmd_worker(args: argparse.Namespace) -> int:
                 args.name,
                 token,
                 stop=stop,
-                on_joined=lambda w: _say(f"worker {args.name} joined (cluster id {w.id})"),
+                on_joined=lambda w: _say(
+                    f"worker {args.name} joined (cluster id {w.id})"
+                    + (f", reached at {w.address}" if args.advertise else "")
+                ),
                 wait=args.wait or 0.0,
                 host=args.host,
                 port=args.port,
+                advertise=args.advertise,
             )
         if why is not None:  # (not asked to stop: a supervisor should hear of it)
             raise CliError(f"worker {args.name}: {head_lost(why)}")
@@ -919,6 +923,14 @@ def _host(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _advertise(text: str) -> str:
+    try:
+        cluster.check_advertise(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _path(text: str) -> str:
     # ('' was taken for no option at all: cluster made a temporary token instead)
     if not text:
@@ -1041,6 +1053,14 @@ def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
         "else every interface)",
     )
     w.add_argument("--port", type=_port, default=0, help="port to listen on (default: any free)")
+    w.add_argument(
+        "--advertise",
+        type=_advertise,
+        metavar="HOST[:PORT]",
+        help="where the other workers connect to this one, when not where it listens: "
+        "behind a NAT, a container's published port, a tunnel (default: its listening "
+        "address; no PORT: the port it listens on)",
+    )
 
     r = sub.add_parser("run", help="run SCRIPT as the driver of a local cluster of N workers")
     r.add_argument("-n", type=_workers, required=strict, metavar="N", help="workers w1..wN")

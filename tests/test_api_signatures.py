@@ -96,6 +96,7 @@ ADDITIONS: dict[str, dict[str, Any]] = {
     "nn.Linear": {"dtype": "float32"},
     "nn.Embedding": {"dtype": "float32"},
     "ag.local_cluster": {"transport": "inproc"},
+    "ag.init": {"advertise": None},
     "RRef.rpc": {"timeout": None},
     "RRef.remote": {"timeout": None},
 }

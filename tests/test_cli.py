@@ -2486,3 +2486,105 @@ def test_a_worker_whose_loop_a_call_stopped_says_so_and_leaves(tmp_path: Path) -
     assert (r.returncode, r.stdout) == (0, "w1 lost\n"), r.stderr
     assert "actorgrad worker w1: its event loop was stopped (by loop.stop() in " in r.stderr
     assert "Traceback" not in r.stderr, r.stderr
+
+
+async def _relay(real_port: int, seen: list[int]) -> asyncio.Server:
+    """A TCP relay to 127.0.0.1:real_port (a NAT's, a container's published port):
+    ``seen`` gets the bytes each connection carried to it."""
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, count: list[int]) -> None:
+        try:
+            while data := await r.read(65536):
+                count[0] += len(data)
+                w.write(data)
+                await w.drain()
+        except OSError:
+            pass
+        finally:
+            w.close()
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        r2, w2 = await asyncio.open_connection("127.0.0.1", real_port)
+        count = [0]
+        await asyncio.gather(pipe(r, w2, count), pipe(r2, w, [0]))
+        seen.append(count[0])
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+@needs_runtime
+@pytest.mark.parametrize("everywhere", [False, True], ids=["loopback", "every-interface"])
+async def test_a_worker_advertising_another_address_is_reached_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, everywhere: bool
+) -> None:
+    # A worker behind a NAT or in a container (its published port) could only
+    # advertise the address it listens on, which the others cannot reach. (Bound to
+    # every interface, joined at a non-loopback address: it advertised the address it
+    # reached the head from.)
+    import operator
+
+    import actorgrad as ag
+    from actorgrad.runtime.transport import is_loopback
+    from actorgrad.runtime.worker import _advertised_ip
+
+    here = _advertised_ip()
+    if everywhere and is_loopback(here):
+        pytest.skip("this host has no address but loopback ones")
+    bind = ["--host", "0.0.0.0"] if everywhere else []
+
+    with socket.socket() as s:  # (a free port for the worker to listen on)
+        s.bind(("127.0.0.1", 0))
+        real_port = s.getsockname()[1]
+    seen: list[int] = []
+    relay = await _relay(real_port, seen)
+    front = relay.sockets[0].getsockname()[1]
+    env = clean_env(ACTORGRAD_LOCAL_SOCKETS="0")  # (else co-located peers use those)
+    monkeypatch.setenv("ACTORGRAD_LOCAL_SOCKETS", "0")
+    token_file = tmp_path / "token"
+    c = Running("cluster", "-n", "1", "--token-file", str(token_file), *bind, env=env)
+    w = None
+    try:
+        address = c.expect("address:")
+        if everywhere:
+            assert not is_loopback(address.rpartition(":")[0]), address
+        w = Running(
+            "worker", "--join", address, "--name", "w9", "--token-file", str(token_file),
+            "--port", str(real_port), "--advertise", f"127.0.0.1:{front}", *bind, env=env,
+        )  # fmt: skip
+        joined = await asyncio.to_thread(w.expect, "worker w9 joined")
+        assert joined.endswith(f", reached at 127.0.0.1:{front}"), joined
+        await ag.init("driver", address=address, token=token_file.read_text())
+        try:
+            assert await ag.rpc("w9", operator.add, (2, 3), timeout=20) == 5
+        finally:
+            await ag.shutdown()
+        status = await asyncio.to_thread(
+            run_cli, "status", "--address", address, "--token-file", str(token_file), env=env
+        )
+        line = next(x for x in status.stdout.splitlines() if x.startswith("w9 "))
+        assert line.split()[2] == f"127.0.0.1:{front}", status.stdout
+    finally:
+        for p in (w, c):
+            if p is not None:
+                p.proc.send_signal(signal.SIGTERM)
+        for p in (w, c):
+            if p is not None:
+                await asyncio.to_thread(p.wait, 20)
+                p.stop()
+        relay.close()
+        await relay.wait_closed()
+    assert seen and max(seen) > 0, seen  # (the driver's calls went through the relay)
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("0.0.0.0", "advertise must name an address other workers connect to, not '0.0.0.0'"),
+        ("h:0", "advertise must be HOST:PORT with a port in 1..65535, not 'h:0'"),
+        ("a b", "advertise must be HOST or HOST:PORT, not 'a b'"),
+    ],
+)
+def test_a_malformed_advertise_is_a_usage_error_naming_it(value: str, why: str) -> None:
+    r = run_cli("worker", "--join", "127.0.0.1:1", "--name", "x", "--advertise", value)
+    assert r.returncode == 2, r.stderr
+    assert f"argument --advertise: {why}" in r.stderr, r.stderr

@@ -2526,6 +2526,10 @@ def test_remote_error_from_an_exception_whose_str_fails_still_names_it():
         ({"token": " ", "host": "0.0.0.0"}, ValueError, r"token is empty \(or only whitespace\)$"),
         # ("" fell back to ACTORGRAD_TOKEN, or to a new token, where " " was refused)
         ({"token": ""}, ValueError, r"the cluster token is empty \(or only whitespace\)$"),
+        ({"advertise": 7001}, TypeError, r"advertise must be a str \(HOST or HOST:PORT\), not"),
+        ({"advertise": "::"}, ValueError, "connect to, not '::' .which stands for every interf"),
+        ({"advertise": "h:99999"}, ValueError, "advertise must be HOST:PORT with a port in 1"),
+        ({"advertise": "x:y:z"}, ValueError, r"HOST or HOST:PORT \(an IPv6 host in brackets"),
     ],
 )
 async def test_init_refuses_bad_arguments_naming_them(kwargs, exc, message):
@@ -3506,3 +3510,18 @@ async def test_an_unknown_worker_is_named_in_a_bounded_message():
         assert len(str(ei.value)) < 500, len(str(ei.value))
         with pytest.raises(ValueError, match=r"'driver', 'job0', .*\(41 in all\)") as ei:
             await ag.rpc("nobody", add, (1, 2))
+
+
+async def test_init_advertises_the_address_it_is_given_not_its_listeners():
+    # (a head or a driver behind a NAT, or in a container: where the others reach it)
+    w = await ag.init("solo", advertise="203.0.113.7:7001")
+    try:
+        assert w.address == "203.0.113.7:7001"
+        assert w.members["solo"][1] == "203.0.113.7:7001"
+    finally:
+        await ag.shutdown()
+    w = await ag.init("solo", advertise="[fd00::7]")
+    try:
+        assert w.address == f"[fd00::7]:{w._server.sockets[0].getsockname()[1]}"
+    finally:
+        await ag.shutdown()

@@ -18,6 +18,7 @@ from actorgrad.runtime.cluster import (
     HEAD_NAME,
     bind_for,
     check_address,
+    check_advertise,
     check_bind,
     check_name,
     describe_stuck,
@@ -60,6 +61,7 @@ async def init(
     token: str | None = None,
     host: str = _DEFAULT_HOST,
     port: int = 0,
+    advertise: str | None = None,
 ) -> Worker:
     """Join this process to a cluster as worker ``name`` (a new cluster, hosting its
     registry, when there is no address argument nor ``ACTORGRAD_ADDRESS``).
@@ -70,6 +72,11 @@ async def init(
     as ``actorgrad worker`` does: the other workers connect to the address it
     advertises (one bound to 127.0.0.1 reached none on other hosts). An explicit
     loopback host is bound as given, with a warning.
+
+    ``advertise``: ``HOST`` or ``HOST:PORT`` where the other workers connect to this
+    one, when not at the address it listens on: behind a NAT, a container's published
+    port (``--host 0.0.0.0 --port 7001`` inside, ``-p 7001:7001``), a tunnel; no port:
+    the one it listens on. The default advertises its listener's address.
 
     Returns this process's worker: ``.address`` is where others join a cluster it
     started, ``.token`` the cluster's token (a generated one, when none was given).
@@ -102,11 +109,19 @@ async def init(
     token = None if token is None else check_token(token)
     if type(port) is not int:
         raise TypeError(f"port must be an int (0: any free port), not {port!r:.80}")
+    where = None if advertise is None else check_advertise(advertise)
     with _claim(name):
-        return await _init(name, address, token, host, port)
+        return await _init(name, address, token, host, port, where)
 
 
-async def _init(name: str, address: str | None, token: str | None, host: str, port: int) -> Worker:
+async def _init(
+    name: str,
+    address: str | None,
+    token: str | None,
+    host: str,
+    port: int,
+    advertise: tuple[str, int | None] | None = None,
+) -> Worker:
     if address is not None:
         check_address(address)
     elif env_address():
@@ -123,7 +138,7 @@ async def _init(name: str, address: str | None, token: str | None, host: str, po
     if token is None:
         token = new_token()
     tune_malloc()
-    w = Worker(name, token=token, host=host, port=port)
+    w = Worker(name, token=token, host=host, port=port, advertise=advertise)
     try:
         await start_worker(w)
         if address is None:

@@ -193,6 +193,40 @@ def check_address(address: Any, what: str = "address") -> str:
     )
 
 
+def check_advertise(advertise: Any) -> tuple[str, int | None]:
+    """``advertise`` (``HOST`` or ``HOST:PORT``: where other workers reach a worker, when
+    not at the address it listens on: a NAT, a container's published port, a tunnel)
+    as ``(host, port)``, port None for the listening one. TypeError for a non-str,
+    ValueError for a malformed one, or one that names no host to connect to (every
+    interface: ``0.0.0.0``, ``::``, empty).
+
+    Example::
+
+        assert check_advertise("203.0.113.7:7001") == ("203.0.113.7", 7001)
+        assert check_advertise("node3.example.org") == ("node3.example.org", None)
+    """
+    if not isinstance(advertise, str):
+        raise TypeError(f"advertise must be a str (HOST or HOST:PORT), not {advertise!r:.80}")
+    port: int | None = None
+    host = advertise
+    m = _ADDRESS.fullmatch(advertise)
+    if m:
+        check_address(advertise, "advertise")  # (its port in range)
+        host, port = m[1] or m[2], int(m[3])
+    try:
+        host = check_host(host)
+    except ValueError:
+        raise ValueError(
+            f"advertise must be HOST or HOST:PORT{address_hint(advertise)}, not {advertise!r:.80}"
+        ) from None
+    if host in ("", "0.0.0.0", "::"):
+        raise ValueError(
+            f"advertise must name an address other workers connect to, not {advertise!r:.80} "
+            "(which stands for every interface)"
+        )
+    return host, port
+
+
 def new_token() -> str:
     """A new cluster token: 256 random bits, URL-safe text."""
     return secrets.token_urlsafe(32)
@@ -407,18 +441,21 @@ async def serve_worker(
     on_joined: Callable[[Worker], None] | None = None,
     key: str = "",
     wait: float = 0.0,
+    advertise: str | None = None,
 ) -> str | None:
     """One worker joining the cluster at ``address``; runs until ``stop`` is set or the
     cluster's head goes away. ``on_joined(worker)`` once it joined; ``key``: the one
     its head gave a process it started (see ``Worker.join``); ``wait``: seconds to keep
     trying while nothing listens at ``address`` (a cluster not up yet); ``host``,
-    ``port``: where it listens (see bind_for; 0: any free port). Returns how the
+    ``port``: where it listens (see bind_for; 0: any free port); ``advertise``: where
+    the others reach it, if not there (see check_advertise). Returns how the
     head went away ("it shut down", "worker '_head' sent nothing for 60 s ..."), None
     when ``stop`` ended it (or the worker's own ``shutdown``)."""
     check_name(name)
     check_address(address)
     host = check_bind(bind_for(address) if host is None else host, token)
-    w = Worker(name, token=token, host=host, port=port)
+    where = None if advertise is None else check_advertise(advertise)
+    w = Worker(name, token=token, host=host, port=port, advertise=where)
     own = _w._process_worker is None or _w._process_worker.closed
     if own:
         _w.set_process_worker(w)

@@ -608,6 +608,7 @@ class Worker:
         max_in_flight: int = MAX_IN_FLIGHT,
         max_frame_size: int | None = None,
         local_sockets: bool | None = None,
+        advertise: tuple[str, int | None] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"worker name must be a non-empty string, not {name!r}")
@@ -618,6 +619,8 @@ class Worker:
             )
         if transport_kind not in ("tcp", "inproc"):
             raise ValueError(f"unknown transport {transport_kind!r}")
+        if advertise is not None and transport_kind != "tcp":
+            raise ValueError("only a TCP worker advertises an address (advertise=...)")
         self.name = name
         self.id = 0
         self.ext: dict[str, Any] = {}
@@ -629,6 +632,10 @@ class Worker:
         ) and transport_kind == "tcp"
         self.host = host
         self.port = port
+        #: where others reach it when not where it listens (a NAT, a published port of
+        #: a container, a tunnel): (host, port or None for the listening one), checked
+        #: by cluster.check_advertise; None: the address of its listener
+        self.advertise = advertise
         self.address = ""
         self.loop = asyncio.get_running_loop()
         #: the thread that runs the loop (code of this worker runs in it, or in its pool)
@@ -841,6 +848,9 @@ class Worker:
                 # "[::1]" was advertised, and other hosts joining over IPv4 got it)
                 host = _advertised_ip(socket.AF_INET)
         self.address = transport.host_port((host, *rest))
+        if self.advertise is not None:
+            host, port = self.advertise
+            self.address = transport.host_port((host, port or rest[0]))
         local = (
             transport.listen_local(self.loop, self._accept, f"worker {self.name}")
             if self.local_sockets
@@ -947,7 +957,7 @@ class Worker:
         an IPv4 address, nothing answered there) or the address is a loopback one
         (joined at 127.0.0.1 on the head's host: others could not reach it there): then
         the address it took from its default route stays."""
-        if self.transport_kind != "tcp" or self._server is None:
+        if self.transport_kind != "tcp" or self._server is None or self.advertise is not None:
             return
         sock = conn.transport.get_extra_info("socket") if conn.transport else None
         if sock is None:
@@ -968,7 +978,11 @@ class Worker:
         at other addresses: workers on other hosts cannot connect to it. (A driver on
         the head's host joining it at 127.0.0.1 bound its loopback, as a cluster on one
         host wants, and silently: calls to it from other hosts failed, "cannot connect".)"""
-        if self.transport_kind != "tcp" or not transport.is_loopback(self.host):
+        if (
+            self.transport_kind != "tcp"
+            or not transport.is_loopback(self.host)
+            or self.advertise is not None  # (reached where it says, a tunnel's end)
+        ):
             return
         away = sorted(
             e[1]
