@@ -974,6 +974,12 @@ class Frame:
     def writable(self) -> bool:
         return not self._mv.readonly
 
+    @property
+    def body_nbytes(self) -> int:
+        """The size of the msgpack body (what :meth:`body` walks; out-of-band arrays
+        excluded), as :func:`body_nbytes` tells the sender."""
+        return self._body.nbytes
+
     def __repr__(self) -> str:
         return f"Frame(header={self.header!r}, nbytes={self.nbytes}, nbufs={self.nbufs})"
 

@@ -275,6 +275,67 @@ async def test_a_worker_decoding_a_request_of_many_objects_is_not_taken_for_lost
         assert await ag.rpc("w1", add, (1, 2)) == 3
 
 
+async def _slow_link(target: str, rate: dict[str, float]) -> tuple[asyncio.Server, list[int]]:
+    """A TCP relay to ``target`` whose client-to-server direction passes at most
+    ``rate["up"]`` bytes a second (a slow link; 0: as fast as it comes, as the other
+    way). The list counts the connections it relayed."""
+    host, port = target.rsplit(":", 1)
+    relayed: list[int] = []
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, way: str) -> None:
+        try:
+            while data := await r.read(16384):
+                if rate.get(way):
+                    await asyncio.sleep(len(data) / rate[way])
+                w.write(data)
+                await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+
+    async def relay(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        relayed.append(1)
+        sr, sw = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pipe(cr, sw, "up"), pipe(sr, cw, "down"))
+
+    return await asyncio.start_server(relay, "127.0.0.1", 0), relayed
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_decoding_a_request_that_crossed_a_slow_link_is_not_taken_for_lost(
+    monkeypatch,
+):
+    # The caller's allowance for its callee's decode of a request of many Python
+    # objects (SLOW_DECODE_RATE) counts from the send; over a slow link the transfer
+    # used it up, and the caller took the live worker for lost 3 s into the decode (12
+    # MB of empty lists at 256 KiB/s: the request arrived after 46 s, the allowance was
+    # 24 s). The callee now says how long it may be silent as it starts decoding. Here
+    # the allowance is scaled down to the link (1.2 s on this side only, as is the 1 s
+    # heartbeat timeout) and the link passes the request in ~2 s; the decode takes ~3 s.
+    async with ag.local_cluster(1, processes=True):
+        driver = rworker.current_worker()
+        wid, address, _local = driver.members["w1"]
+        rate: dict[str, float] = {}
+        server, relayed = await _slow_link(address, rate)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            # (the driver reaches w1 through the link, over TCP; it has not called it yet)
+            assert "w1" not in driver._out
+            monkeypatch.setitem(driver.members, "w1", (wid, f"127.0.0.1:{port}", ""))
+            per = await ag.rpc("w1", decode_seconds, (200_000,))
+            assert relayed, "the call did not go through the link"
+            n = min(40_000_000, max(1_000_000, int(3.0 / per * 200_000)))
+            rate["up"] = n / 2.0
+            monkeypatch.setattr(rworker, "SLOW_DECODE_RATE", n / 1.2)
+            monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 1.0)
+            t0 = time.perf_counter()
+            assert await ag.rpc("w1", "builtins:len", ([[]] * n,)) == n
+            took = time.perf_counter() - t0
+            assert took > 3.0, f"{took:.2f} s for {n} lists: too fast to show anything"
+            assert await ag.rpc("w1", add, (1, 2)) == 3
+
+
 async def test_worker_processes_keep_the_token_out_of_their_environment():
     # (a process a call started, a tool a data loader ran, inherited it)
     async with ag.local_cluster(1, processes=True):
