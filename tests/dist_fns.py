@@ -1074,3 +1074,15 @@ async def backward_on_signal(gate: str, ctx_id: int, key: str, retain: bool = Tr
         await ag.dist.backward(ctx_id, [_store[_k(key)].sum()], retain_graph=retain)
 
     _on_the_side(gate, work)
+
+
+def route_via(peer: str, address: str, heartbeat_timeout: float) -> None:
+    """Reach ``peer`` at ``address`` (a relay) over TCP from now on, and take a peer
+    silent for ``heartbeat_timeout`` s for lost; this worker has not called it yet."""
+    from actorgrad.runtime import worker as rworker
+
+    w = rworker.current_worker()
+    assert peer not in w._out
+    wid, _address, _local = w.members[peer]
+    w.members[peer] = (wid, address, "")
+    rworker.HEARTBEAT_TIMEOUT = heartbeat_timeout

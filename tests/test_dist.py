@@ -1369,6 +1369,73 @@ async def test_a_hung_second_hop_fails_the_backward_within_the_heartbeat_bound(w
         assert info["num_contexts"] == 0 and info["num_active_passes"] == 0
 
 
+async def _stalling_link(target: str, stall: asyncio.Event) -> asyncio.Server:
+    """A TCP relay to ``target`` that passes no byte either way while ``stall`` is
+    clear, and closes nothing (a link that stalls); it passes them on once set."""
+    host, port = target.rsplit(":", 1)
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                await stall.wait()
+                w.write(data)
+                await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+
+    async def relay(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pipe(cr, sw), pipe(sr, cw))
+
+    return await asyncio.start_server(relay, "127.0.0.1", 0)
+
+
+@pytest.mark.timeout(60)
+async def test_a_stalled_link_between_two_hops_fails_the_backward_naming_who_lost_whom(
+    worker_path,
+):
+    # The link between w1 and w2 stalls (no byte passes, nothing closes) as the pass
+    # sends w2 its gradient; w1, watching w2, reports it lost to the driver, which hears
+    # from w2 all along. The error said "worker 'w2' ... sent nothing for 3 s: hung", as
+    # if w2 hung; it now says who heard nothing and that the network may be the cause.
+    # Once the link passes bytes again, the next pass goes through it.
+    xv, wv = arr(3), arr(3)
+    flowing = asyncio.Event()
+    flowing.set()
+    async with cluster("processes"):
+        driver = rworker.current_worker()
+        links = {}
+        for a, b in (("w1", "w2"), ("w2", "w1")):  # (a reaches b through the link)
+            links[b] = await _stalling_link(driver.members[b][1], flowing)
+            port = links[b].sockets[0].getsockname()[1]
+            await ag.rpc(a, F.route_via, (b, f"127.0.0.1:{port}", 1.0))
+        try:
+            await ag.rpc("w2", F.put, ("w", wv))
+            x = ag.tensor(xv, requires_grad=True)
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.chain, (["w2"], "w", x))
+                flowing.clear()
+                with pytest.raises(ag.WorkerLost) as err:
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+            assert (
+                "worker 'w2' was lost during the backward pass (worker 'w1' heard nothing "
+                "from it for 1 s: it hung, or the network between them is down)"
+            ) in str(err.value)
+            flowing.set()
+            x = ag.tensor(xv, requires_grad=True)
+            async with asyncio.timeout(20), ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.chain, (["w2"], "w", x))
+                await ag.dist.backward(ctx, [y.sum()])
+                grad = ag.dist.get_gradients(ctx)[x]
+            np.testing.assert_allclose(grad, wv, rtol=1e-12)
+        finally:
+            flowing.set()
+            for server in links.values():
+                server.close()
+
+
 @pytest.mark.timeout(60)
 async def test_a_worker_hung_on_the_last_message_of_a_finished_part_fails_the_backward(
     worker_path,

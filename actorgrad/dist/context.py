@@ -612,9 +612,13 @@ class DistState:
                     ctx.id,
                     origin,
                     pass_id,
+                    # (who heard nothing: the origin may hear from the peer all along,
+                    # the link between the two stalled; "hung" alone blamed the peer)
                     WorkerLost(
-                        f"worker {peer!r} was lost during the backward pass (it sent "
-                        f"nothing for {_runtime.HEARTBEAT_TIMEOUT:g} s: hung)"
+                        f"worker {peer!r} was lost during the backward pass (worker "
+                        f"{worker.name!r} heard nothing from it for "
+                        f"{_runtime.HEARTBEAT_TIMEOUT:g} s: it hung, or the network between "
+                        "them is down)"
                     ),
                 )
         if self._watching:
