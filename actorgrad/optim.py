@@ -28,13 +28,16 @@ Example::
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import numbers
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from actorgrad.errors import short_repr
 from actorgrad.tensor import Tensor, real_array
 
 __all__ = ["SGD", "Adam", "Optimizer"]
@@ -69,6 +72,34 @@ def _number(owner: str, name: str, value: Any) -> None:
         )
 
 
+def _state_key(key: Any) -> int | None:
+    """A key of a state dict's ``"state"`` as the int it stands for: an int, or its
+    decimal digits as a str (JSON turns int keys into strings); else None."""
+    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+        return int(key)
+    if isinstance(key, str) and key.isdecimal():
+        return int(key)
+    return None
+
+
+def _count(value: Any, what: str) -> int:
+    """``value`` (an int, or a whole float or 0-d array: torch keeps Adam's ``step`` as
+    a float tensor) as an int >= 0; else TypeError/ValueError naming ``what``."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(
+            f"load_state_dict: {what} must be an int, got {type(value).__name__} {value!r:.40}"
+        )
+    if isinstance(value, numbers.Integral):
+        count = int(value)
+    else:  # (a whole float: torch's step, 3.0)
+        count = int(float(value)) if float(value).is_integer() else -1
+    if count < 0:
+        raise ValueError(f"load_state_dict: {what} must be a whole number >= 0, got {value}")
+    return count
+
+
 #: What to use instead of the base class (its ``_update`` is the subclasses' to write).
 BASE_CLASS_HINT = (
     "ag.optim.Optimizer is the base class: use ag.optim.SGD, ag.optim.Adam or a "
@@ -86,6 +117,14 @@ class Optimizer:
         >>> isinstance(opt, ag.optim.Optimizer), len(opt.params), opt.lr
         (True, 1, 0.1)
     """
+
+    #: The per-parameter state (``self.state[p]``) that ``load_state_dict`` checks: each
+    #: key and what it holds, ``"param"`` (an array of the parameter's shape, cast to
+    #: its dtype) or ``"count"`` (an int >= 0). A state dict must give each of them, and
+    #: no other, for every parameter it has state for. None (the base class): any keys,
+    #: arrays and numbers loaded as they were saved (a subclass whose ``_update`` keeps
+    #: other state than its base class's sets its own).
+    STATE_KEYS: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, params: Iterable[Tensor], lr: float) -> None:
         if isinstance(params, Tensor):
@@ -193,6 +232,212 @@ class Optimizer:
             f"one parameter ({BASE_CLASS_HINT})"
         )
 
+    def _hyperparameters(self) -> list[str]:
+        """The names of the hyperparameters: the constructor's parameters (``params``
+        aside) that the optimizer keeps as attributes of the same name."""
+        sig = inspect.signature(type(self).__init__)
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return [
+            n
+            for n, prm in sig.parameters.items()
+            if prm.kind in kinds and n not in ("self", "params") and n in vars(self)
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state, as ``torch.optim``'s ``state_dict()`` lays it out:
+        ``{"state": {index: {name: value}}, "param_groups": [{hyperparameter: value,
+        ..., "params": [index, ...]}]}``, each parameter named by its index in the list
+        the optimizer was given (one group: the optimizer's hyperparameters). Only
+        parameters that have state appear in ``"state"`` (SGD without momentum keeps
+        none; a parameter not stepped yet has none). Everything is a copy (changing it
+        changes nothing here) and travels: numpy arrays, ints, floats, tuples, dicts of
+        int and str keys. Save it with the model's ``state_dict()``; to resume, load
+        both into a new model and optimizer (``load_state_dict``).
+
+        >>> w = ag.tensor([1.0, -1.0], requires_grad=True)
+        >>> opt = ag.optim.Adam([w], lr=0.1)
+        >>> opt.step({w: np.array([0.5, 0.5])})
+        >>> sd = opt.state_dict()
+        >>> sd["param_groups"]
+        [{'lr': 0.1, 'betas': (0.9, 0.999), 'eps': 1e-08, 'params': [0]}]
+        >>> sorted(sd["state"][0]), sd["state"][0]["step"]
+        (['exp_avg', 'exp_avg_sq', 'step'], 1)
+        """
+        state: dict[int, dict[str, Any]] = {}
+        for i, p in enumerate(self.params):
+            entry = self.state.get(p)
+            if entry is not None:
+                state[i] = {
+                    k: v.copy() if isinstance(v, np.ndarray) else copy.deepcopy(v)
+                    for k, v in entry.items()
+                }
+        group = {n: copy.deepcopy(getattr(self, n)) for n in self._hyperparameters()}
+        group["params"] = list(range(len(self.params)))
+        return {"state": state, "param_groups": [group]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state of ``state_dict()``: the hyperparameters (``lr`` ...) and
+        each parameter's state (momentum buffers, Adam's step counts and moments), the
+        parameters matched by position (the state dict's ``params`` list against the
+        list this optimizer was given), as ``torch.optim`` does. Arrays are copied in,
+        cast to their parameter's dtype. Parameters the state dict has no state for
+        start afresh. Everything is checked before anything changes.
+
+        Raises:
+            TypeError: ``state`` or a part of it is not of the type ``state_dict()``
+                gives (a value that is not a number or an array of real numbers, an
+                integer array where a parameter's state is floating point).
+            ValueError: it does not fit this optimizer: missing or unexpected keys, a
+                number of parameters other than this optimizer's, the hyperparameters
+                or per-parameter state of another optimizer class, a state array of
+                another shape than its parameter, a hyperparameter out of range.
+
+        >>> w = ag.tensor([1.0, -1.0], requires_grad=True)
+        >>> opt = ag.optim.SGD([w], lr=0.1, momentum=0.9)
+        >>> opt.step({w: np.array([1.0, 1.0])})
+        >>> w2 = ag.tensor(w.data, requires_grad=True)
+        >>> opt2 = ag.optim.SGD([w2], lr=0.5)
+        >>> opt2.load_state_dict(opt.state_dict()); opt2.momentum, opt2.lr
+        (0.9, 0.1)
+        >>> opt2.state[w2]["momentum_buffer"]
+        array([1., 1.], dtype=float32)
+        """
+        hyper, entries, ids = self._checked_state_dict(state, len(self.params))
+        loaded = {}
+        for p, entry, key in zip(self.params, entries, ids, strict=True):
+            if entry is not None:
+                loaded[p] = self._fitted(entry, p, f"state[{key}]")
+        for name, value in hyper.items():
+            setattr(self, name, value)
+        self.state.clear()
+        self.state.update(loaded)
+
+    def _checked_state_dict(
+        self, state: Any, n: int
+    ) -> tuple[dict[str, Any], list[dict[str, Any] | None], list[int]]:
+        """What ``load_state_dict`` checks without the parameters (a
+        DistributedOptimizer checks it on the caller, before any owner changes): the
+        hyperparameters (copies), each of the ``n`` parameters' state entry or None
+        (arrays as given: ``_fitted`` copies them), and the index the state dict gives
+        each parameter."""
+        cls = type(self).__name__
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                "load_state_dict: expected an optimizer state dict ({'state': ..., "
+                f"'param_groups': [...]}}, what state_dict() returns), got {type(state).__name__}"
+            )
+        missing = [k for k in ("state", "param_groups") if k not in state]
+        unexpected = [k for k in state if k not in ("state", "param_groups")]
+        if missing or unexpected:
+            listed = ", ".join(short_repr(k) for k in unexpected[:10])
+            raise ValueError(
+                f"load_state_dict: missing keys {missing}, unexpected keys "
+                f"[{listed}]: an optimizer state dict has "
+                "'state' and 'param_groups' (what state_dict() returns)"
+            )
+        groups = state["param_groups"]
+        if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in groups):
+            raise TypeError(
+                "load_state_dict: 'param_groups' must be a list of dicts, got "
+                f"{type(groups).__name__} {groups!r:.60}"
+            )
+        if len(groups) != 1:
+            raise ValueError(
+                f"load_state_dict: the state dict has {len(groups)} parameter groups; an "
+                "ag.optim optimizer has one"
+            )
+        group = groups[0]
+        if "params" not in group:
+            raise ValueError("load_state_dict: param_groups[0] has no 'params' list")
+        ids = group["params"]
+        if not isinstance(ids, (list, tuple)) or any(_state_key(i) is None for i in ids):
+            raise TypeError(
+                "load_state_dict: param_groups[0]['params'] must be a list of parameter "
+                f"indexes (ints), got {ids!r:.60}"
+            )
+        ids = [_state_key(i) for i in ids]
+        names = self._hyperparameters()
+        given = sorted(str(k) for k in group if k != "params")
+        if given != sorted(names):
+            raise ValueError(
+                f"load_state_dict: param_groups[0] has the hyperparameters {given}, {cls} "
+                f"takes {sorted(names)} (a state dict of another optimizer class?)"
+            )
+        if len(ids) != n:
+            raise ValueError(
+                f"load_state_dict: the state dict is of {len(ids)} parameters, this {cls} has {n}"
+            )
+        if len(set(ids)) != n:
+            raise ValueError(
+                f"load_state_dict: param_groups[0]['params'] names a parameter twice: {ids!r:.60}"
+            )
+        hyper = {k: copy.deepcopy(group[k]) for k in names}
+        try:  # (the constructor's checks: a state dict edited into nonsense)
+            type(self)([Tensor(np.zeros(1), requires_grad=True)], **hyper)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"load_state_dict: param_groups[0]: {exc}") from None
+        per_param = state["state"]
+        if not isinstance(per_param, Mapping):
+            raise TypeError(
+                f"load_state_dict: 'state' must be a dict of parameter index to that "
+                f"parameter's state, got {type(per_param).__name__}"
+            )
+        place = {i: j for j, i in enumerate(ids)}
+        entries: list[dict[str, Any] | None] = [None] * n
+        spec = type(self).STATE_KEYS
+        for key, entry in per_param.items():
+            i = _state_key(key)
+            if i is None or i not in place:
+                raise ValueError(
+                    f"load_state_dict: 'state' has an entry for {short_repr(key)}, not one of "
+                    "the parameters in param_groups[0]['params']"
+                )
+            what = f"state[{i}]"
+            if not isinstance(entry, Mapping) or not all(isinstance(k, str) for k in entry):
+                raise TypeError(
+                    f"load_state_dict: {what} must be a dict of str keys, got "
+                    f"{type(entry).__name__} {entry!r:.60}"
+                )
+            if spec is not None and sorted(entry) != sorted(spec):
+                raise ValueError(
+                    f"load_state_dict: {what} has the keys {sorted(entry)}, {cls} keeps "
+                    f"{sorted(spec)} (a state dict of another optimizer class?)"
+                )
+            checked: dict[str, Any] = {}
+            for k, v in entry.items():
+                kind = spec[k] if spec is not None else None
+                if kind == "count":
+                    checked[k] = _count(v, f"{what}[{k!r}]")
+                elif isinstance(v, numbers.Real) and kind is None:
+                    checked[k] = v
+                else:
+                    arr = real_array(v, f"load_state_dict: {what}[{k!r}]")
+                    if kind == "param" and arr.dtype.kind != "f":
+                        raise TypeError(
+                            f"load_state_dict: {what}[{k!r}] has dtype {arr.dtype}; it must "
+                            "be floating point, as its parameter is"
+                        )
+                    checked[k] = arr
+            entries[place[i]] = checked
+        return hyper, entries, ids
+
+    def _fitted(self, entry: dict[str, Any], p: Tensor, what: str) -> dict[str, Any]:
+        """A checked state entry of ``p`` as the optimizer keeps it: arrays copied (those
+        of ``STATE_KEYS`` "param" checked against ``p``'s shape, cast to its dtype)."""
+        spec = type(self).STATE_KEYS or {}
+        out: dict[str, Any] = {}
+        for k, v in entry.items():
+            if spec.get(k) == "param":
+                if v.shape != p.data.shape:
+                    raise ValueError(
+                        f"load_state_dict: {what}[{k!r}] has shape {v.shape}, its parameter "
+                        f"{p.data.shape}"
+                    )
+                out[k] = np.array(v, dtype=p.data.dtype)
+            else:
+                out[k] = np.array(v) if isinstance(v, np.ndarray) else v
+        return out
+
     def zero_grad(self) -> None:
         """Forget every parameter's ``.grad`` (set to None).
 
@@ -216,6 +461,8 @@ class SGD(Optimizer):
         >>> opt = ag.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         >>> model(ag.ones(4, 3)).sum().backward(); opt.step(); opt.zero_grad()
     """
+
+    STATE_KEYS: ClassVar[dict[str, str] | None] = {"momentum_buffer": "param"}
 
     def __init__(
         self, params: Iterable[Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0
@@ -266,6 +513,12 @@ class Adam(Optimizer):
         >>> opt = ag.optim.Adam(model.parameters(), lr=1e-3)
         >>> model(ag.ones(4, 3)).sum().backward(); opt.step()
     """
+
+    STATE_KEYS: ClassVar[dict[str, str] | None] = {
+        "step": "count",
+        "exp_avg": "param",
+        "exp_avg_sq": "param",
+    }
 
     def __init__(
         self,

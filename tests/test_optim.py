@@ -321,3 +321,276 @@ def test_big_parameter_steps_in_blocks_without_whole_temporaries(kind, shape):
         else:
             want, buf = _whole_sgd(want, g, buf, 0.1, opt.momentum, opt.weight_decay, t == 1)
         np.testing.assert_array_equal(p.data, want)
+
+
+# --- state_dict / load_state_dict: checkpoint and resume ---------------------------------
+
+XS = np.random.default_rng(1).standard_normal((5, 8, 3))  # (a batch per step)
+YS = np.random.default_rng(2).standard_normal((5, 8, 2))
+CHECKPOINTS = {
+    "sgd": (ag.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}),
+    "adam": (ag.optim.Adam, {"lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-6}),
+}
+
+
+def _model(seed: int) -> ag.nn.Module:
+    return ag.nn.Sequential(
+        ag.nn.Linear(3, 4, seed=seed, dtype="float64"),
+        ag.nn.Tanh(),
+        ag.nn.Linear(4, 2, seed=seed + 1, dtype="float64"),
+    )
+
+
+def _train(model, opt, steps) -> None:
+    for x, y in zip(XS[steps], YS[steps], strict=True):
+        opt.zero_grad()
+        ag.nn.functional.mse_loss(model(ag.tensor(x)), ag.tensor(y)).backward()
+        opt.step()
+
+
+def _through_npz(state: dict, path) -> dict:
+    """An optimizer state dict saved with np.savez (flat names) and read back."""
+    flat = {"hyper": np.array(repr(state["param_groups"]))}  # (numbers and tuples only)
+    for i, entry in state["state"].items():
+        flat.update({f"state/{i}/{k}": np.asarray(v) for k, v in entry.items()})
+    np.savez(path, **flat)
+    out: dict = {"state": {}}
+    with np.load(path) as f:
+        for name in f.files:
+            if name == "hyper":
+                out["param_groups"] = eval(str(f[name]))  # (test data of our own)
+            else:
+                _, i, k = name.split("/")
+                out["state"].setdefault(int(i), {})[k] = f[name][()] if k == "step" else f[name]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(kind, tmp_path):
+    cls, opts = CHECKPOINTS[kind]
+    whole = _model(0)
+    opt = cls(whole.parameters(), **opts)
+    _train(whole, opt, slice(0, 5))
+
+    first = _model(0)
+    opt1 = cls(first.parameters(), **opts)
+    _train(first, opt1, slice(0, 2))
+    saved_model = first.state_dict()
+    saved = _through_npz(opt1.state_dict(), tmp_path / "opt.npz")
+    _train(first, opt1, slice(2, 3))  # (the saved copies do not follow)
+
+    resumed = _model(7)  # (other weights, other hyperparameters: all come from the files)
+    resumed.load_state_dict(saved_model)
+    opt2 = cls(resumed.parameters(), lr=0.5)
+    opt2.load_state_dict(saved)
+    assert opt2.state_dict()["param_groups"] == opt1.state_dict()["param_groups"]
+    _train(resumed, opt2, slice(2, 5))
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert a.data.dtype == b.data.dtype == np.float64
+        assert np.array_equal(a.data, b.data)
+    # (without the optimizer's state the run goes elsewhere)
+    fresh = _model(7)
+    fresh.load_state_dict(saved_model)
+    _train(fresh, cls(fresh.parameters(), **opts), slice(2, 5))
+    assert not np.allclose(fresh.parameters()[0].data, whole.parameters()[0].data, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_resumed_run_matches_torch_and_the_state_dicts_mirror_torchs(kind):
+    torch = pytest.importorskip("torch")
+    cls, opts = CHECKPOINTS[kind]
+    model = _model(0)
+    tmodel = torch.nn.Sequential(
+        torch.nn.Linear(3, 4, dtype=torch.float64),
+        torch.nn.Tanh(),
+        torch.nn.Linear(4, 2, dtype=torch.float64),
+    )
+    tmodel.load_state_dict({k: torch.tensor(v) for k, v in model.state_dict().items()})
+    tcls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[kind]
+    opt, topt = cls(model.parameters(), **opts), tcls(tmodel.parameters(), **opts)
+
+    def torch_steps(steps):
+        for x, y in zip(XS[steps], YS[steps], strict=True):
+            topt.zero_grad()
+            loss = torch.nn.functional.mse_loss(tmodel(torch.tensor(x)), torch.tensor(y))
+            loss.backward()
+            topt.step()
+
+    _train(model, opt, slice(0, 2))
+    torch_steps(slice(0, 2))
+    ours, theirs = opt.state_dict(), topt.state_dict()
+    assert sorted(ours) == sorted(theirs) == ["param_groups", "state"]
+    assert sorted(ours["state"]) == sorted(theirs["state"]) == [0, 1, 2, 3]
+    assert ours["param_groups"][0]["params"] == theirs["param_groups"][0]["params"]
+    # (torch's groups hold more options: nesterov, foreach, amsgrad...; ours are a subset)
+    assert set(ours["param_groups"][0]) <= set(theirs["param_groups"][0])
+    for k, v in ours["param_groups"][0].items():
+        assert v == theirs["param_groups"][0][k], k
+    for i, entry in ours["state"].items():
+        assert sorted(entry) == sorted(theirs["state"][i])
+        for k, v in entry.items():
+            t = theirs["state"][i][k]
+            if k == "step":  # (torch keeps it as a 0-d float tensor, ours an int)
+                assert type(v) is int and v == t.item() == 2
+            else:
+                np.testing.assert_allclose(v, t.numpy(), rtol=1e-12, atol=1e-15)
+
+    resumed = _model(5)
+    resumed.load_state_dict(model.state_dict())
+    opt2 = cls(resumed.parameters(), lr=1.0)
+    opt2.load_state_dict(ours)
+    _train(resumed, opt2, slice(2, 5))
+    torch_steps(slice(2, 5))
+    for p, tp in zip(resumed.parameters(), tmodel.parameters(), strict=True):
+        np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_a_state_dict_loads_into_an_optimizer_of_float32_parameters():
+    # (torch's step as a float, arrays of another float dtype: cast to the parameter's)
+    w = ag.tensor(np.ones(2, dtype=np.float32), requires_grad=True)
+    opt = ag.optim.Adam([w])
+    state = {
+        "state": {"0": {"step": 3.0, "exp_avg": np.ones(2), "exp_avg_sq": np.ones(2)}},
+        "param_groups": [{"lr": 0.1, "betas": [0.9, 0.99], "eps": 1e-8, "params": [0]}],
+    }
+    opt.load_state_dict(state)
+    assert opt.state[w]["step"] == 4 - 1 and type(opt.state[w]["step"]) is int
+    assert opt.state[w]["exp_avg"].dtype == np.float32
+    assert opt.lr == 0.1 and list(opt.betas) == [0.9, 0.99]
+    opt.step({w: np.ones(2)})
+    assert w.data.dtype == np.float32 and opt.state[w]["step"] == 4
+
+
+def test_state_dict_and_load_state_dict_copy():
+    w = ag.tensor([1.0, 2.0], requires_grad=True)
+    opt = ag.optim.Adam([w], lr=0.1)
+    opt.step({w: np.array([1.0, -1.0])})
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"][:] = 99
+    sd["state"][0]["step"] = 50
+    sd["param_groups"][0]["lr"] = 7.0
+    assert opt.state[w]["exp_avg"].tolist() != [99, 99] and opt.state[w]["step"] == 1
+    assert opt.lr == 0.1
+    mine = ag.optim.Adam([ag.tensor([0.0, 0.0], requires_grad=True)])
+    mine.load_state_dict(sd)
+    sd["state"][0]["exp_avg"][:] = 5  # (the loaded optimizer holds its own copy)
+    assert mine.state_dict()["state"][0]["exp_avg"].tolist() == [99, 99]
+    assert mine.lr == 7.0
+    # SGD without momentum keeps no state; loading a state dict drops the state it had
+    plain = ag.optim.SGD([w], lr=0.1)
+    assert plain.state_dict() == {
+        "state": {},
+        "param_groups": [{"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "params": [0]}],
+    }
+    mom = ag.optim.SGD([w], lr=0.1, momentum=0.9)
+    mom.step({w: np.ones(2)})
+    mom.load_state_dict(plain.state_dict())
+    assert mom.state == {} and mom.momentum == 0.0
+
+
+def _adam_sd(**change):
+    w = ag.tensor(np.zeros((2, 3)), requires_grad=True)
+    b = ag.tensor(np.zeros(3), requires_grad=True)
+    opt = ag.optim.Adam([w, b], lr=0.1)
+    opt.step({w: np.ones((2, 3)), b: np.ones(3)})
+    return opt.state_dict()
+
+
+def _changed(edit):
+    sd = _adam_sd()
+    edit(sd)
+    return sd
+
+
+LOAD_ERRORS = [
+    ("not a dict", lambda: [1, 2], TypeError, "expected an optimizer state dict"),
+    (
+        "a module's",
+        lambda: ag.nn.Linear(3, 2).state_dict(),
+        ValueError,
+        r"missing keys \['state', 'param_groups'\], unexpected keys \['weight', 'bias'\]",
+    ),
+    (
+        "one parameter more",
+        lambda: _changed(lambda sd: sd["param_groups"][0]["params"].append(2)),
+        ValueError,
+        "the state dict is of 3 parameters, this Adam has 2",
+    ),
+    (
+        "an int key of another type",
+        lambda: _changed(lambda sd: sd["param_groups"][0].update(params=[0.0, 1])),
+        TypeError,
+        r"'params'\] must be a list of parameter indexes \(ints\), got \[0.0, 1\]",
+    ),
+    (
+        "two groups",
+        lambda: _changed(lambda sd: sd["param_groups"].append(sd["param_groups"][0])),
+        ValueError,
+        "has 2 parameter groups",
+    ),
+    (
+        "SGD's into Adam",
+        lambda: ag.optim.SGD([ag.ones(3, requires_grad=True)], lr=0.1).state_dict(),
+        ValueError,
+        r"hyperparameters \['lr', 'momentum', 'weight_decay'\], Adam takes \['betas', 'eps', "
+        r"'lr'\] \(a state dict of another optimizer class\?\)",
+    ),
+    (
+        "another class's state",
+        lambda: _changed(lambda sd: sd["state"][0].pop("exp_avg_sq")),
+        ValueError,
+        r"state\[0\] has the keys \['exp_avg', 'step'\], Adam keeps",
+    ),
+    (
+        "a shape",
+        lambda: _changed(lambda sd: sd["state"][1].update(exp_avg=np.zeros(4))),
+        ValueError,
+        r"state\[1\]\['exp_avg'\] has shape \(4,\), its parameter \(3,\)",
+    ),
+    (
+        "an integer array",
+        lambda: _changed(lambda sd: sd["state"][1].update(exp_avg=np.zeros(3, dtype=int))),
+        TypeError,
+        r"state\[1\]\['exp_avg'\] has dtype int64; it must be floating point",
+    ),
+    (
+        "strings",
+        lambda: _changed(lambda sd: sd["state"][0].update(exp_avg_sq="zeros")),
+        TypeError,
+        r"state\[0\]\['exp_avg_sq'\] is a str of dtype <U5, not an array of real numbers",
+    ),
+    (
+        "a negative step",
+        lambda: _changed(lambda sd: sd["state"][0].update(step=-1)),
+        ValueError,
+        r"state\[0\]\['step'\] must be a whole number >= 0, got -1",
+    ),
+    (
+        "a bad hyperparameter",
+        lambda: _changed(lambda sd: sd["param_groups"][0].update(lr=-1.0)),
+        ValueError,
+        r"param_groups\[0\]: invalid learning rate -1.0",
+    ),
+    (
+        "a parameter that is not there",
+        lambda: _changed(lambda sd: sd["state"].update({5: sd["state"][0]})),
+        ValueError,
+        "'state' has an entry for 5, not one of the parameters",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("state", "error", "match"), [c[1:] for c in LOAD_ERRORS], ids=[c[0] for c in LOAD_ERRORS]
+)
+def test_load_state_dict_names_what_does_not_fit_and_changes_nothing(state, error, match):
+    w = ag.tensor(np.ones((2, 3)), requires_grad=True)
+    b = ag.tensor(np.ones(3), requires_grad=True)
+    opt = ag.optim.Adam([w, b], lr=0.3)
+    opt.step({w: np.full((2, 3), 0.5)})  # (b has no state yet)
+    before = opt.state_dict()
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(state())
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"] and sorted(after["state"]) == [0]
+    assert np.array_equal(after["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
