@@ -1086,3 +1086,22 @@ def route_via(peer: str, address: str, heartbeat_timeout: float) -> None:
     wid, _address, _local = w.members[peer]
     w.members[peer] = (wid, address, "")
     rworker.HEARTBEAT_TIMEOUT = heartbeat_timeout
+
+
+def make_stage(key: str, in_f: int, out_f: int, seed: int, state: Any = None) -> list[ag.RRef]:
+    """A float64 Linear kept here under ``key`` (with the weights of ``state``, a
+    ``state_dict()``, when given); RRefs of its parameters."""
+    stage = ag.nn.Linear(in_f, out_f, seed=seed, dtype="float64")
+    if state is not None:
+        stage.load_state_dict(state)
+    _store[_k(key)] = stage
+    return [ag.RRef(p) for p in stage.parameters()]
+
+
+def run_stage(key: str, x: ag.Tensor, tanh: bool) -> ag.Tensor:
+    y = _store[_k(key)](x)
+    return y.tanh() if tanh else y
+
+
+def stage_state(key: str) -> dict[str, np.ndarray]:
+    return _store[_k(key)].state_dict()

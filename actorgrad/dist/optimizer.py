@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -115,6 +115,14 @@ class _LocalOptimizer:
                 self.optim.step(grads=mine)
         return len(mine)
 
+    def state_dict(self) -> dict[str, Any]:
+        with _STEP_LOCK:  # (not a copy of a step half made)
+            return self.optim.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with _STEP_LOCK:
+            self.optim.load_state_dict(state)
+
 
 class DistributedOptimizer:
     """Applies a distributed autograd context's gradients on each parameter's owner.
@@ -179,8 +187,12 @@ class DistributedOptimizer:
                 )
             self._by_owner.setdefault(p.owner, []).append(p)
             self._indices.setdefault(p.owner, []).append(i)
-        # Surface option mistakes here, not on the first remote step.
-        optimizer_class([Tensor(np.zeros(1, dtype=np.float32), requires_grad=True)], **options)
+        # Surface option mistakes here, not on the first remote step. (Kept: it checks
+        # a state dict on the caller, before load_state_dict changes any owner.)
+        self._probe = optimizer_class(
+            [Tensor(np.zeros(1, dtype=np.float32), requires_grad=True)], **options
+        )
+        self._num_params = len(params)
         try:
             wire.encode_frame([], options, where="options")
         except (TypeError, ValueError) as exc:
@@ -278,6 +290,117 @@ class DistributedOptimizer:
             # (the error's traceback holds this frame: its locals, the owners' optimizer
             # RRefs among them, were kept, in a cycle, until a garbage collection)
             del first, errors, failed, results, refs
+
+    async def state_dict(self) -> dict[str, Any]:
+        """Every owner's optimizer state, gathered (one call per owner, all at once),
+        laid out as one local optimizer's over the whole ``params`` list would be
+        (``ag.optim.Optimizer.state_dict``): ``{"state": {index: {...}}, "param_groups":
+        [{hyperparameters..., "params": [0, ..., len(params) - 1]}]}``, each parameter
+        named by its index in ``params``, not by its RRef or owner (after a restart the
+        RRefs differ; their order is what a new DistributedOptimizer is given again).
+        Save it (with the model's parameters) and load it into a DistributedOptimizer
+        made over the same list, in the same order, in this cluster or a new one.
+
+        Take it between steps: a step running meanwhile may be in it on some owners and
+        not on others. It makes the owners' optimizers if no step has yet. An owner that
+        fails it (a ``WorkerLost``, a ``RemoteError``) makes it raise, once every owner
+        answered, the first one's error with a note naming the others'.
+
+        Example::
+
+            sd = await opt.state_dict()
+            np.savez("ckpt.npz", ...)       # with the model's state: see the README
+            # later, in a new cluster, over RRefs to the parameters restored in order:
+            opt = ag.dist.DistributedOptimizer(ag.optim.Adam, refs, lr=1e-3)
+            await opt.load_state_dict(sd)
+        """
+        refs = await self._setup()
+        results = await asyncio.gather(
+            *(_called(r, "state_dict") for r in refs.values()), return_exceptions=True
+        )
+        _raise_failures("state_dict", list(refs), results, "answered")
+        state: dict[int, dict[str, Any]] = {}
+        group: dict[str, Any] = {}
+        for owner, sd in zip(refs, results, strict=True):
+            assert isinstance(sd, dict)  # (failures raised above)
+            where = self._indices[owner]
+            for j, entry in sd["state"].items():
+                state[where[j]] = entry
+            group = group or {k: v for k, v in sd["param_groups"][0].items() if k != "params"}
+        group["params"] = list(range(self._num_params))
+        return {"state": dict(sorted(state.items())), "param_groups": [group]}
+
+    async def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a state of ``state_dict()`` into every owner's optimizer (one call per
+        owner, all at once), each owner getting the state of its parameters, matched
+        by their index in ``params``; the hyperparameters it holds apply everywhere
+        (and to owners' optimizers made later).
+
+        What can be checked without the parameters is checked here, before any owner
+        changes (``ag.optim.Optimizer.load_state_dict`` raises the same errors): another
+        number of parameters than ``params``, another optimizer class's
+        hyperparameters or state, missing keys, values of the wrong type.
+        Each owner checks the shapes of its parameters' state before changing its own:
+        one that refuses (a ``RemoteError`` naming ``state[i]``) or is lost
+        (``WorkerLost``) makes it raise once every owner answered, the first one's
+        error, with a note naming the owners that loaded and the others; they keep what
+        they loaded (load a good state dict again).
+
+        Example::
+
+            opt = ag.dist.DistributedOptimizer(ag.optim.SGD, refs, lr=0.1, momentum=0.9)
+            await opt.load_state_dict(saved)   # (saved = await old_opt.state_dict())
+        """
+        hyper, entries, _ = self._probe._checked_state_dict(state, self._num_params)
+        self._options = {**self._options, **hyper}
+        refs = await self._setup()
+        parts = []
+        for owner in refs:
+            where = self._indices[owner]
+            # (keyed by their places in ``params``: an owner's errors name state[i] as
+            # the caller's state dict does)
+            mine = {i: e for i in where if (e := entries[i]) is not None}
+            group = {**hyper, "params": list(where)}
+            parts.append({"state": mine, "param_groups": [group]})
+        results = await asyncio.gather(
+            *(
+                _called(r, "load_state_dict", sd)
+                for r, sd in zip(refs.values(), parts, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        _raise_failures("load_state_dict", list(refs), results, "loaded")
+
+
+async def _called(ref: RRef | BaseException, method: str, *args: Any) -> Any:
+    """``method`` of the owner's optimizer ``ref`` (or the failure to make it)."""
+    if isinstance(ref, BaseException):
+        raise ref
+    return await getattr(ref.rpc(), method)(*args)
+
+
+def _raise_failures(what: str, owners: list[str], results: list[Any], done: str) -> None:
+    """Raise the first owner's failure among ``results`` (one per owner), with a note
+    naming the owners that ``done`` (answered, loaded) and the others' failures."""
+    failed = [(o, r) for o, r in zip(owners, results, strict=True) if isinstance(r, BaseException)]
+    if not failed:
+        return
+    ok = [o for o, r in zip(owners, results, strict=True) if not isinstance(r, BaseException)]
+    lost = [o for o, r in failed if isinstance(r, (WorkerLost, TimeoutError))]
+    said = [o for o, _ in failed if o not in lost]
+    parts = [f"failed on {', '.join(repr(o) for o in said)}"] if said else []
+    if lost:
+        parts.append(f"no answer from {', '.join(repr(o) for o in lost)}")
+    parts.append(f"{done} on {', '.join(repr(o) for o in ok) or 'no owner'}")
+    first = failed[0][1]
+    note = f"DistributedOptimizer.{what}: " + "; ".join(parts)
+    for o, exc in failed[1:]:
+        note += f"\n  on {o!r} too: {type(exc).__name__}: {clip_text(str(exc), 500)}"
+    first.add_note(note)
+    try:
+        raise first
+    finally:
+        del first, failed
 
 
 @enable_grad()

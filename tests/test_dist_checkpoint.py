@@ -1,0 +1,160 @@
+"""Checkpointing a DistributedOptimizer: its owners' state gathered, saved to a file,
+and loaded into a new one in a new cluster; the resumed run is the uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+
+import dist_fns as F
+import numpy as np
+import pytest
+
+import actorgrad as ag
+
+XS = np.random.default_rng(3).standard_normal((5, 6, 3))
+YS = np.random.default_rng(4).standard_normal((5, 6, 2))
+ADAM = {"lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-6}
+
+
+async def _stages(tag: str, states=None) -> list[ag.RRef]:
+    """A two-stage model on w1 and w2; its parameters' RRefs, the owners interleaved
+    (params[i] is matched by i in a state dict, whoever owns it)."""
+    s1, s2 = states or (None, None)
+    r1 = await ag.rpc("w1", F.make_stage, (f"{tag}1", 3, 4, 0, s1))
+    r2 = await ag.rpc("w2", F.make_stage, (f"{tag}2", 4, 2, 1, s2))
+    return [r2[0], r1[0], r1[1], r2[1]]
+
+
+async def _train(tag: str, opt, steps: slice) -> None:
+    for x, y in zip(XS[steps], YS[steps], strict=True):
+        async with ag.dist.context() as ctx:
+            h = await ag.rpc("w1", F.run_stage, (f"{tag}1", ag.tensor(x), True))
+            out = await ag.rpc("w2", F.run_stage, (f"{tag}2", h, False))
+            loss = ag.nn.functional.mse_loss(out, ag.tensor(y))
+            await ag.dist.backward(ctx, [loss])
+            await opt.step(ctx)
+
+
+async def _weights(tag: str) -> list[dict[str, np.ndarray]]:
+    return [await ag.rpc(f"w{i}", F.stage_state, (f"{tag}{i}",)) for i in (1, 2)]
+
+
+def _save(path, stages: list[dict], opt_state: dict) -> None:
+    arrays = {f"model/{i}/{k}": a for i, sd in enumerate(stages) for k, a in sd.items()}
+    for i, entry in opt_state["state"].items():
+        arrays.update({f"opt/{i}/{k}": np.asarray(v) for k, v in entry.items()})
+    arrays["param_groups"] = np.array(json.dumps(opt_state["param_groups"]))
+    np.savez(path, **arrays)
+
+
+def _load(path) -> tuple[list[dict], dict]:
+    stages: list[dict] = [{}, {}]
+    opt_state: dict = {"state": {}}
+    with np.load(path) as f:
+        for name in f.files:
+            part, *rest = name.split("/")
+            if part == "model":
+                stages[int(rest[0])][rest[1]] = f[name]
+            elif part == "opt":  # (step: a 0-d array, taken as the int it holds)
+                opt_state["state"].setdefault(int(rest[0]), {})[rest[1]] = f[name]
+            else:
+                opt_state["param_groups"] = json.loads(str(f[name]))
+    return stages, opt_state
+
+
+def _local_run() -> list[np.ndarray]:
+    """The same training in one process with ag.optim.Adam: the reference."""
+    s1 = ag.nn.Linear(3, 4, seed=0, dtype="float64")
+    s2 = ag.nn.Linear(4, 2, seed=1, dtype="float64")
+    opt = ag.optim.Adam([s2.weight, s1.weight, s1.bias, s2.bias], **ADAM)
+    for x, y in zip(XS, YS, strict=True):
+        opt.zero_grad()
+        ag.nn.functional.mse_loss(s2(s1(ag.tensor(x)).tanh()), ag.tensor(y)).backward()
+        opt.step()
+    return [s1.weight.data, s1.bias.data, s2.weight.data, s2.bias.data]
+
+
+async def test_a_run_resumed_in_a_new_cluster_equals_the_uninterrupted_one(worker_path, tmp_path):
+    path = tmp_path / "ckpt.npz"
+    async with ag.local_cluster(2, processes=True):
+        whole = ag.dist.DistributedOptimizer(ag.optim.Adam, await _stages("a"), **ADAM)
+        await _train("a", whole, slice(0, 5))
+        expected = await _weights("a")
+        opt = ag.dist.DistributedOptimizer(ag.optim.Adam, await _stages("b"), **ADAM)
+        await _train("b", opt, slice(0, 2))
+        saved = await opt.state_dict()
+        assert saved["param_groups"] == [{**ADAM, "params": [0, 1, 2, 3]}]
+        assert sorted(saved["state"]) == [0, 1, 2, 3]
+        assert saved["state"][0]["exp_avg"].shape == (2, 4)  # (params[0]: w2's weight)
+        assert saved["state"][3]["step"] == 2
+        _save(path, await _weights("b"), saved)
+        del whole, opt
+    stages, opt_state = _load(path)
+    async with ag.local_cluster(2, processes=True):  # (new workers: other RRef ids)
+        opt = ag.dist.DistributedOptimizer(ag.optim.Adam, await _stages("b", stages), lr=1.0)
+        await opt.load_state_dict(opt_state)
+        again = await opt.state_dict()
+        assert again["param_groups"][0]["lr"] == ADAM["lr"]
+        for i, entry in saved["state"].items():
+            assert again["state"][i]["step"] == entry["step"]
+            assert np.array_equal(again["state"][i]["exp_avg_sq"], entry["exp_avg_sq"])
+        await _train("b", opt, slice(2, 5))
+        resumed = await _weights("b")
+        del opt
+    for want, got in zip(expected, resumed, strict=True):
+        for k in want:
+            assert got[k].dtype == np.float64 and np.array_equal(got[k], want[k]), k
+    local = _local_run()
+    flat = [resumed[0]["weight"], resumed[0]["bias"], resumed[1]["weight"], resumed[1]["bias"]]
+    for a, b in zip(flat, local, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+async def _two_owner_sgd():
+    refs = await _stages("c")
+    opt = ag.dist.DistributedOptimizer(ag.optim.SGD, refs, lr=0.1, momentum=0.9)
+    await _train("c", opt, slice(0, 1))
+    return refs, opt
+
+
+async def test_a_state_dict_that_does_not_fit_changes_no_owner():
+    async with ag.local_cluster(2):
+        refs, opt = await _two_owner_sgd()
+        before = await opt.state_dict()
+        adam = ag.dist.DistributedOptimizer(ag.optim.Adam, refs)
+        await _train("c", adam, slice(1, 2))
+        with pytest.raises(ValueError, match=r"SGD takes \['lr', 'momentum', 'weight_decay'\]"):
+            await opt.load_state_dict(await adam.state_dict())
+        fewer = await ag.dist.DistributedOptimizer(ag.optim.SGD, refs[:3], lr=0.1).state_dict()
+        with pytest.raises(ValueError, match="the state dict is of 3 parameters, this SGD has 4"):
+            await opt.load_state_dict(fewer)
+        after = await opt.state_dict()
+        assert after["param_groups"] == before["param_groups"]
+        for i, entry in before["state"].items():
+            assert np.array_equal(after["state"][i]["momentum_buffer"], entry["momentum_buffer"])
+        # a shape only its owner knows: that owner refuses it, the others load
+        bad = await opt.state_dict()
+        bad["state"][1]["momentum_buffer"] = np.zeros(3)  # (params[1]: w1's weight, (4, 3))
+        bad["param_groups"][0]["lr"] = 0.25
+        with pytest.raises(
+            ag.RemoteError, match=r"state\[1\]\['momentum_buffer'\] has shape"
+        ) as ei:
+            await opt.load_state_dict(bad)
+        assert ei.value.worker == "w1"
+        note = "\n".join(getattr(ei.value, "__notes__", []))
+        assert "DistributedOptimizer.load_state_dict: failed on 'w1'; loaded on 'w2'" in note
+
+
+async def test_a_lost_owner_fails_state_dict_and_load_state_dict_naming_it():
+    async with ag.local_cluster(2) as c:
+        _, opt = await _two_owner_sgd()
+        saved = await opt.state_dict()
+        await c.workers[1].shutdown(graceful=False)
+        with pytest.raises(ag.WorkerLost, match="'w2'") as ei:
+            await opt.state_dict()
+        note = "\n".join(getattr(ei.value, "__notes__", []))
+        assert "DistributedOptimizer.state_dict: no answer from 'w2'; answered on 'w1'" in note
+        with pytest.raises(ag.WorkerLost, match="'w2'") as ei:
+            await opt.load_state_dict(saved)
+        note = "\n".join(getattr(ei.value, "__notes__", []))
+        assert "load_state_dict: no answer from 'w2'; loaded on 'w1'" in note
