@@ -16,6 +16,11 @@ recorded before it keep the values they were computed with); a subclass's
 ``_update(p, g, data)`` writes the update into ``data``, a copy of ``p.data`` that
 becomes ``p.data`` once written.
 
+``state_dict()``/``load_state_dict()`` save and restore the optimizer's state (momentum
+buffers, Adam's step counts and moments, the hyperparameters) as ``torch.optim``'s do,
+in the same layout: a run checkpointed with the model's ``state_dict()`` and resumed
+with new ones goes on as if never stopped.
+
 Example::
 
     >>> import actorgrad as ag

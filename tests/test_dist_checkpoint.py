@@ -4,6 +4,7 @@ and loaded into a new one in a new cluster; the resumed run is the uninterrupted
 from __future__ import annotations
 
 import json
+import os
 
 import dist_fns as F
 import numpy as np
@@ -77,6 +78,7 @@ def _local_run() -> list[np.ndarray]:
 async def test_a_run_resumed_in_a_new_cluster_equals_the_uninterrupted_one(worker_path, tmp_path):
     path = tmp_path / "ckpt.npz"
     async with ag.local_cluster(2, processes=True):
+        assert await ag.rpc("w1", F.pid) != os.getpid()
         whole = ag.dist.DistributedOptimizer(ag.optim.Adam, await _stages("a"), **ADAM)
         await _train("a", whole, slice(0, 5))
         expected = await _weights("a")

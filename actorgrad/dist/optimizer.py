@@ -139,6 +139,9 @@ class DistributedOptimizer:
     trainer whose forward pass ran before another's step gets the gradients of the
     values its forward pass used.
 
+    ``state_dict()``/``load_state_dict()`` (awaited) save and restore every owner's
+    optimizer state, keyed by each parameter's place in ``params``.
+
     Raises:
         TypeError: ``params`` holds something other than ``RRef``s, or
             ``optimizer_class`` is not a module-level ``ag.optim.Optimizer`` subclass, or
@@ -308,9 +311,9 @@ class DistributedOptimizer:
 
         Example::
 
-            sd = await opt.state_dict()
-            np.savez("ckpt.npz", ...)       # with the model's state: see the README
-            # later, in a new cluster, over RRefs to the parameters restored in order:
+            sd = await opt.state_dict()   # {"state": {i: {...}}, "param_groups": [...]}
+            # saved with the model's state_dict(); later, in a new cluster, the
+            # parameters restored from it and refs to them in the same order:
             opt = ag.dist.DistributedOptimizer(ag.optim.Adam, refs, lr=1e-3)
             await opt.load_state_dict(sd)
         """
