@@ -1,8 +1,9 @@
 """Drivers without a script file: ``python -c``, a script read from stdin, code typed
 at a prompt (``python -i``). Their functions cannot be imported by a worker process,
 but in-process workers run them; a process worker's call is refused at once, saying
-what to do. Each driver is a real interpreter in a subprocess (what it runs as
-``__main__`` is the point)."""
+what to do. And ``python -i script.py`` once the script ran, whose script file Python
+hides. Each driver is a real interpreter in a subprocess (what it runs as ``__main__``
+is the point)."""
 
 from __future__ import annotations
 
@@ -156,3 +157,73 @@ async def test_a_module_reloaded_runs_as_reloaded_on_in_process_workers(tmp_path
             assert await ag.rpc("w1", "reloaded_mod:version") == 22
     finally:
         sys.modules.pop("reloaded_mod", None)
+
+
+# `python -i script.py`: the script's own functions, named by the file their code came
+# from, run on a worker process after the script ran (Python drops __main__.__file__
+# then: every call was refused as "defined interactively"); those typed at the prompt
+# (new, or one of the script's defined anew) are refused at the caller, by a function
+# or by its "__main__:name", while in-process workers run them as typed.
+SCRIPT_FOR_PROMPT = textwrap.dedent(
+    """
+    import asyncio, json
+    import actorgrad as ag
+    from beside import twice
+
+    print("top level of", __name__, flush=True)
+
+    def scale(x, k):
+        return x * k
+
+    class Acc:
+        def __init__(self):
+            self.n = 0
+        def add(self, k):
+            self.n += k
+            return self.n
+
+    def version():
+        return 1
+
+    async def run(calls, processes=True):
+        out = []
+        async with ag.local_cluster(1, processes=processes):
+            for fn, args in calls:
+                try:
+                    out.append(await ag.rpc("w1", fn, args))
+                except Exception as exc:
+                    out.append(f"{type(exc).__name__} {str(exc).split(':')[0]}")
+            if processes:
+                acc = await ag.remote("w1", Acc)
+                await acc.rpc().add(3)
+                out.append(await acc.rpc().add(4))
+        return out
+    """
+)
+
+TYPED_AT_THE_PROMPT = textwrap.dedent(
+    """
+    def typed():
+        return 3
+
+    def version():
+        return 2
+
+    calls = [(scale, (3, 4)), ("__main__:scale", (2, 5)), (twice, (6,)), (typed, ())]
+    calls += [(version, ()), ("__main__:version", ()), ("__main__:typed", ())]
+    print("RESULT", json.dumps([asyncio.run(run(calls)), asyncio.run(run(calls, False))]))
+    """
+)
+
+
+def test_the_functions_of_the_script_of_python_i_run_on_process_workers(tmp_path):
+    (tmp_path / "script.py").write_text(SCRIPT_FOR_PROMPT)
+    (tmp_path / "beside.py").write_text("def twice(x):\n    return 2 * x\n")
+    stdout = _run(["-i", str(tmp_path / "script.py")], stdin=_for_prompt(TYPED_AT_THE_PROMPT))
+    lines = stdout.replace(">>> ", "").replace("... ", "").splitlines()
+    procs, local = json.loads(next(x for x in lines if x.startswith("RESULT "))[7:])
+    typed, version = (f"TypeError cannot call {q!r} on worker 'w1'" for q in ("typed", "version"))
+    assert procs == [12, 10, 12, typed, version, version, typed, 7]
+    assert local == [12, 10, 12, 3, 2, 2, 3]  # (as typed)
+    # (the worker imported the script once, without its main block)
+    assert lines.count("top level of __mp_main__") == 1

@@ -60,7 +60,21 @@ def _real(path: str) -> str:
 def _main_path() -> str | None:
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
+    if path is None and main is not None:
+        path = _ran_script(main)
     return _real(path) if path else None
+
+
+def _ran_script(main: Any) -> str | None:
+    """The file of the script that ``__main__`` ran, once Python dropped its
+    ``__file__`` (it does when the script's code returns: ``python -i script.py`` at
+    its prompt, a thread outliving the script), as its loader says; else None (``python
+    -c``, a script read from stdin, a prompt: no loader of a file)."""
+    loader = _module_attr(main, "__loader__")
+    if type(loader) is not importlib.machinery.SourceFileLoader or loader.name != "__main__":
+        return None
+    path = loader.path
+    return path if isinstance(path, str) else None
 
 
 def _main_name() -> str | None:
@@ -137,9 +151,14 @@ def fn_spec(fn: Any) -> str | list:
             )
         if m == "__main__":  # this process's script, as for its functions themselves
             path = _main_path()
-            if path is not None:
-                return _main_spec(fn, path)
-            return fn
+            if path is None:
+                return fn
+            main = sys.modules["__main__"]
+            if "__file__" not in vars(main):  # (`python -i script.py`, at its prompt)
+                obj = _lookup(vars(main), q)
+                if isinstance(obj, (types.FunctionType, type)) and _interactive(obj):
+                    return _interactive_spec(obj, q)  # (typed there, maybe anew)
+            return _main_spec(fn, path)
         # (a module beside the script: as for its functions themselves; cached, with
         # the same check of the session as theirs)
         cached = _spec_cache.get(fn)
@@ -201,14 +220,10 @@ def fn_spec(fn: Any) -> str | list:
     _check_named(fn)
     spec: str | list
     if mod == "__main__" and _interactive(fn):
-        # (a prompt's, a notebook cell's: no file holds it, so only this process's own
-        # workers can run it; the name says which object, see _INTERACTIVE)
-        where = f"{_INTERACTIVE}{id(fn):x}>"
-        _interactive_fns[where] = fn
-        spec = [f"__main__:{qual}", where, SESSION]
+        spec = _interactive_spec(fn, qual)
     elif mod in ("__main__", MAIN_ALIAS):
         if mod == "__main__":
-            path = getattr(sys.modules.get(mod), "__file__", None)
+            path = _main_path()
         else:  # (a worker passing on a function of a driver's script)
             path = _script_globals(fn, qual).get("__file__")
         if not path:
@@ -234,6 +249,15 @@ def fn_spec(fn: Any) -> str | list:
     return spec
 
 
+def _interactive_spec(fn: Any, qual: str) -> list:
+    """The wire name of ``fn``, defined interactively (a prompt's, a notebook cell's):
+    no file holds it, so only this process's own workers can run it; the name says
+    which object (see _INTERACTIVE)."""
+    where = f"{_INTERACTIVE}{id(fn):x}>"
+    _interactive_fns[where] = fn
+    return [f"__main__:{qual}", where, SESSION]
+
+
 #: the path in the wire name of a function defined interactively (at a prompt, in a
 #: notebook cell, by ``python -c``, or in a script read from stdin): no file to import
 #: it from, so it names the object itself, for this process's own workers
@@ -251,10 +275,11 @@ def _interactive(fn: Any) -> bool:
     it from a file: this process has no script file (a prompt, a notebook, ``python
     -c``, a script read from stdin or run from a zip archive), its script does not hold
     ``fn`` under its name (the asyncio REPL's namespace), or ``fn`` was typed at a
-    prompt (``python -i script.py``)."""
+    prompt (``python -i script.py``: once the script ran, only the functions compiled
+    from its file, and the classes holding one, are the script's)."""
     main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if not isinstance(path, str) or not os.path.isfile(path):
+    path = _main_path()
+    if path is None or not os.path.isfile(path):
         return True
     if _unbound(_lookup(getattr(main, "__dict__", {}), fn.__qualname__)) is not _unbound(fn):
         return True
@@ -264,9 +289,15 @@ def _interactive(fn: Any) -> bool:
         funcs = [f for f in funcs if getattr(f, "__qualname__", "").startswith(inner)]
     else:
         funcs = [inspect.unwrap(_unbound(fn))]
-    return any(
-        getattr(getattr(f, "__code__", None), "co_filename", "").startswith(_PROMPTS) for f in funcs
-    )
+    files = [getattr(getattr(f, "__code__", None), "co_filename", "") for f in funcs]
+    if any(f.startswith(_PROMPTS) for f in files):
+        return True
+    if "__file__" not in vars(main):
+        # (its script ran, and Python dropped its __file__: `python -i script.py`. Only
+        # code compiled from that file is the script's: a class typed at the prompt
+        # may have no function of its own, a dataclass's are compiled from "<string>")
+        return not any(f and _real(f) == path for f in files)
+    return False
 
 
 def _interactive_fn(name: str, path: str, session: str, dest: str | None = None) -> Any:
