@@ -1,9 +1,9 @@
 """Drivers without a script file: ``python -c``, a script read from stdin, code typed
 at a prompt (``python -i``). Their functions cannot be imported by a worker process,
 but in-process workers run them; a process worker's call is refused at once, saying
-what to do. And ``python -i script.py`` once the script ran, whose script file Python
-hides. Each driver is a real interpreter in a subprocess (what it runs as ``__main__``
-is the point)."""
+what to do. And drivers whose script file Python hides: ``python -i script.py`` once
+the script ran, a zip archive (``python app.pyz``). Each driver is a real interpreter
+in a subprocess (what it runs as ``__main__`` is the point)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
+
+import pytest
 
 import actorgrad as ag
 
@@ -227,3 +230,101 @@ def test_the_functions_of_the_script_of_python_i_run_on_process_workers(tmp_path
     assert local == [12, 10, 12, 3, 2, 2, 3]  # (as typed)
     # (the worker imported the script once, without its main block)
     assert lines.count("top level of __mp_main__") == 1
+
+
+# A driver run from a zip archive (`python app.pyz`, made with zipapp): a worker
+# process loads its __main__.py from the archive, with the archive first on its path,
+# so the modules in it import too. (The worker was sent to look for app.pyz/__main__.py
+# on its disk: every function of the driver was refused as "defined interactively".)
+# A folder holding __main__.py (`python app`) runs as a script of that folder.
+ZIPPED_MAIN = textwrap.dedent(
+    """
+    import asyncio, json
+    import actorgrad as ag
+    from helper import twice, Counter
+
+    print("top level of", __name__, flush=True)
+
+    def scale(x, k):
+        return twice(x) * k
+
+    async def main():
+        async with ag.local_cluster(1, processes=True):
+            out = [await ag.rpc("w1", scale, (3, 4)), await ag.rpc("w1", "__main__:scale", (1, 5))]
+            out.append(await ag.rpc("w1", twice, (7,)))
+            counter = await ag.remote("w1", Counter)
+            await counter.rpc().add(2)
+            out.append(await counter.rpc().add(5))
+            out.append(await ag.rpc("w1", where))
+        print("RESULT", json.dumps(out), flush=True)
+
+    def where():
+        import helper, sys
+        return [__name__, sys.path[0] == ARCHIVE, helper.__file__.startswith(ARCHIVE)]
+
+    ARCHIVE = __file__.rpartition("/")[0]
+
+    if __name__ == "__main__":
+        asyncio.run(main())
+    """
+)
+HELPER = "def twice(x):\n    return 2 * x\n\nclass Counter:\n    n = 0\n    def add(self, k):\n        self.n += k\n        return self.n\n"
+
+
+@pytest.mark.parametrize("packed", ["pyz", "zip", "folder"])
+def test_a_driver_run_from_a_zip_archive_or_a_folder_runs_on_process_workers(tmp_path, packed):
+    import zipapp
+
+    src = tmp_path / "app"
+    src.mkdir()
+    (src / "__main__.py").write_text(ZIPPED_MAIN)
+    (src / "helper.py").write_text(HELPER)
+    target = src
+    if packed == "pyz":  # (with a shebang line before the archive)
+        target = tmp_path / "app.pyz"
+        zipapp.create_archive(src, target, interpreter=sys.executable)
+    elif packed == "zip":
+        target = tmp_path / "app.zip"
+        with zipfile.ZipFile(target, "w") as z:
+            for f in src.iterdir():
+                z.write(f, f.name)
+    lines = _run([str(target)]).splitlines()
+    result = json.loads(next(x for x in lines if x.startswith("RESULT "))[7:])
+    assert result == [24, 10, 14, 7, ["__mp_main__", True, True]]
+    assert lines.count("top level of __mp_main__") == 1
+
+
+async def test_a_zipped_driver_rebuilt_between_runs_is_loaded_anew_and_keeps_its_modules(
+    tmp_path, monkeypatch
+):
+    # (a cluster outliving its runs: the archive's size or time says the script and the
+    # modules in it changed, as a script's file does; and a module of another archive
+    # is refused, as one of another script's folder is)
+    import zipapp
+
+    monkeypatch.setenv("PYTHONPATH", REPO)
+    src, archive = tmp_path / "app", tmp_path / "app.pyz"
+    src.mkdir()
+    main = str(archive / "__main__.py")
+
+    def build(version: int) -> None:
+        (src / "__main__.py").write_text(f"import helper\n\ndef f():\n    return {version}\n")
+        (src / "helper.py").write_text(f"def g():\n    return {'x' * version!r}\n")
+        zipapp.create_archive(src, archive)
+        os.utime(archive, ns=(version * 10**9, version * 10**9))
+
+    build(1)
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["helper:g", main, "s1"]) == "x"
+        build(22)
+        assert await ag.rpc("w1", ["helper:g", main, "s2"]) == "x" * 22
+        assert await ag.rpc("w1", ["__main__:f", main, "s2"]) == 22
+        build(3)
+        assert await ag.rpc("w1", ["__main__:f", main, "s3"]) == 3
+        assert await ag.rpc("w1", ["helper:g", main, "s3"]) == "xxx"
+        assert await ag.rpc("w1", ["__main__:f", main, "s2"]) == 22  # (a run keeps its code)
+        # (another archive's module of that name: the worker would run this one's)
+        zipapp.create_archive(src, tmp_path / "other.pyz")
+        other = str(tmp_path / "other.pyz" / "__main__.py")
+        with pytest.raises(ag.RemoteError, match="holds 'helper.py', but this worker already"):
+            await ag.rpc("w1", ["__main__:f", other, "s4"])

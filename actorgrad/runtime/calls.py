@@ -32,6 +32,8 @@ import secrets
 import sys
 import time
 import types
+import zipfile
+import zipimport
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -75,6 +77,18 @@ def _ran_script(main: Any) -> str | None:
         return None
     path = loader.path
     return path if isinstance(path, str) else None
+
+
+def _archive_of(path: str) -> str | None:
+    """The zip archive holding file ``path`` (``app.pyz/__main__.py``), else None."""
+    head = os.path.dirname(path)
+    while head and head != os.path.dirname(head):
+        if os.path.isfile(head):
+            return head if zipfile.is_zipfile(head) else None
+        if os.path.isdir(head):
+            return None
+        head = os.path.dirname(head)
+    return None
 
 
 def _main_name() -> str | None:
@@ -273,13 +287,13 @@ _PROMPTS = ("<stdin>", "<console>", "<python-input-", "<ipython-input-")
 def _interactive(fn: Any) -> bool:
     """Whether ``fn``, of ``__main__``, was defined where no worker process can import
     it from a file: this process has no script file (a prompt, a notebook, ``python
-    -c``, a script read from stdin or run from a zip archive), its script does not hold
-    ``fn`` under its name (the asyncio REPL's namespace), or ``fn`` was typed at a
-    prompt (``python -i script.py``: once the script ran, only the functions compiled
-    from its file, and the classes holding one, are the script's)."""
+    -c``, a script read from stdin), its script does not hold ``fn`` under its name
+    (the asyncio REPL's namespace), or ``fn`` was typed at a prompt (``python -i
+    script.py``: once the script ran, only the functions compiled from its file, and
+    the classes holding one, are the script's)."""
     main = sys.modules.get("__main__")
     path = _main_path()
-    if path is None or not os.path.isfile(path):
+    if path is None or not (os.path.isfile(path) or _archive_of(path)):
         return True
     if _unbound(_lookup(getattr(main, "__dict__", {}), fn.__qualname__)) is not _unbound(fn):
         return True
@@ -310,8 +324,8 @@ def _interactive_fn(name: str, path: str, session: str, dest: str | None = None)
         where = "here" if dest is None else f"on worker {dest!r}"
         raise TypeError(
             f"cannot call {qual!r} {where}: it was defined interactively in the driver (at "
-            "a prompt, in a notebook cell, with python -c, or in a script read from stdin "
-            "or run from a zip archive), where no file holds it, so a worker process cannot "
+            "a prompt, in a notebook cell, with python -c, or in a script read from "
+            "stdin), where no file holds it, so a worker process cannot "
             "import it. Put it in a module (a .py file beside the notebook, or one the "
             "workers find on their path), import it and pass that; or use in-process "
             "workers (ag.local_cluster(n) without processes=True), which run it as it is"
@@ -435,10 +449,13 @@ KEEP_SESSIONS = 32
 
 
 def _signature(path: str) -> tuple[int, int] | None:
+    """(size, mtime) of file ``path``; of its archive for one in a zip (``app.pyz/
+    __main__.py``, a module beside it there): a rebuilt archive changed them all."""
     try:
         st = os.stat(path)
     except OSError:
-        return None
+        archive = _archive_of(path)
+        return None if archive is None else _signature(archive)
     return (st.st_size, st.st_mtime_ns)
 
 
@@ -539,7 +556,7 @@ def _changed(folder: str) -> bool:
             _folder_names.setdefault(folder, set()).add(name)
         elif known is None:
             sig = _signature(real)
-            if sig is None:  # (not a file of its own: from a zip, say)
+            if sig is None:  # (gone since)
                 continue
             if sig[1] >= since * 1e9:
                 return True
@@ -693,6 +710,8 @@ def _modules_in(folder: str, namespaces: bool = False) -> dict[str, str]:
     hold ``.py`` files (namespace packages)."""
     try:
         entries = os.listdir(folder)
+    except NotADirectoryError:
+        return _modules_in_archive(folder, namespaces)
     except OSError:
         return {}
     found = {}
@@ -707,6 +726,29 @@ def _modules_in(folder: str, namespaces: bool = False) -> dict[str, str]:
             found[entry] = entry  # a package
         elif namespaces and entry.isidentifier() and _holds_python(os.path.join(folder, entry)):
             found[entry] = entry
+    return found
+
+
+def _modules_in_archive(archive: str, namespaces: bool) -> dict[str, str]:
+    """``_modules_in`` for a zip archive on the path (a driver's ``app.pyz``)."""
+    try:
+        with zipfile.ZipFile(archive) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return {}
+    found = {}
+    for entry in names:
+        first, sep, rest = entry.partition("/")
+        if not sep and first.endswith(".py"):
+            name = first[:-3]
+            if name.isidentifier() and name not in _NOT_IMPORTED:
+                found[name] = first
+        elif (
+            sep
+            and first.isidentifier()
+            and (rest == "__init__.py" or (namespaces and rest.endswith(".py") and "/" not in rest))
+        ):
+            found[first] = first
     return found
 
 
@@ -812,17 +854,27 @@ def _main_module(path: str) -> types.ModuleType:
         return module
     # (run as `python -m pkg.train`: imported with that name's spec, so that its
     # relative imports find its package, but named __mp_main__, as multiprocessing does)
-    if not os.path.isfile(path):
+    archive = None if os.path.isfile(path) else _archive_of(path)
+    if not os.path.isfile(path) and archive is None:
         raise ModuleNotFoundError(
             f"the driver's script {path} (to call one of its functions) is not on this "
             "worker's disk: copy it there under the same path, or call functions of "
             "installed modules"
         )
     name = _module_names.get(path, MAIN_ALIAS)
-    # (a loader of its own: a script without .py, an executable `train`, has none)
-    spec = importlib.util.spec_from_file_location(
-        name, path, loader=importlib.machinery.SourceFileLoader(name, path)
-    )
+    spec: importlib.machinery.ModuleSpec | None
+    if archive is not None:
+        # (`python app.pyz`: its __main__.py, loaded from the archive as Python does,
+        # with the archive first on the path, for the modules it holds)
+        loader: Any = zipimport.zipimporter(os.path.dirname(path))
+        loader.invalidate_caches()  # (the archive may have been rebuilt since: see _forget)
+        spec = importlib.machinery.ModuleSpec(name, loader, origin=path)
+        spec.has_location = True
+    else:
+        # (a loader of its own: a script without .py, an executable `train`, has none)
+        spec = importlib.util.spec_from_file_location(
+            name, path, loader=importlib.machinery.SourceFileLoader(name, path)
+        )
     if spec is None or spec.loader is None:
         raise ModuleNotFoundError(f"cannot import the driver script {path!r}")
     sig = _signature(path)  # (before: an edit while it is imported is a change)
@@ -835,7 +887,8 @@ def _main_module(path: str) -> types.ModuleType:
     sys.modules[MAIN_ALIAS] = module  # its classes and dataclasses look themselves up here
     try:
         # (as runpy: the loader's exec_module refuses a module named otherwise than it)
-        code = spec.loader.get_code(spec.name)  # type: ignore[attr-defined]
+        stem = os.path.basename(path).rpartition(".")[0] if archive else spec.name
+        code = spec.loader.get_code(stem)  # type: ignore[attr-defined]
         _import_quietly(lambda: exec(code, module.__dict__))
     except BaseException as exc:
         if saved is None:
