@@ -160,3 +160,45 @@ async def test_a_lost_owner_fails_state_dict_and_load_state_dict_naming_it():
             await opt.load_state_dict(saved)
         note = "\n".join(getattr(ei.value, "__notes__", []))
         assert "load_state_dict: no answer from 'w2'; loaded on 'w1'" in note
+
+
+async def test_failed_state_dict_and_load_state_dict_leave_no_reference_cycles(monkeypatch):
+    # The error's traceback holds the frames it went through: one that also held the
+    # list of the owners' results (the error among them) made a cycle per failure,
+    # which kept the owners' optimizer RRefs (and a state dict's arrays) alive until a
+    # garbage collection. (In-process workers: one heap for the owners and the caller.)
+    import gc
+
+    from actorgrad.dist import optimizer as dopt
+
+    async with ag.local_cluster(2):
+        _, opt = await _two_owner_sgd()
+        bad = await opt.state_dict()
+        bad["state"][1]["momentum_buffer"] = np.zeros(3)
+
+        async def failed_load() -> None:
+            with pytest.raises(ag.RemoteError, match="has shape"):
+                await opt.load_state_dict(bad)
+
+        async def failed_state_dict() -> None:
+            with pytest.raises(ag.RemoteError, match="no state today"):
+                await opt.state_dict()
+
+        def refuse(self):
+            raise RuntimeError("no state today")
+
+        for failed in (failed_load, failed_state_dict):
+            if failed is failed_state_dict:
+                monkeypatch.setattr(dopt._LocalOptimizer, "state_dict", refuse)
+            await failed()
+            gc.collect()
+            gc.disable()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                for _ in range(3):
+                    await failed()
+                assert gc.collect() == 0, sorted({type(o).__name__ for o in gc.garbage})
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+                gc.enable()

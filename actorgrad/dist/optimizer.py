@@ -321,7 +321,14 @@ class DistributedOptimizer:
         results = await asyncio.gather(
             *(_called(r, "state_dict") for r in refs.values()), return_exceptions=True
         )
-        _raise_failures("state_dict", list(refs), results, "answered")
+        try:
+            _raise_failures("state_dict", list(refs), results, "answered")
+        except BaseException:
+            # (the error's traceback holds this frame: with results, the error among
+            # them, and refs in it, a cycle kept the owners' optimizer RRefs until a
+            # garbage collection, as step's did)
+            del results, refs
+            raise
         state: dict[int, dict[str, Any]] = {}
         group: dict[str, Any] = {}
         for owner, sd in zip(refs, results, strict=True):
@@ -372,7 +379,11 @@ class DistributedOptimizer:
             ),
             return_exceptions=True,
         )
-        _raise_failures("load_state_dict", list(refs), results, "loaded")
+        try:
+            _raise_failures("load_state_dict", list(refs), results, "loaded")
+        except BaseException:
+            del results, refs, parts  # (see state_dict)
+            raise
 
 
 async def _called(ref: RRef | BaseException, method: str, *args: Any) -> Any:
@@ -403,7 +414,7 @@ def _raise_failures(what: str, owners: list[str], results: list[Any], done: str)
     try:
         raise first
     finally:
-        del first, failed
+        del first, failed, results  # (see state_dict)
 
 
 @enable_grad()
