@@ -37,7 +37,7 @@ import copy
 import inspect
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -49,24 +49,40 @@ __all__ = ["SGD", "Adam", "Optimizer"]
 
 
 #: Updates of parameters bigger than this many elements run in blocks of about this
-#: size (slices of the first axis): each expression's temporaries (``lr * g``, ``g * g``)
+#: size (slices of the first axis, or of the flat array when a row is bigger: see
+#: _blocks): each expression's temporaries (``lr * g``, ``g * g``)
 #: are then a block's size, not the parameter's. Whole, SGD's step of a 64 MiB parameter
 #: took 128 MiB more memory than the parameter (its copy and ``lr * g``), Adam's 256 MiB;
 #: PyTorch's, updating in place, none.
 UPDATE_BLOCK = 1 << 18
 
 
-def _blocks(*arrays: Any) -> list[tuple[Any, ...]]:
-    """``arrays`` (of one shape, more than ``UPDATE_BLOCK`` elements, at least 1-d;
-    None stays None) cut into blocks of about ``UPDATE_BLOCK`` elements along their
-    first axis: a list of tuples of views. (Callers take small arrays whole, without
-    calling this: steps of small parameters cost as before.)"""
-    data = arrays[0]
+def _blocks(data: Any, g: Any, *state: Any) -> Iterator[tuple[Any, ...]]:
+    """``data``, the gradient ``g`` and the ``state`` arrays (None stays None) of one
+    shape, more than ``UPDATE_BLOCK`` elements, cut into blocks of about
+    ``UPDATE_BLOCK`` elements: tuples of views (of ``g``, read only, maybe a block's
+    copy). Along the first axis, or along the flat arrays when a row is bigger than a
+    block (a (1, N) weight: a row was a block, whole-array temporaries again) and
+    ``data`` and ``state``, written in place, are C-contiguous (only then are their
+    flat forms views, of the elements in one order). (Callers take small arrays
+    whole, without calling this: steps of small parameters cost as before.)"""
+    arrays = (data, g, *state)
+    if data.size // data.shape[0] > UPDATE_BLOCK and all(
+        a is None or a.flags.c_contiguous for a in (data, *state)
+    ):
+        # (g of another layout: its flat iterator, whose slices are each a block's
+        # copy, made one at a time; its reshape was a copy of the whole)
+        flat = [None if a is None else a.reshape(-1) for a in (data, *state)]
+        flat.insert(1, g.reshape(-1) if g.flags.c_contiguous else g.flat)
+        return (
+            tuple(None if a is None else a[i : i + UPDATE_BLOCK] for a in flat)
+            for i in range(0, data.size, UPDATE_BLOCK)
+        )
     rows = max(1, UPDATE_BLOCK // (data.size // data.shape[0]))
-    return [
+    return (
         tuple(None if a is None else a[i : i + rows] for a in arrays)
         for i in range(0, data.shape[0], rows)
-    ]
+    )
 
 
 def _number(owner: str, name: str, value: Any) -> None:

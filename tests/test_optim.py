@@ -280,7 +280,16 @@ def _whole_sgd(p, g, buf, lr, momentum, wd, first):
 
 @pytest.mark.parametrize(
     ("kind", "shape"),
-    [("sgd", (1 << 21,)), ("sgd_mom_wd", (2048, 1030)), ("adam", (8, 1 << 19)), ("adam", (5,))],
+    [
+        ("sgd", (1 << 21,)),
+        ("sgd_mom_wd", (2048, 1030)),
+        ("adam", (8, 1 << 19)),
+        ("adam", (5,)),
+        # (one row of the whole parameter, a Linear's weight of one output: its blocks
+        # were that row, whole-array temporaries again)
+        ("sgd_mom_wd", (1, 1 << 21)),
+        ("adam", (2, 1 << 21)),
+    ],
 )
 def test_big_parameter_steps_in_blocks_without_whole_temporaries(kind, shape):
     """A step of a big parameter takes its new array and, beyond it, only temporaries of
