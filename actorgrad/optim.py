@@ -504,9 +504,9 @@ class SGD(Optimizer):
         if self.momentum:
             state = self.state.get(p)
             if state is None:
-                # torch: a clone of the first grad (written below, block by block)
+                # torch: a clone of the first grad (written below, block by block; kept
+                # once whole: a step cut short kept a buffer partly np.empty's garbage)
                 buf = np.empty_like(data)
-                self.state[p] = {"momentum_buffer": buf}
                 first = True
             else:
                 buf = state["momentum_buffer"]
@@ -523,6 +523,8 @@ class SGD(Optimizer):
                     b += gs
                 gs = b
             d -= lr * gs
+        if first:
+            self.state[p] = {"momentum_buffer": buf}
 
 
 class Adam(Optimizer):

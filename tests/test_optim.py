@@ -603,3 +603,40 @@ def test_load_state_dict_names_what_does_not_fit_and_changes_nothing(state, erro
     after = opt.state_dict()
     assert after["param_groups"] == before["param_groups"] and sorted(after["state"]) == [0]
     assert np.array_equal(after["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
+
+
+def test_a_first_momentum_step_cut_short_keeps_no_half_written_buffer(monkeypatch):
+    """SGD's first step with momentum writes its buffer block by block: one cut short
+    (a MemoryError in a block's ``lr * g``, a KeyboardInterrupt) kept a buffer made by
+    ``np.empty_like``, its blocks not reached yet holding whatever memory it got, and
+    the next step went on from those values."""
+    from actorgrad import optim
+
+    monkeypatch.setattr(optim, "UPDATE_BLOCK", 4)
+    real = optim._blocks
+
+    def cut_short(*arrays):
+        for i, block in enumerate(real(*arrays)):
+            if i == 1:
+                raise MemoryError("no memory for the second block")
+            yield block
+
+    p0 = np.arange(16, dtype=np.float64).reshape(8, 2)
+    g = np.ones((8, 2))
+    p = ag.Tensor(p0.copy(), requires_grad=True)
+    opt = ag.optim.SGD([p], lr=0.1, momentum=0.9)
+    monkeypatch.setattr(optim, "_blocks", cut_short)
+    with pytest.raises(MemoryError):
+        opt.step({p: g})
+    monkeypatch.setattr(optim, "_blocks", real)
+    np.testing.assert_array_equal(p.data, p0)  # (the step did not happen)
+    opt.step({p: g})
+    opt.step({p: g})
+    fresh = ag.Tensor(p0.copy(), requires_grad=True)
+    ref = ag.optim.SGD([fresh], lr=0.1, momentum=0.9)
+    ref.step({fresh: g})
+    ref.step({fresh: g})
+    np.testing.assert_array_equal(
+        opt.state[p]["momentum_buffer"], ref.state[fresh]["momentum_buffer"]
+    )
+    np.testing.assert_array_equal(p.data, fresh.data)
