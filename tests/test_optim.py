@@ -640,3 +640,18 @@ def test_a_first_momentum_step_cut_short_keeps_no_half_written_buffer(monkeypatc
         opt.state[p]["momentum_buffer"], ref.state[fresh]["momentum_buffer"]
     )
     np.testing.assert_array_equal(p.data, fresh.data)
+
+
+def test_a_subclass_needing_more_than_its_hyperparameters_loads_its_own_state_dict():
+    # (its constructor, called with the hyperparameters alone to check them, refused
+    # every state dict of its class: "missing 1 required positional argument")
+    class Clipped(ag.optim.SGD):
+        def __init__(self, params, lr, clip_to):
+            super().__init__(params, lr)
+            self._clip = clip_to
+
+    w = ag.tensor([1.0, 2.0], requires_grad=True)
+    sd = Clipped([w], lr=0.1, clip_to=1.0).state_dict()
+    opt = Clipped([w], lr=0.2, clip_to=3.0)
+    opt.load_state_dict(sd)
+    assert (opt.lr, opt._clip) == (0.1, 3.0)
