@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -262,37 +262,20 @@ class DistributedOptimizer:
         results = await asyncio.gather(
             *(_stepped(r, context_id) for r in refs.values()), return_exceptions=True
         )
-        failed = [
-            (o, r) for o, r in zip(owners, results, strict=True) if isinstance(r, BaseException)
-        ]
-        if not failed:
-            return
-        errors = [_step_error(exc) for _, exc in failed]
-        first = errors[0]
-        stepped = [
-            o for o, r in zip(owners, results, strict=True) if not isinstance(r, BaseException)
-        ]
-        # An owner lost before its reply came may have stepped (the reply was what got
-        # lost): "failed on" it invited a retry that would step it twice.
-        lost = [o for o, r in failed if isinstance(r, (WorkerLost, TimeoutError))]
-        said = [o for o, _ in failed if o not in lost]
-        parts = [f"failed on {', '.join(repr(o) for o in said)}"] if said else []
-        if lost:
-            whose = "its step" if len(lost) == 1 else "their steps"
-            parts.append(
-                f"no answer from {', '.join(repr(o) for o in lost)} ({whose} may have run or not)"
-            )
-        parts.append(f"stepped on {', '.join(repr(o) for o in stepped) or 'no owner'}")
-        note = f"DistributedOptimizer.step of context {context_id:#x}: " + "; ".join(parts)
-        for (o, _), exc in zip(failed[1:], errors[1:], strict=True):
-            note += f"\n  on {o!r} too: {type(exc).__name__}: {clip_text(str(exc), 500)}"
-        first.add_note(note)
         try:
-            raise first
-        finally:
-            # (the error's traceback holds this frame: its locals, the owners' optimizer
-            # RRefs among them, were kept, in a cycle, until a garbage collection)
-            del first, errors, failed, results, refs
+            _raise_failures(
+                f"step of context {context_id:#x}",
+                owners,
+                results,
+                "stepped",
+                convert=_step_error,
+                # (an owner lost before its reply came may have stepped, the reply being
+                # what got lost: "failed on" it invited a retry that stepped it twice)
+                lost_note=("its step", "their steps"),
+            )
+        except BaseException:
+            del results, refs  # (see _raise_failures)
+            raise
 
     async def state_dict(self) -> dict[str, Any]:
         """Every owner's optimizer state, gathered (one call per owner, all at once),
@@ -344,7 +327,7 @@ class DistributedOptimizer:
         """Load a state of ``state_dict()`` into every owner's optimizer (one call per
         owner, all at once), each owner getting the state of its parameters, matched
         by their index in ``params``; the hyperparameters it holds apply everywhere
-        (and to owners' optimizers made later).
+        (and, once every owner loaded, to owners' optimizers made later).
 
         What can be checked without the parameters is checked here, before any owner
         changes (``ag.optim.Optimizer.load_state_dict`` raises the same errors): another
@@ -362,7 +345,6 @@ class DistributedOptimizer:
             await opt.load_state_dict(saved)   # (saved = await old_opt.state_dict())
         """
         hyper, entries, _ = self._probe._checked_state_dict(state, self._num_params)
-        self._options = {**self._options, **hyper}
         refs = await self._setup()
         parts = []
         for owner in refs:
@@ -384,6 +366,9 @@ class DistributedOptimizer:
         except BaseException:
             del results, refs, parts  # (see state_dict)
             raise
+        # (only now: owners' optimizers made later take these; after a failed load the
+        # old ones stand, as on the owners that did not load)
+        self._options = {**self._options, **hyper}
 
 
 async def _called(ref: RRef | BaseException, method: str, *args: Any) -> Any:
@@ -393,9 +378,19 @@ async def _called(ref: RRef | BaseException, method: str, *args: Any) -> Any:
     return await getattr(ref.rpc(), method)(*args)
 
 
-def _raise_failures(what: str, owners: list[str], results: list[Any], done: str) -> None:
-    """Raise the first owner's failure among ``results`` (one per owner), with a note
-    naming the owners that ``done`` (answered, loaded) and the others' failures."""
+def _raise_failures(
+    what: str,
+    owners: list[str],
+    results: list[Any],
+    done: str,
+    *,
+    convert: Callable[[BaseException], BaseException] | None = None,
+    lost_note: tuple[str, str] | None = None,
+) -> None:
+    """Raise the first owner's failure among ``results`` (one per owner; ``convert``ed
+    first), with a note naming the owners that ``done`` (stepped, answered, loaded), those
+    that gave no answer (``lost_note``: what of one, of several, may have run or not)
+    and the others' failures."""
     failed = [(o, r) for o, r in zip(owners, results, strict=True) if isinstance(r, BaseException)]
     if not failed:
         return
@@ -404,17 +399,24 @@ def _raise_failures(what: str, owners: list[str], results: list[Any], done: str)
     said = [o for o, _ in failed if o not in lost]
     parts = [f"failed on {', '.join(repr(o) for o in said)}"] if said else []
     if lost:
-        parts.append(f"no answer from {', '.join(repr(o) for o in lost)}")
+        part = f"no answer from {', '.join(repr(o) for o in lost)}"
+        if lost_note is not None:
+            part += f" ({lost_note[len(lost) > 1]} may have run or not)"
+        parts.append(part)
     parts.append(f"{done} on {', '.join(repr(o) for o in ok) or 'no owner'}")
-    first = failed[0][1]
+    errors = [exc if convert is None else convert(exc) for _, exc in failed]
+    first = errors[0]
     note = f"DistributedOptimizer.{what}: " + "; ".join(parts)
-    for o, exc in failed[1:]:
+    for (o, _), exc in zip(failed[1:], errors[1:], strict=True):
         note += f"\n  on {o!r} too: {type(exc).__name__}: {clip_text(str(exc), 500)}"
     first.add_note(note)
     try:
         raise first
     finally:
-        del first, failed, results  # (see state_dict)
+        # (the error's traceback holds this frame and its callers': their locals, the
+        # owners' optimizer RRefs among them, were kept, in a cycle, until a garbage
+        # collection)
+        del first, errors, failed, results
 
 
 @enable_grad()
