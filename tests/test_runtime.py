@@ -794,6 +794,63 @@ def test_the_call_pool_runs_jobs_without_futures_and_logs_what_they_let_out(capl
     assert ran == [1]
 
 
+def test_the_call_pool_refuses_a_job_no_thread_can_take_and_queues_nothing(monkeypatch):
+    # A thread that could not start (the process at its limit) left the job queued for
+    # a thread that never came: its call waited for good.
+    from actorgrad.runtime import pool as pool_mod
+
+    class NoThreads(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    pool = pool_mod.CallPool(1, "actorgrad-test-nothread")
+    monkeypatch.setattr(pool_mod.threading, "Thread", NoThreads)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        pool.run_soon(print)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        pool.submit(print)
+    monkeypatch.undo()
+    assert pool._threads == 0 and pool._jobs.empty(), repr(pool)
+    assert pool.submit(operator.add, 1, 2).result(10) == 3
+    pool.shutdown()
+
+
+async def test_a_plain_functions_call_no_pool_thread_can_take_fails_at_once(monkeypatch):
+    # (it waited for good: the job stayed queued, its caller was never answered)
+    from actorgrad.runtime import pool as pool_mod
+
+    class NoThreads(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    async with ag.local_cluster(1) as c:
+        w1 = c.workers[0]
+        monkeypatch.setattr(pool_mod.threading, "Thread", NoThreads)
+        with pytest.raises(ag.RemoteError, match="RuntimeError on worker 'w1': can't start new"):
+            await ag.rpc("w1", thread_name, timeout=10)
+        monkeypatch.undo()
+        assert w1.status()["in_flight"] == 0
+        assert (await ag.rpc("w1", thread_name, timeout=10)).startswith("actorgrad-w1_")
+
+
+async def test_a_pooled_calls_slot_is_released_when_its_reply_fails_on_the_loop(caplog):
+    # (anything raised while its outcome was handled on the loop kept its in-flight
+    # slot for good, and a graceful shutdown waited out its whole timeout for it)
+    async with ag.local_cluster(1) as c:
+        w1 = c.workers[0]
+
+        def broken(*args: Any) -> Any:
+            raise RuntimeError("reply encoding broke")
+
+        w1._encode_reply = broken
+        with pytest.raises(ag.RpcTimeout):
+            await ag.rpc("w1", thread_name, timeout=0.5)
+        del w1._encode_reply
+        assert w1.status()["in_flight"] == 0
+        assert "reply encoding broke" in caplog.text
+        assert (await ag.rpc("w1", thread_name, timeout=10)).startswith("actorgrad-w1_")
+
+
 def test_a_pooled_call_that_ends_after_its_workers_loop_closed_is_dropped_quietly(caplog):
     # Its thread hands the outcome to a loop that no longer runs: that is refused
     # ("Event loop is closed") and was logged as an error of the pool.

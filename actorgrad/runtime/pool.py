@@ -89,13 +89,16 @@ class CallPool(Executor):
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"cannot schedule new {what} after shutdown")
-            self._jobs.put(job)
             if self._waiting:
                 self._waiting -= 1  # (that thread takes it)
             elif self._threads < self._size + self._lent:
+                # (before the job is queued: a thread that cannot start, the process at
+                # its limit, fails this submission, and no job waits for a thread that
+                # never comes)
                 self._start()
             else:
                 self._backlog += 1
+            self._jobs.put(job)
 
     def lend(self) -> None:
         """A call running in the pool was given up by its caller: it no longer counts
@@ -103,8 +106,12 @@ class CallPool(Executor):
         with self._lock:
             self._lent += 1
             if self._backlog and not self._closed:
-                self._backlog -= 1
-                self._start()
+                try:
+                    self._start()
+                except RuntimeError as exc:  # (the jobs wait for a thread that ends)
+                    log.warning("%s: no thread for a queued job: %s", self._name, exc)
+                else:
+                    self._backlog -= 1
 
     def unlend(self) -> None:
         """A call :meth:`lend` was called for ended. (Its thread, which ended the job
@@ -148,12 +155,12 @@ class CallPool(Executor):
 
     def _start(self) -> None:
         # (under the lock)
-        self._threads += 1
         t = threading.Thread(
             target=self._work, name=f"{self._name}_{next(self._numbers)}", daemon=True
         )
+        t.start()  # (RuntimeError "can't start new thread": nothing counted)
+        self._threads += 1
         self._alive.add(t)
-        t.start()
 
     def _work(self) -> None:
         jobs = self._jobs

@@ -2099,11 +2099,16 @@ class Worker:
             # in the thread pool, until it proves fast; it reports back by itself (see
             # _pool_call)
             assert self._pool is not None, "a call dispatched before the worker started"
+            try:
+                self._pool.run_soon(
+                    ctx.run, self._pool_call, conn, cid, mode, fn, args, kwargs, meta, hooks, stats
+                )
+            except RuntimeError as exc:  # (no thread could start: the process at its limit)
+                self._done()
+                self._reply_exc(conn, cid, exc, hooks)
+                return
             if cid:  # (a cancel from its caller is remembered: see _cancel_request)
                 conn.running[cid] = _IN_POOL
-            self._pool.run_soon(
-                ctx.run, self._pool_call, conn, cid, mode, fn, args, kwargs, meta, hooks, stats
-            )
             return
         # marked inline, or proven fast: run inline on the loop
         t0 = time.perf_counter()
@@ -2229,7 +2234,17 @@ class Worker:
 
     def _pool_call_done(self, conn, cid, mode, result, fast, meta, hooks, stats) -> None:
         """On the loop: the outcome of a call _pool_call ran. ``fast``: whether it proved
-        fast, None when it raised (which proves nothing either way)."""
+        fast, None when it raised (which proves nothing either way). Its in-flight slot
+        is released here, whatever happens in it, unless a task took it over."""
+        kept = False
+        try:
+            kept = self._pool_call_end(conn, cid, mode, result, fast, meta, hooks, stats)
+        finally:
+            if not kept:
+                self._done()
+
+    def _pool_call_end(self, conn, cid, mode, result, fast, meta, hooks, stats) -> bool:
+        """_pool_call_done's work; True when a task took the call's slot over."""
         gone = cid and conn.running.get(cid, _IN_POOL) is None  # (its caller)
         if gone:
             self._given_up -= 1
@@ -2242,15 +2257,13 @@ class Worker:
             if inspect.iscoroutine(result):
                 result.close()
             conn.running.pop(cid, None)
-            self._done()
             if gone:
                 self._answer_caller_gone(conn, cid, hooks)
-            return
+            return False
         if type(result) is _Raised:
             conn.running.pop(cid, None)
-            self._done()
             self._reply_exc(conn, cid, result.exc, hooks)
-            return
+            return False
         if type(result) not in _PLAIN and inspect.isawaitable(result):
             # (a sync-decorated async def's coroutine, a future: awaited on the loop, where
             # a cancel from its caller can stop it)
@@ -2259,22 +2272,21 @@ class Worker:
                 t.add_done_callback(functools.partial(_close_coroutine, result))
             if cid:
                 conn.running[cid] = t
-            return
+            return True
         conn.running.pop(cid, None)
         if cid == 0 or conn.closed:
-            self._done()
-            return
+            return False
         chunks = self._encode_reply(conn, cid, mode, result, hooks)
         if hooks.forks:
             self.spawn(self._send_then_done(conn, cid, chunks, hooks))
-            return
+            return True
         conn.send_nowait(chunks)
         if conn.write_paused:
             # (its slot is held until the reply is out, as for an async def: a caller
             # that does not read holds back this worker's calls, not its memory)
             self.spawn(self._send_then_done(conn, cid, None, hooks))
-            return
-        self._done()
+            return True
+        return False
 
     async def _send_then_done(self, conn, cid, chunks, hooks) -> None:
         """The end of _pool_call_done that waits: the result's RRefs registered, then
