@@ -266,8 +266,8 @@ def fn_spec(fn: Any) -> str | list:
 def _interactive_spec(fn: Any, qual: str) -> list:
     """The wire name of ``fn``, defined interactively (a prompt's, a notebook cell's):
     no file holds it, so only this process's own workers can run it; the name says
-    which object (see _INTERACTIVE)."""
-    where = f"{_INTERACTIVE}{id(fn):x}>"
+    which object (see INTERACTIVE)."""
+    where = f"{INTERACTIVE}{id(fn):x}>"
     _interactive_fns[where] = fn
     return [f"__main__:{qual}", where, SESSION]
 
@@ -276,7 +276,7 @@ def _interactive_spec(fn: Any, qual: str) -> list:
 #: notebook cell, by ``python -c``, or in a script read from stdin): no file to import
 #: it from, so it names the object itself, for this process's own workers
 #: (``["__main__:f", "<interactive 7f...>", session]``)
-_INTERACTIVE = "<interactive "
+INTERACTIVE = "<interactive "
 #: functions and classes defined interactively that were named for a call, by the path
 #: their wire names carry (kept: a call may still be on its way to a worker here)
 _interactive_fns: dict[str, Any] = {}
@@ -314,7 +314,7 @@ def _interactive(fn: Any) -> bool:
     return False
 
 
-def _interactive_fn(name: str, path: str, session: str, dest: str | None = None) -> Any:
+def interactive_fn(name: str, path: str, session: str, dest: str | None = None) -> Any:
     """The function named by the wire name of one defined interactively, if this is the
     process that defined it; else TypeError saying what to do (``dest``: the worker a
     caller was to call it on)."""
@@ -987,8 +987,8 @@ def resolve(spec: Any) -> Any:
             else:
                 _module_names[path] = module
             _homes.pop(path, None)
-    if path is not None and path.startswith(_INTERACTIVE):
-        return _interactive_fn(name, path, session or "")
+    if path is not None and path.startswith(INTERACTIVE):
+        return interactive_fn(name, path, session or "")
     mod, sep, qual = name.partition(":")
     if not sep or not mod or not qual:
         where = (

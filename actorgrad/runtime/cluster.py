@@ -222,7 +222,7 @@ def check_advertise(advertise: Any) -> tuple[str, int | None]:
     if host in ("", "0.0.0.0", "::"):
         raise ValueError(
             f"advertise must name an address other workers connect to, not {advertise!r:.80} "
-            "(which stands for every interface)"
+            f"({'empty' if not host else 'which stands for every interface'})"
         )
     return host, port
 

@@ -2480,10 +2480,10 @@ class Worker:
             # (first: ag.rpc(fn, "w1") was told that function name 'w1' is malformed)
             dest = _worker_name(dest)
         target = fn if mode >= MODE_RREF_RPC else calls.fn_spec(fn)
-        if type(target) is list and target[1].startswith(calls._INTERACTIVE):
+        if type(target) is list and target[1].startswith(calls.INTERACTIVE):
             # (at once, not from the worker process: it cannot import such a function)
             if not any(w.name == dest and not w.closed for w in _here):
-                calls._interactive_fn(target[0], target[1], "", dest)
+                calls.interactive_fn(target[0], target[1], "", dest)
         _check_call_args(args, kwargs)
         check_timeout(timeout, "for no timeout", " (PyTorch's 0 for no timeout is None here)")
         # (the timeout bounds the whole call: connecting to a peer that accepts but never
