@@ -45,6 +45,7 @@ from typing import Any, NoReturn
 
 from actorgrad.errors import ActorgradError, AuthError
 from actorgrad.runtime import cluster, transport
+from actorgrad.runtime import worker as rworker
 from actorgrad.runtime.cluster import new_token, run
 from actorgrad.runtime.procs import (
     ENV_ADDRESS,
@@ -982,20 +983,27 @@ def _port(text: str) -> int:
 #: The environment variables, for ``actorgrad --help`` (none was listed anywhere but
 #: in the docs).
 _ENVIRONMENT = """environment:
-  ACTORGRAD_TOKEN           the cluster token, for every command that needs one
-  ACTORGRAD_ADDRESS         HOST:PORT of the cluster, for status and ag.init
-                            (run sets both for its script)
-  ACTORGRAD_LOG             log level: debug, info, warning (default), error
-  ACTORGRAD_SPIN_US         polling window after each message, in microseconds
-                            (default 5000, 0: off, at most 100000)
-  ACTORGRAD_LOCAL_SOCKETS   0: co-located workers talk over TCP, not Unix sockets
-  ACTORGRAD_MALLOC_TUNING   0: keep glibc malloc's defaults (so does a
-                            MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ set)
-  OMP_NUM_THREADS           set: worker processes keep the math libraries' thread
-                            counts; unset: OMP_, OPENBLAS_ and MKL_NUM_THREADS each
-                            get cores / processes (unless set)
-  ACTORGRAD_PROFILE         PATH: each worker process runs under cProfile and
-                            writes its stats to PATH.NAME when it exits
+  ACTORGRAD_TOKEN             the cluster token, for every command that needs one
+  ACTORGRAD_ADDRESS           HOST:PORT of the cluster, for status and ag.init
+                              (run sets both for its script)
+  ACTORGRAD_LOG               log level: debug, info, warning (default), error
+  ACTORGRAD_SPIN_US           polling window after each message, in microseconds
+                              (default 5000, 0: off, at most 100000)
+  ACTORGRAD_HEARTBEAT_TIMEOUT seconds a peer that is waited on may send nothing
+                              before it is taken for lost (default 3, 2 to 30):
+                              longer tolerates blocked loops and stalled links,
+                              and finds a hung peer later; set it on every host
+  ACTORGRAD_LOCAL_SOCKETS     0: co-located workers talk over TCP, not Unix
+                              sockets
+  ACTORGRAD_MALLOC_TUNING     0: keep glibc malloc's defaults (so does a
+                              MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_
+                              set)
+  OMP_NUM_THREADS             set: worker processes keep the math libraries'
+                              thread counts; unset: OMP_, OPENBLAS_ and
+                              MKL_NUM_THREADS each get cores / processes (unless
+                              set)
+  ACTORGRAD_PROFILE           PATH: each worker process runs under cProfile and
+                              writes its stats to PATH.NAME when it exits
 See README.md and docs/limits.md."""
 
 
@@ -1218,6 +1226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             log_to_stderr()
+            # (ACTORGRAD_HEARTBEAT_TIMEOUT: a bad one is a usage error, said once here,
+            # not by each worker process; the processes started inherit it)
+            rworker.read_settings()
         except ValueError as exc:
             raise CliError(str(exc), code=2) from None
         # (now, once: a bad tuning value warns through that logging, and the processes

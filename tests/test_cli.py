@@ -874,6 +874,30 @@ def test_an_unknown_log_level_is_refused_by_name() -> None:
     )
 
 
+def test_a_bad_heartbeat_timeout_is_refused_by_name() -> None:
+    # (a usage error of the command, said once, before any worker process starts; the
+    # processes it starts inherit the variable)
+    env = clean_env(ACTORGRAD_HEARTBEAT_TIMEOUT="0.1")
+    for argv in (["status", "--address", "127.0.0.1:1"], ["cluster", "-n", "1"]):
+        r = run_cli(*argv, env=env)
+        assert (r.returncode, r.stderr) == (
+            2,
+            "actorgrad: error: ACTORGRAD_HEARTBEAT_TIMEOUT='0.1': must be at least 2 s (4 "
+            "heartbeat intervals of 0.5 s)\n",
+        )
+    r = run_cli(
+        "status", "--address", "127.0.0.1:1", env=clean_env(ACTORGRAD_HEARTBEAT_TIMEOUT="x")
+    )
+    assert r.returncode == 2 and "ACTORGRAD_HEARTBEAT_TIMEOUT='x': not a number" in r.stderr
+
+
+def test_help_lists_the_heartbeat_timeout() -> None:
+    r = run_cli("--help")
+    assert r.returncode == 0, r.stderr
+    assert "\n  ACTORGRAD_HEARTBEAT_TIMEOUT seconds a peer that is waited on may send" in r.stdout
+    assert "(default 3, 2 to 30)" in r.stdout
+
+
 LOG_LEVELS = """
 import logging, sys
 from actorgrad.runtime.procs import log_to_stderr

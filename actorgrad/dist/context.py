@@ -591,6 +591,9 @@ class DistState:
         if worker.closed:
             return
         now = time.monotonic()
+        # (the runtime's timeout, read here each round: ACTORGRAD_HEARTBEAT_TIMEOUT sets it
+        # for this process, and a pass fails on a hung peer after the same silence as a
+        # call does; the interval is fixed, as the runtime's pings are)
         lagged = now - since > _runtime.HEARTBEAT_INTERVAL + 1.0  # (our own loop was blocked)
         heard_from: dict[str, float | None] = {}  # (once a round per peer, not per context)
         for ctx in list(self._watching.values()):

@@ -86,7 +86,7 @@ async def init(
         ValueError: a malformed name, address, host or port, a blank token (also "":
             it is not "no token"), no token to join with, or a new cluster bound to a
             host that is not a loopback address without a token (anyone who can reach
-            it could join: pass ``token=``).
+            it could join: pass ``token=``), or a bad ``ACTORGRAD_HEARTBEAT_TIMEOUT``.
         RuntimeError: this process is initialized already (a worker whose event loop
             has closed does not count: it is forgotten).
         AuthError: the cluster's token is another one.
@@ -110,6 +110,7 @@ async def init(
     if type(port) is not int:
         raise TypeError(f"port must be an int (0: any free port), not {port!r:.80}")
     where = None if advertise is None else check_advertise(advertise)
+    _w.read_settings()  # (a bad ACTORGRAD_HEARTBEAT_TIMEOUT: ValueError, nothing started)
     with _claim(name):
         return await _init(name, address, token, host, port, where)
 
@@ -413,7 +414,8 @@ async def local_cluster(
     over local Unix sockets) or, with ``processes=True``, as OS processes (TCP, local
     Unix sockets between them unless ``ACTORGRAD_LOCAL_SOCKETS=0``; ``transport`` is for
     in-process workers and does not apply). Leaving shuts
-    everything down, also on error/cancellation.
+    everything down, also on error/cancellation. ValueError for a bad
+    ``ACTORGRAD_HEARTBEAT_TIMEOUT`` (worker processes inherit it).
 
     Example::
 
@@ -448,6 +450,9 @@ async def local_cluster(
         )
     token = None if token is None else check_token(token)
     _check_not_initialized()
+    # (a bad ACTORGRAD_HEARTBEAT_TIMEOUT: ValueError, nothing started; the worker
+    # processes inherit the variable and read it as this process did)
+    _w.read_settings()
     there = env_address()
     if there and driver:
         # (a script run by `actorgrad run` that starts a local cluster: both work, and

@@ -141,11 +141,30 @@ MODE_RPC, MODE_REMOTE, MODE_RREF_RPC, MODE_RREF_REMOTE = range(4)
 #: How errors name the parts of a request's body (``(at args[1])``, not ``body[0][1]``).
 _CALL = ("args", "kwargs")
 
+#: How often a worker pings a connection someone waits on. Fixed, whatever
+#: ``ACTORGRAD_HEARTBEAT_TIMEOUT`` says: the pinging side does not know the timeout its
+#: peer judges it by (each process reads its own), so it pings often enough for the
+#: shortest one allowed (MIN_HEARTBEAT_TIMEOUT, 4 intervals). Scaled with a longer
+#: timeout, a worker set to 30 s would ping every 5 s, and a peer left at the default
+#: 3 s would take it for lost between two pings. Pings go out only where someone waits
+#: (see Worker._heartbeat), so a longer timeout gains nothing from fewer of them.
 HEARTBEAT_INTERVAL = 0.5
+#: How long a peer that someone here waits on (calls pending on its connection, a
+#: protocol watching it) may send nothing before it is taken for lost: its connections
+#: close, the calls waiting on it fail with WorkerLost, a backward pass watching it
+#: fails. ``ACTORGRAD_HEARTBEAT_TIMEOUT`` sets it (see read_settings): a loop blocked,
+#: or a link stalled, for longer than this makes a live worker look lost; a dead one
+#: (its process stopped, its host cut off) is found this long after it went silent. A
+#: closed connection (a process that died) is found at once, whatever the setting.
 HEARTBEAT_TIMEOUT = 3.0
+DEFAULT_HEARTBEAT_TIMEOUT = HEARTBEAT_TIMEOUT
 #: How long a ``[K_ASK]`` keeps its receiver pinging every ``HEARTBEAT_INTERVAL`` (see
 #: Worker._heartbeat): part of the protocol, the same on both ends whatever their
-#: timeouts (the asker takes a longer gap between its asks for a new start).
+#: timeouts (the asker takes a longer gap between its asks for a new start). Not scaled
+#: with the timeout: an asker asks every interval, so the window is renewed for as long
+#: as the asks get through; when they stop (the link one way stalled) the receiver
+#: pings on for this window, and the asker's silence counts from its last ping, so a
+#: stall of the asks is tolerated for this window plus the asker's own timeout.
 ASK_WINDOW = 3.0
 #: Bytes of a message's msgpack part a peer is given a second to decode before its
 #: silence counts: at about 2-100 MB/s (empty lists to floats, on the 2-core VM) a
@@ -157,10 +176,32 @@ SLOW_DECODE_RATE = 500_000
 #: a peer that does not answer for the heartbeat timeout is hung, as lost as one silent
 #: on an open connection, and a backward pass or a release that waits on it fails as
 #: soon (a pipeline stage hung on a relayed gradient failed backward after 5.3 s).
+#: Follows ``ACTORGRAD_HEARTBEAT_TIMEOUT``: a peer whose loop is blocked for less than
+#: the timeout is alive to calls already waiting on it, and so to a new connection (its
+#: kernel accepts, its loop answers once free). The cost is the same: a hung or cut off
+#: peer is found that much later also when connecting.
 PEER_CONNECT_TIMEOUT = HEARTBEAT_TIMEOUT
 #: A connection without pending calls is dropped only after this long in silence
 #: (half-open connections, a hung head); a dead process closes its sockets at once.
+#: Also the registry's limit both ways: a cluster's head drops a member it heard nothing
+#: from for this long, a member leaves a head silent this long. Fixed: idle
+#: connections are pinged every ``IDLE_TIMEOUT / 6`` (9-10 s), and a process that
+#: waited longer would have peers (set otherwise) ping it too seldom.
 IDLE_TIMEOUT = 60.0
+#: The environment variable that sets HEARTBEAT_TIMEOUT (and PEER_CONNECT_TIMEOUT), in
+#: seconds, for the processes that read it (see read_settings).
+ENV_HEARTBEAT_TIMEOUT = "ACTORGRAD_HEARTBEAT_TIMEOUT"
+#: Shortest timeout it may set: 4 heartbeat intervals, 3 pings missed before a peer is
+#: lost (a timeout of about one interval took a live peer for lost at every scheduling
+#: hiccup: a ping's own delivery, a round of the heartbeat loop come late).
+MIN_HEARTBEAT_TIMEOUT = 4 * HEARTBEAT_INTERVAL
+#: Longest: half the head's limit for a silent member (IDLE_TIMEOUT). A worker whose loop
+#: is blocked for just under the timeout, tolerated by its peers, must not be dropped
+#: from the cluster by its head meanwhile: its membership connection is pinged only
+#: every 9 s when idle, so the head may hear nothing from it for the block plus 9 s,
+#: and some more on a loaded machine. A longer block is better moved off the loop
+#: (``asyncio.to_thread``, a plain function in the thread pool).
+MAX_HEARTBEAT_TIMEOUT = IDLE_TIMEOUT / 2
 #: How long a worker importing a driver's script (its top level runs on the worker's
 #: loop) may be silent before its peers take it for hung (see Worker.going_quiet).
 SCRIPT_IMPORT_GRACE = 60.0
@@ -179,6 +220,67 @@ CANCEL_GRACE = 1.0
 #: The longest a shutdown waits for connections its listeners accepted to be set up.
 LISTENER_CLOSE_WAIT = 1.0
 POOL_THREADS = 8
+
+#: Whether this process read ``ACTORGRAD_HEARTBEAT_TIMEOUT`` (see read_settings).
+_settings_read = False
+
+
+def heartbeat_timeout_setting() -> float | None:
+    """The heartbeat timeout ``ACTORGRAD_HEARTBEAT_TIMEOUT`` sets, in seconds (None: unset
+    or blank); ValueError naming the variable and the value for one that is not a finite
+    number of seconds from MIN_HEARTBEAT_TIMEOUT to MAX_HEARTBEAT_TIMEOUT. (Refused, not
+    replaced by the default with a warning as a tuning knob's: a user who set it counts
+    on its tolerance, and a worker then lost is the surprise it was set against.)"""
+    raw = os.environ.get(ENV_HEARTBEAT_TIMEOUT, "")
+    text = raw.strip()
+    if not text:
+        return None
+    shown = f"{ENV_HEARTBEAT_TIMEOUT}={clip_text(raw, 80)!r}"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{shown}: not a number of seconds") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{shown}: not a finite number of seconds")
+    if value <= 0:
+        raise ValueError(f"{shown}: must be a positive number of seconds")
+    if value < MIN_HEARTBEAT_TIMEOUT:
+        raise ValueError(
+            f"{shown}: must be at least {MIN_HEARTBEAT_TIMEOUT:g} s (4 heartbeat intervals "
+            f"of {HEARTBEAT_INTERVAL:g} s)"
+        )
+    if value > MAX_HEARTBEAT_TIMEOUT:
+        raise ValueError(
+            f"{shown}: must be at most {MAX_HEARTBEAT_TIMEOUT:g} s (half the "
+            f"{IDLE_TIMEOUT:g} s a cluster's head waits on a silent member)"
+        )
+    return value
+
+
+def read_settings() -> None:
+    """Read ``ACTORGRAD_HEARTBEAT_TIMEOUT`` unless read already (once per process): by
+    ``ag.init``, ``ag.local_cluster``, the ``actorgrad`` command and worker processes
+    as they start, and at the first Worker. Set, it sets HEARTBEAT_TIMEOUT and
+    PEER_CONNECT_TIMEOUT (the module's constants, read where they are used: code that
+    replaces them, tests, keeps its value; unset, they are left as they are).
+    ValueError for a bad value (see heartbeat_timeout_setting), which is read again
+    next time. Not at import: a bad value would make ``import actorgrad`` fail, and the
+    command could not say it as its other usage errors.
+
+    Each process judges its peers by its own timeout. The processes a cluster starts
+    inherit the environment (``actorgrad cluster``, ``actorgrad run``,
+    ``local_cluster(processes=True)``); workers started on other hosts need it set
+    there too. Processes set otherwise work together: pings go out at the same
+    interval whatever the setting, so a peer is lost to each after that one's own
+    timeout (the tolerant one waits longer for a blocked peer than the other does)."""
+    global _settings_read, HEARTBEAT_TIMEOUT, PEER_CONNECT_TIMEOUT
+    if _settings_read:
+        return
+    value = heartbeat_timeout_setting()
+    if value is not None:
+        HEARTBEAT_TIMEOUT = PEER_CONNECT_TIMEOUT = value
+    _settings_read = True
+
 
 _current: contextvars.ContextVar[Worker] = contextvars.ContextVar("actorgrad_worker")
 _current_conn: contextvars.ContextVar[Connection] = contextvars.ContextVar("actorgrad_conn")
@@ -612,6 +714,7 @@ class Worker:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"worker name must be a non-empty string, not {name!r}")
+        read_settings()  # (ACTORGRAD_HEARTBEAT_TIMEOUT, once per process)
         token = transport.check_token(token)
         if type(port) is not int or not 0 <= port <= 65535:
             raise ValueError(

@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log_to_stderr()
         token = env_token()
+        from actorgrad.runtime.worker import read_settings
+
+        read_settings()  # (ACTORGRAD_HEARTBEAT_TIMEOUT: a bad one is said, status 2)
     except ValueError as exc:
         print(f"actorgrad worker: {exc}", file=sys.stderr)
         return 2
