@@ -30,6 +30,11 @@ TESTS = str(pathlib.Path(__file__).parent)
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# The tests assume the default heartbeat timeout (3 s) in this process and in every one
+# it starts: a shell's ACTORGRAD_HEARTBEAT_TIMEOUT would change what they measure (the
+# tests of the setting set it themselves).
+os.environ.pop("ACTORGRAD_HEARTBEAT_TIMEOUT", None)
+
 
 @pytest.fixture
 def worker_path(monkeypatch):
