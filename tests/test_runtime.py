@@ -3582,3 +3582,27 @@ async def test_init_advertises_the_address_it_is_given_not_its_listeners():
         assert w.address == f"[fd00::7]:{w._server.sockets[0].getsockname()[1]}"
     finally:
         await ag.shutdown()
+
+
+async def test_a_worker_decoding_a_big_request_tells_every_peer_it_may_be_silent(monkeypatch):
+    # It told the caller only: another worker waiting on a call there took it for
+    # lost while it decoded (its loop blocked for seconds by a request of many objects).
+    async with ag.local_cluster(2) as c:
+        w1 = c.workers[0]
+        assert (
+            await ag.rpc("w2", "actorgrad.runtime.api:rpc", ("w1", f"{__name__}:add", (1, 2))) == 3
+        )
+        said: list[tuple[str, list]] = []
+        say = rworker.Worker._say_now
+
+        def spy(conn: Any, header: list) -> None:
+            if header[0] == rworker.K_PING and conn.peer_name in ("driver", "w2"):
+                said.append((conn.peer_name, header[1:]))
+            say(conn, header)
+
+        monkeypatch.setattr(rworker.Worker, "_say_now", staticmethod(spy))
+        monkeypatch.setattr(rworker, "SLOW_DECODE_RATE", 1000)
+        assert await ag.rpc("w1", "builtins:len", ([[]] * 5000,)) == 5000
+        for peer in ("driver", "w2"):  # (each told it may be silent, then that it is back)
+            told = [h[0] for q, h in said if q == peer]
+            assert told and told[0] > 0 and told[-1] == 0, (peer, said, w1)

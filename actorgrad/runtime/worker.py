@@ -2105,16 +2105,18 @@ class Worker:
         # counted from the send, was used up meanwhile on a slow link: a 12 MB request
         # at 256 KiB/s arrived 46 s after it left, 22 s past it, and the caller took the
         # live worker for lost 3 s into the decode)
+        # (every peer, not its caller only: another worker waiting on a call here took
+        # this one for lost as it decoded)
         quiet = frame.body_nbytes > SLOW_DECODE_RATE
         if quiet:
-            self._say_now(conn, [K_PING, min(MAX_QUIET, frame.body_nbytes / SLOW_DECODE_RATE)])
+            self.going_quiet(min(MAX_QUIET, frame.body_nbytes / SLOW_DECODE_RATE))
         try:
             try:
                 try:
                     body = frame.body(hooks)
                 finally:
                     if quiet:  # (decoded: its silence counts again)
-                        self._say_now(conn, [K_PING, 0])
+                        self.going_quiet(0)
             except ProtocolError as exc:
                 # (stopped part way: what its decoding recorded goes, and the caller,
                 # told the call was refused, takes back what its encoding recorded)
