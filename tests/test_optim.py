@@ -404,6 +404,67 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(kind, tmp_path):
     assert not np.allclose(fresh.parameters()[0].data, whole.parameters()[0].data, rtol=1e-6)
 
 
+def _to_plain(a):  # (docs/limits.md, "Saving to a file": msgpack's default=)
+    if isinstance(a, np.ndarray):
+        return {"__ndarray__": [a.dtype.str, list(a.shape), a.tobytes()]}
+    raise TypeError(f"cannot save a {type(a).__name__}")
+
+
+def _from_plain(d):  # (its object_hook=)
+    if "__ndarray__" in d:
+        dtype, shape, data = d["__ndarray__"]
+        return np.frombuffer(data, dtype).reshape(shape).copy()
+    return d
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_the_documented_file_recipes_resume_bit_for_bit(kind, fmt, tmp_path):
+    """limits.md's recipes for a checkpoint file (model and optimizer together) give
+    back a run that goes on as if never stopped; the plain calls fail as it says."""
+    import json
+
+    import msgpack
+
+    cls, opts = CHECKPOINTS[kind]
+    whole = _model(0)
+    _train(whole, cls(whole.parameters(), **opts), slice(0, 5))
+    first = _model(0)
+    opt1 = cls(first.parameters(), **opts)
+    _train(first, opt1, slice(0, 2))
+    ckpt = {"model": first.state_dict(), "opt": opt1.state_dict(), "step": 2}
+    path = tmp_path / f"ckpt.{fmt}"
+    if fmt == "msgpack":
+        with pytest.raises(TypeError, match="ndarray"):
+            msgpack.packb(ckpt)
+        path.write_bytes(msgpack.packb(ckpt, default=_to_plain))
+        back = msgpack.unpackb(path.read_bytes(), object_hook=_from_plain, strict_map_key=False)
+    else:
+        with pytest.raises(TypeError, match="ndarray"):
+            json.dumps(ckpt)
+        with open(path, "w") as f:
+            json.dump(ckpt, f, default=lambda a: a.tolist())
+        with open(path) as f:
+            back = json.load(f)
+    resumed = _model(7)
+    resumed.load_state_dict(back["model"])
+    opt2 = cls(resumed.parameters(), lr=0.5)
+    opt2.load_state_dict(back["opt"])
+    _train(resumed, opt2, slice(back["step"], 5))
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert a.data.dtype == b.data.dtype == np.float64
+        assert np.array_equal(a.data, b.data)
+
+
+def test_np_savez_of_a_nested_state_dict_pickles_it_as_limits_md_says(tmp_path):
+    model = _model(0)
+    opt = ag.optim.Adam(model.parameters(), lr=0.1)
+    _train(model, opt, slice(0, 1))
+    np.savez(tmp_path / "opt.npz", **opt.state_dict())  # (no error here...)
+    with np.load(tmp_path / "opt.npz") as f, pytest.raises(ValueError, match="allow_pickle"):
+        f["state"]  # (...but here)
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_a_resumed_run_matches_torch_and_the_state_dicts_mirror_torchs(kind):
     torch = pytest.importorskip("torch")
