@@ -3606,3 +3606,24 @@ async def test_a_worker_decoding_a_big_request_tells_every_peer_it_may_be_silent
         for peer in ("driver", "w2"):  # (each told it may be silent, then that it is back)
             told = [h[0] for q, h in said if q == peer]
             assert told and told[0] > 0 and told[-1] == 0, (peer, said, w1)
+
+
+async def test_calls_to_a_worker_that_left_leave_no_reference_cycles():
+    # The connecting task's error, shared by its callers, held the frame awaiting it in
+    # its traceback, and that frame the task: a cycle at each call to a lost worker.
+    import gc
+
+    async with ag.local_cluster(2) as c:
+        await c.workers[0].shutdown()
+        for _ in range(2):
+            with pytest.raises(ag.WorkerLost, match="'w1' has left the cluster"):
+                await ag.rpc("w1", add, (1, 2), timeout=5)
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            with pytest.raises(ag.WorkerLost, match="'w1' has left the cluster"):
+                await ag.rpc("w1", add, (1, 2), timeout=5)
+            assert gc.collect() == 0, sorted({type(o).__name__ for o in gc.garbage})
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()

@@ -1317,6 +1317,9 @@ class Worker:
         try:
             return await asyncio.shield(task)
         except ActorgradError as exc:  # (each caller its own: see one_each)
+            # (the task's own error, shared, has this frame in its traceback now: with the
+            # task still in it, each call to a lost worker left a reference cycle)
+            del task
             raise one_each(exc) from exc.__cause__
 
     async def _connect_peer(self, dest: str) -> Connection:
