@@ -323,15 +323,23 @@ class Optimizer:
         >>> opt2.state[w2]["momentum_buffer"]
         array([1., 1.], dtype=float32)
         """
+        hyper, loaded = self._loadable(state)
+        for name, value in hyper.items():
+            setattr(self, name, value)
+        self.state.clear()
+        self.state.update(loaded)
+
+    def _loadable(self, state: Any) -> tuple[dict[str, Any], dict[Tensor, dict[str, Any]]]:
+        """Everything ``load_state_dict`` checks, nothing changed: the hyperparameters
+        and each parameter's state as they would be loaded (raises as it does). A
+        DistributedOptimizer has every owner check first, so that a state no owner
+        refuses is loaded everywhere, and one refused is loaded nowhere."""
         hyper, entries, ids = self._checked_state_dict(state, len(self.params))
         loaded = {}
         for p, entry, key in zip(self.params, entries, ids, strict=True):
             if entry is not None:
                 loaded[p] = self._fitted(entry, p, f"state[{key}]")
-        for name, value in hyper.items():
-            setattr(self, name, value)
-        self.state.clear()
-        self.state.update(loaded)
+        return hyper, loaded
 
     def _checked_state_dict(
         self, state: Any, n: int

@@ -119,6 +119,10 @@ class _LocalOptimizer:
         with _STEP_LOCK:  # (not a copy of a step half made)
             return self.optim.state_dict()
 
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """What ``load_state_dict`` would refuse, raised; nothing changed."""
+        self.optim._loadable(state)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with _STEP_LOCK:
             self.optim.load_state_dict(state)
@@ -336,8 +340,9 @@ class DistributedOptimizer:
         Each owner checks the shapes of its parameters' state before changing its own:
         one that refuses (a ``RemoteError`` naming ``state[i]``) or is lost
         (``WorkerLost``) makes it raise once every owner answered, the first one's
-        error, with a note naming the owners that loaded and the others; they keep what
-        they loaded (load a good state dict again).
+        error, with a note naming the others. Every owner checks its part before any
+        loads: a state one of them refuses is loaded nowhere. Only an owner lost between
+        the check and the load leaves the others loaded (the note names those).
 
         Example::
 
@@ -354,18 +359,20 @@ class DistributedOptimizer:
             mine = {i: e for i in where if (e := entries[i]) is not None}
             group = {**hyper, "params": list(where)}
             parts.append({"state": mine, "param_groups": [group]})
-        results = await asyncio.gather(
-            *(
-                _called(r, "load_state_dict", sd)
-                for r, sd in zip(refs.values(), parts, strict=True)
-            ),
-            return_exceptions=True,
-        )
-        try:
-            _raise_failures("load_state_dict", list(refs), results, "loaded")
-        except BaseException:
-            del results, refs, parts  # (see state_dict)
-            raise
+        # Two rounds: each owner checks its part first (the shapes only it knows), and
+        # the state is loaded only once none refused: a state one owner refused was
+        # loaded on the others, the optimizers left half in one state, half in another.
+        # (An owner lost between the rounds still leaves the others loaded.)
+        for method, done in (("check_state_dict", "checked"), ("load_state_dict", "loaded")):
+            results = await asyncio.gather(
+                *(_called(r, method, sd) for r, sd in zip(refs.values(), parts, strict=True)),
+                return_exceptions=True,
+            )
+            try:
+                _raise_failures("load_state_dict", list(refs), results, done)
+            except BaseException:
+                del results, refs, parts  # (see state_dict)
+                raise
         # (only now: owners' optimizers made later take these; after a failed load the
         # old ones stand, as on the owners that did not load)
         self._options = {**self._options, **hyper}
