@@ -471,7 +471,9 @@ class Optimizer:
                         f"load_state_dict: {what}[{k!r}] has shape {v.shape}, its parameter "
                         f"{p.data.shape}"
                     )
-                out[k] = np.array(v, dtype=p.data.dtype)
+                # (C order: a step cuts its blocks from the flat views of C-ordered
+                # state; a Fortran-ordered one, loaded, made its temporaries whole again)
+                out[k] = np.array(v, dtype=p.data.dtype, order="C")
             else:
                 out[k] = np.array(v) if isinstance(v, np.ndarray) else v
         return out

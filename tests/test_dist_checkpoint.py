@@ -144,7 +144,10 @@ async def test_a_state_dict_that_does_not_fit_changes_no_owner():
             await opt.load_state_dict(bad)
         assert ei.value.worker == "w1"
         note = "\n".join(getattr(ei.value, "__notes__", []))
-        assert "DistributedOptimizer.load_state_dict: failed on 'w1'; checked on 'w2'" in note
+        assert (
+            "DistributedOptimizer.load_state_dict: failed on 'w1'; nothing loaded; checked on 'w2'"
+            in note
+        )
         after = await opt.state_dict()  # (w2 loaded nothing either: not its lr, not its state)
         assert after["param_groups"] == before["param_groups"]
         for i, entry in before["state"].items():
@@ -163,7 +166,7 @@ async def test_a_lost_owner_fails_state_dict_and_load_state_dict_naming_it():
         with pytest.raises(ag.WorkerLost, match="'w2'") as ei:
             await opt.load_state_dict(saved)
         note = "\n".join(getattr(ei.value, "__notes__", []))
-        assert "load_state_dict: no answer from 'w2'; checked on 'w1'" in note
+        assert "load_state_dict: no answer from 'w2'; nothing loaded; checked on 'w1'" in note
 
 
 async def test_failed_state_dict_and_load_state_dict_leave_no_reference_cycles(monkeypatch):

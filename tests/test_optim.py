@@ -716,3 +716,17 @@ def test_a_subclass_needing_more_than_its_hyperparameters_loads_its_own_state_di
     opt = Clipped([w], lr=0.2, clip_to=3.0)
     opt.load_state_dict(sd)
     assert (opt.lr, opt._clip) == (0.1, 3.0)
+
+
+def test_a_loaded_state_array_is_kept_in_c_order():
+    # A Fortran-ordered momentum buffer, loaded as it was, made the blocked step of a
+    # parameter with rows bigger than UPDATE_BLOCK build whole-size temporaries again.
+    w = ag.tensor(np.zeros((3, 4)), requires_grad=True)
+    opt = ag.optim.SGD([w], lr=0.1, momentum=0.9)
+    opt.step({w: np.ones((3, 4))})
+    sd = opt.state_dict()
+    sd["state"][0]["momentum_buffer"] = np.asfortranarray(sd["state"][0]["momentum_buffer"])
+    opt2 = ag.optim.SGD([ag.tensor(np.zeros((3, 4)), requires_grad=True)], lr=0.1)
+    opt2.load_state_dict(sd)
+    (buf,) = (e["momentum_buffer"] for e in opt2.state.values())
+    assert buf.flags.c_contiguous and np.array_equal(buf, np.ones((3, 4)))

@@ -363,7 +363,8 @@ class DistributedOptimizer:
         # the state is loaded only once none refused: a state one owner refused was
         # loaded on the others, the optimizers left half in one state, half in another.
         # (An owner lost between the rounds still leaves the others loaded.)
-        for method, done in (("check_state_dict", "checked"), ("load_state_dict", "loaded")):
+        rounds = (("check_state_dict", "nothing loaded; checked"), ("load_state_dict", "loaded"))
+        for method, done in rounds:
             results = await asyncio.gather(
                 *(_called(r, method, sd) for r, sd in zip(refs.values(), parts, strict=True)),
                 return_exceptions=True,

@@ -157,7 +157,6 @@ HEARTBEAT_INTERVAL = 0.5
 #: (its process stopped, its host cut off) is found this long after it went silent. A
 #: closed connection (a process that died) is found at once, whatever the setting.
 HEARTBEAT_TIMEOUT = 3.0
-DEFAULT_HEARTBEAT_TIMEOUT = HEARTBEAT_TIMEOUT
 #: How long a ``[K_ASK]`` keeps its receiver pinging every ``HEARTBEAT_INTERVAL`` (see
 #: Worker._heartbeat): part of the protocol, the same on both ends whatever their
 #: timeouts (the asker takes a longer gap between its asks for a new start). Not scaled
