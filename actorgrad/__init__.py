@@ -34,6 +34,7 @@ from actorgrad.runtime import (
     remote,
     rpc,
     shutdown,
+    wait_for_workers,
     worker_name,
     workers,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "split",
     "stack",
     "tensor",
+    "wait_for_workers",
     "where",
     "worker_name",
     "workers",

@@ -103,6 +103,7 @@ ASYNC_EXAMPLES = {
     "ag.rpc": ag.rpc,
     "ag.worker_name": ag.worker_name,
     "ag.workers": ag.workers,
+    "ag.wait_for_workers": ag.wait_for_workers,
     "ag.dist.debug_info": ag.dist.debug_info,
     "ag.dist.context": ag.dist.context,
     "ag.dist.backward": ag.dist.backward,

@@ -3627,3 +3627,70 @@ async def test_calls_to_a_worker_that_left_leave_no_reference_cycles():
         finally:
             gc.set_debug(0)
             gc.garbage.clear()
+
+
+async def test_wait_for_workers_returns_once_they_joined_and_names_those_missing(tmp_path):
+    # A driver whose workers join on their own polled ag.workers() with sleeps.
+    import secrets
+
+    from clitools import Running, clean_env
+
+    async with ag.local_cluster(2):
+        assert await ag.wait_for_workers(3) == ["driver", "w1", "w2"]
+        assert await ag.wait_for_workers(("w2",), timeout=1) == ["driver", "w1", "w2"]
+        with pytest.raises(TimeoutError, match=r"waited 0.2 s for 'w9': ag.workers\(\) lists \["):
+            await ag.wait_for_workers(["w1", "w9"], timeout=0.2)
+        with pytest.raises(TimeoutError, match="waited 0.2 s for 4 workers"):
+            await ag.wait_for_workers(4, timeout=0.2)
+    token = tmp_path / "token"
+    token.write_text(secrets.token_urlsafe(16))
+    me = await ag.init("driver", token=token.read_text())
+    late = None
+    try:
+        waiting = asyncio.ensure_future(ag.wait_for_workers(["late"], timeout=60))
+        late = Running(
+            "worker", "--join", me.address, "--name", "late", "--token-file", str(token),
+            env=clean_env(),
+        )  # fmt: skip
+        assert await waiting == ["driver", "late"]
+    finally:
+        if late is not None:
+            late.stop()
+        await ag.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("workers", "kwargs", "exc", "message"),
+    [
+        (0, {}, ValueError, "workers must be a count >= 1, not 0"),
+        (True, {}, TypeError, "workers must be a count .an int. or a list of names, not True"),
+        ("w1", {}, TypeError, "not 'w1'"),
+        ([], {}, TypeError, "a non-empty list of names, not \\[\\]"),
+        (["w1", 2], {}, TypeError, "a non-empty list of names"),
+        (2, {"timeout": 0}, ValueError, "timeout"),
+    ],
+)
+async def test_wait_for_workers_refuses_bad_arguments_naming_them(workers, kwargs, exc, message):
+    async with ag.local_cluster(1):
+        with pytest.raises(exc, match=message):
+            await ag.wait_for_workers(workers, **kwargs)
+
+
+async def test_wait_for_workers_fails_with_worker_lost_when_the_head_goes(tmp_path):
+    # (nobody can join a cluster whose head is gone: the wait would run out its timeout)
+    from clitools import Running, clean_env
+
+    token = tmp_path / "token"
+    head = Running("cluster", "-n", "1", "--token-file", str(token), env=clean_env())
+    try:
+        address = await asyncio.to_thread(head.expect, "address:")
+        await ag.init("driver", address=address, token=token.read_text())
+        try:
+            waiting = asyncio.ensure_future(ag.wait_for_workers(["nobody"], timeout=60))
+            head.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ag.WorkerLost, match="waiting for 'nobody': the cluster's head"):
+                await waiting
+        finally:
+            await ag.shutdown()
+    finally:
+        head.stop()

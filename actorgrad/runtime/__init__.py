@@ -24,6 +24,7 @@ from actorgrad.runtime.api import (
     remote,
     rpc,
     shutdown,
+    wait_for_workers,
     worker_name,
     workers,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "rpc",
     "set_interceptor",
     "shutdown",
+    "wait_for_workers",
     "worker_name",
     "workers",
 ]

@@ -12,7 +12,7 @@ import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
-from actorgrad.errors import check_bool
+from actorgrad.errors import WorkerLost, check_bool
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.cluster import (
     HEAD_NAME,
@@ -37,7 +37,14 @@ from actorgrad.runtime.procs import (
 )
 from actorgrad.runtime.rref import RRef
 from actorgrad.runtime.transport import check_token
-from actorgrad.runtime.worker import MODE_REMOTE, MODE_RPC, Worker, current_worker
+from actorgrad.runtime.worker import (
+    MODE_REMOTE,
+    MODE_RPC,
+    Worker,
+    check_timeout,
+    current_worker,
+    head_lost,
+)
 
 log = logging.getLogger("actorgrad.runtime")
 
@@ -289,6 +296,88 @@ def workers() -> list[str]:
             assert ag.workers() == ["driver", "w1", "w2"]
     """
     return current_worker().worker_names()
+
+
+async def wait_for_workers(
+    workers: int | list[str] | tuple[str, ...],
+    *,
+    timeout: float | None = None,  # noqa: ASYNC109 (a deadline for the whole wait)
+) -> list[str]:
+    """Wait until the cluster has ``workers``: a count (``ag.workers()`` lists at least
+    that many, this worker and the driver included, as PyTorch's ``world_size`` counts
+    every rank) or names (each listed). Returns ``ag.workers()`` then. For a driver
+    whose workers join on their own (``actorgrad worker --join``, a batch scheduler's
+    jobs), instead of polling ``ag.workers()``.
+
+    Raises:
+        TimeoutError: ``timeout`` seconds passed first (it names those missing).
+        WorkerLost: this worker lost the cluster's head meanwhile: nobody can join.
+        TypeError, ValueError: a count that is not an int >= 1, names that are not a
+            list of str, a timeout that is not a number > 0.
+
+    In a driver whose ``actorgrad worker --join`` processes may still be joining (in a
+    ``local_cluster(2)``, as here, they are up already).
+
+    Example::
+
+        names = await ag.wait_for_workers(3, timeout=60)  # the driver and 2 workers
+        print(names)                                      # ['driver', 'w1', 'w2']
+    """
+    w = current_worker()
+    check_timeout(timeout, "to wait for good")
+    want: int | list[str]
+    if isinstance(workers, (list, tuple)):
+        want = names = list(workers)
+        if not names or not all(isinstance(n, str) for n in names):
+            raise TypeError(
+                f"workers must be a count or a non-empty list of names, not {workers!r:.80}"
+            )
+    elif type(workers) is int:
+        if workers < 1:
+            raise ValueError(f"workers must be a count >= 1, not {workers}")
+        want = workers
+    else:
+        raise TypeError(f"workers must be a count (an int) or a list of names, not {workers!r:.80}")
+
+    def missing(names: list[str]) -> str:
+        if isinstance(want, int):
+            return "" if len(names) >= want else f"{want} workers"
+        gone = [n for n in want if n not in names]
+        return ", ".join(repr(n) for n in gone)
+
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    lost = None
+    try:
+        while True:
+            names = w.worker_names()
+            if not missing(names):
+                return names
+            if w.registry is None and w.registry_lost.is_set():
+                raise WorkerLost(
+                    f"waiting for {missing(names)}: {head_lost(w.registry_lost_why)}; "
+                    "nobody can join"
+                )
+            if lost is None and w.registry is None:
+                lost = loop.create_task(w.registry_lost.wait())
+            changed = loop.create_task(w._members_changed.wait())
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                await asyncio.wait(
+                    [t for t in (changed, lost) if t is not None],
+                    timeout=left,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                changed.cancel()
+            if deadline is not None and loop.time() >= deadline and missing(w.worker_names()):
+                names = w.worker_names()
+                raise TimeoutError(
+                    f"waited {timeout:g} s for {missing(names)}: ag.workers() lists {names}"
+                )
+    finally:
+        if lost is not None:
+            lost.cancel()
 
 
 async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:  # noqa: ASYNC109 (timeout is API)
