@@ -3694,3 +3694,167 @@ async def test_wait_for_workers_fails_with_worker_lost_when_the_head_goes(tmp_pa
             await ag.shutdown()
     finally:
         head.stop()
+
+
+# ---- RRefs passed to their own owner in a request: unregistered, one round trip ----
+
+
+def _counting_registrations(monkeypatch) -> list[int]:
+    """Count the driver's (any in-process worker's) fork registrations."""
+    made: list[int] = []
+    real = rref.register_forks
+
+    async def counting(worker, hooks):
+        made.append(len(hooks.forks or ()))
+        await real(worker, hooks)
+
+    monkeypatch.setattr(rref, "register_forks", counting)
+    return made
+
+
+async def fetch_value(r):
+    """(on a non-owner: passes it on to its owner, unregistered)"""
+    return await ag.rpc(r.owner, rref_value_on_owner, (r,))
+
+
+def holds_lists(lst):
+    return [r.local_value().value for r in lst]
+
+
+async def test_an_rref_passed_to_its_owner_in_a_call_is_not_registered(cluster, monkeypatch):
+    # rpc(owner, fn, (rref,)), PyTorch's parameter-server step: the fork was registered
+    # with the owner, and acknowledged, before the request left (two round trips
+    # instead of one). Now it goes at once; the owner counts itself when it decodes it.
+    made = _counting_registrations(monkeypatch)
+    r = await ag.remote("w1", make_counter, (3,))
+    w1 = cluster.workers[0]
+    assert await ag.rpc("w1", rref_value_on_owner, (r,)) == 3
+    assert await ag.rpc("w1", holds_lists, ([r, r],), timeout=5) == [3, 3]
+    assert await r.rpc().incr() == 4  # (a method call on it: no RRef argument)
+    assert made == []
+    assert not w1.owned[r._rid].forks
+    # A third owner's RRef still is (and the owner's own, forked to another worker)
+    other = await ag.remote("w2", make_counter, (7,))
+    assert await ag.rpc("w1", fetch_value, (other,)) == 7
+    assert await ag.rpc("w2", fetch_value, (r,)) == 4
+    assert made == [1, 1]
+    del r, other
+    gc.collect()
+    await _owned_count("w1")
+    await _owned_count("w2")
+
+
+async def test_an_rref_passed_to_its_owner_is_freed_when_the_last_holder_drops_it(cluster):
+    r = await ag.remote("w1", make_counter, (1,))
+    for _ in range(3):
+        assert await ag.rpc("w1", rref_value_on_owner, (r,)) == 1
+    assert await ag.rpc("w1", keep, (r,)) == 1  # (w1 holds its own RRef now)
+    assert await ag.rpc("w2", keep, (r,)) == 1
+    del r
+    gc.collect()
+    await _released_by(cluster.workers[0], "driver")
+    assert await ag.rpc("w1", owned) == 1
+    await ag.rpc("w1", drop_kept)
+    assert await ag.rpc("w1", owned) == 1  # (w2's)
+    await ag.rpc("w2", drop_kept)
+    await _owned_count("w1")
+
+
+async def use_after_gate(lst: list) -> int:
+    """Wait for the gate (a cancellation too: it goes on), then use the RRef."""
+    w = current_worker()
+    r = lst[0]
+    gate = w.ext.setdefault("gate", asyncio.Event())
+    w.ext["started"] = True
+    try:
+        await gate.wait()
+    except asyncio.CancelledError:
+        await gate.wait()
+    w.ext["seen"] = v = r.local_value().value
+    return v
+
+
+def open_gate():
+    current_worker().ext.setdefault("gate", asyncio.Event()).set()
+
+
+def seen():
+    ext = current_worker().ext
+    return ext.get("started", False), ext.get("seen")
+
+
+async def _until(pred, deadline: float = 5.0) -> None:
+    async with asyncio.timeout(deadline):
+        while not await pred():  # noqa: ASYNC110 (no event for it)
+            await asyncio.sleep(0.01)
+
+
+async def test_an_rref_passed_to_its_owner_and_dropped_at_once_stays_until_the_call_ends(
+    cluster,
+):
+    # The caller drops its RRef right after the request left: its release must not
+    # free the value under the request. The caller keeps its own count until the reply.
+    r = await ag.remote("w1", make_counter, (5,))
+    rid, w1, me = r._rid, cluster.workers[0], (cluster.driver.name, cluster.driver.id)
+    lst = [r]
+    call = asyncio.ensure_future(ag.rpc("w1", use_after_gate, (lst,), timeout=10))
+    await _until(_started)
+
+    lst.clear()
+    del r
+    gc.collect()
+    assert await ag.rpc("w1", add, (1, 2)) == 3  # (behind a release, had one gone)
+    assert w1.owned[rid].holders.get(me) == 1  # (the call's: kept until its reply)
+    await ag.rpc("w1", open_gate)
+    assert await call == 5
+    del call
+    gc.collect()
+    await _owned_count("w1")
+
+
+async def _started() -> bool:
+    return (await ag.rpc("w1", seen))[0]
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+async def test_a_call_given_up_that_passed_an_rref_to_its_owner_leaves_no_count(cluster, how):
+    # The caller stops waiting while the owner still runs the call, and drops its
+    # RRef: the value stays for the call running there, and goes when it ends.
+    r = await ag.remote("w1", make_counter, (6,))
+    rid, w1 = r._rid, cluster.workers[0]
+    call = asyncio.ensure_future(
+        ag.rpc("w1", use_after_gate, ([r],), timeout=0.3 if how == "timeout" else None)
+    )
+    await _until(_started)
+    if how == "cancel":
+        call.cancel()
+    with pytest.raises(ag.RpcTimeout if how == "timeout" else asyncio.CancelledError):
+        await call
+    del r, call
+    gc.collect()
+    await _released_by(w1, "driver")
+    assert rid in w1.owned  # (the running call's RRef)
+    await ag.rpc("w1", open_gate)
+    await _until(lambda: _seen_is(6))
+    await _owned_count("w1")
+
+
+async def _seen_is(v: int) -> bool:
+    return (await ag.rpc("w1", seen))[1] == v
+
+
+async def test_an_rref_passed_to_its_owner_after_it_was_freed_is_refused(cluster):
+    # (a request decoded after its caller gave up on it and its release overtook it on
+    # a new connection: the id is never reused, the request is refused, nothing counted)
+    r = await ag.remote("w1", make_counter, (1,))
+    rid = r._rid
+    del r
+    gc.collect()
+    await _owned_count("w1")
+    stale = rref.RRef._handle(cluster.driver, "w1", rid)
+    with pytest.raises(ag.ActorgradError, match="no longer alive"):
+        await ag.rpc("w1", rref_value_on_owner, (stale,), timeout=5)
+    del stale
+    gc.collect()
+    assert await ag.rpc("w1", owned) == 0
+    assert await ag.rpc("w1", add, (1, 2)) == 3

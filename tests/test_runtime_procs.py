@@ -1773,7 +1773,9 @@ async def test_an_rref_passed_to_its_owner_while_its_loop_was_blocked_leaves_no_
     # heartbeat timeout: registering the fork fails (WorkerLost), the call is given
     # up; w1, running again, reads the registration and counts itself as holding the
     # value. No message carrying it ever came, and w1 never leaves: it kept the value
-    # for good. A 1 s heartbeat timeout here, on the driver only.
+    # for good. A 1 s heartbeat timeout here, on the driver only. (Now the request to
+    # the owner goes at once, unregistered: w1, running again, may still read and run
+    # it, as any call its caller lost; ``peek`` keeps nothing, so no count may stay.)
     monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 1.0)
     flag = str(tmp_path / "go")
     async with ag.local_cluster(1, processes=True):
@@ -1781,7 +1783,7 @@ async def test_an_rref_passed_to_its_owner_while_its_loop_was_blocked_leaves_no_
         busy = await _blocked("w1", 30.0, tmp_path, until=flag)
         try:
             with pytest.raises(ag.WorkerLost, match="heartbeat|sent nothing"):
-                await asyncio.wait_for(ag.rpc("w1", keep, (r,)), 20)
+                await asyncio.wait_for(ag.rpc("w1", peek, (r,)), 20)
         finally:
             Path(flag).touch()  # noqa: ASYNC240 (the go signal)
         with pytest.raises(ag.WorkerLost):
@@ -1831,6 +1833,10 @@ async def test_a_call_timeout_bounds_waiting_to_send_to_a_peer_that_does_not_rea
         assert time.monotonic() - t0 < 2.0
         await busy
         assert await ag.rpc("w1", add, (2, 3)) == 5  # (the same connection works on)
+
+
+def peek(r):
+    return r.local_value().value
 
 
 def keep(r):
@@ -2082,3 +2088,33 @@ async def test_the_names_of_the_worker_processes_a_head_starts_are_kept_for_them
     finally:
         await ag.shutdown()
         await procs.stop()
+
+
+def drop_kept() -> None:
+    rworker.current_worker().ext.pop("kept", None)
+
+
+async def test_rrefs_passed_to_their_owner_unregistered_are_freed_with_the_last_holder():
+    # Passed to its owner in a call, an RRef goes unregistered (the owner counts
+    # itself as it decodes it): on process workers too, the value stays while any
+    # holder has it, and goes with the last.
+    async with ag.local_cluster(2, processes=True):
+        r = await ag.remote("w1", Counter, (2,))
+        for _ in range(3):
+            assert await ag.rpc("w1", peek, (r,)) == 2
+        assert await ag.rpc("w1", keep, (r,)) == 1
+        assert await ag.rpc("w2", keep, (r,)) == 1
+        del r
+        gc.collect()
+
+        async def owned_is(n: int) -> None:
+            async with asyncio.timeout(10):
+                while await ag.rpc("w1", owned) != n:  # noqa: ASYNC110 (no event for it)
+                    await asyncio.sleep(0.02)
+
+        assert await ag.rpc("w1", owned) == 1
+        await ag.rpc("w1", drop_kept)
+        assert await ag.rpc("w1", owned) == 1  # (w2 holds it)
+        assert await ag.rpc("w2", kept_incr) == 3
+        await ag.rpc("w2", drop_kept)
+        await owned_is(0)

@@ -38,6 +38,18 @@ after the new one's first counts, and drops only the dead one's.)
   (``Worker._rref_withdrawn``, for ``WITHDRAWN_TTL``). Without this an owner read a registration its forker
   had given up on and counted the receiver for good (the owner itself, when the
   RRef was passed to its own owner: the value stayed for the owner's life).
+* A request (a call awaiting its reply, ``Worker.call``) to the RRef's owner itself
+  carries no fork: the RRef goes as ``[owner, id, 0]`` ("to its owner, unregistered"),
+  at once, and the owner, decoding it, counts itself as the holder of the new RRef
+  object (its own count, released by that object's finalizer on the owner: no message
+  has to come for it, none can be lost). The caller keeps its RRef object (its own
+  count) alive until the call is over (``Hooks.direct``: the reply came, the call
+  failed or was given up), so the value is alive when the owner decodes a request
+  whose caller still waits for it. One decoded later (its caller gave up, its
+  connection closed, and the caller's release overtook it on a new connection, or the
+  caller died) finds the value alive (then counted as above) or gone: ids are never
+  reused, so the decoding fails (LookupError) and the request is refused, never run on
+  a freed value. One-way calls, replies and RRefs of a third owner are forked as above.
 """
 
 from __future__ import annotations
@@ -517,7 +529,17 @@ class Hooks:
     connection ``conn`` (its hello tells which process ``peer`` is; None: a message
     to itself)."""
 
-    __slots__ = ("worker", "peer", "conn", "forks", "tag", "added", "registered", "undone")
+    __slots__ = (
+        "worker",
+        "peer",
+        "conn",
+        "forks",
+        "tag",
+        "added",
+        "registered",
+        "undone",
+        "direct",
+    )
 
     def __init__(self, worker: Worker, peer: str, conn: Any) -> None:
         self.worker = worker
@@ -530,6 +552,10 @@ class Hooks:
         # forks the owners acknowledged registering: (owner, ids) (see register_forks)
         self.registered: list[tuple[str, list[int]]] | None = None
         self.undone = False
+        # a request to ``peer`` awaiting its reply (set by Worker.call): its RRefs owned
+        # by ``peer`` go unregistered, and are kept here, alive, until the call is over
+        # (see the module doc); None: every RRef of another owner is forked
+        self.direct: list[RRef] | None = None
 
     @property
     def worker_name(self) -> str:
@@ -559,6 +585,11 @@ class Hooks:
                 self.added = []
             self.added.append(ref._rid)
             return [ref.owner, ref._rid]
+        if self.direct is not None and ref.owner == self.peer:
+            # (to its owner in a request: the owner counts itself when it decodes it;
+            # this RRef, and with it this worker's count, lives as long as the call)
+            self.direct.append(ref)
+            return [ref.owner, ref._rid, 0]
         if self.forks is None:
             self.forks = []
         if not self.tag:
@@ -593,6 +624,12 @@ class Hooks:
             )
         if n == 3:  # a fork: its count waits for this
             tag = payload[2]
+            if tag == 0 and type(tag) is int and owner == w.name:
+                # (sent to its owner in a request, unregistered: this worker counts itself
+                # for the new object; LookupError when the value is gone, the request
+                # refused: its caller gave up on it, see the module doc)
+                _add(w, rid, (w.name, w.id))
+                return RRef._handle(w, owner, rid)
             if type(tag) is not int or not 0 < tag < 1 << 64:
                 raise ProtocolError(f"malformed RRef: fork tag {short_repr(tag)}")
             fk = self.peer_key

@@ -2618,6 +2618,9 @@ class Worker:
         # (from here on, the call is in flight for the interceptor until it returns)
         try:
             hooks = rref.Hooks(self, dest, conn) if meta is None else self._hooks(conn, dest, meta)
+            # (RRefs owned by dest go at once, unregistered; hooks keeps them alive until
+            # the call is over: see rref's module doc)
+            hooks.direct = []
             cid = next(conn._call_ids)
             try:
                 chunks = wire.encode_frame(
