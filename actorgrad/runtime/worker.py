@@ -2236,18 +2236,22 @@ class Worker:
             if not stats.inline and time.perf_counter() - t0 > FAST_CALL:
                 stats.fast = 0
         if type(result) not in _PLAIN and inspect.isawaitable(result):
-            t = self.spawn(
-                self._finish_awaitable(conn, cid, mode, result, meta, hooks), context=ctx
-            )
-            if inspect.iscoroutine(result):
-                # (a task cancelled before its first step, by the worker's shutdown, never
-                # awaits it: "coroutine ... was never awaited" on stderr)
-                t.add_done_callback(functools.partial(_close_coroutine, result))
-            if cid:
-                conn.running[cid] = t
+            self._finish_later(conn, cid, mode, result, meta, hooks, ctx)
             return
         self._done()
         self._reply(conn, cid, mode, result, hooks)
+
+    def _finish_later(self, conn, cid, mode, aw, meta, hooks, context: Any = None) -> None:
+        """What a plain function returned is awaitable (a sync-decorated async def's
+        coroutine, a future): awaited in a task of its own, on the loop, where a cancel
+        from its caller can stop it; the task takes the call's in-flight slot over."""
+        t = self.spawn(self._finish_awaitable(conn, cid, mode, aw, meta, hooks), context=context)
+        if inspect.iscoroutine(aw):
+            # (a task cancelled before its first step, by the worker's shutdown, never
+            # awaits it: "coroutine ... was never awaited" on stderr)
+            t.add_done_callback(functools.partial(_close_coroutine, aw))
+        if cid:
+            conn.running[cid] = t
 
     def _refuse(self, conn: Connection, cid: int, frame: Any, exc: ActorgradError) -> None:
         """A request the interceptor refused (e.g. a late call in a released distributed
@@ -2372,32 +2376,15 @@ class Worker:
             self._reply_exc(conn, cid, result.exc, hooks)
             return False
         if type(result) not in _PLAIN and inspect.isawaitable(result):
-            # (a sync-decorated async def's coroutine, a future: awaited on the loop, where
-            # a cancel from its caller can stop it)
-            t = self.spawn(self._finish_awaitable(conn, cid, mode, result, meta, hooks))
-            if inspect.iscoroutine(result):
-                t.add_done_callback(functools.partial(_close_coroutine, result))
-            if cid:
-                conn.running[cid] = t
+            self._finish_later(conn, cid, mode, result, meta, hooks)
             return True
         conn.running.pop(cid, None)
-        if cid == 0 or conn.closed:
-            return False
-        chunks = self._encode_reply(conn, cid, mode, result, hooks)
-        if hooks.forks:
-            self.spawn(self._send_then_done(conn, cid, chunks, hooks))
-            return True
-        conn.send_nowait(chunks)
-        if conn.write_paused:
-            # (its slot is held until the reply is out, as for an async def: a caller
-            # that does not read holds back this worker's calls, not its memory)
-            self.spawn(self._send_then_done(conn, cid, None, hooks))
-            return True
-        return False
+        return self._reply(conn, cid, mode, result, hooks, hold=True)
 
     async def _send_then_done(self, conn, cid, chunks, hooks) -> None:
-        """The end of _pool_call_done that waits: the result's RRefs registered, then
-        the reply sent (``chunks``), or, with None, the reply already queued written out."""
+        """The end of a held reply (see _reply): the result's RRefs registered, then the
+        reply sent (``chunks``), or, with None, the reply already queued written out;
+        then the call's in-flight slot released."""
         try:
             if chunks is not None:
                 await self._send_after_forks(conn, cid, chunks, hooks)
@@ -2492,14 +2479,34 @@ class Worker:
             chunks = wire.encode_frame(header, cut, None)
         return chunks
 
-    def _reply(self, conn: Connection, cid: int, mode: int, result: Any, hooks: rref.Hooks) -> None:
+    def _reply(
+        self,
+        conn: Connection,
+        cid: int,
+        mode: int,
+        result: Any,
+        hooks: rref.Hooks,
+        hold: bool = False,
+    ) -> bool:
+        """Reply ``result`` to call ``cid``. ``hold``: the call's in-flight slot is held
+        until the reply is out (the result's RRefs registered, a full buffer drained),
+        as for an async def, by a task that then releases it: True when one does (a
+        caller that does not read holds back this worker's calls, not its memory)."""
         if cid == 0 or conn.closed:
-            return
+            return False
         chunks = self._encode_reply(conn, cid, mode, result, hooks)
         if hooks.forks:
-            self.spawn(self._send_after_forks(conn, cid, chunks, hooks))
-        else:
-            conn.send_nowait(chunks)
+            self.spawn(
+                self._send_then_done(conn, cid, chunks, hooks)
+                if hold
+                else self._send_after_forks(conn, cid, chunks, hooks)
+            )
+            return hold
+        conn.send_nowait(chunks)
+        if hold and conn.write_paused:
+            self.spawn(self._send_then_done(conn, cid, None, hooks))
+            return True
+        return False
 
     async def _reply_async(
         self, conn: Connection, cid: int, mode: int, result: Any, hooks: rref.Hooks
