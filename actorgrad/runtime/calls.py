@@ -717,16 +717,22 @@ def _modules_in(folder: str, namespaces: bool = False) -> dict[str, str]:
     found = {}
     for entry in entries:
         if entry.endswith(".py"):
-            name = entry[:-3]
-            # (no code imports these by name: a package's own files, a project's setup,
-            # an editor's lock file ".#train.py")
-            if name.isidentifier() and name not in _NOT_IMPORTED:
+            name = _py_module(entry)
+            if name is not None:
                 found[name] = entry
         elif os.path.isfile(os.path.join(folder, entry, "__init__.py")):
             found[entry] = entry  # a package
         elif namespaces and entry.isidentifier() and _holds_python(os.path.join(folder, entry)):
             found[entry] = entry
     return found
+
+
+def _py_module(entry: str) -> str | None:
+    """The module a ``.py`` file ``entry`` of a folder on the path is imported as, or
+    None: no code imports these by name (a package's own files, a project's setup, an
+    editor's lock file ".#train.py")."""
+    name = entry[:-3]
+    return name if name.isidentifier() and name not in _NOT_IMPORTED else None
 
 
 def _modules_in_archive(archive: str, namespaces: bool) -> dict[str, str]:
@@ -740,8 +746,8 @@ def _modules_in_archive(archive: str, namespaces: bool) -> dict[str, str]:
     for entry in names:
         first, sep, rest = entry.partition("/")
         if not sep and first.endswith(".py"):
-            name = first[:-3]
-            if name.isidentifier() and name not in _NOT_IMPORTED:
+            name = _py_module(first)
+            if name is not None:
                 found[name] = first
         elif (
             sep
@@ -854,8 +860,9 @@ def _main_module(path: str) -> types.ModuleType:
         return module
     # (run as `python -m pkg.train`: imported with that name's spec, so that its
     # relative imports find its package, but named __mp_main__, as multiprocessing does)
-    archive = None if os.path.isfile(path) else _archive_of(path)
-    if not os.path.isfile(path) and archive is None:
+    is_file = os.path.isfile(path)
+    archive = None if is_file else _archive_of(path)
+    if not is_file and archive is None:
         raise ModuleNotFoundError(
             f"the driver's script {path} (to call one of its functions) is not on this "
             "worker's disk: copy it there under the same path, or call functions of "
