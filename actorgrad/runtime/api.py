@@ -346,35 +346,30 @@ async def wait_for_workers(
         return ", ".join(repr(n) for n in gone)
 
     loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    lost = None
+    # (woken by each change of the membership, and by the loss of the head)
+    lost = None if w.registry is not None else loop.create_task(w.registry_lost.wait())
     try:
-        while True:
-            names = w.worker_names()
-            if not missing(names):
-                return names
-            if w.registry is None and w.registry_lost.is_set():
-                raise WorkerLost(
-                    f"waiting for {missing(names)}: {head_lost(w.registry_lost_why)}; "
-                    "nobody can join"
-                )
-            if lost is None and w.registry is None:
-                lost = loop.create_task(w.registry_lost.wait())
-            changed = loop.create_task(w._members_changed.wait())
-            left = None if deadline is None else max(0.0, deadline - loop.time())
-            try:
-                await asyncio.wait(
-                    [t for t in (changed, lost) if t is not None],
-                    timeout=left,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                changed.cancel()
-            if deadline is not None and loop.time() >= deadline and missing(w.worker_names()):
-                names = w.worker_names()
-                raise TimeoutError(
-                    f"waited {timeout:g} s for {missing(names)}: ag.workers() lists {names}"
-                )
+        async with asyncio.timeout(timeout):
+            while missing(names := w.worker_names()):
+                if lost is not None and lost.done():
+                    raise WorkerLost(
+                        f"waiting for {missing(names)}: {head_lost(w.registry_lost_why)}; "
+                        "nobody can join"
+                    )
+                changed = loop.create_task(w._members_changed.wait())
+                try:
+                    await asyncio.wait(
+                        [t for t in (changed, lost) if t is not None],
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    changed.cancel()
+            return names
+    except TimeoutError:
+        names = w.worker_names()
+        raise TimeoutError(
+            f"waited {timeout:g} s for {missing(names)}: ag.workers() lists {names}"
+        ) from None
     finally:
         if lost is not None:
             lost.cancel()
