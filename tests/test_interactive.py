@@ -232,6 +232,81 @@ def test_the_functions_of_the_script_of_python_i_run_on_process_workers(tmp_path
     assert lines.count("top level of __mp_main__") == 1
 
 
+# Classes of the script with no function of their own compiled from it (a dataclass's
+# come from "<string>", an Enum or a class of attributes has none): the script's if it
+# defines a class of that name with the same names in its body. They were all taken
+# for the prompt's and refused.
+SCRIPT_OF_CLASSES = textwrap.dedent(
+    """
+    import asyncio, dataclasses, enum, json
+    import actorgrad as ag
+
+    @dataclasses.dataclass
+    class Point:
+        x: int
+        y: int = 5
+
+    class Mode(int, enum.Enum):
+        SLOW = 1
+        FAST = 2
+
+    class Limits:
+        top = 7
+
+    class Shape:
+        @property
+        def area(self):
+            return 12
+
+    def attr(ref, name):
+        return getattr(ref.local_value(), name)
+
+    async def run(typed):
+        out = []
+        async with ag.local_cluster(1, processes=True):
+            p = await ag.remote("w1", Point, (1,))
+            out.append([await ag.rpc("w1", attr, (p, "x")), await ag.rpc("w1", attr, (p, "y"))])
+            out.append(await ag.rpc("w1", Mode, (2,)))
+            out.append(await ag.rpc("w1", attr, (await ag.remote("w1", Shape), "area")))
+            for cls in [Limits, *typed]:
+                try:
+                    out.append(await ag.rpc("w1", attr, (await ag.remote("w1", cls), "top")))
+                except TypeError as exc:
+                    out.append(str(exc).split(":")[0])
+        return out
+    """
+)
+
+CLASSES_TYPED_AT_THE_PROMPT = textwrap.dedent(
+    """
+    class Typed:
+        top = 1
+
+    print("RESULT", json.dumps(asyncio.run(run([Typed]))))
+
+    class Limits:
+        top = 8
+        low = 0
+
+    print("RESULT", json.dumps(asyncio.run(run([]))))
+    """
+)
+
+
+def test_classes_of_the_script_of_python_i_without_functions_of_their_own_run_on_workers(
+    tmp_path,
+):
+    (tmp_path / "script.py").write_text(SCRIPT_OF_CLASSES)
+    stdin = _for_prompt(CLASSES_TYPED_AT_THE_PROMPT)
+    stdout = _run(["-i", str(tmp_path / "script.py")], stdin=stdin)
+    lines = stdout.replace(">>> ", "").replace("... ", "").splitlines()
+    first, second = (json.loads(x[7:]) for x in lines if x.startswith("RESULT "))
+    script = [[1, 5], 2, 12]
+    assert first == [*script, 7, "cannot call 'Typed' on worker 'w1'"]
+    # (Limits defined anew at the prompt, with other names in its body: the prompt's)
+    assert second == [*script, "cannot call 'Limits' on worker 'w1'"]
+
+
 # A driver run from a zip archive (`python app.pyz`, made with zipapp): a worker
 # process loads its __main__.py from the archive, with the archive first on its path,
 # so the modules in it import too. (The worker was sent to look for app.pyz/__main__.py

@@ -22,6 +22,7 @@ resolved, so two runs at once of different versions of one script each keep thei
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib
 import importlib.machinery
@@ -31,6 +32,7 @@ import os
 import secrets
 import sys
 import time
+import tokenize
 import types
 import zipfile
 import zipimport
@@ -299,7 +301,7 @@ def _interactive(fn: Any) -> bool:
         return True
     if isinstance(fn, type):  # (the functions defined in its body)
         inner = fn.__qualname__ + "."
-        funcs = [getattr(v, "__func__", v) for v in vars(fn).values()]
+        funcs = [f for v in vars(fn).values() for f in _functions_of(v)]
         funcs = [f for f in funcs if getattr(f, "__qualname__", "").startswith(inner)]
     else:
         funcs = [inspect.unwrap(_unbound(fn))]
@@ -307,11 +309,71 @@ def _interactive(fn: Any) -> bool:
     if any(f.startswith(_PROMPTS) for f in files):
         return True
     if "__file__" not in vars(main):
-        # (its script ran, and Python dropped its __file__: `python -i script.py`. Only
-        # code compiled from that file is the script's: a class typed at the prompt
-        # may have no function of its own, a dataclass's are compiled from "<string>")
-        return not any(f and _real(f) == path for f in files)
+        # (its script ran, and Python dropped its __file__: `python -i script.py`. Code
+        # compiled from that file is the script's; a class with no function of its own
+        # compiled from it (a dataclass's come from "<string>", an Enum or a class of
+        # attributes has none) is the script's if the script defines a class of that
+        # name with the same names in its body: one typed at the prompt has no file)
+        if any(f and _real(f) == path for f in files):
+            return False
+        return not (isinstance(fn, type) and _script_class(path, fn.__qualname__) == _names_of(fn))
     return False
+
+
+def _functions_of(value: Any) -> tuple[Any, ...]:
+    """The functions a class attribute holds: a method's, a static or class method's, a
+    property's accessors."""
+    if isinstance(value, property):
+        return tuple(f for f in (value.fget, value.fset, value.fdel) if f is not None)
+    return (getattr(value, "__func__", value),)
+
+
+def _names_of(cls: type) -> frozenset[str]:
+    """The public names a class's body gave it: its attributes and annotations."""
+    names = set(vars(cls)) | set(vars(cls).get("__annotations__", {}))
+    return frozenset(n for n in names if not n.startswith("_"))
+
+
+#: script path -> ((mtime_ns, size), {class qualname: the public names in its body})
+_script_classes: dict[str, tuple[tuple[int, int], dict[str, frozenset[str]]]] = {}
+
+
+def _script_class(path: str, qual: str) -> frozenset[str] | None:
+    """The public names the body of class ``qual`` of script ``path`` assigns, annotates
+    or defines (its last definition at the top level, or nested in such a class's
+    body), as the file on disk says (what a worker importing it will find); None when
+    the script defines no such class or cannot be read or parsed."""
+    try:
+        st = os.stat(path)
+        stamp = (st.st_mtime_ns, st.st_size)
+        known = _script_classes.get(path)
+        if known is None or known[0] != stamp:
+            with tokenize.open(path) as f:
+                tree = ast.parse(f.read(), path)
+            known = _script_classes[path] = (stamp, _classes_in(tree.body, ""))
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+        return None
+    return known[1].get(qual)
+
+
+def _classes_in(body: list[ast.stmt], prefix: str) -> dict[str, frozenset[str]]:
+    out: dict[str, frozenset[str]] = {}
+    for node in body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        names: set[str] = set()
+        for stmt in node.body:
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(stmt.name)
+            elif isinstance(stmt, ast.Assign):
+                names.update(t.id for t in stmt.targets if isinstance(t, ast.Name))
+            elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign)):
+                if isinstance(stmt.target, ast.Name):
+                    names.add(stmt.target.id)
+        qual = prefix + node.name
+        out[qual] = frozenset(n for n in names if not n.startswith("_"))
+        out.update(_classes_in(node.body, qual + "."))
+    return out
 
 
 def interactive_fn(name: str, path: str, session: str, dest: str | None = None) -> Any:
