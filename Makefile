@@ -15,11 +15,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test,lint]"
 	touch $(STAMP)
 
+# Bytecode caches for our own modules even where the environment turns them off
+# (PYTHONDONTWRITEBYTECODE=1, as on the CI machines): every worker process the demo
+# and the tests start imports the package, and compiled anew each time that took
+# ~0.2 s of CPU a process (the process tests: 36 -> 23 s of CPU with caches).
+# (__pycache__ is git-ignored.)
+RUN := env -u PYTHONDONTWRITEBYTECODE
+
 demo: $(STAMP)
-	$(BIN)/actorgrad demo
+	$(RUN) $(BIN)/actorgrad demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(RUN) $(BIN)/python -m pytest -q -p no:cacheprovider
 
 $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]" || echo "torch not installable: benchmarks run without the PyTorch side"
