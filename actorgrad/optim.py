@@ -323,7 +323,10 @@ class Optimizer:
         >>> opt2.state[w2]["momentum_buffer"]
         array([1., 1.], dtype=float32)
         """
-        hyper, loaded = self._loadable(state)
+        self._load(*self._loadable(state))
+
+    def _load(self, hyper: dict[str, Any], loaded: dict[Tensor, dict[str, Any]]) -> None:
+        """Apply what ``_loadable`` gave (checked: nothing here can fail)."""
         for name, value in hyper.items():
             setattr(self, name, value)
         self.state.clear()
@@ -331,8 +334,9 @@ class Optimizer:
 
     def _loadable(self, state: Any) -> tuple[dict[str, Any], dict[Tensor, dict[str, Any]]]:
         """Everything ``load_state_dict`` checks, nothing changed: the hyperparameters
-        and each parameter's state as they would be loaded (raises as it does). A
-        DistributedOptimizer has every owner check first, so that a state no owner
+        and each parameter's state as they would be loaded (raises as it does; ``_load``
+        applies them). A DistributedOptimizer's owners check their part first and keep
+        what this gives until every owner has checked its own, so that a state no owner
         refuses is loaded everywhere, and one refused is loaded nowhere."""
         hyper, entries, ids = self._checked_state_dict(state, len(self.params))
         loaded = {}

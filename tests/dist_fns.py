@@ -1105,3 +1105,40 @@ def run_stage(key: str, x: ag.Tensor, tanh: bool) -> ag.Tensor:
 
 def stage_state(key: str) -> dict[str, np.ndarray]:
     return _store[_k(key)].state_dict()
+
+
+def set_weight(key: str, value: np.ndarray) -> None:
+    """Give the weight of the Linear kept under ``key`` the array ``value``."""
+    _store[_k(key)].weight.data = value
+
+
+async def staged_after_loss_of(name: str, deadline: float) -> dict[str, int]:
+    """``debug_info()`` once this worker saw ``name`` lost (at most ``deadline`` s)."""
+    from actorgrad.runtime import current_worker
+
+    w = current_worker()
+    if not w.is_lost(name):
+        seen = asyncio.Event()
+        w.add_peer_lost_callback(lambda peer: peer == name and seen.set())
+        await asyncio.wait_for(seen.wait(), deadline)
+    return ag.dist.debug_info()
+
+
+async def load_and_die_before_commit(refs: list[ag.RRef], state: Any, tell: str) -> None:
+    """Load ``state`` into a DistributedOptimizer (SGD) over ``refs``, and die once
+    every owner staged its part, before any commit; before that, ``tell`` keeps (``get``
+    gives) the owners' debug_info() under "staged" (owner -> its debug_info)."""
+    from actorgrad.dist import optimizer as dopt
+
+    called = dopt._called
+
+    async def commit_never(ref: Any, method: str, *args: Any) -> Any:
+        if method == "commit":
+            owners = {o: await ag.rpc(o, debug_info) for o in sorted({r.owner for r in refs})}
+            await ag.rpc(tell, keep, ("staged", owners))
+            os._exit(3)
+        return await called(ref, method, *args)
+
+    dopt._called = commit_never
+    opt = ag.dist.DistributedOptimizer(ag.optim.SGD, refs, lr=0.1, momentum=0.9)
+    await opt.load_state_dict(state)

@@ -3,6 +3,7 @@ and loaded into a new one in a new cluster; the resumed run is the uninterrupted
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -209,3 +210,190 @@ async def test_failed_state_dict_and_load_state_dict_leave_no_reference_cycles(m
                 gc.set_debug(0)
                 gc.garbage.clear()
                 gc.enable()
+
+
+# --- the load's two rounds: the state crosses once, staged on the owners in between ---
+
+
+def _sgd_state(refs_shapes: list[tuple[int, ...]], seed: int = 5) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "state": {
+            i: {"momentum_buffer": rng.standard_normal(s)} for i, s in enumerate(refs_shapes)
+        },
+        "param_groups": [
+            {"lr": 0.25, "momentum": 0.5, "weight_decay": 0.0, "params": [0, 1, 2, 3]}
+        ],
+    }
+
+
+async def test_a_load_sends_each_owner_its_part_once(monkeypatch):
+    # Every frame each worker reads is counted: an owner's part crosses once (the
+    # commit is a token), and is kept staged, adopted, until the commit loads it.
+    from actorgrad.dist import optimizer as dopt
+    from actorgrad.runtime.worker import Worker
+
+    read: dict[str, int] = {}
+    on_frame = Worker._on_frame
+
+    def counted(self, conn, buf):
+        read[self.name] = read.get(self.name, 0) + len(buf)
+        return on_frame(self, conn, buf)
+
+    monkeypatch.setattr(Worker, "_on_frame", counted)  # (before the connections exist)
+    at_commit: dict[str, dict[str, int]] = {}
+    commit = dopt._LocalOptimizer.commit
+
+    async def observed(self, token, *rest):
+        at_commit[ag.worker_name()] = ag.dist.debug_info()
+        return await commit(self, token, *rest)
+
+    monkeypatch.setattr(dopt._LocalOptimizer, "commit", observed)
+    async with ag.local_cluster(2):
+        r1 = await ag.rpc("w1", F.make_stage, ("e1", 300, 200, 0))
+        r2 = await ag.rpc("w2", F.make_stage, ("e2", 200, 100, 1))
+        refs = [r2[0], r1[0], r1[1], r2[1]]
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, refs, lr=0.1, momentum=0.9)
+        await opt.state_dict()  # (the owners' optimizers made: their calls not counted)
+        state = _sgd_state([(100, 200), (200, 300), (200,), (100,)])
+        part = {
+            "w1": sum(state["state"][i]["momentum_buffer"].nbytes for i in (1, 2)),
+            "w2": sum(state["state"][i]["momentum_buffer"].nbytes for i in (0, 3)),
+        }
+        assert part == {"w1": 481_600, "w2": 160_800}
+        read.clear()
+        await opt.load_state_dict(state)
+        for owner, nbytes in part.items():
+            # (once: the two rounds' other frames, token and replies, are tiny; sent
+            # twice it was 2x the part)
+            assert nbytes < read[owner] < nbytes + 4096, (owner, read)
+            assert at_commit[owner]["num_staged_loads"] == 1, at_commit
+            assert at_commit[owner]["staged_load_bytes"] == nbytes, at_commit
+            info = await ag.rpc(owner, F.debug_info)
+            assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
+        back = await opt.state_dict()
+        assert back["param_groups"] == state["param_groups"]
+        for i, entry in state["state"].items():
+            assert np.array_equal(back["state"][i]["momentum_buffer"], entry["momentum_buffer"])
+        del opt
+
+
+async def test_a_refused_load_drops_what_the_other_owners_staged(monkeypatch):
+    from actorgrad.dist import optimizer as dopt
+
+    dropped: list[tuple[str, str]] = []
+    drop = dopt._Stages.drop
+
+    def noted(self, token, why):
+        if token in self.staged:
+            dropped.append((self.worker.name, why))
+        drop(self, token, why)
+
+    monkeypatch.setattr(dopt._Stages, "drop", noted)
+    async with ag.local_cluster(2):
+        _, opt = await _two_owner_sgd()
+        bad = await opt.state_dict()
+        bad["state"][1]["momentum_buffer"] = np.zeros(3)  # (w1 refuses, w2 staged)
+        with pytest.raises(ag.RemoteError, match="has shape"):
+            await opt.load_state_dict(bad)
+        assert dropped == [("w2", "it was aborted")]
+        for owner in ("w1", "w2"):
+            info = await ag.rpc(owner, F.debug_info)
+            assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
+
+
+async def test_a_commit_names_a_token_staged_nowhere_and_why(monkeypatch):
+    # The owner's side of the rounds, called as load_state_dict calls it: what a commit
+    # finds of a token unknown, aborted, replaced by a later load, committed or expired.
+    from actorgrad.dist import optimizer as dopt
+
+    expired = asyncio.get_running_loop().create_future()
+    drop = dopt._Stages.drop
+
+    def noted(self, token, why):
+        if why.startswith("it expired") and not expired.done():
+            expired.set_result(token)
+        drop(self, token, why)
+
+    monkeypatch.setattr(dopt._Stages, "drop", noted)
+    async with ag.local_cluster(2):
+        _, opt = await _two_owner_sgd()
+        saved = await opt.state_dict()
+        where = opt._indices["w1"]
+        part = {
+            "state": {i: saved["state"][i] for i in where},
+            "param_groups": [{**saved["param_groups"][0], "params": where}],
+        }
+        owner = opt._remote["w1"].rpc()
+
+        async def commit_refused(token: int, why: str) -> None:
+            with pytest.raises(ag.RemoteError) as ei:
+                await owner.commit(token)
+            assert ei.value.remote_type == "ValueError"
+            assert ei.value.remote_message == (
+                f"load_state_dict: no state staged under token {token:#x} on worker 'w1' "
+                f"to commit: {why}"
+            )
+
+        await commit_refused(0x5EED, "no load of that token was staged here")
+        await owner.stage(1, "driver", part)
+        await owner.abort(1)
+        await commit_refused(1, "it was aborted")
+        await owner.stage(2, "driver", part)
+        await owner.stage(3, "driver", part)  # (the same optimizer: it replaces load 2)
+        assert (await ag.rpc("w1", F.debug_info))["num_staged_loads"] == 1
+        await commit_refused(2, "a later load (0x3) of the same optimizer replaced it")
+        await owner.commit(3)
+        await commit_refused(3, "a commit took it already")
+        monkeypatch.setattr(dopt, "STAGE_TIMEOUT", 0.05)
+        await owner.stage(4, "driver", part)
+        assert await asyncio.wait_for(expired, 10) == 4
+        await commit_refused(4, "it expired: no commit came within 0.05 s of its check")
+        info = await ag.rpc("w1", F.debug_info)
+        assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
+
+
+async def test_a_commit_fits_the_state_to_a_parameter_changed_since_its_check():
+    # Between the rounds a parameter's array can change (user code): the commit casts
+    # the staged state to its dtype now, and refuses one of another shape.
+    async with ag.local_cluster(2):
+        refs, opt = await _two_owner_sgd()
+        saved = await opt.state_dict()
+        where = opt._indices["w1"]  # (params[1]: w1's weight, (4, 3) float64)
+        part = {
+            "state": {i: saved["state"][i] for i in where},
+            "param_groups": [{**saved["param_groups"][0], "params": where}],
+        }
+        owner = opt._remote["w1"].rpc()
+        await owner.stage(1, "driver", part)
+        await ag.rpc("w1", F.set_weight, ("c1", np.ones((4, 3), np.float32)))
+        await owner.commit(1)
+        back = (await opt.state_dict())["state"][1]["momentum_buffer"]
+        assert back.dtype == np.float32
+        assert np.array_equal(back, saved["state"][1]["momentum_buffer"].astype(np.float32))
+        await owner.stage(2, "driver", part)
+        await ag.rpc("w1", F.set_weight, ("c1", np.ones((5, 3))))
+        with pytest.raises(ag.RemoteError) as ei:
+            await owner.commit(2)
+        assert ei.value.remote_type == "ValueError"
+        assert ei.value.remote_message == (
+            "load_state_dict: state[1]['momentum_buffer'] has shape (4, 3), its parameter (5, 3)"
+        )
+        assert (await opt.state_dict())["state"][1]["momentum_buffer"].dtype == np.float32
+
+
+@pytest.mark.timeout(60)
+async def test_a_driver_lost_between_the_rounds_leaves_nothing_staged(worker_path):
+    # w3 drives the load and dies once both owners staged their part: no commit or
+    # abort comes, and each owner drops what it staged at w3's loss.
+    async with ag.local_cluster(3, processes=True):
+        refs = await _stages("f")
+        state = _sgd_state([(2, 4), (4, 3), (4,), (2,)])
+        with pytest.raises(ag.WorkerLost, match="'w3'"):
+            await ag.rpc("w3", F.load_and_die_before_commit, (refs, state, "driver"))
+        staged = F.get("staged")
+        for owner in ("w1", "w2"):
+            assert staged[owner]["num_staged_loads"] == 1, staged
+            assert staged[owner]["staged_load_bytes"] > 0, staged
+            info = await ag.rpc(owner, F.staged_after_loss_of, ("w3", 20.0))
+            assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info

@@ -355,11 +355,16 @@ def debug_info() -> dict[str, int]:
     (backward passes with a part here running), ``num_send_nodes``, ``num_recv_nodes``,
     ``num_offloaded_parts`` (parts running in the thread pool). Since the worker
     started: ``num_backward_passes`` (parts of passes it ran to their end),
-    ``num_backward_messages`` (sent: gradients, starts, returned credits). An idle
-    worker shows 0 for each of the first group.
+    ``num_backward_messages`` (sent: gradients, starts, returned credits). Also now:
+    ``num_staged_loads`` and ``staged_load_bytes``, the parts of
+    ``DistributedOptimizer.load_state_dict`` checked here and kept until their load
+    commits or aborts. An idle worker shows 0 for each of the first group.
 
     Example::
 
         assert ag.dist.debug_info()["num_contexts"] == 0
     """
-    return state_of(current_worker()).stats()
+    from actorgrad.dist.optimizer import staged_stats  # (it imports this module)
+
+    worker = current_worker()
+    return {**state_of(worker).stats(), **staged_stats(worker)}

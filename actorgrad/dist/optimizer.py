@@ -1,9 +1,22 @@
 """``DistributedOptimizer``: one local optimizer per parameter owner, stepped with the
-gradients of a distributed autograd context."""
+gradients of a distributed autograd context.
+
+``load_state_dict`` is two rounds, and the state crosses the network once: each owner
+gets its part in the first (``_LocalOptimizer.stage``), checks it and keeps it, checked
+and not applied, under a token naming the load (``_Stages``, per worker); the second
+sends only the token, to commit it everywhere once every owner staged, or to abort it
+where it was staged once one refused or was lost. A staged state goes at its commit or
+abort, when its driver is lost to the owner (the peer-lost callback that reclaims the
+contexts of a lost initiator, ``dist.context._on_peer_lost``), when a later load of the
+same optimizer replaces it, and after ``STAGE_TIMEOUT`` s without either.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
+import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -16,7 +29,7 @@ from actorgrad.dist.api import get_gradients
 from actorgrad.dist.context import as_context_id, is_unused
 from actorgrad.errors import ContextError, RemoteError, WorkerLost, clip_text, refusal_type
 from actorgrad.optim import BASE_CLASS_HINT, Optimizer
-from actorgrad.runtime import RRef, remote
+from actorgrad.runtime import RRef, Worker, current_worker, remote
 from actorgrad.runtime.calls import fn_spec, resolve
 from actorgrad.tensor import Tensor
 
@@ -25,6 +38,16 @@ __all__ = ["DistributedOptimizer"]
 # Held by every local optimizer's step in this process (owners' parameters can be
 # shared by several DistributedOptimizers: one lock for all, as PyTorch has).
 _STEP_LOCK = threading.Lock()
+
+#: Seconds an owner keeps the state a load staged there (checked, not applied) when
+#: neither its commit nor its abort came: a driver that lives on but never ended the
+#: load (one lost drops it at once). Far longer than a load's first round takes: an
+#: owner whose staged state expired before its commit refuses the commit, after the
+#: other owners loaded.
+STAGE_TIMEOUT = 300.0
+#: How many tokens of loads gone from an owner (committed, aborted, expired, replaced,
+#: their driver lost) it remembers, so that a commit of one says why it finds nothing.
+STAGE_MEMORY = 256
 
 
 def _class_spec(cls: Any) -> str | list:
@@ -75,7 +98,8 @@ class _LocalOptimizer:
         self.params: list[Tensor] = [p.local_value() for p in params]
         # (errors name each parameter by its place in the caller's list: ``indices``;
         # the local optimizer would name its place among this owner's)
-        where = indices if indices is not None else list(range(len(params)))
+        where = self.indices = indices if indices is not None else list(range(len(params)))
+        self.stage_token: int | None = None  # (of the load staged here for it, see _Stages)
         seen: dict[int, int] = {}
         for i, p in zip(where, self.params, strict=True):
             if not isinstance(p, Tensor):
@@ -119,13 +143,164 @@ class _LocalOptimizer:
         with _STEP_LOCK:  # (not a copy of a step half made)
             return self.optim.state_dict()
 
-    def check_state_dict(self, state: dict[str, Any]) -> None:
-        """What ``load_state_dict`` would refuse, raised; nothing changed."""
-        self.optim._loadable(state)
+    async def stage(self, token: int, driver: str, state: dict[str, Any]) -> None:
+        """Check this owner's part of a load, as ``load_state_dict`` would (raises what
+        it refuses, nothing changed), and keep it as it would be loaded under ``token``
+        until ``commit(token)`` or ``abort(token)`` (or its driver's loss, or
+        ``STAGE_TIMEOUT``; see ``_Stages``). A load staged here for this optimizer
+        before is dropped: one staged state per optimizer."""
+        worker = current_worker()
+        stages = _stages_of(worker)
+        # (in the thread pool: it copies every array, cast to its parameter's dtype)
+        hyper, loaded = await worker.offload(functools.partial(self.optim._loadable, state))
+        if token in stages.gone:  # (its abort came while it was checked)
+            raise ValueError(f"load_state_dict: load {token:#x} was aborted while checked")
+        if worker.is_lost(driver) or worker.dropped_by(driver) is not None:
+            # (its loss was reported while it was checked: kept, it stayed until expiry)
+            raise WorkerLost(
+                f"load_state_dict: load {token:#x}: its driver, worker {driver!r}, was lost "
+                f"while worker {worker.name!r} checked it ({worker.lost_cause(driver)})"
+            )
+        stages.put(token, _Staged(self, driver, hyper, loaded))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    async def commit(self, token: int) -> None:
+        """Load the state staged under ``token`` (ValueError naming it if none is)."""
+        worker = current_worker()
+        staged = _stages_of(worker).take(token, self)
+        await worker.offload(functools.partial(self._load, staged.hyper, staged.loaded))
+
+    async def abort(self, token: int) -> None:
+        """Drop the state staged under ``token``, if any (a coroutine: the stages
+        change on the loop only)."""
+        _stages_of(current_worker()).drop(token, "it was aborted")
+
+    def _load(self, hyper: dict[str, Any], loaded: dict[Tensor, dict[str, Any]]) -> None:
         with _STEP_LOCK:
-            self.optim.load_state_dict(state)
+            # What can have changed since the check is the parameters' arrays: a step
+            # gives each a new one (of its shape and dtype), user code may give one of
+            # another. The state of one that changed is fitted to it again (as the
+            # check did: cast, or refused naming its shape), the others' taken as is.
+            spec = type(self.optim).STATE_KEYS or {}
+            for j, p in enumerate(self.params):
+                entry = loaded.get(p)
+                if entry is not None and any(
+                    spec.get(k) == "param" and (v.shape, v.dtype) != (p.data.shape, p.data.dtype)
+                    for k, v in entry.items()
+                ):
+                    loaded[p] = self.optim._fitted(entry, p, f"state[{self.indices[j]}]")
+            self.optim._load(hyper, loaded)
+
+
+class _Staged:
+    """A load's checked part on one owner, waiting for its commit or abort."""
+
+    __slots__ = ("driver", "hyper", "loaded", "nbytes", "optimizer", "timer")
+
+    def __init__(
+        self,
+        optimizer: _LocalOptimizer,
+        driver: str,
+        hyper: dict[str, Any],
+        loaded: dict[Tensor, dict[str, Any]],
+    ) -> None:
+        self.optimizer = optimizer
+        self.driver = driver  # (the worker that staged it: its loss drops it)
+        self.hyper = hyper
+        self.loaded = loaded
+        self.nbytes = sum(
+            v.nbytes for e in loaded.values() for v in e.values() if isinstance(v, np.ndarray)
+        )
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _Stages:
+    """The loads staged on one worker (``worker.ext["optim_stages"]``), by token, and
+    why the last ``STAGE_MEMORY`` tokens gone went. Changed on the worker's loop only
+    (``stage``, ``commit`` and ``abort`` are coroutines; the check and the load run in
+    the thread pool, outside)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.staged: dict[int, _Staged] = {}
+        self.gone: collections.OrderedDict[int, str] = collections.OrderedDict()
+
+    def put(self, token: int, staged: _Staged) -> None:
+        # A second load of an optimizer replaces the first: refused instead, a load whose
+        # driver was cancelled between its rounds (its abort lost) blocked every later
+        # one until it expired.
+        old = staged.optimizer.stage_token
+        if old is not None:
+            self.drop(old, f"a later load ({token:#x}) of the same optimizer replaced it")
+        self.staged[token] = staged
+        staged.optimizer.stage_token = token
+        staged.timer = self.worker.loop.call_later(
+            STAGE_TIMEOUT,
+            self.drop,
+            token,
+            f"it expired: no commit came within {STAGE_TIMEOUT:g} s of its check",
+        )
+
+    def take(self, token: int, optimizer: _LocalOptimizer) -> _Staged:
+        """The state staged under ``token`` for ``optimizer``, no longer staged."""
+        staged = self.staged.get(token)
+        if staged is None or staged.optimizer is not optimizer:
+            why = self.gone.get(token) or (
+                "it was staged for another optimizer"
+                if staged is not None
+                else "no load of that token was staged here"
+            )
+            raise ValueError(
+                f"load_state_dict: no state staged under token {token:#x} on worker "
+                f"{self.worker.name!r} to commit: {why}"
+            )
+        self.drop(token, "a commit took it already")
+        return staged
+
+    def drop(self, token: int, why: str) -> None:
+        """Forget the state staged under ``token`` (if any), remembering ``why``."""
+        staged = self.staged.pop(token, None)
+        if staged is not None:
+            if staged.timer is not None:
+                staged.timer.cancel()
+            if staged.optimizer.stage_token == token:
+                staged.optimizer.stage_token = None
+        if token not in self.gone:  # (the first reason stays: it is the one that counts)
+            self.gone[token] = why
+            if len(self.gone) > STAGE_MEMORY:
+                self.gone.popitem(last=False)
+
+    def peer_lost(self, name: str) -> None:
+        # As the contexts a lost initiator held here (dist.context's lease): no commit
+        # or abort will come from a lost driver. (One lost to this worker only, that
+        # lives on, finds its commit refused, naming the cause.)
+        why = f"its driver, worker {name!r}, was lost ({self.worker.lost_cause(name)})"
+        for token in [t for t, s in self.staged.items() if s.driver == name]:
+            self.drop(token, why)
+
+    def stats(self) -> dict[str, int]:
+        # (a snapshot first, in one C call: debug_info may run in a pool thread)
+        staged = list(self.staged.values())
+        return {
+            "num_staged_loads": len(staged),
+            "staged_load_bytes": sum(s.nbytes for s in staged),
+        }
+
+
+def _stages_of(worker: Worker) -> _Stages:
+    """The loads staged on ``worker``, the table made (and hooked to the worker's peer
+    losses) on first use."""
+    stages = worker.ext.get("optim_stages")
+    if stages is None:
+        stages = worker.ext["optim_stages"] = _Stages(worker)
+        worker.add_peer_lost_callback(stages.peer_lost)
+        worker.add_status_provider("optim_stages", stages.stats)
+    return stages
+
+
+def staged_stats(worker: Worker) -> dict[str, int]:
+    """``num_staged_loads`` and ``staged_load_bytes`` of ``worker`` (for debug_info)."""
+    stages = worker.ext.get("optim_stages")
+    return stages.stats() if stages is not None else {"num_staged_loads": 0, "staged_load_bytes": 0}
 
 
 class DistributedOptimizer:
@@ -344,6 +519,18 @@ class DistributedOptimizer:
         loads: a state one of them refuses is loaded nowhere. Only an owner lost between
         the check and the load leaves the others loaded (the note names those).
 
+        Each owner's part crosses the network once: the owner keeps it, checked, until
+        every owner has answered, then loads it at a second call that carries only a token
+        naming the load, or drops it (one refused or was lost). Meanwhile each owner
+        holds its old state and the new one. What an owner kept goes also when this
+        worker is lost to it, when a later load of the same optimizer reaches it (that
+        one replaces it), and ``actorgrad.dist.optimizer.STAGE_TIMEOUT`` (300) s after
+        it was kept if no second call came; ``ag.dist.debug_info()`` counts what a
+        worker keeps (``num_staged_loads``, ``staged_load_bytes``). Of what the check
+        looked at, only the parameters' arrays can change before the second call: one
+        of another shape (user code) makes its owner refuse it, one of another dtype
+        gets its state cast to it.
+
         Example::
 
             opt = ag.dist.DistributedOptimizer(ag.optim.SGD, refs, lr=0.1, momentum=0.9)
@@ -362,21 +549,51 @@ class DistributedOptimizer:
         # Two rounds: each owner checks its part first (the shapes only it knows), and
         # the state is loaded only once none refused: a state one owner refused was
         # loaded on the others, the optimizers left half in one state, half in another.
+        # The part crosses once: the owner keeps it, checked, under the token, and the
+        # second round sends only the token (the part sent again, a 256 MiB Adam state
+        # over 3 owners took 2x the traffic and the owners' decode and check twice).
         # (An owner lost between the rounds still leaves the others loaded.)
-        rounds = (("check_state_dict", "nothing loaded; checked"), ("load_state_dict", "loaded"))
-        for method, done in rounds:
+        token = secrets.randbits(63)  # (names this load on the owners: no other's)
+        me = current_worker().name
+        try:
             results = await asyncio.gather(
-                *(_called(r, method, sd) for r, sd in zip(refs.values(), parts, strict=True)),
+                *(
+                    _called(r, "stage", token, me, sd)
+                    for r, sd in zip(refs.values(), parts, strict=True)
+                ),
                 return_exceptions=True,
             )
-            try:
-                _raise_failures("load_state_dict", list(refs), results, done)
-            except BaseException:
-                del results, refs, parts  # (see state_dict)
-                raise
+            del parts  # (the caller's arrays: the owners have their part now)
+            refused = any(isinstance(x, BaseException) for x in results)
+            if refused:
+                # (where a part was staged it goes now, not at its expiry; an owner lost
+                # meanwhile lost it with its process, or drops it at this driver's loss)
+                staged = [r for r, x in zip(refs.values(), results, strict=True) if x is None]
+                await _aborted(staged, token)
+                del staged
+            else:
+                results = await asyncio.gather(
+                    *(_called(r, "commit", token) for r in refs.values()), return_exceptions=True
+                )
+        except asyncio.CancelledError:
+            # (the owners that staged it drop it at once, not at its expiry; those that
+            # committed it, or never staged it, ignore the abort)
+            current_worker().spawn(_aborted(list(refs.values()), token), name="abort-load")
+            raise
+        try:
+            done = "nothing loaded; checked" if refused else "loaded"
+            _raise_failures("load_state_dict", list(refs), results, done)
+        except BaseException:
+            del results, refs  # (see state_dict)
+            raise
         # (only now: owners' optimizers made later take these; after a failed load the
         # old ones stand, as on the owners that did not load)
         self._options = {**self._options, **hyper}
+
+
+async def _aborted(refs: list[RRef | BaseException], token: int) -> None:
+    """Abort load ``token`` on every owner (those that never staged it ignore it)."""
+    await asyncio.gather(*(_called(r, "abort", token) for r in refs), return_exceptions=True)
 
 
 async def _called(ref: RRef | BaseException, method: str, *args: Any) -> Any:
