@@ -332,17 +332,20 @@ class Optimizer:
         self.state.clear()
         self.state.update(loaded)
 
-    def _loadable(self, state: Any) -> tuple[dict[str, Any], dict[Tensor, dict[str, Any]]]:
+    def _loadable(
+        self, state: Any, adopt: bool = False
+    ) -> tuple[dict[str, Any], dict[Tensor, dict[str, Any]]]:
         """Everything ``load_state_dict`` checks, nothing changed: the hyperparameters
         and each parameter's state as they would be loaded (raises as it does; ``_load``
-        applies them). A DistributedOptimizer's owners check their part first and keep
-        what this gives until every owner has checked its own, so that a state no owner
-        refuses is loaded everywhere, and one refused is loaded nowhere."""
+        applies them). ``adopt``: see ``_fitted``. A DistributedOptimizer's owners check
+        their part first and keep what this gives until every owner has checked its own,
+        so that a state no owner refuses is loaded everywhere, and one refused is loaded
+        nowhere."""
         hyper, entries, ids = self._checked_state_dict(state, len(self.params))
         loaded = {}
         for p, entry, key in zip(self.params, entries, ids, strict=True):
             if entry is not None:
-                loaded[p] = self._fitted(entry, p, f"state[{key}]")
+                loaded[p] = self._fitted(entry, p, f"state[{key}]", adopt)
         return hyper, loaded
 
     def _checked_state_dict(
@@ -463,9 +466,15 @@ class Optimizer:
             entries[place[i]] = checked
         return hyper, entries, ids
 
-    def _fitted(self, entry: dict[str, Any], p: Tensor, what: str) -> dict[str, Any]:
+    def _fitted(
+        self, entry: dict[str, Any], p: Tensor, what: str, adopt: bool = False
+    ) -> dict[str, Any]:
         """A checked state entry of ``p`` as the optimizer keeps it: arrays copied (those
-        of ``STATE_KEYS`` "param" checked against ``p``'s shape, cast to its dtype)."""
+        of ``STATE_KEYS`` "param" checked against ``p``'s shape, cast to its dtype).
+        ``adopt``: the arrays are nobody else's (a DistributedOptimizer's owner decoded
+        them from the message that brought them): a writable one that needs no cast is
+        kept as it is, not copied (the owner's peak memory during a load: the state it
+        holds, plus one copy of the new one, not two)."""
         spec = type(self).STATE_KEYS or {}
         out: dict[str, Any] = {}
         for k, v in entry.items():
@@ -477,9 +486,12 @@ class Optimizer:
                     )
                 # (C order: a step cuts its blocks from the flat views of C-ordered
                 # state; a Fortran-ordered one, loaded, made its temporaries whole again)
-                out[k] = np.array(v, dtype=p.data.dtype, order="C")
+                kept = adopt and v.flags.writeable and v.dtype == p.data.dtype
+                out[k] = (np.asarray if kept else np.array)(v, dtype=p.data.dtype, order="C")
+            elif isinstance(v, np.ndarray):
+                out[k] = v if adopt and v.flags.writeable else np.array(v)
             else:
-                out[k] = np.array(v) if isinstance(v, np.ndarray) else v
+                out[k] = v
         return out
 
     def zero_grad(self) -> None:

@@ -1142,3 +1142,10 @@ async def load_and_die_before_commit(refs: list[ag.RRef], state: Any, tell: str)
     dopt._called = commit_never
     opt = ag.dist.DistributedOptimizer(ag.optim.SGD, refs, lr=0.1, momentum=0.9)
     await opt.load_state_dict(state)
+
+
+def state_memory_owned(ref: ag.RRef) -> list[bool]:
+    """Whether the state arrays of the DistributedOptimizer owner ``ref`` (its local
+    optimizer, here) own their memory: ``[True]``, ``[False]`` or both."""
+    opt = ref.local_value().optim
+    return sorted({v.flags.owndata for e in opt.state.values() for v in e.values()})

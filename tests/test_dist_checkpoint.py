@@ -279,6 +279,8 @@ async def test_a_load_sends_each_owner_its_part_once(monkeypatch):
         assert back["param_groups"] == state["param_groups"]
         for i, entry in state["state"].items():
             assert np.array_equal(back["state"][i]["momentum_buffer"], entry["momentum_buffer"])
+        for owner, ref in opt._remote.items():  # (kept as they came, not copied)
+            assert await ag.rpc(owner, F.state_memory_owned, (ref,)) == [False], owner
         del opt
 
 

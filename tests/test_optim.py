@@ -531,6 +531,30 @@ def test_a_state_dict_loads_into_an_optimizer_of_float32_parameters():
     assert w.data.dtype == np.float32 and opt.state[w]["step"] == 4
 
 
+def test_a_state_adopted_is_kept_unless_it_must_be_copied():
+    # A DistributedOptimizer's owner checks the arrays it decoded from the message with
+    # adopt=True: nobody else holds them, and a copy doubled its memory during a load.
+    # What it cannot keep as is (read-only memory, another dtype) is still copied.
+    w = ag.tensor(np.zeros(3), requires_grad=True)  # (float64)
+    opt = ag.optim.Adam([w], lr=0.1)
+    fresh = np.arange(3.0)
+    frozen = np.arange(3.0)
+    frozen.flags.writeable = False
+    narrow = np.arange(3, dtype=np.float32)
+    for given, kept in ((fresh, True), (frozen, False), (narrow, False)):
+        state = {
+            "state": {0: {"step": 2, "exp_avg": given, "exp_avg_sq": given}},
+            "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "params": [0]}],
+        }
+        _, adopted = opt._loadable(state, adopt=True)
+        _, copied = opt._loadable(state)
+        for loaded, same in ((adopted, kept), (copied, False)):
+            got = loaded[w]["exp_avg"]
+            assert (got is given) is same, (given.dtype, given.flags.writeable)
+            assert got.dtype == np.float64 and got.flags.writeable
+            assert got.tolist() == [0.0, 1.0, 2.0]
+
+
 def test_state_dict_and_load_state_dict_copy():
     w = ag.tensor([1.0, 2.0], requires_grad=True)
     opt = ag.optim.Adam([w], lr=0.1)

@@ -151,8 +151,11 @@ class _LocalOptimizer:
         before is dropped: one staged state per optimizer."""
         worker = current_worker()
         stages = _stages_of(worker)
-        # (in the thread pool: it copies every array, cast to its parameter's dtype)
-        hyper, loaded = await worker.offload(functools.partial(self.optim._loadable, state))
+        # (in the thread pool: it reads every array, and copies those it casts. The
+        # others it keeps: they came in the call's message, decoded into memory of
+        # their own, which nothing else holds)
+        check = functools.partial(self.optim._loadable, state, adopt=True)
+        hyper, loaded = await worker.offload(check)
         if token in stages.gone:  # (its abort came while it was checked)
             raise ValueError(f"load_state_dict: load {token:#x} was aborted while checked")
         if worker.is_lost(driver) or worker.dropped_by(driver) is not None:
@@ -519,8 +522,9 @@ class DistributedOptimizer:
         loads: a state one of them refuses is loaded nowhere. Only an owner lost between
         the check and the load leaves the others loaded (the note names those).
 
-        Each owner's part crosses the network once: the owner keeps it, checked, until
-        every owner has answered, then loads it at a second call that carries only a token
+        Each owner's part crosses the network once: the owner keeps it, checked (its
+        arrays as they came, cast where their parameter's dtype differs), until every
+        owner has answered, then loads it at a second call that carries only a token
         naming the load, or drops it (one refused or was lost). Meanwhile each owner
         holds its old state and the new one. What an owner kept goes also when this
         worker is lost to it, when a later load of the same optimizer reaches it (that
