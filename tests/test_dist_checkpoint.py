@@ -308,6 +308,42 @@ async def test_a_refused_load_drops_what_the_other_owners_staged(monkeypatch):
             assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
 
 
+async def test_a_load_cancelled_between_the_rounds_leaves_nothing_staged(monkeypatch):
+    # The caller gives up while the commits are out (they never end here): the owners
+    # that staged the load are told to drop it, not left holding it until it expires.
+    from actorgrad.dist import optimizer as dopt
+
+    committing: asyncio.Queue[str] = asyncio.Queue()
+    aborted: asyncio.Queue[str] = asyncio.Queue()
+    drop = dopt._Stages.drop
+
+    def noted(self, token, why):
+        if token in self.staged and why == "it was aborted":
+            aborted.put_nowait(self.worker.name)
+        drop(self, token, why)
+
+    async def commit_never(self, token):
+        committing.put_nowait(ag.worker_name())
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(dopt._Stages, "drop", noted)
+    monkeypatch.setattr(dopt._LocalOptimizer, "commit", commit_never)
+    async with ag.local_cluster(2):
+        _, opt = await _two_owner_sgd()
+        saved = await opt.state_dict()
+        load = asyncio.create_task(opt.load_state_dict(saved))
+        async with asyncio.timeout(10):
+            assert sorted([await committing.get(), await committing.get()]) == ["w1", "w2"]
+        load.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await load
+        async with asyncio.timeout(10):
+            assert sorted([await aborted.get(), await aborted.get()]) == ["w1", "w2"]
+        for owner in ("w1", "w2"):
+            info = await ag.rpc(owner, F.debug_info)
+            assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
+
+
 async def test_a_commit_names_a_token_staged_nowhere_and_why(monkeypatch):
     # The owner's side of the rounds, called as load_state_dict calls it: what a commit
     # finds of a token unknown, aborted, replaced by a later load, committed or expired.
