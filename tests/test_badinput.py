@@ -829,6 +829,47 @@ async def test_an_rref_id_that_is_not_an_int_is_named_in_the_error(sock_cluster)
         await ag.rpc("w1", "actorgrad.runtime.rref:_fetch", ((other << 48) | 255,))
 
 
+@pytest.mark.parametrize(
+    ("fn", "args", "error"),
+    [
+        ("_fetch", ([1],), r"LookupError: RRef \[1\] is no longer alive on worker 'w1'"),
+        ("_fetch", ({"a": 1},), r"LookupError: RRef \{'a': 1\} is no longer alive"),
+        ("_decref", ([1], "driver", 1), None),  # (nothing counted for it: nothing to do)
+        ("_accept", (5, "driver", 1, [7], "w2", 3), r"TypeError: malformed fork tag \[7\]"),
+        ("_unfork", ("driver", 1, [7], [5]), r"TypeError: malformed fork tag \[7\]"),
+        ("_unfork", ("driver", 1, 7, [[5]]), r"TypeError: malformed RRef ids \[\[5\]\]"),
+        ("_add_holders", (5, "driver", 1, 7), r"TypeError: malformed fork entries 5: a list"),
+        ("_add_holders", ([[5, "w2"]], "driver", 1, 7), r"malformed fork entries \[\[5, 'w2'\]\]"),
+        ("_add_holders", ([[[5], "w2", 3]], "driver", 1, 7), r"LookupError: RRef \[5\] is no"),
+        ("_settle_forks", ([1], 3, "w1"), r"TypeError: malformed RRef holder \[1\] \(id 3\)"),
+        ("_settle_forks", ("w2", 3, [1]), r"TypeError: malformed RRef owner \[1\]"),
+    ],
+)
+async def test_rref_bookkeeping_with_ids_of_the_wrong_type_gets_errors_naming_them(
+    sock_cluster, caplog, fn, args, error
+):
+    # An RRef id or fork tag that is a list or a dict was looked up as it came:
+    # "TypeError: unhashable type: 'list'"; fork entries that are no [id, receiver,
+    # its cluster id] triples were "'int' object is not iterable" or "not enough
+    # values to unpack"; a settle for a forker that is no holder key answered at once
+    # and the owner logged a one-way call that failed (or, for an array, "the truth
+    # value of an array ... is ambiguous"). One-way (as they travel), each only logged
+    # "one-way call failed: TypeError(\"unhashable type: 'list'\")".
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    w1 = _target(sock_cluster)
+    owned = dict(w1.owned)
+    target = f"actorgrad.runtime.rref:{fn}"
+    if error is None:
+        assert await ag.rpc("w1", target, args) is None
+    else:
+        with pytest.raises(ag.RemoteError) as err:
+            await ag.rpc("w1", target, args)
+        assert re.search(error, f"{err.value.remote_type}: {err.value.remote_message}"), err.value
+    assert w1.owned == owned
+    assert "unhashable" not in caplog.text and "one-way call failed" not in caplog.text
+    await valid_client_works(sock_cluster)
+
+
 async def test_unencodable_argument_is_a_type_error_naming_the_type(sock_cluster):
     class Thing:
         pass

@@ -97,6 +97,12 @@ def _key_of(name: Any, pid: Any) -> Key:
 Reg: TypeAlias = tuple[Key, int]
 
 
+def _reg_of(forker: Any, forker_id: Any, tag: Any) -> Reg:
+    if type(tag) is not int:
+        raise TypeError(f"malformed fork tag {short_repr(tag)}")
+    return (_key_of(forker, forker_id), tag)
+
+
 class Owned:
     __slots__ = ("value", "holders", "forks")
 
@@ -141,15 +147,21 @@ def _gone(worker: Worker, rid: Any) -> LookupError:
     return LookupError(f"RRef {_show(rid)} is no longer alive on worker {worker.name!r}")
 
 
+def _owned(worker: Worker, rid: Any) -> Owned | None:
+    """What ``rid`` refers to here, if it is alive (an id from the wire may be of any
+    type: a list was looked up as it came, "unhashable type: 'list'")."""
+    return worker.owned.get(rid) if type(rid) is int else None
+
+
 def _add(worker: Worker, rid: int, holder: Key, n: int = 1) -> None:
-    o = worker.owned.get(rid)
+    o = _owned(worker, rid)
     if o is None:
         raise _gone(worker, rid)
     o.holders[holder] = o.holders.get(holder, 0) + n
 
 
 def _sub(worker: Worker, rid: int, holder: Key, n: int = 1) -> None:
-    o = worker.owned.get(rid)
+    o = _owned(worker, rid)
     if o is None:
         return
     c = o.holders.get(holder, 0) - n
@@ -188,7 +200,7 @@ def peer_lost(worker: Worker, name: str, pid: int) -> None:
 
 
 def owned_value(worker: Worker, rid: Any) -> Any:
-    o = worker.owned.get(rid)
+    o = _owned(worker, rid)
     if o is None:
         raise _gone(worker, rid)
     return o.value
@@ -811,10 +823,12 @@ def _add_holders(entries: list, forker: str, forker_id: int, tag: int) -> None:
     from actorgrad.runtime.worker import current_worker
 
     w = current_worker()
-    fk = _key_of(forker, forker_id)
-    if type(tag) is not int:
-        raise TypeError(f"malformed fork tag {short_repr(tag)}")
-    reg = (fk, tag)
+    reg = _reg_of(forker, forker_id, tag)
+    if type(entries) is not list or not all(type(e) is list and len(e) == 3 for e in entries):
+        raise TypeError(
+            f"malformed fork entries {short_repr(entries)}: a list of [RRef id, receiver, "
+            "receiver's cluster id] triples is expected"
+        )
     if w._rref_withdrawn and w._rref_withdrawn.pop(reg, None) is not None:
         # (its forker gave up on it and took it back before it came here: see _unfork)
         return
@@ -823,7 +837,7 @@ def _add_holders(entries: list, forker: str, forker_id: int, tag: int) -> None:
     # stayed for good).
     keyed = []
     for rid, name, pid in entries:
-        if rid not in w.owned:
+        if _owned(w, rid) is None:
             raise _gone(w, rid)
         keyed.append((rid, _key_of(name, pid)))
     for rid, holder in keyed:
@@ -832,7 +846,7 @@ def _add_holders(entries: list, forker: str, forker_id: int, tag: int) -> None:
 
 
 def _accepted(worker: Worker, rid: int, reg: Reg, holder: Key) -> None:
-    o = worker.owned.get(rid)
+    o = _owned(worker, rid)
     if o is not None and o.forks:
         _fork(o, reg, holder, -1)
 
@@ -843,7 +857,7 @@ def _accept(rid: int, forker: str, forker_id: int, tag: int, holder: str, holder
     ``tag``."""
     from actorgrad.runtime.worker import current_worker
 
-    reg = (_key_of(forker, forker_id), tag)
+    reg = _reg_of(forker, forker_id, tag)
     _accepted(current_worker(), rid, reg, _key_of(holder, holder_id))
 
 
@@ -867,12 +881,12 @@ def _unfork(forker: str, forker_id: int, tag: int, rids: list) -> None:
     from actorgrad.runtime.worker import current_worker
 
     w = current_worker()
-    reg = (_key_of(forker, forker_id), tag)
-    if type(rids) is not list:
+    reg = _reg_of(forker, forker_id, tag)
+    if type(rids) is not list or not all(type(rid) is int for rid in rids):
         raise TypeError(f"malformed RRef ids {short_repr(rids)}")
     seen = False
     for rid in set(rids):
-        o = w.owned.get(rid)
+        o = _owned(w, rid)
         f = o.forks.pop(reg, None) if o is not None and o.forks else None
         if f is not None:  # (no accept came: the message was not sent)
             seen = True
@@ -908,6 +922,11 @@ async def _settle_forks(forker: str, forker_id: int, owner: str) -> None:
     ``owner``, behind the accepts of those frames (the same connection)."""
     from actorgrad.runtime.worker import current_worker
 
+    # (checked here: the owner got them back in its _forks_settled, one-way, whose
+    # failure only it logged; the caller, the owner, heard nothing)
+    _key_of(forker, forker_id)
+    if type(owner) is not str:
+        raise TypeError(f"malformed RRef owner {short_repr(owner)}")
     w = current_worker()
     await _handled_all_of(w, forker)
     _tell(w, owner, _forks_settled, (forker, forker_id, w.name, w.id))
