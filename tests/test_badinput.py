@@ -1021,6 +1021,9 @@ async def _raw_call_error(c, meta, body: bytes) -> ag.RemoteError:
             "one-way call no_such_module_xyz:fn cannot start",
         ),
         ([K_REQ, 5, "operator:add"], "malformed request"),
+        # (the topic was looked up as it came: "malformed message: TypeError(\"unhashable
+        # type: 'list'\")")
+        ([K_CAST, ["dist.credit"]], r"one-way message for unknown topic \['dist.credit'\]"),
     ],
 )
 async def test_a_worker_closing_on_a_message_it_refused_tells_the_sender_why(

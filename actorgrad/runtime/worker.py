@@ -2051,7 +2051,8 @@ class Worker:
         header = frame.header
         if len(header) != 2:
             raise ProtocolError(f"malformed one-way message header {short_repr(header, 200)}")
-        entry = _cast_handlers.get(header[1])
+        # (a topic of another type was looked up as it came: "unhashable type: 'list'")
+        entry = _cast_handlers.get(header[1]) if type(header[1]) is str else None
         if entry is None:
             raise ProtocolError(f"one-way message for unknown topic {short_repr(header[1], 80)}")
         fn, nargs = entry
