@@ -916,6 +916,37 @@ async def test_a_context_id_not_made_by_its_named_initiator_is_refused_so(sock_c
     await valid_client_works(sock_cluster)
 
 
+@pytest.mark.parametrize(
+    "release",
+    [
+        lambda ctx: ([ctx], "driver", None),
+        lambda ctx: (ctx, ["driver"], None),
+        lambda ctx: (ctx, "driver", 7),
+        lambda ctx: (ctx, "driver", ["w2", 7]),
+    ],
+)
+async def test_a_malformed_context_release_is_refused_naming_it(sock_cluster, release):
+    # (the context id was looked up as it came, "TypeError: unhashable type: 'list'";
+    # so was the sender, and a gone list that is not one, "'int' object is not
+    # iterable")
+    from actorgrad.dist.context import state_of
+
+    w1 = _target(sock_cluster)
+    async with ag.dist.context() as ctx:
+        assert await ag.rpc("w1", add, (1, 2)) == 3  # (w1 holds the context now)
+        args = release(ctx)
+        with pytest.raises(ag.RemoteError) as err:
+            await ag.rpc("w1", "actorgrad.dist.api:_release", args)
+        assert err.value.remote_type == "actorgrad.errors.ProtocolError", err.value
+        assert (
+            f"malformed context release: context id {args[0]!r}, sender {args[1]!r}, gone "
+            f"{args[2]!r}"
+        ) in str(err.value)
+        assert ctx in state_of(w1).contexts  # (refused: nothing of it done)
+    assert not state_of(w1).contexts
+    await valid_client_works(sock_cluster)
+
+
 def test_a_calls_context_id_out_of_the_id_range_is_malformed_metadata():
     # (a negative one was taken, and named "context -0x1: its initiator ... is gone")
     from actorgrad.dist.context import CONTEXT_ID_BITS, _parse_meta

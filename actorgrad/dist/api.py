@@ -242,6 +242,17 @@ def _release(ctx_id: int, sender: str, gone: list[str] | None = None) -> Awaitab
     """Handler: release the context here, then on our own peers (second hops) but the
     ``gone`` ones (the sender could not reach them); the reply waits for theirs. Inline:
     without second hops it answers at once."""
+    if (
+        type(ctx_id) is not int
+        or type(sender) is not str
+        or not (gone is None or (type(gone) is list and all(type(p) is str for p in gone)))
+    ):
+        # (each was used as it came: "unhashable type: 'list'", "'int' object is not
+        # iterable")
+        raise ProtocolError(
+            f"malformed context release: context id {short_repr(ctx_id)}, sender "
+            f"{short_repr(sender)}, gone {short_repr(gone)}"
+        )
     return _start_release(state_of(current_worker()), ctx_id, sender, gone)
 
 
