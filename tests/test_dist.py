@@ -392,6 +392,41 @@ async def test_a_refused_message_of_another_pass_keeps_the_way_back_of_the_runni
             await run
 
 
+async def test_a_gradient_that_comes_twice_in_a_pass_fails_it_and_is_not_added_twice(
+    monkeypatch,
+):
+    # A gradient message holding a send node's gradient twice (a send node gets one per
+    # pass) had both added: the leaves behind it got twice their gradient, and the pass
+    # completed without a word.
+    from actorgrad.dist.backward import T_DELIVER
+
+    xv, wv = arr(3), arr(3)
+    async with cluster("tcp", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        cast = c.driver.cast
+
+        def twice(dest, topic, args, on_error=None):
+            if topic == T_DELIVER and dest == "w1" and args[4]:
+                args = (*args[:4], args[4] * 2, *args[5:])  # (items: [send id, grad] twice)
+            return cast(dest, topic, args, on_error)
+
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            monkeypatch.setattr(c.driver, "cast", twice)
+            with pytest.raises(
+                ag.ProtocolError,
+                match=rf"a second gradient for send node \d+ of context {ctx:#x} in backward "
+                r"pass 0x[0-9a-f]+ \(refused by worker 'w1'\)",
+            ):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            monkeypatch.setattr(c.driver, "cast", cast)
+            assert await ag.rpc("w1", F.grad_of, (ctx, "w")) is None
+            assert ag.dist.get_gradients(ctx) == {}
+        await assert_clean(c.names)
+        await assert_one_hop_exact(arr(3), wv)
+
+
 @pytest.mark.parametrize("own_part", ["running", "done"])
 async def test_credit_that_comes_twice_fails_the_pass_and_nothing_of_it_stays(
     monkeypatch, own_part

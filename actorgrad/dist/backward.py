@@ -415,6 +415,13 @@ class PassState:
                     f"context {self.ctx.id:#x} has no send node {short_repr(send_id)} here "
                     "(graph already freed, or a gradient arrived twice)"
                 )
+            if not self.task.waits_for(node):
+                # (one gradient per pass reaches a send node: the engine added a second
+                # one to the first, and the leaves behind it got twice theirs, silently)
+                raise ProtocolError(
+                    f"a second gradient for send node {send_id} of context "
+                    f"{self.ctx.id:#x} in backward pass {self.pass_id:#x}"
+                )
             g = _unpack_grad(grad)
             if g is not None:
                 if g.shape != node.shape:
