@@ -11,6 +11,7 @@ import re
 import secrets
 
 import msgpack
+import numpy as np
 import pytest
 from conftest import open_abstract, valid_client_works
 
@@ -944,6 +945,33 @@ async def test_a_malformed_context_release_is_refused_naming_it(sock_cluster, re
         ) in str(err.value)
         assert ctx in state_of(w1).contexts  # (refused: nothing of it done)
     assert not state_of(w1).contexts
+    await valid_client_works(sock_cluster)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        lambda ref: ([7], {"lr": 0.1}, [0]),
+        lambda ref: ([ref], [{"lr": 0.1}], [0]),
+        lambda ref: ([ref], {"lr": 0.1}, 7),
+        lambda ref: ([ref], {"lr": 0.1}, [0, 1]),
+    ],
+)
+async def test_a_malformed_optimizer_construction_is_refused_naming_it(sock_cluster, args):
+    # (an owner's optimizer took its arguments as they came: "'int' object has no
+    # attribute 'local_value'", "argument after ** must be a mapping, not list", "'int'
+    # object is not iterable", "zip() argument 2 is shorter than argument 1")
+    ref = await ag.remote("w1", ag.tensor, (np.ones(2),), {"requires_grad": True})
+    params, options, indices = args(ref)
+    with pytest.raises(ag.RemoteError) as err:
+        await ag.remote(
+            "w1",
+            "actorgrad.dist.optimizer:_local_optimizer",
+            ("actorgrad.optim:SGD", params, options, indices),
+        )
+    assert err.value.remote_type == "actorgrad.errors.ProtocolError", err.value
+    assert "malformed optimizer construction: params [" in str(err.value)
+    assert f"options {options!r}, indices {indices!r}" in str(err.value)
     await valid_client_works(sock_cluster)
 
 

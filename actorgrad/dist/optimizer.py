@@ -26,8 +26,16 @@ import numpy as np
 from actorgrad import wire
 from actorgrad.autograd import enable_grad
 from actorgrad.dist.api import get_gradients
-from actorgrad.dist.context import as_context_id, is_unused
-from actorgrad.errors import ContextError, RemoteError, WorkerLost, clip_text, refusal_type
+from actorgrad.dist.context import as_context_id, int_list, is_unused
+from actorgrad.errors import (
+    ContextError,
+    ProtocolError,
+    RemoteError,
+    WorkerLost,
+    clip_text,
+    refusal_type,
+    short_repr,
+)
 from actorgrad.optim import BASE_CLASS_HINT, Optimizer
 from actorgrad.runtime import RRef, Worker, current_worker, remote
 from actorgrad.runtime.calls import fn_spec, resolve
@@ -82,6 +90,19 @@ async def _local_optimizer(
     """An owner's local optimizer (async: the class is resolved on the worker's loop,
     where the runtime resolves the functions it calls; by a plain "module:Class" import,
     a class of the driver's script was looked up in the owner's own ``__main__``)."""
+    if (
+        type(params) is not list
+        or not all(isinstance(p, RRef) for p in params)
+        or type(options) is not dict
+        or not int_list(indices)
+        or len(indices) != len(params)
+    ):
+        # (each was used as it came: "'int' object has no attribute 'local_value'",
+        # "argument after ** must be a mapping", "zip() argument 2 is shorter ...")
+        raise ProtocolError(
+            f"malformed optimizer construction: params {short_repr(params)}, options "
+            f"{short_repr(options)}, indices {short_repr(indices)}"
+        )
     return _LocalOptimizer(resolve(class_spec), params, options, indices)
 
 
