@@ -427,6 +427,45 @@ async def test_a_gradient_that_comes_twice_in_a_pass_fails_it_and_is_not_added_t
         await assert_one_hop_exact(arr(3), wv)
 
 
+@pytest.mark.parametrize(
+    ("items", "error"),
+    [
+        (lambda items: 7, r"gradient message must hold \(send id, gradient\) pairs, got 7"),
+        (
+            lambda items: [[items[0]], items[1]],
+            r"context 0x[0-9a-f]+ has no send node \[1\] here",
+        ),
+    ],
+)
+async def test_a_gradient_message_of_malformed_items_fails_the_pass_naming_them(
+    monkeypatch, items, error
+):
+    # (the items were taken as they came: the pass failed with "TypeError on worker
+    # 'w1': object of type 'int' has no len()", or "unhashable type: 'list'" for a
+    # send id that is a list)
+    from actorgrad.dist.backward import T_DELIVER
+
+    xv, wv = arr(3), arr(3)
+    async with cluster("tcp", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        cast = c.driver.cast
+
+        def malformed(dest, topic, args, on_error=None):
+            if topic == T_DELIVER and dest == "w1" and args[4]:
+                args = (*args[:4], items(args[4]), *args[5:])
+            return cast(dest, topic, args, on_error)
+
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            monkeypatch.setattr(c.driver, "cast", malformed)
+            with pytest.raises((ag.ProtocolError, ag.ContextError), match=error):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            monkeypatch.setattr(c.driver, "cast", cast)
+        await assert_clean(c.names)
+        await assert_one_hop_exact(arr(3), wv)
+
+
 @pytest.mark.parametrize("own_part", ["running", "done"])
 async def test_credit_that_comes_twice_fails_the_pass_and_nothing_of_it_stays(
     monkeypatch, own_part

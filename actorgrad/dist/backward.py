@@ -402,12 +402,15 @@ class PassState:
         """Hand the task the gradients of a message; returns how many elements they
         hold."""
         size = 0
-        if len(items) % 2:
-            raise ProtocolError("gradient message must hold (send id, gradient) pairs")
+        if type(items) is not list or len(items) % 2:
+            raise ProtocolError(
+                f"gradient message must hold (send id, gradient) pairs, got {short_repr(items)}"
+            )
         sends = self.ctx.sends
         for i in range(0, len(items), 2):
             send_id, grad = items[i], items[i + 1]
-            node = sends.get(send_id)
+            # (one of another type was looked up as it came: "unhashable type: 'list'")
+            node = sends.get(send_id) if type(send_id) is int else None
             if node is None:
                 # (also for a None: ignoring it would hide a pass that started before a
                 # clean-up reached some worker, which then waits for good, see _unpair)
