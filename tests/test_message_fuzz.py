@@ -14,8 +14,10 @@ malformed messages.)
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
+import sys
 from typing import Any
 
 import dist_fns as F
@@ -25,6 +27,8 @@ import pytest
 
 import actorgrad as ag
 from actorgrad import wire
+from actorgrad.dist.backward import T_DELIVER
+from actorgrad.dist.context import PASS_ID_BITS, state_of
 from actorgrad.runtime import rref, transport
 from actorgrad.runtime.worker import K_CAST, K_REQ
 
@@ -118,19 +122,30 @@ def _others(v: Any) -> list[Any]:
     if isinstance(v, Ext):
         return [v.value, Ext(wire.EXT_TUPLE if v.code != wire.EXT_TUPLE else 1, v.value)]
     if isinstance(v, list):
-        return [{"k": v}, 7, v[:-1], [*v, v[-1]] if v else [None]]
+        return [{"k": v}, 7, v[:-1], v * 2 if v else [None]]  # (* 2: each item twice)
     return [[v], 7]
+
+
+def _fields(frame: bytes) -> list[tuple[tuple, int]]:
+    """(place, which replacement) of every mutation of ``frame`` (see _mutated)."""
+    f = wire.decode_frame(frame)
+    tree = [f.header, _body(f)]
+    return [(at, k) for at in _paths(tree) for k in range(len(_others(_get(tree, at))))]
+
+
+def _mutated(frame: bytes, at: tuple, k: int) -> tuple[Any, bytes]:
+    """``frame`` with the field at ``at`` replaced by its ``k``-th other value."""
+    f = wire.decode_frame(frame)
+    tree = [f.header, _body(f)]
+    value = _others(_get(tree, at))[k]
+    _replace(tree, at, value)
+    return value, _frame(tree[0], tree[1], [bytes(b) for b in f._buffers])
 
 
 def _mutations(frame: bytes):
     """``frame`` with one field replaced, for each field and replacement."""
-    f = wire.decode_frame(frame)
-    buffers = [bytes(b) for b in f._buffers]
-    for at in _paths([f.header, _body(f)]):
-        for value in _others(_get([f.header, _body(f)], at)):
-            tree = [wire.decode_frame(frame).header, _body(f)]
-            _replace(tree, at, value)
-            yield at, value, _frame(tree[0], tree[1], buffers)
+    for at, k in _fields(frame):
+        yield at, *_mutated(frame, at, k)
 
 
 def _body(f: wire.Frame) -> Any:
@@ -261,3 +276,69 @@ async def test_mutated_protocol_messages_get_clear_errors_and_the_worker_serves_
     assert not unclear, "\n".join(unclear[:20])
     assert not loop_errors, loop_errors[:5]
     assert sent > 300, sent  # (the walk went over the fields of every kind)
+
+
+async def test_mutated_gradient_messages_of_a_running_pass_fail_it_clearly(monkeypatch, caplog):
+    # A gradient message gets past the checks of its context and pass only in a live
+    # context, for a pass not over there: each one goes in a context of its own, for a
+    # new pass of the driver's, and the failure its pass's origin is told (the
+    # message's handler has no reply) must say what was wrong. (Sent again after the
+    # step, as above, each is refused for its released context before that.)
+    backward = sys.modules["actorgrad.dist.backward"]
+    told: list[BaseException] = []
+    fail_run = backward._fail_run
+
+    def record(st: Any, pass_id: int, exc: BaseException) -> None:
+        told.append(exc)
+        fail_run(st, pass_id, exc)
+
+    monkeypatch.setattr(backward, "_fail_run", record)
+    caplog.set_level(logging.WARNING, "actorgrad")
+    loop = asyncio.get_running_loop()
+    loop_errors: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: loop_errors.append(context))
+    unclear: list[str] = []
+    passes = itertools.count(1 << 30)  # (past the driver's own pass ids)
+    try:
+        async with ag.local_cluster(1, transport="tcp") as c:
+            driver, w1 = c.driver, c.workers[0]
+            await ag.rpc("w1", F.put, ("a", np.arange(3.0)))
+
+            def message(ctx: int, send_id: int) -> bytes:
+                pass_id = driver.id << PASS_ID_BITS | next(passes)
+                args = [ctx, "driver", pass_id, True, [send_id, np.ones(3)], 1, 0, "driver"]
+                return bytes(
+                    wire.join_chunks(wire.encode_frame([K_CAST, T_DELIVER], [*args, None, []]))
+                )
+
+            fields = _fields(message(1, 1))
+            assert len(fields) > 40, fields
+            for at, k in fields:
+                x = ag.tensor(np.arange(3.0), requires_grad=True)
+                told.clear()
+                try:
+                    async with ag.dist.context() as ctx:
+                        await ag.rpc("w1", F.mul, ("a", x))
+                        (send_id,) = state_of(w1).contexts[ctx].sends
+                        value, bad = _mutated(message(ctx, send_id), at, k)
+                        conn = await driver._conn_to("w1")
+                        conn.send_nowait([bad])
+                        # (a round trip behind it: it was handled)
+                        await asyncio.wait_for(driver.call_on(conn, F.identity, (1,)), 5)
+                except ag.WorkerLost as exc:  # (refused: closed, saying why)
+                    assert "closed the connection on a message from this worker" in str(exc)
+                    told.append(exc)
+                unclear += [
+                    f"{at} = {value!r:.60}: {exc!r}" for exc in told if UNCLEAR.search(str(exc))
+                ]
+            unclear += [
+                f"logged: {r.getMessage()}"
+                for r in caplog.records
+                if r.exc_info or UNCLEAR.search(r.getMessage())
+            ]
+            assert await ag.rpc("w1", F.identity, (5,)) == 5
+            assert not state_of(w1).contexts and not state_of(driver).contexts
+    finally:
+        loop.set_exception_handler(None)
+    assert not unclear, "\n".join(unclear[:20])
+    assert not loop_errors, loop_errors[:5]
