@@ -1022,6 +1022,7 @@ async def test_malformed_call_targets_get_error_replies_that_say_what_is_wrong(s
         3: ([1, "foo", "bar"], MODE_RREF_RPC),
         4: (["os", "getpid"], MODE_RPC),
         5: ([12345, "foo"], MODE_RREF_RPC),
+        6: (["m:f", ["x"]], MODE_RPC),  # ("TypeError: unhashable type: 'list'")
     }
     for cid, (target, mode) in targets.items():
         frame = wire.encode_frame([K_REQ, cid, target, mode, None], ((), None))
@@ -1040,6 +1041,8 @@ async def test_malformed_call_targets_get_error_replies_that_say_what_is_wrong(s
         assert "malformed RRef call target" in str(replies[cid])
         assert "an [RRef id, method name] pair is expected" in str(replies[cid])
     assert "malformed function name 'os' (in ['os', 'getpid']" in str(replies[4])
+    assert replies[6].remote_type == "ValueError", replies[6]
+    assert "malformed function name ['m:f', ['x']]" in str(replies[6])
     w1 = _target(sock_cluster)
     assert replies[5].remote_type == "LookupError"
     assert (

@@ -1033,7 +1033,10 @@ def resolve(spec: Any) -> Any:
     key = spec if isinstance(spec, str) else tuple(spec) if isinstance(spec, list) else None
     if key is None:
         raise ValueError(f"malformed function name {spec!r}")
-    fn = _resolve_cache.get(key)
+    try:
+        fn = _resolve_cache.get(key)
+    except TypeError:  # (a list in the list, from the wire: "unhashable type: 'list'")
+        raise ValueError(f"malformed function name {short_repr(spec, 200)}") from None
     if fn is not None:
         return fn
     session: str | None = None
