@@ -5171,3 +5171,17 @@ async def test_two_backward_passes_started_at_once_on_two_workers(transport, w2_
                 ag.dist.get_gradients(ctx)[x], passes * w1v + extra, rtol=1e-12
             )
         await assert_clean(c.names)
+
+
+async def test_a_tensor_link_that_is_a_bool_is_malformed():
+    # (True passed isinstance(link, int), and a tensor arriving with it was paired with
+    # the sender's send node 1)
+    dctx = sys.modules["actorgrad.dist.context"]  # (ag.dist.context is the function)
+
+    async with ag.local_cluster(1) as c:
+        async with ag.dist.context() as cid:
+            st = dctx.state_of(c.driver)
+            hooks = dctx._Hooks(st, st.get(cid), "w1")
+            with pytest.raises(ag.ProtocolError, match="tensor link must be an int, got bool"):
+                hooks.tensor_in(np.ones(2), True, True)
+            assert hooks.got is None  # (nothing recorded)

@@ -1071,7 +1071,7 @@ class _Hooks:
     def tensor_in(self, array: np.ndarray, requires_grad: bool, link: Any) -> Tensor:
         if link is None:
             return Tensor(array, requires_grad=requires_grad)
-        if not isinstance(link, int):
+        if type(link) is not int:  # (a bool is no send id: True paired with send id 1)
             raise ProtocolError(f"tensor link must be an int, got {type(link).__name__}")
         ctx = self._context()
         if ctx is None or ctx.released:  # (a late reply into a released context)

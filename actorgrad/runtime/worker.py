@@ -2564,7 +2564,9 @@ class Worker:
             # (refused while this worker shuts down: expected, e.g. an RRef's release
             # from a peer that leaves at the same time; not worth a warning)
             level = logging.DEBUG if refused and self._stopping else logging.WARNING
-            log.log(level, "worker %s: one-way call failed: %r", self.name, exc)
+            log.log(
+                level, "worker %s: one-way call from %r failed: %r", self.name, conn.peer_name, exc
+            )
             return
         if conn.closed:
             return
