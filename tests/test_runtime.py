@@ -3039,14 +3039,13 @@ async def test_a_one_way_call_refused_by_a_worker_shutting_down_is_no_warning(ca
             while not w1._stopping:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             c.driver.notify("w1", "operator:add", (1, 2))
-            while not any(
-                "one-way call from 'driver' failed" in r.getMessage() for r in caplog.records
-            ):  # noqa: ASYNC110
+            said = "one-way call from 'driver' failed"
+            while not any(said in r.getMessage() for r in caplog.records):  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         _release_gate[0].set()
         await call
         await stop
-    refused = [r for r in caplog.records if "one-way call from 'driver' failed" in r.getMessage()]
+    refused = [r for r in caplog.records if said in r.getMessage()]
     assert "is shutting down" in refused[0].getMessage()
     assert all(r.levelno == logging.DEBUG for r in refused), refused
 
