@@ -307,6 +307,35 @@ def test_classes_of_the_script_of_python_i_without_functions_of_their_own_run_on
     assert second == [*script, "cannot call 'Limits' on worker 'w1'"]
 
 
+def test_a_script_that_does_not_parse_is_parsed_once_per_version(tmp_path, monkeypatch):
+    # What the script says of its classes is read from its file, once per version of
+    # it: one that does not parse too (it was parsed again at each call naming one of
+    # its classes), and one nested too deeply for the parser (its MemoryError went up
+    # to the call) defines no class.
+    from actorgrad.runtime import calls
+
+    parsed: list[str] = []
+    parse = calls.ast.parse
+
+    def counted(source, *args, **kwargs):
+        parsed.append(args[0])
+        return parse(source, *args, **kwargs)
+
+    monkeypatch.setattr(calls.ast, "parse", counted)
+    script = tmp_path / "script.py"
+    script.write_text("class Limits:\n    top = 7\n\nclass Broken(:\n")
+    path = str(script)
+    assert [calls._script_class(path, "Limits") for _ in range(3)] == [None] * 3
+    assert parsed == [path]
+    script.write_text("class Limits:\n    top = 7\n    low = 0\n")  # (a new size)
+    assert calls._script_class(path, "Limits") == frozenset({"top", "low"})
+    assert calls._script_class(path, "Limits") == frozenset({"top", "low"})
+    assert parsed == [path, path]
+    script.write_text("class Limits:\n    top = 7\n\nx = " + "-" * 200_000 + "1\n")
+    assert [calls._script_class(path, "Limits") for _ in range(2)] == [None] * 2
+    assert parsed == [path] * 3
+
+
 # A driver run from a zip archive (`python app.pyz`, made with zipapp): a worker
 # process loads its __main__.py from the archive, with the archive first on its path,
 # so the modules in it import too. (The worker was sent to look for app.pyz/__main__.py

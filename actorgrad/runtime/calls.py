@@ -345,14 +345,24 @@ def _script_class(path: str, qual: str) -> frozenset[str] | None:
     the script defines no such class or cannot be read or parsed."""
     try:
         st = os.stat(path)
-        stamp = (st.st_mtime_ns, st.st_size)
-        known = _script_classes.get(path)
-        if known is None or known[0] != stamp:
-            with tokenize.open(path) as f:
-                tree = ast.parse(f.read(), path)
-            known = _script_classes[path] = (stamp, _classes_in(tree.body, ""))
-    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+    except OSError:
         return None
+    stamp = (st.st_mtime_ns, st.st_size)
+    known = _script_classes.get(path)
+    if known is None or known[0] != stamp:
+        try:
+            with tokenize.open(path) as f:
+                source = f.read()
+        except (OSError, SyntaxError, UnicodeDecodeError):  # (SyntaxError: a bad coding)
+            return None
+        try:
+            classes = _classes_in(ast.parse(source, path).body, "")
+        except (SyntaxError, ValueError, MemoryError, RecursionError):
+            # (kept too: a script edited into a syntax error was parsed again at each
+            # call naming one of its classes. MemoryError, RecursionError: the parser's
+            # own, for code nested too deeply; it went up to the caller's call)
+            classes = {}
+        known = _script_classes[path] = (stamp, classes)
     return known[1].get(qual)
 
 
