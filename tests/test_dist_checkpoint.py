@@ -413,6 +413,9 @@ async def test_a_commit_fits_the_state_to_a_parameter_changed_since_its_check():
         back = (await opt.state_dict())["state"][1]["momentum_buffer"]
         assert back.dtype == np.float32
         assert np.array_equal(back, saved["state"][1]["momentum_buffer"].astype(np.float32))
+        # (the weight's state cast: the bias's copied too, not kept as it came, a view
+        # into the message that holds the weight's bytes before the cast)
+        assert await ag.rpc("w1", F.state_memory_owned, (opt._remote["w1"],)) == [True]
         await owner.stage(2, "driver", part)
         await ag.rpc("w1", F.set_weight, ("c1", np.ones((5, 3))))
         with pytest.raises(ag.RemoteError) as ei:

@@ -555,6 +555,29 @@ def test_a_state_adopted_is_kept_unless_it_must_be_copied():
             assert got.tolist() == [0.0, 1.0, 2.0]
 
 
+def test_a_state_adopted_is_kept_whole_or_copied_whole():
+    # The arrays an owner decodes from one message are views into one buffer: kept
+    # beside one cast, they held its bytes too, for as long as the state lived.
+    w64 = ag.tensor(np.zeros(4), requires_grad=True)
+    w32 = ag.tensor(np.zeros(6, np.float32), requires_grad=True)
+    opt = ag.optim.SGD([w64, w32], lr=0.1, momentum=0.9)
+    message = np.arange(10.0)  # (the one buffer both arrays came in)
+    state = {
+        "state": {0: {"momentum_buffer": message[:4]}, 1: {"momentum_buffer": message[4:]}},
+        "param_groups": [{"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "params": [0, 1]}],
+    }
+    _, loaded = opt._loadable(state, adopt=True)
+    got = [loaded[w64]["momentum_buffer"], loaded[w32]["momentum_buffer"]]
+    assert [np.shares_memory(g, message) for g in got] == [False, False]
+    assert [g.dtype for g in got] == [np.float64, np.float32]
+    assert [g.tolist() for g in got] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0, 8.0, 9.0]]
+    # (both of the parameters' dtype: both kept, no copy)
+    state["state"][1]["momentum_buffer"] = np.arange(6, dtype=np.float32)
+    _, loaded = opt._loadable(state, adopt=True)
+    assert loaded[w64]["momentum_buffer"].base is message
+    assert loaded[w32]["momentum_buffer"] is state["state"][1]["momentum_buffer"]
+
+
 def test_state_dict_and_load_state_dict_copy():
     w = ag.tensor([1.0, 2.0], requires_grad=True)
     opt = ag.optim.Adam([w], lr=0.1)

@@ -174,7 +174,8 @@ class _LocalOptimizer:
         stages = _stages_of(worker)
         # (in the thread pool: it reads every array, and copies those it casts. The
         # others it keeps: they came in the call's message, decoded into memory of
-        # their own, which nothing else holds)
+        # their own, which nothing else holds; all copied where one is cast, see
+        # Optimizer._loadable)
         check = functools.partial(self.optim._loadable, state, adopt=True)
         hyper, loaded = await worker.offload(check)
         if token in stages.gone:  # (its abort came while it was checked)
@@ -203,15 +204,20 @@ class _LocalOptimizer:
             # What can have changed since the check is the parameters' arrays: a step
             # gives each a new one (of its shape and dtype), user code may give one of
             # another. The state of one that changed is fitted to it again (as the
-            # check did: cast, or refused naming its shape), the others' taken as is.
+            # check did: cast, or refused naming its shape), the others' taken as is;
+            # unless one changed: then all are copied, as _loadable does when one is
+            # cast (the arrays kept as they came hold the message's buffer, with the
+            # bytes of the one cast).
             spec = type(self.optim).STATE_KEYS or {}
-            for j, p in enumerate(self.params):
-                entry = loaded.get(p)
-                if entry is not None and any(
-                    spec.get(k) == "param" and (v.shape, v.dtype) != (p.data.shape, p.data.dtype)
-                    for k, v in entry.items()
-                ):
-                    loaded[p] = self.optim._fitted(entry, p, f"state[{self.indices[j]}]")
+            if any(
+                spec.get(k) == "param" and (v.shape, v.dtype) != (p.data.shape, p.data.dtype)
+                for p, entry in loaded.items()
+                for k, v in entry.items()
+            ):
+                for j, p in enumerate(self.params):
+                    entry = loaded.get(p)
+                    if entry is not None:
+                        loaded[p] = self.optim._fitted(entry, p, f"state[{self.indices[j]}]")
             self.optim._load(hyper, loaded)
 
 
@@ -544,14 +550,14 @@ class DistributedOptimizer:
         the check and the load leaves the others loaded (the note names those).
 
         Each owner's part crosses the network once: the owner keeps it, checked (its
-        arrays as they came, cast where their parameter's dtype differs), until every
-        owner has answered, then loads it at a second call that carries only a token
-        naming the load, or drops it (one refused or was lost). Meanwhile each owner
-        holds its old state and the new one. What an owner kept goes also when this
-        worker is lost to it, when a later load of the same optimizer reaches it (that
-        one replaces it), and ``actorgrad.dist.optimizer.STAGE_TIMEOUT`` (300) s after
-        it was kept if no second call came; ``ag.dist.debug_info()`` counts what a
-        worker keeps (``num_staged_loads``, ``staged_load_bytes``). Of what the check
+        arrays as they came; all copied where one is cast to its parameter's dtype),
+        until every owner has answered, then loads it at a second call that carries
+        only a token naming the load, or drops it (one refused or was lost). Meanwhile
+        each owner holds its old state and the new one. What an owner kept goes also
+        when this worker is lost to it, when a later load of the same optimizer reaches
+        it (that one replaces it), and ``actorgrad.dist.optimizer.STAGE_TIMEOUT`` (300)
+        s after it was kept if no second call came; ``ag.dist.debug_info()`` counts what
+        a worker keeps (``num_staged_loads``, ``staged_load_bytes``). Of what the check
         looked at, only the parameters' arrays can change before the second call: one
         of another shape (user code) makes its owner refuse it, one of another dtype
         gets its state cast to it.
