@@ -395,6 +395,36 @@ async def test_a_commit_names_a_token_staged_nowhere_and_why(monkeypatch):
         assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
 
 
+async def test_an_optimizer_released_with_a_load_staged_for_it_goes_with_it(monkeypatch):
+    # The staged state held the owner's optimizer (and its state) alive until the load
+    # expired, STAGE_TIMEOUT (300 s) after the optimizer's RRef was released.
+    from actorgrad.dist import optimizer as dopt
+
+    released = asyncio.get_running_loop().create_future()
+    drop = dopt._Stages.drop
+
+    def noted(self, token, why):
+        if why == "its optimizer was released" and not released.done():
+            released.set_result((self.worker.name, token, token in self.staged))
+        drop(self, token, why)
+
+    monkeypatch.setattr(dopt._Stages, "drop", noted)
+    async with ag.local_cluster(2):
+        _, opt = await _two_owner_sgd()
+        saved = await opt.state_dict()
+        where = opt._indices["w1"]
+        part = {
+            "state": {i: saved["state"][i] for i in where},
+            "param_groups": [{**saved["param_groups"][0], "params": where}],
+        }
+        await opt._remote["w1"].rpc().stage(7, ag.worker_name(), part)
+        assert (await ag.rpc("w1", F.debug_info))["num_staged_loads"] == 1
+        del opt
+        assert await asyncio.wait_for(released, 10) == ("w1", 7, True)
+        info = await ag.rpc("w1", F.debug_info)
+        assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
+
+
 async def test_a_commit_fits_the_state_to_a_parameter_changed_since_its_check():
     # Between the rounds a parameter's array can change (user code): the commit casts
     # the staged state to its dtype now, and refuses one of another shape.

@@ -8,7 +8,8 @@ sends only the token, to commit it everywhere once every owner staged, or to abo
 where it was staged once one refused or was lost. A staged state goes at its commit or
 abort, when its driver is lost to the owner (the peer-lost callback that reclaims the
 contexts of a lost initiator, ``dist.context._on_peer_lost``), when a later load of the
-same optimizer replaces it, and after ``STAGE_TIMEOUT`` s without either.
+same optimizer replaces it, when the optimizer goes (its RRef released), and after
+``STAGE_TIMEOUT`` s without either.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import collections
 import functools
 import secrets
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -54,7 +56,7 @@ _STEP_LOCK = threading.Lock()
 #: other owners loaded.
 STAGE_TIMEOUT = 300.0
 #: How many tokens of loads gone from an owner (committed, aborted, expired, replaced,
-#: their driver lost) it remembers, so that a commit of one says why it finds nothing.
+#: their driver lost, their optimizer released) it remembers, so that a commit of one says why it finds nothing.
 STAGE_MEMORY = 256
 
 
@@ -233,7 +235,9 @@ class _Staged:
         hyper: dict[str, Any],
         loaded: dict[Tensor, dict[str, Any]],
     ) -> None:
-        self.optimizer = optimizer
+        # (weakly: held here, an optimizer whose RRef was released with a load staged
+        # for it lived on, with its state, until that load expired; see _Stages.put)
+        self.optimizer: weakref.ref[_LocalOptimizer] = weakref.ref(optimizer)
         self.driver = driver  # (the worker that staged it: its loss drops it)
         self.hyper = hyper
         self.loaded = loaded
@@ -258,11 +262,22 @@ class _Stages:
         # A second load of an optimizer replaces the first: refused instead, a load whose
         # driver was cancelled between its rounds (its abort lost) blocked every later
         # one until it expired.
-        old = staged.optimizer.stage_token
+        optimizer = staged.optimizer()
+        assert optimizer is not None  # (its stage call holds it)
+        old = optimizer.stage_token
         if old is not None:
             self.drop(old, f"a later load ({token:#x}) of the same optimizer replaced it")
+        loop = self.worker.loop
+
+        def released(_: Any) -> None:
+            # (no commit can come once its RRef is released. Called where the optimizer
+            # goes, by the collector maybe, in any thread: the stages change on the loop)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self.drop, token, "its optimizer was released")
+
+        staged.optimizer = weakref.ref(optimizer, released)
         self.staged[token] = staged
-        staged.optimizer.stage_token = token
+        optimizer.stage_token = token
         staged.timer = self.worker.loop.call_later(
             STAGE_TIMEOUT,
             self.drop,
@@ -273,7 +288,7 @@ class _Stages:
     def take(self, token: int, optimizer: _LocalOptimizer) -> _Staged:
         """The state staged under ``token`` for ``optimizer``, no longer staged."""
         staged = self.staged.get(token)
-        if staged is None or staged.optimizer is not optimizer:
+        if staged is None or staged.optimizer() is not optimizer:
             why = self.gone.get(token) or (
                 "it was staged for another optimizer"
                 if staged is not None
@@ -292,8 +307,9 @@ class _Stages:
         if staged is not None:
             if staged.timer is not None:
                 staged.timer.cancel()
-            if staged.optimizer.stage_token == token:
-                staged.optimizer.stage_token = None
+            optimizer = staged.optimizer()
+            if optimizer is not None and optimizer.stage_token == token:
+                optimizer.stage_token = None
         if token not in self.gone:  # (the first reason stays: it is the one that counts)
             self.gone[token] = why
             if len(self.gone) > STAGE_MEMORY:
