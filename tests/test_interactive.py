@@ -258,6 +258,10 @@ SCRIPT_OF_CLASSES = textwrap.dedent(
         def area(self):
             return 12
 
+    if __name__ == "__main__":  # (a worker importing the script would not find it)
+        class Guarded:
+            top = 3
+
     def attr(ref, name):
         return getattr(ref.local_value(), name)
 
@@ -272,7 +276,7 @@ SCRIPT_OF_CLASSES = textwrap.dedent(
                 try:
                     out.append(await ag.rpc("w1", attr, (await ag.remote("w1", cls), "top")))
                 except TypeError as exc:
-                    out.append(str(exc).split(":")[0])
+                    out.append(str(exc).split(". Put it")[0])
         return out
     """
 )
@@ -282,7 +286,7 @@ CLASSES_TYPED_AT_THE_PROMPT = textwrap.dedent(
     class Typed:
         top = 1
 
-    print("RESULT", json.dumps(asyncio.run(run([Typed]))))
+    print("RESULT", json.dumps(asyncio.run(run([Typed, Guarded]))))
 
     class Limits:
         top = 8
@@ -302,9 +306,17 @@ def test_classes_of_the_script_of_python_i_without_functions_of_their_own_run_on
     lines = stdout.replace(">>> ", "").replace("... ", "").splitlines()
     first, second = (json.loads(x[7:]) for x in lines if x.startswith("RESULT "))
     script = [[1, 5], 2, 12]
-    assert first == [*script, 7, "cannot call 'Typed' on worker 'w1'"]
+    refused = (
+        "cannot call {!r} on worker 'w1': it was defined interactively in the driver (at "
+        "the prompt of python -i; a class with no function of its own written in the "
+        "script is the script's only where the script's top level defines a class of "
+        "that name with the same public names in its body), where no file holds it, so "
+        "a worker process cannot import it"
+    ).format
+    # (Guarded: the script's, but not at its top level; its message says why it is not)
+    assert first == [*script, 7, refused("Typed"), refused("Guarded")]
     # (Limits defined anew at the prompt, with other names in its body: the prompt's)
-    assert second == [*script, "cannot call 'Limits' on worker 'w1'"]
+    assert second == [*script, refused("Limits")]
 
 
 def test_a_script_that_does_not_parse_is_parsed_once_per_version(tmp_path, monkeypatch):

@@ -386,6 +386,17 @@ def _classes_in(body: list[ast.stmt], prefix: str) -> dict[str, frozenset[str]]:
     return out
 
 
+#: how a function or class of a ``python -i script.py`` driver was found defined
+#: interactively (see _interactive): a class of the script not at its top level, or
+#: unlike the class of that name there, is taken for one typed at the prompt, and its
+#: author, who wrote it in the script, is told why
+_PROMPT_OF_SCRIPT = (
+    "at the prompt of python -i; a class with no function of its own written in the "
+    "script is the script's only where the script's top level defines a class of that "
+    "name with the same public names in its body"
+)
+
+
 def interactive_fn(name: str, path: str, session: str, dest: str | None = None) -> Any:
     """The function named by the wire name of one defined interactively, if this is the
     process that defined it; else TypeError saying what to do (``dest``: the worker a
@@ -394,10 +405,13 @@ def interactive_fn(name: str, path: str, session: str, dest: str | None = None) 
     if fn is None:
         qual = name.partition(":")[2]
         where = "here" if dest is None else f"on worker {dest!r}"
+        how = "at a prompt, in a notebook cell, with python -c, or in a script read from stdin"
+        main = sys.modules.get("__main__")
+        if dest is not None and main is not None and "__file__" not in vars(main):
+            how = how if _ran_script(main) is None else _PROMPT_OF_SCRIPT
         raise TypeError(
-            f"cannot call {qual!r} {where}: it was defined interactively in the driver (at "
-            "a prompt, in a notebook cell, with python -c, or in a script read from "
-            "stdin), where no file holds it, so a worker process cannot "
+            f"cannot call {qual!r} {where}: it was defined interactively in the driver "
+            f"({how}), where no file holds it, so a worker process cannot "
             "import it. Put it in a module (a .py file beside the notebook, or one the "
             "workers find on their path), import it and pass that; or use in-process "
             "workers (ag.local_cluster(n) without processes=True), which run it as it is"
