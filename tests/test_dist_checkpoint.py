@@ -425,6 +425,51 @@ async def test_an_optimizer_released_with_a_load_staged_for_it_goes_with_it(monk
         assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
 
 
+async def test_a_first_round_slower_than_the_owners_keep_their_part_loads_nowhere(monkeypatch):
+    # w2 checks its part only once w1's expired: committed, the load was refused on w1
+    # (nothing staged) after w2 loaded it. The driver sees the round took too long and
+    # aborts it everywhere instead.
+    from actorgrad.dist import optimizer as dopt
+
+    expired = asyncio.get_running_loop().create_future()
+    drop = dopt._Stages.drop
+    stage = dopt._LocalOptimizer.stage
+
+    def noted(self, token, why):
+        if why.startswith("it expired") and not expired.done():
+            expired.set_result(self.worker.name)
+        drop(self, token, why)
+
+    async def late_on_w2(self, token, driver, state):
+        if ag.worker_name() == "w2":
+            assert await asyncio.wait_for(asyncio.shield(expired), 10) == "w1"
+        return await stage(self, token, driver, state)
+
+    monkeypatch.setattr(dopt._Stages, "drop", noted)
+    monkeypatch.setattr(dopt._LocalOptimizer, "stage", late_on_w2)
+    async with ag.local_cluster(2):
+        _, opt = await _two_owner_sgd()
+        before = await opt.state_dict()
+        new = _sgd_state([(2, 4), (4, 3), (4,), (2,)])
+        monkeypatch.setattr(dopt, "STAGE_TIMEOUT", 0.2)
+        with pytest.raises(TimeoutError) as ei:
+            await opt.load_state_dict(new)
+        took = str(ei.value).split(" s to check")[0].rpartition(" ")[2]
+        assert str(ei.value) == (
+            f"load_state_dict: the owners took {took} s to check their parts, past 0.9 x "
+            "STAGE_TIMEOUT (0.2 s, how long an owner keeps its part): one that kept its "
+            "part early could have dropped it before its commit; nothing loaded (raise "
+            "actorgrad.dist.optimizer.STAGE_TIMEOUT on every worker)"
+        )
+        after = await opt.state_dict()
+        assert after["param_groups"] == before["param_groups"]
+        for i, entry in before["state"].items():
+            assert np.array_equal(after["state"][i]["momentum_buffer"], entry["momentum_buffer"])
+        for owner in ("w1", "w2"):
+            info = await ag.rpc(owner, F.debug_info)
+            assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
+
+
 async def test_a_commit_fits_the_state_to_a_parameter_changed_since_its_check():
     # Between the rounds a parameter's array can change (user code): the commit casts
     # the staged state to its dtype now, and refuses one of another shape.

@@ -572,7 +572,8 @@ class DistributedOptimizer:
         each owner holds its old state and the new one. What an owner kept goes also
         when this worker is lost to it, when a later load of the same optimizer reaches
         it (that one replaces it), and ``actorgrad.dist.optimizer.STAGE_TIMEOUT`` (300)
-        s after it was kept if no second call came; ``ag.dist.debug_info()`` counts what
+        s after it was kept if no second call came (a first round that took longer than
+        0.9 x that loads nowhere: TimeoutError); ``ag.dist.debug_info()`` counts what
         a worker keeps (``num_staged_loads``, ``staged_load_bytes``). Of what the check
         looked at, only the parameters' arrays can change before the second call: one
         of another shape (user code) makes its owner refuse it, one of another dtype
@@ -602,6 +603,8 @@ class DistributedOptimizer:
         # (An owner lost between the rounds still leaves the others loaded.)
         token = secrets.randbits(63)  # (names this load on the owners: no other's)
         me = current_worker().name
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             results = await asyncio.gather(
                 *(
@@ -612,6 +615,21 @@ class DistributedOptimizer:
             )
             del parts  # (the caller's arrays: the owners have their part now)
             refused = any(isinstance(x, BaseException) for x in results)
+            took = loop.time() - started
+            if not refused and took > STAGE_TIMEOUT * 0.9:
+                # An owner that kept its part early may have dropped it at its expiry, or
+                # drop it before the commit comes, and refuse the commit after the others
+                # loaded: a round this slow (a big part on a slow link) loads nowhere. (The
+                # last tenth: for the commits to arrive.)
+                await _aborted(list(refs.values()), token)
+                del results, refs
+                raise TimeoutError(
+                    f"load_state_dict: the owners took {took:.0f} s to check their parts, "
+                    f"past 0.9 x STAGE_TIMEOUT ({STAGE_TIMEOUT:g} s, how long an owner keeps "
+                    "its part): one that kept its part early could have dropped it before "
+                    "its commit; nothing loaded (raise actorgrad.dist.optimizer.STAGE_TIMEOUT "
+                    "on every worker)"
+                )
             if refused:
                 # (where a part was staged it goes now, not at its expiry; an owner lost
                 # meanwhile lost it with its process, or drops it at this driver's loss)
