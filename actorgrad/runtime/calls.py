@@ -330,7 +330,12 @@ def _functions_of(value: Any) -> tuple[Any, ...]:
 
 def _names_of(cls: type) -> frozenset[str]:
     """The public names a class's body gave it: its attributes and annotations."""
-    names = set(vars(cls)) | set(vars(cls).get("__annotations__", {}))
+    try:
+        # (its own annotations: from 3.14 on they are no longer in the class's dict)
+        annotated = inspect.get_annotations(cls)
+    except Exception:  # (one naming what does not exist, evaluated from 3.14 on)
+        annotated = vars(cls).get("__annotations__", {})
+    names = set(vars(cls)) | set(annotated)
     return frozenset(n for n in names if not n.startswith("_"))
 
 
