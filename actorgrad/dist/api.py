@@ -232,7 +232,8 @@ def _release_local(st: DistState, ctx_id: int) -> DistContext | None:
     """Release ``ctx_id`` here; returns the context released (None: not here)."""
     ctx = st.forget(ctx_id)
     if ctx is not None:
-        ctx.free_graph()
+        if ctx.sends or ctx.recvs:  # (else freed already: by a pass without retain_graph)
+            ctx.free_graph()
         ctx.grads.clear()
     return ctx
 

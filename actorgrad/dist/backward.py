@@ -821,7 +821,7 @@ def _forward(st: DistState, ps: PassState, retain: bool, out: _Outgoing) -> None
         return
     worker = st.worker
     msgs: Any = out.items()
-    if any(len(items) > 2 for items in out.values()):  # (several gradients for a peer)
+    if max(map(len, out.values())) > 2:  # (several gradients for a peer)
         most = min(GRAD_MESSAGE_BYTES, worker.max_frame_size // 4)
         msgs = [(dest, part) for dest, items in msgs for part in _cut(items, most)]
     parts = split_credit(credit, len(msgs))

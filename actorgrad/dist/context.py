@@ -697,13 +697,15 @@ class DistState:
             ctx.drop_pass()
             ctx.watching.clear()
             self._watching.pop(ctx_id, None)
-            self.fail_runs(  # a backward still waiting in it: fails now
-                ctx_id,
-                ContextError(
-                    f"distributed autograd context {ctx_id:#x} was released on "
-                    f"worker {self.worker.name!r} while its backward pass ran"
-                ),
-            )
+            if ctx_id in self.run_of:  # a backward still waiting in it: fails now
+                # (the error made only then: every release passes here)
+                self.fail_runs(
+                    ctx_id,
+                    ContextError(
+                        f"distributed autograd context {ctx_id:#x} was released on "
+                        f"worker {self.worker.name!r} while its backward pass ran"
+                    ),
+                )
         if self._empty_waiters:
             left = len(self.contexts)
             waiters, self._empty_waiters = self._empty_waiters, []
