@@ -1130,15 +1130,19 @@ class _Hooks:
             ctx.broken_by = (self.peer, self.peer_id)
 
 
+_Meta = tuple[int, str, tuple[int, ...]]  # a call's (context id, initiator, call chain)
+
+
 class DistInterceptor:
     """Joins the runtime's call path to distributed autograd (``runtime.set_interceptor``).
 
     The metadata of a call made inside a context is ``[context_id, initiator, chain]``:
     ``chain`` the tokens of the calls of the context the call is made inside, then its
-    own (see DistContext.calls_out).
+    own (see DistContext.calls_out). The caller's is the tuple ``outgoing`` makes (it
+    travels as a list), already in the form ``_parse_meta`` gives a request's.
     """
 
-    def outgoing(self, worker: Worker, dest: str, peer_id: int | None) -> list[Any] | None:
+    def outgoing(self, worker: Worker, dest: str, peer_id: int | None) -> _Meta | None:
         cur = _current.get()
         if cur is None or cur[0] is not worker:
             return None
@@ -1184,9 +1188,9 @@ class DistInterceptor:
             ctx.peers.add(dest)
         token = st.new_call_token()
         ctx.calls_out.add(token)
-        return [ctx.id, ctx.initiator, [*cur[2], token]]
+        return (ctx.id, ctx.initiator, (*cur[2], token))
 
-    def returned(self, worker: Worker, meta: list[Any]) -> None:
+    def returned(self, worker: Worker, meta: _Meta) -> None:
         ctx = state_of(worker).contexts.get(meta[0])
         if ctx is not None:
             ctx.calls_out.discard(meta[2][-1])
@@ -1212,8 +1216,9 @@ class DistInterceptor:
         return _Hooks(st, ctx, peer, peer_id)
 
     def enter(self, worker: Worker, meta: Any) -> Any:
-        ctx_id, _, chain = _parse_meta(meta)
-        return activate(worker, ctx_id, chain)
+        # (checked: the runtime gave this request's meta to wire_hooks first)
+        ctx_id, _, chain = meta
+        return activate(worker, ctx_id, tuple(chain))
 
 
 def still_broken(worker: Worker, ctx: DistContext) -> bool:
@@ -1261,7 +1266,11 @@ def int_list(x: Any) -> bool:
     return type(x) is list and all(type(i) is int for i in x)
 
 
-def _parse_meta(meta: Any) -> tuple[int, str, tuple[int, ...]]:
+def _parse_meta(meta: Any) -> _Meta:
+    """A call's metadata, checked: ``meta`` from a request's header (a list), or the
+    caller's own, which ``outgoing`` made in this form (a tuple: nothing to check)."""
+    if type(meta) is tuple:
+        return meta
     if type(meta) is list and len(meta) == 3:
         ctx_id, initiator, chain = meta
         if (
