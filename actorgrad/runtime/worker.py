@@ -1747,8 +1747,8 @@ class Worker:
     def _on_frame(self, conn: Connection, buf: bytearray | memoryview) -> None:
         try:
             frame = wire.decode_frame(buf)
-            header = frame.header
-            kind = header[0] if isinstance(header, list) and header else None
+            header = frame.header  # (a list: decode_frame checked)
+            kind = header[0] if header else None
             if type(kind) is not int:  # (0.0 and False compare equal to 0: not kinds)
                 raise ProtocolError(f"unknown message kind {kind!r:.80}")
             if self._lost and conn.peer_name in self._lost and kind != K_BYE:
@@ -2423,7 +2423,7 @@ class Worker:
 
     def _done(self) -> None:
         self._inflight -= 1
-        if self._inflight <= self._given_up:
+        if self._idle_waiter is not None:  # (a graceful shutdown waits for the calls)
             self._check_drained()
         if self._mailbox:  # a slot is free: let the dispatcher start what waits
             w = self._mb_waiter
@@ -2997,8 +2997,13 @@ class Worker:
         :meth:`heard_from` tells whether it lives: a peer nobody waits on pings only
         every ``IDLE_TIMEOUT / 6``. Its silence counts from the first ask."""
         now = time.monotonic()
+        until = self._expecting.get(peer)
         self._expecting[peer] = now + HEARTBEAT_TIMEOUT
-        self._ask_all(peer, now)
+        if until is None or until <= now:
+            # (else asked already: while it is expected, the heartbeat asks each of its
+            # connections every interval, one opened meanwhile too; every connection
+            # was scanned at each call, each backward pass's watch of its peers)
+            self._ask_all(peer, now)
 
     def _ask_all(self, peer: str, now: float) -> None:
         for conn in self._conns:
