@@ -410,9 +410,8 @@ class _Encoder:
             raise TypeError(f"frame header must be a list, not {_type_name(type(header))}")
         self.busy = True
         self.hooks = hooks
-        self.buffers = []
-        self.depth = 0
-        self.levels = 0
+        # (buffers: the fresh list the last encode left; depth and levels: 0, as every
+        # encode leaves them, but one that failed part way, which resets them)
         self.ext_bytes = 0
         self.array_bytes = 0
         hook_exc: BaseException | None = None
@@ -429,7 +428,8 @@ class _Encoder:
                     f"({MAX_HEADER_BYTES})"
                 )
             try:
-                bbytes = self.packer(0).pack(body)
+                packers = self.packers
+                bbytes = (packers[0] if packers else self.packer(0)).pack(body)
             except _HookError as h:
                 hook_exc = h.exc
             except (TypeError, OverflowError, ValueError, BufferError) as exc:
@@ -451,6 +451,7 @@ class _Encoder:
                 # error (whose partial output may have been large), start afresh.
                 self.packers = []
                 self.header_packer = _new_header_packer()
+                self.depth = self.levels = 0
         if hook_exc is not None:
             raise hook_exc
         return _assemble(hbytes, bbytes, buffers)
@@ -498,7 +499,8 @@ class _Encoder:
                 )
             self.levels += levels
         self.depth = depth
-        data = self.packer(depth).pack(value)
+        packers = self.packers
+        data = (packers[depth] if depth < len(packers) else self.packer(depth)).pack(value)
         self.ext_bytes += len(data)
         self.depth = depth - 1  # (after an exception, encode() resets depth and levels)
         self.levels -= levels
