@@ -30,6 +30,20 @@ TESTS = str(pathlib.Path(__file__).parent)
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+
+def _ignore(signum: int, frame: object) -> None:
+    pass
+
+
+# The same for SIGHUP and SIGTERM (`nohup` ignores SIGHUP: the cluster of the test of
+# two signals at once, deaf to its SIGHUP, stopped gracefully on the SIGTERM alone).
+# A handler that does nothing keeps this process as deaf to them as it was started,
+# while the processes it starts get the default (an exec resets a handled signal, not
+# an ignored one).
+for _sig in (signal.SIGHUP, signal.SIGTERM):
+    if signal.getsignal(_sig) is signal.SIG_IGN:
+        signal.signal(_sig, _ignore)
+
 # The tests assume the default heartbeat timeout (3 s) in this process and in every one
 # it starts: a shell's ACTORGRAD_HEARTBEAT_TIMEOUT would change what they measure (the
 # tests of the setting set it themselves).
