@@ -34,7 +34,9 @@ def test_mlp_learns_two_spirals():
     )
     opt = ag.optim.Adam(model.parameters(), lr=0.02)
     xb = ag.tensor(x)
-    for _ in range(400):
+    # (200 steps: both accuracies pass 0.97 by step 125 and are 0.995+ from 150 on;
+    # 400 took twice as long for the same outcome)
+    for _ in range(200):
         loss = F.cross_entropy(model(xb), y)
         opt.zero_grad()
         loss.backward()
