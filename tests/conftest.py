@@ -57,6 +57,27 @@ def worker_path(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", TESTS + (os.pathsep + path if path else ""))
 
 
+#: The heartbeat timeout of the tests that wait out a loss (a stopped process, a blocked
+#: loop) to check what follows it, not the default: the shortest
+#: ACTORGRAD_HEARTBEAT_TIMEOUT allows (4 ping intervals), 1 s less per wait. The default
+#: stays with the tests that measure it (test_heartbeat_setting.py, the bounds in
+#: test_runtime_procs.py).
+SHORT_HEARTBEAT = 2.0
+
+
+@pytest.fixture
+def short_heartbeat(monkeypatch) -> float:
+    """A heartbeat timeout of SHORT_HEARTBEAT s here and in the worker processes the test
+    starts: they read ACTORGRAD_HEARTBEAT_TIMEOUT; this process read it already, so its
+    module values are set (as _read_here in test_heartbeat_setting.py leaves them)."""
+    from actorgrad.runtime import worker as rworker
+
+    monkeypatch.setenv(rworker.ENV_HEARTBEAT_TIMEOUT, f"{SHORT_HEARTBEAT:g}")
+    for name in ("HEARTBEAT_TIMEOUT", "PEER_CONNECT_TIMEOUT"):
+        monkeypatch.setattr(rworker, name, SHORT_HEARTBEAT)
+    return SHORT_HEARTBEAT
+
+
 @pytest.fixture(params=["inproc", "tcp", "unix"])
 async def cluster(request):
     async with ag.local_cluster(3, transport=request.param) as c:

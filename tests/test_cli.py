@@ -1472,13 +1472,13 @@ import asyncio, time
 import actorgrad as ag
 
 if __name__ != "__main__":
-    time.sleep(3.5)  # (a data set loaded at the top level, on each worker calling in)
+    time.sleep(2.5)  # (a data set loaded at the top level, on each worker calling in)
 
 def double(x):
     return 2 * x
 
 async def hangs():
-    time.sleep(4)  # (blocks the loop: after the import, silence counts again)
+    time.sleep(3)  # (blocks the loop: after the import, silence counts again)
 
 async def main():
     await ag.init("driver")
@@ -1500,12 +1500,14 @@ def test_a_driver_script_whose_top_level_takes_long_on_a_worker_is_waited_for(
 ) -> None:
     # The worker runs the script's top level on its loop at the first call into it: 3.5 s
     # of silence, and the first call failed with WorkerLost ("sent nothing for 3 s").
+    # (Under the shortest heartbeat timeout, 2 s: the import's 2.5 s outlast it, as
+    # 3.5 s did the default)
     script = tmp_path / "slow_top.py"
     script.write_text(SLOW_TOP_LEVEL)
-    r = run_cli("run", "-n", "1", str(script))
+    r = run_cli("run", "-n", "1", str(script), env=clean_env(ACTORGRAD_HEARTBEAT_TIMEOUT="2"))
     out = r.stdout.splitlines()
     assert out[0] == "42", r.stdout + r.stderr
-    assert out[1].startswith("lost: worker 'w1' sent nothing for 3 s"), r.stdout + r.stderr
+    assert out[1].startswith("lost: worker 'w1' sent nothing for 2 s"), r.stdout + r.stderr
 
 
 @needs_runtime

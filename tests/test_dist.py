@@ -600,7 +600,7 @@ async def test_a_release_past_a_dead_second_hop_does_not_call_the_initiator_it_c
 
 
 async def test_a_worker_that_cannot_reach_a_contexts_initiator_asks_through_the_head(
-    worker_path,
+    worker_path, short_heartbeat
 ):
     # w3 stopped in w1's backward pass, and was still stopped when w1 left the
     # context: w2, which had taken it for lost, sent it the release without waiting,
@@ -1285,7 +1285,7 @@ async def test_failed_calls_and_passes_leave_no_reference_cycles_behind():
 
 @pytest.mark.parametrize("connected", [True, False])
 async def test_a_stage_that_hangs_on_a_relayed_gradient_fails_backward_within_the_heartbeat(
-    connected,
+    connected, short_heartbeat
 ):
     # A pipeline the driver calls stage by stage: in the backward pass w2 sends w1's
     # gradient straight to w1 (a relay), though w2 never called w1. w1 hung (SIGSTOP)
@@ -1414,7 +1414,9 @@ async def test_second_hop_dying_mid_backward_is_reported_by_the_worker_that_sent
 
 
 @pytest.mark.timeout(60)
-async def test_a_hung_second_hop_fails_the_backward_within_the_heartbeat_bound(worker_path):
+async def test_a_hung_second_hop_fails_the_backward_within_the_heartbeat_bound(
+    worker_path, short_heartbeat
+):
     import signal
 
     from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
@@ -1513,7 +1515,7 @@ async def test_a_stalled_link_between_two_hops_fails_the_backward_naming_who_los
 
 @pytest.mark.timeout(60)
 async def test_a_worker_hung_on_the_last_message_of_a_finished_part_fails_the_backward(
-    worker_path,
+    worker_path, short_heartbeat
 ):
     # w1's part ends as it sends w2 the gradient of w2's term; w2 (which the driver
     # never called) hangs. Nobody watched w2 for that message: w1's part was done,
@@ -1583,7 +1585,9 @@ async def test_losing_a_peer_outside_the_pass_while_a_part_runs_fails_the_backwa
 
 
 @pytest.mark.timeout(60)
-async def test_a_driver_busy_after_a_pass_started_elsewhere_keeps_its_context(worker_path):
+async def test_a_driver_busy_after_a_pass_started_elsewhere_keeps_its_context(
+    worker_path, short_heartbeat
+):
     # driver -> w1 -> w2, and w2 runs the backward (its origin): w1's part ends with its
     # message to the driver, the context's initiator. w1 then watched the driver for
     # good (one watch more per context), and a driver busy computing for longer than
@@ -1615,7 +1619,7 @@ async def test_a_driver_busy_after_a_pass_started_elsewhere_keeps_its_context(wo
 
 @pytest.mark.timeout(60)
 async def test_a_second_hop_that_hangs_after_its_sender_finished_fails_the_backward(
-    worker_path,
+    worker_path, short_heartbeat
 ):
     # driver -> w1 -> w2: w1's part ends as it sends w2 its gradient; w2's part, long,
     # runs in its thread pool while its loop answers heartbeats; then w2 hangs. w1
@@ -1661,7 +1665,7 @@ async def test_a_second_hop_that_hangs_after_its_sender_finished_fails_the_backw
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("shape", ["one long node", "many short nodes"])
 async def test_a_part_longer_than_the_heartbeat_timeout_does_not_lose_its_worker(
-    worker_path, shape
+    worker_path, shape, short_heartbeat
 ):
     # The engine ran a worker's part on its loop: a part longer than the heartbeat
     # timeout (a big matmul's backward; here hooks that sleep) got the worker declared
@@ -1768,7 +1772,7 @@ async def test_leaving_a_context_does_not_wait_for_a_hung_first_hop_through_a_se
 
 @pytest.mark.timeout(60)
 async def test_a_second_hop_hung_through_a_pass_drops_the_context_once_it_runs_again(
-    worker_path,
+    worker_path, short_heartbeat
 ):
     # driver -> w1 -> w2 -> w3; w2's loop hangs in its part of a pass: w1 takes it for
     # lost, the pass fails, the driver leaves the context, and the release w1 forwards
@@ -1884,7 +1888,9 @@ async def test_a_release_cut_by_a_cancel_still_reaches_the_second_hops(worker_pa
 
 
 @pytest.mark.timeout(60)
-async def test_a_driver_busy_after_backward_keeps_its_context_on_the_workers(worker_path):
+async def test_a_driver_busy_after_backward_keeps_its_context_on_the_workers(
+    worker_path, short_heartbeat
+):
     # The workers sent the driver backward messages; once the pass is done nobody waits
     # on the driver, so a loop blocked for longer than the heartbeat timeout must not
     # get it declared lost (which would reclaim the context before the optimizer step).
@@ -1982,7 +1988,7 @@ async def test_context_of_a_dead_initiator_is_reclaimed(worker_path):
 
 
 async def test_a_backward_on_a_worker_fails_with_worker_lost_when_the_initiator_dies(
-    worker_path,
+    worker_path, short_heartbeat
 ):
     # w3 opens the context, w1 computes through w2 and starts a backward pass in it
     # (waiting for the SIGSTOPped w2), then w3 dies. w1's pass fails naming the cause,
@@ -4321,7 +4327,7 @@ async def test_a_call_that_arrives_in_a_released_context_is_refused(worker_path,
 
 
 async def test_a_release_that_overtakes_the_first_call_of_its_context_is_remembered(
-    worker_path, tmp_path
+    worker_path, tmp_path, short_heartbeat
 ):
     # w2 blocks (its loop too) inside a call of the context, past the heartbeat: the
     # driver takes it for lost, leaves the context and sends the release to the other
@@ -4353,7 +4359,7 @@ async def test_a_release_that_overtakes_the_first_call_of_its_context_is_remembe
 
 @pytest.mark.timeout(60)
 async def test_a_reply_lost_with_its_connection_fails_the_later_passes_of_its_context(
-    worker_path, tmp_path
+    worker_path, tmp_path, short_heartbeat
 ):
     # w2 hangs in a call of the context: the driver takes it for lost and closes the
     # connection; then w2 goes on and replies, with a send node recorded for its
@@ -4761,7 +4767,9 @@ async def test_a_worker_dying_after_an_earlier_connection_loss_still_fails_backw
                 await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 15)
 
 
-async def test_a_hung_worker_fails_backward_after_the_initiators_part_finished(worker_path):
+async def test_a_hung_worker_fails_backward_after_the_initiators_part_finished(
+    worker_path, short_heartbeat
+):
     # x does not require grad: the driver's part ends as it sends y's gradient to w1,
     # which hangs (SIGSTOP: alive, its connection open, as a machine that stopped
     # answering). The driver waits only for w1's credit: it must watch w1 until the

@@ -210,7 +210,7 @@ async def test_process_workers_import_what_the_driver_imports(tmp_path, monkeypa
         assert await ag.rpc("w1", module_value, ("agshadow_mod",)) == "first"
 
 
-async def test_heavy_function_on_a_process_worker_keeps_heartbeats_and_calls_going():
+async def test_heavy_function_on_a_process_worker_keeps_heartbeats_and_calls_going(short_heartbeat):
     async with ag.local_cluster(1, processes=True):
         heavy = asyncio.ensure_future(ag.rpc("w1", spin, (rworker.HEARTBEAT_TIMEOUT + 0.7,)))
         await asyncio.sleep(0.1)
@@ -459,7 +459,9 @@ async def test_stopped_process_worker_is_detected_by_heartbeat():
             os.kill(c.pids[0], signal.SIGCONT)
 
 
-async def test_rrefs_dropped_while_their_owner_was_hung_are_freed_once_it_runs_again():
+async def test_rrefs_dropped_while_their_owner_was_hung_are_freed_once_it_runs_again(
+    short_heartbeat,
+):
     # The releases could not reach the stopped owner (its connection closed by the
     # heartbeat, the reconnect timed out): they were dropped, and it kept the values
     # for good, though nobody held them and everyone stayed in the cluster.
@@ -896,7 +898,9 @@ async def test_init_joins_a_cluster_from_the_environment(tmp_path):
         assert out.decode().splitlines() == ["['driver', 'joiner', 'w1']", "42"]
 
 
-async def test_a_driver_blocked_for_longer_than_the_heartbeat_timeout_is_not_dropped():
+async def test_a_driver_blocked_for_longer_than_the_heartbeat_timeout_is_not_dropped(
+    short_heartbeat,
+):
     async with ag.local_cluster(1, processes=True):
         call = asyncio.ensure_future(ag.rpc("w1", nap, (0.2, "ok")))
         await asyncio.sleep(0.05)
