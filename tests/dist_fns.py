@@ -374,6 +374,14 @@ def pid() -> int:
     return os.getpid()
 
 
+def set_big(n: int) -> None:
+    """This process's parts of a pass given gradients of ``n`` elements or more go to
+    the thread pool at once (dist.backward.BIG; a worker process's own copy)."""
+    import sys
+
+    sys.modules["actorgrad.dist.backward"].BIG = n
+
+
 async def open_context_and_die(dest: str, key: str) -> None:
     """Open a context, leave a recorded send/recv pair on ``dest``, die without release."""
     x = ag.tensor(np.ones(3), requires_grad=True)

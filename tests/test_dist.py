@@ -47,6 +47,22 @@ def cluster(mode: str = "inproc", n: int = 3):
     return ag.local_cluster(n, transport=mode)
 
 
+#: What the tests of parts sent to the thread pool at once for their big gradients set
+#: dist.backward.BIG to: 64k elements (512 KiB of float64) instead of 8M (64 MiB), the
+#: same path at a 128th of the copying (the tests' arrays were 64 MiB each way).
+SMALL_BIG = 1 << 16
+
+
+async def lower_big(monkeypatch, mode: str, workers: tuple[str, ...]) -> int:
+    """Set BIG to SMALL_BIG in this process (its in-process workers too) and, with
+    process workers, in theirs (which end with the test); returns it."""
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "BIG", SMALL_BIG)
+    if mode == "processes":
+        for name in workers:
+            await ag.rpc(name, F.set_big, (SMALL_BIG,))
+    return SMALL_BIG
+
+
 def local_grads(fn, *arrays):
     """Run fn on fresh local leaves; return (loss value, [grad of each leaf])."""
     leaves = [ag.tensor(a, requires_grad=True) for a in arrays]
@@ -1665,7 +1681,7 @@ async def test_a_second_hop_that_hangs_after_its_sender_finished_fails_the_backw
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("shape", ["one long node", "many short nodes"])
 async def test_a_part_longer_than_the_heartbeat_timeout_does_not_lose_its_worker(
-    worker_path, shape, short_heartbeat
+    worker_path, shape, short_heartbeat, monkeypatch
 ):
     # The engine ran a worker's part on its loop: a part longer than the heartbeat
     # timeout (a big matmul's backward; here hooks that sleep) got the worker declared
@@ -1674,13 +1690,12 @@ async def test_a_part_longer_than_the_heartbeat_timeout_does_not_lose_its_worker
     # any part that runs past a slice goes on there: the loop answers heartbeats.
     import time
 
-    from actorgrad.dist.backward import BIG
     from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
 
     took = HEARTBEAT_TIMEOUT + 1.5
     async with cluster("processes", 1):
         if shape == "one long node":
-            n = BIG  # (float64: 8 MiB each way)
+            n = await lower_big(monkeypatch, "processes", ("w1",))
             xv, wv = arr(n), arr(n)
             await ag.rpc("w1", F.put, ("w", wv))
             await ag.rpc("w1", F.add_slow_hook, ("w", took))
@@ -1704,16 +1719,16 @@ async def test_a_part_longer_than_the_heartbeat_timeout_does_not_lose_its_worker
         assert info["num_contexts"] == 0 and info["num_offloaded_parts"] == 0
 
 
-async def test_a_pass_dropped_while_its_part_runs_in_a_thread_leaves_the_context_usable(mode):
+async def test_a_pass_dropped_while_its_part_runs_in_a_thread_leaves_the_context_usable(
+    mode, monkeypatch
+):
     # The driver gives up (timeout) while w1's part runs in its thread pool: w1 drops
     # the pass, its thread ends on its own and sends nothing; meanwhile a new pass in
     # the context is refused (it would run the same nodes at the same time); after,
     # it goes through with the right gradients.
-    from actorgrad.dist.backward import BIG
-
-    n = BIG
-    xv, wv = arr(n), arr(n)
     async with cluster(mode) as c:
+        n = await lower_big(monkeypatch, mode, ("w1",))
+        xv, wv = arr(n), arr(n)
         await ag.rpc("w1", F.put, ("w", wv))
         await ag.rpc("w1", F.add_slow_hook, ("w", 1.0))
         x = ag.tensor(xv, requires_grad=True)
