@@ -3851,16 +3851,19 @@ async def test_an_abandoned_call_whose_reply_never_comes_does_not_keep_its_conte
     from actorgrad.dist.context import state_of
     from actorgrad.runtime import current_worker
 
+    gate = f"never{next(_gates)}"
     async with cluster("tcp") as c:
         await ag.rpc("w2", F.put, ("w", arr(3)))
         x = ag.tensor(arr(3), requires_grad=True)
         async with ag.dist.context() as ctx:
             with pytest.raises(ag.RpcTimeout):
-                await ag.rpc("w2", F.stubborn_gated_mul, ("never", "w", x), timeout=0.1)
+                await ag.rpc("w2", F.stubborn_gated_mul, (gate, "w", x), timeout=0.1)
             ref = weakref.ref(state_of(current_worker()).contexts[ctx])
         assert len(c.driver._out["w2"].abandoned) == 1  # (its reply never came)
         gc.collect()
         assert ref() is None
+        # (checked: the call may end now, or the cluster's shutdown waits it out, 5 s)
+        F.event(gate).set()
 
 
 async def test_distributed_optimizer_errors():
