@@ -339,7 +339,7 @@ def _names_of(cls: type) -> frozenset[str]:
     return frozenset(n for n in names if not n.startswith("_"))
 
 
-#: script path -> ((mtime_ns, size), {class qualname: the public names in its body})
+#: script path -> (its _signature, {class qualname: the public names in its body})
 _script_classes: dict[str, tuple[tuple[int, int], dict[str, frozenset[str]]]] = {}
 
 
@@ -348,11 +348,9 @@ def _script_class(path: str, qual: str) -> frozenset[str] | None:
     or defines (its last definition at the top level, or nested in such a class's
     body), as the file on disk says (what a worker importing it will find); None when
     the script defines no such class or cannot be read or parsed."""
-    try:
-        st = os.stat(path)
-    except OSError:
+    stamp = _signature(path)
+    if stamp is None:
         return None
-    stamp = (st.st_mtime_ns, st.st_size)
     known = _script_classes.get(path)
     if known is None or known[0] != stamp:
         try:
