@@ -482,10 +482,10 @@ class Optimizer:
         """A checked state entry of ``p`` as the optimizer keeps it: arrays copied (those
         of ``STATE_KEYS`` "param" checked against ``p``'s shape, cast to its dtype).
         ``adopt``: the arrays are nobody else's (a DistributedOptimizer's owner decoded
-        them from the message that brought them): a writable one that needs no cast is
-        kept as it is, not copied (the owner's peak memory during a load: the state it
-        holds, plus one copy of the new one, not two). ``_loadable`` adopts all of a
-        state's arrays or none."""
+        them from the message that brought them) and each is kept as it is, not copied
+        (the owner's peak memory during a load: the state it holds, plus one copy of the
+        new one, not two); ``_loadable`` adopts all of a state's arrays, when every one
+        fits as it is (``_fits_as_is``), or none."""
         spec = type(self).STATE_KEYS or {}
         out: dict[str, Any] = {}
         for k, v in entry.items():
@@ -497,10 +497,9 @@ class Optimizer:
                     )
                 # (C order: a step cuts its blocks from the flat views of C-ordered
                 # state; a Fortran-ordered one, loaded, made its temporaries whole again)
-                kept = adopt and self._fits_as_is(v, p, k)
-                out[k] = (np.asarray if kept else np.array)(v, dtype=p.data.dtype, order="C")
+                out[k] = (np.asarray if adopt else np.array)(v, dtype=p.data.dtype, order="C")
             elif isinstance(v, np.ndarray):
-                out[k] = v if adopt and self._fits_as_is(v, p, k) else np.array(v)
+                out[k] = v if adopt else np.array(v)
             else:
                 out[k] = v
         return out
