@@ -188,7 +188,7 @@ class _LocalOptimizer:
                 f"load_state_dict: load {token:#x}: its driver, worker {driver!r}, was lost "
                 f"while worker {worker.name!r} checked it ({worker.lost_cause(driver)})"
             )
-        stages.put(token, _Staged(self, driver, hyper, loaded))
+        stages.put(token, self, driver, hyper, loaded)
 
     async def commit(self, token: int) -> None:
         """Load the state staged under ``token`` (ValueError naming it if none is)."""
@@ -230,14 +230,14 @@ class _Staged:
 
     def __init__(
         self,
-        optimizer: _LocalOptimizer,
+        optimizer: weakref.ref[_LocalOptimizer],
         driver: str,
         hyper: dict[str, Any],
         loaded: dict[Tensor, dict[str, Any]],
     ) -> None:
         # (weakly: held here, an optimizer whose RRef was released with a load staged
         # for it lived on, with its state, until that load expired; see _Stages.put)
-        self.optimizer: weakref.ref[_LocalOptimizer] = weakref.ref(optimizer)
+        self.optimizer = optimizer
         self.driver = driver  # (the worker that staged it: its loss drops it)
         self.hyper = hyper
         self.loaded = loaded
@@ -258,12 +258,18 @@ class _Stages:
         self.staged: dict[int, _Staged] = {}
         self.gone: collections.OrderedDict[int, str] = collections.OrderedDict()
 
-    def put(self, token: int, staged: _Staged) -> None:
+    def put(
+        self,
+        token: int,
+        optimizer: _LocalOptimizer,
+        driver: str,
+        hyper: dict[str, Any],
+        loaded: dict[Tensor, dict[str, Any]],
+    ) -> None:
+        """Keep ``optimizer``'s checked part of load ``token`` from ``driver``."""
         # A second load of an optimizer replaces the first: refused instead, a load whose
         # driver was cancelled between its rounds (its abort lost) blocked every later
         # one until it expired.
-        optimizer = staged.optimizer()
-        assert optimizer is not None  # (its stage call holds it)
         old = optimizer.stage_token
         if old is not None:
             self.drop(old, f"a later load ({token:#x}) of the same optimizer replaced it")
@@ -275,7 +281,7 @@ class _Stages:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(self.drop, token, "its optimizer was released")
 
-        staged.optimizer = weakref.ref(optimizer, released)
+        staged = _Staged(weakref.ref(optimizer, released), driver, hyper, loaded)
         self.staged[token] = staged
         optimizer.stage_token = token
         staged.timer = self.worker.loop.call_later(
