@@ -1268,7 +1268,8 @@ def int_list(x: Any) -> bool:
 
 def _parse_meta(meta: Any) -> _Meta:
     """A call's metadata, checked: ``meta`` from a request's header (a list), or the
-    caller's own, which ``outgoing`` made in this form (a tuple: nothing to check)."""
+    caller's own, which ``outgoing`` made in this form (a tuple: nothing to check; a
+    header from the wire holds no tuple, its decoding refuses ext types)."""
     if type(meta) is tuple:
         return meta
     if type(meta) is list and len(meta) == 3:
