@@ -339,7 +339,8 @@ async def test_a_peer_reconnected_after_a_loss_is_reported_lost_again(cluster):
     def on_lost(name: str) -> None:
         if name == "w1":
             losses.append(name)
-            lost[len(losses) - 1].set()
+            if len(losses) <= len(lost):  # (the cluster's shutdown reports a third)
+                lost[len(losses) - 1].set()
 
     w.add_peer_lost_callback(on_lost)
     for i in range(2):
