@@ -111,13 +111,18 @@ class Running:
 
     def stop(self) -> None:
         """Kill whatever is left of the process and its group; close the pipes."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        # (the group too: a cluster's worker processes outlived a cluster killed alone,
+        # and held its stdout open, so the reader thread was still reading when the pipe
+        # was closed under it: "ValueError: I/O operation on closed file" in that thread)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # (its own session: start_new_session)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self._reader.join(5)
         for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 pipe.close()
-        self._reader.join(5)
 
 
 def is_running(pid: int) -> bool:
