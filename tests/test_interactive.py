@@ -131,12 +131,40 @@ def _for_prompt(code: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _one_line_each(code: str) -> str:
+    """``code`` with each top-level compound statement made one line that runs it in
+    the namespace it is typed in, compiled from ``"<stdin>"``."""
+    out: list[str] = []
+    block: list[str] = []
+
+    def close() -> None:
+        if len(block) > 1:
+            out.append(f"exec(compile({chr(10).join(block)!r}, '<stdin>', 'exec'))")
+        else:
+            out.extend(block)
+        block.clear()
+
+    for line in code.splitlines():
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            close()
+        block.append(line)
+    close()
+    return "\n".join(out) + "\n"
+
+
 def test_functions_typed_at_the_asyncio_repl_are_named_as_interactive():
     # (`python -m asyncio`: its __main__ is asyncio's, with a file, and what is typed
     # lives in a namespace of its own: "'__main__' has no attribute 'scale'", from the
     # worker, in-process too)
     typed = DRIVER.replace("asyncio.run(in_process())", "await in_process()")
     typed = typed.replace("asyncio.run(in_a_process())", "await in_a_process()")
+    if sys.version_info >= (3, 13):
+        # (its basic REPL, which a piped stdin gets, takes each line for a whole
+        # statement from 3.13 on: CPython gh-140013. Each compound statement is typed
+        # as one line then, compiled as typed code is, from "<stdin>")
+        typed = _one_line_each(typed)
     stdout = _run(["-m", "asyncio"], stdin=_for_prompt(typed))
     _check(stdout.replace(">>> ", "").replace("... ", ""))
 
