@@ -10,6 +10,7 @@ import gc
 import itertools
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -5180,7 +5181,10 @@ async def test_two_backward_passes_started_at_once_on_two_workers(transport, w2_
                 await asyncio.wait_for(ours, 10)
             theirs = await _outside(ag.rpc("w2", F.outcome, (gate, 10.0)))
             assert theirs.startswith("ContextError: another backward pass is running"), theirs
-            assert theirs.endswith("(refused by worker 'driver')"), theirs
+            # (when w2's part waits, its pass reaches w1 too, whose part of ours may run:
+            # refused there, as ours can be by w1. Seen in a loaded run over TCP)
+            by = "(driver|w1)" if w2_part == "waits" else "driver"
+            assert re.search(rf"\(refused by worker '{by}'\)$", theirs), theirs
             passes = 0 if w2_part == "waits" else 1
             for _ in range(2):
                 await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()], retain_graph=True), 10)
