@@ -7,6 +7,7 @@ Tests using the ``cluster`` fixture run over both transports (in-process, TCP).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import threading
@@ -616,11 +617,18 @@ def _slow_link(target: str, rate: float) -> tuple[str, Any]:
         except OSError:
             pass
 
-    threading.Thread(target=serve, daemon=True).start()
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
 
     def close() -> None:
+        # (shut down first: closing alone does not wake the accept() the serving thread
+        # is blocked in, and it lived on to the end of the run)
         for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
             s.close()
+        server.join(5)
+        assert not server.is_alive(), "the slow link's accepting thread did not end"
 
     host, port = lsock.getsockname()[:2]
     return f"{host}:{port}", close
