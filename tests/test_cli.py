@@ -2078,13 +2078,18 @@ def test_the_script_of_run_ends_when_run_is_killed(tmp_path: Path) -> None:
         "signal.sigwait({signal.SIGTERM})\n"
         "print('terminated', flush=True)\n"
     )
-    r = Running("run", "-n", "1", str(script))
+    # (run's GUARD_GRACE shortened to 2 s, its 10 s otherwise waited out here: the
+    # child that ignores SIGTERM goes only at the SIGKILL that follows the grace)
+    grace = 2.0
+    patched = f"from actorgrad import cli; cli.GUARD_GRACE = {grace}; "
+    program = [sys.executable, "-c", patched + "raise SystemExit(cli.entry())"]
+    r = Running("run", "-n", "1", str(script), program=program)
     pids: set[int] = set()
     try:
         pids = {int(p) for p in r.expect("pids").split()}
         os.killpg(r.proc.pid, signal.SIGKILL)  # run, its group; the script is not in it
         assert r.expect("terminated") == ""
-        assert wait_gone(pids, cli.GUARD_GRACE + 10) == set()
+        assert wait_gone(pids, grace + 10) == set()
     finally:
         for pid in pids:  # (a failure's leftovers hold our pipe open: stop() would wait)
             with contextlib.suppress(ProcessLookupError):
