@@ -34,7 +34,6 @@ import sys
 import time
 import tokenize
 import types
-import zipfile
 import zipimport
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -86,6 +85,10 @@ def _archive_of(path: str) -> str | None:
     head = os.path.dirname(path)
     while head and head != os.path.dirname(head):
         if os.path.isfile(head):
+            # (imported here: zipfile, with pathlib, bz2 and lzma, cost every worker
+            # process ~5 ms of its start, and a driver in a zip is rare)
+            import zipfile
+
             return head if zipfile.is_zipfile(head) else None
         if os.path.isdir(head):
             return None
@@ -826,6 +829,8 @@ def _py_module(entry: str) -> str | None:
 
 def _modules_in_archive(archive: str, namespaces: bool) -> dict[str, str]:
     """``_modules_in`` for a zip archive on the path (a driver's ``app.pyz``)."""
+    import zipfile  # (see _archive_of)
+
     try:
         with zipfile.ZipFile(archive) as z:
             names = z.namelist()
