@@ -124,6 +124,24 @@ async def test_small_messages_of_one_tick_are_coalesced():
     assert [wire.decode_frame(f).header for f in got] == [[i] for i in range(10)]
 
 
+async def test_a_read_on_one_connection_lets_another_write_its_next_frame_at_once():
+    # (a worker reads a request on the connection its peer opened and answers on one
+    # of its own: that answer waited a loop turn, queued behind a call_soon, every
+    # other time, because its connection never reads and so kept counting it as
+    # "already wrote at once")
+    out, t = _conn([])
+    out.peer_name = "p"
+    inbox, _ = _conn([])
+    for i in range(3):
+        inbox.data_received(_framed([i]))
+        out.send_nowait(wire.encode_frame([i], None))
+        assert len(t.writes) == i + 1, f"frame {i} waited for the loop"
+    out.send_nowait(wire.encode_frame([3], None))  # (no read since: coalesced)
+    assert len(t.writes) == 3
+    await asyncio.sleep(0)
+    assert len(t.writes) == 4
+
+
 async def test_coalesced_writes_are_bounded_so_the_peer_can_start_early():
     c, t = _conn([])
     c.peer_name = "p"

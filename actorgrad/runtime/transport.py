@@ -31,8 +31,10 @@ of its declared length (a ``memoryview``; see :class:`_BufferPool`), so the arra
 codec decodes with ``np.frombuffer`` are writable and not copied again. A declared
 length above ``max_frame_size`` is a ``ProtocolError`` and closes that connection only.
 
-Sending: the first small message since the last read or flush is written at once
-(latency), the following ones are coalesced (flushed with ``loop.call_soon``, or as
+Sending: a connection's first small message since the process last read something
+(on any connection) or since its last flush is written at once (latency: a worker that
+sends its reply on one connection and what it was asked for on another writes both at
+once), the following ones are coalesced (flushed with ``loop.call_soon``, or as
 soon as ``COALESCE_MAX`` bytes are waiting, so the peer can start on them), and replies
 produced while handling one read are flushed when that read has been handled;
 frames of ``BIG_FRAME`` bytes or more are written without concatenation (with one
@@ -108,6 +110,9 @@ BIG_FRAME = 16 * 1024
 #: on the first ones while we produce the rest (a batch of 64 tiny calls went 42k ->
 #: 55-70k calls/s on 2 cores), and a write still carries a dozen tiny frames.
 COALESCE_MAX = 512
+#: reads this process has handled (on any connection): a connection writes its first
+#: small frame since the last one at once (see Connection.send_nowait)
+_READS = 0
 #: What precedes each frame on a connection: its length, and its tag (a MAC, see
 #: FrameMac; zeros on in-process connections, which carry none).
 _PREFIX = struct.Struct(">Q16s")
@@ -586,9 +591,10 @@ class Connection(asyncio.BaseProtocol):
         self._big_pos = 0
         self._wbuf = bytearray()
         self._flush_scheduled = False
-        # a frame was written at once since the last read or flush: the next ones are
+        # the value of _READS when a frame was last written at once (-1: none since the
+        # last flush): until this process handles another read, the next frames are
         # coalesced (see send_nowait)
-        self._wrote_at_once = False
+        self._at_once = -1
         self._write_paused = False
         self._writev = False
         # (a dict: a waiter that gave up goes in O(1); 20,000 cancelled at a shutdown
@@ -716,8 +722,9 @@ class Connection(asyncio.BaseProtocol):
             self._rbuf.clear()
             self._big = None
             return
+        global _READS
         self.last_recv = time.monotonic()
-        self._wrote_at_once = False
+        _READS += 1
         if self._handshaking:
             self._hs_buf += data
             if len(self._hs_buf) > _MAX_HANDSHAKE_BUFFER:
@@ -885,11 +892,11 @@ class Connection(asyncio.BaseProtocol):
             if self._flush_scheduled:
                 if len(w) >= COALESCE_MAX and not self._write_paused:
                     self.flush()
-            elif not self._wrote_at_once and not self._write_paused:
-                # the first frame since the last read or flush goes out at once
-                # (latency), without a callback (a call_soon per frame cost ~10% of a
-                # round trip) ...
-                self._wrote_at_once = True
+            elif self._at_once != _READS and not self._write_paused:
+                # the first frame since this process last read something (on any
+                # connection) or flushed goes out at once (latency), without a callback
+                # (a call_soon per frame cost ~10% of a round trip) ...
+                self._at_once = _READS
                 self.flush()
             else:
                 # ... the ones after it are coalesced until the loop gets to this
@@ -960,7 +967,7 @@ class Connection(asyncio.BaseProtocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        self._wrote_at_once = False
+        self._at_once = -1
         if self._wbuf and not self.closed and self.transport is not None:
             data, self._wbuf = self._wbuf, bytearray()
             self.transport.write(data)  # type: ignore[attr-defined]
@@ -1136,10 +1143,11 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
         return mv
 
     def buffer_updated(self, nbytes: int) -> None:
+        global _READS
         if self._into_big:
             self._into_big = False
             self.last_recv = time.monotonic()
-            self._wrote_at_once = False
+            _READS += 1
             big = self._big
             if big is None:  # pragma: no cover - the loop calls get_buffer first
                 return
