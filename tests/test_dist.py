@@ -2103,6 +2103,24 @@ async def test_a_context_left_from_another_task_is_released_everywhere(mode, how
         await assert_clean(c.names)
 
 
+async def test_a_single_root_tensor_is_taken_as_a_list_of_one():
+    # (backward's doc: roots is "a list (or a single Tensor) of Tensors"; no test passed
+    # one bare)
+    xv, wv = arr(4, 3), arr(4, 3)
+    async with cluster() as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.dist.backward(ctx, (y * y).sum())
+            gx = ag.dist.get_gradients(ctx)[x]
+            gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+        await assert_clean(c.names)
+    _, (rx, rw) = local_grads(lambda x, w: ((x * w) * (x * w)).sum(), xv, wv)
+    np.testing.assert_allclose(gx, rx, rtol=1e-12)
+    np.testing.assert_allclose(gw, rw, rtol=1e-12)
+
+
 async def test_misuse_errors():
     async with cluster():
         x = ag.tensor(arr(3), requires_grad=True)
@@ -3935,6 +3953,39 @@ async def test_distributed_optimizer_errors():
         for bad in (ctx, 999):
             with pytest.raises(ag.ContextError, match="unknown or released .* on worker 'w1'"):
                 await opt.step(bad)
+        for empty in ([], ()):
+            with pytest.raises(ValueError, match="needs at least one parameter RRef"):
+                ag.dist.DistributedOptimizer(ag.optim.SGD, empty, lr=0.1)
+
+
+async def test_distributed_optimizer_repr_counts_the_parameters_of_each_owner():
+    async with cluster():
+        refs = [await ag.remote(o, F.make_param, (arr(2),)) for o in ("w2", "w1", "w2")]
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, refs, lr=0.1)
+        assert repr(opt) == (
+            "DistributedOptimizer(actorgrad.optim.SGD, params_per_owner={'w2': 2, 'w1': 1})"
+        )
+
+
+async def test_state_dict_and_load_raise_an_owner_s_failure_to_make_its_optimizer():
+    # (the owners' optimizers are made at the first step, or at state_dict or a load
+    # before any: the error of one that could not be made is raised there, naming the
+    # owner, and the owners that answered)
+    async with cluster():
+        good = await ag.remote("w2", F.make_param, (arr(2),))
+        notparam = await ag.remote("w1", F.identity, ("not a tensor",))
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [good, notparam], lr=0.1)
+        with pytest.raises(ag.RemoteError, match=r"params\[1\] refers to a str") as info:
+            await opt.state_dict()
+        assert info.value.worker == "w1"
+        assert "answered on 'w2'" in "\n".join(getattr(info.value, "__notes__", []))
+        sd = {
+            "state": {},
+            "param_groups": [{"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "params": [0, 1]}],
+        }
+        with pytest.raises(ag.RemoteError, match=r"params\[1\] refers to a str") as info:
+            await opt.load_state_dict(sd)
+        assert info.value.worker == "w1"
 
 
 async def test_a_cancelled_pass_is_aborted_on_a_relay_target_before_the_next_pass(monkeypatch):
