@@ -956,6 +956,51 @@ async def test_a_malformed_context_release_is_refused_naming_it(sock_cluster, re
 @pytest.mark.parametrize(
     "args",
     [
+        ([1], "driver", [], []),
+        (1, 7, [], []),
+        (1, "driver", [[1]], []),
+        (1, "driver", [], "x"),
+    ],
+)
+async def test_a_malformed_unpair_message_closes_the_connection_naming_it(sock_cluster, args):
+    # (the clean-up of a failed pass, one-way: a malformed one is refused as every
+    # malformed one-way message is, before any context is looked up)
+    from actorgrad.dist.backward import T_UNPAIR
+
+    driver = sock_cluster.driver
+    conn = await driver._conn_to("w1")
+    conn.send_nowait(wire.encode_frame([K_CAST, T_UNPAIR], list(args)))
+    with pytest.raises(ag.WorkerLost, match=r"malformed unpair message from ") as err:
+        await asyncio.wait_for(driver.call_on(conn, add, (1, 2)), 5)
+    assert "closed the connection on a message from this worker" in str(err.value)
+    assert repr(args[1]) in str(err.value)
+    await valid_client_works(sock_cluster)
+
+
+async def test_which_contexts_are_gone_is_answered_and_malformed_asks_refused(sock_cluster):
+    # (a worker that lost a peer asks a context's initiator which of its contexts it no
+    # longer has, or the cluster's head to ask it for it, see dist.api._ask_initiator)
+    async with ag.dist.context() as ctx:
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+        gone = "actorgrad.dist.api:_gone_contexts"
+        assert await ag.rpc("driver", gone, ([ctx, ctx + 1],)) == [ctx + 1]
+        # (w1 asks the driver for it)
+        assert await ag.rpc("w1", f"{gone}_at", ("driver", [ctx, ctx + 2])) == [ctx + 2]
+        for target, args, message in (
+            (gone, ([[ctx]],), r"context ids must be a list of ints, got \[\[\d+\]\]"),
+            (gone, (ctx,), r"context ids must be a list of ints, got \d+"),
+            (f"{gone}_at", (7, [ctx]), "initiator must be a worker name, got 7"),
+            (f"{gone}_at", ("driver", ["x"]), r"context ids must be a list of ints, got \['x'\]"),
+        ):
+            with pytest.raises(ag.RemoteError, match=message) as err:
+                await ag.rpc("w1", target, args)
+            assert err.value.remote_type == "actorgrad.errors.ProtocolError", err.value
+    await valid_client_works(sock_cluster)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
         lambda ref: ([7], {"lr": 0.1}, [0]),
         lambda ref: ([ref], [{"lr": 0.1}], [0]),
         lambda ref: ([ref], {"lr": 0.1}, 7),
@@ -1028,6 +1073,8 @@ async def test_malformed_call_targets_get_error_replies_that_say_what_is_wrong(s
         4: (["os", "getpid"], MODE_RPC),
         5: ([12345, "foo"], MODE_RREF_RPC),
         6: (["m:f", ["x"]], MODE_RPC),  # ("TypeError: unhashable type: 'list'")
+        7: (["m:f", "/nowhere/train.py", "s", "pkg.no such"], MODE_RPC),  # (its module)
+        8: ("math:pi", MODE_RPC),  # (a name that holds no function)
     }
     for cid, (target, mode) in targets.items():
         frame = wire.encode_frame([K_REQ, cid, target, mode, None], ((), None))
@@ -1048,6 +1095,10 @@ async def test_malformed_call_targets_get_error_replies_that_say_what_is_wrong(s
     assert "malformed function name 'os' (in ['os', 'getpid']" in str(replies[4])
     assert replies[6].remote_type == "ValueError", replies[6]
     assert "malformed function name ['m:f', ['x']]" in str(replies[6])
+    assert replies[7].remote_type == "ValueError", replies[7]
+    assert "malformed module name in function name ['m:f', '/nowhere/train.py'" in str(replies[7])
+    assert replies[8].remote_type == "TypeError", replies[8]
+    assert "cannot call 'math:pi': it is not callable" in str(replies[8])
     w1 = _target(sock_cluster)
     assert replies[5].remote_type == "LookupError"
     assert (
