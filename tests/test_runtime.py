@@ -309,6 +309,11 @@ async def test_call_arguments_are_checked_at_the_caller(cluster, monkeypatch):
     # the proxy's own field ("'int' object is not callable").
     with pytest.raises(TypeError, match="kwargs keys must be strs .*got 1"):
         await ag.rpc("w1", add, (1,), {1: 2})
+    for not_a_dict in ([("b", 2)], (("b", 2),)):  # (not taken as pairs)
+        with pytest.raises(TypeError, match="kwargs must be a dict, not (list|tuple)"):
+            await ag.rpc("w1", add, (1,), not_a_dict)
+        with pytest.raises(TypeError, match="kwargs must be a dict, not (list|tuple)"):
+            cluster.driver.call_nowait("w1", add, (1,), not_a_dict)
     with pytest.raises(ValueError, match="timeout of int 1000.* is too large"):
         await ag.rpc("w1", add, (1,), timeout=10**400)
     mine = await ag.remote(ag.worker_name(), make_counter, (1,))
@@ -1745,6 +1750,28 @@ async def test_graceful_shutdown_is_bounded_in_time(cluster):
         await asyncio.wait_for(call, 5)
 
 
+async def test_a_forced_shutdown_ends_a_graceful_one_waiting_for_calls(cluster):
+    # shutdown(graceful=False) while a graceful shutdown waits for the calls in flight
+    # (what a second Ctrl-C does in a worker process): the graceful one stops waiting
+    # at once, both return, and the call fails with the worker's loss.
+    w2 = cluster.workers[1]
+    ev = started("w2")
+    call = asyncio.ensure_future(ag.rpc("w2", signalled_nap, (60,)))
+    await asyncio.wait_for(ev.wait(), 5)
+    graceful = asyncio.ensure_future(w2.shutdown(timeout=60))
+    async with asyncio.timeout(10):
+        while w2._idle_waiter is None:  # noqa: ASYNC110 (it waits from the next turn on)
+            await asyncio.sleep(0)
+    assert not graceful.done()
+    # (well within the graceful shutdown's 60 s and the call's)
+    await asyncio.wait_for(w2.shutdown(graceful=False), 10)
+    await asyncio.wait_for(graceful, 5)
+    assert w2.closed
+    with pytest.raises(ag.WorkerLost, match="'w2'"):
+        await asyncio.wait_for(call, 5)
+    assert await ag.rpc("w1", add, (1, 2)) == 3  # (the others serve on)
+
+
 async def test_wildcard_bind_with_token_advertises_a_reachable_address():
     w = await ag.init("open", host="0.0.0.0", token="secret-token-of-a-test")
     try:
@@ -2597,6 +2624,36 @@ async def test_init_refuses_bad_arguments_naming_them(kwargs, exc, message):
         current_worker()
 
 
+async def test_joining_without_a_token_says_where_to_give_one(monkeypatch):
+    monkeypatch.delenv("ACTORGRAD_TOKEN", raising=False)
+    with pytest.raises(
+        ValueError, match="joining a cluster needs its token: pass token=... or set ACTORGRAD_TOKEN"
+    ):
+        await ag.init("x", address="127.0.0.1:1")
+    with pytest.raises(RuntimeError, match="not initialized"):
+        current_worker()
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("", {}, "worker name must be a non-empty string, not ''"),
+        (None, {}, "worker name must be a non-empty string, not None"),
+        ("x", {"transport_kind": "udp"}, "unknown transport 'udp'"),
+        (
+            "x",
+            {"transport_kind": "inproc", "advertise": ("h", None)},
+            r"only a TCP worker advertises an address \(advertise=...\)",
+        ),
+    ],
+)
+def test_a_worker_made_directly_refuses_bad_arguments(name, kwargs, message):
+    # (ag.runtime.Worker, as a program embedding the runtime makes one: init and
+    # local_cluster check their own arguments before they make theirs)
+    with pytest.raises(ValueError, match=message):
+        Worker(name, token="t", **kwargs)
+
+
 async def test_init_names_a_malformed_address_variable(monkeypatch):
     monkeypatch.setenv("ACTORGRAD_ADDRESS", "localhost")
     monkeypatch.setenv("ACTORGRAD_TOKEN", "t")
@@ -2608,6 +2665,7 @@ async def test_init_names_a_malformed_address_variable(monkeypatch):
     ("args", "exc", "message"),
     [
         ((1.5,), TypeError, "workers must be a count .int. or a list of names, not 1.5"),
+        ((-1,), ValueError, "workers must be >= 0, not -1"),
         (("abc",), TypeError, "not 'abc'"),  # (a str would have named workers a, b, c)
         ((True,), TypeError, "not True"),
         (([1],), TypeError, "a worker name must be a str, not int"),
