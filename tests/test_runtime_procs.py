@@ -114,6 +114,27 @@ async def test_process_workers_under_an_unknown_log_level_are_refused_by_name(mo
         ag.worker_name()
 
 
+async def test_a_worker_process_that_exits_while_starting_fails_the_cluster_naming_it(
+    monkeypatch, capfd
+):
+    # (the setting this process read at its start is good; the worker processes read
+    # a bad one, refuse it and exit with status 2 before they join: any process that
+    # ends before it joined is reported so, not waited for until the join timeout)
+    from actorgrad.runtime import worker as rworker
+
+    rworker.read_settings()
+    monkeypatch.setenv(rworker.ENV_HEARTBEAT_TIMEOUT, "soon")
+    with pytest.raises(
+        RuntimeError, match=r"^worker process 'w1' \(pid \d+\) exited with status 2$"
+    ):
+        async with ag.local_cluster(1, processes=True):
+            pass
+    err = capfd.readouterr().err
+    assert "actorgrad worker: ACTORGRAD_HEARTBEAT_TIMEOUT='soon': not a number of seconds" in err
+    with pytest.raises(RuntimeError, match="not initialized"):
+        ag.worker_name()
+
+
 def close_stderr() -> None:
     sys.stderr.close()
 
