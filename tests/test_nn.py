@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from gradcheck import gradcheck
@@ -175,6 +177,12 @@ def test_cross_entropy_value_and_errors():
         F.cross_entropy(logits, [0, 3])
     with pytest.raises(ValueError, match=r"\(3,\).*\(2, 3\)"):
         F.cross_entropy(logits, [0, 1, 2])
+    for shape in ((3,), (2, 3, 1)):
+        with pytest.raises(
+            ValueError,
+            match=r"cross_entropy: logits must be \(N, C\), got shape " + re.escape(str(shape)),
+        ):
+            F.cross_entropy(ag.ones(*shape), [0])
 
 
 def test_mse_loss():
@@ -332,6 +340,15 @@ def test_linear_names_an_input_that_is_not_numbers(x, kind):
     # (was "linear: input of shape () does not fit weight of shape (2, 3)")
     with pytest.raises(TypeError, match=f"linear: input must be a Tensor, .* got {kind}"):
         nn.Linear(3, 2)(x)
+
+
+def test_linear_names_the_shapes_of_an_input_that_does_not_fit():
+    with pytest.raises(
+        ValueError,
+        match=r"linear: input of shape \(4, 5\) does not fit weight of shape \(2, 3\) "
+        r"\(need input.shape\[-1\] == weight.shape\[1\]\)",
+    ):
+        nn.Linear(3, 2)(ag.ones(4, 5))
 
 
 def test_a_deep_copy_of_a_module_gets_its_own_gradients_and_keeps_tied_parameters():

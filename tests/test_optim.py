@@ -177,6 +177,17 @@ def test_step_refuses_grads_that_are_not_a_mapping_of_tensors():
         ),
         (lambda p: ag.optim.Adam(p, eps="1e-8"), TypeError, "Adam: eps must be a number"),
         (lambda p: ag.optim.Adam(p, betas=(0.9, 1.0)), ValueError, r"betas must be in \[0, 1\)"),
+        (
+            lambda p: ag.optim.SGD(p, lr=0.1, momentum=-0.5),
+            ValueError,
+            r"invalid momentum -0.5 or weight_decay 0.0: both must be >= 0",
+        ),
+        (lambda p: ag.optim.SGD(p, lr=0.1, weight_decay=float("nan")), ValueError, "nan: both"),
+        (
+            lambda p: ag.optim.SGD([*p, np.ones(2)], lr=0.1),
+            TypeError,
+            "optimizer parameters must be Tensors, got ndarray",
+        ),
     ],
 )
 def test_optimizer_options_of_the_wrong_type_or_value_are_named(make, error, match):

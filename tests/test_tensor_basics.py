@@ -66,6 +66,21 @@ def test_requires_grad_on_non_float_raises_type_error_naming_the_dtype(dtype):
         t.requires_grad = True
 
 
+def test_requires_grad_is_settable_on_leaves_only():
+    t = ag.tensor([1.0, 2.0])
+    t.requires_grad = True
+    assert t.requires_grad and t.is_leaf
+    (t * t).sum().backward()
+    np.testing.assert_array_equal(t.grad, [2.0, 4.0])
+    u = ag.tensor([3.0], requires_grad=True)
+    u.requires_grad = False
+    assert not u.requires_grad and not (u * 2).requires_grad
+    y = t * 2
+    with pytest.raises(RuntimeError, match="requires_grad can only be changed on leaf tensors"):
+        y.requires_grad = False
+    assert y.requires_grad
+
+
 def test_requires_grad_on_python_ints_raises():
     with pytest.raises(TypeError, match="int64"):
         ag.tensor([1, 2], requires_grad=True)
@@ -87,6 +102,28 @@ def test_attributes_and_conversions():
     assert [x.item() for x in ag.tensor([1.0, 2.0])] == [1.0, 2.0]
     with pytest.raises(TypeError, match="0-d"):
         list(ag.tensor(1.0))
+
+
+def test_python_protocols_act_on_the_data_as_numpy_does():
+    t = ag.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    assert len(t) == 2 and len(ag.tensor([])) == 0
+    with pytest.raises(TypeError):  # (numpy: "len() of unsized object")
+        len(ag.tensor(1.0))
+    assert bool(ag.tensor(1.0)) is True and bool(ag.tensor([0.0])) is False
+    with pytest.raises(ValueError, match="ambiguous"):
+        bool(t)
+    assert int(ag.tensor(2.7)) == 2 and type(int(ag.tensor([5.0]))) is int
+    assert +t is t
+    a = np.asarray(t, dtype=np.float64)
+    assert a.dtype == np.float64 and a.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    a[0, 0] = 9.0  # (a converted copy: the tensor keeps its data)
+    assert t.data[0, 0] == 1.0
+    assert np.asarray(t, dtype=np.float32) is t.data
+    # transpose's axes as one tuple or list, as numpy's
+    for axes in ((1, 0), [1, 0]):
+        np.testing.assert_array_equal(t.transpose(axes).data, t.data.T)
+    t.transpose((1, 0)).sum().backward()
+    np.testing.assert_array_equal(t.grad, np.ones((2, 2)))
 
 
 def test_comparisons_return_boolean_tensors_without_grad():
@@ -165,6 +202,13 @@ def test_cat_mismatch_names_the_shapes():
         match=r"cat: tensors\[1\] of shape \(2, 4\) does not fit tensors\[0\] of shape \(2, 3\)",
     ):
         ag.cat([ag.ones(2, 3), ag.ones(2, 4)])
+
+
+@pytest.mark.parametrize("fn", [ag.cat, ag.stack])
+def test_cat_and_stack_refuse_an_empty_sequence(fn):
+    for empty in ([], ()):
+        with pytest.raises(ValueError, match="expected a non-empty sequence of tensors"):
+            fn(empty)
 
 
 @pytest.mark.parametrize("fn", [ag.cat, ag.stack])
