@@ -592,10 +592,6 @@ def _header_default(obj: Any) -> Any:
     raise _Unsendable(obj, f"cannot send header value of type {_type_name(type(obj))!r}")
 
 
-def _enc_tuple(enc: _Encoder, obj: tuple) -> msgpack.ExtType:
-    return enc.nested(EXT_TUPLE, list(obj))
-
-
 def _enc_tuple_subclass(enc: _Encoder, obj: tuple) -> msgpack.ExtType:
     # (its items as the tuple holds them: list(obj) would call a subclass's __iter__)
     return enc.nested(EXT_TUPLE, list(tuple.__iter__(obj)))
@@ -768,8 +764,8 @@ def _unsendable_dtype(enc: _Encoder, obj: Any) -> Any:
     )
 
 
+# (no entry for tuple: _Encoder.default packs a plain tuple itself, before any lookup)
 _DISPATCH: dict[type, Callable[[_Encoder, Any], Any]] = {
-    tuple: _enc_tuple,
     np.ndarray: _enc_array,
     RemoteError: _enc_exception,  # (an error reply needs no lookup that could fail)
 }
@@ -1239,10 +1235,6 @@ def _dec_scalar(dec: _Decoder, data: bytes) -> np.generic:
     return np.frombuffer(raw, dtype=dtype)[0]
 
 
-def _dec_tuple(dec: _Decoder, data: bytes) -> tuple:
-    return tuple(_unpack_payload(data, "tuple", -1, dec.hook))
-
-
 def _decode_hook_error(name: str, what: Any, exc: Exception) -> Exception:
     """A decode hook failed: actorgrad's own errors pass through unchanged; anything
     else means the peer sent something the hook cannot use: ProtocolError."""
@@ -1292,10 +1284,10 @@ def _dec_exception(dec: _Decoder, data: bytes) -> RemoteError:
     return RemoteError(*record)
 
 
+# (no entry for EXT_TUPLE: _Decoder.ext_hook unpacks a tuple itself, before any lookup)
 _DECODERS: dict[int, Callable[[_Decoder, bytes], Any]] = {
     EXT_NDARRAY: _dec_array,
     EXT_SCALAR: _dec_scalar,
-    EXT_TUPLE: _dec_tuple,
     EXT_TENSOR: _dec_tensor,
     EXT_REF: _dec_ref,
     EXT_EXCEPTION: _dec_exception,
