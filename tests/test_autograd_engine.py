@@ -769,3 +769,57 @@ async def test_no_grad_on_an_async_generator_function_covers_its_body():
     await agen.aclose()
     assert [first.requires_grad, second.requires_grad, outside] == [False, False, True]
     assert second.data.tolist() == [3.0] and modes == [False, False] and is_grad_enabled()
+
+
+async def test_no_grad_on_an_async_generator_runs_to_its_end_and_takes_throws_in_its_mode():
+    # (the test above ends its generator with aclose: one run to its end, and a throw
+    # into one, were never tested as they are for a plain generator)
+    x = ag.tensor([1.0], requires_grad=True)
+    seen = []
+
+    @ag.no_grad()
+    async def stream(w):
+        try:
+            yield w * 2
+        except KeyError:
+            seen.append(("thrown", is_grad_enabled()))
+            yield w * 4
+        yield w * 5
+
+    got = [t async for t in stream(x)]
+    assert [t.data.tolist() for t in got] == [[2.0], [5.0]]
+    assert not any(t.requires_grad for t in got) and is_grad_enabled()
+    agen = stream(x)
+    await agen.__anext__()
+    thrown = await agen.athrow(KeyError("k"))
+    assert thrown.data.tolist() == [4.0] and not thrown.requires_grad and is_grad_enabled()
+    assert (await agen.__anext__()).data.tolist() == [5.0]
+    with pytest.raises(StopAsyncIteration):
+        await agen.__anext__()
+    assert seen == [("thrown", False)]
+
+
+def test_a_grad_mode_left_in_another_thread_than_it_was_entered_in_says_so():
+    # (the tokens to restore are per thread and task: one left elsewhere has none)
+    mode = ag.no_grad()
+    mode.__enter__()
+    try:
+        errors: list[BaseException] = []
+
+        def leave() -> None:
+            try:
+                mode.__exit__(None, None, None)
+            except RuntimeError as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=leave)
+        t.start()
+        t.join()
+        assert len(errors) == 1
+        assert "no_grad: left in another task or thread than the one it was entered in" in str(
+            errors[0]
+        )
+        assert not is_grad_enabled()  # (this thread's mode: untouched)
+    finally:
+        mode.__exit__(None, None, None)
+    assert is_grad_enabled()
