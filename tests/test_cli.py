@@ -149,6 +149,14 @@ def test_usage_errors_exit_2() -> None:
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert "must be at most 256 (each worker is a process on this machine)" in r.stderr
     assert run_cli("bogus").returncode == 2
+    # (argparse's own check of the numbers, naming the argument and the value)
+    for argv, message in (
+        (["cluster", "-n", "x"], "argument -n: not an integer: 'x'"),
+        (["cluster", "-n", "1", "--port", "abc"], "argument --port: not a port: 'abc'"),
+        (["worker", "--join", "127.0.0.1:1", "--port", "70000"], "--port: not a port: 70000"),
+    ):
+        r = run_cli(*argv)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
     r = run_cli("status", env=clean_env(ACTORGRAD_TOKEN="t"))
     assert r.returncode == 2
     assert "ACTORGRAD_ADDRESS" in r.stderr and "Traceback" not in r.stderr
