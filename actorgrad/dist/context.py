@@ -1017,8 +1017,7 @@ class _Hooks:
         self.got: list[int] | None = None  # send ids of the recv nodes its decoding made
 
     def tensor_out(self, t: Tensor) -> int | None:
-        if not t.requires_grad:
-            return None
+        # (called for a tensor that requires grad only: see wire.WireHooks)
         if self.ctx.active_pass is not None:
             # (the reply of a call that came before the pass started, made while our
             # part runs: its send node would go when the part ends, without a
