@@ -2556,6 +2556,36 @@ def test_remote_error_from_an_exception_whose_str_fails_still_names_it():
     assert ag.RemoteError.from_exception("w2", err) is err  # keeps the original worker
 
 
+def test_one_each_copies_an_error_unless_its_type_cannot_make_it_again():
+    # (each waiter failing for one reason gets its own copy, so that one's traceback
+    # and notes stay its own; a type whose __init__ is not its args is kept as it is)
+    from actorgrad.errors import one_each, short_repr
+
+    first = ag.WorkerLost("worker 'w1' was lost")
+    first.__cause__ = OSError("reset")
+    copy = one_each(first)
+    assert copy is not first and type(copy) is ag.WorkerLost and str(copy) == str(first)
+    assert copy.__cause__ is first.__cause__
+
+    class Formats(Exception):  # (made again from its args, it would say something else)
+        def __init__(self, n: int) -> None:
+            super().__init__(f"{n} calls failed")
+
+    class TwoArgs(Exception):  # (its args cannot make it again)
+        def __init__(self, a: str, b: str) -> None:
+            super().__init__(a)
+
+    for exc in (Formats(3), TwoArgs("x", "y")):
+        assert one_each(exc) is exc
+
+    class NoRepr:
+        def __repr__(self) -> str:
+            raise ValueError("no")
+
+    assert short_repr(NoRepr()) == f"<{__name__}.{NoRepr.__qualname__}>"[:37] + "..."
+    assert short_repr(NoRepr(), limit=200) == f"<{__name__}.{NoRepr.__qualname__}>"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "exc", "message"),
     [
