@@ -705,6 +705,42 @@ LOAD_ERRORS = [
         ValueError,
         "'state' has an entry for 5, not one of the parameters",
     ),
+    (
+        "groups that are no dicts",
+        lambda: _changed(lambda sd: sd.update(param_groups=[[0, 1]])),
+        TypeError,
+        r"'param_groups' must be a list of dicts, got list \[\[0, 1\]\]",
+    ),
+    (
+        "a group without params",
+        lambda: _changed(lambda sd: sd["param_groups"][0].pop("params")),
+        ValueError,
+        r"param_groups\[0\] has no 'params' list",
+    ),
+    (
+        "a parameter twice",
+        lambda: _changed(lambda sd: sd["param_groups"][0].update(params=[1, 1])),
+        ValueError,
+        r"param_groups\[0\]\['params'\] names a parameter twice: \[1, 1\]",
+    ),
+    (
+        "a state that is no dict",
+        lambda: _changed(lambda sd: sd.update(state=[sd["state"][0]])),
+        TypeError,
+        "'state' must be a dict of parameter index to that parameter's state, got list",
+    ),
+    (
+        "an entry that is no dict",
+        lambda: _changed(lambda sd: sd["state"].update({0: [1.0]})),
+        TypeError,
+        r"state\[0\] must be a dict of str keys, got list \[1.0\]",
+    ),
+    (
+        "a step that is no number",
+        lambda: _changed(lambda sd: sd["state"][0].update(step="3")),
+        TypeError,
+        r"state\[0\]\['step'\] must be an int, got str '3'",
+    ),
 ]
 
 
