@@ -160,6 +160,12 @@ def test_usage_errors_exit_2() -> None:
     r = run_cli("status", env=clean_env(ACTORGRAD_TOKEN="t"))
     assert r.returncode == 2
     assert "ACTORGRAD_ADDRESS" in r.stderr and "Traceback" not in r.stderr
+    # (a malformed one is named as the variable's, not as an --address given)
+    r = run_cli("status", env=clean_env(ACTORGRAD_TOKEN="t", ACTORGRAD_ADDRESS="localhost"))
+    assert (r.returncode, r.stderr.strip()) == (
+        2,
+        "actorgrad: error: ACTORGRAD_ADDRESS: expected HOST:PORT, not 'localhost'",
+    )
     # (read as host "fd00:", port 2: exit 1, "Name or service not known")
     r = run_cli("worker", "--join", "fd00::2", "--name", "x", env=clean_env(ACTORGRAD_TOKEN="t"))
     assert r.returncode == 2, r.stderr
