@@ -11,6 +11,7 @@ import functools
 import os
 import signal as signal_module
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -549,6 +550,12 @@ def thread_gate(name: str) -> Any:
 def add_gated_hook(key: str, gate: str) -> None:
     """The next backward pass through ``key`` here sets ``gate + " in"`` and blocks its
     thread until ``gate + " out"`` is set (run it in the pool: SLICE 0)."""
+    _store[_k(key)].register_hook(_gated(gate))
+
+
+def _gated(gate: str) -> Callable[[np.ndarray], None]:
+    """A hook that, the first time it runs, sets ``gate + " in"`` and blocks its thread
+    until ``gate + " out"`` is set."""
     done = [False]
 
     def hook(g: np.ndarray) -> None:
@@ -557,7 +564,18 @@ def add_gated_hook(key: str, gate: str) -> None:
             thread_gate(gate + " in").set()
             thread_gate(gate + " out").wait(20)
 
-    _store[_k(key)].register_hook(hook)
+    return hook
+
+
+async def mul_then_forward_gated(
+    key: str, dest: str, dest_key: str, x: ag.Tensor, gate: str
+) -> ag.Tensor:
+    """``mul_then_forward`` whose backward here blocks (in its thread: SLICE 0) before
+    it sends ``dest`` its gradient, as ``add_gated_hook``'s does."""
+    y = x * _store[_k(key)]
+    z = await ag.rpc(dest, mul, (dest_key, y))
+    z.register_hook(_gated(gate))
+    return z * z
 
 
 def no_way() -> list[str]:

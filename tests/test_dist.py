@@ -5147,6 +5147,54 @@ async def test_an_error_in_the_initiators_own_part_is_raised_as_it_is_and_leaves
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+async def test_a_gradient_that_comes_while_a_part_runs_in_the_pool_waits_for_it(
+    monkeypatch, transport
+):
+    # w1's part of the pass runs in its thread pool (past its time slice, held there
+    # by a hook) when the pass's other gradient for w1 comes (one from the driver, then
+    # one from w2, held back by a hook of its own until then): the message waits in the
+    # part's backlog and the part takes it once back on the loop. The suite reached that
+    # path only by chance of thread timing.
+    from actorgrad.dist.context import state_of
+
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    xv, vv, w1v, w2v = arr(3), arr(3), arr(3), arr(3)
+    at_w1, at_w2 = f"backlog{next(_gates)}", f"backlog{next(_gates)}"
+    _, (gx, gv, gw1, gw2) = local_grads(
+        lambda x, v, w1, w2: (x * v).sum() + ((x * w2 * w1) ** 2).sum(), xv, vv, w1v, w2v
+    )
+    async with cluster(transport, 2) as c:
+        await ag.rpc("w1", F.put, ("v", vv))  # (only the driver's gradient reaches it)
+        await ag.rpc("w1", F.put, ("w", w1v))
+        await ag.rpc("w2", F.put, ("w", w2v))
+        await ag.rpc("w1", F.add_gated_hook, ("v", at_w1))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("v", x))
+            z = await ag.rpc("w2", F.mul_then_forward_gated, ("w", "w1", "w", x, at_w2))
+            run = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum() + z.sum()]))
+            try:
+                for gate in (at_w1, at_w2):  # (w1's part, with the driver's gradient)
+                    assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                here = state_of(c.workers[0]).contexts[ctx]
+                assert here.active_pass is not None and not here.active_pass.backlog
+                F.thread_gate(at_w2 + " out").set()  # (w2 sends w1 its gradient)
+                async with asyncio.timeout(10):
+                    while not here.active_pass.backlog:  # noqa: ASYNC110 (no event)
+                        await asyncio.sleep(0.005)
+                assert here.active_pass.busy and not run.done()
+            finally:
+                for gate in (at_w1, at_w2):
+                    F.thread_gate(gate + " out").set()
+            await asyncio.wait_for(run, 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], gx, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "v")), gv, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), gw1, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w2", F.grad_of, (ctx, "w")), gw2, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 @pytest.mark.parametrize("where", ["w1", "w2"])
 async def test_a_backward_started_elsewhere_while_a_pass_runs_is_refused_and_the_pass_completes(
     monkeypatch, where
