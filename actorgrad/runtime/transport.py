@@ -32,9 +32,9 @@ codec decodes with ``np.frombuffer`` are writable and not copied again. A declar
 length above ``max_frame_size`` is a ``ProtocolError`` and closes that connection only.
 
 Sending: a connection's first small message since the process last read something
-(on any connection) or since its last flush is written at once (latency: a worker that
-sends its reply on one connection and what it was asked for on another writes both at
-once), the following ones are coalesced (flushed with ``loop.call_soon``, or as
+(on any connection) or since its last flush is written at once (latency: a connection
+that only writes, such as a worker's own one to the driver carrying its answers to what
+came on the driver's, never reads), the following ones are coalesced (flushed with ``loop.call_soon``, or as
 soon as ``COALESCE_MAX`` bytes are waiting, so the peer can start on them), and replies
 produced while handling one read are flushed when that read has been handled;
 frames of ``BIG_FRAME`` bytes or more are written without concatenation (with one
