@@ -303,6 +303,17 @@ def add_failing_hook(key: str, times: int, kind: str = "ValueError") -> None:
     t.register_hook(hook)
 
 
+def mul_failing_backward(key: str, x: ag.Tensor) -> ag.Tensor:
+    """``mul``, whose product refuses the gradient it gets (a ValueError from a hook)."""
+    out = x * _store[_k(key)]
+
+    def hook(g: np.ndarray) -> None:
+        raise ValueError(f"hook refused gradient on {ag.worker_name()}")
+
+    out.register_hook(hook)
+    return out
+
+
 def add_dying_hook(key: str) -> None:
     """The worker dies as soon as a gradient reaches ``key``."""
     t = _store[_k(key)]
@@ -568,12 +579,13 @@ def _gated(gate: str) -> Callable[[np.ndarray], None]:
 
 
 async def mul_then_forward_gated(
-    key: str, dest: str, dest_key: str, x: ag.Tensor, gate: str
+    key: str, dest: str, dest_key: str, x: ag.Tensor, gate: str, dest_fn: str = "mul"
 ) -> ag.Tensor:
     """``mul_then_forward`` whose backward here blocks (in its thread: SLICE 0) before
-    it sends ``dest`` its gradient, as ``add_gated_hook``'s does."""
+    it sends ``dest`` its gradient, as ``add_gated_hook``'s does (``dest_fn``: the
+    function of this module ``dest`` runs, ``mul`` or one like it)."""
     y = x * _store[_k(key)]
-    z = await ag.rpc(dest, mul, (dest_key, y))
+    z = await ag.rpc(dest, globals()[dest_fn], (dest_key, y))
     z.register_hook(_gated(gate))
     return z * z
 

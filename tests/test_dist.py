@@ -5195,6 +5195,46 @@ async def test_a_gradient_that_comes_while_a_part_runs_in_the_pool_waits_for_it(
         await assert_clean(c.names)
 
 
+async def test_a_part_that_fails_as_it_resumes_after_the_pool_fails_the_pass(monkeypatch):
+    # As above, but what w1's part takes from its backlog once back on the loop fails
+    # (a hook of the product w2 called w1 for, which runs on the part's second trip to
+    # the pool): the pass fails with w1's error, nothing of it is left, and the next
+    # one works.
+    from actorgrad.dist.context import state_of
+
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    xv, vv, w1v, w2v = arr(3), arr(3), arr(3), arr(3)
+    at_w1, at_w2 = f"backlog{next(_gates)}", f"backlog{next(_gates)}"
+    async with cluster("tcp", 2) as c:
+        await ag.rpc("w1", F.put, ("v", vv))
+        await ag.rpc("w1", F.put, ("w", w1v))
+        await ag.rpc("w2", F.put, ("w", w2v))
+        await ag.rpc("w1", F.add_gated_hook, ("v", at_w1))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("v", x))
+            args = ("w", "w1", "w", x, at_w2, "mul_failing_backward")
+            z = await ag.rpc("w2", F.mul_then_forward_gated, args)
+            run = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum() + z.sum()]))
+            try:
+                for gate in (at_w1, at_w2):
+                    assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                here = state_of(c.workers[0]).contexts[ctx]
+                F.thread_gate(at_w2 + " out").set()
+                async with asyncio.timeout(10):
+                    while not here.active_pass.backlog:  # noqa: ASYNC110 (no event)
+                        await asyncio.sleep(0.005)
+            finally:
+                for gate in (at_w1, at_w2):
+                    F.thread_gate(gate + " out").set()
+            with pytest.raises(ag.RemoteError, match="hook refused gradient on w1") as err:
+                await asyncio.wait_for(run, 10)
+            assert err.value.worker == "w1", err.value
+            assert here.active_pass is None and here.offloaded == 0
+        await assert_clean(c.names)
+        await assert_one_hop_exact(arr(3), w1v)
+
+
 @pytest.mark.parametrize("where", ["w1", "w2"])
 async def test_a_backward_started_elsewhere_while_a_pass_runs_is_refused_and_the_pass_completes(
     monkeypatch, where
