@@ -5235,6 +5235,43 @@ async def test_a_part_that_fails_as_it_resumes_after_the_pool_fails_the_pass(mon
         await assert_one_hop_exact(arr(3), w1v)
 
 
+async def test_a_bad_gradient_message_that_waited_for_a_busy_part_fails_the_pass(monkeypatch):
+    # A gradient message naming no send node of w1 comes while w1's part runs in its
+    # thread pool: it waits in the backlog, and w1 refuses it as it takes it back on the
+    # loop. The pass fails with w1's refusal, nothing of it is left, the next is exact.
+    from actorgrad.dist.context import state_of
+
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    vv = arr(3)
+    gate = f"backlog{next(_gates)}"
+    async with cluster("tcp", 2) as c:
+        await ag.rpc("w1", F.put, ("v", vv))
+        await ag.rpc("w1", F.add_gated_hook, ("v", gate))
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("v", x))
+            run = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+            try:
+                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                (pass_id,) = state_of(c.driver).runs
+                here = state_of(c.workers[0]).contexts[ctx]
+                bad = (ctx, "driver", pass_id, False, [987654, None], 1, 1, "w2", None, [])
+                c.workers[1].cast("w1", "dist.deliver", bad)
+                async with asyncio.timeout(10):
+                    while not here.active_pass.backlog:  # noqa: ASYNC110 (no event)
+                        await asyncio.sleep(0.005)
+            finally:
+                F.thread_gate(gate + " out").set()
+            with pytest.raises(
+                ag.ContextError, match=r"no send node 987654 .*\(refused by worker 'w1'\)$"
+            ):
+                await asyncio.wait_for(run, 10)
+            assert here.active_pass is None and here.offloaded == 0
+        await assert_clean(c.names)
+        await ag.rpc("w1", F.put, ("w", vv))
+        await assert_one_hop_exact(arr(3), vv)
+
+
 @pytest.mark.parametrize("where", ["w1", "w2"])
 async def test_a_backward_started_elsewhere_while_a_pass_runs_is_refused_and_the_pass_completes(
     monkeypatch, where
