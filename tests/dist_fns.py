@@ -1107,9 +1107,11 @@ async def backward_on_signal(gate: str, ctx_id: int, key: str, retain: bool = Tr
     ``keep`` kept as ``key``, in context ``ctx_id``; its outcome goes to
     ``outcome(gate)``."""
 
+    kept = _store[_k(key)]  # (here: once this worker shut down, its name is not ours)
+
     async def work() -> None:
         await event(gate).wait()
-        await ag.dist.backward(ctx_id, [_store[_k(key)].sum()], retain_graph=retain)
+        await ag.dist.backward(ctx_id, [kept.sum()], retain_graph=retain)
 
     _on_the_side(gate, work)
 

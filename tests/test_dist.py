@@ -5272,6 +5272,21 @@ async def test_a_bad_gradient_message_that_waited_for_a_busy_part_fails_the_pass
         await assert_one_hop_exact(arr(3), vv)
 
 
+async def test_a_backward_started_on_a_worker_shut_down_is_refused_with_worker_lost():
+    # (a task of w1 starts a pass once w1 has shut down, in a context w1 held: refused
+    # at once, naming w1, instead of sending gradients from a worker that is gone)
+    gate = f"closing{next(_gates)}"
+    async with cluster("inproc", 1) as c:
+        w1 = c.workers[0]
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            await ag.rpc("w1", F.keep, ("z", x * 1.0))
+            await _outside(ag.rpc("w1", F.backward_on_signal, (gate, ctx, "z")))
+            await asyncio.wait_for(w1.shutdown(), 10)
+            F.event(gate).set()
+            assert await F.outcome(gate, 10) == "WorkerLost: worker 'w1' has left the cluster"
+
+
 @pytest.mark.parametrize("where", ["w1", "w2"])
 async def test_a_backward_started_elsewhere_while_a_pass_runs_is_refused_and_the_pass_completes(
     monkeypatch, where
