@@ -146,10 +146,22 @@ def in_dict(key: str, d: dict[str, Any]) -> dict[str, Any]:
     return {"out": [d["a"] * w, d["b"][0] + w], "note": "ok"}
 
 
-async def mul_then_forward(key: str, dest: str, dest_key: str, x: ag.Tensor) -> ag.Tensor:
-    """Nested: multiply here, then on ``dest``; return the product squared."""
+async def mul_then_forward(
+    key: str,
+    dest: str,
+    dest_key: str,
+    x: ag.Tensor,
+    gate: str | None = None,
+    dest_fn: str = "mul",
+) -> ag.Tensor:
+    """Nested: multiply here, then on ``dest``; return the product squared.
+    ``gate``: the backward here blocks (in its thread: SLICE 0) before it sends
+    ``dest`` its gradient, as ``add_gated_hook``'s does; ``dest_fn``: the function of
+    this module ``dest`` runs, ``mul`` or one like it."""
     y = x * _store[_k(key)]
-    z = await ag.rpc(dest, mul, (dest_key, y))
+    z = await ag.rpc(dest, globals()[dest_fn], (dest_key, y))
+    if gate is not None:
+        z.register_hook(_gated(gate))
     return z * z
 
 
@@ -291,7 +303,11 @@ _HOOK_ERRORS: dict[str, type[BaseException]] = {
 
 def add_failing_hook(key: str, times: int, kind: str = "ValueError") -> None:
     """The next ``times`` backward passes through ``key`` raise ``kind`` here."""
-    t = _store[_k(key)]
+    _store[_k(key)].register_hook(_failing(times, kind))
+
+
+def _failing(times: int, kind: str = "ValueError") -> Callable[[np.ndarray], None]:
+    """A hook that raises ``kind`` the first ``times`` times it runs."""
     left = [times]
 
     def hook(g: np.ndarray) -> None:
@@ -300,17 +316,13 @@ def add_failing_hook(key: str, times: int, kind: str = "ValueError") -> None:
             raise _HOOK_ERRORS[kind](f"hook refused gradient on {ag.worker_name()}")
         return None
 
-    t.register_hook(hook)
+    return hook
 
 
 def mul_failing_backward(key: str, x: ag.Tensor) -> ag.Tensor:
     """``mul``, whose product refuses the gradient it gets (a ValueError from a hook)."""
     out = x * _store[_k(key)]
-
-    def hook(g: np.ndarray) -> None:
-        raise ValueError(f"hook refused gradient on {ag.worker_name()}")
-
-    out.register_hook(hook)
+    out.register_hook(_failing(1))
     return out
 
 
@@ -576,18 +588,6 @@ def _gated(gate: str) -> Callable[[np.ndarray], None]:
             thread_gate(gate + " out").wait(20)
 
     return hook
-
-
-async def mul_then_forward_gated(
-    key: str, dest: str, dest_key: str, x: ag.Tensor, gate: str, dest_fn: str = "mul"
-) -> ag.Tensor:
-    """``mul_then_forward`` whose backward here blocks (in its thread: SLICE 0) before
-    it sends ``dest`` its gradient, as ``add_gated_hook``'s does (``dest_fn``: the
-    function of this module ``dest`` runs, ``mul`` or one like it)."""
-    y = x * _store[_k(key)]
-    z = await ag.rpc(dest, globals()[dest_fn], (dest_key, y))
-    z.register_hook(_gated(gate))
-    return z * z
 
 
 def no_way() -> list[str]:
