@@ -14,6 +14,18 @@ import time
 from pathlib import Path
 
 CLI = [sys.executable, "-m", "actorgrad"]
+
+
+def patched_cli(setup: str) -> list[str]:
+    """The CLI as a program that runs ``setup`` (Python: a module value set to what a
+    test needs, say) before it starts (for ``Running(..., program=...)``)."""
+    return [
+        sys.executable,
+        "-c",
+        f"{setup}; from actorgrad import cli; raise SystemExit(cli.entry())",
+    ]
+
+
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP = 30.0
 #: a cluster's news of its workers: its time, then what happened

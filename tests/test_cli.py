@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clitools import CLI, NEWS, ROOT, STARTUP, Running, clean_env, is_running
+from clitools import CLI, NEWS, ROOT, STARTUP, Running, clean_env, is_running, patched_cli
 
 from actorgrad import cli
 
@@ -1098,12 +1098,7 @@ def _extra_worker_running_a_call(
     out = tmp_path / "written"
     program = CLI
     if drain is not None:
-        patched = f"from actorgrad.runtime import cluster; cluster.DRAIN = {drain}; "
-        program = [
-            sys.executable,
-            "-c",
-            patched + "from actorgrad import cli; raise SystemExit(cli.entry())",
-        ]
+        program = patched_cli(f"from actorgrad.runtime import cluster; cluster.DRAIN = {drain}")
     w = Running(
         "worker", "--join", address, "--name", "extra", "--token-file", str(token_file),
         env=env, program=program,
@@ -2106,8 +2101,7 @@ def test_the_script_of_run_ends_when_run_is_killed(tmp_path: Path) -> None:
     # (run's GUARD_GRACE shortened to 2 s, its 10 s otherwise waited out here: the
     # child that ignores SIGTERM goes only at the SIGKILL that follows the grace)
     grace = 2.0
-    patched = f"from actorgrad import cli; cli.GUARD_GRACE = {grace}; "
-    program = [sys.executable, "-c", patched + "raise SystemExit(cli.entry())"]
+    program = patched_cli(f"from actorgrad import cli; cli.GUARD_GRACE = {grace}")
     r = Running("run", "-n", "1", str(script), program=program)
     pids: set[int] = set()
     try:
