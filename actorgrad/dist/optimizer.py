@@ -435,6 +435,10 @@ class DistributedOptimizer:
         # per owner, its optimizer (made at the first step that reaches it)
         self._remote: dict[str, RRef] = {}
         self._setup_lock: asyncio.Lock | None = None
+        # (one load at a time: an owner keeps one staged load per optimizer, so a
+        # second load's first round replaced the first's part, whose commit then failed,
+        # or each load was committed on some owners)
+        self._load_lock: asyncio.Lock | None = None
 
     def __repr__(self) -> str:
         owners = {o: len(ps) for o, ps in self._by_owner.items()}
@@ -580,7 +584,8 @@ class DistributedOptimizer:
         it (that one replaces it), and ``actorgrad.dist.optimizer.STAGE_TIMEOUT`` (300)
         s after it was kept if no second call came (a first round that took longer than
         0.9 x that loads nowhere: TimeoutError); ``ag.dist.debug_info()`` counts what
-        a worker keeps (``num_staged_loads``, ``staged_load_bytes``). Of what the check
+        a worker keeps (``num_staged_loads``, ``staged_load_bytes``). Two loads at once
+        run one after the other, in the order they were called. Of what the check
         looked at, only the parameters' arrays can change before the second call: one
         of another shape (user code) makes its owner refuse it, one of another dtype
         gets its state cast to it.
@@ -591,6 +596,14 @@ class DistributedOptimizer:
             await opt.load_state_dict(saved)   # (saved = await old_opt.state_dict())
         """
         hyper, entries, _ = self._probe._checked_state_dict(state, self._num_params)
+        if self._load_lock is None:
+            self._load_lock = asyncio.Lock()
+        async with self._load_lock:
+            await self._load(hyper, entries)
+
+    async def _load(self, hyper: dict[str, Any], entries: list[dict[str, Any] | None]) -> None:
+        """``load_state_dict``'s two rounds, ``state`` checked (its ``hyper`` and
+        ``entries``, one per parameter)."""
         refs = await self._setup()
         parts = []
         for owner in refs:
