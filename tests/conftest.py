@@ -9,6 +9,7 @@ import this directory's helper modules.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import gc
 import os
@@ -17,6 +18,7 @@ import secrets
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -207,3 +209,43 @@ async def valid_client_works(c) -> None:
     finally:
         await client.shutdown()
     assert await asyncio.wait_for(ag.rpc("w1", add, (1, 2)), 5) == 3
+
+
+@contextlib.asynccontextmanager
+async def slow_link(target: str, rate: dict[str, float]) -> AsyncIterator[tuple[str, list]]:
+    """A TCP relay on this loop to ``target`` ("host:port") whose client-to-server
+    direction passes at most ``rate["up"]`` bytes a second (a slow link; read at each
+    chunk, so a test can change it; 0 or missing: as fast as it comes, as the other
+    way). Yields its address and the client side of each connection it relayed (a
+    test checks that its call went through). Leaving closes them all: from Python 3.12
+    on, a server's wait_closed waits for its connections, and a cluster's connection
+    through the link lives as long as the cluster (a test hung there, its checks
+    passed)."""
+    host, port = target.rsplit(":", 1)
+    relayed: list[asyncio.StreamWriter] = []
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, way: str) -> None:
+        try:
+            while data := await r.read(16384):
+                if rate.get(way):
+                    await asyncio.sleep(len(data) / rate[way])
+                w.write(data)
+                await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.close()
+
+    async def relay(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        relayed.append(cw)
+        sr, sw = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pipe(cr, sw, "up"), pipe(sr, cw, "down"))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}", relayed
+    finally:
+        server.close()
+        for cw in relayed:  # (its pipes then close the other side)
+            cw.transport.abort()
+        await asyncio.wait_for(server.wait_closed(), 10)

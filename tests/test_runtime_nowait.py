@@ -7,7 +7,6 @@ Tests using the ``cluster`` fixture run over both transports (in-process, TCP).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import threading
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import slow_link
 
 import actorgrad as ag
 from actorgrad.runtime import current_worker, inline, transport
@@ -582,58 +582,6 @@ async def test_a_peer_idle_for_long_is_not_lost_when_a_watch_begins(monkeypatch)
         assert not w.is_lost("w1")
 
 
-def _slow_link(target: str, rate: float) -> tuple[str, Any]:
-    """A TCP proxy to ``target`` that passes what its clients send at ``rate`` bytes/s
-    (a slow link one way); its address and a function closing it."""
-    import socket
-
-    lsock = socket.create_server(("127.0.0.1", 0))
-    socks = [lsock]
-
-    def pump(src: Any, dst: Any, rate: float) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-                if rate:
-                    time.sleep(len(data) / rate)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def serve() -> None:
-        try:
-            while True:
-                c, _ = lsock.accept()
-                host, port = target.rsplit(":", 1)
-                s = socket.create_connection((host, int(port)))
-                socks.extend((c, s))
-                threading.Thread(target=pump, args=(c, s, rate), daemon=True).start()
-                threading.Thread(target=pump, args=(s, c, 0), daemon=True).start()
-        except OSError:
-            pass
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-
-    def close() -> None:
-        # (shut down first: closing alone does not wake the accept() the serving thread
-        # is blocked in, and it lived on to the end of the run)
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-        server.join(5)
-        assert not server.is_alive(), "the slow link's accepting thread did not end"
-
-    host, port = lsock.getsockname()[:2]
-    return f"{host}:{port}", close
-
-
 async def test_a_request_that_takes_longer_than_the_timeout_to_send_is_not_lost(monkeypatch):
     # The caller's asks for pings queue behind its request: sent over a slow link for
     # longer than the heartbeat timeout, to a peer that pinged seldom (idle before), the
@@ -643,21 +591,19 @@ async def test_a_request_that_takes_longer_than_the_timeout_to_send_is_not_lost(
     async with ag.local_cluster(1, transport="tcp") as c:
         w = c.driver
         wid, address, _ = w.members["w1"]
-        proxy, close = _slow_link(address, 2e6)
-        try:
-            w.members = {**w.members, "w1": (wid, proxy, "")}
+        async with slow_link(address, {"up": 2e6}) as (link, relayed):
+            w.members = {**w.members, "w1": (wid, link, "")}
             old = w._out.pop("w1", None)
             if old is not None:
                 old.close()
             assert await w.call("w1", add, (1, 2)) == 3
+            assert relayed, "the call did not go through the link"
             await more(2 * 20)  # (1 s idle: more than the heartbeat timeout)
             x = np.ones(250_000)  # (2 MB: 1 s through the link)
             t0 = time.monotonic()
             assert await w.call("w1", np.sum, (x,)) == x.size
             assert time.monotonic() - t0 > 3 * rworker.HEARTBEAT_TIMEOUT
             assert not w.is_lost("w1")
-        finally:
-            close()
 
 
 async def test_a_watched_silent_peer_is_reported_lost_within_the_heartbeat_timeout(monkeypatch):

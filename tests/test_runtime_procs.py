@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import gc
 import logging
 import os
@@ -16,13 +15,12 @@ import threading
 import time
 import types
 import zipfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import has_ipv6_loopback
+from conftest import has_ipv6_loopback, slow_link
 
 import actorgrad as ag
 from actorgrad.runtime import calls as rcalls
@@ -299,46 +297,6 @@ async def test_a_worker_decoding_a_request_of_many_objects_is_not_taken_for_lost
         assert await ag.rpc("w1", add, (1, 2)) == 3
 
 
-@contextlib.asynccontextmanager
-async def _slow_link(
-    target: str, rate: dict[str, float]
-) -> AsyncIterator[tuple[asyncio.Server, list[asyncio.StreamWriter]]]:
-    """A TCP relay to ``target`` whose client-to-server direction passes at most
-    ``rate["up"]`` bytes a second (a slow link; 0: as fast as it comes, as the other
-    way). The list holds the client side of each connection it relayed; leaving closes
-    them all (from Python 3.12 on, a server's wait_closed waits for its connections,
-    and the driver's connection through the link lives as long as the cluster: the
-    test hung there, its checks passed)."""
-    host, port = target.rsplit(":", 1)
-    relayed: list[asyncio.StreamWriter] = []
-
-    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, way: str) -> None:
-        try:
-            while data := await r.read(16384):
-                if rate.get(way):
-                    await asyncio.sleep(len(data) / rate[way])
-                w.write(data)
-                await w.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            w.close()
-
-    async def relay(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        relayed.append(cw)
-        sr, sw = await asyncio.open_connection(host, int(port))
-        await asyncio.gather(pipe(cr, sw, "up"), pipe(sr, cw, "down"))
-
-    server = await asyncio.start_server(relay, "127.0.0.1", 0)
-    try:
-        yield server, relayed
-    finally:
-        server.close()
-        for cw in relayed:  # (its pipes then close the other side)
-            cw.transport.abort()
-        await asyncio.wait_for(server.wait_closed(), 10)
-
-
 @pytest.mark.timeout(60)
 async def test_a_worker_decoding_a_request_that_crossed_a_slow_link_is_not_taken_for_lost(
     monkeypatch,
@@ -355,11 +313,10 @@ async def test_a_worker_decoding_a_request_that_crossed_a_slow_link_is_not_taken
         driver = rworker.current_worker()
         wid, address, _local = driver.members["w1"]
         rate: dict[str, float] = {}
-        async with _slow_link(address, rate) as (server, relayed):
-            port = server.sockets[0].getsockname()[1]
+        async with slow_link(address, rate) as (link, relayed):
             # (the driver reaches w1 through the link, over TCP; it has not called it yet)
             assert "w1" not in driver._out
-            monkeypatch.setitem(driver.members, "w1", (wid, f"127.0.0.1:{port}", ""))
+            monkeypatch.setitem(driver.members, "w1", (wid, link, ""))
             per = await ag.rpc("w1", decode_seconds, (200_000,))
             assert relayed, "the call did not go through the link"
             n = min(40_000_000, max(1_000_000, int(6.0 / per * 200_000)))
