@@ -1706,6 +1706,54 @@ def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fa
     assert "never awaited" not in out.stderr, out.stderr
 
 
+def test_a_main_script_whose_import_fails_on_a_worker_names_the_module_and_what_to_do(
+    tmp_path,
+):
+    # A module the driver's process has and a worker's does not (here: only imported
+    # under another name than __main__, as a worker imports the script): the call fails
+    # naming the script, the module and where the worker looked; the worker serves on.
+    script = tmp_path / "needs_more.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, operator
+            import actorgrad as ag
+
+            if __name__ != "__main__":
+                import actorgrad_missing_helper_module
+
+            def square(x):
+                return x * x
+
+            async def main():
+                async with ag.local_cluster(1, processes=True):
+                    try:
+                        await ag.rpc("w1", square, (7,))
+                    except ag.RemoteError as exc:
+                        print("error", exc.remote_type, str(exc).replace("\\n", " "), flush=True)
+                    print("still serving", await ag.rpc("w1", operator.add, (2, 3)), flush=True)
+
+            if __name__ == "__main__":
+                asyncio.run(main())
+            """
+        )
+    )
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("ACTORGRAD_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=45, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        f"error RuntimeError RuntimeError on worker 'w1': importing the driver's script "
+        f"{os.path.realpath(script)} here (to call one of its functions) failed: "
+        "ModuleNotFoundError: No module named 'actorgrad_missing_helper_module'. This worker "
+        "looked beside the script and on its own path (PYTHONPATH): install what it imports "
+        "for the workers too, or put it where they find it",
+        "still serving 5",
+    ], out.stdout
+
+
 async def _blocked(
     name: str, seconds: float, tmp_path: Path, until: str | None = None
 ) -> asyncio.Future[Any]:
