@@ -2105,6 +2105,52 @@ async def test_a_stopped_worker_process_is_continued_to_handle_its_sigterm(caplo
     ]
 
 
+def slow_exiters(n: int, cpu: float) -> WorkerProcesses:
+    """``n`` processes, as worker processes of a ``WorkerProcesses``, that each spend
+    ``cpu`` s of CPU exiting once their stdin closes (as a worker once its head left)."""
+    code = (
+        "import sys, time\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+        f"end = time.process_time() + {cpu}\n"
+        "while time.process_time() < end: pass\n"
+    )
+    procs = WorkerProcesses()
+    for i in range(n):
+        procs.procs[f"w{i + 1}"] = subprocess.Popen(
+            [sys.executable, "-S", "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+    for p in procs.procs.values():
+        assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        p.stdout.close()
+    return procs
+
+
+async def test_worker_processes_exiting_all_at_once_get_the_cpu_they_need_before_the_stuck_ones_are_named(
+    monkeypatch,
+):
+    # A worker process takes 40-50 ms of CPU to exit once its head is gone, and all of
+    # them exit at once: 128 on 2 cores took 3.3 s, and the stop named every one of them
+    # as stuck after its 3 s grace (a warning listing all 128, then SIGTERM). Here each
+    # process needs 0.1 s of CPU to exit once its stdin closes (its head gone), 3 per
+    # core: 0.3 s at the least, under a grace of 0.1 s and 4x the CPU each needs.
+    from actorgrad.runtime import procs as rprocs
+
+    monkeypatch.setattr(rprocs, "EXIT_CPU", 0.4)
+    procs = slow_exiters(3 * (os.cpu_count() or 1), 0.1)
+    try:
+        for p in procs.procs.values():
+            assert p.stdin is not None
+            p.stdin.close()
+        stuck: list[str] = []
+        await procs.stop(grace=0.1, on_stuck=lambda names, grace: stuck.extend(names))
+        assert stuck == []
+        assert [p.returncode for p in procs.procs.values()] == [0] * len(procs.procs)
+    finally:
+        procs.kill()
+        await procs.stop(grace=0, term_grace=0)
+
+
 async def test_the_names_of_the_worker_processes_a_head_starts_are_kept_for_them():
     # Anyone holding the token could join as "w30" while the cluster's own w30 was
     # starting: the cluster said it was ready, then its own w30 failed ("already in

@@ -340,7 +340,7 @@ def describe_stuck(names: list[str], grace: float, after: str) -> str:
     one = len(names) == 1
     return (
         f"worker process{'' if one else 'es'} {', '.join(names)} did not exit within "
-        f"{grace:g} s of {after}: terminating {'it' if one else 'them'}"
+        f"{round(grace, 1):g} s of {after}: terminating {'it' if one else 'them'}"
     )
 
 
