@@ -5379,3 +5379,44 @@ async def test_a_tensor_link_that_is_a_bool_is_malformed():
             with pytest.raises(ag.ProtocolError, match="tensor link must be an int, got bool"):
                 hooks.tensor_in(np.ones(2), True, True)
             assert hooks.got is None  # (nothing recorded)
+
+
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+async def test_a_chain_and_a_fan_out_through_sixteen_workers_match_one_process(transport):
+    # Scale in the number of workers (measured on process workers up to 256: see
+    # docs/limits.md, "Cluster"): a chain driver -> w1 -> ... -> w16, each call made
+    # inside the one before, then the driver calling all 16 at once in one context,
+    # checked against the same computation in one process; every context released.
+    n = 16
+    ws, xv = [arr(4) for _ in range(n)], arr(4)
+
+    def chain(x, *w):
+        for wi in w:
+            x = x * wi
+        return x.sum()
+
+    def fan_out(x, *w):
+        return sum(((x * wi).sum() for wi in w[1:]), (x * w[0]).sum())
+
+    async with cluster(transport, n) as c:
+        await asyncio.gather(
+            *(ag.rpc(w, F.put, ("w", v)) for w, v in zip(c.names, ws, strict=True))
+        )
+        for fn in (chain, fan_out):
+            loss_ref, grads_ref = local_grads(fn, xv, *ws)
+            x = ag.tensor(xv, requires_grad=True)
+            async with ag.dist.context() as ctx:
+                if fn is chain:
+                    y = await ag.rpc("w1", F.nested_mul, (c.names[1:], "w", x))
+                    loss = y.sum()
+                else:
+                    ys = await asyncio.gather(*(ag.rpc(w, F.mul, ("w", x)) for w in c.names))
+                    loss = sum((y.sum() for y in ys[1:]), ys[0].sum())
+                await ag.dist.backward(ctx, [loss])
+                grads = [ag.dist.get_gradients(ctx)[x]]
+                grads += await asyncio.gather(*(ag.rpc(w, F.grad_of, (ctx, "w")) for w in c.names))
+            assert loss.item() == pytest.approx(loss_ref, rel=1e-12)
+            for got, want in zip(grads, grads_ref, strict=True):
+                np.testing.assert_allclose(got, want, rtol=1e-12)
+        await asyncio.gather(*(ag.rpc(w, F.wait_no_contexts, (10,)) for w in c.names))
+        await assert_clean(c.names)
