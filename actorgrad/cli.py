@@ -417,7 +417,7 @@ async def cmd_cluster(args: argparse.Namespace) -> int:
     n = args.n
 
     def on_ready(address: str) -> None:
-        names = ", ".join(f"w{i}" for i in range(1, n + 1))
+        names = cluster.name_list([f"w{i}" for i in range(1, n + 1)])
         _say(f"actorgrad cluster ready: {_count(n, 'worker')} ({names})")
         _say(f"address: {address}")
         _say(f"token: {where}")

@@ -306,6 +306,7 @@ def test_the_commands_cluster_prints_work_pasted_into_a_shell(tmp_path: Path) ->
     c = Running("cluster", "-n", "1", "--token-file", str(token_file))
     try:
         c.expect("Ctrl-C to stop")
+        assert c.seen[0] == "actorgrad cluster ready: 1 worker (w1)", c.seen
         export = next(line for line in c.seen if "export ACTORGRAD_TOKEN" in line)
         r = subprocess.run(
             ["sh", "-c", f'{export.strip()}; printf %s "$ACTORGRAD_TOKEN"'],

@@ -2105,6 +2105,19 @@ async def test_a_stopped_worker_process_is_continued_to_handle_its_sigterm(caplo
     ]
 
 
+def test_the_stuck_workers_line_names_a_few_and_counts_the_rest():
+    # (every name of 128 stuck workers went on one line, 1.7 KB of it at 256)
+    from actorgrad.runtime.cluster import describe_stuck
+
+    assert describe_stuck(["w3", "w7"], 3.025, "the shutdown") == (
+        "worker processes w3, w7 did not exit within 3 s of the shutdown: terminating them"
+    )
+    assert describe_stuck([f"w{i}" for i in range(1, 129)], 6.2, "leaving it") == (
+        "worker processes w1, w2, w3, w4, w5, w6, w7, w8, ... (128 in all) did not exit "
+        "within 6.2 s of leaving it: terminating them"
+    )
+
+
 def slow_exiters(n: int, cpu: float) -> WorkerProcesses:
     """``n`` processes, as worker processes of a ``WorkerProcesses``, that each spend
     ``cpu`` s of CPU exiting once their stdin closes (as a worker once its head left)."""

@@ -334,12 +334,20 @@ async def serve_cluster(
         await finish(stop_all(head, [], procs, on_stuck=stuck), hurry, cancelled)
 
 
+def name_list(names: list[str], shown: int = 8) -> str:
+    """``names`` joined with commas; of a longer list the first ``shown``, then how many
+    in all (the lines of a cluster of 256 workers listed 1.7 KB of names)."""
+    if len(names) <= shown:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])}, ... ({len(names)} in all)"
+
+
 def describe_stuck(names: list[str], grace: float, after: str) -> str:
     """ "worker process w1 did not exit within 3 s of ``after``: terminating it" (or
     "worker processes w1, w2 ...: terminating them")."""
     one = len(names) == 1
     return (
-        f"worker process{'' if one else 'es'} {', '.join(names)} did not exit within "
+        f"worker process{'' if one else 'es'} {name_list(names)} did not exit within "
         f"{round(grace, 1):g} s of {after}: terminating {'it' if one else 'them'}"
     )
 
