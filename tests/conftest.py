@@ -88,6 +88,43 @@ async def cluster(request):
         yield c
 
 
+#: set on a test whose call failed (see pytest_runtest_makereport)
+CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call" and report.failed:
+        item.stash[CALL_FAILED] = True
+    return report
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """The tests marked shared_processes (test_dist.py's ``mode`` "processes") share a
+    cluster of worker processes whose driver lives on an event loop: the module's, so
+    they run on it, and one after another after the module's other tests, so that no
+    test on a loop of its own runs while that loop stands still (the worker processes
+    would take its driver for lost after the heartbeat timeout). (With
+    ACTORGRAD_TEST_LOOP=uvloop pytest-asyncio makes the module's loop anew for each test,
+    as it parametrizes each test's loop factory: each gets a cluster of its own then,
+    checked as a shared one.)"""
+    if not any(item.get_closest_marker("shared_processes") for item in items):
+        return
+    runs: list[tuple[object, list[pytest.Item], list[pytest.Item]]] = []
+    for item in items:  # (each run of items of one module: its own tests, then shared)
+        if not runs or runs[-1][0] != item.path:
+            runs.append((item.path, [], []))
+        if item.get_closest_marker("shared_processes"):
+            # (before the asyncio marker auto mode gave it: the closest one counts)
+            item.add_marker(pytest.mark.asyncio(loop_scope="module"), append=False)
+            runs[-1][2].append(item)
+        else:
+            runs[-1][1].append(item)
+    items[:] = [item for _path, own, shared in runs for item in own + shared]
+
+
 # A hard stop for a test that hangs where pytest-timeout cannot end it. Its signal
 # fails the test's call, but a hang in an asyncio fixture's teardown can outlive it:
 # the exception lands in a task (as that task's result) and the teardown waits on.

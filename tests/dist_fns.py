@@ -209,6 +209,7 @@ def lose_the_way_to(peer: str, address: str = "127.0.0.1:9") -> None:
     from actorgrad.runtime import current_worker
 
     w = current_worker()
+    _damaged(w, f"lose_the_way_to({peer!r})")
     w.members = {**w.members, peer: (w.members[peer][0], address, "")}
     conn = w._out.pop(peer, None)
     if conn is not None:
@@ -398,12 +399,19 @@ def pid() -> int:
     return os.getpid()
 
 
+_big: list[int] = []  # (dist.backward.BIG before set_big changed it)
+
+
 def set_big(n: int) -> None:
     """This process's parts of a pass given gradients of ``n`` elements or more go to
-    the thread pool at once (dist.backward.BIG; a worker process's own copy)."""
+    the thread pool at once (dist.backward.BIG; a worker process's own copy, set back
+    by :func:`leftovers`)."""
     import sys
 
-    sys.modules["actorgrad.dist.backward"].BIG = n
+    backward = sys.modules["actorgrad.dist.backward"]
+    if not _big:
+        _big.append(backward.BIG)
+    backward.BIG = n
 
 
 async def open_context_and_die(dest: str, key: str) -> None:
@@ -781,6 +789,7 @@ def watch_refusals() -> None:
     from actorgrad.dist.context import state_of
     from actorgrad.runtime import current_worker
 
+    _damaged(current_worker(), "watch_refusals()")
     st = state_of(current_worker())
     join = st.join
 
@@ -1122,6 +1131,7 @@ def route_via(peer: str, address: str, heartbeat_timeout: float) -> None:
     from actorgrad.runtime import worker as rworker
 
     w = rworker.current_worker()
+    _damaged(w, f"route_via({peer!r})")
     assert peer not in w._out
     wid, _address, _local = w.members[peer]
     w.members[peer] = (wid, address, "")
@@ -1189,3 +1199,68 @@ def state_memory_owned(ref: ag.RRef) -> list[bool]:
     optimizer, here) own their memory: ``[True]``, ``[False]`` or both."""
     opt = ref.local_value().optim
     return sorted({v.flags.owndata for e in opt.state.values() for v in e.values()})
+
+
+# --- the shared process cluster of test_dist.py ----------------------------------------
+
+
+def _damaged(w: Any, what: str) -> None:
+    """Note on worker ``w`` that ``what`` was done to it, which no reset undoes (a
+    changed route, a patched method): not fit for the next test of a shared cluster."""
+    w.ext.setdefault("damage noted by dist_fns", []).append(what)
+
+
+async def leftovers(deadline: float, calls: int, reset: bool) -> dict[str, Any]:
+    """What the tests so far left on this worker that the next one could trip on (empty:
+    nothing): contexts, passes, nodes, parts in the pool, staged loads; requests in the
+    mailbox or running (besides this one's ``calls``), calls out, RRefs owned, watches,
+    lost peers, background tasks of this module; what :func:`_damaged` noted. The
+    contexts are waited for, at most ``deadline`` s (the releases of a context left from
+    another task may still be on their way). With ``reset``, this module's values here
+    are forgotten and dist.backward.BIG set back (what one test of the shared cluster
+    put, hooked or gated is not the next one's)."""
+    import asyncio
+    import sys
+
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    w = current_worker()
+    try:
+        await asyncio.wait_for(state_of(w).wait_empty(0), deadline)
+    except TimeoutError:
+        pass
+    info = ag.dist.debug_info()
+    left: dict[str, Any] = {
+        k: info[k]
+        for k in (
+            "num_contexts",
+            "num_active_passes",
+            "num_send_nodes",
+            "num_recv_nodes",
+            "num_offloaded_parts",
+            "num_staged_loads",
+        )
+        if info[k]
+    }
+    status = w.status()
+    loop = asyncio.get_running_loop()
+    more = {
+        "mailbox": status["mailbox"],
+        "in_flight": status["in_flight"] - calls,
+        "calls out": sum(len(c.pending) for c in list(w._conns)),
+        "rrefs": status["rrefs"],
+        "rref messages unsent": sorted(w._rref_unsent),
+        "watching": status["watching"],
+        "dist_watching": dist_watching(),
+        "lost": sorted(w._lost),
+        "tasks": [t for t in _tasks if t.get_loop() is loop and not t.done()],
+        "damage": w.ext.get("damage noted by dist_fns", []),
+    }
+    left.update((k, v) for k, v in more.items() if v)
+    if reset:
+        for values in (_store, _hook_calls, _naps, _events, _outcomes, _gates_between_threads):
+            values.clear()
+        if _big:
+            sys.modules["actorgrad.dist.backward"].BIG = _big.pop()
+    return left

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
 import gc
 import itertools
 import logging
@@ -19,7 +20,8 @@ from typing import Any
 import dist_fns as F
 import numpy as np
 import pytest
-from conftest import on_uvloop
+import pytest_asyncio
+from conftest import CALL_FAILED, TESTS, on_uvloop
 
 import actorgrad as ag
 from actorgrad.runtime import worker as rworker
@@ -34,18 +36,112 @@ def arr(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape)
 
 
-@pytest.fixture(params=["inproc", "tcp", "processes"])
+@pytest.fixture(
+    params=["inproc", "tcp", pytest.param("processes", marks=pytest.mark.shared_processes)]
+)
 def mode(request):
-    """In-process actors over the in-process transport, over TCP, or OS processes."""
+    """In-process actors over the in-process transport, over TCP, or OS processes.
+
+    The tests of this fixture's "processes" share one cluster of 3 worker processes
+    (started once, not once a test: ~0.4 s each): conftest.py runs them one after
+    another, after the module's other tests, on the module's event loop. Each must
+    leave the cluster as it found it, and is checked for that (``_shared_processes``):
+    one that leaves something behind fails, and the next gets a new cluster. A test
+    that changes its workers for good (a route, a patched method) or needs a cluster
+    of its own parametrizes ``mode`` itself (indirect): its "processes" then starts one.
+    """
     if request.param == "processes":
-        request.getfixturevalue("worker_path")
+        if request.node.get_closest_marker("shared_processes"):
+            request.getfixturevalue("_shared_processes")
+        else:
+            request.getfixturevalue("worker_path")
     return request.param
+
+
+#: the shared cluster of worker processes while a test of it runs (see ``mode``)
+_shared: list[ag.runtime.LocalCluster] = []
 
 
 def cluster(mode: str = "inproc", n: int = 3):
     if mode == "processes":
+        if _shared:
+            return _share(_shared[0], n)
         return ag.local_cluster(n, processes=True)
     return ag.local_cluster(n, transport=mode)
+
+
+@contextlib.asynccontextmanager
+async def _share(c: ag.runtime.LocalCluster, n: int):
+    """The shared cluster, as a cluster of its first ``n`` workers (the others are there:
+    idle, checked as the rest after the test)."""
+    view = copy.copy(c)
+    view.names = c.names[:n]
+    yield view
+
+
+class _ProcessCluster:
+    """The shared cluster of worker processes of a module, started when a test first
+    needs it, shut down when one leaves it unclean and at the module's end."""
+
+    def __init__(self) -> None:
+        self.cluster: ag.runtime.LocalCluster | None = None
+        self._stack = contextlib.AsyncExitStack()
+
+    async def get(self) -> ag.runtime.LocalCluster:
+        if self.cluster is None:
+            with pytest.MonkeyPatch.context() as mp:  # (as worker_path, for the start)
+                path = os.environ.get("PYTHONPATH", "")
+                mp.setenv("PYTHONPATH", TESTS + (os.pathsep + path if path else ""))
+                self.cluster = await self._stack.enter_async_context(
+                    ag.local_cluster(3, processes=True)
+                )
+        return self.cluster
+
+    async def close(self) -> None:
+        self.cluster = None
+        stack, self._stack = self._stack, contextlib.AsyncExitStack()
+        await stack.aclose()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def _process_cluster():
+    pc = _ProcessCluster()
+    try:
+        yield pc
+    finally:
+        await pc.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def _shared_processes(_process_cluster, request):
+    """The shared cluster for the test (see ``mode``); after it, every worker (the
+    driver too) must be as clean as a new one: F.leftovers lists what is not. That
+    fails the test (in its teardown), and a test that failed or left something gets
+    the cluster shut down: the next starts a new one."""
+    c = await _process_cluster.get()
+    _shared.append(c)
+    try:
+        yield
+    finally:
+        _shared.clear()
+    left: dict[str, Any] = {}
+    # (the test's RRefs in reference cycles, e.g. of a closure, are collected; their
+    # releases, which the finalizers hand to the loop, go out before the checks)
+    gc.collect()
+    await asyncio.sleep(0)
+    try:
+        async with asyncio.timeout(30):
+            if here := await F.leftovers(10.0, 0, False):
+                left["driver"] = here
+            for name in c.names:
+                if there := await ag.rpc(name, F.leftovers, (10.0, 1, True)):
+                    left[name] = there
+    except Exception as exc:
+        left["check"] = f"{type(exc).__name__}: {exc}"
+    if left or request.node.stash.get(CALL_FAILED, False):
+        await _process_cluster.close()
+    if left:
+        pytest.fail(f"the test left the shared process cluster unclean: {left}", pytrace=False)
 
 
 #: What the tests of parts sent to the thread pool at once for their big gradients set
