@@ -19,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -140,47 +141,79 @@ def test_help_lists_the_environment_variables_the_package_reads() -> None:
     assert listed == read, (listed, read)
 
 
+@contextlib.contextmanager
+def cli_runs() -> Iterator[Callable[..., Future[subprocess.CompletedProcess[str]]]]:
+    """``run(*args, env=...)`` starts ``run_cli(*args, env=...)`` in a thread and returns
+    its future: a test's commands that only exit with an error, each a process of its own
+    (~0.3 s of CPU to start), run side by side on the machine's cores instead of one
+    after another. Leaving waits for them all."""
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        yield lambda *args, **kwargs: pool.submit(run_cli, *args, **kwargs)
+
+
 def test_usage_errors_exit_2() -> None:
-    assert run_cli("cluster").returncode == 2
-    assert run_cli("cluster", "-n", "0").returncode == 2
-    # (a huge -n built its list of names first: a MemoryError's traceback, or 24 GB)
-    for argv in (["cluster", "-n", "257"], ["run", "-n", "1000000000000", "s.py"]):
-        r = run_cli(*argv)
+    with cli_runs() as run:
+        plain = [run("cluster"), run("cluster", "-n", "0"), run("bogus")]
+        # (a huge -n built its list of names first: a MemoryError's traceback, or 24 GB)
+        huge = [run("cluster", "-n", "257"), run("run", "-n", "1000000000000", "s.py")]
+        # (argparse's own check of the numbers, naming the argument and the value)
+        numbers = [
+            (run(*argv), message)
+            for argv, message in (
+                (["cluster", "-n", "x"], "argument -n: not an integer: 'x'"),
+                (["cluster", "-n", "1", "--port", "abc"], "argument --port: not a port: 'abc'"),
+                (
+                    ["worker", "--join", "127.0.0.1:1", "--port", "70000"],
+                    "--port: not a port: 70000",
+                ),
+            )
+        ]
+        no_address = run("status", env=clean_env(ACTORGRAD_TOKEN="t"))
+        # (a malformed one is named as the variable's, not as an --address given)
+        bad_address = run(
+            "status", env=clean_env(ACTORGRAD_TOKEN="t", ACTORGRAD_ADDRESS="localhost")
+        )
+        # (read as host "fd00:", port 2: exit 1, "Name or service not known")
+        ipv6 = run("worker", "--join", "fd00::2", "--name", "x", env=clean_env(ACTORGRAD_TOKEN="t"))
+        no_script = run("run", "-n", "1")  # (ARGS was named as required too)
+        nothing = run("run")  # (-n went unnamed)
+        # a token file that is not there is the caller's mistake, as no token at all (was 1)
+        no_file = run("status", "--address", "127.0.0.1:1", "--token-file", "/nonexistent/tok")
+        # (0 and -3 "timed out", nan a traceback)
+        timeouts = [
+            run("status", "--address", "127.0.0.1:1", "--timeout", bad)
+            for bad in ("0", "-3", "nan", "inf", "soon")
+        ]
+    for f in plain:
+        assert f.result().returncode == 2
+    for f in huge:
+        r = f.result()
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert "must be at most 256 (each worker is a process on this machine)" in r.stderr
-    assert run_cli("bogus").returncode == 2
-    # (argparse's own check of the numbers, naming the argument and the value)
-    for argv, message in (
-        (["cluster", "-n", "x"], "argument -n: not an integer: 'x'"),
-        (["cluster", "-n", "1", "--port", "abc"], "argument --port: not a port: 'abc'"),
-        (["worker", "--join", "127.0.0.1:1", "--port", "70000"], "--port: not a port: 70000"),
-    ):
-        r = run_cli(*argv)
+    for f, message in numbers:
+        r = f.result()
         assert r.returncode == 2 and message in r.stderr, r.stderr
-    r = run_cli("status", env=clean_env(ACTORGRAD_TOKEN="t"))
+    r = no_address.result()
     assert r.returncode == 2
     assert "ACTORGRAD_ADDRESS" in r.stderr and "Traceback" not in r.stderr
-    # (a malformed one is named as the variable's, not as an --address given)
-    r = run_cli("status", env=clean_env(ACTORGRAD_TOKEN="t", ACTORGRAD_ADDRESS="localhost"))
+    r = bad_address.result()
     assert (r.returncode, r.stderr.strip()) == (
         2,
         "actorgrad: error: ACTORGRAD_ADDRESS: expected HOST:PORT, not 'localhost'",
     )
-    # (read as host "fd00:", port 2: exit 1, "Name or service not known")
-    r = run_cli("worker", "--join", "fd00::2", "--name", "x", env=clean_env(ACTORGRAD_TOKEN="t"))
+    r = ipv6.result()
     assert r.returncode == 2, r.stderr
     assert "expected HOST:PORT (an IPv6 host in brackets: [fd00::1]:4000), not 'fd00::2'" in (
         r.stderr
     )
-    r = run_cli("run", "-n", "1")  # (ARGS was named as required too)
+    r = no_script.result()
     assert r.returncode == 2 and "required: SCRIPT\n" in r.stderr
-    r = run_cli("run")  # (-n went unnamed)
+    r = nothing.result()
     assert r.returncode == 2 and "required: -n, SCRIPT\n" in r.stderr
-    # a token file that is not there is the caller's mistake, as no token at all (was 1)
-    r = run_cli("status", "--address", "127.0.0.1:1", "--token-file", "/nonexistent/tok")
+    r = no_file.result()
     assert r.returncode == 2 and "token file /nonexistent/tok does not exist" in r.stderr
-    for bad in ("0", "-3", "nan", "inf", "soon"):  # (0 and -3 "timed out", nan a traceback)
-        r = run_cli("status", "--address", "127.0.0.1:1", "--timeout", bad)
+    for f in timeouts:
+        r = f.result()
         assert r.returncode == 2 and "--timeout" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -688,19 +721,27 @@ def test_every_token_file_that_gives_no_token_is_a_usage_error(tmp_path: Path) -
     empty.write_text(" \n")
     big = tmp_path / "big.tok"  # (/dev/zero filled the memory: a MemoryError traceback)
     big.write_text("x" * (64 * 1024 + 1))
-    for path, said in (
-        (empty, f"token file {empty} is empty"),
-        (big, f"token file {big} is not a token: it holds more than 64 KiB"),
-        (Path("/dev/zero"), "token file /dev/zero is not a token: it holds more than 64 KiB"),
-        (tmp_path, f"cannot read token file {tmp_path}: Is a directory"),
-        (tmp_path / "none", f"token file {tmp_path / 'none'} does not exist"),
-    ):
-        for cmd in (
-            ["status", "--address", "127.0.0.1:1"],
-            ["worker", "--join", "h:1", "--name", "x"],
-        ):
-            r = run_cli(*cmd, "--token-file", str(path))
-            assert (r.returncode, r.stderr.strip()) == (2, f"actorgrad: error: {said}"), cmd
+    with cli_runs() as run:
+        runs = [
+            (run(*cmd, "--token-file", str(path)), cmd, said)
+            for path, said in (
+                (empty, f"token file {empty} is empty"),
+                (big, f"token file {big} is not a token: it holds more than 64 KiB"),
+                (
+                    Path("/dev/zero"),
+                    "token file /dev/zero is not a token: it holds more than 64 KiB",
+                ),
+                (tmp_path, f"cannot read token file {tmp_path}: Is a directory"),
+                (tmp_path / "none", f"token file {tmp_path / 'none'} does not exist"),
+            )
+            for cmd in (
+                ["status", "--address", "127.0.0.1:1"],
+                ["worker", "--join", "h:1", "--name", "x"],
+            )
+        ]
+    for f, cmd, said in runs:
+        r = f.result()
+        assert (r.returncode, r.stderr.strip()) == (2, f"actorgrad: error: {said}"), cmd
 
 
 def test_a_token_file_that_is_a_named_pipe_is_waited_for_so_long(
