@@ -74,6 +74,7 @@ def cluster(mode: str = "inproc", n: int = 3):
 async def _share(c: ag.runtime.LocalCluster, n: int):
     """The shared cluster, as a cluster of its first ``n`` workers (the others are there:
     idle, checked as the rest after the test)."""
+    assert n <= len(c.names), f"the shared cluster has {len(c.names)} workers, not {n}"
     view = copy.copy(c)
     view.names = c.names[:n]
     yield view
