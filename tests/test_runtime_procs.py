@@ -1644,6 +1644,38 @@ def test_a_driver_run_as_a_module_of_a_package_finds_its_relative_imports_on_wor
     assert out.stdout.split() == ["11", "15", "3"]
 
 
+def _square_on_w1(script: Path, top: str, start: str) -> subprocess.CompletedProcess[str]:
+    """Run driver ``script``, written as: ``top`` at its top level, a function ``square``,
+    and a ``main`` that calls ``square`` on w1 of a cluster of one worker process
+    (printing "error", the type and the message of its RemoteError if it fails), then
+    ``operator.add`` there ("still serving 5"); ``start`` (its last lines) runs main.
+    The run must exit 0."""
+    script.write_text(
+        "import asyncio, operator\nimport actorgrad as ag\n\n"
+        + top
+        + textwrap.dedent(
+            """
+            def square(x):
+                return x * x
+
+            async def main():
+                async with ag.local_cluster(1, processes=True):
+                    try:
+                        await ag.rpc("w1", square, (7,))
+                    except ag.RemoteError as exc:
+                        print("error", exc.remote_type, str(exc).replace("\\n", " "), flush=True)
+                    print("still serving", await ag.rpc("w1", operator.add, (2, 3)), flush=True)
+
+            """
+        )
+        + start
+        + "\n"
+    )
+    out = run_driver(script)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 @pytest.mark.parametrize(
     "start",
     [
@@ -1662,34 +1694,7 @@ def test_a_main_script_that_starts_its_work_at_the_top_level_gets_told_why_it_fa
     # No `if __name__ == "__main__":` guard: the worker importing the script to find a
     # function runs its top level, which starts an event loop inside the worker's.
     script = tmp_path / "unguarded.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import asyncio, operator
-            import actorgrad as ag
-
-            def square(x):
-                return x * x
-
-            async def main():
-                async with ag.local_cluster(1, processes=True):
-                    try:
-                        await ag.rpc("w1", square, (7,))
-                    except ag.RemoteError as exc:
-                        print("error", exc.remote_type, str(exc).replace("\\n", " "), flush=True)
-                    print("still serving", await ag.rpc("w1", operator.add, (2, 3)), flush=True)
-
-            """
-        )
-        + start
-        + "\n"
-    )
-    env = dict(os.environ, PYTHONPATH=REPO)
-    env.pop("ACTORGRAD_ADDRESS", None)
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=45, env=env
-    )
-    assert out.returncode == 0, out.stderr
+    out = _square_on_w1(script, "", start)
     lines = out.stdout.splitlines()
     assert lines[-1] == "still serving 5", out.stdout
     (error,) = [line for line in lines if line.startswith("error ")]
@@ -1713,37 +1718,11 @@ def test_a_main_script_whose_import_fails_on_a_worker_names_the_module_and_what_
     # under another name than __main__, as a worker imports the script): the call fails
     # naming the script, the module and where the worker looked; the worker serves on.
     script = tmp_path / "needs_more.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import asyncio, operator
-            import actorgrad as ag
-
-            if __name__ != "__main__":
-                import actorgrad_missing_helper_module
-
-            def square(x):
-                return x * x
-
-            async def main():
-                async with ag.local_cluster(1, processes=True):
-                    try:
-                        await ag.rpc("w1", square, (7,))
-                    except ag.RemoteError as exc:
-                        print("error", exc.remote_type, str(exc).replace("\\n", " "), flush=True)
-                    print("still serving", await ag.rpc("w1", operator.add, (2, 3)), flush=True)
-
-            if __name__ == "__main__":
-                asyncio.run(main())
-            """
-        )
+    out = _square_on_w1(
+        script,
+        'if __name__ != "__main__":\n    import actorgrad_missing_helper_module\n',
+        'if __name__ == "__main__":\n    asyncio.run(main())',
     )
-    env = dict(os.environ, PYTHONPATH=REPO)
-    env.pop("ACTORGRAD_ADDRESS", None)
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=45, env=env
-    )
-    assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
         f"error RuntimeError RuntimeError on worker 'w1': importing the driver's script "
         f"{os.path.realpath(script)} here (to call one of its functions) failed: "
