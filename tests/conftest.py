@@ -54,11 +54,17 @@ for _sig in (signal.SIGHUP, signal.SIGTERM):
 os.environ.pop("ACTORGRAD_HEARTBEAT_TIMEOUT", None)
 
 
+def tests_importable(mp: pytest.MonkeyPatch) -> None:
+    """Through ``mp``: process workers started now import this directory's helper
+    modules (dist_fns), this directory first on their PYTHONPATH."""
+    path = os.environ.get("PYTHONPATH", "")
+    mp.setenv("PYTHONPATH", TESTS + (os.pathsep + path if path else ""))
+
+
 @pytest.fixture
 def worker_path(monkeypatch):
     """Process workers import this directory's helper modules (dist_fns)."""
-    path = os.environ.get("PYTHONPATH", "")
-    monkeypatch.setenv("PYTHONPATH", TESTS + (os.pathsep + path if path else ""))
+    tests_importable(monkeypatch)
 
 
 #: The heartbeat timeout of the tests that wait out a loss (a stopped process, a blocked

@@ -21,7 +21,7 @@ import dist_fns as F
 import numpy as np
 import pytest
 import pytest_asyncio
-from conftest import CALL_FAILED, TESTS, on_uvloop
+from conftest import CALL_FAILED, on_uvloop, tests_importable
 
 import actorgrad as ag
 from actorgrad.runtime import worker as rworker
@@ -91,8 +91,7 @@ class _ProcessCluster:
     async def get(self) -> ag.runtime.LocalCluster:
         if self.cluster is None:
             with pytest.MonkeyPatch.context() as mp:  # (as worker_path, for the start)
-                path = os.environ.get("PYTHONPATH", "")
-                mp.setenv("PYTHONPATH", TESTS + (os.pathsep + path if path else ""))
+                tests_importable(mp)
                 self.cluster = await self._stack.enter_async_context(
                     ag.local_cluster(3, processes=True)
                 )
