@@ -5514,5 +5514,4 @@ async def test_a_chain_and_a_fan_out_through_sixteen_workers_match_one_process(t
             assert loss.item() == pytest.approx(loss_ref, rel=1e-12)
             for got, want in zip(grads, grads_ref, strict=True):
                 np.testing.assert_allclose(got, want, rtol=1e-12)
-        await asyncio.gather(*(ag.rpc(w, F.wait_no_contexts, (10,)) for w in c.names))
         await assert_clean(c.names)
