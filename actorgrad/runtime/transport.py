@@ -34,11 +34,12 @@ length above ``max_frame_size`` is a ``ProtocolError`` and closes that connectio
 Sending: a connection's first small message since the process last read something
 (on any connection) or since its last flush is written at once (latency: a connection
 that only writes, such as a worker's own one to the driver carrying its answers to what
-came on the driver's, never reads), the following ones are coalesced (flushed with ``loop.call_soon``, or as
-soon as ``COALESCE_MAX`` bytes are waiting, so the peer can start on them), and replies
-produced while handling one read are flushed when that read has been handled;
-frames of ``BIG_FRAME`` bytes or more are written without concatenation (with one
-``writelines``, i.e. one ``writev``, when the transport does not join its arguments).
+came on the driver's, never reads), the following ones are coalesced (flushed with
+``loop.call_soon``, or as soon as ``COALESCE_MAX`` bytes are waiting, so the peer can
+start on them), and replies produced while handling one read are flushed when that
+read has been handled; frames of ``BIG_FRAME`` bytes or more are written without
+concatenation (with one ``writelines``, i.e. one ``writev``, when the transport does not
+join its arguments).
 The write-buffer high mark is 0, so :meth:`Connection.send` returns only once the
 transport has handed everything to the kernel (backpressure; the caller's arrays are
 no longer referenced).
