@@ -54,7 +54,7 @@ for _sig in (signal.SIGHUP, signal.SIGTERM):
 os.environ.pop("ACTORGRAD_HEARTBEAT_TIMEOUT", None)
 
 
-def tests_importable(mp: pytest.MonkeyPatch) -> None:
+def helpers_importable(mp: pytest.MonkeyPatch) -> None:
     """Through ``mp``: process workers started now import this directory's helper
     modules (dist_fns), this directory first on their PYTHONPATH."""
     path = os.environ.get("PYTHONPATH", "")
@@ -64,7 +64,7 @@ def tests_importable(mp: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def worker_path(monkeypatch):
     """Process workers import this directory's helper modules (dist_fns)."""
-    tests_importable(monkeypatch)
+    helpers_importable(monkeypatch)
 
 
 #: The heartbeat timeout of the tests that wait out a loss (a stopped process, a blocked

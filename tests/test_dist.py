@@ -21,7 +21,7 @@ import dist_fns as F
 import numpy as np
 import pytest
 import pytest_asyncio
-from conftest import CALL_FAILED, on_uvloop, tests_importable
+from conftest import CALL_FAILED, helpers_importable, on_uvloop
 
 import actorgrad as ag
 from actorgrad.runtime import worker as rworker
@@ -91,7 +91,7 @@ class _ProcessCluster:
     async def get(self) -> ag.runtime.LocalCluster:
         if self.cluster is None:
             with pytest.MonkeyPatch.context() as mp:  # (as worker_path, for the start)
-                tests_importable(mp)
+                helpers_importable(mp)
                 self.cluster = await self._stack.enter_async_context(
                     ag.local_cluster(3, processes=True)
                 )
