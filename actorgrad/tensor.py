@@ -148,7 +148,7 @@ class Tensor:
         t._accum = t._hooks = None
         return t
 
-    def __deepcopy__(self, memo: dict) -> Tensor:
+    def __deepcopy__(self, memo: dict[int, Any]) -> Tensor:
         """A leaf with copies of this one's data and grad (no hooks).
 
         >>> import copy
@@ -162,7 +162,7 @@ class Tensor:
         memo[id(self)] = t
         return t
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         _check_leaf_to_copy(self, "pickled")
         return (_rebuilt, (self._data, self.grad, self._rg))
 
@@ -621,8 +621,8 @@ class _HookHandle:
 
     __slots__ = ("_hooks", "_entry")
 
-    def __init__(self, hooks: list, entry: Callable) -> None:
-        self._hooks: list | None = hooks
+    def __init__(self, hooks: list[Any], entry: Callable[..., Any]) -> None:
+        self._hooks: list[Any] | None = hooks
         self._entry = entry
 
     def __repr__(self) -> str:
@@ -720,7 +720,7 @@ def _reduce(cls: type[Function], x: Tensor, axis: Any, keepdims: Any) -> Tensor:
     return _unary(cls, x, _axes(axis, x._data.ndim), keepdims)
 
 
-def _int_unary(node: Function, a: np.ndarray, params: tuple) -> Any:
+def _int_unary(node: Function, a: np.ndarray, params: tuple[Any, ...]) -> Any:
     """A unary op on a bool or integer array. A float op (``exp``, ``sigmoid``,
     ``softmax``...: ``_FLOAT_INPUT``) takes the array in float32, torch's default
     float, as torch does: numpy would compute bool, int8 and uint8 in float16 (e**20
@@ -1223,7 +1223,7 @@ class Add(Function):
         self.saved = (ma, mb) if ma or mb else None
         return out
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         saved, (na, nb) = self.saved, self.next
         if saved is None:
             return (g if na else None, g if nb else None)
@@ -1243,7 +1243,7 @@ class Sub(Function):
         self.saved = (ma, mb) if ma or mb else None
         return out
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         saved, (na, nb) = self.saved, self.next
         ma, mb = saved if saved is not None else (None, None)
         return (
@@ -1259,7 +1259,7 @@ class Mul(Function):
         self.saved = (a, b)
         return a * b
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         (a, b), (na, nb) = self.saved, self.next
         return (
             _fit(g * b, a.shape, a.dtype) if na else None,
@@ -1283,7 +1283,7 @@ class Div(Function):
         self.saved = (a, b, out)
         return out
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         (a, b, out), (na, nb) = self.saved, self.next
         if (type(b) is int and b) or (type(b) is float and 1.0 <= abs(b) < _INF):
             return (_fit(g / b, a.shape, a.dtype) if na else None, None)
@@ -1308,7 +1308,7 @@ class Pow(Function):
         self.saved = (a, b, out)
         return out
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         (a, b, out), (na, nb) = self.saved, self.next
         ga = gb = None
         if na:
@@ -1353,7 +1353,7 @@ class MatMul(Function):
                 "broadcastable)"
             ) from None
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         (a, b), (na, nb) = self.saved, self.next
         if a.ndim == 2 and b.ndim == 2:  # the common case, no reshaping needed
             return (
@@ -1382,7 +1382,7 @@ class Neg(Function):
         self.saved = ()  # nothing to keep, but release()/apply() look at it
         return -a
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         return (-g,)
 
 
@@ -1396,7 +1396,7 @@ class Exp(Function):
         self.saved = out
         return out
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         return (g * self.saved,)
 
 
@@ -1410,7 +1410,7 @@ class Log(Function):
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.log(a)
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             return (g / self.saved,)  # (inf at 0)
 
@@ -1425,7 +1425,7 @@ class Sqrt(Function):
         self.saved = out
         return out
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         with np.errstate(divide="ignore", invalid="ignore"):
             return (g / (2 * self.saved),)  # (inf at 0)
 
@@ -1437,7 +1437,7 @@ class Abs(Function):
         self.saved = a
         return np.abs(a)
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         s = np.sign(self.saved)
         if s.dtype.kind == "f" and np.isnan(s).any():
             s = np.nan_to_num(s, nan=0.0)  # (sign(nan) is 0 for the gradient, as torch)
@@ -1452,7 +1452,7 @@ class ReLU(Function):
         self.saved = out
         return out
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         # g where the output is positive, else 0: selected, not multiplied by a mask
         # (an inf g from sqrt(relu(x)) at x <= 0 gave inf * 0 = nan), and nan outputs
         # pass g on, as torch does
@@ -1468,7 +1468,7 @@ class Tanh(Function):
         self.saved = out
         return out
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         out = self.saved
         return (g * (1 - out * out),)
 
@@ -1487,7 +1487,7 @@ class Sigmoid(Function):
         self.saved = out
         return out
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         out = self.saved
         return (g * out * (1 - out),)
 
@@ -1513,7 +1513,7 @@ class Softmax(Function):
         self.saved = (out, axis)
         return out
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         out, axis = self.saved
         return (out * (g - (g * out).sum(axis=axis, keepdims=True)),)
 
@@ -1538,7 +1538,7 @@ class LogSoftmax(Function):
         self.saved = (out, axis)
         return out
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         out, axis = self.saved
         return (g - np.exp(out) * g.sum(axis=axis, keepdims=True),)
 
@@ -1610,7 +1610,7 @@ class Sum(Function):
         self.saved = (a.shape, axes, keepdims)
         return _sum(a, axes, keepdims)
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         shape, axes, keepdims = self.saved
         return (broadcast_view(_expand(g, axes, keepdims, len(shape)), shape),)
 
@@ -1630,7 +1630,7 @@ class Mean(Function):
             return a.mean(axis=axes, keepdims=keepdims, dtype=wide).astype(a.dtype)
         return a.mean(axis=axes, keepdims=keepdims)
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         shape, axes, keepdims, n = self.saved
         g = _expand(g, axes, keepdims, len(shape))
         return (broadcast_view(np.asarray(g / max(n, 1)), shape),)
@@ -1655,7 +1655,7 @@ class Max(Function):
             return m
         return m.reshape(()) if axes is None else np.squeeze(m, axes)
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         mask, axes, keepdims = self.saved
         g = _expand(g, axes, keepdims, mask.ndim)
         count = mask.sum(axis=axes, keepdims=True).astype(g.dtype)
@@ -1685,7 +1685,7 @@ class Reshape(Function):
                 f"into shape {short_repr(tuple(shape), 80)}"
             ) from None
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         return (np.reshape(g, self.saved),)
 
 
@@ -1700,7 +1700,7 @@ class Transpose(Function):
         self.saved = axes
         return a.transpose(axes)
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         axes = self.saved
         return (np.transpose(g) if axes is None else np.transpose(g, np.argsort(axes)),)
 
@@ -1712,7 +1712,7 @@ class Cast(Function):
         self.saved = a.dtype
         return a.astype(dtype)
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         return (g.astype(self.saved),)
 
 
@@ -1723,7 +1723,7 @@ class GetItem(Function):
         self.saved = (a.shape, a.dtype, index)
         return a[index]
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         shape, dtype, index = self.saved
         out = np.zeros(shape, dtype)
         if _is_basic(index):
@@ -1770,7 +1770,7 @@ class Cat(Function):
         except ValueError as exc:
             raise ValueError(_misfit("cat", arrays, axis, exc)) from None
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         metas, axis = self.saved
         offsets = np.cumsum([shape[axis] for shape, _ in metas])[:-1]
         parts = np.split(g, offsets, axis=axis)
@@ -1791,7 +1791,7 @@ class Stack(Function):
         except ValueError as exc:
             raise ValueError(_misfit("stack", arrays, None, exc)) from None
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         dtypes, axis = self.saved
         ax = axis % g.ndim
         lead = (slice(None),) * ax
@@ -1809,7 +1809,7 @@ class Where(Function):
         self.saved = (cond, _meta(a), _meta(b))
         return np.where(cond, a, b)
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         (cond, ma, mb), (na, nb) = self.saved, self.next
         zero = np.zeros((), g.dtype)
         return (

@@ -57,7 +57,7 @@ class Linear(Function):
             self.saved = (*self.saved[:3], out.shape)
         return summed
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         x, w, bmeta, product = self.saved
         nx, nw = self.next[0], self.next[1]
         gb = None
@@ -109,7 +109,7 @@ class CrossEntropy(Function):
         self.saved = (logp, targets)
         return -logp[rows, targets].mean()
 
-    def backward(self, g: Any) -> tuple:
+    def backward(self, g: Any) -> tuple[Any, ...]:
         logp, targets = self.saved
         n = logp.shape[0]
         grad = np.exp(logp)
