@@ -576,8 +576,14 @@ class GraphTask:
             deps[node] = -1
             self._ran += 1
             self._grads.pop(node, None)
-            if node in self._ready:
-                self._ready.remove(node)
+        if self._ready:
+            # One pass over the ready list, not a scan of it per node: the distributed
+            # backward skips two nodes per relay, and its origin's ready list holds
+            # every recv node no gradient reaches (10,000 relays beside 10,000 unused
+            # recvs took 2.4 s here, 100x the rest of the pass). (In place: ``run``
+            # holds the list.)
+            skipped = set(nodes)
+            self._ready[:] = [n for n in self._ready if n not in skipped]
         for node in nodes:  # (after marking them all: no edge between them counts)
             for nxt in node.next:
                 if nxt is None:
