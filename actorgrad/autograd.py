@@ -285,6 +285,46 @@ class Node:
         return f"<{self.name()} node>"
 
 
+class Scatter:
+    """A gradient that is zero but for ``values`` at ``index`` (``basic``: numpy basic
+    indexing, which names each element once) of an array of ``shape`` and ``dtype``:
+    what indexing gives its input. A node's ``apply`` may return one in place of an
+    array; ``GraphTask`` adds those for one node into one array, in place, where each
+    used to be a whole-size array of zeros added to the others (``x[t]`` for each of
+    the n rows of ``x``, as an RNN over time steps does, or ``split`` into n chunks:
+    n arrays of x's size made and summed, O(n^2); 100,000 chunks took 147 us each).
+    Nothing past the engine sees one: hooks, leaves and boundaries get the array."""
+
+    __slots__ = ("shape", "dtype", "index", "values", "basic")
+
+    def __init__(
+        self, shape: tuple[int, ...], dtype: np.dtype[Any], index: Any, values: Any, basic: bool
+    ) -> None:
+        self.shape, self.dtype, self.index, self.values, self.basic = (
+            shape,
+            dtype,
+            index,
+            values,
+            basic,
+        )
+
+    def dense(self) -> np.ndarray:
+        """A new array of zeros with the values in their place."""
+        out = np.zeros(self.shape, self.dtype)
+        if self.basic:
+            out[self.index] = self.values
+        else:
+            np.add.at(out, self.index, self.values)  # (repeated indices add up)
+        return out
+
+    def add_to(self, out: np.ndarray) -> None:
+        """Add the values into ``out`` at their place."""
+        if self.basic:
+            out[self.index] += self.values
+        else:
+            np.add.at(out, self.index, self.values)
+
+
 _FREED: Any = object()  # `Function.saved` after release()
 
 
@@ -458,6 +498,7 @@ class GraphTask:
         "_given",
         "_ran",
         "_total",
+        "_owned",
         "retain_graph",
         "leaf_sink",
         "on_boundary",
@@ -480,6 +521,9 @@ class GraphTask:
         self._delivered: set[Node] = set()
         self._given: set[int] = set()
         self._ran = 0
+        # The pending gradients this task made itself from Scatters (node -> array):
+        # nobody else holds them, so later Scatters to the node add into them in place.
+        self._owned: dict[Node, np.ndarray] = {}
 
         # Count consumer edges of every node reachable from roots and sources: one
         # iterative pass, so a 100k-deep chain needs no recursion. (The counts double
@@ -576,6 +620,7 @@ class GraphTask:
             deps[node] = -1
             self._ran += 1
             self._grads.pop(node, None)
+            self._owned.pop(node, None)
         if self._ready:
             # One pass over the ready list, not a scan of it per node: the distributed
             # backward skips two nodes per relay, and its origin's ready list holds
@@ -612,12 +657,15 @@ class GraphTask:
         deps = self._deps
         sources = self._sources
         delivered = self._delivered
+        owned = self._owned
         release = not self.retain_graph
         ran = 0
         try:
             while ready:
                 node = ready.pop()
                 grad = grads.pop(node, None)
+                if owned:  # (the array is the node's now: hooks may change it in place)
+                    owned.pop(node, None)
                 deps[node] = -1  # ran: marks it for `deliver`'s check
                 ran += 1
                 outs: Sequence[np.ndarray | None] | None = None
@@ -665,9 +713,12 @@ class GraphTask:
                         continue
                     if g is not None:
                         prev = get(nxt)
-                        # Never in place: the same array may have been handed to several
-                        # consumers (e.g. both inputs of an addition).
-                        grads[nxt] = g if prev is None else prev + g
+                        if type(g) is Scatter:
+                            grads[nxt] = self._scattered(nxt, prev, g)
+                        else:
+                            # Never in place: the same array may have been handed to
+                            # several consumers (e.g. both inputs of an addition).
+                            grads[nxt] = g if prev is None else prev + g
                     left = deps[nxt] - 1
                     deps[nxt] = left
                     if left == 0 and (not sources or nxt not in sources or nxt in delivered):
@@ -678,6 +729,22 @@ class GraphTask:
                     break
         finally:
             self._ran += ran
+
+    def _scattered(self, node: Node, prev: np.ndarray | None, g: Scatter) -> np.ndarray:
+        """``prev`` (the gradient pending for ``node``) plus ``g``: added in place into
+        an array this task made for ``node`` (one per node and pass, whatever the number
+        of Scatters), else into a new one, which it keeps for the next Scatter."""
+        owned = self._owned
+        if prev is None:
+            buf = g.dense()
+        elif owned.get(node) is prev:
+            g.add_to(prev)
+            return prev
+        else:  # (an array from elsewhere: copied, with the dtype ``prev + g`` has)
+            buf = np.asarray(prev).astype(np.result_type(prev.dtype, g.dtype))
+            g.add_to(buf)
+        owned[node] = buf
+        return buf
 
     def _accumulate(self, node: AccumulateGrad, grad: np.ndarray | None) -> None:
         t = node.tensor

@@ -29,7 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from actorgrad.autograd import Function, Node, grad_enabled, grad_node, no_grad, seed_grad
+from actorgrad.autograd import (
+    Function,
+    Node,
+    Scatter,
+    grad_enabled,
+    grad_node,
+    no_grad,
+    seed_grad,
+)
 from actorgrad.autograd import GraphTask as _GraphTask
 from actorgrad.errors import check_bool, check_retain_graph, short_repr
 
@@ -1725,12 +1733,8 @@ class GetItem(Function):
 
     def backward(self, g: Any) -> tuple[Any, ...]:
         shape, dtype, index = self.saved
-        out = np.zeros(shape, dtype)
-        if _is_basic(index):
-            out[index] = g
-        else:
-            np.add.at(out, index, g)  # repeated indices accumulate
-        return (out,)
+        # (zero but at the index: the engine adds all of a tensor's in one array)
+        return (Scatter(shape, dtype, index, g, _is_basic(index)),)
 
 
 def _misfit(fn: str, arrays: list[Any], axis: int | None, exc: ValueError) -> str:

@@ -852,3 +852,34 @@ def test_a_grad_mode_left_in_another_thread_than_it_was_entered_in_says_so():
     finally:
         mode.__exit__(None, None, None)
     assert is_grad_enabled()
+
+
+def test_two_passes_through_one_split_interleaved_keep_their_gradients_apart():
+    # Two passes over one graph, run in turns (as two contexts' distributed passes run
+    # on one event loop): the chunks' gradients of each pass add up in its own array.
+    # (A design that kept one array on the split's node, keyed by the running pass,
+    # lost the third chunk's gradient here: [1 1 2 2 0 0].)
+    x = ag.tensor(np.zeros(6), requires_grad=True)
+    chunks = ag.split(x * 1.0, 2)
+    got = {}
+
+    def task(name):
+        srcs = [Source([grad_node(c)]) for c in chunks]
+        sink = lambda t, g: got.__setitem__(name, g)  # noqa: E731
+        return srcs, GraphTask([], sources=srcs, retain_graph=True, leaf_sink=sink)
+
+    (a, task_a), (b, task_b) = task("a"), task("b")
+    one = np.ones(2)
+    task_a.deliver(a[0], one)
+    task_a.run()
+    task_b.deliver(b[0], one * 10.0)
+    task_b.run()
+    task_a.deliver(a[1], one * 2.0)
+    task_a.run()
+    task_a.deliver(a[2], one * 3.0)
+    task_a.run()
+    np.testing.assert_array_equal(got["a"], [1, 1, 2, 2, 3, 3])
+    for i in (1, 2):
+        task_b.deliver(b[i], one * 10.0 * (i + 1))
+    task_b.run()
+    np.testing.assert_array_equal(got["b"], [10, 10, 20, 20, 30, 30])

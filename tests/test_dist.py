@@ -210,6 +210,30 @@ async def test_one_hop(mode):
     np.testing.assert_allclose(gw, rw, rtol=1e-12)
 
 
+async def test_rows_sent_to_two_workers_add_up_in_one_gradient(mode):
+    # Each row's gradient comes back in a message of its own (each a run of the
+    # driver's part of the pass): the rows' gradients add up into one array of h's
+    # shape across those runs, with a fancy index's (repeated) and h's own.
+    xv, av, bv = arr(4, 3), arr(3), arr(3)
+    async with cluster(mode) as c:
+        await ag.rpc("w1", F.put, ("a", av))
+        await ag.rpc("w2", F.put, ("b", bv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            h = x * 1.5
+            loss = h[[0, 0, 2]].sum()
+            for i in range(4):
+                y = await ag.rpc(("w1", "w2")[i % 2], F.mul, ("ab"[i % 2], h[i]))
+                loss = loss + y.sum() * float(i + 1)
+            await ag.dist.backward(ctx, [loss])
+            gx = ag.dist.get_gradients(ctx)[x]
+        await assert_clean(c.names)
+    dh = np.stack([(i + 1) * (av, bv)[i % 2] for i in range(4)])
+    dh[0] += 2.0
+    dh[2] += 1.0
+    np.testing.assert_allclose(gx, 1.5 * dh, rtol=1e-14)
+
+
 async def test_two_hops_through_driver(mode):
     xv, av, bv = arr(5), arr(5), arr(5)
     async with cluster(mode) as c:
