@@ -300,13 +300,11 @@ class Scatter:
     def __init__(
         self, shape: tuple[int, ...], dtype: np.dtype[Any], index: Any, values: Any, basic: bool
     ) -> None:
-        self.shape, self.dtype, self.index, self.values, self.basic = (
-            shape,
-            dtype,
-            index,
-            values,
-            basic,
-        )
+        self.shape = shape
+        self.dtype = dtype
+        self.index = index
+        self.values = values
+        self.basic = basic
 
     def dense(self) -> np.ndarray:
         """A new array of zeros with the values in their place."""
@@ -741,7 +739,8 @@ class GraphTask:
             g.add_to(prev)
             return prev
         else:  # (an array from elsewhere: copied, with the dtype ``prev + g`` has)
-            buf = np.asarray(prev).astype(np.result_type(prev.dtype, g.dtype))
+            buf = np.empty(g.shape, np.result_type(prev, g.dtype))
+            buf[...] = prev
             g.add_to(buf)
         owned[node] = buf
         return buf
