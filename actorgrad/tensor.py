@@ -1452,6 +1452,24 @@ class Abs(Function):
         return (g * s,)
 
 
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}  # (float16, float32, float64)
+
+
+def _zeroed(g: Any, drop: np.ndarray) -> Any:
+    """``np.where(drop, 0, g)``, bit for bit, for a float ``g`` of ``drop``'s shape: as
+    a bitwise AND of ``g``'s bits with a mask, because np.where branches on every
+    element, ~4 ns each on a mask of mixed values (a ReLU's gradient over 1M float32
+    elements took 4.2 ms, torch's 0.68; the AND: 0.77). Selected, not multiplied by
+    the mask: an inf or nan ``g`` where ``drop`` is True gives 0, not nan."""
+    u = _UINT.get(g.dtype.itemsize) if type(g) is _ndarray and g.dtype.kind == "f" else None
+    if u is None or type(drop) is not _ndarray or g.shape != drop.shape:
+        return np.where(drop, 0, g)
+    mask = drop.astype(u)
+    mask -= 1  # True -> 0, False -> every bit set
+    np.bitwise_and(mask, g.view(u), out=mask)
+    return mask.view(g.dtype)
+
+
 class ReLU(Function):
     __slots__ = ()
 
@@ -1464,7 +1482,7 @@ class ReLU(Function):
         # g where the output is positive, else 0: selected, not multiplied by a mask
         # (an inf g from sqrt(relu(x)) at x <= 0 gave inf * 0 = nan), and nan outputs
         # pass g on, as torch does
-        return (np.where(self.saved <= 0, 0, g),)
+        return (_zeroed(g, self.saved <= 0),)
 
 
 class Tanh(Function):
@@ -1489,11 +1507,18 @@ class Sigmoid(Function):
         # exp of -|a| only: no overflow for large |a| (unlike 1/(1+exp(-a))), and for
         # a < 0 the value e/(1+e) keeps its relative precision where 0.5*(tanh+1) or
         # 1 - sigmoid(-a) would cancel to 0 (sigmoid(-20) = 2e-9, not 0 in float32).
-        e = np.exp(-np.abs(a))
-        d = 1 + e
-        out = np.where(a >= 0, 1 / d, e / d)
-        self.saved = out
-        return out
+        # In place, and the numerator (1 for a >= 0, else e) a maximum, not np.where:
+        # its branch per element cost ~4 ns on inputs of mixed signs (1M float32: 6.5
+        # ms, torch 0.4), and the whole-size temporaries came to 5.25x the input's size.
+        e = np.empty(a.shape, a.dtype)  # (an array also for a 0-d ``a``, to write into)
+        np.abs(a, out=e)
+        np.negative(e, out=e)
+        np.exp(e, out=e)  # e = exp(-|a|), in [0, 1]
+        d = e + 1
+        np.maximum(e, a >= 0, out=e)  # (nan stays nan)
+        e /= d
+        self.saved = e
+        return e
 
     def backward(self, g: Any) -> tuple[Any, ...]:
         out = self.saved
