@@ -1541,10 +1541,14 @@ class Softmax(Function):
             raise ValueError(_bad_axis("softmax", axis, a.ndim)) from None
         # (an inf or an all -inf row gives nan, as in torch: no warning)
         with np.errstate(invalid="ignore", divide="ignore"):
-            e = np.exp(a - m)  # shift: stable for huge logits
-            out = e / e.sum(axis=axis, keepdims=True)
-        self.saved = (out, axis)
-        return out
+            # One whole-size array, the shift, exp and division in place: as
+            # expressions they made three (4M float32 took 9.6 ms, now 6.6; torch 2.2).
+            # (``out=``: an array also for a 0-d ``a``)
+            e = np.subtract(a, m, out=np.empty(a.shape, a.dtype))  # shift: stable
+            np.exp(e, out=e)
+            e /= e.sum(axis=axis, keepdims=True)
+        self.saved = (e, axis)
+        return e
 
     def backward(self, g: Any) -> tuple[Any, ...]:
         out, axis = self.saved
@@ -1573,7 +1577,12 @@ class LogSoftmax(Function):
 
     def backward(self, g: Any) -> tuple[Any, ...]:
         out, axis = self.saved
-        return (g - np.exp(out) * g.sum(axis=axis, keepdims=True),)
+        # g - exp(out) * sum(g), in one new array: the expression made two (numpy
+        # reuses a temporary in place for ``T * s`` but not for ``g - T``)
+        t = np.exp(out, out=np.empty(out.shape, np.result_type(g, out)))
+        t *= g.sum(axis=axis, keepdims=True)
+        np.subtract(g, t, out=t)
+        return (t,)
 
 
 #: Elements summed per output from which a float32 or float16 reduction over axes

@@ -283,6 +283,26 @@ def test_sigmoid_and_relu_select_without_np_where(monkeypatch, dtype):
     assert peak < 3 * big.data.nbytes, peak / big.data.nbytes
 
 
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_softmax_forward_and_log_softmax_backward_make_one_whole_size_array(axis):
+    # Softmax's forward made three arrays of the input's size (a - m, its exp, the
+    # quotient), two alive at once; log_softmax's backward two (exp(out) and g - it).
+    x = ag.tensor(np.random.default_rng(0).standard_normal((400, 500)), requires_grad=True)
+    n = x.data.nbytes
+    box = []
+    peak = _peak_bytes(lambda: box.append(x.softmax(axis)))
+    assert peak < 1.5 * n, peak / n  # (the result)
+    ref = np.exp(x.data - x.data.max(axis, keepdims=True))
+    np.testing.assert_allclose(box[0].data, ref / ref.sum(axis, keepdims=True), rtol=1e-14)
+    y = x.log_softmax(axis)
+    g = np.random.default_rng(1).standard_normal(x.shape)
+    peak = _peak_bytes(lambda: y.backward(g))
+    assert peak < 2.5 * n, peak / n  # (backward's copy of g, and the gradient)
+    np.testing.assert_allclose(
+        x.grad, g - np.exp(y.data) * g.sum(axis, keepdims=True), rtol=1e-12, atol=1e-14
+    )
+
+
 @pytest.mark.parametrize("dtype", ["int64", "uint8", "bool", "float32"])
 def test_mean_of_nothing_is_nan_in_the_dtype_of_a_mean(dtype):
     # an empty integer mean was nan cast to int64 (-9223372036854775808, with a warning)
