@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 import weakref
 
@@ -578,6 +579,42 @@ def test_indexing_gradients_mixed_with_others_in_any_order():
     (g[0] + (g.astype(np.float64) * 0.25).sum() + g[1] * 3.0).backward()
     assert f.grad.dtype == np.float32
     np.testing.assert_array_equal(f.grad, [1.25, 3.25])
+
+
+def test_rows_picked_by_ids_add_up_as_numpys_add_at_does(monkeypatch):
+    # Rows picked by an integer array (an embedding's ids) add their gradients through
+    # flat indices of the rows' elements, in chunks: numpy's add.at takes a slow path
+    # for rows (51,200 ids of 64 floats: 23 ms, flat 8). Same sums, same order.
+    from actorgrad import autograd
+
+    ndims = []
+
+    class Recording:  # (np, with add.at noting the ndim of the array it adds into)
+        add = types.SimpleNamespace(at=lambda out, *a: (ndims.append(out.ndim), np.add.at(out, *a)))
+
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+    monkeypatch.setattr(autograd, "np", Recording())
+    monkeypatch.setattr(autograd, "_FLAT_CHUNK", 8)  # (several chunks)
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        table = rng.standard_normal((7, 2, 3)).astype(dtype)
+        for ids in (
+            rng.integers(-7, 7, 13),  # (negative ids count from the end)
+            rng.integers(0, 7, (3, 4)).astype(np.uint8),
+            np.array([1, 1, 1]),
+        ):
+            w = ag.tensor(table, requires_grad=True)
+            g = rng.standard_normal((*ids.shape, 2, 3))
+            (w[ids] * ag.tensor(g)).sum().backward()
+            want = np.zeros(table.shape, dtype)
+            np.add.at(want, ids, g.astype(dtype))
+            np.testing.assert_array_equal(w.grad, want)
+    e = ag.nn.Embedding(5, 4, seed=0)
+    e([[0, 4, 4], [4, 1, 0]]).sum().backward()
+    np.testing.assert_array_equal(e.weight.grad[:, 0], [2, 1, 0, 0, 3])
+    assert ndims and set(ndims) == {1}  # (never into the rows themselves)
 
 
 def test_split_gradients_of_some_chunks_of_repeated_and_failed_passes():
