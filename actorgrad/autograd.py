@@ -272,7 +272,7 @@ class Node:
     def pre_hooks(self, hooks: list[Hook]) -> None:
         self._hooks = hooks
 
-    def apply(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
+    def apply(self, grad: np.ndarray) -> tuple[np.ndarray | Scatter | None, ...]:
         raise NotImplementedError(f"{type(self).__name__}.apply")
 
     def release(self) -> None:
@@ -370,7 +370,7 @@ class Function(Node):
         super().__init__(next)
         self.saved: Any = ()
 
-    def apply(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
+    def apply(self, grad: np.ndarray) -> tuple[np.ndarray | Scatter | None, ...]:
         if self.saved is _FREED:
             raise RuntimeError(
                 f"{self.name()}: trying to backward through the graph a second time; its "
@@ -385,7 +385,7 @@ class Function(Node):
         """Compute the op on numpy arrays; keep what backward needs in ``self.saved``."""
         raise NotImplementedError(f"{type(self).__name__}.forward")
 
-    def backward(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
+    def backward(self, grad: np.ndarray) -> tuple[np.ndarray | Scatter | None, ...]:
         """One gradient per entry of ``self.next`` (None where ``next`` is None)."""
         raise NotImplementedError(f"{type(self).__name__}.backward")
 
@@ -697,7 +697,7 @@ class GraphTask:
                     owned.pop(node, None)
                 deps[node] = -1  # ran: marks it for `deliver`'s check
                 ran += 1
-                outs: Sequence[np.ndarray | None] | None = None
+                outs: Sequence[np.ndarray | Scatter | None] | None = None
                 try:
                     if grad is not None and node._hooks:
                         if type(grad) is not np.ndarray:  # (0-d ops give numpy scalars)
@@ -742,7 +742,7 @@ class GraphTask:
                         continue
                     if g is not None:
                         prev = get(nxt)
-                        if type(g) is Scatter:
+                        if isinstance(g, Scatter):
                             grads[nxt] = self._scattered(nxt, prev, g)
                         else:
                             # Never in place: the same array may have been handed to
