@@ -1772,6 +1772,23 @@ async def test_a_forced_shutdown_ends_a_graceful_one_waiting_for_calls(cluster):
     assert await ag.rpc("w1", add, (1, 2)) == 3  # (the others serve on)
 
 
+@pytest.mark.parametrize("graceful", [True, False])
+async def test_a_call_still_connecting_when_its_worker_shuts_down_fails_with_worker_lost(
+    cluster, graceful
+):
+    # The call's task, not cancelled by anyone, waits for the worker's connecting task,
+    # which the shutdown cancels: it got that CancelledError, a cancellation of a task
+    # nobody cancelled (a TaskGroup or asyncio.run took the task for cancelled).
+    call = asyncio.ensure_future(ag.rpc("w1", add, (1, 2)))
+    async with asyncio.timeout(10):
+        while not cluster.driver._connecting:  # noqa: ASYNC110 (it connects from the next turn on)
+            await asyncio.sleep(0)
+    await ag.shutdown(graceful=graceful)
+    with pytest.raises(ag.WorkerLost, match="worker 'driver' shut down"):
+        await asyncio.wait_for(call, 5)
+    assert not call.cancelled()
+
+
 async def test_wildcard_bind_with_token_advertises_a_reachable_address():
     w = await ag.init("open", host="0.0.0.0", token="secret-token-of-a-test")
     try:

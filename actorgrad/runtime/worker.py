@@ -1320,6 +1320,14 @@ class Worker:
             # task still in it, each call to a lost worker left a reference cycle)
             del task
             raise one_each(exc) from exc.__cause__
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                # (the shutdown cancelled the connecting task, the worker's own: its
+                # CancelledError ended a caller nobody cancelled, and a TaskGroup or
+                # asyncio.run took that caller for cancelled)
+                raise WorkerLost(f"worker {self.name!r} shut down") from None
+            raise
 
     async def _connect_peer(self, dest: str) -> Connection:
         entry = self.members.get(dest)
