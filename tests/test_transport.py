@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import weakref
@@ -396,6 +397,58 @@ async def test_a_peer_that_closes_before_its_hello_is_lost_not_a_wrong_token():
         await w.shutdown()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_handshake_cut_by_its_own_workers_shutdown_is_that_shutdown_not_a_refusal():
+    # The worker's shutdown closes its connections still in their handshake: that was
+    # "handshake with ... refused: connection closed by the peer (a wrong cluster
+    # token, ...)", an AuthError, to a call whose own worker had shut down.
+    from actorgrad.runtime import Worker
+
+    mac_came = asyncio.Event()
+    done = asyncio.Event()
+
+    async def hello_then_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        writer.write(transport._HELLO.pack(transport.MAGIC, transport.PROTOCOL_VERSION, b"n" * 32))
+        # (the client's hello, then its MAC: it sent that once it had ours)
+        await reader.readexactly(transport._HELLO.size + transport._MAC_LEN)
+        mac_came.set()
+        await done.wait()
+        writer.close()
+
+    server = await asyncio.start_server(hello_then_nothing, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    w = Worker("x", token="t")
+    try:
+        opening = asyncio.ensure_future(w.open_connection(f"127.0.0.1:{port}"))
+        await asyncio.wait_for(mac_came.wait(), 5)
+        await w.shutdown()
+        with pytest.raises(ag.WorkerLost, match="^worker 'x' shut down$"):
+            await asyncio.wait_for(opening, 5)
+    finally:
+        done.set()
+        await w.shutdown()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_worker_shutting_down_with_a_connection_in_its_handshake_logs_no_error(caplog):
+    # The accepting side of the above: its handshake, cut by its worker's shutdown, is a
+    # connection that went (the accept ignores it), not "task ... failed" in the log.
+    from actorgrad.runtime import Worker
+
+    w = Worker("x", token="t")
+    await w.start()
+    host, port = transport.split_address(w.address)
+    _, writer = await asyncio.open_connection(host, int(port))
+    try:
+        async with asyncio.timeout(5):
+            while not any(c._handshaking and c.transport for c in w._conns):  # noqa: ASYNC110 (accepted from the next turns on)
+                await asyncio.sleep(0)
+        await w.shutdown()
+    finally:
+        writer.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_nobody_listening_is_worker_lost():

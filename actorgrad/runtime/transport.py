@@ -1703,6 +1703,12 @@ async def handshake(
         ) from None
     except (ConnectionError, OSError) as exc:
         conn.abort(exc)
+        if not server and isinstance(conn.close_reason, WorkerLost):
+            # (closed on our side, by this end's worker shutting down: not the peer
+            # closing it, as said below; its "wrong cluster token" sent a caller whose
+            # own worker shut down looking for a token problem. A server's accept takes
+            # the AuthError below as a connection that went: nobody waits on it)
+            raise WorkerLost(str(conn.close_reason)) from exc
         if not magic_ok and (junk := _foreign(conn)):
             raise AuthError(
                 f"{where}: not an actorgrad peer (it sent {junk!r}... and closed the connection)"
