@@ -1706,6 +1706,23 @@ async def test_leaving_local_cluster_on_error_shuts_everything_down():
         ag.worker_name()
 
 
+async def test_leaving_a_local_cluster_keeps_a_worker_initialized_after_its_driver_shut_down():
+    # ag.shutdown() in the block shuts the driver down; an ag.init() after it makes this
+    # process's worker anew. Leaving the block put back the worker from before the
+    # cluster (none): the new one ran on, unreachable through the API (worker_name()
+    # said "not initialized"), and a second init started a third beside it.
+    async with ag.local_cluster(1):
+        await ag.shutdown()
+        me = await ag.init("again")
+    try:
+        assert ag.worker_name() == "again" and not me.closed
+        with pytest.raises(RuntimeError, match="already initialized as worker 'again'"):
+            await ag.init("third")
+    finally:
+        await ag.shutdown()
+    assert me.closed
+
+
 async def test_cancelled_inside_local_cluster_still_shuts_everything_down():
     inside = asyncio.Event()
     holder = {}

@@ -583,7 +583,11 @@ async def local_cluster(
                 stop_all(cluster.driver, cluster.workers, cluster.procs, _stuck, graceful=graceful)
             )
         finally:  # (also when a shutdown failed: this process is no worker any more)
-            _w.set_process_worker(old)
+            if _w._process_worker is head:
+                # (only the cluster's own: after an ag.shutdown() of the driver in the
+                # block, an ag.init() there made this process's worker anew, and putting
+                # the old one back left that one running, unreachable through the API)
+                _w.set_process_worker(old)
 
 
 def _stuck(names: list[str], grace: float) -> None:
