@@ -760,6 +760,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 env=env,
                 preexec_fn=_own_group_ending_with_us(terminal),  # noqa: PLW1509
             )
+            if signals:
+                # (one came while the script was being started: on_signal, with no
+                # script yet, stopped the cluster; the script, started all the same and
+                # not told, failed to join it, and run exited with its status, not the
+                # signal's)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, last)
             guard = await _guard_group(proc.pid)
             if terminal is not None:  # (the child took it already: see there)
                 _set_foreground(terminal, proc.pid)
@@ -794,6 +801,11 @@ async def cmd_run(args: argparse.Namespace) -> int:
                     await asyncio.wait_for(asyncio.shield(serving), 30)
                 except TimeoutError:
                     serving.cancel()
+                except asyncio.CancelledError:
+                    # (the cluster's, cancelled by on_signal while it was starting, is
+                    # no cancellation of ours: the script's status is still to return)
+                    if not serving.cancelled():
+                        raise
             if serving.done() and not serving.cancelled():
                 exc = serving.exception()
                 if exc is not None and proc is not None:

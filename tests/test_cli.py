@@ -1626,6 +1626,44 @@ def test_run_forwards_ctrl_c_to_the_script_then_stops_the_cluster(tmp_path: Path
         r.stop()
 
 
+#: run, with a SIGINT to itself as it starts its script (a Ctrl-C at that moment)
+SIGINT_AT_SPAWN = """
+import asyncio, os, signal
+spawn = asyncio.create_subprocess_exec
+async def sigint_then_spawn(*args, **kwargs):
+    asyncio.create_subprocess_exec = spawn
+    os.kill(os.getpid(), signal.SIGINT)
+    return await spawn(*args, **kwargs)
+asyncio.create_subprocess_exec = sigint_then_spawn
+"""
+
+JOIN_SCRIPT = """
+import asyncio
+import actorgrad as ag
+asyncio.run(ag.init("driver"))
+print("joined", flush=True)
+"""
+
+
+@needs_runtime
+def test_a_ctrl_c_to_run_while_it_starts_its_script_reaches_the_script(tmp_path: Path) -> None:
+    # The signal came with no script yet: run stopped the cluster, then started the
+    # script all the same, without the signal; the script failed to join ("Connection
+    # refused") and run exited with its status 1, not 130.
+    script = tmp_path / "join.py"
+    script.write_text(JOIN_SCRIPT)
+    program = patched_cli(f"exec({SIGINT_AT_SPAWN!r})")
+    r = Running("run", "-n", "1", str(script), program=program)
+    try:
+        assert r.wait() == 130, r.proc.stderr.read() if r.proc.stderr else ""
+        out = []
+        while (line := r.lines.get(timeout=10)) is not None:
+            out.append(line)
+        assert "joined" not in out
+    finally:
+        r.stop()
+
+
 SPAWNING_SCRIPT = """
 import subprocess, sys, time
 
