@@ -234,6 +234,26 @@ async def test_rows_sent_to_two_workers_add_up_in_one_gradient(mode):
     np.testing.assert_allclose(gx, 1.5 * dh, rtol=1e-14)
 
 
+async def test_a_worker_that_closes_stops_its_watch_timer():
+    # The timer that checks the peers a pass watches found the worker closed and
+    # stopped, but held the worker and its state until it fired (41 closed workers
+    # alive right after 200 in-process clusters in a row).
+    from actorgrad.dist.context import state_of
+
+    async with ag.local_cluster(2) as c:
+        await ag.rpc("w1", F.put, ("a", arr(3)))
+        await ag.rpc("w2", F.put, ("b", arr(3)))
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            # (driver -> w1 -> w2: w2 sends its gradient to w1, not the origin, and
+            # watches w1)
+            y = await ag.rpc("w1", F.mul_then_forward, ("a", "w2", "b", x))
+            await ag.dist.backward(ctx, [y.sum()])
+        states = [state_of(w) for w in (c.driver, *c.workers)]
+        assert states[2]._watch_timer is not None
+    assert [st._watch_timer for st in states] == [None, None, None]
+
+
 async def test_two_hops_through_driver(mode):
     xv, av, bv = arr(5), arr(5), arr(5)
     async with cluster(mode) as c:

@@ -756,6 +756,11 @@ def _on_closing(st: DistState) -> None:
     # now (it waited for good: the driver leaving local_cluster during a backward).
     for run in list(st.runs.values()):
         run.fail(WorkerLost(f"worker {st.worker.name!r} shut down during the backward pass"))
+    if st._watch_timer is not None:
+        # (it would find the worker closed and stop, but held the worker and its state
+        # until then: 41 closed workers were alive after 200 in-process clusters in a row)
+        st._watch_timer.cancel()
+        st._watch_timer = None
 
 
 def _reclaim(
