@@ -2161,6 +2161,46 @@ async def test_the_connections_of_a_replaced_process_close_as_no_news_of_the_new
 
 
 @pytest.mark.parametrize("kind", ["inproc", "tcp"])
+async def test_a_replaced_process_is_told_from_the_new_one_after_the_ids_wrapped(kind):
+    # Cluster ids wrap around after 65,534 joins: the process that joins under a name
+    # can get a smaller id than the one it replaces. A hello's id was taken for older
+    # when smaller: the replaced w2, back from a hang, connected to w1 again and its
+    # call was answered under the name (its late frames taken for the new w2's), and
+    # the new w2 was refused by a peer whose view still named the old one.
+    from actorgrad.runtime.registry import MAX_ID
+
+    async with ag.local_cluster(["w1"], transport=kind) as c:
+        head, w1 = c.driver, c.workers[0]
+        head.registry._next_id = MAX_ID - 1  # (the last id: the next join wraps)
+        old = Worker("w2", token=head.token, transport_kind=kind)
+        c.workers.append(old)  # (shut down with the cluster)
+        await old.start()
+        await old.join(head.address)
+        assert old.id == MAX_ID - 1
+        new, _ = await _replace_in_process(c)
+        try:
+            assert new.id < old.id
+            # (w1 closed the old w2's connections when the new one joined: the old one
+            # calls over a new connection, once it saw them close)
+            async with asyncio.timeout(5):
+                while any(cn.peer_name == "w1" and not cn.closed for cn in old._conns):  # noqa: ASYNC110
+                    await asyncio.sleep(0)
+            with pytest.raises(ag.WorkerLost, match="before it was replaced"):
+                await old.call("w1", add, (1, 1))
+            assert await w1.call("w2", worker_id) == new.id
+            # a peer whose view is behind (w3 still names the old w2) takes the new
+            # w2's hello: its id is newer, wrapped
+            w3 = Worker("w3", token=head.token, transport_kind=kind)
+            c.workers.append(w3)
+            await w3.start()
+            await w3.join(head.address)
+            w3.members["w2"] = (old.id, *w3.members["w2"][1:])
+            assert await new.call("w3", add, (2, 2)) == 4
+        finally:
+            await new.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["inproc", "tcp"])
 async def test_rref_counts_of_a_new_process_survive_the_owners_late_news_of_the_old(kind):
     # The owner w1 hears that the old w2 is gone only after the new w2 got an RRef of
     # its (the registry's update was late): counts kept per name went all together,

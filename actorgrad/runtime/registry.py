@@ -31,6 +31,15 @@ LOCAL_ID_BITS = 48
 MAX_NAME = 255
 
 
+def issued_before(a: int, b: int) -> bool:
+    """Whether the registry issued cluster id ``a`` before ``b`` (both in [1, MAX_ID)).
+    Ids are issued in turn and wrap around after MAX_ID - 1 (the head's 1 skipped as
+    used): after 65,534 joins a process can get a smaller id than one it replaces, so
+    "smaller" alone took the new for the old and the old for the new. Read in serial
+    number arithmetic (RFC 1982): the half of the cycle behind ``b`` is older."""
+    return 0 < (b - a) % (MAX_ID - 1) < (MAX_ID - 1) // 2
+
+
 def valid_name(name: Any) -> bool:
     """Whether ``name`` can name a worker on the wire: a str of 1 to MAX_NAME printable
     characters without whitespace (names go into log lines and the CLI's output)."""

@@ -124,7 +124,7 @@ from actorgrad.errors import (
 from actorgrad.runtime import calls, rref, transport
 from actorgrad.runtime.pool import CallPool
 from actorgrad.runtime.procs import env_address, open_files_count, open_files_limit
-from actorgrad.runtime.registry import MAX_ID, valid_name
+from actorgrad.runtime.registry import MAX_ID, issued_before, valid_name
 from actorgrad.runtime.transport import Connection
 
 log = logging.getLogger("actorgrad.runtime")
@@ -1884,10 +1884,11 @@ class Worker:
                         f"a second hello ({name!r:.80}) on the connection with {conn.peer_name!r}"
                     )
                 member = self.members.get(name)
-                if member is not None and 0 < wid < member[0]:
-                    # (ids grow with each join: an older one is a process another
-                    # replaced under that name, hung meanwhile; what it sends now, a
-                    # late RRef release say, would be taken for the new one's)
+                if member is not None and 0 < wid and issued_before(wid, member[0]):
+                    # (ids grow with each join, wrapping around: an older one is a
+                    # process another replaced under that name, hung meanwhile; what it
+                    # sends now, a late RRef release say, would be taken for the new
+                    # one's. A newer one is a process joined since, our view behind)
                     raise ProtocolError(
                         f"hello from a process that worker {name!r} was before it "
                         f"was replaced (cluster id {wid}, now {member[0]})"
