@@ -254,6 +254,30 @@ async def test_a_worker_that_closes_stops_its_watch_timer():
     assert [st._watch_timer for st in states] == [None, None, None]
 
 
+async def test_a_worker_shutting_down_does_not_warn_that_its_reports_cannot_go(caplog):
+    # A whole in-process cluster stopped during a pass logged ~12 warnings "cannot
+    # report to its origin ...: the origin's backward waits for it", each from a worker
+    # that was shutting down itself: the origin hears it left, and does not wait.
+    from actorgrad.dist.backward import T_CREDIT, _no_way_to_origin
+    from actorgrad.dist.context import state_of
+
+    caplog.set_level(logging.WARNING, "actorgrad")
+    async with ag.local_cluster(1) as c:
+        (w1,) = c.workers
+        async with ag.dist.context() as ctx:
+            await ag.rpc("w1", F.put, ("w", arr(3)))
+            await ag.rpc("w1", F.mul, ("w", ag.tensor(arr(3), requires_grad=True)))
+            _no_way_to_origin(state_of(w1), "driver", T_CREDIT, (ctx, 1), "test")
+            assert caplog.text.count("cannot report to its origin") == 1  # (as before)
+            closing = asyncio.ensure_future(w1.shutdown())
+            async with asyncio.timeout(5):
+                while not w1.closing:  # noqa: ASYNC110 (it starts on the next turn)
+                    await asyncio.sleep(0)
+            _no_way_to_origin(state_of(w1), "driver", T_CREDIT, (ctx, 1), "test")
+            await closing
+    assert caplog.text.count("cannot report to its origin") == 1
+
+
 async def test_two_hops_through_driver(mode):
     xv, av, bv = arr(5), arr(5), arr(5)
     async with cluster(mode) as c:

@@ -753,13 +753,16 @@ def _no_way_to_origin(
 ) -> None:
     """Say that a report could not reach the origin, which waits for it — unless the
     pass is over here anyway (aborted here; the context released here; a credit of a
-    pass whose part failed here, or without the context), or the origin is gone. (A
-    failure report without the context, never released here, is said.)"""
+    pass whose part failed here, or without the context), the origin is gone, or this
+    worker is shutting down (the origin hears that it left: its pass fails with
+    WorkerLost, it does not wait). (A failure report without the context, never
+    released here, is said.)"""
     w = st.worker
     ctx_id, pass_id = args[0], args[1]
     ctx = st.contexts.get(ctx_id)
     if (
-        (ctx is None and (topic == T_CREDIT or st.released_here(ctx_id)))
+        w.closing
+        or (ctx is None and (topic == T_CREDIT or st.released_here(ctx_id)))
         or (ctx is not None and ctx.is_aborted(pass_id))
         or (ctx is not None and topic == T_CREDIT and ctx.failed == pass_id)
         or origin not in w.members
