@@ -195,10 +195,10 @@ class WireHooks(Protocol):
     def tensor_in(self, array: np.ndarray, requires_grad: bool, link: Any) -> Any:
         """Build the Tensor for a received array."""
 
-    def ref_out(self, ref: WireRef) -> list:
+    def ref_out(self, ref: WireRef) -> list[Any]:
         """Payload (msgpack-able) for an RRef."""
 
-    def ref_in(self, payload: list) -> Any:
+    def ref_in(self, payload: list[Any]) -> Any:
         """Rebuild an RRef from its payload."""
 
     def check_nbytes(self, nbytes: int) -> None:
@@ -404,7 +404,7 @@ class _Encoder:
         return packers[depth]
 
     def encode(
-        self, header: list, body: Any, hooks: Any, where: str | tuple[str, ...] = "body"
+        self, header: list[Any], body: Any, hooks: Any, where: str | tuple[str, ...] = "body"
     ) -> list[bytes | memoryview]:
         if type(header) is not list and not isinstance(header, (list, tuple)):
             raise TypeError(f"frame header must be a list, not {_type_name(type(header))}")
@@ -507,7 +507,7 @@ class _Encoder:
         return _new_ext(code, data)
 
 
-def _levels(value: list, limit: int) -> int:
+def _levels(value: list[Any], limit: int) -> int:
     """How deep lists and dicts nest in ``value`` (itself a level; tuples in it not
     looked into: they count when packed), or more than ``limit`` once past it (a
     cycle too). Iterative: the value may be deeper than Python's recursion limit."""
@@ -592,12 +592,12 @@ def _header_default(obj: Any) -> Any:
     raise _Unsendable(obj, f"cannot send header value of type {_type_name(type(obj))!r}")
 
 
-def _enc_tuple_subclass(enc: _Encoder, obj: tuple) -> msgpack.ExtType:
+def _enc_tuple_subclass(enc: _Encoder, obj: tuple[Any, ...]) -> msgpack.ExtType:
     # (its items as the tuple holds them: list(obj) would call a subclass's __iter__)
     return enc.nested(EXT_TUPLE, list(tuple.__iter__(obj)))
 
 
-def _array_payload(enc: _Encoder, arr: np.ndarray) -> list:
+def _array_payload(enc: _Encoder, arr: np.ndarray) -> list[Any]:
     """``[dtype.str, shape, data]``: data is the raw bytes (inline) or a buffer index."""
     dstr = _dtype_str(arr, arr.dtype)
     if arr.ndim > MAX_NDIM:
@@ -846,7 +846,7 @@ _local = threading.local()
 
 
 def encode_frame(
-    header: list, body: Any, hooks: object | None = None, where: str | tuple[str, ...] = "body"
+    header: list[Any], body: Any, hooks: object | None = None, where: str | tuple[str, ...] = "body"
 ) -> list[bytes | memoryview]:
     """Encode one frame; returns chunks whose concatenation is the frame.
 
@@ -954,7 +954,7 @@ class Frame:
 
     def __init__(
         self,
-        header: list,
+        header: list[Any],
         mv: memoryview,
         body: memoryview,
         buffers: list[memoryview],
@@ -1081,7 +1081,7 @@ def _reject_timestamps(value: Any) -> None:
                 stack.append(item)
 
 
-def _unpack_payload(data: bytes, what: str, length: int, ext_hook: Any = None) -> list:
+def _unpack_payload(data: bytes, what: str, length: int, ext_hook: Any = None) -> list[Any]:
     if ext_hook is None:
         value = msgpack.unpackb(data, raw=False, use_list=True)
     else:

@@ -60,7 +60,7 @@ STAGE_TIMEOUT = 300.0
 STAGE_MEMORY = 256
 
 
-def _class_spec(cls: Any) -> str | list:
+def _class_spec(cls: Any) -> str | list[Any]:
     """The wire name of ``optimizer_class`` (as the runtime names a function it calls:
     a class of the driver's script travels with the script's path)."""
     if not isinstance(cls, type) or not issubclass(cls, Optimizer):
@@ -87,7 +87,7 @@ def _class_spec(cls: Any) -> str | list:
 
 
 async def _local_optimizer(
-    class_spec: str | list, params: list[RRef], options: dict[str, Any], indices: list[int]
+    class_spec: str | list[Any], params: list[RRef], options: dict[str, Any], indices: list[int]
 ) -> _LocalOptimizer:
     """An owner's local optimizer (async: the class is resolved on the worker's loop,
     where the runtime resolves the functions it calls; by a plain "module:Class" import,

@@ -123,7 +123,7 @@ def _module_name_of(script: str) -> str | None:
     return _main_name() if script == _main_path() else _module_names.get(script)
 
 
-def _main_spec(name: str, path: str) -> list:
+def _main_spec(name: str, path: str) -> list[Any]:
     """The wire name of ``name``, a function of driver script ``path``
     ("__main__:qualname") or of a module beside it ("module:qualname")."""
     spec = [name, path, _session_of(path)]
@@ -152,7 +152,7 @@ _module_names: dict[str, str] = {}
 _homes: dict[str, str] = {}
 
 
-def fn_spec(fn: Any) -> str | list:
+def fn_spec(fn: Any) -> str | list[Any]:
     """The wire name of ``fn``. Raises TypeError for anything that cannot be imported by
     name on another worker (lambdas, closures, nested functions, bound methods...),
     ValueError for a name that does not look like ``module:qualname``."""
@@ -237,7 +237,7 @@ def fn_spec(fn: Any) -> str | list:
             "found by name on another worker; use a module-level function or class"
         )
     _check_named(fn)
-    spec: str | list
+    spec: str | list[Any]
     if mod == "__main__" and _interactive(fn):
         spec = _interactive_spec(fn, qual)
     elif mod in ("__main__", MAIN_ALIAS):
@@ -268,7 +268,7 @@ def fn_spec(fn: Any) -> str | list:
     return spec
 
 
-def _interactive_spec(fn: Any, qual: str) -> list:
+def _interactive_spec(fn: Any, qual: str) -> list[Any]:
     """The wire name of ``fn``, defined interactively (a prompt's, a notebook cell's):
     no file holds it, so only this process's own workers can run it; the name says
     which object (see INTERACTIVE)."""
@@ -425,7 +425,7 @@ def interactive_fn(name: str, path: str, session: str, dest: str | None = None) 
     return fn
 
 
-def _current_session(spec: str | list) -> bool:
+def _current_session(spec: str | list[Any]) -> bool:
     """Whether a cached wire name still names its driver's latest session (a driver's
     function this worker passes on travels with it: the one it was cached with may be
     over)."""

@@ -516,7 +516,7 @@ async def _join_when_up(w: Worker, address: str, key: str, wait: float) -> None:
         await asyncio.sleep(min(RETRY_JOIN, left))
 
 
-async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict:  # noqa: ASYNC109 (timeout is API)
+async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict[Any, Any]:  # noqa: ASYNC109 (timeout is API)
     """``{"address": ..., "workers": [{"name", "id", "address", "mailbox", "in_flight",
     **status providers}, ...]}`` from the cluster's head.
 

@@ -138,7 +138,7 @@ def _own_stderr() -> TextIO:
     )
 
 
-class _StderrHandler(logging.StreamHandler):
+class _StderrHandler(logging.StreamHandler[Any]):
     """A handler that never raises: ``logging.Handler.handleError`` reports a failed
     write on sys.stderr, and lets a ValueError through when that is closed too (by a
     call's code: "I/O operation on closed file"), out of whatever runtime code logged

@@ -77,7 +77,7 @@ class Registry:
         for name in names:
             self.reserved[name] = key
 
-    def snapshot(self) -> tuple[int, dict[str, list]]:
+    def snapshot(self) -> tuple[int, dict[str, list[Any]]]:
         return self.version, {n: list(entry) for n, entry in self.members.items()}
 
     def _alloc_id(self) -> int:
@@ -89,7 +89,9 @@ class Registry:
                 return i
         raise RuntimeError("the cluster is full (65535 workers)")
 
-    def join(self, name: str, address: str, local: str, conn: Connection, key: str = "") -> list:
+    def join(
+        self, name: str, address: str, local: str, conn: Connection, key: str = ""
+    ) -> list[Any]:
         if self.closed:
             raise RuntimeError("the cluster is shutting down")
         if not valid_name(name):
@@ -205,7 +207,7 @@ def _registry() -> Registry:
 
 
 @inline
-def _join(name: str, address: str, local: str = "", key: str = "") -> list:
+def _join(name: str, address: str, local: str = "", key: str = "") -> list[Any]:
     from actorgrad.runtime.worker import _current_conn
 
     return _registry().join(name, address, local, _current_conn.get(), key)
@@ -222,12 +224,12 @@ def _leave(name: str) -> None:
 
 
 @inline
-def _snapshot() -> tuple:
+def _snapshot() -> tuple[Any, ...]:
     return _registry().snapshot()
 
 
 @inline
-def _member(version: int, name: str, entry: list | None) -> None:
+def _member(version: int, name: str, entry: list[Any] | None) -> None:
     from actorgrad.runtime.worker import _current_conn, current_worker
 
     w = current_worker()
@@ -256,27 +258,27 @@ def _member(version: int, name: str, entry: list | None) -> None:
 
 
 @inline
-def _worker_status() -> dict:
+def _worker_status() -> dict[Any, Any]:
     from actorgrad.runtime.worker import current_worker
 
     return _not_counting_this_call(current_worker().status())
 
 
-def _not_counting_this_call(status: dict) -> dict:
+def _not_counting_this_call(status: dict[Any, Any]) -> dict[Any, Any]:
     """A worker's status as seen from outside: the status query itself (in flight while
     it is answered) is not counted."""
     status["in_flight"] = max(0, status.get("in_flight", 1) - 1)
     return status
 
 
-async def _status(timeout: float = 5.0) -> dict:  # noqa: ASYNC109 (timeout is API)
+async def _status(timeout: float = 5.0) -> dict[Any, Any]:  # noqa: ASYNC109 (timeout is API)
     from actorgrad.errors import ActorgradError
     from actorgrad.runtime.worker import current_worker
 
     w = current_worker()
     reg = _registry()
 
-    async def one(name: str, wid: int, address: str) -> dict:
+    async def one(name: str, wid: int, address: str) -> dict[Any, Any]:
         try:
             if name == w.name:
                 return _not_counting_this_call(w.status())

@@ -237,10 +237,10 @@ class _Unsent:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid  # (the cluster id of the process they are for)
-        self.msgs: list[tuple[Any, tuple]] = []
+        self.msgs: list[tuple[Any, tuple[Any, ...]]] = []
 
 
-def _tell(worker: Worker, dest: str, fn: Any, args: tuple) -> None:
+def _tell(worker: Worker, dest: str, fn: Any, args: tuple[Any, ...]) -> None:
     """Send ``dest`` the one-way RRef message ``fn(*args)``, in order with the others.
 
     One that cannot be handed to a connection (``dest`` hung a few seconds: the
@@ -268,7 +268,7 @@ def _live_box(worker: Worker, dest: str) -> _Unsent | None:
     return None
 
 
-def _unsent(worker: Worker, dest: str, fn: Any, args: tuple, exc: BaseException) -> None:
+def _unsent(worker: Worker, dest: str, fn: Any, args: tuple[Any, ...], exc: BaseException) -> None:
     if worker._closing or worker.closed:
         return
     member = worker.members.get(dest)
@@ -578,7 +578,7 @@ class Hooks:
         # (computed when an RRef needs it: most messages carry none)
         return peer_key(self.worker, self.peer, self.conn)
 
-    def ref_out(self, ref: Any) -> list:
+    def ref_out(self, ref: Any) -> list[Any]:
         if not isinstance(ref, RRef):
             raise TypeError(f"cannot send {type(ref).__name__}")
         w = self.worker
@@ -614,7 +614,7 @@ class Hooks:
         if self.conn is not None:
             self.conn.check_nbytes(nbytes, part=True)
 
-    def ref_in(self, payload: list) -> RRef:
+    def ref_in(self, payload: list[Any]) -> RRef:
         w, forker = self.worker, self.peer
         n = len(payload)  # (a list: the codec checked)
         if n == 2 or n == 3:
@@ -770,15 +770,17 @@ async def register_forks(worker: Worker, hooks: Hooks) -> None:
                 del exc
 
 
-def _entries_by_owner(forks: Iterable[RRef], holder: Key) -> dict[str, list[list]]:
+def _entries_by_owner(forks: Iterable[RRef], holder: Key) -> dict[str, list[list[Any]]]:
     """The registrations of ``forks`` for ``holder``, by owner: [id, name, cluster id]."""
-    by_owner: dict[str, list[list]] = {}
+    by_owner: dict[str, list[list[Any]]] = {}
     for r in forks:
         by_owner.setdefault(r.owner, []).append([r._rid, *holder])
     return by_owner
 
 
-def _registered(hooks: Hooks, owner: str, entries: list[list], fut: asyncio.Future[Any]) -> None:
+def _registered(
+    hooks: Hooks, owner: str, entries: list[list[Any]], fut: asyncio.Future[Any]
+) -> None:
     if fut.cancelled():
         return  # (our shutdown)
     rids = [e[0] for e in entries]
@@ -817,7 +819,7 @@ def _fetch(rid: int) -> Any:
 
 
 @inline
-def _add_holders(entries: list, forker: str, forker_id: int, tag: int) -> None:
+def _add_holders(entries: list[Any], forker: str, forker_id: int, tag: int) -> None:
     """On the owner: process ``forker_id`` of ``forker`` forks RRefs in its message
     ``tag`` (entries: id, receiver name, receiver's cluster id)."""
     from actorgrad.runtime.worker import current_worker
@@ -871,7 +873,7 @@ WITHDRAWN_TTL = 60.0
 
 
 @inline
-def _unfork(forker: str, forker_id: int, tag: int, rids: list) -> None:
+def _unfork(forker: str, forker_id: int, tag: int, rids: list[Any]) -> None:
     """On the owner: ``forker`` takes back the forks of RRefs ``rids`` it registered
     (or may have: it gave up waiting) in its message ``tag``, which was not sent.
 

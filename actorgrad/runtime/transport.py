@@ -1233,7 +1233,7 @@ class Listener:
         self._spare = _spare_file()
         self._pause = 0.0
         self._resume: asyncio.TimerHandle | None = None
-        self._starting: set[asyncio.Task] = set()
+        self._starting: set[asyncio.Task[Any]] = set()
         self._warned = -math.inf
         self.closed = False
         self.accepted = 0

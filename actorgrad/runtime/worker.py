@@ -405,7 +405,7 @@ def _as_uvloop_raises(exc: BaseException) -> BaseException:
     return same
 
 
-def natural_key(name: str) -> list:
+def natural_key(name: str) -> list[Any]:
     """Sort key putting "w2" before "w10"."""
     # (the split's odd parts are its runs of decimal digits: str.isdigit() is also true
     # of "²" and "①", which int() refuses: ag.workers() raised a ValueError)
@@ -467,7 +467,7 @@ def _check_call_args(args: Any, kwargs: Any) -> None:
 _NOT_READING = " (waiting to send it: it is large, or the peer is not reading)"
 
 
-def _expect_decoding(conn: Connection, chunks: list) -> None:
+def _expect_decoding(conn: Connection, chunks: list[Any]) -> None:
     """``chunks``, a request just queued on ``conn``, has a large msgpack part: its
     peer, decoding it on its loop, may send nothing for a while (its heartbeats
     included); give it the time before its silence counts (``SLOW_DECODE_RATE``)."""
@@ -794,7 +794,7 @@ class Worker:
         self._peer_lost_cbs: list[Callable[[str], None]] = []
         self._closing_cbs: list[Callable[[], None]] = []
         self._drain_cut = False  # (see cut_drain)
-        self._status_providers: dict[str, Callable[[], dict]] = {}
+        self._status_providers: dict[str, Callable[[], dict[Any, Any]]] = {}
         # (a dict: in the order they were lost, see _peer_lost; the value: what the peer
         # said when it closed on us, see dropped_by, and how the loss showed here, see
         # lost_cause)
@@ -866,11 +866,11 @@ class Worker:
         """Whether this worker is closing or closed (no more calls or messages)."""
         return self._closing
 
-    def add_status_provider(self, name: str, fn: Callable[[], dict]) -> None:
+    def add_status_provider(self, name: str, fn: Callable[[], dict[Any, Any]]) -> None:
         """``fn()`` is merged into :meth:`status` (shown by ``actorgrad status``)."""
         self._status_providers[name] = fn
 
-    def status(self) -> dict:
+    def status(self) -> dict[Any, Any]:
         d: dict[str, Any] = {
             "name": self.name,
             "id": self.id,
@@ -1111,7 +1111,7 @@ class Worker:
         )
 
     # ------------------------------------------------------------------ connections
-    def _hello_header(self, peer: str | None) -> list:
+    def _hello_header(self, peer: str | None) -> list[Any]:
         """The first frame this worker sends on a connection after the handshake: who
         it is, where it listens, the largest frame it takes, and how many goodbyes for
         its silence it sent ``peer`` (the worker at the other end, if known)."""
@@ -2442,7 +2442,7 @@ class Worker:
     # ------------------------------------------------------------------ replies
     def _encode_reply(
         self, conn: Connection, cid: int, mode: int, result: Any, hooks: rref.Hooks
-    ) -> list:
+    ) -> list[Any]:
         if mode == MODE_REMOTE or mode == MODE_RREF_REMOTE:
             result = rref.new_owned(self, result)
         try:
@@ -2457,7 +2457,7 @@ class Worker:
 
     def _encode_error(
         self, conn: Connection, cid: int, exc: BaseException, refused: bool = False
-    ) -> list:
+    ) -> list[Any]:
         """The error reply to call ``cid`` on ``conn`` (``refused``: see _reply_exc).
         It always goes out: a plain one when ``exc``'s own fails to encode (a process
         out of open files failed so), cut to size when its message does not fit in a
@@ -2527,7 +2527,7 @@ class Worker:
         await self._send_after_forks(conn, cid, chunks, hooks)
 
     async def _send_after_forks(
-        self, conn: Connection, cid: int, chunks: list, hooks: rref.Hooks
+        self, conn: Connection, cid: int, chunks: list[Any], hooks: rref.Hooks
     ) -> None:
         try:
             if hooks.forks:
@@ -2587,7 +2587,7 @@ class Worker:
         dest: str,
         fn: Any,
         args: Any = (),
-        kwargs: dict | None = None,
+        kwargs: dict[Any, Any] | None = None,
         *,
         timeout: float | None = None,  # noqa: ASYNC109 (timeout is API)
         mode: int = MODE_RPC,
@@ -2711,7 +2711,7 @@ class Worker:
         conn: Connection,
         target: Any,
         args: Any = (),
-        kwargs: dict | None = None,
+        kwargs: dict[Any, Any] | None = None,
         *,
         timeout: float | None = None,  # noqa: ASYNC109 (timeout is API)
         mode: int = MODE_RPC,
@@ -2721,7 +2721,7 @@ class Worker:
         return await self.call(dest, target, args, kwargs, timeout=timeout, mode=mode, _conn=conn)
 
     def call_nowait(
-        self, dest: str, fn: Any, args: Any = (), kwargs: dict | None = None
+        self, dest: str, fn: Any, args: Any = (), kwargs: dict[Any, Any] | None = None
     ) -> asyncio.Future[Any]:
         """Start ``fn(*args, **kwargs)`` on worker ``dest`` and return the future of its
         result, without a coroutine or task per call (for protocol code, usable from
@@ -2755,7 +2755,7 @@ class Worker:
         dest: str,
         target: Any,
         args: Any,
-        kwargs: dict | None,
+        kwargs: dict[Any, Any] | None,
         fut: asyncio.Future[Any],
     ) -> None:
         """Encode and queue a request whose reply resolves ``fut`` (see call_nowait)."""
@@ -2783,7 +2783,12 @@ class Worker:
             _expect_decoding(conn, chunks)
 
     async def _request_after_forks(
-        self, conn: Connection, cid: int, chunks: list, hooks: rref.Hooks, fut: asyncio.Future[Any]
+        self,
+        conn: Connection,
+        cid: int,
+        chunks: list[Any],
+        hooks: rref.Hooks,
+        fut: asyncio.Future[Any],
     ) -> None:
         try:
             await rref.register_forks(self, hooks)
@@ -2807,7 +2812,12 @@ class Worker:
                 fut.set_exception(exc)
 
     async def _connect_and_request(
-        self, dest: Any, target: Any, args: Any, kwargs: dict | None, fut: asyncio.Future[Any]
+        self,
+        dest: Any,
+        target: Any,
+        args: Any,
+        kwargs: dict[Any, Any] | None,
+        fut: asyncio.Future[Any],
     ) -> None:
         try:
             if type(dest) is not str:
@@ -2829,7 +2839,7 @@ class Worker:
         self,
         dest: str,
         fn: Any,
-        args: tuple = (),
+        args: tuple[Any, ...] = (),
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         """A one-way call of ``fn(*args)`` on ``dest``: no reply, no task, no interceptor
@@ -2861,7 +2871,7 @@ class Worker:
         self,
         dest: str,
         topic: str,
-        args: tuple = (),
+        args: tuple[Any, ...] = (),
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         """Send the one-way protocol message ``topic`` with ``args`` (plain values and
@@ -2885,7 +2895,7 @@ class Worker:
     def _send_oneway(
         self,
         dest: str,
-        chunks: list,
+        chunks: list[Any],
         what: Any,
         on_error: Callable[[BaseException], None] | None,
     ) -> None:
@@ -3094,7 +3104,7 @@ class Worker:
         return [c for c in self._conns if not (c.closed or c._handshaking or c.peer_name is None)]
 
     @staticmethod
-    def _say_now(conn: Connection, header: list) -> None:
+    def _say_now(conn: Connection, header: list[Any]) -> None:
         """Send the frame of ``header`` on ``conn`` at once, not at the next loop turn
         (the loop is about to be busy, or the connection to close); lost if it cannot
         (closed, or a reason that cannot be encoded: text of the peer's in it)."""
