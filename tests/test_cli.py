@@ -1173,7 +1173,7 @@ def test_a_second_ctrl_c_on_a_worker_stops_it_without_waiting_for_its_call(
         assert w.proc.stderr is not None  # (two signals at once can arrive as one)
         assert "SIGINT: stopping the worker extra" in w.proc.stderr.readline()
         w.proc.send_signal(signal.SIGINT)
-        assert w.wait(30) == 130  # (well before those 60 s)
+        assert w.wait(30) == 130, w.proc.stderr.read()  # (well before those 60 s)
         assert not out.exists()
     finally:
         w.stop()
