@@ -1332,7 +1332,7 @@ class Pow(Function):
                 with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                     gd = g * (b * a ** (b - 1))
                     if np.ndim(b) != 0:
-                        gd = np.where(b == 0, 0, gd)
+                        gd = _zeroed(gd, b == 0)
                     ga = _fit(gd, a.shape, a.dtype)
         if nb:
             # d(a**b)/db = a**b * log(a); defined as 0 where a == 0 and b >= 0 (as torch
@@ -1342,7 +1342,7 @@ class Pow(Function):
             # a gradient of float32's precision)
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 log_a = np.log(np.asarray(a, dtype=np.result_type(out)))
-                gb = g * np.where((a == 0) & (b >= 0), 0, out * log_a)
+                gb = g * _zeroed(out * log_a, (a == 0) & (b >= 0))
             gb = _fit(gb, b.shape, b.dtype)
         return ga, gb
 
