@@ -18,7 +18,7 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -233,6 +233,34 @@ async def open_abstract(name: str):
     except BaseException:
         sock.close()
         raise
+
+
+class Traced:
+    """Bytes allocated in a ``traced_memory()`` block, counted from its start."""
+
+    grown = 0  # still allocated at the block's end
+    peak = 0  # the most allocated at any moment inside it
+
+    def __repr__(self) -> str:
+        return f"<Traced grown={self.grown:,} peak={self.peak:,}>"
+
+
+@contextlib.contextmanager
+def traced_memory() -> Iterator[Traced]:
+    """Count what the block allocates (numpy's arrays included, as tracemalloc sees
+    them); the counts are set when the block ends without an exception."""
+    import tracemalloc
+
+    t = Traced()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        yield t
+        now, peak = tracemalloc.get_traced_memory()
+        t.grown, t.peak = now - base, peak - base
+    finally:
+        tracemalloc.stop()
 
 
 def add(a, b=0):

@@ -13,7 +13,7 @@ import secrets
 import msgpack
 import numpy as np
 import pytest
-from conftest import open_abstract, valid_client_works
+from conftest import open_abstract, traced_memory, valid_client_works
 
 import actorgrad as ag
 from actorgrad import wire
@@ -183,25 +183,20 @@ async def test_a_flood_before_the_handshake_ends_closes_the_connection():
 async def test_connections_in_their_handshake_cost_a_few_kib_each(sock_cluster):
     # Each got the 256 KiB read buffer of an authenticated connection at its first
     # byte: 2,000 strangers' connections took a worker from 42 to 500 MiB.
-    import tracemalloc
-
     n = 40
     clients = []
-    tracemalloc.start()
     try:
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(n):
-            reader, writer = await _raw(sock_cluster)
-            writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, os.urandom(32)))
-            clients.append((reader, writer))
-        for reader, _ in clients:  # (its answer: the worker read our hello)
-            await asyncio.wait_for(reader.readexactly(_HELLO.size), 5)
-        grown = tracemalloc.get_traced_memory()[0] - before
+        with traced_memory() as mem:
+            for _ in range(n):
+                reader, writer = await _raw(sock_cluster)
+                writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, os.urandom(32)))
+                clients.append((reader, writer))
+            for reader, _ in clients:  # (its answer: the worker read our hello)
+                await asyncio.wait_for(reader.readexactly(_HELLO.size), 5)
     finally:
-        tracemalloc.stop()
         for _, writer in clients:
             writer.close()
-    assert grown < n * 32 * 1024, f"{grown / n:,.0f} bytes per connection"
+    assert mem.grown < n * 32 * 1024, f"{mem.grown / n:,.0f} bytes per connection"
     await valid_client_works(sock_cluster)
 
 

@@ -21,7 +21,7 @@ import dist_fns as F
 import numpy as np
 import pytest
 import pytest_asyncio
-from conftest import CALL_FAILED, helpers_importable, on_uvloop
+from conftest import CALL_FAILED, helpers_importable, on_uvloop, traced_memory
 
 import actorgrad as ag
 from actorgrad.runtime import worker as rworker
@@ -2579,8 +2579,6 @@ async def test_many_passes_in_one_context_do_not_grow_memory():
     # A context kept for a whole training run: a forward and a backward per step. What
     # a worker remembers of finished passes (to answer their late start messages) must
     # not grow with each one: ints are not tracked by gc, so count bytes.
-    import tracemalloc
-
     wv = arr(8)
     async with cluster(n=1) as c:
         await ag.rpc("w1", F.put, ("w", wv))
@@ -2593,16 +2591,11 @@ async def test_many_passes_in_one_context_do_not_grow_memory():
 
             for _ in range(300):  # warm up caches and free lists
                 await step()
-            tracemalloc.start()
-            try:
-                before = tracemalloc.get_traced_memory()[0]
+            with traced_memory() as mem:
                 for _ in range(3_000):
                     await step()
-                grown = tracemalloc.get_traced_memory()[0] - before
-            finally:
-                tracemalloc.stop()
             # 3,000 remembered pass ids on two workers would take > 200 KB
-            assert grown < 60_000, f"{grown} bytes more after 3,000 passes in one context"
+            assert mem.grown < 60_000, f"{mem.grown} bytes more after 3,000 passes in one context"
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv * 3_300)
         await assert_clean(c.names)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import traced_memory
 
 import actorgrad as ag
 
@@ -309,7 +310,6 @@ def test_big_parameter_steps_in_blocks_without_whole_temporaries(kind, shape):
     those of the whole-array formulas, bit for bit, whatever the shape (rows bigger
     than a block, a gradient of another memory layout)."""
     import math
-    import tracemalloc
 
     rng = np.random.default_rng(0)
     p0 = rng.standard_normal(shape).astype(np.float32)
@@ -324,14 +324,10 @@ def test_big_parameter_steps_in_blocks_without_whole_temporaries(kind, shape):
     want = p0.copy()
     buf = m = v = None
     for t, g in enumerate(grads, 1):
-        tracemalloc.start()
-        try:
+        with traced_memory() as mem:
             opt.step({p: g})
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
         if p0.size > 1000 and t > 1:  # (the first makes the state)
-            assert peak < 1.5 * p0.nbytes, (kind, t, peak / p0.nbytes)
+            assert mem.peak < 1.5 * p0.nbytes, (kind, t, mem.peak / p0.nbytes)
         if kind == "adam":
             b1, b2 = 0.9, 0.999
             m = (1 - b1) * g if m is None else m * b1 + (1 - b1) * g

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import has_ipv6_loopback, on_uvloop
+from conftest import has_ipv6_loopback, on_uvloop, traced_memory
 
 import actorgrad as ag
 from actorgrad.runtime import Worker, current_worker, rref, transport
@@ -2832,48 +2832,40 @@ async def test_a_message_larger_than_the_largest_frame_fails_its_call_not_the_co
 async def test_a_strided_array_too_large_to_send_is_refused_before_it_is_copied(monkeypatch):
     # A strided view travels as a contiguous copy: one over the largest frame was
     # copied whole (a 3 GB transposed view took 3 GB more), then refused.
-    import tracemalloc
-
     from actorgrad.runtime import transport
 
     monkeypatch.setattr(transport, "MAX_FRAME_SIZE", 1 << 20)  # both ends: 1 MiB
     view = np.ones(4_000_000, dtype=np.float32)[::2]  # 8 MB, strided
     async with ag.local_cluster(1, transport="tcp"):
         assert await ag.rpc("w1", add, (1, 2)) == 3
-        tracemalloc.start()
-        try:
-            with pytest.raises(
+        with (
+            traced_memory() as mem,
+            pytest.raises(
                 ag.ProtocolError, match=r"cannot send a message of 8000000 bytes or more to 'w1'"
-            ):
-                await ag.rpc("w1", echo, (view,))
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-        assert peak < 4_000_000, peak
+            ),
+        ):
+            await ag.rpc("w1", echo, (view,))
+        assert mem.peak < 4_000_000, mem
         np.testing.assert_array_equal(await ag.rpc("w1", echo, (view[:1000],)), view[:1000])
 
 
 async def test_strided_arrays_too_large_together_are_refused_before_all_are_copied(monkeypatch):
     # Each view alone fits the largest frame, both together do not: both were copied
     # (two 1.5 GiB broadcast views: 3 GB more and 9 s), then the frame was refused.
-    import tracemalloc
-
     from actorgrad.runtime import transport
 
     monkeypatch.setattr(transport, "MAX_FRAME_SIZE", 1 << 20)  # both ends: 1 MiB
     view = np.ones(400_000, dtype=np.float32)[::2]  # 800 KB, strided: fits alone
     async with ag.local_cluster(1, transport="tcp"):
         np.testing.assert_array_equal(await ag.rpc("w1", echo, (view,)), view)
-        tracemalloc.start()
-        try:
-            with pytest.raises(
+        with (
+            traced_memory() as mem,
+            pytest.raises(
                 ag.ProtocolError, match=r"cannot send a message of 1600000 bytes or more to 'w1'"
-            ):
-                await ag.rpc("w1", echo, ((view, [view]),))
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-        assert peak < 1_200_000, peak  # (the first copy, 800 KB, not the second)
+            ),
+        ):
+            await ag.rpc("w1", echo, ((view, [view]),))
+        assert mem.peak < 1_200_000, mem  # (the first copy, 800 KB, not the second)
         assert await ag.rpc("w1", add, (1, 2)) == 3
 
 

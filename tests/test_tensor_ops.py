@@ -8,6 +8,7 @@ import weakref
 
 import numpy as np
 import pytest
+from conftest import traced_memory
 from gradcheck import gradcheck
 
 import actorgrad as ag
@@ -239,16 +240,9 @@ def test_sigmoid_keeps_its_relative_precision_for_negative_inputs(dtype):
 
 def _peak_bytes(fn):
     """What ``fn()`` allocated at its peak (numpy's arrays included), in bytes."""
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
+    with traced_memory() as mem:
         fn()
-        return tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    return mem.peak
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])

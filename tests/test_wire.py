@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from conftest import traced_memory
 
 from actorgrad import wire
 from actorgrad.errors import ContextError, ProtocolError, RemoteError
@@ -1113,18 +1114,11 @@ def test_frame_repr_mentions_header_and_size():
 
 
 def test_a_thread_does_not_keep_the_buffer_of_a_large_body_alive():
-    import tracemalloc
-
     encode_frame([0], (1, 2))  # make sure this thread's encoder exists
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+    with traced_memory() as mem:
         chunks = encode_frame([0], (b"x" * 20_000_000,))
         del chunks
-        retained = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-    assert retained < 1_000_000
+    assert mem.grown < 1_000_000, mem
     assert roundtrip((1, (2,))) == (1, (2,))
 
 
