@@ -96,7 +96,7 @@ import threading
 import time
 import weakref
 from asyncio import events as asyncio_events
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 try:
@@ -2251,7 +2251,16 @@ class Worker:
         self._done()
         self._reply(conn, cid, mode, result, hooks)
 
-    def _finish_later(self, conn, cid, mode, aw, meta, hooks, context: Any = None) -> None:
+    def _finish_later(
+        self,
+        conn: Connection,
+        cid: int,
+        mode: int,
+        aw: Awaitable[Any],
+        meta: Any,
+        hooks: rref.Hooks,
+        context: Any = None,
+    ) -> None:
         """What a plain function returned is awaitable (a sync-decorated async def's
         coroutine, a future): awaited in a task of its own, on the loop, where a cancel
         from its caller can stop it; the task takes the call's in-flight slot over."""
@@ -2314,7 +2323,17 @@ class Worker:
         # most of the call.
         return r, took < FAST_CALL and cpu >= took / 2 and _waits() == waits0
 
-    async def _run_task(self, conn, cid, mode, fn, args, kwargs, meta, hooks) -> None:
+    async def _run_task(
+        self,
+        conn: Connection,
+        cid: int,
+        mode: int,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        meta: Any,
+        hooks: rref.Hooks,
+    ) -> None:
         """A call of an ``async def``: its coroutine awaited in a task of its own."""
         _current_conn.set(conn)
         try:
@@ -2330,7 +2349,18 @@ class Worker:
             conn.running.pop(cid, None)
             self._done()
 
-    def _pool_call(self, conn, cid, mode, fn, args, kwargs, meta, hooks, stats) -> None:
+    def _pool_call(
+        self,
+        conn: Connection,
+        cid: int,
+        mode: int,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        meta: Any,
+        hooks: rref.Hooks,
+        stats: Any,
+    ) -> None:
         """In a thread of the pool, in the call's contextvars: a plain function's call,
         whose outcome goes back to the loop in one callback (_pool_call_done). (Through
         run_in_executor, with a concurrent future, an asyncio future and a task per
@@ -2353,7 +2383,17 @@ class Worker:
             # each failed call left a reference cycle to the garbage collector)
             del result
 
-    def _pool_call_done(self, conn, cid, mode, result, fast, meta, hooks, stats) -> None:
+    def _pool_call_done(
+        self,
+        conn: Connection,
+        cid: int,
+        mode: int,
+        result: Any,
+        fast: bool | None,
+        meta: Any,
+        hooks: rref.Hooks,
+        stats: Any,
+    ) -> None:
         """On the loop: the outcome of a call _pool_call ran. ``fast``: whether it proved
         fast, None when it raised (which proves nothing either way). Its in-flight slot
         is released here, whatever happens in it, unless a task took it over."""
@@ -2364,7 +2404,17 @@ class Worker:
             if not kept:
                 self._done()
 
-    def _pool_call_end(self, conn, cid, mode, result, fast, meta, hooks, stats) -> bool:
+    def _pool_call_end(
+        self,
+        conn: Connection,
+        cid: int,
+        mode: int,
+        result: Any,
+        fast: bool | None,
+        meta: Any,
+        hooks: rref.Hooks,
+        stats: Any,
+    ) -> bool:
         """_pool_call_done's work; True when a task took the call's slot over."""
         gone = cid and conn.running.get(cid, _IN_POOL) is None  # (its caller)
         if gone:
@@ -2391,7 +2441,9 @@ class Worker:
         conn.running.pop(cid, None)
         return self._reply(conn, cid, mode, result, hooks, hold=True)
 
-    async def _send_then_done(self, conn, cid, chunks, hooks) -> None:
+    async def _send_then_done(
+        self, conn: Connection, cid: int, chunks: list[Any] | None, hooks: rref.Hooks
+    ) -> None:
         """The end of a held reply (see _reply): the result's RRefs registered, then the
         reply sent (``chunks``), or, with None, the reply already queued written out;
         then the call's in-flight slot released."""
@@ -2417,7 +2469,15 @@ class Worker:
                 return await aw
         return await aw
 
-    async def _finish_awaitable(self, conn, cid, mode, aw, meta, hooks) -> None:
+    async def _finish_awaitable(
+        self,
+        conn: Connection,
+        cid: int,
+        mode: int,
+        aw: Awaitable[Any],
+        meta: Any,
+        hooks: rref.Hooks,
+    ) -> None:
         try:
             result = await self._await_in(meta, aw)
         except BaseException as exc:
