@@ -239,16 +239,36 @@ async def test_a_peer_that_sent_the_magic_and_stalled_is_not_called_a_stranger(
     await valid_client_works(sock_cluster)
 
 
+async def test_a_worker_with_a_wrong_token_hears_it_refused_over_either_socket(
+    sock_cluster, caplog
+):
+    # Refused over the local socket, it tries TCP, refused there too: one AuthError
+    # saying so, and no warning of an impostor at the local socket on the way.
+    caplog.set_level(logging.DEBUG, "actorgrad.runtime")
+    w1 = _target(sock_cluster)
+    client = Worker("probe", token="not the token")
+    try:
+        local = w1.local_address if sock_cluster.listener == "unix" else ""
+        with pytest.raises(
+            ag.AuthError, match=r"refused: wrong cluster token \(the peer does not take ours\)"
+        ):
+            await asyncio.wait_for(client.open_connection(w1.address, local), 5)
+    finally:
+        await client.shutdown()
+    tried_local = [r for r in caplog.records if "local socket of" in r.getMessage()]
+    assert len(tried_local) == (sock_cluster.listener == "unix"), caplog.text
+    assert all(r.levelno == logging.DEBUG for r in tried_local), caplog.text
+    await valid_client_works(sock_cluster)
+
+
 async def test_wrong_token_raw_client_is_rejected(sock_cluster, caplog):
     caplog.set_level(logging.WARNING, "actorgrad.runtime")
     reader, writer, _ = await _client_mac(sock_cluster, "not the token")
     # no MAC of the server's (it would let a client test guesses of the token offline)
-    # and no accept byte: closed
-    try:
-        got = await asyncio.wait_for(reader.read(100), 5)
-    except ConnectionResetError:
-        got = b""
-    assert got == b""
+    # and no accept byte: the refusal, said (a close alone is also what a worker going
+    # away makes), then the close
+    got = await asyncio.wait_for(reader.readexactly(len(transport._REFUSED)), 5)
+    assert got == transport._REFUSED
     await _closed_by_peer(reader, writer)
     assert "wrong cluster token" in caplog.text
     await valid_client_works(sock_cluster)

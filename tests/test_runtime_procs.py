@@ -599,7 +599,7 @@ async def test_serve_cluster_and_cluster_status():
         for w in st["workers"]:
             assert {"name", "id", "address", "mailbox", "in_flight"} <= set(w)
         with pytest.raises(
-            ag.AuthError, match=r"refused: connection closed by the peer \(a wrong cluster token"
+            ag.AuthError, match=r"refused: wrong cluster token \(the peer does not take ours\)"
         ):
             await rcluster.cluster_status(address, "wrong")
     finally:

@@ -98,9 +98,15 @@ MAGIC = b"ACTGRAD\x00"
 #:    frame carries a tag (FrameMac) keyed by the connection's handshake
 #: 8: a worker that waits on a peer asks it for pings (K_ASK), others ping seldom; an
 #:    RRef forked by a worker that does not own it carries its registration's tag
-PROTOCOL_VERSION = 9
+#: 9: goodbyes and hellos numbered (a drop for silence ends every connection)
+#: 10: a server that refuses the client's token says so (_REFUSED) before it closes
+PROTOCOL_VERSION = 10
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
+#: A server's answer to a client that does not know the token, in place of its MAC and
+#: ok byte: a refusal said, not a close, which a server going away makes too. (It tells
+#: the client nothing the close did not: no MAC of ours, nothing of the token.)
+_REFUSED = bytes(_MAC_LEN + 1)
 HANDSHAKE_TIMEOUT = 5.0
 #: Largest frame accepted (declared length); bigger is a ProtocolError.
 MAX_FRAME_SIZE = 2 * 1024**3
@@ -1570,11 +1576,17 @@ def split_address(address: str) -> tuple[str, str]:
     return host.strip("[]"), port
 
 
+class TokenRefused(AuthError):
+    """The server refused our token (it said so: see _REFUSED)."""
+
+
 def closed_mid_handshake(exc: BaseException) -> bool:
     """Whether ``exc``, from :func:`handshake`, is the peer closing the connection (it
-    went away, gave up waiting, or refused our token: a server does not say which),
-    not a handshake the peer failed (an impostor, a wrong token on its side)."""
-    return isinstance(exc, AuthError) and isinstance(exc.__cause__, OSError)
+    gave up waiting, went away) or refusing our token, not a handshake the peer failed
+    (an impostor, a wrong token on its side)."""
+    return isinstance(exc, TokenRefused) or (
+        isinstance(exc, AuthError) and isinstance(exc.__cause__, OSError)
+    )
 
 
 def _foreign(conn: Connection) -> bytes:
@@ -1668,6 +1680,13 @@ async def handshake(
             peer_mac = await conn._read_exact(_MAC_LEN)
             expected = _mac(token, b"C" if server else b"S", nc, ns)
             if not hmac.compare_digest(peer_mac, expected):
+                if server:
+                    conn._write_raw(_REFUSED)
+                elif peer_mac == _REFUSED[:_MAC_LEN]:
+                    raise TokenRefused(
+                        f"handshake with {where} refused: wrong cluster token (the peer "
+                        "does not take ours)"
+                    )
                 raise AuthError(
                     f"handshake with {where} failed: wrong cluster token"
                     + ("" if server else " (the server did not prove knowledge of our token)")
@@ -1721,9 +1740,12 @@ async def handshake(
                 f"{where} closed the connection before its handshake (the process died, "
                 "is shutting down, or is out of open files)"
             ) from exc
-        raise AuthError(
-            f"handshake with {where} refused: connection closed by the peer (a wrong cluster "
-            "token, the peer is shutting down, or it is not an actorgrad worker)"
+        if server:
+            raise AuthError(f"handshake with {where}: the client closed the connection") from exc
+        # (after the hellos, a peer that refuses our token says so: see _REFUSED)
+        raise WorkerLost(
+            f"{where} closed the connection during its handshake, without refusing our token "
+            "(the process is shutting down or died)"
         ) from exc
     except AuthError as exc:
         conn.abort(exc)
