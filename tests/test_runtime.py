@@ -1494,6 +1494,29 @@ async def test_worker_repr_and_status(cluster):
     assert st["name"] == "driver" and st["answer"] == 42 and "in_flight" in st
 
 
+@inline
+def _status_then_leave() -> Any:
+    """registry._worker_status, but w3 leaves the cluster instead of answering (as a
+    driver that ends while `actorgrad status` asks it)."""
+    w = current_worker()
+    if w.name != "w3":
+        return w.status()
+    asyncio.ensure_future(w.shutdown(graceful=False))
+    return asyncio.get_running_loop().create_future()  # (never answered)
+
+
+async def test_status_leaves_out_a_worker_that_left_while_asked(cluster, monkeypatch):
+    # Drivers come and go while `actorgrad status` runs: one that left between the
+    # head's list and its answer was listed as unreachable ("worker 'c15' left the
+    # cluster"), and status exited 1 as for a hung worker.
+    from actorgrad.runtime import registry
+
+    monkeypatch.setattr(registry, "_worker_status", _status_then_leave)
+    st = await asyncio.wait_for(registry._status(5.0), 10)
+    assert [w["name"] for w in st["workers"]] == ["driver", "w1", "w2"], st
+    assert not any("error" in w for w in st["workers"]), st
+
+
 async def test_init_single_worker_and_shutdown_is_idempotent():
     w = await ag.init("solo")
     try:

@@ -278,16 +278,21 @@ async def _status(timeout: float = 5.0) -> dict[Any, Any]:  # noqa: ASYNC109 (ti
     w = current_worker()
     reg = _registry()
 
-    async def one(name: str, wid: int, address: str) -> dict[Any, Any]:
+    async def one(name: str, wid: int, address: str) -> dict[Any, Any] | None:
         try:
             if name == w.name:
                 return _not_counting_this_call(w.status())
             return await w.call(name, _worker_status, timeout=timeout)
         except (ActorgradError, OSError, ValueError) as exc:
+            if reg.members.get(name, (None,))[0] != wid:
+                # It left the cluster while asked (a driver that ended, as drivers come
+                # and go): no row. It was listed as unreachable, and `actorgrad status`
+                # exited 1 as for a hung worker.
+                return None
             return {"name": name, "id": wid, "address": address, "error": str(exc)}
 
     from actorgrad.runtime.worker import natural_key
 
     entries = sorted(reg.members.items(), key=lambda kv: natural_key(kv[0]))
     rows = await asyncio.gather(*(one(n, e[0], e[1]) for n, e in entries))
-    return {"address": w.address, "workers": list(rows)}
+    return {"address": w.address, "workers": [r for r in rows if r is not None]}
