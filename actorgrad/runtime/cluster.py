@@ -522,9 +522,10 @@ async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict
 
     A worker that does not answer the head within ``timeout`` seconds (hung, or
     unreachable from the head) gets ``{"name", "id", "address", "error"}``; the others
-    are listed as usual, but for those that left the cluster while asked (not listed). When the head itself does not answer: WorkerLost when a step
-    of the connection takes over ``timeout`` (its error says which step),
-    TimeoutError when the status takes ``timeout`` beyond its workers' deadline.
+    are listed as usual, but for those that left the cluster while asked (not listed).
+    When the head itself does not answer: WorkerLost when a step of the connection
+    takes over ``timeout`` (its error says which step), TimeoutError when the status
+    takes ``timeout`` beyond its workers' deadline.
     """
     client = Worker(f"_status-{os.getpid()}-{secrets.token_hex(3)}", token=token)
     try:
