@@ -1092,6 +1092,37 @@ async def test_a_worker_passes_a_drivers_function_on_with_that_drivers_latest_se
             assert spec == ["__main__:helper", script, session]
 
 
+async def test_a_module_two_scripts_share_reaches_a_second_hop_as_of_the_latest_run(tmp_path):
+    # A worker passed on a function of a module beside the driver's scripts with the
+    # folder's first script and the session it last saw for that one: a run of another
+    # script of the folder, after an edit, reached the next worker as that old run,
+    # which called what it had resolved then (w1 ran the edited module, w2 the old).
+    _write(
+        tmp_path / "shared.py",
+        """
+        import actorgrad as ag
+
+        VALUE = 1
+
+        def inner():
+            return VALUE
+
+        async def outer():
+            return await ag.rpc("w2", inner)
+        """,
+        1,
+    )
+    for script in ("train.py", "evaluate.py"):
+        (tmp_path / script).write_text("import shared\n")
+    train, evaluate = str(tmp_path / "train.py"), str(tmp_path / "evaluate.py")
+    async with ag.local_cluster(2, processes=True):
+        assert await ag.rpc("w1", ["shared:outer", train, "s1"]) == 1
+        for value, script, session in ((2, evaluate, "s2"), (3, train, "s3")):
+            text = (tmp_path / "shared.py").read_text()
+            _write(tmp_path / "shared.py", text.replace(f"= {value - 1}", f"= {value}"), value)
+            assert await ag.rpc("w1", ["shared:outer", script, session]) == value
+
+
 async def test_a_new_run_does_not_forget_a_package_while_a_call_imports_its_module(tmp_path):
     # The modules being imported by a call in another thread were kept, but not their
     # package: the import ended in KeyError ('slowpkg').

@@ -670,6 +670,14 @@ def _new_session(script: str, session: str) -> None:
     _sessions[script] = session
     if _main_path() == script:
         return  # (this process's own script)
+    folder = _home(script)
+    if folder in _script_folders:
+        # (the folder's script whose run came last: a function of a module beside it
+        # that this worker passes on travels with that run, which the next worker then
+        # checks the folder for. Named with the folder's first script and the session
+        # it last saw for that one, a run of another script of the folder reached the
+        # next worker as an old run, and it called what it had resolved then)
+        _script_folders[folder] = script
     sessions = _script_sessions.setdefault(script, [])
     if session in sessions:
         # (a run seen already, its calls interleaved with another's: not a new run,
@@ -682,7 +690,6 @@ def _new_session(script: str, session: str) -> None:
         old = sessions.pop(0)
         for key in [k for k in _resolve_cache if type(k) is tuple and k[1:3] == (script, old)]:
             del _resolve_cache[key]
-    folder = _home(script)
     stale = script in _main_modules and _signature(script) != _main_sigs.get(script)
     stale = stale or _changed(folder)
     _looked_at[folder] = time.time()
@@ -912,8 +919,8 @@ def _clash(folder: str, entry: str, name: str, other: str) -> None:
     )
 
 
-#: folders of driver scripts this worker put on its import path, and the first script
-#: of each
+#: folders of driver scripts this worker put on its import path, and the script of
+#: each whose run came last
 _script_folders: dict[str, str] = {}
 #: driver scripts, with their folders, checked for modules of another folder's names
 _checked_scripts: set[tuple[str, str]] = set()
