@@ -707,7 +707,10 @@ class GraphTask:
                             # 4 KiB on: a hook changing it in place would work or fail
                             # by the tensor's size)
                             grad = grad.copy()
-                        for hook in node._hooks:
+                        # (the hooks registered when the node runs, as torch runs them:
+                        # over the list itself, a hook removing itself, a one-shot hook,
+                        # shifted the next one into its place and it was skipped)
+                        for hook in tuple(node._hooks):
                             out = hook(grad)
                             if out is not None:
                                 if (

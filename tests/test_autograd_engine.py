@@ -355,6 +355,33 @@ def test_a_hook_handle_removes_its_own_registration_of_a_function_registered_twi
     np.testing.assert_array_equal(y.grad, [2.0])
 
 
+@pytest.mark.parametrize("leaf", [True, False])
+def test_hooks_registered_or_removed_by_a_hook_change_the_next_pass_only(leaf):
+    # (as torch: the hooks of a node when it runs all run, once. A one-shot hook
+    # removing itself shifted the next one into its place: that one was skipped)
+    x = ag.tensor([1.0], requires_grad=True)
+    t = x if leaf else x * 1
+    calls = []
+
+    def once(g):
+        calls.append("once")
+        handle.remove()
+
+    def later(g):
+        calls.append("later")
+        handles[0].remove()  # the last one, still run in this pass
+        t.register_hook(lambda g: calls.append("added"))  # from the next pass on
+
+    handle = t.register_hook(once)
+    t.register_hook(later)
+    handles = [t.register_hook(lambda g: calls.append("last"))]
+    (t * 2).sum().backward(retain_graph=True)
+    assert calls == ["once", "later", "last"]
+    calls.clear()
+    (t * 2).sum().backward()
+    assert calls == ["later", "added"]
+
+
 def test_a_hook_may_change_a_reductions_gradient_in_place_at_any_size():
     # (from 4 KiB on, a sum's gradient is a read-only broadcast view: the hook failed
     # with "output array is read-only" at 1,024 float32 and worked at 1,000)
