@@ -435,6 +435,25 @@ def test_a_module_that_refers_to_its_parent_lists_each_parameter_once():
     assert list(root.state_dict()) == ["w", "child.w"]
 
 
+def test_named_parameters_walks_a_wide_and_deep_tree_depth_first_in_order():
+    # (each module's children, then their children, before its next sibling: as a
+    # recursive walk, and torch, name them)
+    def tree(depth: int) -> nn.Module:
+        if depth == 0:
+            return nn.Linear(1, 1)
+        return nn.Sequential(*(tree(depth - 1) for _ in range(3)), nn.Linear(1, 1))
+
+    def walk(m: nn.Module, pre: str) -> list[str]:
+        own = [pre + n for n, v in vars(m).items() if isinstance(v, ag.Tensor)]
+        return own + [x for n, c in m.named_children() for x in walk(c, f"{pre}{n}.")]
+
+    net = tree(4)
+    names = [n for n, _ in net.named_parameters()]
+    assert names == walk(net, "") and len(names) == 2 * (3**4 + 3**3 + 3**2 + 3 + 1)
+    assert names[:4] == ["0.0.0.0.weight", "0.0.0.0.bias", "0.0.0.1.weight", "0.0.0.1.bias"]
+    assert names[-2:] == ["3.weight", "3.bias"]
+
+
 def test_named_parameters_prefix_is_joined_by_a_dot_as_in_torch():
     # (it was glued on: prefix="net" gave "net0.weight", torch gives "net.0.weight")
     net = nn.Sequential(nn.Linear(2, 3, seed=0), nn.ReLU(), nn.Linear(3, 1, bias=False))
