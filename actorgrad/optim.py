@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from actorgrad.errors import short_repr
-from actorgrad.tensor import Tensor, real_array
+from actorgrad.tensor import Tensor, clear_grads, real_array
 
 __all__ = ["SGD", "Adam", "Optimizer"]
 
@@ -513,15 +513,15 @@ class Optimizer:
             return v.flags.writeable and v.dtype == p.data.dtype and v.flags.c_contiguous
         return bool(v.flags.writeable)
 
-    def zero_grad(self) -> None:
-        """Forget every parameter's ``.grad`` (set to None).
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget every parameter's ``.grad`` (set to None), or with
+        ``set_to_none=False`` make each one there zeros (as torch's).
 
         >>> w = ag.ones(2, requires_grad=True); opt = ag.optim.SGD([w], lr=0.1)
         >>> w.sum().backward(); opt.zero_grad(); w.grad is None
         True
         """
-        for p in self.params:
-            p.grad = None
+        clear_grads(self.params, set_to_none)
 
 
 class SGD(Optimizer):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -930,6 +930,22 @@ def _as_tensor(x: Any, where: str) -> Tensor:
     if isinstance(x, Tensor):
         return x
     return Tensor(_numeric(x, where))
+
+
+def clear_grads(params: Iterable[Tensor], set_to_none: bool = True) -> None:
+    """Forget each tensor's ``.grad`` (``set_to_none=True``), or make it zeros of its
+    shape and dtype (False, as torch's ``zero_grad(set_to_none=False)``; a tensor with
+    no gradient keeps None): what ``Module.zero_grad`` and ``Optimizer.zero_grad`` do.
+
+    >>> w = tensor([1.0, 2.0], requires_grad=True); w.sum().backward()
+    >>> clear_grads([w], set_to_none=False); w.grad
+    array([0., 0.], dtype=float32)
+    """
+    set_to_none = check_bool(set_to_none, "set_to_none")
+    for p in params:
+        g = p.grad
+        # (a fresh array, not filled in place: .grad may be a caller's, or read-only)
+        p.grad = None if set_to_none or g is None else np.zeros_like(g)
 
 
 def real_array(value: Any, what: str) -> np.ndarray:

@@ -99,6 +99,7 @@ ADDITIONS: dict[str, dict[str, Any]] = {
     "ag.init": {"advertise": None},
     "RRef.rpc": {"timeout": None},
     "RRef.remote": {"timeout": None},
+    "optim.Optimizer.zero_grad": {"set_to_none": True},
 }
 
 

@@ -820,3 +820,26 @@ def test_a_loaded_state_array_is_kept_in_c_order():
     opt2.load_state_dict(sd)
     (buf,) = (e["momentum_buffer"] for e in opt2.state.values())
     assert buf.flags.c_contiguous and np.array_equal(buf, np.ones((3, 4)))
+
+
+def test_zero_grad_set_to_none_false_leaves_zeros_as_torchs_does():
+    # (a port from torch passing set_to_none got a TypeError)
+    a = ag.tensor([1.0, 2.0], requires_grad=True)
+    b = ag.tensor(np.ones((2, 2)), requires_grad=True)
+    unused = ag.tensor([3.0], requires_grad=True)
+    net = ag.nn.Linear(2, 1, seed=0)
+    for zero_grad, params in (
+        (ag.optim.SGD([a, b, unused], lr=0.1).zero_grad, [a, b]),
+        (net.zero_grad, net.parameters()),
+    ):
+        loss = (a * 2).sum() + b.sum() + net(ag.ones(1, 2)).sum()
+        loss.backward()
+        zero_grad(set_to_none=False)
+        for p in params:
+            assert p.grad.dtype == p.data.dtype and p.grad.shape == p.data.shape
+            assert not p.grad.any()
+        assert unused.grad is None  # (no gradient: none made up)
+        zero_grad()
+        assert all(p.grad is None for p in params)
+        with pytest.raises(TypeError, match=r"set_to_none must be a bool \(True or False\), not 0"):
+            zero_grad(set_to_none=0)

@@ -23,7 +23,7 @@ import numpy as np
 
 from actorgrad.errors import check_bool, short_repr
 from actorgrad.nn import functional
-from actorgrad.tensor import Tensor, real_array, seeded_rng
+from actorgrad.tensor import Tensor, clear_grads, real_array, seeded_rng
 
 __all__ = ["Embedding", "Linear", "Module", "ReLU", "Sequential", "Tanh", "functional"]
 
@@ -114,15 +114,15 @@ class Module:
         """
         return [t for _, t in self.named_parameters()]
 
-    def zero_grad(self) -> None:
-        """Forget every parameter's ``.grad`` (set to None).
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget every parameter's ``.grad`` (set to None), or with
+        ``set_to_none=False`` make each one there zeros (as torch's).
 
         >>> m = ag.nn.Linear(2, 1); m(ag.ones(1, 2)).sum().backward(); m.zero_grad()
         >>> m.weight.grad is None
         True
         """
-        for p in self.parameters():
-            p.grad = None
+        clear_grads(self.parameters(), set_to_none)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """``{name: numpy array copy}`` (msgpack-safe through the wire codec).
