@@ -535,16 +535,21 @@ class Tensor:
         return _unary(Transpose, self, None)
 
     def astype(self, dtype: Any) -> Tensor:
-        """Cast to ``dtype``; the gradient is cast back. A non-float target gives a
-        tensor outside the graph (integers carry no gradient).
+        """Cast to ``dtype``; the gradient is cast back. An integer or bool target
+        gives a tensor outside the graph (integers carry no gradient); a complex one
+        raises TypeError on a tensor that requires grad, as every op that gives complex
+        values from one does.
 
         >>> x = ag.tensor([1.5, 2.0], requires_grad=True)
         >>> x.astype("float64").dtype, x.astype("int64").numpy(), x.astype("int64").requires_grad
         (dtype('float64'), array([1, 2]), False)
         """
         dt = np.dtype(dtype)
-        if dt.kind != "f":
+        if dt.kind not in "fc":
             return Tensor(self._data.astype(dt))
+        # (complex too goes through the op, whose result check refuses it under grad:
+        # taken out of the graph, x.sum() + x.astype(complex).abs().sum() gave x half
+        # its gradient, silently; torch differentiates it)
         return _unary(Cast, self, dt)
 
     def exp(self) -> Tensor:
