@@ -719,6 +719,12 @@ class GraphTask:
                                     or out.dtype != grad.dtype
                                 ):
                                     out = _hook_result(hook, grad, out)
+                                if out is not grad:
+                                    # (an array the hook's code may keep: a leaf stores
+                                    # a copy, as torch's does of a tensor held elsewhere;
+                                    # kept as it was, a later change to it changed .grad
+                                    # and get_gradients' array)
+                                    self._given.add(id(out))
                                 grad = out
                     if node.boundary:
                         if self.on_boundary is not None:
@@ -799,8 +805,9 @@ class GraphTask:
         if grad is None:
             return
         if t.grad is None:
-            # Store an array the leaf owns: views, read-only broadcasts, and arrays
-            # already handed to another leaf (a + b gives both the same array) are copied.
+            # Store an array the leaf owns: views, read-only broadcasts, arrays already
+            # handed to another leaf (a + b gives both the same array) and arrays a hook
+            # returned (``_given`` has those too) are copied.
             if (
                 type(grad) is not np.ndarray
                 or grad.base is not None

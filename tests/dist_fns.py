@@ -285,6 +285,18 @@ def add_hook(key: str, scale: float) -> None:
     t.register_hook(hook)
 
 
+def add_held_hook(key: str, value: float) -> None:
+    """A hook on store[key] that returns an array this module keeps (as
+    ``held[key]``), whatever the gradient."""
+    t = _store[_k(key)]
+    held = _store[_k("held " + key)] = np.full(t.shape, value, t.dtype)
+    t.register_hook(lambda g: held)
+
+
+def set_held(key: str, value: float) -> None:
+    _store[_k("held " + key)][...] = value
+
+
 def hook_calls(key: str) -> list[np.ndarray]:
     return _hook_calls.get(_k(key), [])
 

@@ -469,6 +469,28 @@ def test_a_hook_result_of_another_dtype_is_cast_to_the_gradient_dtype():
     np.testing.assert_array_equal(x.grad, [10.0, 10.0])  # 4 + 2 * (1 * 3)
 
 
+def test_a_leaf_stores_a_copy_of_an_array_a_hook_returned():
+    # (.grad was the hook's own array, directly or through an op that passes its
+    # gradient on: the hook's owner changing it later changed .grad, and clipping
+    # .grad in place changed the hook's array)
+    held = np.full(2, 5.0, np.float32)
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    y = x + 1  # (its backward hands the hook's array on as it is)
+    y.register_hook(lambda g: held)
+    z = ag.tensor([3.0, 4.0], requires_grad=True)
+    z.register_hook(lambda g: held)
+    (y.sum() + z.sum()).backward()
+    held[...] = -1
+    np.testing.assert_array_equal(x.grad, [5.0, 5.0])
+    np.testing.assert_array_equal(z.grad, [5.0, 5.0])
+    x.grad *= 0.5
+    np.testing.assert_array_equal(held, [-1.0, -1.0])
+    w = ag.tensor([1.0, 2.0], requires_grad=True)
+    w.register_hook(lambda g: g.__imul__(3))  # its own gradient, changed in place
+    (w * 1).sum().backward()
+    np.testing.assert_array_equal(w.grad, [3.0, 3.0])
+
+
 def test_register_hook_needs_grad():
     with pytest.raises(RuntimeError, match="does not require grad"):
         ag.tensor([1.0]).register_hook(lambda g: g)

@@ -1046,6 +1046,26 @@ async def test_hooks_apply_on_remote_workers():
     np.testing.assert_allclose(gw, 3.0 * xv)
 
 
+async def test_a_gradient_a_hook_returned_is_the_contexts_own_array(mode):
+    # (get_gradients gave the hook's own array: changing it later, as its owner may,
+    # changed the context's gradient, and what DistributedOptimizer.step applies)
+    async with cluster(mode):
+        await ag.rpc("w1", F.put, ("w", np.ones(3)))
+        await ag.rpc("w1", F.add_held_hook, ("w", 5.0))
+        x = ag.tensor(np.ones(3), requires_grad=True)
+        held = np.full(3, 7.0)
+        x.register_hook(lambda g: held)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [y.sum()])
+            await ag.rpc("w1", F.set_held, ("w", -1.0))
+            held[...] = -1.0
+            gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+            gx = ag.dist.get_gradients(ctx)[x]
+    np.testing.assert_array_equal(gw, [5.0, 5.0, 5.0])
+    np.testing.assert_array_equal(gx, [7.0, 7.0, 7.0])
+
+
 async def test_a_backward_queued_behind_another_fails_as_released_when_the_context_goes(mode):
     # It ran on the released context once it got the lock: a RuntimeError saying to
     # pass retain_graph=True, which it had passed.
