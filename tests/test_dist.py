@@ -4133,6 +4133,12 @@ async def test_distributed_optimizer_errors():
         for empty in ([], ()):
             with pytest.raises(ValueError, match="needs at least one parameter RRef"):
                 ag.dist.DistributedOptimizer(ag.optim.SGD, empty, lr=0.1)
+        # (was Python's own "'NoneType' object is not iterable", naming no argument)
+        for not_a_list in (None, 3):
+            with pytest.raises(
+                TypeError, match=rf"params must be a list of RRefs, .*, got {not_a_list}$"
+            ):
+                ag.dist.DistributedOptimizer(ag.optim.SGD, not_a_list, lr=0.1)
 
 
 async def test_distributed_optimizer_repr_counts_the_parameters_of_each_owner():

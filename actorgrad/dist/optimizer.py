@@ -402,7 +402,12 @@ class DistributedOptimizer:
                 "(of one tensor: pass [rref]; of a model or a list: make the list on its "
                 "owner, [ag.RRef(p) for p in model.parameters()])"
             )
-        params = list(params)
+        try:
+            params = list(params)
+        except TypeError:  # (None, a number: "'NoneType' object is not iterable")
+            raise TypeError(
+                f"params must be a list of RRefs, one per parameter tensor, got {params!r:.80}"
+            ) from None
         if not params:
             raise ValueError("DistributedOptimizer needs at least one parameter RRef")
         self._by_owner: dict[str, list[RRef]] = {}
