@@ -426,6 +426,12 @@ def set_big(n: int) -> None:
     backward.BIG = n
 
 
+async def open_context() -> int:
+    """Open a context here and leave it (refused inside a call made in a context)."""
+    async with ag.dist.context() as ctx_id:
+        return ctx_id
+
+
 async def open_context_and_die(dest: str, key: str) -> None:
     """Open a context, leave a recorded send/recv pair on ``dest``, die without release."""
     x = ag.tensor(np.ones(3), requires_grad=True)

@@ -2330,6 +2330,17 @@ async def test_misuse_errors():
 
             with pytest.raises(ag.ContextError, match="or in the task that created it"):
                 await asyncio.ensure_future(child())
+            # code run by a call made in the context: it said "open in this task", a
+            # context the code on w1 never opened
+            with pytest.raises(ag.RemoteError) as info:
+                await ag.rpc("w1", F.open_context)
+            assert info.value.remote_type == "actorgrad.errors.ContextError"
+            assert info.value.remote_message == (
+                f"this code runs in distributed autograd context {ctx:#x} of worker 'driver': "
+                "the call running it was made inside that context, and a call runs in its "
+                "caller's context; contexts do not nest"
+            )
+        assert type(await ag.rpc("w1", F.open_context)) is int  # (outside it: fine)
         with pytest.raises(ag.ContextError, match="unknown or released"):
             await ag.dist.backward(ctx, [x.sum()])
         with pytest.raises(ag.ContextError, match="unknown or released"):

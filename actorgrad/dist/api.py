@@ -92,11 +92,21 @@ class _Context:
         worker = current_worker()
         open_ctx = current_context(worker)
         if open_ctx is not None:
-            raise ContextError(
-                f"a distributed autograd context ({open_ctx.id:#x}) is already open in this "
-                "task, or in the task that created it (a task shares the context of the "
-                "task it was created in); contexts do not nest"
-            )
+            if open_ctx.initiator != worker.name:
+                # (code run by a call made inside a context: "open in this task" sent its
+                # author looking for a context the code never opened)
+                where = (
+                    f"this code runs in distributed autograd context {open_ctx.id:#x} of "
+                    f"worker {open_ctx.initiator!r}: the call running it was made inside "
+                    "that context, and a call runs in its caller's context"
+                )
+            else:
+                where = (
+                    f"a distributed autograd context ({open_ctx.id:#x}) is already open in "
+                    "this task, or in the task that created it (a task shares the context "
+                    "of the task it was created in)"
+                )
+            raise ContextError(f"{where}; contexts do not nest")
         st = self._st = state_of(worker)
         ctx_id = self._id = st.new_context_id()
         st.create(ctx_id)
