@@ -726,6 +726,11 @@ def _unsendable_hint(obj: Any) -> str:
             "the function as the call's fn (ag.rpc(worker, fn, args)), and run a method "
             "of an RRef's value on its owner with `await rref.rpc().method(...)`"
         )
+    if inspect.iscoroutine(obj):  # (an `await` forgotten: the type alone did not say so)
+        return (
+            ": a coroutine is what calling an async function gives: await it first "
+            "(`await f(...)`) and send its result"
+        )
     module = type(obj).__module__
     root = module.partition(".")[0]
     if module == "builtins" or root == "numpy":

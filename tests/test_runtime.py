@@ -1113,6 +1113,18 @@ async def test_an_unsendable_argument_is_named_by_its_place_among_the_arguments(
         await ag.remote("w1", make_counter, ({1},))
     with pytest.raises(TypeError, match=r"does not fit in 64 bits \(at args\[0\]\)$"):
         await ag.rpc("w1", add, (2**64,))
+    # (an `await` forgotten: the type alone did not say so)
+    coro = async_add(1)
+    try:
+        with pytest.raises(
+            TypeError,
+            match=r"'coroutine' \(at args\[0\]\): a coroutine is what calling an async "
+            r"function gives: await it first \(`await f\(...\)`\) and send its result$",
+        ):
+            await ag.rpc("w1", add, (coro,))
+    finally:
+        coro.close()
+    assert await ag.rpc("w1", add, (1, 2)) == 3
 
 
 async def test_unknown_worker_is_a_clear_error(cluster):
