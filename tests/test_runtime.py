@@ -1184,6 +1184,21 @@ async def test_remote_returns_rref_and_methods_run_on_the_owner(cluster):
     await _owned_count("w1")
 
 
+async def test_an_rref_method_call_of_an_attribute_that_is_no_method_names_it(cluster):
+    # (it said only "'int' object is not callable")
+    r = await ag.remote("w1", make_counter, (5,))
+    for proxy in (r.rpc(), r.remote()):
+        with pytest.raises(ag.RemoteError) as info:
+            await proxy.value()
+        assert info.value.remote_type == "TypeError"
+        assert info.value.remote_message == (
+            "rref.rpc().value() and rref.remote().value() call a method, but 'value' of the "
+            "Counter the RRef holds is 5, of type int: call a method that returns it (or "
+            "fetch the whole value: `await rref.to_here()`)"
+        )
+    assert await r.rpc().incr() == 6
+
+
 @pytest.mark.parametrize("fn", [own_a_list, own_a_list_async])
 async def test_rref_of_an_existing_value_holds_that_value_itself(cluster, fn):
     # (as torch's RRef(value): the only public way was ag.remote(me, identity, (v,)),
