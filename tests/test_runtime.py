@@ -3480,6 +3480,28 @@ async def test_actorgrad_used_from_another_event_loop_says_so(cluster):
     assert not cluster.driver.closed
 
 
+async def _shut_down_here(graceful: bool) -> None:
+    await ag.shutdown(graceful=graceful)
+
+
+@pytest.mark.parametrize("graceful", [True, False])
+async def test_shutdown_in_code_of_an_in_process_worker_is_refused_naming_both(graceful):
+    # (it shut the driver down, under the cluster's block: every later call of the
+    # driver failed, "worker 'driver' is shutting down")
+    async with ag.local_cluster(2) as c:
+        message = (
+            r"RuntimeError on worker 'w1': ag.shutdown\(\) in code that worker 'w1' runs "
+            r".* would shut down this process's worker, 'driver': 'w1' is an in-process "
+            "worker of local_cluster"
+        )
+        with pytest.raises(ag.RemoteError, match=message):
+            await ag.rpc("w1", _shut_down_here, (graceful,))
+        assert not c.driver.closing
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+        assert await ag.rpc("w2", add, (1, 2)) == 3
+        assert ag.workers() == ["driver", "w1", "w2"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "exc", "message"),
     [

@@ -382,7 +382,8 @@ async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:
     ``asyncio.run()`` that returned) is only forgotten: nothing of it can run any more.
 
     Raises TypeError (``graceful`` not a bool), ValueError (a bad ``timeout``),
-    RuntimeError (called from another event loop than the worker's).
+    RuntimeError (called from another event loop than the worker's, or by code an
+    in-process worker of ``local_cluster`` runs: it would shut the driver down).
 
     Example::
 
@@ -402,6 +403,16 @@ async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:
         return
     if asyncio.get_running_loop() is not w.loop:
         raise _w.wrong_loop(w)
+    running = _w._current.get(None)
+    if running is not None and running is not w:
+        # (code of an in-process worker of local_cluster: it shut the driver down, under
+        # the cluster's block, and every later call of the driver was refused)
+        raise RuntimeError(
+            f"ag.shutdown() in code that worker {running.name!r} runs (a call to it, or a "
+            f"task one started) would shut down this process's worker, {w.name!r}: "
+            f"{running.name!r} is an in-process worker of local_cluster, which stops when "
+            "the `async with ag.local_cluster()` block is left"
+        )
     await w.shutdown(graceful=graceful, timeout=timeout)
     if _w._process_worker is w:
         _w.set_process_worker(None)
