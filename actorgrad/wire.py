@@ -1223,8 +1223,22 @@ def _array_from(dec: _Decoder, dstr: Any, shape: Any, raw: Any) -> np.ndarray:
         raise ProtocolError(
             f"array of shape {tuple(shape)} and dtype {dstr} needs {expected} bytes, got {len(buf)}"
         )
+    if len(shape) != 1 and type(buf) is memoryview and dtype in _CASTS and 0 not in shape:
+        # Of the frame's buffer cast to the shape: an array whose base is that buffer
+        # (held against resizing, as np.frombuffer's is), where a reshape of the 1-d
+        # array is a view of an array, which a leaf of the distributed backward cannot
+        # tell from a view of one a user holds, and copies (a 256x256 float32 gradient
+        # sent back to a parameter's owner: 256 KiB copied a step). np.ndarray(shape,
+        # buffer=...) would not hold the buffer. (memoryview casts to native float32,
+        # float64 and int formats only, and no zero-size shapes: the rest as before.)
+        return np.asarray(buf.cast(_CASTS[dtype], shape))
     arr = np.frombuffer(buf, dtype=dtype)
     return arr if len(shape) == 1 else arr.reshape(shape)
+
+
+#: dtypes whose arrays _array_from makes by casting the frame's buffer: native byte
+#: order, a single-character format memoryview.cast takes
+_CASTS = {np.dtype(c): c for c in "fdbBhHiIqQ"}
 
 
 def _dec_array(dec: _Decoder, data: bytes) -> np.ndarray:

@@ -1046,6 +1046,24 @@ async def test_hooks_apply_on_remote_workers():
     np.testing.assert_allclose(gw, 3.0 * xv)
 
 
+@pytest.mark.parametrize("shape", [(65536,), (256, 256), (16, 64, 64)])
+async def test_a_leaf_keeps_a_received_gradient_of_any_rank_without_a_copy(shape):
+    # (a gradient of 2 or more dimensions was decoded as a reshape of a 1-d view of
+    # the frame: the leaf could not tell it from a view of a user's array and copied
+    # it, 256 KiB a step for a 256x256 float32 parameter sent to a worker)
+    wv = np.full(shape, 3.0, np.float32)
+    async with ag.local_cluster(1, transport="tcp"):
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(np.ones(shape, np.float32), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.dist.backward(ctx, [y.sum()])
+            g = ag.dist.get_gradients(ctx)[x]
+    np.testing.assert_array_equal(g, wv)
+    assert g.dtype == np.float32 and g.flags.writeable
+    assert type(g.base) is memoryview, type(g.base)  # (the frame's buffer: no copy)
+
+
 async def test_a_gradient_a_hook_returned_is_the_contexts_own_array(mode):
     # (get_gradients gave the hook's own array: changing it later, as its owner may,
     # changed the context's gradient, and what DistributedOptimizer.step applies)

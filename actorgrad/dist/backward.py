@@ -148,12 +148,11 @@ def _leaf(contrib: dict[Tensor, np.ndarray], t: Tensor, grad: np.ndarray | None)
         grad.dtype != t.data.dtype or not grad.flags.writeable or isinstance(grad.base, np.ndarray)
     ):
         # The user gets this array: make it one the context owns, in the leaf's dtype.
-        # (A 1-d gradient decoded from a frame is a writable view of that frame, whose
-        # values no other array shares, so it is kept without a copy; it keeps the
-        # frame's whole buffer alive, as any received array does: see limits.md. One of
-        # more dimensions is a reshape of such a view, which this cannot tell from a
-        # view of an array someone holds: copied. np.ndarray(shape, buffer=frame)
-        # would be no view, but it does not hold the frame's buffer against resizing.)
+        # (A gradient decoded from a frame is a writable array over that frame's buffer,
+        # whose values no other array shares, so it is kept without a copy; it keeps
+        # the frame's whole buffer alive, as any received array does: see limits.md.
+        # But for dtypes and shapes wire._array_from makes as a reshape of a 1-d view:
+        # float16, another byte order, zero-size, inline ones under 64 KiB, copied.)
         contrib[t] = np.array(grad, dtype=t.data.dtype)
     else:
         contrib[t] = grad
