@@ -3474,8 +3474,24 @@ async def test_actorgrad_used_from_another_event_loop_says_so(cluster):
             await rref.rpc().bit_length()
         with pytest.raises(RuntimeError, match=wrong):
             await ag.shutdown()
+        # (these await on the loop before any call: ag.dist.backward ran the pass from
+        # this thread, then waited until something woke this loop, for good here)
+        async with asyncio.timeout(10):
+            with pytest.raises(RuntimeError, match=wrong):
+                await ag.dist.backward(ctx, [y.sum()])
+        with pytest.raises(RuntimeError, match=wrong):
+            async with ag.dist.context():
+                pass
+        with pytest.raises(RuntimeError, match=wrong):
+            await ag.wait_for_workers(5, timeout=30)
 
-    await asyncio.get_running_loop().run_in_executor(None, asyncio.run, elsewhere())
+    async with ag.dist.context() as ctx:
+        x = ag.tensor([1.0, 2.0], requires_grad=True)
+        y = await ag.rpc("w1", operator.mul, (x, x))
+        await asyncio.get_running_loop().run_in_executor(None, asyncio.run, elsewhere())
+        assert ag.dist.debug_info()["num_backward_passes"] == 0
+        await ag.dist.backward(ctx, [y.sum()])
+        assert ag.dist.get_gradients(ctx)[x].tolist() == [2.0, 4.0]
     assert await ag.rpc("w1", add, (1, 2)) == 3 and await rref.to_here() == 3
     assert not cluster.driver.closed
 

@@ -22,7 +22,7 @@ from actorgrad.dist.context import (
     state_of,
 )
 from actorgrad.errors import ContextError, ProtocolError, WorkerLost, short_repr
-from actorgrad.runtime import current_worker, inline
+from actorgrad.runtime import current_worker, inline, loop_worker
 from actorgrad.tensor import Tensor
 
 __all__ = ["context", "debug_info", "get_gradients"]
@@ -89,7 +89,7 @@ class _Context:
                 f"this ag.dist.context() object is already entered (context {self._id:#x}, "
                 "maybe by another task): each `async with` needs its own ag.dist.context()"
             )
-        worker = current_worker()
+        worker = loop_worker()
         open_ctx = current_context(worker)
         if open_ctx is not None:
             if open_ctx.initiator != worker.name:

@@ -74,7 +74,7 @@ from actorgrad.errors import (
     short_repr,
     type_name,
 )
-from actorgrad.runtime import current_worker, inline, on_cast
+from actorgrad.runtime import current_worker, inline, loop_worker, on_cast
 from actorgrad.tensor import Tensor, broadcast_view
 
 log = logging.getLogger("actorgrad.dist")
@@ -1252,7 +1252,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
     checked = _check_roots(roots)
     # (it travels: the peers take a bool only; "no" would be true)
     retain_graph = check_retain_graph(retain_graph)
-    worker = current_worker()
+    worker = loop_worker()
     st = state_of(worker)
     ctx = st.get(context_id)
     context_id = ctx.id  # (an int: it travels, a numpy integer would not)

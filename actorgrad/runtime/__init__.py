@@ -34,6 +34,7 @@ from actorgrad.runtime.worker import (
     Worker,
     current_worker,
     get_interceptor,
+    loop_worker,
     on_cast,
     set_interceptor,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "init",
     "inline",
     "local_cluster",
+    "loop_worker",
     "on_cast",
     "remote",
     "rpc",

@@ -44,6 +44,7 @@ from actorgrad.runtime.worker import (
     check_timeout,
     current_worker,
     head_lost,
+    loop_worker,
 )
 
 log = logging.getLogger("actorgrad.runtime")
@@ -323,7 +324,7 @@ async def wait_for_workers(
         names = await ag.wait_for_workers(3, timeout=60)  # the driver and 2 workers
         print(names)                                      # ['driver', 'w1', 'w2']
     """
-    w = current_worker()
+    w = loop_worker()
     check_timeout(timeout, "to wait for good")
     want: int | list[str]
     if isinstance(workers, (list, tuple)):

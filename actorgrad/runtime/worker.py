@@ -323,6 +323,18 @@ def current_worker() -> Worker:
     raise RuntimeError(_NOT_INIT)
 
 
+def loop_worker() -> Worker:
+    """:func:`current_worker`, for async code that awaits on its event loop: RuntimeError
+    (:func:`wrong_loop`) when the running loop is another one. (What the worker's loop
+    sets never wakes another loop's awaits: ``ag.dist.backward`` awaited on another
+    thread's loop ran the pass from that thread, then waited until something else woke
+    its loop, for good in an idle one.)"""
+    w = current_worker()
+    if asyncio.get_running_loop() is not w.loop:
+        raise wrong_loop(w)
+    return w
+
+
 def wrong_loop(w: Worker) -> RuntimeError:
     """The error for using worker ``w`` from an event loop that is not its own."""
     if w.loop.is_closed():
