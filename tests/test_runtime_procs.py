@@ -6,6 +6,7 @@ import asyncio
 import base64
 import gc
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -102,6 +103,68 @@ async def test_process_workers_rpc_reentrancy_and_no_orphans():
         assert await r.to_here() == [1, 2, 3]
         assert ag.workers() == ["driver", "w1", "w2"]
     assert all(_gone(p) for p in pids)
+
+
+def _child_of_a_fork(conn, address, token):
+    """In a child forked from a driver: what using the driver's worker says, then a
+    worker of its own in the driver's cluster; then it lives on until told to end."""
+    try:
+        asyncio.run(ag.rpc("w1", pid))
+        said = "no error"
+    except RuntimeError as exc:
+        said = str(exc)
+
+    async def own():
+        await ag.init("child", address=address, token=token)
+        try:
+            return await ag.rpc("w1", pid)
+        finally:
+            await ag.shutdown()
+
+    try:
+        conn.send((said, asyncio.run(own())))
+    except BaseException as exc:  # (said too: the test would wait for the reply)
+        conn.send((said, repr(exc)))
+    conn.poll(60)
+
+
+async def test_a_child_forked_from_the_driver_holds_none_of_its_sockets(caplog):
+    # A child forked from a driver (multiprocessing's "fork" start method, a Pool's
+    # default on Linux) held copies of the driver's sockets: leaving the cluster, the
+    # driver closed its connections, but its worker processes heard no end of them while
+    # the child lived, and local_cluster waited out its 3 s grace, then SIGTERMed them
+    # ("did not exit within 3 s of leaving it"). Using the driver's worker in the child
+    # said to use it from its own event loop, and ag.init there: "already initialized".
+    fork = multiprocessing.get_context("fork")
+    ours, theirs = fork.Pipe()
+    loop = asyncio.get_running_loop()
+    with caplog.at_level(logging.WARNING, logger="actorgrad.runtime"):
+        async with ag.local_cluster(1, processes=True) as c:
+            child = fork.Process(
+                target=_child_of_a_fork, args=(theirs, c.address, c.driver.token), daemon=True
+            )
+            child.start()
+            try:
+                assert await loop.run_in_executor(None, ours.poll, 60)
+                said, w1 = ours.recv()
+                assert said == (
+                    f"worker 'driver' belongs to process {os.getpid()}, and this process is "
+                    "a fork of it (os.fork(), multiprocessing's 'fork' start method): a "
+                    "worker does not cross a fork; `await ag.init(...)` here makes one of "
+                    "this process's own"
+                )
+                assert w1 == c.pids[0]
+            except BaseException:
+                child.kill()
+                raise
+        try:
+            assert not [r for r in caplog.records if "did not exit" in r.getMessage()]
+            assert child.is_alive()  # (it held its copies all along)
+            assert [p.returncode for p in c.procs.procs.values()] == [0]
+        finally:
+            ours.send("end")
+            await loop.run_in_executor(None, child.join, 30)
+    assert child.exitcode == 0
 
 
 async def test_process_workers_under_an_unknown_log_level_are_refused_by_name(monkeypatch):

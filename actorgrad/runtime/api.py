@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import threading
@@ -398,6 +399,9 @@ async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:
     _w.check_timeout(timeout, "for the default (10 s)")
     w = _w._process_worker
     if w is None:
+        return
+    if w.pid != os.getpid():  # (the parent's, copied by a fork: nothing of it is ours)
+        _w.set_process_worker(None)
         return
     if w.loop.is_closed():
         _forget(w)

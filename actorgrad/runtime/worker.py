@@ -299,6 +299,37 @@ _interceptor: Any = None
 #: local_cluster): those a function defined interactively can be called on
 _here: weakref.WeakSet[Worker] = weakref.WeakSet()
 
+
+def _forked() -> None:
+    """In the child of a fork (``os.fork()``, multiprocessing's "fork" start method, as
+    ``multiprocessing.Pool`` uses by default on Linux before Python 3.14): the workers of
+    this process are the parent's, and the child holds copies of their sockets. Those
+    copies kept the parent's connections open after the parent closed them (its peers
+    heard no end: ``local_cluster(processes=True)`` waited out its 3 s grace, then
+    SIGTERMed worker processes that were waiting for its connection to close) and kept
+    its listening ports bound. Each copy is replaced by /dev/null here (not closed: the
+    number stays the socket object's to close, and nothing done with it then reaches
+    the parent's sockets or event loop); the copies of the workers are closed, and
+    using one says it belongs to the parent (``wrong_loop``)."""
+    live = [w for w in _here if not w.closed]
+    if not live:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for w in live:
+            w.closed = True  # (its RRefs' finalizers send nothing now)
+            for fd in w._socket_fds():
+                try:
+                    os.dup2(null, fd, inheritable=False)
+                except OSError:
+                    pass
+    finally:
+        os.close(null)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
@@ -337,6 +368,12 @@ def loop_worker() -> Worker:
 
 def wrong_loop(w: Worker) -> RuntimeError:
     """The error for using worker ``w`` from an event loop that is not its own."""
+    if w.pid != os.getpid():
+        return RuntimeError(
+            f"worker {w.name!r} belongs to process {w.pid}, and this process is a fork of "
+            "it (os.fork(), multiprocessing's 'fork' start method): a worker does not cross "
+            "a fork; `await ag.init(...)` here makes one of this process's own"
+        )
     if w.loop.is_closed():
         return RuntimeError(
             f"the event loop of worker {w.name!r} has closed (an asyncio.run() that "
@@ -752,6 +789,7 @@ class Worker:
         self.advertise = advertise
         self.address = ""
         self.loop = asyncio.get_running_loop()
+        self.pid = os.getpid()  # (a forked child has a copy of it: see _forked)
         #: the thread that runs the loop (code of this worker runs in it, or in its pool)
         self.loop_thread = threading.get_ident()
         self.closed = False
@@ -851,6 +889,28 @@ class Worker:
         # before they came here (see rref._unfork)
         self._fork_tags = itertools.count(1)
         self._rref_withdrawn: dict[tuple[tuple[str, int], int], float] = {}  # -> expiry
+
+    def _socket_fds(self) -> list[int]:
+        """The file numbers of this worker's listening and connected sockets (see
+        _forked)."""
+        socks: list[Any] = [
+            sock
+            for lst in (self._server, self._local_server)
+            if lst is not None
+            for sock in lst.sockets
+        ]
+        for conn in list(self._every_conn):
+            if conn.transport is not None:
+                socks.append(conn.transport.get_extra_info("socket"))
+        fds = []
+        for sock in socks:
+            try:
+                fd = sock.fileno()
+            except (AttributeError, OSError, ValueError):
+                continue
+            if fd >= 0:
+                fds.append(fd)
+        return fds
 
     # ------------------------------------------------------------------ public bits
     def __repr__(self) -> str:
