@@ -167,6 +167,36 @@ async def test_a_child_forked_from_the_driver_holds_none_of_its_sockets(caplog):
     assert child.exitcode == 0
 
 
+def fork_and_sigterm() -> int:
+    """The exit code of a forked child that sends itself SIGTERM (1: it lived on)."""
+    child = os.fork()
+    if child == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(1)
+    return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+
+
+async def test_a_child_forked_in_a_worker_process_dies_of_sigterm_and_the_worker_goes_on():
+    # The worker process's loop took SIGTERM and SIGINT (add_signal_handler): a child
+    # forked in a call (a fork Pool: its terminate() SIGTERMs its processes) ignored
+    # SIGTERM, and wrote its number to the parent loop's wake-up socket, so the worker
+    # process stopped as if it had been sent it (the call's caller: "w1 left the
+    # cluster"); the Pool waited for good for a child stuck on its queue's lock.
+    loop = asyncio.get_running_loop()
+    heard = threading.Event()
+    loop.add_signal_handler(signal.SIGTERM, heard.set)  # (the driver's loop: the same)
+    try:
+        async with ag.local_cluster(1, processes=True) as c:
+            assert await ag.rpc("w1", fork_and_sigterm) == -signal.SIGTERM
+            assert fork_and_sigterm() == -signal.SIGTERM
+            assert await ag.rpc("w1", pid) == c.pids[0]
+            assert ag.workers() == ["driver", "w1"]
+        assert [p.returncode for p in c.procs.procs.values()] == [0]
+        assert not heard.is_set()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 async def test_process_workers_under_an_unknown_log_level_are_refused_by_name(monkeypatch):
     # (each worker process exited with status 2, the reason on its stderr only)
     monkeypatch.setenv("ACTORGRAD_LOG", "loud")

@@ -91,6 +91,7 @@ import math
 import numbers
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -310,10 +311,27 @@ def _forked() -> None:
     its listening ports bound. Each copy is replaced by /dev/null here (not closed: the
     number stays the socket object's to close, and nothing done with it then reaches
     the parent's sockets or event loop); the copies of the workers are closed, and
-    using one says it belongs to the parent (``wrong_loop``)."""
+    using one says it belongs to the parent (``wrong_loop``).
+
+    The signals the parent's loops took (``loop.add_signal_handler``: a worker
+    process's SIGTERM and SIGINT) get their default handling back, and their wake-up
+    socket is let go: a signal to the child (a Pool's ``terminate()``) was ignored
+    there (the Pool waited for it for good) and its number written to that socket, so
+    the parent's loop ran its handler (the worker process stopped)."""
     live = [w for w in _here if not w.closed]
     if not live:
         return
+    loops = [w.loop for w in live]
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in signal.valid_signals():
+            h = signal.getsignal(sig)
+            if h is _asyncio_noop or any(getattr(h, "__self__", None) is lp for lp in loops):
+                signal.signal(
+                    sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+                )
+    except (ValueError, OSError):
+        pass
     null = os.open(os.devnull, os.O_RDWR)
     try:
         for w in live:
@@ -326,6 +344,9 @@ def _forked() -> None:
     finally:
         os.close(null)
 
+
+#: what an asyncio loop's add_signal_handler puts in Python's handler's place
+_asyncio_noop = getattr(getattr(asyncio, "unix_events", None), "_sighandler_noop", None)
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forked)
