@@ -1237,8 +1237,8 @@ def _array_from(dec: _Decoder, dstr: Any, shape: Any, raw: Any) -> np.ndarray:
 
 
 #: dtypes whose arrays _array_from makes by casting the frame's buffer: native byte
-#: order, a single-character format memoryview.cast takes
-_CASTS = {np.dtype(c): c for c in "fdbBhHiIqQ"}
+#: order, a single-character format memoryview.cast takes (Any: mypy wants a Literal)
+_CASTS: dict[np.dtype[Any], Any] = {np.dtype(c): c for c in "fdbBhHiIqQ"}
 
 
 def _dec_array(dec: _Decoder, data: bytes) -> np.ndarray:
