@@ -105,6 +105,29 @@ async def test_process_workers_rpc_reentrancy_and_no_orphans():
     assert all(_gone(p) for p in pids)
 
 
+async def stop_here(seconds: float) -> None:
+    await ag.shutdown(timeout=seconds)
+
+
+async def test_a_call_that_stops_its_own_worker_is_not_waited_for():
+    # A graceful shutdown waits for the calls running: also for the call that asked for
+    # it, which waited for the shutdown, so the worker waited out its whole grace (10 s
+    # by default, here 60 s) before it stopped, and its caller heard nothing until then.
+    async with ag.local_cluster(2, processes=True) as c:
+        w = c.driver
+
+        async def w2_left() -> None:
+            while "w2" in ag.workers():
+                await w._members_changed.wait()
+
+        with pytest.raises(ag.WorkerLost, match="w2"):
+            await asyncio.wait_for(ag.rpc("w2", stop_here, (60.0,)), 20)
+        await asyncio.wait_for(w2_left(), 20)
+        w2 = c.procs.procs["w2"]
+        assert await asyncio.wait_for(asyncio.to_thread(w2.wait), 20) == 0
+        assert await ag.rpc("w1", pid) == c.pids[0]
+
+
 def _child_of_a_fork(conn, address, token):
     """In a child forked from a driver: what using the driver's worker says, then a
     worker of its own in the driver's cluster; then it lives on until told to end."""

@@ -847,6 +847,7 @@ class Worker:
         self._inflight = 0
         # of those, calls in the thread pool whose callers gave up (see _cancel_request)
         self._given_up = 0
+        self._asking = 0  # calls running here that await this worker's own shutdown
         # rejected connections logged in the current minute (see _log_rejected)
         self._rejected_since = -math.inf
         self._rejected_logged = self._rejected_unlogged = 0
@@ -3336,18 +3337,36 @@ class Worker:
     # ------------------------------------------------------------------ teardown
     async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:  # noqa: ASYNC109 (timeout is API)
         """Teardown phase; idempotent. Graceful: stop taking new calls, let the ones in
-        flight finish (at most ``timeout`` s), then leave the cluster and close."""
-        if self._shutdown_task is None:
-            self._shutdown_task = self.loop.create_task(self._teardown(graceful, timeout))
-        elif not graceful:
-            self.cut_drain()
-        await asyncio.shield(self._shutdown_task)
+        flight finish (at most ``timeout`` s), then leave the cluster and close. A call of
+        this worker that asks for it (``await ag.shutdown()`` in an ``async def`` called
+        here) is not waited for: it waits for the shutdown (it waited out ``timeout``
+        for itself, and its caller heard nothing until then)."""
+        me = asyncio.current_task()
+        asking = me is not None and self._runs_call(me)
+        if asking:
+            self._asking += 1
+            self._check_drained()  # (a shutdown under way may now wait for none)
+        try:
+            if self._shutdown_task is None:
+                self._shutdown_task = self.loop.create_task(self._teardown(graceful, timeout))
+            elif not graceful:
+                self.cut_drain()
+            await asyncio.shield(self._shutdown_task)
+        finally:
+            if asking:
+                self._asking -= 1
+
+    def _runs_call(self, task: asyncio.Task[Any]) -> bool:
+        """Whether ``task`` runs a call made to this worker (an ``async def``'s)."""
+        return any(
+            t is task for conn in list(self._every_conn) for t in list(conn.running.values())
+        )
 
     def _check_drained(self) -> None:
         """Wake a graceful shutdown once the calls still running are only those of the
         thread pool whose callers gave up: nobody waits for them, and a shutdown that
         waited for them took its whole grace (``timeout``) for calls that may never end."""
-        if self._inflight <= self._given_up:
+        if self._inflight <= self._given_up + self._asking:
             w = self._idle_waiter
             if w is not None and not w.done():
                 w.set_result(None)
@@ -3364,15 +3383,15 @@ class Worker:
         self._stopping = True
         if timeout is None:
             timeout = SHUTDOWN_TIMEOUT
-        if graceful and self._inflight > self._given_up and not self._drain_cut:
+        if graceful and self._inflight > self._given_up + self._asking and not self._drain_cut:
             try:
                 async with asyncio.timeout(timeout):
                     self._idle_waiter = self.loop.create_future()
                     await self._idle_waiter
             except TimeoutError:
                 pass
-        if self._inflight:
-            n = self._inflight
+        if self._inflight > self._asking:
+            n = self._inflight - self._asking
             log.warning(
                 "worker %s: %d call%s still running at shutdown%s",
                 self.name,
