@@ -1237,8 +1237,25 @@ def _array_from(dec: _Decoder, dstr: Any, shape: Any, raw: Any) -> np.ndarray:
 
 
 #: dtypes whose arrays _array_from makes by casting the frame's buffer: native byte
-#: order, a single-character format memoryview.cast takes (Any: mypy wants a Literal)
-_CASTS: dict[np.dtype[Any], Any] = {np.dtype(c): c for c in "fdbBhHiIqQ"}
+#: order, a single-character format memoryview.cast takes (Any: mypy wants a Literal).
+#: Each with its dtype's own character, which numpy gives the cast array back: for
+#: int64 'l' on Linux, where 'q' made a dtype equal to int64 but of type np.longlong
+#: (np.issubdtype(a.dtype, np.int64) was False for a received 2-d array, True for 1-d)
+_CASTS: dict[np.dtype[Any], Any] = {
+    np.dtype(t): np.dtype(t).char
+    for t in (
+        np.float32,
+        np.float64,
+        np.int8,
+        np.uint8,
+        np.int16,
+        np.uint16,
+        np.int32,
+        np.uint32,
+        np.int64,
+        np.uint64,
+    )
+}
 
 
 def _dec_array(dec: _Decoder, data: bytes) -> np.ndarray:

@@ -346,6 +346,18 @@ def test_decoded_large_array_shares_memory_with_a_writable_frame():
     assert decode_frame(frame_buf).body()[0][0, 0] == 42
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64, np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(8192,), (64, 128), (8, 32, 32)])
+def test_a_decoded_large_array_has_its_senders_dtype_of_any_rank(dtype, shape):
+    # (a 2-d int64 one, cast from the frame's buffer as 'q', came back as a dtype equal
+    # to int64 but of type np.longlong: np.issubdtype(out.dtype, np.int64) was False,
+    # and its items no np.int64, where a 1-d one's were)
+    arr = np.ones(shape, dtype)
+    out = decode_frame(join_chunks(encode_frame([0], arr))).body()
+    assert out.dtype.char == arr.dtype.char and out.dtype.type is arr.dtype.type
+    assert np.issubdtype(out.dtype, dtype) and type(out.flat[0]) is dtype
+
+
 def test_decoded_large_array_from_bytes_is_a_read_only_view():
     arr = np.ones(20_000, dtype=np.float32)
     frame_bytes = b"".join(encode_frame([0], arr))
