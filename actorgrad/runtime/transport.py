@@ -10,12 +10,15 @@ Handshake (both sides, :func:`handshake`)::
     each side -> MAGIC (8) | version u16 | nonce (32)         the hello, sent at once
     client    -> HMAC-SHA256(token, b"C" | nonce_c | nonce_s)
     server    -> HMAC-SHA256(token, b"S" | nonce_c | nonce_s) | b"\\x01"   accepted
+           or -> 33 zero bytes (_REFUSED), then it closes                  refused
 
-The server checks the client's MAC first and closes the connection on a mismatch
-without sending its own (it logs and keeps serving others): anyone can connect, and a
-MAC over a nonce of their choice would let them test guesses of a weak token offline.
-The client checks the server's (a wrong token gives ``AuthError`` on the connecting
-side). The whole exchange has a deadline.
+The server checks the client's MAC first and, on a mismatch, refuses without sending
+its own MAC, then closes the connection (it logs and keeps serving others): anyone can
+connect, and a MAC over a nonce of their choice would let them test guesses of a weak
+token offline. The client raises ``TokenRefused`` (an ``AuthError``) on the refusal,
+``AuthError`` when the server's MAC is wrong, and ``WorkerLost`` when the connection
+closes without a refusal (a peer shutting down or dead). The whole exchange has a
+deadline.
 
 Frames: each is preceded by its length (u64) and its tag, a keyed BLAKE2b of the
 frame's number on the connection, its length and its front (:class:`FrameMac`), with
@@ -1642,7 +1645,8 @@ async def handshake(
     """Run the handshake on ``conn`` (raw bytes). Raises AuthError (wrong token, not an
     actorgrad peer, version mismatch; on the server, a client that does not complete it
     in time) or, on the client, WorkerLost when the server does not answer in time (a
-    hung process: its kernel accepted the connection) — the connection is aborted then."""
+    hung process: its kernel accepted the connection) or closes the connection without
+    refusing our token (shutting down, dead) — the connection is aborted then."""
     where = conn.peer_addr
     deadline = HANDSHAKE_TIMEOUT if timeout is None else timeout
     magic_ok = False  # (what came is an actorgrad peer's start)
