@@ -220,6 +220,45 @@ async def test_a_child_forked_in_a_worker_process_dies_of_sigterm_and_the_worker
         loop.remove_signal_handler(signal.SIGTERM)
 
 
+def fork_and_sigterm_at_once(times: int) -> list[int]:
+    """The exit codes of ``times`` forked children, each sent SIGTERM by this process as
+    soon as the fork returns (0: it lived on, until told by a pipe's end)."""
+    codes = []
+    for _ in range(times):
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(w)
+            os.read(r, 1)
+            os._exit(0)
+        os.close(r)
+        os.kill(child, signal.SIGTERM)
+        os.close(w)
+        codes.append(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))
+    return codes
+
+
+async def test_a_sigterm_that_reaches_a_child_as_it_starts_is_the_childs():
+    # One that came before the child's at-fork hook gave SIGTERM its default handling
+    # found the parent's Python handler and wake-up socket there: the child lived on and
+    # the parent's loop ran its handler (a worker process stopped). 10 of 10 children
+    # forked and at once sent SIGTERM, the parent's loop handler ran 10 times.
+    loop = asyncio.get_running_loop()
+    heard = threading.Event()
+    loop.add_signal_handler(signal.SIGTERM, heard.set)
+    try:
+        async with ag.local_cluster(1, processes=True) as c:
+            assert await ag.rpc("w1", fork_and_sigterm_at_once, (20,)) == [-signal.SIGTERM] * 20
+            codes = await loop.run_in_executor(None, fork_and_sigterm_at_once, 20)
+            assert codes == [-signal.SIGTERM] * 20
+            assert await ag.rpc("w1", pid) == c.pids[0]
+            assert ag.workers() == ["driver", "w1"]
+        assert [p.returncode for p in c.procs.procs.values()] == [0]
+        assert not heard.is_set()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 async def test_process_workers_under_an_unknown_log_level_are_refused_by_name(monkeypatch):
     # (each worker process exited with status 2, the reason on its stderr only)
     monkeypatch.setenv("ACTORGRAD_LOG", "loud")

@@ -317,19 +317,71 @@ def _forked() -> None:
     process's SIGTERM and SIGINT) get their default handling back, and their wake-up
     socket is let go: a signal to the child (a Pool's ``terminate()``) was ignored
     there (the Pool waited for it for good) and its number written to that socket, so
-    the parent's loop ran its handler (the worker process stopped)."""
+    the parent's loop ran its handler (the worker process stopped). They were blocked
+    from before the fork (_before_fork) until then: one that came first did so too."""
+    try:
+        live = [w for w in _here if not w.closed]
+        if live:
+            _let_go(live)
+    finally:
+        if (
+            getattr(_fork_mask, "mask", None) is not None
+            and signal.SIGINT in signal.sigpending()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            # (a SIGINT that came as the child started ends it, as an uncaught
+            # KeyboardInterrupt would: raised here, in an at-fork hook, it was lost)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _unblock()
+
+
+def _loop_signals(loops: list[asyncio.AbstractEventLoop]) -> list[int]:
+    """The signals whose handler is one an event loop put there (add_signal_handler)."""
+    return [
+        sig
+        for sig in signal.valid_signals()
+        if (h := signal.getsignal(sig)) is _asyncio_noop
+        or any(getattr(h, "__self__", None) is lp for lp in loops)
+    ]
+
+
+#: .mask: the forking thread's signal mask before _before_fork blocked the loops'
+#: signals (per thread: two threads may fork at once, and a mask is a thread's own)
+_fork_mask = threading.local()
+
+
+def _before_fork() -> None:
+    """Block the signals the workers' loops took, in the thread that forks, until the
+    child has their default handling back (_forked): one that came in between ran the
+    Python handler the child had of the parent's, which wrote it to the parent's
+    wake-up socket (a SIGTERM sent to a child as it started stopped the parent)."""
     live = [w for w in _here if not w.closed]
-    if not live:
-        return
+    if live:
+        try:
+            sigs = _loop_signals([w.loop for w in live])
+            if sigs:
+                _fork_mask.mask = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        except (ValueError, OSError):
+            pass
+
+
+def _unblock() -> None:
+    """After a fork, in the parent and the child: the mask _before_fork changed back."""
+    mask = getattr(_fork_mask, "mask", None)
+    _fork_mask.mask = None
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _let_go(live: list[Worker]) -> None:
+    """_forked's work, in the child, for the parent's workers ``live``."""
     loops = [w.loop for w in live]
     try:
         signal.set_wakeup_fd(-1)
-        for sig in signal.valid_signals():
-            h = signal.getsignal(sig)
-            if h is _asyncio_noop or any(getattr(h, "__self__", None) is lp for lp in loops):
-                signal.signal(
-                    sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
-                )
+        for sig in _loop_signals(loops):
+            signal.signal(
+                sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            )
     except (ValueError, OSError):
         pass
     null = os.open(os.devnull, os.O_RDWR)
@@ -349,7 +401,7 @@ def _forked() -> None:
 _asyncio_noop = getattr(getattr(asyncio, "unix_events", None), "_sighandler_noop", None)
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forked)
+    os.register_at_fork(before=_before_fork, after_in_parent=_unblock, after_in_child=_forked)
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
