@@ -1237,6 +1237,18 @@ async def test_rref_of_a_value_needs_a_running_worker():
         ag.RRef(1)
 
 
+async def test_rref_of_a_coroutine_says_to_await_it():
+    # (an `await` forgotten: the RRef held a coroutine nobody could run, and Python's
+    # "never awaited" warning came later, from wherever it was collected)
+    async with ag.local_cluster(1) as c:
+        coro = asyncio.sleep(0, 5)
+        with pytest.raises(TypeError, match=r"got a coroutine .* await it first"):
+            ag.RRef(coro)
+        assert await coro == 5  # (left as it was: still the caller's to await)
+        assert c.driver.owned_count == 0
+        assert ag.RRef(5).local_value() == 5
+
+
 async def test_rref_methods_of_one_name_async_on_one_value_plain_on_another(cluster):
     # (the worker remembered per type and name whether a method is async: the plain
     # one, called after the async one, was awaited: "object str can't be used in
@@ -2723,6 +2735,8 @@ def test_one_each_copies_an_error_unless_its_type_cannot_make_it_again():
         ({"name": "x" * 256}, ValueError, "at most 255 printable characters"),
         ({"name": "x" * 100_000}, ValueError, "not 'x{79}$"),  # (the name, cut short)
         ({"address": "nohost", "token": "t"}, ValueError, "address must be HOST:PORT"),
+        # (a ValueError, where the other arguments of another type are TypeErrors)
+        ({"address": 5, "token": "t"}, TypeError, "address must be a str, HOST:PORT, not 5"),
         ({"address": "h:abc", "token": "t"}, ValueError, "not 'h:abc'"),
         ({"address": "h:0", "token": "t"}, ValueError, "port in 1..65535"),
         # (a space in the host: a DNS failure of "cannot connect to  h:1", hard to see)

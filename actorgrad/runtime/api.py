@@ -91,7 +91,8 @@ async def init(
     started, ``.token`` the cluster's token (a generated one, when none was given).
 
     Raises:
-        TypeError: a name, host or token that is not a str, a port that is not an int.
+        TypeError: a name, address, host or token that is not a str, a port that is not
+            an int.
         ValueError: a malformed name, address, host or port, a blank token (also "":
             it is not "no token"), no token to join with, or a new cluster bound to a
             host that is not a loopback address without a token (anyone who can reach

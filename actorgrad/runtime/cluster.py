@@ -182,11 +182,13 @@ def address_hint(address: Any) -> str:
 
 def check_address(address: Any, what: str = "address") -> str:
     """``address`` when it is HOST:PORT (a port in 1..65535; an IPv6 host in brackets),
-    else ValueError naming ``what`` (the argument or variable it came from)."""
-    if isinstance(address, str):
-        m = _ADDRESS.fullmatch(address)
-        if m and 0 < int(m[3]) <= 65535 and (m[1] is None or _ipv6(m[1].partition("%")[0])):
-            return address
+    else ValueError naming ``what`` (the argument or variable it came from); TypeError
+    when it is no str (as for the other arguments of ``ag.init``)."""
+    if not isinstance(address, str):
+        raise TypeError(f"{what} must be a str, HOST:PORT, not {address!r:.80}")
+    m = _ADDRESS.fullmatch(address)
+    if m and 0 < int(m[3]) <= 65535 and (m[1] is None or _ipv6(m[1].partition("%")[0])):
+        return address
     raise ValueError(
         f"{what} must be HOST:PORT with a port in 1..65535{address_hint(address)}, "
         f"not {address!r:.80}"

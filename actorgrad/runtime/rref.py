@@ -297,7 +297,9 @@ class RRef(WireRef):
     ``DistributedOptimizer``. An RRef can be passed as an argument or returned; the
     owner frees the value once no worker holds a reference to it.
 
-    Raises (``RRef(value)``): RuntimeError outside a worker (no cluster joined).
+    Raises (``RRef(value)``): RuntimeError outside a worker (no cluster joined);
+    TypeError for a coroutine (an ``await`` forgotten: ``ag.RRef(make())`` for
+    ``ag.RRef(await make())``).
 
     Example::
 
@@ -314,6 +316,13 @@ class RRef(WireRef):
     def __init__(self, value: Any) -> None:
         from actorgrad.runtime.worker import current_worker
 
+        if asyncio.iscoroutine(value):
+            # (accepted, it held a coroutine nobody could run or fetch, and Python's
+            # "never awaited" warning came later, from wherever it was collected)
+            raise TypeError(
+                f"ag.RRef(value) got a coroutine ({value!r:.80}): that is what calling an "
+                "async function gives; await it first, ag.RRef(await f(...))"
+            )
         w = current_worker()
         self._bind(w, w.name, _own_from_any_thread(w, value))
 
