@@ -190,34 +190,17 @@ async def test_a_child_forked_from_the_driver_holds_none_of_its_sockets(caplog):
     assert child.exitcode == 0
 
 
-def fork_and_sigterm() -> int:
-    """The exit code of a forked child that sends itself SIGTERM (1: it lived on)."""
-    child = os.fork()
-    if child == 0:
-        os.kill(os.getpid(), signal.SIGTERM)
-        os._exit(1)
-    return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
-
-
-async def test_a_child_forked_in_a_worker_process_dies_of_sigterm_and_the_worker_goes_on():
-    # The worker process's loop took SIGTERM and SIGINT (add_signal_handler): a child
-    # forked in a call (a fork Pool: its terminate() SIGTERMs its processes) ignored
-    # SIGTERM, and wrote its number to the parent loop's wake-up socket, so the worker
-    # process stopped as if it had been sent it (the call's caller: "w1 left the
-    # cluster"); the Pool waited for good for a child stuck on its queue's lock.
-    loop = asyncio.get_running_loop()
-    heard = threading.Event()
-    loop.add_signal_handler(signal.SIGTERM, heard.set)  # (the driver's loop: the same)
-    try:
-        async with ag.local_cluster(1, processes=True) as c:
-            assert await ag.rpc("w1", fork_and_sigterm) == -signal.SIGTERM
-            assert fork_and_sigterm() == -signal.SIGTERM
-            assert await ag.rpc("w1", pid) == c.pids[0]
-            assert ag.workers() == ["driver", "w1"]
-        assert [p.returncode for p in c.procs.procs.values()] == [0]
-        assert not heard.is_set()
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+def fork_and_sigterm(times: int) -> list[int]:
+    """The exit codes of ``times`` forked children that each send themselves SIGTERM
+    (1: it lived on)."""
+    codes = []
+    for _ in range(times):
+        child = os.fork()
+        if child == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(1)
+        codes.append(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))
+    return codes
 
 
 def fork_and_sigterm_at_once(times: int) -> list[int]:
@@ -238,19 +221,26 @@ def fork_and_sigterm_at_once(times: int) -> list[int]:
     return codes
 
 
-async def test_a_sigterm_that_reaches_a_child_as_it_starts_is_the_childs():
-    # One that came before the child's at-fork hook gave SIGTERM its default handling
-    # found the parent's Python handler and wake-up socket there: the child lived on and
-    # the parent's loop ran its handler (a worker process stopped). 10 of 10 children
-    # forked and at once sent SIGTERM, the parent's loop handler ran 10 times.
+@pytest.mark.parametrize("fork", [fork_and_sigterm, fork_and_sigterm_at_once])
+async def test_a_sigterm_to_a_forked_child_is_the_childs_and_the_worker_goes_on(fork):
+    # The worker process's loop took SIGTERM and SIGINT (add_signal_handler): a child
+    # forked in a call (a fork Pool: its terminate() SIGTERMs its processes) ignored
+    # SIGTERM, and wrote its number to the parent loop's wake-up socket, so the worker
+    # process stopped as if it had been sent it (the call's caller: "w1 left the
+    # cluster"); the Pool waited for good for a child stuck on its queue's lock.
+    # fork_and_sigterm_at_once: one that came before the child's at-fork hook gave
+    # SIGTERM its default handling found the parent's Python handler and wake-up socket
+    # there (10 of 10 children forked and at once sent SIGTERM lived on, the parent's
+    # loop handler ran 10 times). Forked in a worker process, in the driver's loop
+    # thread and in its pool thread.
     loop = asyncio.get_running_loop()
     heard = threading.Event()
-    loop.add_signal_handler(signal.SIGTERM, heard.set)
+    loop.add_signal_handler(signal.SIGTERM, heard.set)  # (the driver's loop: the same)
     try:
         async with ag.local_cluster(1, processes=True) as c:
-            assert await ag.rpc("w1", fork_and_sigterm_at_once, (20,)) == [-signal.SIGTERM] * 20
-            codes = await loop.run_in_executor(None, fork_and_sigterm_at_once, 20)
-            assert codes == [-signal.SIGTERM] * 20
+            assert await ag.rpc("w1", fork, (20,)) == [-signal.SIGTERM] * 20
+            assert fork(20) == [-signal.SIGTERM] * 20
+            assert await loop.run_in_executor(None, fork, 20) == [-signal.SIGTERM] * 20
             assert await ag.rpc("w1", pid) == c.pids[0]
             assert ag.workers() == ["driver", "w1"]
         assert [p.returncode for p in c.procs.procs.values()] == [0]
