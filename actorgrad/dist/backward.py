@@ -151,8 +151,9 @@ def _leaf(contrib: dict[Tensor, np.ndarray], t: Tensor, grad: np.ndarray | None)
         # (A gradient decoded from a frame is a writable array over that frame's buffer,
         # whose values no other array shares, so it is kept without a copy; it keeps
         # the frame's whole buffer alive, as any received array does: see limits.md.
-        # But for dtypes and shapes wire._array_from makes as a reshape of a 1-d view:
-        # float16, another byte order, zero-size, inline ones under 64 KiB, copied.)
+        # But for what wire._array_from makes as a reshape of a 1-d view, copied: a
+        # dtype not in wire._CASTS (float16, bool, complex, another byte order), a
+        # zero-size array, one sent inline, under 64 KiB.)
         contrib[t] = np.array(grad, dtype=t.data.dtype)
     else:
         contrib[t] = grad
