@@ -247,7 +247,8 @@ class Node:
 
     ``next`` has one entry per differentiable input (``None``: that input needs no
     grad); ``apply(grad)`` returns one gradient (or ``None``) per entry of ``next``.
-    ``pre_hooks`` run on the summed incoming gradient before ``apply``.
+    ``pre_hooks`` run on the summed incoming gradient before ``apply``, in the order
+    they were registered.
     """
 
     __slots__ = ("next", "_hooks", "__weakref__")
@@ -257,19 +258,21 @@ class Node:
 
     def __init__(self, next: Sequence[Node | None] = ()) -> None:
         self.next: tuple[Node | None, ...] = tuple(next)
-        self._hooks: list[Hook] | None = None
+        self._hooks: dict[int, Hook] | None = None
 
     @property
-    def pre_hooks(self) -> list[Hook]:
-        """The hook list, created on first access: most nodes never get a hook, and
-        one list less per op is one GC-tracked allocation less."""
+    def pre_hooks(self) -> dict[int, Hook]:
+        """The hooks by registration number (a dict keeps their order), created on
+        first access: most nodes never get a hook, and one dict less per op is one
+        GC-tracked allocation less. A dict, not a list, so that registering or removing
+        one of thousands is O(1) (a list's search made 20,000 take 8.7 s)."""
         hooks = self._hooks
         if hooks is None:
-            hooks = self._hooks = []
+            hooks = self._hooks = {}
         return hooks
 
     @pre_hooks.setter
-    def pre_hooks(self, hooks: list[Hook]) -> None:
+    def pre_hooks(self, hooks: dict[int, Hook]) -> None:
         self._hooks = hooks
 
     def apply(self, grad: np.ndarray) -> tuple[np.ndarray | Scatter | None, ...]:
@@ -400,11 +403,11 @@ class AccumulateGrad(Node):
 
     def __init__(self, tensor: Tensor) -> None:
         self.next = ()
-        # The leaf's hook list is shared with the tensor, so hooks survive when this
+        # The leaf's hooks are shared with the tensor, so they survive when this
         # (weakly cached) node is collected and later recreated.
         hooks = tensor._hooks
         if hooks is None:
-            hooks = tensor._hooks = []
+            hooks = tensor._hooks = {}
         self._hooks = hooks
         self.tensor = tensor
 
@@ -708,9 +711,8 @@ class GraphTask:
                             # by the tensor's size)
                             grad = grad.copy()
                         # (the hooks registered when the node runs, as torch runs them:
-                        # over the list itself, a hook removing itself, a one-shot hook,
-                        # shifted the next one into its place and it was skipped)
-                        for hook in tuple(node._hooks):
+                        # a hook may remove itself, a one-shot hook, or add another)
+                        for hook in tuple(node._hooks.values()):
                             out = hook(grad)
                             if out is not None:
                                 if (

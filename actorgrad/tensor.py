@@ -21,7 +21,7 @@ Example::
 
 from __future__ import annotations
 
-import functools
+import itertools
 import math
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -111,7 +111,7 @@ class Tensor:
         self._rg = bool(requires_grad)
         self.grad_fn: Node | None = None
         self._accum: Any = None  # weakref to the cached AccumulateGrad (autograd.grad_node)
-        self._hooks: list[Callable[[np.ndarray], np.ndarray | None]] | None = None
+        self._hooks: dict[int, Callable[[np.ndarray], np.ndarray | None]] | None = None
 
     __hash__ = object.__hash__
 
@@ -363,14 +363,14 @@ class Tensor:
         node = grad_node(self)
         assert node is not None
         hooks = node.pre_hooks
-        # Each registration is its own entry, which its handle removes by identity: a
-        # function registered twice is wrapped the second time (a handle removing "the
-        # first equal one" took another registration's place in the order).
-        entry = functools.partial(fn) if any(h is fn for h in hooks) else fn
-        hooks.append(entry)
+        # Each registration is its own entry, under its own number, which its handle
+        # removes: a function registered twice runs twice, and removing one of them
+        # leaves the other in its place in the order.
+        key = next(_hook_numbers)
+        hooks[key] = fn
         if self.grad_fn is None:
             self._hooks = hooks  # keep the leaf's hooks beyond the node's life
-        return _HookHandle(hooks, entry)
+        return _HookHandle(hooks, key)
 
     # --- operators ----------------------------------------------------------------
 
@@ -628,27 +628,30 @@ class Tensor:
         return _unary(LogSoftmax, self, _one_axis("log_softmax", axis))
 
 
+# Registration numbers of hooks, unique in the process: a handle's key stays its own
+# whatever else is registered or removed on its tensor.
+_hook_numbers = itertools.count()
+
+
 class _HookHandle:
     """What ``register_hook`` returns: ``remove()`` takes out that registration (once;
     again does nothing), whatever else is registered, the same function included."""
 
-    __slots__ = ("_hooks", "_entry")
+    __slots__ = ("_hooks", "_key", "_fn")
 
-    def __init__(self, hooks: list[Any], entry: Callable[..., Any]) -> None:
-        self._hooks: list[Any] | None = hooks
-        self._entry = entry
+    def __init__(self, hooks: dict[int, Any], key: int) -> None:
+        self._hooks: dict[int, Any] | None = hooks
+        self._key = key
+        self._fn = hooks[key]
 
     def __repr__(self) -> str:
         state = "removed" if self._hooks is None else "registered"
-        return f"<hook handle {state}: {self._entry!r:.80}>"
+        return f"<hook handle {state}: {self._fn!r:.80}>"
 
     def remove(self) -> None:
         hooks, self._hooks = self._hooks, None
         if hooks is not None:
-            for i, h in enumerate(hooks):
-                if h is self._entry:
-                    del hooks[i]
-                    break
+            hooks.pop(self._key, None)
 
 
 def _needs_float(dtype: Any) -> str:
