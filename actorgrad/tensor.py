@@ -104,8 +104,11 @@ class Tensor:
             data = np.asarray(data)
         if requires_grad is not False:
             requires_grad = check_bool(requires_grad, "requires_grad")
-        if requires_grad and data.dtype.kind != "f":
-            raise TypeError(_needs_float(data.dtype))
+        kind = data.dtype.kind
+        if kind != "f" and (requires_grad or kind not in "biuc"):
+            # (as ag.tensor checks: an object or string array was taken, and failed
+            # later, in an op or a send, far from where it came in)
+            _check_values(data, requires_grad, "tensor data")
         self._data = data
         self.grad: np.ndarray | None = None
         self._rg = bool(requires_grad)

@@ -51,6 +51,9 @@ def test_factories():
 def test_data_that_is_not_numeric_is_refused_naming_its_dtype(data, dtype):
     with pytest.raises(TypeError, match=f"must be bool or numeric, got dtype {dtype}"):
         ag.tensor(data)
+    # (the class too: it took an object or string array, which failed later in an op)
+    with pytest.raises(TypeError, match=f"tensor data must be bool or numeric, got dtype {dtype}"):
+        ag.Tensor(np.asarray(data))
 
 
 @pytest.mark.parametrize("dtype", ["int64", "int32", "bool", "uint8"])
