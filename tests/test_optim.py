@@ -472,6 +472,25 @@ def test_np_savez_of_a_nested_state_dict_pickles_it_as_limits_md_says(tmp_path):
         f["state"]  # (...but here)
 
 
+def test_a_changed_number_in_an_npz_checkpoint_fails_at_its_read_as_limits_md_says(tmp_path):
+    """An npz's arrays carry zip's CRC-32 (limits.md said nothing was checksummed)."""
+    import zipfile
+
+    model = _model(0)
+    opt = ag.optim.Adam(model.parameters(), lr=0.1)
+    _train(model, opt, slice(0, 1))
+    exp_avg = opt.state_dict()["state"][0]["exp_avg"]
+    path = tmp_path / "opt.npz"
+    np.savez(path, **{"opt/0/exp_avg": exp_avg})
+    data = bytearray(path.read_bytes())
+    at = data.find(exp_avg.tobytes())
+    assert at > 0
+    data[at] ^= 1  # (one bit of the first number)
+    path.write_bytes(bytes(data))
+    with np.load(path) as f, pytest.raises(zipfile.BadZipFile, match="Bad CRC-32 for file"):
+        f["opt/0/exp_avg"]
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_a_resumed_run_matches_torch_and_the_state_dicts_mirror_torchs(kind):
     torch = pytest.importorskip("torch")
