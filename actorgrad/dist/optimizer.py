@@ -578,7 +578,10 @@ class DistributedOptimizer:
         (``WorkerLost``) makes it raise once every owner answered, the first one's
         error, with a note naming the others. Every owner checks its part before any
         loads: a state one of them refuses is loaded nowhere. Only an owner lost between
-        the check and the load leaves the others loaded (the note names those).
+        the check and the load leaves the others loaded (the note names those). A load
+        cancelled (a timeout around it) during the check is dropped everywhere; once
+        the second calls went out, the owners may have loaded it, each or some, and the
+        cancellation does not say which: load the state again.
 
         Each owner's part crosses the network once: the owner keeps it, checked (its
         arrays as they came; all copied where one is cast to its parameter's dtype),
