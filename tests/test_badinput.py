@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 
 import msgpack
 import numpy as np
@@ -127,6 +128,26 @@ async def test_random_bytes_instead_of_a_handshake_close_the_connection(sock_clu
     if sock_cluster.listener == "unix":  # (which local process: the kernel says)
         assert f"unix:(local process, pid {os.getpid()}, uid {os.getuid()})" in caplog.text
     await valid_client_works(sock_cluster)
+
+
+async def test_a_local_strangers_socket_name_cannot_write_lines_into_the_log(caplog):
+    # Any local process (of any user) may bind its socket to an abstract name of its
+    # choosing before it connects: a newline in the name wrote a line of its own into
+    # the worker's log ("... WARNING actorgrad.runtime: <anything>"), an escape sequence
+    # reached the terminal, before any handshake.
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    forged = "x\n2026-01-01 00:00:00 WARNING actorgrad.runtime: FORGED \x1b[31mred\x1b[0m"
+    async with ag.local_cluster(1, transport="unix") as c:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind("\0" + forged)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, "\0" + _target(c).local_address)
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        writer.write(b"GET / HTTP/1.1\r\n\r\n")
+        await _closed_by_peer(reader, writer)
+    [line] = [r.getMessage() for r in caplog.records if "not an actorgrad peer" in r.getMessage()]
+    assert "\n" not in line and "\x1b" not in line, line
+    assert "unix:@x\\n2026-01-01 00:00:00 WARNING actorgrad.runtime: FORGED \\x1b[31mred" in line
 
 
 async def test_a_foreign_clients_request_is_refused_at_once(sock_cluster, monkeypatch, caplog):

@@ -1129,6 +1129,11 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
             if isinstance(name, bytes):
                 name = name.decode(errors="replace")
             name = name.lstrip("\0") if isinstance(name, str) else ""
+            if not name.isprintable():
+                # (the peer's own choice, before any handshake: any local process may
+                # bind its socket to a name before connecting, and a newline in it
+                # wrote lines of its own into our log, escapes colored the terminal)
+                name = repr(name)[1:-1]
             self.peer_addr = f"unix:@{name}" if name else f"unix:(local process{_peer_cred(sock)})"
 
     def connection_lost(self, exc: Exception | None) -> None:
