@@ -141,6 +141,10 @@ def read_token_file(path: Path) -> str:
                     )
             os.set_blocking(fd, True)
             raw = f.read(TOKEN_FILE_MAX + 1)
+            # (the file read, not what the path names now: stat'ed by its path, a
+            # planted file swapped for one of our own (a symbolic link changed) after
+            # the open was taken for ours, no warning)
+            st = os.fstat(fd)
         if len(raw) > TOKEN_FILE_MAX:
             raise CliError(
                 f"token file {path} is not a token: it holds more than "
@@ -165,21 +169,19 @@ def read_token_file(path: Path) -> str:
         raise CliError(f"cannot read token file {path}: {exc.strerror or exc}", code=2) from None
     if not token:
         raise CliError(f"token file {path} is empty", code=2)
-    with contextlib.suppress(OSError):
-        st = path.stat()
-        if st.st_uid not in (os.getuid(), 0):
-            # (a file another user planted, in a shared directory say: its owner chose
-            # the token, and can read what it protects)
-            _note(
-                f"warning: token file {path} belongs to another user (uid {st.st_uid}), "
-                "who chose this token and can join the cluster with it; use a file of "
-                "your own"
-            )
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            _note(
-                f"warning: token file {path} can be read by other users than its owner; "
-                f"anyone who reads it can run code on the cluster (chmod 600 {shlex.quote(str(path))})"
-            )
+    if st.st_uid not in (os.getuid(), 0):
+        # (a file another user planted, in a shared directory say: its owner chose
+        # the token, and can read what it protects)
+        _note(
+            f"warning: token file {path} belongs to another user (uid {st.st_uid}), "
+            "who chose this token and can join the cluster with it; use a file of "
+            "your own"
+        )
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        _note(
+            f"warning: token file {path} can be read by other users than its owner; "
+            f"anyone who reads it can run code on the cluster (chmod 600 {shlex.quote(str(path))})"
+        )
     return token
 
 

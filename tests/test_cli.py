@@ -432,6 +432,33 @@ def test_a_token_file_of_another_user_is_used_with_a_warning(tmp_path: Path, cap
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away takes root")
+def test_a_planted_token_file_swapped_after_it_was_opened_still_gets_the_warning(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # The owner was checked by the path after the read: a planter whose symbolic link
+    # led to its file at the open and to one of ours at the check had its token used
+    # without a warning.
+    planted, ours, link = tmp_path / "planted", tmp_path / "ours", tmp_path / "token"
+    planted.write_text("planted\n")
+    planted.chmod(0o600)
+    os.chown(planted, 65534, 65534)
+    ours.write_text("ours\n")
+    ours.chmod(0o600)
+    link.symlink_to(planted)
+    set_blocking = os.set_blocking
+
+    def swap_then(fd: int, blocking: bool) -> None:  # (called between the open and the read)
+        link.unlink()
+        link.symlink_to(ours)
+        set_blocking(fd, blocking)
+
+    monkeypatch.setattr(cli.os, "set_blocking", swap_then)
+    assert cli.read_token_file(link) == "planted"
+    err = capsys.readouterr().err
+    assert f"warning: token file {link} belongs to another user (uid 65534)" in err, err
+
+
 def test_a_worker_process_that_cannot_join_says_so_in_one_line() -> None:
     r = subprocess.run(
         [sys.executable, "-m", "actorgrad.runtime.worker_main", "--join", "127.0.0.1:1"]
