@@ -130,7 +130,11 @@ def read_token_file(path: Path) -> str:
             os.close(fd)
             raise
         with f:
-            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            # (the file opened, not what the path names later: stat'ed by its path, a
+            # planted file swapped for one of our own (a symbolic link changed) after
+            # the open was taken for ours, no warning below)
+            st = os.fstat(fd)
+            if stat.S_ISFIFO(st.st_mode):
                 waiting = select.poll()
                 waiting.register(fd, select.POLLIN)
                 if not waiting.poll(TOKEN_PIPE_WAIT * 1000):
@@ -141,10 +145,6 @@ def read_token_file(path: Path) -> str:
                     )
             os.set_blocking(fd, True)
             raw = f.read(TOKEN_FILE_MAX + 1)
-            # (the file read, not what the path names now: stat'ed by its path, a
-            # planted file swapped for one of our own (a symbolic link changed) after
-            # the open was taken for ours, no warning)
-            st = os.fstat(fd)
         if len(raw) > TOKEN_FILE_MAX:
             raise CliError(
                 f"token file {path} is not a token: it holds more than "
