@@ -61,6 +61,7 @@ from actorgrad.runtime.procs import (
     forget_env_token,
     log_to_stderr,
     open_files_limit,
+    open_std_fds,
     pool_threads,
     tune_malloc,
 )
@@ -1235,6 +1236,7 @@ def _wait_for_calls_in_threads() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``actorgrad`` command; returns the exit status."""
+    open_std_fds()  # (before any file is opened: it would take a closed one's place)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:

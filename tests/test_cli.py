@@ -1508,6 +1508,43 @@ def test_only_the_driver_of_run_keeps_the_token_in_its_environment(tmp_path: Pat
 
 
 @needs_runtime
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_run_with_a_standard_stream_closed_gives_the_script_dev_null_for_it(
+    tmp_path: Path, closed: int
+) -> None:
+    # (`run ... 2>&-`: the next file run opened took descriptor 2 and the script,
+    # handed it as its stderr, died at start (SIGABRT, status 134); `>&-`: its output
+    # went to run's stderr, and the worker processes ended with a traceback)
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import asyncio, os, sys\n"
+        "import actorgrad as ag\n"
+        "async def main():\n"
+        "    await ag.init('driver')\n"
+        "    print('product', await ag.rpc('w1', 'operator:mul', (6, 7)), flush=True)\n"
+        "    print('script stderr', file=sys.stderr, flush=True)\n"
+        "    await ag.shutdown()\n"
+        "asyncio.run(main())\n"
+        "with open(sys.argv[1], 'w') as f:\n"
+        "    f.write(' '.join(os.readlink(f'/proc/self/fd/{fd}') for fd in (0, 1, 2)))\n"
+    )
+    fds = tmp_path / "fds"
+    r = subprocess.run(
+        [*CLI, "run", "-n", "1", str(script), str(fds)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=clean_env(),
+        timeout=30,
+        preexec_fn=lambda: os.close(closed),  # noqa: PLW1509 (the test's child only)
+    )
+    assert r.returncode == 0, r.stderr
+    assert fds.read_text().split()[closed] == os.devnull
+    assert r.stdout == ("" if closed == 1 else "product 42\n")
+    assert r.stderr == ("" if closed == 2 else "script stderr\n")
+
+
+@needs_runtime
 def test_run_runs_a_script_whose_name_starts_with_a_dash(tmp_path: Path) -> None:
     # "./-x.py" reached python as "-x.py", an option: "Unknown option: -."
     (tmp_path / "-x.py").write_text("import sys\nprint('ran', sys.argv)\n")

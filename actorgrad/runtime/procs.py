@@ -251,6 +251,33 @@ def pool_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t is not me and t.name.startswith("actorgrad-")]
 
 
+def open_std_fds() -> None:
+    """Put /dev/null on each standard descriptor (0, 1, 2) that is closed (``cmd
+    2>&-``, a supervisor that closed them), and a file on it in ``sys.stdin``,
+    ``sys.stdout`` or ``sys.stderr`` where Python left None for it. Called first by
+    our processes (the ``actorgrad`` command, worker processes).
+
+    A closed one was the next file the process opened, which the processes it starts
+    inherit as their stdin, stdout or stderr: under ``actorgrad run ... 2>&-`` the
+    script was handed one of our files as its stderr and died at start (SIGABRT,
+    exit status 134, every time); under ``>&-`` it printed into our stderr. And a
+    worker process whose stdout was closed (a pidfd took its place) ended with a
+    traceback, flushing a ``sys.stdout`` that was None."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)  # (the lowest free descriptor: fd)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        os.set_inheritable(fd, True)  # (the processes we start get it too)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 (the process's)
+
+
 def exit_now(code: int) -> NoReturn:
     """End the process now with status ``code``, its output flushed; nothing else runs
     (no cleanup, no waiting for threads)."""

@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default=None)
     # (the process that started this one, whose cluster it serves: see leave_with)
     ap.add_argument("--parent", type=int, default=None)
+    from actorgrad.runtime.procs import open_std_fds
+
+    open_std_fds()  # (before leave_with's pidfd: it took a closed stdout's place)
     args = ap.parse_args(argv)
     if args.parent is not None:
         leave_with(args.parent, ORPHAN_GRACE, args.name)
