@@ -1090,7 +1090,10 @@ def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
     # (optional in the lenient pass, whose only errors are unknown options: a missing
     # SCRIPT is the strict one's, which names it with -n: see parse_args)
     r.add_argument(
-        "script", nargs=None if strict else "?", metavar="SCRIPT", help="the Python script to run"
+        "script",
+        nargs=None if strict else "?",
+        metavar="SCRIPT",
+        help="the Python script to run (or a folder holding __main__.py, as python runs)",
     )
     # (what follows SCRIPT is split off before parsing: see parse_args)
     r.add_argument(  # (a default: argparse would call a '*' positional "required")
@@ -1147,7 +1150,7 @@ def _script_problem(script: str) -> str:
         # "no such script", for one that may well be there)
         return f"cannot read script {script}: {exc.strerror or exc}"
     if stat.S_ISDIR(st.st_mode):
-        return f"not a file: {script}"
+        return f"not a file: {script} (nor a folder holding a __main__.py)"
     if stat.S_ISREG(st.st_mode):
         # (mode 0600 of another user: Python's own "can't open file" came from the
         # script's process, after the cluster had started)
@@ -1252,12 +1255,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         transport.read_settings()
         if args.command == "demo":
             return cmd_demo(argv[1:])
-        if args.command == "run" and not (
-            os.path.isfile(args.script) and os.access(args.script, os.R_OK)
-        ):
-            raise CliError(_script_problem(args.script), code=2)
-        if args.command == "run":  # (as Python puts it first on the script's path)
-            args.script_dir = os.path.dirname(os.path.realpath(args.script))
+        if args.command == "run":
+            # (a folder holding __main__.py runs as with python, which puts the folder
+            # itself first on the script's path: run refused it as "not a file")
+            main_py = os.path.join(args.script, "__main__.py")
+            folder = os.path.isdir(args.script) and os.path.isfile(main_py)
+            target = main_py if folder else args.script
+            if not (os.path.isfile(target) and os.access(target, os.R_OK)):
+                raise CliError(_script_problem(target), code=2)
+            # (as Python puts it first on the script's path)
+            real = os.path.realpath(args.script)
+            args.script_dir = real if folder else os.path.dirname(real)
         return run(_COMMANDS[args.command](args))
     except CliError as exc:
         _note(f"error: {exc}")

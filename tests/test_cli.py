@@ -1580,6 +1580,34 @@ def test_the_workers_of_run_import_the_modules_next_to_the_script(tmp_path: Path
 
 
 @needs_runtime
+def test_run_runs_a_folder_holding_main_as_python_does(tmp_path: Path) -> None:
+    # (`python app/` runs app/__main__.py with app/ first on its path; run refused the
+    # folder: "not a file")
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "mylib_in_app.py").write_text("def triple(x):\n    return 3 * x\n")
+    (app / "__main__.py").write_text(
+        "import asyncio, sys\n"
+        "import actorgrad as ag\n"
+        "from mylib_in_app import triple\n\n"
+        "async def main():\n"
+        "    await ag.init('driver')\n"
+        "    print('tripled', await ag.rpc('w1', triple, (14,)), sys.argv, flush=True)\n"
+        "    await ag.shutdown()\n\n"
+        "asyncio.run(main())\n"
+    )
+    r = run_cli("run", "-n", "1", "app", "-x", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "tripled 42 ['app', '-x']\n"
+    (app / "__main__.py").unlink()  # (a folder without one is refused as before)
+    r = run_cli("run", "-n", "1", "app", cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (
+        2,
+        "actorgrad: error: not a file: app (nor a folder holding a __main__.py)\n",
+    )
+
+
+@needs_runtime
 def test_run_tells_a_script_that_forgot_init_how_to_join(tmp_path: Path) -> None:
     script = tmp_path / "noinit.py"
     script.write_text(
