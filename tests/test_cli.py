@@ -1608,6 +1608,26 @@ def test_run_runs_a_folder_holding_main_as_python_does(tmp_path: Path) -> None:
 
 
 @needs_runtime
+def test_run_from_a_folder_that_was_removed_works_as_python_does(tmp_path: Path) -> None:
+    # (a shell still in a folder removed meanwhile: the worker processes' start failed
+    # on os.getcwd(), and run said only "error: No such file or directory", status 1)
+    script = tmp_path / "driver.py"
+    script.write_text(RUN_SCRIPT.replace('["w1", "w2"]', '["w1"]').replace("w2", "w1"))
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    r = subprocess.run(
+        [*CLI, "run", "-n", "1", str(script), "0"],
+        capture_output=True,
+        text=True,
+        cwd=gone,
+        env=clean_env(),
+        timeout=30,
+        preexec_fn=lambda: os.rmdir(gone),  # noqa: PLW1509 (the test's child only)
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, "product 42 ['0']\n", "")
+
+
+@needs_runtime
 def test_run_tells_a_script_that_forgot_init_how_to_join(tmp_path: Path) -> None:
     script = tmp_path / "noinit.py"
     script.write_text(

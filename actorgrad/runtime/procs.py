@@ -357,10 +357,16 @@ class WorkerProcesses:
         # the children import the very modules the driver imports (the current
         # directory first shadowed a package the driver took from elsewhere: a mixed
         # driver and workers); the current directory last for what only it holds.
-        cwd = os.getcwd()
+        try:
+            cwd = os.getcwd()
+        except FileNotFoundError:
+            # (the current directory was removed, under a shell still in it: nothing
+            # to import from there, as python's own "" finds nothing. It failed the
+            # command with a bare "No such file or directory")
+            cwd = ""
         paths = [*path_first, *(cwd if p == "" else p for p in sys.path)]
         paths = [p for p in dict.fromkeys(paths) if p and os.path.isdir(p)]
-        if cwd not in paths:
+        if cwd and cwd not in paths:
             paths.append(cwd)
         env["PYTHONPATH"] = os.pathsep.join(paths)
         if not os.environ.get("OMP_NUM_THREADS"):
