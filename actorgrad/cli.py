@@ -933,6 +933,11 @@ def _worker_name(text: str) -> str:
 
 
 def _host(text: str) -> str:
+    if not text:
+        # (binding '' is every interface: a `--host "$HOST"` whose variable was unset
+        # put the cluster, 127.0.0.1 by default, on every interface, and its warnings
+        # said " is reachable from other hosts")
+        raise argparse.ArgumentTypeError("an empty host (every interface: 0.0.0.0, or ::)")
     try:
         return cluster.check_host(text)
     except ValueError as exc:

@@ -2638,11 +2638,14 @@ def test_a_token_file_is_created_where_hard_links_are_not_supported(
     [
         ("256.1.1.1", "argument --host: host '256.1.1.1' is not a valid IP address"),
         ("a b", "argument --host: host must be a host name or an IP address, not 'a b'"),
+        # (was taken for every interface: an unset variable's `--host "$HOST"`)
+        ("", "argument --host: an empty host (every interface: 0.0.0.0, or ::)"),
     ],
 )
 def test_a_malformed_host_is_a_usage_error_naming_it(host: str, message: str) -> None:
-    r = run_cli("cluster", "-n", "1", "--host", host)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    for command in (["cluster", "-n", "1"], ["worker", "--join", "127.0.0.1:9", "--name", "w"]):
+        r = run_cli(*command, "--host", host)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
 @needs_runtime
