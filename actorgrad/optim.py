@@ -1,9 +1,11 @@
-"""Optimizers: SGD and Adam on numpy arrays (no asyncio here).
+"""Optimizers: SGD, Adam and AdamW on numpy arrays (no asyncio here).
 
-The update formulas are torch's (``torch.optim.SGD`` without nesterov/dampening,
-``torch.optim.Adam`` without amsgrad). ``step(grads)`` takes an explicit
-``{Tensor: ndarray}`` mapping (what ``ag.dist.get_gradients`` returns); without it,
-each parameter's ``.grad`` is used. Parameters without a gradient are skipped, and so
+The update formulas are torch's (``torch.optim.SGD`` with its momentum, dampening,
+nesterov, weight_decay and maximize; ``torch.optim.Adam`` with weight_decay (added to
+the gradient), amsgrad and maximize; ``torch.optim.AdamW``, decoupled weight decay),
+not its implementation options (foreach, fused, capturable, differentiable).
+``step(grads)`` takes an explicit ``{Tensor: ndarray}`` mapping (what
+``ag.dist.get_gradients`` returns); without it, each parameter's ``.grad`` is used. Parameters without a gradient are skipped, and so
 are tensors in the mapping that are not parameters of the optimizer (``get_gradients``
 returns every leaf of the worker: inputs, other optimizers' parameters).
 
@@ -42,10 +44,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from actorgrad.errors import short_repr
+from actorgrad.errors import check_bool, short_repr
 from actorgrad.tensor import Tensor, clear_grads, real_array
 
-__all__ = ["SGD", "Adam", "Optimizer"]
+__all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
 
 
 #: Updates of parameters bigger than this many elements run in blocks of about this
@@ -142,10 +144,24 @@ class Optimizer:
     #: The per-parameter state (``self.state[p]``) that ``load_state_dict`` checks: each
     #: key and what it holds, ``"param"`` (an array of the parameter's shape, cast to
     #: its dtype) or ``"count"`` (an int >= 0). A state dict must give each of them, and
-    #: no other, for every parameter it has state for. None (the base class): any keys,
-    #: arrays and numbers loaded as they were saved (a subclass whose ``_update`` keeps
-    #: other state than its base class's sets its own).
+    #: no other, for every parameter it has state for (those ``_state_keys`` gives: a
+    #: key kept only under some hyperparameters, Adam's ``max_exp_avg_sq``, only then).
+    #: None (the base class): any keys, arrays and numbers loaded as they were saved (a
+    #: subclass whose ``_update`` keeps other state than its base class's sets its own).
     STATE_KEYS: ClassVar[dict[str, str] | None] = None
+
+    #: Hyperparameters the class gained after state dicts of it were saved: a state dict
+    #: without them (saved before) loads with the constructor's defaults for them. The
+    #: others must all be there: an older class's state dict (Adam's, before it had a
+    #: weight_decay) would otherwise load into a newer class (AdamW) as its own.
+    ADDED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ()
+
+    #: Entries of the state dict's group fixed by the class, not by its constructor
+    #: (torch's ``decoupled_weight_decay``: False in Adam's, True in AdamW's, which
+    #: have the same hyperparameters otherwise). ``state_dict`` writes them; a state
+    #: dict giving another value is another class's and is refused (one without them
+    #: is taken as this class's).
+    FIXED_HYPERPARAMETERS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params: Iterable[Tensor], lr: float) -> None:
         if isinstance(params, Tensor):
@@ -279,8 +295,10 @@ class Optimizer:
         >>> opt = ag.optim.Adam([w], lr=0.1)
         >>> opt.step({w: np.array([0.5, 0.5])})
         >>> sd = opt.state_dict()
-        >>> sd["param_groups"]
-        [{'lr': 0.1, 'betas': (0.9, 0.999), 'eps': 1e-08, 'params': [0]}]
+        >>> sd["param_groups"]  # doctest: +NORMALIZE_WHITESPACE
+        [{'lr': 0.1, 'betas': (0.9, 0.999), 'eps': 1e-08, 'weight_decay': 0.0,
+          'amsgrad': False, 'maximize': False, 'decoupled_weight_decay': False,
+          'params': [0]}]
         >>> sorted(sd["state"][0]), sd["state"][0]["step"]
         (['exp_avg', 'exp_avg_sq', 'step'], 1)
         """
@@ -293,6 +311,7 @@ class Optimizer:
                     for k, v in entry.items()
                 }
         group = {n: copy.deepcopy(getattr(self, n)) for n in self._hyperparameters()}
+        group.update(type(self).FIXED_HYPERPARAMETERS)
         group["params"] = list(range(len(self.params)))
         return {"state": state, "param_groups": [group]}
 
@@ -403,12 +422,27 @@ class Optimizer:
             )
         ids = [_state_key(i) for i in ids]
         names = self._hyperparameters()
-        given = sorted(str(k) for k in group if k != "params")
-        if given != sorted(names):
+        fixed = type(self).FIXED_HYPERPARAMETERS
+        given = sorted(str(k) for k in group if k != "params" and k not in fixed)
+        defaults = inspect.signature(type(self).__init__).parameters
+        # (one added later may be missing, if it has a default: a subclass's constructor
+        # may require it)
+        needed = {
+            k
+            for k in names
+            if k not in type(self).ADDED_HYPERPARAMETERS or defaults[k].default is defaults[k].empty
+        }
+        if not needed <= set(given) <= set(names):
             raise ValueError(
                 f"load_state_dict: param_groups[0] has the hyperparameters {given}, {cls} "
                 f"takes {sorted(names)} (a state dict of another optimizer class?)"
             )
+        for k, v in fixed.items():
+            if k in group and (type(group[k]) is not type(v) or group[k] != v):
+                raise ValueError(
+                    f"load_state_dict: param_groups[0] has {k} {group[k]!r:.40}, {cls}'s is "
+                    f"{v!r} (a state dict of another optimizer class?)"
+                )
         if len(ids) != n:
             raise ValueError(
                 f"load_state_dict: the state dict is of {len(ids)} parameters, this {cls} has {n}"
@@ -417,7 +451,7 @@ class Optimizer:
             raise ValueError(
                 f"load_state_dict: param_groups[0]['params'] names a parameter twice: {ids!r:.60}"
             )
-        hyper = {k: copy.deepcopy(group[k]) for k in names}
+        hyper = {k: copy.deepcopy(group[k]) if k in group else defaults[k].default for k in names}
         probe = [Tensor(np.zeros(1), requires_grad=True)]
         try:
             inspect.signature(type(self)).bind(probe, **hyper)
@@ -440,6 +474,7 @@ class Optimizer:
         place = {i: j for j, i in enumerate(ids)}
         entries: list[dict[str, Any] | None] = [None] * n
         spec = type(self).STATE_KEYS
+        keys = self._state_keys(hyper)
         for key, entry in per_param.items():
             i = _state_key(key)
             if i is None or i not in place:
@@ -453,10 +488,10 @@ class Optimizer:
                     f"load_state_dict: {what} must be a dict of str keys, got "
                     f"{type(entry).__name__} {entry!r:.60}"
                 )
-            if spec is not None and sorted(entry) != sorted(spec):
+            if spec is not None and sorted(entry) != keys:
                 raise ValueError(
                     f"load_state_dict: {what} has the keys {sorted(entry)}, {cls} keeps "
-                    f"{sorted(spec)} (a state dict of another optimizer class?)"
+                    f"{keys} (a state dict of another optimizer class?)"
                 )
             checked: dict[str, Any] = {}
             for k, v in entry.items():
@@ -475,6 +510,12 @@ class Optimizer:
                     checked[k] = arr
             entries[place[i]] = checked
         return hyper, entries, ids
+
+    def _state_keys(self, hyper: dict[str, Any]) -> list[str]:
+        """The keys of each parameter's state under the hyperparameters ``hyper`` (those
+        of a state dict being loaded), sorted: ``STATE_KEYS``'s, unless a subclass keeps
+        some only under some hyperparameters (Adam's ``max_exp_avg_sq``)."""
+        return sorted(type(self).STATE_KEYS or {})
 
     def _fitted(
         self, entry: dict[str, Any], p: Tensor, what: str, adopt: bool = False
@@ -525,32 +566,58 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """Stochastic gradient descent with optional momentum and weight decay.
+    """Stochastic gradient descent with optional momentum (dampened, or Nesterov's) and
+    weight decay, as ``torch.optim.SGD``.
 
-    ``g += weight_decay * p``; ``buf = g`` (first step) else ``buf = momentum*buf + g``;
-    ``p -= lr * buf``.
+    ``g = -g`` (maximize); ``g += weight_decay * p``; ``buf = g`` (first step) else
+    ``buf = momentum*buf + (1 - dampening)*g``; ``g = g + momentum*buf`` (nesterov) else
+    ``g = buf``; ``p -= lr * g``.
+
+    ``dampening``, ``nesterov`` and ``maximize`` are keyword-only: torch's positional
+    order (``lr, momentum, dampening, weight_decay, nesterov``) is not ours after
+    ``momentum``, and a torch call's positional arguments would mean other options here.
 
     Example::
 
         >>> model = ag.nn.Linear(3, 2, seed=0)
-        >>> opt = ag.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> opt = ag.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
         >>> model(ag.ones(4, 3)).sum().backward(); opt.step(); opt.zero_grad()
     """
 
     STATE_KEYS: ClassVar[dict[str, str] | None] = {"momentum_buffer": "param"}
+    ADDED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ("dampening", "nesterov", "maximize")
 
     def __init__(
-        self, params: Iterable[Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+        self,
+        params: Iterable[Tensor],
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        maximize: bool = False,
     ) -> None:
         super().__init__(params, lr)
         _number("SGD", "momentum", momentum)
         _number("SGD", "weight_decay", weight_decay)
+        _number("SGD", "dampening", dampening)
         if not (momentum >= 0 and weight_decay >= 0):  # (nan too)
             raise ValueError(
                 f"invalid momentum {momentum} or weight_decay {weight_decay}: both must be >= 0"
             )
+        nesterov = check_bool(nesterov, "SGD: nesterov")
+        if nesterov and not (momentum > 0 and dampening == 0):
+            # (torch's check: Nesterov's look-ahead is along an undampened momentum)
+            raise ValueError(
+                f"SGD: nesterov requires a momentum > 0 and dampening 0, got momentum "
+                f"{momentum} and dampening {dampening}"
+            )
         self.momentum = momentum
         self.weight_decay = weight_decay
+        self.dampening = dampening
+        self.nesterov = nesterov
+        self.maximize = check_bool(maximize, "SGD: maximize")
 
     def _update(self, p: Tensor, g: np.ndarray, data: np.ndarray) -> None:
         buf: np.ndarray | None = None
@@ -565,8 +632,11 @@ class SGD(Optimizer):
             else:
                 buf = state["momentum_buffer"]
         lr, wd, momentum = self.lr, self.weight_decay, self.momentum
+        damping, nesterov, maximize = 1 - self.dampening, self.nesterov, self.maximize
         blocks = ((data, g, buf),) if data.size <= UPDATE_BLOCK else _blocks(data, g, buf)
         for d, gs, b in blocks:  # (see UPDATE_BLOCK)
+            if maximize:
+                gs = -gs
             if wd:
                 gs = gs + wd * d
             if b is not None:
@@ -574,15 +644,22 @@ class SGD(Optimizer):
                     b[...] = gs
                 else:
                     b *= momentum
-                    b += gs
-                gs = b
+                    b += gs if damping == 1 else damping * gs
+                gs = gs + momentum * b if nesterov else b
             d -= lr * gs
         if first:
             self.state[p] = {"momentum_buffer": buf}
 
 
 class Adam(Optimizer):
-    """Adam (Kingma & Ba) with torch's bias correction.
+    """Adam (Kingma & Ba) with torch's bias correction, as ``torch.optim.Adam``: with
+    ``weight_decay``, ``weight_decay * p`` is added to the gradient (L2; AdamW decays
+    the parameter instead); with ``amsgrad``, the denominator uses the largest
+    ``exp_avg_sq`` so far (kept as ``max_exp_avg_sq``); with ``maximize``, the
+    gradient's sign is flipped.
+
+    ``weight_decay`` and ``amsgrad`` take torch's places (after ``eps``), ``maximize``
+    is keyword-only as in torch.
 
     Example::
 
@@ -595,7 +672,10 @@ class Adam(Optimizer):
         "step": "count",
         "exp_avg": "param",
         "exp_avg_sq": "param",
+        "max_exp_avg_sq": "param",  # (with amsgrad only: see _state_keys)
     }
+    ADDED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ("weight_decay", "amsgrad", "maximize")
+    FIXED_HYPERPARAMETERS: ClassVar[dict[str, Any]] = {"decoupled_weight_decay": False}
 
     def __init__(
         self,
@@ -603,19 +683,37 @@ class Adam(Optimizer):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
     ) -> None:
         super().__init__(params, lr)
+        cls = type(self).__name__
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"Adam: betas must be a pair (beta1, beta2), got {betas!r:.40}")
-        _number("Adam", "betas[0]", betas[0])
-        _number("Adam", "betas[1]", betas[1])
-        _number("Adam", "eps", eps)
+            raise TypeError(f"{cls}: betas must be a pair (beta1, beta2), got {betas!r:.40}")
+        _number(cls, "betas[0]", betas[0])
+        _number(cls, "betas[1]", betas[1])
+        _number(cls, "eps", eps)
+        _number(cls, "weight_decay", weight_decay)
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or not eps >= 0:
             raise ValueError(
                 f"invalid betas {betas} or eps {eps}: betas must be in [0, 1), eps >= 0"
             )
+        if not weight_decay >= 0:  # (nan too)
+            raise ValueError(f"invalid weight_decay {weight_decay}: weight_decay must be >= 0")
         self.betas = betas
         self.eps = eps
+        self.weight_decay = weight_decay
+        self.amsgrad = check_bool(amsgrad, f"{cls}: amsgrad")
+        self.maximize = check_bool(maximize, f"{cls}: maximize")
+
+    def _state_keys(self, hyper: dict[str, Any]) -> list[str]:
+        # (torch keeps max_exp_avg_sq only with amsgrad; a subclass's constructor that
+        # does not take amsgrad keeps it as it is)
+        keys = super()._state_keys(hyper)
+        amsgrad = hyper.get("amsgrad", self.amsgrad)
+        return keys if amsgrad else [k for k in keys if k != "max_exp_avg_sq"]
 
     def _update(self, p: Tensor, g: np.ndarray, data: np.ndarray) -> None:
         b1, b2 = self.betas
@@ -626,17 +724,69 @@ class Adam(Optimizer):
                 "exp_avg": np.zeros_like(data),
                 "exp_avg_sq": np.zeros_like(data),
             }
+        top: np.ndarray | None = None
+        if self.amsgrad:
+            top = state.get("max_exp_avg_sq")
+            if top is None:  # (the first step; or amsgrad set since: torch's KeyError)
+                top = state["max_exp_avg_sq"] = np.zeros_like(data)
         state["step"] += 1
         t = state["step"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         bias1 = 1 - b1**t
         bias2 = 1 - b2**t
         root2, eps, rate = math.sqrt(bias2), self.eps, self.lr / bias1
-        blocks = ((data, g, m, v),) if data.size <= UPDATE_BLOCK else _blocks(data, g, m, v)
-        for d, gs, ms, vs in blocks:  # (see UPDATE_BLOCK)
+        wd, maximize = self.weight_decay, self.maximize
+        decay = None  # (AdamW's: the parameter decays, not through the moments)
+        if wd and self.FIXED_HYPERPARAMETERS["decoupled_weight_decay"]:
+            decay = 1 - self.lr * wd
+        blocks = (
+            ((data, g, m, v, top),) if data.size <= UPDATE_BLOCK else _blocks(data, g, m, v, top)
+        )
+        for d, gs, ms, vs, tops in blocks:  # (see UPDATE_BLOCK)
+            if maximize:
+                gs = -gs
+            if decay is not None:
+                d *= decay
+            elif wd:
+                gs = gs + wd * d
             ms *= b1
             ms += (1 - b1) * gs
             vs *= b2
             vs += (1 - b2) * (gs * gs)
+            if tops is not None:
+                vs = np.maximum(tops, vs, out=tops)
             denom = np.sqrt(vs) / root2 + eps
             d -= rate * (ms / denom)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as ``torch.optim.AdamW``:
+    each step first scales the parameter by ``1 - lr * weight_decay``, where Adam adds
+    ``weight_decay * p`` to the gradient (its moments then scale the decay with the
+    gradients'). The default ``weight_decay`` is torch's, 1e-2. Its state dict is
+    Adam's with ``decoupled_weight_decay`` True (False in Adam's), as torch's: one
+    class's is refused by the other.
+
+    Example::
+
+        >>> w = ag.tensor([1.0, -1.0], requires_grad=True)
+        >>> opt = ag.optim.AdamW([w], lr=0.1, weight_decay=0.5)
+        >>> opt.step({w: np.zeros(2)}); w.data  # (a zero gradient: the decay alone)
+        array([ 0.95, -0.95], dtype=float32)
+    """
+
+    ADDED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ()  # (none saved without them)
+    FIXED_HYPERPARAMETERS: ClassVar[dict[str, Any]] = {"decoupled_weight_decay": True}
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)

@@ -100,6 +100,9 @@ ADDITIONS: dict[str, dict[str, Any]] = {
     "RRef.rpc": {"timeout": None},
     "RRef.remote": {"timeout": None},
     "optim.Optimizer.zero_grad": {"set_to_none": True},
+    # (torch.optim's options, with its names and defaults: docs/limits.md, "Optimizer state")
+    "optim.SGD": {"dampening": 0.0, "nesterov": False, "maximize": False},
+    "optim.Adam": {"weight_decay": 0.0, "amsgrad": False, "maximize": False},
 }
 
 
@@ -141,8 +144,9 @@ def test_the_contracts_names_are_exported():
         assert name in ag.dist.__all__, name
     for name in ("Module", "Linear", "Embedding", "Sequential", "ReLU", "Tanh", "functional"):
         assert hasattr(ag.nn, name), name
-    for name in ("SGD", "Adam"):
+    for name in ("SGD", "Adam", "AdamW"):
         assert hasattr(ag.optim, name), name
+        assert name in ag.optim.__all__, name
     assert issubclass(ag.RpcTimeout, TimeoutError)
     for name in ("RemoteError", "WorkerLost", "RpcTimeout", "AuthError", "ProtocolError"):
         assert issubclass(getattr(ag, name), ag.ActorgradError), name

@@ -16,6 +16,7 @@ import actorgrad as ag
 XS = np.random.default_rng(3).standard_normal((5, 6, 3))
 YS = np.random.default_rng(4).standard_normal((5, 6, 2))
 ADAM = {"lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-6}
+ADAMW = {"lr": 0.05, "weight_decay": 0.1, "amsgrad": True}
 
 
 async def _stages(tag: str, states=None) -> list[ag.RRef]:
@@ -64,11 +65,11 @@ def _load(path) -> tuple[list[dict], dict]:
     return stages, opt_state
 
 
-def _local_run() -> list[np.ndarray]:
-    """The same training in one process with ag.optim.Adam: the reference."""
+def _local_run(cls=ag.optim.Adam, opts=ADAM) -> list[np.ndarray]:
+    """The same training in one process with ``cls`` (ag.optim.Adam): the reference."""
     s1 = ag.nn.Linear(3, 4, seed=0, dtype="float64")
     s2 = ag.nn.Linear(4, 2, seed=1, dtype="float64")
-    opt = ag.optim.Adam([s2.weight, s1.weight, s1.bias, s2.bias], **ADAM)
+    opt = cls([s2.weight, s1.weight, s1.bias, s2.bias], **opts)
     for x, y in zip(XS, YS, strict=True):
         opt.zero_grad()
         ag.nn.functional.mse_loss(s2(s1(ag.tensor(x)).tanh()), ag.tensor(y)).backward()
@@ -86,7 +87,16 @@ async def test_a_run_resumed_in_a_new_cluster_equals_the_uninterrupted_one(worke
         opt = ag.dist.DistributedOptimizer(ag.optim.Adam, await _stages("b"), **ADAM)
         await _train("b", opt, slice(0, 2))
         saved = await opt.state_dict()
-        assert saved["param_groups"] == [{**ADAM, "params": [0, 1, 2, 3]}]
+        assert saved["param_groups"] == [
+            {
+                **ADAM,
+                "weight_decay": 0.0,
+                "amsgrad": False,
+                "maximize": False,
+                "decoupled_weight_decay": False,
+                "params": [0, 1, 2, 3],
+            }
+        ]
         assert sorted(saved["state"]) == [0, 1, 2, 3]
         assert saved["state"][0]["exp_avg"].shape == (2, 4)  # (params[0]: w2's weight)
         assert saved["state"][3]["step"] == 2
@@ -113,6 +123,47 @@ async def test_a_run_resumed_in_a_new_cluster_equals_the_uninterrupted_one(worke
         np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
+async def test_a_distributed_adamw_trains_resumes_and_is_refused_by_adam(worker_path):
+    # (its options travel to the owners, its state dict is torch's AdamW's, with
+    # decoupled_weight_decay True: Adam's refuses it, on the caller, before any owner)
+    async with ag.local_cluster(2, processes=True):
+        refs = await _stages("w")
+        opt = ag.dist.DistributedOptimizer(ag.optim.AdamW, refs, **ADAMW)
+        await _train("w", opt, slice(0, 2))
+        saved = await opt.state_dict()
+        assert saved["param_groups"] == [
+            {
+                "lr": 0.05,
+                "betas": (0.9, 0.999),
+                "eps": 1e-8,
+                "weight_decay": 0.1,
+                "amsgrad": True,
+                "maximize": False,
+                "decoupled_weight_decay": True,
+                "params": [0, 1, 2, 3],
+            }
+        ]
+        assert sorted(saved["state"][1]) == ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"]
+        adam = ag.dist.DistributedOptimizer(ag.optim.Adam, refs, **ADAM)
+        with pytest.raises(ValueError, match="has decoupled_weight_decay True, Adam's is False"):
+            await adam.load_state_dict(saved)
+        resumed = ag.dist.DistributedOptimizer(
+            ag.optim.AdamW, await _stages("v", await _weights("w")), lr=1.0
+        )
+        await resumed.load_state_dict(saved)
+        await _train("w", opt, slice(2, 5))
+        await _train("v", resumed, slice(2, 5))
+        whole, again = await _weights("w"), await _weights("v")
+        del opt, adam, resumed, refs
+    for want, got in zip(whole, again, strict=True):
+        for k in want:
+            assert np.array_equal(got[k], want[k]), k
+    local = _local_run(ag.optim.AdamW, ADAMW)
+    flat = [whole[0]["weight"], whole[0]["bias"], whole[1]["weight"], whole[1]["bias"]]
+    for a, b in zip(flat, local, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
 async def _two_owner_sgd():
     refs = await _stages("c")
     opt = ag.dist.DistributedOptimizer(ag.optim.SGD, refs, lr=0.1, momentum=0.9)
@@ -126,7 +177,11 @@ async def test_a_state_dict_that_does_not_fit_changes_no_owner():
         before = await opt.state_dict()
         adam = ag.dist.DistributedOptimizer(ag.optim.Adam, refs)
         await _train("c", adam, slice(1, 2))
-        with pytest.raises(ValueError, match=r"SGD takes \['lr', 'momentum', 'weight_decay'\]"):
+        with pytest.raises(
+            ValueError,
+            match=r"SGD takes \['dampening', 'lr', 'maximize', 'momentum', 'nesterov', "
+            r"'weight_decay'\]",
+        ):
             await opt.load_state_dict(await adam.state_dict())
         fewer = await ag.dist.DistributedOptimizer(ag.optim.SGD, refs[:3], lr=0.1).state_dict()
         with pytest.raises(ValueError, match="the state dict is of 3 parameters, this SGD has 4"):
@@ -226,7 +281,15 @@ def _sgd_state(refs_shapes: list[tuple[int, ...]], seed: int = 5) -> dict:
             i: {"momentum_buffer": rng.standard_normal(s)} for i, s in enumerate(refs_shapes)
         },
         "param_groups": [
-            {"lr": 0.25, "momentum": 0.5, "weight_decay": 0.0, "params": [0, 1, 2, 3]}
+            {
+                "lr": 0.25,
+                "momentum": 0.5,
+                "weight_decay": 0.0,
+                "dampening": 0.0,
+                "nesterov": False,
+                "maximize": False,
+                "params": [0, 1, 2, 3],
+            }
         ],
     }
 

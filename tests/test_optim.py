@@ -82,12 +82,140 @@ def test_matches_torch_when_available(kind):
     np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-10)
 
 
+#: torch.optim's options beyond the defaults, alone and together: (class name, options).
+TORCH_OPTIONS = [
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "dampening": 0.3}),
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+    ("SGD", {"lr": 0.05, "maximize": True}),
+    ("SGD", {"lr": 0.05, "momentum": 0.8, "dampening": 0.5, "weight_decay": 0.1, "maximize": True}),
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "maximize": True}),
+    ("Adam", {"lr": 0.02, "weight_decay": 0.1}),
+    ("Adam", {"lr": 0.02, "amsgrad": True}),
+    ("Adam", {"lr": 0.02, "maximize": True}),
+    ("Adam", {"lr": 0.02, "amsgrad": True, "maximize": True}),
+    (
+        "Adam",
+        {"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.1, "amsgrad": True},
+    ),
+    ("AdamW", {"lr": 0.02}),
+    ("AdamW", {"lr": 0.02, "weight_decay": 0.3, "amsgrad": True}),
+    ("AdamW", {"lr": 0.02, "weight_decay": 0.0}),
+    ("AdamW", {"lr": 0.02, "betas": (0.8, 0.95), "amsgrad": True, "maximize": True}),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "opts"), TORCH_OPTIONS, ids=[f"{n}-{'-'.join(o)}" for n, o in TORCH_OPTIONS]
+)
+def test_torchs_options_match_torch_over_50_steps_in_float64(name, opts):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    p0 = rng.standard_normal((4, 3))
+    scale = rng.uniform(0.2, 1.0, (4, 3))
+    p = ag.tensor(p0.copy(), requires_grad=True)
+    tp = torch.tensor(p0.copy(), requires_grad=True)
+    opt = getattr(ag.optim, name)([p], **opts)
+    topt = getattr(torch.optim, name)([tp], **opts)
+    for t in range(50):
+        # (a gradient of the parameter, as a loss's, plus noise that shrinks: the second
+        # moment falls below its largest, which amsgrad then keeps)
+        noise = rng.standard_normal((4, 3)) * (2.0 if t < 10 else 0.1)
+        opt.step({p: scale * p.data + noise})
+        tp.grad = torch.tensor(scale) * tp.detach() + torch.tensor(noise)
+        topt.step()
+        np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-12, atol=1e-14)
+    assert not np.allclose(p.data, p0)
+    ours, theirs = opt.state.get(p, {}), dict(topt.state.get(tp, {}))
+    assert sorted(ours) == sorted(theirs)
+    for k, v in ours.items():
+        if k == "step":
+            assert v == theirs[k].item() == 50
+        else:
+            np.testing.assert_allclose(v, theirs[k].numpy(), rtol=1e-12, atol=1e-14)
+    if opts.get("amsgrad"):  # (not vacuous: the largest second moment is not the last)
+        top, last = ours["max_exp_avg_sq"], ours["exp_avg_sq"]
+        assert (top >= last).all() and (top > last).any()
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_the_options_have_torchs_names_and_defaults(name):
+    import inspect
+
+    torch = pytest.importorskip("torch")
+    ours = list(inspect.signature(getattr(ag.optim, name)).parameters.values())
+    theirs = inspect.signature(getattr(torch.optim, name)).parameters
+    assert [p.name for p in ours[:1]] == ["params"]
+    for p in ours[1:]:
+        assert p.name in theirs, p.name
+        if p.default is not p.empty:  # (our SGD's lr has none: the contract's)
+            assert p.default == theirs[p.name].default, p.name
+    # (our SGD's options after weight_decay are keyword-only: torch's positional order,
+    # lr, momentum, dampening, weight_decay, nesterov, is not ours)
+    if name == "SGD":
+        w = ag.tensor([1.0], requires_grad=True)
+        with pytest.raises(TypeError, match="positional arguments but 6 were given"):
+            ag.optim.SGD([w], 0.1, 0.9, 0.0, 0.01)
+
+
+def test_adamw_decays_the_parameter_and_adam_the_gradient():
+    # (a zero gradient: Adam's L2 term goes through the moments, a step of about lr;
+    # AdamW's decay scales the parameter by 1 - lr * weight_decay)
+    for cls, want in ((ag.optim.AdamW, [0.95, -1.9]), (ag.optim.Adam, [0.9, -1.9])):
+        w = ag.tensor([1.0, -2.0], requires_grad=True, dtype="float64")
+        cls([w], lr=0.1, weight_decay=0.5).step({w: np.zeros(2)})
+        np.testing.assert_allclose(w.data, want, rtol=1e-7)
+    assert ag.optim.AdamW([w]).weight_decay == 1e-2 and ag.optim.Adam([w]).weight_decay == 0
+
+
+@pytest.mark.parametrize(
+    ("cls", "opts"),
+    [
+        (ag.optim.SGD, {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+        (ag.optim.SGD, {"momentum": 0.9, "dampening": 0.5, "maximize": True}),
+        (ag.optim.Adam, {"weight_decay": 0.1, "amsgrad": True, "maximize": True}),
+        (ag.optim.AdamW, {"weight_decay": 0.1, "amsgrad": True}),
+    ],
+)
+@pytest.mark.parametrize("shape", [(8, 2), (1, 16)])
+def test_the_options_step_in_blocks_as_whole(cls, opts, shape, monkeypatch):
+    # (rows of a block's size, and rows bigger than a block: the flat views)
+    from actorgrad import optim
+
+    rng = np.random.default_rng(6)
+    p0 = rng.standard_normal(shape)
+    grads = [rng.standard_normal(shape) for _ in range(4)]
+    grads[2] = np.asfortranarray(grads[2])
+    results = []
+    for block in (optim.UPDATE_BLOCK, 4):
+        monkeypatch.setattr(optim, "UPDATE_BLOCK", block)
+        p = ag.Tensor(p0.copy(), requires_grad=True)
+        opt = cls([p], lr=0.1, **opts)
+        for g in grads:
+            opt.step({p: g})
+        results.append((p.data, opt.state_dict()))
+    (whole, sd_whole), (blocked, sd_blocked) = results
+    np.testing.assert_array_equal(blocked, whole)
+    for k, v in sd_whole["state"][0].items():
+        np.testing.assert_array_equal(sd_blocked["state"][0][k], v)
+
+
 def test_float32_params_stay_float32():
     p = ag.tensor([1.0, 2.0], requires_grad=True)
-    for cls in (ag.optim.SGD, ag.optim.Adam):
-        opt = cls([p], lr=0.1)
+    for cls, opts in (
+        (ag.optim.SGD, {}),
+        (ag.optim.SGD, {"momentum": 0.9, "nesterov": True, "maximize": True}),
+        (ag.optim.Adam, {}),
+        (ag.optim.Adam, {"weight_decay": 0.1, "amsgrad": True}),
+        (ag.optim.AdamW, {"amsgrad": True}),
+    ):
+        opt = cls([p], lr=0.1, **opts)
         opt.step({p: np.array([1.0, 1.0])})  # float64 grads
+        opt.step({p: np.array([1.0, 1.0])})
         assert p.data.dtype == np.float32
+        assert all(
+            v.dtype == np.float32 for v in opt.state.get(p, {}).values() if hasattr(v, "dtype")
+        )
 
 
 def test_params_without_grad_are_skipped_and_mapping_may_be_partial():
@@ -188,6 +316,44 @@ def test_step_refuses_grads_that_are_not_a_mapping_of_tensors():
             lambda p: ag.optim.SGD([*p, np.ones(2)], lr=0.1),
             TypeError,
             "optimizer parameters must be Tensors, got ndarray",
+        ),
+        # (torch's checks: "Nesterov momentum requires a momentum and zero dampening")
+        (
+            lambda p: ag.optim.SGD(p, lr=0.1, nesterov=True),
+            ValueError,
+            "SGD: nesterov requires a momentum > 0 and dampening 0, got momentum 0.0 and "
+            "dampening 0.0",
+        ),
+        (
+            lambda p: ag.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
+            ValueError,
+            "got momentum 0.9 and dampening 0.1",
+        ),
+        (
+            lambda p: ag.optim.SGD(p, lr=0.1, dampening="0"),
+            TypeError,
+            "SGD: dampening must be a number, got str '0'",
+        ),
+        # (a flag given as a string or a number: "no" would be taken as true)
+        (
+            lambda p: ag.optim.SGD(p, lr=0.1, momentum=0.9, nesterov="no"),
+            TypeError,
+            r"SGD: nesterov must be a bool \(True or False\), not 'no'",
+        ),
+        (lambda p: ag.optim.SGD(p, lr=0.1, maximize=1), TypeError, "SGD: maximize must be a bool"),
+        (lambda p: ag.optim.Adam(p, amsgrad=None), TypeError, "Adam: amsgrad must be a bool"),
+        (lambda p: ag.optim.AdamW(p, maximize="True"), TypeError, "AdamW: maximize must be a"),
+        (
+            lambda p: ag.optim.Adam(p, weight_decay=-0.1),
+            ValueError,
+            "invalid weight_decay -0.1: weight_decay must be >= 0",
+        ),
+        (lambda p: ag.optim.AdamW(p, weight_decay=float("nan")), ValueError, "weight_decay nan"),
+        (lambda p: ag.optim.AdamW(p, weight_decay="0.1"), TypeError, "AdamW: weight_decay must"),
+        (
+            lambda p: ag.optim.AdamW(p, betas=0.9),
+            TypeError,
+            r"AdamW: betas must be a pair \(beta1, beta2\), got 0.9",
         ),
     ],
 )
@@ -346,6 +512,20 @@ YS = np.random.default_rng(2).standard_normal((5, 8, 2))
 CHECKPOINTS = {
     "sgd": (ag.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}),
     "adam": (ag.optim.Adam, {"lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-6}),
+    "sgd_nesterov": (
+        ag.optim.SGD,
+        {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True},
+    ),
+    "sgd_dampening_maximize": (
+        ag.optim.SGD,
+        {"lr": 0.02, "momentum": 0.9, "dampening": 0.3, "maximize": True},
+    ),
+    "adam_amsgrad_maximize": (
+        ag.optim.Adam,
+        {"lr": 0.05, "weight_decay": 0.01, "amsgrad": True, "maximize": True},
+    ),
+    "adamw": (ag.optim.AdamW, {"lr": 0.05, "betas": (0.8, 0.95), "weight_decay": 0.1}),
+    "adamw_amsgrad": (ag.optim.AdamW, {"lr": 0.05, "weight_decay": 0.1, "amsgrad": True}),
 }
 
 
@@ -381,7 +561,7 @@ def _through_npz(state: dict, path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("kind", sorted(CHECKPOINTS))
 def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(kind, tmp_path):
     cls, opts = CHECKPOINTS[kind]
     whole = _model(0)
@@ -425,7 +605,7 @@ def _from_plain(d):  # (its object_hook=)
 
 
 @pytest.mark.parametrize("fmt", ["msgpack", "json"])
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("kind", sorted(CHECKPOINTS))
 def test_the_documented_file_recipes_resume_bit_for_bit(kind, fmt, tmp_path):
     """limits.md's recipes for a checkpoint file (model and optimizer together) give
     back a run that goes on as if never stopped; the plain calls fail as it says."""
@@ -491,7 +671,7 @@ def test_a_changed_number_in_an_npz_checkpoint_fails_at_its_read_as_limits_md_sa
         f["opt/0/exp_avg"]
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("kind", sorted(CHECKPOINTS))
 def test_a_resumed_run_matches_torch_and_the_state_dicts_mirror_torchs(kind):
     torch = pytest.importorskip("torch")
     cls, opts = CHECKPOINTS[kind]
@@ -502,7 +682,7 @@ def test_a_resumed_run_matches_torch_and_the_state_dicts_mirror_torchs(kind):
         torch.nn.Linear(4, 2, dtype=torch.float64),
     )
     tmodel.load_state_dict({k: torch.tensor(v) for k, v in model.state_dict().items()})
-    tcls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[kind]
+    tcls = getattr(torch.optim, cls.__name__)
     opt, topt = cls(model.parameters(), **opts), tcls(tmodel.parameters(), **opts)
 
     def torch_steps(steps):
@@ -518,8 +698,15 @@ def test_a_resumed_run_matches_torch_and_the_state_dicts_mirror_torchs(kind):
     assert sorted(ours) == sorted(theirs) == ["param_groups", "state"]
     assert sorted(ours["state"]) == sorted(theirs["state"]) == [0, 1, 2, 3]
     assert ours["param_groups"][0]["params"] == theirs["param_groups"][0]["params"]
-    # (torch's groups hold more options: nesterov, foreach, amsgrad...; ours are a subset)
+    # (torch's groups hold more options: foreach, fused, capturable...; ours are a subset,
+    # with every option of the update)
     assert set(ours["param_groups"][0]) <= set(theirs["param_groups"][0])
+    assert set(theirs["param_groups"][0]) - set(ours["param_groups"][0]) <= {
+        "foreach",
+        "fused",
+        "capturable",
+        "differentiable",
+    }
     for k, v in ours["param_groups"][0].items():
         assert v == theirs["param_groups"][0][k], k
     for i, entry in ours["state"].items():
@@ -623,7 +810,17 @@ def test_state_dict_and_load_state_dict_copy():
     plain = ag.optim.SGD([w], lr=0.1)
     assert plain.state_dict() == {
         "state": {},
-        "param_groups": [{"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "params": [0]}],
+        "param_groups": [
+            {
+                "lr": 0.1,
+                "momentum": 0.0,
+                "weight_decay": 0.0,
+                "dampening": 0.0,
+                "nesterov": False,
+                "maximize": False,
+                "params": [0],
+            }
+        ],
     }
     mom = ag.optim.SGD([w], lr=0.1, momentum=0.9)
     mom.step({w: np.ones(2)})
@@ -675,8 +872,9 @@ LOAD_ERRORS = [
         "SGD's into Adam",
         lambda: ag.optim.SGD([ag.ones(3, requires_grad=True)], lr=0.1).state_dict(),
         ValueError,
-        r"hyperparameters \['lr', 'momentum', 'weight_decay'\], Adam takes \['betas', 'eps', "
-        r"'lr'\] \(a state dict of another optimizer class\?\)",
+        r"hyperparameters \['dampening', 'lr', 'maximize', 'momentum', 'nesterov', "
+        r"'weight_decay'\], Adam takes \['amsgrad', 'betas', 'eps', 'lr', 'maximize', "
+        r"'weight_decay'\] \(a state dict of another optimizer class\?\)",
     ),
     (
         "another class's state",
@@ -751,6 +949,41 @@ LOAD_ERRORS = [
         r"state\[0\] must be a dict of str keys, got list \[1.0\]",
     ),
     (
+        # (the same hyperparameters as Adam's: told apart by torch's decoupled_weight_decay)
+        "AdamW's into Adam",
+        lambda: ag.optim.AdamW([ag.ones(3, requires_grad=True)]).state_dict(),
+        ValueError,
+        r"param_groups\[0\] has decoupled_weight_decay True, Adam's is False \(a state dict "
+        r"of another optimizer class\?\)",
+    ),
+    (
+        "SGD's options",
+        lambda: _changed(lambda sd: sd["param_groups"][0].update(nesterov=False)),
+        ValueError,
+        r"param_groups\[0\] has the hyperparameters \['amsgrad', 'betas', 'eps', 'lr', "
+        r"'maximize', 'nesterov', 'weight_decay'\], Adam takes",
+    ),
+    (
+        "amsgrad's state without amsgrad",
+        lambda: _changed(lambda sd: sd["state"][0].update(max_exp_avg_sq=np.zeros((2, 3)))),
+        ValueError,
+        r"state\[0\] has the keys \['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'step'\], Adam "
+        r"keeps \['exp_avg', 'exp_avg_sq', 'step'\]",
+    ),
+    (
+        "amsgrad without its state",
+        lambda: _changed(lambda sd: sd["param_groups"][0].update(amsgrad=True)),
+        ValueError,
+        r"state\[0\] has the keys \['exp_avg', 'exp_avg_sq', 'step'\], Adam keeps "
+        r"\['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'step'\]",
+    ),
+    (
+        "a flag that is no bool",
+        lambda: _changed(lambda sd: sd["param_groups"][0].update(amsgrad="no")),
+        TypeError,
+        r"param_groups\[0\]: Adam: amsgrad must be a bool \(True or False\), not 'no'",
+    ),
+    (
         "a step that is no number",
         lambda: _changed(lambda sd: sd["state"][0].update(step="3")),
         TypeError,
@@ -773,6 +1006,64 @@ def test_load_state_dict_names_what_does_not_fit_and_changes_nothing(state, erro
     after = opt.state_dict()
     assert after["param_groups"] == before["param_groups"] and sorted(after["state"]) == [0]
     assert np.array_equal(after["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_state_dict_saved_before_the_new_options_loads_with_their_defaults(kind):
+    # (saved before SGD had dampening, nesterov, maximize and Adam weight_decay, amsgrad,
+    # maximize: its group has none of them; the run goes on as it would have)
+    cls, opts = CHECKPOINTS[kind]
+    whole = _model(0)
+    _train(whole, cls(whole.parameters(), **opts), slice(0, 5))
+    first = _model(0)
+    opt1 = cls(first.parameters(), **opts)
+    _train(first, opt1, slice(0, 2))
+    old = opt1.state_dict()
+    added = {
+        "sgd": ["dampening", "nesterov", "maximize"],
+        "adam": ["weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"],
+    }[kind]
+    old["param_groups"] = [{k: v for k, v in old["param_groups"][0].items() if k not in added}]
+    assert sorted(old["param_groups"][0]) == sorted([*opts, "params"])
+    resumed = _model(7)
+    resumed.load_state_dict(first.state_dict())
+    made_with = {"momentum": 0.5, "nesterov": True} if kind == "sgd" else {"amsgrad": True}
+    opt2 = cls(resumed.parameters(), lr=0.5, **made_with, maximize=True)
+    opt2.load_state_dict(old)
+    assert opt2.state_dict()["param_groups"] == opt1.state_dict()["param_groups"]
+    assert opt2.maximize is False and getattr(opt2, "nesterov", False) is False
+    _train(resumed, opt2, slice(2, 5))
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert np.array_equal(a.data, b.data)
+
+
+def test_adams_and_adamws_state_dicts_do_not_load_into_each_other():
+    w = ag.tensor(np.zeros(3), requires_grad=True)
+    adam = ag.optim.Adam([w], lr=0.1, weight_decay=0.1)
+    adam.step({w: np.ones(3)})
+    adamw = ag.optim.AdamW([w], lr=0.2)
+    adamw.step({w: np.ones(3)})
+    before = adamw.state_dict()
+    with pytest.raises(
+        ValueError,
+        match=r"param_groups\[0\] has decoupled_weight_decay False, AdamW's is True \(a state "
+        r"dict of another optimizer class\?\)",
+    ):
+        adamw.load_state_dict(adam.state_dict())
+    # (Adam's saved before it had weight_decay: not AdamW's either, whose decay it lacks)
+    old = adam.state_dict()
+    old["param_groups"] = [{"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "params": [0]}]
+    with pytest.raises(
+        ValueError,
+        match=r"has the hyperparameters \['betas', 'eps', 'lr'\], AdamW takes \['amsgrad', "
+        r"'betas', 'eps', 'lr', 'maximize', 'weight_decay'\]",
+    ):
+        adamw.load_state_dict(old)
+    after = adamw.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert np.array_equal(after["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
+    adam.load_state_dict(old)  # (into Adam: its own, older)
+    assert adam.weight_decay == 0.0
 
 
 def test_a_first_momentum_step_cut_short_keeps_no_half_written_buffer(monkeypatch):
@@ -825,6 +1116,32 @@ def test_a_subclass_needing_more_than_its_hyperparameters_loads_its_own_state_di
     opt = Clipped([w], lr=0.2, clip_to=3.0)
     opt.load_state_dict(sd)
     assert (opt.lr, opt._clip) == (0.1, 3.0)
+
+
+def test_a_subclass_of_adam_taking_fewer_options_loads_its_own_state_dict():
+    # (its hyperparameters are its constructor's: amsgrad and weight_decay are not, and
+    # its state is kept as its instance's amsgrad says)
+    class Fixed(ag.optim.Adam):
+        def __init__(self, params, lr):
+            super().__init__(params, lr, weight_decay=0.1, amsgrad=True)
+
+    class Required(ag.optim.Adam):  # (an added option it requires: not taken as missing)
+        def __init__(self, params, lr, amsgrad):
+            super().__init__(params, lr, amsgrad=amsgrad)
+
+    w = ag.tensor([1.0, 2.0], requires_grad=True)
+    opt = Fixed([w], lr=0.1)
+    opt.step({w: np.ones(2)})
+    sd = opt.state_dict()
+    assert sorted(sd["param_groups"][0]) == ["decoupled_weight_decay", "lr", "params"]
+    assert sorted(sd["state"][0]) == ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"]
+    again = Fixed([w], lr=0.5)
+    again.load_state_dict(sd)
+    assert again.lr == 0.1 and again.state[w]["step"] == 1
+    sd = Required([w], lr=0.1, amsgrad=False).state_dict()
+    del sd["param_groups"][0]["amsgrad"]
+    with pytest.raises(ValueError, match=r"has the hyperparameters \['lr'\], Required takes"):
+        Required([w], lr=0.1, amsgrad=False).load_state_dict(sd)
 
 
 def test_a_loaded_state_array_is_kept_in_c_order():

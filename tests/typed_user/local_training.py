@@ -64,6 +64,8 @@ def train(steps: int) -> float:
     model = MLP(4, 8, 3, seed=0)
     opt = ag.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     adam = ag.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
+    nesterov = ag.optim.SGD(model.parameters(), 0.1, 0.9, nesterov=True, maximize=False)
+    adamw = ag.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2, amsgrad=True)
     x = ag.randn(16, 4, seed=1)
     y = np.random.default_rng(0).integers(0, 3, 16)
     last = float("nan")
@@ -73,7 +75,8 @@ def train(steps: int) -> float:
         opt.step()
         opt.zero_grad()
         last = float(loss.item())
-    adam.step({p: np.zeros_like(p.data) for p in model.parameters()})
+    for other in (adam, nesterov, adamw):
+        other.step({p: np.zeros_like(p.data) for p in model.parameters()})
     first: ag.nn.Module = model.body[0]
     rest: ag.nn.Sequential = model.body[1:]
     emb = ag.nn.Embedding(10, 4, seed=0)
