@@ -229,6 +229,13 @@ class Optimizer:
                     f"step: gradient of shape {arr.shape} for parameter {i}, of shape "
                     f"{p.data.shape}"
                 )
+            kind = arr.dtype
+            if kind != p.data.dtype and np.promote_types(kind, p.data.dtype) != kind:
+                # (integers, bools and narrower floats as the parameter's floats: the
+                # update's arithmetic in their dtype wrapped or overflowed, Adam's g * g
+                # of a uint8 20 was 144, of a float16 300 inf, maximize's -g of a uint8
+                # 1 was 255, and -g of bools raised, with the parameters before stepped)
+                arr = arr.astype(p.data.dtype)
             out.append((p, arr))
         return out
 
@@ -238,7 +245,8 @@ class Optimizer:
         its ``.grad``. Tensors in ``grads`` that are not parameters of this optimizer
         are ignored. Every gradient is checked before anything changes: one of another
         shape than its parameter raises ValueError, one that is not real numbers
-        TypeError.
+        TypeError. Integer, bool and narrower float gradients (float16 for a float32
+        parameter) are taken as the parameter's dtype.
 
         Each updated parameter gets a new array (its ``.data`` is replaced, the Tensor
         stays): a graph recorded before the step (kept with ``retain_graph``, or the

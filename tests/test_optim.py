@@ -405,6 +405,33 @@ def test_a_bad_gradient_changes_no_parameter(cls):
     assert w.data.tolist() == want.params[0].data.tolist()
 
 
+@pytest.mark.parametrize(
+    ("cls", "opts"),
+    [
+        (ag.optim.SGD, {"momentum": 0.9, "maximize": True}),
+        (ag.optim.Adam, {}),
+        (ag.optim.Adam, {"amsgrad": True, "maximize": True}),
+        (ag.optim.AdamW, {"maximize": True}),
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.bool_, np.float16])
+def test_integer_bool_and_narrow_gradients_step_as_the_same_floats(cls, opts, dtype):
+    # Their arithmetic ran in their dtype: Adam's g * g of a uint8 20 was 144 (not
+    # 400), of a float16 300 inf (the parameter never moved again), maximize's -g of a
+    # uint8 1 was 255, and -g of bools raised after the parameters before had stepped.
+    big = 300 if dtype is np.float16 else 20
+    grads = [np.array([[big, 1], [0, 1]]), np.array([[1, 0], [3, 1]])]
+    if dtype is np.bool_:
+        grads = [g > 0 for g in grads]
+    floats = ag.tensor(np.ones((2, 2)), requires_grad=True)
+    given = ag.tensor(np.ones((2, 2)), requires_grad=True)  # (stepped after floats)
+    opt = cls([floats, given], lr=0.1, **opts)
+    for g in grads:
+        opt.step({floats: g.astype(np.float64), given: g.astype(dtype)})
+    np.testing.assert_array_equal(given.data, floats.data)
+    assert not np.array_equal(given.data, np.ones((2, 2)))
+
+
 @pytest.mark.parametrize("cls", [ag.optim.SGD, ag.optim.Adam])
 def test_a_graph_recorded_before_a_step_keeps_its_values(cls):
     # The step wrote into the parameter's array, which the graph had saved: a second
