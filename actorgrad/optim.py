@@ -95,6 +95,18 @@ def _number(owner: str, name: str, value: Any) -> None:
         )
 
 
+def _plain(value: Any) -> Any:
+    """A hyperparameter as a state dict holds it: numpy scalars (an ``lr`` given as
+    ``np.float32(0.1)``, or set so by a schedule) as Python numbers, in tuples and lists
+    too, so that the file recipes of docs/limits.md take it (``json.dumps`` and their
+    msgpack hooks refused a numpy scalar); anything else a deep copy."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if type(value) in (tuple, list):
+        return type(value)(_plain(v) for v in value)
+    return copy.deepcopy(value)
+
+
 def _state_key(key: Any) -> int | None:
     """A key of a state dict's ``"state"`` as the int it stands for: an int, or its
     decimal digits as a str (JSON turns int keys into strings); else None."""
@@ -318,7 +330,7 @@ class Optimizer:
                     k: v.copy() if isinstance(v, np.ndarray) else copy.deepcopy(v)
                     for k, v in entry.items()
                 }
-        group = {n: copy.deepcopy(getattr(self, n)) for n in self._hyperparameters()}
+        group = {n: _plain(getattr(self, n)) for n in self._hyperparameters()}
         group.update(type(self).FIXED_HYPERPARAMETERS)
         group["params"] = list(range(len(self.params)))
         return {"state": state, "param_groups": [group]}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import traced_memory
@@ -636,7 +638,6 @@ def _from_plain(d):  # (its object_hook=)
 def test_the_documented_file_recipes_resume_bit_for_bit(kind, fmt, tmp_path):
     """limits.md's recipes for a checkpoint file (model and optimizer together) give
     back a run that goes on as if never stopped; the plain calls fail as it says."""
-    import json
 
     import msgpack
 
@@ -668,6 +669,26 @@ def test_the_documented_file_recipes_resume_bit_for_bit(kind, fmt, tmp_path):
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert a.data.dtype == b.data.dtype == np.float64
         assert np.array_equal(a.data, b.data)
+
+
+@pytest.mark.parametrize("cls", [ag.optim.SGD, ag.optim.Adam])
+def test_numpy_scalar_hyperparameters_are_saved_as_python_numbers(cls):
+    # (an lr of np.float32, or betas of np.float64, stayed numpy scalars in the state
+    # dict: json.dumps and limits.md's msgpack recipe refused them)
+    model = _model(0)
+    opts = {"lr": np.float32(0.5), "weight_decay": np.float64(0.01)}
+    if cls is ag.optim.Adam:
+        opts["betas"] = (np.float64(0.8), np.float32(0.9))
+    opt = cls(model.parameters(), **opts)
+    _train(model, opt, slice(0, 1))
+    group = opt.state_dict()["param_groups"][0]
+    assert json.loads(json.dumps(group))["lr"] == 0.5  # (TypeError: not serializable)
+    assert type(group["lr"]) is float and group["lr"] == np.float32(0.5)
+    if cls is ag.optim.Adam:
+        assert type(group["betas"]) is tuple and group["betas"] == (0.8, float(np.float32(0.9)))
+    again = cls(_model(1).parameters(), lr=0.1)
+    again.load_state_dict(opt.state_dict())
+    assert again.lr == 0.5 and type(again.lr) is float
 
 
 def test_np_savez_of_a_nested_state_dict_pickles_it_as_limits_md_says(tmp_path):
