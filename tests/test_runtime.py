@@ -396,6 +396,30 @@ async def test_a_plain_function_sees_no_running_loop_once_it_runs_inline(cluster
     assert cluster.workers[0].status()["in_flight"] == 0
 
 
+class MakesAFuture:
+    """A class whose __init__ makes a future, as a port of torch's batch-updating
+    parameter server does (its torch.futures.Future())."""
+
+    def __init__(self) -> None:
+        self.fut = asyncio.get_running_loop().create_future()
+
+
+async def test_a_plain_function_that_needs_a_loop_is_told_where_it_runs(cluster):
+    # (a class made with ag.remote whose __init__ made a future failed with asyncio's
+    # bare "no running event loop": the most confusing error of a port from torch)
+    for _ in range(2):  # (in the pool, then inline once proven fast)
+        with pytest.raises(ag.RemoteError) as info:
+            await asyncio.wait_for(ag.remote("w1", MakesAFuture), 10)
+        assert info.value.remote_type == "RuntimeError"
+        assert str(info.value) == (
+            "RuntimeError on worker 'w1': no running event loop (a plain function called on "
+            "a worker runs where no event loop runs, in the worker's thread pool or as if "
+            "there: make futures and tasks in an async def, e.g. an async def factory for a "
+            "class that makes them in its __init__)"
+        )
+        _prove_fast(cluster, MakesAFuture)
+
+
 def own_a_list_at_last(key, really):
     """A plain function that proves fast, then (inline) makes an RRef to a value."""
     return own_a_list(key) if really else None

@@ -634,6 +634,17 @@ def _worker_name(dest: Any) -> str:
     return str.__str__(dest)
 
 
+#: asyncio's error for what needs a running loop (a future, a task) made where none
+#: runs: in a plain function called on a worker, as the execution model has it (a class
+#: whose __init__ makes a future, made with ag.remote, failed with only this)
+NO_LOOP = "no running event loop"
+NO_LOOP_HINT = (
+    " (a plain function called on a worker runs where no event loop runs, in the "
+    "worker's thread pool or as if there: make futures and tasks in an async def, e.g. "
+    "an async def factory for a class that makes them in its __init__)"
+)
+
+
 def check_timeout(timeout: Any, none_means: str, hint: str = "") -> None:
     """TypeError for a ``timeout`` that is not a number (a bool is not one), ValueError
     unless it is a number of seconds > 0 (NaN is not) or None (which means
@@ -2678,6 +2689,10 @@ class Worker:
         header = [K_ERR, cid, 1] if refused else [K_ERR, cid]
         try:
             err = RemoteError.from_exception(self.name, exc)
+            if err.remote_message == NO_LOOP and err.remote_type == "RuntimeError":
+                err = RemoteError(
+                    err.worker, err.remote_type, NO_LOOP + NO_LOOP_HINT, err.remote_traceback
+                )
             chunks = wire.encode_frame(header, err, None)
         except Exception as exc2:
             log.warning(
