@@ -503,3 +503,68 @@ def test_load_state_dict_lists_of_missing_keys_are_cut():
     ) as ei:
         m.load_state_dict({})
     assert len(str(ei.value)) < 400, len(str(ei.value))
+
+
+def test_nll_loss_of_log_softmax_is_cross_entropy_and_checks_its_targets():
+    rng = np.random.default_rng(0)
+    z, t = rng.standard_normal((5, 4)), np.array([0, 3, 1, 1, 2])
+    a, b = ag.tensor(z, requires_grad=True), ag.tensor(z, requires_grad=True)
+    nll, ce = F.nll_loss(a.log_softmax(axis=1), t), F.cross_entropy(b, t)
+    assert nll.item() == pytest.approx(ce.item(), rel=1e-12)
+    nll.backward()
+    ce.backward()
+    np.testing.assert_allclose(a.grad, b.grad, rtol=1e-10, atol=1e-14)
+    gradcheck(lambda lp: F.nll_loss(lp, t), [rng.standard_normal((5, 4))])
+    assert np.isnan(F.nll_loss(ag.zeros(0, 3), []).item())  # (no rows: nan, as torch)
+    with pytest.raises(IndexError, match=r"^nll_loss: class ids must be in \[0, 4\), got range"):
+        F.nll_loss(a, [0, 4, 0, 0, 0])
+    with pytest.raises(
+        ValueError, match=r"^nll_loss: log_probs must be \(N, C\), got shape \(4,\)"
+    ):
+        F.nll_loss(ag.ones(4), [0])
+    with pytest.raises(TypeError, match="^nll_loss: targets must be integer class ids"):
+        F.nll_loss(a, np.zeros(5))
+
+
+def test_dropout_drops_with_probability_p_and_scales_the_rest_in_training_only():
+    x = ag.ones(100_000, dtype="float64", requires_grad=True)
+    drop = nn.Dropout(0.3, seed=0)
+    y = drop(x)
+    kept = y.data != 0
+    assert set(np.unique(y.data)) == {0.0, 1 / 0.7}
+    assert abs(kept.mean() - 0.7) < 0.01  # (100,000 draws: sd 0.0015)
+    (y * ag.tensor(np.arange(100_000.0))).sum().backward()
+    np.testing.assert_allclose(x.grad, np.where(kept, np.arange(100_000.0) / 0.7, 0.0), rtol=1e-15)
+    # (seeded: the same draws again; and evaluation mode passes the input itself)
+    np.testing.assert_array_equal(nn.Dropout(0.3, seed=0)(x).data, y.data)
+    net = nn.Sequential(nn.Linear(2, 2, seed=0), nn.Dropout(0.9)).eval()
+    assert not net.training and not net[1].training and net[1](x) is x
+    assert net.train() is net and net[1].training
+    assert F.dropout(x, 0.5, training=False) is x and F.dropout(x, 0.0) is x
+    assert not F.dropout(x, 1.0).data.any()
+    for p, error in ((1.5, ValueError), (float("nan"), ValueError), ("0.5", TypeError)):
+        with pytest.raises(error, match="^Dropout: p must be"):
+            nn.Dropout(p)
+    with pytest.raises(TypeError, match="^train: mode must be"):
+        net.train("no")
+
+
+def test_train_and_eval_reach_modules_in_attributes_and_lists():
+    class Net(nn.Module):
+        def __init__(self):
+            self.body = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+            self.heads = [nn.Dropout(), nn.Tanh()]
+
+        def forward(self, x):
+            return x
+
+    net = Net().eval()
+    assert [m.training for m in net.modules()] == [False] * 6
+    assert [type(m).__name__ for m in net.modules()] == [
+        "Net",
+        "Sequential",
+        "Linear",
+        "Dropout",
+        "Dropout",
+        "Tanh",
+    ]

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from actorgrad.autograd import Function
+from actorgrad.errors import check_bool
 from actorgrad.tensor import Tensor, _as_tensor, _data, _fit, _nary, _unary
 
-__all__ = ["cross_entropy", "embedding", "linear", "mse_loss"]
+__all__ = ["cross_entropy", "dropout", "embedding", "linear", "mse_loss", "nll_loss"]
 
 
 class Linear(Function):
@@ -127,23 +128,88 @@ def cross_entropy(logits: Tensor, targets: Any) -> Tensor:
         True
     """
     logits = _as_tensor(logits, "cross_entropy: logits")
+    t = _class_ids(logits, targets, "cross_entropy", "logits")
+    return _unary(CrossEntropy, logits, t)
+
+
+def _class_ids(scores: Tensor, targets: Any, fn: str, what: str) -> np.ndarray:
+    """``targets`` as integer class ids, one per row of ``scores`` (N, C), each in
+    [0, C): else the error naming ``fn``, ``what`` the scores are, and what is wrong."""
     t = np.asarray(_data(targets))
     if t.size == 0 and t.dtype.kind == "f":  # (an empty list: no ids, of no dtype)
         t = t.astype(np.int64)
-    if logits.ndim != 2:
-        raise ValueError(f"cross_entropy: logits must be (N, C), got shape {logits.shape}")
+    if scores.ndim != 2:
+        raise ValueError(f"{fn}: {what} must be (N, C), got shape {scores.shape}")
     if t.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy: targets must be integer class ids, got dtype {t.dtype}")
-    if t.shape != (logits.shape[0],):
+        raise TypeError(f"{fn}: targets must be integer class ids, got dtype {t.dtype}")
+    if t.shape != (scores.shape[0],):
         raise ValueError(
-            f"cross_entropy: targets of shape {t.shape} do not fit logits of shape {logits.shape}"
+            f"{fn}: targets of shape {t.shape} do not fit {what} of shape {scores.shape}"
         )
-    if t.size and (t.min() < 0 or t.max() >= logits.shape[1]):
+    if t.size and (t.min() < 0 or t.max() >= scores.shape[1]):
         raise IndexError(
-            f"cross_entropy: class ids must be in [0, {logits.shape[1]}), "
-            f"got range [{t.min()}, {t.max()}]"
+            f"{fn}: class ids must be in [0, {scores.shape[1]}), got range [{t.min()}, {t.max()}]"
         )
-    return _unary(CrossEntropy, logits, t)
+    return t
+
+
+def nll_loss(log_probs: Tensor, targets: Any) -> Tensor:
+    """Mean negative log-likelihood of integer class ids (N,) under ``log_probs``
+    (N, C), as ``torch.nn.functional.nll_loss``: ``-log_probs[i, targets[i]]``
+    averaged over the rows (nan for no rows). With ``log_probs =
+    logits.log_softmax(axis=1)`` it is ``cross_entropy(logits, targets)``.
+
+    Example::
+
+        >>> logp = ag.tensor([[-0.1, -2.0], [-3.0, -0.5]], requires_grad=True)
+        >>> round(ag.nn.functional.nll_loss(logp, [0, 1]).item(), 4)
+        0.3
+    """
+    log_probs = _as_tensor(log_probs, "nll_loss: log_probs")
+    t = _class_ids(log_probs, targets, "nll_loss", "log_probs")
+    picked = log_probs[np.arange(len(t)), t]
+    if not len(t):  # (the mean of no rows, as torch: nan, without numpy's warning)
+        return picked.sum() * np.nan
+    return -picked.mean()
+
+
+def check_probability(p: Any, fn: str) -> float:
+    """``p`` as a float in [0, 1]: else the TypeError or ValueError naming ``fn``."""
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{fn}: p must be a number in [0, 1], got {p!r:.40}")
+    if not 0 <= p <= 1:  # (nan too)
+        raise ValueError(f"{fn}: p must be in [0, 1], got {p}")
+    return float(p)
+
+
+def dropout(
+    x: Tensor, p: float = 0.5, training: bool = True, rng: np.random.Generator | None = None
+) -> Tensor:
+    """In ``training``, zero each element of ``x`` with probability ``p`` and scale the
+    rest by ``1 / (1 - p)`` (all zeros for ``p`` 1), as ``torch.nn.functional.dropout``;
+    else ``x`` itself. ``rng`` draws which elements go (None: a fresh generator).
+    The gradient goes through the kept elements, scaled alike.
+
+    Example::
+
+        >>> x = ag.ones(4, requires_grad=True)
+        >>> ag.nn.functional.dropout(x, 0.5, rng=np.random.default_rng(0)).numpy()
+        array([2., 0., 0., 0.], dtype=float32)
+    """
+    p = check_probability(p, "dropout")
+    x = _as_tensor(x, "dropout: x")
+    if not check_bool(training, "dropout: training") or p == 0:
+        return x
+    if rng is None:
+        rng = np.random.default_rng()
+    elif not isinstance(rng, np.random.Generator):
+        raise TypeError(f"dropout: rng must be a numpy Generator or None, got {rng!r:.40}")
+    dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float32)
+    if p == 1:
+        mask = np.zeros(x.shape, dtype)
+    else:
+        mask = (rng.random(x.shape) >= p).astype(dtype) / dtype.type(1 - p)
+    return x * mask
 
 
 def mse_loss(pred: Tensor, target: Any) -> Tensor:
