@@ -273,6 +273,21 @@ class Tensor:
         """
         return Tensor(self._data)
 
+    def detach_(self) -> Tensor:
+        """``detach()`` in place, as torch's: this tensor becomes a leaf that does not
+        require grad (an RNN's hidden state carried to the next step), its data and
+        ``.grad`` kept, its hooks dropped; graphs recorded before keep what they
+        recorded of it.
+
+        >>> h = ag.ones(2, requires_grad=True) * 2
+        >>> h.detach_() is h, h.is_leaf, h.requires_grad
+        (True, True, False)
+        """
+        self.grad_fn = None
+        self._rg = False
+        self._accum = self._hooks = None  # (a leaf's node and hooks: of the graph)
+        return self
+
     def __repr__(self) -> str:
         body = np.array2string(self._data, separator=", ", prefix="tensor(")
         extra = ""

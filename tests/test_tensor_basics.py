@@ -89,6 +89,26 @@ def test_requires_grad_on_python_ints_raises():
         ag.tensor([1, 2], requires_grad=True)
 
 
+def test_detach_in_place_cuts_a_hidden_state_off_the_graph_it_came_from():
+    # (an RNN's h.detach_() between steps, as torch's tutorials write it)
+    w = ag.tensor([2.0, 3.0], dtype="float64", requires_grad=True)
+    h = ag.tensor([1.0, 1.0], dtype="float64")
+    for _ in range(3):
+        h = (h * w).tanh()
+        old = h
+        assert h.detach_() is h and h.is_leaf and not h.requires_grad and h.grad_fn is None
+    loss = (h * w).sum()  # (only the last step's w reaches the loss)
+    loss.backward()
+    np.testing.assert_array_equal(w.grad, h.data)
+    assert old.data is h.data and "grad_fn" not in repr(h)
+    leaf = ag.tensor([1.0], requires_grad=True)
+    leaf.register_hook(lambda g: g * 0)
+    leaf.detach_()
+    leaf.requires_grad = True  # (a leaf again, without the hooks of before)
+    (leaf * 2).sum().backward()
+    np.testing.assert_array_equal(leaf.grad, [2.0])
+
+
 def test_attributes_and_conversions():
     t = ag.tensor([[1.0, 2.0]], requires_grad=True)
     assert t.shape == (1, 2) and t.ndim == 2 and t.numel() == 2
