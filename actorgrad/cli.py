@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import select
 import shlex
@@ -884,7 +885,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
     token = client_token(args.token_file)
     with _expected():
         status = await cluster.cluster_status(address, token, timeout=args.timeout)
-    _say(format_status(status))
+    # (--json: what a monitoring script reads, where the table is for people)
+    _say(json.dumps(status, indent=2) if args.json else format_status(status))
     gone = [w["name"] for w in status["workers"] if "error" in w]
     if gone:  # (a health check must tell: the table lists them, the status says so)
         # (counted as the table's first line counts them: the head's own worker apart)
@@ -1111,6 +1113,11 @@ def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
     )
     s.add_argument("--token-file", type=_path, metavar="F", help=tok)
     s.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait (default 5)")
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="print the status as JSON, for scripts (the same fields; the same exit status)",
+    )
 
     sub.add_parser(
         "demo",

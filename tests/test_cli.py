@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import select
@@ -525,6 +526,14 @@ def test_status_names_the_workers(cluster: tuple[str, Path]) -> None:
     env = clean_env(ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token_file.read_text().strip())
     r = run_cli("status", env=env)
     assert r.returncode == 0 and "w1" in r.stdout
+    # (--json: the same fields, for a monitoring script)
+    r = run_cli("status", "--json", env=env)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    status = json.loads(r.stdout)
+    assert status["address"] == address
+    workers = {w["name"]: w for w in status["workers"]}
+    assert sorted(workers) == ["_head", "w1", "w2"]
+    assert all(w["in_flight"] == 0 and w["address"] for w in workers.values()), status
 
 
 SIBLING_DRIVER = """
@@ -1434,6 +1443,10 @@ def test_status_lists_a_hung_worker_as_unreachable_and_names_a_hung_head(tmp_pat
         # (counted as the table's first line counts them; it said "1 of 3")
         assert r.stdout.splitlines()[0].endswith(": 2 workers and its head"), r.stdout
         assert r.stderr == f"actorgrad: 1 of 2 workers unreachable: {hung[0]}\n"
+        r = run_cli(*status, "--timeout", "1", "--json")  # (the same exit status)
+        assert r.returncode == 1 and r.stderr.endswith(f"unreachable: {hung[0]}\n")
+        [gone] = [w for w in json.loads(r.stdout)["workers"] if "error" in w]
+        assert gone["name"] == hung[0] and "timed out after 1.0 s" in gone["error"]
         os.kill(victim, signal.SIGCONT)
         stopped.clear()
         os.kill(c.proc.pid, signal.SIGSTOP)
