@@ -464,6 +464,39 @@ async def test_a_backward_whose_origins_address_reaches_something_else_goes_over
     assert caplog.text.count("cannot connect to worker 'driver' at its address") == 1
 
 
+async def test_an_address_that_reaches_its_worker_shutting_down_is_not_warned_of(caplog):
+    # A worker that says hello and closes without refusing our token is shutting down
+    # as we connect: its address is right. w1 warned "cannot connect to worker ... at
+    # its address (... closed the connection during its handshake ...)" when a cluster
+    # stopped with calls connecting (found by cancelling a local_cluster block at every
+    # loop turn). What w1 has to send still goes over the connection the peer opened.
+    from actorgrad.runtime import transport
+
+    async def hello_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        writer.write(transport._HELLO.pack(transport.MAGIC, transport.PROTOCOL_VERSION, b"n" * 32))
+        await reader.readexactly(transport._HELLO.size + transport._MAC_LEN)  # (hello, MAC)
+        writer.close()
+
+    caplog.set_level(logging.DEBUG, "actorgrad.runtime")
+    xv, wv = arr(3), arr(3)
+    server = await asyncio.start_server(hello_then_close, "127.0.0.1", 0)
+    try:
+        async with cluster("tcp", 2) as c:
+            address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            await ag.rpc("w1", F.put, ("w", wv))
+            await ag.rpc("w1", F.lose_the_way_to, ("driver", address))
+            async with asyncio.timeout(10):
+                await assert_one_hop_exact(xv, wv)
+            await assert_clean(c.names)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert "cannot connect to worker 'driver'" not in caplog.text
+    assert "closed the connection during its handshake, without refusing our token" in (
+        caplog.text
+    ), "(the test did not reach the case: w1 never tried the address)"
+
+
 async def lone_credit_backward(ctx: int, x: ag.Tensor, w1v: Any, w3v: Any) -> None:
     """A step of context ``ctx`` ("w" on w1 and w2, "v" on w3) in which w2's part gets
     the gradients of its two results (made from tensors that need none) in two

@@ -1549,6 +1549,13 @@ class Unanswered(WorkerLost):
     as long again."""
 
 
+class ClosedInHandshake(WorkerLost):
+    """The peer closed the connection after the hellos without refusing our token: the
+    process at that address is an actorgrad worker of a cluster that takes our token
+    (it said hello, and would have refused another), shutting down (or dying) as we
+    connected; not an address that reaches something else."""
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an IP address, IPv6 maybe in brackets, or a name) is this
     host's loopback: reachable from this host only."""
@@ -1752,7 +1759,7 @@ async def handshake(
         if server:
             raise AuthError(f"handshake with {where}: the client closed the connection") from exc
         # (after the hellos, a peer that refuses our token says so: see _REFUSED)
-        raise WorkerLost(
+        raise ClosedInHandshake(
             f"{where} closed the connection during its handshake, without refusing our token "
             "(the process is shutting down or died)"
         ) from exc

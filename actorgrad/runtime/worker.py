@@ -1545,8 +1545,12 @@ class Worker:
         address, a firewall lets connections one way only: nothing answers there, or
         something else does), but it reached us: what we send it goes over its
         connection ``back``. (Without, a backward pass whose origin no worker could
-        reach waited for good for their gradients and credit.)"""
-        if (dest, entry[0]) not in self._unreachable_warned:  # (once per process)
+        reach waited for good for their gradients and credit.) Not warned of when the
+        address reached it shutting down (it closed in the handshake): the address is
+        right, and a cluster stopping with calls connecting warned so, wrongly."""
+        if isinstance(exc, transport.ClosedInHandshake):
+            log.debug("worker %s: %s; using the connection it opened", self.name, exc)
+        elif (dest, entry[0]) not in self._unreachable_warned:  # (once per process)
             self._unreachable_warned.add((dest, entry[0]))
             log.warning(
                 "worker %s: cannot connect to worker %r at its address (%s); using the "
