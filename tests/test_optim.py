@@ -51,6 +51,32 @@ def test_plain_sgd():
     np.testing.assert_allclose(got, P0 - 0.5 * sum(GRADS), rtol=1e-12)
 
 
+def test_sgd_with_dampening_1_keeps_its_first_momentum_as_torchs_does():
+    # buf = g1, then buf = momentum * buf + (1 - dampening) * g: the later gradients
+    # add nothing (torch.optim.SGD's formula, dampening 1 too)
+    got = run(ag.optim.SGD, True, lr=0.1, momentum=0.5, dampening=1.0)
+    b1 = GRADS[0]
+    p1 = P0 - 0.1 * b1
+    p2 = p1 - 0.1 * (0.5 * b1)
+    p3 = p2 - 0.1 * (0.25 * b1)
+    np.testing.assert_allclose(got, p3, rtol=1e-12)
+
+
+def test_a_wider_gradient_is_used_at_its_own_precision():
+    # Only narrower gradients are cast to the parameter's dtype: a float64 gradient of
+    # a float32 parameter steps it as the float64 arithmetic gives, rounded once into
+    # float32 (not rounded to float32 first, which gives other last bits).
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(64).astype(np.float32)
+    g = rng.standard_normal(64)
+    w = ag.tensor(p0, requires_grad=True)
+    ag.optim.SGD([w], lr=0.1).step({w: g})
+    w64 = ag.tensor(p0.astype(np.float64), requires_grad=True)
+    ag.optim.SGD([w64], lr=0.1).step({w64: g})
+    assert w.data.dtype == np.float32
+    np.testing.assert_array_equal(w.data, w64.data.astype(np.float32))
+
+
 @pytest.mark.parametrize("use_mapping", [True, False])
 def test_adam_matches_hand_computed(use_mapping):
     lr, (b1, b2), eps = 0.01, (0.8, 0.95), 1e-6
@@ -247,19 +273,22 @@ def test_adamw_decays_the_parameter_and_adam_the_gradient():
         (ag.optim.AdamW, {"weight_decay": 0.1, "amsgrad": True}),
     ],
 )
-@pytest.mark.parametrize("shape", [(8, 2), (1, 16)])
-def test_the_options_step_in_blocks_as_whole(cls, opts, shape, monkeypatch):
-    # (rows of a block's size, and rows bigger than a block: the flat views)
+@pytest.mark.parametrize(("shape", "order"), [((8, 2), "C"), ((1, 16), "C"), ((3, 16), "F")])
+def test_the_options_step_in_blocks_as_whole(cls, opts, shape, order, monkeypatch):
+    # (rows of a block's size, and rows bigger than a block: the flat views; a
+    # Fortran-ordered parameter has no flat view, and its rows bigger than a block are
+    # stepped a row at a time)
     from actorgrad import optim
 
     rng = np.random.default_rng(6)
-    p0 = rng.standard_normal(shape)
+    p0 = np.array(rng.standard_normal(shape), order=order)
     grads = [rng.standard_normal(shape) for _ in range(4)]
     grads[2] = np.asfortranarray(grads[2])
     results = []
     for block in (optim.UPDATE_BLOCK, 4):
         monkeypatch.setattr(optim, "UPDATE_BLOCK", block)
-        p = ag.Tensor(p0.copy(), requires_grad=True)
+        p = ag.Tensor(p0.copy(order="K"), requires_grad=True)
+        assert p.data.flags.c_contiguous == (order == "C")
         opt = cls([p], lr=0.1, **opts)
         for g in grads:
             opt.step({p: g})
@@ -368,6 +397,11 @@ def test_step_refuses_grads_that_are_not_a_mapping_of_tensors():
             lambda p: ag.optim.Adam(p, betas=0.9),
             TypeError,
             r"Adam: betas must be a pair \(beta1, beta2\), got 0.9",
+        ),
+        (
+            lambda p: ag.optim.Adam(p, betas=("0.9", 0.999)),
+            TypeError,
+            r"Adam: betas\[0\] must be a number, got str '0.9'",
         ),
         (
             lambda p: ag.optim.Adam(p, betas=(0.9, "x")),
@@ -884,6 +918,26 @@ def test_a_state_adopted_is_kept_unless_it_must_be_copied():
             assert got.tolist() == [0.0, 1.0, 2.0]
 
 
+def test_a_subclass_keeping_its_own_state_arrays_has_them_adopted_too():
+    # (a subclass with STATE_KEYS None: its arrays are loaded as they were saved, and
+    # an owner adopting a state keeps each writable one as is, not a copy)
+    class Averaged(ag.optim.SGD):
+        STATE_KEYS = None
+
+    w = ag.tensor(np.zeros(3), requires_grad=True)
+    opt = Averaged([w], lr=0.1)
+    fresh = np.arange(3.0)
+    frozen = np.arange(3.0)
+    frozen.flags.writeable = False
+    group = {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "params": [0]}
+    for given, kept in ((fresh, True), (frozen, False)):
+        state = {"state": {0: {"average": given}}, "param_groups": [group]}
+        _, adopted = opt._loadable(state, adopt=True)
+        got = adopted[w]["average"]
+        assert (got is given) is kept
+        assert got.flags.writeable and got.tolist() == [0.0, 1.0, 2.0]
+
+
 def test_a_state_adopted_is_kept_whole_or_copied_whole():
     # The arrays an owner decodes from one message are views into one buffer: kept
     # beside one cast, they held its bytes too, for as long as the state lived.
@@ -1015,6 +1069,12 @@ LOAD_ERRORS = [
         lambda: _changed(lambda sd: sd["state"][0].update(exp_avg_sq="zeros")),
         TypeError,
         r"state\[0\]\['exp_avg_sq'\] is a str of dtype <U5, not an array of real numbers",
+    ),
+    (
+        "a fractional step",
+        lambda: _changed(lambda sd: sd["state"][0].update(step=2.5)),
+        ValueError,
+        r"state\[0\]\['step'\] must be a whole number >= 0, got 2.5",
     ),
     (
         "a negative step",
