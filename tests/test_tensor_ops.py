@@ -49,6 +49,8 @@ CASES = [
     ("div", lambda a, b: a / b, [r(3, 4), pos(3, 4)]),
     ("div_bcast", lambda a, b: a / b, [r(3, 4), pos(4)]),
     ("rdiv_scalar", lambda a: 2.0 / a, [pos(3)]),
+    ("div_by_float", lambda a: a / 4.0, [r(2, 3)]),
+    ("div_by_int", lambda a: a / 3, [r(2, 3)]),
     ("pow_scalar", lambda a: a**3, [r(2, 3)]),
     ("pow_square", lambda a: a**2, [r(2, 3)]),
     ("pow_frac", lambda a: a**0.5, [pos(4)]),
@@ -113,6 +115,7 @@ CASES = [
     ("log_softmax_empty_axis", lambda a: a.log_softmax(axis=1), [r(2, 0, 3)]),
     ("max_empty_batch", lambda a: a.max(axis=1), [r(0, 3)]),
     ("mean_empty_batch", lambda a: a.mean(axis=1), [r(0, 3)]),
+    ("mean_empty_axis", lambda a: a.mean(axis=0), [r(0, 3)]),
     ("reshape_empty", lambda a: a.reshape(3, 0), [r(0, 3)]),
     ("transpose_empty", lambda a: a.T, [r(0, 3)]),
     ("log", lambda a: a.log(), [pos(3, 4)]),
@@ -461,6 +464,16 @@ def test_a_mean_of_a_broadcast_sum_gives_its_bias_an_exact_float32_gradient():
         b = ag.zeros(8, requires_grad=True)
         loss(ag.zeros(1_000_000, 8) + b).backward()
         np.testing.assert_allclose(b.grad, np.full(8, want), rtol=2e-7)
+
+
+def test_a_weighted_mean_of_a_broadcast_sum_gives_a_0d_bias_every_columns_gradient():
+    # (the mean's gradient repeats down the rows, not across the columns: summed to
+    # the 0-d bias, only the rows may be taken as one row times their number)
+    for dtype in ("float32", "float64"):
+        s = ag.tensor(0.0, dtype=dtype, requires_grad=True)
+        x = ag.zeros(4096, 3, dtype=dtype) + s
+        (x.mean(axis=0) * ag.tensor([1.0, 2.0, 3.0], dtype=dtype)).sum().backward()
+        assert s.grad.dtype == dtype and s.grad.tolist() == 6.0
 
 
 def test_an_exponents_gradient_is_in_the_results_dtype_not_the_bases():
