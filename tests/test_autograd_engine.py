@@ -956,3 +956,82 @@ def test_two_passes_through_one_split_interleaved_keep_their_gradients_apart():
         task_b.deliver(b[i], one * 10.0 * (i + 1))
     task_b.run()
     np.testing.assert_array_equal(got["b"], [10, 10, 20, 20, 30, 30])
+
+
+def test_backward_of_a_one_element_tensor_seeds_a_gradient_of_its_shape():
+    # (not a 0-d one: a hook sees the tensor's own shape, a leaf gets its shape)
+    x = ag.tensor([[2.0]], requires_grad=True)
+    seen = []
+    y = x * 3.0
+    y.register_hook(lambda g: seen.append(g.shape))
+    y.backward()
+    assert seen == [(1, 1)] and x.grad.shape == (1, 1) and x.grad.tolist() == [[3.0]]
+    x.grad = None
+    x.backward()
+    assert x.grad.shape == (1, 1) and x.grad.tolist() == [[1.0]]
+
+
+def test_a_nodes_pre_hooks_assigned_whole_are_the_ones_that_run():
+    # (design.md: pre_hooks is a dict of hooks by registration number, applied to the
+    # summed incoming gradient; assigning one replaces them)
+    x = ag.tensor([1.0, 2.0], requires_grad=True)
+    y = x * 2.0
+    y.register_hook(lambda g: g * 100)
+    y.grad_fn.pre_hooks = {0: lambda g: g + 1}
+    y.sum().backward()
+    assert x.grad.tolist() == [4.0, 4.0]
+
+
+class Bare(Node):
+    __slots__ = ()
+
+
+class Unwritten(Function):
+    __slots__ = ()
+
+
+@pytest.mark.parametrize(
+    ("cls", "missing"), [(Bare, "Bare.apply"), (Unwritten, "Unwritten.backward")]
+)
+def test_a_node_without_its_backward_is_named_when_a_gradient_reaches_it(cls, missing):
+    # (a node class of the user's, made with its constructor, that lacks the method:
+    # not a silent "no gradient")
+    leaf = ag.tensor([1.0, 2.0], requires_grad=True)
+    task = GraphTask([(cls([grad_node(leaf)]), np.ones(2))])
+    with pytest.raises(NotImplementedError) as info:
+        task.run()
+    assert str(info.value) == missing
+    assert info.value.__notes__ == [f"(while running backward of {cls.__name__})"]
+    assert leaf.grad is None
+    with pytest.raises(NotImplementedError, match=r"^Unwritten\.forward$"):
+        Unwritten().forward(np.ones(2))
+
+
+def test_a_gradient_of_the_wrong_shape_for_a_leaf_names_the_leafs_node():
+    leaf = ag.tensor([1.0, 2.0], requires_grad=True)
+    node = grad_node(leaf)
+    assert repr(node) == "<AccumulateGrad(2,) node>"
+    with pytest.raises(RuntimeError) as info:
+        GraphTask([(node, np.ones(3))]).run()
+    assert str(info.value) == "gradient of shape (3,) reached a leaf of shape (2,)"
+    assert info.value.__notes__ == ["(while running backward of AccumulateGrad(2,))"]
+    assert leaf.grad is None
+
+
+def test_a_sources_deliveries_add_up_and_its_state_is_told():
+    # (the distributed backward's use: a send node gets gradients from several
+    # workers before it runs; waits_for, skipped and consumers say where it stands)
+    leaf = ag.tensor([1.0, 2.0], requires_grad=True)
+    src, gone = Source([grad_node(leaf)]), Source([grad_node(leaf)])
+    task = GraphTask([], sources=[src, gone])
+    assert task.consumers(grad_node(leaf)) == 2 and task.consumers(Source()) == 0
+    assert task.waits_for(src) and not task.skipped(src)
+    task.skip([gone])
+    assert task.skipped(gone) and not task.waits_for(gone) and task.consumers(gone) == -1
+    task.deliver(src, np.array([1.0, 2.0]))
+    task.deliver(src, np.array([10.0, 20.0]))
+    assert not task.waits_for(src) and not task.skipped(src)
+    task.run()
+    assert task.finished and leaf.grad.tolist() == [11.0, 22.0]
+    with pytest.raises(RuntimeError, match="already ran in this GraphTask"):
+        task.deliver(src, np.ones(2))
