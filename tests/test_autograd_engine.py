@@ -205,6 +205,8 @@ def test_skipped_nodes_count_as_run_and_refuse_deliveries():
         task.deliver(src, np.array([1.0]))
     with pytest.raises(ValueError, match="not waiting"):
         task.skip([src])
+    with pytest.raises(ValueError, match="not waiting"):  # (a node it never reaches)
+        task.skip([Source([])])
 
 
 class EqCounted(Node):
