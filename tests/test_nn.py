@@ -177,12 +177,31 @@ def test_cross_entropy_value_and_errors():
         F.cross_entropy(logits, [0, 3])
     with pytest.raises(ValueError, match=r"\(3,\).*\(2, 3\)"):
         F.cross_entropy(logits, [0, 1, 2])
-    for shape in ((3,), (2, 3, 1)):
+    for shape in ((3,), ()):
         with pytest.raises(
             ValueError,
-            match=r"cross_entropy: logits must be \(N, C\), got shape " + re.escape(str(shape)),
+            match=r"cross_entropy: logits must be \(N, C\) or \(N, C, d1, \.\.\.\), got shape "
+            + re.escape(str(shape)),
         ):
             F.cross_entropy(ag.ones(*shape), [0])
+    with pytest.raises(ValueError, match=r"they must be \(2, 1\)"):
+        F.cross_entropy(ag.ones(2, 3, 1), [0, 1])
+
+
+def test_cross_entropy_and_nll_loss_over_positions_are_the_mean_over_every_position():
+    # (N, C, d1, d2) against (N, d1, d2), as torch takes a sequence model's logits:
+    # the same as one row per position; gradients by finite differences
+    rng = np.random.default_rng(1)
+    z, t = rng.standard_normal((2, 4, 3, 2)), rng.integers(0, 4, (2, 3, 2))
+    rows = np.moveaxis(z, 1, -1).reshape(-1, 4)
+    want = F.cross_entropy(ag.tensor(rows), t.reshape(-1)).item()
+    assert F.cross_entropy(ag.tensor(z), t).item() == pytest.approx(want, rel=1e-14)
+    logp = ag.tensor(z).log_softmax(axis=1)
+    assert F.nll_loss(logp, t).item() == pytest.approx(want, rel=1e-12)
+    gradcheck(lambda a: F.cross_entropy(a, t), [z])
+    gradcheck(lambda a: F.nll_loss(a, t), [z])
+    with pytest.raises(IndexError, match=r"^nll_loss: class ids must be in \[0, 4\)"):
+        F.nll_loss(logp, t + 1)
 
 
 def test_mse_loss():
@@ -519,7 +538,8 @@ def test_nll_loss_of_log_softmax_is_cross_entropy_and_checks_its_targets():
     with pytest.raises(IndexError, match=r"^nll_loss: class ids must be in \[0, 4\), got range"):
         F.nll_loss(a, [0, 4, 0, 0, 0])
     with pytest.raises(
-        ValueError, match=r"^nll_loss: log_probs must be \(N, C\), got shape \(4,\)"
+        ValueError,
+        match=r"^nll_loss: log_probs must be \(N, C\) or \(N, C, d1, \.\.\.\), got shape \(4,\)",
     ):
         F.nll_loss(ag.ones(4), [0])
     with pytest.raises(TypeError, match="^nll_loss: targets must be integer class ids"):

@@ -119,7 +119,8 @@ class CrossEntropy(Function):
 
 
 def cross_entropy(logits: Tensor, targets: Any) -> Tensor:
-    """Mean cross-entropy of ``logits`` (N, C) against integer class ids (N,).
+    """Mean cross-entropy of ``logits`` (N, C) against integer class ids (N,), or of
+    (N, C, d1, ...) against (N, d1, ...), the mean over every position (as torch's).
     ``logits`` may also be a numpy array (the result is a Tensor, as from the ops).
 
     Example::
@@ -128,34 +129,45 @@ def cross_entropy(logits: Tensor, targets: Any) -> Tensor:
         True
     """
     logits = _as_tensor(logits, "cross_entropy: logits")
-    t = _class_ids(logits, targets, "cross_entropy", "logits")
+    logits, t = _class_ids(logits, targets, "cross_entropy", "logits")
     return _unary(CrossEntropy, logits, t)
 
 
-def _class_ids(scores: Tensor, targets: Any, fn: str, what: str) -> np.ndarray:
-    """``targets`` as integer class ids, one per row of ``scores`` (N, C), each in
-    [0, C): else the error naming ``fn``, ``what`` the scores are, and what is wrong."""
+def _class_ids(scores: Tensor, targets: Any, fn: str, what: str) -> tuple[Tensor, np.ndarray]:
+    """``scores`` as rows (N', C) and ``targets`` as integer class ids, one per row, each
+    in [0, C): else the error naming ``fn``, ``what`` the scores are, and what is wrong.
+    Scores of shape (N, C, d1, ...) against ids (N, d1, ...), as torch takes them (a
+    sequence model's (batch, classes, time)), become rows (N * d1 * ..., C): the mean
+    over the rows is then torch's mean over every position."""
     t = np.asarray(_data(targets))
     if t.size == 0 and t.dtype.kind == "f":  # (an empty list: no ids, of no dtype)
         t = t.astype(np.int64)
-    if scores.ndim != 2:
-        raise ValueError(f"{fn}: {what} must be (N, C), got shape {scores.shape}")
+    if scores.ndim < 2:
+        raise ValueError(
+            f"{fn}: {what} must be (N, C) or (N, C, d1, ...), got shape {scores.shape}"
+        )
     if t.dtype.kind not in "iu":
         raise TypeError(f"{fn}: targets must be integer class ids, got dtype {t.dtype}")
-    if t.shape != (scores.shape[0],):
+    want = (scores.shape[0], *scores.shape[2:])
+    if t.shape != want:
         raise ValueError(
-            f"{fn}: targets of shape {t.shape} do not fit {what} of shape {scores.shape}"
+            f"{fn}: targets of shape {t.shape} do not fit {what} of shape {scores.shape} "
+            f"(they must be {want})"
         )
-    if t.size and (t.min() < 0 or t.max() >= scores.shape[1]):
+    classes = scores.shape[1]
+    if t.size and (t.min() < 0 or t.max() >= classes):
         raise IndexError(
-            f"{fn}: class ids must be in [0, {scores.shape[1]}), got range [{t.min()}, {t.max()}]"
+            f"{fn}: class ids must be in [0, {classes}), got range [{t.min()}, {t.max()}]"
         )
-    return t
+    if scores.ndim > 2:  # (the class axis last, then one row per position)
+        scores = scores.transpose(0, *range(2, scores.ndim), 1).reshape(-1, classes)
+        t = t.reshape(-1)
+    return scores, t
 
 
 def nll_loss(log_probs: Tensor, targets: Any) -> Tensor:
     """Mean negative log-likelihood of integer class ids (N,) under ``log_probs``
-    (N, C), as ``torch.nn.functional.nll_loss``: ``-log_probs[i, targets[i]]``
+    (N, C) (or (N, d1, ...) under (N, C, d1, ...)), as ``torch.nn.functional.nll_loss``: ``-log_probs[i, targets[i]]``
     averaged over the rows (nan for no rows). With ``log_probs =
     logits.log_softmax(axis=1)`` it is ``cross_entropy(logits, targets)``.
 
@@ -166,7 +178,7 @@ def nll_loss(log_probs: Tensor, targets: Any) -> Tensor:
         0.3
     """
     log_probs = _as_tensor(log_probs, "nll_loss: log_probs")
-    t = _class_ids(log_probs, targets, "nll_loss", "log_probs")
+    log_probs, t = _class_ids(log_probs, targets, "nll_loss", "log_probs")
     picked = log_probs[np.arange(len(t)), t]
     if not len(t):  # (the mean of no rows, as torch: nan, without numpy's warning)
         return picked.sum() * np.nan
