@@ -53,7 +53,7 @@ from actorgrad.runtime.procs import (
     ENV_TOKEN,
     LOG_TIME,
     MAX_LOCAL_WORKERS,
-    blank_token_hint,
+    blank_env_hint,
     describe_exit,
     env_address,
     env_token,
@@ -238,7 +238,9 @@ def client_token(token_file: str | None) -> str:
     env = _env_token()
     if env:
         return env
-    raise CliError(f"no token: pass --token-file F or set {ENV_TOKEN}{blank_token_hint()}", code=2)
+    raise CliError(
+        f"no token: pass --token-file F or set {ENV_TOKEN}{blank_env_hint(ENV_TOKEN)}", code=2
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -877,7 +879,10 @@ async def cmd_status(args: argparse.Namespace) -> int:
     """``actorgrad status``: the workers of a running cluster."""
     address = args.address or env_address()
     if not address:
-        raise CliError(f"no address: pass --address A or set {ENV_ADDRESS}", code=2)
+        raise CliError(
+            f"no address: pass --address A or set {ENV_ADDRESS}{blank_env_hint(ENV_ADDRESS)}",
+            code=2,
+        )
     try:
         _address(address)
     except argparse.ArgumentTypeError as exc:
@@ -1153,6 +1158,8 @@ def _describe(exc: BaseException) -> str:
 
 def _script_problem(script: str) -> str:
     """Why ``run`` cannot start ``script``, which is not a file we may read."""
+    if not script:  # (an unset variable's "$SCRIPT": it said "no such script: ")
+        return "no script: SCRIPT is empty"
     try:
         st = os.stat(script)
     except (FileNotFoundError, NotADirectoryError):
@@ -1167,7 +1174,9 @@ def _script_problem(script: str) -> str:
         # (mode 0600 of another user: Python's own "can't open file" came from the
         # script's process, after the cluster had started)
         return f"cannot read script {script}: Permission denied"
-    return f"no such script: {script}"
+    # (a pipe, a socket, a device: the worker processes run the script from its path,
+    # which such a file cannot give them again; it said "no such script")
+    return f"not a regular file: {script} (a script file or a folder holding a __main__.py)"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

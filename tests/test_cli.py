@@ -277,6 +277,24 @@ def test_run_of_a_missing_script_is_a_usage_error(tmp_path: Path) -> None:
     assert r.returncode == 2 and "no such script" in r.stderr
     r = run_cli("run", "-n", "1", str(tmp_path))  # (was "no such script" too)
     assert r.returncode == 2 and f"not a file: {tmp_path}" in r.stderr
+    # (an unset variable's "$SCRIPT" said "no such script: "; a pipe, "no such script")
+    r = run_cli("run", "-n", "1", "")
+    assert (r.returncode, r.stderr) == (2, "actorgrad: error: no script: SCRIPT is empty\n")
+    fifo = tmp_path / "pipe.py"
+    os.mkfifo(fifo)
+    r = run_cli("run", "-n", "1", str(fifo))
+    assert (r.returncode, r.stderr) == (
+        2,
+        f"actorgrad: error: not a regular file: {fifo} (a script file or a folder holding a "
+        "__main__.py)\n",
+    )
+    # (a blank ACTORGRAD_ADDRESS, as a blank token, is said to be set)
+    r = run_cli("status", env=clean_env(ACTORGRAD_ADDRESS=" "))
+    assert (r.returncode, r.stderr) == (
+        2,
+        "actorgrad: error: no address: pass --address A or set ACTORGRAD_ADDRESS (it is set, "
+        "but blank)\n",
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads and searches any directory")

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from actorgrad.errors import RemoteError, WorkerLost
 from actorgrad.runtime import worker as _w
-from actorgrad.runtime.procs import ENV_TOKEN, WorkerProcesses, blank_token_hint, describe_exit
+from actorgrad.runtime.procs import ENV_TOKEN, WorkerProcesses, blank_env_hint, describe_exit
 from actorgrad.runtime.registry import MAX_NAME, valid_name
 from actorgrad.runtime.transport import Unanswered, is_loopback, split_address
 from actorgrad.runtime.worker import Worker
@@ -110,7 +110,7 @@ def check_bind(host: Any, token: str | None) -> str:
             what = "a host name: only loopback addresses and localhost bind without one"
         raise ValueError(
             f"refusing to bind {host!r} ({what}) without a cluster token: "
-            f"pass token=... or set {ENV_TOKEN}{blank_token_hint()}"
+            f"pass token=... or set {ENV_TOKEN}{blank_env_hint(ENV_TOKEN)}"
         )
     if not is_loopback(host) and token and len(token) < SHORT_TOKEN:
         # (a server answers guesses as fast as they come: ~3,000 a second measured, and

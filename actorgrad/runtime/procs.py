@@ -58,10 +58,11 @@ def forget_env_token() -> None:
     os.environ.pop(ENV_TOKEN, None)
 
 
-def blank_token_hint() -> str:
-    """What to add to "set ACTORGRAD_TOKEN" when no token came from it: that it is set,
-    but blank (it said "set ACTORGRAD_TOKEN" of a variable that was set); "" when unset."""
-    return " (it is set, but blank)" if ENV_TOKEN in os.environ else ""
+def blank_env_hint(var: str) -> str:
+    """What to add to "set ACTORGRAD_TOKEN" (or another variable ``var``) when nothing
+    came from it: that it is set, but blank (it said "set ..." of a variable that was
+    set); "" when unset."""
+    return " (it is set, but blank)" if var in os.environ else ""
 
 
 def env_address() -> str:
