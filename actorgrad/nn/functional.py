@@ -167,9 +167,10 @@ def _class_ids(scores: Tensor, targets: Any, fn: str, what: str) -> tuple[Tensor
 
 def nll_loss(log_probs: Tensor, targets: Any) -> Tensor:
     """Mean negative log-likelihood of integer class ids (N,) under ``log_probs``
-    (N, C) (or (N, d1, ...) under (N, C, d1, ...)), as ``torch.nn.functional.nll_loss``: ``-log_probs[i, targets[i]]``
-    averaged over the rows (nan for no rows). With ``log_probs =
-    logits.log_softmax(axis=1)`` it is ``cross_entropy(logits, targets)``.
+    (N, C), or of (N, d1, ...) under (N, C, d1, ...), as
+    ``torch.nn.functional.nll_loss``: ``-log_probs[i, targets[i]]`` averaged over the
+    rows (nan for no rows). With ``log_probs = logits.log_softmax(axis=1)`` it is
+    ``cross_entropy(logits, targets)``.
 
     Example::
 
