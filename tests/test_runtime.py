@@ -420,6 +420,25 @@ async def test_a_plain_function_that_needs_a_loop_is_told_where_it_runs(cluster)
         _prove_fast(cluster, MakesAFuture)
 
 
+class MakesAnAsyncioFuture:
+    """torch.futures.Future() ported word for word: asyncio.Future(), whose error in a
+    thread without a loop is get_event_loop()'s, not get_running_loop()'s."""
+
+    def __init__(self) -> None:
+        self.fut = asyncio.Future()
+
+
+async def test_a_plain_function_that_makes_an_asyncio_future_is_told_where_it_runs(cluster):
+    # (in the pool: "There is no current event loop in thread 'actorgrad-w1_0'." came
+    # without the hint, the literal port of torch.futures.Future() the hint is for)
+    with pytest.raises(ag.RemoteError) as info:
+        await asyncio.wait_for(ag.remote("w1", MakesAnAsyncioFuture), 10)
+    assert info.value.remote_type == "RuntimeError"
+    message = str(info.value)
+    assert message.startswith("RuntimeError on worker 'w1': There is no current event loop in")
+    assert message.endswith(rworker.NO_LOOP_HINT)
+
+
 def own_a_list_at_last(key, really):
     """A plain function that proves fast, then (inline) makes an RRef to a value."""
     return own_a_list(key) if really else None

@@ -634,10 +634,12 @@ def _worker_name(dest: Any) -> str:
     return str.__str__(dest)
 
 
-#: asyncio's error for what needs a running loop (a future, a task) made where none
+#: asyncio's errors for what needs a running loop (a future, a task) made where none
 #: runs: in a plain function called on a worker, as the execution model has it (a class
-#: whose __init__ makes a future, made with ag.remote, failed with only this)
+#: whose __init__ makes a future, made with ag.remote, failed with only this).
+#: get_running_loop()'s, and asyncio.Future()'s (get_event_loop()'s) in a pool thread
 NO_LOOP = "no running event loop"
+NO_CURRENT_LOOP = "There is no current event loop in thread "
 NO_LOOP_HINT = (
     " (a plain function called on a worker runs where no event loop runs, in the "
     "worker's thread pool or as if there: make futures and tasks in an async def, e.g. "
@@ -2693,9 +2695,12 @@ class Worker:
         header = [K_ERR, cid, 1] if refused else [K_ERR, cid]
         try:
             err = RemoteError.from_exception(self.name, exc)
-            if err.remote_message == NO_LOOP and err.remote_type == "RuntimeError":
+            msg = err.remote_message
+            if err.remote_type == "RuntimeError" and (
+                msg == NO_LOOP or msg.startswith(NO_CURRENT_LOOP)
+            ):
                 err = RemoteError(
-                    err.worker, err.remote_type, NO_LOOP + NO_LOOP_HINT, err.remote_traceback
+                    err.worker, err.remote_type, msg + NO_LOOP_HINT, err.remote_traceback
                 )
             chunks = wire.encode_frame(header, err, None)
         except Exception as exc2:
