@@ -804,7 +804,9 @@ class GraphTask:
                 self._given.add(id(grad))
             self.leaf_sink(t, grad)
             return
-        if grad is None:
+        if grad is None or not t._rg:
+            # (a leaf that stopped requiring grad since the graph was recorded,
+            # requires_grad = False or detach_(): no .grad, as torch's AccumulateGrad)
             return
         if t.grad is None:
             # Store an array the leaf owns: views, read-only broadcasts, arrays already

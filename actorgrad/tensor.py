@@ -276,8 +276,9 @@ class Tensor:
     def detach_(self) -> Tensor:
         """``detach()`` in place, as torch's: this tensor becomes a leaf that does not
         require grad (an RNN's hidden state carried to the next step), its data and
-        ``.grad`` kept, its hooks dropped; graphs recorded before keep what they
-        recorded of it.
+        ``.grad`` kept, its hooks dropped. A graph recorded before still computes with
+        it, and a backward through that graph no longer reaches its ``.grad`` (as
+        torch's).
 
         >>> h = ag.ones(2, requires_grad=True) * 2
         >>> h.detach_() is h, h.is_leaf, h.requires_grad

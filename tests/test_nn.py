@@ -567,6 +567,9 @@ def test_dropout_drops_with_probability_p_and_scales_the_rest_in_training_only()
             nn.Dropout(p)
     with pytest.raises(TypeError, match="^train: mode must be"):
         net.train("no")
+    for p, training in ((0.5, True), (0.0, True), (0.5, False)):  # (also where unused)
+        with pytest.raises(TypeError, match="^dropout: rng must be a numpy Generator"):
+            F.dropout(x, p, training, rng=0)
 
 
 def test_train_and_eval_reach_modules_in_attributes_and_lists():

@@ -109,6 +109,20 @@ def test_detach_in_place_cuts_a_hidden_state_off_the_graph_it_came_from():
     np.testing.assert_array_equal(leaf.grad, [2.0])
 
 
+@pytest.mark.parametrize("how", ["detach_", "requires_grad"])
+def test_a_leaf_that_stopped_requiring_grad_gets_no_grad_from_an_older_graph(how):
+    # (as torch's AccumulateGrad: w.grad was [2, 2] from a graph recorded before)
+    w, v = ag.ones(2, requires_grad=True), ag.ones(2, requires_grad=True)
+    y = (w * 2 + v).sum()
+    if how == "detach_":
+        w.detach_()
+    else:
+        w.requires_grad = False
+    y.backward()
+    assert w.grad is None
+    np.testing.assert_array_equal(v.grad, [1.0, 1.0])  # (the others' as before)
+
+
 def test_attributes_and_conversions():
     t = ag.tensor([[1.0, 2.0]], requires_grad=True)
     assert t.shape == (1, 2) and t.ndim == 2 and t.numel() == 2

@@ -482,7 +482,7 @@ class Dropout(Module):
     """
 
     def __init__(self, p: float = 0.5, seed: int | None = None) -> None:
-        self.p = functional.check_probability(p, "Dropout")
+        self.p = functional._probability(p, "Dropout")
         self.rng = seeded_rng(seed, "Dropout")
 
     def forward(self, x: Tensor) -> Tensor:

@@ -186,7 +186,7 @@ def nll_loss(log_probs: Tensor, targets: Any) -> Tensor:
     return -picked.mean()
 
 
-def check_probability(p: Any, fn: str) -> float:
+def _probability(p: Any, fn: str) -> float:
     """``p`` as a float in [0, 1]: else the TypeError or ValueError naming ``fn``."""
     if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
         raise TypeError(f"{fn}: p must be a number in [0, 1], got {p!r:.40}")
@@ -209,14 +209,14 @@ def dropout(
         >>> ag.nn.functional.dropout(x, 0.5, rng=np.random.default_rng(0)).numpy()
         array([2., 0., 0., 0.], dtype=float32)
     """
-    p = check_probability(p, "dropout")
+    p = _probability(p, "dropout")
     x = _as_tensor(x, "dropout: x")
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise TypeError(f"dropout: rng must be a numpy Generator or None, got {rng!r:.40}")
     if not check_bool(training, "dropout: training") or p == 0:
         return x
     if rng is None:
         rng = np.random.default_rng()
-    elif not isinstance(rng, np.random.Generator):
-        raise TypeError(f"dropout: rng must be a numpy Generator or None, got {rng!r:.40}")
     dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float32)
     if p == 1:
         mask = np.zeros(x.shape, dtype)
