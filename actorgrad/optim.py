@@ -458,9 +458,12 @@ class Optimizer:
                 f"takes {sorted(names)} (a state dict of another optimizer class?)"
             )
         for k, v in fixed.items():
-            if k in group and (type(group[k]) is not type(v) or group[k] != v):
+            given = group.get(k, v)
+            if isinstance(given, np.generic):  # (np.bool_ from an npz file)
+                given = given.item()
+            if type(given) is not type(v) or given != v:
                 raise ValueError(
-                    f"load_state_dict: param_groups[0] has {k} {group[k]!r:.40}, {cls}'s is "
+                    f"load_state_dict: param_groups[0] has {k} {given!r:.40}, {cls}'s is "
                     f"{v!r} (a state dict of another optimizer class?)"
                 )
         if len(ids) != n:

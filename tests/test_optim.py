@@ -793,6 +793,21 @@ def test_numpy_scalar_hyperparameters_are_saved_as_python_numbers(cls):
     assert again.lr == 0.5 and type(again.lr) is float
 
 
+def test_an_adamw_state_whose_flag_came_back_as_a_numpy_bool_loads_into_adamw_only():
+    # (np.savez gives group values back as numpy scalars: np.bool_(True) was refused as
+    # "another optimizer class's")
+    w = ag.ones(3, requires_grad=True)
+    opt = ag.optim.AdamW([w], lr=0.1)
+    opt.step({w: np.ones(3)})
+    sd = opt.state_dict()
+    sd["param_groups"][0]["decoupled_weight_decay"] = np.bool_(True)
+    again = ag.optim.AdamW([ag.ones(3, requires_grad=True)])
+    again.load_state_dict(sd)
+    assert again.lr == 0.1
+    with pytest.raises(ValueError, match="decoupled_weight_decay True, Adam's is False"):
+        ag.optim.Adam([ag.ones(3, requires_grad=True)]).load_state_dict(sd)
+
+
 def test_np_savez_of_a_nested_state_dict_pickles_it_as_limits_md_says(tmp_path):
     model = _model(0)
     opt = ag.optim.Adam(model.parameters(), lr=0.1)
