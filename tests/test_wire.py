@@ -7,6 +7,7 @@ import collections
 import datetime
 import enum
 import gc
+import inspect
 import math
 import os
 import struct
@@ -1214,3 +1215,91 @@ def test_a_memoryview_that_is_not_contiguous_is_a_type_error_naming_it():
     with pytest.raises(TypeError, match=r"\(at body\[1\]\)"):  # (not the contiguous one)
         encode_frame([0], [memoryview(b"ok"), view])
     assert roundtrip([bytearray(b"ab"), memoryview(b"cd")]) == [b"ab", b"cd"]  # (as bytes)
+
+
+def test_a_header_str_that_is_not_utf8_is_refused_naming_its_place():
+    # (unlike a body's strs, the header's are strict UTF-8: the receiver decodes them
+    # strictly; the error points at the bad str, not the first str of the header)
+    with pytest.raises(ValueError) as info:
+        encode_frame([0, 1, "mod:fn", {"ok": ["fine", "bad\udcff"]}], None)
+    assert str(info.value) == "cannot send str that is not valid UTF-8 (at header[3]['ok'][1])"
+
+
+def test_a_remote_errors_undecodable_text_arrives_escaped_so_it_can_be_printed():
+    # (a file name os.fsdecode'd from bytes that are not UTF-8 holds lone surrogates:
+    # printing or logging such a message to a UTF-8 stream raises UnicodeEncodeError)
+    name = os.fsdecode(b"report-\xe9.txt")
+    err = raise_and_catch(FileNotFoundError(f"no such file: {name!s}"))
+    out = roundtrip(err, Hooks("w\udcff"))
+    assert out.remote_message == "no such file: report-\\udce9.txt"
+    assert out.worker == "w\\udcff"
+    assert "report-\\udce9.txt" in out.remote_traceback
+    str(out).encode("utf-8")  # (no UnicodeEncodeError)
+
+
+def test_at_most_max_buffers_large_arrays_travel_in_one_frame(monkeypatch):
+    big = [np.full(OOB_THRESHOLD // 8, float(i)) for i in range(3)]  # (each out of band)
+    monkeypatch.setattr(wire, "MAX_BUFFERS", 3)
+    three = join_chunks(encode_frame([0], big))
+    monkeypatch.setattr(wire, "MAX_BUFFERS", 2)
+    out = roundtrip(big[:2])
+    assert [a[0] for a in out] == [0.0, 1.0] and out[1].nbytes == OOB_THRESHOLD
+    with pytest.raises(ValueError) as info:
+        encode_frame([0], big)
+    assert (
+        str(info.value) == "cannot send body: more than MAX_BUFFERS (2) large arrays in one frame"
+    )
+    with pytest.raises(ProtocolError, match=r"^frame declares 3 buffers, more than 2$"):
+        decode_frame(three)
+
+
+def test_body_nbytes_is_what_the_receiver_walks_without_the_large_arrays():
+    small = encode_frame([0], [1, 2, 3])
+    big = encode_frame([0], [1, 2, 3, np.zeros(OOB_THRESHOLD // 8)])  # (out of band)
+    assert wire.body_nbytes(small) == decode_frame(join_chunks(small)).body_nbytes == 4
+    assert wire.body_nbytes(big) == decode_frame(join_chunks(big)).body_nbytes
+    assert wire.body_nbytes(big) < 64 <= wire.frame_nbytes(big) - OOB_THRESHOLD
+
+
+def test_bytes_in_a_header_come_back_as_bytes():
+    header = [4, "w1", b"\x00\xff token", {"nonce": b"\x80" * 16}]
+    frame = decode_frame(join_chunks(encode_frame(header, None)))
+    assert frame.header == header and type(frame.header[2]) is bytes
+
+
+def test_front_nbytes_is_all_of_a_frame_but_its_out_of_band_arrays():
+    small = encode_frame([0, "abc"], [1, 2, 3])
+    assert wire.front_nbytes(small[0], wire.frame_nbytes(small)) == wire.frame_nbytes(small)
+    big = encode_frame([0, "abc"], [1, np.zeros(OOB_THRESHOLD // 8), np.ones(OOB_THRESHOLD)])
+    size = wire.frame_nbytes(big)
+    front = wire.front_nbytes(big[0], size)
+    # (the fixed prefix, the header, a length per out-of-band array, the body)
+    header = msgpack.packb([0, "abc"])
+    assert front == wire.PREFIX_SIZE + len(header) + 2 * 8 + wire.body_nbytes(big)
+    assert 0 <= size - 9 * OOB_THRESHOLD - front < 2 * ALIGN  # (the rest: alignment padding)
+    assert wire.front_nbytes(b"not a frame, just bytes", 99) == 99
+
+
+def test_a_body_decoded_with_little_stack_left_is_a_protocol_error_not_a_crash():
+    nested: Any = 1
+    for _ in range(MAX_DEPTH - 1):
+        nested = (nested,)
+    frame = decode_frame(join_chunks(encode_frame([0], nested)))
+    limit = sys.getrecursionlimit()
+    with pytest.raises(ProtocolError, match=r"^malformed frame body: nested too deeply$"):
+        sys.setrecursionlimit(len(inspect.stack()) + 10)
+        try:
+            frame.body()
+        finally:
+            sys.setrecursionlimit(limit)
+    assert deep_equal(frame.body(), nested)  # (and it decodes with the stack back)
+
+
+def test_a_tensor_with_too_many_dimensions_is_refused_naming_its_data():
+    t = Tensor(np.zeros((1,) * (wire.MAX_NDIM + 1)))
+    with pytest.raises(TypeError) as info:
+        encode_frame([0], [1, {"k": t}])
+    assert str(info.value) == (
+        f"cannot send an array of {wire.MAX_NDIM + 1} dimensions: at most {wire.MAX_NDIM} "
+        "travel (at body[1]['k'].data)"
+    )
