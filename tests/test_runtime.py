@@ -4159,3 +4159,50 @@ async def test_an_rref_passed_to_its_owner_after_it_was_freed_is_refused(cluster
     gc.collect()
     assert await ag.rpc("w1", owned) == 0
     assert await ag.rpc("w1", add, (1, 2)) == 3
+
+
+def test_one_each_keeps_whether_the_errors_context_shows():
+    # (a copy raised while its waiter handles another error shows that error as its
+    # context, as the original would; one raised "from None" hides it, as it did)
+    import traceback
+
+    from actorgrad.errors import one_each
+
+    def raised_while_handling(exc: BaseException) -> str:
+        try:
+            try:
+                raise KeyError("the waiter's own")
+            except KeyError:
+                raise one_each(exc)  # noqa: B904
+        except ag.WorkerLost as e:
+            return "".join(traceback.format_exception(e))
+
+    plain = ag.WorkerLost("worker 'w1' was lost")
+    assert "During handling of the above exception" in raised_while_handling(plain)
+    hidden = ag.WorkerLost("worker 'w1' was lost")
+    hidden.__suppress_context__ = True  # (as after "raise ... from None")
+    assert "the waiter's own" not in raised_while_handling(hidden)
+
+
+def test_a_remote_error_survives_copy_and_pickle_with_its_fields():
+    # (a user may pickle it: multiprocessing, a result store; or copy it)
+    import copy
+    import pickle
+
+    err = ag.RemoteError("w1", "mypkg.QuotaError", "over quota", "Traceback ...")
+    for again in (copy.copy(err), copy.deepcopy(err), pickle.loads(pickle.dumps(err))):
+        assert type(again) is ag.RemoteError and again is not err
+        assert (again.worker, again.remote_type, again.remote_message) == (
+            "w1",
+            "mypkg.QuotaError",
+            "over quota",
+        )
+        assert again.remote_traceback == "Traceback ..."
+        assert str(again) == "mypkg.QuotaError on worker 'w1': over quota"
+
+
+def test_clip_text_cuts_only_what_is_longer_than_both_ends_it_keeps():
+    from actorgrad.errors import clip_text
+
+    assert clip_text("abcdef", 3) == "abcdef"  # (exactly both ends: nothing to cut)
+    assert clip_text("abcdefg", 3) == "abc... (1 characters cut) ...efg"
