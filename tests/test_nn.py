@@ -591,3 +591,25 @@ def test_train_and_eval_reach_modules_in_attributes_and_lists():
         "Dropout",
         "Tanh",
     ]
+
+
+def test_a_module_that_defines_no_forward_says_so_when_called():
+    class Forgot(nn.Module):
+        pass
+
+    with pytest.raises(NotImplementedError, match=r"^Forgot\.forward$"):
+        Forgot()(ag.zeros(2))
+
+
+def test_cross_entropy_of_one_row_has_the_gradient_softmax_minus_onehot():
+    logits = ag.tensor([[1.0, 2.0, 0.5]], requires_grad=True)
+    F.cross_entropy(logits, [1]).backward()
+    p = np.exp([1.0, 2.0, 0.5]) / np.exp([1.0, 2.0, 0.5]).sum()
+    np.testing.assert_allclose(logits.grad, [p - [0.0, 1.0, 0.0]], rtol=1e-6)
+
+
+def test_cross_entropy_of_integer_logits_is_that_of_the_same_float_logits():
+    ints = np.array([[3, 1, 0], [0, 0, 5]])
+    loss = F.cross_entropy(ints, [0, 2])
+    assert loss.dtype == np.float32
+    assert loss.item() == pytest.approx(F.cross_entropy(ints.astype(np.float32), [0, 2]).item())
