@@ -367,9 +367,11 @@ def test_a_host_cut_off_mid_pass_fails_it_in_the_heartbeat_bound_and_is_back_onc
 
 def lost(err: dict[str, Any], name: str) -> bool:
     """Whether ``err`` (the driver's account of an exception) says ``name`` was lost."""
+    # (a RemoteError's remote_type is qualified, "actorgrad.errors.WorkerLost": compared
+    # with "WorkerLost", a worker's WorkerLost passed on by another never counted)
+    remote = str(err.get("remote_type")).rpartition(".")[2]
     return (
-        err["type"] == "WorkerLost"
-        or (err["type"] == "RemoteError" and err["remote_type"] == "WorkerLost")
+        err["type"] == "WorkerLost" or (err["type"] == "RemoteError" and remote == "WorkerLost")
     ) and f"'{name}'" in err["message"]
 
 
@@ -462,7 +464,9 @@ def test_steps_over_a_flapping_network_are_right_or_fail_with_worker_lost(
     for f in failures:
         errs = [v for v in f.values() if isinstance(v, dict)]
         assert errs and "exit" not in f, f
-        assert any(lost(e, w) for e in errs for w in ("w2", "w3")), f
+        # (the driver's host is cut off too: a worker that lost it refuses the calls of
+        # its context, "lost contact with its initiator 'driver'", as limits.md says)
+        assert any(lost(e, w) for e in errs for w in ("w2", "w3", "driver")), f
     for w in ("w2", "w3"):
         info = driver.ask(do="contexts", on=w, deadline=20.0)
         assert info["num_contexts"] == 0 and info["num_recv_nodes"] == 0, (w, info)
