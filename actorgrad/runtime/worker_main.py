@@ -78,20 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default=None)
     # (the process that started this one, whose cluster it serves: see leave_with)
     ap.add_argument("--parent", type=int, default=None)
-    from actorgrad.runtime.procs import open_std_fds
-
-    open_std_fds()  # (before leave_with's pidfd: it took a closed stdout's place)
-    args = ap.parse_args(argv)
-    if args.parent is not None:
-        leave_with(args.parent, ORPHAN_GRACE, args.name)
     from actorgrad.runtime.procs import (
         ENV_JOIN_KEY,
         ENV_TOKEN,
         env_token,
         forget_env_token,
         log_to_stderr,
+        open_std_fds,
     )
 
+    open_std_fds()  # (before leave_with's pidfd: it took a closed stdout's place)
+    args = ap.parse_args(argv)
+    if args.parent is not None:
+        leave_with(args.parent, ORPHAN_GRACE, args.name)
     # (its own, not for the processes its calls start)
     key = os.environ.pop(ENV_JOIN_KEY, "")
 
