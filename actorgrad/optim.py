@@ -5,9 +5,10 @@ nesterov, weight_decay and maximize; ``torch.optim.Adam`` with weight_decay (add
 the gradient), amsgrad and maximize; ``torch.optim.AdamW``, decoupled weight decay),
 not its implementation options (foreach, fused, capturable, differentiable).
 ``step(grads)`` takes an explicit ``{Tensor: ndarray}`` mapping (what
-``ag.dist.get_gradients`` returns); without it, each parameter's ``.grad`` is used. Parameters without a gradient are skipped, and so
-are tensors in the mapping that are not parameters of the optimizer (``get_gradients``
-returns every leaf of the worker: inputs, other optimizers' parameters).
+``ag.dist.get_gradients`` returns); without it, each parameter's ``.grad`` is used.
+Parameters without a gradient are skipped, and so are tensors in the mapping that are
+not parameters of the optimizer (``get_gradients`` returns every leaf of the worker:
+inputs, other optimizers' parameters).
 
 Parameters must have a floating point dtype (TypeError). Tensors that do not require
 grad are accepted, as torch accepts them (frozen parameters: they get no ``.grad`` and
@@ -241,8 +242,8 @@ class Optimizer:
                     f"step: gradient of shape {arr.shape} for parameter {i}, of shape "
                     f"{p.data.shape}"
                 )
-            kind = arr.dtype
-            if kind != p.data.dtype and np.promote_types(kind, p.data.dtype) != kind:
+            dt = arr.dtype
+            if dt != p.data.dtype and np.promote_types(dt, p.data.dtype) != dt:
                 # (integers, bools and narrower floats as the parameter's floats: the
                 # update's arithmetic in their dtype wrapped or overflowed, Adam's g * g
                 # of a uint8 20 was 144, of a float16 300 inf, maximize's -g of a uint8
@@ -458,9 +459,7 @@ class Optimizer:
                 f"takes {sorted(names)} (a state dict of another optimizer class?)"
             )
         for k, v in fixed.items():
-            given = group.get(k, v)
-            if isinstance(given, np.generic):  # (np.bool_ from an npz file)
-                given = given.item()
+            given = _plain(group.get(k, v))  # (np.bool_ from an npz file: a bool)
             if type(given) is not type(v) or given != v:
                 raise ValueError(
                     f"load_state_dict: param_groups[0] has {k} {given!r:.40}, {cls}'s is "
