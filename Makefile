@@ -25,8 +25,13 @@ RUN := env -u PYTHONDONTWRITEBYTECODE
 demo: $(STAMP)
 	$(RUN) $(BIN)/actorgrad demo
 
+# The suite runs in TEST_JOBS processes (pytest-xdist; 'auto': one per core, 0: all in
+# this one). worksteal: a process that runs out of tests takes some of another's, so a
+# few long tests at the end do not leave a core idle.
+TEST_JOBS ?= auto
+
 test: $(STAMP)
-	$(RUN) $(BIN)/python -m pytest -q -p no:cacheprovider
+	$(RUN) $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist worksteal
 
 $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]" || echo "torch not installable: benchmarks run without the PyTorch side"
