@@ -987,6 +987,14 @@ def real_array(value: Any, what: str) -> np.ndarray:
     return arr
 
 
+def is_json_empty(got: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether an array of shape ``got`` is what an empty one of ``shape`` comes back
+    from JSON as: its nested lists end at the first zero ((0, 3) is ``[]``, (2, 0, 3)
+    ``[[], []]``). The state dicts' load takes it (it holds nothing either way), so that
+    docs/limits.md's JSON recipe works for every parameter."""
+    return 0 in shape and got == shape[: shape.index(0) + 1]
+
+
 def _numeric(x: Any, where: str) -> np.ndarray:
     """``x`` (not a Tensor) as an array of numbers, else TypeError naming ``where``."""
     arr = np.asarray(_data(x))

@@ -210,6 +210,35 @@ async def test_a_state_dict_that_does_not_fit_changes_no_owner():
             assert np.array_equal(after["state"][i]["momentum_buffer"], entry["momentum_buffer"])
 
 
+def _squares(ref: ag.RRef) -> ag.Tensor:
+    t = ref.local_value()
+    return (t * t).sum() + t.sum()
+
+
+async def test_the_json_recipe_keeps_an_empty_parameter_of_an_owner():
+    # (JSON gives back an empty (0, 3) array as []: its owner refused the state,
+    # "state[0]['exp_avg'] has shape (0,), its parameter (0, 3)", and nobody loaded)
+    async with ag.local_cluster(2):
+        refs = [
+            await ag.remote("w1", F.make_param, (np.zeros((0, 3)),)),
+            await ag.remote("w2", F.make_param, (np.ones(2),)),
+        ]
+        opt = ag.dist.DistributedOptimizer(ag.optim.Adam, refs, lr=0.1)
+        async with ag.dist.context() as ctx:
+            parts = [await ag.rpc(r.owner, _squares, (r,)) for r in refs]
+            await ag.dist.backward(ctx, [parts[0] + parts[1]])
+            await opt.step(ctx)
+        saved = await opt.state_dict()
+        back = json.loads(json.dumps(saved, default=lambda a: a.tolist()))
+        assert back["state"]["0"]["exp_avg"] == []
+        back["param_groups"][0]["lr"] = 0.25  # (to see it loaded)
+        await opt.load_state_dict(back)
+        loaded = await opt.state_dict()
+        assert loaded["param_groups"][0]["lr"] == 0.25
+        assert loaded["state"][0]["exp_avg"].shape == (0, 3)
+        assert np.array_equal(loaded["state"][1]["exp_avg"], saved["state"][1]["exp_avg"])
+
+
 async def test_a_lost_owner_fails_state_dict_and_load_state_dict_naming_it():
     async with ag.local_cluster(2) as c:
         _, opt = await _two_owner_sgd()

@@ -773,6 +773,43 @@ def test_the_documented_file_recipes_resume_bit_for_bit(kind, fmt, tmp_path):
         assert np.array_equal(a.data, b.data)
 
 
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0, 3), (1, 0, 0)])
+def test_the_json_recipe_keeps_an_empty_parameter(shape):
+    # JSON's nested lists end at an empty array's first zero ((0, 3) comes back as [],
+    # (2, 0, 3) as [[], []]): the model's and the optimizer's load refused such a
+    # checkpoint ("has shape (0,), the parameter (0, 3)"). They take it now, as the
+    # empty array of the parameter's shape; an empty array of another shape is still
+    # refused.
+    class Net(ag.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.empty = ag.zeros(*shape, requires_grad=True)
+            self.w = ag.tensor([1.0, 2.0], requires_grad=True)
+
+    net = Net()
+    opts = [ag.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), ag.optim.Adam(net.parameters())]
+    for opt in opts:
+        (net.empty.sum() + (net.w * net.w).sum()).backward()
+        opt.step()
+    ckpt = {"model": net.state_dict(), "opts": [opt.state_dict() for opt in opts]}
+    back = json.loads(json.dumps(ckpt, default=lambda a: a.tolist()))
+    assert np.asarray(back["model"]["empty"]).shape != shape  # (the case)
+    again = Net()
+    again.load_state_dict(back["model"])
+    assert again.empty.data.shape == shape and again.w.data.tolist() == net.w.data.tolist()
+    for opt, saved in zip(opts, back["opts"], strict=True):
+        fresh = type(opt)(again.parameters(), lr=0.5)
+        fresh.load_state_dict(saved)
+        for key, value in fresh.state_dict()["state"][0].items():
+            if isinstance(value, np.ndarray):
+                assert value.shape == shape, key
+        as_json = [json.dumps(o.state_dict(), default=lambda a: a.tolist()) for o in (fresh, opt)]
+        assert as_json[0] == as_json[1]  # (JSON makes Adam's betas a list: they stay so)
+    wrong = dict(back["model"], empty=np.zeros((0, 4)))
+    with pytest.raises(ValueError, match=r"empty has shape \(0, 4\), the parameter"):
+        again.load_state_dict(wrong)
+
+
 @pytest.mark.parametrize("cls", [ag.optim.SGD, ag.optim.Adam])
 def test_numpy_scalar_hyperparameters_are_saved_as_python_numbers(cls):
     # (an lr of np.float32, or betas of np.float64, stayed numpy scalars in the state

@@ -23,7 +23,7 @@ import numpy as np
 
 from actorgrad.errors import check_bool, short_repr
 from actorgrad.nn import functional
-from actorgrad.tensor import Tensor, clear_grads, real_array, seeded_rng
+from actorgrad.tensor import Tensor, clear_grads, is_json_empty, real_array, seeded_rng
 
 __all__ = ["Dropout", "Embedding", "Linear", "Module", "ReLU", "Sequential", "Tanh", "functional"]
 
@@ -213,7 +213,9 @@ class Module:
         arrays = {}
         for name, p in params.items():
             arr = real_array(state[name], f"load_state_dict: {name}")
-            if arr.shape != p.data.shape:
+            if is_json_empty(arr.shape, p.data.shape):
+                arr = arr.reshape(p.data.shape)
+            elif arr.shape != p.data.shape:
                 raise ValueError(
                     f"load_state_dict: {name} has shape {arr.shape}, the parameter {p.data.shape}"
                 )
