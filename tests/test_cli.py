@@ -1441,7 +1441,12 @@ def test_the_workers_of_a_cluster_whose_process_died_say_why_they_leave(tmp_path
 @needs_runtime
 def test_status_lists_a_hung_worker_as_unreachable_and_names_a_hung_head(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
-    c = Running("cluster", "-n", "2", "--token-file", str(token_file))
+    # (a heartbeat timeout of 30 s: the head keeps its connection to the stopped worker
+    # through both status calls, and each says its call timed out; with the default 3 s
+    # a loaded machine took long enough between them for the head to lose the worker,
+    # and the second said its reconnection "did not answer within 3 s")
+    env = clean_env(ACTORGRAD_HEARTBEAT_TIMEOUT="30")
+    c = Running("cluster", "-n", "2", "--token-file", str(token_file), env=env)
     stopped = []
     try:
         address = c.expect("address:")
@@ -1464,7 +1469,7 @@ def test_status_lists_a_hung_worker_as_unreachable_and_names_a_hung_head(tmp_pat
         r = run_cli(*status, "--timeout", "1", "--json")  # (the same exit status)
         assert r.returncode == 1 and r.stderr.endswith(f"unreachable: {hung[0]}\n")
         [gone] = [w for w in json.loads(r.stdout)["workers"] if "error" in w]
-        assert gone["name"] == hung[0] and "timed out after 1.0 s" in gone["error"]
+        assert gone["name"] == hung[0] and "timed out after 1.0 s" in gone["error"], r.stdout
         os.kill(victim, signal.SIGCONT)
         stopped.clear()
         os.kill(c.proc.pid, signal.SIGSTOP)
