@@ -65,6 +65,23 @@ def test_a_credit_travels_exactly_whatever_its_size(exp, data):
     assert got_exp == exp and _check_credit(got_num, got_exp) == num
 
 
+def test_the_largest_credit_a_message_may_carry_is_taken():
+    # All of the credit at the largest exponent: 2**MAX_CREDIT_EXP, as its bytes (one
+    # more than MAX_CREDIT_EXP // 8 of them), is in range.
+    whole = 1 << MAX_CREDIT_EXP
+    num, exp = _credit_out((whole, MAX_CREDIT_EXP))
+    assert len(num) == MAX_CREDIT_EXP // 8 + 1
+    assert _check_credit(num, exp) == whole
+
+
+def test_split_shares_are_in_lowest_terms():
+    # (an even numerator halves with its exponent: each split adds only the bits it
+    # needs, and a credit gathered from shares splits as the fraction it is)
+    assert split_credit((2, 1), 2) == [(1, 1), (1, 1)]
+    assert split_credit((6, 3), 3) == [(3, 3), (3, 4), (3, 4)]
+    assert split_credit((4, 2), 4) == [(1, 2)] * 4
+
+
 def test_a_credit_out_of_range_or_too_long_is_malformed():
     assert _check_credit(8, 3) == 8 and _check_credit(1, 0) == 1  # (all of it: in range)
     too_long = b"\x01" * (MAX_CREDIT_EXP // 8 + 2)
