@@ -451,7 +451,7 @@ async def test_a_commit_names_a_token_staged_nowhere_and_why(monkeypatch):
 
     monkeypatch.setattr(dopt._Stages, "drop", noted)
     async with ag.local_cluster(2):
-        _, opt = await _two_owner_sgd()
+        refs, opt = await _two_owner_sgd()
         saved = await opt.state_dict()
         where = opt._indices["w1"]
         part = {
@@ -460,9 +460,9 @@ async def test_a_commit_names_a_token_staged_nowhere_and_why(monkeypatch):
         }
         owner = opt._remote["w1"].rpc()
 
-        async def commit_refused(token: int, why: str) -> None:
+        async def commit_refused(token: int, why: str, through=None) -> None:
             with pytest.raises(ag.RemoteError) as ei:
-                await owner.commit(token)
+                await (owner if through is None else through._remote["w1"].rpc()).commit(token)
             assert ei.value.remote_type == "ValueError"
             assert ei.value.remote_message == (
                 f"load_state_dict: no state staged under token {token:#x} on worker 'w1' "
@@ -479,12 +479,66 @@ async def test_a_commit_names_a_token_staged_nowhere_and_why(monkeypatch):
         await commit_refused(2, "a later load (0x3) of the same optimizer replaced it")
         await owner.commit(3)
         await commit_refused(3, "a commit took it already")
+        await owner.abort(3)  # (a late abort: the first reason stays)
+        await commit_refused(3, "a commit took it already")
+        # (a commit reaching another optimizer of the same owner: refused, and the load
+        # stays staged for its own)
+        other = ag.dist.DistributedOptimizer(ag.optim.SGD, refs, lr=0.1)
+        await other.state_dict()  # (its owners' optimizers made)
+        await owner.stage(5, "driver", part)
+        await commit_refused(5, "it was staged for another optimizer", other)
+        await owner.commit(5)
         monkeypatch.setattr(dopt, "STAGE_TIMEOUT", 0.05)
         await owner.stage(4, "driver", part)
         assert await asyncio.wait_for(expired, 10) == 4
         await commit_refused(4, "it expired: no commit came within 0.05 s of its check")
         info = await ag.rpc("w1", F.debug_info)
         assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
+
+
+async def test_an_owner_drops_or_refuses_a_load_whose_driver_it_lost():
+    # No commit or abort comes from a driver lost to the owner: what it staged goes at
+    # the loss, and a part whose driver was lost, or dropped the owner, while the owner
+    # checked it is refused, not kept until STAGE_TIMEOUT. (The drivers here are names
+    # the owner takes for lost or dropped: no live peer to be heard from again.)
+    async with ag.local_cluster(2) as c:
+        _, opt = await _two_owner_sgd()
+        saved = await opt.state_dict()
+        where = opt._indices["w1"]
+        part = {
+            "state": {i: saved["state"][i] for i in where},
+            "param_groups": [{**saved["param_groups"][0], "params": where}],
+        }
+        w1, owner = c.workers[0], opt._remote["w1"].rpc()
+
+        async def staged_loads() -> int:
+            return (await ag.rpc("w1", F.debug_info))["num_staged_loads"]
+
+        await owner.stage(1, "ghost", part)
+        assert await staged_loads() == 1
+        w1._peer_lost("ghost", cause="its process was stopped")
+        assert await staged_loads() == 0
+        with pytest.raises(ag.RemoteError) as ei:
+            await owner.commit(1)
+        assert ei.value.remote_type == "ValueError"
+        assert ei.value.remote_message == (
+            "load_state_dict: no state staged under token 0x1 on worker 'w1' to commit: "
+            "its driver, worker 'ghost', was lost (its process was stopped)"
+        )
+        w1._peer_lost("quitter", "it heard nothing from this worker", cause="it dropped w1")
+        assert w1.dropped_by("quitter") is not None and not w1.is_lost("quitter")
+        for token, driver, why in [
+            (2, "ghost", "its process was stopped"),
+            (3, "quitter", "it dropped w1"),
+        ]:
+            with pytest.raises(ag.RemoteError) as ei:
+                await owner.stage(token, driver, part)
+            assert ei.value.remote_type == "actorgrad.errors.WorkerLost"
+            assert ei.value.remote_message == (
+                f"load_state_dict: load {token:#x}: its driver, worker {driver!r}, was lost "
+                f"while worker 'w1' checked it ({why})"
+            )
+            assert await staged_loads() == 0
 
 
 async def test_an_optimizer_released_with_a_load_staged_for_it_goes_with_it(monkeypatch):
