@@ -3671,7 +3671,8 @@ _CANNOT_TRAVEL = {
 async def test_a_message_that_cannot_travel_leaves_no_send_node_to_wait_for(mode, side, what):
     # Encoding records a tensor's send node before it meets the value that cannot
     # travel; the message never left, so no recv node exists for it, and every later
-    # backward in the context waited for its gradient for good.
+    # backward in the context waited for its gradient for good. (Two tensors: each
+    # one's send node goes, not only the first's.)
     xv, wv = arr(3), arr(3)
     _, (gx, gw) = local_grads(lambda x, w: (x * w).sum(), xv, wv)
     async with cluster(mode) as c:
@@ -3681,7 +3682,8 @@ async def test_a_message_that_cannot_travel_leaves_no_send_node_to_wait_for(mode
         async with ag.dist.context() as ctx:
             if side == "arguments":
                 with pytest.raises(TypeError, match=_CANNOT_TRAVEL[what]):
-                    await ag.rpc("w2", F.identity, ([x, F.UNSENDABLE[what]],))
+                    await ag.rpc("w2", F.identity, ([x, x * 2.0, F.UNSENDABLE[what]],))
+                assert ag.dist.debug_info()["num_send_nodes"] == 0
             else:
                 with pytest.raises(ag.RemoteError, match=_CANNOT_TRAVEL[what]):
                     await ag.rpc("w2", F.mul_unsendable, ("w", x, what))
@@ -3690,6 +3692,63 @@ async def test_a_message_that_cannot_travel_leaves_no_send_node_to_wait_for(mode
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], gx, rtol=1e-12)
             np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), gw, rtol=1e-12)
         await assert_clean(c.names)
+
+
+async def test_a_new_worker_counts_nothing_and_acks_a_release_it_has_no_context_of():
+    # debug_info of a worker that never took part: every counter 0, the staged loads'
+    # too (no table of them made yet). A release forwarded to a worker that never held
+    # the context (a peer gone: every member is told) is acknowledged, and remembered,
+    # so that a late call in it is refused.
+    from actorgrad.dist.api import _release
+    from actorgrad.dist.context import CONTEXT_ID_BITS, state_of
+
+    async with cluster("inproc", 2) as c:
+        assert await ag.rpc("w2", F.debug_info) == dict.fromkeys(
+            [
+                "num_contexts",
+                "num_backward_passes",
+                "num_backward_messages",
+                "num_active_passes",
+                "num_send_nodes",
+                "num_recv_nodes",
+                "num_offloaded_parts",
+                "num_staged_loads",
+                "staged_load_bytes",
+            ],
+            0,
+        )
+        ctx_id = (c.driver.id << CONTEXT_ID_BITS) | 0xABC
+        assert await c.driver.call_nowait("w2", _release, (ctx_id, "driver", None)) is None
+        assert state_of(c.workers[1]).released_here(ctx_id)
+        assert (await ag.rpc("w2", F.debug_info))["num_contexts"] == 0
+        # (and a context that reached w1 only is released there, not on every member:
+        # only a peer replaced under its name makes a release tell them all)
+        async with ag.dist.context() as ctx:
+            await ag.rpc("w1", F.identity, (ag.tensor(arr(3), requires_grad=True),))
+        assert state_of(c.workers[0]).released_here(ctx)
+        assert not state_of(c.workers[1]).released_here(ctx)
+
+
+async def test_an_unpair_drops_only_the_ends_it_names_of_its_peer():
+    # (T_UNPAIR, after an aborted pass: its peer freed its ends of some pairs, and the
+    # ends here go. A send id no longer here, or of a send node to another worker, is
+    # left alone: not a KeyError in a message handler.)
+    from actorgrad.dist.backward import _unpair
+    from actorgrad.dist.context import state_of
+
+    async with cluster("inproc", 2) as c:
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            await ag.rpc("w1", F.mul, ("w", x))  # (w1: a recv node of x, a send node of y)
+            w1 = c.workers[0]
+            (send_id,) = state_of(w1).contexts[ctx].sends
+            _unpair(w1, ctx, "w2", [], [send_id, send_id + 1000])  # (not w2's ends)
+            info = await ag.rpc("w1", F.debug_info)
+            assert (info["num_send_nodes"], info["num_recv_nodes"]) == (1, 1), info
+            _unpair(w1, ctx, "driver", [], [send_id])
+            info = await ag.rpc("w1", F.debug_info)
+            assert (info["num_send_nodes"], info["num_recv_nodes"]) == (0, 1), info
 
 
 async def test_a_call_under_no_grad_in_a_context_records_nothing(mode):
