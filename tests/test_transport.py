@@ -691,3 +691,202 @@ def test_a_frames_tag_covers_its_number_length_header_and_body_not_its_big_array
     bad[-1] ^= 1  # an out-of-band array's raw bytes: not covered (see FrameMac)
     assert checked(bad, tag)
     assert not checked(frame + b"x", tag)  # (the length is covered)
+
+
+async def test_a_frame_of_the_largest_size_is_taken_and_one_byte_more_refused():
+    frames = []
+    c, t = _conn(frames)
+    c.max_frame_size = 1000
+    c.data_received(PREFIX.pack(1000, bytes(16)) + b"x" * 1000)
+    assert [bytes(f) for f in frames] == [b"x" * 1000] and not c.closed
+    c.data_received(PREFIX.pack(1001, bytes(16)))
+    assert c.closed and t.closed and isinstance(c.close_reason, ag.ProtocolError)
+    assert str(c.close_reason) == "declared frame length 1001 exceeds the maximum of 1000 bytes"
+    assert len(frames) == 1
+
+
+async def test_a_frame_of_the_send_limit_goes_and_one_byte_more_is_refused_unsent():
+    c, t = _conn([])
+    c.peer_name = "p"
+    c.send_limit = 1000
+    assert c.send_nowait([b"x" * 1000]) == 1000
+    assert c.send_nowait([b"x" * 600, memoryview(b"y" * 400)]) == 1000
+    for chunks in ([b"x" * 1001], [b"x" * 600, b"y" * 401]):
+        with pytest.raises(ag.ProtocolError, match="^cannot send a message of 1001 bytes to 'p'"):
+            c.send_nowait(chunks)
+    await asyncio.sleep(0)
+    head = PREFIX.pack(1000, bytes(16))
+    assert b"".join(t.writes) == head + b"x" * 1000 + head + b"x" * 600 + b"y" * 400
+    assert not c.closed
+
+
+class BufferingTransport(FakeTransport):
+    """A transport that keeps what it is given unsent (its peer reads nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unsent = 0
+
+    def get_write_buffer_size(self):
+        return self.unsent
+
+
+def _answering(handled):
+    def on_frame(conn, frame):
+        handled.append(wire.decode_frame(frame).header)
+        conn.send_nowait(wire.encode_frame(["reply", *handled[-1]], "x" * 100))
+
+    c = Connection(kind="fake", on_frame=on_frame)
+    t = BufferingTransport()
+    c.connection_made(t)
+    c.start_frames()
+    c.peer_name = "p"
+    c.max_unsent = 1000
+    return c, t
+
+
+async def test_frames_read_past_the_unsent_limit_wait_until_the_replies_are_sent():
+    handled = []
+    c, t = _answering(handled)
+    t.unsent = 5000
+    c.pause_writing()  # (its transport's buffer is over the high-water mark)
+    c.data_received(_framed([0]) + _framed([1]) + _framed([2]))
+    assert handled == [[0]] and t.paused  # the rest waits, and the socket is not read
+    t.unsent = 0
+    c.resume_writing()
+    assert not t.paused and handled == [[0]]
+    await asyncio.sleep(0)  # (the frames read before are handled in a callback)
+    assert handled == [[0], [1], [2]]
+
+
+async def test_a_connection_paused_for_its_mailbox_and_its_unsent_bytes_reads_when_both_let_it():
+    handled = []
+    c, t = _answering(handled)
+    t.unsent = 5000
+    c.pause_writing()
+    c.data_received(_framed([0]))
+    assert t.paused
+    c.pause_reading()  # (its mailbox is full too)
+    t.unsent = 0
+    c.resume_writing()
+    assert t.paused  # (still: for the mailbox)
+    c.resume_reading()
+    assert not t.paused
+    c.pause_reading()
+    assert t.paused
+    c.resume_reading()
+    assert not t.paused and handled == [[0]]
+
+
+async def test_the_first_frame_after_a_coalesced_write_goes_out_at_once():
+    c, t = _conn([])
+    c.peer_name = "p"
+    c.send_nowait(wire.encode_frame([0], None))
+    c.send_nowait(wire.encode_frame([1], None))
+    await asyncio.sleep(0)
+    assert len(t.writes) == 2
+    c.send_nowait(wire.encode_frame([2], None))  # (no read since: but nothing is queued)
+    assert len(t.writes) == 3
+
+
+async def test_frames_coalesced_before_a_connection_was_aborted_are_not_written():
+    c, t = _conn([])
+    c.peer_name = "p"
+    c.send_nowait(wire.encode_frame([0], None))
+    c.send_nowait(wire.encode_frame([1], None))
+    c.abort()
+    await asyncio.sleep(0)
+    assert len(t.writes) == 1
+
+
+async def test_replies_made_while_handling_a_read_are_written_once_it_was_handled():
+    def on_frame(conn, frame):
+        for i in range(3):
+            conn.send_nowait(wire.encode_frame([i], None))
+
+    c = Connection(kind="fake", on_frame=on_frame)
+    t = FakeTransport()
+    c.connection_made(t)
+    c.start_frames()
+    c.peer_name = "p"
+    c.data_received(_framed(["request"]))
+    # the first reply at once, the other two in one write as the read was handled
+    assert len(t.writes) == 2
+    got = []
+    r, _ = _conn(got)
+    r.data_received(b"".join(t.writes))
+    assert [wire.decode_frame(f).header for f in got] == [[0], [1], [2]]
+
+
+async def test_frames_after_a_big_frame_in_the_same_read_are_delivered():
+    frames = []
+    c, _ = _conn(frames)
+    big = _framed([1], np.arange(100_000, dtype=np.float64))
+    small = _framed([2])
+    c.data_received(big[:1000])
+    c.data_received(big[1000:] + small + small[:5])
+    c.data_received(small[5:])
+    assert [wire.decode_frame(f).header for f in frames] == [[1], [2], [2]]
+
+
+async def test_a_frame_is_data_to_the_heartbeat_unless_it_is_a_heartbeat():
+    from actorgrad.runtime.worker import K_PING  # (the runtime's heartbeats)
+
+    frames = []
+    c, _ = _conn(frames)
+    ping = b"".join(wire.encode_frame([K_PING], None))
+    c.data_received(PREFIX.pack(len(ping), bytes(16)) + ping)
+    assert [bytes(f) for f in frames] == [ping] and c.last_data == 0.0
+    other = bytearray(ping)
+    other[-1] ^= 1  # (as long as a heartbeat, but another frame)
+    c.data_received(PREFIX.pack(len(other), bytes(16)) + other)
+    assert len(frames) == 2 and c.last_data == c.last_recv > 0
+
+
+class HalfClosingTransport(FakeTransport):
+    """A transport that can end its data and leave the socket open (a TCP one)."""
+
+    def __init__(self, can=True):
+        super().__init__()
+        self.can = can
+        self.eof = False
+        self.aborted = asyncio.Event()
+
+    def can_write_eof(self):
+        return self.can
+
+    def write_eof(self):
+        self.eof = True
+
+    def abort(self):
+        super().abort()
+        self.aborted.set()
+
+
+async def test_a_parting_connection_writes_its_goodbye_half_closes_then_aborts_after_its_linger():
+    c = Connection(kind="fake")
+    t = HalfClosingTransport()
+    c.connection_made(t)
+    c.start_frames()
+    c.peer_name = "p"
+    lost = []
+    c.on_lost = lambda conn, exc: lost.append(exc)
+    c.send_nowait(wire.encode_frame([0], None))  # (at once)
+    c.send_nowait(wire.encode_frame(["bye"], None))  # (coalesced: part writes it)
+    err = ag.ProtocolError("refused")
+    timer = c.part(err, 0.0)
+    assert c.closed and c.close_reason is err and lost == [err]
+    assert t.eof and not t.closed and len(t.writes) == 2
+    assert isinstance(timer, asyncio.TimerHandle)
+    await asyncio.wait_for(t.aborted.wait(), 5)  # (the linger's end)
+    assert t.closed
+
+
+async def test_a_parting_connection_without_a_half_close_is_aborted_at_once():
+    c = Connection(kind="fake")
+    t = HalfClosingTransport(can=False)
+    c.connection_made(t)
+    c.start_frames()
+    err = ag.ProtocolError("refused")
+    assert c.part(err, 60.0) is None
+    assert c.closed and t.closed and not t.eof and c.close_reason is err
