@@ -863,6 +863,96 @@ def test_the_call_pool_refuses_a_job_no_thread_can_take_and_queues_nothing(monke
     pool.shutdown()
 
 
+def _pool_until(pred, pool):
+    deadline = time.monotonic() + 10
+    while not pred():  # (no event tells a pool thread is idle: the pool's count does)
+        assert time.monotonic() < deadline, repr(pool)
+        time.sleep(0.001)
+
+
+def test_the_call_pool_needs_a_thread_and_keeps_its_idle_ones_counted():
+    # An idle thread taking a job is counted out of the idle ones, a lent call's
+    # backlog job out of the backlog, and a call given back leaves a pool at its size
+    # as it is: miscounted, jobs waited behind busy threads with room for more, or the
+    # pool ended a thread it needed.
+    from actorgrad.runtime.pool import CallPool
+
+    with pytest.raises(ValueError, match="^a pool needs at least 1 thread, got 0$"):
+        CallPool(0, "actorgrad-test-none")
+    pool = CallPool(2, "actorgrad-test-count")
+    first = pool.submit(threading.current_thread).result(10)
+    _pool_until(lambda: pool._waiting == 1, pool)
+    a_on, b_on = threading.Event(), threading.Event()
+    a = pool.submit(lambda: (a_on.set(), b_on.wait(10))[1])  # (the idle thread takes it)
+    b = pool.submit(lambda: (b_on.set(), a_on.wait(10))[1])  # (a second thread starts)
+    assert a.result(10) and b.result(10)  # (they ran at once: each waited for the other)
+    pool.shutdown()
+
+    pool = CallPool(1, "actorgrad-test-lend")
+    first = pool.submit(threading.current_thread).result(10)
+    _pool_until(lambda: pool._waiting == 1, pool)
+    pool.lend()
+    pool.unlend()  # (the pool is at its size: its idle thread stays)
+    assert pool._threads == 1 and pool._waiting == 1, repr(pool)
+    assert pool.submit(threading.current_thread).result(10) is first
+    gate = threading.Event()
+    stuck = pool.submit(gate.wait, 30)
+    queued = pool.submit(lambda: "queued")  # (in the backlog: no thread for it)
+    pool.lend()  # (its caller gave up on the stuck call: a thread for the backlog)
+    assert queued.result(10) == "queued"
+    _pool_until(lambda: pool._waiting == 1, pool)
+    assert pool._backlog == 0 and pool._threads == 2, repr(pool)
+    gate.set()
+    assert stuck.result(10) is True
+    pool.unlend()
+    pool.shutdown()
+
+
+def test_the_call_pool_drops_what_a_job_held_once_it_ended_and_logs_any_error_of_run_soon(caplog):
+    # (what a job held, its arguments, result or error, goes when the job ends, not when
+    # the thread's next job comes; an error of a job without a future, whatever its type,
+    # is logged and the thread goes on)
+    import gc
+    import logging
+    import weakref
+
+    from actorgrad.runtime.pool import CallPool
+
+    class Held:
+        pass
+
+    def fail(held):
+        raise KeyError(held)
+
+    caplog.set_level(logging.ERROR, "actorgrad.runtime.pool")
+    pool = CallPool(1, "actorgrad-test-held")
+    arg = Held()
+    refs = [weakref.ref(arg)]
+    res = pool.submit(lambda a: Held(), arg).result(10)
+    refs.append(weakref.ref(res))
+    err = Held()
+    refs.append(weakref.ref(err))
+    with pytest.raises(KeyError):
+        pool.submit(fail, err).result(10)
+    del arg, res, err
+    _pool_until(lambda: pool._waiting == 1, pool)
+    gc.collect()  # (the test's own cycles: not the pool thread's, which is alive)
+    assert [r() for r in refs] == [None, None, None]
+    done = threading.Event()
+    pool.run_soon(int, "nope")  # (a ValueError)
+    pool.run_soon(done.set)
+    assert done.wait(10)
+    assert "actorgrad-test-held: a job failed" in caplog.text and "ValueError" in caplog.text
+    gate = threading.Event()
+    stuck = pool.submit(gate.wait, 30)
+    queued = pool.submit(lambda: "queued")  # (in the backlog: the busy thread takes it next)
+    gate.set()
+    assert stuck.result(10) and queued.result(10) == "queued"
+    _pool_until(lambda: pool._waiting == 1, pool)
+    assert pool._backlog == 0 and pool._threads == 1, repr(pool)
+    pool.shutdown()
+
+
 async def test_a_plain_functions_call_no_pool_thread_can_take_fails_at_once(monkeypatch):
     # (it waited for good: the job stayed queued, its caller was never answered)
     from actorgrad.runtime import pool as pool_mod
