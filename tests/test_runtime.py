@@ -2395,6 +2395,80 @@ async def test_a_replaced_process_is_told_from_the_new_one_after_the_ids_wrapped
             await new.shutdown()
 
 
+def test_cluster_ids_are_ordered_by_issue_across_their_wrap_around():
+    from actorgrad.runtime.registry import MAX_ID, issued_before
+
+    assert issued_before(2, 3) and not issued_before(3, 2) and not issued_before(5, 5)
+    assert issued_before(MAX_ID - 1, 2)  # (2 came after the wrap: the head's 1 is skipped)
+    # the half of the cycle of MAX_ID - 1 ids behind b is older, the rest newer
+    assert issued_before(40000, 7231) and not issued_before(40000, 7232)
+    assert issued_before(2, 32768) and not issued_before(1, 32768)
+
+
+class _JoinConn:
+    """A join connection (its hello said ``name``) that nothing is sent to."""
+
+    closed = True
+
+    def __init__(self, name):
+        self.peer_name = name
+        self.peer_id = None
+
+
+async def test_the_registry_issues_ids_in_turn_keeps_reserved_names_and_tells_its_listeners():
+    from actorgrad.runtime.registry import MAX_ID
+
+    async with ag.local_cluster(1) as c:
+        reg = c.driver.registry
+        told = []
+        reg.listeners.append(lambda *change: told.append(change))
+        reg.reserve(["w7"], "key7")
+        for key in ("", "key", "key77"):
+            with pytest.raises(ValueError, match="the name 'w7' is kept for the worker process"):
+                reg.join("w7", "127.0.0.1:7", "", _JoinConn("w7"), key)
+        with pytest.raises(ValueError, match=r"^invalid address 7 / '' of worker 'w8'$"):
+            reg.join("w8", 7, "", _JoinConn("w8"))
+        reg._next_id = MAX_ID - 1  # (the last id: the next joins wrap, past the head's 1)
+        conn = _JoinConn("w7")
+        ids = [reg.join("w7", "127.0.0.1:7", "", conn, "key7")[0]]
+        ids += [reg.join(n, f"127.0.0.1:{n[1]}", "", _JoinConn(n))[0] for n in ("w8", "w9")]
+        taken = {e[0] for n, e in reg.members.items() if n not in ("w7", "w8", "w9")}
+        free = [i for i in range(2, MAX_ID) if i not in taken]
+        assert ids == [MAX_ID - 1, *free[:2]] and conn.peer_id == ids[0]
+        assert "w7" not in reg.reserved
+        for n in ("w7", "w8", "w9"):
+            reg.leave(n)
+        assert told == [
+            ("joined", "w7", "127.0.0.1:7"),
+            ("joined", "w8", "127.0.0.1:8"),
+            ("joined", "w9", "127.0.0.1:9"),
+            ("left", "w7", "127.0.0.1:7"),
+            ("left", "w8", "127.0.0.1:8"),
+            ("left", "w9", "127.0.0.1:9"),
+        ]
+
+
+async def test_waiting_for_workers_asks_its_check_at_each_change_and_a_closed_registry_takes_no_join():
+    async with ag.local_cluster(1) as c:
+        reg = c.driver.registry
+        await reg.wait_for(["w1"], timeout=5)
+        checks = []
+
+        def check():
+            checks.append(1)
+            if len(checks) == 2:
+                raise RuntimeError("w9's process exited")
+
+        waiting = asyncio.ensure_future(reg.wait_for(["w9"], timeout=30, check=check))
+        reg.join("w8", "127.0.0.1:8", "", _JoinConn("w8"))  # (a change: checked again)
+        with pytest.raises(RuntimeError, match="^w9's process exited$"):
+            await waiting
+        reg.leave("w8")
+        reg.close()
+        with pytest.raises(RuntimeError, match="^the cluster is shutting down$"):
+            reg.join("w9", "127.0.0.1:9", "", _JoinConn("w9"))
+
+
 @pytest.mark.parametrize("kind", ["inproc", "tcp"])
 async def test_rref_counts_of_a_new_process_survive_the_owners_late_news_of_the_old(kind):
     # The owner w1 hears that the old w2 is gone only after the new w2 got an RRef of
