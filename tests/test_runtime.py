@@ -1526,6 +1526,49 @@ async def test_a_take_back_that_overtakes_its_registration_drops_it_and_is_forgo
         del r
 
 
+async def test_an_owner_counts_forks_per_registration_until_their_receivers_accept_them():
+    # (the owner's record of the forks not accepted yet is what a settle drops when
+    # their forker leaves: a fork counted twice, or an accept that did not count down,
+    # dropped a live holder's count then)
+    async with ag.local_cluster(1) as c:
+        w1, me, other = c.workers[0], ("driver", c.driver.id), ("w9", 99)
+        r = await ag.remote("w1", Counter, (5,))
+        rid = r._rid
+        o = w1.owned[rid]
+        held = dict(o.holders)
+        await ag.rpc("w1", rref._add_holders, ([[rid, *other], [rid, *other]], *me, 7))
+        await ag.rpc("w1", rref._add_holders, ([[rid, *me]], *me, 8))
+        assert o.forks == {(me, 7): (other, 2), (me, 8): (me, 1)}
+        assert o.holders == {**held, other: 2, me: held[me] + 1}
+        await ag.rpc("w1", rref._accept, (rid, *me, 7, *me))  # (not its receiver: stray)
+        assert o.forks == {(me, 7): (other, 2), (me, 8): (me, 1)}
+        await ag.rpc("w1", rref._accept, (rid, *me, 7, *other))
+        await ag.rpc("w1", rref._accept, (rid, *me, 8, *me))
+        assert o.forks == {(me, 7): (other, 1)}
+        await ag.rpc("w1", rref._accept, (rid, *me, 7, *other))
+        assert not o.forks
+        assert o.holders == {**held, other: 2, me: held[me] + 1}  # (accepts move no count)
+        for holder in (other, other, me):
+            await ag.rpc("w1", rref._decref, (rid, *holder))
+        assert o.holders == held and w1.owned[rid] is o
+        del r
+
+
+def test_a_lost_process_takes_the_rref_messages_kept_for_it_and_its_withdrawals_along():
+    # (not those of another process of its name: the owner can hear of the old one's
+    # loss after the new one joined, and its messages were kept for the new one)
+    w = types.SimpleNamespace(
+        name="w1",
+        owned={},
+        _rref_unsent={"w2": rref._Unsent(5)},
+        _rref_withdrawn={(("w2", 5), 7): 1.0, (("w3", 6), 8): 1.0},
+    )
+    rref.peer_lost(w, "w2", 4)
+    assert list(w._rref_unsent) == ["w2"] and len(w._rref_withdrawn) == 2
+    rref.peer_lost(w, "w2", 5)
+    assert w._rref_unsent == {} and list(w._rref_withdrawn) == [(("w3", 6), 8)]
+
+
 async def test_an_rref_from_an_earlier_cluster_reaches_nothing_in_a_later_one():
     # A second cluster in the process counts its RRef ids from 1 again: the earlier
     # cluster's RRefs reached (and changed) the new values of the same ids.
