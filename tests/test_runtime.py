@@ -1181,6 +1181,19 @@ class WithClassMethods:
         return [cls.__name__, x]
 
 
+async def test_a_function_defined_anew_under_its_name_runs_anew_on_in_process_workers(
+    monkeypatch,
+):
+    mod = types.ModuleType("actorgrad_test_defined_anew")
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    exec("def f():\n    return 1\n", mod.__dict__)
+    async with ag.local_cluster(1):
+        assert await ag.rpc("w1", mod.f) == 1
+        exec("def f():\n    return 2\n", mod.__dict__)  # (a module reloaded, say)
+        assert await ag.rpc("w1", mod.f) == 2
+        assert await ag.rpc("w1", "actorgrad_test_defined_anew:f") == 2
+
+
 async def test_bound_builtins_and_callable_objects_are_named_as_such_and_classmethods_go(cluster):
     # They were all refused as "lambdas, closures and nested functions"; classmethods
     # (found by name on the worker as any function) were refused as bound methods.
