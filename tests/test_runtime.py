@@ -2985,6 +2985,10 @@ def test_one_each_copies_an_error_unless_its_type_cannot_make_it_again():
     assert short_repr(NoRepr(), limit=200) == f"<{__name__}.{NoRepr.__qualname__}>"
 
 
+#: a host name of the longest length a name may have (253 characters)
+HOST_253 = ("a" * 63 + ".") * 3 + "a" * 53 + ".invalid"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "exc", "message"),
     [
@@ -3002,6 +3006,7 @@ def test_one_each_copies_an_error_unless_its_type_cannot_make_it_again():
         ({"address": 5, "token": "t"}, TypeError, "address must be a str, HOST:PORT, not 5"),
         ({"address": "h:abc", "token": "t"}, ValueError, "not 'h:abc'"),
         ({"address": "h:0", "token": "t"}, ValueError, "port in 1..65535"),
+        ({"address": "h:65536", "token": "t"}, ValueError, "port in 1..65535, not 'h:65536'"),
         # (a space in the host: a DNS failure of "cannot connect to  h:1", hard to see)
         ({"address": " h:1", "token": "t"}, ValueError, "not ' h:1'"),
         ({"address": "a b:1", "token": "t"}, ValueError, "not 'a b:1'"),
@@ -3031,6 +3036,9 @@ def test_one_each_copies_an_error_unless_its_type_cannot_make_it_again():
         ({"host": "[nohost]", "token": "t"}, ValueError, "or an IP address, not '.nohost.'"),
         ({"host": "-x.example", "token": "t"}, ValueError, "not '-x.example'"),
         ({"host": "x" * 64, "token": "t"}, ValueError, "IP address, not 'x{64}'$"),  # (>63)
+        # (a host name of 253 characters is one; of 254, not)
+        ({"host": HOST_253, "token": "t"}, ValueError, "cannot bind host 'a{63}\\.a{63}"),
+        ({"host": HOST_253 + "x", "token": "t"}, ValueError, "IP address, not 'a{63}\\."),
         (
             {"host": "no-such-host.invalid", "token": "t"},
             ValueError,
