@@ -436,6 +436,16 @@ async def test_a_load_cancelled_between_the_rounds_leaves_nothing_staged(monkeyp
             assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
 
 
+def _part_on(owner: str, opt, saved: dict) -> dict:
+    """The part of state dict ``saved`` that ``owner`` loads for ``opt``: its parameters'
+    state, under the indexes ``saved`` gives them."""
+    where = opt._indices[owner]
+    return {
+        "state": {i: saved["state"][i] for i in where},
+        "param_groups": [{**saved["param_groups"][0], "params": where}],
+    }
+
+
 async def test_a_commit_names_a_token_staged_nowhere_and_why(monkeypatch):
     # The owner's side of the rounds, called as load_state_dict calls it: what a commit
     # finds of a token unknown, aborted, replaced by a later load, committed or expired.
@@ -453,11 +463,7 @@ async def test_a_commit_names_a_token_staged_nowhere_and_why(monkeypatch):
     async with ag.local_cluster(2):
         refs, opt = await _two_owner_sgd()
         saved = await opt.state_dict()
-        where = opt._indices["w1"]
-        part = {
-            "state": {i: saved["state"][i] for i in where},
-            "param_groups": [{**saved["param_groups"][0], "params": where}],
-        }
+        part = _part_on("w1", opt, saved)
         owner = opt._remote["w1"].rpc()
 
         async def commit_refused(token: int, why: str, through=None) -> None:
@@ -504,11 +510,7 @@ async def test_an_owner_drops_or_refuses_a_load_whose_driver_it_lost():
     async with ag.local_cluster(2) as c:
         _, opt = await _two_owner_sgd()
         saved = await opt.state_dict()
-        where = opt._indices["w1"]
-        part = {
-            "state": {i: saved["state"][i] for i in where},
-            "param_groups": [{**saved["param_groups"][0], "params": where}],
-        }
+        part = _part_on("w1", opt, saved)
         w1, owner = c.workers[0], opt._remote["w1"].rpc()
 
         async def staged_loads() -> int:
@@ -558,11 +560,7 @@ async def test_an_optimizer_released_with_a_load_staged_for_it_goes_with_it(monk
     async with ag.local_cluster(2):
         _, opt = await _two_owner_sgd()
         saved = await opt.state_dict()
-        where = opt._indices["w1"]
-        part = {
-            "state": {i: saved["state"][i] for i in where},
-            "param_groups": [{**saved["param_groups"][0], "params": where}],
-        }
+        part = _part_on("w1", opt, saved)
         await opt._remote["w1"].rpc().stage(7, ag.worker_name(), part)
         assert (await ag.rpc("w1", F.debug_info))["num_staged_loads"] == 1
         del opt
@@ -622,11 +620,7 @@ async def test_a_commit_fits_the_state_to_a_parameter_changed_since_its_check():
     async with ag.local_cluster(2):
         refs, opt = await _two_owner_sgd()
         saved = await opt.state_dict()
-        where = opt._indices["w1"]  # (params[1]: w1's weight, (4, 3) float64)
-        part = {
-            "state": {i: saved["state"][i] for i in where},
-            "param_groups": [{**saved["param_groups"][0], "params": where}],
-        }
+        part = _part_on("w1", opt, saved)  # (params[1]: w1's weight, (4, 3) float64)
         owner = opt._remote["w1"].rpc()
         await owner.stage(1, "driver", part)
         await ag.rpc("w1", F.set_weight, ("c1", np.ones((4, 3), np.float32)))
