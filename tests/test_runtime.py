@@ -227,6 +227,16 @@ def drop_kept():
     gc.collect()
 
 
+def keep_each(refs):
+    for r in refs:
+        keep(r)
+    return len(current_worker().ext["kept"])
+
+
+async def kept_values():
+    return [await r.rpc().incr(0) for r in current_worker().ext["kept"]]
+
+
 async def remote_then_return(owner, start):
     """A non-owner (this worker) forks an RRef it got to the caller."""
     return await ag.remote(owner, make_counter, (start,))
@@ -1432,6 +1442,21 @@ async def test_rref_passed_to_a_third_worker_and_freed_when_all_drop_it(cluster)
     await ag.rpc("w2", drop_kept)
     assert await ag.rpc("w1", owned) == 1
     await ag.rpc("w3", drop_kept)
+    await _owned_count("w1")
+
+
+async def test_every_rref_forked_in_one_message_stays_until_its_receiver_drops_it(cluster):
+    # (the forks of one message are registered with the owner together: had only the
+    # last counted, the owner freed the others once the sender dropped them, under the
+    # receiver that kept them)
+    refs = [await ag.remote("w1", make_counter, (i,)) for i in range(3)]
+    assert await ag.rpc("w2", keep_each, (refs,)) == 3
+    del refs
+    gc.collect()
+    await _released_by(cluster.workers[0], "driver")
+    assert await ag.rpc("w1", owned) == 3
+    assert await ag.rpc("w2", kept_values) == [0, 1, 2]
+    await ag.rpc("w2", drop_kept)
     await _owned_count("w1")
 
 
