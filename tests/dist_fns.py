@@ -311,6 +311,8 @@ _HOOK_ERRORS: dict[str, type[BaseException]] = {
     "SystemExit": SystemExit,
     "KeyboardInterrupt": KeyboardInterrupt,
     "CancelledError": asyncio.CancelledError,
+    "ContextError": ag.ContextError,  # (a refusal's type, raised by the graph's own code)
+    "ProtocolError": ag.ProtocolError,
 }
 
 

@@ -1117,6 +1117,22 @@ async def test_a_gradient_a_hook_returned_is_the_contexts_own_array(mode):
     np.testing.assert_array_equal(gx, [7.0, 7.0, 7.0])
 
 
+async def test_gradients_of_two_leaves_that_are_views_of_one_array_are_arrays_of_their_own():
+    # (x1's gradient, through the reshape, is a view of the array add's backward gave
+    # both leaves: kept without a copy, clearing x2's gradient in place cleared x1's)
+    async with cluster("inproc", 1):
+        await ag.rpc("w1", F.put, ("w", np.full((2, 2), 3.0)))
+        x1 = ag.tensor(np.ones(4), requires_grad=True)
+        x2 = ag.tensor(np.ones((2, 2)), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x1.reshape(2, 2) + x2))
+            await ag.dist.backward(ctx, [y.sum()])
+            grads = ag.dist.get_gradients(ctx)
+            grads[x2][...] = 0.0
+            np.testing.assert_array_equal(grads[x1], np.full(4, 3.0))
+            np.testing.assert_array_equal(ag.dist.get_gradients(ctx)[x1], np.full(4, 3.0))
+
+
 async def test_a_backward_queued_behind_another_fails_as_released_when_the_context_goes(mode):
     # It ran on the released context once it got the lock: a RuntimeError saying to
     # pass retain_graph=True, which it had passed.
@@ -1351,6 +1367,29 @@ async def test_a_backward_whose_remote_part_raises_a_base_exception_fails_cleanl
             assert "hook refused gradient on w2" in str(info.value)
             await other  # (a call under way on that connection went on)
             await ag.dist.backward(ctx, [loss])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv)
+        await assert_clean(c.names)
+
+
+@pytest.mark.parametrize("kind", ["ContextError", "ProtocolError"])
+async def test_an_error_of_a_refusals_type_raised_by_a_remote_hook_comes_as_a_remote_error(kind):
+    # (only the protocol's own refusals reach the origin as their type: the same type
+    # raised by the graph's code is that code's error, a RemoteError naming where)
+    xv, wv = arr(3), arr(3)
+    async with cluster("inproc") as c:
+        await ag.rpc("w2", F.put, ("w", wv))
+        await ag.rpc("w2", F.add_failing_hook, ("w", 1, kind))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.chain, (["w2"], "w", x))
+            loss = y.sum()
+            with pytest.raises(ag.RemoteError) as info:
+                await asyncio.wait_for(ag.dist.backward(ctx, [loss], retain_graph=True), 10)
+            assert type(info.value) is ag.RemoteError
+            assert info.value.worker == "w2"
+            assert info.value.remote_type == f"actorgrad.errors.{kind}"
+            assert "hook refused gradient on w2" in str(info.value)
+            await asyncio.wait_for(ag.dist.backward(ctx, [loss]), 10)
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv)
         await assert_clean(c.names)
 
@@ -4652,6 +4691,39 @@ async def test_a_call_in_a_context_while_its_pass_runs_there_is_refused(worker_p
             await asyncio.wait_for(ag.dist.backward(ctx, [y2.sum()]), 10)
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x2], wv, rtol=1e-12)
             np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), 2 * xv)
+        await assert_clean(c.names)
+
+
+async def test_a_call_on_the_origin_after_its_part_finished_is_refused_until_its_pass_is_done(
+    monkeypatch,
+):
+    # (in-process: the driver's part ends as it sends to w1, whose part is held in its
+    # pool; the driver's backward still waits, and a call of another task is refused)
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    xv, wv = arr(4), arr(4)
+    gate = f"origin-{next(_gates)}"
+    async with cluster("inproc", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.add_gated_hook, ("w", gate))
+        x = ag.tensor(xv)  # (no gradient: the driver's part ends as it sends to w1)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            task = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+            try:
+                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                assert ag.dist.debug_info()["num_active_passes"] == 0
+                for args in (("w", ag.tensor(xv, requires_grad=True)), ("w", x)):
+                    with pytest.raises(ag.ContextError) as err:
+                        await ag.rpc("w1", F.mul, args)
+                    assert str(err.value) == (
+                        f"context {ctx:#x}: a call cannot be made in it from worker 'driver' "
+                        "while a backward pass runs in it there; make it before the backward "
+                        "or after it returned"
+                    )
+            finally:
+                F.thread_gate(gate + " out").set()
+            await asyncio.wait_for(task, 10)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
         await assert_clean(c.names)
 
 
