@@ -2134,6 +2134,44 @@ async def test_a_task_cancelled_in_a_context_ends_without_waiting_for_a_hung_pee
         assert info["num_contexts"] == 0, info
 
 
+async def test_a_task_cancelled_in_a_context_ends_before_a_busy_peer_acknowledges_the_release():
+    # (in-process: w1's one slot is taken, the release waits in its mailbox unread; the
+    # cancelled task ends without waiting for it, and the release gets there later)
+    from actorgrad.dist.context import state_of
+
+    gate = f"busy-{next(_gates)}"
+    async with cluster("inproc", 1) as c:
+        w1 = c.workers[0]
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        x = ag.tensor(arr(3), requires_grad=True)
+        holding = asyncio.Event()
+        ids: list[int] = []
+
+        async def step() -> None:
+            async with ag.dist.context() as ctx:
+                ids.append(ctx)
+                await ag.rpc("w1", F.mul, ("w", x))
+                holding.set()
+                await asyncio.Event().wait()  # until cancelled
+
+        task = asyncio.ensure_future(step())
+        await asyncio.wait_for(holding.wait(), 10)
+        w1._max_in_flight = 1
+        busy = asyncio.ensure_future(ag.rpc("w1", F.gated_times, (gate, "w", 2.0)))
+        try:
+            await asyncio.wait_for(F.event(f"{gate} entered").wait(), 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+            assert ids[0] in state_of(w1).contexts  # (its release still unread there)
+            assert ag.dist.debug_info()["num_contexts"] == 0
+        finally:
+            F.event(gate).set()
+        await asyncio.wait_for(busy, 10)
+        info = await ag.rpc("w1", F.wait_no_contexts, (10.0,))  # the release got there
+        assert info["num_contexts"] == 0, info
+
+
 @pytest.mark.timeout(60)
 async def test_a_release_cut_by_a_cancel_still_reaches_the_second_hops(worker_path):
     # The task left its context normally, and was cancelled while the release waited
