@@ -3958,6 +3958,78 @@ async def test_a_call_abandoned_in_a_context_is_answered_before_a_backward(mode,
         await assert_clean(c.names)
 
 
+async def test_two_abandoned_calls_to_one_peer_hold_backward_off_until_both_are_answered(
+    monkeypatch,
+):
+    # (each abandoned call to w2 counts: the first reply back leaves the second's
+    # tensors still on their way, and a backward then is refused as before)
+    hooks_type = sys.modules["actorgrad.dist.context"]._Hooks
+    answered, answers = hooks_type.answered, asyncio.Queue()
+
+    def counting(self: Any) -> None:
+        answered(self)
+        answers.put_nowait(self.peer)
+
+    monkeypatch.setattr(hooks_type, "answered", counting)
+    xv, wv = arr(3), arr(3)
+    gates = [f"twice-{next(_gates)}" for _ in range(2)]
+    async with cluster("inproc", 2) as c:
+        for n in ("w1", "w2"):
+            await ag.rpc(n, F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            try:
+                for gate in gates:
+                    with pytest.raises(ag.RpcTimeout):
+                        await ag.rpc("w2", F.stubborn_gated_mul, (gate, "w", x), timeout=0.05)
+                F.event(gates[0]).set()
+                assert await asyncio.wait_for(answers.get(), 10) == "w2"
+                with pytest.raises(ag.ContextError) as err:
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+                assert str(err.value) == (
+                    f"context {ctx:#x}: a call to worker 'w2' made in it on worker 'driver' "
+                    "timed out or was cancelled, and its reply, which may hold tensors of the "
+                    "graph, has not come back; a backward pass now could wait for their "
+                    "gradients for good. Wait for that worker to answer (and retry), or use a "
+                    "new context"
+                )
+            finally:
+                F.event(gates[1]).set()
+            assert await asyncio.wait_for(answers.get(), 10) == "w2"
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
+async def test_a_backward_in_a_context_whose_peer_another_process_replaced_is_refused(
+    monkeypatch,
+):
+    # (in-process, the replacement is the id the driver has for w1 now: a process that
+    # joined under its name knows nothing of the dead one's part of the graph)
+    xv, wv = arr(3), arr(3)
+    async with cluster("inproc", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        driver = c.driver
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            old = driver.peer_id("w1")
+            assert old is not None
+            with monkeypatch.context() as mp:
+                mp.setattr(driver, "peer_id", lambda p: old + 1 if p == "w1" else None)
+                with pytest.raises(ag.WorkerLost) as err:
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            assert str(err.value) == (
+                f"worker 'w1' was lost while it held part of the graph of distributed "
+                f"autograd context {ctx:#x}, and another process joined under its name; it "
+                "does not hold that part, so the context cannot use it: start a new context"
+            )
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 @pytest.mark.parametrize("transport", ["inproc", "tcp"])
 async def test_a_cancel_that_comes_while_the_reply_registers_its_rrefs_is_too_late(transport):
     # w1's reply carries an RRef owned by w2: it registers the caller's fork with w2
