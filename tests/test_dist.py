@@ -352,6 +352,17 @@ async def test_calling_oneself():
     np.testing.assert_allclose(gw, rw, rtol=1e-12)
 
 
+async def test_call_tokens_of_the_workers_of_a_cluster_are_all_different():
+    # (a call's chain mixes tokens made on several workers: the task running backward
+    # is told from the others by them, so two workers must never make the same one)
+    from actorgrad.dist.context import state_of
+
+    async with cluster("inproc") as c:
+        states = [state_of(w) for w in (c.driver, *c.workers)]
+        tokens = [st.new_call_token() for st in states for _ in range(4)]
+    assert len(set(tokens)) == len(tokens) == 16, tokens
+
+
 async def test_a_runaway_recursion_of_calls_fails_with_a_clear_error_and_the_context_works_on():
     from actorgrad.dist.context import MAX_CHAIN
 
