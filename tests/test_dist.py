@@ -1144,6 +1144,37 @@ async def test_gradients_of_two_leaves_that_are_views_of_one_array_are_arrays_of
             np.testing.assert_array_equal(ag.dist.get_gradients(ctx)[x1], np.full(4, 3.0))
 
 
+async def test_a_backward_on_a_worker_its_initiator_dropped_fails_saying_why(monkeypatch):
+    # (in-process: the driver, the initiator, closing its connection with w1 for w1's
+    # silence, is w1's view of it; w1's backward, waiting on the driver's part, fails
+    # with what the driver said, not as if the driver had died)
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    xv, wv = arr(3), arr(3)
+    gate = f"dropped-{next(_gates)}"
+    async with cluster("inproc", 1) as c:
+        w1 = c.workers[0]
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        x.register_hook(F._gated(gate))
+        async with ag.dist.context() as ctx:
+            run = asyncio.ensure_future(ag.rpc("w1", F.backward_here, (ctx, "w", x)))
+            try:
+                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                w1._peer_lost("driver", "it heard nothing from this worker")
+                with pytest.raises(ag.RemoteError) as err:
+                    await asyncio.wait_for(run, 10)
+            finally:
+                F.thread_gate(gate + " out").set()
+            assert err.value.worker == "w1"
+            assert err.value.remote_type == "actorgrad.errors.WorkerLost"
+            assert err.value.remote_message == (
+                f"worker 'w1' was lost during the backward pass in context {ctx:#x} (its "
+                "initiator, worker 'driver', closed its connection with it: it heard "
+                "nothing from this worker); the context is released here"
+            )
+        await assert_clean(c.names)
+
+
 async def test_a_backward_queued_behind_another_fails_as_released_when_the_context_goes(mode):
     # It ran on the released context once it got the lock: a RuntimeError saying to
     # pass retain_graph=True, which it had passed.
