@@ -1536,6 +1536,52 @@ async def test_a_context_with_many_failed_passes_keeps_no_record_of_each(mode):
         await assert_clean(c.names)
 
 
+async def test_a_pass_reaching_a_worker_where_an_aborted_part_still_runs_is_refused(monkeypatch):
+    # (w1's part of a cancelled pass goes on in its pool, running nodes of the graph: a
+    # new pass reaching w1 meanwhile would run them at the same time)
+    from actorgrad.dist.context import state_of
+
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    xv, wv = arr(3), arr(3)
+    gate = f"offloaded-{next(_gates)}"
+    async with cluster("inproc", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.add_gated_hook, ("w", gate))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            here = state_of(c.workers[0]).contexts[ctx]
+            run = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()], retain_graph=True))
+            try:
+                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                run.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await run
+                async with asyncio.timeout(10):
+                    while here.active_pass is not None:  # noqa: ASYNC110 (the abort came)
+                        await asyncio.sleep(0.005)
+                assert here.offloaded
+                with pytest.raises(ag.ContextError) as err:
+                    await asyncio.wait_for(
+                        ag.dist.backward(ctx, [y.sum()], retain_graph=True), 10
+                    )
+                assert str(err.value) == (
+                    f"context {ctx:#x}: the part of an aborted backward pass still runs on "
+                    "worker 'w1' (it went on in a thread); retry once it ended (refused by "
+                    "worker 'w1')"
+                )
+            finally:
+                F.thread_gate(gate + " out").set()
+            async with asyncio.timeout(10):
+                while here.offloaded:  # noqa: ASYNC110 (a thread's end: no event)
+                    await asyncio.sleep(0.005)
+            assert await ag.rpc("w1", F.grad_of, (ctx, "w")) is None
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
+        await assert_clean(c.names)
+
+
 async def _assert_no_cycles(step: Any, times: int = 5) -> None:
     """Run ``step`` ``times`` times with the GC off; nothing may be left in cycles."""
     await step()
