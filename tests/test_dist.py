@@ -1582,6 +1582,44 @@ async def test_a_pass_reaching_a_worker_where_an_aborted_part_still_runs_is_refu
         await assert_clean(c.names)
 
 
+async def test_a_failed_backward_returns_once_its_peers_dropped_the_pass(monkeypatch):
+    # (a pass that failed with an error waits for its peers' answers to the abort: when
+    # backward raises, no part of the pass is left anywhere, the one held in w1's pool
+    # included; a cancelled one only sends it. Over TCP and awaited directly: in-process,
+    # or after wait_for's extra loop turns, a one-way abort is read before the caller
+    # of the failed backward resumes)
+    from actorgrad.dist.context import state_of
+
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    xv, wv = arr(3), arr(3)
+    gate = f"abort-{next(_gates)}"
+    async with cluster("tcp", 2) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.add_gated_hook, ("w", gate))
+        x = ag.tensor(xv, requires_grad=True)
+        driver, w2 = c.driver, c.workers[1]
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            here = state_of(c.workers[0]).contexts[ctx]
+            run = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+            try:
+                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                (pass_id,) = state_of(driver).runs
+                assert here.active_pass is not None
+                w2.cast("driver", "dist.credit", (ctx, pass_id, 1, 0))  # (all of it: bogus)
+                with pytest.raises(ag.ProtocolError, match="before the part of worker 'driver'"):
+                    async with asyncio.timeout(10):  # (not wait_for: no loop turn after it)
+                        await run
+                assert here.active_pass is None and here.is_aborted(pass_id)
+            finally:
+                F.thread_gate(gate + " out").set()
+            async with asyncio.timeout(10):
+                while here.offloaded:  # noqa: ASYNC110 (a thread's end: no event)
+                    await asyncio.sleep(0.005)
+            assert await ag.rpc("w1", F.grad_of, (ctx, "w")) is None
+        await assert_clean(c.names)
+
+
 async def _assert_no_cycles(step: Any, times: int = 5) -> None:
     """Run ``step`` ``times`` times with the GC off; nothing may be left in cycles."""
     await step()
