@@ -739,6 +739,25 @@ async def test_credit_that_comes_twice_fails_the_pass_and_nothing_of_it_stays(
         await assert_one_hop_exact(arr(3), wv)
 
 
+async def test_a_report_is_never_relayed_through_its_origin_nor_through_itself(monkeypatch):
+    # (the way back to an origin this worker cannot reach ends at the origin itself or
+    # at this worker: a relay there goes nowhere else, and is said to have no way)
+    backward = sys.modules["actorgrad.dist.backward"]
+    from actorgrad.dist.context import state_of
+
+    async with cluster("inproc", 2) as c:
+        w1 = c.workers[0]
+        st = state_of(w1)
+        casts: list[tuple[str, str]] = []
+        monkeypatch.setattr(w1, "cast", lambda dest, topic, *a, **k: casts.append((dest, topic)))
+        args = (12345, 678, 1, 0)  # (a context not here: the way given is the one taken)
+        for via in ("driver", "w1", None):
+            assert not backward._relay(st, "driver", backward.T_CREDIT, args, None, via)
+        assert casts == []
+        assert backward._relay(st, "driver", backward.T_CREDIT, args, None, "w2")
+        assert casts == [("w2", backward.T_RELAY)]
+
+
 async def test_a_refusal_of_a_context_gone_from_a_worker_that_cannot_reach_the_origin(caplog):
     # The context was gone on w2 (a lease reclaimed it), which cannot reach the
     # driver: its refusal had no way back (no context: no worker that brought it in)
