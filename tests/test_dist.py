@@ -2385,6 +2385,33 @@ async def test_a_driver_busy_after_backward_keeps_its_context_on_the_workers(
         assert info["num_contexts"] == 0
 
 
+async def test_a_closing_worker_does_not_reclaim_an_orphan_context(monkeypatch, caplog):
+    # (a worker closing has nobody to tell any more: the check of a context whose
+    # initiator is no member, due then, leaves it to the close; once open again, it
+    # reclaims it, saying so)
+    mod = sys.modules["actorgrad.dist.context"]  # (ag.dist.context is the function)
+    monkeypatch.setattr(mod, "ORPHAN_CONTEXT_GRACE", 3600.0)  # (checked here, not by its timer)
+    async with cluster("inproc", 2) as c:
+        w1 = c.workers[0]
+        await ag.rpc("w1", F.call_in_context_of, ("left-before", "w2"))
+        st = mod.state_of(w1)
+        (ctx_id,) = [i for i, ctx in st.contexts.items() if ctx.initiator == "left-before"]
+        w1._closing = True
+        try:
+            with caplog.at_level(logging.WARNING, logger="actorgrad"):
+                st._check_orphan(ctx_id, "left-before", 0.0)
+        finally:
+            w1._closing = False
+        assert ctx_id in st.contexts
+        assert "reclaiming it" not in caplog.text
+        with caplog.at_level(logging.WARNING, logger="actorgrad"):
+            st._check_orphan(ctx_id, "left-before", 0.0)
+        assert ctx_id not in st.contexts
+        assert "initiator 'left-before' (the process that made it) is no member" in caplog.text
+        info = await ag.rpc("w2", F.wait_contexts, (0, 10.0))  # (its release went on)
+        assert info["num_contexts"] == 0, info
+
+
 @pytest.mark.parametrize("initiator", ["never a member", "joins meanwhile", "another process"])
 async def test_a_context_whose_initiator_is_no_member_is_reclaimed(monkeypatch, initiator):
     # A live peer's call can bring a context whose initiator left before this worker
