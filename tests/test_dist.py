@@ -2385,6 +2385,28 @@ async def test_a_driver_busy_after_backward_keeps_its_context_on_the_workers(
         assert info["num_contexts"] == 0
 
 
+async def test_a_worker_that_loses_the_peer_that_brought_it_in_asks_the_initiator():
+    # (w1 brought w2 into the driver's context; the release, forwarded by w1, missed w2
+    # here: w1 no longer has w2 among its peers. Losing w1, w2 asks the driver, which
+    # lives on and has no such context any more, and releases it)
+    from actorgrad.dist.context import state_of
+
+    xv, wv = arr(3), arr(3)
+    async with cluster("inproc", 2) as c:
+        w1, w2 = c.workers
+        await ag.rpc("w2", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.chain, (["w2"], "w", x))
+            await ag.dist.backward(ctx, [y.sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+            state_of(w1).contexts[ctx].peers.discard("w2")
+        assert ctx in state_of(w2).contexts  # (the release missed it)
+        w2._peer_lost("w1")
+        info = await ag.rpc("w2", F.wait_no_contexts, (10.0,))
+        assert info["num_contexts"] == 0, info
+
+
 async def test_a_closing_worker_does_not_reclaim_an_orphan_context(monkeypatch, caplog):
     # (a worker closing has nobody to tell any more: the check of a context whose
     # initiator is no member, due then, leaves it to the close; once open again, it
