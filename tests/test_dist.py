@@ -2407,6 +2407,44 @@ async def test_a_worker_that_loses_the_peer_that_brought_it_in_asks_the_initiato
         assert info["num_contexts"] == 0, info
 
 
+async def test_asking_the_initiator_ends_once_the_releases_it_started_are_acknowledged():
+    # (w2, brought in by w1, loses w1 and asks the driver: the release it then starts
+    # goes on to w3, its own second hop, whose mailbox is full; the asking waits for
+    # w3's acknowledgement, as a release does, before it is over)
+    from actorgrad.dist.context import state_of
+
+    xv, wv = arr(3), arr(3)
+    gate = f"ask-{next(_gates)}"
+    async with cluster("inproc", 3) as c:
+        w1, w2, w3 = c.workers
+        for name in c.names:
+            await ag.rpc(name, F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.nested_mul, (["w2", "w3"], "w", x))
+            await ag.dist.backward(ctx, [y.sum()])
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv**3, rtol=1e-12)
+            state_of(w1).contexts[ctx].peers.discard("w2")  # (its release misses w2)
+        assert ctx in state_of(w2).contexts and ctx in state_of(w3).contexts
+        w3._max_in_flight = 1
+        busy = asyncio.ensure_future(ag.rpc("w3", F.gated_times, (gate, "w", 2.0)))
+        try:
+            await asyncio.wait_for(F.event(f"{gate} entered").wait(), 10)
+            w2._peer_lost("w1")
+            (asking,) = [t for t in w2._tasks if t.get_name() == "ask-initiators-w1"]
+            async with asyncio.timeout(10):
+                while ctx in state_of(w2).contexts:  # noqa: ASYNC110 (the driver answered)
+                    await asyncio.sleep(0.005)
+            assert not asking.done()  # (w3's acknowledgement is still to come)
+            assert ctx in state_of(w3).contexts
+        finally:
+            F.event(gate).set()
+        await asyncio.wait_for(busy, 10)
+        await asyncio.wait_for(asking, 10)
+        assert ctx not in state_of(w3).contexts
+        await assert_clean(c.names)
+
+
 async def test_a_closing_worker_does_not_reclaim_an_orphan_context(monkeypatch, caplog):
     # (a worker closing has nobody to tell any more: the check of a context whose
     # initiator is no member, due then, leaves it to the close; once open again, it
