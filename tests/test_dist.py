@@ -1581,9 +1581,7 @@ async def test_a_pass_reaching_a_worker_where_an_aborted_part_still_runs_is_refu
                         await asyncio.sleep(0.005)
                 assert here.offloaded
                 with pytest.raises(ag.ContextError) as err:
-                    await asyncio.wait_for(
-                        ag.dist.backward(ctx, [y.sum()], retain_graph=True), 10
-                    )
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()], retain_graph=True), 10)
                 assert str(err.value) == (
                     f"context {ctx:#x}: the part of an aborted backward pass still runs on "
                     "worker 'w1' (it went on in a thread); retry once it ended (refused by "
@@ -2442,6 +2440,37 @@ async def test_asking_the_initiator_ends_once_the_releases_it_started_are_acknow
         await asyncio.wait_for(busy, 10)
         await asyncio.wait_for(asking, 10)
         assert ctx not in state_of(w3).contexts
+        await assert_clean(c.names)
+
+
+async def test_a_release_passed_on_names_gone_the_peers_it_came_with_and_those_lost_here(
+    monkeypatch,
+):
+    # (w1 passes on a release that came from the driver naming w3 gone, w2 taken for
+    # lost here: w2 is told that both are gone, or it would forward it to w3, which the
+    # driver could not reach, and wait out that connection's deadlines)
+    from actorgrad.dist.context import state_of
+
+    api = sys.modules["actorgrad.dist.api"]
+    xv, wv = arr(3), arr(3)
+    async with cluster("inproc", 3) as c:
+        w1 = c.workers[0]
+        for name in ("w2", "w3"):
+            await ag.rpc(name, F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            await ag.rpc("w1", F.chain, (["w2", "w3"], "w", x))
+            sent: list[tuple[set[str], tuple[Any, ...]]] = []
+            with monkeypatch.context() as mp:
+                mp.setattr(w1, "is_lost", lambda p: p == "w2")
+                mp.setattr(
+                    api, "start_calls", lambda w, peers, fn, args: sent.append((peers, args)) or []
+                )
+                acks = api._start_release(state_of(w1), ctx, "driver", ["w3"])
+                await asyncio.wait_for(acks, 10)
+            assert sent == [({"w2"}, (ctx, "w1", ["w2", "w3"]))]
+            for w in c.workers[1:]:  # (the release the test held back)
+                api._release_local(state_of(w), ctx)
         await assert_clean(c.names)
 
 
