@@ -2541,7 +2541,17 @@ async def test_waiting_for_workers_asks_its_check_at_each_change_and_a_closed_re
                 raise RuntimeError("w9's process exited")
 
         waiting = asyncio.ensure_future(reg.wait_for(["w9"], timeout=30, check=check))
-        reg.join("w8", "127.0.0.1:8", "", _JoinConn("w8"))  # (a change: checked again)
+        await asyncio.sleep(0)  # (it checks once, then waits for a change)
+        assert checks == [1]
+        # A change: checked again at once. (Joined before the wait began, and waited
+        # for as long as it took, the join went unseen: the wait polls its check every
+        # 0.1 s, and that poll alone raised, with the join's wake-up taken out.)
+        reg.join("w8", "127.0.0.1:8", "", _JoinConn("w8"))
+        for _ in range(10):  # (a few loop turns: the wait's wake-up, then its check)
+            if waiting.done():
+                break
+            await asyncio.sleep(0)
+        assert waiting.done(), f"no check at the join: {len(checks)} so far"
         with pytest.raises(RuntimeError, match="^w9's process exited$"):
             await waiting
         reg.leave("w8")
