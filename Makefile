@@ -26,12 +26,13 @@ demo: $(STAMP)
 	$(RUN) $(BIN)/actorgrad demo
 
 # The suite runs in TEST_JOBS processes (pytest-xdist; 'auto': one per core, 0: all in
-# this one). worksteal: a process that runs out of tests takes some of another's, so a
-# few long tests at the end do not leave a core idle.
+# this one), a test module at a time in each, its tests in their order (loadfile): as
+# fast here as worksteal, whose stolen tests could run a module's own tests after its
+# shared-cluster ones while that cluster stood ("already initialized", 10 failures).
 TEST_JOBS ?= auto
 
 test: $(STAMP)
-	$(RUN) $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist worksteal
+	$(RUN) $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile
 
 $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]" || echo "torch not installable: benchmarks run without the PyTorch side"
