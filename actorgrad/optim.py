@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from actorgrad.errors import check_bool, short_repr
-from actorgrad.tensor import Tensor, clear_grads, is_json_empty, real_array
+from actorgrad.tensor import Tensor, clear_grads, real_array, shaped_as
 
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
 
@@ -553,16 +553,15 @@ class Optimizer:
         out: dict[str, Any] = {}
         for k, v in entry.items():
             if spec.get(k) == "param":
-                if v.shape != p.data.shape and not is_json_empty(v.shape, p.data.shape):
+                fitted = shaped_as(v, p.data.shape)
+                if fitted is None:
                     raise ValueError(
                         f"load_state_dict: {what}[{k!r}] has shape {v.shape}, its parameter "
                         f"{p.data.shape}"
                     )
                 # (C order: a step cuts its blocks from the flat views of C-ordered
                 # state; a Fortran-ordered one, loaded, made its temporaries whole again)
-                out[k] = (np.asarray if adopt else np.array)(v, dtype=p.data.dtype, order="C")
-                if v.shape != p.data.shape:  # (empty, from JSON)
-                    out[k] = out[k].reshape(p.data.shape)
+                out[k] = (np.asarray if adopt else np.array)(fitted, dtype=p.data.dtype, order="C")
             elif isinstance(v, np.ndarray):
                 out[k] = v if adopt else np.array(v)
             else:

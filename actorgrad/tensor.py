@@ -987,12 +987,17 @@ def real_array(value: Any, what: str) -> np.ndarray:
     return arr
 
 
-def is_json_empty(got: tuple[int, ...], shape: tuple[int, ...]) -> bool:
-    """Whether an array of shape ``got`` is what an empty one of ``shape`` comes back
-    from JSON as: its nested lists end at the first zero ((0, 3) is ``[]``, (2, 0, 3)
-    ``[[], []]``). The state dicts' load takes it (it holds nothing either way), so that
-    docs/limits.md's JSON recipe works for every parameter."""
-    return 0 in shape and got == shape[: shape.index(0) + 1]
+def shaped_as(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``arr`` as a state dict's load takes it for a parameter of ``shape``: as it is
+    when it has that shape, reshaped when it is what an empty array of ``shape`` comes
+    back from JSON as (its nested lists end at the first zero: (0, 3) is ``[]``, (2, 0,
+    3) ``[[], []]``; it holds nothing either way, and docs/limits.md's JSON recipe works
+    for every parameter so); None for any other shape."""
+    if arr.shape == shape:
+        return arr
+    if 0 in shape and arr.shape == shape[: shape.index(0) + 1]:
+        return arr.reshape(shape)
+    return None
 
 
 def _numeric(x: Any, where: str) -> np.ndarray:

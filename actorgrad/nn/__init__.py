@@ -23,7 +23,7 @@ import numpy as np
 
 from actorgrad.errors import check_bool, short_repr
 from actorgrad.nn import functional
-from actorgrad.tensor import Tensor, clear_grads, is_json_empty, real_array, seeded_rng
+from actorgrad.tensor import Tensor, clear_grads, real_array, seeded_rng, shaped_as
 
 __all__ = ["Dropout", "Embedding", "Linear", "Module", "ReLU", "Sequential", "Tanh", "functional"]
 
@@ -213,13 +213,12 @@ class Module:
         arrays = {}
         for name, p in params.items():
             arr = real_array(state[name], f"load_state_dict: {name}")
-            if is_json_empty(arr.shape, p.data.shape):
-                arr = arr.reshape(p.data.shape)
-            elif arr.shape != p.data.shape:
+            fitted = shaped_as(arr, p.data.shape)
+            if fitted is None:
                 raise ValueError(
                     f"load_state_dict: {name} has shape {arr.shape}, the parameter {p.data.shape}"
                 )
-            arrays[name] = arr
+            arrays[name] = fitted
         for name, p in params.items():
             p.data = np.array(arrays[name], dtype=p.data.dtype)  # (a copy the module owns)
 
