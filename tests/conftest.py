@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import faulthandler
 import gc
+import inspect
 import os
 import pathlib
 import secrets
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -233,6 +234,20 @@ async def open_abstract(name: str):
     except BaseException:
         sock.close()
         raise
+
+
+async def until(pred: Callable[[], object], deadline: float = 10.0) -> None:
+    """Wait until ``pred()`` is true (awaited first when it gives an awaitable), checking
+    every 5 ms, for at most ``deadline`` s (TimeoutError after that): for worker state
+    that no event tells of (a thread's end, a count going down, a connection closing)."""
+    async with asyncio.timeout(deadline):
+        while True:
+            ok = pred()
+            if inspect.isawaitable(ok):
+                ok = await ok
+            if ok:
+                return
+            await asyncio.sleep(0.005)
 
 
 class Traced:

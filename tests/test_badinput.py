@@ -14,7 +14,7 @@ import socket
 import msgpack
 import numpy as np
 import pytest
-from conftest import open_abstract, traced_memory, valid_client_works
+from conftest import open_abstract, traced_memory, until, valid_client_works
 
 import actorgrad as ag
 from actorgrad import wire
@@ -169,9 +169,8 @@ async def test_a_worker_near_its_open_files_limit_says_so_once(sock_cluster, cap
     w1 = _target(sock_cluster)
     w1._near_file_limit = len(w1._conns) + 2
     clients = [await _raw(sock_cluster) for _ in range(4)]
-    async with asyncio.timeout(10):  # (until w1 accepted all four)
-        while len(w1._conns) < w1._near_file_limit + 2:  # noqa: ASYNC110 (no event for it)
-            await asyncio.sleep(0.01)
+    # (until w1 accepted all four)
+    await until(lambda: len(w1._conns) >= w1._near_file_limit + 2)  # (no event for it)
     lines = [r.getMessage() for r in caplog.records if "limit of open files" in r.getMessage()]
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"worker w1 has {w1._near_file_limit} connections open, near")
@@ -330,9 +329,7 @@ async def test_a_length_prefix_alone_takes_no_memory_and_no_time(sock_cluster):
     reader, writer = await _handshaken(sock_cluster)
     writer.write(_bare_prefix(MAX_FRAME_SIZE) + b"x" * 100_000)
     await writer.drain()
-    async with asyncio.timeout(10):
-        while not any(c.peer_name == "raw-client" and c._big is not None for c in w1._conns):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    await until(lambda: any(c.peer_name == "raw-client" and c._big is not None for c in w1._conns))
     grown = _rss() - before
     assert grown < 64 * 1024 * 1024, grown
     writer.close()
@@ -362,9 +359,8 @@ async def test_a_hello_under_a_members_name_without_its_id_is_no_news_of_it(sock
 
 async def _closed_by_peer_after(writer, w, name, count):
     writer.close()
-    async with asyncio.timeout(5):  # (w1 handled the close)
-        while len(_conns_of(w, name)) >= count:  # noqa: ASYNC110 (no event tells)
-            await asyncio.sleep(0.01)
+    # (w1 handled the close)
+    await until(lambda: len(_conns_of(w, name)) < count, 5)  # (no event tells)
 
 
 @pytest.mark.parametrize(
@@ -456,13 +452,6 @@ async def test_unknown_or_malformed_messages_close_the_connection(sock_cluster, 
     await valid_client_works(sock_cluster)
 
 
-async def _until(pred, deadline: float = 5.0) -> None:
-    """Wait (polling the loop) until ``pred()`` holds, at most ``deadline`` s."""
-    async with asyncio.timeout(deadline):
-        while not pred():  # noqa: ASYNC110 (worker state with no event to wait on)
-            await asyncio.sleep(0.005)
-
-
 async def test_the_calls_of_a_caller_that_went_away_stop_and_free_their_slots(sock_cluster):
     # A peer sent calls that take long and closed the connection: they ran on, holding
     # the worker's in-flight slots (all 10,000 of them, from one peer), so every other
@@ -473,10 +462,10 @@ async def test_the_calls_of_a_caller_that_went_away_stop_and_free_their_slots(so
     for cid in range(1, 31):  # 20 run, 10 wait in the mailbox
         frame = wire.encode_frame([K_REQ, cid, "asyncio:sleep", MODE_RPC, None], ((60,), None))
         await _send_frame(writer, wire.join_chunks(frame))
-    await _until(lambda: w1._inflight == 20 and len(w1._mailbox) == 10)
+    await until(lambda: w1._inflight == 20 and len(w1._mailbox) == 10)
     writer.close()
     await writer.wait_closed()
-    await _until(lambda: w1._inflight == 0 and not w1._mailbox)
+    await until(lambda: w1._inflight == 0 and not w1._mailbox)
     await valid_client_works(sock_cluster)
 
 
@@ -537,7 +526,7 @@ async def test_a_peer_that_reads_no_replies_stops_being_read(sock_cluster, monke
         writer.write(_framed(writer, wire.join_chunks(frame)))
     await writer.drain()
     (conn,) = [c for c in w1._conns if c.peer_name == "raw-client"]
-    await _until(lambda: conn._out_full)
+    await until(lambda: conn._out_full)
     unsent = conn.transport.get_write_buffer_size() + len(conn._wbuf)
     assert unsent <= limit + size + 1000, unsent
     answered = set()
@@ -579,7 +568,7 @@ async def test_a_slow_reader_is_not_taken_for_silent_while_its_replies_wait(monk
             writer.write(_framed(writer, frame))
         await writer.drain()
         (conn,) = [x for x in _target(c)._conns if x.peer_name == "raw-client"]
-        await _until(lambda: conn._out_full)
+        await until(lambda: conn._out_full)
         await asyncio.sleep(1.5)  # (the slow reader: three idle timeouts without reading)
         answered = 0
         async with asyncio.timeout(20):
@@ -611,7 +600,7 @@ async def test_a_peer_that_reads_nothing_leaves_no_socket_open_after_shutdown(ki
             writer.write(_framed(writer, frame))
         await writer.drain()
         (conn,) = [x for x in _target(c)._conns if x.peer_name == "raw-client"]
-        await _until(lambda: conn.transport.get_write_buffer_size() > 0, 10)
+        await until(lambda: conn.transport.get_write_buffer_size() > 0, 10)
         sock = conn.transport.get_extra_info("socket")
     assert sock.fileno() == -1  # (closed by the shutdown, not left to the collector)
     writer.transport.abort()
@@ -713,9 +702,8 @@ async def test_a_request_reusing_the_id_of_a_running_call_closes_the_connection(
     await _closed_by_peer(reader, writer)
     assert "request 5 reuses the id of a call still running" in caplog.text
     w1 = _target(sock_cluster)
-    async with asyncio.timeout(5):  # (the first ends: cancelled, or its 1 s in the pool)
-        while w1.status()["in_flight"]:  # noqa: ASYNC110 (no event tells of it)
-            await asyncio.sleep(0.01)
+    # (the first ends: cancelled, or its 1 s in the pool)
+    await until(lambda: not w1.status()["in_flight"], 5)  # (no event tells of it)
     assert w1._given_up == 0
     await valid_client_works(sock_cluster)
 
@@ -735,9 +723,7 @@ async def test_a_one_way_message_to_a_client_that_never_started_is_refused_clear
         assert await asyncio.wait_for(client.call_on(conn, add, (1, 2)), 5) == 3
         theirs = next(k for k in w1._conns if k.peer_name == client.name)
         theirs.send_nowait(wire.encode_frame([K_CAST, "no-such-topic"], []))
-        async with asyncio.timeout(5):
-            while not conn.closed:  # noqa: ASYNC110 (no event tells of it)
-                await asyncio.sleep(0.01)
+        await until(lambda: conn.closed, 5)  # (no event tells of it)
         assert isinstance(conn.close_reason, ag.ProtocolError), conn.close_reason
         assert "one-way message for unknown topic 'no-such-topic'" in str(conn.close_reason)
         assert "Fatal error" not in caplog.text and "AttributeError" not in caplog.text
@@ -1280,16 +1266,16 @@ async def test_what_a_refused_peer_sends_while_its_connection_lingers_is_dropped
     # in meanwhile piled up in its buffer, 1 GB in 12 s from a stranger behind a relay)
     w1 = _target(sock_cluster)
     reader, writer = await _handshaken(sock_cluster)
-    await _until(lambda: any(c.peer_name == "raw-client" for c in w1._conns))
+    await until(lambda: any(c.peer_name == "raw-client" for c in w1._conns))
     (conn,) = [c for c in w1._conns if c.peer_name == "raw-client"]
     await _send_frame(writer, wire.join_chunks(wire.encode_frame([99], None)))
-    await _until(lambda: conn.closed)
+    await until(lambda: conn.closed)
     junk = bytes(wire.join_chunks(wire.encode_frame([1, 1], b"x" * 4000)))
     for _ in range(2000):  # 8 MB
         writer.write(_framed(writer, junk))
     await writer.drain()
     writer.write_eof()
-    await _until(lambda: conn.transport_gone)  # (w1 read all of it: then the end)
+    await until(lambda: conn.transport_gone)  # (w1 read all of it: then the end)
     assert len(conn._rbuf) == 0 and conn._big is None
     writer.close()
     await valid_client_works(sock_cluster)

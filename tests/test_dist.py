@@ -21,7 +21,7 @@ import dist_fns as F
 import numpy as np
 import pytest
 import pytest_asyncio
-from conftest import CALL_FAILED, helpers_importable, on_uvloop, traced_memory
+from conftest import CALL_FAILED, helpers_importable, on_uvloop, traced_memory, until
 
 import actorgrad as ag
 from actorgrad.runtime import worker as rworker
@@ -724,9 +724,7 @@ async def test_credit_that_comes_twice_fails_the_pass_and_nothing_of_it_stays(
                 F.thread_gate(gate + " out").set()
             # w1's part, in its pool, ends after the abort: what it made commits nowhere
             here = state_of(c.workers[0]).contexts[ctx]
-            async with asyncio.timeout(10):
-                while here.offloaded:  # noqa: ASYNC110 (a thread's end: no event)
-                    await asyncio.sleep(0.005)
+            await until(lambda: not here.offloaded)  # (a thread's end: no event)
             assert await ag.rpc("w1", F.grad_of, (ctx, "w")) is None
             if own_part == "running":
                 assert "before the part of worker 'driver', which started it, finished" in str(
@@ -1576,9 +1574,7 @@ async def test_a_pass_reaching_a_worker_where_an_aborted_part_still_runs_is_refu
                 run.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await run
-                async with asyncio.timeout(10):
-                    while here.active_pass is not None:  # noqa: ASYNC110 (the abort came)
-                        await asyncio.sleep(0.005)
+                await until(lambda: here.active_pass is None)  # (the abort came)
                 assert here.offloaded
                 with pytest.raises(ag.ContextError) as err:
                     await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()], retain_graph=True), 10)
@@ -1589,9 +1585,7 @@ async def test_a_pass_reaching_a_worker_where_an_aborted_part_still_runs_is_refu
                 )
             finally:
                 F.thread_gate(gate + " out").set()
-            async with asyncio.timeout(10):
-                while here.offloaded:  # noqa: ASYNC110 (a thread's end: no event)
-                    await asyncio.sleep(0.005)
+            await until(lambda: not here.offloaded)  # (a thread's end: no event)
             assert await ag.rpc("w1", F.grad_of, (ctx, "w")) is None
             await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
@@ -1630,9 +1624,7 @@ async def test_a_failed_backward_returns_once_its_peers_dropped_the_pass(monkeyp
                 assert here.active_pass is None and here.is_aborted(pass_id)
             finally:
                 F.thread_gate(gate + " out").set()
-            async with asyncio.timeout(10):
-                while here.offloaded:  # noqa: ASYNC110 (a thread's end: no event)
-                    await asyncio.sleep(0.005)
+            await until(lambda: not here.offloaded)  # (a thread's end: no event)
             assert await ag.rpc("w1", F.grad_of, (ctx, "w")) is None
         await assert_clean(c.names)
 
@@ -2009,9 +2001,7 @@ async def test_losing_a_peer_outside_the_pass_while_a_part_runs_fails_the_backwa
         async with ag.dist.context() as ctx:
             y = await ag.rpc("w1", F.plain_call_then_slow_chain, ("w2", "w", x, 20, 0.05))
             bwd = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
-            async with asyncio.timeout(10):
-                while not state_of(w1).contexts[ctx].offloaded:  # noqa: ASYNC110
-                    await asyncio.sleep(0.005)
+            await until(lambda: state_of(w1).contexts[ctx].offloaded)
             w1._out["w2"].abort(ag.WorkerLost("test: the connection to w2 broke"))
             with pytest.raises(ag.WorkerLost, match="worker 'w2' was lost during the backward"):
                 await asyncio.wait_for(bwd, 10)
@@ -2344,9 +2334,7 @@ async def test_a_release_cut_by_a_cancel_still_reaches_the_second_hops(worker_pa
         os.kill(pid, signal.SIGSTOP)  # alive, silent: the release waits for its answer
         try:
             leave.set()
-            async with asyncio.timeout(5):
-                while ag.dist.debug_info()["num_contexts"]:  # noqa: ASYNC110 (no event)
-                    await asyncio.sleep(0.01)
+            await until(lambda: not ag.dist.debug_info()["num_contexts"], 5)  # (no event)
             assert not task.done()  # (released here, waiting for w2's acknowledgement)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -2430,9 +2418,7 @@ async def test_asking_the_initiator_ends_once_the_releases_it_started_are_acknow
             await asyncio.wait_for(F.event(f"{gate} entered").wait(), 10)
             w2._peer_lost("w1")
             (asking,) = [t for t in w2._tasks if t.get_name() == "ask-initiators-w1"]
-            async with asyncio.timeout(10):
-                while ctx in state_of(w2).contexts:  # noqa: ASYNC110 (the driver answered)
-                    await asyncio.sleep(0.005)
+            await until(lambda: ctx not in state_of(w2).contexts)  # (the driver answered)
             assert not asking.done()  # (w3's acknowledgement is still to come)
             assert ctx in state_of(w3).contexts
         finally:
@@ -2666,9 +2652,8 @@ async def test_a_context_left_from_another_task_is_released_everywhere(mode, how
             gc.collect()  # (the loop's finalizer closes it, in a task of its own)
         info = await ag.rpc("w1", F.wait_no_contexts, (10.0,))
         assert info["num_contexts"] == 0
-        async with asyncio.timeout(10):  # (the finalizer's task ran the release)
-            while ag.dist.debug_info()["num_contexts"]:  # noqa: ASYNC110 (no event for it)
-                await asyncio.sleep(0.01)
+        # (the finalizer's task ran the release)
+        await until(lambda: not ag.dist.debug_info()["num_contexts"])  # (no event for it)
         async with ag.dist.context() as ctx:  # (this task is outside the released one)
             y = await ag.rpc("w1", F.mul, ("w", x))
             await ag.dist.backward(ctx, [y.sum()])
@@ -3070,9 +3055,7 @@ async def test_a_backward_waiting_when_its_own_worker_shuts_down_fails(graceful)
                 await ag.dist.backward(ctx, [y.sum()])
 
         task = asyncio.ensure_future(step())
-        async with asyncio.timeout(10):
-            while not held:  # noqa: ASYNC110 (w1's part has run: the driver waits for it)
-                await asyncio.sleep(0.005)
+        await until(lambda: held)  # (w1's part has run: the driver waits for it)
         assert not task.done()
         await ag.shutdown(graceful=graceful, timeout=5)
         with pytest.raises(ag.WorkerLost, match="'driver' shut down during the backward pass"):
@@ -3134,10 +3117,8 @@ async def test_a_backward_after_one_that_failed_part_way_does_not_wait_for_good(
             with pytest.raises(ag.RemoteError, match="hook failed on purpose"):
                 await ag.rpc("w1", F.backward_of, (ctx, y))
             here = state_of(current_worker()).contexts[ctx]
-            async with asyncio.timeout(10):
-                # (no event tells of the clean-up: the driver's count of nodes does)
-                while len(here.sends) > len(held):  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+            # (no event tells of the clean-up: the driver's count of nodes does)
+            await until(lambda: len(here.sends) <= len(held))
             if cleanup == "during":
                 # a pass before w2's clean-up reached the driver fails, loudly (the
                 # driver's stale recv node sends its None to w2's freed send node)
@@ -3147,9 +3128,7 @@ async def test_a_backward_after_one_that_failed_part_way_does_not_wait_for_good(
                 with pytest.raises(ag.ContextError, match="no send node"):
                     await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
                 held.pop()()
-                async with asyncio.timeout(10):
-                    while stale & here.sends.keys():  # noqa: ASYNC110
-                        await asyncio.sleep(0.01)
+                await until(lambda: not stale & here.sends.keys())
             y = await ag.rpc("w2", F.mul, ("w", x))
             await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
@@ -3224,10 +3203,8 @@ async def test_a_call_reaching_a_worker_whose_part_of_a_pass_runs_is_refused_and
             await ag.rpc("w2", F.call_on_signal, (gate, "w1", "w"))
             task = asyncio.ensure_future(ag.dist.backward(ctx, [a.sum() + b.sum()]))
             c1, c2 = state_of(w1).contexts[ctx], state_of(w2).contexts[ctx]
-            async with asyncio.timeout(10):
-                # (no event tells where the parts are: their states do)
-                while c1.active_pass is None or c2.active_pass is not None:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+            # (no event tells where the parts are: their states do)
+            await until(lambda: c1.active_pass is not None and c2.active_pass is None)
             F.event(gate).set()
             got = await F.outcome(gate, 10)
             assert got.startswith("ContextError: context") and "'w2' cannot be taken" in got
@@ -3266,9 +3243,7 @@ async def test_a_pass_relaying_through_a_pair_the_clean_up_drops_fails_and_the_n
             y = await ag.rpc("w1", F.mul, ("w", x))
             task = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
             here = state_of(current_worker()).contexts[ctx]
-            async with asyncio.timeout(10):
-                while here.active_pass is None or not held:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+            await until(lambda: here.active_pass is not None and held)
             restore()
             for release in held:
                 release()
@@ -3305,9 +3280,7 @@ async def test_no_relay_is_planned_through_a_pair_whose_other_end_is_gone(retain
             y = await ag.rpc("w2", F.mul, ("w", h))
             with pytest.raises(ValueError, match="driver hook fails once"):
                 await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
-            async with asyncio.timeout(10):
-                while not h.grad_fn.freed:  # noqa: ASYNC110 (w1's clean-up came)
-                    await asyncio.sleep(0.01)
+            await until(lambda: h.grad_fn.freed)  # (w1's clean-up came)
             for step in (1, 2, 3):
                 y = await ag.rpc("w2", F.mul, ("w", x))
                 await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()], retain_graph=retain), 10)
@@ -3335,9 +3308,7 @@ async def test_a_reply_with_a_tensor_made_while_the_callees_part_runs_fails_that
             await asyncio.wait_for(F.event(f"{gate} entered").wait(), 10)  # (on w1)
             task = asyncio.ensure_future(ag.dist.backward(ctx, [b.sum()]))
             c1 = state_of(w1).contexts[ctx]
-            async with asyncio.timeout(10):
-                while c1.active_pass is None:  # noqa: ASYNC110 (no event tells of it)
-                    await asyncio.sleep(0.01)
+            await until(lambda: c1.active_pass is not None)  # (no event tells of it)
             F.event(gate).set()
             got = await F.outcome(gate, 10)
             assert got.startswith("RemoteError: actorgrad.errors.ContextError on worker 'w1'")
@@ -3367,9 +3338,7 @@ async def test_a_call_given_up_while_still_in_the_callees_mailbox_leaves_no_send
             await ag.rpc(name, F.put, ("w", wv))
         w2._max_in_flight = 1
         busy = asyncio.ensure_future(ag.rpc("w2", F.gated_mul, (gate, "w", ag.tensor(xv))))
-        async with asyncio.timeout(10):
-            while not w2.status()["in_flight"]:  # noqa: ASYNC110 (its slot is taken)
-                await asyncio.sleep(0.01)
+        await until(lambda: w2.status()["in_flight"])  # (its slot is taken)
         x = ag.tensor(xv, requires_grad=True)
         async with ag.dist.context() as ctx:
             y = await ag.rpc("w1", F.mul, ("w", x))
@@ -3378,9 +3347,7 @@ async def test_a_call_given_up_while_still_in_the_callees_mailbox_leaves_no_send
             await ag.rpc("w1", F.signal, (gate,))  # (in-process workers share events)
             await asyncio.wait_for(busy, 10)
             here = state_of(current_worker()).contexts[ctx]
-            async with asyncio.timeout(10):
-                while here.unanswered:  # noqa: ASYNC110 (the refusal came back)
-                    await asyncio.sleep(0.01)
+            await until(lambda: not here.unanswered)  # (the refusal came back)
             assert [s.dest for s in here.sends.values()] == ["w1"]
             await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
@@ -3405,9 +3372,7 @@ async def _replace_worker(c: Any, name: str) -> Any:
         *["--join", c.driver.address, "--name", name],
         env=dict(os.environ, **{ENV_TOKEN: c.driver.token}),
     )
-    async with asyncio.timeout(30):
-        while c.driver.members.get(name, (old_id,))[0] == old_id:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
+    await until(lambda: c.driver.members.get(name, (old_id,))[0] != old_id, 30)
     return new
 
 
@@ -3512,9 +3477,7 @@ async def test_an_initiator_slow_to_say_which_contexts_are_gone_holds_up_no_othe
             busy = asyncio.ensure_future(ag.rpc("w1", F.hold_until, ("busy",)))
             await asyncio.wait_for(F.event("busy-started").wait(), 10)
             asking = w3.spawn(_ask_initiators(st, "w4", {"w1": [of_w1], "w2": [of_w2]}))
-            async with asyncio.timeout(10):
-                while of_w2 in st.contexts:  # noqa: ASYNC110 (no event tells)
-                    await asyncio.sleep(0.01)
+            await until(lambda: of_w2 not in st.contexts)  # (no event tells)
             assert of_w1 in st.contexts and not asking.done()
             F.event("busy").set()
             await asyncio.wait_for(busy, 10)
@@ -3690,9 +3653,7 @@ async def test_a_broken_connection_from_a_worker_to_the_driver_keeps_no_context_
         await ag.rpc("w1", F.put, ("w", wv))
         await w1.call("driver", F.pid)  # (w1's own connection to the driver)
         w1._out["driver"].abort(ag.ProtocolError("malformed frame (the test's)"))
-        async with asyncio.timeout(10):
-            while not w1.is_lost("driver"):  # noqa: ASYNC110 (no event tells of it)
-                await asyncio.sleep(0.01)
+        await until(lambda: w1.is_lost("driver"))  # (no event tells of it)
         x = ag.tensor(xv, requires_grad=True)
         async with ag.dist.context() as ctx:
             y = await ag.rpc("w1", F.mul, ("w", x))
@@ -4202,10 +4163,8 @@ async def test_a_call_abandoned_in_a_context_is_answered_before_a_backward(mode,
                     await ag.dist.backward(ctx, [y.sum()])
                 await ag.rpc("w2", F.signal, (gate,))
             unanswered = state_of(current_worker()).contexts[ctx].unanswered
-            async with asyncio.timeout(10):
-                # (no event tells of a late reply: the context's count of them does)
-                while unanswered:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+            # (no event tells of a late reply: the context's count of them does)
+            await until(lambda: not unanswered)
             if not goes_on:
                 assert (await ag.rpc("w2", F.status))["in_flight"] == 1  # (that call itself)
             await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
@@ -4318,10 +4277,8 @@ async def test_a_cancel_that_comes_while_the_reply_registers_its_rrefs_is_too_la
             y = await busy
             w2._max_in_flight = 10_000
             unanswered = state_of(current_worker()).contexts[ctx].unanswered
-            async with asyncio.timeout(10):
-                # (no event tells of the late reply: the context's count of them does)
-                while unanswered:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+            # (no event tells of the late reply: the context's count of them does)
+            await until(lambda: not unanswered)
             await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
         await assert_clean(c.names)
@@ -5238,9 +5195,8 @@ async def test_a_call_pending_on_a_peer_that_left_or_died_does_not_break_its_con
                 os.kill(pid2, signal.SIGKILL)
             with pytest.raises(ag.WorkerLost):
                 await asyncio.wait_for(call, 10)
-            async with asyncio.timeout(10):  # (its death reached the driver's view)
-                while "w2" in ag.workers():  # noqa: ASYNC110 (no event for it)
-                    await asyncio.sleep(0.01)
+            # (its death reached the driver's view)
+            await until(lambda: "w2" not in ag.workers())  # (no event for it)
             await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
 
@@ -5335,9 +5291,8 @@ async def test_a_goodbye_read_after_the_peers_next_context_began_spares_that_con
             assert (await ag.rpc("w1", F.debug_info))["num_contexts"] == 1
             for k in old:
                 k.transport.resume_reading()  # (the goodbye comes)
-            async with asyncio.timeout(10):  # (on the driver's connection: w1's pinged)
-                while not all(k.closed for k in old if not k.outgoing):  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+            # (on the driver's connection: w1's pinged)
+            await until(lambda: all(k.closed for k in old if not k.outgoing))
             y2 = await ag.rpc("w1", F.mul, ("w", y))
             await ag.dist.backward(ctx, [y2.sum()])
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], w1v * w1v, rtol=1e-12)
@@ -5767,9 +5722,7 @@ async def test_a_failed_optimizer_step_keeps_no_owner_optimizer_alive():
             w1 = c.workers[0]
             assert w1.owned_count == 2  # the parameter, the optimizer
             del opt
-            async with asyncio.timeout(5):
-                while w1.owned_count != 1:  # noqa: ASYNC110 (no event tells of it)
-                    await asyncio.sleep(0.01)
+            await until(lambda: w1.owned_count == 1, 5)  # (no event tells of it)
             del ref
     finally:
         gc.enable()
@@ -5932,9 +5885,7 @@ async def test_a_gradient_that_comes_while_a_part_runs_in_the_pool_waits_for_it(
                 here = state_of(c.workers[0]).contexts[ctx]
                 assert here.active_pass is not None and not here.active_pass.backlog
                 F.thread_gate(at_w2 + " out").set()  # (w2 sends w1 its gradient)
-                async with asyncio.timeout(10):
-                    while not here.active_pass.backlog:  # noqa: ASYNC110 (no event)
-                        await asyncio.sleep(0.005)
+                await until(lambda: here.active_pass.backlog)  # (no event)
                 assert here.active_pass.busy and not run.done()
             finally:
                 for gate in (at_w1, at_w2):
@@ -5977,9 +5928,7 @@ async def test_a_bad_gradient_message_that_waited_for_a_busy_part_fails_the_pass
                 here = state_of(c.workers[0]).contexts[ctx]
                 bad = (ctx, "driver", pass_id, False, [987654, None], 1, 1, "w2", None, [])
                 c.workers[1].cast("w1", "dist.deliver", bad)
-                async with asyncio.timeout(10):
-                    while not here.active_pass.backlog:  # noqa: ASYNC110 (no event)
-                        await asyncio.sleep(0.005)
+                await until(lambda: here.active_pass.backlog)  # (no event)
             finally:
                 F.thread_gate(gate + " out").set()
             with pytest.raises(

@@ -24,6 +24,7 @@ import dist_fns as F
 import msgpack
 import numpy as np
 import pytest
+from conftest import until
 
 import actorgrad as ag
 from actorgrad import wire
@@ -213,9 +214,8 @@ async def test_mutated_protocol_messages_get_clear_errors_and_the_worker_serves_
             brief = await ag.remote("w1", F.make_param, (np.ones(3),))
             await ag.rpc("w2", F.identity, (brief,))
             rid, brief = brief._rid, None
-            async with asyncio.timeout(5):  # (its releases, one-way, reached w1)
-                while rid in w1.owned:  # noqa: ASYNC110 (no event tells of it)
-                    await asyncio.sleep(0.01)
+            # (its releases, one-way, reached w1)
+            await until(lambda: rid not in w1.owned, 5)  # (no event tells of it)
             senders.clear()
             first: dict[tuple, tuple] = {}  # (sender, kind) -> its first frame
             for w, conn, frame in frames:
@@ -268,9 +268,7 @@ async def test_mutated_protocol_messages_get_clear_errors_and_the_worker_serves_
             assert await ag.rpc("w1", F.identity, (5,)) == 5
             z = await ag.rpc("w2", F.chain, (["w1"], "a", ag.tensor(np.ones(3))))
             np.testing.assert_array_equal(z.data, np.arange(3.0))
-            async with asyncio.timeout(5):
-                while w1.status()["in_flight"] or w1._mailbox:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+            await until(lambda: not (w1.status()["in_flight"] or w1._mailbox), 5)
     finally:
         loop.set_exception_handler(None)
     assert not unclear, "\n".join(unclear[:20])

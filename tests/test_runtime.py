@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import has_ipv6_loopback, on_uvloop, traced_memory
+from conftest import has_ipv6_loopback, on_uvloop, traced_memory, until
 
 import actorgrad as ag
 from actorgrad.runtime import Worker, current_worker, rref, transport
@@ -609,10 +609,8 @@ async def test_a_call_whose_caller_stops_waiting_is_cancelled_on_the_callee(clus
     with pytest.raises(asyncio.CancelledError):
         await call
     await asyncio.wait_for(cancelled.wait(), 10)
-    async with asyncio.timeout(10):
-        # (the cancelled task ends in a later turn of the loop: no event tells of it)
-        while w1.status()["in_flight"]:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    # (the cancelled task ends in a later turn of the loop: no event tells of it)
+    await until(lambda: not w1.status()["in_flight"])
     assert await ag.rpc("w1", add, (2, 2), timeout=5) == 4
 
 
@@ -708,9 +706,7 @@ async def test_a_call_cancelled_while_its_plain_function_runs_in_the_pool_is_dro
         ):
             await asyncio.sleep(0.01)
     _gates[name].set()
-    async with asyncio.timeout(10):
-        while w1.status()["in_flight"]:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    await until(lambda: not w1.status()["in_flight"])
     assert not _wait_events(name)[0].is_set()  # (the coroutine never started)
     assert not any(c.running for c in w1._conns)
     assert await ag.rpc("w1", add, (2, 2), timeout=5) == 4
@@ -732,9 +728,7 @@ async def test_calls_stuck_in_the_pool_after_their_callers_gave_up_do_not_starve
         assert w1._pool._lent == rworker.POOL_THREADS + 2
     finally:
         _gates[name].set()
-    async with asyncio.timeout(10):
-        while w1.status()["in_flight"]:  # noqa: ASYNC110 (no event tells: its count does)
-            await asyncio.sleep(0.01)
+    await until(lambda: not w1.status()["in_flight"])  # (no event tells: its count does)
     assert w1._pool._lent == 0
 
 
@@ -748,9 +742,7 @@ async def test_a_graceful_shutdown_does_not_wait_for_calls_their_callers_gave_up
             w1 = c.workers[0]
             with pytest.raises(ag.RpcTimeout):
                 await ag.rpc("w1", blocks_until_the_gate_opens, (name,), timeout=0.05)
-            async with asyncio.timeout(10):
-                while not w1._given_up:  # noqa: ASYNC110 (no event tells of the cancel)
-                    await asyncio.sleep(0.01)
+            await until(lambda: w1._given_up)  # (no event tells of the cancel)
             await asyncio.wait_for(w1.shutdown(timeout=60), 10)
     finally:
         _gates[name].set()
@@ -1078,9 +1070,7 @@ async def _calls_behind_a_full_mailbox(c: Any, seconds: float) -> None:
     # cancel of it would wait behind the requests w1 does not read)
     holder = asyncio.ensure_future(ag.rpc("w1", nap, (seconds,)))
     calls = [asyncio.ensure_future(ag.rpc("w1", add, (i, 1))) for i in range(50)]
-    async with asyncio.timeout(10):
-        while not any(conn.paused_reading for conn in w1._conns):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    await until(lambda: any(conn.paused_reading for conn in w1._conns))
     await asyncio.wait_for(holder, 10)
     assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [i + 1 for i in range(50)]
     assert not c.driver.is_lost("w1")
@@ -1119,9 +1109,7 @@ async def test_the_cancel_of_a_call_goes_on_to_the_calls_it_made(cluster):
         await ag.rpc("w1", call_and_wait_for_ever, ("w2", name), timeout=0.2)
     assert started.is_set()  # (w1's call to w2 was out)
     await asyncio.wait_for(cancelled.wait(), 10)
-    async with asyncio.timeout(10):
-        while any(w.status()["in_flight"] for w in cluster.workers):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    await until(lambda: not any(w.status()["in_flight"] for w in cluster.workers))
 
 
 async def test_a_call_cancelled_while_waiting_in_the_mailbox_never_runs(cluster):
@@ -1294,9 +1282,9 @@ async def test_unknown_worker_is_a_clear_error(cluster):
 async def _released_by(owner, holder: str, deadline: float = 5.0) -> None:
     """Return once in-process worker ``owner`` counts no value of its as held by
     ``holder`` (its releases arrived)."""
-    async with asyncio.timeout(deadline):
-        while any(k[0] == holder for o in owner.owned.values() for k in o.holders):  # noqa: ASYNC110 (no event for it)
-            await asyncio.sleep(0.01)
+    await until(
+        lambda: any(k[0] != holder for o in owner.owned.values() for k in o.holders), deadline
+    )  # (no event for it)
 
 
 async def _owned_count(worker, deadline=5.0):
@@ -1876,9 +1864,7 @@ async def test_leaving_local_cluster_on_an_error_does_not_wait_for_running_calls
         async with ag.local_cluster(3) as c:
             calls = [asyncio.ensure_future(ag.rpc(f"w{i}", nap, (60,))) for i in (1, 2, 3)]
             started.extend(calls)
-            async with asyncio.timeout(10):
-                while not all(w.status()["in_flight"] for w in c.workers):  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+            await until(lambda: all(w.status()["in_flight"] for w in c.workers))
             t0 = time.monotonic()
             raise KeyError("boom")
     assert time.monotonic() - t0 < 4.0  # (under one graceful timeout, 5 s)
@@ -2341,14 +2327,10 @@ async def test_rref_releases_for_an_owner_that_left_are_dropped(cluster, monkeyp
     monkeypatch.setattr(driver, "notify", unreachable)
     del r
     gc.collect()
-    async with asyncio.timeout(5):
-        while "w3" not in driver._rref_unsent:  # noqa: ASYNC110 (no event for it)
-            await asyncio.sleep(0.01)
+    await until(lambda: "w3" in driver._rref_unsent, 5)  # (no event for it)
     monkeypatch.undo()
     await cluster.workers[2].shutdown()
-    async with asyncio.timeout(5):
-        while "w3" in driver._rref_unsent:  # noqa: ASYNC110 (no event for it)
-            await asyncio.sleep(0.01)
+    await until(lambda: "w3" not in driver._rref_unsent, 5)  # (no event for it)
 
 
 async def test_rref_counts_of_a_worker_that_left_are_dropped(cluster):
@@ -2814,9 +2796,8 @@ async def test_a_peer_that_dropped_this_worker_on_each_connection_is_reported_lo
     assert len(conns) == 2 and all(w1._silent_too_long(c, later) for c in conns)
     w1.unwatch("w2")
     assert w1.is_lost("w2")
-    async with asyncio.timeout(10):  # (w2 connected again: w1 heard from it)
-        while w1.is_lost("w2"):  # noqa: ASYNC110 (no event for it)
-            await asyncio.sleep(0.01)
+    # (w2 connected again: w1 heard from it)
+    await until(lambda: not w1.is_lost("w2"))  # (no event for it)
     assert lost == ["w1"]
     assert not w2.is_lost("w1") and w2.dropped_by("w1") is None  # (heard from since)
     assert await w1.call("w2", add, (5, 6)) == 11
@@ -2841,9 +2822,8 @@ async def test_a_peer_dropped_for_silence_on_one_connection_is_dropped_on_every_
     w1.unwatch("w2")
     assert all(c.closed for c in conns)
     assert w1._drops["w2"] == 1
-    async with asyncio.timeout(10):  # (w2 read both goodbyes)
-        while not all(c.closed for c in theirs):  # noqa: ASYNC110 (no event for it)
-            await asyncio.sleep(0.01)
+    # (w2 read both goodbyes)
+    await until(lambda: all(c.closed for c in theirs))  # (no event for it)
     assert [c.drop_number for c in theirs] == [1, 1]
     assert await w1.call("w2", add, (5, 6)) == 11  # (a new connection: its hello says 1)
     now = [c for c in w2._conns if c.peer_name == "w1" and not c.closed]
@@ -2952,9 +2932,7 @@ async def test_a_fork_that_arrived_before_its_forker_left_keeps_its_count(cluste
             f[0] == "w3" for f, _ in owned_here.forks or {}
         )
 
-    async with asyncio.timeout(5):
-        while not settled():  # noqa: ASYNC110 (no event tells of it)
-            await asyncio.sleep(0.01)
+    await until(settled, 5)  # (no event tells of it)
     assert await w2_ref.rpc().incr() == 6
     assert await ag.rpc("w1", owned) == 1
     del w2_ref
@@ -4347,12 +4325,6 @@ def seen():
     return ext.get("started", False), ext.get("seen")
 
 
-async def _until(pred, deadline: float = 5.0) -> None:
-    async with asyncio.timeout(deadline):
-        while not await pred():  # noqa: ASYNC110 (no event for it)
-            await asyncio.sleep(0.01)
-
-
 async def test_an_rref_passed_to_its_owner_and_dropped_at_once_stays_until_the_call_ends(
     cluster,
 ):
@@ -4362,7 +4334,7 @@ async def test_an_rref_passed_to_its_owner_and_dropped_at_once_stays_until_the_c
     rid, w1, me = r._rid, cluster.workers[0], (cluster.driver.name, cluster.driver.id)
     lst = [r]
     call = asyncio.ensure_future(ag.rpc("w1", use_after_gate, (lst,), timeout=10))
-    await _until(_started)
+    await until(_started)
 
     lst.clear()
     del r
@@ -4389,7 +4361,7 @@ async def test_a_call_given_up_that_passed_an_rref_to_its_owner_leaves_no_count(
     call = asyncio.ensure_future(
         ag.rpc("w1", use_after_gate, ([r],), timeout=0.3 if how == "timeout" else None)
     )
-    await _until(_started)
+    await until(_started)
     if how == "cancel":
         call.cancel()
     with pytest.raises(ag.RpcTimeout if how == "timeout" else asyncio.CancelledError):
@@ -4399,7 +4371,7 @@ async def test_a_call_given_up_that_passed_an_rref_to_its_owner_leaves_no_count(
     await _released_by(w1, "driver")
     assert rid in w1.owned  # (the running call's RRef)
     await ag.rpc("w1", open_gate)
-    await _until(lambda: _seen_is(6))
+    await until(lambda: _seen_is(6))
     await _owned_count("w1")
 
 

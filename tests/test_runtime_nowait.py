@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import slow_link
+from conftest import slow_link, until
 
 import actorgrad as ag
 from actorgrad.runtime import current_worker, inline, transport
@@ -420,9 +420,7 @@ async def test_a_cast_does_not_wait_behind_the_requests_of_other_connections(clu
     busy = asyncio.ensure_future(ag.rpc("w1", hold))
     await asyncio.wait_for(_gate["started"].wait(), 5)
     cluster.driver.notify("w1", record, ("request",))
-    async with asyncio.timeout(5):
-        while not w1._mailbox:  # noqa: ASYNC110 (it arrived and waits for the slot)
-            await asyncio.sleep(0.01)
+    await until(lambda: w1._mailbox, 5)  # (it arrived and waits for the slot)
     w2 = cluster.workers[1]
     for i in range(5):
         w2.cast("w1", "tests.record", (i, "cast"))

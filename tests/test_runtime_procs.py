@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import has_ipv6_loopback, slow_link
+from conftest import has_ipv6_loopback, slow_link, until
 
 import actorgrad as ag
 from actorgrad.runtime import calls as rcalls
@@ -2080,9 +2080,7 @@ async def forward_kept_and_say_when_sent(to: str) -> None:
     w = rworker.current_worker()
     task = asyncio.ensure_future(ag.rpc(to, keep, (w.ext["kept"][0],)))
     w.ext["forwarding"] = task
-    async with asyncio.timeout(10):
-        while not any(c.pending for c in w._conns if c.peer_name == to):  # noqa: ASYNC110
-            await asyncio.sleep(0.001)
+    await until(lambda: any(c.pending for c in w._conns if c.peer_name == to))
 
 
 def forks_pending_of(forker: str) -> tuple[bool, int]:
