@@ -3379,6 +3379,10 @@ async def test_a_call_with_a_live_rref_and_a_stale_one_of_one_owner_leaves_no_co
     gc.collect()
     await _owned_count("w1")
     assert await ag.rpc("w2", add, (1, 2)) == 3
+    # The refused registration is not recorded as one to take back: its take-back
+    # (read by now, before the calls above) left w1 a tombstone for a registration that
+    # never comes, kept WITHDRAWN_TTL.
+    assert not cluster.workers[0]._rref_withdrawn
 
 
 async def test_an_rref_copied_is_the_same_counted_handle_and_is_not_pickled(cluster):
