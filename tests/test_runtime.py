@@ -2189,18 +2189,25 @@ async def test_a_failed_script_import_closes_its_coroutines_but_not_a_tasks_nor_
     async def work() -> int:
         return 1
 
+    async def bounded(coro: Any) -> int:
+        return await coro
+
     kept: dict[str, Any] = {}
 
     def script() -> None:
         lazy = Lazy()  # noqa: F841 (a global of the script, in effect)
         kept["left"] = left = work()  # noqa: F841 (held by the frame, as a script's is)
         kept["task"] = asyncio.get_running_loop().create_task(work())
+        # (one held only as the argument of another never started: `asyncio.run(
+        # bounded(main()))`, refused, left main() to say "never awaited")
+        wrapper = bounded(kept.setdefault("given", work()))  # noqa: F841
         raise SystemExit(3)
 
     with pytest.raises(SystemExit) as ei:
         script()
     calls._close_unstarted_coroutines(ei.value)
     assert inspect.getcoroutinestate(kept["left"]) == "CORO_CLOSED"
+    assert inspect.getcoroutinestate(kept["given"]) == "CORO_CLOSED"
     assert await asyncio.wait_for(kept["task"], 5) == 1
 
 

@@ -1597,6 +1597,51 @@ async def test_a_script_of_a_subfolder_gets_the_edits_of_the_project_roots_modul
         assert await ag.rpc("w1", ["__main__:f", ev, "s3"]) == 2  # (a run keeps its code)
 
 
+async def test_a_script_of_a_subfolder_holding_functions_of_the_roots_modules_gets_their_edits(
+    tmp_path, monkeypatch
+):
+    # As above, with the functions of model.py taken into the scripts' globals (`from
+    # model import value`): the kept eval.py still holding the old version of value
+    # once train's run imported the edited model.py is imported anew; kept unchanged,
+    # it keeps its state (CALLS).
+    (tmp_path / "scripts").mkdir()
+    _write(tmp_path / "model.py", "def value():\n    return 1\n", 1)
+    _write(tmp_path / "train.py", "from model import value\n\ndef f():\n    return value()\n", 1)
+    _write(
+        tmp_path / "scripts" / "eval.py",
+        "from model import value\n\nCALLS = []\n\n"
+        "def f():\n    CALLS.append(1)\n    return value(), len(CALLS)\n",
+        1,
+    )
+    train, ev = str(tmp_path / "train.py"), str(tmp_path / "scripts" / "eval.py")
+    monkeypatch.chdir(tmp_path)
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:f", train, "s1"]) == 1
+        assert await ag.rpc("w1", ["__main__:f", ev, "s2"]) == (1, 1)
+        assert await ag.rpc("w1", ["__main__:f", ev, "s3"]) == (1, 2)  # (nothing changed)
+        _write(tmp_path / "model.py", "def value():\n    return 2\n", 2)
+        assert await ag.rpc("w1", ["__main__:f", train, "s4"]) == 2  # (train first)
+        assert await ag.rpc("w1", ["__main__:f", ev, "s5"]) == (2, 1)
+
+
+async def test_a_module_a_function_imported_as_it_ran_is_imported_anew_once_edited(tmp_path):
+    # lazy.py, imported by a function of the script as it ran (after the worker noted
+    # the script's imports): an edit before the next run's first look counts by its
+    # time (modified since the worker last looked); once that run noted the file, by
+    # its size and time, also an edit that sets an older time (a checkout, a copy).
+    _write(tmp_path / "train.py", "def value():\n    import lazy\n    return lazy.VALUE\n", 1)
+    _write(tmp_path / "lazy.py", "VALUE = 1\n", 1)
+    script = str(tmp_path / "train.py")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:value", script, "s1"]) == 1
+        (tmp_path / "lazy.py").write_text("VALUE = 2\n")
+        os.utime(tmp_path / "lazy.py", ns=(time.time_ns(),) * 2)  # (the clock's, not the disk's)
+        assert await ag.rpc("w1", ["__main__:value", script, "s2"]) == 2
+        assert await ag.rpc("w1", ["__main__:value", script, "s3"]) == 2
+        _write(tmp_path / "lazy.py", "VALUE = 33\n", 1)
+        assert await ag.rpc("w1", ["__main__:value", script, "s4"]) == 33
+
+
 async def test_odd_driver_code_is_found_or_named_and_a_first_look_forgets_nothing(
     tmp_path, monkeypatch
 ):
@@ -1640,6 +1685,47 @@ async def test_odd_driver_code_is_found_or_named_and_a_first_look_forgets_nothin
         assert await ag.rpc("w1", ["__main__:f", outer, "s4"]) is True
         assert await ag.rpc("w1", ["__main__:f", str(tmp_path / "O" / "sub" / "b.py"), "s5"]) == "b"
         assert await ag.rpc("w1", ["__main__:f", outer, "s4"]) is True
+
+
+async def test_a_script_whose_modules_a_subfolders_run_forgot_is_imported_anew(tmp_path):
+    # O/sub's script changed: its new run forgot the modules of O/sub, sub.m among them,
+    # which O/outer.py had imported (as sub.m) and taken TOKEN from. Kept, outer's next
+    # run held the TOKEN of a sub.m that was no longer the one its function imported.
+    (tmp_path / "O" / "sub").mkdir(parents=True)
+    (tmp_path / "O" / "sub" / "__init__.py").write_text("")
+    _write(tmp_path / "O" / "sub" / "m.py", "import random\n\nTOKEN = random.random()\n", 1)
+    _write(
+        tmp_path / "O" / "outer.py",
+        "from sub.m import TOKEN\n\ndef f():\n    import sub.m\n    return sub.m.TOKEN == TOKEN\n",
+        1,
+    )
+    _write(tmp_path / "O" / "sub" / "b.py", "def f():\n    return 'b'\n", 1)
+    outer, b = str(tmp_path / "O" / "outer.py"), str(tmp_path / "O" / "sub" / "b.py")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:f", outer, "s1"]) is True
+        assert await ag.rpc("w1", ["__main__:f", b, "s2"]) == "b"
+        _write(tmp_path / "O" / "sub" / "b.py", "def f():\n    return 'b2'\n", 2)
+        assert await ag.rpc("w1", ["__main__:f", b, "s3"]) == "b2"
+        assert await ag.rpc("w1", ["__main__:f", outer, "s4"]) is True
+
+
+async def test_a_script_whose_import_failed_leaves_the_one_imported_before_as_mp_main(tmp_path):
+    # A script's classes are found by their module's name, __mp_main__ (pickle finds
+    # Box as __mp_main__.Box): the module of a script whose import failed on the worker
+    # must not stay under that name, nor leave it empty, for the script imported before.
+    _write(
+        tmp_path / "good.py",
+        "import pickle\n\nclass Box:\n    pass\n\n"
+        "def f():\n    return type(pickle.loads(pickle.dumps(Box()))).__name__\n",
+        1,
+    )
+    _write(tmp_path / "bad.py", "raise ValueError('no config')\n\ndef f():\n    return 0\n", 1)
+    good, bad = str(tmp_path / "good.py"), str(tmp_path / "bad.py")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:f", good, "s1"]) == "Box"
+        with pytest.raises(ag.RemoteError, match="failed: ValueError: no config"):
+            await ag.rpc("w1", ["__main__:f", bad, "s2"])
+        assert await ag.rpc("w1", ["__main__:f", good, "s1"]) == "Box"
 
 
 async def test_an_unchanged_script_holding_aliases_of_its_modules_keeps_its_state(tmp_path):
