@@ -1333,6 +1333,12 @@ async def test_a_dozen_runs_of_a_script_at_once_each_keep_their_code(tmp_path):
         assert await ag.rpc("w1", ["__main__:f", script, "s12"]) == 2
         for i in range(12):
             assert await ag.rpc("w1", ["__main__:f", script, f"s{i}"]) == 1
+        # (runs past the last KEEP_SESSIONS: what the least recently seen one resolved
+        # goes, and only that: s12 here; dropping the others' got them the edited code)
+        for i in range(13, rcalls.KEEP_SESSIONS + 1):
+            assert await ag.rpc("w1", ["__main__:f", script, f"s{i}"]) == 2
+        for i in range(12):
+            assert await ag.rpc("w1", ["__main__:f", script, f"s{i}"]) == 1
 
 
 def stats_entries() -> int:
