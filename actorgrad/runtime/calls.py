@@ -714,6 +714,17 @@ def _new_session(script: str, session: str) -> None:
         _forget(folder)
 
 
+def _seen_again(script: str, session: Any) -> None:
+    """A call of ``session`` of driver script ``script`` found what it resolved: that
+    run is the script's most recently seen one (a run whose calls all found theirs was
+    taken for the least recently seen, and past KEEP_SESSIONS newer runs its next call
+    got the edited code midway)."""
+    sessions = _script_sessions.get(script)
+    if sessions and sessions[-1] != session and session in sessions:
+        sessions.remove(session)
+        sessions.append(session)
+
+
 def _module_of(v: Any) -> str | None:
     """The name of module ``v``, or of the module that defines ``v``."""
     try:
@@ -1077,6 +1088,8 @@ def resolve(spec: Any) -> Any:
     except TypeError:  # (a list in the list, from the wire: "unhashable type: 'list'")
         raise ValueError(f"malformed function name {short_repr(spec, 200)}") from None
     if fn is not None:
+        if type(key) is tuple and len(key) >= 3:
+            _seen_again(key[1], key[2])
         return fn
     session: str | None = None
     if isinstance(spec, str):
