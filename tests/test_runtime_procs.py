@@ -1341,6 +1341,37 @@ async def test_a_dozen_runs_of_a_script_at_once_each_keep_their_code(tmp_path):
             assert await ag.rpc("w1", ["__main__:f", script, f"s{i}"]) == 1
 
 
+async def test_a_run_under_way_calls_its_own_version_of_a_function_it_had_not_called(tmp_path):
+    # s1 and s2 run at once, the script is edited: s1's first call of g (a run seen
+    # before, not a new one) comes from the version s1 runs, as its f did; the next
+    # new run gets the edit.
+    _write(tmp_path / "two.py", "def f():\n    return 1\n\ndef g():\n    return 10\n", 1)
+    script = str(tmp_path / "two.py")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:f", script, "s1"]) == 1
+        assert await ag.rpc("w1", ["__main__:f", script, "s2"]) == 1
+        _write(tmp_path / "two.py", "def f():\n    return 2\n\ndef g():\n    return 20\n", 2)
+        assert await ag.rpc("w1", ["__main__:g", script, "s1"]) == 10
+        assert await ag.rpc("w1", ["__main__:f", script, "s3"]) == 2
+
+
+async def test_a_dataclass_of_a_script_finds_its_module_while_the_script_is_imported(tmp_path):
+    # Under `from __future__ import annotations` a dataclass tells a ClassVar field by
+    # looking its annotation up in the module its class names, sys.modules[
+    # "__mp_main__"], while the script is imported: the script's module must be there
+    # already (the previous one's, or none, made `registry` a field: "mutable default
+    # <class 'list'> for field registry is not allowed").
+    _write(
+        tmp_path / "cfg.py",
+        "from __future__ import annotations\n\nimport dataclasses\nfrom typing import ClassVar\n\n"
+        "@dataclasses.dataclass\nclass Cfg:\n    n: int = 1\n    registry: ClassVar[list] = []\n\n"
+        "def names():\n    return [f.name for f in dataclasses.fields(Cfg)]\n",
+        1,
+    )
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:names", str(tmp_path / "cfg.py"), "s1"]) == ["n"]
+
+
 def stats_entries() -> int:
     from actorgrad.runtime import worker
 
@@ -1628,6 +1659,7 @@ async def test_a_script_of_a_subfolder_holding_functions_of_the_roots_modules_ge
         _write(tmp_path / "model.py", "def value():\n    return 2\n", 2)
         assert await ag.rpc("w1", ["__main__:f", train, "s4"]) == 2  # (train first)
         assert await ag.rpc("w1", ["__main__:f", ev, "s5"]) == (2, 1)
+        assert await ag.rpc("w1", ["__main__:f", ev, "s6"]) == (2, 2)  # (kept again)
 
 
 async def test_a_module_a_function_imported_as_it_ran_is_imported_anew_once_edited(tmp_path):
