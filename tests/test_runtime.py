@@ -4182,6 +4182,43 @@ async def test_calls_to_a_worker_that_left_leave_no_reference_cycles():
             gc.garbage.clear()
 
 
+@pytest.mark.parametrize("kind", ["inproc", "tcp"])
+@pytest.mark.parametrize("opened_by", ["w1", "driver"])
+async def test_a_message_to_a_worker_that_left_fails_while_its_connection_closes(kind, opened_by):
+    # A worker that leaves says goodbye on each of its connections, then closes them;
+    # the registry's word that it left can come before such a connection's close (a
+    # read later; another connection). A one-way message sent meanwhile went out on the
+    # connection the worker had opened to us (or ours to it), which it reads no more,
+    # and the close that followed reported no loss (it was no member any more): the
+    # message was lost unsaid, and a backward pass started then waited for it for good
+    # (found by delivery-order fuzzing: ACTORGRAD_TEST_FUZZ_SEED=2, test_dist.py's test
+    # of a backward started on a worker shut down).
+    async with ag.local_cluster(1, transport=kind) as c:
+        d, w1 = c.driver, c.workers[0]
+        if opened_by == "w1":
+            assert await w1.call("driver", add, (1, 2)) == 3
+            (conn,) = [k for k in d._conns if k.peer_name == "w1" and not d._is_membership(k)]
+            assert "w1" not in d._out
+        else:
+            assert await ag.rpc("w1", add, (1, 2)) == 3
+            conn = d._out["w1"]
+        # (its close held back: it comes after the goodbye, a read later or more)
+        held = []
+        if kind == "inproc":
+            conn.transport._close_after_pump = lambda: held.append(True)
+        else:
+            conn.eof_received = lambda: held.append(True) or True  # (left half open)
+        await w1.shutdown()
+        await until(lambda: "w1" not in d.members and conn.goodbye and held)
+        assert not conn.closed
+        failed = d.loop.create_future()
+        d.cast("w1", "test.nothing", (), on_error=failed.set_result)
+        err = await asyncio.wait_for(failed, 5)
+        assert isinstance(err, ag.WorkerLost) and "'w1' has left the cluster" in str(err)
+        conn.transport.close()
+        await until(lambda: conn.closed)
+
+
 async def test_wait_for_workers_returns_once_they_joined_and_names_those_missing(tmp_path):
     # A driver whose workers join on their own polled ag.workers() with sleeps.
     import secrets

@@ -427,6 +427,11 @@ def current_worker() -> Worker:
     raise RuntimeError(_NOT_INIT)
 
 
+def _said_goodbye(conn: Connection) -> bool:
+    """Whether the peer said goodbye on ``conn`` (it closes it: reads nothing more)."""
+    return conn.goodbye or bool(conn.dropped_why) or bool(conn.refused_why)
+
+
 def loop_worker() -> Worker:
     """:func:`current_worker`, for async code that awaits on its event loop: RuntimeError
     (:func:`wrong_loop`) when the running loop is another one. (What the worker's loop
@@ -1456,7 +1461,7 @@ class Worker:
 
     async def _conn_to(self, dest: str) -> Connection:
         conn = self._out.get(dest)
-        if conn is not None and not conn.closed:
+        if conn is not None and not conn.closed and not _said_goodbye(conn):
             return conn
         if self._closing:
             raise WorkerLost(f"worker {self.name!r} is shutting down")
@@ -1582,6 +1587,11 @@ class Worker:
                 c.peer_name == dest
                 and not c.outgoing
                 and not c.closed
+                # (nor one it said goodbye on: it reads nothing more there, and its
+                # close, a read later, reports no loss of a worker that left the
+                # cluster meanwhile: a one-way message sent on it was lost unsaid, and
+                # a backward pass waiting for it waited for good)
+                and not _said_goodbye(c)
                 and c.peer_id is not None
                 and (dest_id is None or c.peer_id == dest_id)
             ):
@@ -3145,7 +3155,8 @@ class Worker:
                 queue.append((chunks, what, on_error))
                 return
             conn = self._out.get(dest)
-            if conn is None or conn.closed:
+            # (not one the peer said goodbye on: see _opened_by)
+            if conn is None or conn.closed or _said_goodbye(conn):
                 self._notify_queues[dest] = [(chunks, what, on_error)]
                 self.spawn(self._notify_connect(dest))
                 return
