@@ -335,3 +335,13 @@ async def slow_link(target: str, rate: dict[str, float]) -> AsyncIterator[tuple[
         for cw in relayed:  # (its pipes then close the other side)
             cw.transport.abort()
         await asyncio.wait_for(server.wait_closed(), 10)
+
+
+# ACTORGRAD_TEST_FUZZ_SEED=N: in-process connections deliver in a random order (fuzz_order.py).
+if _FUZZ_SEED := os.environ.get("ACTORGRAD_TEST_FUZZ_SEED", ""):
+    import fuzz_order
+
+    fuzz_order.install()
+
+    def pytest_runtest_setup(item):
+        fuzz_order.reseed(int(_FUZZ_SEED), item.nodeid)
