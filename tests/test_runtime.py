@@ -2810,6 +2810,39 @@ async def test_a_peer_that_dropped_this_worker_on_each_connection_is_reported_lo
     assert await w1.call("w2", add, (5, 6)) == 11
 
 
+async def test_a_frame_sent_before_a_peer_dropped_this_worker_is_no_news_that_it_lives():
+    # w1 drops w2 for its silence on both their connections, after its reply to a call
+    # of w2's went out on one (B). w2 reads the goodbye on the other (A) first (another
+    # connection: in any order): w1 dropped it. Then the reply, sent before that drop,
+    # was taken for w1 hearing from w2 again ("alive after all"), and B's own goodbye,
+    # read next, for a second loss: the peer-lost callbacks ran twice (found by
+    # delivery-order fuzzing: ACTORGRAD_TEST_FUZZ_SEED=2, the test above).
+    async with ag.local_cluster(2) as c:
+        w1, w2 = c.workers
+        assert await w1.call("w2", add, (1, 2)) == 3  # (A: w1's to w2)
+        assert await w2.call("w1", add, (3, 4)) == 7  # (B: w2's to w1)
+        conn_b = w2._out["w1"]
+        end_b = conn_b.transport  # (w2's end: what it reads of B waits here)
+        end_b._schedule = lambda: None
+        end_b._close_after_pump = lambda: None
+        reply = w2.call_nowait("w1", add, (5, 6))
+        await until(lambda: end_b._inbox)  # (w1's reply, unread)
+        lost: list[str] = []
+        w2.add_peer_lost_callback(lost.append)
+        later = time.monotonic() + rworker.HEARTBEAT_TIMEOUT + 1
+        w1.watch("w2")
+        conns = [k for k in w1._conns if k.peer_name == "w2" and not k.closed]
+        assert len(conns) == 2 and all(w1._silent_too_long(k, later) for k in conns)
+        w1.unwatch("w2")
+        await until(lambda: lost)  # (A's goodbye read)
+        assert w2.dropped_by("w1") and not conn_b.closed
+        del end_b._schedule, end_b._close_after_pump
+        end_b._close_after_pump()  # (B read: the reply, the goodbye, the close)
+        assert await asyncio.wait_for(reply, 5) == 11
+        await until(lambda: conn_b.closed)
+        assert lost == ["w1"]
+
+
 async def test_a_peer_dropped_for_silence_on_one_connection_is_dropped_on_every_one(cluster):
     # Only the connection found silent first was closed: the peer went unwatched once
     # taken for lost, and the other one, which it had opened, lived on and carried the

@@ -1897,6 +1897,19 @@ class Worker:
                 self._seen_drops[name] = (wid, max(seen, conn.drop_number))
         return False
 
+    def _sent_before_drop(self, conn: Connection) -> bool:
+        """Whether what comes on ``conn`` was sent before the peer dropped this worker
+        (the loss reported for it: see dropped_by): the connection's session began
+        before the peer's latest goodbye for our silence, read on another connection
+        first (connections keep no order between them). No news that the peer heard
+        from us since: taken for it, a frame of it made the goodbye on ``conn`` itself,
+        read next, a second loss (the peer-lost callbacks ran twice)."""
+        name = conn.peer_name
+        if self._lost[name][0] is None:  # (not dropped: any frame is news it lives)
+            return False
+        seen = self._seen_drops.get(name)
+        return seen is not None and seen[0] == conn.peer_id and conn.peer_drops < seen[1]
+
     def _peer_lost(self, name: str, dropped_why: str | None = None, cause: str = "") -> None:
         """Report ``name`` lost to the callbacks, once per loss; ``dropped_why``: it
         closed its connection with this worker saying why (it heard nothing from us: it
@@ -1933,7 +1946,7 @@ class Worker:
             if type(kind) is not int:  # (0.0 and False compare equal to 0: not kinds)
                 raise ProtocolError(f"unknown message kind {kind!r:.80}")
             if self._lost and conn.peer_name in self._lost and kind != K_BYE:
-                if conn.peer_name in self.members:
+                if conn.peer_name in self.members and not self._sent_before_drop(conn):
                     # Alive after all: one of its connections had closed (a malformed
                     # frame, a network fault, our heartbeat while its loop was blocked)
                     # but it goes on over this one. A later loss must be reported again,
