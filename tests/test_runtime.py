@@ -2361,6 +2361,39 @@ async def test_the_head_knows_each_members_id_on_its_registry_connection(cluster
         assert head.peer_id(w.name) == w.id and w.peer_id("driver") == head.id
 
 
+async def test_a_registry_listener_that_fails_fails_no_join_and_no_leave(caplog):
+    # The CLI's listener printed each join and leave to a stdout that could not encode
+    # the worker's name (an ASCII locale, "wü"): its UnicodeEncodeError came out of the
+    # head's join, after the member was in and every member told so, and the joiner
+    # took itself for refused (RemoteError); on the leave it escaped into the closed
+    # connection's callback, and the listeners after it never heard.
+    caplog.set_level(logging.ERROR, "actorgrad.runtime")
+    async with ag.local_cluster(["w1"], transport="inproc") as c:
+        head = c.driver
+        heard: list[tuple[str, str]] = []
+
+        def broken(what: str, name: str, address: str) -> None:
+            name.encode("ascii")
+
+        head.registry.listeners += [broken, lambda what, name, address: heard.append((what, name))]
+        w = Worker("wü", token=head.token, transport_kind="inproc")
+        await w.start()
+        try:
+            await w.join(head.address)
+            assert await w.call("w1", add, (1, 2)) == 3
+        finally:
+            await w.shutdown()
+        async with asyncio.timeout(10):
+            while "wü" in head.members:
+                await head._members_changed.wait()
+        assert heard == [("joined", "wü"), ("left", "wü")]
+        failed = [r for r in caplog.records if r.exc_info and r.exc_info[0] is UnicodeEncodeError]
+        assert [r.getMessage() for r in failed] == [
+            "a listener of the cluster's members failed on 'wü' joined",
+            "a listener of the cluster's members failed on 'wü' left",
+        ]
+
+
 def worker_id() -> int:
     return current_worker().id
 

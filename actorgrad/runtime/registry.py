@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ from actorgrad.runtime.calls import inline
 if TYPE_CHECKING:
     from actorgrad.runtime.transport import Connection
     from actorgrad.runtime.worker import Worker
+
+log = logging.getLogger("actorgrad.runtime")
 
 MAX_ID = 2**16
 #: Ids a worker makes (RRef ids; distributed autograd's context ids) hold its cluster id
@@ -134,8 +137,16 @@ class Registry:
             self._tell("left", name, address)
 
     def _tell(self, what: str, name: str, address: str) -> None:
+        # A listener's failure is its own, logged: raised, it failed the join it was
+        # told of after the member was in and every member told so (the joiner took
+        # itself for refused), and on a leave it escaped into the closed connection's
+        # callback, the listeners after it never told (the CLI's, printing a name its
+        # stdout could not encode).
         for fn in list(self.listeners):
-            fn(what, name, address)
+            try:
+                fn(what, name, address)
+            except Exception:
+                log.exception("a listener of the cluster's members failed on %r %s", name, what)
 
     def conn_lost(self, conn: Connection) -> None:
         name = self.conns.pop(conn, None)
