@@ -329,7 +329,15 @@ def _stdout_to_devnull() -> None:
 
 def _say(msg: str) -> None:
     try:
-        print(msg, flush=True)
+        try:
+            print(msg, flush=True)
+        except UnicodeEncodeError:
+            # (a stdout that cannot encode a worker's name, "wü" in ASCII: a C locale
+            # with PYTHONUTF8=0, PYTHONIOENCODING=ascii. It raised in the cluster's news
+            # of a join, inside the head's registry, and ended status in a traceback:
+            # the character escaped instead, as Python's stderr writes it)
+            enc = sys.stdout.encoding or "ascii"
+            print(msg.encode(enc, "backslashreplace").decode(enc), flush=True)
     except BrokenPipeError:  # (what we say is lost, the cluster goes on)
         _stdout_to_devnull()
 

@@ -1340,6 +1340,41 @@ def test_the_cluster_says_who_joins_and_leaves_and_how_its_workers_die(tmp_path:
             w.stop()
 
 
+@needs_runtime
+def test_a_cluster_whose_stdout_cannot_encode_a_workers_name_escapes_it(tmp_path: Path) -> None:
+    # A stdout in ASCII (a C locale with PYTHONUTF8=0, PYTHONIOENCODING=ascii) cannot
+    # print "wü": the UnicodeEncodeError of the cluster's news of it came out of the
+    # head's join (the worker was refused with a RemoteError) and status ended in a
+    # traceback. The character is escaped, as Python's own stderr writes it.
+    token_file = tmp_path / "token"
+    ascii_out = clean_env(PYTHONIOENCODING="ascii")
+    c = Running("cluster", "-n", "1", "--token-file", str(token_file), env=ascii_out)
+    w = None
+    try:
+        address = c.expect("address:")
+        c.expect("Ctrl-C to stop")
+        joining = ["--join", address, "--name", "wü", "--token-file", str(token_file)]
+        w = Running("worker", *joining, env=clean_env(PYTHONUTF8="1"))
+        assert w.expect("worker wü joined").startswith("(cluster id ")
+        assert c.expect_news("worker w\\xfc joined").startswith("(127.0.0.1:")
+        status = ["status", "--address", address, "--token-file", str(token_file)]
+        r = run_cli(*status, env=ascii_out)
+        assert r.returncode == 0, r.stderr
+        assert {line.split()[0] for line in r.stdout.splitlines()[2:]} == {"_head", "w1", "w\\xfc"}
+        w.proc.send_signal(signal.SIGTERM)
+        assert w.wait() == 0
+        c.expect_news("worker w\\xfc left")
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.wait(20) == 0
+        assert c.proc.stderr is not None
+        err = c.proc.stderr.read()
+        assert "Traceback" not in err and "Error" not in err, err
+    finally:
+        c.stop()
+        if w is not None:
+            w.stop()
+
+
 HEADLESS_DRIVER = """
 import asyncio, sys
 import actorgrad as ag
