@@ -13,6 +13,7 @@ import json
 import os
 import re
 import select
+import shlex
 import signal
 import socket
 import stat
@@ -2014,7 +2015,7 @@ def test_two_different_signals_at_once_stop_the_cluster_then_force_it(tmp_path: 
     try:
         c.expect("address:")
         where = c.expect("token:")
-        token_dir = Path(where.removeprefix("written to ").split()[0]).parent
+        token_dir = Path(where.removeprefix("written to ").split(" (mode")[0]).parent
         assert token_dir.is_dir()
         pids = descendants(c.proc.pid)
         c.proc.send_signal(signal.SIGHUP)
@@ -2620,7 +2621,7 @@ def test_run_under_an_interactive_shell_reads_the_terminal_and_follows_ctrl_z_an
 
     try:
         expect(b"PROMPT$ ")
-        cmd = f"{sys.executable} -m actorgrad run -n 1 {script}\n"
+        cmd = f"{shlex.quote(sys.executable)} -m actorgrad run -n 1 {shlex.quote(str(script))}\n"
         os.write(fd, cmd.encode())
         expect(b"ready>")
         os.write(fd, b"hello\n")
