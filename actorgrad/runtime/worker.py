@@ -1905,7 +1905,7 @@ class Worker:
         from us since: taken for it, a frame of it made the goodbye on ``conn`` itself,
         read next, a second loss (the peer-lost callbacks ran twice)."""
         name = conn.peer_name
-        if self._lost[name][0] is None:  # (not dropped: any frame is news it lives)
+        if name is None or self._lost[name][0] is None:  # (not dropped: news it lives)
             return False
         seen = self._seen_drops.get(name)
         return seen is not None and seen[0] == conn.peer_id and conn.peer_drops < seen[1]
