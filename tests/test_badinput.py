@@ -1063,6 +1063,39 @@ def test_a_calls_context_id_out_of_the_id_range_is_malformed_metadata():
             _parse_meta([bad, "w1", [7]])
 
 
+def test_a_calls_aborted_pass_that_is_no_pass_id_is_malformed_metadata():
+    # (a 4th element: the latest pass of the context aborted on the caller)
+    from actorgrad.dist.context import PASS_ID_BITS, _parse_meta
+
+    top = 1 << (PASS_ID_BITS + 16)
+    assert _parse_meta([5, "w1", [7], top - 1]) == (5, "w1", (7,), top - 1)
+    for bad in (0, -1, top, True, 1.0, "1", None, [1]):
+        with pytest.raises(ag.ProtocolError) as err:
+            _parse_meta([5, "w1", [7], bad])
+        assert str(err.value) == (
+            f"malformed distributed autograd call metadata: its aborted pass {bad!r} is "
+            f"no pass id: [5, 'w1', [7], {bad!r}]"
+        )
+    with pytest.raises(ag.ProtocolError, match=r"^malformed distributed autograd call metadata"):
+        _parse_meta([5, "w1", [7], 3, 4])
+
+
+async def test_a_call_whose_aborted_pass_is_malformed_is_refused_so(sock_cluster):
+    from actorgrad.dist.context import CONTEXT_ID_BITS, state_of
+
+    ctx_id = (sock_cluster.driver.id << CONTEXT_ID_BITS) | 5
+    err = await _raw_call_error(
+        sock_cluster, [ctx_id, "driver", [3], "7"], msgpack.packb([[1], None])
+    )
+    assert err.remote_type == "actorgrad.errors.ProtocolError", err
+    assert (
+        "malformed distributed autograd call metadata: its aborted pass '7' is no pass id: "
+        f"[{ctx_id}, 'driver', [3], '7']"
+    ) in str(err), err
+    assert not state_of(_target(sock_cluster)).contexts  # (w1 kept none of it)
+    await valid_client_works(sock_cluster)
+
+
 @pytest.mark.parametrize(
     "payload",
     [

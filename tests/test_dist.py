@@ -4710,6 +4710,71 @@ async def test_a_cancelled_pass_is_aborted_on_a_relay_target_before_the_next_pas
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+async def test_a_call_right_after_a_cancelled_backward_aborts_it_on_the_way(transport, monkeypatch):
+    # driver -> w2 -> w1; P1 is cancelled while w2's part waits for w1's gradient, and
+    # the driver's abort, one-way to w2, is late (held here). A new forward in the same
+    # context, driver -> w1 -> w2, reached w2 through w1 first: P1's part still ran
+    # there, and w2 refused w1's call ("cannot be taken in it on worker 'w2' while a
+    # backward pass runs in it there"; found by delivery-order fuzzing). A call now says
+    # which pass of the context its caller knows was aborted: the driver's tells w1,
+    # which aborts P1 (taking back what its part committed) and passes it on, and w1's
+    # tells w2, which aborts P1 before it takes the call.
+    from actorgrad.dist.backward import T_ABORT, T_DELIVER
+    from actorgrad.dist.context import state_of
+
+    av, bv, cv, xv = arr(3), arr(3), arr(3), arr(3)
+    async with cluster(transport) as c:
+        w1, w2 = (w for w in c.workers if w.name in ("w1", "w2"))
+        await ag.rpc("w1", F.put, ("a", av))
+        await ag.rpc("w2", F.put, ("b", bv))
+        await ag.rpc("w2", F.put, ("a", cv))
+        held: list[Any] = []
+        hold_w1 = True
+        cast, w1_cast = c.driver.cast, w1.cast
+
+        def holding_cast(dest, topic, args=(), on_error=None):
+            if dest == "w2" and topic == T_ABORT:
+                held.append((dest, topic, args, on_error))
+            else:
+                cast(dest, topic, args, on_error)
+
+        def w1_holding_cast(dest, topic, args=(), on_error=None):
+            if hold_w1 and dest == "w2" and topic == T_DELIVER:  # (P1's: dropped)
+                held.append(None)
+            else:
+                w1_cast(dest, topic, args, on_error)
+
+        monkeypatch.setattr(c.driver, "cast", holding_cast)
+        monkeypatch.setattr(w1, "cast", w1_holding_cast)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w2", F.mul_then_forward, ("b", "w1", "a", x))
+            p1 = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()], retain_graph=True))
+            await until(lambda: None in held)  # (w1's part of P1 done, w2's waits for it)
+            assert state_of(w2).contexts[ctx].active_pass is not None
+            # (w1's part committed P1's gradient of its leaf: the abort must take it back)
+            assert await c.driver.call_nowait("w1", F.grad_of, (ctx, "a")) is not None
+            p1.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await p1
+            assert len(held) == 2  # (the abort to w2)
+            hold_w1 = False
+            z = await ag.rpc("w1", F.mul_then_forward, ("a", "w2", "a", x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [z.sum()]), 10)
+            for args in held[1:]:  # (P1's abort reaches w2 at last: nothing left to do)
+                cast(*args)
+            await ag.rpc("w2", F.identity, (None,))  # (after it on that connection)
+            p = xv * av * cv  # (z = p * p)
+            gx, ga1 = ag.dist.get_gradients(ctx)[x], await ag.rpc("w1", F.grad_of, (ctx, "a"))
+            np.testing.assert_allclose(gx, 2 * p * av * cv, rtol=1e-12)
+            np.testing.assert_allclose(ga1, 2 * p * xv * cv, rtol=1e-12)  # (P1's taken back)
+            np.testing.assert_allclose(await ag.rpc("w2", F.grad_of, (ctx, "a")), 2 * p * xv * av)
+            # (the new pass reached P1's graph there too, giving its leaf nothing)
+            np.testing.assert_array_equal(await ag.rpc("w2", F.grad_of, (ctx, "b")), 0 * bv)
+        await assert_clean(c.names)
+
+
 def _sq_mean(h):
     return (h * h).mean()
 

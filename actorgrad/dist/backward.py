@@ -1140,6 +1140,26 @@ def _abort_cast(worker: Any, ctx_id: int, pass_id: int) -> None:
     _flood_abort(st.worker, ctx, pass_id)
 
 
+def abort_known(worker: Any, ctx: DistContext, pass_id: int) -> None:
+    """A call in ``ctx`` came from a worker that knows pass ``pass_id`` of it aborted
+    (its metadata says so: see DistInterceptor): aborted here too if it was not, as its
+    one-way abort, which may come after the call, would (and passed on, ahead of this
+    worker's later messages). So is a part running here of an older pass of the same
+    origin: an origin starts a pass of a context only once its last one there is over,
+    and a part of it still running means that it failed."""
+    key = pass_id >> PASS_ID_BITS
+    ps = ctx.active_pass
+    if ps is not None and ps.pass_id >> PASS_ID_BITS == key and ps.pass_id < pass_id:
+        if not ctx.is_aborted(ps.pass_id):
+            _abort_here(worker, ctx, ps.pass_id)
+            _flood_abort(worker, ctx, ps.pass_id)
+    if ctx.is_aborted(pass_id):
+        ctx.note_aborted(pass_id, here=False)  # (the calls carrying it: found at once)
+    else:
+        _abort_here(worker, ctx, pass_id)
+        _flood_abort(worker, ctx, pass_id)
+
+
 def _abort_here(worker: Any, ctx: DistContext, pass_id: int) -> None:
     """Drop pass ``pass_id`` on this worker: its running part, what it committed here,
     and (refused from now on) its late messages. If its part here had finished and
@@ -1147,6 +1167,7 @@ def _abort_here(worker: Any, ctx: DistContext, pass_id: int) -> None:
     not finish (or the pass would not have failed), and those ends would wait in every
     later pass of the context for gradients nobody holds any more."""
     ctx.aborted_passes.add(pass_id)
+    ctx.note_aborted(pass_id)
     ctx.drop_pass(pass_id)
     freed = ctx.undo_pass(pass_id)
     for peer, (recv_ids, send_ids) in (freed or {}).items():

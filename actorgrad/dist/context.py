@@ -148,6 +148,7 @@ class DistContext:
         "done_upto",
         "aborted_passes",
         "started_upto",
+        "aborted_mark",
         "lock",
         "released",
         "sent_to",
@@ -190,6 +191,12 @@ class DistContext:
         # keeps at most a pass or two per origin, not one per failed pass.
         self.aborted_passes: set[int] = set()
         self.started_upto: dict[int, int] = {}
+        # The latest pass of the context aborted here (0: none): each call made here in
+        # the context carries it (see DistInterceptor), and its callee aborts it too if
+        # it has not yet. The abort of a cancelled backward goes out one-way: a call made
+        # right after it, through another worker, could reach a worker of the pass first,
+        # while the pass's part still runs there (which refuses the call).
+        self.aborted_mark = 0
         self.lock: Any = None  # asyncio.Lock, made by the first backward called here
         self.released = False
         # Peers this worker sent backward messages to (their loss is reported to the
@@ -312,6 +319,18 @@ class DistContext:
             self.aborted_passes = {
                 p for p in self.aborted_passes if p >> PASS_ID_BITS != key or p >= pass_id
             }
+
+    def note_aborted(self, pass_id: int, here: bool = True) -> None:
+        """Keep pass ``pass_id`` as the mark a call made here carries (see
+        aborted_mark): it was aborted ``here`` (the latest, unless an older pass of the
+        origin of the mark), or is known aborted (kept only over no mark or an older
+        pass of the same origin, so that the calls carrying it find it here at once)."""
+        mark = self.aborted_mark
+        if pass_id >> PASS_ID_BITS == mark >> PASS_ID_BITS:
+            if pass_id > mark:
+                self.aborted_mark = pass_id
+        elif here or not mark:
+            self.aborted_mark = pass_id
 
     def is_aborted(self, pass_id: int) -> bool:
         """Whether pass ``pass_id`` was aborted here (or is older than its origin's
@@ -1134,7 +1153,9 @@ class _Hooks:
             ctx.broken_by = (self.peer, self.peer_id)
 
 
-_Meta = tuple[int, str, tuple[int, ...]]  # a call's (context id, initiator, call chain)
+# a call's (context id, initiator, call chain[, latest pass of the context aborted on
+# the caller: see DistContext.aborted_mark])
+_Meta = tuple[int, str, tuple[int, ...]] | tuple[int, str, tuple[int, ...], int]
 
 
 class DistInterceptor:
@@ -1142,8 +1163,10 @@ class DistInterceptor:
 
     The metadata of a call made inside a context is ``[context_id, initiator, chain]``:
     ``chain`` the tokens of the calls of the context the call is made inside, then its
-    own (see DistContext.calls_out). The caller's is the tuple ``outgoing`` makes (it
-    travels as a list), already in the form ``_parse_meta`` gives a request's.
+    own (see DistContext.calls_out); then, once a pass of the context was aborted on the
+    caller, the latest such pass (its ``aborted_mark``), which the callee aborts before
+    it takes the call if it has not yet. The caller's is the tuple ``outgoing`` makes
+    (it travels as a list), already in the form ``_parse_meta`` gives a request's.
     """
 
     def outgoing(self, worker: Worker, dest: str, peer_id: int | None) -> _Meta | None:
@@ -1192,6 +1215,9 @@ class DistInterceptor:
             ctx.peers.add(dest)
         token = st.new_call_token()
         ctx.calls_out.add(token)
+        mark = ctx.aborted_mark
+        if mark:
+            return (ctx.id, ctx.initiator, (*cur[2], token), mark)
         return (ctx.id, ctx.initiator, (*cur[2], token))
 
     def returned(self, worker: Worker, meta: _Meta) -> None:
@@ -1200,9 +1226,18 @@ class DistInterceptor:
             ctx.calls_out.discard(meta[2][-1])
 
     def wire_hooks(self, worker: Worker, meta: Any, peer: str, peer_id: int | None) -> _Hooks:
-        ctx_id, initiator, _ = _parse_meta(meta)
+        meta = _parse_meta(meta)
+        ctx_id = meta[0]
         st = state_of(worker)
-        ctx = st.join(ctx_id, initiator)
+        ctx = st.join(ctx_id, meta[1])
+        if len(meta) == 4 and meta[3] != ctx.aborted_mark:
+            # The caller knows a pass of the context aborted that this worker may not
+            # have heard of yet: the caller's own abort of it, one-way, can come after
+            # this call (the call came through another worker, on another connection),
+            # and its part here may still run. Aborted here first, as that abort would.
+            from actorgrad.dist.backward import abort_known
+
+            abort_known(worker, ctx, meta[3])
         if ctx.active_pass is not None and peer != worker.name:
             # A request from a worker whose part of the pass is done (so its own check,
             # in outgoing, let it go: a task a handler spawned, say): its tensors would
@@ -1221,8 +1256,7 @@ class DistInterceptor:
 
     def enter(self, worker: Worker, meta: Any) -> Any:
         # (checked: the runtime gave this request's meta to wire_hooks first)
-        ctx_id, _, chain = meta
-        return activate(worker, ctx_id, tuple(chain))
+        return activate(worker, meta[0], tuple(meta[2]))
 
 
 def still_broken(worker: Worker, ctx: DistContext) -> bool:
@@ -1276,8 +1310,8 @@ def _parse_meta(meta: Any) -> _Meta:
     header from the wire holds no tuple, its decoding refuses ext types)."""
     if type(meta) is tuple:
         return meta
-    if type(meta) is list and len(meta) == 3:
-        ctx_id, initiator, chain = meta
+    if type(meta) is list and 3 <= len(meta) <= 4:
+        ctx_id, initiator, chain = meta[0], meta[1], meta[2]
         if (
             type(ctx_id) is int
             and 0 < ctx_id < MAX_ID << CONTEXT_ID_BITS
@@ -1286,5 +1320,13 @@ def _parse_meta(meta: Any) -> _Meta:
             and 0 < len(chain) <= MAX_CHAIN
             and all(type(t) is int for t in chain)
         ):
-            return ctx_id, initiator, tuple(chain)
+            if len(meta) == 3:
+                return ctx_id, initiator, tuple(chain)
+            aborted = meta[3]  # (a pass id: the worker's id above PASS_ID_BITS bits)
+            if type(aborted) is int and 0 < aborted < MAX_ID << PASS_ID_BITS:
+                return ctx_id, initiator, tuple(chain), aborted
+            raise ProtocolError(
+                "malformed distributed autograd call metadata: its aborted pass "
+                f"{short_repr(aborted)} is no pass id: {short_repr(meta)}"
+            )
     raise ProtocolError(f"malformed distributed autograd call metadata: {short_repr(meta)}")

@@ -103,7 +103,9 @@ MAGIC = b"ACTGRAD\x00"
 #:    RRef forked by a worker that does not own it carries its registration's tag
 #: 9: goodbyes and hellos numbered (a drop for silence ends every connection)
 #: 10: a server that refuses the client's token says so (_REFUSED) before it closes
-PROTOCOL_VERSION = 10
+#: 11: a call's distributed metadata carries the latest pass of its context aborted on
+#:     the caller (its callee aborts it too before it takes the call)
+PROTOCOL_VERSION = 11
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
 #: A server's answer to a client that does not know the token, in place of its MAC and
