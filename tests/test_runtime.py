@@ -1412,6 +1412,20 @@ async def test_rref_methods_of_one_name_async_on_one_value_plain_on_another(clus
     assert await p.rpc().run() != loop_thread  # (its first calls: the thread pool)
 
 
+async def test_released_by_waits_for_that_holders_release_alone():
+    # (rewritten for until() as any(k[0] != holder ...): it returned at once while
+    # another worker held a value too, the holder's count still there, and waited out
+    # its deadline for an owner that held nothing)
+    held = types.SimpleNamespace(holders={("driver", 1): 1, ("w2", 2): 1})
+    owner = types.SimpleNamespace(owned={7: held})
+    with pytest.raises(TimeoutError):
+        await _released_by(owner, "driver", 0.05)
+    del held.holders[("driver", 1)]
+    await _released_by(owner, "driver", 0.05)
+    owner.owned.clear()
+    await _released_by(owner, "driver", 0.05)
+
+
 async def test_rref_passed_to_owner_gives_local_value(cluster):
     r = await ag.remote("w2", make_counter, (3,))
     assert await ag.rpc("w2", rref_value_on_owner, (r,)) == 3
