@@ -1283,7 +1283,7 @@ async def _released_by(owner, holder: str, deadline: float = 5.0) -> None:
     """Return once in-process worker ``owner`` counts no value of its as held by
     ``holder`` (its releases arrived)."""
     await until(
-        lambda: any(k[0] != holder for o in owner.owned.values() for k in o.holders), deadline
+        lambda: not any(k[0] == holder for o in owner.owned.values() for k in o.holders), deadline
     )  # (no event for it)
 
 
