@@ -2890,6 +2890,33 @@ async def test_a_frame_sent_before_a_peer_dropped_this_worker_is_no_news_that_it
         assert lost == ["w1"]
 
 
+async def test_a_frame_on_the_membership_after_a_drop_is_news_that_the_head_lives():
+    # The head drops w1 for its silence on each connection but the membership, which it
+    # keeps (closing it is leaving the cluster). w1, the membership open, connects to
+    # it no more, and took the head's frames on the membership (a member joined) for
+    # no news: its hello there counts no drop, so they counted as sent before the drop,
+    # and the head stayed dropped_by for good.
+    async with ag.local_cluster(2) as c:
+        head, w1 = c.driver, c.workers[0]
+        assert await head.call("w1", add, (1, 2)) == 3
+        assert await w1.call("driver", add, (3, 4)) == 7
+        later = time.monotonic() + rworker.HEARTBEAT_TIMEOUT + 1
+        head.watch("w1")
+        conns = head._session_conns("w1", head.members["w1"][0])
+        assert conns and all(head._silent_too_long(k, later) for k in conns)
+        head.unwatch("w1")
+        await until(lambda: w1.dropped_by("driver"))
+        assert not w1.registry_conn.closed
+        w3 = Worker("w3", token=head.token)  # (news on the membership, after the drop)
+        await w3.start()
+        try:
+            await w3.join(c.address)
+            await until(lambda: "w3" in w1.members)
+            assert w1.dropped_by("driver") is None
+        finally:
+            await w3.shutdown()
+
+
 async def test_a_peer_dropped_for_silence_on_one_connection_is_dropped_on_every_one(cluster):
     # Only the connection found silent first was closed: the peer went unwatched once
     # taken for lost, and the other one, which it had opened, lived on and carried the
