@@ -1907,6 +1907,11 @@ class Worker:
         name = conn.peer_name
         if name is None or self._lost[name][0] is None:  # (not dropped: news it lives)
             return False
+        if self._is_membership(conn):
+            # (the drop never closes the membership, whose hello's count stays below
+            # it for good: what comes there after the drop is news too, and the only
+            # news of a peer this worker did not connect to again, see _on_lost)
+            return False
         seen = self._seen_drops.get(name)
         return seen is not None and seen[0] == conn.peer_id and conn.peer_drops < seen[1]
 
