@@ -575,6 +575,8 @@ class Connection(asyncio.BaseProtocol):
         self.closed = False
         self.close_reason: BaseException | None = None
         self.goodbye = False
+        # the peer said goodbye in any form (the three below): it reads nothing more here
+        self.bye_read = False
         # why the peer closed on us, when it said (``[K_BYE, why]``)
         self.dropped_why = ""
         # what the peer refused of ours, closing the connection, when it said

@@ -427,11 +427,6 @@ def current_worker() -> Worker:
     raise RuntimeError(_NOT_INIT)
 
 
-def _said_goodbye(conn: Connection) -> bool:
-    """Whether the peer said goodbye on ``conn`` (it closes it: reads nothing more)."""
-    return conn.goodbye or bool(conn.dropped_why) or bool(conn.refused_why)
-
-
 def loop_worker() -> Worker:
     """:func:`current_worker`, for async code that awaits on its event loop: RuntimeError
     (:func:`wrong_loop`) when the running loop is another one. (What the worker's loop
@@ -1461,7 +1456,7 @@ class Worker:
 
     async def _conn_to(self, dest: str) -> Connection:
         conn = self._out.get(dest)
-        if conn is not None and not conn.closed and not _said_goodbye(conn):
+        if conn is not None and not conn.closed and not conn.bye_read:
             return conn
         if self._closing:
             raise WorkerLost(f"worker {self.name!r} is shutting down")
@@ -1591,7 +1586,7 @@ class Worker:
                 # close, a read later, reports no loss of a worker that left the
                 # cluster meanwhile: a one-way message sent on it was lost unsaid, and
                 # a backward pass waiting for it waited for good)
-                and not _said_goodbye(c)
+                and not c.bye_read
                 and c.peer_id is not None
                 and (dest_id is None or c.peer_id == dest_id)
             ):
@@ -2099,6 +2094,7 @@ class Worker:
                 if not conn.outgoing:
                     conn.send_nowait(wire.encode_frame(self._hello_header(name), None))
             elif kind == K_BYE:
+                conn.bye_read = True  # (what we send on it now is lost: see _opened_by)
                 if len(header) == 1:
                     conn.goodbye = True
                 elif (
@@ -3174,7 +3170,7 @@ class Worker:
                 return
             conn = self._out.get(dest)
             # (not one the peer said goodbye on: see _opened_by)
-            if conn is None or conn.closed or _said_goodbye(conn):
+            if conn is None or conn.closed or conn.bye_read:
                 self._notify_queues[dest] = [(chunks, what, on_error)]
                 self.spawn(self._notify_connect(dest))
                 return
