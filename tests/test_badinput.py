@@ -1141,6 +1141,17 @@ def test_a_fork_tag_is_refused_unless_it_is_an_int_from_1_below_1_shl_64():
             hooks.ref_in(["w2", 5, tag])
 
 
+async def _driver_conn_with_a_call_out(cluster):
+    """The driver's connection to w1, once a call of 30 s went out on it (its task)."""
+    assert await ag.rpc("w1", add, (1, 2)) == 3
+    conn = cluster.driver._out["w1"]
+    pending = asyncio.ensure_future(ag.rpc("w1", "asyncio:sleep", (30,)))
+    async with asyncio.timeout(5):
+        while not conn.pending:  # noqa: ASYNC110 (sent: no event tells of it)
+            await asyncio.sleep(0)
+    return conn, pending
+
+
 @pytest.mark.parametrize("tag", [0, -1, True])
 async def test_a_one_way_call_with_a_fork_tag_out_of_range_closes_that_connection_alone(
     sock_cluster, tag
@@ -1148,12 +1159,7 @@ async def test_a_one_way_call_with_a_fork_tag_out_of_range_closes_that_connectio
     # A one-way call that cannot start has no reply to go back in: w1 closes the
     # connection, saying why, and serves its other peers (a new connection of the
     # driver's too).
-    assert await ag.rpc("w1", add, (1, 2)) == 3
-    conn = sock_cluster.driver._out["w1"]
-    pending = asyncio.ensure_future(ag.rpc("w1", "asyncio:sleep", (30,)))
-    async with asyncio.timeout(5):
-        while not conn.pending:  # noqa: ASYNC110 (sent: no event tells of it)
-            await asyncio.sleep(0)
+    conn, pending = await _driver_conn_with_a_call_out(sock_cluster)
     ref = msgpack.ExtType(wire.EXT_REF, msgpack.packb(["w9", 1, tag]))
     conn.send_nowait(wire.encode_frame([K_REQ, 0, "builtins:repr", MODE_RPC, None], ([ref], None)))
     with pytest.raises(
@@ -1259,12 +1265,7 @@ async def test_a_worker_closing_on_a_message_it_refused_tells_the_sender_why(
     # (the sender's calls failed with "connection to worker 'w1' lost", no reason, and
     # a one-way call's sender, with nothing pending, heard nothing at all)
     caplog.set_level(logging.WARNING, "actorgrad.runtime")
-    assert await ag.rpc("w1", add, (1, 2)) == 3
-    conn = sock_cluster.driver._out["w1"]
-    pending = asyncio.ensure_future(ag.rpc("w1", "asyncio:sleep", (30,)))
-    async with asyncio.timeout(5):
-        while not conn.pending:  # noqa: ASYNC110 (sent: no event tells of it)
-            await asyncio.sleep(0)
+    conn, pending = await _driver_conn_with_a_call_out(sock_cluster)
     body = ((), None) if frame[0] == K_REQ else None
     conn.send_nowait(wire.encode_frame(frame, body))
     with pytest.raises(

@@ -2833,6 +2833,18 @@ async def test_rref_counts_of_a_worker_replaced_under_its_name_are_dropped(clust
     await _owned_count("w1")
 
 
+def _drop_for_silence(w: Worker, peer: str, n_conns: int | None = None) -> None:
+    """Make ``w`` drop ``peer`` for its silence, as its heartbeat check would a
+    heartbeat timeout from now, on every connection of theirs but the membership
+    (``n_conns`` of them, when given)."""
+    later = time.monotonic() + rworker.HEARTBEAT_TIMEOUT + 1
+    w.watch(peer)
+    conns = w._session_conns(peer, w.members[peer][0])
+    assert conns and (n_conns is None or len(conns) == n_conns), conns
+    assert all(w._silent_too_long(k, later) for k in conns)
+    w.unwatch(peer)
+
+
 async def test_a_peer_that_dropped_this_worker_on_each_connection_is_reported_lost_once(cluster):
     # w1 watched w2 and closed both their connections for w2's silence (its process was
     # stopped, say), saying why on each. w2 ran its peer-lost callbacks once per
@@ -2844,11 +2856,7 @@ async def test_a_peer_that_dropped_this_worker_on_each_connection_is_reported_lo
     assert await w2.call("w1", add, (3, 4)) == 7  # (a connection each way)
     lost: list[str] = []
     w2.add_peer_lost_callback(lost.append)
-    later = time.monotonic() + rworker.HEARTBEAT_TIMEOUT + 1
-    w1.watch("w2")
-    conns = [c for c in w1._conns if c.peer_name == "w2" and not c.closed]
-    assert len(conns) == 2 and all(w1._silent_too_long(c, later) for c in conns)
-    w1.unwatch("w2")
+    _drop_for_silence(w1, "w2", 2)
     assert w1.is_lost("w2")
     # (w2 connected again: w1 heard from it)
     await until(lambda: not w1.is_lost("w2"))  # (no event for it)
@@ -2876,11 +2884,7 @@ async def test_a_frame_sent_before_a_peer_dropped_this_worker_is_no_news_that_it
         await until(lambda: end_b._inbox)  # (w1's reply, unread)
         lost: list[str] = []
         w2.add_peer_lost_callback(lost.append)
-        later = time.monotonic() + rworker.HEARTBEAT_TIMEOUT + 1
-        w1.watch("w2")
-        conns = [k for k in w1._conns if k.peer_name == "w2" and not k.closed]
-        assert len(conns) == 2 and all(w1._silent_too_long(k, later) for k in conns)
-        w1.unwatch("w2")
+        _drop_for_silence(w1, "w2", 2)
         await until(lambda: lost)  # (A's goodbye read)
         assert w2.dropped_by("w1") and not conn_b.closed
         del end_b._schedule, end_b._close_after_pump
@@ -2900,11 +2904,7 @@ async def test_a_frame_on_the_membership_after_a_drop_is_news_that_the_head_live
         head, w1 = c.driver, c.workers[0]
         assert await head.call("w1", add, (1, 2)) == 3
         assert await w1.call("driver", add, (3, 4)) == 7
-        later = time.monotonic() + rworker.HEARTBEAT_TIMEOUT + 1
-        head.watch("w1")
-        conns = head._session_conns("w1", head.members["w1"][0])
-        assert conns and all(head._silent_too_long(k, later) for k in conns)
-        head.unwatch("w1")
+        _drop_for_silence(head, "w1")
         await until(lambda: w1.dropped_by("driver"))
         assert not w1.registry_conn.closed
         w3 = Worker("w3", token=head.token)  # (news on the membership, after the drop)
