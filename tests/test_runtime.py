@@ -2641,6 +2641,9 @@ async def test_a_member_that_missed_a_membership_change_fetches_the_whole_list(k
     # on it: it fetches the list, and sees the worker of the change it missed.
     async with ag.local_cluster(2, transport=kind) as c:
         head, w1 = c.driver, c.workers[0]
+        # (w2's join reaches w1 one-way, maybe after the cluster is up: its change would
+        # be the one lost below)
+        await until(lambda: w1.members == head.members)
         real = w1._apply_member
         missed: list[tuple] = []
         came = asyncio.Event()
