@@ -2897,6 +2897,44 @@ async def test_a_frame_sent_before_a_peer_dropped_this_worker_is_no_news_that_it
         assert lost == ["w1"]
 
 
+async def test_a_frame_sent_before_a_peer_left_is_no_news_that_it_lives():
+    # w2 leaves (a graceful shutdown): a goodbye on each of its connections, then their
+    # close. The driver read the goodbye on one (A) and reported w2 lost; then a
+    # request w2 had sent before on another (B), and its leave on the membership, were
+    # taken for "alive after all", and its leaving for a second loss: the peer-lost
+    # callbacks ran twice (found by delivery-order fuzzing: ACTORGRAD_TEST_FUZZ_SEED=1,
+    # test_worker_joining_and_leaving_at_run_time).
+    async with ag.local_cluster(2) as c:
+        driver, w2 = c.driver, c.workers[1]
+        assert await driver.call("w2", add, (1, 2)) == 3  # (A: the driver's to w2)
+        assert await w2.call("driver", add, (3, 4)) == 7  # (B: w2's to the driver)
+        (conn_b,) = [
+            k
+            for k in driver._conns
+            if k.peer_name == "w2" and not k.outgoing and not driver._is_membership(k)
+        ]
+        (membership,) = [k for k in driver.registry.conns if k.peer_name == "w2"]
+        ends = [conn_b.transport, membership.transport]  # (the driver's: in order)
+        for end in ends:  # (what the driver reads of them waits here)
+            end._schedule = lambda: None
+            end._close_after_pump = lambda: None
+        reply = w2.call_nowait("driver", add, (5, 6))
+        await until(lambda: conn_b.transport._inbox)  # (the request, unread)
+        lost: list[str] = []
+        driver.add_peer_lost_callback(lost.append)
+        await w2.shutdown()
+        with pytest.raises(ag.WorkerLost):
+            await reply
+        await until(lambda: lost)  # (A's goodbye read, and its close)
+        assert "w2" in driver.members and not conn_b.closed  # (its leave unread)
+        for end in ends:  # (B: the request, the goodbye, the close; the membership too)
+            del end._schedule, end._close_after_pump
+            end._close_after_pump()
+        await until(lambda: "w2" not in driver.members)
+        await until(lambda: conn_b.closed and membership.closed)
+        assert lost == ["w2"]
+
+
 async def test_a_frame_on_the_membership_after_a_drop_is_news_that_the_head_lives():
     # The head drops w1 for its silence on each connection but the membership, which it
     # keeps (closing it is leaving the cluster). w1, the membership open, connects to

@@ -942,6 +942,9 @@ class Worker:
         # process (its cluster id).
         self._drops: dict[str, int] = {}
         self._seen_drops: dict[str, tuple[int | None, int]] = {}
+        # member -> the cluster id of its process that said goodbye (it shuts down: what
+        # it sent before, read after, is no news that it lives; see _old_news)
+        self._left: dict[str, int] = {}
         self._watched: dict[str, int] = {}  # peer -> watch count (see watch)
         # peer -> until when it is asked for pings (see expect_heartbeats)
         self._expecting: dict[str, float] = {}
@@ -1722,9 +1725,11 @@ class Worker:
         self._peer_lost(name, cause="it left the cluster")
         self._drops.pop(name, None)  # (a process joining under the name starts anew)
         self._seen_drops.pop(name, None)
+        self._left.pop(name, None)
 
     def _member_new(self, name: str, wid: int) -> None:
         self._lost.pop(name, None)  # (re)joined: a later loss is reported
+        self._left.pop(name, None)
         self._drop_replaced(name, wid)
 
     def _members_now_changed(self) -> None:
@@ -1824,6 +1829,8 @@ class Worker:
                 # dropped the live one's contexts, its lease). (Were the view behind
                 # instead, its catching up reports the old one lost.)
                 return
+            if conn.goodbye:
+                self._left[name] = self.members[name][0]  # (its id: see above)
             if self._stale_end(conn, name):
                 return
             self._peer_lost(name, conn.dropped_why or None, str(err))
@@ -1892,15 +1899,24 @@ class Worker:
                 self._seen_drops[name] = (wid, max(seen, conn.drop_number))
         return False
 
-    def _sent_before_drop(self, conn: Connection) -> bool:
-        """Whether what comes on ``conn`` was sent before the peer dropped this worker
-        (the loss reported for it: see dropped_by): the connection's session began
-        before the peer's latest goodbye for our silence, read on another connection
-        first (connections keep no order between them). No news that the peer heard
-        from us since: taken for it, a frame of it made the goodbye on ``conn`` itself,
-        read next, a second loss (the peer-lost callbacks ran twice)."""
+    def _old_news(self, conn: Connection) -> bool:
+        """Whether what comes on ``conn``, from a peer reported lost, was sent before the
+        goodbye that reported it, read on another connection first (connections keep no
+        order between them): no news that it lives. Taken for it, a frame of it made
+        the next report of that loss (the goodbye on ``conn`` itself, read next; the
+        registry's news that it left) a second one: the peer-lost callbacks ran twice.
+        Either the peer process said goodbye (it shuts down: whatever it sends comes
+        before, on any connection, the membership too), or it dropped this worker (the
+        loss reported for it: see dropped_by) and the connection's session began before
+        the peer's latest goodbye for our silence: not news that it heard from us
+        since."""
         name = conn.peer_name
-        if name is None or self._lost[name][0] is None:  # (not dropped: news it lives)
+        if name is None:
+            return False
+        left = self._left.get(name)
+        if left is not None and left == conn.peer_id:  # (that process left)
+            return True
+        if self._lost[name][0] is None:  # (not dropped: news it lives)
             return False
         if self._is_membership(conn):
             # (the drop never closes the membership, whose hello's count stays below
@@ -1946,7 +1962,7 @@ class Worker:
             if type(kind) is not int:  # (0.0 and False compare equal to 0: not kinds)
                 raise ProtocolError(f"unknown message kind {kind!r:.80}")
             if self._lost and conn.peer_name in self._lost and kind != K_BYE:
-                if conn.peer_name in self.members and not self._sent_before_drop(conn):
+                if conn.peer_name in self.members and not self._old_news(conn):
                     # Alive after all: one of its connections had closed (a malformed
                     # frame, a network fault, our heartbeat while its loop was blocked)
                     # but it goes on over this one. A later loss must be reported again,
@@ -2086,7 +2102,8 @@ class Worker:
                 conn.peer_drops = drops
                 if member is not None and wid == member[0]:
                     self._new_session(name, wid, drops)
-                self._lost.pop(name, None)  # (alive after all, as above)
+                if self._left.get(name) != wid:  # (not a process that left: see _old_news)
+                    self._lost.pop(name, None)  # (alive after all, as above)
                 conn.peer_address = address  # type: ignore[attr-defined]
                 h = getattr(conn, "hello", None)
                 if h is not None and not h.done():
