@@ -295,10 +295,11 @@ async def _status(timeout: float = 5.0) -> dict[Any, Any]:  # noqa: ASYNC109 (ti
                 return _not_counting_this_call(w.status())
             return await w.call(name, _worker_status, timeout=timeout)
         except (ActorgradError, OSError, ValueError) as exc:
-            if reg.members.get(name, (None,))[0] != wid:
+            if reg.members.get(name, (None,))[0] != wid or w.said_goodbye(name, wid):
                 # It left the cluster while asked (a driver that ended, as drivers come
                 # and go): no row. It was listed as unreachable, and `actorgrad status`
-                # exited 1 as for a hung worker.
+                # exited 1 as for a hung worker. (Or it is leaving: its goodbye on the
+                # call's connection came first, its leave comes on the membership.)
                 return None
             return {"name": name, "id": wid, "address": address, "error": str(exc)}
 

@@ -3247,6 +3247,12 @@ class Worker:
         entry = self._lost.get(peer)
         return entry[0] if entry is not None else None
 
+    def said_goodbye(self, peer: str, wid: int) -> bool:
+        """Whether process ``wid`` (a cluster id) of member ``peer`` said goodbye here: it
+        shuts down, and leaves the cluster once the head reads its leave, which comes on
+        another connection (maybe after a call to it failed on the goodbye)."""
+        return self._left.get(peer) == wid
+
     def lost_cause(self, peer: str) -> str:
         """How ``peer``'s loss showed here ("worker 'w1' sent nothing for 3 s ...",
         "connection to worker 'w1' lost: ...", "it left the cluster"), while it is
