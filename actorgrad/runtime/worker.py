@@ -1913,9 +1913,8 @@ class Worker:
         name = conn.peer_name
         if name is None:
             return False
-        left = self._left.get(name)
-        if left is not None and left == conn.peer_id:  # (that process left)
-            return True
+        if conn.peer_id is not None and self.said_goodbye(name, conn.peer_id):
+            return True  # (that process left)
         if self._lost[name][0] is None:  # (not dropped: news it lives)
             return False
         if self._is_membership(conn):
@@ -2102,7 +2101,7 @@ class Worker:
                 conn.peer_drops = drops
                 if member is not None and wid == member[0]:
                     self._new_session(name, wid, drops)
-                if self._left.get(name) != wid:  # (not a process that left: see _old_news)
+                if not self.said_goodbye(name, wid):  # (not a process that left: _old_news)
                     self._lost.pop(name, None)  # (alive after all, as above)
                 conn.peer_address = address  # type: ignore[attr-defined]
                 h = getattr(conn, "hello", None)
