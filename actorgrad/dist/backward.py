@@ -1134,10 +1134,18 @@ def _abort_cast(worker: Any, ctx_id: int, pass_id: int) -> None:
     _check_ids(ctx_id, pass_id)
     st = state_of(worker)
     ctx = st.contexts.get(ctx_id)
-    if ctx is None or ctx.is_aborted(pass_id):
-        return
-    _abort_here(st.worker, ctx, pass_id)
-    _flood_abort(st.worker, ctx, pass_id)
+    if ctx is not None:
+        _abort_and_flood(st.worker, ctx, pass_id)
+
+
+def _abort_and_flood(worker: Any, ctx: DistContext, pass_id: int) -> bool:
+    """Drop pass ``pass_id`` here and send its abort on to the peers (see _abort_here,
+    _flood_abort), unless it was aborted here already; whether it was news here."""
+    if ctx.is_aborted(pass_id):
+        return False
+    _abort_here(worker, ctx, pass_id)
+    _flood_abort(worker, ctx, pass_id)
+    return True
 
 
 def abort_known(worker: Any, ctx: DistContext, pass_id: int) -> None:
@@ -1150,14 +1158,9 @@ def abort_known(worker: Any, ctx: DistContext, pass_id: int) -> None:
     key = pass_id >> PASS_ID_BITS
     ps = ctx.active_pass
     if ps is not None and ps.pass_id >> PASS_ID_BITS == key and ps.pass_id < pass_id:
-        if not ctx.is_aborted(ps.pass_id):
-            _abort_here(worker, ctx, ps.pass_id)
-            _flood_abort(worker, ctx, ps.pass_id)
-    if ctx.is_aborted(pass_id):
+        _abort_and_flood(worker, ctx, ps.pass_id)
+    if not _abort_and_flood(worker, ctx, pass_id):
         ctx.note_aborted(pass_id, here=False)  # (the calls carrying it: found at once)
-    else:
-        _abort_here(worker, ctx, pass_id)
-        _flood_abort(worker, ctx, pass_id)
 
 
 def _abort_here(worker: Any, ctx: DistContext, pass_id: int) -> None:
