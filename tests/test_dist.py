@@ -691,6 +691,25 @@ async def test_a_gradient_message_of_malformed_items_fails_the_pass_naming_them(
         await assert_one_hop_exact(arr(3), wv)
 
 
+@contextlib.asynccontextmanager
+async def _part_held_on_w1(c: Any, ctx: int, x: Any, gate: str, **kwargs: Any):
+    """A backward pass in ``ctx`` over ``y = w * x`` computed on w1, whose part there
+    runs in w1's pool and is held at ``w``'s gated hook (``gate``, see
+    dist_fns.add_gated_hook) until the block ends; then that part's end is waited for
+    (a thread's end: no event). Yields (y, the pass's task, w1's state of ``ctx``)."""
+    from actorgrad.dist.context import state_of
+
+    y = await ag.rpc("w1", F.mul, ("w", x))
+    here = state_of(c.workers[0]).contexts[ctx]
+    run = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()], **kwargs))
+    try:
+        assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+        yield y, run, here
+    finally:
+        F.thread_gate(gate + " out").set()
+    await until(lambda: not here.offloaded)
+
+
 @pytest.mark.parametrize("own_part", ["running", "done"])
 async def test_credit_that_comes_twice_fails_the_pass_and_nothing_of_it_stays(
     monkeypatch, own_part
@@ -710,21 +729,14 @@ async def test_credit_that_comes_twice_fails_the_pass_and_nothing_of_it_stays(
         x = ag.tensor(xv, requires_grad=own_part == "running")
         driver, w2 = c.driver, c.workers[1]
         async with ag.dist.context() as ctx:
-            y = await ag.rpc("w1", F.mul, ("w", x))
-            run = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
-            try:
-                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+            async with _part_held_on_w1(c, ctx, x, gate) as (_, run, _):
                 (pass_id,) = state_of(driver).runs
                 # (all of it; with the driver's part done, a half first: 3/2 in all)
                 for credit in [(1, 1), (1, 0)] if own_part == "done" else [(1, 0)]:
                     w2.cast("driver", "dist.credit", (ctx, pass_id, *credit))
                 with pytest.raises(ag.ProtocolError) as err:
                     await asyncio.wait_for(run, 10)
-            finally:
-                F.thread_gate(gate + " out").set()
-            # w1's part, in its pool, ends after the abort: what it made commits nowhere
-            here = state_of(c.workers[0]).contexts[ctx]
-            await until(lambda: not here.offloaded)  # (a thread's end: no event)
+            # w1's part, in its pool, ended after the abort: what it made commits nowhere
             assert await ag.rpc("w1", F.grad_of, (ctx, "w")) is None
             if own_part == "running":
                 assert "before the part of worker 'driver', which started it, finished" in str(
@@ -1556,8 +1568,6 @@ async def test_a_context_with_many_failed_passes_keeps_no_record_of_each(mode):
 async def test_a_pass_reaching_a_worker_where_an_aborted_part_still_runs_is_refused(monkeypatch):
     # (w1's part of a cancelled pass goes on in its pool, running nodes of the graph: a
     # new pass reaching w1 meanwhile would run them at the same time)
-    from actorgrad.dist.context import state_of
-
     monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
     xv, wv = arr(3), arr(3)
     gate = f"offloaded-{next(_gates)}"
@@ -1566,11 +1576,8 @@ async def test_a_pass_reaching_a_worker_where_an_aborted_part_still_runs_is_refu
         await ag.rpc("w1", F.add_gated_hook, ("w", gate))
         x = ag.tensor(xv, requires_grad=True)
         async with ag.dist.context() as ctx:
-            y = await ag.rpc("w1", F.mul, ("w", x))
-            here = state_of(c.workers[0]).contexts[ctx]
-            run = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()], retain_graph=True))
-            try:
-                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+            held = _part_held_on_w1(c, ctx, x, gate, retain_graph=True)
+            async with held as (y, run, here):
                 run.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await run
@@ -1583,9 +1590,6 @@ async def test_a_pass_reaching_a_worker_where_an_aborted_part_still_runs_is_refu
                     "worker 'w1' (it went on in a thread); retry once it ended (refused by "
                     "worker 'w1')"
                 )
-            finally:
-                F.thread_gate(gate + " out").set()
-            await until(lambda: not here.offloaded)  # (a thread's end: no event)
             assert await ag.rpc("w1", F.grad_of, (ctx, "w")) is None
             await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
@@ -1610,11 +1614,7 @@ async def test_a_failed_backward_returns_once_its_peers_dropped_the_pass(monkeyp
         x = ag.tensor(xv, requires_grad=True)
         driver, w2 = c.driver, c.workers[1]
         async with ag.dist.context() as ctx:
-            y = await ag.rpc("w1", F.mul, ("w", x))
-            here = state_of(c.workers[0]).contexts[ctx]
-            run = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
-            try:
-                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+            async with _part_held_on_w1(c, ctx, x, gate) as (_, run, here):
                 (pass_id,) = state_of(driver).runs
                 assert here.active_pass is not None
                 w2.cast("driver", "dist.credit", (ctx, pass_id, 1, 0))  # (all of it: bogus)
@@ -1622,9 +1622,6 @@ async def test_a_failed_backward_returns_once_its_peers_dropped_the_pass(monkeyp
                     async with asyncio.timeout(10):  # (not wait_for: no loop turn after it)
                         await run
                 assert here.active_pass is None and here.is_aborted(pass_id)
-            finally:
-                F.thread_gate(gate + " out").set()
-            await until(lambda: not here.offloaded)  # (a thread's end: no event)
             assert await ag.rpc("w1", F.grad_of, (ctx, "w")) is None
         await assert_clean(c.names)
 
