@@ -6018,6 +6018,41 @@ async def test_a_backward_started_on_a_worker_shut_down_is_refused_with_worker_l
             assert await F.outcome(gate, 10) == "WorkerLost: worker 'w1' has left the cluster"
 
 
+async def test_a_backward_sent_to_a_worker_that_left_over_its_connection_not_read_yet_fails():
+    # w2 left; the driver read its leave (the head's news) before the goodbye on the
+    # connection w2 had opened to it (B), then started a pass through w2: its gradient
+    # went on B (w2's address refused it), lost unsaid, and nothing reported w2 lost
+    # again: the pass waited for good (delivery-order fuzzing, seed 4 of the test
+    # above). Now B's close reports w2 lost again: the pass fails with WorkerLost.
+    async with cluster("inproc", 2) as c:
+        driver, w2 = c.driver, c.workers[1]
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w2", F.identity, (x * 2.0,))
+            assert await w2.call("driver", F.identity, (1,)) == 1  # (B: w2's to us)
+            (conn_b,) = [
+                k
+                for k in driver._conns
+                if k.peer_name == "w2" and not k.outgoing and not driver._is_membership(k)
+            ]
+            end = conn_b.transport  # (what the driver reads of B waits here)
+            end._schedule = lambda: None
+            end._close_after_pump = lambda: None
+            lost: list[str] = []
+            driver.add_peer_lost_callback(lost.append)
+            await w2.shutdown()
+            await until(lambda: lost and "w2" not in driver.members)
+            sent = conn_b.last_sent
+            run = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+            await until(lambda: conn_b.last_sent > sent)  # (the gradient went on B)
+            assert not run.done()
+            del end._schedule, end._close_after_pump
+            end._close_after_pump()
+            with pytest.raises(ag.WorkerLost, match="'w2'"):
+                await asyncio.wait_for(run, 10)
+        assert lost == ["w2", "w2"]
+
+
 @pytest.mark.parametrize("where", ["w1", "w2"])
 async def test_a_backward_started_elsewhere_while_a_pass_runs_is_refused_and_the_pass_completes(
     monkeypatch, where

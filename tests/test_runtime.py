@@ -2960,6 +2960,61 @@ async def test_a_frame_sent_before_a_peer_left_is_no_news_that_it_lives():
         assert lost == ["w2"]
 
 
+@pytest.mark.parametrize("leave_read", [False, True])
+async def test_no_message_goes_to_a_worker_that_left_over_its_connection_not_read_yet(
+    leave_read,
+):
+    # w2 leaves: a goodbye on each of its connections, then their close. The driver
+    # read the goodbye and close of its own connection to w2 (A), reported w2 lost, and
+    # then sent a one-way message: w2's address refused it (its listener closed), so it
+    # went on the connection w2 had opened to the driver (B), whose goodbye was not
+    # read yet: lost unsaid, its loss reported already, and a backward pass waiting
+    # for it waited for good (delivery-order fuzzing, ACTORGRAD_TEST_FUZZ_SEED=4,
+    # test_a_backward_started_on_a_worker_shut_down_is_refused_with_worker_lost).
+    # Now, with the goodbye read before the membership said that w2 left, w2 is known
+    # to shut down: the message fails at once. With the leave read first, nothing says
+    # yet that w2 does not live on (the head drops a silent worker alike): the message
+    # goes on B, whose close reports w2 lost again.
+    async with ag.local_cluster(2) as c:
+        driver, w2 = c.driver, c.workers[1]
+        assert await driver.call("w2", add, (1, 2)) == 3  # (A: the driver's to w2)
+        assert await w2.call("driver", add, (3, 4)) == 7  # (B: w2's to the driver)
+        (conn_b,) = [
+            k
+            for k in driver._conns
+            if k.peer_name == "w2" and not k.outgoing and not driver._is_membership(k)
+        ]
+        (membership,) = [k for k in driver.registry.conns if k.peer_name == "w2"]
+        ends = [conn_b.transport] + ([] if leave_read else [membership.transport])
+        for end in ends:  # (what the driver reads of them waits here)
+            end._schedule = lambda: None
+            end._close_after_pump = lambda: None
+        lost: list[str] = []
+        driver.add_peer_lost_callback(lost.append)
+        await w2.shutdown()
+        await until(lambda: lost)  # (A's goodbye read, and its close)
+        if leave_read:
+            await until(lambda: "w2" not in driver.members)
+        else:
+            assert "w2" in driver.members
+        assert not conn_b.closed and not conn_b.bye_read
+        errors: list[BaseException] = []
+        driver.cast("w2", "test.nobody", (), on_error=errors.append)
+        if leave_read:
+            await until(lambda: "w2" not in driver._notify_queues)  # (went out on B)
+            assert not errors
+        else:
+            await until(lambda: errors, deadline=5)
+            assert type(errors[0]) is ag.WorkerLost
+            assert str(errors[0]) == "worker 'w2' has left the cluster"
+        for end in ends:  # (B's goodbye and close, the leave)
+            del end._schedule, end._close_after_pump
+            end._close_after_pump()
+        await until(lambda: conn_b.closed and "w2" not in driver.members)
+        assert lost == (["w2", "w2"] if leave_read else ["w2"])
+        assert len(errors) == (0 if leave_read else 1)
+
+
 async def test_a_frame_on_the_membership_after_a_drop_is_news_that_the_head_lives():
     # The head drops w1 for its silence on each connection but the membership, which it
     # keeps (closing it is leaving the cluster). w1, the membership open, connects to

@@ -943,7 +943,8 @@ class Worker:
         self._drops: dict[str, int] = {}
         self._seen_drops: dict[str, tuple[int | None, int]] = {}
         # member -> the cluster id of its process that said goodbye (it shuts down: what
-        # it sent before, read after, is no news that it lives; see _old_news)
+        # it sent before, read after, is no news that it lives; see _old_news). Kept
+        # after it left, while _lost keeps the name (bounded as _lost is)
         self._left: dict[str, int] = {}
         self._watched: dict[str, int] = {}  # peer -> watch count (see watch)
         # peer -> until when it is asked for pings (see expect_heartbeats)
@@ -1503,7 +1504,7 @@ class Worker:
                 # no member, yet alive, and it reached us. It goes on calling, and a
                 # backward pass it starts waits for this worker's reports: dropped, they
                 # left its backward waiting for good)
-                return back
+                return self._reach_lost(dest, back)
             if dest in self._lost:
                 raise WorkerLost(f"worker {dest!r} has left the cluster")
             known = self.worker_names()
@@ -1511,6 +1512,10 @@ class Worker:
             if len(known) > 20:  # (names are short, their number is not)
                 shown = f"{repr(known[:20])[:-1]}, ...] ({len(known)} in all)"
             raise ValueError(f"unknown worker {short_repr(dest, 80)}; known workers: {shown}")
+        if self.said_goodbye(dest, entry[0]):
+            # (that process shuts down: its listener is closed, and a connection it
+            # opened to us, its goodbye unread yet, is read no more: see _opened_by)
+            raise WorkerLost(f"worker {dest!r} has left the cluster")
         tried = time.monotonic()
         # (a connection it opened to us, if any, tells below whether it lives: it pings
         # that one seldom while nobody waits on it)
@@ -1565,6 +1570,17 @@ class Worker:
                 exc,
             )
         self._out[dest] = back
+        return self._reach_lost(dest, back)
+
+    def _reach_lost(self, dest: str, back: Connection) -> Connection:
+        """``back``, a connection ``dest`` opened to us, taken to reach it: marked if
+        ``dest`` was reported lost (the head said it left, another connection of its
+        closed). Its close then reports it lost again (see _on_lost): a message sent
+        there may be lost unsaid (a worker that left, its goodbye there unread yet, or
+        one that died), and whatever waits for its answer (a backward pass started
+        after the loss) heard of no loss."""
+        if self.is_lost(dest):
+            back.reached_lost = True
         return back
 
     def connected_to(self, peer: str) -> bool:
@@ -1588,8 +1604,11 @@ class Worker:
                 # (nor one it said goodbye on: it reads nothing more there, and its
                 # close, a read later, reports no loss of a worker that left the
                 # cluster meanwhile: a one-way message sent on it was lost unsaid, and
-                # a backward pass waiting for it waited for good)
+                # a backward pass waiting for it waited for good. Nor one of a process
+                # that said goodbye on another: its own goodbye may be unread yet,
+                # and the loss was reported at the other's close)
                 and not c.bye_read
+                and self._left.get(dest) != c.peer_id
                 and c.peer_id is not None
                 and (dest_id is None or c.peer_id == dest_id)
             ):
@@ -1725,7 +1744,8 @@ class Worker:
         self._peer_lost(name, cause="it left the cluster")
         self._drops.pop(name, None)  # (a process joining under the name starts anew)
         self._seen_drops.pop(name, None)
-        self._left.pop(name, None)
+        # (_left stays, with the name in _lost: a connection that process opened to us,
+        # its goodbye unread yet, is no way to reach it; see _opened_by)
 
     def _member_new(self, name: str, wid: int) -> None:
         self._lost.pop(name, None)  # (re)joined: a later loss is reported
@@ -1820,6 +1840,18 @@ class Worker:
             self.registry_lost.set()
         if self.registry is not None:
             self.registry.conn_lost(conn)
+        if (
+            conn.reached_lost
+            and name in self._lost
+            and not self._closing
+            and self.members.get(name, (conn.peer_id,))[0] == conn.peer_id
+        ):
+            # (taken to reach it once it was reported lost: see _reach_lost. Not if
+            # heard from since, nor once another process joined under its name)
+            if conn.goodbye and conn.peer_id is not None:
+                self._left[name] = conn.peer_id
+            self._peer_lost(name, conn.dropped_why or None, str(err), again=True)
+            return
         if name is not None and name in self.members and not self._closing:
             if conn.peer_id != self.members[name][0]:
                 # a connection of a process another one replaced under its name (our
@@ -1925,14 +1957,19 @@ class Worker:
         seen = self._seen_drops.get(name)
         return seen is not None and seen[0] == conn.peer_id and conn.peer_drops < seen[1]
 
-    def _peer_lost(self, name: str, dropped_why: str | None = None, cause: str = "") -> None:
+    def _peer_lost(
+        self, name: str, dropped_why: str | None = None, cause: str = "", again: bool = False
+    ) -> None:
         """Report ``name`` lost to the callbacks, once per loss; ``dropped_why``: it
         closed its connection with this worker saying why (it heard nothing from us: it
         lives on, and took this worker for lost; see dropped_by); ``cause``: how the
-        loss showed here, in words (see lost_cause)."""
+        loss showed here, in words (see lost_cause); ``again``: reported even if it was
+        already (a connection that reached it after its loss closed: see _reach_lost)."""
         if name == self.name or self.closed:
             return
-        if name in self._lost:
+        if again:
+            self._lost.pop(name, None)
+        elif name in self._lost:
             # Reported already, until it is heard from again. Only a real loss after it
             # dropped us is news (it died since, or left): the callbacks run again
             # for what they kept because it lived on (its contexts here).
@@ -1946,6 +1983,7 @@ class Worker:
             gone = [n for n in self._lost if n not in self.members]
             for n in gone[: len(self._lost) - LOST_MEMORY]:
                 del self._lost[n]
+                self._left.pop(n, None)
         for cb in list(self._peer_lost_cbs):
             try:
                 cb(name)
