@@ -1789,7 +1789,7 @@ class Worker:
         if isinstance(exc, WorkerLost):
             err = exc
         elif conn.goodbye:
-            err = WorkerLost(f"worker {name!r} left the cluster")
+            err = WorkerLost(f"worker {name!r} has left the cluster")
         elif conn.refused_why:
             err = WorkerLost(
                 f"worker {name!r} closed the connection on a message from this worker: "
