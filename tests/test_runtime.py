@@ -338,6 +338,12 @@ async def test_call_arguments_are_checked_at_the_caller(cluster, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "original", _replacement)
     with pytest.raises(TypeError, match=r"it is not the object named .*:original \(that name"):
         await ag.rpc("w1", f)
+    # A class too (a mock patched in for it): the worker would construct the mock.
+    cls = Counter
+    assert await (await ag.remote("w1", cls, (1,))).rpc().incr() == 2
+    monkeypatch.setattr(sys.modules[__name__], "Counter", Modes)
+    with pytest.raises(TypeError, match=r"it is not the object named .*:Counter \(that name"):
+        await ag.remote("w1", cls, (1,))
     assert await ag.rpc("w1", list[int], ((1, 2),)) == [1, 2]  # (names what runs there)
 
 
