@@ -1541,6 +1541,26 @@ async def test_a_folders_scripts_are_each_checked_and_a_module_added_beside_them
         assert await ag.rpc("w1", ["__main__:f", opt, "s5"]) == "fast"
 
 
+async def test_a_module_added_while_a_run_is_under_way_is_seen_by_the_next_run(tmp_path):
+    # fast.py appears while s1 runs (its `import fast` had failed): s1's next call
+    # resolved anew notes the folder's imports again, but must not take its listing
+    # again, or s2 would find the folder as listed and keep the script without fast.
+    _write(
+        tmp_path / "opt.py",
+        "try:\n    import fast\nexcept ImportError:\n    fast = None\n\n"
+        "def f():\n    return 'slow' if fast is None else fast.NAME\n\n"
+        "def g():\n    return 'g'\n",
+        1,
+    )
+    script = str(tmp_path / "opt.py")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:f", script, "s1"]) == "slow"
+        _write(tmp_path / "fast.py", "NAME = 'fast'\n", 1)
+        assert await ag.rpc("w1", ["__main__:g", script, "s1"]) == "g"
+        assert await ag.rpc("w1", ["__main__:f", script, "s2"]) == "fast"
+        assert await ag.rpc("w1", ["__main__:f", script, "s1"]) == "slow"  # (s1 keeps its code)
+
+
 async def test_namespace_packages_and_modules_of_the_workers_own_path_count_as_modules(
     tmp_path, monkeypatch
 ):
