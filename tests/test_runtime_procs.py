@@ -1561,6 +1561,30 @@ async def test_a_module_added_while_a_run_is_under_way_is_seen_by_the_next_run(t
         assert await ag.rpc("w1", ["__main__:f", script, "s1"]) == "slow"  # (s1 keeps its code)
 
 
+async def test_a_script_imported_anew_for_a_module_added_beside_it_is_kept_by_later_runs(
+    tmp_path,
+):
+    # Forgetting a folder drops its listing, which the next import takes anew: kept,
+    # the listing from before fast.py came made every later run find the folder
+    # changed and import the script (its data set loaded at its top level) again.
+    _write(
+        tmp_path / "opt.py",
+        "import sys\nsys.__dict__.setdefault('ag_test_imports', []).append(1)\n"
+        "try:\n    import fast\nexcept ImportError:\n    fast = None\n\n"
+        "def f():\n    return 'slow' if fast is None else fast.NAME\n\n"
+        "def imports():\n    return len(sys.ag_test_imports)\n",
+        1,
+    )
+    script = str(tmp_path / "opt.py")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:f", script, "s1"]) == "slow"
+        _write(tmp_path / "fast.py", "NAME = 'fast'\n", 1)
+        assert await ag.rpc("w1", ["__main__:f", script, "s2"]) == "fast"
+        for session in ("s3", "s4"):
+            assert await ag.rpc("w1", ["__main__:f", script, session]) == "fast"
+        assert await ag.rpc("w1", ["__main__:imports", script, "s4"]) == 2
+
+
 async def test_namespace_packages_and_modules_of_the_workers_own_path_count_as_modules(
     tmp_path, monkeypatch
 ):
