@@ -1585,6 +1585,23 @@ async def test_a_script_imported_anew_for_a_module_added_beside_it_is_kept_by_la
         assert await ag.rpc("w1", ["__main__:imports", script, "s4"]) == 2
 
 
+async def test_a_package_added_beside_a_script_is_seen_by_the_next_run(tmp_path):
+    # As a module file added (above): a folder with __init__.py is a module of the
+    # folder's listing too, and one that appears makes the next run import anew.
+    _write(
+        tmp_path / "opt.py",
+        "try:\n    import fastpkg\nexcept ImportError:\n    fastpkg = None\n\n"
+        "def f():\n    return 'slow' if fastpkg is None else fastpkg.NAME\n",
+        1,
+    )
+    script = str(tmp_path / "opt.py")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:f", script, "s1"]) == "slow"
+        (tmp_path / "fastpkg").mkdir()
+        _write(tmp_path / "fastpkg" / "__init__.py", "NAME = 'fastpkg'\n", 1)
+        assert await ag.rpc("w1", ["__main__:f", script, "s2"]) == "fastpkg"
+
+
 async def test_namespace_packages_and_modules_of_the_workers_own_path_count_as_modules(
     tmp_path, monkeypatch
 ):
