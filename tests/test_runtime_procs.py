@@ -1723,6 +1723,34 @@ async def test_a_script_of_a_subfolder_holding_functions_of_the_roots_modules_ge
         assert await ag.rpc("w1", ["__main__:f", ev, "s6"]) == (2, 2)  # (kept again)
 
 
+async def test_a_module_added_to_the_project_root_after_a_subfolders_run_reimported_it_is_seen(
+    tmp_path, monkeypatch
+):
+    # eval's run s3 forgot the root's edited model.py and imported it anew: the root's
+    # listing, dropped with it, must be taken again right after (train's next run
+    # would, but it may never come). Not taken, fast.py added to the root went unseen
+    # by eval's next run, which kept the model.py whose `import fast` had failed.
+    (tmp_path / "scripts").mkdir()
+    _write(
+        tmp_path / "model.py",
+        "try:\n    import fast\nexcept ImportError:\n    fast = None\n\nV = 1\n\n"
+        "def name():\n    return 'slow' if fast is None else fast.NAME\n",
+        1,
+    )
+    for script in ("train.py", "scripts/eval.py"):
+        _write(tmp_path / script, "import model\n\ndef f():\n    return model.V, model.name()\n", 1)
+    train, ev = str(tmp_path / "train.py"), str(tmp_path / "scripts" / "eval.py")
+    monkeypatch.chdir(tmp_path)
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", ["__main__:f", train, "s1"]) == (1, "slow")
+        assert await ag.rpc("w1", ["__main__:f", ev, "s2"]) == (1, "slow")
+        text = (tmp_path / "model.py").read_text()
+        _write(tmp_path / "model.py", text.replace("V = 1", "V = 2"), 2)
+        assert await ag.rpc("w1", ["__main__:f", ev, "s3"]) == (2, "slow")
+        _write(tmp_path / "fast.py", "NAME = 'fast'\n", 1)
+        assert await ag.rpc("w1", ["__main__:f", ev, "s4"]) == (2, "fast")
+
+
 async def test_a_module_a_function_imported_as_it_ran_is_imported_anew_once_edited(tmp_path):
     # lazy.py, imported by a function of the script as it ran (after the worker noted
     # the script's imports): an edit before the next run's first look counts by its
