@@ -1320,6 +1320,58 @@ async def test_a_new_run_does_not_forget_a_package_while_a_call_imports_its_modu
         assert await importing == 7
 
 
+@pytest.mark.parametrize("what", ["script", "module beside it"])
+async def test_a_worker_importing_a_drivers_code_tells_its_peers_it_may_go_quiet(tmp_path, what):
+    # The top level of the driver's script, or of a module beside it, imported for a
+    # call, runs on the worker's loop (a data set loaded: maybe longer than the
+    # heartbeat timeout): its peers are told first not to take the silence for a hang,
+    # and told after that it is over. Held between the two by a FIFO.
+    said, gate = tmp_path / "said", tmp_path / "gate"
+    os.mkfifo(said)
+    os.mkfifo(gate)
+    _write(
+        tmp_path / "slowmod.py",
+        f"""
+        with open({str(said)!r}, "w") as f:
+            f.write("importing")
+        with open({str(gate)!r}) as f:
+            f.read(2)
+
+        def f():
+            return 7
+        """,
+        1,
+    )
+    (tmp_path / "main.py").write_text("import slowmod\n")
+    script = str(tmp_path / "main.py")
+    fd = os.open(said, os.O_RDONLY | os.O_NONBLOCK)  # (open: the writer does not wait)
+    opener = os.open(gate, os.O_RDWR | os.O_NONBLOCK)  # (nor the reader)
+    loop = asyncio.get_running_loop()
+    importing = loop.create_future()
+    loop.add_reader(fd, lambda: importing.done() or importing.set_result(os.read(fd, 64)))
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+        conns = [c for c in rworker.current_worker()._conns if c.peer_name == "w1"]
+        spec = (
+            ["__main__:f", str(tmp_path / "slowmod.py"), "s1"]
+            if what == "script"
+            else ["slowmod:f", script, "s1"]
+        )
+        call = asyncio.ensure_future(ag.rpc("w1", spec))
+        try:
+            async with asyncio.timeout(10):
+                assert await importing == b"importing"
+            quiet = rworker.SCRIPT_IMPORT_GRACE - 10
+            await until(lambda: any(c.quiet_until > time.monotonic() + quiet for c in conns), 5)
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+            os.write(opener, b"go")
+        assert await call == 7
+        os.close(opener)
+        await until(lambda: all(c.quiet_until == 0 for c in conns), 5)
+
+
 async def test_a_dozen_runs_of_a_script_at_once_each_keep_their_code(tmp_path):
     # What sessions resolved was kept for the last 8 only: the oldest of a dozen runs
     # at once got the edited code midway, and every call of a run past the eighth
