@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
+import types
 
 import dist_fns as F
 import numpy as np
@@ -567,6 +569,32 @@ async def test_an_optimizer_released_with_a_load_staged_for_it_goes_with_it(monk
         assert await asyncio.wait_for(released, 10) == ("w1", 7, True)
         info = await ag.rpc("w1", F.debug_info)
         assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
+
+
+def test_an_optimizer_released_as_its_workers_loop_closes_goes_quietly(monkeypatch):
+    # The optimizer of a staged load may go (its RRef released, in any thread) as its
+    # worker's loop closes: closed between the check of is_closed() and the call of
+    # call_soon_threadsafe, the loop raised RuntimeError in the weakref's callback,
+    # printed as "Exception ignored in: <function ... released>". (is_closed says open:
+    # the loop closed right after it was asked.)
+    from actorgrad.dist import optimizer as dopt
+
+    class Optimizer:  # (what the stages hold of one: weakly, and its stage_token)
+        stage_token = None
+
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    loop = asyncio.SelectorEventLoop()
+    stages = dopt._Stages(types.SimpleNamespace(loop=loop))
+    optimizer = Optimizer()
+    stages.put(7, optimizer, "driver", {}, {})
+    loop.close()
+    loop.is_closed = lambda: False  # type: ignore[method-assign]
+    try:
+        del optimizer  # (its weakref's callback runs here)
+    finally:
+        del loop.is_closed  # (closed, as the loop's collection asks)
+    assert unraisable == []
 
 
 async def test_a_first_round_slower_than_the_owners_keep_their_part_loads_nowhere(monkeypatch):

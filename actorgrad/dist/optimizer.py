@@ -278,8 +278,13 @@ class _Stages:
         def released(_: Any) -> None:
             # (no commit can come once its RRef is released. Called where the optimizer
             # goes, by the collector maybe, in any thread: the stages change on the loop)
-            if not loop.is_closed():
+            try:
                 loop.call_soon_threadsafe(self.drop, token, "its optimizer was released")
+            except RuntimeError:
+                # (the loop closed, the stages with it: nothing to drop. Caught, as
+                # rref._release does, not checked before: it may close between the two,
+                # and the error was printed as "Exception ignored in ... released")
+                pass
 
         staged = _Staged(weakref.ref(optimizer, released), driver, hyper, loaded)
         self.staged[token] = staged
