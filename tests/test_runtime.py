@@ -2879,6 +2879,34 @@ def _drop_for_silence(w: Worker, peer: str, n_conns: int | None = None) -> None:
     w.unwatch(peer)
 
 
+@pytest.mark.parametrize("how", ["call", "call_nowait"])
+async def test_a_call_made_as_a_peers_drop_is_read_goes_on_a_new_connection(how):
+    # w1 dropped the driver for its silence: a goodbye saying why, then the close. A
+    # call the driver made once it had read the goodbye, its close unread yet, went on
+    # that connection (a one-way message connected again): it failed with WorkerLost
+    # when the connection closed. Now it connects again
+    # (its hello tells w1 that the driver lives) and is answered.
+    async with ag.local_cluster(1) as c:
+        driver = c.driver
+        assert await driver.call("w1", add, (1, 2)) == 3
+        conn = driver._out["w1"]
+        end = conn.transport  # (the driver's: its close waits here)
+        end._close_after_pump = lambda: None
+        try:
+            _drop_for_silence(c.workers[0], "driver", 1)
+            await until(lambda: conn.bye_read)
+            if how == "call":
+                call = driver.call("w1", add, (3, 4))
+            else:
+                call = driver.call_nowait("w1", add, (3, 4))
+            assert await asyncio.wait_for(call, 5) == 7
+            assert driver._out["w1"] is not conn
+        finally:
+            del end._close_after_pump
+            end._close_after_pump()
+        await until(lambda: conn.closed)
+
+
 async def test_a_peer_that_dropped_this_worker_on_each_connection_is_reported_lost_once(cluster):
     # w1 watched w2 and closed both their connections for w2's silence (its process was
     # stopped, say), saying why on each. w2 ran its peer-lost callbacks once per

@@ -2933,7 +2933,7 @@ class Worker:
         conn = _conn
         if conn is None:  # (dest is a plain str: checked above)
             conn = self._out.get(dest)
-            if conn is None or conn.closed:
+            if conn is None or conn.closed or conn.bye_read:  # (see _opened_by)
                 conn = await _by_deadline(
                     self._conn_to(dest),
                     deadline,
@@ -3055,7 +3055,7 @@ class Worker:
         _check_call_args(args, kwargs)
         fut: asyncio.Future[Any] = self.loop.create_future()
         conn = self._out.get(dest) if type(dest) is str else None
-        if conn is not None and not conn.closed:
+        if conn is not None and not conn.closed and not conn.bye_read:  # (see _opened_by)
             self._request_nowait(conn, dest, target, args, kwargs, fut)
         elif self._closing:
             fut.set_exception(WorkerLost(f"worker {self.name!r} is shutting down"))
