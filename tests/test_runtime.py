@@ -3746,6 +3746,49 @@ async def test_connecting_to_a_worker_shutting_down_fails_at_once():
         await stopping
 
 
+@pytest.mark.parametrize("then", ["connected", "forced"])
+async def test_a_one_way_message_of_a_call_a_graceful_shutdown_let_finish_goes_out(then):
+    # The call a graceful shutdown let finish sent a one-way message to a peer it had no
+    # connection with yet (its caller: the call came on the caller's connection), then
+    # returned: the worker closed, its connecting cancelled, and the message was lost
+    # (a backward part's report, the pass then waiting for the heartbeat) while the
+    # connection was still being made (delivery-order fuzzing, seed 18 of
+    # test_a_call_running_through_a_graceful_shutdown_can_call_any_peer). Now the
+    # shutdown waits for such messages (within its grace), then says goodbye; a forced
+    # shutdown meanwhile ends the wait at once (the message is lost then).
+    async with ag.local_cluster(3) as c:
+        w1 = c.workers[0]
+        allow = asyncio.Event()
+        opened = w1.open_connection
+
+        async def held(address: str, *rest: Any) -> Any:
+            if rest[-1] == "driver":  # (w1 connecting to the driver waits here)
+                await allow.wait()
+            return await opened(address, *rest)
+
+        w1.open_connection = held  # type: ignore[method-assign]
+        gate = _fresh("drain")
+        ev = started("w1")
+        call = asyncio.ensure_future(ag.rpc("w1", call_when_released, (gate, "w3", "driver")))
+        await asyncio.wait_for(ev.wait(), 5)
+        stopping = asyncio.ensure_future(w1.shutdown(graceful=True, timeout=10))
+        await until(lambda: w1._stopping)
+        _wait_events(gate)[0].set()
+        assert await asyncio.wait_for(call, 10) == "w3"  # (the message: still connecting)
+        await until(lambda: w1._inflight == 0)
+        for _ in range(20):  # (the shutdown, drained, would close now)
+            await asyncio.sleep(0)
+        assert not stopping.done() and not w1.closing
+        if then == "forced":
+            await asyncio.wait_for(w1.shutdown(graceful=False), 5)
+            await asyncio.wait_for(stopping, 5)
+            assert w1.closed and not _wait_events(f"{gate}-one-way")[0].is_set()
+            return
+        allow.set()
+        await asyncio.wait_for(_wait_events(f"{gate}-one-way")[0].wait(), 10)
+        await asyncio.wait_for(stopping, 10)
+
+
 async def incr_kept():
     return await current_worker().ext["kept"][0].rpc().incr()
 

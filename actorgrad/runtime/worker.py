@@ -951,6 +951,8 @@ class Worker:
         self._expecting: dict[str, float] = {}
         # one-way calls waiting for a connection, per peer, in order (see notify)
         self._notify_queues: dict[str, list[tuple[Any, Any, Any]]] = {}
+        # peer -> the task connecting to it for the one-way messages queued there
+        self._notifying: dict[str, asyncio.Task[None]] = {}
         # membership (from the registry)
         self.members: dict[str, tuple[int, str, str]] = {}  # name -> (id, address, local)
         self._members_version = -1
@@ -3226,7 +3228,7 @@ class Worker:
             # (not one the peer said goodbye on: see _opened_by)
             if conn is None or conn.closed or conn.bye_read:
                 self._notify_queues[dest] = [(chunks, what, on_error)]
-                self.spawn(self._notify_connect(dest))
+                self._notifying[dest] = self.spawn(self._notify_connect(dest))
                 return
             conn.send_nowait(chunks)
         except Exception as exc:
@@ -3244,6 +3246,7 @@ class Worker:
         except Exception as exc:
             err = exc
         finally:
+            self._notifying.pop(dest, None)
             for chunks, what, on_error in self._notify_queues.pop(dest, []):
                 if err is None and conn is not None:
                     try:
@@ -3544,6 +3547,7 @@ class Worker:
         self._stopping = True
         if timeout is None:
             timeout = SHUTDOWN_TIMEOUT
+        end = self.loop.time() + timeout
         if graceful and self._inflight > self._given_up + self._asking and not self._drain_cut:
             try:
                 async with asyncio.timeout(timeout):
@@ -3551,6 +3555,22 @@ class Worker:
                     await self._idle_waiter
             except TimeoutError:
                 pass
+        while graceful and self._notifying and not self._drain_cut:
+            # One-way messages of the calls it let finish, to peers still being connected
+            # to (a call's caller: the call came on the caller's connection), go out
+            # before the goodbyes: the close cancelled their connecting, and a backward
+            # part's report was lost, its pass waiting for the heartbeat. (Within the
+            # grace, each connecting bounded by its own deadline too; a forced shutdown,
+            # cut_drain, ends the wait through _idle_waiter.)
+            left = end - self.loop.time()
+            if left <= 0:
+                break
+            self._idle_waiter = self.loop.create_future()
+            await asyncio.wait(
+                [self._idle_waiter, *self._notifying.values()],
+                timeout=left,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         if self._inflight > self._asking:
             n = self._inflight - self._asking
             log.warning(
