@@ -1574,16 +1574,16 @@ class Worker:
         self._out[dest] = back
         return self._reach_lost(dest, back)
 
-    def _reach_lost(self, dest: str, back: Connection) -> Connection:
-        """``back``, a connection ``dest`` opened to us, taken to reach it: marked if
-        ``dest`` was reported lost (the head said it left, another connection of its
-        closed). Its close then reports it lost again (see _on_lost): a message sent
-        there may be lost unsaid (a worker that left, its goodbye there unread yet, or
-        one that died), and whatever waits for its answer (a backward pass started
-        after the loss) heard of no loss."""
+    def _reach_lost(self, dest: str, conn: Connection) -> Connection:
+        """``conn``, a connection with ``dest`` taken to reach it (one it opened to us,
+        or a one-way message's): marked if ``dest`` was reported lost (the head said it
+        left, another connection of its closed). Its close then reports it lost again
+        (see _on_lost): a message sent there may be lost unsaid (a worker that left, its
+        goodbye there unread yet, or one that died), and whatever waits for its answer
+        (a backward pass started after the loss) heard of no loss."""
         if self.is_lost(dest):
-            back.reached_lost = True
-        return back
+            conn.reached_lost = True
+        return conn
 
     def connected_to(self, peer: str) -> bool:
         """Whether a message to ``peer`` leaves at once, over an open connection: one to
@@ -3230,6 +3230,8 @@ class Worker:
                 self._notify_queues[dest] = [(chunks, what, on_error)]
                 self._notifying[dest] = self.spawn(self._notify_connect(dest))
                 return
+            if self._lost:
+                self._reach_lost(dest, conn)
             conn.send_nowait(chunks)
         except Exception as exc:
             self._notify_failed(dest, what, exc, on_error)
@@ -3239,7 +3241,7 @@ class Worker:
         err: BaseException | None = None
         conn: Connection | None = None
         try:
-            conn = await self._conn_to(dest)
+            conn = self._reach_lost(dest, await self._conn_to(dest))
         except asyncio.CancelledError:  # our teardown
             err = WorkerLost(f"worker {self.name!r} shut down")
             raise
