@@ -337,11 +337,17 @@ async def slow_link(target: str, rate: dict[str, float]) -> AsyncIterator[tuple[
         await asyncio.wait_for(server.wait_closed(), 10)
 
 
-# ACTORGRAD_TEST_FUZZ_SEED=N: in-process connections deliver in a random order (fuzz_order.py).
+# ACTORGRAD_TEST_FUZZ_SEED=N: in-process connections deliver in a random order (fuzz_order.py);
+# with ACTORGRAD_TEST_FUZZ_STREAMS=1 too, socket connections read in one.
 if _FUZZ_SEED := os.environ.get("ACTORGRAD_TEST_FUZZ_SEED", ""):
     import fuzz_order
 
     fuzz_order.install()
+    _FUZZ_STREAMS = os.environ.get("ACTORGRAD_TEST_FUZZ_STREAMS", "") == "1"
+    if _FUZZ_STREAMS:
+        fuzz_order.install_streams()
 
     def pytest_runtest_setup(item):
         fuzz_order.reseed(int(_FUZZ_SEED), item.nodeid)
+        if _FUZZ_STREAMS:
+            fuzz_order.reseed_streams(int(_FUZZ_SEED), item.nodeid)

@@ -107,3 +107,94 @@ def install() -> None:
     T._pump = _pump
     T._close_after_pump = _close_after_pump
     T.close = close
+
+
+# --- sockets (``ACTORGRAD_TEST_FUZZ_STREAMS=1`` too) ---------------------------------
+# A socket's reads come as the kernel and the loop's selector have them: each
+# connection's bytes in order, but what one connection gets relative to another, and
+# where a read ends, depend on timing. Installed, what a socket connection reads waits
+# in a queue of its own, delivered after random loop turns, a random number of reads at
+# a time, a read maybe split in two; its end (EOF, reset) comes after its data. Reads
+# wait while the connection is paused (a full mailbox, unsent replies). Its own
+# generator: the in-process choices of a seed stay what they were.
+_srng = random.Random(0)
+
+
+def reseed_streams(seed: int, test_id: str) -> None:
+    _srng.seed(seed * 1_000_033 + zlib.crc32(test_id.encode()) + 1)
+
+
+def install_streams() -> None:
+    """Patch ``StreamConnection`` (TCP and Unix sockets) for the rest of the process."""
+    S = transport.StreamConnection
+    if getattr(S, "_fuzzed", False):
+        return
+    S._fuzzed = True
+    base_lost = S.connection_lost
+
+    def state(self) -> dict:
+        st = self.__dict__.get("_fz")
+        if st is None:
+            st = self._fz = {"q": deque(), "lost": None, "sched": False, "buf": None}
+        return st
+
+    def schedule(self, turns: int | None = None) -> None:
+        st = state(self)
+        if not st["sched"]:
+            st["sched"] = True
+            loop = self.loop
+            if turns is None:
+                turns = _srng.choice(TURNS)
+            _later(loop, lambda: pump(self), turns)
+
+    def pump(self) -> None:
+        st = state(self)
+        st["sched"] = False
+        q = st["q"]
+        if q and not self.closed and (self.paused_reading or self._out_full):
+            # (paused: what was read waits, as the kernel's buffer would; looked at
+            # again soon, not every turn)
+            st["sched"] = True
+            self.loop.call_later(0.005, lambda: pump(self))
+            return
+        budget = _srng.randint(1, 4)
+        while q and budget:
+            budget -= 1
+            data = q.popleft()
+            if len(data) > 1 and _srng.random() < 0.25:
+                k = _srng.randrange(1, len(data))
+                q.appendleft(data[k:])
+                data = data[:k]
+                budget = 0
+            transport.Connection.data_received(self, data)
+            if self.closed:
+                q.clear()
+        if q:
+            schedule(self)
+        elif st["lost"] is not None:
+            exc = st["lost"][0]
+            st["lost"] = None
+            base_lost(self, exc)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        st = state(self)
+        if st["buf"] is None:
+            st["buf"] = memoryview(bytearray(256 * 1024))
+        return st["buf"]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        st = state(self)
+        st["q"].append(bytes(st["buf"][:nbytes]))
+        schedule(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        st = state(self)
+        if not st["q"]:
+            base_lost(self, exc)
+            return
+        st["lost"] = (exc,)
+        schedule(self)
+
+    S.get_buffer = get_buffer
+    S.buffer_updated = buffer_updated
+    S.connection_lost = connection_lost

@@ -1680,7 +1680,7 @@ async def test_worker_joining_and_leaving_at_run_time(cluster):
     assert await ag.rpc("w1", relay, (["late"], [])) == ["w1", "late"]
     await late.shutdown()
     await late.shutdown()  # idempotent
-    assert "late" not in ag.workers()
+    await until(lambda: "late" not in ag.workers())  # (its leave read: over a socket, later)
     assert lost == ["late"]
     with pytest.raises(ag.WorkerLost, match="worker 'late' has left the cluster"):
         await ag.rpc("late", whoami)
@@ -1722,6 +1722,7 @@ async def test_a_connection_to_a_process_replaced_meanwhile_goes_to_the_new_one(
         hole.listen()
         async with ag.local_cluster(2, transport="tcp") as c:
             w1 = c.workers[0]
+            await until(lambda: "w2" in w1.members)  # (w2 joined after w1: news to it)
             now = w1.members["w2"]
             # (the dead one: at an address that accepts and stays silent)
             w1.members = {
