@@ -135,7 +135,7 @@ def install_streams() -> None:
     def state(self) -> dict:
         st = self.__dict__.get("_fz")
         if st is None:
-            st = self._fz = {"q": deque(), "lost": None, "sched": False, "buf": None}
+            st = self._fz = {"q": deque(), "lost": None, "sched": False}
         return st
 
     def schedule(self, turns: int | None = None) -> None:
@@ -158,7 +158,7 @@ def install_streams() -> None:
             self.loop.call_later(0.005, lambda: pump(self))
             return
         budget = _srng.randint(1, 4)
-        while q and budget:
+        while q and budget and (self.closed or not (self.paused_reading or self._out_full)):
             budget -= 1
             data = q.popleft()
             if len(data) > 1 and _srng.random() < 0.25:
@@ -176,15 +176,15 @@ def install_streams() -> None:
             st["lost"] = None
             base_lost(self, exc)
 
+    # (one buffer for every connection: a read is copied out at once. One each cost
+    # 256 KiB a connection, and tests bound what a connection costs)
+    shared = memoryview(bytearray(256 * 1024))
+
     def get_buffer(self, sizehint: int) -> memoryview:
-        st = state(self)
-        if st["buf"] is None:
-            st["buf"] = memoryview(bytearray(256 * 1024))
-        return st["buf"]
+        return shared
 
     def buffer_updated(self, nbytes: int) -> None:
-        st = state(self)
-        st["q"].append(bytes(st["buf"][:nbytes]))
+        state(self)["q"].append(bytes(shared[:nbytes]))
         schedule(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
