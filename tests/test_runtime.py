@@ -2957,6 +2957,20 @@ async def test_a_frame_sent_before_a_peer_dropped_this_worker_is_no_news_that_it
         assert lost == ["w1"]
 
 
+async def _both_ways(driver: Worker, w2: Worker) -> tuple[Any, Any]:
+    """A connection each way between ``driver`` (the head) and ``w2`` (A: the
+    driver's, B: w2's); returns the driver's ends of B and of w2's membership."""
+    assert await driver.call("w2", add, (1, 2)) == 3  # (A: the driver's to w2)
+    assert await w2.call("driver", add, (3, 4)) == 7  # (B: w2's to the driver)
+    (conn_b,) = [
+        k
+        for k in driver._conns
+        if k.peer_name == "w2" and not k.outgoing and not driver._is_membership(k)
+    ]
+    (membership,) = [k for k in driver.registry.conns if k.peer_name == "w2"]
+    return conn_b, membership
+
+
 async def test_a_frame_sent_before_a_peer_left_is_no_news_that_it_lives():
     # w2 leaves (a graceful shutdown): a goodbye on each of its connections, then their
     # close. The driver read the goodbye on one (A) and reported w2 lost; then a
@@ -2966,14 +2980,7 @@ async def test_a_frame_sent_before_a_peer_left_is_no_news_that_it_lives():
     # test_worker_joining_and_leaving_at_run_time).
     async with ag.local_cluster(2) as c:
         driver, w2 = c.driver, c.workers[1]
-        assert await driver.call("w2", add, (1, 2)) == 3  # (A: the driver's to w2)
-        assert await w2.call("driver", add, (3, 4)) == 7  # (B: w2's to the driver)
-        (conn_b,) = [
-            k
-            for k in driver._conns
-            if k.peer_name == "w2" and not k.outgoing and not driver._is_membership(k)
-        ]
-        (membership,) = [k for k in driver.registry.conns if k.peer_name == "w2"]
+        conn_b, membership = await _both_ways(driver, w2)
         ends = [conn_b.transport, membership.transport]  # (the driver's: in order)
         for end in ends:  # (what the driver reads of them waits here)
             end._schedule = lambda: None
@@ -3012,14 +3019,7 @@ async def test_no_message_goes_to_a_worker_that_left_over_its_connection_not_rea
     # goes on B, whose close reports w2 lost again.
     async with ag.local_cluster(2) as c:
         driver, w2 = c.driver, c.workers[1]
-        assert await driver.call("w2", add, (1, 2)) == 3  # (A: the driver's to w2)
-        assert await w2.call("driver", add, (3, 4)) == 7  # (B: w2's to the driver)
-        (conn_b,) = [
-            k
-            for k in driver._conns
-            if k.peer_name == "w2" and not k.outgoing and not driver._is_membership(k)
-        ]
-        (membership,) = [k for k in driver.registry.conns if k.peer_name == "w2"]
+        conn_b, membership = await _both_ways(driver, w2)
         # (the one read first goes on, the other waits: A or the leave)
         ends = [conn_b.transport, (driver._out["w2"] if leave_read else membership).transport]
         for end in ends:  # (what the driver reads of them waits here)
