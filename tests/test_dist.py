@@ -4772,6 +4772,71 @@ async def test_a_call_right_after_a_cancelled_backward_aborts_it_on_the_way(tran
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+async def test_a_call_right_after_a_failed_backward_aborts_it_where_the_abort_is_late(
+    transport, monkeypatch
+):
+    # driver -> w1 -> w2, and driver -> w3, whose hook fails the pass while w2's part
+    # still runs (held at a gated hook in its pool). A failed backward waits for the
+    # aborts of its own peers only (w1, w3): w1's, one-way on to w2, is late (held
+    # here), and the driver's next call in the context went straight to w2, whose part
+    # of the dead pass still ran: refused ("cannot be taken in it on worker 'w2' while a
+    # backward pass runs in it there"; found by delivery-order fuzzing of
+    # test_random_programs_with_a_failing_hook_fail_cleanly_then_succeed). The call
+    # says which pass its caller aborted, and w2 aborts it first.
+    from actorgrad.dist.backward import T_ABORT
+    from actorgrad.dist.context import state_of
+
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    w1v, w2v, w3v, xv = arr(3), arr(3), arr(3), arr(3)
+    gate2, gate3 = f"late-abort-{next(_gates)}", f"late-abort-{next(_gates)}"
+    async with cluster(transport) as c:
+        w1, w2 = (w for w in c.workers if w.name in ("w1", "w2"))
+        for name, v in (("w1", w1v), ("w2", w2v), ("w3", w3v)):
+            await ag.rpc(name, F.put, ("w", v))
+        await ag.rpc("w2", F.add_gated_hook, ("w", gate2))
+        await ag.rpc("w3", F.add_gated_hook, ("w", gate3))  # (then it fails)
+        await ag.rpc("w3", F.add_failing_hook, ("w", 1))
+        held: list[Any] = []
+        w1_cast = w1.cast
+
+        def w1_holding_cast(dest, topic, args=(), on_error=None):
+            if dest == "w2" and topic == T_ABORT:
+                held.append((dest, topic, args, on_error))
+            else:
+                w1_cast(dest, topic, args, on_error)
+
+        monkeypatch.setattr(w1, "cast", w1_holding_cast)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.nested_mul, (["w2"], "w", x))
+            z = await ag.rpc("w3", F.mul, ("w", x))
+            loss = (y + z).sum()
+            run = asyncio.ensure_future(ag.dist.backward(ctx, [loss], retain_graph=True))
+            try:
+                assert await asyncio.to_thread(F.thread_gate(gate2 + " in").wait, 10)
+                F.thread_gate(gate3 + " out").set()  # (w3's hook fails now)
+                with pytest.raises(ag.RemoteError, match="hook refused gradient on w3"):
+                    await asyncio.wait_for(run, 10)
+                assert len(held) == 1  # (w1's abort to w2)
+                w2_ctx = state_of(w2).contexts[ctx]
+                assert w2_ctx.active_pass is not None
+                assert await ag.rpc("w2", F.num_grads, (ctx,)) == 0
+                assert w2_ctx.active_pass is None
+            finally:
+                F.thread_gate(gate2 + " out").set()
+                F.thread_gate(gate3 + " out").set()
+            for args in held:  # (it reaches w2 at last: nothing left to do)
+                w1_cast(*args)
+            await until(lambda: not w2_ctx.offloaded)  # (its thread's end: no event)
+            await asyncio.wait_for(ag.dist.backward(ctx, [loss]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], w1v * w2v + w3v)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv * w2v)
+            np.testing.assert_allclose(await ag.rpc("w2", F.grad_of, (ctx, "w")), xv * w1v)
+            np.testing.assert_allclose(await ag.rpc("w3", F.grad_of, (ctx, "w")), xv)
+        await assert_clean(c.names)
+
+
 def _sq_mean(h):
     return (h * h).mean()
 
