@@ -12,6 +12,7 @@ engine's, and every context must be released.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import dist_fns as F
@@ -165,6 +166,25 @@ async def assert_released(names) -> None:
     assert ag.dist.debug_info()["num_contexts"] == 0
 
 
+async def assert_nothing_left(names, *about: Any) -> None:
+    """Every worker of ``names`` ends with no context and no pass (within 10 s). A call
+    still running on one of them (its caller's task was cancelled, or a worker died)
+    may call another in the released context before the release reaches that one,
+    which takes the call and drops the context once the release comes (the two go on
+    different connections): until one round finds every worker clear, not one look."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        left = []
+        for name in names:
+            wait = max(deadline - time.monotonic(), 0.0)
+            info = await ag.rpc(name, F.wait_no_contexts, (wait,))
+            if info["num_contexts"] or info["num_active_passes"]:
+                left.append((name, info))
+        if not left or time.monotonic() >= deadline:
+            break
+    assert not left, (left, *about)
+
+
 async def check(progs, names) -> int:
     """Run the programs one after the other; returns how many had a loss. Every other
     one runs backward twice (retain_graph): its gradients add up."""
@@ -287,9 +307,7 @@ async def test_random_programs_cancelled_anywhere_leave_nothing_behind(transport
                 await task
             except asyncio.CancelledError:
                 cancelled += 1
-            for name in c.names:
-                info = await ag.rpc(name, F.wait_no_contexts, (10.0,))
-                assert info["num_contexts"] == info["num_active_passes"] == 0, (name, info, ops)
+            await assert_nothing_left(c.names, ops)
             assert ag.dist.debug_info()["num_contexts"] == 0
             if i % 5 == 0:
                 await check_one(ops, outs, inputs, pvals, times=1)
@@ -328,9 +346,7 @@ async def test_random_programs_with_a_worker_killed_anywhere(worker_path, seed):
             except ag.RemoteError as exc:
                 assert exc.remote_type == "actorgrad.errors.WorkerLost", exc
                 failed += 1
-            for name in ("w1", "w2"):
-                info = await ag.rpc(name, F.wait_no_contexts, (10.0,))
-                assert info["num_contexts"] == info["num_active_passes"] == 0, (name, info)
+            await assert_nothing_left(("w1", "w2"))
             assert ag.dist.debug_info()["num_contexts"] == 0
     assert failed >= 1
 
@@ -374,7 +390,5 @@ async def test_random_programs_at_once_with_cancels_and_a_worker_killed(worker_p
                     in ("actorgrad.errors.WorkerLost", "actorgrad.errors.ContextError")
                 )
             ), repr(r)
-        for name in {"w1", "w2", "w3"} - {victim}:
-            info = await ag.rpc(name, F.wait_no_contexts, (10.0,))
-            assert info["num_contexts"] == info["num_active_passes"] == 0, (name, info)
+        await assert_nothing_left(sorted({"w1", "w2", "w3"} - {victim}))
         assert ag.dist.debug_info()["num_contexts"] == 0
