@@ -3048,6 +3048,108 @@ async def test_no_message_goes_to_a_worker_that_left_over_its_connection_not_rea
         assert len(errors) == (0 if leave_read else 1)
 
 
+async def test_a_connection_marked_in_an_old_loss_does_not_report_a_later_leave_twice():
+    # w2 is reported lost by one connection's end (B) while the driver's own (A) stays
+    # open; a one-way message to it then marks A (reached_lost). w2 is heard from again
+    # on A (a call's reply): no longer lost. Then w2 leaves, the head's leave read
+    # before A's goodbye: the leave reports it (right), and A's close reports it
+    # again (the stale mark): the callbacks ran twice for one leave (the day's review).
+    async with ag.local_cluster(2) as c:
+        driver, w2 = c.driver, c.workers[1]
+        conn_b, membership = await _both_ways(driver, w2)
+        conn_a = driver._out["w2"]
+        lost: list[str] = []
+        driver.add_peer_lost_callback(lost.append)
+        conn_b.abort(ag.WorkerLost("a fault on B only"))
+        await until(lambda: lost)
+        assert driver.is_lost("w2") and not conn_a.closed
+        driver.notify("w2", add, (1, 2))  # (fast path on A: marks it)
+        assert conn_a.reached_lost
+        assert await driver.call("w2", add, (3, 4)) == 7  # (heard from on A)
+        assert not driver.is_lost("w2")
+        assert lost == ["w2"]
+        end = conn_a.transport  # (A's goodbye read after the leave)
+        end._schedule = lambda: None
+        end._close_after_pump = lambda: None
+        await w2.shutdown()
+        await until(lambda: "w2" not in driver.members)
+        del end._schedule, end._close_after_pump
+        end._close_after_pump()
+        await until(lambda: conn_a.closed)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert lost == ["w2", "w2"]  # one loss before, one leave now
+
+
+async def test_a_connection_marked_in_an_old_loss_does_not_report_a_later_drop_twice():
+    # As above, A marked in an old loss, w2 heard from again since. Then w2 drops the
+    # driver for its silence, a goodbye saying why on A and B' (its new connection),
+    # A's read last. Without the mark: one report (the drop), and the driver connects
+    # again (_greet_again: w2 takes calls in its new contexts from it once it hears from
+    # it). With it: A's close reports the drop a second time and returns before the
+    # greeting: w2 keeps the driver for lost.
+    async with ag.local_cluster(2) as c:
+        driver, w2 = c.driver, c.workers[1]
+        conn_b, membership = await _both_ways(driver, w2)
+        conn_a = driver._out["w2"]
+        lost: list[str] = []
+        driver.add_peer_lost_callback(lost.append)
+        conn_b.abort(ag.WorkerLost("a fault on B only"))
+        await until(lambda: lost)
+        driver.notify("w2", add, (1, 2))  # (fast path on A: marks it)
+        assert conn_a.reached_lost
+        assert await driver.call("w2", add, (3, 4)) == 7  # (heard from on A)
+        assert not driver.is_lost("w2")
+        assert await w2.call("driver", add, (5, 6)) == 11  # (B': w2's again)
+        await until(lambda: "driver" not in w2._lost)
+        end = conn_a.transport  # (A's goodbye and close read last)
+        end._schedule = lambda: None
+        end._close_after_pump = lambda: None
+        _drop_for_silence(w2, "driver", 2)
+        await until(lambda: len(lost) == 2)
+        del end._schedule, end._close_after_pump
+        end._close_after_pump()
+        await until(lambda: conn_a.closed)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert lost == ["w2", "w2"]  # the fault, then the drop: once each
+        await until(lambda: "driver" not in w2._lost, deadline=3)  # (greeted again)
+
+
+async def test_a_connection_marked_in_an_old_loss_does_not_skip_greeting_a_peer_that_dropped_us():
+    # The same between two workers, neither the head (whose frames on the membership
+    # would tell w2 that it lives): w1's A to w2 marked in an old loss, w2 heard from
+    # since; w2 drops w1 for its silence, A's goodbye read last. A's close takes the
+    # early return: no _greet_again, and w2 keeps w1 for lost (it refuses calls in
+    # its new contexts from w1 until a frame comes).
+    async with ag.local_cluster(2) as c:
+        w1, w2 = c.workers
+        assert await w1.call("w2", add, (1, 2)) == 3  # (A)
+        assert await w2.call("w1", add, (3, 4)) == 7  # (B)
+        conn_a = w1._out["w2"]
+        (conn_b,) = [k for k in w1._conns if k.peer_name == "w2" and not k.outgoing]
+        lost: list[str] = []
+        w1.add_peer_lost_callback(lost.append)
+        conn_b.abort(ag.WorkerLost("a fault on B only"))
+        await until(lambda: lost)
+        w1.notify("w2", add, (1, 2))  # (fast path on A: marks it)
+        assert conn_a.reached_lost
+        assert await w1.call("w2", add, (3, 4)) == 7  # (heard from on A)
+        assert not w1.is_lost("w2")
+        assert await w2.call("w1", add, (5, 6)) == 11  # (B': w2's again)
+        await until(lambda: "w1" not in w2._lost)
+        end = conn_a.transport  # (A's goodbye and close read last)
+        end._schedule = lambda: None
+        end._close_after_pump = lambda: None
+        _drop_for_silence(w2, "w1", 2)
+        await until(lambda: len(lost) == 2)
+        assert "w1" in w2._lost
+        del end._schedule, end._close_after_pump
+        end._close_after_pump()
+        await until(lambda: conn_a.closed)
+        await until(lambda: "w1" not in w2._lost, deadline=3)  # (greeted again)
+
+
 async def test_a_frame_on_the_membership_after_a_drop_is_news_that_the_head_lives():
     # The head drops w1 for its silence on each connection but the membership, which it
     # keeps (closing it is leaving the cluster). w1, the membership open, connects to

@@ -577,8 +577,9 @@ class Connection(asyncio.BaseProtocol):
         self.goodbye = False
         # the peer said goodbye in any form (the three below): it reads nothing more here
         self.bye_read = False
-        # taken to reach a peer its worker had reported lost (Worker._connect_peer)
-        self.reached_lost = False
+        # taken to reach a peer its worker had reported lost: that loss's record
+        # (Worker._reach_lost)
+        self.reached_lost: tuple[Any, ...] | None = None
         # why the peer closed on us, when it said (``[K_BYE, why]``)
         self.dropped_why = ""
         # what the peer refused of ours, closing the connection, when it said

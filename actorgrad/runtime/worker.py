@@ -1576,13 +1576,17 @@ class Worker:
 
     def _reach_lost(self, dest: str, conn: Connection) -> Connection:
         """``conn``, a connection with ``dest`` taken to reach it (one it opened to us,
-        or a one-way message's): marked if ``dest`` was reported lost (the head said it
-        left, another connection of its closed). Its close then reports it lost again
-        (see _on_lost): a message sent there may be lost unsaid (a worker that left, its
-        goodbye there unread yet, or one that died), and whatever waits for its answer
-        (a backward pass started after the loss) heard of no loss."""
-        if self.is_lost(dest):
-            conn.reached_lost = True
+        or a one-way message's): marked with the loss if ``dest`` was reported lost (the
+        head said it left, another connection of its closed). Its close then reports
+        that loss again (see _on_lost): a message sent there may be lost unsaid (a
+        worker that left, its goodbye there unread yet, or one that died), and whatever
+        waits for its answer (a backward pass started after the loss) heard of no loss.
+        Only that loss (its own record, by identity): heard from since and lost again,
+        the peer's later loss is reported once, as any (twice, a drop's too, and the
+        greeting of a peer that dropped us skipped)."""
+        entry = self._lost.get(dest)
+        if entry is not None and entry[0] is None:
+            conn.reached_lost = entry  # (this loss: see _on_lost)
         return conn
 
     def connected_to(self, peer: str) -> bool:
@@ -1844,12 +1848,14 @@ class Worker:
             self.registry.conn_lost(conn)
         if (
             conn.reached_lost
-            and name in self._lost
+            and name is not None
+            and self._lost.get(name) is conn.reached_lost
             and not self._closing
-            and self.members.get(name, (conn.peer_id,))[0] == conn.peer_id
+            and ((member := self.members.get(name)) is None or member[0] == conn.peer_id)
         ):
             # (taken to reach it once it was reported lost: see _reach_lost. Not if
-            # heard from since, nor once another process joined under its name)
+            # heard from since, even if lost again, nor once another process joined
+            # under its name)
             if conn.goodbye and conn.peer_id is not None:
                 self._left[name] = conn.peer_id
             self._peer_lost(name, conn.dropped_why or None, str(err), again=True)
