@@ -3048,6 +3048,23 @@ async def test_no_message_goes_to_a_worker_that_left_over_its_connection_not_rea
         assert len(errors) == (0 if leave_read else 1)
 
 
+async def _mark_in_a_loss(w: Worker, conn_b: Any, conn_a: Any, lost: list[str]) -> None:
+    """Close ``conn_b`` (w2's connection to ``w``) at ``w``'s end: w2 reported lost (in
+    ``lost``); then a one-way message to w2 goes on ``conn_a`` (``w``'s own to it,
+    nothing read there meanwhile: w2 still lost), which marks it."""
+    end = conn_a.transport  # (nothing read on A until the message is out)
+    end._schedule = lambda: None
+    try:
+        conn_b.abort(ag.WorkerLost("a fault on B only"))
+        await until(lambda: lost)
+        assert w.is_lost("w2")
+        w.notify("w2", add, (1, 2))  # (fast path on A: marks it)
+        assert conn_a.reached_lost
+    finally:
+        del end._schedule
+        end._schedule()
+
+
 async def test_a_connection_marked_in_an_old_loss_does_not_report_a_later_leave_twice():
     # w2 is reported lost by one connection's end (B) while the driver's own (A) stays
     # open; a one-way message to it then marks A (reached_lost). w2 is heard from again
@@ -3060,11 +3077,8 @@ async def test_a_connection_marked_in_an_old_loss_does_not_report_a_later_leave_
         conn_a = driver._out["w2"]
         lost: list[str] = []
         driver.add_peer_lost_callback(lost.append)
-        conn_b.abort(ag.WorkerLost("a fault on B only"))
-        await until(lambda: lost)
-        assert driver.is_lost("w2") and not conn_a.closed
-        driver.notify("w2", add, (1, 2))  # (fast path on A: marks it)
-        assert conn_a.reached_lost
+        await _mark_in_a_loss(driver, conn_b, conn_a, lost)
+        assert not conn_a.closed
         assert await driver.call("w2", add, (3, 4)) == 7  # (heard from on A)
         assert not driver.is_lost("w2")
         assert lost == ["w2"]
@@ -3091,15 +3105,13 @@ async def test_a_connection_marked_in_an_old_loss_does_not_report_a_later_drop_t
     async with ag.local_cluster(2) as c:
         driver, w2 = c.driver, c.workers[1]
         conn_b, membership = await _both_ways(driver, w2)
-        conn_a = driver._out["w2"]
+        conn_a, w2_end_b = driver._out["w2"], w2._out["driver"]
         lost: list[str] = []
         driver.add_peer_lost_callback(lost.append)
-        conn_b.abort(ag.WorkerLost("a fault on B only"))
-        await until(lambda: lost)
-        driver.notify("w2", add, (1, 2))  # (fast path on A: marks it)
-        assert conn_a.reached_lost
+        await _mark_in_a_loss(driver, conn_b, conn_a, lost)
         assert await driver.call("w2", add, (3, 4)) == 7  # (heard from on A)
         assert not driver.is_lost("w2")
+        await until(lambda: w2_end_b.closed)  # (w2 calls again on a new one)
         assert await w2.call("driver", add, (5, 6)) == 11  # (B': w2's again)
         await until(lambda: "driver" not in w2._lost)
         end = conn_a.transport  # (A's goodbye and close read last)
@@ -3126,16 +3138,14 @@ async def test_a_connection_marked_in_an_old_loss_does_not_skip_greeting_a_peer_
         w1, w2 = c.workers
         assert await w1.call("w2", add, (1, 2)) == 3  # (A)
         assert await w2.call("w1", add, (3, 4)) == 7  # (B)
-        conn_a = w1._out["w2"]
+        conn_a, w2_end_b = w1._out["w2"], w2._out["w1"]
         (conn_b,) = [k for k in w1._conns if k.peer_name == "w2" and not k.outgoing]
         lost: list[str] = []
         w1.add_peer_lost_callback(lost.append)
-        conn_b.abort(ag.WorkerLost("a fault on B only"))
-        await until(lambda: lost)
-        w1.notify("w2", add, (1, 2))  # (fast path on A: marks it)
-        assert conn_a.reached_lost
+        await _mark_in_a_loss(w1, conn_b, conn_a, lost)
         assert await w1.call("w2", add, (3, 4)) == 7  # (heard from on A)
         assert not w1.is_lost("w2")
+        await until(lambda: w2_end_b.closed)  # (w2 calls again on a new one)
         assert await w2.call("w1", add, (5, 6)) == 11  # (B': w2's again)
         await until(lambda: "w1" not in w2._lost)
         end = conn_a.transport  # (A's goodbye and close read last)
