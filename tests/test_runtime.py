@@ -3095,69 +3095,47 @@ async def test_a_connection_marked_in_an_old_loss_does_not_report_a_later_leave_
         assert lost == ["w2", "w2"]  # one loss before, one leave now
 
 
-async def test_a_connection_marked_in_an_old_loss_does_not_report_a_later_drop_twice():
-    # As above, A marked in an old loss, w2 heard from again since. Then w2 drops the
-    # driver for its silence, a goodbye saying why on A and B' (its new connection),
-    # A's read last. Without the mark: one report (the drop), and the driver connects
-    # again (_greet_again: w2 takes calls in its new contexts from it once it hears from
-    # it). With it: A's close reports the drop a second time and returns before the
-    # greeting: w2 keeps the driver for lost.
+@pytest.mark.parametrize("me", ["driver", "w1"])
+async def test_a_connection_marked_in_an_old_loss_does_not_report_a_later_drop_twice(me):
+    # As above, A (this worker's to w2) marked in an old loss, w2 heard from again
+    # since. Then w2 drops this worker for its silence, a goodbye saying why on A and
+    # B' (its new connection), A's read last. Without the mark: one report (the drop),
+    # and this worker connects again (_greet_again: w2 takes calls in its new contexts
+    # from it once it hears from it). With it: A's close reported the drop a second
+    # time and returned before the greeting: w2 kept this worker for lost. As the head
+    # (whose frames on the membership tell w2 that it lives) and as another worker.
     async with ag.local_cluster(2) as c:
-        driver, w2 = c.driver, c.workers[1]
-        conn_b, membership = await _both_ways(driver, w2)
-        conn_a, w2_end_b = driver._out["w2"], w2._out["driver"]
+        w, w2 = (c.driver if me == "driver" else c.workers[0]), c.workers[1]
+        assert await w.call("w2", add, (1, 2)) == 3  # (A)
+        assert await w2.call(me, add, (3, 4)) == 7  # (B)
+        conn_a, w2_end_b = w._out["w2"], w2._out[me]
+        (conn_b,) = [
+            k
+            for k in w._conns
+            if k.peer_name == "w2" and not k.outgoing and not w._is_membership(k)
+        ]
         lost: list[str] = []
-        driver.add_peer_lost_callback(lost.append)
-        await _mark_in_a_loss(driver, conn_b, conn_a, lost)
-        assert await driver.call("w2", add, (3, 4)) == 7  # (heard from on A)
-        assert not driver.is_lost("w2")
+        w.add_peer_lost_callback(lost.append)
+        await _mark_in_a_loss(w, conn_b, conn_a, lost)
+        assert await w.call("w2", add, (3, 4)) == 7  # (heard from on A)
+        assert not w.is_lost("w2")
         await until(lambda: w2_end_b.closed)  # (w2 calls again on a new one)
-        assert await w2.call("driver", add, (5, 6)) == 11  # (B': w2's again)
-        await until(lambda: "driver" not in w2._lost)
+        assert await w2.call(me, add, (5, 6)) == 11  # (B': w2's again)
+        await until(lambda: me not in w2._lost)
         end = conn_a.transport  # (A's goodbye and close read last)
         end._schedule = lambda: None
         end._close_after_pump = lambda: None
-        _drop_for_silence(w2, "driver", 2)
+        _drop_for_silence(w2, me, 2)
         await until(lambda: len(lost) == 2)
+        if me == "w1":
+            assert "w1" in w2._lost
         del end._schedule, end._close_after_pump
         end._close_after_pump()
         await until(lambda: conn_a.closed)
         for _ in range(20):
             await asyncio.sleep(0)
         assert lost == ["w2", "w2"]  # the fault, then the drop: once each
-        await until(lambda: "driver" not in w2._lost, deadline=3)  # (greeted again)
-
-
-async def test_a_connection_marked_in_an_old_loss_does_not_skip_greeting_a_peer_that_dropped_us():
-    # The same between two workers, neither the head (whose frames on the membership
-    # would tell w2 that it lives): w1's A to w2 marked in an old loss, w2 heard from
-    # since; w2 drops w1 for its silence, A's goodbye read last. A's close takes the
-    # early return: no _greet_again, and w2 keeps w1 for lost (it refuses calls in
-    # its new contexts from w1 until a frame comes).
-    async with ag.local_cluster(2) as c:
-        w1, w2 = c.workers
-        assert await w1.call("w2", add, (1, 2)) == 3  # (A)
-        assert await w2.call("w1", add, (3, 4)) == 7  # (B)
-        conn_a, w2_end_b = w1._out["w2"], w2._out["w1"]
-        (conn_b,) = [k for k in w1._conns if k.peer_name == "w2" and not k.outgoing]
-        lost: list[str] = []
-        w1.add_peer_lost_callback(lost.append)
-        await _mark_in_a_loss(w1, conn_b, conn_a, lost)
-        assert await w1.call("w2", add, (3, 4)) == 7  # (heard from on A)
-        assert not w1.is_lost("w2")
-        await until(lambda: w2_end_b.closed)  # (w2 calls again on a new one)
-        assert await w2.call("w1", add, (5, 6)) == 11  # (B': w2's again)
-        await until(lambda: "w1" not in w2._lost)
-        end = conn_a.transport  # (A's goodbye and close read last)
-        end._schedule = lambda: None
-        end._close_after_pump = lambda: None
-        _drop_for_silence(w2, "w1", 2)
-        await until(lambda: len(lost) == 2)
-        assert "w1" in w2._lost
-        del end._schedule, end._close_after_pump
-        end._close_after_pump()
-        await until(lambda: conn_a.closed)
-        await until(lambda: "w1" not in w2._lost, deadline=3)  # (greeted again)
+        await until(lambda: me not in w2._lost, deadline=3)  # (greeted again)
 
 
 async def test_a_frame_on_the_membership_after_a_drop_is_news_that_the_head_lives():
