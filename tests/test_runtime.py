@@ -3048,6 +3048,36 @@ async def test_no_message_goes_to_a_worker_that_left_over_its_connection_not_rea
         assert len(errors) == (0 if leave_read else 1)
 
 
+async def test_a_call_to_a_worker_whose_goodbye_was_read_fails_at_once():
+    # w2 leaves: the driver read the goodbye on its own connection to w2 (A), whose
+    # close it has not read yet. A call then tried w2's listener (closed), went on the
+    # connection w2 had opened to the driver (B, its goodbye unread), and failed only
+    # when B closed; a process that said goodbye is known to shut down from its first
+    # goodbye read now, not from that connection's close (the day's review).
+    async with ag.local_cluster(2) as c:
+        driver, w2 = c.driver, c.workers[1]
+        conn_b, membership = await _both_ways(driver, w2)
+        conn_a = driver._out["w2"]
+        held = [conn_b.transport, membership.transport]
+        for end in held:  # (nothing read there)
+            end._schedule = lambda: None
+            end._close_after_pump = lambda: None
+        conn_a.transport._close_after_pump = lambda: None  # (A: read, not closed)
+        try:
+            await w2.shutdown()
+            await until(lambda: conn_a.bye_read)
+            assert not conn_a.closed and "w2" in driver.members
+            with pytest.raises(ag.WorkerLost, match="^worker 'w2' has left the cluster$"):
+                await asyncio.wait_for(driver.call("w2", add, (1, 2)), 5)
+        finally:
+            for end in [*held, conn_a.transport]:
+                if "_schedule" in vars(end):
+                    del end._schedule
+                del end._close_after_pump
+                end._close_after_pump()
+        await until(lambda: conn_a.closed and conn_b.closed and "w2" not in driver.members)
+
+
 async def _mark_in_a_loss(w: Worker, conn_b: Any, conn_a: Any, lost: list[str]) -> None:
     """Close ``conn_b`` (w2's connection to ``w``) at ``w``'s end: w2 reported lost (in
     ``lost``); then a one-way message to w2 goes on ``conn_a`` (``w``'s own to it,

@@ -2159,6 +2159,13 @@ class Worker:
                 conn.bye_read = True  # (what we send on it now is lost: see _opened_by)
                 if len(header) == 1:
                     conn.goodbye = True
+                    name = conn.peer_name
+                    member = self.members.get(name) if name is not None else None
+                    if name is not None and member is not None and member[0] == conn.peer_id:
+                        # (that process shuts down: known from this read, not from the
+                        # connection's close, a read later or more: a call meanwhile
+                        # tried its closed listener; see said_goodbye)
+                        self._left[name] = conn.peer_id
                 elif (
                     len(header) == 3
                     and type(header[1]) is str
