@@ -1855,7 +1855,8 @@ class Worker:
         ):
             # (taken to reach it once it was reported lost: see _reach_lost. Not if
             # heard from since, even if lost again, nor once another process joined
-            # under its name)
+            # under its name. A member's goodbye was noted as it was read; not one that
+            # left, whose name is in _lost: see _opened_by)
             if conn.goodbye and conn.peer_id is not None:
                 self._left[name] = conn.peer_id
             self._peer_lost(name, conn.dropped_why or None, str(err), again=True)
@@ -1869,8 +1870,6 @@ class Worker:
                 # dropped the live one's contexts, its lease). (Were the view behind
                 # instead, its catching up reports the old one lost.)
                 return
-            if conn.goodbye:
-                self._left[name] = self.members[name][0]  # (its id: see above)
             if self._stale_end(conn, name):
                 return
             self._peer_lost(name, conn.dropped_why or None, str(err))
