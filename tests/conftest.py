@@ -337,6 +337,21 @@ async def slow_link(target: str, rate: dict[str, float]) -> AsyncIterator[tuple[
         await asyncio.wait_for(server.wait_closed(), 10)
 
 
+def hold_end(end: object, reads: bool = True) -> None:
+    """Hold what the in-process transport end ``end`` delivers to its connection: the
+    data it reads (unless not ``reads``) and its close, until :func:`release_end`."""
+    if reads:
+        end._schedule = lambda: None
+    end._close_after_pump = lambda: None
+
+
+def release_end(end: object) -> None:
+    """Deliver what :func:`hold_end` held at ``end``: its data, then its close."""
+    vars(end).pop("_schedule", None)
+    del end._close_after_pump
+    end._close_after_pump()
+
+
 # ACTORGRAD_TEST_FUZZ_SEED=N: in-process connections deliver in a random order (fuzz_order.py);
 # with ACTORGRAD_TEST_FUZZ_STREAMS=1 too, socket connections read in one.
 if _FUZZ_SEED := os.environ.get("ACTORGRAD_TEST_FUZZ_SEED", ""):

@@ -21,7 +21,15 @@ import dist_fns as F
 import numpy as np
 import pytest
 import pytest_asyncio
-from conftest import CALL_FAILED, helpers_importable, on_uvloop, traced_memory, until
+from conftest import (
+    CALL_FAILED,
+    helpers_importable,
+    hold_end,
+    on_uvloop,
+    release_end,
+    traced_memory,
+    until,
+)
 
 import actorgrad as ag
 from actorgrad.runtime import worker as rworker
@@ -6104,8 +6112,7 @@ async def test_a_backward_sent_to_a_worker_that_left_over_its_connection_not_rea
             ]
             conns = [conn_b, driver._out["w2"]]
             for k in conns:  # (what the driver reads of them waits here)
-                k.transport._schedule = lambda: None
-                k.transport._close_after_pump = lambda: None
+                hold_end(k.transport)
             lost: list[str] = []
             driver.add_peer_lost_callback(lost.append)
             await w2.shutdown()
@@ -6116,8 +6123,7 @@ async def test_a_backward_sent_to_a_worker_that_left_over_its_connection_not_rea
             await until(lambda: [k.last_sent for k in conns] != sent)
             assert not run.done()
             for k in conns:
-                del k.transport._schedule, k.transport._close_after_pump
-                k.transport._close_after_pump()
+                release_end(k.transport)
             with pytest.raises(ag.WorkerLost, match="'w2'"):
                 await asyncio.wait_for(run, 10)
         assert lost == ["w2", "w2"]

@@ -28,7 +28,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import has_ipv6_loopback, on_uvloop, traced_memory, until
+from conftest import (
+    has_ipv6_loopback,
+    hold_end,
+    on_uvloop,
+    release_end,
+    traced_memory,
+    until,
+)
 
 import actorgrad as ag
 from actorgrad.runtime import Worker, current_worker, rref, transport
@@ -1791,14 +1798,12 @@ async def test_status_leaves_out_a_worker_whose_goodbye_came_before_its_leave(mo
         head = c.driver
         (membership,) = [k for k, n in head.registry.conns.items() if n == "w3"]
         end = membership.transport
-        end._schedule = lambda: None
-        end._close_after_pump = lambda: None
+        hold_end(end)
         try:
             st = await asyncio.wait_for(registry._status(5.0), 10)
             assert "w3" in head.members  # (its leave unread)
         finally:
-            del end._schedule, end._close_after_pump
-            end._close_after_pump()
+            release_end(end)
         assert [w["name"] for w in st["workers"]] == ["driver", "w1", "w2"], st
         assert not any("error" in w for w in st["workers"]), st
         await until(lambda: "w3" not in head.members)
@@ -2892,7 +2897,7 @@ async def test_a_call_made_as_a_peers_drop_is_read_goes_on_a_new_connection(how)
         assert await driver.call("w1", add, (1, 2)) == 3
         conn = driver._out["w1"]
         end = conn.transport  # (the driver's: its close waits here)
-        end._close_after_pump = lambda: None
+        hold_end(end, reads=False)
         try:
             _drop_for_silence(c.workers[0], "driver", 1)
             await until(lambda: conn.bye_read)
@@ -2903,8 +2908,7 @@ async def test_a_call_made_as_a_peers_drop_is_read_goes_on_a_new_connection(how)
             assert await asyncio.wait_for(call, 5) == 7
             assert driver._out["w1"] is not conn
         finally:
-            del end._close_after_pump
-            end._close_after_pump()
+            release_end(end)
         await until(lambda: conn.closed)
 
 
@@ -2941,8 +2945,7 @@ async def test_a_frame_sent_before_a_peer_dropped_this_worker_is_no_news_that_it
         assert await w2.call("w1", add, (3, 4)) == 7  # (B: w2's to w1)
         conn_b = w2._out["w1"]
         end_b = conn_b.transport  # (w2's end: what it reads of B waits here)
-        end_b._schedule = lambda: None
-        end_b._close_after_pump = lambda: None
+        hold_end(end_b)
         reply = w2.call_nowait("w1", add, (5, 6))
         await until(lambda: end_b._inbox)  # (w1's reply, unread)
         lost: list[str] = []
@@ -2950,8 +2953,7 @@ async def test_a_frame_sent_before_a_peer_dropped_this_worker_is_no_news_that_it
         _drop_for_silence(w1, "w2", 2)
         await until(lambda: lost)  # (A's goodbye read)
         assert w2.dropped_by("w1") and not conn_b.closed
-        del end_b._schedule, end_b._close_after_pump
-        end_b._close_after_pump()  # (B read: the reply, the goodbye, the close)
+        release_end(end_b)  # (B read: the reply, the goodbye, the close)
         assert await asyncio.wait_for(reply, 5) == 11
         await until(lambda: conn_b.closed)
         assert lost == ["w1"]
@@ -2983,8 +2985,7 @@ async def test_a_frame_sent_before_a_peer_left_is_no_news_that_it_lives():
         conn_b, membership = await _both_ways(driver, w2)
         ends = [conn_b.transport, membership.transport]  # (the driver's: in order)
         for end in ends:  # (what the driver reads of them waits here)
-            end._schedule = lambda: None
-            end._close_after_pump = lambda: None
+            hold_end(end)
         reply = w2.call_nowait("driver", add, (5, 6))
         await until(lambda: conn_b.transport._inbox)  # (the request, unread)
         lost: list[str] = []
@@ -2995,8 +2996,7 @@ async def test_a_frame_sent_before_a_peer_left_is_no_news_that_it_lives():
         await until(lambda: lost)  # (A's goodbye read, and its close)
         assert "w2" in driver.members and not conn_b.closed  # (its leave unread)
         for end in ends:  # (B: the request, the goodbye, the close; the membership too)
-            del end._schedule, end._close_after_pump
-            end._close_after_pump()
+            release_end(end)
         await until(lambda: "w2" not in driver.members)
         await until(lambda: conn_b.closed and membership.closed)
         assert lost == ["w2"]
@@ -3023,8 +3023,7 @@ async def test_no_message_goes_to_a_worker_that_left_over_its_connection_not_rea
         # (the one read first goes on, the other waits: A or the leave)
         ends = [conn_b.transport, (driver._out["w2"] if leave_read else membership).transport]
         for end in ends:  # (what the driver reads of them waits here)
-            end._schedule = lambda: None
-            end._close_after_pump = lambda: None
+            hold_end(end)
         lost: list[str] = []
         driver.add_peer_lost_callback(lost.append)
         await w2.shutdown()
@@ -3041,8 +3040,7 @@ async def test_no_message_goes_to_a_worker_that_left_over_its_connection_not_rea
             assert type(errors[0]) is ag.WorkerLost
             assert str(errors[0]) == "worker 'w2' has left the cluster"
         for end in ends:  # (B's goodbye and close; the leave, or A's)
-            del end._schedule, end._close_after_pump
-            end._close_after_pump()
+            release_end(end)
         await until(lambda: conn_b.closed and "w2" not in driver.members)
         assert lost == (["w2", "w2"] if leave_read else ["w2"])
         assert len(errors) == (0 if leave_read else 1)
@@ -3060,9 +3058,8 @@ async def test_a_call_to_a_worker_whose_goodbye_was_read_fails_at_once():
         conn_a = driver._out["w2"]
         held = [conn_b.transport, membership.transport]
         for end in held:  # (nothing read there)
-            end._schedule = lambda: None
-            end._close_after_pump = lambda: None
-        conn_a.transport._close_after_pump = lambda: None  # (A: read, not closed)
+            hold_end(end)
+        hold_end(conn_a.transport, reads=False)  # (A: read, not closed)
         try:
             await w2.shutdown()
             await until(lambda: conn_a.bye_read)
@@ -3071,10 +3068,7 @@ async def test_a_call_to_a_worker_whose_goodbye_was_read_fails_at_once():
                 await asyncio.wait_for(driver.call("w2", add, (1, 2)), 5)
         finally:
             for end in [*held, conn_a.transport]:
-                if "_schedule" in vars(end):
-                    del end._schedule
-                del end._close_after_pump
-                end._close_after_pump()
+                release_end(end)
         await until(lambda: conn_a.closed and conn_b.closed and "w2" not in driver.members)
 
 
@@ -3113,12 +3107,10 @@ async def test_a_connection_marked_in_an_old_loss_does_not_report_a_later_leave_
         assert not driver.is_lost("w2")
         assert lost == ["w2"]
         end = conn_a.transport  # (A's goodbye read after the leave)
-        end._schedule = lambda: None
-        end._close_after_pump = lambda: None
+        hold_end(end)
         await w2.shutdown()
         await until(lambda: "w2" not in driver.members)
-        del end._schedule, end._close_after_pump
-        end._close_after_pump()
+        release_end(end)
         await until(lambda: conn_a.closed)
         for _ in range(10):
             await asyncio.sleep(0)
@@ -3153,14 +3145,12 @@ async def test_a_connection_marked_in_an_old_loss_does_not_report_a_later_drop_t
         assert await w2.call(me, add, (5, 6)) == 11  # (B': w2's again)
         await until(lambda: me not in w2._lost)
         end = conn_a.transport  # (A's goodbye and close read last)
-        end._schedule = lambda: None
-        end._close_after_pump = lambda: None
+        hold_end(end)
         _drop_for_silence(w2, me, 2)
         await until(lambda: len(lost) == 2)
         if me == "w1":
             assert "w1" in w2._lost
-        del end._schedule, end._close_after_pump
-        end._close_after_pump()
+        release_end(end)
         await until(lambda: conn_a.closed)
         for _ in range(20):
             await asyncio.sleep(0)
