@@ -1002,6 +1002,46 @@ async def test_a_malformed_unpair_message_closes_the_connection_naming_it(sock_c
     await valid_client_works(sock_cluster)
 
 
+@pytest.mark.parametrize(
+    ("topic", "args", "message"),
+    [
+        ("dist.clean", ([1], 2, "driver", 1, 0), r"malformed backward message: context id \[1\]"),
+        ("dist.clean", (1, 2, 7, 1, 0), "malformed clean-up message: origin 7"),
+        ("dist.clean", (1, 2, "driver", 0, 0), "malformed credit 0/2\\*\\*0"),
+        ("dist.clean", (1, 2, "driver", 3, 1), "malformed credit 3/2\\*\\*1"),
+        (
+            "dist.clean_unpair",
+            (1, "driver", [], [], "driver", "p", 1, 0),
+            "malformed backward message: context id 1, pass id 'p'",
+        ),
+        (
+            "dist.clean_unpair",
+            (1, "driver", [], [], None, 2, 1, 0),
+            "malformed clean-up message: origin None",
+        ),
+        (
+            "dist.clean_unpair",
+            (1, "driver", ["x"], [], "driver", 2, 1, 0),
+            "malformed unpair message from 'driver'",
+        ),
+        ("dist.cleaned", (1, None, 1, 0), "malformed backward message: context id 1, pass id None"),
+    ],
+)
+async def test_a_malformed_clean_up_message_closes_the_connection_naming_it(
+    sock_cluster, topic, args, message
+):
+    # (the acknowledged clean-up of a failed pass: an abort, an unpair, a share of its
+    # credit back; refused as every malformed one-way message is, before any context
+    # is looked up or any credit taken)
+    driver = sock_cluster.driver
+    conn = await driver._conn_to("w1")
+    conn.send_nowait(wire.encode_frame([K_CAST, topic], list(args)))
+    with pytest.raises(ag.WorkerLost, match=message) as err:
+        await asyncio.wait_for(driver.call_on(conn, add, (1, 2)), 5)
+    assert "closed the connection on a message from this worker" in str(err.value)
+    await valid_client_works(sock_cluster)
+
+
 async def test_which_contexts_are_gone_is_answered_and_malformed_asks_refused(sock_cluster):
     # (a worker that lost a peer asks a context's initiator which of its contexts it no
     # longer has, or the cluster's head to ask it for it, see dist.api._ask_initiator)

@@ -28,8 +28,9 @@ Design (see docs/distributed.md for the long form):
   nothing to send (e.g. a start) and passes it on with its next message, so starts
   cost no credit messages.
 * Each message is a one-way protocol message (``Worker.cast``) handled inline on the
-  receiver's loop: no reply, no task, no function lookup. (Only the abort of a failed
-  pass goes out as calls, so that the initiator knows every peer dropped it.) A
+  receiver's loop: no reply, no task, no function lookup. (The abort of a failed pass
+  is acknowledged by credit too, so that the initiator knows every worker dropped it
+  and the ends of pairs it had freed: see _clean_up.) A
   failure in a worker's part is reported by that worker to the pass's origin as the
   original error (``RemoteError`` naming it); a message that cannot be sent, or a peer
   lost after it was sent a message of the pass (its process died; or it went silent
@@ -56,7 +57,6 @@ from actorgrad.dist.context import (
     DistContext,
     DistState,
     RecvNode,
-    call_peers,
     check_peers,
     int_list,
     running_chain,
@@ -74,7 +74,8 @@ from actorgrad.errors import (
     short_repr,
     type_name,
 )
-from actorgrad.runtime import current_worker, inline, loop_worker, on_cast
+from actorgrad.runtime import loop_worker, on_cast
+from actorgrad.runtime import worker as _runtime
 from actorgrad.tensor import Tensor, broadcast_view
 
 log = logging.getLogger("actorgrad.dist")
@@ -1115,22 +1116,9 @@ def _fail(worker: Any, ctx_id: int, pass_id: int, record: list[Any]) -> None:
     _fail_run(state_of(worker), pass_id, exc)
 
 
-@inline
-def _abort(ctx_id: int, pass_id: int) -> None:
-    """Drop a failed pass here and on every peer of the context (a flood, deduplicated).
-
-    The flood goes on one-way and the reply does not wait for it: the origin waits only
-    for its direct peers. That is enough for the next pass: every worker forwards the
-    abort before anything else, on the connection its later messages take, so a peer
-    always sees the abort before that worker's messages of a later pass. (This call and
-    the casts of the protocol keep one order per connection: a cast waits behind the
-    requests queued before it.)"""
-    _abort_cast(current_worker(), ctx_id, pass_id)
-
-
 @on_cast(T_ABORT)
 def _abort_cast(worker: Any, ctx_id: int, pass_id: int) -> None:
-    """The one-way form of :func:`_abort` (the flood)."""
+    """Handler: the abort of a cancelled pass, one-way (the flood: see _flood_abort)."""
     _check_ids(ctx_id, pass_id)
     st = state_of(worker)
     ctx = st.contexts.get(ctx_id)
@@ -1139,22 +1127,31 @@ def _abort_cast(worker: Any, ctx_id: int, pass_id: int) -> None:
 
 
 def _abort_and_flood(worker: Any, ctx: DistContext, pass_id: int) -> bool:
-    """Drop pass ``pass_id`` here and send its abort on to the peers (see _abort_here,
+    """Drop pass ``pass_id`` here, tell the peers to drop the ends of the pairs its part
+    here freed, and send its abort on to the peers, all one-way (see _abort_here,
     _flood_abort), unless it was aborted here already; whether it was news here."""
     if ctx.is_aborted(pass_id):
         return False
-    _abort_here(worker, ctx, pass_id)
-    _flood_abort(worker, ctx, pass_id)
+    _abort_one_way(worker, ctx, pass_id)
     return True
+
+
+def _abort_one_way(worker: Any, ctx: DistContext, pass_id: int) -> None:
+    freed = _abort_here(worker, ctx, pass_id)
+    if freed:
+        ctx.unpaired[pass_id] = freed  # (sent again if its acknowledged clean-up comes)
+        for peer, (recv_ids, send_ids) in freed.items():
+            worker.cast(peer, T_UNPAIR, (ctx.id, worker.name, send_ids, recv_ids), on_error=_ignore)
+    _flood_abort(worker, ctx, pass_id)
 
 
 def abort_known(worker: Any, ctx: DistContext, pass_id: int) -> None:
     """A call in ``ctx`` came from a worker that knows pass ``pass_id`` of it aborted
     (its metadata says so: see DistInterceptor): aborted here too if it was not, as its
-    one-way abort, which may come after the call, would (and passed on, ahead of this
-    worker's later messages). So is a part running here of an older pass of the same
-    origin: an origin starts a pass of a context only once its last one there is over,
-    and a part of it still running means that it failed."""
+    abort, which may come after the call, would (and passed on, ahead of this worker's
+    later messages). So is a part running here of an older pass of the same origin: an
+    origin starts a pass of a context only once its last one there is over, and a part
+    of it still running means that it failed."""
     key = pass_id >> PASS_ID_BITS
     ps = ctx.active_pass
     if ps is not None and ps.pass_id >> PASS_ID_BITS == key and ps.pass_id < pass_id:
@@ -1163,22 +1160,21 @@ def abort_known(worker: Any, ctx: DistContext, pass_id: int) -> None:
         ctx.note_aborted(pass_id, here=False)  # (the calls carrying it: found at once)
 
 
-def _abort_here(worker: Any, ctx: DistContext, pass_id: int) -> None:
+def _abort_here(
+    worker: Any, ctx: DistContext, pass_id: int
+) -> dict[str, tuple[list[int], list[int]]]:
     """Drop pass ``pass_id`` on this worker: its running part, what it committed here,
-    and (refused from now on) its late messages. If its part here had finished and
-    freed the graph, the peers drop their ends of the pairs it freed: their parts did
+    and (refused from now on) its late messages. Returns the pairs its part here freed,
+    if it had finished without retain_graph, per peer other than this worker (see
+    DistContext.free_graph): the peers must drop their ends of them. Their parts did
     not finish (or the pass would not have failed), and those ends would wait in every
     later pass of the context for gradients nobody holds any more."""
     ctx.aborted_passes.add(pass_id)
     ctx.note_aborted(pass_id)
     ctx.drop_pass(pass_id)
     freed = ctx.undo_pass(pass_id)
-    for peer, (recv_ids, send_ids) in (freed or {}).items():
-        # (our recv nodes' send ids are the peer's send nodes; ours, its recv nodes;
-        # pairs within this worker went whole when its part finished)
-        if peer != worker.name:
-            args = (ctx.id, worker.name, send_ids, recv_ids)
-            worker.cast(peer, T_UNPAIR, args, on_error=_ignore)
+    # (pairs within this worker went whole when its part finished)
+    return {p: ids for p, ids in freed.items() if p != worker.name} if freed else {}
 
 
 @on_cast(T_UNPAIR)
@@ -1221,6 +1217,188 @@ def _flood_abort(worker: Any, ctx: DistContext, pass_id: int) -> None:
     for peer in ctx.peers | ctx.sent_to if ctx.sent_to else ctx.peers:
         if peer != worker.name:
             worker.cast(peer, T_ABORT, (ctx.id, pass_id), on_error=_ignore)
+
+
+# The clean-up of a failed pass: an acknowledged abort flood. A worker whose part of
+# the pass had finished (without retain_graph) freed its ends of pairs whose other ends,
+# on workers whose parts did not finish, must go too (see _abort_here); until they do,
+# a new pass reaching those ends fails ("ran into the clean-up"). Sent one-way, the
+# unpair of such ends (from w2 to w1) is unordered with everything that worker sends
+# the peer on the peer's connection (w2's reply to w1's call of the next forward), so
+# the origin's next pass could reach w1 first. So the origin of a failed pass floods
+# the abort with a share of a credit of 1 (as the pass itself does, see the module's
+# docstring): each worker, the first time the clean-up reaches it, aborts the pass,
+# sends its unpairs and the flood on to its peers, and splits its share among those
+# messages; a worker reached again, an unpair's receiver once the ends are gone, and a
+# worker with nothing to send give their share back. All of it back: every worker the
+# flood reaches has dropped the pass and the stale ends. Duplicates answer at once, so
+# cycles cannot deadlock, and every worker's first clean-up carries credit the origin
+# waits for. A worker that died (or hung) holding a share never gives it back: no share
+# goes to one taken for lost or found silent (it gets the one-way messages), the origin
+# does not wait if it knows of one in the context, its wait ends when it hears of a
+# loss, and after clean_up_wait at most.
+
+T_CLEAN = "dist.clean"  # (ctx id, pass id, origin, credit num, exp)
+T_CLEAN_UNPAIR = "dist.clean_unpair"  # (ctx id, peer, recv ids, send ids, origin, pass id, credit)
+T_CLEANED = "dist.cleaned"  # to the origin: (ctx id, pass id, credit num, exp)
+
+#: Seconds the origin of a failed pass waits at most for its clean-up (None: the
+#: heartbeat timeout, after which a silent worker is taken for lost anyway). Past it,
+#: the failed ``backward`` raises all the same, and a pass started before the
+#: clean-up reached a worker may fail there with "ran into the clean-up".
+CLEAN_UP_WAIT: float | None = None
+
+
+def clean_up_wait() -> float:
+    return _runtime.HEARTBEAT_TIMEOUT if CLEAN_UP_WAIT is None else CLEAN_UP_WAIT
+
+
+async def _clean_up_everywhere(st: DistState, ctx: DistContext, pass_id: int) -> None:
+    """On the origin of pass ``pass_id``, which failed: abort it here and on every worker
+    of the context, their stale ends of freed pairs dropped, and wait for all of it (see
+    the comment above)."""
+    worker = st.worker
+    freed = _abort_here(worker, ctx, pass_id)
+    if any(map(st.unreachable, ctx.peers | ctx.sent_to)):
+        # (a worker lost, or hung, already: others may have passed it a share before
+        # they knew, held for good; a loss heard from now on ends the wait)
+        _clean_up(st, ctx, pass_id, worker.name, (1, 0), freed)
+        return
+    run = st.cleanups[pass_id] = InitiatorRun(ctx.id, pass_id)
+    # (as a caller watches the peers its calls wait on: one that hangs is taken for lost
+    # after the heartbeat timeout, which ends the wait, see DistState.end_cleanups)
+    watched = [p for p in ctx.peers | ctx.sent_to if p != worker.name]
+    for peer in watched:
+        worker.watch(peer)
+    try:
+        _clean_up(st, ctx, pass_id, worker.name, (1, 0), freed)
+        try:
+            await asyncio.wait_for(run.done, clean_up_wait())
+        except (TimeoutError, ProtocolError, WorkerLost) as exc:
+            # (the pass failed all the same: what is raised is its error)
+            log.debug("clean-up of backward pass %#x of context %#x: %r", pass_id, ctx.id, exc)
+    finally:
+        del st.cleanups[pass_id]
+        for peer in watched:
+            worker.unwatch(peer)
+
+
+def _clean_up(
+    st: DistState,
+    ctx: DistContext,
+    pass_id: int,
+    origin: str,
+    credit: Credit,
+    freed: dict[str, tuple[list[int], list[int]]],
+) -> None:
+    """The clean-up of ``pass_id`` reached this worker for the first time: send the
+    unpairs of ``freed`` and the clean-up on to the peers (but the origin), ``credit``
+    split among them, or give it back if there is nothing to send."""
+    worker = st.worker
+    ctx.cleaned.add(pass_id)
+    out: list[tuple[str, str, tuple[Any, ...]]] = []
+    args: tuple[Any, ...]
+    for peer, (recv_ids, send_ids) in freed.items():
+        if st.unreachable(peer):
+            # (no share for a peer taken for lost here, or hung: it would hold it for
+            # good, and the origin may not hear of it. Alive after all, it drops the
+            # ends once it reads this.)
+            args = (ctx.id, worker.name, send_ids, recv_ids)
+            worker.cast(peer, T_UNPAIR, args, on_error=_ignore)
+        else:
+            args = (ctx.id, worker.name, send_ids, recv_ids, origin, pass_id)
+            out.append((peer, T_CLEAN_UNPAIR, args))
+    for peer in ctx.peers | ctx.sent_to if ctx.sent_to else ctx.peers:
+        if peer == worker.name or peer == origin:
+            continue
+        if st.unreachable(peer):
+            worker.cast(peer, T_ABORT, (ctx.id, pass_id), on_error=_ignore)
+        else:
+            out.append((peer, T_CLEAN, (ctx.id, pass_id, origin)))
+    if not out:
+        _cleaned_share(st, ctx.id, pass_id, origin, credit)
+        return
+    for (peer, topic, args), share in zip(out, split_credit(credit, len(out)), strict=True):
+        # (one that cannot go: its receiver is gone, with the ends it held; its share
+        # comes back at once)
+        on_error = functools.partial(_unsent_share, st, ctx.id, pass_id, origin, share)
+        worker.cast(peer, topic, (*args, *_credit_out(share)), on_error=on_error)
+
+
+def _cleaned_share(st: DistState, ctx_id: int, pass_id: int, origin: str, credit: Credit) -> None:
+    """Give a share of a clean-up's credit back to the origin of the failed pass."""
+    if origin == st.worker.name:
+        run = st.cleanups.get(pass_id)
+        if run is not None:
+            run.add_credit(credit)
+    else:
+        # (an origin it cannot reach waits out clean_up_wait: no relay for these)
+        args = (ctx_id, pass_id, *_credit_out(credit))
+        st.worker.cast(origin, T_CLEANED, args, on_error=_ignore)
+
+
+def _unsent_share(
+    st: DistState, ctx_id: int, pass_id: int, origin: str, credit: Credit, exc: BaseException
+) -> None:
+    _cleaned_share(st, ctx_id, pass_id, origin, credit)
+
+
+def _check_clean(origin: Any, num: Any, exp: Any) -> Credit:
+    if type(origin) is not str:
+        raise ProtocolError(f"malformed clean-up message: origin {short_repr(origin)}")
+    return _check_credit(num, exp), exp
+
+
+@on_cast(T_CLEAN)
+def _clean(worker: Any, ctx_id: int, pass_id: int, origin: str, num: Any, exp: int) -> None:
+    """Handler: the acknowledged abort of failed pass ``pass_id`` (see _clean_up)."""
+    _check_ids(ctx_id, pass_id)
+    credit = _check_clean(origin, num, exp)
+    st = state_of(worker)
+    ctx = st.contexts.get(ctx_id)
+    if ctx is None or pass_id in ctx.cleaned:
+        _cleaned_share(st, ctx_id, pass_id, origin, credit)
+    elif ctx.is_aborted(pass_id):
+        # aborted here before, one-way (known aborted from a call's metadata): its
+        # unpairs went unacknowledged, they go again (dropping an end is idempotent)
+        _clean_up(st, ctx, pass_id, origin, credit, ctx.unpaired.pop(pass_id, {}))
+    else:
+        _clean_up(st, ctx, pass_id, origin, credit, _abort_here(st.worker, ctx, pass_id))
+
+
+@on_cast(T_CLEAN_UNPAIR)
+def _clean_unpair(
+    worker: Any,
+    ctx_id: int,
+    peer: str,
+    recv_ids: list[int],
+    send_ids: list[int],
+    origin: str,
+    pass_id: int,
+    num: Any,
+    exp: int,
+) -> None:
+    """Handler: an unpair (see _unpair) of the clean-up of failed pass ``pass_id``,
+    acknowledged: its share of credit goes back to the origin once the ends are gone."""
+    _check_ids(ctx_id, pass_id)
+    credit = _check_clean(origin, num, exp)
+    _unpair(worker, ctx_id, peer, recv_ids, send_ids)
+    _cleaned_share(state_of(worker), ctx_id, pass_id, origin, credit)
+
+
+@on_cast(T_CLEANED)
+def _cleaned(worker: Any, ctx_id: int, pass_id: int, num: Any, exp: int) -> None:
+    """Handler on the origin of a failed pass: a share of its clean-up's credit back."""
+    _check_ids(ctx_id, pass_id)
+    run = state_of(worker).cleanups.get(pass_id)
+    if run is None:  # (its wait ended: timed out, or a loss)
+        return
+    try:
+        num = _check_credit(num, exp)
+    except ProtocolError as exc:
+        run.fail(exc)
+        return
+    run.add_credit((num, exp))
 
 
 def _check_roots(roots: Any) -> list[tuple[Any, np.ndarray]]:
@@ -1323,11 +1501,10 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             # The pass failed or was cancelled: nothing of it stays, here or on the peers.
             # (The error's traceback holds this frame; the run's future holds the error.)
             run = None  # type: ignore[assignment]
-            _abort_here(worker, ctx, pass_id)
             if isinstance(exc, Exception):
-                await call_peers(st.worker, ctx.peers, _abort, (context_id, pass_id))
+                await _clean_up_everywhere(st, ctx, pass_id)
             else:  # cancelled: no waiting now, the abort goes out one-way
-                _flood_abort(worker, ctx, pass_id)
+                _abort_one_way(worker, ctx, pass_id)
             raise
         finally:
             del st.runs[pass_id]

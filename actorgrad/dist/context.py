@@ -164,6 +164,8 @@ class DistContext:
         "peer_ids",
         "broken",
         "broken_by",
+        "cleaned",
+        "unpaired",
         "__weakref__",
     )
 
@@ -258,6 +260,14 @@ class DistContext:
         self.broken: str | None = None
         # The callee of that reply and its cluster id (see still_broken).
         self.broken_by: tuple[str, int | None] = ("", None)
+        # Failed passes whose acknowledged clean-up (backward._clean_up) went on from
+        # here: a second one's credit goes straight back to its origin.
+        self.cleaned: set[int] = set()
+        # Per pass aborted here without acknowledgement (cancelled, or known aborted
+        # from a call's metadata), the pairs its part here had freed, whose unpair
+        # messages went out unacknowledged: sent again, acknowledged, if the pass's
+        # clean-up comes (it failed, and its origin waits for every unpair).
+        self.unpaired: dict[int, dict[str, tuple[list[int], list[int]]]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -318,6 +328,13 @@ class DistContext:
         if self.aborted_passes:
             self.aborted_passes = {
                 p for p in self.aborted_passes if p >> PASS_ID_BITS != key or p >= pass_id
+            }
+        # (an older pass of this origin is over, its clean-up too: see aborted_passes)
+        if self.cleaned:
+            self.cleaned = {p for p in self.cleaned if p >> PASS_ID_BITS != key or p >= pass_id}
+        if self.unpaired:
+            self.unpaired = {
+                p: f for p, f in self.unpaired.items() if p >> PASS_ID_BITS != key or p >= pass_id
             }
 
     def note_aborted(self, pass_id: int, here: bool = True) -> None:
@@ -437,6 +454,13 @@ class DistState:
         # (at most this many contexts left, future) of wait_empty
         self._empty_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.runs: dict[int, Any] = {}  # pass id -> InitiatorRun, for passes started here
+        # pass id -> InitiatorRun of the clean-up of a pass that failed here (the credit
+        # of its acknowledged abort flood, see backward._clean_up_everywhere)
+        self.cleanups: dict[int, Any] = {}
+        # Peers check_watched found silent for the heartbeat timeout (hung: not taken
+        # for lost, nothing closed), and when they were last heard from then: until
+        # heard from again, a clean-up gives them no share of its credit (see unreachable).
+        self._silent: dict[str, float | None] = {}
         # context id -> its pass started here (one at a time: the context's lock), so
         # that a context's run is found without a scan of all (quadratic with 8,000
         # contexts in one process)
@@ -628,6 +652,7 @@ class DistState:
                 if lagged or heard is None or now - heard <= _runtime.HEARTBEAT_TIMEOUT:
                     continue
                 ctx.watching.discard(peer)
+                self._silent[peer] = heard
                 pass_id, origin = ctx.last_pass
                 _report(
                     self,
@@ -666,6 +691,24 @@ class DistState:
         run = self.run_of.get(ctx_id)
         if run is not None:
             run.fail(exc)
+
+    def unreachable(self, peer: str) -> bool:
+        """Whether ``peer`` is taken for lost here, or was found silent for the heartbeat
+        timeout (see check_watched) and not heard from since."""
+        if self.worker.is_lost(peer):
+            return True
+        if peer not in self._silent:
+            return False
+        if self.worker.heard_from(peer) == self._silent[peer]:
+            return True
+        del self._silent[peer]
+        return False
+
+    def end_cleanups(self, why: str) -> None:
+        """Stop waiting for the clean-ups of failed passes started here (a worker that
+        held part of their credit may be gone: see backward._clean_up_everywhere)."""
+        for run in self.cleanups.values():
+            run.fail(WorkerLost(f"{why} during the clean-up of a failed backward pass"))
 
     def released_here(self, ctx_id: int) -> bool:
         """Whether this worker released ``ctx_id`` lately (its release came, or its
@@ -775,6 +818,7 @@ def _on_closing(st: DistState) -> None:
     # now (it waited for good: the driver leaving local_cluster during a backward).
     for run in list(st.runs.values()):
         run.fail(WorkerLost(f"worker {st.worker.name!r} shut down during the backward pass"))
+    st.end_cleanups(f"worker {st.worker.name!r} shut down")
     if st._watch_timer is not None:
         # (it would find the worker closed and stop, but held the worker and its state
         # until then: 41 closed workers were alive after 200 in-process clusters in a row)
@@ -854,6 +898,9 @@ def _on_peer_lost(st: DistState, name: str) -> None:
     from actorgrad.dist.backward import _report
 
     me = st.worker.name
+    # (the share of a clean-up's credit it held is gone with it, or with a worker it
+    # passed it to: the origin does not know which, and stops waiting)
+    st.end_cleanups(f"worker {name!r} was lost")
     # A peer that closed on us for our silence (this worker's process was stopped) lives
     # on: it is this worker that it lost.
     why = st.worker.dropped_by(name)

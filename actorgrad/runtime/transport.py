@@ -105,7 +105,9 @@ MAGIC = b"ACTGRAD\x00"
 #: 10: a server that refuses the client's token says so (_REFUSED) before it closes
 #: 11: a call's distributed metadata carries the latest pass of its context aborted on
 #:     the caller (its callee aborts it too before it takes the call)
-PROTOCOL_VERSION = 11
+#: 12: the abort of a failed backward pass is a flood acknowledged by credit
+#:     (dist.clean, dist.clean_unpair, dist.cleaned), not calls to the origin's peers
+PROTOCOL_VERSION = 12
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
 #: A server's answer to a client that does not know the token, in place of its MAC and
