@@ -6326,6 +6326,28 @@ async def _next_pass_is_exact(ctx: int, av: np.ndarray, bv: np.ndarray, x: ag.Te
     np.testing.assert_allclose(await ag.rpc("w2", F.grad_of, (ctx, "w")), 2 * xv**2 * av**2 * bv)
 
 
+def _hold_casts(worker: Any, topic: str) -> tuple[list[tuple[Any, ...]], Any]:
+    """Hold back the one-way messages of ``topic`` that ``worker`` casts. Returns the
+    held ones' arguments (dest, topic, args, on_error) and a function that gives the
+    worker its own cast back and sends them."""
+    cast = worker.cast
+    held: list[tuple[Any, ...]] = []
+
+    def holding_cast(dest, t, args=(), on_error=None):
+        if t == topic:
+            held.append((dest, t, args, on_error))
+        else:
+            cast(dest, t, args, on_error)
+
+    def release() -> None:
+        worker.cast = cast
+        for sent in held:
+            cast(*sent)
+
+    worker.cast = holding_cast
+    return held, release
+
+
 def _stale_ends(ctx1: Any) -> list[Any]:
     """w1's ends of its pairs with w2 (in the failed pass's graph, kept there)."""
     return [s for s in ctx1.sends.values() if s.dest == "w2"] + [
@@ -6353,23 +6375,15 @@ async def test_a_failed_backward_returns_once_its_clean_up_reached_every_worker(
     av, bv, xv = arr(3), arr(3), arr(3)
     async with cluster("inproc") as c:
         await _set_up_clean_up_case(av, bv)
-        w1, w2 = c.workers[0], c.workers[1]
-        held: list[Any] = []
-        w2_cast = w2.cast
-
-        def w2_holding_cast(dest, topic, args=(), on_error=None):
-            if dest == "w1" and topic == T_CLEAN_UNPAIR:
-                held.append((dest, topic, args, on_error))
-            else:
-                w2_cast(dest, topic, args, on_error)
-
-        monkeypatch.setattr(w2, "cast", w2_holding_cast)
+        w1 = c.workers[0]
+        held, release = _hold_casts(c.workers[1], T_CLEAN_UNPAIR)  # (w2's, to w1)
         x = ag.tensor(xv, requires_grad=True)
         async with ag.dist.context() as ctx:
             y = await ag.rpc("w1", F.mul_then_forward, ("w", "w2", "w", x))
             p1 = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
             await until(lambda: held)
-            ((_, _, args, _),) = held
+            ((dest, _, args, _),) = held
+            assert dest == "w1"
             cleanups = state_of(c.driver).cleanups
 
             def all_back_but_the_held_share() -> bool:
@@ -6380,8 +6394,7 @@ async def test_a_failed_backward_returns_once_its_clean_up_reached_every_worker(
             await until(all_back_but_the_held_share)
             ctx1 = state_of(w1).contexts[ctx]
             assert _stale_ends(ctx1) and not p1.done()
-            w2.cast = w2_cast
-            w2_cast(*held[0])
+            release()
             with pytest.raises(ag.RemoteError, match="hook refused gradient on w1"):
                 await asyncio.wait_for(p1, 10)
             assert not _stale_ends(ctx1) and not cleanups
@@ -6404,16 +6417,7 @@ async def test_a_clean_up_reaching_a_worker_that_aborted_one_way_sends_its_unpai
     async with cluster("inproc") as c:
         await _set_up_clean_up_case(av, bv)
         w1, w2 = c.workers[0], c.workers[1]
-        lost: list[Any] = []
-        w2_cast = w2.cast
-
-        def w2_losing_cast(dest, topic, args=(), on_error=None):
-            if topic == T_UNPAIR:
-                lost.append(args)
-            else:
-                w2_cast(dest, topic, args, on_error)
-
-        monkeypatch.setattr(w2, "cast", w2_losing_cast)
+        lost, _ = _hold_casts(w2, T_UNPAIR)  # (never sent)
         clean, nargs = rworker._cast_handlers[T_CLEAN]
 
         def aborted_first(worker, ctx_id, pass_id, *rest):
@@ -6444,17 +6448,8 @@ async def test_a_clean_up_share_held_for_good_does_not_hold_the_failed_backward(
     av, bv, xv = arr(3), arr(3), arr(3)
     async with cluster("inproc") as c:
         await _set_up_clean_up_case(av, bv)
-        w1, w2 = c.workers[0], c.workers[1]
-        held: list[Any] = []
-        w2_cast = w2.cast
-
-        def w2_holding_cast(dest, topic, args=(), on_error=None):
-            if topic == T_CLEAN_UNPAIR:
-                held.append((dest, topic, args, on_error))
-            else:
-                w2_cast(dest, topic, args, on_error)
-
-        monkeypatch.setattr(w2, "cast", w2_holding_cast)
+        w1 = c.workers[0]
+        held, release = _hold_casts(c.workers[1], T_CLEAN_UNPAIR)
         x = ag.tensor(xv, requires_grad=True)
         async with ag.dist.context() as ctx:
             y = await ag.rpc("w1", F.mul_then_forward, ("w", "w2", "w", x))
@@ -6462,8 +6457,7 @@ async def test_a_clean_up_share_held_for_good_does_not_hold_the_failed_backward(
                 await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
             ctx1 = state_of(w1).contexts[ctx]
             assert held and _stale_ends(ctx1) and not state_of(c.driver).cleanups
-            w2.cast = w2_cast
-            w2_cast(*held[0])  # (its share goes back to an origin that stopped waiting)
+            release()  # (its share goes back to an origin that stopped waiting)
             await until(lambda: not _stale_ends(ctx1))
             await _next_pass_is_exact(ctx, av, bv, x)
         await assert_clean(c.names)
@@ -6481,16 +6475,7 @@ async def test_the_loss_of_a_worker_holding_a_clean_up_share_ends_the_wait(monke
     async with cluster("inproc") as c:
         await _set_up_clean_up_case(av, bv)
         w1 = c.workers[0]
-        held: list[Any] = []
-        w1_cast = w1.cast
-
-        def w1_holding_cast(dest, topic, args=(), on_error=None):
-            if topic == T_CLEAN:
-                held.append(args)
-            else:
-                w1_cast(dest, topic, args, on_error)
-
-        monkeypatch.setattr(w1, "cast", w1_holding_cast)
+        held, _ = _hold_casts(w1, T_CLEAN)
         x = ag.tensor(xv, requires_grad=True)
         async with ag.dist.context() as ctx:
             y = await ag.rpc("w1", F.mul_then_forward, ("w", "w2", "w", x))

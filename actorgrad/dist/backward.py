@@ -1087,7 +1087,12 @@ def _credit(worker: Any, ctx_id: int, pass_id: int, num: int, exp: int) -> None:
     """Handler on the initiator: credit of a finished branch of the pass. A malformed
     one fails the pass (its credit could never add up: backward would hang)."""
     _check_ids(ctx_id, pass_id)
-    run = state_of(worker).runs.get(pass_id)
+    _credit_to(state_of(worker).runs.get(pass_id), num, exp)
+
+
+def _credit_to(run: InitiatorRun | None, num: Any, exp: Any) -> None:
+    """Add the credit ``num / 2**exp`` a message brought to ``run`` (None: nobody waits
+    for it any more); a malformed one fails the run."""
     if run is None:
         return
     try:
@@ -1390,15 +1395,8 @@ def _clean_unpair(
 def _cleaned(worker: Any, ctx_id: int, pass_id: int, num: Any, exp: int) -> None:
     """Handler on the origin of a failed pass: a share of its clean-up's credit back."""
     _check_ids(ctx_id, pass_id)
-    run = state_of(worker).cleanups.get(pass_id)
-    if run is None:  # (its wait ended: timed out, or a loss)
-        return
-    try:
-        num = _check_credit(num, exp)
-    except ProtocolError as exc:
-        run.fail(exc)
-        return
-    run.add_credit((num, exp))
+    # (none: its wait ended, timed out or cut by a loss)
+    _credit_to(state_of(worker).cleanups.get(pass_id), num, exp)
 
 
 def _check_roots(roots: Any) -> list[tuple[Any, np.ndarray]]:
