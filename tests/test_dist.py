@@ -4680,14 +4680,16 @@ async def test_state_dict_and_load_raise_an_owner_s_failure_to_make_its_optimize
 async def test_a_cancelled_pass_is_aborted_on_a_relay_target_before_the_next_pass(monkeypatch):
     # h = w1's leaf * 1 comes to the driver, which passes it on to w2 unchanged: w2
     # sends h's gradient straight to w1 (a relay), though w2 never called w1. P1 is
-    # cancelled after w1's part committed; its abort goes to each peer one-way, and the
-    # driver's to w1 is late (held here). P2 then reached w1 through w2 first: w1
+    # cancelled after w1's part committed; its abort goes to each peer, and the
+    # driver's to w1 is late (held here, past P2's wait for the clean-up, shortened
+    # here). P2 then reached w1 through w2 first: w1
     # started P2, which dropped P1's commit record, and ignored P1's abort when it came:
     # w1's leaf kept P1's gradient too (twice the right one). w2 did not pass the abort
     # on to w1, not a peer of the context there; it now goes to the peers it sent
     # messages of the pass to as well, ahead of its messages of later passes.
-    from actorgrad.dist.backward import T_ABORT, T_DELIVER
+    from actorgrad.dist.backward import T_CLEAN, T_DELIVER
 
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "CLEAN_UP_WAIT", 0.2)
     wv1, wv2, wv3, xv = arr(3), arr(3), arr(3), arr(3)
     async with cluster("inproc") as c:
         for name, wv in (("w1", wv1), ("w2", wv2), ("w3", wv3)):
@@ -4697,7 +4699,7 @@ async def test_a_cancelled_pass_is_aborted_on_a_relay_target_before_the_next_pas
         cast = c.driver.cast
 
         def holding_cast(dest, topic, args=(), on_error=None):
-            if dest == "w1" and topic == T_ABORT:
+            if dest == "w1" and topic == T_CLEAN:
                 held.append((dest, topic, args, on_error))
             elif not (hold_w3 and dest == "w3" and topic == T_DELIVER):  # (P1's: dropped)
                 cast(dest, topic, args, on_error)
@@ -4731,16 +4733,18 @@ async def test_a_cancelled_pass_is_aborted_on_a_relay_target_before_the_next_pas
 @pytest.mark.parametrize("transport", ["inproc", "tcp"])
 async def test_a_call_right_after_a_cancelled_backward_aborts_it_on_the_way(transport, monkeypatch):
     # driver -> w2 -> w1; P1 is cancelled while w2's part waits for w1's gradient, and
-    # the driver's abort, one-way to w2, is late (held here). A new forward in the same
+    # the driver's abort to w2 is late (held here). A new forward in the same
     # context, driver -> w1 -> w2, reached w2 through w1 first: P1's part still ran
     # there, and w2 refused w1's call ("cannot be taken in it on worker 'w2' while a
     # backward pass runs in it there"; found by delivery-order fuzzing). A call now says
     # which pass of the context its caller knows was aborted: the driver's tells w1,
     # which aborts P1 (taking back what its part committed) and passes it on, and w1's
-    # tells w2, which aborts P1 before it takes the call.
-    from actorgrad.dist.backward import T_ABORT, T_DELIVER
+    # tells w2, which aborts P1 before it takes the call. (The next backward waits for
+    # the clean-up: shortened here, as the abort to w2 stays held.)
+    from actorgrad.dist.backward import T_CLEAN, T_DELIVER
     from actorgrad.dist.context import state_of
 
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "CLEAN_UP_WAIT", 0.2)
     av, bv, cv, xv = arr(3), arr(3), arr(3), arr(3)
     async with cluster(transport) as c:
         w1, w2 = (w for w in c.workers if w.name in ("w1", "w2"))
@@ -4752,7 +4756,7 @@ async def test_a_call_right_after_a_cancelled_backward_aborts_it_on_the_way(tran
         cast, w1_cast = c.driver.cast, w1.cast
 
         def holding_cast(dest, topic, args=(), on_error=None):
-            if dest == "w2" and topic == T_ABORT:
+            if dest == "w2" and topic == T_CLEAN:
                 held.append((dest, topic, args, on_error))
             else:
                 cast(dest, topic, args, on_error)
@@ -6306,13 +6310,15 @@ async def test_a_chain_and_a_fan_out_through_sixteen_workers_match_one_process(t
         await assert_clean(c.names)
 
 
-async def _set_up_clean_up_case(av: np.ndarray, bv: np.ndarray) -> None:
+async def _set_up_clean_up_case(av: np.ndarray, bv: np.ndarray, fail: bool = True) -> None:
     """The weights of driver -> w1 -> w2 (``F.mul_then_forward``: (x * a * b)**2) put on
-    w1 and w2, w1's hook failing the first pass after w2's part finished and freed its
-    ends of their pairs (w1's part did not finish: its ends stay until w2's clean-up)."""
+    w1 and w2, w1's hook failing the first pass (``fail``) after w2's part finished and
+    freed its ends of their pairs (w1's part did not finish: its ends stay until w2's
+    clean-up)."""
     await ag.rpc("w1", F.put, ("w", av))
     await ag.rpc("w2", F.put, ("w", bv))
-    await ag.rpc("w1", F.add_failing_hook, ("w", 1))
+    if fail:
+        await ag.rpc("w1", F.add_failing_hook, ("w", 1))
 
 
 async def _next_pass_is_exact(ctx: int, av: np.ndarray, bv: np.ndarray, x: ag.Tensor) -> None:
@@ -6485,3 +6491,58 @@ async def test_the_loss_of_a_worker_holding_a_clean_up_share_ends_the_wait(monke
             await w1.shutdown(graceful=False)
             with pytest.raises(ag.RemoteError, match="hook refused gradient on w1"):
                 await asyncio.wait_for(p1, 10)
+
+
+async def test_a_backward_right_after_a_cancelled_one_waits_for_its_clean_up(monkeypatch):
+    # P1 is cancelled after w2's part finished and freed its ends of its pairs with w1
+    # (w2's gradient to w1 held: w1's part waits for it). The cancelled backward ends at
+    # once, its clean-up one-way: a pass started next (a retry after a timeout) could
+    # reach w1 before w2's unpair and fail with "ran into the clean-up". The clean-up
+    # goes on in the background now, and the next backward started there in the
+    # context waits for it: held here, P2 waits, with all the rest of its credit back;
+    # let go, P2 runs, exact.
+    from actorgrad.dist.backward import T_CLEAN_UNPAIR, T_DELIVER, add_credit
+    from actorgrad.dist.context import state_of
+
+    # (not what ends the wait here)
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "CLEAN_UP_WAIT", 60.0)
+    av, bv, xv = arr(3), arr(3), arr(3)
+    async with cluster("inproc") as c:
+        await _set_up_clean_up_case(av, bv, fail=False)
+        w1, w2 = c.workers[0], c.workers[1]
+        held, release = _hold_casts(w2, T_CLEAN_UNPAIR)
+        grads, release_grads = _hold_casts(w2, T_DELIVER)  # (P1's only: let go below)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul_then_forward, ("w", "w2", "w", x))
+            p1 = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+            await until(lambda: grads)  # (w2's part of P1 finished: its graph freed)
+            p1.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await p1
+            await until(lambda: held)  # (w1 aborted P1 before it passed the clean-up on)
+            release_grads()  # (P1's gradient reaches w1 late: refused there)
+            ((dest, _, args, _),) = held
+            assert dest == "w1"
+            (run,) = state_of(c.driver).cleanups.values()
+
+            def all_back_but_the_held_share() -> bool:
+                num, exp = add_credit((run.num, run.exp), (args[-2], args[-1]))
+                return num == 1 << exp
+
+            y = await ag.rpc("w1", F.mul_then_forward, ("w", "w2", "w", x))
+            p2 = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+            await until(all_back_but_the_held_share)
+            # (a start of P2 would have reached w1 before this call: it goes first on
+            # the driver's connection)
+            await ag.rpc("w1", F.identity, (None,))
+            assert not p2.done() and state_of(w1).contexts[ctx].active_pass is None
+            assert state_of(c.driver).contexts[ctx].active_pass is None  # (not started)
+            release()
+            await asyncio.wait_for(p2, 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * xv * av**2 * bv**2)
+            gw1 = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+            np.testing.assert_allclose(gw1, 2 * xv**2 * av * bv**2)
+            gw2 = await ag.rpc("w2", F.grad_of, (ctx, "w"))
+            np.testing.assert_allclose(gw2, 2 * xv**2 * av**2 * bv)
+        await assert_clean(c.names)

@@ -1123,7 +1123,8 @@ def _fail(worker: Any, ctx_id: int, pass_id: int, record: list[Any]) -> None:
 
 @on_cast(T_ABORT)
 def _abort_cast(worker: Any, ctx_id: int, pass_id: int) -> None:
-    """Handler: the abort of a cancelled pass, one-way (the flood: see _flood_abort)."""
+    """Handler: the abort of a pass, one-way (the flood of a worker that learnt of it
+    from a call, see abort_known, or a clean-up's to a peer taken for lost)."""
     _check_ids(ctx_id, pass_id)
     st = state_of(worker)
     ctx = st.contexts.get(ctx_id)
@@ -1137,17 +1138,13 @@ def _abort_and_flood(worker: Any, ctx: DistContext, pass_id: int) -> bool:
     _flood_abort), unless it was aborted here already; whether it was news here."""
     if ctx.is_aborted(pass_id):
         return False
-    _abort_one_way(worker, ctx, pass_id)
-    return True
-
-
-def _abort_one_way(worker: Any, ctx: DistContext, pass_id: int) -> None:
     freed = _abort_here(worker, ctx, pass_id)
     if freed:
         ctx.unpaired[pass_id] = freed  # (sent again if its acknowledged clean-up comes)
         for peer, (recv_ids, send_ids) in freed.items():
             worker.cast(peer, T_UNPAIR, (ctx.id, worker.name, send_ids, recv_ids), on_error=_ignore)
     _flood_abort(worker, ctx, pass_id)
+    return True
 
 
 def abort_known(worker: Any, ctx: DistContext, pass_id: int) -> None:
@@ -1216,9 +1213,10 @@ def _flood_abort(worker: Any, ctx: DistContext, pass_id: int) -> None:
     """Send the abort of ``pass_id`` one-way to every peer of the context, and to the
     peers this worker sent messages of the pass to: a relay's target may be neither's
     peer here, and the abort must reach it ahead of this worker's messages of a later
-    pass (the origin's own abort, one-way from a cancelled backward, can come after
-    them: the target then started the later pass, which settled the aborted one, and
-    kept what that one had committed)."""
+    pass (the origin's own can come after them, a pass started when its clean-up's
+    wait was cut short: the target then started the later pass, which settled the
+    aborted one, and kept what that one had committed). The clean-up of a failed or
+    cancelled pass (_clean_up) goes to the same peers."""
     for peer in ctx.peers | ctx.sent_to if ctx.sent_to else ctx.peers:
         if peer != worker.name:
             worker.cast(peer, T_ABORT, (ctx.id, pass_id), on_error=_ignore)
@@ -1258,34 +1256,51 @@ def clean_up_wait() -> float:
     return _runtime.HEARTBEAT_TIMEOUT if CLEAN_UP_WAIT is None else CLEAN_UP_WAIT
 
 
-async def _clean_up_everywhere(st: DistState, ctx: DistContext, pass_id: int) -> None:
-    """On the origin of pass ``pass_id``, which failed: abort it here and on every worker
-    of the context, their stale ends of freed pairs dropped, and wait for all of it (see
-    the comment above)."""
+def _start_clean_up(st: DistState, ctx: DistContext, pass_id: int) -> asyncio.Task[None] | None:
+    """On the origin of pass ``pass_id``, which failed or was cancelled: abort it here
+    and on every worker of the context, their stale ends of freed pairs dropped (see the
+    comment above). Returns the task that waits for all of it (None: not waited for),
+    which the next backward started here in the context waits for too."""
     worker = st.worker
     freed = _abort_here(worker, ctx, pass_id)
     if any(map(st.unreachable, ctx.peers | ctx.sent_to)):
         # (a worker lost, or hung, already: others may have passed it a share before
         # they knew, held for good; a loss heard from now on ends the wait)
         _clean_up(st, ctx, pass_id, worker.name, (1, 0), freed)
-        return
+        return None
     run = st.cleanups[pass_id] = InitiatorRun(ctx.id, pass_id)
     # (as a caller watches the peers its calls wait on: one that hangs is taken for lost
     # after the heartbeat timeout, which ends the wait, see DistState.end_cleanups)
     watched = [p for p in ctx.peers | ctx.sent_to if p != worker.name]
     for peer in watched:
         worker.watch(peer)
+    wait = _await_clean_up(st, ctx.id, pass_id, run, watched)
     try:
         _clean_up(st, ctx, pass_id, worker.name, (1, 0), freed)
-        try:
-            await asyncio.wait_for(run.done, clean_up_wait())
-        except (TimeoutError, ProtocolError, WorkerLost) as exc:
-            # (the pass failed all the same: what is raised is its error)
-            log.debug("clean-up of backward pass %#x of context %#x: %r", pass_id, ctx.id, exc)
+    except BaseException:
+        wait.close()
+        _end_clean_up(st, pass_id, watched)
+        raise
+    ctx.cleaning = worker.spawn(wait, name=f"clean-up-{pass_id:#x}")
+    return ctx.cleaning
+
+
+async def _await_clean_up(
+    st: DistState, ctx_id: int, pass_id: int, run: InitiatorRun, watched: list[str]
+) -> None:
+    try:
+        await asyncio.wait_for(run.done, clean_up_wait())
+    except (TimeoutError, ProtocolError, WorkerLost) as exc:
+        # (the pass failed all the same: what is raised is its error)
+        log.debug("clean-up of backward pass %#x of context %#x: %r", pass_id, ctx_id, exc)
     finally:
-        del st.cleanups[pass_id]
-        for peer in watched:
-            worker.unwatch(peer)
+        _end_clean_up(st, pass_id, watched)
+
+
+def _end_clean_up(st: DistState, pass_id: int, watched: list[str]) -> None:
+    del st.cleanups[pass_id]
+    for peer in watched:
+        st.worker.unwatch(peer)
 
 
 def _clean_up(
@@ -1460,7 +1475,12 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
     if ctx.lock is None:
         ctx.lock = asyncio.Lock()
     async with ctx.lock:  # two backward calls in one context run one after the other
-        if ctx.released:  # (while this one waited for the lock)
+        cleaning = ctx.cleaning
+        if cleaning is not None and not cleaning.done():
+            # (the clean-up of a pass cancelled, or whose wait was, goes on: a pass now
+            # could run into it; cancelling this wait leaves it running)
+            await asyncio.wait((cleaning,))
+        if ctx.released:  # (while this one waited for the lock, or the clean-up)
             raise ContextError(
                 f"distributed autograd context {context_id:#x} was released on worker "
                 f"{worker.name!r} while this backward waited for the one before it"
@@ -1499,10 +1519,11 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             # The pass failed or was cancelled: nothing of it stays, here or on the peers.
             # (The error's traceback holds this frame; the run's future holds the error.)
             run = None  # type: ignore[assignment]
-            if isinstance(exc, Exception):
-                await _clean_up_everywhere(st, ctx, pass_id)
-            else:  # cancelled: no waiting now, the abort goes out one-way
-                _abort_one_way(worker, ctx, pass_id)
+            cleaning = _start_clean_up(st, ctx, pass_id)
+            # (cancelled, it ends now: the next backward here in the context waits for
+            # the clean-up, see ctx.cleaning; so does it if this wait is cancelled)
+            if cleaning is not None and isinstance(exc, Exception):
+                await asyncio.shield(cleaning)
             raise
         finally:
             del st.runs[pass_id]

@@ -166,6 +166,7 @@ class DistContext:
         "broken_by",
         "cleaned",
         "unpaired",
+        "cleaning",
         "__weakref__",
     )
 
@@ -268,6 +269,9 @@ class DistContext:
         # messages went out unacknowledged: sent again, acknowledged, if the pass's
         # clean-up comes (it failed, and its origin waits for every unpair).
         self.unpaired: dict[int, dict[str, tuple[list[int], list[int]]]] = {}
+        # The wait for the clean-up of the last pass started here that failed or was
+        # cancelled (backward._start_clean_up): the next one started here waits for it.
+        self.cleaning: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return (
