@@ -1263,9 +1263,10 @@ def _start_clean_up(st: DistState, ctx: DistContext, pass_id: int) -> asyncio.Ta
     which the next backward started here in the context waits for too."""
     worker = st.worker
     freed = _abort_here(worker, ctx, pass_id)
-    if any(map(st.unreachable, ctx.peers | ctx.sent_to)):
+    if worker.closing or any(map(st.unreachable, ctx.peers | ctx.sent_to)):
         # (a worker lost, or hung, already: others may have passed it a share before
-        # they knew, held for good; a loss heard from now on ends the wait)
+        # they knew, held for good; a loss heard from now on ends the wait. Nor when
+        # this worker shuts down: nothing runs here afterwards.)
         _clean_up(st, ctx, pass_id, worker.name, (1, 0), freed)
         return None
     run = st.cleanups[pass_id] = InitiatorRun(ctx.id, pass_id)
