@@ -23,6 +23,7 @@ import pytest
 import pytest_asyncio
 from conftest import (
     CALL_FAILED,
+    exact_order,
     helpers_importable,
     hold_end,
     on_uvloop,
@@ -4325,6 +4326,7 @@ async def test_a_backward_while_another_task_of_the_context_has_a_call_out_is_re
         await assert_clean(c.names)
 
 
+@exact_order
 @pytest.mark.parametrize("transport", ["inproc", "tcp"])
 async def test_a_call_out_on_another_worker_refuses_the_backward_there(transport):
     # w1's handler spawned a task that keeps a call to w2 out in the context. Here its
@@ -4523,6 +4525,7 @@ async def test_a_backward_another_worker_refuses_raises_its_refusal(mode):
         await assert_clean(c.names)
 
 
+@exact_order
 @pytest.mark.parametrize("transport", ["inproc", "tcp"])
 async def test_a_call_cancelled_as_its_reply_is_read_gets_the_reply_linked(transport):
     # The reply was read in the loop turn that cancelled the call: it was dropped
