@@ -6549,3 +6549,29 @@ async def test_a_backward_right_after_a_cancelled_one_waits_for_its_clean_up(mon
             gw2 = await ag.rpc("w2", F.grad_of, (ctx, "w"))
             np.testing.assert_allclose(gw2, 2 * xv**2 * av**2 * bv)
         await assert_clean(c.names)
+
+
+@pytest.mark.parametrize("graceful", [False, True])
+async def test_a_shutdown_during_a_failed_backwards_clean_up_raises_the_pass_error(
+    monkeypatch, graceful
+):
+    # (the failed backward waits for its clean-up, a share of it held here; the driver
+    # shuts down meanwhile: the wait ends, and backward raises the pass's error, not
+    # the cancellation of the wait's task)
+    from actorgrad.dist.backward import T_CLEAN_UNPAIR
+    from actorgrad.dist.context import state_of
+
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "CLEAN_UP_WAIT", 60.0)
+    av, bv, xv = arr(3), arr(3), arr(3)
+    async with cluster("inproc") as c:
+        await _set_up_clean_up_case(av, bv)
+        held, _ = _hold_casts(c.workers[1], T_CLEAN_UNPAIR)
+        x = ag.tensor(xv, requires_grad=True)
+        ctx = await ag.dist.context().__aenter__()
+        y = await ag.rpc("w1", F.mul_then_forward, ("w", "w2", "w", x))
+        p1 = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+        await until(lambda: held)
+        assert not p1.done() and state_of(c.driver).cleanups
+        await ag.shutdown(graceful=graceful, timeout=5)
+        with pytest.raises(ag.RemoteError, match="hook refused gradient on w1"):
+            await asyncio.wait_for(p1, 10)

@@ -1222,13 +1222,13 @@ def _flood_abort(worker: Any, ctx: DistContext, pass_id: int) -> None:
             worker.cast(peer, T_ABORT, (ctx.id, pass_id), on_error=_ignore)
 
 
-# The clean-up of a failed pass: an acknowledged abort flood. A worker whose part of
+# The clean-up of a failed (or cancelled) pass: an acknowledged abort flood. A worker whose part of
 # the pass had finished (without retain_graph) freed its ends of pairs whose other ends,
 # on workers whose parts did not finish, must go too (see _abort_here); until they do,
 # a new pass reaching those ends fails ("ran into the clean-up"). Sent one-way, the
 # unpair of such ends (from w2 to w1) is unordered with everything that worker sends
 # the peer on the peer's connection (w2's reply to w1's call of the next forward), so
-# the origin's next pass could reach w1 first. So the origin of a failed pass floods
+# the origin's next pass could reach w1 first. So the origin of the pass floods
 # the abort with a share of a credit of 1 (as the pass itself does, see the module's
 # docstring): each worker, the first time the clean-up reaches it, aborts the pass,
 # sends its unpairs and the flood on to its peers, and splits its share among those
@@ -1245,10 +1245,11 @@ T_CLEAN = "dist.clean"  # (ctx id, pass id, origin, credit num, exp)
 T_CLEAN_UNPAIR = "dist.clean_unpair"  # (ctx id, peer, recv ids, send ids, origin, pass id, credit)
 T_CLEANED = "dist.cleaned"  # to the origin: (ctx id, pass id, credit num, exp)
 
-#: Seconds the origin of a failed pass waits at most for its clean-up (None: the
-#: heartbeat timeout, after which a silent worker is taken for lost anyway). Past it,
-#: the failed ``backward`` raises all the same, and a pass started before the
-#: clean-up reached a worker may fail there with "ran into the clean-up".
+#: Seconds the origin of a failed or cancelled pass waits at most for its clean-up
+#: (None: the heartbeat timeout, after which a silent worker is taken for lost anyway).
+#: Past it, the failed ``backward`` raises all the same (the next one starts), and a
+#: pass started before the clean-up reached a worker may fail there with "ran into the
+#: clean-up".
 CLEAN_UP_WAIT: float | None = None
 
 
@@ -1347,7 +1348,7 @@ def _clean_up(
 
 
 def _cleaned_share(st: DistState, ctx_id: int, pass_id: int, origin: str, credit: Credit) -> None:
-    """Give a share of a clean-up's credit back to the origin of the failed pass."""
+    """Give a share of a clean-up's credit back to the origin of the aborted pass."""
     if origin == st.worker.name:
         run = st.cleanups.get(pass_id)
         if run is not None:
@@ -1372,7 +1373,7 @@ def _check_clean(origin: Any, num: Any, exp: Any) -> Credit:
 
 @on_cast(T_CLEAN)
 def _clean(worker: Any, ctx_id: int, pass_id: int, origin: str, num: Any, exp: int) -> None:
-    """Handler: the acknowledged abort of failed pass ``pass_id`` (see _clean_up)."""
+    """Handler: the acknowledged abort of pass ``pass_id`` (see _clean_up)."""
     _check_ids(ctx_id, pass_id)
     credit = _check_clean(origin, num, exp)
     st = state_of(worker)
@@ -1399,7 +1400,7 @@ def _clean_unpair(
     num: Any,
     exp: int,
 ) -> None:
-    """Handler: an unpair (see _unpair) of the clean-up of failed pass ``pass_id``,
+    """Handler: an unpair (see _unpair) of the clean-up of pass ``pass_id``,
     acknowledged: its share of credit goes back to the origin once the ends are gone."""
     _check_ids(ctx_id, pass_id)
     credit = _check_clean(origin, num, exp)
@@ -1409,7 +1410,7 @@ def _clean_unpair(
 
 @on_cast(T_CLEANED)
 def _cleaned(worker: Any, ctx_id: int, pass_id: int, num: Any, exp: int) -> None:
-    """Handler on the origin of a failed pass: a share of its clean-up's credit back."""
+    """Handler on the origin of an aborted pass: a share of its clean-up's credit back."""
     _check_ids(ctx_id, pass_id)
     # (none: its wait ended, timed out or cut by a loss)
     _credit_to(state_of(worker).cleanups.get(pass_id), num, exp)
@@ -1524,7 +1525,9 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             # (cancelled, it ends now: the next backward here in the context waits for
             # the clean-up, see ctx.cleaning; so does it if this wait is cancelled)
             if cleaning is not None and isinstance(exc, Exception):
-                await asyncio.shield(cleaning)
+                # (not shield: the task cut at a shutdown must not turn the pass's
+                # error into a CancelledError)
+                await asyncio.wait((cleaning,))
             raise
         finally:
             del st.runs[pass_id]
