@@ -368,6 +368,8 @@ class Optimizer:
     def _load(self, hyper: dict[str, Any], loaded: dict[Tensor, dict[str, Any]]) -> None:
         """Apply what ``_loadable`` gave (checked: nothing here can fail)."""
         for name, value in hyper.items():
+            if type(value) is list and type(getattr(self, name, None)) is tuple:
+                value = tuple(value)  # (Adam's betas after JSON or msgpack: a list)
             setattr(self, name, value)
         self.state.clear()
         self.state.update(loaded)
@@ -725,7 +727,7 @@ class Adam(Optimizer):
             )
         if not weight_decay >= 0:  # (nan too)
             raise ValueError(f"invalid weight_decay {weight_decay}: weight_decay must be >= 0")
-        self.betas = betas
+        self.betas = tuple(betas)  # (as state_dict gives it, whatever was given)
         self.eps = eps
         self.weight_decay = weight_decay
         self.amsgrad = check_bool(amsgrad, f"{cls}: amsgrad")

@@ -767,6 +767,8 @@ def test_the_documented_file_recipes_resume_bit_for_bit(kind, fmt, tmp_path):
     resumed.load_state_dict(back["model"])
     opt2 = cls(resumed.parameters(), lr=0.5)
     opt2.load_state_dict(back["opt"])
+    # (the hyperparameters as they were: Adam's betas a tuple again, not JSON's list)
+    assert opt2.state_dict()["param_groups"] == opt1.state_dict()["param_groups"]
     _train(resumed, opt2, slice(back["step"], 5))
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert a.data.dtype == b.data.dtype == np.float64
