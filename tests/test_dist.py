@@ -2011,6 +2011,9 @@ async def test_losing_a_peer_outside_the_pass_while_a_part_runs_fails_the_backwa
             w1._out["w2"].abort(ag.WorkerLost("test: the connection to w2 broke"))
             with pytest.raises(ag.WorkerLost, match="worker 'w2' was lost during the backward"):
                 await asyncio.wait_for(bwd, 10)
+        # (w1 sends the release on to w2, taken for lost there, but does not wait for it:
+        # it can come after the context's exit, socket fuzz seed 21, 1 run in 82)
+        await until(lambda: not state_of(c.workers[1]).contexts)
         await assert_clean(c.names)
 
 
