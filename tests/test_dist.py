@@ -6578,3 +6578,31 @@ async def test_a_shutdown_during_a_failed_backwards_clean_up_raises_the_pass_err
         await ag.shutdown(graceful=graceful, timeout=5)
         with pytest.raises(ag.RemoteError, match="hook refused gradient on w1"):
             await asyncio.wait_for(p1, 10)
+
+
+async def test_a_failed_backward_whose_clean_up_ends_on_a_worker_that_cannot_reach_the_origin(
+    monkeypatch,
+):
+    # driver -> w1 -> w2 -> w3 (each call made from the one before: the driver never
+    # connects to w2, and w2 cannot reach the driver, as behind a one-way firewall; its
+    # reports of the pass go through w1, see _unsent_to_origin). w3's part finishes and
+    # frees its ends of the pairs with w2, then w2's hook fails the pass. The clean-up's
+    # unpair (and flood) to w2 gives w2 a share of its credit, which w2 gives back
+    # straight to the driver: it cannot, had no other way (T_CLEANED was not relayed),
+    # and the failed backward waited out CLEAN_UP_WAIT (3 s by default) every time.
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "CLEAN_UP_WAIT", 60.0)
+    av, bv, xv = arr(3), arr(3), arr(3)
+    async with cluster("tcp", 3) as c:
+        await ag.rpc("w1", F.call_path, (["w2"], "put", ["w", av]))
+        await ag.rpc("w1", F.call_path, (["w2", "w3"], "put", ["w", bv]))
+        await ag.rpc("w1", F.call_path, (["w2"], "add_failing_hook", ["w", 1]))
+        await ag.rpc("w1", F.call_path, (["w2"], "lose_the_way_to", ["driver"]))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.call_path, (["w2"], "mul_then_forward", ["w", "w3", "w", x]))
+            with pytest.raises(ag.RemoteError, match="hook refused gradient on w2"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            y = await ag.rpc("w1", F.call_path, (["w2"], "mul_then_forward", ["w", "w3", "w", x]))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * xv * av**2 * bv**2)
+        await assert_clean(c.names)
