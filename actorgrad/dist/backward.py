@@ -661,9 +661,9 @@ def _return_credit(
 def _to_origin(
     st: DistState, origin: str, topic: str, args: tuple[Any, ...], via: str | None = None
 ) -> None:
-    """Send a report (``topic`` T_CREDIT or T_FAIL, ``args`` starting with the context
-    and pass ids) to the pass's origin, by another way if it cannot go straight there
-    (see _unsent_to_origin)."""
+    """Send a report (``topic`` T_CREDIT, T_FAIL or T_CLEANED, ``args`` starting with the
+    context and pass ids) to the pass's origin, by another way if it cannot go straight
+    there (see _unsent_to_origin)."""
     tried = st.no_way.get(origin)
     if tried is not None:
         # (tried again after a while, a firewall may have opened; or once the origin
@@ -810,6 +810,8 @@ def _relayed(worker: Any, origin: str, topic: str, args: list[Any]) -> None:
             _to_origin(st, origin, topic, tuple(args))
     elif topic == T_CREDIT:
         _credit(worker, *args)
+    elif topic == T_CLEANED:
+        _cleaned(worker, *args)
     else:
         _fail(worker, *args)
 
@@ -1244,6 +1246,9 @@ def _flood_abort(worker: Any, ctx: DistContext, pass_id: int) -> None:
 T_CLEAN = "dist.clean"  # (ctx id, pass id, origin, credit num, exp)
 T_CLEAN_UNPAIR = "dist.clean_unpair"  # (ctx id, peer, recv ids, send ids, origin, pass id, credit)
 T_CLEANED = "dist.cleaned"  # to the origin: (ctx id, pass id, credit num, exp)
+# (relayed as the pass's credit is, by a worker that cannot reach the origin: see
+# _cleaned_share)
+_REPORTS[T_CLEANED] = 4
 
 #: Seconds the origin of a failed or cancelled pass waits at most for its clean-up
 #: (None: the heartbeat timeout, after which a silent worker is taken for lost anyway).
@@ -1347,16 +1352,30 @@ def _clean_up(
         worker.cast(peer, topic, (*args, *_credit_out(share)), on_error=on_error)
 
 
-def _cleaned_share(st: DistState, ctx_id: int, pass_id: int, origin: str, credit: Credit) -> None:
-    """Give a share of a clean-up's credit back to the origin of the aborted pass."""
+def _cleaned_share(
+    st: DistState,
+    ctx_id: int,
+    pass_id: int,
+    origin: str,
+    credit: Credit,
+    via: str | None = None,
+) -> None:
+    """Give a share of a clean-up's credit back to the origin of the aborted pass (by
+    another way if it cannot go straight there, as the pass's credit: see _to_origin;
+    ``via``: the sender of the message whose share it is)."""
     if origin == st.worker.name:
         run = st.cleanups.get(pass_id)
         if run is not None:
             run.add_credit(credit)
     else:
-        # (an origin it cannot reach waits out clean_up_wait: no relay for these)
+        # (one that cannot reach the origin, whose reports of the pass went through the
+        # worker that brought it in, gives its share back that way too: dropped, the
+        # failed backward waited out clean_up_wait every time. Not connected with the
+        # origin, as a relayed report, on up that way without trying: behind a firewall
+        # each try waits out a connect timeout, as long as clean_up_wait)
         args = (ctx_id, pass_id, *_credit_out(credit))
-        st.worker.cast(origin, T_CLEANED, args, on_error=_ignore)
+        if st.worker.connected_to(origin) or not _relay(st, origin, T_CLEANED, args, None, via):
+            _to_origin(st, origin, T_CLEANED, args, via)
 
 
 def _unsent_share(
@@ -1405,7 +1424,7 @@ def _clean_unpair(
     _check_ids(ctx_id, pass_id)
     credit = _check_clean(origin, num, exp)
     _unpair(worker, ctx_id, peer, recv_ids, send_ids)
-    _cleaned_share(state_of(worker), ctx_id, pass_id, origin, credit)
+    _cleaned_share(state_of(worker), ctx_id, pass_id, origin, credit, peer)
 
 
 @on_cast(T_CLEANED)
