@@ -6606,3 +6606,25 @@ async def test_a_failed_backward_whose_clean_up_ends_on_a_worker_that_cannot_rea
             await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * xv * av**2 * bv**2)
         await assert_clean(c.names)
+
+
+async def test_a_clean_up_reaching_a_worker_without_the_context_that_cannot_reach_the_origin(
+    monkeypatch,
+):
+    # (as test_a_refusal_of_a_context_gone_from_a_worker_that_cannot_reach_the_origin:
+    # the context gone on w2, which cannot reach the driver, refuses the pass. The
+    # clean-up that w1 passes on to w2 finds no context there, so no worker that
+    # brought w2 into the pass to give its share back through: the share was dropped,
+    # and the failed backward waited out CLEAN_UP_WAIT, 3 s by default, 0.02 s before)
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "CLEAN_UP_WAIT", 60.0)
+    async with cluster("tcp", 2) as c:
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        await ag.rpc("w1", F.call_path, (["w2"], "put", ["w", arr(3)]))
+        await ag.rpc("w1", F.call_path, (["w2"], "lose_the_way_to", ["driver"]))
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.nested_mul, (["w2"], "w", x))
+            await ag.rpc("w1", F.call_path, (["w2"], "forget_context", [ctx]))
+            with pytest.raises(ag.ContextError, match=r"unknown or released on worker 'w2'"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+        await assert_clean(c.names)
