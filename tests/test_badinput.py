@@ -1005,10 +1005,15 @@ async def test_a_malformed_unpair_message_closes_the_connection_naming_it(sock_c
 @pytest.mark.parametrize(
     ("topic", "args", "message"),
     [
-        ("dist.clean", ([1], 2, "driver", 1, 0), r"malformed backward message: context id \[1\]"),
-        ("dist.clean", (1, 2, 7, 1, 0), "malformed clean-up message: origin 7"),
-        ("dist.clean", (1, 2, "driver", 0, 0), "malformed credit 0/2\\*\\*0"),
-        ("dist.clean", (1, 2, "driver", 3, 1), "malformed credit 3/2\\*\\*1"),
+        (
+            "dist.clean",
+            ([1], 2, "driver", "driver", 1, 0),
+            r"malformed backward message: context id \[1\]",
+        ),
+        ("dist.clean", (1, 2, 7, "driver", 1, 0), "malformed clean-up message: origin 7"),
+        ("dist.clean", (1, 2, "driver", 7, 1, 0), "malformed clean-up message: sender 7"),
+        ("dist.clean", (1, 2, "driver", "driver", 0, 0), "malformed credit 0/2\\*\\*0"),
+        ("dist.clean", (1, 2, "driver", "driver", 3, 1), "malformed credit 3/2\\*\\*1"),
         (
             "dist.clean_unpair",
             (1, "driver", [], [], "driver", "p", 1, 0),

@@ -1243,7 +1243,7 @@ def _flood_abort(worker: Any, ctx: DistContext, pass_id: int) -> None:
 # does not wait if it knows of one in the context, its wait ends when it hears of a
 # loss, and after clean_up_wait at most.
 
-T_CLEAN = "dist.clean"  # (ctx id, pass id, origin, credit num, exp)
+T_CLEAN = "dist.clean"  # (ctx id, pass id, origin, sender, credit num, exp)
 T_CLEAN_UNPAIR = "dist.clean_unpair"  # (ctx id, peer, recv ids, send ids, origin, pass id, credit)
 T_CLEANED = "dist.cleaned"  # to the origin: (ctx id, pass id, credit num, exp)
 # (relayed as the pass's credit is, by a worker that cannot reach the origin: see
@@ -1317,10 +1317,12 @@ def _clean_up(
     origin: str,
     credit: Credit,
     freed: dict[str, tuple[list[int], list[int]]],
+    via: str | None = None,
 ) -> None:
     """The clean-up of ``pass_id`` reached this worker for the first time: send the
     unpairs of ``freed`` and the clean-up on to the peers (but the origin), ``credit``
-    split among them, or give it back if there is nothing to send."""
+    split among them, or give it back if there is nothing to send (``via``: the sender
+    of the clean-up, see _cleaned_share)."""
     worker = st.worker
     ctx.cleaned.add(pass_id)
     out: list[tuple[str, str, tuple[Any, ...]]] = []
@@ -1341,14 +1343,14 @@ def _clean_up(
         if st.unreachable(peer):
             worker.cast(peer, T_ABORT, (ctx.id, pass_id), on_error=_ignore)
         else:
-            out.append((peer, T_CLEAN, (ctx.id, pass_id, origin)))
+            out.append((peer, T_CLEAN, (ctx.id, pass_id, origin, worker.name)))
     if not out:
-        _cleaned_share(st, ctx.id, pass_id, origin, credit)
+        _cleaned_share(st, ctx.id, pass_id, origin, credit, via)
         return
     for (peer, topic, args), share in zip(out, split_credit(credit, len(out)), strict=True):
         # (one that cannot go: its receiver is gone, with the ends it held; its share
         # comes back at once)
-        on_error = functools.partial(_unsent_share, st, ctx.id, pass_id, origin, share)
+        on_error = functools.partial(_unsent_share, st, ctx.id, pass_id, origin, share, via)
         worker.cast(peer, topic, (*args, *_credit_out(share)), on_error=on_error)
 
 
@@ -1379,9 +1381,15 @@ def _cleaned_share(
 
 
 def _unsent_share(
-    st: DistState, ctx_id: int, pass_id: int, origin: str, credit: Credit, exc: BaseException
+    st: DistState,
+    ctx_id: int,
+    pass_id: int,
+    origin: str,
+    credit: Credit,
+    via: str | None,
+    exc: BaseException,
 ) -> None:
-    _cleaned_share(st, ctx_id, pass_id, origin, credit)
+    _cleaned_share(st, ctx_id, pass_id, origin, credit, via)
 
 
 def _check_clean(origin: Any, num: Any, exp: Any) -> Credit:
@@ -1391,20 +1399,27 @@ def _check_clean(origin: Any, num: Any, exp: Any) -> Credit:
 
 
 @on_cast(T_CLEAN)
-def _clean(worker: Any, ctx_id: int, pass_id: int, origin: str, num: Any, exp: int) -> None:
-    """Handler: the acknowledged abort of pass ``pass_id`` (see _clean_up)."""
+def _clean(
+    worker: Any, ctx_id: int, pass_id: int, origin: str, sender: str, num: Any, exp: int
+) -> None:
+    """Handler: the acknowledged abort of pass ``pass_id`` (see _clean_up), from
+    ``sender``: the way its share goes back if this worker cannot reach the origin and
+    has no other (it does not hold the context, or took no part in the pass)."""
     _check_ids(ctx_id, pass_id)
     credit = _check_clean(origin, num, exp)
+    if type(sender) is not str:
+        raise ProtocolError(f"malformed clean-up message: sender {short_repr(sender)}")
     st = state_of(worker)
     ctx = st.contexts.get(ctx_id)
     if ctx is None or pass_id in ctx.cleaned:
-        _cleaned_share(st, ctx_id, pass_id, origin, credit)
+        _cleaned_share(st, ctx_id, pass_id, origin, credit, sender)
     elif ctx.is_aborted(pass_id):
         # aborted here before, one-way (known aborted from a call's metadata): its
         # unpairs went unacknowledged, they go again (dropping an end is idempotent)
-        _clean_up(st, ctx, pass_id, origin, credit, ctx.unpaired.pop(pass_id, {}))
+        _clean_up(st, ctx, pass_id, origin, credit, ctx.unpaired.pop(pass_id, {}), sender)
     else:
-        _clean_up(st, ctx, pass_id, origin, credit, _abort_here(st.worker, ctx, pass_id))
+        freed = _abort_here(st.worker, ctx, pass_id)
+        _clean_up(st, ctx, pass_id, origin, credit, freed, sender)
 
 
 @on_cast(T_CLEAN_UNPAIR)
