@@ -6628,3 +6628,49 @@ async def test_a_clean_up_reaching_a_worker_without_the_context_that_cannot_reac
             with pytest.raises(ag.ContextError, match=r"unknown or released on worker 'w2'"):
                 await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
         await assert_clean(c.names)
+
+
+async def test_a_peer_that_left_the_cluster_does_not_turn_the_clean_up_off_in_its_context(
+    monkeypatch,
+):
+    # (as test_a_failed_backward_returns_once_its_clean_up_reached_every_worker, in a
+    # context that had also called w3, which then left the cluster, gracefully: taken
+    # for lost for good (never heard from again), it made every failed backward of the
+    # context skip its clean-up's wait, for the context's whole life, though a process
+    # gone holds no share: a message to it fails, its share back at once. The next pass
+    # could start with w1's stale ends again.)
+    from actorgrad.dist.backward import T_CLEAN_UNPAIR, add_credit
+    from actorgrad.dist.context import state_of
+
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "CLEAN_UP_WAIT", 60.0)
+    av, bv, xv = arr(3), arr(3), arr(3)
+    async with cluster("inproc") as c:
+        await _set_up_clean_up_case(av, bv)
+        w1, w2, w3 = c.workers[0], c.workers[1], c.workers[2]
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            await ag.rpc("w3", F.pid)
+            await w3.shutdown(graceful=True)
+            await until(lambda: "w3" not in c.driver.members)
+            held, release = _hold_casts(w2, T_CLEAN_UNPAIR)  # (w2's, to w1)
+            y = await ag.rpc("w1", F.mul_then_forward, ("w", "w2", "w", x))
+            p1 = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+            await until(lambda: held)
+            cleanups = state_of(c.driver).cleanups
+
+            def all_back_but_the_held_share() -> bool:
+                if not cleanups:
+                    return False
+                (run,) = cleanups.values()
+                ((_, _, args, _),) = held
+                num, exp = add_credit((run.num, run.exp), (args[-2], args[-1]))
+                return num == 1 << exp
+
+            await until(lambda: p1.done() or all_back_but_the_held_share())
+            ctx1 = state_of(w1).contexts[ctx]
+            assert _stale_ends(ctx1) and not p1.done()
+            release()
+            with pytest.raises(ag.RemoteError, match="hook refused gradient on w1"):
+                await asyncio.wait_for(p1, 10)
+            assert not _stale_ends(ctx1)
+            await _next_pass_is_exact(ctx, av, bv, x)
