@@ -1269,10 +1269,18 @@ def _start_clean_up(st: DistState, ctx: DistContext, pass_id: int) -> asyncio.Ta
     which the next backward started here in the context waits for too."""
     worker = st.worker
     freed = _abort_here(worker, ctx, pass_id)
-    if worker.closing or any(map(st.unreachable, ctx.peers | ctx.sent_to)):
+    if (
+        worker.closing
+        or ctx.released
+        or any(st.unreachable(p) and not _gone(worker, p) for p in ctx.peers | ctx.sent_to)
+    ):
         # (a worker lost, or hung, already: others may have passed it a share before
-        # they knew, held for good; a loss heard from now on ends the wait. Nor when
-        # this worker shuts down: nothing runs here afterwards.)
+        # they knew, held for good; a loss heard from now on ends the wait. Not one no
+        # longer a member: it left the cluster, or the head took it for dead, and a
+        # share sent to it fails and comes back; counted, never heard from again, it
+        # turned the wait off in its contexts for good. Nor when this worker shuts
+        # down, nothing runs here afterwards, or the context was released here, its
+        # initiator's lease say: no next pass to wait for.)
         _clean_up(st, ctx, pass_id, worker.name, (1, 0), freed)
         return None
     run = st.cleanups[pass_id] = InitiatorRun(ctx.id, pass_id)
@@ -1290,6 +1298,11 @@ def _start_clean_up(st: DistState, ctx: DistContext, pass_id: int) -> asyncio.Ta
         raise
     ctx.cleaning = worker.spawn(wait, name=f"clean-up-{pass_id:#x}")
     return ctx.cleaning
+
+
+def _gone(worker: Any, peer: str) -> bool:
+    """Whether ``peer`` is no member of the cluster any more (in one with a registry)."""
+    return bool(worker.members) and peer not in worker.members
 
 
 async def _await_clean_up(
