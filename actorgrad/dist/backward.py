@@ -91,8 +91,13 @@ T_FAIL = "dist.fail"
 T_ABORT = "dist.abort"
 T_UNPAIR = "dist.unpair"
 T_RELAY = "dist.relay"
-# the reports a T_RELAY carries to a pass's origin, with their number of arguments
-_REPORTS = {T_CREDIT: 4, T_FAIL: 3}
+# the clean-up of an aborted pass (see _clean_up)
+T_CLEAN = "dist.clean"  # (ctx id, pass id, origin, sender, credit num, exp)
+T_CLEAN_UNPAIR = "dist.clean_unpair"  # (ctx id, peer, recv ids, send ids, origin, pass id, credit)
+T_CLEANED = "dist.cleaned"  # to the origin: (ctx id, pass id, credit num, exp)
+# the reports a T_RELAY carries to a pass's origin, with their number of arguments (a
+# clean-up's share back too: see _cleaned_share)
+_REPORTS = {T_CREDIT: 4, T_FAIL: 3, T_CLEANED: 4}
 
 
 #: Broadcast gradients at least this big travel compact (smaller ones as they are: the
@@ -1242,13 +1247,6 @@ def _flood_abort(worker: Any, ctx: DistContext, pass_id: int) -> None:
 # goes to one taken for lost or found silent (it gets the one-way messages), the origin
 # does not wait if it knows of one in the context, its wait ends when it hears of a
 # loss, and after clean_up_wait at most.
-
-T_CLEAN = "dist.clean"  # (ctx id, pass id, origin, sender, credit num, exp)
-T_CLEAN_UNPAIR = "dist.clean_unpair"  # (ctx id, peer, recv ids, send ids, origin, pass id, credit)
-T_CLEANED = "dist.cleaned"  # to the origin: (ctx id, pass id, credit num, exp)
-# (relayed as the pass's credit is, by a worker that cannot reach the origin: see
-# _cleaned_share)
-_REPORTS[T_CLEANED] = 4
 
 #: Seconds the origin of a failed or cancelled pass waits at most for its clean-up
 #: (None: the heartbeat timeout, after which a silent worker is taken for lost anyway).
