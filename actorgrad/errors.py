@@ -198,9 +198,16 @@ class RemoteError(ActorgradError):
 class WorkerLost(ActorgradError):
     """The peer died, or the connection to it broke, while something depended on it.
 
+    ``peer``: the worker taken for lost, where known (a distributed backward pass's
+    failure names it).
+
     >>> issubclass(ag.WorkerLost, ag.ActorgradError)
     True
     """
+
+    def __init__(self, *args: object, peer: str | None = None) -> None:
+        super().__init__(*args)
+        self.peer = peer
 
 
 class RpcTimeout(ActorgradError, TimeoutError):

@@ -5036,6 +5036,8 @@ def test_big_broadcast_gradients_travel_compact_and_come_back_as_the_same_view()
         ("report", r"malformed backward failure report \['error', 'oops'\]"),
         # (a refusal must name a refusal's type)
         ("refusal", r"malformed backward failure report \['refused', 'SystemExit', 'x'\]"),
+        # (a loss names the worker lost, a str, or None)
+        ("loss", r"malformed backward failure report \['lost', 'x', 7\]"),
     ],
 )
 async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(corrupt, error):
@@ -5050,7 +5052,7 @@ async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(cor
     xv, wv = arr(4), arr(4)
     async with cluster("tcp", 2) as c:
         await ag.rpc("w1", F.put, ("w", wv))
-        if corrupt in ("report", "refusal"):
+        if corrupt in ("report", "refusal", "loss"):
             await ag.rpc("w1", F.add_failing_hook, ("w", 1))
         w1 = next(w for w in c.workers if w.name == "w1")
         real_cast = w1.cast
@@ -5068,6 +5070,8 @@ async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(cor
                 args = (*args[:2], ["error", "oops"])
             elif corrupt == "refusal" and topic == T_FAIL:
                 args = (*args[:2], ["refused", "SystemExit", "x"])
+            elif corrupt == "loss" and topic == T_FAIL:
+                args = (*args[:2], ["lost", "x", 7])
             return real_cast(dest, topic, args, on_error=on_error)
 
         w1.cast = cast  # type: ignore[method-assign]
@@ -5086,6 +5090,7 @@ async def test_a_malformed_backward_message_fails_the_pass_and_nothing_hangs(cor
             "credit": T_CREDIT,
             "report": T_FAIL,
             "refusal": T_FAIL,
+            "loss": T_FAIL,
         }
         assert topics[corrupt] in seen
         await assert_clean(c.names)
@@ -6674,3 +6679,42 @@ async def test_a_peer_that_left_the_cluster_does_not_turn_the_clean_up_off_in_it
                 await asyncio.wait_for(p1, 10)
             assert not _stale_ends(ctx1)
             await _next_pass_is_exact(ctx, av, bv, x)
+
+
+async def test_a_backward_failed_by_a_hung_worker_does_not_wait_for_a_share_it_was_passed(
+    worker_path, short_heartbeat, monkeypatch
+):
+    # driver -> w1 -> w2 holds the graph; the driver called w3 in the context, which
+    # called w2 (no graph: peers, w3 connected to w2). w2 stops (SIGSTOP) as the pass reaches it; w1, which
+    # sent it its gradient, finds it silent for the heartbeat timeout and reports it
+    # lost. The driver never was w2's peer: it did not know w2 was unreachable, and
+    # waited for the clean-up. w3 never sent w2 anything (it did not find it silent)
+    # and passed it a share of the clean-up's credit, held for good; the driver hears
+    # of no loss (nobody takes w2 for lost before the idle timeout), so the failed
+    # backward waited out CLEAN_UP_WAIT after the heartbeat timeout: 6 s by default, not
+    # 3 (from the day's review). w1's report names w2 now: not the driver's peer, the
+    # driver does not wait for the clean-up.
+    import signal
+
+    from actorgrad.runtime.worker import HEARTBEAT_TIMEOUT
+
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "CLEAN_UP_WAIT", 60.0)
+    xv, wv = arr(3), arr(3)
+    async with cluster("processes"):
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.call_path, (["w2"], "put", ["w", wv]))
+        await ag.rpc("w1", F.call_path, (["w2"], "add_stopping_hook", ["w"]))
+        pid = await ag.rpc("w1", F.call_path, (["w2"], "pid", []))
+        x = ag.tensor(xv, requires_grad=True)
+        loop = asyncio.get_running_loop()
+        try:
+            async with ag.dist.context() as ctx:
+                await ag.rpc("w3", F.call_path, (["w2"], "pid", []))
+                y = await ag.rpc("w1", F.nested_mul, (["w2"], "w", x))
+                t0 = loop.time()
+                with pytest.raises(ag.WorkerLost, match="'w2'"):
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+                took = loop.time() - t0
+        finally:
+            os.kill(pid, signal.SIGKILL)
+        assert took < HEARTBEAT_TIMEOUT + 2.0, took

@@ -599,12 +599,13 @@ class InitiatorRun:
 
 
 def _failure_record(exc: BaseException, me: str, refused: bool = False) -> list[Any]:
-    """What a failure becomes on the wire: ["lost", message], ["refused", type name,
+    """What a failure becomes on the wire: ["lost", message, the worker lost or None],
+    ["refused", type name,
     message] (``refused``: the protocol's check of the message failed, not the graph's
     code) or ["error", RemoteError] (the codec keeps a RemoteError's fields, so the
     worker where it happened stays)."""
     if isinstance(exc, WorkerLost):
-        return ["lost", str(exc)]
+        return ["lost", str(exc), exc.peer]
     # (the protocol's refusals reach the origin as their own type, as its own do)
     if refused and refusal_type(name := type_name(type(exc))) is not None:
         return ["refused", name, f"{exc} (refused by worker {me!r})"]
@@ -612,10 +613,12 @@ def _failure_record(exc: BaseException, me: str, refused: bool = False) -> list[
 
 
 def _failure_from(record: Any) -> BaseException:
+    if type(record) is list and len(record) == 3 and record[0] == "lost":
+        _, message, peer = record
+        if type(message) is str and (peer is None or type(peer) is str):
+            return WorkerLost(message, peer=peer)
     if type(record) is list and len(record) == 2:
         kind, payload = record
-        if kind == "lost" and type(payload) is str:
-            return WorkerLost(payload)
         if kind == "error" and isinstance(payload, RemoteError):
             return payload
     if type(record) is list and len(record) == 3 and record[0] == "refused":
@@ -1260,17 +1263,24 @@ def clean_up_wait() -> float:
     return _runtime.HEARTBEAT_TIMEOUT if CLEAN_UP_WAIT is None else CLEAN_UP_WAIT
 
 
-def _start_clean_up(st: DistState, ctx: DistContext, pass_id: int) -> asyncio.Task[None] | None:
-    """On the origin of pass ``pass_id``, which failed or was cancelled: abort it here
-    and on every worker of the context, their stale ends of freed pairs dropped (see the
-    comment above). Returns the task that waits for all of it (None: not waited for),
-    which the next backward started here in the context waits for too."""
+def _start_clean_up(
+    st: DistState, ctx: DistContext, pass_id: int, lost: str | None = None
+) -> asyncio.Task[None] | None:
+    """On the origin of pass ``pass_id``, which failed (``lost``: on the loss of that
+    worker) or was cancelled: abort it here and on every worker of the context, their
+    stale ends of freed pairs dropped (see the comment above). Returns the task that
+    waits for all of it (None: not waited for), which the next backward started here in
+    the context waits for too."""
     worker = st.worker
     freed = _abort_here(worker, ctx, pass_id)
+    peers = ctx.peers | ctx.sent_to
     if (
         worker.closing
+        # (lost, or hung, on another worker's watch: a worker that had not found it
+        # silent may pass it a share, and this one would not hear of it, not its peer)
+        or (lost is not None and lost != worker.name and lost not in peers)
         or ctx.released
-        or any(st.unreachable(p) and not _gone(worker, p) for p in ctx.peers | ctx.sent_to)
+        or any(st.unreachable(p) and not _gone(worker, p) for p in peers)
     ):
         # (a worker lost, or hung, already: others may have passed it a share before
         # they knew, held for good; a loss heard from now on ends the wait. Not one no
@@ -1566,7 +1576,8 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             # The pass failed or was cancelled: nothing of it stays, here or on the peers.
             # (The error's traceback holds this frame; the run's future holds the error.)
             run = None  # type: ignore[assignment]
-            cleaning = _start_clean_up(st, ctx, pass_id)
+            lost = exc.peer if isinstance(exc, WorkerLost) else None
+            cleaning = _start_clean_up(st, ctx, pass_id, lost)
             # (cancelled, it ends now: the next backward here in the context waits for
             # the clean-up, see ctx.cleaning; so does it if this wait is cancelled)
             if cleaning is not None and isinstance(exc, Exception):

@@ -669,7 +669,8 @@ class DistState:
                         f"worker {peer!r} was lost during the backward pass (worker "
                         f"{worker.name!r} heard nothing from it for "
                         f"{_runtime.HEARTBEAT_TIMEOUT:g} s: it hung, or the network between "
-                        "them is down)"
+                        "them is down)",
+                        peer=peer,
                     ),
                 )
         if self._watching:
@@ -930,11 +931,12 @@ def _on_peer_lost(st: DistState, name: str) -> None:
         ps = ctx.active_pass
         ctx.drop_pass()
         if why is None:
-            lost = WorkerLost(f"worker {name!r} was lost during the backward pass")
+            lost = WorkerLost(f"worker {name!r} was lost during the backward pass", peer=name)
         else:  # (its report names the worker that was stopped, as the peer's does)
             lost = WorkerLost(
                 f"worker {me!r} was lost during the backward pass (worker {name!r} closed "
-                f"its connection with it: {why})"
+                f"its connection with it: {why})",
+                peer=me,
             )
         st.fail_runs(ctx_id, lost)
         # The origin is told when this worker's part of a pass was dropped (with the
