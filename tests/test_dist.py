@@ -6365,6 +6365,22 @@ def _hold_casts(worker: Any, topic: str) -> tuple[list[tuple[Any, ...]], Any]:
     return held, release
 
 
+def _all_back_but_the_held_share(origin: Any, held: list[tuple[Any, ...]]) -> bool:
+    """Whether the clean-up ``origin`` waits for has all its credit back but the share
+    of the one message ``held`` (see _hold_casts) to w1."""
+    from actorgrad.dist.backward import add_credit
+    from actorgrad.dist.context import state_of
+
+    cleanups = state_of(origin).cleanups
+    if not cleanups or len(held) != 1:
+        return False
+    (run,) = cleanups.values()
+    ((dest, _, args, _),) = held
+    assert dest == "w1"
+    num, exp = add_credit((run.num, run.exp), (args[-2], args[-1]))
+    return num == 1 << exp
+
+
 def _stale_ends(ctx1: Any) -> list[Any]:
     """w1's ends of its pairs with w2 (in the failed pass's graph, kept there)."""
     return [s for s in ctx1.sends.values() if s.dest == "w2"] + [
@@ -6384,7 +6400,7 @@ async def test_a_failed_backward_returns_once_its_clean_up_reached_every_worker(
     # clean-up is acknowledged now (credit, as the pass's messages): the failed
     # backward returns once it reached every worker. Held here, backward waits with all
     # the rest of the credit back; let go, it returns, w1's stale ends gone.
-    from actorgrad.dist.backward import T_CLEAN_UNPAIR, add_credit
+    from actorgrad.dist.backward import T_CLEAN_UNPAIR
     from actorgrad.dist.context import state_of
 
     # (not what ends the wait here)
@@ -6398,23 +6414,13 @@ async def test_a_failed_backward_returns_once_its_clean_up_reached_every_worker(
         async with ag.dist.context() as ctx:
             y = await ag.rpc("w1", F.mul_then_forward, ("w", "w2", "w", x))
             p1 = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
-            await until(lambda: held)
-            ((dest, _, args, _),) = held
-            assert dest == "w1"
-            cleanups = state_of(c.driver).cleanups
-
-            def all_back_but_the_held_share() -> bool:
-                (run,) = cleanups.values()
-                num, exp = add_credit((run.num, run.exp), (args[-2], args[-1]))
-                return num == 1 << exp
-
-            await until(all_back_but_the_held_share)
+            await until(lambda: _all_back_but_the_held_share(c.driver, held))
             ctx1 = state_of(w1).contexts[ctx]
             assert _stale_ends(ctx1) and not p1.done()
             release()
             with pytest.raises(ag.RemoteError, match="hook refused gradient on w1"):
                 await asyncio.wait_for(p1, 10)
-            assert not _stale_ends(ctx1) and not cleanups
+            assert not _stale_ends(ctx1) and not state_of(c.driver).cleanups
             await _next_pass_is_exact(ctx, av, bv, x)
         await assert_clean(c.names)
 
@@ -6512,7 +6518,7 @@ async def test_a_backward_right_after_a_cancelled_one_waits_for_its_clean_up(mon
     # goes on in the background now, and the next backward started there in the
     # context waits for it: held here, P2 waits, with all the rest of its credit back;
     # let go, P2 runs, exact.
-    from actorgrad.dist.backward import T_CLEAN_UNPAIR, T_DELIVER, add_credit
+    from actorgrad.dist.backward import T_CLEAN_UNPAIR, T_DELIVER
     from actorgrad.dist.context import state_of
 
     # (not what ends the wait here)
@@ -6533,17 +6539,9 @@ async def test_a_backward_right_after_a_cancelled_one_waits_for_its_clean_up(mon
                 await p1
             await until(lambda: held)  # (w1 aborted P1 before it passed the clean-up on)
             release_grads()  # (P1's gradient reaches w1 late: refused there)
-            ((dest, _, args, _),) = held
-            assert dest == "w1"
-            (run,) = state_of(c.driver).cleanups.values()
-
-            def all_back_but_the_held_share() -> bool:
-                num, exp = add_credit((run.num, run.exp), (args[-2], args[-1]))
-                return num == 1 << exp
-
             y = await ag.rpc("w1", F.mul_then_forward, ("w", "w2", "w", x))
             p2 = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
-            await until(all_back_but_the_held_share)
+            await until(lambda: _all_back_but_the_held_share(c.driver, held))
             # (a start of P2 would have reached w1 before this call: it goes first on
             # the driver's connection)
             await ag.rpc("w1", F.identity, (None,))
@@ -6644,7 +6642,7 @@ async def test_a_peer_that_left_the_cluster_does_not_turn_the_clean_up_off_in_it
     # context skip its clean-up's wait, for the context's whole life, though a process
     # gone holds no share: a message to it fails, its share back at once. The next pass
     # could start with w1's stale ends again.)
-    from actorgrad.dist.backward import T_CLEAN_UNPAIR, add_credit
+    from actorgrad.dist.backward import T_CLEAN_UNPAIR
     from actorgrad.dist.context import state_of
 
     monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "CLEAN_UP_WAIT", 60.0)
@@ -6660,18 +6658,7 @@ async def test_a_peer_that_left_the_cluster_does_not_turn_the_clean_up_off_in_it
             held, release = _hold_casts(w2, T_CLEAN_UNPAIR)  # (w2's, to w1)
             y = await ag.rpc("w1", F.mul_then_forward, ("w", "w2", "w", x))
             p1 = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
-            await until(lambda: held)
-            cleanups = state_of(c.driver).cleanups
-
-            def all_back_but_the_held_share() -> bool:
-                if not cleanups:
-                    return False
-                (run,) = cleanups.values()
-                ((_, _, args, _),) = held
-                num, exp = add_credit((run.num, run.exp), (args[-2], args[-1]))
-                return num == 1 << exp
-
-            await until(lambda: p1.done() or all_back_but_the_held_share())
+            await until(lambda: p1.done() or _all_back_but_the_held_share(c.driver, held))
             ctx1 = state_of(w1).contexts[ctx]
             assert _stale_ends(ctx1) and not p1.done()
             release()
