@@ -6709,3 +6709,24 @@ async def test_a_backward_failed_by_a_hung_worker_does_not_wait_for_a_share_it_w
         finally:
             os.kill(pid, signal.SIGKILL)
         assert took < HEARTBEAT_TIMEOUT + 2.0, took
+
+
+async def test_a_peer_that_runs_no_pass_keeps_one_clean_up_mark_per_origin():
+    # (w3 was called in the context, plainly: a peer there, it gets every failed
+    # pass's clean-up but runs no pass, which would prune its marks: they grew by one
+    # per failed pass, for the context's life)
+    from actorgrad.dist.context import state_of
+
+    async with cluster("inproc") as c:
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        await ag.rpc("w1", F.add_failing_hook, ("w", 4))
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            await ag.rpc("w3", F.identity, (None,))
+            for _ in range(4):
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                with pytest.raises(ag.RemoteError, match="hook refused gradient on w1"):
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            ctx3 = state_of(c.workers[2]).contexts[ctx]
+            assert len(ctx3.cleaned) == 1, ctx3.cleaned
+        await assert_clean(c.names)

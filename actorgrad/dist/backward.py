@@ -1345,6 +1345,12 @@ def _clean_up(
     split among them, or give it back if there is nothing to send (``via``: the sender
     of the clean-up, see _cleaned_share)."""
     worker = st.worker
+    # (an older pass of the same origin is over, its clean-up too, as far as it waited:
+    # the set keeps one per origin, also where no pass of it ever starts to prune it,
+    # see settle. A late duplicate of a clean-up cut short floods once more: harmless.)
+    if ctx.cleaned:
+        key = pass_id >> PASS_ID_BITS
+        ctx.cleaned = {p for p in ctx.cleaned if p >> PASS_ID_BITS != key or p > pass_id}
     ctx.cleaned.add(pass_id)
     out: list[tuple[str, str, tuple[Any, ...]]] = []
     args: tuple[Any, ...]
