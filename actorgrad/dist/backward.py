@@ -1294,7 +1294,7 @@ def _start_clean_up(
     run = st.cleanups[pass_id] = InitiatorRun(ctx.id, pass_id)
     # (as a caller watches the peers its calls wait on: one that hangs is taken for lost
     # after the heartbeat timeout, which ends the wait, see DistState.end_cleanups)
-    watched = [p for p in ctx.peers | ctx.sent_to if p != worker.name]
+    watched = [p for p in peers if p != worker.name]
     for peer in watched:
         worker.watch(peer)
     wait = _await_clean_up(st, ctx.id, pass_id, run, watched)

@@ -458,8 +458,9 @@ class DistState:
         # (at most this many contexts left, future) of wait_empty
         self._empty_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.runs: dict[int, Any] = {}  # pass id -> InitiatorRun, for passes started here
-        # pass id -> InitiatorRun of the clean-up of a pass that failed here (the credit
-        # of its acknowledged abort flood, see backward._clean_up_everywhere)
+        # pass id -> InitiatorRun of the clean-up of a pass started here that failed or
+        # was cancelled (the credit of its acknowledged abort flood, see
+        # backward._start_clean_up)
         self.cleanups: dict[int, Any] = {}
         # Peers check_watched found silent for the heartbeat timeout (hung: not taken
         # for lost, nothing closed), and when they were last heard from then: until
@@ -710,8 +711,9 @@ class DistState:
         return False
 
     def end_cleanups(self, why: str) -> None:
-        """Stop waiting for the clean-ups of failed passes started here (a worker that
-        held part of their credit may be gone: see backward._clean_up_everywhere)."""
+        """Stop waiting for the clean-ups of passes started here that failed or were
+        cancelled (a worker that held part of their credit may be gone: see
+        backward._start_clean_up)."""
         for run in self.cleanups.values():
             run.fail(WorkerLost(f"{why} during the clean-up of a failed backward pass"))
 

@@ -1584,9 +1584,8 @@ class Worker:
         Only that loss (its own record, by identity): heard from since and lost again,
         the peer's later loss is reported once, as any (twice, a drop's too, and the
         greeting of a peer that dropped us skipped)."""
-        entry = self._lost.get(dest)
-        if entry is not None and entry[0] is None:
-            conn.reached_lost = entry  # (this loss: see _on_lost)
+        if self.is_lost(dest):
+            conn.reached_lost = self._lost[dest]  # (this loss: see _on_lost)
         return conn
 
     def connected_to(self, peer: str) -> bool:
