@@ -2,7 +2,8 @@
 
 Run: ``python -m benchmarks bench_local``. Prints time per step (median of several
 repeats, machines are shared and noisy) and, when torch is importable, the same
-workload in torch eager on CPU in the same process with the ratio.
+workload in torch eager on CPU in the same process, with the speedup (torch's time /
+actorgrad's: above 1, actorgrad is faster).
 """
 
 from __future__ import annotations
@@ -131,18 +132,21 @@ def table(single_thread: bool) -> None:
         ),
         (f"scalar chain, {CHAIN} ops x2 (fwd+bwd)", ag_chain, torch_chain, 3),
     ]
-    print(f"{'workload':<48} {'actorgrad':>12} {'torch':>12} {'ratio':>7}")
+    print(f"{'workload':<48} {'actorgrad':>12} {'torch':>12} {'speedup':>8}")
     for name, make_ag, make_torch, number in rows:
         t_ag = timeit(make_ag(), number)
         if torch is not None:
             t_torch = timeit(make_torch(torch), number)
             print(
-                f"{name:<48} {t_ag * 1e3:>9.3f} ms {t_torch * 1e3:>9.3f} ms {t_ag / t_torch:>6.2f}x"
+                f"{name:<48} {t_ag * 1e3:>9.3f} ms {t_torch * 1e3:>9.3f} ms {t_torch / t_ag:>7.2f}x"
             )
         else:
-            print(f"{name:<48} {t_ag * 1e3:>9.3f} ms {'-':>12} {'-':>7}")
+            print(f"{name:<48} {t_ag * 1e3:>9.3f} ms {'-':>12} {'-':>8}")
     per_op = timeit(make_ag_ops(), 2000)
     print(f"{'per recorded op (a * b, 0-d, with grad)':<48} {per_op * 1e6:>9.2f} us")
+    if torch is not None:
+        # (the convention of bench_rpc and bench_dist: above 1, actorgrad is faster)
+        print("speedup = torch's time / actorgrad's: > 1, actorgrad is faster")
 
 
 def main() -> None:
