@@ -1576,8 +1576,11 @@ async def test_a_context_with_many_failed_passes_keeps_no_record_of_each(mode):
 
 async def test_a_pass_reaching_a_worker_where_an_aborted_part_still_runs_is_refused(monkeypatch):
     # (w1's part of a cancelled pass goes on in its pool, running nodes of the graph: a
-    # new pass reaching w1 meanwhile would run them at the same time)
+    # new pass reaching w1 meanwhile would run them at the same time. The next backward
+    # waits for the cancelled one's clean-up, which w1 holds until that part ended, but
+    # only for clean_up_wait, here cut short: then it is refused there.)
     monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "CLEAN_UP_WAIT", 0.1)
     xv, wv = arr(3), arr(3)
     gate = f"offloaded-{next(_gates)}"
     async with cluster("inproc", 1) as c:
@@ -1603,6 +1606,50 @@ async def test_a_pass_reaching_a_worker_where_an_aborted_part_still_runs_is_refu
             await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
             np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
+        await assert_clean(c.names)
+
+
+@pytest.mark.parametrize("mode", ["inproc", "tcp"])
+async def test_a_failed_backward_returns_once_a_part_of_it_running_in_a_thread_ended(
+    monkeypatch, mode
+):
+    # w2's part fails while w1's runs in w1's pool (held at a gated hook). The failed
+    # backward returned as soon as its clean-up had gone round, the part still running:
+    # a retry at once was refused, "still runs on worker 'w1' (it went on in a
+    # thread)". Now w1 keeps its share of the clean-up until that part ended, and the
+    # backward raises then; the retry goes through with exact gradients.
+    from actorgrad.dist.context import state_of
+
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    xv, wv, vv = arr(3), arr(3), arr(3)
+    gate = f"held-share-{next(_gates)}"
+    async with cluster(mode, 2) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.add_gated_hook, ("w", gate))
+        await ag.rpc("w2", F.put, ("v", vv))
+        await ag.rpc("w2", F.add_failing_hook, ("v", 1))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y1 = await ag.rpc("w1", F.mul, ("w", x))
+            here = state_of(c.workers[0]).contexts[ctx]
+            y2 = await ag.rpc("w2", F.mul, ("v", x))
+            loss = y1.sum() + y2.sum()
+            run = asyncio.ensure_future(ag.dist.backward(ctx, [loss], retain_graph=True))
+            try:
+                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                # (the clean-up reached w1: its share held; without, the pass's end)
+                await until(lambda: here.held_shares or run.done())
+                assert not run.done() and here.offloaded == 1
+            finally:
+                F.thread_gate(gate + " out").set()
+            with pytest.raises(ag.RemoteError) as err:
+                await asyncio.wait_for(run, 10)
+            assert str(err.value) == "ValueError on worker 'w2': hook refused gradient on w2"
+            assert here.offloaded == 0 and not here.held_shares
+            await asyncio.wait_for(ag.dist.backward(ctx, [loss]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv + vv, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
+            np.testing.assert_allclose(await ag.rpc("w2", F.grad_of, (ctx, "v")), xv)
         await assert_clean(c.names)
 
 
@@ -2140,9 +2187,11 @@ async def test_a_pass_dropped_while_its_part_runs_in_a_thread_leaves_the_context
     mode, monkeypatch
 ):
     # The driver gives up (timeout) while w1's part runs in its thread pool: w1 drops
-    # the pass, its thread ends on its own and sends nothing; meanwhile a new pass in
-    # the context is refused (it would run the same nodes at the same time); after,
-    # it goes through with the right gradients.
+    # the pass, its thread ends on its own and sends nothing. A new pass in the context
+    # would run the same nodes at the same time: the next backward waits for the
+    # cancelled one's clean-up, whose share w1 gives back only once that thread ended
+    # (it was refused, "still runs on worker 'w1'"), and goes through with the right
+    # gradients.
     async with cluster(mode) as c:
         n = await lower_big(monkeypatch, mode, ("w1",))
         xv, wv = arr(n), arr(n)
@@ -2154,11 +2203,6 @@ async def test_a_pass_dropped_while_its_part_runs_in_a_thread_leaves_the_context
             loss = y.sum()
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(ag.dist.backward(ctx, [loss], retain_graph=True), 0.3)
-            with pytest.raises(ag.ContextError, match="still runs on worker 'w1'"):
-                await asyncio.wait_for(ag.dist.backward(ctx, [loss], retain_graph=True), 10)
-            async with asyncio.timeout(10):
-                while (await ag.rpc("w1", F.debug_info))["num_offloaded_parts"]:
-                    pass
             await asyncio.wait_for(ag.dist.backward(ctx, [loss]), 10)
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
             np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv, rtol=1e-12)

@@ -937,6 +937,10 @@ def _resume(st: DistState, ps: PassState, retain: bool, fut: asyncio.Future[Any]
     ctx = ps.ctx
     ctx.offloaded -= 1
     ps.busy = False
+    if not ctx.offloaded and ctx.held_shares:
+        held, ctx.held_shares = ctx.held_shares, []
+        for pass_id, origin, credit, via in held:
+            _cleaned_share(st, ctx.id, pass_id, origin, credit, via)
     exc = fut.exception() if not fut.cancelled() else WorkerLost("the worker is shutting down")
     if ctx.active_pass is not ps:
         return  # dropped meanwhile (aborted, a peer lost, released): nothing to send
@@ -1371,10 +1375,17 @@ def _clean_up(
             worker.cast(peer, T_ABORT, (ctx.id, pass_id), on_error=_ignore)
         else:
             out.append((peer, T_CLEAN, (ctx.id, pass_id, origin, worker.name)))
-    if not out:
+    # (a part of a dropped pass still running in a thread here: a share waits for its
+    # end, so that the failed backward raises, and a cancelled one's next pass starts,
+    # once a new pass would not be refused here for it, "still runs ... in a thread")
+    hold = ctx.offloaded > 0
+    if not out and not hold:
         _cleaned_share(st, ctx.id, pass_id, origin, credit, via)
         return
-    for (peer, topic, args), share in zip(out, split_credit(credit, len(out)), strict=True):
+    shares = split_credit(credit, len(out) + hold)
+    if hold:
+        ctx.held_shares.append((pass_id, origin, shares.pop(), via))
+    for (peer, topic, args), share in zip(out, shares, strict=True):
         # (one that cannot go: its receiver is gone, with the ends it held; its share
         # comes back at once)
         on_error = functools.partial(_unsent_share, st, ctx.id, pass_id, origin, share, via)

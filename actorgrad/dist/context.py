@@ -161,6 +161,7 @@ class DistContext:
         "unanswered",
         "calls_out",
         "offloaded",
+        "held_shares",
         "peer_ids",
         "broken",
         "broken_by",
@@ -247,6 +248,10 @@ class DistContext:
         self.calls_out: set[int] = set()
         # Parts of passes running in the worker's thread pool (backward._step).
         self.offloaded = 0
+        # Shares of clean-ups (backward._clean_up) held while a part of a dropped pass
+        # still runs in a thread here: given back when it ends (its origin then knows
+        # a retry will not meet it), as (pass id, origin, credit, via).
+        self.held_shares: list[tuple[int, str, tuple[int, int], str | None]] = []
         # The cluster id of each peer when this context first exchanged a call with
         # it: a process that joins under a dead peer's name has another one, and does
         # not hold the dead one's part (see check_peer).
