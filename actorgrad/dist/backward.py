@@ -938,8 +938,8 @@ def _resume(st: DistState, ps: PassState, retain: bool, fut: asyncio.Future[Any]
     ctx.offloaded -= 1
     ps.busy = False
     if not ctx.offloaded and ctx.held_shares:
-        held, ctx.held_shares = ctx.held_shares, []
-        for pass_id, origin, credit, via in held:
+        shares, ctx.held_shares = ctx.held_shares, []
+        for pass_id, origin, credit, via in shares:
             _cleaned_share(st, ctx.id, pass_id, origin, credit, via)
     exc = fut.exception() if not fut.cancelled() else WorkerLost("the worker is shutting down")
     if ctx.active_pass is not ps:
