@@ -1177,6 +1177,11 @@ def stage_state(key: str) -> dict[str, np.ndarray]:
     return _store[_k(key)].state_dict()
 
 
+def set_data(key: str, value: Any) -> None:
+    """Give the tensor kept under ``key`` the array ``value`` (the same Tensor)."""
+    _store[_k(key)].data = np.asarray(value)
+
+
 def set_weight(key: str, value: np.ndarray) -> None:
     """Give the weight of the Linear kept under ``key`` the array ``value``."""
     _store[_k(key)].weight.data = value

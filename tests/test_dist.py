@@ -3858,6 +3858,31 @@ async def test_an_owner_gone_before_the_first_step_fails_it_as_it_would_a_later_
             assert (await r.to_here()).data.tolist() == [0.5, 0.5]
 
 
+async def test_a_step_error_names_the_parameter_by_its_place_in_params():
+    # A parameter whose array user code replaced by one of another shape between the
+    # backward and the step: the owner's local optimizer refused its gradient naming
+    # it by its place among that owner's parameters ("parameter 0"), not in params.
+    async with cluster("inproc", 2):
+        rb = await ag.remote("w2", F.make_param, (np.ones(2),))
+        await ag.rpc("w1", F.put, ("w", np.ones(2)))
+        ra = await ag.remote("w1", F.get, ("w",))
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [rb, ra], lr=0.5)
+        async with ag.dist.context() as ctx:
+            a, b = await ra.to_here(), await rb.to_here()
+            await ag.dist.backward(ctx, [(a + b).sum()])
+            await ag.rpc("w1", F.set_data, ("w", np.ones(3)))
+            with pytest.raises(ag.RemoteError) as ei:
+                await opt.step(ctx)
+        assert ei.value.worker == "w1" and ei.value.remote_type == "ValueError"
+        assert ei.value.remote_message == (
+            f"step: the gradient of params[1] in context {ctx:#x} has shape (2,), the "
+            "parameter (3,) (its array was replaced after the forward pass)"
+        )
+        assert "stepped on 'w2'" in "\n".join(ei.value.__notes__)
+        assert (await rb.to_here()).data.tolist() == [0.5, 0.5]
+        assert (await ra.to_here()).data.tolist() == [1.0, 1.0, 1.0]
+
+
 async def test_a_step_under_no_grad_reaches_the_owners_the_context_did_not():
     # Under no_grad a call goes out as outside its context: the step's call too, so an
     # owner whose parameters the context never reached did not know the context and

@@ -152,9 +152,20 @@ class _LocalOptimizer:
 
     def step(self, context_id: int) -> int:
         grads = get_gradients(context_id)
-        mine: dict[Tensor, np.ndarray] = {
-            p: g for p in self.params if (g := grads.get(p)) is not None and not is_unused(g)
-        }
+        mine: dict[Tensor, np.ndarray] = {}
+        for i, p in zip(self.indices, self.params, strict=True):
+            g = grads.get(p)
+            if g is None or is_unused(g):
+                continue
+            if g.shape != p.data.shape:
+                # (the local optimizer refuses it too, but names the parameter by its
+                # place among this owner's: params[1] was "parameter 0")
+                raise ValueError(
+                    f"step: the gradient of params[{i}] in context {context_id:#x} has shape "
+                    f"{g.shape}, the parameter {p.data.shape} (its array was replaced after "
+                    "the forward pass)"
+                )
+            mine[p] = g
         if mine:
             # One step at a time on this owner, as PyTorch's: a long step runs in the
             # worker's thread pool, and two at once (two trainers) lost updates.
