@@ -4715,6 +4715,17 @@ async def test_distributed_optimizer_errors():
         for bad in (ctx, 999):
             with pytest.raises(ag.ContextError, match="unknown or released .* on worker 'w1'"):
                 await opt.step(bad)
+        # (one that cannot travel failed as every owner's TypeError, "cannot send int:
+        # value does not fit in 64 bits", though none was reached; a negative one
+        # reached them all)
+        for bad in (1 << 64, -1):
+            with pytest.raises(ag.ContextError) as info:
+                await opt.step(bad)
+            assert str(info.value) == (
+                f"unknown distributed autograd context {bad:#x}: no context has that id "
+                "(an int of 64 bits, >= 0, that `async with ag.dist.context() as ctx` gives)"
+            )
+            assert not getattr(info.value, "__notes__", None)
         for empty in ([], ()):
             with pytest.raises(ValueError, match="needs at least one parameter RRef"):
                 ag.dist.DistributedOptimizer(ag.optim.SGD, empty, lr=0.1)

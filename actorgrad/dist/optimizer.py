@@ -511,6 +511,13 @@ class DistributedOptimizer:
                 await opt.step(ctx)     # inside: a released context raises ContextError
         """
         context_id = as_context_id(context_id)  # (it travels: a numpy integer would not)
+        if not 0 <= context_id < 1 << 64:
+            # (no context has it: one that does not fit in 64 bits failed as every
+            # owner's TypeError, "cannot send int", though none was reached)
+            raise ContextError(
+                f"unknown distributed autograd context {context_id:#x}: no context has that "
+                "id (an int of 64 bits, >= 0, that `async with ag.dist.context() as ctx` gives)"
+            )
         refs = await self._setup()
         owners = list(refs)
         # (all of them settle first: raising at the first failure left the user looking
