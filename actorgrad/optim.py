@@ -40,6 +40,7 @@ import copy
 import inspect
 import math
 import numbers
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -134,6 +135,41 @@ def _count(value: Any, what: str) -> int:
     if count < 0:
         raise ValueError(f"load_state_dict: {what} must be a whole number >= 0, got {value}")
     return count
+
+
+def _constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The parameters ``cls``'s constructor takes by name (``params`` aside), and those
+    of its base classes' that it passes on through ``*args``/``**kwargs``: a subclass
+    written ``__init__(self, params, **options)`` takes its base class's options. (Its
+    own signature named none: its state dict kept no ``lr``, and loading one, its own
+    too, failed with "missing 1 required positional argument: 'lr'".) A subclass's
+    parameter comes before, and hides, a base class's of the same name."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    passed_on = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    out: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        if klass is object:
+            break
+        prms = inspect.signature(init).parameters.values()
+        for prm in prms:
+            if prm.kind in kinds and prm.name not in ("self", "params"):
+                out.setdefault(prm.name, prm)
+        if not any(prm.kind in passed_on for prm in prms):
+            break
+    return out
+
+
+def _given_twice(exc: BaseException) -> str | None:
+    """The keyword argument a call got twice, if that is what ``exc`` says (Python's
+    TypeError "f() got multiple values for keyword argument 'x'")."""
+    if type(exc) is TypeError:
+        m = re.search(r"got multiple values for (?:keyword )?argument '(\w+)'", str(exc))
+        if m is not None:
+            return m.group(1)
+    return None
 
 
 #: What to use instead of the base class (its ``_update`` is the subclasses' to write).
@@ -292,14 +328,9 @@ class Optimizer:
 
     def _hyperparameters(self) -> list[str]:
         """The names of the hyperparameters: the constructor's parameters (``params``
-        aside) that the optimizer keeps as attributes of the same name."""
-        sig = inspect.signature(type(self).__init__)
-        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        return [
-            n
-            for n, prm in sig.parameters.items()
-            if prm.kind in kinds and n not in ("self", "params") and n in vars(self)
-        ]
+        aside, those it passes on included: see ``_constructor_parameters``) that the
+        optimizer keeps as attributes of the same name."""
+        return [n for n in _constructor_parameters(type(self)) if n in vars(self)]
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state, as ``torch.optim``'s ``state_dict()`` lays it out:
@@ -447,13 +478,16 @@ class Optimizer:
         names = self._hyperparameters()
         fixed = type(self).FIXED_HYPERPARAMETERS
         given = sorted(str(k) for k in group if k != "params" and k not in fixed)
-        defaults = inspect.signature(type(self).__init__).parameters
+        defaults = _constructor_parameters(type(self))
+        own = inspect.signature(type(self).__init__).parameters
         # (one added later may be missing, if it has a default: a subclass's constructor
-        # may require it)
+        # may require it; and one the constructor passes on to its base class's, which
+        # a state dict saved before those were saved lacks: it keeps its value)
         needed = {
             k
             for k in names
-            if k not in type(self).ADDED_HYPERPARAMETERS or defaults[k].default is defaults[k].empty
+            if k in own
+            and (k not in type(self).ADDED_HYPERPARAMETERS or defaults[k].default is own[k].empty)
         }
         if not needed <= set(given) <= set(names):
             raise ValueError(
@@ -475,7 +509,14 @@ class Optimizer:
             raise ValueError(
                 f"load_state_dict: param_groups[0]['params'] names a parameter twice: {ids!r:.60}"
             )
-        hyper = {k: copy.deepcopy(group[k]) if k in group else defaults[k].default for k in names}
+        hyper = {
+            k: copy.deepcopy(group[k])
+            if k in group
+            else defaults[k].default
+            if k in own
+            else copy.deepcopy(getattr(self, k))
+            for k in names
+        }
         probe = [Tensor(np.zeros(1), requires_grad=True)]
         try:
             inspect.signature(type(self)).bind(probe, **hyper)
@@ -485,10 +526,18 @@ class Optimizer:
             # it refused every state dict of its class, "missing 1 required argument")
             pass
         else:
-            try:  # (the constructor's checks: a state dict edited into nonsense)
-                type(self)(probe, **hyper)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"load_state_dict: param_groups[0]: {exc}") from None
+            while True:
+                try:  # (the constructor's checks: a state dict edited into nonsense)
+                    type(self)(probe, **hyper)
+                    break
+                except (TypeError, ValueError) as exc:
+                    twice = _given_twice(exc)
+                    if twice is None or twice in own or twice not in hyper:
+                        raise type(exc)(f"load_state_dict: param_groups[0]: {exc}") from None
+                    # A base class's hyperparameter that the constructor passes the
+                    # others on to but sets itself (super().__init__(params, lr,
+                    # nesterov=True, **options)): the class's, not one to load.
+                    del hyper[twice]
         per_param = state["state"]
         if not isinstance(per_param, Mapping):
             raise TypeError(

@@ -1348,6 +1348,80 @@ def test_a_subclass_needing_more_than_its_hyperparameters_loads_its_own_state_di
     assert (opt.lr, opt._clip) == (0.1, 3.0)
 
 
+def test_a_subclass_passing_its_options_on_as_kwargs_saves_and_loads_them():
+    # Its hyperparameters were its own constructor's parameters only: one written
+    # (params, **options) had none, its state dict kept neither lr nor momentum, and
+    # loading it failed ("SGD.__init__() missing 1 required positional argument:
+    # 'lr'"), its own state dict included; one taking lr and passing the rest on kept
+    # lr alone (betas, amsgrad lost).
+    class Passing(ag.optim.SGD):
+        def __init__(self, params, **options):
+            super().__init__(params, **options)
+
+    class Some(ag.optim.Adam):
+        def __init__(self, params, lr=1e-3, *args, **kwargs):
+            super().__init__(params, lr, *args, **kwargs)
+
+    w = ag.tensor([1.0, 2.0], requires_grad=True)
+    opt = Passing([w], lr=0.1, momentum=0.9, nesterov=True)
+    opt.step({w: np.ones(2)})
+    sd = opt.state_dict()
+    assert sd["param_groups"] == [
+        {
+            "lr": 0.1,
+            "momentum": 0.9,
+            "weight_decay": 0.0,
+            "dampening": 0.0,
+            "nesterov": True,
+            "maximize": False,
+            "params": [0],
+        }
+    ]
+    again = Passing([w], lr=0.5)
+    again.load_state_dict(sd)
+    assert (again.lr, again.momentum, again.nesterov) == (0.1, 0.9, True)
+    assert again.state[w]["momentum_buffer"].tolist() == [1.0, 1.0]
+    adam = Some([w], lr=0.1, betas=(0.5, 0.6), amsgrad=True)
+    adam.step({w: np.ones(2)})
+    group = adam.state_dict()["param_groups"][0]
+    assert (group["lr"], group["betas"], group["amsgrad"]) == (0.1, (0.5, 0.6), True)
+    other = Some([w])
+    other.load_state_dict(adam.state_dict())
+    assert (other.lr, other.betas, other.amsgrad) == (0.1, (0.5, 0.6), True)
+    assert other.state[w]["step"] == 1
+
+
+def test_a_subclass_fixing_some_of_the_options_it_passes_on_loads_its_state_dicts():
+    # One that passes the others on (**kwargs) but fixes some itself: given them again
+    # (they are its base class's hyperparameters, saved), the constructor's check
+    # failed, "got multiple values for keyword argument 'momentum'"; a state dict saved
+    # when only its own constructor's parameters were (lr alone) loads, the others
+    # kept as they are.
+    class Nesterov(ag.optim.SGD):
+        def __init__(self, params, lr, **options):
+            super().__init__(params, lr, momentum=0.9, nesterov=True, **options)
+
+    w = ag.tensor([1.0, 2.0], requires_grad=True)
+    opt = Nesterov([w], lr=0.1, weight_decay=0.01)
+    opt.step({w: np.ones(2)})
+    sd = opt.state_dict()
+    group = sd["param_groups"][0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 0.01)
+    again = Nesterov([w], lr=0.5)
+    again.load_state_dict(sd)
+    assert (again.lr, again.weight_decay, again.momentum, again.nesterov) == (0.1, 0.01, 0.9, True)
+    np.testing.assert_allclose(again.state[w]["momentum_buffer"], [1.01, 1.02], rtol=1e-6)
+    older = {"state": sd["state"], "param_groups": [{"lr": 0.2, "params": [0]}]}
+    kept = Nesterov([w], lr=0.5, weight_decay=0.03)
+    kept.load_state_dict(older)
+    assert (kept.lr, kept.weight_decay, kept.momentum) == (0.2, 0.03, 0.9)
+    with pytest.raises(ValueError, match="invalid momentum 0.9 or weight_decay -1"):
+        again.load_state_dict({**sd, "param_groups": [{**group, "weight_decay": -1}]})
+    # (one it sets itself is its own, not loaded)
+    again.load_state_dict({**sd, "param_groups": [{**group, "momentum": 0.5}]})
+    assert again.momentum == 0.9
+
+
 def test_a_subclass_of_adam_taking_fewer_options_loads_its_own_state_dict():
     # (its hyperparameters are its constructor's: amsgrad and weight_decay are not, and
     # its state is kept as its instance's amsgrad says)
