@@ -1116,6 +1116,20 @@ class FailingSGD(ag.optim.SGD):
         super().step(grads)
 
 
+class GatedSGD(ag.optim.SGD):
+    """SGD whose step, on a worker, sets the thread gate ``gate + " in " + worker`` and
+    blocks its thread until ``gate + " out"`` is set."""
+
+    def __init__(self, params: Any, lr: float, gate: str = "") -> None:
+        super().__init__(params, lr)
+        self._gate = gate
+
+    def step(self, grads: Any = None) -> None:
+        thread_gate(f"{self._gate} in {ag.worker_name()}").set()
+        thread_gate(self._gate + " out").wait(20)
+        super().step(grads)
+
+
 async def call_in_context_of(initiator: str, dest: str) -> None:
     """Send a leaf to ``dest`` and back in a context that ``initiator`` made, taken in
     here as a call in it would be (a name no member has: a worker that left before

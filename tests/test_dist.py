@@ -3858,6 +3858,29 @@ async def test_an_owner_gone_before_the_first_step_fails_it_as_it_would_a_later_
             assert (await r.to_here()).data.tolist() == [0.5, 0.5]
 
 
+async def test_a_step_cancelled_once_an_owner_started_it_runs_to_its_end_there():
+    # (as step's docstring and docs/limits.md say: the cancellation does not undo it,
+    # nor stop it, and does not say where it ran)
+    gate = f"cancelled step {next(_gates)}"
+    async with cluster("inproc", 1):
+        ref = await ag.remote("w1", F.make_param, (np.ones(2),))
+        opt = ag.dist.DistributedOptimizer(F.GatedSGD, [ref], lr=0.5, gate=gate)
+        async with ag.dist.context() as ctx:
+            w = await ref.to_here()
+            await ag.dist.backward(ctx, [w.sum()])
+            step = asyncio.ensure_future(opt.step(ctx))
+            await until(F.thread_gate(f"{gate} in w1").is_set)
+            step.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await step
+            F.thread_gate(gate + " out").set()
+
+            async def stepped() -> bool:
+                return (await ref.to_here()).data.tolist() == [0.5, 0.5]
+
+            await until(stepped)
+
+
 async def test_a_step_error_names_the_parameter_by_its_place_in_params():
     # A parameter whose array user code replaced by one of another shape between the
     # backward and the step: the owner's local optimizer refused its gradient naming

@@ -501,6 +501,10 @@ class DistributedOptimizer:
         some owners, the others have stepped. It returns or raises only once every
         owner's step ended; the error raised is the first owner's (in the order of
         ``params``), with a note naming the owners that stepped and the other failures.
+        A step cancelled (a timeout around it) may have run on every owner, on some or on
+        none: an owner's step that started runs to its end (one in the owner's thread
+        pool cannot be stopped), and the cancellation does not say which did; do not
+        simply retry it (``state_dict()`` shows Adam's step counts).
 
         Example::
 
