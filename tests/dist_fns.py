@@ -1116,6 +1116,16 @@ class FailingSGD(ag.optim.SGD):
         super().step(grads)
 
 
+class MatricesOnlySGD(ag.optim.SGD):
+    """SGD whose constructor refuses any parameter that is not a matrix."""
+
+    def __init__(self, params: Any, lr: float) -> None:
+        params = list(params)
+        if any(p.data.ndim != 2 for p in params):
+            raise ValueError("MatricesOnlySGD takes 2-d parameters only")
+        super().__init__(params, lr)
+
+
 class GatedSGD(ag.optim.SGD):
     """SGD whose step, on a worker, sets the thread gate ``gate + " in " + worker`` and
     blocks its thread until ``gate + " out"`` is set."""

@@ -3942,6 +3942,21 @@ async def test_distributed_optimizer_options_that_cannot_travel_fail_at_construc
             ag.dist.DistributedOptimizer(Local, [ref], lr=0.1)
 
 
+async def test_a_class_refusing_the_stand_in_parameter_says_what_it_refused():
+    # The options are checked on the caller by making the class over a stand-in
+    # parameter: a class refusing that one failed the construction with its own
+    # error, which named no stand-in (the user's parameters were all matrices).
+    async with cluster("inproc", 1):
+        ref = await ag.remote("w1", F.make_param, (np.ones((2, 2)),))
+        with pytest.raises(ValueError, match="^MatricesOnlySGD takes 2-d parameters only\n") as ei:
+            ag.dist.DistributedOptimizer(F.MatricesOnlySGD, [ref], lr=0.1)
+        assert ei.value.__notes__ == [
+            "DistributedOptimizer: raised by MatricesOnlySGD([stand_in], lr=0.1), made on "
+            "the caller to check the options before any owner makes one: stand_in is a "
+            "float32 Tensor of shape (1,), not one of params"
+        ]
+
+
 async def test_distributed_optimizer_steps_on_owners(mode):
     av, bv, xv = arr(3), arr(3), arr(3)
     async with cluster(mode):

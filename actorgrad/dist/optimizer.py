@@ -444,9 +444,21 @@ class DistributedOptimizer:
             self._indices.setdefault(p.owner, []).append(i)
         # Surface option mistakes here, not on the first remote step. (Kept: it checks
         # a state dict on the caller, before load_state_dict changes any owner.)
-        self._probe = optimizer_class(
-            [Tensor(np.zeros(1, dtype=np.float32), requires_grad=True)], **options
-        )
+        try:
+            self._probe = optimizer_class(
+                [Tensor(np.zeros(1, dtype=np.float32), requires_grad=True)], **options
+            )
+        except Exception as exc:
+            # (a class that refuses the stand-in itself, not the options, said nothing
+            # of it: its error named none of the caller's parameters)
+            given = ", ".join(f"{k}={short_repr(v)}" for k, v in options.items())
+            exc.add_note(
+                f"DistributedOptimizer: raised by {optimizer_class.__qualname__}([stand_in]"
+                f"{', ' + given if given else ''}), made on the caller to check the options "
+                "before any owner makes one: stand_in is a float32 Tensor of shape (1,), "
+                "not one of params"
+            )
+            raise
         self._num_params = len(params)
         try:
             wire.encode_frame([], options, where="options")
