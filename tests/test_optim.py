@@ -1348,6 +1348,28 @@ def test_a_subclass_needing_more_than_its_hyperparameters_loads_its_own_state_di
     assert (opt.lr, opt._clip) == (0.1, 3.0)
 
 
+def test_a_subclass_whose_update_or_step_is_async_is_refused():
+    # Called as a plain method, its coroutine was dropped unrun: every step changed
+    # nothing (a RuntimeWarning "never awaited" at most), on a DistributedOptimizer's
+    # owners too, whose construction makes the class on the caller first.
+    class AsyncUpdate(ag.optim.SGD):
+        async def _update(self, p, g, data):
+            data -= self.lr * g
+
+    class AsyncStep(ag.optim.SGD):
+        async def step(self, grads=None):
+            super().step(grads)
+
+    w = ag.tensor([1.0, 2.0], requires_grad=True)
+    for cls, name in ((AsyncUpdate, "_update"), (AsyncStep, "step")):
+        with pytest.raises(
+            TypeError,
+            match=rf"^{cls.__name__}\.{name} is a coroutine function \(async def\): an "
+            "optimizer's step and _update are plain methods, called without an await",
+        ):
+            cls([w], lr=0.1)
+
+
 def test_a_subclass_passing_its_options_on_as_kwargs_saves_and_loads_them():
     # Its hyperparameters were its own constructor's parameters only: one written
     # (params, **options) had none, its state dict kept neither lr nor momentum, and
