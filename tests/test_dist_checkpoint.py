@@ -67,12 +67,17 @@ def _load(path) -> tuple[list[dict], dict]:
     return stages, opt_state
 
 
-def _local_run(cls=ag.optim.Adam, opts=ADAM) -> list[np.ndarray]:
-    """The same training in one process with ``cls`` (ag.optim.Adam): the reference."""
+def _local_run(
+    cls=ag.optim.Adam, opts=ADAM, lr_at: dict[int, float] | None = None
+) -> list[np.ndarray]:
+    """The same training in one process with ``cls`` (ag.optim.Adam): the reference
+    (``lr_at``: the learning rate set before step i, as ``opt.lr``)."""
     s1 = ag.nn.Linear(3, 4, seed=0, dtype="float64")
     s2 = ag.nn.Linear(4, 2, seed=1, dtype="float64")
     opt = cls([s2.weight, s1.weight, s1.bias, s2.bias], **opts)
-    for x, y in zip(XS, YS, strict=True):
+    for i, (x, y) in enumerate(zip(XS, YS, strict=True)):
+        if lr_at and i in lr_at:
+            opt.lr = lr_at[i]
         opt.zero_grad()
         ag.nn.functional.mse_loss(s2(s1(ag.tensor(x)).tanh()), ag.tensor(y)).backward()
         opt.step()
@@ -123,6 +128,25 @@ async def test_a_run_resumed_in_a_new_cluster_equals_the_uninterrupted_one(worke
     flat = [resumed[0]["weight"], resumed[0]["bias"], resumed[1]["weight"], resumed[1]["bias"]]
     for a, b in zip(flat, local, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+async def test_the_learning_rate_recipe_changes_it_on_every_owner_keeping_their_state():
+    # (docs/porting.md's recipe for torch's param_groups[0]["lr"] = lr: the state dict
+    # with another lr, loaded; the run equals a local one whose opt.lr was set there)
+    async with ag.local_cluster(2):
+        opt = ag.dist.DistributedOptimizer(ag.optim.Adam, await _stages("lr"), **ADAM)
+        await _train("lr", opt, slice(0, 2))
+        sd = await opt.state_dict()
+        sd["param_groups"][0]["lr"] = 0.01
+        await opt.load_state_dict(sd)
+        await _train("lr", opt, slice(2, 5))
+        got = await _weights("lr")
+        assert (await opt.state_dict())["param_groups"][0]["lr"] == 0.01
+    local = _local_run(lr_at={2: 0.01})
+    flat = [got[0]["weight"], got[0]["bias"], got[1]["weight"], got[1]["bias"]]
+    for a, b in zip(flat, local, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    assert not np.allclose(local[0], _local_run()[0])  # (the change changed the run)
 
 
 async def test_a_distributed_adamw_trains_resumes_and_is_refused_by_adam(worker_path):
