@@ -1640,6 +1640,7 @@ async def test_a_failed_backward_returns_once_a_part_of_it_running_in_a_thread_e
                 # (the clean-up reached w1: its share held; without, the pass's end)
                 await until(lambda: here.held_shares or run.done())
                 assert not run.done() and here.offloaded == 1
+                assert "active_pass=False, calls_out=0, offloaded=1, cleaning=False" in repr(here)
             finally:
                 F.thread_gate(gate + " out").set()
             with pytest.raises(ag.RemoteError) as err:

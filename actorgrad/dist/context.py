@@ -283,7 +283,9 @@ class DistContext:
             f"DistContext(id={self.id:#x}, initiator={self.initiator!r}, "
             f"sends={len(self.sends)}, recvs={len(self.recvs)}, peers={sorted(self.peers)}, "
             f"grads={len(self.grads)}, active_pass={self.active_pass is not None}, "
-            f"calls_out={len(self.calls_out)}, released={self.released})"
+            f"calls_out={len(self.calls_out)}, offloaded={self.offloaded}, "
+            f"cleaning={self.cleaning is not None and not self.cleaning.done()}, "
+            f"released={self.released})"
         )
 
     def pass_done(self, pass_id: int) -> bool:
