@@ -6849,3 +6849,92 @@ async def test_a_peer_that_runs_no_pass_keeps_one_clean_up_mark_per_origin():
             ctx3 = state_of(c.workers[2]).contexts[ctx]
             assert len(ctx3.cleaned) == 1, ctx3.cleaned
         await assert_clean(c.names)
+
+
+@pytest.mark.parametrize("mode", ["inproc", "processes"])
+async def test_a_learning_rate_schedule_in_param_groups_reaches_every_owner(mode):
+    # torch's way of changing the learning rate, `for g in opt.param_groups: g["lr"] =
+    # lr`, on a DistributedOptimizer: each change goes to every owner with the next
+    # step (the first step's too, before the owners' optimizers are made). The
+    # parameters match a local SGD given the same gradients and the same schedule.
+    xa, xb = arr(3), arr(2)
+    schedule = [0.1, 0.05, 0.05, 0.01]
+    async with cluster(mode, 2) as c:
+        ra = await ag.remote("w1", F.make_param, (np.ones(3),))
+        rb = await ag.remote("w2", F.make_param, (np.ones(2),))
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [ra, rb], lr=0.5, momentum=0.9)
+        assert opt.param_groups == [
+            {"lr": 0.5, "momentum": 0.9, "weight_decay": 0.0, "dampening": 0.0}
+            | {"nesterov": False, "maximize": False}
+        ]
+        pa, pb = (
+            ag.tensor(np.ones(3), requires_grad=True),
+            ag.tensor(np.ones(2), requires_grad=True),
+        )
+        local = ag.optim.SGD([pa, pb], lr=0.5, momentum=0.9)
+        for lr in schedule:
+            for g in opt.param_groups:
+                g["lr"] = lr
+            local.lr = lr
+            async with ag.dist.context() as ctx:
+                a, b = await ra.to_here(), await rb.to_here()
+                await ag.dist.backward(ctx, [(a * xa).sum() + (b * xb).sum()])
+                await opt.step(ctx)
+            local.step(grads={pa: xa, pb: xb})
+        np.testing.assert_array_equal((await ra.to_here()).data, pa.data)
+        np.testing.assert_array_equal((await rb.to_here()).data, pb.data)
+        # a change not stepped yet is in the state dict all the same
+        opt.param_groups[0]["lr"] = 0.2
+        assert (await opt.state_dict())["param_groups"][0]["lr"] == 0.2
+        await assert_clean(c.names)
+
+
+async def test_bad_param_groups_fail_the_step_on_the_caller_before_any_owner():
+    async with cluster("inproc", 2):
+        ra = await ag.remote("w1", F.make_param, (np.ones(2),))
+        rb = await ag.remote("w2", F.make_param, (np.ones(2),))
+        opt = ag.dist.DistributedOptimizer(ag.optim.Adam, [ra, rb], lr=0.1)
+        bad = [
+            (
+                "lr",
+                -1.0,
+                ValueError,
+                "param_groups[0]: invalid learning rate -1.0: lr must be >= 0",
+            ),
+            ("betas", (0.9, 2.0), ValueError, "param_groups[0]: invalid betas (0.9, 2.0)"),
+            ("learning_rate", 0.1, ValueError, "unknown: 'learning_rate'"),
+        ]
+        async with ag.dist.context() as ctx:
+            a, b = await ra.to_here(), await rb.to_here()
+            await ag.dist.backward(ctx, [(a * b).sum()])
+            for key, value, kind, message in bad:
+                group = opt.param_groups[0]
+                old = group.get(key)
+                group[key] = value
+                with pytest.raises(kind) as err:
+                    await opt.step(ctx)
+                assert message in str(err.value)
+                if old is None:
+                    del group[key]
+                else:
+                    group[key] = old
+            del opt.param_groups[0]["eps"]
+            with pytest.raises(ValueError, match="missing: 'eps'"):
+                await opt.step(ctx)
+            opt.param_groups = {"lr": 0.1}
+            with pytest.raises(TypeError, match="param_groups must be a list of one dict"):
+                await opt.step(ctx)
+            # nothing stepped anywhere meanwhile
+            assert (await ra.to_here()).data.tolist() == [1.0, 1.0]
+            assert (await rb.to_here()).data.tolist() == [1.0, 1.0]
+            opt.param_groups = [{"lr": 0.1, "betas": [0.5, 0.9]} | {"eps": 1e-8}]
+            opt.param_groups[0] |= {"weight_decay": 0.0, "amsgrad": False, "maximize": False}
+            await opt.step(ctx)  # (Adam's first step moves each element by lr, ~eps less)
+            np.testing.assert_allclose((await ra.to_here()).data, [0.9, 0.9], rtol=1e-8)
+        # as Adam keeps them: a tuple; a load puts back the loaded values
+        sd = await opt.state_dict()
+        assert sd["param_groups"][0]["betas"] == (0.5, 0.9)
+        sd["param_groups"][0]["lr"] = 0.3
+        opt.param_groups[0]["lr"] = 0.7
+        await opt.load_state_dict(sd)
+        assert opt.param_groups[0]["lr"] == 0.3 and opt.param_groups[0]["betas"] == (0.5, 0.9)

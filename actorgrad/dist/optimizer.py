@@ -150,7 +150,17 @@ class _LocalOptimizer:
                 )
         self.optim = cls(self.params, **options)
 
-    def step(self, context_id: int) -> int:
+    def step(self, context_id: int, hyper: dict[str, Any] | None = None) -> int:
+        """Step with ``context_id``'s gradients here, after setting the hyperparameters
+        in ``hyper`` (those the caller's ``param_groups`` changed since this owner's
+        optimizer last had them); returns how many parameters got a gradient."""
+        if hyper is not None:
+            names = self.optim._hyperparameters()
+            if type(hyper) is not dict or not all(k in names for k in hyper):
+                raise ProtocolError(f"malformed hyperparameters {short_repr(hyper)} for a step")
+            with _STEP_LOCK:  # (not in the middle of another optimizer's step here)
+                for k, v in hyper.items():
+                    setattr(self.optim, k, v)
         grads = get_gradients(context_id)
         mine: dict[Tensor, np.ndarray] = {}
         for i, p in zip(self.indices, self.params, strict=True):
@@ -389,6 +399,12 @@ class DistributedOptimizer:
     ``state_dict()``/``load_state_dict()`` (awaited) save and restore every owner's
     optimizer state, keyed by each parameter's place in ``params``.
 
+    ``param_groups`` holds the hyperparameters as ``torch.optim``'s does (one group, no
+    ``"params"`` entry): set a value there, a learning-rate schedule's say, and the
+    next ``step`` checks it on the caller (raising what the optimizer's constructor
+    would, before any owner changes) and takes it to every owner with its step (no
+    message of its own). ``state_dict()`` shows it, ``load_state_dict()`` replaces it.
+
     Raises:
         TypeError: ``params`` holds something other than ``RRef``s, or
             ``optimizer_class`` is not a module-level ``ag.optim.Optimizer`` subclass, or
@@ -405,6 +421,8 @@ class DistributedOptimizer:
             loss = await forward(ctx)
             await ag.dist.backward(ctx, [loss])
             await opt.step(ctx)
+        for g in opt.param_groups:   # from the next step on, on every owner
+            g["lr"] = 0.01
     """
 
     def __init__(
@@ -465,6 +483,18 @@ class DistributedOptimizer:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"the optimizer options cannot travel to the owners: {exc}") from None
         self._options = options
+        # The hyperparameters, laid out as torch.optim's ``param_groups`` (one group,
+        # without "params"): what the user changes there (a learning-rate schedule,
+        # ``for g in opt.param_groups: g["lr"] = lr``) goes to each owner with the next
+        # step, checked on the caller first. ``_had``: per owner, the values its
+        # optimizer has as far as this one knows (from its construction's options, a
+        # step that reached it, or a load).
+        self._made_with = self._hyper_of(self._probe)
+        self.param_groups: list[dict[str, Any]] = [dict(self._made_with)]
+        self._had: dict[str, dict[str, Any]] = {}
+        # (the last change of param_groups checked, and the hyperparameters it makes:
+        # checked once, not at every step)
+        self._checked: tuple[dict[str, Any], dict[str, Any]] | None = None
         # per owner, its optimizer (made at the first step that reaches it)
         self._remote: dict[str, RRef] = {}
         self._setup_lock: asyncio.Lock | None = None
@@ -476,6 +506,52 @@ class DistributedOptimizer:
     def __repr__(self) -> str:
         owners = {o: len(ps) for o, ps in self._by_owner.items()}
         return f"DistributedOptimizer({self._class_name}, params_per_owner={owners})"
+
+    @staticmethod
+    def _hyper_of(opt: Optimizer) -> dict[str, Any]:
+        return {k: getattr(opt, k) for k in opt._hyperparameters()}
+
+    def _groups_checked(self) -> dict[str, Any]:
+        """``param_groups[0]``'s hyperparameters, checked as the optimizer's
+        constructor checks them (on the caller, before any owner changes), and able to
+        travel: TypeError/ValueError naming what is wrong."""
+        groups = self.param_groups
+        if type(groups) is not list or len(groups) != 1 or not isinstance(groups[0], dict):
+            raise TypeError(
+                "param_groups must be a list of one dict of hyperparameters (one group: "
+                f"set values in it, param_groups[0]['lr'] = lr), got {short_repr(groups)}"
+            )
+        group = groups[0]
+        names = self._made_with
+        unknown = sorted(str(k) for k in group if k not in names)
+        missing = sorted(k for k in names if k not in group)
+        if unknown or missing:
+            raise ValueError(
+                f"param_groups[0] must hold the hyperparameters {sorted(names)} of "
+                f"{self._class_name}: "
+                + "; ".join(
+                    f"{what} {', '.join(map(repr, keys))}"
+                    for what, keys in (("unknown:", unknown), ("missing:", missing))
+                    if keys
+                )
+            )
+        changed = {k: v for k, v in group.items() if not _same(v, self._made_with[k])}
+        if not changed:
+            return self._made_with
+        checked = self._checked
+        if checked is None or not _all_same(checked[0], changed):
+            try:
+                probe = type(self._probe)(
+                    [Tensor(np.zeros(1, dtype=np.float32), requires_grad=True)],
+                    **{**self._options, **changed},
+                )
+                # (as the optimizer keeps them: Adam's betas given as a list, a tuple)
+                made = self._hyper_of(probe)
+                wire.encode_frame([], made, where="param_groups[0]")
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"param_groups[0]: {exc}") from None
+            checked = self._checked = (dict(changed), made)
+        return checked[1]
 
     async def _setup(self) -> dict[str, RRef | BaseException]:
         """Each owner's optimizer, made there if not yet; or why it could not be (then
@@ -502,6 +578,7 @@ class DistributedOptimizer:
                 for o, r in zip(missing, made, strict=True):
                     if isinstance(r, RRef):
                         self._remote[o] = r
+                        self._had[o] = dict(self._made_with)
                     else:
                         failed[o] = r
         return {o: failed.get(o) or self._remote[o] for o in self._by_owner}
@@ -534,13 +611,19 @@ class DistributedOptimizer:
                 f"unknown distributed autograd context {context_id:#x}: no context has that "
                 "id (an int of 64 bits, >= 0, that `async with ag.dist.context() as ctx` gives)"
             )
+        hyper = self._groups_checked()
         refs = await self._setup()
         owners = list(refs)
+        news = [_changes(self._had.get(o, self._made_with), hyper) for o in owners]
         # (all of them settle first: raising at the first failure left the user looking
         # at parameters other owners were still changing, and hid their failures)
         results = await asyncio.gather(
-            *(_stepped(r, context_id) for r in refs.values()), return_exceptions=True
+            *(_stepped(r, context_id, n) for r, n in zip(refs.values(), news, strict=True)),
+            return_exceptions=True,
         )
+        for o, n, r in zip(owners, news, results, strict=True):
+            if n is not None and not isinstance(r, BaseException):
+                self._had[o] = hyper
         try:
             _raise_failures(
                 f"step of context {context_id:#x}",
@@ -579,6 +662,8 @@ class DistributedOptimizer:
             opt = ag.dist.DistributedOptimizer(ag.optim.Adam, refs, lr=1e-3)
             await opt.load_state_dict(sd)
         """
+        # (a change in param_groups not stepped yet is the optimizer's all the same)
+        current = self._groups_checked()
         refs = await self._setup()
         results = await asyncio.gather(
             *(_called(r, "state_dict") for r in refs.values()), return_exceptions=True
@@ -599,6 +684,7 @@ class DistributedOptimizer:
             for j, entry in sd["state"].items():
                 state[where[j]] = entry
             group = group or {k: v for k, v in sd["param_groups"][0].items() if k != "params"}
+        group.update(current)
         group["params"] = list(range(self._num_params))
         return {"state": dict(sorted(state.items())), "param_groups": [group]}
 
@@ -720,6 +806,12 @@ class DistributedOptimizer:
         # (only now: owners' optimizers made later take these; after a failed load the
         # old ones stand, as on the owners that did not load)
         self._options = {**self._options, **hyper}
+        loaded = {k: v for k, v in hyper.items() if k in self._made_with}
+        self._made_with = {**self._made_with, **loaded}
+        self.param_groups = [dict(self._made_with)]
+        self._checked = None
+        for o in refs:
+            self._had[o] = dict(self._made_with)
 
 
 async def _aborted(refs: list[RRef | BaseException], token: int) -> None:
@@ -775,8 +867,26 @@ def _raise_failures(
         del first, errors, failed, results
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Whether two hyperparameter values are the same (by type too: 1 and 1.0 are not,
+    nor (0.9, 0.999) and [0.9, 0.999], since the optimizer keeps what it is given)."""
+    return type(a) is type(b) and a == b
+
+
+def _all_same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+
+
+def _changes(had: dict[str, Any], hyper: dict[str, Any]) -> dict[str, Any] | None:
+    """The hyperparameters of ``hyper`` an owner whose optimizer has ``had`` lacks."""
+    new = {k: v for k, v in hyper.items() if not _same(v, had.get(k))}
+    return new or None
+
+
 @enable_grad()
-async def _stepped(ref: RRef | BaseException, context_id: int) -> None:
+async def _stepped(
+    ref: RRef | BaseException, context_id: int, hyper: dict[str, Any] | None = None
+) -> None:
     """The step of the owner of optimizer ``ref`` (or the failure to make it).
 
     With grad recording on: under ``no_grad`` a call goes out as outside its context,
@@ -785,7 +895,10 @@ async def _stepped(ref: RRef | BaseException, context_id: int) -> None:
     call carries no tensor: nothing is recorded."""
     if isinstance(ref, BaseException):
         raise ref
-    await ref.rpc().step(context_id)
+    if hyper is None:
+        await ref.rpc().step(context_id)
+    else:
+        await ref.rpc().step(context_id, hyper)
 
 
 def _step_error(exc: BaseException) -> BaseException:
