@@ -41,7 +41,7 @@ import inspect
 import math
 import numbers
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -333,6 +333,22 @@ class Optimizer:
             f"{type(self).__name__} does not implement _update(p, g, data), the update of "
             f"one parameter ({BASE_CLASS_HINT})"
         )
+
+    @property
+    def param_groups(self) -> list[_ParamGroup]:
+        """torch.optim's ``param_groups``, of one group: a mapping of ``"params"`` (the
+        parameters) and the hyperparameters, which are the optimizer's attributes
+        (``param_groups[0]["lr"]`` is ``opt.lr``): set one there or as the attribute.
+
+        Example::
+
+            >>> opt = ag.optim.SGD([ag.ones(2, requires_grad=True)], lr=0.1)
+            >>> for g in opt.param_groups:   # a learning-rate schedule, as with torch
+            ...     g["lr"] = 0.01
+            >>> opt.lr, sorted(opt.param_groups[0])[:3]
+            (0.01, ['dampening', 'lr', 'maximize'])
+        """
+        return [_ParamGroup(self)]
 
     def _hyperparameters(self) -> list[str]:
         """The names of the hyperparameters: the constructor's parameters (``params``
@@ -645,6 +661,49 @@ class Optimizer:
         True
         """
         clear_grads(self.params, set_to_none)
+
+
+class _ParamGroup(MutableMapping[str, Any]):
+    """``Optimizer.param_groups[0]``: reads and writes go to the optimizer's attributes
+    (no copy to keep in step). A key that is no hyperparameter of it is refused (a typo
+    would change nothing), and so is a change of ``"params"`` or a deletion."""
+
+    __slots__ = ("_opt",)
+
+    def __init__(self, opt: Optimizer) -> None:
+        self._opt = opt
+
+    def _names(self) -> list[str]:
+        return self._opt._hyperparameters()
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "params":
+            return list(self._opt.params)
+        if key in self._names():
+            return getattr(self._opt, key)
+        raise KeyError(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        names = self._names()
+        if key not in names:
+            why = "fixed" if key == "params" else "not a hyperparameter of it"
+            raise KeyError(
+                f"param_groups[0][{key!r}] of {type(self._opt).__name__}: {why} (its "
+                f"hyperparameters: {', '.join(names)})"
+            )
+        setattr(self._opt, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError(f"param_groups[0][{key!r}]: an optimizer's group keeps every key")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["params", *self._names()])
+
+    def __len__(self) -> int:
+        return 1 + len(self._names())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 class SGD(Optimizer):

@@ -1505,3 +1505,30 @@ def test_zero_grad_set_to_none_false_leaves_zeros_as_torchs_does():
         assert all(p.grad is None for p in params)
         with pytest.raises(TypeError, match=r"set_to_none must be a bool \(True or False\), not 0"):
             zero_grad(set_to_none=0)
+
+
+def test_param_groups_reads_and_writes_the_optimizers_hyperparameters():
+    # torch's way of a learning-rate schedule, `for g in opt.param_groups: g["lr"] =
+    # lr`, works on ours: the group is a view of the optimizer's attributes.
+    p = ag.tensor(np.ones(2), requires_grad=True)
+    q = ag.tensor(np.ones(2), requires_grad=True)
+    opt, ref = ag.optim.Adam([p], lr=0.1), ag.optim.Adam([q], lr=0.1)
+    (group,) = opt.param_groups
+    assert group["params"][0] is p and group["lr"] == 0.1 and group["betas"] == (0.9, 0.999)
+    assert sorted(group) == sorted(["params", *ag.optim.Adam([q], lr=1.0)._hyperparameters()])
+    for lr in (0.1, 0.05, 0.01):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ref.lr = lr
+        opt.step(grads={p: np.array([1.0, -2.0])})
+        ref.step(grads={q: np.array([1.0, -2.0])})
+    np.testing.assert_array_equal(p.data, q.data)
+    assert opt.lr == 0.01 and opt.state_dict()["param_groups"][0]["lr"] == 0.01
+    with pytest.raises(KeyError, match=r"\['learning_rate'\] of Adam: not a hyperparameter"):
+        group["learning_rate"] = 0.1
+    with pytest.raises(KeyError, match=r"\['params'\] of Adam: fixed"):
+        group["params"] = []
+    with pytest.raises(TypeError, match="keeps every key"):
+        del group["lr"]
+    with pytest.raises(KeyError):
+        group["learning_rate"]
