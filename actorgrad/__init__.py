@@ -12,6 +12,9 @@ Layout (each layer imports only from the ones before it; see docs/design.md):
 Public names are re-exported here; ``import actorgrad as ag``.
 """
 
+# (first: a Ctrl-C while the command imports the rest, see there)
+import actorgrad._startup as _startup  # noqa: F401
+
 # --- tensors and local autograd (section 1) ---
 # --- distributed autograd (section 3) ---
 from actorgrad import dist, nn, optim

@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from actorgrad import _startup
 from actorgrad.errors import ActorgradError, AuthError
 from actorgrad.runtime import cluster, transport
 from actorgrad.runtime import worker as rworker
@@ -1271,6 +1272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     open_std_fds()  # (before any file is opened: it would take a closed one's place)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    # (a Ctrl-C while the command imported ended it quietly: see actorgrad._startup;
+    # from here on, a KeyboardInterrupt is handled below)
+    if signal.getsignal(signal.SIGINT) is _startup.quit_while_importing:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         try:
             log_to_stderr()

@@ -1810,6 +1810,24 @@ def test_run_forwards_ctrl_c_to_the_script_then_stops_the_cluster(tmp_path: Path
         r.stop()
 
 
+def test_a_ctrl_c_while_the_command_imports_exits_quietly(tmp_path: Path) -> None:
+    # The command's first ~0.3 s go to importing actorgrad (numpy, ...): a Ctrl-C then
+    # printed a KeyboardInterrupt traceback through the imports, and the process died
+    # by SIGINT. Here a numpy of the test's holds the import until the signal comes.
+    (tmp_path / "numpy.py").write_text(
+        "import time\nprint('importing numpy', flush=True)\ntime.sleep(60)\n"
+    )
+    r = Running("--version", env=clean_env(PYTHONPATH=str(tmp_path)))
+    try:
+        r.expect("importing numpy")
+        r.proc.send_signal(signal.SIGINT)
+        assert r.wait() == 130
+        assert r.proc.stderr is not None
+        assert r.proc.stderr.read() == ""
+    finally:
+        r.stop()
+
+
 #: run, with a SIGINT to itself as it starts its script (a Ctrl-C at that moment)
 SIGINT_AT_SPAWN = """
 import asyncio, os, signal

@@ -1,0 +1,35 @@
+"""What the ``actorgrad`` command needs before anything else is imported: imported
+first by ``actorgrad/__init__.py``.
+
+The command spends its first ~0.3 s importing the package (numpy, ...): a Ctrl-C then
+printed a KeyboardInterrupt traceback through the imports, and the process died by
+SIGINT. It exits with status 130 instead, quietly, until the command's own handling
+takes over (``cli.main`` puts Python's back). Not in a program that imports actorgrad:
+its Ctrl-C is its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def quit_while_importing(signum: int, frame: object) -> None:
+    """SIGINT while the command imports: status 130, quietly (nothing has started yet,
+    nothing is to stop)."""
+    os._exit(128 + signum)
+
+
+def is_the_command() -> bool:
+    """Whether this process is the ``actorgrad`` command (``python -m actorgrad``, or
+    the script pip installs), importing this package before its code runs."""
+    argv = getattr(sys, "orig_argv", [])
+    if sys.argv[:1] == ["-m"]:  # (python's argv[0] while it finds a -m module)
+        i = argv.index("-m") if "-m" in argv else -1
+        return i >= 0 and argv[i + 1 : i + 2] in (["actorgrad"], ["actorgrad.cli"])
+    return bool(sys.argv) and os.path.basename(sys.argv[0]) == "actorgrad"
+
+
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler and is_the_command():
+    signal.signal(signal.SIGINT, quit_while_importing)
