@@ -18,7 +18,8 @@ printed, only the path of the file that holds it.
 Signals: the first Ctrl-C / SIGTERM / SIGHUP drains (graceful shutdown of every
 process this command started), the second forces it. ``run`` forwards them to the
 script instead (once: the script has a process group of its own, made the terminal's
-foreground group when ``run`` had it), the third as SIGKILL.
+foreground group when ``run`` had it), the third as SIGKILL; once the script has
+ended, a signal forces the cluster's stop.
 
 Exit codes: 0 success, 1 an expected failure (one line on stderr, no traceback: wrong
 token, unreachable address, a worker ``status`` lists as unreachable, ...), 2 usage
@@ -753,6 +754,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
         # processes it started, as the group's signal from a shell or `timeout` would)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig if signals < 3 else signal.SIGKILL)
+        if proc.returncode is not None and not serving.done() and not serving.cancelling():
+            # The script has ended and the cluster is stopping: the signal forces that
+            # stop, as a cluster's second does. (Passed on to the script's group alone,
+            # it went unheard: the stop went on waiting for a worker process whose loop
+            # a call blocked, 3 s, then 3 s after its SIGTERM, whatever was typed.)
+            _note(f"{sig.name}: forcing the cluster down")
+            serving.cancel()
 
     # The script runs in a process group of its own, so a signal sent to our group (a
     # shell's kill of the job, `timeout`, a CI runner) reaches it once, from us, and

@@ -1828,6 +1828,56 @@ def test_a_ctrl_c_while_the_command_imports_exits_quietly(tmp_path: Path) -> Non
         r.stop()
 
 
+BLOCKED_WORKER_SCRIPT = """
+import asyncio, time
+import actorgrad as ag
+
+async def block():
+    time.sleep(3600)  # (w1's loop, blocked: it hears neither the stop nor its SIGTERM)
+
+async def main():
+    await ag.init("driver")
+    try:
+        await ag.rpc("w1", block, timeout=0.5)
+    except ag.RpcTimeout:
+        pass
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def stderr_until(r: Running, text: str) -> list[str]:
+    """The lines of ``r``'s stderr up to the first holding ``text`` (all of them, if
+    none does: it ended first)."""
+    assert r.proc.stderr is not None
+    lines = []
+    while line := r.proc.stderr.readline():
+        lines.append(line)
+        if text in line:
+            break
+    return lines
+
+
+@needs_runtime
+def test_a_ctrl_c_to_run_once_its_script_ended_forces_the_clusters_stop(tmp_path: Path) -> None:
+    # Once the script had ended, run passed a signal on to its process group, gone: the
+    # cluster's stop went on waiting for a worker process whose loop a call blocked (3 s,
+    # then 3 s after its SIGTERM), and a Ctrl-C, a second, a third did nothing, silently.
+    script = tmp_path / "blocked.py"
+    script.write_text(BLOCKED_WORKER_SCRIPT)
+    r = Running("run", "-n", "1", str(script))
+    try:
+        assert "did not exit within 3 s" in "".join(stderr_until(r, "did not exit within 3 s"))
+        pids = descendants(r.proc.pid)
+        r.proc.send_signal(signal.SIGINT)
+        assert "SIGINT: forcing the cluster down" in "".join(stderr_until(r, "forcing"))
+        assert r.wait() == 0  # (the script's status: it ended well)
+        assert wait_gone(pids, 10) == set()
+    finally:
+        r.stop()
+
+
 #: run, with a SIGINT to itself as it starts its script (a Ctrl-C at that moment)
 SIGINT_AT_SPAWN = """
 import asyncio, os, signal
