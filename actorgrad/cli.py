@@ -524,6 +524,15 @@ def _foreground_terminal() -> int | None:
     return None
 
 
+def _foreground_group(terminal: int) -> int | None:
+    """The process group of ``terminal``'s foreground (a Ctrl-C typed there signals
+    it), None when unknown."""
+    try:
+        return os.tcgetpgrp(terminal)
+    except OSError:
+        return None
+
+
 def _own_group_ending_with_us(terminal: int | None = None) -> Callable[[], None]:
     """The child's set-up between fork and exec (uvloop takes no ``process_group``): a
     process group of its own, the foreground group of ``terminal`` (when given), and on
@@ -806,7 +815,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
             return 128 + last
         finally:
             if terminal is not None:
-                _set_foreground(terminal, os.getpgrp())
+                # (only from the script's group, dead or alive, or a group that is
+                # gone (one the script gave it to): run put in the background, Ctrl-Z
+                # then `bg`, took it from the shell, and exited; the shell, no longer
+                # the foreground, read an error and exited too)
+                holder = _foreground_group(terminal)
+                if proc is not None and holder and (holder == proc.pid or not _group_left(holder)):
+                    _set_foreground(terminal, os.getpgrp())
                 os.close(terminal)
             if proc is not None and proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):

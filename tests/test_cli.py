@@ -2715,6 +2715,82 @@ def test_run_under_an_interactive_shell_reads_the_terminal_and_follows_ctrl_z_an
         os.close(fd)
 
 
+class Shell:
+    """An interactive bash on a pty (in the test's folder), typed into; ``expect``
+    reads its output up to a marker, with a deadline."""
+
+    def __init__(self) -> None:
+        import pty
+
+        env = {**clean_env(), "PS1": "PROMPT$ ", "TERM": "dumb"}
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: an interactive shell on the pty
+            os.chdir(ROOT)
+            os.execvpe("/bin/bash", ["/bin/bash", "--norc", "--noprofile", "-i"], env)
+        self.seen = b""
+        self.expect(b"PROMPT$ ")
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.fd, keys)
+
+    def expect(self, marker: bytes, timeout: float = STARTUP) -> None:
+        deadline = time.monotonic() + timeout
+        while marker not in self.seen:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"no {marker!r} within {timeout} s; saw {self.seen!r}")
+            try:
+                self.seen += os.read(self.fd, 4096)
+            except OSError:  # (EIO: every process on the terminal is gone, the shell too)
+                raise AssertionError(
+                    f"the shell exited before {marker!r}; saw {self.seen!r}"
+                ) from None
+        self.seen = self.seen[self.seen.index(marker) + len(marker) :]
+
+    def close(self) -> None:
+        for p in descendants(self.pid) | {self.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        os.close(self.fd)
+
+
+def run_line(script: Path, background: bool = False) -> bytes:
+    """The shell's line that runs ``script`` under ``actorgrad run -n 1``."""
+    line = f"{shlex.quote(sys.executable)} -m actorgrad run -n 1 {shlex.quote(str(script))}"
+    return (line + (" &" if background else "") + "\n").encode()
+
+
+@needs_runtime
+@pytest.mark.skipif(not os.path.exists("/bin/bash"), reason="no bash")
+def test_run_put_in_the_background_leaves_the_terminal_to_the_shell(tmp_path: Path) -> None:
+    # Ctrl-Z, then `bg`: once its script ended, run took the terminal back for its
+    # group, in the background, and exited: the shell, no longer the terminal's
+    # foreground, read an error and exited (the user's session closed).
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    script = tmp_path / "wait.py"
+    script.write_text(f"print('ready>', flush=True)\nopen({str(fifo)!r}).read()\n")
+    sh = Shell()
+    try:
+        sh.type(run_line(script))
+        sh.expect(b"ready>")
+        sh.type(b"\x1a")  # Ctrl-Z
+        sh.expect(b"Stopped")
+        sh.expect(b"PROMPT$ ")
+        sh.type(b"bg\n")
+        sh.expect(b"PROMPT$ ")
+        (run,) = (
+            p for p in descendants(sh.pid) if b"\0run\0" in Path(f"/proc/{p}/cmdline").read_bytes()
+        )
+        fifo.write_text("go")  # (the script ends)
+        assert wait_gone({run}, 20) == set()
+        sh.type(b"echo still-here-$((2+2))\n")
+        sh.expect(b"still-here-4")
+    finally:
+        sh.close()
+
+
 CHILD_ON_TTY = """
 import os, subprocess, sys
 from actorgrad import cli
