@@ -506,22 +506,14 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _foreground_terminal() -> int | None:
-    """A descriptor of our controlling terminal when our process group is its
-    foreground group (a Ctrl-C typed there signals us), else None. (Checked on
-    /dev/tty, not on our streams: they may be redirected while the terminal still
-    signals the group.)"""
+def _controlling_terminal() -> int | None:
+    """A descriptor of our controlling terminal, None when we have none. (Looked for
+    as /dev/tty, not on our streams: they may be redirected while the terminal still
+    signals our group.)"""
     try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+        return os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
     except OSError:
         return None
-    try:
-        if os.tcgetpgrp(fd) == os.getpgrp():
-            return fd
-    except OSError:
-        pass
-    os.close(fd)
-    return None
 
 
 def _foreground_group(terminal: int) -> int | None:
@@ -674,17 +666,31 @@ def _process_state(pid: int) -> str:
 
 
 async def _follow_job_control(pid: int, terminal: int) -> None:
-    """While ``run``'s script owns the terminal: when it is stopped (Ctrl-Z, SIGTTIN),
-    take the terminal back and stop ``run``'s own group, so the shell sees its job
-    stopped and gets its prompt back; when continued (``fg``, ``bg``), continue the
-    script, with the terminal if ``run`` has it again. (The script has a process group
-    of its own, see cmd_run: nobody else would tell the shell. A stop is seen by
-    looking at /proc every 50 ms: the loop's child watcher reports exits only.)"""
+    """While ``run``'s script runs on a terminal: when it is stopped (Ctrl-Z, SIGTTIN),
+    take the terminal back if the script has it and stop ``run``'s own group, so the
+    shell sees its job stopped and gets its prompt back; when continued (``fg``,
+    ``bg``), continue the script. Whenever the shell gives ``run``'s group the terminal
+    (``fg``, of a job started in the background too), the script gets it. (The script
+    has a process group of its own, see cmd_run: nobody else would tell the shell. A
+    stop is seen by looking at /proc every 50 ms: the loop's child watcher reports
+    exits only.)
+
+    (Started in the background, ``run`` did not follow: its script, reading the
+    terminal, was stopped by SIGTTIN while the shell listed the job as running, and
+    ``fg`` gave the terminal to ``run``, not to the script, which stayed stopped.)"""
     while True:
         await asyncio.sleep(0.05)
+        if _foreground_group(terminal) == os.getpgrp():
+            # (fg of a job started in the background: the script, maybe stopped from
+            # reading the terminal there, gets it and goes on)
+            _set_foreground(terminal, pid)
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGCONT)
+            continue
         if _process_state(pid) != "T":
             continue
-        _set_foreground(terminal, os.getpgrp())
+        if _foreground_group(terminal) == pid:
+            _set_foreground(terminal, os.getpgrp())
         os.killpg(os.getpgrp(), signal.SIGSTOP)  # (the shell: "Stopped"; we wait here)
         # continued by the shell (fg or bg): the script too
         with contextlib.suppress(OSError):
@@ -775,8 +781,11 @@ async def cmd_run(args: argparse.Namespace) -> int:
     # shell's kill of the job, `timeout`, a CI runner) reaches it once, from us, and
     # not a second time directly (Python's second SIGINT skips the script's cleanup).
     # On a terminal, the script's group becomes the foreground one: Ctrl-C reaches the
-    # script alone, we wait for it to end, then take the terminal back.
-    terminal = _foreground_terminal()
+    # script alone, we wait for it to end, then take the terminal back. (In the
+    # background, a job of a shell's: the script's when the shell brings run to the
+    # foreground, see _follow_job_control.)
+    terminal = _controlling_terminal()
+    foreground = terminal is not None and _foreground_group(terminal) == os.getpgrp()
     with _signals(on_signal):
         try:
             waits: set[asyncio.Future[Any]] = {serving, ready}
@@ -785,12 +794,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 await serving  # raises what made it stop
                 raise CliError("the local cluster stopped before it was ready")
             env = _driver_env(ready.result(), token)
+            setup = _own_group_ending_with_us(terminal if foreground else None)
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 script,
                 *args.args,
                 env=env,
-                preexec_fn=_own_group_ending_with_us(terminal),  # noqa: PLW1509
+                preexec_fn=setup,  # noqa: PLW1509
             )
             if signals:
                 # (one came while the script was being started: on_signal, with no
@@ -800,8 +810,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, last)
             guard = await _guard_group(proc.pid)
-            if terminal is not None:  # (the child took it already: see there)
-                _set_foreground(terminal, proc.pid)
+            if terminal is not None:
+                if foreground:  # (the child took it already: see there)
+                    _set_foreground(terminal, proc.pid)
                 follow = asyncio.ensure_future(_follow_job_control(proc.pid, terminal))
                 try:
                     returncode = await proc.wait()

@@ -2791,6 +2791,28 @@ def test_run_put_in_the_background_leaves_the_terminal_to_the_shell(tmp_path: Pa
         sh.close()
 
 
+@needs_runtime
+@pytest.mark.skipif(not os.path.exists("/bin/bash"), reason="no bash")
+def test_run_started_in_the_background_gives_its_script_the_terminal_at_fg(tmp_path: Path) -> None:
+    # `actorgrad run ... &`: its script, reading the terminal from the background, was
+    # stopped (SIGTTIN) while the shell listed the job as running, and `fg` gave the
+    # terminal to run's group, not the script's: what was typed went nowhere, for good.
+    script = tmp_path / "echo.py"
+    script.write_text(STDIN_SCRIPT)
+    sh = Shell()
+    try:
+        sh.type(run_line(script, background=True))
+        sh.expect(b"ready>")
+        sh.type(b"fg\n")
+        sh.type(b"hello\n")
+        sh.expect(b"got hello")
+        sh.type(b"\x04")  # end of input: the script ends, run stops its cluster
+        sh.expect(b"stdin closed")
+        sh.expect(b"PROMPT$ ")
+    finally:
+        sh.close()
+
+
 CHILD_ON_TTY = """
 import os, subprocess, sys
 from actorgrad import cli
