@@ -376,6 +376,20 @@ async def test_process_workers_import_what_the_driver_imports(tmp_path, monkeypa
         assert await ag.rpc("w1", module_value, ("agshadow_mod",)) == "first"
 
 
+async def test_process_workers_import_from_a_zip_archive_on_the_drivers_path(tmp_path, monkeypatch):
+    # Only folders of the driver's sys.path were passed on: a zip archive there (a
+    # PYTHONPATH=deps.zip, an egg, a zipapp's) was dropped, and a function the driver
+    # imported from it was "no module named ..." on every worker process.
+    archive = tmp_path / "deps.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("agzipped_mod.py", "VALUE = 'zipped'\n")
+    monkeypatch.syspath_prepend(str(archive))
+    monkeypatch.delitem(sys.modules, "agzipped_mod", raising=False)
+    assert module_value("agzipped_mod") == "zipped"
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", module_value, ("agzipped_mod",)) == "zipped"
+
+
 async def test_heavy_function_on_a_process_worker_keeps_heartbeats_and_calls_going(short_heartbeat):
     async with ag.local_cluster(1, processes=True):
         heavy = asyncio.ensure_future(ag.rpc("w1", spin, (rworker.HEARTBEAT_TIMEOUT + 0.7,)))

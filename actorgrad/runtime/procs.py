@@ -366,7 +366,10 @@ class WorkerProcesses:
             # command with a bare "No such file or directory")
             cwd = ""
         paths = [*path_first, *(cwd if p == "" else p for p in sys.path)]
-        paths = [p for p in dict.fromkeys(paths) if p and os.path.isdir(p)]
+        # (what exists: a folder, or a zip archive, which only folders were once: a
+        # PYTHONPATH=deps.zip, an egg, was dropped, and the workers found none of its
+        # modules; python311.zip and other entries that are not there go)
+        paths = [p for p in dict.fromkeys(paths) if p and os.path.exists(p)]
         if cwd and cwd not in paths:
             paths.append(cwd)
         env["PYTHONPATH"] = os.pathsep.join(paths)
