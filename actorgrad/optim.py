@@ -506,12 +506,20 @@ class Optimizer:
         own = inspect.signature(type(self).__init__).parameters
         # (one added later may be missing, if it has a default: a subclass's constructor
         # may require it; and one the constructor passes on to its base class's, which
-        # a state dict saved before those were saved lacks: it keeps its value)
+        # a state dict saved before those were saved lacks: it keeps its value. Only in
+        # one that gives none of them: one giving some is of a class that saves them, and
+        # must give them all, as its base class's would. Else an older class's state dict
+        # loaded as its own: Adam's {lr, betas, eps} into a subclass of AdamW taking
+        # **options, which AdamW itself refuses.)
+        passed_on = any(k in group for k in names if k not in own)
         needed = {
             k
             for k in names
-            if k in own
-            and (k not in type(self).ADDED_HYPERPARAMETERS or defaults[k].default is own[k].empty)
+            if (k in own or passed_on)
+            and (
+                k not in type(self).ADDED_HYPERPARAMETERS
+                or defaults[k].default is inspect.Parameter.empty
+            )
         }
         if not needed <= set(given) <= set(names):
             raise ValueError(

@@ -1444,6 +1444,40 @@ def test_a_subclass_fixing_some_of_the_options_it_passes_on_loads_its_state_dict
     assert again.momentum == 0.9
 
 
+def test_a_subclass_passing_its_options_on_refuses_an_older_class_s_state_dict():
+    # A state dict giving some of the hyperparameters a subclass passes on to its base
+    # class (**options) is one saved since they are: it must give them all, as the base
+    # class's own must. Else Adam's of before its weight_decay ({lr, betas, eps}), which
+    # AdamW refuses, loaded into a subclass of AdamW as its own (weight_decay kept). One
+    # giving none of them (saved before they were) loads, the others kept.
+    class Passing(ag.optim.AdamW):
+        def __init__(self, params, **options):
+            super().__init__(params, **options)
+
+    w = ag.tensor([1.0, 2.0], requires_grad=True)
+    older_adam = {
+        "state": {},
+        "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "params": [0]}],
+    }
+    for cls in (ag.optim.AdamW, Passing):
+        opt = cls([w], lr=0.5, weight_decay=0.1)
+        with pytest.raises(ValueError) as ei:
+            opt.load_state_dict(older_adam)
+        assert str(ei.value) == (
+            "load_state_dict: param_groups[0] has the hyperparameters ['betas', 'eps', "
+            f"'lr'], {cls.__name__} takes ['amsgrad', 'betas', 'eps', 'lr', 'maximize', "
+            "'weight_decay'] (a state dict of another optimizer class?)"
+        )
+        assert (opt.lr, opt.weight_decay) == (0.5, 0.1)
+    saved_before = {"state": {}, "param_groups": [{"decoupled_weight_decay": True, "params": [0]}]}
+    opt = Passing([w], lr=0.5, weight_decay=0.1)
+    opt.load_state_dict(saved_before)
+    assert (opt.lr, opt.weight_decay) == (0.5, 0.1)
+    again = Passing([w])
+    again.load_state_dict(opt.state_dict())
+    assert (again.lr, again.weight_decay, again.betas) == (0.5, 0.1, (0.9, 0.999))
+
+
 def test_a_subclass_of_adam_taking_fewer_options_loads_its_own_state_dict():
     # (its hyperparameters are its constructor's: amsgrad and weight_decay are not, and
     # its state is kept as its instance's amsgrad says)
