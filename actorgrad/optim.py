@@ -558,18 +558,21 @@ class Optimizer:
             # it refused every state dict of its class, "missing 1 required argument")
             pass
         else:
+            given_probe = dict(hyper)
             while True:
                 try:  # (the constructor's checks: a state dict edited into nonsense)
-                    type(self)(probe, **hyper)
+                    type(self)(probe, **given_probe)
                     break
                 except (TypeError, ValueError) as exc:
                     twice = _given_twice(exc)
-                    if twice is None or twice in own or twice not in hyper:
+                    if twice is None or twice in own or twice not in given_probe:
                         raise type(exc)(f"load_state_dict: param_groups[0]: {exc}") from None
                     # A base class's hyperparameter that the constructor passes the
-                    # others on to but sets itself (super().__init__(params, lr,
-                    # nesterov=True, **options)): the class's, not one to load.
-                    del hyper[twice]
+                    # others on to but sets itself (super().__init__(params, lr=0.1,
+                    # **options)): the constructor cannot be given it to check, but it
+                    # is loaded as saved. (Dropped, an lr a schedule had changed after
+                    # construction, opt.lr = lr, went back to the class's on a resume.)
+                    del given_probe[twice]
         per_param = state["state"]
         if not isinstance(per_param, Mapping):
             raise TypeError(

@@ -1439,9 +1439,36 @@ def test_a_subclass_fixing_some_of_the_options_it_passes_on_loads_its_state_dict
     assert (kept.lr, kept.weight_decay, kept.momentum) == (0.2, 0.03, 0.9)
     with pytest.raises(ValueError, match="invalid momentum 0.9 or weight_decay -1"):
         again.load_state_dict({**sd, "param_groups": [{**group, "weight_decay": -1}]})
-    # (one it sets itself is its own, not loaded)
+    # (one it sets itself is loaded as saved: the constructor, given it twice, cannot
+    # check it; a value other than the class's is one set after construction)
     again.load_state_dict({**sd, "param_groups": [{**group, "momentum": 0.5}]})
-    assert again.momentum == 0.9
+    assert again.momentum == 0.5
+
+
+def test_a_hyperparameter_a_subclass_sets_itself_then_changed_loads_as_saved():
+    # A class that sets lr itself (super().__init__(params, lr=0.1, **options)) and
+    # whose lr a schedule then changed (opt.lr = lr, docs/porting.md's way): its state
+    # dict saved the changed lr, and loading it dropped it silently (the constructor's
+    # check could not be given it twice), so a resumed run, or the porting recipe's
+    # DistributedOptimizer load with another lr, went on with the class's 0.1.
+    class Fixed(ag.optim.SGD):
+        def __init__(self, params, **options):
+            super().__init__(params, lr=0.1, **options)
+
+    w = ag.tensor(np.array([1.0, 2.0]), requires_grad=True)  # (float64)
+    opt = Fixed([w], momentum=0.5)
+    opt.lr = 0.01
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["lr"] == 0.01
+    resumed = Fixed([w])
+    resumed.load_state_dict(sd)
+    assert (resumed.lr, resumed.momentum) == (0.01, 0.5)
+    resumed.step({w: np.ones(2)})
+    np.testing.assert_allclose(w.data, [0.99, 1.99], rtol=1e-12)
+    # (the others are still checked by the constructor)
+    with pytest.raises(ValueError, match="invalid momentum -1 or weight_decay 0.0"):
+        resumed.load_state_dict({**sd, "param_groups": [{**sd["param_groups"][0], "momentum": -1}]})
+    assert (resumed.lr, resumed.momentum) == (0.01, 0.5)
 
 
 def test_a_subclass_passing_its_options_on_refuses_an_older_class_s_state_dict():
