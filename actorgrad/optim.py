@@ -213,14 +213,14 @@ class Optimizer:
     FIXED_HYPERPARAMETERS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params: Iterable[Tensor], lr: float) -> None:
-        for name in ("step", "_update"):
-            if inspect.iscoroutinefunction(getattr(type(self), name)):
-                # (called as a plain method, its coroutine was dropped unrun: every step
-                # changed nothing, a DistributedOptimizer's on every owner)
-                raise TypeError(
-                    f"{type(self).__name__}.{name} is a coroutine function (async def): an "
-                    "optimizer's step and _update are plain methods, called without an await"
-                )
+        if inspect.iscoroutinefunction(type(self)._update):
+            # (called as a plain method by step, its coroutine was dropped unrun: every
+            # step changed nothing. An async step its user awaits works: refused by a
+            # DistributedOptimizer only, whose owners call it plainly)
+            raise TypeError(
+                f"{type(self).__name__}._update is a coroutine function (async def): an "
+                "optimizer's step and _update are plain methods, called without an await"
+            )
         if isinstance(params, Tensor):
             # (iterating it would give 0-d views of its rows: steps that never reach it)
             raise TypeError(

@@ -1350,24 +1350,39 @@ def test_a_subclass_needing_more_than_its_hyperparameters_loads_its_own_state_di
 
 def test_a_subclass_whose_update_or_step_is_async_is_refused():
     # Called as a plain method, its coroutine was dropped unrun: every step changed
-    # nothing (a RuntimeWarning "never awaited" at most), on a DistributedOptimizer's
-    # owners too, whose construction makes the class on the caller first.
+    # nothing (a RuntimeWarning "never awaited" at most). An async _update always (the
+    # base class's step calls it); an async step by a DistributedOptimizer, whose
+    # owners call it plainly, at its construction: awaited by its user, it works (it
+    # was refused at construction, local use too).
+    import asyncio
+
     class AsyncUpdate(ag.optim.SGD):
         async def _update(self, p, g, data):
             data -= self.lr * g
 
-    class AsyncStep(ag.optim.SGD):
-        async def step(self, grads=None):
-            super().step(grads)
+    w = ag.tensor(np.array([1.0, 2.0]), requires_grad=True)
+    with pytest.raises(
+        TypeError,
+        match=r"^AsyncUpdate\._update is a coroutine function \(async def\): an "
+        "optimizer's step and _update are plain methods, called without an await",
+    ):
+        AsyncUpdate([w], lr=0.1)
+    opt = AsyncStepSGD([w], lr=0.5)
+    asyncio.run(opt.step({w: np.ones(2)}))
+    assert w.data.tolist() == [0.5, 1.5]
+    with pytest.raises(
+        TypeError,
+        match=r"^optimizer_class AsyncStepSGD's step is a coroutine function \(async def\): "
+        "the owners of a DistributedOptimizer's parameters call it without an await",
+    ):
+        ag.dist.DistributedOptimizer(AsyncStepSGD, [], lr=0.1)
 
-    w = ag.tensor([1.0, 2.0], requires_grad=True)
-    for cls, name in ((AsyncUpdate, "_update"), (AsyncStep, "step")):
-        with pytest.raises(
-            TypeError,
-            match=rf"^{cls.__name__}\.{name} is a coroutine function \(async def\): an "
-            "optimizer's step and _update are plain methods, called without an await",
-        ):
-            cls([w], lr=0.1)
+
+class AsyncStepSGD(ag.optim.SGD):
+    """SGD whose step is async (awaited by its user)."""
+
+    async def step(self, grads=None):
+        super().step(grads)
 
 
 def test_a_subclass_passing_its_options_on_as_kwargs_saves_and_loads_them():

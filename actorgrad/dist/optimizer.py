@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import inspect
 import secrets
 import threading
 import weakref
@@ -74,6 +75,13 @@ def _class_spec(cls: Any) -> str | list[Any]:
         raise TypeError(
             f"optimizer_class {cls.__qualname__} has no update: it defines neither "
             f"_update(p, g, data) nor step ({BASE_CLASS_HINT})"
+        )
+    if inspect.iscoroutinefunction(cls.step):
+        # (the owners call it plainly: its coroutine was dropped unrun, every step
+        # changed nothing; its user may await it, so Optimizer itself takes it)
+        raise TypeError(
+            f"optimizer_class {cls.__qualname__}'s step is a coroutine function (async def): "
+            "the owners of a DistributedOptimizer's parameters call it without an await"
         )
     qual = getattr(cls, "__qualname__", "")
     try:
