@@ -153,7 +153,11 @@ def _constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
             continue
         if klass is object:
             break
-        prms = inspect.signature(init).parameters.values()
+        # (through the class, as the constructor is called: a descriptor, a
+        # functools.partialmethod, is no callable itself; its signature raised TypeError.
+        # getattr: mypy refuses klass.__init__, "unsound" on an instance)
+        ctor = getattr(klass, "__init__")  # noqa: B009
+        prms = inspect.signature(ctor).parameters.values()
         for prm in prms:
             if prm.kind in kinds and prm.name not in ("self", "params"):
                 out.setdefault(prm.name, prm)

@@ -1460,6 +1460,33 @@ def test_a_subclass_fixing_some_of_the_options_it_passes_on_loads_its_state_dict
     assert again.momentum == 0.5
 
 
+def test_a_subclass_whose_constructor_is_a_partialmethod_saves_and_loads():
+    # (its __init__ looked up in the class's __dict__ is the descriptor, no callable:
+    # state_dict raised "functools.partialmethod(...) is not a callable object")
+    import functools
+
+    class Heavy(ag.optim.SGD):
+        __init__ = functools.partialmethod(ag.optim.SGD.__init__, momentum=0.9)
+
+    w = ag.tensor(np.array([1.0, 2.0]), requires_grad=True)
+    opt = Heavy([w], lr=0.1)
+    opt.step({w: np.ones(2)})
+    sd = opt.state_dict()
+    assert sd["param_groups"][0] == {
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "dampening": 0.0,
+        "nesterov": False,
+        "maximize": False,
+        "params": [0],
+    }
+    again = Heavy([w], lr=0.5, momentum=0.5)
+    again.load_state_dict(sd)
+    assert (again.lr, again.momentum) == (0.1, 0.9)
+    assert again.state[w]["momentum_buffer"].tolist() == [1.0, 1.0]
+
+
 def test_a_hyperparameter_a_subclass_sets_itself_then_changed_loads_as_saved():
     # A class that sets lr itself (super().__init__(params, lr=0.1, **options)) and
     # whose lr a schedule then changed (opt.lr = lr, docs/porting.md's way): its state
