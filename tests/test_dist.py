@@ -1654,6 +1654,47 @@ async def test_a_failed_backward_returns_once_a_part_of_it_running_in_a_thread_e
         await assert_clean(c.names)
 
 
+async def test_the_origin_s_own_part_in_a_thread_holds_its_share_of_the_clean_up(monkeypatch):
+    # The origin's own part runs in its pool (held at a gated hook of the driver's
+    # leaf d) when its pass is cancelled: the origin keeps its own share of the
+    # clean-up until that part ended, so the next backward there starts only then (it
+    # would be refused, "still runs on worker 'driver'"), with exact gradients.
+    from actorgrad.dist.context import state_of
+
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    xv, wv, dv = arr(3), arr(3), arr(3)
+    gate = f"origin-held-{next(_gates)}"
+    async with cluster("inproc", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        d = ag.tensor(dv, requires_grad=True)
+        d.register_hook(F._gated(gate))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            loss = (y * d).sum()
+            here = state_of(c.driver).contexts[ctx]
+            run = asyncio.ensure_future(ag.dist.backward(ctx, [loss], retain_graph=True))
+            try:
+                assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                run.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await run
+                run = asyncio.ensure_future(ag.dist.backward(ctx, [loss]))
+                # (the clean-up's own share, held: its wait, and the next pass's for
+                # it, cannot end before)
+                await until(lambda: here.held_shares or run.done())
+                assert not run.done() and here.offloaded == 1
+            finally:
+                F.thread_gate(gate + " out").set()
+            await asyncio.wait_for(run, 10)
+            assert here.offloaded == 0 and not here.held_shares
+            grads = ag.dist.get_gradients(ctx)
+            np.testing.assert_allclose(grads[x], wv * dv, rtol=1e-12)
+            np.testing.assert_allclose(grads[d], wv * xv, rtol=1e-6)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv * dv)
+        await assert_clean(c.names)
+
+
 async def test_a_failed_backward_returns_once_its_peers_dropped_the_pass(monkeypatch):
     # (a pass that failed with an error waits for its peers' answers to the abort: when
     # backward raises, no part of the pass is left anywhere, the one held in w1's pool
