@@ -1126,6 +1126,13 @@ class MatricesOnlySGD(ag.optim.SGD):
         super().__init__(params, lr)
 
 
+class FixedLrSGD(ag.optim.SGD):
+    """SGD that sets its base class's lr itself and passes its other options on."""
+
+    def __init__(self, params: Any, **options: Any) -> None:
+        super().__init__(params, lr=0.1, **options)
+
+
 class GatedSGD(ag.optim.SGD):
     """SGD whose step, on a worker, sets the thread gate ``gate + " in " + worker`` and
     blocks its thread until ``gate + " out"`` is set."""

@@ -6979,3 +6979,20 @@ async def test_bad_param_groups_fail_the_step_on_the_caller_before_any_owner():
         opt.param_groups[0]["lr"] = 0.7
         await opt.load_state_dict(sd)
         assert opt.param_groups[0]["lr"] == 0.3 and opt.param_groups[0]["betas"] == (0.5, 0.9)
+
+
+async def test_param_groups_change_a_hyperparameter_the_class_sets_itself():
+    # (FixedLrSGD: super().__init__(params, lr=0.1, **options). Checked by making the
+    # class with it, a change of lr failed "got multiple values for keyword argument
+    # 'lr'": changed all the same, as load_state_dict loads it, only not checked so)
+    async with cluster("inproc", 1):
+        ra = await ag.remote("w1", F.make_param, (np.ones(2),))
+        opt = ag.dist.DistributedOptimizer(F.FixedLrSGD, [ra], momentum=0.0)
+        assert opt.param_groups[0]["lr"] == 0.1
+        opt.param_groups[0]["lr"] = 0.5
+        async with ag.dist.context() as ctx:
+            a = await ra.to_here()
+            await ag.dist.backward(ctx, [(a * a).sum()])
+            await opt.step(ctx)
+        assert (await ra.to_here()).data.tolist() == [0.0, 0.0]  # (1 - 0.5 * 2)
+        assert (await opt.state_dict())["param_groups"][0]["lr"] == 0.5
