@@ -6996,3 +6996,27 @@ async def test_param_groups_change_a_hyperparameter_the_class_sets_itself():
             await opt.step(ctx)
         assert (await ra.to_here()).data.tolist() == [0.0, 0.0]  # (1 - 0.5 * 2)
         assert (await opt.state_dict())["param_groups"][0]["lr"] == 0.5
+
+
+async def test_param_groups_reach_an_owner_again_after_its_step_failed_past_them():
+    # An owner sets the hyperparameters a step brings, then the step may fail there (a
+    # released context: ContextError). The caller took the change as not delivered;
+    # with param_groups put back to what it had before, the next step sent nothing,
+    # and the owner stepped with the value of the failed step (0.5, not 0.1).
+    async with cluster("inproc", 2):
+        ra = await ag.remote("w1", F.make_param, (np.ones(2),))
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [ra], lr=0.1)
+        async with ag.dist.context() as ctx:
+            a = await ra.to_here()
+            await ag.dist.backward(ctx, [a.sum()])
+            await opt.step(ctx)  # (the owner's optimizer made: lr 0.1)
+        opt.param_groups[0]["lr"] = 0.5
+        with pytest.raises(ag.ContextError):
+            await opt.step(ctx)  # (released)
+        opt.param_groups[0]["lr"] = 0.1  # (the user takes the change back)
+        async with ag.dist.context() as ctx:
+            a = await ra.to_here()
+            await ag.dist.backward(ctx, [a.sum()])
+            await opt.step(ctx)
+        np.testing.assert_allclose((await ra.to_here()).data, [0.8, 0.8], rtol=1e-6)
+        assert (await opt.state_dict())["param_groups"][0]["lr"] == 0.1

@@ -166,9 +166,6 @@ class _LocalOptimizer:
             names = self.optim._hyperparameters()
             if type(hyper) is not dict or not all(k in names for k in hyper):
                 raise ProtocolError(f"malformed hyperparameters {short_repr(hyper)} for a step")
-            with _STEP_LOCK:  # (not in the middle of another optimizer's step here)
-                for k, v in hyper.items():
-                    setattr(self.optim, k, v)
         grads = get_gradients(context_id)
         mine: dict[Tensor, np.ndarray] = {}
         for i, p in zip(self.indices, self.params, strict=True):
@@ -184,10 +181,16 @@ class _LocalOptimizer:
                     "the forward pass)"
                 )
             mine[p] = g
-        if mine:
-            # One step at a time on this owner, as PyTorch's: a long step runs in the
-            # worker's thread pool, and two at once (two trainers) lost updates.
-            with _STEP_LOCK:
+        # One step at a time on this owner, as PyTorch's: a long step runs in the
+        # worker's thread pool, and two at once (two trainers) lost updates. The
+        # hyperparameters are set under the same hold, once the gradients are checked:
+        # set apart, another trainer's step could set its own in between (this step
+        # ran with them), and a step refused here (a released context) kept them.
+        with _STEP_LOCK:
+            if hyper is not None:
+                for k, v in hyper.items():
+                    setattr(self.optim, k, v)
+            if mine:
                 self.optim.step(grads=mine)
         return len(mine)
 
@@ -500,6 +503,10 @@ class DistributedOptimizer:
         self._made_with = self._hyper_of(self._probe)
         self.param_groups: list[dict[str, Any]] = [dict(self._made_with)]
         self._had: dict[str, dict[str, Any]] = {}
+        # (per owner: its steps running, and how many ever started; a step that ran
+        # beside another of this optimizer there cannot tell which set the values last)
+        self._stepping: collections.Counter[str] = collections.Counter()
+        self._started: collections.Counter[str] = collections.Counter()
         # (the last change of param_groups checked, and the hyperparameters it makes:
         # checked once, not at every step)
         self._checked: tuple[dict[str, Any], dict[str, Any]] | None = None
@@ -635,16 +642,40 @@ class DistributedOptimizer:
         hyper = self._groups_checked()
         refs = await self._setup()
         owners = list(refs)
-        news = [_changes(self._had.get(o, self._made_with), hyper) for o in owners]
-        # (all of them settle first: raising at the first failure left the user looking
-        # at parameters other owners were still changing, and hid their failures)
-        results = await asyncio.gather(
-            *(_stepped(r, context_id, n) for r, n in zip(refs.values(), news, strict=True)),
-            return_exceptions=True,
-        )
-        for o, n, r in zip(owners, news, results, strict=True):
-            if n is not None and not isinstance(r, BaseException):
-                self._had[o] = hyper
+        # (an owner not in _had: what its optimizer has is not known, it gets them all)
+        news = [_changes(self._had.get(o), hyper) for o in owners]
+        alone = {o: not self._stepping[o] for o in owners}
+        started = dict(self._started)
+        self._stepping.update(owners)
+        self._started.update(owners)
+        results: list[Any] | None = None
+        try:
+            # (all of them settle first: raising at the first failure left the user
+            # looking at parameters other owners were still changing, and hid their
+            # failures)
+            results = await asyncio.gather(
+                *(_stepped(r, context_id, n) for r, n in zip(refs.values(), news, strict=True)),
+                return_exceptions=True,
+            )
+        finally:
+            self._stepping.subtract(owners)
+            for i, (o, n) in enumerate(zip(owners, news, strict=True)):
+                r = results[i] if results is not None else None
+                if not alone[o] or self._started[o] != started.get(o, 0) + 1:
+                    # Another step of this optimizer ran there meanwhile: which one's
+                    # values the owner set last, their replies do not tell.
+                    self._had.pop(o, None)
+                elif n is None:
+                    pass  # (nothing sent: it has what it had)
+                elif results is None or isinstance(r, BaseException):
+                    # Failed (after setting them, or lost once it had: "may have run"),
+                    # or cancelled: it may have them or not. Taken as not, and the
+                    # values put back in param_groups meanwhile were not sent (it kept
+                    # those of the failed step).
+                    self._had.pop(o, None)
+                else:
+                    self._had[o] = hyper
+        assert results is not None
         try:
             _raise_failures(
                 f"step of context {context_id:#x}",
@@ -898,8 +929,11 @@ def _all_same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
 
 
-def _changes(had: dict[str, Any], hyper: dict[str, Any]) -> dict[str, Any] | None:
-    """The hyperparameters of ``hyper`` an owner whose optimizer has ``had`` lacks."""
+def _changes(had: dict[str, Any] | None, hyper: dict[str, Any]) -> dict[str, Any] | None:
+    """The hyperparameters of ``hyper`` an owner whose optimizer has ``had`` lacks (all
+    of them when what it has is not known: None)."""
+    if had is None:
+        return dict(hyper)
     new = {k: v for k, v in hyper.items() if not _same(v, had.get(k))}
     return new or None
 
