@@ -7020,3 +7020,40 @@ async def test_param_groups_reach_an_owner_again_after_its_step_failed_past_them
             await opt.step(ctx)
         np.testing.assert_allclose((await ra.to_here()).data, [0.8, 0.8], rtol=1e-6)
         assert (await opt.state_dict())["param_groups"][0]["lr"] == 0.1
+
+
+async def test_param_groups_reach_the_owners_that_loaded_a_load_that_failed_on_another(
+    monkeypatch,
+):
+    # A load that fails at its commit on one owner (lost between the rounds, its staged
+    # part expired) leaves the others loaded, with the state dict's hyperparameters;
+    # param_groups keeps the old ones (it failed). The caller still took the owners
+    # that loaded as having the old ones: the next step sent them nothing, and w1
+    # stepped with the loaded lr (0.3) where param_groups said 0.1.
+    from actorgrad.dist import optimizer as dopt
+    from actorgrad.runtime import current_worker
+
+    real_commit = dopt._LocalOptimizer.commit
+
+    async def commit(self, token):
+        if current_worker().name == "w2":
+            raise ValueError("w2 refuses the commit")
+        await real_commit(self, token)
+
+    async with cluster("inproc", 2):
+        ra = await ag.remote("w1", F.make_param, (np.ones(2),))
+        rb = await ag.remote("w2", F.make_param, (np.ones(2),))
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [ra, rb], lr=0.1)
+        sd = await opt.state_dict()
+        sd["param_groups"][0]["lr"] = 0.3
+        monkeypatch.setattr(dopt._LocalOptimizer, "commit", commit)
+        with pytest.raises(ag.RemoteError, match="w2 refuses the commit"):
+            await opt.load_state_dict(sd)
+        monkeypatch.setattr(dopt._LocalOptimizer, "commit", real_commit)
+        assert opt.param_groups[0]["lr"] == 0.1
+        async with ag.dist.context() as ctx:
+            a, b = await ra.to_here(), await rb.to_here()
+            await ag.dist.backward(ctx, [a.sum() + b.sum()])
+            await opt.step(ctx)
+        np.testing.assert_allclose((await ra.to_here()).data, [0.9, 0.9], rtol=1e-6)
+        np.testing.assert_allclose((await rb.to_here()).data, [0.9, 0.9], rtol=1e-6)

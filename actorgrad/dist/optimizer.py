@@ -848,11 +848,18 @@ class DistributedOptimizer:
             # (the owners that staged it drop it at once, not at its expiry; those that
             # committed it, or never staged it, ignore the abort)
             current_worker().spawn(_aborted(list(refs.values()), token), name="abort-load")
+            self._had.clear()  # (some may have loaded its hyperparameters: see below)
             raise
         try:
             done = "nothing loaded; checked" if refused else "loaded"
             _raise_failures("load_state_dict", list(refs), results, done)
         except BaseException:
+            if not refused:
+                # The owners that loaded have the state dict's hyperparameters, where
+                # param_groups keeps the old ones (the load failed): taken as having
+                # the old ones, they were sent nothing by the next steps, which ran
+                # with the loaded ones. Not known now: the next step sends them all.
+                self._had.clear()
             del results, refs  # (see state_dict)
             raise
         # (only now: owners' optimizers made later take these; after a failed load the
