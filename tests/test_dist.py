@@ -7057,3 +7057,16 @@ async def test_param_groups_reach_the_owners_that_loaded_a_load_that_failed_on_a
             await opt.step(ctx)
         np.testing.assert_allclose((await ra.to_here()).data, [0.9, 0.9], rtol=1e-6)
         np.testing.assert_allclose((await rb.to_here()).data, [0.9, 0.9], rtol=1e-6)
+
+
+async def test_param_groups_change_made_in_place_in_a_list_is_not_lost():
+    # A change is checked once and kept with the values it was checked for: kept as
+    # the same list, a later change made in that list (betas[0] = 0.1) was taken as
+    # the one checked already, and the owners kept betas (0.5, 0.9).
+    async with cluster("inproc", 2):
+        ra = await ag.remote("w1", F.make_param, (np.ones(2),))
+        opt = ag.dist.DistributedOptimizer(ag.optim.Adam, [ra], lr=0.1)
+        opt.param_groups[0]["betas"] = [0.5, 0.9]
+        assert (await opt.state_dict())["param_groups"][0]["betas"] == (0.5, 0.9)
+        opt.param_groups[0]["betas"][0] = 0.1
+        assert (await opt.state_dict())["param_groups"][0]["betas"] == (0.1, 0.9)

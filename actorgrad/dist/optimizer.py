@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import functools
 import inspect
 import secrets
@@ -501,7 +502,9 @@ class DistributedOptimizer:
         # optimizer has as far as this one knows (from its construction's options, a
         # step that reached it, or a load).
         self._made_with = self._hyper_of(self._probe)
-        self.param_groups: list[dict[str, Any]] = [dict(self._made_with)]
+        # (copies: a value changed in place in param_groups, a list a subclass keeps,
+        # changed what the owners are taken to have too)
+        self.param_groups: list[dict[str, Any]] = [copy.deepcopy(self._made_with)]
         self._had: dict[str, dict[str, Any]] = {}
         # (per owner: its steps running, and how many ever started; a step that ran
         # beside another of this optimizer there cannot tell which set the values last)
@@ -578,7 +581,9 @@ class DistributedOptimizer:
                 wire.encode_frame([], made, where="param_groups[0]")
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"param_groups[0]: {exc}") from None
-            checked = self._checked = (dict(changed), made)
+            # (a deep copy: kept as they are in param_groups, a change made in place
+            # there, in a list, changed the kept one too, and was taken as checked)
+            checked = self._checked = (copy.deepcopy(changed), made)
         return checked[1]
 
     async def _setup(self) -> dict[str, RRef | BaseException]:
@@ -867,7 +872,7 @@ class DistributedOptimizer:
         self._options = {**self._options, **hyper}
         loaded = {k: v for k, v in hyper.items() if k in self._made_with}
         self._made_with = {**self._made_with, **loaded}
-        self.param_groups = [dict(self._made_with)]
+        self.param_groups = [copy.deepcopy(self._made_with)]
         self._checked = None
         for o in refs:
             self._had[o] = dict(self._made_with)
