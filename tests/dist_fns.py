@@ -1320,3 +1320,15 @@ async def leftovers(deadline: float, calls: int, reset: bool) -> dict[str, Any]:
         if _big:
             sys.modules["actorgrad.dist.backward"].BIG = _big.pop()
     return left
+
+
+class ScaledSGD(ag.optim.SGD):
+    """SGD whose step is scaled per element by ``scale``: a hyperparameter that is an
+    array (of the parameters' shape)."""
+
+    def __init__(self, params: Any, lr: float, scale: Any = 1.0, **options: Any) -> None:
+        super().__init__(params, lr, **options)
+        self.scale = np.asarray(scale, dtype=np.float64)
+
+    def _update(self, p: ag.Tensor, g: np.ndarray, data: np.ndarray) -> None:
+        super()._update(p, g * self.scale, data)

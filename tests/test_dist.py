@@ -7070,3 +7070,20 @@ async def test_param_groups_change_made_in_place_in_a_list_is_not_lost():
         assert (await opt.state_dict())["param_groups"][0]["betas"] == (0.5, 0.9)
         opt.param_groups[0]["betas"][0] = 0.1
         assert (await opt.state_dict())["param_groups"][0]["betas"] == (0.1, 0.9)
+
+
+async def test_an_array_hyperparameter_steps_and_changes_through_param_groups():
+    # Each step compares param_groups with what the owners have: an array there
+    # compared as `a == b` (an array of bools, then `not` of it) failed every step,
+    # the first too, with "The truth value of an array ... is ambiguous".
+    async with cluster("inproc", 2):
+        ra = await ag.remote("w1", F.make_param, (np.ones(2),))
+        opt = ag.dist.DistributedOptimizer(F.ScaledSGD, [ra], lr=0.1, scale=np.array([1.0, 2.0]))
+        for scale in (None, np.array([0.0, 1.0])):
+            if scale is not None:
+                opt.param_groups[0]["scale"] = scale
+            async with ag.dist.context() as ctx:
+                a = await ra.to_here()
+                await ag.dist.backward(ctx, [a.sum()])
+                await opt.step(ctx)
+        np.testing.assert_allclose((await ra.to_here()).data, [0.9, 0.7], rtol=1e-6)

@@ -933,8 +933,23 @@ def _raise_failures(
 
 def _same(a: Any, b: Any) -> bool:
     """Whether two hyperparameter values are the same (by type too: 1 and 1.0 are not,
-    nor (0.9, 0.999) and [0.9, 0.999], since the optimizer keeps what it is given)."""
-    return type(a) is type(b) and a == b
+    nor (0.9, 0.999) and [0.9, 0.999], since the optimizer keeps what it is given).
+    Arrays (a subclass's hyperparameter) by dtype and values: ``a == b`` of two gave an
+    array, whose truth failed every step ("ambiguous"). NaN is the same as NaN (else
+    one was sent again at every step). What cannot be compared is taken as changed:
+    sent again, which is harmless."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+    if type(a) in (tuple, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    try:
+        return bool(a == b) or bool(a != a and b != b)  # (NaN: unequal to itself)
+    except Exception:
+        return False
 
 
 def _all_same(a: dict[str, Any], b: dict[str, Any]) -> bool:
