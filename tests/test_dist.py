@@ -7087,3 +7087,14 @@ async def test_an_array_hyperparameter_steps_and_changes_through_param_groups():
                 await ag.dist.backward(ctx, [a.sum()])
                 await opt.step(ctx)
         np.testing.assert_allclose((await ra.to_here()).data, [0.9, 0.7], rtol=1e-6)
+
+
+async def test_state_dict_gives_param_groups_numpy_scalars_as_python_numbers():
+    # As a local optimizer's state_dict does (optim._plain: the file recipes of
+    # docs/limits.md refuse numpy scalars); an lr of param_groups went in as it was.
+    async with cluster("inproc", 2):
+        ra = await ag.remote("w1", F.make_param, (np.ones(2),))
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [ra], lr=0.1)
+        opt.param_groups[0]["lr"] = np.float32(0.25)
+        lr = (await opt.state_dict())["param_groups"][0]["lr"]
+        assert type(lr) is float and lr == 0.25

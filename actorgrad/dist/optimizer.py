@@ -40,7 +40,7 @@ from actorgrad.errors import (
     refusal_type,
     short_repr,
 )
-from actorgrad.optim import BASE_CLASS_HINT, Optimizer, _given_twice
+from actorgrad.optim import BASE_CLASS_HINT, Optimizer, _given_twice, _plain
 from actorgrad.runtime import RRef, Worker, current_worker, remote
 from actorgrad.runtime.calls import fn_spec, resolve
 from actorgrad.tensor import Tensor
@@ -741,7 +741,8 @@ class DistributedOptimizer:
             for j, entry in sd["state"].items():
                 state[where[j]] = entry
             group = group or {k: v for k, v in sd["param_groups"][0].items() if k != "params"}
-        group.update(current)
+        # (plain, as each owner's are: a numpy scalar of a schedule as a Python number)
+        group.update({k: _plain(v) for k, v in current.items()})
         group["params"] = list(range(self._num_params))
         return {"state": dict(sorted(state.items())), "param_groups": [group]}
 
