@@ -1305,11 +1305,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``actorgrad`` command; returns the exit status."""
     open_std_fds()  # (before any file is opened: it would take a closed one's place)
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    # (a Ctrl-C while the command imported ended it quietly: see actorgrad._startup;
-    # from here on, a KeyboardInterrupt is handled below)
-    if signal.getsignal(signal.SIGINT) is _startup.quit_while_importing:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        args = parse_args(argv)
+    finally:
+        # (a Ctrl-C while the command imported, or parses its arguments, ends it
+        # quietly: see actorgrad._startup; from here on, a KeyboardInterrupt is handled
+        # below. Put back on the way out of the parsing too, --help, --version and a
+        # usage error: the session of python -i, or pdb's, that follows kept it)
+        if signal.getsignal(signal.SIGINT) is _startup.quit_while_importing:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         try:
             log_to_stderr()

@@ -1878,6 +1878,25 @@ def test_a_ctrl_c_to_run_once_its_script_ended_forces_the_clusters_stop(tmp_path
         r.stop()
 
 
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["bogus"], ["status", "--nope"]])
+def test_the_command_gives_python_its_ctrl_c_back_when_it_ends_at_its_arguments(
+    args: list[str],
+) -> None:
+    # The quiet Ctrl-C of the command's import was put back only past the parsing of
+    # its arguments: --help, --version and a usage error exit from it. With python -i
+    # (or under pdb) the session that follows kept it: a Ctrl-C there ended it with 130.
+    show = "import signal; print('SIGINT:', signal.getsignal(signal.SIGINT).__name__)\n"
+    out = subprocess.run(
+        [*CLI[:1], "-i", *CLI[1:], *args],
+        input=show,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert "SIGINT: default_int_handler" in out.stdout, (out.stdout, out.stderr)
+
+
 #: run, with a SIGINT to itself as it starts its script (a Ctrl-C at that moment)
 SIGINT_AT_SPAWN = """
 import asyncio, os, signal
