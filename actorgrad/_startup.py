@@ -28,7 +28,16 @@ def is_the_command() -> bool:
     if sys.argv[:1] == ["-m"]:  # (python's argv[0] while it finds a -m module)
         i = argv.index("-m") if "-m" in argv else -1
         return i >= 0 and argv[i + 1 : i + 2] in (["actorgrad"], ["actorgrad.cli"])
-    return bool(sys.argv) and os.path.basename(sys.argv[0]) == "actorgrad"
+    # The script's own command line, as python was given it: multiprocessing's spawn
+    # and forkserver children take their parent's sys.argv before they import its main
+    # module (the script: it imports actorgrad), and one of the command (a function of
+    # a user's in `actorgrad worker` starting a Pool) was taken as the command, and
+    # kept the handler for good: no cli.main runs there to put Python's back.
+    return (
+        bool(sys.argv)
+        and os.path.basename(sys.argv[0]) == "actorgrad"
+        and argv[len(argv) - len(sys.argv) :] == sys.argv
+    )
 
 
 if signal.getsignal(signal.SIGINT) is signal.default_int_handler and is_the_command():

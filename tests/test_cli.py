@@ -1897,6 +1897,47 @@ def test_the_command_gives_python_its_ctrl_c_back_when_it_ends_at_its_arguments(
     assert "SIGINT: default_int_handler" in out.stdout, (out.stdout, out.stderr)
 
 
+#: the installed `actorgrad` script (`from actorgrad.cli import entry` first), whose
+#: process starts a child with multiprocessing (a user's function in `actorgrad worker`)
+SPAWNING_COMMAND = """
+import multiprocessing, signal, sys
+
+def handler(_):
+    return signal.getsignal(signal.SIGINT).__name__
+
+import actorgrad.cli
+
+if __name__ == "__main__":
+    print("command:", signal.getsignal(signal.SIGINT).__name__, flush=True)
+    try:
+        actorgrad.cli.main(["--version"])  # (it puts Python's handler back)
+    except SystemExit:
+        pass
+    with multiprocessing.get_context(sys.argv[1]).Pool(1) as pool:
+        print("child:", pool.map(handler, [0])[0], flush=True)
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_child_process_of_the_command_keeps_pythons_ctrl_c(tmp_path: Path, method: str) -> None:
+    # multiprocessing's spawn and forkserver children take their parent's sys.argv
+    # (its argv[0] the `actorgrad` script) before they import its main module, which
+    # imports actorgrad: they were taken as the command, and kept its quiet Ctrl-C of
+    # the import for good (no cli.main runs there): one ended with 130 at once, no
+    # KeyboardInterrupt, no clean-up.
+    script = tmp_path / "actorgrad"
+    script.write_text(SPAWNING_COMMAND)
+    out = subprocess.run(
+        [sys.executable, str(script), method],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=100,
+    )
+    assert "command: quit_while_importing" in out.stdout, (out.stdout, out.stderr)
+    assert "child: default_int_handler" in out.stdout, (out.stdout, out.stderr)
+
+
 #: run, with a SIGINT to itself as it starts its script (a Ctrl-C at that moment)
 SIGINT_AT_SPAWN = """
 import asyncio, os, signal
