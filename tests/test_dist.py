@@ -7098,3 +7098,34 @@ async def test_state_dict_gives_param_groups_numpy_scalars_as_python_numbers():
         opt.param_groups[0]["lr"] = np.float32(0.25)
         lr = (await opt.state_dict())["param_groups"][0]["lr"]
         assert type(lr) is float and lr == 0.25
+
+
+async def test_param_groups_reach_an_owner_again_after_a_step_cancelled_there():
+    # A step cancelled once the owner started it runs to its end there, with the
+    # values it brought (lr 0.1); the caller took them as not delivered, and with
+    # param_groups put back (lr 0.5) the next step sent nothing: it ran with 0.1.
+    gate = f"cancelled param_groups {next(_gates)}"
+    async with cluster("inproc", 1):
+        ref = await ag.remote("w1", F.make_param, (np.ones(2),))
+        opt = ag.dist.DistributedOptimizer(F.GatedSGD, [ref], lr=0.5, gate=gate)
+        opt.param_groups[0]["lr"] = 0.1
+        async with ag.dist.context() as ctx:
+            w = await ref.to_here()
+            await ag.dist.backward(ctx, [w.sum()])
+            step = asyncio.ensure_future(opt.step(ctx))
+            await until(F.thread_gate(f"{gate} in w1").is_set)
+            step.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await step
+            F.thread_gate(gate + " out").set()
+
+            async def stepped() -> bool:
+                return (await ref.to_here()).data.tolist() == [0.9, 0.9]
+
+            await until(stepped)
+        opt.param_groups[0]["lr"] = 0.5
+        async with ag.dist.context() as ctx:
+            w = await ref.to_here()
+            await ag.dist.backward(ctx, [w.sum()])
+            await opt.step(ctx)
+        np.testing.assert_allclose((await ref.to_here()).data, [0.4, 0.4], rtol=1e-6)
