@@ -209,6 +209,11 @@ class Optimizer:
     #: weight_decay) would otherwise load into a newer class (AdamW) as its own.
     ADDED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ()
 
+    #: Keys of ``STATE_KEYS`` a step starts when a parameter's state lacks them (Adam's
+    #: ``max_exp_avg_sq``, at zeros, once amsgrad is on): a state dict's entry may lack
+    #: them (taken before the setting was switched).
+    LAZY_STATE_KEYS: ClassVar[tuple[str, ...]] = ()
+
     #: Entries of the state dict's group fixed by the class, not by its constructor
     #: (torch's ``decoupled_weight_decay``: False in Adam's, True in AdamW's, which
     #: have the same hyperparameters otherwise). ``state_dict`` writes them; a state
@@ -600,7 +605,7 @@ class Optimizer:
                     f"load_state_dict: {what} must be a dict of str keys, got "
                     f"{type(entry).__name__} {entry!r:.60}"
                 )
-            if spec is not None and sorted(entry) != keys:
+            if spec is not None and sorted(entry) != keys and not self._keys_switched(entry, keys):
                 raise ValueError(
                     f"load_state_dict: {what} has the keys {sorted(entry)}, {cls} keeps "
                     f"{keys} (a state dict of another optimizer class?)"
@@ -622,6 +627,19 @@ class Optimizer:
                     checked[k] = arr
             entries[place[i]] = checked
         return hyper, entries, ids
+
+    def _keys_switched(self, entry: Mapping[str, Any], keys: list[str]) -> bool:
+        """Whether a state entry whose keys are not ``keys`` (those kept under the
+        state dict's hyperparameters) is one of this class all the same, taken under
+        other settings of them: its extra keys are this class's (Adam's
+        ``max_exp_avg_sq``, amsgrad switched off since: unused, kept, as torch keeps
+        it), and the keys it lacks are ``LAZY_STATE_KEYS`` (amsgrad switched on since:
+        the next step starts it). (Refused, an optimizer's own state dict did not load,
+        into itself neither, after ``param_groups[0]["amsgrad"]`` was switched.)"""
+        spec = type(self).STATE_KEYS or {}
+        extra = set(entry) - set(keys)
+        missing = set(keys) - set(entry)
+        return extra <= spec.keys() and missing <= set(type(self).LAZY_STATE_KEYS)
 
     def _state_keys(self, hyper: dict[str, Any]) -> list[str]:
         """The keys of each parameter's state under the hyperparameters ``hyper`` (those
@@ -831,6 +849,7 @@ class Adam(Optimizer):
         "max_exp_avg_sq": "param",  # (with amsgrad only: see _state_keys)
     }
     ADDED_HYPERPARAMETERS: ClassVar[tuple[str, ...]] = ("weight_decay", "amsgrad", "maximize")
+    LAZY_STATE_KEYS: ClassVar[tuple[str, ...]] = ("max_exp_avg_sq",)
     FIXED_HYPERPARAMETERS: ClassVar[dict[str, Any]] = {"decoupled_weight_decay": False}
 
     def __init__(

@@ -7129,3 +7129,21 @@ async def test_param_groups_reach_an_owner_again_after_a_step_cancelled_there():
             await ag.dist.backward(ctx, [w.sum()])
             await opt.step(ctx)
         np.testing.assert_allclose((await ref.to_here()).data, [0.4, 0.4], rtol=1e-6)
+
+
+async def test_a_state_dict_taken_with_amsgrad_switched_but_not_stepped_loads():
+    # (the owners' entries are as their amsgrad keeps them, the group shows the one
+    # param_groups switched to: the load takes the entries of either setting)
+    async with cluster("inproc", 2):
+        ra = await ag.remote("w1", F.make_param, (np.ones(2),))
+        opt = ag.dist.DistributedOptimizer(ag.optim.Adam, [ra], lr=0.1)
+        async with ag.dist.context() as ctx:
+            a = await ra.to_here()
+            await ag.dist.backward(ctx, [(a * a).sum()])
+            await opt.step(ctx)
+        opt.param_groups[0]["amsgrad"] = True
+        sd = await opt.state_dict()
+        assert sd["param_groups"][0]["amsgrad"] is True
+        assert sorted(sd["state"][0]) == ["exp_avg", "exp_avg_sq", "step"]
+        await opt.load_state_dict(sd)
+        assert opt.param_groups[0]["amsgrad"] is True
