@@ -4863,6 +4863,39 @@ async def test_an_rref_passed_to_its_owner_after_it_was_freed_is_refused(cluster
     assert await ag.rpc("w1", add, (1, 2)) == 3
 
 
+async def _refused_with(stale: Any, rest: list[Any]) -> str:
+    """The refusal of a call to w1 passing ``stale`` then ``rest`` (its frames, which
+    hold the arguments, gone with it)."""
+    try:
+        await ag.rpc("w1", rref_value_on_owner, (stale, rest), timeout=5)
+    except ag.ActorgradError as exc:
+        return str(exc)
+    raise AssertionError("the call was not refused")
+
+
+async def test_a_request_refused_for_an_rref_of_its_owner_that_is_gone_leaves_no_count(
+    cluster,
+):
+    # Decoding stopped at the stale RRef: those after it in the request, counted for
+    # w1 (one of the caller's own) or registered as a fork to it (one of w2's), were
+    # never made into objects there, and nothing released them: their owners counted
+    # w1 as a holder for good.
+    r = await ag.remote("w1", make_counter, (1,))
+    rid = r._rid
+    del r
+    gc.collect()
+    await _owned_count("w1")
+    stale = rref.RRef._handle(cluster.driver, "w1", rid)
+    mine, theirs = ag.RRef(Counter(2)), await ag.remote("w2", make_counter, (3,))
+    msg = await _refused_with(stale, [mine, {"x": (theirs, mine)}])
+    assert "no longer alive on worker 'w1'" in msg
+    assert await ag.rpc("w1", add, (1, 2)) == 3  # (w1 lives, its connection too)
+    del stale, mine, theirs
+    gc.collect()
+    await _owned_count("driver")
+    await _owned_count("w2")
+
+
 def test_one_each_keeps_whether_the_errors_context_shows():
     # (a copy raised while its waiter handles another error shows that error as its
     # context, as the original would; one raised "from None" hides it, as it did)

@@ -560,6 +560,8 @@ class Hooks:
         "registered",
         "undone",
         "direct",
+        "in_request",
+        "gone",
     )
 
     def __init__(self, worker: Worker, peer: str, conn: Any) -> None:
@@ -577,6 +579,11 @@ class Hooks:
         # by ``peer`` go unregistered, and are kept here, alive, until the call is over
         # (see the module doc); None: every RRef of another owner is forked
         self.direct: list[RRef] | None = None
+        # decoding a request (set by the worker): an RRef sent to this worker, its
+        # owner, unregistered whose value is gone does not stop the decoding, it is
+        # kept in ``gone`` and the request refused once decoded (see ref_in)
+        self.in_request = False
+        self.gone: ProtocolError | None = None
 
     @property
     def worker_name(self) -> str:
@@ -623,7 +630,7 @@ class Hooks:
         if self.conn is not None:
             self.conn.check_nbytes(nbytes, part=True)
 
-    def ref_in(self, payload: list[Any]) -> RRef:
+    def ref_in(self, payload: list[Any]) -> RRef | None:
         w, forker = self.worker, self.peer
         n = len(payload)  # (a list: the codec checked)
         if n == 2 or n == 3:
@@ -649,6 +656,18 @@ class Hooks:
                 # (sent to its owner in a request, unregistered: this worker counts itself
                 # for the new object; LookupError when the value is gone, the request
                 # refused: its caller gave up on it, see the module doc)
+                if self.in_request and _owned(w, rid) is None:
+                    # The decoding goes on: every RRef after this one in the request was
+                    # counted for this worker (or registered as a fork to it), and only
+                    # the object decoding makes of it releases that count. Stopped here,
+                    # those counts stayed on their owners for good. The worker refuses
+                    # the request once it is decoded (its RRefs then released).
+                    if self.gone is None:
+                        self.gone = ProtocolError(
+                            f"ref_in hook rejected {short_repr(payload)}: LookupError: "
+                            f"{_gone(w, rid)}"
+                        )
+                    return None
                 _add(w, rid, (w.name, w.id))
                 return RRef._handle(w, owner, rid)
             if type(tag) is not int or not 0 < tag < 1 << 64:

@@ -2377,12 +2377,18 @@ class Worker:
         if quiet:
             self.going_quiet(min(MAX_QUIET, frame.body_nbytes / SLOW_DECODE_RATE))
         try:
+            hooks.in_request = True
             try:
                 try:
                     body = frame.body(hooks)
                 finally:
                     if quiet:  # (decoded: its silence counts again)
                         self.going_quiet(0)
+                if hooks.gone is not None:  # (an RRef sent to this owner, gone: see ref_in)
+                    # (its RRefs released, as those of a stopped decoding; the error not
+                    # kept by hooks: its traceback holds this frame, a cycle)
+                    body, gone, hooks.gone = None, hooks.gone, None
+                    raise gone
             except ProtocolError as exc:
                 # (stopped part way: what its decoding recorded goes, and the caller,
                 # told the call was refused, takes back what its encoding recorded)
@@ -2538,6 +2544,7 @@ class Worker:
         autograd context): the caller gets ``exc``; a one-way call is dropped (logged).
         Not a malformed frame: the connection stays."""
         hooks = rref.Hooks(self, conn.peer_name or "?", conn)
+        hooks.in_request = True  # (all of it: see rref's Hooks.ref_in)
         try:  # (decoded only so that RRefs in it are released again)
             frame.body(hooks)
         except Exception:
