@@ -4896,6 +4896,59 @@ async def test_a_request_refused_for_an_rref_of_its_owner_that_is_gone_leaves_no
     await _owned_count("w2")
 
 
+def give_kept():
+    """(a plain function) The RRef kept here, no longer kept."""
+    return current_worker().ext.pop("kept")[0]
+
+
+async def keep_from(via: str) -> None:
+    keep(await ag.rpc(via, give_kept))
+
+
+async def test_an_rref_forked_on_before_its_forker_reached_the_owner_stays_alive(cluster):
+    # w2 takes an RRef from w3 and returns it to the driver at once, before its first
+    # connection to the owner w1 is made: it alone holds it. Its registration with w1
+    # waited for that connection, its release of the RRef it returned (dropped once
+    # the reply was encoded) was queued behind its accept, which went first: w1 freed
+    # the value, and the call failed ("no longer alive") with the value lost.
+    w1, w2 = cluster.workers[0], cluster.workers[1]
+    r = await ag.remote("w1", make_counter, (7,))
+    rid = r._rid
+    await ag.rpc("w3", keep, (r,))
+    del r
+    gc.collect()
+    await until(lambda: [k[0] for k in w1.owned[rid].holders] == ["w3"])
+    gate = asyncio.Event()
+    connect, call_nowait, sent = w2._connect_peer, w2.call_nowait, []
+
+    async def slow_connect(dest: str) -> Any:
+        if dest == "w1":
+            await gate.wait()
+        return await connect(dest)
+
+    def recorded(dest: str, fn: Any, *args: Any) -> Any:
+        sent.append((dest, fn))
+        return call_nowait(dest, fn, *args)
+
+    w2._connect_peer, w2.call_nowait = slow_connect, recorded
+    await ag.rpc("w2", keep_from, ("w3",))
+    await until(lambda: [k[0] for k in w1.owned[rid].holders] == ["w2"])
+    assert "w1" in w2._connecting  # (its accept waits for the connection)
+    call = asyncio.ensure_future(ag.rpc("w2", give_kept))
+    await until(lambda: ("w1", "actorgrad.runtime.rref:_add_holders") in sent)
+    # (a release of the RRef once the registration left: queued by now, from a loop
+    # callback, had the forker dropped it)
+    turn = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(turn.set_result, None)
+    await turn
+    gate.set()
+    back = await asyncio.wait_for(call, 10)
+    assert (await back.rpc().incr()) == 8
+    del back, call
+    gc.collect()
+    await _owned_count("w1")
+
+
 def test_one_each_keeps_whether_the_errors_context_shows():
     # (a copy raised while its waiter handles another error shows that error as its
     # context, as the original would; one raised "from None" hides it, as it did)

@@ -10,7 +10,8 @@ after the new one's first counts, and drops only the dead one's.)
   before the message leaves: the owner adds it directly; any other worker (a "fork")
   registers it with the owner and awaits the ack first (``register_forks``), so the
   receiver's later decref can never overtake the increment. The forking worker's own
-  RRef is kept alive until the ack.
+  RRef is kept alive until the ack (``_register``: its release need not go out behind
+  the registration).
 * Decoding an RRef creates a new ``RRef`` object that takes over that count.
 * When an ``RRef`` object is collected, a ``weakref.finalize`` callback (any thread)
   schedules the decref on its worker's loop thread-safely: a local decrement on the
@@ -770,24 +771,19 @@ async def register_forks(worker: Worker, hooks: Hooks) -> None:
     acknowledgement is read by ``_registered``, which takes the count back at once if
     the message was given up (``hooks.undo``) meanwhile, as it does when the
     registration failed with its owner reached or not (WorkerLost)."""
-    # (no RRef in this frame's locals: a failure's traceback holds the frame)
-    by_owner = _entries_by_owner(hooks.forks or (), hooks.peer_key)
+    # (no RRef in this frame's locals: a failure's traceback holds the frame; the
+    # comprehension's own scope keeps them out)
+    futs = [
+        _register(worker, hooks, owner, entries, refs)
+        for owner, (entries, refs) in _entries_by_owner(hooks.forks or (), hooks.peer_key).items()
+    ]
     hooks.forks = None
-    futs = []
-    for owner, entries in by_owner.items():
-        fut = worker.call_nowait(
-            owner,
-            "actorgrad.runtime.rref:_add_holders",
-            (entries, worker.name, worker.id, hooks.tag),
-        )
-        fut.add_done_callback(functools.partial(_registered, hooks, owner, entries))
-        futs.append(fut)
     if futs:
         await asyncio.wait(futs)  # (not asyncio.gather: cancelling us must not cancel them)
         failed = [f for f in futs if f.exception() is not None]
         # (raised, the error's traceback holds this frame: kept, the futures holding
         # the error made a cycle that kept the message's arguments, RRefs among them)
-        del futs, fut
+        del futs
         if failed:
             exc = failed[0].exception()
             del failed
@@ -798,17 +794,46 @@ async def register_forks(worker: Worker, hooks: Hooks) -> None:
                 del exc
 
 
-def _entries_by_owner(forks: Iterable[RRef], holder: Key) -> dict[str, list[list[Any]]]:
-    """The registrations of ``forks`` for ``holder``, by owner: [id, name, cluster id]."""
-    by_owner: dict[str, list[list[Any]]] = {}
+def _register(
+    worker: Worker, hooks: Hooks, owner: str, entries: list[list[Any]], refs: list[RRef]
+) -> asyncio.Future[Any]:
+    """Send ``owner`` the registration of ``entries`` (the forks of ``refs``)."""
+    fut = worker.call_nowait(
+        owner,
+        "actorgrad.runtime.rref:_add_holders",
+        (entries, worker.name, worker.id, hooks.tag),
+    )
+    # The forker's own RRefs (its counts) are kept until the owner answered: dropped
+    # before (a reply's result is, once encoded), their release could reach the owner
+    # first, and free a value the forker alone held before the registration counted
+    # the receiver. The two do not always go out in order: with no connection to the
+    # owner yet, a release queued behind an accept whose connection is being made went
+    # out before the registration, whose request waited for the same connection.
+    fut.add_done_callback(functools.partial(_registered, hooks, owner, entries, refs))
+    return fut
+
+
+def _entries_by_owner(
+    forks: Iterable[RRef], holder: Key
+) -> dict[str, tuple[list[list[Any]], list[RRef]]]:
+    """The registrations of ``forks`` for ``holder``, by owner: [id, name, cluster id]
+    entries, and the RRefs."""
+    by_owner: dict[str, tuple[list[list[Any]], list[RRef]]] = {}
     for r in forks:
-        by_owner.setdefault(r.owner, []).append([r._rid, *holder])
+        entries, refs = by_owner.setdefault(r.owner, ([], []))
+        entries.append([r._rid, *holder])
+        refs.append(r)
     return by_owner
 
 
 def _registered(
-    hooks: Hooks, owner: str, entries: list[list[Any]], fut: asyncio.Future[Any]
+    hooks: Hooks,
+    owner: str,
+    entries: list[list[Any]],
+    refs: list[RRef],
+    fut: asyncio.Future[Any],
 ) -> None:
+    # (``refs``: held until now, see _register)
     if fut.cancelled():
         return  # (our shutdown)
     rids = [e[0] for e in entries]
