@@ -1619,6 +1619,7 @@ def test_a_lost_process_takes_the_rref_messages_kept_for_it_and_its_withdrawals_
         owned={},
         _rref_unsent={"w2": rref._Unsent(5)},
         _rref_withdrawn={(("w2", 5), 7): 1.0, (("w3", 6), 8): 1.0},
+        _rref_departed={},
     )
     rref.peer_lost(w, "w2", 4)
     assert list(w._rref_unsent) == ["w2"] and len(w._rref_withdrawn) == 2
@@ -4947,6 +4948,31 @@ async def test_an_rref_forked_on_before_its_forker_reached_the_owner_stays_alive
     del back, call
     gc.collect()
     await _owned_count("w1")
+
+
+async def pass_kept(to: str) -> int:
+    return await ag.rpc(to, keep, (current_worker().ext["kept"][0],))
+
+
+async def test_a_fork_registered_for_a_receiver_its_owner_saw_leave_is_not_counted(cluster):
+    # The owner heard the receiver leave the cluster (its counts went); the forker had
+    # not yet, and registered a fork to it, its message going into a connection that
+    # had not noticed the loss either (a dead host's). The owner counted the gone
+    # process again, and kept the value for good: no loss of it was to come. (Here the
+    # owner alone hears it, and the receiver, alive, plays dead: it keeps the RRef.)
+    w1 = cluster.workers[0]
+    r = await ag.remote("w1", make_counter, (1,))
+    rid = r._rid
+    assert await ag.rpc("w2", keep, (r,)) == 1
+    del r
+    gc.collect()
+    await _released_by(w1, "driver")
+    rref.peer_lost(w1, "w3", w1.members["w3"][0])
+    assert await ag.rpc("w2", pass_kept, ("w3",)) == 1
+    assert [k[0] for k in w1.owned[rid].holders] == ["w2"]  # (w3 not counted)
+    await ag.rpc("w2", drop_kept)
+    await _owned_count("w1")
+    await ag.rpc("w3", drop_kept)
 
 
 def test_one_each_keeps_whether_the_errors_context_shows():

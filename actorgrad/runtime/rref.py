@@ -154,10 +154,18 @@ def _owned(worker: Worker, rid: Any) -> Owned | None:
     return worker.owned.get(rid) if type(rid) is int else None
 
 
+#: Most processes that left the cluster an owner remembers (see peer_lost): the late
+#: registrations come within moments of a loss; and few, a cluster id reused (after
+#: 65,535 joins) under the same name is not taken for the one that left.
+MAX_DEPARTED = 4096
+
+
 def _add(worker: Worker, rid: int, holder: Key, n: int = 1) -> None:
     o = _owned(worker, rid)
     if o is None:
         raise _gone(worker, rid)
+    if holder in worker._rref_departed:  # (it left: nothing of it will release it)
+        return
     o.holders[holder] = o.holders.get(holder, 0) + n
 
 
@@ -178,6 +186,16 @@ def peer_lost(worker: Worker, name: str, pid: int) -> None:
     """Process ``pid`` of worker ``name`` left the cluster: its counts go, and the
     receivers of its pending forks are asked to settle them."""
     gone = (name, pid)
+    if pid:
+        # Remembered: a fork to it that another worker registers after this (it had
+        # not heard of the loss yet, and sent the message into a connection that had
+        # not noticed it either: a dead host's) counted it again, and for good, its
+        # losses all heard. (Cluster ids are never reused; without one, 0, a process
+        # joining under the name would have the same key.)
+        departed = worker._rref_departed
+        departed[gone] = None
+        if len(departed) > MAX_DEPARTED:
+            del departed[next(iter(departed))]
     settle: set[str] = set()
     for rid, o in list(worker.owned.items()):
         if o.forks:
@@ -896,6 +914,8 @@ def _add_holders(entries: list[Any], forker: str, forker_id: int, tag: int) -> N
             raise _gone(w, rid)
         keyed.append((rid, _key_of(name, pid)))
     for rid, holder in keyed:
+        if holder in w._rref_departed:  # (gone: no accept will come, see peer_lost)
+            continue
         _add(w, rid, holder)
         _fork(w.owned[rid], reg, holder, 1)
 

@@ -982,6 +982,9 @@ class Worker:
         # before they came here (see rref._unfork)
         self._fork_tags = itertools.count(1)
         self._rref_withdrawn: dict[tuple[tuple[str, int], int], float] = {}  # -> expiry
+        # processes that left the cluster, latest last: no count is added for them
+        # any more (see rref.peer_lost)
+        self._rref_departed: dict[tuple[str, int], None] = {}
 
     def _socket_fds(self) -> list[int]:
         """The file numbers of this worker's listening and connected sockets (see
@@ -1753,6 +1756,7 @@ class Worker:
         # its goodbye unread yet, is no way to reach it; see _opened_by)
 
     def _member_new(self, name: str, wid: int) -> None:
+        self._rref_departed.pop((name, wid), None)  # (its cluster id reused: see rref)
         self._lost.pop(name, None)  # (re)joined: a later loss is reported
         self._left.pop(name, None)
         self._drop_replaced(name, wid)
