@@ -4975,6 +4975,27 @@ async def test_a_fork_registered_for_a_receiver_its_owner_saw_leave_is_not_count
     await ag.rpc("w3", drop_kept)
 
 
+async def test_a_fork_registration_read_after_its_forker_left_is_refused(cluster):
+    # The forker registered a fork and died before the answer (the message never
+    # left it); the owner read the registration after it heard of the loss, whose
+    # settle had run: the receiver was counted for good. (Here the owner alone hears
+    # of it, and the forker, alive, sees its call refused.)
+    w1 = cluster.workers[0]
+    r = await ag.remote("w1", make_counter, (1,))
+    rid = r._rid
+    assert await ag.rpc("w2", keep, (r,)) == 1
+    rref.peer_lost(w1, "w2", w1.members["w2"][0])
+    with pytest.raises(ag.RemoteError, match=r"worker 'w2' \(cluster id \d+\) left the cluster"):
+        await ag.rpc("w2", pass_kept, ("w3",))
+    assert [k[0] for k in w1.owned[rid].holders] == ["driver"]
+    assert not w1.owned[rid].forks and not w1._rref_withdrawn  # (no take-back came)
+    assert await ag.rpc("w3", owned) == 0 and "kept" not in cluster.workers[2].ext
+    await ag.rpc("w2", drop_kept)
+    del r
+    gc.collect()
+    await _owned_count("w1")
+
+
 def test_one_each_keeps_whether_the_errors_context_shows():
     # (a copy raised while its waiter handles another error shows that error as its
     # context, as the original would; one raised "from None" hides it, as it did)

@@ -905,6 +905,18 @@ def _add_holders(entries: list[Any], forker: str, forker_id: int, tag: int) -> N
     if w._rref_withdrawn and w._rref_withdrawn.pop(reg, None) is not None:
         # (its forker gave up on it and took it back before it came here: see _unfork)
         return
+    if reg[0] in w._rref_departed:
+        # Read after this worker heard its forker leave the cluster (it sent it, then
+        # died): the message it was for never left (it waited for this answer), and
+        # the settle of the forker's forks ran before it came. Counted, its receiver
+        # stayed a holder for good. (A forker alive after all is refused, as for a
+        # value that went: it takes back nothing, and does not send the message.)
+        # (not WorkerLost: the forker took that for a registration it cannot know the
+        # outcome of, and sent a take-back for it)
+        raise LookupError(
+            f"worker {forker!r} (cluster id {forker_id}) left the cluster: worker "
+            f"{w.name!r} takes no RRef registration of it any more"
+        )
     # All or nothing: the forker takes nothing back from a registration that failed (a
     # live RRef's count, made before a stale one in the same message was refused,
     # stayed for good).
