@@ -1025,7 +1025,7 @@ def at_least(low: int, high: int | None = None, why: str = "") -> Callable[[str]
 
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value = _ascii_int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if value < low:
@@ -1040,9 +1040,17 @@ def at_least(low: int, high: int | None = None, why: str = "") -> Callable[[str]
 _workers = at_least(1, MAX_LOCAL_WORKERS, " (each worker is a process on this machine)")
 
 
+def _ascii_int(text: str) -> int:
+    """``int(text)`` of ASCII digits only: Python's takes any script's digits, and
+    ``-n ٣`` (Arabic-Indic three) started three workers."""
+    if not text.isascii():
+        raise ValueError(text)
+    return int(text)
+
+
 def _port(text: str) -> int:
     try:
-        value = int(text)
+        value = _ascii_int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
     if not 0 <= value <= 65535:

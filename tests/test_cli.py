@@ -163,6 +163,8 @@ def test_usage_errors_exit_2() -> None:
             (run(*argv), message)
             for argv, message in (
                 (["cluster", "-n", "x"], "argument -n: not an integer: 'x'"),
+                (["cluster", "-n", "\u0663"], "argument -n: not an integer: '\u0663'"),
+                (["cluster", "-n", "1", "--port", "\u0668\u0660"], "--port: not a port: '"),
                 (["cluster", "-n", "1", "--port", "abc"], "argument --port: not a port: 'abc'"),
                 (
                     ["worker", "--join", "127.0.0.1:1", "--port", "70000"],
