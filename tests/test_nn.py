@@ -370,6 +370,39 @@ def test_linear_names_the_shapes_of_an_input_that_does_not_fit():
         nn.Linear(3, 2)(ag.ones(4, 5))
 
 
+@pytest.mark.parametrize("wshape", [(4,), (3, 5, 4), ()])
+def test_linear_refuses_a_weight_that_is_not_a_matrix(wshape):
+    # (a 1-d weight ran forward and failed in backward, "cannot reshape array of size 1
+    # into shape (1,4)"; a 3-d weight of shape (3, 5, 4) on an input (2, 4) gave a
+    # (3, 2, 5) result from w.T's reversed axes, silently)
+    x = ag.ones(2, 4, requires_grad=True)
+    w = ag.ones(*wshape, requires_grad=True)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"linear: weight must be an (out_f, in_f) matrix, got shape {wshape}"),
+    ):
+        F.linear(x, w)
+
+
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_linear_names_a_weight_or_bias_that_is_not_numbers(which):
+    # (was AttributeError: 'str' object has no attribute 'T' / 'shape')
+    args = {"weight": ag.ones(3, 4), "bias": ag.zeros(3)}
+    args[which] = "abc"
+    with pytest.raises(TypeError, match=f"linear: {which} must be a Tensor, .* got str"):
+        F.linear(ag.ones(2, 4), args["weight"], args["bias"])
+
+
+@pytest.mark.parametrize("bshape", [(5,), (3, 3)])
+def test_linear_names_the_shapes_of_a_bias_that_does_not_fit(bshape):
+    # (was numpy's "operands could not be broadcast together ...", naming no call)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"linear: bias of shape {bshape} does not fit the product of shape (2, 3)"),
+    ):
+        F.linear(ag.ones(2, 4), ag.ones(3, 4), ag.ones(*bshape))
+
+
 def test_a_deep_copy_of_a_module_gets_its_own_gradients_and_keeps_tied_parameters():
     # (the copies' _accum led to the original's AccumulateGrad: target-network copies
     # sent their gradients into the network they were copied from)

@@ -19,7 +19,7 @@ import numpy as np
 
 from actorgrad.autograd import Function
 from actorgrad.errors import check_bool
-from actorgrad.tensor import Tensor, _as_tensor, _data, _fit, _nary, _unary
+from actorgrad.tensor import Tensor, _as_tensor, _data, _fit, _nary, _numeric, _unary
 
 __all__ = ["cross_entropy", "dropout", "embedding", "linear", "mse_loss", "nll_loss"]
 
@@ -50,10 +50,18 @@ class Linear(Function):
             ) from None
         if b is None:
             return out
-        if type(out) is np.ndarray and np.ndim(b) == 1 and np.result_type(out, b) == out.dtype:
-            out += b  # a fresh array: add the bias without another allocation
-            return out
-        summed = out + b
+        try:
+            if type(out) is np.ndarray and np.ndim(b) == 1 and np.result_type(out, b) == out.dtype:
+                out += b  # a fresh array: add the bias without another allocation
+                return out
+            summed = out + b
+        except ValueError:
+            # (numpy's "operands could not be broadcast together" named neither the
+            # call nor which of its arguments was wrong)
+            raise ValueError(
+                f"linear: bias of shape {np.shape(b)} does not fit the product of shape "
+                f"{np.shape(out)} (input @ weight.T)"
+            ) from None
         if summed.shape != out.shape:  # (a bias of more rows or dimensions)
             self.saved = (*self.saved[:3], out.shape)
         return summed
@@ -86,6 +94,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         >>> ag.nn.functional.linear(ag.ones(4, 3), ag.ones(2, 3), ag.zeros(2)).shape
         (4, 2)
     """
+    # (checked here: a str weight or bias failed as "'str' object has no attribute 'T'",
+    # a 1-d weight failed only in backward, on a reshape, and a 3-d one computed with
+    # w.T's reversed axes: a result of another shape, silently)
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None and not isinstance(value, Tensor):
+            _numeric(value, f"linear: {name}")
+    wshape = np.shape(_data(weight))
+    if len(wshape) != 2:
+        raise ValueError(f"linear: weight must be an (out_f, in_f) matrix, got shape {wshape}")
     return _nary(Linear, [x, weight] if bias is None else [x, weight, bias])
 
 
