@@ -789,6 +789,7 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
     except (TypeError, ValueError):  # (matmul's shape check met an object first)
         _refuse_bool_subtraction(cls, ad, bd)
         _check_operands(cls, a, b)
+        _check_broadcast(cls, ad, bd)
         raise
     # (a Python number's weakness numpy 2 has: only the other operand's dtype tells.
     # Arrays only: where numpy's dtype differs from torch's, it differs from an array
@@ -940,6 +941,23 @@ def _check_operands(cls: type[Function], a: Any, b: Any) -> None:
                 f"unsupported operand type(s) for {sym}: {_kind(a)} and {_kind(b)} "
                 "(operands must be tensors, numpy arrays, lists or numbers)"
             )
+
+
+def _check_broadcast(cls: type[Function], ad: Any, bd: Any) -> None:
+    """ValueError naming the operator and both shapes, in the order written, when an
+    elementwise op's operands do not broadcast (numpy's "operands could not be
+    broadcast together with shapes (2,3) (4,)" named no operator); return otherwise
+    (another ValueError keeps numpy's words, matmul its own message)."""
+    if cls is MatMul:
+        return
+    sa, sb = np.shape(ad), np.shape(bd)
+    try:
+        np.broadcast_shapes(sa, sb)
+    except ValueError:
+        raise ValueError(
+            f"{_SYMBOLS.get(cls.__name__, cls.__name__)}: operands of shapes {sa} and {sb} "
+            "do not broadcast (each dimension, from the last, must be equal or 1)"
+        ) from None
 
 
 _SYMBOLS = {"Add": "+", "Sub": "-", "Mul": "*", "Div": "/", "Pow": "**", "MatMul": "@"}

@@ -224,7 +224,7 @@ def test_matmul_shape_mismatch_names_the_shapes():
 
 
 def test_broadcast_mismatch_names_the_shapes():
-    with pytest.raises(ValueError, match=r"\(2,3\).*\(4,\)"):
+    with pytest.raises(ValueError, match=r"\+: operands of shapes \(2, 3\) and \(4,\)"):
         ag.ones(2, 3) + ag.ones(4)
 
 

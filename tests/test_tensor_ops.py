@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import types
 import warnings
 import weakref
@@ -852,6 +853,32 @@ def test_arithmetic_with_an_operand_that_is_not_a_number_names_the_operator_and_
         x @ object()
     with pytest.raises(TypeError, match=r"for -: 'Tensor' .* and 'ndarray' of dtype <U1"):
         x - np.array(["a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("fn", "sym", "shapes"),
+    [
+        (lambda: ag.ones(2, 3) + ag.ones(4), "+", "(2, 3) and (4,)"),
+        (lambda: np.ones(4) - ag.ones(2, 3), "-", "(4,) and (2, 3)"),
+        (lambda: ag.ones(2, 3, requires_grad=True) * [1.0, 2.0], "*", "(2, 3) and (2,)"),
+        (lambda: ag.ones(3) / ag.ones(2, 1, 2), "/", "(3,) and (2, 1, 2)"),
+        (lambda: ag.ones(3) ** np.ones(2), "**", "(3,) and (2,)"),
+    ],
+    ids=["add", "rsub", "mul-list", "div", "pow"],
+)
+def test_arithmetic_on_shapes_that_do_not_broadcast_names_the_operator_and_shapes(fn, sym, shapes):
+    # (was numpy's "operands could not be broadcast together with shapes (2,3) (4,)",
+    # naming no operator)
+    with pytest.raises(
+        ValueError, match=re.escape(f"{sym}: operands of shapes {shapes} do not broadcast")
+    ):
+        fn()
+
+
+def test_integer_power_errors_other_than_shapes_stay_numpys():
+    # (a ValueError that is not about shapes keeps its own words)
+    with pytest.raises(ValueError, match="Integers to negative integer powers"):
+        ag.tensor([2, 3]) ** -1
 
 
 @pytest.mark.parametrize(
