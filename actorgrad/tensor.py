@@ -1599,6 +1599,15 @@ class Sigmoid(Function):
         return (g * out * (1 - out),)
 
 
+def _wide_sum(dtype: np.dtype) -> type[np.float32] | None:
+    """The accumulator of the sums inside softmax, log_softmax and cross_entropy (and
+    their gradients): float32 for float16 (None: the array's own dtype). In float16 a
+    row of more than 65,504 exp()s summed to inf: softmax gave zeros, log_softmax -inf,
+    where the values (1/70000, -11.16) are well within its range (torch's CPU kernels
+    accumulate half in float32 too)."""
+    return np.float32 if dtype == np.float16 else None
+
+
 class Softmax(Function):
     __slots__ = ()
     _FLOAT_INPUT = True  # (bool and integer inputs come as float32: see _int_unary)
@@ -1620,13 +1629,17 @@ class Softmax(Function):
             # (``out=``: an array also for a 0-d ``a``)
             e = np.subtract(a, m, out=np.empty(a.shape, a.dtype))  # shift: stable
             np.exp(e, out=e)
-            e /= e.sum(axis=axis, keepdims=True)
+            e /= e.sum(axis=axis, keepdims=True, dtype=_wide_sum(e.dtype))
         self.saved = (e, axis)
         return e
 
     def backward(self, g: Any) -> tuple[Any, ...]:
         out, axis = self.saved
-        return (out * (g - (g * out).sum(axis=axis, keepdims=True)),)
+        wide = _wide_sum(out.dtype)
+        gout = (g * out).sum(axis=axis, keepdims=True, dtype=wide)
+        if wide is not None:
+            gout = gout.astype(out.dtype)
+        return (out * (g - gout),)
 
 
 class LogSoftmax(Function):
@@ -1645,7 +1658,10 @@ class LogSoftmax(Function):
             raise ValueError(_bad_axis("log_softmax", axis, a.ndim)) from None
         with np.errstate(invalid="ignore", divide="ignore"):  # (as in Softmax)
             shifted = a - m
-            out = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+            wide = _wide_sum(a.dtype)
+            out = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True, dtype=wide))
+            if wide is not None:
+                out = out.astype(a.dtype)
         self.saved = (out, axis)
         return out
 
@@ -1654,7 +1670,7 @@ class LogSoftmax(Function):
         # g - exp(out) * sum(g), in one new array: the expression made two (numpy
         # reuses a temporary in place for ``T * s`` but not for ``g - T``)
         t = np.exp(out, out=np.empty(out.shape, np.result_type(g, out)))
-        t *= g.sum(axis=axis, keepdims=True)
+        t *= g.sum(axis=axis, keepdims=True, dtype=_wide_sum(t.dtype))
         np.subtract(g, t, out=t)
         return (t,)
 

@@ -875,6 +875,35 @@ def test_arithmetic_on_shapes_that_do_not_broadcast_names_the_operator_and_shape
         fn()
 
 
+def test_float16_softmax_log_softmax_and_cross_entropy_over_many_classes_stay_finite():
+    # A float16 row of more than 65,504 exp()s summed to inf in float16: softmax gave
+    # all zeros (torch: 1.43e-05 each), log_softmax -inf and cross_entropy inf, where
+    # the values, -log(70000) = -11.16, are well within float16's range.
+    n = 70_000
+    rng = np.random.default_rng(0)
+    logits = rng.uniform(-1, 1, (1, n)).astype(np.float16)
+    ref = logits.astype(np.float64)
+    ref_logp = ref - ref.max() - np.log(np.exp(ref - ref.max()).sum())
+    x = ag.tensor(logits, requires_grad=True)
+    sm, lsm = x.softmax(), x.log_softmax()
+    assert sm.dtype == lsm.dtype == np.float16
+    np.testing.assert_allclose(sm.data, np.exp(ref_logp), rtol=2e-3, atol=6e-8)
+    np.testing.assert_allclose(lsm.data, ref_logp, rtol=2e-3)
+    ce = ag.nn.functional.cross_entropy(x, [3])
+    assert ce.dtype == np.float16
+    np.testing.assert_allclose(ce.item(), -ref_logp[0, 3], rtol=2e-3)
+    ce.backward()
+    want = np.exp(ref_logp)
+    want[0, 3] -= 1
+    # (exp of the float16 log-probabilities: their rounding, up to 4e-3 near -11, is
+    # the gradient's relative error)
+    np.testing.assert_allclose(x.grad, want, rtol=1e-2, atol=6e-8)
+    # log_softmax's gradient sums g over the row: 70,000 ones were inf in float16
+    y = ag.tensor(logits, requires_grad=True)
+    y.log_softmax().backward(np.ones((1, n)))
+    np.testing.assert_allclose(y.grad, 1 - n * np.exp(ref_logp), atol=2e-2)
+
+
 def test_integer_power_errors_other_than_shapes_stay_numpys():
     # (a ValueError that is not about shapes keeps its own words)
     with pytest.raises(ValueError, match="Integers to negative integer powers"):

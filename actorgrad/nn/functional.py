@@ -19,7 +19,7 @@ import numpy as np
 
 from actorgrad.autograd import Function
 from actorgrad.errors import check_bool
-from actorgrad.tensor import Tensor, _as_tensor, _data, _fit, _nary, _numeric, _unary
+from actorgrad.tensor import Tensor, _as_tensor, _data, _fit, _nary, _numeric, _unary, _wide_sum
 
 __all__ = ["cross_entropy", "dropout", "embedding", "linear", "mse_loss", "nll_loss"]
 
@@ -121,8 +121,11 @@ class CrossEntropy(Function):
         # (an inf or an all -inf row gives nan, as in torch and log_softmax: no warning)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             shifted = x - x.max(axis=1, keepdims=True)  # shift: stable for any logits
-            lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            wide = _wide_sum(x.dtype)  # (float16's sum of exp()s in float32: see there)
+            lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True, dtype=wide))
             logp = shifted - lse
+            if wide is not None:
+                logp = logp.astype(x.dtype)
         rows = np.arange(n)
         self.saved = (logp, targets)
         return -logp[rows, targets].mean()
