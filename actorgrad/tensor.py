@@ -1935,7 +1935,15 @@ class Where(Function):
     def forward(self, xs: list[Any], cond: Any) -> Any:
         a, b = xs
         self.saved = (cond, _meta(a), _meta(b))
-        return np.where(cond, a, b)
+        try:
+            return np.where(cond, a, b)
+        except ValueError:
+            # (numpy's "operands could not be broadcast together with shapes (3,) (2,)
+            # ()" named neither the call nor which shape was whose)
+            raise ValueError(
+                f"where: cond of shape {np.shape(cond)}, a of shape {np.shape(a)} and b of "
+                f"shape {np.shape(b)} do not broadcast"
+            ) from None
 
     def backward(self, g: Any) -> tuple[Any, ...]:
         (cond, ma, mb), (na, nb) = self.saved, self.next

@@ -904,6 +904,17 @@ def test_float16_softmax_log_softmax_and_cross_entropy_over_many_classes_stay_fi
     np.testing.assert_allclose(y.grad, 1 - n * np.exp(ref_logp), atol=2e-2)
 
 
+def test_where_on_shapes_that_do_not_broadcast_names_cond_a_and_b():
+    # (was numpy's "operands could not be broadcast together with shapes (3,) (2,) ()")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "where: cond of shape (3,), a of shape (2,) and b of shape () do not broadcast"
+        ),
+    ):
+        ag.where(np.array([True, False, True]), ag.ones(2, requires_grad=True), 0.0)
+
+
 def test_integer_power_errors_other_than_shapes_stay_numpys():
     # (a ValueError that is not about shapes keeps its own words)
     with pytest.raises(ValueError, match="Integers to negative integer powers"):
