@@ -1765,7 +1765,13 @@ class Mean(Function):
     def backward(self, g: Any) -> tuple[Any, ...]:
         shape, axes, keepdims, n = self.saved
         g = _expand(g, axes, keepdims, len(shape))
-        return (broadcast_view(np.asarray(g / max(n, 1)), shape),)
+        if g.dtype == np.float16:
+            # (numpy casts a Python int to float16: inf past 65,504, and g / n gave 0
+            # for every element; divided in float32, rounded once)
+            q = (g / np.float32(max(n, 1))).astype(np.float16)
+        else:
+            q = g / max(n, 1)
+        return (broadcast_view(np.asarray(q), shape),)
 
 
 class Max(Function):

@@ -915,6 +915,19 @@ def test_where_on_shapes_that_do_not_broadcast_names_cond_a_and_b():
         ag.where(np.array([True, False, True]), ag.ones(2, requires_grad=True), 0.0)
 
 
+@pytest.mark.parametrize("n", [70_000, 300_000])
+def test_float16_mean_over_more_than_65504_elements_has_its_gradient(n):
+    # (g / n cast n to float16: inf past 65,504, and every gradient was 0, silently
+    # but for numpy's overflow warning; torch: 1/n, 1.43e-05 for 70,000)
+    x = ag.ones(n, 2, dtype="float16", requires_grad=True)
+    x.mean().backward()
+    np.testing.assert_allclose(x.grad, np.full((n, 2), np.float16(1 / (2 * n))), rtol=1e-3)
+    x.grad = None
+    x.mean(axis=0).sum().backward()
+    np.testing.assert_allclose(x.grad, np.full((n, 2), np.float16(1 / n)), rtol=1e-3)
+    assert x.grad.dtype == np.float16
+
+
 def test_integer_power_errors_other_than_shapes_stay_numpys():
     # (a ValueError that is not about shapes keeps its own words)
     with pytest.raises(ValueError, match="Integers to negative integer powers"):
