@@ -928,6 +928,18 @@ def test_float16_mean_over_more_than_65504_elements_has_its_gradient(n):
     assert x.grad.dtype == np.float16
 
 
+@pytest.mark.xfail(strict=True, reason="a Python number is cast to float16 first, as numpy does")
+def test_float16_divided_by_a_python_number_past_float16s_range():
+    # numpy casts 70000 to float16 (inf) before dividing: 0, where torch computes in
+    # float32 and gives 1.43e-05. Not fixed: every binary op with a Python number
+    # would need float16's operands widened.
+    x = ag.ones(2, dtype="float16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = x / 70_000
+    np.testing.assert_allclose(y.data, np.float16(1 / 70_000), rtol=1e-3)
+
+
 def test_integer_power_errors_other_than_shapes_stay_numpys():
     # (a ValueError that is not about shapes keeps its own words)
     with pytest.raises(ValueError, match="Integers to negative integer powers"):
