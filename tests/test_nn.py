@@ -403,6 +403,19 @@ def test_linear_names_the_shapes_of_a_bias_that_does_not_fit(bshape):
         F.linear(ag.ones(2, 4), ag.ones(3, 4), ag.ones(*bshape))
 
 
+def test_float16_cross_entropy_over_more_than_65504_rows_has_its_gradient():
+    # (backward divided g by the row count as a Python int, which numpy casts to
+    # float16: inf past 65,504 rows, so every gradient was 0; a sequence model's
+    # (batch, classes, time) flattens to that many rows soon)
+    n = 70_000
+    logits = np.zeros((n, 2), np.float16)
+    x = ag.tensor(logits, requires_grad=True)
+    F.cross_entropy(x, np.zeros(n, np.int64)).backward()
+    want = np.tile(np.array([-0.5, 0.5]) / n, (n, 1))
+    np.testing.assert_allclose(x.grad, want, rtol=1e-2)
+    assert x.grad.dtype == np.float16
+
+
 def test_a_deep_copy_of_a_module_gets_its_own_gradients_and_keeps_tied_parameters():
     # (the copies' _accum led to the original's AccumulateGrad: target-network copies
     # sent their gradients into the network they were copied from)

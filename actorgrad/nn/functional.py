@@ -135,6 +135,10 @@ class CrossEntropy(Function):
         n = logp.shape[0]
         grad = np.exp(logp)
         grad[np.arange(n), targets] -= 1
+        if grad.dtype == np.float16:
+            # (numpy casts a Python int to float16: inf past 65,504 rows, and g / n gave
+            # every gradient 0; divided in float32, rounded once)
+            return (grad * (g / np.float32(max(n, 1))).astype(np.float16),)
         return (grad * (g / max(n, 1)),)
 
 
