@@ -1796,8 +1796,12 @@ class Max(Function):
     def backward(self, g: Any) -> tuple[Any, ...]:
         mask, axes, keepdims = self.saved
         g = _expand(g, axes, keepdims, mask.ndim)
-        count = mask.sum(axis=axes, keepdims=True).astype(g.dtype)
-        return (mask * (g / count),)  # ties share the gradient
+        count = mask.sum(axis=axes, keepdims=True)
+        if g.dtype == np.float16:
+            # (a count past 65,504 is inf in float16: every share was 0; divided in
+            # float32, rounded once)
+            return (mask * (g / count.astype(np.float32)).astype(np.float16),)
+        return (mask * (g / count.astype(g.dtype)),)  # ties share the gradient
 
 
 class Reshape(Function):

@@ -928,6 +928,14 @@ def test_float16_mean_over_more_than_65504_elements_has_its_gradient(n):
     assert x.grad.dtype == np.float16
 
 
+def test_float16_max_tied_over_more_than_65504_elements_shares_its_gradient():
+    # (the tie count cast to float16 was inf past 65,504: every share 0)
+    n = 70_000
+    x = ag.zeros(n, dtype="float16", requires_grad=True)
+    x.max().backward()
+    np.testing.assert_allclose(x.grad, np.full(n, np.float16(1 / n)), rtol=1e-3)
+
+
 @pytest.mark.xfail(strict=True, reason="a Python number is cast to float16 first, as numpy does")
 def test_float16_divided_by_a_python_number_past_float16s_range():
     # numpy casts 70000 to float16 (inf) before dividing: 0, where torch computes in
