@@ -3907,20 +3907,27 @@ async def test_a_step_cancelled_once_an_owner_started_it_runs_to_its_end_there()
     async with cluster("inproc", 1):
         ref = await ag.remote("w1", F.make_param, (np.ones(2),))
         opt = ag.dist.DistributedOptimizer(F.GatedSGD, [ref], lr=0.5, gate=gate)
-        async with ag.dist.context() as ctx:
-            w = await ref.to_here()
-            await ag.dist.backward(ctx, [w.sum()])
-            step = asyncio.ensure_future(opt.step(ctx))
-            await until(F.thread_gate(f"{gate} in w1").is_set)
-            step.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await step
-            F.thread_gate(gate + " out").set()
+        await _cancel_a_gated_step(opt, ref, gate, [0.5, 0.5])
 
-            async def stepped() -> bool:
-                return (await ref.to_here()).data.tolist() == [0.5, 0.5]
 
-            await until(stepped)
+async def _cancel_a_gated_step(opt: Any, ref: Any, gate: str, then: list[float]) -> None:
+    """A step of ``opt`` (of F.GatedSGD over ``ref``, a parameter of ones on w1, whose
+    gradient is ones) cancelled once w1's step started (held at ``gate``); w1's step
+    then let go, and waited for: ``ref``'s value becomes ``then``."""
+    async with ag.dist.context() as ctx:
+        w = await ref.to_here()
+        await ag.dist.backward(ctx, [w.sum()])
+        step = asyncio.ensure_future(opt.step(ctx))
+        await until(F.thread_gate(f"{gate} in w1").is_set)
+        step.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        F.thread_gate(gate + " out").set()
+
+        async def stepped() -> bool:
+            return (await ref.to_here()).data.tolist() == then
+
+        await until(stepped)
 
 
 async def test_a_step_error_names_the_parameter_by_its_place_in_params():
@@ -7109,20 +7116,7 @@ async def test_param_groups_reach_an_owner_again_after_a_step_cancelled_there():
         ref = await ag.remote("w1", F.make_param, (np.ones(2),))
         opt = ag.dist.DistributedOptimizer(F.GatedSGD, [ref], lr=0.5, gate=gate)
         opt.param_groups[0]["lr"] = 0.1
-        async with ag.dist.context() as ctx:
-            w = await ref.to_here()
-            await ag.dist.backward(ctx, [w.sum()])
-            step = asyncio.ensure_future(opt.step(ctx))
-            await until(F.thread_gate(f"{gate} in w1").is_set)
-            step.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await step
-            F.thread_gate(gate + " out").set()
-
-            async def stepped() -> bool:
-                return (await ref.to_here()).data.tolist() == [0.9, 0.9]
-
-            await until(stepped)
+        await _cancel_a_gated_step(opt, ref, gate, [0.9, 0.9])
         opt.param_groups[0]["lr"] = 0.5
         async with ag.dist.context() as ctx:
             w = await ref.to_here()

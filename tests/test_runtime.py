@@ -4847,15 +4847,21 @@ async def _seen_is(v: int) -> bool:
     return (await ag.rpc("w1", seen))[1] == v
 
 
-async def test_an_rref_passed_to_its_owner_after_it_was_freed_is_refused(cluster):
-    # (a request decoded after its caller gave up on it and its release overtook it on
-    # a new connection: the id is never reused, the request is refused, nothing counted)
+async def _stale_rref(cluster: Any) -> Any:
+    """An RRef of the driver's to a counter on w1 whose value w1 freed (its caller gave
+    up on it and its release came first: see the next test)."""
     r = await ag.remote("w1", make_counter, (1,))
     rid = r._rid
     del r
     gc.collect()
     await _owned_count("w1")
-    stale = rref.RRef._handle(cluster.driver, "w1", rid)
+    return rref.RRef._handle(cluster.driver, "w1", rid)
+
+
+async def test_an_rref_passed_to_its_owner_after_it_was_freed_is_refused(cluster):
+    # (a request decoded after its caller gave up on it and its release overtook it on
+    # a new connection: the id is never reused, the request is refused, nothing counted)
+    stale = await _stale_rref(cluster)
     with pytest.raises(ag.ActorgradError, match="no longer alive"):
         await ag.rpc("w1", rref_value_on_owner, (stale,), timeout=5)
     del stale
@@ -4881,12 +4887,7 @@ async def test_a_request_refused_for_an_rref_of_its_owner_that_is_gone_leaves_no
     # w1 (one of the caller's own) or registered as a fork to it (one of w2's), were
     # never made into objects there, and nothing released them: their owners counted
     # w1 as a holder for good.
-    r = await ag.remote("w1", make_counter, (1,))
-    rid = r._rid
-    del r
-    gc.collect()
-    await _owned_count("w1")
-    stale = rref.RRef._handle(cluster.driver, "w1", rid)
+    stale = await _stale_rref(cluster)
     mine, theirs = ag.RRef(Counter(2)), await ag.remote("w2", make_counter, (3,))
     msg = await _refused_with(stale, [mine, {"x": (theirs, mine)}])
     assert "no longer alive on worker 'w1'" in msg
