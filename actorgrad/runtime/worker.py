@@ -1858,8 +1858,8 @@ class Worker:
         ):
             # (taken to reach it once it was reported lost: see _reach_lost. Not if
             # heard from since, even if lost again, nor once another process joined
-            # under its name. A member's goodbye was noted as it was read; not one that
-            # left, whose name is in _lost: see _opened_by)
+            # under its name. A goodbye read was noted as it was read, a member's or,
+            # once its loss was reported, one that left: see the K_BYE read)
             if conn.goodbye and conn.peer_id is not None:
                 self._left[name] = conn.peer_id
             self._peer_lost(name, conn.dropped_why or None, str(err), again=True)
@@ -2163,7 +2163,14 @@ class Worker:
                     conn.goodbye = True
                     name = conn.peer_name
                     member = self.members.get(name) if name is not None else None
-                    if name is not None and member is not None and member[0] == conn.peer_id:
+                    if name is not None and (
+                        (member is not None and member[0] == conn.peer_id)
+                        # (or the head's word that it left came first: its other
+                        # connections to us, their goodbyes unread yet, are no way to it
+                        # either; taken, a one-way message on one was lost unsaid, its
+                        # loss reported already. Socket fuzz seed 90.)
+                        or (member is None and name in self._lost and conn.peer_id)
+                    ):
                         # (that process shuts down: known from this read, not from the
                         # connection's close, a read later or more: a call meanwhile
                         # tried its closed listener; see said_goodbye)
