@@ -176,6 +176,26 @@ def _given_twice(exc: BaseException) -> str | None:
     return None
 
 
+def _made_leaving_out_twice(
+    cls: type[Optimizer], params: list[Tensor], options: dict[str, Any], passed_on: Any
+) -> tuple[Optimizer, dict[str, Any]]:
+    """``cls(params, **options)``, to check the options with the constructor's own
+    checks; an option of ``passed_on`` that the constructor then gets twice, a base
+    class's hyperparameter the class sets itself (``super().__init__(params, lr=0.1,
+    **options)``), is left out of the call (it cannot be given it to check) and
+    returned with the others left out. Other errors propagate."""
+    given = dict(options)
+    left_out: dict[str, Any] = {}
+    while True:
+        try:
+            return cls(params, **given), left_out
+        except TypeError as exc:
+            twice = _given_twice(exc)
+            if twice is None or twice not in passed_on or twice not in given:
+                raise
+            left_out[twice] = given.pop(twice)
+
+
 #: What to use instead of the base class (its ``_update`` is the subclasses' to write).
 BASE_CLASS_HINT = (
     "ag.optim.Optimizer is the base class: use ag.optim.SGD, ag.optim.Adam or a "
@@ -567,21 +587,14 @@ class Optimizer:
             # it refused every state dict of its class, "missing 1 required argument")
             pass
         else:
-            given_probe = dict(hyper)
-            while True:
-                try:  # (the constructor's checks: a state dict edited into nonsense)
-                    type(self)(probe, **given_probe)
-                    break
-                except (TypeError, ValueError) as exc:
-                    twice = _given_twice(exc)
-                    if twice is None or twice in own or twice not in given_probe:
-                        raise type(exc)(f"load_state_dict: param_groups[0]: {exc}") from None
-                    # A base class's hyperparameter that the constructor passes the
-                    # others on to but sets itself (super().__init__(params, lr=0.1,
-                    # **options)): the constructor cannot be given it to check, but it
-                    # is loaded as saved. (Dropped, an lr a schedule had changed after
-                    # construction, opt.lr = lr, went back to the class's on a resume.)
-                    del given_probe[twice]
+            # (the constructor's checks: a state dict edited into nonsense. One of the
+            # base class's hyperparameters the class sets itself is left out of them,
+            # and loaded as saved: dropped, an lr a schedule had changed after
+            # construction, opt.lr = lr, went back to the class's on a resume.)
+            try:
+                _made_leaving_out_twice(type(self), probe, hyper, hyper.keys() - own.keys())
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"load_state_dict: param_groups[0]: {exc}") from None
         per_param = state["state"]
         if not isinstance(per_param, Mapping):
             raise TypeError(

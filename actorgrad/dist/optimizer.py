@@ -40,7 +40,7 @@ from actorgrad.errors import (
     refusal_type,
     short_repr,
 )
-from actorgrad.optim import BASE_CLASS_HINT, Optimizer, _given_twice, _plain
+from actorgrad.optim import BASE_CLASS_HINT, Optimizer, _made_leaving_out_twice, _plain
 from actorgrad.runtime import RRef, Worker, current_worker, remote
 from actorgrad.runtime.calls import fn_spec, resolve
 from actorgrad.tensor import Tensor
@@ -558,24 +558,15 @@ class DistributedOptimizer:
             return self._made_with
         checked = self._checked
         if checked is None or not _all_same(checked[0], changed):
-            given = {**self._options, **changed}
-            unchecked: dict[str, Any] = {}
             try:
-                while True:
-                    try:
-                        probe = type(self._probe)(
-                            [Tensor(np.zeros(1, dtype=np.float32), requires_grad=True)], **given
-                        )
-                        break
-                    except TypeError as exc:
-                        twice = _given_twice(exc)
-                        if twice is None or twice not in changed:
-                            raise
-                        # (a base class's hyperparameter the class sets itself,
-                        # super().__init__(params, lr=0.1, **options): not one its
-                        # constructor can be given to check, but changed all the same, as
-                        # load_state_dict loads it)
-                        unchecked[twice] = given.pop(twice)
+                # (a base class's hyperparameter the class sets itself is left out of
+                # the check, but changed all the same, as load_state_dict loads it)
+                probe, unchecked = _made_leaving_out_twice(
+                    type(self._probe),
+                    [Tensor(np.zeros(1, dtype=np.float32), requires_grad=True)],
+                    {**self._options, **changed},
+                    changed,
+                )
                 # (as the optimizer keeps them: Adam's betas given as a list, a tuple)
                 made = {**self._hyper_of(probe), **unchecked}
                 wire.encode_frame([], made, where="param_groups[0]")
