@@ -3528,30 +3528,42 @@ async def test_a_context_takes_the_new_process_it_called_though_the_membership_l
     async with ag.local_cluster(2, transport="tcp") as c:
         w1, w2 = c.workers
         port = int(w2.address.rpartition(":")[2])
+        async with asyncio.timeout(10):  # (the head's word that w2 joined can come late)
+            while "w2" not in w1.members:  # noqa: ASYNC110
+                await w1._members_changed.wait()
         w1._max_in_flight = 1  # (stands for a worker at its cap of 10,000 calls)
         new = None
         try:
             async with ag.dist.context() as ctx:
-                x = ag.tensor(xv, requires_grad=True)
-                call = asyncio.ensure_future(ag.rpc("w1", F.gated_call, ("lag", "w2", x)))
-                await asyncio.wait_for(F.event("lag-started").wait(), 10)
-                await w2.shutdown()
-                async with asyncio.timeout(10):
-                    while "w2" in c.driver.members:  # noqa: ASYNC110
-                        await c.driver._members_changed.wait()
-                new = rworker.Worker(
-                    "w2", token=c.driver.token, transport_kind="tcp", port=port, local_sockets=False
-                )
-                await new.start()
-                await new.join(c.driver.address)
-                assert w1.members["w2"][0] == w2.id != new.id  # (w1's update waits)
-                F.event("lag").set()
-                y = await asyncio.wait_for(call, 10)
-                async with asyncio.timeout(10):
-                    while w1.members["w2"][0] != new.id:  # noqa: ASYNC110
-                        await w1._members_changed.wait()
-                await asyncio.wait_for(ag.dist.backward(ctx, [(y * y).sum()]), 10)
-                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * xv, rtol=1e-12)
+                try:
+                    x = ag.tensor(xv, requires_grad=True)
+                    call = asyncio.ensure_future(ag.rpc("w1", F.gated_call, ("lag", "w2", x)))
+                    await asyncio.wait_for(F.event("lag-started").wait(), 10)
+                    await w2.shutdown()
+                    async with asyncio.timeout(10):
+                        while "w2" in c.driver.members:  # noqa: ASYNC110
+                            await c.driver._members_changed.wait()
+                    new = rworker.Worker(
+                        "w2",
+                        token=c.driver.token,
+                        transport_kind="tcp",
+                        port=port,
+                        local_sockets=False,
+                    )
+                    await new.start()
+                    await new.join(c.driver.address)
+                    assert w1.members["w2"][0] == w2.id != new.id  # (w1's update waits)
+                    F.event("lag").set()
+                    y = await asyncio.wait_for(call, 10)
+                    async with asyncio.timeout(10):
+                        while w1.members["w2"][0] != new.id:  # noqa: ASYNC110
+                            await w1._members_changed.wait()
+                    await asyncio.wait_for(ag.dist.backward(ctx, [(y * y).sum()]), 10)
+                    np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * xv, rtol=1e-12)
+                finally:
+                    # (after a failure above the gated call still holds w1's one slot, and
+                    # the context's release waits for it: the test would hang, not fail)
+                    F.event("lag").set()
         finally:
             F._events.clear()
             if new is not None:
