@@ -1608,6 +1608,16 @@ def _wide_sum(dtype: np.dtype) -> type[np.float32] | None:
     return np.float32 if dtype == np.float16 else None
 
 
+def _shares(g: Any, count: Any) -> Any:
+    """``g / count`` in ``g``'s dtype, ``count`` a number of elements (a Python int or an
+    integer array broadcasting with ``g``). Float16 divides in float32, rounded once:
+    numpy casts the count to float16, inf past 65,504 elements, and every share was 0."""
+    if g.dtype == np.float16:
+        return (g / np.asarray(count, np.float32)).astype(np.float16)
+    # (an int64 count array would make a float32 gradient float64; a Python int does not)
+    return g / (count.astype(g.dtype) if isinstance(count, np.ndarray) else count)
+
+
 class Softmax(Function):
     __slots__ = ()
     _FLOAT_INPUT = True  # (bool and integer inputs come as float32: see _int_unary)
@@ -1765,13 +1775,7 @@ class Mean(Function):
     def backward(self, g: Any) -> tuple[Any, ...]:
         shape, axes, keepdims, n = self.saved
         g = _expand(g, axes, keepdims, len(shape))
-        if g.dtype == np.float16:
-            # (numpy casts a Python int to float16: inf past 65,504, and g / n gave 0
-            # for every element; divided in float32, rounded once)
-            q = (g / np.float32(max(n, 1))).astype(np.float16)
-        else:
-            q = g / max(n, 1)
-        return (broadcast_view(np.asarray(q), shape),)
+        return (broadcast_view(np.asarray(_shares(g, max(n, 1))), shape),)
 
 
 class Max(Function):
@@ -1797,11 +1801,7 @@ class Max(Function):
         mask, axes, keepdims = self.saved
         g = _expand(g, axes, keepdims, mask.ndim)
         count = mask.sum(axis=axes, keepdims=True)
-        if g.dtype == np.float16:
-            # (a count past 65,504 is inf in float16: every share was 0; divided in
-            # float32, rounded once)
-            return (mask * (g / count.astype(np.float32)).astype(np.float16),)
-        return (mask * (g / count.astype(g.dtype)),)  # ties share the gradient
+        return (mask * _shares(g, count),)  # ties share the gradient
 
 
 class Reshape(Function):

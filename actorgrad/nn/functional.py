@@ -19,7 +19,17 @@ import numpy as np
 
 from actorgrad.autograd import Function
 from actorgrad.errors import check_bool
-from actorgrad.tensor import Tensor, _as_tensor, _data, _fit, _nary, _numeric, _unary, _wide_sum
+from actorgrad.tensor import (
+    Tensor,
+    _as_tensor,
+    _data,
+    _fit,
+    _nary,
+    _numeric,
+    _shares,
+    _unary,
+    _wide_sum,
+)
 
 __all__ = ["cross_entropy", "dropout", "embedding", "linear", "mse_loss", "nll_loss"]
 
@@ -135,11 +145,7 @@ class CrossEntropy(Function):
         n = logp.shape[0]
         grad = np.exp(logp)
         grad[np.arange(n), targets] -= 1
-        if grad.dtype == np.float16:
-            # (numpy casts a Python int to float16: inf past 65,504 rows, and g / n gave
-            # every gradient 0; divided in float32, rounded once)
-            return (grad * (g / np.float32(max(n, 1))).astype(np.float16),)
-        return (grad * (g / max(n, 1)),)
+        return (grad * _shares(g, max(n, 1)),)
 
 
 def cross_entropy(logits: Tensor, targets: Any) -> Tensor:
