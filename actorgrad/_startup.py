@@ -26,8 +26,7 @@ def is_the_command() -> bool:
     the script pip installs), importing this package before its code runs."""
     argv = getattr(sys, "orig_argv", [])
     if sys.argv[:1] == ["-m"]:  # (python's argv[0] while it finds a -m module)
-        i = argv.index("-m") if "-m" in argv else -1
-        return i >= 0 and argv[i + 1 : i + 2] in (["actorgrad"], ["actorgrad.cli"])
+        return module_run(argv) in ("actorgrad", "actorgrad.cli")
     # The script's own command line, as python was given it: multiprocessing's spawn
     # and forkserver children take their parent's sys.argv before they import its main
     # module (the script: it imports actorgrad), and one of the command (a function of
@@ -38,6 +37,32 @@ def is_the_command() -> bool:
         and os.path.basename(sys.argv[0]) == "actorgrad"
         and argv[len(argv) - len(sys.argv) :] == sys.argv
     )
+
+
+def module_run(argv: list[str]) -> str | None:
+    """The module ``python -m`` runs in the command line ``argv`` (``sys.orig_argv``),
+    read as python reads its options: ``-m`` may come glued to its module
+    (``-mactorgrad``) or after other one-letter options (``-Bm actorgrad``); ``-W`` and
+    ``-X`` take a value, which may be spelled ``-m``. None for a script or ``-c``."""
+    i = 1
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-":
+        arg = argv[i]
+        if arg == "--check-hash-based-pycs":
+            i += 2
+            continue
+        if arg.startswith("--"):  # (--help, --version, ...: python stops there)
+            return None
+        for j, letter in enumerate(arg[1:], 2):
+            rest = arg[j:]
+            if letter == "m":
+                return rest or (argv[i + 1] if i + 1 < len(argv) else None)
+            if letter == "c":
+                return None
+            if letter in "WX":
+                i += 0 if rest else 1  # (its value: the rest of the word, or the next)
+                break
+        i += 1
+    return None
 
 
 if signal.getsignal(signal.SIGINT) is signal.default_int_handler and is_the_command():

@@ -1812,14 +1812,27 @@ def test_run_forwards_ctrl_c_to_the_script_then_stops_the_cluster(tmp_path: Path
         r.stop()
 
 
-def test_a_ctrl_c_while_the_command_imports_exits_quietly(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "python_options",
+    [["-m", "actorgrad"], ["-mactorgrad"], ["-X", "utf8", "-Bm", "actorgrad"]],
+    ids=["-m", "glued", "combined"],
+)
+def test_a_ctrl_c_while_the_command_imports_exits_quietly(
+    tmp_path: Path, python_options: list[str]
+) -> None:
     # The command's first ~0.3 s go to importing actorgrad (numpy, ...): a Ctrl-C then
     # printed a KeyboardInterrupt traceback through the imports, and the process died
     # by SIGINT. Here a numpy of the test's holds the import until the signal comes.
+    # (python -mactorgrad and -Bm actorgrad were not taken as the command: they looked
+    # for a word "-m" in the command line)
     (tmp_path / "numpy.py").write_text(
         "import time\nprint('importing numpy', flush=True)\ntime.sleep(60)\n"
     )
-    r = Running("--version", env=clean_env(PYTHONPATH=str(tmp_path)))
+    r = Running(
+        "--version",
+        env=clean_env(PYTHONPATH=str(tmp_path)),
+        program=[sys.executable, *python_options],
+    )
     try:
         r.expect("importing numpy")
         r.proc.send_signal(signal.SIGINT)
