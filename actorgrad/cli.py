@@ -1082,6 +1082,8 @@ _ENVIRONMENT = """environment:
                               set)
   ACTORGRAD_PROFILE           PATH: each worker process runs under cProfile and
                               writes its stats to PATH.NAME when it exits
+  ACTORGRAD_OUTPUT_PREFIX     0: the lines worker processes print do not begin
+                              with their name ("[w1] ")
 See README.md and docs/limits.md."""
 
 

@@ -492,7 +492,9 @@ def test_a_worker_process_that_cannot_join_says_so_in_one_line() -> None:
         stdin=subprocess.DEVNULL,
     )
     assert r.returncode == 1
-    assert r.stderr.startswith("actorgrad worker wx: WorkerLost: cannot connect to 127.0.0.1:1")
+    assert r.stderr.startswith(
+        "[wx] actorgrad worker wx: WorkerLost: cannot connect to 127.0.0.1:1"
+    )
     assert len(r.stderr.splitlines()) == 1, r.stderr
 
 

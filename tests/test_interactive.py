@@ -257,7 +257,7 @@ def test_the_functions_of_the_script_of_python_i_run_on_process_workers(tmp_path
     assert procs == [12, 10, 12, typed, version, version, typed, 7]
     assert local == [12, 10, 12, 3, 2, 2, 3]  # (as typed)
     # (the worker imported the script once, without its main block)
-    assert lines.count("top level of __mp_main__") == 1
+    assert lines.count("[w1] top level of __mp_main__") == 1
 
 
 # Classes of the script with no function of their own compiled from it (a dataclass's
@@ -435,7 +435,7 @@ def test_a_driver_run_from_a_zip_archive_or_a_folder_runs_on_process_workers(tmp
     lines = _run([str(target)]).splitlines()
     result = json.loads(next(x for x in lines if x.startswith("RESULT "))[7:])
     assert result == [24, 10, 14, 7, ["__mp_main__", True, True]]
-    assert lines.count("top level of __mp_main__") == 1
+    assert lines.count("[w1] top level of __mp_main__") == 1
 
 
 async def test_a_zipped_driver_rebuilt_between_runs_is_loaded_anew_and_keeps_its_modules(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import io
 import logging
 import multiprocessing
 import os
@@ -27,7 +28,7 @@ import actorgrad as ag
 from actorgrad.runtime import calls as rcalls
 from actorgrad.runtime import cluster as rcluster
 from actorgrad.runtime import worker as rworker
-from actorgrad.runtime.procs import WorkerProcesses
+from actorgrad.runtime.procs import LinePrefixed, WorkerProcesses
 from actorgrad.wire import decode_frame, encode_frame, join_chunks
 
 REPO = str(Path(ag.__file__).resolve().parent.parent)
@@ -716,8 +717,75 @@ def test_functions_of_a_main_script_run_on_process_workers(tmp_path):
     # one module on the worker: state set by one call is seen by the next
     assert "recall 11" in lines
     # the worker imported the script as __mp_main__ once, without running its main block
-    assert lines.count("top level of __mp_main__") == 1
+    assert lines.count("[w1] top level of __mp_main__") == 1
     assert lines.count("done") == 1
+
+
+PRINTING_WORKERS = """
+import asyncio, os, signal, sys, threading
+import actorgrad as ag
+
+def speak(name):
+    sys.stdout.write(name + " first ")
+    sys.stdout.write("line\\n" + name + " second line\\n")
+    print(name, "on stderr", file=sys.stderr)
+    t = threading.Thread(target=print, args=(name + " from a thread",))
+    t.start()
+    t.join()
+    return name
+
+def die():
+    print("last words")  # (not flushed: stdout is a pipe, block-buffered)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+async def main():
+    async with ag.local_cluster(2, processes=True):
+        print("called", await ag.rpc("w1", speak, ("w1",)), flush=True)
+        print("called", await ag.rpc("w2", speak, ("w2",)), flush=True)
+        try:
+            await ag.rpc("w2", die)
+        except ag.WorkerLost:
+            print("w2 lost", flush=True)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_a_prefixed_stream_starts_each_line_and_each_redrawn_line_with_its_prefix():
+    raw = io.StringIO()
+    out = LinePrefixed(raw, "[w1] ")
+    assert out.write("") == 0 and out.write("10%") == 3
+    out.write("\r20%\r")  # (a progress bar redraws its line: the prefix stays on it)
+    out.writelines(["done\r\n", "a", "b\n\n"])
+    assert raw.getvalue() == "[w1] 10%\r[w1] 20%\r[w1] done\r\n[w1] ab\n[w1] \n"
+    with pytest.raises(TypeError, match="bytes"):
+        out.write(b"x")  # type: ignore[arg-type]
+    assert out.getvalue() == raw.getvalue()  # (the rest is the stream's)
+
+
+@pytest.mark.parametrize("setting", ["", "0"])
+def test_each_line_a_worker_process_prints_says_which_worker_printed_it(
+    tmp_path, monkeypatch, setting
+):
+    # The worker processes of a cluster print on the terminal of the program that
+    # started them: their lines came mixed, and whose each was could not be told. And
+    # one killed (SIGKILL) lost what it had printed into its pipe's block buffer.
+    # Now each line begins "[NAME] " (ACTORGRAD_OUTPUT_PREFIX=0: not), flushed at its end.
+    script = tmp_path / "printing.py"
+    script.write_text(PRINTING_WORKERS)
+    monkeypatch.setenv("ACTORGRAD_OUTPUT_PREFIX", setting)  # (run_driver passes it on)
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # (as a user's shell has it)
+    out = run_driver(script)
+    assert out.returncode == 0, out.stderr
+    lines, errors = out.stdout.splitlines(), out.stderr.splitlines()
+    for name in ("w1", "w2"):
+        p = f"[{name}] " if setting == "" else ""
+        for line in (f"{name} first line", f"{name} second line", f"{name} from a thread"):
+            assert lines.count(p + line) == 1, (p + line, lines)
+        assert errors.count(f"{p}{name} on stderr") == 1, errors
+    assert ("[w2] last words" if setting == "" else "last words") in lines, lines
+    assert "w2 lost" in lines and lines.count("called w1") == lines.count("called w2") == 1
 
 
 def test_an_optimizer_class_of_the_main_script_steps_on_process_workers(tmp_path):

@@ -24,6 +24,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -98,6 +99,84 @@ def log_level() -> int:
     return level
 
 
+#: on (unset) or off (0): each line a worker process we start prints begins "[NAME] "
+ENV_OUTPUT_PREFIX = "ACTORGRAD_OUTPUT_PREFIX"
+
+# A line: its text and its end (\r too: a progress bar's redrawn line gets the prefix).
+_LINES = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
+
+
+class LinePrefixed:
+    """A text stream that writes to ``stream`` with ``prefix`` at the start of each
+    line, and flushes it at each line's end. The worker processes of a cluster share
+    the terminal of the command (or program) that started them: their lines came
+    mixed, and whose each was could not be told; and a worker killed with SIGKILL lost
+    what it had printed into a pipe's block buffer. Everything else (``fileno``,
+    ``isatty``, ``buffer``: bytes written there get no prefix) is ``stream``'s.
+
+    Example::
+
+        sys.stdout = LinePrefixed(sys.stdout, "[w1] ")
+        print("ready")  # [w1] ready
+    """
+
+    def __init__(self, stream: TextIO, prefix: str) -> None:
+        self._stream = stream
+        self._prefix = prefix
+        self._fresh = True  # (the next character starts a line)
+        # (calls run in the pool's threads too: one line's prefix and text stay together)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<LinePrefixed {self._prefix!r} on {self._stream!r}>"
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            return self._stream.write(text)  # (its own TypeError, as print's)
+        with self._lock:
+            out = []
+            for line in _LINES.findall(text):
+                if self._fresh:
+                    out.append(self._prefix)
+                out.append(line)
+                self._fresh = line[-1] in "\r\n"
+            self._stream.write("".join(out))
+            if "\n" in text:
+                self._stream.flush()
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def output_prefix(name: str) -> str:
+    """What each line worker process ``name`` prints begins with: ``"[name] "``, or
+    nothing under ``ACTORGRAD_OUTPUT_PREFIX=0``."""
+    return f"[{name}] " if env_switch(ENV_OUTPUT_PREFIX) else ""
+
+
+def prefix_output(prefix: str) -> None:
+    """Put ``prefix`` before each line this process writes on ``sys.stdout`` and
+    ``sys.stderr`` (see :class:`LinePrefixed`); with an empty one, each line is only
+    flushed at its end (a worker killed with SIGKILL loses no whole line either)."""
+    if prefix:
+        sys.stdout = LinePrefixed(sys.stdout, prefix)
+        sys.stderr = LinePrefixed(sys.stderr, prefix)
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):  # (not a TextIOWrapper; closed)
+            pass
+
+
 def log_to_stderr() -> None:
     """In a process of ours (the ``actorgrad`` command, a worker process): log records
     go to stderr with their time, level and logger, actorgrad's from the level of
@@ -116,7 +195,10 @@ def log_to_stderr() -> None:
     root = logging.getLogger()
     if root.handlers:
         return
-    handler = _StderrHandler(_own_stderr())
+    stream = _own_stderr()
+    if isinstance(sys.stderr, LinePrefixed):  # (a worker process's: see prefix_output)
+        stream = LinePrefixed(stream, sys.stderr._prefix)  # type: ignore[assignment]
+    handler = _StderrHandler(stream)
     handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_TIME))
     root.addHandler(handler)
     logging.getLogger("actorgrad").setLevel(level)
@@ -347,6 +429,7 @@ class WorkerProcesses:
         # (a bad one named here: each process exited with status 2, the reason on its
         # stderr only)
         log_level()
+        env_switch(ENV_OUTPUT_PREFIX)  # (a bad one is said here once, not by each process)
         env = dict(os.environ)
         env[ENV_TOKEN] = token
         if registry is not None:

@@ -85,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         forget_env_token,
         log_to_stderr,
         open_std_fds,
+        output_prefix,
+        prefix_output,
     )
 
     open_std_fds()  # (before leave_with's pidfd: it took a closed stdout's place)
     args = ap.parse_args(argv)
+    prefix_output(output_prefix(args.name))  # ("[w1] " before each line it prints)
     if args.parent is not None:
         leave_with(args.parent, ORPHAN_GRACE, args.name)
     # (its own, not for the processes its calls start)
