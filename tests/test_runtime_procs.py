@@ -1144,6 +1144,35 @@ async def test_a_driver_blocked_for_longer_than_the_heartbeat_timeout_is_not_dro
         assert await ag.rpc("w1", add, (1, 2)) == 3
 
 
+async def test_a_head_blocked_while_a_member_fetches_the_member_list_keeps_the_member(
+    short_heartbeat,
+):
+    # w1 asks the head for the whole member list (a call of it names a worker it does
+    # not know) and the head's loop blocks before it answers, for longer than the
+    # heartbeat timeout: that fetch fails, as a call to a silent peer does; w1 stays in
+    # the cluster (it closed its membership for the pending fetch: it left the
+    # cluster, and its process exited).
+    async with ag.local_cluster(1, processes=True) as c:
+        reg = c.driver.registry
+        asked = asyncio.Event()
+        snapshot = reg.snapshot
+
+        def blocked_snapshot():
+            asked.set()
+            time.sleep(rworker.HEARTBEAT_TIMEOUT + 1.5)  # the head's loop blocked  # noqa: ASYNC251 (blocking on purpose)
+            return snapshot()
+
+        reg.snapshot = blocked_snapshot
+        call = asyncio.ensure_future(ag.rpc("w1", ag.rpc, ("nosuch", "operator:add", (1, 2))))
+        await asyncio.wait_for(asked.wait(), 10)
+        reg.snapshot = snapshot
+        with pytest.raises(ag.RemoteError, match="unknown worker 'nosuch'") as err:
+            await asyncio.wait_for(call, 10)
+        assert err.value.remote_type == "ValueError"
+        assert await asyncio.wait_for(ag.rpc("w1", add, (1, 2)), 5) == 3
+        assert "w1" in reg.members and c.procs.procs["w1"].poll() is None
+
+
 async def test_connecting_to_a_peer_that_never_answers(monkeypatch):
     # The peer's kernel accepts the connection but the process is stopped: the
     # handshake never completes. A call's timeout covered only the wait for the reply

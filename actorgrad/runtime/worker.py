@@ -672,6 +672,14 @@ def check_timeout(timeout: Any, none_means: str, hint: str = "") -> None:
         )
 
 
+def _silent_for(peer: str, seconds: float) -> WorkerLost:
+    """The loss of ``peer``, found silent for ``seconds`` (see _silent_too_long)."""
+    return WorkerLost(
+        f"worker {peer!r} sent nothing for {seconds:g} s (heartbeat lost: its process "
+        "stopped, its event loop blocked by code that does not await, or the network down?)"
+    )
+
+
 def _member_entry(v: Any) -> tuple[int, str, str]:
     """A member entry off the wire: (cluster id, address, local socket name or "")."""
     return int(v[0]), str(v[1]), str(v[2]) if len(v) > 2 else ""
@@ -3486,23 +3494,28 @@ class Worker:
         # pending on the connection or watching the peer (HEARTBEAT_TIMEOUT), or a
         # member about its registry (IDLE_TIMEOUT). A quiet caller (e.g. a driver busy
         # with a long local computation) is not dropped by the workers it called.
-        watched = conn.pending or (
-            peer in self._watched
-            # (not its membership: closing that one is leaving the cluster, for good;
-            # a peer that hung for seconds is lost to the protocol that watched it,
-            # not to the cluster, until IDLE_TIMEOUT)
-            and not self._is_membership(conn)
-        )
+        # (Not its membership: closing that one is leaving the cluster, for good; a
+        # peer that hung for seconds is lost to the protocol that watched it, or to the
+        # calls waiting on it, not to the cluster, until IDLE_TIMEOUT.)
+        membership = self._is_membership(conn)
+        watched = not membership and (conn.pending or peer in self._watched)
         limit = HEARTBEAT_TIMEOUT if watched else IDLE_TIMEOUT
-        if silent > limit and now >= conn.decoding_until and now >= conn.quiet_until:
+        awake = now >= conn.decoding_until and now >= conn.quiet_until
+        if membership and conn.pending and silent > HEARTBEAT_TIMEOUT and awake:
+            # The calls waiting on the membership (a member's fetch of the member list,
+            # the head's calls to a member over the connection it opened) fail as on a
+            # lost peer; the membership stays. (A head whose loop was blocked for 3 s
+            # while a member fetched the list, a call of it naming an unknown worker:
+            # the member closed its membership and left the cluster, its process exited.)
+            lost = _silent_for(peer, HEARTBEAT_TIMEOUT)
+            for fut, _hooks in list(conn.pending.values()):
+                if not fut.done():  # (its caller takes it back, as a timed-out call)
+                    fut.set_exception(one_each(lost))
+        if silent > limit and awake:
             # (said first: a peer that was stopped, not dead, reads it once it runs again)
             why = f"it heard nothing from this worker for {limit:g} s: was its process stopped?"
             drops = self._drops[peer] = self._drops.get(peer, 0) + 1
-            err = WorkerLost(
-                f"worker {peer!r} sent nothing for {limit:g} s (heartbeat lost: its process "
-                "stopped, its event loop blocked by code that does not await, or the "
-                "network down?)"
-            )
+            err = _silent_for(peer, limit)
             # Every connection with that process ends with this one (not this worker's
             # membership: that is leaving the cluster): one kept, an idle one the peer
             # opened, carried the next calls to it while its goodbye was still on the
