@@ -3163,6 +3163,37 @@ async def test_a_connection_marked_in_an_old_loss_does_not_report_a_later_drop_t
         await until(lambda: me not in w2._lost, deadline=3)  # (greeted again)
 
 
+@pytest.mark.parametrize("kind", ["inproc", "tcp"])
+async def test_a_new_process_heard_from_before_the_old_ones_leave_reports_that_loss_once(kind):
+    # w2 leaves (its goodbye read by w1: reported lost once) and a new process joins
+    # as w2, whose call reaches w1 before w1 reads the head's word of the leave (w1's
+    # membership is slow). The new process's hello and frames popped the old one's
+    # loss from w1's record, as if the old one had been heard from: the leave, read
+    # next, reported that loss a second time: the peer-lost callbacks ran twice for
+    # it (distributed autograd's handling of a lost worker's name among them).
+    async with ag.local_cluster(2, transport=kind) as c:
+        w1, w2 = c.workers
+        assert await w1.call("w2", add, (1, 2)) == 3
+        lost: list[str] = []
+        w1.add_peer_lost_callback(lost.append)
+        w1.registry_conn.pause_reading()  # (the head's news waits)
+        await w2.shutdown()
+        await until(lambda: lost == ["w2"] and "w2" not in c.driver.members)
+        new = Worker("w2", token=c.driver.token, transport_kind=w2.transport_kind)
+        await new.start()
+        try:
+            await new.join(c.address)
+            assert await new.call("w1", add, (3, 4)) == 7  # (w1's view: the old w2)
+            assert w1.members["w2"][0] == w2.id
+            w1.registry_conn.resume_reading()
+            await until(lambda: w1.members.get("w2", (0,))[0] == new.id)
+            assert lost == ["w2"]
+            assert not w1.is_lost("w2")  # (the new one is no loss)
+            assert await w1.call("w2", worker_id) == new.id
+        finally:
+            await new.shutdown()
+
+
 async def test_a_frame_on_the_membership_after_a_drop_is_news_that_the_head_lives():
     # The head drops w1 for its silence on each connection but the membership, which it
     # keeps (closing it is leaving the cluster). w1, the membership open, connects to

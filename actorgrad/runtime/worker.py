@@ -2017,12 +2017,15 @@ class Worker:
             if type(kind) is not int:  # (0.0 and False compare equal to 0: not kinds)
                 raise ProtocolError(f"unknown message kind {kind!r:.80}")
             if self._lost and conn.peer_name in self._lost and kind != K_BYE:
-                if conn.peer_name in self.members and not self._old_news(conn):
+                member = self.members.get(conn.peer_name)
+                if member is not None and conn.peer_id == member[0] and not self._old_news(conn):
                     # Alive after all: one of its connections had closed (a malformed
                     # frame, a network fault, our heartbeat while its loop was blocked)
                     # but it goes on over this one. A later loss must be reported again,
                     # and contexts it starts taken in (those it held here went at its
-                    # loss). (Not a worker that left the cluster: its last frames.)
+                    # loss). (Not a worker that left the cluster: its last frames. Nor
+                    # another process of its name, one that joined since while our view
+                    # lags: the lost one's leave, read next, reported its loss again.)
                     self._lost.pop(conn.peer_name, None)
             if kind == K_REQ:
                 if conn.peer_name is None:
@@ -2157,8 +2160,11 @@ class Worker:
                 conn.peer_drops = drops
                 if member is not None and wid == member[0]:
                     self._new_session(name, wid, drops)
-                if not self.said_goodbye(name, wid):  # (not a process that left: _old_news)
-                    self._lost.pop(name, None)  # (alive after all, as above)
+                if not self.said_goodbye(name, wid) and (member is None or wid == member[0]):
+                    # (alive after all, as above; not a process that left, see _old_news,
+                    # nor another one under its name: one not joined yet, or joined
+                    # since while our view lags)
+                    self._lost.pop(name, None)
                 conn.peer_address = address  # type: ignore[attr-defined]
                 h = getattr(conn, "hello", None)
                 if h is not None and not h.done():
