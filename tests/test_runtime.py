@@ -3194,6 +3194,51 @@ async def test_a_new_process_heard_from_before_the_old_ones_leave_reports_that_l
             await new.shutdown()
 
 
+async def waits_for_its_gate(name: str) -> str:
+    started, gate = _wait_events(name)
+    started.set()
+    await gate.wait()
+    return "through"
+
+
+@pytest.mark.parametrize("kind", ["inproc", "tcp"])
+async def test_a_lagging_member_keeps_the_connections_of_a_process_newer_than_a_join_it_reads(
+    kind,
+):
+    # w1's membership is slow: a worker x joins and leaves, then another process joins
+    # as x and calls w1, all before w1 reads the head's word of the first join. Read
+    # then, that join closed the connections of every other process of the name, the
+    # newer one's too: its call in flight failed ("connection to worker 'w1' lost"),
+    # w1's side of it saying "worker 'x' was replaced by another process" of the very
+    # process that replaced the first.
+    async with ag.local_cluster(1, transport=kind) as c:
+        w1 = c.workers[0]
+        lost: list[str] = []
+        w1.add_peer_lost_callback(lost.append)
+        w1.registry_conn.pause_reading()  # (the head's news waits)
+        old = Worker("x", token=c.driver.token, transport_kind=w1.transport_kind)
+        await old.start()
+        await old.join(c.address)
+        await old.shutdown()
+        await until(lambda: "x" not in c.driver.members)
+        new = Worker("x", token=c.driver.token, transport_kind=w1.transport_kind)
+        await new.start()
+        try:
+            await new.join(c.address)
+            name = _fresh("newer")
+            call = asyncio.ensure_future(new.call("w1", waits_for_its_gate, (name,)))
+            await asyncio.wait_for(_wait_events(name)[0].wait(), 5)
+            w1.registry_conn.resume_reading()
+            await until(lambda: w1.members.get("x", (0,))[0] == new.id)
+            _wait_events(name)[1].set()
+            assert await asyncio.wait_for(call, 5) == "through"
+            assert lost == ["x"]  # (the first process's leave, once)
+            assert not w1.is_lost("x")
+            assert await w1.call("x", worker_id) == new.id
+        finally:
+            await new.shutdown()
+
+
 async def test_a_frame_on_the_membership_after_a_drop_is_news_that_the_head_lives():
     # The head drops w1 for its silence on each connection but the membership, which it
     # keeps (closing it is leaving the cluster). w1, the membership open, connects to

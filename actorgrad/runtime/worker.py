@@ -1777,9 +1777,15 @@ class Worker:
         """Close the connections with a process another one (cluster id ``wid``)
         replaced as worker ``name``: a hung one's could outlive its membership, and
         calls to the name went on to it (and what it still sent was taken for the new
-        one's: a late release of an RRef freed the new one's value)."""
+        one's: a late release of an RRef freed the new one's value). Not those of a
+        process that joined after it: a join read late (this worker's view behind, the
+        process gone already) closed the live newer one's, calls in flight on them."""
         for conn in list(self._conns):
-            if conn.peer_name == name and conn.peer_id is not None and conn.peer_id != wid:
+            if (
+                conn.peer_name == name
+                and conn.peer_id is not None
+                and issued_before(conn.peer_id, wid)
+            ):
                 conn.abort(WorkerLost(f"worker {name!r} was replaced by another process"))
 
     def _on_lost(self, conn: Connection, exc: BaseException | None) -> None:
