@@ -1421,3 +1421,44 @@ async def test_a_malformed_header_is_logged_cut(sock_cluster, caplog):
     await _closed_by_peer(reader, writer)
     assert "malformed request header [0, 'xxx" in caplog.text
     assert len(caplog.text) < 5_000, len(caplog.text)
+
+
+def _nested_frame(depth: int, before: tuple = (), after: tuple = ()) -> bytes:
+    """A frame whose header is ``[*before, <list nested depth levels>, *after]``: valid
+    msgpack (it unpacks to 1,000 levels), made by hand (the codec's packer stops at 511)."""
+    h = bytes([0x90 | (len(before) + 1 + len(after))])
+    h += b"".join(msgpack.packb(x) for x in before)
+    h += b"\x91" * (depth - 1) + b"\xc0"
+    h += b"".join(msgpack.packb(x) for x in after)
+    body = msgpack.packb(None)
+    return wire._FIXED.pack(wire._TAG, len(h), 0, len(body)) + h + body
+
+
+async def test_a_message_kind_nested_too_deeply_to_show_is_refused_saying_so(sock_cluster, caplog):
+    # Its message, "unknown message kind [[[[...", failed to be made (repr: a
+    # RecursionError, which escaped the worker's handling of the frame): asyncio closed
+    # the connection with "Fatal error: protocol.buffer_updated() call failed" and a
+    # traceback, and the sender's calls failed with "connection lost", no reason given.
+    caplog.set_level(logging.WARNING)
+    conn, pending = await _driver_conn_with_a_call_out(sock_cluster)
+    conn.send_nowait([_nested_frame(990)])
+    with pytest.raises(
+        ag.WorkerLost,
+        match=r"worker 'w1' closed the connection on a message from this worker: unknown "
+        r"message kind <list>",
+    ):
+        await asyncio.wait_for(pending, 10)
+    assert "Fatal error" not in caplog.text
+    await valid_client_works(sock_cluster)
+
+
+async def test_a_hello_field_nested_too_deeply_to_show_is_refused_saying_so(sock_cluster, caplog):
+    # (as above: "malformed hello: name [[[[..." failed to be made)
+    caplog.set_level(logging.WARNING)
+    reader, writer = await _authenticated(sock_cluster)
+    # [K_HELLO, name, id, address, largest frame, goodbyes]
+    await _send_frame(writer, _nested_frame(990, (4,), (0, "", 1 << 31, 0)))
+    await _closed_by_peer(reader, writer)
+    assert "malformed hello: name <list>, id 0" in caplog.text
+    assert "Fatal error" not in caplog.text
+    await valid_client_works(sock_cluster)

@@ -706,6 +706,15 @@ def _refusal(err: RemoteError) -> BaseException:
     return err if cls is None else cls(err.remote_message)
 
 
+def _cut_repr(x: Any, limit: int) -> str:
+    """``f"{x!r:.{limit}}"`` for a value from the wire, which may fail to repr: a list
+    nested 990 levels deep (valid msgpack) raised RecursionError while the message
+    naming it was made, which escaped the frame's handling (asyncio closed the
+    connection with a traceback, and the peer heard no reason). Such a value shows as
+    ``<list>``, as ``short_repr`` shows it."""
+    return short_repr(x, 1 << 62)[:limit]
+
+
 #: Most bytes of replies a connection holds unsent (its peer does not read them) before
 #: the worker stops reading that peer's requests until they are sent (see
 #: Connection.max_unsent); a single larger reply still goes.
@@ -2021,7 +2030,7 @@ class Worker:
             header = frame.header  # (a list: decode_frame checked)
             kind = header[0] if header else None
             if type(kind) is not int:  # (0.0 and False compare equal to 0: not kinds)
-                raise ProtocolError(f"unknown message kind {kind!r:.80}")
+                raise ProtocolError(f"unknown message kind {_cut_repr(kind, 80)}")
             if self._lost and conn.peer_name in self._lost and kind != K_BYE:
                 member = self.members.get(conn.peer_name)
                 if member is not None and conn.peer_id == member[0] and not self._old_news(conn):
@@ -2140,8 +2149,9 @@ class Worker:
                     or drops < 0
                 ):
                     raise ProtocolError(
-                        f"malformed hello: name {name!r:.80}, id {wid!r:.20}, address "
-                        f"{address!r:.80}, largest frame {most!r:.20}, goodbyes {drops!r:.20}"
+                        f"malformed hello: name {_cut_repr(name, 80)}, id {_cut_repr(wid, 20)}, "
+                        f"address {_cut_repr(address, 80)}, largest frame "
+                        f"{_cut_repr(most, 20)}, goodbyes {_cut_repr(drops, 20)}"
                     )
                 if conn.peer_name is not None:
                     # (one hello each way: a second one renamed the peer of the
