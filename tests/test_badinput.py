@@ -5,6 +5,7 @@ client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -1462,3 +1463,79 @@ async def test_a_hello_field_nested_too_deeply_to_show_is_refused_saying_so(sock
     assert "malformed hello: name <list>, id 0" in caplog.text
     assert "Fatal error" not in caplog.text
     await valid_client_works(sock_cluster)
+
+
+# ---- what a callee sends back: a raw server in a worker's place ------------------------
+
+
+@contextlib.asynccontextmanager
+async def _fake_callee(token: str, reply):
+    """A raw TCP server that passes the handshake as a worker named "fake" and answers
+    each request it reads with the frame ``reply(request header)`` makes; its address."""
+
+    async def serve(reader, writer):
+        try:
+            nonce = os.urandom(32)
+            writer.write(_HELLO.pack(MAGIC, PROTOCOL_VERSION, nonce))
+            _, _, cnonce = _HELLO.unpack(await reader.readexactly(_HELLO.size))
+            assert await reader.readexactly(32) == _mac(token, b"C", cnonce, nonce)
+            writer.write(_mac(token, b"S", cnonce, nonce) + b"\x01")
+            out_key, _ = transport.frame_keys(token, cnonce, nonce, server=True)
+            writer.ag_mac = transport.FrameMac(out_key, wire.front_nbytes)
+            while True:
+                frame = wire.decode_frame(await reader.readexactly(await _frame_len(reader)))
+                if frame.header[0] == 4:  # its hello: ours
+                    hello = wire.encode_frame([4, "fake", 0, "", 1 << 31, 0], None)
+                    writer.write(_framed(writer, wire.join_chunks(hello)))
+                elif frame.header[0] == K_REQ:
+                    writer.write(_framed(writer, reply(frame.header)))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+def _raw_reply(header: list, body: bytes) -> bytes:
+    """A frame of ``header`` with ``body`` (msgpack bytes, made by hand) as its body."""
+    h = msgpack.packb(header)
+    return wire._FIXED.pack(wire._TAG, len(h), 0, len(body)) + h + body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x91" * 989 + b"\xc0",  # (a list 990 levels deep: its repr raised RecursionError)
+        msgpack.packb(list(range(1_000_000))),  # (its repr, 7 MB, was the message)
+    ],
+    ids=["deep", "long"],
+)
+async def test_an_error_reply_that_is_no_exception_fails_the_call_saying_so(body):
+    # An error reply (K_ERR) must carry an exception. One that carried another value
+    # failed its call with ProtocolError(f"malformed error reply {value!r}"): the repr of
+    # a list nested 990 deep raised RecursionError, which escaped the frame's handling
+    # (asyncio closed the connection, "Fatal error: protocol.buffer_updated() call
+    # failed.") after the call had been taken off the connection: it waited for good.
+    # A long one took the repr of all of it as the error's message.
+    token = secrets.token_hex(8)
+    replies = iter(
+        [lambda cid: _raw_reply([2, cid], body), lambda cid: _raw_reply([1, cid], b"\x05")]
+    )
+    async with _fake_callee(token, lambda header: next(replies)(header[1])) as address:
+        client = Worker(f"probe-{secrets.token_hex(3)}", token=token, local_sockets=False)
+        try:
+            conn = await asyncio.wait_for(client.open_connection(address), 5)
+            with pytest.raises(ag.ProtocolError) as err:
+                await asyncio.wait_for(client.call_on(conn, add, (1, 2)), 5)
+            assert str(err.value) == (
+                "malformed error reply: an exception was expected, not a list"
+            )
+            # (the connection goes on: the next reply is read)
+            assert await asyncio.wait_for(client.call_on(conn, add, (2, 3)), 5) == 5
+        finally:
+            await client.shutdown()

@@ -2121,7 +2121,16 @@ class Worker:
                         hooks.refused()
                     fut.set_exception(value)
                 else:
-                    fut.set_exception(ProtocolError(f"malformed error reply {value!r}"))
+                    # (by its type, not its repr: a list nested 990 deep failed to repr,
+                    # the RecursionError escaped with this call taken off the connection,
+                    # and it waited for good; a long one's repr, megabytes, was the
+                    # message)
+                    fut.set_exception(
+                        ProtocolError(
+                            "malformed error reply: an exception was expected, not a "
+                            f"{type_name(type(value))}"
+                        )
+                    )
             elif kind == K_PING:
                 if len(header) != 1:  # the peer's "I may be silent for so long" (0: no more)
                     quiet: Any = header[1] if len(header) == 2 else None
