@@ -1469,9 +1469,10 @@ async def test_a_hello_field_nested_too_deeply_to_show_is_refused_saying_so(sock
 
 
 @contextlib.asynccontextmanager
-async def _fake_callee(token: str, reply):
-    """A raw TCP server that passes the handshake as a worker named "fake" and answers
-    each request it reads with the frame ``reply(request header)`` makes; its address."""
+async def _fake_callee(token: str, reply=None, hello=("fake", 0, "", 1 << 31, 0)):
+    """A raw TCP server that passes the handshake as a worker named "fake" (its hello
+    says ``hello``) and answers each request it reads with the frame ``reply(request
+    header)`` makes; its address."""
 
     async def serve(reader, writer):
         try:
@@ -1485,8 +1486,8 @@ async def _fake_callee(token: str, reply):
             while True:
                 frame = wire.decode_frame(await reader.readexactly(await _frame_len(reader)))
                 if frame.header[0] == 4:  # its hello: ours
-                    hello = wire.encode_frame([4, "fake", 0, "", 1 << 31, 0], None)
-                    writer.write(_framed(writer, wire.join_chunks(hello)))
+                    ours = wire.encode_frame([4, *hello], None)
+                    writer.write(_framed(writer, wire.join_chunks(ours)))
                 elif frame.header[0] == K_REQ:
                     writer.write(_framed(writer, reply(frame.header)))
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -1539,3 +1540,23 @@ async def test_an_error_reply_that_is_no_exception_fails_the_call_saying_so(body
             assert await asyncio.wait_for(client.call_on(conn, add, (2, 3)), 5) == 5
         finally:
             await client.shutdown()
+
+
+async def test_a_malformed_hello_of_the_peer_connected_to_is_said_to_be_refused_here(caplog):
+    # The connecting worker refused the peer's hello and closed the connection, and its
+    # error said the opposite: "closed the connection before its hello (it refused
+    # ours, worker name ...: see its log, or it went away)".
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    token = secrets.token_hex(8)
+    async with _fake_callee(token, hello=("two words", 0, "", 1 << 31, 0)) as address:
+        client = Worker(f"probe-{secrets.token_hex(3)}", token=token, local_sockets=False)
+        try:
+            with pytest.raises(ag.WorkerLost) as err:
+                await asyncio.wait_for(client.open_connection(address), 5)
+        finally:
+            await client.shutdown()
+    assert str(err.value) == (
+        f"worker {client.name!r} refused what {address} sent before its hello, and closed "
+        f"the connection: malformed hello: name 'two words', id 0, address '', largest "
+        f"frame {1 << 31}, goodbyes 0"
+    )

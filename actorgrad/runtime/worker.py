@@ -1809,6 +1809,12 @@ class Worker:
                     f"{conn.peer_addr} closed the connection before its hello, refusing "
                     f"ours: {conn.refused_why}"
                     if conn.refused_why
+                    # (this end refused what came, a malformed hello say: it said "it
+                    # refused ours", the other way round, and the reason was in the log
+                    # only)
+                    else f"worker {self.name!r} refused what {conn.peer_addr} sent before "
+                    f"its hello, and closed the connection: {exc}"
+                    if isinstance(exc, ProtocolError)
                     else f"{conn.peer_addr} closed the connection before its hello (it "
                     f"refused ours, worker name {self.name!r:.80}: see its log, or it went "
                     "away)"
