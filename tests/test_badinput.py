@@ -1424,14 +1424,14 @@ async def test_a_malformed_header_is_logged_cut(sock_cluster, caplog):
     assert len(caplog.text) < 5_000, len(caplog.text)
 
 
-def _nested_frame(depth: int, before: tuple = (), after: tuple = ()) -> bytes:
+def _nested_frame(depth: int, before: tuple = (), after: tuple = (), body=None) -> bytes:
     """A frame whose header is ``[*before, <list nested depth levels>, *after]``: valid
     msgpack (it unpacks to 1,000 levels), made by hand (the codec's packer stops at 511)."""
     h = bytes([0x90 | (len(before) + 1 + len(after))])
     h += b"".join(msgpack.packb(x) for x in before)
     h += b"\x91" * (depth - 1) + b"\xc0"
     h += b"".join(msgpack.packb(x) for x in after)
-    body = msgpack.packb(None)
+    body = msgpack.packb(body)
     return wire._FIXED.pack(wire._TAG, len(h), 0, len(body)) + h + body
 
 
@@ -1462,6 +1462,36 @@ async def test_a_hello_field_nested_too_deeply_to_show_is_refused_saying_so(sock
     await _closed_by_peer(reader, writer)
     assert "malformed hello: name <list>, id 0" in caplog.text
     assert "Fatal error" not in caplog.text
+    await valid_client_works(sock_cluster)
+
+
+@pytest.mark.parametrize("target", ["deep", "long"])
+async def test_a_one_way_call_of_a_malformed_target_closes_its_connection_saying_so_short(
+    sock_cluster, caplog, target
+):
+    # The error of a one-way call that cannot start names its target: a list nested 990
+    # deep failed to be named (str(): RecursionError), the error escaped, and the
+    # connection stayed open, its sender told nothing ("failed to start a request" and
+    # a traceback in w1's log); a name of 60,000 characters went whole into the log.
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    conn, pending = await _driver_conn_with_a_call_out(sock_cluster)
+    if target == "deep":
+        frame = _nested_frame(990, (K_REQ, 0), (MODE_RPC, None), body=[[], None])
+        named = "<list>"
+    else:
+        header = [K_REQ, 0, ["x" * 60_000, "y"], MODE_RPC, None]
+        frame = bytes(wire.join_chunks(wire.encode_frame(header, ((), None))))
+        named = "x" * 197 + r"\.\.\."
+    conn.send_nowait([frame])
+    with pytest.raises(
+        ag.WorkerLost,
+        match=r"worker 'w1' closed the connection on a message from this worker: one-way call "
+        + named
+        + " cannot start: malformed function name",
+    ):
+        await asyncio.wait_for(pending, 10)
+    assert "failed to start a request" not in caplog.text
+    assert len(caplog.text) < 5_000, len(caplog.text)
     await valid_client_works(sock_cluster)
 
 

@@ -1082,7 +1082,9 @@ def resolve(spec: Any) -> Any:
     AttributeError or ValueError with a message naming the function."""
     key = spec if isinstance(spec, str) else tuple(spec) if isinstance(spec, list) else None
     if key is None:
-        raise ValueError(f"malformed function name {spec!r}")
+        # (short_repr: a target from the wire may be huge, or fail to repr, nested 990
+        # deep; the whole of a 60,000-character one went into the error reply, twice)
+        raise ValueError(f"malformed function name {short_repr(spec, 200)}")
     try:
         fn = _resolve_cache.get(key)
     except TypeError:  # (a list in the list, from the wire: "unhashable type: 'list'")
@@ -1096,7 +1098,7 @@ def resolve(spec: Any) -> Any:
         name, path = spec, None
     else:
         if len(spec) not in (2, 3, 4) or not all(isinstance(s, str) for s in spec):
-            raise ValueError(f"malformed function name {spec!r}")
+            raise ValueError(f"malformed function name {short_repr(spec, 200)}")
         name, path = spec[0], spec[1]
         if len(spec) >= 3:
             session = spec[2]
@@ -1107,7 +1109,7 @@ def resolve(spec: Any) -> Any:
             if module is None:
                 del _module_names[path]
             elif not all(part.isidentifier() for part in module.split(".")):
-                raise ValueError(f"malformed module name in function name {spec!r}")
+                raise ValueError(f"malformed module name in function name {short_repr(spec, 200)}")
             else:
                 _module_names[path] = module
             _homes.pop(path, None)
@@ -1120,7 +1122,7 @@ def resolve(spec: Any) -> Any:
             if spec is name
             else f" (in {short_repr(spec, 200)}: ['module:name', script path, ...])"
         )
-        raise ValueError(f"malformed function name {name!r}{where}")
+        raise ValueError(f"malformed function name {short_repr(name, 200)}{where}")
     if path is not None and session is not None and _sessions.get(path) != session:
         _new_session(path, session)
     try:
@@ -1161,19 +1163,32 @@ def resolve(spec: Any) -> Any:
 _DESCRIBED = {"actorgrad.runtime.rref:_fetch": "RRef.to_here"}
 
 
+#: Most characters of a target's name in messages: one from the wire may be 60,000
+#: (a malformed call's went whole into the log line saying it was refused)
+_NAME_SHOWN = 200
+
+
 def describe(spec: Any) -> str:
     """A call's target as messages name it: a function by its name, a method called
-    through an RRef (``[rref id, method]``) by the method and the RRef's id.
+    through an RRef (``[rref id, method]``) by the method and the RRef's id. A target
+    from the wire may be anything: it is shown cut, and never fails to be (a list
+    nested 990 deep failed in ``str``, and the one-way call it came in, refused with a
+    message naming it, went on unrefused).
 
     >>> describe([0x2000000000001, "incr"])
     "method 'incr' of RRef 0x2000000000001"
+    >>> describe(["mod:" + "f" * 300])[-9:]
+    'ffffff...'
     """
     if isinstance(spec, list) and spec:
         if type(spec[0]) is int:
             method = spec[1] if len(spec) > 1 else None
-            return f"method {method!r:.80} of RRef {spec[0]:#x}"
-        return str(spec[0])
-    return _DESCRIBED.get(spec, str(spec)) if isinstance(spec, str) else str(spec)
+            return f"method {short_repr(method, 80)} of RRef {spec[0]:#x}"
+        spec = spec[0]  # (a function of a script: [name, script path, ...])
+    if isinstance(spec, str):
+        name = _DESCRIBED.get(spec, spec)
+        return name if len(name) <= _NAME_SHOWN else name[: _NAME_SHOWN - 3] + "..."
+    return short_repr(spec, 80)
 
 
 def inline(fn: F) -> F:
