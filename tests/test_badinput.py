@@ -338,6 +338,45 @@ async def test_a_length_prefix_alone_takes_no_memory_and_no_time(sock_cluster):
     await valid_client_works(sock_cluster)
 
 
+def _address_space() -> int:
+    """The bytes of address space this process maps (VmSize)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+async def test_a_frame_too_big_for_the_memory_left_is_refused_saying_so(sock_cluster, caplog):
+    # The buffer of a big frame is made when its length comes. Where that failed (out
+    # of memory: ENOMEM from mmap, MemoryError from bytearray) the error escaped the
+    # read, and asyncio closed the connection without a word in the log (an OSError is
+    # a network error to it): the sender's calls failed with "connection to worker
+    # 'w1' lost", no reason given, and w1 said nothing either.
+    import resource
+
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    conn, pending = await _driver_conn_with_a_call_out(sock_cluster)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = _address_space() + (256 << 20)  # (room for what runs meanwhile; not 1 GiB)
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        pytest.skip("the address space is limited already")
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        conn.transport.write(_bare_prefix(1 << 30) + b"x" * 100)
+        with pytest.raises(
+            ag.WorkerLost,
+            match=r"worker 'w1' closed the connection on a message from this worker: cannot "
+            r"take in a frame of 1073741824 bytes: out of memory \(",
+        ):
+            await asyncio.wait_for(pending, 10)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert "cannot take in a frame of 1073741824 bytes: out of memory" in caplog.text
+    await valid_client_works(sock_cluster)
+
+
 async def _hello(writer, name, wid=0, address="", most=1 << 31, goodbyes=0):
     frame = wire.encode_frame([4, name, wid, address, most, goodbyes], None)
     await _send_frame(writer, wire.join_chunks(frame))

@@ -811,7 +811,17 @@ class Connection(asyncio.BaseProtocol):
                     break  # (the rest waits in the reassembly buffer: see _feed_rest)
             elif n >= BIG_FRAME:
                 part = src[start:end] if src is not buf else memoryview(buf)[start:end]
-                big = self._buffers.get(n, _address(part))
+                try:
+                    big = self._buffers.get(n, _address(part))
+                except (MemoryError, OSError) as exc:
+                    # (escaped, the error closed the connection unsaid: asyncio takes an
+                    # OSError from a protocol for a network one, logged nowhere, and the
+                    # sender's calls failed with "connection lost", no reason given)
+                    del part
+                    raise ProtocolError(
+                        f"cannot take in a frame of {n} bytes: out of memory "
+                        f"({exc or type(exc).__name__})"
+                    ) from None
                 big[: end - start] = part
                 del part  # an export of buf: it is resized below
                 have = end - start
