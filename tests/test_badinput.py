@@ -749,6 +749,32 @@ async def test_a_request_reusing_the_id_of_a_running_call_closes_the_connection(
     await valid_client_works(sock_cluster)
 
 
+@pytest.mark.parametrize(
+    "header", [[K_REQ], [K_REQ, [1], "builtins:abs", MODE_RPC, None], [K_REQ, 2, "builtins:abs"]]
+)
+async def test_a_malformed_request_header_is_named_so_also_while_the_mailbox_is_in_use(
+    sock_cluster, caplog, header
+):
+    # With w1's slots taken, a request goes to the mailbox, which keys it by its id
+    # first: a header of one item was refused as "malformed message: IndexError('list
+    # index out of range')", an id that is a list as "malformed message:
+    # TypeError(\"unhashable type: 'list'\")".
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    w1 = _target(sock_cluster)
+    w1._max_in_flight = 1
+    reader, writer = await _handshaken(sock_cluster)
+    request = [K_REQ, 1, "asyncio:sleep", MODE_RPC, None]
+    await _send_frame(writer, wire.join_chunks(wire.encode_frame(request, ((30,), None))))
+    await until(lambda: w1._inflight == 1)
+    await _send_frame(writer, wire.join_chunks(wire.encode_frame(header, ((), None))))
+    await _closed_by_peer(reader, writer)
+    assert f"malformed request header {header!r}" in caplog.text
+    assert "malformed message" not in caplog.text
+    await until(lambda: w1._inflight == 0)  # (its caller gone, the sleep is cancelled)
+    w1._max_in_flight = 10_000
+    await valid_client_works(sock_cluster)
+
+
 async def test_a_one_way_message_to_a_client_that_never_started_is_refused_clearly(
     sock_cluster, caplog
 ):

@@ -2051,8 +2051,15 @@ class Worker:
             if kind == K_REQ:
                 if conn.peer_name is None:
                     raise ProtocolError("request before hello")
-                cid = header[1] if len(header) > 1 else None
-                if type(cid) is int and cid and (cid in conn.running or cid in conn.queued):
+                cid = header[1] if len(header) == 5 else None
+                if type(cid) is not int:
+                    # (here, not only when it starts: the mailbox keys a request by its id,
+                    # and there a header of one item was refused as "malformed message:
+                    # IndexError('list index out of range')", an id that is a list as
+                    # "unhashable type: 'list'", and a short header only once its turn
+                    # came)
+                    raise ProtocolError(f"malformed request header {short_repr(header, 200)}")
+                if cid and (cid in conn.running or cid in conn.queued):
                     # (a call's id is its caller's count on this connection: a second one
                     # took over the first's bookkeeping, and a cancel of the first leaked
                     # an in-flight slot and a pool thread for good)
