@@ -10,6 +10,7 @@ import weakref
 
 import numpy as np
 import pytest
+from conftest import on_uvloop
 
 import actorgrad as ag
 from actorgrad import wire
@@ -636,6 +637,51 @@ async def test_a_big_frame_left_buffered_by_a_writelines_that_does_not_pause_pau
     assert conn._writev
     conn.send_nowait([bytes(transport.BIG_FRAME)])
     assert conn._write_paused
+
+
+def _address_space() -> int:
+    """The bytes of address space this process maps (VmSize)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+async def test_a_big_frame_that_fails_part_way_out_breaks_its_connection_not_later_calls(
+    caplog,
+):
+    # On asyncio's own loop the part of a big frame the socket does not take at once is
+    # copied into the transport's buffer. Where that copy failed (MemoryError), the
+    # frame was left half written on a connection kept open: the peer waited for the
+    # rest of it, every later call to that worker waited for good, and asyncio's
+    # transport (its writer registered, its buffer empty) logged "AssertionError: Data
+    # should not be empty" at every loop turn; closing it alone left that registration
+    # behind, and the next connection, given the same file number, could not be read.
+    import resource
+
+    caplog.set_level(logging.WARNING)
+
+    if on_uvloop():
+        pytest.skip("uvloop writes a big frame from the arrays' own memory: no copy to fail")
+    async with ag.local_cluster(1, processes=True):
+        assert await ag.rpc("w1", len, ([1, 2],)) == 2
+        big = np.ones(256 << 20, np.uint8)
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = _address_space() + (128 << 20)  # (less than the copy: the worker has none)
+        if hard != resource.RLIM_INFINITY and hard < limit:
+            pytest.skip("the address space is limited already")
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        try:
+            with pytest.raises(MemoryError):
+                await asyncio.wait_for(ag.rpc("w1", len, (big,)), 30)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        del big
+        # (over a new connection: nothing can follow half a frame on the old one)
+        assert await asyncio.wait_for(ag.rpc("w1", len, ([1, 2, 3],)), 10) == 3
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -900,17 +900,37 @@ class Connection(asyncio.BaseProtocol):
             if self._wbuf:
                 head = self._wbuf + head
                 self._wbuf = bytearray()
-            if self._writev:
-                t.writelines([head, *chunks])
-                if not self._write_paused and t.get_write_buffer_size():
-                    # asyncio's own selector writelines (3.12.0-3.12.8, 3.13.0-3.13.1:
-                    # CPython gh-127655) does not pause the protocol at the high mark;
-                    # setting the limits again does (it checks the buffer)
-                    t.set_write_buffer_limits(high=0)
-            else:
-                t.write(head)
-                for c in chunks:
-                    t.write(c)
+            try:
+                if self._writev:
+                    t.writelines([head, *chunks])
+                    if not self._write_paused and t.get_write_buffer_size():
+                        # asyncio's own selector writelines (3.12.0-3.12.8, 3.13.0-3.13.1:
+                        # CPython gh-127655) does not pause the protocol at the high mark;
+                        # setting the limits again does (it checks the buffer)
+                        t.set_write_buffer_limits(high=0)
+                else:
+                    t.write(head)
+                    for c in chunks:
+                        t.write(c)
+            except Exception as exc:
+                # Part of the frame may have gone, and the rest never will: nothing sent
+                # after it on this connection can be read right. (asyncio's own loop
+                # copies what the socket does not take at once into its buffer: where
+                # that copy failed, a MemoryError, the connection stayed open, the peer
+                # waited for the rest of the frame, every later call on the connection
+                # waited for good, and the transport, its writer registered and its
+                # buffer empty, failed at every loop turn.) The caller gets the error;
+                # what waits on the connection fails with it, and the next call connects
+                # anew.
+                self._drop_stale_writer(t)
+                self.abort(
+                    WorkerLost(
+                        f"connection to {self.peer_name or self.peer_addr!r} broken: a "
+                        f"frame of {size} bytes failed part way out "
+                        f"({type(exc).__name__}{f': {exc}' if str(exc) else ''})"
+                    )
+                )
+                raise
         else:
             w = self._wbuf
             w += _PREFIX.pack(
@@ -936,6 +956,24 @@ class Connection(asyncio.BaseProtocol):
             self._check_unsent()
         self.last_sent = time.monotonic()
         return size
+
+    def _drop_stale_writer(self, t: Any) -> None:
+        """Unregister the socket's writer that asyncio's own transport left behind when
+        a write failed after registering it (its ``write`` registers the writer, then
+        copies the rest into its buffer: a MemoryError there left the buffer empty, and
+        its close and abort unregister the writer only when something is buffered). The
+        stale registration failed at every loop turn ("Data should not be empty"), and
+        outlived the socket: the next one given the same file number could not be read
+        (its handshake timed out). Other transports (uvloop's, in-process ones) write
+        from the frame's own memory: nothing to drop."""
+        remove = getattr(self.loop, "_remove_writer", None)
+        sock = t.get_extra_info("socket")
+        if self._writev or remove is None or sock is None or t.get_write_buffer_size():
+            return
+        try:
+            remove(sock.fileno())
+        except Exception:  # (not registered after all, or the socket is closed)
+            pass
 
     def check_size(self, chunks: list[Any]) -> int:
         """The size of the frame made of ``chunks``.

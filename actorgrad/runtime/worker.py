@@ -3065,7 +3065,15 @@ class Worker:
             pending = conn.pending
             pending[cid] = (fut, hooks)
             try:
-                conn.send_nowait(chunks)
+                try:
+                    conn.send_nowait(chunks)
+                except BaseException:
+                    if fut.done() and not fut.cancelled():
+                        # (a frame that failed part way out closed the connection, which
+                        # failed this call too: the error raised is the send's, this one
+                        # must not log "never retrieved")
+                        fut.exception()
+                    raise
                 if len(chunks[0]) > SLOW_DECODE_RATE:
                     _expect_decoding(conn, chunks)
                 del chunks
