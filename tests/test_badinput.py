@@ -997,6 +997,31 @@ async def test_the_registry_refuses_to_join_a_malformed_worker_name(sock_cluster
     await valid_client_works(sock_cluster)
 
 
+@pytest.mark.parametrize(
+    ("address", "local"),
+    [
+        ("127.0.0.1:1\nforged line", ""),
+        ("127.0.0.1:1 x", ""),
+        ("", ""),
+        ("1" * 600, ""),
+        ("127.0.0.1:1", "actorgrad/x\x1b[31m/y"),
+    ],
+)
+async def test_the_registry_refuses_to_join_a_malformed_address(sock_cluster, address, local):
+    # (as a name: an address went as it came into every member's view, the
+    # CLI's status table and log lines, a newline or a terminal escape included)
+    w = Worker(f"joiner-{secrets.token_hex(3)}", token=sock_cluster.driver.token)
+    try:
+        await w.start()
+        w.address, w.local_address = address, local
+        with pytest.raises(ValueError, match=r"invalid address .* of worker 'joiner-"):
+            await asyncio.wait_for(w.join(sock_cluster.address), 4)
+    finally:
+        await w.shutdown()
+    assert ag.workers() == ["driver", "w1"]
+    await valid_client_works(sock_cluster)
+
+
 async def test_a_context_id_not_made_by_its_named_initiator_is_refused_so(sock_cluster):
     # (the refusal said "its initiator 'driver' is gone", though the driver is alive)
     from actorgrad.dist.context import CONTEXT_ID_BITS, state_of

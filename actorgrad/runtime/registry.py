@@ -54,6 +54,22 @@ def valid_name(name: Any) -> bool:
     )
 
 
+#: the longest address a worker joins with (a host name of 253 characters, an IPv6
+#: address with its scope, a port: far less)
+MAX_ADDRESS = 512
+
+
+def valid_address(address: Any, blank: bool = False) -> bool:
+    """Whether ``address`` (``blank``: or "") can be a member's address (or local socket
+    name) from the wire: a str of printable characters without whitespace, as a name
+    (addresses go into every member's view, the CLI's status table and log lines)."""
+    if not isinstance(address, str):
+        return False
+    if not address:
+        return blank
+    return len(address) <= MAX_ADDRESS and address.isprintable() and " " not in address
+
+
 class Registry:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -115,9 +131,14 @@ class Registry:
                 f"cannot join as {name!r:.80} over a connection that said hello as "
                 f"{conn.peer_name!r:.80}"
             )
+        if not (valid_address(address) and valid_address(local, blank=True)):
+            # (a str was taken as it came, a newline or a terminal escape in it; and
+            # another value was shown with its whole repr)
+            raise ValueError(
+                f"invalid address {short_repr(address, 80)} / {short_repr(local, 80)} of "
+                f"worker {name!r}"
+            )
         wid = self._alloc_id()
-        if not isinstance(address, str) or not isinstance(local, str):
-            raise ValueError(f"invalid address {address!r} / {local!r} of worker {name!r}")
         self.members[name] = (wid, address, local)
         self.reserved.pop(name, None)
         self.conns[conn] = name
