@@ -1589,10 +1589,10 @@ async def test_a_one_way_call_of_a_malformed_target_closes_its_connection_saying
 
 
 @contextlib.asynccontextmanager
-async def _fake_callee(token: str, reply=None, hello=("fake", 0, "", 1 << 31, 0)):
+async def _fake_callee(token: str, reply=None, hello=("fake", 0, "", 1 << 31, 0), close=False):
     """A raw TCP server that passes the handshake as a worker named "fake" (its hello
     says ``hello``) and answers each request it reads with the frame ``reply(request
-    header)`` makes; its address."""
+    header)`` makes (``close``: then closes the connection); its address."""
 
     async def serve(reader, writer):
         try:
@@ -1610,6 +1610,9 @@ async def _fake_callee(token: str, reply=None, hello=("fake", 0, "", 1 << 31, 0)
                     writer.write(_framed(writer, wire.join_chunks(ours)))
                 elif frame.header[0] == K_REQ:
                     writer.write(_framed(writer, reply(frame.header)))
+                    if close:
+                        await writer.drain()
+                        break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -1680,3 +1683,27 @@ async def test_a_malformed_hello_of_the_peer_connected_to_is_said_to_be_refused_
         f"the connection: malformed hello: name 'two words', id 0, address '', largest "
         f"frame {1 << 31}, goodbyes 0"
     )
+
+
+@pytest.mark.parametrize("kind", ["refused", "dropped"])
+async def test_a_goodbyes_reason_cannot_write_lines_of_its_own_into_the_log(caplog, kind):
+    # A peer closing on us says why; the reason went as it came into the log and the
+    # errors of the calls it ended: a newline in it wrote a line of its own there, an
+    # escape colored the terminal (names, addresses and a local stranger's socket name
+    # cannot).
+    caplog.set_level(logging.INFO)
+    why = "bad\nWARNING  forged line \x1b[31m"
+    bye = [K_BYE, why, "refused" if kind == "refused" else 1]
+    token = secrets.token_hex(8)
+    frame = bytes(wire.join_chunks(wire.encode_frame(bye, None)))
+    async with _fake_callee(token, lambda header: frame, close=True) as address:
+        client = Worker(f"probe-{secrets.token_hex(3)}", token=token, local_sockets=False)
+        try:
+            conn = await asyncio.wait_for(client.open_connection(address), 5)
+            with pytest.raises(ag.WorkerLost) as err:
+                await asyncio.wait_for(client.call_on(conn, add, (1, 2)), 5)
+        finally:
+            await client.shutdown()
+    assert r"bad\nWARNING  forged line \x1b[31m" in str(err.value)
+    assert "\n" not in str(err.value) and "\x1b" not in str(err.value)
+    assert "\nWARNING  forged" not in caplog.text and "\x1b" not in caplog.text

@@ -715,6 +715,13 @@ def _cut_repr(x: Any, limit: int) -> str:
     return short_repr(x, 1 << 62)[:limit]
 
 
+def _printable(text: str) -> str:
+    """``text`` from the wire (a goodbye's reason) as log lines and errors may show it:
+    escaped where it holds what is not printable (went as it came, a newline in it
+    wrote a line of its own into the log, an escape colored the terminal)."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 #: Most bytes of replies a connection holds unsent (its peer does not read them) before
 #: the worker stops reading that peer's requests until they are sent (see
 #: Connection.max_unsent); a single larger reply still goes.
@@ -2235,12 +2242,12 @@ class Worker:
                 ):
                     # (the peer closes on us, saying why: it heard nothing from us; its
                     # how-manieth such goodbye to us, see _stale_end)
-                    conn.dropped_why = header[1][:500]
+                    conn.dropped_why = _printable(header[1][:500])
                     conn.drop_number = header[2]
                 elif len(header) == 3 and type(header[1]) is str and header[2] == "refused":
                     # (the peer closes on us over something we sent: a bug, or two
                     # versions of the code; nothing pending may tell, so the log does)
-                    conn.refused_why = header[1][:500]
+                    conn.refused_why = _printable(header[1][:500])
                     log.warning(
                         "worker %s: worker %r closed the connection on a message from this "
                         "worker: %s",
