@@ -584,6 +584,32 @@ async def test_a_peer_that_reads_no_replies_stops_being_read(sock_cluster, monke
     await valid_client_works(sock_cluster)
 
 
+async def test_a_peer_dropped_for_its_silence_mid_frame_leaves_no_buffer_held(monkeypatch):
+    # A peer that went silent (stopped, cut off) while it sent a big frame was dropped,
+    # and the buffer of its frame, allocated whole when the length came (up to 2 GiB),
+    # stayed with the connection, which the worker keeps among its parting ones until
+    # it parts from another: for good, on a worker that does not.
+    from actorgrad.runtime import worker as rworker
+
+    monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.1)
+    monkeypatch.setattr(rworker, "IDLE_TIMEOUT", 0.5)
+    async with ag.local_cluster(1, transport="tcp") as c:
+        c.listener = "tcp"
+        w1 = _target(c)
+        reader, writer = await _handshaken(c)
+        await until(lambda: _conns_of(w1, "raw-client"))
+        with traced_memory() as traced:
+            writer.write(_bare_prefix(16 << 20) + b"x" * (1 << 20))  # (then nothing)
+            await writer.drain()
+            await until(lambda: any(x._big is not None for x in _conns_of(w1, "raw-client")))
+            await until(lambda: not _conns_of(w1, "raw-client"), 10)  # (dropped: silent)
+            await until(lambda: all(x.transport_gone for x in w1._parting), 10)
+        assert traced.peak > 16 << 20
+        assert traced.grown < 4 << 20, traced
+        writer.close()
+        await valid_client_works(c)
+
+
 async def test_a_slow_reader_is_not_taken_for_silent_while_its_replies_wait(monkeypatch):
     # While a worker stops reading a peer whose replies wait unsent, the peer's frames
     # (pings too) wait unread: that silence is the worker's doing, as when its mailbox

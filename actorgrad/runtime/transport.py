@@ -1085,6 +1085,11 @@ class Connection(asyncio.BaseProtocol):
         if self.close_reason is None:
             self.close_reason = exc
         self._buffers.clear()
+        # (nor the frame it was receiving, never to be read: its buffer, allocated whole
+        # when its length came, up to 2 GiB, stayed with the connection, which a worker
+        # keeps among its parting ones until it parts from another; a peer dropped for
+        # its silence while it sent a big frame left it held for good)
+        self._big = None
         self._wake_drainers()
         w = self._hs_waiter
         if w is not None and not w.done():
