@@ -638,10 +638,11 @@ def forget_context(ctx_id: int) -> None:
 def start_another_pass(dest: str, ctx_id: int) -> None:
     """Send ``dest`` the first message of a backward pass of context ``ctx_id`` started
     here (as a second backward in the context, from this worker, would)."""
+    from actorgrad.dist.context import PASS_ID_BITS
     from actorgrad.runtime import current_worker
 
     w = current_worker()
-    pass_id = (int(w.id) << 32) | 999_999
+    pass_id = (int(w.id) << PASS_ID_BITS) | 999_999
     args = (ctx_id, w.name, pass_id, False, [], 1, 0, w.name, None, [])
     w.cast(dest, "dist.deliver", args)
 

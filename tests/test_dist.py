@@ -1508,12 +1508,13 @@ async def test_a_failed_pass_takes_back_what_finished_workers_committed(mode):
 def test_an_abort_takes_back_only_its_own_pass_when_another_origin_committed_since():
     # Worker C committed pass 11 (origin A), then pass 21 of origin B overtook the abort
     # of pass 11: the abort must leave B's share (B's own abort takes back the rest).
-    from actorgrad.dist.context import DistContext
+    from actorgrad.dist.context import PASS_ID_BITS, DistContext
 
     a = ag.tensor(np.zeros(2), requires_grad=True)
     b = ag.tensor(np.zeros(2), requires_grad=True)
     ctx = DistContext(1, "A")
-    a1, a2, b1 = (1 << 32) + 1, (1 << 32) + 2, (2 << 32) + 1  # (origin's id in the high bits)
+    high = 1 << PASS_ID_BITS  # (origin's id in the high bits)
+    a1, a2, b1 = high + 1, high + 2, 2 * high + 1
     ctx.commit(a1, "A", {a: np.array([1.0, 2.0])})
     ctx.settle("B", b1)  # B's pass starts: A's pass can still be aborted
     ctx.commit(b1, "B", {a: np.array([10.0, 20.0]), b: np.array([5.0, 5.0])})
@@ -1525,17 +1526,17 @@ def test_an_abort_takes_back_only_its_own_pass_when_another_origin_committed_sin
     assert b not in ctx.grads  # exact: nothing came after B there
     # A's next pass settles A's previous one: an abort of it changes nothing any more
     ctx.commit(a2, "A", {a: np.array([1.0, 1.0])})
-    ctx.settle("A", (1 << 32) + 3)
+    ctx.settle("A", high + 3)
     ctx.undo_pass(a2)
     np.testing.assert_array_equal(ctx.grads[a], [1.0, 1.0])
     assert ctx.undo == {}
 
 
 def test_aborted_passes_are_pruned_by_a_later_pass_of_their_origin_and_stay_refused():
-    from actorgrad.dist.context import DistContext
+    from actorgrad.dist.context import PASS_ID_BITS, DistContext
 
     ctx = DistContext(1, "A")
-    a, b = 1 << 32, 2 << 32  # passes of origins A (id 1) and B (id 2)
+    a, b = 1 << PASS_ID_BITS, 2 << PASS_ID_BITS  # passes of origins A (id 1) and B (id 2)
     for i in range(1, 1001):  # a thousand failed passes of A, one of B
         ctx.settle("A", a + i)
         ctx.aborted_passes.add(a + i)
@@ -3097,6 +3098,28 @@ async def test_many_passes_in_one_context_do_not_grow_memory():
             # 3,000 remembered pass ids on two workers would take > 200 KB
             assert mem.grown < 60_000, f"{mem.grown} bytes more after 3,000 passes in one context"
             np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv * 3_300)
+        await assert_clean(c.names)
+
+
+async def test_passes_after_a_worker_started_two_to_the_32_keep_working_in_their_context():
+    # A pass id is its origin's cluster id above a counter of the origin's own. The
+    # counter had 32 bits: at its 2**32nd pass (two weeks of 3,000 passes a second) it
+    # ran into the id's bits, and the ids started over below the last ones: every
+    # later pass in a context that had one before was refused on the workers as a late
+    # message of an aborted pass ("was aborted on worker 'w1'"), for good.
+    from actorgrad.dist.context import state_of
+
+    xv, wv = arr(3), arr(3)
+    async with cluster(n=1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        state_of(c.driver)._pass_ids = itertools.count((1 << 32) - 2)  # (2**32 - 2 made)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            for _ in range(4):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()], retain_graph=True), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv * 4, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv * 4)
         await assert_clean(c.names)
 
 

@@ -57,10 +57,14 @@ _current: contextvars.ContextVar[tuple[Any, int, tuple[int, ...]] | None] = cont
 
 #: Ids made on a worker start with its cluster id, above these many bits of a counter
 #: of its own: unique across the cluster, and they name the worker that made them
-#: (a context's initiator, a pass's origin).
+#: (a context's initiator, a pass's origin). 48 bits each, the cluster id's 16 above
+#: them (ids fit in msgpack's 64): a counter of 32 bits ran into the cluster id after
+#: 2**32 passes of one worker (two weeks at 3,000 a second), its ids then lower than
+#: the last ones (its later passes in a context were refused as late ones of aborted
+#: passes) or another worker's; 48 bits last 3,000 years at that rate.
 CONTEXT_ID_BITS = LOCAL_ID_BITS
-PASS_ID_BITS = 32
-CALL_TOKEN_BITS = 40
+PASS_ID_BITS = LOCAL_ID_BITS
+CALL_TOKEN_BITS = LOCAL_ID_BITS
 #: How many released context ids a worker remembers, to refuse calls that arrive in one
 #: late (sent before their sender saw the release: a cancelled caller's callee calling
 #: on, say). Beyond that, a worker still refuses the contexts it created itself.

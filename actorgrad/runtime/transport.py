@@ -107,7 +107,10 @@ MAGIC = b"ACTGRAD\x00"
 #:     the caller (its callee aborts it too before it takes the call)
 #: 12: the abort of a failed backward pass is a flood acknowledged by credit
 #:     (dist.clean, dist.clean_unpair, dist.cleaned), not calls to the origin's peers
-PROTOCOL_VERSION = 12
+#: 13: backward pass ids and call tokens carry their worker's cluster id above 48 bits
+#:     (32 and 40 before: a worker of 12 refuses an aborted pass of 13 in a call's
+#:     metadata, and reads another origin in its ids)
+PROTOCOL_VERSION = 13
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
 #: A server's answer to a client that does not know the token, in place of its MAC and
