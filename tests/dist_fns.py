@@ -618,6 +618,21 @@ def _gated(gate: str) -> Callable[[np.ndarray], None]:
     return hook
 
 
+def add_blocking_hook(key: str, flag: str) -> None:
+    """The next backward pass through ``key`` here creates the file ``flag + ".in"``
+    and blocks this worker (its loop too) until the file ``flag`` exists."""
+    done = [False]
+
+    def hook(g: np.ndarray) -> None:
+        if not done[0]:
+            done[0] = True
+            with open(flag + ".in", "w"):
+                pass
+            _block_until_exists(flag, 10.0)
+
+    _store[_k(key)].register_hook(hook)
+
+
 def no_way() -> list[str]:
     """The origins this worker's backward reports could not reach lately."""
     from actorgrad.dist.context import state_of

@@ -941,7 +941,15 @@ def _on_peer_lost(st: DistState, name: str) -> None:
             continue
         if not carried:
             continue
+        if ctx.initiator != me:
+            ask.setdefault(ctx.initiator, []).append(ctx_id)
         ps = ctx.active_pass
+        if not _takes_part(ctx, name, ps):
+            # (a peer the context only exchanged calls without tensors with here, a
+            # status or metrics call: it holds no end of this worker's pairs, and no
+            # credit this worker gave: a pass goes on without it, as one started after
+            # its loss does. Its loss failed the backward running at that moment.)
+            continue
         ctx.drop_pass()
         if why is None:
             lost = WorkerLost(f"worker {name!r} was lost during the backward pass", peer=name)
@@ -953,17 +961,14 @@ def _on_peer_lost(st: DistState, name: str) -> None:
             )
         st.fail_runs(ctx_id, lost)
         # The origin is told when this worker's part of a pass was dropped (with the
-        # credit it held: the pass could never complete, and nobody else might tell;
-        # a peer it had only called, a plain call, hung backward for good), or when
-        # the lost peer got messages of the latest pass from here (it held their
-        # credit).
+        # credit it held: the pass could never complete, and nobody else might tell),
+        # or when the lost peer got messages of the latest pass from here (it held
+        # their credit).
         told = (ps.pass_id, ps.origin) if ps is not None else None
         if told is None and name in ctx.sent_to:
             told = ctx.last_pass
         if told is not None and told[1] not in (name, me):
             _report(st, ctx_id, told[1], told[0], lost)
-        if ctx.initiator != me:
-            ask.setdefault(ctx.initiator, []).append(ctx_id)
     if ask:
         # The release of these contexts may have been on its way through the dead peer
         # (it brought this worker into them): a worker hung past the heartbeat timeout
@@ -971,6 +976,21 @@ def _on_peer_lost(st: DistState, name: str) -> None:
         # could not get through; the initiator lives on, so no lease reclaims them, and
         # they stayed for good once it came back. Their initiators say which are gone.
         st.worker.spawn(_ask_initiators(st, name, ask), name=f"ask-initiators-{name}")
+
+
+def _takes_part(ctx: DistContext, peer: str, ps: PassState | None) -> bool:
+    """Whether ``peer`` takes part in this worker's passes of ``ctx``: it holds the
+    other end of a send/recv pair of this worker's (gradients go between them), got
+    messages of the latest pass from here (it holds credit of it), started the pass
+    running here (its origin, where the part reports) or is a relay's target of it.
+    (A worker it reached only through others is watched by them: see PassState.watch.)"""
+    if peer in ctx.sent_to:
+        return True
+    if ps is not None and (
+        ps.origin == peer or any(dest == peer for dest, _ in ps.redirect.values())
+    ):
+        return True
+    return any(s.dest == peer for s in ctx.sends.values()) or any(r.src == peer for r in ctx.recvs)
 
 
 def check_peer(ctx: DistContext, peer: str, peer_id: int | None) -> None:
