@@ -3581,6 +3581,32 @@ async def test_a_context_does_not_take_a_new_process_for_the_worker_it_lost(work
                 await asyncio.wait_for(new.wait(), 10)
 
 
+async def test_a_backward_goes_through_when_a_peer_that_held_no_part_was_replaced(worker_path):
+    # w2 got only a call without tensors in the context (a status call): it holds no
+    # part of the graph. It died and a new process joined as w2: the backward, which
+    # never needs w2, was refused with WorkerLost ("w2 was lost while it held part of
+    # the graph ..."), although it went through once the old w2 had left.
+    xv, wv = arr(3), arr(3)
+    async with ag.local_cluster(2, processes=True) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        new = None
+        try:
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                assert (await ag.rpc("w2", F.debug_info))["num_contexts"] == 1
+                new = await _replace_worker(c, "w2")
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+                np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
+            assert ag.dist.debug_info()["num_contexts"] == 0
+            assert (await ag.rpc("w1", F.wait_no_contexts, (10.0,)))["num_contexts"] == 0
+        finally:
+            if new is not None:
+                new.terminate()
+                await asyncio.wait_for(new.wait(), 10)
+
+
 async def test_a_context_takes_the_new_process_it_called_though_the_membership_lags():
     # The id a context records for a peer came from the worker's membership view. w1's
     # update (w2 replaced, at the same address) waited behind its in-flight cap, so its

@@ -990,7 +990,7 @@ def _takes_part(ctx: DistContext, peer: str, ps: PassState | None) -> bool:
         ps.origin == peer or any(dest == peer for dest, _ in ps.redirect.values())
     ):
         return True
-    return any(s.dest == peer for s in ctx.sends.values()) or any(r.src == peer for r in ctx.recvs)
+    return _holds_pair(ctx, peer)
 
 
 def check_peer(ctx: DistContext, peer: str, peer_id: int | None) -> None:
@@ -1014,9 +1014,19 @@ def check_peer(ctx: DistContext, peer: str, peer_id: int | None) -> None:
 
 
 def check_peers(worker: Worker, ctx: DistContext) -> None:
-    """:func:`check_peer` for every peer of ``ctx`` (a backward pass needs them all)."""
-    for peer in ctx.peer_ids:
-        check_peer(ctx, peer, worker.peer_id(peer))
+    """:func:`check_peer` for every peer of ``ctx`` that holds an end of a send/recv
+    pair of this worker's (a backward pass needs them all; a peer the context only
+    exchanged calls without tensors with is no part of it, and its replacement, a new
+    process under its name, was refused as one)."""
+    for peer, known in ctx.peer_ids.items():
+        now = worker.peer_id(peer)
+        if now is not None and now != known and _holds_pair(ctx, peer):
+            check_peer(ctx, peer, now)
+
+
+def _holds_pair(ctx: DistContext, peer: str) -> bool:
+    """Whether ``peer`` holds the other end of a send/recv pair of ``ctx`` here."""
+    return any(s.dest == peer for s in ctx.sends.values()) or any(r.src == peer for r in ctx.recvs)
 
 
 def current_context(worker: Worker) -> DistContext | None:
