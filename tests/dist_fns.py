@@ -633,6 +633,20 @@ def add_blocking_hook(key: str, flag: str) -> None:
     _store[_k(key)].register_hook(hook)
 
 
+def debug_infos_for(seconds: float) -> list[str]:
+    """Call ``ag.dist.debug_info()`` here again and again for ``seconds`` (a plain
+    function that long runs in the worker's thread pool, as user code that checks
+    the counters may); returns the errors it raised."""
+    errors = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            ag.dist.debug_info()
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    return errors
+
+
 def no_way() -> list[str]:
     """The origins this worker's backward reports could not reach lately."""
     from actorgrad.dist.context import state_of

@@ -4311,6 +4311,38 @@ async def test_a_new_worker_counts_nothing_and_acks_a_release_it_has_no_context_
         assert not state_of(c.workers[1]).released_here(ctx)
 
 
+async def test_debug_info_in_a_thread_while_contexts_come_and_go_counts_without_failing():
+    # debug_info counted over the worker's contexts as it iterated them: called from a
+    # plain function (it runs in the worker's pool) while the loop took contexts in and
+    # released them, it raised "RuntimeError: dictionary changed size during iteration"
+    # (1 to 3 times in 3,000 calls with 200 contexts coming and going).
+    wv = arr(3)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # (the loop's thread and the pool's take turns often)
+    try:
+        async with cluster("tcp", 1) as c:
+            await ag.rpc("w1", F.put, ("w", wv))
+            stop = asyncio.Event()
+
+            async def churn() -> None:
+                x = ag.tensor(arr(3), requires_grad=True)
+                while not stop.is_set():
+                    async with ag.dist.context():
+                        await ag.rpc("w1", F.mul, ("w", x))
+
+            tasks = [asyncio.ensure_future(churn()) for _ in range(200)]
+            try:
+                await until(lambda: ag.dist.debug_info()["num_contexts"] > 100)
+                errors = await asyncio.wait_for(ag.rpc("w1", F.debug_infos_for, (1.5,)), 20)
+            finally:
+                stop.set()
+                await asyncio.wait_for(asyncio.gather(*tasks), 20)
+            assert errors == []
+            await assert_clean(c.names)
+    finally:
+        sys.setswitchinterval(interval)
+
+
 async def test_an_unpair_drops_only_the_ends_it_names_of_its_peer():
     # (T_UNPAIR, after an aborted pass: its peer freed its ends of some pairs, and the
     # ends here go. A send id no longer here, or of a send node to another worker, is

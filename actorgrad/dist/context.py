@@ -807,15 +807,19 @@ class DistState:
             await fut
 
     def stats(self) -> dict[str, int]:
+        # (a snapshot first, in one C call: debug_info may run in a pool thread, and
+        # iterating the dict itself there raised "dictionary changed size during
+        # iteration" whenever the loop took a context in or released one meanwhile)
+        contexts = list(self.contexts.values())
         return {
-            "num_contexts": len(self.contexts),
+            "num_contexts": len(contexts),
             "num_backward_passes": self.num_backward_passes,
             "num_backward_messages": self.num_backward_messages,
-            "num_active_passes": sum(c.active_pass is not None for c in self.contexts.values()),
-            "num_send_nodes": sum(len(c.sends) for c in self.contexts.values()),
-            "num_recv_nodes": sum(len(c.recvs) for c in self.contexts.values()),
+            "num_active_passes": sum(c.active_pass is not None for c in contexts),
+            "num_send_nodes": sum(len(c.sends) for c in contexts),
+            "num_recv_nodes": sum(len(c.recvs) for c in contexts),
             # parts of passes running in the worker's thread pool (see backward._step)
-            "num_offloaded_parts": sum(c.offloaded for c in self.contexts.values()),
+            "num_offloaded_parts": sum(c.offloaded for c in contexts),
         }
 
 
