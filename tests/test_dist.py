@@ -5877,6 +5877,29 @@ async def test_a_call_in_a_context_whose_initiator_a_worker_lost_contact_with_is
         )
 
 
+async def test_a_worker_that_lost_an_initiator_it_meets_only_through_others_asks_it():
+    # w2's connection with w3 broke (a malformed frame, a network fault): w2 took w3
+    # for lost, and refuses calls in w3's contexts until it hears from w3 again. But w3
+    # reached w2 only through w1 since: w2 never heard from it, and every step w3 ran
+    # through w2 was refused, for good (w3 a live member all along). Now the refusal
+    # asks w3 for a sign of life: the retry goes through.
+    xv = arr(3)
+    async with cluster("tcp", 3) as c:
+        w2, w3 = c.workers[1], c.workers[2]
+        await w3.call("w2", F.pid)  # (a connection of w3's to w2)
+        for conn in list(w2._conns):
+            if conn.peer_name == "w3":
+                conn.abort(ag.ProtocolError("malformed frame (the test's)"))
+        await until(lambda: w2.is_lost("w3"))  # (no event tells of it)
+        with pytest.raises(ag.RemoteError) as ei:
+            await ag.rpc("w3", F.context_via, ("w1", "w2", xv))
+        assert "worker 'w2' lost contact with its initiator 'w3'" in str(ei.value), ei.value
+        await until(lambda: not w2.is_lost("w3"))
+        grad = await asyncio.wait_for(ag.rpc("w3", F.context_via, ("w1", "w2", xv)), 10)
+        np.testing.assert_allclose(grad, 2 * xv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 async def test_a_call_in_a_context_reclaimed_for_its_initiators_loss_says_so():
     # A trainer stopped past the heartbeat timeout was dropped by its server, which
     # reclaimed the trainer's context; the trainer, running again, had its next call in

@@ -491,6 +491,8 @@ class DistState:
         # (of those: the ones reclaimed here because their initiator was lost, and how
         # the refusal of a late call in one says so, see released_why)
         self._reclaimed: dict[int, tuple[str, str]] = {}
+        # Initiators lost here but members, asked for a sign of life (_ask_for_life)
+        self._asking: set[str] = set()
         # Origins of passes whose reports could not go straight to them (a one-way
         # firewall drops the connection: each try waited out the connect timeout, 3 s
         # per report), and when: their reports go the other way for a while.
@@ -561,10 +563,12 @@ class DistState:
                     # (the initiator closed their connection). A loss, not a context
                     # gone: it was a ContextError, which tells a caller to run the step
                     # again in a new context, where this one may work on a retry.
+                    self._ask_for_life(initiator)
                     raise WorkerLost(
                         f"distributed autograd context {ctx_id:#x}: worker "
                         f"{worker.name!r} lost contact with its initiator {initiator!r}; "
-                        "a call in it is refused until that worker is heard from again"
+                        "a call in it is refused until that worker is heard from again "
+                        "(it is asked now: retry)"
                     )
                 raise ContextError(
                     f"distributed autograd context {ctx_id:#x}: its initiator "
@@ -588,6 +592,21 @@ class DistState:
                 # would ever reclaim it: its leave was never seen here).
                 self._check_orphan_later(ctx_id, initiator, time.monotonic())
         return ctx
+
+    def _ask_for_life(self, initiator: str) -> None:
+        """Call ``initiator``, lost here but a member, whose context a call brought here
+        (see join): its answer is a frame from it, which ends its loss here, so that the
+        next call in its contexts is taken in. Else, one that reached this worker only
+        through others since (their connection broke, a network fault or a malformed
+        frame; it lives on) was never heard from again here, and every call in its
+        contexts was refused for good. One question at a time per initiator."""
+        if initiator in self._asking:
+            return
+        from actorgrad.dist.api import _gone_contexts
+
+        self._asking.add(initiator)
+        fut = self.worker.call_nowait(initiator, _gone_contexts, ([],))
+        fut.add_done_callback(functools.partial(_asked, self._asking, initiator))
 
     def _check_orphan_later(self, ctx_id: int, initiator: str, taken: float) -> None:
         self.worker.loop.call_later(
@@ -821,6 +840,13 @@ class DistState:
             # parts of passes running in the worker's thread pool (see backward._step)
             "num_offloaded_parts": sum(c.offloaded for c in contexts),
         }
+
+
+def _asked(asking: set[str], initiator: str, fut: asyncio.Future[Any]) -> None:
+    """The question of DistState._ask_for_life ended: the next refusal may ask again
+    (a failure, the initiator out of reach, is only logged: refused, the calls say so)."""
+    asking.discard(initiator)
+    _log_failure("the question for a sign of life", initiator, fut)
 
 
 def state_of(worker: Worker) -> DistState:
