@@ -2148,6 +2148,43 @@ async def test_a_worker_killed_during_a_backward_it_takes_no_part_in_does_not_fa
 
 
 @pytest.mark.timeout(60)
+async def test_a_peer_that_takes_no_part_in_a_pass_is_not_taken_for_lost_by_its_origin(
+    worker_path, short_heartbeat, tmp_path
+):
+    # The origin of a pass watched every peer of the context, also one that only got
+    # a call without tensors (a status call): silent for the heartbeat timeout while
+    # the pass ran (its process stopped, its loop blocked), it was taken for lost,
+    # though nothing waited on it (the contexts it started were reclaimed here).
+    import signal
+
+    xv, wv = arr(3), arr(3)
+    flag = str(tmp_path / "go")
+    async with cluster("processes", 2) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.set_big, (1,))  # (w1's part runs in its pool: its loop answers)
+        await ag.rpc("w1", F.add_blocking_hook, ("w", flag))
+        pid2 = await ag.rpc("w2", F.pid)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await ag.rpc("w2", F.debug_info)  # (a call without tensors in the context)
+            bwd = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+            try:
+                await until(lambda: os.path.exists(flag + ".in"))  # (w1's part runs)
+                os.kill(pid2, signal.SIGSTOP)
+                try:
+                    with pytest.raises(TimeoutError):  # (w2 lost: what must not come)
+                        await until(lambda: c.driver.is_lost("w2"), short_heartbeat + 1.5)
+                finally:
+                    os.kill(pid2, signal.SIGCONT)
+            finally:
+                _touch(flag)  # w1's part goes on
+            await asyncio.wait_for(bwd, 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
+@pytest.mark.timeout(60)
 async def test_a_driver_busy_after_a_pass_started_elsewhere_keeps_its_context(
     worker_path, short_heartbeat
 ):

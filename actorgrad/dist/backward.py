@@ -361,17 +361,22 @@ class PassState:
         # On the origin, the peers watched by the runtime (``Worker.watch``: one silent
         # for the heartbeat timeout, hung, is taken for lost, and the pass fails, see
         # context._on_peer_lost) until the whole pass is done (backward unwatches):
-        # every peer of the context (one the origin never sends to may hold credit: a
-        # relay's target) and those it sends to, as a caller watches the peers its calls
-        # wait on. The context's initiator only if sent to: its loss reclaims the
-        # context (the lease). Elsewhere, the peers sent to are only kept an eye on
-        # (DistState.watch): never the origin, the one waiting.
-        self.watching: list[str] = []
+        # every peer holding an end of a pair of the origin's (one the origin never
+        # sends to may hold credit: a relay's target, the sender of a tensor it passed
+        # on) and those it sends to, as a caller watches the peers its calls wait on.
+        # Not a peer the context only exchanged calls without tensors with: no part of
+        # the pass, it was taken for lost when silent (its loop blocked) meanwhile,
+        # though nothing waited on it. The context's initiator only if sent to: its
+        # loss reclaims the context (the lease). Elsewhere, the peers sent to are only
+        # kept an eye on (DistState.watch): never the origin, the one waiting.
+        self.watching: set[str] = set()
         if origin == worker.name:
-            for peer in ctx.peers:
+            holders = {s.dest for s in ctx.sends.values()}
+            holders.update(r.src for r in ctx.recvs)
+            for peer in holders:
                 if peer != origin and peer != ctx.initiator:
                     worker.watch(peer)
-                    self.watching.append(peer)
+                    self.watching.add(peer)
         # A part that ran longer than SLICE goes on in the worker's thread pool (see
         # _step): meanwhile the messages of the pass wait in ``backlog`` and what the
         # part made before it moved waits in ``held``.
@@ -391,13 +396,13 @@ class PassState:
             return
         if worker.name != self.origin:
             state_of(worker).watch(ctx, dest)
-        elif dest == ctx.initiator or dest not in ctx.peers:  # (else watched already)
+        elif dest not in self.watching:  # (else watched from the start)
             worker.watch(dest)
-            self.watching.append(dest)
+            self.watching.add(dest)
 
     def unwatch(self) -> None:
         """The origin's pass is done or dropped: stop watching (idempotent)."""
-        watching, self.watching = self.watching, []
+        watching, self.watching = self.watching, set()
         for dest in watching:
             self.worker.unwatch(dest)
 
