@@ -3622,7 +3622,9 @@ async def test_a_backward_goes_through_when_a_peer_that_held_no_part_was_replace
     # w2 got only a call without tensors in the context (a status call): it holds no
     # part of the graph. It died and a new process joined as w2: the backward, which
     # never needs w2, was refused with WorkerLost ("w2 was lost while it held part of
-    # the graph ..."), although it went through once the old w2 had left.
+    # the graph ..."), although it went through once the old w2 had left. A call to
+    # the new w2 in the context is refused, its error no longer saying w2 held part
+    # of the graph.
     xv, wv = arr(3), arr(3)
     async with ag.local_cluster(2, processes=True) as c:
         await ag.rpc("w1", F.put, ("w", wv))
@@ -3636,6 +3638,16 @@ async def test_a_backward_goes_through_when_a_peer_that_held_no_part_was_replace
                 await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
                 np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
                 np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
+                # (a call to the new one in the context is still refused: it does not know
+                # the context; saying why, not that w2 "held part of the graph")
+                with pytest.raises(ag.WorkerLost) as err:
+                    await asyncio.wait_for(ag.rpc("w2", F.debug_info), 10)
+                assert str(err.value) == (
+                    f"worker 'w2' was lost after it exchanged calls of distributed autograd "
+                    f"context {ctx:#x} (no tensors) with this worker, and another process "
+                    "joined under its name; that one does not know the context, so the "
+                    "context cannot use it: start a new context"
+                )
             assert ag.dist.debug_info()["num_contexts"] == 0
             assert (await ag.rpc("w1", F.wait_no_contexts, (10.0,)))["num_contexts"] == 0
         finally:

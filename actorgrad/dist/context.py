@@ -1036,6 +1036,17 @@ def check_peer(ctx: DistContext, peer: str, peer_id: int | None) -> None:
     if known is None:
         ctx.peer_ids[peer] = peer_id
     elif known != peer_id:
+        if not _holds_pair(ctx, peer):
+            # (it only exchanged calls without tensors with this worker, a status call:
+            # "held part of the graph" sent its author looking for a tensor it never
+            # sent. Still refused: the new one does not know the context, nor the
+            # workers the lost one brought into it, whose release went through it)
+            raise WorkerLost(
+                f"worker {peer!r} was lost after it exchanged calls of distributed "
+                f"autograd context {ctx.id:#x} (no tensors) with this worker, and another "
+                "process joined under its name; that one does not know the context, so "
+                "the context cannot use it: start a new context"
+            )
         raise WorkerLost(
             f"worker {peer!r} was lost while it held part of the graph of distributed "
             f"autograd context {ctx.id:#x}, and another process joined under its name; "
