@@ -2329,6 +2329,37 @@ async def test_a_pass_dropped_while_its_part_runs_in_a_thread_leaves_the_context
         await assert_clean(c.names)
 
 
+async def test_a_part_still_running_in_a_thread_after_its_context_left_is_counted(monkeypatch):
+    # The driver leaves the context while w1's part of its pass runs in w1's pool (held
+    # at a hook): w1 releases the context, and its debug_info counted the parts in the
+    # pool over the contexts it holds, so it said 0 (an idle worker's count) while the
+    # thread still ran the dropped part's nodes.
+    from actorgrad.dist.context import state_of
+
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    gate = f"pool{next(_gates)}"
+    async with cluster("tcp", 1) as c:
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        await ag.rpc("w1", F.add_gated_hook, ("w", gate))
+        x = ag.tensor(arr(3), requires_grad=True)
+        try:
+            with pytest.raises(ag.ContextError, match="was released on worker 'driver'"):
+                async with ag.dist.context() as ctx:
+                    y = await ag.rpc("w1", F.mul, ("w", x))
+                    run = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+                    assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+                # (left: the release reached w1, whose thread is still held)
+                await run
+            info = await ag.rpc("w1", F.debug_info)
+            assert info["num_contexts"] == 0 and info["num_offloaded_parts"] == 1, info
+        finally:
+            F.thread_gate(gate + " out").set()
+        w1_state = state_of(c.workers[0])
+        # (the thread's end: no event tells of it)
+        await until(lambda: not w1_state.stats()["num_offloaded_parts"])
+        await assert_clean(c.names)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("direct", [False, True])
 async def test_leaving_a_context_does_not_wait_for_a_hung_first_hop_through_a_second(

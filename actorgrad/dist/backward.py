@@ -924,6 +924,7 @@ def _step(st: DistState, ps: PassState, retain: bool, size: int = 0) -> _Outgoin
         _merge(ps.held, out)
         ps.busy = True
         ps.ctx.offloaded += 1
+        st.offloaded_parts += 1
         fut.add_done_callback(functools.partial(_resume, st, ps, retain))
         return None
     if ps.task.finished:
@@ -941,6 +942,7 @@ def _resume(st: DistState, ps: PassState, retain: bool, fut: asyncio.Future[Any]
     came meanwhile, then what is ready), or report its failure."""
     ctx = ps.ctx
     ctx.offloaded -= 1
+    st.offloaded_parts -= 1
     ps.busy = False
     if not ctx.offloaded and ctx.held_shares:
         shares, ctx.held_shares = ctx.held_shares, []

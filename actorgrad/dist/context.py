@@ -466,6 +466,11 @@ class DistState:
         self._lock = threading.Lock()  # sync user code may send tensors from a thread
         self.num_backward_passes = 0
         self.num_backward_messages = 0  # sent by this worker: gradients, starts, credits
+        # Parts of passes running in the worker's thread pool (backward._step), also
+        # those of contexts released since (their threads run on, see _resume): counted
+        # over the contexts held, a worker whose thread still ran the nodes of a context
+        # it had let go showed the 0 of an idle one.
+        self.offloaded_parts = 0
         # (at most this many contexts left, future) of wait_empty
         self._empty_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.runs: dict[int, Any] = {}  # pass id -> InitiatorRun, for passes started here
@@ -837,8 +842,7 @@ class DistState:
             "num_active_passes": sum(c.active_pass is not None for c in contexts),
             "num_send_nodes": sum(len(c.sends) for c in contexts),
             "num_recv_nodes": sum(len(c.recvs) for c in contexts),
-            # parts of passes running in the worker's thread pool (see backward._step)
-            "num_offloaded_parts": sum(c.offloaded for c in contexts),
+            "num_offloaded_parts": self.offloaded_parts,
         }
 
 
