@@ -2474,6 +2474,36 @@ async def _replace_in_process(c: Any) -> tuple[Worker, list[Any]]:
     return new, stale
 
 
+async def test_a_member_that_cannot_be_sent_a_change_is_dropped_and_the_others_get_it(caplog):
+    # The head sent each change of the membership to its members in turn: one whose
+    # send raised (its frame limit below the change, memory out as it was written) kept
+    # the change from every member after it, whose views lagged for good.
+    async with ag.local_cluster(3, transport="tcp") as c:
+        head, (w1, w2, w3) = c.driver, c.workers
+        conns = head.registry.conns
+        first = next(cn for cn in conns if conns[cn] in ("w1", "w2", "w3"))
+        broken = conns[first]
+
+        def refuse(chunks: Any) -> int:
+            raise MemoryError("test: no memory for this frame")
+
+        first.send_nowait = refuse  # type: ignore[method-assign]
+        new = Worker("w9", token=head.token, transport_kind="tcp")
+        await new.start()
+        try:
+            await new.join(head.address)
+            others = [w for w in (w1, w2, w3) if w.name != broken]
+            # (the views of several workers: no one event tells of them all)
+            await until(
+                lambda: all("w9" in w.members for w in others) and broken not in head.members
+            )
+            assert first.closed and "cannot send this member a change" in str(first.close_reason)
+            assert f"cannot send worker {broken!r} the change of 'w9'" in caplog.text
+            assert await others[-1].call("w9", add, (1, 2)) == 3
+        finally:
+            await new.shutdown()
+
+
 @pytest.mark.parametrize("kind", ["inproc", "tcp"])
 async def test_the_id_of_a_peer_is_that_of_the_process_its_name_reaches_now(kind):
     # A connection the old w2 opened to w1 stays open after a new process joined as

@@ -188,11 +188,24 @@ class Registry:
             [[self.version, name, wire_entry], None],
         )
         data = b"".join(bytes(c) for c in chunks)
+        failed = []
         for c in list(self.conns):
-            if not c.closed:
+            if c.closed:
+                continue
+            try:
                 c.send_nowait([data])
+            except Exception as exc:
+                # One member that cannot be sent the change (its frame limit below it,
+                # memory out as it is written): raised, the error kept the change from
+                # the members after it, and from the head's own waiters.
+                failed.append((c, exc))
         self._changed.set()
         self._changed = asyncio.Event()
+        for c, exc in failed:
+            # (its view would lag for good: it is dropped, as a lost member is; after
+            # the loop, so that its leave, a change of its own, comes after this one)
+            log.warning("cannot send worker %r the change of %r: %r", self.conns.get(c), name, exc)
+            c.abort(ProtocolError(f"cannot send this member a change of the membership: {exc!r}"))
 
     async def wait_for(
         self,
