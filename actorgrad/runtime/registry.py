@@ -201,11 +201,11 @@ class Registry:
                 failed.append((c, exc))
         self._changed.set()
         self._changed = asyncio.Event()
-        for c, exc in failed:
+        for c, err in failed:
             # (its view would lag for good: it is dropped, as a lost member is; after
             # the loop, so that its leave, a change of its own, comes after this one)
-            log.warning("cannot send worker %r the change of %r: %r", self.conns.get(c), name, exc)
-            c.abort(ProtocolError(f"cannot send this member a change of the membership: {exc!r}"))
+            log.warning("cannot send worker %r the change of %r: %r", self.conns.get(c), name, err)
+            c.abort(ProtocolError(f"cannot send this member a change of the membership: {err!r}"))
 
     async def wait_for(
         self,
