@@ -2504,6 +2504,38 @@ async def test_a_member_that_cannot_be_sent_a_change_is_dropped_and_the_others_g
             await new.shutdown()
 
 
+async def test_a_joiner_that_cannot_be_sent_its_own_join_is_heard_to_join_then_leave(caplog):
+    # A joiner whose own change could not be sent (its send raised) is dropped in the
+    # middle of its join: its leave was told to the registry's listeners (the CLI's
+    # lines) before its join, and the last word they had of it was "joined", of a
+    # worker that was no member.
+    async with ag.local_cluster(["w1"], transport="tcp") as c:
+        head = c.driver
+        heard: list[tuple[str, str]] = []
+        head.registry.listeners.append(lambda what, name, address: heard.append((what, name)))
+        join = head.registry.join
+
+        def join_refusing_sends(name: str, address: str, local: str, conn: Any, key: str = ""):
+            def refuse(chunks: Any) -> int:
+                raise MemoryError("test: no memory for this frame")
+
+            conn.send_nowait = refuse
+            return join(name, address, local, conn, key)
+
+        head.registry.join = join_refusing_sends
+        new = Worker("w9", token=head.token, transport_kind="tcp")
+        await new.start()
+        try:
+            with pytest.raises(ag.WorkerLost):
+                await new.join(head.address)
+        finally:
+            head.registry.join = join
+            await new.shutdown()
+        assert "w9" not in head.members
+        assert heard == [("joined", "w9"), ("left", "w9")]
+        assert await c.driver.call("w1", add, (1, 2)) == 3
+
+
 @pytest.mark.parametrize("kind", ["inproc", "tcp"])
 async def test_the_id_of_a_peer_is_that_of_the_process_its_name_reaches_now(kind):
     # A connection the old w2 opened to w1 stays open after a new process joined as

@@ -144,8 +144,7 @@ class Registry:
         self.conns[conn] = name
         # (its hello on this connection came before it had an id: it said 0)
         conn.peer_id = wid
-        self._changed_now(name)
-        self._tell("joined", name, address)
+        self._changed_now(name, "joined", address)
         return [wid, *self.snapshot()]
 
     def leave(self, name: str) -> None:
@@ -154,8 +153,7 @@ class Registry:
             for c, n in list(self.conns.items()):
                 if n == name:
                     del self.conns[c]
-            self._changed_now(name)
-            self._tell("left", name, address)
+            self._changed_now(name, "left", address)
 
     def _tell(self, what: str, name: str, address: str) -> None:
         # A listener's failure is its own, logged: raised, it failed the join it was
@@ -174,9 +172,9 @@ class Registry:
         if name is not None and not self.closed:
             self.leave(name)
 
-    def _changed_now(self, name: str) -> None:
-        """Worker ``name`` joined or left: the change goes to every member (and this
-        worker's own view)."""
+    def _changed_now(self, name: str, what: str, address: str) -> None:
+        """Worker ``name`` (at ``address``) joined or left (``what``): the change goes to
+        every member (and this worker's own view), then to the listeners."""
         from actorgrad.runtime.worker import K_REQ, MODE_RPC
 
         self.version += 1
@@ -201,6 +199,10 @@ class Registry:
                 failed.append((c, exc))
         self._changed.set()
         self._changed = asyncio.Event()
+        # (before the failed members are dropped below: each one's leave is a change of
+        # its own, told in there; told after, a joiner that could not be sent its own
+        # join was heard to leave, then to join, the last word of a worker gone)
+        self._tell(what, name, address)
         for c, err in failed:
             # (its view would lag for good: it is dropped, as a lost member is; after
             # the loop, so that its leave, a change of its own, comes after this one)
