@@ -9,6 +9,7 @@ import io
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import textwrap
 import threading
 import time
 import types
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -762,6 +764,54 @@ def test_a_prefixed_stream_starts_each_line_and_each_redrawn_line_with_its_prefi
     with pytest.raises(TypeError, match="bytes"):
         out.write(b"x")  # type: ignore[arg-type]
     assert out.getvalue() == raw.getvalue()  # (the rest is the stream's)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_while_a_thread_writes_a_prefixed_line_can_print():
+    # A worker's call that forks (multiprocessing's default start method on Linux: a
+    # Pool in a call) while another thread of the worker is in the middle of a line
+    # (a pool thread printing, a log record): the child inherited the stream's lock
+    # held by a thread it does not have, and its first print waited for good.
+    read_fd, write_fd = os.pipe()
+    entered, release = threading.Event(), threading.Event()
+
+    class Stalling(io.StringIO):
+        def write(self, text: str) -> int:
+            if "stalls" in text:  # (the thread's line: it holds the lock meanwhile)
+                entered.set()
+                release.wait(30)
+                return len(text)
+            return os.write(write_fd, text.encode())
+
+    out = LinePrefixed(Stalling(), "[w1] ")
+    thread = threading.Thread(target=out.write, args=("this line stalls\n",))
+    thread.start()
+    try:
+        assert entered.wait(10)
+        with warnings.catch_warnings():
+            # (3.12+: "this process is multi-threaded, fork() may deadlock": the case)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # (the child: print, then go, whatever happens)
+            try:
+                out.write("printed in the child\n")
+            finally:
+                os._exit(0)
+        try:
+            readable, _, _ = select.select([read_fd], [], [], 10)
+            assert readable, "the forked child's print never came (its lock was held)"
+            assert os.read(read_fd, 100) == b"[w1] printed in the child\n"
+        finally:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+    finally:
+        release.set()
+        thread.join(10)
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 @pytest.mark.parametrize("setting", ["", "0"])

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn, TextIO
 
@@ -126,6 +127,7 @@ class LinePrefixed:
         self._fresh = True  # (the next character starts a line)
         # (calls run in the pool's threads too: one line's prefix and text stay together)
         self._lock = threading.Lock()
+        _prefixed.add(self)  # (its lock is made anew in a forked child: see below)
 
     def __repr__(self) -> str:
         return f"<LinePrefixed {self._prefix!r} on {self._stream!r}>"
@@ -154,6 +156,24 @@ class LinePrefixed:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+# A call that forks (a multiprocessing Pool with the fork start method, Linux's
+# default) while another thread is in the middle of a line (a pool thread printing, a
+# log record) leaves the child a lock held by a thread it does not have: its first
+# print waited for good. (The streams' own locks are held only inside their C code;
+# this one around Python code the fork can come in the middle of.) As logging does
+# for its handlers' locks.
+_prefixed: weakref.WeakSet[LinePrefixed] = weakref.WeakSet()
+
+
+def _new_locks_in_child() -> None:
+    for stream in list(_prefixed):
+        stream._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_in_child)
 
 
 def output_prefix(name: str) -> str:
