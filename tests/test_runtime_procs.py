@@ -766,6 +766,30 @@ def test_a_prefixed_stream_starts_each_line_and_each_redrawn_line_with_its_prefi
     assert out.getvalue() == raw.getvalue()  # (the rest is the stream's)
 
 
+def test_a_line_printed_from_inside_a_prefixed_write_does_not_hang_the_thread():
+    # A signal handler (Python's run in the main thread, between any two bytecodes:
+    # the event loop's thread in a worker) or an object's __del__ run by a garbage
+    # collection that prints while the thread is inside a write on the same stream:
+    # its lock was taken again by the thread holding it, and that thread, the worker's
+    # loop, waited on itself for good.
+    raw = io.StringIO()
+    handled = threading.Event()
+
+    class Interrupted(io.StringIO):
+        def write(self, text: str) -> int:
+            if not handled.is_set():  # (the handler runs while this write is under way)
+                handled.set()
+                out.write("from a signal handler\n")
+            return raw.write(text)
+
+    out = LinePrefixed(Interrupted(), "[w1] ")
+    thread = threading.Thread(target=out.write, args=("a line\n",), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the write waited on its own lock"
+    assert raw.getvalue() == "[w1] from a signal handler\n[w1] a line\n"
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_process_forked_while_a_thread_writes_a_prefixed_line_can_print():
     # A worker's call that forks (multiprocessing's default start method on Linux: a

@@ -125,8 +125,11 @@ class LinePrefixed:
         self._stream = stream
         self._prefix = prefix
         self._fresh = True  # (the next character starts a line)
-        # (calls run in the pool's threads too: one line's prefix and text stay together)
-        self._lock = threading.Lock()
+        # (calls run in the pool's threads too: one line's prefix and text stay together.
+        # Reentrant: a signal handler, or a __del__ a garbage collection runs, may print
+        # while its thread is inside a write here; a plain lock made that thread, the
+        # worker's loop say, wait on itself for good.)
+        self._lock = threading.RLock()
         _prefixed.add(self)  # (its lock is made anew in a forked child: see below)
 
     def __repr__(self) -> str:
@@ -169,7 +172,7 @@ _prefixed: weakref.WeakSet[LinePrefixed] = weakref.WeakSet()
 
 def _new_locks_in_child() -> None:
     for stream in list(_prefixed):
-        stream._lock = threading.Lock()
+        stream._lock = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):
