@@ -3675,9 +3675,10 @@ async def test_a_backward_goes_through_when_a_peer_that_held_no_part_was_replace
                     await asyncio.wait_for(ag.rpc("w2", F.debug_info), 10)
                 assert str(err.value) == (
                     f"worker 'w2' was lost after it exchanged calls of distributed autograd "
-                    f"context {ctx:#x} (no tensors) with this worker, and another process "
-                    "joined under its name; that one does not know the context, so the "
-                    "context cannot use it: start a new context"
+                    f"context {ctx:#x} with this worker (it holds no part of the graph here: "
+                    "it exchanged no tensors with this worker, or a backward pass freed their "
+                    "part), and another process joined under its name; that one does not "
+                    "know the context, so the context cannot use it: start a new context"
                 )
             assert ag.dist.debug_info()["num_contexts"] == 0
             assert (await ag.rpc("w1", F.wait_no_contexts, (10.0,)))["num_contexts"] == 0
@@ -3685,6 +3686,40 @@ async def test_a_backward_goes_through_when_a_peer_that_held_no_part_was_replace
             if new is not None:
                 new.terminate()
                 await asyncio.wait_for(new.wait(), 10)
+
+
+async def test_a_replaced_peer_whose_tensors_a_backward_freed_is_not_said_to_have_sent_none():
+    # w1 exchanged tensors in the context, and the backward (no retain_graph) freed
+    # both ends of their pairs. w1 was then replaced by a new process: a call to it in
+    # the context is refused, and its error said w1 had exchanged calls "(no tensors)"
+    # with the driver, which sent it one, sending its author looking for a call that
+    # never was.
+    async with ag.local_cluster(1, transport="inproc") as c:
+        head, w1 = c.driver, c.workers[0]
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        x = ag.tensor(arr(3), requires_grad=True)
+        new = None
+        try:
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.mul, ("w", x))
+                await ag.dist.backward(ctx, [y.sum()])
+                next(cn for cn, n in head.registry.conns.items() if n == "w1").abort(None)
+                await w1.shutdown(graceful=False)
+                new = rworker.Worker("w1", token=head.token, transport_kind=head.transport_kind)
+                await new.start()
+                await new.join(head.address)
+                with pytest.raises(ag.WorkerLost) as err:
+                    await asyncio.wait_for(ag.rpc("w1", F.debug_info), 10)
+                assert str(err.value) == (
+                    f"worker 'w1' was lost after it exchanged calls of distributed autograd "
+                    f"context {ctx:#x} with this worker (it holds no part of the graph here: "
+                    "it exchanged no tensors with this worker, or a backward pass freed their "
+                    "part), and another process joined under its name; that one does not "
+                    "know the context, so the context cannot use it: start a new context"
+                )
+        finally:
+            if new is not None:
+                await new.shutdown()
 
 
 async def test_a_context_takes_the_new_process_it_called_though_the_membership_lags():

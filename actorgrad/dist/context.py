@@ -1041,15 +1041,19 @@ def check_peer(ctx: DistContext, peer: str, peer_id: int | None) -> None:
         ctx.peer_ids[peer] = peer_id
     elif known != peer_id:
         if not _holds_pair(ctx, peer):
-            # (it only exchanged calls without tensors with this worker, a status call:
-            # "held part of the graph" sent its author looking for a tensor it never
-            # sent. Still refused: the new one does not know the context, nor the
-            # workers the lost one brought into it, whose release went through it)
+            # (it only exchanged calls without tensors with this worker, a status call,
+            # or a backward pass without retain_graph freed the pairs of the tensors it
+            # did exchange: which one is not kept. "Held part of the graph" sent its
+            # author looking for a tensor it never sent, and "(no tensors)" for a call
+            # that never was. Still refused: the new one does not know the context, nor
+            # the workers the lost one brought into it, whose release went through it)
             raise WorkerLost(
                 f"worker {peer!r} was lost after it exchanged calls of distributed "
-                f"autograd context {ctx.id:#x} (no tensors) with this worker, and another "
-                "process joined under its name; that one does not know the context, so "
-                "the context cannot use it: start a new context"
+                f"autograd context {ctx.id:#x} with this worker (it holds no part of the "
+                "graph here: it exchanged no tensors with this worker, or a backward pass "
+                "freed their part), and another process joined under its name; that one "
+                "does not know the context, so the context cannot use it: start a new "
+                "context"
             )
         raise WorkerLost(
             f"worker {peer!r} was lost while it held part of the graph of distributed "
