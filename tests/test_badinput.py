@@ -377,6 +377,28 @@ async def test_a_frame_too_big_for_the_memory_left_is_refused_saying_so(sock_clu
     await valid_client_works(sock_cluster)
 
 
+async def test_a_frame_buffer_refused_without_a_message_is_named_by_its_error_type(
+    sock_cluster, monkeypatch
+):
+    # A bytearray that cannot be had raises a MemoryError with no message (a buffer of
+    # less than _BufferPool.LAZY_SIZE is one): the refusal said "out of memory ()".
+    conn, pending = await _driver_conn_with_a_call_out(sock_cluster)
+    get = transport._BufferPool.get
+
+    def no_memory(self, n, near=None):
+        if n == 1 << 20:  # (this frame's: the worker's others as before)
+            raise MemoryError
+        return get(self, n, near)
+
+    monkeypatch.setattr(transport._BufferPool, "get", no_memory)
+    conn.transport.write(_bare_prefix(1 << 20) + b"x" * 100)
+    with pytest.raises(ag.WorkerLost) as err:
+        await asyncio.wait_for(pending, 10)
+    assert str(err.value).endswith(
+        "cannot take in a frame of 1048576 bytes: out of memory (MemoryError)"
+    )
+
+
 async def _hello(writer, name, wid=0, address="", most=1 << 31, goodbyes=0):
     frame = wire.encode_frame([4, name, wid, address, most, goodbyes], None)
     await _send_frame(writer, wire.join_chunks(frame))

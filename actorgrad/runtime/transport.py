@@ -823,7 +823,9 @@ class Connection(asyncio.BaseProtocol):
                     del part
                     raise ProtocolError(
                         f"cannot take in a frame of {n} bytes: out of memory "
-                        f"({exc or type(exc).__name__})"
+                        # (an exception is never false: a bytearray's MemoryError, with
+                        # no message, showed as "()")
+                        f"({str(exc) or type(exc).__name__})"
                     ) from None
                 big[: end - start] = part
                 del part  # an export of buf: it is resized below
