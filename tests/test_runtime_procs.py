@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import gc
 import io
 import logging
@@ -764,6 +765,11 @@ def test_a_prefixed_stream_starts_each_line_and_each_redrawn_line_with_its_prefi
     with pytest.raises(TypeError, match="bytes"):
         out.write(b"x")  # type: ignore[arg-type]
     assert out.getvalue() == raw.getvalue()  # (the rest is the stream's)
+    out.write("crlf\r")
+    out.write("\nnext\n")  # (a "\r\n" in two writes: no empty prefixed line between)
+    assert raw.getvalue().endswith("[w1] crlf\r\n[w1] next\n")
+    twin = copy.copy(out)  # (it recursed for good in __getattr__)
+    assert twin.getvalue() == raw.getvalue()
 
 
 def test_a_line_printed_from_inside_a_prefixed_write_does_not_hang_the_thread():

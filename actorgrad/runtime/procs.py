@@ -124,7 +124,7 @@ class LinePrefixed:
     def __init__(self, stream: TextIO, prefix: str) -> None:
         self._stream = stream
         self._prefix = prefix
-        self._fresh = True  # (the next character starts a line)
+        self._fresh = "\n"  # (the next character starts a line: the last one's end, or "")
         # (calls run in the pool's threads too: one line's prefix and text stay together.
         # Reentrant: a signal handler, or a __del__ a garbage collection runs, may print
         # while its thread is inside a write here; a plain lock made that thread, the
@@ -141,10 +141,12 @@ class LinePrefixed:
         with self._lock:
             out = []
             for line in _LINES.findall(text):
-                if self._fresh:
+                # (not before the "\n" of a "\r\n" that came in two writes: an empty
+                # line of its own)
+                if self._fresh and not (self._fresh == "\r" and line[0] == "\n"):
                     out.append(self._prefix)
                 out.append(line)
-                self._fresh = line[-1] in "\r\n"
+                self._fresh = line[-1] if line[-1] in "\r\n" else ""
             self._stream.write("".join(out))
             if "\n" in text:
                 self._stream.flush()
@@ -158,6 +160,10 @@ class LinePrefixed:
         self._stream.flush()
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("_stream", "_prefix", "_fresh", "_lock"):
+            # (not set yet: a copy.copy() of the stream looks for them before its
+            # __dict__ is filled, and each lookup of _stream recursed for good)
+            raise AttributeError(name)
         return getattr(self._stream, name)
 
 
