@@ -2979,6 +2979,29 @@ async def test_a_call_made_as_a_peers_drop_is_read_goes_on_a_new_connection(how)
         await until(lambda: conn.closed)
 
 
+async def test_a_send_failing_with_an_error_of_its_own_fails_the_call_nowait_not_its_caller():
+    # call_nowait gives its errors in the future it returns (callers fan out with it:
+    # a release to every peer, casts): a send that raised other than an ActorgradError
+    # (a MemoryError as the frame is written, after which the connection aborts) came
+    # out of call_nowait itself, the future failed too, and the rest of the fan-out
+    # was not sent.
+    async with ag.local_cluster(1, transport="tcp") as c:
+        driver = c.driver
+        assert await driver.call("w1", add, (1, 2)) == 3
+        conn = driver._out["w1"]
+
+        def fail(chunks: Any) -> int:
+            conn.abort(ag.WorkerLost("test: the frame failed part way out"))
+            raise MemoryError("test: no memory to write the frame")
+
+        conn.send_nowait = fail  # type: ignore[method-assign]
+        reply = driver.call_nowait("w1", add, (3, 4))
+        with pytest.raises(ag.WorkerLost, match="failed part way out"):
+            await asyncio.wait_for(reply, 5)
+        assert not conn.pending
+        assert await driver.call("w1", add, (5, 6)) == 11  # (a new connection)
+
+
 async def test_a_peer_that_dropped_this_worker_on_each_connection_is_reported_lost_once(cluster):
     # w1 watched w2 and closed both their connections for w2's silence (its process was
     # stopped, say), saying why on each. w2 ran its peer-lost callbacks once per

@@ -3188,9 +3188,13 @@ class Worker:
             return
         try:
             conn.send_nowait(chunks)
-        except ActorgradError as exc:
+        except Exception as exc:
+            # (any error, not only ours: a MemoryError as the frame is written, which
+            # aborts the connection and fails the future first, came out of here, and
+            # the caller's fan-out, a release to every peer, stopped there)
             conn.pending.pop(cid, None)
-            fut.set_exception(exc)
+            if not fut.done():
+                fut.set_exception(exc)
             return
         if len(chunks[0]) > SLOW_DECODE_RATE:
             _expect_decoding(conn, chunks)
