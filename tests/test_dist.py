@@ -2738,19 +2738,26 @@ async def test_a_context_whose_initiator_is_no_member_is_reclaimed(monkeypatch, 
                 del w.members["left-before"]
             kept = {"w1": 2, "w2": 1}
         else:
-            kept = {"w1": 1, "w2": 0}  # (w1 sent the orphan's release on, too)
+            kept = {"w1": 1, "w2": 0}  # (the first to reclaim sent the release on, too)
         for name, n in kept.items():
             info = await ag.rpc(name, F.wait_contexts, (n, 10.0))
             assert info["num_contexts"] == n, (name, info)
         if initiator != "joins meanwhile":
-            # (a late call in it said "a worker silent for 3 s ... is taken for lost")
+            # (a late call in it said "a worker silent for 3 s ... is taken for lost".
+            # Which of w1 and w2 reclaims it is not fixed: each checks again while it
+            # heard nothing from the head since it took the context in, and the head's
+            # next frame can reach w2 first; the other gets its release, no cause
+            # then: socket fuzz seed 103 had w2 reclaim it)
             causes = [
-                cause for who, cause in mod.state_of(w1)._reclaimed.values() if who == "left-before"
+                cause
+                for w in (w1, w2)
+                for who, cause in mod.state_of(w)._reclaimed.values()
+                if who == "left-before"
             ]
-            assert causes == [
+            assert causes and set(causes) == {
                 "the process that made it was no member of the cluster 0.3 s after a call "
                 "brought the context here"
-            ], causes
+            }, causes
         reclaimed.set()
         await held
         if initiator != "joins meanwhile":
