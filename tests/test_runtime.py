@@ -5205,3 +5205,29 @@ def test_clip_text_cuts_only_what_is_longer_than_both_ends_it_keeps():
 
     assert clip_text("abcdef", 3) == "abcdef"  # (exactly both ends: nothing to cut)
     assert clip_text("abcdefg", 3) == "abc... (1 characters cut) ...efg"
+
+
+async def test_a_call_to_a_worker_that_died_fails_with_worker_lost_after_a_late_hello_of_its():
+    # A worker process killed while it connected to the driver: the driver (the head)
+    # saw its join connection close and the member go (reported lost), then read the
+    # hello it had sent on its last connection, and took it for alive after all (its
+    # loss forgotten). That connection closed too, no member's, reporting nothing: a
+    # call to the name then raised ValueError "unknown worker 'w3'" instead of
+    # WorkerLost (delivery-order fuzzing: ACTORGRAD_TEST_FUZZ_SEED=110 with STREAMS,
+    # test_random_programs_at_once_with_cancels_and_a_worker_killed[2]).
+    async with ag.local_cluster(2) as c:
+        driver, w2 = c.driver, c.workers[1]
+        lost: list[str] = []
+        driver.add_peer_lost_callback(lost.append)
+        for conn in list(w2._conns):  # (killed: no goodbye anywhere)
+            conn.abort()
+        await until(lambda: "w2" not in driver.members)
+        assert lost == ["w2"] and driver.is_lost("w2")
+        entry = w2.members["driver"]
+        late = await w2.open_connection(entry[1], entry[2], 5, "driver")  # (its hello)
+        assert late.peer_name == "driver"
+        late.abort()
+        await until(lambda: not any(k.peer_name == "w2" and not k.closed for k in driver._conns))
+        with pytest.raises(ag.WorkerLost, match="'w2' has left the cluster"):
+            await driver.call("w2", add, (1, 2))
+        assert lost == ["w2", "w2"]  # (heard from since, by its hello: lost again)

@@ -585,6 +585,9 @@ class Connection(asyncio.BaseProtocol):
         # taken to reach a peer its worker had reported lost: that loss's record
         # (Worker._reach_lost)
         self.reached_lost: tuple[Any, ...] | None = None
+        # its hello made a peer its worker had seen leave the cluster alive after all
+        # (Worker._on_lost reports it lost again when the last such connection closes)
+        self.after_leave = False
         # why the peer closed on us, when it said (``[K_BYE, why]``)
         self.dropped_why = ""
         # what the peer refused of ours, closing the connection, when it said

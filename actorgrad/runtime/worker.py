@@ -1900,6 +1900,20 @@ class Worker:
                 self._left[name] = conn.peer_id
             self._peer_lost(name, conn.dropped_why or None, str(err), again=True)
             return
+        if (
+            conn.after_leave
+            and name is not None
+            and name not in self.members
+            and name not in self._lost
+            and not self._closing
+            and not any(c.peer_name == name and not c.closed for c in self._conns)
+        ):
+            # (a process seen to leave the cluster whose hello came later, on this, its
+            # last connection: killed as it connected, or dropped by the head and going
+            # on. No member's close reports a loss, and its loss stayed forgotten: a call
+            # to the name raised ValueError "unknown worker" instead of WorkerLost)
+            self._peer_lost(name, conn.dropped_why or None, str(err))
+            return
         if name is not None and name in self.members and not self._closing:
             if conn.peer_id != self.members[name][0]:
                 # a connection of a process another one replaced under its name (our
@@ -2208,8 +2222,11 @@ class Worker:
                 if not self.said_goodbye(name, wid) and (member is None or wid == member[0]):
                     # (alive after all, as above; not a process that left, see _old_news,
                     # nor another one under its name: one not joined yet, or joined
-                    # since while our view lags)
-                    self._lost.pop(name, None)
+                    # since while our view lags. Also one the head dropped that goes on,
+                    # no member: its contexts are taken in; its loss is reported again
+                    # when its last connection closes, see _on_lost)
+                    if self._lost.pop(name, None) is not None and member is None:
+                        conn.after_leave = True
                 conn.peer_address = address  # type: ignore[attr-defined]
                 h = getattr(conn, "hello", None)
                 if h is not None and not h.done():
