@@ -626,6 +626,58 @@ async def test_a_refused_message_of_another_pass_keeps_the_way_back_of_the_runni
             await run
 
 
+async def test_a_report_waiting_for_a_way_to_its_origin_keeps_its_pass_way_back():
+    # w2's part ended on its gradient with nothing to send on: its credit went straight
+    # to the driver, whose address took the connect into a handshake that hung. The
+    # first message of the context's next pass (w1's) came meanwhile and took w2's way
+    # back (ctx.via), so when the connect failed the credit had no way to the origin:
+    # "cannot report to its origin", and backward waited for good (socket fuzz seed
+    # 116 on the test above, 1 run in 10). The way back is now taken with the report.
+    from actorgrad.dist.context import PASS_ID_BITS, state_of
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # (no answer: the connect waits in its handshake)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    w1v, w2v, w3v = arr(3), arr(3), arr(3)
+    try:
+        async with cluster("tcp", 3) as c:
+            w1, w2, _ = c.workers
+            await ag.rpc("w1", F.put, ("w", w1v))
+            await ag.rpc("w1", F.call_path, (["w2"], "put", ["w", w2v]))
+            await ag.rpc("w3", F.put, ("v", w3v))
+            await ag.rpc("w1", F.call_path, (["w2"], "lose_the_way_to", ["driver", address]))
+            x = ag.tensor(arr(3), requires_grad=True)
+            async with ag.dist.context() as ctx:
+                # (as lone_credit_backward: w2's part ends on its second message)
+                y1 = await ag.rpc("w1", F.mul_plus_remote, ("w2", "w", x))
+                y2 = await ag.rpc("w1", F.mul_plus_remote, ("w2", "w", x))
+                z = await ag.rpc("w3", F.mul, ("v", y2))
+                run = asyncio.ensure_future(ag.dist.backward(ctx, [y1.sum() + z.sum()]))
+                try:
+                    await until(lambda: held)  # (w2's credit is on its way there)
+                    # (from outside the context: no call in it while its pass runs)
+                    await asyncio.get_running_loop().create_task(
+                        ag.rpc("w1", F.start_another_pass, ("w2", ctx)),
+                        context=contextvars.Context(),
+                    )
+                    other = (w1.id << PASS_ID_BITS) | 999_999
+                    await until(lambda: state_of(w2).contexts[ctx].via[0] == other)
+                finally:
+                    for writer in held:
+                        writer.close()  # (the connect fails: the credit goes another way)
+                await asyncio.wait_for(run, 10)
+                np.testing.assert_allclose(
+                    ag.dist.get_gradients(ctx)[x], w1v + w1v * w3v, rtol=1e-12
+                )
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_gradient_that_comes_twice_in_a_pass_fails_it_and_is_not_added_twice(
     monkeypatch,
 ):

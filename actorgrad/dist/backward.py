@@ -677,6 +677,13 @@ def _to_origin(
     """Send a report (``topic`` T_CREDIT, T_FAIL or T_CLEANED, ``args`` starting with the
     context and pass ids) to the pass's origin, by another way if it cannot go straight
     there (see _unsent_to_origin)."""
+    ctx = st.contexts.get(args[0])
+    if ctx is not None and ctx.via[0] == args[1]:
+        # (the way back taken now, not when the try straight there failed: meanwhile,
+        # the connect to the origin waiting, the first message of the context's next
+        # pass came and took ctx.via, and this report, without a way, was lost: the
+        # origin's backward waited for good; socket fuzz seed 116, 1 run in 10)
+        via = ctx.via[1]
     tried = st.no_way.get(origin)
     if tried is not None:
         # (tried again after a while, a firewall may have opened; or once the origin
