@@ -1573,6 +1573,11 @@ def _nested_frame(depth: int, before: tuple = (), after: tuple = (), body=None) 
     return wire._FIXED.pack(wire._TAG, len(h), 0, len(body)) + h + body
 
 
+#: how a value nested 990 deep is named: "<list>" where its repr fails (RecursionError,
+#: Python 3.11 and 3.12), its repr cut where it does not (3.13 repr()s it whole)
+DEEP = r"(<list>|\[[\[.]*)"
+
+
 async def test_a_message_kind_nested_too_deeply_to_show_is_refused_saying_so(sock_cluster, caplog):
     # Its message, "unknown message kind [[[[...", failed to be made (repr: a
     # RecursionError, which escaped the worker's handling of the frame): asyncio closed
@@ -1584,7 +1589,7 @@ async def test_a_message_kind_nested_too_deeply_to_show_is_refused_saying_so(soc
     with pytest.raises(
         ag.WorkerLost,
         match=r"worker 'w1' closed the connection on a message from this worker: unknown "
-        r"message kind <list>",
+        r"message kind " + DEEP,
     ):
         await asyncio.wait_for(pending, 10)
     assert "Fatal error" not in caplog.text
@@ -1598,7 +1603,7 @@ async def test_a_hello_field_nested_too_deeply_to_show_is_refused_saying_so(sock
     # [K_HELLO, name, id, address, largest frame, goodbyes]
     await _send_frame(writer, _nested_frame(990, (4,), (0, "", 1 << 31, 0)))
     await _closed_by_peer(reader, writer)
-    assert "malformed hello: name <list>, id 0" in caplog.text
+    assert re.search(r"malformed hello: name " + DEEP + ", id 0", caplog.text), caplog.text
     assert "Fatal error" not in caplog.text
     await valid_client_works(sock_cluster)
 
@@ -1615,7 +1620,7 @@ async def test_a_one_way_call_of_a_malformed_target_closes_its_connection_saying
     conn, pending = await _driver_conn_with_a_call_out(sock_cluster)
     if target == "deep":
         frame = _nested_frame(990, (K_REQ, 0), (MODE_RPC, None), body=[[], None])
-        named = "<list>"
+        named = DEEP
     else:
         header = [K_REQ, 0, ["x" * 60_000, "y"], MODE_RPC, None]
         frame = bytes(wire.join_chunks(wire.encode_frame(header, ((), None))))

@@ -707,6 +707,11 @@ def test_a_big_frame_that_fails_part_way_out_breaks_its_connection_not_later_cal
     )
     if out.stdout.startswith("SKIP"):
         pytest.skip("the address space is limited already")
+    if out.stdout.startswith("sent") and sys.version_info >= (3, 12):
+        # (asyncio's selector transport has writelines since 3.12, which keeps what the
+        # socket did not take as views of the frame's own memory, as uvloop does: no
+        # copy to fail; 3.13 sent it whole under the limit)
+        pytest.skip("this Python's asyncio makes no copy of a big frame")
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["MemoryError", "later 3"], out.stderr
     # (the driver's own log: no asyncio error at every loop turn, no traceback)
