@@ -677,13 +677,11 @@ def _to_origin(
     """Send a report (``topic`` T_CREDIT, T_FAIL or T_CLEANED, ``args`` starting with the
     context and pass ids) to the pass's origin, by another way if it cannot go straight
     there (see _unsent_to_origin)."""
-    ctx = st.contexts.get(args[0])
-    if ctx is not None and ctx.via[0] == args[1]:
-        # (the way back taken now, not when the try straight there failed: meanwhile,
-        # the connect to the origin waiting, the first message of the context's next
-        # pass came and took ctx.via, and this report, without a way, was lost: the
-        # origin's backward waited for good; socket fuzz seed 116, 1 run in 10)
-        via = ctx.via[1]
+    # (the way back taken now, not when the try straight there failed: meanwhile, the
+    # connect to the origin waiting, the first message of the context's next pass came
+    # and took ctx.via, and this report, without a way, was lost: the origin's backward
+    # waited for good; socket fuzz seed 116, 1 run in 10)
+    via = _way_back(st, args, via)
     tried = st.no_way.get(origin)
     if tried is not None:
         # (tried again after a while, a firewall may have opened; or once the origin
@@ -736,6 +734,18 @@ def _unsent_to_origin(
         _no_way_to_origin(st, origin, topic, args, exc)
 
 
+def _way_back(st: DistState, args: tuple[Any, ...], via: str | None) -> str | None:
+    """Where a report about pass ``args[1]`` of context ``args[0]`` goes back to reach
+    its origin: the worker that brought this one into that pass, when this worker has
+    it, before ``via`` (the sender of the message the report is about: an error of the
+    part here, on a message from downstream, went back down, and waited out that
+    worker's own way first)."""
+    ctx = st.contexts.get(args[0])
+    if ctx is not None and ctx.via[0] == args[1]:
+        return ctx.via[1]
+    return via
+
+
 def _relay(
     st: DistState,
     origin: str,
@@ -750,11 +760,7 @@ def _relay(
     (Either got the pass before this one did, and its own ``via`` before it, so the
     relays end at the origin, or at a worker with no way on, which says so.)"""
     w = st.worker
-    ctx = st.contexts.get(args[0])
-    if ctx is not None and ctx.via[0] == args[1]:
-        # (before the message's sender: an error of the part here, on a message from
-        # downstream, went back down, and waited out that worker's own way first)
-        via = ctx.via[1]
+    via = _way_back(st, args, via)
     if via is None or via in (origin, w.name):
         return False
     w.cast(
