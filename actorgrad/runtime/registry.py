@@ -43,15 +43,21 @@ def issued_before(a: int, b: int) -> bool:
     return 0 < (b - a) % (MAX_ID - 1) < (MAX_ID - 1) // 2
 
 
+def _printable_word(x: Any, most: int) -> bool:
+    """Whether ``x`` is a str of 1 to ``most`` printable characters without whitespace
+    (what goes into log lines and the CLI's output as it came from the wire)."""
+    return (
+        isinstance(x, str)
+        and 0 < len(x) <= most
+        and x.isprintable()  # (False for every whitespace but " ")
+        and " " not in x
+    )
+
+
 def valid_name(name: Any) -> bool:
     """Whether ``name`` can name a worker on the wire: a str of 1 to MAX_NAME printable
     characters without whitespace (names go into log lines and the CLI's output)."""
-    return (
-        isinstance(name, str)
-        and 0 < len(name) <= MAX_NAME
-        and name.isprintable()  # (False for every whitespace but " ")
-        and " " not in name
-    )
+    return _printable_word(name, MAX_NAME)
 
 
 #: the longest address a worker joins with (a host name of 253 characters, an IPv6
@@ -63,11 +69,7 @@ def valid_address(address: Any, blank: bool = False) -> bool:
     """Whether ``address`` (``blank``: or "") can be a member's address (or local socket
     name) from the wire: a str of printable characters without whitespace, as a name
     (addresses go into every member's view, the CLI's status table and log lines)."""
-    if not isinstance(address, str):
-        return False
-    if not address:
-        return blank
-    return len(address) <= MAX_ADDRESS and address.isprintable() and " " not in address
+    return (blank and address == "") or _printable_word(address, MAX_ADDRESS)
 
 
 class Registry:
