@@ -1608,6 +1608,15 @@ def _wide_sum(dtype: np.dtype) -> type[np.float32] | None:
     return np.float32 if dtype == np.float16 else None
 
 
+def _log_softmax_shifted(shifted: Any, axis: int) -> Any:
+    """log_softmax along ``axis`` of ``shifted`` (an array less its max along ``axis``:
+    stable for any values), in its dtype, the sum of exp()s of float16 in float32 (see
+    _wide_sum). The caller sets numpy's errstate (inf and all -inf rows give nan)."""
+    wide = _wide_sum(shifted.dtype)
+    out = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True, dtype=wide))
+    return out if wide is None else out.astype(shifted.dtype)
+
+
 def _shares(g: Any, count: Any) -> Any:
     """``g / count`` in ``g``'s dtype, ``count`` a number of elements (a Python int or an
     integer array broadcasting with ``g``). Float16 divides in float32, rounded once:
@@ -1667,11 +1676,7 @@ class LogSoftmax(Function):
         except np.exceptions.AxisError:
             raise ValueError(_bad_axis("log_softmax", axis, a.ndim)) from None
         with np.errstate(invalid="ignore", divide="ignore"):  # (as in Softmax)
-            shifted = a - m
-            wide = _wide_sum(a.dtype)
-            out = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True, dtype=wide))
-            if wide is not None:
-                out = out.astype(a.dtype)
+            out = _log_softmax_shifted(a - m, axis)
         self.saved = (out, axis)
         return out
 

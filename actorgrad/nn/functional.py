@@ -24,11 +24,11 @@ from actorgrad.tensor import (
     _as_tensor,
     _data,
     _fit,
+    _log_softmax_shifted,
     _nary,
     _numeric,
     _shares,
     _unary,
-    _wide_sum,
 )
 
 __all__ = ["cross_entropy", "dropout", "embedding", "linear", "mse_loss", "nll_loss"]
@@ -130,12 +130,7 @@ class CrossEntropy(Function):
             return np.full((), np.nan, x.dtype)
         # (an inf or an all -inf row gives nan, as in torch and log_softmax: no warning)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            shifted = x - x.max(axis=1, keepdims=True)  # shift: stable for any logits
-            wide = _wide_sum(x.dtype)  # (float16's sum of exp()s in float32: see there)
-            lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True, dtype=wide))
-            logp = shifted - lse
-            if wide is not None:
-                logp = logp.astype(x.dtype)
+            logp = _log_softmax_shifted(x - x.max(axis=1, keepdims=True), 1)
         rows = np.arange(n)
         self.saved = (logp, targets)
         return -logp[rows, targets].mean()
