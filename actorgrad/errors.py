@@ -100,7 +100,16 @@ def short_repr(x: Any, limit: int = 40) -> str:
         r = repr(x)
     except Exception:
         r = f"<{type_name(type(x))}>"
-    return r if len(r) <= limit else r[: limit - 3] + "..."
+    return cut_text(r, limit)
+
+
+def cut_text(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in "..." where it was cut.
+
+    >>> cut_text("abcdefgh", 6)
+    'abc...'
+    """
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def one_each(exc: E) -> E:

@@ -38,7 +38,7 @@ import zipimport
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from actorgrad.errors import short_repr
+from actorgrad.errors import cut_text, short_repr
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -1187,7 +1187,7 @@ def describe(spec: Any) -> str:
         spec = spec[0]  # (a function of a script: [name, script path, ...])
     if isinstance(spec, str):
         name = _DESCRIBED.get(spec, spec)
-        return name if len(name) <= _NAME_SHOWN else name[: _NAME_SHOWN - 3] + "..."
+        return cut_text(name, _NAME_SHOWN)
     return short_repr(spec, 80)
 
 
