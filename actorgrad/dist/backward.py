@@ -371,9 +371,8 @@ class PassState:
         # kept an eye on (DistState.watch): never the origin, the one waiting.
         self.watching: set[str] = set()
         if origin == worker.name:
-            holders = {s.dest for s in ctx.sends.values()}
-            holders.update(r.src for r in ctx.recvs)
-            for peer in holders:
+            # (the holders of our sends' recv nodes are started_peers, the origin left out)
+            for peer in self.started_peers.union(r.src for r in ctx.recvs):
                 if peer != origin and peer != ctx.initiator:
                     worker.watch(peer)
                     self.watching.add(peer)
