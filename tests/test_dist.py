@@ -6609,8 +6609,12 @@ async def test_a_bad_gradient_message_that_waited_for_a_busy_part_fails_the_pass
 
 
 async def test_a_backward_started_on_a_worker_shut_down_is_refused_with_worker_lost():
-    # (a task of w1 starts a pass once w1 has shut down, in a context w1 held: refused
-    # at once, naming w1, instead of sending gradients from a worker that is gone)
+    # (a task of w1 starts a pass once w1 has shut down, in a context w1 held: refused,
+    # naming w1 and why, instead of sending gradients from a worker that is gone. The
+    # pass runs on the driver, the process's worker: refused as it sends to w1, or
+    # failed by a connection of w1's closing after its leave, whichever comes first:
+    # delivery-order fuzzing, seed 117 with stream fuzz, gave the second one time in
+    # three, which said only "was lost", not why)
     gate = f"closing{next(_gates)}"
     async with cluster("inproc", 1) as c:
         w1 = c.workers[0]
@@ -6620,7 +6624,11 @@ async def test_a_backward_started_on_a_worker_shut_down_is_refused_with_worker_l
             await _outside(ag.rpc("w1", F.backward_on_signal, (gate, ctx, "z")))
             await asyncio.wait_for(w1.shutdown(), 10)
             F.event(gate).set()
-            assert await F.outcome(gate, 10) == "WorkerLost: worker 'w1' has left the cluster"
+            assert re.fullmatch(
+                "WorkerLost: worker 'w1' (was lost during the backward pass: (it|worker "
+                "'w1' has) left|has left) the cluster",
+                await F.outcome(gate, 10),
+            )
 
 
 async def test_a_backward_sent_to_a_worker_that_left_over_its_connection_not_read_yet_fails():

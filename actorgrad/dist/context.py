@@ -986,7 +986,15 @@ def _on_peer_lost(st: DistState, name: str) -> None:
             continue
         ctx.drop_pass()
         if why is None:
-            lost = WorkerLost(f"worker {name!r} was lost during the backward pass", peer=name)
+            # (with how its loss showed: a worker that shut down or left the cluster
+            # reads so, as when the pass is refused because it left before the pass
+            # reached it; which of the two a user sees is a matter of timing)
+            cause = st.worker.lost_cause(name)
+            lost = WorkerLost(
+                f"worker {name!r} was lost during the backward pass"
+                + (f": {cause}" if cause else ""),
+                peer=name,
+            )
         else:  # (its report names the worker that was stopped, as the peer's does)
             lost = WorkerLost(
                 f"worker {me!r} was lost during the backward pass (worker {name!r} closed "
