@@ -3652,6 +3652,33 @@ def test_a_worker_made_directly_refuses_bad_arguments(name, kwargs, message):
         Worker(name, token="t", **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("size", "exc", "message"),
+    [
+        (
+            0,
+            ValueError,
+            r"max_frame_size must be an int in 4096\.\.\d+ \(bytes: at least a hello's worth\), not 0$",
+        ),
+        (-1, ValueError, "not -1$"),
+        (100, ValueError, "not 100$"),  # (below a hello: its own join could not be sent)
+        (2**70, ValueError, f"not {2**70}$"),  # (its hello could not be packed)
+        (1.5, TypeError, r"max_frame_size must be an int \(bytes; None: 2147483648\), not 1.5$"),
+        (True, TypeError, "not True$"),
+        ("4096", TypeError, "not '4096'$"),
+    ],
+)
+async def test_a_worker_refuses_a_bad_max_frame_size_naming_it(size, exc, message):
+    # (taken as it came: a 0, 1.5 or 100 failed the worker's join with "cannot send a
+    # message of 48 bytes ...: more than the largest frame (0 bytes)", and 2**70 with
+    # "cannot send header value of type 'int'", far from the argument)
+    with pytest.raises(exc, match=message):
+        Worker("x", token="t", max_frame_size=size)
+    for fine in (None, 4096, transport.MAX_FRAME_SIZE * 2):  # (None: the default)
+        w = Worker("x", token="t", max_frame_size=fine)
+        assert w.max_frame_size == (fine or transport.MAX_FRAME_SIZE)
+
+
 async def test_init_names_a_malformed_address_variable(monkeypatch):
     monkeypatch.setenv("ACTORGRAD_ADDRESS", "localhost")
     monkeypatch.setenv("ACTORGRAD_TOKEN", "t")

@@ -120,6 +120,11 @@ _REFUSED = bytes(_MAC_LEN + 1)
 HANDSHAKE_TIMEOUT = 5.0
 #: Largest frame accepted (declared length); bigger is a ProtocolError.
 MAX_FRAME_SIZE = 2 * 1024**3
+#: The range a worker's own largest frame may be set in (see check_frame_size): at
+#: least a hello's worth (a name of 255 and an address of 512 characters, up to 4
+#: bytes each in UTF-8: about 3 KiB), at most what one buffer can hold (a frame is read
+#: into one).
+FRAME_SIZE_RANGE = (4096, sys.maxsize)
 #: Frames at least this big are assembled in a preallocated buffer (read straight into
 #: it) and written without being copied into the coalescing buffer.
 BIG_FRAME = 16 * 1024
@@ -1679,6 +1684,28 @@ def _foreign(conn: Connection) -> bytes:
     start of one (an HTTP server's error reply, say); b"" otherwise."""
     start = bytes(conn._hs_buf[: len(MAGIC)])
     return b"" if MAGIC.startswith(start) else start
+
+
+def check_frame_size(size: Any) -> int:
+    """``size``, a worker's largest frame (None: ``MAX_FRAME_SIZE``), once checked:
+    TypeError for what is not an int (a bool, a float), ValueError outside
+    ``FRAME_SIZE_RANGE``, each naming the value. (Taken as it came, a 0, a 1.5 or a 100
+    failed the worker's join with "cannot send a message of 48 bytes ...: more than the
+    largest frame (0 bytes)", its own hello too large for it, and an int past 64 bits
+    with "cannot send header value of type 'int'": far from the argument.)"""
+    if size is None:
+        return MAX_FRAME_SIZE
+    low, high = FRAME_SIZE_RANGE
+    if type(size) is not int:
+        raise TypeError(
+            f"max_frame_size must be an int (bytes; None: {MAX_FRAME_SIZE}), not {size!r:.80}"
+        )
+    if not low <= size <= high:
+        raise ValueError(
+            f"max_frame_size must be an int in {low}..{high} (bytes: at least a hello's "
+            f"worth), not {size!r:.80}"
+        )
+    return size
 
 
 def check_token(token: Any, source: str = "the cluster token") -> str:

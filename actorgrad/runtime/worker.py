@@ -878,6 +878,7 @@ class Worker:
             raise ValueError(
                 f"port must be an int in 0..65535 (0: any free port), not {port!r:.80}"
             )
+        max_frame_size = transport.check_frame_size(max_frame_size)
         if transport_kind not in ("tcp", "inproc"):
             raise ValueError(f"unknown transport {transport_kind!r}")
         if advertise is not None and transport_kind != "tcp":
@@ -925,7 +926,7 @@ class Worker:
         self._mailbox: collections.deque[tuple[Connection, Any]] = collections.deque()
         self._mailbox_size = mailbox_size
         self._max_in_flight = max_in_flight
-        self.max_frame_size = transport.MAX_FRAME_SIZE if max_frame_size is None else max_frame_size
+        self.max_frame_size = max_frame_size
         self._mb_waiter: asyncio.Future[None] | None = None
         # The context messages are handled in: nothing of its creator's (a cluster started
         # under no_grad ran every in-process worker's calls without grad, for good);
