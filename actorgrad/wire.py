@@ -116,6 +116,9 @@ MAX_DEPTH = 32
 MAX_INNER_LEVELS = 1000
 #: Most dimensions of a travelling array.
 MAX_NDIM = 32
+#: Each dimension of a travelling array is below this (numpy takes 2**62 and more in a
+#: zero-size array, whose other dimensions multiply within its limit).
+DIM_LIMIT = 2**62
 
 EXT_NDARRAY = 1
 EXT_SCALAR = 2
@@ -474,7 +477,8 @@ class _Encoder:
             return _new_ext(EXT_TUPLE, data)
         if t is np.ndarray:  # the next hot path (gradients, small arrays): inlined
             dstr = _DTYPE_STR.get(obj.dtype)
-            if dstr is not None and obj.nbytes < OOB_THRESHOLD and obj.ndim <= MAX_NDIM:
+            # (not a zero-size one: its shape may be past what travels, _array_payload)
+            if dstr is not None and 0 < obj.nbytes < OOB_THRESHOLD and obj.ndim <= MAX_NDIM:
                 if not obj.flags.c_contiguous:
                     obj = obj.copy()  # (C order) e.g. a broadcast gradient
                 return self.nested(EXT_NDARRAY, [dstr, list(obj.shape), memoryview(obj)])
@@ -597,6 +601,25 @@ def _enc_tuple_subclass(enc: _Encoder, obj: tuple[Any, ...]) -> msgpack.ExtType:
     return enc.nested(EXT_TUPLE, list(tuple.__iter__(obj)))
 
 
+def _shape_problem(shape: list[int], dstr: str, itemsize: int) -> str | None:
+    """What keeps an array of ``shape`` (ints) and dtype ``dstr`` from travelling (None:
+    nothing): the one rule of the sender (``_array_payload``) and the receiver
+    (``_array_from``), so that what one sends the other takes."""
+    for d in shape:
+        if not 0 <= d < DIM_LIMIT:
+            return (
+                f"bad array dimension {d} in shape {tuple(shape)}: each must be in "
+                f"0..{DIM_LIMIT - 1}"
+            )
+    if math.prod(d for d in shape if d) * itemsize > sys.maxsize:
+        # (numpy's own "array is too big" named no shape; zero-size ones get here)
+        return (
+            f"array of shape {tuple(shape)} and dtype {dstr} is too big: its nonzero "
+            "dimensions multiply past 2**63 bytes"
+        )
+    return None
+
+
 def _array_payload(enc: _Encoder, arr: np.ndarray) -> list[Any]:
     """``[dtype.str, shape, data]``: data is the raw bytes (inline) or a buffer index."""
     dstr = _dtype_str(arr, arr.dtype)
@@ -606,6 +629,15 @@ def _array_payload(enc: _Encoder, arr: np.ndarray) -> list[Any]:
         raise _Unsendable(
             arr, f"cannot send an array of {arr.ndim} dimensions: at most {MAX_NDIM} travel"
         )
+    shape = list(arr.shape)
+    # (an empty array of shape (0, 2**62) was sent, and the receiver refused the whole
+    # message, as above. Only a zero-size array, or one of 2**62 bytes or more, can
+    # have a shape past the rule: numpy keeps the others' bytes within 2**63, so the
+    # rule's 0.4 us a tensor is spent on those alone)
+    if not 0 < arr.nbytes < DIM_LIMIT:
+        problem = _shape_problem(shape, dstr, arr.dtype.itemsize)
+        if problem is not None:
+            raise _Unsendable(arr, f"cannot send an array: {problem}")
     enc.array_bytes += arr.nbytes
     if not arr.flags.c_contiguous:
         check = getattr(enc.hooks, "check_nbytes", None)
@@ -616,13 +648,13 @@ def _array_payload(enc: _Encoder, arr: np.ndarray) -> list[Any]:
         arr = np.ascontiguousarray(arr)  # one copy: unavoidable for a strided layout
     if arr.nbytes < OOB_THRESHOLD:
         # msgpack copies it in as bin
-        return [dstr, list(arr.shape), memoryview(arr)]  # type: ignore[arg-type]
+        return [dstr, shape, memoryview(arr)]  # type: ignore[arg-type]
     bufs = enc.buffers
     if len(bufs) >= MAX_BUFFERS:
         raise ValueError(f"more than MAX_BUFFERS ({MAX_BUFFERS}) large arrays in one frame")
     # a flat byte view (format "B", len == nbytes) of the array's own memory: no copy
     bufs.append(memoryview(arr.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
-    return [dstr, list(arr.shape), len(bufs) - 1]
+    return [dstr, shape, len(bufs) - 1]
 
 
 def _enc_array(enc: _Encoder, arr: np.ndarray) -> msgpack.ExtType:
@@ -1204,7 +1236,7 @@ def _array_from(dec: _Decoder, dstr: Any, shape: Any, raw: Any) -> np.ndarray:
     if type(shape) is not list or len(shape) > MAX_NDIM:
         raise ProtocolError(f"array shape must be a list of at most {MAX_NDIM} ints")
     for d in shape:
-        if type(d) is not int or not 0 <= d < 2**62:
+        if type(d) is not int:
             raise ProtocolError(f"bad array dimension {short_repr(d)} in shape {shape}")
     if type(raw) is int:
         buf: Any = dec.take_buffer(raw)
@@ -1212,12 +1244,9 @@ def _array_from(dec: _Decoder, dstr: Any, shape: Any, raw: Any) -> np.ndarray:
         buf = bytearray(raw)  # inline arrays get their own, writable memory
     else:
         raise ProtocolError("array data must be bin or a buffer index")
-    if math.prod(d for d in shape if d) * dtype.itemsize > sys.maxsize:
-        # (numpy's own "array is too big" named no shape; zero-size ones get here)
-        raise ProtocolError(
-            f"array of shape {tuple(shape)} and dtype {dstr} is too big: its nonzero "
-            "dimensions multiply past 2**63 bytes"
-        )
+    problem = _shape_problem(shape, dstr, dtype.itemsize)
+    if problem is not None:
+        raise ProtocolError(problem)
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(buf):
         raise ProtocolError(

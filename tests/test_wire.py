@@ -1049,7 +1049,10 @@ def arr_ext(dtype: Any, shape: Any, data: Any) -> msgpack.ExtType:
         (body_frame(arr_ext(5, [1], b"12345678")), "dtype must be a str"),
         (body_frame(arr_ext("<f8", [2], b"12345678")), "needs 16 bytes, got 8"),
         (body_frame(arr_ext("<f8", [-1], b"12345678")), "bad array dimension"),
-        (body_frame(arr_ext("<f8", [2**62, 0], b"")), "bad array dimension"),
+        (
+            body_frame(arr_ext("<f8", [2**62, 0], b"")),
+            r"bad array dimension 4611686018427387904 in shape \(4611686018427387904, 0\): each must be in 0\.\.4611686018427387903$",
+        ),
         (body_frame(arr_ext("<f8", [2**40, 2**40], b"")), "is too big"),
         (
             body_frame(arr_ext("<f8", [0, 2**40, 2**40], b"")),
@@ -1311,6 +1314,39 @@ def test_a_body_decoded_with_little_stack_left_is_a_protocol_error_not_a_crash()
         finally:
             sys.setrecursionlimit(limit)
     assert deep_equal(frame.body(), nested)  # (and it decodes with the stack back)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "travels"),
+    [
+        ((0, 2**62), "|u1", False),
+        ((2**63 - 1, 0), "|u1", False),
+        ((0, 2**62 - 1), "|u1", True),
+        ((0, 2**61 - 1), "<u2", True),
+        ((0, 3), "<f8", True),
+    ],
+)
+def test_sender_and_receiver_agree_on_the_shapes_that_travel(shape, dtype, travels):
+    # (an empty array of shape (0, 2**62) was encoded, and its receiver refused the
+    # whole message with "bad array dimension": the two checked shapes apart)
+    a = np.empty(shape, dtype)
+    received = decode_frame(body_frame([arr_ext(dtype, list(shape), b"")]))
+    if travels:
+        for value in (a, Tensor(a)):
+            (back,) = decode_frame(join_chunks(encode_frame([0], [value]))).body()
+            back = back if isinstance(back, np.ndarray) else back.data
+            assert back.shape == shape and back.dtype == np.dtype(dtype)
+        (back,) = received.body()
+        assert back.shape == shape
+        return
+    problem = f"bad array dimension {max(shape)} in shape {shape}: each must be in 0..{2**62 - 1}"
+    with pytest.raises(ProtocolError) as refused:
+        received.body()
+    assert str(refused.value) == problem
+    for value, at in ((a, "body[0]"), (Tensor(a), "body[0].data")):
+        with pytest.raises(TypeError) as unsent:
+            encode_frame([0], [value])
+        assert str(unsent.value) == f"cannot send an array: {problem} (at {at})"
 
 
 def test_a_tensor_with_too_many_dimensions_is_refused_naming_its_data():
