@@ -797,11 +797,14 @@ def test_a_line_printed_from_inside_a_prefixed_write_does_not_hang_the_thread():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_process_forked_while_a_thread_writes_a_prefixed_line_can_print():
+@pytest.mark.parametrize("copied", [False, True])
+def test_a_process_forked_while_a_thread_writes_a_prefixed_line_can_print(copied):
     # A worker's call that forks (multiprocessing's default start method on Linux: a
     # Pool in a call) while another thread of the worker is in the middle of a line
     # (a pool thread printing, a log record): the child inherited the stream's lock
-    # held by a thread it does not have, and its first print waited for good.
+    # held by a thread it does not have, and its first print waited for good. The
+    # same on a copy.copy() of the stream (copied): the child's new locks were the
+    # originals' only, the copy, made without __init__, not registered for them.
     read_fd, write_fd = os.pipe()
     entered, release = threading.Event(), threading.Event()
 
@@ -814,6 +817,8 @@ def test_a_process_forked_while_a_thread_writes_a_prefixed_line_can_print():
             return os.write(write_fd, text.encode())
 
     out = LinePrefixed(Stalling(), "[w1] ")
+    if copied:
+        out = copy.copy(out)
     thread = threading.Thread(target=out.write, args=("this line stalls\n",))
     thread.start()
     try:

@@ -121,6 +121,15 @@ class LinePrefixed:
         print("ready")  # [w1] ready
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> LinePrefixed:
+        self = super().__new__(cls)
+        # Its lock is made anew in a forked child (see below): every instance, however
+        # made. (Registered in __init__, a copy.copy(), made without it, was left out,
+        # its lock shared with the original's, and a copy a thread was writing on when
+        # the process forked hung the child's first print on it.)
+        _prefixed.add(self)
+        return self
+
     def __init__(self, stream: TextIO, prefix: str) -> None:
         self._stream = stream
         self._prefix = prefix
@@ -130,7 +139,6 @@ class LinePrefixed:
         # while its thread is inside a write here; a plain lock made that thread, the
         # worker's loop say, wait on itself for good.)
         self._lock = threading.RLock()
-        _prefixed.add(self)  # (its lock is made anew in a forked child: see below)
 
     def __repr__(self) -> str:
         return f"<LinePrefixed {self._prefix!r} on {self._stream!r}>"
