@@ -481,20 +481,22 @@ def test_a_planted_token_file_swapped_after_it_was_opened_still_gets_the_warning
     assert f"warning: token file {link} belongs to another user (uid 65534)" in err, err
 
 
-def test_a_worker_process_that_cannot_join_says_so_in_one_line() -> None:
+@pytest.mark.parametrize("setting", ["", "0"])
+def test_a_worker_process_that_cannot_join_says_so_in_one_line(setting: str) -> None:
+    # (its name once: the line's prefix gives it, or, without one, its words; both
+    # made "[wx] actorgrad worker wx: ...")
     r = subprocess.run(
         [sys.executable, "-m", "actorgrad.runtime.worker_main", "--join", "127.0.0.1:1"]
         + ["--name", "wx"],
         capture_output=True,
         text=True,
         timeout=60,
-        env=clean_env(ACTORGRAD_TOKEN="t"),
+        env=clean_env(ACTORGRAD_TOKEN="t", ACTORGRAD_OUTPUT_PREFIX=setting),
         stdin=subprocess.DEVNULL,
     )
     assert r.returncode == 1
-    assert r.stderr.startswith(
-        "[wx] actorgrad worker wx: WorkerLost: cannot connect to 127.0.0.1:1"
-    )
+    said = "[wx] actorgrad worker:" if setting == "" else "actorgrad worker wx:"
+    assert r.stderr.startswith(f"{said} WorkerLost: cannot connect to 127.0.0.1:1"), r.stderr
     assert len(r.stderr.splitlines()) == 1, r.stderr
 
 
@@ -1467,7 +1469,7 @@ def test_the_workers_of_a_cluster_whose_process_died_say_why_they_leave(tmp_path
         assert c.proc.stderr is not None
         err = c.proc.stderr.read()  # (to its end: the worker process holds it until it exits)
         assert (
-            "actorgrad worker w1: this worker's connection to the cluster's head closed (the "
+            "[w1] actorgrad worker: this worker's connection to the cluster's head closed (the "
             "head died, or the connection broke); leaving\n" in err
         ), err
         assert wait_gone(pids, 10) == set()
@@ -3044,7 +3046,7 @@ def test_a_worker_whose_loop_a_call_stopped_says_so_and_leaves(tmp_path: Path) -
     script.write_text(STOPS_ITS_LOOP)
     r = run_cli("run", "-n", "1", str(script), timeout=60)
     assert (r.returncode, r.stdout) == (0, "w1 lost\n"), r.stderr
-    assert "actorgrad worker w1: its event loop was stopped (by loop.stop() in " in r.stderr
+    assert "[w1] actorgrad worker: its event loop was stopped (by loop.stop() in " in r.stderr
     assert "Traceback" not in r.stderr, r.stderr
 
 

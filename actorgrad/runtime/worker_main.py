@@ -25,6 +25,18 @@ from actorgrad.errors import ActorgradError
 ORPHAN_GRACE = 15.0
 
 
+def said_by(name: str) -> str:
+    """How this worker process's own messages begin: "actorgrad worker", where each
+    line it prints begins with its name already (``[w1] ``, see procs.prefix_output),
+    else "actorgrad worker w1" (``ACTORGRAD_OUTPUT_PREFIX=0``). (The name in both
+    made "[w1] actorgrad worker w1: ...".)"""
+    from actorgrad.runtime.procs import LinePrefixed
+
+    return (
+        "actorgrad worker" if isinstance(sys.stderr, LinePrefixed) else f"actorgrad worker {name}"
+    )
+
+
 def leave_with(parent: int, grace: float, name: str) -> None:
     """End this process ``grace`` seconds after process ``parent`` is gone, unless it
     ended by itself meanwhile. A worker normally leaves once its cluster's head goes;
@@ -43,7 +55,7 @@ def leave_with(parent: int, grace: float, name: str) -> None:
         _wait_until_gone(parent)
         time.sleep(grace)  # (its own exit, if it comes, ends this thread too)
         print(
-            f"actorgrad worker {name}: the process that started it ({parent}) is gone, "
+            f"{said_by(name)}: the process that started it ({parent}) is gone, "
             f"and it did not leave within {grace:g} s (its loop is blocked?): exiting now",
             file=sys.stderr,
         )
@@ -104,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
         read_settings()  # (ACTORGRAD_HEARTBEAT_TIMEOUT: a bad one is said, status 2)
     except ValueError as exc:
-        print(f"actorgrad worker: {exc}", file=sys.stderr)
+        print(f"{said_by(args.name)}: {exc}", file=sys.stderr)
         return 2
     if not token:
-        print(f"actorgrad worker: {ENV_TOKEN} is not set", file=sys.stderr)
+        print(f"{said_by(args.name)}: {ENV_TOKEN} is not set", file=sys.stderr)
         return 2
     forget_env_token()  # (as the join key above)
     from actorgrad.runtime.cluster import run, serve_worker
@@ -141,14 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ActorgradError, OSError, ValueError) as exc:
         # (one line, as the CLI reports errors: e.g. stopped while it was joining, the
         # head gone; the traceback helps nobody, the cluster says which worker exited)
-        print(f"actorgrad worker {args.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{said_by(args.name)}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except RuntimeError as exc:
         if "Event loop stopped before Future completed" not in str(exc):
             raise
         # (asyncio's words, and a traceback into its internals, said nothing of why)
         print(
-            f"actorgrad worker {args.name}: its event loop was stopped (by loop.stop() in "
+            f"{said_by(args.name)}: its event loop was stopped (by loop.stop() in "
             "code it ran?); leaving",
             file=sys.stderr,
         )
@@ -159,14 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 prof.dump_stats(f"{profile}.{args.name}")
             except OSError as exc:  # (a missing folder: one line, not a traceback)
-                print(f"actorgrad worker {args.name}: ACTORGRAD_PROFILE: {exc}", file=sys.stderr)
+                print(f"{said_by(args.name)}: ACTORGRAD_PROFILE: {exc}", file=sys.stderr)
     if head_gone is not None:
         if head_gone != HEAD_SHUT_DOWN:
             # (said, so that a cluster that finds its workers gone knows why: one whose
             # process was stopped (Ctrl-Z) for longer than the idle timeout lost them
             # all; not when it shut down: the cluster is stopping them, and says so)
             print(
-                f"actorgrad worker {args.name}: {head_lost(head_gone)}; leaving",
+                f"{said_by(args.name)}: {head_lost(head_gone)}; leaving",
                 file=sys.stderr,
                 flush=True,
             )
