@@ -3678,43 +3678,18 @@ async def _replace_worker(c: Any, name: str) -> Any:
     return new
 
 
-async def test_a_context_does_not_take_a_new_process_for_the_worker_it_lost(worker_path):
-    # w1 held part of the context's graph, died, and a new process joined as w1: a call
-    # in the context reached the new one (which knows nothing of the old pairs) and the
-    # next backward waited for good for the dead one's gradients.
-    xv, wv = arr(3), arr(3)
-    async with ag.local_cluster(1, processes=True) as c:
-        await ag.rpc("w1", F.put, ("w", wv))
-        x = ag.tensor(xv, requires_grad=True)
-        new = None
-        try:
-            async with ag.dist.context() as ctx:
-                y = await ag.rpc("w1", F.mul, ("w", x))
-                new = await _replace_worker(c, "w1")
-                with pytest.raises(ag.WorkerLost, match="another process joined under its name"):
-                    await asyncio.wait_for(ag.rpc("w1", F.identity, (y,)), 10)
-                with pytest.raises(ag.WorkerLost, match="another process joined under its name"):
-                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
-            assert ag.dist.debug_info()["num_contexts"] == 0
-            # (a new context takes the new process)
-            async with ag.dist.context() as ctx:
-                await ag.rpc("w1", F.put, ("w", wv))
-                y = await ag.rpc("w1", F.mul, ("w", x))
-                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
-                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
-        finally:
-            if new is not None:
-                new.terminate()
-                await asyncio.wait_for(new.wait(), 10)
-
-
-async def test_a_backward_goes_through_when_a_peer_that_held_no_part_was_replaced(worker_path):
-    # w2 got only a call without tensors in the context (a status call): it holds no
-    # part of the graph. It died and a new process joined as w2: the backward, which
+@pytest.mark.parametrize("replaced", ["w1", "w2"])
+async def test_a_context_does_not_take_a_new_process_for_a_worker_it_lost(worker_path, replaced):
+    # w1: it held part of the context's graph, died, and a new process joined as w1: a
+    # call in the context reached the new one (which knows nothing of the old pairs)
+    # and the next backward waited for good for the dead one's gradients.
+    # w2: it got only a call without tensors in the context (a status call): it holds
+    # no part of the graph. It died and a new process joined as w2: the backward, which
     # never needs w2, was refused with WorkerLost ("w2 was lost while it held part of
     # the graph ..."), although it went through once the old w2 had left. A call to
     # the new w2 in the context is refused, its error no longer saying w2 held part
     # of the graph.
+    joined = "another process joined under its name"
     xv, wv = arr(3), arr(3)
     async with ag.local_cluster(2, processes=True) as c:
         await ag.rpc("w1", F.put, ("w", wv))
@@ -3723,24 +3698,38 @@ async def test_a_backward_goes_through_when_a_peer_that_held_no_part_was_replace
         try:
             async with ag.dist.context() as ctx:
                 y = await ag.rpc("w1", F.mul, ("w", x))
-                assert (await ag.rpc("w2", F.debug_info))["num_contexts"] == 1
-                new = await _replace_worker(c, "w2")
-                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
-                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
-                np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
-                # (a call to the new one in the context is still refused: it does not know
-                # the context; saying why, not that w2 "held part of the graph")
-                with pytest.raises(ag.WorkerLost) as err:
-                    await asyncio.wait_for(ag.rpc("w2", F.debug_info), 10)
-                assert str(err.value) == (
-                    f"worker 'w2' was lost after it exchanged calls of distributed autograd "
-                    f"context {ctx:#x} with this worker (it holds no part of the graph here: "
-                    "it exchanged no tensors with this worker, or a backward pass freed their "
-                    "part), and another process joined under its name; that one does not "
-                    "know the context, so the context cannot use it: start a new context"
-                )
+                if replaced == "w2":
+                    assert (await ag.rpc("w2", F.debug_info))["num_contexts"] == 1
+                new = await _replace_worker(c, replaced)
+                # (a call to the new one in the context is refused: it does not know the
+                # context; w2's saying why, not that it "held part of the graph")
+                if replaced == "w1":
+                    with pytest.raises(ag.WorkerLost, match=joined):
+                        await asyncio.wait_for(ag.rpc("w1", F.identity, (y,)), 10)
+                    with pytest.raises(ag.WorkerLost, match=joined):
+                        await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+                else:
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+                    np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+                    np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv)
+                    with pytest.raises(ag.WorkerLost, match=joined) as err:
+                        await asyncio.wait_for(ag.rpc("w2", F.debug_info), 10)
+                    assert str(err.value) == (
+                        f"worker 'w2' was lost after it exchanged calls of distributed "
+                        f"autograd context {ctx:#x} with this worker (it holds no part of the "
+                        "graph here: it exchanged no tensors with this worker, or a backward "
+                        "pass freed their part), and another process joined under its name; "
+                        "that one does not know the context, so the context cannot use it: "
+                        "start a new context"
+                    )
             assert ag.dist.debug_info()["num_contexts"] == 0
             assert (await ag.rpc("w1", F.wait_no_contexts, (10.0,)))["num_contexts"] == 0
+            # (a new context takes the new process)
+            async with ag.dist.context() as ctx:
+                await ag.rpc(replaced, F.put, ("w", wv))
+                y = await ag.rpc(replaced, F.mul, ("w", x))
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
         finally:
             if new is not None:
                 new.terminate()
