@@ -1093,6 +1093,7 @@ async def test_a_context_id_not_made_by_its_named_initiator_is_refused_so(sock_c
         lambda ctx: (ctx, ["driver"], None),
         lambda ctx: (ctx, "driver", 7),
         lambda ctx: (ctx, "driver", ["w2", 7]),
+        lambda ctx: (ctx, "driver", None, 7),  # (why: a str)
     ],
 )
 async def test_a_malformed_context_release_is_refused_naming_it(sock_cluster, release):
@@ -1108,9 +1109,10 @@ async def test_a_malformed_context_release_is_refused_naming_it(sock_cluster, re
         with pytest.raises(ag.RemoteError) as err:
             await ag.rpc("w1", "actorgrad.dist.api:_release", args)
         assert err.value.remote_type == "actorgrad.errors.ProtocolError", err.value
+        why = args[3] if len(args) > 3 else ""
         assert (
             f"malformed context release: context id {args[0]!r}, sender {args[1]!r}, gone "
-            f"{args[2]!r}"
+            f"{args[2]!r}, why {why!r}"
         ) in str(err.value)
         assert ctx in state_of(w1).contexts  # (refused: nothing of it done)
     assert not state_of(w1).contexts

@@ -2743,6 +2743,37 @@ async def test_a_closing_worker_does_not_reclaim_an_orphan_context(monkeypatch, 
         assert info["num_contexts"] == 0, info
 
 
+async def test_the_release_of_a_reclaimed_context_says_why_where_it_reaches(monkeypatch):
+    # w1 reclaims a context whose initiator is no member and passes its release on to
+    # w2, which the context reached through w1: a late call in it on w2 was refused as
+    # "released on worker 'w2'; a call that arrives in it late is refused", no word of
+    # why (w1's own refusal said it). The release carries it now.
+    mod = sys.modules["actorgrad.dist.context"]  # (ag.dist.context is the function)
+    monkeypatch.setattr(mod, "ORPHAN_CONTEXT_GRACE", 3600.0)  # (checked here, not by its timer)
+    async with cluster("tcp", 2) as c:
+        w1 = c.workers[0]
+        await ag.rpc("w1", F.call_in_context_of, ("left-before", "w2"))
+        st = mod.state_of(w1)
+        (ctx_id,) = [i for i, ctx in st.contexts.items() if ctx.initiator == "left-before"]
+        st._check_orphan(ctx_id, "left-before", 0.0)
+        info = await ag.rpc("w2", F.wait_contexts, (0, 10.0))  # (its release went on)
+        assert info["num_contexts"] == 0, info
+        lost = (
+            "lost the context's initiator, worker 'left-before' (the process that made it "
+            "was no member of the cluster 3600 s after a call brought the context here)"
+        )
+        for name, other, who in (("w1", "w2", "it"), ("w2", "w1", "worker 'w1'")):
+            with pytest.raises(ag.RemoteError) as ei:
+                await ag.rpc(name, F.call_in_context_of, ("left-before", other))
+            assert ei.value.remote_type == "actorgrad.errors.ContextError", ei.value
+            assert (
+                f"distributed autograd context {ctx_id:#x} was released on worker {name!r} "
+                f"when {who} {lost}: start a new context; a call that arrives in it late "
+                "is refused"
+            ) in str(ei.value), ei.value
+        await assert_clean(c.names)
+
+
 @pytest.mark.parametrize("initiator", ["never a member", "joins meanwhile", "another process"])
 async def test_a_context_whose_initiator_is_no_member_is_reclaimed(monkeypatch, initiator):
     # A live peer's call can bring a context whose initiator left before this worker
@@ -2798,18 +2829,21 @@ async def test_a_context_whose_initiator_is_no_member_is_reclaimed(monkeypatch, 
             # (a late call in it said "a worker silent for 3 s ... is taken for lost".
             # Which of w1 and w2 reclaims it is not fixed: each checks again while it
             # heard nothing from the head since it took the context in, and the head's
-            # next frame can reach w2 first; the other gets its release, no cause
-            # then: socket fuzz seed 103 had w2 reclaim it)
-            causes = [
-                cause
-                for w in (w1, w2)
-                for who, cause in mod.state_of(w)._reclaimed.values()
-                if who == "left-before"
-            ]
-            assert causes and set(causes) == {
-                "the process that made it was no member of the cluster 0.3 s after a call "
-                "brought the context here"
-            }, causes
+            # next frame can reach w2 first; the other gets its release, which says
+            # why: socket fuzz seed 103 had w2 reclaim it)
+            lost = (
+                "lost the context's initiator, worker 'left-before' (the process that made "
+                "it was no member of the cluster 0.3 s after a call brought the context here)"
+            )
+            for name, other in (("w1", "w2"), ("w2", "w1")):
+                with pytest.raises(ag.RemoteError) as ei:
+                    await ag.rpc(name, F.call_in_context_of, ("left-before", other))
+                said = str(ei.value)
+                assert any(
+                    f"was released on worker {name!r} when {who} {lost}: start a new context"
+                    in said
+                    for who in ("it", f"worker {other!r}")
+                ), said
         reclaimed.set()
         await held
         if initiator != "joins meanwhile":

@@ -21,7 +21,7 @@ from actorgrad.dist.context import (
     start_calls,
     state_of,
 )
-from actorgrad.errors import ContextError, ProtocolError, WorkerLost, short_repr
+from actorgrad.errors import ContextError, ProtocolError, WorkerLost, cut_text, short_repr
 from actorgrad.runtime import current_worker, inline, loop_worker
 from actorgrad.tensor import Tensor
 
@@ -149,12 +149,17 @@ async def _release_everywhere(st: DistState, ctx_id: int, wait: bool = True) -> 
 
 
 def _start_release(
-    st: DistState, ctx_id: int, sender: str | None = None, gone: list[str] | None = None
+    st: DistState,
+    ctx_id: int,
+    sender: str | None = None,
+    gone: list[str] | None = None,
+    why: str = "",
 ) -> Coroutine[Any, Any, None] | None:
     """Release ``ctx_id`` here, then send its release to this worker's peers in it but
     ``sender`` (it came from there; None: it starts here) and the ``gone`` ones (nobody
-    forwards it to them either). Returns the wait for their acknowledgements (None:
-    nobody to tell)."""
+    forwards it to them either). ``why``: the context was reclaimed, how (see
+    context._reclaim), which the release carries. Returns the wait for their
+    acknowledgements (None: nobody to tell)."""
     # Release locally first, so a forwarded release coming back finds nothing to do.
     ctx = _release_local(st, ctx_id)
     if ctx is None:
@@ -184,7 +189,7 @@ def _start_release(
     # gone, it was called too, and an initiator its workers cannot reach, behind a
     # firewall, held every such release for the connect timeout, 3 s)
     told = {sender or worker.name, ctx.initiator}
-    return _release_on(worker, peers, ctx_id, told, gone, tell_all)
+    return _release_on(worker, peers, ctx_id, told, gone, tell_all, why)
 
 
 def _release_on(
@@ -194,12 +199,19 @@ def _release_on(
     told: set[str],
     gone: list[str] | None = None,
     tell_all: bool = False,
+    why: str = "",
 ) -> Coroutine[Any, Any, None]:
     """Send the release of ``ctx_id`` to ``peers`` now (each forwards it to its own
     peers, but the ``gone`` ones); returns the wait for their acknowledgements.
     ``told``: workers that have the release already."""
-    started = start_calls(worker, peers, _release, (ctx_id, worker.name, gone))
-    return _await_releases(worker, started, ctx_id, told, gone, tell_all)
+    started = start_calls(worker, peers, _release, _release_args(ctx_id, worker.name, gone, why))
+    return _await_releases(worker, started, ctx_id, told, gone, tell_all, why)
+
+
+def _release_args(ctx_id: int, sender: str, gone: list[str] | None, why: str) -> tuple[Any, ...]:
+    """The arguments of a ``_release`` call (``why`` only when there is one: a
+    context's own release stays as short as it was)."""
+    return (ctx_id, sender, gone, why) if why else (ctx_id, sender, gone)
 
 
 async def _await_releases(
@@ -209,6 +221,7 @@ async def _await_releases(
     told: set[str],
     gone: list[str] | None = None,
     tell_all: bool = False,
+    why: str = "",
 ) -> None:
     """Wait for the releases ``started`` by ``_release_on``. A peer that is gone cannot
     forward it to the workers it brought into the context (second hops, whose initiator
@@ -225,7 +238,7 @@ async def _await_releases(
         # answer the cancellation cut is lost: that peer counts as failed.
         cut = any(f.cancelled() for _, f in started)
         uncut = [(p, f) for p, f in started if not f.cancelled()]
-        again = _await_releases(worker, uncut, ctx_id, told, gone, tell_all or cut)
+        again = _await_releases(worker, uncut, ctx_id, told, gone, tell_all or cut, why)
         worker.spawn(again, name=f"release-{ctx_id:#x}")
         raise
     if failed or tell_all:
@@ -235,7 +248,7 @@ async def _await_releases(
             # (the gone ones named: those that have them as peers do not forward the
             # release to them, which would wait out a connection's deadlines if one
             # hung; the release sent them before reaches them if they come back)
-            await call_peers(worker, rest, _release, (ctx_id, me, sorted(out)))
+            await call_peers(worker, rest, _release, _release_args(ctx_id, me, sorted(out), why))
 
 
 def _release_local(st: DistState, ctx_id: int) -> DistContext | None:
@@ -248,23 +261,39 @@ def _release_local(st: DistState, ctx_id: int) -> DistContext | None:
     return ctx
 
 
+#: The most of a reclaimed context's release's ``why`` a worker keeps (characters).
+MAX_WHY = 2000
+
+
 @inline
-def _release(ctx_id: int, sender: str, gone: list[str] | None = None) -> Awaitable[None] | None:
+def _release(
+    ctx_id: int, sender: str, gone: list[str] | None = None, why: str = ""
+) -> Awaitable[None] | None:
     """Handler: release the context here, then on our own peers (second hops) but the
     ``gone`` ones (the sender could not reach them); the reply waits for theirs. Inline:
-    without second hops it answers at once."""
+    without second hops it answers at once. ``why``: the context was reclaimed, how
+    ("worker 'w1' lost the context's initiator, ..."), which a late call in it here is
+    told (unless this worker had released it before)."""
     if (
         type(ctx_id) is not int
         or type(sender) is not str
         or not (gone is None or (type(gone) is list and all(type(p) is str for p in gone)))
+        or type(why) is not str
     ):
         # (each was used as it came: "unhashable type: 'list'", "'int' object is not
         # iterable")
         raise ProtocolError(
             f"malformed context release: context id {short_repr(ctx_id)}, sender "
-            f"{short_repr(sender)}, gone {short_repr(gone)}"
+            f"{short_repr(sender)}, gone {short_repr(gone)}, why {short_repr(why)}"
         )
-    return _start_release(state_of(current_worker()), ctx_id, sender, gone)
+    st = state_of(current_worker())
+    first = not st.released_here(ctx_id)
+    acks = _start_release(st, ctx_id, sender, gone, why)
+    if why and first:
+        # (kept for a late call's refusal, as a cause of this worker's own; cut: it came
+        # from a peer, and stays while the id is remembered)
+        st.reclaimed(ctx_id, cut_text(why, MAX_WHY))
+    return acks
 
 
 async def _ask_initiators(st: DistState, lost: str, ask: dict[str, list[int]]) -> None:

@@ -493,9 +493,10 @@ class DistState:
         # the last RELEASED_MEMORY context ids released here (see join)
         self._released: set[int] = set()
         self._released_order: collections.deque[int] = collections.deque()
-        # (of those: the ones reclaimed here because their initiator was lost, and how
-        # the refusal of a late call in one says so, see released_why)
-        self._reclaimed: dict[int, tuple[str, str]] = {}
+        # (of those: the ones reclaimed because their initiator was lost, here or by the
+        # worker whose release came, and how: the words a late call's refusal puts
+        # after "when", see released_why)
+        self._reclaimed: dict[int, str] = {}
         # Initiators lost here but members, asked for a sign of life (_ask_for_life)
         self._asking: set[str] = set()
         # Origins of passes whose reports could not go straight to them (a one-way
@@ -757,30 +758,19 @@ class DistState:
         lease ran out: see forget)."""
         return ctx_id in self._released
 
-    def reclaimed(self, ctx_id: int, initiator: str, cause: str = "") -> None:
+    def reclaimed(self, ctx_id: int, why: str) -> None:
         """Note that ``ctx_id``, released here, was reclaimed on the loss of its
-        ``initiator`` (``cause``: how it showed, see Worker.lost_cause): a late call in
-        it says so (see released_why)."""
+        initiator, ``why`` (words after "when": "it lost the context's initiator, worker
+        'w1' (...)", see lost_initiator): a late call in it says so (see
+        released_why)."""
         if ctx_id in self._released:
-            self._reclaimed[ctx_id] = (initiator, cause)
+            self._reclaimed[ctx_id] = why
 
     def released_why(self, ctx_id: int) -> str:
         """Why ``ctx_id`` was released here, when it was not its initiator's release
         (then ""), as words to put after "released on worker 'w1'"."""
-        entry = self._reclaimed.get(ctx_id)
-        if entry is None:
-            return ""
-        initiator, cause = entry
-        # (the cause, as it showed: a connection reset or a worker leaving was put as
-        # the heartbeat's "a worker silent for 3 s ... is taken for lost")
-        because = cause or (
-            f"a worker silent for {_runtime.HEARTBEAT_TIMEOUT:g} s, its process stopped "
-            "or its loop blocked, is taken for lost as a dead one is"
-        )
-        return (
-            f" when it lost the context's initiator, worker {initiator!r} ({because}): "
-            "start a new context"
-        )
+        why = self._reclaimed.get(ctx_id)
+        return "" if why is None else f" when {why}: start a new context"
 
     def forget(self, ctx_id: int) -> DistContext | None:
         """Drop a context from this worker (released, or reclaimed by the lease). Its id
@@ -878,6 +868,19 @@ def _on_closing(st: DistState) -> None:
         st._watch_timer = None
 
 
+def lost_initiator(initiator: str, cause: str) -> str:
+    """How a worker that reclaimed a context lost its ``initiator`` (``cause``: how the
+    loss showed, see Worker.lost_cause; "": its heartbeat), as the words after the
+    reclaimer ("it", "worker 'w2'") in a late call's refusal (see released_why)."""
+    # (the cause, as it showed: a connection reset or a worker leaving was put as the
+    # heartbeat's "a worker silent for 3 s ... is taken for lost")
+    because = cause or (
+        f"a worker silent for {_runtime.HEARTBEAT_TIMEOUT:g} s, its process stopped or "
+        "its loop blocked, is taken for lost as a dead one is"
+    )
+    return f"lost the context's initiator, worker {initiator!r} ({because})"
+
+
 def _reclaim(
     st: DistState, ctx_id: int, initiator: str, why: str | None = None, cause: str = ""
 ) -> None:
@@ -925,17 +928,18 @@ def _reclaim(
                     "released the context there"
                 ),
             )
+    if why:  # (named: the words also go to the workers below)
+        cause = f"it dropped worker {st.worker.name!r}: {why}"
+    lost_it = lost_initiator(initiator, cause or st.worker.lost_cause(initiator))
     # Passed on to the workers this one brought into the context: when only a
     # connection of the initiator closed here (it lives on), they do not see it go, and
     # its release, sent here, finds nothing left to forward to them. Never to the
     # initiator itself (named gone: nobody forwards it there): a live one keeps its
     # context until it leaves it (its calls and backward passes through the workers
-    # that dropped it fail).
-    acks = _start_release(st, ctx_id, gone=[initiator])
-    if why:
-        cause = f"it dropped this worker: {why}"
-    cause = cause or st.worker.lost_cause(initiator)
-    st.reclaimed(ctx_id, initiator, cause)
+    # that dropped it fail). It says why, as this worker does to a late call: a late
+    # call on those workers said "released on worker 'w2'", no cause.
+    acks = _start_release(st, ctx_id, gone=[initiator], why=f"worker {st.worker.name!r} {lost_it}")
+    st.reclaimed(ctx_id, f"it {lost_it}")
     if acks is not None:
         st.worker.spawn(acks, name=f"reclaim-{ctx_id:#x}")
 

@@ -110,7 +110,9 @@ MAGIC = b"ACTGRAD\x00"
 #: 13: backward pass ids and call tokens carry their worker's cluster id above 48 bits
 #:     (32 and 40 before: a worker of 12 refuses an aborted pass of 13 in a call's
 #:     metadata, and reads another origin in its ids)
-PROTOCOL_VERSION = 13
+#: 14: the release of a context reclaimed for its initiator's loss carries why (a
+#:     fourth argument of dist.api._release, which 13 refuses)
+PROTOCOL_VERSION = 14
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
 #: A server's answer to a client that does not know the token, in place of its MAC and
