@@ -758,3 +758,47 @@ async def test_two_loads_of_one_optimizer_at_once_load_one_after_the_other(monke
         for owner in ("w1", "w2"):
             info = await ag.rpc(owner, F.debug_info)
             assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
+
+
+async def _step_ones(opt, ref) -> None:
+    """A step of ``opt`` with a gradient of ones for ``ref``'s parameter."""
+    async with ag.dist.context() as ctx:
+        w = await ref.to_here()
+        await ag.dist.backward(ctx, [w.sum()])
+        await opt.step(ctx)
+
+
+async def test_a_step_that_reached_an_owner_during_a_load_is_not_taken_as_loaded(monkeypatch):
+    # A load's end took every owner for having the state dict's hyperparameters. A step
+    # of the same optimizer that reached an owner after its commit, with the values
+    # param_groups held then (lr 0.1), left that owner with those: param_groups showed
+    # the loaded lr (0.5), the next steps sent nothing, and the owner stepped with 0.1
+    # for good, as nothing said. (As two steps at once: which set the values last is not
+    # known, so the next step sends them all.)
+    from actorgrad.dist import optimizer as dopt
+
+    committed, go = asyncio.Event(), asyncio.Event()
+    commit = dopt._LocalOptimizer.commit
+
+    async def held(self, token):
+        await commit(self, token)
+        committed.set()
+        await go.wait()
+
+    monkeypatch.setattr(dopt._LocalOptimizer, "commit", held)
+    async with ag.local_cluster(1):
+        ref = await ag.remote("w1", F.make_param, (np.zeros(2),))
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [ref], lr=0.5)
+        saved = await opt.state_dict()
+        opt.param_groups[0]["lr"] = 0.1
+        async with asyncio.timeout(20):
+            load = asyncio.create_task(opt.load_state_dict(saved))
+            await committed.wait()
+            await _step_ones(opt, ref)  # (after the commit on w1: lr 0.1 there)
+            go.set()
+            await load
+            assert opt.param_groups[0]["lr"] == 0.5
+            np.testing.assert_allclose((await ref.to_here()).data, [-0.1, -0.1])
+            await _step_ones(opt, ref)  # (with the loaded lr, as param_groups says)
+            np.testing.assert_allclose((await ref.to_here()).data, [-0.6, -0.6])
+            assert (await opt.state_dict())["param_groups"][0]["lr"] == 0.5

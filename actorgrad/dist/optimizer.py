@@ -803,6 +803,10 @@ class DistributedOptimizer:
         # over 3 owners took 2x the traffic and the owners' decode and check twice).
         # (An owner lost between the rounds still leaves the others loaded.)
         token = secrets.randbits(63)  # (names this load on the owners: no other's)
+        # (per owner: whether no step of this optimizer ran there as the commits went
+        # out, and how many had started by then: see the commits below)
+        alone: dict[str, bool] = {}
+        steps_before: dict[str, int] = {}
         me = current_worker().name
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -838,9 +842,24 @@ class DistributedOptimizer:
                 await _aborted(staged, token)
                 del staged
             else:
-                results = await asyncio.gather(
-                    *(_called(r, "commit", token) for r in refs.values()), return_exceptions=True
-                )
+                # A commit sets the hyperparameters on its owner as a step does, so it
+                # counts as one of this optimizer's steps there (see step): a step that
+                # reached an owner meanwhile may have set the values of param_groups
+                # before the load was made, after the commit; taken as loaded there,
+                # the owner kept stepping with them, unsent, while param_groups showed
+                # the loaded ones.
+                alone = {o: not self._stepping[o] for o in refs}
+                steps_before = dict(self._started)
+                owners = list(refs)  # (a list: a Counter adds a dict's values)
+                self._stepping.update(owners)
+                self._started.update(owners)
+                try:
+                    results = await asyncio.gather(
+                        *(_called(r, "commit", token) for r in refs.values()),
+                        return_exceptions=True,
+                    )
+                finally:
+                    self._stepping.subtract(owners)
         except asyncio.CancelledError:
             # (the owners that staged it drop it at once, not at its expiry; those that
             # committed it, or never staged it, ignore the abort)
@@ -867,7 +886,10 @@ class DistributedOptimizer:
         self.param_groups = [copy.deepcopy(self._made_with)]
         self._checked = None
         for o in refs:
-            self._had[o] = dict(self._made_with)
+            if alone.get(o, False) and self._started[o] == steps_before.get(o, 0) + 1:
+                self._had[o] = dict(self._made_with)
+            else:  # (a step ran there meanwhile: not known; the next step sends them all)
+                self._had.pop(o, None)
 
 
 async def _aborted(refs: list[RRef | BaseException], token: int) -> None:
