@@ -22,7 +22,7 @@ import inspect
 import secrets
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -682,6 +682,9 @@ class DistributedOptimizer:
                 # (an owner lost before its reply came may have stepped, the reply being
                 # what got lost: "failed on" it invited a retry that stepped it twice)
                 lost_note=("its step", "their steps"),
+                # (an owner whose optimizer could not be made was sent no step: a lost
+                # one, gone before, was said to have maybe stepped, where none was there)
+                unsent={o for o, r in refs.items() if isinstance(r, BaseException)},
             )
         except BaseException:
             del results, refs  # (see _raise_failures)
@@ -912,16 +915,18 @@ def _raise_failures(
     *,
     convert: Callable[[BaseException], BaseException] | None = None,
     lost_note: tuple[str, str] | None = None,
+    unsent: Collection[str] = (),
 ) -> None:
     """Raise the first owner's failure among ``results`` (one per owner; ``convert``ed
     first), with a note naming the owners that ``done`` (stepped, answered, loaded), those
-    that gave no answer (``lost_note``: what of one, of several, may have run or not)
-    and the others' failures."""
+    that gave no answer (``lost_note``: what of one, of several, may have run or not;
+    not those of ``unsent``, which were sent nothing: they failed) and the others'
+    failures."""
     failed = [(o, r) for o, r in zip(owners, results, strict=True) if isinstance(r, BaseException)]
     if not failed:
         return
     ok = [o for o, r in zip(owners, results, strict=True) if not isinstance(r, BaseException)]
-    lost = [o for o, r in failed if isinstance(r, (WorkerLost, TimeoutError))]
+    lost = [o for o, r in failed if o not in unsent and isinstance(r, (WorkerLost, TimeoutError))]
     said = [o for o, _ in failed if o not in lost]
     parts = [f"failed on {', '.join(repr(o) for o in said)}"] if said else []
     if lost:
