@@ -2792,6 +2792,54 @@ async def test_worker_processes_exiting_all_at_once_get_the_cpu_they_need_before
         await procs.stop(grace=0, term_grace=0)
 
 
+def group_leaders(*codes: str) -> WorkerProcesses:
+    """Processes running ``codes`` (Python), as worker processes of a
+    ``WorkerProcesses`` (w1, w2, ...): each leads a process group of its own."""
+    procs = WorkerProcesses()
+    for i, code in enumerate(codes):
+        procs.procs[f"w{i + 1}"] = subprocess.Popen(
+            [sys.executable, "-S", "-c", code], process_group=0
+        )
+    return procs
+
+
+async def test_a_stop_signals_no_process_group_whose_leader_it_reaped_before(monkeypatch):
+    # A worker process that died was reaped at once (watch_exits, as a cluster reports
+    # it), and the stop, maybe hours later, sent SIGKILL to the process group of its pid
+    # all the same ("the group may still hold grandchildren"). Reaped, its pid is free,
+    # and so is its group's id once the group is empty: pid_max is 32768 on many
+    # machines (this one too), and by then the id could be another process's group (a
+    # shell's job, another cluster's worker process: each leads one), which was killed.
+    # Now a worker process is reaped only once its group has been signalled.
+    signalled: list[tuple[int, int, bool]] = []
+    killpg = os.killpg
+
+    def recorded(pgid: int, sig: int) -> None:
+        try:  # (whether pgid is still a child of ours, maybe exited, not reaped)
+            os.waitid(os.P_PID, pgid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            ours = True
+        except ChildProcessError:
+            ours = False
+        signalled.append((pgid, sig, ours))
+        killpg(pgid, sig)
+
+    procs = group_leaders("pass", "import time; time.sleep(60)")
+    exits: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    unwatch = procs.watch_exits(lambda name, pid, rc: exits.put_nowait((name, rc)))
+    try:
+        async with asyncio.timeout(20):
+            assert await exits.get() == ("w1", 0)
+        unwatch()
+        monkeypatch.setattr(os, "killpg", recorded)
+        await procs.stop(grace=0.1, term_grace=5)
+        assert [p.returncode for p in procs.procs.values()] == [0, -signal.SIGTERM]
+        assert signalled and all(ours for _, _, ours in signalled), signalled
+    finally:
+        monkeypatch.undo()
+        procs.kill()
+        await procs.stop(grace=0, term_grace=0)
+
+
 async def test_the_names_of_the_worker_processes_a_head_starts_are_kept_for_them():
     # Anyone holding the token could join as "w30" while the cluster's own w30 was
     # starting: the cluster said it was ready, then its own w30 failed ("already in

@@ -435,6 +435,26 @@ def describe_exit(returncode: int) -> str:
 MAX_LOCAL_WORKERS = 256
 
 
+def exit_code(p: subprocess.Popen[bytes]) -> int | None:
+    """``p``'s return code once it has exited (as ``Popen.poll``'s), None while it runs;
+    without reaping it, where the system can tell (``os.waitid``'s ``WNOWAIT``).
+
+    A process reaped frees its pid, and the id of the process group it leads once that
+    group is empty: both can be another process's the next moment (pid_max is 32768 on
+    many machines), and a signal sent to them later reached that one. Unreaped (a
+    zombie), it keeps them ours until ``WorkerProcesses.stop`` has signalled its group,
+    which may still hold its children, and reaps it."""
+    if p.returncode is not None or not hasattr(os, "waitid"):
+        return p.poll()
+    try:
+        info = os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # (reaped by other code: its status is Popen's to say)
+        return p.poll()
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
 class WorkerProcesses:
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -442,7 +462,7 @@ class WorkerProcesses:
         self._waiting: list[tuple[str, list[str], dict[str, str]]] = []
 
     def __repr__(self) -> str:
-        return f"<WorkerProcesses {[(n, p.pid, p.poll()) for n, p in self.procs.items()]}>"
+        return f"<WorkerProcesses {[(n, p.pid, exit_code(p)) for n, p in self.procs.items()]}>"
 
     @property
     def pids(self) -> list[int]:
@@ -535,7 +555,8 @@ class WorkerProcesses:
             loop.remove_reader(fd)
             os.close(fd)
             p = self.procs[name]
-            on_exit(name, p.pid, p.wait())  # (it has exited: reaps at once)
+            rc = exit_code(p)  # (it has exited; not reaped: see exit_code)
+            on_exit(name, p.pid, p.wait() if rc is None else rc)
 
         for name, p in self.procs.items():
             try:
@@ -555,7 +576,7 @@ class WorkerProcesses:
     def check(self) -> None:
         """Raise RuntimeError if a worker process has exited."""
         for name, p in self.procs.items():
-            rc = p.poll()
+            rc = exit_code(p)
             if rc is not None:
                 raise RuntimeError(f"worker process {name!r} (pid {p.pid}) {describe_exit(rc)}")
 
@@ -594,10 +615,10 @@ class WorkerProcesses:
         (hung, stopped, or busy in a call that does not end), before they are signalled."""
         if not self.procs:
             return
-        running = sum(1 for p in self.procs.values() if p.poll() is None)
+        running = sum(1 for p in self.procs.values() if exit_code(p) is None)
         grace += EXIT_CPU * running / (os.cpu_count() or 1)
         await self._wait_all(grace)
-        stuck = [n for n, p in self.procs.items() if p.poll() is None]
+        stuck = [n for n, p in self.procs.items() if exit_code(p) is None]
         if stuck and on_stuck is not None:
             on_stuck(stuck, grace)
         # (SIGCONT too: a stopped process, SIGSTOP or Ctrl-Z, handles the SIGTERM only
@@ -606,13 +627,14 @@ class WorkerProcesses:
         await self._wait_all(term_grace)
         self._signal(signal.SIGKILL)
         for p in self.procs.values():
+            # The group may still hold grandchildren: killed too, before the process is
+            # reaped (see exit_code: once reaped, the group's id may be another's).
+            if p.returncode is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             p.wait()
-        # the group may still hold grandchildren: kill them too
-        for p in self.procs.values():
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     async def stop_unjoined(self, registry: Any, grace: float = 2.0) -> None:
         """SIGTERM the worker processes that have not joined ``registry`` yet (the
@@ -638,7 +660,7 @@ class WorkerProcesses:
 
     def _signal(self, sig: int, procs: Iterable[subprocess.Popen[bytes]] | None = None) -> None:
         for p in self.procs.values() if procs is None else procs:
-            if p.poll() is None:
+            if exit_code(p) is None:
                 try:
                     os.killpg(p.pid, sig)
                 except (ProcessLookupError, PermissionError):
@@ -656,7 +678,7 @@ class WorkerProcesses:
         exit."""
         waited = list(self.procs.values() if procs is None else procs)
         deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in waited):
+        while any(exit_code(p) is None for p in waited):
             if time.monotonic() >= deadline:
                 return
             await asyncio.sleep(0.02)
