@@ -766,9 +766,12 @@ async def cmd_run(args: argparse.Namespace) -> int:
             serving.cancel()
             return
         # (the script leads a process group of its own: only this reaches it, and the
-        # processes it started, as the group's signal from a shell or `timeout` would)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig if signals < 3 else signal.SIGKILL)
+        # processes it started, as the group's signal from a shell or `timeout` would.
+        # Only while the script is unreaped or its group has processes: they keep the
+        # group's id ours; once it is empty, the id may be another group's)
+        if proc.returncode is None or _group_left(proc.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig if signals < 3 else signal.SIGKILL)
         if proc.returncode is not None and not serving.done() and not serving.cancelling():
             # The script has ended and the cluster is stopping: the signal forces that
             # stop, as a cluster's second does. (Passed on to the script's group alone,

@@ -1897,6 +1897,57 @@ def test_a_ctrl_c_to_run_once_its_script_ended_forces_the_clusters_stop(tmp_path
         r.stop()
 
 
+#: Set-up of the command (see patched_cli): each os.killpg of a process group that no
+#: process is in (zombies counted: they keep its id), which that id may be another's
+#: the next moment, is said on stderr.
+KILLPG_OF_NOTHING = """
+import os, sys
+_killpg = os.killpg
+
+def _members(group):
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group:
+            out.append(entry)
+    return out
+
+def _checked(group, sig):
+    if not _members(group):
+        print(f"killpg of group {group}, which no process is in", file=sys.stderr, flush=True)
+    return _killpg(group, sig)
+
+os.killpg = _checked
+"""
+
+
+@needs_runtime
+def test_a_signal_to_run_once_its_scripts_group_is_gone_signals_no_group(tmp_path: Path) -> None:
+    # Once the script had ended and nothing was left in its process group, run still
+    # sent each signal to that group's id, which was nobody's: the pid was reaped, and
+    # with pid_max 32768 (this machine) another process could lead a group of that id
+    # by then (a shell's job, a worker process of another cluster) and be signalled.
+    script = tmp_path / "blocked.py"
+    script.write_text(BLOCKED_WORKER_SCRIPT)
+    program = patched_cli(f"exec({KILLPG_OF_NOTHING!r})")
+    r = Running("run", "-n", "1", str(script), program=program)
+    try:
+        assert "did not exit within 3 s" in "".join(stderr_until(r, "did not exit within 3 s"))
+        r.proc.send_signal(signal.SIGINT)
+        said = "".join(stderr_until(r, "forcing"))
+        assert "SIGINT: forcing the cluster down" in said
+        assert r.wait() == 0  # (the script's status: it ended well)
+        assert r.proc.stderr is not None
+        said += r.proc.stderr.read()
+        assert "which no process is in" not in said, said
+    finally:
+        r.stop()
+
+
 @pytest.mark.parametrize("args", [["--version"], ["--help"], ["bogus"], ["status", "--nope"]])
 def test_the_command_gives_python_its_ctrl_c_back_when_it_ends_at_its_arguments(
     args: list[str],
