@@ -252,6 +252,9 @@ def client_token(token_file: str | None) -> str:
 
 #: A signal the event loop has not handled after this many seconds: it is blocked.
 BLOCKED_AFTER = 1.0
+#: The signals that came once a command's own handling of them had ended, while its
+#: event loop closed (see _signals): the command ends with the first one's status.
+_late: list[int] = []
 #: The same SIGTERM or SIGHUP again within this many seconds is the first one sent
 #: twice (by a tool, to the process and to its group), not a request to force the stop.
 REPEAT = 0.2
@@ -320,6 +323,31 @@ def _signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]:
         inside[0] = False
         for sig in sigs:
             loop.remove_signal_handler(sig)
+            # (that put back Python's own: a Ctrl-C now, as the loop closed, raised
+            # KeyboardInterrupt in whatever callback it ran, which stopped uvloop's loop
+            # in the middle of a turn; its close then failed ("Event loop stopped before
+            # Future completed"): a traceback, status 1. Noted instead: main ends with
+            # its status, once the little left to do is done, the token's temporary
+            # folder removed too)
+            signal.signal(sig, _late_signal)
+
+
+def _late_signal(signum: int, frame: Any) -> None:
+    _late.append(signum)
+
+
+def _late_signals_over() -> int | None:
+    """Put Python's own handlers back in place of _late_signal's (the process may go
+    on: a main() called in Python, an interactive session); the status of the first
+    signal it noted, None if none came."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is _late_signal:
+            signal.signal(
+                sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            )
+    code = 128 + _late[0] if _late else None
+    _late.clear()
+    return code
 
 
 def _stdout_to_devnull() -> None:
@@ -1351,7 +1379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # (as Python puts it first on the script's path)
             real = os.path.realpath(args.script)
             args.script_dir = real if folder else os.path.dirname(real)
-        return run(_COMMANDS[args.command](args))
+        try:
+            code = run(_COMMANDS[args.command](args))
+        finally:
+            late = _late_signals_over()
+        return code if late is None else late
     except CliError as exc:
         _note(f"error: {exc}")
         return exc.code

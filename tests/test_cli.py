@@ -2144,6 +2144,45 @@ def test_a_second_signal_forces_the_cluster_down(tmp_path: Path) -> None:
         c.stop()
 
 
+#: Set-up of the command (see patched_cli): once the cluster says it stopped (its
+#: signals no longer the command's), a Ctrl-C comes while the event loop runs a
+#: callback (as one did there while the loop polled its sockets: a test saw it).
+CTRL_C_AS_IT_ENDS = """
+import asyncio, os, signal
+from actorgrad import cli
+_say = cli._say
+
+def _said(msg):
+    if msg == "cluster stopped":
+        asyncio.get_running_loop().call_soon(lambda: os.kill(os.getpid(), signal.SIGINT))
+    _say(msg)
+
+cli._say = _said
+"""
+
+
+@needs_runtime
+def test_a_ctrl_c_as_the_command_ends_exits_130_quietly(tmp_path: Path) -> None:
+    # A KeyboardInterrupt raised in a callback stopped uvloop's loop in the middle of a
+    # turn, and closing it then failed: "RuntimeError: Event loop stopped before Future
+    # completed", a traceback, status 1 (a second Ctrl-C on a worker whose first had
+    # stopped it hit that window, in the suite).
+    program = patched_cli(f"exec({CTRL_C_AS_IT_ENDS!r})")
+    c = Running("cluster", "-n", "1", "--token-file", str(tmp_path / "t"), program=program)
+    try:
+        c.expect("Ctrl-C to stop")
+        pids = descendants(c.proc.pid)
+        c.proc.send_signal(signal.SIGTERM)
+        code = c.wait()
+        assert c.proc.stderr is not None
+        err = c.proc.stderr.read()
+        assert code == 130, err
+        assert "Traceback" not in err, err
+        assert wait_gone(pids, 10) == set()
+    finally:
+        c.stop()
+
+
 @needs_runtime
 @pytest.mark.parametrize(
     ("ignoring", "first"),
