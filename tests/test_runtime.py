@@ -3939,6 +3939,28 @@ async def test_a_call_whose_rrefs_cannot_all_be_registered_takes_its_counts_back
     assert await ag.rpc("w2", add, (1, 2)) == 3
 
 
+@pytest.mark.parametrize("how", ["call", "call_nowait"])
+async def test_a_call_whose_rref_owner_left_says_it_was_not_sent_and_names_the_owner(cluster, how):
+    # An RRef argument whose owner w1 has left: the call to w2 failed with w1's own
+    # "worker 'w1' has left the cluster", the very error of a call to w1, its peer
+    # None: code catching WorkerLost took the live callee w2 for lost, and nothing
+    # said the call never left.
+    gone = await ag.remote("w1", make_counter, (2,))
+    await cluster.workers[0].shutdown()
+    with pytest.raises(ag.WorkerLost) as info:
+        if how == "call":
+            await ag.rpc("w2", echo, (gone,), timeout=5)
+        else:
+            await asyncio.wait_for(cluster.driver.call_nowait("w2", echo, (gone,)), 5)
+    assert str(info.value) == (
+        "call of test_runtime:echo on worker 'w2' not sent: worker 'w1', the owner of an "
+        "RRef among its arguments, could not register it for 'w2': worker 'w1' has left "
+        "the cluster"
+    )
+    assert info.value.peer == "w1"
+    assert await ag.rpc("w2", add, (1, 2)) == 3
+
+
 async def test_a_call_with_a_live_rref_and_a_stale_one_of_one_owner_leaves_no_count(cluster):
     # One RRef of w1 and one of an earlier process of that name (its id carries the
     # other cluster id) in one call: w1 counted the live one for w2, then refused the

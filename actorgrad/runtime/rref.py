@@ -788,24 +788,32 @@ async def register_forks(worker: Worker, hooks: Hooks) -> None:
     The registrations go on when this is cancelled (a timeout): each owner's
     acknowledgement is read by ``_registered``, which takes the count back at once if
     the message was given up (``hooks.undo``) meanwhile, as it does when the
-    registration failed with its owner reached or not (WorkerLost)."""
+    registration failed with its owner reached or not (WorkerLost).
+
+    Raises the first failure: WorkerLost whose ``peer`` is the owner that could not be
+    reached (None: this worker shuts down), or the owner's refusal (RemoteError)."""
     # (no RRef in this frame's locals: a failure's traceback holds the frame; the
     # comprehension's own scope keeps them out)
-    futs = [
-        _register(worker, hooks, owner, entries, refs)
+    by_owner = {
+        _register(worker, hooks, owner, entries, refs): owner
         for owner, (entries, refs) in _entries_by_owner(hooks.forks or (), hooks.peer_key).items()
-    ]
+    }
     hooks.forks = None
-    if futs:
-        await asyncio.wait(futs)  # (not asyncio.gather: cancelling us must not cancel them)
-        failed = [f for f in futs if f.exception() is not None]
+    if by_owner:
+        await asyncio.wait(by_owner)  # (not asyncio.gather: cancelling us must not cancel them)
+        failed = [(f, owner) for f, owner in by_owner.items() if f.exception() is not None]
         # (raised, the error's traceback holds this frame: kept, the futures holding
         # the error made a cycle that kept the message's arguments, RRefs among them)
-        del futs
+        del by_owner
         if failed:
-            exc = failed[0].exception()
+            exc, owner = failed[0][0].exception(), failed[0][1]
             del failed
             assert exc is not None
+            if isinstance(exc, WorkerLost) and not worker._closing:
+                # (a new one naming the owner as the worker lost: the registration's own
+                # said nothing of whom; the message's sender says what it was for. Not
+                # when this worker shuts down: that failed it, not the owner)
+                exc = WorkerLost(str(exc), peer=owner)
             try:
                 raise exc
             finally:

@@ -621,6 +621,19 @@ async def _by_deadline(
     )
 
 
+def _not_registered(exc: WorkerLost, target: Any, dest: str) -> WorkerLost:
+    """The error of a call not sent because an RRef among its arguments could not be
+    registered for ``dest`` with its owner, ``exc.peer``, lost (``exc``). (The owner's
+    own error alone, "worker 'w1' has left the cluster" from a call to w2, read as the
+    callee's loss; and the call never left.)"""
+    return WorkerLost(
+        f"call of {calls.describe(target)} on worker {dest!r} not sent: worker "
+        f"{exc.peer!r}, the owner of an RRef among its arguments, could not register it "
+        f"for {dest!r}: {exc}",
+        peer=exc.peer,
+    )
+
+
 def _worker_name(dest: Any) -> str:
     """``dest`` as a plain str (a str subclass, such as numpy's str_, is taken as its
     text); TypeError for anything else."""
@@ -2965,7 +2978,8 @@ class Worker:
             if isinstance(exc, WorkerLost):
                 exc = WorkerLost(
                     "the result holds an RRef whose owner could not register it for "
-                    f"worker {conn.peer_name!r}: {exc}"
+                    f"worker {conn.peer_name!r}: {exc}",
+                    peer=exc.peer,
                 )
             self._reply_exc(conn, cid, exc, hooks)
             return
@@ -3071,14 +3085,19 @@ class Worker:
                 if len(chunks) != 1 or len(chunks[0]) > conn.send_limit:  # (else: small)
                     conn.check_size(chunks)
                 if hooks.forks:
-                    await _by_deadline(
-                        rref.register_forks(self, hooks),
-                        deadline,
-                        target,
-                        dest,
-                        timeout,
-                        " (registering the RRefs it passes with their owners)",
-                    )
+                    try:
+                        await _by_deadline(
+                            rref.register_forks(self, hooks),
+                            deadline,
+                            target,
+                            dest,
+                            timeout,
+                            " (registering the RRefs it passes with their owners)",
+                        )
+                    except WorkerLost as exc:
+                        if exc.peer is None:  # (this worker shuts down)
+                            raise
+                        raise _not_registered(exc, target, dest) from None
                 if conn.closed:
                     raise WorkerLost(f"connection to worker {dest!r} is closed")
             except BaseException:
@@ -3202,7 +3221,7 @@ class Worker:
             return
         conn.pending[cid] = (fut, hooks)
         if hooks.forks:  # RRefs among the arguments: registered before the request goes
-            self.spawn(self._request_after_forks(conn, cid, chunks, hooks, fut))
+            self.spawn(self._request_after_forks(conn, dest, target, cid, chunks, hooks, fut))
             return
         try:
             conn.send_nowait(chunks)
@@ -3220,13 +3239,20 @@ class Worker:
     async def _request_after_forks(
         self,
         conn: Connection,
+        dest: str,
+        target: Any,
         cid: int,
         chunks: list[Any],
         hooks: rref.Hooks,
         fut: asyncio.Future[Any],
     ) -> None:
         try:
-            await rref.register_forks(self, hooks)
+            try:
+                await rref.register_forks(self, hooks)
+            except WorkerLost as lost:
+                if lost.peer is None:  # (this worker shuts down)
+                    raise
+                raise _not_registered(lost, target, dest) from None
             if conn.closed:
                 raise WorkerLost(f"connection to worker {conn.peer_name!r} is closed")
         except BaseException as exc:
