@@ -3456,6 +3456,33 @@ async def test_a_fork_whose_forker_left_before_sending_it_is_dropped(cluster):
     await _owned_count("w1")
 
 
+async def test_a_take_back_of_a_fork_whose_receiver_left_is_forgotten_once_expired(
+    cluster, monkeypatch
+):
+    # w3 registered a fork of w1's RRef for w2; w2 left (w1 dropped the fork with w2's
+    # counts), and w3 took the fork back, its message unsent. w1 found nothing to take
+    # back and kept it as a take-back come before its registration, for WITHDRAWN_TTL;
+    # but an expired one went only when another take-back came: kept for good (20 on
+    # an owner whose receiver was killed under a stream of forks to it).
+    monkeypatch.setattr(rref, "WITHDRAWN_TTL", 1.0)
+    owner, receiver, forker = cluster.workers
+    r = await ag.remote("w1", make_counter, (1,))
+    assert await ag.rpc("w3", keep, (r,)) == 1
+    del r
+    gc.collect()
+    hooks = rref.Hooks(forker, "w2", forker._out.get("w2"))
+    hooks.ref_out(forker.ext["kept"][0])
+    await rref.register_forks(forker, hooks)
+    await receiver.shutdown()
+    await until(lambda: all(h[0] != "w2" for o in owner.owned.values() for h in o.holders), 5)
+    hooks.undo()
+    await until(lambda: owner._rref_withdrawn, 5)  # (the take-back came: no event for it)
+    await until(lambda: not owner._rref_withdrawn, 5)  # (expired: nor for this)
+    assert await forker.ext["kept"][0].rpc().incr() == 2  # (w3's count untouched)
+    await ag.rpc("w3", drop_kept)
+    await _owned_count("w1")
+
+
 async def forward_kept(to: str) -> int:
     """Send this worker's first kept RRef to ``to`` (which keeps it)."""
     return await ag.rpc(to, keep, (current_worker().ext["kept"][0],))

@@ -989,13 +989,35 @@ def _unfork(forker: str, forker_id: int, tag: int, rids: list[Any]) -> None:
     if not seen:
         withdrawn = w._rref_withdrawn
         now = time.monotonic()
-        while withdrawn:  # (the oldest first: insertion order is expiry order)
-            first = next(iter(withdrawn))
-            if withdrawn[first] > now:
-                break
-            del withdrawn[first]
+        _drop_expired(withdrawn, now)
         if len(withdrawn) < MAX_WITHDRAWN:
             withdrawn[reg] = now + WITHDRAWN_TTL
+            if w._rref_withdrawn_timer is None:
+                w._rref_withdrawn_timer = w.loop.call_later(WITHDRAWN_TTL, _expire_withdrawn, w)
+
+
+def _drop_expired(withdrawn: dict[Reg, float], now: float) -> None:
+    while withdrawn:  # (the oldest first: insertion order is expiry order)
+        first = next(iter(withdrawn))
+        if withdrawn[first] > now:
+            break
+        del withdrawn[first]
+
+
+def _expire_withdrawn(worker: Worker) -> None:
+    """Drop the take-backs kept past WITHDRAWN_TTL, then again at the next expiry while
+    any are left. (Dropped only as a later take-back came, the last ones stayed for
+    good: a receiver that died under forks to it left its forkers' take-backs, of
+    registrations that had come, on the owner.)"""
+    worker._rref_withdrawn_timer = None
+    if worker.closed:
+        return
+    withdrawn = worker._rref_withdrawn
+    now = time.monotonic()
+    _drop_expired(withdrawn, now)
+    if withdrawn:
+        left = withdrawn[next(iter(withdrawn))] - now
+        worker._rref_withdrawn_timer = worker.loop.call_later(left, _expire_withdrawn, worker)
 
 
 #: How long a receiver waits to have handled everything a gone forker sent it before

@@ -1020,6 +1020,8 @@ class Worker:
         # before they came here (see rref._unfork)
         self._fork_tags = itertools.count(1)
         self._rref_withdrawn: dict[tuple[tuple[str, int], int], float] = {}  # -> expiry
+        # (the timer that drops them once expired: see rref._expire_withdrawn)
+        self._rref_withdrawn_timer: asyncio.TimerHandle | None = None
         # processes that left the cluster, latest last: no count is added for them
         # any more (see rref.peer_lost)
         self._rref_departed: dict[tuple[str, int], None] = {}
@@ -3834,6 +3836,9 @@ class Worker:
             conn.in_mailbox = 0
         self._mailbox.clear()
         self.owned.clear()
+        if self._rref_withdrawn_timer is not None:
+            self._rref_withdrawn_timer.cancel()
+            self._rref_withdrawn_timer = None
         self.closed = True
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
