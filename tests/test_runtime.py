@@ -3483,6 +3483,37 @@ async def test_a_take_back_of_a_fork_whose_receiver_left_is_forgotten_once_expir
     await _owned_count("w1")
 
 
+async def test_a_settle_does_not_wait_for_a_new_process_under_the_forkers_name(
+    cluster, monkeypatch
+):
+    # w3 registered a fork of w1's RRef for w2 and left without sending it; a new w3
+    # joined and connected to w2 before w1 heard of the old one's leave. w2, asked to
+    # settle the old w3's forks, waited until no connection of any "w3" was open (the
+    # new one's stays): SETTLE_TIMEOUT (10 s) for every such settle, the value kept.
+    monkeypatch.setattr(rref, "SETTLE_TIMEOUT", 60.0)
+    head, owner, receiver = cluster.driver, cluster.workers[0], cluster.workers[1]
+    r = await ag.remote("w1", make_counter, (1,))
+    assert await ag.rpc("w3", keep, (r,)) == 1
+    del r
+    gc.collect()
+    await _released_by(owner, "driver")
+    held: list[tuple] = []
+    owner._apply_member = lambda *change: held.append(change)  # (w1's view lags)
+    await _register_a_fork_and_leave(cluster, "w2")
+    new = Worker("w3", token=head.token, transport_kind=head.transport_kind)
+    await new.start()
+    try:
+        await new.join(head.address)
+        await until(lambda: receiver.members.get("w3", [0])[0] == new.id, 5)
+        assert await new.call("w2", add, (1, 2)) == 3  # (connected to w2)
+        del owner._apply_member  # the news of the old w3's leave arrives
+        owner._apply_members(*head.registry.snapshot())
+        # (no event says the settle is done)
+        await until(lambda: not owner.owned, 5)
+    finally:
+        await new.shutdown()
+
+
 async def forward_kept(to: str) -> int:
     """Send this worker's first kept RRef to ``to`` (which keeps it)."""
     return await ag.rpc(to, keep, (current_worker().ext["kept"][0],))

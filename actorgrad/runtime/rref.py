@@ -1026,11 +1026,13 @@ def _expire_withdrawn(worker: Worker) -> None:
 SETTLE_TIMEOUT = 10.0
 
 
-async def _handled_all_of(worker: Worker, forker: str) -> None:
-    """Return once every frame ``forker`` sent here was handled: its connections
-    closed, nothing of it waiting in the mailbox (at most SETTLE_TIMEOUT)."""
+async def _handled_all_of(worker: Worker, forker: Key) -> None:
+    """Return once every frame the process ``forker`` sent here was handled: its
+    connections closed, nothing of it waiting in the mailbox (at most SETTLE_TIMEOUT).
+    (Not another process of its name: a new one's open connection held every settle of
+    the old one's forks for SETTLE_TIMEOUT.)"""
     deadline = worker.loop.time() + SETTLE_TIMEOUT
-    while worker.holds_frames_of(forker) and worker.loop.time() < deadline:  # noqa: ASYNC110
+    while worker.holds_frames_of(*forker) and worker.loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.01)  # (a rare recovery path: no event to wait for)
 
 
@@ -1041,17 +1043,17 @@ async def _settle_forks(forker: str, forker_id: int, owner: str) -> None:
 
     # (checked here: the owner got them back in its _forks_settled, one-way, whose
     # failure only it logged; the caller, the owner, heard nothing)
-    _key_of(forker, forker_id)
+    gone = _key_of(forker, forker_id)
     if type(owner) is not str:
         raise TypeError(f"malformed RRef owner {short_repr(owner)}")
     w = current_worker()
-    await _handled_all_of(w, forker)
+    await _handled_all_of(w, gone)
     _tell(w, owner, _forks_settled, (forker, forker_id, w.name, w.id))
 
 
 async def _settle_here(worker: Worker, forker: Key) -> None:
     """The owner's own share of a settle (RRefs ``forker`` forked back to it)."""
-    await _handled_all_of(worker, forker[0])
+    await _handled_all_of(worker, forker)
     _forks_settled_here(worker, forker, (worker.name, worker.id))
 
 

@@ -1098,11 +1098,17 @@ class Worker:
                 d.update(extra)
         return d
 
-    def holds_frames_of(self, peer: str) -> bool:
-        """Whether frames of ``peer`` may still be handled here: a connection with it is
-        open, or a request of it waits in the mailbox (see rref's settle)."""
-        return any(c.peer_name == peer and not c.closed for c in self._conns) or any(
-            c.peer_name == peer for c, _ in self._mailbox
+    def holds_frames_of(self, peer: str, pid: int | None = None) -> bool:
+        """Whether frames of ``peer`` (its process of cluster id ``pid``, when given) may
+        still be handled here: a connection with it is open, or a request of it waits
+        in the mailbox (see rref's settle)."""
+
+        def of_it(c: Connection) -> bool:
+            # (a connection whose hello gave no id may be that process's)
+            return c.peer_name == peer and (pid is None or c.peer_id in (pid, None))
+
+        return any(of_it(c) and not c.closed for c in self._conns) or any(
+            of_it(c) for c, _ in self._mailbox
         )
 
     @property
