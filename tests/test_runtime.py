@@ -4872,6 +4872,46 @@ async def test_calls_to_a_worker_that_left_leave_no_reference_cycles():
             gc.garbage.clear()
 
 
+@pytest.mark.parametrize("how", ["call_nowait", "rref of a gone owner", "nowait rref"])
+async def test_nowait_calls_and_rref_registrations_that_fail_leave_no_reference_cycles(how):
+    # A call_nowait whose connecting failed set its future's error in the frame that
+    # caught it, which the error's traceback holds: error -> frame -> future -> error,
+    # at each call to a worker that left. Registering an RRef with its gone owner is
+    # such a call (any call passing it made one), and call_nowait's own path after the
+    # registration made another, holding the request's encoded frame and hooks.
+    import gc
+
+    async with ag.local_cluster(2) as c:
+        gone = await ag.remote("w1", make_counter, (1,))
+        await c.workers[0].shutdown()
+
+        async def fail() -> None:
+            with pytest.raises(ag.WorkerLost, match="'w1' has left the cluster"):
+                if how == "call_nowait":
+                    await c.driver.call_nowait("w1", add, (1, 2))
+                elif how == "rref of a gone owner":
+                    await ag.rpc("w2", echo, (gone,), timeout=5)
+                else:
+                    await c.driver.call_nowait("w2", echo, (gone,))
+
+        for _ in range(2):
+            await fail()
+
+        while gc.collect():  # (until nothing is left: see the checkpoint test's)
+            pass
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            await fail()
+            gc.collect()
+            # (frames in cycles: the failures' own. A closed in-process connection and
+            # its transport, w1's, are a cycle too, collected whenever its teardown ends)
+            frames = [o.f_code.co_name for o in gc.garbage if isinstance(o, types.FrameType)]
+            assert frames == [], sorted({type(o).__name__ for o in gc.garbage})
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+
+
 @pytest.mark.parametrize("kind", ["inproc", "tcp"])
 @pytest.mark.parametrize("opened_by", ["w1", "driver"])
 async def test_a_message_to_a_worker_that_left_fails_while_its_connection_closes(kind, opened_by):

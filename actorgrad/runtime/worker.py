@@ -3272,6 +3272,9 @@ class Worker:
             conn.pending.pop(cid, None)
             if not fut.done():
                 fut.set_exception(exc)
+            # (the error's traceback holds this frame, which holds the future holding
+            # the error: a cycle at each failure, with the request's frame and hooks)
+            fut = None  # type: ignore[assignment]
             return
         try:
             await conn.send(chunks)
@@ -3279,6 +3282,7 @@ class Worker:
             conn.pending.pop(cid, None)
             if not fut.done():
                 fut.set_exception(exc)
+            fut = None  # type: ignore[assignment]
 
     async def _connect_and_request(
         self,
@@ -3300,6 +3304,7 @@ class Worker:
         except Exception as exc:
             if not fut.done():
                 fut.set_exception(exc)
+            fut = None  # type: ignore[assignment]  # (a cycle: see _request_after_forks)
             return
         if not fut.done():
             self._request_nowait(conn, dest, target, args, kwargs, fut)
