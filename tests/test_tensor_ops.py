@@ -1226,6 +1226,26 @@ def test_pow_div_and_cross_entropy_give_torchs_infinities_without_warnings():
             loss.backward()
 
 
+def test_softmax_and_log_softmax_of_values_far_apart_are_silent():
+    # (the shift x - max(x) overflows to -inf when the values are more than float32's
+    # range apart: numpy warned "overflow encountered in subtract", an error under
+    # warnings-as-errors, though -inf is the shift's right value and exp() of it 0;
+    # torch 2.13 is silent and gives these values)
+    x0 = np.array([[3e38, -3e38, 0.0]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = ag.tensor(x0, requires_grad=True)
+        y = x.softmax(axis=1)
+        np.testing.assert_array_equal(y.data, np.array([[1.0, 0.0, 0.0]], np.float32))
+        y.backward(np.ones((1, 3), np.float32))
+        np.testing.assert_array_equal(x.grad, np.zeros((1, 3), np.float32))
+        x = ag.tensor(x0, requires_grad=True)
+        y = x.log_softmax(axis=1)
+        np.testing.assert_array_equal(y.data, np.array([[0.0, -np.inf, -3e38]], np.float32))
+        y.backward(np.ones((1, 3), np.float32))
+        np.testing.assert_array_equal(x.grad, np.array([[-2.0, 1.0, 1.0]], np.float32))
+
+
 # --- error messages: bounded, naming the argument, of the right type -------------------
 
 
