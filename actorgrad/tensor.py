@@ -314,6 +314,15 @@ class Tensor:
     def __float__(self) -> float:
         return float(self.item())
 
+    def __format__(self, spec: str) -> str:
+        # A 0-d tensor formats as its number, as numpy's 0-d arrays and torch's 0-d
+        # tensors do: ``f"{loss:.4f}"`` raised "unsupported format string passed to
+        # Tensor.__format__" (object's). Without a spec it stays ``str()``; a tensor
+        # with dimensions refuses a spec, as numpy and torch refuse it.
+        if spec and self._data.ndim == 0:
+            return format(self._data.item(), spec)
+        return super().__format__(spec)
+
     def __int__(self) -> int:
         return int(self.item())
 

@@ -163,6 +163,16 @@ def test_python_protocols_act_on_the_data_as_numpy_does():
     np.testing.assert_array_equal(t.grad, np.ones((2, 2)))
 
 
+def test_a_0d_tensor_formats_as_its_number_as_numpy_and_torch_do():
+    # (f"{loss:.4f}" raised "unsupported format string passed to Tensor.__format__")
+    loss = (ag.tensor([1.0, 2.0], requires_grad=True) * 0.61725).sum()
+    assert f"{loss:.4f}" == "1.8518" == f"{np.asarray(loss.data):.4f}"
+    assert f"{ag.tensor(3, dtype='int64'):>4d}" == "   3"
+    assert f"{loss}" == str(loss)  # (no spec: the repr, as before)
+    with pytest.raises(TypeError, match="unsupported format string"):
+        f"{ag.tensor([1.0, 2.0]):.2f}"  # (as numpy and torch: dimensions refuse a spec)
+
+
 def test_comparisons_return_boolean_tensors_without_grad():
     x = ag.tensor([1.0, 2.0, 3.0], requires_grad=True)
     for res, expected in [
