@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from time import perf_counter
@@ -416,6 +417,15 @@ class AccumulateGrad(Node):
 
     def name(self) -> str:
         return f"AccumulateGrad{tuple(self.tensor.shape)}"
+
+
+#: Held while a backward pass adds into a leaf's ``.grad`` (read, add, write back): passes
+#: run in several threads at once (plain functions called on a worker run in its thread
+#: pool, two may train one model), and numpy lets other threads run during the add of
+#: big arrays, so one pass's sum overwrote another's: 4 threads of 200 passes each
+#: left a shared leaf 388 to 444 of its 800. (torch locks its AccumulateGrad too.) One
+#: lock, taken once per leaf and pass, not per op.
+_GRAD_LOCK = threading.Lock()
 
 
 def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -808,31 +818,32 @@ class GraphTask:
             # (a leaf that stopped requiring grad since the graph was recorded,
             # requires_grad = False or detach_(): no .grad, as torch's AccumulateGrad)
             return
-        if t.grad is None:
-            # Store an array the leaf owns: views, read-only broadcasts, arrays already
-            # handed to another leaf (a + b gives both the same array) and arrays a hook
-            # returned (``_given`` has those too) are copied.
-            if (
-                type(grad) is not np.ndarray
-                or grad.base is not None
-                or not grad.flags.writeable
-                or id(grad) in self._given
-                or grad.dtype != t.data.dtype
-            ):
+        with _GRAD_LOCK:  # (see _GRAD_LOCK)
+            if t.grad is None:
+                # Store an array the leaf owns: views, read-only broadcasts, arrays already
+                # handed to another leaf (a + b gives both the same array) and arrays a hook
+                # returned (``_given`` has those too) are copied.
+                if (
+                    type(grad) is not np.ndarray
+                    or grad.base is not None
+                    or not grad.flags.writeable
+                    or id(grad) in self._given
+                    or grad.dtype != t.data.dtype
+                ):
+                    self._given.add(id(grad))
+                    # empty_like: the copy gets the parameter's own memory layout, so the
+                    # optimizer's elementwise updates stream instead of striding.
+                    owned = np.empty_like(t.data)
+                    owned[...] = grad
+                    grad = owned
                 self._given.add(id(grad))
-                # empty_like: the copy gets the parameter's own memory layout, so the
-                # optimizer's elementwise updates stream instead of striding.
-                owned = np.empty_like(t.data)
-                owned[...] = grad
-                grad = owned
-            self._given.add(id(grad))
-            t.grad = grad
-        else:
-            old = t.grad
-            if np.shape(old) != grad.shape and np.ndim(old) != 0:
-                # (set by the user: it would broadcast; a scalar, `x.grad = 0`, may)
-                raise RuntimeError(
-                    f"the .grad of a leaf of shape {grad.shape} has shape {np.shape(old)}; "
-                    "set .grad to None or to an array of the leaf's shape"
-                )
-            t.grad = add(old, grad)
+                t.grad = grad
+            else:
+                old = t.grad
+                if np.shape(old) != grad.shape and np.ndim(old) != 0:
+                    # (set by the user: it would broadcast; a scalar, `x.grad = 0`, may)
+                    raise RuntimeError(
+                        f"the .grad of a leaf of shape {grad.shape} has shape {np.shape(old)}; "
+                        "set .grad to None or to an array of the leaf's shape"
+                    )
+                t.grad = add(old, grad)

@@ -532,6 +532,32 @@ def test_grads_accumulate_over_backward_calls():
     np.testing.assert_array_equal(x.grad, [5.0, 7.0])
 
 
+def test_backward_passes_in_several_threads_add_up_in_a_shared_leaf():
+    # (plain functions called on a worker run in its thread pool, and two may train
+    # one model: each pass read .grad, added, and wrote it back while numpy let the
+    # other threads run, so sums were lost: 388 to 444 of 800 here)
+    x = ag.ones(100_000, requires_grad=True)
+    threads, passes = 4, 200
+    start = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            start.wait()
+            for _ in range(passes):
+                (x * 1.0).sum().backward()
+        except BaseException as exc:  # (seen by the assertion below)
+            errors.append(exc)
+
+    workers = [threading.Thread(target=train) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+    np.testing.assert_array_equal(x.grad, np.full(100_000, threads * passes, np.float32))
+
+
 def test_second_backward_through_freed_graph_names_retain_graph():
     x = ag.tensor([1.0, 2.0], requires_grad=True)
     loss = (x * x).sum()
