@@ -438,6 +438,9 @@ async def _closed_by_peer_after(writer, w, name, count):
         (["ok", 0, "", "big"], "largest frame 'big'"),
         (["ok", 0, "", 1, -1], "largest frame 1, goodbyes -1"),
         (["ok", 0, "", 1, 2.0], "goodbyes 2.0"),
+        # (below what any worker takes: its peer could send it nothing, not even a
+        # reply, and each call to it failed "cannot send a message of 48 bytes")
+        (["ok", 0, "", 4095], "address '', largest frame 4095"),
     ],
 )
 async def test_a_malformed_hello_closes_the_connection(sock_cluster, caplog, hello, message):

@@ -2209,7 +2209,9 @@ class Worker:
                 if not (valid_name(name) and type(wid) is int and 0 <= wid < MAX_ID) or (
                     not isinstance(address, str)
                     or type(most) is not int
-                    or most < 1
+                    # (less than any worker takes, see transport.check_frame_size: its
+                    # peers could send it nothing, each call failed at the send)
+                    or most < transport.FRAME_SIZE_RANGE[0]
                     or type(drops) is not int
                     or drops < 0
                 ):
