@@ -2716,6 +2716,15 @@ async def test_a_release_passed_on_names_gone_the_peers_it_came_with_and_those_l
         await assert_clean(c.names)
 
 
+async def _orphan_on_w1(c):
+    """A context on w1 (reaching w2 through it) whose initiator, "left-before", is no
+    member: w1's DistState and the context's id."""
+    await ag.rpc("w1", F.call_in_context_of, ("left-before", "w2"))
+    st = sys.modules["actorgrad.dist.context"].state_of(c.workers[0])
+    (ctx_id,) = [i for i, ctx in st.contexts.items() if ctx.initiator == "left-before"]
+    return st, ctx_id
+
+
 async def test_a_closing_worker_does_not_reclaim_an_orphan_context(monkeypatch, caplog):
     # (a worker closing has nobody to tell any more: the check of a context whose
     # initiator is no member, due then, leaves it to the close; once open again, it
@@ -2724,9 +2733,7 @@ async def test_a_closing_worker_does_not_reclaim_an_orphan_context(monkeypatch, 
     monkeypatch.setattr(mod, "ORPHAN_CONTEXT_GRACE", 3600.0)  # (checked here, not by its timer)
     async with cluster("inproc", 2) as c:
         w1 = c.workers[0]
-        await ag.rpc("w1", F.call_in_context_of, ("left-before", "w2"))
-        st = mod.state_of(w1)
-        (ctx_id,) = [i for i, ctx in st.contexts.items() if ctx.initiator == "left-before"]
+        st, ctx_id = await _orphan_on_w1(c)
         w1._closing = True
         try:
             with caplog.at_level(logging.WARNING, logger="actorgrad"):
@@ -2751,10 +2758,7 @@ async def test_the_release_of_a_reclaimed_context_says_why_where_it_reaches(monk
     mod = sys.modules["actorgrad.dist.context"]  # (ag.dist.context is the function)
     monkeypatch.setattr(mod, "ORPHAN_CONTEXT_GRACE", 3600.0)  # (checked here, not by its timer)
     async with cluster("tcp", 2) as c:
-        w1 = c.workers[0]
-        await ag.rpc("w1", F.call_in_context_of, ("left-before", "w2"))
-        st = mod.state_of(w1)
-        (ctx_id,) = [i for i, ctx in st.contexts.items() if ctx.initiator == "left-before"]
+        st, ctx_id = await _orphan_on_w1(c)
         st._check_orphan(ctx_id, "left-before", 0.0)
         info = await ag.rpc("w2", F.wait_contexts, (0, 10.0))  # (its release went on)
         assert info["num_contexts"] == 0, info
