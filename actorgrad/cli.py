@@ -949,6 +949,17 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def status_json(status: dict[str, Any]) -> str:
+    """``--json``'s text: ``cluster_status()``'s result with each reachable worker's
+    ``contexts`` as the table shows it (a worker reports its live contexts under
+    ``dist.num_contexts``, and nothing before distributed autograd ran there: a script
+    reading the table's fields would not find them)."""
+    workers = [
+        w if "error" in w else {**w, "contexts": _contexts(w)} for w in status.get("workers", [])
+    ]
+    return json.dumps({**status, "workers": workers}, indent=2)
+
+
 async def cmd_status(args: argparse.Namespace) -> int:
     """``actorgrad status``: the workers of a running cluster."""
     address = args.address or env_address()
@@ -965,7 +976,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     with _expected():
         status = await cluster.cluster_status(address, token, timeout=args.timeout)
     # (--json: what a monitoring script reads, where the table is for people)
-    _say(json.dumps(status, indent=2) if args.json else format_status(status))
+    _say(status_json(status) if args.json else format_status(status))
     gone = [w["name"] for w in status["workers"] if "error" in w]
     if gone:  # (a health check must tell: the table lists them, the status says so)
         # (counted as the table's first line counts them: the head's own worker apart)

@@ -527,6 +527,28 @@ def test_status_table_lists_workers_mailboxes_and_contexts() -> None:
     assert lines[4].split()[:3] == ["w3", "3", "c"] and "unreachable: connection" in lines[4]
 
 
+def test_status_json_has_the_tables_fields() -> None:
+    """``status --json`` is "the same fields" as the table: ``contexts`` too, which a
+    worker reports as ``dist.num_contexts``, or not at all before distributed autograd
+    ran on it (a monitoring script reading ``w["contexts"]`` got a KeyError)."""
+    status = {
+        "address": "127.0.0.1:1",
+        "workers": [
+            {"name": "w1", "id": 1, "address": "b", "mailbox": 0, "in_flight": 0, "rrefs": 0},
+            {"name": "w2", "id": 2, "address": "a", "dist": {"num_contexts": 2}},
+            {"name": "w3", "id": 3, "address": "c", "error": "connection refused"},
+        ],
+    }
+    table = cli.format_status(status).splitlines()[1].split()
+    out = json.loads(cli.status_json(status))
+    w1, w2, w3 = out["workers"]
+    assert set(table) <= set(w1), (table, w1)
+    assert (w1["contexts"], w2["contexts"]) == (0, 2)
+    assert w2["dist"] == {"num_contexts": 2}  # (what the worker reported stays)
+    assert w3 == status["workers"][2]  # (unreachable: its error, as the table says)
+    assert out["address"] == "127.0.0.1:1"
+
+
 # --- against a running cluster ---
 
 
@@ -559,6 +581,7 @@ def test_status_names_the_workers(cluster: tuple[str, Path]) -> None:
     workers = {w["name"]: w for w in status["workers"]}
     assert sorted(workers) == ["_head", "w1", "w2"]
     assert all(w["in_flight"] == 0 and w["address"] for w in workers.values()), status
+    assert all(w["contexts"] == 0 for w in workers.values()), status
 
 
 SIBLING_DRIVER = """
