@@ -37,6 +37,19 @@ def test_quickstart_prints_the_right_gradients():
     np.testing.assert_allclose(np.array(found["w"].split(), float), (d * x).round(4), atol=1e-4)
 
 
+def test_readme_quickstart_is_the_example_and_shows_its_output():
+    """The README's quickstart block is examples/quickstart.py (without its docstring),
+    and the output it shows is what that prints."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    code, shown = re.findall(r"```(?:python)?\n(.*?)```", section, re.S)[:2]
+    example = (EXAMPLES / "quickstart.py").read_text()
+    assert example.endswith(code) and example[: -len(code)].strip().startswith('"""')
+    p = run(str(EXAMPLES / "quickstart.py"))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == shown, (p.stdout, shown)
+
+
 def test_parameter_server_trains_to_accuracy():
     p = run(str(EXAMPLES / "parameter_server.py"), "--steps", "40")
     assert p.returncode == 0, p.stdout + p.stderr
