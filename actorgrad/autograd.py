@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -426,6 +427,19 @@ class AccumulateGrad(Node):
 #: left a shared leaf 388 to 444 of its 800. (torch locks its AccumulateGrad too.) One
 #: lock, taken once per leaf and pass, not per op.
 _GRAD_LOCK = threading.Lock()
+
+
+def _new_grad_lock_in_child() -> None:
+    # A process forked while another thread was inside an accumulation (a fork in a
+    # call: multiprocessing's default start method on Linux) inherited the lock held by
+    # a thread it does not have: its first backward waited for good. (The child has
+    # only the forking thread: no accumulation of its own is under way.)
+    global _GRAD_LOCK
+    _GRAD_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_grad_lock_in_child)
 
 
 def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import random
+import select
+import signal
 import sys
 import threading
 import warnings
@@ -556,6 +559,58 @@ def test_backward_passes_in_several_threads_add_up_in_a_shared_leaf():
         w.join()
     assert not errors
     np.testing.assert_array_equal(x.grad, np.full(100_000, threads * passes, np.float32))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_while_a_thread_adds_into_a_leaf_can_run_backward():
+    # A fork (multiprocessing's default start method on Linux: a Pool in a call) while
+    # another thread is inside a leaf's accumulation, which holds the engine's gradient
+    # lock (numpy lets other threads run during a big add): the child inherited the lock
+    # held by a thread it does not have, and its first backward waited for good.
+    read_fd, write_fd = os.pipe()
+    entered, release = threading.Event(), threading.Event()
+
+    class Stalling(np.ndarray):
+        # (the .grad the thread adds into: it holds the thread inside the accumulation,
+        # as a long add does, until the fork is done)
+        def __add__(self, other):
+            entered.set()
+            release.wait(30)
+            return np.asarray(self) + other
+
+    x = ag.ones(3, requires_grad=True)
+    x.grad = np.zeros(3, np.float32).view(Stalling)
+    thread = threading.Thread(target=lambda: (x * 1.0).sum().backward())
+    thread.start()
+    try:
+        assert entered.wait(10)
+        with warnings.catch_warnings():
+            # (3.12+: "this process is multi-threaded, fork() may deadlock": the case)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # (the child: a backward of its own, then go, whatever happens)
+            try:
+                y = ag.ones(2, requires_grad=True)
+                (y * 3.0).sum().backward()
+                os.write(write_fd, repr(y.grad.tolist()).encode())
+            finally:
+                os._exit(0)
+        try:
+            readable, _, _ = select.select([read_fd], [], [], 10)
+            assert readable, "the forked child's backward never ended (the lock was held)"
+            assert os.read(read_fd, 100) == b"[3.0, 3.0]"
+        finally:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+    finally:
+        release.set()
+        thread.join()
+        os.close(read_fd)
+        os.close(write_fd)
+    np.testing.assert_array_equal(x.grad, [1.0, 1.0, 1.0])
 
 
 def test_second_backward_through_freed_graph_names_retain_graph():
