@@ -2778,6 +2778,46 @@ async def test_the_release_of_a_reclaimed_context_says_why_where_it_reaches(monk
         await assert_clean(c.names)
 
 
+async def test_a_backward_running_where_a_reclaimed_contexts_release_reaches_says_why(
+    monkeypatch,
+):
+    # w1 reclaims a context whose initiator is no member and passes its release on to
+    # w2, where a backward pass in the context runs (started there): it failed with
+    # "ContextError: ... was released on worker 'w2' while its backward pass ran", as if
+    # the user had left the context, where the same pass on w1 fails with the
+    # initiator's loss (see _reclaim). The release says why now: so does the pass.
+    mod = sys.modules["actorgrad.dist.context"]  # (ag.dist.context is the function)
+    monkeypatch.setattr(mod, "ORPHAN_CONTEXT_GRACE", 3600.0)  # (checked here, not by its timer)
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)  # (in the pool)
+    gate = f"pool{next(_gates)}"
+    async with cluster("tcp", 2) as c:
+        w1 = c.workers[0]
+        await ag.rpc("w1", F.call_in_context_of, ("left-before", "w2"))
+        st = mod.state_of(w1)
+        (ctx_id,) = [i for i, ctx in st.contexts.items() if ctx.initiator == "left-before"]
+        await ag.rpc("w2", F.put, ("w", arr(3)))
+        await ag.rpc("w2", F.add_gated_hook, ("w", gate))
+        await ag.rpc("w2", F.backward_on_signal, (gate, ctx_id, "w"))
+        await ag.rpc("w2", F.signal, (gate,))
+        try:
+            # (w2's part holds its pool thread in the hook: the pass runs)
+            assert await asyncio.to_thread(F.thread_gate(gate + " in").wait, 10)
+            st._check_orphan(ctx_id, "left-before", 0.0)
+            info = await ag.rpc("w2", F.wait_contexts, (0, 10.0))  # (its release came)
+            assert info["num_contexts"] == 0, info
+        finally:
+            F.thread_gate(gate + " out").set()
+        outcome = await ag.rpc("w2", F.outcome, (gate, 10.0))
+        assert outcome.startswith("WorkerLost: "), outcome
+        assert (
+            f"context {ctx_id:#x} was released on worker 'w2' while its backward pass ran, "
+            "when worker 'w1' lost the context's initiator, worker 'left-before' (the process "
+            "that made it was no member of the cluster 3600 s after a call brought the "
+            "context here): start a new context"
+        ) in outcome, outcome
+        await assert_clean(c.names)
+
+
 @pytest.mark.parametrize("initiator", ["never a member", "joins meanwhile", "another process"])
 async def test_a_context_whose_initiator_is_no_member_is_reclaimed(monkeypatch, initiator):
     # A live peer's call can bring a context whose initiator left before this worker

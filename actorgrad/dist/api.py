@@ -161,7 +161,7 @@ def _start_release(
     context._reclaim), which the release carries. Returns the wait for their
     acknowledgements (None: nobody to tell)."""
     # Release locally first, so a forwarded release coming back finds nothing to do.
-    ctx = _release_local(st, ctx_id)
+    ctx = _release_local(st, ctx_id, cut_text(why, MAX_WHY) if why else "")
     if ctx is None:
         return None
     worker = st.worker
@@ -251,9 +251,10 @@ async def _await_releases(
             await call_peers(worker, rest, _release, _release_args(ctx_id, me, sorted(out), why))
 
 
-def _release_local(st: DistState, ctx_id: int) -> DistContext | None:
-    """Release ``ctx_id`` here; returns the context released (None: not here)."""
-    ctx = st.forget(ctx_id)
+def _release_local(st: DistState, ctx_id: int, why: str = "") -> DistContext | None:
+    """Release ``ctx_id`` here (``why``: it was reclaimed, how, see DistState.forget);
+    returns the context released (None: not here)."""
+    ctx = st.forget(ctx_id, why)
     if ctx is not None:
         if ctx.sends or ctx.recvs:  # (else freed already: by a pass without retain_graph)
             ctx.free_graph()

@@ -772,11 +772,13 @@ class DistState:
         why = self._reclaimed.get(ctx_id)
         return "" if why is None else f" when {why}: start a new context"
 
-    def forget(self, ctx_id: int) -> DistContext | None:
+    def forget(self, ctx_id: int, why: str = "") -> DistContext | None:
         """Drop a context from this worker (released, or reclaimed by the lease). Its id
         is remembered (see join) also when this worker does not hold it (yet): a
         release can overtake the first call of the context to reach this worker (its
-        sender hung meanwhile, say)."""
+        sender hung meanwhile, say). ``why``: the release of a context reclaimed, how
+        (words after "when", see api._release), which a backward running in it here
+        fails with."""
         if ctx_id not in self._released:
             order = self._released_order
             if len(order) >= RELEASED_MEMORY:
@@ -793,12 +795,18 @@ class DistState:
             self._watching.pop(ctx_id, None)
             if ctx_id in self.run_of:  # a backward still waiting in it: fails now
                 # (the error made only then: every release passes here)
+                released = (
+                    f"distributed autograd context {ctx_id:#x} was released on worker "
+                    f"{self.worker.name!r} while its backward pass ran"
+                )
+                # (reclaimed by a worker that lost its initiator: the pass fails with that
+                # loss, as on that worker (see _reclaim). A ContextError, the user's
+                # own doing, said nothing of it)
                 self.fail_runs(
                     ctx_id,
-                    ContextError(
-                        f"distributed autograd context {ctx_id:#x} was released on "
-                        f"worker {self.worker.name!r} while its backward pass ran"
-                    ),
+                    WorkerLost(f"{released}, when {why}: start a new context")
+                    if why
+                    else ContextError(released),
                 )
         if self._empty_waiters:
             left = len(self.contexts)
