@@ -1244,14 +1244,19 @@ def _array_from(dec: _Decoder, dstr: Any, shape: Any, raw: Any) -> np.ndarray:
         buf = bytearray(raw)  # inline arrays get their own, writable memory
     else:
         raise ProtocolError("array data must be bin or a buffer index")
-    problem = _shape_problem(shape, dstr, dtype.itemsize)
-    if problem is not None:
-        raise ProtocolError(problem)
     expected = math.prod(shape) * dtype.itemsize
-    if expected != len(buf):
-        raise ProtocolError(
-            f"array of shape {tuple(shape)} and dtype {dstr} needs {expected} bytes, got {len(buf)}"
-        )
+    # (the rule, a call and two passes over the shape on each array decoded, only where
+    # the data does not settle it: dimensions all > 0 that multiply to the bytes that
+    # came are each within it, and their product too)
+    if not (0 < expected == len(buf) and min(shape, default=1) > 0):
+        problem = _shape_problem(shape, dstr, dtype.itemsize)
+        if problem is not None:
+            raise ProtocolError(problem)
+        if expected != len(buf):
+            raise ProtocolError(
+                f"array of shape {tuple(shape)} and dtype {dstr} needs {expected} bytes, "
+                f"got {len(buf)}"
+            )
     if len(shape) != 1 and type(buf) is memoryview and dtype in _CASTS and 0 not in shape:
         # Of the frame's buffer cast to the shape: an array whose base is that buffer
         # (held against resizing, as np.frombuffer's is), where a reshape of the 1-d
