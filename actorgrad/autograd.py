@@ -531,8 +531,9 @@ class GraphTask:
     (the distributed engine's send nodes). ``leaf_sink(tensor, grad)`` replaces writing
     ``.grad``; ``on_boundary(node, grad)`` is called for ``boundary`` nodes instead of
     applying them (``boundaries``: those reached from the roots and sources, listed
-    before anything runs). Without ``retain_graph`` every node is released after it
-    ran.
+    before anything runs; without ``on_boundary``, the first one's ``apply`` is called
+    then, and raises saying why). Without ``retain_graph`` every node is released after
+    it ran.
 
     Example::
 
@@ -603,6 +604,15 @@ class GraphTask:
                 else:
                     deps[nxt] = n + 1
         self.boundaries = boundaries
+        if boundaries and on_boundary is None:
+            # Nobody takes a boundary's gradient (a local pass over a graph a
+            # distributed backward records): its apply raises, saying why and what to
+            # call instead. Raised before anything runs: part way, the pass had written
+            # the .grad of the leaves it reached first and freed the nodes on its way,
+            # so the backward the error points to then failed as a second backward
+            # through a freed graph. (A boundary whose apply does not raise runs as
+            # before.)
+            boundaries[0].apply(None)  # type: ignore[arg-type]
         self._deps = deps
         self._total = len(deps)
 

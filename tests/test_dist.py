@@ -1338,6 +1338,31 @@ async def test_a_second_backward_from_a_received_root_names_retain_graph(mode):
         await assert_clean(c.names)
 
 
+async def test_a_local_backward_of_a_distributed_loss_is_refused_before_it_runs():
+    # loss.backward() (a local pass) on a loss over a received tensor: refused, saying
+    # to use ag.dist.backward. It ran part way first: it wrote the .grad of the leaf it
+    # reached before the received tensor and freed the nodes on its way, so the
+    # distributed backward the error pointed to then failed as "trying to backward
+    # through the graph a second time ... retain_graph=True".
+    xv, wv, uv = arr(3), arr(3), arr(3)
+    async with cluster():
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        u = ag.tensor(uv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            loss = (y * 3.0).sum() + (u * u).sum()
+            with pytest.raises(RuntimeError, match=r"ag\.dist\.backward\(ctx, \[loss\]\)"):
+                loss.backward()
+            assert u.grad is None and x.grad is None
+            await ag.dist.backward(ctx, [loss])
+            grads = ag.dist.get_gradients(ctx)
+            gw = await ag.rpc("w1", F.grad_of, (ctx, "w"))
+    np.testing.assert_allclose(grads[x], 3.0 * wv, rtol=1e-12)
+    np.testing.assert_allclose(grads[u], 2.0 * uv, rtol=1e-12)
+    np.testing.assert_allclose(gw, 3.0 * xv, rtol=1e-12)
+
+
 async def test_micro_batches_each_with_a_backward_retain_all_but_the_last(mode):
     # Forward every micro-batch first, then one backward per loss: a pass without
     # retain_graph frees the whole context's graph (every recv node is a root of every
