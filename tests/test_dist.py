@@ -6604,6 +6604,34 @@ async def test_an_error_in_the_initiators_own_part_is_raised_as_it_is_and_leaves
         await assert_clean(c.names)
 
 
+async def test_a_stop_iteration_in_the_initiators_own_part_fails_the_backward():
+    # A hook of the driver's that runs in the part a gradient from w1 resumes (x's,
+    # driver -> w1 -> driver) raises StopIteration (a `next()` of an exhausted iterator):
+    # the run's future refused it ("cannot be raised into a Future", a TypeError out of
+    # the message handler, only logged), and backward waited for good. Now it fails
+    # with a RuntimeError from the StopIteration, as a coroutine raising one does; the
+    # context stays usable.
+    xv, wv = arr(3), arr(3)
+    async with cluster("tcp", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        scales = iter([2.0])
+        x.register_hook(lambda g: g * next(scales))
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()], retain_graph=True), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * wv, rtol=1e-12)
+            with pytest.raises(RuntimeError, match="StopIteration") as ei:
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()], retain_graph=True), 10)
+            assert type(ei.value.__cause__) is StopIteration
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 2 * wv, rtol=1e-12)
+            np.testing.assert_allclose(await ag.rpc("w1", F.grad_of, (ctx, "w")), xv, rtol=1e-12)
+            scales = iter([3.0])
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], 5 * wv, rtol=1e-12)
+        await assert_clean(c.names)
+
+
 @pytest.mark.parametrize("transport", ["inproc", "tcp"])
 @pytest.mark.parametrize("taken", ["exact", "fails"])
 async def test_a_gradient_that_comes_while_a_part_runs_in_the_pool_waits_for_it(

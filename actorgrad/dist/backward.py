@@ -599,6 +599,14 @@ class InitiatorRun:
 
     def fail(self, exc: BaseException) -> None:
         if not self.done.done():
+            if type(exc) is StopIteration:
+                # (a hook's `next()` of an exhausted iterator, in this worker's part run
+                # by a message handler: a future refuses a StopIteration with a
+                # TypeError, which left the handler, only logged, and backward waited
+                # for good. As a coroutine raising one does, and the pool's jobs.)
+                err = RuntimeError(f"{exc!r} raised in the backward pass")
+                err.__cause__ = exc
+                exc = err
             self.done.set_exception(exc)
 
 
