@@ -1884,6 +1884,39 @@ async def test_leaving_local_cluster_normally_lets_a_running_call_call_on():
     assert await asyncio.wait_for(call, 5) == 3
 
 
+async def test_leaving_local_cluster_normally_waits_for_a_reply_read_late():
+    # w1 answered the driver's call and went, but the driver had not read the answer yet
+    # when it shut down itself, two workers later: the call failed with "worker 'driver'
+    # shut down" (delivery-order fuzzing: ACTORGRAD_TEST_FUZZ_SEED=151, the test above).
+    # The driver's end of the call's connection is held here until a few loop turns
+    # after w2's shutdown: the driver reads the answer (and w1's goodbye) only then.
+    ev = started("w1")
+    held: list[Any] = []
+    async with ag.local_cluster(2, transport="inproc") as c:
+        call = asyncio.ensure_future(ag.rpc("w1", signalled_then_call, ("w2", 0)))
+        await asyncio.wait_for(ev.wait(), 5)
+        (conn,) = [k for k in c.driver._every_conn if k.peer_name == "w1" and k.pending]
+        end = conn.transport
+        hold_end(end)
+        held.append(end)
+        w2 = c.workers[1]
+        w2_shutdown = w2.shutdown
+
+        async def shutdown_then_release(*args: Any, **kwargs: Any) -> None:
+            try:
+                await w2_shutdown(*args, **kwargs)
+            finally:
+                loop = asyncio.get_running_loop()
+                loop.call_soon(loop.call_soon, loop.call_soon, release_end, held.pop())
+
+        w2.shutdown = shutdown_then_release
+    try:
+        assert await asyncio.wait_for(call, 5) == 3
+    finally:
+        if held:
+            release_end(held.pop())
+
+
 def test_a_loop_closed_while_init_starts_does_not_block_the_next_init(monkeypatch):
     # Its claim on the process's worker slot outlived the loop: every later init said
     # "being initialized" (until a garbage collection closed the abandoned init).
