@@ -604,6 +604,37 @@ async def test_a_request_that_takes_longer_than_the_timeout_to_send_is_not_lost(
             assert not w.is_lost("w1")
 
 
+async def test_calls_behind_a_big_frame_say_why_their_connection_was_lost(monkeypatch):
+    # A request larger than the socket buffers takes a slow link seconds to pass: the
+    # call waits for it to drain, and the calls made meanwhile wait to send theirs. When
+    # the peer was taken for lost then, they all failed with the transport's bare
+    # "connection to 'w1' closed while sending" (the call behind never was): the reason,
+    # w1 silent for the heartbeat timeout, was only in the calls already sent.
+    more = _count_ticks(monkeypatch)
+    async with ag.local_cluster(1, transport="tcp") as c:
+        w = c.driver
+        wid, address, _ = w.members["w1"]
+        async with slow_link(address, {"up": 1e6}) as (link, relayed):
+            w.members = {**w.members, "w1": (wid, link, "")}
+            old = w._out.pop("w1", None)
+            if old is not None:
+                old.close()
+            assert await w.call("w1", add, (1, 2)) == 3
+            assert relayed, "the call did not go through the link"
+            conn = w._out["w1"]
+            for cn in c.workers[0]._conns:  # (w1 silent from now on: no pings)
+                monkeypatch.setattr(cn, "send_heartbeat", lambda *_: None)
+            big = asyncio.ensure_future(w.call("w1", np.sum, (np.ones(4_000_000),)))  # 32 MB
+            await until(lambda: conn._write_paused or big.done())
+            behind = asyncio.ensure_future(w.call("w1", add, (1, 2)))
+            await more(2)
+            assert not behind.done() and not big.done()  # (both wait for the big frame)
+            for call in (big, behind):
+                with pytest.raises(ag.WorkerLost, match="'w1' sent nothing for 0.3 s"):
+                    await asyncio.wait_for(call, 10)
+            assert w.is_lost("w1")
+
+
 async def test_a_watched_silent_peer_is_reported_lost_within_the_heartbeat_timeout(monkeypatch):
     monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.05)
     monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 0.3)

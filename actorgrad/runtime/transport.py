@@ -634,6 +634,10 @@ class Connection(asyncio.BaseProtocol):
         self._drain_waiters: dict[asyncio.Future[None], None] = {}
         # owner data
         self.pending: dict[int, Any] = {}
+        # What the owner made of the connection's loss (the peer silent, gone, or
+        # dropping this end: Worker._on_lost), for those that waited to send on it
+        # (see Worker.call): the transport knows only that it closed.
+        self.lost_error: BaseException | None = None
         # Until then the peer may stay silent with calls pending: it decodes a request
         # of many Python objects we sent it, on its loop (see Worker._expect_decoding)
         self.decoding_until = 0.0

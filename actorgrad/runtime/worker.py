@@ -598,6 +598,21 @@ def _expect_decoding(conn: Connection, chunks: list[Any]) -> None:
         conn.decoding_until = until
 
 
+async def _drained(conn: Connection) -> None:
+    """``conn.drain()`` for a call; a connection lost meanwhile raises what its worker
+    made of the loss (the peer silent for the heartbeat timeout, gone, or dropping this
+    worker), as the calls already waiting for their replies get it. (The transport's
+    own "closed while sending" said nothing of why: the calls behind a request that
+    took a slow link seconds to pass failed with only that.)"""
+    try:
+        await conn.drain()
+    except WorkerLost:
+        err = conn.lost_error
+        if err is None:
+            raise
+        raise one_each(err) from None
+
+
 async def _by_deadline(
     aw: Awaitable[T], deadline: float | None, target: Any, dest: str, seconds: Any, doing: str
 ) -> T:
@@ -1870,6 +1885,7 @@ class Worker:
             )
         else:
             err = WorkerLost(f"connection to worker {name!r} lost{f': {exc}' if exc else ''}")
+        conn.lost_error = err
         if conn.pending:
             pending, conn.pending = conn.pending, {}
             for fut, hooks in pending.values():
@@ -3078,7 +3094,7 @@ class Worker:
             # Wait for room before adding a frame, not only after: each call that timed
             # out in the wait after sending left its whole frame in the write buffer,
             # and a caller retrying on a peer that reads slowly grew it without bound.
-            await _by_deadline(conn.drain(), deadline, target, dest, timeout, _NOT_READING)
+            await _by_deadline(_drained(conn), deadline, target, dest, timeout, _NOT_READING)
         ic = _interceptor
         meta = ic.outgoing(self, dest, conn.peer_id) if ic is not None else None
         # (from here on, the call is in flight for the interceptor until it returns)
@@ -3134,7 +3150,7 @@ class Worker:
                 if conn._write_paused:
                     try:
                         await _by_deadline(
-                            conn.drain(),
+                            _drained(conn),
                             deadline,
                             target,
                             dest,
