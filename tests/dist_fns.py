@@ -1362,3 +1362,22 @@ class ScaledSGD(ag.optim.SGD):
 
     def _update(self, p: ag.Tensor, g: np.ndarray, data: np.ndarray) -> None:
         super()._update(p, g * self.scale, data)
+
+
+def decode_seconds(n: int) -> float:
+    """The best of three times to decode a request of ``n`` empty lists, here."""
+    from actorgrad.wire import decode_frame, encode_frame, join_chunks
+
+    probe = join_chunks(encode_frame([0], (([[]] * n,), {})))
+    took = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        decode_frame(probe).body()
+        took.append(time.perf_counter() - t0)
+    return min(took)
+
+
+def set_slow_decode_rate(rate: int) -> None:
+    from actorgrad.runtime import worker as rworker
+
+    rworker.SLOW_DECODE_RATE = rate

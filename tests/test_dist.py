@@ -2112,6 +2112,45 @@ async def test_a_stalled_link_between_two_hops_fails_the_backward_naming_who_los
                 server.close()
 
 
+@pytest.mark.timeout(90)
+async def test_a_worker_decoding_a_big_request_is_not_lost_to_a_part_watching_it(
+    worker_path, short_heartbeat
+):
+    # w2 decodes a request of many Python objects (one that crossed a slow link, say)
+    # for longer than the heartbeat timeout, having told its peers it may be silent
+    # that long; meanwhile w1's part of a backward pass sends w2 its gradient and
+    # watches it. The calls waiting on w2 (the driver's) and the origin's watch took
+    # the silence announced for what it is, but the part's watch heard nothing for the
+    # timeout and failed the pass: "worker 'w2' was lost during the backward pass
+    # (worker 'w1' heard nothing from it for 2 s ...)". It waits for the decode now.
+    xv, wv = arr(3), arr(3)
+    async with cluster("processes"):
+        driver = rworker.current_worker()
+        await ag.rpc("w2", F.put, ("w", wv))
+        per = await ag.rpc("w2", F.decode_seconds, (200_000,))
+        n = min(40_000_000, max(1_000_000, int(2.5 * short_heartbeat / per * 200_000)))
+        # (w2's allowance for its decode, twice the package's: see
+        # test_a_worker_decoding_a_request_of_many_objects_is_not_taken_for_lost)
+        await ag.rpc("w2", F.set_slow_decode_rate, (rworker.SLOW_DECODE_RATE // 2,))
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.chain, (["w2"], "w", x))
+            conn = driver._out["w2"]
+            # (a call of no context, as another task's of the driver could be)
+            big = asyncio.get_running_loop().create_task(
+                ag.rpc("w2", "builtins:len", ([[]] * n,)), context=contextvars.Context()
+            )
+            await until(lambda: conn.quiet_until > time.monotonic() or big.done(), 20)
+            assert not big.done(), "w2 decoded the request before the pass started"
+            t0 = time.monotonic()
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 60)
+            took = time.monotonic() - t0
+            grad = ag.dist.get_gradients(ctx)[x]
+            assert await big == n
+        assert took > short_heartbeat, f"{took:.2f} s: the decode was too short to show anything"
+        np.testing.assert_allclose(grad, wv, rtol=1e-12)
+
+
 @pytest.mark.timeout(60)
 async def test_a_worker_hung_on_the_last_message_of_a_finished_part_fails_the_backward(
     worker_path, short_heartbeat

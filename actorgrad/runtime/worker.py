@@ -3503,11 +3503,19 @@ class Worker:
     def heard_from(self, peer: str) -> float | None:
         """When a frame from ``peer`` last came (``time.monotonic()``) on an open
         connection with it, or this worker began to ask it for pings if that is later
-        (see :meth:`expect_heartbeats`); None without a connection."""
+        (see :meth:`expect_heartbeats`), or, while the peer said it may be silent (see
+        :meth:`going_quiet`), now: then until the end it gave; None without a
+        connection."""
         last = None
         for conn in self._conns:
             if conn.peer_name == peer and not conn.closed:
                 t = max(conn.last_recv, conn.asking_since)
+                if conn.quiet_until > t:
+                    # (its loop is busy for that long, decoding a big request or
+                    # importing a script, and said so: its silence counts from the end
+                    # it gave, as for the calls waiting on it (_silent_too_long). A
+                    # backward's part watching it failed the pass on it meanwhile.)
+                    t = min(conn.quiet_until, time.monotonic())
                 if last is None or t > last:
                     last = t
         return last
