@@ -503,6 +503,35 @@ async def test_a_worker_decoding_a_request_that_crossed_a_slow_link_is_not_taken
             assert await ag.rpc("w1", add, (1, 2)) == 3
 
 
+def empty_lists(n: int) -> list[list[Any]]:
+    return [[]] * n
+
+
+async def len_of_result_from(dest: str, n: int) -> int:
+    return len(await ag.rpc(dest, empty_lists, (n,)))
+
+
+async def test_a_worker_decoding_a_result_of_many_objects_is_not_taken_for_lost(monkeypatch):
+    # The driver waits on w1, which waits on w2's result of 8M empty lists (as many
+    # MB of msgpack): w1 decodes it on its loop for seconds, with no ping going out,
+    # and the driver took the live worker for lost ("sent nothing for 2 s"). A
+    # request of as many objects was announced to the peers before its decode
+    # (going_quiet); a result was not. A 2 s heartbeat timeout on this side only; the
+    # result's size is calibrated on w1 so that decoding it takes ~5 s there.
+    async with ag.local_cluster(2, processes=True):
+        per = await ag.rpc("w1", decode_seconds, (200_000,))
+        n = min(40_000_000, max(1_000_000, int(5.0 / per * 200_000)))
+        # (w1's allowance for the decode, twice the package's: see
+        # test_a_worker_decoding_a_request_of_many_objects_is_not_taken_for_lost)
+        await ag.rpc("w1", set_slow_decode_rate, (rworker.SLOW_DECODE_RATE // 2,))
+        monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 2.0)
+        t0 = time.perf_counter()
+        assert await ag.rpc("w1", len_of_result_from, ("w2", n)) == n
+        took = time.perf_counter() - t0
+        assert took > 2.0, f"{took:.2f} s for {n} lists: too fast to show anything"
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+
+
 async def test_worker_processes_keep_the_token_out_of_their_environment():
     # (a process a call started, a tool a data loader ran, inherited it)
     async with ag.local_cluster(1, processes=True):

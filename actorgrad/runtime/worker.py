@@ -2165,6 +2165,9 @@ class Worker:
                         kept = conn.abandoned.pop(header[1], None)
                     late = call[1] if call is not None else kept
                     if kind == K_OK:
+                        quiet = frame.body_nbytes > SLOW_DECODE_RATE  # (see below)
+                        if quiet:
+                            self.going_quiet(min(MAX_QUIET, frame.body_nbytes / SLOW_DECODE_RATE))
                         try:
                             frame.body(late or rref.Hooks(self, conn.peer_name or "?", conn))
                         except ProtocolError as exc:
@@ -2172,12 +2175,22 @@ class Worker:
                                 late.unreadable(exc, True)
                         except Exception:  # (a late reply nobody waits for: only logged)
                             log.debug("worker %s: late reply unreadable", self.name, exc_info=True)
+                        finally:
+                            if quiet:
+                                self.going_quiet(0)
                     elif len(header) == 3 and late is not None:
                         late.refused()  # (refused before it ran: e.g. in the mailbox)
                     if kept is not None:
                         kept.answered()
                     return
                 fut, hooks = call
+                # A result of many Python objects takes the loop seconds to decode, as a
+                # request does (see _start): the peers are told first, or those waiting
+                # on this worker (a driver on a worker whose own call brought it 8 MB of
+                # empty lists) took it for lost as it decoded.
+                quiet = frame.body_nbytes > SLOW_DECODE_RATE
+                if quiet:
+                    self.going_quiet(min(MAX_QUIET, frame.body_nbytes / SLOW_DECODE_RATE))
                 try:
                     value = frame.body(hooks)
                 except ProtocolError as exc:
@@ -2185,6 +2198,9 @@ class Worker:
                         hooks.unreadable(exc, True)
                     fut.set_exception(exc)
                     return
+                finally:
+                    if quiet:  # (decoded: its silence counts again)
+                        self.going_quiet(0)
                 if kind == K_OK:
                     fut.set_result(value)
                 elif isinstance(value, BaseException):
