@@ -2221,10 +2221,10 @@ class Worker:
                     )
             elif kind == K_PING:
                 if len(header) != 1:  # the peer's "I may be silent for so long" (0: no more)
-                    quiet: Any = header[1] if len(header) == 2 else None
-                    if type(quiet) not in (int, float) or not 0 <= quiet <= MAX_QUIET:
+                    silent: Any = header[1] if len(header) == 2 else None
+                    if type(silent) not in (int, float) or not 0 <= silent <= MAX_QUIET:
                         raise ProtocolError(f"malformed ping header {short_repr(header)}")
-                    conn.quiet_until = time.monotonic() + quiet if quiet else 0.0
+                    conn.quiet_until = time.monotonic() + silent if silent else 0.0
             elif kind == K_ASK:
                 if len(header) != 1:
                     raise ProtocolError(f"malformed ping header {short_repr(header)}")
