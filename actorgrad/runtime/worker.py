@@ -3452,6 +3452,10 @@ class Worker:
                 self._notify_failed(
                     dest, what, err or WorkerLost(f"no connection to {dest!r}"), on_error
                 )
+            # (the error's traceback reaches this frame, through the connecting frames'
+            # f_back: kept in its locals, a cycle at each failure, on Python 3.13 with
+            # the RRef registration's error too)
+            err = None
 
     def _notify_failed(
         self,
