@@ -580,6 +580,18 @@ async def test_a_peer_idle_for_long_is_not_lost_when_a_watch_begins(monkeypatch)
         assert not w.is_lost("w1")
 
 
+async def _through(w, peer: str, link: str, relayed: list) -> None:
+    """Worker ``w`` reaches ``peer`` at ``link`` (a slow_link relay) from now on: its
+    connection to it closed, a call made through the link."""
+    wid = w.members[peer][0]
+    w.members = {**w.members, peer: (wid, link, "")}
+    old = w._out.pop(peer, None)
+    if old is not None:
+        old.close()
+    assert await w.call(peer, add, (1, 2)) == 3
+    assert relayed, "the call did not go through the link"
+
+
 async def test_a_request_that_takes_longer_than_the_timeout_to_send_is_not_lost(monkeypatch):
     # The caller's asks for pings queue behind its request: sent over a slow link for
     # longer than the heartbeat timeout, to a peer that pinged seldom (idle before), the
@@ -588,14 +600,8 @@ async def test_a_request_that_takes_longer_than_the_timeout_to_send_is_not_lost(
     more = _count_ticks(monkeypatch)
     async with ag.local_cluster(1, transport="tcp") as c:
         w = c.driver
-        wid, address, _ = w.members["w1"]
-        async with slow_link(address, {"up": 2e6}) as (link, relayed):
-            w.members = {**w.members, "w1": (wid, link, "")}
-            old = w._out.pop("w1", None)
-            if old is not None:
-                old.close()
-            assert await w.call("w1", add, (1, 2)) == 3
-            assert relayed, "the call did not go through the link"
+        async with slow_link(w.members["w1"][1], {"up": 2e6}) as (link, relayed):
+            await _through(w, "w1", link, relayed)
             await more(2 * 20)  # (1 s idle: more than the heartbeat timeout)
             x = np.ones(250_000)  # (2 MB: 1 s through the link)
             t0 = time.monotonic()
@@ -613,14 +619,8 @@ async def test_calls_behind_a_big_frame_say_why_their_connection_was_lost(monkey
     more = _count_ticks(monkeypatch)
     async with ag.local_cluster(1, transport="tcp") as c:
         w = c.driver
-        wid, address, _ = w.members["w1"]
-        async with slow_link(address, {"up": 1e6}) as (link, relayed):
-            w.members = {**w.members, "w1": (wid, link, "")}
-            old = w._out.pop("w1", None)
-            if old is not None:
-                old.close()
-            assert await w.call("w1", add, (1, 2)) == 3
-            assert relayed, "the call did not go through the link"
+        async with slow_link(w.members["w1"][1], {"up": 1e6}) as (link, relayed):
+            await _through(w, "w1", link, relayed)
             conn = w._out["w1"]
             for cn in c.workers[0]._conns:  # (w1 silent from now on: no pings)
                 monkeypatch.setattr(cn, "send_heartbeat", lambda *_: None)
