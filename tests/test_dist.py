@@ -3095,8 +3095,15 @@ async def test_misuse_errors():
             with pytest.raises(ValueError, match="one-element"):
                 await ag.dist.backward(ctx, [x * 2])
             # wrong types are TypeErrors (they were ValueErrors)
-            with pytest.raises(TypeError, match="roots must be a list of tensors, got None"):
+            with pytest.raises(TypeError, match="roots must be a list of tensors, got NoneType$"):
                 await ag.dist.backward(ctx, None)
+            # (the loss first, as it reads: named as swapped, not only "got int")
+            for loss in (x.sum(), [x.sum()]):
+                with pytest.raises(
+                    TypeError,
+                    match=r"got int: the arguments are swapped\? backward\(context_id, roots\)$",
+                ):
+                    await ag.dist.backward(loss, ctx)
             with pytest.raises(TypeError, match=r"roots\[1\] is a float, not an actorgrad"):
                 await ag.dist.backward(ctx, [x.sum(), 1.0])
             with pytest.raises(ag.ContextError, match="nest"):

@@ -361,9 +361,10 @@ def get_gradients(context_id: int) -> dict[Tensor, np.ndarray]:
     """The leaf gradients this worker accumulated in ``context_id``.
 
     Keys are this worker's leaf tensors that were reached by a backward pass of the
-    context, and every tensor this worker sent in it: zeros when the loss did not
-    depend on it (its call did not use it, or the call's result went unused), where a
-    local backward would leave its ``.grad`` None; values add up over repeated
+    context, and the leaves behind every tensor this worker sent in it (the leaf itself
+    when it was sent; ``x`` for a sent ``x * 2``, which is no key): zeros when the loss
+    did not depend on it (its call did not use it, or the call's result went unused),
+    where a local backward would leave its ``.grad`` None; values add up over repeated
     backward calls. ``.grad`` is never written by a distributed backward. The arrays
     are the context's own (as PyTorch's tensors are): changing one in place changes
     what later calls return and what ``DistributedOptimizer.step`` applies; copy one to

@@ -1515,13 +1515,21 @@ def _cleaned(worker: Any, ctx_id: int, pass_id: int, num: Any, exp: int) -> None
     _credit_to(state_of(worker).cleanups.get(pass_id), num, exp)
 
 
-def _check_roots(roots: Any) -> list[tuple[Any, np.ndarray]]:
+def _check_roots(roots: Any, context_id: Any = None) -> list[tuple[Any, np.ndarray]]:
     if isinstance(roots, Tensor):
         roots = [roots]
     try:
         roots = list(roots)
     except TypeError:
-        raise TypeError(f"roots must be a list of tensors, got {type(roots).__name__}") from None
+        swapped = ""
+        if isinstance(context_id, Tensor) or (
+            isinstance(context_id, (list, tuple)) and any(isinstance(r, Tensor) for r in context_id)
+        ):
+            # (torch's is backward(context_id, roots) too, but loss first reads naturally)
+            swapped = ": the arguments are swapped? backward(context_id, roots)"
+        raise TypeError(
+            f"roots must be a list of tensors, got {type(roots).__name__}{swapped}"
+        ) from None
     if not roots:
         raise ValueError("backward needs at least one root tensor; roots is empty")
     out = []
@@ -1566,7 +1574,7 @@ async def backward(context_id: int, roots: Sequence[Tensor], retain_graph: bool 
             await ag.dist.backward(ctx, [y.sum()])
             print(ag.dist.get_gradients(ctx)[x])            # [2. 4.]
     """
-    checked = _check_roots(roots)
+    checked = _check_roots(roots, context_id)
     # (it travels: the peers take a bool only; "no" would be true)
     retain_graph = check_retain_graph(retain_graph)
     worker = loop_worker()
