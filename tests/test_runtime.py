@@ -3770,6 +3770,18 @@ async def test_a_worker_refuses_a_bad_max_frame_size_naming_it(size, exc, messag
         assert w.max_frame_size == (fine or transport.MAX_FRAME_SIZE)
 
 
+@pytest.mark.parametrize("what", ["mailbox_size", "max_in_flight"])
+@pytest.mark.parametrize(
+    ("n", "exc"), [(0, ValueError), (-3, ValueError), (True, TypeError), (2.0, TypeError)]
+)
+async def test_a_worker_refuses_a_bad_mailbox_size_or_max_in_flight_naming_it(what, n, exc):
+    # (taken as they came: max_in_flight=0 ran no call ever, and its callers waited for
+    # good; mailbox_size=0 stopped reading a connection after each message)
+    with pytest.raises(exc, match=rf"{what} must be an int >= 1, not {n!r}$"):
+        Worker("x", token="t", **{what: n})
+    assert getattr(Worker("x", token="t", **{what: 1}), f"_{what}") == 1
+
+
 async def test_init_names_a_malformed_address_variable(monkeypatch):
     monkeypatch.setenv("ACTORGRAD_ADDRESS", "localhost")
     monkeypatch.setenv("ACTORGRAD_TOKEN", "t")

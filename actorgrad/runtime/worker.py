@@ -907,6 +907,14 @@ class Worker:
                 f"port must be an int in 0..65535 (0: any free port), not {port!r:.80}"
             )
         max_frame_size = transport.check_frame_size(max_frame_size)
+        for what, n in (("mailbox_size", mailbox_size), ("max_in_flight", max_in_flight)):
+            # (taken as they came: 0 in flight ran no call ever, its callers waited for
+            # good; a mailbox of 0 stopped reading a connection after each message it
+            # read; a float or a bool passed for a count)
+            if type(n) is not int or n < 1:
+                raise (TypeError if type(n) is not int else ValueError)(
+                    f"{what} must be an int >= 1, not {n!r:.80}"
+                )
         if transport_kind not in ("tcp", "inproc"):
             raise ValueError(f"unknown transport {transport_kind!r}")
         if advertise is not None and transport_kind != "tcp":
