@@ -161,7 +161,9 @@ def _start_release(
     context._reclaim), which the release carries. Returns the wait for their
     acknowledgements (None: nobody to tell)."""
     # Release locally first, so a forwarded release coming back finds nothing to do.
-    ctx = _release_local(st, ctx_id, cut_text(why, MAX_WHY) if why else "")
+    # (cut once: kept here, and passed on to the workers below as kept)
+    why = cut_text(why, MAX_WHY) if why else ""
+    ctx = _release_local(st, ctx_id, why)
     if ctx is None:
         return None
     worker = st.worker
@@ -289,11 +291,12 @@ def _release(
         )
     st = state_of(current_worker())
     first = not st.released_here(ctx_id)
+    # (cut: it came from a peer, and stays while the id is remembered)
+    why = cut_text(why, MAX_WHY) if why else ""
     acks = _start_release(st, ctx_id, sender, gone, why)
     if why and first:
-        # (kept for a late call's refusal, as a cause of this worker's own; cut: it came
-        # from a peer, and stays while the id is remembered)
-        st.reclaimed(ctx_id, cut_text(why, MAX_WHY))
+        # (kept for a late call's refusal, as a cause of this worker's own)
+        st.reclaimed(ctx_id, why)
     return acks
 
 
