@@ -424,22 +424,33 @@ class AccumulateGrad(Node):
 #: run in several threads at once (plain functions called on a worker run in its thread
 #: pool, two may train one model), and numpy lets other threads run during the add of
 #: big arrays, so one pass's sum overwrote another's: 4 threads of 200 passes each
-#: left a shared leaf 388 to 444 of its 800. (torch locks its AccumulateGrad too.) One
-#: lock, taken once per leaf and pass, not per op.
-_GRAD_LOCK = threading.Lock()
+#: left a shared leaf 388 to 444 of its 800. (torch locks its AccumulateGrad too.)
+#: Taken once per leaf and pass, not per op; striped by the leaf, so threads training
+#: unrelated models do not wait for each other's adds (one lock for the process made
+#: every add of every thread take turns, numpy's GIL-free adds of big arrays too).
+_GRAD_STRIPES = 64
+_GRAD_LOCKS: tuple[threading.Lock, ...] = ()
 
 
-def _new_grad_lock_in_child() -> None:
-    # A process forked while another thread was inside an accumulation (a fork in a
-    # call: multiprocessing's default start method on Linux) inherited the lock held by
-    # a thread it does not have: its first backward waited for good. (The child has
-    # only the forking thread: no accumulation of its own is under way.)
-    global _GRAD_LOCK
-    _GRAD_LOCK = threading.Lock()
+def _grad_lock(t: object) -> threading.Lock:
+    """The lock guarding the ``.grad`` of leaf ``t`` (see ``_GRAD_LOCKS``)."""
+    # (objects sit 16 bytes apart at least: the low bits of an id are always 0)
+    return _GRAD_LOCKS[(id(t) >> 4) % _GRAD_STRIPES]
 
 
+def _new_grad_locks() -> None:
+    # Also in a forked child: a process forked while another thread was inside an
+    # accumulation (a fork in a call: multiprocessing's default start method on Linux)
+    # inherited a lock held by a thread it does not have: its first backward waited for
+    # good. (The child has only the forking thread: no accumulation of its own is under
+    # way.)
+    global _GRAD_LOCKS
+    _GRAD_LOCKS = tuple(threading.Lock() for _ in range(_GRAD_STRIPES))
+
+
+_new_grad_locks()
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_grad_lock_in_child)
+    os.register_at_fork(after_in_child=_new_grad_locks)
 
 
 def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -842,7 +853,7 @@ class GraphTask:
             # (a leaf that stopped requiring grad since the graph was recorded,
             # requires_grad = False or detach_(): no .grad, as torch's AccumulateGrad)
             return
-        with _GRAD_LOCK:  # (see _GRAD_LOCK)
+        with _grad_lock(t):  # (see _GRAD_LOCKS)
             if t.grad is None:
                 # Store an array the leaf owns: views, read-only broadcasts, arrays already
                 # handed to another leaf (a + b gives both the same array) and arrays a hook

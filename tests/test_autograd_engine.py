@@ -561,6 +561,30 @@ def test_backward_passes_in_several_threads_add_up_in_a_shared_leaf():
     np.testing.assert_array_equal(x.grad, np.full(100_000, threads * passes, np.float32))
 
 
+def test_a_backward_into_one_leaf_does_not_wait_for_an_add_into_an_unrelated_one():
+    # (threads training unrelated models: one lock for the whole process made each
+    # add into a leaf wait for every other thread's, numpy's GIL-free big adds too)
+    from actorgrad import autograd
+
+    x = ag.ones(3, requires_grad=True)
+    others = [ag.ones(2, requires_grad=True) for _ in range(8)]
+    y = next(o for o in others if autograd._grad_lock(o) is not autograd._grad_lock(x))
+    done = threading.Event()
+
+    def train() -> None:
+        (y * 2.0).sum().backward()
+        done.set()
+
+    with autograd._grad_lock(x):  # (as a long add into x would hold it)
+        thread = threading.Thread(target=train)
+        thread.start()
+        try:
+            assert done.wait(10), "a backward into y waited for the add into x"
+        finally:
+            thread.join(10)
+    np.testing.assert_array_equal(y.grad, [2.0, 2.0])
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_process_forked_while_a_thread_adds_into_a_leaf_can_run_backward():
     # A fork (multiprocessing's default start method on Linux: a Pool in a call) while
@@ -590,15 +614,16 @@ def test_a_process_forked_while_a_thread_adds_into_a_leaf_can_run_backward():
             pid = os.fork()
         if pid == 0:  # (the child: a backward of its own, then go, whatever happens)
             try:
-                y = ag.ones(2, requires_grad=True)
-                (y * 3.0).sum().backward()
-                os.write(write_fd, repr(y.grad.tolist()).encode())
+                # (into the same leaf: its lock is the one the parent's thread holds)
+                x.grad = None
+                (x[:2] * 3.0).sum().backward()
+                os.write(write_fd, repr(x.grad.tolist()).encode())
             finally:
                 os._exit(0)
         try:
             readable, _, _ = select.select([read_fd], [], [], 10)
             assert readable, "the forked child's backward never ended (the lock was held)"
-            assert os.read(read_fd, 100) == b"[3.0, 3.0]"
+            assert os.read(read_fd, 100) == b"[3.0, 3.0, 0.0]"
         finally:
             try:
                 os.kill(pid, signal.SIGKILL)
