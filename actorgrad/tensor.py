@@ -317,9 +317,11 @@ class Tensor:
     def __format__(self, spec: str) -> str:
         # A 0-d tensor formats as its number, as numpy's 0-d arrays and torch's 0-d
         # tensors do: ``f"{loss:.4f}"`` raised "unsupported format string passed to
-        # Tensor.__format__" (object's). Without a spec it stays ``str()``; a tensor
-        # with dimensions refuses a spec, as numpy and torch refuse it.
-        if spec and self._data.ndim == 0:
+        # Tensor.__format__" (object's), and ``f"loss {loss}"`` printed the repr,
+        # ``tensor(..., grad_fn=...)``, where both print the number (as a Python
+        # number: a float32's float64 digits, as theirs). A tensor with dimensions
+        # formats as ``str()`` and refuses a spec, as numpy and torch do.
+        if self._data.ndim == 0:
             return format(self._data.item(), spec)
         return super().__format__(spec)
 

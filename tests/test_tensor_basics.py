@@ -168,7 +168,11 @@ def test_a_0d_tensor_formats_as_its_number_as_numpy_and_torch_do():
     loss = (ag.tensor([1.0, 2.0], requires_grad=True) * 0.61725).sum()
     assert f"{loss:.4f}" == "1.8518" == f"{np.asarray(loss.data):.4f}"
     assert f"{ag.tensor(3, dtype='int64'):>4d}" == "   3"
-    assert f"{loss}" == str(loss)  # (no spec: the repr, as before)
+    # (no spec: the number too, as numpy and torch print it)
+    assert f"{loss}" == "1.851750135421753" == f"{np.asarray(loss.data)}" != str(loss)
+    assert f"loss {ag.tensor(2.5, dtype='float64')}" == "loss 2.5"
+    assert f"{ag.tensor(True)}" == "True" and f"{ag.tensor(7, dtype='int32')}" == "7"
+    assert f"{ag.tensor([1.0, 2.0])}" == str(ag.tensor([1.0, 2.0]))
     with pytest.raises(TypeError, match="unsupported format string"):
         f"{ag.tensor([1.0, 2.0]):.2f}"  # (as numpy and torch: dimensions refuse a spec)
 
