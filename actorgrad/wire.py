@@ -71,7 +71,7 @@ import re
 import struct
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import msgpack
@@ -288,6 +288,10 @@ class _TooDeep(ValueError):
     pass
 
 
+#: The containers the error path walks into (those that can hold what is looked for).
+_WALKED: tuple[type, ...] = (list, tuple, dict)
+
+
 def _locate(root: Any, root_name: str | tuple[str, ...], pred: Callable[[Any], bool]) -> str | None:
     """Path (like ``body[0]['x']``) of the first value in ``root`` matching ``pred``;
     ``root_name``: the root's name, or its items' (a call's ``("args", "kwargs")``:
@@ -295,46 +299,75 @@ def _locate(root: Any, root_name: str | tuple[str, ...], pred: Callable[[Any], b
 
     Only used on the error path, to say where an unsendable value sits.
     """
+    # Iterative, depth first, each container's items named as they are reached: a
+    # recursive walk raised RecursionError in place of the error it was to place, for
+    # a value 500 levels deep; and a nested walk function referred to itself through
+    # its closure, a cycle that held pred, and with it the value looked for (a failed
+    # call's argument, a big array maybe), until a gc run.
     tensor_cls = _tensor_class()
+    kinds = _WALKED if tensor_cls is None else (*_WALKED, tensor_cls)
     seen: set[int] = set()
-
-    def walk(x: Any, path: str, depth: int) -> str | None:
+    if isinstance(root_name, str):
+        top, first = 0, iter(((root, root_name),))
+    else:
+        top, first = 1, zip(root, root_name, strict=False)
+    todo: list[Iterator[tuple[Any, str]]] = [first]
+    while todo:
+        nxt = next(todo[-1], None)
+        if nxt is None:
+            todo.pop()
+            continue
+        x, path = nxt
         if pred(x):
             return path
-        if depth > 600:
-            return None
+        if top + len(todo) > 601:  # (x is that many levels deep, less one)
+            continue
         if isinstance(x, (list, tuple)):
             if id(x) in seen:
-                return None
+                continue
             seen.add(id(x))
-            # (the items it holds, as they were packed: a subclass's own __iter__ may
-            # yield others, or raise, in place of the error being located)
-            items = list.__iter__(x) if isinstance(x, list) else tuple.__iter__(x)
-            for i, item in enumerate(items):
-                found = walk(item, f"{path}[{i}]", depth + 1)
-                if found is not None:
-                    return found
+            todo.append(_items_named(x, path, kinds, pred))
         elif isinstance(x, dict):
             if id(x) in seen:
-                return None
+                continue
             seen.add(id(x))
-            for k, v in dict.items(x):
-                found = walk(k, f"{path}<key {short_repr(k)}>", depth + 1)
-                if found is None:
-                    found = walk(v, f"{path}[{short_repr(k)}]", depth + 1)
-                if found is not None:
-                    return found
+            todo.append(_entries_named(x, path, kinds, pred))
         elif tensor_cls is not None and isinstance(x, tensor_cls):
-            return walk(getattr(x, "data", None), f"{path}.data", depth + 1)
-        return None
-
-    if isinstance(root_name, str):
-        return walk(root, root_name, 0)
-    for name, item in zip(root_name, root, strict=False):
-        found = walk(item, name, 1)
-        if found is not None:
-            return found
+            todo.append(iter(((getattr(x, "data", None), f"{path}.data"),)))
     return None
+
+
+def _items_named(
+    x: list[Any] | tuple[Any, ...],
+    path: str,
+    kinds: tuple[type, ...],
+    pred: Callable[[Any], bool] | None,
+) -> Iterator[tuple[Any, str]]:
+    """The items of list or tuple ``x`` (those it holds, as they were packed: a
+    subclass's own __iter__ may yield others, or raise, in place of the error being
+    located) that are of ``kinds`` (containers to walk into) or match ``pred``, each
+    with its path: only theirs formatted (a list of 2 million ints took seconds to
+    name item by item, on the error path of a worker's loop)."""
+    items: Callable[[Any], Iterator[Any]] = list.__iter__ if isinstance(x, list) else tuple.__iter__
+    if pred is None and not any(issubclass(t, kinds) for t in set(map(type, items(x)))):
+        return iter(())  # (one pass in C: no container in it)
+    picked = [
+        (i, v)
+        for i, v in enumerate(items(x))
+        if isinstance(v, kinds) or (pred is not None and pred(v))
+    ]
+    return ((v, f"{path}[{i}]") for i, v in picked)
+
+
+def _entries_named(
+    d: dict[Any, Any], path: str, kinds: tuple[type, ...], pred: Callable[[Any], bool] | None
+) -> Iterator[tuple[Any, str]]:
+    """As ``_items_named``, for a dict's keys and values (each key, then its value)."""
+    for k, v in dict.items(d):
+        if isinstance(k, kinds) or (pred is not None and pred(k)):
+            yield k, f"{path}<key {short_repr(k)}>"
+        if isinstance(v, kinds) or (pred is not None and pred(v)):
+            yield v, f"{path}[{short_repr(k)}]"
 
 
 def _root_name(where: str | tuple[str, ...]) -> str:

@@ -9,10 +9,12 @@ import enum
 import gc
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
 import threading
+import weakref
 from typing import Any
 
 import msgpack
@@ -554,6 +556,23 @@ def test_unsendable_dict_key_is_located():
         encode_frame([0], {frozenset(): 1})
 
 
+def test_an_unsendable_value_deep_in_lists_is_located_from_deep_in_a_stack():
+    # The error path's walk recursed, a Python call per level: a value 590 lists deep,
+    # encoded 450 calls deep, raised RecursionError in place of the TypeError
+    value: Any = {1}
+    for _ in range(590):
+        value = [value]
+
+    def encode_at(depth: int) -> str:
+        if depth:
+            return encode_at(depth - 1)
+        with pytest.raises(TypeError) as info:
+            encode_frame([0], value)
+        return str(info.value)
+
+    assert encode_at(450) == f"cannot send value of type 'set' (at body{'[0]' * 590})"
+
+
 def test_user_class_is_named_with_its_module():
     class Thing:
         pass
@@ -639,6 +658,7 @@ print(b"".join(wire.encode_frame([0], out)) == frame)  # (== recurses too deep f
 
 _DEEPEST_IN_A_THREAD = """
 import threading
+import weakref
 from actorgrad import wire
 
 value = 0
@@ -1357,3 +1377,28 @@ def test_a_tensor_with_too_many_dimensions_is_refused_naming_its_data():
         f"cannot send an array of {wire.MAX_NDIM + 1} dimensions: at most {wire.MAX_NDIM} "
         "travel (at body[1]['k'].data)"
     )
+
+
+class Stranger:
+    pass
+
+
+@pytest.mark.parametrize(
+    "make",
+    [Stranger, lambda: np.array([object()] * 1000, dtype=object)],
+    ids=["object", "object array"],
+)
+def test_a_failed_encode_frees_the_unsendable_value_without_the_cyclic_gc(make):
+    # The error path's _locate walked with a nested function that referred to itself
+    # (a closure cycle) and held the predicate, and with it the value looked for: a
+    # failed call's argument, an object array maybe, stayed alive until a gc run.
+    bad = make()
+    alive = weakref.ref(bad)
+    gc.disable()
+    try:
+        with pytest.raises(TypeError, match=re.escape("(at body[1]['x'])")):
+            encode_frame([0], [1, {"x": bad}])
+        del bad
+        assert alive() is None
+    finally:
+        gc.enable()
