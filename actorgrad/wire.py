@@ -489,7 +489,12 @@ class _Encoder:
                 self.header_packer = _new_header_packer()
                 self.depth = self.levels = 0
         if hook_exc is not None:
-            raise hook_exc
+            try:
+                raise hook_exc
+            finally:
+                # (its traceback holds this frame: the local made a cycle that kept the
+                # body, a call's arguments, big arrays maybe, alive until a gc run)
+                hook_exc = None
         return _assemble(hbytes, bbytes, buffers)
 
     # msgpack calls this for every value it does not handle natively.
@@ -1104,7 +1109,13 @@ class Frame:
             # decoder (and through it the frame's buffers) alive until a gc run
             dec.hook = None
         if hook_exc is not None:
-            raise hook_exc
+            try:
+                raise hook_exc
+            finally:
+                # (its traceback holds this frame: the local made a cycle that kept the
+                # frame, and its buffer, which the transport reuses once nothing holds
+                # it, alive until a gc run)
+                hook_exc = None
         return value
 
 

@@ -931,6 +931,35 @@ def test_decode_hooks_raising_actorgrad_errors_propagate_unchanged_others_are_pr
         frame.body(StrictRefs())
 
 
+def test_hook_errors_free_the_body_and_the_frame_without_the_cyclic_gc():
+    # The hook's exception was raised again from a local of encode (and of Frame.body)
+    # that its traceback holds, in that very frame: a cycle that kept the body being
+    # encoded (a call's arguments, big arrays maybe) and the frame decoded (its
+    # buffer, which the transport reuses once nothing holds it) until a gc run.
+    class Refusing(Hooks):
+        def ref_out(self, ref):
+            raise ContextError("context 5 was released")
+
+        def ref_in(self, payload):
+            raise ContextError("context 5 was released")
+
+    arr = np.ones(100_000)
+    alive = weakref.ref(arr)
+    buf = join_chunks(encode_frame([0], [np.ones(100_000), FakeRef("a", 1)], Hooks()))
+    base = sys.getrefcount(buf)
+    gc.disable()
+    try:
+        with pytest.raises(ContextError, match="released"):
+            encode_frame([0], [arr, FakeRef("a", 1)], Refusing())
+        del arr
+        assert alive() is None
+        with pytest.raises(ContextError, match="released"):
+            decode_frame(buf).body(Refusing())
+        assert sys.getrefcount(buf) == base
+    finally:
+        gc.enable()
+
+
 def test_a_hook_may_encode_frames_itself():
     class Reentrant(Hooks):
         def tensor_out(self, t):
