@@ -583,6 +583,11 @@ def _new_header_packer() -> msgpack.Packer:
 
 def _packing_error(exc: BaseException, root: Any, where: str | tuple[str, ...]) -> Exception:
     """Turn an exception from msgpack's pack into the codec's TypeError/ValueError."""
+    # (raised from None, the error still holds exc as its __context__: exc's traceback
+    # reaches, through its frames' f_back, the frames of encode_frame's callers, and a
+    # caller that keeps the error in a local of such a frame (a future failed with it)
+    # made a cycle, with the call's arguments, kept until a gc run)
+    exc.__traceback__ = None
     name = _root_name(where)
     if isinstance(exc, _Unsendable):
         bad = exc.obj

@@ -4957,6 +4957,43 @@ async def test_nowait_calls_and_rref_registrations_that_fail_leave_no_reference_
             gc.garbage.clear()
 
 
+@pytest.mark.parametrize("why", ["unsendable", "over the largest frame"])
+async def test_a_call_nowait_whose_arguments_cannot_go_frees_them_without_the_gc(why, monkeypatch):
+    # The encoding's (or the send's) error was set on the future in the frame that
+    # caught it, which the error's traceback holds, and through f_back call_nowait's:
+    # error -> frame -> future -> error, the arguments (big arrays maybe) kept until a
+    # gc run. (And the codec's error held msgpack's as its context, whose traceback
+    # reached those frames too.)
+    import gc
+    import weakref
+
+    from actorgrad.runtime import transport
+
+    class Stranger:
+        pass
+
+    monkeypatch.setattr(transport, "MAX_FRAME_SIZE", 1 << 20)  # both ends: 1 MiB
+    async with ag.local_cluster(1) as c:
+        assert await c.driver.call_nowait("w1", add, (1, 2)) == 3  # (connected)
+        if why == "unsendable":
+            arr, bad = np.ones(1000), Stranger()
+            error = (TypeError, r"'.*Stranger' \(at args\[1\]\['x'\]\)")
+        else:
+            arr, bad = np.ones(300_000, np.float32), np.ones(3)  # (1.2 MB)
+            error = (ag.ProtocolError, "more than the largest frame")
+        alive = weakref.ref(arr), weakref.ref(bad)
+        gc.disable()
+        try:
+            fut = c.driver.call_nowait("w1", add, (arr, {"x": bad}))
+            with pytest.raises(error[0], match=error[1]):
+                await fut
+            del fut, arr, bad
+            assert [r() is None for r in alive] == [True, True]
+        finally:
+            gc.enable()
+        assert await c.driver.call_nowait("w1", add, (1, 2)) == 3
+
+
 @pytest.mark.parametrize("kind", ["inproc", "tcp"])
 @pytest.mark.parametrize("opened_by", ["w1", "driver"])
 async def test_a_message_to_a_worker_that_left_fails_while_its_connection_closes(kind, opened_by):

@@ -3267,7 +3267,10 @@ class Worker:
             )
         except Exception as exc:
             hooks.undo()
-            fut.set_exception(exc)
+            # (its traceback holds this frame, and through f_back call_nowait's, which
+            # hold the future: a cycle at each failure, with the arguments, big arrays
+            # maybe, kept until a gc run. Where it failed in the codec, the message says)
+            fut.set_exception(exc.with_traceback(None))
             return
         conn.pending[cid] = (fut, hooks)
         if hooks.forks:  # RRefs among the arguments: registered before the request goes
@@ -3281,7 +3284,7 @@ class Worker:
             # the caller's fan-out, a release to every peer, stopped there)
             conn.pending.pop(cid, None)
             if not fut.done():
-                fut.set_exception(exc)
+                fut.set_exception(exc.with_traceback(None))  # (a cycle: see above)
             return
         if len(chunks[0]) > SLOW_DECODE_RATE:
             _expect_decoding(conn, chunks)
