@@ -705,7 +705,15 @@ def _enc_array(enc: _Encoder, arr: np.ndarray) -> msgpack.ExtType:
 
 
 def _enc_array_subclass(enc: _Encoder, arr: np.ndarray) -> msgpack.ExtType:
-    return _enc_array(enc, np.asarray(arr))
+    plain = np.asarray(arr)
+    try:
+        return _enc_array(enc, plain)
+    except _Unsendable as exc:
+        if exc.obj is plain:
+            # (the value in the message is the subclass: the plain view of it is found
+            # nowhere there, and the error said no place)
+            exc.obj = arr
+        raise
 
 
 def _enc_scalar(enc: _Encoder, obj: np.generic) -> msgpack.ExtType:

@@ -415,6 +415,26 @@ def test_ndarray_subclass_travels_as_ndarray():
     assert type(out) is np.ndarray and np.array_equal(out, np.eye(2))
 
 
+class SubArray(np.ndarray):
+    pass
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        (np.array([object()], dtype=object), "numpy data of dtype 'object'"),
+        (np.zeros((1,) * 33), "an array of 33 dimensions"),
+        (np.empty((0, 2**62), "|u1"), "an array: bad array dimension 4611686018427387904"),
+    ],
+    ids=["object", "33 dims", "shape"],
+)
+def test_an_ndarray_subclass_that_cannot_travel_is_located(value, reason):
+    # (it travels as the plain array it views, which the error named: no place at all)
+    with pytest.raises(TypeError, match=re.escape(reason)) as info:
+        encode_frame([0], [1, {"x": value.view(SubArray)}])
+    assert "(at body[1]['x'])" in str(info.value)
+
+
 SCALARS = [
     np.bool_(True),
     np.int8(-3),
