@@ -561,7 +561,12 @@ def _levels(value: list[Any], limit: int) -> int:
             deepest = level
             if deepest > limit:
                 break
-        for x in (*seq.keys(), *seq.values()) if isinstance(seq, dict) else seq:
+        # (the items a subclass holds, as they are packed: its own __iter__, keys() or
+        # values() hid its items, and their depth overflowed the C stack, or raised)
+        items = (
+            (*dict.keys(seq), *dict.values(seq)) if isinstance(seq, dict) else list.__iter__(seq)
+        )
+        for x in items:
             if isinstance(x, (list, dict)):  # (a key too: a hashable list subclass)
                 todo.append((x, level + 1))
     return deepest

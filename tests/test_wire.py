@@ -720,6 +720,58 @@ def test_lists_deep_in_tuples_deep_in_tuples_are_refused_not_a_crash():
     assert lines == [deep, deep, "True"], r.stdout
 
 
+_DEEP_IN_SUBCLASSES = """
+from actorgrad import wire
+
+class Hiding(list):  # (its own __iter__ yields nothing: its items travel all the same)
+    def __iter__(self):
+        return iter(())
+
+class Raising(list):
+    def __iter__(self):
+        raise RuntimeError("its own __iter__ ran")
+
+class OddDict(dict):
+    def keys(self):
+        raise RuntimeError("its own keys() ran")
+
+    def values(self):
+        return []
+
+def lists(x, n):
+    for _ in range(n):
+        x = [x]
+    return x
+
+x = 0
+for _ in range(30):  # (30 x 1000 levels: the process died with SIGSEGV)
+    x = (Hiding([lists(x, 999)]),)
+try:
+    wire.encode_frame([0], x)
+except ValueError as exc:
+    print(exc)
+for value in [((Raising([1, [2]]),),), ((OddDict(a=[1]),),)]:
+    frame = b"".join(wire.encode_frame([0], value))
+    print(wire.decode_frame(frame).body())
+"""
+
+
+def test_list_and_dict_subclasses_in_tuples_inside_tuples_count_their_own_items():
+    # The levels of lists in tuples inside tuples were counted with the subclasses' own
+    # __iter__, keys() and values(), where their base items are what travels: one that
+    # hid its items overflowed the C stack (SIGSEGV, the whole process), one that
+    # raised failed the encoding with its error (the same value elsewhere travels).
+    r = subprocess.run(
+        [sys.executable, "-c", _DEEP_IN_SUBCLASSES], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    deep = (
+        "cannot send body: value nests lists and dicts more than "
+        f"{wire.MAX_INNER_LEVELS} levels deep in tuples inside tuples"
+    )
+    assert r.stdout.splitlines() == [deep, "(([1, [2]],),)", "(({'a': [1]},),)"], r.stdout
+
+
 def test_an_array_at_the_nesting_limit_round_trips_and_one_deeper_is_refused():
     t: Any = np.arange(3.0)  # (a small array: the encoder's inlined path)
     for _ in range(MAX_DEPTH - 1):
