@@ -858,10 +858,15 @@ def _unsendable_dtype(enc: _Encoder, obj: Any) -> Any:
 
 
 # (no entry for tuple: _Encoder.default packs a plain tuple itself, before any lookup)
-_DISPATCH: dict[type, Callable[[_Encoder, Any], Any]] = {
+_DISPATCH_BASE: dict[type, Callable[[_Encoder, Any], Any]] = {
     np.ndarray: _enc_array,
     RemoteError: _enc_exception,  # (an error reply needs no lookup that could fail)
 }
+_DISPATCH = dict(_DISPATCH_BASE)
+#: Most types _DISPATCH keeps; past it, it starts again from _DISPATCH_BASE. Its keys
+#: hold their types alive: a namedtuple (an exception class, an enum) made in a
+#: function at each step was kept for good, one class a step (5 KB each).
+_DISPATCH_MAX = 1024
 
 
 def _resolve(t: type) -> Callable[[_Encoder, Any], Any]:
@@ -904,6 +909,11 @@ def _resolve(t: type) -> Callable[[_Encoder, Any], Any]:
         handler = _unsendable
         cache = False
     if cache:
+        if len(_DISPATCH) >= _DISPATCH_MAX:
+            # (in place: each thread's encoder refers to this dict; the types in use
+            # come back at their next lookup)
+            _DISPATCH.clear()
+            _DISPATCH.update(_DISPATCH_BASE)
         _DISPATCH[t] = handler
     return handler
 

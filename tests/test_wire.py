@@ -177,6 +177,22 @@ def test_subclasses_of_plain_types_travel_as_the_plain_type():
     assert type(out[4]) is np.float64  # a numpy scalar, even though it subclasses float
 
 
+def test_classes_made_at_each_step_are_not_kept_by_the_encoder():
+    # The encoder cached its handler by type for good: a namedtuple (an exception
+    # class, an enum) made in a function at each step was kept alive, with its
+    # methods, one per step (5 KB each, without end in a long run).
+    alive = []
+    for i in range(3 * wire._DISPATCH_MAX):
+        Point = collections.namedtuple("Point", "x y")
+        assert roundtrip([Point(i, 2)]) == [(i, 2)]
+        alive.append(weakref.ref(Point))
+    del Point
+    gc.collect()
+    assert sum(r() is not None for r in alive) <= wire._DISPATCH_MAX
+    assert len(wire._DISPATCH) <= wire._DISPATCH_MAX
+    assert roundtrip([np.arange(3), RemoteError("w", "E", "m", "")])[1].worker == "w"
+
+
 class Mode(str, enum.Enum):  # noqa: UP042 (the str-mixin enum idiom, older than StrEnum)
     TRAIN = "train"
 
