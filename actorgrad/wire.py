@@ -337,6 +337,40 @@ def _locate(root: Any, root_name: str | tuple[str, ...], pred: Callable[[Any], b
     return None
 
 
+def _cycle(root: Any, root_name: str | tuple[str, ...]) -> str | None:
+    """Where ``root`` holds a list, tuple or dict inside itself, as ``"body[0][1] is
+    body again"`` (None: nowhere). Iterative, as ``_locate``; only on the error path."""
+    on_path: dict[int, str] = {}  # (the containers being walked, by id: their paths)
+    done: set[int] = set()
+    if isinstance(root_name, str):
+        first: Iterator[tuple[Any, str]] = iter(((root, root_name),))
+    else:
+        first = zip(root, root_name, strict=False)
+    todo: list[tuple[Iterator[tuple[Any, str]], int | None]] = [(first, None)]
+    while todo:
+        items, key = todo[-1]
+        nxt = next(items, None)
+        if nxt is None:
+            todo.pop()
+            if key is not None:
+                del on_path[key]
+                done.add(key)
+            continue
+        x, path = nxt
+        if isinstance(x, (list, tuple, dict)):
+            i = id(x)
+            if i in on_path:
+                return f"{path} is {on_path[i]} again"
+            if i in done:  # (the same container twice, not inside itself)
+                continue
+            on_path[i] = path
+            if isinstance(x, dict):
+                todo.append((_entries_named(x, path, _WALKED, None), i))
+            else:
+                todo.append((_items_named(x, path, _WALKED, None), i))
+    return None
+
+
 def _items_named(
     x: list[Any] | tuple[Any, ...],
     path: str,
@@ -601,18 +635,23 @@ def _packing_error(exc: BaseException, root: Any, where: str | tuple[str, ...]) 
     if isinstance(exc, OverflowError):
         path = _locate(root, where, _int_out_of_range)
         return TypeError(f"cannot send int: value does not fit in 64 bits{_at(path)}")
-    if isinstance(exc, _TooDeep):
+    too_deep = isinstance(exc, ValueError) and "recursion limit" in str(exc)
+    if too_deep or isinstance(exc, _TooDeep):
+        # (a cycle is told as one: through a tuple, it was "value nested more than 32
+        # levels deep", which sent its sender looking for deep data)
+        cycle = _cycle(root, where)
+        if cycle is not None:
+            return ValueError(f"cannot send {name}: it contains a reference cycle ({cycle})")
+        if too_deep:
+            return ValueError(
+                f"cannot send {name}: nested too deeply (about 1000 list/dict levels)"
+            )
         return ValueError(f"cannot send {name}: {exc}")
     if isinstance(exc, BufferError):  # (msgpack packs a contiguous memoryview as bytes)
         path = _locate(root, where, lambda x: isinstance(x, memoryview) and not x.c_contiguous)
         return TypeError(
             f"cannot send a memoryview that is not C-contiguous{_at(path)}: send "
             "bytes(view), or the numpy array it views"
-        )
-    if isinstance(exc, ValueError) and "recursion limit" in str(exc):
-        return ValueError(
-            f"cannot send {name}: nested too deeply (about 1000 list/dict levels) "
-            "or contains a reference cycle"
         )
     if isinstance(exc, ValueError) and "too large" in str(exc):
         # (one bytes/str value of 4 GiB or more: msgpack's limit, far above the largest

@@ -657,6 +657,36 @@ def test_nesting_too_deep_and_cycles_are_value_errors():
     assert roundtrip((1, (2,))) == (1, (2,))
 
 
+def test_a_reference_cycle_is_told_as_one_naming_where_it_closes():
+    # Through a tuple it was "value nested more than 32 levels deep" (the sender went
+    # looking for deep data); through lists, "nested too deeply ... or contains a
+    # reference cycle", which of the two not said
+    lst: list = [1]
+    lst.append(lst)
+    through_tuple: list = [1]
+    through_tuple.append((through_tuple,))
+    d: dict = {}
+    d["me"] = [d]
+    shared = [1]
+    for value, where in [
+        (lst, "body[1] is body again"),
+        ([0, through_tuple], "body[1][1][0] is body[1] again"),
+        ({"a": d}, "body['a']['me'][0] is body['a'] again"),
+        (((lst,),), "body[0][0][1] is body[0][0] again"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            encode_frame([0], value)
+        assert str(info.value) == f"cannot send body: it contains a reference cycle ({where})"
+    # (a list met twice is no cycle; deep data is told as deep)
+    assert roundtrip([shared, (shared, [shared])]) == [[1], ([1], [[1]])]
+    deep: Any = 0
+    for _ in range(1200):
+        deep = [deep]
+    with pytest.raises(ValueError) as info:
+        encode_frame([0], deep)
+    assert str(info.value) == "cannot send body: nested too deeply (about 1000 list/dict levels)"
+
+
 def test_deep_but_allowed_tuple_nesting_round_trips():
     t: Any = ()
     for _ in range(MAX_DEPTH - 1):
