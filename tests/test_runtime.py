@@ -4994,6 +4994,42 @@ async def test_a_call_nowait_whose_arguments_cannot_go_frees_them_without_the_gc
         assert await c.driver.call_nowait("w1", add, (1, 2)) == 3
 
 
+async def test_a_reply_that_cannot_be_read_leaves_no_reference_cycle(monkeypatch):
+    # The reader set the decoding's error on the call's future in the frame that caught
+    # it, which the error's traceback holds: error -> frame -> future -> error, with
+    # the reply's frame and its buffer (which the transport reuses once nothing holds
+    # it), at each reply that could not be read.
+    import gc
+
+    from actorgrad import wire
+
+    def unreadable(dec, data):
+        raise ag.ProtocolError("no numpy scalar here")
+
+    async with ag.local_cluster(1):
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+        monkeypatch.setitem(wire._DECODERS, wire.EXT_SCALAR, unreadable)
+
+        async def fail() -> None:
+            with pytest.raises(ag.ProtocolError, match="no numpy scalar here"):
+                await ag.rpc("w1", "numpy:float64", (2.0,))  # (its reply: a scalar)
+
+        await fail()
+        while gc.collect():  # (until nothing is left: see the checkpoint test's)
+            pass
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            await fail()
+            gc.collect()
+            frames = [o.f_code.co_name for o in gc.garbage if isinstance(o, types.FrameType)]
+            assert frames == [], sorted({type(o).__name__ for o in gc.garbage})
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        monkeypatch.undo()
+        assert await ag.rpc("w1", add, (1, 2)) == 3  # (the connection serves on)
+
+
 @pytest.mark.parametrize("kind", ["inproc", "tcp"])
 @pytest.mark.parametrize("opened_by", ["w1", "driver"])
 async def test_a_message_to_a_worker_that_left_fails_while_its_connection_closes(kind, opened_by):

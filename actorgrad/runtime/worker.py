@@ -2205,6 +2205,11 @@ class Worker:
                     if kind == K_OK:  # (an error reply carries no tensors)
                         hooks.unreadable(exc, True)
                     fut.set_exception(exc)
+                    # (the error's traceback holds this frame, which held the future
+                    # holding the error: a cycle at each reply that could not be read,
+                    # with the frame's buffer, which the transport reuses once nothing
+                    # holds it, until a gc run)
+                    fut = call = None
                     return
                 finally:
                     if quiet:  # (decoded: its silence counts again)
