@@ -526,6 +526,16 @@ def _nbytes(chunk: Any) -> int:
     return chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
 
 
+def _drop_tracebacks(exc: BaseException) -> None:
+    """Drop the tracebacks of ``exc`` and of the exceptions it was raised from."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+
+
 class Connection(asyncio.BaseProtocol):
     """One end of a connection: handshake, then length-prefixed frames.
 
@@ -1137,6 +1147,10 @@ class Connection(asyncio.BaseProtocol):
         given, closes it instead (telling the peer why first), unless not to ``tell``."""
         if self.closed:
             return
+        # (kept as close_reason: its traceback, and its cause's, hold the frames that
+        # read what was refused, this connection and the frame's buffer among their
+        # locals: a cycle that kept them, a frame of up to 2 GiB, until a gc run)
+        _drop_tracebacks(err)
         log.warning("worker %s: closing %s: %s", self.owner or "?", self.describe(), err)
         if tell and self.on_refuse is not None and not self._handshaking:
             self.on_refuse(self, err)
