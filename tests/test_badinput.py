@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import re
 import secrets
 import socket
 import types
+import weakref
 
 import msgpack
 import numpy as np
@@ -680,6 +682,30 @@ async def test_a_peer_dropped_for_its_silence_mid_frame_leaves_no_buffer_held(mo
         assert traced.peak > 16 << 20
         assert traced.grown < 4 << 20, traced
         writer.close()
+        await valid_client_works(c)
+
+
+async def test_a_connection_parted_for_its_peers_silence_is_let_go_once_it_closed(monkeypatch):
+    # A connection closed for its peer's silence lingers half-closed for its goodbye
+    # to be read, among the worker's parting ones; it was kept there until the worker
+    # parted from another peer: after its socket closed, the Connection (its buffers,
+    # 256 KiB of scratch for a socket's) stayed alive, for good on a worker that
+    # parted from no other.
+    from actorgrad.runtime import worker as rworker
+
+    monkeypatch.setattr(rworker, "HEARTBEAT_INTERVAL", 0.1)
+    monkeypatch.setattr(rworker, "IDLE_TIMEOUT", 0.5)
+    async with ag.local_cluster(1, transport="tcp") as c:
+        c.listener = "tcp"
+        w1 = _target(c)
+        reader, writer = await _handshaken(c)
+        await until(lambda: _conns_of(w1, "raw-client"))
+        ref = weakref.ref(_conns_of(w1, "raw-client")[0])
+        await until(lambda: ref().closed, 10)  # (dropped: silent)
+        assert ref() in w1._parting
+        writer.close()  # (the peer goes: its end closes)
+        await until(lambda: ref().transport_gone, 10)
+        await until(lambda: gc.collect() >= 0 and ref() is None, 5)
         await valid_client_works(c)
 
 

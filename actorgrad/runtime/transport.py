@@ -581,6 +581,9 @@ class Connection(asyncio.BaseProtocol):
         self.send_limit = max_frame_size
         self.transport: asyncio.BaseTransport | None = None
         self.transport_gone = False  # (its transport closed its socket: connection_lost)
+        # the abort that ends a parting connection's linger (see part), until it did or
+        # the peer closed its end first
+        self._linger: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
         # busy-poll briefly after traffic (sockets only: in-process peers share our loop)
         self._spin = _spinner(self.loop) if kind != "inproc" else None
@@ -722,6 +725,11 @@ class Connection(asyncio.BaseProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport_gone = True
+        if self._linger is not None:
+            # (the socket closed: nothing left to abort. The pending timer held the
+            # transport, and so this connection, until the linger's end)
+            self._linger.cancel()
+            self._linger = None
         self._mark_closed(exc)
 
     @property
@@ -1115,9 +1123,10 @@ class Connection(asyncio.BaseProtocol):
             self.close_reason = exc
         self._buffers.clear()
         # (nor the frame it was receiving, never to be read: its buffer, allocated whole
-        # when its length came, up to 2 GiB, stayed with the connection, which a worker
-        # keeps among its parting ones until it parts from another; a peer dropped for
-        # its silence while it sent a big frame left it held for good)
+        # when its length came, up to 2 GiB, stayed with the connection, which lingers
+        # among its worker's parting ones up to IDLE_TIMEOUT (until the worker parted
+        # from another, once: a peer dropped for its silence while it sent a big frame
+        # left it held for good))
         self._big = None
         self._wake_drainers()
         w = self._hs_waiter
@@ -1188,7 +1197,18 @@ class Connection(asyncio.BaseProtocol):
             self.abort(reason)
             return None
         self._mark_closed(reason)
-        return self.loop.call_later(linger, t.abort)
+        self._linger = self.loop.call_later(linger, t.abort)
+        return self._linger
+
+    def end_linger(self) -> None:
+        """Abort a parting connection's socket now, if it still lingers (its worker
+        shuts down)."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        t: Any = self.transport
+        if not self.transport_gone and t is not None:
+            t.abort()
 
 
 class StreamConnection(Connection, asyncio.BufferedProtocol):

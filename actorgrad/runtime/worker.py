@@ -1026,8 +1026,11 @@ class Worker:
         # _connect_peer)
         self._unreachable_warned: set[tuple[str, int]] = set()
         # connections closed for their peer's silence whose sockets stay open a while,
-        # so that the peer reads the goodbye (see Connection.part): aborted at teardown
-        self._parting: dict[Connection, asyncio.TimerHandle] = {}
+        # so that the peer reads the goodbye (see Connection.part): aborted at teardown.
+        # Weak: one whose peer closed its end is let go with its buffers (kept until
+        # the next parting, one stayed for good on a worker that parted from no other).
+        # A lingering one is held by its transport, and that by the linger's timer.
+        self._parting: weakref.WeakSet[Connection] = weakref.WeakSet()
         # the connection a join is on, until its answer comes (membership changes come
         # over it from then on: see registry._member)
         self.joining_conn: Connection | None = None
@@ -3718,11 +3721,8 @@ class Worker:
 
     def _part(self, conn: Connection, err: BaseException) -> None:
         """Close ``conn`` after the goodbye just queued on it (``Connection.part``)."""
-        timer = conn.part(err, IDLE_TIMEOUT)  # (a peer stopped longer has left by then)
-        if timer is not None:
-            for gone in [c for c in self._parting if c.transport_gone]:
-                del self._parting[gone]
-            self._parting[conn] = timer
+        if conn.part(err, IDLE_TIMEOUT) is not None:  # (a peer stopped longer has left by then)
+            self._parting.add(conn)
 
     # ------------------------------------------------------------------ teardown
     async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:  # noqa: ASYNC109 (timeout is API)
@@ -3837,11 +3837,8 @@ class Worker:
                 except ActorgradError:
                     pass
             conn.close(WorkerLost(f"worker {self.name!r} shut down"))
-        for conn, timer in self._parting.items():
-            timer.cancel()
-            t: Any = conn.transport
-            if not conn.transport_gone and t is not None:
-                t.abort()
+        for conn in list(self._parting):
+            conn.end_linger()
         self._parting.clear()
         # connections accepted before the close still become connections (our protocol
         # factory closes them: we are closing), so that their sockets are closed below
