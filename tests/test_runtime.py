@@ -4102,6 +4102,29 @@ async def test_an_rref_copied_is_the_same_counted_handle_and_is_not_pickled(clus
     await _owned_count("w1")
 
 
+def counter_total(r: ag.RRef[Counter]) -> int:
+    return r.local_value().value
+
+
+async def test_rref_takes_a_type_argument_as_torchs_does(cluster):
+    # Hints written as for torch's RRef (RRef[T]): evaluated (get_type_hints, a
+    # dataclass's, a module without `from __future__ import annotations`), they raised
+    # TypeError "type 'RRef' is not subscriptable".
+    import pickle
+    import typing
+
+    alias = ag.RRef[np.ndarray]
+    assert typing.get_origin(alias) is ag.RRef and typing.get_args(alias) == (np.ndarray,)
+    assert typing.get_type_hints(counter_total)["r"] == ag.RRef[Counter]
+    r = await ag.remote("w1", make_counter, (4,))
+    assert type(r) is ag.RRef and isinstance(r, ag.RRef)
+    assert not hasattr(r, "__dict__")  # (its slots as before)
+    assert copy.copy(r) is r
+    with pytest.raises(TypeError, match="an RRef cannot be pickled"):
+        pickle.dumps(r)
+    assert await ag.rpc("w1", counter_total, (r,)) == 4
+
+
 async def _draining(w: Worker, seconds: float) -> tuple[asyncio.Future, asyncio.Future]:
     """``w`` (connected to the driver) busy for ``seconds`` with a call of the driver's,
     and its graceful shutdown under way: (that call, the shutdown)."""

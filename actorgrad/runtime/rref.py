@@ -70,7 +70,16 @@ from actorgrad.runtime.registry import LOCAL_ID_BITS, MAX_ID, valid_name
 from actorgrad.wire import WireRef
 
 if TYPE_CHECKING:
+    # (a default of Any: a bare ``RRef`` stays as it was to type checkers, also under
+    # ``mypy --strict``, whose "missing type parameters" it would draw otherwise;
+    # typing_extensions' stubs come with the checkers, nothing of it runs)
+    from typing_extensions import TypeVar as _TypeVar
+
     from actorgrad.runtime.worker import Worker
+
+    _T = _TypeVar("_T", default=Any)
+else:
+    _T = TypeVar("_T")
 
 
 #: A holder process: (worker name, cluster id; 0 where no id is known, a cluster
@@ -308,7 +317,10 @@ def _resend(worker: Worker, dest: str, box: _Unsent) -> None:
         _tell(worker, dest, fn, args)
 
 
-class RRef(WireRef):
+# Generic as torch's RRef is, so that hints written for it (``RRef[np.ndarray]``) work
+# here too: evaluated, they raised "type 'RRef' is not subscriptable". (Free at run
+# time: typing.Generic adds no __new__, __init__ nor instance state.)
+class RRef(WireRef, Generic[_T]):
     """A reference to a value owned by one worker. ``ag.remote`` makes one on another
     worker; ``ag.RRef(value)`` makes one owned by the worker running the code, holding
     ``value`` itself (not a copy), as ``torch.distributed.rpc.RRef(value)`` does: the way

@@ -69,6 +69,10 @@ async def count_ones(counter: ag.RRef) -> ag.RRef:
     return await counter.remote(timeout=5.0).count(1)
 
 
+def total(counter: ag.RRef[collections.Counter[str]]) -> int:  # (as torch's RRef[T])
+    return sum(counter.local_value().values())
+
+
 async def errors() -> str:
     try:
         await ag.rpc("w1", fail, ("boom",), timeout=5.0)
@@ -93,6 +97,8 @@ async def main() -> None:
         by_name = await ag.rpc("w1", "operator:add", (1, 2), {}, timeout=None)
         counter = await ag.remote("w1", collections.Counter, ("abca",))
         await counter.rpc().update("b")
+        hinted: ag.RRef[collections.Counter[str]] = counter
+        print(await ag.rpc("w1", total, (hinted,)))
         ones = await count_ones(await ag.remote("w1", list, ([1, 2, 1],)))
         print(pid, total, by_name, await ones.to_here(), counter.owner, counter.is_owner())
         model = await ag.remote("w1", Model)
