@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -2409,6 +2410,37 @@ async def test_rref_releases_that_could_not_be_sent_go_out_once_the_owner_is_rea
     await _owned_count("w1")
     assert len(refused) == 8 and refused[5:] == refused[:3]  # (sent again, in order)
     assert driver._rref_unsent == {}
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+async def test_an_rref_release_met_by_a_failed_write_goes_out_on_the_next_connection(
+    kind, monkeypatch
+):
+    # A write to the owner failed (the connection broke): until the transport's
+    # connection_lost ran, a loop turn later, the connection took frames and dropped
+    # them, unsaid. An RRef released then was lost, and the owner kept the value for
+    # the holder's life (only a holder that leaves the cluster loses its counts).
+    monkeypatch.setattr(rref, "RETRY_DELAY", 0.05)
+    async with ag.local_cluster(1, transport=kind) as c:
+        driver, w1 = c.driver, c.workers[0]
+        r = await ag.remote("w1", make_counter, (1,))
+        rid = r._rid
+        assert rid in w1.owned
+        await asyncio.sleep(0)  # (the loop's last handle, the reply's wake-up, held r)
+        conn = driver._out["w1"]
+        fd = conn.transport.get_extra_info("socket").fileno()
+        with socket.socket(fileno=os.dup(fd)) as s:  # (uvloop's own refuses shutdown)
+            s.shutdown(socket.SHUT_WR)  # (the socket's: its next write fails)
+        gone = weakref.ref(r)
+        del r
+        assert gone() is None  # (its release is on the loop's queue now)
+        # A frame big enough to be written at once: the write fails (EPIPE), and
+        # connection_lost comes behind the release.
+        driver.notify("w1", "builtins:len", (bytes(transport.BIG_FRAME),))
+        assert conn.transport.is_closing() and not conn.closed
+        await until(lambda: conn.closed, 5)
+        await until(lambda: rid not in w1.owned, 10)
+        assert await ag.rpc("w1", owned) == 0
 
 
 async def test_rref_releases_for_an_owner_that_left_are_dropped(cluster, monkeypatch):

@@ -733,6 +733,14 @@ class Connection(asyncio.BaseProtocol):
         self._mark_closed(exc)
 
     @property
+    def breaking(self) -> bool:
+        """Whether the connection broke (a write or read failed) and its close is on its
+        way (the transport's connection_lost, a loop turn later): a frame handed to it
+        meanwhile is dropped, unsaid (see send_nowait)."""
+        t: Any = self.transport
+        return not self.closed and t is not None and t.is_closing()
+
+    @property
     def write_paused(self) -> bool:
         """Whether the transport's buffer is over its high-water mark (see drain)."""
         return self._write_paused

@@ -3435,8 +3435,11 @@ class Worker:
                 queue.append((chunks, what, on_error))
                 return
             conn = self._out.get(dest)
-            # (not one the peer said goodbye on: see _opened_by)
-            if conn is None or conn.closed or conn.bye_read:
+            # (not one the peer said goodbye on: see _opened_by. Nor one that broke and
+            # closes on the next loop turn: it dropped what it was given unsaid, an RRef
+            # release among them, and the owner kept the value for the holder's life;
+            # the connecting below runs after that close, and connects anew)
+            if conn is None or conn.closed or conn.bye_read or conn.breaking:
                 self._notify_queues[dest] = [(chunks, what, on_error)]
                 self._notifying[dest] = self.spawn(self._notify_connect(dest))
                 return
