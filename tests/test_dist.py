@@ -7098,6 +7098,39 @@ async def test_a_failed_backward_returns_once_its_clean_up_reached_every_worker(
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+async def test_a_failed_backward_s_clean_up_skips_peers_that_took_no_tensor(transport):
+    # The clean-up of a failed pass went to every worker the context had called, also
+    # one it only made calls without tensors to (w3 here): no end of a pair, no part
+    # of any pass, yet a clean-up message (its credit share back, its own flood on)
+    # each time a pass failed. A pass goes along pairs (and relays) only: those are
+    # told, as before.
+    from actorgrad.dist.backward import T_ABORT, T_CLEAN, T_CLEAN_UNPAIR, T_CLEANED, T_UNPAIR
+
+    topics = {T_ABORT, T_CLEAN, T_CLEAN_UNPAIR, T_UNPAIR, T_CLEANED}
+    av, bv, xv = arr(3), arr(3), arr(3)
+    async with cluster(transport) as c:
+        await _set_up_clean_up_case(av, bv)
+        sent: list[tuple[str, str, str]] = []
+        for w in [c.driver, *c.workers]:
+
+            def counting(dest, topic, args=(), on_error=None, _w=w, _cast=w.cast):
+                if topic in topics:
+                    sent.append((_w.name, dest, topic))
+                _cast(dest, topic, args, on_error)
+
+            w.cast = counting
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            assert await ag.rpc("w3", F.put, ("z", [1.0])) is None  # (no tensor)
+            y = await ag.rpc("w1", F.mul_then_forward, ("w", "w2", "w", x))
+            with pytest.raises(ag.RemoteError, match="hook refused gradient on w1"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            assert sent and not [m for m in sent if "w3" in m[:2]], sent
+            await _next_pass_is_exact(ctx, av, bv, x)
+        await assert_clean(c.names)
+
+
 async def test_a_clean_up_reaching_a_worker_that_aborted_one_way_sends_its_unpairs_again(
     monkeypatch,
 ):
@@ -7381,23 +7414,24 @@ async def test_a_backward_failed_by_a_hung_worker_does_not_wait_for_a_share_it_w
 
 
 async def test_a_peer_that_runs_no_pass_keeps_one_clean_up_mark_per_origin():
-    # (w3 was called in the context, plainly: a peer there, it gets every failed
-    # pass's clean-up but runs no pass, which would prune its marks: they grew by one
-    # per failed pass, for the context's life)
+    # (w1 holds the ends of pairs with the driver and gets every failed pass's
+    # clean-up, but runs no pass: the driver's part fails before it sends anything. A
+    # pass would prune its marks: they grew by one per failed pass, for the context's
+    # life)
     from actorgrad.dist.context import state_of
 
     async with cluster("inproc") as c:
         await ag.rpc("w1", F.put, ("w", arr(3)))
-        await ag.rpc("w1", F.add_failing_hook, ("w", 4))
         x = ag.tensor(arr(3), requires_grad=True)
         async with ag.dist.context() as ctx:
-            await ag.rpc("w3", F.identity, (None,))
             for _ in range(4):
                 y = await ag.rpc("w1", F.mul, ("w", x))
-                with pytest.raises(ag.RemoteError, match="hook refused gradient on w1"):
+                y.register_hook(F._failing(1))
+                with pytest.raises(ValueError, match="hook refused gradient on driver"):
                     await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
-            ctx3 = state_of(c.workers[2]).contexts[ctx]
-            assert len(ctx3.cleaned) == 1, ctx3.cleaned
+            ctx1 = state_of(c.workers[0]).contexts[ctx]
+            assert not ctx1.started_upto  # (no pass ran there)
+            assert len(ctx1.cleaned) == 1, ctx1.cleaned
         await assert_clean(c.names)
 
 

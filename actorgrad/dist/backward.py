@@ -1251,14 +1251,15 @@ def _unpair(worker: Any, ctx_id: int, peer: str, recv_ids: list[int], send_ids: 
 
 
 def _flood_abort(worker: Any, ctx: DistContext, pass_id: int) -> None:
-    """Send the abort of ``pass_id`` one-way to every peer of the context, and to the
-    peers this worker sent messages of the pass to: a relay's target may be neither's
+    """Send the abort of ``pass_id`` one-way to every peer of the context that may
+    hold a part of it (DistContext.pass_peers: those it exchanged tensors with, and
+    those this worker sent messages of the pass to: a relay's target may be neither's
     peer here, and the abort must reach it ahead of this worker's messages of a later
     pass (the origin's own can come after them, a pass started when its clean-up's
     wait was cut short: the target then started the later pass, which settled the
     aborted one, and kept what that one had committed). The clean-up of a failed or
     cancelled pass (_clean_up) goes to the same peers."""
-    for peer in ctx.peers | ctx.sent_to if ctx.sent_to else ctx.peers:
+    for peer in ctx.pass_peers():
         if peer != worker.name:
             worker.cast(peer, T_ABORT, (ctx.id, pass_id), on_error=_ignore)
 
@@ -1298,13 +1299,14 @@ def _start_clean_up(
     st: DistState, ctx: DistContext, pass_id: int, lost: str | None = None
 ) -> asyncio.Task[None] | None:
     """On the origin of pass ``pass_id``, which failed (``lost``: on the loss of that
-    worker) or was cancelled: abort it here and on every worker of the context, their
-    stale ends of freed pairs dropped (see the comment above). Returns the task that
-    waits for all of it (None: not waited for), which the next backward started here in
-    the context waits for too."""
+    worker) or was cancelled: abort it here and on every worker of the context that may
+    hold a part of it (see DistContext.pass_peers), their stale ends of freed pairs
+    dropped (see the comment above). Returns the task that waits for all of it (None:
+    not waited for), which the next backward started here in the context waits for
+    too."""
     worker = st.worker
     freed = _abort_here(worker, ctx, pass_id)
-    peers = ctx.peers | ctx.sent_to
+    peers = ctx.pass_peers()
     if (
         worker.closing
         # (lost, or hung, on another worker's watch: a worker that had not found it
@@ -1395,7 +1397,7 @@ def _clean_up(
         else:
             args = (ctx.id, worker.name, send_ids, recv_ids, origin, pass_id)
             out.append((peer, T_CLEAN_UNPAIR, args))
-    for peer in ctx.peers | ctx.sent_to if ctx.sent_to else ctx.peers:
+    for peer in ctx.pass_peers():
         if peer == worker.name or peer == origin:
             continue
         if st.unreachable(peer):

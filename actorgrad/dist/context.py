@@ -147,6 +147,7 @@ class DistContext:
         "sends",
         "recvs",
         "peers",
+        "linked",
         "grads",
         "active_pass",
         "done_upto",
@@ -182,6 +183,11 @@ class DistContext:
         self.recvs: list[RecvNode] = []
         # Workers this context exchanged calls with: where a release must go.
         self.peers: set[str] = set()
+        # Those of them it exchanged tensors with (a send or recv node for the peer was
+        # ever made here, freed since or not): a pass goes along pairs (and relays, see
+        # sent_to) only, so these are where the abort of a failed one must go (see
+        # pass_peers).
+        self.linked: set[str] = set()
         # Leaf gradients accumulated on this worker, over every finished pass.
         self.grads: dict[Tensor, np.ndarray] = {}
         self.active_pass: PassState | None = None
@@ -351,6 +357,14 @@ class DistContext:
             self.unpaired = {
                 p: f for p, f in self.unpaired.items() if p >> PASS_ID_BITS != key or p >= pass_id
             }
+
+    def pass_peers(self) -> set[str]:
+        """The peers that may hold a part of a pass this worker took part in: those
+        it exchanged tensors with, and those it sent messages of its latest pass to (a
+        relay's target may be neither's peer here). A peer the context only made
+        calls without tensors with holds no part of any pass: told of an aborted one,
+        it only gave the clean-up's share back, every time a pass failed."""
+        return self.linked | self.sent_to if self.sent_to else self.linked
 
     def note_aborted(self, pass_id: int, here: bool = True) -> None:
         """Keep pass ``pass_id`` as the mark a call made here carries (see
@@ -719,11 +733,13 @@ class DistState:
         with self._lock:
             send_id = next(self._send_ids)
         ctx.sends[send_id] = SendNode(send_id, dest, grad_node(t), t.data.shape)
+        ctx.linked.add(dest)
         return send_id
 
     def record_recv(self, ctx: DistContext, array: np.ndarray, src: str, send_id: int) -> Tensor:
         node = RecvNode(ctx.id, src, send_id)
         ctx.recvs.append(node)
+        ctx.linked.add(src)
         t = Tensor(array, requires_grad=True)
         t.grad_fn = node
         return t
