@@ -4213,6 +4213,74 @@ async def test_a_call_running_through_a_graceful_shutdown_can_call_any_peer(clus
     await asyncio.wait_for(stopping, 10)
 
 
+async def calls_w2_when_released(gate: str) -> tuple[list[str], int]:
+    """Once ``gate`` is set: who this worker sees in the cluster, and w2's cluster id."""
+    STARTED[ag.worker_name()].set()
+    await _wait_events(gate)[0].wait()
+    return ag.workers(), await ag.rpc("w2", worker_id)
+
+
+async def test_a_worker_draining_keeps_its_view_of_the_cluster_for_the_calls_it_lets_finish(
+    cluster,
+):
+    # A graceful shutdown refused every new call, the head's membership changes too:
+    # the draining worker's view stopped at its drain, and the calls it let finish used
+    # it. Here w2 restarts (a new process under its name) while w1 drains: w1's call to
+    # w2 went to the old process ("worker 'w2' has left the cluster", or "cannot
+    # connect" to its old address), and ag.wait_for_workers there never saw a join.
+    w1, w2 = cluster.workers[:2]
+    gate = _fresh("drain-view")
+    ev = started("w1")
+    call = asyncio.ensure_future(ag.rpc("w1", calls_w2_when_released, (gate,)))
+    await asyncio.wait_for(ev.wait(), 5)
+    stopping = asyncio.ensure_future(w1.shutdown(graceful=True, timeout=10))
+    async with asyncio.timeout(10):
+        while not w1._stopping:  # noqa: ASYNC110 (its shutdown begins on the next turn)
+            await asyncio.sleep(0)
+    await w2.shutdown()
+    new = Worker("w2", token=cluster.driver.token, transport_kind=w2.transport_kind)
+    await new.start()
+    try:
+        await new.join(cluster.address)
+        await until(lambda: w1.members.get("w2", (0,))[0] == new.id)
+        _wait_events(gate)[0].set()
+        names, wid = await asyncio.wait_for(call, 10)
+        assert wid == new.id
+        assert names == ["driver", "w1", "w2", "w3"]
+        await asyncio.wait_for(stopping, 10)
+    finally:
+        await new.shutdown()
+
+
+async def test_a_draining_head_refuses_joins_and_still_gives_members_the_member_list():
+    # (a member whose view lags asks the head for the whole list: a draining head
+    # refused that as any new call, and the member's call to a worker that had joined
+    # failed)
+    async with ag.local_cluster(2, transport="tcp") as c:
+        w1, w2 = c.workers
+        ev = started("driver")
+        busy = asyncio.ensure_future(w1.call("driver", signalled_nap, (1.0,)))
+        await asyncio.wait_for(ev.wait(), 10)
+        stopping = asyncio.ensure_future(c.driver.shutdown(graceful=True, timeout=10))
+        async with asyncio.timeout(10):
+            while not c.driver._stopping:  # noqa: ASYNC110 (it begins on the next turn)
+                await asyncio.sleep(0)
+        x = Worker("x", token=c.driver.token, transport_kind="tcp")
+        await x.start()
+        try:
+            with pytest.raises(ag.WorkerLost, match="^worker 'driver' is shutting down$"):
+                await x.join(c.address)
+        finally:
+            await x.shutdown()
+        version, members = await asyncio.wait_for(
+            w2.call_on(w2.registry_conn, "actorgrad.runtime.registry:_snapshot"), 5
+        )
+        assert sorted(members) == ["driver", "w1", "w2"]
+        assert version == w2._members_version
+        await asyncio.wait_for(busy, 10)
+        await asyncio.wait_for(stopping, 10)
+
+
 async def test_connecting_to_a_worker_shutting_down_fails_at_once():
     # Its listener still accepts while it drains; the accepted connection was never
     # closed (it had no transport yet): the caller waited out the handshake deadline.

@@ -536,6 +536,16 @@ def natural_key(name: str) -> list[Any]:
 
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, tuple, dict})
 
+#: The membership's own calls, taken while a worker drains (a graceful shutdown refuses
+#: new calls): a member's view of the cluster as the head pushes it, and the head's
+#: member list for a member whose view lags. Refused, a draining member's view stopped
+#: at its drain, and the calls it let finish used it: one to a worker restarted under
+#: its name meanwhile went to the dead process's address ("cannot connect"), and
+#: ``ag.wait_for_workers`` never saw a worker that joined.
+_MEMBERSHIP_CALLS = frozenset(
+    {"actorgrad.runtime.registry:_member", "actorgrad.runtime.registry:_snapshot"}
+)
+
 
 #: topic -> (handler, number of arguments after the worker); see on_cast
 _cast_handlers: dict[str, tuple[Callable[..., None], int]] = {}
@@ -2513,7 +2523,7 @@ class Worker:
         if conn.queued and conn.queued.pop(cid, False):
             self._refuse(conn, cid, frame, _caller_gone())
             return
-        if self._stopping:
+        if self._stopping and not (type(target) is str and target in _MEMBERSHIP_CALLS):
             lost = WorkerLost(f"worker {self.name!r} is shutting down")
             self._reply_exc(conn, cid, lost, None, refused=True)
             return
