@@ -298,11 +298,14 @@ async def valid_client_works(c) -> None:
 
 
 @contextlib.asynccontextmanager
-async def slow_link(target: str, rate: dict[str, float]) -> AsyncIterator[tuple[str, list]]:
+async def slow_link(
+    target: str, rate: dict[str, float], flowing: asyncio.Event | None = None
+) -> AsyncIterator[tuple[str, list]]:
     """A TCP relay on this loop to ``target`` ("host:port") whose client-to-server
     direction passes at most ``rate["up"]`` bytes a second (a slow link; read at each
     chunk, so a test can change it; 0 or missing: as fast as it comes, as the other
-    way). Yields its address and the client side of each connection it relayed (a
+    way). While ``flowing`` (if given) is clear, nothing passes either way: a stalled
+    link, what was sent meanwhile passing once it is set again. Yields its address and the client side of each connection it relayed (a
     test checks that its call went through). Leaving closes them all: from Python 3.12
     on, a server's wait_closed waits for its connections, and a cluster's connection
     through the link lives as long as the cluster (a test hung there, its checks
@@ -315,6 +318,8 @@ async def slow_link(target: str, rate: dict[str, float]) -> AsyncIterator[tuple[
             while data := await r.read(16384):
                 if rate.get(way):
                     await asyncio.sleep(len(data) / rate[way])
+                if flowing is not None:
+                    await flowing.wait()
                 w.write(data)
                 await w.drain()
         except (ConnectionError, OSError):
@@ -332,6 +337,8 @@ async def slow_link(target: str, rate: dict[str, float]) -> AsyncIterator[tuple[
         yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}", relayed
     finally:
         server.close()
+        if flowing is not None:  # (a pipe held by a stall ends with the others)
+            flowing.set()
         for cw in relayed:  # (its pipes then close the other side)
             cw.transport.abort()
         await asyncio.wait_for(server.wait_closed(), 10)

@@ -610,6 +610,44 @@ async def test_a_request_that_takes_longer_than_the_timeout_to_send_is_not_lost(
             assert not w.is_lost("w1")
 
 
+async def test_a_call_to_a_name_the_head_could_not_be_asked_about_says_so(monkeypatch):
+    # A member calling a name it does not know asks the head for the member list first
+    # (the news of a join may be on its way). With its link to the head stalled (or the
+    # head's loop blocked) for the heartbeat timeout, that fetch failed, and the call
+    # raised ValueError "unknown worker 'y'; known workers: [...]", as for a wrong name,
+    # of a worker that had joined: its news came a moment later.
+    more = _count_ticks(monkeypatch)
+    async with ag.local_cluster(1, transport="tcp") as c:
+        flowing = asyncio.Event()
+        flowing.set()
+        async with slow_link(c.address, {}, flowing) as (link, relayed):
+            x = ag.runtime.Worker("x", token=c.driver.token)
+            y = ag.runtime.Worker("y", token=c.driver.token)
+            await x.start()
+            await y.start()
+            try:
+                await x.join(link)
+                assert relayed, "x did not join through the link"
+                flowing.clear()  # (x's link to the head stalls)
+                await y.join(c.address)
+                with pytest.raises(
+                    ag.WorkerLost,
+                    match=r"^worker 'y' is not in this worker's view of the cluster, and the "
+                    r"cluster's head did not give its member list: worker 'driver' sent "
+                    r"nothing for 0\.3 s",
+                ):
+                    await asyncio.wait_for(x.call("y", add, (1, 2)), 10)
+                flowing.set()
+                await until(lambda: "y" in x.members)
+                assert await x.call("y", add, (1, 2)) == 3
+                await more(2)
+                assert not x.registry_conn.closed  # (still a member)
+                assert "x" in c.driver.members
+            finally:
+                await y.shutdown()
+                await x.shutdown()
+
+
 async def test_calls_behind_a_big_frame_say_why_their_connection_was_lost(monkeypatch):
     # A request larger than the socket buffers takes a slow link seconds to pass: the
     # call waits for it to drain, and the calls made meanwhile wait to send theirs. When

@@ -1581,8 +1581,9 @@ class Worker:
 
     async def _connect_peer(self, dest: str) -> Connection:
         entry = self.members.get(dest)
+        unasked = None
         if entry is None:
-            await self._refresh_members()
+            unasked = await self._refresh_members()
             entry = self.members.get(dest)
         if entry is None:
             back = self._opened_by(dest)
@@ -1594,6 +1595,15 @@ class Worker:
                 return self._reach_lost(dest, back)
             if dest in self._lost:
                 raise WorkerLost(f"worker {dest!r} has left the cluster")
+            if unasked is not None:
+                # (the head could not say whether it joined: a worker that had, its
+                # news on the way over a stalled link or from a head whose loop was
+                # blocked for the heartbeat timeout, was called "unknown", a ValueError
+                # that reads as a wrong name, not worth a retry)
+                raise WorkerLost(
+                    f"worker {dest!r} is not in this worker's view of the cluster, and the "
+                    f"cluster's head did not give its member list: {unasked}"
+                )
             known = self.worker_names()
             shown = repr(known)
             if len(known) > 20:  # (names are short, their number is not)
@@ -1740,10 +1750,11 @@ class Worker:
             exc = WorkerLost(f"{exc}; {head_lost(self.registry_lost_why)}")
         return WorkerLost(f"worker {dest!r}: {exc}")
 
-    async def _refresh_members(self, gap: bool = False) -> None:
+    async def _refresh_members(self, gap: bool = False) -> ActorgradError | None:
         """Fetch the whole member list from the head. ``gap``: the fetch a change after
         a gap asked for, which owns the changes buffered meanwhile (a fetch for an
-        unknown name that failed cleared them under a fetch still on its way)."""
+        unknown name that failed cleared them under a fetch still on its way). Returns
+        the error of a fetch that failed (None: fetched, or no head to ask)."""
         got = False
         try:
             if self.registry is not None:
@@ -1757,6 +1768,7 @@ class Worker:
                 got = True
         except ActorgradError as exc:  # (the next change of the membership asks again)
             log.debug("worker %s: member list not refreshed: %s", self.name, exc)
+            return exc
         finally:
             if gap:
                 self._members_refreshing = False
@@ -1764,6 +1776,7 @@ class Worker:
                     self._apply_early_changes()
                 elif self._members_version >= 0:  # (joined; the next change shows the
                     self._early_changes.clear()  # gap again, and asks again)
+        return None
 
     def _apply_early_changes(self) -> None:
         """The changes that came while a whole list was on its way (the join's answer,
