@@ -1293,6 +1293,66 @@ async def test_a_head_blocked_while_a_member_fetches_the_member_list_keeps_the_m
         assert "w1" in reg.members and c.procs.procs["w1"].poll() is None
 
 
+_HEAD = """
+import asyncio, sys
+import actorgrad as ag
+
+async def main():
+    w = await ag.init("head", token=sys.argv[1])
+    print(w.address, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_join_to_a_head_stopped_right_after_the_handshake_says_it_did_not_answer(
+    monkeypatch,
+):
+    # The head process stops (SIGSTOP, Ctrl-Z) between the token handshake and its
+    # hello: the join failed once the hello's deadline passed, with "no hello from
+    # 127.0.0.1:PORT", no cause and no time (the handshake's own deadline said "did not
+    # answer ... within 5 s (the process is hung or overloaded ...)").
+    from actorgrad.runtime import transport
+
+    token = "t" * 32
+    head = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _HEAD,
+        token,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        address = (await asyncio.wait_for(head.stdout.readline(), 30)).decode().strip()
+        handshake = transport.handshake
+
+        async def then_the_head_stops(conn: Any, tok: str, **kw: Any) -> None:
+            await handshake(conn, tok, **kw)
+            os.kill(head.pid, signal.SIGSTOP)
+
+        monkeypatch.setattr(transport, "handshake", then_the_head_stops)
+        monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT", 1.0)  # (this process's only)
+        x = ag.runtime.Worker("x", token=token)
+        await x.start()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(
+                ag.WorkerLost,
+                match=rf"^{address} completed the handshake but sent no hello within 1 s "
+                r"\(the process is hung or overloaded\)$",
+            ):
+                await asyncio.wait_for(x.join(address), 10)
+            assert time.monotonic() - t0 < 5.0
+            assert not x.members and x.registry_conn is None
+        finally:
+            await x.shutdown()
+    finally:
+        head.kill()  # (stopped or not)
+        await asyncio.wait_for(head.wait(), 10)
+
+
 async def test_connecting_to_a_peer_that_never_answers(monkeypatch):
     # The peer's kernel accepts the connection but the process is stopped: the
     # handshake never completes. A call's timeout covered only the wait for the reply

@@ -1538,7 +1538,13 @@ class Worker:
                 await conn.hello  # type: ignore[attr-defined]
         except TimeoutError:
             conn.abort(None)
-            raise transport.Unanswered(f"no hello from {address}") from None
+            # (said as the handshake's own deadline says it: a join to a head stopped or
+            # blocked right after the handshake read "no hello from 127.0.0.1:4000",
+            # no cause, no time; a peer's is said again by _unreachable)
+            raise transport.Unanswered(
+                f"{address} completed the handshake but sent no hello within {deadline:g} s "
+                "(the process is hung or overloaded)"
+            ) from None
         except BaseException:
             conn.abort(None)
             self._conns.discard(conn)
