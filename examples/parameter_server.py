@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 
 import numpy as np
@@ -100,8 +101,15 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=at_least(1), default=60)
     try:
         accuracy = asyncio.run(main(parser.parse_args().steps))
+        if sys.stdout is not None:  # (None: run with stdout closed, >&-)
+            sys.stdout.flush()  # (here, where a reader gone is handled: not at the exit)
     except ag.ActorgradError as exc:  # (a worker died, say: one line, not a traceback)
         raise SystemExit(f"error: {type(exc).__name__}: {exc}") from None
     except KeyboardInterrupt:  # (Ctrl-C: stopped, not a traceback)
         raise SystemExit(130) from None
+    except BrokenPipeError:
+        # (`... | head -1`: the reader of our output went away. Quiet, as a command
+        # killed by SIGPIPE, and stdout to /dev/null: the exit's flush would fail again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(128 + signal.SIGPIPE) from None
     raise SystemExit(0 if accuracy >= 0.9 else 1)

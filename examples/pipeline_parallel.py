@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 
 import actorgrad as ag
@@ -46,9 +47,17 @@ if __name__ == "__main__":
     parser.add_argument("--target", type=fraction, default=0.95, help="test accuracy, in [0, 1]")
     args = parser.parse_args()
     try:
-        raise SystemExit(asyncio.run(main(args.steps, args.target)))
+        code = asyncio.run(main(args.steps, args.target))
+        if sys.stdout is not None:  # (None: run with stdout closed, >&-)
+            sys.stdout.flush()  # (here, where a reader gone is handled: not at the exit)
     except ag.ActorgradError as exc:  # (a worker died, say: one line, not a traceback)
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:  # (Ctrl-C: stopped, not a traceback)
         raise SystemExit(130) from None
+    except BrokenPipeError:
+        # (`... | head -1`: the reader of our output went away. Quiet, as a command
+        # killed by SIGPIPE, and stdout to /dev/null: the exit's flush would fail again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(128 + signal.SIGPIPE) from None
+    raise SystemExit(code)

@@ -113,3 +113,66 @@ def test_demo_in_process():
     assert "reached" in p.stdout
     assert "demo: ACTORGRAD_ADDRESS (127.0.0.1:9) is not used" in p.stdout
     assert "WARNING" not in p.stderr, p.stderr
+
+
+def test_the_examples_whose_stdout_reader_went_away_stop_quietly():
+    # (`python examples/parameter_server.py | head -1`, and the pipeline's, under
+    # `actorgrad run` too: a BrokenPipeError's traceback, exit status 1; the demo, the
+    # same training, stopped quietly with 141 as a command killed by SIGPIPE does. Its
+    # stdout unbuffered, a print failed; block-buffered, as a user's shell has it, the
+    # flush at the exit did: "Exception ignored in: <_io.TextIOWrapper name='<stdout>'
+    # ...> BrokenPipeError", exit status 120)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACTORGRAD_")}
+    buffered = {k: v for k, v in env.items() if k != "PYTHONUNBUFFERED"}
+    pipeline = str(EXAMPLES / "pipeline_parallel.py")
+    for argv, environ in [
+        (argv, environ)
+        for environ in ({**buffered, "PYTHONUNBUFFERED": "1"}, buffered)
+        for argv in [
+            [str(EXAMPLES / "parameter_server.py"), "--steps", "3"],
+            [pipeline, "--steps", "25"],
+            [*"-m actorgrad run -n 3".split(), pipeline, "--steps", "25"],
+        ]
+    ]:
+        proc = subprocess.Popen(
+            [sys.executable, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=environ,
+        )
+        try:
+            assert proc.stdout is not None
+            proc.stdout.close()  # (the reader is gone before the first line)
+            _, err = proc.communicate(timeout=90)
+            unbuffered = "PYTHONUNBUFFERED" in environ
+            assert proc.returncode == 141, (argv, unbuffered, proc.returncode, err)
+            assert err == "", (argv, unbuffered, err)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def test_the_examples_run_with_stdout_closed():
+    # (`python examples/pipeline_parallel.py >&-`: sys.stdout is None, and what they
+    # print goes nowhere; their status is still the training's)
+    for argv in (
+        [str(EXAMPLES / "parameter_server.py"), "--steps", "40"],
+        [str(EXAMPLES / "pipeline_parallel.py"), "--steps", "25", "--target", "0.5"],
+    ):
+        p = subprocess.run(
+            [sys.executable, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if not k.startswith("ACTORGRAD_")},
+            timeout=90,
+            pass_fds=(),
+            preexec_fn=lambda: os.close(1),
+        )
+        assert (p.returncode, p.stderr) == (0, ""), argv
