@@ -63,8 +63,8 @@ async def trainer(w: ag.RRef, b: ag.RRef, shard: int, steps: int) -> float:
 
 
 async def run(workers: list[str], steps: int) -> float:
-    server, trainers = workers[0], workers[1:]
-    if not trainers:
+    server, trainers = workers[0] if workers else "", workers[1:]
+    if not trainers:  # (none at all: an IndexError's traceback, before)
         print(
             f"error: a parameter server needs at least one trainer: the cluster has "
             f"{len(workers)} worker (actorgrad run -n 3 ...)",
@@ -86,7 +86,9 @@ async def run(workers: list[str], steps: int) -> float:
 
 
 async def main(steps: int) -> float:
-    if os.environ.get("ACTORGRAD_ADDRESS"):  # under `actorgrad run`
+    # (blank is unset, as for ag.init: with " ", ag.init started a cluster of its own,
+    # without workers: "the pipeline needs 3 workers, the cluster has 0", an IndexError)
+    if os.environ.get("ACTORGRAD_ADDRESS", "").strip():  # under `actorgrad run`
         await ag.init("driver")
         try:
             return await run([n for n in ag.workers() if n != "driver"], steps)

@@ -21,7 +21,9 @@ from actorgrad.demo import fraction, report, train_pipeline
 
 
 async def main(steps: int, target: float) -> int:
-    if os.environ.get("ACTORGRAD_ADDRESS"):  # under `actorgrad run -n 3`
+    # (blank is unset, as for ag.init: with " ", ag.init started a cluster of its own,
+    # without workers: "the pipeline needs 3 workers, the cluster has 0", an IndexError)
+    if os.environ.get("ACTORGRAD_ADDRESS", "").strip():  # under `actorgrad run -n 3`
         await ag.init("driver")
         try:
             stages = sorted(n for n in ag.workers() if n != "driver")[:3]

@@ -90,6 +90,22 @@ def test_parameter_server_on_one_worker_says_it_has_no_trainer():
     assert "Traceback" not in p.stderr
 
 
+def test_the_examples_take_a_blank_cluster_address_for_none():
+    # (ACTORGRAD_ADDRESS=" ", as `ACTORGRAD_ADDRESS="$ADDR "` with ADDR unset gives: they
+    # called ag.init("driver"), which takes a blank address for none and started a
+    # cluster of its own, without workers: "the pipeline needs 3 workers, the cluster
+    # has 0", and the parameter server's IndexError traceback)
+    p = run(str(EXAMPLES / "parameter_server.py"), "--steps", "40", ACTORGRAD_ADDRESS=" ")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"server w1: test accuracy 0\.9\d+ after 40 steps", p.stdout), p.stdout
+    p = run(
+        str(EXAMPLES / "pipeline_parallel.py"), "--steps", "25", "--target", "0.5",
+        ACTORGRAD_ADDRESS=" ",
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "pipeline: w1 -> w2 -> w3" in p.stdout and "0.50: reached" in p.stdout, p.stdout
+
+
 def test_the_examples_check_their_arguments():
     # (--steps 0 "trained" to a test accuracy of 0.000, --target 2 or nan was taken)
     for script, argv, message in [
