@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -162,17 +163,56 @@ async def train_pipeline(
     return TrainResult(step, seconds, train_acc, test_acc, loss_value)
 
 
+class _Stopped(Exception):
+    """The demo was stopped by signal ``signum`` (SIGTERM, SIGHUP), its cluster shut."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 async def _run_demo(args: argparse.Namespace) -> TrainResult:
     there = os.environ.pop(ENV_ADDRESS, "").strip()
     if there:
         # (local_cluster's warning told the user to change code that is not theirs)
         print(f"demo: {ENV_ADDRESS} ({there}) is not used: the demo starts its own cluster")
-    async with ag.local_cluster(3, processes=not args.in_process) as cluster:
-        kind = "in-process actors" if args.in_process else "worker processes"
-        print(f"local cluster at {cluster.address}: {', '.join(cluster.names)} ({kind})")
-        return await train_pipeline(
-            cluster.names, steps=args.steps, target=args.target, seed=args.seed
-        )
+    # SIGTERM and SIGHUP stop the demo as Ctrl-C does (asyncio cancels the main task on
+    # SIGINT): its cluster is shut in order. (Their default action killed the demo at
+    # once: `timeout`, a closed terminal; each worker process then found its head gone
+    # and said so on stderr, "[w1] actorgrad worker: this worker's connection to the
+    # cluster's head closed (the head died, ...)", three lines for one signal.) Once:
+    # the same signal again, as `timeout` sends it to the process, then to its group,
+    # would cancel the shutdown itself; a second Ctrl-C still ends it at once.
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    came: list[int] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not came and main is not None:
+            came.append(sig)
+            main.cancel()
+
+    # (one ignored when we started, by nohup say, stays ignored)
+    sigs = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
+    for sig in list(sigs):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (ValueError, RuntimeError):  # (main() called outside the main thread)
+            sigs.remove(sig)
+    try:
+        async with ag.local_cluster(3, processes=not args.in_process) as cluster:
+            kind = "in-process actors" if args.in_process else "worker processes"
+            print(f"local cluster at {cluster.address}: {', '.join(cluster.names)} ({kind})")
+            return await train_pipeline(
+                cluster.names, steps=args.steps, target=args.target, seed=args.seed
+            )
+    except asyncio.CancelledError:
+        if came:
+            raise _Stopped(came[0]) from None
+        raise
+    finally:
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
 
 
 def report(result: TrainResult, target: float) -> int:
@@ -219,5 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--in-process", action="store_true", help="workers as in-process actors")
     args = p.parse_args([] if argv is None else argv)
-    result = run(_run_demo(args))
+    try:
+        result = run(_run_demo(args))
+    except _Stopped as stopped:
+        return 128 + stopped.signum
     return report(result, args.target)

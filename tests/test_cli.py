@@ -2387,6 +2387,32 @@ def test_demo_whose_stdout_reader_went_away_stops_quietly() -> None:
 
 
 @needs_runtime
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_demo_stopped_by_sigterm_or_sighup_shuts_its_cluster_in_order(
+    sig: signal.Signals,
+) -> None:
+    # (`timeout 60 actorgrad demo`, a closed terminal: the signal's default action killed
+    # the demo at once; each worker process found its head gone and said so,
+    # "[w1] actorgrad worker: this worker's connection to the cluster's head closed (the
+    # head died, or the connection broke); leaving", three lines for one signal. As
+    # Ctrl-C does, it now stops the training, shuts the cluster, exits 128 + the signal)
+    c = Running("demo", "--steps", "100000", "--target", "1.0")
+    try:
+        c.expect("local cluster at")
+        workers = descendants(c.proc.pid)
+        assert workers  # (the worker processes)
+        c.proc.send_signal(sig)
+        code = c.proc.wait(60)
+        assert c.proc.stderr is not None
+        err = c.proc.stderr.read()  # (to its end: the worker processes hold it too)
+        assert err == "", err
+        assert code == 128 + sig
+        assert not wait_gone(workers, 10)
+    finally:
+        c.stop()
+
+
+@needs_runtime
 def test_a_cluster_whose_stderr_reader_went_away_still_stops_on_a_signal(tmp_path: Path) -> None:
     # `actorgrad cluster 2>&1 | head -3`: the signal handler noted the signal on stderr
     # before it stopped the cluster, and the BrokenPipeError left it running for good
