@@ -357,6 +357,17 @@ def _stdout_to_devnull() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _flush_stdout() -> None:
+    """Write out what stdout holds, here, where a BrokenPipeError (its reader went away)
+    is handled. (Block-buffered, as a pipe's is unless PYTHONUNBUFFERED is set, what
+    `demo` and `--help` print was written only by the interpreter's flush at exit,
+    after our handlers: "Exception ignored in: <_io.TextIOWrapper name='<stdout>' ...>
+    BrokenPipeError", exit status 120, for `actorgrad demo | true`.)"""
+    if sys.stdout is not None:  # (None: started with no stdout at all)
+        with contextlib.suppress(ValueError):  # (closed by our caller, main() in Python)
+            sys.stdout.flush()
+
+
 def _say(msg: str) -> None:
     try:
         try:
@@ -1358,7 +1369,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     open_std_fds()  # (before any file is opened: it would take a closed one's place)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parse_args(argv)
+        try:
+            args = parse_args(argv)
+        except SystemExit:  # (--help, --version, a usage error: printed, not written)
+            try:
+                _flush_stdout()
+            except BrokenPipeError:
+                _stdout_to_devnull()
+                raise SystemExit(128 + signal.SIGPIPE) from None
+            raise
     finally:
         # (a Ctrl-C while the command imported, or parses its arguments, ends it
         # quietly: see actorgrad._startup; from here on, a KeyboardInterrupt is handled
@@ -1378,7 +1397,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # started inherit the value used instead of warning again)
         transport.read_settings()
         if args.command == "demo":
-            return cmd_demo(argv[1:])
+            try:
+                return cmd_demo(argv[1:])
+            finally:  # (also on its way out of its --help, a SystemExit)
+                _flush_stdout()
         if args.command == "run":
             # (a folder holding __main__.py runs as with python, which puts the folder
             # itself first on the script's path: run refused it as "not a file")
@@ -1394,6 +1416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = run(_COMMANDS[args.command](args))
         finally:
             late = _late_signals_over()
+        _flush_stdout()
         return code if late is None else late
     except CliError as exc:
         _note(f"error: {exc}")

@@ -2386,6 +2386,40 @@ def test_demo_whose_stdout_reader_went_away_stops_quietly() -> None:
             proc.stderr.close()
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["demo", "--in-process", "--steps", "25"], ["demo", "--help"], ["--help"], ["--version"]],
+)
+def test_what_the_command_printed_block_buffered_to_a_reader_gone_ends_quietly(
+    argv: list[str],
+) -> None:
+    # (stdout block-buffered, as a pipe's is in a user's shell (no PYTHONUNBUFFERED):
+    # `actorgrad demo | true` wrote its output only in the interpreter's flush at exit,
+    # past the command's handling of a BrokenPipeError: "Exception ignored in:
+    # <_io.TextIOWrapper name='<stdout>' ...> BrokenPipeError", exit status 120; so
+    # did --help and --version)
+    env = {k: v for k, v in clean_env().items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen(
+        [*CLI, *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.close()  # (the reader is gone before anything was written)
+        _, err = proc.communicate(timeout=60)
+        assert err == "", err
+        assert proc.returncode == 128 + signal.SIGPIPE
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 @needs_runtime
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_demo_stopped_by_sigterm_or_sighup_shuts_its_cluster_in_order(
