@@ -9,6 +9,9 @@ trainers run at the same time; each context keeps its own gradients.
 
     python examples/parameter_server.py            # in-process workers
     actorgrad run -n 3 examples/parameter_server.py
+
+With ``ACTORGRAD_ADDRESS`` (and ``ACTORGRAD_TOKEN``) set, as ``actorgrad cluster`` says
+to export them, ``python`` it joins that cluster as "driver" instead.
 """
 
 from __future__ import annotations
@@ -88,8 +91,14 @@ async def run(workers: list[str], steps: int) -> float:
 async def main(steps: int) -> float:
     # (blank is unset, as for ag.init: with " ", ag.init started a cluster of its own,
     # without workers: "the pipeline needs 3 workers, the cluster has 0", an IndexError)
-    if os.environ.get("ACTORGRAD_ADDRESS", "").strip():  # under `actorgrad run`
-        await ag.init("driver")
+    address = os.environ.get("ACTORGRAD_ADDRESS", "").strip()
+    if address:  # under `actorgrad run`, or a cluster's exported address
+        try:
+            await ag.init("driver")
+        except ValueError as exc:
+            # (the name taken: another driver runs on that cluster; or no token. Its
+            # traceback, before)
+            raise SystemExit(f"error: cannot join the cluster at {address}: {exc}") from None
         try:
             return await run([n for n in ag.workers() if n != "driver"], steps)
         finally:

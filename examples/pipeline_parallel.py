@@ -5,6 +5,9 @@ three-arm spiral. The model and the training loop are ``actorgrad.demo`` (the jo
 
     actorgrad run -n 3 examples/pipeline_parallel.py     # worker processes
     python examples/pipeline_parallel.py                 # its own local cluster
+
+With ``ACTORGRAD_ADDRESS`` (and ``ACTORGRAD_TOKEN``) set, as ``actorgrad cluster`` says
+to export them, ``python`` it joins that cluster as "driver" instead.
 """
 
 from __future__ import annotations
@@ -23,8 +26,14 @@ from actorgrad.demo import fraction, report, train_pipeline
 async def main(steps: int, target: float) -> int:
     # (blank is unset, as for ag.init: with " ", ag.init started a cluster of its own,
     # without workers: "the pipeline needs 3 workers, the cluster has 0", an IndexError)
-    if os.environ.get("ACTORGRAD_ADDRESS", "").strip():  # under `actorgrad run -n 3`
-        await ag.init("driver")
+    address = os.environ.get("ACTORGRAD_ADDRESS", "").strip()
+    if address:  # under `actorgrad run -n 3`, or a cluster's exported address
+        try:
+            await ag.init("driver")
+        except ValueError as exc:
+            # (the name taken: another driver runs on that cluster; or no token. Its
+            # traceback, before)
+            raise SystemExit(f"error: cannot join the cluster at {address}: {exc}") from None
         try:
             stages = sorted(n for n in ag.workers() if n != "driver")[:3]
             if len(stages) < 3:

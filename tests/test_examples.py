@@ -106,6 +106,43 @@ def test_the_examples_take_a_blank_cluster_address_for_none():
     assert "pipeline: w1 -> w2 -> w3" in p.stdout and "0.50: reached" in p.stdout, p.stdout
 
 
+def test_an_example_joining_a_cluster_whose_driver_name_is_taken_says_so(tmp_path):
+    # (`actorgrad cluster` says to export its address; two examples run at once on it,
+    # both joined as "driver": the second died in a ValueError traceback; with no token
+    # exported, the same)
+    from clitools import Running
+
+    token = tmp_path / "token"
+    cluster = Running("cluster", "-n", "3", "--token-file", str(token))
+    driver = None
+    try:
+        address = cluster.expect("address:")
+        driver = Running(
+            "worker", "--join", address, "--name", "driver", "--token-file", str(token)
+        )
+        driver.expect("worker driver joined")
+        for script in ("parameter_server.py", "pipeline_parallel.py"):
+            p = run(
+                str(EXAMPLES / script), "--steps", "3",
+                ACTORGRAD_ADDRESS=address, ACTORGRAD_TOKEN=token.read_text().strip(),
+            )  # fmt: skip
+            assert p.returncode == 1, (script, p.stdout, p.stderr)
+            assert p.stderr == (
+                f"error: cannot join the cluster at {address}: a worker named 'driver' is "
+                "already in the cluster\n"
+            ), (script, p.stderr)
+        p = run(str(EXAMPLES / "pipeline_parallel.py"), ACTORGRAD_ADDRESS=address)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr == (
+            f"error: cannot join the cluster at {address}: joining a cluster needs its "
+            "token: pass token=... or set ACTORGRAD_TOKEN\n"
+        ), p.stderr
+    finally:
+        if driver is not None:
+            driver.stop()
+        cluster.stop()
+
+
 def test_the_examples_check_their_arguments():
     # (--steps 0 "trained" to a test accuracy of 0.000, --target 2 or nan was taken)
     for script, argv, message in [
