@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import socket
+import struct
 import types
 import weakref
 
@@ -132,6 +133,35 @@ async def test_random_bytes_instead_of_a_handshake_close_the_connection(sock_clu
     if sock_cluster.listener == "unix":  # (which local process: the kernel says)
         assert f"unix:(local process, pid {os.getpid()}, uid {os.getuid()})" in caplog.text
     await valid_client_works(sock_cluster)
+
+
+async def test_a_stranger_reset_before_it_was_accepted_is_named_in_the_log(caplog):
+    # A connection reset by the time the worker accepted it (a scanner's connect and
+    # reset, a probe that sends its bytes and resets at once) has no peer name any more
+    # (getpeername fails: ENOTCONN), and the worker's line about it named "None" where
+    # accept() had given the address ("worker w1 rejected a connection: None: not an
+    # actorgrad peer ..." on uvloop, as worker processes run; "handshake with None: the
+    # client closed the connection" on asyncio's loop, which reads the reset first).
+    caplog.set_level(logging.DEBUG, "actorgrad.runtime")
+    async with ag.local_cluster(1, transport="tcp") as c:
+        host, _, port = _target(c).address.rpartition(":")
+        s = socket.socket()
+        try:
+            # (blocking, on the loop: w1 accepts only once this test awaits, after the
+            # reset; the kernel completes the connection meanwhile)
+            s.connect((host, int(port)))
+            where = transport.host_port(s.getsockname())
+            s.send(b"GET / HTTP/1.1\r\n\r\n")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            s.close()  # (a reset: linger 0)
+
+        def line() -> str:
+            said = [r.getMessage() for r in caplog.records]
+            return next((m for m in said if "rejected a connection" in m), "")
+
+        await until(line)
+    assert where in line() and "None" not in line(), line()
 
 
 async def test_a_local_strangers_socket_name_cannot_write_lines_into_the_log(caplog):

@@ -711,7 +711,11 @@ class Connection(asyncio.BaseProtocol):
         # uvloop's and the in-process one's write the pieces as they are
         writelines = getattr(type(transport), "writelines", None)
         self._writev = writelines not in (None, asyncio.WriteTransport.writelines)
-        self.peer_addr = host_port(transport.get_extra_info("peername"))
+        peer = transport.get_extra_info("peername")
+        if peer is not None or self.peer_addr is None:
+            # (a connection reset before it was accepted has no peer name any more:
+            # then the address accept() gave, set by the Listener, stays)
+            self.peer_addr = host_port(peer)
         if isinstance(transport, asyncio.WriteTransport):
             # high=0: "paused" as soon as anything stays buffered in user space, and
             # resumed when the buffer is empty, so send() returns only once the bytes
@@ -1394,7 +1398,7 @@ class Listener:
     def _readable(self, sock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = sock.accept()
+                conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -1409,13 +1413,21 @@ class Listener:
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 # (asyncio sets it only on sockets made with proto IPPROTO_TCP)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = self.loop.create_task(self._start(conn))
+            task = self.loop.create_task(self._start(conn, addr))
             self._starting.add(task)
             task.add_done_callback(self._starting.discard)
 
-    async def _start(self, conn: socket.socket) -> None:
+    async def _start(self, conn: socket.socket, addr: Any) -> None:
+        def protocol() -> asyncio.BaseProtocol:
+            made = self._factory()
+            if isinstance(made, Connection) and addr:
+                # (where the peer was when accepted: a connection reset since has no
+                # peer name to give, and a stranger's probe was logged as from "None")
+                made.peer_addr = host_port(addr)
+            return made
+
         try:
-            await self.loop.connect_accepted_socket(self._factory, conn)
+            await self.loop.connect_accepted_socket(protocol, conn)
         except BaseException as exc:  # (the transport never took it)
             conn.close()
             if not isinstance(exc, Exception):
