@@ -181,10 +181,21 @@ def read_token_file(path: Path) -> str:
             "who chose this token and can join the cluster with it; use a file of "
             "your own"
         )
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+    # (what others may do with it, each said: one who may write it, not read it, puts a
+    # token of its choosing there, which a `cluster` then starts with; an execute bit
+    # alone lets nobody do anything with a token)
+    readable = st.st_mode & (stat.S_IRGRP | stat.S_IROTH)
+    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if readable or writable:
+        can = "read and changed" if readable and writable else "read" if readable else "changed"
+        risk = (
+            "anyone who reads it can run code on the cluster"
+            if readable
+            else "anyone who writes it chooses the token of a cluster started with it"
+        )
         _note(
-            f"warning: token file {path} can be read by other users than its owner; "
-            f"anyone who reads it can run code on the cluster (chmod 600 {shlex.quote(str(path))})"
+            f"warning: token file {path} can be {can} by other users than its owner; "
+            f"{risk} (chmod 600 {shlex.quote(str(path))})"
         )
     return token
 

@@ -438,6 +438,34 @@ def test_a_token_file_others_can_read_is_used_with_a_warning(tmp_path: Path) -> 
     assert "warning" not in r.stderr
 
 
+@pytest.mark.parametrize(
+    "mode, said",
+    [
+        # (any bit of the group's or others' was "can be read by other users": a file
+        # others may write, not read, was said to be readable, and what it lets them do,
+        # put a token of their choosing there, which `cluster` then starts with, unsaid;
+        # a lone execute bit, which grants nothing here, was warned of as a read)
+        (0o620, "can be changed by other users than its owner; anyone who writes it "),
+        (0o602, "can be changed by other users than its owner; anyone who writes it "),
+        (0o666, "can be read and changed by other users than its owner; anyone who "),
+        (0o640, "can be read by other users than its owner; anyone who reads it "),
+        (0o611, None),
+    ],
+    ids=["group-writes", "others-write", "all-read-and-write", "group-reads", "execute"],
+)
+def test_a_token_file_others_can_change_is_said_so(tmp_path: Path, capsys, mode, said) -> None:
+    path = tmp_path / "token"
+    path.write_text("secret\n")
+    path.chmod(mode)
+    assert cli.read_token_file(path) == "secret"
+    err = capsys.readouterr().err
+    if said is None:
+        assert "warning" not in err, err
+    else:
+        assert err.startswith(f"actorgrad: warning: token file {path} {said}"), err
+        assert err.count("\n") == 1 and f"(chmod 600 {path})" in err, err
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away takes root")
 def test_a_token_file_of_another_user_is_used_with_a_warning(tmp_path: Path, capsys) -> None:
     # (a file another user planted, in a shared directory: its owner chose the token)
