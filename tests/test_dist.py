@@ -454,19 +454,42 @@ async def test_a_backward_whose_origin_a_worker_cannot_connect_to_goes_over_its_
         assert caplog.text.count("cannot connect to worker 'driver' at its address") == 1
 
 
-@pytest.mark.parametrize("there", ["a hung listener", "another worker"])
+async def _foreign_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """What a server that is no actorgrad worker answers: an HTTP error."""
+    writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    writer.close()
+
+
+async def _impostor_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A handshake whose MAC is not made with the cluster's token (an impostor, a worker
+    of another cluster)."""
+    from actorgrad.runtime import transport
+
+    writer.write(transport._HELLO.pack(transport.MAGIC, transport.PROTOCOL_VERSION, b"n" * 32))
+    await reader.readexactly(transport._HELLO.size + transport._MAC_LEN)  # (hello, MAC)
+    writer.write(b"m" * transport._MAC_LEN + b"\x01")
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "there", ["a hung listener", "another worker", "a foreign server", "an impostor"]
+)
 async def test_a_backward_whose_origins_address_reaches_something_else_goes_over_its_connection(
     there, monkeypatch, caplog
 ):
     # The driver's address, seen from w1, reaches something that accepts and never
     # answers, or another worker. w1 took the first for a hung driver and the second
     # for a lost one, though the driver had just reached it: its gradient and credit
-    # for the driver were dropped, and backward waited for good.
+    # for the driver were dropped, and backward waited for good. So it did for a server
+    # that is no actorgrad worker there, or one that fails the handshake (AuthError:
+    # "not an actorgrad peer", "wrong cluster token"): "cannot report to its origin".
     # (the driver pings on its connection every 0.5 s: a wait that long sees it live)
     monkeypatch.setattr(rworker, "PEER_CONNECT_TIMEOUT", 1.0)
     caplog.set_level(logging.WARNING, "actorgrad.runtime")
     xv, wv = arr(3), arr(3)
-    with socket.socket() as hole:
+    answer = {"a foreign server": _foreign_answer, "an impostor": _impostor_answer}.get(there)
+    server = await asyncio.start_server(answer, "127.0.0.1", 0) if answer else None
+    with socket.socket() as hole, contextlib.closing(server or hole):
         hole.bind(("127.0.0.1", 0))
         hole.listen()
         async with cluster("tcp", 2) as c:
@@ -474,6 +497,8 @@ async def test_a_backward_whose_origins_address_reaches_something_else_goes_over
                 f"127.0.0.1:{hole.getsockname()[1]}"
                 if there == "a hung listener"
                 else c.driver.members["w2"][1]
+                if there == "another worker"
+                else f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
             )
             await ag.rpc("w1", F.put, ("w", wv))
             await ag.rpc("w1", F.lose_the_way_to, ("driver", address))

@@ -1625,7 +1625,7 @@ class Worker:
         self._ask_all(dest, tried)
         try:
             conn = await self.open_connection(entry[1], entry[2], PEER_CONNECT_TIMEOUT, dest)
-        except WorkerLost as exc:
+        except (WorkerLost, AuthError) as exc:
             now = self.members.get(dest)
             if now is not None and now[0] != entry[0]:
                 # (another process joined under the name meanwhile, a restarted driver:
@@ -1633,6 +1633,16 @@ class Worker:
                 # connection failed with the dead one's address)
                 return await self._connect_peer(dest)
             back = self._opened_by(dest, entry[0])
+            if isinstance(exc, AuthError):
+                # Something at its address that is no worker of this cluster (a server
+                # of another kind, a worker of another cluster, an impostor): the peer
+                # itself, which proved our token to reach us, is over there, as where
+                # nothing answers. (Raised, a backward pass's report to its origin was
+                # dropped, "cannot report", and the origin waited for good.) With no
+                # such way, the caller hears the handshake's own error.
+                if back is None:
+                    raise
+                return self._use_opened_by(dest, entry, back, exc)
             if back is None or (
                 # (hung: silent on its own connection too while we waited, where it
                 # pings every HEARTBEAT_INTERVAL once asked (above): as lost. Not
@@ -1652,7 +1662,7 @@ class Worker:
         return conn
 
     def _use_opened_by(
-        self, dest: str, entry: Any, back: Connection, exc: WorkerLost
+        self, dest: str, entry: Any, back: Connection, exc: WorkerLost | AuthError
     ) -> Connection:
         """Worker ``dest``'s address does not reach it from here (it bound a loopback
         address, a firewall lets connections one way only: nothing answers there, or
