@@ -1751,6 +1751,37 @@ async def test_a_connection_to_a_process_replaced_meanwhile_goes_to_the_new_one(
             assert await asyncio.wait_for(call, 10) == ["w1", "w2"]
 
 
+async def test_a_call_to_a_worker_whose_address_answers_as_no_worker_fails_worker_lost():
+    # Something else at a member's address, which answers (an HTTP server there now):
+    # the call failed with AuthError ("127.0.0.1:...: not an actorgrad peer"), as if
+    # the token were wrong, naming no worker; docs/limits.md says WorkerLost.
+    async def foreign(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(foreign, "127.0.0.1", 0)
+    try:
+        async with ag.local_cluster(2, transport="tcp") as c:
+            w1 = c.workers[0]
+            await until(lambda: "w2" in w1.members)  # (w2 joined after w1: news to it)
+            now = w1.members["w2"]
+            w1.members = {
+                **w1.members,
+                "w2": (now[0], f"127.0.0.1:{server.sockets[0].getsockname()[1]}", ""),
+            }
+            with pytest.raises(
+                ag.WorkerLost,
+                match=r"^worker 'w2': 127\.0\.0\.1:\d+: not an actorgrad peer \(bad handshake "
+                r"magic: it sent b'HTTP/1\.1'\.\.\.",
+            ):
+                await asyncio.wait_for(w1.call("w2", add, (1, 2)), 10)
+            w1.members = {**w1.members, "w2": now}
+            assert await asyncio.wait_for(w1.call("w2", add, (1, 2)), 10) == 3
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_pending_calls_fail_with_worker_lost_when_the_worker_shuts_down(cluster):
     w3 = cluster.workers[2]
     ev = started("w3")

@@ -1639,9 +1639,11 @@ class Worker:
                 # itself, which proved our token to reach us, is over there, as where
                 # nothing answers. (Raised, a backward pass's report to its origin was
                 # dropped, "cannot report", and the origin waited for good.) With no
-                # such way, the caller hears the handshake's own error.
+                # such way, the peer is unreachable, WorkerLost naming it: this worker
+                # joined with the cluster's token, so the token is not what is wrong
+                # (an AuthError said so, and named only the address).
                 if back is None:
-                    raise
+                    raise self._unreachable(dest, entry, exc) from None
                 return self._use_opened_by(dest, entry, back, exc)
             if back is None or (
                 # (hung: silent on its own connection too while we waited, where it
@@ -1750,7 +1752,7 @@ class Worker:
             and not self._is_membership(c)
         ]
 
-    def _unreachable(self, dest: str, entry: Any, exc: WorkerLost) -> WorkerLost:
+    def _unreachable(self, dest: str, entry: Any, exc: WorkerLost | AuthError) -> WorkerLost:
         """The error of a failed connection to worker ``dest`` (member ``entry``)."""
         if isinstance(exc, transport.Unanswered):
             # (named by its address in the cluster, not the local socket's internal name)
