@@ -767,6 +767,8 @@ MAX_UNSENT_REPLIES = 64 << 20
 
 #: Rejected connections logged per minute and worker (see Worker._log_rejected).
 REJECTED_LOG_LINES = 20
+#: That minute (seconds).
+REJECTED_LOG_WINDOW = 60.0
 
 #: Open connections, as a share of the files its process may still open when it starts,
 #: from which a worker warns (once a minute) that it nears the limit (Worker._accept).
@@ -984,9 +986,11 @@ class Worker:
         # of those, calls in the thread pool whose callers gave up (see _cancel_request)
         self._given_up = 0
         self._asking = 0  # calls running here that await this worker's own shutdown
-        # rejected connections logged in the current minute (see _log_rejected)
+        # rejected connections logged in the current minute (see _log_rejected), and
+        # the timer that counts those not logged when it ends
         self._rejected_since = -math.inf
         self._rejected_logged = self._rejected_unlogged = 0
+        self._rejected_timer: asyncio.TimerHandle | None = None
         # connections from which _accept warns of the open-files limit (a share of the
         # files not open yet), and when it did
         limit = open_files_limit() if transport_kind != "inproc" else None
@@ -1451,26 +1455,44 @@ class Worker:
 
     def _log_rejected(self, msg: str, *args: Any) -> None:
         """Log a rejected connection: at most REJECTED_LOG_LINES a minute, then one line
-        saying that more are not logged (3,000 stalled connections wrote 3,000 lines)."""
+        saying that more are not logged (3,000 stalled connections wrote 3,000 lines),
+        and at the minute's end how many were not."""
         now = self.loop.time()
-        if now - self._rejected_since >= 60.0:
-            if self._rejected_unlogged:
-                log.warning(
-                    "worker %s: %d more connections were rejected in that minute",
-                    self.name,
-                    self._rejected_unlogged,
-                )
-            self._rejected_since, self._rejected_logged, self._rejected_unlogged = now, 0, 0
+        if now - self._rejected_since >= REJECTED_LOG_WINDOW:
+            self._count_unlogged()  # (done by its timer, as a rule)
+            self._rejected_since = now
         if self._rejected_logged < REJECTED_LOG_LINES:
             self._rejected_logged += 1
             log.warning(msg, *args)
             if self._rejected_logged == REJECTED_LOG_LINES:
                 log.warning(
-                    "worker %s: not logging further rejected connections for up to 60 s",
+                    "worker %s: not logging further rejected connections for up to %g s",
                     self.name,
+                    REJECTED_LOG_WINDOW,
                 )
         else:
+            if self._rejected_timer is None:
+                # (at the minute's end, whether more come or not: said only with the next
+                # rejection after it, a flood that stopped was never counted, or was
+                # counted hours later, with a stranger's next try)
+                self._rejected_timer = self.loop.call_later(
+                    self._rejected_since + REJECTED_LOG_WINDOW - now, self._count_unlogged
+                )
             self._rejected_unlogged += 1
+
+    def _count_unlogged(self) -> None:
+        """Say how many rejected connections of the minute ending were not logged."""
+        timer, self._rejected_timer = self._rejected_timer, None
+        if timer is not None:
+            timer.cancel()
+        if self._rejected_unlogged:
+            log.warning(
+                "worker %s: %d more rejected connections in those %g s were not logged",
+                self.name,
+                self._rejected_unlogged,
+                REJECTED_LOG_WINDOW,
+            )
+        self._rejected_logged = self._rejected_unlogged = 0
 
     async def open_connection(
         self,
