@@ -1664,6 +1664,48 @@ async def test_a_stranger_relaying_a_token_holders_handshake_cannot_send_its_own
     await valid_client_works(sock_cluster)
 
 
+@pytest.mark.parametrize("how", ["replayed", "reordered", "from another connection"])
+async def test_a_frame_replayed_reordered_or_moved_to_another_connection_is_refused(
+    sock_cluster, caplog, how
+):
+    # What someone on the path could do with a token holder's frames, without the
+    # token: send one again, swap two, or send one on another connection of the same
+    # peer. Each is refused by its tag (its number on its connection, and the keys of
+    # that connection's handshake), and nothing of it runs.
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    _injected.clear()
+    reader, writer = await _handshaken(sock_cluster)
+    calls = [
+        wire.join_chunks(
+            wire.encode_frame([K_REQ, i, f"{__name__}:injected", MODE_RPC, None], ((str(i),), None))
+        )
+        for i in (1, 2)
+    ]
+    first = _framed(writer, calls[0])  # (frame 1 of the connection: the hello was 0)
+    second = _framed(writer, calls[1])
+    if how == "replayed":
+        writer.write(first)
+        await until(lambda: _injected == ["1"])  # (it ran)
+        writer.write(first)
+        ran = ["1"]
+        refused = "frame 2 failed authentication"
+    elif how == "reordered":
+        writer.write(second + first)
+        ran = []
+        refused = "frame 1 failed authentication"
+    else:
+        writer.close()  # (its own frame 1 never sent on it: sent on the other)
+        await writer.wait_closed()
+        reader, writer = await _handshaken(sock_cluster)
+        writer.write(first)
+        ran = []
+        refused = "frame 1 failed authentication"
+    await until(lambda: refused in caplog.text)
+    await _closed_by_peer(reader, writer)
+    assert _injected == ran
+    await valid_client_works(sock_cluster)
+
+
 async def test_what_a_refused_peer_sends_while_its_connection_lingers_is_dropped(sock_cluster):
     # (a refused connection lingers half-closed for its goodbye to be read: what came
     # in meanwhile piled up in its buffer, 1 GB in 12 s from a stranger behind a relay)
