@@ -13,6 +13,7 @@ import re
 import secrets
 import socket
 import struct
+import sys
 import types
 import weakref
 
@@ -453,6 +454,27 @@ async def test_a_frame_buffer_refused_without_a_message_is_named_by_its_error_ty
     assert str(err.value).endswith(
         "cannot take in a frame of 1048576 bytes: out of memory (MemoryError)"
     )
+
+
+async def test_a_frame_past_what_a_buffer_can_hold_is_refused_saying_so(sock_cluster, caplog):
+    # A worker may take frames up to sys.maxsize (transport.FRAME_SIZE_RANGE): a length
+    # just under it made a buffer rounded up past it, and mmap's OverflowError escaped
+    # the read: asyncio's "Fatal error: protocol.buffer_updated() call failed" with its
+    # traceback, the connection closed unsaid, the sender's calls "connection ... lost".
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    conn, pending = await _driver_conn_with_a_call_out(sock_cluster)
+    (w1_end,) = [c for c in _conns_of(_target(sock_cluster), "driver") if not c.outgoing]
+    w1_end.max_frame_size = sys.maxsize  # (as Worker(max_frame_size=sys.maxsize) has it)
+    n = sys.maxsize - 1000
+    conn.transport.write(_bare_prefix(n) + b"x" * 100)
+    with pytest.raises(
+        ag.WorkerLost,
+        match=rf"worker 'w1' closed the connection on a message from this worker: cannot "
+        rf"take in a frame of {n} bytes: out of memory \(more than a buffer can hold\)$",
+    ):
+        await asyncio.wait_for(pending, 10)
+    assert "Fatal error" not in caplog.text
+    await valid_client_works(sock_cluster)
 
 
 async def _hello(writer, name, wid=0, address="", most=1 << 31, goodbyes=0):

@@ -490,6 +490,12 @@ class _BufferPool:
             ):
                 return self._place(buf, n, near)
         size = -(-(n + self.SLACK) // self._ROUND) * self._ROUND
+        if size > sys.maxsize:
+            # (a length within 64 KiB of sys.maxsize, which a worker may take: rounded
+            # up, mmap's OverflowError escaped the read, asyncio's "Fatal error" and
+            # traceback in the log, the connection closed unsaid. Said as the memory
+            # it is: see Connection._feed)
+            raise MemoryError("more than a buffer can hold")
         # (private: a worker function that forks must give its child a copy, not the
         # frames' memory shared)
         buf = (
