@@ -3941,6 +3941,9 @@ class Worker:
                 )
                 self._tasks.difference_update(stuck)
                 break
+        # (no connection is rejected from here on: those of the minute not logged are
+        # counted now, not by a timer once this worker is gone)
+        self._count_unlogged()
         # Every connection this worker made or accepted (those closed above too) must
         # close its socket before the loop may end: see below.
         for conn in list(self._every_conn):
