@@ -648,6 +648,37 @@ async def test_a_call_to_a_name_the_head_could_not_be_asked_about_says_so(monkey
                 await x.shutdown()
 
 
+@pytest.mark.parametrize("kind", ["inproc", "tcp"])
+async def test_a_call_to_a_name_unknown_after_the_head_was_lost_says_so(kind):
+    # A member whose connection to the head closed (the head dropped it, or the link
+    # broke) has no head left to ask about a name it does not know: a worker that had
+    # joined, its news not read before the connection went, was called "unknown
+    # worker 'y'", a ValueError that reads as a wrong name, where every other error of
+    # such a member says it lost the head.
+    async with ag.local_cluster(1, transport=kind) as c:
+        x = ag.runtime.Worker("x", token=c.driver.token, transport_kind=kind)
+        y = ag.runtime.Worker("y", token=c.driver.token, transport_kind=kind)
+        await x.start()
+        await y.start()
+        try:
+            await x.join(c.address)
+            x.registry_conn.abort(ConnectionResetError("link cut"))
+            await until(lambda: "x" not in c.driver.members)
+            await y.join(c.address)
+            with pytest.raises(
+                ag.WorkerLost,
+                match=r"^worker 'y' is not in this worker's view of the cluster, and the "
+                r"cluster's head did not give its member list: this worker's connection to "
+                r"the cluster's head broke \(.*link cut",
+            ):
+                await asyncio.wait_for(x.call("y", add, (1, 2)), 10)
+            with pytest.raises(ag.WorkerLost, match=r"^worker 'no such' is not in"):
+                await asyncio.wait_for(x.call("no such", add, (1, 2)), 10)
+        finally:
+            await y.shutdown()
+            await x.shutdown()
+
+
 async def test_calls_behind_a_big_frame_say_why_their_connection_was_lost(monkeypatch):
     # A request larger than the socket buffers takes a slow link seconds to pass: the
     # call waits for it to drain, and the calls made meanwhile wait to send theirs. When

@@ -1794,7 +1794,8 @@ class Worker:
         """Fetch the whole member list from the head. ``gap``: the fetch a change after
         a gap asked for, which owns the changes buffered meanwhile (a fetch for an
         unknown name that failed cleared them under a fetch still on its way). Returns
-        the error of a fetch that failed (None: fetched, or no head to ask)."""
+        the error of a fetch that failed, or of a head lost (None: fetched, or a worker
+        in no cluster)."""
         got = False
         try:
             if self.registry is not None:
@@ -1806,6 +1807,12 @@ class Worker:
                 )
                 self._apply_members(*snap)
                 got = True
+            elif self.registry_conn is not None:
+                # (a member that lost the head: none to ask. Not "no head": a worker that
+                # had joined, its news unread as the connection went, was called
+                # "unknown", a wrong name's ValueError, where this worker's other errors
+                # say it lost the head)
+                return WorkerLost(head_lost(self.registry_lost_why or HEAD_CONN_CLOSED))
         except ActorgradError as exc:  # (the next change of the membership asks again)
             log.debug("worker %s: member list not refreshed: %s", self.name, exc)
             return exc
