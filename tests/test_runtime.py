@@ -5148,6 +5148,33 @@ async def test_a_call_nowait_whose_arguments_cannot_go_frees_them_without_the_gc
         assert await c.driver.call_nowait("w1", add, (1, 2)) == 3
 
 
+@pytest.mark.parametrize("owner", ["driver", "w2"])
+async def test_a_call_nowait_over_the_largest_frame_takes_back_the_rrefs_it_carried(
+    owner, monkeypatch
+):
+    # call_nowait's request is sized as it is sent: one over the largest frame failed
+    # its future with ProtocolError, but what its encoding recorded stayed: an RRef of
+    # the caller's counted w1 as a holder (and one of w2's, registered with w2 for
+    # w1), so the owner kept the value for good after the caller dropped the RRef.
+    from actorgrad.runtime import transport
+
+    monkeypatch.setattr(transport, "MAX_FRAME_SIZE", 1 << 20)  # both ends: 1 MiB
+    async with ag.local_cluster(2) as c:
+        driver = c.driver
+        assert await driver.call_nowait("w1", add, (1, 2)) == 3  # (connected)
+        if owner == "driver":
+            r = ag.RRef([1, 2])
+        else:
+            r = await ag.rpc("w2", own_a_list, ("nowait",))
+        big = np.ones(300_000, np.float32)  # (1.2 MB)
+        with pytest.raises(ag.ProtocolError, match="more than the largest frame"):
+            await driver.call_nowait("w1", add, (r, big))
+        del r
+        gc.collect()
+        await _owned_count(owner, 3)
+        assert await driver.call_nowait("w1", add, (1, 2)) == 3
+
+
 async def test_a_reply_that_cannot_be_read_leaves_no_reference_cycle(monkeypatch):
     # The reader set the decoding's error on the call's future in the frame that caught
     # it, which the error's traceback holds: error -> frame -> future -> error, with

@@ -599,6 +599,16 @@ def _check_call_args(args: Any, kwargs: Any) -> None:
 _NOT_READING = " (waiting to send it: it is large, or the peer is not reading)"
 
 
+def _take_back_unsent(conn: Connection, cid: int, hooks: rref.Hooks) -> None:
+    """A request of call_nowait (call ``cid`` on ``conn``) whose send failed: unless the
+    connection's loss took it (it may have reached the peer then, see _on_lost), it
+    never left, and what its encoding recorded is taken back, as call does. (The largest
+    frame is checked as it is sent: an RRef in one over it stayed counted for the peer,
+    its value kept by its owner for good.)"""
+    if conn.pending.pop(cid, None) is not None:
+        hooks.undo()
+
+
 def _expect_decoding(conn: Connection, chunks: list[Any]) -> None:
     """``chunks``, a request just queued on ``conn``, has a large msgpack part: its
     peer, decoding it on its loop, may send nothing for a while (its heartbeats
@@ -3360,7 +3370,7 @@ class Worker:
             # (any error, not only ours: a MemoryError as the frame is written, which
             # aborts the connection and fails the future first, came out of here, and
             # the caller's fan-out, a release to every peer, stopped there)
-            conn.pending.pop(cid, None)
+            _take_back_unsent(conn, cid, hooks)
             if not fut.done():
                 fut.set_exception(exc.with_traceback(None))  # (a cycle: see above)
             return
@@ -3402,7 +3412,7 @@ class Worker:
         try:
             await conn.send(chunks)
         except Exception as exc:
-            conn.pending.pop(cid, None)
+            _take_back_unsent(conn, cid, hooks)
             if not fut.done():
                 fut.set_exception(exc)
             fut = None  # type: ignore[assignment]
