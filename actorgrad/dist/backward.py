@@ -1313,7 +1313,9 @@ def _start_clean_up(
         # silent may pass it a share, and this one would not hear of it, not its peer)
         or (lost is not None and lost != worker.name and lost not in peers)
         or ctx.released
-        or any(st.unreachable(p) and not _gone(worker, p) for p in peers)
+        # (over every peer of the context, not only those told: one called here without
+        # tensors may have taken a part from another worker, which then waits for it)
+        or any(st.unreachable(p) and not _gone(worker, p) for p in ctx.peers | peers)
     ):
         # (a worker lost, or hung, already: others may have passed it a share before
         # they knew, held for good; a loss heard from now on ends the wait. Not one no
