@@ -537,6 +537,14 @@ def watching() -> list[str]:
     return current_worker().status()["watching"]
 
 
+def silent_peers() -> list[str]:
+    """The peers a backward pass's watch found silent here (DistState._silent)."""
+    from actorgrad.dist.context import state_of
+    from actorgrad.runtime import current_worker
+
+    return sorted(state_of(current_worker())._silent)
+
+
 # --- late calls in a released context ----------------------------------------------------
 
 _events: dict[str, Any] = {}  # name -> asyncio.Event, in this process

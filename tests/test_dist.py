@@ -2094,6 +2094,40 @@ async def _stalling_link(target: str, stall: asyncio.Event) -> asyncio.Server:
 
 
 @pytest.mark.timeout(60)
+async def test_a_hung_second_hop_that_died_leaves_no_record_of_its_silence(
+    worker_path, short_heartbeat
+):
+    # w1's part of a pass found w2 silent (SIGSTOP) and failed the pass; then w2 died
+    # and left the cluster. w1 kept w2 among the peers found silent (DistState._silent)
+    # until some later pass asked about w2 again: where workers come and go under new
+    # names (an elastic job's), one entry more on every such worker per hung worker
+    # that died, for good. The loss of the peer ends it now (is_lost says as much).
+    import signal
+
+    xv, wv = arr(3), arr(3)
+    async with cluster("processes"):
+        await ag.rpc("w2", F.put, ("w", wv))
+        pid = await ag.rpc("w2", F.pid)
+        x = ag.tensor(xv, requires_grad=True)
+        try:
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.chain, (["w2"], "w", x))
+                os.kill(pid, signal.SIGSTOP)
+                # (w1's watch found it silent: what leaves the record)
+                with pytest.raises(ag.WorkerLost, match="'w1' heard nothing from it"):
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+        finally:
+            os.kill(pid, signal.SIGKILL)
+        await until(lambda: "w2" not in ag.workers(), 20)
+        await until(lambda: _not_among("w2", ag.rpc("w1", ag.workers)), 20)
+        assert await ag.rpc("w1", F.silent_peers) == []
+
+
+async def _not_among(name: str, names: Any) -> bool:
+    return name not in await names
+
+
+@pytest.mark.timeout(60)
 async def test_a_stalled_link_between_two_hops_fails_the_backward_naming_who_lost_whom(
     worker_path,
 ):

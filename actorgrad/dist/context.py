@@ -978,6 +978,12 @@ def _on_peer_lost(st: DistState, name: str) -> None:
     from actorgrad.dist.backward import _report
 
     me = st.worker.name
+    if st.worker.is_lost(name):
+        # (taken for lost, it is unreachable until heard from again without this
+        # record of a watch that found it silent; kept, the record stayed for good when
+        # no pass asked about it again: one per hung worker that then died, where
+        # workers come and go under new names)
+        st._silent.pop(name, None)
     # (the share of a clean-up's credit it held is gone with it, or with a worker it
     # passed it to: the origin does not know which, and stops waiting)
     st.end_cleanups(f"worker {name!r} was lost")
