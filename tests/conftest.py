@@ -19,7 +19,9 @@ import secrets
 import signal
 import socket
 import sys
+import types
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -234,6 +236,38 @@ async def open_abstract(name: str):
     except BaseException:
         sock.close()
         raise
+
+
+async def assert_no_cycles(
+    step: Callable[[], Any], times: int = 1, *, warmup: int = 1, frames_only: bool = False
+) -> None:
+    """Run ``step`` (a coroutine function) ``warmup`` times, collect until nothing is left
+    (the clusters of earlier tests can take more than one collection to go), then
+    ``times`` times with the cyclic GC off: nothing it made may be left in reference
+    cycles (``frames_only``: no frame, where a cycle of another kind is expected, e.g. a
+    closed in-process connection's with its transport, collected when its teardown
+    ends). A cycle keeps what it holds (a failed call's arguments, a frame's buffer)
+    until a collection comes."""
+    for _ in range(warmup):
+        await step()
+    while gc.collect():
+        pass
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(times):
+            await step()
+        found = gc.collect()
+        kinds = sorted({type(o).__name__ for o in gc.garbage})
+        if frames_only:
+            frames = [o.f_code.co_name for o in gc.garbage if isinstance(o, types.FrameType)]
+            assert frames == [], kinds
+        else:
+            assert found == 0, kinds
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
 
 
 async def until(pred: Callable[[], object], deadline: float = 10.0) -> None:

@@ -20,7 +20,7 @@ import weakref
 import msgpack
 import numpy as np
 import pytest
-from conftest import open_abstract, traced_memory, until, valid_client_works
+from conftest import assert_no_cycles, open_abstract, traced_memory, until, valid_client_works
 
 import actorgrad as ag
 from actorgrad import wire
@@ -565,7 +565,6 @@ async def test_a_refused_frame_leaves_no_reference_cycle_holding_it(sock_cluster
     # traceback (or its cause's, the decoder's) held the frames that read the refused
     # frame, the connection among their locals: a cycle that kept the connection and the
     # frame's buffer (here 1 MB; up to 2 GiB) until a gc run.
-    import gc
 
     # (the refusal's warning unsaid: the test's captured log records would hold it)
     caplog.set_level(logging.ERROR, "actorgrad")
@@ -584,19 +583,7 @@ async def test_a_refused_frame_leaves_no_reference_cycle_holding_it(sock_cluster
         # (w1 keeps a connection it parted from, weakly, until its transport is gone)
         await until(lambda: all(c.transport_gone for c in w1._parting), 5)
 
-    await refused()
-    while gc.collect():  # (until nothing is left: see the checkpoint test's)
-        pass
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        await refused()
-        await refused()  # (the first one let go)
-        gc.collect()
-        frames = [o.f_code.co_name for o in gc.garbage if isinstance(o, types.FrameType)]
-        assert frames == [], sorted({type(o).__name__ for o in gc.garbage})
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
+    await assert_no_cycles(refused, 2, frames_only=True)  # (twice: the first one let go)
     await valid_client_works(sock_cluster)
 
 

@@ -23,6 +23,7 @@ import pytest
 import pytest_asyncio
 from conftest import (
     CALL_FAILED,
+    assert_no_cycles,
     exact_order,
     helpers_importable,
     hold_end,
@@ -1827,23 +1828,6 @@ async def test_a_failed_backward_returns_once_its_peers_dropped_the_pass(monkeyp
         await assert_clean(c.names)
 
 
-async def _assert_no_cycles(step: Any, times: int = 5) -> None:
-    """Run ``step`` ``times`` times with the GC off; nothing may be left in cycles."""
-    await step()
-    while gc.collect():  # (until nothing is left: see the checkpoint test's)
-        pass
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        for _ in range(times):
-            await step()
-        assert gc.collect() == 0, sorted({type(o).__name__ for o in gc.garbage})
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
-
-
 async def test_a_step_leaves_no_reference_cycles_behind():
     # A step's graph, context and pass state are freed by reference counting as soon as
     # the step is over, on the driver and on the workers (in-process here, so one heap
@@ -1860,7 +1844,7 @@ async def test_a_step_leaves_no_reference_cycles_behind():
                 await ag.dist.backward(ctx, [(z * y).sum()])
                 ag.dist.get_gradients(ctx)
 
-        await _assert_no_cycles(step)
+        await assert_no_cycles(step, 5)
         await assert_clean(c.names)
 
 
@@ -1900,10 +1884,10 @@ async def test_failed_calls_and_passes_leave_no_reference_cycles_behind():
             )
             assert all(isinstance(o, ag.RpcTimeout) for o in outs), outs
 
-        await _assert_no_cycles(failed_rpc)
-        await _assert_no_cycles(timed_out_rpcs_in_tasks)
-        await _assert_no_cycles(failed_backward)
-        await _assert_no_cycles(failed_offloaded_part)
+        await assert_no_cycles(failed_rpc, 5)
+        await assert_no_cycles(timed_out_rpcs_in_tasks, 5)
+        await assert_no_cycles(failed_backward, 5)
+        await assert_no_cycles(failed_offloaded_part, 5)
         await assert_clean(c.names)
 
 

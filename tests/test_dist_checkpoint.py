@@ -12,6 +12,7 @@ import types
 import dist_fns as F
 import numpy as np
 import pytest
+from conftest import assert_no_cycles
 
 import actorgrad as ag
 
@@ -285,7 +286,6 @@ async def test_failed_state_dict_and_load_state_dict_leave_no_reference_cycles(m
     # list of the owners' results (the error among them) made a cycle per failure,
     # which kept the owners' optimizer RRefs (and a state dict's arrays) alive until a
     # garbage collection. (In-process workers: one heap for the owners and the caller.)
-    import gc
 
     from actorgrad.dist import optimizer as dopt
 
@@ -308,22 +308,7 @@ async def test_failed_state_dict_and_load_state_dict_leave_no_reference_cycles(m
         for failed in (failed_load, failed_state_dict):
             if failed is failed_state_dict:
                 monkeypatch.setattr(dopt._LocalOptimizer, "state_dict", refuse)
-            await failed()
-            # (until nothing is left: the clusters of earlier tests can take more than
-            # one collection to go, and the rest, freed in the window, was counted
-            # against these loads: a closed cluster's driver, 80 objects)
-            while gc.collect():
-                pass
-            gc.disable()
-            gc.set_debug(gc.DEBUG_SAVEALL)
-            try:
-                for _ in range(3):
-                    await failed()
-                assert gc.collect() == 0, sorted({type(o).__name__ for o in gc.garbage})
-            finally:
-                gc.set_debug(0)
-                gc.garbage.clear()
-                gc.enable()
+            await assert_no_cycles(failed, 3)
 
 
 # --- the load's two rounds: the state crosses once, staged on the owners in between ---

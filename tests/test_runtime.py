@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import (
+    assert_no_cycles,
     has_ipv6_loopback,
     hold_end,
     on_uvloop,
@@ -5052,23 +5053,15 @@ async def test_a_worker_decoding_a_big_request_tells_every_peer_it_may_be_silent
 async def test_calls_to_a_worker_that_left_leave_no_reference_cycles():
     # The connecting task's error, shared by its callers, held the frame awaiting it in
     # its traceback, and that frame the task: a cycle at each call to a lost worker.
-    import gc
 
     async with ag.local_cluster(2) as c:
         await c.workers[0].shutdown()
-        for _ in range(2):
+
+        async def fail() -> None:
             with pytest.raises(ag.WorkerLost, match="'w1' has left the cluster"):
                 await ag.rpc("w1", add, (1, 2), timeout=5)
-        while gc.collect():  # (until nothing is left: see the checkpoint test's)
-            pass
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
-            with pytest.raises(ag.WorkerLost, match="'w1' has left the cluster"):
-                await ag.rpc("w1", add, (1, 2), timeout=5)
-            assert gc.collect() == 0, sorted({type(o).__name__ for o in gc.garbage})
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
+
+        await assert_no_cycles(fail, warmup=2)
 
 
 @pytest.mark.parametrize("how", ["call_nowait", "rref of a gone owner", "nowait rref"])
@@ -5078,7 +5071,6 @@ async def test_nowait_calls_and_rref_registrations_that_fail_leave_no_reference_
     # at each call to a worker that left. Registering an RRef with its gone owner is
     # such a call (any call passing it made one), and call_nowait's own path after the
     # registration made another, holding the request's encoded frame and hooks.
-    import gc
 
     async with ag.local_cluster(2) as c:
         gone = await ag.remote("w1", make_counter, (1,))
@@ -5093,22 +5085,9 @@ async def test_nowait_calls_and_rref_registrations_that_fail_leave_no_reference_
                 else:
                     await c.driver.call_nowait("w2", echo, (gone,))
 
-        for _ in range(2):
-            await fail()
-
-        while gc.collect():  # (until nothing is left: see the checkpoint test's)
-            pass
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
-            await fail()
-            gc.collect()
-            # (frames in cycles: the failures' own. A closed in-process connection and
-            # its transport, w1's, are a cycle too, collected whenever its teardown ends)
-            frames = [o.f_code.co_name for o in gc.garbage if isinstance(o, types.FrameType)]
-            assert frames == [], sorted({type(o).__name__ for o in gc.garbage})
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
+        # (frames in cycles: the failures' own. A closed in-process connection and its
+        # transport, w1's, are a cycle too, collected whenever its teardown ends)
+        await assert_no_cycles(fail, warmup=2, frames_only=True)
 
 
 @pytest.mark.parametrize("why", ["unsendable", "over the largest frame"])
@@ -5180,7 +5159,6 @@ async def test_a_reply_that_cannot_be_read_leaves_no_reference_cycle(monkeypatch
     # it, which the error's traceback holds: error -> frame -> future -> error, with
     # the reply's frame and its buffer (which the transport reuses once nothing holds
     # it), at each reply that could not be read.
-    import gc
 
     from actorgrad import wire
 
@@ -5195,18 +5173,7 @@ async def test_a_reply_that_cannot_be_read_leaves_no_reference_cycle(monkeypatch
             with pytest.raises(ag.ProtocolError, match="no numpy scalar here"):
                 await ag.rpc("w1", "numpy:float64", (2.0,))  # (its reply: a scalar)
 
-        await fail()
-        while gc.collect():  # (until nothing is left: see the checkpoint test's)
-            pass
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
-            await fail()
-            gc.collect()
-            frames = [o.f_code.co_name for o in gc.garbage if isinstance(o, types.FrameType)]
-            assert frames == [], sorted({type(o).__name__ for o in gc.garbage})
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
+        await assert_no_cycles(fail, frames_only=True)
         monkeypatch.undo()
         assert await ag.rpc("w1", add, (1, 2)) == 3  # (the connection serves on)
 
