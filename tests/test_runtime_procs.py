@@ -2887,6 +2887,27 @@ async def test_worker_processes_exiting_all_at_once_get_the_cpu_they_need_before
         await procs.stop(grace=0, term_grace=0)
 
 
+async def test_a_worker_process_busy_past_its_exit_cpu_is_still_named_stuck():
+    # The stop waits longer for processes still exiting on a loaded machine (runnable,
+    # short of their exit's CPU): one that spins on (a call that does not end) uses that
+    # CPU up and is named, as one asleep is (the second here), within the bound.
+    procs = slow_exiters(1, 3600)
+    procs.procs["w2"] = group_leaders("import time; time.sleep(60)").procs["w1"]
+    try:
+        for p in procs.procs.values():
+            if p.stdin is not None:
+                p.stdin.close()
+        named: list[tuple[list[str], float]] = []
+        t0 = time.monotonic()
+        await procs.stop(grace=0.1, on_stuck=lambda names, waited: named.append((names, waited)))
+        assert [names for names, _ in named] == [["w1", "w2"]]
+        assert named[0][1] <= time.monotonic() - t0
+        assert [p.returncode for p in procs.procs.values()] == [-signal.SIGTERM] * 2
+    finally:
+        procs.kill()
+        await procs.stop(grace=0, term_grace=0)
+
+
 def group_leaders(*codes: str) -> WorkerProcesses:
     """Processes running ``codes`` (Python), as worker processes of a
     ``WorkerProcesses`` (w1, w2, ...): each leads a process group of its own."""

@@ -293,6 +293,11 @@ STARTING = max(4, 2 * (os.cpu_count() or 1))
 #: and core.
 EXIT_CPU = 0.05
 
+#: How much longer than its grace ``WorkerProcesses.stop`` waits, at most, for worker
+#: processes still exiting (waiting for a core, short of their ``EXIT_CPU``) when the
+#: grace ends: on a machine loaded by other work, the cores are not all theirs.
+EXIT_WAIT_MAX = 3.0
+
 
 def open_files_limit(raise_to_hard: bool = False) -> int | None:
     """This process's limit of open files (``ulimit -n``, the soft one), after raising
@@ -455,6 +460,33 @@ def exit_code(p: subprocess.Popen[bytes]) -> int | None:
     return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
 
+def _cpu_and_state(pid: int) -> tuple[float, str] | None:
+    """The CPU seconds process ``pid`` has used and its state ("R" runnable, "S"
+    asleep, "T" stopped, ...), from Linux's /proc; None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    # (after the command's name, in parentheses: it may hold spaces and parentheses)
+    fields = stat[stat.rfind(")") + 2 :].split()
+    try:
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK"), fields[0]
+    except (IndexError, ValueError, OSError):
+        return None
+
+
+def _still_exiting(p: subprocess.Popen[bytes], at_stop: tuple[float, str] | None) -> bool:
+    """Whether ``p`` runs yet, waiting for a core or on one (not asleep, not stopped),
+    having used less than twice ``EXIT_CPU`` since ``at_stop`` (its CPU when the stop
+    began): an exit slowed down by other work on the machine."""
+    if at_stop is None or exit_code(p) is not None:
+        return False
+    now = _cpu_and_state(p.pid)
+    return now is not None and now[1] in ("R", "D") and now[0] - at_stop[0] < 2 * EXIT_CPU
+
+
 class WorkerProcesses:
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -610,17 +642,33 @@ class WorkerProcesses:
         on_stuck: Callable[[list[str], float], None] | None = None,
     ) -> None:
         """Wait up to ``grace`` s for the workers to exit, plus the CPU time they need
-        to exit on this machine's cores (``EXIT_CPU`` a process), then SIGTERM, then
-        SIGKILL. ``on_stuck(names, grace)`` hears of the workers still running after that
-        (hung, stopped, or busy in a call that does not end), before they are signalled."""
+        to exit on this machine's cores (``EXIT_CPU`` a process), and up to
+        ``EXIT_WAIT_MAX`` x that more for those still exiting then (see below), then
+        SIGTERM, then SIGKILL. ``on_stuck(names, waited)`` hears of the workers still
+        running after that (hung, stopped, or busy in a call that does not end), before
+        they are signalled."""
         if not self.procs:
             return
-        running = sum(1 for p in self.procs.values() if exit_code(p) is None)
-        grace += EXIT_CPU * running / (os.cpu_count() or 1)
+        running = [p for p in self.procs.values() if exit_code(p) is None]
+        grace += EXIT_CPU * len(running) / (os.cpu_count() or 1)
+        started = time.monotonic()
+        cpu = {p.pid: _cpu_and_state(p.pid) for p in running}
         await self._wait_all(grace)
+        # The allowance above counts on this machine's cores being the workers': with
+        # other work running (a load of 10 on 2 cores), processes that exit at once got
+        # a fraction of that CPU and were called stuck and SIGTERMed while they still
+        # exited. Those still waiting for a core (runnable) that have not used their
+        # exit's CPU since the stop began get longer, up to EXIT_WAIT_MAX x the grace; one
+        # asleep (hung), stopped, or past that CPU (busy in a call that does not end) is
+        # stuck.
+        cap = started + grace * (1 + EXIT_WAIT_MAX)
+        while time.monotonic() < cap and any(  # noqa: ASYNC110 (no event for a process's CPU)
+            _still_exiting(p, cpu.get(p.pid)) for p in self.procs.values()
+        ):
+            await asyncio.sleep(0.05)
         stuck = [n for n, p in self.procs.items() if exit_code(p) is None]
         if stuck and on_stuck is not None:
-            on_stuck(stuck, grace)
+            on_stuck(stuck, max(grace, time.monotonic() - started))
         # (SIGCONT too: a stopped process, SIGSTOP or Ctrl-Z, handles the SIGTERM only
         # once continued; it waited for the SIGKILL)
         self.terminate()
