@@ -575,15 +575,17 @@ def _foreground_group(terminal: int) -> int | None:
         return None
 
 
-def _own_group_ending_with_us(terminal: int | None = None) -> Callable[[], None]:
+def _own_group_ending_with_us(
+    terminal: int | None = None, tell: int | None = None
+) -> Callable[[], None]:
     """The child's set-up between fork and exec (uvloop takes no ``process_group``): a
-    process group of its own, the foreground group of ``terminal`` (when given), and on
-    Linux SIGTERM when we die (a group of its own escapes a SIGKILL sent to ours: it
-    would run on against a dead cluster). All plain system calls, looked up before the
-    fork.
+    process group of its own, its pid written to ``tell`` (a guard's pipe, see
+    _guard_group), the foreground group of ``terminal`` (when given), and on Linux
+    SIGTERM when we die (a group of its own escapes a SIGKILL sent to ours: it would
+    run on against a dead cluster). All plain system calls, looked up before the fork.
 
     The terminal is the child's before it runs, as a shell hands it to a job: ``run``
-    gave it only once the script had started (after its guard too), and a script that
+    gave it only once the script had started, and a script that
     read its terminal at once, on a loaded machine, read it from a background group:
     SIGTTIN stopped it, and the shell said the job stopped though no one typed Ctrl-Z."""
     prctl = None
@@ -596,6 +598,9 @@ def _own_group_ending_with_us(terminal: int | None = None) -> Callable[[], None]
 
     def setup() -> None:
         os.setpgrp()
+        if tell is not None:
+            os.write(tell, b"%d" % os.getpid())
+            os.close(tell)
         if terminal is not None:
             _set_foreground(terminal, os.getpid())
         if prctl is not None:
@@ -610,16 +615,23 @@ def _own_group_ending_with_us(terminal: int | None = None) -> Callable[[], None]
 #: no imports but the standard library's, so it starts in ~20 ms.
 _GUARD = """
 import os, select, signal, sys, time
-run, group, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+run, grace = int(sys.argv[1]), float(sys.argv[2])
 try:
     fd = os.pidfd_open(run)
 except ProcessLookupError:
     fd = None
 except (AttributeError, OSError):
+    fd = -1
+told = b""
+while chunk := os.read(0, 32):
+    told += chunk
+if not told:
+    sys.exit(0)
+group = int(told)
+if fd == -1:
     while os.getppid() == run:
         time.sleep(0.5)
-    fd = None
-if fd is not None:
+elif fd is not None:
     select.select([fd], [], [])
 def signal_group(sig):
     try:
@@ -638,25 +650,36 @@ signal_group(signal.SIGKILL)
 GUARD_GRACE = 10.0
 
 
-async def _guard_group(group: int) -> asyncio.subprocess.Process:
+async def _guard_group() -> tuple[asyncio.subprocess.Process, int]:
     """A process that, should this one be killed (SIGKILL: no cleanup of ours runs),
-    sends SIGTERM to process group ``group`` (the script's), then SIGKILL to what is
-    left ``GUARD_GRACE`` s later. The script itself hears of our death (PDEATHSIG), but
-    the processes it started did not, and ran on. In a session of its own, so that a
-    signal to our group (a SIGKILL of the job) does not end it too; we kill it when the
-    script is done."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-S",
-        "-c",
-        _GUARD,
-        str(os.getpid()),
-        str(group),
-        str(GUARD_GRACE),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    sends SIGTERM to the script's process group, then SIGKILL to what is left
+    ``GUARD_GRACE`` s later. The script itself hears of our death (PDEATHSIG), but the
+    processes it started did not, and ran on. In a session of its own, so that a signal
+    to our group (a SIGKILL of the job) does not end it too; we kill it when the script
+    is done. Returns it and the end of a pipe to its stdin for the script to write its
+    pid (its group) into, between its fork and its exec (see _own_group_ending_with_us):
+    started before the script, the guard knows its group whenever we die (started
+    after it, a run killed in between, on a loaded machine, left the script's children
+    running for good); no pid by the pipe's end, no script was started."""
+    read, tell = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-S",
+            "-c",
+            _GUARD,
+            str(os.getpid()),
+            str(GUARD_GRACE),
+            stdin=read,
+            stdout=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(tell)
+        raise
+    finally:
+        os.close(read)
+    return proc, tell
 
 
 def _group_left(group: int) -> list[int]:
@@ -847,14 +870,18 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 await serving  # raises what made it stop
                 raise CliError("the local cluster stopped before it was ready")
             env = _driver_env(ready.result(), token)
-            setup = _own_group_ending_with_us(terminal if foreground else None)
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                script,
-                *args.args,
-                env=env,
-                preexec_fn=setup,  # noqa: PLW1509
-            )
+            guard, tell = await _guard_group()
+            setup = _own_group_ending_with_us(terminal if foreground else None, tell)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    script,
+                    *args.args,
+                    env=env,
+                    preexec_fn=setup,  # noqa: PLW1509
+                )
+            finally:
+                os.close(tell)  # (the guard reads on to the pipe's end: the pid, or none)
             if signals:
                 # (one came while the script was being started: on_signal, with no
                 # script yet, stopped the cluster; the script, started all the same and
@@ -862,7 +889,6 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 # signal's)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, last)
-            guard = await _guard_group(proc.pid)
             if terminal is not None:
                 if foreground:  # (the child took it already: see there)
                     _set_foreground(terminal, proc.pid)
