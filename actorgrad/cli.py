@@ -66,6 +66,7 @@ from actorgrad.runtime.procs import (
     open_files_limit,
     open_std_fds,
     pool_threads,
+    proc_stat,
     tune_malloc,
 )
 from actorgrad.runtime.worker import head_lost
@@ -693,7 +694,7 @@ def _group_left(group: int) -> list[int]:
     left = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            fields = _proc_stat(int(entry))  # (state, ppid, pgrp, ...; [] if gone meanwhile)
+            fields = proc_stat(int(entry))  # (state, ppid, pgrp, ...; [] if gone meanwhile)
             if len(fields) > 2 and int(fields[2]) == group and fields[0] != "Z":
                 left.append(int(entry))
     return left
@@ -722,19 +723,9 @@ async def _end_what_is_left(group: int, script: str) -> None:
             os.killpg(group, signal.SIGKILL)
 
 
-def _proc_stat(pid: int) -> list[str]:
-    """The fields of ``pid``'s /proc stat line after its command name (state, parent,
-    process group, ...); [] when unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].decode().split()
-    except (OSError, IndexError):
-        return []
-
-
 def _process_state(pid: int) -> str:
     """The state letter of ``pid`` in /proc ("T": stopped), "" when unknown."""
-    fields = _proc_stat(pid)
+    fields = proc_stat(pid)
     return fields[0] if fields else ""
 
 

@@ -460,16 +460,21 @@ def exit_code(p: subprocess.Popen[bytes]) -> int | None:
     return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
 
-def _cpu_and_state(pid: int) -> tuple[float, str] | None:
-    """The CPU seconds process ``pid`` has used and its state ("R" runnable, "S"
-    asleep, "T" stopped, ...), from Linux's /proc; None where it cannot be read."""
+def proc_stat(pid: int) -> list[str]:
+    """The fields of ``pid``'s Linux /proc stat line after its command name (state,
+    parent, process group, ...; the name, in parentheses, may hold spaces and
+    parentheses); [] when unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    # (after the command's name, in parentheses: it may hold spaces and parentheses)
-    fields = stat[stat.rfind(")") + 2 :].split()
+            return f.read().rsplit(b")", 1)[1].decode().split()
+    except (OSError, IndexError):
+        return []
+
+
+def _cpu_and_state(pid: int) -> tuple[float, str] | None:
+    """The CPU seconds process ``pid`` has used and its state ("R" runnable, "S"
+    asleep, "T" stopped, ...), from /proc; None where it cannot be read."""
+    fields = proc_stat(pid)
     try:
         ticks = int(fields[11]) + int(fields[12])  # utime, stime
         return ticks / os.sysconf("SC_CLK_TCK"), fields[0]
