@@ -2256,34 +2256,21 @@ class Worker:
                         kept = conn.abandoned.pop(header[1], None)
                     late = call[1] if call is not None else kept
                     if kind == K_OK:
-                        quiet = frame.body_nbytes > SLOW_DECODE_RATE  # (see below)
-                        if quiet:
-                            self.going_quiet(min(MAX_QUIET, frame.body_nbytes / SLOW_DECODE_RATE))
                         try:
-                            frame.body(late or rref.Hooks(self, conn.peer_name or "?", conn))
+                            self._body(frame, late or rref.Hooks(self, conn.peer_name or "?", conn))
                         except ProtocolError as exc:
                             if late is not None:
                                 late.unreadable(exc, True)
                         except Exception:  # (a late reply nobody waits for: only logged)
                             log.debug("worker %s: late reply unreadable", self.name, exc_info=True)
-                        finally:
-                            if quiet:
-                                self.going_quiet(0)
                     elif len(header) == 3 and late is not None:
                         late.refused()  # (refused before it ran: e.g. in the mailbox)
                     if kept is not None:
                         kept.answered()
                     return
                 fut, hooks = call
-                # A result of many Python objects takes the loop seconds to decode, as a
-                # request does (see _start): the peers are told first, or those waiting
-                # on this worker (a driver on a worker whose own call brought it 8 MB of
-                # empty lists) took it for lost as it decoded.
-                quiet = frame.body_nbytes > SLOW_DECODE_RATE
-                if quiet:
-                    self.going_quiet(min(MAX_QUIET, frame.body_nbytes / SLOW_DECODE_RATE))
                 try:
-                    value = frame.body(hooks)
+                    value = self._body(frame, hooks)
                 except ProtocolError as exc:
                     if kind == K_OK:  # (an error reply carries no tensors)
                         hooks.unreadable(exc, True)
@@ -2294,9 +2281,6 @@ class Worker:
                     # holds it, until a gc run)
                     fut = call = None
                     return
-                finally:
-                    if quiet:  # (decoded: its silence counts again)
-                        self.going_quiet(0)
                 if kind == K_OK:
                     fut.set_result(value)
                 elif isinstance(value, BaseException):
@@ -2605,24 +2589,10 @@ class Worker:
             except ActorgradError as exc:  # the interceptor refuses the call
                 self._refuse(conn, cid, frame, exc)
                 return
-        # A body of many Python objects takes the loop seconds to decode, heartbeats
-        # included: the caller is told for how long before it starts (its own allowance,
-        # counted from the send, was used up meanwhile on a slow link: a 12 MB request
-        # at 256 KiB/s arrived 46 s after it left, 22 s past it, and the caller took the
-        # live worker for lost 3 s into the decode)
-        # (every peer, not its caller only: another worker waiting on a call here took
-        # this one for lost as it decoded)
-        quiet = frame.body_nbytes > SLOW_DECODE_RATE
-        if quiet:
-            self.going_quiet(min(MAX_QUIET, frame.body_nbytes / SLOW_DECODE_RATE))
         try:
             hooks.in_request = True
             try:
-                try:
-                    body = frame.body(hooks)
-                finally:
-                    if quiet:  # (decoded: its silence counts again)
-                        self.going_quiet(0)
+                body = self._body(frame, hooks)
                 if hooks.gone is not None:  # (an RRef sent to this owner, gone: see ref_in)
                     # (its RRefs released, as those of a stopped decoding; the error not
                     # kept by hooks: its traceback holds this frame, a cycle)
@@ -3745,6 +3715,24 @@ class Worker:
             conn.flush()
         except (ActorgradError, ValueError, TypeError):
             pass
+
+    def _body(self, frame: Any, hooks: Any) -> Any:
+        """``frame.body(hooks)``, a request's or a reply's. A body of many Python objects
+        takes the loop seconds to decode, heartbeats included: every peer is told for
+        how long first (see going_quiet), and that it is back once decoded. (The caller
+        of a request used its own allowance, counted from the send, on a slow link: a
+        12 MB request at 256 KiB/s arrived 46 s after it left, 22 s past it, and the
+        caller took the live worker for lost 3 s into the decode; another worker
+        waiting on a call here did too; and those waiting on a worker decoding a result,
+        a driver on one whose own call brought it 8 MB of empty lists.)"""
+        n = frame.body_nbytes
+        if n <= SLOW_DECODE_RATE:
+            return frame.body(hooks)
+        self.going_quiet(min(MAX_QUIET, n / SLOW_DECODE_RATE))
+        try:
+            return frame.body(hooks)
+        finally:
+            self.going_quiet(0)  # (decoded: its silence counts again)
 
     def going_quiet(self, seconds: float) -> None:
         """Tell every peer that this worker's loop may send nothing for up to
