@@ -655,6 +655,19 @@ def debug_infos_for(seconds: float) -> list[str]:
     return errors
 
 
+async def failing_pass_from_here(names: list[str], key: str) -> str:
+    """Open a context here, run :func:`nested_mul` over ``names`` in it and a backward
+    expected to fail (a hook on the way refuses): the failure's text."""
+    x = ag.tensor(np.ones(3), requires_grad=True)
+    async with ag.dist.context() as ctx:
+        y = await ag.rpc(names[0], nested_mul, (names[1:], key, x))
+        try:
+            await ag.dist.backward(ctx, [y.sum()])
+        except ag.RemoteError as exc:
+            return str(exc)
+    raise AssertionError("the backward did not fail")
+
+
 def no_way() -> list[str]:
     """The origins this worker's backward reports could not reach lately."""
     from actorgrad.dist.context import state_of

@@ -621,6 +621,29 @@ async def test_an_error_of_a_part_goes_back_the_way_the_pass_came_not_down_it():
         assert await ag.rpc("w1", F.call_path, (["w2", "w3"], "no_way", [])) == []
 
 
+async def test_a_record_of_no_way_to_an_origin_goes_when_the_origin_leaves():
+    # w1 starts a pass that goes through w3 to w2, which cannot reach w1 (as behind a
+    # firewall) and whose hook fails: its report goes back through w3, and w2 notes
+    # that w1 had no way (so the next reports skip the try). Kept until a report to
+    # the same origin was tried again, the note stayed for good once w1 had left: one
+    # per such origin, where workers come and go under new names.
+    from actorgrad.dist.context import state_of
+
+    async with cluster("tcp", 3) as c:
+        w2 = c.workers[1]
+        await ag.rpc("w3", F.put, ("w", arr(3)))
+        await ag.rpc("w2", F.put, ("w", arr(3)))
+        await ag.rpc("w2", F.lose_the_way_to, ("w1",))
+        await ag.rpc("w2", F.add_failing_hook, ("w", 1))
+        why = await asyncio.wait_for(
+            ag.rpc("w1", F.failing_pass_from_here, (["w3", "w2"], "w")), 10
+        )
+        assert "on worker 'w2': hook refused" in why
+        assert sorted(state_of(w2).no_way) == ["w1"]
+        await c.workers[0].shutdown()
+        await until(lambda: not state_of(w2).no_way)
+
+
 async def test_a_refused_message_of_another_pass_keeps_the_way_back_of_the_running_one(
     monkeypatch,
 ):

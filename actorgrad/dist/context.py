@@ -984,6 +984,11 @@ def _on_peer_lost(st: DistState, name: str) -> None:
         # no pass asked about it again: one per hung worker that then died, where
         # workers come and go under new names)
         st._silent.pop(name, None)
+    if st.worker.is_lost(name) or name not in st.worker.members:
+        # (a report for it is dropped now, not sent: the record that it had no way
+        # from here stayed until a report to it was tried again, for good once it had
+        # gone, one per such origin where workers come and go under new names)
+        st.no_way.pop(name, None)
     # (the share of a clean-up's credit it held is gone with it, or with a worker it
     # passed it to: the origin does not know which, and stops waiting)
     st.end_cleanups(f"worker {name!r} was lost")
