@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_no_cycles
 
 import actorgrad as ag
 from actorgrad import wire
@@ -303,6 +304,62 @@ async def test_inproc_handshake_with_a_wrong_token_is_an_auth_error_on_both_side
     # (the server's side was not looked at: it could have taken the client)
     assert len(server) == 1 and isinstance(server[0], AuthError), server
     assert "wrong cluster token" in str(server[0])
+
+
+@pytest.mark.parametrize("how", ["wrong token", "client closed", "a worker's, over tcp"])
+async def test_a_failed_handshake_leaves_no_reference_cycle(how):
+    # The connection was aborted with the error being raised on as its close_reason;
+    # that error's traceback holds the handshake's frame (and _read_exact's), and those
+    # the connection: a cycle (error, traceback, frame, connection, transport, buffers)
+    # kept until a gc run, for each connection a stranger or a stale peer failed.
+    async def wrong_token() -> None:
+        server: list = []
+        try:
+            await _inproc_pair("tok", "other", server)
+        except AuthError as exc:
+            assert "wrong cluster token" in str(exc)
+        else:
+            raise AssertionError("the handshake passed")
+        assert isinstance(server[0], AuthError), server
+
+    async def client_closed() -> None:
+        server_side = []
+
+        def factory():
+            s = Connection(kind="inproc")
+            server_side.append(asyncio.ensure_future(handshake(s, "tok", server=True)))
+            return s
+
+        address = transport.inproc_listen(factory)
+        try:
+            client = Connection(kind="inproc")
+            transport.open_inproc(address, client)
+            await client.made
+            client.close()
+            [result] = await asyncio.gather(*server_side, return_exceptions=True)
+            assert isinstance(result, AuthError) and "client closed" in str(result), result
+        finally:
+            transport.inproc_unlisten(address)
+
+    if how != "a worker's, over tcp":
+        # (frames only: an in-process connection and its transport refer to each other)
+        step = wrong_token if how == "wrong token" else client_closed
+        await assert_no_cycles(step, 2, frames_only=True)
+        return
+    from actorgrad.runtime import Worker
+
+    async with ag.local_cluster(1, transport="tcp") as c:
+        w = Worker("x", token="bad")
+
+        async def refused() -> None:
+            with pytest.raises(AuthError, match="wrong cluster token"):
+                await w.open_connection(c.address)
+
+        try:
+            # (frames only: asyncio's socket transport and its bound methods remain)
+            await assert_no_cycles(refused, 2, frames_only=True)
+        finally:
+            await w.shutdown()
 
 
 async def test_tcp_worker_refuses_wrong_token_via_open_connection():

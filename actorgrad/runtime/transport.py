@@ -1900,7 +1900,7 @@ async def handshake(
             "worker)"
         ) from None
     except (ConnectionError, OSError) as exc:
-        conn.abort(exc)
+        conn.abort(_untraced(exc))
         if not server and isinstance(conn.close_reason, WorkerLost):
             # (closed on our side, by this end's worker shutting down: not the peer
             # closing it, as said below; its "wrong cluster token" sent a caller whose
@@ -1927,9 +1927,24 @@ async def handshake(
             "(the process is shutting down or died)"
         ) from exc
     except AuthError as exc:
-        conn.abort(exc)
+        conn.abort(_untraced(exc))
         raise
     conn.start_frames()
+
+
+def _untraced(exc: BaseException) -> BaseException:
+    """``exc`` as the close_reason of a connection whose handshake raises it on: a copy
+    without its traceback. ``exc``'s own holds the handshake's frame (and _read_exact's),
+    whose locals hold the connection: kept as its close_reason, it made a cycle (the
+    connection, its transport and buffers) kept until a gc run, for every connection a
+    stranger or a stale peer opened and failed."""
+    try:
+        copy = type(exc)(*exc.args)
+    except Exception:  # (a type that is not made again from its args)
+        return exc
+    copy.__cause__ = exc.__cause__
+    copy.__suppress_context__ = exc.__suppress_context__
+    return copy
 
 
 # ---------------------------------------------------------------------------------------
