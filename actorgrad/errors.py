@@ -98,7 +98,7 @@ def short_repr(x: Any, limit: int = 40) -> str:
     came from the wire (they may be huge, or fail to repr)."""
     try:
         r = repr(x)
-    except Exception:
+    except BaseException:  # (a KeyboardInterrupt from a __repr__ too: see from_exception)
         r = f"<{type_name(type(x))}>"
     return cut_text(r, limit)
 
@@ -182,13 +182,18 @@ class RemoteError(ActorgradError):
         import traceback  # only on the error path
 
         name = type_name(type(exc))
+        # (a broken __str__ must not hide the error itself; nor may one that raises a
+        # BaseException (KeyboardInterrupt, SystemExit): let through, it took the worker
+        # down (a process worker died of it, an in-process one's loop and the whole
+        # driver with it) and the caller got WorkerLost in place of the error reply)
         try:
             message = str(exc)
-        except Exception:  # a broken __str__ must not hide the error itself
-            message = f"<unprintable {name}>"
+        except BaseException as broken:
+            message = f"<unprintable {name}: its str() raised {type_name(type(broken))}>"
         try:
+            # (its __notes__, a property maybe, and its chained errors' are read here)
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        except Exception:
+        except BaseException:
             tb = ""
         # (a message of 200 MB, the repr of a big array: encoding it, twice, held the
         # worker's loop for seconds, and its peers took it for dead)

@@ -256,7 +256,7 @@ def _clean_str(s: Any) -> str:
     if type(s) is not str:
         try:
             s = str(s)
-        except Exception:
+        except BaseException:  # (a KeyboardInterrupt from a __str__: see from_exception)
             return "<unprintable>"
     try:
         s.encode("utf-8")

@@ -1402,3 +1402,33 @@ def set_slow_decode_rate(rate: int) -> None:
     from actorgrad.runtime import worker as rworker
 
     rworker.SLOW_DECODE_RATE = rate
+
+
+class StrRaises(Exception):
+    """An error whose ``str()`` raises ``kind`` (a builtin BaseException's name), or,
+    with ``in_notes``, whose ``__notes__`` does (what formatting its traceback reads)."""
+
+    def __init__(self, kind: str, in_notes: bool = False) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.in_notes = in_notes
+
+    def _raise(self) -> Any:
+        import builtins
+
+        raise getattr(builtins, self.kind)("raised from the error's own hook")
+
+    def __str__(self) -> str:
+        return "an error with broken notes" if self.in_notes else self._raise()
+
+    @property
+    def __notes__(self) -> Any:  # type: ignore[override]
+        return self._raise() if self.in_notes else []
+
+
+def raise_str_raises(kind: str, in_notes: bool = False) -> None:
+    raise StrRaises(kind, in_notes)
+
+
+def return_str_raises(kind: str) -> list[Any]:
+    return [StrRaises(kind)]

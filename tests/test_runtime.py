@@ -3665,8 +3665,54 @@ def test_remote_error_from_an_exception_whose_str_fails_still_names_it():
     err = ag.RemoteError.from_exception("w1", Broken())
     name = f"{__name__}.{Broken.__qualname__}"
     assert (err.worker, err.remote_type) == ("w1", name)
-    assert err.remote_message == f"<unprintable {name}>"
+    assert err.remote_message == f"<unprintable {name}: its str() raised RuntimeError>"
     assert ag.RemoteError.from_exception("w2", err) is err  # keeps the original worker
+
+
+@pytest.mark.parametrize(
+    "kind, in_notes",
+    [("KeyboardInterrupt", False), ("SystemExit", False), ("KeyboardInterrupt", True)],
+)
+def test_remote_error_from_an_exception_whose_hooks_raise_a_base_exception(kind, in_notes):
+    # Its str() (or the __notes__ that formatting its traceback reads) raising a
+    # BaseException that is not an Exception: that escaped from_exception, and with it
+    # the worker's error reply (see the process test below).
+    from dist_fns import StrRaises
+
+    try:
+        err = ag.RemoteError.from_exception("w1", StrRaises(kind, in_notes))
+    except BaseException as exc:  # (not raised on: pytest would stop the whole run)
+        pytest.fail(f"from_exception raised {exc!r}")
+    assert err.remote_type == "dist_fns.StrRaises"
+    if in_notes:
+        assert err.remote_message == "an error with broken notes"
+        assert err.remote_traceback == ""  # (it could not be formatted)
+    else:
+        assert err.remote_message == f"<unprintable dist_fns.StrRaises: its str() raised {kind}>"
+        assert "dist_fns.StrRaises" in err.remote_traceback
+
+
+async def test_a_remote_exception_whose_str_raises_keyboard_interrupt_is_replied(worker_path):
+    # A process worker's error reply (and a result holding such an exception) built
+    # RemoteError.from_exception, whose str() of the error let the KeyboardInterrupt
+    # through: the worker process died of it, and the caller got WorkerLost (an
+    # in-process worker's took down the whole driver, its loop's callback raising it).
+    import dist_fns
+
+    async with ag.local_cluster(1, processes=True):
+        with pytest.raises(ag.RemoteError) as info:
+            await ag.rpc("w1", dist_fns.raise_str_raises, ("KeyboardInterrupt",), timeout=60)
+        err = info.value
+        assert (err.worker, err.remote_type) == ("w1", "dist_fns.StrRaises")
+        assert err.remote_message == (
+            "<unprintable dist_fns.StrRaises: its str() raised KeyboardInterrupt>"
+        )
+        [got] = await ag.rpc("w1", dist_fns.return_str_raises, ("SystemExit",), timeout=60)
+        assert type(got) is ag.RemoteError
+        assert got.remote_message == "<unprintable dist_fns.StrRaises: its str() raised SystemExit>"
+        with pytest.raises(ag.RemoteError, match="an error with broken notes"):
+            await ag.rpc("w1", dist_fns.raise_str_raises, ("KeyboardInterrupt", True), timeout=60)
+        assert await ag.rpc("w1", "operator:add", (1, 2), timeout=60) == 3  # (still there)
 
 
 def test_one_each_copies_an_error_unless_its_type_cannot_make_it_again():

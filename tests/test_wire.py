@@ -1024,6 +1024,46 @@ def test_unprintable_exception_still_travels():
     assert "unprintable" in out.remote_message
 
 
+@pytest.mark.parametrize("where", ["the exception", "a RemoteError's field"])
+def test_an_exception_whose_str_raises_keyboard_interrupt_still_travels(where):
+    # (a BaseException that is no Exception escaped the encoding of an error reply: a
+    # worker died of it, see test_runtime's process test)
+    class Weird(Exception):
+        def __str__(self):
+            raise KeyboardInterrupt("from __str__")
+
+    class Field:
+        def __str__(self):
+            raise KeyboardInterrupt("from __str__")
+
+    value = Weird() if where == "the exception" else RemoteError("w1", "T", Field())  # type: ignore[arg-type]
+    try:
+        out = roundtrip(value)
+    except BaseException as exc:  # (not raised on: pytest would stop the whole run)
+        pytest.fail(f"encoding raised {exc!r}")
+    assert type(out) is RemoteError
+    if where == "the exception":
+        assert out.remote_message.endswith(": its str() raised KeyboardInterrupt>")
+    else:
+        assert (out.worker, out.remote_type, out.remote_message) == ("w1", "T", "<unprintable>")
+
+
+def test_an_unsendable_key_whose_repr_raises_keyboard_interrupt_is_a_type_error():
+    # (the error's place names a dict key by its repr: a KeyboardInterrupt from it
+    # escaped encoding, in place of the TypeError, and a worker replying it died)
+    class Key:
+        def __repr__(self):
+            raise KeyboardInterrupt("from __repr__")
+
+    raised: BaseException | None = None
+    try:
+        encode_frame([0], {Key(): 1}, None, "result")
+    except BaseException as exc:  # (not raised on: pytest would stop the whole run)
+        raised = exc
+    assert type(raised) is TypeError, type(raised)
+    assert re.search(r"type '.*Key' \(at result<key <test_wire\.test_an_", str(raised))
+
+
 @pytest.mark.parametrize("exc", [asyncio.CancelledError(), KeyboardInterrupt()])
 def test_cancellation_and_keyboard_interrupt_do_not_travel(exc):
     with pytest.raises(TypeError, match=type(exc).__name__):
