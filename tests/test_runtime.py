@@ -1169,6 +1169,32 @@ async def test_a_timeout_that_is_not_a_positive_number_is_refused_before_sending
         await ag.rpc("w1", "operator.add", (1, 2))
 
 
+async def test_the_caches_of_function_names_are_bounded():
+    # Each distinct "module:name" a call named was kept for good: on the caller, its
+    # wire name (calls._spec_cache), and on the worker, what it resolved to
+    # (calls._resolve_cache) and how it runs (Worker._stats), whatever names a peer's
+    # calls carry (each of these, a new method-wrapper chain, resolves and runs).
+    from actorgrad.runtime import calls
+
+    bases = ["operator:add", "operator:sub", "operator:mul", "operator:floordiv"]
+    limit = 1024  # (calls._NAMES_KEPT)
+    names = [base + ".__call__" * k for k in range(limit) for base in bases][: 3 * limit]
+    async with ag.local_cluster(1, transport="tcp") as c:
+        [w1] = c.workers
+        for i in range(0, len(names), 64):
+            got = await asyncio.wait_for(
+                asyncio.gather(*(ag.rpc("w1", name, (7, 2)) for name in names[i : i + 64])),
+                60,
+            )
+            want = {"add": 9, "sub": 5, "mul": 14, "floordiv": 3}
+            assert got == [want[n[9:].split(".")[0]] for n in names[i : i + 64]]
+            assert len(calls._spec_cache) <= limit
+            assert sum(type(k) is str for k in calls._resolve_cache) <= limit
+            assert len(w1._stats) <= limit
+        # (evicted ones are resolved again)
+        assert await ag.rpc("w1", names[0], (7, 2)) == 9
+
+
 async def test_unknown_module_or_function_gives_remote_error_naming_it(cluster):
     with pytest.raises(ag.RemoteError) as ei:
         await ag.rpc("w1", "no_such_module_xyz:fn")

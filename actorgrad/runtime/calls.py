@@ -47,6 +47,13 @@ MAIN_ALIAS = "__mp_main__"
 
 _spec_cache: dict[Any, Any] = {}
 _resolve_cache: dict[Any, Any] = {}
+#: Most entries _spec_cache keeps, and most "module:name" strings _resolve_cache does:
+#: past it, they start again (as the codec's per-type cache, wire._DISPATCH_MAX). Each
+#: distinct name a call named was kept for good, on the caller and on the worker, where
+#: the names come from its peers' calls (what they like: 3,000 distinct ones, 3,000
+#: entries, with what each resolved to). Names resolved with a driver's session (tuple
+#: keys) are not dropped so: a run keeps what it resolved (see _new_session).
+_NAMES_KEPT = 1024
 
 
 _real_paths: dict[str, str] = {}
@@ -185,7 +192,8 @@ def fn_spec(fn: Any) -> str | list[Any]:
             if m.partition(".")[0] not in sys.modules:
                 return fn  # (not imported here: nothing says where it lies)
             script = _script_beside(m)
-            cached = _spec_cache[fn] = fn if script is None else _main_spec(fn, script)
+            cached = fn if script is None else _main_spec(fn, script)
+            _keep_spec(fn, cached)
         return cached
     if type(fn) is list and len(fn) in (2, 3, 4) and all(isinstance(x, str) for x in fn):
         return fn  # already a wire name (a __main__ function)
@@ -262,10 +270,16 @@ def fn_spec(fn: Any) -> str | list[Any]:
     if old is not None and _unbound(old) is not _unbound(fn):
         del _resolve_cache[key]
     try:
-        _spec_cache[fn] = spec
-    except TypeError:
+        _keep_spec(fn, spec)
+    except TypeError:  # unhashable callable
         pass
     return spec
+
+
+def _keep_spec(fn: Any, spec: str | list[Any]) -> None:
+    if len(_spec_cache) >= _NAMES_KEPT:
+        _spec_cache.clear()  # (those in use come back at their next call)
+    _spec_cache[fn] = spec
 
 
 def _interactive_spec(fn: Any, qual: str) -> list[Any]:
@@ -1155,8 +1169,21 @@ def resolve(spec: Any) -> Any:
             ) from None
     if not callable(obj):
         raise TypeError(f"cannot call {name!r}: it is not callable")
+    if type(key) is str and len(_resolve_cache) >= _NAMES_KEPT:
+        _drop_names()
     _resolve_cache[key] = obj
     return obj
+
+
+def _drop_names() -> None:
+    """Drop what "module:name" strings resolved to, when the cache holds _NAMES_KEPT
+    entries (a name resolves again to what its module, kept in sys.modules, holds)."""
+    # (a copy of the keys first, in one step: a call resolved in another thread, a
+    # staged optimizer's, may add one meanwhile)
+    names = [k for k in list(_resolve_cache) if type(k) is str]
+    if len(names) >= _NAMES_KEPT // 2:  # (else: mostly a session's, kept; see _NAMES_KEPT)
+        for k in names:
+            _resolve_cache.pop(k, None)
 
 
 #: internal targets, as messages name them (a user never wrote these names)

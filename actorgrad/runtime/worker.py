@@ -2676,6 +2676,10 @@ class Worker:
             return
         stats = self._stats.get(key)
         if stats is None or stats.what is not what:
+            if stats is None and len(self._stats) >= calls._NAMES_KEPT:
+                # (a peer's calls name what they like: each distinct name was kept for
+                # good, with what it resolved to; those in use learn again how they run)
+                self._stats.clear()
             stats = self._stats[key] = _FnStats(fn, what)
         # the dispatcher's context already has _current = self; the copy isolates the
         # call's contextvars (the connection is set inside it)
