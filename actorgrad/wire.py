@@ -502,7 +502,7 @@ class _Encoder:
                 self.header_packer = _new_header_packer()  # drop its grown buffer
                 raise ValueError(
                     f"frame header is {len(hbytes)} bytes, more than MAX_HEADER_BYTES "
-                    f"({MAX_HEADER_BYTES})"
+                    f"({MAX_HEADER_BYTES}){_bulk_of(header)}"
                 )
             try:
                 packers = self.packers
@@ -676,6 +676,37 @@ def _packing_error(exc: BaseException, root: Any, where: str | tuple[str, ...]) 
     if isinstance(exc, TypeError):
         return TypeError(f"cannot send {name}: {exc}")
     return ValueError(f"cannot send {name}: {exc}")
+
+
+def _bulk_of(header: list[Any]) -> str:
+    """Where the bulk of a header too large sits, as ``" (at header[2]: 'mod:ff...,
+    70004 bytes)"``: its largest item, and in that, while one holds more than half of
+    it, that one (a few levels at most: each packs its items again). Only on the error
+    path: the size alone named nothing (a call's function name 70 KB long, say)."""
+    path, x, whole, named = "header", header, 0, ""
+    for _ in range(8):
+        if isinstance(x, dict):
+            entries = list(dict.items(x))
+            kids = [k for k, _ in entries] + [v for _, v in entries]
+        elif isinstance(x, (list, tuple)):
+            # (the items as they were packed: not a subclass's own __iter__)
+            kids = list(list.__iter__(x) if isinstance(x, list) else tuple.__iter__(x))
+        else:
+            break
+        if not kids:
+            break
+        sizes = [len(msgpack.packb(k, use_bin_type=True)) for k in kids]
+        i = max(range(len(kids)), key=sizes.__getitem__)
+        if named and sizes[i] * 2 <= whole:
+            break  # (no one item holds most of it: the container is named)
+        if isinstance(x, dict):
+            n = len(entries)
+            path += f"<key {short_repr(kids[i])}>" if i < n else f"[{short_repr(kids[i - n])}]"
+        else:
+            path += f"[{i}]"
+        x, whole = kids[i], sizes[i]
+        named = f" (at {path}: {short_repr(x)}, {whole} bytes)"
+    return named
 
 
 def _utf8_ok(s: str) -> bool:

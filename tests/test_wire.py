@@ -635,6 +635,25 @@ def test_oversized_header_is_a_value_error():
         encode_frame([0, "x" * MAX_HEADER_BYTES], None)
 
 
+@pytest.mark.parametrize(
+    "header, where",
+    [
+        # (one item holds the bulk: it is named, and so is the one inside it that does)
+        ([0, 1, "mod:" + "f" * MAX_HEADER_BYTES, None], r"header\[2\]: 'mod:ffff"),
+        ([0, {"a": 1, "big": ["x", b"y" * MAX_HEADER_BYTES]}], r"header\[1\]\['big'\]\[1\]: b'yyy"),
+        ([0, [[1] * 40_000, [2] * 40_000]], r"header\[1\]: \[\[1, 1,"),  # (two halves)
+        ([0, ("z" * MAX_HEADER_BYTES,)], r"header\[1\]\[0\]: 'zzz"),
+        ([0, {"k" * MAX_HEADER_BYTES: 1}], r"header\[1\]<key 'kkkk"),
+    ],
+)
+def test_an_oversized_header_names_the_item_that_made_it_big(header, where):
+    # ("frame header is 70019 bytes, more than MAX_HEADER_BYTES (65536)" said no more,
+    # where other refusals name the place: a call's too long a function name was told so)
+    with pytest.raises(ValueError, match="more than MAX_HEADER_BYTES") as info:
+        encode_frame(header, None)
+    assert re.search(rf"\(at {where}.*, \d+ bytes\)$", str(info.value)), str(info.value)
+
+
 def test_a_bytes_value_of_4_gib_or_more_is_a_protocol_error_as_an_oversized_message():
     # (msgpack's "bytes object is too large" came out as a plain ValueError, where a
     # message over the largest frame is a ProtocolError; the zeros are never touched)
