@@ -1432,3 +1432,10 @@ def raise_str_raises(kind: str, in_notes: bool = False) -> None:
 
 def return_str_raises(kind: str) -> list[Any]:
     return [StrRaises(kind)]
+
+
+def msgpack_value(kind: str) -> Any:
+    """A result holding one of msgpack's own values, which msgpack packs itself."""
+    import msgpack
+
+    return {"a": [msgpack.Timestamp(1, 0) if kind == "Timestamp" else msgpack.ExtType(42, b"x")]}

@@ -1316,6 +1316,25 @@ async def test_an_unsendable_argument_is_named_by_its_place_among_the_arguments(
     assert await ag.rpc("w1", add, (1, 2)) == 3
 
 
+@pytest.mark.parametrize("kind", ["Timestamp", "ExtType"])
+async def test_msgpacks_own_values_are_refused_by_the_receiver_naming_them(kind):
+    # msgpack packs its own Timestamp and ExtType values before the codec's hook sees
+    # them, so the sender does not refuse them (docs/limits.md): the receiver does, and
+    # said "unknown ext type -1 (msgpack timestamp)" / "unknown ext type 42 in frame
+    # body", which named neither the type nor what to send instead.
+    import msgpack
+    from dist_fns import msgpack_value
+
+    said = rf"a msgpack\.{kind}.*its sender should have refused it \(msgpack packs its own "
+    value = msgpack.Timestamp(1, 0) if kind == "Timestamp" else msgpack.ExtType(42, b"x")
+    async with ag.local_cluster(1, transport="tcp"):
+        with pytest.raises(ag.ProtocolError, match=r"cannot take in the arguments .*" + said):
+            await ag.rpc("w1", add, (1, [value]), timeout=30)
+        with pytest.raises(ag.ProtocolError, match=said):  # (in a result: the caller's)
+            await ag.rpc("w1", msgpack_value, (kind,), timeout=30)
+        assert await ag.rpc("w1", add, (1, 2), timeout=30) == 3
+
+
 async def test_unknown_worker_is_a_clear_error(cluster):
     with pytest.raises(ValueError, match="nobody"):
         await ag.rpc("nobody", add, (1, 2))
