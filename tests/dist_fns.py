@@ -1439,3 +1439,15 @@ def msgpack_value(kind: str) -> Any:
     import msgpack
 
     return {"a": [msgpack.Timestamp(1, 0) if kind == "Timestamp" else msgpack.ExtType(42, b"x")]}
+
+
+class ReprRaises(Exception):
+    """An error whose ``repr()`` raises KeyboardInterrupt (a log line's %r of it)."""
+
+    def __repr__(self) -> str:
+        raise KeyboardInterrupt("raised from the error's __repr__")
+
+
+@ag.runtime.calls.inline
+def raise_repr_raises() -> None:
+    raise ReprRaises("a one-way call's error")

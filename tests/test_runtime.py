@@ -3760,6 +3760,21 @@ async def test_a_remote_exception_whose_str_raises_keyboard_interrupt_is_replied
         assert await ag.rpc("w1", "operator:add", (1, 2), timeout=60) == 3  # (still there)
 
 
+async def test_a_one_way_call_whose_error_has_a_repr_raising_keyboard_interrupt(worker_path):
+    # A one-way call's error is logged on the worker ("one-way call from 'driver'
+    # failed: %r"): logging catches an Exception from the repr, not a KeyboardInterrupt,
+    # which took the worker down (a process worker died of it; an in-process one's loop
+    # took the whole driver with it).
+    import dist_fns
+
+    async with ag.local_cluster(1, processes=True) as c:
+        c.driver.notify("w1", dist_fns.raise_repr_raises)
+        # (it runs inline, where the request is read: its error is logged before the
+        # next message on the connection is taken, this call)
+        assert await ag.rpc("w1", "operator:add", (1, 2), timeout=60) == 3
+        assert await ag.rpc("w1", "operator:add", (3, 4), timeout=60) == 7
+
+
 def test_one_each_copies_an_error_unless_its_type_cannot_make_it_again():
     # (each waiter failing for one reason gets its own copy, so that one's traceback
     # and notes stay its own; a type whose __init__ is not its args is kept as it is)

@@ -3122,8 +3122,15 @@ class Worker:
             # (refused while this worker shuts down: expected, e.g. an RRef's release
             # from a peer that leaves at the same time; not worth a warning)
             level = logging.DEBUG if refused and self._stopping else logging.WARNING
+            # (the error's repr, said safely: raised by the user's code, its __repr__
+            # can raise too, and logging catches an Exception from it, not the
+            # KeyboardInterrupt that took the worker down)
             log.log(
-                level, "worker %s: one-way call from %r failed: %r", self.name, conn.peer_name, exc
+                level,
+                "worker %s: one-way call from %r failed: %s",
+                self.name,
+                conn.peer_name,
+                short_repr(exc, 2000),
             )
             return
         if conn.closed:
