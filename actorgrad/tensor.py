@@ -2099,8 +2099,9 @@ def where(cond: Any, a: Any, b: Any) -> Tensor:
 
 def tensor(data: Any, *, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     """Make a leaf tensor (always a copy). Python floats become float32; numpy arrays
-    keep their dtype; ``requires_grad=True`` needs a floating point dtype. Data that is
-    not bool or numeric (strings, objects) raises ``TypeError``.
+    keep their dtype (in a list too, as torch: ``[row1, row2]`` of float64 rows gives
+    float64); ``requires_grad=True`` needs a floating point dtype. Data that is not
+    bool or numeric (strings, objects) raises ``TypeError``.
 
     Example::
 
@@ -2115,10 +2116,38 @@ def tensor(data: Any, *, dtype: Any = None, requires_grad: bool = False) -> Tens
         arr = np.array(data, dtype=dtype)
     else:
         arr = np.array(data, dtype=dtype)
-        if dtype is None and arr.dtype == np.float64:
+        if dtype is None and arr.dtype == np.float64 and not _holds_float64(data):
             arr = arr.astype(np.float32)  # Python floats -> float32 (as torch)
     _check_values(arr, requires_grad, "tensor data")
     return Tensor(arr, requires_grad=requires_grad)
+
+
+#: Element types of nested data that carry no dtype of their own (Python numbers).
+_PLAIN_NUMBERS = frozenset((float, int, bool))
+
+
+def _holds_float64(data: Any) -> bool:
+    """Whether ``data`` (nested lists and tuples, as ``tensor`` takes them) holds
+    float64 data of its own: a numpy float64 array or scalar, a float64 Tensor, any
+    array-like whose ``dtype`` is float64. torch.tensor keeps float64 then and gives
+    only Python floats its float32 default; numpy makes float64 of both, and casting
+    every float64 result to float32 cut the precision of ``ag.tensor([row1, row2])``
+    of float64 rows (``ag.tensor(np.stack(...))`` kept it)."""
+    stack = [data]
+    while stack:
+        v = stack.pop()
+        if type(v) in _PLAIN_NUMBERS:
+            continue
+        if isinstance(v, (list, tuple)):
+            # (a list of Python numbers, the usual case, is looked at in C: one set of
+            # its element types)
+            if not set(map(type, v)) <= _PLAIN_NUMBERS:
+                stack.extend(v)
+            continue
+        dt = getattr(v, "dtype", None)
+        if isinstance(dt, np.dtype) and dt == np.float64:
+            return True
+    return False
 
 
 def _factory_dtype(dtype: Any) -> np.dtype:

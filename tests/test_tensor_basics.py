@@ -21,6 +21,35 @@ def test_python_floats_become_float32_and_numpy_arrays_keep_dtype():
     assert ag.tensor([1, 2], dtype="float64").dtype == np.float64
 
 
+def test_float64_data_in_a_list_keeps_its_dtype_and_only_python_floats_become_float32():
+    # Only Python floats take the float32 default (torch.tensor infers each element's
+    # dtype: a numpy float64 scalar or array, or a float64 tensor, in a list gives
+    # float64). The float64 of numpy arrays given in a list was cast to float32: a
+    # batch built as ag.tensor([row1, row2]) of float64 rows lost its precision, where
+    # ag.tensor(np.stack([row1, row2])) kept it.
+    row = np.array([0.1, 1 / 3])
+    for data in (
+        [row, row],
+        [np.float64(0.1), 1 / 3],
+        [[np.float64(0.1)], [1 / 3]],
+        ([0.1, 1 / 3], row),
+        [ag.tensor(0.1, dtype="float64"), ag.tensor(1 / 3, dtype="float64")],
+    ):
+        t = ag.tensor(data)
+        assert t.dtype == np.float64, data
+        np.testing.assert_array_equal(t.data.ravel()[:2], [0.1, 1 / 3])
+    assert ag.tensor([row], requires_grad=True).dtype == np.float64
+    # (what numpy makes float64 of other data stays torch's float32)
+    for data in (
+        [np.float32(1), 2.5],
+        [np.int64(1), 2.5],
+        [[1.5, 2]],
+        [],
+        [np.ones(2, "f4"), [1.5, 2]],
+    ):
+        assert ag.tensor(data).dtype == np.float32, data
+
+
 def test_tensor_copies_but_the_internal_constructor_does_not():
     a = np.zeros(3, np.float32)
     t = ag.tensor(a)
