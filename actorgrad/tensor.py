@@ -1768,6 +1768,11 @@ class Sum(Function):
 
     def forward(self, a: Any, axes: tuple[int, ...] | None, keepdims: bool) -> Any:
         self.saved = (a.shape, axes, keepdims)
+        if a.dtype.kind == "u" and a.dtype.itemsize < 8:
+            # (torch sums every bool and integer dtype in int64; numpy the unsigned ones
+            # in uint64, where a later subtraction wrapped: the sum of a uint8 [1, 2]
+            # less 10 was 18446744073709551609, torch's -7. uint64 stays, as torch's)
+            return a.sum(axis=axes, keepdims=keepdims, dtype=np.int64)
         return _sum(a, axes, keepdims)
 
     def backward(self, g: Any) -> tuple[Any, ...]:

@@ -1073,6 +1073,20 @@ def test_float_ops_on_bool_and_integer_tensors_compute_in_float32_as_torch(dtype
     np.testing.assert_allclose(got.data, want, rtol=3e-7, atol=3e-6 if op == "log_softmax" else 0)
 
 
+@pytest.mark.parametrize("dtype", [np.bool_, np.uint8, np.uint16, np.uint32, np.int8, np.int32])
+@pytest.mark.parametrize("axis", [None, 0, (0, 1)])
+def test_the_sum_of_a_bool_or_integer_tensor_is_int64_as_torchs(dtype, axis):
+    # numpy sums the unsigned dtypes into uint64, torch every integral one into int64:
+    # ag.tensor(uint8 [1, 2]).sum() - 10 was 18446744073709551609 (torch: -7)
+    v = np.array([[1, 2], [0, 1]], dtype)
+    x = ag.tensor(v)
+    s = x.sum(axis=axis)
+    assert s.dtype == np.int64
+    np.testing.assert_array_equal((s - 10).data, v.astype(np.int64).sum(axis=axis) - 10)
+    assert x.sum(axis=axis, keepdims=True).dtype == np.int64
+    assert ag.tensor(np.array([1, 2], np.uint64)).sum().dtype == np.uint64  # (as torch)
+
+
 @pytest.mark.parametrize("dtype", [np.bool_, np.uint8, np.int8])
 def test_cross_entropy_of_small_integer_logits_is_torchs(dtype):
     logits = np.array([[20, 3, 0], [1, 0, 1]], dtype)
