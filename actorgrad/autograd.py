@@ -476,6 +476,30 @@ def seed_grad(like: np.ndarray) -> np.ndarray:
     return one.copy()
 
 
+#: The zeros the distributed engine gives as gradient to leaves a pass reached without
+#: giving them any (an input the loss does not use, a parameter whose output went
+#: unused): marked by identity, so that an optimizer stepped with such gradients
+#: (``DistributedOptimizer``, or ``opt.step(ag.dist.get_gradients(ctx))``) leaves those
+#: parameters as they are, as a local step leaves a parameter whose ``.grad`` is None
+#: (weight decay, momentum and Adam's moments moved them). ``get_gradients`` still
+#: reports the zeros. (Here, not in ``dist``: the optimizers, which know nothing of
+#: contexts, check it too.)
+_UNUSED: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+
+
+def unused_zeros(like: np.ndarray) -> np.ndarray:
+    """Zeros like ``like``, marked as the gradient of an unused leaf (see is_unused)."""
+    z = np.zeros_like(like)
+    _UNUSED[id(z)] = z
+    return z
+
+
+def is_unused(g: Any) -> bool:
+    """Whether ``g`` is an unused leaf's zeros (see unused_zeros) still all zero."""
+    z = _UNUSED.get(id(g))
+    return z is not None and z is g and not z.any()
+
+
 def grad_node(t: Tensor) -> Node | None:
     """The node a gradient for ``t`` flows into: ``t.grad_fn``, the leaf's cached
     ``AccumulateGrad``, or ``None`` if ``t`` does not require grad."""

@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from actorgrad.autograd import is_unused
 from actorgrad.errors import check_bool, short_repr
 from actorgrad.tensor import Tensor, clear_grads, real_array, shaped_as
 
@@ -307,6 +308,11 @@ class Optimizer:
                             "step: grads must be keyed by the parameter Tensors, got a key "
                             f"of type {type(key).__name__} ({key!r:.40})"
                         )
+            # A distributed pass gives a leaf it reached without a gradient marked zeros
+            # (get_gradients reports them): skipped, as a parameter whose .grad is None
+            # (weight decay, momentum and Adam's moments moved it, where
+            # DistributedOptimizer and a local step leave it)
+            given = [(i, p, g) for i, p, g in given if not is_unused(g)]
         out = []
         for i, p, g in given:
             arr = real_array(g, f"step: the gradient of parameter {i}")

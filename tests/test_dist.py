@@ -4561,6 +4561,42 @@ async def test_distributed_optimizer_leaves_a_parameter_whose_output_went_unused
         np.testing.assert_allclose((await rb.to_here()).numpy(), lb.data, rtol=1e-12)
 
 
+@pytest.mark.parametrize("opt", ["sgd momentum", "sgd weight decay", "adam"])
+async def test_a_local_optimizer_stepped_with_get_gradients_leaves_an_unused_parameter(mode, opt):
+    # opt.step(ag.dist.get_gradients(ctx)), the API's other way to apply a context's
+    # gradients (a worker stepping its own parameters): the zeros get_gradients reports
+    # for a leaf the loss did not use were applied as a gradient, so weight decay,
+    # momentum and Adam's moments moved a parameter that DistributedOptimizer, and a
+    # local step (its .grad None), leave as it is.
+    cls, opts = {
+        "sgd momentum": (ag.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+        "sgd weight decay": (ag.optim.SGD, {"lr": 0.1, "weight_decay": 0.5}),
+        "adam": (ag.optim.Adam, {"lr": 0.1}),
+    }[opt]
+    av, bv, xv = arr(3), arr(3), arr(3)
+    la, lb = ag.tensor(av, requires_grad=True), ag.tensor(bv, requires_grad=True)
+    local = cls([la, lb], **opts)
+    a, b = ag.tensor(av, requires_grad=True), ag.tensor(bv, requires_grad=True)
+    stepped = cls([a, b], **opts)
+    x = ag.tensor(xv)
+    async with cluster(mode):
+        for step in range(3):
+            use_b = step == 0
+            async with ag.dist.context() as ctx:
+                ha = await ag.rpc("w1", F.times, (a, x))
+                hb = await ag.rpc("w1", F.times, (b, x))  # (sent every step)
+                await ag.dist.backward(ctx, [ha.sum() + hb.sum() if use_b else ha.sum()])
+                grads = ag.dist.get_gradients(ctx)
+                assert grads[b].any() == use_b  # (zeros: reported)
+                stepped.step(grads)
+            local.zero_grad()
+            ((la * x).sum() + (lb * x).sum() if use_b else (la * x).sum()).backward()
+            local.step()
+    assert a.grad is None and b.grad is None
+    np.testing.assert_allclose(a.data, la.data, rtol=1e-6)
+    np.testing.assert_allclose(b.data, lb.data, rtol=1e-6)
+
+
 async def test_zero_dimensional_tensors_cross_workers_both_ways(mode):
     # numpy ops on 0-d arrays give numpy scalars, not arrays: such a gradient failed
     # the pass ("gradient must be an array or None, got float64"), e.g. a remote loss

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from actorgrad.autograd import GraphTask, add, grad_node, seed_grad
+from actorgrad.autograd import GraphTask, add, grad_node, seed_grad, unused_zeros
 from actorgrad.dist.context import (
     PASS_ID_BITS,
     DistContext,
@@ -62,7 +62,6 @@ from actorgrad.dist.context import (
     running_chain,
     state_of,
     still_broken,
-    unused_zeros,
 )
 from actorgrad.errors import (
     ContextError,

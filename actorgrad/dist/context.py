@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from actorgrad.autograd import Node, add, grad_enabled, grad_node
+from actorgrad.autograd import Node, add, grad_enabled, grad_node, is_unused
 from actorgrad.errors import ContextError, ProtocolError, WorkerLost, short_repr
 from actorgrad.runtime import worker as _runtime
 from actorgrad.runtime.registry import LOCAL_ID_BITS, MAX_ID
@@ -1463,27 +1463,6 @@ def still_broken(worker: Worker, ctx: DistContext) -> bool:
         return True
     ctx.broken = None
     return False
-
-
-#: The zeros given as gradient to leaves a pass reached without giving them any (an
-#: input the loss does not use, a parameter whose output went unused): by identity,
-#: so that ``DistributedOptimizer`` leaves such parameters as they are, as a local
-#: step leaves a parameter whose ``.grad`` is None (SGD with momentum or Adam moved
-#: them). ``get_gradients`` still reports the zeros.
-_UNUSED: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
-
-
-def unused_zeros(like: np.ndarray) -> np.ndarray:
-    """Zeros like ``like``, marked as the gradient of an unused leaf (see is_unused)."""
-    z = np.zeros_like(like)
-    _UNUSED[id(z)] = z
-    return z
-
-
-def is_unused(g: Any) -> bool:
-    """Whether ``g`` is an unused leaf's zeros (see unused_zeros) still all zero."""
-    z = _UNUSED.get(id(g))
-    return z is not None and z is g and not z.any()
 
 
 #: Longest call chain a call's metadata may carry (calls nested inside calls of one

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from actorgrad import wire
-from actorgrad.autograd import enable_grad
+from actorgrad.autograd import enable_grad, is_unused
 from actorgrad.dist.api import get_gradients
-from actorgrad.dist.context import as_context_id, int_list, is_unused
+from actorgrad.dist.context import as_context_id, int_list
 from actorgrad.errors import (
     ContextError,
     ProtocolError,
