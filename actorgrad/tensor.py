@@ -58,6 +58,8 @@ __all__ = [
 _new = object.__new__
 _ndarray = np.ndarray
 _INF = math.inf
+_F16 = np.dtype(np.float16)
+_F32_MAX = float(np.finfo(np.float32).max)
 _SCALARS = (int, float, bool, np.generic)
 
 
@@ -788,12 +790,20 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
     bd: Any
     if isinstance(a, Tensor):
         ad, ar = a._data, a._rg
+    elif type(a) is float or type(a) is int:
+        ad, ar = a, False
+        if isinstance(b, Tensor) and b._data.dtype is _F16:
+            ad = _widened(a)
     else:
-        ad, ar = (a if type(a) is float or type(a) is int else _operand(cls, a)), False
+        ad, ar = _operand(cls, a), False
     if isinstance(b, Tensor):
         bd, br = b._data, b._rg
+    elif type(b) is float or type(b) is int:
+        bd, br = b, False
+        if type(ad) is _ndarray and ad.dtype is _F16:
+            bd = _widened(b)
     else:
-        bd, br = (b if type(b) is float or type(b) is int else _operand(cls, b)), False
+        bd, br = _operand(cls, b), False
     node = _new(cls)
     try:
         out = node.forward(ad, bd)
@@ -858,6 +868,18 @@ def _inplace(cls: type[Function], t: Tensor, other: Any) -> Any:
         out = out.astype(dt)
     t._data = out
     return t
+
+
+def _widened(x: float | int) -> Any:
+    """A Python number met by a float16 array, as torch takes it: in float32 (its
+    "opmath" for float16), not cast to float16 first as numpy does, where 70,000 is inf
+    and 1e-8 is 0 (``x / 70_000`` was 0, torch's is 1.43e-05). The op then computes in
+    float32 and ``_binary`` rounds the result to float16 once (the number ranks below
+    the array), which is what numpy's float16 loops do anyway with a number float16
+    holds exactly (they compute in float32): only the numbers float16 cannot hold give
+    other results. Beyond float32's range float64 (no overflow warning; the value is
+    the same once rounded to float16)."""
+    return np.float32(x) if -_F32_MAX <= x <= _F32_MAX else np.float64(x)
 
 
 def _operand(cls: type[Function], x: Any) -> Any:

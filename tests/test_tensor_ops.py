@@ -936,16 +936,34 @@ def test_float16_max_tied_over_more_than_65504_elements_shares_its_gradient():
     np.testing.assert_allclose(x.grad, np.full(n, np.float16(1 / n)), rtol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="a Python number is cast to float16 first, as numpy does")
-def test_float16_divided_by_a_python_number_past_float16s_range():
-    # numpy casts 70000 to float16 (inf) before dividing: 0, where torch computes in
-    # float32 and gives 1.43e-05. Not fixed: every binary op with a Python number
-    # would need float16's operands widened.
-    x = ag.ones(2, dtype="float16")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        y = x / 70_000
+def test_float16_with_a_python_number_past_float16s_range_computes_as_torch():
+    # numpy casts a Python number to float16 before the op: 70,000 was inf and
+    # x / 70_000 0 (its gradient too), 1e-7 was 1.19e-07 and x * 1e-7 that, where torch
+    # takes the number in float32 and gives 1.43e-05 and 1e-07.
+    x = ag.ones(2, dtype="float16", requires_grad=True)
+    y = x / 70_000
+    assert y.dtype == np.float16
     np.testing.assert_allclose(y.data, np.float16(1 / 70_000), rtol=1e-3)
+    y.sum().backward()
+    assert x.grad.dtype == np.float16
+    np.testing.assert_allclose(x.grad, np.float16(1 / 70_000), rtol=1e-3)
+    np.testing.assert_allclose((x * 1e-7).data, np.float16(1e-7), rtol=1e-3)
+    np.testing.assert_allclose((140_000 / (x * 1e4)).data, 14.0)
+    t = ag.ones(2, dtype="float16")
+    t /= 70_000  # (in place: the same)
+    np.testing.assert_allclose(t.data, np.float16(1 / 70_000), rtol=1e-3)
+    # numbers float16 holds: numpy's results, bit for bit (its float16 loops compute
+    # in float32 too), and a number past float32's range is still no warning
+    a = np.array([-3, -1.5, 0.25, 1, 2.5], np.float16)
+    for v in (3, 0.5, 2.0, -1.25):
+        for got, want in (
+            (ag.tensor(a) / v, a / np.float16(v)),
+            (v - ag.tensor(a), np.float16(v) - a),
+            (ag.tensor(abs(a)) ** v, abs(a) ** np.float16(v)),
+        ):
+            assert got.dtype == np.float16
+            np.testing.assert_array_equal(got.data, want)
+    np.testing.assert_array_equal((x / 1e300).data, [0, 0])
 
 
 def test_integer_power_errors_other_than_shapes_stay_numpys():
