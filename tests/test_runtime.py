@@ -2039,6 +2039,81 @@ async def test_leaving_local_cluster_on_an_error_does_not_wait_for_running_calls
     assert all(isinstance(c.exception(), ag.WorkerLost) for c in started)
 
 
+_GATES: dict[str, asyncio.Event] = {}
+
+
+async def answer_when(gate: str, value: Any) -> Any:
+    """Return ``value`` once the test's event ``gate`` is set (in-process workers)."""
+    await _GATES[gate].wait()
+    return value
+
+
+class _Yields:
+    """Awaits a coroutine, counting how often it gave the loop back (each time it waited
+    for something)."""
+
+    def __init__(self, coro: Any) -> None:
+        self.coro = coro
+        self.count = 0
+
+    def __await__(self) -> Any:
+        gen = self.coro.__await__()
+        sent: Any = None
+        thrown: BaseException | None = None
+        while True:
+            try:
+                out = gen.send(sent) if thrown is None else gen.throw(thrown)
+            except StopIteration as stop:
+                return stop.value
+            self.count += 1
+            sent, thrown = None, None
+            try:
+                sent = yield out
+            except BaseException as exc:  # (a cancellation: handed on)
+                thrown = exc
+
+
+async def test_the_head_waits_for_answers_of_stopped_workers_without_polling():
+    # stop_all's wait for the head to read the answers of the workers it shut down
+    # (_answers_read) polled every 1 ms: ~200 wake-ups while an answer took 0.2 s. It
+    # wakes on the answer read, or on the connection's close.
+    gate = _fresh("answer")
+    _GATES[gate] = asyncio.Event()
+    async with ag.local_cluster(1, transport="unix") as c:
+        head = c.driver
+        call = asyncio.ensure_future(ag.rpc("w1", answer_when, (gate, 7)))
+        await until(lambda: any(k.pending for k in head._conns if k.peer_name == "w1"))
+        wait = _Yields(rcluster._answers_read(head, {"w1"}, 30.0))
+        task = asyncio.ensure_future(wait)
+        # (a window in which a poll would wake many times, not a wait for something)
+        await asyncio.sleep(0.2)
+        assert not task.done()
+        _GATES[gate].set()
+        await asyncio.wait_for(task, 10)
+        assert call.done() and call.result() == 7
+        assert wait.count <= 3, wait.count
+        # nothing pending: no wait at all
+        wait = _Yields(rcluster._answers_read(head, {"w1"}, 30.0))
+        await wait
+        assert wait.count == 0
+        # an answer that never comes: the connection's close ends the wait
+        _GATES[gate] = asyncio.Event()
+        call = asyncio.ensure_future(ag.rpc("w1", answer_when, (gate, 8)))
+        await until(lambda: any(k.pending for k in head._conns if k.peer_name == "w1"))
+        wait = _Yields(rcluster._answers_read(head, {"w1"}, 30.0))
+        task = asyncio.ensure_future(wait)
+        await asyncio.sleep(0.2)
+        assert not task.done()
+        for k in [k for k in head._conns if k.peer_name == "w1" and k.pending]:
+            k.abort(ConnectionResetError("cut by the test"))
+        await asyncio.wait_for(task, 10)
+        assert wait.count <= 3, wait.count
+        with pytest.raises(ag.WorkerLost):
+            await call
+        _GATES[gate].set()
+    del _GATES[gate]
+
+
 async def test_init_refuses_non_loopback_without_token(monkeypatch):
     monkeypatch.delenv("ACTORGRAD_TOKEN", raising=False)
     monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)

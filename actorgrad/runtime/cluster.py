@@ -449,15 +449,22 @@ async def _answers_read(head: Worker, names: set[str], within: float) -> None:
     connection closed (its goodbye, after the answers, read) or has nothing pending.
     They answered before they went, but the head reads each connection when it comes:
     shut down at once, it failed a call whose answer was still on its way ("worker
-    'driver' shut down"; delivery-order fuzzing, seed 151). (Polled: nothing tells of
-    a connection's end to anyone but its worker; none waits at all where the answers
-    were read already, as they mostly are.)"""
+    'driver' shut down"; delivery-order fuzzing, seed 151). None waits at all where the
+    answers were read already, as they mostly are; else it wakes when an answer was read
+    (its call's future is done: the reader takes the call off ``pending`` first) or a
+    connection closed (a loss fails what still waits), not every 1 ms as it polled."""
     loop = asyncio.get_running_loop()
     end = loop.time() + within
-    while any(k.pending and not k.closed and k.peer_name in names for k in list(head._conns)):
-        if loop.time() >= end:
+    while True:
+        waiting = [k for k in head._conns if k.pending and not k.closed and k.peer_name in names]
+        left = end - loop.time()
+        if not waiting or left <= 0:
             return
-        await asyncio.sleep(0.001)
+        # (a call whose caller gave up already, its future done, waits for its late
+        # answer or the close: only the close is waited on for it)
+        wakers: list[asyncio.Future[Any]] = [k.when_closed() for k in waiting]
+        wakers += [f for k in waiting for f, _ in list(k.pending.values()) if not f.done()]
+        await asyncio.wait(wakers, timeout=left, return_when=asyncio.FIRST_COMPLETED)
 
 
 async def serve_worker(

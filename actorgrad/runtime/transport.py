@@ -634,6 +634,9 @@ class Connection(asyncio.BaseProtocol):
         self._hs_buf = bytearray()
         self._hs_waiter: asyncio.Future[None] | None = None
         self.made = self.loop.create_future()
+        # done once the connection is closed, for those that wait on its end (see
+        # when_closed; made on the first ask: nobody waits on most connections)
+        self._closed_fut: asyncio.Future[None] | None = None
         # frame phase
         self._rbuf = bytearray()
         self._big: memoryview | None = None
@@ -1147,6 +1150,9 @@ class Connection(asyncio.BaseProtocol):
         # left it held for good))
         self._big = None
         self._wake_drainers()
+        f = self._closed_fut
+        if f is not None and not f.done():
+            f.set_result(None)
         w = self._hs_waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -1158,6 +1164,16 @@ class Connection(asyncio.BaseProtocol):
         if self.on_lost is not None:
             cb, self.on_lost = self.on_lost, None
             cb(self, self.close_reason)
+
+    def when_closed(self) -> asyncio.Future[None]:
+        """A future done once the connection is closed (at once if it is): for those
+        that wait on its end, not on a frame of it."""
+        f = self._closed_fut
+        if f is None:
+            f = self._closed_fut = self.loop.create_future()
+            if self.closed:
+                f.set_result(None)
+        return f
 
     def close(self, reason: BaseException | None = None) -> None:
         """Flush what is queued and close; idempotent."""
