@@ -62,6 +62,7 @@ from actorgrad.runtime.procs import (
     exit_now,
     flush_output,
     forget_env_token,
+    group_left,
     log_to_stderr,
     open_files_limit,
     open_std_fds,
@@ -683,30 +684,13 @@ async def _guard_group() -> tuple[asyncio.subprocess.Process, int]:
     return proc, tell
 
 
-def _group_left(group: int) -> list[int]:
-    """The live processes (not zombies) of process group ``group``."""
-    if not os.path.isdir("/proc/self"):  # (no /proc: whether any process is in it)
-        try:
-            os.killpg(group, 0)
-        except (ProcessLookupError, PermissionError):
-            return []
-        return [group]
-    left = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = proc_stat(int(entry))  # (state, ppid, pgrp, ...; [] if gone meanwhile)
-            if len(fields) > 2 and int(fields[2]) == group and fields[0] != "Z":
-                left.append(int(entry))
-    return left
-
-
 async def _end_what_is_left(group: int, script: str) -> None:
     """The script ended: the processes it started and left running in its process group
     get SIGTERM, and SIGKILL ``GUARD_GRACE`` s later, as when ``run`` is killed (see
     _guard_group). They ran on against a stopped cluster, and one holding the script's
     stdout kept a pipeline, or the CI job reading it, waiting for good. (A process the
     script started in a session of its own, a daemon, is not in the group: left be.)"""
-    left = _group_left(group)
+    left = group_left(group)
     if not left:
         return
     them = "1 process" if len(left) == 1 else f"{len(left)} processes"
@@ -715,9 +699,9 @@ async def _end_what_is_left(group: int, script: str) -> None:
         os.killpg(group, signal.SIGTERM)
     end = time.monotonic() + GUARD_GRACE
     # (polled, as the guard does: a process group has no handle to wait on)
-    while _group_left(group) and time.monotonic() < end:  # noqa: ASYNC110
+    while group_left(group) and time.monotonic() < end:  # noqa: ASYNC110
         await asyncio.sleep(0.1)
-    if left := _group_left(group):
+    if left := group_left(group):
         _note(f"killing {', '.join(map(str, left))}: still running {GUARD_GRACE:g} s after SIGTERM")
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signal.SIGKILL)
@@ -833,7 +817,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         # processes it started, as the group's signal from a shell or `timeout` would.
         # Only while the script is unreaped or its group has processes: they keep the
         # group's id ours; once it is empty, the id may be another group's)
-        if proc.returncode is None or _group_left(proc.pid):
+        if proc.returncode is None or group_left(proc.pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, sig if signals < 3 else signal.SIGKILL)
         if proc.returncode is not None and not serving.done() and not serving.cancelling():
@@ -901,7 +885,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 # then `bg`, took it from the shell, and exited; the shell, no longer
                 # the foreground, read an error and exited too)
                 holder = _foreground_group(terminal)
-                if proc is not None and holder and (holder == proc.pid or not _group_left(holder)):
+                if proc is not None and holder and (holder == proc.pid or not group_left(holder)):
                     _set_foreground(terminal, os.getpgrp())
                 os.close(terminal)
             if proc is not None and proc.returncode is None:

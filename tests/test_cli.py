@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from clitools import CLI, NEWS, ROOT, STARTUP, Running, clean_env, is_running, patched_cli
+from conftest import until
 
 from actorgrad import cli
 
@@ -1396,6 +1397,47 @@ def test_the_cluster_says_who_joins_and_leaves_and_how_its_workers_die(tmp_path:
         c.stop()
         if w is not None:
             w.stop()
+
+
+def _reaped(pid: int) -> bool:
+    """Whether ``pid`` is gone from /proc: exited and waited for (not a zombie)."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+@needs_runtime
+def test_a_cluster_reaps_a_worker_process_that_died(tmp_path: Path) -> None:
+    # A worker process of `cluster` that died was reported, and stayed a zombie (its
+    # pid held) until the cluster stopped, days later maybe. With nothing left in its
+    # process group it is reaped at once.
+    token_file = tmp_path / "token"
+    c = Running("cluster", "-n", "2", "--token-file", str(token_file))
+    try:
+        c.expect("Ctrl-C to stop")
+        victim = min(descendants(c.proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        c.expect_news("worker w")  # (w1 or w2 left)
+        try:
+            asyncio.run(until(lambda: _reaped(victim), 15))
+        except TimeoutError:
+            raise AssertionError(
+                f"worker process {victim} not reaped: {proc_state(victim)}"
+            ) from None
+        # the cluster goes on, and stops as usual
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.wait(20) == 0
+        assert c.proc.stderr is not None
+        assert f"(pid {victim}) was killed by SIGKILL" in c.proc.stderr.read()
+    finally:
+        c.stop()
+
+
+def proc_state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc ("Z": a zombie), "gone" when it has none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 @needs_runtime

@@ -31,7 +31,7 @@ import actorgrad as ag
 from actorgrad.runtime import calls as rcalls
 from actorgrad.runtime import cluster as rcluster
 from actorgrad.runtime import worker as rworker
-from actorgrad.runtime.procs import LinePrefixed, WorkerProcesses
+from actorgrad.runtime.procs import LinePrefixed, WorkerProcesses, group_left, proc_stat
 from actorgrad.wire import decode_frame, encode_frame, join_chunks
 
 REPO = str(Path(ag.__file__).resolve().parent.parent)
@@ -653,6 +653,20 @@ async def test_killed_process_worker_fails_waiting_calls_with_worker_lost():
             await asyncio.wait_for(call, 5)
         assert time.perf_counter() - t0 < 5
         assert await asyncio.wait_for(lost, 5) == "w1"
+        assert await ag.rpc("w2", add, (1, 1)) == 2  # the others keep working
+
+
+async def test_a_worker_process_of_local_cluster_that_died_is_reaped():
+    # It stayed a zombie, its pid held, until the cluster's block was left (a notebook's
+    # cluster: hours). With nothing left in its process group it is reaped at once.
+    async with ag.local_cluster(2, processes=True) as c:
+        victim = c.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        try:
+            await until(lambda: not os.path.exists(f"/proc/{victim}"), 15)
+        except TimeoutError:
+            state = (proc_stat(victim) or ["gone"])[0]
+            raise AssertionError(f"not reaped (state {state})") from None
         assert await ag.rpc("w2", add, (1, 1)) == 2  # the others keep working
 
 
@@ -2964,6 +2978,29 @@ async def test_a_stop_signals_no_process_group_whose_leader_it_reaped_before(mon
         assert signalled and all(ours for _, _, ours in signalled), signalled
     finally:
         monkeypatch.undo()
+        procs.kill()
+        await procs.stop(grace=0, term_grace=0)
+
+
+async def test_a_worker_process_that_died_is_reaped_at_once_only_with_its_group_empty():
+    # (reaped, its group's id could be another's: one whose child lives on in its group
+    # stays a zombie until the stop has signalled that group)
+    procs = group_leaders("pass", "import os, time\nif os.fork() == 0:\n    time.sleep(60)")
+    exits: asyncio.Queue[str] = asyncio.Queue()
+    unwatch = procs.watch_exits(lambda name, pid, rc: exits.put_nowait(name))
+    try:
+        async with asyncio.timeout(20):
+            assert {await exits.get(), await exits.get()} == {"w1", "w2"}
+        unwatch()
+        w1, w2 = procs.procs["w1"], procs.procs["w2"]
+        assert w1.returncode == 0 and proc_stat(w1.pid) == []
+        assert w2.returncode is None and proc_stat(w2.pid)[0] == "Z"
+        child = [p for p in group_left(w2.pid) if p != w2.pid]
+        assert len(child) == 1
+        await procs.stop(grace=0.1, term_grace=5)
+        assert w2.returncode == 0 and proc_stat(w2.pid) == []
+        assert group_left(w2.pid) == []  # (its child was signalled)
+    finally:
         procs.kill()
         await procs.stop(grace=0, term_grace=0)
 

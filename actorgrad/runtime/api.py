@@ -579,11 +579,15 @@ async def local_cluster(
         old = _w.set_process_worker(head)
     cluster = LocalCluster(names, head.address, head)
     graceful = True
+    unwatch = None
     try:
         if processes:
             cluster.procs = WorkerProcesses()
             cluster.procs.start(head.address, names, token, registry=head.registry)
             await cluster.procs.wait_registered(head.registry)
+            # (a worker process that dies is reaped then, not kept a zombie until the
+            # block is left: see WorkerProcesses.watch_exits)
+            unwatch = cluster.procs.watch_exits(_exited)
         else:
             for n in names:
                 w = Worker(n, token=token, transport_kind=kind, local_sockets=local)
@@ -595,6 +599,8 @@ async def local_cluster(
         graceful = False  # (left on an error or a cancel: nobody waits for running calls)
         raise
     finally:
+        if unwatch is not None:
+            unwatch()
         try:
             await finish(
                 stop_all(cluster.driver, cluster.workers, cluster.procs, _stuck, graceful=graceful)
@@ -605,6 +611,11 @@ async def local_cluster(
                 # block, an ag.init() there made this process's worker anew, and putting
                 # the old one back left that one running, unreachable through the API)
                 _w.set_process_worker(old)
+
+
+def _exited(name: str, pid: int, returncode: int) -> None:
+    """A worker process of local_cluster's ended: its calls fail with WorkerLost, which
+    says so; nothing more to tell here (watch_exits reaps it)."""
 
 
 def _stuck(names: list[str], grace: float) -> None:

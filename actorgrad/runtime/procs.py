@@ -448,7 +448,8 @@ def exit_code(p: subprocess.Popen[bytes]) -> int | None:
     group is empty: both can be another process's the next moment (pid_max is 32768 on
     many machines), and a signal sent to them later reached that one. Unreaped (a
     zombie), it keeps them ours until ``WorkerProcesses.stop`` has signalled its group,
-    which may still hold its children, and reaps it."""
+    which may still hold its children, and reaps it (or until ``watch_exits`` saw it
+    exit and its group empty: a process reaped is signalled no more)."""
     if p.returncode is not None or not hasattr(os, "waitid"):
         return p.poll()
     try:
@@ -469,6 +470,23 @@ def proc_stat(pid: int) -> list[str]:
             return f.read().rsplit(b")", 1)[1].decode().split()
     except (OSError, IndexError):
         return []
+
+
+def group_left(group: int) -> list[int]:
+    """The live processes (not zombies) of process group ``group``."""
+    if not os.path.isdir("/proc/self"):  # (no /proc: whether any process is in it)
+        try:
+            os.killpg(group, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [group]
+    left = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = proc_stat(int(entry))  # (state, ppid, pgrp, ...; [] if gone meanwhile)
+            if len(fields) > 2 and int(fields[2]) == group and fields[0] != "Z":
+                left.append(int(entry))
+    return left
 
 
 def _cpu_and_state(pid: int) -> tuple[float, str] | None:
@@ -583,7 +601,8 @@ class WorkerProcesses:
     def watch_exits(self, on_exit: Callable[[str, int, int], None]) -> Callable[[], None]:
         """Call ``on_exit(name, pid, returncode)`` on the running loop as each worker
         process exits (a pidfd per process, read by the loop: no polling; where pidfds
-        are missing, nothing is reported). Returns the function that stops watching."""
+        are missing, nothing is reported), and reap it when nothing else is left in its
+        process group. Returns the function that stops watching."""
         loop = asyncio.get_running_loop()
         fds: dict[str, int] = {}
 
@@ -594,6 +613,12 @@ class WorkerProcesses:
             p = self.procs[name]
             rc = exit_code(p)  # (it has exited; not reaped: see exit_code)
             on_exit(name, p.pid, p.wait() if rc is None else rc)
+            if p.returncode is None and not group_left(p.pid):
+                # Reaped now that nothing else holds its group's id (see exit_code: only
+                # a child left running in the group needs it kept ours until stop
+                # signals the group): a `cluster` running for days kept each dead worker
+                # process a zombie, with its pid, until it stopped.
+                p.wait()
 
         for name, p in self.procs.items():
             try:
