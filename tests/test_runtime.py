@@ -4779,6 +4779,62 @@ def test_a_ctrl_c_during_the_loop_end_shutdown_waits_for_it(tmp_path, loop, how)
         assert out.stderr.rstrip().endswith("KeyboardInterrupt"), out.stderr
 
 
+_CTRL_C_AS_MAIN_ENDS = """\
+import asyncio, signal
+import actorgrad as ag
+from actorgrad.runtime import transport
+
+ended = []
+
+
+def yield_cpu():  # (the spinner's sched_yield: a Ctrl-C comes meanwhile, main over)
+    if len(ended) == 1:
+        ended.append("interrupted")
+        signal.raise_signal(signal.SIGINT)
+
+
+transport._sched_yield = yield_cpu
+
+
+async def main():
+    await ag.init("solo")
+    transport._spinner(asyncio.get_running_loop()).poke(False)  # (as after traffic)
+    await asyncio.sleep(0)  # (its first tick, which does not yield: see poke)
+    await asyncio.sleep(0)
+    ended.append("main")
+
+
+try:
+    asyncio.run(main())
+finally:
+    print(ended, flush=True)
+"""
+
+
+def test_a_ctrl_c_as_the_main_coroutine_ends_is_a_keyboard_interrupt(tmp_path):
+    # The spinner's tick, queued ahead of the finished main task's callback that stops
+    # asyncio.run's loop, yielded the core: a Ctrl-C then was raised in the tick by
+    # asyncio's handler (main done: it raises), and the stop left behind ended the
+    # loop's close at once: "RuntimeError: Event loop stopped before Future completed",
+    # exit status 1, the worker's loop-end shutdown skipped (5 of 20 runs stopped 0-3
+    # ms after main ended). It yields only while nothing else is ready.
+    script = tmp_path / "ctrl_c_as_main_ends.py"
+    script.write_text(_CTRL_C_AS_MAIN_ENDS)
+    env = dict(os.environ, PYTHONPATH=str(Path(ag.__file__).resolve().parent.parent))
+    env.pop("ACTORGRAD_ADDRESS", None)
+    env.pop("ACTORGRAD_SPIN_US", None)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert "Event loop stopped" not in out.stderr, out.stderr
+    if out.stdout == "['main']\n":  # (the loop was never idle as it closed: no Ctrl-C)
+        assert out.returncode == 0, out.stderr
+    else:
+        assert out.stdout == "['main', 'interrupted']\n", out.stderr
+        assert out.returncode == -signal.SIGINT, out.stderr
+        assert out.stderr.rstrip().endswith("KeyboardInterrupt"), out.stderr
+
+
 _LOOP_STOPPED_AT_LOOP_END = """\
 import asyncio, signal
 import actorgrad as ag

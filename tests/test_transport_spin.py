@@ -10,6 +10,9 @@ import sys
 import time
 from typing import Any
 
+import pytest
+from conftest import on_uvloop
+
 from actorgrad.runtime import transport
 
 
@@ -20,6 +23,9 @@ async def test_spinner_keeps_the_loop_polling_for_its_window_then_lets_it_sleep(
     loop = asyncio.get_running_loop()
     sp = transport._spinner(loop)
     assert sp is not None and transport._spinner(loop) is sp  # one per loop
+    # (nothing else ready at its ticks, as on an idle loop: this task's next step waits
+    # behind each; see the test after the next)
+    monkeypatch.setattr(sp, "ready", ())
     start = time.perf_counter()
     sp.poke(False)
     assert sp.active
@@ -38,6 +44,7 @@ async def test_spinner_does_not_yield_at_the_first_poll_after_a_frame(monkeypatc
     yields: list[int] = []
     monkeypatch.setattr(transport, "_sched_yield", lambda: yields.append(1))
     sp = transport._Spinner(asyncio.get_running_loop())
+    sp.ready = ()  # (as on an idle loop: see the next test)
     sp.poke(True)  # starts the spinner: its first tick comes after this frame
     await asyncio.sleep(0)
     assert yields == []  # ...not while what the frame caused waits behind it
@@ -46,6 +53,29 @@ async def test_spinner_does_not_yield_at_the_first_poll_after_a_frame(monkeypatc
     sp.poke(False)
     await asyncio.sleep(0)
     assert yields == [1]
+    sp.until = 0.0  # stop
+    await asyncio.sleep(0)
+
+
+async def test_spinner_yields_the_core_only_while_nothing_else_is_ready(monkeypatch):
+    # A tick queued ahead of asyncio.run's main task's last callback (the stop of its
+    # run_until_complete) yielded the core there: a Ctrl-C then broke the loop's close
+    # (see test_runtime's test_a_ctrl_c_as_the_main_coroutine_ends_is_a_keyboard_interrupt)
+    if on_uvloop():
+        pytest.skip("uvloop's loop has no queue of ready callbacks to look at")
+    monkeypatch.setattr(transport, "SPIN_SECONDS", 1.0)
+    loop = asyncio.get_running_loop()
+    yields: list[int] = []
+    monkeypatch.setattr(transport, "_sched_yield", lambda: yields.append(len(loop._ready)))
+    sp = transport._Spinner(loop)
+    sp.poke(False)
+    for _ in range(10):
+        await asyncio.sleep(0)  # (this task's next step waits behind each tick)
+    assert yields == []
+    idle = loop.create_future()
+    loop.call_later(0.01, idle.set_result, None)  # (a stretch with nothing else to run)
+    await idle
+    assert yields and set(yields) == {0}
     sp.until = 0.0  # stop
     await asyncio.sleep(0)
 
