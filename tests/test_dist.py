@@ -2330,6 +2330,34 @@ async def test_a_worker_killed_during_a_backward_it_takes_no_part_in_does_not_fa
 
 
 @pytest.mark.timeout(60)
+async def test_a_lost_worker_whose_only_send_went_unused_fails_the_pass(worker_path):
+    # (as designed, see docs/distributed.md, "Losing a worker": a None due to a dead
+    # worker does not prove nothing was needed from it, and the credit a message to it
+    # carried may have been passed on. Not a hang: WorkerLost at once; the step runs
+    # again in a new context)
+    import signal
+
+    xv, av, bv = arr(3), arr(3), arr(3)
+    async with cluster("processes", 2):
+        await ag.rpc("w1", F.put, ("a", av))
+        await ag.rpc("w2", F.put, ("b", bv))
+        pid2 = await ag.rpc("w2", F.pid)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("a", x))
+            z = await ag.rpc("w2", F.mul, ("b", ag.tensor(xv)))  # (w2 holds a send only)
+            assert z.requires_grad
+            os.kill(pid2, signal.SIGKILL)
+            await F.wait_lost("w2", 10.0)
+            with pytest.raises(ag.WorkerLost, match="'w2'"):
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("a", x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], av, rtol=1e-12)
+
+
+@pytest.mark.timeout(60)
 async def test_a_peer_that_takes_no_part_in_a_pass_is_not_taken_for_lost_by_its_origin(
     worker_path, short_heartbeat, tmp_path
 ):
