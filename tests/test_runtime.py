@@ -4779,6 +4779,60 @@ def test_a_ctrl_c_during_the_loop_end_shutdown_waits_for_it(tmp_path, loop, how)
         assert out.stderr.rstrip().endswith("KeyboardInterrupt"), out.stderr
 
 
+_CTRL_C_AS_THE_LOOP_END_BEGINS = """\
+import asyncio, signal, sys
+import actorgrad as ag
+
+made = []
+swap = signal.signal
+
+
+def late_ctrl_c(signum, handler):  # (a Ctrl-C just before the loop-end's hold is in place)
+    if len(made) == 1 and signum == signal.SIGINT and handler is not signal.default_int_handler:
+        made.append("interrupted")
+        signal.raise_signal(signal.SIGINT)
+    return swap(signum, handler)
+
+
+async def main():
+    made.append(await ag.init("solo"))
+    signal.signal = late_ctrl_c
+
+
+try:
+    if sys.argv[1] == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+finally:
+    signal.signal = swap
+    print(made[0].closed, made[1:], signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_ctrl_c_as_the_loop_end_shutdown_begins_is_held_too(tmp_path, loop):
+    # Python's handler raised it in the async generator before the hold was in place:
+    # it ended the task closing it ("Task exception was never retrieved" beside the
+    # traceback), and the worker was never shut down.
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    script = tmp_path / "ctrl_c_as_the_loop_end_begins.py"
+    script.write_text(_CTRL_C_AS_THE_LOOP_END_BEGINS)
+    env = dict(os.environ, PYTHONPATH=str(Path(ag.__file__).resolve().parent.parent))
+    env.pop("ACTORGRAD_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, str(script), loop], capture_output=True, text=True, timeout=60, env=env
+    )
+    for complaint in ("Task was destroyed", "never awaited", "never retrieved"):
+        assert complaint not in out.stderr, out.stderr
+    assert out.stdout == "True ['interrupted'] True\n", out.stderr
+    assert out.returncode == -signal.SIGINT, out.stderr
+    assert out.stderr.rstrip().endswith("KeyboardInterrupt"), out.stderr
+
+
 _CTRL_C_AS_MAIN_ENDS = """\
 import asyncio, signal
 import actorgrad as ag

@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any
 
 from actorgrad.errors import WorkerLost, check_bool
@@ -179,25 +179,39 @@ async def _at_loop_end(w: Worker) -> AsyncGenerator[None, None]:
     try:
         yield
     finally:
-        if not w.closed and not w.closing:
-            # (the worker itself, not ag.shutdown(): it stays this process's worker,
-            # and a later loop using it hears that its loop has closed)
-            with _sigint_held():
+        # The hold first, before anything that calls (``w.closing`` too): each call may
+        # run Python's handler of a Ctrl-C that just came, and its KeyboardInterrupt
+        # raised here, before the hold, ended the task closing this generator ("Task
+        # exception was never retrieved" beside the traceback), the worker not shut
+        # down (1 of 25 runs stopped 2 ms after their main ended).
+        held: list[int] = []
+        try:
+            release = _hold_sigint(held)
+        except KeyboardInterrupt:  # (it came before the hold was in place: held too)
+            held.append(signal.SIGINT)
+            release = _hold_sigint(held)
+        try:
+            if not w.closed and not w.closing:
+                # (the worker itself, not ag.shutdown(): it stays this process's worker,
+                # and a later loop using it hears that its loop has closed)
                 await w.shutdown(graceful=False)
+        finally:
+            release()
 
 
-@contextlib.contextmanager
-def _sigint_held() -> Iterator[None]:
-    """Hold a Ctrl-C that comes within (the loop-end shutdown: its waits are bounded)
-    until it is done, then raise its KeyboardInterrupt from a callback of the loop.
+def _hold_sigint(held: list[int]) -> Callable[[], None]:
+    """Hold a Ctrl-C that comes from now on (the loop-end shutdown: its waits are
+    bounded) in ``held``; the function returned ends the hold and, if one came, raises
+    its KeyboardInterrupt from a callback of the loop.
 
     ``Runner.close`` has put Python's own handler back by then: a second Ctrl-C raised
     KeyboardInterrupt in the middle of the shutdown, which the loop closed under ("Task
     was destroyed but it is pending!" for ``Worker._teardown``). Raised by the async
     generator instead, it would end the task closing it with no one left to retrieve
     it ("Task exception was never retrieved"). A handler of the user's own, and a
-    thread other than the main one, are left alone, as ``Runner.run`` does."""
-    held: list[int] = []
+    thread other than the main one, are left alone, as ``Runner.run`` does. (A
+    KeyboardInterrupt raised in here came before the hold was in place: the caller
+    holds it and calls again.)"""
     loop = asyncio.get_running_loop()
 
     def hold(signum: int, frame: object) -> None:
@@ -218,13 +232,14 @@ def _sigint_held() -> Iterator[None]:
         with contextlib.suppress(ValueError):  # (an interpreter without signals: gh-91880)
             signal.signal(signal.SIGINT, hold)
             swapped = True
-    try:
-        yield
-    finally:
+
+    def release() -> None:
         if swapped and signal.getsignal(signal.SIGINT) is hold:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         if held:
             loop.call_soon(_interrupt)
+
+    return release
 
 
 def _interrupt() -> None:
