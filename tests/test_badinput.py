@@ -1125,6 +1125,11 @@ async def test_an_rref_id_that_is_not_an_int_is_named_in_the_error(sock_cluster)
         ("_fetch", ([1],), r"LookupError: RRef \[1\] is no longer alive on worker 'w1'"),
         ("_fetch", ({"a": 1},), r"LookupError: RRef \{'a': 1\} is no longer alive"),
         ("_decref", ([1], "driver", 1), None),  # (nothing counted for it: nothing to do)
+        ("_decref", ([1], "driver", 1, 3), None),  # (numbered: as not this process's)
+        ("_decref", (5, "driver", 1, [2]), r"TypeError: malformed RRef release number \[2\]"),
+        ("_decref", (5, "driver", 1, -1), r"TypeError: malformed RRef release number -1"),
+        ("_released", ("w2", 3, [1], 5), r"release acknowledgement \[\[1\], 5\]"),
+        ("_released", ([1], 3, 1, 5), r"TypeError: malformed RRef holder \[1\] \(id 3\)"),
         ("_accept", (5, "driver", 1, [7], "w2", 3), r"TypeError: malformed fork tag \[7\]"),
         ("_unfork", ("driver", 1, [7], [5]), r"TypeError: malformed fork tag \[7\]"),
         ("_unfork", ("driver", 1, 7, [[5]]), r"TypeError: malformed RRef ids \[\[5\]\]"),

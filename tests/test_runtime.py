@@ -1667,6 +1667,9 @@ def test_a_lost_process_takes_the_rref_messages_kept_for_it_and_its_withdrawals_
         _rref_unsent={"w2": rref._Unsent(5)},
         _rref_withdrawn={(("w2", 5), 7): 1.0, (("w3", 6), 8): 1.0},
         _rref_departed={},
+        _rref_releases={},
+        _rref_seen={},
+        _rref_acks={},
     )
     rref.peer_lost(w, "w2", 4)
     assert list(w._rref_unsent) == ["w2"] and len(w._rref_withdrawn) == 2
@@ -2593,6 +2596,111 @@ async def test_an_rref_release_met_by_a_failed_write_goes_out_on_the_next_connec
         await until(lambda: conn.closed, 5)
         await until(lambda: rid not in w1.owned, 10)
         assert await ag.rpc("w1", owned) == 0
+
+
+def _unread_bytes(conn) -> int:
+    """Bytes waiting unread in the socket of ``conn`` (its kernel receive buffer)."""
+    import fcntl
+    import struct
+    import termios
+
+    fd = conn.transport.get_extra_info("socket").fileno()
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+async def test_an_rref_release_lost_with_its_connection_is_sent_again_and_taken_once(
+    kind, monkeypatch
+):
+    # A release handed to a connection that then broke (it waited unread in the owner's
+    # socket buffer when the owner's end was aborted) was lost with it, unacknowledged
+    # as it was: the owner kept the value for the holder's life. Now the holder keeps
+    # each release until the owner acknowledges it and sends the unacknowledged ones
+    # again on the next connection; the owner takes each one once (a second copy of a
+    # release it had read must not take a count the holder still holds).
+    monkeypatch.setattr(rref, "ACK_DELAY", 3600.0)  # (none acknowledged: both go again)
+    async with ag.local_cluster(1, transport=kind) as c:
+        driver, w1 = c.driver, c.workers[0]
+        kept = await ag.remote("w1", make_counter, (1,))
+        again = await ag.rpc("w1", echo, (kept,))  # (a second count of the driver's)
+        dropped = await ag.remote("w1", make_counter, (2,))
+        held, gone = kept._rid, dropped._rid
+        assert w1.owned[held].holders[("driver", driver.id)] == 2
+        await asyncio.sleep(0)  # (the loop's last handle, the reply's wake-up, held them)
+        again_ref = weakref.ref(again)
+        del again  # (its release is read and taken: the count for `kept` stays)
+        assert again_ref() is None
+        await until(lambda: w1.owned[held].holders[("driver", driver.id)] == 1, 5)
+        out = driver._out["w1"]
+        here = out.transport.get_extra_info("sockname")
+        (theirs,) = [
+            conn
+            for conn in w1._conns
+            if conn.peer_name == "driver"
+            and not conn.outgoing
+            and conn.transport.get_extra_info("peername") == here
+        ]
+        theirs.transport.pause_reading()  # (what comes now waits in its socket)
+        dropped_ref = weakref.ref(dropped)
+        del dropped
+        assert dropped_ref() is None
+        await until(lambda: _unread_bytes(theirs) > 0, 5)  # (the release, unread)
+        unacked = driver._rref_releases[("w1", w1.id)].unacked
+        assert [rid for _, rid in unacked] == [held, gone]
+        theirs.transport.abort()  # (its unread bytes go with it)
+        await until(lambda: out.closed, 5)
+        await until(lambda: gone not in w1.owned, 10)
+        assert w1.owned[held].holders[("driver", driver.id)] == 1  # (taken once)
+        assert await kept.rpc().incr() == 2
+        del kept
+        gc.collect()
+        await until(lambda: not w1.owned, 10)
+
+
+async def test_rref_releases_are_acknowledged_and_forgotten_by_their_holder(cluster):
+    # (the holder keeps a release until its owner acknowledges it: a holder that drops
+    # many RRefs keeps none of them for long)
+    driver = cluster.driver
+    w1 = next(w for w in cluster.workers if w.name == "w1")
+    refs = [await ag.remote("w1", make_counter, (i,)) for i in range(50)]
+    await asyncio.sleep(0)  # (the loop's last handle, the reply's wake-up, held one)
+    del refs
+    gc.collect()
+    await _owned_count("w1")
+    unacked = driver._rref_releases[("w1", w1.id)].unacked
+    await until(lambda: not unacked, 5)  # (no event for it)
+    assert w1._rref_seen[("driver", driver.id)].low == 50
+
+
+async def test_rref_releases_to_or_from_a_process_that_left_are_not_kept(cluster):
+    # (numbered releases are kept until acknowledged: one to an owner that left, or
+    # from a holder the owner heard leave, whose counts went, must not be kept for good)
+    driver = cluster.driver
+    w1, w2 = (next(w for w in cluster.workers if w.name == n) for n in ("w1", "w2"))
+    r1 = await ag.remote("w1", make_counter, (1,))
+    r2 = await ag.remote("w2", make_counter, (2,))
+    await asyncio.sleep(0)  # (the loop's last handle, the reply's wake-up, held one)
+    rref.peer_lost(w1, "driver", driver.id)  # (as the head dropping a driver that goes on)
+    assert not w1.owned
+    gone = weakref.ref(r1)
+    del r1
+    assert gone() is None
+    sent = driver._rref_releases
+
+    def acknowledged() -> bool:
+        rel = sent.get(("w1", w1.id))
+        return rel is not None and rel.seq == 1 and not rel.unacked
+
+    await until(acknowledged, 5)  # (no event for it)
+    await w2.shutdown()
+    await until(lambda: ("w2", w2.id) in driver._rref_departed, 5)  # (no event for it)
+    gone = weakref.ref(r2)
+    del r2
+    assert gone() is None
+    handled = asyncio.get_running_loop().create_future()  # (behind its release: FIFO)
+    driver.loop.call_soon_threadsafe(handled.set_result, None)
+    await handled
+    assert ("w2", w2.id) not in driver._rref_releases
 
 
 async def test_rref_releases_for_an_owner_that_left_are_dropped(cluster, monkeypatch):

@@ -22,6 +22,14 @@ after the new one's first counts, and drops only the dead one's.)
 * These one-way messages are not lost to a peer that is hung for a while: one that
   cannot be handed to a connection is sent again, with those behind it, until it
   goes out or the peer leaves the cluster (``_tell``).
+* Nor is a release handed to a connection that then breaks (unread in the owner's
+  socket buffer, in a write that failed): a holder numbers its releases to each owner
+  process and keeps them until the owner acknowledges them (``_Releases``; the owner
+  sends ``_released``, "all up to n taken", at most once per ``ACK_DELAY`` and
+  holder), and a connection with the owner that breaks without a goodbye sends those
+  not acknowledged again (``conn_lost``). The owner takes each number once
+  (``_Seen``): a copy of a release it read takes nothing (a blind decrement took a
+  count the holder still held, and freed a value in use).
 * A fork's count waits on its receiver: the owner remembers the forks registered and
   not yet accepted, per registration (the forker's tag for the message, which travels
   in the RRef), and a receiver that decodes a forked RRef tells the owner (a one-way
@@ -56,6 +64,7 @@ after the new one's first counts, and drops only the dead one's.)
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import threading
@@ -223,6 +232,10 @@ def peer_lost(worker: Worker, name: str, pid: int) -> None:
     box = worker._rref_unsent.get(name)
     if box is not None and box.pid == pid:  # (its counts went: nothing to tell it)
         del worker._rref_unsent[name]
+    # (its releases to us, and ours to it, are over)
+    worker._rref_releases.pop(gone, None)
+    worker._rref_seen.pop(gone, None)
+    worker._rref_acks.pop(gone, None)
     if worker._rref_withdrawn:  # (no registration of it is to come any more)
         worker._rref_withdrawn = {r: t for r, t in worker._rref_withdrawn.items() if r[0] != gone}
 
@@ -244,14 +257,119 @@ def _release(worker: Worker, owner: str, rid: int) -> None:
         pass
 
 
+#: The release's wire name (the most frequent RRef message: fn_spec spared).
+_DECREF = "actorgrad.runtime.rref:_decref"
+
+
 def _release_on_loop(worker: Worker, owner: str, rid: int) -> None:
     if worker.closed:
         return
     if owner == worker.name:
         _sub(worker, rid, (worker.name, worker.id))
-    else:
-        # (by its wire name: the most frequent of them, fn_spec spared)
-        _tell(worker, owner, "actorgrad.runtime.rref:_decref", (rid, worker.name, worker.id))
+        return
+    # Numbered and kept until the owner acknowledges it (see _Releases): handed to a
+    # connection that then broke (unread in a socket buffer, in a write that failed),
+    # a release was lost, and the owner kept the value for the holder's life. (Not
+    # without cluster ids, the holder's or the owner's, which is in the id's high bits:
+    # a later process of the name could not be told from the one the numbers were for)
+    pid = rid >> LOCAL_ID_BITS
+    seq = 0
+    if worker.id and pid:
+        key = (owner, pid)
+        if key in worker._rref_departed:
+            # (that process left: its counts went, and no acknowledgement would come;
+            # numbered, the release was kept here for good)
+            return
+        rel = worker._rref_releases.get(key)
+        if rel is None:
+            rel = worker._rref_releases[key] = _Releases()
+        seq = rel.seq = rel.seq + 1
+        rel.unacked.append((seq, rid))
+    _tell(worker, owner, _DECREF, (rid, worker.name, worker.id, seq))
+
+
+class _Releases:
+    """On a holder: the releases it sent one owner process, numbered from 1, and those
+    the owner has not acknowledged yet, in order (sent again when a connection with
+    the owner breaks: see conn_lost; dropped when the owner leaves, see peer_lost)."""
+
+    __slots__ = ("seq", "unacked")
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.unacked: collections.deque[tuple[int, int]] = collections.deque()  # (seq, id)
+
+
+class _Seen:
+    """On an owner: the numbers of the releases one holder process sent it that it
+    took: all up to ``low``, and those above it in ``above`` (a release sent again on
+    a new connection can come before the ones left behind on the old one)."""
+
+    __slots__ = ("low", "above")
+
+    def __init__(self) -> None:
+        self.low = 0
+        self.above: set[int] | None = None
+
+    def take(self, seq: int) -> bool:
+        """Record release ``seq``: whether it is new (a copy sent again is not)."""
+        above = self.above
+        if seq == self.low + 1 and not above:  # (the common case: the next one)
+            self.low = seq
+            return True
+        if seq <= self.low or (above is not None and seq in above):
+            return False
+        if above is None:
+            above = self.above = set()
+        above.add(seq)
+        low = self.low
+        while low + 1 in above:
+            low += 1
+            above.remove(low)
+        self.low = low
+        return True
+
+
+#: Seconds an owner gathers the releases of a holder before acknowledging them, all at
+#: once (one small message per holder and period at most, on the connection they came
+#: on); meanwhile the holder keeps them.
+ACK_DELAY = 0.25
+
+
+def conn_lost(worker: Worker, name: str, pid: int | None) -> None:
+    """A connection with ``name`` (process ``pid``; None: unknown) broke, not at its
+    leave: the releases it was not acknowledged go again, on the next connection (they
+    may have been lost with this one; the owner takes a copy of one it read as
+    nothing, see _decref)."""
+    for key, rel in list(worker._rref_releases.items()):
+        if key[0] == name and (pid is None or key[1] == pid) and rel.unacked:
+            for seq, rid in rel.unacked:
+                _tell(worker, name, _DECREF, (rid, worker.name, worker.id, seq))
+
+
+def _ack_later(worker: Worker, holder: Key, conn: Any) -> None:
+    """Acknowledge the releases of ``holder`` (which came on ``conn``) within ACK_DELAY."""
+    worker._rref_acks[holder] = conn
+    if worker._rref_ack_timer is None:
+        worker._rref_ack_timer = worker.loop.call_later(ACK_DELAY, _send_acks, worker)
+
+
+def _send_acks(worker: Worker) -> None:
+    worker._rref_ack_timer = None
+    acks, worker._rref_acks = worker._rref_acks, {}
+    if worker.closed or worker._closing:
+        return
+    for holder, conn in acks.items():
+        seen = worker._rref_seen.get(holder)
+        # (on the connection the releases came on: no new connection to the holder for
+        # it. One closed since: lost, the holder sends its releases again, see
+        # conn_lost, and they are acknowledged then)
+        if seen is not None and conn is not None and not conn.closed:
+            worker.notify_on(
+                conn,
+                "actorgrad.runtime.rref:_released",
+                (worker.name, worker.id, holder[1], seen.low),
+            )
 
 
 #: Seconds between attempts to send a peer the RRef messages it could not be sent.
@@ -1090,7 +1208,55 @@ def _forks_settled(forker: str, forker_id: int, holder: str, holder_id: int) -> 
 
 
 @inline
-def _decref(rid: int, holder: str, holder_id: int) -> None:
+def _decref(rid: int, holder: str, holder_id: int, seq: int = 0) -> None:
+    """On the owner: ``holder`` released an RRef to ``rid``, its release number ``seq``
+    to this process (0: not numbered, taken as it comes). A numbered one is taken once
+    (the holder sends again those not acknowledged when a connection breaks: a copy of
+    one read before must not take a count it still holds) and acknowledged (see
+    _Releases)."""
+    from actorgrad.runtime.worker import _current_conn, current_worker
+
+    w = current_worker()
+    key = _key_of(holder, holder_id)
+    if type(seq) is not int or seq < 0:
+        raise TypeError(f"malformed RRef release number {short_repr(seq)}")
+    if seq:
+        if type(rid) is not int or rid >> LOCAL_ID_BITS != w.id:
+            # (for an earlier process of this name: nothing of it here, nor are its
+            # numbers this one's; the holder forgets it when it hears that one left)
+            return
+        if key in w._rref_departed:
+            # (from a holder this worker heard leave, whose counts went: taken as
+            # nothing, and acknowledged at once, or one that goes on, dropped by the
+            # head, kept each of its releases for good)
+            conn = _current_conn.get(None)
+            if conn is not None:
+                w.notify_on(
+                    conn, "actorgrad.runtime.rref:_released", (w.name, w.id, holder_id, seq)
+                )
+            return
+        seen = w._rref_seen.get(key)
+        if seen is None:
+            seen = w._rref_seen[key] = _Seen()
+        _ack_later(w, key, _current_conn.get(None))
+        if not seen.take(seq):
+            return
+    _sub(w, rid, key)
+
+
+@inline
+def _released(owner: str, owner_id: int, holder_id: int, low: int) -> None:
+    """On a holder: ``owner`` took every release this process (``holder_id``) sent it up
+    to number ``low``: they are not kept any more."""
     from actorgrad.runtime.worker import current_worker
 
-    _sub(current_worker(), rid, _key_of(holder, holder_id))
+    w = current_worker()
+    key = _key_of(owner, owner_id)
+    if type(holder_id) is not int or type(low) is not int:
+        raise TypeError(f"malformed RRef release acknowledgement {short_repr([holder_id, low])}")
+    rel = w._rref_releases.get(key)
+    if rel is None or holder_id != w.id:  # (an earlier process of this name's)
+        return
+    unacked = rel.unacked
+    while unacked and unacked[0][0] <= low:
+        unacked.popleft()

@@ -112,7 +112,9 @@ MAGIC = b"ACTGRAD\x00"
 #:     metadata, and reads another origin in its ids)
 #: 14: the release of a context reclaimed for its initiator's loss carries why (a
 #:     fourth argument of dist.api._release, which 13 refuses)
-PROTOCOL_VERSION = 14
+#: 15: an RRef release (rref._decref) carries its number, and the owner acknowledges
+#:     them (rref._released): 14 refuses the fourth argument
+PROTOCOL_VERSION = 15
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
 #: A server's answer to a client that does not know the token, in place of its MAC and

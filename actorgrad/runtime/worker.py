@@ -1075,6 +1075,14 @@ class Worker:
         # processes that left the cluster, latest last: no count is added for them
         # any more (see rref.peer_lost)
         self._rref_departed: dict[tuple[str, int], None] = {}
+        # owner process -> the releases sent it, those not acknowledged yet kept; holder
+        # process -> the numbers of its releases taken here; holders whose releases are
+        # to be acknowledged, on which connection, and the timer that does it (see
+        # rref._Releases)
+        self._rref_releases: dict[tuple[str, int], Any] = {}
+        self._rref_seen: dict[tuple[str, int], Any] = {}
+        self._rref_acks: dict[tuple[str, int], Connection | None] = {}
+        self._rref_ack_timer: asyncio.TimerHandle | None = None
 
     def _socket_fds(self) -> list[int]:
         """The file numbers of this worker's listening and connected sockets (see
@@ -1977,6 +1985,11 @@ class Worker:
         else:
             err = WorkerLost(f"connection to worker {name!r} lost{f': {exc}' if exc else ''}")
         conn.lost_error = err
+        if name is not None and not conn.goodbye and self._rref_releases and not self._closing:
+            # (what went on it may be lost: the RRef releases the owner did not
+            # acknowledge go again, see rref.conn_lost. Not at the peer's goodbye: it
+            # read them all, or it left, its counts with it)
+            rref.conn_lost(self, name, conn.peer_id)
         if conn.pending:
             pending, conn.pending = conn.pending, {}
             for fut, hooks in pending.values():
@@ -3455,6 +3468,21 @@ class Worker:
             return
         self._send_oneway(dest, chunks, target, on_error)
 
+    def notify_on(self, conn: Connection, fn: Any, args: tuple[Any, ...] = ()) -> None:
+        """A one-way call of ``fn(*args)`` over ``conn`` itself (an answer to something
+        that came on it, e.g. an acknowledgement: no new connection is made for it).
+        Dropped (logged at debug level) when it cannot go: ``conn`` closed, say."""
+        try:
+            if conn.closed or self._closing:
+                raise WorkerLost(f"connection to {conn.peer_name!r} is closed")
+            conn.send_nowait(
+                wire.encode_frame(
+                    [K_REQ, 0, calls.fn_spec(fn), MODE_RPC, None], [list(args), None], None, _CALL
+                )
+            )
+        except Exception as exc:
+            self._notify_failed(conn.peer_name or "?", fn, exc, None)
+
     def cast(
         self,
         dest: str,
@@ -3994,6 +4022,9 @@ class Worker:
         if self._rref_withdrawn_timer is not None:
             self._rref_withdrawn_timer.cancel()
             self._rref_withdrawn_timer = None
+        if self._rref_ack_timer is not None:
+            self._rref_ack_timer.cancel()
+            self._rref_ack_timer = None
         self.closed = True
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
