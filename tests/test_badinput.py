@@ -620,8 +620,11 @@ async def test_valid_msgpack_of_the_wrong_shape_closes_the_connection(sock_clust
         [K_ASK, 1],  # (an ask for pings carries nothing)
         [K_BYE, 5],  # ("closing on you, because": a str)
         [K_BYE, "why"],  # (the how-manieth such goodbye to us is missing)
-        [K_BYE, "why", 0],
-        [K_BYE, "why", 6.0],
+        [K_BYE, "why", 0, []],
+        [K_BYE, "why", 6.0, []],
+        [K_BYE, "why", 1],  # (nor the calls given up: a list of call ids)
+        [K_BYE, "why", 1, 5],
+        [K_BYE, "why", 1, [1, "2"]],
         # (numbers of other types: 0.0 and False equal 0, True equals 1; they were taken)
         [float(K_REQ), 1, "builtins:abs", MODE_RPC, None],
         [False, 1, "builtins:abs", MODE_RPC, None],
@@ -1942,7 +1945,7 @@ async def test_a_goodbyes_reason_cannot_write_lines_of_its_own_into_the_log(capl
     # cannot).
     caplog.set_level(logging.INFO)
     why = "bad\nWARNING  forged line \x1b[31m"
-    bye = [K_BYE, why, "refused" if kind == "refused" else 1]
+    bye = [K_BYE, why, "refused"] if kind == "refused" else [K_BYE, why, 1, []]
     token = secrets.token_hex(8)
     frame = bytes(wire.join_chunks(wire.encode_frame(bye, None)))
     async with _fake_callee(token, lambda header: frame, close=True) as address:

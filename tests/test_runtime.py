@@ -3304,6 +3304,46 @@ async def test_a_call_made_as_a_peers_drop_is_read_goes_on_a_new_connection(how)
         await until(lambda: conn.closed)
 
 
+async def counter_once_opened(name: str) -> Counter:
+    """A Counter, once the test sets the second of ``name``'s events (the first: this
+    call started)."""
+    started, go = _wait_events(name)
+    started.set()
+    await go.wait()
+    return Counter(7)
+
+
+async def test_a_reply_made_after_its_callers_goodbye_counts_no_rref_for_it():
+    # The driver dropped w1 for its silence with a remote() pending, and w1 read the
+    # goodbye (its close not yet) before the call came to its reply: the reply went
+    # into the closing connection all the same, unread, and w1 counted the value for
+    # the driver until the driver left the cluster. (The other order, the reply sent
+    # before the goodbye was read, is taken back by the goodbye: see
+    # test_a_remote_value_whose_caller_gave_up_on_its_stopped_owner_is_freed.)
+    name = _fresh("after-bye")
+    started, go = _wait_events(name)
+    async with ag.local_cluster(1) as c:
+        w1 = c.workers[0]
+        call = asyncio.ensure_future(ag.remote("w1", counter_once_opened, (name,)))
+        await asyncio.wait_for(started.wait(), 5)
+        (conn,) = [k for k in w1._conns if k.peer_name == "driver" and not k.outgoing]
+        end = conn.transport  # (w1's: its close waits here)
+        hold_end(end, reads=False)
+        try:
+            _drop_for_silence(c.driver, "w1", 1)
+            with pytest.raises(ag.WorkerLost, match="sent nothing"):
+                await asyncio.wait_for(call, 5)
+            await until(lambda: conn.bye_read)
+            assert not conn.closed and conn.running
+            go.set()
+            await until(lambda: not conn.running)  # (the call came to its end)
+            assert not w1.owned
+        finally:
+            release_end(end)
+        await until(lambda: conn.closed)
+        assert not w1.owned
+
+
 async def test_a_send_failing_with_an_error_of_its_own_fails_the_call_nowait_not_its_caller():
     # call_nowait gives its errors in the future it returns (callers fan out with it:
     # a release to every peer, casts): a send that raised other than an ActorgradError

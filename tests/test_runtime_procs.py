@@ -608,6 +608,40 @@ async def test_a_stopped_worker_that_answers_first_reads_the_goodbye_of_its_call
         ]
 
 
+@pytest.mark.parametrize("given_up", ["pending", "timed out"])
+async def test_a_remote_value_whose_caller_gave_up_on_its_stopped_owner_is_freed(
+    monkeypatch, given_up
+):
+    # The driver gave up the remote() (w1 stopped past the heartbeat timeout: it
+    # dropped w1, its goodbye waiting in w1's socket); w1, running again, made the
+    # value and replied before reading the goodbye: the reply was lost, and w1 counted
+    # the value for the driver until the driver left the cluster (2-5 such values per
+    # 5-minute chaos soak). The goodbye names the calls given up now (pending, or timed
+    # out earlier, their late reply not come), and w1 takes back what its reply to one
+    # counted. A 1 s heartbeat timeout, on the driver only.
+    monkeypatch.setattr(rworker, "HEARTBEAT_TIMEOUT", 1.0)
+    async with ag.local_cluster(1, processes=True):
+        if given_up == "pending":
+            with pytest.raises(ag.WorkerLost, match="sent nothing for 1 s"):
+                await asyncio.wait_for(ag.remote("w1", stop_self_then_answer, (1.8,)), 20)
+        else:
+            with pytest.raises(ag.RpcTimeout):
+                await ag.remote("w1", stop_self_then_answer, (1.8,), timeout=0.3)
+            # (a call pending on the stopped w1: the driver drops it for its silence)
+            with pytest.raises(ag.WorkerLost, match="sent nothing for 1 s"):
+                await asyncio.wait_for(ag.rpc("w1", add, (1, 2)), 20)
+        kept = await ag.remote("w1", list, ([1],))  # (w1 heard from again: a live value)
+        async with asyncio.timeout(20):
+            while await ag.rpc("w1", owned) != 1:  # noqa: ASYNC110 (no event for it)
+                await asyncio.sleep(0.05)
+        assert await kept.to_here() == [1]
+        del kept
+        gc.collect()
+        async with asyncio.timeout(20):
+            while await ag.rpc("w1", owned):  # noqa: ASYNC110 (no event for it)
+                await asyncio.sleep(0.05)
+
+
 async def stutter(block: float, gap: float, rounds: int) -> int:
     """Block the loop for ``block`` s, let it run for ``gap`` s; ``rounds`` times."""
     for _ in range(rounds):

@@ -47,6 +47,12 @@ after the new one's first counts, and drops only the dead one's.)
   (``Worker._rref_withdrawn``, for ``WITHDRAWN_TTL``). Without this an owner read a registration its forker
   had given up on and counted the receiver for good (the owner itself, when the
   RRef was passed to its own owner: the value stayed for the owner's life).
+* A reply whose caller gave up the call before it came (the callee stopped past the
+  heartbeat timeout: the caller dropped the connection) is never read: its counts go
+  back when the caller's goodbye, which names the calls given up, is read after the
+  reply was sent (``given``, ``take_back_given``, kept by ``Worker._keep_given``); a
+  reply to be made after that goodbye is not made. Without this the caller stayed
+  counted as a holder until it left the cluster.
 * A request (a call awaiting its reply, ``Worker.call``) to the RRef's owner itself
   carries no fork: the RRef goes as ``[owner, id, 0]`` ("to its owner, unregistered"),
   at once, and the owner, decoding it, counts itself as the holder of the new RRef
@@ -864,6 +870,30 @@ class Hooks:
                 _take_back(self.worker, owner, self.tag, rids)
             self.registered = None
         self.forks = None
+
+
+def given(hooks: Hooks) -> tuple[Any, ...] | None:
+    """What encoding a reply (with ``hooks``) counted for its receiver, its forks
+    registered: kept by the sender until it knows whether the reply was read (see
+    take_back_given); None: nothing."""
+    if hooks.added or hooks.registered:
+        return (hooks.added, hooks.registered, hooks.tag)
+    return None
+
+
+def take_back_given(worker: Worker, peer: str, conn: Any, kept: tuple[Any, ...]) -> None:
+    """The counts a reply to ``peer`` made (``given``) go back: its caller gave up the
+    call before the reply came, and never reads it (the RRef hooks' part of ``undo``).
+    Only those of that reply: a later holder's, or the caller's other counts of the
+    same values, stay."""
+    added, registered, tag = kept
+    if added:
+        key = peer_key(worker, peer, conn)
+        for rid in added:
+            _sub(worker, rid, key)
+    if registered:
+        for owner, rids in registered:
+            _take_back(worker, owner, tag, rids)
 
 
 class TensorHooks(Hooks):

@@ -113,7 +113,8 @@ MAGIC = b"ACTGRAD\x00"
 #: 14: the release of a context reclaimed for its initiator's loss carries why (a
 #:     fourth argument of dist.api._release, which 13 refuses)
 #: 15: an RRef release (rref._decref) carries its number, and the owner acknowledges
-#:     them (rref._released): 14 refuses the fourth argument
+#:     them (rref._released): 14 refuses the fourth argument; a goodbye for a peer's
+#:     silence names the calls given up ([K_BYE, why, n, call ids]: 14 refuses it)
 PROTOCOL_VERSION = 15
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
@@ -694,6 +695,13 @@ class Connection(asyncio.BaseProtocol):
         # calls whose caller stopped waiting (timeout, cancellation) after the request
         # left: call id -> the codec hooks their late reply is decoded with (Worker.call)
         self.abandoned: dict[int, Any] = {}
+        # (caller) calls without an interceptor's meta given up likewise, whose late
+        # reply has not come: call id -> None (Worker.call); None: none yet
+        self.gave_up: dict[int, None] | None = None
+        # (callee) what the latest replies on it counted for the peer (RRefs), by call
+        # id, oldest first in ``given_order`` (Worker._keep_given); None: none yet
+        self.given: dict[int, Any] | None = None
+        self.given_order: deque[int] | None = None
         # requests from the peer running as tasks that its cancel can stop: call id ->
         # task, or None once the peer cancelled it (Worker._cancel_request)
         self.running: dict[int, Any] = {}

@@ -64,8 +64,9 @@ Messages (frame headers; bodies are codec values):
   so long, 0: no longer; see :meth:`Worker.going_quiet`), ``[K_HELLO, name, id,
   address, largest frame, goodbyes]`` (first frame each way after the handshake;
   ``goodbyes``: how many of the next kind this worker sent the peer, see
-  :meth:`Worker._stale_end`), ``[K_BYE]`` (graceful close), ``[K_BYE, why, n]``
-  (closing on a peer it heard nothing from, saying so: its n-th such goodbye to it),
+  :meth:`Worker._stale_end`), ``[K_BYE]`` (graceful close), ``[K_BYE, why, n,
+  call ids]`` (closing on a peer it heard nothing from, saying so: its n-th such
+  goodbye to it, and the calls on the connection it gave up, see ``_given_up``),
   ``[K_BYE, why, "refused"]`` (closing on a message of the peer's it refused:
   malformed, or a one-way call that cannot start).
 
@@ -803,6 +804,39 @@ def _abandon(conn: Connection, cid: int, hooks: rref.Hooks) -> None:
         abandoned.pop(next(iter(abandoned))).lost()  # (its late reply: decoded without)
     abandoned[cid] = hooks
     hooks.abandoned()
+
+
+#: Most calls given up whose replies a goodbye for the peer's silence lists (see
+#: _gave_up, Worker._keep_given): the latest ones; a reply to an older one, sent
+#: before the callee read the goodbye, keeps its RRef counts for this worker.
+MAX_GIVEN = 4096
+
+
+def _gave_up(conn: Connection, cid: int) -> None:
+    """The caller stopped waiting for call ``cid`` (no interceptor's meta: see
+    _abandon for those), whose late reply may yet come: remembered until it does, so
+    that a goodbye for the peer's silence can name it (see _given_up)."""
+    gave_up = conn.gave_up
+    if gave_up is None:
+        gave_up = conn.gave_up = {}
+    elif len(gave_up) >= MAX_GIVEN:
+        del gave_up[next(iter(gave_up))]
+    gave_up[cid] = None
+
+
+def _given_up(conn: Connection) -> list[int]:
+    """The calls on ``conn`` whose replies this worker will not read, as it drops the
+    connection for the peer's silence (the latest MAX_GIVEN): those pending, and those
+    given up whose late reply has not come. The peer, stopped and running again, may
+    have sent a reply to one before reading the goodbye: it takes back the RRef counts
+    that reply made for this worker (see Worker._keep_given)."""
+    cids = [*conn.pending, *conn.abandoned, *(conn.gave_up or ())]
+    # (and within the largest frame the peer takes, at 9 bytes an id and 1 KiB for the
+    # rest: a goodbye larger was refused there, and lost)
+    most = min(MAX_GIVEN, max(0, (conn.send_limit - 1024) // 9))
+    if len(cids) > most:
+        cids = sorted(cids)[len(cids) - most :]  # (ids grow: the latest)
+    return cids
 
 
 def _send_cancel(conn: Connection, cid: int) -> None:
@@ -2001,6 +2035,9 @@ class Worker:
                         # failed by our own shutdown: a call_nowait future nobody
                         # reads any more must not log "exception was never retrieved"
                         fut.exception()
+        # (no goodbye naming calls given up can come now, nor a late reply: see
+        # _keep_given; a parting connection lingers up to IDLE_TIMEOUT)
+        conn.given = conn.given_order = conn.gave_up = None
         if conn.abandoned:  # (no late reply can come now)
             abandoned, conn.abandoned = conn.abandoned, {}
             for kept in abandoned.values():
@@ -2267,6 +2304,8 @@ class Worker:
                     kept = None
                     if call is None and conn.abandoned:
                         kept = conn.abandoned.pop(header[1], None)
+                    if conn.gave_up:  # (it came: a goodbye need not name it)
+                        conn.gave_up.pop(header[1], None)
                     late = call[1] if call is not None else kept
                     if kind == K_OK:
                         try:
@@ -2401,15 +2440,20 @@ class Worker:
                         # tried its closed listener; see said_goodbye)
                         self._left[name] = conn.peer_id
                 elif (
-                    len(header) == 3
+                    len(header) == 4
                     and type(header[1]) is str
                     and type(header[2]) is int
                     and header[2] > 0
+                    and type(header[3]) is list
+                    and all(type(cid) is int for cid in header[3])
                 ):
                     # (the peer closes on us, saying why: it heard nothing from us; its
-                    # how-manieth such goodbye to us, see _stale_end)
+                    # how-manieth such goodbye to us, see _stale_end; and the calls it
+                    # gave up, whose replies it does not read)
                     conn.dropped_why = _printable(header[1][:500])
                     conn.drop_number = header[2]
+                    if conn.given:
+                        self._take_back_given(conn, header[3])
                 elif len(header) == 3 and type(header[1]) is str and header[2] == "refused":
                     # (the peer closes on us over something we sent: a bug, or two
                     # versions of the code; nothing pending may tell, so the log does)
@@ -3063,7 +3107,9 @@ class Worker:
         until the reply is out (the result's RRefs registered, a full buffer drained),
         as for an async def, by a task that then releases it: True when one does (a
         caller that does not read holds back this worker's calls, not its memory)."""
-        if cid == 0 or conn.closed:
+        if cid == 0 or conn.closed or conn.bye_read:
+            # (after the peer's goodbye: it reads no reply, and the RRef counts one
+            # made for it stayed, the peer alive when it dropped this worker)
             return False
         chunks = self._encode_reply(conn, cid, mode, result, hooks)
         if hooks.forks:
@@ -3073,6 +3119,8 @@ class Worker:
                 else self._send_after_forks(conn, cid, chunks, hooks)
             )
             return hold
+        if hooks.added:
+            self._keep_given(conn, cid, hooks)
         conn.send_nowait(chunks)
         if hold and conn.write_paused:
             self.spawn(self._send_then_done(conn, cid, None, hooks))
@@ -3082,7 +3130,7 @@ class Worker:
     async def _reply_async(
         self, conn: Connection, cid: int, mode: int, result: Any, hooks: rref.Hooks
     ) -> None:
-        if cid == 0 or conn.closed:
+        if cid == 0 or conn.closed or conn.bye_read:  # (see _reply)
             return
         chunks = self._encode_reply(conn, cid, mode, result, hooks)
         await self._send_after_forks(conn, cid, chunks, hooks)
@@ -3093,7 +3141,7 @@ class Worker:
         try:
             if hooks.forks:
                 await rref.register_forks(self, hooks)
-            if conn.closed:
+            if conn.closed or conn.bye_read:  # (see _reply)
                 hooks.undo()
                 return
         except Exception as exc:
@@ -3111,10 +3159,43 @@ class Worker:
         except BaseException:
             hooks.undo()
             raise
+        if hooks.added or hooks.registered:
+            self._keep_given(conn, cid, hooks)
         try:
             await conn.send(chunks)
         except ActorgradError as exc:  # (the connection closed while sending)
             log.debug("reply to %r not sent: %s", conn, exc)
+
+    def _keep_given(self, conn: Connection, cid: int, hooks: rref.Hooks) -> None:
+        """Remember what the reply to call ``cid`` (going out on ``conn`` now) counted
+        for the caller, among the latest MAX_GIVEN replies on ``conn``: a caller that
+        dropped this worker for its silence (its process stopped past the heartbeat
+        timeout) names in its goodbye the calls it gave up, and this worker, running
+        again, may have replied to one before reading it. The reply was lost with the
+        connection, and the values it counted for the caller stayed until the caller
+        left the cluster (2-5 per 5-minute chaos soak)."""
+        kept = rref.given(hooks)
+        if kept is None:
+            return
+        given, order = conn.given, conn.given_order
+        if given is None or order is None:
+            given = conn.given = {}
+            order = conn.given_order = collections.deque()
+        given[cid] = kept
+        order.append(cid)
+        if len(order) > MAX_GIVEN:
+            given.pop(order.popleft(), None)
+
+    def _take_back_given(self, conn: Connection, cids: list[int]) -> None:
+        """The peer gave up calls ``cids`` on ``conn`` (its goodbye for our silence says
+        so): the RRef counts the replies to them made, sent before the goodbye was
+        read, go back. (A reply not made yet makes none: see _reply.)"""
+        given = conn.given
+        peer = conn.peer_name or "?"
+        for cid in cids:
+            kept = given.pop(cid, None) if given else None
+            if kept is not None:
+                rref.take_back_given(self, peer, conn, kept)
 
     def _reply_exc(
         self,
@@ -3277,6 +3358,8 @@ class Worker:
                 if pending.pop(cid, None) is not None and not conn.closed:
                     if meta is not None:
                         _abandon(conn, cid, hooks)
+                    else:
+                        _gave_up(conn, cid)
                     _send_cancel(conn, cid)
                 # a failed call's error holds this frame (its traceback) and the future
                 # holds the error: without this, each failure leaves a reference cycle.
@@ -3817,7 +3900,8 @@ class Worker:
             # way, and the goodbye, late, ended that session (see _stale_end).
             others = [c for c in self._session_conns(peer, conn.peer_id) if c is not conn]
             for c in [conn, *others]:
-                self._say_now(c, [K_BYE, why, drops])
+                # (with the calls it gave up on there: see _given_up)
+                self._say_now(c, [K_BYE, why, drops, _given_up(c)])
                 self._part(c, err)
             return True
         return False
