@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from actorgrad import _startup
+from actorgrad._startup import quit_while_importing
 from actorgrad.errors import ActorgradError, AuthError
 from actorgrad.runtime import cluster, transport
 from actorgrad.runtime import worker as rworker
@@ -1395,7 +1395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # quietly: see actorgrad._startup; from here on, a KeyboardInterrupt is handled
         # below. Put back on the way out of the parsing too, --help, --version and a
         # usage error: the session of python -i, or pdb's, that follows kept it)
-        if signal.getsignal(signal.SIGINT) is _startup.quit_while_importing:
+        if signal.getsignal(signal.SIGINT) is quit_while_importing:
             signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         try:

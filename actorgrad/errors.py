@@ -202,7 +202,9 @@ class RemoteError(ActorgradError):
     def __str__(self) -> str:
         return f"{self.remote_type} on worker {self.worker!r}: {self.remote_message}"
 
-    def __reduce__(self):  # pragma: no cover - never pickled on the wire, but keep copy() working
+    def __reduce__(  # pragma: no cover - never pickled on the wire, but keep copy() working
+        self,
+    ) -> tuple[type[RemoteError], tuple[str, str, str, str]]:
         return (
             type(self),
             (self.worker, self.remote_type, self.remote_message, self.remote_traceback),

@@ -24,12 +24,14 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from actorgrad.autograd import (
+    AccumulateGrad,
     Function,
     Node,
     Scatter,
@@ -115,7 +117,8 @@ class Tensor:
         self.grad: np.ndarray | None = None
         self._rg = bool(requires_grad)
         self.grad_fn: Node | None = None
-        self._accum: Any = None  # weakref to the cached AccumulateGrad (autograd.grad_node)
+        # (the cached AccumulateGrad, weakly: see autograd.grad_node)
+        self._accum: weakref.ref[AccumulateGrad] | None = None
         self._hooks: dict[int, Callable[[np.ndarray], np.ndarray | None]] | None = None
 
     __hash__ = object.__hash__
@@ -455,22 +458,28 @@ class Tensor:
     # under grad mode) the out-of-place op, as Python falls back to it:
     # ``total += loss`` records ``total + loss``.
     def __iadd__(self, other: Any) -> Tensor:
-        return _inplace(Add, self, other)
+        out = _inplace(Add, self, other)
+        return NotImplemented if out is None else out
 
     def __isub__(self, other: Any) -> Tensor:
-        return _inplace(Sub, self, other)
+        out = _inplace(Sub, self, other)
+        return NotImplemented if out is None else out
 
     def __imul__(self, other: Any) -> Tensor:
-        return _inplace(Mul, self, other)
+        out = _inplace(Mul, self, other)
+        return NotImplemented if out is None else out
 
     def __itruediv__(self, other: Any) -> Tensor:
-        return _inplace(Div, self, other)
+        out = _inplace(Div, self, other)
+        return NotImplemented if out is None else out
 
     def __ipow__(self, other: Any) -> Tensor:
-        return _inplace(Pow, self, other)
+        out = _inplace(Pow, self, other)
+        return NotImplemented if out is None else out
 
     def __imatmul__(self, other: Any) -> Tensor:
-        return _inplace(MatMul, self, other)
+        out = _inplace(MatMul, self, other)
+        return NotImplemented if out is None else out
 
     def __neg__(self) -> Tensor:
         return _unary(Neg, self)
@@ -831,17 +840,19 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
     return _result(out, None)
 
 
-def _inplace(cls: type[Function], t: Tensor, other: Any) -> Any:
+def _inplace(cls: type[Function], t: Tensor, other: Any) -> Tensor | None:
     """``t op= other``: on a leaf, under ``no_grad`` or with no operand requiring grad,
     ``t`` gets the out-of-place result as a new array (the old one is never written:
     a recorded graph or a zero-copy send may hold it) and is returned, with its dtype
     (numpy's same_kind casting: an int tensor ``+= 1.5`` is a TypeError, as in torch)
     and its shape (a result that broadcasts to another shape: ValueError). A leaf that
     requires grad while grad mode is on: RuntimeError. A non-leaf, or an ``other``
-    that requires grad under grad mode: NotImplemented, so Python computes ``t op
-    other`` out of place and rebinds the name (the graph goes on recording)."""
+    that requires grad under grad mode: None, for the operator to return
+    NotImplemented, so Python computes ``t op other`` out of place and rebinds the name
+    (the graph goes on recording). (Type checkers accept NotImplemented only from an
+    operator method itself.)"""
     if t.grad_fn is not None:
-        return NotImplemented
+        return None
     sym = _SYMBOLS[cls.__name__]
     if grad_enabled():
         if t._rg:
@@ -851,7 +862,7 @@ def _inplace(cls: type[Function], t: Tensor, other: Any) -> Any:
                 f"or write `x = x {sym} ...` for a new tensor in the graph"
             )
         if isinstance(other, Tensor) and other._rg:
-            return NotImplemented
+            return None
     out = _binary(cls, t, other)._data
     if out.shape != t._data.shape:
         raise ValueError(

@@ -251,7 +251,7 @@ _type_name = type_name  # (short local name, used in many messages)
 STR_ERRORS = "surrogatepass"
 
 
-def _clean_str(s: Any) -> str:
+def _clean_str(s: object) -> str:
     """A str that msgpack can encode (lone surrogates escaped)."""
     if type(s) is not str:
         try:
@@ -1085,7 +1085,11 @@ def front_nbytes(first: bytes | bytearray | memoryview, size: int) -> int:
     True
     """
     if len(first) >= PREFIX_SIZE:
-        tag, hlen, nbufs, blen = _FIXED.unpack_from(first)
+        tag: bytes
+        hlen: int
+        nbufs: int
+        blen: int
+        tag, hlen, nbufs, blen = _FIXED.unpack_from(first)  # (">4sIIQ")
         if tag == _TAG:
             return min(size, PREFIX_SIZE + hlen + 8 * nbufs + blen)
     return size
@@ -1098,7 +1102,8 @@ def body_nbytes(chunks: list[bytes | memoryview]) -> int:
     >>> body_nbytes(encode_frame([0], list(range(100)))) > 100
     True
     """
-    return _FIXED.unpack_from(chunks[0])[3]
+    blen: int = _FIXED.unpack_from(chunks[0])[3]  # (">4sIIQ": the Q)
+    return blen
 
 
 def join_chunks(chunks: list[bytes | memoryview]) -> bytearray:
@@ -1470,7 +1475,8 @@ def _dec_scalar(dec: _Decoder, data: bytes) -> np.generic:
     dtype = _dtype_from(dstr)
     if type(raw) is not bytes or len(raw) != dtype.itemsize:
         raise ProtocolError(f"numpy scalar of dtype {dstr} needs {dtype.itemsize} raw bytes")
-    return np.frombuffer(raw, dtype=dtype)[0]
+    scalar: np.generic = np.frombuffer(raw, dtype=dtype)[0]  # (an item of a 1-d array)
+    return scalar
 
 
 def _decode_hook_error(name: str, what: Any, exc: Exception) -> Exception:

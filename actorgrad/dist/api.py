@@ -347,7 +347,8 @@ async def _gone_contexts_at(initiator: str, ids: list[int]) -> list[int]:
     has, for a worker that cannot reach it (see _ask_initiator)."""
     if type(initiator) is not str:
         raise ProtocolError(f"initiator must be a worker name, got {short_repr(initiator)}")
-    return await current_worker().call_nowait(initiator, _gone_contexts, (ids,))
+    gone: list[int] = await current_worker().call_nowait(initiator, _gone_contexts, (ids,))
+    return gone
 
 
 @inline

@@ -274,7 +274,9 @@ def mse_loss(pred: Tensor, target: Any) -> Tensor:
             f"mse_loss: target of shape {tshape} does not fit pred of shape {pred.shape}; "
             "give them the same shape"
         )
-    diff = pred - target
+    # (Tensor.__sub__ takes any target, or raises: a type checker, seeing an Any on the
+    # right, allows for its __rsub__)
+    diff: Tensor = pred - target
     return (diff * diff).mean()
 
 

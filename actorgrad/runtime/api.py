@@ -291,7 +291,11 @@ async def remote(
         await counter.rpc().update("abca")
         print(await counter.to_here())     # {'a': 2, 'b': 1, 'c': 1} (it travels as a dict)
     """
-    return await current_worker().call(to, fn, args, kwargs, timeout=timeout, mode=MODE_REMOTE)
+    # (a remote call's reply is the RRef the runtime made of the owner's answer)
+    rref: RRef = await current_worker().call(
+        to, fn, args, kwargs, timeout=timeout, mode=MODE_REMOTE
+    )
+    return rref
 
 
 def worker_name() -> str:

@@ -45,7 +45,7 @@ T = TypeVar("T")
 
 MAIN_ALIAS = "__mp_main__"
 
-_spec_cache: dict[Any, Any] = {}
+_spec_cache: dict[object, str | list[Any]] = {}
 _resolve_cache: dict[Any, Any] = {}
 #: Most entries _spec_cache keeps, and most "module:name" strings _resolve_cache does:
 #: past it, they start again (as the codec's per-type cache, wire._DISPATCH_MAX). Each

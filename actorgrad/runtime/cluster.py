@@ -98,7 +98,7 @@ def check_host(host: Any) -> str:
     raise ValueError(f"host must be a host name or an IP address, not {host!r:.80}")
 
 
-def check_bind(host: Any, token: str | None) -> str:
+def check_bind(host: object, token: str | None) -> str:
     """``host`` in the form to bind (see :func:`check_host`) if a worker may bind it:
     well-formed, and a loopback address unless there is a cluster ``token``."""
     host = check_host(host)
@@ -291,21 +291,19 @@ async def serve_cluster(
     joined = cancelled = False
     try:
         await start_worker(head)
-        head.host_registry()
+        registry = head.host_registry()
         names = [f"w{i}" for i in range(1, n + 1)]
-        procs.start(
-            head.address, names, token, host=host, path_first=path_first, registry=head.registry
-        )
-        if not await _unless_stopped(procs.wait_registered(head.registry), stop):
+        procs.start(head.address, names, token, host=host, path_first=path_first, registry=registry)
+        if not await _unless_stopped(procs.wait_registered(registry), stop):
             return
         joined = True
         # workers of others that joined during the start-up (a `worker --wait` that was
         # waiting for it): news too, said after the ready line (they went unsaid)
         early = sorted(
-            (m, e) for m, e in head.registry.members.items() if m not in names and m != HEAD_NAME
+            (m, e) for m, e in registry.members.items() if m not in names and m != HEAD_NAME
         )
         if on_event is not None:
-            unwatch = _report_changes(head.registry, procs, on_event)
+            unwatch = _report_changes(registry, procs, on_event)
         if on_ready is not None:
             on_ready(head.address)
         if on_event is not None:
@@ -563,7 +561,10 @@ async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict
         async with asyncio.timeout(3 * timeout + 1.0):
             conn = await client.open_connection(address, deadline=timeout)
         async with asyncio.timeout(2 * timeout):
-            return await client.call_on(conn, "actorgrad.runtime.registry:_status", (timeout,))
+            status: dict[Any, Any] = await client.call_on(
+                conn, "actorgrad.runtime.registry:_status", (timeout,)
+            )
+            return status
     except RemoteError as exc:
         if exc.remote_type == "ValueError":  # (the address of a worker, not the head)
             raise ValueError(exc.remote_message) from None

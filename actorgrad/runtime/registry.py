@@ -331,7 +331,8 @@ async def _status(timeout: float = 5.0) -> dict[Any, Any]:  # noqa: ASYNC109 (ti
         try:
             if name == w.name:
                 return _not_counting_this_call(w.status())
-            return await w.call(name, _worker_status, timeout=timeout)
+            status: dict[Any, Any] = await w.call(name, _worker_status, timeout=timeout)
+            return status
         except (ActorgradError, OSError, ValueError) as exc:
             if reg.members.get(name, (None,))[0] != wid or w.said_goodbye(name, wid):
                 # It left the cluster while asked (a driver that ended, as drivers come

@@ -642,9 +642,12 @@ class _Proxy(Generic[_R]):
         r, mode, timeout = self.__rref, self.__mode, self.__timeout
 
         async def call(*args: Any, **kwargs: Any) -> _R:
-            return await r._live().call(
+            # (_R as the mode says: an RRef for rref.remote(), whatever the method
+            # returned for rref.rpc())
+            result: _R = await r._live().call(
                 r.owner, [r._rid, method], args, kwargs or None, timeout=timeout, mode=mode
             )
+            return result
 
         return call
 

@@ -126,7 +126,7 @@ from actorgrad.errors import (
 from actorgrad.runtime import calls, rref, transport
 from actorgrad.runtime.pool import CallPool
 from actorgrad.runtime.procs import env_address, open_files_count, open_files_limit
-from actorgrad.runtime.registry import MAX_ID, issued_before, valid_name
+from actorgrad.runtime.registry import MAX_ID, Registry, issued_before, valid_name
 from actorgrad.runtime.transport import Connection
 
 log = logging.getLogger("actorgrad.runtime")
@@ -1078,7 +1078,7 @@ class Worker:
         self._members_refreshing = False  # (a fetch of the whole list is on its way)
         self._early_changes: list[tuple[int, str, Any]] = []  # (see _apply_member)
         self._members_changed = asyncio.Event()
-        self.registry: Any = None  # registry.Registry on the head
+        self.registry: Registry | None = None  # (on the head)
         self.registry_conn: Connection | None = None
         # peers (name, cluster id) whose address did not reach them, said once (see
         # _connect_peer)
@@ -1099,7 +1099,7 @@ class Worker:
         self.owned: dict[int, rref.Owned] = {}
         self._rref_ids = itertools.count(1)
         # peer -> RRef messages it could not be sent yet (see rref._tell)
-        self._rref_unsent: dict[str, Any] = {}
+        self._rref_unsent: dict[str, rref._Unsent] = {}
         # tags of the RRef forks this worker registers; registrations taken back
         # before they came here (see rref._unfork)
         self._fork_tags = itertools.count(1)
@@ -1312,11 +1312,10 @@ class Worker:
             log.error("worker %s: task %s failed", self.name, t.get_name(), exc_info=t.exception())
 
     # ------------------------------------------------------------------ cluster
-    def host_registry(self) -> None:
-        """Make this (started) worker the head: it hosts the registry, id 1."""
-        from actorgrad.runtime.registry import Registry
-
-        self.registry = Registry(self)
+    def host_registry(self) -> Registry:
+        """Make this (started) worker the head: it hosts the registry, id 1 (returned)."""
+        reg = self.registry = Registry(self)
+        return reg
 
     async def join(self, address: str, timeout: float = 30.0, key: str = "") -> None:  # noqa: ASYNC109 (timeout is API)
         """Join the cluster whose registry is at ``address``. ValueError when the name is
