@@ -33,7 +33,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
 import numpy as np
 
@@ -81,6 +81,16 @@ class _GradMode:
 
     _value = True
 
+    # Bare, ``@no_grad`` gives the decorated function, not an instance: what type
+    # checkers see of ``no_grad(fn)``, so that the decorated function keeps its type.
+    # mypy takes that from __new__ only while no __init__ is defined here (none is
+    # needed: with __new__ defined, object.__init__ ignores the argument), and refuses
+    # the second form, "__new__ must return a class instance", though Python returns
+    # whatever __new__ returns (pyright follows it).
+    @overload
+    def __new__(cls, fn: None = None) -> Self: ...
+    @overload
+    def __new__(cls, fn: F) -> F: ...  # type: ignore[misc]
     def __new__(cls, fn: Callable[..., Any] | None = None) -> Any:
         self = super().__new__(cls)
         if fn is not None:  # used bare, as `@no_grad` (without parentheses)
@@ -90,9 +100,6 @@ class _GradMode:
                 )
             return self(fn)
         return self
-
-    def __init__(self, fn: Callable[..., Any] | None = None) -> None:
-        pass
 
     # The tokens to restore live in a context variable, not on the instance: one
     # instance entered by several tasks (or threads) at once restores each its own.

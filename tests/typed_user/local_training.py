@@ -60,6 +60,11 @@ def evaluate(model: MLP, x: ag.Tensor) -> float:
     return float(logits.max())
 
 
+@ag.no_grad  # (bare, as the docs allow: the function keeps its type)
+def accuracy(logits: ag.Tensor, y: np.ndarray) -> float:
+    return float((logits.data.argmax(axis=-1) == y).mean())
+
+
 def train(steps: int) -> float:
     model = MLP(4, 8, 3, seed=0)
     opt = ag.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -88,10 +93,17 @@ def train(steps: int) -> float:
     handle = model.head.weight.register_hook(double)
     handle.remove()
     with ag.no_grad():
-        print(evaluate(model, x))
+        print(evaluate(model, x), accuracy(model(x), y))
     w = ag.tensor([[1.0, 2.0]], dtype="float64", requires_grad=True)
     (w * ag.ones(1, 2) + ag.zeros(1, 2)).sum().backward(retain_graph=True)
     return last
+
+
+def mistakes(model: MLP, x: ag.Tensor) -> None:
+    """Calls mypy must reject (each line's ignore would be reported as unused, were it
+    accepted)."""
+    accuracy(x)  # type: ignore[call-arg]
+    evaluate(x, model)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
