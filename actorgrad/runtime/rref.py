@@ -468,7 +468,7 @@ class RRef(WireRef, Generic[_T]):
 
     __slots__ = ("_worker", "owner", "_rid", "__weakref__")
 
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: _T) -> None:
         from actorgrad.runtime.worker import current_worker
 
         if asyncio.iscoroutine(value):
@@ -500,10 +500,10 @@ class RRef(WireRef, Generic[_T]):
 
     # An RRef is a counted handle: a copy the owner did not count would outlive the
     # value (it is freed when the original goes). The same handle serves as a copy.
-    def __copy__(self) -> RRef:
+    def __copy__(self) -> RRef[_T]:
         return self
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> RRef:
+    def __deepcopy__(self, memo: dict[int, Any]) -> RRef[_T]:
         return self
 
     def __reduce__(self) -> Any:
@@ -534,7 +534,7 @@ class RRef(WireRef, Generic[_T]):
         """
         return self.owner == self._worker.name
 
-    def local_value(self) -> Any:
+    def local_value(self) -> _T:
         """The value itself; only on the owner (else RuntimeError).
 
         Example::
@@ -550,7 +550,9 @@ class RRef(WireRef, Generic[_T]):
                 f"local_value() on worker {self._worker.name!r}, but this RRef is owned by "
                 f"{self.owner!r}: use `await rref.to_here()`"
             )
-        return owned_value(self._live(), self._rid)
+        # (the value itself, as the RRef was made for it: ag.RRef(value) or ag.remote)
+        value: _T = owned_value(self._live(), self._rid)
+        return value
 
     async def to_here(self, timeout: float | None = None) -> Any:  # noqa: ASYNC109 (timeout is API)
         """Fetch a copy of the value from the owner (the value itself on the owner).

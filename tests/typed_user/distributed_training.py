@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import operator
 import os
 
@@ -32,6 +33,13 @@ def scale(x: ag.Tensor, w: ag.Tensor) -> ag.Tensor:
 def param_refs(model_ref: ag.RRef) -> list[ag.RRef]:
     model: Model = model_ref.local_value()
     return [ag.RRef(p) for p in model.parameters()]
+
+
+def first_param(model_ref: ag.RRef[Model]) -> ag.RRef[ag.Tensor]:
+    weight = ag.RRef(model_ref.local_value().lin.weight)  # (an RRef[Tensor])
+    shape: tuple[int, ...] = weight.local_value().shape
+    print(shape, copy.copy(weight).owner)
+    return weight
 
 
 def fail(message: str) -> None:
@@ -103,6 +111,8 @@ async def main() -> None:
         print(pid, total, by_name, await ones.to_here(), counter.owner, counter.is_owner())
         model = await ag.remote("w1", Model)
         params: list[ag.RRef] = await ag.rpc("w1", param_refs, (model,))
+        weight: ag.RRef[ag.Tensor] = await ag.rpc("w1", first_param, (model,))
+        print(weight.owner, (await weight.to_here()).shape)
         x = ag.randn(16, 8, seed=0)
         y = np.random.default_rng(0).integers(0, 4, 16)
         print(await step(model, params, x, y), await errors())
@@ -122,6 +132,9 @@ async def mistakes(rref: ag.RRef, x: ag.Tensor) -> None:
         pass
     await ag.rpc("w1", scale, x)  # type: ignore[arg-type]
     ag.dist.DistributedOptimizer(ag.nn.Linear, [rref], lr=0.1)  # type: ignore[arg-type]
+    counter: ag.RRef[collections.Counter[str]] = ag.RRef(collections.Counter("ab"))
+    counter.local_value().most_common(1)[0].upper()  # type: ignore[attr-defined]
+    print(total(ag.RRef(x)))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
