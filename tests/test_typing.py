@@ -93,3 +93,28 @@ def test_typed_user_programs_pass_mypy_strict(tmp_path):
         env=env,
     )
     assert (p.returncode, p.stdout + p.stderr) == (0, "")
+
+
+@pytest.mark.parametrize(
+    "program, last",
+    [("local_training.py", "(2, 2) (2, 2) "), ("distributed_training.py", "['a', 'b']")],
+)
+def test_typed_user_programs_run(tmp_path, program, last):
+    # mypy checks what the programs say, not what they do: a local variable that
+    # shadowed the module's function of the same name gave ag.rpc an int for fn, and
+    # the program failed at that call ("cannot call 5 remotely"), unseen. Run as a
+    # user runs them, from another directory (process workers find the script's
+    # functions through it).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACTORGRAD_")}
+    path = os.environ.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(PACKAGE.parent) + (os.pathsep + path if path else "")
+    p = subprocess.run(
+        [sys.executable, str(TYPED_USER / program)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.splitlines()[-1].startswith(last)  # (ran to its end)

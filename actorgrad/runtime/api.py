@@ -255,7 +255,7 @@ async def _shut_with_loop(w: Worker) -> None:
 
 async def rpc(
     to: str,
-    fn: Any,
+    fn: Callable[..., Any] | str,
     args: tuple[Any, ...] | list[Any] = (),
     kwargs: dict[str, Any] | None = None,
     *,
@@ -277,7 +277,7 @@ async def rpc(
 
 async def remote(
     to: str,
-    fn: Any,
+    fn: Callable[..., Any] | str,
     args: tuple[Any, ...] | list[Any] = (),
     kwargs: dict[str, Any] | None = None,
     *,

@@ -101,14 +101,14 @@ async def main() -> None:
         names: list[str] = cluster.names
         print(names, cluster.address, ag.workers(), ag.worker_name())
         pid: int = await ag.rpc("w2", os.getpid)
-        total: int = await ag.rpc("w1", operator.add, [2, 3])
+        five: int = await ag.rpc("w1", operator.add, [2, 3])
         by_name = await ag.rpc("w1", "operator:add", (1, 2), {}, timeout=None)
         counter = await ag.remote("w1", collections.Counter, ("abca",))
         await counter.rpc().update("b")
         hinted: ag.RRef[collections.Counter[str]] = counter
         print(await ag.rpc("w1", total, (hinted,)))
         ones = await count_ones(await ag.remote("w1", list, ([1, 2, 1],)))
-        print(pid, total, by_name, await ones.to_here(), counter.owner, counter.is_owner())
+        print(pid, five, by_name, await ones.to_here(), counter.owner, counter.is_owner())
         model = await ag.remote("w1", Model)
         params: list[ag.RRef] = await ag.rpc("w1", param_refs, (model,))
         weight: ag.RRef[ag.Tensor] = await ag.rpc("w1", first_param, (model,))
@@ -131,6 +131,8 @@ async def mistakes(rref: ag.RRef, x: ag.Tensor) -> None:
     with ag.dist.context():  # type: ignore[attr-defined]
         pass
     await ag.rpc("w1", scale, x)  # type: ignore[arg-type]
+    await ag.rpc("w1", len(x), (x,))  # type: ignore[arg-type]
+    await ag.remote("w1", x, (1,))  # type: ignore[arg-type]
     ag.dist.DistributedOptimizer(ag.nn.Linear, [rref], lr=0.1)  # type: ignore[arg-type]
     counter: ag.RRef[collections.Counter[str]] = ag.RRef(collections.Counter("ab"))
     counter.local_value().most_common(1)[0].upper()  # type: ignore[attr-defined]
