@@ -26,9 +26,14 @@ import math
 import operator
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, SupportsIndex, TypeAlias
 
 import numpy as np
+
+# (imported, not only for type checkers: typing.get_type_hints, as documentation
+# generators and validation libraries call it, resolves the annotations that use it;
+# numpy imported most of it already)
+import numpy.typing as npt
 
 from actorgrad.autograd import (
     AccumulateGrad,
@@ -42,6 +47,10 @@ from actorgrad.autograd import (
 )
 from actorgrad.autograd import GraphTask as _GraphTask
 from actorgrad.errors import check_bool, check_retain_graph, short_repr
+
+#: Sizes or axes as the factories, reshape and transpose take them: each as an argument,
+#: or all in one tuple or list (no other sequence: see _shape).
+Sizes: TypeAlias = SupportsIndex | tuple[SupportsIndex, ...] | list[SupportsIndex]
 
 __all__ = [
     "Tensor",
@@ -546,7 +555,7 @@ class Tensor:
         """
         return _reduce(Max, self, axis, keepdims)
 
-    def reshape(self, *shape: Any) -> Tensor:
+    def reshape(self, *shape: Sizes) -> Tensor:
         """``t.reshape(2, 3)`` or ``t.reshape((2, 3))``; one dimension may be -1.
 
         >>> ag.zeros(6).reshape(2, -1).shape
@@ -556,7 +565,7 @@ class Tensor:
             shape = tuple(shape[0])
         return _unary(Reshape, self, shape)
 
-    def transpose(self, *axes: Any) -> Tensor:
+    def transpose(self, *axes: Sizes) -> Tensor:
         """Permute axes (reverse them when none are given).
 
         >>> ag.zeros(2, 3, 4).transpose(2, 0, 1).shape, ag.zeros(2, 3, 4).transpose().shape
@@ -575,7 +584,7 @@ class Tensor:
         """
         return _unary(Transpose, self, None)
 
-    def astype(self, dtype: Any) -> Tensor:
+    def astype(self, dtype: npt.DTypeLike | None) -> Tensor:
         """Cast to ``dtype``; the gradient is cast back. An integer or bool target
         gives a tensor outside the graph (integers carry no gradient); a complex one
         raises TypeError on a tensor that requires grad, as every op that gives complex
@@ -2135,7 +2144,7 @@ def where(cond: Any, a: Any, b: Any) -> Tensor:
     return _nary(Where, [a, b], c)
 
 
-def tensor(data: Any, *, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+def tensor(data: Any, *, dtype: npt.DTypeLike | None = None, requires_grad: bool = False) -> Tensor:
     """Make a leaf tensor (always a copy). Python floats become float32; numpy arrays
     keep their dtype (in a list too, as torch: ``[row1, row2]`` of float64 rows gives
     float64); ``requires_grad=True`` needs a floating point dtype. Data that is not
@@ -2225,7 +2234,9 @@ def seeded_rng(seed: Any, fn: str) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def zeros(*shape: Any, dtype: Any = "float32", requires_grad: bool = False) -> Tensor:
+def zeros(
+    *shape: Sizes, dtype: npt.DTypeLike | None = "float32", requires_grad: bool = False
+) -> Tensor:
     """A tensor of zeros: ``ag.zeros(2, 3)`` or ``ag.zeros((2, 3))``. ``dtype=None``
     is the default, float32.
 
@@ -2236,7 +2247,9 @@ def zeros(*shape: Any, dtype: Any = "float32", requires_grad: bool = False) -> T
     return tensor(arr, requires_grad=requires_grad)
 
 
-def ones(*shape: Any, dtype: Any = "float32", requires_grad: bool = False) -> Tensor:
+def ones(
+    *shape: Sizes, dtype: npt.DTypeLike | None = "float32", requires_grad: bool = False
+) -> Tensor:
     """A tensor of ones: ``ag.ones(2, 3)`` or ``ag.ones((2, 3))``. ``dtype=None`` is
     the default, float32.
 
@@ -2248,7 +2261,10 @@ def ones(*shape: Any, dtype: Any = "float32", requires_grad: bool = False) -> Te
 
 
 def randn(
-    *shape: Any, dtype: Any = "float32", requires_grad: bool = False, seed: int | None = None
+    *shape: Sizes,
+    dtype: npt.DTypeLike | None = "float32",
+    requires_grad: bool = False,
+    seed: int | None = None,
 ) -> Tensor:
     """Standard normal samples; ``seed`` makes them reproducible. ``dtype`` must be a
     floating point dtype (TypeError otherwise); None is the default, float32.

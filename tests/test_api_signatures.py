@@ -10,6 +10,7 @@ written against the contract still works), and only those named in ``ADDITIONS``
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import Any
 
 import pytest
@@ -151,3 +152,13 @@ def test_the_contracts_names_are_exported():
     for name in ("RemoteError", "WorkerLost", "RpcTimeout", "AuthError", "ProtocolError"):
         assert issubclass(getattr(ag, name), ag.ActorgradError), name
     assert issubclass(ag.ContextError, ag.ActorgradError)
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_annotations_resolve_at_run_time(name):
+    # (typing.get_type_hints evaluates them: what documentation generators, CLI and
+    # validation libraries do; a name imported for type checkers only, under
+    # TYPE_CHECKING, made it raise NameError)
+    obj, _ = CONTRACT[name]
+    fn = obj.__init__ if isinstance(obj, type) else obj
+    typing.get_type_hints(getattr(fn, "__wrapped__", fn))

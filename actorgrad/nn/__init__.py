@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
+import numpy.typing as npt  # (at run time too: see actorgrad.tensor)
 
 from actorgrad.errors import check_bool, short_repr
 from actorgrad.nn import functional
@@ -283,7 +284,7 @@ class Linear(Module):
         out_f: int,
         bias: bool = True,
         seed: int | None = None,
-        dtype: Any = "float32",
+        dtype: npt.DTypeLike | None = "float32",
     ) -> None:
         in_f, out_f = _size("Linear", "in_f", in_f), _size("Linear", "out_f", out_f)
         dtype = _float_dtype("Linear", dtype)
@@ -329,7 +330,9 @@ class Embedding(Module):
         (3, 4)
     """
 
-    def __init__(self, num: int, dim: int, seed: int | None = None, dtype: Any = "float32") -> None:
+    def __init__(
+        self, num: int, dim: int, seed: int | None = None, dtype: npt.DTypeLike | None = "float32"
+    ) -> None:
         num, dim = _size("Embedding", "num", num), _size("Embedding", "dim", dim)
         dtype = _float_dtype("Embedding", dtype)
         rng = seeded_rng(seed, "Embedding")

@@ -95,6 +95,12 @@ def train(steps: int) -> float:
     with ag.no_grad():
         print(evaluate(model, x), accuracy(model(x), y))
     w = ag.tensor([[1.0, 2.0]], dtype="float64", requires_grad=True)
+    n = np.int64(2)  # (sizes: ints, numpy's too, one by one or in a tuple or list)
+    r = ag.randn((1, n), dtype=np.float64, requires_grad=True, seed=0) + ag.zeros(
+        [1, 2], dtype=None
+    )
+    r = r.reshape(n, 1).reshape([1, -1]).transpose((1, 0)).astype(np.float32)
+    print(ag.ones(1, 2, dtype=np.dtype("float64")), ag.nn.Linear(2, 2, dtype="float64"), r)
     (w * ag.ones(1, 2) + ag.zeros(1, 2)).sum().backward(retain_graph=True)
     return last
 
@@ -104,6 +110,12 @@ def mistakes(model: MLP, x: ag.Tensor) -> None:
     accepted)."""
     accuracy(x)  # type: ignore[call-arg]
     evaluate(x, model)  # type: ignore[arg-type]
+    ag.zeros(2.5)  # type: ignore[arg-type]
+    ag.ones("2, 3")  # type: ignore[arg-type]
+    x.reshape(range(4))  # type: ignore[arg-type]
+    x.transpose(1.0, 0.0)  # type: ignore[arg-type]
+    ag.tensor([1.0], dtype=3.5)  # type: ignore[arg-type]
+    ag.nn.Embedding(3, 4, dtype=1.0)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
