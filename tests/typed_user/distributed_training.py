@@ -47,7 +47,7 @@ def fail(message: str) -> None:
 
 
 async def quickstart() -> None:
-    async with ag.local_cluster(workers=2):
+    async with ag.local_cluster(workers=2, processes=False, driver="driver", token=None):
         x = ag.tensor([1.0, 2.0, 3.0], requires_grad=True)
         w = ag.tensor([0.5, -0.5, 0.25], requires_grad=True)
         async with ag.dist.context() as ctx:
@@ -68,8 +68,9 @@ async def step(model: ag.RRef, params: list[ag.RRef], x: ag.Tensor, y: np.ndarra
         for tensor, grad in ag.dist.get_gradients(context_id).items():
             print(tensor.shape, grad.shape)
         await opt.step(ctx)
-    live: int = ag.dist.debug_info()["num_contexts"]
-    print(live)
+    info = ag.dist.debug_info()
+    live: int = info["num_contexts"]
+    print(live, info["num_backward_passes"])
     return float(loss.item())
 
 
@@ -89,7 +90,10 @@ async def errors() -> str:
     except ag.RpcTimeout as exc:
         late: TimeoutError = exc
         return str(late)
-    except (ag.WorkerLost, ag.ContextError, ag.ProtocolError, ag.AuthError) as exc:
+    except ag.WorkerLost as exc:
+        peer: str | None = exc.peer
+        return f"lost {peer}"
+    except (ag.ContextError, ag.ProtocolError, ag.AuthError) as exc:
         base: ag.ActorgradError = exc
         return str(base)
     return ""
@@ -108,7 +112,9 @@ async def main() -> None:
         hinted: ag.RRef[collections.Counter[str]] = counter
         print(await ag.rpc("w1", total, (hinted,)))
         ones = await count_ones(await ag.remote("w1", list, ([1, 2, 1],)))
-        print(pid, five, by_name, await ones.to_here(), counter.owner, counter.is_owner())
+        print(
+            pid, five, by_name, await ones.to_here(timeout=5.0), counter.owner, counter.is_owner()
+        )
         model = await ag.remote("w1", Model)
         params: list[ag.RRef] = await ag.rpc("w1", param_refs, (model,))
         weight: ag.RRef[ag.Tensor] = await ag.rpc("w1", first_param, (model,))

@@ -102,6 +102,7 @@ def train(steps: int) -> float:
     r = r.reshape(n, 1).reshape([1, -1]).transpose((1, 0)).astype(np.float32)
     print(ag.ones(1, 2, dtype=np.dtype("float64")), ag.nn.Linear(2, 2, dtype="float64"), r)
     (w * ag.ones(1, 2) + ag.zeros(1, 2)).sum().backward(retain_graph=True)
+    (w * 2.0).backward(gradient=np.ones((1, 2)), retain_graph=False)
     return last
 
 
