@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import threading
+import types
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -214,7 +215,7 @@ def _hold_sigint(held: list[int]) -> Callable[[], None]:
     holds it and calls again.)"""
     loop = asyncio.get_running_loop()
 
-    def hold(signum: int, frame: object) -> None:
+    def hold(signum: int, frame: types.FrameType | None) -> None:
         if loop.is_running():
             held.append(signum)
             return
@@ -222,7 +223,7 @@ def _hold_sigint(held: list[int]) -> Callable[[], None]:
         # ends now, and every later Ctrl-C of the process was held for good)
         if signal.getsignal(signal.SIGINT) is hold:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.default_int_handler(signum, frame)  # type: ignore[arg-type]
+        signal.default_int_handler(signum, frame)
 
     swapped = False
     if (

@@ -84,7 +84,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from actorgrad.errors import AuthError, ProtocolError, WorkerLost
 
@@ -598,7 +598,7 @@ class Connection(asyncio.BaseProtocol):
         # given a smaller one, made the peer close the connection, and the sender got
         # "connection ... lost", no reason given).
         self.send_limit = max_frame_size
-        self.transport: asyncio.BaseTransport | None = None
+        self.transport: asyncio.Transport | None = None
         self.transport_gone = False  # (its transport closed its socket: connection_lost)
         # the abort that ends a parting connection's linger (see part), until it did or
         # the peer closed its end first
@@ -730,7 +730,9 @@ class Connection(asyncio.BaseProtocol):
 
     # -- asyncio.Protocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        # (a stream's transport: BaseTransport is asyncio's type for every kind, datagram
+        # and subprocess ones too, and has no write nor pause_reading)
+        self.transport = cast(asyncio.Transport, transport)
         if self.closed:
             # Closed while being made (its worker shut down between the accept and
             # this): nobody would close the socket after this; it leaked until GC.
@@ -788,7 +790,7 @@ class Connection(asyncio.BaseProtocol):
             self._out_full = False
             if not self.closed and self.transport is not None:
                 if not self.paused_reading:
-                    self.transport.resume_reading()  # type: ignore[attr-defined]
+                    self.transport.resume_reading()
                 if self._rbuf:
                     self.loop.call_soon(self._feed_rest)
 
@@ -1111,32 +1113,32 @@ class Connection(asyncio.BaseProtocol):
         """Write the coalesced small frames now."""
         if self._wbuf and not self.closed and self.transport is not None:
             data, self._wbuf = self._wbuf, bytearray()
-            self.transport.write(data)  # type: ignore[attr-defined]
+            self.transport.write(data)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         self._at_once = -1
         if self._wbuf and not self.closed and self.transport is not None:
             data, self._wbuf = self._wbuf, bytearray()
-            self.transport.write(data)  # type: ignore[attr-defined]
+            self.transport.write(data)
 
     # -- flow control --------------------------------------------------------------
     def pause_reading(self) -> None:
         if not self.paused_reading and not self.closed and self.transport is not None:
             self.paused_reading = True
             if not self._out_full:
-                self.transport.pause_reading()  # type: ignore[attr-defined]
+                self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.paused_reading and not self.closed and self.transport is not None:
             self.paused_reading = False
             if not self._out_full:
-                self.transport.resume_reading()  # type: ignore[attr-defined]
+                self.transport.resume_reading()
 
     # -- handshake helpers -----------------------------------------------------------
     def _write_raw(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.write(data)  # type: ignore[attr-defined]
+            self.transport.write(data)
 
     async def _read_exact(self, n: int) -> bytes:
         while len(self._hs_buf) < n:
