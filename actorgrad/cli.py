@@ -1197,7 +1197,8 @@ def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
         "--wait",
         type=_seconds,
         metavar="SECONDS",
-        help="keep trying to reach a cluster not up yet for that long (default: fail at once)",
+        help="keep trying to reach a cluster not up yet, or a head that does not answer "
+        "(stopped, its loop blocked), for that long (default: fail at once)",
     )
     w.add_argument(
         "--host",

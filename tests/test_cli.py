@@ -1178,6 +1178,45 @@ def test_a_worker_told_to_wait_joins_a_cluster_started_after_it(tmp_path: Path) 
         w.stop()
 
 
+@needs_runtime
+def test_a_worker_told_to_wait_waits_out_a_head_that_does_not_answer(tmp_path: Path) -> None:
+    # A head stopped (Ctrl-Z, SIGSTOP; or its loop blocked) for some seconds: a worker
+    # told to --wait 60 exited 1 five seconds after it connected ("accepted the
+    # connection but did not answer the handshake within 5 s"), as without --wait,
+    # which covered only a cluster not up yet. Now it waits for the head until its
+    # deadline, and joins once the head goes on; past the deadline, it says so.
+    token_file = tmp_path / "token"
+    c = Running("cluster", "-n", "1", "--token-file", str(token_file))
+    w: Running | None = None
+    late: Running | None = None
+    try:
+        address = c.expect("address:")
+        join = ["worker", "--join", address, "--token-file", str(token_file)]
+        os.kill(c.proc.pid, signal.SIGSTOP)
+        try:
+            late = Running(*join, "--name", "late", "--wait", "6")
+            w = Running(*join, "--name", "patient", "--wait", "120")
+            # (without --wait's deadline, it exited 5 s after it connected)
+            assert late.wait(60) == 1
+            err = late.proc.stderr.read() if late.proc.stderr else ""
+            assert "did not answer" in err and address in err, err
+            assert re.search(r"\(tried for [\d.]+ s: --wait 6\)$", err.strip()), err
+            assert w.proc.poll() is None, w.proc.stderr.read() if w.proc.stderr else ""
+        finally:
+            os.kill(c.proc.pid, signal.SIGCONT)
+        assert w.expect("worker patient joined").startswith("(cluster id ")
+        assert c.expect_news("worker patient joined").startswith("(127.0.0.1:")
+        r = run_cli("status", "--address", address, "--token-file", str(token_file))
+        assert r.returncode == 0, r.stderr
+        names = [line.split()[0] for line in r.stdout.splitlines()[2:]]
+        assert sorted(names) == ["_head", "patient", "w1"], r.stdout
+    finally:
+        c.stop()
+        for p in (w, late):
+            if p is not None:
+                p.stop()
+
+
 SLOW_WRITE = """
 import asyncio, os, sys, time
 import actorgrad as ag

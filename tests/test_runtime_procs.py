@@ -10,8 +10,10 @@ import io
 import logging
 import multiprocessing
 import os
+import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -1411,6 +1413,157 @@ async def test_a_join_to_a_head_stopped_right_after_the_handshake_says_it_did_no
     finally:
         head.kill()  # (stopped or not)
         await asyncio.wait_for(head.wait(), 10)
+
+
+async def test_a_join_told_to_wait_waits_out_a_head_stopped_once_its_request_left():
+    # `actorgrad worker --wait`: the join's request left, then the head's process
+    # stopped for longer than the heartbeat timeout. The join failed 3.5 s after it was
+    # sent ("worker '_head' sent nothing for 3 s"), --wait or not, and the head, once it
+    # went on, took it and heard it leave at once. It waits for the head now, on that
+    # connection, and is taken once, when the head goes on.
+    token = "t" * 32
+    head = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _HEAD,
+        token,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        stdout=subprocess.PIPE,
+    )
+    x = ag.runtime.Worker("x", token=token)
+    try:
+        address = (await asyncio.wait_for(head.stdout.readline(), 30)).decode().strip()
+        await x.start()
+        call_on = x.call_on
+        sent = asyncio.Event()
+
+        async def the_head_stops_as_it_is_sent(conn: Any, target: Any, *a: Any, **kw: Any) -> Any:
+            os.kill(head.pid, signal.SIGSTOP)
+            sent.set()
+            return await call_on(conn, target, *a, **kw)
+
+        x.call_on = the_head_stops_as_it_is_sent  # type: ignore[method-assign]
+        joining = asyncio.ensure_future(rcluster._join_when_up(x, address, "", 120))
+        try:
+            await asyncio.wait_for(sent.wait(), 30)
+            # (it failed 3.5 s after its request left)
+            done, _ = await asyncio.wait([joining], timeout=rworker.HEARTBEAT_TIMEOUT + 3)
+            assert not done, joining.exception()
+        finally:
+            os.kill(head.pid, signal.SIGCONT)
+        await asyncio.wait_for(joining, 30)
+        assert sorted(x.members) == ["head", "x"]
+        # (one change in the head's registry: x's join, no leave before it)
+        version, members = await x.call("head", "actorgrad.runtime.registry:_snapshot", timeout=10)
+        assert version == 1 and sorted(members) == ["head", "x"]
+    finally:
+        await x.shutdown()
+        head.kill()  # (stopped or not)
+        await asyncio.wait_for(head.wait(), 10)
+
+
+async def test_a_join_told_to_wait_names_the_head_still_silent_at_its_deadline():
+    # (the deadline of a join whose head did not answer: said as the head's silence,
+    # with the wait, not as an internal call that timed out)
+    token = "t" * 32
+    head = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _HEAD,
+        token,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        stdout=subprocess.PIPE,
+    )
+    x = ag.runtime.Worker("x", token=token)
+    try:
+        address = (await asyncio.wait_for(head.stdout.readline(), 30)).decode().strip()
+        await x.start()
+        call_on = x.call_on
+
+        async def the_head_stops_as_it_is_sent(conn: Any, target: Any, *a: Any, **kw: Any) -> Any:
+            os.kill(head.pid, signal.SIGSTOP)
+            return await call_on(conn, target, *a, **kw)
+
+        x.call_on = the_head_stops_as_it_is_sent  # type: ignore[method-assign]
+        with pytest.raises(
+            ag.WorkerLost,
+            match=rf"^the cluster's head at {re.escape(address)} took the connection but did "
+            r"not answer the join within [\d.]+ s \(its process stopped, or its event loop "
+            r"blocked, for all that time\?\) \(tried for [\d.]+ s: --wait 6\)$",
+        ):
+            await asyncio.wait_for(rcluster._join_when_up(x, address, "", 6), 30)
+        assert not x.members and x.registry_conn is None and x.joining_conn is None
+    finally:
+        await x.shutdown()
+        head.kill()  # (stopped or not)
+        await asyncio.wait_for(head.wait(), 10)
+
+
+_HEAD_AT = """
+import asyncio, sys
+import actorgrad as ag
+
+async def main():
+    w = await ag.init("head", token=sys.argv[1], port=int(sys.argv[2]))
+    print(w.address, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_join_told_to_wait_joins_a_head_restarted_once_its_request_left():
+    # `actorgrad worker --wait`: the head's process died as the join's request left,
+    # and another started at its address. The join failed at once, "connection to
+    # worker 'head' lost: [Errno 104] Connection reset by peer", --wait or not (only
+    # nothing listening was tried again); it joins the new head now.
+    token = "t" * 32
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def start_head() -> tuple[asyncio.subprocess.Process, str]:
+        head = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _HEAD_AT,
+            token,
+            str(port),
+            env=dict(os.environ, PYTHONPATH=REPO),
+            stdout=subprocess.PIPE,
+        )
+        return head, (await asyncio.wait_for(head.stdout.readline(), 30)).decode().strip()
+
+    heads = []
+    x = ag.runtime.Worker("x", token=token)
+    try:
+        head, address = await start_head()
+        heads.append(head)
+        await x.start()
+        call_on = x.call_on
+        sent = asyncio.Event()
+
+        async def the_head_dies_as_it_is_sent(conn: Any, target: Any, *a: Any, **kw: Any) -> Any:
+            if not sent.is_set():
+                os.kill(head.pid, signal.SIGKILL)
+                sent.set()
+            return await call_on(conn, target, *a, **kw)
+
+        x.call_on = the_head_dies_as_it_is_sent  # type: ignore[method-assign]
+        joining = asyncio.ensure_future(rcluster._join_when_up(x, address, "", 120))
+        await asyncio.wait_for(sent.wait(), 30)
+        await asyncio.wait_for(head.wait(), 10)
+        heads.append((await start_head())[0])
+        await asyncio.wait_for(joining, 30)
+        assert sorted(x.members) == ["head", "x"]
+        version, members = await x.call("head", "actorgrad.runtime.registry:_snapshot", timeout=10)
+        assert version == 1 and sorted(members) == ["head", "x"]
+    finally:
+        await x.shutdown()
+        for head in heads:
+            if head.returncode is None:
+                head.kill()
+                await asyncio.wait_for(head.wait(), 10)
 
 
 async def test_connecting_to_a_peer_that_never_answers(monkeypatch):

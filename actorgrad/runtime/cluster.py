@@ -24,7 +24,7 @@ from actorgrad.errors import RemoteError, WorkerLost
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.procs import ENV_TOKEN, WorkerProcesses, blank_env_hint, describe_exit
 from actorgrad.runtime.registry import MAX_NAME, valid_name
-from actorgrad.runtime.transport import Unanswered, is_loopback, split_address
+from actorgrad.runtime.transport import is_loopback, split_address
 from actorgrad.runtime.worker import Worker
 
 log = logging.getLogger("actorgrad.runtime")
@@ -481,7 +481,8 @@ async def serve_worker(
     """One worker joining the cluster at ``address``; runs until ``stop`` is set or the
     cluster's head goes away. ``on_joined(worker)`` once it joined; ``key``: the one
     its head gave a process it started (see ``Worker.join``); ``wait``: seconds to keep
-    trying while nothing listens at ``address`` (a cluster not up yet); ``host``,
+    trying while nothing listens at ``address`` (a cluster not up yet), or its head
+    does not answer (see _join_when_up); ``host``,
     ``port``: where it listens (see bind_for; 0: any free port); ``advertise``: where
     the others reach it, if not there (see check_advertise). Returns how the
     head went away ("it shut down", "worker '_head' sent nothing for 60 s ..."), None
@@ -520,25 +521,26 @@ RETRY_JOIN = 0.5
 
 
 async def _join_when_up(w: Worker, address: str, key: str, wait: float) -> None:
-    """``w.join(address)``, tried again while nothing listens there, for ``wait`` s."""
+    """``w.join(address)`` for ``wait`` s: tried again while nothing listens there (a
+    cluster not up yet) or the connection to the head breaks (a head restarted), and
+    waiting meanwhile for a head that does not answer (its process stopped, its loop
+    blocked for seconds: see ``Worker.join``'s ``until``)."""
     start = time.monotonic()
     deadline = start + wait
     while True:
         try:
-            await w.join(address, key=key)
+            await w.join(address, key=key, until=deadline if wait > 0 else None)
             return
         except WorkerLost as exc:
-            # (only nobody listening, or a connection refused: a hung head, or one that
-            # refused the join, is not a cluster still starting)
-            if isinstance(exc, Unanswered) or not isinstance(exc.__cause__, OSError):
+            # (not a head that refused the join: ValueError, AuthError. One that did not
+            # answer was waited for up to the deadline, which is past then)
+            if wait <= 0:
                 raise
             left = deadline - time.monotonic()
-            if left <= 0:
-                if wait > 0:  # (said: the retries were not seen, the last error only)
-                    raise WorkerLost(
-                        f"{exc} (tried for {time.monotonic() - start:.1f} s: --wait {wait:g})"
-                    ) from exc.__cause__
-                raise
+            if left <= 0:  # (said: the retries were not seen, the last error only)
+                raise WorkerLost(
+                    f"{exc} (tried for {time.monotonic() - start:.1f} s: --wait {wait:g})"
+                ) from exc.__cause__
         # (the last attempt is at the deadline: `--wait 2` tries for 2 s, not 1.5)
         await asyncio.sleep(min(RETRY_JOIN, left))
 

@@ -1092,6 +1092,8 @@ class Worker:
         # the connection a join is on, until its answer comes (membership changes come
         # over it from then on: see registry._member)
         self.joining_conn: Connection | None = None
+        # (a join told to wait out its head's silence: see join)
+        self._join_patient = False
         self.registry_lost = asyncio.Event()
         # (how: HEAD_SHUT_DOWN, "... sent nothing for 60 s ...", set with registry_lost)
         self.registry_lost_why = ""
@@ -1317,12 +1319,27 @@ class Worker:
         reg = self.registry = Registry(self)
         return reg
 
-    async def join(self, address: str, timeout: float = 30.0, key: str = "") -> None:  # noqa: ASYNC109 (timeout is API)
+    async def join(
+        self,
+        address: str,
+        timeout: float = 30.0,  # noqa: ASYNC109 (timeout is API)
+        key: str = "",
+        until: float | None = None,
+    ) -> None:
         """Join the cluster whose registry is at ``address``. ValueError when the name is
         taken; AuthError on a wrong token; WorkerLost when nobody answers. ``key``: the
-        one a head that started this process gave it, for the name it keeps for it."""
+        one a head that started this process gave it, for the name it keeps for it.
+        ``until``: a ``time.monotonic()`` up to which a head that does not answer (its
+        process stopped, its loop blocked) is waited for, at each step (the handshake,
+        the hello, the join's answer; never less than the handshake's deadline and the
+        heartbeat timeout it is given otherwise), on one connection, the request sent
+        once (``actorgrad worker --wait``)."""
+        patient = until is not None
+        until = -math.inf if until is None else until
+        # (never shorter than the usual deadlines: a short wait keeps those)
+        step = max(transport.HANDSHAKE_TIMEOUT, until - time.monotonic())
         try:
-            conn = await self.open_connection(address)
+            conn = await self.open_connection(address, deadline=step if patient else None)
         except WorkerLost as exc:
             if isinstance(exc.__cause__, ConnectionRefusedError):
                 # (a join's most common mistake, said in the words of the case)
@@ -1333,6 +1350,15 @@ class Worker:
             raise
         self._advertise_route_to(conn)
         self.joining_conn = conn
+        sent = time.monotonic()
+        if patient:
+            # Its silence is waited out until then (see _silent_too_long), on this
+            # connection: closed for it, the request sent could still be taken by the
+            # head once it went on, and a join tried again meanwhile on another one
+            # could be refused as a duplicate of itself. (A head that went on just as
+            # the handshake used the wait up gets the usual time.)
+            timeout = max(HEARTBEAT_TIMEOUT, until - sent)
+            self._join_patient = True
         try:
             wid, version, members = await self.call_on(
                 conn,
@@ -1342,6 +1368,7 @@ class Worker:
             )
         except BaseException as exc:
             self.joining_conn = None
+            self._join_patient = False
             # (also timed out or cancelled: the head may have taken the join, and keeps
             # a member while its connection stays; closed, it leaves: the name was taken
             # for good, and the changes piled up here)
@@ -1349,7 +1376,16 @@ class Worker:
             self._early_changes.clear()
             if isinstance(exc, RemoteError) and exc.remote_type == "ValueError":
                 raise ValueError(exc.remote_message) from None
+            if patient and isinstance(exc, RpcTimeout):
+                # (named as the head that did not answer, not as a call of an internal
+                # function that timed out)
+                raise WorkerLost(
+                    f"the cluster's head at {address} took the connection but did not "
+                    f"answer the join within {time.monotonic() - sent:.1f} s (its process "
+                    "stopped, or its event loop blocked, for all that time?)"
+                ) from None
             raise
+        self._join_patient = False
         self.id = int(wid)
         self.registry_conn = conn
         self.joining_conn = None
@@ -3878,6 +3914,10 @@ class Worker:
         watched = not membership and (conn.pending or peer in self._watched)
         limit = HEARTBEAT_TIMEOUT if watched else IDLE_TIMEOUT
         awake = now >= conn.decoding_until and now >= conn.quiet_until
+        if conn is self.joining_conn and self._join_patient:
+            # (a join told to wait for a head that does not answer: the join's own
+            # timeout bounds that wait, see join)
+            awake = False
         if membership and conn.pending and silent > HEARTBEAT_TIMEOUT and awake:
             # The calls waiting on the membership (a member's fetch of the member list,
             # the head's calls to a member over the connection it opened) fail as on a
