@@ -1876,6 +1876,55 @@ async def test_a_worker_importing_a_drivers_code_tells_its_peers_it_may_go_quiet
         await until(lambda: all(c.quiet_until == 0 for c in conns), 5)
 
 
+async def test_a_worker_that_went_quiet_is_waited_for_by_one_that_joined_after(
+    tmp_path, monkeypatch
+):
+    # w1 imports a driver's module (its loop busy for long) and tells its peers it may
+    # be silent meanwhile; a worker that joined after that announcement (and so never
+    # heard it) and calls w1 took it for hung: "accepted the connection but did not
+    # answer within 3 s". It asks the head, which heard the announcement, and waits as
+    # w1's other peers do.
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    _write(
+        tmp_path / "quietmod.py",
+        f"""
+        with open({str(gate)!r}) as f:
+            f.read(2)
+
+        def f():
+            return 7
+        """,
+        1,
+    )
+    (tmp_path / "main.py").write_text("import quietmod\n")
+    opener = os.open(gate, os.O_RDWR | os.O_NONBLOCK)  # (the reader does not wait to open)
+    monkeypatch.setattr(rworker, "PEER_CONNECT_TIMEOUT", 1.0)  # (this process's workers)
+    try:
+        async with ag.local_cluster(1, processes=True) as c:
+            assert await ag.rpc("w1", add, (1, 2)) == 3
+            head_conn = next(conn for conn, n in c.driver.registry.conns.items() if n == "w1")
+            importing = asyncio.ensure_future(
+                ag.rpc("w1", ["quietmod:f", str(tmp_path / "main.py"), "s1"])
+            )
+            late = ag.runtime.Worker("late", token=c.driver.token)
+            try:
+                await until(lambda: head_conn.quiet_until > time.monotonic() + 10, 10)
+                await late.start()
+                await asyncio.wait_for(late.join(c.address), 10)
+                call = asyncio.ensure_future(late.call("w1", add, (2, 3)))
+                # (it failed once the 1 s to connect were out)
+                done, _ = await asyncio.wait([call], timeout=rworker.PEER_CONNECT_TIMEOUT + 3)
+                assert not done, call.exception()
+                os.write(opener, b"go")
+                assert await asyncio.wait_for(call, 20) == 5
+                assert await asyncio.wait_for(importing, 20) == 7
+            finally:
+                await late.shutdown()
+    finally:
+        os.close(opener)
+
+
 async def test_a_dozen_runs_of_a_script_at_once_each_keep_their_code(tmp_path):
     # What sessions resolved was kept for the last 8 only: the oldest of a dozen runs
     # at once got the edited code midway, and every call of a run past the eighth

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -275,6 +276,18 @@ def _leave(name: str) -> None:
 @inline
 def _snapshot() -> tuple[Any, ...]:
     return _registry().snapshot()
+
+
+@inline
+def _quiet(name: str, wid: int) -> float:
+    """How long process ``wid`` of member ``name`` said it may be silent from now, on
+    its membership connection (see Worker.going_quiet), 0 if it did not."""
+    reg = _registry()
+    now = time.monotonic()
+    for conn, n in list(reg.conns.items()):
+        if n == name and conn.peer_id == wid and conn.quiet_until > now:
+            return conn.quiet_until - now
+    return 0.0
 
 
 @inline

@@ -544,7 +544,12 @@ _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, tuple, dict}
 #: its name meanwhile went to the dead process's address ("cannot connect"), and
 #: ``ag.wait_for_workers`` never saw a worker that joined.
 _MEMBERSHIP_CALLS = frozenset(
-    {"actorgrad.runtime.registry:_member", "actorgrad.runtime.registry:_snapshot"}
+    {
+        "actorgrad.runtime.registry:_member",
+        "actorgrad.runtime.registry:_snapshot",
+        # (whether a member it cannot reach said it may be silent: see _quiet_left)
+        "actorgrad.runtime.registry:_quiet",
+    }
 )
 
 
@@ -1732,8 +1737,18 @@ class Worker:
         # (a connection it opened to us, if any, tells below whether it lives: it pings
         # that one seldom while nobody waits on it)
         self._ask_all(dest, tried)
+        waited = PEER_CONNECT_TIMEOUT  # (the deadline of each step of connecting)
         try:
-            conn = await self.open_connection(entry[1], entry[2], PEER_CONNECT_TIMEOUT, dest)
+            try:
+                conn = await self.open_connection(entry[1], entry[2], waited, dest)
+            except transport.Unanswered:
+                quiet = await self._quiet_left(dest, entry[0])
+                if quiet <= 0:
+                    raise
+                # (it said it may be silent so long, its loop busy importing a script:
+                # waited for, as its peers that heard it wait on their connections)
+                waited = quiet + PEER_CONNECT_TIMEOUT
+                conn = await self.open_connection(entry[1], entry[2], waited, dest)
         except (WorkerLost, AuthError) as exc:
             now = self.members.get(dest)
             if now is not None and now[0] != entry[0]:
@@ -1752,7 +1767,7 @@ class Worker:
                 # joined with the cluster's token, so the token is not what is wrong
                 # (an AuthError said so, and named only the address).
                 if back is None:
-                    raise self._unreachable(dest, entry, exc) from None
+                    raise self._unreachable(dest, entry, exc, waited) from None
                 return self._use_opened_by(dest, entry, back, exc)
             if back is None or (
                 # (hung: silent on its own connection too while we waited, where it
@@ -1760,7 +1775,7 @@ class Worker:
                 # silent: the address reaches something else)
                 isinstance(exc, transport.Unanswered) and back.last_recv <= tried
             ):
-                raise self._unreachable(dest, entry, exc) from None
+                raise self._unreachable(dest, entry, exc, waited) from None
             return self._use_opened_by(dest, entry, back, exc)
         if conn.peer_name != dest:
             conn.close()
@@ -1771,6 +1786,39 @@ class Worker:
             return self._use_opened_by(dest, entry, back, other)
         self._out[dest] = conn
         return conn
+
+    async def _quiet_left(self, peer: str, wid: int) -> float:
+        """How long process ``wid`` of member ``peer`` said it may be silent from now
+        (see going_quiet), 0 if it did not: as one of this worker's connections with it
+        heard, else as the cluster's head did. It says so only to the peers it talks
+        to; the head is always one, and a worker that joined after it spoke, or never
+        talked with it, learns it there (without it, it took the peer for hung)."""
+        now = time.monotonic()
+        until = max(
+            (
+                c.quiet_until
+                for c in self._conns
+                if c.peer_name == peer and c.peer_id == wid and not c.closed
+            ),
+            default=0.0,
+        )
+        if until > now:
+            return until - now
+        head = self.registry_conn
+        if self.registry is not None or head is None or head.closed or head.peer_name == peer:
+            return 0.0  # (the head: its own connections said it; or no head to ask)
+        try:
+            left = await self.call_on(
+                head, "actorgrad.runtime.registry:_quiet", (peer, wid), timeout=HEARTBEAT_TIMEOUT
+            )
+        except (ActorgradError, OSError, ValueError) as exc:  # (only a question: 0)
+            log.debug(
+                "worker %s: cannot ask the head whether %r is quiet: %s", self.name, peer, exc
+            )
+            return 0.0
+        if type(left) not in (int, float) or not 0 <= left <= MAX_QUIET:
+            return 0.0
+        return float(left)
 
     def _use_opened_by(
         self, dest: str, entry: Any, back: Connection, exc: WorkerLost | AuthError
@@ -1861,13 +1909,17 @@ class Worker:
             and not self._is_membership(c)
         ]
 
-    def _unreachable(self, dest: str, entry: Any, exc: WorkerLost | AuthError) -> WorkerLost:
-        """The error of a failed connection to worker ``dest`` (member ``entry``)."""
+    def _unreachable(
+        self, dest: str, entry: Any, exc: WorkerLost | AuthError, waited: float
+    ) -> WorkerLost:
+        """The error of a failed connection to worker ``dest`` (member ``entry``), each
+        step of which had ``waited`` seconds."""
         if isinstance(exc, transport.Unanswered):
-            # (named by its address in the cluster, not the local socket's internal name)
+            # (named by its address in the cluster, not the local socket's internal name;
+            # with the time it had: longer for a peer that said it may be silent)
             return WorkerLost(
                 f"worker {dest!r} ({entry[1]}) accepted the connection but did not answer "
-                f"within {PEER_CONNECT_TIMEOUT:g} s: hung or overloaded"
+                f"within {round(waited, 1):g} s: hung or overloaded"
             )
         # (a plain WorkerLost: it may travel as a RemoteError)
         if self.registry_lost.is_set():
