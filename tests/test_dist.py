@@ -4199,6 +4199,45 @@ async def test_an_rref_to_a_dead_owner_does_not_reach_a_new_process_under_its_na
             await asyncio.wait_for(new_proc.wait(), 10)
 
 
+async def test_a_dead_owners_rref_passed_to_the_new_process_of_its_name_fails_as_to_here(
+    worker_path,
+):
+    # The parameter server's pattern, rpc(owner, fn, (rref,)), after the owner was
+    # replaced under its name (a soak of RRefs with workers replaced): the new process
+    # refused the call with ProtocolError "... ref_in hook rejected ['w1', <id>, 0]:
+    # LookupError: ...", a type the docs keep for malformed messages, where to_here, a
+    # method call or a fork of the same RRef gave RemoteError (LookupError), as
+    # docs/limits.md says the dead one's RRefs fail.
+    async with ag.local_cluster(1, processes=True) as c:
+        old = await ag.remote("w1", F.make_param, ([1.0, 2.0],))
+        new_proc = await _replace_worker(c, "w1")
+        try:
+            new = await ag.remote("w1", list, (["new"],))
+            x = ag.tensor([1.0, 1.0], requires_grad=True)
+            async with ag.dist.context():
+                with pytest.raises(ag.RemoteError) as err:
+                    await asyncio.wait_for(ag.rpc("w1", F.use_rref, (old, x)), 10)
+            assert err.value.remote_type == "LookupError"
+            assert re.search(
+                rf"RRef {old._rid:#x} was not made by worker 'w1' of this cluster: the id is "
+                r"of cluster id \d+, 'w1' has cluster id \d+ \(an earlier process of that "
+                r"name, or a forged id\); it was among the arguments of the call of "
+                r"dist_fns:use_rref, which did not run",
+                str(err.value),
+            ), str(err.value)
+            # (nothing of the refused call stays counted: the new RRef is w1's only value,
+            # held by the driver alone)
+            del old, err
+            gc.collect()
+            status = await asyncio.wait_for(ag.rpc("w1", F.status), 10)
+            assert (status["rrefs"], status["num_contexts"]) == (1, 0)
+            assert ag.dist.debug_info()["num_contexts"] == 0
+            assert await asyncio.wait_for(new.to_here(), 10) == ["new"]
+        finally:
+            new_proc.terminate()
+            await asyncio.wait_for(new_proc.wait(), 10)
+
+
 async def test_calls_running_backward_passes_beyond_the_in_flight_cap_all_finish():
     # More calls than w1 runs at once, each running a backward pass of its own context
     # through w2: the gradient messages coming back to w1 (casts) queued in its mailbox

@@ -741,9 +741,10 @@ class Hooks:
         self.direct: list[RRef] | None = None
         # decoding a request (set by the worker): an RRef sent to this worker, its
         # owner, unregistered whose value is gone does not stop the decoding, it is
-        # kept in ``gone`` and the request refused once decoded (see ref_in)
+        # kept in ``gone`` (the LookupError saying so) and the request refused once
+        # decoded (see ref_in)
         self.in_request = False
-        self.gone: ProtocolError | None = None
+        self.gone: LookupError | None = None
 
     @property
     def worker_name(self) -> str:
@@ -823,10 +824,7 @@ class Hooks:
                     # those counts stayed on their owners for good. The worker refuses
                     # the request once it is decoded (its RRefs then released).
                     if self.gone is None:
-                        self.gone = ProtocolError(
-                            f"ref_in hook rejected {short_repr(payload)}: LookupError: "
-                            f"{_gone(w, rid)}"
-                        )
+                        self.gone = _gone(w, rid)
                     return None
                 _add(w, rid, (w.name, w.id))
                 return RRef._handle(w, owner, rid)

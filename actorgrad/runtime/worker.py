@@ -2738,10 +2738,24 @@ class Worker:
             try:
                 body = self._body(frame, hooks)
                 if hooks.gone is not None:  # (an RRef sent to this owner, gone: see ref_in)
-                    # (its RRefs released, as those of a stopped decoding; the error not
-                    # kept by hooks: its traceback holds this frame, a cycle)
+                    # Refused as the value's absence, a LookupError, which the caller
+                    # gets as RemoteError, as from to_here, a method call or a fork of
+                    # that RRef: refused as a ProtocolError (an unreadable message), the
+                    # dead owner's RRef passed to the process that joined under its name
+                    # (a parameter server's rpc(owner, fn, (rref,)) after a restart) said
+                    # "ref_in hook rejected ['w1', <id>, 0]", not what the docs say. (Its
+                    # RRefs released, as those of a stopped decoding; the error not kept
+                    # by hooks.)
                     body, gone, hooks.gone = None, hooks.gone, None
-                    raise gone
+                    hooks.unreadable(gone, False)
+                    if cid == 0:  # (none goes one-way: a made-up message)
+                        raise ProtocolError(f"a one-way call holds an RRef that is gone: {gone}")
+                    gone = LookupError(
+                        f"{gone}; it was among the arguments of the call of "
+                        f"{calls.describe(target)}, which did not run"
+                    )
+                    self._reply_exc(conn, cid, gone, hooks, refused=True)
+                    return
             except ProtocolError as exc:
                 # (stopped part way: what its decoding recorded goes, and the caller,
                 # told the call was refused, takes back what its encoding recorded)
