@@ -554,6 +554,73 @@ async def test_an_owner_drops_or_refuses_a_load_whose_driver_it_lost():
             assert await staged_loads() == 0
 
 
+async def _load_from_here(refs: list[ag.RRef], state: dict) -> str:
+    """(run on a worker) Load ``state`` into a new DistributedOptimizer over ``refs``."""
+    opt = ag.dist.DistributedOptimizer(ag.optim.SGD, refs, lr=0.1, momentum=0.9)
+    try:
+        await opt.load_state_dict(state)
+    except ag.ActorgradError as exc:
+        return f"{exc} {getattr(exc, '__notes__', '')}"
+    return "loaded"
+
+
+async def test_a_load_driven_by_a_new_process_of_a_name_survives_the_word_of_the_old_ones_leave(
+    monkeypatch,
+):
+    # Found by a soak with workers replaced under the same name: an owner drops what a
+    # driver staged at the driver's loss, and took that loss by name. A process that
+    # joined under the name of one that left can reach an owner before the owner reads
+    # the head's word of the leave (its link to the head slower: a host whose link to
+    # the head stalls); the leave, read between the load's rounds, dropped the new
+    # driver's part, and the load failed on that owner ("its driver, worker 't', was
+    # lost (it left the cluster)") after the other owner had loaded.
+    from actorgrad.dist import optimizer as dopt
+    from actorgrad.runtime import worker as rworker
+
+    async with ag.local_cluster(2, transport="tcp") as c:
+        head, w1 = c.driver, c.workers[0]
+        refs, opt = await _two_owner_sgd()
+        saved = await opt.state_dict()
+        old = rworker.Worker("t", token=head.token, transport_kind="tcp")
+        await old.start()
+        await old.join(head.address)
+        await ag.wait_for_workers(["t"])
+        # w1 reads the head's news of "t" late: its leave and the new one's join
+        held: list[tuple] = []
+        apply = w1._apply_member
+
+        def late(version, name, entry):
+            if name == "t" or held:
+                held.append((version, name, entry))
+            else:
+                apply(version, name, entry)
+
+        monkeypatch.setattr(w1, "_apply_member", late)
+        await old.shutdown()
+        new = rworker.Worker("t", token=head.token, transport_kind="tcp")
+        await new.start()
+        try:
+            await new.join(head.address)
+            put = dopt._Stages.put
+
+            def news_once_staged(self, *args, **kwargs):
+                put(self, *args, **kwargs)
+                if self.worker is w1 and held:  # (the news comes between the rounds)
+                    monkeypatch.setattr(w1, "_apply_member", apply)
+                    for change in held:
+                        apply(*change)
+                    held.clear()
+
+            monkeypatch.setattr(dopt._Stages, "put", news_once_staged)
+            assert await ag.rpc("t", _load_from_here, (refs, saved)) == "loaded"
+            assert w1.left_cluster("t", old.id) and w1.members["t"][0] == new.id
+            for owner in ("w1", "w2"):
+                info = await ag.rpc(owner, F.debug_info)
+                assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
+        finally:
+            await new.shutdown()
+
+
 async def test_an_optimizer_released_with_a_load_staged_for_it_goes_with_it(monkeypatch):
     # The staged state held the owner's optimizer (and its state) alive until the load
     # expired, STAGE_TIMEOUT (300 s) after the optimizer's RRef was released.

@@ -43,6 +43,7 @@ from actorgrad.errors import (
 from actorgrad.optim import BASE_CLASS_HINT, Optimizer, _made_leaving_out_twice, _plain
 from actorgrad.runtime import RRef, Worker, current_worker, remote
 from actorgrad.runtime.calls import fn_spec, resolve
+from actorgrad.runtime.worker import caller_id
 from actorgrad.tensor import Tensor
 
 __all__ = ["DistributedOptimizer"]
@@ -207,6 +208,7 @@ class _LocalOptimizer:
         before is dropped: one staged state per optimizer."""
         worker = current_worker()
         stages = _stages_of(worker)
+        driver_id = caller_id(driver)  # (the driver's process: see _driver_lost)
         # (in the thread pool: it reads every array, and copies those it casts. The
         # others it keeps: they came in the call's message, decoded into memory of
         # their own, which nothing else holds; all copied where one is cast, see
@@ -215,13 +217,15 @@ class _LocalOptimizer:
         hyper, loaded = await worker.offload(check)
         if token in stages.gone:  # (its abort came while it was checked)
             raise ValueError(f"load_state_dict: load {token:#x} was aborted while checked")
-        if worker.is_lost(driver) or worker.dropped_by(driver) is not None:
+        if (worker.is_lost(driver) or worker.dropped_by(driver) is not None) and _driver_lost(
+            worker, driver, driver_id
+        ):
             # (its loss was reported while it was checked: kept, it stayed until expiry)
             raise WorkerLost(
                 f"load_state_dict: load {token:#x}: its driver, worker {driver!r}, was lost "
                 f"while worker {worker.name!r} checked it ({worker.lost_cause(driver)})"
             )
-        stages.put(token, self, driver, hyper, loaded)
+        stages.put(token, self, driver, hyper, loaded, driver_id)
 
     async def commit(self, token: int) -> None:
         """Load the state staged under ``token`` (ValueError naming it if none is)."""
@@ -256,15 +260,36 @@ class _LocalOptimizer:
             self.optim._load(hyper, loaded)
 
 
+def _driver_lost(worker: Worker, driver: str, driver_id: int | None) -> bool:
+    """Whether a loss of worker ``driver`` reported to ``worker`` (by name) is that of
+    the process that drove a load there, of cluster id ``driver_id`` (None: not known,
+    taken as that one): no commit or abort will come from it.
+
+    A process that joined under the name of one that left can stage a load on an owner
+    before the owner reads the head's word of the leave (its link to the head slower
+    than the new one's): taken by its name, that leave dropped the new driver's part,
+    whose commit then failed ("its driver ... was lost") after the other owners had
+    loaded theirs. The loss is the driver's when its process left the cluster, when the
+    driver dropped this worker, or when that process is the member of the name here
+    (a broken connection, or silence, reports the member's loss only)."""
+    if driver_id is None:
+        return True
+    if worker.left_cluster(driver, driver_id) or worker.dropped_by(driver) is not None:
+        return True
+    member = worker.members.get(driver)
+    return member is not None and member[0] == driver_id
+
+
 class _Staged:
     """A load's checked part on one owner, waiting for its commit or abort."""
 
-    __slots__ = ("driver", "hyper", "loaded", "nbytes", "optimizer", "timer")
+    __slots__ = ("driver", "driver_id", "hyper", "loaded", "nbytes", "optimizer", "timer")
 
     def __init__(
         self,
         optimizer: weakref.ref[_LocalOptimizer],
         driver: str,
+        driver_id: int | None,
         hyper: dict[str, Any],
         loaded: dict[Tensor, dict[str, Any]],
     ) -> None:
@@ -272,6 +297,7 @@ class _Staged:
         # for it lived on, with its state, until that load expired; see _Stages.put)
         self.optimizer = optimizer
         self.driver = driver  # (the worker that staged it: its loss drops it)
+        self.driver_id = driver_id  # (its process, where known: see _driver_lost)
         self.hyper = hyper
         self.loaded = loaded
         self.nbytes = sum(
@@ -298,8 +324,10 @@ class _Stages:
         driver: str,
         hyper: dict[str, Any],
         loaded: dict[Tensor, dict[str, Any]],
+        driver_id: int | None = None,
     ) -> None:
-        """Keep ``optimizer``'s checked part of load ``token`` from ``driver``."""
+        """Keep ``optimizer``'s checked part of load ``token`` from ``driver`` (its
+        process ``driver_id``, where known)."""
         # A second load of an optimizer replaces the first: refused instead, a load whose
         # driver was cancelled between its rounds (its abort lost) blocked every later
         # one until it expired.
@@ -319,7 +347,7 @@ class _Stages:
                 # and the error was printed as "Exception ignored in ... released")
                 pass
 
-        staged = _Staged(weakref.ref(optimizer, released), driver, hyper, loaded)
+        staged = _Staged(weakref.ref(optimizer, released), driver, driver_id, hyper, loaded)
         self.staged[token] = staged
         optimizer.stage_token = token
         staged.timer = self.worker.loop.call_later(
@@ -363,8 +391,13 @@ class _Stages:
         # As the contexts a lost initiator held here (dist.context's lease): no commit
         # or abort will come from a lost driver. (One lost to this worker only, that
         # lives on, finds its commit refused, naming the cause.)
+        # (Not another process of its name that staged a load since: see _driver_lost.)
         why = f"its driver, worker {name!r}, was lost ({self.worker.lost_cause(name)})"
-        for token in [t for t, s in self.staged.items() if s.driver == name]:
+        for token in [
+            t
+            for t, s in self.staged.items()
+            if s.driver == name and _driver_lost(self.worker, name, s.driver_id)
+        ]:
             self.drop(token, why)
 
     def stats(self) -> dict[str, int]:

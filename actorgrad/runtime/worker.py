@@ -410,6 +410,18 @@ T = TypeVar("T")
 _NOT_INIT = "actorgrad is not initialized: call `await ag.init(...)` or use `ag.local_cluster()`"
 
 
+def caller_id(peer: str) -> int | None:
+    """The cluster id of the process whose call is running here, if that call came
+    from worker ``peer`` and its hello gave one (None otherwise: no call from ``peer``
+    runs in this task). A higher layer that keeps something for a peer by name can
+    tell, at the peer's loss, that process from another one that joined since under
+    its name (see ``Worker.left_cluster``)."""
+    conn = _current_conn.get(None)
+    if conn is None or conn.peer_name != peer:
+        return None
+    return conn.peer_id
+
+
 def current_worker() -> Worker:
     """The worker whose code is running (set while a worker handles a call), else the
     process's own worker. RuntimeError when there is none."""
@@ -1209,6 +1221,12 @@ class Worker:
         return any(of_it(c) and not c.closed for c in self._conns) or any(
             of_it(c) for c, _ in self._mailbox
         )
+
+    def left_cluster(self, peer: str, pid: int) -> bool:
+        """Whether the process of cluster id ``pid`` of worker ``peer`` left the
+        cluster, as far as this worker heard (the head's word of its leave; the last
+        MAX_DEPARTED such processes are remembered, see rref.peer_lost)."""
+        return (peer, pid) in self._rref_departed
 
     @property
     def owned_count(self) -> int:
