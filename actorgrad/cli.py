@@ -542,6 +542,10 @@ async def cmd_worker(args: argparse.Namespace) -> int:
                 host=args.host,
                 port=args.port,
                 advertise=args.advertise,
+                # (on stdout, as its joined line: a supervisor's log shows what it waits for)
+                on_waiting=lambda why: _say(
+                    f"worker {args.name} waiting up to {args.wait:g} s for its name: {why}"
+                ),
             )
         if why is not None:  # (not asked to stop: a supervisor should hear of it)
             raise CliError(f"worker {args.name}: {head_lost(why)}")
@@ -1198,7 +1202,8 @@ def _build_parsers(strict: bool = True) -> tuple[_Parser, dict[str, _Parser]]:
         type=_seconds,
         metavar="SECONDS",
         help="keep trying to reach a cluster not up yet, or a head that does not answer "
-        "(stopped, its loop blocked), for that long (default: fail at once)",
+        "(stopped, its loop blocked), or to take a name a member still holds (a process "
+        "being replaced), for that long (default: fail at once)",
     )
     w.add_argument(
         "--host",

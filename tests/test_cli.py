@@ -1217,6 +1217,54 @@ def test_a_worker_told_to_wait_waits_out_a_head_that_does_not_answer(tmp_path: P
                 p.stop()
 
 
+@needs_runtime
+def test_a_worker_told_to_wait_waits_for_its_name_held_by_the_process_it_replaces(
+    tmp_path: Path,
+) -> None:
+    # A supervisor (systemd, k8s) restarting a worker while the head still holds its
+    # predecessor under the name (a process still leaving; a dead host whose connection
+    # stays open until the head's 60 s silence timeout): told to --wait, the new one
+    # exited 1 at once ("a worker named 'x' is already in the cluster"), as without.
+    # Now it tries again until its deadline (saying once what it waits for), then
+    # names the holder and the wait; without --wait it is still refused at once.
+    token_file = tmp_path / "token"
+    c = Running("cluster", "-n", "1", "--token-file", str(token_file))
+    old: Running | None = None
+    new: Running | None = None
+    try:
+        address = c.expect("address:")
+        join = ["worker", "--join", address, "--name", "x", "--token-file", str(token_file)]
+        old = Running(*join)
+        old_id = old.expect("worker x joined")
+        held = re.escape(f"a worker named 'x' is already in the cluster {old_id[:-1]}, at ")
+        held += r"127\.0\.0\.1:\d+\)"
+        r = run_cli(*join)
+        assert r.returncode == 1, r.stderr
+        assert re.fullmatch(f"actorgrad: error: {held}", r.stderr.strip()), r.stderr
+        r = run_cli(*join, "--wait", "1")
+        assert r.returncode == 1, r.stderr
+        tried = re.fullmatch(
+            rf"actorgrad: error: {held} \(tried for ([\d.]+) s: --wait 1\)", r.stderr.strip()
+        )
+        assert tried and float(tried[1]) >= 1, r.stderr
+        new = Running(*join, "--wait", "120")
+        assert re.fullmatch(held, new.expect("worker x waiting up to 120 s for its name:"))
+        assert new.proc.poll() is None
+        old.proc.send_signal(signal.SIGTERM)  # (it leaves: the name is free)
+        assert old.wait(30) == 0
+        assert new.expect("worker x joined").startswith("(cluster id ")
+        c.expect_news("worker x left")  # (then the new one:)
+        assert c.expect_news("worker x joined").startswith("(127.0.0.1:")
+        r = run_cli("status", "--address", address, "--token-file", str(token_file))
+        assert r.returncode == 0, r.stderr
+        assert "x" in [line.split()[0] for line in r.stdout.splitlines()[2:]], r.stdout
+    finally:
+        c.stop()
+        for p in (old, new):
+            if p is not None:
+                p.stop()
+
+
 SLOW_WRITE = """
 import asyncio, os, sys, time
 import actorgrad as ag

@@ -3274,6 +3274,36 @@ async def test_the_names_of_the_worker_processes_a_head_starts_are_kept_for_them
         await procs.stop()
 
 
+async def test_a_join_under_the_name_of_a_member_gone_silent_says_for_how_long():
+    # A dead host's member (its connection open) stays until the head's 60 s silence
+    # timeout; a join under its name was refused with "a worker named 'w1' is already
+    # in the cluster" alone: an operator (or `actorgrad worker --wait`'s last error)
+    # could not tell a name given twice from a holder the head has not heard from.
+    # Now the refusal names the holder, and says for how long it has been silent once
+    # that is longer than a live member's pings leave it (they come every 9-10 s).
+    async with ag.local_cluster(1, processes=True) as c:
+        head = c.driver
+        assert head.registry is not None
+        wid, address, _ = head.registry.members["w1"]
+        held = re.escape(f"a worker named 'w1' is already in the cluster (cluster id {wid}, at ")
+        with pytest.raises(ValueError, match=f"^{held}{re.escape(address)}\\)$"):
+            await rcluster.serve_worker(head.address, "w1", head.token)
+        conn = next(k for k, n in head.registry.conns.items() if n == "w1")
+        os.kill(c.pids[0], signal.SIGSTOP)
+        try:
+            await until(lambda: time.monotonic() - conn.last_recv > 13, 30)
+            with pytest.raises(ValueError) as got:
+                await rcluster.serve_worker(head.address, "w1", head.token)
+            assert re.fullmatch(
+                f"{held}{re.escape(address)}; silent for (\\d+) s: the head drops a member "
+                "silent for 60 s\\)",
+                str(got.value),
+            ), got.value
+        finally:
+            os.kill(c.pids[0], signal.SIGCONT)
+        assert await ag.rpc("w1", os.getpid) == c.pids[0]  # (still the member)
+
+
 def drop_kept() -> None:
     rworker.current_worker().ext.pop("kept", None)
 

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from actorgrad.errors import RemoteError, WorkerLost
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.procs import ENV_TOKEN, WorkerProcesses, blank_env_hint, describe_exit
-from actorgrad.runtime.registry import MAX_NAME, valid_name
+from actorgrad.runtime.registry import MAX_NAME, NameTaken, valid_name
 from actorgrad.runtime.transport import is_loopback, split_address
 from actorgrad.runtime.worker import Worker
 
@@ -477,12 +477,14 @@ async def serve_worker(
     key: str = "",
     wait: float = 0.0,
     advertise: str | None = None,
+    on_waiting: Callable[[str], None] | None = None,
 ) -> str | None:
     """One worker joining the cluster at ``address``; runs until ``stop`` is set or the
     cluster's head goes away. ``on_joined(worker)`` once it joined; ``key``: the one
     its head gave a process it started (see ``Worker.join``); ``wait``: seconds to keep
-    trying while nothing listens at ``address`` (a cluster not up yet), or its head
-    does not answer (see _join_when_up); ``host``,
+    trying while nothing listens at ``address`` (a cluster not up yet), its head
+    does not answer, or a member holds the name (see _join_when_up;
+    ``on_waiting(why)`` is told the first time the name was taken); ``host``,
     ``port``: where it listens (see bind_for; 0: any free port); ``advertise``: where
     the others reach it, if not there (see check_advertise). Returns how the
     head went away ("it shut down", "worker '_head' sent nothing for 60 s ..."), None
@@ -498,7 +500,7 @@ async def serve_worker(
     cancelled = False
     try:
         await start_worker(w)
-        if await _unless_stopped(_join_when_up(w, address, key, wait), stop):
+        if await _unless_stopped(_join_when_up(w, address, key, wait, on_waiting), stop):
             if on_joined is not None:
                 on_joined(w)
             if await _unless_stopped(w.registry_lost.wait(), stop):
@@ -520,27 +522,43 @@ async def serve_worker(
 RETRY_JOIN = 0.5
 
 
-async def _join_when_up(w: Worker, address: str, key: str, wait: float) -> None:
+async def _join_when_up(
+    w: Worker,
+    address: str,
+    key: str,
+    wait: float,
+    on_waiting: Callable[[str], None] | None = None,
+) -> None:
     """``w.join(address)`` for ``wait`` s: tried again while nothing listens there (a
-    cluster not up yet) or the connection to the head breaks (a head restarted), and
+    cluster not up yet), the connection to the head breaks (a head restarted), or a
+    member holds the name (the process a supervisor restarts this one for, which the
+    head keeps until it leaves or, dead with its connection open, until the head's
+    silence timeout: it failed at once, and the supervisor's restarts with it), and
     waiting meanwhile for a head that does not answer (its process stopped, its loop
-    blocked for seconds: see ``Worker.join``'s ``until``)."""
+    blocked for seconds: see ``Worker.join``'s ``until``). ``on_waiting(why)``: told
+    once, at the first refusal for the name (a name given twice waits silently else)."""
     start = time.monotonic()
     deadline = start + wait
+    told = False
     while True:
         try:
             await w.join(address, key=key, until=deadline if wait > 0 else None)
             return
-        except WorkerLost as exc:
-            # (not a head that refused the join: ValueError, AuthError. One that did not
-            # answer was waited for up to the deadline, which is past then)
+        except (WorkerLost, NameTaken) as exc:
+            # (not a head that refused the join for good: another ValueError, AuthError.
+            # One that did not answer was waited for up to the deadline, which is past
+            # then)
             if wait <= 0:
                 raise
             left = deadline - time.monotonic()
             if left <= 0:  # (said: the retries were not seen, the last error only)
-                raise WorkerLost(
-                    f"{exc} (tried for {time.monotonic() - start:.1f} s: --wait {wait:g})"
-                ) from exc.__cause__
+                said = f"{exc} (tried for {time.monotonic() - start:.1f} s: --wait {wait:g})"
+                if isinstance(exc, NameTaken):
+                    raise NameTaken(said) from None
+                raise WorkerLost(said) from exc.__cause__
+            if isinstance(exc, NameTaken) and not told and on_waiting is not None:
+                told = True
+                on_waiting(str(exc))
         # (the last attempt is at the deadline: `--wait 2` tries for 2 s, not 1.5)
         await asyncio.sleep(min(RETRY_JOIN, left))
 

@@ -44,6 +44,15 @@ def issued_before(a: int, b: int) -> bool:
     return 0 < (b - a) % (MAX_ID - 1) < (MAX_ID - 1) // 2
 
 
+class NameTaken(ValueError):
+    """A join refused because a member holds the name. Its own type (a ValueError, as
+    documented for a join) so that ``actorgrad worker --wait`` can tell it from the
+    refusals that waiting does not cure (a bad name, a name kept for another process):
+    a supervisor restarting a worker whose predecessor the head still holds (a dead
+    host's connection open until the head's silence timeout, or a process still
+    leaving) waits for the name instead of failing at once."""
+
+
 def _printable_word(x: Any, most: int) -> bool:
     """Whether ``x`` is a str of 1 to ``most`` printable characters without whitespace
     (what goes into log lines and the CLI's output as it came from the wire)."""
@@ -128,7 +137,7 @@ class Registry:
                 "cluster is starting: join under another name"
             )
         if name in self.members:
-            raise ValueError(f"a worker named {name!r} is already in the cluster")
+            raise NameTaken(self._taken(name))
         if conn.peer_name != name:
             raise ValueError(
                 f"cannot join as {name!r:.80} over a connection that said hello as "
@@ -149,6 +158,25 @@ class Registry:
         conn.peer_id = wid
         self._changed_now(name, "joined", address)
         return [wid, *self.snapshot()]
+
+    def _taken(self, name: str) -> str:
+        """Why a join under ``name``, a member's, is refused: naming the holder (its
+        cluster id and address: a second host started under the name, or the process
+        being replaced) and, when the head has not heard from it for longer than a live
+        member stays silent (it pings at least every ``IDLE_TIMEOUT / 6``), for how
+        long: a dead host's connection stays open until the head drops it."""
+        from actorgrad.runtime.worker import IDLE_TIMEOUT
+
+        wid, address, _ = self.members[name]
+        said = f"a worker named {name!r} is already in the cluster (cluster id {wid}, at {address}"
+        now = time.monotonic()
+        heard = [now - c.last_recv for c, n in self.conns.items() if n == name and not c.closed]
+        if heard and min(heard) > IDLE_TIMEOUT / 5:
+            said += (
+                f"; silent for {min(heard):.0f} s: the head drops a member silent for "
+                f"{IDLE_TIMEOUT:g} s"
+            )
+        return said + ")"
 
     def leave(self, name: str) -> None:
         if name in self.members and name != self.worker.name:

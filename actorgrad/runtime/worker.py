@@ -126,7 +126,7 @@ from actorgrad.errors import (
 from actorgrad.runtime import calls, rref, transport
 from actorgrad.runtime.pool import CallPool
 from actorgrad.runtime.procs import env_address, open_files_count, open_files_limit
-from actorgrad.runtime.registry import MAX_ID, Registry, issued_before, valid_name
+from actorgrad.runtime.registry import MAX_ID, NameTaken, Registry, issued_before, valid_name
 from actorgrad.runtime.transport import Connection
 
 log = logging.getLogger("actorgrad.runtime")
@@ -1399,6 +1399,9 @@ class Worker:
             self._early_changes.clear()
             if isinstance(exc, RemoteError) and exc.remote_type == "ValueError":
                 raise ValueError(exc.remote_message) from None
+            if isinstance(exc, RemoteError) and exc.remote_type == type_name(NameTaken):
+                # (its own type: `actorgrad worker --wait` waits for such a name)
+                raise NameTaken(exc.remote_message) from None
             if patient and isinstance(exc, RpcTimeout):
                 # (named as the head that did not answer, not as a call of an internal
                 # function that timed out)
