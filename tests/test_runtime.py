@@ -4642,6 +4642,37 @@ async def test_a_draining_head_refuses_joins_and_still_gives_members_the_member_
         await asyncio.wait_for(stopping, 10)
 
 
+async def test_a_draining_head_takes_a_members_leave():
+    # A member that shuts down tells the head it leaves (``_leave``, one-way), then
+    # closes its connections: a draining head refused the leave as any new call, and
+    # kept the member, in its view and every other member's, until the connection's
+    # close reached it. Here the close is held (a slow one, as over a congested link):
+    # w2, gone, stayed in w3's view, and the head's; now it leaves on its word.
+    async with ag.local_cluster(3) as c:
+        w1, w2, w3 = c.workers
+        head = c.driver
+        assert head.registry is not None
+        (conn,) = [k for k, n in head.registry.conns.items() if n == "w2"]
+        end = conn.transport  # (the head's end: the close waits here)
+        ev = started("driver")
+        busy = asyncio.ensure_future(w1.call("driver", signalled_nap, (30.0,)))
+        await asyncio.wait_for(ev.wait(), 10)
+        stopping = asyncio.ensure_future(head.shutdown(graceful=True, timeout=60))
+        await until(lambda: head._stopping)
+        hold_end(end, reads=False)
+        try:
+            await w2.shutdown()
+            await until(lambda: "w2" not in w3.members, 10)
+            assert "w2" not in head.registry.members and "w2" not in w1.members
+            assert not conn.closed and head._stopping and not stopping.done()
+        finally:
+            release_end(end)
+            head.cut_drain()
+        with pytest.raises(ag.WorkerLost):
+            await asyncio.wait_for(busy, 10)
+        await asyncio.wait_for(stopping, 10)
+
+
 async def test_connecting_to_a_worker_shutting_down_fails_at_once():
     # Its listener still accepts while it drains; the accepted connection was never
     # closed (it had no transport yet): the caller waited out the handshake deadline.

@@ -297,7 +297,9 @@ def _leave(name: str) -> None:
 
     reg = _registry()
     conn = _current_conn.get()
-    if reg.conns.get(conn) == name:
+    # (taken while the head drains; not once it closes, as conn_lost takes none then:
+    # the members hear the head go)
+    if reg.conns.get(conn) == name and not reg.closed:
         reg.leave(name)
 
 

@@ -550,17 +550,20 @@ def natural_key(name: str) -> list[Any]:
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, tuple, dict})
 
 #: The membership's own calls, taken while a worker drains (a graceful shutdown refuses
-#: new calls): a member's view of the cluster as the head pushes it, and the head's
-#: member list for a member whose view lags. Refused, a draining member's view stopped
-#: at its drain, and the calls it let finish used it: one to a worker restarted under
-#: its name meanwhile went to the dead process's address ("cannot connect"), and
-#: ``ag.wait_for_workers`` never saw a worker that joined.
+#: new calls): a member's view of the cluster as the head pushes it, the head's member
+#: list for a member whose view lags, and a member's leave. Refused, a draining member's
+#: view stopped at its drain, and the calls it let finish used it: one to a worker
+#: restarted under its name meanwhile went to the dead process's address ("cannot
+#: connect"), and ``ag.wait_for_workers`` never saw a worker that joined.
 _MEMBERSHIP_CALLS = frozenset(
     {
         "actorgrad.runtime.registry:_member",
         "actorgrad.runtime.registry:_snapshot",
         # (whether a member it cannot reach said it may be silent: see _quiet_left)
         "actorgrad.runtime.registry:_quiet",
+        # (a member's word that it leaves, on a draining head: refused, the head kept
+        # the member, in every member's view too, until its connection's close came)
+        "actorgrad.runtime.registry:_leave",
     }
 )
 
