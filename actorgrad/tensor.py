@@ -69,7 +69,10 @@ __all__ = [
 _new = object.__new__
 _ndarray = np.ndarray
 _INF = math.inf
-_F16 = np.dtype(np.float16)
+# (by the dtype's scalar type: a float16 dtype is not always numpy's cached instance,
+# an array unpickled (multiprocessing, a data loader's queue) has one of its own, and
+# equality missed a big-endian one)
+_F16 = np.float16
 _F32_MAX = float(np.finfo(np.float32).max)
 _SCALARS = (int, float, bool, np.generic)
 
@@ -810,7 +813,7 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
         ad, ar = a._data, a._rg
     elif type(a) is float or type(a) is int:
         ad, ar = a, False
-        if isinstance(b, Tensor) and b._data.dtype is _F16:
+        if isinstance(b, Tensor) and b._data.dtype.type is _F16:
             ad = _widened(a)
     else:
         ad, ar = _operand(cls, a), False
@@ -818,7 +821,7 @@ def _binary(cls: type[Function], a: Any, b: Any) -> Tensor:
         bd, br = b._data, b._rg
     elif type(b) is float or type(b) is int:
         bd, br = b, False
-        if type(ad) is _ndarray and ad.dtype is _F16:
+        if type(ad) is _ndarray and ad.dtype.type is _F16:
             bd = _widened(b)
     else:
         bd, br = _operand(cls, b), False

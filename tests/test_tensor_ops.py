@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 import types
 import warnings
@@ -964,6 +965,26 @@ def test_float16_with_a_python_number_past_float16s_range_computes_as_torch():
             assert got.dtype == np.float16
             np.testing.assert_array_equal(got.data, want)
     np.testing.assert_array_equal((x / 1e300).data, [0, 0])
+
+
+@pytest.mark.parametrize("how", ["unpickled", "big-endian"])
+def test_float16_of_another_dtype_instance_with_a_python_number_computes_as_torch(how):
+    # The float16 check looked for numpy's cached float16 dtype by identity: an array
+    # that came through pickle (multiprocessing, a data loader's queue) has a float16
+    # dtype of its own, and a big-endian one another; both, and every result computed
+    # from them, still cast the number to float16 first (x / 70_000 was 0).
+    ones = np.ones(2, np.float16)
+    data = pickle.loads(pickle.dumps(ones)) if how == "unpickled" else ones.astype(">f2")
+    x = ag.tensor(data, requires_grad=True)
+    for y in (x / 70_000, (x * 1) / 70_000):
+        assert y.dtype == np.float16
+        np.testing.assert_allclose(y.data, np.float16(1 / 70_000), rtol=1e-3)
+    (x / 70_000).sum().backward()
+    np.testing.assert_allclose(x.grad, np.float16(1 / 70_000), rtol=1e-3)
+    np.testing.assert_allclose((1e-7 * x).data, np.float16(1e-7), rtol=1e-3)
+    t = ag.tensor(data)
+    t /= 70_000
+    np.testing.assert_allclose(t.data, np.float16(1 / 70_000), rtol=1e-3)
 
 
 def test_integer_power_errors_other_than_shapes_stay_numpys():
