@@ -1195,6 +1195,58 @@ async def test_the_caches_of_function_names_are_bounded():
         assert await ag.rpc("w1", names[0], (7, 2)) == 9
 
 
+def named_twice() -> int:
+    """A function the next test defines anew under this name."""
+    return 1
+
+
+def test_a_name_defined_anew_while_another_thread_drops_the_cache_gets_its_spec(monkeypatch):
+    # fn_spec of a function defined anew under a name resolved before drops the old
+    # entry of calls._resolve_cache: it read the entry, then deleted it by its key.
+    # fn_spec may run off the loop (a DistributedOptimizer made in a function run in
+    # the pool), and the loop's resolve of a peer's call that reached the cache's bound
+    # meanwhile dropped every "module:name" string, that key among them: the delete
+    # raised KeyError, and failed what was being made, for a cache's sake. (Here the
+    # resolves run in a thread of their own, fn_spec in the test's.)
+    import threading
+
+    from actorgrad.runtime import calls
+
+    name = f"{__name__}:named_twice"
+    saved = dict(calls._resolve_cache)
+    try:
+        assert calls.resolve(name) is named_twice
+        anew = types.FunctionType(named_twice.__code__, named_twice.__globals__)
+        anew.__qualname__ = named_twice.__qualname__
+        monkeypatch.setattr(sys.modules[__name__], "named_twice", anew)
+        unbound = calls._unbound
+
+        def others_resolve() -> None:  # (names enough to reach the bound: dropped)
+            for k in range(calls._NAMES_KEPT + 1):
+                calls.resolve("operator:add" + ".__call__" * k)
+
+        def meanwhile(fn: Any) -> Any:
+            # (between fn_spec's look at the entry and its delete: the other thread's
+            # resolves run to their end)
+            if not others.is_alive() and not ran:
+                ran.append(True)
+                others.start()
+                others.join(60)
+            return unbound(fn)
+
+        others = threading.Thread(target=others_resolve)
+        ran: list[bool] = []
+        monkeypatch.setattr(calls, "_unbound", meanwhile)
+        assert calls.fn_spec(anew) == name
+        assert ran and name not in calls._resolve_cache
+        monkeypatch.setattr(calls, "_unbound", unbound)
+        assert calls.resolve(name) is anew
+    finally:
+        calls._resolve_cache.clear()
+        calls._resolve_cache.update(saved)
+        calls._spec_cache.clear()
+
+
 async def test_unknown_module_or_function_gives_remote_error_naming_it(cluster):
     with pytest.raises(ag.RemoteError) as ei:
         await ag.rpc("w1", "no_such_module_xyz:fn")

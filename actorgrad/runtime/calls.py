@@ -268,7 +268,10 @@ def fn_spec(fn: Any) -> str | list[Any]:
     key = spec if type(spec) is str else tuple(spec)
     old = _resolve_cache.get(key)
     if old is not None and _unbound(old) is not _unbound(fn):
-        del _resolve_cache[key]
+        # (popped, not deleted: fn_spec may run off the loop (a DistributedOptimizer
+        # made in a function run in the pool), and the loop's resolve of a peer's call
+        # that reached the bound meanwhile dropped it already, see _drop_names)
+        _resolve_cache.pop(key, None)
     try:
         _keep_spec(fn, spec)
     except TypeError:  # unhashable callable
@@ -803,7 +806,7 @@ def _forget(folder: str) -> None:
     # the code on disk.
     for key, fn in list(_resolve_cache.items()):
         if type(key) is str and getattr(fn, "__module__", None) in forgotten:
-            del _resolve_cache[key]
+            _resolve_cache.pop(key, None)  # (maybe dropped meanwhile: see fn_spec)
     importlib.invalidate_caches()  # (a module added beside the script meanwhile)
 
 
