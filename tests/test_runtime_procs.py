@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import gc
 import io
@@ -22,6 +23,7 @@ import time
 import types
 import warnings
 import zipfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -1360,12 +1362,65 @@ import asyncio, sys
 import actorgrad as ag
 
 async def main():
-    w = await ag.init("head", token=sys.argv[1])
+    w = await ag.init("head", token=sys.argv[1], port=int(sys.argv[2]))
     print(w.address, flush=True)
     await asyncio.Event().wait()
 
 asyncio.run(main())
 """
+
+
+async def _start_head(token: str, port: int = 0) -> tuple[asyncio.subprocess.Process, str]:
+    """A cluster's head in a process of its own, listening at ``port`` (0: a free one),
+    and its address."""
+    head = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _HEAD,
+        token,
+        str(port),
+        env=dict(os.environ, PYTHONPATH=REPO),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert head.stdout is not None
+        address = (await asyncio.wait_for(head.stdout.readline(), 30)).decode().strip()
+    except BaseException:
+        head.kill()
+        await asyncio.wait_for(head.wait(), 10)
+        raise
+    return head, address
+
+
+@contextlib.asynccontextmanager
+async def _a_head_and_x() -> AsyncIterator[tuple[asyncio.subprocess.Process, str, Any]]:
+    """A head in a process of its own, its address, and worker ``x`` started (not joined)
+    with its token; the head is killed (stopped or not) at the end."""
+    token = "t" * 32
+    head, address = await _start_head(token)
+    x = ag.runtime.Worker("x", token=token)
+    try:
+        await x.start()
+        yield head, address, x
+    finally:
+        await x.shutdown()
+        head.kill()  # (stopped or not)
+        await asyncio.wait_for(head.wait(), 10)
+
+
+def _stop_as_the_join_is_sent(x: Any, head: asyncio.subprocess.Process) -> asyncio.Event:
+    """Stop ``head``'s process (SIGSTOP) as worker ``x`` sends its request (the join's);
+    the event returned is set then."""
+    call_on = x.call_on
+    sent = asyncio.Event()
+
+    async def the_head_stops_as_it_is_sent(conn: Any, target: Any, *a: Any, **kw: Any) -> Any:
+        os.kill(head.pid, signal.SIGSTOP)
+        sent.set()
+        return await call_on(conn, target, *a, **kw)
+
+    x.call_on = the_head_stops_as_it_is_sent
+    return sent
 
 
 async def test_a_join_to_a_head_stopped_right_after_the_handshake_says_it_did_not_answer(
@@ -1378,16 +1433,8 @@ async def test_a_join_to_a_head_stopped_right_after_the_handshake_says_it_did_no
     from actorgrad.runtime import transport
 
     token = "t" * 32
-    head = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _HEAD,
-        token,
-        env=dict(os.environ, PYTHONPATH=REPO),
-        stdout=subprocess.PIPE,
-    )
+    head, address = await _start_head(token)
     try:
-        address = (await asyncio.wait_for(head.stdout.readline(), 30)).decode().strip()
         handshake = transport.handshake
 
         async def then_the_head_stops(conn: Any, tok: str, **kw: Any) -> None:
@@ -1421,28 +1468,8 @@ async def test_a_join_told_to_wait_waits_out_a_head_stopped_once_its_request_lef
     # sent ("worker '_head' sent nothing for 3 s"), --wait or not, and the head, once it
     # went on, took it and heard it leave at once. It waits for the head now, on that
     # connection, and is taken once, when the head goes on.
-    token = "t" * 32
-    head = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _HEAD,
-        token,
-        env=dict(os.environ, PYTHONPATH=REPO),
-        stdout=subprocess.PIPE,
-    )
-    x = ag.runtime.Worker("x", token=token)
-    try:
-        address = (await asyncio.wait_for(head.stdout.readline(), 30)).decode().strip()
-        await x.start()
-        call_on = x.call_on
-        sent = asyncio.Event()
-
-        async def the_head_stops_as_it_is_sent(conn: Any, target: Any, *a: Any, **kw: Any) -> Any:
-            os.kill(head.pid, signal.SIGSTOP)
-            sent.set()
-            return await call_on(conn, target, *a, **kw)
-
-        x.call_on = the_head_stops_as_it_is_sent  # type: ignore[method-assign]
+    async with _a_head_and_x() as (head, address, x):
+        sent = _stop_as_the_join_is_sent(x, head)
         joining = asyncio.ensure_future(rcluster._join_when_up(x, address, "", 120))
         try:
             await asyncio.wait_for(sent.wait(), 30)
@@ -1456,35 +1483,13 @@ async def test_a_join_told_to_wait_waits_out_a_head_stopped_once_its_request_lef
         # (one change in the head's registry: x's join, no leave before it)
         version, members = await x.call("head", "actorgrad.runtime.registry:_snapshot", timeout=10)
         assert version == 1 and sorted(members) == ["head", "x"]
-    finally:
-        await x.shutdown()
-        head.kill()  # (stopped or not)
-        await asyncio.wait_for(head.wait(), 10)
 
 
 async def test_a_join_told_to_wait_names_the_head_still_silent_at_its_deadline():
     # (the deadline of a join whose head did not answer: said as the head's silence,
     # with the wait, not as an internal call that timed out)
-    token = "t" * 32
-    head = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _HEAD,
-        token,
-        env=dict(os.environ, PYTHONPATH=REPO),
-        stdout=subprocess.PIPE,
-    )
-    x = ag.runtime.Worker("x", token=token)
-    try:
-        address = (await asyncio.wait_for(head.stdout.readline(), 30)).decode().strip()
-        await x.start()
-        call_on = x.call_on
-
-        async def the_head_stops_as_it_is_sent(conn: Any, target: Any, *a: Any, **kw: Any) -> Any:
-            os.kill(head.pid, signal.SIGSTOP)
-            return await call_on(conn, target, *a, **kw)
-
-        x.call_on = the_head_stops_as_it_is_sent  # type: ignore[method-assign]
+    async with _a_head_and_x() as (head, address, x):
+        _stop_as_the_join_is_sent(x, head)
         with pytest.raises(
             ag.WorkerLost,
             match=rf"^the cluster's head at {re.escape(address)} took the connection but did "
@@ -1493,23 +1498,6 @@ async def test_a_join_told_to_wait_names_the_head_still_silent_at_its_deadline()
         ):
             await asyncio.wait_for(rcluster._join_when_up(x, address, "", 6), 30)
         assert not x.members and x.registry_conn is None and x.joining_conn is None
-    finally:
-        await x.shutdown()
-        head.kill()  # (stopped or not)
-        await asyncio.wait_for(head.wait(), 10)
-
-
-_HEAD_AT = """
-import asyncio, sys
-import actorgrad as ag
-
-async def main():
-    w = await ag.init("head", token=sys.argv[1], port=int(sys.argv[2]))
-    print(w.address, flush=True)
-    await asyncio.Event().wait()
-
-asyncio.run(main())
-"""
 
 
 async def test_a_join_told_to_wait_joins_a_head_restarted_once_its_request_left():
@@ -1522,22 +1510,10 @@ async def test_a_join_told_to_wait_joins_a_head_restarted_once_its_request_left(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
 
-    async def start_head() -> tuple[asyncio.subprocess.Process, str]:
-        head = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            _HEAD_AT,
-            token,
-            str(port),
-            env=dict(os.environ, PYTHONPATH=REPO),
-            stdout=subprocess.PIPE,
-        )
-        return head, (await asyncio.wait_for(head.stdout.readline(), 30)).decode().strip()
-
     heads = []
     x = ag.runtime.Worker("x", token=token)
     try:
-        head, address = await start_head()
+        head, address = await _start_head(token, port)
         heads.append(head)
         await x.start()
         call_on = x.call_on
@@ -1553,7 +1529,7 @@ async def test_a_join_told_to_wait_joins_a_head_restarted_once_its_request_left(
         joining = asyncio.ensure_future(rcluster._join_when_up(x, address, "", 120))
         await asyncio.wait_for(sent.wait(), 30)
         await asyncio.wait_for(head.wait(), 10)
-        heads.append((await start_head())[0])
+        heads.append((await _start_head(token, port))[0])
         await asyncio.wait_for(joining, 30)
         assert sorted(x.members) == ["head", "x"]
         version, members = await x.call("head", "actorgrad.runtime.registry:_snapshot", timeout=10)
