@@ -2709,6 +2709,49 @@ async def test_an_rref_release_lost_with_its_connection_is_sent_again_and_taken_
         await until(lambda: not w1.owned, 10)
 
 
+async def test_an_rref_release_read_again_on_a_connection_that_then_closes_is_acknowledged(
+    monkeypatch,
+):
+    # The holder sent a release again on a new connection (the old one broke on its
+    # side) and the owner read it there, then read the first copy, left unread in the
+    # old connection's socket, just before that one closed. The acknowledgement was
+    # to go on the connection of the latest copy, closed by then: none went, and the
+    # holder kept the release unacknowledged for good (nothing it does sends it again
+    # but another break), with the owner's other connection with it open.
+    async with ag.local_cluster(1, transport="unix") as c:
+        driver, w1 = c.driver, c.workers[0]
+        dropped = await ag.remote("w1", make_counter, (1,))
+        gone = dropped._rid
+        await asyncio.sleep(0)  # (the loop's last handle, the reply's wake-up, held it)
+        out = driver._out["w1"]
+        here = out.transport.get_extra_info("sockname")
+        (theirs,) = [
+            conn
+            for conn in w1._conns
+            if conn.peer_name == "driver"
+            and not conn.outgoing
+            and conn.transport.get_extra_info("peername") == here
+        ]
+        theirs.transport.pause_reading()  # (what comes now waits in its socket)
+        dropped_ref = weakref.ref(dropped)
+        del dropped
+        assert dropped_ref() is None
+        await until(lambda: _unread_bytes(theirs) > 0, 5)  # (the release, unread)
+        unacked = driver._rref_releases[("w1", w1.id)].unacked
+        assert [rid for _, rid in unacked] == [gone]
+        out.transport.abort()  # (the holder's end: it sends the release again)
+        await until(lambda: out.closed, 5)
+        # (taken from the copy sent again, on a new connection)
+        await until(lambda: gone not in w1.owned, 10)
+        again = driver._out["w1"]
+        assert again is not out and not again.closed
+        theirs.transport.resume_reading()  # (the first copy, then the close)
+        await until(lambda: theirs.closed, 5)
+        assert w1._rref_seen[("driver", driver.id)].low == 1
+        await until(lambda: not unacked, 5)  # (no event for it)
+        assert not again.closed
+
+
 async def test_rref_releases_are_acknowledged_and_forgotten_by_their_holder(cluster):
     # (the holder keeps a release until its owner acknowledges it: a holder that drops
     # many RRefs keeps none of them for long)

@@ -368,14 +368,32 @@ def _send_acks(worker: Worker) -> None:
     for holder, conn in acks.items():
         seen = worker._rref_seen.get(holder)
         # (on the connection the releases came on: no new connection to the holder for
-        # it. One closed since: lost, the holder sends its releases again, see
-        # conn_lost, and they are acknowledged then)
-        if seen is not None and conn is not None and not conn.closed:
+        # it. One closed since: on another open one with that process, if any, see
+        # _ack_conn; with none, the holder sends its releases again once it sees its
+        # connections close, see conn_lost, and they are acknowledged then)
+        if seen is not None and (conn := _ack_conn(worker, holder, conn)) is not None:
             worker.notify_on(
                 conn,
                 "actorgrad.runtime.rref:_released",
                 (worker.name, worker.id, holder[1], seen.low),
             )
+
+
+def _ack_conn(worker: Worker, holder: Key, conn: Any) -> Any:
+    """The connection to acknowledge ``holder``'s releases on: ``conn``, the one the
+    latest came on, while it is open, else another open one with that process.
+
+    The latest may be a copy read on a connection that closed since, the holder having
+    sent it again on a new one once its side of the old one had broken, and that new
+    copy read first: acknowledged on neither, the holder kept those releases until it
+    released another RRef of this owner (whose acknowledgement covers them) or another
+    connection broke; for good, if neither came."""
+    if conn is not None and not conn.closed and not conn.bye_read:
+        return conn
+    for c in worker._conns:
+        if c.peer_name == holder[0] and c.peer_id == holder[1] and not c.closed and not c.bye_read:
+            return c
+    return None
 
 
 #: Seconds between attempts to send a peer the RRef messages it could not be sent.
