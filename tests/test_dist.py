@@ -4065,6 +4065,60 @@ async def test_a_context_takes_the_new_process_it_called_though_the_membership_l
                 await new.shutdown()
 
 
+async def test_a_backward_reaching_the_new_process_of_a_replaced_peer_fails_with_its_loss(
+    monkeypatch,
+):
+    # Found by a soak with workers killed and replaced under the same name: driver ->
+    # w1 -> w2; w2 dies and a new process joins as w2 (at its address), which w1 has
+    # not heard of yet (its membership update late). w1's check of its peers' ids saw
+    # the old id, and its gradient message reached the new w2, which does not know the
+    # context: backward failed with ContextError "unknown or released on worker 'w2'",
+    # which reads as a misused context id. It is the loss of w2 that held part of the
+    # graph: WorkerLost, as when a peer's replacement is seen before the pass.
+    xv = arr(3)
+    async with ag.local_cluster(2, transport="tcp") as c:
+        head, w1, w2 = c.driver, *c.workers
+        port = int(w2.address.rpartition(":")[2])
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        await ag.rpc("w2", F.put, ("w", arr(3)))
+        x = ag.tensor(xv, requires_grad=True)
+        new = None
+        try:
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("w1", F.nested_mul, (["w2"], "w", x))
+                held: list[tuple] = []
+                apply = w1._apply_member
+
+                def late(version, name, entry):
+                    if name == "w2" or held:
+                        held.append((version, name, entry))
+                    else:
+                        apply(version, name, entry)
+
+                monkeypatch.setattr(w1, "_apply_member", late)
+                for conn in {*w2._conns, *w2._out.values()}:
+                    conn.abort(None)  # (as a killed process: no goodbye)
+                await w2.shutdown(graceful=False)
+                new = rworker.Worker(
+                    "w2", token=head.token, transport_kind="tcp", port=port, local_sockets=False
+                )
+                await new.start()
+                await new.join(head.address)
+                assert w1.members["w2"][0] == w2.id != new.id  # (w1's view lags)
+                with pytest.raises(ag.WorkerLost) as err:
+                    await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+                assert err.value.peer == "w2"
+                assert str(err.value) == (
+                    f"worker 'w2' was lost while it held part of the graph of distributed "
+                    f"autograd context {ctx:#x}, and another process joined under its name; "
+                    "it does not hold that part, so the context cannot use it: start a new "
+                    "context (the backward pass reached the new process, from worker 'w1')"
+                )
+        finally:
+            if new is not None:
+                await new.shutdown()
+
+
 @pytest.mark.parametrize("mode", ["inproc", "tcp", "processes"])
 async def test_a_membership_refresh_in_a_context_does_not_make_the_head_refuse_a_worker(mode):
     # w1's hello on its registry connection came before it had joined (id 0), and the

@@ -1027,6 +1027,24 @@ def _deliver(
     checked = False  # past the protocol's checks of the message: the graph runs
     try:
         if ctx is None:
+            if not st.released_here(ctx_id):
+                # A gradient message goes only to a worker that holds an end of a pair
+                # of the sender's (or is its relay's target): one that joined the
+                # context. Not knowing it, never released here: this process is not the
+                # one the sender exchanged tensors with. That one was lost, and this one
+                # joined under its name, the sender's view not showing it yet (its
+                # membership update late: check_peers saw the old id). A ContextError
+                # ("unknown or released") read as a misused context id. (Or a release
+                # here that RELEASED_MEMORY contexts pushed out: a message that late
+                # belongs to a pass long over, its report dropped at the origin.)
+                raise WorkerLost(
+                    f"worker {st.worker.name!r} was lost while it held part of the graph "
+                    f"of distributed autograd context {ctx_id:#x}, and another process "
+                    "joined under its name; it does not hold that part, so the context "
+                    "cannot use it: start a new context (the backward pass reached the "
+                    f"new process, from worker {sender!r})",
+                    peer=st.worker.name,
+                )
             raise ContextError(
                 f"distributed autograd context {ctx_id:#x} is unknown or released on "
                 f"worker {st.worker.name!r}"
