@@ -1232,10 +1232,14 @@ async def test_a_context_id_not_made_by_its_named_initiator_is_refused_so(sock_c
     forged = ((sock_cluster.driver.id + 9) << CONTEXT_ID_BITS) | 5
     err = await _raw_call_error(sock_cluster, [forged, "driver", [3]], msgpack.packb([[1], None]))
     assert err.remote_type == "actorgrad.errors.ContextError"
+    # (an id issued after the driver's: a process that joined under its name since,
+    # not heard of yet, or a forged id; an earlier one is that of a process replaced)
     assert (
-        f"context {forged:#x} was not made by the worker 'driver' of this cluster: the id "
-        f"is of cluster id {sock_cluster.driver.id + 9}, 'driver' has cluster id "
-        f"{sock_cluster.driver.id} (an earlier process of that name, or a forged id)"
+        f"context {forged:#x} is of cluster id {sock_cluster.driver.id + 9}, issued after "
+        f"that of the process worker 'w1' knows as 'driver' (cluster id "
+        f"{sock_cluster.driver.id}): made by a process that joined under that name since, "
+        "which 'w1' has not heard of yet (its news comes from the cluster's head: retry a "
+        "moment later), or a forged id; the call is refused"
     ) in str(err), err
     assert not state_of(_target(sock_cluster)).contexts  # (w1 kept none of it)
     await valid_client_works(sock_cluster)

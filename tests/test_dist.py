@@ -4119,6 +4119,63 @@ async def test_a_backward_reaching_the_new_process_of_a_replaced_peer_fails_with
                 await new.shutdown()
 
 
+async def test_a_context_of_a_new_process_reaching_a_worker_that_knows_the_old_one_says_so(
+    monkeypatch,
+):
+    # Found by a soak with workers replaced under the same name: a context started by
+    # a process that joined under the name of one that left reached w1 before w1 read
+    # the head's word of the leave and the join. w1 refused it (taken in, the old one's
+    # leave would reclaim it: that goes by name), saying it was made by "an earlier
+    # process of that name, or a forged id": the opposite of what happened. Ids are
+    # issued in turn: a newer one tells w1 it has not heard of the join yet (retry).
+    xv, wv = arr(3), arr(3)
+    async with ag.local_cluster(2, transport="tcp") as c:
+        head, w1 = c.driver, c.workers[0]
+        await ag.rpc("w1", F.put, ("w", wv))
+        old = rworker.Worker("t", token=head.token, transport_kind="tcp")
+        await old.start()
+        await old.join(head.address)
+        await ag.wait_for_workers(["t"])
+        await until(lambda: "t" in w1.members)
+        held: list[tuple] = []
+        apply = w1._apply_member
+
+        def late(version, name, entry):
+            if name == "t" or held:
+                held.append((version, name, entry))
+            else:
+                apply(version, name, entry)
+
+        monkeypatch.setattr(w1, "_apply_member", late)
+        await old.shutdown()
+        new = rworker.Worker("t", token=head.token, transport_kind="tcp")
+        await new.start()
+        try:
+            await new.join(head.address)
+            assert w1.members["t"][0] == old.id != new.id  # (w1's view lags)
+            with pytest.raises(ag.RemoteError) as err:
+                await asyncio.wait_for(ag.rpc("t", F.own_context_backward, ("w1", "w", xv)), 10)
+            assert err.value.remote_type == "actorgrad.errors.ContextError"
+            msg = err.value.remote_message
+            assert (
+                f"is of cluster id {new.id}, issued after that of the process worker 'w1' "
+                f"knows as 't' (cluster id {old.id}): made by a process that joined under "
+                "that name since, which 'w1' has not heard of yet (its news comes from the "
+                "cluster's head: retry a moment later), or a forged id; the call is refused"
+            ) in msg, msg
+            assert "earlier process" not in msg
+            # (once w1 has the news, the retry goes through)
+            monkeypatch.setattr(w1, "_apply_member", apply)
+            for change in held:
+                apply(*change)
+            held.clear()
+            await until(lambda: w1.members.get("t", (None,))[0] == new.id)
+            g = await asyncio.wait_for(ag.rpc("t", F.own_context_backward, ("w1", "w", xv)), 10)
+            np.testing.assert_allclose(g, wv, rtol=1e-12)
+        finally:
+            await new.shutdown()
+
+
 @pytest.mark.parametrize("mode", ["inproc", "tcp", "processes"])
 async def test_a_membership_refresh_in_a_context_does_not_make_the_head_refuse_a_worker(mode):
     # w1's hello on its registry connection came before it had joined (id 0), and the

@@ -38,7 +38,7 @@ import numpy as np
 from actorgrad.autograd import Node, add, grad_enabled, grad_node, is_unused
 from actorgrad.errors import ContextError, ProtocolError, WorkerLost, short_repr
 from actorgrad.runtime import worker as _runtime
-from actorgrad.runtime.registry import LOCAL_ID_BITS, MAX_ID
+from actorgrad.runtime.registry import LOCAL_ID_BITS, MAX_ID, issued_before
 from actorgrad.tensor import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -597,6 +597,24 @@ class DistState:
                 )
             member = worker.members.get(initiator)
             if member is not None and member[0] != creator:
+                if issued_before(member[0], creator):
+                    # A process that joined under the name after the one known here (ids
+                    # are issued in turn): this worker has not read the head's word of
+                    # the old one's leave and the new one's join yet (a link to the head
+                    # slower than to the new process, or its updates behind the in-flight
+                    # cap). Refused all the same: taken in, the context would be
+                    # reclaimed when that leave is read (it goes by name: see
+                    # _on_peer_lost). It read "an earlier process of that name, or a
+                    # forged id", the opposite of what happened. (A forged id can be
+                    # newer too: this worker cannot tell; the message says both.)
+                    raise ContextError(
+                        f"distributed autograd context {ctx_id:#x} is of cluster id "
+                        f"{creator}, issued after that of the process worker {worker.name!r} "
+                        f"knows as {initiator!r} (cluster id {member[0]}): made by a process "
+                        f"that joined under that name since, which {worker.name!r} has not "
+                        "heard of yet (its news comes from the cluster's head: retry a "
+                        "moment later), or a forged id; the call is refused"
+                    )
                 # (an earlier process of that name, replaced since, or a forged id)
                 raise ContextError(
                     f"distributed autograd context {ctx_id:#x} was not made by the "
