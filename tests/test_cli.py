@@ -2067,7 +2067,9 @@ def test_a_ctrl_c_to_run_once_its_script_ended_forces_the_clusters_stop(tmp_path
     script.write_text(BLOCKED_WORKER_SCRIPT)
     r = Running("run", "-n", "1", str(script))
     try:
-        assert "did not exit within 3 s" in "".join(stderr_until(r, "did not exit within 3 s"))
+        said = "".join(stderr_until(r, "did not exit within"))
+        # (3 s, or a little more on a loaded machine: see WorkerProcesses.stop)
+        assert re.search(r"did not exit within 3(\.\d)? s", said), said
         pids = descendants(r.proc.pid)
         r.proc.send_signal(signal.SIGINT)
         assert "SIGINT: forcing the cluster down" in "".join(stderr_until(r, "forcing"))
@@ -2116,7 +2118,9 @@ def test_a_signal_to_run_once_its_scripts_group_is_gone_signals_no_group(tmp_pat
     program = patched_cli(f"exec({KILLPG_OF_NOTHING!r})")
     r = Running("run", "-n", "1", str(script), program=program)
     try:
-        assert "did not exit within 3 s" in "".join(stderr_until(r, "did not exit within 3 s"))
+        said = "".join(stderr_until(r, "did not exit within"))
+        # (3 s, or a little more on a loaded machine: see WorkerProcesses.stop)
+        assert re.search(r"did not exit within 3(\.\d)? s", said), said
         r.proc.send_signal(signal.SIGINT)
         said = "".join(stderr_until(r, "forcing"))
         assert "SIGINT: forcing the cluster down" in said
@@ -2304,9 +2308,12 @@ def test_run_says_when_it_terminates_a_worker_that_did_not_exit(tmp_path: Path) 
     r = run_cli("run", "-n", "1", str(script))
     assert r.returncode == 0, r.stderr
     pid = int(r.stdout.split()[-1])
-    assert r.stderr.strip() == (
-        "actorgrad: worker process w1 did not exit within 3 s of the shutdown: terminating it"
-    )
+    # (3 s, or a little more on a loaded machine: see WorkerProcesses.stop)
+    assert re.fullmatch(
+        r"actorgrad: worker process w1 did not exit within 3(\.\d)? s of the shutdown: "
+        "terminating it",
+        r.stderr.strip(),
+    ), r.stderr
     assert wait_gone({pid}, 10) == set()
 
 
