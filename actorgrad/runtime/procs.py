@@ -278,7 +278,8 @@ BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"
 #: glibc malloc settings of processes running a worker (see tune_malloc)
 MALLOC_MMAP_THRESHOLD = 32 * 1024 * 1024
 MALLOC_TRIM_THRESHOLD = 256 * 1024 * 1024
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+MALLOC_ARENA_MAX = 2
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt (malloc.h)
 _malloc_tuned: list[bool] = []
 
 
@@ -345,9 +346,21 @@ def tune_malloc() -> bool:
     allocation page-faults and zero-fills again: 63 page faults per step of the chain
     benchmark on each worker, a quarter of its CPU time. So a process running a worker
     (``local_cluster``, ``init``, worker processes) maps only blocks of 32 MiB and more
-    and trims the heap only above 256 MiB free. Linux/glibc only; a no-op when
-    ``ACTORGRAD_MALLOC_TUNING=0`` or a ``MALLOC_MMAP_THRESHOLD_`` /
-    ``MALLOC_TRIM_THRESHOLD_`` of the user's is set. Returns whether it applied."""
+    and trims the heap only above 256 MiB free.
+
+    And it uses 2 malloc arenas at most (``MALLOC_ARENA_MAX``; glibc's default is 8 per
+    core): the trim threshold holds for each arena, and each thread of the worker's
+    pool (8) got one of its own, which kept the most that thread had ever had
+    allocated at once (``malloc_trim`` does not give back the top of these arenas
+    either). Their sum grew for minutes: in a worker process of a no-chaos RRef and
+    parameter-server workload, from 99 to 130 MB between 30 s and 570 s (11 arenas, 8
+    of them of 7-9 MB, nearly all free), against 79 to 85 MB with 2 arenas, at the
+    same step rate (docs/limits.md, Process settings). A ``MALLOC_ARENA_MAX`` of the
+    user's is left as it is.
+
+    Linux/glibc only; a no-op when ``ACTORGRAD_MALLOC_TUNING=0`` or a
+    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` of the user's is set.
+    Returns whether it applied."""
     if _malloc_tuned:
         return _malloc_tuned[0]
     ok = False
@@ -363,6 +376,8 @@ def tune_malloc() -> bool:
             ok = bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(
                 mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
             )
+            if ok and not os.environ.get("MALLOC_ARENA_MAX"):
+                ok = bool(mallopt(_M_ARENA_MAX, MALLOC_ARENA_MAX))
         except (OSError, AttributeError):  # not glibc
             ok = False
     _malloc_tuned.append(ok)
