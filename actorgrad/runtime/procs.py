@@ -278,7 +278,7 @@ BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"
 #: glibc malloc settings of processes running a worker (see tune_malloc)
 MALLOC_MMAP_THRESHOLD = 32 * 1024 * 1024
 MALLOC_TRIM_THRESHOLD = 256 * 1024 * 1024
-MALLOC_ARENA_MAX = 2
+MALLOC_ARENA_MAX = 1
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt (malloc.h)
 _malloc_tuned: list[bool] = []
 
@@ -348,15 +348,17 @@ def tune_malloc() -> bool:
     (``local_cluster``, ``init``, worker processes) maps only blocks of 32 MiB and more
     and trims the heap only above 256 MiB free.
 
-    And it uses 2 malloc arenas at most (``MALLOC_ARENA_MAX``; glibc's default is 8 per
+    And it uses one malloc arena (``MALLOC_ARENA_MAX=1``; glibc's default is 8 per
     core): the trim threshold holds for each arena, and each thread of the worker's
     pool (8) got one of its own, which kept the most that thread had ever had
     allocated at once (``malloc_trim`` does not give back the top of these arenas
     either). Their sum grew for minutes: in a worker process of a no-chaos RRef and
     parameter-server workload, from 99 to 130 MB between 30 s and 570 s (11 arenas, 8
-    of them of 7-9 MB, nearly all free), against 79 to 85 MB with 2 arenas, at the
-    same step rate (docs/limits.md, Process settings). A ``MALLOC_ARENA_MAX`` of the
-    user's is left as it is.
+    of them of 7-9 MB, nearly all free). With 2 arenas: 79 to 90 MB, by steps; with
+    one: 75 MB at 30 s, 77 MB from 270 s to 480 s, at the same step rate
+    (docs/limits.md, Process settings). Python code holds the GIL, so the threads
+    hardly contend for the one arena. A ``MALLOC_ARENA_MAX`` of the user's is left as
+    it is.
 
     Linux/glibc only; a no-op when ``ACTORGRAD_MALLOC_TUNING=0`` or a
     ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` of the user's is set.

@@ -99,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         open_std_fds,
         output_prefix,
         prefix_output,
+        tune_malloc,
     )
 
+    # first: glibc fixes its count of malloc arenas at the first one a thread asks for
+    # (leave_with's thread, below), so a cap set later leaves that arena beside it
+    tune_malloc()
     open_std_fds()  # (before leave_with's pidfd: it took a closed stdout's place)
     args = ap.parse_args(argv)
     prefix_output(output_prefix(args.name))  # ("[w1] " before each line it prints)
@@ -123,10 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     forget_env_token()  # (as the join key above)
     from actorgrad.runtime.cluster import run, serve_worker
-    from actorgrad.runtime.procs import flush_output, open_files_limit, tune_malloc
+    from actorgrad.runtime.procs import flush_output, open_files_limit
     from actorgrad.runtime.worker import HEAD_SHUT_DOWN, head_lost
 
-    tune_malloc()
     open_files_limit(raise_to_hard=True)
 
     async def serve() -> str | None:
