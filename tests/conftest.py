@@ -425,3 +425,46 @@ if _FUZZ_SEED:
         fuzz_order.reseed(int(_FUZZ_SEED), item.nodeid)
         if _FUZZ_STREAMS:
             fuzz_order.reseed_streams(int(_FUZZ_SEED), item.nodeid)
+
+
+@contextlib.asynccontextmanager
+async def replaced_unheard(
+    head: Any, w: Any, monkeypatch: pytest.MonkeyPatch, name: str = "t"
+) -> AsyncIterator[tuple[Any, Any, Callable[[], None]]]:
+    """A worker ``name`` joins the cluster of ``head`` (an in-process driver over TCP)
+    and leaves, and a new process joins under its name, while worker ``w`` holds back
+    the head's news of ``name`` (its link to the head slower than to the new process):
+    yields (the old worker, the new one, ``deliver``), which hands ``w`` the news held
+    (and what came after it) and lets the rest through; the new one is shut down at the
+    end. (For the races of a same-name replacement: soaks with workers replaced.)"""
+    from actorgrad.runtime.worker import Worker
+
+    old = Worker(name, token=head.token, transport_kind="tcp")
+    await old.start()
+    await old.join(head.address)
+    await ag.wait_for_workers([name])
+    await until(lambda: name in w.members)
+    held: list[tuple[Any, ...]] = []
+    apply = w._apply_member
+
+    def late(version: int, who: str, entry: Any) -> None:
+        if who == name or held:  # (what comes after the held news waits behind it)
+            held.append((version, who, entry))
+        else:
+            apply(version, who, entry)
+
+    def deliver() -> None:
+        monkeypatch.setattr(w, "_apply_member", apply)
+        for change in held:
+            apply(*change)
+        held.clear()
+
+    monkeypatch.setattr(w, "_apply_member", late)
+    await old.shutdown()
+    new = Worker(name, token=head.token, transport_kind="tcp")
+    await new.start()
+    try:
+        await new.join(head.address)
+        yield old, new, deliver
+    finally:
+        await new.shutdown()

@@ -29,6 +29,7 @@ from conftest import (
     hold_end,
     on_uvloop,
     release_end,
+    replaced_unheard,
     traced_memory,
     until,
 )
@@ -4132,26 +4133,7 @@ async def test_a_context_of_a_new_process_reaching_a_worker_that_knows_the_old_o
     async with ag.local_cluster(2, transport="tcp") as c:
         head, w1 = c.driver, c.workers[0]
         await ag.rpc("w1", F.put, ("w", wv))
-        old = rworker.Worker("t", token=head.token, transport_kind="tcp")
-        await old.start()
-        await old.join(head.address)
-        await ag.wait_for_workers(["t"])
-        await until(lambda: "t" in w1.members)
-        held: list[tuple] = []
-        apply = w1._apply_member
-
-        def late(version, name, entry):
-            if name == "t" or held:
-                held.append((version, name, entry))
-            else:
-                apply(version, name, entry)
-
-        monkeypatch.setattr(w1, "_apply_member", late)
-        await old.shutdown()
-        new = rworker.Worker("t", token=head.token, transport_kind="tcp")
-        await new.start()
-        try:
-            await new.join(head.address)
+        async with replaced_unheard(head, w1, monkeypatch) as (old, new, deliver):
             assert w1.members["t"][0] == old.id != new.id  # (w1's view lags)
             with pytest.raises(ag.RemoteError) as err:
                 await asyncio.wait_for(ag.rpc("t", F.own_context_backward, ("w1", "w", xv)), 10)
@@ -4165,15 +4147,10 @@ async def test_a_context_of_a_new_process_reaching_a_worker_that_knows_the_old_o
             ) in msg, msg
             assert "earlier process" not in msg
             # (once w1 has the news, the retry goes through)
-            monkeypatch.setattr(w1, "_apply_member", apply)
-            for change in held:
-                apply(*change)
-            held.clear()
+            deliver()
             await until(lambda: w1.members.get("t", (None,))[0] == new.id)
             g = await asyncio.wait_for(ag.rpc("t", F.own_context_backward, ("w1", "w", xv)), 10)
             np.testing.assert_allclose(g, wv, rtol=1e-12)
-        finally:
-            await new.shutdown()
 
 
 @pytest.mark.parametrize("mode", ["inproc", "tcp", "processes"])

@@ -12,7 +12,7 @@ import types
 import dist_fns as F
 import numpy as np
 import pytest
-from conftest import assert_no_cycles
+from conftest import assert_no_cycles, replaced_unheard
 
 import actorgrad as ag
 
@@ -575,41 +575,19 @@ async def test_a_load_driven_by_a_new_process_of_a_name_survives_the_word_of_the
     # driver's part, and the load failed on that owner ("its driver, worker 't', was
     # lost (it left the cluster)") after the other owner had loaded.
     from actorgrad.dist import optimizer as dopt
-    from actorgrad.runtime import worker as rworker
 
     async with ag.local_cluster(2, transport="tcp") as c:
         head, w1 = c.driver, c.workers[0]
         refs, opt = await _two_owner_sgd()
         saved = await opt.state_dict()
-        old = rworker.Worker("t", token=head.token, transport_kind="tcp")
-        await old.start()
-        await old.join(head.address)
-        await ag.wait_for_workers(["t"])
         # w1 reads the head's news of "t" late: its leave and the new one's join
-        held: list[tuple] = []
-        apply = w1._apply_member
-
-        def late(version, name, entry):
-            if name == "t" or held:
-                held.append((version, name, entry))
-            else:
-                apply(version, name, entry)
-
-        monkeypatch.setattr(w1, "_apply_member", late)
-        await old.shutdown()
-        new = rworker.Worker("t", token=head.token, transport_kind="tcp")
-        await new.start()
-        try:
-            await new.join(head.address)
+        async with replaced_unheard(head, w1, monkeypatch) as (old, new, deliver):
             put = dopt._Stages.put
 
             def news_once_staged(self, *args, **kwargs):
                 put(self, *args, **kwargs)
-                if self.worker is w1 and held:  # (the news comes between the rounds)
-                    monkeypatch.setattr(w1, "_apply_member", apply)
-                    for change in held:
-                        apply(*change)
-                    held.clear()
+                if self.worker is w1:  # (the news comes between the rounds)
+                    deliver()
 
             monkeypatch.setattr(dopt._Stages, "put", news_once_staged)
             assert await ag.rpc("t", _load_from_here, (refs, saved)) == "loaded"
@@ -617,8 +595,6 @@ async def test_a_load_driven_by_a_new_process_of_a_name_survives_the_word_of_the
             for owner in ("w1", "w2"):
                 info = await ag.rpc(owner, F.debug_info)
                 assert (info["num_staged_loads"], info["staged_load_bytes"]) == (0, 0), info
-        finally:
-            await new.shutdown()
 
 
 async def test_an_optimizer_released_with_a_load_staged_for_it_goes_with_it(monkeypatch):
