@@ -2660,6 +2660,19 @@ def _unread_bytes(conn) -> int:
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
+def _far_end(out, w, opener: str = "driver"):
+    """Worker ``w``'s end of connection ``out``, which worker ``opener`` opened to it."""
+    here = out.transport.get_extra_info("sockname")
+    (theirs,) = [
+        conn
+        for conn in w._conns
+        if conn.peer_name == opener
+        and not conn.outgoing
+        and conn.transport.get_extra_info("peername") == here
+    ]
+    return theirs
+
+
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 async def test_an_rref_release_lost_with_its_connection_is_sent_again_and_taken_once(
     kind, monkeypatch
@@ -2684,14 +2697,7 @@ async def test_an_rref_release_lost_with_its_connection_is_sent_again_and_taken_
         assert again_ref() is None
         await until(lambda: w1.owned[held].holders[("driver", driver.id)] == 1, 5)
         out = driver._out["w1"]
-        here = out.transport.get_extra_info("sockname")
-        (theirs,) = [
-            conn
-            for conn in w1._conns
-            if conn.peer_name == "driver"
-            and not conn.outgoing
-            and conn.transport.get_extra_info("peername") == here
-        ]
+        theirs = _far_end(out, w1)
         theirs.transport.pause_reading()  # (what comes now waits in its socket)
         dropped_ref = weakref.ref(dropped)
         del dropped
@@ -2724,14 +2730,7 @@ async def test_an_rref_release_read_again_on_a_connection_that_then_closes_is_ac
         gone = dropped._rid
         await asyncio.sleep(0)  # (the loop's last handle, the reply's wake-up, held it)
         out = driver._out["w1"]
-        here = out.transport.get_extra_info("sockname")
-        (theirs,) = [
-            conn
-            for conn in w1._conns
-            if conn.peer_name == "driver"
-            and not conn.outgoing
-            and conn.transport.get_extra_info("peername") == here
-        ]
+        theirs = _far_end(out, w1)
         theirs.transport.pause_reading()  # (what comes now waits in its socket)
         dropped_ref = weakref.ref(dropped)
         del dropped
