@@ -311,13 +311,9 @@ def _snapshot() -> tuple[Any, ...]:
 @inline
 def _quiet(name: str, wid: int) -> float:
     """How long process ``wid`` of member ``name`` said it may be silent from now, on
-    its membership connection (see Worker.going_quiet), 0 if it did not."""
-    reg = _registry()
-    now = time.monotonic()
-    for conn, n in list(reg.conns.items()):
-        if n == name and conn.peer_id == wid and conn.quiet_until > now:
-            return conn.quiet_until - now
-    return 0.0
+    its connections with the head, its membership one among them (see
+    Worker.going_quiet), 0 if it did not."""
+    return _registry().worker.quiet_heard(name, wid)
 
 
 @inline

@@ -263,8 +263,10 @@ def _release(worker: Worker, owner: str, rid: int) -> None:
         pass
 
 
-#: The release's wire name (the most frequent RRef message: fn_spec spared).
+#: The release's wire name (the most frequent RRef message: fn_spec spared), and its
+#: acknowledgement's.
 _DECREF = "actorgrad.runtime.rref:_decref"
+_RELEASED = "actorgrad.runtime.rref:_released"
 
 
 def _release_on_loop(worker: Worker, owner: str, rid: int) -> None:
@@ -374,7 +376,7 @@ def _send_acks(worker: Worker) -> None:
         if seen is not None and (conn := _ack_conn(worker, holder, conn)) is not None:
             worker.notify_on(
                 conn,
-                "actorgrad.runtime.rref:_released",
+                _RELEASED,
                 (worker.name, worker.id, holder[1], seen.low),
             )
 
@@ -390,10 +392,7 @@ def _ack_conn(worker: Worker, holder: Key, conn: Any) -> Any:
     connection broke; for good, if neither came."""
     if conn is not None and not conn.closed and not conn.bye_read:
         return conn
-    for c in worker._conns:
-        if c.peer_name == holder[0] and c.peer_id == holder[1] and not c.closed and not c.bye_read:
-            return c
-    return None
+    return next((c for c in worker.conns_with(*holder) if not c.bye_read), None)
 
 
 #: Seconds between attempts to send a peer the RRef messages it could not be sent.
@@ -882,15 +881,8 @@ class Hooks:
         when its owner answers it, ``_registered``: the take-back then follows it on the
         same connection, and no tombstone is left on the owner; see ``_unfork``)."""
         self.undone = True
-        if self.added:
-            for rid in self.added:
-                _sub(self.worker, rid, self.peer_key)
-            self.added = None
-        if self.registered:
-            for owner, rids in self.registered:
-                _take_back(self.worker, owner, self.tag, rids)
-            self.registered = None
-        self.forks = None
+        take_back_given(self.worker, self.peer, self.conn, (self.added, self.registered, self.tag))
+        self.added = self.registered = self.forks = None
 
 
 def given(hooks: Hooks) -> tuple[Any, ...] | None:
@@ -903,10 +895,10 @@ def given(hooks: Hooks) -> tuple[Any, ...] | None:
 
 
 def take_back_given(worker: Worker, peer: str, conn: Any, kept: tuple[Any, ...]) -> None:
-    """The counts a reply to ``peer`` made (``given``) go back: its caller gave up the
-    call before the reply came, and never reads it (the RRef hooks' part of ``undo``).
-    Only those of that reply: a later holder's, or the caller's other counts of the
-    same values, stay."""
+    """The counts a message to ``peer`` made (``given``) go back: a reply whose caller
+    gave up the call before it came, and never reads it; a message not sent
+    (``Hooks.undo``). Only those of that message: a later holder's, or the peer's other
+    counts of the same values, stay."""
     added, registered, tag = kept
     if added:
         key = peer_key(worker, peer, conn)
@@ -1282,9 +1274,7 @@ def _decref(rid: int, holder: str, holder_id: int, seq: int = 0) -> None:
             # head, kept each of its releases for good)
             conn = _current_conn.get(None)
             if conn is not None:
-                w.notify_on(
-                    conn, "actorgrad.runtime.rref:_released", (w.name, w.id, holder_id, seq)
-                )
+                w.notify_on(conn, _RELEASED, (w.name, w.id, holder_id, seq))
             return
         seen = w._rref_seen.get(key)
         if seen is None:

@@ -98,7 +98,7 @@ import threading
 import time
 import weakref
 from asyncio import events as asyncio_events
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 try:
@@ -1811,23 +1811,27 @@ class Worker:
         self._out[dest] = conn
         return conn
 
+    def conns_with(self, peer: str, pid: int) -> Iterator[Connection]:
+        """This worker's open connections with the process of cluster id ``pid`` of
+        worker ``peer``."""
+        return (c for c in self._conns if c.peer_name == peer and c.peer_id == pid and not c.closed)
+
+    def quiet_heard(self, peer: str, pid: int) -> float:
+        """How long from now the process of cluster id ``pid`` of worker ``peer`` said,
+        on a connection with this worker, that it may be silent (see going_quiet); 0 if
+        it did not."""
+        until = max((c.quiet_until for c in self.conns_with(peer, pid)), default=0.0)
+        return max(0.0, until - time.monotonic())
+
     async def _quiet_left(self, peer: str, wid: int) -> float:
         """How long process ``wid`` of member ``peer`` said it may be silent from now
         (see going_quiet), 0 if it did not: as one of this worker's connections with it
         heard, else as the cluster's head did. It says so only to the peers it talks
         to; the head is always one, and a worker that joined after it spoke, or never
         talked with it, learns it there (without it, it took the peer for hung)."""
-        now = time.monotonic()
-        until = max(
-            (
-                c.quiet_until
-                for c in self._conns
-                if c.peer_name == peer and c.peer_id == wid and not c.closed
-            ),
-            default=0.0,
-        )
-        if until > now:
-            return until - now
+        heard = self.quiet_heard(peer, wid)
+        if heard > 0:
+            return heard
         head = self.registry_conn
         if self.registry is not None or head is None or head.closed or head.peer_name == peer:
             return 0.0  # (the head: its own connections said it; or no head to ask)
