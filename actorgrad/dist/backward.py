@@ -59,6 +59,7 @@ from actorgrad.dist.context import (
     RecvNode,
     check_peers,
     int_list,
+    replaced_with_part,
     running_chain,
     state_of,
     still_broken,
@@ -1038,11 +1039,8 @@ def _deliver(
                 # here that RELEASED_MEMORY contexts pushed out: a message that late
                 # belongs to a pass long over, its report dropped at the origin.)
                 raise WorkerLost(
-                    f"worker {st.worker.name!r} was lost while it held part of the graph "
-                    f"of distributed autograd context {ctx_id:#x}, and another process "
-                    "joined under its name; it does not hold that part, so the context "
-                    "cannot use it: start a new context (the backward pass reached the "
-                    f"new process, from worker {sender!r})",
+                    f"{replaced_with_part(st.worker.name, ctx_id)} (the backward pass "
+                    f"reached the new process, from worker {sender!r})",
                     peer=st.worker.name,
                 )
             raise ContextError(

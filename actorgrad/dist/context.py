@@ -1120,11 +1120,17 @@ def check_peer(ctx: DistContext, peer: str, peer_id: int | None) -> None:
                 "does not know the context, so the context cannot use it: start a new "
                 "context"
             )
-        raise WorkerLost(
-            f"worker {peer!r} was lost while it held part of the graph of distributed "
-            f"autograd context {ctx.id:#x}, and another process joined under its name; "
-            "it does not hold that part, so the context cannot use it: start a new context"
-        )
+        raise WorkerLost(replaced_with_part(peer, ctx.id))
+
+
+def replaced_with_part(peer: str, ctx_id: int) -> str:
+    """Why context ``ctx_id`` cannot use worker ``peer``: the process that held part of
+    its graph was lost, and the one now under its name does not hold that part."""
+    return (
+        f"worker {peer!r} was lost while it held part of the graph of distributed "
+        f"autograd context {ctx_id:#x}, and another process joined under its name; "
+        "it does not hold that part, so the context cannot use it: start a new context"
+    )
 
 
 def check_peers(worker: Worker, ctx: DistContext) -> None:
