@@ -996,13 +996,14 @@ def _on_peer_lost(st: DistState, name: str) -> None:
     from actorgrad.dist.backward import _report
 
     me = st.worker.name
-    if st.worker.is_lost(name):
+    taken_for_lost = st.worker.is_lost(name)
+    if taken_for_lost:
         # (taken for lost, it is unreachable until heard from again without this
         # record of a watch that found it silent; kept, the record stayed for good when
         # no pass asked about it again: one per hung worker that then died, where
         # workers come and go under new names)
         st._silent.pop(name, None)
-    if st.worker.is_lost(name) or name not in st.worker.members:
+    if taken_for_lost or name not in st.worker.members:
         # (a report for it is dropped now, not sent: the record that it had no way
         # from here stayed until a report to it was tried again, for good once it had
         # gone, one per such origin where workers come and go under new names)
