@@ -685,30 +685,29 @@ def _bulk_of(header: list[Any]) -> str:
     70004 bytes)"``: its largest item, and in that, while one holds more than half of
     it, that one (a few levels at most: each packs its items again). Only on the error
     path: the size alone named nothing (a call's function name 70 KB long, say)."""
-    path, x, whole, named = "header", header, 0, ""
+    x: Any = header
+    path, whole, named = "header", 0, ""
     for _ in range(8):
+        # (every item, named as the walks name them; a list's as it was packed)
         if isinstance(x, dict):
-            entries = list(dict.items(x))
-            kids = [k for k, _ in entries] + [v for _, v in entries]
+            kids = list(_entries_named(x, path, (), _every))
         elif isinstance(x, (list, tuple)):
-            # (the items as they were packed: not a subclass's own __iter__)
-            kids = list(list.__iter__(x) if isinstance(x, list) else tuple.__iter__(x))
+            kids = list(_items_named(x, path, (), _every))
         else:
             break
         if not kids:
             break
-        sizes = [len(msgpack.packb(k, use_bin_type=True)) for k in kids]
+        sizes = [len(msgpack.packb(k, use_bin_type=True)) for k, _ in kids]
         i = max(range(len(kids)), key=sizes.__getitem__)
         if named and sizes[i] * 2 <= whole:
             break  # (no one item holds most of it: the container is named)
-        if isinstance(x, dict):
-            n = len(entries)
-            path += f"<key {short_repr(kids[i])}>" if i < n else f"[{short_repr(kids[i - n])}]"
-        else:
-            path += f"[{i}]"
-        x, whole = kids[i], sizes[i]
+        (x, path), whole = kids[i], sizes[i]
         named = f" (at {path}: {short_repr(x)}, {whole} bytes)"
     return named
+
+
+def _every(x: Any) -> bool:
+    return True
 
 
 def _utf8_ok(s: str) -> bool:
