@@ -606,8 +606,9 @@ async def local_cluster(
             cluster.procs.start(head.address, names, token, registry=head.registry)
             await cluster.procs.wait_registered(head.registry)
             # (a worker process that dies is reaped then, not kept a zombie until the
-            # block is left: see WorkerProcesses.watch_exits)
-            unwatch = cluster.procs.watch_exits(_exited)
+            # block is left: see WorkerProcesses.watch_exits; nothing more to tell: its
+            # calls fail with WorkerLost, which says so)
+            unwatch = cluster.procs.watch_exits()
         else:
             for n in names:
                 w = Worker(n, token=token, transport_kind=kind, local_sockets=local)
@@ -631,11 +632,6 @@ async def local_cluster(
                 # block, an ag.init() there made this process's worker anew, and putting
                 # the old one back left that one running, unreachable through the API)
                 _w.set_process_worker(old)
-
-
-def _exited(name: str, pid: int, returncode: int) -> None:
-    """A worker process of local_cluster's ended: its calls fail with WorkerLost, which
-    says so; nothing more to tell here (watch_exits reaps it)."""
 
 
 def _stuck(names: list[str], grace: float) -> None:

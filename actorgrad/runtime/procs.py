@@ -615,11 +615,13 @@ class WorkerProcesses:
             )
         del self._waiting[:n]
 
-    def watch_exits(self, on_exit: Callable[[str, int, int], None]) -> Callable[[], None]:
-        """Call ``on_exit(name, pid, returncode)`` on the running loop as each worker
-        process exits (a pidfd per process, read by the loop: no polling; where pidfds
-        are missing, nothing is reported), and reap it when nothing else is left in its
-        process group. Returns the function that stops watching."""
+    def watch_exits(
+        self, on_exit: Callable[[str, int, int], None] | None = None
+    ) -> Callable[[], None]:
+        """Call ``on_exit(name, pid, returncode)`` (if given) on the running loop as each
+        worker process exits (a pidfd per process, read by the loop: no polling; where
+        pidfds are missing, nothing is reported), and reap it when nothing else is left
+        in its process group. Returns the function that stops watching."""
         loop = asyncio.get_running_loop()
         fds: dict[str, int] = {}
 
@@ -629,7 +631,8 @@ class WorkerProcesses:
             os.close(fd)
             p = self.procs[name]
             rc = exit_code(p)  # (it has exited; not reaped: see exit_code)
-            on_exit(name, p.pid, p.wait() if rc is None else rc)
+            if on_exit is not None:
+                on_exit(name, p.pid, p.wait() if rc is None else rc)
             if p.returncode is None and not group_left(p.pid):
                 # Reaped now that nothing else holds its group's id (see exit_code: only
                 # a child left running in the group needs it kept ours until stop
