@@ -630,6 +630,12 @@ def _take_back_unsent(conn: Connection, cid: int, hooks: rref.Hooks) -> None:
         hooks.undo()
 
 
+def _oneway_frame(target: str | list[Any], args: tuple[Any, ...]) -> list[Any]:
+    """The frame of a one-way call of ``target`` (a wire name) with ``args``
+    (Worker.notify, Worker.notify_on)."""
+    return wire.encode_frame([K_REQ, 0, target, MODE_RPC, None], [list(args), None], None, _CALL)
+
+
 def _expect_decoding(conn: Connection, chunks: list[Any]) -> None:
     """``chunks``, a request just queued on ``conn``, has a large msgpack part: its
     peer, decoding it on its loop, may send nothing for a while (its heartbeats
@@ -3672,9 +3678,7 @@ class Worker:
             target = calls.fn_spec(fn)
             if self._closing:
                 raise WorkerLost(f"worker {self.name!r} is shutting down")
-            chunks = wire.encode_frame(
-                [K_REQ, 0, target, MODE_RPC, None], [list(args), None], None, _CALL
-            )
+            chunks = _oneway_frame(target, args)
         except Exception as exc:
             self._notify_failed(dest, fn, exc, on_error)
             return
@@ -3687,11 +3691,7 @@ class Worker:
         try:
             if conn.closed or self._closing:
                 raise WorkerLost(f"connection to {conn.peer_name!r} is closed")
-            conn.send_nowait(
-                wire.encode_frame(
-                    [K_REQ, 0, calls.fn_spec(fn), MODE_RPC, None], [list(args), None], None, _CALL
-                )
-            )
+            conn.send_nowait(_oneway_frame(calls.fn_spec(fn), args))
         except Exception as exc:
             self._notify_failed(conn.peer_name or "?", fn, exc, None)
 
