@@ -1467,10 +1467,16 @@ class Listener:
     async def _start(self, conn: socket.socket, addr: Any) -> None:
         def protocol() -> asyncio.BaseProtocol:
             made = self._factory()
-            if isinstance(made, Connection) and addr:
-                # (where the peer was when accepted: a connection reset since has no
-                # peer name to give, and a stranger's probe was logged as from "None")
-                made.peer_addr = host_port(addr)
+            if isinstance(made, Connection):
+                if conn.family == socket.AF_UNIX:
+                    # (said now, not at connection_made: its owner counts a TCP
+                    # connection against its remote host before that)
+                    made.kind = "unix"
+                if addr:
+                    # (where the peer was when accepted: a connection reset since has
+                    # no peer name to give, and a stranger's probe was logged as from
+                    # "None")
+                    made.peer_addr = host_port(addr)
             return made
 
         try:
@@ -1735,7 +1741,8 @@ class ClosedInHandshake(WorkerLost):
     """The peer closed the connection after the hellos without refusing our token: the
     process at that address is an actorgrad worker of a cluster that takes our token
     (it said hello, and would have refused another), shutting down (or dying) as we
-    connected; not an address that reaches something else."""
+    connected, or closing the oldest of too many connections in their handshake (see
+    worker.MAX_HANDSHAKING); not an address that reaches something else."""
 
 
 def is_loopback(host: str) -> bool:
@@ -1961,11 +1968,15 @@ async def handshake(
                 "is shutting down, or is out of open files)"
             ) from exc
         if server:
+            if isinstance(conn.close_reason, AuthError):
+                # (closed on our side: by its worker, to make room for newer ones)
+                raise AuthError(f"handshake with {where}: {conn.close_reason}") from exc
             raise AuthError(f"handshake with {where}: the client closed the connection") from exc
         # (after the hellos, a peer that refuses our token says so: see _REFUSED)
         raise ClosedInHandshake(
             f"{where} closed the connection during its handshake, without refusing our token "
-            "(the process is shutting down or died)"
+            "(the process is shutting down or died, or it made room for newer connections: "
+            "too many were in their handshake, a flood of them)"
         ) from exc
     except AuthError as exc:
         conn.abort(_untraced(exc))

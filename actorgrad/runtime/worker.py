@@ -811,6 +811,21 @@ REJECTED_LOG_WINDOW = 60.0
 #: from which a worker warns (once a minute) that it nears the limit (Worker._accept).
 NEAR_FILE_LIMIT = 0.8
 
+#: Most connections a worker holds in their token handshake at once. Anyone who can
+#: connect opens such connections, and each holds a file until the handshake deadline:
+#: strangers opening them as fast as they could filled the process's open files, and a
+#: token holder's connection was then closed at once ("out of open files"). Beyond it
+#: the OLDEST one is closed, not the new one: a token holder's handshake is done in a
+#: round trip, a stranger's stays pending, so the oldest is a stranger's (a token
+#: holder's handshake is closed only when more than this many connections came during
+#: it). The same, with fewer (half the files left), once the worker's connections near
+#: its limit of open files (see NEAR_FILE_LIMIT and Worker._near_limit_handshakes).
+MAX_HANDSHAKING = 1024
+#: Of those, most from one remote address (one stranger's host takes no more; others'
+#: connections are not shed for its): not on loopback, which every process of this
+#: host shares (local workers among them), nor over local Unix sockets.
+MAX_HANDSHAKING_PER_HOST = 256
+
 #: Largest frame a peer may send before its hello (a hello is ~100 bytes).
 HELLO_MAX_FRAME = 1 << 16
 
@@ -1068,7 +1083,26 @@ class Worker:
         self._near_file_limit = (
             math.inf if limit is None or used is None else int((limit - used) * NEAR_FILE_LIMIT)
         )
+        # From there on, connections in their handshake beyond half the files left past
+        # it are too many (see _accept): a burst of token holders' handshakes that fits
+        # there is left alone (closing the oldest at every new one closed all but the
+        # last of a burst), and strangers' take the other half at most.
+        self._near_limit_handshakes = (
+            MAX_HANDSHAKING
+            if limit is None or used is None
+            else max(1, (limit - used - self._near_file_limit) // 2)
+        )
         self._file_limit_warned = -math.inf
+        # accepted connections still in their token handshake, oldest first (see
+        # MAX_HANDSHAKING; the value: the remote host counted against
+        # MAX_HANDSHAKING_PER_HOST, "" for none), those per host, and how many were
+        # closed to make room since the last warning of it (see _say_shed)
+        self._handshaking: dict[Connection, str] = {}
+        self._handshaking_from: dict[str, dict[Connection, None]] = {}
+        self._shed = 0
+        self._shed_warned = -math.inf
+        self._shed_last: tuple[Any, str] = (None, "")  # (where the last came from, why)
+        self._shed_timer: asyncio.TimerHandle | None = None
         # set when _inflight drops to 0 while a graceful shutdown waits for it
         self._idle_waiter: asyncio.Future[None] | None = None
         self._stats: dict[Any, _FnStats] = {}
@@ -1518,17 +1552,24 @@ class Worker:
         self._conns.add(conn)
         if len(self._conns) >= self._near_file_limit:
             self._warn_file_limit()
+            if len(self._handshaking) >= self._near_limit_handshakes:
+                # (room for this one: see MAX_HANDSHAKING)
+                self._shed_handshake(next(iter(self._handshaking)), "near the open-files limit")
         if self._closing:
             # closed now: its transport, not made yet, is aborted the moment it is
             # (connection_made), not a loop turn later (the peer waited out its
             # handshake deadline, 5 s, and its socket could outlive the loop)
             conn.close(WorkerLost(f"worker {self.name!r} is shutting down"))
         else:
+            if len(self._handshaking) >= MAX_HANDSHAKING:
+                self._shed_handshake(next(iter(self._handshaking)), "too many in their handshake")
+            self._handshaking[conn] = ""
             self.spawn(self._accept_handshake(conn))
         return conn
 
     async def _accept_handshake(self, conn: Connection) -> None:
         hello = conn.hello = self.loop.create_future()  # type: ignore[attr-defined]
+        self._count_host(conn)
         try:
             await transport.handshake(conn, self.token, server=True)
         except AuthError as exc:
@@ -1540,6 +1581,8 @@ class Worker:
                 self._log_rejected("worker %s rejected a connection: %s", self.name, exc)
             self._conns.discard(conn)
             return
+        finally:
+            self._handshake_over(conn)
         # The hello has a deadline too: a peer that passed the handshake and said
         # nothing more kept its connection (and what it had sent) for good, since
         # heartbeats watch named peers only.
@@ -1557,6 +1600,74 @@ class Worker:
         except ActorgradError:
             pass  # (closed before its hello: see _on_lost)
 
+    def _count_host(self, conn: Connection) -> None:
+        """Count ``conn``, just accepted, against its remote host's share of the
+        connections in their handshake (its address is known now, not when it was
+        made), and close that host's oldest beyond MAX_HANDSHAKING_PER_HOST."""
+        if conn not in self._handshaking or conn.kind != "tcp":
+            return  # (closed already; a local one)
+        host, _ = transport.split_address(str(conn.peer_addr))
+        host = host.removeprefix("::ffff:")  # (an IPv4 peer of a dual-stack socket)
+        if not host or transport.is_loopback(host):
+            return
+        self._handshaking[conn] = host
+        mine = self._handshaking_from.setdefault(host, {})
+        mine[conn] = None
+        if len(mine) > MAX_HANDSHAKING_PER_HOST:
+            self._shed_handshake(next(iter(mine)), f"too many in their handshake from {host}")
+
+    def _handshake_over(self, conn: Connection) -> None:
+        """``conn`` is no longer in its handshake (done, failed or closed)."""
+        host = self._handshaking.pop(conn, None)
+        if host:
+            mine = self._handshaking_from[host]
+            del mine[conn]
+            if not mine:  # (a dict per host seen: strangers' hosts would pile up)
+                del self._handshaking_from[host]
+
+    def _shed_handshake(self, conn: Connection, why: str) -> None:
+        """Close ``conn``, the oldest of the connections in their handshake (``why``:
+        there are too many), to make room for a new one; say so once a minute."""
+        self._handshake_over(conn)
+        conn.abort(AuthError(f"closed in its handshake by worker {self.name!r}: {why}"))
+        self._shed += 1
+        self._shed_last = (conn.peer_addr, why)
+        if self._shed_timer is None:
+            wait = self._shed_warned + REJECTED_LOG_WINDOW - self.loop.time()
+            if wait <= 0:
+                self._say_shed()
+            else:
+                # (at the minute's end, whether more come or not: said only with the
+                # next one after it, the rest of a flood that stopped went unsaid)
+                self._shed_timer = self.loop.call_later(wait, self._say_shed)
+
+    def _say_shed(self) -> None:
+        """Say how many connections in their handshake were closed to make room since
+        this was last said (at once, then at most once a minute: REJECTED_LOG_WINDOW)."""
+        timer, self._shed_timer = self._shed_timer, None
+        if timer is not None:
+            timer.cancel()
+        if not self._shed:
+            return
+        self._shed_warned = self.loop.time()
+        where, why = self._shed_last
+        log.warning(
+            "worker %s closed %d connection(s) still in their handshake (the oldest, "
+            "from %s last: a stranger's, or a peer that did not complete it) to make "
+            "room for new ones: %s (%d in their handshake, at most %d, %d from one "
+            "remote host; %d connections open, ulimit -n %s)",
+            self.name,
+            self._shed,
+            where,
+            why,
+            len(self._handshaking),
+            MAX_HANDSHAKING,
+            MAX_HANDSHAKING_PER_HOST,
+            len(self._conns),
+            open_files_limit(),
+        )
+        self._shed = 0
+
     def _warn_file_limit(self) -> None:
         """Say, once a minute, that this worker's connections near the process's limit
         of open files: beyond it, a new connection is closed at once (and the
@@ -1567,8 +1678,9 @@ class Worker:
             self._file_limit_warned = now
             log.warning(
                 "worker %s has %d connections open, near this process's limit of open "
-                "files (%s, ulimit -n): beyond it, new connections are closed at once "
-                "(connections that do not complete their handshake close after %g s)",
+                "files (%s, ulimit -n): the oldest connections still in their handshake "
+                "are closed to make room for new ones (those that do not complete it "
+                "close after %g s); beyond the limit, new connections are closed at once",
                 self.name,
                 len(self._conns),
                 open_files_limit(),
@@ -2097,6 +2209,7 @@ class Worker:
 
     def _on_lost(self, conn: Connection, exc: BaseException | None) -> None:
         self._conns.discard(conn)
+        self._handshake_over(conn)  # (counted no more, now: see MAX_HANDSHAKING)
         self._paused.discard(conn)
         hello = getattr(conn, "hello", None)
         if hello is not None and not hello.done():
@@ -4205,6 +4318,7 @@ class Worker:
         # (no connection is rejected from here on: those of the minute not logged are
         # counted now, not by a timer once this worker is gone)
         self._count_unlogged()
+        self._say_shed()
         # Every connection this worker made or accepted (those closed above too) must
         # close its socket before the loop may end: see below.
         for conn in list(self._every_conn):
