@@ -137,6 +137,9 @@ async def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fd() + 100, hard))
     async with ag.local_cluster(1, transport="tcp", token=sys.argv[1]) as c:
+        # (files the process's own code took since the worker started: it runs out
+        # before its connections near its share)
+        taken = [os.open(os.devnull, os.O_RDONLY) for _ in range(int(sys.argv[2]))]
         print(c.workers[0].address, flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
@@ -145,12 +148,16 @@ asyncio.run(main())
 """
 
 
-async def test_strangers_filling_the_open_files_limit_do_not_lock_a_token_holder_out(tmp_path):
+@pytest.mark.parametrize("taken", [0, 70], ids=["near", "out-of-files"])
+async def test_strangers_filling_the_open_files_limit_do_not_lock_a_token_holder_out(
+    tmp_path, taken
+):
     # A worker process that may open 100 more files, and strangers that keep twice as
     # many connections open. Each held a file until its handshake deadline; once the
     # files were gone, a token holder's connection was closed at once: "closed the
     # connection before its handshake (the process died, is shutting down, or is out
-    # of open files)". Near the limit the oldest connection in its handshake goes.
+    # of open files)". Near the limit the oldest connection in its handshake goes; out
+    # of files (other files of the process took them), the oldest go for those waiting.
     script = tmp_path / "few_files.py"
     script.write_text(WORKER_OF_FEW_FILES)
     token = secrets.token_hex(16)
@@ -159,6 +166,7 @@ async def test_strangers_filling_the_open_files_limit_do_not_lock_a_token_holder
         sys.executable,
         str(script),
         token,
+        str(taken),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -181,7 +189,10 @@ async def test_strangers_filling_the_open_files_limit_do_not_lock_a_token_holder
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     said = [line for line in err.decode().splitlines() if "connection(s) still in their" in line]
     assert len(said) == 2, err.decode()[-2000:]  # (at once, the rest at the shutdown)
-    assert "near the open-files limit" in said[0]
+    assert ("near the open-files limit" if not taken else "out of open files") in said[0]
+    if taken:
+        assert "worker w1 is out of open files or memory (too many open files; " in err.decode()
+        assert " connection(s) in their handshake for new ones" in err.decode()
     assert proc.returncode == 0, err.decode()[-2000:]
 
 

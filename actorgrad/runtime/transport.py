@@ -1401,8 +1401,11 @@ class Listener:
     loop turn fails again: a worker spun a core at 100% (16,834 failed accepts a
     second, measured) and its peers waited out their deadlines. asyncio logs a
     traceback per failed accept (3.11 goes on accepting in the turn it paused). Here
-    the same spare-file trick refuses what waits, a batch a loop turn (its peer hears
-    that the connection closed before its handshake), and when no file is to be had
+    the owner first makes room when it can (``make_room``: a worker closes the oldest
+    of its connections still in their handshake, and what waits is taken a loop turn
+    later, their files free); else the same spare-file trick refuses what waits, a
+    batch a loop turn (its peer hears that the connection closed before its
+    handshake), and when no file is to be had
     the sockets are left unwatched for 50 ms, doubling up to 1 s, while a warning says
     so once a minute.
     """
@@ -1413,11 +1416,15 @@ class Listener:
         sockets: list[socket.socket],
         factory: Callable[[], asyncio.BaseProtocol],
         owner: str = "",
+        make_room: Callable[[int], int] | None = None,
     ) -> None:
         self.loop = loop
         self.sockets = sockets
         self.owner = owner
         self._factory = factory
+        # (the owner's: closes up to n of its connections that may go for new ones,
+        # the oldest still in their handshake; how many it closed)
+        self._make_room = make_room
         self._spare = _spare_file()
         self._pause = 0.0
         self._resume: asyncio.TimerHandle | None = None
@@ -1426,6 +1433,7 @@ class Listener:
         self.closed = False
         self.accepted = 0
         self.refused = 0  # closed at once for want of files
+        self.made_room = 0  # connections its owner closed for new ones instead
         self.pauses = 0
         for sock in sockets:
             sock.setblocking(False)
@@ -1489,6 +1497,16 @@ class Listener:
 
     def _cannot_accept(self, sock: socket.socket, exc: OSError) -> None:
         if exc.errno in _OUT_OF_FILES:
+            room = self._make_room(ACCEPT_BATCH) if self._make_room is not None else 0
+            if room:
+                # The owner closed that many of its connections still in their
+                # handshake, the oldest (strangers', as a rule): their files are free
+                # once their sockets close, the next loop turn, and the new connections,
+                # still queued (the socket stays readable), are taken then. (Refused at
+                # once, a token holder's went while strangers' held the files.)
+                self.made_room += room
+                self._warn(f"closed {room} connection(s) in their handshake for new ones", exc)
+                return
             if self._spare is None:
                 self._spare = _spare_file()  # (files may have been freed since)
             if self._spare is not None:
@@ -1685,10 +1703,13 @@ def machine_key() -> str:
 
 
 def listen_local(
-    loop: asyncio.AbstractEventLoop, factory: Callable[[], Connection], owner: str = ""
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], Connection],
+    owner: str = "",
+    make_room: Callable[[int], int] | None = None,
 ) -> tuple[Listener, str] | None:
     """Listen on a fresh abstract Unix socket; (listener, name to advertise), or None
-    where there are none."""
+    where there are none. (``make_room``: see Listener.)"""
     key = machine_key()
     if not local_sockets() or not key:
         return None
@@ -1700,7 +1721,7 @@ def listen_local(
     except OSError:
         sock.close()
         return None
-    return Listener(loop, [sock], factory, owner), name
+    return Listener(loop, [sock], factory, owner, make_room), name
 
 
 def local_reachable(name: str) -> bool:

@@ -1314,7 +1314,9 @@ class Worker:
             self.address = transport.inproc_listen(self._accept)
             return
         socks = await transport.bind_tcp(self.loop, self.host, self.port)
-        self._server = transport.Listener(self.loop, socks, self._accept, f"worker {self.name}")
+        self._server = transport.Listener(
+            self.loop, socks, self._accept, f"worker {self.name}", self._make_room
+        )
         sock = socks[0]
         host, *rest = sock.getsockname()  # (port, and an IPv6 address's flow and scope)
         if host in ("0.0.0.0", "::"):
@@ -1328,7 +1330,7 @@ class Worker:
             host, port = self.advertise
             self.address = transport.host_port((host, port or rest[0]))
         local = (
-            transport.listen_local(self.loop, self._accept, f"worker {self.name}")
+            transport.listen_local(self.loop, self._accept, f"worker {self.name}", self._make_room)
             if self.local_sockets
             else None
         )
@@ -1615,6 +1617,18 @@ class Worker:
         mine[conn] = None
         if len(mine) > MAX_HANDSHAKING_PER_HOST:
             self._shed_handshake(next(iter(mine)), f"too many in their handshake from {host}")
+
+    def _make_room(self, n: int) -> int:
+        """Close up to ``n`` of the oldest connections in their handshake, a quarter of
+        them at most: this process is out of open files, and new connections wait (see
+        transport.Listener). How many it closed. (All of them at once, the newest went
+        too: a token holder's accepted a turn before, its handshake all but done.)"""
+        n = min(n, max(1, len(self._handshaking) // 4))
+        closed = 0
+        while closed < n and self._handshaking:
+            self._shed_handshake(next(iter(self._handshaking)), "out of open files")
+            closed += 1
+        return closed
 
     def _handshake_over(self, conn: Connection) -> None:
         """``conn`` is no longer in its handshake (done, failed or closed)."""
