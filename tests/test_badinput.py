@@ -1145,6 +1145,10 @@ async def test_an_rref_id_that_is_not_an_int_is_named_in_the_error(sock_cluster)
         ("_add_holders", ([[[5], "w2", 3]], "driver", 1, 7), r"LookupError: RRef \[5\] is no"),
         ("_settle_forks", ([1], 3, "w1"), r"TypeError: malformed RRef holder \[1\] \(id 3\)"),
         ("_settle_forks", ("w2", 3, [1]), r"TypeError: malformed RRef owner \[1\]"),
+        ("_unread", ("driver", 1, 7, [5]), None),  # (no such connection: nothing to do)
+        ("_unread", ("driver", 1, [7], [5]), r"malformed unread replies: connection \[7\],"),
+        ("_unread", ("driver", 1, 7, [[5]]), r"TypeError: .* connection 7, calls \[\[5\]\]"),
+        ("_unread", ([1], 3, 7, [5]), r"TypeError: malformed RRef holder \[1\] \(id 3\)"),
     ],
 )
 async def test_rref_bookkeeping_with_ids_of_the_wrong_type_gets_errors_naming_them(

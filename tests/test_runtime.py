@@ -1722,11 +1722,48 @@ def test_a_lost_process_takes_the_rref_messages_kept_for_it_and_its_withdrawals_
         _rref_releases={},
         _rref_seen={},
         _rref_acks={},
+        # (and what replies on its broken connections counted for it: see
+        # rref.keep_lost_given)
+        _rref_lost_given={11: (("w2", 5), {1: None}, 1.0), 12: (("w3", 6), {2: 0, 3: 0}, 1.0)},
+        _rref_lost_given_n=3,
     )
     rref.peer_lost(w, "w2", 4)
     assert list(w._rref_unsent) == ["w2"] and len(w._rref_withdrawn) == 2
+    assert list(w._rref_lost_given) == [11, 12] and w._rref_lost_given_n == 3
     rref.peer_lost(w, "w2", 5)
     assert w._rref_unsent == {} and list(w._rref_withdrawn) == [(("w3", 6), 8)]
+    assert list(w._rref_lost_given) == [12] and w._rref_lost_given_n == 2
+
+
+async def test_what_replies_on_broken_connections_counted_is_kept_a_while_and_bounded(
+    monkeypatch,
+):
+    # (a callee keeps it for the caller's word of the replies it never read: at most
+    # MAX_LOST_GIVEN replies, the oldest connection's dropped first, for LOST_GIVEN_TTL)
+    monkeypatch.setattr(rref, "MAX_LOST_GIVEN", 3)
+    monkeypatch.setattr(rref, "LOST_GIVEN_TTL", 0.2)
+    w = types.SimpleNamespace(
+        name="w1",
+        members={},
+        closed=False,
+        loop=asyncio.get_running_loop(),
+        _rref_lost_given={},
+        _rref_lost_given_n=0,
+        _rref_lost_given_timer=None,
+    )
+
+    def broken(pair, n):
+        given = {cid: ([cid], None, 0) for cid in range(1, n + 1)}
+        return types.SimpleNamespace(peer_name="w2", peer_id=5, pair_id=pair, given=given)
+
+    rref.keep_lost_given(w, broken(11, 2))
+    rref.keep_lost_given(w, broken(12, 1))
+    assert list(w._rref_lost_given) == [11, 12] and w._rref_lost_given_n == 3
+    assert w._rref_lost_given[12][0] == ("w2", 5)
+    rref.keep_lost_given(w, broken(13, 1))  # (one too many: the oldest goes)
+    assert list(w._rref_lost_given) == [12, 13] and w._rref_lost_given_n == 2
+    await until(lambda: not w._rref_lost_given, 5)
+    assert w._rref_lost_given_n == 0 and w._rref_lost_given_timer is None
 
 
 async def test_an_rref_from_an_earlier_cluster_reaches_nothing_in_a_later_one():
@@ -2759,10 +2796,6 @@ async def counter_when(gate):
     return Counter(0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a reply lost with a reset connection keeps its RRef counts (docs/limits.md)",
-)
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 async def test_a_remote_value_whose_reply_a_reset_lost_is_freed(kind):
     # The reply to a remote() waited unread in the caller's socket when the caller's
@@ -2797,10 +2830,6 @@ async def test_a_remote_value_whose_reply_a_reset_lost_is_freed(kind):
         await until(lambda: not w1.owned, 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a reply lost with a reset connection keeps its RRef counts (docs/limits.md)",
-)
 async def test_a_fork_whose_reply_a_reset_lost_is_taken_back_from_its_owner():
     # w1 replied with an RRef owned by w2, registered with w2 for the driver; the
     # reply was lost with the driver's end of the connection (reset): the driver never
@@ -2824,10 +2853,6 @@ async def test_a_fork_whose_reply_a_reset_lost_is_taken_back_from_its_owner():
         await until(lambda: not w2.owned, 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a reply lost with a reset connection keeps its RRef counts (docs/limits.md)",
-)
 async def test_a_remote_value_replied_after_its_caller_told_of_the_reset_is_freed():
     # The caller's end of the connection was reset with the remote() still running on
     # the callee, whose end had not noticed (it reads nothing there: paused here; a

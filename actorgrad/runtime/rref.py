@@ -53,6 +53,17 @@ after the new one's first counts, and drops only the dead one's.)
   reply was sent (``given``, ``take_back_given``, kept by ``Worker._keep_given``); a
   reply to be made after that goodbye is not made. Without this the caller stayed
   counted as a holder until it left the cluster.
+* So is a reply lost with a connection that broke without a goodbye (a reset, a
+  network fault; both processes live on): the caller's call failed, and it never held
+  the RRefs to release them. Both ends of a connection share an id
+  (``Connection.pair_id``, drawn from the handshake's nonces); the caller, once its
+  end closed (it reads nothing more there), names that id and the calls on it it
+  never read a reply to, on another connection (``tell_unread``, a one-way
+  ``_unread``). The callee takes back what its replies to those counted: from the
+  connection's record if it has not seen the break yet (and a reply it makes later
+  to one of them counts nothing, ``Connection.unread``), else from the record it kept
+  when the connection closed (``keep_lost_given``, for ``LOST_GIVEN_TTL``). A reply
+  the caller did read is not named: its RRefs are the caller's, released by it.
 * A request (a call awaiting its reply, ``Worker.call``) to the RRef's owner itself
   carries no fork: the RRef goes as ``[owner, id, 0]`` ("to its owner, unregistered"),
   at once, and the owner, decoding it, counts itself as the holder of the new RRef
@@ -244,6 +255,10 @@ def peer_lost(worker: Worker, name: str, pid: int) -> None:
     worker._rref_acks.pop(gone, None)
     if worker._rref_withdrawn:  # (no registration of it is to come any more)
         worker._rref_withdrawn = {r: t for r, t in worker._rref_withdrawn.items() if r[0] != gone}
+    if worker._rref_lost_given:  # (its counts went: nothing of it to take back)
+        lost = worker._rref_lost_given
+        for pair in [p for p, rec in lost.items() if rec[0] == gone]:
+            worker._rref_lost_given_n -= len(lost.pop(pair)[1])
 
 
 def owned_value(worker: Worker, rid: Any) -> Any:
@@ -899,9 +914,13 @@ def take_back_given(worker: Worker, peer: str, conn: Any, kept: tuple[Any, ...])
     gave up the call before it came, and never reads it; a message not sent
     (``Hooks.undo``). Only those of that message: a later holder's, or the peer's other
     counts of the same values, stay."""
+    _take_back_from(worker, peer_key(worker, peer, conn) if kept[0] else None, kept)
+
+
+def _take_back_from(worker: Worker, key: Key | None, kept: tuple[Any, ...]) -> None:
+    """take_back_given for holder ``key`` (None: ``kept`` added no count here)."""
     added, registered, tag = kept
-    if added:
-        key = peer_key(worker, peer, conn)
+    if added and key is not None:
         for rid in added:
             _sub(worker, rid, key)
     if registered:
@@ -1191,6 +1210,103 @@ def _expire_withdrawn(worker: Worker) -> None:
     if withdrawn:
         left = withdrawn[next(iter(withdrawn))] - now
         worker._rref_withdrawn_timer = worker.loop.call_later(left, _expire_withdrawn, worker)
+
+
+#: How long a callee keeps what its replies on a connection that broke without a
+#: goodbye counted for the caller (see keep_lost_given), for the caller's word of
+#: which it never read: sent as the caller's end closes, at once for a reset, after its
+#: heartbeat timeout for a silent network, and again every RETRY_DELAY while the
+#: caller cannot reach this worker. Past it, those counts stay until the caller
+#: leaves the cluster.
+LOST_GIVEN_TTL = 120.0
+#: Most such replies kept at once, over all connections: the oldest connection's go
+#: first (each connection keeps the latest Worker MAX_GIVEN = 4,096).
+MAX_LOST_GIVEN = 1 << 16
+#: The wire name of the caller's word (see tell_unread).
+_UNREAD = "actorgrad.runtime.rref:_unread"
+
+
+def keep_lost_given(worker: Worker, conn: Any) -> None:
+    """``conn`` (a connection with ``conn.peer_name``) closed without the goodbye of a
+    peer that leaves the cluster: what the replies on it counted for the peer (``conn.given``, see
+    Worker._keep_given) is kept for LOST_GIVEN_TTL under ``conn.pair_id``. The peer may
+    not have read some of them (lost in the socket buffers with the connection): it
+    says which, on another connection (``_unread``). Without this, the values those
+    replies counted stayed until the peer left the cluster."""
+    given = conn.given
+    key = peer_key(worker, conn.peer_name, conn)
+    lost = worker._rref_lost_given
+    _drop_lost_given(worker, time.monotonic())
+    lost[conn.pair_id] = (key, given, time.monotonic() + LOST_GIVEN_TTL)
+    worker._rref_lost_given_n += len(given)
+    while worker._rref_lost_given_n > MAX_LOST_GIVEN:  # (the oldest first)
+        worker._rref_lost_given_n -= len(lost.pop(next(iter(lost)))[1])
+    if worker._rref_lost_given_timer is None:
+        worker._rref_lost_given_timer = worker.loop.call_later(
+            LOST_GIVEN_TTL, _expire_lost_given, worker
+        )
+
+
+def _drop_lost_given(worker: Worker, now: float) -> None:
+    lost = worker._rref_lost_given
+    while lost:  # (the oldest first: insertion order is expiry order)
+        first = next(iter(lost))
+        if lost[first][2] > now:
+            break
+        worker._rref_lost_given_n -= len(lost.pop(first)[1])
+
+
+def _expire_lost_given(worker: Worker) -> None:
+    """Drop the records of keep_lost_given kept past LOST_GIVEN_TTL, then again at the
+    next expiry while any are left."""
+    worker._rref_lost_given_timer = None
+    if worker.closed:
+        return
+    lost = worker._rref_lost_given
+    now = time.monotonic()
+    _drop_lost_given(worker, now)
+    if lost:
+        left = lost[next(iter(lost))][2] - now
+        worker._rref_lost_given_timer = worker.loop.call_later(left, _expire_lost_given, worker)
+
+
+def tell_unread(worker: Worker, name: str, conn: Any, cids: list[int]) -> None:
+    """On a caller: ``conn``, a connection with worker ``name``, closed without a
+    goodbye from it, and this worker never read the replies to calls ``cids`` on it:
+    the callee takes back what they counted for this worker (see _unread). Sent on
+    another connection (made for it if need be), kept and sent again like a release
+    (see _tell) while ``name`` cannot be reached."""
+    _tell(worker, name, _UNREAD, (worker.name, worker.id, conn.pair_id, cids))
+
+
+@inline
+def _unread(holder: str, holder_id: int, pair: int, cids: list[Any]) -> None:
+    """On a callee: ``holder`` never read the replies to calls ``cids`` on the
+    connection ``pair`` (its end closed without a goodbye of this worker's): what they
+    counted for it goes back. That connection may be open still here (this end has
+    not seen the break: a network fault, the reset not read yet): then a reply to one
+    made later counts nothing (see Worker._keep_given); else its record is the one
+    keep_lost_given kept."""
+    from actorgrad.runtime.worker import current_worker
+
+    w = current_worker()
+    key = _key_of(holder, holder_id)
+    if type(pair) is not int or type(cids) is not list or not all(type(c) is int for c in cids):
+        raise TypeError(
+            f"malformed unread replies: connection {short_repr(pair)}, calls {short_repr(cids)}"
+        )
+    if w.replies_unread(key, pair, cids):
+        return
+    rec = w._rref_lost_given.get(pair)
+    if rec is None or rec[0] != key:  # (expired, or none had RRefs)
+        return
+    del w._rref_lost_given[pair]  # (the caller names them once: the rest it read)
+    given = rec[1]
+    w._rref_lost_given_n -= len(given)
+    for cid in cids:
+        kept = given.pop(cid, None)
+        if kept is not None:
+            _take_back_from(w, key, kept)
 
 
 #: How long a receiver waits to have handled everything a gone forker sent it before

@@ -115,7 +115,9 @@ MAGIC = b"ACTGRAD\x00"
 #: 15: an RRef release (rref._decref) carries its number, and the owner acknowledges
 #:     them (rref._released): 14 refuses the fourth argument; a goodbye for a peer's
 #:     silence names the calls given up ([K_BYE, why, n, call ids]: 14 refuses it)
-PROTOCOL_VERSION = 15
+#: 16: a caller whose connection broke without a goodbye names, on another one, the
+#:     calls on it whose replies it never read (rref._unread: 15 has no such function)
+PROTOCOL_VERSION = 16
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
 #: A server's answer to a client that does not know the token, in place of its MAC and
@@ -702,6 +704,15 @@ class Connection(asyncio.BaseProtocol):
         # id, oldest first in ``given_order`` (Worker._keep_given); None: none yet
         self.given: dict[int, Any] | None = None
         self.given_order: deque[int] | None = None
+        # An id both ends share (drawn from the handshake's nonces; 0: none): a caller
+        # whose connection broke names it, on another connection, with the calls it
+        # never read the replies to (rref._unread), and the callee finds the RRef
+        # counts those replies made by it, on this connection or after it closed.
+        self.pair_id = 0
+        # (callee) calls whose replies the peer said it will never read (its end of
+        # this connection broke; ours has not seen it yet): a reply to one counts
+        # nothing (Worker._keep_given); None: none
+        self.unread: set[int] | None = None
         # requests from the peer running as tasks that its cancel can stop: call id ->
         # task, or None once the peer cancelled it (Worker._cancel_request)
         self.running: dict[int, Any] = {}
@@ -1922,6 +1933,8 @@ async def handshake(
                     f"{where}: protocol version mismatch (ours {PROTOCOL_VERSION}, theirs {version})"
                 )
             nc, ns = (peer_nonce, nonce) if server else (nonce, peer_nonce)
+            # (both ends know both nonces, and nobody else's connection has them)
+            conn.pair_id = int.from_bytes(hashlib.sha256(nc + ns).digest()[:8], "big") or 1
             mine = _mac(token, b"S" if server else b"C", nc, ns)
             if not server:
                 conn._write_raw(mine)

@@ -1168,6 +1168,12 @@ class Worker:
         self._rref_withdrawn: dict[tuple[tuple[str, int], int], float] = {}  # -> expiry
         # (the timer that drops them once expired: see rref._expire_withdrawn)
         self._rref_withdrawn_timer: asyncio.TimerHandle | None = None
+        # connections (by pair id) that closed without the peer's goodbye -> (the peer
+        # process, what the replies on them counted for it by call id, expiry), how many
+        # replies those hold, and the timer that drops them (see rref.keep_lost_given)
+        self._rref_lost_given: dict[int, tuple[tuple[str, int], dict[int, Any], float]] = {}
+        self._rref_lost_given_n = 0
+        self._rref_lost_given_timer: asyncio.TimerHandle | None = None
         # processes that left the cluster, latest last: no count is added for them
         # any more (see rref.peer_lost)
         self._rref_departed: dict[tuple[str, int], None] = {}
@@ -2272,6 +2278,20 @@ class Worker:
             # acknowledge go again, see rref.conn_lost. Not at the peer's goodbye: it
             # read them all, or it left, its counts with it)
             rref.conn_lost(self, name, conn.peer_id)
+        if (
+            name is not None
+            and conn.pair_id
+            and not conn.bye_read
+            and not self._closing
+            and (conn.pending or conn.abandoned or conn.gave_up)
+        ):
+            # The replies to these calls never came (this end reads nothing more), nor
+            # did a goodbye of the peer's, after which they could not come: some may
+            # have been sent and lost in the connection's socket buffers (a reset), and
+            # the RRef counts they made for this worker stayed with the peer until this
+            # worker left the cluster. Told which, the peer takes those back (those
+            # read are not named: their RRefs are ours to release).
+            rref.tell_unread(self, name, conn, _given_up(conn))
         if conn.pending:
             pending, conn.pending = conn.pending, {}
             for fut, hooks in pending.values():
@@ -2284,8 +2304,13 @@ class Worker:
                         # reads any more must not log "exception was never retrieved"
                         fut.exception()
         # (no goodbye naming calls given up can come now, nor a late reply: see
-        # _keep_given; a parting connection lingers up to IDLE_TIMEOUT)
-        conn.given = conn.given_order = conn.gave_up = None
+        # _keep_given; a parting connection lingers up to IDLE_TIMEOUT. Closed without
+        # the goodbye of a peer that leaves, it may not have read the latest replies
+        # (one that refused a message of ours reads nothing after it): kept a while for
+        # its word of which, see rref.keep_lost_given)
+        if conn.given and conn.pair_id and not conn.goodbye and not self._closing and name:
+            rref.keep_lost_given(self, conn)
+        conn.given = conn.given_order = conn.gave_up = conn.unread = None
         if conn.abandoned:  # (no late reply can come now)
             abandoned, conn.abandoned = conn.abandoned, {}
             for kept in abandoned.values():
@@ -3381,8 +3406,8 @@ class Worker:
                 else self._send_after_forks(conn, cid, chunks, hooks)
             )
             return hold
-        if hooks.added:
-            self._keep_given(conn, cid, hooks)
+        if hooks.added and not self._keep_given(conn, cid, hooks):
+            return False
         conn.send_nowait(chunks)
         if hold and conn.write_paused:
             self.spawn(self._send_then_done(conn, cid, None, hooks))
@@ -3421,24 +3446,32 @@ class Worker:
         except BaseException:
             hooks.undo()
             raise
-        if hooks.added or hooks.registered:
-            self._keep_given(conn, cid, hooks)
+        if (hooks.added or hooks.registered) and not self._keep_given(conn, cid, hooks):
+            return
         try:
             await conn.send(chunks)
         except ActorgradError as exc:  # (the connection closed while sending)
             log.debug("reply to %r not sent: %s", conn, exc)
 
-    def _keep_given(self, conn: Connection, cid: int, hooks: rref.Hooks) -> None:
+    def _keep_given(self, conn: Connection, cid: int, hooks: rref.Hooks) -> bool:
         """Remember what the reply to call ``cid`` (going out on ``conn`` now) counted
         for the caller, among the latest MAX_GIVEN replies on ``conn``: a caller that
         dropped this worker for its silence (its process stopped past the heartbeat
         timeout) names in its goodbye the calls it gave up, and this worker, running
         again, may have replied to one before reading it. The reply was lost with the
         connection, and the values it counted for the caller stayed until the caller
-        left the cluster (2-5 per 5-minute chaos soak)."""
+        left the cluster (2-5 per 5-minute chaos soak). So does a caller whose end of the
+        connection broke without a goodbye (a reset), on another connection (see
+        rref._unread), and its word may come before this end sees the break: False when
+        it said it will never read this reply (its counts taken back, it is not sent)."""
         kept = rref.given(hooks)
         if kept is None:
-            return
+            return True
+        unread = conn.unread
+        if unread is not None and cid in unread:
+            unread.discard(cid)
+            hooks.undo()
+            return False
         given, order = conn.given, conn.given_order
         if given is None or order is None:
             given = conn.given = {}
@@ -3447,6 +3480,30 @@ class Worker:
         order.append(cid)
         if len(order) > MAX_GIVEN:
             given.pop(order.popleft(), None)
+        return True
+
+    def replies_unread(self, key: tuple[str, int], pair: int, cids: list[int]) -> bool:
+        """Process ``key`` (worker name, cluster id) will never read the replies to calls
+        ``cids`` on the connection of id ``pair`` (see rref._unread): if that connection
+        is open here still (this end has not seen it break), what those sent counted
+        goes back, and those not made yet will count nothing. False: it is not open."""
+        for conn in self._conns:
+            if conn.pair_id == pair and not conn.closed:
+                if conn.peer_name is None or rref.peer_key(self, conn.peer_name, conn) != key:
+                    return True  # (not that peer's: nothing of it to take back)
+                given = conn.given
+                unread = conn.unread
+                for cid in cids:
+                    kept = given.pop(cid, None) if given else None
+                    if kept is not None:
+                        rref.take_back_given(self, conn.peer_name, conn, kept)
+                    else:  # (not sent yet, or one that counted nothing)
+                        if unread is None:
+                            unread = conn.unread = set()
+                        if len(unread) < MAX_GIVEN:
+                            unread.add(cid)
+                return True
+        return False
 
     def _take_back_given(self, conn: Connection, cids: list[int]) -> None:
         """The peer gave up calls ``cids`` on ``conn`` (its goodbye for our silence says
@@ -4367,6 +4424,11 @@ class Worker:
         if self._rref_withdrawn_timer is not None:
             self._rref_withdrawn_timer.cancel()
             self._rref_withdrawn_timer = None
+        if self._rref_lost_given_timer is not None:
+            self._rref_lost_given_timer.cancel()
+            self._rref_lost_given_timer = None
+        self._rref_lost_given.clear()
+        self._rref_lost_given_n = 0
         if self._rref_ack_timer is not None:
             self._rref_ack_timer.cancel()
             self._rref_ack_timer = None
