@@ -2889,6 +2889,36 @@ async def test_a_remote_value_replied_after_its_caller_told_of_the_reset_is_free
         await until(lambda: not w1.owned, 10)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="RRefs in the arguments of a request its callee never read stay counted for "
+    "the callee until it leaves the cluster (docs/limits.md)",
+)
+async def test_an_rref_in_a_request_a_reset_lost_is_not_counted_for_the_callee():
+    # The other half of the limit: the request, carrying an RRef the driver owns, waits
+    # unread in w1's socket when w1's end is aborted (a reset, both live on). w1 never
+    # decoded it, so never holds the RRef to release it; the driver counted w1 as its
+    # holder when it encoded the request, and keeps that count until w1 leaves the
+    # cluster. Only the callee knows which requests it decoded: see the report of the
+    # session that left this.
+    async with ag.local_cluster(1, transport="unix") as c:
+        driver, w1 = c.driver, c.workers[0]
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+        mine = ag.RRef([1])
+        rid = mine._rid
+        out = driver._out["w1"]
+        theirs = _far_end(out, w1)
+        theirs.transport.pause_reading()  # (what comes now waits in its socket)
+        call = asyncio.ensure_future(ag.rpc("w1", echo, (mine,)))
+        await until(lambda: _unread_bytes(theirs) > 0, 5)  # (the request, unread)
+        assert driver.owned[rid].holders[("w1", w1.id)] == 1
+        theirs.transport.abort()  # (its unread bytes go with it: a reset)
+        with pytest.raises(ag.WorkerLost):
+            await asyncio.wait_for(call, 5)
+        await until(lambda: ("w1", w1.id) not in driver.owned[rid].holders, 10)
+        assert driver.owned[rid].holders == {("driver", driver.id): 1}
+
+
 async def test_rref_releases_are_acknowledged_and_forgotten_by_their_holder(cluster):
     # (the holder keeps a release until its owner acknowledges it: a holder that drops
     # many RRefs keeps none of them for long)
