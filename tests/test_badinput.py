@@ -1149,6 +1149,13 @@ async def test_an_rref_id_that_is_not_an_int_is_named_in_the_error(sock_cluster)
         ("_unread", ("driver", 1, [7], [5]), r"malformed unread replies: connection \[7\],"),
         ("_unread", ("driver", 1, 7, [[5]]), r"TypeError: .* connection 7, calls \[\[5\]\]"),
         ("_unread", ([1], 3, 7, [5]), r"TypeError: malformed RRef holder \[1\] \(id 3\)"),
+        ("_unread", ("driver", 1, 7, [5], True), None),  # (no such connection: no answer)
+        ("_frames_read", ("w2", 3, 7, 5), None),  # (nothing kept for it: nothing to do)
+        (
+            "_frames_read",
+            ("w2", 3, 7, [5]),
+            r"TypeError: malformed frames read: connection 7, \[5\]",
+        ),
     ],
 )
 async def test_rref_bookkeeping_with_ids_of_the_wrong_type_gets_errors_naming_them(

@@ -1726,6 +1726,7 @@ def test_a_lost_process_takes_the_rref_messages_kept_for_it_and_its_withdrawals_
         # rref.keep_lost_given)
         _rref_lost_given={11: (("w2", 5), {1: None}, 1.0), 12: (("w3", 6), {2: 0, 3: 0}, 1.0)},
         _rref_lost_given_n=3,
+        _rref_lost_sent={13: (("w2", 5), [], 1.0), 14: (("w3", 6), [], 1.0)},
     )
     rref.peer_lost(w, "w2", 4)
     assert list(w._rref_unsent) == ["w2"] and len(w._rref_withdrawn) == 2
@@ -1733,6 +1734,7 @@ def test_a_lost_process_takes_the_rref_messages_kept_for_it_and_its_withdrawals_
     rref.peer_lost(w, "w2", 5)
     assert w._rref_unsent == {} and list(w._rref_withdrawn) == [(("w3", 6), 8)]
     assert list(w._rref_lost_given) == [12] and w._rref_lost_given_n == 2
+    assert list(w._rref_lost_sent) == [14]
 
 
 async def test_what_replies_on_broken_connections_counted_is_kept_a_while_and_bounded(
@@ -1754,7 +1756,9 @@ async def test_what_replies_on_broken_connections_counted_is_kept_a_while_and_bo
 
     def broken(pair, n):
         given = {cid: ([cid], None, 0) for cid in range(1, n + 1)}
-        return types.SimpleNamespace(peer_name="w2", peer_id=5, pair_id=pair, given=given)
+        return types.SimpleNamespace(
+            peer_name="w2", peer_id=5, pair_id=pair, given=given, frames_in=9
+        )
 
     rref.keep_lost_given(w, broken(11, 2))
     rref.keep_lost_given(w, broken(12, 1))
@@ -2889,11 +2893,6 @@ async def test_a_remote_value_replied_after_its_caller_told_of_the_reset_is_free
         await until(lambda: not w1.owned, 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RRefs in the arguments of a request its callee never read stay counted for "
-    "the callee until it leaves the cluster (docs/limits.md)",
-)
 async def test_an_rref_in_a_request_a_reset_lost_is_not_counted_for_the_callee():
     # The other half of the limit: the request, carrying an RRef the driver owns, waits
     # unread in w1's socket when w1's end is aborted (a reset, both live on). w1 never
@@ -2917,6 +2916,52 @@ async def test_an_rref_in_a_request_a_reset_lost_is_not_counted_for_the_callee()
             await asyncio.wait_for(call, 5)
         await until(lambda: ("w1", w1.id) not in driver.owned[rid].holders, 10)
         assert driver.owned[rid].holders == {("driver", driver.id): 1}
+
+
+async def keep_until(r, gate):
+    """Keep ``r`` on this worker, then wait for this process's event ``gate``."""
+    import dist_fns
+
+    keep(r)
+    await dist_fns.event(gate).wait()
+
+
+async def test_of_requests_a_reset_lost_only_those_the_callee_never_read_give_rrefs_back():
+    # The callee's end had not seen the reset (paused): one request, read, runs there
+    # and keeps its RRef; the next waits unread in its socket. The caller's word asks
+    # how many of its frames the callee read there: the callee closes its end (the
+    # caller's is closed: nothing more is to be read there) and answers, and the
+    # caller takes back the count of the request that never came through, not that of
+    # the one read, whose RRef the callee holds (taken back too, the callee's later
+    # release would take a count it does not hold).
+    import dist_fns
+
+    gate = "reset-read-gate"
+    dist_fns.event(gate).clear()
+    async with ag.local_cluster(1, transport="tcp") as c:
+        driver, w1 = c.driver, c.workers[0]
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+        read, unread = ag.RRef([1]), ag.RRef([2])
+        out = driver._out["w1"]
+        theirs = _far_end(out, w1)
+        first = asyncio.ensure_future(ag.rpc("w1", keep_until, (read, gate)))
+        await until(lambda: theirs.running, 5)
+        theirs.transport.pause_reading()  # (it sees neither the next request nor the reset)
+        second = asyncio.ensure_future(ag.rpc("w1", keep, (unread,)))
+        await until(lambda: _unread_bytes(theirs) > 0, 5)  # (the second request, unread)
+        holder = ("w1", w1.id)
+        assert driver.owned[read._rid].holders[holder] == 1
+        assert driver.owned[unread._rid].holders[holder] == 1
+        out.transport.abort()
+        for call in (first, second):
+            with pytest.raises(ag.WorkerLost, match="connection to worker 'w1' lost"):
+                await asyncio.wait_for(call, 5)
+        await until(lambda: holder not in driver.owned[unread._rid].holders, 10)
+        assert theirs.closed  # (by the caller's word)
+        assert driver.owned[read._rid].holders[holder] == 1
+        assert len(w1.ext["kept"]) == 1
+        await ag.rpc("w1", drop_kept)
+        await until(lambda: holder not in driver.owned[read._rid].holders, 10)
 
 
 async def test_rref_releases_are_acknowledged_and_forgotten_by_their_holder(cluster):

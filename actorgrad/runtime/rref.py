@@ -64,6 +64,16 @@ after the new one's first counts, and drops only the dead one's.)
   to one of them counts nothing, ``Connection.unread``), else from the record it kept
   when the connection closed (``keep_lost_given``, for ``LOST_GIVEN_TTL``). A reply
   the caller did read is not named: its RRefs are the caller's, released by it.
+* Nor is a request lost so (its arguments' counts for the callee: the caller's own
+  values, forks registered for it), which the callee never decodes nor releases. The
+  caller notes the number of the frame that carried each request counting RRefs
+  (``sent_on``: frames are numbered in order as they are queued, for their tags) and,
+  the connection broken, keeps those still pending (``keep_lost_sent``) and asks, in
+  its ``_unread``, how many of its frames the callee read there; the callee, its end
+  closed first if it was open still (so the number is final), answers
+  (``_frames_read``) from ``Connection.frames_in``, and the caller takes back what
+  the requests past that number counted. A request the callee read, and will decode
+  (a queued one is decoded even when refused), is not taken back.
 * A request (a call awaiting its reply, ``Worker.call``) to the RRef's owner itself
   carries no fork: the RRef goes as ``[owner, id, 0]`` ("to its owner, unregistered"),
   at once, and the owner, decoding it, counts itself as the holder of the new RRef
@@ -258,7 +268,11 @@ def peer_lost(worker: Worker, name: str, pid: int) -> None:
     if worker._rref_lost_given:  # (its counts went: nothing of it to take back)
         lost = worker._rref_lost_given
         for pair in [p for p, rec in lost.items() if rec[0] == gone]:
-            worker._rref_lost_given_n -= len(lost.pop(pair)[1])
+            worker._rref_lost_given_n -= max(1, len(lost.pop(pair)[1]))
+    if worker._rref_lost_sent:  # (its counts went: nothing to take back for it)
+        sent = worker._rref_lost_sent
+        for pair in [p for p, rec in sent.items() if rec[0] == gone]:
+            del sent[pair]
 
 
 def owned_value(worker: Worker, rid: Any) -> Any:
@@ -754,6 +768,7 @@ class Hooks:
         "direct",
         "in_request",
         "gone",
+        "seq",
     )
 
     def __init__(self, worker: Worker, peer: str, conn: Any) -> None:
@@ -777,6 +792,9 @@ class Hooks:
         # decoded (see ref_in)
         self.in_request = False
         self.gone: LookupError | None = None
+        # a request that counted RRefs for ``peer``: how many frames had gone on its
+        # connection once it went (see sent_on); 0: not known
+        self.seq = 0
 
     @property
     def worker_name(self) -> str:
@@ -1233,14 +1251,15 @@ def keep_lost_given(worker: Worker, conn: Any) -> None:
     not have read some of them (lost in the socket buffers with the connection): it
     says which, on another connection (``_unread``). Without this, the values those
     replies counted stayed until the peer left the cluster."""
-    given = conn.given
+    given = conn.given or {}
     key = peer_key(worker, conn.peer_name, conn)
     lost = worker._rref_lost_given
     _drop_lost_given(worker, time.monotonic())
-    lost[conn.pair_id] = (key, given, time.monotonic() + LOST_GIVEN_TTL)
-    worker._rref_lost_given_n += len(given)
+    # (with how many frames of the peer's were read on it: see _unread)
+    lost[conn.pair_id] = (key, given, time.monotonic() + LOST_GIVEN_TTL, conn.frames_in)
+    worker._rref_lost_given_n += max(1, len(given))
     while worker._rref_lost_given_n > MAX_LOST_GIVEN:  # (the oldest first)
-        worker._rref_lost_given_n -= len(lost.pop(next(iter(lost)))[1])
+        worker._rref_lost_given_n -= max(1, len(lost.pop(next(iter(lost)))[1]))
     if worker._rref_lost_given_timer is None:
         worker._rref_lost_given_timer = worker.loop.call_later(
             LOST_GIVEN_TTL, _expire_lost_given, worker
@@ -1253,7 +1272,7 @@ def _drop_lost_given(worker: Worker, now: float) -> None:
         first = next(iter(lost))
         if lost[first][2] > now:
             break
-        worker._rref_lost_given_n -= len(lost.pop(first)[1])
+        worker._rref_lost_given_n -= max(1, len(lost.pop(first)[1]))
 
 
 def _expire_lost_given(worker: Worker) -> None:
@@ -1275,18 +1294,104 @@ def tell_unread(worker: Worker, name: str, conn: Any, cids: list[int]) -> None:
     goodbye from it, and this worker never read the replies to calls ``cids`` on it:
     the callee takes back what they counted for this worker (see _unread). Sent on
     another connection (made for it if need be), kept and sent again like a release
-    (see _tell) while ``name`` cannot be reached."""
-    _tell(worker, name, _UNREAD, (worker.name, worker.id, conn.pair_id, cids))
+    (see _tell) while ``name`` cannot be reached. With it, if requests still pending
+    on it counted RRefs for ``name`` (see keep_lost_sent), the question how many of
+    this worker's frames ``name`` read there (answered by _frames_read)."""
+    ask = keep_lost_sent(worker, name, conn)
+    _tell(worker, name, _UNREAD, (worker.name, worker.id, conn.pair_id, cids, ask))
+
+
+def sent_on(conn: Any, hooks: Hooks) -> None:
+    """A request whose encoding (``hooks``) counted RRefs for the peer was just queued
+    on ``conn``: note how many frames have gone there with it (its frame's number, one
+    up), to tell, should the connection break, whether the peer read it (see
+    keep_lost_sent). (Connections without frame tags, in-process ones, do not break.)"""
+    if hooks.added or hooks.registered:
+        mac = conn._mac_out
+        if mac is not None:
+            hooks.seq = mac.seq
+
+
+#: Most requests kept at once by keep_lost_sent, over all connections.
+MAX_LOST_SENT = 1 << 16
+
+
+def keep_lost_sent(worker: Worker, name: str, conn: Any) -> bool:
+    """On a caller: ``conn`` closed without a goodbye from ``name``; its requests still
+    pending (and those given up with an interceptor's hooks) that counted RRefs for
+    ``name`` (its counts of our values, forks registered for it) may never have been
+    read there (lost in the socket buffers): ``name`` never decodes them, nor releases
+    what they counted, which stayed until it left the cluster. Kept, for
+    LOST_GIVEN_TTL, with each one's frame number, until ``name`` says how many frames
+    it read there (_frames_read). True: some are kept."""
+    sent = [
+        (h.seq, kept)
+        for h in (*(hooks for _, hooks in conn.pending.values()), *conn.abandoned.values())
+        if h.seq and not h.undone and (kept := given(h)) is not None
+    ]
+    if not sent:
+        return False
+    lost = worker._rref_lost_sent
+    now = time.monotonic()
+    while lost and (len(lost) >= MAX_LOST_SENT or lost[next(iter(lost))][2] <= now):
+        del lost[next(iter(lost))]  # (expired, or the oldest: at most one per connection)
+    lost[conn.pair_id] = (peer_key(worker, name, conn), sent, now + LOST_GIVEN_TTL)
+    if worker._rref_lost_sent_timer is None:
+        worker._rref_lost_sent_timer = worker.loop.call_later(
+            LOST_GIVEN_TTL, _expire_lost_sent, worker
+        )
+    return True
+
+
+def _expire_lost_sent(worker: Worker) -> None:
+    worker._rref_lost_sent_timer = None
+    if worker.closed:
+        return
+    lost = worker._rref_lost_sent
+    now = time.monotonic()
+    while lost and lost[next(iter(lost))][2] <= now:
+        del lost[next(iter(lost))]
+    if lost:
+        left = lost[next(iter(lost))][2] - now
+        worker._rref_lost_sent_timer = worker.loop.call_later(left, _expire_lost_sent, worker)
 
 
 @inline
-def _unread(holder: str, holder_id: int, pair: int, cids: list[Any]) -> None:
+def _frames_read(peer: str, peer_id: int, pair: int, n: int) -> None:
+    """On a caller: ``peer`` read ``n`` frames of ours on the connection ``pair``
+    before its end closed (it asked, see tell_unread): the requests kept for it
+    (keep_lost_sent) that went after those never reached its decoding, and what they
+    counted for it goes back. (Frames come in order, and each is numbered as it is
+    queued: one read is numbered ``n`` or less.)"""
+    from actorgrad.runtime.worker import current_worker
+
+    w = current_worker()
+    key = _key_of(peer, peer_id)
+    if type(pair) is not int or type(n) is not int:
+        raise TypeError(f"malformed frames read: connection {short_repr(pair)}, {short_repr(n)}")
+    rec = w._rref_lost_sent.get(pair)
+    if rec is None or rec[0] != key:  # (expired)
+        return
+    del w._rref_lost_sent[pair]
+    for seq, kept in rec[1]:
+        if seq > n:
+            _take_back_from(w, key, kept)
+
+
+@inline
+def _unread(holder: str, holder_id: int, pair: int, cids: list[Any], ask: bool = False) -> None:
     """On a callee: ``holder`` never read the replies to calls ``cids`` on the
     connection ``pair`` (its end closed without a goodbye of this worker's): what they
     counted for it goes back. That connection may be open still here (this end has
     not seen the break: a network fault, the reset not read yet): then a reply to one
     made later counts nothing (see Worker._keep_given); else its record is the one
-    keep_lost_given kept."""
+    keep_lost_given kept.
+
+    ``ask``: the holder also asks how many of its frames this worker read on that
+    connection (its requests that counted RRefs for this worker may not have come
+    through: see keep_lost_sent), answered by ``_frames_read``. An end still open
+    here is closed first (the holder's is: nothing more of it is read there), so the
+    answer holds."""
     from actorgrad.runtime.worker import current_worker
 
     w = current_worker()
@@ -1295,18 +1400,21 @@ def _unread(holder: str, holder_id: int, pair: int, cids: list[Any]) -> None:
         raise TypeError(
             f"malformed unread replies: connection {short_repr(pair)}, calls {short_repr(cids)}"
         )
-    if w.replies_unread(key, pair, cids):
-        return
+    # (open here: taken from the connection's record, and closed if asked, which made
+    # the record read below, of what the other replies counted and of the frames read)
+    w.replies_unread(key, pair, cids, ask is True)
     rec = w._rref_lost_given.get(pair)
-    if rec is None or rec[0] != key:  # (expired, or none had RRefs)
+    if rec is None or rec[0] != key:  # (expired, or open here and not asked)
         return
     del w._rref_lost_given[pair]  # (the caller names them once: the rest it read)
     given = rec[1]
-    w._rref_lost_given_n -= len(given)
+    w._rref_lost_given_n -= max(1, len(given))
     for cid in cids:
         kept = given.pop(cid, None)
         if kept is not None:
             _take_back_from(w, key, kept)
+    if ask is True and rec[3] is not None:
+        _tell(w, holder, _frames_read, (w.name, w.id, pair, rec[3]))
 
 
 #: How long a receiver waits to have handled everything a gone forker sent it before

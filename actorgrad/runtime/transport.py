@@ -116,7 +116,8 @@ MAGIC = b"ACTGRAD\x00"
 #:     them (rref._released): 14 refuses the fourth argument; a goodbye for a peer's
 #:     silence names the calls given up ([K_BYE, why, n, call ids]: 14 refuses it)
 #: 16: a caller whose connection broke without a goodbye names, on another one, the
-#:     calls on it whose replies it never read (rref._unread: 15 has no such function)
+#:     calls on it whose replies it never read, and asks how many of its frames the
+#:     callee read there (rref._unread, answered by rref._frames_read: 15 has neither)
 PROTOCOL_VERSION = 16
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32
@@ -722,6 +723,12 @@ class Connection(asyncio.BaseProtocol):
         # frames from the peer (requests, one-way messages) in the worker's mailbox
         self.in_mailbox = 0
         self._call_ids = itertools.count(1)
+
+    @property
+    def frames_in(self) -> int | None:
+        """How many frames of the peer's came in on this connection (those that passed
+        their tag check, in order), None where frames carry no tag (in-process)."""
+        return None if self._mac_in is None else self._mac_in.seq
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("handshake" if self._handshaking else "open")

@@ -1171,9 +1171,18 @@ class Worker:
         # connections (by pair id) that closed without the peer's goodbye -> (the peer
         # process, what the replies on them counted for it by call id, expiry), how many
         # replies those hold, and the timer that drops them (see rref.keep_lost_given)
-        self._rref_lost_given: dict[int, tuple[tuple[str, int], dict[int, Any], float]] = {}
+        # (and how many of its frames came in on them, None: frames without tags)
+        self._rref_lost_given: dict[
+            int, tuple[tuple[str, int], dict[int, Any], float, int | None]
+        ] = {}
         self._rref_lost_given_n = 0
         self._rref_lost_given_timer: asyncio.TimerHandle | None = None
+        # (as a caller) connections that closed without the peer's goodbye -> (the peer
+        # process, the requests still pending there that counted RRefs for it, each
+        # with its frame's number, expiry), and the timer that drops them (see
+        # rref.keep_lost_sent)
+        self._rref_lost_sent: dict[int, tuple[tuple[str, int], list[Any], float]] = {}
+        self._rref_lost_sent_timer: asyncio.TimerHandle | None = None
         # processes that left the cluster, latest last: no count is added for them
         # any more (see rref.peer_lost)
         self._rref_departed: dict[tuple[str, int], None] = {}
@@ -2290,7 +2299,9 @@ class Worker:
             # have been sent and lost in the connection's socket buffers (a reset), and
             # the RRef counts they made for this worker stayed with the peer until this
             # worker left the cluster. Told which, the peer takes those back (those
-            # read are not named: their RRefs are ours to release).
+            # read are not named: their RRefs are ours to release). So may requests
+            # that counted RRefs for the peer and never reached it: see
+            # rref.keep_lost_sent.
             rref.tell_unread(self, name, conn, _given_up(conn))
         if conn.pending:
             pending, conn.pending = conn.pending, {}
@@ -2308,7 +2319,14 @@ class Worker:
         # the goodbye of a peer that leaves, it may not have read the latest replies
         # (one that refused a message of ours reads nothing after it): kept a while for
         # its word of which, see rref.keep_lost_given)
-        if conn.given and conn.pair_id and not conn.goodbye and not self._closing and name:
+        # (and, asked, how many of its frames came here: see rref._unread)
+        if (
+            (conn.given or conn.frames_in)
+            and conn.pair_id
+            and not conn.goodbye
+            and not self._closing
+            and name
+        ):
             rref.keep_lost_given(self, conn)
         conn.given = conn.given_order = conn.gave_up = conn.unread = None
         if conn.abandoned:  # (no late reply can come now)
@@ -3482,11 +3500,15 @@ class Worker:
             given.pop(order.popleft(), None)
         return True
 
-    def replies_unread(self, key: tuple[str, int], pair: int, cids: list[int]) -> bool:
+    def replies_unread(
+        self, key: tuple[str, int], pair: int, cids: list[int], close: bool = False
+    ) -> bool:
         """Process ``key`` (worker name, cluster id) will never read the replies to calls
         ``cids`` on the connection of id ``pair`` (see rref._unread): if that connection
         is open here still (this end has not seen it break), what those sent counted
-        goes back, and those not made yet will count nothing. False: it is not open."""
+        goes back, and those not made yet will count nothing; ``close``: it is closed
+        then (its peer's end is: nothing more of it is to be read there). False: it is
+        not open."""
         for conn in self._conns:
             if conn.pair_id == pair and not conn.closed:
                 if conn.peer_name is None or rref.peer_key(self, conn.peer_name, conn) != key:
@@ -3502,6 +3524,12 @@ class Worker:
                             unread = conn.unread = set()
                         if len(unread) < MAX_GIVEN:
                             unread.add(cid)
+                if close:
+                    conn.abort(
+                        WorkerLost(
+                            f"worker {conn.peer_name!r} said its end of this connection closed"
+                        )
+                    )
                 return True
         return False
 
@@ -3643,6 +3671,8 @@ class Worker:
             try:
                 try:
                     conn.send_nowait(chunks)
+                    if hooks.added or hooks.registered:
+                        rref.sent_on(conn, hooks)
                 except BaseException:
                     if fut.done() and not fut.cancelled():
                         # (a frame that failed part way out closed the connection, which
@@ -3762,6 +3792,8 @@ class Worker:
             return
         try:
             conn.send_nowait(chunks)
+            if hooks.added:  # (no forks here: see above)
+                rref.sent_on(conn, hooks)
         except Exception as exc:
             # (any error, not only ours: a MemoryError as the frame is written, which
             # aborts the connection and fails the future first, came out of here, and
@@ -3806,7 +3838,10 @@ class Worker:
             fut = None  # type: ignore[assignment]
             return
         try:
-            await conn.send(chunks)
+            conn.send_nowait(chunks)
+            rref.sent_on(conn, hooks)  # (numbered as it is queued: see rref.sent_on)
+            if conn._write_paused:
+                await conn.drain()
         except Exception as exc:
             _take_back_unsent(conn, cid, hooks)
             if not fut.done():
@@ -4429,6 +4464,10 @@ class Worker:
             self._rref_lost_given_timer = None
         self._rref_lost_given.clear()
         self._rref_lost_given_n = 0
+        if self._rref_lost_sent_timer is not None:
+            self._rref_lost_sent_timer.cancel()
+            self._rref_lost_sent_timer = None
+        self._rref_lost_sent.clear()
         if self._rref_ack_timer is not None:
             self._rref_ack_timer.cancel()
             self._rref_ack_timer = None
