@@ -26,7 +26,16 @@ import actorgrad as ag
 from actorgrad import wire
 from actorgrad.runtime import Worker, rref, transport
 from actorgrad.runtime.transport import _HELLO, MAGIC, PROTOCOL_VERSION, _mac
-from actorgrad.runtime.worker import K_ASK, K_BYE, K_CANCEL, K_CAST, K_PING, K_REQ, MODE_RPC
+from actorgrad.runtime.worker import (
+    K_ASK,
+    K_BYE,
+    K_CANCEL,
+    K_CAST,
+    K_ECHO,
+    K_PING,
+    K_REQ,
+    MODE_RPC,
+)
 
 PREFIX = transport._PREFIX  # (a frame's length and tag)
 
@@ -621,7 +630,16 @@ async def test_valid_msgpack_of_the_wrong_shape_closes_the_connection(sock_clust
         [K_PING, 10_000],
         [K_PING, True],
         [K_PING, 5, 6],
-        [K_ASK, 1],  # (an ask for pings carries nothing)
+        # (an ask for pings carries nothing, or the number of a probe: see Worker._probe)
+        [K_ASK, 0],
+        [K_ASK, "1"],
+        [K_ASK, True],
+        [K_ASK, 1 << 63],
+        [K_ASK, 1, 2],
+        [K_ECHO],  # (the echo of a probe: its number)
+        [K_ECHO, 0],
+        [K_ECHO, 1.0],
+        [K_ECHO, 1, 2],
         [K_BYE, 5],  # ("closing on you, because": a str)
         [K_BYE, "why"],  # (the how-manieth such goodbye to us is missing)
         [K_BYE, "why", 0, []],
@@ -898,6 +916,27 @@ async def test_a_cancel_of_a_call_that_is_not_running_is_ignored(sock_cluster):
     assert f.header == [1, 2] and f.body() == 5
     writer.close()
     await writer.wait_closed()
+
+
+async def test_a_probe_is_echoed_at_once_with_its_number(sock_cluster):
+    # A peer that reported this worker lost when a connection of theirs closed asks
+    # on the others whether it lives ([K_ASK, n]); only the echo of that number ends
+    # the loss there (what came before it may be a dead worker's last frames).
+    reader, writer = await _handshaken(sock_cluster)
+    n = await _frame_len(reader)
+    wire.decode_frame(await reader.readexactly(n))  # (the hello)
+    for number in (7, (1 << 63) - 1):
+        await _send_frame(writer, wire.join_chunks(wire.encode_frame([K_ASK, number], None)))
+        async with asyncio.timeout(5):
+            while True:
+                n = await _frame_len(reader)
+                f = wire.decode_frame(await reader.readexactly(n))
+                if f.header[0] != K_PING:  # (heartbeat pings may come too)
+                    break
+        assert f.header == [K_ECHO, number]
+    writer.close()
+    await writer.wait_closed()
+    await valid_client_works(sock_cluster)
 
 
 async def test_a_cancel_read_with_its_request_stops_the_call_before_it_starts(sock_cluster):

@@ -3778,10 +3778,6 @@ def _hold_reads(conn: Any) -> Callable[[], None]:
     return end.resume_reading
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a frame read after the loss ends it: the dead peer's loss is reported twice",
-)
 @pytest.mark.parametrize("kind", ["inproc", "tcp", "unix"])
 async def test_a_frame_a_dead_peer_sent_before_it_died_is_no_news_that_it_lives(kind):
     # w2 dies (no goodbye) after a one-way call to w1 went out on its connection to w1
@@ -3812,6 +3808,28 @@ async def test_a_frame_a_dead_peer_sent_before_it_died_is_no_news_that_it_lives(
         await w2.shutdown()  # (the head's word that it left reports nothing new)
         await until(lambda: "w2" not in w1.members)
         assert lost == ["w2"]
+
+
+@pytest.mark.parametrize("kind", ["inproc", "tcp"])
+async def test_a_peer_that_lives_on_after_one_connection_broke_is_heard_from_at_once(kind):
+    # One connection between w1 and w2 breaks (a fault of that one: here, w1 aborts
+    # B); the other (A) lives on, idle. Each reports the other lost, and asks it over A
+    # for a sign of life: its answer, a round trip later, ends the loss. (Any frame on
+    # A ended it before, a dead peer's last ones too: see the test above. Now only
+    # that answer does, or a new connection's hello: none comes here.)
+    async with ag.local_cluster(2, transport=kind) as c:
+        w1, w2 = c.workers
+        assert await w1.call("w2", add, (1, 2)) == 3  # (A: w1's to w2)
+        assert await w2.call("w1", add, (3, 4)) == 7  # (B: w2's to w1)
+        (conn_b,) = [k for k in w1._conns if k.peer_name == "w2" and not k.outgoing]
+        lost: dict[str, list[str]] = {"w1": [], "w2": []}
+        for w in (w1, w2):
+            w.add_peer_lost_callback(lost[w.name].append)
+        conn_b.abort(ag.WorkerLost("test: a fault on B only"))
+        await until(lambda: lost["w1"] and lost["w2"])
+        await until(lambda: not (w1.is_lost("w2") or w2.is_lost("w1")), deadline=2)
+        assert lost == {"w1": ["w2"], "w2": ["w1"]}
+        assert not w1._out["w2"].closed  # (A)
 
 
 @pytest.mark.parametrize("leave_read", [False, True])

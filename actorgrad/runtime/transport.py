@@ -117,7 +117,9 @@ MAGIC = b"ACTGRAD\x00"
 #:     silence names the calls given up ([K_BYE, why, n, call ids]: 14 refuses it)
 #: 16: a caller whose connection broke without a goodbye names, on another one, the
 #:     calls on it whose replies it never read, and asks how many of its frames the
-#:     callee read there (rref._unread, answered by rref._frames_read: 15 has neither)
+#:     callee read there (rref._unread, answered by rref._frames_read: 15 has neither);
+#:     a worker that reports a peer lost on a connection's close asks it on the others
+#:     for a sign of life ([K_ASK, n], answered [K_ECHO, n]): 15 refuses both
 PROTOCOL_VERSION = 16
 _HELLO = struct.Struct(">8sH32s")
 _MAC_LEN = 32

@@ -39,7 +39,9 @@ Execution model (how a CPU-heavy user function cannot starve a worker):
   closing it is leaving the cluster). A closed connection (a dead process) does the
   same immediately. A worker whose own loop was
   blocked does not blame its peers for the silence it caused. A peer reported lost
-  that is heard from again (over another connection) is no longer taken for lost.
+  on a connection's close that answers, on another connection, the probe this worker
+  sent it there then (or connects again) is no longer taken for lost; its frames read
+  before that answer may have been sent before it died (see ``Worker._old_news``).
 
 Phases: setup (:meth:`Worker.start`: listener, pool, dispatcher, heartbeat), running
 (the dispatcher), teardown (:meth:`Worker.shutdown`, one path, idempotent).
@@ -60,7 +62,10 @@ Messages (frame headers; bodies are codec values):
   interceptor, no reply (see :meth:`Worker.cast`).
 * ``[K_PING]`` (a heartbeat), ``[K_ASK]`` (a heartbeat asking the peer to ping this
   connection every ``HEARTBEAT_INTERVAL`` for the next ``ASK_WINDOW``: this worker
-  waits on it), ``[K_PING, seconds]`` (this worker may be silent for
+  waits on it), ``[K_ASK, n]`` (probe ``n``, an ask too: this worker reported the
+  peer lost, a connection of theirs closed without a goodbye, and asks whether it
+  lives; answered at once with ``[K_ECHO, n]``, see :meth:`Worker._probe`),
+  ``[K_PING, seconds]`` (this worker may be silent for
   so long, 0: no longer; see :meth:`Worker.going_quiet`), ``[K_HELLO, name, id,
   address, largest frame, goodbyes]`` (first frame each way after the handshake;
   ``goodbyes``: how many of the next kind this worker sent the peer, see
@@ -132,7 +137,7 @@ from actorgrad.runtime.transport import Connection
 log = logging.getLogger("actorgrad.runtime")
 
 # message kinds (first header entry)
-K_REQ, K_OK, K_ERR, K_PING, K_HELLO, K_BYE, K_CAST, K_CANCEL, K_ASK = range(9)
+K_REQ, K_OK, K_ERR, K_PING, K_HELLO, K_BYE, K_CAST, K_CANCEL, K_ASK, K_ECHO = range(10)
 # (heartbeat 0 a plain ping, 1 one that asks for pings: see Worker._heartbeat)
 transport.set_heartbeat_frames(
     b"".join(wire.encode_frame([K_PING], None)), b"".join(wire.encode_frame([K_ASK], None))
@@ -790,6 +795,12 @@ def _cut_repr(x: Any, limit: int) -> str:
     return short_repr(x, 1 << 62)[:limit]
 
 
+def _probe_number(x: Any) -> bool:
+    """Whether ``x``, from the wire, can number a probe (see Worker._probe): an int in
+    [1, 2**63)."""
+    return type(x) is int and 0 < x < 1 << 63
+
+
 def _printable(text: str) -> str:
     """``text`` from the wire (a goodbye's reason) as log lines and errors may show it:
     escaped where it holds what is not printable (went as it came, a newline in it
@@ -1112,9 +1123,13 @@ class Worker:
         self._drain_cut = False  # (see cut_drain)
         self._status_providers: dict[str, Callable[[], dict[Any, Any]]] = {}
         # (a dict: in the order they were lost, see _peer_lost; the value: what the peer
-        # said when it closed on us, see dropped_by, and how the loss showed here, see
-        # lost_cause)
-        self._lost: dict[str, tuple[str | None, str]] = {}
+        # said when it closed on us, see dropped_by, how the loss showed here, see
+        # lost_cause, and the number of the probe whose echo ends it, see _old_news)
+        self._lost: dict[str, tuple[str | None, str, int]] = {}
+        self._probes = itertools.count(1)  # (numbers of the probes: see _probe)
+        # (the peer whose connections this worker closes for its silence, meanwhile: no
+        # probe for that loss, see _on_lost)
+        self._dropping: str | None = None
         # Sessions with each peer (see _stale_end): how many goodbyes for its silence
         # this worker sent it (numbered, and told in each hello to it), and the number
         # of the latest goodbye of that kind from it that this worker took in, per peer
@@ -2355,6 +2370,13 @@ class Worker:
             self.registry_lost.set()
         if self.registry is not None:
             self.registry.conn_lost(conn)
+        # (a close this worker did not make for the peer's silence, nor the peer with a
+        # goodbye: the peer may live on over its other connections, whose frames read
+        # after may also be a dead peer's last, see _probe. Not when this worker drops
+        # it for its silence: it closes every connection with it but the membership,
+        # where a probe, read between two of the drop's goodbyes (connections keep no
+        # order), was news that it lives, and the second goodbye a second drop)
+        probe = not conn.goodbye and name != self._dropping
         if (
             conn.reached_lost
             and name is not None
@@ -2368,7 +2390,7 @@ class Worker:
             # once its loss was reported, one that left: see the K_BYE read)
             if conn.goodbye and conn.peer_id is not None:
                 self._left[name] = conn.peer_id
-            self._peer_lost(name, conn.dropped_why or None, str(err), again=True)
+            self._peer_lost(name, conn.dropped_why or None, str(err), again=True, probe=probe)
             return
         if (
             conn.after_leave
@@ -2382,7 +2404,7 @@ class Worker:
             # last connection: killed as it connected, or dropped by the head and going
             # on. No member's close reports a loss, and its loss stayed forgotten: a call
             # to the name raised ValueError "unknown worker" instead of WorkerLost)
-            self._peer_lost(name, conn.dropped_why or None, str(err))
+            self._peer_lost(name, conn.dropped_why or None, str(err), probe=probe)
             return
         if name is not None and name in self.members and not self._closing:
             if conn.peer_id != self.members[name][0]:
@@ -2395,7 +2417,7 @@ class Worker:
                 return
             if self._stale_end(conn, name):
                 return
-            self._peer_lost(name, conn.dropped_why or None, str(err))
+            self._peer_lost(name, conn.dropped_why or None, str(err), probe=probe)
             if conn.dropped_why and not any(
                 c.peer_name == name and not c.closed for c in self._conns
             ):
@@ -2461,14 +2483,18 @@ class Worker:
                 self._seen_drops[name] = (wid, max(seen, conn.drop_number))
         return False
 
-    def _old_news(self, conn: Connection) -> bool:
-        """Whether what comes on ``conn``, from a peer reported lost, was sent before the
-        goodbye that reported it, read on another connection first (connections keep no
-        order between them): no news that it lives. Taken for it, a frame of it made
-        the next report of that loss (the goodbye on ``conn`` itself, read next; the
-        registry's news that it left) a second one: the peer-lost callbacks ran twice.
-        Either the peer process said goodbye (it shuts down: whatever it sends comes
-        before, on any connection, the membership too), or it dropped this worker (the
+    def _old_news(self, conn: Connection, header: list[Any]) -> bool:
+        """Whether the frame of ``header`` on ``conn``, from a peer reported lost, may
+        have been sent before what reported it, read on another connection first
+        (connections keep no order between them): no news that it lives. Taken for it,
+        a frame of it made the next report of that loss (the goodbye or close of
+        ``conn`` itself, read next; the registry's news that it left) a second one: the
+        peer-lost callbacks ran twice. Either the peer process said goodbye (it shuts
+        down: whatever it sends comes before, on any connection, the membership too);
+        or a connection of it closed without a goodbye (it died, or that connection
+        failed): only the echo of a probe sent since is news (see _probe; a dead
+        peer's last frames, read after, took it for alive, and the close of the
+        connection they came on for a second death); or it dropped this worker (the
         loss reported for it: see dropped_by) and the connection's session began before
         the peer's latest goodbye for our silence: not news that it heard from us
         since."""
@@ -2477,8 +2503,14 @@ class Worker:
             return False
         if conn.peer_id is not None and self.said_goodbye(name, conn.peer_id):
             return True  # (that process left)
-        if self._lost[name][0] is None:  # (not dropped: news it lives)
-            return False
+        dropped_why, _cause, probe = self._lost[name]
+        if dropped_why is None:  # (news it lives: the answer to a question since)
+            return bool(probe) and not (
+                header[0] == K_ECHO
+                and len(header) == 2
+                and _probe_number(header[1])
+                and header[1] >= probe
+            )
         if self._is_membership(conn):
             # (the drop never closes the membership, whose hello's count stays below
             # it for good: what comes there after the drop is news too, and the only
@@ -2488,13 +2520,20 @@ class Worker:
         return seen is not None and seen[0] == conn.peer_id and conn.peer_drops < seen[1]
 
     def _peer_lost(
-        self, name: str, dropped_why: str | None = None, cause: str = "", again: bool = False
+        self,
+        name: str,
+        dropped_why: str | None = None,
+        cause: str = "",
+        again: bool = False,
+        probe: bool = False,
     ) -> None:
         """Report ``name`` lost to the callbacks, once per loss; ``dropped_why``: it
         closed its connection with this worker saying why (it heard nothing from us: it
         lives on, and took this worker for lost; see dropped_by); ``cause``: how the
         loss showed here, in words (see lost_cause); ``again``: reported even if it was
-        already (a connection that reached it after its loss closed: see _reach_lost)."""
+        already (a connection that reached it after its loss closed: see _reach_lost);
+        ``probe``: a connection of it closed without a goodbye, and only its answer to a
+        probe sent now on the others ends a loss reported now (see _probe)."""
         if name == self.name or self.closed:
             return
         if again:
@@ -2506,7 +2545,8 @@ class Worker:
             if self._lost[name][0] is None or dropped_why is not None:
                 return
             del self._lost[name]  # (to the end: the order is the order of losses)
-        self._lost[name] = (dropped_why, cause)
+        number = next(self._probes) if probe and dropped_why is None else 0
+        self._lost[name] = (dropped_why, cause, number)
         if len(self._lost) > LOST_MEMORY:
             # (workers that come and go under new names: each left its name here for
             # good, on every member. The names gone longest go, not those of members)
@@ -2514,11 +2554,34 @@ class Worker:
             for n in gone[: len(self._lost) - LOST_MEMORY]:
                 del self._lost[n]
                 self._left.pop(n, None)
+        if number:
+            self._probe(name, number)
         for cb in list(self._peer_lost_cbs):
             try:
                 cb(name)
             except Exception:
                 log.exception("peer-lost callback %r failed", cb)
+
+    def _probe(self, name: str, n: int) -> None:
+        """Ask member ``name``, just reported lost (not dropped), for a sign of life on
+        each connection with its process still open (``[K_ASK, n]``, probe number
+        ``n``): only its echo (``[K_ECHO, n]``) ends the loss, see _old_news. A
+        connection that closed without a goodbye reported the loss; the peer may live
+        on over its others (a fault of that one connection), or be dead, its last
+        frames still unread on them (connections keep no order between them)."""
+        member = self.members.get(name)
+        if member is None:  # (no member: nothing of it ends the loss but a hello)
+            return
+        for c in self._conns:
+            if (
+                c.peer_name == name
+                and c.peer_id == member[0]
+                and not (c.closed or c.bye_read or c._handshaking)
+            ):
+                try:
+                    c.send_nowait(wire.encode_frame([K_ASK, n], None))
+                except ActorgradError:
+                    pass  # (closing: its end reports nothing new)
 
     # ------------------------------------------------------------------ frames in
     def _on_frame(self, conn: Connection, buf: bytearray | memoryview) -> None:
@@ -2530,14 +2593,20 @@ class Worker:
                 raise ProtocolError(f"unknown message kind {_cut_repr(kind, 80)}")
             if self._lost and conn.peer_name in self._lost and kind != K_BYE:
                 member = self.members.get(conn.peer_name)
-                if member is not None and conn.peer_id == member[0] and not self._old_news(conn):
+                if (
+                    member is not None
+                    and conn.peer_id == member[0]
+                    and not self._old_news(conn, header)
+                ):
                     # Alive after all: one of its connections had closed (a malformed
                     # frame, a network fault, our heartbeat while its loop was blocked)
-                    # but it goes on over this one. A later loss must be reported again,
-                    # and contexts it starts taken in (those it held here went at its
-                    # loss). (Not a worker that left the cluster: its last frames. Nor
-                    # another process of its name, one that joined since while our view
-                    # lags: the lost one's leave, read next, reported its loss again.)
+                    # but it goes on over this one (it answered our probe here: what
+                    # came before may be a dead one's last frames, see _old_news).
+                    # A later loss must be reported again, and contexts it starts taken
+                    # in (those it held here went at its loss). (Not a worker that left
+                    # the cluster: its last frames. Nor another process of its name, one
+                    # that joined since while our view lags: the lost one's leave, read
+                    # next, reported its loss again.)
                     self._lost.pop(conn.peer_name, None)
             if kind == K_REQ:
                 if conn.peer_name is None:
@@ -2649,12 +2718,20 @@ class Worker:
                         raise ProtocolError(f"malformed ping header {short_repr(header)}")
                     conn.quiet_until = time.monotonic() + silent if silent else 0.0
             elif kind == K_ASK:
-                if len(header) != 1:
+                if len(header) != 1 and not (len(header) == 2 and _probe_number(header[1])):
                     raise ProtocolError(f"malformed ping header {short_repr(header)}")
                 now = time.monotonic()
                 conn.peer_waits_until = now + ASK_WINDOW
-                if now - conn.last_sent >= HEARTBEAT_INTERVAL:  # (at once: it may be new)
+                if len(header) == 2:
+                    # (the peer took this worker for lost, and asks whether it lives:
+                    # the echo, a frame sent after the question, tells; see _probe)
+                    conn.send_nowait(wire.encode_frame([K_ECHO, header[1]], None))
+                elif now - conn.last_sent >= HEARTBEAT_INTERVAL:  # (at once: it may be new)
                     conn.send_heartbeat()
+            elif kind == K_ECHO:
+                # (its news, if any, was taken above: see _old_news)
+                if len(header) != 2 or not _probe_number(header[1]):
+                    raise ProtocolError(f"malformed echo header {short_repr(header)}")
             elif kind == K_CANCEL:
                 if len(header) != 2 or type(header[1]) is not int:
                     raise ProtocolError(f"malformed cancel header {short_repr(header, 200)}")
@@ -4041,7 +4118,9 @@ class Worker:
 
     def is_lost(self, peer: str) -> bool:
         """Whether ``peer`` was reported lost (its connection died, or it went silent
-        while watched) and has not been heard from since. Not a peer that dropped this
+        while watched) and has not been heard from since (it connected again, or
+        answered the probe sent on its other connections, see _probe: what it sent
+        before may be read after its death). Not a peer that dropped this
         worker (see dropped_by): it lives on, and calls in its new contexts are taken
         in here (this worker connects to it again, which ends its view of this worker
         as lost)."""
@@ -4251,10 +4330,14 @@ class Worker:
             # opened, carried the next calls to it while its goodbye was still on the
             # way, and the goodbye, late, ended that session (see _stale_end).
             others = [c for c in self._session_conns(peer, conn.peer_id) if c is not conn]
-            for c in [conn, *others]:
-                # (with the calls it gave up on there: see _given_up)
-                self._say_now(c, [K_BYE, why, drops, _given_up(c)])
-                self._part(c, err)
+            self._dropping = peer  # (no probe: see _on_lost)
+            try:
+                for c in [conn, *others]:
+                    # (with the calls it gave up on there: see _given_up)
+                    self._say_now(c, [K_BYE, why, drops, _given_up(c)])
+                    self._part(c, err)
+            finally:
+                self._dropping = None
             return True
         return False
 
