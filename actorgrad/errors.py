@@ -192,7 +192,9 @@ class RemoteError(ActorgradError):
             message = f"<unprintable {name}: its str() raised {type_name(type(broken))}>"
         try:
             # (its __notes__, a property maybe, and its chained errors' are read here)
-            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            te = traceback.TracebackException(type(exc), exc, exc.__traceback__, compact=True)
+            _named_as_main(te)
+            tb = "".join(te.format())
         except BaseException:
             tb = ""
         # (a message of 200 MB, the repr of a big array: encoding it, twice, held the
@@ -209,6 +211,47 @@ class RemoteError(ActorgradError):
             type(self),
             (self.worker, self.remote_type, self.remote_message, self.remote_traceback),
         )
+
+
+def _named_as_main(te: Any) -> None:
+    """Name the exceptions of the driver's script in traceback ``te`` (and in those
+    chained to it, or grouped in it) as the driver has them: a worker process imports
+    the script as ``__mp_main__`` (see runtime/calls.py), and its traceback said
+    ``__mp_main__.AppError: no`` where ``remote_type`` says ``__main__.AppError`` and
+    Python (an in-process worker too) prints ``AppError: no``, the script's own name.
+    Only the line that names the type changes: the message is the user's."""
+    todo, seen = [te], set()
+    while todo:
+        t = todo.pop()
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        todo += [t.__cause__, t.__context__, *(getattr(t, "exceptions", None) or ())]
+        if "exc_type_module" in vars(t):  # (Python 3.13: what it prints the type by)
+            if t.exc_type_module == "__mp_main__":
+                t.exc_type_module = "__main__"
+            continue
+        cls = t.exc_type  # (3.11, 3.12: the type itself, which we cannot rename)
+        if getattr(cls, "__module__", None) != "__mp_main__":
+            continue
+        # (the type's line: "__mp_main__.AppError: no", or "...AppError" alone without a
+        # message; after the source lines for a SyntaxError's subclass)
+        typed = f"__mp_main__.{cls.__qualname__}"
+
+        def as_main(
+            *args: Any, _lines: Any = t.format_exception_only, _typed: str = typed, **kw: Any
+        ) -> Any:
+            done = False
+            for line in _lines(*args, **kw):
+                if (
+                    not done
+                    and line.startswith(_typed)
+                    and line[len(_typed) : len(_typed) + 1] in (":", "\n")
+                ):
+                    line, done = line[len("__mp_main__.") :], True
+                yield line
+
+        t.format_exception_only = as_main
 
 
 class WorkerLost(ActorgradError):

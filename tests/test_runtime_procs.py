@@ -2540,8 +2540,8 @@ async def test_a_worker_process_names_actorgrad_functions_plainly():
 
 def test_the_driver_scripts_names_are_the_same_on_process_and_in_process_workers(tmp_path):
     # On process workers an exception class of the script was "__mp_main__.AppError"
-    # ("__main__.AppError" in process), and the string "__main__:hello" looked in the
-    # worker's own __main__: AttributeError.
+    # ("__main__.AppError" in process), its remote traceback's too, and the string
+    # "__main__:hello" looked in the worker's own __main__: AttributeError.
     script = tmp_path / "names.py"
     script.write_text(
         textwrap.dedent(
@@ -2552,8 +2552,14 @@ def test_the_driver_scripts_names_are_the_same_on_process_and_in_process_workers
             class AppError(Exception):
                 pass
 
+            class Cause(Exception):
+                pass
+
             def fail():
-                raise AppError("no")
+                try:
+                    raise Cause("why")
+                except Cause as exc:
+                    raise AppError("no __mp_main__.AppError: here") from exc
 
             def hello(name):
                 return f"hello {name}"
@@ -2565,6 +2571,8 @@ def test_the_driver_scripts_names_are_the_same_on_process_and_in_process_workers
                             await ag.rpc("w1", fail)
                         except ag.RemoteError as exc:
                             print(processes, exc.remote_type, flush=True)
+                            tb = exc.remote_traceback.splitlines()
+                            print(processes, [t for t in tb if t and t[0] not in " T"])
                         print(processes, await ag.rpc("w1", "__main__:hello", ("you",)))
 
             if __name__ == "__main__":
@@ -2578,10 +2586,19 @@ def test_the_driver_scripts_names_are_the_same_on_process_and_in_process_workers
         [sys.executable, str(script)], capture_output=True, text=True, timeout=45, env=env
     )
     assert out.returncode == 0, out.stderr
+    # (and the remote traceback, as Python prints the script's errors, on both kinds of
+    # worker: it said "__mp_main__.Cause: why" and "__mp_main__.AppError: no ..." on
+    # process workers; the message itself is the user's, kept as it was)
+    said = [
+        "Cause: why",
+        "AppError: no __mp_main__.AppError: here",
+    ]
     assert out.stdout.splitlines() == [
         "False __main__.AppError",
+        f"False {said}",
         "False hello you",
         "True __main__.AppError",
+        f"True {said}",
         "True hello you",
     ]
 
