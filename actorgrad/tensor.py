@@ -75,6 +75,21 @@ _INF = math.inf
 _F16 = np.float16
 _F32_MAX = float(np.finfo(np.float32).max)
 _SCALARS = (int, float, bool, np.generic)
+#: the most dimensions a numpy array has: 64 with numpy 2, 32 with numpy 1.x (between
+#: workers, 32 either way: wire.MAX_NDIM)
+_MAX_NDIM = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
+
+
+def _check_ndim(what: str, ndim: int) -> None:
+    """ValueError naming the limit when a result of ``what`` would have more than
+    _MAX_NDIM dimensions: numpy's own words blamed something else (reshape's "cannot
+    reshape a tensor of shape (1, 1, ...) (1 elements)", stack's IndexError "indexing
+    result would have 65")."""
+    if ndim > _MAX_NDIM:
+        raise ValueError(
+            f"{what}: the result would have {ndim} dimensions: a tensor has at most "
+            f"{_MAX_NDIM} (numpy's limit; at most 32 travel to another worker)"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -1884,6 +1899,7 @@ class Reshape(Function):
                 raise TypeError(
                     f"reshape: sizes must be integers, got {d!r:.40} in {short_repr(tuple(shape), 80)}"
                 ) from None
+        _check_ndim("reshape", len(shape))
         try:
             # (numpy takes any negative size for the one it infers: -1 only, as torch)
             if any(isinstance(d, (int, np.integer)) and d < -1 for d in shape):
@@ -1992,6 +2008,7 @@ class Stack(Function):
     def forward(self, xs: list[Any], axis: int) -> Any:
         arrays = [np.asarray(x) for x in xs]
         self.saved = ([x.dtype for x in arrays], axis)
+        _check_ndim("stack", arrays[0].ndim + 1)
         try:
             return np.stack(arrays, axis=axis)
         except ValueError as exc:

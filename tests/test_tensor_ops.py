@@ -1030,6 +1030,24 @@ def test_reshape_takes_only_minus_one_as_the_size_it_infers(shape):
     assert ag.ones(6).reshape(-1, 3).shape == (2, 3)
 
 
+def test_a_result_of_more_dimensions_than_numpy_takes_is_refused_naming_the_limit():
+    # (reshape said "cannot reshape a tensor of shape (1, 1, ...) (1 elements) into shape
+    # (1, 1, ...", the sizes fitting; stack raised numpy's IndexError "indexing result
+    # would have 65", from inside np.stack)
+    most = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
+    x = ag.zeros(*[1] * most, requires_grad=True)
+    said = (
+        f"the result would have {most + 1} dimensions: a tensor has at most {most} "
+        r"\(numpy's limit; at most 32 travel to another worker\)"
+    )
+    with pytest.raises(ValueError, match=f"^reshape: {said}$"):
+        x.reshape(*[1] * (most + 1))
+    with pytest.raises(ValueError, match=f"^stack: {said}$"):
+        ag.stack([x, x], axis=-1)
+    ag.stack([x[0], x[0]]).sum().backward()  # (as many as numpy takes: fine)
+    assert x.grad.shape == x.shape and x.reshape(*[1] * most).ndim == most
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
@@ -1346,6 +1364,9 @@ def test_reshape_sizes_of_the_wrong_type_are_named_and_shapes_cut():
     with pytest.raises(TypeError, match=r"reshape: sizes must be integers, got 1\.5"):
         x.reshape(1.5)
     with pytest.raises(ValueError, match=r"into shape \(1, 1, 1, .*\.\.\.") as ei:
+        x.reshape(*([1] * 30 + [3, 2]))
+    assert len(str(ei.value)) < 300, len(str(ei.value))
+    with pytest.raises(ValueError, match=r"reshape: the result would have 20002 dimensions") as ei:
         x.reshape(*([1] * 20_000 + [3, 2]))
     assert len(str(ei.value)) < 300, len(str(ei.value))
     with pytest.raises(
