@@ -227,7 +227,7 @@ def report(result: TrainResult, target: float) -> int:
 
 
 def fraction(text: str) -> float:
-    """An argparse type: a test accuracy, a number in [0, 1] (also for the examples)."""
+    """An argparse type: a test accuracy, a number in [0, 1]."""
     try:
         value = float(text)
     except ValueError:

@@ -25,7 +25,6 @@ import sys
 import numpy as np
 
 import actorgrad as ag
-from actorgrad.cli import at_least
 from actorgrad.nn import functional as F
 
 CLASSES, FEATURES = 4, 8
@@ -88,6 +87,17 @@ async def run(workers: list[str], steps: int) -> float:
     return accuracy
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
 async def main(steps: int) -> float:
     # (blank is unset, as for ag.init: with " ", ag.init started a cluster of its own,
     # without workers: "the pipeline needs 3 workers, the cluster has 0", an IndexError)
@@ -109,7 +119,7 @@ async def main(steps: int) -> float:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="parameter server with concurrent trainers")
-    parser.add_argument("--steps", type=at_least(1), default=60)
+    parser.add_argument("--steps", type=positive_int, default=60)
     try:
         accuracy = asyncio.run(main(parser.parse_args().steps))
         if sys.stdout is not None:  # (None: run with stdout closed, >&-)

@@ -27,6 +27,66 @@ def run(*args: str, timeout: float = 90, **extra: str) -> subprocess.CompletedPr
     )
 
 
+def test_the_examples_use_only_the_public_api():
+    # (an example is what a user copies: the pipeline's imported its model and training
+    # loop from actorgrad.demo, and both took their --steps type from actorgrad.cli,
+    # neither of them the public API)
+    import ast
+
+    import actorgrad as ag
+
+    public = {"actorgrad": ag.__all__}
+    for name in ("nn", "dist", "optim", "nn.functional"):
+        module = ag
+        for part in name.split("."):
+            module = getattr(module, part)
+        public[f"actorgrad.{name}"] = getattr(
+            module, "__all__", [n for n in dir(module) if n[0] != "_"]
+        )
+    for script in sorted(EXAMPLES.glob("*.py")):
+        tree = ast.parse(script.read_text())
+        aliases = {}  # (a name bound to a public module: its attributes are checked)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.partition(".")[0] == "actorgrad":
+                        assert a.name in public, (script.name, a.name)
+                        aliases[a.asname or a.name] = a.name
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("actorgrad"):
+                assert node.module in public, (script.name, node.module)
+                for a in node.names:
+                    assert a.name in public[node.module], (script.name, node.module, a.name)
+                    full = f"{node.module}.{a.name}"
+                    if full in public:
+                        aliases[a.asname or a.name] = full
+        for node in ast.walk(tree):  # (ag.nn.Linear, F.cross_entropy: each step public)
+            chain = []
+            while isinstance(node, ast.Attribute):
+                chain.append(node.attr)
+                node = node.value
+            if isinstance(node, ast.Name) and node.id in aliases and chain:
+                module = aliases[node.id]
+                for attr in reversed(chain):
+                    assert attr in public[module], (script.name, module, attr)
+                    if f"{module}.{attr}" not in public:
+                        break
+                    module = f"{module}.{attr}"
+
+
+def test_the_pipeline_example_trains_as_the_demo_does():
+    # (the example has its own copy of the demo's model and loop, as a user would: the
+    # same numbers, step by step; the rates aside)
+    def steps(p: subprocess.CompletedProcess[str]) -> list[str]:
+        assert p.returncode == 1, p.stdout + p.stderr  # (0.99: not reached in 50 steps)
+        lines = [re.sub(r"[0-9.]+ s(teps/s)?\b", "", line) for line in p.stdout.splitlines()]
+        return [line for line in lines if line.startswith(("pipeline:", "step", "done:", "target"))]
+
+    argv = ["--steps", "50", "--target", "0.99"]
+    demo = run("-m", "actorgrad", "demo", "--in-process", *argv)
+    example = run(str(EXAMPLES / "pipeline_parallel.py"), *argv)
+    assert len(steps(demo)) == 5 and steps(example) == steps(demo), (example.stdout, demo.stdout)
+
+
 def test_quickstart_prints_the_right_gradients():
     p = run(str(EXAMPLES / "quickstart.py"))
     assert p.returncode == 0, p.stderr
