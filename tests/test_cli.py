@@ -1265,6 +1265,55 @@ def test_a_worker_told_to_wait_waits_for_its_name_held_by_the_process_it_replace
                 p.stop()
 
 
+@needs_runtime
+def test_a_worker_told_to_wait_fails_at_once_where_waiting_cannot_help(tmp_path: Path) -> None:
+    # --wait tries again while the head is not up, does not answer, restarts or holds
+    # the name for a predecessor. A head that refused this worker's hello (two versions
+    # of the code: "malformed hello") took the join for gone: it tried again for the
+    # whole --wait (40 s here), with a warning a try, and said the same refusal then.
+    # Those and a wrong token or protocol version fail at once, in their own words.
+    token_file = tmp_path / "token"
+    c = Running("cluster", "-n", "1", "--token-file", str(token_file))
+    try:
+        address = c.expect("address:")
+        join = ["worker", "--join", address, "--name", "x", "--wait", "40"]
+        other = tmp_path / "other"
+        other.write_text("another-token\n")
+        other.chmod(0o600)
+        malformed = (
+            "from actorgrad.runtime import worker as w; h = w.Worker._hello_header; "
+            "w.Worker._hello_header = lambda self, peer: [*h(self, peer)[:4], 1, 0]"
+        )
+        for setup, token, said in [
+            ("pass", other, "wrong cluster token"),
+            (
+                "from actorgrad.runtime import transport; transport.PROTOCOL_VERSION -= 1",
+                token_file,
+                "protocol version mismatch",
+            ),
+            (malformed, token_file, "closed the connection before its hello, refusing ours: "),
+        ]:
+            start = time.monotonic()
+            r = subprocess.run(
+                [*patched_cli(setup), *join, "--token-file", str(token)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                env=clean_env(),
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
+            took = time.monotonic() - start
+            assert r.returncode == 1, (said, r.stderr)
+            assert said in r.stderr and "tried for" not in r.stderr, (said, r.stderr)
+            assert took < 30, (said, took, r.stderr)
+        # (the refusal's reason, said once: not a warning for each try)
+        assert "malformed hello: name 'x', id 0" in r.stderr, r.stderr
+        assert r.stderr.count("malformed hello") == 2, r.stderr
+    finally:
+        c.stop()
+
+
 SLOW_WRITE = """
 import asyncio, os, sys, time
 import actorgrad as ag

@@ -24,7 +24,7 @@ from actorgrad.errors import RemoteError, WorkerLost
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.procs import ENV_TOKEN, WorkerProcesses, blank_env_hint, describe_exit
 from actorgrad.runtime.registry import MAX_NAME, NameTaken, valid_name
-from actorgrad.runtime.transport import is_loopback, split_address
+from actorgrad.runtime.transport import HelloRefused, is_loopback, split_address
 from actorgrad.runtime.worker import Worker
 
 log = logging.getLogger("actorgrad.runtime")
@@ -545,10 +545,11 @@ async def _join_when_up(
             await w.join(address, key=key, until=deadline if wait > 0 else None)
             return
         except (WorkerLost, NameTaken) as exc:
-            # (not a head that refused the join for good: another ValueError, AuthError.
-            # One that did not answer was waited for up to the deadline, which is past
-            # then)
-            if wait <= 0:
+            # (not a head that refused the join for good: another ValueError, AuthError,
+            # a protocol version not its own; nor our hello, refused for what it says,
+            # HelloRefused. One that did not answer was waited for up to the deadline,
+            # which is past then)
+            if wait <= 0 or isinstance(exc, HelloRefused):
                 raise
             left = deadline - time.monotonic()
             if left <= 0:  # (said: the retries were not seen, the last error only)

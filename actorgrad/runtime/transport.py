@@ -1778,6 +1778,12 @@ class Unanswered(WorkerLost):
     as long again."""
 
 
+class HelloRefused(WorkerLost):
+    """The peer closed the connection before its hello, saying why: it refused what we
+    sent (our hello, malformed to it: two versions of the code). Ours would be refused
+    again, however long one waits (``actorgrad worker --wait`` fails at once)."""
+
+
 class ClosedInHandshake(WorkerLost):
     """The peer closed the connection after the hellos without refusing our token: the
     process at that address is an actorgrad worker of a cluster that takes our token

@@ -2260,14 +2260,18 @@ class Worker:
             # (closed before its hello came: it refused ours, a malformed one, or went
             # away; we waited out the deadline, then said it did not answer)
             hello.set_exception(
-                WorkerLost(
+                # (its own type: refused for what we sent, not gone, `actorgrad worker
+                # --wait` does not try again until its deadline)
+                transport.HelloRefused(
                     f"{conn.peer_addr} closed the connection before its hello, refusing "
                     f"ours: {conn.refused_why}"
-                    if conn.refused_why
+                )
+                if conn.refused_why
+                else WorkerLost(
                     # (this end refused what came, a malformed hello say: it said "it
                     # refused ours", the other way round, and the reason was in the log
                     # only)
-                    else f"worker {self.name!r} refused what {conn.peer_addr} sent before "
+                    f"worker {self.name!r} refused what {conn.peer_addr} sent before "
                     f"its hello, and closed the connection: {exc}"
                     if isinstance(exc, ProtocolError)
                     else f"{conn.peer_addr} closed the connection before its hello (it "
