@@ -1307,9 +1307,14 @@ def test_a_worker_told_to_wait_fails_at_once_where_waiting_cannot_help(tmp_path:
             assert r.returncode == 1, (said, r.stderr)
             assert said in r.stderr and "tried for" not in r.stderr, (said, r.stderr)
             assert took < 30, (said, took, r.stderr)
-        # (the refusal's reason, said once: not a warning for each try)
+        # (the refusal's reason, said once: not a warning for each try; naming the head
+        # by its address, which had no name yet: "worker None closed the connection")
         assert "malformed hello: name 'x', id 0" in r.stderr, r.stderr
         assert r.stderr.count("malformed hello") == 2, r.stderr
+        assert (
+            f"WARNING actorgrad.runtime: worker x: {address} closed the connection on a "
+            "message from this worker: malformed hello"
+        ) in r.stderr, r.stderr
     finally:
         c.stop()
 

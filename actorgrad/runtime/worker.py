@@ -2831,10 +2831,10 @@ class Worker:
                     # versions of the code; nothing pending may tell, so the log does)
                     conn.refused_why = _printable(header[1][:500])
                     log.warning(
-                        "worker %s: worker %r closed the connection on a message from this "
-                        "worker: %s",
+                        "worker %s: %s closed the connection on a message from this worker: %s",
                         self.name,
-                        conn.peer_name,
+                        # (one that refused our hello has no name yet: "worker None")
+                        conn.peer_addr if conn.peer_name is None else f"worker {conn.peer_name!r}",
                         conn.refused_why,
                     )
                 else:
