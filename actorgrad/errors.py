@@ -98,9 +98,49 @@ def short_repr(x: Any, limit: int = 40) -> str:
     came from the wire (they may be huge, or fail to repr)."""
     try:
         r = repr(x)
-    except BaseException:  # (a KeyboardInterrupt from a __repr__ too: see from_exception)
+    except BaseException as exc:  # (a KeyboardInterrupt from a __repr__ too: see from_exception)
+        if from_sigint_handler(exc):
+            raise
         r = f"<{type_name(type(x))}>"
     return cut_text(r, limit)
+
+
+def from_sigint_handler(exc: BaseException) -> bool:
+    """Whether ``exc`` is the KeyboardInterrupt of a real Ctrl-C that the process's
+    SIGINT handler raised while some code ran (a ``__repr__``, say), as far as can be
+    told: ``asyncio.run``'s handler (at a second Ctrl-C), the runtime's own while it
+    holds one (api._hold_sigint), and any other written in Python raise it in a frame
+    of their own, which its traceback holds. Python's default handler is C code, and
+    leaves no frame: its KeyboardInterrupt cannot be told from one the code raised.
+
+    >>> from_sigint_handler(KeyboardInterrupt()), from_sigint_handler(ValueError())
+    (False, False)
+    """
+    if not isinstance(exc, KeyboardInterrupt):
+        return False
+    import functools  # (only on the error path)
+    import signal
+
+    try:
+        handler: Any = signal.getsignal(signal.SIGINT)
+        while True:  # (asyncio.run's is a functools.partial of a bound method)
+            if isinstance(handler, functools.partial):
+                handler = handler.func
+            elif hasattr(handler, "__func__"):
+                handler = handler.__func__
+            else:
+                break
+        code = getattr(handler, "__code__", None)
+    except Exception:  # (an interpreter without signals; a handler object of the user's)
+        return False
+    if code is None:
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def cut_text(text: str, limit: int) -> str:
@@ -186,16 +226,21 @@ class RemoteError(ActorgradError):
         # BaseException (KeyboardInterrupt, SystemExit): let through, it took the worker
         # down (a process worker died of it, an in-process one's loop and the whole
         # driver with it) and the caller got WorkerLost in place of the error reply)
+        # (but a real Ctrl-C that came meanwhile goes through: see from_sigint_handler)
         try:
             message = str(exc)
         except BaseException as broken:
+            if from_sigint_handler(broken):
+                raise
             message = f"<unprintable {name}: its str() raised {type_name(type(broken))}>"
         try:
             # (its __notes__, a property maybe, and its chained errors' are read here)
             te = traceback.TracebackException(type(exc), exc, exc.__traceback__, compact=True)
             _named_as_main(te)
             tb = "".join(te.format())
-        except BaseException:
+        except BaseException as broken:
+            if from_sigint_handler(broken):
+                raise
             tb = ""
         # (a message of 200 MB, the repr of a big array: encoding it, twice, held the
         # worker's loop for seconds, and its peers took it for dead)

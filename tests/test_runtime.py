@@ -4333,6 +4333,64 @@ def test_remote_error_from_an_exception_whose_hooks_raise_a_base_exception(kind,
         assert "dist_fns.StrRaises" in err.remote_traceback
 
 
+@pytest.mark.parametrize("raised", ["by a handler", "by asyncio.run's handler", "by the code"])
+def test_a_real_ctrl_c_while_an_errors_str_runs_goes_through(raised):
+    # short_repr and from_exception take a KeyboardInterrupt that a str() or repr()
+    # raises for the value's (it must not kill a worker: see above), and a real Ctrl-C
+    # that came while one ran was taken for it and lost: under asyncio.run, the second
+    # one, which stops a program whose main task went on after the first (a shutdown
+    # that formats errors). A SIGINT handler written in Python raises it in a frame of
+    # its own: that one goes through. (Python's default handler is C: its
+    # KeyboardInterrupt cannot be told from the code's own.)
+    import signal
+
+    from actorgrad.errors import short_repr
+
+    class Slow(Exception):
+        def __str__(self) -> str:
+            if raised == "by the code":
+                raise KeyboardInterrupt("the value's")
+            signal.raise_signal(signal.SIGINT)  # (Ctrl-C, while it runs)
+            return "slow"
+
+        __repr__ = __str__
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    async def after_a_first_ctrl_c(make: Any) -> Any:
+        asyncio.get_running_loop().call_soon(signal.raise_signal, signal.SIGINT)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:  # (asyncio.run's first Ctrl-C: the program stops)
+            return make()
+
+    def from_exception() -> str:
+        return ag.RemoteError.from_exception("w1", Slow()).remote_message
+
+    def shown() -> str:
+        return short_repr(Slow(), 200)
+
+    # (asyncio.run puts its own handler in place of Python's default one only)
+    old = signal.signal(
+        signal.SIGINT, handler if raised == "by a handler" else signal.default_int_handler
+    )
+    try:
+        for make in (from_exception, shown):
+            if raised == "by the code":  # (the value's, as before)
+                name = f"{__name__}.{Slow.__qualname__}"
+                assert asyncio.run(after_a_first_ctrl_c(make)) == (
+                    f"<unprintable {name}: its str() raised KeyboardInterrupt>"
+                    if make is from_exception
+                    else f"<{name}>"
+                )
+                continue
+            with pytest.raises(KeyboardInterrupt):
+                make() if raised == "by a handler" else asyncio.run(after_a_first_ctrl_c(make))
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 async def test_a_remote_exception_whose_str_raises_keyboard_interrupt_is_replied(worker_path):
     # A process worker's error reply (and a result holding such an exception) built
     # RemoteError.from_exception, whose str() of the error let the KeyboardInterrupt
