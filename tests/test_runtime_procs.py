@@ -1922,6 +1922,50 @@ async def test_a_dozen_runs_of_a_script_at_once_each_keep_their_code(tmp_path):
             assert await ag.rpc("w1", ["__main__:f", script, f"s{i}"]) == 1
 
 
+async def test_a_worker_keeps_what_it_holds_of_the_driver_scripts_it_was_called_by_last(
+    tmp_path, monkeypatch
+):
+    # Each driver script a peer called (a job in a folder of its own, every day) kept
+    # on the worker its module (what its top level made), its sessions, the modules
+    # beside it and its folder first on the import path, for good. Past KEEP_SCRIPTS,
+    # the least recently called one is forgotten whole; a script in use, called since,
+    # keeps its module and state; one forgotten is imported anew if called again.
+    monkeypatch.setattr(rcalls, "KEEP_SCRIPTS", 3, raising=False)  # (1024)
+
+    def job(i: int) -> tuple[str, str]:
+        folder = tmp_path / f"job{i}"
+        folder.mkdir()
+        (folder / f"helper{i}.py").write_text("K = 10\n")
+        (folder / "train.py").write_text(
+            f"from helper{i} import K\ncalls = 0\n\n"
+            "def f():\n    global calls\n    calls += 1\n    return K + calls\n"
+        )
+        return str(folder / "train.py"), str(folder)
+
+    async with ag.local_cluster(1):  # (in-process: its worker's tables are this module's)
+        in_use, _ = job(0)
+        jobs = [job(i) for i in range(1, 8)]
+        for i, (script, _) in enumerate(jobs, 1):
+            assert await ag.rpc("w1", ["__main__:f", in_use, "s0"]) == 10 + i
+            assert await ag.rpc("w1", ["__main__:f", script, f"s{i}"]) == 11
+        for i, (script, folder) in enumerate(jobs, 1):
+            kept = i >= 6  # (job6 and job7, and the one in use)
+            assert (folder in sys.path, f"helper{i}" in sys.modules) == (kept, kept), i
+            assert (script in rcalls._main_modules, script in rcalls._sessions) == (kept, kept)
+            assert (script in rcalls._script_sessions, folder in rcalls._folder_names) == (
+                kept,
+                kept,
+            )
+            held = [k for k in rcalls._resolve_cache if type(k) is tuple and k[1] == script]
+            assert bool(held) == kept, (i, held)
+        assert in_use in rcalls._main_modules
+        assert await ag.rpc("w1", ["__main__:f", in_use, "s0"]) == 18  # (its state went on)
+        # (called again, a script forgotten is imported anew: its own state anew)
+        assert await ag.rpc("w1", ["__main__:f", jobs[0][0], "s1"]) == 11
+        assert jobs[0][1] in sys.path and "helper1" in sys.modules
+        assert list(rcalls._scripts_used) == [jobs[6][0], in_use, jobs[0][0]]
+
+
 async def test_a_run_under_way_calls_its_own_version_of_a_function_it_had_not_called(tmp_path):
     # s1 and s2 run at once, the script is edited: s1's first call of g (a run seen
     # before, not a new one) comes from the version s1 runs, as its f did; the next

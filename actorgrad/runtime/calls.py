@@ -825,6 +825,8 @@ def _use_folder_of(script: str) -> None:
     # (first, as on the driver: its working directory or PYTHONPATH may have it, after
     # another folder, or site-packages for an editable install, holding a module of
     # one name)
+    if folder not in sys.path:
+        _put_on_path.add(folder)  # (taken off again with its last script: see _drop_script)
     # (one assignment: an import in another call's thread sees the path whole)
     sys.path[:] = [folder, *(p for p in sys.path if p != folder)]
     _script_folders.setdefault(folder, script)
@@ -954,6 +956,68 @@ _script_folders: dict[str, str] = {}
 _checked_scripts: set[tuple[str, str]] = set()
 #: per folder of driver scripts: the module names of its scripts (see _check_no_clash)
 _folder_scripts: dict[str, set[str]] = {}
+#: folders of driver scripts that were not on this worker's import path before
+_put_on_path: set[str] = set()
+
+#: Driver scripts this worker resolved functions of, least recently called first. Past
+#: KEEP_SCRIPTS of them, the least recently called one is forgotten whole, its folder
+#: too when no other kept script is in it (see _drop_script): a cluster that many
+#: scripts use over days (each job's own folder) kept each one's module, with what its
+#: top level made, its modules, sessions and folder on the import path, for good.
+_scripts_used: dict[str, None] = {}
+KEEP_SCRIPTS = 1024
+
+
+def _used_script(script: str) -> None:
+    """Driver script ``script`` is called now: it becomes the most recently used."""
+    if _scripts_used and next(reversed(_scripts_used)) == script:
+        return  # (the common case: calls of one run, one after another)
+    _scripts_used.pop(script, None)
+    _scripts_used[script] = None
+    while len(_scripts_used) > KEEP_SCRIPTS:
+        _drop_script(next(iter(_scripts_used)))
+
+
+def _drop_script(script: str) -> None:
+    """Forget driver script ``script``: what this worker resolved of it and kept for it
+    (its module, its sessions), and its folder, its modules and their place on the
+    import path when no other kept script is in that folder. Called again, it is
+    imported anew, as a script never seen (a function of it running meanwhile keeps
+    the globals it has)."""
+    _scripts_used.pop(script, None)
+    own = _main_path()
+    if script == own:
+        return  # (this process's own script: nothing is kept for it, nor forgotten)
+    folder = _home(script)
+    _sessions.pop(script, None)
+    _script_sessions.pop(script, None)
+    _main_modules.pop(script, None)
+    _main_sigs.pop(script, None)
+    _homes.pop(script, None)
+    _module_names.pop(script, None)
+    _checked_scripts.discard((script, folder))
+    for key in [k for k in list(_resolve_cache) if type(k) is tuple and k[1] == script]:
+        _resolve_cache.pop(key, None)
+    if folder not in _script_folders:
+        return  # (never put on the path for a script: nothing of it is this one's)
+    others = [s for s in list(_scripts_used) if _home(s) == folder]
+    if others:
+        if _script_folders.get(folder) == script:
+            _script_folders[folder] = others[-1]
+        return
+    if own is not None and _home(own) == folder:
+        return  # (this process's own folder: its modules are never forgotten)
+    _forget(folder)
+    _script_folders.pop(folder, None)
+    _folder_scripts.pop(folder, None)
+    _folder_files.pop(folder, None)
+    _folder_names.pop(folder, None)
+    _listings.pop(folder, None)
+    _looked_at.pop(folder, None)
+    _renote.discard(folder)
+    if folder in _put_on_path:
+        _put_on_path.discard(folder)
+        sys.path[:] = [p for p in sys.path if p != folder]
 
 
 #: Told ``True`` before this process runs the top level of a driver's script or of a
@@ -1107,8 +1171,10 @@ def resolve(spec: Any) -> Any:
     except TypeError:  # (a list in the list, from the wire: "unhashable type: 'list'")
         raise ValueError(f"malformed function name {short_repr(spec, 200)}") from None
     if fn is not None:
-        if type(key) is tuple and len(key) >= 3:
-            _seen_again(key[1], key[2])
+        if type(key) is tuple:
+            _used_script(key[1])
+            if len(key) >= 3:
+                _seen_again(key[1], key[2])
         return fn
     session: str | None = None
     if isinstance(spec, str):
@@ -1117,6 +1183,8 @@ def resolve(spec: Any) -> Any:
         if len(spec) not in (2, 3, 4) or not all(isinstance(s, str) for s in spec):
             raise ValueError(f"malformed function name {short_repr(spec, 200)}")
         name, path = spec[0], spec[1]
+        if not path.startswith(INTERACTIVE):
+            _used_script(path)
         if len(spec) >= 3:
             session = spec[2]
         module = spec[3] if len(spec) == 4 else None
