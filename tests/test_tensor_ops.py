@@ -208,6 +208,53 @@ def test_mixed_precision_follows_numpy_promotion_and_grads_keep_leaf_dtype():
     assert a.grad.dtype == np.float32 and b.grad.dtype == np.float64
 
 
+def _linear_bias(m, y):
+    return ag.nn.functional.linear(y, ag.tensor(np.full((2, 4), 0.5, np.float32)), m)
+
+
+MIXED = [
+    # name, fn(m, y) of a float32 intermediate m and a float64 y, m's shape, y's shape
+    ("add", lambda m, y: m + y, (3, 4), (3, 4)),
+    ("add_bcast", lambda m, y: y + m, (4,), (3, 4)),
+    ("sub_bcast", lambda m, y: y - m, (3, 1), (3, 4)),
+    ("mul", lambda m, y: m * y, (3, 4), (3, 4)),
+    ("div_num", lambda m, y: m / y, (3, 4), (3, 4)),
+    ("div_den", lambda m, y: y / m, (3, 4), (3, 4)),
+    ("pow_base", lambda m, y: m**y, (3, 4), (3, 4)),
+    ("pow_exp", lambda m, y: y**m, (3, 4), (3, 4)),
+    ("matmul_left", lambda m, y: m @ y, (3, 4), (4, 2)),
+    ("matmul_right", lambda m, y: y @ m, (4, 2), (3, 4)),
+    ("matmul_batched", lambda m, y: m @ y, (2, 3, 4), (4, 2)),
+    ("matmul_vector", lambda m, y: m @ y, (4,), (4, 2)),
+    ("linear_weight", lambda m, y: ag.nn.functional.linear(y, m), (2, 4), (3, 4)),
+    ("linear_bias", _linear_bias, (2,), (3, 4)),
+    ("where", lambda m, y: ag.where(y.data > 1.0, m, y), (3, 4), (3, 4)),
+    ("cat", lambda m, y: ag.cat([m, y]), (3, 4), (3, 4)),
+]
+
+
+@pytest.mark.parametrize("name, fn, mshape, yshape", MIXED, ids=[c[0] for c in MIXED])
+def test_a_float32_intermediate_gets_float32_gradients_next_to_a_float64_operand(
+    name, fn, mshape, yshape
+):
+    # A leaf's gradient is cast to its dtype wherever it comes from; an intermediate's,
+    # as its hook sees it and as it flows on, must be in its dtype too (as torch's
+    # always is): each op's backward casts what it gives each input (a matmul gave a
+    # float32 operand of a float64 one its gradient in float64).
+    x = pos(*mshape).astype(np.float32)
+    y = pos(*yshape)
+    got = {}
+    for dt in (np.float32, np.float64):
+        leaf = ag.tensor(x.astype(dt), requires_grad=True)
+        m = leaf * 1.0
+        m.register_hook(lambda g, dt=dt: got.__setitem__(dt, g))
+        out = fn(m, ag.tensor(y, requires_grad=True))
+        (out * ag.tensor(r(*out.shape))).sum().backward()
+        assert leaf.grad.dtype == dt
+    assert got[np.float32].dtype == np.float32, name
+    np.testing.assert_allclose(got[np.float32], got[np.float64], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("scale", [1.0, 1e4])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_softmax_family_is_stable_for_huge_logits(scale, dtype):
