@@ -664,10 +664,11 @@ def test_a_bytes_value_of_4_gib_or_more_is_a_protocol_error_as_an_oversized_mess
 
 def test_nesting_too_deep_and_cycles_are_value_errors():
     t: Any = ()
-    for _ in range(MAX_DEPTH + 1):
+    for _ in range(MAX_DEPTH):  # (MAX_DEPTH + 1 tuples: one level too deep, no more)
         t = (t,)
-    with pytest.raises(ValueError, match="nested"):
+    with pytest.raises(ValueError, match=f"nested more than {MAX_DEPTH} levels deep"):
         encode_frame([0], t)
+    assert roundtrip(t[0]) == t[0]  # (refused by the sender, not by the peer)
     lst: list = []
     lst.append(lst)
     with pytest.raises(ValueError, match="cycle"):
@@ -1326,6 +1327,13 @@ def arr_ext(dtype: Any, shape: Any, data: Any) -> msgpack.ExtType:
         (body_frame(arr_ext("<f8", [1], 1), [bytes(8)]), "buffer 1, the frame has 1"),
         (body_frame([arr_ext("<f8", [1], 0)] * 2, [bytes(8)]), "used twice"),
         (body_frame([arr_ext("<f8", [2], 0)], [bytes(8)]), "needs 16 bytes"),
+        # (more bytes than the shape needs, too: a 1-d array came with them all, longer
+        # than its shape said)
+        (body_frame(arr_ext("<f8", [1], bytes(16))), "needs 8 bytes, got 16"),
+        (body_frame(arr_ext("<f4", [2, 1], bytes(12))), "needs 8 bytes, got 12"),
+        (body_frame([arr_ext("<f8", [1], 0)], [bytes(16)]), "needs 8 bytes, got 16"),
+        (body_frame([arr_ext("<f8", [1, 1], 0)], [bytes(16)]), "needs 8 bytes, got 16"),
+        (body_frame([arr_ext("<f2", [3], 0)], [bytes(8)]), "needs 6 bytes, got 8"),
         (body_frame(None, [bytes(8)]), "uses 0"),
         (body_frame(ext(wire.EXT_NDARRAY, ["<f8", [1]])), "expected a list of 3"),
         (body_frame(ext(wire.EXT_NDARRAY, {"a": 1})), "ndarray payload"),
@@ -1338,6 +1346,7 @@ def arr_ext(dtype: Any, shape: Any, data: Any) -> msgpack.ExtType:
         ),
         (body_frame(ext(wire.EXT_TENSOR, ["<f8", [1], bytes(8), 1, None])), "must be a bool"),
         (body_frame(ext(wire.EXT_TENSOR, ["<f8", [2], bytes(8), True, None])), "needs 16"),
+        (body_frame(ext(wire.EXT_TENSOR, ["<f8", [1], bytes(16), True, None])), "needs 8 "),
         (body_frame(ext(wire.EXT_EXCEPTION, ["w", "T", "m"])), "exception payload"),
         (body_frame(ext(wire.EXT_EXCEPTION, ["w", "T", "m", 5])), "4 strs"),
         (body_frame(ext(wire.EXT_REF, [])), "RRef received without a runtime"),
