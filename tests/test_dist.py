@@ -771,6 +771,32 @@ async def test_a_gradient_that_comes_twice_in_a_pass_fails_it_and_is_not_added_t
             lambda items: [[items[0]], items[1]],
             r"context 0x[0-9a-f]+ has no send node \[1\] here",
         ),
+        # (a gradient of another shape or dtype than the tensor sent: checked, not
+        # taken, broadcast into the leaves or cast to them, as it came)
+        (
+            lambda items: [items[0], np.ones(4)],
+            r"gradient of shape \(4,\) for send node \d+ of context 0x[0-9a-f]+, which "
+            r"sent a tensor of shape \(3,\)",
+        ),
+        (
+            lambda items: [items[0], np.ones(1)],
+            r"gradient of shape \(1,\) for send node \d+ of context 0x[0-9a-f]+, which "
+            r"sent a tensor of shape \(3,\)",
+        ),
+        (
+            lambda items: [items[0], np.ones(3, np.int64)],
+            r"gradient of dtype int64 for send node \d+ of context 0x[0-9a-f]+: gradients "
+            r"are floating point",
+        ),
+        (
+            lambda items: [items[0], np.ones(3, np.complex128)],
+            r"gradient of dtype complex128 for send node \d+ of context 0x[0-9a-f]+: "
+            r"gradients are floating point",
+        ),
+        (
+            lambda items: [items[0], [np.ones(2), [3]]],
+            r"broadcast gradient of shape \(2,\) does not fit shape \(3,\)",
+        ),
     ],
 )
 async def test_a_gradient_message_of_malformed_items_fails_the_pass_naming_them(
