@@ -570,6 +570,20 @@ async def test_timeout_raises_rpc_timeout_and_late_reply_is_dropped(cluster):
     assert await ag.rpc("w1", add, (2, 2), timeout=5) == 4
 
 
+async def test_a_call_times_out_at_its_timeout_not_later(cluster):
+    # (the test above checks that the timeout comes before the reply: a deadline of
+    # twice the timeout passed it)
+    name = _fresh("deadline")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(ag.RpcTimeout, match=r"on worker 'w1' timed out after 0\.8 s"):
+        await ag.rpc("w1", wait_for_ever, (name,), timeout=0.8)
+    took = loop.time() - t0
+    assert _wait_events(name)[0].is_set()  # (it ran: what timed out was the wait for it)
+    assert 0.8 <= took < 1.5, took
+    await asyncio.wait_for(_wait_events(name)[1].wait(), 10)  # (cancelled there)
+
+
 # name -> event set when the coroutine of that name started / was cancelled (all the
 # workers of these clusters share the test's loop)
 _waits: dict[str, tuple[asyncio.Event, asyncio.Event]] = {}
