@@ -174,10 +174,12 @@ def test_float32_inputs_give_float32_outputs_and_grads(name, fn, inputs):
         assert o.dtype == np.float32, f"{name}: output dtype {o.dtype}"
         if o.requires_grad:
             o.backward(np.ones(o.shape, np.float32))
-    for leaf in leaves:
-        if leaf.grad is not None:
-            assert leaf.grad.dtype == np.float32
-            assert leaf.grad.shape == leaf.shape
+    for i, leaf in enumerate(leaves):
+        # (every input of every case gets a gradient: a pass that left them all None
+        # passed this test when it skipped the leaves without one)
+        assert leaf.grad is not None, f"{name}: input {i} got no gradient"
+        assert leaf.grad.dtype == np.float32
+        assert leaf.grad.shape == leaf.shape
 
 
 def test_gradcheck_catches_a_wrong_gradient():
