@@ -520,6 +520,27 @@ def test_a_leaf_stores_a_copy_of_an_array_a_hook_returned():
     np.testing.assert_array_equal(w.grad, [3.0, 3.0])
 
 
+@pytest.mark.parametrize(
+    "view",
+    [lambda x: x.reshape(4), lambda x: x.T.reshape(4), lambda x: x.transpose(1, 0).reshape(4)],
+    ids=["reshape", "T", "transpose"],
+)
+def test_a_leaf_whose_gradient_is_a_view_of_another_leafs_stores_a_copy(view):
+    # ``x.reshape(4) + w``: add's backward hands one array to both inputs, and
+    # reshape's backward a view of it on to x. Stored as it came (a view not copied),
+    # x.grad would be a view of w.grad: w.grad clipped or scaled in place would change
+    # x.grad too.
+    x = ag.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    w = ag.tensor([1.0, 1.0, 1.0, 1.0], requires_grad=True)
+    ((view(x) + w) * ag.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    gx, gw = x.grad.copy(), w.grad.copy()
+    assert not np.shares_memory(x.grad, w.grad)
+    w.grad *= 0
+    x.grad += 1
+    np.testing.assert_array_equal(x.grad, gx + 1)
+    np.testing.assert_array_equal(w.grad, gw * 0)
+
+
 def test_register_hook_needs_grad():
     with pytest.raises(RuntimeError, match="does not require grad"):
         ag.tensor([1.0]).register_hook(lambda g: g)
