@@ -828,6 +828,39 @@ async def test_a_gradient_message_of_malformed_items_fails_the_pass_naming_them(
         await assert_one_hop_exact(arr(3), wv)
 
 
+async def test_a_gradient_of_another_float_dtype_reaches_a_leaf_in_the_leafs_dtype(monkeypatch):
+    # A float gradient is taken whatever its float dtype (a peer may compute in
+    # another), and the leaf's gradient is in the leaf's: float32 gradients from w1 for
+    # a float64 x that went there make get_gradients' x float64, its values exact.
+    from actorgrad.dist.backward import T_DELIVER
+
+    xv, wv = np.array([0.5, -1.25, 3.0]), np.array([2.0, 0.75, -4.0])
+    async with cluster("tcp", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        w1 = c.workers[0]
+        cast = w1.cast
+        narrowed = []
+
+        def in_float32(dest, topic, args, on_error=None):
+            if topic == T_DELIVER and dest == "driver" and args[4]:
+                items = list(args[4])
+                items[1::2] = [np.asarray(g, np.float32) for g in items[1::2]]
+                narrowed.append(items)
+                args = (*args[:4], items, *args[5:])
+            return cast(dest, topic, args, on_error)
+
+        monkeypatch.setattr(w1, "cast", in_float32)
+        x = ag.tensor(xv, requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+            g = ag.dist.get_gradients(ctx)[x]
+        assert narrowed  # (the gradient came in float32)
+        assert g.dtype == np.float64
+        np.testing.assert_array_equal(g, wv)
+        await assert_clean(c.names)
+
+
 @contextlib.asynccontextmanager
 async def _part_held_on_w1(c: Any, ctx: int, x: Any, gate: str, **kwargs: Any):
     """A backward pass in ``ctx`` over ``y = w * x`` computed on w1, whose part there
