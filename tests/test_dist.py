@@ -3220,6 +3220,31 @@ async def test_a_context_left_from_another_task_is_released_everywhere(mode, how
         await assert_clean(c.names)
 
 
+async def test_a_reply_that_comes_after_its_context_was_released_is_a_plain_tensor():
+    # A call in flight when its context is left (a task it spawned made it): its reply
+    # holds no tensor of the graph any more. Linked into the released context, its
+    # result refused a local backward ("its gradient must go back to that worker"),
+    # though no distributed one can run there.
+    wv = np.array([2.0, 0.5, -1.0])
+    gate = f"late reply {next(_gates)}"
+    async with cluster("tcp", 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        w1 = c.workers[0]
+        x = ag.tensor([1.0, 2.0, 3.0], requires_grad=True)
+        async with ag.dist.context():
+            call = asyncio.ensure_future(ag.rpc("w1", F.gated_mul, (gate, "w", x)))
+            await until(lambda: w1.status()["in_flight"] == 1)  # (it runs, gated)
+        assert ag.dist.debug_info()["num_contexts"] == 0
+        await ag.rpc("w1", F.signal, (gate,))
+        y = await asyncio.wait_for(call, 10)
+        assert y.requires_grad and y.grad_fn is None
+        np.testing.assert_array_equal(y.data, x.data * wv)
+        y.sum().backward()
+        np.testing.assert_array_equal(y.grad, [1.0, 1.0, 1.0])
+        assert x.grad is None  # (nothing reached the tensor sent)
+        await assert_clean(c.names)
+
+
 async def test_a_single_root_tensor_is_taken_as_a_list_of_one():
     # (backward's doc: roots is "a list (or a single Tensor) of Tensors"; no test passed
     # one bare)
