@@ -466,6 +466,30 @@ def test_optimizer_options_of_the_wrong_type_or_value_are_named(make, error, mat
         make([ag.tensor([1.0], requires_grad=True)])
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: ag.optim.SGD(p, lr=0.0, momentum=0.0, weight_decay=0.0, dampening=0.0),
+        lambda p: ag.optim.SGD(p, lr=0.0, momentum=0.9, weight_decay=0.1),
+        lambda p: ag.optim.Adam(p, lr=0.0, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0),
+        lambda p: ag.optim.AdamW(p, lr=0.0, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0),
+        lambda p: ag.optim.AdamW(p, lr=0.0, weight_decay=0.5),
+    ],
+)
+def test_the_smallest_valid_options_are_taken_and_a_learning_rate_of_0_changes_nothing(make):
+    # (torch's bounds: lr, momentum, weight_decay, eps >= 0 and betas in [0, 1); each
+    # bound itself is valid: lr 0 freezes the parameters, a schedule's last value)
+    p = ag.tensor([1.0, -2.0], requires_grad=True)
+    opt = make([p])
+    for _ in range(3):
+        opt.step({p: np.array([0.5, 4.0])})
+    np.testing.assert_array_equal(p.data, np.array([1.0, -2.0], np.float32))
+    state = opt.state_dict()
+    assert state["param_groups"][0]["lr"] == 0.0
+    if isinstance(opt, ag.optim.Adam):
+        assert state["state"][0]["step"] == 3  # (stepped: only its size was 0)
+
+
 def test_integer_parameters_are_refused_and_frozen_ones_accepted():
     # (an int tensor was accepted; no gradient reaches it and an update fails to cast)
     for cls in (ag.optim.SGD, ag.optim.Adam):
