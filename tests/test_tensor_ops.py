@@ -232,6 +232,8 @@ MIXED = [
     ("linear_bias", _linear_bias, (2,), (3, 4)),
     ("where", lambda m, y: ag.where(y.data > 1.0, m, y), (3, 4), (3, 4)),
     ("cat", lambda m, y: ag.cat([m, y]), (3, 4), (3, 4)),
+    ("stack", lambda m, y: ag.stack([m, y], axis=1), (3, 4), (3, 4)),
+    ("astype", lambda m, y: m.astype(np.float64) * y, (3, 4), (3, 4)),
 ]
 
 
