@@ -1338,6 +1338,8 @@ def arr_ext(dtype: Any, shape: Any, data: Any) -> msgpack.ExtType:
         (body_frame(ext(wire.EXT_NDARRAY, ["<f8", [1]])), "expected a list of 3"),
         (body_frame(ext(wire.EXT_NDARRAY, {"a": 1})), "ndarray payload"),
         (body_frame(ext(wire.EXT_SCALAR, ["<f4", b"123"])), "needs 4 raw bytes"),
+        (body_frame(ext(wire.EXT_SCALAR, ["<f4", b"12345"])), "needs 4 raw bytes"),
+        (body_frame(ext(wire.EXT_SCALAR, ["<c16", bytes(24)])), "needs 16 raw bytes"),
         (body_frame(ext(wire.EXT_SCALAR, ["O", b"12345678"])), "not a bool or numeric"),
         (body_frame(ext(wire.EXT_TENSOR, [1, True, None])), "Tensor payload"),
         (
