@@ -1164,6 +1164,43 @@ async def test_a_call_cancelled_while_waiting_in_the_mailbox_never_runs(cluster)
     assert not w1._mailbox
 
 
+_in_flight_seen = {"now": 0, "most": 0}
+
+
+async def counted_gated(gate: str) -> str:
+    """Count itself as running (the most at once too) until the test's event ``gate``."""
+    seen = _in_flight_seen
+    seen["now"] += 1
+    seen["most"] = max(seen["most"], seen["now"])
+    try:
+        await _wait_events(gate)[0].wait()
+    finally:
+        seen["now"] -= 1
+    return gate
+
+
+async def test_calls_waiting_in_the_mailbox_start_no_more_than_max_in_flight_at_once(cluster):
+    # A slot freed with several calls waiting: the mailbox hands out that slot only
+    # (the bound was tested with one call waiting, where starting one too many cannot
+    # show).
+    w1 = cluster.workers[0]
+    w1._max_in_flight = 1
+    name, gate = _fresh("slot holder"), _fresh("gate")
+    started, cancelled = _wait_events(name)
+    holder = asyncio.ensure_future(ag.rpc("w1", wait_for_ever, (name,)))
+    await asyncio.wait_for(started.wait(), 10)
+    _in_flight_seen.update(now=0, most=0)
+    calls = [asyncio.ensure_future(ag.rpc("w1", counted_gated, (gate,))) for _ in range(3)]
+    await until(lambda: len(w1._mailbox) == 3)
+    holder.cancel()
+    await asyncio.wait_for(cancelled.wait(), 10)
+    await until(lambda: _in_flight_seen["now"])
+    assert w1.status()["in_flight"] == 1 and len(w1._mailbox) == 2
+    _wait_events(gate)[0].set()
+    assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [gate] * 3
+    assert _in_flight_seen["most"] == 1
+
+
 async def test_a_timeout_that_is_not_a_positive_number_is_refused_before_sending(cluster):
     # (0 means "no timeout" in PyTorch's RPC; here that is None, and 0 would time out
     # at once; a NaN would never time out)
