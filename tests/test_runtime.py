@@ -1194,11 +1194,37 @@ async def test_calls_waiting_in_the_mailbox_start_no_more_than_max_in_flight_at_
     await until(lambda: len(w1._mailbox) == 3)
     holder.cancel()
     await asyncio.wait_for(cancelled.wait(), 10)
-    await until(lambda: _in_flight_seen["now"])
-    assert w1.status()["in_flight"] == 1 and len(w1._mailbox) == 2
-    _wait_events(gate)[0].set()
+    try:
+        await until(lambda: _in_flight_seen["now"])
+        assert w1.status()["in_flight"] == 1 and len(w1._mailbox) == 2
+    finally:
+        _wait_events(gate)[0].set()
     assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [gate] * 3
     assert _in_flight_seen["most"] == 1
+
+
+async def test_the_mailbox_stops_reading_once_it_holds_mailbox_size_requests_not_later(cluster):
+    # (the tests of a full mailbox flooded it with 50 calls: one taken past its size
+    # passed them as well)
+    w1 = cluster.workers[0]
+    w1._max_in_flight = 1
+    w1._mailbox_size = 4
+    gate = _fresh("gate")  # (set here: a cancel would wait behind the unread requests)
+    _in_flight_seen.update(now=0, most=0)
+    holder = asyncio.ensure_future(ag.rpc("w1", counted_gated, (gate,)))
+    await until(lambda: _in_flight_seen["now"])
+    calls = [asyncio.ensure_future(ag.rpc("w1", add, (i, 1))) for i in range(3)]
+    try:
+        await until(lambda: len(w1._mailbox) == 3)
+        assert not any(c.paused_reading for c in w1._conns)  # (3 of 4: reading on)
+        calls.append(asyncio.ensure_future(ag.rpc("w1", add, (3, 1))))
+        await until(lambda: len(w1._mailbox) == 4)
+        assert any(c.paused_reading for c in w1._conns)  # (full: paused as the 4th came)
+    finally:
+        _wait_events(gate)[0].set()
+    assert await asyncio.wait_for(holder, 10) == gate
+    assert await asyncio.wait_for(asyncio.gather(*calls), 10) == [1, 2, 3, 4]
+    await until(lambda: not any(c.paused_reading for c in w1._conns))
 
 
 async def test_a_timeout_that_is_not_a_positive_number_is_refused_before_sending(cluster):
