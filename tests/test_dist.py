@@ -6224,6 +6224,28 @@ async def test_a_call_that_arrives_in_a_released_context_is_refused(worker_path,
         await assert_clean(c.names)
 
 
+async def test_a_call_in_a_context_its_initiator_made_and_forgot_is_refused_there(monkeypatch):
+    # An initiator remembers the ids of the contexts it released (RELEASED_MEMORY of
+    # them); one it forgot since is still its own id: a late call in it is refused, as
+    # is one in an id it never made (forged). Taken in, the context stayed for good.
+    from actorgrad.dist.context import state_of
+
+    dctx = sys.modules[state_of.__module__]  # (ag.dist.context is the function)
+    monkeypatch.setattr(dctx, "RELEASED_MEMORY", 1)
+    async with cluster("inproc", 1) as c:
+        st = state_of(c.driver)
+        async with ag.dist.context() as first:
+            pass
+        async with ag.dist.context() as second:
+            pass
+        assert first not in st._released and second in st._released  # (forgot the first)
+        never = (int(c.driver.id) << dctx.CONTEXT_ID_BITS) | 0xFFFF
+        for ctx_id in (first, second, never):
+            with pytest.raises(ag.ContextError, match=rf"{ctx_id:#x} was released on worker"):
+                st.join(ctx_id, "driver")
+        assert ag.dist.debug_info()["num_contexts"] == 0
+
+
 async def test_a_release_that_overtakes_the_first_call_of_its_context_is_remembered(
     worker_path, tmp_path, short_heartbeat
 ):
