@@ -1102,6 +1102,16 @@ async def test_request_before_hello_closes_the_connection(sock_cluster):
     await valid_client_works(sock_cluster)
 
 
+async def test_a_one_way_message_before_hello_closes_the_connection_saying_so(sock_cluster, caplog):
+    # (as a request before hello: a peer that has not said who it is gets nothing run)
+    caplog.set_level(logging.WARNING, "actorgrad.runtime")
+    reader, writer = await _authenticated(sock_cluster)
+    await _send_frame(writer, _prefixed([K_CAST, "dist.credit"], msgpack.packb([1, 1, 1, 0])))
+    await _closed_by_peer(reader, writer)
+    assert "one-way message before hello" in caplog.text
+    await valid_client_works(sock_cluster)
+
+
 async def test_a_hello_whose_cluster_id_is_not_an_int_closes_the_connection(sock_cluster, caplog):
     # (the id tells which process answers under a name: distributed autograd compares it)
     reader, writer = await _authenticated(sock_cluster)
