@@ -1630,6 +1630,18 @@ def test_a_tensor_with_too_many_dimensions_is_refused_naming_its_data():
     )
 
 
+def test_arrays_and_tensors_of_max_ndim_dimensions_round_trip():
+    # (the limit itself travels: only one dimension more is refused, see above)
+    small = np.arange(3.0).reshape((1,) * (wire.MAX_NDIM - 1) + (3,))
+    big = np.arange(float(wire.OOB_THRESHOLD)).reshape((1,) * (wire.MAX_NDIM - 1) + (-1,))
+    out = roundtrip([small, big, Tensor(small, requires_grad=True)])
+    for got, want in zip(out, (small, big, small), strict=True):
+        got = getattr(got, "data", got)
+        assert got.ndim == wire.MAX_NDIM
+        np.testing.assert_array_equal(got, want)
+    assert out[2].requires_grad
+
+
 class Stranger:
     pass
 
