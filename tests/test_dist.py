@@ -861,6 +861,38 @@ async def test_a_gradient_of_another_float_dtype_reaches_a_leaf_in_the_leafs_dty
         await assert_clean(c.names)
 
 
+async def test_gradients_for_one_peer_past_grad_message_bytes_go_in_several_messages(monkeypatch):
+    # A part's gradients for one peer go in messages of at most GRAD_MESSAGE_BYTES (here
+    # 1,000 bytes: two gradients of 400; one gradient over it goes alone): in one
+    # message, three gradients of 0.72 GB were over the largest frame and the pass
+    # failed. (No test had a part cut its gradients: sent whole, they passed every test.)
+    from actorgrad.dist.backward import T_DELIVER
+
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "GRAD_MESSAGE_BYTES", 1000)
+    xs = [ag.tensor(np.full(50, float(i)), requires_grad=True) for i in range(5)]
+    async with cluster("tcp", 1) as c:
+        sent: list[tuple[str, list[int]]] = []  # (sender, its gradients' sizes) a message
+        for w in (c.driver, c.workers[0]):
+
+            def spy(dest, topic, args, on_error=None, cast=w.cast, who=w.name):
+                if topic == T_DELIVER and args[4]:
+                    sent.append((who, [g.nbytes for g in args[4][1::2]]))
+                return cast(dest, topic, args, on_error)
+
+            monkeypatch.setattr(w, "cast", spy)
+        async with ag.dist.context() as ctx:
+            ys = await ag.rpc("w1", F.identity, (xs,))
+            loss = sum((y * float(i + 1)).sum() for i, y in enumerate(ys))
+            await ag.dist.backward(ctx, [loss])
+            grads = ag.dist.get_gradients(ctx)
+        for i, x in enumerate(xs):
+            np.testing.assert_array_equal(grads[x], np.full(50, i + 1.0))
+        # (w1 sends back what came, in messages cut alike however its part ran them)
+        cut = [[400], [400, 400], [400, 400]]
+        assert sorted(sent) == sorted([("driver", m) for m in cut] + [("w1", m) for m in cut])
+        await assert_clean(c.names)
+
+
 @contextlib.asynccontextmanager
 async def _part_held_on_w1(c: Any, ctx: int, x: Any, gate: str, **kwargs: Any):
     """A backward pass in ``ctx`` over ``y = w * x`` computed on w1, whose part there
