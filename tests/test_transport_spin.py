@@ -162,6 +162,20 @@ def test_a_malformed_spin_setting_is_named_and_the_default_used() -> None:
     assert "ACTORGRAD_SPIN_US='1000000' is more than 100000 (0.1 s); using 100000" in r.stderr
 
 
+def test_the_bounds_of_the_spin_setting_are_taken_as_they_are(monkeypatch, caplog) -> None:
+    # (0 and MAX_SPIN_US are in range: the test above tries values past them only)
+    caplog.set_level(logging.WARNING, "actorgrad")
+    for raw, us in (
+        ("0", 0.0),
+        (str(transport.MAX_SPIN_US), transport.MAX_SPIN_US),
+        ("250.5", 250.5),
+    ):
+        monkeypatch.setenv("ACTORGRAD_SPIN_US", raw)
+        assert transport._spin_seconds() == pytest.approx(us / 1e6, rel=1e-12), raw
+        assert os.environ["ACTORGRAD_SPIN_US"] == raw  # (taken: not rewritten)
+    assert not caplog.records, caplog.text
+
+
 def test_on_off_settings_take_the_usual_spellings_and_name_a_bad_one(monkeypatch, caplog) -> None:
     # (only "0" was off: "false", "off" or " 0" left local sockets and the malloc
     # tuning on, silently)
