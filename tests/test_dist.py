@@ -4962,6 +4962,31 @@ async def test_a_message_that_cannot_travel_leaves_no_send_node_to_wait_for(mode
         await assert_clean(c.names)
 
 
+@pytest.mark.parametrize("kind", ["tcp", "inproc"])
+async def test_a_call_over_the_largest_frame_in_a_context_leaves_it_usable(monkeypatch, kind):
+    # Refused before it goes (its frame too large for the peer): nothing of it was sent,
+    # so nothing of it stays in the context. Refused only as the frame was queued, the
+    # call counted as one whose reply had not come back: every later backward in the
+    # context was refused ("timed out or was cancelled").
+    from actorgrad.runtime import transport
+
+    monkeypatch.setattr(transport, "MAX_FRAME_SIZE", 1 << 20)  # both ends: 1 MiB
+    xv, wv = arr(3), arr(3)
+    async with cluster(kind, 1) as c:
+        await ag.rpc("w1", F.put, ("w", wv))
+        x = ag.tensor(xv, requires_grad=True)
+        big = ag.tensor(np.ones(300_000), requires_grad=True)  # (2.4 MB)
+        async with ag.dist.context() as ctx:
+            with pytest.raises(ag.ProtocolError, match="more than the largest frame"):
+                await ag.rpc("w1", F.mul_ignore_second, ("w", x, big))
+            assert ag.dist.debug_info()["num_send_nodes"] == 0
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 20)
+            np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv, rtol=1e-12)
+        assert not c.driver._out["w1"].closed and not c.driver.is_lost("w1")
+        await assert_clean(c.names)
+
+
 async def test_a_new_worker_counts_nothing_and_acks_a_release_it_has_no_context_of():
     # debug_info of a worker that never took part: every counter 0, the staged loads'
     # too (no table of them made yet). A release forwarded to a worker that never held
