@@ -2079,6 +2079,25 @@ async def test_init_single_worker_and_shutdown_is_idempotent():
         ag.worker_name()
 
 
+async def test_a_call_from_a_worker_alone_in_the_cluster_it_started_says_how_to_join(monkeypatch):
+    # A driver started with `python train.py` where `actorgrad run -n 2 train.py` was
+    # meant (or with ACTORGRAD_ADDRESS not exported in its shell): its ag.init("driver")
+    # started a cluster of its own, and its first call said only "unknown worker 'w1';
+    # known workers: ['driver']", of a w1 its user saw running in another terminal.
+    monkeypatch.delenv("ACTORGRAD_ADDRESS", raising=False)
+    await ag.init("driver")
+    try:
+        with pytest.raises(ValueError) as err:
+            await ag.rpc("w1", add, (1, 2))
+        msg = str(err.value)
+        assert msg.startswith("unknown worker 'w1'; known workers: ['driver']"), msg
+        assert "started a cluster of its own" in msg, msg
+        assert "ACTORGRAD_ADDRESS" in msg and "actorgrad run -n" in msg, msg
+        assert "ag.wait_for_workers" in msg, msg
+    finally:
+        await ag.shutdown()
+
+
 @pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
 async def test_init_binds_an_ipv6_host_given_in_brackets_as_addresses_show_it(monkeypatch):
     # "[::1]" passed the host check, then could not be bound ("Name or service not

@@ -1914,7 +1914,24 @@ class Worker:
             shown = repr(known)
             if len(known) > 20:  # (names are short, their number is not)
                 shown = f"{repr(known[:20])[:-1]}, ...] ({len(known)} in all)"
-            raise ValueError(f"unknown worker {short_repr(dest, 80)}; known workers: {shown}")
+            alone = ""
+            if self.registry is not None and known == [self.name]:
+                # (a driver started with `python train.py` where `actorgrad run` was
+                # meant, or without ACTORGRAD_ADDRESS exported: its ag.init() made a
+                # cluster of its own, and "unknown worker 'w1'" named a worker its user
+                # saw running elsewhere, without saying why this one could not see it)
+                alone = (
+                    f" (worker {self.name!r} started a cluster of its own, as ag.init() "
+                    "without an address and without ACTORGRAD_ADDRESS does, and no worker "
+                    "has joined it: to use a running cluster, pass its address, "
+                    "ag.init(name, address=...), or set ACTORGRAD_ADDRESS and "
+                    "ACTORGRAD_TOKEN as `actorgrad cluster` prints them; to start one for "
+                    "a script, run it with `actorgrad run -n N script.py`; for workers "
+                    "that join this one, `await ag.wait_for_workers(...)` first)"
+                )
+            raise ValueError(
+                f"unknown worker {short_repr(dest, 80)}; known workers: {shown}{alone}"
+            )
         if self.said_goodbye(dest, entry[0]):
             # (that process shuts down: its listener is closed, and a connection it
             # opened to us, its goodbye unread yet, is read no more: see _opened_by)
