@@ -4724,6 +4724,36 @@ async def test_a_step_under_no_grad_reaches_the_owners_the_context_did_not():
         await assert_clean(c.names)  # (the release reached w2 too)
 
 
+async def test_a_step_after_its_context_block_is_refused_at_the_caller_saying_so():
+    # `await opt.step(ctx)` one indent too far out, after the `async with` block (as
+    # get_gradients often is): it went to every owner, each refused it, and the error
+    # read "unknown or released ... context on worker 'w1'", as if w1 had lost it.
+    # The worker that opened the context knows it released it when its block was left.
+    async with cluster("inproc", 2):
+        ra = await ag.remote("w1", F.make_param, (np.ones(2),))
+        opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [ra], lr=0.5)
+        async with ag.dist.context() as ctx:
+            a = await ra.to_here()
+            await ag.dist.backward(ctx, [a.sum()])
+        left = (
+            f"^unknown or released distributed autograd context {ctx:#x} on worker 'driver': "
+            r"this worker opened it and released it when its `async with "
+            r"ag.dist.context\(\)` block was left; backward, get_gradients and "
+            r"DistributedOptimizer.step of it belong inside that block$"
+        )
+        with pytest.raises(ag.ContextError, match=left) as ei:
+            await opt.step(ctx)
+        assert not getattr(ei.value, "__notes__", None)  # (no owner was asked)
+        assert (await ra.to_here()).data.tolist() == [1.0, 1.0]
+        with pytest.raises(ag.ContextError, match=left):
+            ag.dist.get_gradients(ctx)
+        with pytest.raises(ag.ContextError, match=left):
+            await ag.dist.backward(ctx, [a.sum()])
+        # (an id no context of this worker had keeps the plain words)
+        with pytest.raises(ag.ContextError, match=r"^unknown or released .* 0x3039 on .*'driver'$"):
+            ag.dist.get_gradients(12345)
+
+
 async def test_distributed_optimizer_options_that_cannot_travel_fail_at_construction():
     # (they passed the local check and failed at the first step, on every owner)
     from fractions import Fraction
@@ -5639,12 +5669,13 @@ async def test_distributed_optimizer_errors():
             ):
                 await opt.step(ctx)
         # a context the owners do not know: the caller's mistake, a ContextError as
-        # from backward (was a RemoteError, as if the step's code had failed)
+        # from backward (was a RemoteError, as if the step's code had failed); one this
+        # worker opened and left is refused here, before any owner is asked
         opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [ref], lr=0.1)
         async with ag.dist.context() as ctx:
             pass
-        for bad in (ctx, 999):
-            with pytest.raises(ag.ContextError, match="unknown or released .* on worker 'w1'"):
+        for bad, where in ((ctx, "driver': this worker opened it"), (999, "w1'\n")):
+            with pytest.raises(ag.ContextError, match=f"unknown or released .* on worker '{where}"):
                 await opt.step(bad)
         # (one that cannot travel failed as every owner's TypeError, "cannot send int:
         # value does not fit in 64 bits", though none was reached; a negative one
@@ -6941,11 +6972,11 @@ async def test_a_failed_optimizer_step_keeps_no_owner_optimizer_alive():
         async with cluster("inproc", 1) as c:
             ref = await ag.remote("w1", F.make_param, (arr(2),))
             opt = ag.dist.DistributedOptimizer(ag.optim.SGD, [ref], lr=0.1)
-            async with ag.dist.context() as ctx:
-                pass
-            with pytest.raises(ag.ContextError, match="unknown or released"):
-                await opt.step(ctx)
             w1 = c.workers[0]
+            # (an id of no context, w1's own: refused by the owner. A context the driver
+            # opened and left is refused on the driver now, before any owner is asked)
+            with pytest.raises(ag.ContextError, match="unknown or released"):
+                await opt.step((int(w1.id) << 48) | 12345)
             assert w1.owned_count == 2  # the parameter, the optimizer
             del opt
             await until(lambda: w1.owned_count == 1, 5)  # (no event tells of it)

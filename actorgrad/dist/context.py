@@ -545,9 +545,31 @@ class DistState:
         if ctx is None:
             raise ContextError(
                 f"unknown or released distributed autograd context {ctx_id:#x} "
-                f"on worker {self.worker.name!r}{self.released_why(ctx_id)}"
+                f"on worker {self.worker.name!r}"
+                f"{self.released_why(ctx_id) or self._left_here(ctx_id)}"
             )
         return ctx
+
+    def check_not_left_here(self, ctx_id: int) -> None:
+        """Raise get's ContextError when ``ctx_id`` is a context this worker opened and
+        has released since (its block was left): a step of it would be refused by every
+        owner, each naming itself (see DistributedOptimizer.step)."""
+        if ctx_id not in self.contexts and self._left_here(ctx_id):
+            self.get(ctx_id)
+
+    def _left_here(self, ctx_id: int) -> str:
+        """Words after get's "on worker 'w1'" for a context this worker opened and is
+        no longer in: the only way out of it here is its ``async with`` block ending (an
+        initiator's own contexts are not reclaimed), and "unknown or released" alone
+        left a step or get_gradients written one indent too far out unexplained."""
+        wid = int(self.worker.id)
+        if wid == 0 or ctx_id >> CONTEXT_ID_BITS != wid:  # (0: not a member yet)
+            return ""
+        return (
+            ": this worker opened it and released it when its `async with "
+            "ag.dist.context()` block was left; backward, get_gradients and "
+            "DistributedOptimizer.step of it belong inside that block"
+        )
 
     def create(self, ctx_id: int) -> DistContext:
         """A new context initiated here (``new_context_id``)."""

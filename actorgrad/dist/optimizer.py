@@ -30,7 +30,7 @@ import numpy as np
 from actorgrad import wire
 from actorgrad.autograd import enable_grad, is_unused
 from actorgrad.dist.api import get_gradients
-from actorgrad.dist.context import as_context_id, int_list
+from actorgrad.dist.context import as_context_id, int_list, state_of
 from actorgrad.errors import (
     ContextError,
     ProtocolError,
@@ -668,6 +668,9 @@ class DistributedOptimizer:
                 f"unknown distributed autograd context {context_id:#x}: no context has that "
                 "id (an int of 64 bits, >= 0, that `async with ag.dist.context() as ctx` gives)"
             )
+        # (a context this worker opened and left: every owner refused it, each naming
+        # itself, "unknown or released ... on worker 'w1'", as if w1 had lost it)
+        state_of(current_worker()).check_not_left_here(context_id)
         hyper = self._groups_checked()
         refs = await self._setup()
         owners = list(refs)
