@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import select
 import shlex
 import shutil
@@ -1303,6 +1304,37 @@ def _script_problem(script: str) -> str:
     return f"not a regular file: {script} (a script file or a folder holding a __main__.py)"
 
 
+#: A SCRIPT that is a Python interpreter (python, python3, /usr/bin/python3.11).
+_INTERPRETER = re.compile(r"python[0-9.]*(\.exe)?")
+
+
+def _check_run_words(
+    run_parser: argparse.ArgumentParser, known: argparse.Namespace, tail: list[str]
+) -> None:
+    """Usage errors of ``run`` that argparse words misleadingly, as habits of other
+    launchers make them."""
+    if known.n is None and any(a.startswith("-n") and not a.startswith("--") for a in tail):
+        # (`run train.py -n 2`: the -n is the script's, as every word after SCRIPT, and
+        # argparse said only "the following arguments are required: -n", of an -n the
+        # user had given)
+        run_parser.error(
+            "the following arguments are required: -n (the -n after SCRIPT is the script's, "
+            "as every word after it: put -n N before SCRIPT, `actorgrad run -n N SCRIPT "
+            "[ARGS...]`)"
+        )
+    script = known.script
+    if script is not None and _INTERPRETER.fullmatch(os.path.basename(script)):
+        # (`run -n 2 python train.py`, as mpirun and torchrun are given it: "no such
+        # script: python", or an interpreter found on the path run as the script, whose
+        # bytes Python refused with a SyntaxError after the cluster had started)
+        n = "N" if known.n is None else str(known.n)
+        rest = shlex.join(tail) if tail else "SCRIPT"
+        run_parser.error(
+            f"SCRIPT is {script!r}, a Python interpreter: run takes the script itself and "
+            f"runs it with its own Python: `actorgrad run -n {n} {rest}`"
+        )
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The command line, parsed. What follows ``run``'s SCRIPT goes to the script as
     given: argparse's REMAINDER would drop a ``--`` there (``run -n 2 s.py -- -x``
@@ -1339,6 +1371,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 "MODULE` with ACTORGRAD_ADDRESS/ACTORGRAD_TOKEN of an `actorgrad cluster`"
             )
         commands[known.command].error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    if known.command == "run":
+        _check_run_words(commands["run"], known, tail)
     args = parser.parse_args(argv)
     if args.command == "run":
         args.args = tail

@@ -260,6 +260,51 @@ def test_run_with_pythons_dash_m_says_it_takes_a_scripts_path(
 
 
 @pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        # (-n after SCRIPT is the script's, as every word after it: argparse said only
+        # "the following arguments are required: -n", of an -n the user had given)
+        (
+            ["s.py", "-n", "2"],
+            "the following arguments are required: -n (the -n after SCRIPT is the "
+            "script's, as every word after it: put -n N before SCRIPT, `actorgrad run "
+            "-n N SCRIPT [ARGS...]`)",
+        ),
+        (
+            ["s.py", "-n2", "x"],
+            "the following arguments are required: -n (the -n after SCRIPT is the "
+            "script's, as every word after it: put -n N before SCRIPT, `actorgrad run "
+            "-n N SCRIPT [ARGS...]`)",
+        ),
+        # (mpirun's and torchrun's habit: "no such script: python", or an existing
+        # interpreter's bytes read as the script)
+        (
+            ["-n", "2", "python", "train.py", "--lr", "1"],
+            "SCRIPT is 'python', a Python interpreter: run takes the script itself and runs "
+            "it with its own Python: `actorgrad run -n 2 train.py --lr 1`",
+        ),
+        (
+            ["-n", "2", "/usr/bin/python3.11", "train.py"],
+            "SCRIPT is '/usr/bin/python3.11', a Python interpreter: run takes the script "
+            "itself and runs it with its own Python: `actorgrad run -n 2 train.py`",
+        ),
+    ],
+)
+def test_run_with_n_after_the_script_or_an_interpreter_as_script_says_what_goes_where(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["run", *argv])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.endswith(f"actorgrad run: error: {said}\n")
+
+
+def test_a_script_whose_name_merely_starts_with_python_still_runs() -> None:
+    args = cli.parse_args(["run", "-n", "2", "python_demo.py", "-n", "3"])
+    assert (args.n, args.script, args.args) == (2, "python_demo.py", ["-n", "3"])
+
+
+@pytest.mark.parametrize(
     ("argv", "script", "passed"),
     [
         (["-n", "2", "s.py", "--", "-x"], "s.py", ["--", "-x"]),  # (argparse dropped "--")
