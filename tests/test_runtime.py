@@ -5694,6 +5694,31 @@ async def test_actorgrad_used_from_another_event_loop_says_so(cluster):
     assert not cluster.driver.closed
 
 
+def _nested_call_with_asyncio_run(to: str) -> Any:
+    """PyTorch's rpc_sync inside an RPC target, as a plain function ported would make it."""
+    return asyncio.run(ag.rpc(to, add, (1, 2)))
+
+
+async def test_a_plain_function_calling_other_workers_with_asyncio_run_is_told_to_be_async(
+    cluster,
+):
+    # A ported RPC target calls on with rpc_sync; a plain function here has no loop of
+    # its worker's to await on, and `asyncio.run(ag.rpc(...))` in it said only "must be
+    # used from the event loop worker 'w1' runs on, not from another one (another
+    # thread's, or a second asyncio.run())": the user had started no thread nor loop.
+    for _ in range(4):  # (in the thread pool, then inline once proven fast)
+        with pytest.raises(ag.RemoteError) as ei:
+            await ag.rpc("w1", _nested_call_with_asyncio_run, ("w2",))
+        assert ei.value.remote_type == "RuntimeError"
+        assert ei.value.remote_message == (
+            "actorgrad must be used from the event loop worker 'w1' runs on, not from another "
+            "one (another thread's, or a second asyncio.run()): this code runs in a call to "
+            "'w1', off that loop (a plain function, or a thread of its own); code that calls "
+            "other workers is an `async def` that awaits them (`return await ag.rpc(...)`, "
+            "where PyTorch's RPC targets call rpc_sync)"
+        )
+
+
 async def _shut_down_here(graceful: bool) -> None:
     await ag.shutdown(graceful=graceful)
 
