@@ -336,6 +336,16 @@ async def test_call_arguments_are_checked_at_the_caller(cluster, monkeypatch):
             cluster.driver.call_nowait("w1", add, (1,), not_a_dict)
     with pytest.raises(ValueError, match="timeout of int 1000.* is too large"):
         await ag.rpc("w1", add, (1,), timeout=10**400)
+    # `args=(x)` is x itself: "not Tensor" alone left the missing comma to be found
+    one = (
+        r"^args must be a tuple or list, not Tensor \(one argument goes as `\(x,\)`, with "
+        r"the comma: `\(x\)` is x itself\)$"
+    )
+    x = ag.tensor([1.0, 2.0])
+    with pytest.raises(TypeError, match=one):
+        await ag.rpc("w1", add, (x))
+    with pytest.raises(TypeError, match=one):
+        await ag.remote("w1", add, (x))
     mine = await ag.remote(ag.worker_name(), make_counter, (1,))
     with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
         await mine.to_here(timeout=-1)

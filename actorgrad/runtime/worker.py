@@ -624,7 +624,11 @@ def on_cast(topic: str) -> Callable[[F], F]:
 
 def _check_call_args(args: Any, kwargs: Any) -> None:
     if type(args) is not tuple and not isinstance(args, (tuple, list)):
-        raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
+        # (`args=(x)` is x itself: "not Tensor" alone left the missing comma to be found)
+        raise TypeError(
+            f"args must be a tuple or list, not {type(args).__name__} (one argument goes as "
+            "`(x,)`, with the comma: `(x)` is x itself)"
+        )
     if kwargs is not None:
         if not isinstance(kwargs, dict):
             raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
