@@ -256,6 +256,14 @@ class Optimizer:
             raise TypeError(
                 "optimizer params must be an iterable of Tensors, got Tensor; pass [tensor]"
             )
+        if callable(getattr(params, "parameters", None)):
+            # (a model itself, for its parameters: "'Linear' object is not iterable"; a
+            # Sequential, which iterates its layers, "parameters must be Tensors, got
+            # Linear")
+            raise TypeError(
+                f"optimizer params must be an iterable of Tensors, got "
+                f"{type(params).__name__}; pass model.parameters()"
+            )
         self.params: list[Tensor] = list(params)
         if not self.params:
             raise ValueError("optimizer got an empty parameter list")

@@ -355,6 +355,15 @@ def test_a_single_tensor_or_a_non_leaf_is_refused():
             cls(w, lr=0.1)
         with pytest.raises(ValueError, match="parameter 1: cannot optimize a non-leaf tensor"):
             cls([w, w * 2], lr=0.1)
+        # (a model itself: "'Linear' object is not iterable", torch's habit unnamed)
+        with pytest.raises(
+            TypeError,
+            match=r"^optimizer params must be an iterable of Tensors, got Linear; pass "
+            r"model.parameters\(\)$",
+        ):
+            cls(ag.nn.Linear(2, 1), lr=0.1)
+        with pytest.raises(TypeError, match=r"got Sequential; pass model.parameters\(\)$"):
+            cls(ag.nn.Sequential(ag.nn.Linear(2, 1), ag.nn.ReLU()), lr=0.1)
 
 
 def test_step_refuses_grads_that_are_not_a_mapping_of_tensors():
