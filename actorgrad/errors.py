@@ -19,6 +19,7 @@ This module imports nothing from the rest of the package.
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 E = TypeVar("E", bound=BaseException)
@@ -176,6 +177,47 @@ def one_each(exc: E) -> E:
     return new
 
 
+class RemoteTraceback(Exception):
+    """The traceback of a :class:`RemoteError` as it was formatted on its worker, set as
+    the error's ``__cause__`` so that a printed RemoteError shows where it was raised.
+
+    >>> e = ag.RemoteError("w1", "ValueError", "bad", "Traceback ...\\nValueError: bad\\n")
+    >>> type(e.__cause__).__name__, str(e)
+    ('RemoteTraceback', "ValueError on worker 'w1': bad")
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{_without_our_first_frames(self.text).rstrip(chr(10))}\n"""'
+
+
+# A frame line of a formatted traceback, in a module of actorgrad's (on any host: the
+# path's end only)
+_OUR_FRAME = re.compile(r'  File "[^"\n]*[/\\]actorgrad[/\\](?:[a-z_]+[/\\])?[a-z_]+\.py", ')
+
+
+def _without_our_first_frames(tb: str) -> str:
+    """``tb`` without the frames of actorgrad's own before the first of the user's
+    (the worker's call of the function: ``_pool_call``, ``_invoke``...), which a user
+    reading where their function failed has no use for; a line says how many went."""
+    lines = tb.split("\n")
+    if not lines or not lines[0].startswith("Traceback (most recent call last):"):
+        return tb
+    i, frames = 1, 0
+    while i < len(lines) and _OUR_FRAME.match(lines[i]):
+        frames += 1
+        i += 1
+        while i < len(lines) and lines[i].startswith("    "):  # (its source, its ^^^)
+            i += 1
+    if not frames or i >= len(lines) or not lines[i].startswith("  File "):
+        return tb  # (none, or nothing but ours: an error of actorgrad's own, kept whole)
+    said = f"  ({frames} frame{'s' * (frames > 1)} of actorgrad's own left out)"
+    return "\n".join([lines[0], said, *lines[i:]])
+
+
 class RemoteError(ActorgradError):
     """User code raised an exception on another worker.
 
@@ -207,6 +249,11 @@ class RemoteError(ActorgradError):
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
         super().__init__(worker, remote_type, remote_message, remote_traceback)
+        if remote_traceback:
+            # Printed (uncaught, logging.exception, pytest), the error showed the caller's
+            # frames only, not where the worker raised it, which it carries: as its cause,
+            # the way ProcessPoolExecutor shows a worker's traceback, it is printed first.
+            self.__cause__ = RemoteTraceback(remote_traceback)
 
     @classmethod
     def from_exception(cls, worker: str, exc: BaseException) -> RemoteError:

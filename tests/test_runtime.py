@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import types
 import weakref
 from collections.abc import Callable
@@ -539,6 +540,33 @@ async def test_remote_exception_becomes_remote_error_with_fields(cluster):
     assert "w2" in str(e) and "kaput" in str(e)
     # the worker keeps serving
     assert await ag.rpc("w2", add, (1, 1)) == 2
+
+
+async def test_a_remote_error_left_uncaught_prints_where_the_worker_raised_it(cluster):
+    # Printed (an uncaught error, logging.exception, pytest), a RemoteError showed "ValueError
+    # on worker 'w2': kaput" and the caller's frames only: where it was raised on w2, the
+    # traceback it carries, was not to be seen unless caught and printed by hand (PyTorch
+    # puts it in the message). It shows as its cause now, as ProcessPoolExecutor does,
+    # from the user's first frame on (the worker's own frames that called it, left out).
+    with pytest.raises(ag.RemoteError) as ei:
+        await ag.rpc("w2", boom, ("kaput",))
+    e = ei.value
+    printed = "".join(traceback.format_exception(e))
+    remote, _, local = printed.partition("The above exception was the direct cause")
+    assert f'File "{__file__}", line' in remote and "in boom\n" in remote, printed
+    assert "    raise ValueError(msg)\nValueError: kaput\n" in remote, printed
+    assert "frames of actorgrad's own left out)" in remote, printed
+    assert "actorgrad/runtime/" not in remote and "actorgrad/runtime/" in e.remote_traceback
+    assert local.endswith("actorgrad.errors.RemoteError: ValueError on worker 'w2': kaput\n")
+    assert str(e) == "ValueError on worker 'w2': kaput"  # (str as it was)
+    # (an error without a traceback, as one cut or never formatted, has no such cause)
+    assert ag.RemoteError("w1", "ValueError", "x").__cause__ is None
+    # (one raised in actorgrad's own code, no frame of the user's, is shown whole)
+    ours = (
+        'Traceback (most recent call last):\n  File "/x/actorgrad/runtime/worker.py", line 1,'
+        " in f\n    g()\nValueError: x\n"
+    )
+    assert str(ag.RemoteError("w1", "ValueError", "x", ours).__cause__) == f'\n"""\n{ours}"""'
 
 
 class QuotaError(Exception):
