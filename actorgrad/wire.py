@@ -64,6 +64,8 @@ Errors
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import functools
 import inspect
 import math
@@ -905,6 +907,18 @@ def _unsendable_hint(obj: Any) -> str:
         return (
             ": an array of another library does not travel as it is: send it as a numpy "
             "array (np.asarray(x); a torch tensor: x.detach().numpy())"
+        )
+    if isinstance(obj, enum.Enum):  # (a config's value: not an object to make remotely)
+        return (
+            ": an Enum member does not travel (nothing is pickled): send its value "
+            f"(member.value) and look it up on the other side ({type(obj).__name__}(value)), "
+            "or derive the enum from str or int (it travels as its value then)"
+        )
+    if dataclasses.is_dataclass(obj):  # (a config: its fields travel)
+        return (
+            ": a dataclass does not travel (nothing is pickled): send its fields "
+            "(dataclasses.asdict(obj)) and make it again on the other side "
+            f"({type(obj).__name__}(**fields))"
         )
     if root in sys.stdlib_module_names:  # (a datetime, a Path, a Decimal...)
         return (

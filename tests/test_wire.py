@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import datetime
 import enum
 import gc
@@ -535,6 +536,16 @@ class Model:
         return x
 
 
+class Phase(enum.Enum):
+    TRAIN = "train"
+
+
+@dataclasses.dataclass
+class Config:
+    lr: float
+    steps: int
+
+
 class ArrayLike:
     """An array of another library, as numpy sees it (a torch tensor has __array__)."""
 
@@ -565,6 +576,21 @@ _NOT_PICKLED_OBJ = (
         (Model, "type", _NOT_PICKLED_FN),
         (Color, "enum.EnumType", _NOT_PICKLED_FN),
         (Model(), f"{__name__}.Model", _NOT_PICKLED_OBJ),
+        # (a config's values: "make the object on the worker ... pass its RRef" misled)
+        (
+            Phase.TRAIN,
+            f"{__name__}.Phase",
+            ": an Enum member does not travel (nothing is pickled): send its value "
+            "(member.value) and look it up on the other side (Phase(value)), or derive the "
+            "enum from str or int (it travels as its value then)",
+        ),
+        (
+            Config(0.1, 3),
+            f"{__name__}.Config",
+            ": a dataclass does not travel (nothing is pickled): send its fields "
+            "(dataclasses.asdict(obj)) and make it again on the other side "
+            "(Config(**fields))",
+        ),
         # (not "make it on the worker": an array of another library, a standard one)
         (
             ArrayLike(),
