@@ -4778,6 +4778,37 @@ async def test_local_cluster_refuses_bad_worker_lists(args, exc, message):
         current_worker()
 
 
+async def test_local_cluster_entered_with_with_or_awaited_says_async_with():
+    # (as ag.dist.context() does: Python's own words, "'_AsyncGeneratorContextManager'
+    # object does not support the context manager protocol" and "object
+    # _AsyncGeneratorContextManager can't be used in 'await' expression", named neither
+    # the fix nor the public name)
+    with pytest.raises(TypeError) as ei:
+        with ag.local_cluster(2):
+            pass
+    assert str(ei.value) == (
+        "ag.local_cluster() is entered with `async with`, not `with`: "
+        "`async with ag.local_cluster(2) as cluster:`"
+    )
+    with pytest.raises(TypeError) as ei:
+        await ag.local_cluster(2)
+    assert str(ei.value) == (
+        "ag.local_cluster() is entered with `async with`, not awaited: "
+        "`async with ag.local_cluster(2) as cluster:`"
+    )
+    with pytest.raises(RuntimeError, match="not initialized"):
+        current_worker()  # (nothing was started)
+    # (entered by hand, as in a notebook, it works as before)
+    cm = ag.local_cluster(1)
+    c = await cm.__aenter__()
+    try:
+        assert c.names == ["w1"] and await ag.rpc("w1", add, (1, 2)) == 3
+    finally:
+        await cm.__aexit__(None, None, None)
+    with pytest.raises(RuntimeError, match="not initialized"):
+        current_worker()
+
+
 @pytest.mark.parametrize("kind", ["tcp", "inproc"])
 async def test_a_message_larger_than_the_largest_frame_fails_its_call_not_the_connection(
     kind, monkeypatch

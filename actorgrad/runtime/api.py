@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
 import threading
 import types
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, ParamSpec
 
-from actorgrad.errors import WorkerLost, check_bool
+from actorgrad.errors import WorkerLost, check_bool, short_repr
 from actorgrad.runtime import worker as _w
 from actorgrad.runtime.cluster import (
     HEAD_NAME,
@@ -520,7 +521,57 @@ class LocalCluster:
         return self.procs.pids if self.procs is not None else []
 
 
-@contextlib.asynccontextmanager
+_P = ParamSpec("_P")
+
+if TYPE_CHECKING:
+    _BlockBase = contextlib._AsyncGeneratorContextManager[LocalCluster]
+else:
+    _BlockBase = contextlib._AsyncGeneratorContextManager
+
+
+class _ClusterBlock(_BlockBase):
+    """What ``ag.local_cluster()`` returns: contextlib's ``asynccontextmanager`` object,
+    which also says how it is entered when a ``with`` or an ``await`` is tried. (Python's
+    own words, "'_AsyncGeneratorContextManager' object does not support the context
+    manager protocol", named neither the fix nor ag.local_cluster, as ag.dist.context()'s
+    did not.)"""
+
+    # (hidden from type checkers: to them a `with` or an `await` of it stays the error it
+    # is at run time)
+    if not TYPE_CHECKING:
+
+        def __enter__(self) -> None:
+            raise TypeError(self._entered("not `with`"))
+
+        # (never called, __enter__ raises; but `with` looks both methods up first)
+        def __exit__(self, *exc_info: object) -> None:
+            return None
+
+        def __await__(self) -> None:
+            raise TypeError(self._entered("not awaited"))
+
+        def _entered(self, not_so: str) -> str:
+            given = [short_repr(a) for a in self.args]
+            given += [f"{k}={short_repr(v)}" for k, v in self.kwds.items()]
+            return (
+                f"ag.local_cluster() is entered with `async with`, {not_so}: "
+                f"`async with ag.local_cluster({', '.join(given)}) as cluster:`"
+            )
+
+
+def _cluster_block(
+    func: Callable[_P, AsyncGenerator[LocalCluster, None]],
+) -> Callable[_P, _ClusterBlock]:
+    """``contextlib.asynccontextmanager``, making a :class:`_ClusterBlock`."""
+
+    @functools.wraps(func)
+    def block(*args: _P.args, **kwargs: _P.kwargs) -> _ClusterBlock:
+        return _ClusterBlock(func, args, kwargs)
+
+    return block
+
+
+@_cluster_block
 async def local_cluster(
     workers: int | list[str] | tuple[str, ...] = 2,
     *,
@@ -528,7 +579,7 @@ async def local_cluster(
     driver: str = "driver",
     token: str | None = None,
     transport: str = "inproc",
-) -> AsyncIterator[LocalCluster]:
+) -> AsyncGenerator[LocalCluster, None]:
     """A cluster for this process: the caller becomes worker ``driver`` (hosting the
     registry) and ``workers`` (a count -> ``w1..wN``, or names) are started as actors on
     this loop (``transport`` "inproc", "tcp", or "unix": TCP listeners, peers connected
