@@ -4724,6 +4724,23 @@ async def test_a_step_under_no_grad_reaches_the_owners_the_context_did_not():
         await assert_clean(c.names)  # (the release reached w2 too)
 
 
+async def test_parameter_rrefs_of_an_earlier_cluster_are_refused_at_construction():
+    # (kept from a cluster left, in a notebook say: the optimizer was made, and its first
+    # step failed with WorkerLost "the worker holding it has shut down", as if a worker
+    # of the running cluster had been lost)
+    async with cluster("inproc", 1):
+        old = await ag.remote("w1", F.make_param, (np.ones(2),))
+    async with cluster("inproc", 1):
+        new = await ag.remote("w1", F.make_param, (np.ones(2),))
+        with pytest.raises(ValueError) as ei:
+            ag.dist.DistributedOptimizer(ag.optim.SGD, [new, old], lr=0.5)
+        assert str(ei.value) == (
+            f"params[1] is {old!r}, held by a worker that has shut down (of a cluster "
+            "left since?): an RRef does not outlive the worker that holds it; make the "
+            "parameter RRefs in the running cluster"
+        )
+
+
 async def test_a_step_after_its_context_block_is_refused_at_the_caller_saying_so():
     # `await opt.step(ctx)` one indent too far out, after the `async with` block (as
     # get_gradients often is): it went to every owner, each refused it, and the error

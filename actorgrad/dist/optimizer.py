@@ -454,7 +454,8 @@ class DistributedOptimizer:
         TypeError: ``params`` holds something other than ``RRef``s, or
             ``optimizer_class`` is not a module-level ``ag.optim.Optimizer`` subclass, or
             the options do not fit it.
-        ValueError: ``params`` is empty or holds one RRef twice.
+        ValueError: ``params`` is empty, holds one RRef twice, or an RRef held by a
+            worker that has shut down (kept from a cluster left since).
         RemoteError: constructing or stepping failed on an owner (names the owner).
         ContextError: ``step`` of a context an owner does not know (released, or not a
             context id; a step made inside the context reaches every owner).
@@ -497,6 +498,14 @@ class DistributedOptimizer:
                 raise TypeError(
                     f"params[{i}] is a {type(p).__name__}, not an ag.RRef (make one on the "
                     "parameter's owner: ag.RRef(tensor))"
+                )
+            if p._worker.closed:
+                # (kept from a cluster left, in a notebook say: its first step failed with
+                # WorkerLost, as if a worker of the running cluster had been lost)
+                raise ValueError(
+                    f"params[{i}] is {p!r}, held by a worker that has shut down (of a "
+                    "cluster left since?): an RRef does not outlive the worker that holds "
+                    "it; make the parameter RRefs in the running cluster"
                 )
             first = seen.setdefault((p.owner, p._rid), i)
             if first != i:  # (it would be stepped once per appearance)
