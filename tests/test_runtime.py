@@ -1545,6 +1545,15 @@ async def test_remote_returns_rref_and_methods_run_on_the_owner(cluster):
     assert await r.rpc().aget() == 10
     with pytest.raises(AttributeError, match="__len__: rref.rpc.*forward named methods"):
         r.rpc().__len__  # noqa: B018 (the attribute access is the test)
+    # (a remote Module called as a local one is: "'_Proxy' object is not callable")
+    for proxy, name in ((r.rpc(), "rpc"), (r.remote(), "remote")):
+        with pytest.raises(TypeError) as ei:
+            proxy(2)
+        assert str(ei.value) == (
+            f"rref.{name}() is not called itself: it calls a method of the RRef's value by "
+            f"name, `await rref.{name}().forward(x)` (a Module's __call__ runs its forward)"
+        )
+    del proxy, ei  # (each holds the RRef: its value is freed below)
     lst = await r.remote().as_list()
     assert lst.owner == "w1" and await lst.to_here() == [10]
     # PyTorch's RRef names that have another form here say which

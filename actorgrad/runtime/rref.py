@@ -680,6 +680,20 @@ class _Proxy(Generic[_R]):
         self.__mode = mode
         self.__timeout = timeout
 
+    if not TYPE_CHECKING:  # (it only raises: to type checkers, a call stays an error)
+
+        def __call__(self, *args: Any, **kwargs: Any) -> None:
+            # (a remote Module called as a local one is, `await rref.rpc()(x)`: Python
+            # said "'_Proxy' object is not callable", a private name and no way on)
+            from actorgrad.runtime.worker import MODE_RREF_REMOTE
+
+            name = "remote" if self.__mode == MODE_RREF_REMOTE else "rpc"
+            raise TypeError(
+                f"rref.{name}() is not called itself: it calls a method of the RRef's value "
+                f"by name, `await rref.{name}().forward(x)` (a Module's __call__ runs its "
+                "forward)"
+            )
+
     def __getattr__(self, method: str) -> Callable[..., Coroutine[Any, Any, _R]]:
         if method.startswith("__"):
             # (an AttributeError all the same: copy, pickle & co. probe such names)
