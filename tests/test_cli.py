@@ -484,6 +484,16 @@ def test_a_token_file_others_can_read_is_used_with_a_warning(tmp_path: Path) -> 
     assert "warning" not in r.stderr
 
 
+def test_status_of_an_address_where_nothing_listens_says_what_that_means() -> None:
+    # (a worker joining there says so; status said only "[Errno 111] Connection refused")
+    r = run_cli("status", "--address", "127.0.0.1:1", env=clean_env(ACTORGRAD_TOKEN="t"))
+    assert (r.returncode, r.stderr) == (
+        1,
+        "actorgrad: error: cannot connect to 127.0.0.1:1: [Errno 111] Connection refused "
+        "(nothing listens there: is the cluster's head running, and is this its address?)\n",
+    )
+
+
 @pytest.mark.parametrize(
     "mode, said",
     [

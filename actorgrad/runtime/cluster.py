@@ -25,7 +25,7 @@ from actorgrad.runtime import worker as _w
 from actorgrad.runtime.procs import ENV_TOKEN, WorkerProcesses, blank_env_hint, describe_exit
 from actorgrad.runtime.registry import MAX_NAME, NameTaken, valid_name
 from actorgrad.runtime.transport import HelloRefused, is_loopback, split_address
-from actorgrad.runtime.worker import Worker
+from actorgrad.runtime.worker import Worker, nobody_listens
 
 log = logging.getLogger("actorgrad.runtime")
 
@@ -580,7 +580,10 @@ async def cluster_status(address: str, token: str, timeout: float = 5.0) -> dict
         # (each step of the connection, connect, handshake and hello, has ``timeout``,
         # and says what hung: something that is no actorgrad worker, say)
         async with asyncio.timeout(3 * timeout + 1.0):
-            conn = await client.open_connection(address, deadline=timeout)
+            try:
+                conn = await client.open_connection(address, deadline=timeout)
+            except WorkerLost as exc:  # (as a join there says it)
+                raise nobody_listens(exc) from exc.__cause__
         async with asyncio.timeout(2 * timeout):
             status: dict[Any, Any] = await client.call_on(
                 conn, "actorgrad.runtime.registry:_status", (timeout,)

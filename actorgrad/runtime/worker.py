@@ -556,6 +556,17 @@ def _as_uvloop_raises(exc: BaseException) -> BaseException:
     return same
 
 
+def nobody_listens(exc: WorkerLost) -> WorkerLost:
+    """``exc``, a failure to connect to a cluster's head, saying what a refused
+    connection means there (a join's most common mistake, and a status's): ``exc``
+    itself otherwise."""
+    if not isinstance(exc.__cause__, ConnectionRefusedError):
+        return exc
+    return WorkerLost(
+        f"{exc} (nothing listens there: is the cluster's head running, and is this its address?)"
+    )
+
+
 def natural_key(name: str) -> list[Any]:
     """Sort key putting "w2" before "w10"."""
     # (the split's odd parts are its runs of decimal digits: str.isdigit() is also true
@@ -1454,13 +1465,7 @@ class Worker:
         try:
             conn = await self.open_connection(address, deadline=step if patient else None)
         except WorkerLost as exc:
-            if isinstance(exc.__cause__, ConnectionRefusedError):
-                # (a join's most common mistake, said in the words of the case)
-                raise WorkerLost(
-                    f"{exc} (nothing listens there: is the cluster's head running, and is "
-                    "this its address?)"
-                ) from exc.__cause__
-            raise
+            raise nobody_listens(exc) from exc.__cause__
         self._advertise_route_to(conn)
         self.joining_conn = conn
         sent = time.monotonic()
