@@ -2468,6 +2468,27 @@ async def test_leaving_a_local_cluster_keeps_a_worker_initialized_after_its_driv
     assert me.closed
 
 
+async def test_a_second_cluster_or_init_in_a_process_says_how_to_start_anew():
+    # A notebook's cell entering a cluster again (the one of an earlier cell still up)
+    # was told only "actorgrad is already initialized as worker 'driver'".
+    cm = ag.local_cluster(1)
+    await cm.__aenter__()
+    try:
+        said = (
+            "actorgrad is already initialized as worker 'driver' (a process has one: use "
+            "it, or stop it first: leave the `async with ag.local_cluster()` block that "
+            "made it, or `await ag.shutdown()`)"
+        )
+        for again in (lambda: ag.local_cluster(1).__aenter__(), lambda: ag.init("x")):
+            with pytest.raises(RuntimeError, match=f"^{re.escape(said)}$"):
+                await again()
+        await ag.shutdown()  # (as it says: a cluster can be entered again)
+        async with ag.local_cluster(1) as c:
+            assert c.names == ["w1"]
+    finally:
+        await cm.__aexit__(None, None, None)
+
+
 async def test_cancelled_inside_local_cluster_still_shuts_everything_down():
     inside = asyncio.Event()
     holder = {}

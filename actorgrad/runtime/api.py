@@ -476,7 +476,13 @@ def _check_not_initialized() -> None:
     existing = _w._process_worker
     if existing is not None and not existing.closed:
         if not existing.loop.is_closed():
-            raise RuntimeError(f"actorgrad is already initialized as worker {existing.name!r}")
+            # (a notebook's cell entering a cluster again, an earlier cell's still up,
+            # was told no more than the first sentence)
+            raise RuntimeError(
+                f"actorgrad is already initialized as worker {existing.name!r} (a process "
+                "has one: use it, or stop it first: leave the `async with "
+                "ag.local_cluster()` block that made it, or `await ag.shutdown()`)"
+            )
         _forget(existing)
 
 
