@@ -5761,8 +5761,15 @@ async def test_actorgrad_used_from_another_event_loop_says_so(cluster):
     )
 
     async def elsewhere() -> None:
-        with pytest.raises(RuntimeError, match=wrong):
+        with pytest.raises(RuntimeError, match=wrong) as ei:
             await ag.rpc("w1", add, (1, 2))
+        # (what to do instead: docs/limits.md says it, the error did not)
+        assert str(ei.value).endswith(
+            "(another thread's, or a second asyncio.run()): from another thread, hand the "
+            "coroutine to that loop, `asyncio.run_coroutine_threadsafe(ag.rpc(...), loop)`, "
+            "with the loop that ran ag.init() or local_cluster() (asyncio.get_running_loop() "
+            "there)"
+        ), ei.value
         with pytest.raises(RuntimeError, match=wrong):
             await ag.remote("w1", add, (1, 2))
         with pytest.raises(RuntimeError, match=wrong):

@@ -471,12 +471,18 @@ def wrong_loop(w: Worker) -> RuntimeError:
             "returned?): init and use actorgrad within one event loop; "
             "`await ag.shutdown()` forgets that worker, then ag.init() works again"
         )
-    in_call = ""
+    # (a driver's thread, as a data loader's: "not from another one" alone left the way
+    # docs/limits.md gives unsaid)
+    how = (
+        ": from another thread, hand the coroutine to that loop, "
+        "`asyncio.run_coroutine_threadsafe(ag.rpc(...), loop)`, with the loop that ran "
+        "ag.init() or local_cluster() (asyncio.get_running_loop() there)"
+    )
     if _current_conn.get(None) is not None:
         # (code a call runs, a plain function in the thread pool or inline: a ported RPC
         # target calling on with `asyncio.run(ag.rpc(...))`, for PyTorch's rpc_sync. Its
         # user had started no thread nor loop of their own, which is all the rest says)
-        in_call = (
+        how = (
             f": this code runs in a call to {w.name!r}, off that loop (a plain function, or "
             "a thread of its own); code that calls other workers is an `async def` that "
             "awaits them (`return await ag.rpc(...)`, where PyTorch's RPC targets call "
@@ -484,7 +490,7 @@ def wrong_loop(w: Worker) -> RuntimeError:
         )
     return RuntimeError(
         f"actorgrad must be used from the event loop worker {w.name!r} runs on, not from "
-        f"another one (another thread's, or a second asyncio.run()){in_call}"
+        f"another one (another thread's, or a second asyncio.run()){how}"
     )
 
 
