@@ -1570,6 +1570,38 @@ async def test_remote_returns_rref_and_methods_run_on_the_owner(cluster):
     await _owned_count("w1")
 
 
+def make_linear():
+    return ag.nn.Linear(2, 1, seed=0)
+
+
+def training_of(r):
+    return r.local_value().training
+
+
+async def test_a_call_whose_result_cannot_come_back_says_it_ran_and_how_to_keep_it(cluster):
+    # `await model.rpc().eval()` (torch's rref.rpc_sync().eval() pickles the module
+    # back): eval() ran on the owner and returns the Module itself, which cannot
+    # travel; the error said so of the object only, and read as if eval() had failed.
+    r = await ag.remote("w1", make_linear)
+    with pytest.raises(ag.RemoteError) as ei:
+        await r.rpc().eval()
+    assert ei.value.remote_message.startswith(
+        "cannot send value of type 'actorgrad.nn.Linear' (at result)"
+    ), ei.value
+    assert ei.value.remote_message.endswith(
+        "; the call ran on worker 'w1', only its result could not come back: "
+        "`await rref.remote().method(...)` keeps the result there and gives an RRef to it"
+    ), ei.value
+    assert await ag.rpc("w1", training_of, (r,)) is False  # (it ran)
+    assert (await r.remote().eval()).owner == "w1"  # (as it says)
+    # (not said of to_here, nor of a function's result: the hint of the object says
+    # where to make it, ag.remote)
+    for call in (r.to_here(), ag.rpc("w1", make_linear)):
+        with pytest.raises(ag.RemoteError) as ei:
+            await call
+        assert "the call ran" not in str(ei.value) and "ag.remote(" in str(ei.value)
+
+
 async def test_an_rref_method_call_of_an_attribute_that_is_no_method_names_it(cluster):
     # (it said only "'int' object is not callable")
     r = await ag.remote("w1", make_counter, (5,))

@@ -3480,6 +3480,21 @@ class Worker:
         except Exception as exc:
             hooks.undo()
             log.debug("reply of call %s cannot be encoded: %r", cid, exc)
+            if (
+                mode == MODE_RREF_RPC
+                and isinstance(exc, TypeError)
+                and " (at result)" in str(exc)
+                and type(result).__module__ != "builtins"
+            ):
+                # (a method's result itself, an object of a class: `await
+                # model.rpc().eval()`, whose Module comes back in torch, pickled. eval()
+                # ran, and the error, of the object only, read as if it had not. A set or
+                # a generator is no such object: the method returns something else)
+                exc = TypeError(
+                    f"{exc}; the call ran on worker {self.name!r}, only its result could "
+                    "not come back: `await rref.remote().method(...)` keeps the result "
+                    "there and gives an RRef to it"
+                )
             return self._encode_error(conn, cid, exc)
 
     def _encode_error(
