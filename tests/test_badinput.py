@@ -107,7 +107,7 @@ async def _frame_len(reader) -> int:
 async def _handshaken(c, token=None):
     """A raw stream client that completed the handshake (and sent its hello)."""
     reader, writer = await _authenticated(c, token)
-    frame = wire.join_chunks(wire.encode_frame([4, "raw-client", 0, "", 1 << 31, 0], None))
+    frame = wire.join_chunks(wire.encode_frame([4, "raw-client", 0, "", 1 << 31, 0, 0, ""], None))
     writer.write(_framed(writer, frame))
     await writer.drain()
     return reader, writer
@@ -496,8 +496,8 @@ async def test_a_frame_past_what_a_buffer_can_hold_is_refused_saying_so(sock_clu
     await valid_client_works(sock_cluster)
 
 
-async def _hello(writer, name, wid=0, address="", most=1 << 31, goodbyes=0):
-    frame = wire.encode_frame([4, name, wid, address, most, goodbyes], None)
+async def _hello(writer, name, wid=0, address="", most=1 << 31, goodbyes=0, key=0, head=""):
+    frame = wire.encode_frame([4, name, wid, address, most, goodbyes, key, head], None)
     await _send_frame(writer, wire.join_chunks(frame))
 
 
@@ -538,6 +538,13 @@ async def _closed_by_peer_after(writer, w, name, count):
         # (below what any worker takes: its peer could send it nothing, not even a
         # reply, and each call to it failed "cannot send a message of 48 bytes")
         (["ok", 0, "", 4095], "address '', largest frame 4095"),
+        # (the cluster's identity: a key in [0, 2**64), its head's address, both or none)
+        (["ok", 0, "", 1 << 31, 0, -1, "h:1"], "goodbyes 0, cluster -1 (head 'h:1')"),
+        (["ok", 0, "", 1 << 31, 0, "7", "h:1"], "cluster '7' (head 'h:1')"),
+        (["ok", 0, "", 1 << 31, 0, 7, ""], "cluster 7 (head '')"),
+        (["ok", 0, "", 1 << 31, 0, 0, "h:1"], "cluster 0 (head 'h:1')"),
+        (["ok", 0, "", 1 << 31, 0, 7, "h:1\nforged line"], "cluster 7 (head 'h:1\\nforged"),
+        (["ok", 0, "", 1 << 31, 0, 7, 5], "cluster 7 (head 5)"),
     ],
 )
 async def test_a_malformed_hello_closes_the_connection(sock_cluster, caplog, hello, message):
@@ -1117,7 +1124,8 @@ async def test_a_hello_whose_cluster_id_is_not_an_int_closes_the_connection(sock
     reader, writer = await _authenticated(sock_cluster)
     with caplog.at_level(logging.WARNING, logger="actorgrad"):
         await _send_frame(
-            writer, wire.join_chunks(wire.encode_frame([4, "raw", "7", "", 1 << 31, 0], None))
+            writer,
+            wire.join_chunks(wire.encode_frame([4, "raw", "7", "", 1 << 31, 0, 0, ""], None)),
         )
         await _closed_by_peer(reader, writer)
     assert "malformed hello" in caplog.text
@@ -1135,7 +1143,7 @@ async def test_a_hello_from_a_process_a_worker_was_before_its_replacement_is_ref
     older = sock_cluster.driver.id  # (any id below w1's: the head's joined first)
     assert 0 < older < w1.id
     with caplog.at_level(logging.WARNING, logger="actorgrad"):
-        frame = wire.encode_frame([4, "w1", older, "", 1 << 31, 0], None)
+        frame = wire.encode_frame([4, "w1", older, "", 1 << 31, 0, 0, ""], None)
         await _send_frame(writer, wire.join_chunks(frame))
         await _closed_by_peer(reader, writer)
     assert "hello from a process that worker 'w1' was before it was replaced" in caplog.text
@@ -1722,7 +1730,7 @@ async def test_a_stranger_relaying_a_token_holders_handshake_cannot_send_its_own
 
         back = asyncio.ensure_future(pipe(w_reader, v_writer))
         await pipe(v_reader, w_writer, hs)  # the handshake, then nothing of the victim's
-        hello = wire.join_chunks(wire.encode_frame([4, "stranger", 0, "", 1 << 31, 0], None))
+        hello = wire.join_chunks(wire.encode_frame([4, "stranger", 0, "", 1 << 31, 0, 0, ""], None))
         call = wire.join_chunks(
             wire.encode_frame([K_REQ, 1, f"{__name__}:injected", MODE_RPC, None], (("x",), None))
         )
@@ -1868,7 +1876,7 @@ async def test_a_hello_field_nested_too_deeply_to_show_is_refused_saying_so(sock
     caplog.set_level(logging.WARNING)
     reader, writer = await _authenticated(sock_cluster)
     # [K_HELLO, name, id, address, largest frame, goodbyes]
-    await _send_frame(writer, _nested_frame(990, (4,), (0, "", 1 << 31, 0)))
+    await _send_frame(writer, _nested_frame(990, (4,), (0, "", 1 << 31, 0, 0, "")))
     await _closed_by_peer(reader, writer)
     assert re.search(r"malformed hello: name " + DEEP + ", id 0", caplog.text), caplog.text
     assert "Fatal error" not in caplog.text
@@ -1909,7 +1917,9 @@ async def test_a_one_way_call_of_a_malformed_target_closes_its_connection_saying
 
 
 @contextlib.asynccontextmanager
-async def _fake_callee(token: str, reply=None, hello=("fake", 0, "", 1 << 31, 0), close=False):
+async def _fake_callee(
+    token: str, reply=None, hello=("fake", 0, "", 1 << 31, 0, 0, ""), close=False
+):
     """A raw TCP server that passes the handshake as a worker named "fake" (its hello
     says ``hello``) and answers each request it reads with the frame ``reply(request
     header)`` makes (``close``: then closes the connection); its address."""
@@ -1991,7 +2001,7 @@ async def test_a_malformed_hello_of_the_peer_connected_to_is_said_to_be_refused_
     # ours, worker name ...: see its log, or it went away)".
     caplog.set_level(logging.WARNING, "actorgrad.runtime")
     token = secrets.token_hex(8)
-    async with _fake_callee(token, hello=("two words", 0, "", 1 << 31, 0)) as address:
+    async with _fake_callee(token, hello=("two words", 0, "", 1 << 31, 0, 0, "")) as address:
         client = Worker(f"probe-{secrets.token_hex(3)}", token=token, local_sockets=False)
         try:
             with pytest.raises(ag.WorkerLost) as err:
@@ -2001,7 +2011,7 @@ async def test_a_malformed_hello_of_the_peer_connected_to_is_said_to_be_refused_
     assert str(err.value) == (
         f"worker {client.name!r} refused what {address} sent before its hello, and closed "
         f"the connection: malformed hello: name 'two words', id 0, address '', largest "
-        f"frame {1 << 31}, goodbyes 0"
+        f"frame {1 << 31}, goodbyes 0, cluster 0 (head '')"
     )
 
 

@@ -2003,9 +2003,6 @@ def _its_address() -> str:
     return current_worker().address
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a hello does not name its cluster: the other cluster's w1 is called"
-)
 async def test_a_worker_of_another_cluster_given_the_same_token_is_refused_not_called(caplog):
     # Two clusters given one token (an ACTORGRAD_TOKEN exported for both) name their
     # workers alike (w1.., ids from 1): an address of this cluster's w1 that reaches the

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("actorgrad.runtime")
 
 MAX_ID = 2**16
+#: a cluster's identity (``Registry.key``) is in [1, CLUSTER_KEYS); 0 says "none"
+CLUSTER_KEYS = 2**64
 #: Ids a worker makes (RRef ids; distributed autograd's context ids) hold its cluster id
 #: above this many bits of its own count: unique across the cluster with no coordination
 #: (a process that joins under a dead one's name has another cluster id).
@@ -90,6 +93,11 @@ class Registry:
             worker.name: (1, worker.address, worker.local_address)
         }
         worker.id = 1
+        # The cluster's identity, made here at its start, handed to each member in its
+        # join's answer and said in every hello after (see Worker.cluster): names and
+        # cluster ids are alike in any two clusters (w1.., ids from 1), so two given
+        # one token took each other's workers for their own without it.
+        worker.cluster = (secrets.randbelow(CLUSTER_KEYS - 1) + 1, worker.address)
         self.version = 0
         self.conns: dict[Connection, str] = {}
         self._next_id = 2
@@ -157,7 +165,7 @@ class Registry:
         # (its hello on this connection came before it had an id: it said 0)
         conn.peer_id = wid
         self._changed_now(name, "joined", address)
-        return [wid, *self.snapshot()]
+        return [wid, *self.snapshot(), list(self.worker.cluster)]
 
     def _taken(self, name: str) -> str:
         """Why a join under ``name``, a member's, is refused: naming the holder (its

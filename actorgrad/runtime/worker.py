@@ -67,9 +67,10 @@ Messages (frame headers; bodies are codec values):
   lives; answered at once with ``[K_ECHO, n]``, see :meth:`Worker._probe`),
   ``[K_PING, seconds]`` (this worker may be silent for
   so long, 0: no longer; see :meth:`Worker.going_quiet`), ``[K_HELLO, name, id,
-  address, largest frame, goodbyes]`` (first frame each way after the handshake;
-  ``goodbyes``: how many of the next kind this worker sent the peer, see
-  :meth:`Worker._stale_end`), ``[K_BYE]`` (graceful close), ``[K_BYE, why, n,
+  address, largest frame, goodbyes, cluster key, head address]`` (first frame each
+  way after the handshake; ``goodbyes``: how many of the next kind this worker sent
+  the peer, see :meth:`Worker._stale_end`; the cluster's identity, 0 and "" before
+  its join, see ``Worker.cluster``), ``[K_BYE]`` (graceful close), ``[K_BYE, why, n,
   call ids]`` (closing on a peer it heard nothing from, saying so: its n-th such
   goodbye to it, and the calls on the connection it gave up, see ``_given_up``),
   ``[K_BYE, why, "refused"]`` (closing on a message of the peer's it refused:
@@ -131,7 +132,15 @@ from actorgrad.errors import (
 from actorgrad.runtime import calls, rref, transport
 from actorgrad.runtime.pool import CallPool
 from actorgrad.runtime.procs import env_address, open_files_count, open_files_limit
-from actorgrad.runtime.registry import MAX_ID, NameTaken, Registry, issued_before, valid_name
+from actorgrad.runtime.registry import (
+    CLUSTER_KEYS,
+    MAX_ID,
+    NameTaken,
+    Registry,
+    issued_before,
+    valid_address,
+    valid_name,
+)
 from actorgrad.runtime.transport import Connection
 
 log = logging.getLogger("actorgrad.runtime")
@@ -1061,6 +1070,10 @@ class Worker:
             raise ValueError("only a TCP worker advertises an address (advertise=...)")
         self.name = name
         self.id = 0
+        #: the identity of its cluster (a random key its head made, the head's address),
+        #: from its join's answer; (0, ""): in none yet. Said in each hello: a peer of
+        #: another cluster that shares the token is refused (see _foreign)
+        self.cluster: tuple[int, str] = (0, "")
         self.ext: dict[str, Any] = {}
         self.token = token
         self.transport_kind = transport_kind
@@ -1484,7 +1497,7 @@ class Worker:
             timeout = max(HEARTBEAT_TIMEOUT, until - sent)
             self._join_patient = True
         try:
-            wid, version, members = await self.call_on(
+            wid, version, members, cluster = await self.call_on(
                 conn,
                 "actorgrad.runtime.registry:_join",
                 (self.name, self.address, self.local_address, key),
@@ -1514,6 +1527,7 @@ class Worker:
             raise
         self._join_patient = False
         self.id = int(wid)
+        self.cluster = (int(cluster[0]), str(cluster[1]))
         self.registry_conn = conn
         self.joining_conn = None
         self._apply_members(version, members)
@@ -1584,7 +1598,8 @@ class Worker:
         it is, where it listens, the largest frame it takes, and how many goodbyes for
         its silence it sent ``peer`` (the worker at the other end, if known)."""
         drops = self._drops.get(peer, 0) if peer is not None else 0
-        return [K_HELLO, self.name, self.id, self.address, self.max_frame_size, drops]
+        key, head = self.cluster
+        return [K_HELLO, self.name, self.id, self.address, self.max_frame_size, drops, key, head]
 
     def _new_conn(self, kind: str | None = None) -> Connection:
         kind = kind or self.transport_kind
@@ -2784,7 +2799,7 @@ class Worker:
                     raise ProtocolError(f"malformed cancel header {short_repr(header, 200)}")
                 self._cancel_request(conn, header[1])
             elif kind == K_HELLO:
-                _, name, wid, address, most, drops = header
+                _, name, wid, address, most, drops, key, head = header
                 if not (valid_name(name) and type(wid) is int and 0 <= wid < MAX_ID) or (
                     not isinstance(address, str)
                     or type(most) is not int
@@ -2793,11 +2808,30 @@ class Worker:
                     or most < transport.FRAME_SIZE_RANGE[0]
                     or type(drops) is not int
                     or drops < 0
+                    or type(key) is not int
+                    or not 0 <= key < CLUSTER_KEYS
+                    # (the head's address goes into the refusal below, and the log)
+                    or not valid_address(head, blank=True)
+                    or (key == 0) != (head == "")
                 ):
                     raise ProtocolError(
                         f"malformed hello: name {_cut_repr(name, 80)}, id {_cut_repr(wid, 20)}, "
                         f"address {_cut_repr(address, 80)}, largest frame "
-                        f"{_cut_repr(most, 20)}, goodbyes {_cut_repr(drops, 20)}"
+                        f"{_cut_repr(most, 20)}, goodbyes {_cut_repr(drops, 20)}, cluster "
+                        f"{_cut_repr(key, 30)} (head {_cut_repr(head, 80)})"
+                    )
+                if key and self.cluster[0] and key != self.cluster[0]:
+                    # (a worker of another cluster given the same token, reached at an
+                    # address of ours that is stale (its port taken again): alike in name
+                    # and cluster id, it was called as ours and the call ran there. Not
+                    # said where either end is in no cluster yet, a joiner: its join
+                    # hands it the head's identity. Refused here, on the accepting end,
+                    # the opener reads why in the goodbye: its call fails with it)
+                    raise ProtocolError(
+                        f"worker {name!r} (cluster id {wid}) belongs to another cluster "
+                        f"(head {head}) than worker {self.name!r} (head {self.cluster[1]}), "
+                        "and the two share one token: give each cluster its own token "
+                        "(ACTORGRAD_TOKEN)"
                     )
                 if conn.peer_name is not None:
                     # (one hello each way: a second one renamed the peer of the
@@ -2876,8 +2910,11 @@ class Worker:
                     log.warning(
                         "worker %s: %s closed the connection on a message from this worker: %s",
                         self.name,
-                        # (one that refused our hello has no name yet: "worker None")
-                        conn.peer_addr if conn.peer_name is None else f"worker {conn.peer_name!r}",
+                        # (before its hello, a refused one of ours: "worker None" said
+                        # nothing of which peer it was)
+                        f"worker {conn.peer_name!r}"
+                        if conn.peer_name is not None
+                        else f"the peer at {conn.peer_addr}",
                         conn.refused_why,
                     )
                 else:
