@@ -2039,8 +2039,14 @@ async def test_a_worker_of_another_cluster_given_the_same_token_is_refused_not_c
         )
         with pytest.raises(ag.WorkerLost, match=rf"worker 'w1': .*refusing ours: {other}"):
             await w2_a.call("w1", _its_address)
-        # (the refusing side says so in its log too)
+        # (both sides say so in their logs too)
         assert re.search(rf"worker w1: closing .*: {other}", caplog.text), caplog.text
+        at = re.escape(w1_b.address)
+        assert re.search(
+            rf"worker w2: the peer at {at} closed the connection on a message from this "
+            rf"worker: {other}",
+            caplog.text,
+        ), caplog.text
         # (and B's w1 serves its own cluster still)
         assert await head_b.call("w1", _its_address) == w1_b.address
     finally:
