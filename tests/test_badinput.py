@@ -1875,7 +1875,7 @@ async def test_a_hello_field_nested_too_deeply_to_show_is_refused_saying_so(sock
     # (as above: "malformed hello: name [[[[..." failed to be made)
     caplog.set_level(logging.WARNING)
     reader, writer = await _authenticated(sock_cluster)
-    # [K_HELLO, name, id, address, largest frame, goodbyes]
+    # [K_HELLO, name, id, address, largest frame, goodbyes, cluster key, head]
     await _send_frame(writer, _nested_frame(990, (4,), (0, "", 1 << 31, 0, 0, "")))
     await _closed_by_peer(reader, writer)
     assert re.search(r"malformed hello: name " + DEEP + ", id 0", caplog.text), caplog.text
