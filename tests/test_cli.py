@@ -668,6 +668,64 @@ def test_status_names_the_workers(cluster: tuple[str, Path]) -> None:
     assert all(w["contexts"] == 0 for w in workers.values()), status
 
 
+@needs_runtime
+def test_two_clusters_given_one_token_refuse_each_others_workers() -> None:
+    # A user with ACTORGRAD_TOKEN exported in the shell profile starts two clusters:
+    # their workers are alike (w1, cluster id 2 in both), and an address of one's w1
+    # that reached the other's (stale: its port taken again) was called as that
+    # worker, the call run there without a word. Refused now, on both sides.
+    from actorgrad.runtime import Worker
+
+    env = clean_env(ACTORGRAD_TOKEN=f"shared-{os.urandom(16).hex()}")
+    a = Running("cluster", "-n", "1", env=env)
+    b = Running("cluster", "-n", "1", env=env)
+    try:
+        # (said once its workers joined: "ready: 1 worker (w1)" comes first)
+        heads = (a.expect("address:"), b.expect("address:"))
+
+        async def main() -> str:
+            probes = [
+                Worker("probe", token=env["ACTORGRAD_TOKEN"], local_sockets=False) for _ in heads
+            ]
+            try:
+                for probe, head in zip(probes, heads, strict=True):
+                    await probe.start()
+                    await probe.join(head)
+                ours, theirs = probes[0].members["w1"], probes[1].members["w1"]
+                assert ours[0] == theirs[0]  # (the same name, the same cluster id)
+                # (A's w1, as a stale view has it: at the address B's w1 took)
+                probes[0].members["w1"] = (ours[0], theirs[1], "")
+                with pytest.raises(Exception) as err:
+                    await probes[0].call("w1", "os:getpid")
+                assert type(err.value).__name__ == "WorkerLost", repr(err.value)
+                return str(err.value)
+            finally:
+                for probe in probes:
+                    await probe.shutdown()
+
+        said = asyncio.run(main())
+        refusal = (
+            rf"worker 'probe' \(cluster id \d+\) belongs to another cluster \(head "
+            rf"{re.escape(heads[0])}\) than worker 'w1' \(head {re.escape(heads[1])}\), and "
+            r"the two share one token: give each cluster its own token \(ACTORGRAD_TOKEN\)"
+        )
+        assert re.search(rf"^worker 'w1': .*refusing ours: {refusal}$", said), said
+        b.proc.send_signal(signal.SIGTERM)
+        b.wait(30)
+        assert b.proc.stderr is not None
+        log = b.proc.stderr.read()
+        assert re.search(rf"\[w1\] .*worker w1: closing .*: {refusal}", log), log
+    finally:
+        for c in (a, b):
+            if c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGTERM)
+                try:
+                    c.wait(20)
+                except subprocess.TimeoutExpired:
+                    pass
+            c.stop()
+
+
 SIBLING_DRIVER = """
 import asyncio
 import actorgrad as ag
