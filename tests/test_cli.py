@@ -1395,7 +1395,7 @@ def test_a_worker_told_to_wait_fails_at_once_where_waiting_cannot_help(tmp_path:
         other.chmod(0o600)
         malformed = (
             "from actorgrad.runtime import worker as w; h = w.Worker._hello_header; "
-            "w.Worker._hello_header = lambda self, peer: [*h(self, peer)[:4], 1, 0]"
+            "w.Worker._hello_header = lambda self, peer: [*h(self, peer)[:4], 1, *h(self, peer)[5:]]"
         )
         for setup, token, said in [
             ("pass", other, "wrong cluster token"),
@@ -1425,7 +1425,7 @@ def test_a_worker_told_to_wait_fails_at_once_where_waiting_cannot_help(tmp_path:
         assert "malformed hello: name 'x', id 0" in r.stderr, r.stderr
         assert r.stderr.count("malformed hello") == 2, r.stderr
         assert (
-            f"WARNING actorgrad.runtime: worker x: {address} closed the connection on a "
+            f"WARNING actorgrad.runtime: worker x: the peer at {address} closed the connection on a "
             "message from this worker: malformed hello"
         ) in r.stderr, r.stderr
     finally:
