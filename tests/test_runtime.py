@@ -3171,6 +3171,29 @@ async def test_an_rref_in_a_request_a_reset_lost_is_not_counted_for_the_callee()
         assert driver.owned[rid].holders == {("driver", driver.id): 1}
 
 
+async def test_an_rref_in_a_request_queued_as_the_connection_resets_is_not_counted():
+    # The reset was read (its transport closing, the connection's loss not reported
+    # yet: asyncio reports it a loop turn later) when a request carrying an RRef the
+    # driver owns was queued: the transport took nothing more, and the frame was never
+    # numbered, so the request noted the number of the frame before it, one the callee
+    # read. Asked after the break, the callee said it read that many frames, and the
+    # driver kept w1 counted as a holder of its value until w1 left the cluster.
+    async with ag.local_cluster(1, transport="tcp") as c:
+        driver, w1 = c.driver, c.workers[0]
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+        mine = ag.RRef([1])
+        rid = mine._rid
+        out = driver._out["w1"]
+        out.transport.abort()  # (as a reset read: closing, its loss a turn later)
+        call = driver.call_nowait("w1", echo, (mine,))
+        holder = ("w1", w1.id)
+        assert driver.owned[rid].holders[holder] == 1
+        with pytest.raises(ag.WorkerLost):
+            await asyncio.wait_for(call, 5)
+        await until(lambda: holder not in driver.owned[rid].holders, 10)
+        assert driver.owned[rid].holders == {("driver", driver.id): 1}
+
+
 async def keep_until(r, gate):
     """Keep ``r`` on this worker, then wait for this process's event ``gate``."""
     import dist_fns

@@ -1323,7 +1323,12 @@ def sent_on(conn: Any, hooks: Hooks) -> None:
     if hooks.added or hooks.registered:
         mac = conn._mac_out
         if mac is not None:
-            hooks.seq = mac.seq
+            t = conn.transport
+            # (a transport closing, a reset read and its loss not reported yet, took
+            # nothing: the frame was never numbered, and mac.seq, the frame before it,
+            # one the peer read, took the request for read too, its counts kept for
+            # good. Nothing is numbered after that: one up is a frame never read)
+            hooks.seq = mac.seq + 1 if t is None or t.is_closing() else mac.seq
 
 
 #: Most requests kept at once by keep_lost_sent, over all connections.
