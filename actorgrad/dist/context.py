@@ -655,7 +655,9 @@ class DistState:
 
     def _ask_for_life(self, initiator: str) -> None:
         """Call ``initiator``, lost here but a member, whose context a call brought here
-        (see join): its answer is a frame from it, which ends its loss here, so that the
+        (see join): the call is news of it, which ends its loss here (the hello of the
+        connection it opens when none is left; with one left, the echo of the probe
+        the worker sent there at the loss comes first: see Worker._probe), so that the
         next call in its contexts is taken in. Else, one that reached this worker only
         through others since (their connection broke, a network fault or a malformed
         frame; it lives on) was never heard from again here, and every call in its
