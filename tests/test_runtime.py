@@ -1984,6 +1984,10 @@ async def test_duplicate_name_is_refused_naming_it(cluster):
 async def test_worker_joining_and_leaving_at_run_time(cluster):
     lost = []
     cluster.driver.add_peer_lost_callback(lost.append)
+    # (the same report with the cluster id of the process lost: a name is not a
+    # process, see add_process_lost_callback)
+    processes_lost = []
+    cluster.driver.add_process_lost_callback(lambda *a: processes_lost.append(a))
     late = Worker("late", token=cluster.driver.token, transport_kind=cluster.driver.transport_kind)
     await late.start()
     await late.join(cluster.address)
@@ -1995,6 +1999,7 @@ async def test_worker_joining_and_leaving_at_run_time(cluster):
     await late.shutdown()  # idempotent
     await until(lambda: "late" not in ag.workers())  # (its leave read: over a socket, later)
     assert lost == ["late"]
+    assert processes_lost == [("late", late.id)]
     with pytest.raises(ag.WorkerLost, match="worker 'late' has left the cluster"):
         await ag.rpc("late", whoami)
 

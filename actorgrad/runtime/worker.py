@@ -1163,7 +1163,9 @@ class Worker:
         self._idle_waiter: asyncio.Future[None] | None = None
         self._stats: dict[Any, _FnStats] = {}
         self._pool: CallPool | None = None
-        self._peer_lost_cbs: list[Callable[[str], None]] = []
+        # (fn, whether it takes the lost process's cluster id too; see
+        # add_process_lost_callback)
+        self._peer_lost_cbs: list[tuple[Callable[..., None], bool]] = []
         self._closing_cbs: list[Callable[[], None]] = []
         self._drain_cut = False  # (see cut_drain)
         self._status_providers: dict[str, Callable[[], dict[Any, Any]]] = {}
@@ -1290,7 +1292,16 @@ class Worker:
 
     def add_peer_lost_callback(self, fn: Callable[[str], None]) -> None:
         """``fn(peer_name)`` is called once when a peer is known dead/disconnected/left."""
-        self._peer_lost_cbs.append(fn)
+        self._peer_lost_cbs.append((fn, False))
+
+    def add_process_lost_callback(self, fn: Callable[[str, int | None], None]) -> None:
+        """``fn(peer_name, pid)`` is called as a peer-lost callback is, with the cluster
+        id of the process lost (None: not known, a peer whose hello gave none; taken as
+        whichever process holds the name). A name is not a process: one that joined
+        under the name of a lost one can be heard from here (its calls, its contexts)
+        before this worker reads the head's word of the old one's leave, whose report
+        is then no loss of the new one (see dist.context's lease)."""
+        self._peer_lost_cbs.append((fn, True))
 
     def add_closing_callback(self, fn: Callable[[], None]) -> None:
         """``fn()`` is called once when this worker starts closing (a graceful shutdown
@@ -2173,7 +2184,7 @@ class Worker:
         if self.registry_lost.is_set():
             # (the cause, most likely: the workers leave when the head goes; and no
             # head will say it is back, or gone: it is lost for good)
-            self._peer_lost(dest, cause=head_lost(self.registry_lost_why))
+            self._peer_lost(dest, cause=head_lost(self.registry_lost_why), pid=entry[0])
             exc = WorkerLost(f"{exc}; {head_lost(self.registry_lost_why)}")
         return WorkerLost(f"worker {dest!r}: {exc}")
 
@@ -2278,7 +2289,7 @@ class Worker:
     def _member_gone(self, name: str, wid: int) -> None:
         # it left the cluster (the registry saw it go): its RRef counts go too
         rref.peer_lost(self, name, wid)
-        self._peer_lost(name, cause="it left the cluster")
+        self._peer_lost(name, cause="it left the cluster", pid=wid)
         self._drops.pop(name, None)  # (a process joining under the name starts anew)
         self._seen_drops.pop(name, None)
         # (_left stays, with the name in _lost: a connection that process opened to us,
@@ -2452,7 +2463,9 @@ class Worker:
             # once its loss was reported, one that left: see the K_BYE read)
             if conn.goodbye and conn.peer_id is not None:
                 self._left[name] = conn.peer_id
-            self._peer_lost(name, conn.dropped_why or None, str(err), again=True, probe=probe)
+            self._peer_lost(
+                name, conn.dropped_why or None, str(err), again=True, probe=probe, pid=conn.peer_id
+            )
             return
         if (
             conn.after_leave
@@ -2466,7 +2479,7 @@ class Worker:
             # last connection: killed as it connected, or dropped by the head and going
             # on. No member's close reports a loss, and its loss stayed forgotten: a call
             # to the name raised ValueError "unknown worker" instead of WorkerLost)
-            self._peer_lost(name, conn.dropped_why or None, str(err), probe=probe)
+            self._peer_lost(name, conn.dropped_why or None, str(err), probe=probe, pid=conn.peer_id)
             return
         if name is not None and name in self.members and not self._closing:
             if conn.peer_id != self.members[name][0]:
@@ -2479,7 +2492,7 @@ class Worker:
                 return
             if self._stale_end(conn, name):
                 return
-            self._peer_lost(name, conn.dropped_why or None, str(err), probe=probe)
+            self._peer_lost(name, conn.dropped_why or None, str(err), probe=probe, pid=conn.peer_id)
             if conn.dropped_why and not any(
                 c.peer_name == name and not c.closed for c in self._conns
             ):
@@ -2511,7 +2524,7 @@ class Worker:
             self._seen_drops[name] = (wid, drops)  # (the first hello of that process)
         elif drops > seen[1]:
             self._seen_drops[name] = (wid, drops)
-            self._peer_lost(name, DROPPED_UNSAID, "it took this worker for lost")
+            self._peer_lost(name, DROPPED_UNSAID, "it took this worker for lost", pid=wid)
         for c in [c for c in self._session_conns(name, wid) if c.peer_drops < drops]:
             # (older than that drop: the peer closed them then, and reads nothing more
             # on them; what this worker sent on them was lost, the one-way messages of
@@ -2588,6 +2601,7 @@ class Worker:
         cause: str = "",
         again: bool = False,
         probe: bool = False,
+        pid: int | None = None,
     ) -> None:
         """Report ``name`` lost to the callbacks, once per loss; ``dropped_why``: it
         closed its connection with this worker saying why (it heard nothing from us: it
@@ -2595,7 +2609,9 @@ class Worker:
         loss showed here, in words (see lost_cause); ``again``: reported even if it was
         already (a connection that reached it after its loss closed: see _reach_lost);
         ``probe``: a connection of it closed without a goodbye, and only its answer to a
-        probe sent now on the others ends a loss reported now (see _probe)."""
+        probe sent now on the others ends a loss reported now (see _probe); ``pid``: the
+        cluster id of the process lost (None: not known), for the callbacks that take it
+        (see add_process_lost_callback)."""
         if name == self.name or self.closed:
             return
         if again:
@@ -2618,9 +2634,12 @@ class Worker:
                 self._left.pop(n, None)
         if number:
             self._probe(name, number)
-        for cb in list(self._peer_lost_cbs):
+        for cb, with_pid in list(self._peer_lost_cbs):
             try:
-                cb(name)
+                if with_pid:
+                    cb(name, pid)
+                else:
+                    cb(name)
             except Exception:
                 log.exception("peer-lost callback %r failed", cb)
 
