@@ -770,6 +770,19 @@ async def backward_after_gate(gate: str, dest: str, key: str, xv: Any) -> Any:
         return ag.dist.get_gradients(ctx)[x]
 
 
+async def call_then_backward_after_gate(gate: str, dest: str, key: str, xv: Any) -> Any:
+    """In a context of its own: x * store[key] on ``dest`` (event ``gate + "-called"``
+    tells that it came back), then, once this process's event ``gate`` is set, a
+    backward of its sum; x's gradient."""
+    x = ag.tensor(xv, requires_grad=True)
+    async with ag.dist.context() as ctx:
+        y = await ag.rpc(dest, mul, (key, x))
+        event(f"{gate}-called").set()
+        await event(gate).wait()
+        await ag.dist.backward(ctx, [y.sum()])
+        return ag.dist.get_gradients(ctx)[x]
+
+
 async def keep_rref_of(owner: str) -> None:
     """Keep here an RRef to a value made on ``owner``."""
     _store[_k("kept rref")] = await ag.remote(owner, identity, ([1, 2, 3],))
@@ -864,9 +877,9 @@ def watch_refusals() -> None:
     st = state_of(current_worker())
     join = st.join
 
-    def recording(ctx_id: int, initiator: str) -> Any:
+    def recording(ctx_id: int, initiator: str, *args: Any) -> Any:
         try:
-            return join(ctx_id, initiator)
+            return join(ctx_id, initiator, *args)
         except ag.ContextError as exc:
             if "refused" not in _outcomes:
                 _outcomes["refused"] = f"{type(exc).__name__}: {exc}"

@@ -576,16 +576,21 @@ class DistState:
         ctx = self.contexts[ctx_id] = DistContext(ctx_id, self.worker.name)
         return ctx
 
-    def join(self, ctx_id: int, initiator: str) -> DistContext:
+    def join(
+        self, ctx_id: int, initiator: str, peer: str | None = None, peer_id: int | None = None
+    ) -> DistContext:
         """The context a call made or received in ``ctx_id`` belongs to here, created
-        when the first call of it reaches this worker.
+        when the first call of it reaches this worker (``peer``: the worker the call
+        came from, ``peer_id`` the cluster id its hello gave).
 
         Raises:
             ContextError: this worker released the context already (a call sent before
                 its sender saw the release: it would bring the context back here, and
                 nothing would ever release it again), or created it itself and it is
                 gone, or its initiator is gone (its lease ran out here before the call
-                came: nothing would reclaim it again).
+                came: nothing would reclaim it again), or the id is not of the
+                process that holds the initiator's name here, nor of one that joined
+                under it since.
         """
         ctx = self.contexts.get(ctx_id)
         if ctx is None:
@@ -597,7 +602,30 @@ class DistState:
                     f"{worker.name!r}{self.released_why(ctx_id)}; a call that arrives "
                     "in it late is refused"
                 )
-            if worker.is_lost(initiator):
+            member = worker.members.get(initiator)
+            # A process that joined under the name after the one known here (ids are
+            # issued in turn): this worker has not read the head's word of the old
+            # one's leave and the new one's join yet (a link to the head slower than to
+            # the new process, or its updates behind the in-flight cap). Taken in: the
+            # lease goes by the process (see _on_peer_lost), so that leave, read later,
+            # leaves it alone; it was refused, and a user's first backward after a
+            # restart failed for a race of milliseconds. A loss of the name reported
+            # here meanwhile is the old one's (one of a process that is not the member
+            # known here is not reported: see Worker._on_lost).
+            later = (
+                member is not None and member[0] != creator and issued_before(member[0], creator)
+            )
+            if later and peer == initiator and peer_id is not None and peer_id != creator:
+                # (the only check of such an id this worker can make before the news:
+                # the process that sent it under the initiator's name is another one.
+                # One that came through another worker is taken in, and the orphan check
+                # below reclaims it if no such process joins: a forged id)
+                raise ContextError(
+                    f"distributed autograd context {ctx_id:#x} is of cluster id {creator}, "
+                    f"but the process of worker {initiator!r} that sent it has cluster id "
+                    f"{peer_id} (a forged id); the call is refused"
+                )
+            if not later and worker.is_lost(initiator):
                 # (taken in, the context would stay here for good if the initiator is
                 # dead: its lease ran already)
                 if initiator in worker.members:
@@ -617,26 +645,7 @@ class DistState:
                     f"{initiator!r} is gone (worker {worker.name!r} saw it leave); a call "
                     "that arrives in it late is refused"
                 )
-            member = worker.members.get(initiator)
-            if member is not None and member[0] != creator:
-                if issued_before(member[0], creator):
-                    # A process that joined under the name after the one known here (ids
-                    # are issued in turn): this worker has not read the head's word of
-                    # the old one's leave and the new one's join yet (a link to the head
-                    # slower than to the new process, or its updates behind the in-flight
-                    # cap). Refused all the same: taken in, the context would be
-                    # reclaimed when that leave is read (it goes by name: see
-                    # _on_peer_lost). It read "an earlier process of that name, or a
-                    # forged id", the opposite of what happened. (A forged id can be
-                    # newer too: this worker cannot tell; the message says both.)
-                    raise ContextError(
-                        f"distributed autograd context {ctx_id:#x} is of cluster id "
-                        f"{creator}, issued after that of the process worker {worker.name!r} "
-                        f"knows as {initiator!r} (cluster id {member[0]}): made by a process "
-                        f"that joined under that name since, which {worker.name!r} has not "
-                        "heard of yet (its news comes from the cluster's head: retry a "
-                        "moment later), or a forged id; the call is refused"
-                    )
+            if member is not None and member[0] != creator and not later:
                 # (an earlier process of that name, replaced since, or a forged id)
                 raise ContextError(
                     f"distributed autograd context {ctx_id:#x} was not made by the "
@@ -645,11 +654,14 @@ class DistState:
                     "process of that name, or a forged id); the call is refused"
                 )
             ctx = self.contexts[ctx_id] = DistContext(ctx_id, initiator)
-            if member is None and worker.members:
+            if (member is None and worker.members) or later:
                 # Its initiator is no member here: one that joined just now (this
                 # worker has not heard of it yet), or one that left before this worker
                 # joined, whose context a call of a live peer brings here (no lease
-                # would ever reclaim it: its leave was never seen here).
+                # would ever reclaim it: its leave was never seen here). So for a
+                # process later than the member known: it may leave before its join is
+                # read here (its leave then comes after it, and reclaims the context),
+                # or be none (a forged id: no leave would ever come).
                 self._check_orphan_later(ctx_id, initiator, time.monotonic())
         return ctx
 
@@ -915,7 +927,7 @@ def state_of(worker: Worker) -> DistState:
     if st is None:
         st = worker.ext["dist"] = DistState(worker)
         worker.add_status_provider("dist", st.stats)
-        worker.add_peer_lost_callback(functools.partial(_on_peer_lost, st))
+        worker.add_process_lost_callback(functools.partial(_on_peer_lost, st))
         worker.add_closing_callback(functools.partial(_on_closing, st))
     return st
 
@@ -1010,12 +1022,13 @@ def _reclaim(
         st.worker.spawn(acks, name=f"reclaim-{ctx_id:#x}")
 
 
-def _on_peer_lost(st: DistState, name: str) -> None:
+def _on_peer_lost(st: DistState, name: str, pid: int | None = None) -> None:
     # The lease: a context whose initiator died can never be released by it, so the
     # survivors reclaim it now. Passes that depended on the dead worker are dropped,
     # a pass this worker initiated fails at once with WorkerLost, and the origin of a
     # pass that sent the dead worker a message from here is told (backward messages
     # have no replies: this is how a loss further down reaches the origin).
+    # ``pid``: the cluster id of the process lost (None: not known, taken as any).
     from actorgrad.dist.api import _ask_initiators
     from actorgrad.dist.backward import _report
 
@@ -1045,6 +1058,12 @@ def _on_peer_lost(st: DistState, name: str) -> None:
         # stage by stage): its loss was ignored here, and the origin waited out the
         # idle timeout, 60 s, for the credit it held)
         carried = name in ctx.peers or name in ctx.sent_to
+        if pid is not None and _of_a_later_process(ctx, name, pid):
+            # (a process that joined under the name after the lost one: its contexts,
+            # or those it took part in, taken in here before this worker read the head's
+            # word of the old one's leave. By name, that leave reclaimed them, and
+            # the new process's first backward after its restart failed)
+            continue
         if ctx.initiator == name:
             if why is None or carried:
                 _reclaim(st, ctx_id, name, why)
@@ -1100,6 +1119,18 @@ def _on_peer_lost(st: DistState, name: str) -> None:
         # could not get through; the initiator lives on, so no lease reclaims them, and
         # they stayed for good once it came back. Their initiators say which are gone.
         st.worker.spawn(_ask_initiators(st, name, ask), name=f"ask-initiators-{name}")
+
+
+def _of_a_later_process(ctx: DistContext, name: str, pid: int) -> bool:
+    """Whether worker ``name`` is, in ``ctx``, a process that joined under that name
+    after the one of cluster id ``pid`` (ids are issued in turn: see issued_before): its
+    initiator (the id is of its cluster id), or the peer it exchanged calls with. The
+    earlier one took no part in it: a context holds one process of a name (a call to
+    or from another one is refused, see check_peer)."""
+    if ctx.initiator == name:
+        return issued_before(pid, ctx.id >> CONTEXT_ID_BITS)
+    known = ctx.peer_ids.get(name)
+    return known is not None and issued_before(pid, known)
 
 
 def _takes_part(ctx: DistContext, peer: str, ps: PassState | None) -> bool:
@@ -1470,7 +1501,7 @@ class DistInterceptor:
         meta = _parse_meta(meta)
         ctx_id = meta[0]
         st = state_of(worker)
-        ctx = st.join(ctx_id, meta[1])
+        ctx = st.join(ctx_id, meta[1], peer, peer_id)
         if len(meta) == 4 and meta[3] != ctx.aborted_mark:
             # The caller knows a pass of the context aborted that this worker may not
             # have heard of yet: the caller's own abort of it, one-way, can come after
