@@ -4280,6 +4280,29 @@ async def test_a_context_of_a_new_process_is_taken_in_where_its_join_is_not_hear
             np.testing.assert_allclose(g, wv, rtol=1e-12)
 
 
+async def test_a_backward_of_a_new_process_runs_where_its_join_is_not_heard_of_yet(monkeypatch):
+    # (see above) Taken in, the context's backward pass still failed there: w1 sent
+    # the new process's gradients to the address of the process it knew by the name
+    # (the dead one's: "cannot report to its origin 't' (... Connection refused)"), and
+    # the backward waited for good; and a pass took the new process for a replacement
+    # of the one that held its part ("another process joined under its name"). What
+    # goes to the name goes to the later process that reached w1, until the news.
+    xv, wv = arr(3), arr(3)
+    async with ag.local_cluster(2, transport="tcp") as c:
+        head, w1 = c.driver, c.workers[0]
+        await ag.rpc("w1", F.put, ("w", wv))
+        async with replaced_unheard(head, w1, monkeypatch) as (old, new, deliver):
+            assert old.address != new.address
+            g = await asyncio.wait_for(ag.rpc("t", F.own_context_backward, ("w1", "w", xv)), 10)
+            np.testing.assert_allclose(g, wv, rtol=1e-12)
+            assert w1.members["t"][0] == old.id  # (all of it before the news)
+            assert w1.peer_id("t") == new.id
+            deliver()
+            assert w1.members["t"][0] == new.id
+            g = await asyncio.wait_for(ag.rpc("t", F.own_context_backward, ("w1", "w", xv)), 10)
+            np.testing.assert_allclose(g, wv, rtol=1e-12)
+
+
 @pytest.mark.parametrize("mode", ["inproc", "tcp", "processes"])
 async def test_a_membership_refresh_in_a_context_does_not_make_the_head_refuse_a_worker(mode):
     # w1's hello on its registry connection came before it had joined (id 0), and the

@@ -1984,6 +1984,21 @@ class Worker:
             raise ValueError(
                 f"unknown worker {short_repr(dest, 80)}; known workers: {shown}{alone}"
             )
+        later = self._opened_by(dest, later_than=entry[0])
+        if later is not None:
+            # A process that joined under the name after the member known here reached
+            # this worker (its hello says so; ids are issued in turn): that member left
+            # (a name is one member's at a time), and the head's word of the leave and
+            # the join is not read here yet (a link to the head slower than to the new
+            # process). The member's address may be the dead one's (another port, or
+            # host): a backward pass in a context the new process started, taken in
+            # here (see dist.context), sent its gradients there, and the new process's
+            # backward waited for good. What goes to the name goes over the connection
+            # the new process opened until the news comes (its address with it). Its
+            # close reports no loss meanwhile (no member's: see _on_lost): a pass
+            # waiting on it finds it silent (see heard_from).
+            self._out[dest] = later
+            return later
         if self.said_goodbye(dest, entry[0]):
             # (that process shuts down: its listener is closed, and a connection it
             # opened to us, its goodbye unread yet, is read no more: see _opened_by)
@@ -2127,9 +2142,12 @@ class Worker:
         entry = self.members.get(peer)
         return entry is not None and self._opened_by(peer, entry[0]) is not None
 
-    def _opened_by(self, dest: str, dest_id: int | None = None) -> Connection | None:
+    def _opened_by(
+        self, dest: str, dest_id: int | None = None, later_than: int | None = None
+    ) -> Connection | None:
         """An open connection that worker ``dest`` (the process of cluster id ``dest_id``;
-        None: any process that joined a cluster) opened to this one, if any."""
+        None: any process that joined a cluster; or one that joined after the process of
+        cluster id ``later_than``) opened to this one, if any."""
         for c in self._conns:
             if (
                 c.peer_name == dest
@@ -2145,6 +2163,7 @@ class Worker:
                 and self._left.get(dest) != c.peer_id
                 and c.peer_id is not None
                 and (dest_id is None or c.peer_id == dest_id)
+                and (later_than is None or issued_before(later_than, c.peer_id))
             ):
                 return c
         return None
@@ -4248,8 +4267,9 @@ class Worker:
     def peer_id(self, peer: str) -> int | None:
         """The cluster id of the process a message to ``peer`` reaches now, as best
         known here: the one it announced on the live connection to it (the membership
-        view may still name a dead process it replaced), else the membership's; None
-        for a name that is not a member."""
+        view may still name a dead process it replaced), else that of a later process
+        of the name that opened one to this worker, else the membership's; None for a
+        name that is not a member."""
         # (Not a connection the peer opened: one of a dead process that another
         # replaced under its name can linger until its idle timeout, while every
         # message to the name goes to the new one.)
@@ -4257,7 +4277,12 @@ class Worker:
         if conn is not None and not conn.closed and conn.peer_id is not None:
             return conn.peer_id
         member = self.members.get(peer)
-        return None if member is None else member[0]
+        if member is None:
+            return None
+        # (a process that joined under the name since, and reached this worker before
+        # the head's word of it came: messages to the name go to it, see _connect_peer)
+        later = self._opened_by(peer, later_than=member[0])
+        return member[0] if later is None else later.peer_id
 
     def heard_from(self, peer: str) -> float | None:
         """When a frame from ``peer`` last came (``time.monotonic()``) on an open
