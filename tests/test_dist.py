@@ -4303,6 +4303,38 @@ async def test_a_backward_of_a_new_process_runs_where_its_join_is_not_heard_of_y
             np.testing.assert_allclose(g, wv, rtol=1e-12)
 
 
+async def test_the_old_process_leave_spares_a_pass_with_the_new_one_where_its_join_is_not_heard(
+    monkeypatch,
+):
+    # (see above) A context of the driver's in which the new process called w1 (w1
+    # lagging): the old process's leave, read on w1 while w1's part of a backward ran,
+    # was taken for the loss of the new one, which held the other end of w1's pair
+    # ("worker 't' was lost during the backward pass: it left the cluster"), and the
+    # pass failed. The loss is the old process's: the context exchanged calls with the
+    # new one (check_peer holds one process per name in a context).
+    monkeypatch.setattr(sys.modules["actorgrad.dist.backward"], "SLICE", 0.0)
+    xv, wv = arr(3), arr(3)
+    gate = f"pool{next(_gates)}"
+    async with ag.local_cluster(2, transport="tcp") as c:
+        head, w1 = c.driver, c.workers[0]
+        await ag.rpc("w1", F.put, ("w", wv))
+        await ag.rpc("w1", F.add_gated_hook, ("w", gate))
+        async with replaced_unheard(head, w1, monkeypatch) as (old, new, deliver):
+            await ag.rpc("t", F.put, ("w", wv))
+            x = ag.tensor(xv, requires_grad=True)
+            async with ag.dist.context() as ctx:
+                y = await ag.rpc("t", F.nested_mul, (["w1"], "w", x))
+                assert w1.members["t"][0] == old.id  # (w1 lags)
+                run = asyncio.ensure_future(ag.dist.backward(ctx, [y.sum()]))
+                await until(lambda: F.thread_gate(gate + " in").is_set() or run.done())
+                assert not run.done(), run
+                deliver()  # (w1's part holds in its hook meanwhile)
+                assert w1.left_cluster("t", old.id)
+                F.thread_gate(gate + " out").set()
+                await asyncio.wait_for(run, 10)
+                np.testing.assert_allclose(ag.dist.get_gradients(ctx)[x], wv * wv, rtol=1e-12)
+
+
 @pytest.mark.parametrize("mode", ["inproc", "tcp", "processes"])
 async def test_a_membership_refresh_in_a_context_does_not_make_the_head_refuse_a_worker(mode):
     # w1's hello on its registry connection came before it had joined (id 0), and the
