@@ -6801,6 +6801,41 @@ async def test_a_context_reclaimed_for_a_broken_connection_says_how_it_broke():
         await assert_clean(c.names)
 
 
+async def test_a_backward_reaching_a_worker_that_reclaimed_its_context_says_why():
+    # A connection of w1's with the driver was reset (both live on) between the
+    # forward and the backward: w1 took the driver for lost and reclaimed the context,
+    # no pass running there. The driver, hearing from w1 again, ran its backward, and
+    # the gradients reaching w1 failed it with a ContextError, "context ... is unknown
+    # or released on worker 'w1'", as if the user had misused the id (74 of the steps
+    # of a 3-minute chaos soak with resets), where a call in it says why (the test
+    # above): the reset, a WorkerLost, to be retried in a new context.
+    async with cluster("tcp", 1) as c:
+        w1 = c.workers[0]
+        driver = rworker.current_worker()
+        await ag.rpc("w1", F.put, ("w", arr(3)))
+        x = ag.tensor(arr(3), requires_grad=True)
+        async with ag.dist.context() as ctx:
+            y = await ag.rpc("w1", F.mul, ("w", x))
+            driver_saw = asyncio.Event()
+            driver.add_peer_lost_callback(lambda peer: driver_saw.set() if peer == "w1" else None)
+            (conn,) = [
+                k
+                for k in w1._conns
+                if k.peer_name == "driver" and not k.closed and k is not w1.registry_conn
+            ]
+            conn.abort(ConnectionResetError("reset by the test"))
+            await asyncio.wait_for(driver_saw.wait(), 10)
+            await until(lambda: not driver.is_lost("w1"))  # (no event tells of it)
+            with pytest.raises(ag.WorkerLost) as ei:
+                await asyncio.wait_for(ag.dist.backward(ctx, [y.sum()]), 10)
+        assert (
+            f"context {ctx:#x} was released on worker 'w1' when it lost the context's "
+            "initiator, worker 'driver' (connection to worker 'driver' lost: reset by the "
+            "test): start a new context"
+        ) in str(ei.value), ei.value
+        await assert_clean(c.names)
+
+
 async def test_a_handlers_call_in_a_context_reclaimed_under_it_says_why():
     # (w1 reclaimed the context, its initiator lost, while a handler of it ran there;
     # the handler's next call was refused as "a task that outlived the `async with

@@ -1043,6 +1043,17 @@ def _deliver(
                     f"reached the new process, from worker {sender!r})",
                     peer=st.worker.name,
                 )
+            why = st.released_why(ctx_id)
+            if why:
+                # Reclaimed here on the loss of its initiator (a connection of it reset,
+                # say, while it lived on), with no pass of it running then (that one is
+                # failed so by forget): the pass fails with that loss, to be retried in
+                # a new context, as a call in it would say. "Unknown or released" alone
+                # read as a misused context id.
+                raise WorkerLost(
+                    f"distributed autograd context {ctx_id:#x} was released on worker "
+                    f"{st.worker.name!r}{why}"
+                )
             raise ContextError(
                 f"distributed autograd context {ctx_id:#x} is unknown or released on "
                 f"worker {st.worker.name!r}"
