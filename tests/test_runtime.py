@@ -3093,6 +3093,62 @@ async def test_a_remote_value_whose_reply_a_reset_lost_is_freed(kind):
         await until(lambda: not w1.owned, 10)
 
 
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+async def test_a_word_of_unread_replies_a_second_reset_lost_is_sent_again(kind, monkeypatch):
+    # The caller's word that it never read a reply (``_unread``, after a first reset)
+    # went on a new connection, and waited unread in the callee's socket when that one
+    # was reset too (the soak's 2 resets/s: both processes live on). One-way RRef
+    # messages were sent again only when no connection took them: written to one that
+    # then broke, the word was lost for good, and the callee counted the caller as the
+    # holder of the lost reply's value until the caller left the cluster.
+    async with ag.local_cluster(1, transport=kind) as c:
+        driver, w1 = c.driver, c.workers[0]
+        kept = await ag.remote("w1", make_counter, (1,))
+        await asyncio.sleep(0)  # (the loop's last handle, the reply's wake-up, held it)
+        held = kept._rid
+        out = driver._out["w1"]
+        first = _far_end(out, w1)
+        out.transport.pause_reading()  # (what comes now waits in its socket)
+        call = asyncio.ensure_future(ag.remote("w1", make_counter, (2,)))
+        await until(lambda: len(w1.owned) == 2, 5)
+        (lost,) = set(w1.owned) - {held}
+        await until(lambda: w1.owned[lost].holders == {("driver", driver.id): 1}, 5)
+        await until(lambda: _unread_bytes(out) > 0, 5)  # (the second reply, unread)
+        # The next connection's far end reads the driver's hello, then nothing: the
+        # driver sends its word only once it has w1's hello, so the word waits in the
+        # socket.
+        paused = []
+        real = w1._on_frame
+
+        def on_frame(conn, buf):
+            real(conn, buf)
+            hello = getattr(conn, "hello", None)
+            if (
+                not paused
+                and conn is not first
+                and conn.peer_name == "driver"
+                and not conn.outgoing
+                and hello is not None
+                and hello.done()
+            ):
+                conn.transport.pause_reading()
+                paused.append(conn)
+
+        monkeypatch.setattr(w1, "_on_frame", on_frame)
+        out.transport.abort()  # (its unread bytes go with it: a reset)
+        with pytest.raises(ag.WorkerLost, match="connection to worker 'w1' lost"):
+            await asyncio.wait_for(call, 5)
+        await until(lambda: paused and _unread_bytes(paused[0]) > 0, 5)  # (the word)
+        assert lost in w1.owned
+        paused[0].transport.abort()  # (a second reset: the word goes with it)
+        await until(lambda: lost not in w1.owned, 10)
+        assert w1.owned[held].holders == {("driver", driver.id): 1}  # (not taken back)
+        assert await kept.rpc().incr() == 2
+        del kept
+        gc.collect()
+        await until(lambda: not w1.owned, 10)
+
+
 async def test_a_fork_whose_reply_a_reset_lost_is_taken_back_from_its_owner():
     # w1 replied with an RRef owned by w2, registered with w2 for the driver; the
     # reply was lost with the driver's end of the connection (reset): the driver never

@@ -74,6 +74,12 @@ after the new one's first counts, and drops only the dead one's.)
   (``_frames_read``) from ``Connection.frames_in``, and the caller takes back what
   the requests past that number counted. A request the callee read, and will decode
   (a queued one is decoded even when refused), is not taken back.
+* Nor is any other one-way RRef message (an accept, a take-back, the word above
+  itself, a settle) handed to a connection that then broke so: each is noted with
+  its frame's number (``_told_on``; releases have their own numbers), the same
+  question is asked, and those past the answer go again (``_frames_read``). Without
+  this a second reset soon after a first lost the word that was to set the first
+  one's counts right, and the values stayed until a process left the cluster.
 * A request (a call awaiting its reply, ``Worker.call``) to the RRef's owner itself
   carries no fork: the RRef goes as ``[owner, id, 0]`` ("to its owner, unregistered"),
   at once, and the owner, decoding it, counts itself as the holder of the new RRef
@@ -450,7 +456,37 @@ def _tell(worker: Worker, dest: str, fn: Any, args: tuple[Any, ...]) -> None:
     if box is not None:
         box.msgs.append((fn, args))
         return
-    worker.notify(dest, fn, args, on_error=functools.partial(_unsent, worker, dest, fn, args))
+    on_error = functools.partial(_unsent, worker, dest, fn, args)
+    if fn == _DECREF:  # (releases have their own numbers, acknowledged: see _Releases)
+        worker.notify(dest, fn, args, on_error=on_error)
+    else:
+        worker.notify(dest, fn, args, on_error=on_error, sent=functools.partial(_told_on, fn, args))
+
+
+#: Most one-way RRef messages a connection keeps with their frame numbers (_told_on):
+#: a reset loses at most what its socket buffers held, the latest frames.
+MAX_TOLD = 1024
+
+
+def _told_on(fn: Any, args: tuple[Any, ...], conn: Any) -> None:
+    """The one-way RRef message ``fn(*args)`` was just queued on ``conn``: noted with its
+    frame's number (as ``sent_on`` notes a request's). Handed to a connection, it was
+    never sent again: one that then broke without a goodbye (a reset, unread in the
+    peer's socket) lost it for good, an accept, a take-back, the word of replies never
+    read (a second reset soon after a first), and its counts stayed until a process
+    left the cluster. Should ``conn`` break so, the peer is asked how many of our frames
+    it read there (tell_unread), and those past that number go again (_frames_read):
+    each is taken once, as the peer never read them."""
+    mac = conn._mac_out
+    if mac is None:  # (in-process connections do not break)
+        return
+    t = conn.transport
+    # (a transport closing took nothing, and numbered nothing: see sent_on)
+    seq = mac.seq + 1 if t is None or t.is_closing() else mac.seq
+    told = conn.told
+    if told is None:
+        told = conn.told = collections.deque(maxlen=MAX_TOLD)
+    told.append((seq, fn, args))
 
 
 def _live_box(worker: Worker, dest: str) -> _Unsent | None:
@@ -1342,19 +1378,21 @@ def keep_lost_sent(worker: Worker, name: str, conn: Any) -> bool:
     read there (lost in the socket buffers): ``name`` never decodes them, nor releases
     what they counted, which stayed until it left the cluster. Kept, for
     LOST_GIVEN_TTL, with each one's frame number, until ``name`` says how many frames
-    it read there (_frames_read). True: some are kept."""
+    it read there (_frames_read). True: some are kept. So are the one-way RRef
+    messages queued there (_told_on), to go again if ``name`` never read them."""
     sent = [
         (h.seq, kept)
         for h in (*(hooks for _, hooks in conn.pending.values()), *conn.abandoned.values())
         if h.seq and not h.undone and (kept := given(h)) is not None
     ]
-    if not sent:
+    told = list(conn.told or ())
+    if not sent and not told:
         return False
     lost = worker._rref_lost_sent
     now = time.monotonic()
     while lost and (len(lost) >= MAX_LOST_SENT or lost[next(iter(lost))][2] <= now):
         del lost[next(iter(lost))]  # (expired, or the oldest: at most one per connection)
-    lost[conn.pair_id] = (peer_key(worker, name, conn), sent, now + LOST_GIVEN_TTL)
+    lost[conn.pair_id] = (peer_key(worker, name, conn), sent, now + LOST_GIVEN_TTL, told)
     if worker._rref_lost_sent_timer is None:
         worker._rref_lost_sent_timer = worker.loop.call_later(
             LOST_GIVEN_TTL, _expire_lost_sent, worker
@@ -1395,6 +1433,9 @@ def _frames_read(peer: str, peer_id: int, pair: int, n: int) -> None:
     for seq, kept in rec[1]:
         if seq > n:
             _take_back_from(w, key, kept)
+    for seq, fn, args in rec[3]:  # (in the order they went)
+        if seq > n:  # (never read there: lost with it)
+            _tell(w, peer, fn, args)
 
 
 @inline

@@ -716,6 +716,11 @@ class Connection(asyncio.BaseProtocol):
         # this connection broke; ours has not seen it yet): a reply to one counts
         # nothing (Worker._keep_given); None: none
         self.unread: set[int] | None = None
+        # One-way RRef messages queued here (rref._tell, releases aside), each with its
+        # frame's number, oldest first (the latest rref.MAX_TOLD): should this break
+        # without a goodbye, those the peer never read go again (rref._told_on); None:
+        # none yet
+        self.told: deque[tuple[int, Any, tuple[Any, ...]]] | None = None
         # requests from the peer running as tasks that its cancel can stop: call id ->
         # task, or None once the peer cancelled it (Worker._cancel_request)
         self.running: dict[int, Any] = {}

@@ -1191,7 +1191,7 @@ class Worker:
         # peer -> until when it is asked for pings (see expect_heartbeats)
         self._expecting: dict[str, float] = {}
         # one-way calls waiting for a connection, per peer, in order (see notify)
-        self._notify_queues: dict[str, list[tuple[Any, Any, Any]]] = {}
+        self._notify_queues: dict[str, list[tuple[Any, Any, Any, Any]]] = {}
         # peer -> the task connecting to it for the one-way messages queued there
         self._notifying: dict[str, asyncio.Task[None]] = {}
         # membership (from the registry)
@@ -1243,7 +1243,11 @@ class Worker:
         # process, the requests still pending there that counted RRefs for it, each
         # with its frame's number, expiry), and the timer that drops them (see
         # rref.keep_lost_sent)
-        self._rref_lost_sent: dict[int, tuple[tuple[str, int], list[Any], float]] = {}
+        # (and the one-way RRef messages queued there, each with its frame's number: see
+        # rref._told_on)
+        self._rref_lost_sent: dict[
+            int, tuple[tuple[str, int], list[Any], float, list[tuple[int, Any, Any]]]
+        ] = {}
         self._rref_lost_sent_timer: asyncio.TimerHandle | None = None
         # processes that left the cluster, latest last: no count is added for them
         # any more (see rref.peer_lost)
@@ -2399,7 +2403,7 @@ class Worker:
             and conn.pair_id
             and not conn.bye_read
             and not self._closing
-            and (conn.pending or conn.abandoned or conn.gave_up)
+            and (conn.pending or conn.abandoned or conn.gave_up or conn.told)
         ):
             # The replies to these calls never came (this end reads nothing more), nor
             # did a goodbye of the peer's, after which they could not come: some may
@@ -2408,7 +2412,7 @@ class Worker:
             # worker left the cluster. Told which, the peer takes those back (those
             # read are not named: their RRefs are ours to release). So may requests
             # that counted RRefs for the peer and never reached it: see
-            # rref.keep_lost_sent.
+            # rref.keep_lost_sent. And one-way RRef messages: see rref._told_on.
             rref.tell_unread(self, name, conn, _given_up(conn))
         if conn.pending:
             pending, conn.pending = conn.pending, {}
@@ -2435,7 +2439,7 @@ class Worker:
             and name
         ):
             rref.keep_lost_given(self, conn)
-        conn.given = conn.given_order = conn.gave_up = conn.unread = None
+        conn.given = conn.given_order = conn.gave_up = conn.unread = conn.told = None
         if conn.abandoned:  # (no late reply can come now)
             abandoned, conn.abandoned = conn.abandoned, {}
             for kept in abandoned.values():
@@ -4093,10 +4097,12 @@ class Worker:
         fn: Any,
         args: tuple[Any, ...] = (),
         on_error: Callable[[BaseException], None] | None = None,
+        sent: Callable[[Connection], None] | None = None,
     ) -> None:
         """A one-way call of ``fn(*args)`` on ``dest``: no reply, no task, no interceptor
         meta; usable from any loop callback. Messages to one peer go out in order (also
-        those queued while the connection is being made).
+        those queued while the connection is being made). ``sent(conn)`` is called once
+        it is queued on connection ``conn`` (its frame numbered there).
 
         When it cannot be handed to a connection (unknown or lost worker, an argument
         that cannot travel, this worker shutting down), ``on_error(exc)`` is called, at
@@ -4115,7 +4121,7 @@ class Worker:
         except Exception as exc:
             self._notify_failed(dest, fn, exc, on_error)
             return
-        self._send_oneway(dest, chunks, target, on_error)
+        self._send_oneway(dest, chunks, target, on_error, sent)
 
     def notify_on(self, conn: Connection, fn: Any, args: tuple[Any, ...] = ()) -> None:
         """A one-way call of ``fn(*args)`` over ``conn`` itself (an answer to something
@@ -4159,6 +4165,7 @@ class Worker:
         chunks: list[Any],
         what: Any,
         on_error: Callable[[BaseException], None] | None,
+        sent: Callable[[Connection], None] | None = None,
     ) -> None:
         """Hand an encoded one-way message to the connection to ``dest``, or queue it
         while that connection is being made (messages to one peer keep their order).
@@ -4166,7 +4173,7 @@ class Worker:
         try:
             queue = self._notify_queues.get(dest)
             if queue is not None:  # connecting: behind the ones waiting (order)
-                queue.append((chunks, what, on_error))
+                queue.append((chunks, what, on_error, sent))
                 return
             conn = self._out.get(dest)
             # (not one the peer said goodbye on: see _opened_by. Nor one that broke and
@@ -4174,12 +4181,14 @@ class Worker:
             # release among them, and the owner kept the value for the holder's life;
             # the connecting below runs after that close, and connects anew)
             if conn is None or conn.closed or conn.bye_read or conn.breaking:
-                self._notify_queues[dest] = [(chunks, what, on_error)]
+                self._notify_queues[dest] = [(chunks, what, on_error, sent)]
                 self._notifying[dest] = self.spawn(self._notify_connect(dest))
                 return
             if self._lost:
                 self._reach_lost(dest, conn)
             conn.send_nowait(chunks)
+            if sent is not None:
+                sent(conn)
         except Exception as exc:
             self._notify_failed(dest, what, exc, on_error)
 
@@ -4196,10 +4205,12 @@ class Worker:
             err = exc
         finally:
             self._notifying.pop(dest, None)
-            for chunks, what, on_error in self._notify_queues.pop(dest, []):
+            for chunks, what, on_error, sent in self._notify_queues.pop(dest, []):
                 if err is None and conn is not None:
                     try:
                         conn.send_nowait(chunks)
+                        if sent is not None:
+                            sent(conn)
                     except Exception as exc:
                         # (this message's failure alone: one over the largest frame
                         # failed every message queued after it, on a good connection)
