@@ -3172,6 +3172,34 @@ async def test_a_fork_whose_reply_a_reset_lost_is_taken_back_from_its_owner():
         await until(lambda: not w2.owned, 10)
 
 
+async def test_a_fork_take_back_a_reset_lost_is_sent_again():
+    # As above, and then the take-back w1 sends w2 (``_unfork``) waits unread in
+    # w2's socket when that connection is reset too: it was lost for good, and w2
+    # counted the driver (pending fork) for a value it never held until w1 left.
+    async with ag.local_cluster(2, transport="unix") as c:
+        driver = c.driver
+        w1, w2 = (next(w for w in c.workers if w.name == n) for n in ("w1", "w2"))
+        assert await ag.rpc("w1", add, (1, 2)) == 3
+        out = driver._out["w1"]
+        theirs = _far_end(out, w1)
+        out.transport.pause_reading()  # (what comes now waits in its socket)
+        call = asyncio.ensure_future(ag.rpc("w1", remote_then_return, ("w2", 1)))
+        await until(lambda: theirs.given, 5)  # (the fork registered, the reply sent)
+        await until(lambda: _unread_bytes(out) > 0, 5)
+        (rid,) = w2.owned
+        assert ("driver", driver.id) in w2.owned[rid].holders
+        to_w2 = w1._out["w2"]  # (the registration's connection)
+        at_w2 = _far_end(to_w2, w2, opener="w1")
+        at_w2.transport.pause_reading()  # (the take-back will wait in its socket)
+        out.transport.abort()  # (its unread bytes go with it: a reset)
+        with pytest.raises(ag.WorkerLost, match="connection to worker 'w1' lost"):
+            await asyncio.wait_for(call, 5)
+        await until(lambda: _unread_bytes(at_w2) > 0, 5)  # (the take-back, unread)
+        assert ("driver", driver.id) in w2.owned[rid].holders
+        at_w2.transport.abort()  # (a second reset: the take-back goes with it)
+        await until(lambda: not w2.owned, 10)
+
+
 async def test_a_remote_value_replied_after_its_caller_told_of_the_reset_is_freed():
     # The caller's end of the connection was reset with the remote() still running on
     # the callee, whose end had not noticed (it reads nothing there: paused here; a
