@@ -477,12 +477,9 @@ def _told_on(fn: Any, args: tuple[Any, ...], conn: Any) -> None:
     left the cluster. Should ``conn`` break so, the peer is asked how many of our frames
     it read there (tell_unread), and those past that number go again (_frames_read):
     each is taken once, as the peer never read them."""
-    mac = conn._mac_out
-    if mac is None:  # (in-process connections do not break)
+    seq = _queued_number(conn)
+    if not seq:  # (in-process connections do not break)
         return
-    t = conn.transport
-    # (a transport closing took nothing, and numbered nothing: see sent_on)
-    seq = mac.seq + 1 if t is None or t.is_closing() else mac.seq
     told = conn.told
     if told is None:
         told = conn.told = collections.deque(maxlen=MAX_TOLD)
@@ -1357,14 +1354,22 @@ def sent_on(conn: Any, hooks: Hooks) -> None:
     up), to tell, should the connection break, whether the peer read it (see
     keep_lost_sent). (Connections without frame tags, in-process ones, do not break.)"""
     if hooks.added or hooks.registered:
-        mac = conn._mac_out
-        if mac is not None:
-            t = conn.transport
-            # (a transport closing, a reset read and its loss not reported yet, took
-            # nothing: the frame was never numbered, and mac.seq, the frame before it,
-            # one the peer read, took the request for read too, its counts kept for
-            # good. Nothing is numbered after that: one up is a frame never read)
-            hooks.seq = mac.seq + 1 if t is None or t.is_closing() else mac.seq
+        hooks.seq = _queued_number(conn)
+
+
+def _queued_number(conn: Any) -> int:
+    """The number of the frame just queued on ``conn`` (see sent_on, _told_on); 0 where
+    frames carry none (in-process connections)."""
+    mac = conn._mac_out
+    if mac is None:
+        return 0
+    t = conn.transport
+    # (a transport closing, a reset read and its loss not reported yet, took nothing:
+    # the frame was never numbered, and mac.seq, the frame before it, one the peer
+    # read, took it for read too, its counts kept for good. Nothing is numbered after
+    # that: one up is a frame never read)
+    seq: int = mac.seq + 1 if t is None or t.is_closing() else mac.seq
+    return seq
 
 
 #: Most requests kept at once by keep_lost_sent, over all connections.
