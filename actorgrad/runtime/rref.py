@@ -1253,12 +1253,42 @@ def _unfork(forker: str, forker_id: int, tag: int, rids: list[Any]) -> None:
                 w._rref_withdrawn_timer = w.loop.call_later(WITHDRAWN_TTL, _expire_withdrawn, w)
 
 
-def _drop_expired(withdrawn: dict[Reg, float], now: float) -> None:
-    while withdrawn:  # (the oldest first: insertion order is expiry order)
-        first = next(iter(withdrawn))
-        if withdrawn[first] > now:
+def _expiry(record: Any) -> float:
+    """When a record of _rref_lost_given or _rref_lost_sent expires (its third item)."""
+    when: float = record[2]
+    return when
+
+
+def _drop_expired(
+    records: dict[Any, Any], now: float, expiry: Callable[[Any], float] | None = None
+) -> list[Any]:
+    """Drop the records expired by ``now`` (``expiry(value)``: when one expires; None:
+    the value itself), the oldest first: insertion order is expiry order. The values
+    dropped."""
+    dropped = []
+    while records:
+        first = next(iter(records))
+        value = records[first]
+        if (value if expiry is None else expiry(value)) > now:
             break
-        del withdrawn[first]
+        dropped.append(records.pop(first))
+    return dropped
+
+
+def _at_next_expiry(
+    worker: Worker,
+    records: dict[Any, Any],
+    expiry: Callable[[Any], float] | None,
+    expire: Callable[[Worker], None],
+    now: float,
+) -> asyncio.TimerHandle | None:
+    """The timer that calls ``expire(worker)`` when the oldest of ``records`` expires
+    (see _drop_expired), None if there are none."""
+    if not records:
+        return None
+    value = records[next(iter(records))]
+    left = (value if expiry is None else expiry(value)) - now
+    return worker.loop.call_later(left, expire, worker)
 
 
 def _expire_withdrawn(worker: Worker) -> None:
@@ -1272,9 +1302,7 @@ def _expire_withdrawn(worker: Worker) -> None:
     withdrawn = worker._rref_withdrawn
     now = time.monotonic()
     _drop_expired(withdrawn, now)
-    if withdrawn:
-        left = withdrawn[next(iter(withdrawn))] - now
-        worker._rref_withdrawn_timer = worker.loop.call_later(left, _expire_withdrawn, worker)
+    worker._rref_withdrawn_timer = _at_next_expiry(worker, withdrawn, None, _expire_withdrawn, now)
 
 
 #: How long a callee keeps what its replies on a connection that broke without a
@@ -1314,12 +1342,8 @@ def keep_lost_given(worker: Worker, conn: Any) -> None:
 
 
 def _drop_lost_given(worker: Worker, now: float) -> None:
-    lost = worker._rref_lost_given
-    while lost:  # (the oldest first: insertion order is expiry order)
-        first = next(iter(lost))
-        if lost[first][2] > now:
-            break
-        worker._rref_lost_given_n -= max(1, len(lost.pop(first)[1]))
+    for rec in _drop_expired(worker._rref_lost_given, now, _expiry):
+        worker._rref_lost_given_n -= max(1, len(rec[1]))
 
 
 def _expire_lost_given(worker: Worker) -> None:
@@ -1328,12 +1352,11 @@ def _expire_lost_given(worker: Worker) -> None:
     worker._rref_lost_given_timer = None
     if worker.closed:
         return
-    lost = worker._rref_lost_given
     now = time.monotonic()
     _drop_lost_given(worker, now)
-    if lost:
-        left = lost[next(iter(lost))][2] - now
-        worker._rref_lost_given_timer = worker.loop.call_later(left, _expire_lost_given, worker)
+    worker._rref_lost_given_timer = _at_next_expiry(
+        worker, worker._rref_lost_given, _expiry, _expire_lost_given, now
+    )
 
 
 def tell_unread(worker: Worker, name: str, conn: Any, cids: list[int]) -> None:
@@ -1395,8 +1418,9 @@ def keep_lost_sent(worker: Worker, name: str, conn: Any) -> bool:
         return False
     lost = worker._rref_lost_sent
     now = time.monotonic()
-    while lost and (len(lost) >= MAX_LOST_SENT or lost[next(iter(lost))][2] <= now):
-        del lost[next(iter(lost))]  # (expired, or the oldest: at most one per connection)
+    _drop_expired(lost, now, _expiry)
+    while len(lost) >= MAX_LOST_SENT:  # (the oldest: at most one per connection)
+        del lost[next(iter(lost))]
     lost[conn.pair_id] = (peer_key(worker, name, conn), sent, now + LOST_GIVEN_TTL, told)
     if worker._rref_lost_sent_timer is None:
         worker._rref_lost_sent_timer = worker.loop.call_later(
@@ -1411,11 +1435,8 @@ def _expire_lost_sent(worker: Worker) -> None:
         return
     lost = worker._rref_lost_sent
     now = time.monotonic()
-    while lost and lost[next(iter(lost))][2] <= now:
-        del lost[next(iter(lost))]
-    if lost:
-        left = lost[next(iter(lost))][2] - now
-        worker._rref_lost_sent_timer = worker.loop.call_later(left, _expire_lost_sent, worker)
+    _drop_expired(lost, now, _expiry)
+    worker._rref_lost_sent_timer = _at_next_expiry(worker, lost, _expiry, _expire_lost_sent, now)
 
 
 @inline
